@@ -1,0 +1,35 @@
+"""`make bench`: run every benchmark and print one table (`--quick` for a CI smoke run)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import trio
+
+from benchmarks import store_bench
+from benchmarks.harness import Row, render
+
+
+async def run_all(*, quick: bool, only: str | None) -> list[Row]:
+    suites = {"store": store_bench.run}
+    rows: list[Row] = []
+    for name, suite in suites.items():
+        if only is not None and only != name:
+            continue
+        print(f"running {name} ...", file=sys.stderr)
+        rows += await suite(quick=quick)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--only", help="run one suite")
+    args = parser.parse_args()
+    rows = trio.run(lambda: run_all(quick=args.quick, only=args.only))
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()

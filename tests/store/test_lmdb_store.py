@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+from trionode.errors import StorageError, WrongPassphraseError
+from trionode.store.encryption import KdfParams
+from trionode.store.lmdb_store import Column, Delete, LmdbStore, Put
+
+FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LmdbStore]:
+    s = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 20)
+    yield s
+    s.close()
+
+
+def test_put_get_delete(store: LmdbStore) -> None:
+    store.put(Column.STATE, b"k", b"v")
+    assert store.get(Column.STATE, b"k") == b"v"
+    assert store.get(Column.DELTA, b"k") is None  # columns are separate
+    store.delete(Column.STATE, b"k")
+    assert store.get(Column.STATE, b"k") is None
+
+
+def test_batch_spans_columns_atomically(store: LmdbStore) -> None:
+    store.write([Put(Column.STATE, b"a", b"1"), Put(Column.DELTA, b"a", b"2")])
+    assert store.get(Column.STATE, b"a") == b"1"
+    assert store.get(Column.DELTA, b"a") == b"2"
+    # A batch with one invalid op writes nothing at all.
+    with pytest.raises(StorageError, match="key of"):
+        store.write([Put(Column.STATE, b"b", b"1"), Put(Column.DELTA, b"x" * 600, b"2")])
+    assert store.get(Column.STATE, b"b") is None
+
+
+def test_prefix_and_range_scans(store: LmdbStore) -> None:
+    store.write(
+        [Put(Column.GENERIC, f"{p}/{i:03}".encode(), b"%d" % i) for p in "ab" for i in range(20)]
+    )
+    rows = store.scan(Column.GENERIC, prefix=b"a/")
+    assert [k for k, _ in rows] == [f"a/{i:03}".encode() for i in range(20)]
+    rows = store.scan(Column.GENERIC, start=b"a/005", end=b"a/010")
+    assert [k for k, _ in rows] == [f"a/{i:03}".encode() for i in range(5, 10)]
+    rows = store.scan(Column.GENERIC, prefix=b"b/", start=b"a/999", limit=3)
+    assert [k for k, _ in rows] == [b"b/000", b"b/001", b"b/002"]
+    assert store.scan(Column.GENERIC, prefix=b"c/") == []
+
+
+def test_map_grows_instead_of_failing(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 20, max_map_size=64 << 20)
+    value = b"\x01" * 4096
+    for batch in range(40):  # ~6.5 MiB of values into a 1 MiB map
+        store.write([Put(Column.STATE, b"%d/%d" % (batch, i), value) for i in range(40)])
+    assert store.stats().map_size > 1 << 20
+    assert store.count(Column.STATE) == 1600
+    store.close()
+    # Reopening keeps the grown map even though the configured initial size is smaller.
+    reopened = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 20, max_map_size=64 << 20)
+    assert reopened.count(Column.STATE) == 1600
+    reopened.close()
+
+
+def test_full_map_at_maximum_is_a_clean_error(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 20, max_map_size=2 << 20)
+    store.put(Column.STATE, b"before", b"ok")
+    with pytest.raises(StorageError, match="datastore is full"):
+        store.write([Put(Column.STATE, b"%d" % i, b"\x00" * 8192) for i in range(1000)])
+    assert store.get(Column.STATE, b"before") == b"ok"
+    assert store.get(Column.STATE, b"0") is None
+    store.close()
+
+
+def test_encrypted_values_never_hit_disk_in_plaintext(tmp_path: Path) -> None:
+    secret = b"top-secret-value-" * 8
+    store = LmdbStore.open(tmp_path / "db", passphrase="pw", kdf=FAST_KDF)
+    assert store.encrypted
+    store.write([Put(Column.STATE, b"k%d" % i, secret) for i in range(50)])
+    assert store.get(Column.STATE, b"k7") == secret
+    assert [v for _, v in store.scan(Column.STATE, limit=2)] == [secret, secret]
+    store.close()
+    data = (tmp_path / "db" / "data.mdb").read_bytes()
+    assert b"top-secret-value-" not in data
+    assert b"k7" in data  # keys stay plaintext for ordered scans
+    reopened = LmdbStore.open(tmp_path / "db", passphrase="pw", kdf=FAST_KDF)
+    assert reopened.get(Column.STATE, b"k7") == secret
+    reopened.close()
+
+
+def test_wrong_passphrase_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    LmdbStore.open(tmp_path / "db", passphrase="right", kdf=FAST_KDF).close()
+    before = (tmp_path / "db" / "data.mdb").read_bytes()
+    with pytest.raises(WrongPassphraseError, match="wrong passphrase"):
+        LmdbStore.open(tmp_path / "db", passphrase="wrong", kdf=FAST_KDF)
+    assert (tmp_path / "db" / "data.mdb").read_bytes() == before
+
+
+def test_encryption_mode_mismatches_are_refused(tmp_path: Path) -> None:
+    LmdbStore.open(tmp_path / "enc", passphrase="pw", kdf=FAST_KDF).close()
+    with pytest.raises(StorageError, match="is encrypted"):
+        LmdbStore.open(tmp_path / "enc")
+    plain = LmdbStore.open(tmp_path / "plain")
+    plain.put(Column.STATE, b"k", b"v")
+    plain.close()
+    with pytest.raises(StorageError, match="created without encryption"):
+        LmdbStore.open(tmp_path / "plain", passphrase="pw", kdf=FAST_KDF)
+
+
+def test_sealed_value_moved_to_another_key_fails(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "db", passphrase="pw", kdf=FAST_KDF)
+    store.put(Column.STATE, b"a", b"alpha")
+    with store._env.begin(write=True) as txn:
+        sealed = txn.get(b"a", db=store._dbs[Column.STATE])
+        txn.put(b"b", sealed, db=store._dbs[Column.STATE])
+    with pytest.raises(StorageError, match="failed authentication"):
+        store.get(Column.STATE, b"b")
+    store.close()
+
+
+def test_closed_store_raises(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "db")
+    store.close()
+    with pytest.raises(StorageError, match="closed"):
+        store.get(Column.STATE, b"k")
+
+
+keys = st.binary(min_size=1, max_size=8)
+
+
+@given(
+    ops=st.lists(st.tuples(st.booleans(), keys, st.binary(max_size=16)), min_size=1, max_size=40),
+    prefix=st.binary(max_size=2),
+)
+def test_scans_match_a_dict_model(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[bool, bytes, bytes]], prefix: bytes
+) -> None:
+    store = LmdbStore.open(tmp_path_factory.mktemp("model"), initial_map_size=1 << 20)
+    model: dict[bytes, bytes] = {}
+    try:
+        for is_put, key, value in ops:
+            if is_put:
+                store.write([Put(Column.GENERIC, key, value)])
+                model[key] = value
+            else:
+                store.write([Delete(Column.GENERIC, key)])
+                model.pop(key, None)
+        expected = sorted((k, v) for k, v in model.items() if k.startswith(prefix))
+        assert store.scan(Column.GENERIC, prefix=prefix) == expected
+    finally:
+        store.close()

@@ -1,0 +1,5 @@
+import sys
+
+from trionode.cli import main
+
+sys.exit(main())

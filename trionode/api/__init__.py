@@ -1,0 +1,1 @@
+"""HTTP API: admin REST, JSON-RPC, WebSocket, metrics."""

@@ -1,0 +1,110 @@
+"""The Quart-Trio application: routes, auth, JSON errors and metrics.
+
+Handlers reach the node only through `NodeApi`, a narrow Protocol, so the app can be tested
+with `app.test_client()` and no sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from typing import Any, Final, Protocol
+
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from quart import Response, g, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from trionode import __version__
+from trionode.metrics import NodeMetrics
+
+PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
+
+
+class NodeApi(Protocol):
+    """What the API needs from a node."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def metrics(self) -> NodeMetrics: ...
+
+    @property
+    def token_sha256(self) -> str: ...
+
+    def is_ready(self) -> bool: ...
+
+    async def refresh_metrics(self) -> None: ...
+
+
+def error_response(status: int, message: str, **extra: Any) -> Response:
+    body = {"error": {"code": status, "message": message, **extra}}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def token_matches(presented: str, expected_sha256: str) -> bool:
+    digest = hashlib.sha256(presented.encode("utf-8")).hexdigest()
+    return hmac.compare_digest(digest, expected_sha256)
+
+
+def create_app(node: NodeApi) -> QuartTrio:
+    app = QuartTrio("trionode")
+    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+    metrics = node.metrics
+
+    @app.before_request
+    async def authenticate() -> Response | None:  # noqa: ASYNC124 - Quart hooks are async
+        g.started = time.perf_counter()
+        if request.path in PUBLIC_ROUTES or request.method == "OPTIONS":
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return error_response(401, "missing bearer token")
+        if not token_matches(token.strip(), node.token_sha256):
+            return error_response(401, "invalid bearer token")
+        return None
+
+    @app.after_request
+    async def count(response: Response) -> Response:  # noqa: ASYNC124
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.http_requests.labels(request.method, rule, str(response.status_code)).inc()
+        started = getattr(g, "started", None)
+        if started is not None:
+            metrics.http_latency.labels(rule).observe(time.perf_counter() - started)
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:  # noqa: ASYNC124
+        return error_response(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    async def internal_error(exc: Exception) -> Response:  # noqa: ASYNC124
+        app.logger.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+        return error_response(500, "internal error", type=type(exc).__name__)
+
+    @app.get("/admin-api/health")
+    async def health() -> Response:  # noqa: ASYNC124
+        return jsonify({"status": "ok"})
+
+    @app.get("/admin-api/ready")
+    async def ready() -> Response:  # noqa: ASYNC124
+        if node.is_ready():
+            return jsonify({"ready": True, "peerId": node.peer_id, "version": __version__})
+        return error_response(503, "node is starting or shutting down", ready=False)
+
+    @app.get("/admin-api/node")
+    async def node_info() -> Response:  # noqa: ASYNC124
+        return jsonify({"peerId": node.peer_id, "version": __version__})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        await node.refresh_metrics()
+        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    return app

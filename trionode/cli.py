@@ -1,0 +1,236 @@
+"""The `trionode` command: node management (init, start) and client commands over the API.
+
+Client commands find the node through `--home` (API URL and token read from the home) or
+`--api URL --token T`; they print a readable table, or one JSON document with `--json`, and
+exit non-zero with a one-line reason on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from trionode import __version__
+from trionode.client import ApiError, Client, open_client
+from trionode.config import (
+    DEFAULT_HOME,
+    DEFAULT_SERVER_PORT,
+    DEFAULT_SWARM_PORT,
+    NodeConfig,
+    load_config,
+)
+from trionode.errors import ConfigError, StorageError, TrionodeError, WrongPassphraseError
+from trionode.home import init_home, read_api_url, read_token
+from trionode.node import open_node
+
+log = logging.getLogger("trionode")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"trionode: {message}", file=sys.stderr)
+    return code
+
+
+# -- init / start -------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    result = init_home(
+        Path(args.home),
+        swarm_port=args.swarm_port,
+        server_port=args.server_port,
+        force=args.force,
+    )
+    if args.json:
+        print(json.dumps({"home": str(result.home), "peerId": result.peer_id}))
+    else:
+        print(f"initialised {result.home}")
+        print(f"peer id   {result.peer_id}")
+        print(f"api token {result.home / 'api-token'} (keep it private)")
+    return EXIT_OK
+
+
+async def _watch_signals(
+    shutdown: trio.Event,
+    abort: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second %s: stopping without waiting", signal.Signals(signum).name)
+                abort.cancel()
+                return
+            log.info("%s received: shutting down", signal.Signals(signum).name)
+            shutdown.set()
+
+
+async def run_until_signalled(config: NodeConfig) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
+        async with open_node(config) as node:
+            log.info(
+                "trionode %s started: peer id %s, API %s", __version__, node.peer_id, node.api_url
+            )
+            await shutdown.wait()
+        log.info("trionode stopped cleanly")
+        nursery.cancel_scope.cancel()
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    config = load_config(Path(args.home), env=dict(os.environ))
+    _configure_logging(args.log_level or config.node.log_level)
+    try:
+        trio.run(run_until_signalled, config)
+    except OSError as exc:
+        return _fail(f"cannot start: {exc}")
+    return EXIT_OK
+
+
+# -- client commands ----------------------------------------------------------------------
+
+
+def _api_target(args: argparse.Namespace) -> tuple[str, str]:
+    home = Path(args.home)
+    url = args.api
+    if url is None:
+        url = read_api_url(home)
+    if url is None:
+        config = load_config(home, env={}) if home.is_dir() else None
+        if config is None:
+            raise ConfigError(f"no node home at {home}: pass --home DIR or --api URL --token T")
+        host = "127.0.0.1" if config.api.host in ("0.0.0.0", "::") else config.api.host  # noqa: S104
+        url = f"http://{host}:{config.api.port}"
+    token = args.token if args.token is not None else read_token(home)
+    return url, token
+
+
+def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def _render_mapping(data: dict[str, Any]) -> str:
+    return _table(list(data.items()), ("key", "value"))
+
+
+ClientAction = Callable[[Client, argparse.Namespace], Awaitable[Any]]
+
+
+async def _health(client: Client, _args: argparse.Namespace) -> Any:
+    return await client.health()
+
+
+async def _ready(client: Client, _args: argparse.Namespace) -> Any:
+    return await client.ready()
+
+
+async def _info(client: Client, _args: argparse.Namespace) -> Any:
+    return await client.node_info()
+
+
+CLIENT_COMMANDS: dict[str, tuple[str, ClientAction]] = {
+    "health": ("check that the node's API answers", _health),
+    "ready": ("check that the node has started every service", _ready),
+    "info": ("show the node's peer id and version", _info),
+}
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    url, token = _api_target(args)
+    action = CLIENT_COMMANDS[args.command][1]
+
+    async def go() -> Any:
+        async with open_client(url, token, request_timeout=args.timeout) as client:
+            return await action(client, args)
+
+    result = trio.run(go)
+    if args.json:
+        print(json.dumps(result, indent=None, sort_keys=True))
+    elif isinstance(result, dict):
+        print(_render_mapping(result))
+    else:
+        print(result)
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trionode", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"trionode {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--home", default=DEFAULT_HOME, help=f"node home directory (default {DEFAULT_HOME})"
+    )
+    common.add_argument("--json", action="store_true", help="print one JSON document")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", parents=[common], help="create a node home")
+    init.add_argument("--swarm-port", type=int, default=DEFAULT_SWARM_PORT)
+    init.add_argument("--server-port", type=int, default=DEFAULT_SERVER_PORT)
+    init.add_argument(
+        "--force", action="store_true", help="replace an existing home (its data is deleted)"
+    )
+    init.set_defaults(func=cmd_init)
+
+    start = sub.add_parser("start", parents=[common], help="run the node until SIGINT/SIGTERM")
+    start.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    start.set_defaults(func=cmd_start)
+
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument("--api", help="API base URL (default: read from --home)")
+    client.add_argument("--token", help="bearer token (default: read from --home)")
+    client.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    for name, (help_text, _action) in CLIENT_COMMANDS.items():
+        cmd = sub.add_parser(name, parents=[client], help=help_text)
+        cmd.set_defaults(func=run_client_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, WrongPassphraseError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (ApiError, StorageError, TrionodeError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

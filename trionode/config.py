@@ -1,0 +1,201 @@
+"""Node configuration: every limit and timeout the node uses lives here.
+
+The file form is `<home>/config.toml`. Each section is a frozen msgspec Struct that forbids
+unknown fields, so a typo is an error naming the key rather than a silently ignored option,
+and each bounded value carries its bounds in the type (msgspec.Meta), so the error for a bad
+value names the key and the bound. `config.toml.example` at the repository root documents
+every option; `tests/test_config.py` checks that it matches these defaults.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from trionode.errors import ConfigError
+
+CONFIG_FILE: Final = "config.toml"
+IDENTITY_FILE: Final = "identity.key"
+TOKEN_FILE: Final = "api-token"  # noqa: S105 - a file name
+DATA_DIR: Final = "data"
+DEFAULT_HOME: Final = ".trionode"
+DEFAULT_SWARM_PORT: Final = 2428
+DEFAULT_SERVER_PORT: Final = 2528
+PASSPHRASE_ENV: Final = "TRIONODE_PASSPHRASE"  # noqa: S105 - a variable name
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+MiB: Final = 1024 * 1024
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class NodeSection(_Section, frozen=True):
+    """Process-level behaviour."""
+
+    shutdown_grace: PositiveFloat = 10.0
+    """Seconds in-flight work may drain after a shutdown request before it is cancelled."""
+    log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+
+
+class NetworkSection(_Section, frozen=True):
+    """Peer-to-peer transport."""
+
+    listen: list[str] = msgspec.field(
+        default_factory=lambda: [f"/ip4/0.0.0.0/tcp/{DEFAULT_SWARM_PORT}"]
+    )
+    """Multiaddrs to listen on."""
+    bootstrap: list[str] = msgspec.field(default_factory=list)
+    """Multiaddrs (with /p2p/<peer id>) dialed at start and re-dialed with backoff."""
+
+
+class ApiSection(_Section, frozen=True):
+    """The HTTP server: admin REST, JSON-RPC, WebSocket, metrics."""
+
+    enabled: bool = True
+    """Serve the API at all (in-process test clusters switch it off)."""
+    host: str = "127.0.0.1"
+    """Bind address. Loopback by default: exposing the API is a deliberate choice."""
+    port: Port = DEFAULT_SERVER_PORT
+    token_sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")] | None = None
+    """SHA-256 (hex) of the bearer token. The token itself is only in <home>/api-token."""
+    max_request_body: PositiveInt = 8 * MiB
+
+
+class StoreSection(_Section, frozen=True):
+    """The LMDB datastore."""
+
+    encrypted: bool = False
+    """Seal every value at rest; the passphrase comes from $TRIONODE_PASSPHRASE."""
+    initial_map_size: Annotated[int, msgspec.Meta(ge=MiB)] = 64 * MiB
+    """Initial LMDB map size in bytes; it doubles whenever it fills up."""
+    max_map_size: Annotated[int, msgspec.Meta(ge=MiB)] = 1024 * 1024 * MiB
+    """The map never grows past this; a write that would need more fails cleanly."""
+    reader_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """Threads that may read LMDB at once (writes are always one at a time)."""
+
+
+class FileConfig(_Section, frozen=True):
+    """The whole of config.toml."""
+
+    node: NodeSection = NodeSection()
+    network: NetworkSection = NetworkSection()
+    api: ApiSection = ApiSection()
+    store: StoreSection = StoreSection()
+
+
+class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What `open_node` needs: the home directory and the parsed file."""
+
+    home: Path
+    file: FileConfig = FileConfig()
+    passphrase: str | None = None
+    """Encryption passphrase, taken from the environment, never from the file."""
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / DATA_DIR
+
+    @property
+    def identity_path(self) -> Path:
+        return self.home / IDENTITY_FILE
+
+    @property
+    def token_path(self) -> Path:
+        return self.home / TOKEN_FILE
+
+    @property
+    def node(self) -> NodeSection:
+        return self.file.node
+
+    @property
+    def network(self) -> NetworkSection:
+        return self.file.network
+
+    @property
+    def api(self) -> ApiSection:
+        return self.file.api
+
+    @property
+    def store(self) -> StoreSection:
+        return self.file.store
+
+
+def _where(path: str) -> str:
+    # msgspec reports `$.api.port`; users wrote `api.port`.
+    return path.removeprefix("$.").removeprefix("$")
+
+
+def parse_config(raw: dict[str, Any], *, source: str) -> FileConfig:
+    """Validate a decoded TOML document; errors name the file and the dotted key."""
+    try:
+        return msgspec.convert(raw, FileConfig)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        reason, _, path = message.partition(" - at `")
+        path = path.rstrip("`")
+        if reason.startswith("Object contains unknown field `"):
+            key = reason.split("`")[1]
+            full = f"{_where(path)}.{key}" if _where(path) else key
+            raise ConfigError(f"{source}: unknown key `{full}`") from None
+        where = _where(path) or "(top level)"
+        raise ConfigError(f"{source}: `{where}`: {reason}") from None
+
+
+def load_config(home: Path, *, env: dict[str, str] | None = None) -> NodeConfig:
+    """Read `<home>/config.toml`; every problem is one ConfigError line naming the path/key."""
+    if not home.is_dir():
+        raise ConfigError(
+            f"home directory {home} does not exist (run `trionode init --home {home}`)"
+        )
+    path = home / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing (run `trionode init --home {home}`)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    file = parse_config(raw, source=str(path))
+    if file.store.initial_map_size > file.store.max_map_size:
+        raise ConfigError(f"{path}: `store.initial_map_size` is larger than `store.max_map_size`")
+    passphrase = (env or {}).get(PASSPHRASE_ENV)
+    if file.store.encrypted and not passphrase:
+        raise ConfigError(f"{path}: `store.encrypted` is true but ${PASSPHRASE_ENV} is not set")
+    return NodeConfig(home=home, file=file, passphrase=passphrase)
+
+
+def render_config(file: FileConfig) -> str:
+    """Write a FileConfig as TOML (used by `trionode init`)."""
+    lines: list[str] = []
+    for section_name in FileConfig.__struct_fields__:
+        section = getattr(file, section_name)
+        lines.append(f"[{section_name}]")
+        for field in type(section).__struct_fields__:
+            value = getattr(section, field)
+            if value is None:
+                continue
+            lines.append(f"{field} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")

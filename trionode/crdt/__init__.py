@@ -1,0 +1,1 @@
+"""CRDT state: HLC, entity tree with Merkle hashes, collections. Pure and deterministic."""

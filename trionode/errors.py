@@ -1,0 +1,40 @@
+"""The error hierarchy: every error trionode raises on purpose derives from TrionodeError.
+
+Protocol errors follow h11: a *local* protocol error means we tried to do something the
+protocol forbids (a bug or misuse on our side); a *remote* one means the peer sent bytes
+that break the protocol, and the right reaction is to disconnect that peer and count it.
+"""
+
+from __future__ import annotations
+
+
+class TrionodeError(Exception):
+    """Base of every error trionode raises deliberately."""
+
+
+class ConfigError(TrionodeError):
+    """The configuration or the home directory is unusable; the message names the key/path."""
+
+
+class ProtocolError(TrionodeError):
+    """A wire protocol was violated."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We attempted something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent data that violates the protocol (malformed, oversized, out of state)."""
+
+
+class PeerError(TrionodeError):
+    """A peer could not be reached, authenticated or kept."""
+
+
+class StorageError(TrionodeError):
+    """The datastore failed or holds data we cannot read."""
+
+
+class WrongPassphraseError(StorageError):
+    """The passphrase does not open this encrypted datastore."""

@@ -1,0 +1,1 @@
+"""Trio drivers for the wire machines: the only code that touches sockets."""

@@ -1,0 +1,1 @@
+"""LMDB datastore, encryption at rest, blob store."""

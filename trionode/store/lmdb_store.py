@@ -1,0 +1,323 @@
+"""The synchronous LMDB datastore: one named sub-database per column.
+
+Every public method is one LMDB transaction, so a batch of writes across columns commits
+whole or not at all, and readers (MVCC snapshots) never block the writer. Methods block;
+the async façade in `store.py` runs them in worker threads.
+
+Map growth: LMDB fails a write with MapFullError when the memory map is full. We then abort
+that transaction, double the map (up to the configured maximum) and retry. Resizing needs
+every other transaction of this process to be finished, so reads hold a shared lock and the
+resize holds it exclusively.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import lmdb
+
+from trionode.errors import StorageError
+from trionode.store.encryption import KdfParams, ValueCipher, create_verifier, open_verifier
+
+_VERIFIER_KEY: Final = b"encryption-verifier"
+_MAX_KEY_SIZE: Final = 511  # LMDB's default compile-time limit
+
+
+class Column(StrEnum):
+    """Named sub-databases (DESIGN §9)."""
+
+    META = "meta"
+    CONFIG = "config"
+    IDENTITY = "identity"
+    STATE = "state"
+    DELTA = "delta"
+    PENDING = "pending"
+    APPLICATION = "application"
+    BLOB_META = "blob_meta"
+    GENERIC = "generic"
+
+
+@attrs.frozen
+class Put:
+    column: Column
+    key: bytes
+    value: bytes
+
+
+@attrs.frozen
+class Delete:
+    column: Column
+    key: bytes
+
+
+WriteOp = Put | Delete
+
+
+@attrs.frozen
+class StoreStats:
+    map_size: int
+    used_bytes: int
+    entries: dict[str, int]
+
+
+class _SharedExclusiveLock:
+    """Many readers or one resizer. Writers are already serialised by LMDB itself."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+def _check_key(key: bytes) -> None:
+    if not key:
+        raise StorageError("empty keys are not allowed")
+    if len(key) > _MAX_KEY_SIZE:
+        raise StorageError(f"key of {len(key)} bytes exceeds LMDB's {_MAX_KEY_SIZE}-byte limit")
+
+
+class LmdbStore:
+    """A blocking datastore. Use `LmdbStore.open(...)`; close with `close()`."""
+
+    def __init__(
+        self,
+        env: lmdb.Environment,
+        dbs: dict[Column, Any],
+        cipher: ValueCipher | None,
+        max_map_size: int,
+    ) -> None:
+        self._env = env
+        self._dbs = dbs
+        self._cipher = cipher
+        self._max_map_size = max_map_size
+        self._lock = _SharedExclusiveLock()
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        initial_map_size: int = 64 * 1024 * 1024,
+        max_map_size: int = 1 << 40,
+        passphrase: str | None = None,
+        kdf: KdfParams | None = None,
+        max_readers: int = 126,
+    ) -> LmdbStore:
+        """Open (creating if needed) the store at `path`.
+
+        With a passphrase the store is encrypted: an existing store must have been created
+        encrypted with the same passphrase (WrongPassphraseError otherwise, nothing written);
+        a new one gets a verifier. Without one, an encrypted store is refused.
+        """
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            env = lmdb.open(
+                str(path),
+                map_size=initial_map_size,
+                max_dbs=len(Column) + 1,
+                max_readers=max_readers,
+                subdir=True,
+                readahead=False,
+            )
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open datastore at {path}: {exc}") from None
+        try:
+            # If the file was grown earlier its map is larger than `initial_map_size`.
+            map_size = max(env.info()["map_size"], initial_map_size)
+            env.set_mapsize(map_size)
+            cipher = cls._open_cipher(env, passphrase, kdf or KdfParams(), path)
+            dbs = {col: env.open_db(col.value.encode()) for col in Column}
+        except BaseException:
+            env.close()
+            raise
+        return cls(env, dbs, cipher, max_map_size)
+
+    @staticmethod
+    def _open_cipher(
+        env: lmdb.Environment, passphrase: str | None, kdf: KdfParams, path: Path
+    ) -> ValueCipher | None:
+        # Read before creating anything so that a refused open writes nothing.
+        with env.begin() as txn:
+            names = [k for k, _ in txn.cursor()]
+            record = None
+            if Column.META.value.encode() in names:
+                meta = env.open_db(Column.META.value.encode(), txn=txn, create=False)
+                record = txn.get(_VERIFIER_KEY, db=meta)
+        if record is not None:
+            if passphrase is None:
+                raise StorageError(
+                    f"datastore at {path} is encrypted: set store.encrypted = true "
+                    "and $TRIONODE_PASSPHRASE"
+                )
+            return open_verifier(passphrase, record)
+        if passphrase is None:
+            return None
+        if names:
+            raise StorageError(
+                f"datastore at {path} was created without encryption; "
+                "it cannot be opened as an encrypted store"
+            )
+        cipher, record = create_verifier(passphrase, kdf)
+        meta = env.open_db(Column.META.value.encode())
+        with env.begin(write=True) as txn:
+            txn.put(_VERIFIER_KEY, record, db=meta)
+        return cipher
+
+    @property
+    def encrypted(self) -> bool:
+        return self._cipher is not None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._env.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("datastore is closed")
+
+    # -- values ----------------------------------------------------------------------------
+
+    def _seal(self, column: Column, key: bytes, value: bytes) -> bytes:
+        return value if self._cipher is None else self._cipher.seal(column.value, key, value)
+
+    def _unseal(self, column: Column, key: bytes, stored: bytes) -> bytes:
+        return stored if self._cipher is None else self._cipher.open(column.value, key, stored)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get(self, column: Column, key: bytes) -> bytes | None:
+        self._check_open()
+        with self._lock.shared(), self._env.begin(db=self._dbs[column], buffers=False) as txn:
+            stored = txn.get(key)
+        return None if stored is None else self._unseal(column, key, stored)
+
+    def get_many(self, column: Column, keys: Sequence[bytes]) -> list[bytes | None]:
+        self._check_open()
+        with self._lock.shared(), self._env.begin(db=self._dbs[column]) as txn:
+            stored = [txn.get(k) for k in keys]
+        return [
+            None if s is None else self._unseal(column, k, s)
+            for k, s in zip(keys, stored, strict=True)
+        ]
+
+    def scan(
+        self,
+        column: Column,
+        *,
+        prefix: bytes = b"",
+        start: bytes | None = None,
+        end: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Keys in order: those with `prefix`, from `start` (inclusive) to `end` (exclusive)."""
+        self._check_open()
+        lower = max(prefix, start) if start is not None else prefix
+        out: list[tuple[bytes, bytes]] = []
+        with self._lock.shared(), self._env.begin(db=self._dbs[column]) as txn:
+            cursor = txn.cursor()
+            if lower and not cursor.set_range(lower):
+                return []
+            for key, value in cursor.iternext():
+                if (prefix and not key.startswith(prefix)) or (end is not None and key >= end):
+                    break
+                out.append((key, value))
+                if limit is not None and len(out) >= limit:
+                    break
+        if self._cipher is None:
+            return out
+        return [(k, self._unseal(column, k, v)) for k, v in out]
+
+    def count(self, column: Column) -> int:
+        self._check_open()
+        with self._lock.shared(), self._env.begin() as txn:
+            return int(txn.stat(self._dbs[column])["entries"])
+
+    def stats(self) -> StoreStats:
+        self._check_open()
+        with self._lock.shared():
+            info = self._env.info()
+            stat = self._env.stat()
+            with self._env.begin() as txn:
+                entries = {col.value: int(txn.stat(db)["entries"]) for col, db in self._dbs.items()}
+        used = (int(info["last_pgno"]) + 1) * int(stat["psize"])
+        return StoreStats(map_size=int(info["map_size"]), used_bytes=used, entries=entries)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def write(self, ops: Sequence[WriteOp]) -> None:
+        """Apply every op in one transaction: all of them commit, or none."""
+        self._check_open()
+        if not ops:
+            return
+        prepared: list[tuple[Any, bytes, bytes | None]] = []
+        for op in ops:
+            _check_key(op.key)
+            if isinstance(op, Put):
+                value = self._seal(op.column, op.key, op.value)
+                prepared.append((self._dbs[op.column], op.key, value))
+            else:
+                prepared.append((self._dbs[op.column], op.key, None))
+        while True:
+            try:
+                with self._lock.shared(), self._env.begin(write=True) as txn:
+                    for db, key, stored in prepared:
+                        if stored is None:
+                            txn.delete(key, db=db)
+                        else:
+                            txn.put(key, stored, db=db)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.Error as exc:
+                raise StorageError(f"datastore write failed: {exc}") from None
+
+    def put(self, column: Column, key: bytes, value: bytes) -> None:
+        self.write([Put(column, key, value)])
+
+    def delete(self, column: Column, key: bytes) -> None:
+        self.write([Delete(column, key)])
+
+    def _grow(self) -> None:
+        with self._lock.exclusive():
+            current = int(self._env.info()["map_size"])
+            if current >= self._max_map_size:
+                raise StorageError(
+                    f"datastore is full: map size {current} bytes reached store.max_map_size"
+                )
+            self._env.set_mapsize(min(current * 2, self._max_map_size))

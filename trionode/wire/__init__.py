@@ -1,0 +1,1 @@
+"""Sans-IO protocol state machines and codecs: bytes and `now` in, events and bytes out."""
