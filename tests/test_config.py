@@ -87,3 +87,13 @@ def test_example_documents_every_option_with_its_default() -> None:
         options = set(type(getattr(FileConfig(), section)).__struct_fields__)
         # token_sha256 is per node and written by `trionode init`; it is documented commented out.
         assert documented | {"token_sha256"} >= options, section
+
+
+def test_corrupt_identity_is_a_config_error(home: Path) -> None:
+    from trionode.identity import NodeIdentity  # noqa: PLC0415
+
+    identity = NodeIdentity.load(home / "identity.key")
+    assert identity.peer_id.startswith("12D3KooW")
+    (home / "identity.key").write_bytes(b"\x08\x01\x12\x05short")
+    with pytest.raises(ConfigError, match="not a usable identity key"):
+        NodeIdentity.load(home / "identity.key")
