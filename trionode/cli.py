@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from trionode import __version__
@@ -96,7 +97,11 @@ async def run_until_signalled(config: NodeConfig) -> None:
         await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
         async with open_node(config) as node:
             log.info(
-                "trionode %s started: peer id %s, API %s", __version__, node.peer_id, node.api_url
+                "trionode %s started: peer id %s, API %s, p2p %s",
+                __version__,
+                node.peer_id,
+                node.api_url if node.api_urls else "off",
+                " ".join(node.listen_addresses()),
             )
             await shutdown.wait()
         log.info("trionode stopped cleanly")
@@ -145,6 +150,15 @@ def _render_mapping(data: dict[str, Any]) -> str:
 
 
 ClientAction = Callable[[Client, argparse.Namespace], Awaitable[Any]]
+Renderer = Callable[[Any], str]
+
+
+@attrs.frozen
+class ClientCommand:
+    help: str
+    action: ClientAction
+    render: Renderer | None = None
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
 async def _health(client: Client, _args: argparse.Namespace) -> Any:
@@ -159,16 +173,48 @@ async def _info(client: Client, _args: argparse.Namespace) -> Any:
     return await client.node_info()
 
 
-CLIENT_COMMANDS: dict[str, tuple[str, ClientAction]] = {
-    "health": ("check that the node's API answers", _health),
-    "ready": ("check that the node has started every service", _ready),
-    "info": ("show the node's peer id and version", _info),
+async def _peers(client: Client, _args: argparse.Namespace) -> Any:
+    return await client.peers()
+
+
+def _render_peers(result: Any) -> str:
+    rows = [
+        (
+            p["peer_id"],
+            p["address"] or "-",
+            p["direction"],
+            p["agent"] or "-",
+            p["streams"],
+            "-" if p["ping_rtt_ms"] is None else f"{p['ping_rtt_ms']:.2f}",
+        )
+        for p in result["peers"]
+    ]
+    table = _table(rows, ("peer id", "address", "direction", "agent", "streams", "rtt ms"))
+    listen = "\n".join(f"listening on {a}" for a in result["listenAddrs"])
+    return f"{table}\n{listen}" if listen else table
+
+
+async def _connect(client: Client, args: argparse.Namespace) -> Any:
+    return await client.connect(args.address)
+
+
+def _connect_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", help="multiaddr, e.g. /ip4/127.0.0.1/tcp/2428/p2p/12D3KooW...")
+
+
+CLIENT_COMMANDS: dict[str, ClientCommand] = {
+    "health": ClientCommand("check that the node's API answers", _health),
+    "ready": ClientCommand("check that the node has started every service", _ready),
+    "info": ClientCommand("show the node's peer id and version", _info),
+    "peers": ClientCommand("list connected peers", _peers, _render_peers),
+    "connect": ClientCommand("dial a peer", _connect, arguments=_connect_args),
 }
 
 
 def run_client_command(args: argparse.Namespace) -> int:
     url, token = _api_target(args)
-    action = CLIENT_COMMANDS[args.command][1]
+    command = CLIENT_COMMANDS[args.command]
+    action = command.action
 
     async def go() -> Any:
         async with open_client(url, token, request_timeout=args.timeout) as client:
@@ -177,6 +223,8 @@ def run_client_command(args: argparse.Namespace) -> int:
     result = trio.run(go)
     if args.json:
         print(json.dumps(result, indent=None, sort_keys=True))
+    elif command.render is not None:
+        print(command.render(result))
     elif isinstance(result, dict):
         print(_render_mapping(result))
     else:
@@ -213,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--api", help="API base URL (default: read from --home)")
     client.add_argument("--token", help="bearer token (default: read from --home)")
     client.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    for name, (help_text, _action) in CLIENT_COMMANDS.items():
-        cmd = sub.add_parser(name, parents=[client], help=help_text)
+    for name, spec in CLIENT_COMMANDS.items():
+        cmd = sub.add_parser(name, parents=[client], help=spec.help)
+        if spec.arguments is not None:
+            spec.arguments(cmd)
         cmd.set_defaults(func=run_client_command)
     return parser
 

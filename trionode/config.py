@@ -53,6 +53,28 @@ class NetworkSection(_Section, frozen=True):
     """Multiaddrs to listen on."""
     bootstrap: list[str] = msgspec.field(default_factory=list)
     """Multiaddrs (with /p2p/<peer id>) dialed at start and re-dialed with backoff."""
+    max_connections: PositiveInt = 128
+    """Connections beyond this many are refused (inbound) or not attempted (outbound)."""
+    max_pending_handshakes: PositiveInt = 32
+    """Inbound connections still handshaking at once; more are closed at once."""
+    max_streams_per_connection: PositiveInt = 256
+    """Inbound streams a peer may have open at once; more are reset and counted."""
+    max_refused_streams: PositiveInt = 64
+    """A peer whose streams were refused this many times is disconnected (a stream flood)."""
+    handshake_timeout: PositiveFloat = 10.0
+    """Seconds for TCP connect + Noise + muxer negotiation."""
+    dial_timeout: PositiveFloat = 10.0
+    """Seconds for the TCP connect of one dial."""
+    negotiation_timeout: PositiveFloat = 10.0
+    """Seconds for a new stream to agree on its protocol."""
+    ping_interval: PositiveFloat = 15.0
+    """Seconds between keepalive pings (/ipfs/ping/1.0.0) to each peer."""
+    ping_timeout: PositiveFloat = 10.0
+    """A ping unanswered this long counts as failed; two failures close the connection."""
+    redial_initial_backoff: PositiveFloat = 1.0
+    """First wait before re-dialing a bootstrap peer; it doubles on each failure ..."""
+    redial_max_backoff: PositiveFloat = 60.0
+    """... up to this many seconds."""
 
 
 class ApiSection(_Section, frozen=True):

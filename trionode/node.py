@@ -2,6 +2,7 @@
 
 ```
 open_node(config) ── root nursery
+   ├─ Host.run         p2p listeners, bootstrap dialers, one nursery per peer connection
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
    └─ _bound_shutdown  after a shutdown request, gives in-flight work `node.shutdown_grace`
                        seconds, then cancels what is left
@@ -18,7 +19,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import attrs
 import trio
 
 from trionode.api.app import create_app
@@ -28,6 +31,8 @@ from trionode.errors import ConfigError
 from trionode.home import API_URL_FILE
 from trionode.identity import NodeIdentity
 from trionode.metrics import NodeMetrics
+from trionode.net.host import Host
+from trionode.net.metrics import NetMetrics
 from trionode.store.store import AsyncStore, open_store
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,9 @@ class Node:
         self.store = store
         self.shutdown_requested = trio.Event()
         self.api_urls: list[str] = []
+        net_metrics = NetMetrics(metrics.registry)
+        self.host = Host(identity.key, config.network, net_metrics)
+        net_metrics.bind(self.host)
         self._ready = False
         token = config.api.token_sha256
         if token is None:
@@ -66,6 +74,16 @@ class Node:
 
     def is_ready(self) -> bool:
         return self._ready and not self.shutdown_requested.is_set()
+
+    def peers(self) -> list[dict[str, Any]]:
+        return [attrs.asdict(p) for p in self.host.peers()]
+
+    def listen_addresses(self) -> list[str]:
+        return self.host.addresses()
+
+    async def connect(self, address: str) -> str:
+        conn = await self.host.connect(address)
+        return str(conn.peer_id)
 
     async def refresh_metrics(self) -> None:
         stats = await self.store.stats()
@@ -110,6 +128,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         node = Node(config, identity, metrics, store)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_bound_shutdown, node, nursery.cancel_scope, name="shutdown-grace")
+            await nursery.start(node.host.run, node.shutdown_requested, name="p2p")
             if config.api.enabled:
                 node.api_urls = await nursery.start(
                     partial(

@@ -11,6 +11,7 @@ import hmac
 import time
 from typing import Any, Final, Protocol
 
+import trio
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from quart import Response, g, jsonify, request
@@ -18,6 +19,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trionode import __version__
+from trionode.errors import PeerError, ProtocolError
 from trionode.metrics import NodeMetrics
 
 PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
@@ -36,6 +38,12 @@ class NodeApi(Protocol):
     def token_sha256(self) -> str: ...
 
     def is_ready(self) -> bool: ...
+
+    def peers(self) -> list[dict[str, Any]]: ...
+
+    def listen_addresses(self) -> list[str]: ...
+
+    async def connect(self, address: str) -> str: ...
 
     async def refresh_metrics(self) -> None: ...
 
@@ -101,6 +109,27 @@ def create_app(node: NodeApi) -> QuartTrio:
     @app.get("/admin-api/node")
     async def node_info() -> Response:  # noqa: ASYNC124
         return jsonify({"peerId": node.peer_id, "version": __version__})
+
+    @app.get("/admin-api/peers")
+    async def peers() -> Response:  # noqa: ASYNC124
+        return jsonify({"peers": node.peers(), "listenAddrs": node.listen_addresses()})
+
+    @app.post("/admin-api/peers")
+    async def connect() -> Response:
+        body = await request.get_json(silent=True)
+        address = body.get("address") if isinstance(body, dict) else None
+        if not isinstance(address, str) or not address:
+            return error_response(400, 'body must be {"address": "<multiaddr>"}')
+        try:
+            peer_id = await node.connect(address)
+        except PeerError as exc:
+            status = 400 if "not a multiaddr" in str(exc) or "TCP" in str(exc) else 502
+            return error_response(status, str(exc))
+        except ProtocolError as exc:
+            return error_response(502, f"handshake failed: {exc}")
+        except trio.TooSlowError:
+            return error_response(504, "handshake timed out")
+        return jsonify({"peerId": peer_id})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

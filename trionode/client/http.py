@@ -50,6 +50,12 @@ class Client:
     async def node_info(self) -> Any:
         return await self.request("GET", "/admin-api/node")
 
+    async def peers(self) -> Any:
+        return await self.request("GET", "/admin-api/peers")
+
+    async def connect(self, address: str) -> Any:
+        return await self.request("POST", "/admin-api/peers", json={"address": address})
+
     async def metrics_text(self) -> str:
         try:
             response = await self._http.get("/metrics")

@@ -1,0 +1,147 @@
+"""Driver contract tests: NoiseStream and YamuxStream behave as trio streams should."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from trionode.errors import RemoteProtocolError
+from trionode.net.noise_stream import NoiseStream, noise_handshake
+from trionode.net.yamux_session import YamuxSession, YamuxStream
+from trionode.wire.keys import PrivateKey
+
+
+async def _noise_pair(
+    left: trio.abc.Stream, right: trio.abc.Stream
+) -> tuple[NoiseStream, NoiseStream]:
+    a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
+    results: dict[str, NoiseStream] = {}
+
+    async def side(name: str, stream: trio.abc.Stream, key: PrivateKey, initiator: bool) -> None:
+        expected = b_key.peer_id() if initiator else None
+        results[name] = await noise_handshake(
+            stream, key, initiator=initiator, expected_peer_id=expected
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, "a", left, a_key, True)
+        nursery.start_soon(side, "b", right, b_key, False)
+    assert results["a"].remote_peer_id == b_key.peer_id()
+    assert results["b"].remote_peer_id == a_key.peer_id()
+    return results["a"], results["b"]
+
+
+async def test_noise_stream_contract() -> None:
+    async def maker() -> tuple[NoiseStream, NoiseStream]:
+        return await _noise_pair(*trio.testing.memory_stream_pair())
+
+    async def clogged() -> tuple[NoiseStream, NoiseStream]:
+        return await _noise_pair(*trio.testing.lockstep_stream_pair())
+
+    await trio.testing.check_two_way_stream(maker, clogged)
+
+
+async def test_noise_rejects_the_wrong_peer() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    impostor = PrivateKey.generate()
+
+    async def responder() -> None:
+        with contextlib.suppress(RemoteProtocolError, trio.BrokenResourceError):
+            await noise_handshake(right, impostor, initiator=False)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(responder)
+        with pytest.raises(RemoteProtocolError, match="dialled"):
+            await noise_handshake(
+                left,
+                PrivateKey.generate(),
+                initiator=True,
+                expected_peer_id=PrivateKey.generate().peer_id(),
+            )
+        await left.aclose()
+
+
+async def test_noise_garbage_is_a_protocol_error() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    _a, b = await _noise_pair(left, right)
+    await left.send_all(b"\x00\x20" + os.urandom(32))  # a frame that fails authentication
+    with pytest.raises(RemoteProtocolError):
+        await b.receive_some()
+
+
+@asynccontextmanager
+async def yamux_pair() -> AsyncIterator[tuple[YamuxSession, YamuxSession]]:
+    left, right = trio.testing.memory_stream_pair()
+    a_noise, b_noise = await _noise_pair(left, right)
+    client = YamuxSession(a_noise, is_client=True)
+    server = YamuxSession(b_noise, is_client=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.run)
+        await nursery.start(server.run)
+        yield client, server
+        nursery.cancel_scope.cancel()
+
+
+async def test_yamux_stream_contract() -> None:
+    async with trio.open_nursery() as outer:
+        sessions: list[YamuxSession] = []
+
+        async def maker() -> tuple[YamuxStream, YamuxStream]:
+            left, right = trio.testing.memory_stream_pair()
+            a_noise, b_noise = await _noise_pair(left, right)
+            client = YamuxSession(a_noise, is_client=True)
+            server = YamuxSession(b_noise, is_client=False)
+            await outer.start(client.run)
+            await outer.start(server.run)
+            sessions.extend([client, server])
+            a = await client.open_stream()
+            await a.send_all(b"")  # nothing on the wire yet: open is lazy on the peer side
+            b = await server.accept_stream()
+            return a, b
+
+        await trio.testing.check_half_closeable_stream(maker, None)
+        outer.cancel_scope.cancel()
+
+
+async def test_many_streams_and_a_large_transfer() -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+    async with yamux_pair() as (client, server):
+
+        async def echo_server() -> None:
+            async with trio.open_nursery() as nursery:
+                for _ in range(9):
+                    stream = await server.accept_stream()
+                    nursery.start_soon(echo, stream)
+
+        async def echo(stream: YamuxStream) -> None:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+            await stream.send_eof()
+            await stream.aclose()
+
+        async def roundtrip(data: bytes) -> None:
+            stream = await client.open_stream()
+            received = bytearray()
+
+            async def reader() -> None:
+                while chunk := await stream.receive_some():
+                    received.extend(chunk)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await stream.send_all(data)
+                await stream.send_eof()
+            await stream.aclose()
+            assert received == data
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(echo_server)
+            for i in range(8):
+                nursery.start_soon(roundtrip, b"stream %d " % i * 1000)
+            nursery.start_soon(roundtrip, payload)

@@ -1,0 +1,627 @@
+"""The libp2p host: listeners, dialer, connection manager and per-stream protocol dispatch.
+
+```
+Host.run ── host nursery
+   ├─ serve_listeners(...)      one per listen multiaddr; each accepted TCP stream → _accept
+   ├─ _keep_connected(addr)     one per bootstrap peer: dial, wait for the connection to end,
+   │                            re-dial with capped exponential backoff
+   └─ _run_connection(conn)     one per connection, own nursery (a failing peer stays alone):
+        ├─ YamuxSession.run     reader / writer / timer
+        ├─ _accept_streams      negotiates each inbound stream, runs its handler in a task
+        ├─ _identify_peer       asks the peer who it is (/ipfs/id/1.0.0)
+        └─ _keepalive           /ipfs/ping/1.0.0 every ping_interval; two misses close it
+```
+
+Upgrade of a raw TCP stream (both directions): multistream-select `/noise` → Noise XX
+(the initiator checks the /p2p/ peer id it dialed) → multistream-select `/yamux/1.0.0`.
+One connection per peer: when two connections to the same peer exist (a simultaneous dial)
+both sides keep the one *initiated by the smaller peer id* and close the other, so they
+agree without talking about it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import attrs
+import trio
+
+from trionode import __version__
+from trionode.config import NetworkSection
+from trionode.errors import LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError
+from trionode.net.metrics import NetMetrics
+from trionode.net.multistream import (
+    ProtocolNotSupportedError,
+    accept_protocol,
+    select_protocol,
+)
+from trionode.net.noise_stream import NoiseStream, noise_handshake
+from trionode.net.yamux_session import YamuxSession, YamuxStream
+from trionode.wire.identify import (
+    IDENTIFY_PROTOCOL_ID,
+    MAX_IDENTIFY_MESSAGE_SIZE,
+    PING_PAYLOAD_LENGTH,
+    PING_PROTOCOL_ID,
+    IdentifyMessage,
+    check_ping_response,
+    make_ping_payload,
+)
+from trionode.wire.keys import PeerId, PrivateKey
+from trionode.wire.multiaddr import Multiaddr
+from trionode.wire.noise import NOISE_PROTOCOL_ID
+from trionode.wire.varint import decode_length_prefixed
+from trionode.wire.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID, YamuxConfig
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = f"trionode/{__version__}"
+PROTOCOL_VERSION = "ipfs/0.1.0"
+MAX_IDENTIFY_SIZE = MAX_IDENTIFY_MESSAGE_SIZE
+
+StreamHandler = Callable[[YamuxStream, "Connection"], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class Connection:
+    """An authenticated, multiplexed connection to one peer."""
+
+    peer_id: PeerId
+    remote_addr: Multiaddr | None
+    outbound: bool
+    session: YamuxSession
+    noise: NoiseStream
+    opened_at: float = attrs.field(factory=time.time)
+    agent: str | None = None
+    protocols: tuple[str, ...] = ()
+    listen_addrs: tuple[Multiaddr, ...] = ()
+    ping_rtt: float | None = None
+    identified: trio.Event = attrs.field(factory=trio.Event)
+    refused_streams: int = 0
+
+    @property
+    def direction(self) -> str:
+        return "outbound" if self.outbound else "inbound"
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+    def initiator(self, local: PeerId) -> PeerId:
+        return local if self.outbound else self.peer_id
+
+    async def new_stream(
+        self, protocols: list[str] | tuple[str, ...], *, negotiation_timeout: float = 10.0
+    ) -> tuple[str, trio.abc.HalfCloseableStream]:
+        """Open a stream and agree on one of `protocols` (most preferred first)."""
+        stream = await self.session.open_stream()
+        try:
+            with trio.fail_after(negotiation_timeout):
+                protocol, negotiated = await select_protocol(stream, protocols)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        stream.protocol = protocol
+        return protocol, negotiated
+
+    async def aclose(self) -> None:
+        await self.session.aclose()
+
+
+@attrs.frozen
+class PeerInfo:
+    """One row of `Host.peers()`."""
+
+    peer_id: str
+    address: str | None
+    direction: str
+    agent: str | None
+    streams: int
+    ping_rtt_ms: float | None
+    protocols: tuple[str, ...]
+    connected_for: float
+
+
+class Host:
+    """A libp2p host. Run it with `await nursery.start(host.run)`."""
+
+    def __init__(
+        self,
+        key: PrivateKey,
+        config: NetworkSection,
+        metrics: NetMetrics | None = None,
+        *,
+        yamux: YamuxConfig | None = None,
+    ) -> None:
+        self.key = key
+        self.peer_id = key.peer_id()
+        self.config = config
+        self.metrics = metrics if metrics is not None else NetMetrics(None)
+        self.listen_addrs: list[Multiaddr] = []
+        self.connections: dict[PeerId, Connection] = {}
+        self._handlers: dict[str, StreamHandler] = {}
+        self._yamux = yamux or YamuxConfig(max_inbound_streams=config.max_streams_per_connection)
+        self._pending_handshakes = trio.Semaphore(config.max_pending_handshakes)
+        self._nursery: trio.Nursery | None = None
+        self._connection_changed = trio.Event()
+        self._dialing: dict[PeerId, trio.Event] = {}
+        self.set_handler(PING_PROTOCOL_ID, _serve_ping)
+        self.set_handler(IDENTIFY_PROTOCOL_ID, self._serve_identify)
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def set_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve inbound streams that negotiate `protocol` with `handler(stream, conn)`."""
+        self._handlers[protocol] = handler
+
+    @property
+    def protocols(self) -> list[str]:
+        return list(self._handlers)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(
+        self,
+        shutdown_requested: trio.Event | None = None,
+        *,
+        task_status: trio.TaskStatus[list[Multiaddr]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen, keep bootstrap peers connected and serve peers until `shutdown_requested`.
+
+        On shutdown every connection says GoAway (so peers know it is deliberate) and the
+        listeners close.
+        """
+        listen = [_parse_addr(text, "network.listen") for text in self.config.listen]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for addr in listen:
+                hp = addr.tcp_host_port()
+                if hp is None:
+                    raise PeerError(f"network.listen: {addr} is not a TCP multiaddr")
+                host, port = hp
+                listeners = await trio.open_tcp_listeners(port, host=host)
+                for listener in listeners:
+                    sockname = listener.socket.getsockname()
+                    self.listen_addrs.append(Multiaddr.from_tcp(host, sockname[1]))
+                    nursery.start_soon(
+                        partial(trio.serve_listeners, self._accept, [listener]),
+                        name=f"{self.peer_id}:listen",
+                    )
+            for text in self.config.bootstrap:
+                nursery.start_soon(
+                    self._keep_connected, _parse_addr(text, "network.bootstrap"), name="bootstrap"
+                )
+            task_status.started(list(self.listen_addrs))
+            if shutdown_requested is not None:
+                await shutdown_requested.wait()
+                async with trio.open_nursery() as closing:
+                    for conn in list(self.connections.values()):
+                        closing.start_soon(conn.aclose)
+                nursery.cancel_scope.cancel()
+
+    def addresses(self) -> list[str]:
+        """Our listen addresses with /p2p/<peer id>, for others to dial."""
+        return [str(a.with_peer_id(self.peer_id)) for a in self.listen_addrs]
+
+    # -- outbound --------------------------------------------------------------------------
+
+    async def connect(self, address: str | Multiaddr) -> Connection:
+        """Dial `address` (a TCP multiaddr, ideally with /p2p/<peer id>) unless connected."""
+        addr = address if isinstance(address, Multiaddr) else _parse_addr(address, "address")
+        expected = addr.peer_id()
+        if expected == self.peer_id:
+            raise PeerError("refusing to dial ourselves")
+        if expected is not None:
+            existing = await self._existing_or_pending(expected)
+            if existing is not None:
+                return existing
+        if len(self.connections) >= self.config.max_connections:
+            raise PeerError(f"connection limit ({self.config.max_connections}) reached")
+        hp = addr.tcp_host_port()
+        if hp is None:
+            raise PeerError(f"{addr} is not a TCP multiaddr")
+        done = trio.Event()
+        if expected is not None:
+            self._dialing[expected] = done
+        try:
+            try:
+                with trio.fail_after(self.config.dial_timeout):
+                    tcp = await trio.open_tcp_stream(*hp)
+            except (OSError, trio.TooSlowError) as exc:
+                self.metrics.dials.labels("unreachable").inc()
+                raise PeerError(f"cannot connect to {addr}: {str(exc) or 'timed out'}") from None
+            conn = await self._upgrade_or_close(tcp, addr, outbound=True, expected=expected)
+            self.metrics.dials.labels("ok").inc()
+            return await self._start_connection(conn)
+        finally:
+            if expected is not None:
+                self._dialing.pop(expected, None)
+            done.set()
+
+    async def _existing_or_pending(self, peer: PeerId) -> Connection | None:
+        pending = self._dialing.get(peer)
+        if pending is not None:
+            await pending.wait()
+        conn = self.connections.get(peer)
+        return conn if conn is not None and not conn.closed else None
+
+    async def new_stream(
+        self, peer: PeerId, protocols: list[str] | tuple[str, ...]
+    ) -> tuple[str, trio.abc.HalfCloseableStream]:
+        conn = self.connections.get(peer)
+        if conn is None or conn.closed:
+            raise PeerError(f"not connected to {peer}")
+        return await conn.new_stream(protocols, negotiation_timeout=self.config.negotiation_timeout)
+
+    async def ping(self, peer: PeerId) -> float:
+        """One /ipfs/ping/1.0.0 round trip; returns seconds."""
+        _, stream = await self.new_stream(peer, [PING_PROTOCOL_ID])
+        async with stream:
+            with trio.fail_after(self.config.ping_timeout):
+                rtt = await _ping_once(stream)
+            await stream.send_eof()
+        conn = self.connections.get(peer)
+        if conn is not None:
+            conn.ping_rtt = rtt
+        return rtt
+
+    async def _keep_connected(self, addr: Multiaddr) -> None:
+        backoff = self.config.redial_initial_backoff
+        while True:
+            try:
+                conn = await self.connect(addr)
+            except (PeerError, ProtocolError, trio.TooSlowError) as exc:
+                log.info(
+                    "bootstrap peer %s unreachable (%s); retrying in %.0fs", addr, exc, backoff
+                )
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.redial_max_backoff)
+                continue
+            backoff = self.config.redial_initial_backoff
+            await conn.session.wait_closed()
+            # Do not hammer a peer that accepts and then drops us at once.
+            await trio.sleep(self.config.redial_initial_backoff)
+
+    # -- inbound ---------------------------------------------------------------------------
+
+    async def _accept(self, tcp: trio.SocketStream) -> None:
+        try:
+            self._pending_handshakes.acquire_nowait()
+        except trio.WouldBlock:
+            self.metrics.handshake_failures.labels("too_many_pending").inc()
+            await trio.aclose_forcefully(tcp)
+            return
+        try:
+            if len(self.connections) >= self.config.max_connections:
+                self.metrics.handshake_failures.labels("connection_limit").inc()
+                await trio.aclose_forcefully(tcp)
+                return
+            remote = _sockaddr_multiaddr(tcp)
+            try:
+                conn = await self._upgrade_or_close(tcp, remote, outbound=False, expected=None)
+            except (PeerError, ProtocolError, trio.TooSlowError):
+                return  # counted and logged in _upgrade_or_close
+        finally:
+            self._pending_handshakes.release()
+        await self._run_connection(conn)
+
+    # -- both directions -------------------------------------------------------------------
+
+    async def _upgrade_or_close(
+        self,
+        tcp: trio.abc.Stream,
+        addr: Multiaddr | None,
+        *,
+        outbound: bool,
+        expected: PeerId | None,
+    ) -> Connection:
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                return await self._upgrade(tcp, addr, outbound=outbound, expected=expected)
+        except BaseException as exc:
+            reason = _failure_reason(exc)
+            if reason is not None:
+                self.metrics.handshake_failures.labels(reason).inc()
+                log.info("handshake with %s failed: %s: %s", addr, reason, exc)
+            await trio.aclose_forcefully(tcp)
+            if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
+                raise PeerError(f"connection to {addr} broke during the handshake") from None
+            raise
+
+    async def _upgrade(
+        self,
+        tcp: trio.abc.Stream,
+        addr: Multiaddr | None,
+        *,
+        outbound: bool,
+        expected: PeerId | None,
+    ) -> Connection:
+        if outbound:
+            _, stream = await select_protocol(tcp, [NOISE_PROTOCOL_ID])
+        else:
+            _, stream = await accept_protocol(tcp, [NOISE_PROTOCOL_ID])
+        noise = await noise_handshake(
+            stream, self.key, initiator=outbound, expected_peer_id=expected
+        )
+        if outbound:
+            _, muxed = await select_protocol(noise, [YAMUX_PROTOCOL_ID])
+        else:
+            _, muxed = await accept_protocol(noise, [YAMUX_PROTOCOL_ID])
+        conn = Connection(
+            peer_id=noise.remote_peer_id,
+            remote_addr=addr,
+            outbound=outbound,
+            session=YamuxSession(muxed, is_client=outbound, config=self._yamux),
+            noise=noise,
+        )
+        conn.session.on_stream_refused = partial(self._on_stream_refused, conn)
+        return conn
+
+    async def _start_connection(self, conn: Connection) -> Connection:
+        assert self._nursery is not None, "Host.run is not running"
+        kept: Connection = await self._nursery.start(self._run_connection, conn)
+        return kept
+
+    async def _run_connection(
+        self,
+        conn: Connection,
+        *,
+        task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        kept = self._register(conn)
+        if kept is not conn:
+            task_status.started(kept)
+            await conn.session.aclose()
+            return
+        direction = conn.direction
+        self.metrics.connections.labels(direction).inc()
+        log.info("connected to %s (%s, %s)", conn.peer_id, direction, conn.remote_addr)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(conn.session.run)
+                nursery.start_soon(self._accept_streams, conn)
+                nursery.start_soon(self._identify_peer, conn)
+                nursery.start_soon(self._keepalive, conn)
+                task_status.started(conn)
+                await conn.session.wait_closed()
+                nursery.cancel_scope.cancel()
+        except* RemoteProtocolError as group:
+            self.metrics.protocol_errors.labels("yamux").inc()
+            log.warning("disconnected %s: %s", conn.peer_id, group.exceptions[0])
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.metrics.connections.labels(direction).dec()
+            self.metrics.account_closed(conn)
+            if self.connections.get(conn.peer_id) is conn:
+                del self.connections[conn.peer_id]
+            self._notify()
+            log.info(
+                "disconnected from %s (%s)", conn.peer_id, conn.session.close_reason or "closed"
+            )
+
+    def _register(self, conn: Connection) -> Connection:
+        existing = self.connections.get(conn.peer_id)
+        if existing is not None and not existing.closed:
+            # Keep the connection initiated by the smaller peer id; both ends agree.
+            keep_new = bytes(conn.initiator(self.peer_id).multihash) < bytes(
+                existing.initiator(self.peer_id).multihash
+            )
+            if not keep_new or conn.initiator(self.peer_id) == existing.initiator(self.peer_id):
+                return existing
+            self.connections[conn.peer_id] = conn
+            self._notify()
+            if self._nursery is not None:
+                self._nursery.start_soon(existing.session.aclose)
+            return conn
+        self.connections[conn.peer_id] = conn
+        self._notify()
+        return conn
+
+    def _notify(self) -> None:
+        self._connection_changed.set()
+        self._connection_changed = trio.Event()
+
+    async def wait_connection_changed(self) -> None:
+        """Wait until a connection opens or closes (for tests and the discovery loop)."""
+        await self._connection_changed.wait()
+
+    def _on_stream_refused(self, conn: Connection) -> None:
+        conn.refused_streams += 1
+        self.metrics.streams_refused.inc()
+        if conn.refused_streams == self.config.max_refused_streams:
+            log.warning("disconnecting %s: stream flood", conn.peer_id)
+            self.metrics.protocol_errors.labels("stream_flood").inc()
+            if self._nursery is not None:
+                self._nursery.start_soon(conn.session.aclose)
+
+    async def _accept_streams(self, conn: Connection) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await conn.session.accept_stream()
+                except trio.EndOfChannel:
+                    return
+                nursery.start_soon(self._handle_stream, stream, conn)
+
+    async def _handle_stream(self, stream: YamuxStream, conn: Connection) -> None:
+        try:
+            with trio.fail_after(self.config.negotiation_timeout):
+                protocol, negotiated = await accept_protocol(stream, self._handlers)
+        except (
+            ProtocolError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ):
+            await trio.aclose_forcefully(stream)
+            return
+        stream.protocol = protocol
+        handler = self._handlers[protocol]
+        try:
+            await handler(negotiated, conn)  # type: ignore[arg-type]
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except ProtocolError as exc:
+            self.metrics.protocol_errors.labels("stream").inc()
+            log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
+        finally:
+            await trio.aclose_forcefully(negotiated)
+
+    # -- identify and ping -----------------------------------------------------------------
+
+    def _identify_message(self, conn: Connection) -> IdentifyMessage:
+        return IdentifyMessage.create(
+            protocol_version=PROTOCOL_VERSION,
+            agent_version=AGENT_VERSION,
+            public_key=self.key.public_key,
+            listen_addrs=self.listen_addrs,
+            observed_addr=conn.remote_addr,
+            protocols=self.protocols,
+        )
+
+    async def _serve_identify(self, stream: trio.abc.Stream, conn: Connection) -> None:
+        await stream.send_all(self._identify_message(conn).encode_framed())
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+
+    async def _identify_peer(self, conn: Connection) -> None:
+        try:
+            _, stream = await conn.new_stream(
+                [IDENTIFY_PROTOCOL_ID], negotiation_timeout=self.config.negotiation_timeout
+            )
+            async with stream:
+                with trio.fail_after(self.config.negotiation_timeout):
+                    message = await _read_identify(stream)
+        except (
+            ProtocolNotSupportedError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            LocalProtocolError,
+        ):
+            return
+        except RemoteProtocolError as exc:
+            self.metrics.protocol_errors.labels("identify").inc()
+            log.info("bad identify from %s: %s", conn.peer_id, exc)
+            return
+        key = message.decoded_public_key()
+        if key is not None and key.peer_id() != conn.peer_id:
+            self.metrics.protocol_errors.labels("identify").inc()
+            log.warning("identify from %s carries another peer's key; disconnecting", conn.peer_id)
+            await conn.aclose()
+            return
+        conn.agent = message.agent_version
+        conn.protocols = tuple(message.protocols)
+        conn.listen_addrs = tuple(message.decoded_listen_addrs())
+        conn.identified.set()
+
+    async def _keepalive(self, conn: Connection) -> None:
+        failures = 0
+        while not conn.closed:
+            try:
+                await self.ping(conn.peer_id)
+                failures = 0
+            except (
+                trio.TooSlowError,
+                PeerError,
+                ProtocolError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ):
+                failures += 1
+                if failures >= 2:
+                    log.info("%s stopped answering pings; disconnecting", conn.peer_id)
+                    await conn.aclose()
+                    return
+            await trio.sleep(self.config.ping_interval)
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def peers(self) -> list[PeerInfo]:
+        now = time.time()
+        return [
+            PeerInfo(
+                peer_id=str(conn.peer_id),
+                address=None if conn.remote_addr is None else str(conn.remote_addr),
+                direction=conn.direction,
+                agent=conn.agent,
+                streams=conn.session.open_streams,
+                ping_rtt_ms=None if conn.ping_rtt is None else round(conn.ping_rtt * 1000, 3),
+                protocols=conn.protocols,
+                connected_for=round(now - conn.opened_at, 1),
+            )
+            for conn in self.connections.values()
+        ]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def _serve_ping(stream: trio.abc.Stream, _conn: Connection) -> None:
+    buffer = bytearray()
+    while True:
+        chunk = await stream.receive_some(PING_PAYLOAD_LENGTH - len(buffer))
+        if not chunk:
+            return
+        buffer += chunk
+        if len(buffer) == PING_PAYLOAD_LENGTH:
+            await stream.send_all(bytes(buffer))
+            buffer.clear()
+
+
+async def _ping_once(stream: trio.abc.Stream) -> float:
+    payload = make_ping_payload()
+    started = trio.current_time()
+    await stream.send_all(payload)
+    received = bytearray()
+    while len(received) < PING_PAYLOAD_LENGTH:
+        chunk = await stream.receive_some(PING_PAYLOAD_LENGTH - len(received))
+        if not chunk:
+            raise RemoteProtocolError("peer closed the ping stream")
+        received += chunk
+    check_ping_response(payload, bytes(received))
+    return trio.current_time() - started
+
+
+async def _read_identify(stream: trio.abc.Stream) -> IdentifyMessage:
+    data = bytearray()
+    while True:
+        framed = decode_length_prefixed(data, max_size=MAX_IDENTIFY_SIZE)
+        if framed is not None:
+            return IdentifyMessage.decode(framed[0])
+        chunk = await stream.receive_some(MAX_IDENTIFY_SIZE)
+        if not chunk:
+            raise RemoteProtocolError("identify stream ended before a whole message")
+        data += chunk
+
+
+def _parse_addr(text: str, what: str) -> Multiaddr:
+    try:
+        return Multiaddr.from_string(text)
+    except ProtocolError as exc:
+        raise PeerError(f"{what}: {text!r} is not a multiaddr: {exc}") from None
+
+
+def _sockaddr_multiaddr(tcp: trio.SocketStream) -> Multiaddr | None:
+    try:
+        host, port = tcp.socket.getpeername()[:2]
+        return Multiaddr.from_tcp(host, port)
+    except (OSError, ProtocolError, ValueError):
+        return None
+
+
+def _failure_reason(exc: BaseException) -> str | None:
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, ProtocolNotSupportedError):
+        return "unsupported"
+    if isinstance(exc, RemoteProtocolError):
+        return "dialled_wrong_peer" if "dialled" in str(exc) else "protocol"
+    if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
+        return "broken"
+    if isinstance(exc, trio.Cancelled):
+        return None
+    return "other"

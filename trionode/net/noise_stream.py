@@ -1,0 +1,117 @@
+"""NoiseStream: an encrypted trio Stream over any transport stream, as trio's SSLStream is.
+
+`noise_handshake()` runs the libp2p Noise XX handshake on a stream that has already agreed
+on `/noise` by multistream-select and returns a NoiseStream plus the authenticated remote
+identity. The stream's sends and receives may run in two different tasks at once (yamux
+has a reader task and a writer task), but two concurrent sends or two concurrent receives
+are a bug: trio's ConflictDetector turns them into BusyResourceError instead of garbage.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import trio
+
+from trionode.errors import RemoteProtocolError
+from trionode.wire.keys import PeerId, PrivateKey
+from trionode.wire.noise import HandshakeComplete, NoiseHandshake, NoiseTransport
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class NoiseStream(trio.abc.Stream):
+    """Plaintext in and out; Noise transport frames on the wire."""
+
+    def __init__(
+        self, transport_stream: trio.abc.Stream, noise: NoiseTransport, remote: HandshakeComplete
+    ) -> None:
+        self.transport_stream = transport_stream
+        self.remote = remote
+        self._noise = noise
+        self._plaintext = bytearray()
+        self._sending = False
+        self._receiving = False
+        self._eof = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def remote_peer_id(self) -> PeerId:
+        return self.remote.remote_peer_id
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this NoiseStream")
+        self._sending = True
+        try:
+            frames = self._noise.encrypt(data)
+            self.bytes_sent += len(frames)
+            await self.transport_stream.send_all(frames)
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this NoiseStream")
+        self._receiving = True
+        try:
+            awaited = False
+            while not self._plaintext and not self._eof:
+                ciphertext = await self.transport_stream.receive_some(RECEIVE_SIZE)
+                awaited = True
+                self.bytes_received += len(ciphertext)
+                self._noise.receive_data(ciphertext)
+                while (message := self._noise.next_message()) is not None:
+                    self._plaintext += message
+                if not ciphertext:
+                    self._eof = True
+            if not awaited:
+                await trio.lowlevel.checkpoint()  # every receive is a checkpoint
+            if max_bytes is None or max_bytes >= len(self._plaintext):
+                out = bytes(self._plaintext)
+                self._plaintext.clear()
+                return out
+            out = bytes(self._plaintext[:max_bytes])
+            del self._plaintext[:max_bytes]
+            return out
+        finally:
+            self._receiving = False
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+async def noise_handshake(
+    stream: trio.abc.Stream,
+    identity: PrivateKey,
+    *,
+    initiator: bool,
+    expected_peer_id: PeerId | None = None,
+) -> NoiseStream:
+    """Authenticate and encrypt `stream`. The caller bounds it with a timeout.
+
+    Raises RemoteProtocolError when the peer breaks the protocol, fails authentication or
+    turns out not to be `expected_peer_id`.
+    """
+    handshake = NoiseHandshake(identity, initiator=initiator, expected_peer_id=expected_peer_id)
+    while True:
+        event = handshake.next_event()  # processes what arrived, queueing our answer
+        out = handshake.data_to_send()
+        if out:
+            await stream.send_all(out)
+        if event is not None:
+            return NoiseStream(stream, handshake.into_transport(), event)
+        data = await stream.receive_some(RECEIVE_SIZE)
+        handshake.receive_data(data)
+        if not data:
+            # next_event raises the precise error for EOF mid-handshake.
+            handshake.next_event()
+            raise RemoteProtocolError("peer closed the connection during the Noise handshake")
