@@ -1,0 +1,159 @@
+"""Entity records: canonical round-trips, and decoders that only ever raise
+RemoteProtocolError on bad bytes."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgspec
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+from trionode.crdt import (
+    HEAD,
+    Element,
+    Entity,
+    Kind,
+    RegisterState,
+    TextState,
+    Timestamp,
+    decode_entity,
+    encode_entity,
+)
+from trionode.crdt.encoding import FORMAT_VERSION
+from trionode.errors import RemoteProtocolError
+
+from .crdt_helpers import Replica, perform
+from .test_crdt_join_laws import entities
+
+PARENT = bytes(range(32))
+
+
+@given(entities())
+def test_round_trip_is_canonical(entity: Entity) -> None:
+    data = encode_entity(entity)
+    decoded = decode_entity(data)
+    assert decoded == entity
+    assert decoded.id == entity.id
+    assert encode_entity(decoded) == data
+
+
+@settings(deadline=None)
+@given(st.data())
+def test_round_trip_of_real_records(data: st.DataObject) -> None:
+    replica = Replica(b"R" * 32)
+    for _ in range(data.draw(st.integers(1, 8))):
+        with replica.begin() as tx:
+            perform(data.draw, tx)
+            tx.commit()
+    for record in replica.tree.entities():
+        blob = encode_entity(record)
+        assert encode_entity(decode_entity(blob)) == blob
+        assert decode_entity(blob) == record
+
+
+@given(st.binary(max_size=300))
+@example(b"")
+@example(b"\xc0")
+@example(b"\x97\x01")
+@example(b"\xdd\xff\xff\xff\xff")  # array32 claiming 4 G items
+def test_garbage_only_raises_remote_protocol_error(data: bytes) -> None:
+    try:
+        entity = decode_entity(data)
+    except RemoteProtocolError:
+        return
+    assert encode_entity(entity)  # whatever decodes is a valid, encodable record
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    blob = bytearray(encode_entity(draw(entities())))
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(blob) - 1))
+        action = draw(st.integers(0, 2))
+        if action == 0:
+            blob[at] = draw(st.integers(0, 255))
+        elif action == 1:
+            del blob[at]
+        else:
+            blob.insert(at, draw(st.integers(0, 255)))
+    return bytes(blob)
+
+
+@given(mutated())
+def test_mutated_records_only_raise_remote_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        decode_entity(data)
+
+
+def _record(kind: int, body: object, *, name: bytes = b"k", version: int = FORMAT_VERSION) -> bytes:
+    return msgspec.msgpack.encode([version, PARENT, name, kind, None, None, body])
+
+
+STAMP = [5, b"n"]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (_record(Kind.MAP, None, version=2), "version"),
+        (_record(99, None), "Kind"),
+        (_record(Kind.MAP, [STAMP, b"v"]), "cannot have a body"),
+        (_record(Kind.COUNTER, []), "nil"),
+        (_record(Kind.COUNTER, [[b"b", STAMP, 1, 0], [b"a", STAMP, 1, 0]]), "sorted"),
+        (_record(Kind.COUNTER, [[b"a", STAMP, -1, 0]]), "range"),
+        (_record(Kind.TEXT, [[b"", b"n"], [[5, 1, 0, 0, "ab", None, None]]]), "one character"),
+        (_record(Kind.TEXT, [[b""], [[0, 0, 0, 0, "a", None, None]]]), "HEAD"),
+        (_record(Kind.TEXT, [[b"", b"n"], [[5, 1, 0, 0, None, None, None]]]), "exactly when"),
+        (_record(Kind.TEXT, [[b"", b"n"], []]), "nil"),
+        (_record(Kind.TEXT, [[b"n", b""], [[5, 0, 0, 1, "a", None, None]]]), "writers"),
+        (_record(Kind.TEXT, [[b"", b"m", b"n"], [[5, 2, 0, 0, "a", None, None]]]), "use"),
+        (_record(Kind.TEXT, [[b"", b"n"], [[5, 2, 0, 0, "a", None, None]]]), "index"),
+        (
+            _record(
+                Kind.TEXT,
+                [[b"", b"n"], [[6, 1, 0, 0, "a", None, None], [5, 1, 0, 0, "b", None, None]]],
+            ),
+            "sorted",
+        ),
+        (
+            _record(Kind.VECTOR, [[b"", b"n"], [[5, 1, 0, 0, None, [6, 1], [7, 1]]]]),
+            "value stamp",
+        ),
+        (_record(Kind.REGISTER, [[-1, b"n"], b"v"]), "range"),
+        (_record(Kind.REGISTER, [STAMP, b"v"], name=b"x" * 5000), "name"),
+        (
+            msgspec.msgpack.encode([FORMAT_VERSION, b"short", b"k", Kind.MAP, None, None, None]),
+            "32",
+        ),
+        (_record(Kind.REGISTER, [STAMP, b"v"]) + b"\x00", "trailing"),
+    ],
+)
+def test_non_canonical_or_invalid_records_are_rejected(data: bytes, reason: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=reason):
+        decode_entity(data)
+
+
+def test_deeply_nested_garbage_is_a_protocol_error() -> None:
+    prefix = msgspec.msgpack.encode([FORMAT_VERSION, PARENT, b"k", Kind.REGISTER, None, None])
+    data = b"\x97" + prefix[1:] + b"\x91" * 100_000 + b"\xc0"
+    with pytest.raises(RemoteProtocolError, match="deeply"):
+        decode_entity(data)
+
+
+def test_size_limit() -> None:
+    entity = Entity(
+        PARENT, b"k", Kind.REGISTER, body=RegisterState(Timestamp(1, b"n"), b"x" * 2000)
+    )
+    data = encode_entity(entity)
+    assert decode_entity(data) == entity
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        decode_entity(data, max_size=1000)
+
+
+def test_equal_states_encode_identically_whatever_the_history() -> None:
+    a = TextState({Timestamp(1, b"n"): Element(HEAD, "a", None, None)})
+    b = TextState({Timestamp(2, b"n"): Element(Timestamp(1, b"n"), "b", None, None)})
+    one = Entity(PARENT, b"t", Kind.TEXT, body=a.join(b))
+    two = Entity(PARENT, b"t", Kind.TEXT, body=b.join(a))
+    assert encode_entity(one) == encode_entity(two)

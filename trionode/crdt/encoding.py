@@ -1,0 +1,261 @@
+"""Canonical bytes for entity records and values, and their validating decoders.
+
+An encoded record is a msgpack array
+
+    [FORMAT_VERSION, parent, name, kind, added, removed, body]
+
+where a stamp is `[time, node]` and `body` is nil (⊥) or, by kind,
+REGISTER `[stamp, value]`, COUNTER `[[writer, since, inc, dec], ...]` sorted by writer,
+TEXT/VECTOR `[writers, [[time, w, after time, after w, value, updated, deleted], ...]]`
+sorted by id, with writer ids interned (see `SequenceState.wire`). The entity id is
+not encoded: it is derived from (parent, name), so a record cannot misplace itself.
+
+Equal records encode to identical bytes (see `canonical.py`). `decode_entity` accepts only
+that canonical shape (sorted, no duplicates, no empty body) and raises
+`RemoteProtocolError` for anything else, so the store layer can persist
+`entity_id -> encode_entity(record)` and a peer's bytes are checked the same way.
+
+`own_form` is what an entity contributes to its Merkle hash: kind, name, `added` and the
+body *as seen under the floor*, without tombstones. So GC, which only drops tombstones and
+hidden data, never changes a hash.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Final, Generic, TypeVar
+
+import msgspec
+
+from trionode.crdt.canonical import canonical
+from trionode.crdt.counter import U64_MAX, CounterState, Slot
+from trionode.crdt.entity import Body, Entity, Kind
+from trionode.crdt.errors import SchemaError
+from trionode.crdt.hlc import MAX_NODE_ID_BYTES, NTP64_MAX, Timestamp
+from trionode.crdt.register import RegisterState
+from trionode.crdt.sequence import HEAD, Element, SequenceState, TextState, VectorState, WireRow
+from trionode.errors import RemoteProtocolError
+
+FORMAT_VERSION: Final = 1
+MAX_ENTITY_BYTES: Final = 4 * 1024 * 1024
+"""Largest encoded record we accept: comfortably inside one 8 MiB frame."""
+
+T = TypeVar("T")
+
+_Stamp = Timestamp | None
+_RecordWire = tuple[int, bytes, bytes, int, _Stamp, _Stamp, msgspec.Raw]
+_RegisterWire = tuple[Timestamp, bytes] | None
+_CounterWire = list[tuple[bytes, Timestamp, int, int]] | None
+_Packed = tuple[int, int] | None
+_Writers = list[Annotated[bytes, msgspec.Meta(max_length=MAX_NODE_ID_BYTES)]]
+_TextWire = tuple[_Writers, list[tuple[int, int, int, int, str | None, None, _Packed]]]
+_VectorWire = tuple[_Writers, list[tuple[int, int, int, int, bytes | None, _Packed, _Packed]]]
+
+_record_decoder: Final = msgspec.msgpack.Decoder(_RecordWire)
+_register_decoder: Final = msgspec.msgpack.Decoder(_RegisterWire)
+_counter_decoder: Final = msgspec.msgpack.Decoder(_CounterWire)
+_text_decoder: Final = msgspec.msgpack.Decoder(_TextWire | None)
+_vector_decoder: Final = msgspec.msgpack.Decoder(_VectorWire | None)
+_NIL: Final = b"\xc0"
+
+ROOT_FORM: Final = canonical((int(Kind.OBJECT), b"", None, None))
+"""The root entity's own hash form (it holds no state)."""
+
+
+# -- records ---------------------------------------------------------------------------
+
+
+def encode_entity(entity: Entity) -> bytes:
+    """Canonical bytes of a record (the inverse of `decode_entity`)."""
+    return canonical(
+        (
+            FORMAT_VERSION,
+            entity.parent,
+            entity.name,
+            int(entity.kind),
+            entity.added,
+            entity.removed,
+            msgspec.Raw(_body_wire(entity.body)),
+        )
+    )
+
+
+def _body_wire(body: Body | None) -> bytes:
+    if body is None:
+        return _NIL
+    return body.canonical()
+
+
+def decode_entity(
+    data: bytes | bytearray | memoryview, *, max_size: int = MAX_ENTITY_BYTES
+) -> Entity:
+    """Decode and validate one record.
+
+    Raises:
+        RemoteProtocolError: oversized, malformed or non-canonical bytes.
+    """
+    if len(data) > max_size:
+        raise RemoteProtocolError(f"entity record of {len(data)} bytes exceeds {max_size}")
+    try:
+        version, parent, name, kind_value, added, removed, raw = _record_decoder.decode(data)
+        _check_version(version)
+        kind = Kind(kind_value)
+        _check_stamp(added)
+        _check_stamp(removed)
+        body = _decode_body(kind, bytes(raw))
+        return Entity(parent, name, kind, added=added, removed=removed, body=body)
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise RemoteProtocolError(f"bad entity record: {exc}") from exc
+    except RecursionError as exc:  # msgspec skipping a deeply nested body as Raw
+        raise RemoteProtocolError("bad entity record: nested too deeply") from exc
+
+
+def _not_nil(value: T | None) -> T:
+    if value is None:  # only reachable through a non-canonical nil
+        raise ValueError("body must be nil or a value")
+    return value
+
+
+def _check_version(version: int) -> None:
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unknown entity format version {version}")
+
+
+def _decode_body(kind: Kind, raw: bytes) -> Body | None:
+    if raw == _NIL:
+        return None
+    if kind is Kind.REGISTER:
+        reg = _not_nil(_register_decoder.decode(raw))
+        _check_stamp(reg[0])
+        return RegisterState(reg[0], reg[1])
+    if kind is Kind.COUNTER:
+        return _decode_counter(raw)
+    if kind is Kind.TEXT:
+        return _decode_text(raw)
+    if kind is Kind.VECTOR:
+        return _decode_vector(raw)
+    raise ValueError(f"{kind.name} entity cannot have a body")
+
+
+def _decode_counter(raw: bytes) -> CounterState:
+    rows = _counter_decoder.decode(raw)
+    if not rows:
+        raise ValueError("empty counter body must be nil")
+    slots: dict[bytes, Slot] = {}
+    previous = b""
+    for writer, since, inc, dec in rows:
+        if not writer or writer <= previous:
+            raise ValueError("counter slots must be sorted by non-empty writer, no repeats")
+        _check_stamp(since)
+        if not (0 <= inc <= U64_MAX and 0 <= dec <= U64_MAX):
+            raise ValueError("counter slot out of range")
+        slots[writer] = Slot(since, inc, dec)
+        previous = writer
+    return CounterState(slots)
+
+
+def _decode_text(raw: bytes) -> TextState:
+    writers, rows = _not_nil(_text_decoder.decode(raw))
+    return TextState(_elements(writers, rows, text=True))
+
+
+def _decode_vector(raw: bytes) -> VectorState:
+    writers, rows = _not_nil(_vector_decoder.decode(raw))
+    return VectorState(_elements(writers, rows, text=False))
+
+
+def _elements(
+    writers: list[bytes], rows: Sequence[WireRow[Any]], *, text: bool
+) -> dict[Timestamp, Element[Any]]:
+    """Rebuild elements from the interned form, insisting on the canonical shape."""
+    if not rows:
+        raise ValueError("empty sequence body must be nil")
+    if any(a >= b for a, b in itertools.pairwise(writers)):
+        raise ValueError("sequence writers must be sorted, no repeats")
+    used = [False] * len(writers)
+
+    def unpack(time: int, writer: int) -> Timestamp:
+        if not 0 <= writer < len(writers):
+            raise ValueError("writer index out of range")
+        used[writer] = True
+        stamp = Timestamp(time, writers[writer])
+        _check_stamp(stamp)
+        return stamp
+
+    elements: dict[Timestamp, Element[Any]] = {}
+    previous = HEAD
+    for time, writer, after_time, after_writer, value, updated, deleted in rows:
+        eid = unpack(time, writer)
+        if eid <= previous:
+            raise ValueError("elements must be sorted by id, no repeats, none is HEAD")
+        previous = eid
+        up = None if updated is None else unpack(*updated)
+        gone = None if deleted is None else unpack(*deleted)
+        if (gone is None) == (value is None):
+            raise ValueError("an element holds a value exactly when it is not deleted")
+        if gone is not None and up is not None:
+            raise ValueError("a deleted element keeps no value stamp")
+        if text and value is not None and len(value) != 1:
+            raise ValueError("text elements hold exactly one character")
+        elements[eid] = Element(unpack(after_time, after_writer), value, up, gone)
+    if not all(used):
+        raise ValueError("sequence lists a writer it does not use")
+    return elements
+
+
+def _check_stamp(stamp: Timestamp | None) -> None:
+    if stamp is not None and not 0 <= stamp.time <= NTP64_MAX:
+        raise ValueError("stamp time out of range")
+
+
+# -- hash forms ------------------------------------------------------------------------
+
+
+def own_form(entity: Entity, floor: Timestamp | None) -> bytes:
+    """The bytes an entity's own state contributes to its Merkle hash, seen under `floor`
+    (its own and its ancestors' latest removal)."""
+    body = entity.body
+    form: object = None
+    if isinstance(body, RegisterState | SequenceState):
+        form = body.hash_form(floor)
+    elif isinstance(body, CounterState):
+        form = body.hash_form(floor) or None
+    return canonical((int(entity.kind), entity.name, entity.added, form))
+
+
+# -- values ----------------------------------------------------------------------------
+
+
+class ValueCodec(Generic[T]):
+    """Canonical msgpack for user values and keys of one declared type.
+
+    `encode` checks the value round-trips as the declared type, so nothing is stored that a
+    reader of that type could not decode, and dict keys are sorted so equal values give
+    equal bytes (and equal map keys give equal entity ids).
+    """
+
+    __slots__ = ("_decoder", "type")
+
+    _encoder: Final = msgspec.msgpack.Encoder(order="deterministic")
+
+    def __init__(self, tp: type[T] | Any) -> None:
+        self.type: Any = tp
+        self._decoder: Callable[[bytes], T] = msgspec.msgpack.Decoder(tp).decode
+
+    def encode(self, value: T) -> bytes:
+        try:
+            data = self._encoder.encode(value)
+            self._decoder(data)
+        except (msgspec.DecodeError, TypeError) as exc:
+            raise TypeError(f"{value!r} is not a valid {self.type!r}: {exc}") from exc
+        return data
+
+    def decode(self, data: bytes) -> T:
+        try:
+            return self._decoder(data)
+        except msgspec.DecodeError as exc:
+            raise SchemaError(f"stored value is not a valid {self.type!r}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"ValueCodec({self.type!r})"

@@ -1,0 +1,188 @@
+"""Hybrid logical clock (HLC) with NTP64 timestamps.
+
+Theory of operation
+-------------------
+A timestamp's `time` is a 64-bit NTP-style fixed-point number counted from the Unix epoch:
+the high 32 bits are whole seconds, the low 32 bits the fraction. The lowest
+`LOGICAL_BITS` (16) bits of the fraction are not physical time but a logical counter, so one
+integer carries both parts and plain integer comparison orders them.
+
+`HybridClock.now(physical)` returns `max(physical with the counter bits cleared, last + 1)`:
+when physical time has moved on the counter restarts at 0, otherwise the counter is bumped.
+A counter overflow simply carries into the fraction, i.e. borrows ~15 µs of future time,
+which keeps stamps unique and monotonic without any special case.
+
+Ties between writers are broken by the writer's node id: `Timestamp` is a NamedTuple
+`(time, node)` and tuples compare lexicographically, so "highest (HLC, writer)" is `max()`.
+
+The clock never reads the system time: callers pass `physical` (NTP64) in, which keeps this
+module deterministic and lets tests drive it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, NamedTuple
+
+import msgspec
+
+from trionode.errors import TrionodeError
+
+FRACTION_BITS: Final = 32
+LOGICAL_BITS: Final = 16
+LOGICAL_MASK: Final = (1 << LOGICAL_BITS) - 1
+NTP64_MAX: Final = (1 << 64) - 1
+MAX_NODE_ID_BYTES: Final = 64
+DEFAULT_DRIFT_TOLERANCE: Final = 5.0
+"""Seconds a remote stamp may be ahead of our physical clock before we make the caller wait."""
+
+_NS_PER_S: Final = 1_000_000_000
+
+
+def ntp64_from_unix(seconds: float) -> int:
+    """Convert Unix time in seconds (e.g. `time.time()`) to NTP64."""
+    if seconds < 0:
+        raise ValueError("NTP64 time cannot be negative")
+    whole = int(seconds)
+    fraction = int((seconds - whole) * (1 << FRACTION_BITS))
+    return _check_range((whole << FRACTION_BITS) | fraction)
+
+
+def ntp64_from_unix_ns(nanoseconds: int) -> int:
+    """Convert Unix time in integer nanoseconds (e.g. `time.time_ns()`) to NTP64, exactly."""
+    if nanoseconds < 0:
+        raise ValueError("NTP64 time cannot be negative")
+    whole, rest = divmod(nanoseconds, _NS_PER_S)
+    return _check_range((whole << FRACTION_BITS) | ((rest << FRACTION_BITS) // _NS_PER_S))
+
+
+def unix_from_ntp64(time: int) -> float:
+    """Convert NTP64 (logical bits included) back to Unix seconds."""
+    return time / (1 << FRACTION_BITS)
+
+
+def ntp64_duration(seconds: float) -> int:
+    """A duration in seconds as an NTP64 delta (for tolerances, horizons)."""
+    if seconds < 0:
+        raise ValueError("durations cannot be negative")
+    return int(seconds * (1 << FRACTION_BITS))
+
+
+def _check_range(time: int) -> int:
+    if not 0 <= time <= NTP64_MAX:
+        raise ValueError(f"time {time} does not fit in 64 bits")
+    return time
+
+
+class Timestamp(NamedTuple):
+    """An HLC stamp. Ordered by (time, node): the writer id breaks ties deterministically.
+
+    It doubles as the id of RGA elements and as the stamp of LWW values and tombstones.
+    """
+
+    time: int
+    """NTP64 time; the low `LOGICAL_BITS` bits are the logical counter."""
+    node: Annotated[bytes, msgspec.Meta(max_length=MAX_NODE_ID_BYTES)]
+    """The writer: the node/member id that produced this stamp."""
+
+    @property
+    def physical(self) -> int:
+        """The physical part (logical counter bits cleared)."""
+        return self.time & ~LOGICAL_MASK
+
+    @property
+    def logical(self) -> int:
+        """The logical counter."""
+        return self.time & LOGICAL_MASK
+
+
+class ClockDriftError(TrionodeError):
+    """A remote stamp is further in the future than the drift tolerance allows.
+
+    The data is valid: the caller should wait `wait_seconds` (then retry), never drop it.
+    """
+
+    def __init__(self, remote: Timestamp, physical: int, wait: int) -> None:
+        self.remote = remote
+        """The offending stamp."""
+        self.physical = physical
+        """Our physical time (NTP64) when we checked."""
+        self.wait = wait
+        """NTP64 delta after which `remote` is within tolerance."""
+        super().__init__(f"remote stamp is {self.wait_seconds:.3f}s beyond the drift tolerance")
+
+    @property
+    def wait_seconds(self) -> float:
+        """How long to wait, in seconds (rounded up to the next nanosecond)."""
+        return -(-self.wait * _NS_PER_S // (1 << FRACTION_BITS)) / _NS_PER_S
+
+
+class HybridClock:
+    """A node's HLC. Not thread-safe; one per writer identity.
+
+    Args:
+        node_id: the writer id put in every stamp (1..64 bytes, unique per writer).
+        drift_tolerance: seconds a remote stamp may lead our physical clock.
+        last: the highest time already issued (restore it after a restart; a `StateTree`
+            also re-witnesses its newest stamp when a transaction begins).
+    """
+
+    __slots__ = ("_drift", "_last", "_node")
+
+    def __init__(
+        self, node_id: bytes, drift_tolerance: float = DEFAULT_DRIFT_TOLERANCE, *, last: int = 0
+    ) -> None:
+        if not 1 <= len(node_id) <= MAX_NODE_ID_BYTES:
+            raise ValueError(f"node id must be 1..{MAX_NODE_ID_BYTES} bytes")
+        self._node = bytes(node_id)
+        self._drift = ntp64_duration(drift_tolerance)
+        self._last = _check_range(last)
+
+    @property
+    def node_id(self) -> bytes:
+        return self._node
+
+    @property
+    def last(self) -> int:
+        """The highest time issued or witnessed so far."""
+        return self._last
+
+    def now(self, physical: int) -> Timestamp:
+        """Tick: a fresh stamp greater than every stamp issued or witnessed before."""
+        return self._issue(max(_check_range(physical) & ~LOGICAL_MASK, self._last + 1))
+
+    def update(self, remote: Timestamp, physical: int) -> Timestamp:
+        """Receive: advance past `remote` and return a stamp for the receive event.
+
+        Raises:
+            ClockDriftError: `remote` is more than the drift tolerance ahead of `physical`;
+                nothing changed, the caller delays the remote data by `wait_seconds`.
+        """
+        _check_range(physical)
+        excess = remote.time - physical - self._drift
+        if excess > 0:
+            raise ClockDriftError(remote, physical, excess)
+        return self._issue(max(physical & ~LOGICAL_MASK, self._last + 1, remote.time + 1))
+
+    def witness(self, stamp: Timestamp | None) -> None:
+        """Make later stamps exceed `stamp` without a drift check.
+
+        For stamps that are already part of accepted state (loaded from disk, or applied
+        earlier): local writes must order after everything the replica holds, or a local
+        RGA insert could land behind a newer sibling and a local set could lose to a value
+        the user already saw.
+        """
+        if stamp is not None and stamp.time > self._last:
+            self._last = stamp.time
+
+    def _issue(self, time: int) -> Timestamp:
+        self._last = _check_range(time)
+        return Timestamp(time, self._node)
+
+
+def latest(a: Timestamp | None, b: Timestamp | None) -> Timestamp | None:
+    """The later of two optional stamps (`None` is "never")."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)

@@ -1,0 +1,415 @@
+"""RGA sequence state, shared by `Text` (one element per character) and `Vector`.
+
+Theory of operation
+-------------------
+The state is a set of elements keyed by a stable id, an HLC `Timestamp` (time, writer).
+Each element names the element it was inserted after (`after`; `HEAD` for the front), so
+the elements form a tree rooted at `HEAD`. The sequence is the pre-order walk of that tree
+with siblings visited highest id first. That order is a pure function of the element set,
+so every replica that holds the same elements shows the same sequence, whatever order they
+arrived in. A local insert gets a stamp above every id the replica holds (the transaction
+witnesses the tree's newest stamp), so it becomes its reference's first child and lands
+exactly where the user asked; concurrent inserts at one place end up ordered by id, the
+same way everywhere, and a run typed by one writer stays contiguous.
+
+Elements are never removed by operations: deleting sets a tombstone stamp (`deleted`) and
+drops the value. Only `gc` removes tombstones, and only leaves, so no live element loses
+the element it is positioned after. An element whose `after` is unknown (it arrived before
+its reference) is kept but not shown until the reference arrives.
+
+Removal floor: when this sequence is the value of a map entry that was removed at HLC
+`floor`, elements with id <= floor are hidden, and an element positioned after such an
+element is shown as if inserted at the front: the reference can never become visible
+again, and every replica decides this the same way from the stamps alone.
+
+Joining element versions (same id): `after` takes the minimum, a tombstone absorbs the
+value, and otherwise the value with the higher (updated-or-id stamp, value) wins. Honest
+writers never produce two versions of an id except by delete/update, so the minimum and
+value tie-breaks only make the join total (commutative, associative, idempotent) against
+forged data.
+
+Caching: `_order` (pre-order with tombstones, floor None) is kept up to date incrementally
+while elements arrive in causal order (`_place`), and rebuilt from scratch otherwise.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
+from types import MappingProxyType
+from typing import Final, Generic, NamedTuple, Self, TypeVar
+
+from trionode.crdt.canonical import canonical
+from trionode.crdt.hlc import Timestamp, latest
+
+V = TypeVar("V", str, bytes)
+
+HEAD: Final = Timestamp(0, b"")
+"""The virtual element before the first one. No real element can have this id."""
+
+_VALUE: Final = itemgetter(1)
+_UPDATED: Final = itemgetter(2)
+_BULK_MERGE: Final = 64
+"""Above this many incoming elements a full rebuild is cheaper than incremental placement."""
+
+
+WireRow = tuple[int, int, int, int, V | None, tuple[int, int] | None, tuple[int, int] | None]
+"""One element in the canonical form (see `SequenceState.wire`)."""
+
+
+class Element(NamedTuple, Generic[V]):
+    after: Timestamp
+    """Id of the element this one was inserted after (`HEAD` for the front)."""
+    value: V | None
+    """The value; None once deleted."""
+    updated: Timestamp | None
+    """Stamp of the current value if it was overwritten (Vector `set`); None: the id's."""
+    deleted: Timestamp | None
+    """Tombstone stamp; None while live."""
+
+
+def join_element(eid: Timestamp, a: Element[V], b: Element[V]) -> Element[V]:
+    """Join two versions of element `eid` (see the module docstring)."""
+    if a == b:
+        return a
+    after = min(a.after, b.after)
+    deleted = latest(a.deleted, b.deleted)
+    if deleted is not None:
+        return Element(after, None, None, deleted)
+    # The last field only separates an explicit value stamp equal to the id from none.
+    a_key = (a.updated if a.updated is not None else eid, a.value, a.updated is not None)
+    b_key = (b.updated if b.updated is not None else eid, b.value, b.updated is not None)
+    winner = a if a_key >= b_key else b
+    return Element(after, winner.value, winner.updated, None)
+
+
+class SequenceState(Generic[V]):
+    """An RGA element set plus caches of its order. See the module docstring."""
+
+    __slots__ = ("_children", "_elements", "_floored", "_order", "_placed", "_visible")
+
+    def __init__(self, elements: Mapping[Timestamp, Element[V]] | None = None) -> None:
+        self._elements: dict[Timestamp, Element[V]] = dict(elements) if elements else {}
+        self._children: dict[Timestamp, list[Timestamp]] = {}
+        for eid in sorted(self._elements):
+            self._children.setdefault(self._elements[eid].after, []).append(eid)
+        self._order: list[Timestamp] | None = None
+        self._placed: set[Timestamp] = set()
+        self._visible: list[Timestamp] | None = None
+        self._floored: tuple[Timestamp, list[Timestamp], list[Timestamp]] | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def elements(self) -> Mapping[Timestamp, Element[V]]:
+        return MappingProxyType(self._elements)
+
+    def is_empty(self) -> bool:
+        return not self._elements
+
+    def copy(self) -> Self:
+        new: Self = type(self)()
+        new._elements = dict(self._elements)
+        new._children = {k: list(v) for k, v in self._children.items()}
+        if self._order is not None:
+            new._order = list(self._order)
+            new._placed = set(self._placed)
+        new._visible = self._visible  # immutable once built: safe to share until a change
+        new._floored = self._floored
+        return new
+
+    def merge(self, other: SequenceState[V]) -> bool:
+        """Join `other` into self; returns whether anything changed."""
+        if other is self or not other._elements:
+            return False
+        bulk = len(other._elements) > _BULK_MERGE
+        changed = False
+        # Ascending ids put references before the elements inserted after them (HLC
+        # causality), so incremental placement covers the common case.
+        for eid in sorted(other._elements):
+            incoming = other._elements[eid]
+            mine = self._elements.get(eid)
+            if mine is None:
+                self._elements[eid] = incoming
+                insort(self._children.setdefault(incoming.after, []), eid)
+                if not bulk:
+                    self._place(eid)
+            else:
+                joined = join_element(eid, mine, incoming)
+                if joined == mine:
+                    continue
+                if joined.after != mine.after:  # forged data: re-parent, rebuild later
+                    self._unlink(eid, mine.after)
+                    insort(self._children.setdefault(joined.after, []), eid)
+                    self._order = None
+                self._elements[eid] = joined
+            changed = True
+        if changed:
+            if bulk:
+                self._order = None
+            self._visible = None
+            self._floored = None
+        return changed
+
+    def join(self, other: SequenceState[V]) -> Self:
+        result = self.copy()
+        result.merge(other)
+        return result
+
+    # -- reading -------------------------------------------------------------------------
+
+    def order(self, floor: Timestamp | None = None) -> list[Timestamp]:
+        """All reachable element ids in sequence order, tombstones included (do not mutate)."""
+        if floor is None:
+            if self._order is None:
+                self._order = self._linearize(None)
+                self._placed = set(self._order)
+            return self._order
+        return self._floor_view(floor)[0]
+
+    def visible_ids(self, floor: Timestamp | None = None) -> list[Timestamp]:
+        """Ids of the live elements, in order (do not mutate)."""
+        if floor is not None:
+            return self._floor_view(floor)[1]
+        if self._visible is None:
+            elements = self._elements
+            self._visible = [e for e in self.order() if elements[e].deleted is None]
+        return self._visible
+
+    def values(self, floor: Timestamp | None = None) -> list[V]:
+        elements = self._elements
+        return [elements[e].value for e in self.visible_ids(floor)]  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        """Number of visible elements (no floor)."""
+        return len(self.visible_ids())
+
+    # -- local operations: each returns the delta-state --------------------------------
+
+    def insert_delta(
+        self,
+        pos: int,
+        values: Sequence[V],
+        stamp: Callable[[], Timestamp],
+        floor: Timestamp | None = None,
+    ) -> Self:
+        """Insert `values` before visible position `pos`, one element each, chained.
+
+        `stamp` yields the fresh id of each new element.
+        """
+        visible = self.visible_ids(floor)
+        if not 0 <= pos <= len(visible):
+            raise IndexError(f"insert position {pos} out of range 0..{len(visible)}")
+        after = visible[pos - 1] if pos else HEAD
+        new: dict[Timestamp, Element[V]] = {}
+        for value in values:
+            eid = stamp()
+            new[eid] = Element(after, value, None, None)
+            after = eid
+        return type(self)(new)
+
+    def delete_delta(
+        self, pos: int, count: int, stamp: Timestamp, floor: Timestamp | None = None
+    ) -> Self:
+        """Tombstone `count` visible elements starting at `pos`."""
+        visible = self.visible_ids(floor)
+        if pos < 0 or count < 0 or pos + count > len(visible):
+            raise IndexError(f"delete range {pos}+{count} out of range 0..{len(visible)}")
+        elements = self._elements
+        return type(self)(
+            {e: Element(elements[e].after, None, None, stamp) for e in visible[pos : pos + count]}
+        )
+
+    def set_delta(
+        self, index: int, value: V, stamp: Timestamp, floor: Timestamp | None = None
+    ) -> Self:
+        """Overwrite the value at visible `index` (last writer wins per element)."""
+        visible = self.visible_ids(floor)
+        if not 0 <= index < len(visible):
+            raise IndexError(f"index {index} out of range 0..{len(visible) - 1}")
+        eid = visible[index]
+        return type(self)({eid: Element(self._elements[eid].after, value, stamp, None)})
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def gc(self, horizon: int) -> int:
+        """Drop tombstones deleted before NTP64 time `horizon` that no element is positioned
+        after (repeatedly, so dead runs unwind). Visible order is unchanged."""
+
+        def collectible(eid: Timestamp) -> bool:
+            el = self._elements.get(eid)
+            return (
+                el is not None
+                and el.deleted is not None
+                and el.deleted.time < horizon
+                and not self._children.get(eid)
+            )
+
+        pending = [eid for eid in self._elements if collectible(eid)]
+        dropped = 0
+        while pending:
+            eid = pending.pop()
+            if not collectible(eid):
+                continue
+            after = self._elements.pop(eid).after
+            self._unlink(eid, after)
+            dropped += 1
+            if after != HEAD and collectible(after):
+                pending.append(after)
+        if dropped:
+            self._order = None
+            self._visible = None
+            self._floored = None
+        return dropped
+
+    # -- canonical forms -----------------------------------------------------------------
+
+    def wire(self) -> tuple[list[bytes], list[WireRow[V]]]:
+        """Canonical form: every element, tombstones included, sorted by id.
+
+        Writer ids (up to 64 bytes each) would dominate a per-character encoding, so they
+        are interned: `(writers, rows)` where `writers` is the sorted list of every node id
+        used and each row is `(time, writer#, after time, after writer#, value,
+        updated (time, writer#) | None, deleted (time, writer#) | None)`.
+        """
+        items = sorted(self._elements.items())
+        used: set[bytes] = set()
+        for eid, el in items:
+            used.add(eid.node)
+            used.add(el.after.node)
+            if el.updated is not None:
+                used.add(el.updated.node)
+            if el.deleted is not None:
+                used.add(el.deleted.node)
+        writers = sorted(used)
+        index = {w: i for i, w in enumerate(writers)}
+
+        def pack(stamp: Timestamp | None) -> tuple[int, int] | None:
+            return None if stamp is None else (stamp.time, index[stamp.node])
+
+        rows = [
+            (
+                eid.time,
+                index[eid.node],
+                el.after.time,
+                index[el.after.node],
+                el.value,
+                pack(el.updated),
+                pack(el.deleted),
+            )
+            for eid, el in items
+        ]
+        return writers, rows
+
+    def hash_form(
+        self, floor: Timestamp | None
+    ) -> tuple[list[Timestamp], list[V], list[Timestamp | None]] | None:
+        """What enters the Merkle hash: the visible elements in order, no tombstones, as
+        parallel (ids, values, value stamps) lists; None when nothing is visible."""
+        ids = self.visible_ids(floor)
+        if not ids:
+            return None
+        # C-level map/itemgetter: this runs on every commit touching a long Text.
+        live = list(map(self._elements.__getitem__, ids))
+        return ids, list(map(_VALUE, live)), list(map(_UPDATED, live))
+
+    def canonical(self) -> bytes:
+        return canonical(self.wire())
+
+    def max_stamp(self) -> Timestamp | None:
+        best: Timestamp | None = max(self._elements, default=None)
+        for el in self._elements.values():
+            if el.updated is not None or el.deleted is not None:
+                best = latest(best, latest(el.updated, el.deleted))
+        return best
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SequenceState)
+            and type(other) is type(self)
+            and self._elements == other._elements
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._elements!r})"
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _unlink(self, eid: Timestamp, after: Timestamp) -> None:
+        siblings = self._children[after]
+        del siblings[bisect_left(siblings, eid)]
+        if not siblings:
+            del self._children[after]
+
+    def _linearize(self, floor: Timestamp | None) -> list[Timestamp]:
+        """Pre-order walk from HEAD, highest id first among siblings; see module docstring.
+
+        Each element has one `after`, so nothing is visited twice; cycles (forged data)
+        are not reachable from HEAD and simply stay invisible.
+        """
+        children = self._children
+        if floor is None:
+            stack = list(children.get(HEAD, ()))
+        else:
+            stack = sorted(e for e, el in self._elements.items() if e > floor and el.after <= floor)
+        out: list[Timestamp] = []
+        while stack:
+            eid = stack.pop()  # ascending lists: pop() takes the highest id first
+            out.append(eid)
+            kids = children.get(eid)
+            if kids:
+                stack.extend(kids if floor is None else [k for k in kids if k > floor])
+        return out
+
+    def _floor_view(self, floor: Timestamp) -> tuple[list[Timestamp], list[Timestamp]]:
+        cached = self._floored
+        if cached is None or cached[0] != floor:
+            order = self._linearize(floor)
+            elements = self._elements
+            visible = [e for e in order if elements[e].deleted is None]
+            cached = self._floored = (floor, order, visible)
+        return cached[1], cached[2]
+
+    def _place(self, eid: Timestamp) -> None:
+        """Insert a just-added element into the cached order, if it can be done locally."""
+        order = self._order
+        if order is None:
+            return
+        if eid in self._children:  # it is the missing reference of earlier arrivals
+            self._order = None
+            return
+        parent = self._elements[eid].after
+        if parent != HEAD and parent not in self._placed:
+            return  # reference not here yet: stays out of the order until it arrives
+        siblings = self._children[parent]
+        k = bisect_left(siblings, eid)
+        if k > 0:
+            # The next lower sibling follows us: go right before it.
+            index = order.index(siblings[k - 1])
+        elif len(siblings) > 1:
+            # Lowest sibling: go after the subtree of the next higher one, which ends at
+            # its last (lowest-id) descendant chain.
+            last = siblings[1]
+            while kids := self._children.get(last):
+                last = kids[0]
+            index = order.index(last) + 1
+        else:
+            index = 0 if parent == HEAD else order.index(parent) + 1
+        order.insert(index, eid)
+        self._placed.add(eid)
+        self._visible = None
+
+
+class TextState(SequenceState[str]):
+    """A `Text`: one element per character."""
+
+    __slots__ = ()
+
+
+class VectorState(SequenceState[bytes]):
+    """A `Vector`: one element per item, values are canonical encodings."""
+
+    __slots__ = ()

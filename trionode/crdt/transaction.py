@@ -1,0 +1,289 @@
+"""Transactions: the only way to mutate state, recording one delta-state per entity.
+
+A `Transaction` is a copy-on-write overlay over a `StateTree`. Each mutation (made through
+the typed handles in `handles.py`) builds the *delta-state* of the entities it changes: the
+smallest record that, joined anywhere, produces the change (a register's new value, one
+counter slot, the inserted or tombstoned elements, a liveness stamp). The delta is joined
+into the overlay, so the transaction reads its own writes, and into the pending delta of
+that entity. `commit()` joins the pending deltas into the tree and returns them, sorted by
+id: exactly what the node ships in a causal delta. `abort()` (or leaving a `with` block
+without committing) drops them; the tree never saw anything.
+
+Every write also stamps `added` on every ancestor entry, so a write under a removed key
+revives it (the later of add/remove by HLC wins) and a map that holds anything is live.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
+
+from trionode.crdt.entity import (
+    CONTAINERS,
+    MAX_DEPTH,
+    MAX_NAME_BYTES,
+    ROOT_ID,
+    Body,
+    Entity,
+    Kind,
+    child_id,
+)
+from trionode.crdt.errors import TransactionError
+from trionode.crdt.hlc import HybridClock, Timestamp, latest
+
+if TYPE_CHECKING:
+    from trionode.crdt.handles import Spec
+    from trionode.crdt.tree import StateTree
+
+H = TypeVar("H")
+
+
+class EntityPath:
+    """Where an entity sits: its id plus the chain of (name, kind) up to the root.
+
+    Handles carry paths, so a write knows which ancestors to stamp even when none of
+    them exists yet.
+    """
+
+    __slots__ = ("depth", "id", "kind", "name", "parent")
+
+    def __init__(self, parent: EntityPath | None, name: bytes, kind: Kind) -> None:
+        self.parent = parent
+        self.name = name
+        self.kind = kind
+        if parent is None:
+            self.id = ROOT_ID
+            self.depth = 0
+        else:
+            if parent.kind not in CONTAINERS:
+                raise ValueError(f"a {parent.kind.name} entity cannot have children")
+            if parent.depth >= MAX_DEPTH:
+                raise ValueError(f"entities cannot nest deeper than {MAX_DEPTH}")
+            if len(name) > MAX_NAME_BYTES:  # refuse before a write records anything
+                raise ValueError(f"key or field name longer than {MAX_NAME_BYTES} bytes")
+            self.id = child_id(parent.id, name)
+            self.depth = parent.depth + 1
+
+    def child(self, name: bytes, kind: Kind) -> EntityPath:
+        return EntityPath(self, name, kind)
+
+    def chain(self) -> list[EntityPath]:
+        """Root-most first, the root itself excluded."""
+        out: list[EntityPath] = []
+        cursor: EntityPath | None = self
+        while cursor is not None and cursor.parent is not None:
+            out.append(cursor)
+            cursor = cursor.parent
+        out.reverse()
+        return out
+
+    def __repr__(self) -> str:
+        return f"EntityPath({self.id.hex()[:12]}, {self.name!r}, {self.kind.name})"
+
+
+ROOT_PATH = EntityPath(None, b"", Kind.OBJECT)
+
+
+class Resolved(NamedTuple):
+    """An entity as a transaction sees it."""
+
+    entity: Entity | None
+    """Its record, if any (possibly hidden)."""
+    floor: Timestamp | None
+    """Latest removal of it or any ancestor: contributions at or below it are hidden."""
+    visible: bool
+    """Every record on the path exists, has the expected kind and is live."""
+
+
+class Transaction:
+    """A copy-on-write overlay recording delta-states. See the module docstring.
+
+    Create with `StateTree.begin(clock, physical)` or `StateTree.reader()`.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_closed",
+        "_generation",
+        "_new_children",
+        "_overlay",
+        "_pending",
+        "_physical",
+        "_tree",
+    )
+
+    def __init__(self, tree: StateTree, clock: HybridClock | None, physical: int) -> None:
+        self._tree = tree
+        self._clock = clock
+        self._physical = physical
+        self._generation = tree.generation
+        self._overlay: dict[bytes, Entity] = {}
+        self._pending: dict[bytes, Entity] = {}
+        self._new_children: dict[bytes, set[bytes]] = {}
+        self._closed = False
+        if clock is not None:
+            clock.witness(tree.max_stamp)
+
+    @property
+    def writable(self) -> bool:
+        return self._clock is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._closed:
+            self.abort()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def field(self, name: str, spec: Spec[H]) -> H:
+        """A handle on the top-level field `name`, typed by `spec`."""
+        return spec.bind(self, ROOT_PATH.child(name.encode(), spec.kind))
+
+    def get(self, entity_id: bytes) -> Entity | None:
+        """The record as this transaction sees it (read-only)."""
+        self._check_open()
+        view = self._overlay.get(entity_id)
+        if view is not None:
+            return view
+        base = self._tree.get(entity_id)
+        pending = self._pending.get(entity_id)
+        if pending is None:
+            return base
+        # First read after a write: materialise the copy-on-write view now. Deferring it
+        # keeps a one-edit call on a large Text from copying the whole sequence.
+        view = pending.copy() if base is None else base.copy()
+        if base is not None:
+            view.merge(pending)
+        self._overlay[entity_id] = view
+        return view
+
+    def children(self, entity_id: bytes) -> list[bytes]:
+        """Child ids (hidden ones too), sorted."""
+        base = self._tree.children(entity_id)
+        new = self._new_children.get(entity_id)
+        return sorted(new.union(base)) if new else list(base)
+
+    def resolve(self, path: EntityPath) -> Resolved:
+        floor: Timestamp | None = None
+        visible = True
+        record: Entity | None = None
+        for node in path.chain():
+            record = self.get(node.id)
+            if record is None:
+                visible = False
+                continue
+            if record.kind != node.kind or not record.is_live(floor):
+                visible = False
+            floor = latest(floor, record.removed)
+        return Resolved(record if path.parent is not None else None, floor, visible)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def stamp(self) -> Timestamp:
+        """A fresh HLC stamp from the transaction's clock."""
+        self._check_writable()
+        assert self._clock is not None  # checked above
+        return self._clock.now(self._physical)
+
+    def write(
+        self, path: EntityPath, body: Body | None = None, *, stamp: Timestamp | None = None
+    ) -> None:
+        """Record a write of `body` (a delta-state) at `path`.
+
+        The entity and all its ancestors get `added = stamp`; pass the stamp the body was
+        written with, or none to take a fresh one (after the body's own stamps, so that
+        `added` bounds everything written under it).
+        """
+        self._check_writable()
+        touch = stamp if stamp is not None else self.stamp()
+        for node in path.chain():
+            self._join(
+                Entity(
+                    _parent_id(node),
+                    node.name,
+                    node.kind,
+                    added=touch,
+                    body=body if node is path else None,
+                )
+            )
+
+    def remove(self, path: EntityPath) -> None:
+        """Record the removal of the entity at `path` (a tombstone stamped now)."""
+        self._check_writable()
+        stamp = self.stamp()
+        for node in path.chain():
+            if node is path:
+                self._join(Entity(_parent_id(node), node.name, node.kind, removed=stamp))
+            else:
+                self._join(Entity(_parent_id(node), node.name, node.kind, added=stamp))
+
+    def _join(self, delta: Entity) -> None:
+        """Add `delta` to the entity's pending delta (and to its view, if materialised;
+        `get` builds views lazily). The tree itself is untouched until commit."""
+        eid = delta.id
+        view = self._overlay.get(eid)
+        if view is not None:
+            view.merge(delta)
+        pending = self._pending.get(eid)
+        if pending is None:
+            self._pending[eid] = delta
+            if eid not in self._tree:
+                self._new_children.setdefault(delta.parent, set()).add(eid)
+        else:
+            pending.merge(delta)
+
+    # -- ending --------------------------------------------------------------------------
+
+    def deltas(self) -> list[Entity]:
+        """The pending delta-states, sorted by entity id (read-only)."""
+        return [self._pending[k] for k in sorted(self._pending)]
+
+    def commit(self) -> list[Entity]:
+        """Join the pending deltas into the tree and return them (sorted by entity id).
+
+        Raises:
+            TransactionError: closed already, or another local transaction committed to
+                the tree since this one began (its deltas could be stale for counters).
+        """
+        self._check_open()
+        if self.writable and self._tree.generation != self._generation:
+            self.abort()
+            raise TransactionError("another local transaction committed first; retry")
+        deltas = self.deltas()
+        self._closed = True
+        if deltas:
+            self._tree.apply(deltas, local=True)
+        self._overlay.clear()
+        return deltas
+
+    def abort(self) -> None:
+        """Drop every change; the tree is left as it was."""
+        self._closed = True
+        self._overlay.clear()
+        self._pending.clear()
+        self._new_children.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransactionError("transaction is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._clock is None:
+            raise TransactionError("read-only transaction")
+
+
+def _parent_id(node: EntityPath) -> bytes:
+    assert node.parent is not None  # chain() never yields the root
+    return node.parent.id

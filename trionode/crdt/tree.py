@@ -1,0 +1,322 @@
+"""`StateTree`: a context's entities, their join, Merkle hashes, paging and GC.
+
+The tree owns an in-memory `entity_id -> Entity` mapping plus derived indexes (children
+by parent, cached hashes, sorted ids). Everything it holds can be rebuilt from the records
+alone (`StateTree(records)`), so the store layer persists `id -> encode_entity(record)`
+and reads them back; `drain_changes()` says which rows to write or delete.
+
+Merkle hash of an entity = SHA-256(own_form ‖ hashes of its *visible* children in id
+order); the root hash is the root's. Hidden entities (tombstoned, or reset by a removal
+of an ancestor) and tombstoned sequence elements never enter a hash, so GC cannot change
+one. Hashes are computed lazily and cached; a change invalidates the entity and its
+ancestors, and a change of `removed` (the floor) also invalidates its subtree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from trionode.crdt.encoding import ROOT_FORM, own_form
+from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
+from trionode.crdt.hlc import HybridClock, Timestamp, latest
+from trionode.crdt.sequence import SequenceState
+from trionode.crdt.transaction import Transaction
+
+
+class NodeInfo(NamedTuple):
+    """What tree comparison needs about one entity."""
+
+    entity: Entity | None
+    """The record (None for the root, or an id we do not hold)."""
+    hash: bytes | None
+    """Its Merkle hash, or None if it is not visible (and so not part of the root hash)."""
+    children: list[tuple[bytes, bytes | None]]
+    """Every child id we hold, sorted, with its hash or None if hidden."""
+
+
+class ChangeSet(NamedTuple):
+    """Record ids changed since the last `drain_changes()`: rewrite or delete those rows."""
+
+    updated: frozenset[bytes]
+    deleted: frozenset[bytes]
+
+
+class _Resolved(NamedTuple):
+    visible: bool
+    floor: Timestamp | None
+    depth: int
+
+
+_HIDDEN = _Resolved(visible=False, floor=None, depth=0)
+
+
+class StateTree:
+    """The entity tree of one context. Pure and synchronous; not thread-safe."""
+
+    __slots__ = (
+        "_children",
+        "_deleted",
+        "_generation",
+        "_hashes",
+        "_max_stamp",
+        "_records",
+        "_sorted_ids",
+        "_updated",
+    )
+
+    def __init__(self, entities: Iterable[Entity] = ()) -> None:
+        self._records: dict[bytes, Entity] = {}
+        self._children: dict[bytes, list[bytes]] = {}
+        self._hashes: dict[bytes, bytes] = {}
+        self._sorted_ids: list[bytes] | None = None
+        self._max_stamp: Timestamp | None = None
+        self._generation = 0
+        self._updated: set[bytes] = set()
+        self._deleted: set[bytes] = set()
+        self.apply(entities)
+        self.drain_changes()  # loading is not a change
+
+    # -- records -------------------------------------------------------------------------
+
+    def get(self, entity_id: bytes) -> Entity | None:
+        """The record for `entity_id` (read-only), tombstones included."""
+        return self._records.get(entity_id)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, entity_id: object) -> bool:
+        return entity_id in self._records
+
+    def children(self, entity_id: bytes) -> Sequence[bytes]:
+        """Ids of every record whose parent is `entity_id`, sorted (hidden ones too)."""
+        return tuple(self._children.get(entity_id, ()))
+
+    def entities(
+        self, *, start_after: bytes | None = None, limit: int | None = None
+    ) -> list[Entity]:
+        """Records in id order, for snapshots: resume a page with the last id seen."""
+        if self._sorted_ids is None:
+            self._sorted_ids = sorted(self._records)
+        ids = self._sorted_ids
+        start = 0 if start_after is None else bisect_right(ids, start_after)
+        stop = len(ids) if limit is None else min(len(ids), start + limit)
+        return [self._records[i] for i in ids[start:stop]]
+
+    @property
+    def max_stamp(self) -> Timestamp | None:
+        """The newest stamp in any record ever applied."""
+        return self._max_stamp
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every local commit (guards against interleaved local transactions)."""
+        return self._generation
+
+    # -- joining -------------------------------------------------------------------------
+
+    def apply(self, entities: Iterable[Entity], *, local: bool = False) -> list[bytes]:
+        """Join records (delta-states or full states) into the tree.
+
+        Idempotent, commutative and associative: any order, duplicates included, gives the
+        same tree. The caller checks clock drift first (`entity.max_stamp`). Records are
+        copied, never aliased. Returns the ids that changed.
+        """
+        changed: list[bytes] = []
+        for incoming in entities:
+            eid = incoming.id
+            mine = self._records.get(eid)
+            if mine is None:
+                self._records[eid] = incoming.copy()
+                insort(self._children.setdefault(incoming.parent, []), eid)
+                self._sorted_ids = None
+                floor_changed = True  # earlier-arrived children may now be reachable
+            else:
+                result = mine.merge(incoming)
+                if not result.changed:
+                    continue
+                floor_changed = result.floor_changed
+            changed.append(eid)
+            self._max_stamp = latest(self._max_stamp, incoming.max_stamp())
+            self._mark_updated(eid)
+            self._invalidate_up(eid)
+            if floor_changed:
+                self._invalidate_down(eid)
+        if local:
+            self._generation += 1
+        return changed
+
+    # -- hashes --------------------------------------------------------------------------
+
+    def root_hash(self) -> bytes:
+        """The context's root hash."""
+        return self._hash(ROOT_ID, None, 0)
+
+    def entity_hash(self, entity_id: bytes) -> bytes | None:
+        """The Merkle hash of a visible entity, or None if hidden or unknown."""
+        where = self._resolve(entity_id)
+        if not where.visible:
+            return None
+        return self._hash(entity_id, where.floor, where.depth)
+
+    def node(self, entity_id: bytes) -> NodeInfo:
+        """Record, hash and child hashes of one entity (tree comparison walks these)."""
+        where = self._resolve(entity_id)
+        record = self._records.get(entity_id)
+        kind = Kind.OBJECT if entity_id == ROOT_ID else (record.kind if record else None)
+        own = self._hash(entity_id, where.floor, where.depth) if where.visible else None
+        descend = where.visible and kind in CONTAINERS and where.depth < MAX_DEPTH
+        children: list[tuple[bytes, bytes | None]] = []
+        for cid in self._children.get(entity_id, ()):
+            child = self._records[cid]
+            if descend and child.is_live(where.floor):
+                floor = latest(where.floor, child.removed)
+                children.append((cid, self._hash(cid, floor, where.depth + 1)))
+            else:
+                children.append((cid, None))
+        return NodeInfo(record, own, children)
+
+    def _resolve(self, entity_id: bytes) -> _Resolved:
+        """Is the entity visible from the root, and under which floor?"""
+        if entity_id == ROOT_ID:
+            return _Resolved(visible=True, floor=None, depth=0)
+        chain: list[Entity] = []
+        cursor = entity_id
+        while cursor != ROOT_ID:
+            record = self._records.get(cursor)
+            if record is None or len(chain) >= MAX_DEPTH:
+                return _HIDDEN
+            chain.append(record)
+            cursor = record.parent
+        floor: Timestamp | None = None
+        parent_kind = Kind.OBJECT
+        for record in reversed(chain):
+            if parent_kind not in CONTAINERS or not record.is_live(floor):
+                return _HIDDEN
+            floor = latest(floor, record.removed)
+            parent_kind = record.kind
+        return _Resolved(visible=True, floor=floor, depth=len(chain))
+
+    def _hash(self, entity_id: bytes, floor: Timestamp | None, depth: int) -> bytes:
+        cached = self._hashes.get(entity_id)
+        if cached is not None:
+            return cached
+        if entity_id == ROOT_ID:
+            hasher = hashlib.sha256(ROOT_FORM)
+            kind = Kind.OBJECT
+        else:
+            record = self._records[entity_id]
+            hasher = hashlib.sha256(own_form(record, floor))
+            kind = record.kind
+        if kind in CONTAINERS and depth < MAX_DEPTH:
+            for cid in self._children.get(entity_id, ()):
+                child = self._records[cid]
+                if child.is_live(floor):
+                    hasher.update(self._hash(cid, latest(floor, child.removed), depth + 1))
+        digest = hasher.digest()
+        self._hashes[entity_id] = digest
+        return digest
+
+    def _invalidate_up(self, entity_id: bytes) -> None:
+        # Always walk to the root: a newly visible child has no cached hash of its own,
+        # yet its ancestors' cached hashes are stale. Deeper than MAX_DEPTH never counts.
+        cursor = entity_id
+        for _ in range(MAX_DEPTH + 1):
+            self._hashes.pop(cursor, None)
+            record = self._records.get(cursor)
+            if record is None:
+                break
+            cursor = record.parent
+        self._hashes.pop(ROOT_ID, None)
+
+    def _invalidate_down(self, entity_id: bytes) -> None:
+        level = list(self._children.get(entity_id, ()))
+        for _ in range(MAX_DEPTH):
+            if not level:
+                return
+            following: list[bytes] = []
+            for cid in level:
+                self._hashes.pop(cid, None)
+                following.extend(self._children.get(cid, ()))
+            level = following
+
+    # -- garbage collection ------------------------------------------------------------
+
+    def gc(self, horizon: int) -> int:
+        """Remove tombstones older than NTP64 time `horizon`; returns how many went.
+
+        Drops removed entities (whole subtrees) whose removal is older than the horizon,
+        and leaf tombstones of sequences deleted before it. Neither is part of any hash, so
+        the root hash is unchanged. Safe only if nothing stamped before the horizon can
+        still arrive (the node's GC horizon, default 1 day, bounds that).
+        """
+        dropped = 0
+        for eid in list(self._records):
+            record = self._records.get(eid)
+            if (
+                record is not None
+                and record.removed is not None
+                and record.removed.time < horizon
+                and not record.is_live()
+            ):
+                dropped += self._drop_subtree(eid)
+        for eid, record in self._records.items():
+            body = record.body
+            if isinstance(body, SequenceState) and (count := body.gc(horizon)):
+                dropped += count
+                if body.is_empty():
+                    record.body = None
+                self._mark_updated(eid)
+                self._invalidate_up(eid)
+        return dropped
+
+    def _drop_subtree(self, entity_id: bytes) -> int:
+        doomed = [entity_id]
+        index = 0
+        while index < len(doomed):
+            doomed.extend(self._children.get(doomed[index], ()))
+            index += 1
+        top = self._records[entity_id]
+        siblings = self._children[top.parent]
+        del siblings[bisect_left(siblings, entity_id)]
+        if not siblings:
+            del self._children[top.parent]
+        self._invalidate_up(top.parent)
+        for eid in doomed:
+            del self._records[eid]
+            self._children.pop(eid, None)
+            self._hashes.pop(eid, None)
+            self._updated.discard(eid)
+            self._deleted.add(eid)
+        self._sorted_ids = None
+        return len(doomed)
+
+    # -- persistence seam ----------------------------------------------------------------
+
+    def drain_changes(self) -> ChangeSet:
+        """Ids updated or deleted since the last call (for the store layer)."""
+        changes = ChangeSet(frozenset(self._updated), frozenset(self._deleted))
+        self._updated.clear()
+        self._deleted.clear()
+        return changes
+
+    def _mark_updated(self, entity_id: bytes) -> None:
+        self._deleted.discard(entity_id)
+        self._updated.add(entity_id)
+
+    # -- transactions --------------------------------------------------------------------
+
+    def begin(self, clock: HybridClock, physical: int) -> Transaction:
+        """Open a writable transaction stamping with `clock` at NTP64 time `physical`.
+
+        The clock first witnesses the newest stamp in the tree, so every local write orders
+        after everything this replica holds. Run one writable transaction at a time.
+        """
+        return Transaction(self, clock, physical)
+
+    def reader(self) -> Transaction:
+        """A read-only transaction (handles bound to it raise on writes)."""
+        return Transaction(self, None, 0)
