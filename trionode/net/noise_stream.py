@@ -14,6 +14,7 @@ import operator
 import trio
 
 from trionode.errors import RemoteProtocolError
+from trionode.net.chunks import ChunkQueue
 from trionode.wire.keys import PeerId, PrivateKey
 from trionode.wire.noise import HandshakeComplete, NoiseHandshake, NoiseTransport
 
@@ -29,10 +30,11 @@ class NoiseStream(trio.abc.Stream):
         self.transport_stream = transport_stream
         self.remote = remote
         self._noise = noise
-        self._plaintext = bytearray()
+        self._plaintext = ChunkQueue()
         self._sending = False
         self._receiving = False
         self._eof = False
+        self._closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -45,6 +47,12 @@ class NoiseStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is sending on this NoiseStream")
         self._sending = True
         try:
+            if not data:
+                # An empty Noise frame means EOF to py-libp2p: never send one.
+                if self._closed:
+                    raise trio.ClosedResourceError("NoiseStream is closed")
+                await trio.lowlevel.checkpoint()
+                return
             frames = self._noise.encrypt(data)
             self.bytes_sent += len(frames)
             await self.transport_stream.send_all(frames)
@@ -64,28 +72,28 @@ class NoiseStream(trio.abc.Stream):
         self._receiving = True
         try:
             awaited = False
-            while not self._plaintext and not self._eof:
+            while True:
+                # Frames may already be buffered before we read anything: the initiator
+                # pipelines its first transport frame with msg3, so into_transport() hands
+                # us ciphertext the socket will never deliver again.
+                while (message := self._noise.next_message()) is not None:
+                    self._plaintext.append(message)
+                if self._plaintext or self._eof:
+                    break
                 ciphertext = await self.transport_stream.receive_some(RECEIVE_SIZE)
                 awaited = True
                 self.bytes_received += len(ciphertext)
                 self._noise.receive_data(ciphertext)
-                while (message := self._noise.next_message()) is not None:
-                    self._plaintext += message
                 if not ciphertext:
                     self._eof = True
             if not awaited:
                 await trio.lowlevel.checkpoint()  # every receive is a checkpoint
-            if max_bytes is None or max_bytes >= len(self._plaintext):
-                out = bytes(self._plaintext)
-                self._plaintext.clear()
-                return out
-            out = bytes(self._plaintext[:max_bytes])
-            del self._plaintext[:max_bytes]
-            return out
+            return self._plaintext.take(max_bytes)
         finally:
             self._receiving = False
 
     async def aclose(self) -> None:
+        self._closed = True
         await self.transport_stream.aclose()
 
 

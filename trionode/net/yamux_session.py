@@ -25,6 +25,7 @@ from collections.abc import Callable
 import trio
 
 from trionode.errors import RemoteProtocolError
+from trionode.net.chunks import ChunkQueue
 from trionode.wire.yamux import (
     GO_AWAY_NORMAL,
     ConnectionTerminated,
@@ -54,7 +55,7 @@ class YamuxStream(trio.abc.HalfCloseableStream):
         self.session = session
         self.stream_id = stream_id
         self.protocol: str | None = None
-        self._buffer = bytearray()
+        self._buffer = ChunkQueue()
         self._readable = trio.Event()
         self._writable = trio.Event()
         self._remote_ended = False
@@ -70,7 +71,7 @@ class YamuxStream(trio.abc.HalfCloseableStream):
     # -- called by the session's reader --------------------------------------------------
 
     def _on_data(self, data: bytes) -> None:
-        self._buffer += data
+        self._buffer.append(data)
         self._readable.set()
 
     def _on_end(self) -> None:
@@ -166,9 +167,8 @@ class YamuxStream(trio.abc.HalfCloseableStream):
             self._receiving = False
 
     def _take(self, max_bytes: int | None) -> bytes:
-        n = len(self._buffer) if max_bytes is None else min(max_bytes, len(self._buffer))
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        out = self._buffer.take(max_bytes)
+        n = len(out)
         session = self.session
         if not session.closed:
             session.conn.acknowledge_received(self.stream_id, n, now=trio.current_time())
@@ -252,13 +252,24 @@ class YamuxSession:
 
     async def aclose(self) -> None:
         """Say GoAway, flush (briefly), and close the transport; every stream breaks."""
-        if not self.closed and not self.conn.terminated:
-            self.conn.go_away(GO_AWAY_NORMAL)
-            await self._flush()
-        self._shutdown("closed locally")
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
-        await self.transport.aclose()
+        try:
+            if not self.closed and not self.conn.terminated:
+                self.conn.go_away(GO_AWAY_NORMAL)
+                if self._cancel_scope is None:
+                    # run() never started (e.g. the loser of a simultaneous dial): there
+                    # is no writer to flush for us, so write the GoAway here.
+                    with trio.move_on_after(FLUSH_TIMEOUT):
+                        await self.transport.send_all(self.conn.data_to_send())
+                else:
+                    await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            # Even when cancelled mid-flush: never leak the socket.
+            self._shutdown("closed locally")
+            if self._cancel_scope is not None:
+                self._cancel_scope.cancel()
+            await self.transport.aclose()
 
     async def wait_closed(self) -> None:
         await self._finished.wait()
@@ -270,7 +281,10 @@ class YamuxSession:
 
     async def _wait_drained(self) -> None:
         if self._queued > HIGH_WATER and not self.closed:
-            self._drained = trio.Event()
+            # Several streams may wait at once: share one event rather than replace it,
+            # or the writer wakes only the last waiter and the others hang forever.
+            if self._drained.is_set():
+                self._drained = trio.Event()
             await self._drained.wait()
         else:
             await trio.lowlevel.checkpoint()
@@ -282,7 +296,10 @@ class YamuxSession:
         if self.closed:
             return
         self.closed = True
-        self.close_reason = reason
+        # Keep a GoAway that arrived first: it tells a deliberate close from a failure.
+        self.close_reason = (
+            reason if self.close_reason is None else f"{self.close_reason}, {reason}"
+        )
         for stream in list(self._streams.values()):
             stream._on_reset()  # noqa: SLF001
         self._streams.clear()
@@ -308,7 +325,7 @@ class YamuxSession:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            self._shutdown(self.close_reason or "connection ended")
+            self._shutdown("connection ended")
             self._finished.set()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.transport.aclose()
