@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, strategies as st
+
+from trionode.dag.delta import (
+    GENESIS,
+    AppEvent,
+    DeltaBody,
+    SignedDelta,
+    decode_delta,
+    delta_id,
+    open_delta,
+    seal_delta,
+    verify_delta,
+)
+from trionode.errors import RemoteProtocolError
+
+KEY = os.urandom(32)
+CONTEXT = os.urandom(32)
+
+
+def _delta(author: Ed25519PrivateKey | None = None) -> SignedDelta:
+    return seal_delta(
+        context_id=CONTEXT,
+        parents=[GENESIS],
+        author=author or Ed25519PrivateKey.generate(),
+        hlc=123,
+        key_id=0,
+        context_key=KEY,
+        body=DeltaBody(records=[b"r1"], events=[AppEvent("Inserted", b"{}")], root_hash=bytes(32)),
+    )
+
+
+def test_round_trip() -> None:
+    delta = _delta()
+    received = decode_delta(delta.encode())
+    header = verify_delta(received, expected_id=delta.id)
+    assert header.context_id == CONTEXT
+    body = open_delta(received, header, KEY)
+    assert body.records == [b"r1"]
+    assert body.events[0].name == "Inserted"
+
+
+def test_wrong_id_signature_or_key_are_rejected() -> None:
+    delta = _delta()
+    with pytest.raises(RemoteProtocolError, match="id does not match"):
+        verify_delta(delta, expected_id=bytes(32))
+    tampered = SignedDelta(delta.header, delta.ciphertext[:-1] + b"\x00", delta.signature)
+    with pytest.raises(RemoteProtocolError, match="signature"):
+        verify_delta(tampered)
+    forged = SignedDelta(delta.header, delta.ciphertext, bytes(64))
+    with pytest.raises(RemoteProtocolError, match="signature"):
+        verify_delta(forged)
+    header = verify_delta(delta)
+    with pytest.raises(RemoteProtocolError, match="decrypt"):
+        open_delta(delta, header, os.urandom(32))
+
+
+def test_id_covers_everything() -> None:
+    a = _delta()
+    b = SignedDelta(a.header, a.ciphertext, a.signature)
+    assert delta_id(a) == delta_id(b)
+    assert delta_id(a) != delta_id(_delta())
+
+
+@given(st.binary(max_size=400))
+def test_garbage_only_raises_the_typed_error(data: bytes) -> None:
+    try:
+        delta = decode_delta(data)
+        verify_delta(delta)
+    except RemoteProtocolError:
+        pass
+
+
+@given(st.integers(min_value=0, max_value=2000), st.integers(min_value=0, max_value=255))
+def test_mutated_deltas_are_rejected(position: int, value: int) -> None:
+    wire = bytearray(_delta().encode())
+    position %= len(wire)
+    if wire[position] == value:
+        return
+    wire[position] = value
+
+    def receive() -> None:
+        delta = decode_delta(bytes(wire))
+        open_delta(delta, verify_delta(delta), KEY)
+
+    with pytest.raises(RemoteProtocolError):
+        receive()
+
+
+def test_oversized_is_rejected() -> None:
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        decode_delta(b"\x00" * 100, max_size=10)

@@ -1,0 +1,1 @@
+"""Causal deltas and the per-context DAG: pure, no I/O."""
