@@ -38,7 +38,7 @@ from trionode.net.multistream import (
     accept_protocol,
     select_protocol,
 )
-from trionode.net.noise_stream import NoiseStream, noise_handshake
+from trionode.net.noise_stream import NoiseProtocolError, NoiseStream, noise_handshake
 from trionode.net.yamux_session import YamuxSession, YamuxStream
 from trionode.wire.identify import (
     IDENTIFY_PROTOCOL_ID,
@@ -53,7 +53,11 @@ from trionode.wire.keys import PeerId, PrivateKey
 from trionode.wire.multiaddr import Multiaddr
 from trionode.wire.noise import NOISE_PROTOCOL_ID
 from trionode.wire.varint import decode_length_prefixed
-from trionode.wire.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID, YamuxConfig
+from trionode.wire.yamux import (
+    GO_AWAY_PROTOCOL_ERROR,
+    PROTOCOL_ID as YAMUX_PROTOCOL_ID,
+    YamuxConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,9 @@ AGENT_VERSION = f"trionode/{__version__}"
 PROTOCOL_VERSION = "ipfs/0.1.0"
 MAX_IDENTIFY_SIZE = MAX_IDENTIFY_MESSAGE_SIZE
 
-StreamHandler = Callable[[YamuxStream, "Connection"], Awaitable[None]]
+StreamHandler = Callable[[trio.abc.HalfCloseableStream, "Connection"], Awaitable[None]]
+"""Serves one inbound stream. Not always a YamuxStream: bytes the dialer pipelined after its
+proposal come first through a PrefixedStream wrapper."""
 
 
 @attrs.define(eq=False)
@@ -388,8 +394,10 @@ class Host:
                 await conn.session.wait_closed()
                 nursery.cancel_scope.cancel()
         except* RemoteProtocolError as group:
-            self.metrics.protocol_errors.labels("yamux").inc()
-            log.warning("disconnected %s: %s", conn.peer_id, group.exceptions[0])
+            error = _first_leaf(group)
+            layer = "noise" if isinstance(error, NoiseProtocolError) else "yamux"
+            self.metrics.protocol_errors.labels(layer).inc()
+            log.warning("disconnected %s: %s", conn.peer_id, error)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -434,6 +442,7 @@ class Host:
         if conn.refused_streams == self.config.max_refused_streams:
             log.warning("disconnecting %s: stream flood", conn.peer_id)
             self.metrics.protocol_errors.labels("stream_flood").inc()
+            conn.session.conn.go_away(GO_AWAY_PROTOCOL_ERROR)  # aclose() flushes it
             if self._nursery is not None:
                 self._nursery.start_soon(conn.session.aclose)
 
@@ -461,12 +470,15 @@ class Host:
         stream.protocol = protocol
         handler = self._handlers[protocol]
         try:
-            await handler(negotiated, conn)  # type: ignore[arg-type]
+            await handler(negotiated, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except ProtocolError as exc:
             self.metrics.protocol_errors.labels("stream").inc()
             log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
+        except Exception:  # a handler bug must cost one stream, never the node
+            self.metrics.handler_errors.labels(protocol).inc()
+            log.exception("handler for %s failed on a stream from %s", protocol, conn.peer_id)
         finally:
             await trio.aclose_forcefully(negotiated)
 
@@ -611,6 +623,13 @@ def _sockaddr_multiaddr(tcp: trio.SocketStream) -> Multiaddr | None:
         return Multiaddr.from_tcp(host, port)
     except (OSError, ProtocolError, ValueError):
         return None
+
+
+def _first_leaf(group: BaseExceptionGroup[RemoteProtocolError]) -> RemoteProtocolError:
+    error: RemoteProtocolError | BaseExceptionGroup[RemoteProtocolError] = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _failure_reason(exc: BaseException) -> str | None:

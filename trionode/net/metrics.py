@@ -35,6 +35,12 @@ class NetMetrics:
             ["layer"],
             registry=registry,
         )
+        self.handler_errors = Counter(
+            "trionode_p2p_handler_errors",
+            "Stream handlers that failed with an unexpected error (a bug; the stream is reset)",
+            ["protocol"],
+            registry=registry,
+        )
         self.streams_refused = Counter(
             "trionode_p2p_streams_refused",
             "Inbound streams reset because the peer had too many open",

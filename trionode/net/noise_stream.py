@@ -21,6 +21,12 @@ from trionode.wire.noise import HandshakeComplete, NoiseHandshake, NoiseTranspor
 RECEIVE_SIZE = 256 * 1024
 
 
+class NoiseProtocolError(RemoteProtocolError):
+    """The peer's transport frames are malformed or fail authentication (garbage on the
+    wire, a forged or replayed frame): the Noise layer, not the protocol above it, broke.
+    """
+
+
 class NoiseStream(trio.abc.Stream):
     """Plaintext in and out; Noise transport frames on the wire."""
 
@@ -72,20 +78,23 @@ class NoiseStream(trio.abc.Stream):
         self._receiving = True
         try:
             awaited = False
-            while True:
-                # Frames may already be buffered before we read anything: the initiator
-                # pipelines its first transport frame with msg3, so into_transport() hands
-                # us ciphertext the socket will never deliver again.
-                while (message := self._noise.next_message()) is not None:
-                    self._plaintext.append(message)
-                if self._plaintext or self._eof:
-                    break
-                ciphertext = await self.transport_stream.receive_some(RECEIVE_SIZE)
-                awaited = True
-                self.bytes_received += len(ciphertext)
-                self._noise.receive_data(ciphertext)
-                if not ciphertext:
-                    self._eof = True
+            try:
+                while True:
+                    # Frames may already be buffered before we read anything: the initiator
+                    # pipelines its first transport frame with msg3, so into_transport()
+                    # hands us ciphertext the socket will never deliver again.
+                    while (message := self._noise.next_message()) is not None:
+                        self._plaintext.append(message)
+                    if self._plaintext or self._eof:
+                        break
+                    ciphertext = await self.transport_stream.receive_some(RECEIVE_SIZE)
+                    awaited = True
+                    self.bytes_received += len(ciphertext)
+                    self._noise.receive_data(ciphertext)
+                    if not ciphertext:
+                        self._eof = True
+            except RemoteProtocolError as exc:
+                raise NoiseProtocolError(str(exc)) from None
             if not awaited:
                 await trio.lowlevel.checkpoint()  # every receive is a checkpoint
             return self._plaintext.take(max_bytes)

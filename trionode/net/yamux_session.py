@@ -228,6 +228,7 @@ class YamuxSession:
         self._write_done = trio.Event()
         self._finished = trio.Event()
         self.on_stream_refused = on_stream_refused
+        self._refused_reported = 0
         self._cancel_scope: trio.CancelScope | None = None
 
     @property
@@ -344,12 +345,24 @@ class YamuxSession:
                 await self._flush()  # the GoAway(protocol error) the machine queued
                 self._shutdown(f"protocol error: {exc}")
                 raise
+            self._report_refusals()
             self._dispatch()
             self._wake_writer()
             self._timer_moved.set()
             if not data:
                 self._shutdown("peer closed the connection")
                 return
+
+    def _report_refusals(self) -> None:
+        # The machine itself refuses streams beyond max_inbound_streams (RST, no event):
+        # report those too, or a peer could flood us with streams unnoticed.
+        callback = self.on_stream_refused
+        if callback is None:
+            return
+        refused = self.conn.statistics().refused_streams
+        for _ in range(refused - self._refused_reported):
+            callback()
+        self._refused_reported = refused
 
     def _dispatch(self) -> None:
         conn = self.conn
