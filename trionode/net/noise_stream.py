@@ -27,8 +27,12 @@ class NoiseProtocolError(RemoteProtocolError):
     """
 
 
-class NoiseStream(trio.abc.Stream):
-    """Plaintext in and out; Noise transport frames on the wire."""
+class NoiseStream(trio.abc.HalfCloseableStream):
+    """Plaintext in and out; Noise transport frames on the wire.
+
+    Noise has no close message of its own, so `send_eof` half-closes the transport below
+    (TCP FIN), which the peer reads as the end of the encrypted stream.
+    """
 
     def __init__(
         self, transport_stream: trio.abc.Stream, noise: NoiseTransport, remote: HandshakeComplete
@@ -66,7 +70,13 @@ class NoiseStream(trio.abc.Stream):
             self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this NoiseStream")
+        self._sending = True
+        try:
+            await self.transport_stream.wait_send_all_might_not_block()
+        finally:
+            self._sending = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if max_bytes is not None:
@@ -100,6 +110,15 @@ class NoiseStream(trio.abc.Stream):
             return self._plaintext.take(max_bytes)
         finally:
             self._receiving = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this NoiseStream")
+        if self._closed:
+            raise trio.ClosedResourceError("NoiseStream is closed")
+        if not isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
+            raise trio.BrokenResourceError("the transport below cannot half-close")
+        await self.transport_stream.send_eof()
 
     async def aclose(self) -> None:
         self._closed = True
