@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from trionode import __version__
+from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS
 from trionode.client import ApiError, Client, open_client
 from trionode.config import (
     DEFAULT_HOME,
@@ -186,12 +187,35 @@ def _render_peers(result: Any) -> str:
             p["agent"] or "-",
             p["streams"],
             "-" if p["ping_rtt_ms"] is None else f"{p['ping_rtt_ms']:.2f}",
+            len(p.get("topics", ())),
         )
         for p in result["peers"]
     ]
-    table = _table(rows, ("peer id", "address", "direction", "agent", "streams", "rtt ms"))
+    table = _table(
+        rows, ("peer id", "address", "direction", "agent", "streams", "rtt ms", "topics")
+    )
     listen = "\n".join(f"listening on {a}" for a in result["listenAddrs"])
     return f"{table}\n{listen}" if listen else table
+
+
+async def _topics(client: Client, _args: argparse.Namespace) -> Any:
+    return await client.topics()
+
+
+def _render_topics(result: Any) -> str:
+    rows = [
+        (
+            t["topic"],
+            "yes" if t["subscribed"] else "no",
+            len(t["meshPeers"]),
+            len(t["subscribers"]),
+            " ".join(t["meshPeers"]) or "-",
+        )
+        for t in result["topics"]
+    ]
+    if not rows:
+        return "no topics"
+    return _table(rows, ("topic", "subscribed", "mesh", "subscribers", "mesh peers"))
 
 
 async def _connect(client: Client, args: argparse.Namespace) -> Any:
@@ -208,12 +232,23 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
     "info": ClientCommand("show the node's peer id and version", _info),
     "peers": ClientCommand("list connected peers", _peers, _render_peers),
     "connect": ClientCommand("dial a peer", _connect, arguments=_connect_args),
+    "topics": ClientCommand(
+        "list pubsub topics with their mesh peers and subscribers", _topics, _render_topics
+    ),
 }
+
+
+CLIENT_COMMANDS.update(
+    {
+        name: ClientCommand(help_text, action, render, arguments)
+        for name, help_text, action, render, arguments in CONTEXT_COMMANDS
+    }
+)
 
 
 def run_client_command(args: argparse.Namespace) -> int:
     url, token = _api_target(args)
-    command = CLIENT_COMMANDS[args.command]
+    command = CLIENT_COMMANDS[args.client_command]
     action = command.action
 
     async def go() -> Any:
@@ -221,6 +256,8 @@ def run_client_command(args: argparse.Namespace) -> int:
             return await action(client, args)
 
     result = trio.run(go)
+    if result is None:  # streaming commands (watch) printed as they went
+        return EXIT_OK
     if args.json:
         print(json.dumps(result, indent=None, sort_keys=True))
     elif command.render is not None:
@@ -261,11 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--api", help="API base URL (default: read from --home)")
     client.add_argument("--token", help="bearer token (default: read from --home)")
     client.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    groups: dict[str, Any] = {}
     for name, spec in CLIENT_COMMANDS.items():
-        cmd = sub.add_parser(name, parents=[client], help=spec.help)
+        group, _, leaf = name.partition(" ")
+        if leaf:  # "app install": a sub-command of a group parser
+            if group not in groups:
+                parent = sub.add_parser(group, help=f"{group} commands")
+                groups[group] = parent.add_subparsers(
+                    dest=f"{group}_command", required=True, metavar="COMMAND"
+                )
+            cmd = groups[group].add_parser(leaf, parents=[client], help=spec.help)
+        else:
+            cmd = sub.add_parser(name, parents=[client], help=spec.help)
         if spec.arguments is not None:
             spec.arguments(cmd)
-        cmd.set_defaults(func=run_client_command)
+        cmd.set_defaults(func=run_client_command, client_command=name)
     return parser
 
 

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from trionode.errors import ConfigError
+from trionode.wire.gossipsub import GossipConfig
+from trionode.wire.pubsub_pb import RpcLimits
 
 CONFIG_FILE: Final = "config.toml"
 IDENTITY_FILE: Final = "identity.key"
@@ -30,6 +32,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 MiB: Final = 1024 * 1024
+_IPV4_PATTERN: Final = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$"
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -75,6 +78,101 @@ class NetworkSection(_Section, frozen=True):
     """First wait before re-dialing a bootstrap peer; it doubles on each failure ..."""
     redial_max_backoff: PositiveFloat = 60.0
     """... up to this many seconds."""
+    event_channel_capacity: PositiveInt = 1000
+    """Network events (gossip messages, peers up/down) queued for the node; when the queue
+    is full new events are dropped and counted (gossip is best effort; sync repairs)."""
+    target_peers: PositiveInt = 16
+    """Discovery dials known peers while fewer than this many are connected (never past
+    `max_connections`)."""
+    peer_store_size: PositiveInt = 1000
+    """Peers remembered with their addresses; when full, the stalest unconnected one goes."""
+    peer_ttl: PositiveFloat = 3600.0
+    """A peer neither connected nor seen (identify, mDNS) for this many seconds is forgotten."""
+    peer_max_failures: PositiveInt = 3
+    """A peer whose dials failed this many times in a row is forgotten as unreachable; between
+    failures its redials back off like bootstrap redials (`redial_*_backoff`)."""
+    peer_exchange_max_peers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
+    """Connected peers named in one answer to `/trionode/peers/1` (peer exchange)."""
+    mdns: bool = True
+    """Find peers on the local network with multicast DNS (libp2p mDNS, `_p2p._udp.local`)."""
+    mdns_interval: PositiveFloat = 30.0
+    """Seconds between mDNS queries (answers to others' queries are sent as they come)."""
+    mdns_address: Annotated[str, msgspec.Meta(pattern=_IPV4_PATTERN)] = "224.0.0.251"
+    """mDNS multicast group."""
+    mdns_port: Port = 5353
+    """mDNS UDP port."""
+    mdns_interface: Annotated[str, msgspec.Meta(pattern=_IPV4_PATTERN)] = "0.0.0.0"  # noqa: S104
+    """IPv4 address of the interface mDNS joins the group on; 0.0.0.0 lets the kernel choose."""
+
+
+class PubsubSection(_Section, frozen=True):
+    """Gossipsub (`/meshsub/1.1.0`): mesh degrees, timers, caches and per-peer limits."""
+
+    d: PositiveInt = 4
+    """Target mesh degree per topic."""
+    d_lo: Annotated[int, msgspec.Meta(ge=0)] = 2
+    """Graft up to `d` peers when a mesh falls below this."""
+    d_hi: PositiveInt = 8
+    """Prune down to `d` peers when a mesh grows above this."""
+    d_lazy: Annotated[int, msgspec.Meta(ge=0)] = 4
+    """Minimum peers outside the mesh that get IHAVE gossip per topic and heartbeat."""
+    d_out: Annotated[int, msgspec.Meta(ge=0)] = 1
+    """Outbound peers kept in a mesh when pruning (< d_lo and <= d / 2)."""
+    heartbeat_interval: PositiveFloat = 1.0
+    """Seconds between heartbeats (mesh repair, gossip, cache shifts, budget resets)."""
+    history_length: PositiveInt = 5
+    """Heartbeats a message stays in the cache (answerable by IWANT)."""
+    history_gossip: PositiveInt = 3
+    """Heartbeats a message is advertised in IHAVE (<= history_length)."""
+    fanout_ttl: PositiveFloat = 60.0
+    """Seconds a fanout set for a topic we publish to but do not subscribe to is kept."""
+    seen_ttl: PositiveFloat = 120.0
+    """Seconds a message id is remembered to drop duplicates."""
+    prune_backoff: PositiveFloat = 60.0
+    """Seconds a pruned peer is not grafted again."""
+    unsubscribe_backoff: PositiveFloat = 10.0
+    """Backoff announced to mesh peers when we leave a topic."""
+    flood_publish: bool = True
+    """Send our own messages to every peer of the topic, not only the mesh."""
+    max_message_size: PositiveInt = 512 * 1024
+    """Largest message payload published or accepted, in bytes."""
+    max_rpc_size: Annotated[int, msgspec.Meta(ge=4096)] = MiB
+    """Largest RPC frame accepted from a peer, in bytes (1 KiB more than max_message_size)."""
+    max_topics_per_peer: PositiveInt = 1000
+    """Subscriptions tracked per peer; more are ignored and count as misbehaviour."""
+    max_peer_messages_per_interval: PositiveInt = 2000
+    """Messages accepted from one peer per heartbeat interval; the excess is dropped."""
+    max_peer_bytes_per_interval: PositiveInt = 8 * MiB
+    """RPC bytes accepted from one peer per heartbeat interval; the excess is dropped."""
+    max_peer_invalid_per_interval: PositiveInt = 10
+    """Invalid messages from one peer per interval before it is disconnected."""
+    outbox_capacity: PositiveInt = 256
+    """RPCs queued for one peer's writer; when full, more are dropped and counted, so a
+    slow peer never stalls the router or the other peers."""
+
+    def gossip_config(self) -> GossipConfig:
+        """The router parameters. Raises ValueError if the degrees/timers are inconsistent."""
+        return GossipConfig(
+            d=self.d,
+            d_lo=self.d_lo,
+            d_hi=self.d_hi,
+            d_lazy=self.d_lazy,
+            d_out=self.d_out,
+            heartbeat_interval=self.heartbeat_interval,
+            history_length=self.history_length,
+            history_gossip=self.history_gossip,
+            fanout_ttl=self.fanout_ttl,
+            seen_ttl=self.seen_ttl,
+            prune_backoff=self.prune_backoff,
+            unsubscribe_backoff=self.unsubscribe_backoff,
+            flood_publish=self.flood_publish,
+            max_message_size=self.max_message_size,
+            max_topics_per_peer=self.max_topics_per_peer,
+            max_peer_messages_per_interval=self.max_peer_messages_per_interval,
+            max_peer_bytes_per_interval=self.max_peer_bytes_per_interval,
+            max_peer_invalid_per_interval=self.max_peer_invalid_per_interval,
+            rpc_limits=RpcLimits(max_rpc_size=self.max_rpc_size),
+        )
 
 
 class ApiSection(_Section, frozen=True):
@@ -103,13 +201,34 @@ class StoreSection(_Section, frozen=True):
     """Threads that may read LMDB at once (writes are always one at a time)."""
 
 
+class AppsSection(_Section, frozen=True):
+    """Which application bundles this node will execute."""
+
+    trusted_signers: list[str] = msgspec.field(default_factory=list)
+    """Ed25519 public keys (base58 or hex) whose signed bundles may run here even when they
+    arrive from a peer. Bundles the operator installs locally always may."""
+
+
+class GcSection(_Section, frozen=True):
+    """Garbage collection of CRDT tombstones."""
+
+    interval: PositiveFloat = 3600.0
+    """Seconds between GC passes."""
+    tombstone_retention: PositiveFloat = 86400.0
+    """Tombstones younger than this many seconds are kept, so late concurrent writes still
+    resolve against them."""
+
+
 class FileConfig(_Section, frozen=True):
     """The whole of config.toml."""
 
     node: NodeSection = NodeSection()
     network: NetworkSection = NetworkSection()
+    pubsub: PubsubSection = PubsubSection()
     api: ApiSection = ApiSection()
     store: StoreSection = StoreSection()
+    apps: AppsSection = AppsSection()
+    gc: GcSection = GcSection()
 
 
 class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,12 +260,24 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
         return self.file.network
 
     @property
+    def pubsub(self) -> PubsubSection:
+        return self.file.pubsub
+
+    @property
     def api(self) -> ApiSection:
         return self.file.api
 
     @property
     def store(self) -> StoreSection:
         return self.file.store
+
+    @property
+    def apps(self) -> AppsSection:
+        return self.file.apps
+
+    @property
+    def gc(self) -> GcSection:
+        return self.file.gc
 
 
 def _where(path: str) -> str:
@@ -190,6 +321,10 @@ def load_config(home: Path, *, env: dict[str, str] | None = None) -> NodeConfig:
     file = parse_config(raw, source=str(path))
     if file.store.initial_map_size > file.store.max_map_size:
         raise ConfigError(f"{path}: `store.initial_map_size` is larger than `store.max_map_size`")
+    try:
+        file.pubsub.gossip_config()
+    except ValueError as exc:
+        raise ConfigError(f"{path}: `pubsub`: {exc}") from None
     passphrase = (env or {}).get(PASSPHRASE_ENV)
     if file.store.encrypted and not passphrase:
         raise ConfigError(f"{path}: `store.encrypted` is true but ${PASSPHRASE_ENV} is not set")

@@ -3,6 +3,14 @@
 ```
 open_node(config) ── root nursery
    ├─ Host.run         p2p listeners, bootstrap dialers, one nursery per peer connection
+   ├─ NetworkEvents.run the network event channel's consumer (bounded; full = drop and count,
+   │                    see net/events.py): gossip messages and peers up/down, for now logged
+   ├─ watch_peers      emits PeerConnected/PeerDisconnected into that channel
+   ├─ PubSub.run       gossipsub: heartbeat, one writer per peer (readers run in Host's
+   │                    connection nurseries); delivered messages go to the event channel
+   ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
+   ├─ serve_mdns       (if `network.mdns`) local-link discovery into the peer store
+   ├─ serve_gc         periodic tombstone GC over every context
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
    └─ _bound_shutdown  after a shutdown request, gives in-flight work `node.shutdown_grace`
                        seconds, then cancels what is left
@@ -22,17 +30,27 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import base58
 import trio
 
 from trionode.api.app import create_app
 from trionode.api.server import serve_api
 from trionode.config import NodeConfig
+from trionode.context.applications import Applications
+from trionode.context.events import EventHub
+from trionode.context.manager import ContextManager
 from trionode.errors import ConfigError
+from trionode.gc import GcMetrics, run_gc_once, serve_gc
 from trionode.home import API_URL_FILE
 from trionode.identity import NodeIdentity
 from trionode.metrics import NodeMetrics
+from trionode.net.discovery import DiscoveryMetrics, serve_discovery
+from trionode.net.events import GossipMessage, NetworkEvent, NetworkEvents, watch_peers
 from trionode.net.host import Host
+from trionode.net.mdns import serve_mdns
 from trionode.net.metrics import NetMetrics
+from trionode.net.peerstore import PeerStore
+from trionode.net.pubsub import PubSub, PubSubMetrics
 from trionode.store.store import AsyncStore, open_store
 
 log = logging.getLogger(__name__)
@@ -53,6 +71,23 @@ class Node:
         net_metrics = NetMetrics(metrics.registry)
         self.host = Host(identity.key, config.network, net_metrics)
         net_metrics.bind(self.host)
+        self.peerstore = PeerStore.from_config(config.network, local_peer=self.host.peer_id)
+        self.discovery_metrics = DiscoveryMetrics(metrics.registry)
+        self.discovery_metrics.bind(self.peerstore)
+        self.events = NetworkEvents(config.network.event_channel_capacity, metrics.registry)
+        """The network event channel (receive side consumed by `open_node`'s task); tests
+        observe what the node processed with `node.events.observe()`."""
+        self.pubsub = PubSub(
+            self.host,
+            identity.key,
+            config.pubsub,
+            PubSubMetrics(metrics.registry),
+            events=self.events,
+        )
+        self.hub = EventHub()
+        self.applications = Applications(store, config.apps.trusted_signers)
+        self.contexts = ContextManager(store, self.hub, self.applications)
+        self.gc_metrics = GcMetrics(metrics.registry)
         self._ready = False
         token = config.api.token_sha256
         if token is None:
@@ -76,7 +111,22 @@ class Node:
         return self._ready and not self.shutdown_requested.is_set()
 
     def peers(self) -> list[dict[str, Any]]:
-        return [attrs.asdict(p) for p in self.host.peers()]
+        pubsub = self.pubsub
+        topics = {str(peer): pubsub.peer_topics(peer) for peer in pubsub.router.peers()}
+        return [{**attrs.asdict(p), "topics": topics.get(p.peer_id, [])} for p in self.host.peers()]
+
+    def topics(self) -> list[dict[str, Any]]:
+        pubsub = self.pubsub
+        subscribed = set(pubsub.topics())
+        return [
+            {
+                "topic": topic,
+                "subscribed": topic in subscribed,
+                "meshPeers": [str(p) for p in pubsub.mesh_peers(topic)],
+                "subscribers": [str(p) for p in pubsub.topic_peers(topic)],
+            }
+            for topic in pubsub.known_topics()
+        ]
 
     def listen_addresses(self) -> list[str]:
         return self.host.addresses()
@@ -84,6 +134,18 @@ class Node:
     async def connect(self, address: str) -> str:
         conn = await self.host.connect(address)
         return str(conn.peer_id)
+
+    def knows_context(self, context_id_b58: str) -> bool:
+        try:
+            raw = base58.b58decode(context_id_b58)
+        except ValueError:
+            return False
+        return raw in self.contexts.known_ids()
+
+    async def collect_garbage(self) -> dict[str, int]:
+        return await run_gc_once(
+            self.contexts.collect_garbage, self.config.gc.tombstone_retention, self.gc_metrics
+        )
 
     async def refresh_metrics(self) -> None:
         stats = await self.store.stats()
@@ -103,9 +165,35 @@ class Node:
         self.shutdown_requested.set()
 
 
+async def _handle_network_event(event: NetworkEvent) -> None:
+    """The node's side of the network event channel. Later issues plug the delta processor
+    in here; for now events are logged (latency is recorded by NetworkEvents.run)."""
+    if isinstance(event, GossipMessage):
+        log.debug(
+            "gossip on %s from %s (%d bytes, via %s)",
+            event.topic,
+            event.author,
+            len(event.data),
+            event.received_from,
+        )
+    else:
+        log.debug("network event: %s", event)
+    await trio.lowlevel.checkpoint()
+
+
 async def _bound_shutdown(node: Node, scope: trio.CancelScope) -> None:
     await node.shutdown_requested.wait()
     scope.deadline = trio.current_time() + node.config.node.shutdown_grace
+
+
+async def _watch_peers_until(
+    node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_peers, node.host, node.events)
+        task_status.started()
+        await node.shutdown_requested.wait()
+        nursery.cancel_scope.cancel(reason="node shutting down")
 
 
 def _api_url_file(home: Path) -> Path:
@@ -126,9 +214,36 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         registry=metrics.registry,
     ) as store:
         node = Node(config, identity, metrics, store)
+        await node.contexts.start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_bound_shutdown, node, nursery.cancel_scope, name="shutdown-grace")
+            await nursery.start(
+                node.events.run,
+                _handle_network_event,
+                node.shutdown_requested,
+                name="network-events",
+            )
             await nursery.start(node.host.run, node.shutdown_requested, name="p2p")
+            await nursery.start(_watch_peers_until, node, name="peer-events")
+            await nursery.start(node.pubsub.run, node.shutdown_requested, name="pubsub")
+            discovery = (node.host, node.peerstore, config.network, node.discovery_metrics)
+            stop = node.shutdown_requested
+            await nursery.start(
+                partial(serve_discovery, *discovery, shutdown_requested=stop), name="discovery"
+            )
+            if config.network.mdns:
+                await nursery.start(
+                    partial(serve_mdns, *discovery, shutdown_requested=stop), name="mdns"
+                )
+            await nursery.start(
+                serve_gc,
+                node.contexts.collect_garbage,
+                config.gc.interval,
+                config.gc.tombstone_retention,
+                node.gc_metrics,
+                node.shutdown_requested,
+                name="gc",
+            )
             if config.api.enabled:
                 node.api_urls = await nursery.start(
                     partial(

@@ -50,6 +50,8 @@ def make_test_config(
     result = init_home(home, swarm_port=0, server_port=0, swarm_host="127.0.0.1")
     config = load_config(home)
     file = config.file
+    # No mDNS in tests: test nodes must not find each other (or strangers) on the real link.
+    file = replace(file, network=replace(file.network, mdns=False))
     if not api:
         file = replace(file, api=replace(file.api, enabled=False))
     if configure is not None:

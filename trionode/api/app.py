@@ -14,18 +14,19 @@ from typing import Any, Final, Protocol
 import trio
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from quart import Response, g, jsonify, request
+from quart import Response, g, jsonify, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trionode import __version__
+from trionode.api.contexts import ContextApi, register_context_routes
 from trionode.errors import PeerError, ProtocolError
 from trionode.metrics import NodeMetrics
 
 PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
 
 
-class NodeApi(Protocol):
+class NodeApi(ContextApi, Protocol):
     """What the API needs from a node."""
 
     @property
@@ -42,6 +43,8 @@ class NodeApi(Protocol):
     def peers(self) -> list[dict[str, Any]]: ...
 
     def listen_addresses(self) -> list[str]: ...
+
+    def topics(self) -> list[dict[str, Any]]: ...
 
     async def connect(self, address: str) -> str: ...
 
@@ -64,6 +67,16 @@ def create_app(node: NodeApi) -> QuartTrio:
     app = QuartTrio("trionode")
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
     metrics = node.metrics
+
+    @app.before_websocket
+    async def authenticate_websocket() -> Response | None:  # noqa: ASYNC124
+        # Browsers cannot set headers on a WebSocket handshake, so ?token= is accepted too.
+        header = websocket.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else websocket.args.get("token", "")
+        if not token or not token_matches(token, node.token_sha256):
+            return error_response(401, "missing or invalid bearer token")
+        return None
 
     @app.before_request
     async def authenticate() -> Response | None:  # noqa: ASYNC124 - Quart hooks are async
@@ -114,6 +127,10 @@ def create_app(node: NodeApi) -> QuartTrio:
     async def peers() -> Response:  # noqa: ASYNC124
         return jsonify({"peers": node.peers(), "listenAddrs": node.listen_addresses()})
 
+    @app.get("/admin-api/topics")
+    async def topics() -> Response:  # noqa: ASYNC124
+        return jsonify({"topics": node.topics()})
+
     @app.post("/admin-api/peers")
     async def connect() -> Response:
         body = await request.get_json(silent=True)
@@ -130,6 +147,8 @@ def create_app(node: NodeApi) -> QuartTrio:
         except trio.TooSlowError:
             return error_response(504, "handshake timed out")
         return jsonify({"peerId": peer_id})
+
+    register_context_routes(app, node)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from trionode.errors import TrionodeError
 
@@ -20,8 +22,9 @@ class ApiError(TrionodeError):
 
 
 class Client:
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, token: str = "") -> None:
         self._http = http
+        self._token = token
 
     async def request(self, method: str, path: str, json: Any = None) -> Any:
         try:
@@ -53,8 +56,80 @@ class Client:
     async def peers(self) -> Any:
         return await self.request("GET", "/admin-api/peers")
 
+    async def topics(self) -> Any:
+        return await self.request("GET", "/admin-api/topics")
+
     async def connect(self, address: str) -> Any:
         return await self.request("POST", "/admin-api/peers", json={"address": address})
+
+    # -- applications and contexts ---------------------------------------------------------
+
+    async def install_application(self, path: str) -> Any:
+        return await self.request("POST", "/admin-api/applications", json={"path": path})
+
+    async def applications(self) -> Any:
+        return await self.request("GET", "/admin-api/applications")
+
+    async def application(self, application_id: str) -> Any:
+        return await self.request("GET", f"/admin-api/applications/{application_id}")
+
+    async def create_context(self, application_id: str, init_args: Any = None) -> Any:
+        body: dict[str, Any] = {"applicationId": application_id}
+        if init_args is not None:
+            body["initArgs"] = init_args
+        return await self.request("POST", "/admin-api/contexts", json=body)
+
+    async def contexts(self) -> Any:
+        return await self.request("GET", "/admin-api/contexts")
+
+    async def context(self, context_id: str) -> Any:
+        return await self.request("GET", f"/admin-api/contexts/{context_id}")
+
+    async def delete_context(self, context_id: str) -> Any:
+        return await self.request("DELETE", f"/admin-api/contexts/{context_id}")
+
+    async def collect_garbage(self) -> Any:
+        return await self.request("POST", "/admin-api/gc", json={})
+
+    async def call(self, context_id: str, method: str, args: Any = None) -> Any:
+        """JSON-RPC `execute`; returns the result object or raises ApiError with the code."""
+        body = await self.request(
+            "POST",
+            "/jsonrpc",
+            json={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "execute",
+                "params": {"contextId": context_id, "method": method, "argsJson": args or {}},
+            },
+        )
+        if not isinstance(body, dict):
+            raise ApiError("the node answered JSON-RPC with something that is not an object")
+        if "error" in body:
+            error = body["error"]
+            raise ApiError(f"{error.get('code')}: {error.get('message')}", error.get("code"))
+        return body["result"]
+
+    async def watch(self, context_id: str, *, since: int | None = None) -> AsyncIterator[Any]:
+        """Yield the context's applied-delta events from the WebSocket as they arrive."""
+        url = str(self._http.base_url).replace("http", "ws", 1).rstrip("/") + "/ws"
+        headers = [(b"Authorization", f"Bearer {self._token}".encode())]
+        try:
+            async with open_websocket_url(url, extra_headers=headers) as ws:
+                request: dict[str, Any] = {"type": "subscribe", "contextIds": [context_id]}
+                if since is not None:
+                    request["since"] = since
+                await ws.send_message(json.dumps(request))
+                while True:
+                    message = json.loads(await ws.get_message())
+                    if message.get("type") == "error":
+                        raise ApiError(str(message.get("message")))
+                    if message.get("type") == "delta":
+                        yield message
+        except ConnectionClosed:
+            return
+        except (HandshakeError, OSError) as exc:
+            raise ApiError(f"cannot watch {context_id} at {url}: {exc}") from None
 
     async def metrics_text(self) -> str:
         try:
@@ -76,4 +151,4 @@ async def open_client(
     async with httpx.AsyncClient(
         base_url=base_url, headers=headers, timeout=request_timeout
     ) as http:
-        yield Client(http)
+        yield Client(http, token)

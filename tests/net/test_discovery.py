@@ -1,0 +1,349 @@
+"""Discovery: the peer store's rules (fake clock), then peer exchange between real Hosts on
+loopback: C, knowing only B, learns A through B and connects to it; an unreachable peer that
+is advertised is forgotten after `peer_max_failures` dials; a bad response is only counted.
+
+Network tests run on the real clock bounded by fail_after and wait on events
+(`host.wait_connection_changed()`, `PeerStore.wait_changed()`), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from msgspec.structs import replace
+
+from trionode.config import FileConfig, NetworkSection
+from trionode.net.discovery import DiscoveryMetrics, serve_discovery
+from trionode.net.host import Connection
+from trionode.net.peerstore import PeerStore, is_dialable, resolve_unspecified
+from trionode.testing import open_test_nodes
+from trionode.wire.keys import PeerId, PrivateKey
+from trionode.wire.multiaddr import Multiaddr
+from trionode.wire.peer_exchange import PEER_EXCHANGE_PROTOCOL_ID, PeerAddrs, encode_response
+
+from .host_helpers import RunningHost, open_host, wait_for
+
+
+def _peer(n: int) -> PeerId:
+    return PrivateKey(bytes([n]) * 32).peer_id()
+
+
+def _tcp(port: int, host: str = "10.0.0.1") -> Multiaddr:
+    return Multiaddr.from_tcp(host, port)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _store(clock: FakeClock, **overrides: Any) -> tuple[PeerStore, list[tuple[PeerId, str]]]:
+    forgotten: list[tuple[PeerId, str]] = []
+    settings: dict[str, Any] = {
+        "max_peers": 10,
+        "ttl": 100.0,
+        "max_failures": 3,
+        "initial_backoff": 1.0,
+        "max_backoff": 4.0,
+        "local_peer": _peer(99),
+        "clock": clock,
+        "on_forget": lambda p, r: forgotten.append((p, r)),
+    }
+    settings.update(overrides)
+    return PeerStore(**settings), forgotten
+
+
+# -- the peer store --------------------------------------------------------------------------
+
+
+def test_addresses_are_filtered_merged_and_bounded() -> None:
+    store, _ = _store(FakeClock())
+    assert not store.add(_peer(99), [_tcp(1)], source="identify")  # ourselves
+    assert not store.add(_peer(1), [Multiaddr.from_string("/ip4/0.0.0.0/tcp/1")], source="mdns")
+    assert _peer(1) not in store  # nothing dialable: not worth remembering
+    udp = Multiaddr.from_string("/ip4/10.0.0.1/udp/1/quic-v1")
+    assert store.add(_peer(1), [_tcp(1).with_peer_id(_peer(1)), udp], source="exchange")
+    assert store.addresses(_peer(1)) == (_tcp(1),)
+    assert not store.add(_peer(1), [_tcp(n) for n in range(2, 20)], source="exchange")
+    addrs = store.addresses(_peer(1))
+    assert len(addrs) == 8
+    assert addrs[0] == _tcp(2)  # newest first; the oldest fell off
+    known = store.get(_peer(1))
+    assert known is not None
+    assert known.source == "exchange"
+
+
+def test_failures_back_off_then_forget_and_hearsay_cannot_bring_it_back() -> None:
+    clock = FakeClock()
+    store, forgotten = _store(clock)
+    store.add(_peer(1), [_tcp(1)], source="exchange")
+    assert store.dial_candidates(5) == [_peer(1)]
+    assert not store.record_failure(_peer(1))
+    assert store.dial_candidates(5) == []  # backing off for 1 s
+    assert store.next_dial_time() == clock.now + 1.0
+    clock.now += 1.0
+    assert store.dial_candidates(5) == [_peer(1)]
+    assert not store.record_failure(_peer(1))
+    assert store.next_dial_time() == clock.now + 2.0
+    clock.now += 2.0
+    assert store.record_failure(_peer(1))  # third in a row
+    assert forgotten == [(_peer(1), "unreachable")]
+    assert _peer(1) not in store
+    assert store.gave_up_on(_peer(1))
+    assert not store.add(_peer(1), [_tcp(1)], source="exchange")
+    assert store.add(_peer(1), [_tcp(1)], source="mdns")  # the peer itself says it is back
+    assert not store.gave_up_on(_peer(1))
+
+
+def test_success_resets_failures() -> None:
+    clock = FakeClock()
+    store, forgotten = _store(clock)
+    store.add(_peer(1), [_tcp(1)], source="identify")
+    store.record_failure(_peer(1))
+    store.record_failure(_peer(1))
+    store.record_success(_peer(1))
+    store.record_failure(_peer(1))
+    assert forgotten == []
+    known = store.get(_peer(1))
+    assert known is not None
+    assert known.failures == 1
+
+
+def test_unseen_peers_expire_but_connected_and_pinned_ones_stay() -> None:
+    clock = FakeClock()
+    store, forgotten = _store(clock)
+    for n in (1, 2, 3):
+        store.add(_peer(n), [_tcp(n)], source="mdns")
+    store.add(_peer(4), [_tcp(4)], source="bootstrap")
+    store.set_connected([_peer(2)])
+    assert store.next_expiry_time() == clock.now + 100.0
+    clock.now += 60
+    store.add(_peer(3), [_tcp(3)], source="mdns")  # seen again
+    store.add(_peer(1), [_tcp(1)], source="exchange")  # hearsay: not a sighting
+    clock.now += 50
+    assert store.expire() == [_peer(1)]
+    assert forgotten == [(_peer(1), "expired")]
+    assert set(store.peers()) == {_peer(2), _peer(3), _peer(4)}
+    # Pinned (bootstrap) peers are the host's business: never dial candidates here.
+    assert store.dial_candidates(10) == [_peer(3)]
+
+
+def test_full_store_evicts_the_worst_unconnected_peer() -> None:
+    clock = FakeClock()
+    store, forgotten = _store(clock, max_peers=3)
+    store.add(_peer(1), [_tcp(1)], source="mdns")
+    clock.now += 1
+    store.add(_peer(2), [_tcp(2)], source="mdns")
+    clock.now += 1
+    store.add(_peer(3), [_tcp(3)], source="mdns")
+    store.set_connected([_peer(1)])  # oldest, but connected
+    store.record_failure(_peer(3))  # newest, but failing
+    assert store.add(_peer(4), [_tcp(4)], source="exchange")
+    assert forgotten == [(_peer(3), "evicted")]
+    assert store.add(_peer(5), [_tcp(5)], source="exchange")
+    assert forgotten[-1] == (_peer(2), "evicted")
+    store.set_connected([_peer(1), _peer(4), _peer(5)])
+    assert not store.add(_peer(6), [_tcp(6)], source="exchange")  # nothing evictable
+    assert len(store) == 3
+
+
+def test_a_peer_that_just_left_is_not_redialed_at_once() -> None:
+    clock = FakeClock()
+    store, _ = _store(clock)
+    store.add(_peer(1), [_tcp(1)], source="identify")
+    store.set_connected([_peer(1)])
+    assert store.dial_candidates(5) == []
+    store.set_connected([])
+    assert store.dial_candidates(5) == []
+    assert store.next_dial_time() == clock.now + 1.0
+    clock.now += 1.0
+    assert store.dial_candidates(5) == [_peer(1)]
+
+
+def test_dial_candidates_prefer_healthy_recent_peers() -> None:
+    clock = FakeClock()
+    store, _ = _store(clock)
+    store.add(_peer(1), [_tcp(1)], source="mdns")
+    clock.now += 1
+    store.add(_peer(2), [_tcp(2)], source="mdns")
+    clock.now += 1
+    store.add(_peer(3), [_tcp(3)], source="mdns")
+    store.record_failure(_peer(3))
+    clock.now += 10
+    assert store.dial_candidates(10) == [_peer(2), _peer(1), _peer(3)]
+    assert store.dial_candidates(1, exclude={_peer(2)}) == [_peer(1)]
+    assert store.dial_candidates(0) == []
+
+
+def test_address_helpers() -> None:
+    observed = Multiaddr.from_tcp("192.168.1.7", 50123)
+    wildcard = Multiaddr.from_string("/ip4/0.0.0.0/tcp/2428")
+    assert str(resolve_unspecified(wildcard, observed)) == "/ip4/192.168.1.7/tcp/2428"
+    assert resolve_unspecified(_tcp(1), observed) == _tcp(1)
+    assert resolve_unspecified(wildcard, None) == wildcard
+    v6 = Multiaddr.from_string("/ip6/::/tcp/1")
+    assert resolve_unspecified(v6, observed) == v6  # families differ: keep it
+    assert not is_dialable(wildcard)
+    assert not is_dialable(Multiaddr.from_string("/ip4/1.2.3.4/tcp/0"))
+    assert not is_dialable(Multiaddr.from_string("/ip4/1.2.3.4/tcp/1/ws"))
+    assert is_dialable(Multiaddr.from_string("/dns4/example.com/tcp/1"))
+    assert is_dialable(_tcp(1).with_peer_id(_peer(1)))
+
+
+async def test_wait_changed_wakes_on_every_change() -> None:
+    store = PeerStore(max_peers=5)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.wait_changed)
+            await trio.testing.wait_all_tasks_blocked()
+            store.add(_peer(1), [_tcp(1)], source="mdns")
+
+
+# -- peer exchange between real hosts --------------------------------------------------------
+
+
+@asynccontextmanager
+async def _discovering(
+    running: RunningHost, **overrides: Any
+) -> AsyncIterator[tuple[PeerStore, DiscoveryMetrics]]:
+    host = running.host
+    config = replace(host.config, **overrides) if overrides else host.config
+    store = PeerStore.from_config(config, local_peer=host.peer_id)
+    metrics = DiscoveryMetrics(running.registry)
+    metrics.bind(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_discovery, host, store, config, metrics)
+        yield store, metrics
+        nursery.cancel_scope.cancel()
+
+
+async def _wait_store(store: PeerStore, predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await store.wait_changed()
+
+
+@pytest.mark.real_network
+async def test_c_learns_a_through_b_and_connects() -> None:
+    with trio.fail_after(15):
+        async with (
+            open_host() as a,
+            open_host() as b,
+            open_host() as c,
+            _discovering(a) as (a_store, _),
+            _discovering(b) as (b_store, _),
+            _discovering(c) as (c_store, _),
+        ):
+            a_id, b_id, c_id = (h.host.peer_id for h in (a, b, c))
+            await b.host.connect(a.address)
+            # B must have identified A before C asks it (C asks once per connection).
+            await _wait_store(b_store, lambda: a_id in b_store)
+            assert c.host.config.bootstrap == []
+            await c.host.connect(b.address)
+            await wait_for(lambda: a_id in c.host.connections, a, c)
+            await wait_for(lambda: c_id in a.host.connections, a, c)
+            known = c_store.get(a_id)
+            assert known is not None
+            assert known.source == "exchange"
+            assert known.addrs == tuple(a.host.listen_addrs)
+            assert c.sample("trionode_discovery_peers_discovered_total", source="exchange") == 1
+            assert c.sample("trionode_discovery_peers_discovered_total", source="identify") == 1
+            assert c.sample("trionode_discovery_dials_total") == 1
+            assert c.sample("trionode_discovery_dial_failures_total") == 0
+            assert c.sample("trionode_discovery_known_peers") == 2
+            assert b.sample("trionode_discovery_exchanges_total", outcome="served") >= 1
+            await _wait_store(a_store, lambda: c_id in a_store and b_id in a_store)
+
+
+@contextmanager
+def _refusing_port() -> Iterator[int]:
+    """A loopback TCP port that is bound but not listening: connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.real_network
+async def test_unreachable_advertised_peer_is_forgotten_after_the_threshold() -> None:
+    ghost = PrivateKey.generate().peer_id()
+    with trio.fail_after(15), _refusing_port() as port:
+
+        async def advertise_ghost(stream: trio.abc.HalfCloseableStream, _: Connection) -> None:
+            ghost_addr = Multiaddr.from_tcp("127.0.0.1", port)
+            await stream.send_all(encode_response([PeerAddrs(ghost, (ghost_addr,))]))
+            await stream.send_eof()
+
+        async with (
+            open_host() as b,
+            open_host(
+                peer_max_failures=3, redial_initial_backoff=0.01, redial_max_backoff=0.05
+            ) as c,
+            _discovering(c) as (store, _),
+        ):
+            b.host.set_handler(PEER_EXCHANGE_PROTOCOL_ID, advertise_ghost)
+            await c.host.connect(b.address)
+            forgotten = "trionode_discovery_peers_forgotten_total"
+            await _wait_store(store, lambda: c.sample(forgotten, reason="unreachable") == 1)
+            assert ghost not in store
+            assert store.gave_up_on(ghost)
+            assert c.sample("trionode_discovery_peers_discovered_total", source="exchange") == 1
+            assert c.sample("trionode_discovery_dials_total") == 3
+            assert c.sample("trionode_discovery_dial_failures_total") == 3
+            # B itself is untouched, and B mentioning the ghost again does not revive it.
+            assert b.host.peer_id in c.host.connections
+            assert b.host.peer_id in store
+            assert not store.add(ghost, [Multiaddr.from_tcp("127.0.0.1", port)], source="exchange")
+
+
+@pytest.mark.real_network
+async def test_bad_exchange_response_is_counted_and_the_connection_kept() -> None:
+    closed_by_c = trio.Event()
+
+    async def garbage(stream: trio.abc.HalfCloseableStream, _: Connection) -> None:
+        await stream.send_all(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+        # C counts a bad response before it closes the stream, so once the close reaches
+        # us the count is in.
+        with suppress(trio.BrokenResourceError):
+            while await stream.receive_some():
+                pass
+        closed_by_c.set()
+
+    with trio.fail_after(10):
+        async with open_host() as b, open_host() as c, _discovering(c) as (store, _):
+            b.host.set_handler(PEER_EXCHANGE_PROTOCOL_ID, garbage)
+            await c.host.connect(b.address)
+            await closed_by_c.wait()
+            assert c.sample("trionode_discovery_exchanges_total", outcome="invalid") == 1
+            assert c.sample("trionode_p2p_protocol_errors_total", layer="peer_exchange") == 1
+            assert b.host.peer_id in c.host.connections
+            assert store.peers() == [b.host.peer_id]  # from identify; nothing from the garbage
+
+
+@pytest.mark.real_network
+async def test_nodes_wire_discovery_in(tmp_path: Path) -> None:
+    def no_bootstrap(file: FileConfig) -> FileConfig:
+        network: NetworkSection = file.network
+        return replace(file, network=replace(network, ping_interval=60.0))
+
+    with trio.fail_after(15):
+        async with open_test_nodes(3, tmp_path, api=False, configure=no_bootstrap) as nodes:
+            a, b, c = (n.node for n in nodes)
+            assert not c.config.network.mdns  # test nodes never use mDNS
+            await b.host.connect(a.host.addresses()[0])
+            await _wait_store(b.peerstore, lambda: a.host.peer_id in b.peerstore)
+            await c.host.connect(b.host.addresses()[0])
+            while a.host.peer_id not in c.host.connections:
+                await c.host.wait_connection_changed()
+            value = c.metrics.registry.get_sample_value(
+                "trionode_discovery_peers_discovered_total", {"source": "exchange"}
+            )
+            assert value == 1

@@ -1,0 +1,225 @@
+"""Routes for applications, contexts, JSON-RPC calls and the WebSocket.
+
+Ids in the API: context ids, application ids and member keys are base58; delta ids and root
+hashes are hex.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import base58
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+
+from trionode.api.ws import serve_websocket
+from trionode.context.events import EventHub
+from trionode.context.manager import ContextError, ContextManager, b58
+from trionode.context.records import ApplicationRecord, ContextRecord
+from trionode.errors import StorageError, TrionodeError
+from trionode.sdk.errors import AppError
+
+JSONRPC_PARSE_ERROR = -32700
+JSONRPC_INVALID_REQUEST = -32600
+JSONRPC_METHOD_NOT_FOUND = -32601
+JSONRPC_INVALID_PARAMS = -32602
+JSONRPC_CONTEXT_NOT_FOUND = -32001
+JSONRPC_FORBIDDEN = -32002
+JSONRPC_INTERNAL = -32603
+
+
+class Applications(Protocol):
+    async def install(self, path: str) -> ApplicationRecord: ...
+    async def installed(self) -> list[ApplicationRecord]: ...
+    async def get(self, application_id: bytes) -> ApplicationRecord: ...
+
+
+class ContextApi(Protocol):
+    @property
+    def contexts(self) -> ContextManager: ...
+
+    @property
+    def applications(self) -> Applications: ...
+
+    @property
+    def hub(self) -> EventHub: ...
+
+    def knows_context(self, context_id_b58: str) -> bool: ...
+
+    async def collect_garbage(self) -> dict[str, int]: ...
+
+
+def parse_id(text: object, what: str) -> bytes:
+    if not isinstance(text, str) or not text:
+        raise ContextError(f"{what} must be a base58 string")
+    try:
+        raw = base58.b58decode(text)
+    except ValueError:
+        raise ContextError(f"{what} {text!r} is not base58") from None
+    if len(raw) != 32:
+        raise ContextError(f"{what} {text!r} is not 32 bytes")
+    return raw
+
+
+def context_json(record: ContextRecord) -> dict[str, Any]:
+    return {
+        "contextId": b58(record.context_id),
+        "applicationId": b58(record.application_id),
+        "createdAt": record.created_at,
+        "rootHash": record.root_hash.hex(),
+        "heads": [h.hex() for h in record.heads],
+        "members": [{"publicKey": b58(m.public_key), "role": m.role} for m in record.members],
+        "memberPublicKey": b58(record.our_member),
+    }
+
+
+def application_json(record: ApplicationRecord) -> dict[str, Any]:
+    return {
+        "applicationId": b58(record.application_id),
+        "name": record.name,
+        "version": record.version,
+        "path": record.path,
+        "installedAt": record.installed_at,
+        "trusted": record.trusted,
+    }
+
+
+def _error(status: int, message: str) -> Response:
+    response = jsonify({"error": {"code": status, "message": message}})
+    response.status_code = status
+    return response
+
+
+def _rpc_error(request_id: Any, code: int, message: str, data: Any = None) -> Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return jsonify({"jsonrpc": "2.0", "id": request_id, "error": error})
+
+
+def _call_params(params: dict[str, Any]) -> tuple[bytes, str, str, bytes | None]:
+    context_id = parse_id(params.get("contextId"), "contextId")
+    method = params.get("method")
+    if not isinstance(method, str) or not method:
+        raise ContextError("params.method must be a non-empty string")
+    args = params.get("argsJson", {})
+    args_json = args if isinstance(args, str) else json.dumps(args)
+    executor_text = params.get("executorPublicKey")
+    executor = None if executor_text is None else parse_id(executor_text, "executorPublicKey")
+    return context_id, method, args_json, executor
+
+
+def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
+    @app.errorhandler(ContextError)
+    async def context_error(exc: ContextError) -> Response:  # noqa: ASYNC124
+        return _error(exc.status, str(exc))
+
+    async def json_body() -> dict[str, Any]:
+        body = await request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise ContextError("body must be a JSON object")
+        return body
+
+    # -- applications ----------------------------------------------------------------------
+
+    @app.post("/admin-api/applications")
+    async def install_application() -> Response:
+        body = await json_body()
+        path = body.get("path")
+        if not isinstance(path, str) or not path:
+            raise ContextError('body must be {"path": "<bundle directory or archive>"}')
+        return jsonify(application_json(await node.applications.install(path)))
+
+    @app.get("/admin-api/applications")
+    async def list_applications() -> Response:
+        records = await node.applications.installed()
+        return jsonify({"applications": [application_json(r) for r in records]})
+
+    @app.get("/admin-api/applications/<application_id>")
+    async def show_application(application_id: str) -> Response:
+        record = await node.applications.get(parse_id(application_id, "application id"))
+        return jsonify(application_json(record))
+
+    # -- contexts --------------------------------------------------------------------------
+
+    @app.post("/admin-api/contexts")
+    async def create_context() -> Response:
+        body = await json_body()
+        application_id = parse_id(body.get("applicationId"), "applicationId")
+        init_args = body.get("initArgs")
+        args_json = None if init_args is None else json.dumps(init_args)
+        try:
+            record = await node.contexts.create(application_id, args_json)
+        except AppError as exc:
+            return _error(400, f"init failed: {exc.message}")
+        return jsonify(context_json(record))
+
+    @app.get("/admin-api/contexts")
+    async def list_contexts() -> Response:
+        records = await node.contexts.records()
+        return jsonify({"contexts": [context_json(r) for r in records]})
+
+    @app.get("/admin-api/contexts/<context_id>")
+    async def show_context(context_id: str) -> Response:
+        return jsonify(context_json(await node.contexts.get(parse_id(context_id, "context id"))))
+
+    @app.delete("/admin-api/contexts/<context_id>")
+    async def delete_context(context_id: str) -> Response:
+        await node.contexts.delete(parse_id(context_id, "context id"))
+        return jsonify({"deleted": context_id})
+
+    @app.post("/admin-api/gc")
+    async def run_gc() -> Response:
+        return jsonify(await node.collect_garbage())
+
+    # -- JSON-RPC --------------------------------------------------------------------------
+
+    @app.post("/jsonrpc")
+    async def jsonrpc() -> Response:
+        raw = await request.get_data(as_text=True)
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            return _rpc_error(None, JSONRPC_PARSE_ERROR, "parse error: body is not JSON")
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+            return _rpc_error(None, JSONRPC_INVALID_REQUEST, 'expected {"jsonrpc": "2.0", ...}')
+        request_id = message.get("id")
+        if message.get("method") != "execute":
+            return _rpc_error(
+                request_id, JSONRPC_METHOD_NOT_FOUND, f"unknown method {message.get('method')!r}"
+            )
+        params = message.get("params")
+        if not isinstance(params, dict):
+            return _rpc_error(request_id, JSONRPC_INVALID_PARAMS, "params must be an object")
+        try:
+            context_id, method, args_json, executor = _call_params(params)
+        except ContextError as exc:
+            return _rpc_error(request_id, JSONRPC_INVALID_PARAMS, str(exc))
+        try:
+            result = await node.contexts.execute(context_id, method, args_json, executor=executor)
+        except AppError as exc:
+            error = exc.to_jsonrpc()
+            return _rpc_error(request_id, error["code"], error["message"], error.get("data"))
+        except ContextError as exc:
+            code = JSONRPC_CONTEXT_NOT_FOUND if exc.status == 404 else JSONRPC_FORBIDDEN
+            return _rpc_error(request_id, code, str(exc))
+        except (StorageError, TrionodeError) as exc:
+            return _rpc_error(request_id, JSONRPC_INTERNAL, f"call not committed: {exc}")
+        return jsonify(
+            {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "result": {
+                    "output": result.result,
+                    "deltaId": None if result.delta_id is None else result.delta_id.hex(),
+                    "rootHash": result.root_hash.hex(),
+                },
+            }
+        )
+
+    # -- WebSocket -------------------------------------------------------------------------
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await serve_websocket(node.hub, node.knows_context)

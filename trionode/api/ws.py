@@ -1,0 +1,115 @@
+"""`GET /ws`: subscribe to contexts and receive one message per applied delta.
+
+Client messages (JSON text frames):
+  {"type": "subscribe", "contextIds": [...], "since": <seq, optional>}
+  {"type": "unsubscribe", "contextIds": [...]}
+  {"type": "ping"}
+Server messages: {"type": "subscribed" | "unsubscribed", "contextIds": [...]},
+{"type": "delta", "seq", "contextId", "deltaId", "rootHash", "heads", "events", "origin"},
+{"type": "pong"}, {"type": "ping"} (keepalive), {"type": "error", "message"}.
+
+With "since", events buffered after that sequence number are replayed first, so a client
+that reconnects misses nothing (or is told, with an error, that it must resync).
+A client that falls too far behind is disconnected with close code 1008 and may resume.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from quart import websocket
+
+from trionode.context.events import EventHub, ResumeTooOldError, Subscription
+
+KEEPALIVE_SECONDS = 20.0
+MAX_CLIENT_MESSAGE = 64 * 1024
+MAX_SUBSCRIPTIONS = 1024
+
+
+async def _send(payload: dict[str, Any]) -> None:
+    await websocket.send(json.dumps(payload))
+
+
+async def _reader(hub: EventHub, sub: Subscription, known: Callable[[str], bool]) -> None:
+    while True:
+        raw = await websocket.receive()
+        if len(raw) > MAX_CLIENT_MESSAGE:
+            await _send({"type": "error", "message": "send JSON messages under 64 KiB"})
+            continue
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            await _send({"type": "error", "message": "not JSON"})
+            continue
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "ping":
+            await _send({"type": "pong"})
+            continue
+        ids = message.get("contextIds") if isinstance(message, dict) else None
+        if (
+            kind not in ("subscribe", "unsubscribe")
+            or not isinstance(ids, list)
+            or not all(isinstance(i, str) for i in ids)
+        ):
+            await _send(
+                {"type": "error", "message": 'expected {"type": "subscribe", "contextIds": [...]}'}
+            )
+            continue
+        if kind == "unsubscribe":
+            sub.contexts.difference_update(ids)
+            await _send({"type": "unsubscribed", "contextIds": ids})
+            continue
+        unknown = [i for i in ids if not known(i)]
+        if unknown:
+            await _send({"type": "error", "message": f"unknown context ids: {', '.join(unknown)}"})
+            continue
+        if len(sub.contexts) + len(ids) > MAX_SUBSCRIPTIONS:
+            await _send({"type": "error", "message": "too many subscriptions"})
+            continue
+        since = message.get("since")
+        if since is not None and not isinstance(since, int):
+            await _send({"type": "error", "message": "since must be an integer"})
+            continue
+        try:
+            hub.add_contexts(sub, ids, since)
+        except ResumeTooOldError as exc:
+            await _send({"type": "error", "message": str(exc), "resync": True})
+            continue
+        await _send({"type": "subscribed", "contextIds": ids, "seq": hub.seq})
+
+
+async def _writer(sub: Subscription) -> None:
+    while True:
+        with trio.move_on_after(KEEPALIVE_SECONDS) as idle:
+            try:
+                event = await sub.receive.receive()
+            except trio.EndOfChannel:
+                if sub.overflowed:
+                    await websocket.close(1008, "too slow: resume with since=<last seq>")
+                return
+            await _send(event.to_json())
+        if idle.cancelled_caught:
+            await _send({"type": "ping"})
+
+
+async def serve_websocket(hub: EventHub, known: Callable[[str], bool]) -> None:
+    """Run one WebSocket connection until the client leaves (or falls too far behind)."""
+    sub = hub.open()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def read_then_stop() -> None:
+                await _reader(hub, sub, known)
+                nursery.cancel_scope.cancel()
+
+            async def write_then_stop() -> None:
+                await _writer(sub)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(read_then_stop)
+            nursery.start_soon(write_then_stop)
+    finally:
+        sub.close()

@@ -1,0 +1,200 @@
+"""Client commands for applications, contexts, calls, events and GC (`trionode app …` etc.)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from trionode.client import Client
+
+Action = Callable[[Client, argparse.Namespace], Awaitable[Any]]
+Spec = tuple[
+    str, str, Action, Callable[[Any], str] | None, Callable[[argparse.ArgumentParser], None] | None
+]
+
+
+def _table(rows: Sequence[Sequence[object]], headers: tuple[str, ...]) -> str:
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _json_arg(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} is not valid JSON: {text!r}") from None
+
+
+# -- applications ---------------------------------------------------------------------------
+
+
+async def _app_install(client: Client, args: argparse.Namespace) -> Any:
+    # The node reads the bundle itself, so give it an absolute path.
+    return await client.install_application(os.path.abspath(args.path))  # noqa: ASYNC240 - no I/O
+
+
+async def _app_list(client: Client, _args: argparse.Namespace) -> Any:
+    return await client.applications()
+
+
+async def _app_show(client: Client, args: argparse.Namespace) -> Any:
+    return await client.application(args.application_id)
+
+
+def _render_apps(result: Any) -> str:
+    rows = [
+        (a["applicationId"], a["name"], a["version"], a["path"]) for a in result["applications"]
+    ]
+    return _table(rows, ("application id", "name", "version", "installed from"))
+
+
+# -- contexts -------------------------------------------------------------------------------
+
+
+async def _context_create(client: Client, args: argparse.Namespace) -> Any:
+    return await client.create_context(args.application_id, _json_arg(args.args, "--args"))
+
+
+async def _context_list(client: Client, _args: argparse.Namespace) -> Any:
+    return await client.contexts()
+
+
+async def _context_show(client: Client, args: argparse.Namespace) -> Any:
+    return await client.context(args.context_id)
+
+
+async def _context_delete(client: Client, args: argparse.Namespace) -> Any:
+    return await client.delete_context(args.context_id)
+
+
+def _render_contexts(result: Any) -> str:
+    rows = [
+        (c["contextId"], c["applicationId"], len(c["heads"]), c["rootHash"][:16], len(c["members"]))
+        for c in result["contexts"]
+    ]
+    return _table(rows, ("context id", "application id", "heads", "root hash", "members"))
+
+
+def _render_context(c: Any) -> str:
+    lines = [
+        f"context id      {c['contextId']}",
+        f"application id  {c['applicationId']}",
+        f"root hash       {c['rootHash']}",
+        f"heads           {', '.join(c['heads']) or '-'}",
+        f"our member      {c['memberPublicKey']}",
+        "members:",
+    ]
+    lines += [f"  {m['publicKey']}  {m['role']}" for m in c["members"]]
+    return "\n".join(lines)
+
+
+# -- calls, events, gc ------------------------------------------------------------------------
+
+
+async def _call(client: Client, args: argparse.Namespace) -> Any:
+    return await client.call(args.context_id, args.method, _json_arg(args.args, "--args") or {})
+
+
+def _render_call(result: Any) -> str:
+    output = json.dumps(result["output"], indent=2, sort_keys=True)
+    delta = result["deltaId"] or "none (read-only)"
+    return f"{output}\ndelta {delta}\nroot  {result['rootHash']}"
+
+
+async def _watch(client: Client, args: argparse.Namespace) -> Any:
+    async for event in client.watch(args.context_id, since=args.since):
+        if args.json:
+            print(json.dumps(event, sort_keys=True), flush=True)
+        else:
+            names = ", ".join(e["name"] for e in event["events"]) or "no events"
+            print(
+                f"#{event['seq']} {event['contextId']} delta {event['deltaId'][:16]} "
+                f"root {event['rootHash'][:16]} ({event['origin']}): {names}",
+                flush=True,
+            )
+            for e in event["events"]:
+                print(f"    {e['name']} {json.dumps(e['payload'], sort_keys=True)}", flush=True)
+    print("trionode: the node closed the event stream", file=sys.stderr)
+    return None
+
+
+async def _gc(client: Client, _args: argparse.Namespace) -> Any:
+    return await client.collect_garbage()
+
+
+# -- argument setup ---------------------------------------------------------------------------
+
+
+def _path_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="bundle directory, .tar.gz or .zip")
+
+
+def _app_id_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("application_id", metavar="APP_ID")
+
+
+def _create_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("application_id", metavar="APP_ID")
+    p.add_argument("--args", help="JSON arguments for the app's init")
+
+
+def _context_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("context_id", metavar="CONTEXT")
+
+
+def _call_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument("method", metavar="METHOD")
+    p.add_argument("--args", help='JSON object of arguments, e.g. \'{"key": "a"}\'')
+
+
+def _watch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument("--since", type=int, help="replay events after this sequence number first")
+
+
+COMMANDS: list[Spec] = [
+    (
+        "app install",
+        "install an application bundle from a local path",
+        _app_install,
+        None,
+        _path_arg,
+    ),
+    ("app list", "list installed applications", _app_list, _render_apps, None),
+    ("app show", "show one installed application", _app_show, None, _app_id_arg),
+    ("context create", "create a context running APP_ID", _context_create, None, _create_args),
+    ("context list", "list contexts", _context_list, _render_contexts, None),
+    (
+        "context show",
+        "show a context's app, root hash, heads and members",
+        _context_show,
+        _render_context,
+        _context_arg,
+    ),
+    (
+        "context delete",
+        "delete a context and its data from this node",
+        _context_delete,
+        None,
+        _context_arg,
+    ),
+    ("call", "call METHOD of CONTEXT with --args JSON", _call, _render_call, _call_args),
+    (
+        "watch",
+        "print CONTEXT's applied deltas and app events as they happen",
+        _watch,
+        None,
+        _watch_args,
+    ),
+    ("gc", "run garbage collection once", _gc, None, None),
+]

@@ -1,0 +1,69 @@
+"""What the context layer persists, and where (DESIGN §9 columns).
+
+| column        | key                               | value                              |
+|---------------|-----------------------------------|------------------------------------|
+| config        | context id                        | ContextRecord                      |
+| identity      | context id ‖ "k" ‖ key id (4 B)   | the context key (32 B)             |
+| identity      | context id ‖ "m" ‖ member pubkey  | our member private key (32 B seed) |
+| state         | context id ‖ entity id            | encoded entity record              |
+| delta         | context id ‖ delta id             | SignedDelta wire bytes             |
+| application   | application id                    | ApplicationRecord                  |
+
+One call's writes (state rows, the delta, the new heads and root) go in one WriteBatch, so
+a crash leaves either all of a call or none of it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from trionode.store.lmdb_store import Column
+from trionode.store.store import BytesCodec, MsgpackCodec, Table
+
+CONTEXT_ID_SIZE: Final = 32
+
+
+class MemberRecord(msgspec.Struct, frozen=True):
+    public_key: bytes
+    role: str  # "admin" | "member" | "read-only"
+
+
+class ContextRecord(msgspec.Struct, frozen=True):
+    context_id: bytes
+    application_id: bytes
+    created_at: float
+    root_hash: bytes
+    heads: list[bytes]
+    key_id: int
+    members: list[MemberRecord]
+    our_member: bytes
+    """The public key this node acts as in the context."""
+
+
+class ApplicationRecord(msgspec.Struct, frozen=True):
+    application_id: bytes
+    name: str
+    version: str
+    path: str
+    """Where the bundle lives on this node (directory or archive)."""
+    installed_at: float
+    trusted: bool
+    """Installed by the operator (or signed by a trusted signer): may be executed."""
+
+
+BYTES = BytesCodec()
+CONTEXTS = Table(Column.CONFIG, BYTES, MsgpackCodec(ContextRecord))
+IDENTITY = Table(Column.IDENTITY, BYTES, BYTES)
+STATE = Table(Column.STATE, BYTES, BYTES)
+DELTAS = Table(Column.DELTA, BYTES, BYTES)
+APPLICATIONS = Table(Column.APPLICATION, BYTES, MsgpackCodec(ApplicationRecord))
+
+
+def key_slot(context_id: bytes, key_id: int) -> bytes:
+    return context_id + b"k" + key_id.to_bytes(4, "big")
+
+
+def member_slot(context_id: bytes, public_key: bytes) -> bytes:
+    return context_id + b"m" + public_key
