@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_init_creates_a_home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     home = tmp_path / "home"
-    assert main(["init", "--home", str(home), "--json"]) == 0
+    assert main(["init", "--home", str(home), "--json", "--no-mdns"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert "mdns = false" in (home / "config.toml").read_text()
     assert out["peerId"].startswith("12D3KooW")
     assert (home / "config.toml").is_file()
     assert (home / "identity.key").stat().st_mode & 0o777 == 0o600
@@ -97,6 +98,7 @@ async def test_start_serves_until_sigterm_then_exits_0(tmp_path: Path) -> None:
             "0",
             "--swarm-port",
             "0",
+            "--no-mdns",  # tests never multicast beyond loopback
         ],
         capture_stdout=True,
         env=env,
@@ -136,7 +138,8 @@ async def test_start_serves_until_sigterm_then_exits_0(tmp_path: Path) -> None:
 def test_client_commands_talk_to_a_running_node(tmp_path: Path) -> None:
     """`trionode health/ready/info` against a node started in a subprocess, read from --home."""
     home = tmp_path / "home"
-    assert main(["init", "--home", str(home), "--server-port", "0", "--swarm-port", "0"]) == 0
+    args = ["init", "--home", str(home), "--server-port", "0", "--swarm-port", "0", "--no-mdns"]
+    assert main(args) == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "trionode", "start", "--home", str(home)],
         stderr=subprocess.PIPE,

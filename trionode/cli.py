@@ -64,6 +64,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         swarm_port=args.swarm_port,
         server_port=args.server_port,
         force=args.force,
+        mdns=not args.no_mdns,
     )
     if args.json:
         print(json.dumps({"home": str(result.home), "peerId": result.peer_id}))
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--server-port", type=int, default=DEFAULT_SERVER_PORT)
     init.add_argument(
         "--force", action="store_true", help="replace an existing home (its data is deleted)"
+    )
+    init.add_argument(
+        "--no-mdns", action="store_true", help="do not announce or look for peers by mDNS"
     )
     init.set_defaults(func=cmd_init)
 

@@ -46,6 +46,7 @@ def init_home(
     server_port: int,
     swarm_host: str = "0.0.0.0",  # noqa: S104 - peers must reach the swarm port
     force: bool = False,
+    mdns: bool = True,
 ) -> InitResult:
     """Create identity, config and API token. An existing home is kept unless `force`."""
     for name, port in (("--swarm-port", swarm_port), ("--server-port", server_port)):
@@ -62,7 +63,7 @@ def init_home(
     token = secrets.token_urlsafe(32)
     _write_private(home / TOKEN_FILE, token.encode() + b"\n")
     file = FileConfig(
-        network=NetworkSection(listen=[f"/ip4/{swarm_host}/tcp/{swarm_port}"]),
+        network=NetworkSection(listen=[f"/ip4/{swarm_host}/tcp/{swarm_port}"], mdns=mdns),
         api=ApiSection(port=server_port, token_sha256=hashlib.sha256(token.encode()).hexdigest()),
     )
     (home / CONFIG_FILE).write_text(render_config(file), encoding="utf-8")

@@ -46,7 +46,9 @@ async def _read_until(stream: trio.abc.ReceiveStream, needle: bytes, seen: bytea
 
 async def test_install_create_call_and_watch(tmp_path: Path) -> None:
     home = str(tmp_path / "home")
-    init = await _cli("init", "--home", home, "--server-port", "0", "--swarm-port", "0")
+    init = await _cli(
+        "init", "--home", home, "--server-port", "0", "--swarm-port", "0", "--no-mdns"
+    )
     assert init.returncode == 0
     node = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trionode", "start", "--home", home],
