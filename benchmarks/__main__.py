@@ -7,12 +7,17 @@ import sys
 
 import trio
 
-from benchmarks import store_bench, transport_bench
+from benchmarks import context_bench, pubsub_bench, store_bench, transport_bench
 from benchmarks.harness import Row, render
 
 
 async def run_all(*, quick: bool, only: str | None) -> list[Row]:
-    suites = {"store": store_bench.run, "transport": transport_bench.run}
+    suites = {
+        "store": store_bench.run,
+        "transport": transport_bench.run,
+        "pubsub": pubsub_bench.run,
+        "contexts": context_bench.run,
+    }
     rows: list[Row] = []
     for name, suite in suites.items():
         if only is not None and only != name:

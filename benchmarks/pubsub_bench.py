@@ -9,9 +9,11 @@ trio thread (so every hop's crypto, framing and routing share one core).
 * **Latency:** one message at a time, publishers in turn; the time from ``publish`` to its
   delivery on the *last* subscriber (the node's event handler for trionode, the subscription
   queue for py-libp2p); p50/p99 over the rounds.
-* **Throughput:** ``messages`` messages of 128 bytes published round-robin by every node in
-  batches of 20 (one scheduler pass between batches), until every subscriber has every
-  message; messages/s = messages / elapsed (each message is delivered n - 1 times).
+* **Throughput:** ``messages`` messages of 128 bytes published round-robin by every node with
+  at most 16 messages in flight (published, not yet delivered everywhere), until every
+  subscriber has every message; messages/s = messages / elapsed (each message is delivered
+  n - 1 times). The window keeps py-libp2p honest: its subscription queues hold 32 messages
+  and drop the rest, so an unpaced flood loses messages instead of measuring anything.
 
 py-libp2p runs with 5 nodes (it is slow: it takes seconds per run), which the row names say;
 trionode runs with 10 and with 5. The variant with nodes as separate processes is not
@@ -51,7 +53,7 @@ from trionode.wire.keys import PrivateKey
 
 TOPIC = "bench/topic"
 PAYLOAD = 128
-BATCH = 20
+WINDOW = 16
 PY_NODES = 5
 HEARTBEAT = 0.2
 # Budgets far above what the benchmark sends: the router's flood limits are not measured.
@@ -77,6 +79,7 @@ class _Tracker:
         self.subscribers = subscribers
         self.count: defaultdict[bytes, int] = defaultdict(int)
         self.completed: dict[bytes, float] = {}
+        self.published = 0
         self.changed = trio.Event()
 
     def delivered(self, key: bytes) -> None:
@@ -85,6 +88,16 @@ class _Tracker:
             self.completed[key] = time.perf_counter()
             self.changed.set()
             self.changed = trio.Event()
+
+    def start_window(self) -> None:
+        """Start counting in-flight messages (everything so far has been delivered)."""
+        self.published = len(self.completed)
+
+    async def wait_window(self) -> None:
+        """Wait until fewer than WINDOW messages are still on their way, then count one more."""
+        while self.published - len(self.completed) >= WINDOW:
+            await self.changed.wait()
+        self.published += 1
 
     async def wait_all(self, ids: set[bytes]) -> None:
         while not ids <= self.completed.keys():
@@ -150,13 +163,13 @@ async def measure_trionode(n: int, rounds: int, messages: int) -> dict[str, floa
                 await tracker.wait_all({data})
                 latencies.append(tracker.completed[data] - started)
             ids: set[bytes] = set()
+            tracker.start_window()
             started = time.perf_counter()
             for k in range(messages):
                 data = os.urandom(PAYLOAD)
                 ids.add(data)
+                await tracker.wait_window()
                 nodes[k % n].publish(TOPIC, data)
-                if k % BATCH == BATCH - 1:
-                    await trio.lowlevel.checkpoint()
             await tracker.wait_all(ids)
             elapsed = time.perf_counter() - started
             assert all(tracker.count[i] == n - 1 for i in ids), "duplicate or missing delivery"
@@ -220,13 +233,13 @@ async def measure_libp2p(n: int, rounds: int, messages: int) -> dict[str, float]
                     await tracker.wait_all({data})
                     latencies.append(tracker.completed[data] - started)
                 ids: set[bytes] = set()
+                tracker.start_window()
                 started = time.perf_counter()
                 for k in range(messages):
                     data = os.urandom(PAYLOAD)
                     ids.add(data)
+                    await tracker.wait_window()
                     await pubsubs[k % n].publish(TOPIC, data)
-                    if k % BATCH == BATCH - 1:
-                        await trio.lowlevel.checkpoint()
                 await tracker.wait_all(ids)
                 elapsed = time.perf_counter() - started
                 readers.cancel_scope.cancel()

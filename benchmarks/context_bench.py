@@ -1,0 +1,465 @@
+"""Contexts: `kv_store.set` calls per second, a text-editing trace on `Text` vs pycrdt (Yjs),
+and bytes of memory and of LMDB per stored entry. Every baseline is measured in the same run.
+
+* **Calls.** `n` `kv_store.set` calls, each with a new key (so the context grows from 0 to
+  `n` keys), (a) in process through `ContextManager.execute` on a running node (each call is
+  one signed, encrypted delta committed to LMDB with the changed state rows, heads and root
+  hash; LMDB syncs every commit), (b) over HTTP JSON-RPC with httpx on a fresh context of the
+  same node (sequential requests on one keep-alive connection; client and server share this
+  process and its one trio thread). Baselines: `trionode.sdk.runtime.execute` on an in-memory
+  `StateTree` without and with the per-call root hash the node computes (the cost of
+  durability and of the Merkle root respectively), and raw LMDB committing the very rows the
+  node wrote (captured from the in-process run, one transaction per call).
+* **Text.** A seeded, deterministic editing session of single-character inserts and deletes
+  (words typed at a moving cursor, bursts of backspaces, arrow-key moves, jumps elsewhere)
+  applied to trionode's `Text` with one `StateTree` transaction per keystroke, and to
+  `pycrdt.Text` with one (implicit) transaction per keystroke. Both final texts must equal the
+  trace's own result (checked, the run fails otherwise). Sizes: the sum of `encode_entity`
+  over the tree's entities vs `doc.get_update()`.
+* **Per entry.** LMDB used pages (`store.stats().used_bytes`, before/after the in-process
+  calls) divided by `n`, vs raw LMDB holding the same key and value bytes (one put per
+  transaction); stored key+value bytes of the context's state rows and of its delta log; and
+  the Python memory (tracemalloc) of the `StateTree` rebuilt from those state rows with its
+  root hash computed, vs a `dict[str, str]` of the same keys and values.
+
+Standalone: ``python -m benchmarks.context_bench [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+from unittest.mock import patch
+
+import httpx
+import lmdb
+import pycrdt
+import trio
+
+from benchmarks.harness import Row, render
+from trionode.context.manager import b58
+from trionode.context.records import DELTAS, STATE
+from trionode.crdt import (
+    HybridClock,
+    StateTree,
+    decode_entity,
+    encode_entity,
+    ntp64_from_unix_ns,
+    text,
+)
+from trionode.sdk import App
+from trionode.sdk.bundle import load_app, load_bundle, verify_bundle
+from trionode.sdk.runtime import execute, init_state
+from trionode.store.lmdb_store import Column, Put, WriteOp
+from trionode.store.store import WriteBatch
+from trionode.testing import TestNode, open_test_node
+
+KV_STORE = Path(__file__).resolve().parents[1] / "apps" / "kv_store"
+VALUE_BYTES = 100
+MEMBER = b"\x01" * 32
+CONTEXT = b"\x02" * 32
+LMDB_MAP = 1 << 30
+
+Edit = tuple[int, str | None]
+"""(position, character inserted there) or (position, None): delete the character there."""
+
+_VOCABULARY = (
+    "the of and to a in is it you that he was for on are with as I his they be at one have "
+    "this from or had by not word but what some we can out other were all there when up use "
+    "your how said an each she which do their time if will way about many then them write "
+    "would like so these her long make thing see him two has look more day could go come did "
+    "number sound no most people my over know water than call first who may down side been "
+    "now find any new work part take get place made live where after back little only round "
+    "man year came show every good me give our under name very through just form sentence "
+    "great think say help low line differ turn cause much mean before move right boy old too "
+    "same tell does set three want air well also play small end put home read hand port large "
+    "spell add even land here must big high such follow act why ask men change went light"
+)
+_WORDS = _VOCABULARY.split()
+_ENDINGS = (" ", ", ", ". ", ".\n")
+_ENDING_WEIGHTS = (85, 6, 6, 3)
+
+
+# -- the editing trace -----------------------------------------------------------------
+
+
+def editing_trace(ops: int, *, seed: int = 2026) -> list[Edit]:
+    """`ops` single-character edits: words typed at a cursor, with typo bursts of 1-6
+    backspaces (~15% of edits are deletes), arrow-key moves and, every ~70 keystrokes, a
+    jump to a random place in the document. Deterministic for a given seed."""
+    rng = random.Random(seed)
+    trace: list[Edit] = []
+    length = cursor = 0
+    pending = ""  # the rest of the word being typed
+    while len(trace) < ops:
+        roll = rng.random()
+        if roll < 0.015 and length:  # click elsewhere
+            cursor = rng.randint(0, length)
+        elif roll < 0.03 and length:  # arrow keys
+            cursor = min(length, max(0, cursor + rng.randint(-20, 20)))
+        elif roll < 0.075 and cursor:  # a typo: a burst of backspaces
+            for _ in range(min(cursor, rng.randint(1, 6))):
+                cursor -= 1
+                length -= 1
+                trace.append((cursor, None))
+        else:
+            if not pending:
+                ending = rng.choices(_ENDINGS, weights=_ENDING_WEIGHTS)[0]
+                pending = rng.choice(_WORDS) + ending
+            trace.append((cursor, pending[0]))
+            pending = pending[1:]
+            cursor += 1
+            length += 1
+    return trace[:ops]
+
+
+def replay(trace: Sequence[Edit]) -> str:
+    """The text a trace produces (the reference both CRDTs must match)."""
+    chars: list[str] = []
+    for pos, char in trace:
+        if char is None:
+            del chars[pos]
+        else:
+            chars.insert(pos, char)
+    return "".join(chars)
+
+
+def _trionode_text(trace: Sequence[Edit]) -> tuple[float, str, int]:
+    """(seconds, final text, encoded bytes): one transaction per keystroke."""
+    tree = StateTree()
+    clock = HybridClock(MEMBER)
+    spec = text()
+    started = time.perf_counter()
+    for pos, char in trace:
+        with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
+            body = tx.field("body", spec)
+            if char is None:
+                body.delete(pos, 1)
+            else:
+                body.insert(pos, char)
+            tx.commit()
+    elapsed = time.perf_counter() - started
+    with tree.reader() as tx:
+        final = tx.field("body", spec).value()
+    size = sum(len(encode_entity(entity)) for entity in tree.entities())
+    return elapsed, final, size
+
+
+def _pycrdt_text(trace: Sequence[Edit]) -> tuple[float, str, int]:
+    """(seconds, final text, update bytes): one implicit transaction per keystroke (one
+    explicit transaction around the whole trace is several times slower in pycrdt 0.14)."""
+    doc: pycrdt.Doc[pycrdt.Text] = pycrdt.Doc()
+    body = pycrdt.Text()
+    doc["body"] = body
+    started = time.perf_counter()
+    for pos, char in trace:
+        if char is None:
+            del body[pos]
+        else:
+            body.insert(pos, char)
+    elapsed = time.perf_counter() - started
+    return elapsed, str(body), len(doc.get_update())
+
+
+def _text_rows(ops: int) -> list[Row]:
+    trace = editing_trace(ops)
+    expected = replay(trace)
+    deletes = sum(char is None for _, char in trace)
+    ours, our_text, our_size = _trionode_text(trace)
+    theirs, their_text, their_size = _pycrdt_text(trace)
+    _check(our_text == expected, "trionode Text diverged from the trace's own result")
+    _check(their_text == expected, "pycrdt Text diverged from the trace's own result")
+    what = f"{ops:,} edits ({deletes:,} deletes) -> {len(expected):,} chars, equal in both"
+    return [
+        Row(
+            f"Text editing trace, 1 txn/keystroke: {what}",
+            ops / ours,
+            "ops/s",
+            "pycrdt (Yjs) Text, same trace",
+            ops / theirs,
+        ),
+        Row(
+            "Text encoded state after the trace (sum of encode_entity)",
+            our_size,
+            "bytes",
+            "pycrdt doc.get_update()",
+            their_size,
+            higher_is_better=False,
+        ),
+    ]
+
+
+# -- kv_store calls --------------------------------------------------------------------
+
+
+def _kv_items(n: int, prefix: str) -> list[tuple[str, str]]:
+    """`n` distinct keys (13 bytes) and values (100 bytes)."""
+    return [(f"{prefix}:{i:08d}", (f"value {prefix} {i:08d} " * 8)[:VALUE_BYTES]) for i in range(n)]
+
+
+def _set_args(items: Sequence[tuple[str, str]]) -> list[str]:
+    return [json.dumps({"key": key, "value": value}) for key, value in items]
+
+
+def _load_kv_store() -> App:
+    return load_app(verify_bundle(load_bundle(KV_STORE), [], installed_locally=True))
+
+
+def _runtime_calls(app: App, args: Sequence[str], *, root_hash: bool) -> float:
+    """Calls/s of the bare runtime on an in-memory tree: no signing, sealing or LMDB."""
+    tree = StateTree()
+    clock = HybridClock(MEMBER)
+    init_state(app, tree, clock, ntp64_from_unix_ns(time.time_ns()), None, **_who())
+    started = time.perf_counter()
+    for call in args:
+        now = ntp64_from_unix_ns(time.time_ns())
+        execute(app, tree, clock, now, "set", call, **_who())
+        if root_hash:
+            tree.root_hash()
+    return len(args) / (time.perf_counter() - started)
+
+
+def _who() -> dict[str, Any]:
+    return {"executor": MEMBER, "context_id": CONTEXT}
+
+
+def _raw_lmdb_replay(path: Path, batches: Sequence[Sequence[WriteOp]]) -> float:
+    """Batches/s committing the captured rows to a bare LMDB env, one transaction each."""
+    env = lmdb.open(str(path), map_size=LMDB_MAP, max_dbs=len(Column) + 1)
+    try:
+        dbs = {col: env.open_db(col.value.encode()) for col in Column}
+        started = time.perf_counter()
+        for ops in batches:
+            with env.begin(write=True) as txn:
+                for op in ops:
+                    if isinstance(op, Put):
+                        txn.put(op.key, op.value, db=dbs[op.column])
+                    else:
+                        txn.delete(op.key, db=dbs[op.column])
+        return len(batches) / (time.perf_counter() - started)
+    finally:
+        env.close()
+
+
+def _raw_lmdb_bytes(path: Path, items: Sequence[tuple[str, str]]) -> float:
+    """Used bytes per entry of a bare LMDB env holding the same keys and values."""
+    env = lmdb.open(str(path), map_size=LMDB_MAP, max_dbs=2)
+    try:
+        db = env.open_db(b"kv")
+        before = _used_bytes(env)
+        for key, value in items:
+            with env.begin(write=True, db=db) as txn:
+                txn.put(key.encode(), value.encode())
+        return (_used_bytes(env) - before) / len(items)
+    finally:
+        env.close()
+
+
+def _used_bytes(env: lmdb.Environment) -> int:
+    """The datastore's own measure (`LmdbStore.stats`): pages up to the last one used."""
+    return (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+
+
+async def _rpc(http: httpx.AsyncClient, context: str, method: str, args: str) -> None:
+    response = await http.post(
+        "/jsonrpc",
+        content=(
+            '{"jsonrpc":"2.0","id":1,"method":"execute","params":'
+            f'{{"contextId":"{context}","method":"{method}","argsJson":{args}}}}}'
+        ),
+        headers={"Content-Type": "application/json"},
+    )
+    body = response.json()
+    _check(response.status_code == 200 and "error" not in body, f"JSON-RPC call failed: {body}")
+
+
+async def _timed(calls: Sequence[str], call: Callable[[str], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    for args in calls:
+        await call(args)
+    return len(calls) / (time.perf_counter() - started)
+
+
+async def _node_rows(n: int, base: Path) -> list[Row]:
+    items = _kv_items(n, "user")
+    calls = _set_args(items)
+    app = _load_kv_store()
+    bare = _runtime_calls(app, calls, root_hash=False)
+    hashed = _runtime_calls(app, calls, root_hash=True)
+    captured: list[list[WriteOp]] = []
+    async with open_test_node(base / "node", api=True) as test_node:
+        node = test_node.node
+        installed = await node.applications.install(str(KV_STORE))
+        local = (await node.contexts.create(installed.application_id)).context_id
+        remote = b58((await node.contexts.create(installed.application_id)).context_id)
+        await node.contexts.execute(local, "len", "{}")  # warm-up: views write nothing
+        original_write = node.store.write
+
+        async def recording_write(batch: WriteBatch | Sequence[WriteOp]) -> None:
+            captured.append(list(batch.ops if isinstance(batch, WriteBatch) else batch))
+            await original_write(batch)
+
+        used_before = (await node.store.stats()).used_bytes
+        with patch.object(node.store, "write", recording_write):
+            in_process = await _timed(calls, lambda args: node.contexts.execute(local, "set", args))
+        used_after = (await node.store.stats()).used_bytes
+        http_calls = _set_args(_kv_items(n, "http"))
+        over_http = await _http_calls(test_node, remote, http_calls)
+        per_entry = await _per_entry(test_node, local, n)
+    _check(len(captured) == n, f"expected one store write per call, saw {len(captured)}")
+    replayed = _raw_lmdb_replay(base / "replay", captured)
+    raw_bytes = _raw_lmdb_bytes(base / "raw-kv", items)
+    key_value = sum(len(k.encode()) + len(v.encode()) for k, v in items) / n
+    state_rows, delta_rows, memory, peak, dict_memory, dict_peak = per_entry
+    grows = f"{n:,} calls, keys 0->{n:,}"
+    return [
+        Row(
+            f"kv_store.set in process (ContextManager.execute -> LMDB), {grows}",
+            in_process,
+            "calls/s",
+            "runtime.execute + root_hash, in-memory tree",
+            hashed,
+        ),
+        Row(
+            f"kv_store.set in process (ContextManager.execute -> LMDB), {grows}",
+            in_process,
+            "calls/s",
+            "runtime.execute, in-memory tree, no hash",
+            bare,
+        ),
+        Row(
+            f"kv_store.set in process (ContextManager.execute -> LMDB), {grows}",
+            in_process,
+            "calls/s",
+            "raw lmdb: same rows, 1 txn/call",
+            replayed,
+        ),
+        Row(
+            f"kv_store.set over HTTP JSON-RPC (httpx, keep-alive, same process), {grows}",
+            over_http,
+            "calls/s",
+            "ContextManager.execute in process",
+            in_process,
+        ),
+        Row(
+            f"LMDB used bytes per kv entry (state + delta log + heads), {n:,} entries",
+            (used_after - used_before) / n,
+            "B/entry",
+            "raw lmdb: same key+value, 1 put/txn",
+            raw_bytes,
+            higher_is_better=False,
+        ),
+        Row(
+            "stored key+value bytes per kv entry: state rows",
+            state_rows,
+            "B/entry",
+            "the entry's own key+value bytes",
+            key_value,
+            higher_is_better=False,
+        ),
+        Row(
+            "stored key+value bytes per kv entry: delta log (signed, encrypted)",
+            delta_rows,
+            "B/entry",
+            "the entry's own key+value bytes",
+            key_value,
+            higher_is_better=False,
+        ),
+        Row(
+            "Python memory per kv entry: StateTree loaded from LMDB + root hash",
+            memory,
+            "B/entry",
+            "dict[str, str] of the same keys/values",
+            dict_memory,
+            higher_is_better=False,
+        ),
+        Row(
+            "Python memory per kv entry while loading (tracemalloc peak)",
+            peak,
+            "B/entry",
+            "dict[str, str] peak",
+            dict_peak,
+            higher_is_better=False,
+        ),
+    ]
+
+
+async def _http_calls(test_node: TestNode, context: str, calls: Sequence[str]) -> float:
+    headers = {"Authorization": f"Bearer {test_node.token}"}
+    async with httpx.AsyncClient(base_url=test_node.api_url, headers=headers) as http:
+        await _rpc(http, context, "len", "{}")  # opens the connection; views write nothing
+        return await _timed(calls, lambda args: _rpc(http, context, "set", args))
+
+
+async def _per_entry(
+    test_node: TestNode, context_id: bytes, n: int
+) -> tuple[float, float, float, float, float, float]:
+    """(state row bytes, delta row bytes, memory, memory peak, dict memory, dict peak) per
+    entry, for the context holding `n` kv entries."""
+    store = test_node.node.store
+    state = await store.scan(STATE, prefix=context_id)
+    deltas = await store.scan(DELTAS, prefix=context_id)
+    state_bytes = sum(len(k) + len(v) for k, v in state) / n
+    delta_bytes = sum(len(k) + len(v) for k, v in deltas) / n
+    rows = [value for _, value in state]
+
+    def load_tree() -> object:
+        tree = StateTree(decode_entity(row) for row in rows)
+        tree.root_hash()
+        return tree
+
+    keys = [k.encode() for k, _ in _kv_items(n, "user")]
+    values = [v.encode() for _, v in _kv_items(n, "user")]
+
+    def load_dict() -> object:
+        return {k.decode(): v.decode() for k, v in zip(keys, values, strict=True)}
+
+    memory, peak = _traced(load_tree)
+    dict_memory, dict_peak = _traced(load_dict)
+    return state_bytes, delta_bytes, memory / n, peak / n, dict_memory / n, dict_peak / n
+
+
+def _traced(build: Callable[[], object]) -> tuple[int, int]:
+    """Bytes still allocated while `build`'s result is alive, and the peak while building."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = build()
+        current, peak = tracemalloc.get_traced_memory()
+        del result
+    finally:
+        tracemalloc.stop()
+    return current, peak
+
+
+def _check(ok: bool, message: str) -> None:  # noqa: FBT001  # a named assertion
+    if not ok:
+        raise RuntimeError(message)
+
+
+async def run(*, quick: bool) -> list[Row]:
+    edits = 5_000 if quick else 100_000
+    calls = 200 if quick else 3_000
+    rows = _text_rows(edits)
+    with tempfile.TemporaryDirectory(prefix="trionode-bench-") as tmp:
+        rows += await _node_rows(calls, Path(tmp))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.context_bench")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    args = parser.parse_args()
+    print(render(trio.run(lambda: run(quick=args.quick))))
+
+
+if __name__ == "__main__":
+    main()
