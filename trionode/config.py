@@ -201,6 +201,17 @@ class StoreSection(_Section, frozen=True):
     """Threads that may read LMDB at once (writes are always one at a time)."""
 
 
+class ReplicationSection(_Section, frozen=True):
+    """Deltas between members: pending limits and missing-parent fetches."""
+
+    max_pending: PositiveInt = 1000
+    """Deltas per context that may wait for their parents; the oldest is evicted beyond."""
+    pending_timeout: PositiveFloat = 300.0
+    """Seconds a delta may wait for its parents before it is evicted (and counted)."""
+    fetch_timeout: PositiveFloat = 30.0
+    """Seconds for one missing-parent fetch from a peer."""
+
+
 class AppsSection(_Section, frozen=True):
     """Which application bundles this node will execute."""
 
@@ -227,6 +238,7 @@ class FileConfig(_Section, frozen=True):
     pubsub: PubsubSection = PubsubSection()
     api: ApiSection = ApiSection()
     store: StoreSection = StoreSection()
+    replication: ReplicationSection = ReplicationSection()
     apps: AppsSection = AppsSection()
     gc: GcSection = GcSection()
 
@@ -238,6 +250,12 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     file: FileConfig = FileConfig()
     passphrase: str | None = None
     """Encryption passphrase, taken from the environment, never from the file."""
+    inline_store: bool = False
+    """Run datastore calls on the Trio thread instead of worker threads. Not in config.toml:
+    for in-process test clusters under `autojump_clock` (see trionode/store/store.py)."""
+    discovery: bool = True
+    """Run discovery (peer exchange, dialing toward `network.target_peers`). Not in
+    config.toml: in-process test clusters switch it off to keep the topology they built."""
 
     @property
     def data_dir(self) -> Path:
@@ -270,6 +288,10 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def store(self) -> StoreSection:
         return self.file.store
+
+    @property
+    def replication(self) -> ReplicationSection:
+        return self.file.replication
 
     @property
     def apps(self) -> AppsSection:

@@ -10,6 +10,8 @@ open_node(config) ── root nursery
    │                    connection nurseries); delivered messages go to the event channel
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
    ├─ serve_mdns       (if `network.mdns`) local-link discovery into the peer store
+   ├─ Replicator.run   broadcasts local deltas, fetches missing parents, runs event handlers,
+   │                    evicts stale pending deltas; received gossip reaches it via the channel
    ├─ serve_gc         periodic tombstone GC over every context
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
    └─ _bound_shutdown  after a shutdown request, gives in-flight work `node.shutdown_grace`
@@ -27,7 +29,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import base58
@@ -38,7 +40,9 @@ from trionode.api.server import serve_api
 from trionode.config import NodeConfig
 from trionode.context.applications import Applications
 from trionode.context.events import EventHub
+from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
+from trionode.context.replication import ReplicationMetrics, Replicator
 from trionode.errors import ConfigError
 from trionode.gc import GcMetrics, run_gc_once, serve_gc
 from trionode.home import API_URL_FILE
@@ -51,7 +55,11 @@ from trionode.net.mdns import serve_mdns
 from trionode.net.metrics import NetMetrics
 from trionode.net.peerstore import PeerStore
 from trionode.net.pubsub import PubSub, PubSubMetrics
+from trionode.net.transport import Transport
 from trionode.store.store import AsyncStore, open_store
+
+if TYPE_CHECKING:
+    from trionode.net.memory import GossipFaults
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +68,14 @@ class Node:
     """A running node's handle. Made by `open_node`; services hang off it."""
 
     def __init__(
-        self, config: NodeConfig, identity: NodeIdentity, metrics: NodeMetrics, store: AsyncStore
+        self,
+        config: NodeConfig,
+        identity: NodeIdentity,
+        metrics: NodeMetrics,
+        store: AsyncStore,
+        *,
+        transport: Transport | None = None,
+        gossip_faults: GossipFaults | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -69,7 +84,7 @@ class Node:
         self.shutdown_requested = trio.Event()
         self.api_urls: list[str] = []
         net_metrics = NetMetrics(metrics.registry)
-        self.host = Host(identity.key, config.network, net_metrics)
+        self.host = Host(identity.key, config.network, net_metrics, transport=transport)
         net_metrics.bind(self.host)
         self.peerstore = PeerStore.from_config(config.network, local_peer=self.host.peer_id)
         self.discovery_metrics = DiscoveryMetrics(metrics.registry)
@@ -83,10 +98,29 @@ class Node:
             config.pubsub,
             PubSubMetrics(metrics.registry),
             events=self.events,
+            faults=gossip_faults,
         )
         self.hub = EventHub()
         self.applications = Applications(store, config.apps.trusted_signers)
-        self.contexts = ContextManager(store, self.hub, self.applications)
+        self.replication_metrics = ReplicationMetrics(metrics.registry)
+        self.contexts = ContextManager(
+            store,
+            self.hub,
+            self.applications,
+            max_pending=config.replication.max_pending,
+            metrics=self.replication_metrics,
+        )
+        self.replicator = Replicator(
+            self.contexts,
+            self.host,
+            self.pubsub,
+            self.replication_metrics,
+            pending_timeout=config.replication.pending_timeout,
+            fetch_timeout=config.replication.fetch_timeout,
+        )
+        self.joins = JoinService(
+            self.contexts, self.applications, self.host, self.replicator, store
+        )
         self.gc_metrics = GcMetrics(metrics.registry)
         self._ready = False
         token = config.api.token_sha256
@@ -165,20 +199,14 @@ class Node:
         self.shutdown_requested.set()
 
 
-async def _handle_network_event(event: NetworkEvent) -> None:
-    """The node's side of the network event channel. Later issues plug the delta processor
-    in here; for now events are logged (latency is recorded by NetworkEvents.run)."""
+async def _handle_network_event(node: Node, event: NetworkEvent) -> None:
+    """The node's side of the network event channel: the single consumer that feeds
+    received deltas to the delta processor (latency is recorded by NetworkEvents.run)."""
     if isinstance(event, GossipMessage):
-        log.debug(
-            "gossip on %s from %s (%d bytes, via %s)",
-            event.topic,
-            event.author,
-            len(event.data),
-            event.received_from,
-        )
+        await node.replicator.on_gossip(event)
     else:
         log.debug("network event: %s", event)
-    await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
 
 
 async def _bound_shutdown(node: Node, scope: trio.CancelScope) -> None:
@@ -201,8 +229,17 @@ def _api_url_file(home: Path) -> Path:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
-    """Start every service and yield the node; leaving the block shuts it down gracefully."""
+async def open_node(
+    config: NodeConfig,
+    *,
+    transport: Transport | None = None,
+    gossip_faults: GossipFaults | None = None,
+) -> AsyncIterator[Node]:
+    """Start every service and yield the node; leaving the block shuts it down gracefully.
+
+    ``transport`` (default TCP) and ``gossip_faults`` are for in-process clusters
+    (``trionode.testing.open_cluster``): a MemoryNetwork transport and message faults.
+    """
     identity = NodeIdentity.load(config.identity_path)
     metrics = NodeMetrics()
     async with open_store(
@@ -212,25 +249,30 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
         reader_threads=config.store.reader_threads,
         passphrase=config.passphrase if config.store.encrypted else None,
         registry=metrics.registry,
+        inline=config.inline_store,
     ) as store:
-        node = Node(config, identity, metrics, store)
+        node = Node(
+            config, identity, metrics, store, transport=transport, gossip_faults=gossip_faults
+        )
         await node.contexts.start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_bound_shutdown, node, nursery.cancel_scope, name="shutdown-grace")
             await nursery.start(
                 node.events.run,
-                _handle_network_event,
+                partial(_handle_network_event, node),
                 node.shutdown_requested,
                 name="network-events",
             )
             await nursery.start(node.host.run, node.shutdown_requested, name="p2p")
             await nursery.start(_watch_peers_until, node, name="peer-events")
             await nursery.start(node.pubsub.run, node.shutdown_requested, name="pubsub")
+            await nursery.start(node.replicator.run, node.shutdown_requested, name="replication")
             discovery = (node.host, node.peerstore, config.network, node.discovery_metrics)
             stop = node.shutdown_requested
-            await nursery.start(
-                partial(serve_discovery, *discovery, shutdown_requested=stop), name="discovery"
-            )
+            if config.discovery:
+                await nursery.start(
+                    partial(serve_discovery, *discovery, shutdown_requested=stop), name="discovery"
+                )
             if config.network.mdns:
                 await nursery.start(
                     partial(serve_mdns, *discovery, shutdown_requested=stop), name="mdns"

@@ -108,3 +108,15 @@ def test_any_delivery_order_gives_same_heads(order: list[int], seed: int) -> Non
     position = {d: i for i, d in enumerate(seen)}
     for delta_id, parents in deltas:  # causal order respected
         assert all(p == GENESIS or position[p] < position[delta_id] for p in parents)
+
+
+def test_refused_deltas_are_not_applied_and_block_their_descendants() -> None:
+    dag: CausalDag[str] = CausalDag()
+    (d1, p1), (d2, p2), (d3, p3) = _chain(3)
+    dag.offer(d1, p1, "ok", now=0)
+    dag.offer(d3, p3, "child", now=0)
+    offer = dag.offer(d2, p2, "bad", now=0, apply=lambda _id, item: item != "bad")
+    assert offer.ready == []
+    assert dag.heads == {d1}
+    assert not dag.knows(d2)
+    assert dag.is_pending(d3)

@@ -23,7 +23,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from trionode.cli import _render_topics
-from trionode.config import FileConfig, NetworkSection, PubsubSection
+from trionode.config import FileConfig, NetworkSection, PubsubSection, load_config
+from trionode.errors import ConfigError
+from trionode.home import init_home
 from trionode.net.events import GossipMessage, NetworkEvent, NetworkEvents
 from trionode.net.host import Connection, Host
 from trionode.net.metrics import NetMetrics
@@ -326,6 +328,56 @@ async def test_bad_signature_and_oversized_rpc_are_dropped_counted_and_never_del
             nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_that_stops_reading_loses_gossip_and_stalls_nobody() -> None:
+    signal = Signal()
+    config = PubsubSection(heartbeat_interval=HEARTBEAT, outbox_capacity=4)
+    publisher, honest = make_member(signal, config), make_member(signal)
+    # The sink subscribes, then never reads what we send it: our writer to it blocks once
+    # its yamux window (256 KiB) is full, and its outbox fills up.
+    sink = Host(
+        PrivateKey.generate(),
+        NetworkSection(listen=["/ip4/127.0.0.1/tcp/0"], ping_interval=60.0),
+        NetMetrics(CollectorRegistry()),
+    )
+
+    async def never_read(_stream: trio.abc.Stream, _conn: Connection) -> None:
+        await trio.sleep_forever()
+
+    sink.set_handler(MESHSUB_1_1, never_read)
+    count, size = 200, 8 * 1024
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            for runner in (publisher.run, honest.run, sink.run):
+                await nursery.start(runner)
+            for member in (publisher, honest):
+                member.pubsub.subscribe(TOPIC)
+            await honest.host.connect(publisher.host.addresses()[0])
+            conn = await sink.connect(publisher.host.addresses()[0])
+            _, stream = await conn.new_stream([MESHSUB_1_1])
+            await stream.send_all(_frame(RPC(subscriptions=(SubOpts(True, TOPIC),))))
+            peers = {honest.peer_id, sink.peer_id}
+            await publisher.until_heartbeat(
+                lambda: set(publisher.pubsub.topic_peers(TOPIC)) == peers
+            )
+            for k in range(count):
+                publisher.pubsub.publish(TOPIC, bytes([k % 256]) * size)
+                await signal.wait_until(lambda: len(honest.received) == k + 1)  # noqa: B023
+            assert len(honest.received) == count
+            assert publisher.sample("trionode_pubsub_outbox_dropped_total") > 0
+            nursery.cancel_scope.cancel()
+
+
+def test_inconsistent_pubsub_degrees_are_a_config_error(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    init_home(home, swarm_port=0, server_port=0)
+    path = home / "config.toml"
+    text = path.read_text()
+    assert "\nd_lo = 2\n" in text  # `trionode init` writes every option
+    path.write_text(text.replace("\nd_lo = 2\n", "\nd_lo = 5\n"))
+    with pytest.raises(ConfigError, match=r"`pubsub`: need 0 <= d_lo <= d <= d_hi"):
+        load_config(home)
+
+
 # -- the node: event channel backpressure, API, metrics -----------------------------------------
 
 
@@ -431,3 +483,11 @@ async def test_event_channel_flood_drops_and_counts_and_the_node_stays_responsiv
             assert "flood" in _render_topics(topics)
             [peer] = peers["peers"]
             assert peer["topics"] == [topic]
+            # Leaving: the sender hears of it and drops the victim from the topic's mesh.
+            victim_pubsub.unsubscribe(topic)
+            assert victim_pubsub.topics() == []
+            sender_id = sender.node.host.peer_id
+            while victim_id in sender_pubsub.topic_peers(topic):
+                await sender_pubsub.wait_heartbeat()
+            assert victim_id not in sender_pubsub.mesh_peers(topic)
+            assert sender_id not in victim_pubsub.mesh_peers(topic)

@@ -15,9 +15,10 @@ from quart_trio import QuartTrio
 
 from trionode.api.ws import serve_websocket
 from trionode.context.events import EventHub
+from trionode.context.join import JoinService
 from trionode.context.manager import ContextError, ContextManager, b58
 from trionode.context.records import ApplicationRecord, ContextRecord
-from trionode.errors import StorageError, TrionodeError
+from trionode.errors import PeerError, ProtocolError, StorageError, TrionodeError
 from trionode.sdk.errors import AppError
 
 JSONRPC_PARSE_ERROR = -32700
@@ -38,6 +39,9 @@ class Applications(Protocol):
 class ContextApi(Protocol):
     @property
     def contexts(self) -> ContextManager: ...
+
+    @property
+    def joins(self) -> JoinService: ...
 
     @property
     def applications(self) -> Applications: ...
@@ -168,6 +172,48 @@ def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
     async def delete_context(context_id: str) -> Response:
         await node.contexts.delete(parse_id(context_id, "context id"))
         return jsonify({"deleted": context_id})
+
+    @app.post("/admin-api/contexts/<context_id>/invitations")
+    async def invite(context_id: str) -> Response:
+        body = await json_body()
+        role = body.get("role", "member")
+        expires_in = body.get("expiresIn", 7 * 86400)
+        if not isinstance(role, str) or not isinstance(expires_in, int | float) or expires_in <= 0:
+            raise ContextError('body: {"role": "member", "expiresIn": <seconds>, "invitee": <key>}')
+        invitee = body.get("invitee")
+        text = await node.joins.invite(
+            parse_id(context_id, "context id"),
+            role=role,
+            expires_in=float(expires_in),
+            invitee=None if invitee is None else parse_id(invitee, "invitee"),
+        )
+        return jsonify({"invitation": text})
+
+    @app.post("/admin-api/contexts/join")
+    async def join() -> Response:
+        body = await json_body()
+        text = body.get("invitation")
+        if not isinstance(text, str):
+            raise ContextError('body must be {"invitation": "trinv1..."}')
+        try:
+            record = await node.joins.join(text)
+        except (PeerError, ProtocolError) as exc:
+            raise ContextError(f"joining failed: {exc}", status=502) from None
+        return jsonify(context_json(record))
+
+    @app.get("/admin-api/contexts/<context_id>/members")
+    async def list_members(context_id: str) -> Response:
+        record = await node.contexts.get(parse_id(context_id, "context id"))
+        return jsonify(
+            {"members": [{"publicKey": b58(m.public_key), "role": m.role} for m in record.members]}
+        )
+
+    @app.delete("/admin-api/contexts/<context_id>/members/<member>")
+    async def remove_member(context_id: str, member: str) -> Response:
+        delta = await node.contexts.remove_member(
+            parse_id(context_id, "context id"), parse_id(member, "member")
+        )
+        return jsonify({"removed": member, "deltaId": delta.id.hex()})
 
     @app.post("/admin-api/gc")
     async def run_gc() -> Response:

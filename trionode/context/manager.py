@@ -1,14 +1,16 @@
-"""Contexts: create, list, show, delete, and execute method calls into causal deltas.
+"""Contexts: create, list, show, delete; local calls and received deltas.
 
 A context's state lives in memory as a `StateTree` (loaded from the `state` column the
-first time it is used) beside its causal DAG and HLC. A call runs against a copy-on-write
-transaction; on success its delta records become one signed, encrypted delta whose
-parents are the current heads, and the changed entity rows, the delta, and the new heads
-and root hash commit in one LMDB write. If that write fails, the in-memory copy is thrown
-away and reloaded from the store, so memory never runs ahead of disk.
+first time it is used) beside its causal DAG and HLC. A local call runs against a
+copy-on-write transaction; on success its delta records become one signed, encrypted delta
+whose parents are the current heads. A received delta is verified (id and signature on
+arrival; author membership and write rights when it is applied, because the membership
+that admits a new author may itself still be on its way), decrypted, and joined.
 
-One call at a time per context (a trio.Lock): the transaction layer requires it, and it
-gives every call a well-defined parent set.
+Either way, the changed entity rows, the delta, the new heads and root hash, the pending
+set and any event-handler runs it triggers commit in one LMDB write. If that write fails,
+the in-memory copy is dropped and reloaded from the store, so memory never runs ahead of
+disk. One writer at a time per context (a trio.Lock).
 """
 
 from __future__ import annotations
@@ -26,28 +28,54 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
 
+from trionode.context import members
 from trionode.context.events import EventHub
+from trionode.context.invitations import open_keys, seal_keys
 from trionode.context.records import (
     CONTEXTS,
     DELTAS,
+    HANDLER_PREFIX,
+    HANDLER_RUNS,
     IDENTITY,
+    PENDING,
     STATE,
     ContextRecord,
+    HandlerRun,
     MemberRecord,
+    PendingRecord,
     key_slot,
     member_slot,
 )
-from trionode.crdt import HybridClock, StateTree, decode_entity, encode_entity, ntp64_from_unix
+from trionode.crdt import (
+    ClockDriftError,
+    Entity,
+    HybridClock,
+    StateTree,
+    Timestamp,
+    decode_entity,
+    encode_entity,
+    ntp64_from_unix,
+)
 from trionode.dag.dag import CausalDag
-from trionode.dag.delta import AppEvent, DeltaBody, SignedDelta, seal_delta
-from trionode.errors import StorageError, TrionodeError
+from trionode.dag.delta import (
+    GENESIS,
+    AppEvent,
+    DeltaBody,
+    DeltaHeader,
+    SignedDelta,
+    decode_delta,
+    open_delta,
+    seal_delta,
+    verify_delta,
+)
+from trionode.errors import ProtocolError, StorageError, TrionodeError
 from trionode.sdk.app import App
-from trionode.sdk.runtime import CallOutcome, execute, init_state
+from trionode.sdk.errors import AppError
+from trionode.sdk.runtime import CallOutcome, execute, init_state, run_handler
+from trionode.store.lmdb_store import Column, Delete
 from trionode.store.store import AsyncStore, WriteBatch
 
 log = logging.getLogger(__name__)
-
-ROLES = ("admin", "member", "read-only")
 
 
 class ContextError(TrionodeError):
@@ -62,11 +90,15 @@ class ContextError(TrionodeError):
 class _Loaded:
     record: ContextRecord
     tree: StateTree
-    dag: CausalDag[None]
+    dag: CausalDag[SignedDelta]
     clock: HybridClock
     member_key: Ed25519PrivateKey
-    context_key: bytes
+    keys: dict[int, bytes]
     lock: trio.Lock = attrs.field(factory=trio.Lock)
+
+    @property
+    def context_id(self) -> bytes:
+        return self.record.context_id
 
 
 @attrs.frozen
@@ -76,10 +108,48 @@ class CallResult:
     root_hash: bytes
 
 
+@attrs.frozen
+class Received:
+    """What became of a received delta."""
+
+    applied: list[bytes]
+    """Ids applied now (the delta and any pending ones it released), in causal order."""
+    missing: frozenset[bytes]
+    """Parents nobody has sent us: ask the sender for these."""
+    duplicate: bool = False
+    rejected: list[tuple[bytes, str]] = attrs.field(factory=list)
+    """(id, reason) of deltas refused when they became applicable."""
+
+
 class AppLoader(Protocol):
     async def load(self, application_id: bytes) -> App:
         """The App to run (ContextError if it is not installed or cannot be trusted)."""
         ...
+
+
+class DeltaListener(Protocol):
+    def __call__(self, context_id: bytes, delta: SignedDelta) -> None: ...
+
+
+class ReplicationMetrics(Protocol):
+    def outcome(self, outcome: str, n: int = 1) -> None: ...
+    def pending_depth(self, depth: int) -> None: ...
+    def heads(self, count: int) -> None: ...
+    def handler_run(self, *, ok: bool) -> None: ...
+
+
+class _NoMetrics:
+    def outcome(self, outcome: str, n: int = 1) -> None:
+        pass
+
+    def pending_depth(self, depth: int) -> None:
+        pass
+
+    def heads(self, count: int) -> None:
+        pass
+
+    def handler_run(self, *, ok: bool) -> None:
+        pass
 
 
 class ContextManager:
@@ -90,17 +160,24 @@ class ContextManager:
         apps: AppLoader,
         *,
         wall_clock: Callable[[], float] = time.time,
+        max_pending: int = 1000,
+        metrics: ReplicationMetrics | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._apps = apps
         self._wall_clock = wall_clock
+        self._max_pending = max_pending
+        self.metrics: ReplicationMetrics = metrics or _NoMetrics()
         self._loaded: dict[bytes, _Loaded] = {}
         self._known: set[bytes] = set()
         self._load_lock = trio.Lock()
+        self.local_delta_listeners: list[DeltaListener] = []
+        """Called (synchronously, after commit) with every delta this node authors."""
+        self.handler_runs_queued = trio.Event()
 
     async def start(self) -> None:
-        """Learn which contexts exist (their state loads lazily on first use)."""
+        """Learn which contexts exist; their state loads lazily on first use."""
         self._known = {record.context_id for record in await self.records()}
 
     # -- queries ---------------------------------------------------------------------------
@@ -111,8 +188,31 @@ class ContextManager:
     async def get(self, context_id: bytes) -> ContextRecord:
         record = await self._store.get(CONTEXTS, context_id)
         if record is None:
-            raise ContextError(f"no context {context_id.hex()}", status=404)
+            raise ContextError(f"no context {b58(context_id)}", status=404)
         return record
+
+    def known_ids(self) -> set[bytes]:
+        return set(self._known)
+
+    async def state(self, context_id: bytes) -> tuple[bytes, list[bytes], int]:
+        """(root hash, heads, pending count) as held in memory now."""
+        loaded = await self._context(context_id)
+        return loaded.tree.root_hash(), sorted(loaded.dag.heads), loaded.dag.pending_count
+
+    async def read_delta(self, context_id: bytes, delta_id: bytes) -> bytes | None:
+        return await self._store.get(DELTAS, context_id + delta_id)
+
+    async def member_key(self, context_id: bytes) -> tuple[bytes, Ed25519PrivateKey]:
+        loaded = await self._context(context_id)
+        return loaded.record.our_member, loaded.member_key
+
+    async def keys(self, context_id: bytes) -> dict[int, bytes]:
+        loaded = await self._context(context_id)
+        return dict(loaded.keys)
+
+    async def role(self, context_id: bytes, member: bytes) -> str | None:
+        loaded = await self._context(context_id)
+        return members.role_of(loaded.tree, member)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -127,15 +227,14 @@ class ContextManager:
         context_key = os.urandom(32)
         tree = StateTree()
         clock = HybridClock(member)
+        now = self._physical_now()
         outcome = init_state(
-            app,
-            tree,
-            clock,
-            self._physical_now(),
-            init_args_json,
-            executor=member,
-            context_id=context_id,
+            app, tree, clock, now, init_args_json, executor=member, context_id=context_id
         )
+        with tree.begin(clock, now) as tx:
+            members.grant(tx, member, "admin")
+            membership = tx.commit()
+        outcome = attrs.evolve(outcome, delta_records=[*outcome.delta_records, *membership])
         record = ContextRecord(
             context_id=context_id,
             application_id=application_id,
@@ -143,10 +242,17 @@ class ContextManager:
             root_hash=tree.root_hash(),
             heads=[],
             key_id=0,
-            members=[MemberRecord(public_key=member, role="admin")],
+            members=[],
             our_member=member,
         )
-        loaded = _Loaded(record, tree, CausalDag(), clock, member_key, context_key)
+        loaded = _Loaded(
+            record,
+            tree,
+            CausalDag(max_pending=self._max_pending),
+            clock,
+            member_key,
+            {0: context_key},
+        )
         batch = WriteBatch()
         batch.put(IDENTITY, key_slot(context_id, 0), context_key)
         batch.put(IDENTITY, member_slot(context_id, member), member_key.private_bytes_raw())
@@ -155,8 +261,52 @@ class ContextManager:
         await self._store.write(batch)
         self._loaded[context_id] = loaded
         self._known.add(context_id)
-        self._publish(loaded, delta, outcome)
+        self._after_local(loaded, delta, outcome)
         return loaded.record
+
+    async def adopt(
+        self,
+        *,
+        context_id: bytes,
+        application_id: bytes,
+        member_key: Ed25519PrivateKey,
+        keys: dict[int, bytes],
+        key_id: int,
+    ) -> ContextRecord:
+        """Record a context this node joined (state arrives by sync and gossip)."""
+        if context_id in self._known:
+            raise ContextError(f"already a member of {b58(context_id)}", status=409)
+        await self._apps.load(application_id)
+        member = member_key.public_key().public_bytes_raw()
+        record = ContextRecord(
+            context_id=context_id,
+            application_id=application_id,
+            created_at=self._wall_clock(),
+            root_hash=StateTree().root_hash(),
+            heads=[],
+            key_id=key_id,
+            members=[],
+            our_member=member,
+        )
+        batch = WriteBatch()
+        for kid, key in keys.items():
+            batch.put(IDENTITY, key_slot(context_id, kid), key)
+        batch.put(IDENTITY, member_slot(context_id, member), member_key.private_bytes_raw())
+        batch.put(CONTEXTS, context_id, record)
+        await self._store.write(batch)
+        self._known.add(context_id)
+        return record
+
+    async def add_key(self, context_id: bytes, key_id: int, key: bytes) -> None:
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            loaded.keys[key_id] = key
+            if key_id > loaded.record.key_id:
+                loaded.record = replace(loaded.record, key_id=key_id)
+            batch = WriteBatch()
+            batch.put(IDENTITY, key_slot(context_id, key_id), key)
+            batch.put(CONTEXTS, context_id, loaded.record)
+            await self._store.write(batch)
 
     async def delete(self, context_id: bytes) -> None:
         await self.get(context_id)
@@ -165,14 +315,16 @@ class ContextManager:
             await loaded.lock.acquire()  # let an in-flight call finish first
         batch = WriteBatch()
         batch.delete(CONTEXTS, context_id)
-        for table in (STATE, DELTAS, IDENTITY):
-            for key, _ in await self._store.scan(table, prefix=context_id):
-                batch.delete(table, key)
+        for column in (Column.STATE, Column.DELTA, Column.IDENTITY, Column.PENDING):
+            for key, _ in await self._store.raw_scan(column, prefix=context_id):
+                batch.ops.append(Delete(column, key))
+        for key, _ in await self._store.scan(HANDLER_RUNS, prefix=HANDLER_PREFIX + context_id):
+            batch.delete(HANDLER_RUNS, key)
         await self._store.write(batch)
         self._known.discard(context_id)
         self._hub.forget(b58(context_id))
 
-    # -- calls -----------------------------------------------------------------------------
+    # -- local calls -----------------------------------------------------------------------
 
     async def execute(
         self, context_id: bytes, method: str, args_json: str, *, executor: bytes | None = None
@@ -182,7 +334,9 @@ class ContextManager:
             raise ContextError("this node holds no key for that executor", status=403)
         app = await self._apps.load(loaded.record.application_id)
         async with loaded.lock:
-            role = _role(loaded.record, loaded.record.our_member)
+            role = members.role_of(loaded.tree, loaded.record.our_member)
+            if role is None:
+                raise ContextError("this node is not (or no longer) a member", status=403)
             outcome = execute(
                 app,
                 loaded.tree,
@@ -192,20 +346,270 @@ class ContextManager:
                 args_json,
                 executor=loaded.record.our_member,
                 context_id=context_id,
-                writable=role != "read-only",
+                writable=role in members.WRITERS,
             )
             if not outcome.delta_records and not outcome.events:
                 return CallResult(outcome.result, None, loaded.tree.root_hash())
-            delta, parents = self._seal(loaded, outcome)
-            batch = WriteBatch()
-            self._stage(loaded, batch, delta, parents)
-            try:
-                await self._store.write(batch)
-            except StorageError:
-                self._loaded.pop(context_id, None)  # reload from disk next time
-                raise
-            self._publish(loaded, delta, outcome)
+            delta = await self._commit_local(loaded, outcome)
             return CallResult(outcome.result, delta.id, loaded.tree.root_hash())
+
+    async def change_members(
+        self, context_id: bytes, changes: list[tuple[bytes, str | None]]
+    ) -> SignedDelta:
+        """As an admin: grant roles (role) or remove members (None), as one delta."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            if members.role_of(loaded.tree, loaded.record.our_member) != "admin":
+                raise ContextError("only admins can change the members", status=403)
+            with loaded.tree.begin(loaded.clock, self._physical_now()) as tx:
+                for member, role in changes:
+                    if role is None:
+                        members.revoke(tx, member)
+                    else:
+                        members.grant(tx, member, role)
+                records = tx.commit()
+            return await self._commit_local(loaded, CallOutcome(b"null", records, []))
+
+    async def remove_member(self, context_id: bytes, member: bytes) -> SignedDelta:
+        """As an admin: remove `member` and rotate the context key.
+
+        The new key goes into the replicated state sealed to each remaining member (the
+        removed one cannot open it), in the same delta as the removal; that delta is still
+        sealed with the old key, which everyone has. Later deltas use the new key.
+        """
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            current = members.read(loaded.tree)
+            if current.get(loaded.record.our_member) != "admin":
+                raise ContextError("only admins can remove members", status=403)
+            if member not in current:
+                raise ContextError("not a member", status=404)
+            if member == loaded.record.our_member:
+                raise ContextError("an admin cannot remove itself", status=400)
+            new_id = max(loaded.keys) + 1
+            new_key = os.urandom(32)
+            with loaded.tree.begin(loaded.clock, self._physical_now()) as tx:
+                members.revoke(tx, member)
+                for remaining in current:
+                    if remaining != member:
+                        sealed = seal_keys({new_id: new_key}, remaining)
+                        members.offer_key(tx, new_id, remaining, sealed)
+                records = tx.commit()
+            delta = await self._commit_local(loaded, CallOutcome(b"null", records, []))
+            loaded.keys[new_id] = new_key
+            loaded.record = replace(loaded.record, key_id=new_id)
+            batch = WriteBatch()
+            batch.put(IDENTITY, key_slot(context_id, new_id), new_key)
+            batch.put(CONTEXTS, context_id, loaded.record)
+            await self._write_or_reload(loaded, batch)
+            return delta
+
+    def _learn_keys(self, loaded: _Loaded, batch: WriteBatch) -> None:
+        """Open rotated keys sealed to us in the state; newer ones become the write key."""
+        for key_id, sealed in members.sealed_keys_for(
+            loaded.tree, loaded.record.our_member
+        ).items():
+            if key_id in loaded.keys:
+                continue
+            try:
+                key = open_keys(sealed, loaded.member_key)[key_id]
+            except (ProtocolError, KeyError):
+                continue
+            loaded.keys[key_id] = key
+            batch.put(IDENTITY, key_slot(loaded.context_id, key_id), key)
+            if key_id > loaded.record.key_id:
+                loaded.record = replace(loaded.record, key_id=key_id)
+
+    async def _commit_local(self, loaded: _Loaded, outcome: CallOutcome) -> SignedDelta:
+        delta, parents = self._seal(loaded, outcome)
+        batch = WriteBatch()
+        self._stage(loaded, batch, delta, parents)
+        await self._write_or_reload(loaded, batch)
+        self._after_local(loaded, delta, outcome)
+        return delta
+
+    def _after_local(self, loaded: _Loaded, delta: SignedDelta, outcome: CallOutcome) -> None:
+        self._publish(loaded, delta, [(e.name, e.payload) for e in outcome.events], "local")
+        for listener in self.local_delta_listeners:
+            listener(loaded.context_id, delta)
+
+    # -- received deltas -------------------------------------------------------------------
+
+    async def receive(self, context_id: bytes, wire: bytes) -> Received:
+        """Take a delta from a peer (gossip or sync). Raises ProtocolError for a bad one."""
+        if context_id not in self._known:
+            raise ContextError(f"not a member of {b58(context_id)}", status=404)
+        delta = decode_delta(wire)
+        header = verify_delta(delta)
+        if header.context_id != context_id:
+            raise ContextError("delta belongs to another context")
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            batch = WriteBatch()
+            applying = _Applying(loaded, batch)
+            offer = loaded.dag.offer(
+                delta.id,
+                header.parents,
+                delta,
+                now=trio.current_time(),
+                apply=lambda delta_id, item: self._apply_one(applying, delta_id, item),
+            )
+            if offer.duplicate:
+                self.metrics.outcome("duplicate")
+                return Received([], frozenset(), duplicate=True)
+            for evicted in offer.evicted:
+                batch.delete(PENDING, context_id + evicted)
+                self.metrics.outcome("evicted")
+            if not offer.ready and not applying.rejected:
+                batch.put(
+                    PENDING,
+                    context_id + delta.id,
+                    PendingRecord(delta=wire, received_at=self._wall_clock()),
+                )
+                await self._write_or_reload(loaded, batch)
+                self.metrics.outcome("pending")
+                self.metrics.pending_depth(loaded.dag.pending_count)
+                return Received([], offer.missing)
+            _stage_state(loaded, batch)
+            self._refresh_record(loaded)
+            batch.put(CONTEXTS, context_id, loaded.record)
+            await self._write_or_reload(loaded, batch)
+        applied = [delta_id for delta_id, _ in offer.ready]
+        if applied:
+            self.metrics.outcome("applied")
+        if len(applied) > 1:
+            self.metrics.outcome("cascaded", len(applied) - 1)
+        self.metrics.pending_depth(loaded.dag.pending_count)
+        self.metrics.heads(len(loaded.dag.heads))
+        for delta_id, event_list in applying.events:
+            self._publish_remote(loaded, delta_id, event_list)
+        if any(event_list for _, event_list in applying.events):
+            self.handler_runs_queued.set()
+        return Received(applied, frozenset(), rejected=applying.rejected)
+
+    def _apply_one(self, applying: _Applying, delta_id: bytes, delta: SignedDelta) -> bool:
+        """Join one ready delta into the state (or refuse it); called in causal order."""
+        loaded, batch = applying.loaded, applying.batch
+        context_id = loaded.context_id
+        batch.delete(PENDING, context_id + delta_id)
+        header = verify_delta(delta)
+        # The context's first delta makes its creator the first admin: nobody can be a
+        # member before it. Only holders of the context key can write a delta that opens,
+        # so a stranger cannot forge one.
+        genesis = header.parents == [GENESIS] and not members.read(loaded.tree)
+        reason = None if genesis else _author_problem(loaded, header)
+        body: DeltaBody | None = None
+        records: list[Entity] = []
+        if reason is None:
+            try:
+                body = open_delta(delta, header, loaded.keys[header.key_id])
+                records = [decode_entity(r) for r in body.records]
+            except KeyError:
+                reason = f"no key {header.key_id}"
+            except ProtocolError as exc:
+                reason = str(exc)
+        if (
+            reason is None
+            and not genesis
+            and members.touches(records)
+            and not members.ever_admin(loaded.tree, header.author)
+        ):
+            reason = "only admins may change members"
+        if reason is None and genesis and not members.touches(records):
+            reason = "unknown author"
+        if reason is not None or body is None:
+            reason = reason or "unreadable"
+            applying.rejected.append((delta_id, reason))
+            self.metrics.outcome(f"rejected_{_reason_label(reason)}")
+            log.warning("rejected delta %s in %s: %s", delta_id.hex()[:16], b58(context_id), reason)
+            return False
+        try:
+            loaded.clock.update(Timestamp(header.hlc, header.author), self._physical_now())
+        except ClockDriftError:
+            # Valid, signed and causal, merely stamped ahead of our clock: join it (a join
+            # is order-free), and witness it so our own later writes still order after it.
+            loaded.clock.witness(Timestamp(header.hlc, header.author))
+        loaded.tree.apply(records)
+        if members.touches(records):
+            self._learn_keys(loaded, batch)
+        batch.put(DELTAS, context_id + delta_id, delta.encode())
+        for index, event in enumerate(body.events):
+            batch.put(
+                HANDLER_RUNS,
+                HANDLER_PREFIX + context_id + delta_id + index.to_bytes(4, "big"),
+                HandlerRun(name=event.name, payload=event.payload),
+            )
+        applying.events.append((delta_id, list(body.events)))
+        return True
+
+    async def expire_pending(self, max_age: float) -> int:
+        """Evict pending deltas older than `timeout` seconds in every loaded context."""
+        total = 0
+        for loaded in list(self._loaded.values()):
+            async with loaded.lock:
+                expired = loaded.dag.expire(trio.current_time(), max_age)
+                if not expired:
+                    continue
+                batch = WriteBatch()
+                for delta_id in expired:
+                    batch.delete(PENDING, loaded.context_id + delta_id)
+                await self._write_or_reload(loaded, batch)
+                total += len(expired)
+                self.metrics.outcome("evicted", len(expired))
+                self.metrics.pending_depth(loaded.dag.pending_count)
+        return total
+
+    async def missing(self, context_id: bytes) -> set[bytes]:
+        loaded = await self._context(context_id)
+        return loaded.dag.missing()
+
+    # -- event handlers --------------------------------------------------------------------
+
+    async def run_pending_handlers(self) -> int:
+        """Run every queued handler once, as this node's member; each run commits its own
+        delta together with the removal of its queue entry (so a crash replays it once)."""
+        ran = 0
+        for key, run in await self._store.scan(HANDLER_RUNS, prefix=HANDLER_PREFIX):
+            context_id = key[len(HANDLER_PREFIX) : len(HANDLER_PREFIX) + 32]
+            if context_id not in self._known:
+                continue
+            loaded = await self._context(context_id)
+            app = await self._apps.load(loaded.record.application_id)
+            async with loaded.lock:
+                batch = WriteBatch()
+                batch.delete(HANDLER_RUNS, key)
+                outcome: CallOutcome | None = None
+                for handler in app.handlers_for(run.name):
+                    try:
+                        result = run_handler(
+                            app,
+                            loaded.tree,
+                            loaded.clock,
+                            self._physical_now(),
+                            handler,
+                            run.payload,
+                            executor=loaded.record.our_member,
+                            context_id=context_id,
+                            writable=members.role_of(loaded.tree, loaded.record.our_member)
+                            in members.WRITERS,
+                        )
+                    except AppError as exc:
+                        self.metrics.handler_run(ok=False)
+                        log.warning("handler %s for %s failed: %s", handler, run.name, exc)
+                        continue
+                    self.metrics.handler_run(ok=True)
+                    outcome = _merge(outcome, result)
+                if outcome is not None and (outcome.delta_records or outcome.events):
+                    delta, parents = self._seal(loaded, outcome)
+                    self._stage(loaded, batch, delta, parents)
+                    await self._write_or_reload(loaded, batch)
+                    self._after_local(loaded, delta, outcome)
+                else:
+                    await self._write_or_reload(loaded, batch)
+                ran += 1
+        return ran
+
+    # -- GC --------------------------------------------------------------------------------
 
     async def collect_garbage(self, horizon_unix: float) -> dict[str, int]:
         """Drop tombstones older than `horizon_unix` in every context; persist the result."""
@@ -221,11 +625,8 @@ class ContextManager:
                 removed += count
                 batch = WriteBatch()
                 _stage_state(loaded, batch)
-                await self._store.write(batch)
+                await self._write_or_reload(loaded, batch)
         return {"tombstonesRemoved": removed, "contexts": contexts}
-
-    def known_ids(self) -> set[bytes]:
-        return set(self._known)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -239,13 +640,14 @@ class ContextManager:
             root_hash=loaded.tree.root_hash(),
         )
         parents = loaded.dag.parents_for_new_delta()
+        key_id = loaded.record.key_id
         delta = seal_delta(
-            context_id=loaded.record.context_id,
+            context_id=loaded.context_id,
             parents=parents,
             author=loaded.member_key,
             hlc=loaded.clock.last,
-            key_id=loaded.record.key_id,
-            context_key=loaded.context_key,
+            key_id=key_id,
+            context_key=loaded.keys[key_id],
             body=body,
         )
         return delta, parents
@@ -253,24 +655,52 @@ class ContextManager:
     def _stage(
         self, loaded: _Loaded, batch: WriteBatch, delta: SignedDelta, parents: list[bytes]
     ) -> None:
-        """Add the call's rows to `batch` and advance the in-memory heads and record."""
-        context_id = loaded.record.context_id
+        """Add a local delta's rows to `batch` and advance the in-memory heads and record."""
+        context_id = loaded.context_id
         _stage_state(loaded, batch)
-        loaded.dag.offer(delta.id, parents, None, now=0)
+        loaded.dag.offer(delta.id, parents, delta, now=trio.current_time())
         batch.put(DELTAS, context_id + delta.id, delta.encode())
-        loaded.record = replace(
-            loaded.record, root_hash=loaded.tree.root_hash(), heads=sorted(loaded.dag.heads)
-        )
+        self._refresh_record(loaded)
         batch.put(CONTEXTS, context_id, loaded.record)
 
-    def _publish(self, loaded: _Loaded, delta: SignedDelta, outcome: CallOutcome) -> None:
+    def _refresh_record(self, loaded: _Loaded) -> None:
+        loaded.record = replace(
+            loaded.record,
+            root_hash=loaded.tree.root_hash(),
+            heads=sorted(loaded.dag.heads),
+            members=[
+                MemberRecord(public_key=m, role=r)
+                for m, r in sorted(members.read(loaded.tree).items())
+            ],
+        )
+
+    async def _write_or_reload(self, loaded: _Loaded, batch: WriteBatch) -> None:
+        try:
+            await self._store.write(batch)
+        except StorageError:
+            self._loaded.pop(loaded.context_id, None)  # reload from disk next time
+            raise
+
+    def _publish(
+        self, loaded: _Loaded, delta: SignedDelta, events: list[tuple[str, bytes]], origin: str
+    ) -> None:
         self._hub.publish(
-            context_id=b58(loaded.record.context_id),
+            context_id=b58(loaded.context_id),
             delta_id=delta.id.hex(),
             root_hash=loaded.record.root_hash.hex(),
             heads=[h.hex() for h in loaded.record.heads],
-            events=[{"name": e.name, "payload": json.loads(e.payload)} for e in outcome.events],
-            origin="local",
+            events=[{"name": n, "payload": _json(p)} for n, p in events],
+            origin=origin,
+        )
+
+    def _publish_remote(self, loaded: _Loaded, delta_id: bytes, events: list[AppEvent]) -> None:
+        self._hub.publish(
+            context_id=b58(loaded.context_id),
+            delta_id=delta_id.hex(),
+            root_hash=loaded.record.root_hash.hex(),
+            heads=[h.hex() for h in loaded.record.heads],
+            events=[{"name": e.name, "payload": _json(e.payload)} for e in events],
+            origin="remote",
         )
 
     async def _context(self, context_id: bytes) -> _Loaded:
@@ -290,34 +720,84 @@ class ContextManager:
         tree = StateTree(decode_entity(value) for _, value in rows)
         tree.drain_changes()
         applied = [
-            key[len(context_id) :] for key, _ in await self._store.scan(DELTAS, prefix=context_id)
+            k[len(context_id) :] for k, _ in await self._store.scan(DELTAS, prefix=context_id)
         ]
-        dag: CausalDag[None] = CausalDag(applied=applied, heads=record.heads)
+        dag: CausalDag[SignedDelta] = CausalDag(
+            applied=applied, heads=record.heads, max_pending=self._max_pending
+        )
         member_seed = await self._store.get(IDENTITY, member_slot(context_id, record.our_member))
-        context_key = await self._store.get(IDENTITY, key_slot(context_id, record.key_id))
-        if member_seed is None or context_key is None:
-            raise StorageError(f"context {context_id.hex()} has lost its keys")
+        keys = {
+            int.from_bytes(k[33:37], "big"): v
+            for k, v in await self._store.scan(IDENTITY, prefix=context_id + b"k")
+        }
+        if member_seed is None or record.key_id not in keys:
+            raise StorageError(f"context {b58(context_id)} has lost its keys")
         clock = HybridClock(record.our_member)
         clock.witness(tree.max_stamp)
-        return _Loaded(
-            record, tree, dag, clock, Ed25519PrivateKey.from_private_bytes(member_seed), context_key
+        loaded = _Loaded(
+            record, tree, dag, clock, Ed25519PrivateKey.from_private_bytes(member_seed), keys
         )
+        # Pending deltas survive restarts: put them back in the DAG (none of them is ready,
+        # or it would have been applied before it was stored).
+        for key, pending in await self._store.scan(PENDING, prefix=context_id):
+            try:
+                delta = decode_delta(pending.delta)
+                header = verify_delta(delta)
+            except ProtocolError:
+                continue
+            dag.offer(key[32:], header.parents, delta, now=trio.current_time())
+        return loaded
 
 
-def b58(data: bytes) -> str:
-    return base58.b58encode(data).decode("ascii")
+@attrs.define
+class _Applying:
+    """What applying a cascade of received deltas produced, for one write."""
+
+    loaded: _Loaded
+    batch: WriteBatch
+    rejected: list[tuple[bytes, str]] = attrs.field(factory=list)
+    events: list[tuple[bytes, list[AppEvent]]] = attrs.field(factory=list)
 
 
-def _role(record: ContextRecord, member: bytes) -> str:
-    for m in record.members:
-        if m.public_key == member:
-            return m.role
-    raise ContextError("not a member of this context", status=403)
+def _author_problem(loaded: _Loaded, header: DeltaHeader) -> str | None:
+    """Deterministic on every receiver: see `members` on why grants, not current roles."""
+    if members.ever_writer(loaded.tree, header.author):
+        return None
+    if members.role_of(loaded.tree, header.author) is None:
+        return "unknown author"
+    return "author may not write"
+
+
+def _merge(a: CallOutcome | None, b: CallOutcome) -> CallOutcome:
+    if a is None:
+        return b
+    return attrs.evolve(
+        b, delta_records=[*a.delta_records, *b.delta_records], events=[*a.events, *b.events]
+    )
+
+
+def _json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+def _reason_label(reason: str | None) -> str:
+    if reason is None:
+        return "unreadable"
+    if "author" in reason:
+        return "author"
+    if "admin" in reason:
+        return "role"
+    if "key" in reason or "decrypt" in reason:
+        return "key"
+    return "malformed"
 
 
 def _stage_state(loaded: _Loaded, batch: WriteBatch) -> None:
     """Rewrite (or delete) the state rows of every entity changed since the last drain."""
-    context_id = loaded.record.context_id
+    context_id = loaded.context_id
     changes = loaded.tree.drain_changes()
     for entity_id in changes.updated:
         entity = loaded.tree.get(entity_id)
@@ -325,3 +805,7 @@ def _stage_state(loaded: _Loaded, batch: WriteBatch) -> None:
             batch.put(STATE, context_id + entity_id, encode_entity(entity))
     for entity_id in changes.deleted:
         batch.delete(STATE, context_id + entity_id)
+
+
+def b58(data: bytes) -> str:
+    return base58.b58encode(data).decode("ascii")

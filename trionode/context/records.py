@@ -7,6 +7,8 @@
 | identity      | context id ‖ "m" ‖ member pubkey  | our member private key (32 B seed) |
 | state         | context id ‖ entity id            | encoded entity record              |
 | delta         | context id ‖ delta id             | SignedDelta wire bytes             |
+| pending       | context id ‖ delta id             | PendingRecord (waits for parents)  |
+| generic       | "handler-run/" ‖ context ‖ delta ‖ index | HandlerRun (to run once)    |
 | application   | application id                    | ApplicationRecord                  |
 
 One call's writes (state rows, the delta, the new heads and root) go in one WriteBatch, so
@@ -42,6 +44,20 @@ class ContextRecord(msgspec.Struct, frozen=True):
     """The public key this node acts as in the context."""
 
 
+class PendingRecord(msgspec.Struct, frozen=True):
+    """A received delta waiting for its parents."""
+
+    delta: bytes
+    received_at: float
+
+
+class HandlerRun(msgspec.Struct, frozen=True):
+    """An app event whose handlers this node still has to run (exactly once)."""
+
+    name: str
+    payload: bytes
+
+
 class ApplicationRecord(msgspec.Struct, frozen=True):
     application_id: bytes
     name: str
@@ -58,6 +74,9 @@ CONTEXTS = Table(Column.CONFIG, BYTES, MsgpackCodec(ContextRecord))
 IDENTITY = Table(Column.IDENTITY, BYTES, BYTES)
 STATE = Table(Column.STATE, BYTES, BYTES)
 DELTAS = Table(Column.DELTA, BYTES, BYTES)
+PENDING = Table(Column.PENDING, BYTES, MsgpackCodec(PendingRecord))
+HANDLER_RUNS = Table(Column.GENERIC, BYTES, MsgpackCodec(HandlerRun))
+HANDLER_PREFIX = b"handler-run/"
 APPLICATIONS = Table(Column.APPLICATION, BYTES, MsgpackCodec(ApplicationRecord))
 
 

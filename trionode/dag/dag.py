@@ -13,7 +13,7 @@ all as parents, which is what collapses concurrent branches.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 import attrs
@@ -83,7 +83,17 @@ class CausalDag(Generic[T]):
 
     # -- changes ---------------------------------------------------------------------------
 
-    def offer(self, delta_id: bytes, parents: Iterable[bytes], item: T, now: float) -> Offer[T]:
+    def offer(
+        self,
+        delta_id: bytes,
+        parents: Iterable[bytes],
+        item: T,
+        now: float,
+        apply: Callable[[bytes, T], bool] | None = None,
+    ) -> Offer[T]:
+        """Add a delta. With `apply`, each delta that becomes ready is handed to it in causal
+        order; one it refuses (returns False) is not applied, so nothing builds on it and its
+        descendants wait (and expire) instead. `ready` lists only the accepted ones."""
         if self.knows(delta_id):
             return Offer([], frozenset(), duplicate=True, evicted=[])
         parents = tuple(parents)
@@ -99,15 +109,21 @@ class CausalDag(Generic[T]):
                 evicted.append(oldest)
             unknown = frozenset(p for p in missing if p not in self._pending)
             return Offer([], unknown, duplicate=False, evicted=evicted)
-        return Offer(self._cascade(delta_id, parents, item), frozenset(), False, [])
+        return Offer(self._cascade(delta_id, parents, item, apply), frozenset(), False, [])
 
     def _cascade(
-        self, delta_id: bytes, parents: tuple[bytes, ...], item: T
+        self,
+        delta_id: bytes,
+        parents: tuple[bytes, ...],
+        item: T,
+        apply: Callable[[bytes, T], bool] | None,
     ) -> list[tuple[bytes, T]]:
         ready: list[tuple[bytes, T]] = []
         work: list[tuple[bytes, tuple[bytes, ...], T]] = [(delta_id, parents, item)]
         while work:
             current, current_parents, current_item = work.pop()
+            if apply is not None and not apply(current, current_item):
+                continue
             self._mark_applied(current, current_parents)
             ready.append((current, current_item))
             for child_id in sorted(self._waiting.pop(current, ())):

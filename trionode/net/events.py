@@ -141,25 +141,30 @@ class NetworkEvents:
         self._queued = 0
         self._dropped = 0
         self._handled = 0
-        self._queued_metric = Counter(
+        queued = Counter(
             "trionode_network_events_queued",
             "Network events accepted into the node's event channel, by kind",
             ["kind"],
             registry=registry,
         )
-        self._dropped_metric = Counter(
+        dropped = Counter(
             "trionode_network_events_dropped",
             "Network events dropped because the event channel was full, by kind",
             ["kind"],
             registry=registry,
         )
-        self._latency = Histogram(
+        latency = Histogram(
             "trionode_network_event_latency_seconds",
             "Time from a network event's arrival to the end of its processing, by kind",
             ["kind"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # Children resolved once per kind: labels() is a lookup under a lock, on a hot path.
+        kinds = ("gossip", "peer_connected", "peer_disconnected")
+        self._queued_metric = {kind: queued.labels(kind) for kind in kinds}
+        self._dropped_metric = {kind: dropped.labels(kind) for kind in kinds}
+        self._latency = {kind: latency.labels(kind) for kind in kinds}
         depth = Gauge(
             "trionode_network_events_depth",
             "Network events waiting in the node's event channel",
@@ -182,12 +187,12 @@ class NetworkEvents:
             self._send.send_nowait((event, trio.current_time()))
         except trio.WouldBlock:
             self._dropped += 1
-            self._dropped_metric.labels(kind).inc()
+            self._dropped_metric[kind].inc()
             return False
         except trio.BrokenResourceError:  # the consumer is gone: the node is stopping
             return False
         self._queued += 1
-        self._queued_metric.labels(kind).inc()
+        self._queued_metric[kind].inc()
         depth = self._send.statistics().current_buffer_used
         self._peak = max(self._peak, depth)
         if not self._warned and depth >= WARN_FRACTION * self.capacity:
@@ -231,7 +236,7 @@ class NetworkEvents:
                 with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                     observer.send_nowait(event)
             self._handled += 1
-            self._latency.labels(event_kind(event)).observe(trio.current_time() - queued_at)
+            self._latency[event_kind(event)].observe(trio.current_time() - queued_at)
             if self._warned and self._receive.statistics().current_buffer_used < rearm_below:
                 self._warned = False
 

@@ -39,6 +39,7 @@ from trionode.net.multistream import (
     select_protocol,
 )
 from trionode.net.noise_stream import NoiseProtocolError, NoiseStream, noise_handshake
+from trionode.net.transport import TcpTransport, Transport
 from trionode.net.yamux_session import YamuxSession, YamuxStream
 from trionode.wire.identify import (
     IDENTIFY_PROTOCOL_ID,
@@ -140,8 +141,11 @@ class Host:
         metrics: NetMetrics | None = None,
         *,
         yamux: YamuxConfig | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.key = key
+        self.transport: Transport = transport if transport is not None else TcpTransport()
+        """Where raw connections come from: TCP, or an in-process MemoryNetwork in tests."""
         self.peer_id = key.peer_id()
         self.config = config
         self.metrics = metrics if metrics is not None else NetMetrics(None)
@@ -186,11 +190,9 @@ class Host:
                 hp = addr.tcp_host_port()
                 if hp is None:
                     raise PeerError(f"network.listen: {addr} is not a TCP multiaddr")
-                host, port = hp
-                listeners = await trio.open_tcp_listeners(port, host=host)
+                listeners, bound = await self.transport.listen(addr)
+                self.listen_addrs.extend(bound)
                 for listener in listeners:
-                    sockname = listener.socket.getsockname()
-                    self.listen_addrs.append(Multiaddr.from_tcp(host, sockname[1]))
                     nursery.start_soon(
                         partial(trio.serve_listeners, self._accept, [listener]),
                         name=f"{self.peer_id}:listen",
@@ -234,7 +236,7 @@ class Host:
         try:
             try:
                 with trio.fail_after(self.config.dial_timeout):
-                    tcp = await trio.open_tcp_stream(*hp)
+                    tcp = await self.transport.dial(addr)
             except (OSError, trio.TooSlowError) as exc:
                 self.metrics.dials.labels("unreachable").inc()
                 raise PeerError(f"cannot connect to {addr}: {str(exc) or 'timed out'}") from None
@@ -292,7 +294,7 @@ class Host:
 
     # -- inbound ---------------------------------------------------------------------------
 
-    async def _accept(self, tcp: trio.SocketStream) -> None:
+    async def _accept(self, tcp: trio.abc.Stream) -> None:
         try:
             self._pending_handshakes.acquire_nowait()
         except trio.WouldBlock:
@@ -304,7 +306,7 @@ class Host:
                 self.metrics.handshake_failures.labels("connection_limit").inc()
                 await trio.aclose_forcefully(tcp)
                 return
-            remote = _sockaddr_multiaddr(tcp)
+            remote = self.transport.remote_address(tcp)
             try:
                 conn = await self._upgrade_or_close(tcp, remote, outbound=False, expected=None)
             except (PeerError, ProtocolError, trio.TooSlowError):
@@ -615,14 +617,6 @@ def _parse_addr(text: str, what: str) -> Multiaddr:
         return Multiaddr.from_string(text)
     except ProtocolError as exc:
         raise PeerError(f"{what}: {text!r} is not a multiaddr: {exc}") from None
-
-
-def _sockaddr_multiaddr(tcp: trio.SocketStream) -> Multiaddr | None:
-    try:
-        host, port = tcp.socket.getpeername()[:2]
-        return Multiaddr.from_tcp(host, port)
-    except (OSError, ProtocolError, ValueError):
-        return None
 
 
 def _first_leaf(group: BaseExceptionGroup[RemoteProtocolError]) -> RemoteProtocolError:

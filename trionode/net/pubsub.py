@@ -42,6 +42,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import CollectorRegistry, Counter
@@ -64,7 +65,11 @@ from trionode.wire.gossipsub import (
     PeerUnsubscribed,
 )
 from trionode.wire.keys import PeerId, PrivateKey
+from trionode.wire.pubsub_pb import RPC
 from trionode.wire.varint import BytesLike
+
+if TYPE_CHECKING:
+    from trionode.net.memory import GossipFaults
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,8 @@ READ_SIZE = 256 * 1024
 """Bytes asked for per read of a peer's inbound stream."""
 WRITE_BATCH = 256 * 1024
 """A writer joins queued RPCs into one write up to about this many bytes."""
+_LABEL_CACHE_SIZE = 1024
+"""Topics whose metric children are remembered (cleared when full; they are cheap to redo)."""
 DEFAULT_EVENT_CAPACITY = 1000
 """Capacity of the event channel a PubSub makes for itself when not given one."""
 
@@ -131,6 +138,7 @@ class PubSub:
         *,
         events: NetworkEvents | None = None,
         rng: random.Random | None = None,
+        faults: GossipFaults | None = None,
     ) -> None:
         """Args:
         host: the transport; its connections are followed and its handler table extended.
@@ -140,6 +148,8 @@ class PubSub:
         events: the node's network event channel; delivered messages go there. If None,
             a private one of capacity 1000 is made (read it through ``pubsub.events``).
         rng: peer selection randomness, seeded for reproducible simulations.
+        faults: test clusters only: drops, duplicates or delays received messages before
+            the router sees them (`trionode.net.memory.GossipFaults`). None: no faults.
         """
         self.host = host
         self.config = config
@@ -156,6 +166,7 @@ class PubSub:
         self._heartbeat_done = trio.Event()
         for protocol in PROTOCOLS:
             host.set_handler(protocol, self._serve_stream)
+        self.faults = faults
         self.metrics.bind(self)
 
     # -- running ---------------------------------------------------------------------------
@@ -175,6 +186,8 @@ class PubSub:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self._run_timer, name=f"{self.host.peer_id}:pubsub-timer")
+                if self.faults is not None:
+                    await nursery.start(self.faults.run, self, name=f"{self.host.peer_id}:faults")
                 nursery.start_soon(self._flusher, name=f"{self.host.peer_id}:pubsub-flush")
                 await nursery.start(
                     follow_connections,
@@ -250,7 +263,7 @@ class PubSub:
                 topic is too long.
         """
         message_id = self.router.publish(topic, data, trio.current_time())
-        self.metrics.published.labels(topic_kind(topic)).inc()
+        self.metrics.published_for(topic).inc()
         self._flush_wanted.set()
         return message_id
 
@@ -275,6 +288,14 @@ class PubSub:
         ours = self.router.subscriptions()
         theirs = [t for t in self.router.statistics().topic_peers if t not in ours]
         return ours + sorted(theirs)
+
+    def receive_rpc(self, peer_id: PeerId, rpc: RPC) -> None:
+        """Hand the router one RPC as if read from ``peer_id``, and pass its output on.
+
+        For fault injection (delayed copies); peers' streams are read by ``_serve_stream``.
+        """
+        self.router.receive_rpc(peer_id, rpc, trio.current_time())
+        self._pump()
 
     def statistics(self) -> GossipStatistics:
         return self.router.statistics()
@@ -385,7 +406,7 @@ class PubSub:
             await link.ready.wait()
             if not link.added or link.closed:
                 return
-            router = self.router
+            feed = self.router.receive_data if self.faults is None else self.faults.reader(self)
             peer_id = link.peer_id
             while not link.closed:  # _pump() closes it when the peer misbehaves
                 data = await stream.receive_some(READ_SIZE)
@@ -393,7 +414,7 @@ class PubSub:
                     log.debug("%s closed its pubsub stream", peer_id)
                     self._close_link(link)
                     return
-                router.receive_data(peer_id, data, trio.current_time())
+                feed(peer_id, data, trio.current_time())
                 self._pump()
 
     # -- moving the router's output --------------------------------------------------------
@@ -415,7 +436,7 @@ class PubSub:
                 pass
         while (event := router.next_event()) is not None:
             if isinstance(event, MessageReceived):
-                metrics.received.labels(topic_kind(event.topic)).inc()
+                metrics.received_for(event.topic).inc()
                 self.events.emit(
                     GossipMessage(
                         topic=event.topic,
@@ -490,10 +511,30 @@ class PubSubMetrics:
             registry=registry,
         )
 
+        self._published: dict[str, Counter] = {}
+        self._received: dict[str, Counter] = {}
+
+    def published_for(self, topic: str) -> Counter:
+        """The published counter of ``topic``'s kind (children cached: a hot path)."""
+        return _child(self.published, self._published, topic)
+
+    def received_for(self, topic: str) -> Counter:
+        """The received counter of ``topic``'s kind."""
+        return _child(self.received, self._received, topic)
+
     def bind(self, pubsub: PubSub) -> None:
         """Expose the router's counters and mesh sizes through a collector."""
         if self._registry is not None:
             self._registry.register(_RouterCollector(pubsub))
+
+
+def _child(counter: Counter, cache: dict[str, Counter], topic: str) -> Counter:
+    child = cache.get(topic)
+    if child is None:
+        if len(cache) >= _LABEL_CACHE_SIZE:
+            cache.clear()
+        child = cache[topic] = counter.labels(topic_kind(topic))
+    return child
 
 
 class _RouterCollector(Collector):

@@ -5,6 +5,10 @@ allows a single writer anyway; queueing here keeps the waiting in Trio, where it
 cancelled, instead of in a blocked thread), reads under `store.reader_threads`.
 Cancellation never interrupts a transaction midway: `to_thread.run_sync` waits for the
 thread, so a write either committed or did not happen.
+
+`inline=True` runs every call on the Trio thread instead (for in-process test clusters
+under `autojump_clock`, where a task waiting for a worker thread looks idle and lets the
+mock clock jump to the next deadline while LMDB is still working).
 """
 
 from __future__ import annotations
@@ -112,8 +116,17 @@ class StoreMetrics:
 class AsyncStore:
     """What the rest of the node uses. Open with `open_store`."""
 
-    def __init__(self, raw: LmdbStore, reader_threads: int, metrics: StoreMetrics | None) -> None:
+    def __init__(
+        self,
+        raw: LmdbStore,
+        reader_threads: int,
+        metrics: StoreMetrics | None,
+        *,
+        inline: bool = False,
+    ) -> None:
         self.raw = raw
+        self.inline = inline
+        """Run LMDB calls on the Trio thread (blocking it) instead of in worker threads."""
         self._writer = trio.CapacityLimiter(1)
         self._readers = trio.CapacityLimiter(reader_threads)
         self._metrics = metrics
@@ -122,6 +135,10 @@ class AsyncStore:
         self, limiter: trio.CapacityLimiter, op: str, fn: Callable[..., R], *args: Any
     ) -> R:
         try:
+            if self.inline:
+                # One synchronous call is atomic for Trio: no limiter needed.
+                await trio.lowlevel.checkpoint()
+                return fn(*args)
             return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
         except StorageError:
             if self._metrics is not None:
@@ -163,6 +180,11 @@ class AsyncStore:
         )
         return [(table.keys.decode(k), table.values.decode(v)) for k, v in rows]
 
+    async def raw_scan(self, column: Column, *, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        """Untyped rows of a column (for whole-prefix deletes)."""
+        self._count("scan", column)
+        return await self._run(self._readers, "scan", lambda: self.raw.scan(column, prefix=prefix))
+
     async def write(self, batch: WriteBatch | Sequence[WriteOp]) -> None:
         ops = batch.ops if isinstance(batch, WriteBatch) else list(batch)
         for op in ops:
@@ -193,19 +215,29 @@ async def open_store(
     passphrase: str | None,
     registry: CollectorRegistry | None = None,
     kdf: KdfParams | None = None,
+    inline: bool = False,
 ) -> AsyncIterator[AsyncStore]:
-    """Open the datastore in a worker thread (Argon2id takes a moment) and close it after."""
-    raw = await trio.to_thread.run_sync(
-        lambda: LmdbStore.open(
+    """Open the datastore in a worker thread (Argon2id takes a moment) and close it after.
+
+    With ``inline``, the store is opened and used on the Trio thread (see the module docs).
+    """
+
+    def open_raw() -> LmdbStore:
+        return LmdbStore.open(
             path,
             initial_map_size=initial_map_size,
             max_map_size=max_map_size,
             passphrase=passphrase,
             kdf=kdf,
         )
-    )
+
+    if inline:
+        await trio.lowlevel.checkpoint()
+        raw = open_raw()
+    else:
+        raw = await trio.to_thread.run_sync(open_raw)
     try:
         metrics = StoreMetrics(registry) if registry is not None else None
-        yield AsyncStore(raw, reader_threads, metrics)
+        yield AsyncStore(raw, reader_threads, metrics, inline=inline)
     finally:
         raw.close()

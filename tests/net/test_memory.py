@@ -1,0 +1,145 @@
+"""MemoryNetwork: TCP-like in-memory streams, listeners, partitions; a Host running on it."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from trionode.net.host import Host
+from trionode.net.memory import MemoryListener, MemoryNetwork, MemoryStream
+from trionode.net.metrics import NetMetrics
+from trionode.wire.keys import PrivateKey
+from trionode.wire.multiaddr import Multiaddr
+
+from .host_helpers import network as network_section
+
+
+def addr(text: str) -> Multiaddr:
+    return Multiaddr.from_string(text)
+
+
+async def connected_pair(net: MemoryNetwork) -> tuple[MemoryStream, MemoryStream]:
+    a, b = net.transport(), net.transport()
+    listeners, bound = await b.listen(addr("/ip4/0.0.0.0/tcp/0"))
+    listener = listeners[0]
+    assert isinstance(listener, MemoryListener)
+    client = await a.dial(bound[0])
+    server = await listener.accept()
+    assert isinstance(client, MemoryStream)
+    assert isinstance(server, MemoryStream)
+    return client, server
+
+
+async def test_streams_honour_the_half_closeable_contract() -> None:
+    async def maker() -> tuple[MemoryStream, MemoryStream]:
+        return await connected_pair(MemoryNetwork())
+
+    await trio.testing.check_half_closeable_stream(maker, None)
+
+
+async def test_addresses_ports_and_refusals() -> None:
+    net = MemoryNetwork()
+    a, b = net.transport(), net.transport()
+    assert (a.host, b.host) == ("10.42.0.1", "10.42.0.2")
+    _, first = await b.listen(addr("/ip4/0.0.0.0/tcp/0"))
+    _, second = await b.listen(addr("/ip4/10.42.0.2/tcp/0"))
+    assert [str(x) for x in first + second] == [
+        "/ip4/10.42.0.2/tcp/4001",
+        "/ip4/10.42.0.2/tcp/4002",
+    ]
+    with pytest.raises(OSError, match="in use") as in_use:
+        await b.listen(addr("/ip4/10.42.0.2/tcp/4001"))
+    assert in_use.value.errno == errno.EADDRINUSE
+    with pytest.raises(OSError, match="is not") as not_ours:
+        await b.listen(addr("/ip4/10.42.0.1/tcp/5000"))
+    assert not_ours.value.errno == errno.EADDRNOTAVAIL
+    with pytest.raises(OSError, match="refused") as refused:
+        await a.dial(addr("/ip4/10.42.0.2/tcp/9999"))
+    assert refused.value.errno == errno.ECONNREFUSED
+    client = await a.dial(first[0])
+    assert isinstance(client, MemoryStream)
+    assert str(client.local_address) == "/ip4/10.42.0.1/tcp/49152"
+    assert client.remote_address == first[0]
+    net.close()
+    with pytest.raises(OSError, match="refused"):
+        await a.dial(first[0])
+
+
+async def test_closed_listener_resets_unaccepted_connections() -> None:
+    net = MemoryNetwork()
+    a, b = net.transport(), net.transport()
+    listeners, bound = await b.listen(addr("/ip4/0.0.0.0/tcp/0"))
+    client = await a.dial(bound[0])
+    await listeners[0].aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        await client.receive_some(10)
+    with pytest.raises(OSError, match="refused"):
+        await a.dial(bound[0])
+    with pytest.raises(trio.ClosedResourceError):
+        await listeners[0].accept()
+
+
+async def test_partition_aborts_both_ends_and_blocks_dials() -> None:
+    net = MemoryNetwork()
+    client, server = await connected_pair(net)
+    await client.send_all(b"before")
+    assert await server.receive_some() == b"before"
+    async with trio.open_nursery() as nursery:
+        failures: list[type[BaseException]] = []
+
+        async def receive(stream: MemoryStream) -> None:
+            try:
+                await stream.receive_some()
+            except trio.BrokenResourceError as exc:
+                failures.append(type(exc))
+
+        nursery.start_soon(receive, client)
+        nursery.start_soon(receive, server)
+        await trio.testing.wait_all_tasks_blocked()
+        assert net.partition(["10.42.0.1"], ["10.42.0.2"]) == 1
+    assert failures == [trio.BrokenResourceError] * 2
+    for stream in (client, server):
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_all(b"x")
+        await stream.aclose()  # closing a broken stream is fine
+    assert net.statistics().connections == 0
+    with pytest.raises(OSError, match="unreachable") as unreachable:
+        net.connect("10.42.0.1", addr("/ip4/10.42.0.2/tcp/4001"))
+    assert unreachable.value.errno == errno.EHOSTUNREACH
+    net.heal()
+    assert net.reachable("10.42.0.1", "10.42.0.2")
+
+
+@asynccontextmanager
+async def running_host(net: MemoryNetwork) -> AsyncIterator[Host]:
+    transport = net.transport()
+    section = network_section(listen=[f"/ip4/{transport.host}/tcp/0"])
+    host = Host(
+        PrivateKey.generate(), section, NetMetrics(CollectorRegistry()), transport=transport
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run, shutdown)
+        yield host
+        shutdown.set()
+
+
+async def test_hosts_connect_and_ping_over_memory(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    async with running_host(net) as a, running_host(net) as b:
+        conn = await a.connect(b.addresses()[0])
+        assert conn.remote_addr == addr(b.addresses()[0])
+        await trio.testing.wait_all_tasks_blocked()
+        inbound = b.connections[a.peer_id]
+        assert inbound.remote_addr == addr("/ip4/10.42.0.1/tcp/49152")
+        assert inbound.identified.is_set()
+        assert await a.ping(b.peer_id) == 0.0  # no virtual time passes in memory
+        net.partition(["10.42.0.1"], ["10.42.0.2"])
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.connections == b.connections == {}

@@ -1,0 +1,222 @@
+"""The two sides of joining a context: issuing invitations and `/trionode/join/1`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import time
+from collections.abc import Callable
+from typing import Final
+
+import base58
+import trio
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from trionode.context import invitations as inv, members
+from trionode.context.applications import Applications
+from trionode.context.manager import ContextError, ContextManager
+from trionode.context.records import ContextRecord
+from trionode.context.replication import Replicator
+from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
+from trionode.net.host import Connection, Host
+from trionode.store.lmdb_store import Column
+from trionode.store.store import AsyncStore, BytesCodec, Table
+from trionode.wire.keys import PeerId
+from trionode.wire.multiaddr import Multiaddr
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE: Final = 64 * 1024
+_LENGTH = struct.Struct(">I")
+USED = Table(Column.GENERIC, BytesCodec(), BytesCodec())
+_USED_PREFIX: Final = b"invitation-used/"
+
+
+class JoinService:
+    def __init__(
+        self,
+        contexts: ContextManager,
+        applications: Applications,
+        host: Host,
+        replicator: Replicator,
+        store: AsyncStore,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        timeout: float = 30.0,
+    ) -> None:
+        self.contexts = contexts
+        self.applications = applications
+        self.host = host
+        self.replicator = replicator
+        self.store = store
+        self.wall_clock = wall_clock
+        self.timeout = timeout
+        self._lock = trio.Lock()
+        host.set_handler(inv.JOIN_PROTOCOL, self._serve)
+
+    # -- inviting --------------------------------------------------------------------------
+
+    async def invite(
+        self,
+        context_id: bytes,
+        *,
+        role: str = "member",
+        expires_in: float = 7 * 86400,
+        invitee: bytes | None = None,
+    ) -> str:
+        if role not in members.ROLES:
+            raise ContextError(f"role must be one of {', '.join(members.ROLES)}")
+        record = await self.contexts.get(context_id)
+        member, key = await self.contexts.member_key(context_id)
+        if await self.contexts.role(context_id, member) != "admin":
+            raise ContextError("only admins can invite", status=403)
+        created = inv.create_invitation(
+            admin_key=key,
+            context_id=context_id,
+            application_id=record.application_id,
+            role=role,
+            expires_at=self.wall_clock() + expires_in,
+            inviter_peer=str(self.host.peer_id),
+            inviter_addrs=[str(a) for a in self.host.listen_addrs],
+            invitee=invitee,
+        )
+        return created.text
+
+    # -- joining ---------------------------------------------------------------------------
+
+    async def join(
+        self, text: str, *, member_key: Ed25519PrivateKey | None = None
+    ) -> ContextRecord:
+        try:
+            signed, invitation = inv.parse_invitation(text)
+        except inv.InvitationError as exc:
+            raise ContextError(str(exc)) from None
+        if invitation.expires_at < self.wall_clock():
+            raise ContextError("the invitation has expired")
+        if invitation.context_id in self.contexts.known_ids():
+            raise ContextError("this node is already a member of that context", status=409)
+        try:
+            await self.applications.get(invitation.application_id)
+        except ContextError:
+            app = base58.b58encode(invitation.application_id).decode()
+            raise ContextError(
+                f"install the context's application first (application id {app}): "
+                "`trionode app install PATH`",
+                status=412,
+            ) from None
+        if invitation.invitee is not None and member_key is None:
+            raise ContextError("this invitation is for a specific member key; pass that key")
+        key = member_key or Ed25519PrivateKey.generate()
+        member = key.public_key().public_bytes_raw()
+        peer = PeerId.from_string(invitation.inviter_peer)
+        conn = await self._connect(peer, invitation.inviter_addrs)
+        with trio.fail_after(self.timeout):
+            _, stream = await conn.new_stream([inv.JOIN_PROTOCOL])
+            async with stream:
+                proof = key.sign(inv.proof_message(conn.noise.remote.handshake_hash, invitation.id))
+                request = inv.JoinRequest(invitation=signed, member=member, proof=proof)
+                await _send(stream, inv.encode(request))
+                response = inv.decode_response(await _receive(stream))
+        if not response.ok:
+            raise ContextError(f"the inviter refused: {response.error}", status=403)
+        keys = inv.open_keys(response.sealed_keys, key)
+        record = await self.contexts.adopt(
+            context_id=invitation.context_id,
+            application_id=invitation.application_id,
+            member_key=key,
+            keys=keys,
+            key_id=response.key_id,
+        )
+        self.replicator.subscribe(invitation.context_id)
+        with trio.fail_after(self.timeout):
+            await self.replicator.fetch(peer, invitation.context_id, set(response.heads))
+        return await self.contexts.get(record.context_id)
+
+    async def _connect(self, peer: PeerId, addrs: list[str]) -> Connection:
+        existing = self.host.connections.get(peer)
+        if existing is not None and not existing.closed:
+            return existing
+        last: Exception | None = None
+        for text in addrs:
+            try:
+                addr = Multiaddr.from_string(text).with_peer_id(peer)
+                return await self.host.connect(addr)
+            except (PeerError, ProtocolError, trio.TooSlowError) as exc:
+                last = exc
+        raise ContextError(f"cannot reach the inviter {peer}: {last}", status=502)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def _serve(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
+        request = inv.decode_request(await _receive(stream))
+        async with self._lock:  # one join at a time: a one-time secret is used once
+            try:
+                response = await self._admit(request, conn)
+            except inv.InvitationError as exc:
+                log.info("join refused for %s: %s", conn.peer_id, exc)
+                response = inv.JoinResponse(ok=False, error=str(exc))
+        await _send(stream, inv.encode(response))
+        await stream.send_eof()
+
+    async def _admit(self, request: inv.JoinRequest, conn: Connection) -> inv.JoinResponse:
+        signed = request.invitation
+        invitation = inv.decode_invitation(signed)
+        inv.verify_signature(signed, invitation)
+        context_id = invitation.context_id
+        if context_id not in self.contexts.known_ids():
+            raise inv.InvitationError("this node is not a member of that context")
+        if invitation.expires_at < self.wall_clock():
+            raise inv.InvitationError("the invitation has expired")
+        if await self.contexts.role(context_id, invitation.inviter) != "admin":
+            raise inv.InvitationError("the inviter is not an admin of the context")
+        if invitation.role not in members.ROLES:
+            raise inv.InvitationError("the invitation names an unknown role")
+        try:
+            Ed25519PublicKey.from_public_bytes(request.member).verify(
+                request.proof, inv.proof_message(conn.noise.remote.handshake_hash, invitation.id)
+            )
+        except (InvalidSignature, ValueError):
+            raise inv.InvitationError("no proof of possession of the member key") from None
+        if invitation.invitee is not None and invitation.invitee != request.member:
+            raise inv.InvitationError("the invitation is for another member key")
+        used_key = _USED_PREFIX + invitation.id
+        if invitation.secret_sha256 is not None:
+            secret = signed.secret
+            if secret is None or hashlib.sha256(secret).digest() != invitation.secret_sha256:
+                raise inv.InvitationError("the invitation's secret is missing or wrong")
+            if await self.store.get(USED, used_key) is not None:
+                raise inv.InvitationError("the invitation was already used")
+        await self.contexts.change_members(context_id, [(request.member, invitation.role)])
+        if invitation.secret_sha256 is not None:
+            await self.store.put(USED, used_key, request.member)
+        keys = await self.contexts.keys(context_id)
+        _, heads, _ = await self.contexts.state(context_id)
+        record = await self.contexts.get(context_id)
+        return inv.JoinResponse(
+            ok=True,
+            application_id=record.application_id,
+            heads=heads,
+            key_id=record.key_id,
+            sealed_keys=inv.seal_keys(keys, request.member),
+        )
+
+
+async def _send(stream: trio.abc.Stream, body: bytes) -> None:
+    await stream.send_all(_LENGTH.pack(len(body)) + body)
+
+
+async def _receive(stream: trio.abc.Stream) -> bytes:
+    data = bytearray()
+    while True:
+        if len(data) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack(data[: _LENGTH.size])
+            if length > MAX_MESSAGE:
+                raise RemoteProtocolError(f"join message of {length} bytes is too large")
+            if len(data) >= _LENGTH.size + length:
+                return bytes(data[_LENGTH.size : _LENGTH.size + length])
+        chunk = await stream.receive_some(MAX_MESSAGE)
+        if not chunk:
+            raise RemoteProtocolError("join stream ended early")
+        data += chunk
