@@ -107,6 +107,5 @@ def sealed_keys_for(tree: StateTree, member: bytes) -> dict[int, bytes]:
 def touches(records: Iterable[Entity]) -> bool:
     """Whether a delta changes the member set (the field itself or any entry of it)."""
     return any(
-        r.id in _GRANT_IDS or r.parent in _GRANT_IDS or KEYS_ID in (r.id, r.parent)
-        for r in records
+        r.id in _GRANT_IDS or r.parent in _GRANT_IDS or KEYS_ID in (r.id, r.parent) for r in records
     )
