@@ -308,7 +308,7 @@ async def test_cli_peers_and_connect(tmp_path: Path, capsys: pytest.CaptureFixtu
             open_test_node(tmp_path / "a") as a,
             open_test_node(tmp_path / "b") as b,
         ):
-            target = ["--api", a.api_url, "--token", a.token]
+            target = ["--api", a.api_url, f"--token={a.token}"]
             (b_addr,) = b.node.listen_addresses()
             assert await trio.to_thread.run_sync(cli, "connect", b_addr, "--json", *target) == 0
             assert json.loads(capsys.readouterr().out) == {"peerId": b.node.peer_id}
