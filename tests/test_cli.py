@@ -55,11 +55,11 @@ def test_start_with_a_bad_config_exits_2_naming_the_key(
     home = tmp_path / "home"
     main(["init", "--home", str(home)])
     with (home / "config.toml").open("a") as f:
-        f.write("\n[sync]\ninterval = 1\n")
+        f.write("\n[synk]\ninterval = 1\n")
     assert main(["start", "--home", str(home)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "unknown key `sync`" in err[0]
+    assert "unknown key `synk`" in err[0]
     assert main(["start", "--home", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -97,6 +97,65 @@ def _render_context(c: Any) -> str:
     return "\n".join(lines)
 
 
+# -- members and invitations ----------------------------------------------------------------
+
+
+def _duration(text: str) -> float:
+    """`90`, `90s`, `15m`, `12h`, `7d` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (e.g. 90s, 15m, 12h, 7d)"
+        ) from None
+
+
+async def _invite(client: Client, args: argparse.Namespace) -> Any:
+    return await client.invite(args.context_id, role=args.role, expires_in=args.expires)
+
+
+def _render_invitation(result: Any) -> str:
+    return str(result["invitation"])
+
+
+async def _join(client: Client, args: argparse.Namespace) -> Any:
+    return await client.join(args.invitation)
+
+
+async def _sync(client: Client, args: argparse.Namespace) -> Any:
+    return await client.sync(args.context_id)
+
+
+async def _members(client: Client, args: argparse.Namespace) -> Any:
+    return await client.members(args.context_id)
+
+
+def _render_members(result: Any) -> str:
+    return _table([(m["publicKey"], m["role"]) for m in result["members"]], ("member", "role"))
+
+
+async def _remove(client: Client, args: argparse.Namespace) -> Any:
+    return await client.remove_member(args.context_id, args.member)
+
+
+def _invite_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument("--role", default="member", choices=["admin", "member", "read-only"])
+    p.add_argument("--expires", type=_duration, default=7 * 86400.0, help="e.g. 12h, 7d")
+
+
+def _join_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("invitation", metavar="INVITATION", help="the trinv1... string")
+
+
+def _remove_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument("member", metavar="MEMBER", help="member public key (base58)")
+
+
 # -- calls, events, gc ------------------------------------------------------------------------
 
 
@@ -188,6 +247,29 @@ COMMANDS: list[Spec] = [
         None,
         _context_arg,
     ),
+    (
+        "context invite",
+        "print an invitation to CONTEXT (one-time, signed by us)",
+        _invite,
+        _render_invitation,
+        _invite_args,
+    ),
+    (
+        "context join",
+        "join a context with an invitation string",
+        _join,
+        _render_context,
+        _join_args,
+    ),
+    ("context sync", "sync CONTEXT with a member peer now", _sync, None, _context_arg),
+    (
+        "context members",
+        "list CONTEXT's members and roles",
+        _members,
+        _render_members,
+        _context_arg,
+    ),
+    ("context remove", "remove MEMBER from CONTEXT (rotates the key)", _remove, None, _remove_args),
     ("call", "call METHOD of CONTEXT with --args JSON", _call, _render_call, _call_args),
     (
         "watch",

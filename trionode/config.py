@@ -212,6 +212,21 @@ class ReplicationSection(_Section, frozen=True):
     """Seconds for one missing-parent fetch from a peer."""
 
 
+class SyncSection(_Section, frozen=True):
+    """Sync sessions and heartbeats: what makes convergence certain when gossip is lost."""
+
+    interval: PositiveFloat = 10.0
+    """Seconds between sync ticks."""
+    min_interval: PositiveFloat = 5.0
+    """A context synced this recently is skipped at a tick; also the base of the backoff."""
+    heartbeat: PositiveFloat = 5.0
+    """Seconds between (heads, root) heartbeats on each context topic."""
+    timeout: PositiveFloat = 30.0
+    """Seconds one session may take."""
+    max_concurrent: PositiveInt = 30
+    """Sessions at once, incoming and outgoing together."""
+
+
 class AppsSection(_Section, frozen=True):
     """Which application bundles this node will execute."""
 
@@ -239,6 +254,7 @@ class FileConfig(_Section, frozen=True):
     api: ApiSection = ApiSection()
     store: StoreSection = StoreSection()
     replication: ReplicationSection = ReplicationSection()
+    sync: SyncSection = SyncSection()
     apps: AppsSection = AppsSection()
     gc: GcSection = GcSection()
 
@@ -292,6 +308,10 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def replication(self) -> ReplicationSection:
         return self.file.replication
+
+    @property
+    def sync(self) -> SyncSection:
+        return self.file.sync
 
     @property
     def apps(self) -> AppsSection:

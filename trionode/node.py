@@ -12,6 +12,7 @@ open_node(config) ── root nursery
    ├─ serve_mdns       (if `network.mdns`) local-link discovery into the peer store
    ├─ Replicator.run   broadcasts local deltas, fetches missing parents, runs event handlers,
    │                    evicts stale pending deltas; received gossip reaches it via the channel
+   ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter
    ├─ serve_gc         periodic tombstone GC over every context
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
    └─ _bound_shutdown  after a shutdown request, gives in-flight work `node.shutdown_grace`
@@ -43,6 +44,7 @@ from trionode.context.events import EventHub
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
 from trionode.context.replication import ReplicationMetrics, Replicator
+from trionode.context.sync import SyncManager
 from trionode.errors import ConfigError
 from trionode.gc import GcMetrics, run_gc_once, serve_gc
 from trionode.home import API_URL_FILE
@@ -117,6 +119,17 @@ class Node:
             self.replication_metrics,
             pending_timeout=config.replication.pending_timeout,
             fetch_timeout=config.replication.fetch_timeout,
+        )
+        self.sync = SyncManager(
+            self.contexts,
+            self.replicator,
+            self.pubsub,
+            registry=metrics.registry,
+            interval=config.sync.interval,
+            min_interval=config.sync.min_interval,
+            heartbeat=config.sync.heartbeat,
+            timeout=config.sync.timeout,
+            max_concurrent=config.sync.max_concurrent,
         )
         self.joins = JoinService(
             self.contexts, self.applications, self.host, self.replicator, store
@@ -267,6 +280,7 @@ async def open_node(
             await nursery.start(_watch_peers_until, node, name="peer-events")
             await nursery.start(node.pubsub.run, node.shutdown_requested, name="pubsub")
             await nursery.start(node.replicator.run, node.shutdown_requested, name="replication")
+            await nursery.start(node.sync.run, node.shutdown_requested, name="sync")
             discovery = (node.host, node.peerstore, config.network, node.discovery_metrics)
             stop = node.shutdown_requested
             if config.discovery:

@@ -10,6 +10,7 @@ import json
 from typing import Any, Protocol
 
 import base58
+import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
@@ -18,6 +19,7 @@ from trionode.context.events import EventHub
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextError, ContextManager, b58
 from trionode.context.records import ApplicationRecord, ContextRecord
+from trionode.context.sync import SyncManager
 from trionode.errors import PeerError, ProtocolError, StorageError, TrionodeError
 from trionode.sdk.errors import AppError
 
@@ -42,6 +44,9 @@ class ContextApi(Protocol):
 
     @property
     def joins(self) -> JoinService: ...
+
+    @property
+    def sync(self) -> SyncManager: ...
 
     @property
     def applications(self) -> Applications: ...
@@ -200,6 +205,23 @@ def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
         except (PeerError, ProtocolError) as exc:
             raise ContextError(f"joining failed: {exc}", status=502) from None
         return jsonify(context_json(record))
+
+    @app.post("/admin-api/contexts/<context_id>/sync")
+    async def sync_context(context_id: str) -> Response:
+        raw = parse_id(context_id, "context id")
+        try:
+            applied = await node.sync.sync_now(raw)
+        except (PeerError, ProtocolError, trio.TooSlowError) as exc:
+            raise ContextError(f"sync failed: {exc}", status=502) from None
+        root, heads, pending = await node.contexts.state(raw)
+        return jsonify(
+            {
+                "applied": applied,
+                "rootHash": root.hex(),
+                "heads": [h.hex() for h in heads],
+                "pending": pending,
+            }
+        )
 
     @app.get("/admin-api/contexts/<context_id>/members")
     async def list_members(context_id: str) -> Response:

@@ -88,6 +88,29 @@ class Client:
     async def delete_context(self, context_id: str) -> Any:
         return await self.request("DELETE", f"/admin-api/contexts/{context_id}")
 
+    async def invite(
+        self, context_id: str, *, role: str = "member", expires_in: float = 7 * 86400
+    ) -> Any:
+        return await self.request(
+            "POST",
+            f"/admin-api/contexts/{context_id}/invitations",
+            json={"role": role, "expiresIn": expires_in},
+        )
+
+    async def join(self, invitation: str) -> Any:
+        return await self.request(
+            "POST", "/admin-api/contexts/join", json={"invitation": invitation}
+        )
+
+    async def sync(self, context_id: str) -> Any:
+        return await self.request("POST", f"/admin-api/contexts/{context_id}/sync", json={})
+
+    async def members(self, context_id: str) -> Any:
+        return await self.request("GET", f"/admin-api/contexts/{context_id}/members")
+
+    async def remove_member(self, context_id: str, member: str) -> Any:
+        return await self.request("DELETE", f"/admin-api/contexts/{context_id}/members/{member}")
+
     async def collect_garbage(self) -> Any:
         return await self.request("POST", "/admin-api/gc", json={})
 

@@ -22,6 +22,7 @@ signing the connection's Noise handshake hash with its member key.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import attrs
@@ -44,6 +45,8 @@ from trionode.wire.messages import (
     DeltaRequest,
     DeltaResponse,
     FrameReader,
+    HeadsRequest,
+    HeadsResponse,
     Heartbeat,
     SyncAuth,
     SyncError,
@@ -160,6 +163,9 @@ class Replicator:
         self._fetch_limit = trio.CapacityLimiter(max_concurrent_fetches)
         self._send_fetch, self._receive_fetch = trio.open_memory_channel[_Fetch](256)
         self._fetching: set[tuple[bytes, bytes]] = set()
+        self.session_limiter: trio.CapacityLimiter | None = None
+        """Shared with outgoing sessions by the sync manager: incoming ones count too."""
+        self.on_heartbeat: Callable[[PeerId, Heartbeat], Awaitable[None]] | None = None
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         contexts.local_delta_listeners.append(self.broadcast)
 
@@ -212,7 +218,12 @@ class Replicator:
             self.metrics.outcome("rejected_malformed")
             return
         if isinstance(gossip, Heartbeat):
-            return  # sessions (the sync issue) act on heartbeats
+            if self.on_heartbeat is not None:
+                # Sync with the member that sent it if we can reach it, else the relay.
+                author = message.author
+                peer = author if author in self.host.connections else message.received_from
+                await self.on_heartbeat(peer, gossip)
+            return
         await self.receive_from(message.received_from, context_id, gossip.delta)
 
     async def receive_from(self, peer: PeerId, context_id: bytes, wire: bytes) -> None:
@@ -301,7 +312,32 @@ class Replicator:
 
     # -- serving ---------------------------------------------------------------------------
 
+    async def ask_heads(self, peer: PeerId, context_id: bytes) -> HeadsResponse:
+        """Open a session: the peer's heads and root hash for `context_id`."""
+        _, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
+        async with stream:
+            conn = self.host.connections.get(peer)
+            if conn is None:
+                raise PeerError(f"lost the connection to {peer}")
+            channel = _Channel(stream)
+            await channel.send(await self._auth(conn, context_id))
+            await channel.send(HeadsRequest())
+            reply = await channel.receive()
+            if isinstance(reply, SyncError):
+                raise ContextError(f"{peer} refused: {reply.message}")
+            if not isinstance(reply, HeadsResponse):
+                raise RemoteProtocolError(f"expected heads, got {type(reply).__name__}")
+            await stream.send_eof()
+            return reply
+
     async def _serve_sync(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
+        if self.session_limiter is None:
+            await self._serve_session(stream, conn)
+            return
+        async with self.session_limiter:
+            await self._serve_session(stream, conn)
+
+    async def _serve_session(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
         channel = _Channel(stream)
         first = await channel.receive()
         if not isinstance(first, SyncAuth):
@@ -312,6 +348,10 @@ class Replicator:
             await channel.send(SyncError(message=problem))
             return
         while (message := await channel.receive(eof_ok=True)) is not None:
+            if isinstance(message, HeadsRequest):
+                root, heads, _ = await self.contexts.state(first.context_id)
+                await channel.send(HeadsResponse(heads=heads[:MAX_IDS], root_hash=root))
+                continue
             if not isinstance(message, DeltaRequest):
                 raise RemoteProtocolError(f"unexpected {type(message).__name__} on sync stream")
             found: list[bytes] = []

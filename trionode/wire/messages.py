@@ -79,6 +79,15 @@ class SyncAuth(msgspec.Struct, tag="auth", frozen=True, forbid_unknown_fields=Tr
     signature: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 
 
+class HeadsRequest(msgspec.Struct, tag="get_heads", frozen=True, forbid_unknown_fields=True):
+    """Open a session: what are your heads and root hash?"""
+
+
+class HeadsResponse(msgspec.Struct, tag="heads", frozen=True, forbid_unknown_fields=True):
+    heads: Ids
+    root_hash: Id32
+
+
 class DeltaRequest(msgspec.Struct, tag="get_deltas", frozen=True, forbid_unknown_fields=True):
     ids: Ids
 
@@ -93,7 +102,7 @@ class SyncError(msgspec.Struct, tag="error", frozen=True, forbid_unknown_fields=
     message: Annotated[str, msgspec.Meta(max_length=1024)]
 
 
-SyncMessage = SyncAuth | DeltaRequest | DeltaResponse | SyncError
+SyncMessage = SyncAuth | HeadsRequest | HeadsResponse | DeltaRequest | DeltaResponse | SyncError
 
 _SYNC = msgspec.msgpack.Decoder(SyncMessage)
 
