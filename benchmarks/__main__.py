@@ -7,7 +7,7 @@ import sys
 
 import trio
 
-from benchmarks import context_bench, pubsub_bench, store_bench, transport_bench
+from benchmarks import context_bench, pubsub_bench, pubsub_procs, store_bench, transport_bench
 from benchmarks.harness import Row, render
 
 
@@ -16,6 +16,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "store": store_bench.run,
         "transport": transport_bench.run,
         "pubsub": pubsub_bench.run,
+        "pubsub-procs": pubsub_procs.run,
         "contexts": context_bench.run,
     }
     rows: list[Row] = []

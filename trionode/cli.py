@@ -120,6 +120,16 @@ def cmd_start(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trionode.demo import run_demo  # noqa: PLC0415 - only the demo needs it
+
+    _configure_logging("WARNING")
+    result = trio.run(lambda: run_demo(args.nodes, say=(lambda _: None) if args.json else print))
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return EXIT_OK
+
+
 # -- client commands ----------------------------------------------------------------------
 
 
@@ -297,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", parents=[common], help="run the node until SIGINT/SIGTERM")
     start.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     start.set_defaults(func=cmd_start)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run 3 nodes in this process and watch them converge"
+    )
+    demo.add_argument("--nodes", type=int, default=3, choices=range(2, 9), metavar="N")
+    demo.set_defaults(func=cmd_demo)
 
     client = argparse.ArgumentParser(add_help=False, parents=[common])
     client.add_argument("--api", help="API base URL (default: read from --home)")

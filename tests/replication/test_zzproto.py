@@ -3,7 +3,9 @@ import json, time
 import trio, trio.testing
 from trionode.testing import open_cluster
 from trionode.context.replication import topic_for
+
 APPS = Path("/work/main/apps")
+
 
 async def test_p(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     t0 = time.perf_counter()
