@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -175,6 +176,8 @@ class ContextManager:
         self.local_delta_listeners: list[DeltaListener] = []
         """Called (synchronously, after commit) with every delta this node authors."""
         self.handler_runs_queued = trio.Event()
+        self._handler_lock = trio.Lock()
+        self._snapshots_running: set[bytes] = set()
 
     async def start(self) -> None:
         """Learn which contexts exist; their state loads lazily on first use."""
@@ -200,7 +203,9 @@ class ContextManager:
         return loaded.tree.root_hash(), sorted(loaded.dag.heads), loaded.dag.pending_count
 
     async def read_delta(self, context_id: bytes, delta_id: bytes) -> bytes | None:
-        return await self._store.get(DELTAS, context_id + delta_id)
+        """A delta's wire bytes; None if we do not hold its body (unknown, or a checkpoint:
+        applied here as state from a snapshot or tree comparison, see `adopt_heads`)."""
+        return await self._store.get(DELTAS, context_id + delta_id) or None
 
     async def member_key(self, context_id: bytes) -> tuple[bytes, Ed25519PrivateKey]:
         loaded = await self._context(context_id)
@@ -568,6 +573,10 @@ class ContextManager:
     async def run_pending_handlers(self) -> int:
         """Run every queued handler once, as this node's member; each run commits its own
         delta together with the removal of its queue entry (so a crash replays it once)."""
+        async with self._handler_lock:  # one runner at a time, or a run could happen twice
+            return await self._run_pending_handlers()
+
+    async def _run_pending_handlers(self) -> int:
         ran = 0
         for key, run in await self._store.scan(HANDLER_RUNS, prefix=HANDLER_PREFIX):
             context_id = key[len(HANDLER_PREFIX) : len(HANDLER_PREFIX) + 32]
@@ -627,6 +636,217 @@ class ContextManager:
                 _stage_state(loaded, batch)
                 await self._write_or_reload(loaded, batch)
         return {"tombstonesRemoved": removed, "contexts": contexts}
+
+    # -- state-based sync: snapshot and tree comparison --------------------------------------
+    #
+    # Records that arrive as state (a snapshot page, a tree comparison's pulls and pushes) are
+    # joined like delta records but belong to no delta. What they cover is told to the DAG by
+    # `adopt_heads`: the source's heads become *checkpoints*, ids applied here whose bodies we
+    # do not hold (an empty row in the delta column, so they survive restarts and `_read`
+    # counts them applied; `read_delta` answers None, so a peer asking hears "missing").
+    # Every read here happens under the context lock, so nothing a peer receives can be a
+    # change still being written (and possibly rolled back).
+
+    @property
+    def store(self) -> AsyncStore:
+        return self._store
+
+    async def is_fresh(self, context_id: bytes) -> bool:
+        """No state at all yet (a joiner before its first sync)."""
+        loaded = await self._context(context_id)
+        return len(loaded.tree) == 0 and not loaded.dag.applied
+
+    def snapshot_running(self, context_id: bytes) -> bool:
+        return context_id in self._snapshots_running
+
+    def snapshot_guard(self, context_id: bytes) -> _SnapshotGuard:
+        """Held while a snapshot is taken for `context_id` (one at a time)."""
+        return _SnapshotGuard(self._snapshots_running, context_id)
+
+    async def unknown(self, context_id: bytes, ids: Iterable[bytes]) -> set[bytes]:
+        """Those of `ids` neither applied nor pending here."""
+        loaded = await self._context(context_id)
+        return {i for i in ids if i != GENESIS and not loaded.dag.knows(i)}
+
+    async def applied(self, context_id: bytes, ids: Iterable[bytes]) -> set[bytes]:
+        """Those of `ids` applied here (checkpoints included)."""
+        loaded = await self._context(context_id)
+        return {i for i in ids if i in loaded.dag.applied}
+
+    async def capture(
+        self, context_id: bytes, peer_heads: Iterable[bytes]
+    ) -> tuple[list[bytes], list[bytes], bytes]:
+        """(our heads, which of `peer_heads` we have applied, root hash), read together."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            known = sorted({h for h in peer_heads if h in loaded.dag.applied})
+            return sorted(loaded.dag.heads), known, loaded.tree.root_hash()
+
+    async def peer_rights(self, context_id: bytes, member: bytes) -> tuple[bool, bool]:
+        """(may write, may change members) for state pushed or served by `member`."""
+        loaded = await self._context(context_id)
+        role = members.role_of(loaded.tree, member)
+        return role in members.WRITERS, role == "admin"
+
+    async def snapshot_page(
+        self, context_id: bytes, cursor: bytes | None, max_records: int, max_bytes: int
+    ) -> tuple[list[bytes], bytes | None, list[bytes], bytes]:
+        """(records, next cursor or None at the end, heads, root hash): encoded records in
+        id order after `cursor`, at least one and then up to `max_records`/`max_bytes`."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            entities = loaded.tree.entities(start_after=cursor, limit=max_records + 1)
+            records: list[bytes] = []
+            size = 0
+            for entity in entities[:max_records]:
+                data = encode_entity(entity)
+                if records and size + len(data) > max_bytes:
+                    break
+                records.append(data)
+                size += len(data)
+            more = len(records) < len(entities)
+            next_cursor = entities[len(records) - 1].id if more else None
+            return records, next_cursor, sorted(loaded.dag.heads), loaded.tree.root_hash()
+
+    async def tree_nodes(
+        self,
+        context_id: bytes,
+        queries: Sequence[tuple[bytes, bytes | None]],
+        *,
+        max_children: int | None = None,
+        max_bytes: int | None = None,
+    ) -> list[tuple[bytes | None, bytes | None, list[tuple[bytes, bytes | None]], bool]]:
+        """For a prefix of `queries` (entity id, list children after this id): (encoded
+        record, Merkle hash, [(child id, hash)], more children follow). The first query is
+        always answered; later ones only within `max_children` and `max_bytes` in total."""
+        loaded = await self._context(context_id)
+        out: list[tuple[bytes | None, bytes | None, list[tuple[bytes, bytes | None]], bool]] = []
+        children_left = max_children
+        bytes_left = max_bytes
+        async with loaded.lock:
+            for entity_id, after in queries:
+                info = loaded.tree.node(entity_id)
+                record = None if info.entity is None else encode_entity(info.entity)
+                children = info.children
+                if after is not None:
+                    children = children[bisect_right(children, after, key=lambda c: c[0]) :]
+                if out and (
+                    (bytes_left is not None and len(record or b"") > bytes_left)
+                    or (children_left is not None and len(children) > children_left)
+                ):
+                    break
+                more = children_left is not None and len(children) > children_left
+                if more and children_left is not None:
+                    children = children[:children_left]
+                out.append((record, info.hash, children, more))
+                if children_left is not None:
+                    children_left -= len(children)
+                if bytes_left is not None:
+                    bytes_left -= len(record or b"")
+        return out
+
+    async def subtree_records(
+        self, context_id: bytes, roots: Iterable[bytes], limit: int
+    ) -> tuple[list[bytes], bool]:
+        """Encoded records of `roots` and everything below them (at most `limit`; the flag
+        says whether that was all)."""
+        loaded = await self._context(context_id)
+        records: list[bytes] = []
+        async with loaded.lock:
+            tree = loaded.tree
+            work = [r for r in roots if r in tree]
+            while work:
+                if len(records) >= limit:
+                    return records, False
+                entity_id = work.pop()
+                entity = tree.get(entity_id)
+                if entity is not None:
+                    records.append(encode_entity(entity))
+                work.extend(tree.children(entity_id))
+        return records, True
+
+    async def merge_state(
+        self,
+        context_id: bytes,
+        records: Sequence[Entity],
+        *,
+        only_if_empty: bool = False,
+        extra: Callable[[WriteBatch], None] | None = None,
+    ) -> int | None:
+        """Join records that arrived as state and persist them (with whatever `extra` adds to
+        the batch) in one write. Returns how many entities changed; None, having changed
+        nothing, if `only_if_empty` and the context already has state."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            if only_if_empty and len(loaded.tree):
+                return None
+            changed = loaded.tree.apply(records)
+            loaded.clock.witness(loaded.tree.max_stamp)
+            batch = WriteBatch()
+            if members.touches(records):
+                self._learn_keys(loaded, batch)
+            _stage_state(loaded, batch)
+            self._refresh_record(loaded)
+            batch.put(CONTEXTS, context_id, loaded.record)
+            if extra is not None:
+                extra(batch)
+            await self._write_or_reload(loaded, batch)
+        if changed:
+            self._hub.publish(
+                context_id=b58(context_id),
+                delta_id="",
+                root_hash=loaded.record.root_hash.hex(),
+                heads=[h.hex() for h in loaded.record.heads],
+                events=[],
+                origin="sync",
+            )
+        return len(changed)
+
+    async def adopt_heads(
+        self,
+        context_id: bytes,
+        heads: Sequence[bytes],
+        superseded: Iterable[bytes] = (),
+        *,
+        extra: Callable[[WriteBatch], None] | None = None,
+    ) -> tuple[bytes, list[bytes]]:
+        """Record a peer's `heads` as checkpoints once this node holds the peer's state as
+        of those heads (see `CausalDag.checkpoint`); `superseded` are our heads the peer had
+        applied. Pending deltas they cover become applied (their bodies kept, their events
+        not run: their effects came as state); pending deltas they unblock apply now.
+        Returns the new (root hash, heads)."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            batch = WriteBatch()
+            applying = _Applying(loaded, batch)
+            marked = [h for h in heads if h != GENESIS and h not in loaded.dag.applied]
+            released, covered = loaded.dag.checkpoint(
+                heads,
+                superseded=superseded,
+                apply=lambda delta_id, item: self._apply_one(applying, delta_id, item),
+            )
+            bodies = dict(covered)
+            for delta_id in marked:
+                if delta_id not in bodies:
+                    batch.put(DELTAS, context_id + delta_id, b"")
+            for delta_id, delta in bodies.items():
+                batch.delete(PENDING, context_id + delta_id)
+                batch.put(DELTAS, context_id + delta_id, delta.encode())
+            _stage_state(loaded, batch)
+            self._refresh_record(loaded)
+            batch.put(CONTEXTS, context_id, loaded.record)
+            if extra is not None:
+                extra(batch)
+            await self._write_or_reload(loaded, batch)
+        if released:
+            self.metrics.outcome("cascaded", len(released))
+        self.metrics.pending_depth(loaded.dag.pending_count)
+        self.metrics.heads(len(loaded.dag.heads))
+        for delta_id, event_list in applying.events:
+            self._publish_remote(loaded, delta_id, event_list)
+        if any(event_list for _, event_list in applying.events):
+            self.handler_runs_queued.set()
+        return loaded.record.root_hash, list(loaded.record.heads)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -747,6 +967,20 @@ class ContextManager:
                 continue
             dag.offer(key[32:], header.parents, delta, now=trio.current_time())
         return loaded
+
+
+@attrs.define
+class _SnapshotGuard:
+    running: set[bytes]
+    context_id: bytes
+
+    def __enter__(self) -> None:
+        if self.context_id in self.running:
+            raise ContextError("a snapshot of this context is already being taken", status=409)
+        self.running.add(self.context_id)
+
+    def __exit__(self, *_exc: object) -> None:
+        self.running.discard(self.context_id)
 
 
 @attrs.define
