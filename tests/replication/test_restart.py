@@ -117,13 +117,15 @@ async def test_pending_eviction_does_not_block_others(tmp_path: Path) -> None:
                 await b.host.connect(a.host.addresses()[0])
                 await b.joins.join(await a.joins.invite(context))
                 await _disconnect(a, b)
-                ids = []
-                wires = []
+                ids: list[bytes] = []
+                wires: list[bytes] = []
                 for text in ("one", "two", "three"):
                     result = await a.contexts.execute(context, "post", json.dumps({"text": text}))
                     assert result.delta_id is not None
+                    wire = await a.contexts.read_delta(context, result.delta_id)
+                    assert wire is not None
                     ids.append(result.delta_id)
-                    wires.append(await a.contexts.read_delta(context, result.delta_id))
+                    wires.append(wire)
                 # b gets the third (parent: the second, which never comes) ...
                 assert (await b.contexts.receive(context, wires[2])).missing == {ids[1]}
                 registry = b.metrics.registry

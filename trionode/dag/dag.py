@@ -136,6 +136,53 @@ class CausalDag(Generic[T]):
                     work.append((child.id, child.parents, child.item))
         return ready
 
+    def checkpoint(
+        self,
+        ids: Iterable[bytes],
+        *,
+        superseded: Iterable[bytes] = (),
+        apply: Callable[[bytes, T], bool] | None = None,
+    ) -> tuple[list[tuple[bytes, T]], list[tuple[bytes, T]]]:
+        """Mark `ids` applied without applying them: their effects arrived as state (a
+        snapshot or a tree comparison), which covers every delta in their causal past.
+
+        Unknown `ids` become heads; `superseded` (heads the state's source had already
+        built on) stop being heads. Pending deltas the ids cover (the ids themselves and the
+        pending ancestors reachable from them) leave `pending` as applied too. Then pending
+        deltas that waited only for covered ids are released through `apply`, in causal
+        order, as `offer` does. Returns (released, covered): the released deltas that
+        `apply` accepted, and the covered pending ones (their bodies are real deltas).
+        """
+        ids = [i for i in dict.fromkeys(ids) if i != GENESIS]
+        covered: list[tuple[bytes, T]] = []
+        cover_parents: set[bytes] = set()
+        stack = [i for i in ids if i in self._pending]
+        while stack:
+            pending = self._pending.get(stack.pop())
+            if pending is None:
+                continue
+            self._drop(pending.id)
+            covered.append((pending.id, pending.item))
+            cover_parents.update(pending.parents)
+            stack.extend(p for p in pending.parents if p in self._pending)
+        marked = [i for i in ids if i not in self.applied]
+        self.applied.update(marked)
+        self.applied.update(delta_id for delta_id, _ in covered)
+        self.heads.update(marked)
+        self.heads.difference_update(cover_parents)
+        self.heads.difference_update(s for s in superseded if s not in ids)
+        released: list[tuple[bytes, T]] = []
+        for done in [*marked, *(delta_id for delta_id, _ in covered)]:
+            for child_id in sorted(self._waiting.pop(done, ())):
+                child = self._pending.get(child_id)
+                if child is None:
+                    continue
+                child.missing.discard(done)
+                if not child.missing:
+                    del self._pending[child_id]
+                    released.extend(self._cascade(child.id, child.parents, child.item, apply))
+        return released, covered
+
     def _mark_applied(self, delta_id: bytes, parents: tuple[bytes, ...]) -> None:
         self.applied.add(delta_id)
         self.heads.difference_update(parents)
