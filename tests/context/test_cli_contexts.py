@@ -106,6 +106,41 @@ async def test_install_create_call_and_watch(tmp_path: Path) -> None:
             assert failing.stderr.decode().strip() == "trionode: 404: no key 'nope'"
             listed = await _cli("context", "list", "--home", home)
             assert context_id in listed.stdout.decode()
+            # chat and notes through the CLI too.
+            chat_app = await _cli_json(
+                "app", "install", str(ROOT / "apps" / "chat"), "--home", home
+            )
+            chat = await _cli_json(
+                "context",
+                "create",
+                str(chat_app["applicationId"]),
+                "--args",
+                '{"topic": "cli"}',
+                "--home",
+                home,
+            )
+            chat_id = str(chat["contextId"])
+            await _cli_json("call", chat_id, "post", "--args", '{"text": "hi"}', "--home", home)
+            messages = await _cli_json("call", chat_id, "messages", "--home", home)
+            assert [m["text"] for m in messages["output"]] == ["hi"]
+            notes_app = await _cli_json(
+                "app", "install", str(ROOT / "apps" / "notes"), "--home", home
+            )
+            notes = await _cli_json(
+                "context",
+                "create",
+                str(notes_app["applicationId"]),
+                "--args",
+                '{"text": "helo"}',
+                "--home",
+                home,
+            )
+            notes_id = str(notes["contextId"])
+            await _cli_json(
+                "call", notes_id, "insert", "--args", '{"pos": 3, "text": "l"}', "--home", home
+            )
+            text = await _cli_json("call", notes_id, "text", "--home", home)
+            assert text["output"] == "hello"
             node.send_signal(signal.SIGTERM)
             assert await node.wait() == 0
             assert await watcher.wait() == 0  # the stream ended with the node
