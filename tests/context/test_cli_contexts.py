@@ -122,7 +122,9 @@ async def test_install_create_call_and_watch(tmp_path: Path) -> None:
             chat_id = str(chat["contextId"])
             await _cli_json("call", chat_id, "post", "--args", '{"text": "hi"}', "--home", home)
             messages = await _cli_json("call", chat_id, "messages", "--home", home)
-            assert [m["text"] for m in messages["output"]] == ["hi"]
+            output = messages["output"]
+            assert isinstance(output, list)
+            assert [m["text"] for m in output] == ["hi"]
             notes_app = await _cli_json(
                 "app", "install", str(ROOT / "apps" / "notes"), "--home", home
             )
