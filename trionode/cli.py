@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from trionode import __version__
-from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS
+from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, table as _table
 from trionode.client import ApiError, Client, open_client
 from trionode.config import (
     DEFAULT_HOME,
@@ -146,15 +146,6 @@ def _api_target(args: argparse.Namespace) -> tuple[str, str]:
         url = f"http://{host}:{config.api.port}"
     token = args.token if args.token is not None else read_token(home)
     return url, token
-
-
-def _table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    return "\n".join(lines)
 
 
 def _render_mapping(data: dict[str, Any]) -> str:

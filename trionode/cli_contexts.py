@@ -17,7 +17,8 @@ Spec = tuple[
 ]
 
 
-def _table(rows: Sequence[Sequence[object]], headers: tuple[str, ...]) -> str:
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    """Rows as aligned text columns (the CLI's default output)."""
     cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join(
@@ -54,7 +55,7 @@ def _render_apps(result: Any) -> str:
     rows = [
         (a["applicationId"], a["name"], a["version"], a["path"]) for a in result["applications"]
     ]
-    return _table(rows, ("application id", "name", "version", "installed from"))
+    return table(rows, ("application id", "name", "version", "installed from"))
 
 
 # -- contexts -------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def _render_contexts(result: Any) -> str:
         (c["contextId"], c["applicationId"], len(c["heads"]), c["rootHash"][:16], len(c["members"]))
         for c in result["contexts"]
     ]
-    return _table(rows, ("context id", "application id", "heads", "root hash", "members"))
+    return table(rows, ("context id", "application id", "heads", "root hash", "members"))
 
 
 def _render_context(c: Any) -> str:
@@ -134,7 +135,7 @@ async def _members(client: Client, args: argparse.Namespace) -> Any:
 
 
 def _render_members(result: Any) -> str:
-    return _table([(m["publicKey"], m["role"]) for m in result["members"]], ("member", "role"))
+    return table([(m["publicKey"], m["role"]) for m in result["members"]], ("member", "role"))
 
 
 async def _remove(client: Client, args: argparse.Namespace) -> Any:

@@ -7,6 +7,7 @@ when a read ends in the middle of a chunk.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 
 
@@ -58,3 +59,13 @@ class ChunkQueue:
     def clear(self) -> None:
         self._chunks.clear()
         self._size = 0
+
+
+def checked_max_bytes(max_bytes: int | None) -> int | None:
+    """Validate `receive_some`'s argument as trio.abc.ReceiveStream requires."""
+    if max_bytes is None:
+        return None
+    max_bytes = operator.index(max_bytes)
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be >= 1")
+    return max_bytes

@@ -9,12 +9,10 @@ are a bug: trio's ConflictDetector turns them into BusyResourceError instead of 
 
 from __future__ import annotations
 
-import operator
-
 import trio
 
 from trionode.errors import RemoteProtocolError
-from trionode.net.chunks import ChunkQueue
+from trionode.net.chunks import ChunkQueue, checked_max_bytes
 from trionode.wire.keys import PeerId, PrivateKey
 from trionode.wire.noise import HandshakeComplete, NoiseHandshake, NoiseTransport
 
@@ -79,10 +77,7 @@ class NoiseStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if max_bytes is not None:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be >= 1")
+        max_bytes = checked_max_bytes(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this NoiseStream")
         self._receiving = True

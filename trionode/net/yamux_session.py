@@ -19,13 +19,12 @@ the peer only when the application consumes them.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 
 import trio
 
 from trionode.errors import RemoteProtocolError
-from trionode.net.chunks import ChunkQueue
+from trionode.net.chunks import ChunkQueue, checked_max_bytes
 from trionode.wire.yamux import (
     GO_AWAY_NORMAL,
     ConnectionTerminated,
@@ -140,10 +139,7 @@ class YamuxStream(trio.abc.HalfCloseableStream):
             self.session._wake_writer()  # noqa: SLF001
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if max_bytes is not None:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be >= 1")
+        max_bytes = checked_max_bytes(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._receiving = True
