@@ -7,7 +7,14 @@ import sys
 
 import trio
 
-from benchmarks import context_bench, pubsub_bench, pubsub_procs, store_bench, transport_bench
+from benchmarks import (
+    context_bench,
+    pubsub_bench,
+    pubsub_procs,
+    store_bench,
+    sync_bench,
+    transport_bench,
+)
 from benchmarks.harness import Row, render
 
 
@@ -18,6 +25,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "pubsub": pubsub_bench.run,
         "pubsub-procs": pubsub_procs.run,
         "contexts": context_bench.run,
+        "sync": sync_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():

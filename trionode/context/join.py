@@ -14,7 +14,7 @@ import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from trionode.context import invitations as inv, members
+from trionode.context import invitations as inv, members, snapshot
 from trionode.context.applications import Applications
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.records import ContextRecord
@@ -122,6 +122,11 @@ class JoinService:
         if not response.ok:
             raise ContextError(f"the inviter refused: {response.error}", status=403)
         keys = inv.open_keys(response.sealed_keys, key)
+        if self.replicator.sync_session is not None:
+            # Before the context exists here, so no session ever sees it without the marker.
+            await snapshot.begin(
+                self.store, invitation.context_id, source=invitation.inviter, peer=str(peer)
+            )
         record = await self.contexts.adopt(
             context_id=invitation.context_id,
             application_id=invitation.application_id,
@@ -130,9 +135,37 @@ class JoinService:
             key_id=response.key_id,
         )
         self.replicator.subscribe(invitation.context_id)
-        with trio.fail_after(self.timeout):
-            await self.replicator.fetch(peer, invitation.context_id, set(response.heads))
+        await self._first_sync(invitation, peer, response.heads)
         return await self.contexts.get(record.context_id)
+
+    async def _first_sync(
+        self, invitation: inv.Invitation, peer: PeerId, heads: list[bytes]
+    ) -> None:
+        """A snapshot from the inviter, then the deltas written since (the sync manager's
+        session). The inviting admin's key, which signed the invitation, is the one source
+        of unsigned state this node can trust yet: the snapshot marker names it. If this
+        sync fails, the node is still a member and sync sessions finish the job."""
+        context_id = invitation.context_id
+        session = self.replicator.sync_session
+        try:
+            if session is None:
+                with trio.fail_after(self.timeout):
+                    await self.replicator.fetch(peer, context_id, set(heads))
+                return
+            await session(context_id, peer)
+        except (
+            PeerError,
+            ProtocolError,
+            ContextError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as exc:
+            log.warning(
+                "joined %s; its first sync failed (%s): sync sessions will complete it",
+                base58.b58encode(context_id).decode(),
+                exc,
+            )
 
     async def _connect(self, peer: PeerId, addrs: list[str]) -> Connection:
         existing = self.host.connections.get(peer)

@@ -69,7 +69,7 @@ from trionode.dag.delta import (
     seal_delta,
     verify_delta,
 )
-from trionode.errors import ProtocolError, StorageError, TrionodeError
+from trionode.errors import ProtocolError, RemoteProtocolError, StorageError, TrionodeError
 from trionode.sdk.app import App
 from trionode.sdk.errors import AppError
 from trionode.sdk.runtime import CallOutcome, execute, init_state, run_handler
@@ -447,7 +447,7 @@ class ContextManager:
         delta = decode_delta(wire)
         header = verify_delta(delta)
         if header.context_id != context_id:
-            raise ContextError("delta belongs to another context")
+            raise RemoteProtocolError("delta belongs to another context")
         loaded = await self._context(context_id)
         async with loaded.lock:
             batch = WriteBatch()

@@ -22,7 +22,8 @@ signing the connection's Noise handshake hash with its member key.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from typing import Final
 
 import attrs
@@ -33,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trionode.context.manager import ContextError, ContextManager
-from trionode.dag.delta import SignedDelta
+from trionode.context.treecmp import SessionResponder
+from trionode.dag.delta import SignedDelta, decode_delta
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection, Host
@@ -166,6 +168,9 @@ class Replicator:
         self.session_limiter: trio.CapacityLimiter | None = None
         """Shared with outgoing sessions by the sync manager: incoming ones count too."""
         self.on_heartbeat: Callable[[PeerId, Heartbeat], Awaitable[None]] | None = None
+        self.sync_session: Callable[[bytes, PeerId], Awaitable[int]] | None = None
+        """Set by the sync manager: run a sync session for a context with a peer now (the
+        join uses it for its first sync, a snapshot)."""
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         contexts.local_delta_listeners.append(self.broadcast)
 
@@ -235,7 +240,14 @@ class Replicator:
             self.metrics.outcome("rejected_invalid")
             log.info("invalid delta from %s: %s", peer, exc)
             return
-        if result.missing:
+        if (
+            result.missing
+            and not self.contexts.snapshot_running(context_id)
+            and not await self.contexts.is_fresh(context_id)
+        ):
+            # (A node with no state takes it from its first sync, a snapshot whose boundary
+            # releases what waits here, then the tail; chasing history now would duplicate
+            # that.)
             self.request_fetch(peer, context_id, result.missing)
 
     def request_fetch(self, peer: PeerId, context_id: bytes, ids: frozenset[bytes]) -> None:
@@ -274,8 +286,11 @@ class Replicator:
             finally:
                 self._fetching.difference_update((request.context_id, i) for i in request.ids)
 
-    async def fetch(self, peer: PeerId, context_id: bytes, ids: set[bytes]) -> int:
-        """Get `ids` and, breadth-first, whatever they still lack, from `peer`."""
+    async def fetch(
+        self, peer: PeerId, context_id: bytes, ids: set[bytes], *, max_rounds: int | None = None
+    ) -> int:
+        """Get `ids` and, breadth-first, whatever they still lack, from `peer` (at most
+        `max_rounds` requests, default `max_fetch_rounds`)."""
         _, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
         received = 0
         async with stream:
@@ -285,7 +300,7 @@ class Replicator:
             channel = _Channel(stream)
             await channel.send(await self._auth(conn, context_id))
             wanted = set(ids)
-            for _ in range(self.max_fetch_rounds):
+            for _ in range(self.max_fetch_rounds if max_rounds is None else max_rounds):
                 if not wanted:
                     break
                 batch = sorted(wanted)[:MAX_IDS]
@@ -296,7 +311,13 @@ class Replicator:
                 if not isinstance(reply, DeltaResponse):
                     raise RemoteProtocolError(f"expected deltas, got {type(reply).__name__}")
                 wanted.difference_update(batch)
+                asked = set(batch)
                 for wire in reply.deltas:
+                    if decode_delta(wire).id not in asked:
+                        # Not what we asked for (a wrong id): never applied, whatever it is.
+                        self.metrics.outcome("rejected_invalid")
+                        log.info("%s sent a delta that was not requested", peer)
+                        continue
                     result = await self.contexts.receive(context_id, wire)
                     received += len(result.applied)
                     wanted.update(result.missing)
@@ -304,6 +325,23 @@ class Replicator:
                     log.info("%s lacks %d requested deltas", peer, len(reply.missing))
             await stream.send_eof()
         return received
+
+    @asynccontextmanager
+    async def session(
+        self, peer: PeerId, context_id: bytes
+    ) -> AsyncIterator[tuple[_Channel, Connection]]:
+        """A sync stream to `peer` on which we have proved our membership of `context_id`
+        (for the state-based protocols: snapshot, tree comparison)."""
+        _, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
+        async with stream:
+            conn = self.host.connections.get(peer)
+            if conn is None:
+                raise PeerError(f"lost the connection to {peer}")
+            channel = _Channel(stream)
+            await channel.send(await self._auth(conn, context_id))
+            yield channel, conn
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_eof()
 
     async def _auth(self, conn: Connection, context_id: bytes) -> SyncAuth:
         member, key = await self.contexts.member_key(context_id)
@@ -321,7 +359,8 @@ class Replicator:
                 raise PeerError(f"lost the connection to {peer}")
             channel = _Channel(stream)
             await channel.send(await self._auth(conn, context_id))
-            await channel.send(HeadsRequest())
+            _, ours, _ = await self.contexts.state(context_id)
+            await channel.send(HeadsRequest(heads=ours[:MAX_IDS]))
             reply = await channel.receive()
             if isinstance(reply, SyncError):
                 raise ContextError(f"{peer} refused: {reply.message}")
@@ -347,13 +386,18 @@ class Replicator:
             self.metrics.sync_refused.inc()
             await channel.send(SyncError(message=problem))
             return
+        state_sync = SessionResponder(self.contexts, conn, first.context_id, first.member)
         while (message := await channel.receive(eof_ok=True)) is not None:
             if isinstance(message, HeadsRequest):
-                root, heads, _ = await self.contexts.state(first.context_id)
-                await channel.send(HeadsResponse(heads=heads[:MAX_IDS], root_hash=root))
+                heads, known, root = await self.contexts.capture(first.context_id, message.heads)
+                await channel.send(
+                    HeadsResponse(heads=heads[:MAX_IDS], root_hash=root, known=known[:MAX_IDS])
+                )
                 continue
             if not isinstance(message, DeltaRequest):
-                raise RemoteProtocolError(f"unexpected {type(message).__name__} on sync stream")
+                # Snapshot and tree comparison (raises for anything else).
+                await channel.send(await state_sync.handle(message))
+                continue
             found: list[bytes] = []
             missing: list[bytes] = []
             for delta_id in message.ids:

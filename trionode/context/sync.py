@@ -8,13 +8,25 @@ SyncManager.run ── sync nursery
    └─ sessions        one task each, all under one CapacityLimiter(sync.max_concurrent)
                       shared with incoming sessions (see Replicator._serve_sync)
 ```
-A session asks a member peer for its heads and root (`HeadsRequest`), then fetches every
-head it lacks breadth-first (delta sync, via `Replicator.fetch`). Both sides run sessions,
-so each pulls what it lacks. A heartbeat showing heads we lack starts a session with that
-peer at once; equal heads with a different root are counted as divergence.
+A session asks a member peer for its heads and root (`HeadsRequest`), then picks a protocol
+(`_sync_with`):
 
-Not here yet: snapshot transfer for fresh joiners (they delta-sync the whole history) and
-Merkle tree comparison for divergent replicas (see the closing notes of the sync issue).
+* a snapshot is being taken (a marker is persisted), or the node has no state at all →
+  **snapshot** (`snapshot.take`: paged, resumable, never over existing state), then a delta
+  sync of the tail. A node with no state and no trusted snapshot source (only the join
+  records one) fetches the whole delta history instead: deltas verify themselves.
+* every head of the peer's is applied here: equal roots → nothing to do; equal heads and a
+  different root → **divergence** (counted) → tree comparison; otherwise we are ahead and the
+  peer pulls from us in its own session.
+* otherwise → **delta sync**: fetch the peer's unknown heads (and the parents our pending
+  deltas miss) breadth-first, at most `max_delta_rounds` requests deep. If that closes the
+  gap, done; if not (a long gap, or history the peer does not hold because it took a
+  snapshot) → **tree comparison** (`treecmp.compare`: both directions in one session).
+
+Both sides run sessions, so each pulls what it lacks. A heartbeat showing heads we lack
+starts a session with that peer at once; equal heads with a different root are counted as
+divergence and start one too (within the interval and backoff rules). Sessions of one
+context run one at a time (a per-context lock; an explicit sync waits for a running one).
 """
 
 from __future__ import annotations
@@ -28,12 +40,13 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from trionode.context import snapshot, treecmp
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.replication import Replicator, topic_for
 from trionode.errors import PeerError, ProtocolError
 from trionode.net.pubsub import PubSub
 from trionode.wire.keys import PeerId
-from trionode.wire.messages import Heartbeat, encode_gossip
+from trionode.wire.messages import HeadsResponse, Heartbeat, encode_gossip
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +72,29 @@ class SyncMetrics:
             "Peers that reported our heads with a different root hash",
             registry=registry,
         )
+        self.snapshot_refused = Counter(
+            "trionode_sync_snapshot_refused",
+            "Snapshots refused because the node already had state",
+            registry=registry,
+        )
+        self.records = Counter(
+            "trionode_sync_records",
+            "Entity records moved by state-based sync (snapshot, pulled, pushed, refused)",
+            ["direction"],
+            registry=registry,
+        )
+        self.round_trips = Counter(
+            "trionode_sync_round_trips",
+            "Requests answered within state-based sessions",
+            ["protocol"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "trionode_sync_bytes",
+            "Approximate payload bytes of tree comparisons",
+            ["direction"],
+            registry=registry,
+        )
         self.heartbeats = Counter(
             "trionode_sync_heartbeats", "Heartbeats by direction", ["direction"], registry=registry
         )
@@ -73,6 +109,16 @@ class _ContextSync:
     last_success: float = -1e18
     failures: int = 0
     next_attempt: float = 0.0
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
+
+
+@attrs.define
+class _Run:
+    """What one session did (for its metrics)."""
+
+    protocol: str = "none"
+    outcome: str = "ok"
+    applied: int = 0
 
 
 class SyncManager:
@@ -88,6 +134,8 @@ class SyncManager:
         heartbeat: float = 5.0,
         timeout: float = 30.0,
         max_concurrent: int = 30,
+        max_delta_rounds: int = 64,
+        tree_limits: treecmp.TreeLimits | None = None,
     ) -> None:
         self.contexts = contexts
         self.replicator = replicator
@@ -97,6 +145,12 @@ class SyncManager:
         self.heartbeat = heartbeat
         self.timeout = timeout
         self.limiter = trio.CapacityLimiter(max_concurrent)
+        self.max_delta_rounds = max_delta_rounds
+        """How deep (in breadth-first requests) a gap delta sync fills before giving way to
+        tree comparison."""
+        self.tree_limits = tree_limits or treecmp.TreeLimits()
+        self.snapshot_page_records = snapshot.PAGE_RECORDS
+        self.snapshot_page_bytes = snapshot.PAGE_BYTES
         self.metrics = SyncMetrics(registry, self.limiter)
         self._state: dict[bytes, _ContextSync] = {}
         self._running: set[bytes] = set()
@@ -104,6 +158,7 @@ class SyncManager:
         self._rng = random.Random()  # noqa: S311 - picks a peer, protects nothing
         replicator.session_limiter = self.limiter
         replicator.on_heartbeat = self._on_heartbeat
+        replicator.sync_session = self.sync_now
 
     async def run(
         self,
@@ -149,20 +204,22 @@ class SyncManager:
         state = self._state.setdefault(context_id, _ContextSync())
         self._running.add(context_id)
         started = time.perf_counter()
+        run = _Run()
         try:
-            candidates = [peer] if peer is not None else self._member_peers(context_id)
-            if not candidates:
-                self.metrics.sessions.labels("delta", "no_peer").inc()
-                return 0  # "no peer" is not a failure
-            chosen = self._rng.choice(candidates)
-            async with self.limiter:
-                with trio.fail_after(self.timeout):
-                    applied = await self._delta_sync(context_id, chosen)
-            state.last_success = trio.current_time()
-            state.failures = 0
-            self.metrics.sessions.labels("delta", "ok").inc()
-            self.metrics.deltas.inc(applied)
-            return applied
+            async with state.lock:
+                candidates = [peer] if peer is not None else self._member_peers(context_id)
+                if not candidates:
+                    run.outcome = "no_peer"
+                    return 0  # "no peer" is not a failure
+                chosen = await self._pick(context_id, candidates)
+                async with self.limiter:
+                    with trio.fail_after(self.timeout):
+                        await self._sync_with(context_id, chosen, run)
+            if run.outcome == "ok":
+                state.last_success = trio.current_time()
+                state.failures = 0
+            self.metrics.deltas.inc(run.applied)
+            return run.applied
         except (
             PeerError,
             ProtocolError,
@@ -171,19 +228,37 @@ class SyncManager:
             trio.BrokenResourceError,
             trio.ClosedResourceError,
         ) as exc:
+            if isinstance(exc, snapshot.SnapshotRefused):
+                run.outcome = "refused"
+            else:
+                run.outcome = "failed"
             state.failures += 1
             backoff = min(self.min_interval * 2**state.failures, MAX_BACKOFF)
             state.next_attempt = trio.current_time() + backoff
-            self.metrics.sessions.labels("delta", "failed").inc()
             log.info(
-                "sync of %s failed (%s); next try in %.0fs", context_id.hex()[:12], exc, backoff
+                "%s sync of %s failed (%s); next try in %.0fs",
+                run.protocol,
+                context_id.hex()[:12],
+                exc,
+                backoff,
             )
             if raise_errors:
                 raise
-            return 0
+            return run.applied
         finally:
             self._running.discard(context_id)
+            self.metrics.sessions.labels(run.protocol, run.outcome).inc()
             self.metrics.duration.observe(time.perf_counter() - started)
+
+    async def _pick(self, context_id: bytes, candidates: list[PeerId]) -> PeerId:
+        """A random candidate; but while a snapshot is being taken, its peer if connected
+        (the one trusted source of unsigned state; others would only give us deltas)."""
+        progress = await snapshot.load_progress(self.contexts.store, context_id)
+        if progress is not None and progress.peer is not None:
+            for connected, conn in self.replicator.host.connections.items():
+                if str(connected) == progress.peer and not conn.closed:
+                    return connected
+        return self._rng.choice(candidates)
 
     def _member_peers(self, context_id: bytes) -> list[PeerId]:
         # Members subscribe to their contexts' topics, so a topic's peers are candidate
@@ -191,19 +266,137 @@ class SyncManager:
         connected = self.replicator.host.connections
         return [p for p in self.pubsub.topic_peers(topic_for(context_id)) if p in connected]
 
-    async def _delta_sync(self, context_id: bytes, peer: PeerId) -> int:
+    async def _sync_with(self, context_id: bytes, peer: PeerId, run: _Run) -> None:
+        """One session with `peer`: choose the protocol (module docstring) and run it."""
+        if self.contexts.snapshot_running(context_id):
+            run.protocol, run.outcome = "snapshot", "busy"  # the join is taking it
+            return
+        progress = await snapshot.load_progress(self.contexts.store, context_id)
         heads = await self.replicator.ask_heads(peer, context_id)
-        ours_root, ours, _ = await self.contexts.state(context_id)
-        unknown = {h for h in heads.heads if not await self._known(context_id, h)}
-        if not unknown:
-            if sorted(heads.heads) == ours and heads.root_hash != ours_root:
-                self.metrics.divergence.inc()
-                log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
-            return 0
-        return await self.replicator.fetch(peer, context_id, unknown)
+        if progress is not None or await self.contexts.is_fresh(context_id):
+            if not heads.heads:
+                return  # the peer has nothing either
+            if progress is not None:
+                try:
+                    await self._snapshot(context_id, peer, run)
+                    return
+                except snapshot.UntrustedSource as exc:
+                    log.info("no snapshot from %s (%s): syncing deltas instead", peer, exc)
+            # The whole history (each session goes `max_fetch_rounds` deeper): every delta
+            # verifies itself, so any member will do.
+            run.protocol = "delta"
+            if not await self._delta_sync(context_id, peer, heads, run, max_rounds=None):
+                run.outcome = "partial"
+            elif progress is not None:
+                await self.contexts.store.delete(
+                    snapshot.PROGRESS, snapshot.progress_key(context_id)
+                )
+            return
+        root, ours, _ = await self.contexts.state(context_id)
+        unknown = await self.contexts.unknown(context_id, heads.heads)
+        missing = await self.contexts.missing(context_id)
+        if not unknown and not missing:
+            ours = await self._drop_stale_heads(context_id, heads, ours)
+            if heads.root_hash == root or sorted(heads.heads) != ours:
+                return  # in sync, or we are ahead (the peer pulls from us)
+            self.metrics.divergence.inc()
+            log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
+        else:
+            run.protocol = "delta"
+            if await self._delta_sync(
+                context_id, peer, heads, run, max_rounds=self.max_delta_rounds
+            ):
+                await self._drop_stale_heads(context_id, heads, ours)
+                return
+        await self._tree_compare(context_id, peer, heads.heads, run)
 
-    async def _known(self, context_id: bytes, delta_id: bytes) -> bool:
-        return await self.contexts.read_delta(context_id, delta_id) is not None
+    async def _drop_stale_heads(
+        self, context_id: bytes, peer: HeadsResponse, ours: list[bytes]
+    ) -> list[bytes]:
+        """Every head of the peer's is applied here: drop our heads the peer had applied and
+        does not list as heads (they lie below its heads, so they are not maximal here).
+        Such stale heads come from checkpoints, which do not know their ancestors: a delta
+        from before a snapshot's boundary that arrives later (as the parent of a concurrent
+        one) is applied as a head. Returns our heads now."""
+        stale = (set(peer.known) & set(ours)) - set(peer.heads)
+        if not stale:
+            return ours
+        log.info("%d stale heads in %s", len(stale), context_id.hex()[:12])
+        _, heads = await self.contexts.adopt_heads(context_id, peer.heads, stale)
+        return heads
+
+    async def _delta_sync(
+        self,
+        context_id: bytes,
+        peer: PeerId,
+        heads: HeadsResponse,
+        run: _Run,
+        *,
+        max_rounds: int | None,
+    ) -> bool:
+        """Fetch what we lack of the peer's heads (and what our pending deltas wait for), at
+        most `max_rounds` requests deep (None: the replicator's default); whether every head
+        of the peer's is applied now."""
+        wanted = await self.contexts.unknown(context_id, heads.heads)
+        wanted |= await self.contexts.missing(context_id)
+        if wanted:
+            run.applied += await self.replicator.fetch(
+                peer,
+                context_id,
+                wanted,
+                max_rounds=max_rounds,
+            )
+        applied = await self.contexts.applied(context_id, heads.heads)
+        return len(applied) == len(set(heads.heads))
+
+    async def _snapshot(self, context_id: bytes, peer: PeerId, run: _Run) -> None:
+        run.protocol = "snapshot"
+        try:
+            async with self.replicator.session(peer, context_id) as (channel, conn):
+                _, joined = await snapshot.take(
+                    self.contexts,
+                    channel,
+                    conn,
+                    peer,
+                    context_id,
+                    page_records=self.snapshot_page_records,
+                    page_bytes=self.snapshot_page_bytes,
+                )
+        except snapshot.SnapshotRefused:
+            self.metrics.snapshot_refused.inc()
+            # The state came some other way: the marker no longer applies.
+            await self.contexts.store.delete(snapshot.PROGRESS, snapshot.progress_key(context_id))
+            raise
+        self.metrics.records.labels("snapshot").inc(joined)
+        # The tail: what the peer wrote since the boundary (and anything gossip left pending).
+        tail = await self.replicator.ask_heads(peer, context_id)
+        if not await self._delta_sync(
+            context_id, peer, tail, run, max_rounds=self.max_delta_rounds
+        ):
+            run.outcome = "partial"  # the next session continues (delta or tree comparison)
+
+    async def _tree_compare(
+        self, context_id: bytes, peer: PeerId, peer_heads: list[bytes], run: _Run
+    ) -> None:
+        run.protocol = "tree"
+        async with self.replicator.session(peer, context_id) as (channel, conn):
+            result = await treecmp.compare(
+                self.contexts,
+                channel,
+                conn,
+                peer,
+                context_id,
+                peer_heads=peer_heads,
+                limits=self.tree_limits,
+            )
+        self.metrics.records.labels("pulled").inc(result.pulled)
+        self.metrics.records.labels("pushed").inc(result.pushed)
+        self.metrics.records.labels("refused").inc(result.refused_here + result.refused_there)
+        self.metrics.round_trips.labels("tree").inc(result.round_trips)
+        self.metrics.bytes.labels("received").inc(result.bytes_received)
+        self.metrics.bytes.labels("sent").inc(result.bytes_sent)
+        if not (result.complete and result.adopted_here and result.adopted_there):
+            run.outcome = "partial"
 
     # -- heartbeats --------------------------------------------------------------------------
 
@@ -225,11 +418,16 @@ class SyncManager:
         context_id = heartbeat.context_id
         if context_id not in self.contexts.known_ids():
             return
-        for head in heartbeat.heads:
-            if not await self._known(context_id, head):
-                self._start(context_id, peer)  # they have something we lack: sync now
-                return
+        if len(await self.contexts.applied(context_id, heartbeat.heads)) < len(
+            set(heartbeat.heads)
+        ):
+            self._start(context_id, peer)  # they have something we lack: sync now
+            return
         root, heads, _ = await self.contexts.state(context_id)
         if heads == sorted(heartbeat.heads) and root != heartbeat.root_hash:
             self.metrics.divergence.inc()
             log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
+            state = self._state.setdefault(context_id, _ContextSync())
+            now = trio.current_time()
+            if now - state.last_success >= self.min_interval and now >= state.next_attempt:
+                self._start(context_id, peer)  # tree comparison repairs it

@@ -82,10 +82,16 @@ class SyncAuth(msgspec.Struct, tag="auth", frozen=True, forbid_unknown_fields=Tr
 class HeadsRequest(msgspec.Struct, tag="get_heads", frozen=True, forbid_unknown_fields=True):
     """Open a session: what are your heads and root hash?"""
 
+    heads: Ids = []
+    """The requester's heads: the answer says which of them the responder has applied."""
+
 
 class HeadsResponse(msgspec.Struct, tag="heads", frozen=True, forbid_unknown_fields=True):
     heads: Ids
     root_hash: Id32
+    known: Ids = []
+    """Those of the request's heads the responder has applied (read with `heads`): one that
+    is not among `heads` lies below them, so it is no head of the union."""
 
 
 class DeltaRequest(msgspec.Struct, tag="get_deltas", frozen=True, forbid_unknown_fields=True):
@@ -102,7 +108,134 @@ class SyncError(msgspec.Struct, tag="error", frozen=True, forbid_unknown_fields=
     message: Annotated[str, msgspec.Meta(max_length=1024)]
 
 
-SyncMessage = SyncAuth | HeadsRequest | HeadsResponse | DeltaRequest | DeltaResponse | SyncError
+# -- state-based sync: snapshot and tree comparison (trionode.context.snapshot / treecmp) --
+
+MAX_RECORD: Final = 4 * 1024 * 1024
+"""Largest entity record on the wire (`trionode.crdt.MAX_ENTITY_BYTES`)."""
+MAX_PAGE_RECORDS: Final = 4096
+MAX_NODE_CHILDREN: Final = 16384
+"""Children listed per node in one reply (a bigger node is listed in pages)."""
+
+Record = Annotated[bytes, msgspec.Meta(max_length=MAX_RECORD)]
+Records = Annotated[list[Record], msgspec.Meta(max_length=MAX_PAGE_RECORDS)]
+
+
+class ProofRequest(msgspec.Struct, tag="get_proof", frozen=True, forbid_unknown_fields=True):
+    """Before trusting state from the responder, the requester asks who it is."""
+
+
+class PeerProof(msgspec.Struct, tag="proof", frozen=True, forbid_unknown_fields=True):
+    """The responder's member key signs the Noise handshake hash under its own domain
+    (so a requester's `SyncAuth` cannot be reflected back as a proof)."""
+
+    member: Id32
+    signature: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
+
+
+class SnapshotRequest(msgspec.Struct, tag="get_snapshot", frozen=True, forbid_unknown_fields=True):
+    """The next page of entity records, in id order, after `cursor` (None: from the start)."""
+
+    cursor: Id32 | None
+    max_records: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE_RECORDS)]
+    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_FRAME // 2)]
+
+
+class SnapshotPage(msgspec.Struct, tag="snapshot", frozen=True, forbid_unknown_fields=True):
+    records: Records
+    next_cursor: Id32 | None
+    """Where the next page starts (None: this was the last page)."""
+    heads: Ids
+    root_hash: Id32
+    """The responder's heads and root when it read this page (under its context lock)."""
+
+
+class TreeStart(msgspec.Struct, tag="tree_start", frozen=True, forbid_unknown_fields=True):
+    """Open a tree comparison: the requester's heads, and which of the responder's
+    heads (from `HeadsResponse`) it had applied when it read its own."""
+
+    heads: Ids
+    known: Ids
+
+
+class TreeStarted(msgspec.Struct, tag="tree_started", frozen=True, forbid_unknown_fields=True):
+    """The responder's heads and root, and which of the requester's heads it has applied,
+    read together."""
+
+    heads: Ids
+    known: Ids
+    root_hash: Id32
+
+
+class NodeQuery(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    id: Id32
+    after: Id32 | None = None
+    """List only children with ids above this one (the next page of a big node)."""
+
+
+class NodeRequest(msgspec.Struct, tag="get_nodes", frozen=True, forbid_unknown_fields=True):
+    queries: Annotated[list[NodeQuery], msgspec.Meta(min_length=1, max_length=MAX_IDS)]
+
+
+class TreeNode(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    id: Id32
+    record: Record | None
+    """The entity record (None for the root, or an id the responder does not hold)."""
+    hash: Id32 | None
+    """Its Merkle hash (None: hidden, so not part of the root hash)."""
+    children: Annotated[list[tuple[Id32, Id32 | None]], msgspec.Meta(max_length=MAX_NODE_CHILDREN)]
+    """(child id, hash or None if hidden), in id order."""
+    more: bool
+    """More children follow: ask again with `after` = the last child listed."""
+
+
+class NodeResponse(msgspec.Struct, tag="nodes", frozen=True, forbid_unknown_fields=True):
+    """Answers to a prefix of the queries, in order (ask again for the rest)."""
+
+    nodes: Annotated[list[TreeNode], msgspec.Meta(max_length=MAX_IDS)]
+
+
+class EntityPush(msgspec.Struct, tag="push", frozen=True, forbid_unknown_fields=True):
+    """Records the requester holds and the responder lacks (or holds older versions of)."""
+
+    records: Records
+
+
+class PushAck(msgspec.Struct, tag="pushed", frozen=True, forbid_unknown_fields=True):
+    changed: Annotated[int, msgspec.Meta(ge=0)]
+    refused: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class TreeDone(msgspec.Struct, tag="tree_done", frozen=True, forbid_unknown_fields=True):
+    """The requester walked the whole tree and pushed everything it had to."""
+
+
+class TreeDoneAck(msgspec.Struct, tag="tree_done_ack", frozen=True, forbid_unknown_fields=True):
+    adopted: bool
+    """Whether the responder recorded the requester's heads (False if it refused records)."""
+    heads: Ids
+    root_hash: Id32
+
+
+SyncMessage = (
+    SyncAuth
+    | HeadsRequest
+    | HeadsResponse
+    | DeltaRequest
+    | DeltaResponse
+    | SyncError
+    | ProofRequest
+    | PeerProof
+    | SnapshotRequest
+    | SnapshotPage
+    | TreeStart
+    | TreeStarted
+    | NodeRequest
+    | NodeResponse
+    | EntityPush
+    | PushAck
+    | TreeDone
+    | TreeDoneAck
+)
 
 _SYNC = msgspec.msgpack.Decoder(SyncMessage)
 

@@ -1,0 +1,697 @@
+"""Session protocols beyond delta sync (issue 7 item 2): snapshot and tree comparison.
+
+SCENARIOS 9-11 on in-process clusters (`open_cluster`, `autojump_clock`), plus the snapshot's
+resumption after a dropped connection (and a reload from the store), the protocol choice,
+the DAG bookkeeping of state-based sync, and malformed frames. Every test bounds itself with
+`trio.fail_after` in virtual seconds and waits on the convergence condition (same root, same
+heads, nothing pending, no session running), re-checked at each pubsub heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from trionode.config import FileConfig
+from trionode.context import snapshot, treecmp
+from trionode.context.records import DELTAS
+from trionode.context.replication import SYNC_PROTOCOL, _Channel
+from trionode.crdt import Entity, Kind, Timestamp, decode_entity, encode_entity
+from trionode.crdt.entity import ROOT_ID
+from trionode.dag.dag import CausalDag
+from trionode.dag.delta import GENESIS, decode_delta, verify_delta
+from trionode.errors import RemoteProtocolError
+from trionode.node import Node
+from trionode.testing import Cluster, open_cluster
+from trionode.wire.messages import (
+    MAX_FRAME,
+    MAX_PAGE_RECORDS,
+    MAX_RECORD,
+    DeltaRequest,
+    DeltaResponse,
+    EntityPush,
+    FrameReader,
+    NodeQuery,
+    NodeRequest,
+    SnapshotPage,
+    SnapshotRequest,
+    SyncMessage,
+    TreeDone,
+    frame,
+)
+
+APPS: Final = Path(__file__).resolve().parents[2] / "apps"
+LIMIT: Final = 600.0
+"""Virtual seconds a scenario may take (autojump makes a generous bound free)."""
+
+
+def quiet(file: FileConfig) -> FileConfig:
+    """No heartbeats or interval ticks within a test's span: sessions run when the test
+    says so (gossip still flows)."""
+    return msgspec.structs.replace(
+        file, sync=msgspec.structs.replace(file.sync, heartbeat=10_000.0, interval=10_000.0)
+    )
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def install(node: Node) -> bytes:
+    record = await node.applications.install(str(APPS / "kv_store"))
+    return record.application_id
+
+
+async def create(node: Node) -> bytes:
+    return (await node.contexts.create(await install(node))).context_id
+
+
+async def join(cluster: Cluster, inviter: int, joiner: int, context: bytes) -> None:
+    await install(cluster[joiner])
+    text = await cluster[inviter].joins.invite(context)
+    await cluster[joiner].joins.join(text)
+
+
+async def put(node: Node, context: bytes, key: str, value: str = "v") -> bytes:
+    result = await node.contexts.execute(context, "set", json.dumps({"key": key, "value": value}))
+    assert result.delta_id is not None
+    return result.delta_id
+
+
+async def entries(node: Node, context: bytes) -> dict[str, str]:
+    result: dict[str, str] = (await node.contexts.execute(context, "entries", "{}")).result
+    return result
+
+
+def metric(node: Node, name: str, **labels: str) -> float:
+    value = node.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def sessions(node: Node, protocol: str, outcome: str = "ok") -> float:
+    return metric(node, "trionode_sync_sessions_total", protocol=protocol, outcome=outcome)
+
+
+async def problem(nodes: Sequence[Node], context: bytes) -> str | None:
+    first: tuple[bytes, list[bytes]] | None = None
+    for node in nodes:
+        if node.sync.limiter.borrowed_tokens or node.replicator._fetching:
+            return f"{node.peer_id} is syncing"
+        root, heads, pending = await node.contexts.state(context)
+        if pending:
+            return f"{node.peer_id} has {pending} pending deltas"
+        if first is None:
+            first = (root, heads)
+        elif (root, heads) != first:
+            return f"{node.peer_id}: root/heads differ"
+    return None
+
+
+async def converged(cluster: Cluster, nodes: Sequence[Node], context: bytes) -> None:
+    """Wait until `nodes` agree on root and heads with nothing pending or running."""
+    why: str | None = "not checked"
+    try:
+        with trio.fail_after(LIMIT):
+            while True:
+                await cluster.settle()
+                why = await problem(nodes, context)
+                if why is None:
+                    return
+                await cluster[0].pubsub.wait_heartbeat()
+    except trio.TooSlowError:
+        raise AssertionError(f"no convergence: {why}") from None
+
+
+async def entity_count(node: Node, context: bytes) -> int:
+    records, more, _, _ = await node.contexts.snapshot_page(context, None, 1 << 30, 1 << 40)
+    assert more is None
+    return len(records)
+
+
+class Pages:
+    """Counts snapshot pages served; lets a test wait for the n-th."""
+
+    def __init__(self) -> None:
+        self.served = 0
+        self._waiting: list[tuple[int, trio.Event]] = []
+
+    def count(self) -> None:
+        self.served += 1
+        for n, event in self._waiting:
+            if self.served >= n:
+                event.set()
+
+    async def wait_for(self, n: int) -> None:
+        if self.served < n:
+            event = trio.Event()
+            self._waiting.append((n, event))
+            await event.wait()
+
+
+def slow_pages(monkeypatch: pytest.MonkeyPatch, seconds: float = 1.0) -> Pages:
+    """Every snapshot page takes `seconds` (virtual) to serve."""
+    pages = Pages()
+    original = snapshot.serve_page
+
+    async def slow(*args: Any) -> SnapshotPage:
+        await trio.sleep(seconds)
+        page = await original(*args)
+        pages.count()
+        return page
+
+    monkeypatch.setattr(treecmp, "serve_page", slow)
+    return pages
+
+
+async def raw_session(
+    node: Node, peer: Node, context: bytes, messages: Sequence[SyncMessage | bytes]
+) -> SyncMessage | None:
+    """Open a sync stream, prove membership, send `messages` (raw bytes as is); return the
+    first reply, or None if the responder closed the stream."""
+    _, stream = await node.host.new_stream(peer.host.peer_id, [SYNC_PROTOCOL])
+    async with stream:
+        conn = node.host.connections[peer.host.peer_id]
+        channel = _Channel(stream)
+        await channel.send(await node.replicator._auth(conn, context))
+        for message in messages:
+            await stream.send_all(message if isinstance(message, bytes) else frame(message))
+        try:
+            return await channel.receive(eof_ok=True)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+
+
+# -- SCENARIO 9 -------------------------------------------------------------------------------
+
+
+async def test_9_fresh_joiner_snapshots(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A and B hold N entries; C joins: it snapshots them from the inviter, ends with A's
+    root and heads, holds no delta from before, then applies A's next delta normally."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(3, tmp_path, configure=quiet) as cluster:
+            a, b, c = cluster
+            context = await create(a)
+            await join(cluster, 0, 1, context)
+            old = [await put(a if i % 2 else b, context, f"k{i:03}") for i in range(60)]
+            await converged(cluster, [a, b], context)
+            c.sync.snapshot_page_records = 16  # several pages
+
+            await join(cluster, 0, 2, context)
+            assert sessions(c, "snapshot") == 1
+            assert sessions(c, "delta") == 0
+            count = await entity_count(a, context)
+            assert metric(c, "trionode_sync_records_total", direction="snapshot") == count
+            assert count > 60
+            await converged(cluster, [a, b, c], context)
+            assert await entries(c, context) == await entries(a, context)
+            assert len(await entries(c, context)) == 60
+            # Nothing of the history before the snapshot: C answers "missing" for it.
+            for delta_id in old[:3]:
+                assert await c.contexts.read_delta(context, delta_id) is None
+            reply = await raw_session(a, c, context, [DeltaRequest(ids=old[:3])])
+            assert isinstance(reply, DeltaResponse)
+            assert reply.deltas == []
+            assert reply.missing == old[:3]
+            # The snapshot left no marker behind.
+            assert await snapshot.load_progress(c.store, context) is None
+
+            # A's next delta builds on the heads C recorded: it applies at once.
+            pending_before = metric(c, "trionode_deltas_total", outcome="pending")
+            new = await put(a, context, "after")
+            await converged(cluster, [a, b, c], context)
+            assert await c.contexts.read_delta(context, new) is not None
+            assert metric(c, "trionode_deltas_total", outcome="pending") == pending_before
+            assert (await entries(c, context))["after"] == "v"
+            # And C's own write reaches the others the same way.
+            await put(c, context, "from-c")
+            await converged(cluster, [a, b, c], context)
+            assert (await entries(b, context))["from-c"] == "v"
+
+
+# -- SCENARIO 10 ------------------------------------------------------------------------------
+
+
+async def test_10_join_while_writes_continue(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While C takes its snapshot page by page, A writes 5 more deltas: C ends with all."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(3, tmp_path, configure=quiet) as cluster:
+            a, b, c = cluster
+            context = await create(a)
+            await join(cluster, 0, 1, context)
+            for i in range(40):
+                await put(a, context, f"k{i:03}")
+            await converged(cluster, [a, b], context)
+            c.sync.snapshot_page_records = 8
+            served = slow_pages(monkeypatch)
+            during: list[bytes] = []
+            pages_at_last_write = 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(join, cluster, 0, 2, context)
+                await served.wait_for(2)
+                for i in range(5):
+                    during.append(await put(a, context, f"during{i}", "w"))
+                    pages_at_last_write = served.served
+                    await trio.sleep(0.5)
+            assert pages_at_last_write < served.served  # the writes fell between pages
+            assert sessions(c, "snapshot") == 1
+            await converged(cluster, [a, b, c], context)
+            values = await entries(c, context)
+            assert len(values) == 45
+            assert all(values[f"during{i}"] == "w" for i in range(5))
+            # The writes after the boundary arrived as deltas (by gossip, released by the
+            # boundary, or by the tail sync): C holds them.
+            for delta_id in during:
+                assert await c.contexts.read_delta(context, delta_id) is not None
+
+
+# -- SCENARIO 11 ------------------------------------------------------------------------------
+
+
+async def test_11_no_snapshot_over_existing_state(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+            a, b = cluster
+            context = await create(a)
+            await join(cluster, 0, 1, context)
+            await put(b, context, "mine")
+            await converged(cluster, [a, b], context)
+            root, heads, _ = await b.contexts.state(context)
+            # A marker (as a join leaves) on a node that has state: refused, counted, dropped.
+            admin, _ = await a.contexts.member_key(context)
+            await snapshot.begin(b.store, context, source=admin, peer=str(cluster.peer_ids[0]))
+            with pytest.raises(snapshot.SnapshotRefused):
+                await b.sync.sync_now(context, cluster.peer_ids[0])
+            assert metric(b, "trionode_sync_snapshot_refused_total") == 1
+            assert sessions(b, "snapshot", "refused") == 1
+            assert await snapshot.load_progress(b.store, context) is None
+            assert await b.contexts.state(context) == (root, heads, 0)
+            # Without a marker the protocol choice never picks a snapshot, and `take` refuses.
+            async with b.replicator.session(cluster.peer_ids[0], context) as (channel, conn):
+                with pytest.raises(snapshot.SnapshotRefused):
+                    await snapshot.take(b.contexts, channel, conn, cluster.peer_ids[0], context)
+            await put(a, context, "more")
+            snapshots = sessions(b, "snapshot")  # one: its join
+            await b.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(b, "snapshot") == snapshots
+            assert await b.contexts.state(context) == await a.contexts.state(context)
+
+
+async def test_11_divergent_nodes_reconcile_by_tree_comparison(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A (with C) and B diverge in a partition: A writes 10 entries, B 3. One session of B
+    with A (the gap is too deep for delta sync) leaves both with all 13 plus the shared ones
+    and the same heads; then deltas from either side apply everywhere, also on C, which
+    lacks B's branch and reconciles with A (which holds it only as state)."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(3, tmp_path, configure=quiet) as cluster:
+            a, b, c = cluster
+            context = await create(a)
+            await join(cluster, 0, 1, context)
+            await join(cluster, 0, 2, context)
+            await put(a, context, "shared1")
+            await put(b, context, "shared2")
+            await converged(cluster, [a, b, c], context)
+
+            await cluster.partition([1])
+            for i in range(10):
+                await put(a, context, f"a{i}")
+            b_deltas = [await put(b, context, f"b{i}") for i in range(3)]
+            await converged(cluster, [a, c], context)
+            await trio.sleep(10)  # past gossip's message cache: B's deltas stay with B
+            await cluster.heal()
+            b.sync.max_delta_rounds = 2
+            await b.sync.sync_now(context, cluster.peer_ids[0])
+            await cluster.settle()
+            assert sessions(b, "tree") == 1
+            assert metric(b, "trionode_sync_records_total", direction="pulled") >= 10
+            assert metric(b, "trionode_sync_records_total", direction="pushed") >= 3
+            assert len(await entries(a, context)) == len(await entries(b, context)) == 15
+            root_a, heads_a, pending_a = await a.contexts.state(context)
+            assert (root_a, heads_a, pending_a) == await b.contexts.state(context)
+            assert b_deltas[-1] in heads_a
+            assert len(heads_a) == 2
+            # A holds B's branch as a checkpoint only.
+            assert await a.contexts.read_delta(context, b_deltas[-1]) is None
+
+            # B's next delta applies on A at once; C (cut off from B) gets it from A, lacks
+            # its parent, and reconciles with A by tree comparison.
+            await cluster.partition([1], [2])
+            from_b = await put(b, context, "from-b")
+            await cluster.settle()
+            assert await a.contexts.read_delta(context, from_b) is not None
+            assert (await a.contexts.state(context))[2] == 0
+            # Pending on B's branch (with the delta A's event handler wrote on top of it).
+            assert (await c.contexts.state(context))[2] >= 1
+            assert from_b not in await c.contexts.applied(context, [from_b])
+            await c.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(c, "tree") == 1
+            assert await c.contexts.state(context) == await a.contexts.state(context)
+            assert await c.contexts.read_delta(context, from_b) is not None  # covered, kept
+            await cluster.heal()
+
+            from_a = await put(a, context, "from-a")
+            from_c = await put(c, context, "from-c")
+            await converged(cluster, [a, b, c], context)
+            for node in cluster:
+                assert await node.contexts.read_delta(context, from_a) is not None
+                assert await node.contexts.read_delta(context, from_c) is not None
+                assert len(await entries(node, context)) == 18
+
+
+async def test_equal_heads_different_roots_is_divergence_repaired_by_tree_comparison(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """State that belongs to no delta (here: joined directly on B) makes roots differ under
+    equal heads: counted as divergence, then repaired by tree comparison both ways."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+            a, b = cluster
+            context = await create(a)
+            await join(cluster, 0, 1, context)
+            await put(a, context, "x")
+            await converged(cluster, [a, b], context)
+            # A record only B holds (a field the app does not declare).
+            member, _ = await b.contexts.member_key(context)
+            source = Entity(ROOT_ID, b"extra", Kind.REGISTER, added=Timestamp(1 << 40, member))
+            assert await b.contexts.merge_state(context, [source]) == 1
+            assert (await a.contexts.state(context))[1] == (await b.contexts.state(context))[1]
+            assert (await a.contexts.state(context))[0] != (await b.contexts.state(context))[0]
+            await b.sync.sync_now(context, cluster.peer_ids[0])
+            assert metric(b, "trionode_sync_divergence_total") == 1
+            assert sessions(b, "tree") == 1
+            assert await a.contexts.state(context) == await b.contexts.state(context)
+            # Nothing left to do: the next session changes nothing.
+            await b.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(b, "none") == 1
+
+
+async def test_protocol_choice(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Equal roots → none; a small known gap → delta sync; we are ahead → none."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+            a, b = cluster
+            context = await create(a)
+            await join(cluster, 0, 1, context)
+            await converged(cluster, [a, b], context)
+            await b.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(b, "none") == 1
+            await cluster.partition([1])
+            for i in range(3):
+                await put(a, context, f"k{i}")
+            await cluster.heal()
+            assert await b.sync.sync_now(context, cluster.peer_ids[0]) == 3
+            assert sessions(b, "delta") == 1
+            assert await a.contexts.state(context) == await b.contexts.state(context)
+            await cluster.partition([1])
+            await put(b, context, "ahead")
+            await cluster.heal()
+            await b.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(b, "none") == 2
+            assert sessions(b, "tree") == 0
+            assert sessions(b, "snapshot") == 1  # its join
+
+
+async def test_stale_heads_from_pre_boundary_deltas_are_dropped(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A checkpoint does not know its ancestors: a delta from before a snapshot's boundary
+    that arrives later (here: the context's first delta) applies as a head. The next session
+    learns the peer had applied it (`HeadsResponse.known`) and drops it."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+            a, c = cluster
+            context = await create(a)
+            await put(a, context, "k")
+            await join(cluster, 0, 1, context)
+            first = next(
+                wire
+                for _, wire in await a.store.scan(DELTAS, prefix=context)
+                if verify_delta(decode_delta(wire)).parents == [GENESIS]
+            )
+            assert (await c.contexts.receive(context, first)).applied
+            root, heads, _ = await c.contexts.state(context)
+            assert len(heads) == 2
+            assert root == (await a.contexts.state(context))[0]
+            await c.sync.sync_now(context, cluster.peer_ids[0])
+            assert await c.contexts.state(context) == await a.contexts.state(context)
+
+
+# -- resumption -------------------------------------------------------------------------------
+
+
+async def test_snapshot_resumes_after_dropped_connection_and_reload(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops mid-snapshot (and C's in-memory state is dropped, as by a
+    restart): the join still succeeds, and the next session continues from the persisted
+    cursor with the same peer, taking every record exactly once."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+            a, c = cluster
+            context = await create(a)
+            for i in range(40):
+                await put(a, context, f"k{i:03}")
+            c.sync.snapshot_page_records = 8
+            served = slow_pages(monkeypatch)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(join, cluster, 0, 1, context)
+                await served.wait_for(3)
+                await cluster.partition([1])
+            assert context in c.contexts.known_ids()  # joined, state to follow
+            assert sessions(c, "snapshot", "failed") == 1
+            progress = await snapshot.load_progress(c.store, context)
+            assert progress is not None
+            assert progress.peer == str(cluster.peer_ids[0])
+            assert progress.pages >= 2
+            assert not progress.complete
+            assert progress.cursor is not None
+            taken = progress.records
+            c.contexts._loaded.pop(context)  # reload from the store, as after a restart
+
+            await cluster.heal()
+            await c.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(c, "snapshot") == 1
+            total = await entity_count(a, context)
+            assert metric(c, "trionode_sync_records_total", direction="snapshot") == total - taken
+            assert await snapshot.load_progress(c.store, context) is None
+            await converged(cluster, [a, c], context)
+            assert len(await entries(c, context)) == 40
+
+
+# -- trust ------------------------------------------------------------------------------------
+
+
+async def test_state_from_read_only_members_is_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+            a, r = cluster
+            context = await create(a)
+            await install(r)
+            await r.joins.join(await a.joins.invite(context, role="read-only"))
+            await converged(cluster, [a, r], context)
+            before = await a.contexts.state(context)
+            forged = encode_entity(Entity(ROOT_ID, b"forged", Kind.REGISTER))
+            reply = await raw_session(r, a, context, [EntityPush(records=[forged])])
+            assert reply is not None
+            assert msgspec.structs.asdict(reply) == {"changed": 0, "refused": 1}
+            assert await a.contexts.state(context) == before
+            # A read-only peer is no source of state for tree comparison either.
+            async with a.replicator.session(cluster.peer_ids[1], context) as (channel, conn):
+                with pytest.raises(Exception, match="not a writer"):
+                    await treecmp.compare(
+                        a.contexts, channel, conn, cluster.peer_ids[1], context, peer_heads=[]
+                    )
+
+
+# -- malformed frames -------------------------------------------------------------------------
+
+
+def _decode(data: bytes) -> SyncMessage | None:
+    reader = FrameReader()
+    reader.receive_data(data)
+    return reader.next_message()
+
+
+def _raw_frame(body: dict[str, Any]) -> bytes:
+    data = msgspec.msgpack.encode(body)
+    return struct.pack(">I", len(data)) + data
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "type": "snapshot",
+            "records": [b"x" * (MAX_RECORD + 1)],
+            "next_cursor": None,
+            "heads": [],
+            "root_hash": bytes(32),
+        },
+        {
+            "type": "snapshot",
+            "records": [b"x"] * (MAX_PAGE_RECORDS + 1),
+            "next_cursor": None,
+            "heads": [],
+            "root_hash": bytes(32),
+        },
+        {"type": "get_snapshot", "cursor": b"short", "max_records": 10, "max_bytes": 10},
+        {"type": "get_snapshot", "cursor": None, "max_records": 0, "max_bytes": 10},
+        {"type": "get_snapshot", "cursor": None, "max_records": 10, "max_bytes": MAX_FRAME},
+        {"type": "get_nodes", "queries": []},
+        {"type": "get_nodes", "queries": [[bytes(32), None]] * 257},
+        {"type": "nodes", "nodes": [[bytes(32), None, None, [[bytes(32), None]] * 16385, False]]},
+        {"type": "nodes", "nodes": [[bytes(31), None, None, [], False]]},
+        {"type": "push", "records": "not a list"},
+        {"type": "tree_start", "heads": [bytes(32)] * 257, "known": []},
+        {"type": "tree_done", "extra": 1},
+        {"type": "proof", "member": bytes(32), "signature": bytes(63)},
+    ],
+)
+def test_malformed_frames_raise_the_typed_error(body: dict[str, Any]) -> None:
+    with pytest.raises(RemoteProtocolError):
+        _decode(_raw_frame(body))
+
+
+def test_oversized_and_garbage_frames_raise_the_typed_error() -> None:
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        _decode(struct.pack(">I", MAX_FRAME + 1))
+    with pytest.raises(RemoteProtocolError):
+        _decode(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")
+    ok = frame(NodeRequest(queries=[NodeQuery(id=bytes(32))]))
+    assert isinstance(_decode(ok), NodeRequest)
+
+
+def test_bad_snapshot_pages_raise_the_typed_error() -> None:
+    one, two = (encode_entity(Entity(ROOT_ID, name, Kind.REGISTER)) for name in (b"a", b"b"))
+    ids = sorted(decode_entity(r).id for r in (one, two))
+    ordered = sorted((one, two), key=lambda r: decode_entity(r).id)
+
+    def page(records: list[bytes], cursor: bytes | None) -> SnapshotPage:
+        return SnapshotPage(records=records, next_cursor=cursor, heads=[], root_hash=bytes(32))
+
+    assert len(snapshot._check_page(page(ordered, None), None)) == 2
+    with pytest.raises(RemoteProtocolError, match="order"):
+        snapshot._check_page(page(ordered[::-1], None), None)
+    with pytest.raises(RemoteProtocolError, match="order"):
+        snapshot._check_page(page(ordered, None), ids[1])  # not after the cursor
+    with pytest.raises(RemoteProtocolError, match="cursor"):
+        snapshot._check_page(page(ordered, ids[0]), None)  # cursor is not the last record
+    with pytest.raises(RemoteProtocolError, match="cursor"):
+        snapshot._check_page(page([], ids[0]), None)  # no progress
+    with pytest.raises(RemoteProtocolError):
+        snapshot._check_page(page([b"garbage"], None), None)
+
+
+async def test_garbage_on_a_sync_stream_costs_only_that_stream(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+            a, b = cluster
+            context = await create(a)
+            await join(cluster, 0, 1, context)
+            await converged(cluster, [a, b], context)
+            before = await a.contexts.state(context)
+            bad: list[list[SyncMessage | bytes]] = [
+                [EntityPush(records=[b"garbage"])],
+                [_raw_frame({"type": "get_nodes", "queries": []})],
+                [struct.pack(">I", MAX_FRAME + 1)],
+                [TreeDone()],  # done before it started
+            ]
+            for messages in bad:
+                assert await raw_session(b, a, context, messages) is None
+            assert await a.contexts.state(context) == before
+            # A still serves sessions.
+            page = await raw_session(
+                b, a, context, [SnapshotRequest(cursor=None, max_records=5, max_bytes=1 << 20)]
+            )
+            assert isinstance(page, SnapshotPage)
+            assert len(page.records) == 5
+            assert page.next_cursor is not None
+
+
+async def test_bad_answers_fail_the_session_and_change_nothing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+            a, c = cluster
+            context = await create(a)
+            for i in range(10):
+                await put(a, context, f"k{i}")
+
+            async def shuffled(*args: Any) -> SnapshotPage:
+                page = await snapshot.serve_page(*args)
+                return msgspec.structs.replace(page, records=page.records[::-1])
+
+            monkeypatch.setattr(treecmp, "serve_page", shuffled)
+            await join(cluster, 0, 1, context)  # the join succeeds; its snapshot does not
+            assert sessions(c, "snapshot", "failed") == 1
+            assert await c.contexts.is_fresh(context)
+            monkeypatch.undo()
+            await c.sync.sync_now(context, cluster.peer_ids[0])
+            await converged(cluster, [a, c], context)
+
+
+# -- the DAG's bookkeeping --------------------------------------------------------------------
+
+
+def _id(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+def test_checkpoint_marks_heads_covers_ancestors_and_releases_children() -> None:
+    dag: CausalDag[str] = CausalDag()
+    dag.offer(_id(1), [GENESIS], "1", now=0)
+    # Fetched on the way down from the peer's head 5: 5 and its parent 4 wait for 3.
+    dag.offer(_id(5), [_id(4)], "5", now=0)
+    dag.offer(_id(4), [_id(3)], "4", now=0)
+    # Gossip after the peer's head: 6 waits for 5; 7 waits for 6 and for 9 (unknown).
+    dag.offer(_id(6), [_id(5)], "6", now=0)
+    dag.offer(_id(7), [_id(6), _id(9)], "7", now=0)
+    applied: list[bytes] = []
+
+    def apply(delta_id: bytes, _item: str) -> bool:
+        applied.append(delta_id)
+        return True
+
+    released, covered = dag.checkpoint([_id(5)], superseded=[_id(1)], apply=apply)
+    assert sorted(d for d, _ in covered) == [_id(4), _id(5)]
+    assert [d for d, _ in released] == applied == [_id(6)]
+    assert dag.heads == {_id(6)}
+    assert {_id(4), _id(5), _id(6)} <= dag.applied
+    assert dag.pending_count == 1  # 7 still waits for 9
+    assert dag.missing() == {_id(9)}
+    # Checkpointing an id already applied changes nothing.
+    assert dag.checkpoint([_id(1)]) == ([], [])
+    assert dag.heads == {_id(6)}
+
+
+def test_checkpoint_heads_are_the_union_of_both_sides() -> None:
+    """Both sides of a tree comparison end with the maximal ids of the union."""
+    shared, a1, b1 = _id(1), _id(2), _id(3)
+    side_a: CausalDag[str] = CausalDag(applied=[shared, a1], heads=[a1])
+    side_b: CausalDag[str] = CausalDag(applied=[shared, b1], heads=[b1])
+    side_a.checkpoint([b1], superseded=[])
+    side_b.checkpoint([a1], superseded=[])
+    assert side_a.heads == side_b.heads == {a1, b1}
+    # One side strictly ahead: the other's head is superseded (the peer had applied it).
+    behind: CausalDag[str] = CausalDag(applied=[shared], heads=[shared])
+    behind.checkpoint([a1], superseded=[shared])
+    assert behind.heads == {a1}

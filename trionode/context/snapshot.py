@@ -1,0 +1,298 @@
+"""Snapshot: how a node with no state gets a context's state (DESIGN §8, issue 7).
+
+```
+joiner                                         member (responder)
+  SyncAuth, ProofRequest          ──────────▶  checks the joiner's membership
+                                  ◀──────────  PeerProof (its member key signs the session)
+  SnapshotRequest(cursor=None)    ──────────▶  under its context lock: records in id order,
+                                  ◀──────────  SnapshotPage(records, next_cursor, heads, root)
+  (join the page, persist it with the progress marker in one write)
+  SnapshotRequest(cursor=next)    ──────────▶  …until next_cursor is None
+  adopt the *first* page's heads as checkpoints; then delta-sync the tail
+```
+
+**Consistency while the responder keeps writing.** Pages are read at different times, each
+under the responder's context lock (so a page never holds a change still being written).
+The joiner keeps the heads H sent with the *first* page as the snapshot's boundary. Its
+state afterwards contains the responder's state as of H: entity records only ever grow
+under join (GC drops only tombstones older than the GC horizon, which nothing can need), so
+an entity that existed at the first page, with an id in the range a later page covers, is in
+that page with at least the state it had then. Pages may also carry parts of later writes;
+those belong to deltas after H, which the joiner then fetches from H onwards (a delta sync
+of the tail), and joining them again is harmless. So after the snapshot the joiner records
+H as its DAG heads (checkpoints, `ContextManager.adopt_heads`): a later delta whose
+parents are in H applies at once, and gossip that waited during the snapshot is released.
+It holds no delta bodies from before H (it answers "missing" for them) and runs no event
+handlers for them. A checkpoint does not know its ancestors: a delta from before H that
+still arrives (as the parent of a concurrent one) applies harmlessly but becomes a stale
+head, which the next session drops (`HeadsResponse.known`, `SyncManager._drop_stale_heads`).
+
+**Resumable.** Each page is joined and persisted in the same write as a progress marker
+(`SnapshotProgress`: source peer and member, boundary heads, cursor). A dropped connection
+or a crash continues from the cursor with the same peer (whose state still contains the
+boundary's). From another peer it restarts from the first record with that peer's heads,
+keeping what it has (joining it again changes nothing). A context whose state was wiped
+since restarts too.
+
+**Never over existing state.** A node that has state and no marker (or a marker for a
+snapshot that has not started) refuses to take a snapshot (`SnapshotRefused`, counted by
+the sync manager, which drops that marker); the first page is joined only if the state is
+still empty when it is written. (Restarting over a partial snapshot of our own is allowed:
+that state is the snapshot's.) While a snapshot runs, and while a node has no state at all,
+gossip does not chase missing parents: the boundary and the tail sync bring them.
+
+**Trust.** State that arrives as a snapshot carries no signatures, so the responder must
+prove a member key (its own signature of the session's handshake hash) and that key must be
+the marker's `source`: the admin that signed the invitation, recorded by the join (with
+its peer, which sessions then prefer). If that peer is gone, or a node has no state and no
+such anchor, it takes the delta history instead (every delta verifies itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final, Protocol, TypeVar
+
+import msgspec
+import trio
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from trionode.context.manager import ContextError, ContextManager
+from trionode.crdt import Entity, decode_entity
+from trionode.errors import RemoteProtocolError
+from trionode.net.host import Connection
+from trionode.store.lmdb_store import Column
+from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch
+from trionode.wire.keys import PeerId
+from trionode.wire.messages import (
+    MAX_IDS,
+    MAX_PAGE_RECORDS,
+    PeerProof,
+    ProofRequest,
+    SnapshotPage,
+    SnapshotRequest,
+    SyncError,
+    SyncMessage,
+)
+
+log = logging.getLogger(__name__)
+M = TypeVar("M")
+
+PROOF_DOMAIN: Final = b"trionode/sync-proof/v1"
+PAGE_RECORDS: Final = 1000
+PAGE_BYTES: Final = 1024 * 1024
+SERVE_MAX_RECORDS: Final = MAX_PAGE_RECORDS
+SERVE_MAX_BYTES: Final = 4 * 1024 * 1024
+PAGE_TIMEOUT: Final = 30.0
+
+
+class SnapshotRefused(ContextError):
+    """The node has state: a snapshot would replace it (never done)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=409)
+
+
+class UntrustedSource(ContextError):
+    """The peer is not the member this node trusts for a snapshot (it may sync by deltas)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=403)
+
+
+class SnapshotProgress(msgspec.Struct, frozen=True):
+    """The persisted marker of a snapshot being taken (GENERIC column)."""
+
+    source: bytes
+    """The member key the responder must prove (the inviting admin's)."""
+    peer: str | None = None
+    """The peer the pages come from (or, before the first page, the one to ask first)."""
+    heads: list[bytes] | None = None
+    """The boundary: the responder's heads with the first page."""
+    root_hash: bytes | None = None
+    cursor: bytes | None = None
+    """The id of the last record joined (None: none yet)."""
+    complete: bool = False
+    """Every page is in: only recording the boundary as heads is left."""
+    pages: int = 0
+    records: int = 0
+
+
+PROGRESS = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(SnapshotProgress))
+_PREFIX: Final = b"snapshot-progress/"
+
+
+def progress_key(context_id: bytes) -> bytes:
+    return _PREFIX + context_id
+
+
+async def load_progress(store: AsyncStore, context_id: bytes) -> SnapshotProgress | None:
+    progress: SnapshotProgress | None = await store.get(PROGRESS, progress_key(context_id))
+    return progress
+
+
+async def begin(store: AsyncStore, context_id: bytes, *, source: bytes, peer: str) -> None:
+    """Mark `context_id` as waiting for a snapshot served by member `source` on `peer` (the
+    join records the inviting admin and its node here before it adopts the context)."""
+    marker = SnapshotProgress(source=source, peer=peer)
+    await store.put(PROGRESS, progress_key(context_id), marker)
+
+
+def proof_message(handshake_hash: bytes, context_id: bytes) -> bytes:
+    return PROOF_DOMAIN + handshake_hash + context_id
+
+
+async def prove(contexts: ContextManager, conn: Connection, context_id: bytes) -> PeerProof:
+    """The responder's proof of its member key for this connection."""
+    member, key = await contexts.member_key(context_id)
+    signature = key.sign(proof_message(conn.noise.remote.handshake_hash, context_id))
+    return PeerProof(member=member, signature=signature)
+
+
+def check_proof(conn: Connection, context_id: bytes, proof: PeerProof) -> bytes:
+    """The member key a responder proved on `conn` (RemoteProtocolError if it did not)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(proof.member).verify(
+            proof.signature, proof_message(conn.noise.remote.handshake_hash, context_id)
+        )
+    except (InvalidSignature, ValueError):
+        raise RemoteProtocolError("bad membership proof from the responder") from None
+    return proof.member
+
+
+async def serve_page(
+    contexts: ContextManager, context_id: bytes, request: SnapshotRequest
+) -> SnapshotPage:
+    """One page, read under the context lock (the responder side)."""
+    records, next_cursor, heads, root = await contexts.snapshot_page(
+        context_id,
+        request.cursor,
+        min(request.max_records, SERVE_MAX_RECORDS),
+        min(request.max_bytes, SERVE_MAX_BYTES),
+    )
+    return SnapshotPage(
+        records=records, next_cursor=next_cursor, heads=heads[:MAX_IDS], root_hash=root
+    )
+
+
+class Channel(Protocol):
+    """Typed frames over one sync stream (`replication._Channel`)."""
+
+    async def send(self, message: SyncMessage) -> None: ...
+
+    async def receive(self, *, eof_ok: bool = False) -> SyncMessage | None: ...
+
+
+async def take(
+    contexts: ContextManager,
+    channel: Channel,
+    conn: Connection,
+    peer: PeerId,
+    context_id: bytes,
+    *,
+    page_records: int = PAGE_RECORDS,
+    page_bytes: int = PAGE_BYTES,
+) -> tuple[list[bytes], int]:
+    """Take (or resume) a snapshot over an authenticated sync `channel` to `peer`; returns
+    (boundary heads now adopted, records joined in this call).
+
+    Raises SnapshotRefused if the node has state that is not this snapshot's, UntrustedSource
+    if the peer does not prove the marker's source, ContextError if there is no marker (no
+    trusted source), RemoteProtocolError for bad pages.
+    """
+    store = contexts.store
+    progress = await load_progress(store, context_id)
+    if progress is None:
+        if not await contexts.is_fresh(context_id):
+            raise SnapshotRefused("this node has state: a snapshot never replaces it")
+        raise ContextError("no trusted snapshot source for this context", status=412)
+    with contexts.snapshot_guard(context_id):
+        await channel.send(ProofRequest())
+        proof = await expect(channel, PeerProof)
+        member = check_proof(conn, context_id, proof)
+        if member != progress.source:
+            raise UntrustedSource(f"{peer} is not the snapshot source this node trusts")
+        fresh = await contexts.is_fresh(context_id)
+        started = progress.heads is not None
+        if not started and not fresh:
+            raise SnapshotRefused("this node has state: a snapshot never replaces it")
+        if started and (progress.peer != str(peer) or fresh):
+            # A boundary holds only for pages from one peer, and a cursor only over the
+            # records it counted: start again (joining what we have again changes nothing).
+            log.info("snapshot of %s restarts with %s", context_id.hex()[:12], peer)
+            progress = SnapshotProgress(source=progress.source)
+            started = False
+        if not started:
+            progress = msgspec.structs.replace(progress, peer=str(peer))
+        joined = 0
+        while not progress.complete:
+            await channel.send(
+                SnapshotRequest(
+                    cursor=progress.cursor, max_records=page_records, max_bytes=page_bytes
+                )
+            )
+            with trio.fail_after(PAGE_TIMEOUT):
+                page = await expect(channel, SnapshotPage)
+            entities = _check_page(page, progress.cursor)
+            first = progress.heads is None
+            progress = msgspec.structs.replace(
+                progress,
+                heads=page.heads if first else progress.heads,
+                root_hash=page.root_hash if first else progress.root_hash,
+                cursor=page.next_cursor or progress.cursor,
+                complete=page.next_cursor is None,
+                pages=progress.pages + 1,
+                records=progress.records + len(entities),
+            )
+            saved = progress
+
+            def save(batch: WriteBatch, saved: SnapshotProgress = saved) -> None:
+                batch.put(PROGRESS, progress_key(context_id), saved)
+
+            changed = await contexts.merge_state(
+                context_id, entities, only_if_empty=first and fresh, extra=save
+            )
+            if changed is None:
+                raise SnapshotRefused("state arrived meanwhile: the snapshot is not applied")
+            joined += len(entities)
+        boundary = progress.heads or []
+
+        def finish(batch: WriteBatch) -> None:
+            batch.delete(PROGRESS, progress_key(context_id))
+
+        root, heads = await contexts.adopt_heads(context_id, boundary, extra=finish)
+        log.info(
+            "snapshot of %s from %s: %d records in %d pages, root %s, %d heads",
+            context_id.hex()[:12],
+            peer,
+            progress.records,
+            progress.pages,
+            root.hex()[:12],
+            len(heads),
+        )
+        return boundary, joined
+
+
+def _check_page(page: SnapshotPage, cursor: bytes | None) -> list[Entity]:
+    """Decode a page's records; ids must rise strictly after `cursor`, and a page that is
+    not the last must end at its cursor (so paging always moves forward)."""
+    entities = [decode_entity(record) for record in page.records]
+    previous = cursor
+    for entity in entities:
+        if previous is not None and entity.id <= previous:
+            raise RemoteProtocolError("snapshot records out of order")
+        previous = entity.id
+    if page.next_cursor is not None and (not entities or page.next_cursor != previous):
+        raise RemoteProtocolError("snapshot page cursor does not follow its records")
+    return entities
+
+
+async def expect(channel: Channel, kind: type[M]) -> M:
+    """The next message, which must be a `kind` (a SyncError becomes a ContextError)."""
+    reply = await channel.receive()
+    if isinstance(reply, SyncError):
+        raise ContextError(f"the peer refused: {reply.message}", status=502)
+    if not isinstance(reply, kind):
+        raise RemoteProtocolError(f"expected {kind.__name__}, got {type(reply).__name__}")
+    return reply
