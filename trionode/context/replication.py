@@ -116,6 +116,11 @@ class ReplicationMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.sync_busy = Counter(
+            "trionode_sync_busy",
+            "Incoming sync streams turned away because max_concurrent sessions were running",
+            registry=registry,
+        )
         self.sync_refused = Counter(
             "trionode_sync_refused",
             "Sync streams refused (not a member, bad proof)",
@@ -166,6 +171,7 @@ class Replicator:
         self._send_fetch, self._receive_fetch = trio.open_memory_channel[_Fetch](256)
         self._fetching: set[tuple[bytes, bytes]] = set()
         self.session_limiter: trio.CapacityLimiter | None = None
+        self.session_started: Callable[[], None] | None = None
         """Shared with outgoing sessions by the sync manager: incoming ones count too."""
         self.on_heartbeat: Callable[[PeerId, Heartbeat], Awaitable[None]] | None = None
         self.sync_session: Callable[[bytes, PeerId], Awaitable[int]] | None = None
@@ -373,8 +379,22 @@ class Replicator:
         if self.session_limiter is None:
             await self._serve_session(stream, conn)
             return
-        async with self.session_limiter:
+        # Incoming sessions share the limiter with outgoing ones, but never *wait* for it:
+        # two nodes whose tokens are all held by sessions towards each other would otherwise
+        # each wait for the other until the timeouts fired. A busy node says so at once; the
+        # requester backs off and tries again.
+        try:
+            self.session_limiter.acquire_nowait()
+        except trio.WouldBlock:
+            self.metrics.sync_busy.inc()
+            await _Channel(stream).send(SyncError(message="busy: too many sync sessions"))
+            return
+        try:
+            if self.session_started is not None:
+                self.session_started()
             await self._serve_session(stream, conn)
+        finally:
+            self.session_limiter.release()
 
     async def _serve_session(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
         channel = _Channel(stream)

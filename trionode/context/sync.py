@@ -102,6 +102,20 @@ class SyncMetrics:
         in_use.set_function(lambda: limiter.borrowed_tokens)
         waiting = Gauge("trionode_sync_limiter_waiting", "Sessions waiting", registry=registry)
         waiting.set_function(lambda: limiter.statistics().tasks_waiting)
+        self.peak = Gauge(
+            "trionode_sync_limiter_peak",
+            "Most sessions (incoming and outgoing) ever running at once",
+            registry=registry,
+        )
+        self._limiter = limiter
+        self.peak_in_use = 0
+
+    def session_started(self) -> None:
+        """Called just after a session took a token: keeps the peak (a safety figure)."""
+        in_use = self._limiter.borrowed_tokens
+        if in_use > self.peak_in_use:
+            self.peak_in_use = in_use
+            self.peak.set(in_use)
 
 
 @attrs.define
@@ -157,6 +171,7 @@ class SyncManager:
         self._nursery: trio.Nursery | None = None
         self._rng = random.Random()  # noqa: S311 - picks a peer, protects nothing
         replicator.session_limiter = self.limiter
+        replicator.session_started = self.metrics.session_started
         replicator.on_heartbeat = self._on_heartbeat
         replicator.sync_session = self.sync_now
 
@@ -213,6 +228,7 @@ class SyncManager:
                     return 0  # "no peer" is not a failure
                 chosen = await self._pick(context_id, candidates)
                 async with self.limiter:
+                    self.metrics.session_started()
                     with trio.fail_after(self.timeout):
                         await self._sync_with(context_id, chosen, run)
             if run.outcome == "ok":
