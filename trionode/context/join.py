@@ -18,7 +18,7 @@ from trionode.context import invitations as inv, members, snapshot
 from trionode.context.applications import Applications
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.records import ContextRecord
-from trionode.context.replication import Replicator
+from trionode.context.replication import SESSION_ERRORS, Replicator
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.host import Connection, Host
 from trionode.store.lmdb_store import Column
@@ -153,14 +153,7 @@ class JoinService:
                     await self.replicator.fetch(peer, context_id, set(heads))
                 return
             await session(context_id, peer)
-        except (
-            PeerError,
-            ProtocolError,
-            ContextError,
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-        ) as exc:
+        except SESSION_ERRORS as exc:
             log.warning(
                 "joined %s; its first sync failed (%s): sync sessions will complete it",
                 base58.b58encode(context_id).decode(),

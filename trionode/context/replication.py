@@ -66,6 +66,17 @@ AUTH_DOMAIN: Final = b"trionode/sync-auth/v1"
 RECEIVE_SIZE: Final = 64 * 1024
 
 
+SESSION_ERRORS: Final = (
+    PeerError,
+    ProtocolError,
+    ContextError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+"""What a session or fetch with one peer can fail with: it fails, the node carries on."""
+
+
 def topic_for(context_id: bytes) -> str:
     return TOPIC_PREFIX + base58.b58encode(context_id).decode("ascii")
 
@@ -277,14 +288,7 @@ class Replicator:
                 with trio.fail_after(self.fetch_timeout):
                     await self.fetch(request.peer, request.context_id, set(request.ids))
                 self.metrics.fetches.labels("ok").inc()
-            except (
-                PeerError,
-                ProtocolError,
-                ContextError,
-                trio.TooSlowError,
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-            ) as exc:
+            except SESSION_ERRORS as exc:
                 self.metrics.fetches.labels("failed").inc()
                 log.info(
                     "fetching %d deltas from %s failed: %s", len(request.ids), request.peer, exc

@@ -42,8 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trionode.context import snapshot, treecmp
 from trionode.context.manager import ContextError, ContextManager
-from trionode.context.replication import Replicator, topic_for
-from trionode.errors import PeerError, ProtocolError
+from trionode.context.replication import SESSION_ERRORS, Replicator, topic_for
 from trionode.net.pubsub import PubSub
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import HeadsResponse, Heartbeat, encode_gossip
@@ -236,14 +235,7 @@ class SyncManager:
                 state.failures = 0
             self.metrics.deltas.inc(run.applied)
             return run.applied
-        except (
-            PeerError,
-            ProtocolError,
-            ContextError,
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-        ) as exc:
+        except SESSION_ERRORS as exc:
             if isinstance(exc, snapshot.SnapshotRefused):
                 run.outcome = "refused"
             else:
