@@ -17,13 +17,16 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
 from trionode.crdt.sequence import SequenceState
 from trionode.crdt.transaction import Transaction
+
+BUCKETING_THRESHOLD = 64
+"""Containers with more children than this hash them in 256 cached buckets."""
 
 
 class NodeInfo(NamedTuple):
@@ -57,6 +60,7 @@ class StateTree:
     """The entity tree of one context. Pure and synchronous; not thread-safe."""
 
     __slots__ = (
+        "_buckets",
         "_children",
         "_deleted",
         "_generation",
@@ -71,6 +75,7 @@ class StateTree:
         self._records: dict[bytes, Entity] = {}
         self._children: dict[bytes, list[bytes]] = {}
         self._hashes: dict[bytes, bytes] = {}
+        self._buckets: dict[bytes, dict[int, bytes]] = {}
         self._sorted_ids: list[bytes] | None = None
         self._max_stamp: Timestamp | None = None
         self._generation = 0
@@ -212,13 +217,40 @@ class StateTree:
             hasher = hashlib.sha256(own_form(record, floor))
             kind = record.kind
         if kind in CONTAINERS and depth < MAX_DEPTH:
-            for cid in self._children.get(entity_id, ()):
-                child = self._records[cid]
-                if child.is_live(floor):
-                    hasher.update(self._hash(cid, latest(floor, child.removed), depth + 1))
+            children = self._children.get(entity_id, ())
+            if len(children) <= BUCKETING_THRESHOLD:
+                self._hash_children(hasher, children, floor, depth)
+            else:
+                # A large container hashes its children in 256 buckets by the first byte of
+                # their ids, each cached: one changed child rehashes its bucket (~1/256 of
+                # the children), not all of them. Same state, same hash, on every node.
+                cache = self._buckets.setdefault(entity_id, {})
+                start = 0
+                while start < len(children):
+                    bucket = children[start][0]
+                    end = (
+                        bisect_left(children, bytes([bucket + 1]))
+                        if bucket < 255
+                        else len(children)
+                    )
+                    digest = cache.get(bucket)
+                    if digest is None:
+                        inner = hashlib.sha256(b"bucket" + bytes([bucket]))
+                        self._hash_children(inner, children[start:end], floor, depth)
+                        digest = cache[bucket] = inner.digest()
+                    hasher.update(digest)
+                    start = end
         digest = hasher.digest()
         self._hashes[entity_id] = digest
         return digest
+
+    def _hash_children(
+        self, hasher: Any, children: Sequence[bytes], floor: Timestamp | None, depth: int
+    ) -> None:
+        for cid in children:
+            child = self._records[cid]
+            if child.is_live(floor):
+                hasher.update(self._hash(cid, latest(floor, child.removed), depth + 1))
 
     def _invalidate_up(self, entity_id: bytes) -> None:
         # Always walk to the root: a newly visible child has no cached hash of its own,
@@ -229,10 +261,14 @@ class StateTree:
             record = self._records.get(cursor)
             if record is None:
                 break
+            buckets = self._buckets.get(record.parent)
+            if buckets is not None:
+                buckets.pop(cursor[0], None)
             cursor = record.parent
         self._hashes.pop(ROOT_ID, None)
 
     def _invalidate_down(self, entity_id: bytes) -> None:
+        self._buckets.pop(entity_id, None)  # its children's liveness may have changed
         level = list(self._children.get(entity_id, ()))
         for _ in range(MAX_DEPTH):
             if not level:
@@ -240,6 +276,7 @@ class StateTree:
             following: list[bytes] = []
             for cid in level:
                 self._hashes.pop(cid, None)
+                self._buckets.pop(cid, None)
                 following.extend(self._children.get(cid, ()))
             level = following
 
@@ -285,10 +322,14 @@ class StateTree:
         if not siblings:
             del self._children[top.parent]
         self._invalidate_up(top.parent)
+        parent_buckets = self._buckets.get(top.parent)
+        if parent_buckets is not None:
+            parent_buckets.pop(entity_id[0], None)
         for eid in doomed:
             del self._records[eid]
             self._children.pop(eid, None)
             self._hashes.pop(eid, None)
+            self._buckets.pop(eid, None)
             self._updated.discard(eid)
             self._deleted.add(eid)
         self._sorted_ids = None
