@@ -6,9 +6,14 @@
 | identity      | context id ‖ "k" ‖ key id (4 B)   | the context key (32 B)             |
 | identity      | context id ‖ "m" ‖ member pubkey  | our member private key (32 B seed) |
 | state         | context id ‖ entity id            | encoded entity record              |
-| delta         | context id ‖ delta id             | SignedDelta wire bytes             |
+| delta         | context id ‖ delta id             | SignedDelta wire bytes, or empty:  |
+|               |                                   | a checkpoint (applied as state by  |
+|               |                                   | a snapshot or tree comparison)     |
 | pending       | context id ‖ delta id             | PendingRecord (waits for parents)  |
 | generic       | "handler-run/" ‖ context ‖ delta ‖ index | HandlerRun (to run once)    |
+| generic       | "snapshot-progress/" ‖ context    | SnapshotProgress (resume point)    |
+| generic       | "bundle/" ‖ application id        | packed bundle (.tar.gz)            |
+| generic       | "invitation-used/" ‖ invitation id| the member that used it            |
 | application   | application id                    | ApplicationRecord                  |
 
 One call's writes (state rows, the delta, the new heads and root) go in one WriteBatch, so
