@@ -28,6 +28,12 @@ def test_init_config_loads(home: Path) -> None:
     assert config.api.host == "127.0.0.1"
     assert config.network.listen == ["/ip4/0.0.0.0/tcp/0"]
     assert config.api.token_sha256 is not None
+    assert config.api.cors_origins == []
+
+
+def test_cors_origins_accept_browser_origins(home: Path) -> None:
+    _write(home, "[api]\ncors_origins = ['http://localhost:5173', 'https://[::1]:8443']\n")
+    assert load_config(home).api.cors_origins == ["http://localhost:5173", "https://[::1]:8443"]
 
 
 @pytest.mark.parametrize(
@@ -41,6 +47,10 @@ def test_init_config_loads(home: Path) -> None:
         ("[node]\nlog_level = 'LOUD'\n", "`node.log_level`"),
         ("[store]\nreader_threads = 0\n", "`store.reader_threads`: Expected `int` >= 1"),
         ("[api\n", "not valid TOML"),
+        ("[api]\ncors_origins = ['http://a.example/path']\n", "`api.cors_origins[0]`"),
+        ("[api]\ncors_origins = ['*']\n", "`api.cors_origins[0]`"),
+        ("[api]\ncors_origins = ['HTTP://A.example']\n", "`api.cors_origins[0]`"),
+        ("[api]\ncors_origins = 'http://a.example'\n", "`api.cors_origins`"),
         (
             "[store]\ninitial_map_size = 4194304\nmax_map_size = 2097152\n",
             "`store.initial_map_size` is larger than `store.max_map_size`",

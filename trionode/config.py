@@ -33,6 +33,10 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 MiB: Final = 1024 * 1024
 _IPV4_PATTERN: Final = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$"
+# What a browser sends as `Origin`: scheme, host (name, IPv4 or [IPv6]) and optional port.
+Origin = Annotated[
+    str, msgspec.Meta(pattern=r"^https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?$")
+]
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -186,6 +190,11 @@ class ApiSection(_Section, frozen=True):
     token_sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")] | None = None
     """SHA-256 (hex) of the bearer token. The token itself is only in <home>/api-token."""
     max_request_body: PositiveInt = 8 * MiB
+    cors_origins: list[Origin] = msgspec.field(default_factory=list)
+    """Browser origins (`scheme://host[:port]`, lowercase, no path) allowed to use the API.
+    Empty: no browser page may; clients that send no `Origin` header (CLI, SDKs) still can,
+    with the token. The WebSocket handshake checks it (a browser can open a WebSocket to
+    any host); CORS is to use the same list."""
 
 
 class StoreSection(_Section, frozen=True):

@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from trionode import __version__
 from trionode.api.contexts import ContextApi, register_context_routes
+from trionode.config import NodeConfig
 from trionode.errors import PeerError, ProtocolError
 from trionode.metrics import NodeMetrics
 
@@ -28,6 +29,9 @@ PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
 
 class NodeApi(ContextApi, Protocol):
     """What the API needs from a node."""
+
+    @property
+    def config(self) -> NodeConfig: ...
 
     @property
     def peer_id(self) -> str: ...
@@ -67,9 +71,16 @@ def create_app(node: NodeApi) -> QuartTrio:
     app = QuartTrio("trionode")
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
     metrics = node.metrics
+    allowed_origins = frozenset(node.config.api.cors_origins)
 
     @app.before_websocket
     async def authenticate_websocket() -> Response | None:  # noqa: ASYNC124
+        # Browsers send Origin on every WebSocket handshake and let any page open one to any
+        # host (no same-origin policy here), so a page the user merely visits could reach the
+        # node. Only listed origins pass; a client without Origin is not a browser.
+        origin = websocket.headers.get("Origin")
+        if origin is not None and origin not in allowed_origins:
+            return error_response(403, f"origin {origin!r} is not in api.cors_origins")
         # Browsers cannot set headers on a WebSocket handshake, so ?token= is accepted too.
         header = websocket.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
