@@ -22,6 +22,7 @@ import trio
 
 from trionode import __version__
 from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, table as _table
+from trionode.cli_invitations import add_invitation_commands
 from trionode.client import ApiError, Client, open_client
 from trionode.config import (
     DEFAULT_HOME,
@@ -115,9 +116,23 @@ def cmd_start(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level or config.node.log_level)
     try:
         trio.run(run_until_signalled, config)
-    except OSError as exc:
+    except (OSError, TrionodeError) as exc:
         return _fail(f"cannot start: {exc}")
+    except BaseExceptionGroup as group:
+        # A service that cannot start (a port in use, a bad `network.announce`) fails inside
+        # the node's nursery: one line for the user, a traceback only for anything else.
+        expected, rest = group.split((OSError, TrionodeError))
+        if rest is not None or expected is None:
+            raise
+        return _fail(f"cannot start: {_first_leaf(expected)}")
     return EXIT_OK
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -176,6 +191,12 @@ async def _info(client: Client, _args: argparse.Namespace) -> Any:
     return await client.node_info()
 
 
+def _render_info(result: Any) -> str:
+    rows = [(k, v) for k, v in result.items() if k != "addresses"]
+    rows += [("address", a) for a in result.get("addresses", [])]
+    return _table(rows, ("key", "value"))
+
+
 async def _peers(client: Client, _args: argparse.Namespace) -> Any:
     return await client.peers()
 
@@ -231,7 +252,9 @@ def _connect_args(parser: argparse.ArgumentParser) -> None:
 CLIENT_COMMANDS: dict[str, ClientCommand] = {
     "health": ClientCommand("check that the node's API answers", _health),
     "ready": ClientCommand("check that the node has started every service", _ready),
-    "info": ClientCommand("show the node's peer id and version", _info),
+    "info": ClientCommand(
+        "show the node's peer id, version and the addresses it hands out", _info, _render_info
+    ),
     "peers": ClientCommand("list connected peers", _peers, _render_peers),
     "connect": ClientCommand("dial a peer", _connect, arguments=_connect_args),
     "topics": ClientCommand(
@@ -304,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--nodes", type=int, default=3, choices=range(2, 9), metavar="N")
     demo.set_defaults(func=cmd_demo)
+
+    add_invitation_commands(sub, common)
 
     client = argparse.ArgumentParser(add_help=False, parents=[common])
     client.add_argument("--api", help="API base URL (default: read from --home)")

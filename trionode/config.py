@@ -58,6 +58,11 @@ class NetworkSection(_Section, frozen=True):
         default_factory=lambda: [f"/ip4/0.0.0.0/tcp/{DEFAULT_SWARM_PORT}"]
     )
     """Multiaddrs to listen on."""
+    announce: list[str] = msgspec.field(default_factory=list)
+    """Multiaddrs others should dial us at (a public IP, a DNS name, a forwarded port),
+    advertised before the interface addresses of wildcard listeners; never 0.0.0.0."""
+    announce_replace: bool = False
+    """Advertise only `announce` (when it is not empty), not the listen addresses."""
     bootstrap: list[str] = msgspec.field(default_factory=list)
     """Multiaddrs (with /p2p/<peer id>) dialed at start and re-dialed with backoff."""
     max_connections: PositiveInt = 128

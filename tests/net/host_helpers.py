@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,6 +14,7 @@ from trionode.config import NetworkSection
 from trionode.net.host import Connection, Host
 from trionode.net.metrics import NetMetrics
 from trionode.net.multistream import PrefixedStream
+from trionode.net.transport import TcpTransport
 from trionode.wire.keys import PrivateKey
 from trionode.wire.multiaddr import Multiaddr
 
@@ -113,3 +114,17 @@ def endpoints(conn: Connection) -> tuple[object, object]:
     """(local, remote) socket addresses of a connection."""
     sock = socket_of(conn).socket
     return sock.getsockname(), sock.getpeername()
+
+
+class WildcardOnLoopback(TcpTransport):
+    """Binds loopback but reports the wildcard, as a `0.0.0.0` listener would: the test
+    exercises the wildcard path without opening a port on the machine's real interfaces."""
+
+    async def listen(
+        self, addr: Multiaddr
+    ) -> tuple[Sequence[trio.abc.Listener[trio.abc.Stream]], list[Multiaddr]]:
+        assert str(addr).startswith("/ip4/0.0.0.0/")
+        listeners, bound = await super().listen(Multiaddr.from_string(LOOPBACK))
+        port = bound[0].tcp_host_port()
+        assert port is not None
+        return listeners, [Multiaddr.from_string(f"/ip4/0.0.0.0/tcp/{port[1]}")]

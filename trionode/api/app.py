@@ -132,7 +132,9 @@ def create_app(node: NodeApi) -> QuartTrio:
 
     @app.get("/admin-api/node")
     async def node_info() -> Response:  # noqa: ASYNC124
-        return jsonify({"peerId": node.peer_id, "version": __version__})
+        return jsonify(
+            {"peerId": node.peer_id, "version": __version__, "addresses": node.listen_addresses()}
+        )
 
     @app.get("/admin-api/peers")
     async def peers() -> Response:  # noqa: ASYNC124

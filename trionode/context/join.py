@@ -79,7 +79,7 @@ class JoinService:
             role=role,
             expires_at=self.wall_clock() + expires_in,
             inviter_peer=str(self.host.peer_id),
-            inviter_addrs=[str(a) for a in self.host.listen_addrs],
+            inviter_addrs=[str(a) for a in self.host.advertised_addrs],
             invitee=invitee,
         )
         return created.text

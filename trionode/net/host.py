@@ -32,6 +32,7 @@ import trio
 from trionode import __version__
 from trionode.config import NetworkSection
 from trionode.errors import LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError
+from trionode.net.addresses import advertised_addresses, interface_ips, is_unspecified
 from trionode.net.metrics import NetMetrics
 from trionode.net.multistream import (
     ProtocolNotSupportedError,
@@ -142,6 +143,7 @@ class Host:
         *,
         yamux: YamuxConfig | None = None,
         transport: Transport | None = None,
+        local_ips: Callable[[], list[str]] = interface_ips,
     ) -> None:
         self.key = key
         self.transport: Transport = transport if transport is not None else TcpTransport()
@@ -150,6 +152,10 @@ class Host:
         self.config = config
         self.metrics = metrics if metrics is not None else NetMetrics(None)
         self.listen_addrs: list[Multiaddr] = []
+        """What the listeners bound (a wildcard stays a wildcard)."""
+        self.advertised_addrs: list[Multiaddr] = []
+        """What we tell others to dial (identify, invitations, `info`): see net/addresses.py."""
+        self._local_ips = local_ips
         self.connections: dict[PeerId, Connection] = {}
         self._handlers: dict[str, StreamHandler] = {}
         self._yamux = yamux or YamuxConfig(max_inbound_streams=config.max_streams_per_connection)
@@ -184,6 +190,10 @@ class Host:
         listeners close.
         """
         listen = [_parse_addr(text, "network.listen") for text in self.config.listen]
+        announce = [_parse_addr(text, "network.announce") for text in self.config.announce]
+        for addr in announce:
+            if is_unspecified(addr):
+                raise PeerError(f"network.announce: {addr} is not an address anyone can dial")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for addr in listen:
@@ -197,6 +207,13 @@ class Host:
                         partial(trio.serve_listeners, self._accept, [listener]),
                         name=f"{self.peer_id}:listen",
                     )
+            self.advertised_addrs = advertised_addresses(
+                self.listen_addrs,
+                # Only a wildcard needs the interface list (the memory network has none).
+                self._local_ips() if any(map(is_unspecified, self.listen_addrs)) else [],
+                announce=announce,
+                announce_replace=self.config.announce_replace,
+            )
             for text in self.config.bootstrap:
                 nursery.start_soon(
                     self._keep_connected, _parse_addr(text, "network.bootstrap"), name="bootstrap"
@@ -210,8 +227,8 @@ class Host:
                 nursery.cancel_scope.cancel()
 
     def addresses(self) -> list[str]:
-        """Our listen addresses with /p2p/<peer id>, for others to dial."""
-        return [str(a.with_peer_id(self.peer_id)) for a in self.listen_addrs]
+        """Our advertised addresses with /p2p/<peer id>, for others to dial."""
+        return [str(a.with_peer_id(self.peer_id)) for a in self.advertised_addrs]
 
     # -- outbound --------------------------------------------------------------------------
 
@@ -491,7 +508,7 @@ class Host:
             protocol_version=PROTOCOL_VERSION,
             agent_version=AGENT_VERSION,
             public_key=self.key.public_key,
-            listen_addrs=self.listen_addrs,
+            listen_addrs=self.advertised_addrs,
             observed_addr=conn.remote_addr,
             protocols=self.protocols,
         )
