@@ -259,6 +259,21 @@ class GcSection(_Section, frozen=True):
     resolve against them."""
 
 
+class BlobsSection(_Section, frozen=True):
+    """The blob store and `/trionode/blob/1` transfers."""
+
+    max_size: Annotated[int, msgspec.Meta(ge=1, le=64 * 1024 * MiB)] = 64 * 1024 * MiB
+    """Largest blob stored (uploaded or fetched), in bytes."""
+    fetch_peers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """Peers one fetch downloads chunks from at once."""
+    request_window: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """Chunk requests in flight to one peer (pipelining keeps the stream busy)."""
+    chunk_timeout: PositiveFloat = 30.0
+    """Seconds a peer may take to deliver a requested chunk before the fetch drops it."""
+    max_serving: PositiveInt = 16
+    """Blob streams this node serves at once; more are refused (the fetcher tries others)."""
+
+
 class FileConfig(_Section, frozen=True):
     """The whole of config.toml."""
 
@@ -271,6 +286,7 @@ class FileConfig(_Section, frozen=True):
     sync: SyncSection = SyncSection()
     apps: AppsSection = AppsSection()
     gc: GcSection = GcSection()
+    blobs: BlobsSection = BlobsSection()
 
 
 class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -334,6 +350,10 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def gc(self) -> GcSection:
         return self.file.gc
+
+    @property
+    def blobs(self) -> BlobsSection:
+        return self.file.blobs
 
 
 def _where(path: str) -> str:

@@ -38,6 +38,7 @@ import trio
 
 from trionode.api.app import create_app
 from trionode.api.server import serve_api
+from trionode.blobs.store import BlobMetrics, BlobStore
 from trionode.config import NodeConfig
 from trionode.context.applications import Applications
 from trionode.context.events import EventHub
@@ -103,6 +104,9 @@ class Node:
             faults=gossip_faults,
         )
         self.hub = EventHub()
+        self.blobs = BlobStore(
+            store, config.home, BlobMetrics(metrics.registry), max_size=config.blobs.max_size
+        )
         self.applications = Applications(store, config.apps.trusted_signers)
         self.replication_metrics = ReplicationMetrics(metrics.registry)
         self.contexts = ContextManager(

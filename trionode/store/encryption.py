@@ -11,6 +11,7 @@ happens, so a wrong passphrase is a clear error and the store is left untouched.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Final
 
@@ -64,6 +65,11 @@ class ValueCipher:
         if len(key) != KEY_SIZE:
             raise ValueError("value cipher key must be 32 bytes")
         self._key = key
+
+    def subkey(self, purpose: str) -> bytes:
+        """An independent 32-byte key for another use of the same secret (e.g. blob chunk
+        files), so no two uses ever share a key."""
+        return hashlib.blake2b(purpose.encode(), key=self._key, digest_size=KEY_SIZE).digest()
 
     @staticmethod
     def _aad(column: str, key: bytes) -> bytes:

@@ -202,6 +202,11 @@ class LmdbStore:
     def encrypted(self) -> bool:
         return self._cipher is not None
 
+    @property
+    def cipher(self) -> ValueCipher | None:
+        """The at-rest cipher (None when unencrypted): the blob store derives its keys from it."""
+        return self._cipher
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
