@@ -100,6 +100,9 @@ class NetworkSection(_Section, frozen=True):
     peer_max_failures: PositiveInt = 3
     """A peer whose dials failed this many times in a row is forgotten as unreachable; between
     failures its redials back off like bootstrap redials (`redial_*_backoff`)."""
+    member_redial_max_backoff: PositiveFloat = 10.0
+    """Peers that share a context with us are never forgotten; their redials back off up to
+    only this many seconds, so a restarted member is found again quickly."""
     peer_exchange_max_peers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
     """Connected peers named in one answer to `/trionode/peers/1` (peer exchange)."""
     mdns: bool = True

@@ -8,6 +8,8 @@ open_node(config) ── root nursery
    ├─ watch_peers      emits PeerConnected/PeerDisconnected into that channel
    ├─ PubSub.run       gossipsub: heartbeat, one writer per peer (readers run in Host's
    │                    connection nurseries); delivered messages go to the event channel
+   ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
+   │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
    ├─ serve_mdns       (if `network.mdns`) local-link discovery into the peer store
    ├─ Replicator.run   broadcasts local deltas, fetches missing parents, runs event handlers,
@@ -44,7 +46,7 @@ from trionode.context.applications import Applications
 from trionode.context.events import EventHub
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
-from trionode.context.replication import ReplicationMetrics, Replicator
+from trionode.context.replication import TOPIC_PREFIX, ReplicationMetrics, Replicator
 from trionode.context.sync import SyncManager
 from trionode.errors import ConfigError
 from trionode.gc import GcMetrics, run_gc_once, serve_gc
@@ -55,6 +57,7 @@ from trionode.net.discovery import DiscoveryMetrics, serve_discovery
 from trionode.net.events import GossipMessage, NetworkEvent, NetworkEvents, watch_peers
 from trionode.net.host import Host
 from trionode.net.mdns import serve_mdns
+from trionode.net.member_peers import context_topics, serve_member_peers
 from trionode.net.metrics import NetMetrics
 from trionode.net.peerstore import PeerStore
 from trionode.net.pubsub import PubSub, PubSubMetrics
@@ -287,6 +290,16 @@ async def open_node(
             await nursery.start(node.sync.run, node.shutdown_requested, name="sync")
             discovery = (node.host, node.peerstore, config.network, node.discovery_metrics)
             stop = node.shutdown_requested
+            # After the Replicator (it subscribes our contexts' topics), before discovery.
+            await nursery.start(
+                partial(serve_member_peers, shutdown_requested=stop),
+                node.host,
+                node.pubsub,
+                node.peerstore,
+                store,
+                context_topics(node.pubsub, TOPIC_PREFIX),
+                name="member-peers",
+            )
             if config.discovery:
                 await nursery.start(
                     partial(serve_discovery, *discovery, shutdown_requested=stop), name="discovery"

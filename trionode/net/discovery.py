@@ -207,7 +207,7 @@ class _Discovery:
             # Everything below stops when the connection closes (identify may never come).
             nursery.start_soon(_cancel_when_closed, conn, nursery.cancel_scope)
             await conn.identified.wait()
-            self._learn(conn.peer_id, _identified_addrs(conn), "identify")
+            self._learn(conn.peer_id, identified_addrs(conn), "identify")
             if PEER_EXCHANGE_PROTOCOL_ID in conn.protocols:
                 await self._exchange(conn)
             nursery.cancel_scope.cancel()
@@ -262,7 +262,7 @@ class _Discovery:
         entries: list[PeerAddrs] = []
         for other in others:
             peer = other.peer_id
-            known = self._store.addresses(peer) or _identified_addrs(other)
+            known = self._store.addresses(peer) or identified_addrs(other)
             addrs = [a for a in known if remote_is_local or not _is_loopback(a)]
             if addrs:
                 entries.append(PeerAddrs(peer, tuple(addrs)))
@@ -284,17 +284,30 @@ class _Discovery:
                 self._wake = trio.Event()  # before looking: later changes wake us again
                 self._store.expire()
                 busy = len(self._host.connections) + len(self._dialing)
-                room = min(self._target() - busy, MAX_CONCURRENT_DIALS - len(self._dialing))
+                slots = MAX_CONCURRENT_DIALS - len(self._dialing)
+                room = min(self._target() - busy, slots)
+                # Members are dialed past `target_peers` (never past max_connections): a
+                # node must reach the peers it shares contexts with, whoever else it knows.
+                member_room = min(self._config.max_connections - busy, slots)
                 exclude = set(self._host.connections) | self._dialing
-                for peer in self._store.dial_candidates(room, exclude=exclude):
+                for peer in self._store.dial_candidates(max(room, member_room), exclude=exclude):
+                    if not self._store.is_member(peer):
+                        if room <= 0:
+                            break  # members come first, so only non-members are left
+                    elif member_room <= 0:
+                        continue
                     self._dialing.add(peer)
                     nursery.start_soon(self._dial, peer, name=f"{self._host.peer_id}:dial {peer}")
                     room -= 1
+                    member_room -= 1
                 deadline = self._store.next_expiry_time()
-                if room > 0:
+                if room > 0 or member_room > 0:
                     # Every ready candidate is being dialed; wake for the next backoff end.
                     exclude = set(self._host.connections) | self._dialing
-                    deadline = min(deadline, self._store.next_dial_time(exclude=exclude))
+                    deadline = min(
+                        deadline,
+                        self._store.next_dial_time(exclude=exclude, members_only=room <= 0),
+                    )
                 with trio.move_on_at(deadline):
                     await self._wake.wait()
 
@@ -331,7 +344,7 @@ class _Discovery:
         return False
 
 
-def _identified_addrs(conn: Connection) -> list[Multiaddr]:
+def identified_addrs(conn: Connection) -> list[Multiaddr]:
     """The listen addresses `conn`'s peer reported in identify, 0.0.0.0 made concrete."""
     resolved = (resolve_unspecified(a, conn.remote_addr) for a in conn.listen_addrs)
     return [a.without_peer_id() for a in resolved if is_dialable(a)]

@@ -18,6 +18,11 @@ row failed, and when the next dial may happen. Rules:
   ("evicted").
 - *Connected peers* (told by :meth:`PeerStore.set_connected`) are never forgotten and count
   as seen while connected.
+- *Member peers* (told by :meth:`PeerStore.set_members`: peers that share a context with us)
+  are never forgotten, expired or evicted, however often their dials fail: a member that is
+  down for an hour must be found again when it comes back. Their redial backoff stops at
+  ``member_max_backoff`` (low), and they are dial candidates before everyone else.
+  ``stored`` entries are member addresses read back from LMDB at start.
 
 The store does no I/O. Time comes from an injected clock (Trio's by default), and
 :meth:`PeerStore.wait_changed` wakes whoever waits on it after every change.
@@ -36,7 +41,7 @@ from trionode.config import NetworkSection
 from trionode.wire.keys import PeerId
 from trionode.wire.multiaddr import Multiaddr
 
-Source = Literal["identify", "exchange", "mdns", "bootstrap"]
+Source = Literal["identify", "exchange", "mdns", "bootstrap", "stored"]
 ForgetReason = Literal["unreachable", "expired", "evicted"]
 
 MAX_ADDRS_PER_PEER: Final = 8
@@ -94,6 +99,7 @@ class KnownPeer:
     next_dial_at: float
     pinned: bool
     connected: bool
+    member: bool
 
 
 @attrs.define
@@ -117,6 +123,7 @@ class PeerStore:
         max_failures: int = 3,
         initial_backoff: float = 1.0,
         max_backoff: float = 60.0,
+        member_max_backoff: float = 10.0,
         local_peer: PeerId | None = None,
         clock: Callable[[], float] = trio.current_time,
         on_forget: Callable[[PeerId, ForgetReason], None] | None = None,
@@ -126,12 +133,14 @@ class PeerStore:
         self.max_failures = max_failures
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
+        self.member_max_backoff = member_max_backoff
         self.local_peer = local_peer
         self.on_forget = on_forget
         """Called with (peer, reason) whenever a peer is forgotten (metrics hook)."""
         self._clock = clock
         self._entries: dict[PeerId, _Entry] = {}
         self._connected: set[PeerId] = set()
+        self._members: frozenset[PeerId] = frozenset()
         self._gave_up: dict[PeerId, float] = {}  # unreachable peer -> when we forgot it
         self._changed = trio.Event()
 
@@ -149,6 +158,7 @@ class PeerStore:
             max_failures=config.peer_max_failures,
             initial_backoff=config.redial_initial_backoff,
             max_backoff=config.redial_max_backoff,
+            member_max_backoff=config.member_redial_max_backoff,
             local_peer=local_peer,
             clock=clock,
         )
@@ -177,6 +187,7 @@ class PeerStore:
             next_dial_at=entry.next_dial_at,
             pinned=entry.pinned,
             connected=peer in self._connected,
+            member=peer in self._members,
         )
 
     def addresses(self, peer: PeerId) -> tuple[Multiaddr, ...]:
@@ -188,31 +199,39 @@ class PeerStore:
         when = self._gave_up.get(peer)
         return when is not None and self._clock() - when < self.ttl
 
+    def is_member(self, peer: PeerId) -> bool:
+        return peer in self._members
+
     def dial_candidates(self, limit: int, *, exclude: Collection[PeerId] = ()) -> list[PeerId]:
         """Up to ``limit`` peers worth dialing now: unconnected, unpinned, out of backoff.
 
-        Fewest failures first, then most recently seen.
+        Members first, then fewest failures, then most recently seen.
         """
         if limit <= 0:
             return []
         now = self._clock()
         ready = [
-            (entry.failures, -entry.last_seen, peer)
+            (peer not in self._members, entry.failures, -entry.last_seen, peer)
             for peer, entry in self._entries.items()
             if not entry.pinned
             and entry.next_dial_at <= now
             and peer not in self._connected
             and peer not in exclude
         ]
-        ready.sort(key=lambda item: (item[0], item[1]))
-        return [peer for _, _, peer in ready[:limit]]
+        ready.sort(key=lambda item: item[:3])
+        return [item[3] for item in ready[:limit]]
 
-    def next_dial_time(self, *, exclude: Collection[PeerId] = ()) -> float:
-        """When the earliest backed-off, unconnected peer may be dialed (inf if none)."""
+    def next_dial_time(
+        self, *, exclude: Collection[PeerId] = (), members_only: bool = False
+    ) -> float:
+        """When the earliest backed-off, unconnected peer (member) may be dialed (inf if none)."""
         times = [
             entry.next_dial_at
             for peer, entry in self._entries.items()
-            if not entry.pinned and peer not in self._connected and peer not in exclude
+            if not entry.pinned
+            and peer not in self._connected
+            and peer not in exclude
+            and (not members_only or peer in self._members)
         ]
         return min(times, default=float("inf"))
 
@@ -221,7 +240,7 @@ class PeerStore:
         times = [
             entry.last_seen + self.ttl
             for peer, entry in self._entries.items()
-            if not entry.pinned and peer not in self._connected
+            if not entry.pinned and peer not in self._connected and peer not in self._members
         ]
         return min(times, default=float("inf"))
 
@@ -266,6 +285,22 @@ class PeerStore:
             self._notify()
         return False
 
+    def set_members(self, peers: Iterable[PeerId]) -> None:
+        """Tell the store which peers share a context with us (see the module docstring).
+
+        A peer that stops being a member keeps its entry under the ordinary rules.
+        """
+        members = frozenset(peers)
+        if members == self._members:
+            return
+        for peer in members - self._members:
+            entry = self._entries.get(peer)
+            if entry is not None:
+                cap = self._clock() + self.member_max_backoff
+                entry.next_dial_at = min(entry.next_dial_at, cap)
+        self._members = members
+        self._notify()
+
     def set_connected(self, peers: Iterable[PeerId]) -> None:
         """Tell the store which peers are connected right now (they count as seen).
 
@@ -305,13 +340,16 @@ class PeerStore:
             return False
         entry.failures += 1
         now = self._clock()
-        if entry.failures >= self.max_failures and not entry.pinned:
+        member = peer in self._members
+        if entry.failures >= self.max_failures and not entry.pinned and not member:
             self._gave_up[peer] = now
             self._bound_gave_up()
             self._forget(peer, "unreachable")
             return True
-        backoff = self.initial_backoff * 2 ** (entry.failures - 1)
-        entry.next_dial_at = now + min(backoff, self.max_backoff)
+        # min() first: 2 ** failures grows without bound for a member down for days.
+        exponent = min(entry.failures - 1, 32)
+        cap = self.member_max_backoff if member else self.max_backoff
+        entry.next_dial_at = now + min(self.initial_backoff * 2**exponent, cap)
         self._notify()
         return False
 
@@ -323,6 +361,7 @@ class PeerStore:
             for peer, entry in self._entries.items()
             if not entry.pinned
             and peer not in self._connected
+            and peer not in self._members
             and now - entry.last_seen >= self.ttl
         ]
         for peer in stale:
@@ -338,7 +377,7 @@ class PeerStore:
         candidates = [
             (entry.failures, -entry.last_seen, peer)
             for peer, entry in self._entries.items()
-            if not entry.pinned and peer not in self._connected
+            if not entry.pinned and peer not in self._connected and peer not in self._members
         ]
         if not candidates:
             return False
