@@ -223,8 +223,12 @@ class ReplicationSection(_Section, frozen=True):
 
     max_pending: PositiveInt = 1000
     """Deltas per context that may wait for their parents; the oldest is evicted beyond."""
+    max_pending_per_author: PositiveInt = 250
+    """Of those, deltas by one author: beyond, that author's own oldest is evicted, so one
+    member flooding pending cannot push out the others' deltas."""
     pending_timeout: PositiveFloat = 300.0
-    """Seconds a delta may wait for its parents before it is evicted (and counted)."""
+    """Seconds a delta may wait for its parents before it is evicted (and counted); also how
+    much further than `sync.max_clock_drift` ahead a delta may be stamped and still wait."""
     fetch_timeout: PositiveFloat = 30.0
     """Seconds for one missing-parent fetch from a peer."""
 
@@ -242,6 +246,10 @@ class SyncSection(_Section, frozen=True):
     """Seconds one session may take."""
     max_concurrent: PositiveInt = 30
     """Sessions at once, incoming and outgoing together."""
+    max_clock_drift: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 5.0
+    """Seconds a received stamp (a delta's header or any record in it, or state) may lead
+    our wall clock. A delta further ahead waits as pending until it does not; one more than
+    `replication.pending_timeout` beyond this is refused (and counted), as is state."""
 
 
 class AppsSection(_Section, frozen=True):

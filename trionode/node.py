@@ -14,6 +14,7 @@ open_node(config) ── root nursery
    ├─ serve_mdns       (if `network.mdns`) local-link discovery into the peer store
    ├─ Replicator.run   broadcasts local deltas, fetches missing parents, runs event handlers,
    │                    evicts stale pending deltas; received gossip reaches it via the channel
+   ├─ serve_clock_waits applies deltas stamped ahead of our clock once it has caught up
    ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter
    ├─ serve_gc         periodic tombstone GC over every context
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
@@ -43,6 +44,7 @@ from trionode.api.server import serve_api
 from trionode.blobs.store import BlobMetrics, BlobStore
 from trionode.config import NodeConfig
 from trionode.context.applications import Applications
+from trionode.context.clock_waits import serve_clock_waits
 from trionode.context.events import EventHub
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
@@ -117,6 +119,9 @@ class Node:
             self.hub,
             self.applications,
             max_pending=config.replication.max_pending,
+            max_pending_per_author=config.replication.max_pending_per_author,
+            max_clock_drift=config.sync.max_clock_drift,
+            pending_timeout=config.replication.pending_timeout,
             metrics=self.replication_metrics,
         )
         self.replicator = Replicator(
@@ -287,6 +292,9 @@ async def open_node(
             await nursery.start(_watch_peers_until, node, name="peer-events")
             await nursery.start(node.pubsub.run, node.shutdown_requested, name="pubsub")
             await nursery.start(node.replicator.run, node.shutdown_requested, name="replication")
+            await nursery.start(
+                serve_clock_waits, node.contexts, node.shutdown_requested, name="clock-waits"
+            )
             await nursery.start(node.sync.run, node.shutdown_requested, name="sync")
             discovery = (node.host, node.peerstore, config.network, node.discovery_metrics)
             stop = node.shutdown_requested

@@ -12,7 +12,7 @@ from trionode.crdt import (
     ntp64_from_unix_ns,
     unix_from_ntp64,
 )
-from trionode.crdt.hlc import LOGICAL_MASK
+from trionode.crdt.hlc import LOGICAL_MASK, NTP64_MAX
 
 T0 = ntp64_from_unix(1_700_000_000.5)
 SECOND = 1 << 32
@@ -88,11 +88,36 @@ def test_drift_beyond_tolerance_raises_with_wait() -> None:
     assert clock.update(remote, T0 + 3 * SECOND) > remote
 
 
-def test_witness_moves_clock_without_drift_check() -> None:
+def test_witness_moves_clock_past_stamps_within_drift() -> None:
+    clock = HybridClock(b"local", drift_tolerance=5.0)
+    near = Timestamp(T0 + 4 * SECOND, b"r")
+    clock.witness(near, T0)
+    assert clock.now(T0) > near
+
+
+@pytest.mark.parametrize("ahead", [6 * SECOND, 3600 * SECOND, NTP64_MAX - T0])
+def test_witness_ignores_stamps_beyond_drift_so_now_never_overflows(ahead: int) -> None:
+    clock = HybridClock(b"local", drift_tolerance=5.0)
+    first = clock.now(T0)
+    clock.witness(Timestamp(T0 + ahead, b"r"), T0)
+    assert clock.last == first.time
+    stamps = [clock.now(T0) for _ in range(3)]
+    assert first < stamps[0] < stamps[1] < stamps[2]
+    assert stamps[-1].time < T0 + SECOND
+
+
+def test_update_refuses_the_end_of_the_range_and_leaves_the_clock_alone() -> None:
     clock = HybridClock(b"local")
-    far = Timestamp(T0 + 3600 * SECOND, b"r")
-    clock.witness(far)
-    assert clock.now(T0) > far
+    with pytest.raises(ClockDriftError):
+        clock.update(Timestamp(NTP64_MAX, b"r"), T0)
+    assert clock.now(T0).time == T0 & ~LOGICAL_MASK
+
+
+def test_excess_measures_the_lead_beyond_drift() -> None:
+    clock = HybridClock(b"local", drift_tolerance=5.0)
+    assert clock.excess(T0 + 5 * SECOND, T0) == 0
+    assert clock.excess(T0 + 7 * SECOND, T0) == 2 * SECOND
+    assert clock.excess(T0, T0) < 0
 
 
 def test_node_id_is_validated() -> None:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 
 from hypothesis import given, strategies as st
 
-from trionode.dag.dag import CausalDag
+from trionode.dag.dag import CausalDag, Defer
 from trionode.dag.delta import GENESIS
 
 
@@ -120,3 +121,103 @@ def test_refused_deltas_are_not_applied_and_block_their_descendants() -> None:
     assert dag.heads == {d1}
     assert not dag.knows(d2)
     assert dag.is_pending(d3)
+
+
+# -- waiting for the clock and per-author quotas --------------------------------------------
+
+
+def test_deferred_delta_waits_for_release_with_its_descendants() -> None:
+    dag: CausalDag[str] = CausalDag()
+    (d1, p1), (d2, p2), (d3, p3) = _chain(3)
+    dag.offer(d1, p1, "one", now=0)
+    dag.offer(d3, p3, "three", now=0)
+    offer = dag.offer(d2, p2, "ahead", now=0, apply=lambda _id, item: Defer(50.0))
+    assert offer.ready == []
+    assert offer.missing == frozenset()
+    assert dag.is_pending(d2)
+    assert dag.is_pending(d3)
+    assert dag.next_release() == 50.0
+    assert dag.missing() == set()  # nothing to fetch: it is here, only early
+    assert dag.expire(now=1000, timeout=1) == [d3]  # waits for a parent; d2 waits for time
+    dag.offer(d3, p3, "three", now=1000)
+    assert dag.release(now=49.0, apply=lambda _id, _item: True) == []
+    released = dag.release(now=50.0, apply=lambda _id, _item: True)
+    assert released == [(d2, "ahead"), (d3, "three")]
+    assert dag.heads == {d3}
+    assert dag.pending_count == 0
+    assert dag.next_release() is None
+
+
+def test_a_delta_can_be_deferred_again() -> None:
+    dag: CausalDag[str] = CausalDag()
+    verdicts: Iterator[bool | Defer] = iter([Defer(5.0), Defer(9.0), True])
+    dag.offer(_id(1), (GENESIS,), "x", now=0, apply=lambda _id, _item: next(verdicts))
+    assert dag.release(now=5.0, apply=lambda _id, _item: next(verdicts)) == []
+    assert dag.next_release() == 9.0
+    assert dag.release(now=9.0, apply=lambda _id, _item: next(verdicts)) == [(_id(1), "x")]
+
+
+def test_per_author_quota_evicts_the_flooders_own_oldest() -> None:
+    dag: CausalDag[str] = CausalDag(max_pending=100, max_pending_per_author=3)
+    dag.offer(_id(2), (_id(1),), "victim", now=0, author=b"bob")
+    evicted: list[bytes] = []
+    for i in range(30):
+        evicted += dag.offer(_id(100 + i), (_id(99),), "flood", now=i, author=b"eve").evicted
+    assert evicted == [_id(100 + i) for i in range(27)]
+    assert dag.pending_of(b"eve") == 3
+    assert dag.is_pending(_id(2))
+    assert [d for d, _ in dag.offer(_id(1), (GENESIS,), "parent", now=31).ready] == [
+        _id(1),
+        _id(2),
+    ]
+
+
+def test_total_limit_evicts_the_oldest_of_the_heaviest_author() -> None:
+    dag: CausalDag[str] = CausalDag(max_pending=4, max_pending_per_author=3)
+    dag.offer(_id(10), (_id(1),), "a", now=0, author=b"a")
+    dag.offer(_id(20), (_id(1),), "b", now=1, author=b"b")
+    dag.offer(_id(21), (_id(1),), "b", now=2, author=b"b")
+    dag.offer(_id(22), (_id(1),), "b", now=3, author=b"b")
+    assert dag.offer(_id(11), (_id(1),), "a", now=4, author=b"a").evicted == [_id(20)]
+    assert dag.pending_of(b"a") == 2
+    assert dag.pending_of(b"b") == 2
+
+
+@given(
+    st.permutations(list(range(10))),
+    st.lists(st.booleans(), min_size=10, max_size=10),
+    st.integers(min_value=0, max_value=10_000),
+)
+def test_deferrals_change_when_deltas_apply_never_what_applies(
+    order: list[int], early: list[bool], seed: int
+) -> None:
+    rng = random.Random(seed)
+    deltas: list[tuple[bytes, tuple[bytes, ...]]] = []
+    for i in range(10):
+        parents = (
+            (GENESIS,)
+            if i == 0
+            else tuple(sorted({_id(rng.randrange(i) + 1) for _ in range(rng.randint(1, 2))}))
+        )
+        deltas.append((_id(i + 1), parents))
+    until = {d: float(i + 1) for i, (d, _) in enumerate(deltas) if early[i]}
+
+    def verdict(now: float) -> Callable[[bytes, None], bool | Defer]:
+        return lambda delta_id, _item: (
+            Defer(until[delta_id]) if until.get(delta_id, 0) > now else True
+        )
+
+    dag: CausalDag[None] = CausalDag()
+    seen: list[bytes] = []
+    for index in order:
+        seen += [d for d, _ in dag.offer(*deltas[index], None, now=0, apply=verdict(0)).ready]
+    while (due := dag.next_release()) is not None:
+        seen += [d for d, _ in dag.release(due, verdict(due))]
+    reference: CausalDag[None] = CausalDag()
+    for delta_id, parents in deltas:
+        reference.offer(delta_id, parents, None, now=0)
+    assert dag.heads == reference.heads
+    assert sorted(seen) == sorted(d for d, _ in deltas)
+    position = {d: i for i, d in enumerate(seen)}
+    for delta_id, parents in deltas:
+        assert all(p == GENESIS or position[p] < position[delta_id] for p in parents)

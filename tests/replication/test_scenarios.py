@@ -32,6 +32,7 @@ from trionode.context.join import USED
 from trionode.context.manager import ContextError
 from trionode.context.records import CONTEXTS, DELTAS
 from trionode.context.replication import SYNC_PROTOCOL, _Channel, auth_message, topic_for
+from trionode.dag.dag import Defer
 from trionode.dag.delta import SignedDelta, decode_delta, open_delta, verify_delta
 from trionode.errors import RemoteProtocolError
 from trionode.net.events import GossipMessage, NetworkEvent
@@ -418,7 +419,7 @@ async def test_6_order_independence(
             depths: list[int] = []
             original = e.contexts._apply_one
 
-            def measured(applying: Any, delta_id: bytes, delta: SignedDelta) -> bool:
+            def measured(applying: Any, delta_id: bytes, delta: SignedDelta) -> bool | Defer:
                 depths.append(stack_depth())
                 return original(applying, delta_id, delta)
 

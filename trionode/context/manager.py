@@ -21,6 +21,7 @@ import os
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -48,16 +49,17 @@ from trionode.context.records import (
     member_slot,
 )
 from trionode.crdt import (
-    ClockDriftError,
     Entity,
     HybridClock,
     StateTree,
     Timestamp,
     decode_entity,
     encode_entity,
+    max_stamp,
     ntp64_from_unix,
 )
-from trionode.dag.dag import CausalDag
+from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE, ntp64_duration, ntp64_seconds
+from trionode.dag.dag import CausalDag, Defer
 from trionode.dag.delta import (
     GENESIS,
     AppEvent,
@@ -78,6 +80,9 @@ from trionode.store.store import AsyncStore, WriteBatch
 
 log = logging.getLogger(__name__)
 
+_CLOCK_SLACK = 0.001
+"""Seconds added to a wait for the clock, so the wall clock has surely moved on by then."""
+
 
 class ContextError(TrionodeError):
     """A request about a context cannot be served; `status` is the HTTP status to use."""
@@ -85,6 +90,18 @@ class ContextError(TrionodeError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StateAheadError(ProtocolError):
+    """Records that arrived as state (a snapshot page, a tree comparison) carry a stamp
+    more than `sync.max_clock_drift` ahead of our clock: none of them was joined.
+
+    State cannot wait like a delta (it is not signed by its writers), so it is refused;
+    the session fails and a later one, once clocks agree, brings it again."""
+
+    def __init__(self, seconds_ahead: float) -> None:
+        super().__init__(f"state stamped {seconds_ahead:.3f}s beyond the allowed clock drift")
+        self.seconds_ahead = seconds_ahead
 
 
 @attrs.define
@@ -120,6 +137,9 @@ class Received:
     duplicate: bool = False
     rejected: list[tuple[bytes, str]] = attrs.field(factory=list)
     """(id, reason) of deltas refused when they became applicable."""
+    refused: list[bytes] = attrs.field(factory=list)
+    """Valid deltas stamped more than drift + pending timeout ahead of our clock: neither
+    stored nor remembered, so the same delta is welcome again once clocks agree."""
 
 
 class AppLoader(Protocol):
@@ -162,6 +182,9 @@ class ContextManager:
         *,
         wall_clock: Callable[[], float] = time.time,
         max_pending: int = 1000,
+        max_pending_per_author: int | None = None,
+        max_clock_drift: float = DEFAULT_DRIFT_TOLERANCE,
+        pending_timeout: float = 300.0,
         metrics: ReplicationMetrics | None = None,
     ) -> None:
         self._store = store
@@ -169,6 +192,12 @@ class ContextManager:
         self._apps = apps
         self._wall_clock = wall_clock
         self._max_pending = max_pending
+        self._max_pending_per_author = max_pending_per_author
+        self._max_clock_drift = max_clock_drift
+        self._max_wait = ntp64_duration(pending_timeout)
+        """How far beyond the drift a delta's stamps may lead and it still waits."""
+        self._deferred = trio.Event()
+        """Set when a delta starts waiting for the clock (see `serve_clock_waits`)."""
         self.metrics: ReplicationMetrics = metrics or _NoMetrics()
         self._loaded: dict[bytes, _Loaded] = {}
         self._known: set[bytes] = set()
@@ -231,7 +260,7 @@ class ContextManager:
         member = member_key.public_key().public_bytes_raw()
         context_key = os.urandom(32)
         tree = StateTree()
-        clock = HybridClock(member)
+        clock = HybridClock(member, self._max_clock_drift)
         now = self._physical_now()
         outcome = init_state(
             app, tree, clock, now, init_args_json, executor=member, context_id=context_id
@@ -253,7 +282,7 @@ class ContextManager:
         loaded = _Loaded(
             record,
             tree,
-            CausalDag(max_pending=self._max_pending),
+            self._new_dag(),
             clock,
             member_key,
             {0: context_key},
@@ -449,6 +478,10 @@ class ContextManager:
         if header.context_id != context_id:
             raise RemoteProtocolError("delta belongs to another context")
         loaded = await self._context(context_id)
+        if self._too_far_ahead(loaded, header.hlc, self._physical_now()):
+            # Checked before anything is stored: such a delta may be valid later.
+            self._refuse_ahead(context_id, delta.id)
+            return Received([], frozenset(), refused=[delta.id])
         async with loaded.lock:
             batch = WriteBatch()
             applying = _Applying(loaded, batch)
@@ -458,6 +491,7 @@ class ContextManager:
                 delta,
                 now=trio.current_time(),
                 apply=lambda delta_id, item: self._apply_one(applying, delta_id, item),
+                author=header.author,
             )
             if offer.duplicate:
                 self.metrics.outcome("duplicate")
@@ -465,16 +499,19 @@ class ContextManager:
             for evicted in offer.evicted:
                 batch.delete(PENDING, context_id + evicted)
                 self.metrics.outcome("evicted")
-            if not offer.ready and not applying.rejected:
+            if loaded.dag.is_pending(delta.id):
                 batch.put(
                     PENDING,
                     context_id + delta.id,
                     PendingRecord(delta=wire, received_at=self._wall_clock()),
                 )
+            self._note_deferred(loaded)
+            if not offer.ready and not applying.rejected:
                 await self._write_or_reload(loaded, batch)
-                self.metrics.outcome("pending")
+                if loaded.dag.is_pending(delta.id):
+                    self.metrics.outcome("pending")
                 self.metrics.pending_depth(loaded.dag.pending_count)
-                return Received([], offer.missing)
+                return Received([], offer.missing, refused=applying.refused)
             _stage_state(loaded, batch)
             self._refresh_record(loaded)
             batch.put(CONTEXTS, context_id, loaded.record)
@@ -482,21 +519,29 @@ class ContextManager:
         applied = [delta_id for delta_id, _ in offer.ready]
         if applied:
             self.metrics.outcome("applied")
-        if len(applied) > 1:
-            self.metrics.outcome("cascaded", len(applied) - 1)
-        self.metrics.pending_depth(loaded.dag.pending_count)
-        self.metrics.heads(len(loaded.dag.heads))
-        for delta_id, event_list in applying.events:
-            self._publish_remote(loaded, delta_id, event_list)
-        if any(event_list for _, event_list in applying.events):
-            self.handler_runs_queued.set()
-        return Received(applied, frozenset(), rejected=applying.rejected)
+        self._after_received(loaded, applying, max(len(applied) - 1, 0), "cascaded")
+        return Received(applied, frozenset(), rejected=applying.rejected, refused=applying.refused)
 
-    def _apply_one(self, applying: _Applying, delta_id: bytes, delta: SignedDelta) -> bool:
-        """Join one ready delta into the state (or refuse it); called in causal order."""
+    def _too_far_ahead(self, loaded: _Loaded, time: int, physical: int) -> bool:
+        return loaded.clock.excess(time, physical) > self._max_wait
+
+    def _refuse_ahead(self, context_id: bytes, delta_id: bytes) -> None:
+        self.metrics.outcome("refused_ahead")
+        log.warning(
+            "refused delta %s in %s: stamped beyond max_clock_drift + pending_timeout",
+            delta_id.hex()[:16],
+            b58(context_id),
+        )
+
+    def _note_deferred(self, loaded: _Loaded) -> None:
+        if loaded.dag.next_release() is not None:
+            self._deferred.set()
+
+    def _apply_one(self, applying: _Applying, delta_id: bytes, delta: SignedDelta) -> bool | Defer:
+        """Join one ready delta into the state, refuse it, or make it wait for our clock
+        (`Defer`: it stays pending); called in causal order."""
         loaded, batch = applying.loaded, applying.batch
         context_id = loaded.context_id
-        batch.delete(PENDING, context_id + delta_id)
         header = verify_delta(delta)
         # The context's first delta makes its creator the first admin: nobody can be a
         # member before it. Only holders of the context key can write a delta that opens,
@@ -524,16 +569,27 @@ class ContextManager:
             reason = "unknown author"
         if reason is not None or body is None:
             reason = reason or "unreadable"
+            batch.delete(PENDING, context_id + delta_id)
             applying.rejected.append((delta_id, reason))
             self.metrics.outcome(f"rejected_{_reason_label(reason)}")
             log.warning("rejected delta %s in %s: %s", delta_id.hex()[:16], b58(context_id), reason)
             return False
-        try:
-            loaded.clock.update(Timestamp(header.hlc, header.author), self._physical_now())
-        except ClockDriftError:
-            # Valid, signed and causal, merely stamped ahead of our clock: join it (a join
-            # is order-free), and witness it so our own later writes still order after it.
-            loaded.clock.witness(Timestamp(header.hlc, header.author))
+        # The verdict above never depends on time; only *when* a valid delta applies does.
+        # Its newest stamp, header or any record inside, must be within drift of our clock,
+        # or joining it would drag our clock (and every local write) into its future.
+        physical = self._physical_now()
+        newest = max(header.hlc, (max_stamp(records) or Timestamp(0, b"")).time)
+        excess = loaded.clock.excess(newest, physical)
+        if excess > self._max_wait:
+            batch.delete(PENDING, context_id + delta_id)
+            applying.refused.append(delta_id)
+            self._refuse_ahead(context_id, delta_id)
+            return False
+        if excess > 0:
+            self.metrics.outcome("deferred")
+            return Defer(trio.current_time() + ntp64_seconds(excess) + _CLOCK_SLACK)
+        batch.delete(PENDING, context_id + delta_id)
+        loaded.clock.update(Timestamp(header.hlc, header.author), physical)
         loaded.tree.apply(records)
         if members.touches(records):
             self._learn_keys(loaded, batch)
@@ -546,6 +602,54 @@ class ContextManager:
             )
         applying.events.append((delta_id, list(body.events)))
         return True
+
+    def deferral_wakeup(self) -> trio.Event:
+        """A fresh event, set when a delta next starts waiting for the clock."""
+        self._deferred = trio.Event()
+        return self._deferred
+
+    def next_release(self) -> float | None:
+        """When the earliest delta waiting for the clock may apply (trio time)."""
+        times = [loaded.dag.next_release() for loaded in self._loaded.values()]
+        return min((t for t in times if t is not None), default=None)
+
+    async def load_waiting(self) -> None:
+        """Load every context that has pending deltas (some may wait for the clock)."""
+        contexts = {key[:32] for key, _ in await self._store.raw_scan(Column.PENDING)}
+        for context_id in sorted(contexts & self._known):
+            await self._context(context_id)
+
+    async def release_deferred(self) -> int:
+        """Apply the deltas whose wait for the clock is over (and what they release)."""
+        total = 0
+        now = trio.current_time()
+        for loaded in list(self._loaded.values()):
+            due = loaded.dag.next_release()
+            if due is None or due > now:
+                continue
+            async with loaded.lock:
+                batch = WriteBatch()
+                applying = _Applying(loaded, batch)
+                released = loaded.dag.release(now, partial(self._apply_one, applying))
+                _stage_state(loaded, batch)
+                self._refresh_record(loaded)
+                batch.put(CONTEXTS, loaded.context_id, loaded.record)
+                await self._write_or_reload(loaded, batch)
+            total += len(released)
+            self._after_received(loaded, applying, len(released), "cascaded")
+        return total
+
+    def _after_received(
+        self, loaded: _Loaded, applying: _Applying, applied: int, outcome: str
+    ) -> None:
+        if applied:
+            self.metrics.outcome(outcome, applied)
+        self.metrics.pending_depth(loaded.dag.pending_count)
+        self.metrics.heads(len(loaded.dag.heads))
+        for delta_id, event_list in applying.events:
+            self._publish_remote(loaded, delta_id, event_list)
+        if any(event_list for _, event_list in applying.events):
+            self.handler_runs_queued.set()
 
     async def expire_pending(self, max_age: float) -> int:
         """Evict pending deltas older than `timeout` seconds in every loaded context."""
@@ -780,8 +884,14 @@ class ContextManager:
         async with loaded.lock:
             if only_if_empty and len(loaded.tree):
                 return None
+            physical = self._physical_now()
+            newest = max_stamp(list(records))
+            excess = 0 if newest is None else loaded.clock.excess(newest.time, physical)
+            if excess > 0:
+                self.metrics.outcome("refused_state_ahead")
+                raise StateAheadError(ntp64_seconds(excess))
             changed = loaded.tree.apply(records)
-            loaded.clock.witness(loaded.tree.max_stamp)
+            loaded.clock.witness(loaded.tree.max_stamp, physical)
             batch = WriteBatch()
             if members.touches(records):
                 self._learn_keys(loaded, batch)
@@ -838,14 +948,8 @@ class ContextManager:
             if extra is not None:
                 extra(batch)
             await self._write_or_reload(loaded, batch)
-        if released:
-            self.metrics.outcome("cascaded", len(released))
-        self.metrics.pending_depth(loaded.dag.pending_count)
-        self.metrics.heads(len(loaded.dag.heads))
-        for delta_id, event_list in applying.events:
-            self._publish_remote(loaded, delta_id, event_list)
-        if any(event_list for _, event_list in applying.events):
-            self.handler_runs_queued.set()
+            self._note_deferred(loaded)
+        self._after_received(loaded, applying, len(released), "cascaded")
         return loaded.record.root_hash, list(loaded.record.heads)
 
     # -- internals -------------------------------------------------------------------------
@@ -942,9 +1046,7 @@ class ContextManager:
         applied = [
             k[len(context_id) :] for k, _ in await self._store.scan(DELTAS, prefix=context_id)
         ]
-        dag: CausalDag[SignedDelta] = CausalDag(
-            applied=applied, heads=record.heads, max_pending=self._max_pending
-        )
+        dag = self._new_dag(applied=applied, heads=record.heads)
         member_seed = await self._store.get(IDENTITY, member_slot(context_id, record.our_member))
         keys = {
             int.from_bytes(k[33:37], "big"): v
@@ -952,21 +1054,43 @@ class ContextManager:
         }
         if member_seed is None or record.key_id not in keys:
             raise StorageError(f"context {b58(context_id)} has lost its keys")
-        clock = HybridClock(record.our_member)
-        clock.witness(tree.max_stamp)
+        clock = HybridClock(record.our_member, self._max_clock_drift)
+        # Beyond drift this is ignored: state poisoned by an older version (a stamp near
+        # 2^64-1) must not make every local write overflow the clock after a restart.
+        clock.witness(tree.max_stamp, self._physical_now())
         loaded = _Loaded(
             record, tree, dag, clock, Ed25519PrivateKey.from_private_bytes(member_seed), keys
         )
-        # Pending deltas survive restarts: put them back in the DAG (none of them is ready,
-        # or it would have been applied before it was stored).
+        # Pending deltas survive restarts: put them back in the DAG. Those waiting for the
+        # clock have all their parents: they wait again, due at once, so the next release
+        # checks them against the clock as it is now.
+        now = trio.current_time()
         for key, pending in await self._store.scan(PENDING, prefix=context_id):
             try:
                 delta = decode_delta(pending.delta)
                 header = verify_delta(delta)
             except ProtocolError:
                 continue
-            dag.offer(key[32:], header.parents, delta, now=trio.current_time())
+            dag.offer(
+                key[32:],
+                header.parents,
+                delta,
+                now=now,
+                apply=lambda _id, _item: Defer(now),
+                author=header.author,
+            )
+        self._note_deferred(loaded)
         return loaded
+
+    def _new_dag(
+        self, *, applied: Iterable[bytes] = (), heads: Iterable[bytes] = ()
+    ) -> CausalDag[SignedDelta]:
+        return CausalDag(
+            applied=applied,
+            heads=heads,
+            max_pending=self._max_pending,
+            max_pending_per_author=self._max_pending_per_author,
+        )
 
 
 @attrs.define
@@ -990,6 +1114,7 @@ class _Applying:
     loaded: _Loaded
     batch: WriteBatch
     rejected: list[tuple[bytes, str]] = attrs.field(factory=list)
+    refused: list[bytes] = attrs.field(factory=list)
     events: list[tuple[bytes, list[AppEvent]]] = attrs.field(factory=list)
 
 

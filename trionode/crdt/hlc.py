@@ -12,6 +12,14 @@ when physical time has moved on the counter restarts at 0, otherwise the counter
 A counter overflow simply carries into the fraction, i.e. borrows ~15 µs of future time,
 which keeps stamps unique and monotonic without any special case.
 
+Nothing received can break the clock. A remote stamp moves it only through `update`, which
+refuses one more than the drift tolerance ahead of physical time (the caller makes that
+data wait), and `witness` ignores stamps that far ahead. So `last` stays within physical
+time + drift (plus counter ticks) and `now()` cannot be pushed to the end of the 64-bit
+range, not even by state that an older version let in stamped 2^64-1: such a stamp is never
+witnessed, and local writes order by physical time below it. They succeed; a far-future
+LWW value simply keeps winning over them.
+
 Ties between writers are broken by the writer's node id: `Timestamp` is a NamedTuple
 `(time, node)` and tuples compare lexicographically, so "highest (HLC, writer)" is `max()`.
 
@@ -33,7 +41,8 @@ LOGICAL_MASK: Final = (1 << LOGICAL_BITS) - 1
 NTP64_MAX: Final = (1 << 64) - 1
 MAX_NODE_ID_BYTES: Final = 64
 DEFAULT_DRIFT_TOLERANCE: Final = 5.0
-"""Seconds a remote stamp may be ahead of our physical clock before we make the caller wait."""
+"""Seconds a remote stamp may be ahead of our physical clock before we make the caller wait
+(the node takes it from `sync.max_clock_drift`)."""
 
 _NS_PER_S: Final = 1_000_000_000
 
@@ -65,6 +74,12 @@ def ntp64_duration(seconds: float) -> int:
     if seconds < 0:
         raise ValueError("durations cannot be negative")
     return int(seconds * (1 << FRACTION_BITS))
+
+
+def ntp64_seconds(duration: int) -> float:
+    """An NTP64 duration in seconds, rounded up to the next nanosecond (so waiting that long
+    always suffices)."""
+    return -(-duration * _NS_PER_S // (1 << FRACTION_BITS)) / _NS_PER_S
 
 
 def _check_range(time: int) -> int:
@@ -113,7 +128,7 @@ class ClockDriftError(TrionodeError):
     @property
     def wait_seconds(self) -> float:
         """How long to wait, in seconds (rounded up to the next nanosecond)."""
-        return -(-self.wait * _NS_PER_S // (1 << FRACTION_BITS)) / _NS_PER_S
+        return ntp64_seconds(self.wait)
 
 
 class HybridClock:
@@ -123,7 +138,8 @@ class HybridClock:
         node_id: the writer id put in every stamp (1..64 bytes, unique per writer).
         drift_tolerance: seconds a remote stamp may lead our physical clock.
         last: the highest time already issued (restore it after a restart; a `StateTree`
-            also re-witnesses its newest stamp when a transaction begins).
+            also re-witnesses its newest stamp when a transaction begins). Not checked
+            against drift: pass only a time this node issued.
     """
 
     __slots__ = ("_drift", "_last", "_node")
@@ -140,6 +156,15 @@ class HybridClock:
     @property
     def node_id(self) -> bytes:
         return self._node
+
+    @property
+    def drift(self) -> int:
+        """The drift tolerance as an NTP64 duration."""
+        return self._drift
+
+    def excess(self, time: int, physical: int) -> int:
+        """How far (NTP64) `time` lies beyond physical time + drift; <= 0 when within."""
+        return time - physical - self._drift
 
     @property
     def last(self) -> int:
@@ -163,15 +188,20 @@ class HybridClock:
             raise ClockDriftError(remote, physical, excess)
         return self._issue(max(physical & ~LOGICAL_MASK, self._last + 1, remote.time + 1))
 
-    def witness(self, stamp: Timestamp | None) -> None:
-        """Make later stamps exceed `stamp` without a drift check.
+    def witness(self, stamp: Timestamp | None, physical: int) -> None:
+        """Make later stamps exceed `stamp`, unless it lies beyond the drift tolerance.
 
         For stamps that are already part of accepted state (loaded from disk, or applied
         earlier): local writes must order after everything the replica holds, or a local
         RGA insert could land behind a newer sibling and a local set could lose to a value
-        the user already saw.
+        the user already saw. Accepted state is never stamped beyond physical time + drift
+        (received data further ahead waits), so a stamp beyond it came from an older version
+        or a clock that has since stepped back: following it could push the clock to the
+        end of its range, so it is ignored (local writes then order below it).
         """
-        if stamp is not None and stamp.time > self._last:
+        if stamp is None or stamp.time <= self._last:
+            return
+        if self.excess(stamp.time, _check_range(physical)) <= 0:
             self._last = stamp.time
 
     def _issue(self, time: int) -> Timestamp:

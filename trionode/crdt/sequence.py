@@ -344,8 +344,9 @@ class SequenceState(Generic[V]):
     def max_stamp(self) -> Timestamp | None:
         best: Timestamp | None = max(self._elements, default=None)
         for el in self._elements.values():
-            if el.updated is not None or el.deleted is not None:
-                best = latest(best, latest(el.updated, el.deleted))
+            # `after` too: an honest one is older than its element, a forged one must not
+            # slip a far-future stamp past the drift check.
+            best = latest(best, latest(el.after, latest(el.updated, el.deleted)))
         return best
 
     def __eq__(self, other: object) -> bool:

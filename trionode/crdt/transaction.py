@@ -122,7 +122,7 @@ class Transaction:
         self._new_children: dict[bytes, set[bytes]] = {}
         self._closed = False
         if clock is not None:
-            clock.witness(tree.max_stamp)
+            clock.witness(tree.max_stamp, physical)
 
     @property
     def writable(self) -> bool:

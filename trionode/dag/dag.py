@@ -1,10 +1,21 @@
 """The per-context causal DAG: which deltas can be applied now, which must wait.
 
 A delta applies once all its parents have applied. One that arrives early waits in
-`pending` (bounded; the oldest is evicted and reported when full, and `expire` drops those
-older than a timeout) and is released by the arrival of its last missing parent. The
-cascade is a loop over a work list, never recursion, so a chain of any length that arrives
-backwards applies without growing the stack.
+`pending` and is released by the arrival of its last missing parent. The cascade is a loop
+over a work list, never recursion, so a chain of any length that arrives backwards applies
+without growing the stack.
+
+A delta can also wait for *time*: when it becomes applicable, `apply` may answer
+`Defer(until)` (its clock stamps lead ours by more than the drift tolerance). It then stays
+pending with no missing parent until `release` is called at or after `until`; its
+descendants keep waiting for it. `expire` never drops such a delta: it is not stuck, and
+the caller bounds how far ahead it accepts one.
+
+Pending space is bounded twice: `max_pending` deltas in all, and `max_pending_per_author`
+per author, so one member flooding pending with orphans only evicts its own oldest ones and
+never another member's. When the total is full, the author with the most pending deltas
+loses its oldest. Evicted ids are reported; `expire` drops those that waited for parents
+longer than a timeout.
 
 Heads are the applied deltas nothing applied builds on yet; a new local delta takes them
 all as parents, which is what collapses concurrent branches.
@@ -23,6 +34,19 @@ from trionode.dag.delta import GENESIS
 T = TypeVar("T")
 
 
+@attrs.frozen
+class Defer:
+    """What `apply` answers for a delta that is valid but may not apply before `until` (on
+    the clock that `offer`'s `now` uses)."""
+
+    until: float
+
+
+Apply = Callable[[bytes, T], bool | Defer]
+"""Handed each delta that became applicable, in causal order: True (applied), False
+(refused: it never applies, its descendants wait and expire) or `Defer`."""
+
+
 @attrs.define
 class _Pending(Generic[T]):
     id: bytes
@@ -30,6 +54,9 @@ class _Pending(Generic[T]):
     item: T
     received_at: float
     missing: set[bytes]
+    author: bytes = b""
+    not_before: float | None = None
+    """Set while the delta waits for time rather than for parents."""
 
 
 @attrs.frozen
@@ -42,7 +69,7 @@ class Offer(Generic[T]):
     """Parents nobody has offered yet: ask a peer for these."""
     duplicate: bool
     evicted: list[bytes]
-    """Pending deltas dropped to stay within `max_pending`."""
+    """Pending deltas dropped to stay within `max_pending` / `max_pending_per_author`."""
 
     @property
     def pending(self) -> bool:
@@ -51,12 +78,20 @@ class Offer(Generic[T]):
 
 class CausalDag(Generic[T]):
     def __init__(
-        self, *, applied: Iterable[bytes] = (), heads: Iterable[bytes] = (), max_pending: int = 1000
+        self,
+        *,
+        applied: Iterable[bytes] = (),
+        heads: Iterable[bytes] = (),
+        max_pending: int = 1000,
+        max_pending_per_author: int | None = None,
     ) -> None:
         self.applied: set[bytes] = set(applied)
         self.heads: set[bytes] = set(heads)
         self.max_pending = max_pending
+        self.max_pending_per_author = max_pending_per_author or max_pending
         self._pending: OrderedDict[bytes, _Pending[T]] = OrderedDict()
+        self._by_author: dict[bytes, OrderedDict[bytes, None]] = {}
+        """Pending ids per author, oldest first (for the per-author quota)."""
         self._waiting: dict[bytes, set[bytes]] = {}
 
     # -- queries ---------------------------------------------------------------------------
@@ -71,12 +106,23 @@ class CausalDag(Generic[T]):
     def pending_count(self) -> int:
         return len(self._pending)
 
+    def pending_of(self, author: bytes) -> int:
+        """How many pending deltas `author` has."""
+        return len(self._by_author.get(author, ()))
+
     def pending_items(self) -> list[tuple[bytes, T]]:
         return [(p.id, p.item) for p in self._pending.values()]
 
     def missing(self) -> set[bytes]:
         """Parents that pending deltas wait for and that are not pending themselves."""
         return {p for p in self._waiting if p not in self._pending}
+
+    def next_release(self) -> float | None:
+        """The earliest time a deferred delta may apply (None: none waits for time)."""
+        return min(
+            (p.not_before for p in self._pending.values() if p.not_before is not None),
+            default=None,
+        )
 
     def parents_for_new_delta(self) -> list[bytes]:
         return sorted(self.heads) if self.heads else [GENESIS]
@@ -89,51 +135,62 @@ class CausalDag(Generic[T]):
         parents: Iterable[bytes],
         item: T,
         now: float,
-        apply: Callable[[bytes, T], bool] | None = None,
+        apply: Apply[T] | None = None,
+        *,
+        author: bytes = b"",
     ) -> Offer[T]:
         """Add a delta. With `apply`, each delta that becomes ready is handed to it in causal
         order; one it refuses (returns False) is not applied, so nothing builds on it and its
-        descendants wait (and expire) instead. `ready` lists only the accepted ones."""
+        descendants wait (and expire) instead; one it defers waits for `release`. `ready`
+        lists only the applied ones. `author` counts against `max_pending_per_author`."""
         if self.knows(delta_id):
             return Offer([], frozenset(), duplicate=True, evicted=[])
         parents = tuple(parents)
         missing = {p for p in parents if p != GENESIS and p not in self.applied}
+        entry = _Pending(delta_id, parents, item, now, set(missing), author)
         if missing:
-            self._pending[delta_id] = _Pending(delta_id, parents, item, now, set(missing))
+            self._add_pending(entry)
             for parent in missing:
                 self._waiting.setdefault(parent, set()).add(delta_id)
-            evicted: list[bytes] = []
-            while len(self._pending) > self.max_pending:
-                oldest = next(iter(self._pending))
-                self._drop(oldest)
-                evicted.append(oldest)
+            evicted = self._enforce_limits()
             unknown = frozenset(p for p in missing if p not in self._pending)
             return Offer([], unknown, duplicate=False, evicted=evicted)
-        return Offer(self._cascade(delta_id, parents, item, apply), frozenset(), False, [])
+        ready = self._cascade([entry], apply)
+        return Offer(ready, frozenset(), False, self._enforce_limits())
 
-    def _cascade(
-        self,
-        delta_id: bytes,
-        parents: tuple[bytes, ...],
-        item: T,
-        apply: Callable[[bytes, T], bool] | None,
-    ) -> list[tuple[bytes, T]]:
+    def release(self, now: float, apply: Apply[T]) -> list[tuple[bytes, T]]:
+        """Hand the deferred deltas whose time has come (and what waited for them) to
+        `apply` again, in causal order; returns the applied ones."""
+        due = [
+            p for p in self._pending.values() if p.not_before is not None and p.not_before <= now
+        ]
+        for entry in due:
+            self._remove_pending(entry.id)
+            entry.not_before = None
+        return self._cascade(due, apply)
+
+    def _cascade(self, start: list[_Pending[T]], apply: Apply[T] | None) -> list[tuple[bytes, T]]:
         ready: list[tuple[bytes, T]] = []
-        work: list[tuple[bytes, tuple[bytes, ...], T]] = [(delta_id, parents, item)]
+        work = list(reversed(start))
         while work:
-            current, current_parents, current_item = work.pop()
-            if apply is not None and not apply(current, current_item):
+            current = work.pop()
+            verdict = True if apply is None else apply(current.id, current.item)
+            if isinstance(verdict, Defer):
+                current.not_before = verdict.until
+                self._add_pending(current)
                 continue
-            self._mark_applied(current, current_parents)
-            ready.append((current, current_item))
-            for child_id in sorted(self._waiting.pop(current, ())):
+            if not verdict:
+                continue
+            self._mark_applied(current.id, current.parents)
+            ready.append((current.id, current.item))
+            for child_id in sorted(self._waiting.pop(current.id, ())):
                 child = self._pending.get(child_id)
                 if child is None:
                     continue
-                child.missing.discard(current)
+                child.missing.discard(current.id)
                 if not child.missing:
-                    del self._pending[child_id]
-                    work.append((child.id, child.parents, child.item))
+                    self._remove_pending(child_id)
+                    work.append(child)
         return ready
 
     def checkpoint(
@@ -141,7 +198,7 @@ class CausalDag(Generic[T]):
         ids: Iterable[bytes],
         *,
         superseded: Iterable[bytes] = (),
-        apply: Callable[[bytes, T], bool] | None = None,
+        apply: Apply[T] | None = None,
     ) -> tuple[list[tuple[bytes, T]], list[tuple[bytes, T]]]:
         """Mark `ids` applied without applying them: their effects arrived as state (a
         snapshot or a tree comparison), which covers every delta in their causal past.
@@ -179,8 +236,8 @@ class CausalDag(Generic[T]):
                     continue
                 child.missing.discard(done)
                 if not child.missing:
-                    del self._pending[child_id]
-                    released.extend(self._cascade(child.id, child.parents, child.item, apply))
+                    self._remove_pending(child_id)
+                    released.extend(self._cascade([child], apply))
         return released, covered
 
     def _mark_applied(self, delta_id: bytes, parents: tuple[bytes, ...]) -> None:
@@ -188,8 +245,37 @@ class CausalDag(Generic[T]):
         self.heads.difference_update(parents)
         self.heads.add(delta_id)
 
+    def _add_pending(self, entry: _Pending[T]) -> None:
+        self._pending[entry.id] = entry
+        self._by_author.setdefault(entry.author, OrderedDict())[entry.id] = None
+
+    def _remove_pending(self, delta_id: bytes) -> _Pending[T] | None:
+        """Take a delta out of `pending` (its waits on parents are the caller's business)."""
+        entry = self._pending.pop(delta_id, None)
+        if entry is not None:
+            own = self._by_author[entry.author]
+            del own[delta_id]
+            if not own:
+                del self._by_author[entry.author]
+        return entry
+
+    def _enforce_limits(self) -> list[bytes]:
+        """Evict to stay within the quotas: first each author's excess, oldest first; then,
+        while the total is over, the oldest of whoever holds the most."""
+        evicted: list[bytes] = []
+        for own in [o for o in self._by_author.values() if len(o) > self.max_pending_per_author]:
+            for delta_id in list(own)[: len(own) - self.max_pending_per_author]:
+                self._drop(delta_id)
+                evicted.append(delta_id)
+        while len(self._pending) > self.max_pending:
+            heaviest = max(self._by_author.values(), key=len)
+            oldest = next(iter(heaviest))
+            self._drop(oldest)
+            evicted.append(oldest)
+        return evicted
+
     def _drop(self, delta_id: bytes) -> None:
-        pending = self._pending.pop(delta_id, None)
+        pending = self._remove_pending(delta_id)
         if pending is None:
             return
         for parent in pending.missing:
@@ -200,8 +286,13 @@ class CausalDag(Generic[T]):
                     del self._waiting[parent]
 
     def expire(self, now: float, timeout: float) -> list[bytes]:
-        """Drop pending deltas that have waited longer than `timeout`; return their ids."""
-        expired = [p.id for p in self._pending.values() if now - p.received_at > timeout]
+        """Drop pending deltas that have waited for parents longer than `timeout`; return
+        their ids. Deltas deferred for time are left to `release`."""
+        expired = [
+            p.id
+            for p in self._pending.values()
+            if p.not_before is None and now - p.received_at > timeout
+        ]
         for delta_id in expired:
             self._drop(delta_id)
         return expired
