@@ -67,6 +67,11 @@ class Setup:
     base: float = attrs.field(factory=time.time)
     """Wall time at Trio time 0: the node's wall clock is `base + trio.current_time()`."""
 
+    @property
+    def author(self) -> bytes:
+        """`member`'s id."""
+        return self.member.public_key().public_bytes_raw()
+
 
 def _configure(tweak: Callable[[FileConfig], FileConfig] | None) -> Callable[..., FileConfig]:
     def settings(file: FileConfig) -> FileConfig:
@@ -93,8 +98,7 @@ async def _running(setup: Setup) -> AsyncIterator[Node]:
             if not setup.context:
                 app = await node.applications.install(str(APPS / "kv_store"))
                 setup.context = (await node.contexts.create(app.application_id)).context_id
-                public = setup.member.public_key().public_bytes_raw()
-                await node.contexts.change_members(setup.context, [(public, "member")])
+                await node.contexts.change_members(setup.context, [(setup.author, "member")])
             yield node
     finally:
         network.close()
@@ -255,11 +259,10 @@ async def test_record_stamped_at_the_end_of_the_range_is_refused_and_writes_go_o
     tmp_path: Path, autojump_clock: trio.testing.MockClock, place: str
 ) -> None:
     setup = _setup(tmp_path)
-    author = setup.member.public_key().public_bytes_raw()
     with trio.fail_after(HOUR):
         async with _running(setup) as node:
             before = await node.contexts.state(setup.context)
-            records = [_far_records(author, _now(setup))[place]]
+            records = [_far_records(setup.author, _now(setup))[place]]
             delta = await _sign(node, setup, hlc=_now(setup), records=records)
             received = await node.contexts.receive(setup.context, delta.encode())
             assert received.refused == [delta.id]
@@ -292,18 +295,17 @@ async def test_state_stamped_beyond_drift_is_refused_whole(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     setup = _setup(tmp_path)
-    author = setup.member.public_key().public_bytes_raw()
     with trio.fail_after(HOUR):
         async with _running(setup) as node:
             before = await node.contexts.state(setup.context)
-            fine = _register(b"fine", Timestamp(_now(setup), author))
-            for place, record in _far_records(author, _now(setup)).items():
+            fine = _register(b"fine", Timestamp(_now(setup), setup.author))
+            for place, record in _far_records(setup.author, _now(setup)).items():
                 with pytest.raises(StateAheadError):
                     await node.contexts.merge_state(setup.context, [fine, record])
                 assert await node.contexts.state(setup.context) == before, place
             assert deltas(node, "refused_state_ahead") == len(PLACES)
             # A minute ahead is refused too (state cannot wait); within drift it joins.
-            minute = _register(b"soon", Timestamp(_now(setup, ahead=60), author))
+            minute = _register(b"soon", Timestamp(_now(setup, ahead=60), setup.author))
             with pytest.raises(StateAheadError):
                 await node.contexts.merge_state(setup.context, [minute])
             assert await node.contexts.merge_state(setup.context, [fine]) == 1
@@ -315,11 +317,10 @@ async def test_state_poisoned_by_an_older_version_does_not_stop_writes_after_res
 ) -> None:
     """An older version let a 2^64-1 stamp into the state: the clock ignores it on load."""
     setup = _setup(tmp_path)
-    author = setup.member.public_key().public_bytes_raw()
     with trio.fail_after(HOUR):
         async with _running(setup) as node:
             batch = WriteBatch()
-            for record in _far_records(author, _now(setup)).values():
+            for record in _far_records(setup.author, _now(setup)).values():
                 batch.put(STATE, setup.context + record.id, encode_entity(record))
             await node.store.write(batch)
         async with _running(setup) as node:
