@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from trionode import __version__
+from trionode.cli_blobs import COMMANDS as BLOB_COMMANDS
 from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, table as _table
 from trionode.cli_invitations import add_invitation_commands
 from trionode.client import ApiError, Client, open_client
@@ -266,7 +267,7 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
 CLIENT_COMMANDS.update(
     {
         name: ClientCommand(help_text, action, render, arguments)
-        for name, help_text, action, render, arguments in CONTEXT_COMMANDS
+        for name, help_text, action, render, arguments in [*CONTEXT_COMMANDS, *BLOB_COMMANDS]
     }
 )
 

@@ -19,6 +19,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trionode import __version__
+from trionode.api.blobs import UPLOAD_PATH, BlobApi, register_blob_routes, wrap_upload
 from trionode.api.contexts import ContextApi, register_context_routes
 from trionode.config import NodeConfig
 from trionode.errors import PeerError, ProtocolError
@@ -27,7 +28,7 @@ from trionode.metrics import NodeMetrics
 PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
 
 
-class NodeApi(ContextApi, Protocol):
+class NodeApi(ContextApi, BlobApi, Protocol):
     """What the API needs from a node."""
 
     @property
@@ -162,6 +163,13 @@ def create_app(node: NodeApi) -> QuartTrio:
         return jsonify({"peerId": peer_id})
 
     register_context_routes(app, node)
+    register_blob_routes(app, node)
+    app.asgi_app = wrap_upload(  # type: ignore[method-assign,assignment]  # Quart's hook
+        app.asgi_app,
+        node,
+        lambda token: token_matches(token, node.token_sha256),
+        lambda status: metrics.http_requests.labels("POST", UPLOAD_PATH, str(status)).inc(),
+    )
 
     @app.get("/metrics")
     async def prometheus() -> Response:

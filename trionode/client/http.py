@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from trionode.errors import TrionodeError
@@ -33,16 +34,7 @@ class Client:
             raise ApiError(f"{self._http.base_url}: timed out") from None
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach node at {self._http.base_url}: {exc}") from None
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if response.is_error:
-            message = response.reason_phrase
-            if isinstance(body, dict) and isinstance(body.get("error"), dict):
-                message = str(body["error"].get("message", message))
-            raise ApiError(f"{response.status_code}: {message}", response.status_code)
-        return body
+        return _checked(response)
 
     async def health(self) -> Any:
         return await self.request("GET", "/admin-api/health")
@@ -154,6 +146,64 @@ class Client:
         except (HandshakeError, OSError) as exc:
             raise ApiError(f"cannot watch {context_id} at {url}: {exc}") from None
 
+    # -- blobs ---------------------------------------------------------------------------------
+
+    async def add_blob(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        size: int | None = None,
+        context_id: str | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Upload a blob from an async byte stream (sent as it is produced, never whole)."""
+        params = {k: v for k, v in (("context", context_id), ("name", name)) if v is not None}
+        request = self._http.build_request("POST", "/admin-api/blobs", params=params)
+        request.stream = _Upload(content)
+        if size is None:
+            del request.headers["Content-Length"]
+            request.headers["Transfer-Encoding"] = "chunked"
+        else:
+            request.headers["Content-Length"] = str(size)
+        try:
+            response = await self._http.send(request)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot upload to {self._http.base_url}: {exc}") from None
+        finally:
+            if isinstance(content, AsyncGenerator):
+                with trio.CancelScope(shield=True):
+                    await content.aclose()
+        return _checked(response)
+
+    async def blobs(self) -> Any:
+        return await self.request("GET", "/admin-api/blobs")
+
+    async def blob(self, blob_id: str) -> Any:
+        return await self.request("GET", f"/admin-api/blobs/{blob_id}")
+
+    async def delete_blob(self, blob_id: str) -> Any:
+        return await self.request("DELETE", f"/admin-api/blobs/{blob_id}")
+
+    async def fetch_blob(self, blob_id: str, context_id: str) -> Any:
+        """Have the node fetch a blob it lacks from members of `context_id`."""
+        return await self.request(
+            "POST", f"/admin-api/blobs/{blob_id}/fetch", json={"contextId": context_id}
+        )
+
+    async def blob_content(self, blob_id: str, *, start: int = 0) -> AsyncIterator[bytes]:
+        """The blob's bytes from `start` on, as they arrive."""
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        path = f"/admin-api/blobs/{blob_id}/content"
+        try:
+            async with self._http.stream("GET", path, headers=headers) as response:
+                if response.is_error:
+                    await response.aread()
+                    _checked(response)
+                async for piece in response.aiter_bytes():
+                    yield piece
+        except httpx.HTTPError as exc:
+            raise ApiError(f"download from {self._http.base_url} failed: {exc}") from None
+
     async def metrics_text(self) -> str:
         try:
             response = await self._http.get("/metrics")
@@ -164,6 +214,31 @@ class Client:
                 f"{response.status_code}: {response.reason_phrase}", response.status_code
             )
         return response.text
+
+
+class _Upload(httpx.AsyncByteStream):
+    """A request body read from an async iterator. (httpx wraps a plain async iterable in an
+    async generator of its own, left unfinished, and so warned about, when the server
+    answers before the end of the body, e.g. 413.)"""
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self._source = source
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._source
+
+
+def _checked(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.is_error:
+        message = response.reason_phrase
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            message = str(body["error"].get("message", message))
+        raise ApiError(f"{response.status_code}: {message}", response.status_code)
+    return body
 
 
 @asynccontextmanager

@@ -1,0 +1,273 @@
+"""Blob routes: streaming upload, download with HTTP Range, list, show, delete.
+
+```
+POST   /admin-api/blobs?context=CTX&name=NAME   body = the bytes     → the blob's info
+GET    /admin-api/blobs                                              → {"blobs": [...]}
+GET    /admin-api/blobs/<id>                                         → info
+GET    /admin-api/blobs/<id>/content   (Range: bytes=a-b)            → the bytes (200/206)
+DELETE /admin-api/blobs/<id>                                         → {"deleted": id}
+```
+Blob ids are base58, like context and application ids.
+
+The upload never holds the body: Quart buffers a request body as fast as the server hands
+it over, whatever the handler consumes, so `POST /admin-api/blobs` is served by a small
+ASGI layer in front of Quart (`wrap_upload`) that takes the body message by message and
+writes chunk by chunk. Hypercorn stops reading the socket while its queue to the app is
+full, so a fast client waits for the disk instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qs
+
+import base58
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    HTTPScope,
+    Scope,
+)
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.http import parse_range_header
+
+from trionode.blobs.manifest import BlobNotFoundError, BlobTooLargeError
+from trionode.blobs.store import BlobInfo, BlobStore
+from trionode.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Coroutine[Any, Any, None]]
+
+UPLOAD_PATH: Final = "/admin-api/blobs"
+
+
+class BlobApi(Protocol):
+    @property
+    def blobs(self) -> BlobStore: ...
+
+    def knows_context(self, context_id_b58: str) -> bool: ...
+
+
+class BlobRequestError(Exception):
+    """A bad blob request: the message goes to the client with `status`."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _ClientGone(Exception):
+    """The uploading client disconnected before the end of the body."""
+
+
+def b58(raw: bytes) -> str:
+    return base58.b58encode(raw).decode("ascii")
+
+
+def parse_blob_id(text: str, what: str = "blob id") -> bytes:
+    try:
+        raw = base58.b58decode(text)
+    except ValueError:
+        raise BlobRequestError(f"{what} {text[:80]!r} is not base58") from None
+    if len(raw) != 32:
+        raise BlobRequestError(f"{what} {text[:80]!r} is not 32 bytes")
+    return raw
+
+
+def blob_json(info: BlobInfo) -> dict[str, Any]:
+    return {
+        "blobId": b58(info.blob_id),
+        "size": info.size,
+        "chunks": info.chunks,
+        "createdAt": info.created_at,
+        "name": info.name,
+        "pinned": info.pinned,
+        "contexts": [b58(c) for c in info.contexts],
+    }
+
+
+def _error_body(status: int, message: str) -> bytes:
+    return json.dumps({"error": {"code": status, "message": message}}).encode()
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The (start, stop) a Range header asks for, None for the whole blob.
+
+    BlobRequestError(416) when it cannot be satisfied; several ranges are not supported.
+    """
+    if header is None:
+        return None
+    parsed = parse_range_header(header)
+    if parsed is None or parsed.units != "bytes" or len(parsed.ranges) != 1:
+        raise BlobRequestError("only one range of bytes is supported", 416)
+    bounds = parsed.range_for_length(size)
+    if bounds is None:
+        raise BlobRequestError(f"range not satisfiable for {size} bytes", 416)
+    return bounds
+
+
+# -- upload (raw ASGI) ----------------------------------------------------------------------
+
+
+def wrap_upload(
+    asgi_app: ASGIFramework,
+    node: BlobApi,
+    check_token: Callable[[str], bool],
+    on_done: Callable[[int], None],
+) -> AsgiApp:
+    """Serve `POST /admin-api/blobs` before Quart sees it; everything else goes to Quart.
+
+    `on_done(status)` records the request (Quart's hooks do not run for it).
+    """
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"].rstrip("/") != UPLOAD_PATH
+        ):
+            await asgi_app(scope, receive, send)
+            return
+        try:
+            status, body = await _upload(scope, receive, node, check_token)
+        except BlobRequestError as exc:
+            status, body = exc.status, _error_body(exc.status, str(exc))
+        except _ClientGone:
+            on_done(499)
+            return
+        on_done(status)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers,
+        }
+        await send(start)
+        end: HTTPResponseBodyEvent = {
+            "type": "http.response.body",
+            "body": body,
+            "more_body": False,
+        }
+        await send(end)
+
+    return app
+
+
+async def _upload(
+    scope: HTTPScope,
+    receive: ASGIReceiveCallable,
+    node: BlobApi,
+    check_token: Callable[[str], bool],
+) -> tuple[int, bytes]:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise BlobRequestError("missing bearer token", 401)
+    if not check_token(token.strip()):
+        raise BlobRequestError("invalid bearer token", 401)
+    query = parse_qs(scope["query_string"].decode("latin-1"), max_num_fields=8)
+    context_id = None
+    if "context" in query:
+        text = query["context"][0]
+        context_id = parse_blob_id(text, "context id")
+        if not node.knows_context(text):
+            raise BlobRequestError(f"unknown context {text}", 404)
+    name = query.get("name", [None])[0]
+    if name is not None and len(name) > 255:
+        raise BlobRequestError("name is longer than 255 characters")
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > node.blobs.max_size:
+        raise BlobRequestError(f"blob exceeds the limit of {node.blobs.max_size} bytes", 413)
+
+    async def body() -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _ClientGone  # http.disconnect
+            if message["body"]:
+                yield message["body"]
+            if not message.get("more_body", False):
+                return
+
+    try:
+        info = await node.blobs.add(body(), context_id=context_id, name=name)
+    except BlobTooLargeError as exc:
+        raise BlobRequestError(str(exc), 413) from None
+    except StorageError as exc:
+        log.error("blob upload failed: %s", exc)  # noqa: TRY400 - no traceback
+        raise BlobRequestError(f"storage failed: {exc}", 500) from None
+    return 200, json.dumps(blob_json(info)).encode()
+
+
+# -- everything else (Quart routes) ---------------------------------------------------------
+
+
+def register_blob_routes(app: QuartTrio, node: BlobApi) -> None:
+    @app.errorhandler(BlobRequestError)
+    async def blob_request_error(exc: BlobRequestError) -> Response:  # noqa: ASYNC124
+        return _json_error(exc.status, str(exc))
+
+    @app.errorhandler(BlobNotFoundError)
+    async def blob_not_found(exc: BlobNotFoundError) -> Response:  # noqa: ASYNC124
+        return _json_error(404, str(exc))
+
+    @app.get("/admin-api/blobs")
+    async def list_blobs() -> Response:
+        return jsonify({"blobs": [blob_json(i) for i in await node.blobs.list_blobs()]})
+
+    @app.get("/admin-api/blobs/<blob_id>")
+    async def show_blob(blob_id: str) -> Response:
+        return jsonify(blob_json(await _info(node, parse_blob_id(blob_id))))
+
+    @app.delete("/admin-api/blobs/<blob_id>")
+    async def delete_blob(blob_id: str) -> Response:
+        if not await node.blobs.delete(parse_blob_id(blob_id)):
+            raise BlobNotFoundError(f"blob {blob_id} is not stored here")
+        return jsonify({"deleted": blob_id})
+
+    @app.get("/admin-api/blobs/<blob_id>/content")
+    async def blob_content(blob_id: str) -> Response:
+        info = await _info(node, parse_blob_id(blob_id))
+        bounds = byte_range(request.headers.get("Range"), info.size)
+        start, stop = bounds if bounds is not None else (0, info.size)
+        chunks = await node.blobs.read(info.blob_id, start, stop)
+        response = Response(_guarded(chunks), content_type="application/octet-stream")
+        response.headers["Accept-Ranges"] = "bytes"
+        response.headers["Content-Length"] = str(stop - start)
+        if bounds is not None:
+            response.status_code = 206
+            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{info.size}"
+        return response
+
+
+async def _info(node: BlobApi, blob_id: bytes) -> BlobInfo:
+    info = await node.blobs.info(blob_id)
+    if info is None:
+        raise BlobNotFoundError(f"blob {b58(blob_id)} is not stored here")
+    return info
+
+
+async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # Headers are already sent when a damaged chunk shows up: all we can do is log it and
+    # cut the response short, so the client sees fewer bytes than Content-Length.
+    try:
+        async for piece in chunks:
+            yield piece
+    except StorageError as exc:
+        log.error("serving a blob failed: %s", exc)  # noqa: TRY400 - no traceback
+
+
+def _json_error(status: int, message: str) -> Response:
+    response = jsonify({"error": {"code": status, "message": message}})
+    response.status_code = status
+    return response
