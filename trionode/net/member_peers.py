@@ -146,6 +146,7 @@ class _MemberPeers:
                 continue  # nothing to dial it at (identify not done yet): next heartbeat
             row = StoredMemberPeer(addrs=[str(a) for a in addrs], topics=shared[:MAX_STORED_TOPICS])
             if self._stored.get(peer) != row:
+                log.info("member peer %s stored at %s", peer, " ".join(row.addrs))
                 self._stored[peer] = row
                 batch.put(MEMBER_PEERS, PREFIX + peer.multihash, row)
         for peer, row in list(self._stored.items()):
