@@ -42,6 +42,7 @@ import trio
 from trionode.api.app import create_app
 from trionode.api.server import serve_api
 from trionode.blobs.store import BlobMetrics, BlobStore
+from trionode.blobs.transfer import BlobTransfer, BlobTransferMetrics
 from trionode.config import NodeConfig
 from trionode.context.applications import Applications
 from trionode.context.clock_waits import serve_clock_waits
@@ -145,6 +146,15 @@ class Node:
         )
         self.joins = JoinService(
             self.contexts, self.applications, self.host, self.replicator, store
+        )
+        self.blob_transfer = BlobTransfer(
+            self.blobs,
+            self.contexts,
+            self.host,
+            self.pubsub,
+            self.hub,
+            config=config.blobs,
+            metrics=BlobTransferMetrics(metrics.registry),
         )
         self.gc_metrics = GcMetrics(metrics.registry)
         self._ready = False

@@ -246,9 +246,11 @@ def drain(sub: Subscription) -> list[ContextEvent]:
     events: list[ContextEvent] = []
     while True:
         try:
-            events.append(sub.receive.receive_nowait())
+            event = sub.receive.receive_nowait()
         except trio.WouldBlock:
             return events
+        if isinstance(event, ContextEvent):  # not transient notices (blob progress)
+            events.append(event)
 
 
 def stack_depth() -> int:

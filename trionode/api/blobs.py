@@ -5,6 +5,8 @@ POST   /admin-api/blobs?context=CTX&name=NAME   body = the bytes     → the blo
 GET    /admin-api/blobs                                              → {"blobs": [...]}
 GET    /admin-api/blobs/<id>                                         → info
 GET    /admin-api/blobs/<id>/content   (Range: bytes=a-b)            → the bytes (200/206)
+POST   /admin-api/blobs/<id>/fetch     {"contextId": CTX}            → info, once fetched from
+                                                                       members of CTX
 DELETE /admin-api/blobs/<id>                                         → {"deleted": id}
 ```
 Blob ids are base58, like context and application ids.
@@ -40,6 +42,7 @@ from werkzeug.http import parse_range_header
 
 from trionode.blobs.manifest import BlobNotFoundError, BlobTooLargeError
 from trionode.blobs.store import BlobInfo, BlobStore
+from trionode.blobs.transfer import BlobTransfer, BlobUnavailableError
 from trionode.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,9 @@ UPLOAD_PATH: Final = "/admin-api/blobs"
 class BlobApi(Protocol):
     @property
     def blobs(self) -> BlobStore: ...
+
+    @property
+    def blob_transfer(self) -> BlobTransfer: ...
 
     def knows_context(self, context_id_b58: str) -> bool: ...
 
@@ -234,6 +240,21 @@ def register_blob_routes(app: QuartTrio, node: BlobApi) -> None:
         if not await node.blobs.delete(parse_blob_id(blob_id)):
             raise BlobNotFoundError(f"blob {blob_id} is not stored here")
         return jsonify({"deleted": blob_id})
+
+    @app.post("/admin-api/blobs/<blob_id>/fetch")
+    async def fetch_blob(blob_id: str) -> Response:
+        body = await request.get_json(silent=True)
+        context = body.get("contextId") if isinstance(body, dict) else None
+        if not isinstance(context, str):
+            raise BlobRequestError('body must be {"contextId": "<context id>"}')
+        context_id = parse_blob_id(context, "context id")
+        if not node.knows_context(context):
+            raise BlobRequestError(f"unknown context {context}", 404)
+        try:
+            info = await node.blob_transfer.fetch(parse_blob_id(blob_id), context_id)
+        except BlobUnavailableError as exc:
+            raise BlobRequestError(str(exc), 404) from None
+        return jsonify(blob_json(info))
 
     @app.get("/admin-api/blobs/<blob_id>/content")
     async def blob_content(blob_id: str) -> Response:

@@ -42,6 +42,18 @@ class ContextEvent:
         }
 
 
+@attrs.frozen
+class Notice:
+    """A transient message for a context's subscribers (e.g. blob transfer progress): not
+    numbered and not replayed on resume, unlike applied-delta events."""
+
+    context_id: str
+    payload: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.payload
+
+
 class ResumeTooOldError(Exception):
     """The requested resume point is no longer buffered."""
 
@@ -52,10 +64,10 @@ class Subscription:
     def __init__(self, hub: EventHub, capacity: int) -> None:
         self._hub = hub
         self.contexts: set[str] = set()
-        self.send, self.receive = trio.open_memory_channel[ContextEvent](capacity)
+        self.send, self.receive = trio.open_memory_channel[ContextEvent | Notice](capacity)
         self.overflowed = False
 
-    def _offer(self, event: ContextEvent) -> None:
+    def _offer(self, event: ContextEvent | Notice) -> None:
         if self.overflowed:
             return
         try:
@@ -119,6 +131,13 @@ class EventHub:
             if context_id in sub.contexts:
                 sub._offer(event)  # noqa: SLF001
         return event
+
+    def notify(self, context_id: str, payload: dict[str, Any]) -> None:
+        """Send a transient notice to the context's current subscribers. Never blocks."""
+        notice = Notice(context_id, payload)
+        for sub in list(self._subscriptions):
+            if context_id in sub.contexts:
+                sub._offer(notice)  # noqa: SLF001
 
     def forget(self, context_id: str) -> None:
         self._recent.pop(context_id, None)
