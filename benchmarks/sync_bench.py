@@ -62,6 +62,7 @@ from benchmarks.harness import Row, render
 from benchmarks.transport_baseline import READ_SIZE, _percentile
 from benchmarks.transport_bench import _host
 from trionode.config import FileConfig
+from trionode.context.events import ContextEvent
 from trionode.context.records import DELTAS, STATE
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection
@@ -369,7 +370,8 @@ async def _read_hub(node: Node, context: bytes, arrivals: _Arrivals) -> None:
     sub.contexts.add(base58.b58encode(context).decode())
     try:
         async for event in sub.receive:
-            arrivals.arrived(bytes.fromhex(event.delta_id))
+            if isinstance(event, ContextEvent):  # not transient notices
+                arrivals.arrived(bytes.fromhex(event.delta_id))
     finally:
         sub.close()
 
