@@ -51,6 +51,7 @@ def test_cors_origins_accept_browser_origins(home: Path) -> None:
         ("[api]\ncors_origins = ['*']\n", "`api.cors_origins[0]`"),
         ("[api]\ncors_origins = ['HTTP://A.example']\n", "`api.cors_origins[0]`"),
         ("[api]\ncors_origins = 'http://a.example'\n", "`api.cors_origins`"),
+        ("[api]\nmax_json_depth = 1\n", "`api.max_json_depth`: Expected `int` >= 2"),
         (
             "[store]\ninitial_map_size = 4194304\nmax_map_size = 2097152\n",
             "`store.initial_map_size` is larger than `store.max_map_size`",

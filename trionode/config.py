@@ -203,6 +203,14 @@ class ApiSection(_Section, frozen=True):
     Empty: no browser page may; clients that send no `Origin` header (CLI, SDKs) still can,
     with the token. The WebSocket handshake checks it (a browser can open a WebSocket to
     any host); CORS is to use the same list."""
+    max_json_depth: Annotated[int, msgspec.Meta(ge=2, le=512)] = 64
+    """Deepest nesting of arrays/objects accepted in a JSON body or WebSocket message; deeper
+    input gets 400 (a JSON-RPC parse error, a WebSocket error message)."""
+    max_ws_message: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
+    """Largest WebSocket message a client may send, in bytes; the server closes the
+    connection on a larger frame."""
+    max_invitation_lifetime: PositiveFloat = 365 * 86400.0
+    """Largest `expiresIn` (seconds) a client may give an invitation."""
 
 
 class StoreSection(_Section, frozen=True):

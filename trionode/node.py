@@ -341,6 +341,7 @@ async def open_node(
                         serve_api,
                         graceful_timeout=config.node.shutdown_grace,
                         max_request_body=config.api.max_request_body,
+                        max_ws_message=config.api.max_ws_message,
                     ),
                     create_app(node),
                     config.api.host,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+import trio
 from quart.testing.connections import WebsocketResponseError
 from quart.typing import TestClientProtocol as QuartClient
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, Request
 
 from trionode.api.app import create_app
 from trionode.config import FileConfig
@@ -66,3 +71,58 @@ async def test_browser_origin_must_be_listed(
     if origin is not None:
         headers["Origin"] = origin
     assert await handshake_status(client, headers) == status
+
+
+def auth(node: TestNode) -> dict[str, str]:
+    return {"Authorization": f"Bearer {node.token}"}
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("[" * 20_000 + "]" * 20_000, "nested 20000 deep"),
+        ('{"type": "ping", "x": NaN}', "NaN is not JSON"),
+        ('{"type": "subscribe", "contextIds": [], "since": true}', "since must be an integer"),
+        ('{"type": "subscribe", "contextIds": [], "since": -1}', "since must be between"),
+        ('{"type": "subscribe", "contextIds": [], "since": 1.5}', "since must be an integer"),
+        ('{"type": "subscribe", "contextIds": [], "since": 1e999}', "out of range"),
+    ],
+)
+async def test_bad_messages_get_an_error_and_the_socket_stays_usable(
+    client: QuartClient, node: TestNode, message: str, reason: str
+) -> None:
+    async with client.websocket("/ws", headers=auth(node)) as ws:
+        await ws.send(message)
+        answer = json.loads(await ws.receive())
+        assert answer["type"] == "error"
+        assert reason in answer["message"]
+        await ws.send('{"type": "ping"}')
+        assert json.loads(await ws.receive()) == {"type": "pong"}
+
+
+async def test_an_oversized_message_closes_the_socket_before_it_is_buffered(
+    tmp_path: Path,
+) -> None:
+    # Real server (loopback): the frame limit is hypercorn's, which the test client skips.
+    # wsproto by hand, so the test owns (and closes) its socket whatever the server does.
+    async with open_test_node(tmp_path / "real") as real:
+        host, port = real.api_url.removeprefix("http://").rsplit(":", 1)
+        limit = real.node.config.api.max_ws_message
+        ws = WSConnection(ConnectionType.CLIENT)
+        headers = [(b"authorization", f"Bearer {real.token}".encode())]
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(ws.send(Request(host=host, target="/ws", extra_headers=headers)))
+            events = await _next_events(stream, ws)
+            assert isinstance(events[0], AcceptConnection)
+            await stream.send_all(ws.send(Message(data="x" * (limit + 1))))
+            events = await _next_events(stream, ws)
+        assert [type(e) for e in events] == [CloseConnection]
+        assert events[0].code == 1009  # "message too big"
+
+
+async def _next_events(stream: trio.SocketStream, ws: WSConnection) -> list[Any]:
+    while True:
+        events = list(ws.events())
+        if events:
+            return events
+        ws.receive_data(await stream.receive_some() or None)

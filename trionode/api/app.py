@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
 from typing import Any, Final, Protocol
 
@@ -15,17 +16,21 @@ import trio
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from quart import Response, g, jsonify, request, websocket
+from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trionode import __version__
 from trionode.api.blobs import UPLOAD_PATH, BlobApi, register_blob_routes, wrap_upload
-from trionode.api.contexts import ContextApi, register_context_routes
+from trionode.api.contexts import ContextApi, json_object_body, register_context_routes
+from trionode.api.jsonio import BadInput, decode_json
 from trionode.config import NodeConfig
 from trionode.errors import PeerError, ProtocolError
 from trionode.metrics import NodeMetrics
 
 PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
+
+log = logging.getLogger(__name__)
 
 
 class NodeApi(ContextApi, BlobApi, Protocol):
@@ -68,11 +73,29 @@ def token_matches(presented: str, expected_sha256: str) -> bool:
     return hmac.compare_digest(digest, expected_sha256)
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """Quart's JSON, but every parse (`request.get_json` included) goes through `decode_json`:
+    a route added later can't forget the nesting limit or accept NaN."""
+
+    def __init__(self, app: QuartTrio, *, max_depth: int, max_size: int) -> None:
+        super().__init__(app)
+        self.max_depth = max_depth
+        self.max_size = max_size
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        # Callers' parser options (kwargs) are ignored on purpose: only the strict ones apply.
+        return decode_json(s, max_depth=self.max_depth, max_size=self.max_size)
+
+
 def create_app(node: NodeApi) -> QuartTrio:
+    settings = node.config.api
     app = QuartTrio("trionode")
-    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_body
+    app.json = StrictJSONProvider(
+        app, max_depth=settings.max_json_depth, max_size=settings.max_request_body
+    )
     metrics = node.metrics
-    allowed_origins = frozenset(node.config.api.cors_origins)
+    allowed_origins = frozenset(settings.cors_origins)
 
     @app.before_websocket
     async def authenticate_websocket() -> Response | None:  # noqa: ASYNC124
@@ -116,6 +139,12 @@ def create_app(node: NodeApi) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Response:  # noqa: ASYNC124
         return error_response(exc.code or 500, exc.description or exc.name)
 
+    @app.errorhandler(BadInput)
+    async def bad_input(exc: BadInput) -> Response:  # noqa: ASYNC124
+        # A client's mistake (or attack): one line, no traceback, and a 400 it can read.
+        log.info("refused %s %s: %s", request.method, request.path, exc)
+        return error_response(400, str(exc))
+
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:  # noqa: ASYNC124
         app.logger.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
@@ -147,8 +176,7 @@ def create_app(node: NodeApi) -> QuartTrio:
 
     @app.post("/admin-api/peers")
     async def connect() -> Response:
-        body = await request.get_json(silent=True)
-        address = body.get("address") if isinstance(body, dict) else None
+        address = (await json_object_body()).get("address")
         if not isinstance(address, str) or not address:
             return error_response(400, 'body must be {"address": "<multiaddr>"}')
         try:
@@ -162,7 +190,7 @@ def create_app(node: NodeApi) -> QuartTrio:
             return error_response(504, "handshake timed out")
         return jsonify({"peerId": peer_id})
 
-    register_context_routes(app, node)
+    register_context_routes(app, node, settings)
     register_blob_routes(app, node)
     app.asgi_app = wrap_upload(  # type: ignore[method-assign,assignment]  # Quart's hook
         app.asgi_app,

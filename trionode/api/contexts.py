@@ -7,14 +7,19 @@ hashes are hex.
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 import base58
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from trionode.api.jsonio import BadInput, number_field
 from trionode.api.ws import serve_websocket
+from trionode.config import ApiSection
 from trionode.context.events import EventHub
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextError, ContextManager, b58
@@ -23,6 +28,8 @@ from trionode.context.sync import SyncManager
 from trionode.errors import PeerError, ProtocolError, StorageError, TrionodeError
 from trionode.sdk.errors import AppError
 
+log = logging.getLogger(__name__)
+
 JSONRPC_PARSE_ERROR = -32700
 JSONRPC_INVALID_REQUEST = -32600
 JSONRPC_METHOD_NOT_FOUND = -32601
@@ -30,6 +37,7 @@ JSONRPC_INVALID_PARAMS = -32602
 JSONRPC_CONTEXT_NOT_FOUND = -32001
 JSONRPC_FORBIDDEN = -32002
 JSONRPC_INTERNAL = -32603
+MAX_JSONRPC_ID_LENGTH: Final = 256
 
 
 class Applications(Protocol):
@@ -107,34 +115,57 @@ def _rpc_error(request_id: Any, code: int, message: str, data: Any = None) -> Re
     return jsonify({"jsonrpc": "2.0", "id": request_id, "error": error})
 
 
-def _call_params(params: dict[str, Any]) -> tuple[bytes, str, str, bytes | None]:
+async def json_object_body() -> dict[str, Any]:
+    """The request body as a JSON object, decoded strictly (see `StrictJSONProvider`).
+
+    Raises:
+        BadInput: not JSON (whatever the Content-Type), too deep, or not an object.
+    """
+    body = await request.get_json(force=True)
+    if not isinstance(body, dict):
+        raise BadInput("body must be a JSON object")
+    return body
+
+
+def _valid_jsonrpc_id(value: object) -> bool:
+    # JSON-RPC 2.0: a string, a number or null. We also bound strings, since ids are echoed.
+    if isinstance(value, str):
+        return len(value) <= MAX_JSONRPC_ID_LENGTH
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return math.isfinite(value)
+    return value is None
+
+
+def _call_params(
+    params: dict[str, Any], decode: Callable[[str], Any]
+) -> tuple[bytes, str, str, bytes | None]:
     context_id = parse_id(params.get("contextId"), "contextId")
     method = params.get("method")
     if not isinstance(method, str) or not method:
         raise ContextError("params.method must be a non-empty string")
     args = params.get("argsJson", {})
-    args_json = args if isinstance(args, str) else json.dumps(args)
+    if isinstance(args, str):
+        decode(args)  # the app parses it again: refuse here what our decoder refuses anywhere
+        args_json = args
+    else:
+        args_json = json.dumps(args)
     executor_text = params.get("executorPublicKey")
     executor = None if executor_text is None else parse_id(executor_text, "executorPublicKey")
     return context_id, method, args_json, executor
 
 
-def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
+def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSection) -> None:
     @app.errorhandler(ContextError)
     async def context_error(exc: ContextError) -> Response:  # noqa: ASYNC124
         return _error(exc.status, str(exc))
-
-    async def json_body() -> dict[str, Any]:
-        body = await request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise ContextError("body must be a JSON object")
-        return body
 
     # -- applications ----------------------------------------------------------------------
 
     @app.post("/admin-api/applications")
     async def install_application() -> Response:
-        body = await json_body()
+        body = await json_object_body()
         path = body.get("path")
         if not isinstance(path, str) or not path:
             raise ContextError('body must be {"path": "<bundle directory or archive>"}')
@@ -154,7 +185,7 @@ def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
 
     @app.post("/admin-api/contexts")
     async def create_context() -> Response:
-        body = await json_body()
+        body = await json_object_body()
         application_id = parse_id(body.get("applicationId"), "applicationId")
         init_args = body.get("initArgs")
         args_json = None if init_args is None else json.dumps(init_args)
@@ -180,23 +211,25 @@ def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
 
     @app.post("/admin-api/contexts/<context_id>/invitations")
     async def invite(context_id: str) -> Response:
-        body = await json_body()
+        body = await json_object_body()
         role = body.get("role", "member")
-        expires_in = body.get("expiresIn", 7 * 86400)
-        if not isinstance(role, str) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        if not isinstance(role, str):
             raise ContextError('body: {"role": "member", "expiresIn": <seconds>, "invitee": <key>}')
+        expires_in = number_field(
+            body, "expiresIn", default=7 * 86400.0, maximum=settings.max_invitation_lifetime
+        )
         invitee = body.get("invitee")
         text = await node.joins.invite(
             parse_id(context_id, "context id"),
             role=role,
-            expires_in=float(expires_in),
+            expires_in=expires_in,
             invitee=None if invitee is None else parse_id(invitee, "invitee"),
         )
         return jsonify({"invitation": text})
 
     @app.post("/admin-api/contexts/join")
     async def join() -> Response:
-        body = await json_body()
+        body = await json_object_body()
         text = body.get("invitation")
         if not isinstance(text, str):
             raise ContextError('body must be {"invitation": "trinv1..."}')
@@ -247,12 +280,20 @@ def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
     async def jsonrpc() -> Response:
         raw = await request.get_data(as_text=True)
         try:
-            message = json.loads(raw)
-        except ValueError:
-            return _rpc_error(None, JSONRPC_PARSE_ERROR, "parse error: body is not JSON")
+            message = app.json.loads(raw)
+        except BadInput as exc:
+            log.info("refused JSON-RPC request: %s", exc)
+            return _rpc_error(None, JSONRPC_PARSE_ERROR, f"parse error: {exc}")
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
             return _rpc_error(None, JSONRPC_INVALID_REQUEST, 'expected {"jsonrpc": "2.0", ...}')
         request_id = message.get("id")
+        if not _valid_jsonrpc_id(request_id):
+            return _rpc_error(
+                None,
+                JSONRPC_INVALID_REQUEST,
+                f"id must be a string (at most {MAX_JSONRPC_ID_LENGTH} characters), "
+                "a number or null",
+            )
         if message.get("method") != "execute":
             return _rpc_error(
                 request_id, JSONRPC_METHOD_NOT_FOUND, f"unknown method {message.get('method')!r}"
@@ -261,8 +302,8 @@ def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
         if not isinstance(params, dict):
             return _rpc_error(request_id, JSONRPC_INVALID_PARAMS, "params must be an object")
         try:
-            context_id, method, args_json, executor = _call_params(params)
-        except ContextError as exc:
+            context_id, method, args_json, executor = _call_params(params, app.json.loads)
+        except (ContextError, BadInput) as exc:
             return _rpc_error(request_id, JSONRPC_INVALID_PARAMS, str(exc))
         try:
             result = await node.contexts.execute(context_id, method, args_json, executor=executor)
@@ -290,4 +331,4 @@ def register_context_routes(app: QuartTrio, node: ContextApi) -> None:
 
     @app.websocket("/ws")
     async def ws() -> None:
-        await serve_websocket(node.hub, node.knows_context)
+        await serve_websocket(node.hub, node.knows_context, app.json.loads)

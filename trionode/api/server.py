@@ -20,6 +20,7 @@ async def serve_api(
     *,
     graceful_timeout: float = 5.0,
     max_request_body: int = 8 * 1024 * 1024,
+    max_ws_message: int = 64 * 1024,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `shutdown_requested` is set; `started` reports the real URLs (port 0 too)."""
@@ -29,6 +30,7 @@ async def serve_api(
     config.accesslog = None
     config.errorlog = logging.getLogger("trionode.api.hypercorn")
     config.wsgi_max_body_size = max_request_body
+    config.websocket_max_message_size = max_ws_message
     app.config["MAX_CONTENT_LENGTH"] = max_request_body
     await serve(  # noqa: ASYNC128 - hypercorn calls started() once its sockets listen
         app, config, shutdown_trigger=shutdown_requested.wait, task_status=task_status

@@ -16,33 +16,39 @@ A client that falls too far behind is disconnected with close code 1008 and may 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import trio
 from quart import websocket
 
+from trionode.api.jsonio import BadInput, int_field
 from trionode.context.events import EventHub, ResumeTooOldError, Subscription
 
+log = logging.getLogger(__name__)
+
 KEEPALIVE_SECONDS = 20.0
-MAX_CLIENT_MESSAGE = 64 * 1024
 MAX_SUBSCRIPTIONS = 1024
+MAX_SEQ = 2**63 - 1
+Decode = Callable[[str | bytes], Any]
 
 
 async def _send(payload: dict[str, Any]) -> None:
     await websocket.send(json.dumps(payload))
 
 
-async def _reader(hub: EventHub, sub: Subscription, known: Callable[[str], bool]) -> None:
+async def _reader(
+    hub: EventHub, sub: Subscription, known: Callable[[str], bool], decode: Decode
+) -> None:
+    # Message size is bounded by the server (api.max_ws_message) before a frame is buffered.
     while True:
         raw = await websocket.receive()
-        if len(raw) > MAX_CLIENT_MESSAGE:
-            await _send({"type": "error", "message": "send JSON messages under 64 KiB"})
-            continue
         try:
-            message = json.loads(raw)
-        except ValueError:
-            await _send({"type": "error", "message": "not JSON"})
+            message = decode(raw)
+        except BadInput as exc:
+            log.info("refused WebSocket message: %s", exc)
+            await _send({"type": "error", "message": str(exc)})
             continue
         kind = message.get("type") if isinstance(message, dict) else None
         if kind == "ping":
@@ -70,9 +76,12 @@ async def _reader(hub: EventHub, sub: Subscription, known: Callable[[str], bool]
             await _send({"type": "error", "message": "too many subscriptions"})
             continue
         since = message.get("since")
-        if since is not None and not isinstance(since, int):
-            await _send({"type": "error", "message": "since must be an integer"})
-            continue
+        if since is not None:
+            try:
+                since = int_field(since, "since", minimum=0, maximum=MAX_SEQ)
+            except BadInput as exc:
+                await _send({"type": "error", "message": str(exc)})
+                continue
         try:
             hub.add_contexts(sub, ids, since)
         except ResumeTooOldError as exc:
@@ -95,14 +104,14 @@ async def _writer(sub: Subscription) -> None:
             await _send({"type": "ping"})
 
 
-async def serve_websocket(hub: EventHub, known: Callable[[str], bool]) -> None:
+async def serve_websocket(hub: EventHub, known: Callable[[str], bool], decode: Decode) -> None:
     """Run one WebSocket connection until the client leaves (or falls too far behind)."""
     sub = hub.open()
     try:
         async with trio.open_nursery() as nursery:
 
             async def read_then_stop() -> None:
-                await _reader(hub, sub, known)
+                await _reader(hub, sub, known, decode)
                 nursery.cancel_scope.cancel()
 
             async def write_then_stop() -> None:
