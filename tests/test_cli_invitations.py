@@ -127,3 +127,7 @@ async def test_wildcard_node_hands_out_no_wildcard(tmp_path: Path) -> None:
             body = await response.get_json()
             assert body["addresses"] == addresses
             assert body["peerId"] == node.peer_id
+            # Alone, AutoNAT has nobody to ask: unknown, in the API and in the metrics.
+            assert body["reachability"]["status"] == "unknown"
+            registry = node.metrics.registry
+            assert registry.get_sample_value("trionode_autonat_status", {"status": "unknown"}) == 1

@@ -193,8 +193,12 @@ async def _info(client: Client, _args: argparse.Namespace) -> Any:
 
 
 def _render_info(result: Any) -> str:
-    rows = [(k, v) for k, v in result.items() if k != "addresses"]
+    rows = [(k, v) for k, v in result.items() if k not in ("addresses", "reachability")]
     rows += [("address", a) for a in result.get("addresses", [])]
+    reach = result.get("reachability")
+    if isinstance(reach, dict):
+        rows.append(("reachability", reach.get("status", "?")))
+        rows += [("confirmed address", a) for a in reach.get("confirmedAddresses", [])]
     return _table(rows, ("key", "value"))
 
 

@@ -105,6 +105,21 @@ class NetworkSection(_Section, frozen=True):
     only this many seconds, so a restarted member is found again quickly."""
     peer_exchange_max_peers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
     """Connected peers named in one answer to `/trionode/peers/1` (peer exchange)."""
+    autonat: bool = True
+    """AutoNAT v1 (`/libp2p/autonat/1.0.0`): ask peers to dial us back to learn whether we are
+    reachable from outside (and which observed addresses work), and do the same for them."""
+    autonat_interval: PositiveFloat = 300.0
+    """Seconds between reachability checks once the status is known ..."""
+    autonat_retry_interval: PositiveFloat = 30.0
+    """... and while it is still unknown (too few peers answered)."""
+    autonat_confirmations: PositiveInt = 3
+    """Peers that must agree (dialed us back, or could not) before we call ourselves public
+    (or private)."""
+    autonat_allow_private: bool = False
+    """Serve dial-backs to private and loopback addresses too. Off: such a check says nothing
+    about reachability from the Internet. On: for a LAN or a test network."""
+    autonat_max_dialbacks: PositiveInt = 4
+    """Dial-backs we run for others at once; more requests are refused (E_DIAL_REFUSED)."""
     mdns: bool = True
     """Find peers on the local network with multicast DNS (libp2p mDNS, `_p2p._udp.local`)."""
     mdns_interval: PositiveFloat = 30.0

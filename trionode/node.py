@@ -8,6 +8,7 @@ open_node(config) ── root nursery
    ├─ watch_peers      emits PeerConnected/PeerDisconnected into that channel
    ├─ PubSub.run       gossipsub: heartbeat, one writer per peer (readers run in Host's
    │                    connection nurseries); delivered messages go to the event channel
+   ├─ AutoNat.run      (if `network.autonat`) asks peers to dial us back: public/private
    ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
    │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
@@ -56,6 +57,7 @@ from trionode.gc import GcMetrics, run_gc_once, serve_gc
 from trionode.home import API_URL_FILE
 from trionode.identity import NodeIdentity
 from trionode.metrics import NodeMetrics
+from trionode.net.autonat import AutoNat, AutoNatMetrics
 from trionode.net.discovery import DiscoveryMetrics, serve_discovery
 from trionode.net.events import GossipMessage, NetworkEvent, NetworkEvents, watch_peers
 from trionode.net.host import Host
@@ -96,6 +98,11 @@ class Node:
         self.host = Host(identity.key, config.network, net_metrics, transport=transport)
         net_metrics.bind(self.host)
         self.peerstore = PeerStore.from_config(config.network, local_peer=self.host.peer_id)
+        self.autonat = (
+            AutoNat(self.host, config.network, AutoNatMetrics(metrics.registry))
+            if config.network.autonat
+            else None
+        )
         self.discovery_metrics = DiscoveryMetrics(metrics.registry)
         self.discovery_metrics.bind(self.peerstore)
         self.events = NetworkEvents(config.network.event_channel_capacity, metrics.registry)
@@ -200,6 +207,11 @@ class Node:
     def listen_addresses(self) -> list[str]:
         return self.host.addresses()
 
+    def reachability(self) -> dict[str, Any]:
+        if self.autonat is None:
+            return {"status": "disabled"}
+        return self.autonat.status().to_json()
+
     async def connect(self, address: str) -> str:
         conn = await self.host.connect(address)
         return str(conn.peer_id)
@@ -300,6 +312,8 @@ async def open_node(
             )
             await nursery.start(node.host.run, node.shutdown_requested, name="p2p")
             await nursery.start(_watch_peers_until, node, name="peer-events")
+            if node.autonat is not None:
+                await nursery.start(node.autonat.run, node.shutdown_requested, name="autonat")
             await nursery.start(node.pubsub.run, node.shutdown_requested, name="pubsub")
             await nursery.start(node.replicator.run, node.shutdown_requested, name="replication")
             await nursery.start(

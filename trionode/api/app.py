@@ -53,6 +53,7 @@ class NodeApi(ContextApi, BlobApi, Protocol):
     def peers(self) -> list[dict[str, Any]]: ...
 
     def listen_addresses(self) -> list[str]: ...
+    def reachability(self) -> dict[str, Any]: ...
 
     def topics(self) -> list[dict[str, Any]]: ...
 
@@ -163,7 +164,12 @@ def create_app(node: NodeApi) -> QuartTrio:
     @app.get("/admin-api/node")
     async def node_info() -> Response:  # noqa: ASYNC124
         return jsonify(
-            {"peerId": node.peer_id, "version": __version__, "addresses": node.listen_addresses()}
+            {
+                "peerId": node.peer_id,
+                "version": __version__,
+                "addresses": node.listen_addresses(),
+                "reachability": node.reachability(),
+            }
         )
 
     @app.get("/admin-api/peers")

@@ -85,6 +85,8 @@ class Connection:
     agent: str | None = None
     protocols: tuple[str, ...] = ()
     listen_addrs: tuple[Multiaddr, ...] = ()
+    observed_addr: Multiaddr | None = None
+    """Our address as this peer sees it (identify); a candidate until AutoNAT confirms it."""
     ping_rtt: float | None = None
     identified: trio.Event = attrs.field(factory=trio.Event)
     refused_streams: int = 0
@@ -225,6 +227,14 @@ class Host:
                     for conn in list(self.connections.values()):
                         closing.start_soon(conn.aclose)
                 nursery.cancel_scope.cancel()
+
+    def confirm_address(self, addr: Multiaddr) -> bool:
+        """Advertise ``addr`` too: AutoNAT peers dialed us back there. True if it is new."""
+        addr = addr.without_peer_id()
+        if addr in self.advertised_addrs or is_unspecified(addr):
+            return False
+        self.advertised_addrs.append(addr)
+        return True
 
     def addresses(self) -> list[str]:
         """Our advertised addresses with /p2p/<peer id>, for others to dial."""
@@ -547,6 +557,7 @@ class Host:
         conn.agent = message.agent_version
         conn.protocols = tuple(message.protocols)
         conn.listen_addrs = tuple(message.decoded_listen_addrs())
+        conn.observed_addr = message.decoded_observed_addr()
         conn.identified.set()
 
     async def _keepalive(self, conn: Connection) -> None:

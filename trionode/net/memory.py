@@ -299,6 +299,7 @@ class MemoryNetwork:
         self._next_ephemeral: dict[Host, int] = {}
         self._links: set[_Link] = set()
         self._blocked: set[frozenset[Host]] = set()
+        self._no_inbound: set[Host] = set()
         self._closed = False
         self._dials = 0
         self._refused = 0
@@ -356,6 +357,14 @@ class MemoryNetwork:
         """Whether no partition separates ``a`` and ``b``."""
         return a == b or frozenset((a, b)) not in self._blocked
 
+    def block_inbound(self, host: Host, *, blocked: bool = True) -> None:
+        """The "no inbound" NAT model: ``host`` dials out as usual (its connections work
+        both ways) but nobody can dial it, as behind a home router without port forwards."""
+        if blocked:
+            self._no_inbound.add(host)
+        else:
+            self._no_inbound.discard(host)
+
     def close(self) -> None:
         """Refuse every dial from now on (open connections keep working): used when a
         cluster shuts down, so that nodes do not redial peers that are stopping."""
@@ -396,6 +405,9 @@ class MemoryNetwork:
         if not self.reachable(host, ip):
             self._unreachable += 1
             raise OSError(errno.EHOSTUNREACH, f"{ip} is unreachable from {host} (partition)")
+        if ip in self._no_inbound and ip != host:
+            self._unreachable += 1
+            raise OSError(errno.EHOSTUNREACH, f"{ip} accepts no inbound connections (NAT)")
         listener = self._listeners.get((ip, port))
         if listener is None or self._closed:
             self._refused += 1
