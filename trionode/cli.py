@@ -3,147 +3,63 @@
 Client commands find the node through `--home` (API URL and token read from the home) or
 `--api URL --token T`; they print a readable table, or one JSON document with `--json`, and
 exit non-zero with a one-line reason on failure.
+
+Start-up time matters here: a client command imports only argparse, httpx and the client,
+and runs without an event loop (see `run_blocking`); the node (`cli_node`) and Trio are
+imported only by the commands that need them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import attrs
-import trio
+from typing import Any, NoReturn
 
 from trionode import __version__
 from trionode.cli_blobs import COMMANDS as BLOB_COMMANDS
 from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, table as _table
 from trionode.cli_invitations import add_invitation_commands
-from trionode.client import ApiError, Client, open_client
-from trionode.config import (
-    DEFAULT_HOME,
+from trionode.client import Client, open_blocking_client, run_blocking
+from trionode.errors import ConfigError, TrionodeError, WrongPassphraseError
+from trionode.layout import (
     DEFAULT_SERVER_PORT,
     DEFAULT_SWARM_PORT,
-    NodeConfig,
-    load_config,
+    default_home,
+    read_api_url,
+    read_token,
 )
-from trionode.errors import ConfigError, StorageError, TrionodeError, WrongPassphraseError
-from trionode.home import init_home, read_api_url, read_token
-from trionode.node import open_node
-
-log = logging.getLogger("trionode")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+NEEDS_EVENT_LOOP = frozenset({"watch", "blob add", "blob get"})
+"""Client commands that stream (WebSocket, blob bodies, file I/O in Trio) and so run under
+trio.run with the async client; the others run without an event loop."""
 
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> int:
-    print(f"trionode: {message}", file=sys.stderr)
+    # One line, whatever the message holds (some library errors span several).
+    print(f"trionode: {' '.join(message.split())}", file=sys.stderr)
     return code
 
 
-# -- init / start -------------------------------------------------------------------------
+# -- init / start / demo: run node code, imported only when used ------------------------
 
 
-def cmd_init(args: argparse.Namespace) -> int:
-    result = init_home(
-        Path(args.home),
-        swarm_port=args.swarm_port,
-        server_port=args.server_port,
-        force=args.force,
-        mdns=not args.no_mdns,
-    )
-    if args.json:
-        print(json.dumps({"home": str(result.home), "peerId": result.peer_id}))
-    else:
-        print(f"initialised {result.home}")
-        print(f"peer id   {result.peer_id}")
-        print(f"api token {result.home / 'api-token'} (keep it private)")
-    return EXIT_OK
+def _node_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from trionode import cli_node  # noqa: PLC0415 - loads the whole node
 
+        command: Callable[[argparse.Namespace], int] = getattr(cli_node, name)
+        return command(args)
 
-async def _watch_signals(
-    shutdown: trio.Event,
-    abort: trio.CancelScope,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            if shutdown.is_set():
-                log.warning("second %s: stopping without waiting", signal.Signals(signum).name)
-                abort.cancel()
-                return
-            log.info("%s received: shutting down", signal.Signals(signum).name)
-            shutdown.set()
-
-
-async def run_until_signalled(config: NodeConfig) -> None:
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
-        async with open_node(config) as node:
-            log.info(
-                "trionode %s started: peer id %s, API %s, p2p %s",
-                __version__,
-                node.peer_id,
-                node.api_url if node.api_urls else "off",
-                " ".join(node.listen_addresses()),
-            )
-            await shutdown.wait()
-        log.info("trionode stopped cleanly")
-        nursery.cancel_scope.cancel()
-
-
-def cmd_start(args: argparse.Namespace) -> int:
-    config = load_config(Path(args.home), env=dict(os.environ))
-    _configure_logging(args.log_level or config.node.log_level)
-    try:
-        trio.run(run_until_signalled, config)
-    except (OSError, TrionodeError) as exc:
-        return _fail(f"cannot start: {exc}")
-    except BaseExceptionGroup as group:
-        # A service that cannot start (a port in use, a bad `network.announce`) fails inside
-        # the node's nursery: one line for the user, a traceback only for anything else.
-        expected, rest = group.split((OSError, TrionodeError))
-        if rest is not None or expected is None:
-            raise
-        return _fail(f"cannot start: {_first_leaf(expected)}")
-    return EXIT_OK
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from trionode.demo import run_demo  # noqa: PLC0415 - only the demo needs it
-
-    _configure_logging("WARNING")
-    result = trio.run(lambda: run_demo(args.nodes, say=(lambda _: None) if args.json else print))
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    return EXIT_OK
+    return run
 
 
 # -- client commands ----------------------------------------------------------------------
@@ -155,6 +71,8 @@ def _api_target(args: argparse.Namespace) -> tuple[str, str]:
     if url is None:
         url = read_api_url(home)
     if url is None:
+        from trionode.config import load_config  # noqa: PLC0415 - only when api.url is missing
+
         config = load_config(home, env={}) if home.is_dir() else None
         if config is None:
             raise ConfigError(f"no node home at {home}: pass --home DIR or --api URL --token T")
@@ -168,11 +86,11 @@ def _render_mapping(data: dict[str, Any]) -> str:
     return _table(list(data.items()), ("key", "value"))
 
 
-ClientAction = Callable[[Client, argparse.Namespace], Awaitable[Any]]
+ClientAction = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, Any]]
 Renderer = Callable[[Any], str]
 
 
-@attrs.frozen
+@dataclass(frozen=True)
 class ClientCommand:
     help: str
     action: ClientAction
@@ -278,14 +196,22 @@ CLIENT_COMMANDS.update(
 
 def run_client_command(args: argparse.Namespace) -> int:
     url, token = _api_target(args)
-    command = CLIENT_COMMANDS[args.client_command]
+    name: str = args.client_command
+    command = CLIENT_COMMANDS[name]
     action = command.action
+    if name in NEEDS_EVENT_LOOP:
+        import trio  # noqa: PLC0415
 
-    async def go() -> Any:
-        async with open_client(url, token, request_timeout=args.timeout) as client:
-            return await action(client, args)
+        from trionode.client import open_client  # noqa: PLC0415
 
-    result = trio.run(go)
+        async def go() -> Any:
+            async with open_client(url, token, request_timeout=args.timeout) as client:
+                return await action(client, args)
+
+        result = trio.run(go)
+    else:
+        with open_blocking_client(url, token, request_timeout=args.timeout) as client:
+            result = run_blocking(action(client, args))
     if result is None:  # streaming commands (watch) printed as they went
         return EXIT_OK
     if args.json:
@@ -302,17 +228,27 @@ def run_client_command(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trionode", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="trionode", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"trionode {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--home", default=DEFAULT_HOME, help=f"node home directory (default {DEFAULT_HOME})"
+    home = _Parser(add_help=False)
+    home.add_argument(
+        "--home",
+        default=default_home(),
+        help="node home directory (default: $TRIONODE_HOME, else .trionode)",
     )
-    common.add_argument("--json", action="store_true", help="print one JSON document")
+    as_json = _Parser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print one JSON document")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    init = sub.add_parser("init", parents=[common], help="create a node home")
+    init = sub.add_parser("init", parents=[home, as_json], help="create a node home")
     init.add_argument("--swarm-port", type=int, default=DEFAULT_SWARM_PORT)
     init.add_argument("--server-port", type=int, default=DEFAULT_SERVER_PORT)
     init.add_argument(
@@ -321,21 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--no-mdns", action="store_true", help="do not announce or look for peers by mDNS"
     )
-    init.set_defaults(func=cmd_init)
+    init.set_defaults(func=_node_command("cmd_init"))
 
-    start = sub.add_parser("start", parents=[common], help="run the node until SIGINT/SIGTERM")
+    start = sub.add_parser("start", parents=[home], help="run the node until SIGINT/SIGTERM")
     start.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    start.set_defaults(func=cmd_start)
+    start.set_defaults(func=_node_command("cmd_start"))
 
     demo = sub.add_parser(
-        "demo", parents=[common], help="run 3 nodes in this process and watch them converge"
+        "demo", parents=[as_json], help="run 3 nodes in this process and watch them converge"
     )
     demo.add_argument("--nodes", type=int, default=3, choices=range(2, 9), metavar="N")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=_node_command("cmd_demo"))
 
-    add_invitation_commands(sub, common)
+    add_invitation_commands(sub, _Parser(add_help=False, parents=[home, as_json]))
 
-    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client = _Parser(add_help=False, parents=[home, as_json])
     client.add_argument("--api", help="API base URL (default: read from --home)")
     client.add_argument("--token", help="bearer token (default: read from --home)")
     client.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
@@ -357,17 +293,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- the boundary: every error a user can cause becomes one line --------------------------
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [error]
+
+
+def _explain(error: BaseException) -> tuple[str, int] | None:
+    """The one line and exit status for an error a user can cause; None for a bug."""
+    if isinstance(error, (ConfigError, WrongPassphraseError)):
+        return str(error), EXIT_USAGE
+    if isinstance(error, TrionodeError):
+        return str(error), EXIT_FAILURE
+    if isinstance(error, OSError):  # the environment: permissions, a full disk, ...
+        return str(error), EXIT_FAILURE
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted", 130
+    return None
+
+
+def _stdout_closed() -> int:
+    # The reader went away (`trionode context list | head -1`): not an error worth a line.
+    # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_FAILURE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
-    except (ConfigError, WrongPassphraseError) as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    except (ApiError, StorageError, TrionodeError) as exc:
-        return _fail(str(exc))
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        args = build_parser().parse_args(argv)  # prints --help: may meet a closed pipe too
+        func: Callable[[argparse.Namespace], int] = args.func
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe shows up here for short outputs
+    except BaseException as error:
+        # Trio raises whatever fails inside a nursery as an ExceptionGroup, so plain
+        # `except ConfigError` would miss it: look at the leaves. Only if every leaf is
+        # something a user caused is the group one line; anything else is a bug and keeps
+        # its traceback.
+        leaves = _leaves(error)
+        if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+            return _stdout_closed()
+        reasons = [reason for reason in map(_explain, leaves) if reason is not None]
+        if len(reasons) != len(leaves):
+            raise
+        message, status = reasons[0]
+        return _fail(message, status)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from trionode.client import Client
 
-Action = Callable[[Client, argparse.Namespace], Awaitable[Any]]
+Action = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, Any]]
 Spec = tuple[
     str, str, Action, Callable[[Any], str] | None, Callable[[argparse.ArgumentParser], None] | None
 ]
@@ -26,13 +26,20 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     )
 
 
-def _json_arg(text: str | None, what: str) -> Any:
-    if text is None:
-        return None
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object (`--args '{"key": "a"}'`)."""
     try:
-        return json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} is not valid JSON: {text!r}") from None
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number"
+        )
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object like '{{\"key\": 1}}', not {kind}: {text!r}"
+        )
+    return value
 
 
 # -- applications ---------------------------------------------------------------------------
@@ -62,7 +69,7 @@ def _render_apps(result: Any) -> str:
 
 
 async def _context_create(client: Client, args: argparse.Namespace) -> Any:
-    return await client.create_context(args.application_id, _json_arg(args.args, "--args"))
+    return await client.create_context(args.application_id, args.args)
 
 
 async def _context_list(client: Client, _args: argparse.Namespace) -> Any:
@@ -161,7 +168,7 @@ def _remove_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _call(client: Client, args: argparse.Namespace) -> Any:
-    return await client.call(args.context_id, args.method, _json_arg(args.args, "--args") or {})
+    return await client.call(args.context_id, args.method, args.args or {})
 
 
 def _render_call(result: Any) -> str:
@@ -204,7 +211,7 @@ def _app_id_arg(p: argparse.ArgumentParser) -> None:
 
 def _create_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("application_id", metavar="APP_ID")
-    p.add_argument("--args", help="JSON arguments for the app's init")
+    p.add_argument("--args", type=json_object, help="JSON object of arguments for the app's init")
 
 
 def _context_arg(p: argparse.ArgumentParser) -> None:
@@ -214,7 +221,9 @@ def _context_arg(p: argparse.ArgumentParser) -> None:
 def _call_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("context_id", metavar="CONTEXT")
     p.add_argument("method", metavar="METHOD")
-    p.add_argument("--args", help='JSON object of arguments, e.g. \'{"key": "a"}\'')
+    p.add_argument(
+        "--args", type=json_object, help='JSON object of arguments, e.g. \'{"key": "a"}\''
+    )
 
 
 def _watch_args(p: argparse.ArgumentParser) -> None:

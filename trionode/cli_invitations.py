@@ -13,15 +13,14 @@ import json
 import time
 from typing import Any
 
-import base58
-
 from trionode.cli_contexts import table
-from trionode.context.invitations import parse_invitation
 
 EXIT_OK = 0
 
 
 def _b58(raw: bytes) -> str:
+    import base58  # noqa: PLC0415 - see describe_invitation
+
     return base58.b58encode(raw).decode("ascii")
 
 
@@ -31,6 +30,10 @@ def describe_invitation(text: str, *, now: float | None = None) -> dict[str, Any
     Raises:
         InvitationError: not an invitation, damaged, or its signature does not verify.
     """
+    # Imported here: `trionode.cli` registers this command for every run, and the
+    # invitation code loads the crypto libraries that other client commands must not pay for.
+    from trionode.context.invitations import parse_invitation  # noqa: PLC0415
+
     signed, invitation = parse_invitation(text)
     now = time.time() if now is None else now
     expires = dt.datetime.fromtimestamp(invitation.expires_at, dt.UTC)
@@ -72,7 +75,7 @@ def cmd_invitation_show(args: argparse.Namespace) -> int:
 
 
 def add_invitation_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+    sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
 ) -> None:
     """Register `trionode invitation show` on the top-level sub-parsers."""
     group = sub.add_parser("invitation", help="invitation commands (offline)")

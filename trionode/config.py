@@ -15,17 +15,19 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
-from trionode.errors import ConfigError
+from trionode.errors import ConfigError, ProtocolError
+from trionode.layout import (  # import-light, for client commands
+    CONFIG_FILE,
+    DATA_DIR,
+    DEFAULT_SERVER_PORT,
+    DEFAULT_SWARM_PORT,
+    IDENTITY_FILE,
+    TOKEN_FILE,
+)
 from trionode.wire.gossipsub import GossipConfig
+from trionode.wire.multiaddr import Multiaddr
 from trionode.wire.pubsub_pb import RpcLimits
 
-CONFIG_FILE: Final = "config.toml"
-IDENTITY_FILE: Final = "identity.key"
-TOKEN_FILE: Final = "api-token"  # noqa: S105 - a file name
-DATA_DIR: Final = "data"
-DEFAULT_HOME: Final = ".trionode"
-DEFAULT_SWARM_PORT: Final = 2428
-DEFAULT_SERVER_PORT: Final = 2528
 PASSPHRASE_ENV: Final = "TRIONODE_PASSPHRASE"  # noqa: S105 - a variable name
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -435,6 +437,15 @@ def load_config(home: Path, *, env: dict[str, str] | None = None) -> NodeConfig:
         file.pubsub.gossip_config()
     except ValueError as exc:
         raise ConfigError(f"{path}: `pubsub`: {exc}") from None
+    for key, addresses in (
+        ("network.listen", file.network.listen),
+        ("network.bootstrap", file.network.bootstrap),
+    ):
+        for text in addresses:
+            try:
+                Multiaddr.from_string(text)
+            except ProtocolError as exc:
+                raise ConfigError(f"{path}: `{key}`: {text!r} is not a multiaddr: {exc}") from None
     passphrase = (env or {}).get(PASSPHRASE_ENV)
     if file.store.encrypted and not passphrase:
         raise ConfigError(f"{path}: `store.encrypted` is true but ${PASSPHRASE_ENV} is not set")

@@ -38,3 +38,16 @@ class StorageError(TrionodeError):
 
 class WrongPassphraseError(StorageError):
     """The passphrase does not open this encrypted datastore."""
+
+
+class ListenError(TrionodeError):
+    """A configured listen address could not be bound (in use, not ours, no permission)."""
+
+
+class HomeLockedError(TrionodeError):
+    """Another running node holds this home's lock."""
+
+    def __init__(self, home: object, pid: int | None) -> None:
+        who = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(f"{home}: a node is already running ({who})")
+        self.pid = pid

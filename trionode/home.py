@@ -11,9 +11,6 @@ from pathlib import Path
 import attrs
 
 from trionode.config import (
-    CONFIG_FILE,
-    IDENTITY_FILE,
-    TOKEN_FILE,
     ApiSection,
     FileConfig,
     NetworkSection,
@@ -21,9 +18,7 @@ from trionode.config import (
 )
 from trionode.errors import ConfigError
 from trionode.identity import NodeIdentity
-
-API_URL_FILE = "api.url"
-"""Written by a running node with the API's real URL (the port may have been 0)."""
+from trionode.layout import CONFIG_FILE, IDENTITY_FILE, TOKEN_FILE
 
 
 @attrs.frozen
@@ -68,20 +63,3 @@ def init_home(
     )
     (home / CONFIG_FILE).write_text(render_config(file), encoding="utf-8")
     return InitResult(home=home, peer_id=identity.peer_id, token=token)
-
-
-def read_token(home: Path) -> str:
-    path = home / TOKEN_FILE
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path} is missing: pass --token or --home of an initialised node"
-        ) from None
-
-
-def read_api_url(home: Path) -> str | None:
-    try:
-        return (home / API_URL_FILE).read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None

@@ -54,8 +54,8 @@ from trionode.context.replication import TOPIC_PREFIX, ReplicationMetrics, Repli
 from trionode.context.sync import SyncManager
 from trionode.errors import ConfigError
 from trionode.gc import GcMetrics, run_gc_once, serve_gc
-from trionode.home import API_URL_FILE
 from trionode.identity import NodeIdentity
+from trionode.layout import API_URL_FILE, lock_home
 from trionode.metrics import NodeMetrics
 from trionode.net.autonat import AutoNat, AutoNatMetrics
 from trionode.net.discovery import DiscoveryMetrics, serve_discovery
@@ -286,7 +286,23 @@ async def open_node(
 
     ``transport`` (default TCP) and ``gossip_faults`` are for in-process clusters
     (``trionode.testing.open_cluster``): a MemoryNetwork transport and message faults.
+    The home is locked first, so a second node on the same home (one identity, one
+    database) is refused with HomeLockedError before it reads or writes anything.
     """
+    with lock_home(config.home):
+        async with _open_locked_node(
+            config, transport=transport, gossip_faults=gossip_faults
+        ) as node:
+            yield node
+
+
+@asynccontextmanager
+async def _open_locked_node(
+    config: NodeConfig,
+    *,
+    transport: Transport | None,
+    gossip_faults: GossipFaults | None,
+) -> AsyncIterator[Node]:
     identity = NodeIdentity.load(config.identity_path)
     metrics = NodeMetrics()
     async with open_store(

@@ -6,8 +6,11 @@ import logging
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
+
+from trionode.errors import ListenError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,21 @@ async def serve_api(
     config.wsgi_max_body_size = max_request_body
     config.websocket_max_message_size = max_ws_message
     app.config["MAX_CONTENT_LENGTH"] = max_request_body
-    await serve(  # noqa: ASYNC128 - hypercorn calls started() once its sockets listen
-        app, config, shutdown_trigger=shutdown_requested.wait, task_status=task_status
+    # Bind here rather than inside hypercorn.trio.serve: there a port in use surfaces as an
+    # OSError three exception groups deep that does not name the address.
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:
+        raise ListenError(
+            f"api: cannot listen on {config.bind[0]}: {exc.strerror or exc}"
+            " (change `api.port` in config.toml or stop the other process)"
+        ) from None
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+    await worker_serve(  # noqa: ASYNC128 - hypercorn calls started() once its sockets listen
+        wrap_app(app, config.wsgi_max_body_size, None),
+        config,
+        sockets=sockets,
+        shutdown_trigger=shutdown_requested.wait,
+        task_status=task_status,
     )

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Protocol, TypeVar
 
 import httpx
-import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+import trio  # httpx imports it anyway (its connection pool supports Trio)
 
 from trionode.errors import TrionodeError
+
+T = TypeVar("T")
 
 
 class ApiError(TrionodeError):
@@ -22,10 +23,49 @@ class ApiError(TrionodeError):
         self.status = status
 
 
+class Http(Protocol):
+    """The part of httpx.AsyncClient that Client uses."""
+
+    @property
+    def base_url(self) -> httpx.URL: ...
+
+    async def request(self, method: str, url: str, *, json: Any = None) -> httpx.Response: ...
+
+    async def get(self, url: str) -> httpx.Response: ...
+
+
+class BlockingHttp:
+    """An httpx.Client behind Client's async interface: every await completes at once.
+
+    The CLI runs one request per process; with this transport a client coroutine never
+    suspends, so it can be driven to completion without starting an event loop (see
+    `run_blocking`), and the command does not pay for importing Trio.
+    """
+
+    def __init__(self, http: httpx.Client) -> None:
+        self._http = http
+
+    @property
+    def base_url(self) -> httpx.URL:
+        return self._http.base_url
+
+    async def request(self, method: str, url: str, *, json: Any = None) -> httpx.Response:
+        return self._http.request(method, url, json=json)
+
+    async def get(self, url: str) -> httpx.Response:
+        return self._http.get(url)
+
+
 class Client:
-    def __init__(self, http: httpx.AsyncClient, token: str = "") -> None:
+    def __init__(self, http: Http, token: str = "") -> None:
         self._http = http
         self._token = token
+
+    def _streaming_http(self) -> httpx.AsyncClient:
+        """Streaming bodies need the async client: a Client from `open_client`."""
+        if not isinstance(self._http, httpx.AsyncClient):
+            raise TypeError("streaming needs a Client from open_client (under trio.run)")
+        return self._http
 
     async def request(self, method: str, path: str, json: Any = None) -> Any:
         try:
@@ -127,6 +167,14 @@ class Client:
 
     async def watch(self, context_id: str, *, since: int | None = None) -> AsyncIterator[Any]:
         """Yield the context's applied-delta events from the WebSocket as they arrive."""
+        # Imported here: only watching needs WebSockets (and Trio), and the CLI's other
+        # commands start faster without them.
+        from trio_websocket import (  # noqa: PLC0415
+            ConnectionClosed,
+            HandshakeError,
+            open_websocket_url,
+        )
+
         url = str(self._http.base_url).replace("http", "ws", 1).rstrip("/") + "/ws"
         headers = [(b"Authorization", f"Bearer {self._token}".encode())]
         try:
@@ -144,7 +192,9 @@ class Client:
         except ConnectionClosed:
             return
         except (HandshakeError, OSError) as exc:
-            raise ApiError(f"cannot watch {context_id} at {url}: {exc}") from None
+            raise ApiError(
+                f"cannot watch {context_id} at {url}: {_handshake_reason(exc)}"
+            ) from None
 
     # -- blobs ---------------------------------------------------------------------------------
 
@@ -158,7 +208,8 @@ class Client:
     ) -> Any:
         """Upload a blob from an async byte stream (sent as it is produced, never whole)."""
         params = {k: v for k, v in (("context", context_id), ("name", name)) if v is not None}
-        request = self._http.build_request("POST", "/admin-api/blobs", params=params)
+        http = self._streaming_http()
+        request = http.build_request("POST", "/admin-api/blobs", params=params)
         request.stream = _Upload(content)
         if size is None:
             del request.headers["Content-Length"]
@@ -166,7 +217,7 @@ class Client:
         else:
             request.headers["Content-Length"] = str(size)
         try:
-            response = await self._http.send(request)
+            response = await http.send(request)
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot upload to {self._http.base_url}: {exc}") from None
         finally:
@@ -195,7 +246,7 @@ class Client:
         headers = {"Range": f"bytes={start}-"} if start else {}
         path = f"/admin-api/blobs/{blob_id}/content"
         try:
-            async with self._http.stream("GET", path, headers=headers) as response:
+            async with self._streaming_http().stream("GET", path, headers=headers) as response:
                 if response.is_error:
                     await response.aread()
                     _checked(response)
@@ -241,6 +292,15 @@ def _checked(response: httpx.Response) -> Any:
     return body
 
 
+def _handshake_reason(exc: BaseException) -> str:
+    # trio-websocket's HandshakeError has no message of its own: the reason is its cause
+    # (connection refused) or, for ConnectionRejected, the HTTP status.
+    status = getattr(exc, "status_code", None)
+    if status is not None:
+        return f"the node answered HTTP {status}"
+    return str(exc) or str(exc.__cause__ or exc.__context__ or "") or type(exc).__name__
+
+
 @asynccontextmanager
 async def open_client(
     base_url: str, token: str, *, request_timeout: float = 30.0
@@ -250,3 +310,28 @@ async def open_client(
         base_url=base_url, headers=headers, timeout=request_timeout
     ) as http:
         yield Client(http, token)
+
+
+@contextmanager
+def open_blocking_client(
+    base_url: str, token: str, *, request_timeout: float = 30.0
+) -> Iterator[Client]:
+    """A Client over blocking HTTP, for `run_blocking` (no event loop, no Trio import)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=request_timeout) as http:
+        yield Client(BlockingHttp(http), token)
+
+
+def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine whose awaits all complete at once (a Client over BlockingHttp).
+
+    A coroutine that really suspends needs an event loop: it is closed and RuntimeError
+    raised, which is a bug in the caller (use `open_client` under trio.run instead).
+    """
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coroutine.close()
+    raise RuntimeError("this coroutine suspended: it needs an event loop (trio.run)")

@@ -31,7 +31,13 @@ import trio
 
 from trionode import __version__
 from trionode.config import NetworkSection
-from trionode.errors import LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError
+from trionode.errors import (
+    ListenError,
+    LocalProtocolError,
+    PeerError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from trionode.net.addresses import advertised_addresses, interface_ips, is_unspecified
 from trionode.net.metrics import NetMetrics
 from trionode.net.multistream import (
@@ -202,7 +208,12 @@ class Host:
                 hp = addr.tcp_host_port()
                 if hp is None:
                     raise PeerError(f"network.listen: {addr} is not a TCP multiaddr")
-                listeners, bound = await self.transport.listen(addr)
+                try:
+                    listeners, bound = await self.transport.listen(addr)
+                except OSError as exc:
+                    raise ListenError(
+                        f"network.listen: cannot listen on {addr}: {exc.strerror or exc}"
+                    ) from None
                 self.listen_addrs.extend(bound)
                 for listener in listeners:
                     nursery.start_soon(

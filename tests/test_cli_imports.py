@@ -1,0 +1,78 @@
+"""Client commands must not load the node: a `trionode call` pays only for argparse + httpx."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What the node needs and a client command must not import (httpx itself imports trio and
+# anyio for its async pool, so those cannot be on this list).
+NODE_ONLY = (
+    "quart",
+    "quart_trio",
+    "hypercorn",
+    "cryptography",
+    "nacl",
+    "lmdb",
+    "msgspec",
+    "trionode.node",
+    "trionode.config",
+    "trionode.api",
+    "trionode.wire",
+)
+FORBIDDEN = (*NODE_ONLY, "trio_websocket")  # only `watch` needs WebSockets
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["call", "CTX", "get", "--args", '{"key": "a"}'],
+        ["context", "list"],
+        ["health"],
+    ],
+)
+def test_client_commands_import_nothing_of_the_node(argv: list[str]) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from trionode.cli import main
+        # The node is down (port 9): the request fails, which is enough to walk the path.
+        assert main({argv!r} + ["--api", "http://127.0.0.1:9", "--token", "t"]) == 1
+        print(" ".join(sorted(sys.modules)))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
+    modules = set(result.stdout.split())
+    assert "httpx" in modules  # the path was walked
+    loaded = sorted(m for m in modules if m.split(".")[0] in FORBIDDEN or m.startswith(FORBIDDEN))
+    assert loaded == []
+
+
+def test_node_commands_still_load_the_node() -> None:
+    """The names above are the real module names: the node side does import them."""
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; import trionode.cli_node; "
+            f"print(sorted(m for m in {NODE_ONLY!r} if m not in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert check.stdout.strip() == "[]"

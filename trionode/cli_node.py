@@ -1,0 +1,104 @@
+"""The commands that run node code in this process: `init`, `start` and `demo`.
+
+`trionode.cli` imports this module only when one of them runs: it loads the node (Quart,
+Hypercorn, LMDB, crypto), which client commands must not pay for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from trionode import __version__
+from trionode.config import NodeConfig, load_config
+from trionode.home import init_home
+from trionode.node import open_node
+
+log = logging.getLogger("trionode")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    result = init_home(
+        Path(args.home),
+        swarm_port=args.swarm_port,
+        server_port=args.server_port,
+        force=args.force,
+        mdns=not args.no_mdns,
+    )
+    if args.json:
+        print(json.dumps({"home": str(result.home), "peerId": result.peer_id}))
+    else:
+        print(f"initialised {result.home}")
+        print(f"peer id   {result.peer_id}")
+        print(f"api token {result.home / 'api-token'} (keep it private)")
+    return 0
+
+
+async def _watch_signals(
+    shutdown: trio.Event,
+    abort: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """First SIGINT/SIGTERM: graceful shutdown. A second one: stop now."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second %s: stopping without waiting", signal.Signals(signum).name)
+                abort.cancel()
+                return
+            log.info("%s received: shutting down", signal.Signals(signum).name)
+            shutdown.set()
+
+
+async def run_until_signalled(config: NodeConfig) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
+        async with open_node(config) as node:
+            log.info(
+                "trionode %s started: peer id %s, API %s, p2p %s",
+                __version__,
+                node.peer_id,
+                node.api_url if node.api_urls else "off",
+                " ".join(node.listen_addresses()),
+            )
+            await shutdown.wait()
+        log.info("trionode stopped cleanly")
+        nursery.cancel_scope.cancel()
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    config = load_config(Path(args.home), env=dict(os.environ))
+    _configure_logging(args.log_level or config.node.log_level)
+    # Errors raised in the node's nurseries arrive here inside exception groups;
+    # `trionode.cli.main` unwraps them into one line.
+    trio.run(run_until_signalled, config)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trionode.demo import run_demo  # noqa: PLC0415 - only the demo needs it
+
+    _configure_logging("WARNING")
+    result = trio.run(lambda: run_demo(args.nodes, say=(lambda _: None) if args.json else print))
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    return 0
