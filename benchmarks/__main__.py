@@ -8,6 +8,7 @@ import sys
 import trio
 
 from benchmarks import (
+    cli_bench,
     context_bench,
     pubsub_bench,
     pubsub_procs,
@@ -26,6 +27,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "pubsub-procs": pubsub_procs.run,
         "contexts": context_bench.run,
         "sync": sync_bench.run,
+        "cli": cli_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():

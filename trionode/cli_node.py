@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from logging.handlers import MemoryHandler
 from pathlib import Path
 
 import trio
@@ -24,13 +26,52 @@ from trionode.node import open_node
 log = logging.getLogger("trionode")
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=_LOG_FORMAT,
         stream=sys.stderr,
         force=True,
     )
+
+
+class _StartupLog:
+    """Holds back INFO/DEBUG records until the node has started.
+
+    A start that fails (a port in use, a wrong passphrase) then shows only its one-line
+    reason, not the services' start-up chatter before it; warnings and errors pass at once
+    (they flush what was held). Once the node is up, `started()` prints what was held and
+    records go straight to stderr.
+    """
+
+    def __init__(self, level: str) -> None:
+        self._stream = logging.StreamHandler(sys.stderr)
+        self._stream.setFormatter(logging.Formatter(_LOG_FORMAT))
+        self._held = MemoryHandler(
+            capacity=10_000, flushLevel=logging.WARNING, target=self._stream, flushOnClose=False
+        )
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        root.addHandler(self._held)
+        root.setLevel(getattr(logging, level, logging.INFO))
+
+    def discard(self) -> None:
+        """Drop what is held (the start failed; the interpreter would flush it at exit)."""
+        self._held.acquire()
+        try:
+            self._held.buffer.clear()
+        finally:
+            self._held.release()
+
+    def started(self) -> None:
+        root = logging.getLogger()
+        self._held.flush()
+        root.removeHandler(self._held)
+        root.addHandler(self._stream)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -68,11 +109,14 @@ async def _watch_signals(
             shutdown.set()
 
 
-async def run_until_signalled(config: NodeConfig) -> None:
+async def run_until_signalled(
+    config: NodeConfig, on_started: Callable[[], None] = lambda: None
+) -> None:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
         async with open_node(config) as node:
+            on_started()
             log.info(
                 "trionode %s started: peer id %s, API %s, p2p %s",
                 __version__,
@@ -87,10 +131,13 @@ async def run_until_signalled(config: NodeConfig) -> None:
 
 def cmd_start(args: argparse.Namespace) -> int:
     config = load_config(Path(args.home), env=dict(os.environ))
-    _configure_logging(args.log_level or config.node.log_level)
+    startup_log = _StartupLog(args.log_level or config.node.log_level)
     # Errors raised in the node's nurseries arrive here inside exception groups;
     # `trionode.cli.main` unwraps them into one line.
-    trio.run(run_until_signalled, config)
+    try:
+        trio.run(run_until_signalled, config, startup_log.started)
+    finally:
+        startup_log.discard()  # nothing is held once the node has started
     return 0
 
 
