@@ -8,6 +8,7 @@ import sys
 import trio
 
 from benchmarks import (
+    blob_bench,
     cli_bench,
     context_bench,
     pubsub_bench,
@@ -28,6 +29,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "contexts": context_bench.run,
         "sync": sync_bench.run,
         "cli": cli_bench.run,
+        "blobs": blob_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():

@@ -302,7 +302,7 @@ class BlobsSection(_Section, frozen=True):
     """Largest blob stored (uploaded or fetched), in bytes."""
     fetch_peers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     """Peers one fetch downloads chunks from at once."""
-    request_window: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    request_window: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
     """Chunk requests in flight to one peer (pipelining keeps the stream busy)."""
     chunk_timeout: PositiveFloat = 30.0
     """Seconds a peer may take to deliver a requested chunk before the fetch drops it."""
