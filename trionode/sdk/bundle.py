@@ -113,6 +113,15 @@ class BundleLimits:
     """Sum of all file sizes, including ignored files (they are read past, too)."""
     max_path_length: int = 255
     max_manifest_bytes: int = 64 * 1024
+    max_header_bytes: int = 16 * 1024
+    """Largest tar extension header (GNU long name/link, pax), checked before it is read."""
+    max_archive_overhead: int = 4 * 1024 * 1024
+    """Uncompressed archive bytes allowed beyond `max_total_bytes` (headers, padding)."""
+
+    @property
+    def max_entries(self) -> int:
+        """Archive entries (headers) read at most: a file may take a name and a pax header."""
+        return 4 * self.max_files + 16
 
 
 DEFAULT_LIMITS: Final = BundleLimits()
@@ -318,15 +327,128 @@ def _read_directory(root: Path, limits: BundleLimits) -> Iterator[tuple[str, byt
             yield clean, data
 
 
+# -- archive headers, checked before `tarfile` / `zipfile` read what they announce ------------
+#
+# tarfile reads a GNU long-name or pax header whole, however large its size field says it is,
+# before returning the member, and zipfile builds an object for every central-directory entry
+# before we can count them. So both formats are walked here first, header by header, and each
+# announced size is checked before the bytes behind it are read. The walk must agree with
+# tarfile on where every header starts, so anything that could make them disagree is refused:
+# types other than files, directories, long names and pax headers; directories with data; pax
+# records that change a size (`size`, `GNU.sparse.*`).
+
+_TAR_BLOCK: Final = 512
+_TAR_FILE_TYPES: Final = (b"0", b"\x00", b"7")
+_TAR_EXTENSION_TYPES: Final = (b"L", b"K", b"x", b"g")
+_TAR_LINK_TYPES: Final = (b"1", b"2", b"3", b"4", b"6")
+_PAX_RECORD: Final = re.compile(rb"([0-9]{1,16}) ")
+
+
+def _tar_number(field: bytes, source: str) -> int:
+    """A numeric header field: NUL/space-padded octal, or GNU base-256 (first byte 0x80)."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    if field[:1] == b"\xff":
+        raise InvalidBundleError(f"{source}: negative size in a tar header")
+    digits = field.split(b"\x00", 1)[0].strip(b" ")
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise InvalidBundleError(f"{source}: bad number in a tar header") from None
+
+
+def _check_pax(data: bytes, source: str) -> None:
+    """Refuse malformed pax records ("<length> <key>=<value>\\n") and size-changing keys."""
+    position = 0
+    while position < len(data) and data[position] != 0:
+        match = _PAX_RECORD.match(data, position)
+        if match is None:
+            raise InvalidBundleError(f"{source}: malformed pax header")
+        length = int(match.group(1))
+        record = data[match.end() : position + length]
+        if not match.end() < position + length <= len(data) or not record.endswith(b"\n"):
+            raise InvalidBundleError(f"{source}: malformed pax header")
+        key = record.split(b"=", 1)[0]
+        if key == b"size" or key.startswith(b"GNU.sparse"):
+            raise InvalidBundleError(f"{source}: pax header sets {key.decode(errors='replace')}")
+        position += length
+
+
+def _unpack_tar(stream: io.BufferedIOBase, source: str, limits: BundleLimits) -> bytes:
+    """Copy a (decompressing) tar stream into memory, each header checked before its data.
+
+    Memory stays under `max_total_bytes + max_archive_overhead` whatever the headers claim.
+    """
+    cap = limits.max_total_bytes + limits.max_archive_overhead
+    out = bytearray()
+    headers = 0
+    while len(header := stream.read(_TAR_BLOCK)) == _TAR_BLOCK:
+        out += header
+        if not header.strip(b"\x00"):
+            break  # end of archive: tarfile stops at the first zero block too
+        headers += 1
+        if headers > limits.max_entries:
+            raise InvalidBundleError(f"{source}: more than {limits.max_entries} archive entries")
+        size = _tar_number(header[124:136], source)
+        kind = header[156:157]
+        name = header[:100].split(b"\x00", 1)[0]
+        if kind in _TAR_LINK_TYPES:
+            raise InvalidBundleError(f"{source}: {name!r} is a link or special file (not allowed)")
+        if kind == b"5" or (kind == b"\x00" and name.endswith(b"/")):
+            if size:
+                raise InvalidBundleError(f"{source}: directory {name!r} claims {size} bytes")
+            continue
+        if kind in _TAR_EXTENSION_TYPES and size > limits.max_header_bytes:
+            raise InvalidBundleError(
+                f"{source}: a {size}-byte tar extension header (limit {limits.max_header_bytes})"
+            )
+        if kind not in _TAR_FILE_TYPES + _TAR_EXTENSION_TYPES:
+            raise InvalidBundleError(f"{source}: unsupported tar entry type {kind!r}")
+        padded = -(-size // _TAR_BLOCK) * _TAR_BLOCK
+        if len(out) + padded > cap:
+            raise InvalidBundleError(f"{source}: more than {cap} bytes uncompressed")
+        body = stream.read(padded)
+        if kind in (b"x", b"g"):
+            _check_pax(body[:size], source)
+        out += body
+    return bytes(out)
+
+
+def _check_zip_directory(data: bytes, source: str, limits: BundleLimits) -> None:
+    """Count and bound the central directory's entries the way zipfile will find them."""
+    end = len(data) - 22
+    if not (data[end : end + 4] == b"PK\x05\x06" and data[-2:] == b"\x00\x00"):
+        end = data.rfind(b"PK\x05\x06", max(len(data) - 22 - 0xFFFF, 0))
+    if end < 0 or len(data) < end + 22:
+        return  # zipfile will say it is not a zip file
+    if data[max(end - 20, 0) : end - 16] == b"PK\x06\x07":
+        raise InvalidBundleError(f"{source}: zip64 archives are not supported")
+    directory_size = int.from_bytes(data[end + 12 : end + 16], "little")
+    position, entries = end - directory_size, 0
+    while position < end:
+        if position < 0 or data[position : position + 4] != b"PK\x01\x02":
+            return  # zipfile will refuse the directory
+        entries += 1
+        if entries > limits.max_entries:
+            raise InvalidBundleError(f"{source}: more than {limits.max_entries} archive entries")
+        name_length, extra_length, comment_length = (
+            int.from_bytes(data[position + i : position + i + 2], "little") for i in (28, 30, 32)
+        )
+        if name_length > limits.max_path_length + 1:  # + a directory's trailing slash
+            raise InvalidBundleError(f"{source}: a {name_length}-byte file name in the zip")
+        position += 46 + name_length + extra_length + comment_length
+
+
 def _read_tar(data: bytes, source: str, limits: BundleLimits) -> Iterator[tuple[str, bytes]]:
     budget = _Budget(source, limits)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            entries = 0
+        if data[:2] == b"\x1f\x8b":
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+                unpacked = _unpack_tar(stream, source, limits)
+        else:
+            unpacked = _unpack_tar(io.BytesIO(data), source, limits)
+        with tarfile.open(fileobj=io.BytesIO(unpacked), mode="r:") as tar:
             while (member := tar.next()) is not None:
-                entries += 1
-                if entries > 4 * limits.max_files + 16:
-                    raise InvalidBundleError(f"{source}: too many archive entries")
                 clean = _clean_path(member.name, source, limits)
                 if member.isdir():
                     continue
@@ -347,12 +469,10 @@ def _read_tar(data: bytes, source: str, limits: BundleLimits) -> Iterator[tuple[
 
 def _read_zip(data: bytes, source: str, limits: BundleLimits) -> Iterator[tuple[str, bytes]]:
     budget = _Budget(source, limits)
+    _check_zip_directory(data, source, limits)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            infos = archive.infolist()
-            if len(infos) > 4 * limits.max_files + 16:
-                raise InvalidBundleError(f"{source}: too many archive entries")
-            for info in infos:
+            for info in archive.infolist():
                 clean = _clean_path(info.filename, source, limits)
                 if info.is_dir():
                     continue
