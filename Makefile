@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 HOME_DIR ?= .trionode
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-runtime
 
 .PHONY: start test lint typecheck unit test-slow bench bench-smoke clean
 
@@ -21,7 +22,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	rm -rf $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/{trio,outcome,async_generator}-stubs
 	@touch $(STAMP)
 
-start: $(STAMP)
+# `make start` needs only the runtime dependencies; the test extras (ruff, mypy, libp2p,
+# grpcio, ...) are installed by the first target that needs them.
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	@touch $(RUN_STAMP)
+
+start: $(RUN_STAMP)
 	@test -f $(HOME_DIR)/config.toml || $(BIN)/trionode init --home $(HOME_DIR)
 	exec $(BIN)/trionode start --home $(HOME_DIR)
 

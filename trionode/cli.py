@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from trionode import __version__
 from trionode.cli_blobs import COMMANDS as BLOB_COMMANDS
-from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, table as _table
+from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, mapping_rows, table as _table
 from trionode.cli_invitations import add_invitation_commands
 from trionode.client import Client, open_blocking_client, run_blocking
 from trionode.errors import ConfigError, TrionodeError, WrongPassphraseError
@@ -83,7 +83,7 @@ def _api_target(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _render_mapping(data: dict[str, Any]) -> str:
-    return _table(list(data.items()), ("key", "value"))
+    return _table(mapping_rows(data), ("key", "value"))
 
 
 ClientAction = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, Any]]
@@ -215,7 +215,7 @@ def run_client_command(args: argparse.Namespace) -> int:
     if result is None:  # streaming commands (watch) printed as they went
         return EXIT_OK
     if args.json:
-        print(json.dumps(result, indent=None, sort_keys=True))
+        print(json.dumps(result, indent=None, sort_keys=True, ensure_ascii=False))
     elif command.render is not None:
         print(command.render(result))
     elif isinstance(result, dict):
@@ -228,8 +228,73 @@ def run_client_command(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
+EXAMPLES: dict[str, str] = {
+    "init": "trionode init --home ~/node-a --swarm-port 2428 --server-port 2528",
+    "start": "TRIONODE_HOME=~/node-a trionode start --log-level DEBUG",
+    "demo": "trionode demo --nodes 3",
+    "invitation show": "trionode invitation show trinv1...",
+    "health": "trionode health --api http://127.0.0.1:2528",
+    "ready": "trionode ready --home ~/node-a",
+    "info": "trionode info --json",
+    "peers": "trionode peers",
+    "connect": "trionode connect /ip4/192.168.1.20/tcp/2428/p2p/12D3KooW...",
+    "topics": "trionode topics",
+    "app install": "trionode app install apps/kv_store",
+    "app list": "trionode app list",
+    "app show": "trionode app show APP_ID",
+    "app uninstall": "trionode app uninstall APP_ID --force",
+    "context create": 'trionode context create APP_ID --args \'{"title": "notes"}\'',
+    "context list": "trionode context list --json",
+    "context show": "trionode context show CONTEXT",
+    "context delete": "trionode context delete CONTEXT",
+    "context invite": "trionode context invite CONTEXT --role read-only --expires 12h",
+    "context join": "trionode context join trinv1... --home ~/node-b",
+    "context sync": "trionode context sync CONTEXT",
+    "context members": "trionode context members CONTEXT",
+    "context remove": "trionode context remove CONTEXT MEMBER_KEY",
+    "call": 'trionode call CONTEXT set --args \'{"key": "a", "value": "1"}\'',
+    "watch": "trionode watch CONTEXT --since 41",
+    "gc": "trionode gc",
+    "blob add": "trionode blob add photo.jpg --context CONTEXT",
+    "blob get": "trionode blob get BLOB_ID -o photo.jpg --context CONTEXT",
+    "blob ls": "trionode blob ls",
+    "blob show": "trionode blob show BLOB_ID",
+    "blob rm": "trionode blob rm BLOB_ID",
+}
+"""One example per command, shown at the end of its --help."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help; the epilog (the example) kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            default in (None, False, argparse.SUPPRESS)
+            or "default" in text
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: {default})".lstrip()
+
+
+def _example(name: str) -> str | None:
+    example = EXAMPLES.get(name)
+    return None if example is None else f"example:\n  {example}"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (argparse prints the whole usage first)."""
+    """argparse, but a usage error is one line (argparse prints the whole usage first).
+
+    Sub-commands get `--help` with every default and the command's example (EXAMPLES).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        if self.epilog is None and self.prog.startswith("trionode "):
+            self.epilog = _example(self.prog.removeprefix("trionode "))
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
@@ -249,8 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = sub.add_parser("init", parents=[home, as_json], help="create a node home")
-    init.add_argument("--swarm-port", type=int, default=DEFAULT_SWARM_PORT)
-    init.add_argument("--server-port", type=int, default=DEFAULT_SERVER_PORT)
+    init.add_argument(
+        "--swarm-port",
+        type=int,
+        default=DEFAULT_SWARM_PORT,
+        help="TCP port for peers (network.listen); 0 picks a free one",
+    )
+    init.add_argument(
+        "--server-port",
+        type=int,
+        default=DEFAULT_SERVER_PORT,
+        help="API port on 127.0.0.1 (api.port); 0 picks a free one",
+    )
     init.add_argument(
         "--force", action="store_true", help="replace an existing home (its data is deleted)"
     )
@@ -260,13 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=_node_command("cmd_init"))
 
     start = sub.add_parser("start", parents=[home], help="run the node until SIGINT/SIGTERM")
-    start.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    start.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="overrides node.log_level in config.toml",
+    )
     start.set_defaults(func=_node_command("cmd_start"))
 
     demo = sub.add_parser(
         "demo", parents=[as_json], help="run 3 nodes in this process and watch them converge"
     )
-    demo.add_argument("--nodes", type=int, default=3, choices=range(2, 9), metavar="N")
+    demo.add_argument(
+        "--nodes", type=int, default=3, choices=range(2, 9), metavar="N", help="nodes, 2 to 8"
+    )
     demo.set_defaults(func=_node_command("cmd_demo"))
 
     add_invitation_commands(sub, _Parser(add_help=False, parents=[home, as_json]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -17,9 +18,41 @@ Spec = tuple[
 ]
 
 
+def cell(value: object) -> str:
+    """One value as people read it: no Python reprs, no escaped Unicode."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return str(value)
+
+
+def iso_time(unix_seconds: float) -> str:
+    """`2026-12-06T01:52:03Z` (UTC, to the second)."""
+    moment = dt.datetime.fromtimestamp(unix_seconds, dt.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def mapping_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """A JSON object as (key, value) rows; `…At` times (Unix seconds) shown as ISO 8601."""
+    return [
+        (
+            key,
+            iso_time(value)
+            if key.endswith("At") and isinstance(value, int | float) and not isinstance(value, bool)
+            else cell(value),
+        )
+        for key, value in data.items()
+    ]
+
+
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """Rows as aligned text columns (the CLI's default output)."""
-    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    cells = [[str(h) for h in headers], *[[cell(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
@@ -58,11 +91,52 @@ async def _app_show(client: Client, args: argparse.Namespace) -> Any:
     return await client.application(args.application_id)
 
 
+async def _app_uninstall(client: Client, args: argparse.Namespace) -> Any:
+    return await client.uninstall_application(args.application_id, force=args.force)
+
+
+def _render_uninstalled(result: Any) -> str:
+    stranded = result["contexts"]
+    note = f" ({len(stranded)} context(s) used it: {cell(stranded)})" if stranded else ""
+    return f"uninstalled {result['uninstalled']}{note}"
+
+
+def _signature(entry: dict[str, Any]) -> str:
+    params = ", ".join(
+        f"{p['name']}: {p['type']}" + ("" if p["required"] else " = ...") for p in entry["params"]
+    )
+    return f"{entry['name']}({params}) -> {entry['returns']}"
+
+
+def _render_app(a: Any) -> str:
+    lines = [
+        f"application id  {a['applicationId']}",
+        f"name            {a['name']} {a['version']}",
+        f"installed       {iso_time(a['installedAt'])} from {a['path']}",
+        "state:",
+        *[f"  {name}: {kind}" for name, kind in a.get("state", {}).items()],
+    ]
+    titles = {"init": "init", "method": "methods", "view": "views", "handler": "event handlers"}
+    for kind, title in titles.items():
+        entries = [e for e in a.get("entryPoints", []) if e["kind"] == kind]
+        if not entries:
+            continue
+        lines.append(f"{title}:")
+        for e in entries:
+            on = f"  (on {', '.join(e['events'])})" if e.get("events") else ""
+            lines.append(f"  {_signature(e)}{on}")
+            lines += [f"      {line}" for line in e["doc"].splitlines()]
+    return "\n".join(lines)
+
+
 def _render_apps(result: Any) -> str:
     rows = [
-        (a["applicationId"], a["name"], a["version"], a["path"]) for a in result["applications"]
+        (a["applicationId"], a["name"], a["version"], iso_time(a["installedAt"]), a["path"])
+        for a in result["applications"]
     ]
-    return table(rows, ("application id", "name", "version", "installed from"))
+    if not rows:
+        return "no applications (install one with `trionode app install PATH`)"
+    return table(rows, ("application id", "name", "version", "installed", "from"))
 
 
 # -- contexts -------------------------------------------------------------------------------
@@ -172,15 +246,17 @@ async def _call(client: Client, args: argparse.Namespace) -> Any:
 
 
 def _render_call(result: Any) -> str:
-    output = json.dumps(result["output"], indent=2, sort_keys=True)
-    delta = result["deltaId"] or "none (read-only)"
-    return f"{output}\ndelta {delta}\nroot  {result['rootHash']}"
+    # The result on stdout (so `$(trionode call …)` is just the value); what the call did to
+    # the context is a diagnostic, on stderr.
+    delta = result["deltaId"] or "none (nothing written)"
+    print(f"delta {delta}\nroot  {result['rootHash']}", file=sys.stderr)
+    return json.dumps(result["output"], indent=2, sort_keys=True, ensure_ascii=False)
 
 
 async def _watch(client: Client, args: argparse.Namespace) -> Any:
     async for event in client.watch(args.context_id, since=args.since):
         if args.json:
-            print(json.dumps(event, sort_keys=True), flush=True)
+            print(json.dumps(event, sort_keys=True, ensure_ascii=False), flush=True)
         else:
             names = ", ".join(e["name"] for e in event["events"]) or "no events"
             print(
@@ -189,7 +265,8 @@ async def _watch(client: Client, args: argparse.Namespace) -> Any:
                 flush=True,
             )
             for e in event["events"]:
-                print(f"    {e['name']} {json.dumps(e['payload'], sort_keys=True)}", flush=True)
+                payload = json.dumps(e["payload"], sort_keys=True, ensure_ascii=False)
+                print(f"    {e['name']} {payload}", flush=True)
     print("trionode: the node closed the event stream", file=sys.stderr)
     return None
 
@@ -207,6 +284,13 @@ def _path_arg(p: argparse.ArgumentParser) -> None:
 
 def _app_id_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("application_id", metavar="APP_ID")
+
+
+def _uninstall_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("application_id", metavar="APP_ID")
+    p.add_argument(
+        "--force", action="store_true", help="even if contexts use it (they stop working)"
+    )
 
 
 def _create_args(p: argparse.ArgumentParser) -> None:
@@ -240,7 +324,20 @@ COMMANDS: list[Spec] = [
         _path_arg,
     ),
     ("app list", "list installed applications", _app_list, _render_apps, None),
-    ("app show", "show one installed application", _app_show, None, _app_id_arg),
+    (
+        "app show",
+        "show an installed application: its state, methods and views with their parameters",
+        _app_show,
+        _render_app,
+        _app_id_arg,
+    ),
+    (
+        "app uninstall",
+        "remove an installed application (refused while a context uses it, unless --force)",
+        _app_uninstall,
+        _render_uninstalled,
+        _uninstall_args,
+    ),
     ("context create", "create a context running APP_ID", _context_create, None, _create_args),
     ("context list", "list contexts", _context_list, _render_contexts, None),
     (

@@ -6,6 +6,7 @@ hashes are hex.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -44,6 +45,8 @@ class Applications(Protocol):
     async def install(self, path: str) -> ApplicationRecord: ...
     async def installed(self) -> list[ApplicationRecord]: ...
     async def get(self, application_id: bytes) -> ApplicationRecord: ...
+    async def load(self, application_id: bytes) -> Any: ...
+    async def uninstall(self, application_id: bytes) -> ApplicationRecord: ...
 
 
 class ContextApi(Protocol):
@@ -99,6 +102,20 @@ def application_json(record: ApplicationRecord) -> dict[str, Any]:
         "path": record.path,
         "installedAt": record.installed_at,
         "trusted": record.trusted,
+    }
+
+
+def app_interface(app: Any) -> dict[str, Any]:
+    """What an app offers callers: its state fields and entry points, with parameter types
+    and docstrings (`app show`)."""
+    description = app.describe()
+    entries = {e.name: e for e in app.entry_points()}
+    return {
+        "state": description["state"],
+        "entryPoints": [
+            {**entry, "doc": inspect.getdoc(entries[entry["name"]].fn) or ""}
+            for entry in description["entry_points"]
+        ],
     }
 
 
@@ -178,8 +195,30 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
 
     @app.get("/admin-api/applications/<application_id>")
     async def show_application(application_id: str) -> Response:
-        record = await node.applications.get(parse_id(application_id, "application id"))
-        return jsonify(application_json(record))
+        raw = parse_id(application_id, "application id")
+        record = await node.applications.get(raw)
+        return jsonify(
+            {**application_json(record), **app_interface(await node.applications.load(raw))}
+        )
+
+    @app.delete("/admin-api/applications/<application_id>")
+    async def uninstall_application(application_id: str) -> Response:
+        raw = parse_id(application_id, "application id")
+        await node.applications.get(raw)  # 404 first if it is not installed
+        users = [r for r in await node.contexts.records() if r.application_id == raw]
+        if users and request.args.get("force") not in ("1", "true"):
+            listed = ", ".join(b58(r.context_id) for r in users[:3])
+            more = f" and {len(users) - 3} more" if len(users) > 3 else ""
+            raise ContextError(
+                f"application {application_id} is used by {len(users)} context(s) "
+                f"({listed}{more}): delete them first, or uninstall with force "
+                "(`--force`; those contexts stop working)",
+                status=409,
+            )
+        await node.applications.uninstall(raw)
+        return jsonify(
+            {"uninstalled": application_id, "contexts": [b58(r.context_id) for r in users]}
+        )
 
     # -- contexts --------------------------------------------------------------------------
 

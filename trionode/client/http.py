@@ -105,6 +105,11 @@ class Client:
     async def application(self, application_id: str) -> Any:
         return await self.request("GET", f"/admin-api/applications/{application_id}")
 
+    async def uninstall_application(self, application_id: str, *, force: bool = False) -> Any:
+        """Refused (409) while a context uses the application, unless `force`."""
+        query = "?force=true" if force else ""
+        return await self.request("DELETE", f"/admin-api/applications/{application_id}{query}")
+
     async def create_context(self, application_id: str, init_args: Any = None) -> Any:
         body: dict[str, Any] = {"applicationId": application_id}
         if init_args is not None:

@@ -18,6 +18,7 @@ from trionode.context.records import APPLICATIONS, ApplicationRecord
 from trionode.errors import TrionodeError
 from trionode.sdk.bundle import (
     BundleError,
+    VerifiedBundle,
     load_app,
     load_bundle,
     pack_bundle,
@@ -39,15 +40,29 @@ class Applications:
         self._apps: dict[bytes, Any] = {}
 
     async def install(self, path: str) -> ApplicationRecord:
+        """Read, verify and import the bundle at `path`, then store it.
+
+        Importing it here checks the whole app (the entry point imports and is an `App`
+        named as in the manifest, every state field is a replicated type, every entry
+        point's signature is usable), so a broken bundle is refused now with the reason
+        (ContextError, 400) instead of failing later at `context create`.
+        """
+
+        def load_and_check() -> tuple[VerifiedBundle, Any]:
+            bundle = load_bundle(path)
+            verified = verify_bundle(bundle, self._trusted, installed_locally=True)
+            return verified, load_app(verified)
+
         try:
             if self._store.inline:  # test clusters on autojump_clock: no worker threads
                 await trio.lowlevel.checkpoint()
-                bundle = load_bundle(path)
+                verified, app = load_and_check()
             else:
-                bundle = await trio.to_thread.run_sync(load_bundle, path)
-            verified = verify_bundle(bundle, self._trusted, installed_locally=True)
+                verified, app = await trio.to_thread.run_sync(load_and_check)
         except BundleError as exc:
             raise ContextError(str(exc)) from None
+        bundle = verified.bundle
+        self._apps[bundle.app_id] = app
         record = ApplicationRecord(
             application_id=bundle.app_id,
             name=bundle.name,
@@ -60,6 +75,19 @@ class Applications:
         batch.put(APPLICATIONS, record.application_id, record)
         batch.put(BUNDLES, _BUNDLE_PREFIX + record.application_id, pack_bundle(verified.bundle))
         await self._store.write(batch)
+        return record
+
+    async def uninstall(self, application_id: bytes) -> ApplicationRecord:
+        """Forget an installed application and its stored bundle (ContextError 404 if it is
+        not installed). Whether a context still uses it is the caller's question."""
+        record = await self.get(application_id)
+        batch = WriteBatch()
+        batch.delete(APPLICATIONS, application_id)
+        batch.delete(BUNDLES, _BUNDLE_PREFIX + application_id)
+        await self._store.write(batch)
+        # Its modules stay imported: a context still running it (`--force`) keeps working
+        # until the node restarts.
+        self._apps.pop(application_id, None)
         return record
 
     async def installed(self) -> list[ApplicationRecord]:

@@ -370,7 +370,16 @@ class Host:
             reason = _failure_reason(exc)
             if reason is not None:
                 self.metrics.handshake_failures.labels(reason).inc()
-                log.info("handshake with %s failed: %s: %s", addr, reason, exc)
+                # Our own dials report failures to whoever dialed (discovery and mDNS at
+                # DEBUG: a foreign libp2p node on the LAN is not news; bootstrap and the API
+                # say it themselves), so only inbound failures are worth INFO here.
+                log.log(
+                    logging.DEBUG if outbound else logging.INFO,
+                    "handshake with %s failed: %s: %s",
+                    addr,
+                    reason,
+                    exc,
+                )
             await trio.aclose_forcefully(tcp)
             if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
                 raise PeerError(f"connection to {addr} broke during the handshake") from None
