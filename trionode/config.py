@@ -293,6 +293,9 @@ class GcSection(_Section, frozen=True):
     tombstone_retention: PositiveFloat = 86400.0
     """Tombstones younger than this many seconds are kept, so late concurrent writes still
     resolve against them."""
+    blob_retention: PositiveFloat = 3600.0
+    """Seconds a blob stays after nothing references it any more (no pin, no context that
+    holds it); also how long an abandoned partial fetch or orphan chunk file is kept."""
 
 
 class BlobsSection(_Section, frozen=True):

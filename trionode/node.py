@@ -17,7 +17,7 @@ open_node(config) ── root nursery
    │                    evicts stale pending deltas; received gossip reaches it via the channel
    ├─ serve_clock_waits applies deltas stamped ahead of our clock once it has caught up
    ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter
-   ├─ serve_gc         periodic tombstone GC over every context
+   ├─ serve_gc         periodic GC: tombstones in every context, unreferenced blobs
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
    └─ _bound_shutdown  after a shutdown request, gives in-flight work `node.shutdown_grace`
                        seconds, then cancels what is left
@@ -225,8 +225,16 @@ class Node:
 
     async def collect_garbage(self) -> dict[str, int]:
         return await run_gc_once(
-            self.contexts.collect_garbage, self.config.gc.tombstone_retention, self.gc_metrics
+            self.collect_everything, self.config.gc.tombstone_retention, self.gc_metrics
         )
+
+    async def collect_everything(self, horizon_unix: float) -> dict[str, int]:
+        """One GC pass: tombstones older than `horizon_unix`, then unreferenced blobs."""
+        result = await self.contexts.collect_garbage(horizon_unix)
+        blobs = await self.blobs.collect_garbage(
+            self.config.gc.blob_retention, self.contexts.known_ids(), self.blob_transfer.running()
+        )
+        return {**result, **blobs}
 
     async def refresh_metrics(self) -> None:
         stats = await self.store.stats()
@@ -358,7 +366,7 @@ async def _open_locked_node(
                 )
             await nursery.start(
                 serve_gc,
-                node.contexts.collect_garbage,
+                node.collect_everything,
                 config.gc.interval,
                 config.gc.tombstone_retention,
                 node.gc_metrics,

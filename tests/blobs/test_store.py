@@ -190,3 +190,96 @@ async def test_pins_and_links(tmp_path: Path) -> None:
         assert not got.pinned
         await blobs.delete(info.blob_id)
         assert not await blobs.linked(context, info.blob_id)
+
+
+async def test_gc_removes_only_what_nothing_references_after_the_retention(
+    tmp_path: Path,
+) -> None:
+    now = [1_000_000.0]
+    live, gone = b"\x01" * 32, b"\x02" * 32
+    async with open_store(
+        tmp_path / "data",
+        initial_map_size=1 << 20,
+        max_map_size=1 << 30,
+        reader_threads=2,
+        passphrase=None,
+    ) as store:
+        blobs = BlobStore(
+            store,
+            tmp_path,
+            BlobMetrics(None),
+            max_size=1 << 30,
+            chunk_size=CHUNK,
+            wall_clock=lambda: now[0],
+        )
+        loose = await blobs.add(pieces(os.urandom(3 * CHUNK)))
+        pinned = await blobs.add(pieces(os.urandom(2 * CHUNK)))
+        await blobs.pin(pinned.blob_id)
+        in_live = await blobs.add(pieces(os.urandom(CHUNK)), context_id=live)
+        in_gone = await blobs.add(pieces(os.urandom(CHUNK)), context_id=gone)
+        # Files are older than the retention (as if uploaded long ago).
+        for path in (tmp_path / "blobs" / "chunks").rglob("*"):
+            if path.is_file():
+                os.utime(path, (now[0] - 7200, now[0] - 7200))
+
+        async def gc() -> dict[str, int]:
+            return await blobs.collect_garbage(3600.0, {live}, set())
+
+        # First pass: the unreferenced ones are only marked.
+        assert (await gc())["blobsRemoved"] == 0
+        now[0] += 3599
+        assert (await gc())["blobsRemoved"] == 0
+        now[0] += 1
+        result = await gc()
+        assert result["blobsRemoved"] == 2
+        assert result["blobChunksRemoved"] == 4
+        left = {b.blob_id for b in await blobs.list_blobs()}
+        assert left == {pinned.blob_id, in_live.blob_id}
+        assert loose.blob_id not in left
+        assert in_gone.blob_id not in left
+        assert not await blobs.linked(gone, in_gone.blob_id)
+        # Unpinned: marked now, removed a retention later; a new reference saves it.
+        await blobs.pin(pinned.blob_id, pinned=False)
+        await gc()
+        now[0] += 1800
+        await blobs.link(live, pinned.blob_id)
+        now[0] += 3600
+        assert (await gc())["blobsRemoved"] == 0
+        assert await read_all(blobs, pinned.blob_id)
+
+
+async def test_gc_drops_abandoned_partials_and_young_orphans_survive(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    async with open_store(
+        tmp_path / "data",
+        initial_map_size=1 << 20,
+        max_map_size=1 << 30,
+        reader_threads=2,
+        passphrase=None,
+    ) as store:
+        blobs = BlobStore(
+            store,
+            tmp_path,
+            BlobMetrics(None),
+            max_size=1 << 30,
+            chunk_size=CHUNK,
+            wall_clock=lambda: now[0],
+        )
+        chunker = Chunker(chunk_size=CHUNK)
+        chunks = chunker.feed(os.urandom(2 * CHUNK))
+        _, manifest = chunker.finish()
+        await blobs.begin_partial(manifest)
+        await blobs.put_chunk(chunks[0][1], chunks[0][0])
+        # Running fetches keep their partial record.
+        now[0] += 3600
+        result = await blobs.collect_garbage(3600.0, set(), {manifest.blob_id})
+        assert result["blobPartialsRemoved"] == 0
+        # The orphan chunk file was written just now by the real clock, far ahead of this
+        # test's clock: it is young, so it survives (it could belong to an upload).
+        result = await blobs.collect_garbage(3600.0, set(), set())
+        assert result["blobPartialsRemoved"] == 1
+        assert await blobs.partial_manifest(manifest.blob_id) is None
+        assert result["blobChunksRemoved"] == 0
+        path = blobs.files.path(chunks[0][1])
+        os.utime(path, (now[0] - 3600, now[0] - 3600))
+        assert (await blobs.collect_garbage(3600.0, set(), set()))["blobChunksRemoved"] == 1

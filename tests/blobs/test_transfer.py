@@ -189,3 +189,15 @@ async def test_chunks_come_from_several_peers(
         # D's 12 chunks came from all three holders at once, each exactly once.
         assert sum(shares) == 12
         assert all(share > 0 for share in shares)
+
+
+async def test_node_gc_pass_includes_blobs(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_cluster(1, tmp_path) as cluster:
+        node = cluster.nodes[0]
+        await node.blobs.add_bytes(b"unreferenced")
+        result = await node.collect_garbage()
+        assert result["blobsRemoved"] == 0  # marked now, removed after gc.blob_retention
+        assert {"tombstonesRemoved", "blobChunksRemoved", "blobPartialsRemoved"} <= set(result)
+        assert metric(node, "trionode_gc_runs_total") == 1

@@ -9,6 +9,7 @@ blob_meta  b"b" + blob id        BlobRecord: the manifest of a complete blob
            b"x" + context + id   the blob belongs to that context (peers fetch it through it)
            b"y" + id + context   the same link, found from the blob
            b"n" + blob id        pinned: never collected
+           b"u" + blob id        when GC first found the blob unreferenced (wall clock)
 ```
 
 Atomicity: a chunk file appears under its name only once it is complete (write to `tmp/`,
@@ -33,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import shutil
+import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
@@ -66,6 +68,7 @@ _PARTIAL: Final = b"p"
 _LINK: Final = b"x"
 _LINKED_BY: Final = b"y"
 _PIN: Final = b"n"
+_UNREFERENCED: Final = b"u"
 _CHUNK_AAD: Final = "blob-chunk"
 
 
@@ -112,6 +115,12 @@ class BlobMetrics:
             registry=registry,
         )
         self.deleted = Counter("trionode_blobs_deleted", "Blobs deleted", registry=registry)
+        self.collected = Counter(
+            "trionode_gc_blobs_removed",
+            "Unreferenced blobs, stale partial fetches and orphan chunk files removed by GC",
+            ["kind"],
+            registry=registry,
+        )
 
 
 class ChunkFiles:
@@ -431,6 +440,7 @@ class BlobStore:
         batch = WriteBatch()
         batch.delete(_FLAGS, _COMPLETE + blob_id)
         batch.delete(_FLAGS, _PIN + blob_id)
+        batch.delete(_FLAGS, _UNREFERENCED + blob_id)
         for key, _ in await self._store.scan(_FLAGS, prefix=_LINKED_BY + blob_id):
             _unlink(batch, key[1 + len(blob_id) :], blob_id)
         await self._store.write(batch)
@@ -440,6 +450,60 @@ class BlobStore:
         self.metrics.deleted.inc()
         return True
 
+    # -- garbage collection ----------------------------------------------------------------
+
+    async def collect_garbage(
+        self, retention: float, live_contexts: set[bytes], busy: set[bytes]
+    ) -> dict[str, int]:
+        """Remove what nothing has referenced for `retention` seconds.
+
+        A complete blob is referenced while it is pinned or linked to a context this node
+        still holds; an unreferenced one is marked with the time GC first saw it so, and
+        removed once the mark is `retention` old (a new reference clears the mark). A
+        partial fetch is dropped when it started `retention` ago and is not running
+        (`busy`); chunk files that belong to no blob or partial fetch go once their file is
+        `retention` old (younger ones may belong to an upload in progress).
+        """
+        now = self._wall_clock()
+        removed = {"blobsRemoved": 0, "blobPartialsRemoved": 0, "blobChunksRemoved": 0}
+        pinned = {k[1:] for k, _ in await self._store.scan(_FLAGS, prefix=_PIN)}
+        linked: set[bytes] = set()
+        for key, _ in await self._store.scan(_FLAGS, prefix=_LINK):
+            if key[1:33] in live_contexts:
+                linked.add(key[33:])
+        marks = dict(await self._store.scan(_FLAGS, prefix=_UNREFERENCED))
+        batch = WriteBatch()
+        for key, _ in await self._store.scan(_FLAGS, prefix=_COMPLETE):
+            blob_id = key[1:]
+            mark = marks.get(_UNREFERENCED + blob_id)
+            if blob_id in pinned or blob_id in linked:
+                if mark is not None:
+                    batch.delete(_FLAGS, _UNREFERENCED + blob_id)
+                continue
+            if mark is None:
+                batch.put(_FLAGS, _UNREFERENCED + blob_id, _time(now))
+            elif now - _untime(mark) >= retention:
+                batch.delete(_FLAGS, _UNREFERENCED + blob_id)
+                batch.delete(_FLAGS, _COMPLETE + blob_id)
+                for link, _ in await self._store.scan(_FLAGS, prefix=_LINKED_BY + blob_id):
+                    _unlink(batch, link[1 + len(blob_id) :], blob_id)
+                removed["blobsRemoved"] += 1
+        for key, record in await self._store.scan(_PARTIALS, prefix=_PARTIAL):
+            if key[1:] not in busy and now - record.started_at >= retention:
+                batch.delete(_FLAGS, key)
+                removed["blobPartialsRemoved"] += 1
+        if len(batch):
+            await self._store.write(batch)
+        used = {self.files.name(d) for d in await self._used_chunks()}
+        for name, mtime in await self._io(self.files.all_names):
+            if name not in used and now - mtime >= retention:
+                await self._io(self.files.remove_name, name)
+                removed["blobChunksRemoved"] += 1
+        self.metrics.collected.labels("blob").inc(removed["blobsRemoved"])
+        self.metrics.collected.labels("partial").inc(removed["blobPartialsRemoved"])
+        self.metrics.collected.labels("chunk").inc(removed["blobChunksRemoved"])
+        return removed
+
     async def _used_chunks(self) -> set[bytes]:
         """Chunks of every complete or partial blob."""
         used: set[bytes] = set()
@@ -447,6 +511,14 @@ class BlobStore:
             for key, value in await self._store.scan(_FLAGS, prefix=prefix):
                 used.update(_manifest_of(key[1:], value).chunks)
         return used
+
+
+def _time(unix: float) -> bytes:
+    return struct.pack(">d", unix)
+
+
+def _untime(raw: bytes) -> float:
+    return float(struct.unpack(">d", raw)[0]) if len(raw) == 8 else 0.0
 
 
 def _link(batch: WriteBatch, context_id: bytes, blob_id: bytes) -> None:

@@ -197,6 +197,10 @@ class BlobTransfer:
         self.metrics.fetches.labels("ok").inc()
         return info
 
+    def running(self) -> set[bytes]:
+        """Ids of the blobs being fetched now (GC keeps their partial records)."""
+        return set(self._running)
+
     def _candidates(self, context_id: bytes) -> list[PeerId]:
         # Members subscribe to the context's topic: ask them first, then anyone connected
         # (right after a join the mesh may not be up yet; a non-member just refuses).
