@@ -22,7 +22,7 @@ pytestmark = pytest.mark.real_network
 
 async def cli(node: TestNode, *args: str) -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
-        [sys.executable, "-m", "trionode", *args, "--api", node.api_url, "--token", node.token],
+        [sys.executable, "-m", "trionode", *args, "--api", node.api_url, f"--token={node.token}"],
         capture_stdout=True,
         capture_stderr=True,
         check=False,

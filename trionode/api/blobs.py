@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from contextlib import aclosing
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qs
 
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Coroutine[Any, Any, None]]
 
 UPLOAD_PATH: Final = "/admin-api/blobs"
+DRAIN_LIMIT: Final = 16 * 1024 * 1024
+"""Bytes of a refused upload still read so the client sees the answer (beyond: close)."""
 
 
 class BlobApi(Protocol):
@@ -142,10 +145,15 @@ def wrap_upload(
         ):
             await asgi_app(scope, receive, send)
             return
+        request_body = _RequestBody(receive)
         try:
-            status, body = await _upload(scope, receive, node, check_token)
-        except BlobRequestError as exc:
-            status, body = exc.status, _error_body(exc.status, str(exc))
+            try:
+                status, body = await _upload(scope, request_body, node, check_token)
+            except BlobRequestError as exc:
+                status, body = exc.status, _error_body(exc.status, str(exc))
+                # Read (a bounded amount of) what the client is still sending, so that it
+                # gets to read the answer and may keep the connection.
+                await request_body.drain(DRAIN_LIMIT)
         except _ClientGone:
             on_done(499)
             return
@@ -153,6 +161,8 @@ def wrap_upload(
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         if status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
+        if not request_body.finished:
+            headers.append((b"connection", b"close"))
         start: HTTPResponseStartEvent = {
             "type": "http.response.start",
             "status": status,
@@ -169,9 +179,35 @@ def wrap_upload(
     return app
 
 
+class _RequestBody:
+    """The request body, message by message, remembering whether it was read to the end."""
+
+    def __init__(self, receive: ASGIReceiveCallable) -> None:
+        self._receive = receive
+        self.finished = False
+
+    async def pieces(self) -> AsyncGenerator[bytes, None]:
+        while not self.finished:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                raise _ClientGone  # http.disconnect
+            self.finished = not message.get("more_body", False)
+            if message["body"]:
+                yield message["body"]
+
+    async def drain(self, limit: int) -> None:
+        """Discard up to `limit` more bytes of body."""
+        read = 0
+        async with aclosing(self.pieces()) as pieces:
+            async for piece in pieces:
+                read += len(piece)
+                if read > limit:
+                    return
+
+
 async def _upload(
     scope: HTTPScope,
-    receive: ASGIReceiveCallable,
+    body: _RequestBody,
     node: BlobApi,
     check_token: Callable[[str], bool],
 ) -> tuple[int, bytes]:
@@ -195,18 +231,8 @@ async def _upload(
     if declared is not None and declared.isdigit() and int(declared) > node.blobs.max_size:
         raise BlobRequestError(f"blob exceeds the limit of {node.blobs.max_size} bytes", 413)
 
-    async def body() -> AsyncIterator[bytes]:
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise _ClientGone  # http.disconnect
-            if message["body"]:
-                yield message["body"]
-            if not message.get("more_body", False):
-                return
-
     try:
-        info = await node.blobs.add(body(), context_id=context_id, name=name)
+        info = await node.blobs.add(body.pieces(), context_id=context_id, name=name)
     except BlobTooLargeError as exc:
         raise BlobRequestError(str(exc), 413) from None
     except StorageError as exc:
