@@ -1,0 +1,100 @@
+"""A tiny simulated causal history for resolver tests: authors write from their own view."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import attrs
+
+from trionode.auth.model import AuthGraph, Kind, Op, StaticError, tag
+
+
+@attrs.define
+class Event:
+    id: bytes
+    author: bytes
+    seq: int
+    vv: dict[bytes, int]
+    op: Op | None
+    key_id: int
+
+
+def member(name: str) -> bytes:
+    return hashlib.sha256(name.encode()).digest()
+
+
+@attrs.define
+class History:
+    """Every author keeps a view (the events it knows); `write`/`op` extend it."""
+
+    events: dict[bytes, Event] = attrs.field(factory=dict)
+    views: dict[bytes, set[bytes]] = attrs.field(factory=dict)
+    seqs: dict[bytes, int] = attrs.field(factory=dict)
+    counter: int = 0
+
+    def _vv(self, view: set[bytes]) -> dict[bytes, int]:
+        vv: dict[bytes, int] = {}
+        for i in view:
+            for k, v in self.events[i].vv.items():
+                vv[k] = max(vv.get(k, 0), v)
+        return vv
+
+    def _new(self, author: bytes, make_op: Any, key_id: int = 0) -> Event:
+        view = self.views.setdefault(author, set())
+        vv = self._vv(view)
+        seq = vv.get(tag(author), 0) + 1
+        vv[tag(author)] = seq
+        self.counter += 1
+        event_id = hashlib.sha256(b"event" + self.counter.to_bytes(4, "big")).digest()
+        op = make_op(event_id, seq, vv) if make_op is not None else None
+        event = Event(event_id, author, seq, vv, op, key_id)
+        self.events[event_id] = event
+        view.add(event_id)
+        return event
+
+    def op(self, author: bytes, kind: Kind, **fields: Any) -> Event:
+        def make(event_id: bytes, seq: int, vv: dict[bytes, int]) -> Op:
+            return Op(id=event_id, author=author, seq=seq, vv=dict(vv), kind=kind, **fields)
+
+        return self._new(author, make)
+
+    def write(self, author: bytes, key_id: int = 1) -> Event:
+        return self._new(author, None, key_id)
+
+    def learn(self, who: bytes, source: bytes) -> None:
+        """`who` learns everything `source` knows (a merge)."""
+        self.views.setdefault(who, set()).update(self.views.get(source, set()))
+
+    def learn_all(self, who: bytes) -> None:
+        self.views.setdefault(who, set()).update(self.events)
+
+    def graph(self, order: list[bytes] | None = None) -> AuthGraph:
+        """The ops added in a causal order (each op's past complete when it is added): by
+        depth, or the first op of `order` whose past is in. Statically invalid ones are
+        skipped, as the delta processor rejects them."""
+        graph = AuthGraph()
+        ops = [e.op for e in self.events.values() if e.op is not None]
+        if order is None:
+            ops.sort(key=lambda o: o.order_key)
+        else:
+            rank = {i: n for n, i in enumerate(order)}
+            ops.sort(key=lambda o: rank[o.id])
+            linear: list[Op] = []
+            placed: set[bytes] = set()
+            while ops:
+                ready = next(
+                    o
+                    for o in ops
+                    if all(p.id in placed for p in ops if p is not o and p.in_past_of(o.vv))
+                )
+                ops.remove(ready)
+                linear.append(ready)
+                placed.add(ready.id)
+            ops = linear
+        for op in ops:
+            try:
+                graph.add(op)
+            except StaticError:
+                continue
+        return graph
