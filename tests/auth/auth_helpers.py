@@ -47,15 +47,30 @@ class History:
         vv[tag(author)] = seq
         self.counter += 1
         event_id = hashlib.sha256(b"event" + self.counter.to_bytes(4, "big")).digest()
-        op = make_op(event_id, seq, vv) if make_op is not None else None
+        known = [self.events[i].op for i in view if self.events[i].op is not None]
+        parents = tuple(
+            o.id
+            for o in known
+            if o is not None
+            and not any(o is not u and u is not None and o.in_past_of(u.vv) for u in known)
+        )
+        op = make_op(event_id, seq, vv, parents) if make_op is not None else None
         event = Event(event_id, author, seq, vv, op, key_id)
         self.events[event_id] = event
         view.add(event_id)
         return event
 
     def op(self, author: bytes, kind: Kind, **fields: Any) -> Event:
-        def make(event_id: bytes, seq: int, vv: dict[bytes, int]) -> Op:
-            return Op(id=event_id, author=author, seq=seq, vv=dict(vv), kind=kind, **fields)
+        def make(event_id: bytes, seq: int, vv: dict[bytes, int], parents: tuple[bytes, ...]) -> Op:
+            return Op(
+                id=event_id,
+                author=author,
+                seq=seq,
+                vv=dict(vv),
+                kind=kind,
+                parents=parents,
+                **fields,
+            )
 
         return self._new(author, make)
 
@@ -76,7 +91,7 @@ class History:
         graph = AuthGraph()
         ops = [e.op for e in self.events.values() if e.op is not None]
         if order is None:
-            ops.sort(key=lambda o: o.order_key)
+            ops.sort(key=lambda o: (sum(o.vv.values()), o.id))
         else:
             rank = {i: n for n, i in enumerate(order)}
             ops.sort(key=lambda o: rank[o.id])

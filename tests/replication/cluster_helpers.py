@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any, Final
 
 import base58
+import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -31,6 +32,7 @@ from trionode.context.records import HANDLER_PREFIX, HANDLER_RUNS
 from trionode.context.replication import SYNC_PROTOCOL, _Channel, topic_for
 from trionode.crdt import ntp64_from_unix
 from trionode.dag.delta import (
+    AuthAction,
     DeltaBody,
     DeltaHeader,
     SignedDelta,
@@ -301,21 +303,40 @@ async def raw_delta_request(
 
 
 async def forge(
-    node: Node, context: bytes, author: Ed25519PrivateKey, body: DeltaBody
+    node: Node,
+    context: bytes,
+    author: Ed25519PrivateKey,
+    body: DeltaBody,
+    *,
+    parents: Sequence[bytes] | None = None,
+    auth: AuthAction | None = None,
+    key_id: int | None = None,
 ) -> SignedDelta:
-    """A delta over `node`'s current heads, sealed with its current context key, signed by
-    `author` (any key: a member's, a stranger's)."""
+    """A delta over `node`'s current heads (or `parents`), sealed with its current context
+    key, signed by `author` (any key: a member's, a stranger's), with the sequence number
+    and version vector an honest writer on those parents would use."""
     record = await node.contexts.get(context)
     keys = await node.contexts.keys(context)
-    _, heads, _ = await node.contexts.state(context)
+    if parents is None:
+        _, heads, _ = await node.contexts.state(context)
+        parents = heads
+    loaded = await node.contexts._context(context)
+    vv, _ = loaded.authority.merged_vv(parents)
+    seq = vv.get(author.public_key().public_bytes_raw()[:8], 0) + 1
+    key_id = record.key_id if key_id is None else key_id
+    if auth is not None:
+        auth = msgspec.structs.replace(auth, parents=loaded.authority.auth_parents(vv))
     return seal_delta(
         context_id=context,
-        parents=heads,
+        parents=list(parents),
         author=author,
         hlc=ntp64_from_unix(time.time()),
-        key_id=record.key_id,
-        context_key=keys[record.key_id],
+        key_id=key_id,
+        context_key=keys[key_id],
         body=body,
+        seq=seq,
+        vv=vv,
+        auth=auth,
     )
 
 

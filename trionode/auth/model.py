@@ -50,7 +50,7 @@ their own merits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from enum import StrEnum
 from typing import Final
 
@@ -128,6 +128,11 @@ class Op:
     """Create, remove and rotate introduce a key; its id."""
     prior_role: str | None = None
     """The subject's role just before, in this op's own past (set by `AuthGraph.add`)."""
+    parents: tuple[bytes, ...] = ()
+    """The maximal ops in this op's past (its *auth parents*): op-to-op ancestry is by
+    these hashes, so a forked sequence number cannot place an op in another's past."""
+    ancestors: frozenset[bytes] = frozenset()
+    """Every op in this op's past (set by `AuthGraph.add` from `parents`)."""
 
     def in_past_of(self, vv: Mapping[bytes, int]) -> bool:
         return vv.get(tag(self.author), 0) >= self.seq
@@ -138,12 +143,15 @@ class Op:
 
     @property
     def depth(self) -> int:
-        return sum(self.vv.values())
+        return len(self.ancestors)
 
     @property
     def order_key(self) -> tuple[int, bytes]:
-        """A topological order: an op's vv strictly dominates each of its ancestors'."""
+        """A topological order: an op has more ancestors than any of its ancestors."""
         return (self.depth, self.id)
+
+    def precedes(self, other: Op) -> bool:
+        return self.id in other.ancestors
 
     @property
     def lost(self) -> frozenset[str]:
@@ -168,11 +176,11 @@ class Op:
 
 
 def concurrent(a: Op, b: Op) -> bool:
-    return not a.in_past_of(b.vv) and not b.in_past_of(a.vv)
+    return not a.precedes(b) and not b.precedes(a)
 
 
 def _maximal(ops: list[Op]) -> list[Op]:
-    return [o for o in ops if not any(u is not o and o.in_past_of(u.vv) for u in ops)]
+    return [o for o in ops if not any(o.precedes(u) for u in ops)]
 
 
 def roles_from(ops: Iterable[Op]) -> dict[bytes, str]:
@@ -259,15 +267,17 @@ class Resolution:
             if (
                 op.kind in _KEYED
                 and op.key_id is not None
-                and all(r is op or r.in_past_of(op.vv) for r in losses)
+                and all(r is op or r.precedes(op) for r in losses)
             ):
                 out.add(op.key_id)
         return out
 
-    def write_key(self, vv: Mapping[bytes, int] | None) -> int | None:
-        """The key a new delta with this past should use: the admissible one of greatest
-        (depth, id); None when none is admissible (rotate first)."""
-        keys = self.admissible_keys(vv)
+    def write_key(
+        self, vv: Mapping[bytes, int] | None, held: Container[int] | None = None
+    ) -> int | None:
+        """The key a new delta with this past should use: the admissible one (among those
+        `held`) of greatest (depth, id); None when there is none (rotate first)."""
+        keys = {k for k in self.admissible_keys(vv) if held is None or k in held}
         best: tuple[tuple[int, bytes], int] | None = None
         for i in self.standing_in_past(vv):
             op = self.ops[i]
@@ -334,7 +344,7 @@ def resolve(ops: Mapping[bytes, Op]) -> Resolution:
     for op in order:
         if op.id in filtered:
             continue
-        if _permitted(op, roles_from(o for o in standing if o.in_past_of(op.vv))):
+        if _permitted(op, roles_from(o for o in standing if o.precedes(op))):
             standing.append(op)
     return Resolution(ops, frozenset(o.id for o in standing), frozenset(filtered))
 
@@ -361,6 +371,28 @@ class AuthGraph:
 
     ops: dict[bytes, Op] = attrs.field(factory=dict)
     _resolution: Resolution | None = None
+    _static: dict[frozenset[bytes], Resolution] = attrs.field(factory=dict)
+    """Resolutions of pasts (a past never changes, so neither does its resolution)."""
+
+    def static_resolution(self, vv: Mapping[bytes, int]) -> Resolution:
+        """The resolution *inside* the past named by `vv`: what the static checks use."""
+        past = frozenset(i for i, o in self.ops.items() if o.in_past_of(vv))
+        cached = self._static.get(past)
+        if cached is None:
+            if len(self._static) >= 256:
+                self._static.pop(next(iter(self._static)))
+            cached = resolve({i: self.ops[i] for i in past})
+            self._static[past] = cached
+        return cached
+
+    def check_data(self, author: bytes, vv: Mapping[bytes, int], key_id: int) -> None:
+        """Static checks of a data delta: its author could write, with that key, where it
+        wrote (raises StaticError; see `Resolution.verdict` for the resolved verdict)."""
+        resolution = self.static_resolution(vv)
+        if resolution.roles_at(vv).get(author) not in WRITERS:
+            raise StaticError("the author may not write here")
+        if key_id not in resolution.admissible_keys(vv):
+            raise StaticError("stale key: the delta's key does not follow a removal in its past")
 
     def past(self, vv: Mapping[bytes, int], *, exclude: bytes | None = None) -> dict[bytes, Op]:
         return {i: o for i, o in self.ops.items() if o.in_past_of(vv) and i != exclude}
@@ -372,7 +404,19 @@ class AuthGraph:
         The past is complete whenever ops are added in causal order (the delta processor
         applies a delta only after its parents).
         """
+        ancestors: set[bytes] = set()
+        for parent in op.parents:
+            known = self.ops.get(parent)
+            if known is None:
+                raise StaticError("an auth parent is unknown")
+            ancestors.add(parent)
+            ancestors.update(known.ancestors)
         past = self.past(op.vv, exclude=op.id)
+        if set(past) != ancestors or set(op.parents) != {
+            o.id for o in _maximal(list(past.values()))
+        }:
+            raise StaticError("the auth parents do not match the delta's past")
+        op = attrs.evolve(op, ancestors=frozenset(ancestors))
         resolution = resolve(past) if past else None
         roles = resolution.current() if resolution is not None else {}
         role = roles.get(op.author)

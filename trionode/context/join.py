@@ -21,8 +21,7 @@ from trionode.context.records import ContextRecord
 from trionode.context.replication import SESSION_ERRORS, Replicator
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.host import Connection, Host
-from trionode.store.lmdb_store import Column
-from trionode.store.store import AsyncStore, BytesCodec, Table
+from trionode.store.store import AsyncStore
 from trionode.wire.keys import PeerId
 from trionode.wire.multiaddr import Multiaddr
 
@@ -30,8 +29,6 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE: Final = 64 * 1024
 _LENGTH = struct.Struct(">I")
-USED = Table(Column.GENERIC, BytesCodec(), BytesCodec())
-_USED_PREFIX: Final = b"invitation-used/"
 
 
 class JoinService:
@@ -207,16 +204,21 @@ class JoinService:
             raise inv.InvitationError("no proof of possession of the member key") from None
         if invitation.invitee is not None and invitation.invitee != request.member:
             raise inv.InvitationError("the invitation is for another member key")
-        used_key = _USED_PREFIX + invitation.id
         if invitation.secret_sha256 is not None:
             secret = signed.secret
             if secret is None or hashlib.sha256(secret).digest() != invitation.secret_sha256:
                 raise inv.InvitationError("the invitation's secret is missing or wrong")
-            if await self.store.get(USED, used_key) is not None:
-                raise inv.InvitationError("the invitation was already used")
-        await self.contexts.change_members(context_id, [(request.member, invitation.role)])
-        if invitation.secret_sha256 is not None:
-            await self.store.put(USED, used_key, request.member)
+        # The spend is an operation in the replicated state: every node that holds it
+        # refuses a second spend, and concurrent spends resolve alike everywhere.
+        try:
+            await self.contexts.admit(
+                context_id,
+                inv.SignedInvitation(invitation=signed.invitation, signature=signed.signature),
+                request.member,
+                invitation.role,
+            )
+        except ContextError as exc:
+            raise inv.InvitationError(str(exc)) from None
         keys = await self.contexts.keys(context_id)
         _, heads, _ = await self.contexts.state(context_id)
         record = await self.contexts.get(context_id)

@@ -26,13 +26,22 @@ from typing import Any, Protocol
 
 import attrs
 import base58
+import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
 
-from trionode.context import members
+from trionode.auth.model import WRITERS, Kind, StaticError, Verdict
+from trionode.context.authority import (
+    AuthRejected,
+    ContextAuthority,
+    action,
+    decode_vv,
+    encode_vv,
+    op_from_header,
+)
 from trionode.context.events import EventHub
-from trionode.context.invitations import open_keys, seal_keys
+from trionode.context.invitations import SignedInvitation, open_keys, seal_keys
 from trionode.context.records import (
     CONTEXTS,
     DELTAS,
@@ -63,12 +72,15 @@ from trionode.dag.dag import CausalDag, Defer
 from trionode.dag.delta import (
     GENESIS,
     AppEvent,
+    AuthAction,
     DeltaBody,
     DeltaHeader,
     SignedDelta,
     decode_delta,
+    key_id_of,
     open_delta,
     seal_delta,
+    stored_header,
     verify_delta,
 )
 from trionode.errors import ProtocolError, RemoteProtocolError, StorageError, TrionodeError
@@ -76,12 +88,18 @@ from trionode.sdk.app import App
 from trionode.sdk.errors import AppError
 from trionode.sdk.runtime import CallOutcome, execute, init_state, run_handler
 from trionode.store.lmdb_store import Column, Delete
-from trionode.store.store import AsyncStore, WriteBatch
+from trionode.store.store import AsyncStore, BytesCodec, Table, WriteBatch
 
 log = logging.getLogger(__name__)
 
 _CLOCK_SLACK = 0.001
 """Seconds added to a wait for the clock, so the wall clock has surely moved on by then."""
+AUX = Table(Column.GENERIC, BytesCodec(), BytesCodec())
+BASE_PREFIX = b"base/"
+"""base/ ‖ context ‖ entity id → the join of every record that arrived as *state* (snapshot
+pages, tree comparison): what a rebuild starts from, as no delta body carries it."""
+CHECKPOINT_VV_PREFIX = b"ckvv/"
+"""ckvv/ ‖ context ‖ delta id → the version vector of a checkpoint (as its source said)."""
 
 
 class ContextError(TrionodeError):
@@ -113,6 +131,7 @@ class _Loaded:
     member_key: Ed25519PrivateKey
     keys: dict[int, bytes]
     lock: trio.Lock = attrs.field(factory=trio.Lock)
+    authority: ContextAuthority = attrs.field(factory=ContextAuthority)
 
     @property
     def context_id(self) -> bytes:
@@ -245,8 +264,13 @@ class ContextManager:
         return dict(loaded.keys)
 
     async def role(self, context_id: bytes, member: bytes) -> str | None:
+        """`member`'s role as resolved from every membership operation held here."""
         loaded = await self._context(context_id)
-        return members.role_of(loaded.tree, member)
+        return loaded.authority.role(member)
+
+    async def roles(self, context_id: bytes) -> dict[bytes, str]:
+        loaded = await self._context(context_id)
+        return loaded.authority.roles()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -265,17 +289,14 @@ class ContextManager:
         outcome = init_state(
             app, tree, clock, now, init_args_json, executor=member, context_id=context_id
         )
-        with tree.begin(clock, now) as tx:
-            members.grant(tx, member, "admin")
-            membership = tx.commit()
-        outcome = attrs.evolve(outcome, delta_records=[*outcome.delta_records, *membership])
+        key_id = key_id_of(context_key)
         record = ContextRecord(
             context_id=context_id,
             application_id=application_id,
             created_at=self._wall_clock(),
             root_hash=tree.root_hash(),
             heads=[],
-            key_id=0,
+            key_id=key_id,
             members=[],
             our_member=member,
         )
@@ -285,12 +306,14 @@ class ContextManager:
             self._new_dag(),
             clock,
             member_key,
-            {0: context_key},
+            {key_id: context_key},
         )
         batch = WriteBatch()
-        batch.put(IDENTITY, key_slot(context_id, 0), context_key)
+        batch.put(IDENTITY, key_slot(context_id, key_id), context_key)
         batch.put(IDENTITY, member_slot(context_id, member), member_key.private_bytes_raw())
-        delta, parents = self._seal(loaded, outcome)
+        # The genesis delta is the Create operation (its author the first admin) and carries
+        # the app's initial state.
+        delta, parents = self._seal(loaded, outcome, auth=action(Kind.CREATE, key_id=key_id))
         self._stage(loaded, batch, delta, parents)
         await self._store.write(batch)
         self._loaded[context_id] = loaded
@@ -368,7 +391,7 @@ class ContextManager:
             raise ContextError("this node holds no key for that executor", status=403)
         app = await self._apps.load(loaded.record.application_id)
         async with loaded.lock:
-            role = members.role_of(loaded.tree, loaded.record.our_member)
+            role = loaded.authority.role(loaded.record.our_member)
             if role is None:
                 raise ContextError("this node is not (or no longer) a member", status=403)
             outcome = execute(
@@ -380,7 +403,7 @@ class ContextManager:
                 args_json,
                 executor=loaded.record.our_member,
                 context_id=context_id,
-                writable=role in members.WRITERS,
+                writable=role in WRITERS,
             )
             if not outcome.delta_records and not outcome.events:
                 return CallResult(outcome.result, None, loaded.tree.root_hash())
@@ -390,71 +413,119 @@ class ContextManager:
     async def change_members(
         self, context_id: bytes, changes: list[tuple[bytes, str | None]]
     ) -> SignedDelta:
-        """As an admin: grant roles (role) or remove members (None), as one delta."""
-        loaded = await self._context(context_id)
-        async with loaded.lock:
-            if members.role_of(loaded.tree, loaded.record.our_member) != "admin":
-                raise ContextError("only admins can change the members", status=403)
-            with loaded.tree.begin(loaded.clock, self._physical_now()) as tx:
-                for member, role in changes:
-                    if role is None:
-                        members.revoke(tx, member)
-                    else:
-                        members.grant(tx, member, role)
-                records = tx.commit()
-            return await self._commit_local(loaded, CallOutcome(b"null", records, []))
+        """As an admin: grant roles (role) or remove members (None), one operation each;
+        returns the last one's delta."""
+        if not changes:
+            raise ContextError("no membership changes given")
+        last: SignedDelta | None = None
+        for member, role in changes:
+            if role is None:
+                last = await self.remove_member(context_id, member)
+            else:
+                loaded = await self._context(context_id)
+                async with loaded.lock:
+                    last = await self._commit_op(
+                        loaded, action(Kind.GRANT, member=member, role=role)
+                    )
+        assert last is not None
+        return last
 
     async def remove_member(self, context_id: bytes, member: bytes) -> SignedDelta:
-        """As an admin: remove `member` and rotate the context key.
-
-        The new key goes into the replicated state sealed to each remaining member (the
-        removed one cannot open it), in the same delta as the removal; that delta is still
-        sealed with the old key, which everyone has. Later deltas use the new key.
-        """
+        """As an admin: remove `member`; the operation introduces a new key, sealed to every
+        remaining member (the removed one cannot open it). Deltas written concurrently with
+        the removal by `member` are filtered on every node (`trionode.auth.model`)."""
         loaded = await self._context(context_id)
         async with loaded.lock:
-            current = members.read(loaded.tree)
+            current = loaded.authority.roles()
             if current.get(loaded.record.our_member) != "admin":
                 raise ContextError("only admins can remove members", status=403)
             if member not in current:
                 raise ContextError("not a member", status=404)
             if member == loaded.record.our_member:
-                raise ContextError("an admin cannot remove itself", status=400)
-            new_id = max(loaded.keys) + 1
-            new_key = os.urandom(32)
-            with loaded.tree.begin(loaded.clock, self._physical_now()) as tx:
-                members.revoke(tx, member)
-                for remaining in current:
-                    if remaining != member:
-                        sealed = seal_keys({new_id: new_key}, remaining)
-                        members.offer_key(tx, new_id, remaining, sealed)
-                records = tx.commit()
-            delta = await self._commit_local(loaded, CallOutcome(b"null", records, []))
-            loaded.keys[new_id] = new_key
-            loaded.record = replace(loaded.record, key_id=new_id)
-            batch = WriteBatch()
-            batch.put(IDENTITY, key_slot(context_id, new_id), new_key)
-            batch.put(CONTEXTS, context_id, loaded.record)
-            await self._write_or_reload(loaded, batch)
-            return delta
+                raise ContextError("an admin cannot remove itself: leave instead", status=400)
+            keep = [m for m in current if m != member]
+            return await self._commit_op(
+                loaded, self._new_key_action(loaded, Kind.REMOVE, keep, member)
+            )
 
-    def _learn_keys(self, loaded: _Loaded, batch: WriteBatch) -> None:
-        """Open rotated keys sealed to us in the state; newer ones become the write key."""
-        for key_id, sealed in members.sealed_keys_for(
-            loaded.tree, loaded.record.our_member
-        ).items():
-            if key_id in loaded.keys:
+    async def leave(self, context_id: bytes) -> SignedDelta:
+        """Leave the context (refused for its last admin: appoint another first)."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            return await self._commit_op(loaded, action(Kind.LEAVE))
+
+    async def revoke_invitation(self, context_id: bytes, invitation_id: bytes) -> SignedDelta:
+        """As an admin: no admission may spend this invitation after this operation."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            return await self._commit_op(loaded, action(Kind.REVOKE, invitation_id=invitation_id))
+
+    async def admit(
+        self, context_id: bytes, invitation: SignedInvitation, member: bytes, role: str
+    ) -> SignedDelta:
+        """Spend `invitation` on `member` in the replicated state: every node refuses a
+        second spend once it holds this one (raises ContextError if already spent)."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            return await self._commit_op(
+                loaded,
+                action(
+                    Kind.ADMIT,
+                    member=member,
+                    role=role,
+                    invitation=invitation.invitation,
+                    invitation_signature=invitation.signature,
+                ),
+            )
+
+    def _new_key_action(
+        self, loaded: _Loaded, kind: Kind, recipients: Iterable[bytes], member: bytes | None = None
+    ) -> AuthAction:
+        new_key = os.urandom(32)
+        new_id = key_id_of(new_key)
+        loaded.keys[new_id] = new_key  # (dropped with the context if the commit fails)
+        box = [(m, seal_keys({new_id: new_key}, m)) for m in sorted(recipients)]
+        return action(kind, member=member, key_id=new_id, key_box=box)
+
+    async def _commit_op(self, loaded: _Loaded, auth: AuthAction) -> SignedDelta:
+        """Seal, check and commit one membership operation of ours (under the lock)."""
+        outcome = CallOutcome(b"null", [], [])
+        delta, parents = self._seal(loaded, outcome, auth=auth)
+        header = verify_delta(delta)
+        try:
+            loaded.authority.graph.check(op_from_header(delta.id, header))
+        except (StaticError, AuthRejected) as exc:
+            raise ContextError(str(exc), status=403) from None
+        batch = WriteBatch()
+        if auth.key_id is not None and auth.key_id in loaded.keys:
+            batch.put(IDENTITY, key_slot(loaded.context_id, auth.key_id), loaded.keys[auth.key_id])
+        self._stage(loaded, batch, delta, parents)
+        await self._write_or_reload(loaded, batch)
+        self._after_local(loaded, delta, outcome)
+        return delta
+
+    def _learn_keys(self, loaded: _Loaded, batch: WriteBatch, auth: AuthAction) -> None:
+        """Open a new key an operation sealed to us; it becomes our write key."""
+        if auth.key_id is None or auth.key_id in loaded.keys:
+            return
+        for member, sealed in auth.key_box:
+            if member != loaded.record.our_member:
                 continue
             try:
-                key = open_keys(sealed, loaded.member_key)[key_id]
+                key = open_keys(sealed, loaded.member_key)[auth.key_id]
             except (ProtocolError, KeyError):
-                continue
-            loaded.keys[key_id] = key
-            batch.put(IDENTITY, key_slot(loaded.context_id, key_id), key)
-            if key_id > loaded.record.key_id:
-                loaded.record = replace(loaded.record, key_id=key_id)
+                return
+            loaded.keys[auth.key_id] = key
+            batch.put(IDENTITY, key_slot(loaded.context_id, auth.key_id), key)
+            loaded.record = replace(loaded.record, key_id=auth.key_id)
+            return
 
     async def _commit_local(self, loaded: _Loaded, outcome: CallOutcome) -> SignedDelta:
+        if self._write_key(loaded) is None:
+            # No key we hold follows every removal in our view (concurrent removals, or a
+            # removal whose key was not sealed to us): introduce one first.
+            roles = loaded.authority.roles()
+            await self._commit_op(loaded, self._new_key_action(loaded, Kind.ROTATE, roles))
         delta, parents = self._seal(loaded, outcome)
         batch = WriteBatch()
         self._stage(loaded, batch, delta, parents)
@@ -512,10 +583,13 @@ class ContextManager:
                     self.metrics.outcome("pending")
                 self.metrics.pending_depth(loaded.dag.pending_count)
                 return Received([], offer.missing, refused=applying.refused)
+            reverted = self._settle(applying)
             _stage_state(loaded, batch)
             self._refresh_record(loaded)
             batch.put(CONTEXTS, context_id, loaded.record)
             await self._write_or_reload(loaded, batch)
+        if reverted:
+            self._publish_verdicts(loaded, reverted)
         applied = [delta_id for delta_id, _ in offer.ready]
         if applied:
             self.metrics.outcome("applied")
@@ -538,62 +612,72 @@ class ContextManager:
             self._deferred.set()
 
     def _apply_one(self, applying: _Applying, delta_id: bytes, delta: SignedDelta) -> bool | Defer:
-        """Join one ready delta into the state, refuse it, or make it wait for our clock
-        (`Defer`: it stays pending); called in causal order."""
+        """Judge one ready delta and join it into the state if it stands, refuse it, or make
+        it wait for our clock (`Defer`: it stays pending); called in causal order.
+
+        Returns False only for a delta no honest member writes (rejected: never applied,
+        so nothing builds on it) or one stamped too far ahead; filtered and invalid deltas
+        are applied as no-ops, so honest descendants are judged on their own merits. The
+        verdict never depends on time; only *when* a valid delta applies does."""
         loaded, batch = applying.loaded, applying.batch
         context_id = loaded.context_id
+        authority = loaded.authority
         header = verify_delta(delta)
-        # The context's first delta makes its creator the first admin: nobody can be a
-        # member before it. Only holders of the context key can write a delta that opens,
-        # so a stranger cannot forge one.
-        genesis = header.parents == [GENESIS] and not members.read(loaded.tree)
-        reason = None if genesis else _author_problem(loaded, header)
+        try:
+            authority.check_chain(header)
+            if header.auth is not None:
+                authority.check_op(delta_id, header)
+            else:
+                authority.check_data(header)
+        except AuthRejected as exc:
+            batch.delete(PENDING, context_id + delta_id)
+            return self._reject(applying, delta_id, str(exc))
+        physical = self._physical_now()
+        wait = self._wait_for(loaded, applying, delta_id, header.hlc, physical)
+        if wait is not None:
+            return wait
         body: DeltaBody | None = None
         records: list[Entity] = []
-        if reason is None:
+        verdict = Verdict.ACCEPTED
+        if header.auth is None:
+            verdict, why = authority.verdict_for(header)
+            if verdict is not Verdict.ACCEPTED:
+                self.metrics.outcome(f"auth_{verdict.value}")
+                log.info(
+                    "delta %s in %s is %s: %s", delta_id.hex()[:16], b58(context_id), verdict, why
+                )
+        if verdict is Verdict.ACCEPTED and (header.auth is None or header.auth.kind == Kind.CREATE):
             try:
                 body = open_delta(delta, header, loaded.keys[header.key_id])
                 records = [decode_entity(r) for r in body.records]
             except KeyError:
-                reason = f"no key {header.key_id}"
+                batch.delete(PENDING, context_id + delta_id)
+                return self._reject(applying, delta_id, f"no key {header.key_id}")
             except ProtocolError as exc:
-                reason = str(exc)
-        if (
-            reason is None
-            and not genesis
-            and members.touches(records)
-            and not members.ever_admin(loaded.tree, header.author)
-        ):
-            reason = "only admins may change members"
-        if reason is None and genesis and not members.touches(records):
-            reason = "unknown author"
-        if reason is not None or body is None:
-            reason = reason or "unreadable"
-            batch.delete(PENDING, context_id + delta_id)
-            applying.rejected.append((delta_id, reason))
-            self.metrics.outcome(f"rejected_{_reason_label(reason)}")
-            log.warning("rejected delta %s in %s: %s", delta_id.hex()[:16], b58(context_id), reason)
-            return False
-        # The verdict above never depends on time; only *when* a valid delta applies does.
-        # Its newest stamp, header or any record inside, must be within drift of our clock,
-        # or joining it would drag our clock (and every local write) into its future.
-        physical = self._physical_now()
-        newest = max(header.hlc, (max_stamp(records) or Timestamp(0, b"")).time)
-        excess = loaded.clock.excess(newest, physical)
-        if excess > self._max_wait:
-            batch.delete(PENDING, context_id + delta_id)
-            applying.refused.append(delta_id)
-            self._refuse_ahead(context_id, delta_id)
-            return False
-        if excess > 0:
-            self.metrics.outcome("deferred")
-            return Defer(trio.current_time() + ntp64_seconds(excess) + _CLOCK_SLACK)
+                batch.delete(PENDING, context_id + delta_id)
+                return self._reject(applying, delta_id, str(exc))
+            # Its newest stamp, header or any record inside, must be within drift of our
+            # clock, or joining it would drag our clock (and every local write) ahead.
+            newest = (max_stamp(records) or Timestamp(0, b"")).time
+            wait = self._wait_for(loaded, applying, delta_id, newest, physical)
+            if wait is not None:
+                return wait
         batch.delete(PENDING, context_id + delta_id)
+        if header.auth is not None:
+            authority.add_op(delta_id, header)
+        equivocates = authority.record(delta_id, header)
+        if header.auth is None:
+            authority.verdicts[delta_id] = verdict
+        applying.auth_changed |= header.auth is not None or equivocates
+        applying.fresh[delta_id] = delta
+        batch.put(DELTAS, context_id + delta_id, delta.encode())
+        if header.auth is not None:
+            self._learn_keys(loaded, batch, header.auth)
+        if body is None:
+            applying.events.append((delta_id, []))
+            return True
         loaded.clock.update(Timestamp(header.hlc, header.author), physical)
         loaded.tree.apply(records)
-        if members.touches(records):
-            self._learn_keys(loaded, batch)
-        batch.put(DELTAS, context_id + delta_id, delta.encode())
         for index, event in enumerate(body.events):
             batch.put(
                 HANDLER_RUNS,
@@ -631,10 +715,13 @@ class ContextManager:
                 batch = WriteBatch()
                 applying = _Applying(loaded, batch)
                 released = loaded.dag.release(now, partial(self._apply_one, applying))
+                reverted = self._settle(applying)
                 _stage_state(loaded, batch)
                 self._refresh_record(loaded)
                 batch.put(CONTEXTS, loaded.context_id, loaded.record)
                 await self._write_or_reload(loaded, batch)
+            if reverted:
+                self._publish_verdicts(loaded, reverted)
             total += len(released)
             self._after_received(loaded, applying, len(released), "cascaded")
         return total
@@ -650,6 +737,81 @@ class ContextManager:
             self._publish_remote(loaded, delta_id, event_list)
         if any(event_list for _, event_list in applying.events):
             self.handler_runs_queued.set()
+
+    def _wait_for(
+        self, loaded: _Loaded, applying: _Applying, delta_id: bytes, time: int, physical: int
+    ) -> Defer | bool | None:
+        """None if a delta stamped `time` may apply now; else Defer (wait for our clock)
+        or False (refused: beyond drift + pending timeout)."""
+        excess = loaded.clock.excess(time, physical)
+        if excess > self._max_wait:
+            applying.batch.delete(PENDING, loaded.context_id + delta_id)
+            applying.refused.append(delta_id)
+            self._refuse_ahead(loaded.context_id, delta_id)
+            return False
+        if excess > 0:
+            self.metrics.outcome("deferred")
+            return Defer(trio.current_time() + ntp64_seconds(excess) + _CLOCK_SLACK)
+        return None
+
+    def _reject(self, applying: _Applying, delta_id: bytes, reason: str) -> bool:
+        loaded = applying.loaded
+        applying.rejected.append((delta_id, reason))
+        self.metrics.outcome(f"rejected_{_reason_label(reason)}")
+        log.warning(
+            "rejected delta %s in %s: %s", delta_id.hex()[:16], b58(loaded.context_id), reason
+        )
+        return False
+
+    def _settle(self, applying: _Applying) -> list[bytes]:
+        """After a batch of deltas: if membership changed, judge every applied delta again
+        and rebuild the state without those that no longer stand (or with those that now
+        do). Returns the ids whose verdict changed."""
+        if not applying.auth_changed:
+            return []
+        loaded = applying.loaded
+        changed = loaded.authority.rejudge()
+        if not changed:
+            return []
+        self._rebuild(loaded, applying.batch, applying.fresh)
+        reverted = sum(1 for _, now in changed.values() if now is not Verdict.ACCEPTED)
+        self.metrics.outcome("reverted", reverted)
+        return sorted(changed)
+
+    def _rebuild(self, loaded: _Loaded, batch: WriteBatch, fresh: dict[bytes, SignedDelta]) -> None:
+        """Recompute the whole state as base ⊔ every standing delta's records, and stage it
+        to replace the stored rows in `batch` (one transaction: a crash leaves the old
+        state, and verdicts are recomputed from the deltas on restart). `fresh` holds the
+        deltas applied in this batch (not in the store yet)."""
+        context_id = loaded.context_id
+        base = self._store.scan_sync(Column.GENERIC, BASE_PREFIX + context_id)
+        tree = StateTree(decode_entity(value) for _, value in base)
+        for delta_id, meta in loaded.authority.meta.items():
+            if meta.op and delta_id not in loaded.authority.creations:
+                continue
+            if loaded.authority.verdicts.get(delta_id, Verdict.ACCEPTED) is not Verdict.ACCEPTED:
+                continue
+            delta = fresh.get(delta_id)
+            if delta is None:
+                wire = self._store.get_sync(DELTAS, context_id + delta_id)
+                if not wire:
+                    continue
+                delta = decode_delta(wire)
+            header = verify_delta(delta)
+            try:
+                body = open_delta(delta, header, loaded.keys[header.key_id])
+            except (KeyError, ProtocolError):
+                continue
+            tree.apply([decode_entity(r) for r in body.records])
+        old_ids = {e.id for e in loaded.tree.entities()}
+        tree.drain_changes()
+        for entity in tree.entities():
+            batch.put(STATE, context_id + entity.id, encode_entity(entity))
+            old_ids.discard(entity.id)
+        for entity_id in old_ids:
+            batch.delete(STATE, context_id + entity_id)
+        loaded.tree = tree
+        loaded.clock.witness(tree.max_stamp, self._physical_now())
 
     async def expire_pending(self, max_age: float) -> int:
         """Evict pending deltas older than `timeout` seconds in every loaded context."""
@@ -703,8 +865,7 @@ class ContextManager:
                             run.payload,
                             executor=loaded.record.our_member,
                             context_id=context_id,
-                            writable=members.role_of(loaded.tree, loaded.record.our_member)
-                            in members.WRITERS,
+                            writable=loaded.authority.role(loaded.record.our_member) in WRITERS,
                         )
                     except AppError as exc:
                         self.metrics.handler_run(ok=False)
@@ -789,8 +950,8 @@ class ContextManager:
     async def peer_rights(self, context_id: bytes, member: bytes) -> tuple[bool, bool]:
         """(may write, may change members) for state pushed or served by `member`."""
         loaded = await self._context(context_id)
-        role = members.role_of(loaded.tree, member)
-        return role in members.WRITERS, role == "admin"
+        role = loaded.authority.role(member)
+        return role in WRITERS, role == "admin"
 
     async def snapshot_page(
         self, context_id: bytes, cursor: bytes | None, max_records: int, max_bytes: int
@@ -893,8 +1054,7 @@ class ContextManager:
             changed = loaded.tree.apply(records)
             loaded.clock.witness(loaded.tree.max_stamp, physical)
             batch = WriteBatch()
-            if members.touches(records):
-                self._learn_keys(loaded, batch)
+            self._stage_base(loaded, batch, records)
             _stage_state(loaded, batch)
             self._refresh_record(loaded)
             batch.put(CONTEXTS, context_id, loaded.record)
@@ -911,6 +1071,75 @@ class ContextManager:
                 origin="sync",
             )
         return len(changed)
+
+    async def auth_export(
+        self, context_id: bytes, heads: Iterable[bytes]
+    ) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+        """The signed membership operations in the past of `heads` and the heads' version
+        vectors (for a peer about to adopt them as checkpoints)."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            authority = loaded.authority
+            vvs = [(h, authority.vv_of(h)) for h in heads]
+            known = [(h, vv) for h, vv in vvs if vv is not None]
+            ops: list[bytes] = []
+            for op in sorted(authority.graph.ops.values(), key=lambda o: o.order_key):
+                if any(op.in_past_of(vv) for _, vv in known):
+                    wire = await self._store.get(DELTAS, context_id + op.id)
+                    if wire:
+                        ops.append(wire)
+            return ops, [(h, encode_vv(vv)) for h, vv in known]
+
+    async def adopt_auth(
+        self, context_id: bytes, ops: Sequence[bytes], vvs: Sequence[tuple[bytes, bytes]]
+    ) -> int:
+        """Take a peer's membership operations and checkpoint version vectors before adopting
+        its heads (see `auth_export`): each op is verified and checked here, in causal
+        order, as if it had arrived by gossip. Returns how many ops were new."""
+        loaded = await self._context(context_id)
+        async with loaded.lock:
+            authority = loaded.authority
+            batch = WriteBatch()
+            applying = _Applying(loaded, batch)
+            for head, encoded in vvs:
+                if authority.vv_of(head) is None:
+                    authority.checkpoint_vv[head] = decode_vv(encoded)
+                    batch.put(AUX, CHECKPOINT_VV_PREFIX + context_id + head, encoded)
+            received: list[tuple[SignedDelta, DeltaHeader]] = []
+            for wire in ops:
+                delta = decode_delta(wire)
+                header = verify_delta(delta)
+                if header.context_id != context_id or header.auth is None:
+                    raise RemoteProtocolError("not a membership operation of this context")
+                received.append((delta, header))
+            received.sort(key=lambda item: (sum(v for _, v in item[1].vv), item[0].id))
+            heads = {head for head, _ in vvs}
+            added = 0
+            for delta, header in received:
+                delta_id = delta.id
+                if delta_id in authority.meta or loaded.dag.is_pending(delta_id):
+                    continue
+                try:
+                    authority.add_op(delta_id, header)
+                except AuthRejected as exc:
+                    log.warning("refused operation %s: %s", delta_id.hex()[:16], exc)
+                    continue
+                assert header.auth is not None
+                authority.record(delta_id, header)
+                if delta_id not in heads:  # the heads themselves: `adopt_heads` marks them
+                    loaded.dag.applied.add(delta_id)
+                batch.put(DELTAS, context_id + delta_id, delta.encode())
+                self._learn_keys(loaded, batch, header.auth)
+                applying.auth_changed = True
+                added += 1
+            reverted = self._settle(applying)
+            _stage_state(loaded, batch)
+            self._refresh_record(loaded)
+            batch.put(CONTEXTS, context_id, loaded.record)
+            await self._write_or_reload(loaded, batch)
+        if reverted:
+            self._publish_verdicts(loaded, reverted)
+        return added
 
     async def adopt_heads(
         self,
@@ -937,11 +1166,22 @@ class ContextManager:
             )
             bodies = dict(covered)
             for delta_id in marked:
-                if delta_id not in bodies:
+                if delta_id not in bodies and delta_id not in loaded.authority.meta:
                     batch.put(DELTAS, context_id + delta_id, b"")
             for delta_id, delta in bodies.items():
                 batch.delete(PENDING, context_id + delta_id)
                 batch.put(DELTAS, context_id + delta_id, delta.encode())
+                header = verify_delta(delta)
+                if header.auth is not None:
+                    try:
+                        loaded.authority.add_op(delta_id, header)
+                    except AuthRejected as exc:
+                        log.warning("covered operation %s refused: %s", delta_id.hex()[:16], exc)
+                    applying.auth_changed = True
+                loaded.authority.record(delta_id, header)
+                if header.auth is None:
+                    loaded.authority.verdicts[delta_id] = Verdict.ACCEPTED  # came as state
+            reverted = self._settle(applying)
             _stage_state(loaded, batch)
             self._refresh_record(loaded)
             batch.put(CONTEXTS, context_id, loaded.record)
@@ -949,6 +1189,8 @@ class ContextManager:
                 extra(batch)
             await self._write_or_reload(loaded, batch)
             self._note_deferred(loaded)
+        if reverted:
+            self._publish_verdicts(loaded, reverted)
         self._after_received(loaded, applying, len(released), "cascaded")
         return loaded.record.root_hash, list(loaded.record.heads)
 
@@ -957,14 +1199,28 @@ class ContextManager:
     def _physical_now(self) -> int:
         return ntp64_from_unix(self._wall_clock())
 
-    def _seal(self, loaded: _Loaded, outcome: CallOutcome) -> tuple[SignedDelta, list[bytes]]:
+    def _write_key(self, loaded: _Loaded) -> int | None:
+        """The key a data delta written now must use (None: rotate first)."""
+        _, vv = loaded.authority.next_local(loaded.dag.heads, loaded.record.our_member)
+        return loaded.authority.resolution().write_key(vv, held=loaded.keys)
+
+    def _seal(
+        self, loaded: _Loaded, outcome: CallOutcome, *, auth: AuthAction | None = None
+    ) -> tuple[SignedDelta, list[bytes]]:
         body = DeltaBody(
             records=[encode_entity(r) for r in outcome.delta_records],
             events=[AppEvent(e.name, e.payload) for e in outcome.events],
             root_hash=loaded.tree.root_hash(),
         )
         parents = loaded.dag.parents_for_new_delta()
+        seq, vv = loaded.authority.next_local(parents, loaded.record.our_member)
+        if auth is not None:
+            auth = msgspec.structs.replace(auth, parents=loaded.authority.auth_parents(vv))
         key_id = loaded.record.key_id
+        if auth is None:
+            key_id = self._write_key(loaded) or key_id
+        elif auth.key_id is not None and auth.key_id in loaded.keys:
+            key_id = auth.key_id
         delta = seal_delta(
             context_id=loaded.context_id,
             parents=parents,
@@ -973,6 +1229,9 @@ class ContextManager:
             key_id=key_id,
             context_key=loaded.keys[key_id],
             body=body,
+            seq=seq,
+            vv=vv,
+            auth=auth,
         )
         return delta, parents
 
@@ -981,11 +1240,31 @@ class ContextManager:
     ) -> None:
         """Add a local delta's rows to `batch` and advance the in-memory heads and record."""
         context_id = loaded.context_id
+        header = verify_delta(delta)
+        if header.auth is not None:
+            loaded.authority.add_op(delta.id, header)
+            if header.auth.key_id is not None and header.auth.key_id in loaded.keys:
+                loaded.record = replace(loaded.record, key_id=header.auth.key_id)
+        loaded.authority.record(delta.id, header)
+        if header.auth is None:
+            loaded.authority.verdicts[delta.id] = Verdict.ACCEPTED
         _stage_state(loaded, batch)
         loaded.dag.offer(delta.id, parents, delta, now=trio.current_time())
         batch.put(DELTAS, context_id + delta.id, delta.encode())
         self._refresh_record(loaded)
         batch.put(CONTEXTS, context_id, loaded.record)
+
+    def _stage_base(self, loaded: _Loaded, batch: WriteBatch, records: Sequence[Entity]) -> None:
+        """Join records that arrived as state into the base a rebuild starts from."""
+        prefix = BASE_PREFIX + loaded.context_id
+        for record in records:
+            key = prefix + record.id
+            old = self._store.get_sync(AUX, key)
+            merged = StateTree([decode_entity(old)]) if old else StateTree()
+            merged.apply([record])
+            joined = merged.get(record.id)
+            if joined is not None:
+                batch.put(AUX, key, encode_entity(joined))
 
     def _refresh_record(self, loaded: _Loaded) -> None:
         loaded.record = replace(
@@ -994,7 +1273,7 @@ class ContextManager:
             heads=sorted(loaded.dag.heads),
             members=[
                 MemberRecord(public_key=m, role=r)
-                for m, r in sorted(members.read(loaded.tree).items())
+                for m, r in sorted(loaded.authority.roles().items())
             ],
         )
 
@@ -1015,6 +1294,24 @@ class ContextManager:
             heads=[h.hex() for h in loaded.record.heads],
             events=[{"name": n, "payload": _json(p)} for n, p in events],
             origin=origin,
+        )
+
+    def _publish_verdicts(self, loaded: _Loaded, changed: list[bytes]) -> None:
+        """Tell subscribers which applied deltas a late membership decision reverted (or
+        reinstated): their effects are gone from (or back in) the state, and app handlers
+        that already ran for them are not undone."""
+        verdicts = loaded.authority.verdicts
+        reverted = [i.hex() for i in changed if verdicts.get(i) is not Verdict.ACCEPTED]
+        reinstated = [i.hex() for i in changed if verdicts.get(i) is Verdict.ACCEPTED]
+        self._hub.publish(
+            context_id=b58(loaded.context_id),
+            delta_id="",
+            root_hash=loaded.record.root_hash.hex(),
+            heads=[h.hex() for h in loaded.record.heads],
+            events=[
+                {"name": "reverted", "payload": {"reverted": reverted, "reinstated": reinstated}}
+            ],
+            origin="auth",
         )
 
     def _publish_remote(self, loaded: _Loaded, delta_id: bytes, events: list[AppEvent]) -> None:
@@ -1038,18 +1335,49 @@ class ContextManager:
                 self._loaded[context_id] = loaded
         return loaded
 
+    async def _load_authority(self, loaded: _Loaded, rows: list[tuple[bytes, bytes]]) -> None:
+        """Rebuild the auth graph, version vectors and verdicts from the stored deltas (a
+        pure function of them: the same verdicts as before the restart)."""
+        context_id = loaded.context_id
+        authority = loaded.authority
+        ops: list[tuple[bytes, DeltaHeader]] = []
+        for key, wire in rows:
+            if not wire:
+                continue
+            delta_id = key[len(context_id) :]
+            header = stored_header(decode_delta(wire))
+            authority.record(delta_id, header)
+            if header.auth is not None:
+                ops.append((delta_id, header))
+        for key, value in await self._store.scan(AUX, prefix=CHECKPOINT_VV_PREFIX + context_id):
+            authority.checkpoint_vv[key[len(CHECKPOINT_VV_PREFIX) + 32 :]] = decode_vv(value)
+        ops.sort(key=lambda item: (sum(v for _, v in item[1].vv), item[0]))
+        for delta_id, header in ops:
+            try:
+                authority.add_op(delta_id, header)
+            except AuthRejected as exc:  # stored before a rule tightened: skip it
+                log.warning("stored operation %s no longer passes: %s", delta_id.hex()[:16], exc)
+        for delta_id, meta in authority.meta.items():
+            if not meta.op:
+                authority.verdicts[delta_id] = authority.judge(delta_id)[0]
+        loaded.record = replace(
+            loaded.record,
+            members=[
+                MemberRecord(public_key=m, role=r) for m, r in sorted(authority.roles().items())
+            ],
+        )
+
     async def _read(self, context_id: bytes) -> _Loaded:
         record = await self.get(context_id)
         rows = await self._store.scan(STATE, prefix=context_id)
         tree = StateTree(decode_entity(value) for _, value in rows)
         tree.drain_changes()
-        applied = [
-            k[len(context_id) :] for k, _ in await self._store.scan(DELTAS, prefix=context_id)
-        ]
+        delta_rows = await self._store.scan(DELTAS, prefix=context_id)
+        applied = [k[len(context_id) :] for k, _ in delta_rows]
         dag = self._new_dag(applied=applied, heads=record.heads)
         member_seed = await self._store.get(IDENTITY, member_slot(context_id, record.our_member))
         keys = {
-            int.from_bytes(k[33:37], "big"): v
+            int.from_bytes(k[33:41], "big"): v
             for k, v in await self._store.scan(IDENTITY, prefix=context_id + b"k")
         }
         if member_seed is None or record.key_id not in keys:
@@ -1061,6 +1389,7 @@ class ContextManager:
         loaded = _Loaded(
             record, tree, dag, clock, Ed25519PrivateKey.from_private_bytes(member_seed), keys
         )
+        await self._load_authority(loaded, delta_rows)
         # Pending deltas survive restarts: put them back in the DAG. Those waiting for the
         # clock have all their parents: they wait again, due at once, so the next release
         # checks them against the clock as it is now.
@@ -1116,15 +1445,9 @@ class _Applying:
     rejected: list[tuple[bytes, str]] = attrs.field(factory=list)
     refused: list[bytes] = attrs.field(factory=list)
     events: list[tuple[bytes, list[AppEvent]]] = attrs.field(factory=list)
-
-
-def _author_problem(loaded: _Loaded, header: DeltaHeader) -> str | None:
-    """Deterministic on every receiver: see `members` on why grants, not current roles."""
-    if members.ever_writer(loaded.tree, header.author):
-        return None
-    if members.role_of(loaded.tree, header.author) is None:
-        return "unknown author"
-    return "author may not write"
+    auth_changed: bool = False
+    """An op or an equivocation arrived: verdicts may change (see `_settle`)."""
+    fresh: dict[bytes, SignedDelta] = attrs.field(factory=dict)
 
 
 def _merge(a: CallOutcome | None, b: CallOutcome) -> CallOutcome:

@@ -86,7 +86,7 @@ APPLICATIONS = Table(Column.APPLICATION, BYTES, MsgpackCodec(ApplicationRecord))
 
 
 def key_slot(context_id: bytes, key_id: int) -> bytes:
-    return context_id + b"k" + key_id.to_bytes(4, "big")
+    return context_id + b"k" + key_id.to_bytes(8, "big")
 
 
 def member_slot(context_id: bytes, public_key: bytes) -> bytes:

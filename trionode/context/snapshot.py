@@ -68,6 +68,8 @@ from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
     MAX_IDS,
     MAX_PAGE_RECORDS,
+    AuthRequest,
+    AuthResponse,
     PeerProof,
     ProofRequest,
     SnapshotPage,
@@ -260,6 +262,13 @@ async def take(
 
         def finish(batch: WriteBatch) -> None:
             batch.delete(PROGRESS, progress_key(context_id))
+
+        # Who may write, as signed operations this node checks itself (never the peer's
+        # verdicts), and where the boundary sits in everyone's sequence: before the
+        # boundary becomes our checkpoint.
+        await channel.send(AuthRequest(heads=boundary[:MAX_IDS]))
+        auth = await expect(channel, AuthResponse)
+        await contexts.adopt_auth(context_id, auth.ops, auth.vvs)
 
         root, heads = await contexts.adopt_heads(context_id, boundary, extra=finish)
         log.info(

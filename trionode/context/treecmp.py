@@ -54,7 +54,6 @@ from typing import Final
 
 import attrs
 
-from trionode.context import members
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.snapshot import Channel, check_proof, expect, prove, serve_page
 from trionode.crdt import Entity, decode_entity
@@ -66,6 +65,8 @@ from trionode.wire.messages import (
     MAX_IDS,
     MAX_NODE_CHILDREN,
     MAX_PAGE_RECORDS,
+    AuthRequest,
+    AuthResponse,
     EntityPush,
     NodeQuery,
     NodeRequest,
@@ -226,10 +227,14 @@ async def compare(
             result=result,
         )
     if result.complete:
-        await channel.send(TreeDone())
+        ops, vvs = await contexts.auth_export(context_id, our_heads[:MAX_IDS])
+        await channel.send(TreeDone(ops=ops, vvs=vvs))
         done = await expect(channel, TreeDoneAck)
         result.adopted_there = done.adopted
         if not result.refused_here:
+            await channel.send(AuthRequest(heads=started.heads[:MAX_IDS]))
+            auth = await expect(channel, AuthResponse)
+            await contexts.adopt_auth(context_id, auth.ops, auth.vvs)
             await contexts.adopt_heads(context_id, started.heads, started.known)
             result.adopted_here = True
     log.info(
@@ -252,10 +257,6 @@ async def _join_pulled(
     admin: bool,
     result: TreeResult,
 ) -> None:
-    if not admin:
-        allowed = [e for e in pulls if not members.touches([e])]
-        result.refused_here += len(pulls) - len(allowed)
-        pulls = allowed
     if pulls:
         await contexts.merge_state(context_id, pulls)
         result.pulled += len(pulls)
@@ -338,11 +339,15 @@ class SessionResponder:
             )
         if isinstance(message, EntityPush):
             return await self._take_push(message)
+        if isinstance(message, AuthRequest):
+            ops, vvs = await contexts.auth_export(context_id, message.heads)
+            return AuthResponse(ops=ops, vvs=vvs)
         if isinstance(message, TreeDone):
             if self._start is None:
                 raise RemoteProtocolError("tree comparison done before it started")
             adopted = not self._refused
             if adopted:
+                await contexts.adopt_auth(context_id, message.ops, message.vvs)
                 root, heads = await contexts.adopt_heads(
                     context_id, self._start.heads, self._start.known
                 )
@@ -357,8 +362,8 @@ class SessionResponder:
         if self._pushed > SERVE_MAX_PUSHED:
             raise RemoteProtocolError("too many records pushed on one stream")
         entities = [decode_entity(record) for record in push.records]
-        writer, admin = await self.contexts.peer_rights(self.context_id, self.member)
-        allowed = [e for e in entities if writer and (admin or not members.touches([e]))]
+        writer, _ = await self.contexts.peer_rights(self.context_id, self.member)
+        allowed = entities if writer else []
         refused = len(entities) - len(allowed)
         if refused:
             self._refused += refused

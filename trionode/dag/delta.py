@@ -1,7 +1,7 @@
 """Causal deltas: the signed, encrypted unit of replication (DESIGN §6).
 
 ```
-header     = {context_id, parents[], author, hlc, key_id, nonce}     (msgpack, canonical)
+header     = {version, context_id, parents[], author, seq, vv, hlc, key_id, nonce, auth?}
 ciphertext = XChaCha20-Poly1305(context key, nonce, body, aad = header bytes)
 signature  = Ed25519(author, "trionode/delta/v1" ‖ header ‖ ciphertext)
 id         = SHA-256(header ‖ ciphertext ‖ signature)
@@ -11,6 +11,15 @@ Everything a receiver needs to check authenticity is outside the ciphertext, so 
 verify (id, signature, author) before it even has the key, and a relay that is not a member
 learns only the header. The body (entity records, app events and the author's root hash) is
 encrypted, and bound to the header by the AEAD's associated data.
+
+Format 2 adds what authorization by causal history needs (DESIGN §7.1, `trionode.auth`):
+`seq`, the author's sequence number (its deltas form a chain), and `vv`, the version
+vector of the delta's causal past (author tag → highest sequence number, itself
+included), so "is op r in the past of this delta" is one lookup on every node. A
+membership operation travels in `auth`, in the clear and signed: any holder of the delta
+can judge it, key or not (which also lets a removed member learn that it was removed).
+Key ids are the first 8 bytes of a hash of the key, so two admins rotating at once never
+make the same id.
 
 Decoders enforce sizes and shapes and raise RemoteProtocolError; nothing here trusts input.
 """
@@ -39,23 +48,59 @@ MAX_PARENTS: Final = 64
 MAX_DELTA_BYTES: Final = 8 * 1024 * 1024
 MAX_EVENTS: Final = 1024
 MAX_RECORDS: Final = 100_000
-_SIGNING_DOMAIN: Final = b"trionode/delta/v1"
+_SIGNING_DOMAIN: Final = b"trionode/delta/v2"
+FORMAT_VERSION: Final = 2
+MAX_VV: Final = 4096
+"""Authors named in one version vector (members who ever wrote)."""
+MAX_KEY_BOX: Final = 4096
+MAX_SEQ: Final = (1 << 63) - 1
 
 Bytes32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 Bytes24 = Annotated[bytes, msgspec.Meta(min_length=24, max_length=24)]
 Bytes64 = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 
 
+Bytes8 = Annotated[bytes, msgspec.Meta(min_length=8, max_length=8)]
+Seq = Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
+KeyId = Annotated[int, msgspec.Meta(ge=0)]
+"""Up to 2**64 - 1: msgpack integers end there."""
+
+
+class AuthAction(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A membership operation (see `trionode.auth.model.Kind` for the kinds)."""
+
+    kind: Annotated[str, msgspec.Meta(max_length=16)]
+    parents: Annotated[list[Bytes32], msgspec.Meta(max_length=MAX_PARENTS)] = []
+    """The maximal membership operations in this one's past (exact op-to-op ancestry)."""
+    member: Bytes32 | None = None
+    role: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    invitation: Annotated[bytes, msgspec.Meta(max_length=8192)] | None = None
+    """Admission: the invitation as its inviter signed it (without the secret)."""
+    invitation_signature: Bytes64 | None = None
+    invitation_id: Bytes32 | None = None
+    """Revocation: the invitation it revokes."""
+    key_id: KeyId | None = None
+    """Create, remove, rotate: the new key's id."""
+    key_box: Annotated[list[tuple[Bytes32, bytes]], msgspec.Meta(max_length=MAX_KEY_BOX)] = []
+    """The new key sealed to each member that may read: (member, sealed box)."""
+
+
 class DeltaHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    version: int
     context_id: Bytes32
     parents: Annotated[list[Bytes32], msgspec.Meta(min_length=1, max_length=MAX_PARENTS)]
     author: Bytes32
     """The author's member public key (Ed25519)."""
+    seq: Seq
+    """The author's sequence number: one more than its highest in the delta's past."""
+    vv: Annotated[list[tuple[Bytes8, Seq]], msgspec.Meta(min_length=1, max_length=MAX_VV)]
+    """Version vector of the causal past, this delta included: (author tag, seq), sorted."""
     hlc: Annotated[int, msgspec.Meta(ge=0)]
     """The author's HLC time (NTP64); the writer id is `author`."""
-    key_id: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
+    key_id: KeyId
     """Which context key encrypted the body (keys rotate when members leave)."""
     nonce: Bytes24
+    auth: AuthAction | None = None
 
 
 class AppEvent(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -114,16 +159,26 @@ def seal_delta(
     key_id: int,
     context_key: bytes,
     body: DeltaBody,
+    seq: int = 1,
+    vv: dict[bytes, int] | None = None,
+    auth: AuthAction | None = None,
 ) -> SignedDelta:
-    """Encrypt and sign a body as a new delta."""
+    """Encrypt and sign a body as a new delta. `vv` is the version vector of its parents
+    (author tag → seq); the author's own entry is set to `seq`."""
     author_public = author.public_key().public_bytes_raw()
+    full_vv = dict(vv or {})
+    full_vv[author_public[:8]] = seq
     header = DeltaHeader(
+        version=FORMAT_VERSION,
         context_id=context_id,
         parents=sorted(parents),
         author=author_public,
+        seq=seq,
+        vv=sorted(full_vv.items()),
         hlc=hlc,
         key_id=key_id,
         nonce=os.urandom(24),
+        auth=auth,
     )
     header_bytes = _ENCODER.encode(header)
     ciphertext = crypto_aead_xchacha20poly1305_ietf_encrypt(
@@ -158,8 +213,15 @@ def verify_delta(delta: SignedDelta, *, expected_id: bytes | None = None) -> Del
         raise RemoteProtocolError(f"malformed delta header: {exc}") from None
     if _ENCODER.encode(header) != delta.header:
         raise RemoteProtocolError("delta header is not canonical")
+    if header.version != FORMAT_VERSION:
+        raise RemoteProtocolError(f"delta format {header.version} is not supported")
     if header.hlc >= 1 << 64:
         raise RemoteProtocolError("delta hlc out of range")
+    tags = [t for t, _ in header.vv]
+    if tags != sorted(set(tags)):
+        raise RemoteProtocolError("delta version vector must be sorted and distinct")
+    if dict(header.vv).get(header.author[:8]) != header.seq:
+        raise RemoteProtocolError("delta version vector does not name its own seq")
     if header.parents != sorted(set(header.parents)):
         raise RemoteProtocolError("delta parents must be sorted and distinct")
     try:
@@ -183,3 +245,21 @@ def open_delta(delta: SignedDelta, header: DeltaHeader, context_key: bytes) -> D
         return _BODY_DECODER.decode(plain)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise RemoteProtocolError(f"malformed delta body: {exc}") from None
+
+
+def header_vv(header: DeltaHeader) -> dict[bytes, int]:
+    return dict(header.vv)
+
+
+def key_id_of(key: bytes) -> int:
+    """A key's id: unique per key (so per rotation), and reveals nothing of the key."""
+    return int.from_bytes(hashlib.sha256(b"trionode/key-id/v1" + key).digest()[:8], "big")
+
+
+def stored_header(delta: SignedDelta) -> DeltaHeader:
+    """The header of a delta this node verified before it stored it (no signature check:
+    a restart re-reads thousands of them)."""
+    try:
+        return _HEADER_DECODER.decode(delta.header)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise RemoteProtocolError(f"malformed delta header: {exc}") from None

@@ -157,6 +157,17 @@ class AsyncStore:
         raw = self.raw.get(table.column, table.keys.encode(key))
         return None if raw is None else table.values.decode(raw)
 
+    def get_sync(self, table: Table[K, V], key: K) -> V | None:
+        """A point read without yielding (for code that must not checkpoint: see `get`)."""
+        self._count("get", table.column)
+        raw = self.raw.get(table.column, table.keys.encode(key))
+        return None if raw is None else table.values.decode(raw)
+
+    def scan_sync(self, column: Column, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """A prefix scan without yielding (rare, bounded work: a rebuild)."""
+        self._count("scan", column)
+        return self.raw.scan(column, prefix=prefix)
+
     async def scan(
         self,
         table: Table[K, V],

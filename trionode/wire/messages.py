@@ -205,8 +205,36 @@ class PushAck(msgspec.Struct, tag="pushed", frozen=True, forbid_unknown_fields=T
     refused: Annotated[int, msgspec.Meta(ge=0)]
 
 
+MAX_AUTH_OPS: Final = 4096
+VvEntry = tuple[Id32, Annotated[bytes, msgspec.Meta(max_length=128 * 1024)]]
+AuthOps = Annotated[
+    list[Annotated[bytes, msgspec.Meta(max_length=256 * 1024)]],
+    msgspec.Meta(max_length=MAX_AUTH_OPS),
+]
+VvEntries = Annotated[list[VvEntry], msgspec.Meta(max_length=MAX_IDS)]
+
+
+class AuthRequest(msgspec.Struct, tag="get_auth", frozen=True, forbid_unknown_fields=True):
+    """Before adopting the responder's `heads` as checkpoints (state arrived without their
+    deltas), the requester asks for every membership operation in their past, as signed
+    deltas it verifies itself, and for the heads' version vectors."""
+
+    heads: Ids
+
+
+class AuthResponse(msgspec.Struct, tag="auth_ops", frozen=True, forbid_unknown_fields=True):
+    ops: AuthOps
+    vvs: VvEntries
+    """(head, encoded version vector) for the requested heads the responder knows."""
+
+
 class TreeDone(msgspec.Struct, tag="tree_done", frozen=True, forbid_unknown_fields=True):
-    """The requester walked the whole tree and pushed everything it had to."""
+    """The requester walked the whole tree and pushed everything it had to; with the
+    membership operations in the past of its heads and their version vectors (so the
+    responder can adopt those heads, as `AuthResponse` does the other way)."""
+
+    ops: AuthOps = []
+    vvs: VvEntries = []
 
 
 class TreeDoneAck(msgspec.Struct, tag="tree_done_ack", frozen=True, forbid_unknown_fields=True):
@@ -235,6 +263,8 @@ SyncMessage = (
     | PushAck
     | TreeDone
     | TreeDoneAck
+    | AuthRequest
+    | AuthResponse
 )
 
 _SYNC = msgspec.msgpack.Decoder(SyncMessage)

@@ -1,0 +1,265 @@
+"""Per-context authorization state: the auth graph, each delta's version vector and the
+verdicts (DESIGN §7.1; the ruleset itself is `trionode.auth.model`).
+
+`ContextAuthority` is plain data and pure methods (no I/O): the manager feeds it every
+delta it applies, in causal order, and asks it for verdicts. Everything it holds is
+derived from signed delta headers, except the version vectors of *checkpoints* (heads
+adopted from a snapshot or tree comparison, whose bodies we never saw), which the state's
+source tells us, as it tells us the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+import attrs
+import msgspec
+
+from trionode.auth.model import AuthGraph, Kind, Op, Resolution, StaticError, Verdict, tag
+from trionode.context.invitations import (
+    InvitationError,
+    SignedInvitation,
+    decode_invitation,
+    verify_signature,
+)
+from trionode.crdt import ntp64_from_unix
+from trionode.dag.delta import GENESIS, AuthAction, DeltaHeader, header_vv
+from trionode.errors import RemoteProtocolError
+
+KINDS: Final = frozenset(k.value for k in Kind)
+
+
+class AuthRejected(RemoteProtocolError):
+    """A delta no honest member writes (a broken chain, an op without authority)."""
+
+
+@attrs.frozen
+class DeltaMeta:
+    author: bytes
+    seq: int
+    vv: Mapping[bytes, int]
+    key_id: int
+    op: bool
+
+
+def op_from_header(delta_id: bytes, header: DeltaHeader) -> Op:
+    """The resolver's view of an op delta (signature already checked)."""
+    action = header.auth
+    assert action is not None
+    if action.kind not in KINDS:
+        raise AuthRejected(f"unknown membership operation {action.kind!r}")
+    kind = Kind(action.kind)
+    fields: dict[str, object] = {}
+    if kind is Kind.ADMIT:
+        if action.invitation is None or action.invitation_signature is None:
+            raise AuthRejected("an admission carries its signed invitation")
+        signed = SignedInvitation(
+            invitation=action.invitation, signature=action.invitation_signature
+        )
+        try:
+            invitation = decode_invitation(signed)
+            verify_signature(signed, invitation)
+        except InvitationError as exc:
+            raise AuthRejected(str(exc)) from None
+        if invitation.context_id != header.context_id:
+            raise AuthRejected("the invitation is for another context")
+        if invitation.role != action.role:
+            raise AuthRejected("the admission's role is not the invitation's")
+        fields = {
+            "invitation_id": invitation.id,
+            "inviter": invitation.inviter,
+            "invitee": invitation.invitee,
+            "expires_at": ntp64_from_unix(max(0.0, min(invitation.expires_at, 2.0**32 - 1))),
+        }
+    elif kind is Kind.REVOKE:
+        fields = {"invitation_id": action.invitation_id}
+    return Op(
+        id=delta_id,
+        author=header.author,
+        seq=header.seq,
+        vv=header_vv(header),
+        kind=kind,
+        target=action.member,
+        role=action.role,
+        hlc=header.hlc,
+        key_id=action.key_id,
+        parents=tuple(action.parents),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+@attrs.define
+class ContextAuthority:
+    graph: AuthGraph = attrs.field(factory=AuthGraph)
+    meta: dict[bytes, DeltaMeta] = attrs.field(factory=dict)
+    checkpoint_vv: dict[bytes, dict[bytes, int]] = attrs.field(factory=dict)
+    """Version vectors of checkpoints (heads adopted as state), as their source told us."""
+    by_author_seq: dict[tuple[bytes, int], set[bytes]] = attrs.field(factory=dict)
+    verdicts: dict[bytes, Verdict] = attrs.field(factory=dict)
+    """Verdict on each applied *data* delta (ops have theirs in the resolution)."""
+
+    # -- version vectors ------------------------------------------------------------------
+
+    def vv_of(self, delta_id: bytes) -> Mapping[bytes, int] | None:
+        if delta_id == GENESIS:
+            return {}
+        meta = self.meta.get(delta_id)
+        if meta is not None:
+            return meta.vv
+        return self.checkpoint_vv.get(delta_id)
+
+    def merged_vv(self, ids: Iterable[bytes]) -> tuple[dict[bytes, int], bool]:
+        """The pointwise max of the ids' vectors, and whether every one was known."""
+        out: dict[bytes, int] = {}
+        complete = True
+        for delta_id in ids:
+            vv = self.vv_of(delta_id)
+            if vv is None:
+                complete = False
+                continue
+            for k, v in vv.items():
+                if v > out.get(k, 0):
+                    out[k] = v
+        return out, complete
+
+    def next_local(self, heads: Iterable[bytes], author: bytes) -> tuple[int, dict[bytes, int]]:
+        """(seq, vv of the parents) for a delta `author` writes on `heads`."""
+        vv, _ = self.merged_vv(heads)
+        own = max(
+            vv.get(tag(author), 0),
+            max((s for (t, s) in self.by_author_seq if t == tag(author)), default=0),
+        )
+        return own + 1, vv
+
+    def check_chain(self, header: DeltaHeader) -> None:
+        """The header's vv must be its parents' vv plus its own seq (where we know the
+        parents'), so sequence numbers form one chain per honest author."""
+        parents, complete = self.merged_vv(header.parents)
+        vv = header_vv(header)
+        own = tag(header.author)
+        if header.seq != parents.get(own, 0) + 1 and complete:
+            raise AuthRejected("the delta's sequence number does not follow its past")
+        if complete:
+            expected = dict(parents)
+            expected[own] = header.seq
+            if vv != expected:
+                raise AuthRejected("the delta's version vector is not its parents'")
+        elif any(vv.get(k, 0) < v for k, v in parents.items()) or header.seq <= parents.get(own, 0):
+            raise AuthRejected("the delta's version vector goes backwards")
+
+    # -- applying --------------------------------------------------------------------------
+
+    def record(self, delta_id: bytes, header: DeltaHeader) -> bool:
+        """Remember an applied delta's meta; True if it makes an author equivocate (a
+        second delta with one (author, seq))."""
+        self.meta[delta_id] = DeltaMeta(
+            header.author, header.seq, header_vv(header), header.key_id, header.auth is not None
+        )
+        same = self.by_author_seq.setdefault((tag(header.author), header.seq), set())
+        same.add(delta_id)
+        return len(same) > 1
+
+    def forget(self, delta_id: bytes) -> None:
+        """Undo `record` (the delta turned out unreadable)."""
+        meta = self.meta.pop(delta_id, None)
+        if meta is not None:
+            same = self.by_author_seq.get((tag(meta.author), meta.seq))
+            if same is not None:
+                same.discard(delta_id)
+                if not same:
+                    del self.by_author_seq[(tag(meta.author), meta.seq)]
+        self.verdicts.pop(delta_id, None)
+
+    def check_data(self, header: DeltaHeader) -> None:
+        """Static checks of a data delta (raises AuthRejected: never stored)."""
+        try:
+            self.graph.check_data(header.author, header_vv(header), header.key_id)
+        except StaticError as exc:
+            raise AuthRejected(str(exc)) from None
+
+    def check_op(self, delta_id: bytes, header: DeltaHeader) -> None:
+        """Static checks of an op, without adding it (raises AuthRejected)."""
+        try:
+            self.graph.check(op_from_header(delta_id, header))
+        except StaticError as exc:
+            raise AuthRejected(str(exc)) from None
+
+    def verdict_for(self, header: DeltaHeader) -> tuple[Verdict, str]:
+        """The verdict a data delta not yet recorded would get."""
+        return self.resolution().verdict(
+            author=header.author,
+            seq=header.seq,
+            vv=header_vv(header),
+            key_id=header.key_id,
+            equivocating=bool(self.by_author_seq.get((tag(header.author), header.seq))),
+        )
+
+    def add_op(self, delta_id: bytes, header: DeltaHeader) -> Op:
+        """Statically check and add an op (raises AuthRejected)."""
+        op = op_from_header(delta_id, header)
+        try:
+            return self.graph.add(op)
+        except StaticError as exc:
+            raise AuthRejected(str(exc)) from None
+
+    def resolution(self) -> Resolution:
+        return self.graph.resolution()
+
+    def judge(self, delta_id: bytes) -> tuple[Verdict, str]:
+        meta = self.meta[delta_id]
+        return self.resolution().verdict(
+            author=meta.author,
+            seq=meta.seq,
+            vv=meta.vv,
+            key_id=meta.key_id,
+            equivocating=len(self.by_author_seq.get((tag(meta.author), meta.seq), ())) > 1,
+        )
+
+    def rejudge(self) -> dict[bytes, tuple[Verdict, Verdict]]:
+        """Judge every applied data delta again; {id: (was, now)} for those that changed
+        (and whose effects the state must therefore lose or regain)."""
+        changed: dict[bytes, tuple[Verdict, Verdict]] = {}
+        for delta_id, was in list(self.verdicts.items()):
+            now, _ = self.judge(delta_id)
+            if now is not was:
+                changed[delta_id] = (was, now)
+                self.verdicts[delta_id] = now
+        return changed
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def auth_parents(self, vv: Mapping[bytes, int]) -> list[bytes]:
+        """The maximal ops in the past named by `vv`: an op's auth parents."""
+        past = [o for o in self.graph.ops.values() if o.in_past_of(vv)]
+        covered: set[bytes] = set().union(*(o.ancestors for o in past)) if past else set()
+        return sorted(o.id for o in past if o.id not in covered)
+
+    @property
+    def creations(self) -> set[bytes]:
+        return {i for i, op in self.graph.ops.items() if op.kind is Kind.CREATE}
+
+    def roles(self) -> dict[bytes, str]:
+        return self.resolution().current()
+
+    def role(self, member: bytes) -> str | None:
+        return self.roles().get(member)
+
+
+def action(kind: Kind, **fields: object) -> AuthAction:
+    return AuthAction(kind=kind.value, **fields)  # type: ignore[arg-type]
+
+
+_VV = msgspec.msgpack.Decoder(list[tuple[bytes, int]])
+_ENC = msgspec.msgpack.Encoder()
+
+
+def encode_vv(vv: Mapping[bytes, int]) -> bytes:
+    return _ENC.encode(sorted(vv.items()))
+
+
+def decode_vv(data: bytes) -> dict[bytes, int]:
+    try:
+        return dict(_VV.decode(data))
+    except msgspec.DecodeError:
+        raise RemoteProtocolError("malformed version vector") from None
