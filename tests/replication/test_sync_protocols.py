@@ -607,6 +607,8 @@ async def test_garbage_on_a_sync_stream_costs_only_that_stream(
         async with open_cluster(2, tmp_path, configure=quiet) as cluster:
             a, b = cluster
             context = await create(a)
+            for i in range(3):
+                await put(a, context, f"k{i}")
             await join(cluster, 0, 1, context)
             await converged(cluster, [a, b], context)
             before = await a.contexts.state(context)
