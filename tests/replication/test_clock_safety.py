@@ -45,7 +45,7 @@ from trionode.crdt import (
     ntp64_from_unix,
 )
 from trionode.crdt.hlc import NTP64_MAX
-from trionode.dag.delta import DeltaBody, SignedDelta, seal_delta
+from trionode.dag.delta import DeltaBody, SignedDelta, seal_delta, verify_delta
 from trionode.net.memory import MemoryNetwork
 from trionode.node import Node, open_node
 from trionode.store.store import WriteBatch
@@ -116,9 +116,11 @@ async def _sign(
     records: list[Entity] | None = None,
     parents: list[bytes] | None = None,
     author: Ed25519PrivateKey | None = None,
+    after: SignedDelta | None = None,
 ) -> SignedDelta:
     """A delta by `setup.member` (or `author`) over the node's heads, sealed with the real
-    functions under the context's current key."""
+    functions under the context's current key (`after`: a parent the node lacks yet, whose
+    version vector the new delta extends)."""
     context = setup.context
     record = await node.contexts.get(context)
     keys = await node.contexts.keys(context)
@@ -129,6 +131,10 @@ async def _sign(
         stamp = Timestamp(hlc, author.public_key().public_bytes_raw())
         records = [_register(b"from-the-member", stamp)]
     body = DeltaBody(records=[encode_entity(e) for e in records], events=[], root_hash=bytes(32))
+    loaded = await node.contexts._context(context)
+    vv, _ = loaded.authority.merged_vv(parents)
+    if after is not None:
+        vv = dict(verify_delta(after).vv)
     return seal_delta(
         context_id=context,
         parents=parents,
@@ -137,6 +143,8 @@ async def _sign(
         key_id=record.key_id,
         context_key=keys[record.key_id],
         body=body,
+        seq=vv.get(author.public_key().public_bytes_raw()[:8], 0) + 1,
+        vv=vv,
     )
 
 
@@ -348,7 +356,7 @@ async def test_member_flooding_pending_cannot_evict_another_members_delta(
             await node.contexts.change_members(setup.context, [(public, "member")])
             # The honest member's two deltas: the child arrives first and waits.
             first = await _sign(node, setup, hlc=_now(setup))
-            second = await _sign(node, setup, hlc=_now(setup), parents=[first.id])
+            second = await _sign(node, setup, hlc=_now(setup), parents=[first.id], after=first)
             assert (await node.contexts.receive(setup.context, second.encode())).missing
             for _ in range(10 * quota):
                 orphan = await _sign(
