@@ -297,6 +297,14 @@ async def test_one_invitation_at_two_admins(
             await wait_converged(cluster, [a, b], context)
             assert await roles(a, context) == await roles(b, context)
             assert len(await roles(a, context)) == members_before - 1
+            # The filtered admissions were handed the keys of the moment: the next write
+            # moves to a key they never get.
+            leaked = (await a.contexts.get(context)).key_id
+            await write(a, context, "set", key="after", value="1")
+            await wait_converged(cluster, [a, b], context)
+            fresh = (await a.contexts.get(context)).key_id
+            assert fresh != leaked
+            assert fresh in await b.contexts.keys(context)
 
 
 def _empty() -> DeltaBody:

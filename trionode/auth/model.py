@@ -262,6 +262,13 @@ class Resolution:
         past that follows every standing removal and leave in that past."""
         past = [self.ops[i] for i in self.standing_in_past(vv)]
         losses = [o for o in past if o.kind in (Kind.REMOVE, Kind.LEAVE)]
+        # A filtered admission still handed its member the keys of the moment (the join
+        # response): keys must move on past it too (the leaked-secret case).
+        losses += [
+            self.ops[i]
+            for i in self.filtered
+            if self.ops[i].kind is Kind.ADMIT and (vv is None or self.ops[i].in_past_of(vv))
+        ]
         out: set[int] = set()
         for op in past:
             if (

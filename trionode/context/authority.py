@@ -98,6 +98,10 @@ class ContextAuthority:
     by_author_seq: dict[tuple[bytes, int], set[bytes]] = attrs.field(factory=dict)
     verdicts: dict[bytes, Verdict] = attrs.field(factory=dict)
     """Verdict on each applied *data* delta (ops have theirs in the resolution)."""
+    _judged: Resolution | None = None
+    """The resolution the verdicts were last computed under."""
+    _touched: set[bytes] = attrs.field(factory=set)
+    """Authors that equivocated since then."""
 
     # -- version vectors ------------------------------------------------------------------
 
@@ -158,7 +162,10 @@ class ContextAuthority:
         )
         same = self.by_author_seq.setdefault((tag(header.author), header.seq), set())
         same.add(delta_id)
-        return len(same) > 1
+        if len(same) > 1:
+            self._touched.add(header.author)
+            return True
+        return False
 
     def forget(self, delta_id: bytes) -> None:
         """Undo `record` (the delta turned out unreadable)."""
@@ -217,15 +224,46 @@ class ContextAuthority:
         )
 
     def rejudge(self) -> dict[bytes, tuple[Verdict, Verdict]]:
-        """Judge every applied data delta again; {id: (was, now)} for those that changed
-        (and whose effects the state must therefore lose or regain)."""
+        """Judge applied data deltas again after ops or equivocations arrived; {id: (was,
+        now)} for those that changed (the state must lose or regain their effects).
+
+        Only what can have changed is judged: the deltas of a new loss's subject and of
+        equivocating authors, unless an op known before changed status (an authority
+        cascade) or a new op lies in the past of deltas we hold (it came with state):
+        then every delta is judged again."""
+        new = self.resolution()
+        old, self._judged = self._judged, new
+        authors, self._touched = self._touched, set()
+        everything = old is None
+        if old is not None:
+            for i in old.ops:
+                if (i in old.standing) != (i in new.standing) or (i in old.filtered) != (
+                    i in new.filtered
+                ):
+                    everything = True
+                    break
+        if not everything and old is not None:
+            for i in set(new.ops) - set(old.ops):
+                op = new.ops[i]
+                if op.lost and op.subject is not None:
+                    authors.add(op.subject)
+                if any(op.in_past_of(m.vv) for m in self.meta.values() if not m.op):
+                    everything = True
+                    break
         changed: dict[bytes, tuple[Verdict, Verdict]] = {}
         for delta_id, was in list(self.verdicts.items()):
+            if not everything and self.meta[delta_id].author not in authors:
+                continue
             now, _ = self.judge(delta_id)
             if now is not was:
                 changed[delta_id] = (was, now)
                 self.verdicts[delta_id] = now
         return changed
+
+    def judged(self) -> None:
+        """Every verdict is current (after a load): later rejudges may be incremental."""
+        self._judged = self.resolution()
+        self._touched = set()
 
     # -- queries ---------------------------------------------------------------------------
 

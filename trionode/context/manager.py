@@ -22,7 +22,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 import base58
@@ -98,6 +98,10 @@ AUX = Table(Column.GENERIC, BytesCodec(), BytesCodec())
 BASE_PREFIX = b"base/"
 """base/ ‖ context ‖ entity id → the join of every record that arrived as *state* (snapshot
 pages, tree comparison): what a rebuild starts from, as no delta body carries it."""
+STORAGE_FORMAT: Final = 2
+"""2: deltas carry sequence numbers, version vectors and membership operations."""
+FORMAT_TABLE = Table(Column.META, BytesCodec(), BytesCodec())
+FORMAT_KEY: Final = b"context-format"
 CHECKPOINT_VV_PREFIX = b"ckvv/"
 """ckvv/ ‖ context ‖ delta id → the version vector of a checkpoint (as its source said)."""
 
@@ -228,8 +232,26 @@ class ContextManager:
         self._snapshots_running: set[bytes] = set()
 
     async def start(self) -> None:
-        """Learn which contexts exist; their state loads lazily on first use."""
-        self._known = {record.context_id for record in await self.records()}
+        """Learn which contexts exist; their state loads lazily on first use.
+
+        Raises StorageError for contexts stored by a trionode whose delta format this one
+        cannot read (format 1: membership in the state, no sequence numbers)."""
+        records = await self.records()
+        stored = await self._store.get(FORMAT_TABLE, FORMAT_KEY)
+        if stored is None and records:
+            raise StorageError(
+                f"this home holds {len(records)} context(s) in storage format 1, which this "
+                f"trionode (format {STORAGE_FORMAT}) cannot read: start from a new home "
+                "(`trionode init --home NEW`) and share the contexts again"
+            )
+        if stored is not None and stored != str(STORAGE_FORMAT).encode():
+            raise StorageError(
+                f"this home's contexts are in storage format {stored.decode(errors='replace')}, "
+                f"and this trionode reads format {STORAGE_FORMAT}: use a matching trionode"
+            )
+        if stored is None:
+            await self._store.put(FORMAT_TABLE, FORMAT_KEY, str(STORAGE_FORMAT).encode())
+        self._known = {record.context_id for record in records}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -1360,6 +1382,7 @@ class ContextManager:
         for delta_id, meta in authority.meta.items():
             if not meta.op:
                 authority.verdicts[delta_id] = authority.judge(delta_id)[0]
+        authority.judged()
         loaded.record = replace(
             loaded.record,
             members=[
