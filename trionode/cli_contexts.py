@@ -223,6 +223,28 @@ async def _remove(client: Client, args: argparse.Namespace) -> Any:
     return await client.remove_member(args.context_id, args.member)
 
 
+async def _set_role(client: Client, args: argparse.Namespace) -> Any:
+    return await client.set_role(args.context_id, args.member, args.role)
+
+
+async def _leave(client: Client, args: argparse.Namespace) -> Any:
+    return await client.leave(args.context_id)
+
+
+async def _revoke(client: Client, args: argparse.Namespace) -> Any:
+    return await client.revoke_invitation(args.context_id, args.invitation)
+
+
+def _role_args(p: argparse.ArgumentParser) -> None:
+    _remove_args(p)
+    p.add_argument("role", choices=["admin", "member", "read-only"])
+
+
+def _revoke_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument("invitation", metavar="INVITATION", help="the trinv1... string to revoke")
+
+
 def _invite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("context_id", metavar="CONTEXT")
     p.add_argument("--role", default="member", choices=["admin", "member", "read-only"])
@@ -377,6 +399,21 @@ COMMANDS: list[Spec] = [
         _context_arg,
     ),
     ("context remove", "remove MEMBER from CONTEXT (rotates the key)", _remove, None, _remove_args),
+    (
+        "context role",
+        "give MEMBER of CONTEXT a new ROLE (admins only)",
+        _set_role,
+        None,
+        _role_args,
+    ),
+    ("context leave", "leave CONTEXT (its last admin cannot)", _leave, None, _context_arg),
+    (
+        "context revoke",
+        "revoke an unused INVITATION to CONTEXT (admins only)",
+        _revoke,
+        None,
+        _revoke_args,
+    ),
     ("call", "call METHOD of CONTEXT with --args JSON", _call, _render_call, _call_args),
     (
         "watch",

@@ -151,3 +151,45 @@ async def test_install_create_call_and_watch(tmp_path: Path) -> None:
             if process is not None and process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def test_role_leave_and_revoke_through_the_cli(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    init = await _cli(
+        "init", "--home", home, "--server-port", "0", "--swarm-port", "0", "--no-mdns"
+    )
+    assert init.returncode == 0
+    node = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trionode", "start", "--home", home],
+        stderr=subprocess.PIPE,
+        env=ENV,
+        cwd=ROOT,
+    )
+    assert node.stderr is not None
+    try:
+        with trio.fail_after(90):
+            await _read_until(node.stderr, b"started: peer id", bytearray())
+            app = await _cli_json("app", "install", str(ROOT / "apps" / "kv_store"), "--home", home)
+            created = await _cli_json(
+                "context", "create", str(app["applicationId"]), "--home", home
+            )
+            context_id = str(created["contextId"])
+            invited = await _cli_json("context", "invite", context_id, "--home", home)
+            invitation = str(invited["invitation"])
+            revoked = await _cli_json("context", "revoke", context_id, invitation, "--home", home)
+            assert len(str(revoked["revoked"])) == 64
+            # The creator is the only admin: it may neither demote itself nor leave.
+            members = await _cli_json("context", "members", context_id, "--home", home)
+            me = str(members["members"][0]["publicKey"])  # type: ignore[index]
+            demote = await _cli("context", "role", context_id, me, "member", "--home", home)
+            assert demote.returncode != 0
+            assert b"last admin" in demote.stderr
+            leave = await _cli("context", "leave", context_id, "--home", home)
+            assert leave.returncode != 0
+            assert b"last admin" in leave.stderr
+    finally:
+        node.send_signal(signal.SIGTERM)
+        with trio.move_on_after(30):
+            await node.wait()
+        if node.returncode is None:
+            node.kill()

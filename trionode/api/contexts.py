@@ -22,6 +22,7 @@ from trionode.api.jsonio import BadInput, number_field
 from trionode.api.ws import serve_websocket
 from trionode.config import ApiSection
 from trionode.context.events import EventHub
+from trionode.context.invitations import InvitationError, parse_invitation
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextError, ContextManager, b58
 from trionode.context.records import ApplicationRecord, ContextRecord
@@ -308,6 +309,36 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
             parse_id(context_id, "context id"), parse_id(member, "member")
         )
         return jsonify({"removed": member, "deltaId": delta.id.hex()})
+
+    @app.post("/admin-api/contexts/<context_id>/members/<member>/role")
+    async def set_role(context_id: str, member: str) -> Response:
+        role = (await json_body()).get("role")
+        if role not in ("admin", "member", "read-only"):
+            raise ContextError('body must be {"role": "admin" | "member" | "read-only"}')
+        delta = await node.contexts.change_members(
+            parse_id(context_id, "context id"), [(parse_id(member, "member"), role)]
+        )
+        return jsonify({"member": member, "role": role, "deltaId": delta.id.hex()})
+
+    @app.post("/admin-api/contexts/<context_id>/leave")
+    async def leave(context_id: str) -> Response:
+        delta = await node.contexts.leave(parse_id(context_id, "context id"))
+        return jsonify({"left": context_id, "deltaId": delta.id.hex()})
+
+    @app.post("/admin-api/contexts/<context_id>/invitations/revoke")
+    async def revoke_invitation(context_id: str) -> Response:
+        text = (await json_body()).get("invitation")
+        if not isinstance(text, str):
+            raise ContextError('body must be {"invitation": "trinv1..."}')
+        try:
+            _, invitation = parse_invitation(text)
+        except InvitationError as exc:
+            raise ContextError(str(exc)) from None
+        raw = parse_id(context_id, "context id")
+        if invitation.context_id != raw:
+            raise ContextError("the invitation is for another context")
+        delta = await node.contexts.revoke_invitation(raw, invitation.id)
+        return jsonify({"revoked": invitation.id.hex(), "deltaId": delta.id.hex()})
 
     @app.post("/admin-api/gc")
     async def run_gc() -> Response:

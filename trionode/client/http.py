@@ -148,6 +148,21 @@ class Client:
     async def remove_member(self, context_id: str, member: str) -> Any:
         return await self.request("DELETE", f"/admin-api/contexts/{context_id}/members/{member}")
 
+    async def set_role(self, context_id: str, member: str, role: str) -> Any:
+        return await self.request(
+            "POST", f"/admin-api/contexts/{context_id}/members/{member}/role", json={"role": role}
+        )
+
+    async def leave(self, context_id: str) -> Any:
+        return await self.request("POST", f"/admin-api/contexts/{context_id}/leave", json={})
+
+    async def revoke_invitation(self, context_id: str, invitation: str) -> Any:
+        return await self.request(
+            "POST",
+            f"/admin-api/contexts/{context_id}/invitations/revoke",
+            json={"invitation": invitation},
+        )
+
     async def collect_garbage(self) -> Any:
         return await self.request("POST", "/admin-api/gc", json={})
 
