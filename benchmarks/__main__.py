@@ -8,6 +8,7 @@ import sys
 import trio
 
 from benchmarks import (
+    auth_bench,
     blob_bench,
     cli_bench,
     context_bench,
@@ -30,6 +31,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "sync": sync_bench.run,
         "cli": cli_bench.run,
         "blobs": blob_bench.run,
+        "auth": auth_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():
