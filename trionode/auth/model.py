@@ -353,7 +353,7 @@ def resolve(ops: Mapping[bytes, Op]) -> Resolution:
             continue
         if _permitted(op, roles_from(o for o in standing if o.precedes(op))):
             standing.append(op)
-    return Resolution(ops, frozenset(o.id for o in standing), frozenset(filtered))
+    return Resolution(dict(ops), frozenset(o.id for o in standing), frozenset(filtered))
 
 
 def _permitted(op: Op, roles: Mapping[bytes, str]) -> bool:
