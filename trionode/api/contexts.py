@@ -312,7 +312,7 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
 
     @app.post("/admin-api/contexts/<context_id>/members/<member>/role")
     async def set_role(context_id: str, member: str) -> Response:
-        role = (await json_body()).get("role")
+        role = (await json_object_body()).get("role")
         if role not in ("admin", "member", "read-only"):
             raise ContextError('body must be {"role": "admin" | "member" | "read-only"}')
         delta = await node.contexts.change_members(
@@ -327,7 +327,7 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
 
     @app.post("/admin-api/contexts/<context_id>/invitations/revoke")
     async def revoke_invitation(context_id: str) -> Response:
-        text = (await json_body()).get("invitation")
+        text = (await json_object_body()).get("invitation")
         if not isinstance(text, str):
             raise ContextError('body must be {"invitation": "trinv1..."}')
         try:
