@@ -8,6 +8,7 @@ everything once the network heals. A few seeds run by default; `-m slow` runs ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -18,8 +19,10 @@ import trio.testing
 from msgspec.structs import replace
 
 from trionode.config import FileConfig
+from trionode.context.manager import ContextError
 from trionode.net.memory import GossipFaults
 from trionode.node import Node
+from trionode.sdk.errors import AppError
 from trionode.testing import Cluster, open_cluster
 
 APPS = Path(__file__).resolve().parents[2] / "apps"
@@ -64,20 +67,30 @@ async def run_chaos(tmp_path: Path, seed: int, *, rounds: int) -> None:
         faults.drop = faults.duplicate = 0.0
         kv = await _share(nodes, "kv_store")
         chat = await _share(nodes, "chat")
+        # Membership changes in kv: two admins demote and promote nodes 2-4, also from the
+        # two sides of a partition (concurrent changes), while everyone writes.
+        member = [(await n.contexts.member_key(kv))[0] for n in nodes]
+        await nodes[0].contexts.change_members(kv, [(member[1], "admin")])
+        await _wait_converged(cluster, [kv], limit=60)
         faults.drop, faults.duplicate = 0.1, 0.1
         posts = 0
         for round_ in range(rounds):
             if rng.random() < 0.3:
                 side = rng.sample(range(5), rng.randint(1, 2))
                 await cluster.partition(side, [i for i in range(5) if i not in side])
+            if rng.random() < 0.5:
+                admin, target = rng.choice([0, 1]), rng.choice([2, 3, 4])
+                role = rng.choice(["member", "read-only"])
+                await nodes[admin].contexts.change_members(kv, [(member[target], role)])
             for _ in range(rng.randint(3, 8)):
                 writer = rng.randrange(5)
                 if rng.random() < 0.6:
                     key = f"k{rng.randrange(20)}"
                     value = f"{seed}-{round_}-{writer}"
-                    await nodes[writer].contexts.execute(
-                        kv, "set", json.dumps({"key": key, "value": value})
-                    )
+                    with contextlib.suppress(ContextError, AppError):  # read-only now
+                        await nodes[writer].contexts.execute(
+                            kv, "set", json.dumps({"key": key, "value": value})
+                        )
                 else:
                     await nodes[writer].contexts.execute(
                         chat, "post", json.dumps({"text": f"{round_}/{writer}"})
@@ -90,6 +103,8 @@ async def run_chaos(tmp_path: Path, seed: int, *, rounds: int) -> None:
         # Same visible values everywhere, and nothing lost.
         entries = [(await n.contexts.execute(kv, "entries", "{}")).result for n in nodes]
         assert all(e == entries[0] for e in entries)
+        roles = [await n.contexts.roles(kv) for n in nodes]
+        assert all(r == roles[0] for r in roles)
         counts = {(await n.contexts.execute(chat, "count", "{}")).result for n in nodes}
         assert counts == {posts}
 
