@@ -227,6 +227,9 @@ class Resolution:
     _roles_cache: dict[frozenset[bytes], dict[bytes, str]] = attrs.field(
         factory=dict, eq=False, repr=False
     )
+    _keys_cache: dict[tuple[frozenset[bytes], frozenset[bytes]], set[int]] = attrs.field(
+        factory=dict, eq=False, repr=False
+    )
 
     def invalid(self) -> frozenset[bytes]:
         return frozenset(self.ops) - self.standing - self.filtered
@@ -260,15 +263,20 @@ class Resolution:
     def admissible_keys(self, vv: Mapping[bytes, int] | None) -> set[int]:
         """Key ids a delta with this past may use: introduced by a standing key op in the
         past that follows every standing removal and leave in that past."""
-        past = [self.ops[i] for i in self.standing_in_past(vv)]
+        standing = self.standing_in_past(vv)
+        leaked = frozenset(
+            i
+            for i in self.filtered
+            if self.ops[i].kind is Kind.ADMIT and (vv is None or self.ops[i].in_past_of(vv))
+        )
+        cached = self._keys_cache.get((standing, leaked))
+        if cached is not None:
+            return cached
+        past = [self.ops[i] for i in standing]
         losses = [o for o in past if o.kind in (Kind.REMOVE, Kind.LEAVE)]
         # A filtered admission still handed its member the keys of the moment (the join
         # response): keys must move on past it too (the leaked-secret case).
-        losses += [
-            self.ops[i]
-            for i in self.filtered
-            if self.ops[i].kind is Kind.ADMIT and (vv is None or self.ops[i].in_past_of(vv))
-        ]
+        losses += [self.ops[i] for i in leaked]
         out: set[int] = set()
         for op in past:
             if (
@@ -277,6 +285,7 @@ class Resolution:
                 and all(r is op or r.precedes(op) for r in losses)
             ):
                 out.add(op.key_id)
+        self._keys_cache[(standing, leaked)] = out
         return out
 
     def write_key(

@@ -1282,11 +1282,8 @@ class ContextManager:
         for record in records:
             key = prefix + record.id
             old = self._store.get_sync(AUX, key)
-            merged = StateTree([decode_entity(old)]) if old else StateTree()
-            merged.apply([record])
-            joined = merged.get(record.id)
-            if joined is not None:
-                batch.put(AUX, key, encode_entity(joined))
+            joined = record if not old else decode_entity(old).join(record)
+            batch.put(AUX, key, encode_entity(joined))
 
     def _refresh_record(self, loaded: _Loaded) -> None:
         loaded.record = replace(
