@@ -27,6 +27,7 @@ import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from trionode.auth.model import Kind
+from trionode.config import FileConfig
 from trionode.context import invitations as inv
 from trionode.context.authority import action
 from trionode.context.events import ContextEvent
@@ -376,8 +377,19 @@ async def test_6_order_independence(
     C, D and E, cut off from them, receive every delta in a different order (two random
     permutations and the exact reverse of causal order): all apply, they end with one
     head and the same state, and the cascades do not recurse."""
+
+    def room(file: FileConfig) -> FileConfig:
+        # Reversed, the whole history waits at once: pending (and each author's share of
+        # it) must hold it.
+        replication = msgspec.structs.replace(
+            file.replication, max_pending=2 * count, max_pending_per_author=2 * count
+        )
+        return msgspec.structs.replace(file, replication=replication)
+
     with trio.fail_after(LIMIT * 4):
-        async with open_cluster(5, tmp_path, faults=GossipFaults(seed=6)) as cluster:
+        async with open_cluster(
+            5, tmp_path, faults=GossipFaults(seed=6), configure=room
+        ) as cluster:
             a, b, c, d, e = cluster
             context = await share(cluster, [0, 1, 2, 3, 4], app="chat")
             message = await call(a, context, "post", text="react to me")
