@@ -228,6 +228,13 @@ class ApiSection(_Section, frozen=True):
     connection on a larger frame."""
     max_invitation_lifetime: PositiveFloat = 365 * 86400.0
     """Largest `expiresIn` (seconds) a client may give an invitation."""
+    max_websockets: PositiveInt = 256
+    """WebSocket connections open at once; more are refused with 503 at the handshake."""
+    event_retention: PositiveFloat = 86400.0
+    """Seconds applied-delta events are kept in LMDB, so a WebSocket client can resume with
+    `since` across restarts; resuming from before that gets a `resync` message."""
+    max_retained_events: PositiveInt = 100_000
+    """Events kept at most, whatever their age (the oldest go first)."""
 
 
 class StoreSection(_Section, frozen=True):

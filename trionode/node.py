@@ -18,6 +18,8 @@ open_node(config) ── root nursery
    ├─ serve_clock_waits applies deltas stamped ahead of our clock once it has caught up
    ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter
    ├─ serve_gc         periodic GC: tombstones in every context, unreferenced blobs
+   ├─ serve_event_log  writes WebSocket events to LMDB (loaded before the nursery, closed
+   │                    with a clean-stop mark after it), so `since` survives restarts
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
    └─ _bound_shutdown  after a shutdown request, gives in-flight work `node.shutdown_grace`
                        seconds, then cancels what is left
@@ -47,6 +49,7 @@ from trionode.blobs.transfer import BlobTransfer, BlobTransferMetrics
 from trionode.config import NodeConfig
 from trionode.context.applications import Applications
 from trionode.context.clock_waits import serve_clock_waits
+from trionode.context.event_log import EventLog, serve_event_log
 from trionode.context.events import EventHub
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
@@ -117,6 +120,12 @@ class Node:
             faults=gossip_faults,
         )
         self.hub = EventHub()
+        self.event_log = EventLog(
+            self.hub,
+            store,
+            retention=config.api.event_retention,
+            max_events=config.api.max_retained_events,
+        )
         self.blobs = BlobStore(
             store, config.home, BlobMetrics(metrics.registry), max_size=config.blobs.max_size
         )
@@ -325,6 +334,7 @@ async def _open_locked_node(
         node = Node(
             config, identity, metrics, store, transport=transport, gossip_faults=gossip_faults
         )
+        await node.event_log.load()  # numbering continues before anything is published
         await node.contexts.start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_bound_shutdown, node, nursery.cancel_scope, name="shutdown-grace")
@@ -373,6 +383,9 @@ async def _open_locked_node(
                 node.shutdown_requested,
                 name="gc",
             )
+            await nursery.start(
+                serve_event_log, node.event_log, node.shutdown_requested, name="event-log"
+            )
             if config.api.enabled:
                 node.api_urls = await nursery.start(
                     partial(
@@ -395,3 +408,5 @@ async def _open_locked_node(
                 node.request_shutdown()
                 with suppress(FileNotFoundError):
                     _api_url_file(config.home).unlink()
+        # Every publisher has stopped: the last events and the clean-stop mark.
+        await node.event_log.close()

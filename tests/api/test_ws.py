@@ -15,9 +15,10 @@ from quart.typing import TestClientProtocol as QuartClient
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request
 
+from tests.context.test_contexts import install_and_create
 from trionode.api.app import create_app
 from trionode.config import FileConfig
-from trionode.testing import TestNode, open_test_node
+from trionode.testing import ConfigureFn, TestNode, open_test_node
 
 ALLOWED = "http://localhost:5173"
 
@@ -126,3 +127,89 @@ async def _next_events(stream: trio.SocketStream, ws: WSConnection) -> list[Any]
         if events:
             return events
         ws.receive_data(await stream.receive_some() or None)
+
+
+def _with_settings(**changes: object) -> ConfigureFn:
+    def configure(file: FileConfig) -> FileConfig:
+        return msgspec.structs.replace(file, api=msgspec.structs.replace(file.api, **changes))
+
+    return configure
+
+
+async def test_the_connection_cap_refuses_the_next_handshake(tmp_path: Path) -> None:
+    async with open_test_node(
+        tmp_path / "capped", api=False, configure=_with_settings(max_websockets=2)
+    ) as capped:
+        client = create_app(capped.node).test_client()
+        headers = auth(capped)
+        async with client.websocket("/ws", headers=headers) as a:
+            await a.send('{"type": "ping"}')
+            await a.receive()
+            async with client.websocket("/ws", headers=headers) as b:
+                await b.send('{"type": "ping"}')
+                await b.receive()
+                assert await handshake_status(client, headers) == 503
+            assert capped.node.hub.subscribers == 1
+            # A slot is free again once a socket closes.
+            assert await handshake_status(client, headers) == 101
+
+
+async def _subscribe(ws: Any, context: str, since: int | None) -> list[dict[str, Any]]:
+    """Subscribe and collect what comes up to (and including) the answer."""
+    request: dict[str, Any] = {"type": "subscribe", "contextIds": [context]}
+    if since is not None:
+        request["since"] = since
+    await ws.send(json.dumps(request))
+    received: list[dict[str, Any]] = []
+    while not received or received[-1]["type"] not in ("subscribed", "resync"):
+        received.append(json.loads(await ws.receive()))
+    return received
+
+
+def _publish(node: TestNode, context: str, n: int) -> None:
+    for i in range(n):
+        node.node.hub.publish(
+            context_id=context,
+            delta_id=f"{i:064x}",
+            root_hash="00" * 32,
+            heads=[],
+            events=[{"name": "Test", "payload": i}],
+            origin="local",
+        )
+
+
+async def test_resuming_past_the_queue_size_replays_everything_in_order(
+    client: QuartClient, node: TestNode
+) -> None:
+    # More buffered events than a subscriber's queue holds (256): this closed the socket
+    # with 1008 before the replay went through the queue as one item.
+    context = await install_and_create(client, node)
+    _publish(node, context, 600)
+    async with client.websocket("/ws", headers=auth(node)) as ws:
+        received = await _subscribe(ws, context, since=0)
+    deltas, answer = received[:-1], received[-1]
+    assert answer["type"] == "subscribed"
+    seqs = [d["seq"] for d in deltas]
+    assert seqs == sorted(seqs)
+    assert len(seqs) == len(set(seqs))
+    assert seqs[-1] == answer["seq"] == node.node.hub.seq
+    assert len(deltas) >= 600
+
+
+@pytest.mark.parametrize("since", ["too old", "ahead"])
+async def test_a_resume_that_cannot_be_served_says_resync(tmp_path: Path, since: str) -> None:
+    async with open_test_node(tmp_path / "small", api=False) as small:
+        small.node.hub._replay = 10  # a small in-memory window per context, for the test
+        client = create_app(small.node).test_client()
+        context = await install_and_create(client, small)
+        _publish(small, context, 30)
+        position = 1 if since == "too old" else small.node.hub.seq + 5
+        async with client.websocket("/ws", headers=auth(small)) as ws:
+            [answer] = await _subscribe(ws, context, since=position)
+            assert answer["type"] == "resync"
+            assert answer["seq"] == small.node.hub.seq
+            assert "fetch the state again" in answer["reason"]
+            # Subscribed anyway: live events follow.
+            _publish(small, context, 1)
+            live = json.loads(await ws.receive())
+            assert (live["type"], live["seq"]) == ("delta", answer["seq"] + 1)

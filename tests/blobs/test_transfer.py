@@ -22,7 +22,7 @@ from trionode.blobs.protocol import (
     auth_message,
 )
 from trionode.blobs.transfer import BlobUnavailableError, _Channel
-from trionode.context.events import Notice
+from trionode.context.events import Notice, Replay
 from trionode.context.manager import ContextError
 from trionode.node import Node
 from trionode.testing import Cluster, open_cluster
@@ -55,9 +55,13 @@ async def test_member_fetches_with_progress_and_bytes_match(
                 notices.append(sub.receive.receive_nowait())
             except trio.WouldBlock:
                 break
+        answer, *notices = notices  # the subscribe's answer comes first, through the queue
+        assert isinstance(answer, Replay)
         assert all(isinstance(n, Notice) for n in notices)
-        assert notices[-1].to_json()["complete"] is True
-        assert notices[-1].to_json()["blobId"] == base58(info.blob_id)
+        last = notices[-1]
+        assert isinstance(last, Notice)
+        assert last.to_json()["complete"] is True
+        assert last.to_json()["blobId"] == base58(info.blob_id)
         # Fetching again is a no-op.
         await b.blob_transfer.fetch(info.blob_id, context)
         assert metric(b, "trionode_blob_chunks_fetched_total") == 6

@@ -400,5 +400,10 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
     # -- WebSocket -------------------------------------------------------------------------
 
     @app.websocket("/ws")
-    async def ws() -> None:
+    async def ws() -> Response | None:
+        # Checked and counted with no await in between (hub.open), so the cap is exact.
+        if node.hub.subscribers >= settings.max_websockets:
+            log.info("refused a WebSocket: %d open (api.max_websockets)", node.hub.subscribers)
+            return _error(503, "too many WebSocket connections; try again later")
         await serve_websocket(node.hub, node.knows_context, app.json.loads)
+        return None

@@ -1,15 +1,19 @@
 """`GET /ws`: subscribe to contexts and receive one message per applied delta.
 
-Client messages (JSON text frames):
+Client messages (JSON text frames, strict JSON, at most `api.max_ws_message` bytes):
   {"type": "subscribe", "contextIds": [...], "since": <seq, optional>}
   {"type": "unsubscribe", "contextIds": [...]}
   {"type": "ping"}
-Server messages: {"type": "subscribed" | "unsubscribed", "contextIds": [...]},
-{"type": "delta", "seq", "contextId", "deltaId", "rootHash", "heads", "events", "origin"},
-{"type": "pong"}, {"type": "ping"} (keepalive), {"type": "error", "message"}.
+Server messages: {"type": "subscribed", "contextIds", "seq"}, {"type": "unsubscribed",
+"contextIds"}, {"type": "delta", "seq", "contextId", "deltaId", "rootHash", "heads",
+"events", "origin"}, {"type": "resync", "contextIds", "seq", "reason"}, {"type": "pong"},
+{"type": "ping"} (keepalive), {"type": "error", "message"}, plus transient notices (blob
+transfer progress).
 
-With "since", events buffered after that sequence number are replayed first, so a client
-that reconnects misses nothing (or is told, with an error, that it must resync).
+With "since", the events after that sequence number are replayed first, then `subscribed`;
+numbering survives restarts (the log is in LMDB for `api.event_retention`). When that gap
+can't be filled (the events are no longer kept), the answer is `resync` instead: fetch the
+state again and follow from its `seq`; the subscription is made either way.
 A client that falls too far behind is disconnected with close code 1008 and may resume.
 """
 
@@ -24,7 +28,7 @@ import trio
 from quart import websocket
 
 from trionode.api.jsonio import BadInput, int_field
-from trionode.context.events import EventHub, ResumeTooOldError, Subscription
+from trionode.context.events import ContextEvent, EventHub, Notice, Replay, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +86,29 @@ async def _reader(
             except BadInput as exc:
                 await _send({"type": "error", "message": str(exc)})
                 continue
-        try:
-            hub.add_contexts(sub, ids, since)
-        except ResumeTooOldError as exc:
-            await _send({"type": "error", "message": str(exc), "resync": True})
-            continue
-        await _send({"type": "subscribed", "contextIds": ids, "seq": hub.seq})
+        # The answer (subscribed or resync) goes out through the writer, after the replay.
+        hub.add_contexts(sub, ids, since)
 
 
 async def _writer(sub: Subscription) -> None:
     while True:
-        with trio.move_on_after(KEEPALIVE_SECONDS) as idle:
+        event: ContextEvent | Notice | Replay | None = None
+        # Only the wait is timed: a send cut short would lose the event it carried.
+        with trio.move_on_after(KEEPALIVE_SECONDS):
             try:
                 event = await sub.receive.receive()
             except trio.EndOfChannel:
                 if sub.overflowed:
                     await websocket.close(1008, "too slow: resume with since=<last seq>")
                 return
-            await _send(event.to_json())
-        if idle.cancelled_caught:
+        if event is None:
             await _send({"type": "ping"})
+        elif isinstance(event, Replay):
+            for missed in event.events:
+                await _send(missed.to_json())
+            await _send(event.answer)
+        else:
+            await _send(event.to_json())
 
 
 async def serve_websocket(hub: EventHub, known: Callable[[str], bool], decode: Decode) -> None:

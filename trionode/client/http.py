@@ -207,6 +207,8 @@ class Client:
                     message = json.loads(await ws.get_message())
                     if message.get("type") == "error":
                         raise ApiError(str(message.get("message")))
+                    if message.get("type") == "resync":  # `since` can't be served
+                        raise ApiError(f"cannot resume: {message.get('reason')}")
                     if message.get("type") == "delta":
                         yield message
         except ConnectionClosed:

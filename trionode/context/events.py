@@ -3,22 +3,30 @@
 Every applied delta (local or remote) becomes exactly one `ContextEvent` with a node-wide,
 strictly increasing `seq`. The hub keeps the last `replay` events per context, so a client
 that reconnects with `since=<last seq it saw>` gets what it missed, in order, before live
-events. Each subscriber has a bounded queue: one that falls that far behind is disconnected
-(it can resume), so a slow client never makes the node buffer without bound or slows the
-delta processor, which only ever calls the non-blocking `publish`.
+events; when that is no longer possible it is told to resync (`ResumeTooOldError`), never
+served a silent gap. The events are also kept in LMDB (`context/event_log.py`), so after a
+restart numbering continues and `since` still means the same thing.
+
+Each subscriber has a bounded queue: one that falls that far behind is disconnected (it can
+resume), so a slow client never makes the node buffer without bound or slows the delta
+processor, which only ever calls the non-blocking `publish`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
+import msgspec
 import trio
 
 
-@attrs.frozen
-class ContextEvent:
+class ContextEvent(msgspec.Struct, frozen=True, array_like=True):
+    """One applied delta, as subscribers see it (and as the event log stores it)."""
+
     seq: int
     context_id: str
     delta_id: str
@@ -28,6 +36,8 @@ class ContextEvent:
     """App events: {"name": ..., "payload": <decoded JSON>}."""
     origin: str
     """"local" for calls made on this node, "remote" for deltas received from peers."""
+    at: float = 0.0
+    """Unix time it was published (for `api.event_retention`); not sent to clients."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,8 +64,13 @@ class Notice:
         return self.payload
 
 
-class ResumeTooOldError(Exception):
-    """The requested resume point is no longer buffered."""
+@attrs.frozen
+class Replay:
+    """What a subscribe puts in the subscriber's queue as one item, so nothing live can
+    overtake it: the missed events in order, then the answer to the subscribe."""
+
+    events: list[ContextEvent]
+    answer: dict[str, Any]
 
 
 class Subscription:
@@ -64,10 +79,10 @@ class Subscription:
     def __init__(self, hub: EventHub, capacity: int) -> None:
         self._hub = hub
         self.contexts: set[str] = set()
-        self.send, self.receive = trio.open_memory_channel[ContextEvent | Notice](capacity)
+        self.send, self.receive = trio.open_memory_channel[ContextEvent | Notice | Replay](capacity)
         self.overflowed = False
 
-    def _offer(self, event: ContextEvent | Notice) -> None:
+    def _offer(self, event: ContextEvent | Notice | Replay) -> None:
         if self.overflowed:
             return
         try:
@@ -83,13 +98,34 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, *, replay: int = 1000, subscriber_capacity: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        replay: int = 1000,
+        subscriber_capacity: int = 256,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.seq = 0
+        self.floor = 1
+        """Every event numbered from here on is still known (held, or lost to nothing);
+        below it some may be gone (retention, a crash), so resuming from before it needs a
+        resync."""
         self.overflows = 0
         self._replay = replay
         self._capacity = subscriber_capacity
+        self._clock = clock
         self._recent: dict[str, deque[ContextEvent]] = {}
+        self._dropped: dict[str, int] = {}
+        """Per context, the newest event no longer held in memory."""
         self._subscriptions: set[Subscription] = set()
+        self.unsaved: list[ContextEvent] | None = None
+        """Published but not yet in LMDB, when an event log is attached (`EventLog.load`
+        sets it to a list); its writer takes them from here."""
+        self.unsaved_ready = trio.Event()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
 
     def open(self) -> Subscription:
         sub = Subscription(self, self._capacity)
@@ -99,18 +135,54 @@ class EventHub:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscriptions.discard(sub)
 
-    def add_contexts(self, sub: Subscription, contexts: list[str], since: int | None) -> None:
-        """Subscribe to `contexts`; with `since`, first replay their buffered events after it."""
-        if since is not None:
-            backlog: list[ContextEvent] = []
+    def add_contexts(self, sub: Subscription, contexts: list[str], since: int | None) -> bool:
+        """Subscribe to `contexts`; with `since`, first replay their events after it.
+
+        The replayed events and the answer go into the subscriber's queue as one `Replay`,
+        so the client sees them in order, before anything published later. The answer is
+        `subscribed`, or `resync` when some event after `since` is gone (or `since` is from
+        another numbering): the client must fetch the state again and follow from `seq`.
+        Returns whether the resume (if any) was served.
+        """
+        gone = since is not None and (
+            since > self.seq
+            or since < self.floor - 1
+            or any(self._dropped.get(c, 0) > since for c in contexts)
+        )
+        backlog: list[ContextEvent] = []
+        if since is not None and not gone:
             for context in contexts:
-                recent = self._recent.get(context, deque())
-                if recent and recent[0].seq > since + 1 and len(recent) == self._replay:
-                    raise ResumeTooOldError(f"events after {since} for {context} are gone")
-                backlog += [e for e in recent if e.seq > since]
-            for event in sorted(backlog, key=lambda e: e.seq):
-                sub._offer(event)  # noqa: SLF001 - hub and subscription are one unit
+                backlog += [e for e in self._recent.get(context, ()) if e.seq > since]
+            backlog.sort(key=lambda e: e.seq)
         sub.contexts.update(contexts)
+        answer: dict[str, Any] = {"type": "subscribed", "contextIds": contexts, "seq": self.seq}
+        if gone:
+            answer = {
+                "type": "resync",
+                "contextIds": contexts,
+                "seq": self.seq,
+                "reason": f"events after {since} are no longer kept (kept from seq "
+                f"{self.floor}); fetch the state again, then follow from seq {self.seq}",
+            }
+        sub._offer(Replay(backlog, answer))  # noqa: SLF001 - hub and subscription are one unit
+        return not gone
+
+    def restore(self, events: Iterable[ContextEvent], *, seq: int, floor: int) -> None:
+        """Take back the events kept in LMDB at start, oldest first (before any publish)."""
+        self.seq = seq
+        self.floor = floor
+        for event in events:
+            self._remember(event)
+
+    def raise_floor(self, floor: int) -> None:
+        """Events before `floor` were dropped from the log (retention)."""
+        self.floor = max(self.floor, floor)
+
+    def _remember(self, event: ContextEvent) -> None:
+        recent = self._recent.setdefault(event.context_id, deque(maxlen=self._replay))
+        if len(recent) == recent.maxlen:
+            self._dropped[event.context_id] = recent[0].seq
+        recent.append(event)
 
     def publish(
         self,
@@ -124,9 +196,13 @@ class EventHub:
     ) -> ContextEvent:
         """Record and fan out one applied delta. Never blocks."""
         self.seq += 1
-        event = ContextEvent(self.seq, context_id, delta_id, root_hash, heads, events, origin)
-        recent = self._recent.setdefault(context_id, deque(maxlen=self._replay))
-        recent.append(event)
+        event = ContextEvent(
+            self.seq, context_id, delta_id, root_hash, heads, events, origin, self._clock()
+        )
+        self._remember(event)
+        if self.unsaved is not None:
+            self.unsaved.append(event)
+            self.unsaved_ready.set()
         for sub in list(self._subscriptions):
             if context_id in sub.contexts:
                 sub._offer(event)  # noqa: SLF001
@@ -140,4 +216,6 @@ class EventHub:
                 sub._offer(notice)  # noqa: SLF001
 
     def forget(self, context_id: str) -> None:
-        self._recent.pop(context_id, None)
+        recent = self._recent.pop(context_id, None)
+        if recent:
+            self._dropped[context_id] = recent[-1].seq

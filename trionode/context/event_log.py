@@ -1,0 +1,160 @@
+"""The event hub's log in LMDB: WebSocket `since` means the same thing after a restart.
+
+Events are written by one background task (`serve_event_log`) in batches, after the hub
+numbered and fanned them out, so the delta processor never waits for this disk write. The
+price is that a crash can lose the last few events of the log (never a delta: those are
+committed before they are published). So the log also records whether the node stopped
+cleanly: after a crash, numbering jumps ahead by `CRASH_GAP` and the hub's floor moves past
+the jump, so a client resuming from before the crash is told to resync instead of being
+served a log with a hole in it.
+
+Retention (`api.event_retention` seconds, at most `api.max_retained_events` events) is
+applied at start and after every write; dropping events raises the hub's floor the same way.
+
+Layout (GENERIC column): `ws-event/<seq, 8 bytes big-endian>` → the `ContextEvent`;
+`ws-event-meta` → `LogMeta`. A `ContextEvent` is stored as it is (a msgpack array).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+import msgspec
+import trio
+
+from trionode.context.events import ContextEvent, EventHub
+from trionode.errors import StorageError
+from trionode.store.lmdb_store import Column
+from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch
+
+log_ = logging.getLogger(__name__)
+
+EVENT_PREFIX: Final = b"ws-event/"
+META_KEY: Final = b"ws-event-meta"
+CRASH_GAP: Final = 1 << 20
+"""How far numbering jumps after a crash: more than the events one unflushed batch holds."""
+
+
+class LogMeta(msgspec.Struct, frozen=True):
+    floor: int
+    next_seq: int
+    clean: bool
+
+
+_EVENTS = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(ContextEvent))
+_META = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(LogMeta))
+
+
+def _key(seq: int) -> bytes:
+    return EVENT_PREFIX + seq.to_bytes(8, "big")
+
+
+class EventLog:
+    """Loads the hub from LMDB at start, then keeps LMDB up with it."""
+
+    def __init__(
+        self,
+        hub: EventHub,
+        store: AsyncStore,
+        *,
+        retention: float,
+        max_events: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.hub = hub
+        self._store = store
+        self._retention = retention
+        self._max_events = max_events
+        self._clock = clock
+        self._kept: deque[tuple[int, float]] = deque()
+        """(seq, at) of the events in LMDB, oldest first: what retention may drop."""
+
+    async def load(self) -> None:
+        """Give the hub its retained events and numbering; mark the log as in use."""
+        meta = await self._store.get(_META, META_KEY)
+        rows = await self._store.scan(_EVENTS, prefix=EVENT_PREFIX)
+        events = [event for _, event in rows]
+        self._kept.extend((e.seq, e.at) for e in events)
+        last = max((e.seq for e in events), default=0)
+        if meta is None:
+            seq, floor = last, 1
+        elif meta.clean:
+            seq, floor = max(last, meta.next_seq - 1), meta.floor
+        else:
+            seq = max(last, meta.next_seq - 1) + CRASH_GAP
+            floor = seq + 1
+        self.hub.restore(events, seq=seq, floor=floor)
+        self.hub.unsaved = []
+        batch = WriteBatch()
+        self._drop_expired(batch)
+        # Marked in use (not clean) until `close`: a crash from here on is detected.
+        batch.put(_META, META_KEY, LogMeta(self.hub.floor, seq + 1, clean=False))
+        await self._store.write(batch)
+
+    async def flush(self) -> None:
+        """Write what the hub published since the last flush, then apply retention."""
+        unsaved = self.hub.unsaved
+        if unsaved is None:
+            return
+        taken = unsaved[:]
+        batch = WriteBatch()
+        for event in taken:
+            batch.put(_EVENTS, _key(event.seq), event)
+            self._kept.append((event.seq, event.at))
+        self._drop_expired(batch)  # may drop some of these too (max_retained_events)
+        if len(batch):
+            await self._store.write(batch)
+        # Only now: if the write was cancelled or failed, the next flush writes these again
+        # (`_kept` then names them twice, which only makes retention drop a little early).
+        del unsaved[: len(taken)]
+
+    async def close(self) -> None:
+        """Final flush and the clean-stop mark (after every publisher has stopped)."""
+        await self.flush()
+        meta = LogMeta(self.hub.floor, self.hub.seq + 1, clean=True)
+        await self._store.put(_META, META_KEY, meta)
+
+    def _drop_expired(self, batch: WriteBatch) -> None:
+        """Stage deleting what retention drops, after the batch's own puts."""
+        horizon = self._clock() - self._retention
+        kept = self._kept
+        dropped = False
+        while kept and (len(kept) > self._max_events or kept[0][1] < horizon):
+            seq, _ = kept.popleft()
+            batch.delete(_EVENTS, _key(seq))
+            self.hub.raise_floor(seq + 1)
+            dropped = True
+        if dropped:
+            batch.put(_META, META_KEY, LogMeta(self.hub.floor, self.hub.seq + 1, clean=False))
+
+
+async def serve_event_log(
+    log: EventLog,
+    shutdown_requested: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Write the hub's new events to LMDB as they come, until shutdown is requested.
+
+    `open_node` calls `log.close()` after its nursery, once nothing publishes any more.
+    """
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_shutdown() -> None:
+            await shutdown_requested.wait()
+            nursery.cancel_scope.cancel(reason="node shutting down")
+
+        nursery.start_soon(stop_on_shutdown)
+        task_status.started()
+        while True:
+            await log.hub.unsaved_ready.wait()
+            log.hub.unsaved_ready = trio.Event()
+            try:
+                await log.flush()
+            except StorageError as exc:
+                # Kept in memory and tried again with the next events (or at close).
+                log_.warning("could not write WebSocket events to LMDB: %s", exc)
