@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -153,8 +155,9 @@ async def test_install_create_call_and_watch(tmp_path: Path) -> None:
                 await process.wait()
 
 
-async def test_role_leave_and_revoke_through_the_cli(tmp_path: Path) -> None:
-    home = str(tmp_path / "home")
+@asynccontextmanager
+async def _running_node(home: str) -> AsyncIterator[None]:
+    """`trionode init` and `trionode start` on `home`; SIGTERM on exit."""
     init = await _cli(
         "init", "--home", home, "--server-port", "0", "--swarm-port", "0", "--no-mdns"
     )
@@ -169,6 +172,19 @@ async def test_role_leave_and_revoke_through_the_cli(tmp_path: Path) -> None:
     try:
         with trio.fail_after(90):
             await _read_until(node.stderr, b"started: peer id", bytearray())
+        yield
+    finally:
+        node.send_signal(signal.SIGTERM)
+        with trio.move_on_after(30):
+            await node.wait()
+        if node.returncode is None:
+            node.kill()
+
+
+async def test_role_leave_and_revoke_through_the_cli(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    async with _running_node(home):
+        with trio.fail_after(90):
             app = await _cli_json("app", "install", str(ROOT / "apps" / "kv_store"), "--home", home)
             created = await _cli_json(
                 "context", "create", str(app["applicationId"]), "--home", home
@@ -187,9 +203,3 @@ async def test_role_leave_and_revoke_through_the_cli(tmp_path: Path) -> None:
             leave = await _cli("context", "leave", context_id, "--home", home)
             assert leave.returncode != 0
             assert b"last admin" in leave.stderr
-    finally:
-        node.send_signal(signal.SIGTERM)
-        with trio.move_on_after(30):
-            await node.wait()
-        if node.returncode is None:
-            node.kill()

@@ -56,6 +56,10 @@ async def forged_set(
     return await forge(author_node, context, author, body, parents=parents)
 
 
+async def member_id(node: Node, context: bytes) -> bytes:
+    return (await node.contexts.member_key(context))[0]
+
+
 async def verdict(node: Node, context: bytes, delta_id: bytes) -> Verdict | None:
     loaded = await node.contexts._context(context)
     return loaded.authority.verdicts.get(delta_id)
@@ -123,8 +127,8 @@ async def test_demoted_and_removed_members_cannot_write(
         async with open_cluster(3, tmp_path) as cluster:
             a, b, c = cluster
             context = await share(cluster, [0, 1, 2])
-            c_member = (await member_key(c, context)).public_key().public_bytes_raw()
-            b_member = (await member_key(b, context)).public_key().public_bytes_raw()
+            c_member = await member_id(c, context)
+            b_member = await member_id(b, context)
             await a.contexts.change_members(context, [(c_member, "read-only")])
             await a.contexts.remove_member(context, b_member)
             await wait_converged(cluster, [a, c], context)
@@ -188,8 +192,8 @@ async def test_mutual_admin_removal_resolves_alike(
         async with open_cluster(3, tmp_path) as cluster:
             a, b, c = cluster
             context = await share(cluster, [0, 1, 2], roles={1: "admin"})
-            a_member = (await member_key(a, context)).public_key().public_bytes_raw()
-            b_member = (await member_key(b, context)).public_key().public_bytes_raw()
+            a_member = await member_id(a, context)
+            b_member = await member_id(b, context)
             await cluster.partition([0], [1])
             await a.contexts.remove_member(context, b_member)
             await b.contexts.remove_member(context, a_member)
@@ -211,7 +215,7 @@ async def test_concurrent_readd_does_not_resurrect(
         async with open_cluster(3, tmp_path) as cluster:
             a, b, c = cluster
             context = await share(cluster, [0, 1, 2], roles={1: "admin"})
-            c_member = (await member_key(c, context)).public_key().public_bytes_raw()
+            c_member = await member_id(c, context)
             await cluster.partition([0], [1])
             await a.contexts.remove_member(context, c_member)
             await b.contexts.change_members(context, [(c_member, "admin")])
@@ -228,8 +232,8 @@ async def test_concurrent_removals_get_distinct_keys_and_converge(
         async with open_cluster(4, tmp_path) as cluster:
             a, b, c, d = cluster
             context = await share(cluster, [0, 1, 2, 3], roles={1: "admin"})
-            c_member = (await member_key(c, context)).public_key().public_bytes_raw()
-            d_member = (await member_key(d, context)).public_key().public_bytes_raw()
+            c_member = await member_id(c, context)
+            d_member = await member_id(d, context)
             await cluster.partition([0, 2], [1, 3])
             await a.contexts.remove_member(context, c_member)
             await b.contexts.remove_member(context, d_member)

@@ -3,7 +3,7 @@
 | column        | key                               | value                              |
 |---------------|-----------------------------------|------------------------------------|
 | config        | context id                        | ContextRecord                      |
-| identity      | context id ‖ "k" ‖ key id (4 B)   | the context key (32 B)             |
+| identity      | context id ‖ "k" ‖ key id (8 B)   | a context key (32 B)               |
 | identity      | context id ‖ "m" ‖ member pubkey  | our member private key (32 B seed) |
 | state         | context id ‖ entity id            | encoded entity record              |
 | delta         | context id ‖ delta id             | SignedDelta wire bytes, or empty:  |
@@ -13,7 +13,10 @@
 | generic       | "handler-run/" ‖ context ‖ delta ‖ index | HandlerRun (to run once)    |
 | generic       | "snapshot-progress/" ‖ context    | SnapshotProgress (resume point)    |
 | generic       | "bundle/" ‖ application id        | packed bundle (.tar.gz)            |
-| generic       | "invitation-used/" ‖ invitation id| the member that used it            |
+| generic       | "base/" ‖ context ‖ entity id     | state that arrived as state (the   |
+|               |                                   | base a membership rebuild joins)   |
+| generic       | "ckvv/" ‖ context ‖ delta id      | a checkpoint's version vector      |
+| meta          | "context-format"                  | storage format of contexts (2)     |
 | application   | application id                    | ApplicationRecord                  |
 
 One call's writes (state rows, the delta, the new heads and root) go in one WriteBatch, so
