@@ -22,6 +22,7 @@ from tests.replication.cluster_helpers import (
     gossip,
     install,
     member_key,
+    metric,
     share,
     subscribe,
     wait_converged,
@@ -240,8 +241,15 @@ async def test_concurrent_removals_get_distinct_keys_and_converge(
             key_a = (await a.contexts.get(context)).key_id
             key_b = (await b.contexts.get(context)).key_id
             assert key_a != key_b
+            # B writes under its key: when A receives it after the merge, A's event handler
+            # writes, and no key A holds follows both removals: it must rotate first.
+            await write(b, context, "set", key="b-side", value="1")
+            ran = metric(a, "trionode_handler_runs_total", outcome="ok")
             await cluster.heal()
             await wait_converged(cluster, [a, b], context)
+            assert metric(a, "trionode_handler_runs_total", outcome="ok") > ran
+            loaded = await a.contexts._context(context)
+            assert any(o.kind is Kind.ROTATE for o in loaded.authority.graph.ops.values())
             # Neither key follows both removals: the next writer rotates, and both read it.
             await write(a, context, "set", key="k", value="1")
             await wait_converged(cluster, [a, b], context)

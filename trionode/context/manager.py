@@ -542,12 +542,15 @@ class ContextManager:
             loaded.record = replace(loaded.record, key_id=auth.key_id)
             return
 
-    async def _commit_local(self, loaded: _Loaded, outcome: CallOutcome) -> SignedDelta:
+    async def _ensure_write_key(self, loaded: _Loaded) -> None:
+        """If no key we hold follows every removal in our view (concurrent removals, a
+        leaked invitation, or a removal whose key was not sealed to us), introduce one."""
         if self._write_key(loaded) is None:
-            # No key we hold follows every removal in our view (concurrent removals, or a
-            # removal whose key was not sealed to us): introduce one first.
             roles = loaded.authority.roles()
             await self._commit_op(loaded, self._new_key_action(loaded, Kind.ROTATE, roles))
+
+    async def _commit_local(self, loaded: _Loaded, outcome: CallOutcome) -> SignedDelta:
+        await self._ensure_write_key(loaded)
         delta, parents = self._seal(loaded, outcome)
         batch = WriteBatch()
         self._stage(loaded, batch, delta, parents)
@@ -896,6 +899,7 @@ class ContextManager:
                     self.metrics.handler_run(ok=True)
                     outcome = _merge(outcome, result)
                 if outcome is not None and (outcome.delta_records or outcome.events):
+                    await self._ensure_write_key(loaded)
                     delta, parents = self._seal(loaded, outcome)
                     self._stage(loaded, batch, delta, parents)
                     await self._write_or_reload(loaded, batch)
