@@ -829,13 +829,10 @@ class ContextManager:
                 continue
             tree.apply([decode_entity(r) for r in body.records])
         old_ids = {e.id for e in loaded.tree.entities()}
+        new_ids = [e.id for e in tree.entities()]
         tree.drain_changes()
-        for entity in tree.entities():
-            batch.put(STATE, context_id + entity.id, encode_entity(entity))
-            old_ids.discard(entity.id)
-        for entity_id in old_ids:
-            batch.delete(STATE, context_id + entity_id)
         loaded.tree = tree
+        _stage_entities(loaded, batch, new_ids, old_ids.difference(new_ids))
         loaded.clock.witness(tree.max_stamp, self._physical_now())
 
     async def expire_pending(self, max_age: float) -> int:
@@ -1503,13 +1500,21 @@ def _reason_label(reason: str | None) -> str:
 
 def _stage_state(loaded: _Loaded, batch: WriteBatch) -> None:
     """Rewrite (or delete) the state rows of every entity changed since the last drain."""
-    context_id = loaded.context_id
     changes = loaded.tree.drain_changes()
-    for entity_id in changes.updated:
+    _stage_entities(loaded, batch, changes.updated, changes.deleted)
+
+
+def _stage_entities(
+    loaded: _Loaded, batch: WriteBatch, updated: Iterable[bytes], deleted: Iterable[bytes]
+) -> None:
+    """Write the rows of `updated` entities of the current tree; delete those of `deleted`.
+    (A rebuild stages a whole new tree through here too.)"""
+    context_id = loaded.context_id
+    for entity_id in updated:
         entity = loaded.tree.get(entity_id)
         if entity is not None:
             batch.put(STATE, context_id + entity_id, encode_entity(entity))
-    for entity_id in changes.deleted:
+    for entity_id in deleted:
         batch.delete(STATE, context_id + entity_id)
 
 
