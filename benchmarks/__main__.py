@@ -17,6 +17,7 @@ from benchmarks import (
     store_bench,
     sync_bench,
     transport_bench,
+    ws_load_bench,
 )
 from benchmarks.harness import Row, render
 
@@ -32,6 +33,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "cli": cli_bench.run,
         "blobs": blob_bench.run,
         "auth": auth_bench.run,
+        "ws-load": ws_load_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():
