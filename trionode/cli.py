@@ -260,6 +260,8 @@ EXAMPLES: dict[str, str] = {
     "blob ls": "trionode blob ls",
     "blob show": "trionode blob show BLOB_ID",
     "blob rm": "trionode blob rm BLOB_ID",
+    "blob pin": "trionode blob pin BLOB_ID",
+    "blob unpin": "trionode blob unpin BLOB_ID",
 }
 """One example per command, shown at the end of its --help."""
 

@@ -1,4 +1,4 @@
-"""`trionode blob add | get | ls | show | rm`: blobs over the node's API.
+"""`trionode blob add | get | ls | show | rm | pin | unpin`: blobs over the node's API.
 
 `add` streams the file to the node (never read whole) and prints the blob id; `get` writes
 the blob to a file, first asking the node to fetch it from members of `--context` when it
@@ -142,6 +142,14 @@ async def _blob_remove(client: Client, args: argparse.Namespace) -> Any:
     return await client.delete_blob(args.blob_id)
 
 
+async def _blob_pin(client: Client, args: argparse.Namespace) -> Any:
+    return await client.pin_blob(args.blob_id)
+
+
+async def _blob_unpin(client: Client, args: argparse.Namespace) -> Any:
+    return await client.pin_blob(args.blob_id, pinned=False)
+
+
 def _render_id(result: Any) -> str:
     return str(result["blobId"])
 
@@ -188,4 +196,12 @@ COMMANDS: list[Spec] = [
     ("blob ls", "list the blobs stored here", _blob_list, _render_blobs, None),
     ("blob show", "show one blob's size, chunks, pin and contexts", _blob_show, None, _id_arg),
     ("blob rm", "delete a blob from this node", _blob_remove, None, _id_arg),
+    ("blob pin", "keep a blob here even when nothing references it", _blob_pin, None, _id_arg),
+    (
+        "blob unpin",
+        "let garbage collection remove the blob when unreferenced",
+        _blob_unpin,
+        None,
+        _id_arg,
+    ),
 ]

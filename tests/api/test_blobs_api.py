@@ -48,6 +48,11 @@ async def test_upload_list_show_download_delete(node: TestNode) -> None:
         listed = await client.blobs()
         assert [b["blobId"] for b in listed["blobs"]] == [blob_id]
         assert (await client.blob(blob_id))["size"] == len(data)
+        assert (await client.pin_blob(blob_id))["pinned"] is True
+        assert (await client.blob(blob_id))["pinned"] is True
+        assert (await client.pin_blob(blob_id, pinned=False))["pinned"] is False
+        with pytest.raises(ApiError, match="404"):
+            await client.pin_blob("1" * 32)
         assert await client.delete_blob(blob_id) == {"deleted": blob_id}
         with pytest.raises(ApiError, match="404"):
             await client.blob(blob_id)

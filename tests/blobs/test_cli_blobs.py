@@ -60,6 +60,11 @@ async def test_add_ls_get_rm(tmp_path: Path) -> None:
         assert resumed.read_bytes() == b"\0" * 1_000_000 + data[1_000_000:]
         assert json.loads(got.stdout)["size"] == len(data)
 
+        pinned = await cli(node, "blob", "pin", blob_id, "--json")
+        assert json.loads(pinned.stdout)["pinned"] is True
+        unpinned = await cli(node, "blob", "unpin", blob_id, "--json")
+        assert json.loads(unpinned.stdout)["pinned"] is False
+
         removed = await cli(node, "blob", "rm", blob_id)
         assert removed.returncode == 0
         missing = await cli(node, "blob", "get", blob_id, "-o", str(tmp_path / "x"))

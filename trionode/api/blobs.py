@@ -8,6 +8,7 @@ GET    /admin-api/blobs/<id>/content   (Range: bytes=a-b)            → the byt
 POST   /admin-api/blobs/<id>/fetch     {"contextId": CTX}            → info, once fetched from
                                                                        members of CTX
 DELETE /admin-api/blobs/<id>                                         → {"deleted": id}
+PUT    /admin-api/blobs/<id>/pin       DELETE …/pin                 → info (GC keeps pinned blobs)
 ```
 Blob ids are base58, like context and application ids.
 
@@ -266,6 +267,18 @@ def register_blob_routes(app: QuartTrio, node: BlobApi) -> None:
         if not await node.blobs.delete(parse_blob_id(blob_id)):
             raise BlobNotFoundError(f"blob {blob_id} is not stored here")
         return jsonify({"deleted": blob_id})
+
+    @app.put("/admin-api/blobs/<blob_id>/pin")
+    async def pin_blob(blob_id: str) -> Response:
+        info = await _info(node, parse_blob_id(blob_id))
+        await node.blobs.pin(info.blob_id)
+        return jsonify(blob_json(await _info(node, info.blob_id)))
+
+    @app.delete("/admin-api/blobs/<blob_id>/pin")
+    async def unpin_blob(blob_id: str) -> Response:
+        info = await _info(node, parse_blob_id(blob_id))
+        await node.blobs.pin(info.blob_id, pinned=False)
+        return jsonify(blob_json(await _info(node, info.blob_id)))
 
     @app.post("/admin-api/blobs/<blob_id>/fetch")
     async def fetch_blob(blob_id: str) -> Response:

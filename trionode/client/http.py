@@ -257,6 +257,10 @@ class Client:
     async def delete_blob(self, blob_id: str) -> Any:
         return await self.request("DELETE", f"/admin-api/blobs/{blob_id}")
 
+    async def pin_blob(self, blob_id: str, *, pinned: bool = True) -> Any:
+        """Pin (or unpin) a blob: garbage collection never removes a pinned blob."""
+        return await self.request("PUT" if pinned else "DELETE", f"/admin-api/blobs/{blob_id}/pin")
+
     async def fetch_blob(self, blob_id: str, context_id: str) -> Any:
         """Have the node fetch a blob it lacks from members of `context_id`."""
         return await self.request(
