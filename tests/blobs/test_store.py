@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,7 +23,11 @@ CHUNK = 1024
 
 @asynccontextmanager
 async def open_blobs(
-    home: Path, *, passphrase: str | None = None, max_size: int = 1 << 30
+    home: Path,
+    *,
+    passphrase: str | None = None,
+    max_size: int = 1 << 30,
+    wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[BlobStore]:
     async with open_store(
         home / "data",
@@ -32,7 +37,14 @@ async def open_blobs(
         passphrase=passphrase,
         kdf=FAST_KDF,
     ) as store:
-        yield BlobStore(store, home, BlobMetrics(None), max_size=max_size, chunk_size=CHUNK)
+        yield BlobStore(
+            store,
+            home,
+            BlobMetrics(None),
+            max_size=max_size,
+            chunk_size=CHUNK,
+            wall_clock=wall_clock,
+        )
 
 
 async def pieces(data: bytes, size: int = 333) -> AsyncIterator[bytes]:
@@ -197,21 +209,7 @@ async def test_gc_removes_only_what_nothing_references_after_the_retention(
 ) -> None:
     now = [1_000_000.0]
     live, gone = b"\x01" * 32, b"\x02" * 32
-    async with open_store(
-        tmp_path / "data",
-        initial_map_size=1 << 20,
-        max_map_size=1 << 30,
-        reader_threads=2,
-        passphrase=None,
-    ) as store:
-        blobs = BlobStore(
-            store,
-            tmp_path,
-            BlobMetrics(None),
-            max_size=1 << 30,
-            chunk_size=CHUNK,
-            wall_clock=lambda: now[0],
-        )
+    async with open_blobs(tmp_path, wall_clock=lambda: now[0]) as blobs:
         loose = await blobs.add(pieces(os.urandom(3 * CHUNK)))
         pinned = await blobs.add(pieces(os.urandom(2 * CHUNK)))
         await blobs.pin(pinned.blob_id)
@@ -250,21 +248,7 @@ async def test_gc_removes_only_what_nothing_references_after_the_retention(
 
 async def test_gc_drops_abandoned_partials_and_young_orphans_survive(tmp_path: Path) -> None:
     now = [1_000_000.0]
-    async with open_store(
-        tmp_path / "data",
-        initial_map_size=1 << 20,
-        max_map_size=1 << 30,
-        reader_threads=2,
-        passphrase=None,
-    ) as store:
-        blobs = BlobStore(
-            store,
-            tmp_path,
-            BlobMetrics(None),
-            max_size=1 << 30,
-            chunk_size=CHUNK,
-            wall_clock=lambda: now[0],
-        )
+    async with open_blobs(tmp_path, wall_clock=lambda: now[0]) as blobs:
         chunker = Chunker(chunk_size=CHUNK)
         chunks = chunker.feed(os.urandom(2 * CHUNK))
         _, manifest = chunker.finish()
