@@ -235,6 +235,8 @@ class ApiSection(_Section, frozen=True):
     `since` across restarts; resuming from before that gets a `resync` message."""
     max_retained_events: PositiveInt = 100_000
     """Events kept at most, whatever their age (the oldest go first)."""
+    sse_keepalive: PositiveFloat = 15.0
+    """Seconds of silence after which an event stream sends a comment, so proxies keep it open."""
 
 
 class StoreSection(_Section, frozen=True):

@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from trionode import __version__
 from trionode.api.blobs import UPLOAD_PATH, BlobApi, register_blob_routes, wrap_upload
 from trionode.api.contexts import ContextApi, json_object_body, register_context_routes
+from trionode.api.cors import install_cors
 from trionode.api.jsonio import BadInput, decode_json
 from trionode.config import NodeConfig
 from trionode.errors import PeerError, ProtocolError
@@ -197,6 +198,7 @@ def create_app(node: NodeApi) -> QuartTrio:
         return jsonify({"peerId": peer_id})
 
     register_context_routes(app, node, settings)
+    install_cors(app, settings.cors_origins)
     register_blob_routes(app, node)
     app.asgi_app = wrap_upload(  # type: ignore[method-assign,assignment]  # Quart's hook
         app.asgi_app,

@@ -19,6 +19,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from trionode.api.jsonio import BadInput, number_field
+from trionode.api.sse import EventRequestError, event_stream_response
 from trionode.api.ws import serve_websocket
 from trionode.config import ApiSection
 from trionode.context.events import EventHub
@@ -120,8 +121,8 @@ def app_interface(app: Any) -> dict[str, Any]:
     }
 
 
-def _error(status: int, message: str) -> Response:
-    response = jsonify({"error": {"code": status, "message": message}})
+def _error(status: int, message: str, **extra: Any) -> Response:
+    response = jsonify({"error": {"code": status, "message": message, **extra}})
     response.status_code = status
     return response
 
@@ -407,3 +408,11 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
             return _error(503, "too many WebSocket connections; try again later")
         await serve_websocket(node.hub, node.knows_context, app.json.loads)
         return None
+
+    @app.get("/events")
+    async def events() -> Response:  # noqa: ASYNC124
+        try:
+            return event_stream_response(node.hub, node.knows_context, settings.sse_keepalive)
+        except EventRequestError as exc:
+            extra = {"resync": True} if exc.resync else {}
+            return _error(exc.status, str(exc), **extra)
