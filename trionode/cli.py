@@ -24,6 +24,7 @@ from trionode import __version__
 from trionode.cli_blobs import COMMANDS as BLOB_COMMANDS
 from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, mapping_rows, table as _table
 from trionode.cli_invitations import add_invitation_commands
+from trionode.cli_tokens import COMMANDS as TOKEN_COMMANDS
 from trionode.client import Client, open_blocking_client, run_blocking
 from trionode.errors import ConfigError, TrionodeError, WrongPassphraseError
 from trionode.layout import (
@@ -189,7 +190,11 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
 CLIENT_COMMANDS.update(
     {
         name: ClientCommand(help_text, action, render, arguments)
-        for name, help_text, action, render, arguments in [*CONTEXT_COMMANDS, *BLOB_COMMANDS]
+        for name, help_text, action, render, arguments in [
+            *CONTEXT_COMMANDS,
+            *BLOB_COMMANDS,
+            *TOKEN_COMMANDS,
+        ]
     }
 )
 

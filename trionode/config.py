@@ -237,6 +237,10 @@ class ApiSection(_Section, frozen=True):
     """Events kept at most, whatever their age (the oldest go first)."""
     sse_keepalive: PositiveFloat = 15.0
     """Seconds of silence after which an event stream sends a comment, so proxies keep it open."""
+    ticket_ttl: PositiveFloat = 30.0
+    """Seconds a one-time ticket (for WebSocket and EventSource, which can't send headers) lasts."""
+    max_tickets: PositiveInt = 1024
+    """Unused tickets held at once; beyond that, issuing one answers 429."""
 
 
 class StoreSection(_Section, frozen=True):

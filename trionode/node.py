@@ -44,6 +44,7 @@ import trio
 
 from trionode.api.app import create_app
 from trionode.api.server import serve_api
+from trionode.api.tokens import TicketBook, TokenStore
 from trionode.blobs.store import BlobMetrics, BlobStore
 from trionode.blobs.transfer import BlobTransfer, BlobTransferMetrics
 from trionode.config import NodeConfig
@@ -173,6 +174,9 @@ class Node:
             metrics=BlobTransferMetrics(metrics.registry),
         )
         self.gc_metrics = GcMetrics(metrics.registry)
+        self.tokens = TokenStore(store)
+        """Scoped API tokens for browser apps (hashed in LMDB)."""
+        self.tickets = TicketBook(ttl=config.api.ticket_ttl, capacity=config.api.max_tickets)
         self._ready = False
         token = config.api.token_sha256
         if token is None:
@@ -336,6 +340,7 @@ async def _open_locked_node(
         )
         await node.event_log.load()  # numbering continues before anything is published
         await node.contexts.start()
+        await node.tokens.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_bound_shutdown, node, nursery.cancel_scope, name="shutdown-grace")
             await nursery.start(

@@ -105,17 +105,22 @@ class EventReader:
 
 @asynccontextmanager
 async def follow(
-    live: TestNode, params: dict[str, str], headers: dict[str, str] | None = None
+    live: TestNode,
+    params: dict[str, str],
+    headers: dict[str, str] | None = None,
+    *,
+    authorization: bool = True,
 ) -> AsyncIterator[EventReader]:
     url = httpx.URL(live.api_url).join("/events").copy_merge_params(params)
     assert url.host == "127.0.0.1"
     conn = h11.Connection(h11.CLIENT)
     request_headers = {
         "Host": f"{url.host}:{url.port}",
-        "Authorization": f"Bearer {live.token}",
         "Accept": "text/event-stream",
         **(headers or {}),
     }
+    if authorization:
+        request_headers["Authorization"] = f"Bearer {live.token}"
     async with await trio.open_tcp_stream(url.host, url.port or 80) as stream:
         target = url.raw_path
         await stream.send_all(
@@ -158,6 +163,33 @@ async def test_events_stream_deltas_and_resume_from_last_event_id(
         async with follow(live, params) as reader:
             _, event = await reader.next_delta()
             assert event["deltaId"] == missed[1]
+
+
+async def test_an_event_source_uses_a_one_time_ticket_with_its_tokens_rights(
+    live: TestNode, http: httpx.AsyncClient
+) -> None:
+    mine, other = await make_context(live), await make_context(live)
+    made = await http.post("/admin-api/tokens", json={"contexts": [mine], "scope": "read"})
+    scoped = {"Authorization": f"Bearer {made.json()['token']}"}
+
+    async def ticket() -> str:
+        response = await http.post("/admin-api/tickets", headers={**scoped, "Origin": APP_ORIGIN})
+        assert response.headers["access-control-allow-origin"] == APP_ORIGIN
+        return str(response.json()["ticket"])
+
+    with trio.fail_after(20):
+        first = await ticket()
+        async with follow(live, {"context": mine, "ticket": first}, authorization=False) as reader:
+            delta_id = await write(live, mine, "t")
+            _, event = await reader.next_delta()
+            assert event["deltaId"] == delta_id
+    async with httpx.AsyncClient(base_url=live.api_url) as browser:
+        used = await browser.get("/events", params={"context": mine, "ticket": first})
+        assert used.status_code == 401
+        elsewhere = await browser.get(
+            "/events", params={"context": other, "ticket": await ticket()}
+        )
+        assert elsewhere.status_code == 404
 
 
 async def test_a_quiet_stream_gets_keepalive_comments(

@@ -6,8 +6,6 @@ with `app.test_client()` and no sockets.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import time
 from typing import Any, Final, Protocol
@@ -18,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from quart import Response, g, jsonify, request, websocket
 from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
+from werkzeug.datastructures import Headers, MultiDict
 from werkzeug.exceptions import HTTPException
 
 from trionode import __version__
@@ -25,11 +24,23 @@ from trionode.api.blobs import UPLOAD_PATH, BlobApi, register_blob_routes, wrap_
 from trionode.api.contexts import ContextApi, json_object_body, register_context_routes
 from trionode.api.cors import install_cors
 from trionode.api.jsonio import BadInput, decode_json
+from trionode.api.tokens import (
+    ADMIN,
+    Principal,
+    TicketBook,
+    TokenError,
+    TokenStore,
+    token_matches,
+)
 from trionode.config import NodeConfig
 from trionode.errors import PeerError, ProtocolError
 from trionode.metrics import NodeMetrics
 
 PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
+SCOPED_ROUTES: Final = frozenset({"/jsonrpc", "/events", "/admin-api/tickets"})
+"""All a scoped token reaches (each route then checks the contexts)."""
+TICKET_ROUTES: Final = frozenset({"/ws", "/events"})
+"""Where a one-time ticket in the URL stands in for a bearer header."""
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,12 @@ class NodeApi(ContextApi, BlobApi, Protocol):
 
     @property
     def token_sha256(self) -> str: ...
+
+    @property
+    def tokens(self) -> TokenStore: ...
+
+    @property
+    def tickets(self) -> TicketBook: ...
 
     def is_ready(self) -> bool: ...
 
@@ -70,9 +87,21 @@ def error_response(status: int, message: str, **extra: Any) -> Response:
     return response
 
 
-def token_matches(presented: str, expected_sha256: str) -> bool:
-    digest = hashlib.sha256(presented.encode("utf-8")).hexdigest()
-    return hmac.compare_digest(digest, expected_sha256)
+def _principal(
+    node: NodeApi, headers: Headers, args: MultiDict[str, str], path: str
+) -> Principal | None:
+    """Who is asking: a bearer token (admin or scoped), else a one-time ticket in the URL."""
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token:
+        if token_matches(token, node.token_sha256):
+            return ADMIN
+        return node.tokens.principal(token)
+    # Only EventSource and WebSocket need tickets; elsewhere a ticket is not a credential.
+    ticket = args.get("ticket")
+    if ticket and path in TICKET_ROUTES:
+        return node.tickets.redeem(ticket)
+    return None
 
 
 class StrictJSONProvider(DefaultJSONProvider):
@@ -107,25 +136,30 @@ def create_app(node: NodeApi) -> QuartTrio:
         origin = websocket.headers.get("Origin")
         if origin is not None and origin not in allowed_origins:
             return error_response(403, f"origin {origin!r} is not in api.cors_origins")
-        # Browsers cannot set headers on a WebSocket handshake, so ?token= is accepted too.
-        header = websocket.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip() if scheme.lower() == "bearer" else websocket.args.get("token", "")
-        if not token or not token_matches(token, node.token_sha256):
-            return error_response(401, "missing or invalid bearer token")
+        # Browsers cannot set headers on a WebSocket handshake: they bring a one-time ticket.
+        principal = _principal(node, websocket.headers, websocket.args, websocket.path)
+        if principal is None:
+            return error_response(401, "missing or invalid bearer token or ticket")
+        g.principal = principal
         return None
 
     @app.before_request
     async def authenticate() -> Response | None:  # noqa: ASYNC124 - Quart hooks are async
         g.started = time.perf_counter()
+        g.principal = None
         if request.path in PUBLIC_ROUTES or request.method == "OPTIONS":
             return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        bearer = scheme.lower() == "bearer" and bool(token.strip())
+        if not bearer and "ticket" not in request.args:
             return error_response(401, "missing bearer token")
-        if not token_matches(token.strip(), node.token_sha256):
-            return error_response(401, "invalid bearer token")
+        principal = _principal(node, request.headers, request.args, request.path)
+        if principal is None:
+            what = "bearer token" if bearer else "ticket (unknown, used or expired)"
+            return error_response(401, f"invalid {what}")
+        if not principal.is_admin and request.path not in SCOPED_ROUTES:
+            return error_response(403, "this token only allows JSON-RPC and events on its contexts")
+        g.principal = principal
         return None
 
     @app.after_request
@@ -196,6 +230,47 @@ def create_app(node: NodeApi) -> QuartTrio:
         except trio.TooSlowError:
             return error_response(504, "handshake timed out")
         return jsonify({"peerId": peer_id})
+
+    @app.errorhandler(TokenError)
+    async def token_error(exc: TokenError) -> Response:  # noqa: ASYNC124
+        return error_response(exc.status, str(exc))
+
+    @app.post("/admin-api/tokens")
+    async def create_token() -> Response:
+        body = await request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise TokenError('body: {"contexts": [...], "scope": "read"|"call", "expiresIn": s}')
+        contexts, scope = body.get("contexts"), body.get("scope")
+        expires_in = body.get("expiresIn")
+        if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+            raise TokenError("contexts must be a list of context ids")
+        unknown = [c for c in contexts if not node.knows_context(c)]
+        if unknown:
+            raise TokenError(f"unknown context ids: {', '.join(unknown[:5])}", 404)
+        if expires_in is not None and (
+            isinstance(expires_in, bool) or not isinstance(expires_in, int | float)
+        ):
+            raise TokenError("expiresIn must be a number of seconds")
+        token, record = await node.tokens.create(
+            contexts, str(scope), None if expires_in is None else float(expires_in)
+        )
+        return jsonify({"token": token, **record.to_json(node.tokens.now())})
+
+    @app.get("/admin-api/tokens")
+    async def list_tokens() -> Response:  # noqa: ASYNC124
+        now = node.tokens.now()
+        return jsonify({"tokens": [r.to_json(now) for r in node.tokens.records()]})
+
+    @app.delete("/admin-api/tokens/<token_id>")
+    async def revoke_token(token_id: str) -> Response:
+        await node.tokens.revoke(token_id)
+        return jsonify({"revoked": token_id})
+
+    @app.post("/admin-api/tickets")
+    async def issue_ticket() -> Response:  # noqa: ASYNC124
+        principal: Principal = g.principal
+        ticket = node.tickets.issue(principal)
+        return jsonify({"ticket": ticket, "expiresIn": node.tickets.ttl})
 
     register_context_routes(app, node, settings)
     install_cors(app, settings.cors_origins)

@@ -15,11 +15,12 @@ from typing import Any, Final, Protocol
 
 import base58
 import trio
-from quart import Response, jsonify, request
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 
 from trionode.api.jsonio import BadInput, number_field
 from trionode.api.sse import EventRequestError, event_stream_response
+from trionode.api.tokens import Principal
 from trionode.api.ws import serve_websocket
 from trionode.config import ApiSection
 from trionode.context.events import EventHub
@@ -29,6 +30,7 @@ from trionode.context.manager import ContextError, ContextManager, b58
 from trionode.context.records import ApplicationRecord, ContextRecord
 from trionode.context.sync import SyncManager
 from trionode.errors import PeerError, ProtocolError, StorageError, TrionodeError
+from trionode.sdk.app import EntryKind
 from trionode.sdk.errors import AppError
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,13 @@ def _call_params(
     executor_text = params.get("executorPublicKey")
     executor = None if executor_text is None else parse_id(executor_text, "executorPublicKey")
     return context_id, method, args_json, executor
+
+
+async def _is_view(node: ContextApi, context_id: bytes, method: str) -> bool:
+    record = await node.contexts.get(context_id)
+    app = await node.applications.load(record.application_id)
+    entry = app.entry(method)
+    return entry is not None and entry.kind is EntryKind.VIEW
 
 
 def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSection) -> None:
@@ -376,6 +385,17 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
             context_id, method, args_json, executor = _call_params(params, app.json.loads)
         except (ContextError, BadInput) as exc:
             return _rpc_error(request_id, JSONRPC_INVALID_PARAMS, str(exc))
+        principal: Principal = g.principal
+        if not principal.is_admin:
+            try:
+                is_view = await _is_view(node, context_id, method)
+            except ContextError:
+                is_view = False
+            if not principal.may_call(b58(context_id), is_view=is_view):
+                what = "call methods of" if is_view is False else "read"
+                return _rpc_error(
+                    request_id, JSONRPC_FORBIDDEN, f"this token may not {what} that context"
+                )
         try:
             result = await node.contexts.execute(context_id, method, args_json, executor=executor)
         except AppError as exc:
@@ -400,19 +420,24 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
 
     # -- WebSocket -------------------------------------------------------------------------
 
+    def followable() -> Callable[[str], bool]:
+        # A context the caller may not follow looks exactly like one that doesn't exist.
+        principal: Principal = g.principal
+        return lambda c: principal.may_follow(c) and node.knows_context(c)
+
     @app.websocket("/ws")
     async def ws() -> Response | None:
         # Checked and counted with no await in between (hub.open), so the cap is exact.
         if node.hub.subscribers >= settings.max_websockets:
             log.info("refused a WebSocket: %d open (api.max_websockets)", node.hub.subscribers)
             return _error(503, "too many WebSocket connections; try again later")
-        await serve_websocket(node.hub, node.knows_context, app.json.loads)
+        await serve_websocket(node.hub, followable(), app.json.loads)
         return None
 
     @app.get("/events")
     async def events() -> Response:  # noqa: ASYNC124
         try:
-            return event_stream_response(node.hub, node.knows_context, settings.sse_keepalive)
+            return event_stream_response(node.hub, followable(), settings.sse_keepalive)
         except EventRequestError as exc:
             extra = {"resync": True} if exc.resync else {}
             return _error(exc.status, str(exc), **extra)
