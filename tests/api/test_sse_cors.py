@@ -14,9 +14,9 @@ import pytest
 import trio
 from msgspec.structs import replace
 
-from trionode.api.sse import EventRequestError, check_resumable, parse_since
+from trionode.api.sse import EventRequestError, check_resumable, format_event, parse_since
 from trionode.config import FileConfig
-from trionode.context.events import EventHub
+from trionode.context.events import EventHub, Notice
 from trionode.testing import TestNode, open_test_node
 
 pytestmark = pytest.mark.real_network
@@ -249,6 +249,16 @@ def test_a_resume_point_no_longer_buffered_asks_for_a_resync() -> None:
     assert caught.value.resync
     # The probe left nothing behind.
     assert not hub._subscriptions
+
+
+def test_notices_carry_no_id_so_resume_stays_on_deltas() -> None:
+    hub = EventHub()
+    delta = hub.publish(
+        context_id="c", delta_id="d", root_hash="", heads=[], events=[], origin="local"
+    )
+    assert format_event(delta).startswith(f"id: {delta.seq}\nevent: delta\n".encode())
+    notice = format_event(Notice("c", {"type": "blob", "done": 3}))
+    assert notice == b'event: notice\ndata: {"type":"blob","done":3}\n\n'
 
 
 def test_last_event_id_wins_over_since() -> None:

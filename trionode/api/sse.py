@@ -11,7 +11,8 @@ The `id` is the hub's sequence number, so resuming works exactly like the WebSoc
 `since`: a client sends `Last-Event-ID: <seq>` (EventSource does so by itself when it
 reconnects) or `?since=<seq>`, and first gets every buffered event after it. A resume point
 that is no longer buffered answers 410 with `"resync": true` before any stream starts, so
-the client knows it must reload state instead of silently missing events. A client that
+the client knows it must reload state instead of silently missing events. Transient notices (blob
+transfer progress) arrive as `event: notice` without an id. A client that
 falls too far behind gets an `overflow` event and the stream ends; it reconnects with its
 last id and misses nothing. Silence is broken by a comment every `api.sse_keepalive`
 seconds so that proxies and browsers keep the connection open.
@@ -26,7 +27,7 @@ from typing import Final
 import trio
 from quart import Response, request
 
-from trionode.context.events import ContextEvent, EventHub, Replay
+from trionode.context.events import ContextEvent, EventHub, Notice, Replay
 
 MAX_CONTEXTS: Final = 64
 """Contexts one stream may follow (a query string is not the place for more)."""
@@ -66,9 +67,12 @@ def parse_contexts(values: list[str], known: Callable[[str], bool]) -> list[str]
     return list(dict.fromkeys(ids))
 
 
-def format_event(event: ContextEvent) -> bytes:
+def format_event(event: ContextEvent | Notice) -> bytes:
     # json.dumps never emits a raw newline, so the whole event fits on one data line.
     data = json.dumps(event.to_json(), separators=(",", ":"))
+    if isinstance(event, Notice):
+        # Transient (blob progress and the like): no id, so Last-Event-ID stays on deltas.
+        return f"event: notice\ndata: {data}\n\n".encode()
     return f"id: {event.seq}\nevent: delta\ndata: {data}\n\n".encode()
 
 
