@@ -6,16 +6,15 @@ import argparse
 import time
 from typing import Any
 
-from trionode.api.tokens import SCOPES, parse_duration
-from trionode.cli_contexts import Spec, table
+from trionode.cli_contexts import (
+    Spec,
+    _duration as duration,  # the parser of invite --expires
+    table,
+)
 from trionode.client import Client
 
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+SCOPES = ("read", "call")
+"""As `trionode.api.tokens.SCOPES` (not imported: client commands never load the server)."""
 
 
 async def _create(client: Client, args: argparse.Namespace) -> Any:
@@ -66,7 +65,7 @@ def _create_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--scope", choices=SCOPES, required=True, help="read: events and views")
     parser.add_argument(
-        "--expires", type=_duration, help="lifetime such as 30d, 12h or 45m (default: never)"
+        "--expires", type=duration, help="lifetime such as 30d, 12h or 45m (default: never)"
     )
 
 

@@ -13,7 +13,7 @@ from quart.testing.connections import WebsocketResponseError
 from quart.typing import TestClientProtocol as QuartClient
 
 from trionode.api.app import create_app
-from trionode.api.tokens import ADMIN, TicketBook, TokenError, TokenStore, parse_duration
+from trionode.api.tokens import ADMIN, TicketBook, TokenError, TokenStore
 from trionode.cli import main
 from trionode.node import open_node
 from trionode.testing import TestNode, make_test_config, open_test_node
@@ -271,15 +271,6 @@ async def test_tickets_expire_and_are_bounded(autojump_clock: trio.testing.MockC
     await trio.sleep(30.0)
     assert book.redeem(late) is None
     book.issue(ADMIN)  # expired ones made room
-
-
-def test_durations() -> None:
-    assert parse_duration("30d") == 30 * 86400
-    assert parse_duration("12h") == 12 * 3600
-    assert parse_duration("90") == 90
-    for bad in ("", "d", "0d", "-5m", "1.5h", "\uff11d", "99999d"):
-        with pytest.raises(ValueError, match=r"duration|ten years"):
-            parse_duration(bad)
 
 
 # -- the CLI -------------------------------------------------------------------------------

@@ -101,18 +101,6 @@ def token_matches(presented: str, expected_sha256: str) -> bool:
     return hmac.compare_digest(sha256_hex(presented), expected_sha256)
 
 
-def parse_duration(text: str) -> float:
-    """`30d`, `12h`, `45m`, `90s` or plain seconds, as seconds (for `--expires`)."""
-    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1.0)
-    if not number.isascii() or not number.isdigit() or int(number) == 0:
-        raise ValueError(f"{text!r} is not a duration like 30d, 12h, 45m or 90s")
-    seconds = int(number) * unit
-    if seconds > MAX_EXPIRY:
-        raise ValueError(f"{text!r} is longer than ten years")
-    return seconds
-
-
 class TokenStore:
     """Scoped tokens: hashed in LMDB, cached in memory by hash for the per-request lookup."""
 
