@@ -270,6 +270,9 @@ EXAMPLES: dict[str, str] = {
     "blob rm": "trionode blob rm BLOB_ID",
     "blob pin": "trionode blob pin BLOB_ID",
     "blob unpin": "trionode blob unpin BLOB_ID",
+    "token create": "trionode token create --context CONTEXT --scope call --expires 30d",
+    "token ls": "trionode token ls",
+    "token revoke": "trionode token revoke TOKEN_ID",
 }
 """One example per command, shown at the end of its --help."""
 
