@@ -7,7 +7,7 @@ HOME_DIR ?= .trionode
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: start test lint typecheck unit test-slow bench bench-smoke clean
+.PHONY: start test lint typecheck unit test-slow bench bench-smoke clean browser screenshots
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or PYTHON=python3)"; exit 1; }
@@ -39,7 +39,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# The page's tests drive Debian's Chromium (Playwright's own browser download is not used).
+# As root (CI, fresh machines) install it when it is missing; otherwise say so (they skip).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: the browser tests will skip (apt-get install chromium)"; fi; }
+
+unit: $(STAMP) browser
 	$(BIN)/pytest -q -m "not slow"
 
 test: lint typecheck unit
@@ -52,6 +60,10 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
+
+# Refresh the page's screenshots in docs/ (from the browser tests' happy paths).
+screenshots: $(STAMP) browser
+	TRIONODE_SCREENSHOTS=docs $(BIN)/pytest -q tests/browser -k "sign_in or live or phone"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

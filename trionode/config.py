@@ -237,6 +237,10 @@ class ApiSection(_Section, frozen=True):
     """Events kept at most, whatever their age (the oldest go first)."""
     sse_keepalive: PositiveFloat = 15.0
     """Seconds of silence after which an event stream sends a comment, so proxies keep it open."""
+    session_ttl: PositiveFloat = 12 * 3600.0
+    """Seconds a sign-in on the node's page (/admin/) lasts."""
+    max_sessions: PositiveInt = 64
+    """Page sessions held at once; signing in beyond that ends the oldest."""
     ticket_ttl: PositiveFloat = 30.0
     """Seconds a one-time ticket (for WebSocket and EventSource, which can't send headers) lasts."""
     max_tickets: PositiveInt = 1024

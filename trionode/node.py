@@ -42,6 +42,7 @@ import attrs
 import base58
 import trio
 
+from trionode.api.admin_page import SessionBook
 from trionode.api.app import create_app
 from trionode.api.server import serve_api
 from trionode.api.tokens import TicketBook, TokenStore
@@ -176,6 +177,8 @@ class Node:
         self.gc_metrics = GcMetrics(metrics.registry)
         self.tokens = TokenStore(store)
         """Scoped API tokens for browser apps (hashed in LMDB)."""
+        self.sessions = SessionBook(ttl=config.api.session_ttl, capacity=config.api.max_sessions)
+        """Signed-in sessions of the node's page (cookies; memory only)."""
         self.tickets = TicketBook(ttl=config.api.ticket_ttl, capacity=config.api.max_tickets)
         self._ready = False
         token = config.api.token_sha256

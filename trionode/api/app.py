@@ -20,6 +20,14 @@ from werkzeug.datastructures import Headers, MultiDict
 from werkzeug.exceptions import HTTPException
 
 from trionode import __version__
+from trionode.api.admin_page import (
+    SAFE_METHODS,
+    SESSION_COOKIE,
+    SessionBook,
+    is_page_route,
+    register_page_routes,
+    same_origin,
+)
 from trionode.api.blobs import UPLOAD_PATH, BlobApi, register_blob_routes, wrap_upload
 from trionode.api.contexts import ContextApi, json_object_body, register_context_routes
 from trionode.api.cors import install_cors
@@ -35,6 +43,7 @@ from trionode.api.tokens import (
 from trionode.config import NodeConfig
 from trionode.errors import PeerError, ProtocolError
 from trionode.metrics import NodeMetrics
+from trionode.store.store import AsyncStore
 
 PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
 SCOPED_ROUTES: Final = frozenset({"/jsonrpc", "/events", "/admin-api/tickets"})
@@ -65,6 +74,12 @@ class NodeApi(ContextApi, BlobApi, Protocol):
 
     @property
     def tickets(self) -> TicketBook: ...
+
+    @property
+    def sessions(self) -> SessionBook: ...
+
+    @property
+    def store(self) -> AsyncStore: ...
 
     def is_ready(self) -> bool: ...
 
@@ -147,10 +162,26 @@ def create_app(node: NodeApi) -> QuartTrio:
     async def authenticate() -> Response | None:  # noqa: ASYNC124 - Quart hooks are async
         g.started = time.perf_counter()
         g.principal = None
-        if request.path in PUBLIC_ROUTES or request.method == "OPTIONS":
+        if (
+            request.path in PUBLIC_ROUTES
+            or is_page_route(request.path)
+            or request.method == "OPTIONS"
+        ):
             return None
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         bearer = scheme.lower() == "bearer" and bool(token.strip())
+        session = request.cookies.get(SESSION_COOKIE)
+        if not bearer and session is not None:
+            # The page's session cookie: the admin, but only from the page's own origin for
+            # anything that changes state (SameSite=Strict already keeps other sites out).
+            if not node.sessions.valid(session):
+                return error_response(401, "the page session has ended: sign in again")
+            if request.method not in SAFE_METHODS and not same_origin(
+                request.headers.get("Origin")
+            ):
+                return error_response(403, "cross-origin request with the page's session")
+            g.principal = ADMIN
+            return None
         if not bearer and "ticket" not in request.args:
             return error_response(401, "missing bearer token")
         principal = _principal(node, request.headers, request.args, request.path)
@@ -273,6 +304,7 @@ def create_app(node: NodeApi) -> QuartTrio:
         return jsonify({"ticket": ticket, "expiresIn": node.tickets.ttl})
 
     register_context_routes(app, node, settings)
+    register_page_routes(app, node)
     install_cors(app, settings.cors_origins)
     register_blob_routes(app, node)
     app.asgi_app = wrap_upload(  # type: ignore[method-assign,assignment]  # Quart's hook

@@ -1,0 +1,209 @@
+"""The node's page in a real browser: sign in, contexts, invitations, calls, live events, DAG."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser.conftest import LiveNode, OpenPage
+
+pytestmark = pytest.mark.real_network
+
+ROOT = Path(__file__).resolve().parents[2]
+KV_STORE = ROOT / "apps" / "kv_store"
+SCREENSHOTS = os.environ.get("TRIONODE_SCREENSHOTS")
+"""A directory: the happy-path test also saves the README's screenshots there."""
+
+
+def shoot(page: Page, name: str) -> None:
+    if SCREENSHOTS:
+        page.screenshot(path=Path(SCREENSHOTS) / f"{name}.png", full_page=True)
+
+
+def sign_in(page: Page, node: LiveNode) -> None:
+    page.get_by_label("API token").fill(node.token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#peer-id")).to_have_text(node.peer_id)
+
+
+def install_kv_store(page: Page) -> None:
+    page.get_by_role("link", name="Apps").click()
+    page.get_by_label("Bundle path").fill(str(KV_STORE))
+    page.get_by_role("button", name="Install").click()
+    expect(page.locator("#notice")).to_contain_text("Installed kv_store")
+
+
+def create_context(page: Page) -> str:
+    page.get_by_role("link", name="Contexts").click()
+    page.get_by_role("button", name="Create context").click()
+    expect(page).to_have_url(re.compile(r"#/context/\w+$"))
+    expect(page.get_by_role("heading", level=1)).to_contain_text("Context ")
+    match = re.search(r"#/context/(\w+)$", page.url)
+    assert match is not None, page.url
+    return match.group(1)
+
+
+def call(page: Page, method: str, **args: str) -> str:
+    form = page.locator(f'form[data-method="{method}"]')
+    for name, value in args.items():
+        form.get_by_label(name, exact=False).first.fill(value)
+    form.get_by_role("button").click()
+    result = form.locator(".result")
+    expect(result).to_be_visible()
+    return result.inner_text()
+
+
+def test_sign_in_keeps_an_httponly_cookie_never_the_token(
+    open_page: OpenPage, nodes: list[LiveNode]
+) -> None:
+    node = nodes[0]
+    page = open_page(node.page_url())
+    # A wrong token is a readable message, not a JSON dump.
+    page.get_by_label("API token").fill("not-the-token")
+    page.get_by_label("API token").press("Enter")  # the keyboard alone signs in
+    expect(page.locator("#notice")).to_have_text(re.compile("not this node's API token"))
+    page.get_by_label("API token").fill(node.token)
+    page.get_by_label("API token").press("Enter")
+    expect(page.locator("#peer-id")).to_have_text(node.peer_id)
+    expect(page.locator("#uptime")).to_have_text(re.compile(r"^\d+(\.\d)? (s|min|h|days)$"))
+    expect(page.locator("#reachability")).not_to_contain_text("[object")
+    shoot(page, "node")
+    cookies = page.context.cookies()
+    assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [
+        ("trionode_session", True, "Strict")
+    ]
+    assert node.token not in cookies[0]["value"]
+    assert node.token not in page.url
+    assert page.evaluate("document.cookie") == ""  # scripts can't read the session
+    # A reload stays signed in; signing out ends the session on the node too.
+    page.reload()
+    expect(page.locator("#peer-id")).to_have_text(node.peer_id)
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("API token")).to_be_visible()
+    status = page.evaluate("fetch('/admin-api/node').then(r => r.status)")
+    assert status == 401
+
+
+def test_create_a_context_and_invite(open_page: OpenPage, nodes: list[LiveNode]) -> None:
+    page = open_page(nodes[0].page_url())
+    sign_in(page, nodes[0])
+    install_kv_store(page)
+    context = create_context(page)
+    page.get_by_role("button", name="Invite").click()
+    invitation = page.get_by_label("Invitation")
+    expect(invitation).to_have_value(re.compile(r"^trinv"))
+    page.get_by_role("link", name="Contexts").click()
+    expect(page.get_by_role("link", name=re.compile(context[:16]))).to_be_visible()
+
+
+def test_a_joined_nodes_write_appears_live_with_a_new_head(
+    open_page: OpenPage, nodes: list[LiveNode]
+) -> None:
+    first, second = nodes
+    a = open_page(first.page_url())
+    sign_in(a, first)
+    install_kv_store(a)
+    context = create_context(a)
+    a.get_by_role("button", name="Invite").click()
+    invitation = a.get_by_label("Invitation").input_value()
+    expect(a.locator("#live-state")).to_have_text("live")
+    shoot(a, "context")
+
+    b = open_page(second.page_url())
+    sign_in(b, second)
+    install_kv_store(b)  # a node runs only bundles its operator installed
+    b.get_by_role("link", name="Contexts").click()
+    b.get_by_label("Invitation").fill(invitation)
+    b.get_by_role("button", name="Join").click()
+    expect(b).to_have_url(re.compile(f"#/context/{context}$"))
+
+    text = call(b, "set", key="from-b", value="hello from the second node")
+    delta_id = re.search(r"New delta (\w+)", text)
+    assert delta_id is not None, text
+    # The write shows on the first node's page without a reload: in the event list...
+    event = a.locator("#events li", has_text="from-b")
+    expect(event).to_contain_text("hello from the second node")
+    expect(event).to_contain_text("remote")
+    # ...and in the DAG. (kv_store's event handler then writes on every node that applies
+    # the delta, so the head is that handler's delta, a child of B's write.)
+    full_id = event.get_attribute("data-delta-id")
+    assert full_id is not None
+    assert full_id.startswith(delta_id.group(1).rstrip("…"))
+    expect(a.locator(f'#dag g.dag-node[data-delta-id="{full_id}"]')).to_have_count(1)
+    expect(a.locator("#dag g.dag-node.head")).not_to_have_count(0)
+    shoot(a, "context-live")
+
+
+def test_a_method_form_calls_and_shows_the_result(
+    open_page: OpenPage, nodes: list[LiveNode]
+) -> None:
+    page = open_page(nodes[0].page_url())
+    sign_in(page, nodes[0])
+    install_kv_store(page)
+    create_context(page)
+    assert "Result: null" in call(page, "set", key="colour", value="teal")
+    assert call(page, "get", key="colour") == 'Result: "teal"'
+
+
+def test_api_errors_show_as_messages(open_page: OpenPage, nodes: list[LiveNode]) -> None:
+    page = open_page(nodes[0].page_url())
+    sign_in(page, nodes[0])
+    install_kv_store(page)
+    create_context(page)
+    form = page.locator('form[data-method="get_required"]')
+    form.get_by_label("key").fill("missing")
+    form.get_by_role("button").click()
+    error = form.locator(".result.error")
+    expect(error).to_contain_text("no key 'missing'")
+    expect(error).to_contain_text("code 404")
+    assert "jsonrpc" not in error.inner_text()
+    # An admin route's error shows in the notice area as its message.
+    page.get_by_role("link", name="Peers").click()
+    page.get_by_label("Multiaddr").fill("/ip4/127.0.0.1/tcp/1")
+    page.get_by_role("button", name="Connect").click()
+    notice = page.locator("#notice")
+    expect(notice).to_be_visible()
+    assert not notice.inner_text().lstrip().startswith("{")
+
+
+def test_the_dag_gets_a_new_head_after_a_write(open_page: OpenPage, nodes: list[LiveNode]) -> None:
+    page = open_page(nodes[0].page_url())
+    sign_in(page, nodes[0])
+    install_kv_store(page)
+    create_context(page)
+    heads = page.locator("#dag g.dag-node.head")
+    expect(heads).to_have_count(1)
+    before = heads.first.get_attribute("data-delta-id")
+    call(page, "set", key="k", value="v")
+    expect(heads).to_have_count(1)
+    expect(heads.first).not_to_have_attribute("data-delta-id", before or "")
+    after = heads.first.get_attribute("data-delta-id")
+    # The old head is now the new head's parent, drawn as an applied (non-head) node.
+    expect(page.locator(f'#dag g.dag-node:not(.head)[data-delta-id="{before}"]')).to_have_count(1)
+    dag = page.evaluate(
+        "id => fetch(`/admin-api/contexts/${id}/dag`).then(r => r.json())",
+        page.url.rsplit("/", 1)[1],
+    )
+    assert dag["heads"] == [after]
+    assert json.dumps(dag).count(before or "-") >= 2  # a node and its child's parent link
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_usable_on_a_phone_and_a_laptop(
+    open_page: OpenPage, nodes: list[LiveNode], width: int
+) -> None:
+    page = open_page(nodes[0].page_url(), width=width, height=800 if width > 400 else 844)
+    sign_in(page, nodes[0])
+    install_kv_store(page)
+    create_context(page)
+    expect(page.locator("#dag svg")).to_be_visible()
+    # Nothing wider than the screen except scrollable tables and the graph.
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0
+    if width < 400:
+        shoot(page, "phone")
