@@ -64,7 +64,13 @@ from trionode.layout import API_URL_FILE, lock_home
 from trionode.metrics import NodeMetrics
 from trionode.net.autonat import AutoNat, AutoNatMetrics
 from trionode.net.discovery import DiscoveryMetrics, serve_discovery
-from trionode.net.events import GossipMessage, NetworkEvent, NetworkEvents, watch_peers
+from trionode.net.events import (
+    GossipMessage,
+    NetworkEvent,
+    NetworkEvents,
+    TopicJoined,
+    watch_peers,
+)
 from trionode.net.host import Host
 from trionode.net.mdns import serve_mdns
 from trionode.net.member_peers import context_topics, serve_member_peers
@@ -161,6 +167,8 @@ class Node:
             heartbeat=config.sync.heartbeat,
             timeout=config.sync.timeout,
             max_concurrent=config.sync.max_concurrent,
+            on_join=config.sync.on_join,
+            join_jitter=config.sync.join_jitter,
         )
         self.joins = JoinService(
             self.contexts, self.applications, self.host, self.replicator, store
@@ -275,6 +283,9 @@ async def _handle_network_event(node: Node, event: NetworkEvent) -> None:
     received deltas to the delta processor (latency is recorded by NetworkEvents.run)."""
     if isinstance(event, GossipMessage):
         await node.replicator.on_gossip(event)
+    elif isinstance(event, TopicJoined):
+        node.sync.on_topic_joined(event.peer, event.topic)
+        await trio.lowlevel.checkpoint()
     else:
         log.debug("network event: %s", event)
         await trio.lowlevel.checkpoint()

@@ -306,7 +306,8 @@ async def test_bad_signature_and_oversized_rpc_are_dropped_counted_and_never_del
                 == 1.0
             )
             assert victim.sample("trionode_pubsub_router_invalid_total", reason="bad_signature")
-            assert victim.events.statistics().queued == 1
+            # The attacker's subscription (TopicJoined) and the genuine message: no more.
+            assert victim.events.statistics().queued == 2
 
             # Three valid messages in one RPC over the 1 MiB limit: the whole RPC goes,
             # and the peer is disconnected for it.
@@ -322,7 +323,7 @@ async def test_bad_signature_and_oversized_rpc_are_dropped_counted_and_never_del
                 await attacker.wait_connection_changed()
             assert victim.sample("trionode_pubsub_router_invalid_total", reason="rpc_too_large")
             assert victim.sample("trionode_pubsub_disconnects_total", reason="rpc_too_large") == 1
-            assert victim.events.statistics().queued == 1
+            assert victim.events.statistics().queued == 2
             assert victim.pubsub.statistics().received == 1
             assert [e.data for e in victim.received] == [b"genuine"]
             nursery.cancel_scope.cancel()

@@ -57,7 +57,10 @@ def quiet(file: FileConfig) -> FileConfig:
     """No heartbeats or interval ticks within a test's span: sessions run when the test
     says so (gossip still flows)."""
     return msgspec.structs.replace(
-        file, sync=msgspec.structs.replace(file.sync, heartbeat=10_000.0, interval=10_000.0)
+        file,
+        sync=msgspec.structs.replace(
+            file.sync, heartbeat=10_000.0, interval=10_000.0, on_join=False
+        ),
     )
 
 

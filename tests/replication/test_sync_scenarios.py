@@ -16,7 +16,10 @@ from .cluster_helpers import call, share, wait_converged, write
 
 
 def _limited(file: FileConfig) -> FileConfig:
-    return replace(file, sync=replace(file.sync, max_concurrent=2, interval=3.0, min_interval=1.0))
+    # Tick-driven sessions only (not one per re-subscription at the heal), so that ten
+    # contexts' sessions pile up against the limit.
+    sync = replace(file.sync, max_concurrent=2, interval=3.0, min_interval=1.0, on_join=False)
+    return replace(file, sync=sync)
 
 
 async def test_12_partition_heals_by_itself(

@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trionode.context import snapshot, treecmp
 from trionode.context.manager import ContextError, ContextManager
-from trionode.context.replication import SESSION_ERRORS, Replicator, topic_for
+from trionode.context.replication import SESSION_ERRORS, Replicator, context_of, topic_for
 from trionode.net.pubsub import PubSub
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import HeadsResponse, Heartbeat, encode_gossip
@@ -149,6 +149,8 @@ class SyncManager:
         max_concurrent: int = 30,
         max_delta_rounds: int = 64,
         tree_limits: treecmp.TreeLimits | None = None,
+        on_join: bool = True,
+        join_jitter: float = 0.2,
     ) -> None:
         self.contexts = contexts
         self.replicator = replicator
@@ -164,6 +166,8 @@ class SyncManager:
         self.tree_limits = tree_limits or treecmp.TreeLimits()
         self.snapshot_page_records = snapshot.PAGE_RECORDS
         self.snapshot_page_bytes = snapshot.PAGE_BYTES
+        self.on_join = on_join
+        self.join_jitter = join_jitter
         self.metrics = SyncMetrics(registry, self.limiter)
         self._state: dict[bytes, _ContextSync] = {}
         self._running: set[bytes] = set()
@@ -199,6 +203,24 @@ class SyncManager:
                 if now - state.last_success < self.min_interval or now < state.next_attempt:
                     continue
                 self._start(context_id, None)
+
+    def on_topic_joined(self, peer: PeerId, topic: str) -> None:
+        """A peer (re)subscribed to a topic: if it is one of our contexts', sync with that
+        peer shortly (DESIGN §8: a healed partition converges at once, not at a tick)."""
+        context_id = context_of(topic)
+        if (
+            not self.on_join
+            or self._nursery is None
+            or context_id is None
+            or context_id not in self.contexts.known_ids()
+        ):
+            return
+        self._nursery.start_soon(self._join_session, context_id, peer)
+
+    async def _join_session(self, context_id: bytes, peer: PeerId) -> None:
+        await trio.sleep(self._rng.uniform(0, self.join_jitter))
+        if peer in self.replicator.host.connections:
+            self._start(context_id, peer)
 
     def _start(self, context_id: bytes, peer: PeerId | None) -> None:
         if context_id in self._running or self._nursery is None:

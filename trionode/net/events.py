@@ -97,7 +97,16 @@ class PeerDisconnected:
     peer: PeerId
 
 
-NetworkEvent = GossipMessage | PeerConnected | PeerDisconnected
+@attrs.frozen
+class TopicJoined:
+    """``peer`` (re)subscribed to ``topic``: after a reconnect, a partition healing, or a
+    peer's restart, this is the moment to sync with it."""
+
+    peer: PeerId
+    topic: str
+
+
+NetworkEvent = GossipMessage | PeerConnected | PeerDisconnected | TopicJoined
 EventHandler = Callable[[NetworkEvent], Awaitable[None]]
 
 
@@ -107,6 +116,8 @@ def event_kind(event: NetworkEvent) -> str:
         return "gossip"
     if isinstance(event, PeerConnected):
         return "peer_connected"
+    if isinstance(event, TopicJoined):
+        return "topic_joined"
     return "peer_disconnected"
 
 
@@ -161,7 +172,7 @@ class NetworkEvents:
             registry=registry,
         )
         # Children resolved once per kind: labels() is a lookup under a lock, on a hot path.
-        kinds = ("gossip", "peer_connected", "peer_disconnected")
+        kinds = ("gossip", "peer_connected", "peer_disconnected", "topic_joined")
         self._queued_metric = {kind: queued.labels(kind) for kind in kinds}
         self._dropped_metric = {kind: dropped.labels(kind) for kind in kinds}
         self._latency = {kind: latency.labels(kind) for kind in kinds}

@@ -51,7 +51,7 @@ from prometheus_client.registry import Collector
 
 from trionode.config import PubsubSection
 from trionode.errors import PeerError, ProtocolError
-from trionode.net.events import GossipMessage, NetworkEvents, follow_connections
+from trionode.net.events import GossipMessage, NetworkEvents, TopicJoined, follow_connections
 from trionode.net.host import Connection, Host
 from trionode.net.multistream import ProtocolNotSupportedError
 from trionode.wire.gossipsub import (
@@ -455,6 +455,7 @@ class PubSub:
                 self._misbehaved(event)
             elif isinstance(event, PeerSubscribed):
                 log.debug("%s subscribed to %s", event.peer, event.topic)
+                self.events.emit(TopicJoined(peer=event.peer, topic=event.topic))
             elif isinstance(event, PeerUnsubscribed):
                 log.debug("%s unsubscribed from %s", event.peer, event.topic)
 
