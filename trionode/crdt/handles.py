@@ -402,16 +402,20 @@ class _Sequence(Handle, Generic[S]):
     __slots__ = ()
     _state_type: type[S]
 
-    def _visible(self) -> tuple[S | None, Timestamp | None, list[Timestamp]]:
-        state, floor = self._read(self._state_type)
-        return state, floor, (state.visible_ids(floor) if state is not None else [])
-
     def _base(self) -> tuple[S, Timestamp | None]:
         state, floor = self._current(self._state_type)
         return (state if state is not None else self._state_type()), floor
 
     def __len__(self) -> int:
-        return len(self._visible()[2])
+        state, floor = self._read(self._state_type)
+        return state.visible_len(floor) if state is not None else 0
+
+    def _insert(self, pos: int, values: list[Any]) -> None:
+        state, floor = self._base()
+        tx = self._tx
+        delta = state.insert_delta(pos, values, tx.stamp, floor, writer=tx.writer)
+        tx.witness(delta.max_stamp())  # ids continuing a run are not fresh clock stamps
+        tx.write(self._path, delta)
 
     def _delete(self, pos: int, count: int) -> None:
         state, floor = self._base()
@@ -440,10 +444,13 @@ class Vector(_Sequence[VectorState], Generic[T]):
         return iter(self.to_list())
 
     def __getitem__(self, index: int) -> T:
-        state, _, ids = self._visible()
-        value = state.elements[ids[index]].value if state is not None and ids else None
-        if value is None:
+        state, floor = self._read(VectorState)
+        length = state.visible_len(floor) if state is not None else 0
+        position = _normalize(index, length)
+        if state is None or not 0 <= position < length:
             raise IndexError("vector index out of range")
+        value = state.elements[state.visible_at(position, floor)].value
+        assert value is not None  # visible elements hold a value
         return self._codec.decode(value)
 
     def append(self, value: T) -> None:
@@ -451,13 +458,11 @@ class Vector(_Sequence[VectorState], Generic[T]):
 
     def insert(self, index: int, value: T) -> None:
         """Insert before `index` (0..len)."""
-        state, floor = self._base()
-        delta = state.insert_delta(index, [self._codec.encode(value)], self._tx.stamp, floor)
-        self._tx.write(self._path, delta)
+        self._insert(index, [self._codec.encode(value)])
 
     def set(self, index: int, value: T) -> None:
         state, floor = self._base()
-        index = _normalize(index, len(state.visible_ids(floor)))
+        index = _normalize(index, state.visible_len(floor))
         delta = state.set_delta(index, self._codec.encode(value), self._tx.stamp(), floor)
         self._tx.write(self._path, delta)
 
@@ -493,9 +498,7 @@ class Text(_Sequence[TextState]):
         """Insert `content` before character `pos` (0..len)."""
         if not content:
             return
-        state, floor = self._base()
-        delta = state.insert_delta(pos, list(content), self._tx.stamp, floor)
-        self._tx.write(self._path, delta)
+        self._insert(pos, list(content))
 
     def delete(self, pos: int, length: int) -> None:
         """Delete `length` characters starting at `pos`."""

@@ -28,11 +28,20 @@ writers never produce two versions of an id except by delete/update, so the mini
 value tie-breaks only make the join total (commutative, associative, idempotent) against
 forged data.
 
-Caching: `_order` (pre-order with tombstones, floor None) and `_visible` (its live ids) are
-kept up to date incrementally while elements arrive in causal order (`_place`, `_show`,
-`_hide`), and rebuilt from scratch otherwise. Finding a neighbour in those lists starts at
-the position of the previous edit (`_hint`, `_vhint`), so typing and backspacing at a cursor
-cost no O(n) Python work per keystroke (a rebuild does: ~80 ns per element).
+Caching: the order without a floor lives in an `OrderIndex` (blocks of ids plus a Fenwick
+tree of visible counts, see `order_index.py`), kept up to date while elements arrive in
+causal order (`_place`, `hide`) and rebuilt from scratch otherwise (~1 µs per element). A
+keystroke costs O(log n) to find its position and O(block) to place; nothing scans the
+whole sequence. Full lists (`order()`, `visible_ids()`) are materialised on demand and
+cached until the next change.
+
+Runs: a local insert right after the writer's own childless element X takes the id
+`X.time + 1` (same writer) instead of a fresh clock stamp, when that id is free. X has no
+children, so the new element is placed right after X whatever its id, and a later insert
+that knows it gets a fresh stamp above it, as RGA requires. Consecutive typing therefore
+yields runs of consecutive ids, which the canonical form stores as one row per run (see
+`wire`). The caller makes the clock witness the ids it took (`Transaction.witness`), so no
+fresh stamp can collide with them.
 """
 
 from __future__ import annotations
@@ -44,7 +53,8 @@ from types import MappingProxyType
 from typing import Final, Generic, NamedTuple, Self, TypeVar
 
 from trionode.crdt.canonical import canonical
-from trionode.crdt.hlc import Timestamp, latest
+from trionode.crdt.hlc import NTP64_MAX, Timestamp, latest
+from trionode.crdt.order_index import OrderIndex
 
 V = TypeVar("V", str, bytes)
 
@@ -55,8 +65,6 @@ _VALUE: Final = itemgetter(1)
 _UPDATED: Final = itemgetter(2)
 _BULK_MERGE: Final = 64
 """Above this many incoming elements a full rebuild is cheaper than incremental placement."""
-_SCAN_BACK: Final = 32
-"""How many tombstones `_show` steps over to find a live predecessor before it rebuilds."""
 
 
 WireRow = tuple[int, int, int, int, V | None, tuple[int, int] | None, tuple[int, int] | None]
@@ -92,30 +100,18 @@ def join_element(eid: Timestamp, a: Element[V], b: Element[V]) -> Element[V]:
 class SequenceState(Generic[V]):
     """An RGA element set plus caches of its order. See the module docstring."""
 
-    __slots__ = (
-        "_children",
-        "_elements",
-        "_floored",
-        "_hint",
-        "_order",
-        "_placed",
-        "_vhint",
-        "_visible",
-    )
+    __slots__ = ("_children", "_elements", "_floored", "_index", "_lists")
 
     def __init__(self, elements: Mapping[Timestamp, Element[V]] | None = None) -> None:
         self._elements: dict[Timestamp, Element[V]] = dict(elements) if elements else {}
         self._children: dict[Timestamp, list[Timestamp]] = {}
         for eid in sorted(self._elements):
             self._children.setdefault(self._elements[eid].after, []).append(eid)
-        self._order: list[Timestamp] | None = None
-        self._placed: set[Timestamp] = set()
-        self._visible: list[Timestamp] | None = None
+        self._index: OrderIndex | None = None
+        """The order without a floor (None: rebuild on the next read)."""
+        self._lists: tuple[list[Timestamp], list[Timestamp]] | None = None
+        """Materialised (order, visible ids) without a floor, until the next change."""
         self._floored: tuple[Timestamp, list[Timestamp], list[Timestamp]] | None = None
-        self._hint = 0
-        """Index in `_order` of the last element placed (where the next one usually goes)."""
-        self._vhint = 0
-        """Index in `_visible` of the last element shown or hidden."""
 
     # -- state ---------------------------------------------------------------------------
 
@@ -130,11 +126,9 @@ class SequenceState(Generic[V]):
         new: Self = type(self)()
         new._elements = dict(self._elements)
         new._children = {k: list(v) for k, v in self._children.items()}
-        if self._order is not None:
-            new._order = list(self._order)
-            new._placed = set(self._placed)
-        if self._visible is not None:  # updated in place, so never shared
-            new._visible = list(self._visible)
+        if self._index is not None:  # updated in place, so never shared
+            new._index = self._index.copy()
+        new._lists = self._lists  # replaced, never mutated
         new._floored = self._floored
         return new
 
@@ -143,6 +137,8 @@ class SequenceState(Generic[V]):
         if other is self or not other._elements:
             return False
         bulk = len(other._elements) > _BULK_MERGE
+        if bulk:
+            self._index = None
         changed = False
         # Ascending ids put references before the elements inserted after them (HLC
         # causality), so incremental placement covers the common case.
@@ -152,8 +148,7 @@ class SequenceState(Generic[V]):
             if mine is None:
                 self._elements[eid] = incoming
                 insort(self._children.setdefault(incoming.after, []), eid)
-                if not bulk:
-                    self._place(eid)
+                self._place(eid)
             else:
                 joined = join_element(eid, mine, incoming)
                 if joined == mine:
@@ -161,16 +156,15 @@ class SequenceState(Generic[V]):
                 if joined.after != mine.after:  # forged data: re-parent, rebuild later
                     self._unlink(eid, mine.after)
                     insort(self._children.setdefault(joined.after, []), eid)
-                    self._order = None
-                    self._visible = None
+                    self._index = None
                 elif mine.deleted is None and joined.deleted is not None:
-                    self._hide(eid)
+                    self._elements[eid] = joined
+                    if self._index is not None and eid in self._index:
+                        self._index.hide(eid)
                 self._elements[eid] = joined
             changed = True
         if changed:
-            if bulk:
-                self._order = None
-                self._visible = None
+            self._lists = None
             self._floored = None
         return changed
 
@@ -185,29 +179,52 @@ class SequenceState(Generic[V]):
         """All reachable element ids in sequence order, tombstones included (do not mutate;
         valid until the next change)."""
         if floor is None:
-            if self._order is None:
-                self._order = self._linearize(None)
-                self._placed = set(self._order)
-                self._visible = None  # derived from the order: never outlives it
-            return self._order
+            return self._materialised()[0]
         return self._floor_view(floor)[0]
 
     def visible_ids(self, floor: Timestamp | None = None) -> list[Timestamp]:
         """Ids of the live elements, in order (do not mutate; valid until the next change)."""
-        if floor is not None:
-            return self._floor_view(floor)[1]
-        if self._visible is None:
-            elements = self._elements
-            self._visible = [e for e in self.order() if elements[e].deleted is None]
-        return self._visible
+        if floor is None:
+            return self._materialised()[1]
+        return self._floor_view(floor)[1]
 
     def values(self, floor: Timestamp | None = None) -> list[V]:
         elements = self._elements
         return [elements[e].value for e in self.visible_ids(floor)]  # type: ignore[misc]
 
+    def visible_len(self, floor: Timestamp | None = None) -> int:
+        """Number of visible elements under `floor` (O(1) without a floor)."""
+        if floor is None:
+            return self._ordered().live_len()
+        return len(self._floor_view(floor)[1])
+
+    def visible_at(self, position: int, floor: Timestamp | None = None) -> Timestamp:
+        """The id of the visible element at `position` (O(log n) without a floor).
+
+        Raises:
+            IndexError: `position` is not in 0..visible_len(floor) - 1.
+        """
+        if floor is None:
+            return self._ordered().live_at(position)
+        visible = self._floor_view(floor)[1]
+        if not 0 <= position < len(visible):
+            raise IndexError(position)
+        return visible[position]
+
+    def visible_slice(
+        self, position: int, count: int, floor: Timestamp | None = None
+    ) -> list[Timestamp]:
+        """Ids of `count` visible elements from `position` (the range must fit)."""
+        if floor is None:
+            return self._ordered().live_slice(position, count)
+        visible = self._floor_view(floor)[1]
+        if position < 0 or count < 0 or position + count > len(visible):
+            raise IndexError(position)
+        return visible[position : position + count]
+
     def __len__(self) -> int:
         """Number of visible elements (no floor)."""
-        return len(self.visible_ids())
+        return self.visible_len()
 
     # -- local operations: each returns the delta-state --------------------------------
 
@@ -217,18 +234,35 @@ class SequenceState(Generic[V]):
         values: Sequence[V],
         stamp: Callable[[], Timestamp],
         floor: Timestamp | None = None,
+        *,
+        writer: bytes | None = None,
     ) -> Self:
         """Insert `values` before visible position `pos`, one element each, chained.
 
-        `stamp` yields the fresh id of each new element.
+        `stamp` yields fresh ids. With `writer` (the transaction's node id), an insert
+        right after that writer's own childless element continues its run of ids (see the
+        module docstring); the caller must witness the ids of the returned delta.
         """
-        visible = self.visible_ids(floor)
-        if not 0 <= pos <= len(visible):
-            raise IndexError(f"insert position {pos} out of range 0..{len(visible)}")
-        after = visible[pos - 1] if pos else HEAD
+        length = self.visible_len(floor)
+        if not 0 <= pos <= length:
+            raise IndexError(f"insert position {pos} out of range 0..{length}")
+        after = self.visible_at(pos - 1, floor) if pos else HEAD
         new: dict[Timestamp, Element[V]] = {}
+        elements = self._elements
+        extend = (
+            writer is not None
+            and after.node == writer
+            and after not in self._children
+            and after.time + len(values) <= NTP64_MAX
+        )
         for value in values:
-            eid = stamp()
+            if extend:
+                eid = Timestamp(after.time + 1, after.node)
+                if eid in elements:
+                    extend = False
+                    eid = stamp()
+            else:
+                eid = stamp()
             new[eid] = Element(after, value, None, None)
             after = eid
         return type(self)(new)
@@ -237,22 +271,25 @@ class SequenceState(Generic[V]):
         self, pos: int, count: int, stamp: Timestamp, floor: Timestamp | None = None
     ) -> Self:
         """Tombstone `count` visible elements starting at `pos`."""
-        visible = self.visible_ids(floor)
-        if pos < 0 or count < 0 or pos + count > len(visible):
-            raise IndexError(f"delete range {pos}+{count} out of range 0..{len(visible)}")
+        length = self.visible_len(floor)
+        if pos < 0 or count < 0 or pos + count > length:
+            raise IndexError(f"delete range {pos}+{count} out of range 0..{length}")
         elements = self._elements
         return type(self)(
-            {e: Element(elements[e].after, None, None, stamp) for e in visible[pos : pos + count]}
+            {
+                e: Element(elements[e].after, None, None, stamp)
+                for e in self.visible_slice(pos, count, floor)
+            }
         )
 
     def set_delta(
         self, index: int, value: V, stamp: Timestamp, floor: Timestamp | None = None
     ) -> Self:
         """Overwrite the value at visible `index` (last writer wins per element)."""
-        visible = self.visible_ids(floor)
-        if not 0 <= index < len(visible):
-            raise IndexError(f"index {index} out of range 0..{len(visible) - 1}")
-        eid = visible[index]
+        length = self.visible_len(floor)
+        if not 0 <= index < length:
+            raise IndexError(f"index {index} out of range 0..{length - 1}")
+        eid = self.visible_at(index, floor)
         return type(self)({eid: Element(self._elements[eid].after, value, stamp, None)})
 
     # -- maintenance ---------------------------------------------------------------------
@@ -282,8 +319,8 @@ class SequenceState(Generic[V]):
             if after != HEAD and collectible(after):
                 pending.append(after)
         if dropped:
-            self._order = None
-            self._visible = None
+            self._index = None
+            self._lists = None
             self._floored = None
         return dropped
 
@@ -398,75 +435,47 @@ class SequenceState(Generic[V]):
             cached = self._floored = (floor, order, visible)
         return cached[1], cached[2]
 
+    def _is_live(self, eid: Timestamp) -> bool:
+        return self._elements[eid].deleted is None
+
+    def _ordered(self) -> OrderIndex:
+        index = self._index
+        if index is None:
+            index = self._index = OrderIndex(self._linearize(None), self._is_live)
+        return index
+
+    def _materialised(self) -> tuple[list[Timestamp], list[Timestamp]]:
+        lists = self._lists
+        if lists is None:
+            index = self._ordered()
+            lists = self._lists = (index.order(), index.live())
+        return lists
+
     def _place(self, eid: Timestamp) -> None:
-        """Insert a just-added element into the cached order, if it can be done locally."""
-        order = self._order
-        if order is None:
-            self._visible = None
+        """Put a just-added element into the index, if it can be done locally."""
+        index = self._index
+        if index is None:
             return
         if eid in self._children:  # it is the missing reference of earlier arrivals
-            self._order = None
-            self._visible = None
+            self._index = None
             return
         parent = self._elements[eid].after
-        if parent != HEAD and parent not in self._placed:
+        if parent != HEAD and parent not in index:
             return  # reference not here yet: stays out of the order until it arrives
         siblings = self._children[parent]
         k = bisect_left(siblings, eid)
         if k > 0:
             # The next lower sibling follows us: go right before it.
-            index = _locate(order, siblings[k - 1], self._hint)
+            index.insert_before(siblings[k - 1], eid, self._is_live)
         elif len(siblings) > 1:
             # Lowest sibling: go after the subtree of the next higher one, which ends at
             # its last (lowest-id) descendant chain.
             last = siblings[1]
             while kids := self._children.get(last):
                 last = kids[0]
-            index = _locate(order, last, self._hint) + 1
+            index.insert_after(last, eid, self._is_live)
         else:
-            index = 0 if parent == HEAD else _locate(order, parent, self._hint) + 1
-        order.insert(index, eid)
-        self._placed.add(eid)
-        self._hint = index
-        self._show(eid, index)
-
-    def _show(self, eid: Timestamp, index: int) -> None:
-        """Add a just-placed element (at `index` in the order) to the cached visible ids."""
-        visible = self._visible
-        elements = self._elements
-        if visible is None or elements[eid].deleted is not None:
-            return
-        order = self._order
-        assert order is not None  # _place has just inserted into it
-        position = 0  # no live element before it: it goes first
-        for back in range(index - 1, max(index - 1 - _SCAN_BACK, -1), -1):
-            before = order[back]
-            if elements[before].deleted is None:
-                position = _locate(visible, before, self._vhint) + 1
-                break
-        else:
-            if index > _SCAN_BACK:  # a long run of tombstones before it: rebuild instead
-                self._visible = None
-                return
-        visible.insert(position, eid)
-        self._vhint = position
-
-    def _hide(self, eid: Timestamp) -> None:
-        """Drop a just-tombstoned element from the cached visible ids."""
-        visible = self._visible
-        if visible is None or eid not in self._placed:
-            return  # nothing cached, or unreachable (so never visible)
-        position = _locate(visible, eid, self._vhint)
-        del visible[position]
-        self._vhint = max(position - 1, 0)
-
-
-def _locate(ids: list[Timestamp], eid: Timestamp, hint: int) -> int:
-    """`ids.index(eid)`, trying `hint` and its neighbours first (edits cluster at a cursor)."""
-    for guess in (hint, hint + 1, hint - 1):
-        if 0 <= guess < len(ids) and ids[guess] == eid:
-            return guess
-    return ids.index(eid)
+            index.insert_after(None if parent == HEAD else parent, eid, self._is_live)
 
 
 class TextState(SequenceState[str]):

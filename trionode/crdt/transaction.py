@@ -196,6 +196,18 @@ class Transaction:
         assert self._clock is not None  # checked above
         return self._clock.now(self._physical)
 
+    @property
+    def writer(self) -> bytes | None:
+        """The node id this transaction stamps writes with (None: read-only)."""
+        return None if self._clock is None else self._clock.node_id
+
+    def witness(self, stamp: Timestamp | None) -> None:
+        """Make later stamps exceed `stamp`: for ids a write took without the clock (a
+        sequence run continuing its writer's last id)."""
+        self._check_writable()
+        assert self._clock is not None  # checked above
+        self._clock.witness(stamp)
+
     def write(
         self, path: EntityPath, body: Body | None = None, *, stamp: Timestamp | None = None
     ) -> None:

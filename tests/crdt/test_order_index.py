@@ -1,0 +1,93 @@
+"""`OrderIndex` against a plain list: same order, same visible ids, same lookups.
+
+Tiny blocks (3..6 ids) make every operation cross block boundaries, split and renumber.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from trionode.crdt import Timestamp
+from trionode.crdt.order_index import OrderIndex
+
+# (kind, a, b): kind 0 insert after the a-th placed id (a == 0: at the front), 1 insert
+# before the a-th, 2 delete the a-th visible one, 3 copy and continue on the copy.
+ops = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.booleans()), max_size=120)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    initial=st.integers(0, 20),
+    dead=st.sets(st.integers(0, 19)),
+    block_max=st.integers(2, 6),
+    operations=ops,
+)
+def test_index_matches_a_plain_list(
+    initial: int, dead: set[int], block_max: int, operations: list[tuple[int, int, bool]]
+) -> None:
+    model = [Timestamp(i + 1, b"n") for i in range(initial)]
+    deleted = {model[i] for i in dead if i < initial}
+
+    def is_live(eid: Timestamp) -> bool:
+        return eid not in deleted
+
+    index = OrderIndex(model, is_live, block_max=block_max)
+    serial = initial + 1
+    for kind, a, born_dead in operations:
+        if kind in (0, 1):
+            eid = Timestamp(serial, b"n")
+            serial += 1
+            if born_dead:
+                deleted.add(eid)
+            if kind == 0 and (not model or a % (len(model) + 1) == 0):
+                model.insert(0, eid)
+                index.insert_after(None, eid, is_live)
+            elif kind == 0:
+                anchor = model[a % (len(model) + 1) - 1]
+                model.insert(model.index(anchor) + 1, eid)
+                index.insert_after(anchor, eid, is_live)
+            elif model:
+                anchor = model[a % len(model)]
+                model.insert(model.index(anchor), eid)
+                index.insert_before(anchor, eid, is_live)
+            else:
+                deleted.discard(eid)
+                continue
+        elif kind == 2:
+            live = [e for e in model if is_live(e)]
+            if live:
+                victim = live[a % len(live)]
+                deleted.add(victim)
+                index.hide(victim)
+        else:
+            index = index.copy()
+        live = [e for e in model if is_live(e)]
+        assert index.order() == model
+        assert index.live() == live
+        assert index.live_len() == len(live)
+        if live:
+            k = a % len(live)
+            assert index.live_at(k) == live[k]
+            count = a % (len(live) - k + 1)
+            assert index.live_slice(k, count) == live[k : k + count]
+        assert all(e in index for e in model)
+    for position in range(index.live_len()):
+        assert index.live_at(position) == [e for e in model if is_live(e)][position]
+
+
+def test_out_of_range_lookups_raise_index_error() -> None:
+    index = OrderIndex([Timestamp(1, b"n")], lambda _: True)
+    for bad in (-1, 1):
+        try:
+            index.live_at(bad)
+        except IndexError:
+            pass
+        else:
+            raise AssertionError(f"live_at({bad}) did not raise")
+    try:
+        index.live_slice(0, 2)
+    except IndexError:
+        pass
+    else:
+        raise AssertionError("an overlong slice did not raise")
+    assert index.live_slice(1, 0) == []
