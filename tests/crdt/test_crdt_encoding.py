@@ -91,6 +91,7 @@ def _record(kind: int, body: object, *, name: bytes = b"k", version: int = FORMA
 
 
 STAMP = [5, b"n"]
+N = b"n"
 
 
 @pytest.mark.parametrize(
@@ -102,22 +103,35 @@ STAMP = [5, b"n"]
         (_record(Kind.COUNTER, []), "nil"),
         (_record(Kind.COUNTER, [[b"b", STAMP, 1, 0], [b"a", STAMP, 1, 0]]), "sorted"),
         (_record(Kind.COUNTER, [[b"a", STAMP, -1, 0]]), "range"),
-        (_record(Kind.TEXT, [[b"", b"n"], [[5, 1, 0, 0, "ab", None, None]]]), "one character"),
-        (_record(Kind.TEXT, [[b""], [[0, 0, 0, 0, "a", None, None]]]), "HEAD"),
-        (_record(Kind.TEXT, [[b"", b"n"], [[5, 1, 0, 0, None, None, None]]]), "exactly when"),
-        (_record(Kind.TEXT, [[b"", b"n"], []]), "nil"),
-        (_record(Kind.TEXT, [[b"n", b""], [[5, 0, 0, 1, "a", None, None]]]), "writers"),
-        (_record(Kind.TEXT, [[b"", b"m", b"n"], [[5, 2, 0, 0, "a", None, None]]]), "use"),
-        (_record(Kind.TEXT, [[b"", b"n"], [[5, 2, 0, 0, "a", None, None]]]), "index"),
+        *[
+            (_record(Kind.TEXT, [writers, runs]), reason)
+            for writers, runs, reason in [
+                ([b"", N], [[5, 1, 0, 0, 1, "ab", [], []]], "one value per live element"),
+                ([b""], [[0, 0, 0, 0, 1, "a", [], []]], "HEAD"),
+                ([b"", N], [[5, 1, 0, 0, 1, "a", [[0, 1, 6, 1]], []]], "one value per live"),
+                ([b"", N], [], "nil"),
+                ([N, b""], [[5, 0, 0, 1, 1, "a", [], []]], "writers"),
+                ([b"", b"m", N], [[5, 2, 0, 0, 1, "a", [], []]], "use"),
+                ([b"", N], [[5, 2, 0, 0, 1, "a", [], []]], "index"),
+                ([b"", N], [[6, 1, 0, 0, 1, "a", [], []], [5, 1, 0, 0, 1, "b", [], []]], "sorted"),
+                ([b"", N], [[5, 1, 0, 0, 0, "", [], []]], "run length"),
+                # a few bytes must not expand into a billion tombstones
+                ([b"", N], [[5, 1, 0, 0, 10**9, "", [[0, 10**9, 6, 1]], []]], "run length"),
+                (
+                    [b"", N],
+                    [[5, 1, 0, 0, 2, "ab", [], []], [6, 1, 0, 0, 1, "c", [], []]],
+                    "overlap",
+                ),
+                ([b"", N], [[5, 1, 0, 0, 1, "a", [], []], [6, 1, 5, 1, 1, "b", [], []]], "maximal"),
+                ([b"", N], [[5, 1, 0, 0, 3, "a", [[1, 2, 7, 1], [0, 1, 7, 1]], []]], "sorted"),
+                ([b"", N], [[5, 1, 0, 0, 3, "a", [[1, 3, 7, 1]], []]], "inside the run"),
+                ([b"", N], [[5, 1, 0, 0, 3, "a", [[0, 1, 7, 1], [1, 1, 7, 1]], []]], "merged"),
+                ([b"", N], [[5, 1, 0, 0, 1, "a", [], [[0, 1, 7, 1]]]], "value stamps"),
+                ([b"", N], [[2**64 - 1, 1, 0, 0, 2, "ab", [], []]], "range"),
+            ]
+        ],
         (
-            _record(
-                Kind.TEXT,
-                [[b"", b"n"], [[6, 1, 0, 0, "a", None, None], [5, 1, 0, 0, "b", None, None]]],
-            ),
-            "sorted",
-        ),
-        (
-            _record(Kind.VECTOR, [[b"", b"n"], [[5, 1, 0, 0, None, [6, 1], [7, 1]]]]),
+            _record(Kind.VECTOR, [[b"", N], [[5, 1, 0, 0, 1, [], [[0, 1, 7, 1]], [[0, 1, 6, 1]]]]]),
             "value stamp",
         ),
         (_record(Kind.REGISTER, [[-1, b"n"], b"v"]), "range"),

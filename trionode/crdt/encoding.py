@@ -34,12 +34,23 @@ from trionode.crdt.entity import Body, Entity, Kind
 from trionode.crdt.errors import SchemaError
 from trionode.crdt.hlc import MAX_NODE_ID_BYTES, NTP64_MAX, Timestamp
 from trionode.crdt.register import RegisterState
-from trionode.crdt.sequence import HEAD, Element, SequenceState, TextState, VectorState, WireRow
+from trionode.crdt.sequence import (
+    HEAD,
+    Element,
+    Group,
+    SequenceState,
+    TextState,
+    VectorState,
+    WireRun,
+)
 from trionode.errors import RemoteProtocolError
 
 FORMAT_VERSION: Final = 1
 MAX_ENTITY_BYTES: Final = 4 * 1024 * 1024
 """Largest encoded record we accept: comfortably inside one 8 MiB frame."""
+MAX_SEQUENCE_ELEMENTS: Final = MAX_ENTITY_BYTES // 8
+"""Most elements one Text/Vector record may expand to. Runs store deleted elements as a
+count, so without this a few bytes could claim millions of tombstones."""
 
 T = TypeVar("T")
 
@@ -47,10 +58,10 @@ _Stamp = Timestamp | None
 _RecordWire = tuple[int, bytes, bytes, int, _Stamp, _Stamp, msgspec.Raw]
 _RegisterWire = tuple[Timestamp, bytes] | None
 _CounterWire = list[tuple[bytes, Timestamp, int, int]] | None
-_Packed = tuple[int, int] | None
 _Writers = list[Annotated[bytes, msgspec.Meta(max_length=MAX_NODE_ID_BYTES)]]
-_TextWire = tuple[_Writers, list[tuple[int, int, int, int, str | None, None, _Packed]]]
-_VectorWire = tuple[_Writers, list[tuple[int, int, int, int, bytes | None, _Packed, _Packed]]]
+_Groups = list[tuple[int, int, int, int]]
+_TextWire = tuple[_Writers, list[tuple[int, int, int, int, int, str, _Groups, _Groups]]]
+_VectorWire = tuple[_Writers, list[tuple[int, int, int, int, int, list[bytes], _Groups, _Groups]]]
 
 _record_decoder: Final = msgspec.msgpack.Decoder(_RecordWire)
 _register_decoder: Final = msgspec.msgpack.Decoder(_RegisterWire)
@@ -166,10 +177,11 @@ def _decode_vector(raw: bytes) -> VectorState:
 
 
 def _elements(
-    writers: list[bytes], rows: Sequence[WireRow[Any]], *, text: bool
+    writers: list[bytes], runs: Sequence[WireRun[Any]], *, text: bool
 ) -> dict[Timestamp, Element[Any]]:
-    """Rebuild elements from the interned form, insisting on the canonical shape."""
-    if not rows:
+    """Rebuild elements from the run form (see `SequenceState.wire`), insisting on the
+    canonical shape and on `MAX_SEQUENCE_ELEMENTS`."""
+    if not runs:
         raise ValueError("empty sequence body must be nil")
     if any(a >= b for a, b in itertools.pairwise(writers)):
         raise ValueError("sequence writers must be sorted, no repeats")
@@ -184,24 +196,63 @@ def _elements(
         return stamp
 
     elements: dict[Timestamp, Element[Any]] = {}
+    starts: list[Timestamp] = []
     previous = HEAD
-    for time, writer, after_time, after_writer, value, updated, deleted in rows:
-        eid = unpack(time, writer)
-        if eid <= previous:
-            raise ValueError("elements must be sorted by id, no repeats, none is HEAD")
-        previous = eid
-        up = None if updated is None else unpack(*updated)
-        gone = None if deleted is None else unpack(*deleted)
-        if (gone is None) == (value is None):
-            raise ValueError("an element holds a value exactly when it is not deleted")
-        if gone is not None and up is not None:
+    budget = MAX_SEQUENCE_ELEMENTS
+    for time, writer, after_time, after_writer, length, values, deleted, updated in runs:
+        first = unpack(time, writer)
+        if first <= previous:
+            raise ValueError("runs must be sorted by first id, no repeats, none is HEAD")
+        previous = first
+        if not 1 <= length <= budget:
+            raise ValueError(f"run length {length} out of range (at most {budget} elements left)")
+        budget -= length
+        _check_stamp(Timestamp(time + length - 1, b""))
+        gone = _spans(deleted, length, unpack)
+        if text and updated:
+            raise ValueError("text elements carry no value stamps")
+        changed = _spans(updated, length, unpack)
+        if any(gone[k] is not None and changed[k] is not None for k in range(length)):
             raise ValueError("a deleted element keeps no value stamp")
-        if text and value is not None and len(value) != 1:
-            raise ValueError("text elements hold exactly one character")
-        elements[eid] = Element(unpack(after_time, after_writer), value, up, gone)
+        live = iter(values)
+        if len(values) != length - sum(stamp is not None for stamp in gone):
+            raise ValueError("a run holds one value per live element")
+        after = unpack(after_time, after_writer)
+        for k in range(length):
+            eid = Timestamp(time + k, first.node)
+            if eid in elements:
+                raise ValueError("runs overlap")
+            value = None if gone[k] is not None else next(live)
+            elements[eid] = Element(after, value, changed[k], gone[k])
+            after = eid
+        starts.append(first)
+    for first in starts:  # maximal runs: a run never continues the one ending just below
+        before = Timestamp(first.time - 1, first.node)
+        if before in elements and elements[first].after == before:
+            raise ValueError("a run continues another one: runs must be maximal")
     if not all(used):
         raise ValueError("sequence lists a writer it does not use")
     return elements
+
+
+def _spans(
+    groups: Sequence[Group], length: int, unpack: Callable[[int, int], Timestamp]
+) -> list[Timestamp | None]:
+    """Per-element stamps from sorted, non-overlapping, maximal `(offset, count, time,
+    writer#)` groups over a run of `length` elements."""
+    stamps: list[Timestamp | None] = [None] * length
+    end = 0
+    last: tuple[int, Timestamp] | None = None
+    for offset, count, time, writer in groups:
+        if offset < end or count < 1 or offset + count > length:
+            raise ValueError("stamp groups must be sorted, non-overlapping and inside the run")
+        stamp = unpack(time, writer)
+        if last is not None and last == (offset, stamp):
+            raise ValueError("adjacent stamp groups with one stamp must be merged")
+        stamps[offset : offset + count] = [stamp] * count
+        end = offset + count
+        last = (end, stamp)
+    return stamps
 
 
 def _check_stamp(stamp: Timestamp | None) -> None:

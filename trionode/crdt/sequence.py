@@ -67,8 +67,10 @@ _BULK_MERGE: Final = 64
 """Above this many incoming elements a full rebuild is cheaper than incremental placement."""
 
 
-WireRow = tuple[int, int, int, int, V | None, tuple[int, int] | None, tuple[int, int] | None]
-"""One element in the canonical form (see `SequenceState.wire`)."""
+Group = tuple[int, int, int, int]
+"""`(offset, count, time, writer#)`: a span of a run's elements sharing one stamp."""
+WireRun = tuple[int, int, int, int, int, V | list[V], list[Group], list[Group]]
+"""One run in the canonical form (see `SequenceState.wire`)."""
 
 
 class Element(NamedTuple, Generic[V]):
@@ -326,42 +328,65 @@ class SequenceState(Generic[V]):
 
     # -- canonical forms -----------------------------------------------------------------
 
-    def wire(self) -> tuple[list[bytes], list[WireRow[V]]]:
-        """Canonical form: every element, tombstones included, sorted by id.
+    def wire(self) -> tuple[list[bytes], list[WireRun[V]]]:
+        """Canonical form: every element, tombstones included, as runs sorted by first id.
 
-        Writer ids (up to 64 bytes each) would dominate a per-character encoding, so they
-        are interned: `(writers, rows)` where `writers` is the sorted list of every node id
-        used and each row is `(time, writer#, after time, after writer#, value,
-        updated (time, writer#) | None, deleted (time, writer#) | None)`.
+        A run is a maximal chain of elements with consecutive ids of one writer, each
+        inserted after the previous one (what typing produces, see the module docstring):
+        an element starts a run unless the id just below it (same writer) exists and is its
+        reference. Writer ids (up to 64 bytes each) are interned: `(writers, runs)` where
+        `writers` is the sorted list of every node id used and each run is
+        `(first time, writer#, after time, after writer#, length, live values, deleted,
+        updated)`. `live values` are the values of the run's live elements in order (a
+        string for Text); `deleted` and `updated` are sorted, non-overlapping, maximal
+        groups `(offset, count, time, writer#)`: elements `offset..offset+count-1` of the
+        run were deleted (their value overwritten) at that one stamp.
         """
-        items = sorted(self._elements.items())
+        elements = self._elements
+        runs: list[list[Timestamp]] = []
+        open_runs: dict[Timestamp, list[Timestamp]] = {}
         used: set[bytes] = set()
-        for eid, el in items:
-            used.add(eid.node)
-            used.add(el.after.node)
+        for eid in sorted(elements):
+            el = elements[eid]
+            before = Timestamp(eid.time - 1, eid.node)
+            run = open_runs.pop(before, None) if el.after == before else None
+            if run is None:
+                run = [eid]
+                runs.append(run)
+                used.add(eid.node)
+                used.add(el.after.node)
+            else:
+                run.append(eid)
+            open_runs[eid] = run
             if el.updated is not None:
                 used.add(el.updated.node)
             if el.deleted is not None:
                 used.add(el.deleted.node)
         writers = sorted(used)
         index = {w: i for i, w in enumerate(writers)}
-
-        def pack(stamp: Timestamp | None) -> tuple[int, int] | None:
-            return None if stamp is None else (stamp.time, index[stamp.node])
-
-        rows = [
-            (
-                eid.time,
-                index[eid.node],
-                el.after.time,
-                index[el.after.node],
-                el.value,
-                pack(el.updated),
-                pack(el.deleted),
+        out: list[WireRun[V]] = []
+        for run in runs:
+            first = run[0]
+            after = elements[first].after
+            items = [elements[e] for e in run]
+            live = [el.value for el in items if el.value is not None]
+            out.append(
+                (
+                    first.time,
+                    index[first.node],
+                    after.time,
+                    index[after.node],
+                    len(run),
+                    self._pack(live),
+                    _groups([el.deleted for el in items], index),
+                    _groups([el.updated for el in items], index),
+                )
             )
-            for eid, el in items
-        ]
-        return writers, rows
+        return writers, out
+
+    def _pack(self, live: list[V]) -> V | list[V]:
+        """A run's live values in the canonical form (Text joins them into a string)."""
+        return live
 
     def hash_form(
         self, floor: Timestamp | None
@@ -478,10 +503,29 @@ class SequenceState(Generic[V]):
             index.insert_after(None if parent == HEAD else parent, eid, self._is_live)
 
 
+def _groups(stamps: list[Timestamp | None], index: dict[bytes, int]) -> list[Group]:
+    """Maximal spans of equal non-None stamps, as `(offset, count, time, writer#)`."""
+    out: list[Group] = []
+    previous: Timestamp | None = None
+    for offset, stamp in enumerate(stamps):
+        if stamp is None:
+            previous = None
+        elif stamp == previous:
+            start, count, time, writer = out[-1]
+            out[-1] = (start, count + 1, time, writer)
+        else:
+            out.append((offset, 1, stamp.time, index[stamp.node]))
+            previous = stamp
+    return out
+
+
 class TextState(SequenceState[str]):
     """A `Text`: one element per character."""
 
     __slots__ = ()
+
+    def _pack(self, live: list[str]) -> str | list[str]:
+        return "".join(live)
 
 
 class VectorState(SequenceState[bytes]):
