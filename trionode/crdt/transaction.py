@@ -206,7 +206,7 @@ class Transaction:
         sequence run continuing its writer's last id)."""
         self._check_writable()
         assert self._clock is not None  # checked above
-        self._clock.witness(stamp)
+        self._clock.witness(stamp, self._physical)
 
     def write(
         self, path: EntityPath, body: Body | None = None, *, stamp: Timestamp | None = None
