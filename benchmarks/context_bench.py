@@ -10,12 +10,13 @@ and bytes of memory and of LMDB per stored entry. Every baseline is measured in 
   `StateTree` without and with the per-call root hash the node computes (the cost of
   durability and of the Merkle root respectively), and raw LMDB committing the very rows the
   node wrote (captured from the in-process run, one transaction per call).
-* **Text.** A seeded, deterministic editing session of single-character inserts and deletes
-  (words typed at a moving cursor, bursts of backspaces, arrow-key moves, jumps elsewhere)
-  applied to trionode's `Text` with one `StateTree` transaction per keystroke, and to
-  `pycrdt.Text` with one (implicit) transaction per keystroke. Both final texts must equal the
-  trace's own result (checked, the run fails otherwise). Sizes: the sum of `encode_entity`
-  over the tree's entities vs `doc.get_update()`.
+* **Text.** Two seeded, deterministic traces of single-character inserts and deletes: a
+  typing session (words typed at a moving cursor, bursts of backspaces, arrow-key moves,
+  jumps elsewhere) and random-position edits (80% inserts, 20% deletes, each at a uniformly
+  random place), applied to trionode's `Text` with one `StateTree` transaction per keystroke,
+  and to `pycrdt.Text` with one (implicit) transaction per keystroke. Both final texts must
+  equal the trace's own result (checked, the run fails otherwise). Sizes: the sum of
+  `encode_entity` over the tree's entities vs `doc.get_update()`.
 * **Per entry.** LMDB used pages (`store.stats().used_bytes`, before/after the in-process
   calls) divided by `n`, vs raw LMDB holding the same key and value bytes (one put per
   transaction); stored key+value bytes of the context's state rows and of its delta log; and
@@ -121,6 +122,23 @@ def editing_trace(ops: int, *, seed: int = 2026) -> list[Edit]:
     return trace[:ops]
 
 
+def random_trace(ops: int, *, seed: int = 2027) -> list[Edit]:
+    """`ops` single-character edits at uniformly random positions: 80% inserts of a random
+    letter or space, 20% deletes (inserts while the text is empty). Deterministic."""
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz "
+    trace: list[Edit] = []
+    length = 0
+    for _ in range(ops):
+        if length and rng.random() < 0.2:
+            length -= 1
+            trace.append((rng.randrange(length + 1), None))
+        else:
+            trace.append((rng.randint(0, length), rng.choice(alphabet)))
+            length += 1
+    return trace
+
+
 def replay(trace: Sequence[Edit]) -> str:
     """The text a trace produces (the reference both CRDTs must match)."""
     chars: list[str] = []
@@ -170,7 +188,13 @@ def _pycrdt_text(trace: Sequence[Edit]) -> tuple[float, str, int]:
 
 
 def _text_rows(ops: int) -> list[Row]:
-    trace = editing_trace(ops)
+    return _trace_rows("Text editing trace", editing_trace(ops)) + _trace_rows(
+        "Text random-position trace", random_trace(ops)
+    )
+
+
+def _trace_rows(name: str, trace: list[Edit]) -> list[Row]:
+    ops = len(trace)
     expected = replay(trace)
     deletes = sum(char is None for _, char in trace)
     ours, our_text, our_size = _trionode_text(trace)
@@ -180,14 +204,14 @@ def _text_rows(ops: int) -> list[Row]:
     what = f"{ops:,} edits ({deletes:,} deletes) -> {len(expected):,} chars, equal in both"
     return [
         Row(
-            f"Text editing trace, 1 txn/keystroke: {what}",
+            f"{name}, 1 txn/keystroke: {what}",
             ops / ours,
             "ops/s",
             "pycrdt (Yjs) Text, same trace",
             ops / theirs,
         ),
         Row(
-            "Text encoded state after the trace (sum of encode_entity)",
+            f"{name}: encoded state after it (sum of encode_entity)",
             our_size,
             "bytes",
             "pycrdt doc.get_update()",

@@ -1391,8 +1391,7 @@ class ContextManager:
     async def _read(self, context_id: bytes) -> _Loaded:
         record = await self.get(context_id)
         rows = await self._store.scan(STATE, prefix=context_id)
-        tree = StateTree(decode_entity(value) for _, value in rows)
-        tree.drain_changes()
+        tree = StateTree.from_rows((key[len(context_id) :], value) for key, value in rows)
         delta_rows = await self._store.scan(DELTAS, prefix=context_id)
         applied = [k[len(context_id) :] for k, _ in delta_rows]
         dag = self._new_dag(applied=applied, heads=record.heads)
@@ -1499,9 +1498,14 @@ def _reason_label(reason: str | None) -> str:
 
 
 def _stage_state(loaded: _Loaded, batch: WriteBatch) -> None:
-    """Rewrite (or delete) the state rows of every entity changed since the last drain."""
-    changes = loaded.tree.drain_changes()
-    _stage_entities(loaded, batch, changes.updated, changes.deleted)
+    """Write (or delete) the state rows changed since the last drain (a Text keystroke
+    writes its delta, not the whole Text: see `trionode/crdt/rows.py`)."""
+    context_id = loaded.context_id
+    for key, value in loaded.tree.drain_rows():
+        if value is None:
+            batch.delete(STATE, context_id + key)
+        else:
+            batch.put(STATE, context_id + key, value)
 
 
 def _stage_entities(

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
+from trionode.crdt.rows import Row, RowLog
 from trionode.crdt.sequence import SequenceState
 from trionode.crdt.transaction import Transaction
 
@@ -65,6 +66,7 @@ class StateTree:
         "_deleted",
         "_generation",
         "_hashes",
+        "_log",
         "_max_stamp",
         "_records",
         "_sorted_ids",
@@ -78,6 +80,7 @@ class StateTree:
         self._buckets: dict[bytes, dict[int, bytes]] = {}
         self._sorted_ids: list[bytes] | None = None
         self._max_stamp: Timestamp | None = None
+        self._log = RowLog()
         self._generation = 0
         self._updated: set[bytes] = set()
         self._deleted: set[bytes] = set()
@@ -143,6 +146,7 @@ class StateTree:
                 result = mine.merge(incoming)
                 if not result.changed:
                     continue
+                self._log.applied(mine, incoming)
                 floor_changed = result.floor_changed
             changed.append(eid)
             self._max_stamp = latest(self._max_stamp, incoming.max_stamp())
@@ -307,6 +311,7 @@ class StateTree:
                 if body.is_empty():
                     record.body = None
                 self._mark_updated(eid)
+                self._log.rewrite(eid)
                 self._invalidate_up(eid)
         return dropped
 
@@ -337,11 +342,34 @@ class StateTree:
 
     # -- persistence seam ----------------------------------------------------------------
 
-    def drain_changes(self) -> ChangeSet:
-        """Ids updated or deleted since the last call (for the store layer)."""
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[bytes, bytes]]) -> StateTree:
+        """The tree persisted as `rows` (keys relative to the context; see `rows.py`).
+
+        Raises:
+            RemoteProtocolError: a record that does not decode.
+            ValueError: a row key that is neither an entity id nor a journal key.
+        """
+        entities, log = RowLog.load(rows)
+        tree = cls(entities)
+        tree._log = log
+        return tree
+
+    def drain_rows(self) -> list[Row]:
+        """The rows to write or delete (keys relative to the context) for every change
+        since the last drain: whole records, or for a Text/Vector just the delta-states
+        applied to it (see `rows.py`)."""
         changes = ChangeSet(frozenset(self._updated), frozenset(self._deleted))
         self._updated.clear()
         self._deleted.clear()
+        return self._log.rows(changes.updated, changes.deleted, self._records.get)
+
+    def drain_changes(self) -> ChangeSet:
+        """Ids updated or deleted since the last call, to write whole (see `drain_rows`)."""
+        changes = ChangeSet(frozenset(self._updated), frozenset(self._deleted))
+        self._updated.clear()
+        self._deleted.clear()
+        self._log.forget_pending()
         return changes
 
     def _mark_updated(self, entity_id: bytes) -> None:

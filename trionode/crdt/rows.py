@@ -1,0 +1,170 @@
+"""State rows: how a `StateTree` is persisted, writing only what changed.
+
+Every entity is one row `entity_id -> encode_entity(record)`. A Text or Vector record holds
+the whole sequence while a keystroke changes one element, so rewriting it per keystroke
+costs O(length). For those kinds the rows are a *base* plus a *journal*:
+
+    entity_id               -> encode_entity(record as of the last rewrite)
+    entity_id ‖ seq (u32)   -> encode_entity(delta-states joined since then)
+
+Reading joins the base and its journal rows. Join is idempotent, commutative and
+associative and the record is the join of everything applied to it, so the result is the
+record itself, whatever order the rows come back in. Once the journal outweighs the base
+(or `JOURNAL_MIN_BYTES`), the next change rewrites the base and deletes the journal: a
+keystroke writes its own delta plus an amortised share of one rewrite per doubling, and a
+read replays at most about twice the record's size.
+
+GC drops tombstones, which no delta can express, so a collected record is rewritten whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from trionode.crdt.encoding import decode_entity, encode_entity
+from trionode.crdt.entity import ID_BYTES, Entity, Kind
+
+JOURNAL_KINDS: Final = frozenset({Kind.TEXT, Kind.VECTOR})
+JOURNAL_MIN_BYTES: Final = 64 * 1024
+"""A journal may grow to this size even when its base is smaller."""
+_SEQ_BYTES: Final = 4
+_SEQ_LIMIT: Final = 1 << (8 * _SEQ_BYTES)
+
+Row = tuple[bytes, bytes | None]
+"""(key, encoded value), or (key, None): delete the row. Keys are relative to a context."""
+
+
+class _Stored:
+    """What the store holds for one journaled entity."""
+
+    __slots__ = ("base", "journal_bytes", "journal_rows")
+
+    def __init__(self, base: int, journal_rows: int = 0, journal_bytes: int = 0) -> None:
+        self.base = base
+        """Bytes of the base row."""
+        self.journal_rows = journal_rows
+        """Journal rows, numbered 0..journal_rows-1."""
+        self.journal_bytes = journal_bytes
+
+
+class RowLog:
+    """Per-tree bookkeeping of stored rows and of the deltas not yet written."""
+
+    __slots__ = ("_journal", "_rewrite", "_stored")
+
+    def __init__(self) -> None:
+        self._stored: dict[bytes, _Stored] = {}
+        self._journal: dict[bytes, Entity] = {}
+        """Join of the records applied to an existing journaled entity since the last drain."""
+        self._rewrite: set[bytes] = set()
+        """Changed in a way no delta expresses (GC): write the base whole."""
+
+    def applied(self, record: Entity, incoming: Entity) -> None:
+        """`incoming` was just joined into the existing `record` and changed it."""
+        if record.kind not in JOURNAL_KINDS:
+            return
+        pending = self._journal.get(record.id)
+        if pending is None:
+            self._journal[record.id] = incoming.copy()
+        else:
+            pending.merge(incoming)
+
+    def rewrite(self, entity_id: bytes) -> None:
+        self._rewrite.add(entity_id)
+
+    def forget_pending(self) -> None:
+        """Changes were drained without writing rows (only right after loading)."""
+        self._journal.clear()
+
+    def rows(
+        self,
+        updated: Iterable[bytes],
+        deleted: Iterable[bytes],
+        record: Callable[[bytes], Entity | None],
+    ) -> list[Row]:
+        """The rows to write for the drained changes, and forget the pending deltas."""
+        out: list[Row] = []
+        for eid in sorted(updated):
+            entity = record(eid)
+            if entity is None:
+                continue
+            stored = self._stored.get(eid)
+            delta = self._journal.get(eid)
+            if (
+                stored is not None
+                and delta is not None
+                and eid not in self._rewrite
+                and stored.journal_rows + 1 < _SEQ_LIMIT
+            ):
+                data = encode_entity(delta)
+                if stored.journal_bytes + len(data) <= max(stored.base, JOURNAL_MIN_BYTES):
+                    out.append((_journal_key(eid, stored.journal_rows), data))
+                    stored.journal_rows += 1
+                    stored.journal_bytes += len(data)
+                    continue
+            data = encode_entity(entity)
+            out.append((eid, data))
+            self._rewrite.discard(eid)
+            self._drop_journal(eid, out)
+            if entity.kind in JOURNAL_KINDS:
+                self._stored[eid] = _Stored(len(data))
+        for eid in sorted(deleted):
+            out.append((eid, None))
+            self._rewrite.discard(eid)
+            self._drop_journal(eid, out)
+        self._journal.clear()
+        return out
+
+    def _drop_journal(self, eid: bytes, out: list[Row]) -> None:
+        stored = self._stored.pop(eid, None)
+        if stored is not None:
+            out.extend((_journal_key(eid, seq), None) for seq in range(stored.journal_rows))
+
+    @classmethod
+    def load(cls, rows: Iterable[tuple[bytes, bytes]]) -> tuple[list[Entity], RowLog]:
+        """Records from stored rows (keys relative to the context), and the log that knows
+        which journal rows exist.
+
+        Raises:
+            RemoteProtocolError: a row that does not decode.
+            ValueError: a key that is neither an entity id nor a journal key.
+        """
+        log = cls()
+        bases: dict[bytes, Entity] = {}
+        journals: dict[bytes, list[Entity]] = {}
+        for key, value in rows:
+            if len(key) == ID_BYTES:
+                entity = _decode(key, value)
+                bases[key] = entity
+                if entity.kind in JOURNAL_KINDS:
+                    log._stored.setdefault(key, _Stored(0)).base = len(value)
+            elif len(key) == ID_BYTES + _SEQ_BYTES:
+                eid = key[:ID_BYTES]
+                journals.setdefault(eid, []).append(_decode(eid, value))
+                stored = log._stored.setdefault(eid, _Stored(0))
+                seq = int.from_bytes(key[ID_BYTES:], "big")
+                stored.journal_rows = max(stored.journal_rows, seq + 1)
+                stored.journal_bytes += len(value)
+            else:
+                raise ValueError(f"state row key of {len(key)} bytes")
+        for eid, deltas in journals.items():
+            base = bases.get(eid)
+            if base is None:  # rows change in one batch, so only damage leaves this
+                base = bases[eid] = deltas[0]
+                log._rewrite.add(eid)  # write the base whole on its next change
+            for delta in deltas:
+                if delta is not base:
+                    base.merge(delta)
+        return list(bases.values()), log
+
+
+def _decode(entity_id: bytes, value: bytes) -> Entity:
+    entity = decode_entity(value)
+    if entity.id != entity_id:
+        raise ValueError("state row holds another entity's record")
+    return entity
+
+
+def _journal_key(entity_id: bytes, seq: int) -> bytes:
+    return entity_id + seq.to_bytes(_SEQ_BYTES, "big")
