@@ -62,8 +62,8 @@ class RowLog:
 
     def applied(self, record: Entity, incoming: Entity) -> None:
         """`incoming` was just joined into the existing `record` and changed it."""
-        if record.kind not in JOURNAL_KINDS:
-            return
+        if record.kind not in JOURNAL_KINDS or record.id not in self._stored:
+            return  # no base row to journal against (or never persisted): written whole
         pending = self._journal.get(record.id)
         if pending is None:
             self._journal[record.id] = incoming.copy()
