@@ -6,6 +6,8 @@
 | identity      | context id ‖ "k" ‖ key id (8 B)   | a context key (32 B)               |
 | identity      | context id ‖ "m" ‖ member pubkey  | our member private key (32 B seed) |
 | state         | context id ‖ entity id            | encoded entity record              |
+| state         | context id ‖ entity id ‖ seq (4 B)| a Text/Vector journal row: deltas  |
+|               |                                   | since its record (crdt/rows.py)    |
 | delta         | context id ‖ delta id             | SignedDelta wire bytes, or empty:  |
 |               |                                   | a checkpoint (applied as state by  |
 |               |                                   | a snapshot or tree comparison)     |

@@ -6,8 +6,10 @@ An encoded record is a msgpack array
 
 where a stamp is `[time, node]` and `body` is nil (⊥) or, by kind,
 REGISTER `[stamp, value]`, COUNTER `[[writer, since, inc, dec], ...]` sorted by writer,
-TEXT/VECTOR `[writers, [[time, w, after time, after w, value, updated, deleted], ...]]`
-sorted by id, with writer ids interned (see `SequenceState.wire`). The entity id is
+TEXT/VECTOR `[writers, [[time, w, after time, after w, length, live values, deleted,
+updated], ...]]`: runs of consecutive ids sorted by first id, with writer ids interned and
+deleted/overwritten spans as `[offset, count, time, w]` groups (see `SequenceState.wire`;
+at most `MAX_SEQUENCE_ELEMENTS` elements per record). The entity id is
 not encoded: it is derived from (parent, name), so a record cannot misplace itself.
 
 Equal records encode to identical bytes (see `canonical.py`). `decode_entity` accepts only
