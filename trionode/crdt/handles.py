@@ -414,7 +414,9 @@ class _Sequence(Handle, Generic[S]):
         state, floor = self._base()
         tx = self._tx
         delta = state.insert_delta(pos, values, tx.stamp, floor, writer=tx.writer)
-        tx.witness(delta.max_stamp())  # ids continuing a run are not fresh clock stamps
+        tx.witness(
+            max(delta.elements, default=None)
+        )  # ids continuing a run are not fresh clock stamps
         tx.write(self._path, delta)
 
     def _delete(self, pos: int, count: int) -> None:

@@ -54,6 +54,7 @@ class OrderIndex:
         "_by_serial",
         "_fenwick",
         "_hint",
+        "_live_hint",
         "_live_total",
         "_serials",
         "_where",
@@ -79,6 +80,8 @@ class OrderIndex:
             self._blocks.append(block)
             self._where.update(dict.fromkeys(chunk, block.serial))
         self._hint = (self._blocks[0], 0)
+        self._live_hint = 0
+        """Offset in its block's live list of the live element placed last."""
         self._live_total = 0
         self._fenwick: list[int] = []
         self._reindex()
@@ -96,6 +99,7 @@ class OrderIndex:
         new._serials = self._serials
         new._block_max = self._block_max
         new._hint = (new._blocks[0], 0)
+        new._live_hint = 0
         new._live_total = self._live_total
         new._fenwick = list(self._fenwick)
         return new
@@ -191,8 +195,17 @@ class OrderIndex:
             back = index - 1
             while back >= 0 and not is_live(ids[back]):
                 back -= 1
-            at = 0 if back < 0 else block.live.index(ids[back]) + 1
-            block.live.insert(at, eid)
+            live = block.live
+            at = 0
+            if back >= 0:
+                before = ids[back]
+                # Typing: the live predecessor is usually the element placed last.
+                guess = self._live_hint
+                at = (
+                    guess if guess < len(live) and live[guess] == before else live.index(before)
+                ) + 1
+            live.insert(at, eid)
+            self._live_hint = at
             self._live_total += 1
             self._add(block.pos, 1)
         if len(ids) > self._block_max:
