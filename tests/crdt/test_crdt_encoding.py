@@ -17,6 +17,7 @@ from trionode.crdt import (
     RegisterState,
     TextState,
     Timestamp,
+    decode_entities,
     decode_entity,
     encode_entity,
 )
@@ -171,3 +172,15 @@ def test_equal_states_encode_identically_whatever_the_history() -> None:
     one = Entity(PARENT, b"t", Kind.TEXT, body=a.join(b))
     two = Entity(PARENT, b"t", Kind.TEXT, body=b.join(a))
     assert encode_entity(one) == encode_entity(two)
+
+
+def test_many_tiny_tombstone_runs_cannot_claim_unbounded_elements() -> None:
+    """Each record is a few dozen bytes claiming a long deleted run; a batch of them (one
+    delta, one snapshot page) is refused once their elements together exceed the budget."""
+    tomb = _record(Kind.TEXT, [[b"", N], [[5, 1, 0, 0, 1000, "", [[0, 1000, 6, 1]], []]]])
+    assert len(decode_entity(tomb).body.elements) == 1000  # type: ignore[union-attr]
+    assert len(decode_entities([tomb] * 5, max_elements=5000)) == 5
+    with pytest.raises(RemoteProtocolError, match="run length"):
+        decode_entities([tomb] * 6, max_elements=5000)
+    with pytest.raises(RemoteProtocolError, match="run length"):
+        decode_entity(tomb, max_elements=999)

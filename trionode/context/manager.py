@@ -62,7 +62,7 @@ from trionode.crdt import (
     HybridClock,
     StateTree,
     Timestamp,
-    decode_entity,
+    decode_entities,
     encode_entity,
     max_stamp,
     ntp64_from_unix,
@@ -674,7 +674,7 @@ class ContextManager:
         if verdict is Verdict.ACCEPTED and (header.auth is None or header.auth.kind == Kind.CREATE):
             try:
                 body = open_delta(delta, header, loaded.keys[header.key_id])
-                records = [decode_entity(r) for r in body.records]
+                records = decode_entities(body.records)
             except KeyError:
                 batch.delete(PENDING, context_id + delta_id)
                 return self._reject(applying, delta_id, f"no key {header.key_id}")

@@ -59,7 +59,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from trionode.context.manager import ContextError, ContextManager
-from trionode.crdt import Entity, decode_entity
+from trionode.crdt import Entity, decode_entities
 from trionode.errors import RemoteProtocolError
 from trionode.net.host import Connection
 from trionode.store.lmdb_store import Column
@@ -286,7 +286,7 @@ async def take(
 def _check_page(page: SnapshotPage, cursor: bytes | None) -> list[Entity]:
     """Decode a page's records; ids must rise strictly after `cursor`, and a page that is
     not the last must end at its cursor (so paging always moves forward)."""
-    entities = [decode_entity(record) for record in page.records]
+    entities = decode_entities(page.records)
     previous = cursor
     for entity in entities:
         if previous is not None and entity.id <= previous:

@@ -56,7 +56,7 @@ import attrs
 
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.snapshot import Channel, check_proof, expect, prove, serve_page
-from trionode.crdt import Entity, decode_entity
+from trionode.crdt import Entity, decode_entities, decode_entity
 from trionode.crdt.entity import ROOT_ID
 from trionode.errors import RemoteProtocolError
 from trionode.net.host import Connection
@@ -361,7 +361,7 @@ class SessionResponder:
         self._pushed += len(push.records)
         if self._pushed > SERVE_MAX_PUSHED:
             raise RemoteProtocolError("too many records pushed on one stream")
-        entities = [decode_entity(record) for record in push.records]
+        entities = decode_entities(push.records)
         writer, _ = await self.contexts.peer_rights(self.context_id, self.member)
         allowed = entities if writer else []
         refused = len(entities) - len(allowed)

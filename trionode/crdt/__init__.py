@@ -12,7 +12,13 @@ No I/O, no scheduling, no clock reads: callers pass physical time in (see `hlc.p
 """
 
 from trionode.crdt.counter import CounterState, Slot
-from trionode.crdt.encoding import MAX_ENTITY_BYTES, ValueCodec, decode_entity, encode_entity
+from trionode.crdt.encoding import (
+    MAX_ENTITY_BYTES,
+    ValueCodec,
+    decode_entities,
+    decode_entity,
+    encode_entity,
+)
 from trionode.crdt.entity import ROOT_ID, Entity, Kind, child_id, max_stamp
 from trionode.crdt.errors import SchemaError, TransactionError
 from trionode.crdt.handles import (
@@ -78,6 +84,7 @@ __all__ = [
     "VectorState",
     "child_id",
     "counter",
+    "decode_entities",
     "decode_entity",
     "encode_entity",
     "max_stamp",

@@ -25,7 +25,7 @@ hidden data, never changes a hash.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, Final, Generic, TypeVar
 
 import msgspec
@@ -53,6 +53,9 @@ MAX_ENTITY_BYTES: Final = 4 * 1024 * 1024
 MAX_SEQUENCE_ELEMENTS: Final = MAX_ENTITY_BYTES // 8
 """Most elements one Text/Vector record may expand to. Runs store deleted elements as a
 count, so without this a few bytes could claim millions of tombstones."""
+MAX_BATCH_ELEMENTS: Final = 1 << 20
+"""Most sequence elements the records of one delta or page may expand to together (about
+what 8 MiB of records could hold one element per row before runs)."""
 
 T = TypeVar("T")
 
@@ -101,9 +104,12 @@ def _body_wire(body: Body | None) -> bytes:
 
 
 def decode_entity(
-    data: bytes | bytearray | memoryview, *, max_size: int = MAX_ENTITY_BYTES
+    data: bytes | bytearray | memoryview,
+    *,
+    max_size: int = MAX_ENTITY_BYTES,
+    max_elements: int = MAX_SEQUENCE_ELEMENTS,
 ) -> Entity:
-    """Decode and validate one record.
+    """Decode and validate one record (a Text/Vector of at most `max_elements`).
 
     Raises:
         RemoteProtocolError: oversized, malformed or non-canonical bytes.
@@ -116,12 +122,31 @@ def decode_entity(
         kind = Kind(kind_value)
         _check_stamp(added)
         _check_stamp(removed)
-        body = _decode_body(kind, bytes(raw))
+        body = _decode_body(kind, bytes(raw), min(max_elements, MAX_SEQUENCE_ELEMENTS))
         return Entity(parent, name, kind, added=added, removed=removed, body=body)
     except (msgspec.DecodeError, ValueError) as exc:
         raise RemoteProtocolError(f"bad entity record: {exc}") from exc
     except RecursionError as exc:  # msgspec skipping a deeply nested body as Raw
         raise RemoteProtocolError("bad entity record: nested too deeply") from exc
+
+
+def decode_entities(
+    records: Iterable[bytes | bytearray | memoryview], *, max_elements: int = MAX_BATCH_ELEMENTS
+) -> list[Entity]:
+    """Decode the records of one delta or page, all their Text/Vector elements together
+    within `max_elements` (so many tiny records cannot each claim a huge tombstone run).
+
+    Raises:
+        RemoteProtocolError: a bad record, or the batch expands beyond the budget.
+    """
+    out: list[Entity] = []
+    left = max_elements
+    for data in records:
+        entity = decode_entity(data, max_elements=left)
+        if isinstance(entity.body, SequenceState):
+            left -= len(entity.body.elements)
+        out.append(entity)
+    return out
 
 
 def _not_nil(value: T | None) -> T:
@@ -135,7 +160,7 @@ def _check_version(version: int) -> None:
         raise ValueError(f"unknown entity format version {version}")
 
 
-def _decode_body(kind: Kind, raw: bytes) -> Body | None:
+def _decode_body(kind: Kind, raw: bytes, max_elements: int) -> Body | None:
     if raw == _NIL:
         return None
     if kind is Kind.REGISTER:
@@ -145,9 +170,9 @@ def _decode_body(kind: Kind, raw: bytes) -> Body | None:
     if kind is Kind.COUNTER:
         return _decode_counter(raw)
     if kind is Kind.TEXT:
-        return _decode_text(raw)
+        return _decode_text(raw, max_elements)
     if kind is Kind.VECTOR:
-        return _decode_vector(raw)
+        return _decode_vector(raw, max_elements)
     raise ValueError(f"{kind.name} entity cannot have a body")
 
 
@@ -168,21 +193,21 @@ def _decode_counter(raw: bytes) -> CounterState:
     return CounterState(slots)
 
 
-def _decode_text(raw: bytes) -> TextState:
+def _decode_text(raw: bytes, max_elements: int) -> TextState:
     writers, rows = _not_nil(_text_decoder.decode(raw))
-    return TextState(_elements(writers, rows, text=True))
+    return TextState(_elements(writers, rows, text=True, budget=max_elements))
 
 
-def _decode_vector(raw: bytes) -> VectorState:
+def _decode_vector(raw: bytes, max_elements: int) -> VectorState:
     writers, rows = _not_nil(_vector_decoder.decode(raw))
-    return VectorState(_elements(writers, rows, text=False))
+    return VectorState(_elements(writers, rows, text=False, budget=max_elements))
 
 
 def _elements(
-    writers: list[bytes], runs: Sequence[WireRun[Any]], *, text: bool
+    writers: list[bytes], runs: Sequence[WireRun[Any]], *, text: bool, budget: int
 ) -> dict[Timestamp, Element[Any]]:
     """Rebuild elements from the run form (see `SequenceState.wire`), insisting on the
-    canonical shape and on `MAX_SEQUENCE_ELEMENTS`."""
+    canonical shape and on at most `budget` elements."""
     if not runs:
         raise ValueError("empty sequence body must be nil")
     if any(a >= b for a, b in itertools.pairwise(writers)):
@@ -200,7 +225,6 @@ def _elements(
     elements: dict[Timestamp, Element[Any]] = {}
     starts: list[Timestamp] = []
     previous = HEAD
-    budget = MAX_SEQUENCE_ELEMENTS
     for time, writer, after_time, after_writer, length, values, deleted, updated in runs:
         first = unpack(time, writer)
         if first <= previous:
