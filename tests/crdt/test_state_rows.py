@@ -116,3 +116,34 @@ def test_damaged_rows_are_refused() -> None:
         StateTree.from_rows([(bytes(32), value)])
     with pytest.raises(RemoteProtocolError):
         StateTree.from_rows([(key, value[:-1])])
+
+
+def test_replacing_the_state_drops_every_journal_row() -> None:
+    """A rebuilt state (reverted deltas left out) replaces the stored rows: no journal row
+    of the old state may survive to be joined back in on the next load."""
+    old = StateTree()
+    clock = HybridClock(b"a")
+    store: dict[bytes, bytes] = {}
+    for i in range(5):
+        with old.begin(clock, T0 + i) as tx:
+            tx.field("t", text()).insert(0, "x")
+            tx.field("gone", text()).insert(0, "y")
+            tx.commit()
+        _write(store, old.drain_rows())
+    assert any(len(k) == 36 for k in store)  # journal rows exist
+    rebuilt = StateTree()
+    with rebuilt.begin(HybridClock(b"b"), T0) as tx:
+        tx.field("t", text()).insert(0, "kept")
+        tx.commit()
+    _write(store, rebuilt.rows_replacing(old))
+    assert records(StateTree.from_rows(store.items())) == records(rebuilt)
+    # ... and later keystrokes journal against the rebuilt base.
+    with rebuilt.begin(HybridClock(b"b"), T0 + 100) as tx:
+        tx.field("t", text()).insert(4, "!")
+        tx.commit()
+    _write(store, rebuilt.drain_rows())
+    assert any(len(k) == 36 for k in store)
+    loaded = StateTree.from_rows(store.items())
+    assert records(loaded) == records(rebuilt)
+    with loaded.reader() as tx:
+        assert tx.field("t", text()).value() == "kept!"

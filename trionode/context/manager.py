@@ -63,11 +63,13 @@ from trionode.crdt import (
     StateTree,
     Timestamp,
     decode_entities,
+    decode_entity,
     encode_entity,
     max_stamp,
     ntp64_from_unix,
 )
 from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE, ntp64_duration, ntp64_seconds
+from trionode.crdt.rows import Row
 from trionode.dag.dag import CausalDag, Defer
 from trionode.dag.delta import (
     GENESIS,
@@ -828,11 +830,9 @@ class ContextManager:
             except (KeyError, ProtocolError):
                 continue
             tree.apply([decode_entity(r) for r in body.records])
-        old_ids = {e.id for e in loaded.tree.entities()}
-        new_ids = [e.id for e in tree.entities()]
-        tree.drain_changes()
+        rows = tree.rows_replacing(loaded.tree)  # drops the old journal rows too
         loaded.tree = tree
-        _stage_entities(loaded, batch, new_ids, old_ids.difference(new_ids))
+        _stage_rows(loaded, batch, rows)
         loaded.clock.witness(tree.max_stamp, self._physical_now())
 
     async def expire_pending(self, max_age: float) -> int:
@@ -1500,26 +1500,18 @@ def _reason_label(reason: str | None) -> str:
 def _stage_state(loaded: _Loaded, batch: WriteBatch) -> None:
     """Write (or delete) the state rows changed since the last drain (a Text keystroke
     writes its delta, not the whole Text: see `trionode/crdt/rows.py`)."""
+    _stage_rows(loaded, batch, loaded.tree.drain_rows())
+
+
+def _stage_rows(loaded: _Loaded, batch: WriteBatch, rows: Iterable[Row]) -> None:
+    """Put or delete state rows (keys relative to the context). A rebuild stages a whole
+    new tree through here too (`StateTree.rows_replacing`)."""
     context_id = loaded.context_id
-    for key, value in loaded.tree.drain_rows():
+    for key, value in rows:
         if value is None:
             batch.delete(STATE, context_id + key)
         else:
             batch.put(STATE, context_id + key, value)
-
-
-def _stage_entities(
-    loaded: _Loaded, batch: WriteBatch, updated: Iterable[bytes], deleted: Iterable[bytes]
-) -> None:
-    """Write the rows of `updated` entities of the current tree; delete those of `deleted`.
-    (A rebuild stages a whole new tree through here too.)"""
-    context_id = loaded.context_id
-    for entity_id in updated:
-        entity = loaded.tree.get(entity_id)
-        if entity is not None:
-            batch.put(STATE, context_id + entity_id, encode_entity(entity))
-    for entity_id in deleted:
-        batch.delete(STATE, context_id + entity_id)
 
 
 def b58(data: bytes) -> str:

@@ -71,7 +71,10 @@ class RowLog:
             pending.merge(incoming)
 
     def rewrite(self, entity_id: bytes) -> None:
-        self._rewrite.add(entity_id)
+        """The record changed in a way no delta expresses (GC, dropped, created anew)."""
+        if entity_id in self._stored:
+            self._journal.pop(entity_id, None)
+            self._rewrite.add(entity_id)
 
     def forget_pending(self) -> None:
         """Changes were drained without writing rows (only right after loading)."""
@@ -114,6 +117,27 @@ class RowLog:
             self._rewrite.discard(eid)
             self._drop_journal(eid, out)
         self._journal.clear()
+        return out
+
+    def replacing(
+        self, old: RowLog, records: Iterable[Entity], old_ids: Iterable[bytes]
+    ) -> list[Row]:
+        """Rows that replace everything `old` stored (records `old_ids`, and their journal
+        rows) with `records` written whole; this log then knows those bases."""
+        out: list[Row] = []
+        written: set[bytes] = set()
+        self._stored.clear()
+        for entity in records:
+            data = encode_entity(entity)
+            out.append((entity.id, data))
+            written.add(entity.id)
+            if entity.kind in JOURNAL_KINDS:
+                self._stored[entity.id] = _Stored(len(data))
+        out.extend((eid, None) for eid in sorted(set(old_ids) - written))
+        for eid in sorted(old._stored):
+            old._drop_journal(eid, out)
+        self._journal.clear()
+        self._rewrite.clear()
         return out
 
     def _drop_journal(self, eid: bytes, out: list[Row]) -> None:

@@ -139,6 +139,7 @@ class StateTree:
             mine = self._records.get(eid)
             if mine is None:
                 self._records[eid] = incoming.copy()
+                self._log.rewrite(eid)  # dropped by GC earlier, now back: no base to extend
                 insort(self._children.setdefault(incoming.parent, []), eid)
                 self._sorted_ids = None
                 floor_changed = True  # earlier-arrived children may now be reachable
@@ -337,6 +338,7 @@ class StateTree:
             self._buckets.pop(eid, None)
             self._updated.discard(eid)
             self._deleted.add(eid)
+            self._log.rewrite(eid)
         self._sorted_ids = None
         return len(doomed)
 
@@ -363,6 +365,12 @@ class StateTree:
         self._updated.clear()
         self._deleted.clear()
         return self._log.rows(changes.updated, changes.deleted, self._records.get)
+
+    def rows_replacing(self, old: StateTree) -> list[Row]:
+        """Rows that replace every row `old` stored (records and Text/Vector journal rows)
+        with this tree's records, written whole; later drains journal against them."""
+        self.drain_changes()
+        return self._log.replacing(old._log, self._records.values(), old._records)
 
     def drain_changes(self) -> ChangeSet:
         """Ids updated or deleted since the last call, to write whole (see `drain_rows`)."""
