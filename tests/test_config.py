@@ -57,6 +57,10 @@ def test_cors_origins_accept_browser_origins(home: Path) -> None:
             "`store.initial_map_size` is larger than `store.max_map_size`",
         ),
         ("[store]\nencrypted = true\n", "$TRIONODE_PASSPHRASE is not set"),
+        (
+            "[network]\nconnections_low_water = 100\n",
+            "connections_low_water <= connections_high_water <= max_connections",
+        ),
     ],
 )
 def test_config_errors_name_the_key(home: Path, text: str, message: str) -> None:

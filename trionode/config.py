@@ -68,9 +68,27 @@ class NetworkSection(_Section, frozen=True):
     bootstrap: list[str] = msgspec.field(default_factory=list)
     """Multiaddrs (with /p2p/<peer id>) dialed at start and re-dialed with backoff."""
     max_connections: PositiveInt = 128
-    """Connections beyond this many are refused (inbound) or not attempted (outbound)."""
+    """The cap. At it, an inbound newcomer displaces an unprotected peer from a more crowded
+    address or is refused, and our dials are not attempted; dials to members (and members
+    coming back) always get in, displacing an unprotected peer (see net/connmgr.py)."""
     max_pending_handshakes: PositiveInt = 32
     """Inbound connections still handshaking at once; more are closed at once."""
+    max_pending_handshakes_per_address: PositiveInt = 4
+    """Of those, how many may come from one IPv4 address or one IPv6 /64: idle sockets from
+    one address never take every handshake slot."""
+    max_connections_per_address: PositiveInt = 16
+    """Connections from one IPv4 address or IPv6 /64 (throwaway identities from one address
+    never fill `max_connections`). Peers that proved membership of a shared context and
+    peers we dial are exempt."""
+    connections_high_water: PositiveInt = 96
+    """When more connections than this are open, the least valuable ones are closed ..."""
+    connections_low_water: PositiveInt = 64
+    """... down to this many. Peers that proved membership of a context we share (on a
+    sync stream) are never closed for room, nor are connections younger than
+    `connection_grace`."""
+    connection_grace: PositiveFloat = 30.0
+    """Seconds a new connection is spared by watermark trimming, so a member has time to
+    prove itself. At `max_connections` a newcomer may still displace one (see DESIGN)."""
     max_streams_per_connection: PositiveInt = 256
     """Inbound streams a peer may have open at once; more are reset and counted."""
     max_refused_streams: PositiveInt = 64
@@ -459,6 +477,12 @@ def load_config(home: Path, *, env: dict[str, str] | None = None) -> NodeConfig:
     file = parse_config(raw, source=str(path))
     if file.store.initial_map_size > file.store.max_map_size:
         raise ConfigError(f"{path}: `store.initial_map_size` is larger than `store.max_map_size`")
+    net = file.network
+    if not net.connections_low_water <= net.connections_high_water <= net.max_connections:
+        raise ConfigError(
+            f"{path}: `network`: connections_low_water <= connections_high_water"
+            " <= max_connections must hold"
+        )
     try:
         file.pubsub.gossip_config()
     except ValueError as exc:

@@ -28,6 +28,11 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent data that violates the protocol (malformed, oversized, out of state)."""
 
 
+class StreamEndedError(RemoteProtocolError):
+    """The peer closed a stream before a whole message. It may simply have given up (its
+    own timeout), so the stream fails but the peer is not disconnected for it."""
+
+
 class PeerError(TrionodeError):
     """A peer could not be reached, authenticated or kept."""
 

@@ -316,7 +316,7 @@ async def test_too_many_pending_handshakes_are_closed_at_once() -> None:
                 await assert_good_peer_unharmed(target, good)
                 nursery.cancel_scope.cancel()  # the stalled ones give up ...
             # ... and the host notices: their handshakes fail and free their slots.
-            while target.host._pending_handshakes.value < limit:
+            while target.host.connmgr.statistics().pending_handshakes > 0:
                 await trio.testing.wait_all_tasks_blocked(cushion=0.01)
             # Once they are gone, new peers can connect again.
             async with open_host() as late:

@@ -19,7 +19,7 @@ from trionode.context.applications import Applications
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.records import ContextRecord
 from trionode.context.replication import SESSION_ERRORS, Replicator
-from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
+from trionode.errors import PeerError, ProtocolError, RemoteProtocolError, StreamEndedError
 from trionode.net.host import Connection, Host
 from trionode.store.store import AsyncStore
 from trionode.wire.keys import PeerId
@@ -246,5 +246,5 @@ async def _receive(stream: trio.abc.Stream) -> bytes:
                 return bytes(data[_LENGTH.size : _LENGTH.size + length])
         chunk = await stream.receive_some(MAX_MESSAGE)
         if not chunk:
-            raise RemoteProtocolError("join stream ended early")
+            raise StreamEndedError("join stream ended early")
         data += chunk

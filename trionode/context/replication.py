@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.treecmp import SessionResponder
 from trionode.dag.delta import SignedDelta, decode_delta
-from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
+from trionode.errors import PeerError, ProtocolError, RemoteProtocolError, StreamEndedError
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection, Host
 from trionode.net.pubsub import PubSub
@@ -475,6 +475,6 @@ class _Channel:
             if not data:
                 if eof_ok:
                     return None
-                raise RemoteProtocolError("sync stream ended mid-conversation")
+                raise StreamEndedError("sync stream ended mid-conversation")
             self._reader.receive_data(data)
         return message

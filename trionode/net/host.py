@@ -37,8 +37,10 @@ from trionode.errors import (
     PeerError,
     ProtocolError,
     RemoteProtocolError,
+    StreamEndedError,
 )
 from trionode.net.addresses import advertised_addresses, interface_ips, is_unspecified
+from trionode.net.connmgr import AddressGroup, ConnectionLimits, ConnectionManager, address_group
 from trionode.net.metrics import NetMetrics
 from trionode.net.multistream import (
     ProtocolNotSupportedError,
@@ -96,6 +98,8 @@ class Connection:
     ping_rtt: float | None = None
     identified: trio.Event = attrs.field(factory=trio.Event)
     refused_streams: int = 0
+    member: bool = False
+    """Dialled as a member of a context we share (the caller said so): never closed for room."""
 
     @property
     def direction(self) -> str:
@@ -167,7 +171,8 @@ class Host:
         self.connections: dict[PeerId, Connection] = {}
         self._handlers: dict[str, StreamHandler] = {}
         self._yamux = yamux or YamuxConfig(max_inbound_streams=config.max_streams_per_connection)
-        self._pending_handshakes = trio.Semaphore(config.max_pending_handshakes)
+        self.connmgr = ConnectionManager(ConnectionLimits.from_config(config))
+        """Per-address shares, watermarks and protected members (net/connmgr.py)."""
         self._nursery: trio.Nursery | None = None
         self._connection_changed = trio.Event()
         self._dialing: dict[PeerId, trio.Event] = {}
@@ -253,8 +258,13 @@ class Host:
 
     # -- outbound --------------------------------------------------------------------------
 
-    async def connect(self, address: str | Multiaddr) -> Connection:
-        """Dial `address` (a TCP multiaddr, ideally with /p2p/<peer id>) unless connected."""
+    async def connect(self, address: str | Multiaddr, *, member: bool = False) -> Connection:
+        """Dial `address` (a TCP multiaddr, ideally with /p2p/<peer id>) unless connected.
+
+        `member`: the peer is a member of a context we share (the caller knows, e.g. an
+        invitation names it). Such a dial is never refused for lack of room: another,
+        unprotected peer is closed instead.
+        """
         addr = address if isinstance(address, Multiaddr) else _parse_addr(address, "address")
         expected = addr.peer_id()
         if expected == self.peer_id:
@@ -263,7 +273,7 @@ class Host:
             existing = await self._existing_or_pending(expected)
             if existing is not None:
                 return existing
-        if len(self.connections) >= self.config.max_connections:
+        if not self.connmgr.may_dial(expected, member=member):
             raise PeerError(f"connection limit ({self.config.max_connections}) reached")
         hp = addr.tcp_host_port()
         if hp is None:
@@ -279,6 +289,7 @@ class Host:
                 self.metrics.dials.labels("unreachable").inc()
                 raise PeerError(f"cannot connect to {addr}: {str(exc) or 'timed out'}") from None
             conn = await self._upgrade_or_close(tcp, addr, outbound=True, expected=expected)
+            conn.member = member
             self.metrics.dials.labels("ok").inc()
             return await self._start_connection(conn)
         finally:
@@ -333,24 +344,25 @@ class Host:
     # -- inbound ---------------------------------------------------------------------------
 
     async def _accept(self, tcp: trio.abc.Stream) -> None:
-        try:
-            self._pending_handshakes.acquire_nowait()
-        except trio.WouldBlock:
-            self.metrics.handshake_failures.labels("too_many_pending").inc()
+        remote = self.transport.remote_address(tcp)
+        group = address_group(remote)
+        refused = self.connmgr.begin_handshake(group)
+        if refused is not None:
+            self.metrics.handshake_failures.labels(refused).inc()
             await trio.aclose_forcefully(tcp)
             return
         try:
-            if len(self.connections) >= self.config.max_connections:
-                self.metrics.handshake_failures.labels("connection_limit").inc()
+            refused = self.connmgr.may_accept(group)
+            if refused is not None:
+                self.metrics.handshake_failures.labels(refused).inc()
                 await trio.aclose_forcefully(tcp)
                 return
-            remote = self.transport.remote_address(tcp)
             try:
                 conn = await self._upgrade_or_close(tcp, remote, outbound=False, expected=None)
             except (PeerError, ProtocolError, trio.TooSlowError):
                 return  # counted and logged in _upgrade_or_close
         finally:
-            self._pending_handshakes.release()
+            self.connmgr.end_handshake(group)
         await self._run_connection(conn)
 
     # -- both directions -------------------------------------------------------------------
@@ -426,6 +438,11 @@ class Host:
         task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         kept = self._register(conn)
+        if kept is None:
+            await conn.session.aclose()
+            if conn.outbound:  # start() raises it to the dialer
+                raise PeerError(f"connection limit ({self.config.max_connections}) reached")
+            return
         if kept is not conn:
             task_status.started(kept)
             await conn.session.aclose()
@@ -454,12 +471,15 @@ class Host:
             self.metrics.account_closed(conn)
             if self.connections.get(conn.peer_id) is conn:
                 del self.connections[conn.peer_id]
+                self.connmgr.remove(conn.peer_id)
             self._notify()
             log.info(
                 "disconnected from %s (%s)", conn.peer_id, conn.session.close_reason or "closed"
             )
 
-    def _register(self, conn: Connection) -> Connection:
+    def _register(self, conn: Connection) -> Connection | None:
+        """Keep `conn`, keep the peer's other connection instead (returned), or refuse it
+        for lack of room (None). Peers displaced to make room are closed."""
         existing = self.connections.get(conn.peer_id)
         if existing is not None and not existing.closed:
             # Keep the connection initiated by the smaller peer id; both ends agree.
@@ -468,14 +488,62 @@ class Host:
             )
             if not keep_new or conn.initiator(self.peer_id) == existing.initiator(self.peer_id):
                 return existing
+            self._admit(conn, self._group_of(conn))
             self.connections[conn.peer_id] = conn
             self._notify()
             if self._nursery is not None:
                 self._nursery.start_soon(existing.session.aclose)
             return conn
+        group = self._group_of(conn)
+        if not self._admit(conn, group):
+            return None
         self.connections[conn.peer_id] = conn
         self._notify()
+        for peer in self.connmgr.trim(trio.current_time()):
+            self._close_for_room(peer, "trimmed")
         return conn
+
+    def _group_of(self, conn: Connection) -> AddressGroup:
+        return None if conn.outbound else address_group(conn.remote_addr)
+
+    def _admit(self, conn: Connection, group: AddressGroup) -> bool:
+        admission = self.connmgr.admit(
+            conn.peer_id,
+            group,
+            outbound=conn.outbound,
+            now=trio.current_time(),
+            member=conn.member,
+        )
+        if admission.refused is not None:
+            self.metrics.handshake_failures.labels(admission.refused).inc()
+            log.info("refused %s from %s: %s", conn.peer_id, conn.remote_addr, admission.refused)
+            return False
+        for peer in admission.evict:
+            self._close_for_room(peer, "displaced")
+        return True
+
+    def _close_for_room(self, peer: PeerId, reason: str) -> None:
+        """Close an unprotected peer's connection to make room (`trimmed` above the high
+        water mark, `displaced` by a newcomer at the cap)."""
+        conn = self.connections.get(peer)
+        self.metrics.closed_for_room.labels(reason).inc()
+        if conn is not None and self._nursery is not None:
+            log.info("closing %s to make room (%s)", peer, reason)
+            self._nursery.start_soon(conn.aclose)
+
+    def member_proven(self, peer: PeerId, context_id: bytes) -> None:
+        """`peer` signed a valid membership proof for `context_id`, a context we share (the
+        sync responder calls this): its connection is protected from now on."""
+        if self.connmgr.prove(peer, context_id):
+            log.info("%s proved membership; its connection is protected", peer)
+
+    def report_misbehaviour(self, peer: PeerId, reason: str) -> None:
+        """`peer` broke a protocol above the transport: disconnect it and count it."""
+        self.metrics.misbehaving.labels(reason).inc()
+        conn = self.connections.get(peer)
+        if conn is not None and not conn.closed and self._nursery is not None:
+            log.warning("disconnecting %s: %s", peer, reason)
+            self._nursery.start_soon(conn.aclose)
 
     def _notify(self) -> None:
         self._connection_changed.set()
@@ -522,6 +590,12 @@ class Host:
             await handler(negotiated, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except StreamEndedError as exc:
+            log.info("%s from %s: %s", protocol, conn.peer_id, exc)
+        except RemoteProtocolError as exc:
+            self.metrics.protocol_errors.labels("stream").inc()
+            log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
+            self.report_misbehaviour(conn.peer_id, "stream_protocol")
         except ProtocolError as exc:
             self.metrics.protocol_errors.labels("stream").inc()
             log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)

@@ -46,6 +46,19 @@ class NetMetrics:
             "Inbound streams reset because the peer had too many open",
             registry=registry,
         )
+        self.closed_for_room = Counter(
+            "trionode_p2p_closed_for_room",
+            "Unprotected peers closed to make room (trimmed above the high water mark, or "
+            "displaced by a newcomer at max_connections)",
+            ["reason"],
+            registry=registry,
+        )
+        self.misbehaving = Counter(
+            "trionode_p2p_misbehaving_peers",
+            "Peers disconnected for breaking a protocol above the transport, by reason",
+            ["reason"],
+            registry=registry,
+        )
         self.closed_bytes_sent = 0
         self.closed_bytes_received = 0
         self._registry = registry
