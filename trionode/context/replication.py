@@ -410,6 +410,7 @@ class Replicator:
             self.metrics.sync_refused.inc()
             await channel.send(SyncError(message=problem))
             return
+        self.host.member_proven(conn.peer_id, first.context_id)
         state_sync = SessionResponder(self.contexts, conn, first.context_id, first.member)
         while (message := await channel.receive(eof_ok=True)) is not None:
             if isinstance(message, HeadsRequest):

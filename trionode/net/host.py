@@ -595,7 +595,10 @@ class Host:
         except RemoteProtocolError as exc:
             self.metrics.protocol_errors.labels("stream").inc()
             log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
-            self.report_misbehaviour(conn.peer_id, "stream_protocol")
+            if not self.connmgr.is_protected(conn.peer_id):
+                # A member's bad frame costs only its stream (a bug, not an attack, most
+                # likely); anyone else who sends one goes.
+                self.report_misbehaviour(conn.peer_id, "stream_protocol")
         except ProtocolError as exc:
             self.metrics.protocol_errors.labels("stream").inc()
             log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
