@@ -88,7 +88,7 @@ class NetworkSection(_Section, frozen=True):
     `connection_grace`."""
     connection_grace: PositiveFloat = 30.0
     """Seconds a new connection is spared by watermark trimming, so a member has time to
-    prove itself. At `max_connections` a newcomer may still displace one (see DESIGN)."""
+    prove itself. At `max_connections` a newcomer may still displace one (net/connmgr.py)."""
     max_streams_per_connection: PositiveInt = 256
     """Inbound streams a peer may have open at once; more are reset and counted."""
     max_refused_streams: PositiveInt = 64
@@ -99,6 +99,11 @@ class NetworkSection(_Section, frozen=True):
     """Seconds for the TCP connect of one dial."""
     negotiation_timeout: PositiveFloat = 10.0
     """Seconds for a new stream to agree on its protocol."""
+    stream_first_message_timeout: PositiveFloat = 10.0
+    """Seconds a sync, join or fetch stream we serve may stay silent before its first
+    message; then it is closed (an idle stream holds nothing for long)."""
+    stream_idle_timeout: PositiveFloat = 30.0
+    """Seconds either side of such a stream waits for each further message."""
     ping_interval: PositiveFloat = 15.0
     """Seconds between keepalive pings (/ipfs/ping/1.0.0) to each peer."""
     ping_timeout: PositiveFloat = 10.0

@@ -33,6 +33,11 @@ class StreamEndedError(RemoteProtocolError):
     own timeout), so the stream fails but the peer is not disconnected for it."""
 
 
+class StreamStalledError(StreamEndedError):
+    """The peer sent nothing within a stream's deadline (first message, or between
+    messages), so we closed the stream."""
+
+
 class PeerError(TrionodeError):
     """A peer could not be reached, authenticated or kept."""
 

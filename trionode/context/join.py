@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import struct
 import time
 from collections.abc import Callable
 from typing import Final
@@ -19,7 +18,8 @@ from trionode.context.applications import Applications
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.records import ContextRecord
 from trionode.context.replication import SESSION_ERRORS, Replicator
-from trionode.errors import PeerError, ProtocolError, RemoteProtocolError, StreamEndedError
+from trionode.errors import PeerError, ProtocolError
+from trionode.net.framed import FramedStream
 from trionode.net.host import Connection, Host
 from trionode.store.store import AsyncStore
 from trionode.wire.keys import PeerId
@@ -28,7 +28,6 @@ from trionode.wire.multiaddr import Multiaddr
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE: Final = 64 * 1024
-_LENGTH = struct.Struct(">I")
 
 
 class JoinService:
@@ -114,8 +113,9 @@ class JoinService:
             async with stream:
                 proof = key.sign(inv.proof_message(conn.noise.remote.handshake_hash, invitation.id))
                 request = inv.JoinRequest(invitation=signed, member=member, proof=proof)
-                await _send(stream, inv.encode(request))
-                response = inv.decode_response(await _receive(stream))
+                framed = self._framed(stream, requester=True)
+                await framed.send_frame(inv.encode(request))
+                response = inv.decode_response(await framed.receive_frame())
         if not response.ok:
             raise ContextError(f"the inviter refused: {response.error}", status=403)
         keys = inv.open_keys(response.sealed_keys, key)
@@ -165,22 +165,34 @@ class JoinService:
         for text in addrs:
             try:
                 addr = Multiaddr.from_string(text).with_peer_id(peer)
-                return await self.host.connect(addr)
+                # The inviter is an admin of the context (it signed the invitation): a
+                # member, so the dial is never refused for lack of room.
+                return await self.host.connect(addr, member=True)
             except (PeerError, ProtocolError, trio.TooSlowError) as exc:
                 last = exc
         raise ContextError(f"cannot reach the inviter {peer}: {last}", status=502)
 
     # -- serving ---------------------------------------------------------------------------
 
+    def _framed(self, stream: trio.abc.Stream, *, requester: bool) -> FramedStream:
+        limits = self.host.stream_limits
+        return FramedStream(
+            stream,
+            limits.for_requester() if requester else limits,
+            max_frame=MAX_MESSAGE,
+            what="join stream",
+        )
+
     async def _serve(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
-        request = inv.decode_request(await _receive(stream))
+        framed = self._framed(stream, requester=False)
+        request = inv.decode_request(await framed.receive_frame())
         async with self._lock:  # one join at a time: a one-time secret is used once
             try:
                 response = await self._admit(request, conn)
             except inv.InvitationError as exc:
                 log.info("join refused for %s: %s", conn.peer_id, exc)
                 response = inv.JoinResponse(ok=False, error=str(exc))
-        await _send(stream, inv.encode(response))
+        await framed.send_frame(inv.encode(response))
         await stream.send_eof()
 
     async def _admit(self, request: inv.JoinRequest, conn: Connection) -> inv.JoinResponse:
@@ -229,22 +241,3 @@ class JoinService:
             key_id=record.key_id,
             sealed_keys=inv.seal_keys(keys, request.member),
         )
-
-
-async def _send(stream: trio.abc.Stream, body: bytes) -> None:
-    await stream.send_all(_LENGTH.pack(len(body)) + body)
-
-
-async def _receive(stream: trio.abc.Stream) -> bytes:
-    data = bytearray()
-    while True:
-        if len(data) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack(data[: _LENGTH.size])
-            if length > MAX_MESSAGE:
-                raise RemoteProtocolError(f"join message of {length} bytes is too large")
-            if len(data) >= _LENGTH.size + length:
-                return bytes(data[_LENGTH.size : _LENGTH.size + length])
-        chunk = await stream.receive_some(MAX_MESSAGE)
-        if not chunk:
-            raise StreamEndedError("join stream ended early")
-        data += chunk

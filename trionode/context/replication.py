@@ -36,17 +36,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.treecmp import SessionResponder
 from trionode.dag.delta import SignedDelta, decode_delta
-from trionode.errors import PeerError, ProtocolError, RemoteProtocolError, StreamEndedError
+from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.events import GossipMessage
+from trionode.net.framed import FramedStream, StreamLimits
 from trionode.net.host import Connection, Host
 from trionode.net.pubsub import PubSub
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
+    MAX_FRAME,
     MAX_IDS,
     DeltaGossip,
     DeltaRequest,
     DeltaResponse,
-    FrameReader,
     HeadsRequest,
     HeadsResponse,
     Heartbeat,
@@ -54,6 +55,7 @@ from trionode.wire.messages import (
     SyncError,
     SyncMessage,
     decode_gossip,
+    decode_sync,
     encode_gossip,
     frame,
 )
@@ -63,7 +65,9 @@ log = logging.getLogger(__name__)
 SYNC_PROTOCOL: Final = "/trionode/sync/1"
 TOPIC_PREFIX: Final = "trionode/context/"
 AUTH_DOMAIN: Final = b"trionode/sync-auth/v1"
-RECEIVE_SIZE: Final = 64 * 1024
+MAX_AUTH_FRAME: Final = 4096
+"""The first frame of a sync stream we serve is a SyncAuth (about 150 bytes): a peer that has
+not proved membership never gets a larger frame of its buffered."""
 
 
 SESSION_ERRORS: Final = (
@@ -307,7 +311,7 @@ class Replicator:
             conn = self.host.connections.get(peer)
             if conn is None:
                 raise PeerError(f"lost the connection to {peer}")
-            channel = _Channel(stream)
+            channel = self._requesting(stream)
             await channel.send(await self._auth(conn, context_id))
             wanted = set(ids)
             for _ in range(self.max_fetch_rounds if max_rounds is None else max_rounds):
@@ -347,7 +351,7 @@ class Replicator:
             conn = self.host.connections.get(peer)
             if conn is None:
                 raise PeerError(f"lost the connection to {peer}")
-            channel = _Channel(stream)
+            channel = self._requesting(stream)
             await channel.send(await self._auth(conn, context_id))
             yield channel, conn
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -367,7 +371,7 @@ class Replicator:
             conn = self.host.connections.get(peer)
             if conn is None:
                 raise PeerError(f"lost the connection to {peer}")
-            channel = _Channel(stream)
+            channel = self._requesting(stream)
             await channel.send(await self._auth(conn, context_id))
             _, ours, _ = await self.contexts.state(context_id)
             await channel.send(HeadsRequest(heads=ours[:MAX_IDS]))
@@ -379,29 +383,14 @@ class Replicator:
             await stream.send_eof()
             return reply
 
-    async def _serve_sync(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
-        if self.session_limiter is None:
-            await self._serve_session(stream, conn)
-            return
-        # Incoming sessions share the limiter with outgoing ones, but never *wait* for it:
-        # two nodes whose tokens are all held by sessions towards each other would otherwise
-        # each wait for the other until the timeouts fired. A busy node says so at once; the
-        # requester backs off and tries again.
-        try:
-            self.session_limiter.acquire_nowait()
-        except trio.WouldBlock:
-            self.metrics.sync_busy.inc()
-            await _Channel(stream).send(SyncError(message="busy: too many sync sessions"))
-            return
-        try:
-            if self.session_started is not None:
-                self.session_started()
-            await self._serve_session(stream, conn)
-        finally:
-            self.session_limiter.release()
+    def _requesting(self, stream: trio.abc.Stream) -> _Channel:
+        return _Channel(stream, self.host.stream_limits.for_requester())
 
-    async def _serve_session(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
-        channel = _Channel(stream)
+    async def _serve_sync(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
+        # Until the peer has proved membership its stream holds no limiter token and may
+        # send one small frame, within the first-message deadline: silent or anonymous
+        # streams cost the node almost nothing and never make members wait.
+        channel = _Channel(stream, self.host.stream_limits, max_frame=MAX_AUTH_FRAME)
         first = await channel.receive()
         if not isinstance(first, SyncAuth):
             raise RemoteProtocolError("a sync stream must start with auth")
@@ -411,6 +400,34 @@ class Replicator:
             await channel.send(SyncError(message=problem))
             return
         self.host.member_proven(conn.peer_id, first.context_id)
+        channel.allow_frames(MAX_FRAME)
+        if self.session_limiter is None:
+            await self._serve_session(channel, stream, conn, first)
+            return
+        # Incoming sessions share the limiter with outgoing ones, but never *wait* for it:
+        # two nodes whose tokens are all held by sessions towards each other would otherwise
+        # each wait for the other until the timeouts fired. A busy node says so at once; the
+        # requester backs off and tries again.
+        try:
+            self.session_limiter.acquire_nowait()
+        except trio.WouldBlock:
+            self.metrics.sync_busy.inc()
+            await channel.send(SyncError(message="busy: too many sync sessions"))
+            return
+        try:
+            if self.session_started is not None:
+                self.session_started()
+            await self._serve_session(channel, stream, conn, first)
+        finally:
+            self.session_limiter.release()
+
+    async def _serve_session(
+        self,
+        channel: _Channel,
+        stream: trio.abc.HalfCloseableStream,
+        conn: Connection,
+        first: SyncAuth,
+    ) -> None:
         state_sync = SessionResponder(self.contexts, conn, first.context_id, first.member)
         while (message := await channel.receive(eof_ok=True)) is not None:
             if isinstance(message, HeadsRequest):
@@ -461,21 +478,30 @@ class Replicator:
 
 
 class _Channel:
-    """Length-prefixed sync frames over one stream."""
+    """Typed sync frames over one stream, on the shared framed-stream helper (its deadlines
+    and frame-size bound; `limits` default to the config defaults)."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        limits: StreamLimits | None = None,
+        *,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
         self._stream = stream
-        self._reader = FrameReader()
+        self._framed = FramedStream(
+            stream, limits or StreamLimits(), max_frame=max_frame, what="sync stream"
+        )
+
+    def allow_frames(self, max_frame: int) -> None:
+        """Accept frames up to `max_frame` bytes from now on (after authentication)."""
+        self._framed.max_frame = max_frame
 
     async def send(self, message: SyncMessage) -> None:
         await self._stream.send_all(frame(message))
 
     async def receive(self, *, eof_ok: bool = False) -> SyncMessage | None:
-        while (message := self._reader.next_message()) is None:
-            data = await self._stream.receive_some(RECEIVE_SIZE)
-            if not data:
-                if eof_ok:
-                    return None
-                raise StreamEndedError("sync stream ended mid-conversation")
-            self._reader.receive_data(data)
-        return message
+        if eof_ok:
+            body = await self._framed.receive_frame_or_eof()
+            return None if body is None else decode_sync(body)
+        return decode_sync(await self._framed.receive_frame())

@@ -38,9 +38,11 @@ from trionode.errors import (
     ProtocolError,
     RemoteProtocolError,
     StreamEndedError,
+    StreamStalledError,
 )
 from trionode.net.addresses import advertised_addresses, interface_ips, is_unspecified
 from trionode.net.connmgr import AddressGroup, ConnectionLimits, ConnectionManager, address_group
+from trionode.net.framed import StreamLimits
 from trionode.net.metrics import NetMetrics
 from trionode.net.multistream import (
     ProtocolNotSupportedError,
@@ -171,6 +173,11 @@ class Host:
         self.connections: dict[PeerId, Connection] = {}
         self._handlers: dict[str, StreamHandler] = {}
         self._yamux = yamux or YamuxConfig(max_inbound_streams=config.max_streams_per_connection)
+        self.stream_limits = StreamLimits(
+            first_message=config.stream_first_message_timeout,
+            between_messages=config.stream_idle_timeout,
+        )
+        """Deadlines of the framed streams (sync, join, fetch) that protocols run over us."""
         self.connmgr = ConnectionManager(ConnectionLimits.from_config(config))
         """Per-address shares, watermarks and protected members (net/connmgr.py)."""
         self._nursery: trio.Nursery | None = None
@@ -590,6 +597,9 @@ class Host:
             await handler(negotiated, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except StreamStalledError as exc:
+            self.metrics.streams_stalled.labels(protocol).inc()
+            log.info("%s from %s: %s", protocol, conn.peer_id, exc)
         except StreamEndedError as exc:
             log.info("%s from %s: %s", protocol, conn.peer_id, exc)
         except RemoteProtocolError as exc:

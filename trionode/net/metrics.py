@@ -59,6 +59,13 @@ class NetMetrics:
             ["reason"],
             registry=registry,
         )
+        self.streams_stalled = Counter(
+            "trionode_p2p_streams_stalled",
+            "Streams closed because the peer sent nothing within the first-message or "
+            "between-messages deadline, by protocol",
+            ["protocol"],
+            registry=registry,
+        )
         self.closed_bytes_sent = 0
         self.closed_bytes_received = 0
         self._registry = registry

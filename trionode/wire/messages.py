@@ -296,8 +296,13 @@ class FrameReader:
         whole = self._buffer.consume_exactly(_LENGTH.size + length)
         if whole is None:
             return None
-        try:
-            message: SyncMessage = _SYNC.decode(whole[_LENGTH.size :])
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise RemoteProtocolError(f"malformed sync message: {exc}") from None
-        return message
+        return decode_sync(whole[_LENGTH.size :])
+
+
+def decode_sync(body: bytes | bytearray | memoryview) -> SyncMessage:
+    """One sync frame's body (without its length prefix)."""
+    try:
+        message: SyncMessage = _SYNC.decode(body)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise RemoteProtocolError(f"malformed sync message: {exc}") from None
+    return message
