@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from msgspec.structs import replace
@@ -21,7 +22,7 @@ from trionode.errors import PeerError, ProtocolError
 from trionode.net.host import Host
 from trionode.net.memory import MemoryNetwork, MemoryTransport
 from trionode.node import Node
-from trionode.testing import Cluster, open_cluster
+from trionode.testing import Cluster, ConfigureFn, open_cluster
 from trionode.wire.keys import PrivateKey
 from trionode.wire.messages import HeadsRequest
 
@@ -187,29 +188,48 @@ async def sybils_against(cluster: Cluster, ips: int, per_ip: int) -> AsyncExitSt
     return stack
 
 
+@pytest.mark.parametrize(
+    ("configure", "ips", "per_ip"),
+    [
+        pytest.param(crowded, 5, 12, id="60-sybils-cap-48"),
+        pytest.param(None, 20, 10, id="200-sybils-default-limits", marks=pytest.mark.slow),
+    ],
+)
 async def test_with_the_node_full_of_sybils_a_member_still_connects_syncs_and_writes(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    configure: ConfigureFn | None,
+    ips: int,
+    per_ip: int,
 ) -> None:
     with trio.fail_after(LIMIT):
-        async with open_cluster(3, tmp_path, configure=crowded, connect="none") as cluster:
+        async with open_cluster(3, tmp_path, configure=configure, connect="none") as cluster:
             a, b, c = cluster
             await cluster.connect(1, 0)
             context = await share(cluster, [0, 1])
             await c.applications.install(str(APPS / "kv_store"))
-            async with await sybils_against(cluster, ips=5, per_ip=12):
+            async with await sybils_against(cluster, ips=ips, per_ip=per_ip):
                 limits = a.host.connmgr.limits
                 assert len(a.host.connections) == limits.max_connections
                 assert a.host.connmgr.statistics().protected == 1  # b proved membership
                 assert b.host.peer_id in a.host.connections
-                # A new member (c, invited by b) connects to a through the crowd and syncs.
+                # A new member (c, invited by a) connects to a through the crowd and syncs.
                 text = await a.joins.invite(context)
                 await c.joins.join(text)
-                await cluster.connect(2, 0)
                 await c.sync.sync_now(context, a.host.peer_id)
                 await write(c, context, "set", key="from", value="c")
                 await wait_converged(cluster, [a, b, c], context)
                 assert await call(a, context, "get", key="from") == "c"
                 assert metric(a, "trionode_p2p_closed_for_room_total", reason="displaced") >= 1
+                # a dials a member at the cap: another peer makes room.
+                await a.host.connections[b.host.peer_id].aclose()
+                await cluster.settle()
+                async with open_strangers(cluster.network, ["10.66.2.1"], 1) as (filler,):
+                    await filler.connect(cluster.address(0))
+                    assert len(a.host.connections) == limits.max_connections
+                    await a.host.connect(cluster.address(1), member=True)
+                    await b.sync.sync_now(context, a.host.peer_id)
+                    await wait_converged(cluster, [a, b, c], context)
                 # Once their grace is over, sybils above the high water mark are trimmed.
                 await trio.sleep(limits.grace)
                 async with open_strangers(cluster.network, ["10.66.1.1"], 1) as (late,):
