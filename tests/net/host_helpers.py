@@ -128,3 +128,20 @@ class WildcardOnLoopback(TcpTransport):
         port = bound[0].tcp_host_port()
         assert port is not None
         return listeners, [Multiaddr.from_string(f"/ip4/0.0.0.0/tcp/{port[1]}")]
+
+
+def tcp_target(target: RunningHost) -> tuple[str, int]:
+    """(host, port) of a running host's first listener, for raw TCP clients."""
+    hp = target.host.listen_addrs[0].tcp_host_port()
+    assert hp is not None
+    return hp
+
+
+async def read_until_eof(stream: trio.abc.ReceiveStream) -> None:
+    """Read and drop everything until the peer closes (or resets) the stream."""
+    while True:
+        try:
+            if not await stream.receive_some():
+                return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return

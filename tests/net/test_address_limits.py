@@ -20,30 +20,15 @@ from trionode.wire.keys import PeerId, PrivateKey
 from trionode.wire.noise import NOISE_PROTOCOL_ID
 from trionode.wire.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 
-from .host_helpers import RunningHost, open_host, wait_for
+from .host_helpers import RunningHost, open_host, read_until_eof, tcp_target, wait_for
 
 pytestmark = pytest.mark.real_network
-
-
-def tcp_target(target: RunningHost) -> tuple[str, int]:
-    hp = target.host.listen_addrs[0].tcp_host_port()
-    assert hp is not None
-    return hp
 
 
 async def until(predicate: Callable[[], bool]) -> None:
     """Wait until `predicate()` holds: re-check whenever every task is blocked (on I/O)."""
     while not predicate():
         await trio.testing.wait_all_tasks_blocked(cushion=0.01)
-
-
-async def read_until_eof(stream: trio.abc.ReceiveStream) -> None:
-    while True:
-        try:
-            if not await stream.receive_some():
-                return
-        except trio.BrokenResourceError:
-            return
 
 
 @attrs.frozen

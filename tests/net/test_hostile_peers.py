@@ -27,6 +27,7 @@ from trionode.wire.keys import PrivateKey
 from trionode.wire.messages import HeadsRequest
 
 from ..replication.cluster_helpers import APPS, LIMIT, call, metric, share, wait_converged, write
+from .host_helpers import read_until_eof
 
 
 @asynccontextmanager
@@ -53,13 +54,12 @@ async def open_strangers(
         await stack.aclose()
 
 
-async def read_until_closed(stream: trio.abc.ReceiveStream) -> None:
-    while True:
-        try:
-            if not await stream.receive_some():
-                return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+@asynccontextmanager
+async def open_members(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, bytes, Cluster]]:
+    """Two connected nodes that share a kv_store context: (a, b, context, cluster)."""
+    async with open_cluster(2, tmp_path) as cluster:
+        a, b = cluster
+        yield a, b, await share(cluster, [0, 1]), cluster
 
 
 def stalled(node: Node) -> float:
@@ -77,9 +77,7 @@ async def test_silent_sync_streams_from_a_non_member_cost_members_nothing(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path) as cluster:
-            a, b = cluster
-            context = await share(cluster, [0, 1])
+        async with open_members(tmp_path) as (a, b, context, cluster):
             first = a.config.network.stream_first_message_timeout
             async with open_strangers(cluster.network, ["10.66.0.1"], 1) as (stranger,):
                 conn = await stranger.connect(cluster.address(0))
@@ -101,7 +99,7 @@ async def test_silent_sync_streams_from_a_non_member_cost_members_nothing(
                 # The silent streams are closed once the first-message deadline passes.
                 async with trio.open_nursery() as nursery:
                     for stream in streams:
-                        nursery.start_soon(read_until_closed, stream)
+                        nursery.start_soon(read_until_eof, stream)
                 assert trio.current_time() - opened_at >= first
                 assert stalled(a) == len(streams)
                 # Being slow is not misbehaviour: the stranger is still connected.
@@ -112,34 +110,30 @@ async def test_a_non_member_cannot_make_the_node_buffer_large_frames(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path) as cluster:
-            a, b = cluster
-            context = await share(cluster, [0, 1])
-            async with open_strangers(cluster.network, ["10.66.0.1"], 1) as (stranger,):
-                conn = await stranger.connect(cluster.address(0))
-                _, stream = await conn.new_stream([SYNC_PROTOCOL])
-                # Announce an 8 MiB first frame, and start sending it.
-                await stream.send_all((8 * 1024 * 1024).to_bytes(4, "big") + bytes(64 * 1024))
-                await read_until_closed(stream)
-                # Refused at the length: the stranger is disconnected and counted.
-                while stranger.peer_id in a.host.connections:
-                    await a.host.wait_connection_changed()
-                assert (
-                    metric(a, "trionode_p2p_misbehaving_peers_total", reason="stream_protocol") == 1
-                )
-                # A member's session is not limited to small frames.
-                async with b.replicator.session(a.host.peer_id, context) as (channel, _):
-                    await channel.send(HeadsRequest(heads=[]))
-                    assert await channel.receive() is not None
+        async with (
+            open_members(tmp_path) as (a, b, context, cluster),
+            open_strangers(cluster.network, ["10.66.0.1"], 1) as (stranger,),
+        ):
+            conn = await stranger.connect(cluster.address(0))
+            _, stream = await conn.new_stream([SYNC_PROTOCOL])
+            # Announce an 8 MiB first frame, and start sending it.
+            await stream.send_all((8 * 1024 * 1024).to_bytes(4, "big") + bytes(64 * 1024))
+            await read_until_eof(stream)
+            # Refused at the length: the stranger is disconnected and counted.
+            while stranger.peer_id in a.host.connections:
+                await a.host.wait_connection_changed()
+            assert metric(a, "trionode_p2p_misbehaving_peers_total", reason="stream_protocol") == 1
+            # A member's session is not limited to small frames.
+            async with b.replicator.session(a.host.peer_id, context) as (channel, _):
+                await channel.send(HeadsRequest(heads=[]))
+                assert await channel.receive() is not None
 
 
 async def test_a_member_stream_that_goes_silent_mid_session_is_closed(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path) as cluster:
-            a, b = cluster
-            context = await share(cluster, [0, 1])
+        async with open_members(tmp_path) as (a, b, context, _):
             idle = a.config.network.stream_idle_timeout
             _, stream = await b.host.new_stream(a.host.peer_id, [SYNC_PROTOCOL])
             async with stream:
@@ -147,7 +141,7 @@ async def test_a_member_stream_that_goes_silent_mid_session_is_closed(
                 await _Channel(stream).send(await b.replicator._auth(conn, context))
                 started = trio.current_time()
                 # Authenticated, then nothing: the responder gives up after the idle deadline.
-                await read_until_closed(stream)
+                await read_until_eof(stream)
                 assert trio.current_time() - started >= idle
             assert stalled(a) == 1
             # A member is never punished for being slow.

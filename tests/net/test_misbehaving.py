@@ -37,7 +37,14 @@ from trionode.wire.yamux import (
     TYPE_WINDOW_UPDATE,
 )
 
-from .host_helpers import RunningHost, open_host, wait_connected, wait_for
+from .host_helpers import (
+    RunningHost,
+    open_host,
+    read_until_eof,
+    tcp_target,
+    wait_connected,
+    wait_for,
+)
 
 pytestmark = pytest.mark.real_network
 
@@ -95,17 +102,11 @@ class Attacker:
             received += chunk
 
 
-def _tcp_target(target: RunningHost) -> tuple[str, int]:
-    hp = target.host.listen_addrs[0].tcp_host_port()
-    assert hp is not None
-    return hp
-
-
 @asynccontextmanager
 async def open_attacker(target: RunningHost) -> AsyncIterator[Attacker]:
     """Connect, authenticate and negotiate yamux by hand; yield once the host registered us."""
     key = PrivateKey.generate()
-    async with await trio.open_tcp_stream(*_tcp_target(target)) as tcp:
+    async with await trio.open_tcp_stream(*tcp_target(target)) as tcp:
         _, stream = await select_protocol(tcp, [NOISE_PROTOCOL_ID])
         noise = await noise_handshake(
             stream, key, initiator=True, expected_peer_id=target.host.peer_id
@@ -127,16 +128,6 @@ async def send_until_broken(stream: trio.abc.SendStream, data: bytes) -> None:
     with pytest.raises(trio.BrokenResourceError):  # noqa: PT012 - the loop is the statement
         while True:
             await stream.send_all(data)
-
-
-async def read_until_eof(stream: trio.abc.ReceiveStream) -> None:
-    """Read and drop everything until the peer closes (or resets) the connection."""
-    while True:
-        try:
-            if not await stream.receive_some():
-                return
-        except trio.BrokenResourceError:
-            return
 
 
 def frame(ftype: int, flags: int, stream_id: int, length: int, body: bytes = b"") -> bytes:
@@ -272,7 +263,7 @@ async def test_stalled_handshake_is_dropped_after_the_timeout() -> None:
     with trio.fail_after(10):
         async with target_and_good_peer(handshake_timeout=timeout) as (target, good):
             started = trio.current_time()
-            async with await trio.open_tcp_stream(*_tcp_target(target)) as tcp:
+            async with await trio.open_tcp_stream(*tcp_target(target)) as tcp:
                 _, stream = await select_protocol(tcp, [NOISE_PROTOCOL_ID])
                 handshake = NoiseHandshake(PrivateKey.generate(), initiator=True)
                 await stream.send_all(handshake.data_to_send())  # msg1 ... and then nothing
@@ -296,7 +287,7 @@ async def test_too_many_pending_handshakes_are_closed_at_once() -> None:
 
             async def stall() -> None:
                 nonlocal closed
-                async with await trio.open_tcp_stream(*_tcp_target(target)) as tcp:
+                async with await trio.open_tcp_stream(*tcp_target(target)) as tcp:
                     await read_until_eof(tcp)
                 closed += 1
                 if closed == extra:
