@@ -130,3 +130,39 @@ async def test_throwaway_identities_from_one_address_cannot_fill_max_connections
             assert len(target.host.connections) == 6
             assert target.sample("trionode_p2p_closed_for_room_total", reason="displaced") == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_idle_sockets_from_many_addresses_give_way_to_a_real_handshake() -> None:
+    addresses, per_address = 10, 4  # 40 idle sockets for 32 slots
+    with trio.fail_after(20):
+        async with open_host(handshake_timeout=60) as target, open_host() as good:
+            opened = 0
+
+            async def stall(source: str) -> None:
+                nonlocal opened
+                tcp = await trio.open_tcp_stream(*tcp_target(target), local_address=source)
+                opened += 1
+                async with tcp:
+                    await read_until_eof(tcp)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(addresses * per_address):
+                    nursery.start_soon(stall, f"127.0.0.{2 + i % addresses}")
+                await until(
+                    lambda: (
+                        opened == addresses * per_address
+                        and target.host.connmgr.statistics().pending_handshakes == 32
+                    )
+                )
+                # Every slot is held by an idle socket, yet a real handshake gets one: the
+                # oldest idle socket of a crowded address gives its slot up.
+                evicted = target.sample(
+                    "trionode_p2p_handshake_failures_total", reason="evicted_pending"
+                )
+                await good.host.connect(target.address)
+                assert await good.host.ping(target.host.peer_id) > 0
+                assert (
+                    target.sample("trionode_p2p_handshake_failures_total", reason="evicted_pending")
+                    == evicted + 1
+                )
+                nursery.cancel_scope.cancel()

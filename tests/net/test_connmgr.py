@@ -7,7 +7,12 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from trionode.net.connmgr import ConnectionLimits, ConnectionManager, address_group
+from trionode.net.connmgr import (
+    ConnectionLimits,
+    ConnectionManager,
+    HandshakeAdmission,
+    address_group,
+)
 from trionode.wire.keys import PeerId, PrivateKey
 from trionode.wire.multiaddr import Multiaddr
 
@@ -37,15 +42,31 @@ def test_address_group_of_an_unknown_address_is_none() -> None:
 
 def test_handshake_slots_are_shared_per_address_and_in_total() -> None:
     m = manager(max_pending=5, max_pending_per_address=2)
-    assert m.begin_handshake("a") is None
-    assert m.begin_handshake("a") is None
-    assert m.begin_handshake("a") == "too_many_pending_from_address"
-    for group in ("b", "c", "d"):
-        assert m.begin_handshake(group) is None
-    assert m.begin_handshake("e") == "too_many_pending"
-    m.end_handshake("a")
-    assert m.begin_handshake("e") is None
+    assert m.begin_handshake("a", 1).refused is None
+    assert m.begin_handshake("a", 2).refused is None
+    assert m.begin_handshake("a", 3).refused == "too_many_pending_from_address"
+    for token, group in enumerate(("b", "c", "d"), start=4):
+        assert m.begin_handshake(group, token) == HandshakeAdmission(None)
+    # Full: a newcomer from a less crowded place takes the slot of the oldest handshake of
+    # the most crowded one ...
+    assert m.begin_handshake("e", 7) == HandshakeAdmission(None, evict=1)
+    # ... but not one from a place that would then be as crowded as any.
+    assert m.begin_handshake("b", 8).refused == "too_many_pending"
     assert m.statistics().pending_handshakes == 5
+    m.end_handshake(1)  # the evicted one finishes: nothing more is given back
+    assert m.statistics().pending_handshakes == 5
+    m.end_handshake(2)
+    assert m.begin_handshake("b", 9) == HandshakeAdmission(None)
+
+
+def test_idle_handshakes_from_many_places_never_lock_a_newcomer_out() -> None:
+    m = manager(max_pending=8, max_pending_per_address=4)
+    for group in range(8):  # one idle socket from each of 8 places fills every slot
+        assert m.begin_handshake(f"idle-{group}", group + 1).refused is None
+    admission = m.begin_handshake("honest", "h")
+    assert admission == HandshakeAdmission(None, evict=1)  # the oldest idle one goes
+    # More idle sockets from the attacker's places only replace each other.
+    assert m.begin_handshake("idle-3", 99).refused == "too_many_pending"
 
 
 def test_a_crowded_address_is_displaced_by_a_newcomer_but_not_the_other_way() -> None:

@@ -9,7 +9,10 @@ Theory of operation:
   address and per IPv6 /64 (one machine or one subscriber usually holds a whole /64). A
   group gets at most ``max_pending_handshakes_per_address`` of the ``max_pending_handshakes``
   handshake slots and at most ``max_connections_per_address`` inbound connections, so idle
-  sockets or throwaway identities from one place never take every slot.
+  sockets or throwaway identities from one place never take every slot. When every
+  handshake slot is taken (idle sockets from many places), a new socket takes the slot of
+  the *oldest* pending handshake from the most crowded group: an honest handshake takes
+  milliseconds, so it is never the oldest; an idle socket always is.
 * **Protection is earned.** A peer that signed a membership proof for a context we share
   (on a sync stream; :meth:`ConnectionManager.prove`) is *protected*: never closed to make
   room and exempt from the per-address share. A gossip subscription proves nothing (anyone
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter, OrderedDict
+from collections.abc import Hashable
 
 import attrs
 
@@ -112,6 +116,16 @@ class Admission:
 
 
 @attrs.frozen
+class HandshakeAdmission:
+    """The answer for an inbound socket about to handshake."""
+
+    refused: str | None
+    """None when it may handshake; else the reason (a metric label)."""
+    evict: Hashable | None = None
+    """The token of an older pending handshake to abort: its slot is this one's now."""
+
+
+@attrs.frozen
 class ConnectionManagerStatistics:
     connections: int
     protected: int
@@ -125,30 +139,38 @@ class ConnectionManager:
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
         self._pending: Counter[AddressGroup] = Counter()
-        self._pending_total = 0
+        self._handshakes: dict[Hashable, AddressGroup] = {}
+        """Pending handshakes by token, oldest first (dicts keep insertion order)."""
         self._entries: dict[PeerId, _Entry] = {}
         self._inbound_per_group: Counter[AddressGroup] = Counter()
         self._proven: OrderedDict[PeerId, set[bytes]] = OrderedDict()
 
     # -- handshakes ------------------------------------------------------------------------
 
-    def begin_handshake(self, group: AddressGroup) -> str | None:
-        """Take a handshake slot for an inbound socket from ``group``; None if taken, else
-        the reason it is refused (``too_many_pending``, ``too_many_pending_from_address``).
-        A taken slot is given back with :meth:`end_handshake`."""
+    def begin_handshake(self, group: AddressGroup, token: Hashable) -> HandshakeAdmission:
+        """Take a handshake slot for an inbound socket from ``group``, identified by
+        ``token`` (the caller's handle to abort it), unless refused. A slot is given back
+        with :meth:`end_handshake` (whatever happened, even after an eviction)."""
         if self._pending[group] >= self.limits.max_pending_per_address:
-            return "too_many_pending_from_address"
-        if self._pending_total >= self.limits.max_pending:
-            return "too_many_pending"
+            return HandshakeAdmission("too_many_pending_from_address")
+        evict: Hashable | None = None
+        if len(self._handshakes) >= self.limits.max_pending:
+            crowd = max(self._pending.values())
+            if self._pending[group] + 1 > crowd:
+                return HandshakeAdmission("too_many_pending")
+            evict = next(t for t, g in self._handshakes.items() if self._pending[g] == crowd)
+            self.end_handshake(evict)
+        self._handshakes[token] = group
         self._pending[group] += 1
-        self._pending_total += 1
-        return None
+        return HandshakeAdmission(None, evict)
 
-    def end_handshake(self, group: AddressGroup) -> None:
+    def end_handshake(self, token: Hashable) -> None:
+        if token not in self._handshakes:
+            return  # evicted earlier
+        group = self._handshakes.pop(token)
         self._pending[group] -= 1
         if self._pending[group] <= 0:
             del self._pending[group]
-        self._pending_total -= 1
 
     # -- admission -------------------------------------------------------------------------
 
@@ -309,6 +331,6 @@ class ConnectionManager:
         return ConnectionManagerStatistics(
             connections=len(self._entries),
             protected=sum(1 for peer in self._entries if self.is_protected(peer)),
-            pending_handshakes=self._pending_total,
+            pending_handshakes=len(self._handshakes),
             remembered_members=len(self._proven),
         )

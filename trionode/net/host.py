@@ -353,24 +353,33 @@ class Host:
     async def _accept(self, tcp: trio.abc.Stream) -> None:
         remote = self.transport.remote_address(tcp)
         group = address_group(remote)
-        refused = self.connmgr.begin_handshake(group)
-        if refused is not None:
-            self.metrics.handshake_failures.labels(refused).inc()
+        handshake = trio.CancelScope()
+        admission = self.connmgr.begin_handshake(group, handshake)
+        if admission.refused is not None:
+            self.metrics.handshake_failures.labels(admission.refused).inc()
             await trio.aclose_forcefully(tcp)
             return
+        if isinstance(admission.evict, trio.CancelScope):
+            # Every slot was taken: the oldest pending handshake of the most crowded
+            # address gives its slot to this one.
+            self.metrics.handshake_failures.labels("evicted_pending").inc()
+            admission.evict.cancel()
+        conn: Connection | None = None
         try:
             refused = self.connmgr.may_accept(group)
             if refused is not None:
                 self.metrics.handshake_failures.labels(refused).inc()
                 await trio.aclose_forcefully(tcp)
                 return
-            try:
-                conn = await self._upgrade_or_close(tcp, remote, outbound=False, expected=None)
-            except (PeerError, ProtocolError, trio.TooSlowError):
-                return  # counted and logged in _upgrade_or_close
+            with handshake:
+                try:
+                    conn = await self._upgrade_or_close(tcp, remote, outbound=False, expected=None)
+                except (PeerError, ProtocolError, trio.TooSlowError):
+                    return  # counted and logged in _upgrade_or_close
         finally:
-            self.connmgr.end_handshake(group)
-        await self._run_connection(conn)
+            self.connmgr.end_handshake(handshake)
+        if conn is not None:  # None: evicted (the socket is closed)
+            await self._run_connection(conn)
 
     # -- both directions -------------------------------------------------------------------
 
