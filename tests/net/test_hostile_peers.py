@@ -122,7 +122,7 @@ async def test_a_non_member_cannot_make_the_node_buffer_large_frames(
             # Refused at the length: the stranger is disconnected and counted.
             while stranger.peer_id in a.host.connections:
                 await a.host.wait_connection_changed()
-            assert metric(a, "trionode_p2p_misbehaving_peers_total", reason="stream_protocol") == 1
+            assert metric(a, "trionode_p2p_misbehaving_peers_total", reason="sync_before_auth") == 1
             # A member's session is not limited to small frames.
             async with b.replicator.session(a.host.peer_id, context) as (channel, _):
                 await channel.send(HeadsRequest(heads=[]))

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.treecmp import SessionResponder
 from trionode.dag.delta import SignedDelta, decode_delta
-from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
+from trionode.errors import PeerError, ProtocolError, RemoteProtocolError, StreamEndedError
 from trionode.net.events import GossipMessage
 from trionode.net.framed import FramedStream, StreamLimits
 from trionode.net.host import Connection, Host
@@ -391,8 +391,16 @@ class Replicator:
         # send one small frame, within the first-message deadline: silent or anonymous
         # streams cost the node almost nothing and never make members wait.
         channel = _Channel(stream, self.host.stream_limits, max_frame=MAX_AUTH_FRAME)
-        first = await channel.receive()
+        try:
+            first = await channel.receive()
+        except StreamEndedError:
+            raise  # silent or gone: it costs the stream (and the peer may only be slow)
+        except RemoteProtocolError:
+            # Garbage or an oversized frame before any proof: no member's node sends that.
+            self.host.report_misbehaviour(conn.peer_id, "sync_before_auth")
+            raise
         if not isinstance(first, SyncAuth):
+            self.host.report_misbehaviour(conn.peer_id, "sync_before_auth")
             raise RemoteProtocolError("a sync stream must start with auth")
         problem = await self._check_auth(conn, first)
         if problem is not None:

@@ -554,7 +554,8 @@ class Host:
             log.info("%s proved membership; its connection is protected", peer)
 
     def report_misbehaviour(self, peer: PeerId, reason: str) -> None:
-        """`peer` broke a protocol above the transport: disconnect it and count it."""
+        """`peer` broke a protocol above the transport in a way no honest peer does (the
+        protocol's driver decides): disconnect it and count it."""
         self.metrics.misbehaving.labels(reason).inc()
         conn = self.connections.get(peer)
         if conn is not None and not conn.closed and self._nursery is not None:
@@ -611,14 +612,9 @@ class Host:
             log.info("%s from %s: %s", protocol, conn.peer_id, exc)
         except StreamEndedError as exc:
             log.info("%s from %s: %s", protocol, conn.peer_id, exc)
-        except RemoteProtocolError as exc:
+        except ProtocolError as exc:  # a bad frame costs its stream; protocols decide more
             self.metrics.protocol_errors.labels("stream").inc()
             log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
-            if not self.connmgr.is_protected(conn.peer_id):
-                # A member's bad frame costs only its stream (a bug, not an attack, most
-                # likely); anyone else who sends one goes.
-                self.report_misbehaviour(conn.peer_id, "stream_protocol")
-        except ProtocolError as exc:
             self.metrics.protocol_errors.labels("stream").inc()
             log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
         except Exception:  # a handler bug must cost one stream, never the node
