@@ -16,6 +16,7 @@ import trio
 import trio.testing
 from msgspec.structs import replace
 
+from trionode.blobs.protocol import BLOB_PROTOCOL
 from trionode.config import FileConfig, NetworkSection
 from trionode.context.replication import SYNC_PROTOCOL, _Channel
 from trionode.errors import PeerError, ProtocolError
@@ -232,3 +233,36 @@ async def test_with_the_node_full_of_sybils_a_member_still_connects_syncs_and_wr
                     assert len(a.host.connections) == limits.low_water
                 assert metric(a, "trionode_p2p_closed_for_room_total", reason="trimmed") > 0
                 assert {b.host.peer_id, c.host.peer_id} <= set(a.host.connections)
+
+
+# -- silent blob streams ----------------------------------------------------------------------
+
+
+async def test_silent_blob_streams_from_a_non_member_hold_no_serving_slot(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with (
+            open_members(tmp_path) as (a, b, context, cluster),
+            open_strangers(cluster.network, ["10.66.0.1"], 1) as (stranger,),
+        ):
+            info = await a.blobs.add_bytes(b"x" * 100_000, context_id=context)
+            conn = await stranger.connect(cluster.address(0))
+            opened_at = trio.current_time()
+            streams = [
+                (await conn.new_stream([BLOB_PROTOCOL]))[1]
+                for _ in range(a.config.blobs.max_serving)
+            ]
+            await cluster.settle()
+            # A member still fetches the blob from the node under attack.
+            fetched = await b.blob_transfer.fetch(info.blob_id, context)
+            assert fetched.blob_id == info.blob_id
+            # The silent streams are closed at the first-message deadline.
+            async with trio.open_nursery() as nursery:
+                for stream in streams:
+                    nursery.start_soon(read_until_eof, stream)
+            first = a.config.network.stream_first_message_timeout
+            assert trio.current_time() - opened_at >= first
+            assert metric(a, "trionode_p2p_streams_stalled_total", protocol=BLOB_PROTOCOL) == len(
+                streams
+            )

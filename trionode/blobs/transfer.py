@@ -337,19 +337,10 @@ class BlobTransfer:
 
     async def _serve(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
         channel = _Channel(stream)
-        try:
-            self._serving.acquire_nowait()
-        except trio.WouldBlock:
-            self.metrics.refused.inc()
-            await channel.send(BlobRefused(message="busy"))
-            return
-        try:
-            await self._serve_stream(channel, conn)
-        finally:
-            self._serving.release()
-
-    async def _serve_stream(self, channel: _Channel, conn: Connection) -> None:
-        with trio.fail_after(self.config.chunk_timeout):
+        # The open and its membership proof are read and checked before a serving slot is
+        # taken, within the host's first-message deadline: a silent or non-member stream
+        # never holds a slot that members need.
+        with trio.fail_after(self.host.stream_limits.first_message):
             first = await channel.receive()
         if not isinstance(first, BlobOpen):
             raise RemoteProtocolError("a blob stream must start with open")
@@ -358,6 +349,18 @@ class BlobTransfer:
             self.metrics.refused.inc()
             await channel.send(BlobRefused(message=NOT_AVAILABLE))
             return
+        try:
+            self._serving.acquire_nowait()
+        except trio.WouldBlock:
+            self.metrics.refused.inc()
+            await channel.send(BlobRefused(message="busy"))
+            return
+        try:
+            await self._serve_stream(channel, manifest)
+        finally:
+            self._serving.release()
+
+    async def _serve_stream(self, channel: _Channel, manifest: Manifest) -> None:
         await channel.send(BlobManifest(manifest=manifest.encode()))
         while (message := await channel.receive(eof_ok=True)) is not None:
             if not isinstance(message, ChunkRequest) or message.index >= len(manifest.chunks):

@@ -607,9 +607,9 @@ class Host:
             await handler(negotiated, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        except StreamStalledError as exc:
+        except (StreamStalledError, trio.TooSlowError) as exc:
             self.metrics.streams_stalled.labels(protocol).inc()
-            log.info("%s from %s: %s", protocol, conn.peer_id, exc)
+            log.info("%s from %s: %s", protocol, conn.peer_id, str(exc) or "timed out")
         except StreamEndedError as exc:
             log.info("%s from %s: %s", protocol, conn.peer_id, exc)
         except ProtocolError as exc:  # a bad frame costs its stream; protocols decide more
