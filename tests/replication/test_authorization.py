@@ -31,10 +31,11 @@ from tests.replication.cluster_helpers import (
 from trionode.auth.model import Kind, Verdict
 from trionode.context import invitations as inv
 from trionode.context.authority import action
-from trionode.context.join import _receive, _send
+from trionode.context.join import MAX_MESSAGE
 from trionode.context.manager import ContextError
 from trionode.context.replication import topic_for
 from trionode.dag.delta import DeltaBody, SignedDelta
+from trionode.net.framed import FramedStream, StreamLimits
 from trionode.node import Node
 from trionode.testing import Cluster, open_cluster
 
@@ -277,8 +278,9 @@ async def spend(joiner: Node, via: Node, cluster: Cluster, text: str) -> inv.Joi
         request = inv.JoinRequest(
             invitation=signed, member=key.public_key().public_bytes_raw(), proof=proof
         )
-        await _send(stream, inv.encode(request))
-        return inv.decode_response(await _receive(stream))
+        framed = FramedStream(stream, StreamLimits(), max_frame=MAX_MESSAGE)
+        await framed.send_frame(inv.encode(request))
+        return inv.decode_response(await framed.receive_frame())
 
 
 async def test_one_invitation_at_two_admins(
