@@ -49,9 +49,9 @@ from trionode.dag.delta import DeltaBody, SignedDelta, seal_delta, verify_delta
 from trionode.net.memory import MemoryNetwork
 from trionode.node import Node, open_node
 from trionode.store.store import WriteBatch
-from trionode.testing import CLUSTER_PORT, cluster_file_config, make_test_config
+from trionode.testing import CLUSTER_PORT, cluster_file_config, make_test_config, open_cluster
 
-from .cluster_helpers import APPS, deltas
+from .cluster_helpers import APPS, LIMIT, call, deltas, share, wait_converged, write
 
 HOUR = 3600.0
 FAR = NTP64_MAX
@@ -367,3 +367,30 @@ async def test_member_flooding_pending_cannot_evict_another_members_delta(
             assert (await node.contexts.state(setup.context))[2] == quota + 1
             received = await node.contexts.receive(setup.context, first.encode())
             assert received.applied == [first.id, second.id]
+
+
+# -- end to end: a node whose clock runs fast -------------------------------------------------
+
+
+async def test_writes_of_a_node_whose_clock_runs_fast_wait_then_converge(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path) as cluster:
+            a, b = cluster
+            context = await share(cluster, [0, 1])
+            base = time.time() - trio.current_time()
+            a.contexts._wall_clock = lambda: base + trio.current_time()
+            b.contexts._wall_clock = lambda: base + trio.current_time() + 30
+            start = trio.current_time()
+            delta_id = await write(b, context, "set", key="k", value="fast")
+            await cluster.settle()
+            assert await a.contexts.read_delta(context, delta_id) is None  # gossiped, waiting
+            assert deltas(a, "deferred") >= 1
+            await wait_converged(cluster, [a, b], context)
+            assert trio.current_time() - start >= 25  # 30 s ahead, 5 s of them tolerated
+            assert await call(a, context, "get", key="k") == "fast"
+            # Meanwhile a's own writes were never held up, and b takes them at once.
+            mine = await write(a, context, "set", key="a", value="slow")
+            await cluster.settle()
+            assert await b.contexts.read_delta(context, mine) is not None

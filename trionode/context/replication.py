@@ -104,7 +104,9 @@ class ReplicationMetrics:
         self.deltas = Counter(
             "trionode_deltas",
             "Received and local deltas by outcome (applied, pending, cascaded, duplicate, "
-            "evicted, rejected_<reason>, published)",
+            "evicted, rejected_<reason>, published; deferred: stamped ahead of our clock, "
+            "waits; refused_ahead: beyond max_clock_drift + pending_timeout, not stored; "
+            "refused_state_ahead: state records beyond max_clock_drift)",
             ["outcome"],
             registry=registry,
         )

@@ -92,6 +92,8 @@ class CausalDag(Generic[T]):
         self._pending: OrderedDict[bytes, _Pending[T]] = OrderedDict()
         self._by_author: dict[bytes, OrderedDict[bytes, None]] = {}
         """Pending ids per author, oldest first (for the per-author quota)."""
+        self._deferred: dict[bytes, float] = {}
+        """Pending ids waiting for time, and until when (usually none or a few)."""
         self._waiting: dict[bytes, set[bytes]] = {}
 
     # -- queries ---------------------------------------------------------------------------
@@ -119,10 +121,7 @@ class CausalDag(Generic[T]):
 
     def next_release(self) -> float | None:
         """The earliest time a deferred delta may apply (None: none waits for time)."""
-        return min(
-            (p.not_before for p in self._pending.values() if p.not_before is not None),
-            default=None,
-        )
+        return min(self._deferred.values(), default=None)
 
     def parents_for_new_delta(self) -> list[bytes]:
         return sorted(self.heads) if self.heads else [GENESIS]
@@ -161,9 +160,7 @@ class CausalDag(Generic[T]):
     def release(self, now: float, apply: Apply[T]) -> list[tuple[bytes, T]]:
         """Hand the deferred deltas whose time has come (and what waited for them) to
         `apply` again, in causal order; returns the applied ones."""
-        due = [
-            p for p in self._pending.values() if p.not_before is not None and p.not_before <= now
-        ]
+        due = [self._pending[i] for i, until in self._deferred.items() if until <= now]
         for entry in due:
             self._remove_pending(entry.id)
             entry.not_before = None
@@ -248,11 +245,14 @@ class CausalDag(Generic[T]):
     def _add_pending(self, entry: _Pending[T]) -> None:
         self._pending[entry.id] = entry
         self._by_author.setdefault(entry.author, OrderedDict())[entry.id] = None
+        if entry.not_before is not None:
+            self._deferred[entry.id] = entry.not_before
 
     def _remove_pending(self, delta_id: bytes) -> _Pending[T] | None:
         """Take a delta out of `pending` (its waits on parents are the caller's business)."""
         entry = self._pending.pop(delta_id, None)
         if entry is not None:
+            self._deferred.pop(delta_id, None)
             own = self._by_author[entry.author]
             del own[delta_id]
             if not own:
