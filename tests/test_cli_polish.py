@@ -34,7 +34,7 @@ def test_every_command_has_an_example_and_shows_its_defaults() -> None:
     for name, parser in commands.items():
         text = parser.format_help()
         assert f"example:\n  {EXAMPLES[name]}" in text, name
-        assert EXAMPLES[name].startswith(("trionode ", "TRIONODE_HOME=")), name
+        assert "trionode " in EXAMPLES[name], name
     init_help = commands["init"].format_help()
     assert "(default: 2428)" in init_help
     assert "(default: 2528)" in init_help

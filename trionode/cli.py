@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from trionode.cli_blobs import COMMANDS as BLOB_COMMANDS
 from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, mapping_rows, table as _table
 from trionode.cli_invitations import add_invitation_commands
 from trionode.cli_tokens import COMMANDS as TOKEN_COMMANDS
-from trionode.client import Client, open_blocking_client, run_blocking
+from trionode.client import ApiError, Client, open_blocking_client, run_blocking
 from trionode.errors import ConfigError, TrionodeError, WrongPassphraseError
 from trionode.layout import (
     DEFAULT_SERVER_PORT,
@@ -34,6 +35,11 @@ from trionode.layout import (
     read_api_url,
     read_token,
 )
+
+
+class UsageError(TrionodeError):
+    """The command line asks for something that cannot be done (exit status 2)."""
+
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -107,6 +113,15 @@ async def _ready(client: Client, _args: argparse.Namespace) -> Any:
     return await client.ready()
 
 
+def _ready_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="keep asking until the node is up and ready, for at most this long",
+    )
+
+
 async def _info(client: Client, _args: argparse.Namespace) -> Any:
     return await client.node_info()
 
@@ -175,7 +190,9 @@ def _connect_args(parser: argparse.ArgumentParser) -> None:
 
 CLIENT_COMMANDS: dict[str, ClientCommand] = {
     "health": ClientCommand("check that the node's API answers", _health),
-    "ready": ClientCommand("check that the node has started every service", _ready),
+    "ready": ClientCommand(
+        "check that the node has started every service", _ready, arguments=_ready_args
+    ),
     "info": ClientCommand(
         "show the node's peer id, version and the addresses it hands out", _info, _render_info
     ),
@@ -199,11 +216,29 @@ CLIENT_COMMANDS.update(
 )
 
 
+def _run_blocking_until_up(args: argparse.Namespace, action: ClientAction) -> Any:
+    """`ready --wait S`: retry until the node answers ready, for scripts that just started
+    one (its api.url may not exist yet). Polling is fine here: a person or a script waits."""
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            url, token = _api_target(args)
+            with open_blocking_client(url, token, request_timeout=args.timeout) as client:
+                return run_blocking(action(client, args))
+        except (ApiError, ConfigError) as exc:
+            if time.monotonic() >= deadline or getattr(exc, "status", None) in (401, 403):
+                raise
+        time.sleep(0.1)
+
+
 def run_client_command(args: argparse.Namespace) -> int:
-    url, token = _api_target(args)
     name: str = args.client_command
     command = CLIENT_COMMANDS[name]
     action = command.action
+    if getattr(args, "wait", None):
+        result = _run_blocking_until_up(args, action)
+        return _print_result(args, command, result)
+    url, token = _api_target(args)
     if name in NEEDS_EVENT_LOOP:
         import trio  # noqa: PLC0415
 
@@ -217,7 +252,19 @@ def run_client_command(args: argparse.Namespace) -> int:
     else:
         with open_blocking_client(url, token, request_timeout=args.timeout) as client:
             result = run_blocking(action(client, args))
+    return _print_result(args, command, result)
+
+
+def _print_result(args: argparse.Namespace, command: ClientCommand, result: Any) -> int:
     if result is None:  # streaming commands (watch) printed as they went
+        return EXIT_OK
+    if args.field is not None:
+        # `APP=$(trionode app install DIR --field applicationId)`: one value, for scripts.
+        if not isinstance(result, dict) or args.field not in result:
+            fields = ", ".join(sorted(result)) if isinstance(result, dict) else "none"
+            raise UsageError(f"--field {args.field}: the result has no such field ({fields})")
+        value = result[args.field]
+        print(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
         return EXIT_OK
     if args.json:
         print(json.dumps(result, indent=None, sort_keys=True, ensure_ascii=False))
@@ -239,12 +286,12 @@ EXAMPLES: dict[str, str] = {
     "demo": "trionode demo --nodes 3",
     "invitation show": "trionode invitation show trinv1...",
     "health": "trionode health --api http://127.0.0.1:2528",
-    "ready": "trionode ready --home ~/node-a",
+    "ready": "trionode ready --home ~/node-a --wait 30",
     "info": "trionode info --json",
     "peers": "trionode peers",
     "connect": "trionode connect /ip4/192.168.1.20/tcp/2428/p2p/12D3KooW...",
     "topics": "trionode topics",
-    "app install": "trionode app install apps/kv_store",
+    "app install": "APP=$(trionode app install apps/kv_store --field applicationId)",
     "app list": "trionode app list",
     "app show": "trionode app show APP_ID",
     "app uninstall": "trionode app uninstall APP_ID --force",
@@ -369,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--api", help="API base URL (default: read from --home)")
     client.add_argument("--token", help="bearer token (default: read from --home)")
     client.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    client.add_argument(
+        "--field", metavar="NAME", help="print only this field of the result (for scripts)"
+    )
     groups: dict[str, Any] = {}
     for name, spec in CLIENT_COMMANDS.items():
         group, _, leaf = name.partition(" ")
@@ -398,7 +448,7 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 def _explain(error: BaseException) -> tuple[str, int] | None:
     """The one line and exit status for an error a user can cause; None for a bug."""
-    if isinstance(error, (ConfigError, WrongPassphraseError)):
+    if isinstance(error, (ConfigError, WrongPassphraseError, UsageError)):
         return str(error), EXIT_USAGE
     if isinstance(error, TrionodeError):
         return str(error), EXIT_FAILURE
