@@ -145,6 +145,21 @@ class NetworkSection(_Section, frozen=True):
     about reachability from the Internet. On: for a LAN or a test network."""
     autonat_max_dialbacks: PositiveInt = 4
     """Dial-backs we run for others at once; more requests are refused (E_DIAL_REFUSED)."""
+    relays: list[str] = msgspec.field(default_factory=list)
+    """Circuit Relay v2 relays (multiaddrs with /p2p/<peer id>) to keep a reservation on:
+    peers that cannot dial us directly reach us through them (`/p2p-circuit` addresses)."""
+    relay_serve: bool = False
+    """Be a relay for others (`/libp2p/circuit/relay/0.2.0/hop`), within the limits below."""
+    relay_max_reservations: PositiveInt = 64
+    """Peers holding a reservation on us at once; more are refused (RESERVATION_REFUSED)."""
+    relay_reservation_ttl: PositiveInt = 3600
+    """Seconds a reservation lasts; clients refresh it before it ends."""
+    relay_max_circuits_per_peer: PositiveInt = 8
+    """Relayed connections open at once to one reserved peer."""
+    relay_circuit_duration: PositiveInt = 600
+    """Seconds a relayed connection may last before we cut it."""
+    relay_circuit_data: PositiveInt = 64 * 1024 * 1024
+    """Bytes (both directions together) a relayed connection may carry before we cut it."""
     mdns: bool = True
     """Find peers on the local network with multicast DNS (libp2p mDNS, `_p2p._udp.local`)."""
     mdns_interval: PositiveFloat = 30.0

@@ -9,6 +9,9 @@ open_node(config) ── root nursery
    ├─ PubSub.run       gossipsub: heartbeat, one writer per peer (readers run in Host's
    │                    connection nurseries); delivered messages go to the event channel
    ├─ AutoNat.run      (if `network.autonat`) asks peers to dial us back: public/private
+   ├─ RelayClient.run  keeps a Circuit Relay v2 reservation on each `network.relays` entry
+   │                    (relayed connections run in the relay connection's stream task;
+   │                    with `network.relay_serve` the hop handler splices circuits too)
    ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
    │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
@@ -77,6 +80,7 @@ from trionode.net.member_peers import context_topics, serve_member_peers
 from trionode.net.metrics import NetMetrics
 from trionode.net.peerstore import PeerStore
 from trionode.net.pubsub import PubSub, PubSubMetrics
+from trionode.net.relay import RelayClient, RelayServer
 from trionode.net.transport import Transport
 from trionode.store.store import AsyncStore, open_store
 
@@ -109,6 +113,10 @@ class Node:
         self.host = Host(identity.key, config.network, net_metrics, transport=transport)
         net_metrics.bind(self.host)
         self.peerstore = PeerStore.from_config(config.network, local_peer=self.host.peer_id)
+        self.relay_client = RelayClient(self.host, config.network)
+        self.relay_server = (
+            RelayServer(self.host, config.network) if config.network.relay_serve else None
+        )
         self.autonat = (
             AutoNat(self.host, config.network, AutoNatMetrics(metrics.registry))
             if config.network.autonat
@@ -367,6 +375,7 @@ async def _open_locked_node(
             await nursery.start(_watch_peers_until, node, name="peer-events")
             if node.autonat is not None:
                 await nursery.start(node.autonat.run, node.shutdown_requested, name="autonat")
+            await nursery.start(node.relay_client.run, node.shutdown_requested, name="relays")
             await nursery.start(node.pubsub.run, node.shutdown_requested, name="pubsub")
             await nursery.start(node.replicator.run, node.shutdown_requested, name="replication")
             await nursery.start(

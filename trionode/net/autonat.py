@@ -236,7 +236,7 @@ class AutoNat:
         return [
             conn
             for conn in self._host.connections.values()
-            if not conn.closed and wire.PROTOCOL_ID in conn.protocols
+            if not conn.closed and not conn.relayed and wire.PROTOCOL_ID in conn.protocols
         ][:MAX_SERVERS_PER_ROUND]
 
     def candidates(self) -> list[Multiaddr]:
@@ -321,6 +321,8 @@ class AutoNat:
     async def _answer(self, request: wire.DialRequest, conn: Connection) -> wire.DialResponse:
         if request.peer_id != conn.peer_id.multihash:
             return wire.DialResponse(wire.Status.E_BAD_REQUEST, "peer id is not yours")
+        if conn.relayed:  # the observed IP would be the relay's
+            return wire.DialResponse(wire.Status.E_DIAL_REFUSED, "not over a relayed connection")
         addrs = self._dialable_for(request, conn)
         if not addrs:
             return wire.DialResponse(wire.Status.E_DIAL_REFUSED, "no address I may dial")

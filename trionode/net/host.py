@@ -78,6 +78,8 @@ PROTOCOL_VERSION = "ipfs/0.1.0"
 MAX_IDENTIFY_SIZE = MAX_IDENTIFY_MESSAGE_SIZE
 
 StreamHandler = Callable[[trio.abc.HalfCloseableStream, "Connection"], Awaitable[None]]
+CircuitDialer = Callable[[Multiaddr], Awaitable[trio.abc.Stream]]
+"""Opens a raw stream to a `/p2p-circuit` address (through its relay); Noise comes after."""
 """Serves one inbound stream. Not always a YamuxStream: bytes the dialer pipelined after its
 proposal come first through a PrefixedStream wrapper."""
 
@@ -106,6 +108,13 @@ class Connection:
     @property
     def direction(self) -> str:
         return "outbound" if self.outbound else "inbound"
+
+    @property
+    def relayed(self) -> bool:
+        """Whether this connection runs through a relay (Circuit Relay v2)."""
+        return self.remote_addr is not None and any(
+            c.name == "p2p-circuit" for c in self.remote_addr.components
+        )
 
     @property
     def closed(self) -> bool:
@@ -183,6 +192,7 @@ class Host:
         self._nursery: trio.Nursery | None = None
         self._connection_changed = trio.Event()
         self._dialing: dict[PeerId, trio.Event] = {}
+        self._circuit_dialer: CircuitDialer | None = None
         self.set_handler(PING_PROTOCOL_ID, _serve_ping)
         self.set_handler(IDENTIFY_PROTOCOL_ID, self._serve_identify)
 
@@ -191,6 +201,11 @@ class Host:
     def set_handler(self, protocol: str, handler: StreamHandler) -> None:
         """Serve inbound streams that negotiate `protocol` with `handler(stream, conn)`."""
         self._handlers[protocol] = handler
+
+    def set_circuit_dialer(self, dialer: CircuitDialer) -> None:
+        """Dial `/p2p-circuit` addresses with `dialer` (the relay client registers itself,
+        as protocols register their handlers)."""
+        self._circuit_dialer = dialer
 
     @property
     def protocols(self) -> list[str]:
@@ -282,16 +297,20 @@ class Host:
                 return existing
         if not self.connmgr.may_dial(expected, member=member):
             raise PeerError(f"connection limit ({self.config.max_connections}) reached")
-        hp = addr.tcp_host_port()
-        if hp is None:
+        circuit = any(c.name == "p2p-circuit" for c in addr.components)
+        if circuit and self._circuit_dialer is None:
+            raise PeerError(f"{addr} is a relay address and relaying is off")
+        if not circuit and addr.tcp_host_port() is None:
             raise PeerError(f"{addr} is not a TCP multiaddr")
+        dial = self._circuit_dialer if circuit else self.transport.dial
+        assert dial is not None
         done = trio.Event()
         if expected is not None:
             self._dialing[expected] = done
         try:
             try:
                 with trio.fail_after(self.config.dial_timeout):
-                    tcp = await self.transport.dial(addr)
+                    tcp = await dial(addr)
             except (OSError, trio.TooSlowError) as exc:
                 self.metrics.dials.labels("unreachable").inc()
                 raise PeerError(f"cannot connect to {addr}: {str(exc) or 'timed out'}") from None
@@ -380,6 +399,20 @@ class Host:
             self.connmgr.end_handshake(handshake)
         if conn is not None:  # None: evicted (the socket is closed)
             await self._run_connection(conn)
+
+    async def serve_relayed(self, stream: trio.abc.Stream, addr: Multiaddr) -> None:
+        """Run an inbound connection that arrived through a relay (a stop stream) until it
+        closes. The caller is the stop handler, so the connection lives inside the relay
+        connection's stream task and dies with it."""
+        if len(self.connections) >= self.config.max_connections:
+            self.metrics.handshake_failures.labels("connection_limit").inc()
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            conn = await self._upgrade_or_close(stream, addr, outbound=False, expected=None)
+        except (PeerError, ProtocolError, trio.TooSlowError):
+            return
+        await self._run_connection(conn)
 
     # -- both directions -------------------------------------------------------------------
 
@@ -669,7 +702,8 @@ class Host:
         conn.agent = message.agent_version
         conn.protocols = tuple(message.protocols)
         conn.listen_addrs = tuple(message.decoded_listen_addrs())
-        conn.observed_addr = message.decoded_observed_addr()
+        # Through a relay, "observed" is the relay's view of the relay: never learn from it.
+        conn.observed_addr = None if conn.relayed else message.decoded_observed_addr()
         conn.identified.set()
 
     async def _keepalive(self, conn: Connection) -> None:
