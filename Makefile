@@ -7,7 +7,7 @@ HOME_DIR ?= .trionode
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: start test lint typecheck unit test-slow bench bench-smoke clean browser screenshots
+.PHONY: start test lint typecheck unit netns-tools test-slow bench bench-smoke clean browser screenshots
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or PYTHON=python3)"; exit 1; }
@@ -47,7 +47,16 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: the browser tests will skip (apt-get install chromium)"; fi; }
 
-unit: $(STAMP) browser
+
+# The network-namespace tests (tests/net/test_netns_relay.py) need nftables; as root on a
+# Debian-like machine it is installed here, elsewhere those tests skip and say why.
+netns-tools:
+	@if [ "$$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing nftables for the network-namespace tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null; \
+	fi
+
+unit: $(STAMP) browser netns-tools
 	$(BIN)/pytest -q -m "not slow"
 
 test: lint typecheck unit

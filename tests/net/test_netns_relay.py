@@ -1,0 +1,236 @@
+"""Two homes behind two NATs share a context through a public relay: real processes, real
+sockets, Linux network namespaces (root only; skipped with the reason otherwise).
+
+```
+             ns wan: bridge 198.18.0.0/24 (the "Internet")
+      ┌──────────────┼───────────────────────┐
+ ns relay          ns nat1 (masquerade)     ns nat2 (masquerade)
+ 198.18.0.10       wan 198.18.0.11          wan 198.18.0.12
+ relay_serve       lan 198.19.1.1           lan 198.19.2.1
+                      │                        │
+                   ns home1 198.19.1.2      ns home2 198.19.2.2
+```
+
+Every address is in 198.18.0.0/15 (set aside for such tests) and every packet stays in the
+namespaces this test creates. The NATs forward outbound traffic with an nftables masquerade
+rule and nothing inbound, so neither home can be dialed. Each node is a `trionode start`
+process under `ip netns exec`, listening on the wildcard of its namespace, without mDNS or
+bootstrap peers; the homes know only the relay (`network.relays`). Home 1 creates a context
+and invites; home 2 joins with the invitation string alone (home 1's direct address is
+unreachable, its `/p2p-circuit` address is not); both write; both converge.
+Not covered yet: DCUtR turning the relayed connection into a direct one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.net.test_member_peers_processes import _Process
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+pytestmark = pytest.mark.real_network
+
+
+def _why_not() -> str | None:
+    if sys.platform != "linux":
+        return "network namespaces are Linux only"
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed (make test installs nftables when it can)"
+    probe = f"i12probe{uuid.uuid4().hex[:6]}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.decode().strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return None
+
+
+_NAT_RULES = b"""
+table ip nat {
+    chain outbound {
+        type nat hook postrouting priority 100;
+        oifname "wan0" masquerade
+    }
+}
+table ip filter {
+    chain gate {
+        type filter hook forward priority 0; policy drop;
+        iifname "lan0" accept
+        ct state established,related accept
+    }
+}
+"""
+"""Outbound from the LAN is masqueraded; nothing gets in that was not asked for."""
+
+
+def _run(*args: str) -> None:
+    subprocess.run(list(args), check=True, capture_output=True)
+
+
+@contextmanager
+def _topology() -> Iterator[dict[str, str]]:
+    tag = uuid.uuid4().hex[:5]
+    ns = {name: f"i12{tag}{name}" for name in ("wan", "relay", "nat1", "nat2", "home1", "home2")}
+    try:
+        for name in ns.values():
+            _run("ip", "netns", "add", name)
+        wan = ns["wan"]
+        _run("ip", "-n", wan, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", wan, "link", "set", "br0", "up")
+
+        def veth(a: str, a_if: str, b: str, b_if: str) -> None:
+            _run("ip", "link", "add", f"t{tag}a", "type", "veth", "peer", "name", f"t{tag}b")
+            _run("ip", "link", "set", f"t{tag}a", "netns", a, "name", a_if)
+            _run("ip", "link", "set", f"t{tag}b", "netns", b, "name", b_if)
+            for space, iface in ((a, a_if), (b, b_if)):
+                _run("ip", "-n", space, "link", "set", iface, "up")
+
+        def up(space: str, iface: str, cidr: str) -> None:
+            _run("ip", "-n", space, "addr", "add", cidr, "dev", iface)
+            _run("ip", "-n", space, "link", "set", "lo", "up")
+
+        for name, last in (("relay", 10), ("nat1", 11), ("nat2", 12)):
+            veth(ns[name], "wan0", wan, f"p{last}")
+            _run("ip", "-n", wan, "link", "set", f"p{last}", "master", "br0")
+            up(ns[name], "wan0", f"198.18.0.{last}/24")
+        for i in (1, 2):
+            nat, home = ns[f"nat{i}"], ns[f"home{i}"]
+            veth(nat, "lan0", home, "eth0")
+            up(nat, "lan0", f"198.19.{i}.1/24")
+            up(home, "eth0", f"198.19.{i}.2/24")
+            _run("ip", "-n", home, "route", "add", "default", "via", f"198.19.{i}.1")
+            _run("ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            rules = _NAT_RULES
+            subprocess.run(
+                ["ip", "netns", "exec", nat, "nft", "-f", "-"],
+                input=rules,
+                check=True,
+                capture_output=True,
+            )
+        yield ns
+    finally:
+        for name in ns.values():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+async def _cli(ns: str, home: Path, *args: str) -> Any:
+    result = await trio.run_process(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-m",
+            "trionode",
+            *args,
+            "--home",
+            str(home),
+            "--json",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=ENV,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, f"{ns} {args}: {result.stderr.decode()}"
+    return json.loads(result.stdout)
+
+
+@asynccontextmanager
+async def _running(ns: str, home: Path) -> AsyncIterator[_Process]:
+    proc = await trio.lowlevel.open_process(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "trionode", "start", "--home", str(home)],
+        stderr=subprocess.PIPE,
+        env=ENV,
+        cwd=ROOT,
+    )
+    node = _Process(proc)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.pump)
+            await node.wait_log("started: peer id")
+            yield node
+            nursery.cancel_scope.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def _configure(home: Path, **values: object) -> None:
+    text = (home / "config.toml").read_text()
+    for key, value in values.items():
+        lines = text.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{key} = "))
+        lines[at] = f"{key} = {json.dumps(value)}"
+        text = "\n".join(lines) + "\n"
+    (home / "config.toml").write_text(text)
+
+
+async def test_two_homes_behind_nats_share_a_context_through_a_relay(tmp_path: Path) -> None:
+    reason = _why_not()
+    if reason is not None:
+        pytest.skip(reason)
+    with _topology() as ns, trio.fail_after(240):
+        homes = {name: tmp_path / name for name in ("relay", "home1", "home2")}
+        for name, home in homes.items():
+            await _cli(
+                ns[name], home, "init", "--swarm-port", "2428", "--server-port", "0", "--no-mdns"
+            )
+        _configure(homes["relay"], relay_serve=True)
+        async with _running(ns["relay"], homes["relay"]):
+            relay_addr = str((await _cli(ns["relay"], homes["relay"], "info"))["addresses"][0])
+            assert relay_addr.startswith("/ip4/198.18.0.10/tcp/2428/p2p/")
+            for name in ("home1", "home2"):
+                _configure(homes[name], relays=[relay_addr])
+            async with (
+                _running(ns["home1"], homes["home1"]) as home1,
+                _running(ns["home2"], homes["home2"]) as home2,
+            ):
+                for node in (home1, home2):
+                    await node.wait_log("reserved on relay")
+                app = ""
+                for name in ("home1", "home2"):
+                    installed = await _cli(
+                        ns[name], homes[name], "app", "install", str(ROOT / "apps" / "kv_store")
+                    )
+                    app = str(installed["applicationId"])
+                h1 = ns["home1"], homes["home1"]
+                h2 = ns["home2"], homes["home2"]
+                context = str((await _cli(*h1, "context", "create", app))["contextId"])
+                invitation = str((await _cli(*h1, "context", "invite", context))["invitation"])
+                shown = await _cli(*h1, "invitation", "show", invitation)
+                assert any("/p2p-circuit/" not in a for a in shown["addresses"])  # direct: NATed
+                assert any("/p2p-circuit" in a for a in shown["addresses"])
+                assert all("0.0.0.0" not in a for a in shown["addresses"])
+                await _cli(*h2, "context", "join", invitation)
+                await _cli(*h1, "call", context, "set", "--args", '{"key": "a", "value": "1"}')
+                await _cli(*h2, "call", context, "set", "--args", '{"key": "b", "value": "2"}')
+                for space, home in (h1, h2):
+                    await _cli(space, home, "context", "sync", context)
+                for space, home in (h1, h2):
+                    entries = (await _cli(space, home, "call", context, "entries"))["output"]
+                    assert entries == {"a": "1", "b": "2"}, (space, entries)
+                peers = (await _cli(*h2, "peers"))["peers"]
+                home1_id = str((await _cli(*h1, "info"))["peerId"])
+                via = [p["address"] for p in peers if p["peer_id"] == home1_id]
+                assert via
+                assert "/p2p-circuit" in via[0]
