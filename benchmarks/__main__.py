@@ -15,6 +15,7 @@ from benchmarks import (
     hostile_bench,
     pubsub_bench,
     pubsub_procs,
+    relay_bench,
     store_bench,
     sync_bench,
     transport_bench,
@@ -36,6 +37,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "blobs": blob_bench.run,
         "auth": auth_bench.run,
         "ws-load": ws_load_bench.run,
+        "relay": relay_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():

@@ -13,7 +13,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -58,9 +58,10 @@ class _Process:
 
 
 @asynccontextmanager
-async def _running(home: Path) -> AsyncIterator[_Process]:
+async def running(home: Path, prefix: Sequence[str] = ()) -> AsyncIterator[_Process]:
+    """`trionode start` (under `prefix`, e.g. `ip netns exec NS`) until the block ends."""
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trionode", "start", "--home", str(home)],
+        [*prefix, sys.executable, "-m", "trionode", "start", "--home", str(home)],
         stderr=subprocess.PIPE,
         env=ENV,
         cwd=ROOT,
@@ -99,7 +100,7 @@ async def test_sigkilled_member_restarts_at_a_new_port_reconnects_and_converges(
     a_home, b_home, c_home = (tmp_path / n for n in "abc")
     a_id, b_id, c_id = [await _init(home) for home in (a_home, b_home, c_home)]
     with trio.fail_after(240):
-        async with _running(a_home) as a, _running(b_home) as b, _running(c_home) as c:
+        async with running(a_home) as a, running(b_home) as b, running(c_home) as c:
             app = {}
             for home in (a_home, b_home, c_home):
                 app = await cli(home, "app", "install", str(ROOT / "apps" / "kv_store"))
@@ -127,7 +128,7 @@ async def test_sigkilled_member_restarts_at_a_new_port_reconnects_and_converges(
                 assert await b.proc.wait() == -signal.SIGKILL
             await _set(c_home, context, "after-kill", "y")
 
-            async with _running(b_home) as b2:
+            async with running(b_home) as b2:
                 assert _port((await cli(b_home, "info"))["addresses"][0]) != old_port
                 # Nobody knows B's new port: B dials its stored members itself.
                 await b2.wait_log(f"connected to {a_id}", f"connected to {c_id}")

@@ -29,15 +29,15 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from tests.net.test_member_peers_processes import _Process
+from tests.net.test_member_peers_processes import _Process, running
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -154,25 +154,8 @@ async def _cli(ns: str, home: Path, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-@asynccontextmanager
-async def _running(ns: str, home: Path) -> AsyncIterator[_Process]:
-    proc = await trio.lowlevel.open_process(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "trionode", "start", "--home", str(home)],
-        stderr=subprocess.PIPE,
-        env=ENV,
-        cwd=ROOT,
-    )
-    node = _Process(proc)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(node.pump)
-            await node.wait_log("started: peer id")
-            yield node
-            nursery.cancel_scope.cancel()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+def _running(ns: str, home: Path) -> AbstractAsyncContextManager[_Process]:
+    return running(home, ("ip", "netns", "exec", ns))
 
 
 def _configure(home: Path, **values: object) -> None:
