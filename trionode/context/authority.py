@@ -96,6 +96,8 @@ class ContextAuthority:
     checkpoint_vv: dict[bytes, dict[bytes, int]] = attrs.field(factory=dict)
     """Version vectors of checkpoints (heads adopted as state), as their source told us."""
     by_author_seq: dict[tuple[bytes, int], set[bytes]] = attrs.field(factory=dict)
+    max_seq: dict[bytes, int] = attrs.field(factory=dict)
+    """Author tag → highest sequence number recorded (our own next one follows it)."""
     verdicts: dict[bytes, Verdict] = attrs.field(factory=dict)
     """Verdict on each applied *data* delta (ops have theirs in the resolution)."""
     _judged: Resolution | None = None
@@ -130,10 +132,7 @@ class ContextAuthority:
     def next_local(self, heads: Iterable[bytes], author: bytes) -> tuple[int, dict[bytes, int]]:
         """(seq, vv of the parents) for a delta `author` writes on `heads`."""
         vv, _ = self.merged_vv(heads)
-        own = max(
-            vv.get(tag(author), 0),
-            max((s for (t, s) in self.by_author_seq if t == tag(author)), default=0),
-        )
+        own = max(vv.get(tag(author), 0), self.max_seq.get(tag(author), 0))
         return own + 1, vv
 
     def check_chain(self, header: DeltaHeader) -> None:
@@ -162,21 +161,12 @@ class ContextAuthority:
         )
         same = self.by_author_seq.setdefault((tag(header.author), header.seq), set())
         same.add(delta_id)
+        author = tag(header.author)
+        self.max_seq[author] = max(self.max_seq.get(author, 0), header.seq)
         if len(same) > 1:
             self._touched.add(header.author)
             return True
         return False
-
-    def forget(self, delta_id: bytes) -> None:
-        """Undo `record` (the delta turned out unreadable)."""
-        meta = self.meta.pop(delta_id, None)
-        if meta is not None:
-            same = self.by_author_seq.get((tag(meta.author), meta.seq))
-            if same is not None:
-                same.discard(delta_id)
-                if not same:
-                    del self.by_author_seq[(tag(meta.author), meta.seq)]
-        self.verdicts.pop(delta_id, None)
 
     def check_data(self, header: DeltaHeader) -> None:
         """Static checks of a data delta (raises AuthRejected: never stored)."""
