@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from trionode import __version__
+from trionode.cli_apps_sign import add_app_sign_commands
 from trionode.cli_blobs import COMMANDS as BLOB_COMMANDS
 from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, mapping_rows, table as _table
 from trionode.cli_invitations import add_invitation_commands
@@ -295,6 +296,8 @@ EXAMPLES: dict[str, str] = {
     "app list": "trionode app list",
     "app show": "trionode app show APP_ID",
     "app uninstall": "trionode app uninstall APP_ID --force",
+    "app keygen": "trionode app keygen --key ~/keys/apps.key",
+    "app sign": "trionode app sign apps/kv_store --key ~/keys/apps.key",
     "context create": 'trionode context create APP_ID --args \'{"title": "notes"}\'',
     "context list": "trionode context list --json",
     "context show": "trionode context show CONTEXT",
@@ -434,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         if spec.arguments is not None:
             spec.arguments(cmd)
         cmd.set_defaults(func=run_client_command, client_command=name)
+    add_app_sign_commands(groups["app"], _Parser(add_help=False, parents=[home, as_json]))
     return parser
 
 

@@ -341,9 +341,36 @@ class SyncSection(_Section, frozen=True):
 class AppsSection(_Section, frozen=True):
     """Which application bundles this node will execute."""
 
-    trusted_signers: list[str] = msgspec.field(default_factory=list)
-    """Ed25519 public keys (base58 or hex) whose signed bundles may run here even when they
-    arrive from a peer. Bundles the operator installs locally always may."""
+    trusted_signers: Annotated[list[str], msgspec.Meta(max_length=256)] = msgspec.field(
+        default_factory=list
+    )
+    """Signer ids (Ed25519 public keys, base58 as `trionode app keygen` prints them, or hex)
+    whose signed bundles may run here even when they arrive from a peer, e.g. when
+    `context join` fetches the app of the context it joins. Bundles the operator installs
+    locally always may."""
+
+    def __post_init__(self) -> None:
+        for signer in self.trusted_signers:
+            if not _is_signer_id(signer):
+                raise ValueError(
+                    f"trusted_signers: {signer[:100]!r} is not a signer id (the base58 "
+                    "Ed25519 public key `trionode app keygen` prints)"
+                )
+
+
+def _is_signer_id(text: str) -> bool:
+    import base58  # noqa: PLC0415 - only for configs that list signers
+
+    text = text.strip()
+    if len(text) == 64:
+        try:
+            return len(bytes.fromhex(text)) == 32
+        except ValueError:
+            return False
+    try:
+        return len(text) <= 44 and len(base58.b58decode(text)) == 32
+    except ValueError:
+        return False
 
 
 class GcSection(_Section, frozen=True):

@@ -52,7 +52,7 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import attrs
 import base58
@@ -67,6 +67,11 @@ MANIFEST: Final = "manifest.json"
 BUNDLE_FORMAT: Final = "trionode/bundle/v1"
 SIGNATURE_DOMAIN: Final = b"trionode/bundle-signature/v1\x00"
 PACKAGE_PREFIX: Final = "_trionode_app_"
+MAX_SIGNER_TEXT: Final = 96
+"""Longest `signer` accepted (hex is 64 characters, base58 at most 44): decoding a longer
+string would only waste time on a hostile manifest."""
+MAX_SIGNATURE_TEXT: Final = 160
+"""Longest `signature` accepted (hex is 128 characters, base58 at most 88)."""
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_.-]+")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -135,9 +140,9 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, f
     entry: str
     """`module:attr` naming the `App` object; `module` is dotted, relative to the bundle."""
     description: str = ""
-    signer: str | None = None
+    signer: Annotated[str, msgspec.Meta(max_length=MAX_SIGNER_TEXT)] | None = None
     """Ed25519 public key of the signer, base58 (or hex)."""
-    signature: str | None = None
+    signature: Annotated[str, msgspec.Meta(max_length=MAX_SIGNATURE_TEXT)] | None = None
     """Ed25519 signature over the bundle hash, base58 (or hex)."""
 
     @property
@@ -606,11 +611,26 @@ def _parse_signature(text: str) -> bytes:
     return raw
 
 
+def signed_copy(bundle: Bundle, private_key: PrivateKey | bytes) -> Bundle:
+    """`bundle` with `signer` and `signature` set in its manifest (nothing is written).
+
+    `private_key` is a `PrivateKey` or a 32-byte Ed25519 seed. The application id of the
+    result covers the signer, so it differs from an unsigned bundle's id.
+    """
+    key = private_key if isinstance(private_key, PrivateKey) else PrivateKey(private_key)
+    signer = base58.b58encode(key.public_key.data).decode()
+    unsigned = msgspec.structs.replace(bundle.manifest, signer=signer, signature=None)
+    app_id = bundle_hash(unsigned, bundle.files)
+    signature = base58.b58encode(key.sign(SIGNATURE_DOMAIN + app_id)).decode()
+    manifest = msgspec.structs.replace(unsigned, signature=signature)
+    return Bundle(manifest, bundle.files, app_id, bundle.source)
+
+
 def sign_bundle(directory: str | Path, private_key: PrivateKey | bytes) -> Bundle:
     """Sign the bundle directory in place: write `signer` and `signature` into its manifest.
 
-    `private_key` is a `PrivateKey` or a 32-byte Ed25519 seed. Returns the signed bundle
-    (its application id covers the signer).
+    Returns the signed bundle (see `signed_copy`). An archive is signed with `signed_copy`
+    and `pack_bundle` instead.
 
     Raises:
         InvalidBundleError: `directory` is not a valid bundle directory.
@@ -618,23 +638,18 @@ def sign_bundle(directory: str | Path, private_key: PrivateKey | bytes) -> Bundl
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidBundleError(f"{directory}: sign a bundle directory, then archive it")
-    key = private_key if isinstance(private_key, PrivateKey) else PrivateKey(private_key)
-    signer = base58.b58encode(key.public_key.data).decode()
-    bundle = load_bundle(directory)
-    unsigned = msgspec.structs.replace(bundle.manifest, signer=signer, signature=None)
-    app_id = bundle_hash(unsigned, bundle.files)
-    signature = base58.b58encode(key.sign(SIGNATURE_DOMAIN + app_id)).decode()
+    signed = signed_copy(load_bundle(directory), private_key)
     manifest_path = directory / MANIFEST
     document: dict[str, Any] = json.loads(manifest_path.read_bytes())
-    document["signer"] = signer
-    document["signature"] = signature
+    document["signer"] = signed.manifest.signer
+    document["signature"] = signed.manifest.signature
     manifest_path.write_text(
         json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-    signed = load_bundle(directory)
-    if signed.app_id != app_id:  # pragma: no cover - the directory changed under us
+    reread = load_bundle(directory)
+    if reread.app_id != signed.app_id:  # pragma: no cover - the directory changed under us
         raise InvalidBundleError(f"{directory}: changed while signing")
-    return signed
+    return reread
 
 
 def verify_bundle(
@@ -875,6 +890,7 @@ __all__ = [
     "parse_public_key",
     "read_bundle",
     "sign_bundle",
+    "signed_copy",
     "unload_app",
     "verify_bundle",
 ]
