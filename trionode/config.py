@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -51,6 +51,11 @@ class NodeSection(_Section, frozen=True):
     shutdown_grace: PositiveFloat = 10.0
     """Seconds in-flight work may drain after a shutdown request before it is cancelled."""
     log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+    mode: Literal["read-write", "read-only"] = "read-write"
+    """"read-only": a mirror that syncs, serves sync and answers views, reads and events,
+    but writes nothing to any context: no method calls but views, no event handlers, no
+    context creation, invitations, role changes, removals or leaving, no blob uploads
+    (docs/operating.md lists what stays allowed)."""
 
 
 class NetworkSection(_Section, frozen=True):

@@ -61,3 +61,11 @@ class HomeLockedError(TrionodeError):
         who = f"pid {pid}" if pid is not None else "pid unknown"
         super().__init__(f"{home}: a node is already running ({who})")
         self.pid = pid
+
+
+class ReadOnlyError(TrionodeError):
+    """The node runs with `node.mode = "read-only"` and the request would write."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"this node is read-only (node.mode): {what} is not allowed")
+        self.what = what

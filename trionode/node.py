@@ -143,7 +143,11 @@ class Node:
             max_events=config.api.max_retained_events,
         )
         self.blobs = BlobStore(
-            store, config.home, BlobMetrics(metrics.registry), max_size=config.blobs.max_size
+            store,
+            config.home,
+            BlobMetrics(metrics.registry),
+            max_size=config.blobs.max_size,
+            read_only=config.node.mode == "read-only",
         )
         self.applications = Applications(store, config.apps.trusted_signers)
         self.replication_metrics = ReplicationMetrics(metrics.registry)
@@ -156,6 +160,7 @@ class Node:
             max_clock_drift=config.sync.max_clock_drift,
             pending_timeout=config.replication.pending_timeout,
             metrics=self.replication_metrics,
+            read_only=config.node.mode == "read-only",
         )
         self.replicator = Replicator(
             self.contexts,

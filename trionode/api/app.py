@@ -41,7 +41,7 @@ from trionode.api.tokens import (
     token_matches,
 )
 from trionode.config import NodeConfig
-from trionode.errors import PeerError, ProtocolError
+from trionode.errors import PeerError, ProtocolError, ReadOnlyError
 from trionode.metrics import NodeMetrics
 from trionode.store.store import AsyncStore
 
@@ -212,6 +212,10 @@ def create_app(node: NodeApi) -> QuartTrio:
         log.info("refused %s %s: %s", request.method, request.path, exc)
         return error_response(400, str(exc))
 
+    @app.errorhandler(ReadOnlyError)
+    async def read_only(exc: ReadOnlyError) -> Response:  # noqa: ASYNC124
+        return error_response(403, str(exc), reason="read-only")
+
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:  # noqa: ASYNC124
         app.logger.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
@@ -235,6 +239,7 @@ def create_app(node: NodeApi) -> QuartTrio:
                 "version": __version__,
                 "addresses": node.listen_addresses(),
                 "reachability": node.reachability(),
+                "mode": node.config.node.mode,
             }
         )
 

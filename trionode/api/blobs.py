@@ -45,7 +45,7 @@ from werkzeug.http import parse_range_header
 from trionode.blobs.manifest import BlobNotFoundError, BlobTooLargeError
 from trionode.blobs.store import BlobInfo, BlobStore
 from trionode.blobs.transfer import BlobTransfer, BlobUnavailableError
-from trionode.errors import StorageError
+from trionode.errors import ReadOnlyError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,8 @@ async def _upload(
         info = await node.blobs.add(body.pieces(), context_id=context_id, name=name)
     except BlobTooLargeError as exc:
         raise BlobRequestError(str(exc), 413) from None
+    except ReadOnlyError as exc:
+        raise BlobRequestError(str(exc), 403) from None
     except StorageError as exc:
         log.error("blob upload failed: %s", exc)  # noqa: TRY400 - no traceback
         raise BlobRequestError(f"storage failed: {exc}", 500) from None

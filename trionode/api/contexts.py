@@ -29,7 +29,13 @@ from trionode.context.join import JoinService
 from trionode.context.manager import ContextError, ContextManager, b58
 from trionode.context.records import ApplicationRecord, ContextRecord
 from trionode.context.sync import SyncManager
-from trionode.errors import PeerError, ProtocolError, StorageError, TrionodeError
+from trionode.errors import (
+    PeerError,
+    ProtocolError,
+    ReadOnlyError,
+    StorageError,
+    TrionodeError,
+)
 from trionode.sdk.app import EntryKind
 from trionode.sdk.errors import AppError
 
@@ -41,6 +47,7 @@ JSONRPC_METHOD_NOT_FOUND = -32601
 JSONRPC_INVALID_PARAMS = -32602
 JSONRPC_CONTEXT_NOT_FOUND = -32001
 JSONRPC_FORBIDDEN = -32002
+JSONRPC_READ_ONLY = -32003
 JSONRPC_INTERNAL = -32603
 MAX_JSONRPC_ID_LENGTH: Final = 256
 
@@ -401,6 +408,8 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         except AppError as exc:
             error = exc.to_jsonrpc()
             return _rpc_error(request_id, error["code"], error["message"], error.get("data"))
+        except ReadOnlyError as exc:
+            return _rpc_error(request_id, JSONRPC_READ_ONLY, str(exc))
         except ContextError as exc:
             code = JSONRPC_CONTEXT_NOT_FOUND if exc.status == 404 else JSONRPC_FORBIDDEN
             return _rpc_error(request_id, code, str(exc))

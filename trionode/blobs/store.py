@@ -55,7 +55,7 @@ from trionode.blobs.manifest import (
     chunk_hash,
     decode_manifest,
 )
-from trionode.errors import StorageError
+from trionode.errors import ReadOnlyError, StorageError
 from trionode.store.encryption import ValueCipher
 from trionode.store.lmdb_store import Column
 from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch
@@ -215,8 +215,12 @@ class BlobStore:
         max_size: int,
         wall_clock: Callable[[], float] = time.time,
         chunk_size: int = CHUNK_SIZE,
+        read_only: bool = False,
     ) -> None:
         self._store = store
+        self.read_only = read_only
+        """`node.mode = "read-only"`: uploads (`add`) are refused; chunks fetched for
+        contexts this node follows are still kept (`put_chunk`)."""
         self.files = ChunkFiles(home / BLOBS_DIR, store.raw.cipher)
         self.metrics = metrics
         self.max_size = max_size
@@ -242,8 +246,11 @@ class BlobStore:
     ) -> BlobInfo:
         """Store the bytes `source` yields as a blob; visible under its id only when whole.
 
-        BlobTooLargeError past `max_size` (what was written so far is orphaned, then collected).
+        BlobTooLargeError past `max_size` (what was written so far is orphaned, then collected);
+        ReadOnlyError on a read-only node.
         """
+        if self.read_only:
+            raise ReadOnlyError("uploading a blob")
         chunker = Chunker(chunk_size=self._chunk_size, max_size=self.max_size)
         try:
             async for piece in source:

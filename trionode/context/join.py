@@ -18,7 +18,7 @@ from trionode.context.applications import Applications
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.records import ContextRecord
 from trionode.context.replication import SESSION_ERRORS, Replicator
-from trionode.errors import PeerError, ProtocolError
+from trionode.errors import PeerError, ProtocolError, ReadOnlyError
 from trionode.net.framed import FramedStream
 from trionode.net.host import Connection, Host
 from trionode.store.store import AsyncStore
@@ -62,6 +62,9 @@ class JoinService:
         expires_in: float = 7 * 86400,
         invitee: bytes | None = None,
     ) -> str:
+        if self.contexts.read_only:
+            # Its admission would be a write here, so the invitation could never be spent.
+            raise ReadOnlyError("inviting")
         if role not in members.ROLES:
             raise ContextError(f"role must be one of {', '.join(members.ROLES)}")
         record = await self.contexts.get(context_id)
@@ -229,7 +232,7 @@ class JoinService:
                 request.member,
                 invitation.role,
             )
-        except ContextError as exc:
+        except (ContextError, ReadOnlyError) as exc:
             raise inv.InvitationError(str(exc)) from None
         keys = await self.contexts.keys(context_id)
         _, heads, _ = await self.contexts.state(context_id)

@@ -85,8 +85,14 @@ from trionode.dag.delta import (
     stored_header,
     verify_delta,
 )
-from trionode.errors import ProtocolError, RemoteProtocolError, StorageError, TrionodeError
-from trionode.sdk.app import App
+from trionode.errors import (
+    ProtocolError,
+    ReadOnlyError,
+    RemoteProtocolError,
+    StorageError,
+    TrionodeError,
+)
+from trionode.sdk.app import App, EntryKind
 from trionode.sdk.errors import AppError
 from trionode.sdk.runtime import CallOutcome, execute, init_state, run_handler
 from trionode.store.lmdb_store import Column, Delete
@@ -211,8 +217,13 @@ class ContextManager:
         max_clock_drift: float = DEFAULT_DRIFT_TOLERANCE,
         pending_timeout: float = 300.0,
         metrics: ReplicationMetrics | None = None,
+        read_only: bool = False,
     ) -> None:
         self._store = store
+        self.read_only = read_only
+        """`node.mode = "read-only"`: every local write raises ReadOnlyError, received
+        deltas queue no handler runs (and queued ones do not run); receiving, sync and
+        views are unaffected."""
         self._hub = hub
         self._apps = apps
         self._wall_clock = wall_clock
@@ -302,6 +313,7 @@ class ContextManager:
         self, application_id: bytes, init_args_json: str | None = None
     ) -> ContextRecord:
         """A new context running `application_id`, with this node's new member as admin."""
+        self._writable("creating a context")
         app = await self._apps.load(application_id)
         context_id = os.urandom(32)
         member_key = Ed25519PrivateKey.generate()
@@ -414,6 +426,11 @@ class ContextManager:
         if executor is not None and executor != loaded.record.our_member:
             raise ContextError("this node holds no key for that executor", status=403)
         app = await self._apps.load(loaded.record.application_id)
+        if self.read_only:
+            entry = app.entry(method)
+            # An unknown method falls through to the runtime's own "no such method" error.
+            if entry is not None and entry.kind is not EntryKind.VIEW:
+                raise ReadOnlyError(f"calling {method!r} (only views run)")
         async with loaded.lock:
             role = loaded.authority.role(loaded.record.our_member)
             if role is None:
@@ -439,6 +456,7 @@ class ContextManager:
     ) -> SignedDelta:
         """As an admin: grant roles (role) or remove members (None), one operation each;
         returns the last one's delta."""
+        self._writable("changing roles")
         if not changes:
             raise ContextError("no membership changes given")
         last: SignedDelta | None = None
@@ -458,6 +476,7 @@ class ContextManager:
         """As an admin: remove `member`; the operation introduces a new key, sealed to every
         remaining member (the removed one cannot open it). Deltas written concurrently with
         the removal by `member` are filtered on every node (`trionode.auth.model`)."""
+        self._writable("removing a member")
         loaded = await self._context(context_id)
         async with loaded.lock:
             current = loaded.authority.roles()
@@ -474,12 +493,14 @@ class ContextManager:
 
     async def leave(self, context_id: bytes) -> SignedDelta:
         """Leave the context (refused for its last admin: appoint another first)."""
+        self._writable("leaving a context")
         loaded = await self._context(context_id)
         async with loaded.lock:
             return await self._commit_op(loaded, action(Kind.LEAVE))
 
     async def revoke_invitation(self, context_id: bytes, invitation_id: bytes) -> SignedDelta:
         """As an admin: no admission may spend this invitation after this operation."""
+        self._writable("revoking an invitation")
         loaded = await self._context(context_id)
         async with loaded.lock:
             return await self._commit_op(loaded, action(Kind.REVOKE, invitation_id=invitation_id))
@@ -489,6 +510,7 @@ class ContextManager:
     ) -> SignedDelta:
         """Spend `invitation` on `member` in the replicated state: every node refuses a
         second spend once it holds this one (raises ContextError if already spent)."""
+        self._writable("admitting a member")
         loaded = await self._context(context_id)
         async with loaded.lock:
             return await self._commit_op(
@@ -501,6 +523,10 @@ class ContextManager:
                     invitation_signature=invitation.signature,
                 ),
             )
+
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(what)
 
     def _new_key_action(
         self, loaded: _Loaded, kind: Kind, recipients: Iterable[bytes], member: bytes | None = None
@@ -705,7 +731,8 @@ class ContextManager:
             return True
         loaded.clock.update(Timestamp(header.hlc, header.author), physical)
         loaded.tree.apply(records)
-        for index, event in enumerate(body.events):
+        # A read-only node runs no handlers, so it queues none (they would pile up forever).
+        for index, event in enumerate(() if self.read_only else body.events):
             batch.put(
                 HANDLER_RUNS,
                 HANDLER_PREFIX + context_id + delta_id + index.to_bytes(4, "big"),
@@ -865,6 +892,8 @@ class ContextManager:
             return await self._run_pending_handlers()
 
     async def _run_pending_handlers(self) -> int:
+        if self.read_only:
+            return 0  # runs queued while the node was read-write wait for that mode again
         ran = 0
         for key, run in await self._store.scan(HANDLER_RUNS, prefix=HANDLER_PREFIX):
             context_id = key[len(HANDLER_PREFIX) : len(HANDLER_PREFIX) + 32]
