@@ -1,7 +1,7 @@
 """Circuit Relay v2 on loopback TCP: one stream's echo throughput and the time to connect,
 through a trionode relay beside the same peers connected directly (measured in the same run).
 
-Three hosts: R (relay_serve), A (reserved on R), B. "direct" is B dialing A's TCP address;
+Three hosts: R (relay.serve), A (reserved on R), B. "direct" is B dialing A's TCP address;
 "relayed" is B dialing `<R>/p2p-circuit/p2p/<A>`: the relayed connection's Noise and yamux
 run inside one yamux stream of each relay connection, so every byte crosses R's process.
 """
@@ -16,7 +16,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from benchmarks.harness import Row
-from trionode.config import NetworkSection
+from trionode.config import NetworkSection, RelaySection
 from trionode.net.host import Connection, Host
 from trionode.net.metrics import NetMetrics
 from trionode.net.relay import RelayClient, RelayServer
@@ -38,13 +38,12 @@ async def _host(**settings: object) -> AsyncIterator[tuple[Host, RelayClient]]:
     config = NetworkSection(
         listen=["/ip4/127.0.0.1/tcp/0"],
         ping_interval=3600,
-        relay_circuit_data=1 << 40,
         **settings,  # type: ignore[arg-type]
     )
     host = Host(PrivateKey.generate(), config, NetMetrics(CollectorRegistry()))
     host.set_handler(ECHO, _echo)
     client = RelayClient(host, config)
-    if config.relay_serve:
+    if config.relay.serve:
         RelayServer(host, config)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -94,7 +93,9 @@ async def run(*, quick: bool) -> list[Row]:
     rounds = 3 if quick else 10
     with trio.fail_after(600):
         async with AsyncExitStack() as stack:
-            r, _ = await stack.enter_async_context(_host(relay_serve=True))
+            r, _ = await stack.enter_async_context(
+                _host(relay=RelaySection(serve=True, circuit_data=1 << 40))
+            )
             a, a_client = await stack.enter_async_context(_host(relays=[r.addresses()[0]]))
             b, _ = await stack.enter_async_context(_host())
             while not a_client.circuit_addrs:

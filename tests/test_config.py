@@ -112,3 +112,33 @@ def test_corrupt_identity_is_a_config_error(home: Path) -> None:
     (home / "identity.key").write_bytes(b"\x08\x01\x12\x05short")
     with pytest.raises(ConfigError, match="not a usable identity key"):
         NodeIdentity.load(home / "identity.key")
+
+
+def test_relay_keys_live_in_a_network_relay_table(home: Path) -> None:
+    _write(home, "[network.relay]\nserve = true\nmax_reservations = 2\n")
+    relay = load_config(home).network.relay
+    assert (relay.serve, relay.max_reservations, relay.circuit_duration) == (True, 2, 600)
+
+
+def test_flat_relay_keys_of_the_first_release_still_work_with_one_warning(
+    home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(home, "[network]\nrelay_serve = true\nrelay_circuit_data = 1024\n")
+    with caplog.at_level("WARNING", logger="trionode.config"):
+        relay = load_config(home).network.relay
+    assert (relay.serve, relay.circuit_data) == (True, 1024)
+    [record] = caplog.records
+    assert "`network.relay_circuit_data`, `network.relay_serve`: deprecated" in record.message
+    assert "[network.relay]" in record.message
+
+
+def test_a_relay_key_written_both_ways_is_an_error(home: Path) -> None:
+    _write(home, "[network]\nrelay_serve = true\n[network.relay]\nserve = false\n")
+    with pytest.raises(ConfigError, match=r"`network.relay_serve` and `network.relay.serve`"):
+        load_config(home)
+
+
+def test_an_unknown_relay_key_is_named_with_its_table(home: Path) -> None:
+    _write(home, "[network.relay]\nsrve = true\n")
+    with pytest.raises(ConfigError, match=r"unknown key `network.relay.srve`"):
+        load_config(home)

@@ -9,6 +9,7 @@ every option; `tests/test_config.py` checks that it matches these defaults.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -27,6 +28,8 @@ from trionode.layout import (  # import-light, for client commands
 from trionode.wire.gossipsub import GossipConfig
 from trionode.wire.multiaddr import Multiaddr
 from trionode.wire.pubsub_pb import RpcLimits
+
+log = logging.getLogger(__name__)
 
 PASSPHRASE_ENV: Final = "TRIONODE_PASSPHRASE"  # noqa: S105 - a variable name
 
@@ -56,6 +59,23 @@ class NodeSection(_Section, frozen=True):
     but writes nothing to any context: no method calls but views, no event handlers, no
     context creation, invitations, role changes, removals or leaving, no blob uploads
     (docs/operating.md lists what stays allowed)."""
+
+
+class RelaySection(_Section, frozen=True):
+    """`[network.relay]`: serving Circuit Relay v2 to others (the hop side)."""
+
+    serve: bool = False
+    """Be a relay for others (`/libp2p/circuit/relay/0.2.0/hop`), within the limits below."""
+    max_reservations: PositiveInt = 64
+    """Peers holding a reservation on us at once; more are refused (RESERVATION_REFUSED)."""
+    reservation_ttl: PositiveInt = 3600
+    """Seconds a reservation lasts; clients refresh it before it ends."""
+    max_circuits_per_peer: PositiveInt = 8
+    """Relayed connections open at once to one reserved peer."""
+    circuit_duration: PositiveInt = 600
+    """Seconds a relayed connection may last before we cut it."""
+    circuit_data: PositiveInt = 64 * 1024 * 1024
+    """Bytes (both directions together) a relayed connection may carry before we cut it."""
 
 
 class NetworkSection(_Section, frozen=True):
@@ -102,6 +122,9 @@ class NetworkSection(_Section, frozen=True):
     """Seconds for TCP connect + Noise + muxer negotiation."""
     dial_timeout: PositiveFloat = 10.0
     """Seconds for the TCP connect of one dial."""
+    tcp_reuse_port: bool = True
+    """Outbound TCP dials leave from the listen port (SO_REUSEPORT), so a port-keeping NAT
+    maps them to the port we advertise and hole punching (DCUtR) can meet them."""
     negotiation_timeout: PositiveFloat = 10.0
     """Seconds for a new stream to agree on its protocol."""
     stream_first_message_timeout: PositiveFloat = 10.0
@@ -153,18 +176,8 @@ class NetworkSection(_Section, frozen=True):
     relays: list[str] = msgspec.field(default_factory=list)
     """Circuit Relay v2 relays (multiaddrs with /p2p/<peer id>) to keep a reservation on:
     peers that cannot dial us directly reach us through them (`/p2p-circuit` addresses)."""
-    relay_serve: bool = False
-    """Be a relay for others (`/libp2p/circuit/relay/0.2.0/hop`), within the limits below."""
-    relay_max_reservations: PositiveInt = 64
-    """Peers holding a reservation on us at once; more are refused (RESERVATION_REFUSED)."""
-    relay_reservation_ttl: PositiveInt = 3600
-    """Seconds a reservation lasts; clients refresh it before it ends."""
-    relay_max_circuits_per_peer: PositiveInt = 8
-    """Relayed connections open at once to one reserved peer."""
-    relay_circuit_duration: PositiveInt = 600
-    """Seconds a relayed connection may last before we cut it."""
-    relay_circuit_data: PositiveInt = 64 * 1024 * 1024
-    """Bytes (both directions together) a relayed connection may carry before we cut it."""
+    relay: RelaySection = RelaySection()
+    """`[network.relay]`: being a relay for others, and its limits."""
     mdns: bool = True
     """Find peers on the local network with multicast DNS (libp2p mDNS, `_p2p._udp.local`)."""
     mdns_interval: PositiveFloat = 30.0
@@ -493,8 +506,42 @@ def _where(path: str) -> str:
     return path.removeprefix("$.").removeprefix("$")
 
 
+_FLAT_RELAY_KEYS: Final = {f"relay_{name}": name for name in RelaySection.__struct_fields__}
+"""Keys of the first relay release (`network.relay_serve` …), now `[network.relay]` (`serve`)."""
+
+
+def _migrate_flat_relay_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Read the old flat `network.relay_*` keys as their `[network.relay]` names, saying so once.
+
+    Both spellings of one key at once is an error: which one was meant is a guess.
+    """
+    network = raw.get("network")
+    if not isinstance(network, dict) or not _FLAT_RELAY_KEYS.keys() & network.keys():
+        return raw
+    network = dict(network)
+    table = network.get("relay", {})
+    if not isinstance(table, dict):
+        return raw  # `network.relay` is not a table: validation names it
+    table = dict(table)
+    old = sorted(_FLAT_RELAY_KEYS.keys() & network.keys())
+    for key in old:
+        new = _FLAT_RELAY_KEYS[key]
+        if new in table:
+            raise ConfigError(f"{source}: `network.{key}` and `network.relay.{new}` both set")
+        table[new] = network.pop(key)
+    network["relay"] = table
+    log.warning(
+        "%s: %s: deprecated, write them as `[network.relay]` %s",
+        source,
+        ", ".join(f"`network.{key}`" for key in old),
+        ", ".join(_FLAT_RELAY_KEYS[key] for key in old),
+    )
+    return {**raw, "network": network}
+
+
 def parse_config(raw: dict[str, Any], *, source: str) -> FileConfig:
     """Validate a decoded TOML document; errors name the file and the dotted key."""
+    raw = _migrate_flat_relay_keys(raw, source)
     try:
         return msgspec.convert(raw, FileConfig)
     except msgspec.ValidationError as exc:
@@ -558,15 +605,23 @@ def render_config(file: FileConfig) -> str:
     """Write a FileConfig as TOML (used by `trionode init`)."""
     lines: list[str] = []
     for section_name in FileConfig.__struct_fields__:
-        section = getattr(file, section_name)
-        lines.append(f"[{section_name}]")
-        for field in type(section).__struct_fields__:
-            value = getattr(section, field)
-            if value is None:
-                continue
-            lines.append(f"{field} = {_toml_value(value)}")
-        lines.append("")
+        _render_table(section_name, getattr(file, section_name), lines)
     return "\n".join(lines)
+
+
+def _render_table(name: str, section: msgspec.Struct, lines: list[str]) -> None:
+    # A TOML table's own keys come before its sub-tables (`[network]` before `[network.relay]`).
+    lines.append(f"[{name}]")
+    tables = []
+    for field in type(section).__struct_fields__:
+        value = getattr(section, field)
+        if isinstance(value, msgspec.Struct):
+            tables.append((f"{name}.{field}", value))
+        elif value is not None:
+            lines.append(f"{field} = {_toml_value(value)}")
+    lines.append("")
+    for table_name, table in tables:
+        _render_table(table_name, table, lines)
 
 
 def _toml_value(value: object) -> str:

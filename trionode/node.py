@@ -11,7 +11,7 @@ open_node(config) ── root nursery
    ├─ AutoNat.run      (if `network.autonat`) asks peers to dial us back: public/private
    ├─ RelayClient.run  keeps a Circuit Relay v2 reservation on each `network.relays` entry
    │                    (relayed connections run in the relay connection's stream task;
-   │                    with `network.relay_serve` the hop handler splices circuits too)
+   │                    with `network.relay.serve` the hop handler splices circuits too)
    ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
    │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
@@ -115,7 +115,7 @@ class Node:
         self.peerstore = PeerStore.from_config(config.network, local_peer=self.host.peer_id)
         self.relay_client = RelayClient(self.host, config.network)
         self.relay_server = (
-            RelayServer(self.host, config.network) if config.network.relay_serve else None
+            RelayServer(self.host, config.network) if config.network.relay.serve else None
         )
         self.autonat = (
             AutoNat(self.host, config.network, AutoNatMetrics(metrics.registry))

@@ -23,7 +23,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 from prometheus_client import CollectorRegistry
 
-from trionode.config import NetworkSection
+from trionode.config import NetworkSection, RelaySection
 from trionode.net.host import Host
 from trionode.net.metrics import NetMetrics
 from trionode.net.relay import RelayClient, RelayServer
@@ -41,7 +41,7 @@ async def _our_host(
     config = NetworkSection(listen=["/ip4/127.0.0.1/tcp/0"], ping_interval=3600, **settings)  # type: ignore[arg-type]
     host = Host(PrivateKey.generate(), config, NetMetrics(CollectorRegistry()))
     client = RelayClient(host, config)
-    server = RelayServer(host, config) if config.relay_serve else None
+    server = RelayServer(host, config) if config.relay.serve else None
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(host.run, stop)
@@ -76,7 +76,7 @@ async def test_trionode_peers_meet_through_a_py_libp2p_relay() -> None:
 async def test_py_libp2p_dials_a_trionode_peer_through_a_trionode_relay() -> None:
     with trio.fail_after(60):
         async with (
-            _our_host(relay_serve=True) as (r, _, server),
+            _our_host(relay=RelaySection(serve=True)) as (r, _, server),
             open_libp2p_peer() as py,
         ):
             assert server is not None

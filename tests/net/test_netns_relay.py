@@ -6,7 +6,7 @@ sockets, Linux network namespaces (root only; skipped with the reason otherwise)
       ┌──────────────┼───────────────────────┐
  ns relay          ns nat1 (masquerade)     ns nat2 (masquerade)
  198.18.0.10       wan 198.18.0.11          wan 198.18.0.12
- relay_serve       lan 198.19.1.1           lan 198.19.2.1
+ relay.serve       lan 198.19.1.1           lan 198.19.2.1
                       │                        │
                    ns home1 198.19.1.2      ns home2 198.19.2.2
 ```
@@ -178,7 +178,7 @@ async def test_two_homes_behind_nats_share_a_context_through_a_relay(tmp_path: P
             await _cli(
                 ns[name], home, "init", "--swarm-port", "2428", "--server-port", "0", "--no-mdns"
             )
-        _configure(homes["relay"], relay_serve=True)
+        _configure(homes["relay"], serve=True)
         async with _running(ns["relay"], homes["relay"]):
             relay_addr = str((await _cli(ns["relay"], homes["relay"], "info"))["addresses"][0])
             assert relay_addr.startswith("/ip4/198.18.0.10/tcp/2428/p2p/")

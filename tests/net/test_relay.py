@@ -17,7 +17,7 @@ from msgspec.structs import replace
 from prometheus_client import CollectorRegistry
 
 from trionode.cli_invitations import describe_invitation
-from trionode.config import FileConfig, NodeConfig
+from trionode.config import FileConfig, NodeConfig, RelaySection
 from trionode.errors import PeerError, RemoteProtocolError
 from trionode.net.host import Host
 from trionode.net.memory import MemoryNetwork
@@ -112,7 +112,7 @@ async def _host(
         NetMetrics(CollectorRegistry()),
         transport=network.transport(),
     )
-    server = RelayServer(host, host.config) if host.config.relay_serve else None
+    server = RelayServer(host, host.config) if host.config.relay.serve else None
     client = RelayClient(host, host.config)
     stop = trio.Event()
     stack.callback(stop.set)
@@ -128,7 +128,7 @@ async def _relay_and_private_node(
     async with AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
         r, _, server = await stack.enter_async_context(
-            _host(network, stack, nursery, relay_serve=True, **relay_overrides)
+            _host(network, stack, nursery, relay=RelaySection(serve=True, **relay_overrides))
         )
         assert server is not None
         relay_addr = r.addresses()[0]
@@ -172,7 +172,7 @@ async def test_a_private_node_is_reached_through_its_relay(
 
 async def test_circuits_are_cut_at_the_byte_limit(autojump_clock: trio.testing.MockClock) -> None:
     network = MemoryNetwork()
-    async with _relay_and_private_node(network, relay_circuit_data=64 * 1024) as hosts:
+    async with _relay_and_private_node(network, circuit_data=64 * 1024) as hosts:
         r, server, a, _, b = hosts
         conn = await b.connect(
             f"{r.advertised_addrs[0]}/p2p/{r.peer_id}/p2p-circuit/p2p/{a.peer_id}"
@@ -191,7 +191,7 @@ async def test_circuits_are_cut_at_the_byte_limit(autojump_clock: trio.testing.M
 
 async def test_relay_refusals(autojump_clock: trio.testing.MockClock) -> None:
     network = MemoryNetwork()
-    async with _relay_and_private_node(network, relay_max_reservations=1) as hosts:
+    async with _relay_and_private_node(network, max_reservations=1) as hosts:
         r, _, _, _, b = hosts
         conn = await b.connect(r.addresses()[0])
         # B has no reservation: nobody can be connected to it through R.
@@ -233,7 +233,7 @@ async def test_a_private_node_invites_and_a_peer_joins_through_the_relay(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     network = MemoryNetwork()
-    relay_config = _node_config(tmp_path / "r", relay_serve=True)
+    relay_config = _node_config(tmp_path / "r", relay=RelaySection(serve=True))
     with trio.fail_after(300):
         async with open_node(relay_config, transport=network.transport()) as r:
             a_transport = network.transport()

@@ -1,7 +1,7 @@
 """Circuit Relay v2: reach a node that nobody can dial, through a relay both can dial.
 
 ```
-RelayServer (network.relay_serve)           RelayClient (every node)
+RelayServer (network.relay.serve)           RelayClient (every node)
   hop handler, one task per stream:           stop handler: a relay says "B wants you";
    RESERVE  → reservation until expiry        answer OK, then the stop stream is a raw
    CONNECT  → STOP CONNECT to the target,     inbound connection (Host.serve_relayed)
@@ -17,9 +17,9 @@ spliced streams: the relay never sees plaintext. The peer that sent CONNECT is t
 A reservation lives as long as the client's connection to the relay; the client reserves
 again after every reconnect and before ``expire``.
 
-Limits on the relay side: ``relay_max_reservations`` reservations, each lasting
-``relay_reservation_ttl``; ``relay_max_circuits_per_peer`` circuits per target; each circuit
-is cut after ``relay_circuit_duration`` seconds or ``relay_circuit_data`` bytes (both
+Limits on the relay side: ``relay.max_reservations`` reservations, each lasting
+``relay.reservation_ttl``; ``relay.max_circuits_per_peer`` circuits per target; each circuit
+is cut after ``relay.circuit_duration`` seconds or ``relay.circuit_data`` bytes (both
 directions counted together, as js and py do). Requests over a relayed connection are
 refused (no relay chains), as are unreadable ones (MALFORMED_MESSAGE, then the stream closes).
 """
@@ -110,7 +110,7 @@ class RelayServer:
 
     def _limit(self) -> wire.Limit:
         return wire.Limit(
-            duration=self._config.relay_circuit_duration, data=self._config.relay_circuit_data
+            duration=self._config.relay.circuit_duration, data=self._config.relay.circuit_data
         )
 
     async def _reply(self, stream: trio.abc.Stream, status: wire.Status, **fields: object) -> None:
@@ -140,11 +140,11 @@ class RelayServer:
                 del self.reservations[peer]
         peer = conn.peer_id
         if peer not in self.reservations and (
-            len(self.reservations) >= self._config.relay_max_reservations
+            len(self.reservations) >= self._config.relay.max_reservations
         ):
             await self._reply(stream, wire.Status.RESERVATION_REFUSED)
             return
-        ttl = self._config.relay_reservation_ttl
+        ttl = self._config.relay.reservation_ttl
         self.reservations[peer] = now + ttl
         addrs = tuple(
             a.with_peer_id(self._host.peer_id).to_bytes() for a in self._host.advertised_addrs
@@ -169,7 +169,7 @@ class RelayServer:
         if expiry is None or expiry <= trio.current_time() or target_conn is None:
             await self._reply(source, wire.Status.NO_RESERVATION)
             return
-        if self._circuits.get(target, 0) >= self._config.relay_max_circuits_per_peer:
+        if self._circuits.get(target, 0) >= self._config.relay.max_circuits_per_peer:
             await self._reply(source, wire.Status.RESOURCE_LIMIT_EXCEEDED)
             return
         self._circuits[target] = self._circuits.get(target, 0) + 1
