@@ -169,7 +169,9 @@ class Host:
         local_ips: Callable[[], list[str]] = interface_ips,
     ) -> None:
         self.key = key
-        self.transport: Transport = transport if transport is not None else TcpTransport()
+        self.transport: Transport = (
+            transport if transport is not None else TcpTransport(reuse_port=config.tcp_reuse_port)
+        )
         """Where raw connections come from: TCP, or an in-process MemoryNetwork in tests."""
         self.peer_id = key.peer_id()
         self.config = config

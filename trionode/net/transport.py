@@ -9,8 +9,11 @@ connection management) is the Host's and does not know which transport it runs o
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import socket
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
@@ -49,21 +52,84 @@ class Transport(Protocol):
         ...
 
 
+LISTEN_BACKLOG: Final = 128
+_SOURCE_PORT_TAKEN: Final = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+"""What bind/connect say when the listen port cannot be the source of this dial: another
+connection from it to the same address still exists (or lingers in TIME_WAIT)."""
+
+
 class TcpTransport:
-    """Plain TCP through Trio's socket layer (the default)."""
+    """Plain TCP through Trio's socket layer (the default).
+
+    With ``reuse_port`` (``network.tcp_reuse_port``) listeners and outbound dials share the
+    listen port (SO_REUSEADDR + SO_REUSEPORT): a dial leaves from the port we advertise, so a
+    NAT that keeps ports (a plain masquerade) maps it to our advertised port, peers observe
+    the address they can dial back, and a simultaneous dial (DCUtR hole punching) meets the
+    mapping the other side's packets open. A dial that cannot use the listen port (a
+    connection from it to the same address exists) falls back to an ephemeral port.
+    """
+
+    def __init__(self, *, reuse_port: bool = False) -> None:
+        self.reuse_port = reuse_port and hasattr(socket, "SO_REUSEPORT")
+        self._sources: dict[int, tuple[str, int]] = {}
+        """Per address family, the (ip, port) our dials leave from: the first listener's."""
+        self.source_port_dials = 0
+        """Dials that left from the listen port (tests, metrics)."""
 
     async def listen(
         self, addr: Multiaddr
     ) -> tuple[Sequence[trio.abc.Listener[trio.abc.Stream]], list[Multiaddr]]:
         host, port = _host_port(addr)
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        if self.reuse_port and _is_ip(host):
+            listeners = [await self._reusable_listener(host, port)]
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host)
         bound = [
             Multiaddr.from_tcp(host, listener.socket.getsockname()[1]) for listener in listeners
         ]
         return listeners, bound
 
+    async def _reusable_listener(self, host: str, port: int) -> trio.SocketListener:
+        family = _family(host)
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind((host, port))
+            # SO_REUSEPORT only after the bind: a second node on this port (its listener
+            # binds without it) still gets EADDRINUSE, while our dial sockets, which set it
+            # before binding, may share the port with this listener.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        self._sources.setdefault(family, (host, sock.getsockname()[1]))
+        return trio.SocketListener(sock)
+
     async def dial(self, addr: Multiaddr) -> trio.abc.Stream:
-        return await trio.open_tcp_stream(*_host_port(addr))
+        host, port = _host_port(addr)
+        source = self._sources.get(_family(host)) if _is_ip(host) else None
+        if source is not None:
+            try:
+                return await self._dial_from(source, host, port)
+            except OSError as exc:
+                if exc.errno not in _SOURCE_PORT_TAKEN:
+                    raise
+        return await trio.open_tcp_stream(host, port)
+
+    async def _dial_from(self, source: tuple[str, int], host: str, port: int) -> trio.SocketStream:
+        sock = trio.socket.socket(_family(host), socket.SOCK_STREAM)
+        try:
+            _set_reuse(sock)
+            await sock.bind(source)
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        self.source_port_dials += 1
+        return trio.SocketStream(sock)
 
     def remote_address(self, stream: trio.abc.Stream) -> Multiaddr | None:
         if not isinstance(stream, trio.SocketStream):
@@ -73,6 +139,23 @@ class TcpTransport:
             return Multiaddr.from_tcp(host, port)
         except (OSError, ProtocolError, ValueError):
             return None
+
+
+def _set_reuse(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _host_port(addr: Multiaddr) -> tuple[str, int]:
