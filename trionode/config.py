@@ -78,6 +78,24 @@ class RelaySection(_Section, frozen=True):
     """Bytes (both directions together) a relayed connection may carry before we cut it."""
 
 
+class DcutrSection(_Section, frozen=True):
+    """`[network.dcutr]`: hole punching a relayed connection into a direct one (DCUtR)."""
+
+    enabled: bool = True
+    """Try to replace each relayed connection with a direct one (`/libp2p/dcutr`)."""
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    """Exchanges (each with a fresh round-trip measurement) before the relayed one stays."""
+    attempt_timeout: PositiveFloat = 10.0
+    """Seconds one attempt may take: the CONNECT/SYNC exchange and the simultaneous dials."""
+    max_sync_delay: PositiveFloat = 2.0
+    """Upper bound of the half round trip the driving side waits after SYNC before dialing."""
+    handover_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    """Seconds the relayed connection stays open after the direct one took over, so streams
+    that were running on it can finish (new streams use the direct one)."""
+    max_concurrent: PositiveInt = 8
+    """Hole punches (driven or answered) running at once; more wait for the next chance."""
+
+
 class NetworkSection(_Section, frozen=True):
     """Peer-to-peer transport."""
 
@@ -178,6 +196,8 @@ class NetworkSection(_Section, frozen=True):
     peers that cannot dial us directly reach us through them (`/p2p-circuit` addresses)."""
     relay: RelaySection = RelaySection()
     """`[network.relay]`: being a relay for others, and its limits."""
+    dcutr: DcutrSection = DcutrSection()
+    """`[network.dcutr]`: upgrading relayed connections to direct ones."""
     mdns: bool = True
     """Find peers on the local network with multicast DNS (libp2p mDNS, `_p2p._udp.local`)."""
     mdns_interval: PositiveFloat = 30.0

@@ -12,6 +12,8 @@ open_node(config) ── root nursery
    ├─ RelayClient.run  keeps a Circuit Relay v2 reservation on each `network.relays` entry
    │                    (relayed connections run in the relay connection's stream task;
    │                    with `network.relay.serve` the hop handler splices circuits too)
+   ├─ HolePuncher.run  DCUtR: each relayed connection we received is hole punched into a
+   │                    direct one where the NATs allow (`network.dcutr`)
    ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
    │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
@@ -66,6 +68,7 @@ from trionode.identity import NodeIdentity
 from trionode.layout import API_URL_FILE, lock_home
 from trionode.metrics import NodeMetrics
 from trionode.net.autonat import AutoNat, AutoNatMetrics
+from trionode.net.dcutr import HolePuncher
 from trionode.net.discovery import DiscoveryMetrics, serve_discovery
 from trionode.net.events import (
     GossipMessage,
@@ -117,6 +120,7 @@ class Node:
         self.relay_server = (
             RelayServer(self.host, config.network) if config.network.relay.serve else None
         )
+        self.hole_puncher = HolePuncher(self.host, config.network)
         self.autonat = (
             AutoNat(self.host, config.network, AutoNatMetrics(metrics.registry))
             if config.network.autonat
@@ -381,6 +385,7 @@ async def _open_locked_node(
             if node.autonat is not None:
                 await nursery.start(node.autonat.run, node.shutdown_requested, name="autonat")
             await nursery.start(node.relay_client.run, node.shutdown_requested, name="relays")
+            await nursery.start(node.hole_puncher.run, node.shutdown_requested, name="dcutr")
             await nursery.start(node.pubsub.run, node.shutdown_requested, name="pubsub")
             await nursery.start(node.replicator.run, node.shutdown_requested, name="replication")
             await nursery.start(

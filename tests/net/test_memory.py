@@ -12,7 +12,14 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from trionode.net.host import Host
-from trionode.net.memory import MemoryListener, MemoryNetwork, MemoryStream
+from trionode.net.memory import (
+    FIRST_NAT_PORT,
+    MemoryListener,
+    MemoryNetwork,
+    MemoryStream,
+    MemoryTransport,
+    NatKind,
+)
 from trionode.net.metrics import NetMetrics
 from trionode.wire.keys import PrivateKey
 from trionode.wire.multiaddr import Multiaddr
@@ -143,3 +150,61 @@ async def test_hosts_connect_and_ping_over_memory(autojump_clock: trio.testing.M
         net.partition(["10.42.0.1"], ["10.42.0.2"])
         await trio.testing.wait_all_tasks_blocked()
         assert a.connections == b.connections == {}
+
+
+# -- NAT models ------------------------------------------------------------------------------
+
+
+async def _listening(net: MemoryNetwork, kind: NatKind | None) -> tuple[MemoryTransport, Multiaddr]:
+    transport = net.transport()
+    net.set_nat(transport, kind)
+    _, bound = await transport.listen(addr("/ip4/0.0.0.0/tcp/0"))
+    return transport, bound[0]
+
+
+async def test_a_nat_maps_dials_and_filters_what_comes_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    public, public_addr = await _listening(net, None)
+    kept, kept_addr = await _listening(net, NatKind.ENDPOINT_INDEPENDENT)
+    moved, moved_addr = await _listening(net, NatKind.ENDPOINT_DEPENDENT)
+    # Dials leave from the listen port; endpoint-independent keeps it, dependent does not.
+    assert (await kept.dial(public_addr)).local_address == kept_addr  # type: ignore[attr-defined]
+    to_public = await moved.dial(public_addr)
+    assert isinstance(to_public, MemoryStream)
+    assert to_public.peer is not None
+    seen_as = to_public.peer.remote_address
+    assert seen_as.tcp_host_port() == (moved.host, FIRST_NAT_PORT)
+    # Unsolicited inbound dials are dropped SYNs: they wait until the dialer gives up...
+    for target in (kept_addr, moved_addr, seen_as):
+        with pytest.raises(trio.TooSlowError), trio.fail_after(5):
+            await public.dial(target)
+    # ... and no-inbound refuses at once.
+    net.set_nat(kept, NatKind.NO_INBOUND)
+    with pytest.raises(OSError, match="no inbound"):
+        await public.dial(kept_addr)
+
+
+async def test_crossing_dials_through_two_nats_make_one_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    a, a_addr = await _listening(net, NatKind.ENDPOINT_INDEPENDENT)
+    b, b_addr = await _listening(net, NatKind.ENDPOINT_INDEPENDENT)
+    async with trio.open_nursery() as nursery:
+        ends: list[trio.abc.Stream] = []
+
+        async def dial(transport: MemoryTransport, target: Multiaddr) -> None:
+            ends.append(await transport.dial(target))
+
+        nursery.start_soon(dial, a, b_addr)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not ends  # A's SYN is filtered by B's NAT: it waits
+        nursery.start_soon(dial, b, a_addr)
+    first, second = ends
+    assert isinstance(first, MemoryStream)
+    assert first.peer is second  # one connection between the two dialing sockets
+    assert net.connections_between(a.host, b.host) == 1
+    await first.send_all(b"x")
+    assert await second.receive_some(1) == b"x"

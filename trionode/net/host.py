@@ -325,6 +325,32 @@ class Host:
                 self._dialing.pop(expected, None)
             done.set()
 
+    async def dial_direct(self, addr: Multiaddr, peer: PeerId, *, initiator: bool) -> Connection:
+        """A direct connection to ``peer`` at ``addr`` even while a relayed one exists: a hole
+        punch (DCUtR). ``initiator`` is our role above TCP (multistream, Noise, yamux), fixed
+        by the DCUtR roles rather than by who dialed; the peer must turn out to be ``peer``.
+        Registered like any connection, so it replaces the relayed one (see ``_register``).
+
+        Raises:
+            PeerError: unreachable, or the upgrade failed (wrong peer, roles that clash).
+        """
+        try:
+            with trio.fail_after(self.config.dial_timeout):
+                tcp = await self.transport.dial(addr)
+        except (OSError, trio.TooSlowError) as exc:
+            raise PeerError(f"cannot connect to {addr}: {str(exc) or 'timed out'}") from None
+        # Noise checks the expected peer only as the initiator; as the responder we check.
+        expected = peer if initiator else None
+        conn = await self._upgrade_or_close(tcp, addr, outbound=initiator, expected=expected)
+        if conn.peer_id != peer:
+            await conn.aclose()
+            raise PeerError(f"{addr} is {conn.peer_id}, not {peer}")
+        # Shielded: the hole puncher cancels the other dials as soon as one registers, and a
+        # connection being started must not be torn down by that.
+        with trio.CancelScope(shield=True):
+            started = await self._start_connection(conn)
+        return started  # noqa: RET504 - returned inside the scope, mypy sees a path without one
+
     async def _existing_or_pending(self, peer: PeerId) -> Connection | None:
         pending = self._dialing.get(peer)
         if pending is not None:
@@ -533,17 +559,24 @@ class Host:
         for lack of room (None). Peers displaced to make room are closed."""
         existing = self.connections.get(conn.peer_id)
         if existing is not None and not existing.closed:
-            # Keep the connection initiated by the smaller peer id; both ends agree.
-            keep_new = bytes(conn.initiator(self.peer_id).multihash) < bytes(
-                existing.initiator(self.peer_id).multihash
-            )
-            if not keep_new or conn.initiator(self.peer_id) == existing.initiator(self.peer_id):
+            if existing.relayed != conn.relayed:
+                # A direct connection beats a relayed one (DCUtR's point); both ends agree.
+                keep_new = existing.relayed
+            else:
+                # Keep the connection initiated by the smaller peer id; both ends agree.
+                keep_new = bytes(conn.initiator(self.peer_id).multihash) < bytes(
+                    existing.initiator(self.peer_id).multihash
+                ) and conn.initiator(self.peer_id) != existing.initiator(self.peer_id)
+            if not keep_new:
                 return existing
             self._admit(conn, self._group_of(conn))
             self.connections[conn.peer_id] = conn
             self._notify()
             if self._nursery is not None:
-                self._nursery.start_soon(existing.session.aclose)
+                # New streams go to `conn` from now on; streams still running on a relayed
+                # connection get a grace period to finish (DCUtR's handover).
+                grace = self.config.dcutr.handover_grace if existing.relayed else 0.0
+                self._nursery.start_soon(_close_after, existing, grace)
             return conn
         group = self._group_of(conn)
         if not self._admit(conn, group):
@@ -748,6 +781,11 @@ class Host:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+async def _close_after(conn: Connection, delay: float) -> None:
+    await trio.sleep(delay)
+    await conn.session.aclose()
 
 
 async def _serve_ping(stream: trio.abc.Stream, _conn: Connection) -> None:

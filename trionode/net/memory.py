@@ -7,6 +7,7 @@ MemoryNetwork ─ one per simulated network
    │    └─ dial(/ip4/<ip>/tcp/<port>) → MemoryStream; the other end is queued on the listener
    ├─ partition(a, b) / heal()          dials across fail with OSError; open streams across
    │                                    are aborted (both ends raise BrokenResourceError)
+   ├─ set_nat(ip, NatKind)              put a host behind a NAT model (below)
    └─ close()                           refuse every new dial (cluster tear-down)
 GossipFaults ─ consulted by PubSub for each *received* gossip message, before its router
 ```
@@ -25,6 +26,16 @@ Theory of operation:
   or sync, may still bring it), a duplicate reaches the router twice (which must drop the
   second copy), a delayed copy reaches it later than messages read after it (reordering).
   Control traffic (subscriptions, GRAFT/PRUNE, IHAVE/IWANT) is never faulted.
+* **NAT models** (:class:`NatKind`), for relays and hole punching. A NATed host dials out
+  from its listen port (SO_REUSEPORT, as ``TcpTransport`` does) through a mapping to a public
+  port on its own IP, and accepts an inbound dial only on a mapped port and only from an
+  (ip, port) it sent to through that mapping (port-restricted filtering). A filtered dial is
+  a dropped SYN: it waits (TCP retransmits) until the filter opens or the dialer gives up.
+  Two dials that each target the other's mapped port from their own are paired into one
+  connection: a TCP simultaneous open. Endpoint-independent mapping keeps the port for every
+  destination (a plain masquerade), so peers observe the address a punch must reach;
+  endpoint-dependent mapping picks a new public port per destination (``masquerade random``),
+  so nobody can predict it and a punch fails; no-inbound refuses every inbound dial.
 * **Virtual time.** Nothing here blocks on anything but Trio primitives and every dial and
   accept happens on the Trio thread, so under ``autojump_clock`` a cluster is idle only when
   all of its work is done; delays are ``trio.sleep`` on the (mock) clock.
@@ -32,6 +43,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import enum
 import errno
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -61,8 +73,28 @@ LISTEN_BACKLOG: Final = 128
 """Dialed connections a listener holds before they are accepted; more are refused, like a
 full SYN queue. Accepting is immediate in practice, so this is only a bound."""
 
+FIRST_NAT_PORT: Final = 20000
+"""Public ports an endpoint-dependent NAT picks count up from here (per IP)."""
+
 Host = str
 """A virtual IP address such as ``10.42.0.3``."""
+
+
+class NatKind(enum.Enum):
+    """How a host's NAT treats its connections (see the module docstring)."""
+
+    ENDPOINT_INDEPENDENT = "endpoint-independent"
+    ENDPOINT_DEPENDENT = "endpoint-dependent"
+    NO_INBOUND = "no-inbound"
+
+
+@final
+class _PendingDial:
+    """A dial whose SYN a NAT filter dropped, waiting for the filter to open or for the
+    other side's dial to meet it (simultaneous open)."""
+
+    def __init__(self) -> None:
+        self.stream: MemoryStream | None = None
 
 
 # -- streams ----------------------------------------------------------------------------------
@@ -94,6 +126,7 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         self._on_close = on_close
         self.peer: MemoryStream | None = None
         """The other end (set by the network when it pairs them)."""
+        self.link: _Link | None = None
 
     @property
     def aborted(self) -> bool:
@@ -259,8 +292,7 @@ class MemoryTransport:
         return [listener], [listener.address]
 
     async def dial(self, addr: Multiaddr) -> trio.abc.Stream:
-        await trio.lowlevel.checkpoint()
-        return self.network.connect(self.host, addr)
+        return await self.network.dial(self.host, addr)
 
     def remote_address(self, stream: trio.abc.Stream) -> Multiaddr | None:
         return stream.remote_address if isinstance(stream, MemoryStream) else None
@@ -300,6 +332,15 @@ class MemoryNetwork:
         self._links: set[_Link] = set()
         self._blocked: set[frozenset[Host]] = set()
         self._no_inbound: set[Host] = set()
+        self._nat: dict[Host, NatKind] = {}
+        self._mappings: dict[tuple[Host, int, Host, int], int] = {}
+        """(host, local port, destination ip, destination port) → public port."""
+        self._filters: dict[tuple[Host, int], tuple[int, set[tuple[Host, int]]]] = {}
+        """(host, public port) → (local port, the (ip, port)s it sent to from there)."""
+        self._next_nat_port: dict[Host, int] = {}
+        self._pending: dict[tuple[Host, int, Host, int], _PendingDial] = {}
+        """(dialer, its public port, target ip, target port) → a dial waiting at a filter."""
+        self._nat_changed = trio.Event()
         self._closed = False
         self._dials = 0
         self._refused = 0
@@ -365,6 +406,15 @@ class MemoryNetwork:
         else:
             self._no_inbound.discard(host)
 
+    def set_nat(self, host: Host | MemoryTransport, kind: NatKind | None) -> None:
+        """Put ``host`` behind a NAT of ``kind`` (None: none). Affects new connections."""
+        host = _host_of(host)
+        self.block_inbound(host, blocked=kind is NatKind.NO_INBOUND)
+        if kind is None or kind is NatKind.NO_INBOUND:
+            self._nat.pop(host, None)
+        else:
+            self._nat[host] = kind
+
     def close(self) -> None:
         """Refuse every dial from now on (open connections keep working): used when a
         cluster shuts down, so that nodes do not redial peers that are stopping."""
@@ -392,6 +442,91 @@ class MemoryNetwork:
         if hp is not None and self._listeners.get(hp) is listener:
             del self._listeners[hp]
 
+    async def dial(self, host: Host, addr: Multiaddr) -> MemoryStream:
+        """Open a connection from ``host`` to ``addr``: :meth:`connect`, except that between
+        NATed hosts a filtered dial waits (see the module docstring). Cancel it to give up.
+
+        Raises:
+            OSError: as :meth:`connect`.
+        """
+        await trio.lowlevel.checkpoint()
+        ip, port = _host_port(addr)
+        if host not in self._nat and ip not in self._nat:
+            return self.connect(host, addr)
+        if not self.reachable(host, ip):
+            self._unreachable += 1
+            raise OSError(errno.EHOSTUNREACH, f"{ip} is unreachable from {host} (partition)")
+        # Only a NATed host dials from its listen port: a public dialer's ephemeral port
+        # keeps port-restricted filters closed to dial-backs, as AutoNAT expects.
+        local_port = self._source_port(host) if host in self._nat else self._ephemeral_port(host)
+        public_port = self._map(host, local_port, ip, port)
+        key = (host, public_port, ip, port)
+        if key in self._pending:
+            raise OSError(errno.EADDRNOTAVAIL, f"{host}:{public_port} → {ip}:{port} in use")
+        pending = _PendingDial()
+        self._pending[key] = pending
+        self._nat_changed_now()
+        try:
+            while True:
+                if pending.stream is not None:
+                    return pending.stream  # the other side's dial met ours
+                target = self._inbound_port(ip, port, (host, public_port))
+                if target is not None:
+                    break
+                await self._nat_changed.wait()
+        finally:
+            del self._pending[key]
+        self._dials += 1
+        local = Multiaddr.from_tcp(host, local_port)
+        seen_as = Multiaddr.from_tcp(host, public_port)
+        crossing = self._pending.get((ip, port, host, public_port))
+        if crossing is not None and crossing.stream is None:
+            # Both SYNs crossed: one connection between the two dialing sockets.
+            client, server = self._pair(host, ip, local, seen_as, Multiaddr.from_tcp(ip, port))
+            crossing.stream = server
+            self._nat_changed_now()
+            return client
+        return self._deliver(
+            host, ip, target, local=local, seen_as=seen_as, remote=Multiaddr.from_tcp(ip, port)
+        )
+
+    def _source_port(self, host: Host) -> int:
+        """A NATed host dials from its listen port (SO_REUSEPORT) when it has one."""
+        ports = sorted(p for h, p in self._listeners if h == host)
+        return ports[0] if ports else self._ephemeral_port(host)
+
+    def _map(self, host: Host, local_port: int, ip: Host, port: int) -> int:
+        """The public port of a dial from ``host:local_port`` to ``ip:port``; the filter of
+        that public port opens for ``ip:port``."""
+        kind = self._nat.get(host)
+        if kind is None:
+            return local_port
+        key = (host, local_port, ip, port)
+        public = self._mappings.get(key)
+        if public is None:
+            if kind is NatKind.ENDPOINT_INDEPENDENT:
+                public = local_port  # port-keeping, as masquerade does when it can
+            else:
+                public = self._next_nat_port.get(host, FIRST_NAT_PORT)
+                self._next_nat_port[host] = public + 1
+            self._mappings[key] = public
+        _, allowed = self._filters.setdefault((host, public), (local_port, set()))
+        allowed.add((ip, port))
+        return public
+
+    def _inbound_port(self, ip: Host, port: int, source: tuple[Host, int]) -> int | None:
+        """The local port a dial from ``source`` to ``ip:port`` reaches, None if filtered."""
+        if ip not in self._nat:
+            return port
+        entry = self._filters.get((ip, port))
+        if entry is None or source not in entry[1]:
+            return None
+        return entry[0]
+
+    def _nat_changed_now(self) -> None:
+        self._nat_changed.set()
+        self._nat_changed = trio.Event()
+
     def connect(self, host: Host, addr: Multiaddr) -> MemoryStream:
         """Open a connection from ``host`` to ``addr``. Synchronous: the dialer's end comes
         back at once and the other end waits in the listener's backlog.
@@ -408,22 +543,50 @@ class MemoryNetwork:
         if ip in self._no_inbound and ip != host:
             self._unreachable += 1
             raise OSError(errno.EHOSTUNREACH, f"{ip} accepts no inbound connections (NAT)")
+        if (ip, port) not in self._listeners or self._closed:
+            self._refused += 1
+            raise OSError(errno.ECONNREFUSED, f"connection to {ip}:{port} refused")
+        local = Multiaddr.from_tcp(host, self._ephemeral_port(host))
+        return self._deliver(
+            host, ip, port, local=local, seen_as=local, remote=Multiaddr.from_tcp(ip, port)
+        )
+
+    def _deliver(
+        self,
+        host: Host,
+        ip: Host,
+        port: int,
+        *,
+        local: Multiaddr,
+        seen_as: Multiaddr,
+        remote: Multiaddr,
+    ) -> MemoryStream:
+        """Queue a connection from ``host`` (``local``, seen by the other end as ``seen_as``)
+        on the listener of ``ip:port``; ``remote`` is what the dialer sees it connect to."""
         listener = self._listeners.get((ip, port))
         if listener is None or self._closed:
             self._refused += 1
             raise OSError(errno.ECONNREFUSED, f"connection to {ip}:{port} refused")
-        local = Multiaddr.from_tcp(host, self._ephemeral_port(host))
-        link = _Link((host, ip), self._links.discard)
-        client_inner, server_inner = trio.testing.memory_stream_pair()
-        client = MemoryStream(client_inner, local, listener.address, link.end_closed)
-        server = MemoryStream(server_inner, listener.address, local, link.end_closed)
-        link.ends = (client, server)
-        client.peer, server.peer = server, client
+        client, server = self._pair(host, ip, local, seen_as, remote)
         if not listener.enqueue(server):
             self._refused += 1
+            self._links.discard(server.link)
             raise OSError(errno.ECONNREFUSED, f"connection to {ip}:{port} refused (backlog)")
-        self._links.add(link)
         return client
+
+    def _pair(
+        self, host: Host, ip: Host, local: Multiaddr, seen_as: Multiaddr, remote: Multiaddr
+    ) -> tuple[MemoryStream, MemoryStream]:
+        """Both ends of a new connection between ``host`` and ``ip``."""
+        link = _Link((host, ip), self._links.discard)
+        client_inner, server_inner = trio.testing.memory_stream_pair()
+        client = MemoryStream(client_inner, local, remote, link.end_closed)
+        server = MemoryStream(server_inner, remote, seen_as, link.end_closed)
+        link.ends = (client, server)
+        client.peer, server.peer = server, client
+        server.link = link
+        self._links.add(link)
+        return client, server
 
     def _ephemeral_port(self, host: Host) -> int:
         port = self._next_ephemeral.get(host, FIRST_EPHEMERAL_PORT)
