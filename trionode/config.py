@@ -194,6 +194,10 @@ class NetworkSection(_Section, frozen=True):
     relays: list[str] = msgspec.field(default_factory=list)
     """Circuit Relay v2 relays (multiaddrs with /p2p/<peer id>) to keep a reservation on:
     peers that cannot dial us directly reach us through them (`/p2p-circuit` addresses)."""
+    learn_relays: Annotated[int, msgspec.Meta(ge=0, le=8)] = 2
+    """With no `relays` configured and AutoNAT saying we are private: reserve on up to this
+    many connected peers that offer relaying (their identify lists the hop protocol) and
+    advertise those `/p2p-circuit` addresses. 0: never."""
     relay: RelaySection = RelaySection()
     """`[network.relay]`: being a relay for others, and its limits."""
     dcutr: DcutrSection = DcutrSection()

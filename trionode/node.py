@@ -10,6 +10,8 @@ open_node(config) ── root nursery
    │                    connection nurseries); delivered messages go to the event channel
    ├─ AutoNat.run      (if `network.autonat`) asks peers to dial us back: public/private
    ├─ RelayClient.run  keeps a Circuit Relay v2 reservation on each `network.relays` entry
+   │                    (`learn_relays`: while AutoNAT says private and none is configured,
+   │                    on connected peers that offer the hop protocol instead)
    │                    (relayed connections run in the relay connection's stream task;
    │                    with `network.relay.serve` the hop handler splices circuits too)
    ├─ HolePuncher.run  DCUtR: each relayed connection we received is hole punched into a
@@ -385,6 +387,14 @@ async def _open_locked_node(
             if node.autonat is not None:
                 await nursery.start(node.autonat.run, node.shutdown_requested, name="autonat")
             await nursery.start(node.relay_client.run, node.shutdown_requested, name="relays")
+            if node.autonat is not None:
+                await nursery.start(
+                    node.relay_client.learn_relays,
+                    node.autonat.is_private,
+                    node.autonat.wait_status_changed,
+                    node.shutdown_requested,
+                    name="learned-relays",
+                )
             await nursery.start(node.hole_puncher.run, node.shutdown_requested, name="dcutr")
             await nursery.start(node.pubsub.run, node.shutdown_requested, name="pubsub")
             await nursery.start(node.replicator.run, node.shutdown_requested, name="replication")

@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry
 from trionode.cli_invitations import describe_invitation
 from trionode.config import FileConfig, NodeConfig, RelaySection
 from trionode.errors import PeerError, RemoteProtocolError
+from trionode.net.autonat import Reachability
 from trionode.net.host import Host
-from trionode.net.memory import MemoryNetwork
+from trionode.net.memory import MemoryNetwork, NatKind
 from trionode.net.metrics import NetMetrics
 from trionode.net.relay import RelayClient, RelayServer, split_circuit
 from trionode.node import open_node
@@ -222,7 +223,8 @@ async def test_relay_refusals(autojump_clock: trio.testing.MockClock) -> None:
 def _node_config(home: Path, **network: Any) -> NodeConfig:
     def settings(file: FileConfig) -> FileConfig:
         file = cluster_file_config(file)
-        net = replace(file.network, listen=["/ip4/0.0.0.0/tcp/4001"], bootstrap=[], **network)
+        settings: dict[str, Any] = {"listen": ["/ip4/0.0.0.0/tcp/4001"], "bootstrap": []}
+        net = replace(file.network, **(settings | network))
         return replace(file, network=net)
 
     config, _ = make_test_config(home, api=False, configure=settings)
@@ -263,3 +265,67 @@ async def test_a_private_node_invites_and_a_peer_joins_through_the_relay(
                         await node.pubsub.wait_heartbeat()
                 assert r.relay_server is not None
                 assert r.relay_server.circuits_opened >= 1
+
+
+async def test_a_private_node_without_relays_learns_one_from_its_peers_and_is_joined_through_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    network = MemoryNetwork()
+    # The memory network's addresses are private ones: let AutoNAT dial them back.
+    relay_config = _node_config(
+        tmp_path / "r", relay=RelaySection(serve=True), autonat_allow_private=True
+    )
+    with trio.fail_after(300):
+        async with open_node(relay_config, transport=network.transport()) as r:
+            a_transport = network.transport()
+            network.set_nat(a_transport, NatKind.NO_INBOUND)
+            a_config = _node_config(
+                tmp_path / "a", bootstrap=[r.host.addresses()[0]], autonat_confirmations=1
+            )
+            async with (
+                open_node(a_config, transport=a_transport) as a,
+                open_node(_node_config(tmp_path / "b"), transport=network.transport()) as b,
+            ):
+                assert a.autonat is not None
+                assert a.config.network.relays == []
+                while not a.relay_client.circuit_addrs:
+                    await a.relay_client.wait_changed()
+                assert a.autonat.is_private()
+                assert a.relay_client.learned == {r.host.peer_id}
+                assert any("/p2p-circuit" in address for address in a.host.addresses())
+                app = (await a.applications.install(str(APPS / "kv_store"))).application_id
+                await b.applications.install(str(APPS / "kv_store"))
+                context = (await a.contexts.create(app)).context_id
+                await a.contexts.execute(context, "set", json.dumps({"key": "x", "value": "1"}))
+                text = await a.joins.invite(context)
+                assert any("/p2p-circuit" in x for x in describe_invitation(text)["addresses"])
+                await b.joins.join(text)
+                assert b.host.connections[a.host.peer_id].relayed
+                while (await b.contexts.execute(context, "entries", "{}")).result != {"x": "1"}:
+                    await b.pubsub.wait_heartbeat()
+                # The relay goes away: its circuit addresses are no longer handed out.
+                await a.host.connections[r.host.peer_id].aclose()
+                while a.relay_client.circuit_addrs:
+                    await a.relay_client.wait_changed()
+                assert not any("/p2p-circuit" in address for address in a.host.addresses())
+
+
+async def test_a_public_node_learns_no_relay(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    network = MemoryNetwork()
+    relay_config = _node_config(
+        tmp_path / "r", relay=RelaySection(serve=True), autonat_allow_private=True
+    )
+    with trio.fail_after(300):
+        async with open_node(relay_config, transport=network.transport()) as r:
+            a_config = _node_config(
+                tmp_path / "a", bootstrap=[r.host.addresses()[0]], autonat_confirmations=1
+            )
+            async with open_node(a_config, transport=network.transport()) as a:
+                assert a.autonat is not None
+                while a.autonat.status().status is Reachability.UNKNOWN:
+                    await a.autonat.wait_status_changed()
+                assert a.autonat.status().status is Reachability.PUBLIC
+                await trio.sleep(60)
+                assert (a.relay_client.learned, a.relay_client.circuit_addrs) == (set(), {})

@@ -162,6 +162,10 @@ class AutoNat:
             checked_at=self._checked_at,
         )
 
+    def is_private(self) -> bool:
+        """Whether peers agree that they cannot dial us (a relay would help)."""
+        return self._status is Reachability.PRIVATE
+
     async def wait_status_changed(self) -> None:
         """Wait until the verdict or the confirmed addresses next change (tests)."""
         await self._changed.wait()

@@ -10,6 +10,10 @@ RelayServer (network.relay.serve)           RelayClient (every node)
                                             RelayClient.run: keep each `network.relays`
                                               entry connected, reserve, refresh, advertise
                                               <relay addr>/p2p/<R>/p2p-circuit
+                                            RelayClient.learn_relays: with no configured
+                                              relay and AutoNAT saying "private", reserve on
+                                              up to `network.learn_relays` connected peers
+                                              whose identify lists the hop protocol
 ```
 
 The relayed connection is upgraded exactly like TCP (mss → Noise → yamux) *inside* the
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
 import trio
@@ -255,6 +259,10 @@ class RelayClient:
         self._config = config
         self.circuit_addrs: dict[PeerId, list[Multiaddr]] = {}
         """Per relay, the `/p2p-circuit` addresses our reservation there gives us."""
+        self.learned: set[PeerId] = set()
+        """Connected peers we hold (or are getting) a reservation on without configuration."""
+        self._refused: dict[PeerId, Connection] = {}
+        """Learned relays that refused us, per connection: not asked again on that one."""
         self._changed = trio.Event()
         host.set_handler(wire.STOP_PROTOCOL, self._serve_stop)
         host.set_circuit_dialer(self.dial)
@@ -366,19 +374,99 @@ class RelayClient:
         while True:
             try:
                 conn = await self._host.connect(addr)
-                while not conn.closed:
-                    lasts = await self.reserve(conn)
-                    backoff = self._config.redial_initial_backoff
-                    with trio.move_on_after(max(lasts * (1 - REFRESH_MARGIN), 1.0)):
-                        await conn.session.wait_closed()
+                await self._hold_reservation(conn)
+                backoff = self._config.redial_initial_backoff
             except (PeerError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 log.info("relay %s: %s; retrying in %.0fs", addr, exc, backoff)
             relay = addr.peer_id()
-            lost = self.circuit_addrs.pop(relay, []) if relay is not None else []
-            for circuit in lost:
-                if circuit in self._host.advertised_addrs:
-                    self._host.advertised_addrs.remove(circuit)
-            if lost:
-                self._notify()
+            if relay is not None:
+                self._forget(relay)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self._config.redial_max_backoff)
+
+    async def _hold_reservation(self, conn: Connection) -> None:
+        """Reserve on ``conn``'s relay and refresh it until the connection ends."""
+        while not conn.closed:
+            lasts = await self.reserve(conn)
+            with trio.move_on_after(max(lasts * (1 - REFRESH_MARGIN), 1.0)):
+                await conn.session.wait_closed()
+
+    def _forget(self, relay: PeerId) -> None:
+        """Stop advertising what our reservation on ``relay`` gave us."""
+        lost = self.circuit_addrs.pop(relay, [])
+        for circuit in lost:
+            if circuit in self._host.advertised_addrs:
+                self._host.advertised_addrs.remove(circuit)
+        if lost:
+            self._notify()
+
+    # -- relays learned from peers ---------------------------------------------------------
+
+    async def learn_relays(
+        self,
+        private: Callable[[], bool],
+        status_changed: Callable[[], Awaitable[None]],
+        shutdown_requested: trio.Event | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """While ``private()`` (AutoNAT's verdict) and no relay is configured, hold
+        reservations on up to ``network.learn_relays`` connected peers that offer the hop
+        protocol. Re-examined on every connection change and ``status_changed()``."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            if self._config.relays or self._config.learn_relays == 0:
+                return
+            nursery.start_soon(self._learn_loop, private, status_changed, nursery)
+            if shutdown_requested is not None:
+                await shutdown_requested.wait()
+                nursery.cancel_scope.cancel(reason="node shutting down")
+
+    async def _learn_loop(
+        self,
+        private: Callable[[], bool],
+        status_changed: Callable[[], Awaitable[None]],
+        nursery: trio.Nursery,
+    ) -> None:
+        while True:
+            if private():
+                for conn in self._relay_candidates()[
+                    : self._config.learn_relays - len(self.learned)
+                ]:
+                    self.learned.add(conn.peer_id)
+                    nursery.start_soon(self._keep_learned, conn, name=f"relay {conn.peer_id}")
+            async with trio.open_nursery() as waiting:  # whichever comes first
+
+                async def wait(event: Callable[[], Awaitable[None]]) -> None:
+                    await event()
+                    waiting.cancel_scope.cancel()
+
+                waiting.start_soon(wait, self._host.wait_connection_changed)
+                waiting.start_soon(wait, status_changed)
+                waiting.start_soon(wait, self.wait_changed)
+
+    def _relay_candidates(self) -> list[Connection]:
+        return [
+            conn
+            for conn in self._host.connections.values()
+            if not conn.closed
+            and not conn.relayed
+            and wire.HOP_PROTOCOL in conn.protocols
+            and conn.peer_id not in self.learned
+            and self._refused.get(conn.peer_id) is not conn
+        ]
+
+    async def _keep_learned(self, conn: Connection) -> None:
+        try:
+            log.info("private and no relay configured: reserving on %s", conn.peer_id)
+            await self._hold_reservation(conn)
+        except (PeerError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.info("learned relay %s: %s", conn.peer_id, exc)
+            self._refused[conn.peer_id] = conn
+        finally:
+            self.learned.discard(conn.peer_id)
+            self._forget(conn.peer_id)
+            for peer, refused in list(self._refused.items()):
+                if refused.closed:
+                    del self._refused[peer]
+            self._notify()
