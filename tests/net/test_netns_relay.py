@@ -13,12 +13,18 @@ sockets, Linux network namespaces (root only; skipped with the reason otherwise)
 
 Every address is in 198.18.0.0/15 (set aside for such tests) and every packet stays in the
 namespaces this test creates. The NATs forward outbound traffic with an nftables masquerade
-rule and nothing inbound, so neither home can be dialed. Each node is a `trionode start`
+rule and nothing inbound, so neither home can be dialed; like home routers they drop (rather
+than refuse) what arrives unasked on their WAN side. Each node is a `trionode start`
 process under `ip netns exec`, listening on the wildcard of its namespace, without mDNS or
 bootstrap peers; the homes know only the relay (`network.relays`). Home 1 creates a context
 and invites; home 2 joins with the invitation string alone (home 1's direct address is
 unreachable, its `/p2p-circuit` address is not); both write; both converge.
-Not covered yet: DCUtR turning the relayed connection into a direct one.
+
+Then DCUtR: home 1 received the relayed connection and drives a hole punch. With a plain
+`masquerade` (it keeps the source port: endpoint-independent mapping) both homes dial from
+their listen port to the address the relay saw the other at, and the connection becomes
+direct; with `masquerade random` (a new random port per connection: endpoint-dependent) the
+addresses are wrong by the time anyone dials them, and the connection stays relayed.
 """
 
 from __future__ import annotations
@@ -61,11 +67,11 @@ def _why_not() -> str | None:
     return None
 
 
-_NAT_RULES = b"""
+_NAT_RULES = """
 table ip nat {
     chain outbound {
         type nat hook postrouting priority 100;
-        oifname "wan0" masquerade
+        oifname "wan0" MASQUERADE
     }
 }
 table ip filter {
@@ -74,9 +80,14 @@ table ip filter {
         iifname "lan0" accept
         ct state established,related accept
     }
+    chain guard {
+        type filter hook input priority 0; policy accept;
+        iifname "wan0" ct state new drop
+    }
 }
 """
-"""Outbound from the LAN is masqueraded; nothing gets in that was not asked for."""
+"""Outbound from the LAN is masqueraded (MASQUERADE: `masquerade` or `masquerade random`);
+nothing gets in that was not asked for, and what was not is dropped without an answer."""
 
 
 def _run(*args: str) -> None:
@@ -84,7 +95,7 @@ def _run(*args: str) -> None:
 
 
 @contextmanager
-def _topology() -> Iterator[dict[str, str]]:
+def _topology(masquerade: str) -> Iterator[dict[str, str]]:
     tag = uuid.uuid4().hex[:5]
     ns = {name: f"i12{tag}{name}" for name in ("wan", "relay", "nat1", "nat2", "home1", "home2")}
     try:
@@ -116,7 +127,7 @@ def _topology() -> Iterator[dict[str, str]]:
             up(home, "eth0", f"198.19.{i}.2/24")
             _run("ip", "-n", home, "route", "add", "default", "via", f"198.19.{i}.1")
             _run("ip", "netns", "exec", nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            rules = _NAT_RULES
+            rules = _NAT_RULES.replace("MASQUERADE", masquerade).encode()
             subprocess.run(
                 ["ip", "netns", "exec", nat, "nft", "-f", "-"],
                 input=rules,
@@ -168,11 +179,14 @@ def _configure(home: Path, **values: object) -> None:
     (home / "config.toml").write_text(text)
 
 
-async def test_two_homes_behind_nats_share_a_context_through_a_relay(tmp_path: Path) -> None:
+@pytest.mark.parametrize("masquerade", ["masquerade", "masquerade random"])
+async def test_two_homes_behind_nats_share_a_context_through_a_relay_then_punch_a_hole(
+    masquerade: str, tmp_path: Path
+) -> None:
     reason = _why_not()
     if reason is not None:
         pytest.skip(reason)
-    with _topology() as ns, trio.fail_after(240):
+    with _topology(masquerade) as ns, trio.fail_after(240):
         homes = {name: tmp_path / name for name in ("relay", "home1", "home2")}
         for name, home in homes.items():
             await _cli(
@@ -212,8 +226,20 @@ async def test_two_homes_behind_nats_share_a_context_through_a_relay(tmp_path: P
                 for space, home in (h1, h2):
                     entries = (await _cli(space, home, "call", context, "entries"))["output"]
                     assert entries == {"a": "1", "b": "2"}, (space, entries)
+                if masquerade == "masquerade":
+                    await home1.wait_log("direct connection after hole punching")
+                else:
+                    await home1.wait_log("stays relayed: hole punching failed")
                 peers = (await _cli(*h2, "peers"))["peers"]
                 home1_id = str((await _cli(*h1, "info"))["peerId"])
                 via = [p["address"] for p in peers if p["peer_id"] == home1_id]
-                assert via
-                assert "/p2p-circuit" in via[0]
+                assert len(via) == 1
+                if masquerade == "masquerade":
+                    assert via[0].startswith("/ip4/198.18.0.11/tcp/2428"), via  # nat1's mapping
+                else:
+                    assert "/p2p-circuit" in via[0], via
+                # Still converging over whichever connection they kept.
+                await _cli(*h2, "call", context, "set", "--args", '{"key": "c", "value": "3"}')
+                await _cli(*h1, "context", "sync", context)
+                entries = (await _cli(*h1, "call", context, "entries"))["output"]
+                assert entries == {"a": "1", "b": "2", "c": "3"}
