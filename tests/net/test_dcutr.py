@@ -12,10 +12,9 @@ import pytest
 import trio
 import trio.testing
 from hypothesis import given, strategies as st
-from msgspec.structs import replace
 from prometheus_client import CollectorRegistry
 
-from trionode.config import DcutrSection, FileConfig, NodeConfig, RelaySection
+from trionode.config import DcutrSection, RelaySection
 from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.net.dcutr import HolePuncher
 from trionode.net.host import Host
@@ -23,12 +22,12 @@ from trionode.net.memory import MemoryNetwork, NatKind
 from trionode.net.metrics import NetMetrics
 from trionode.net.relay import RelayClient, RelayServer
 from trionode.node import Node, open_node
-from trionode.testing import cluster_file_config, make_test_config
 from trionode.wire import dcutr as wire
 from trionode.wire.keys import PrivateKey
 from trionode.wire.multiaddr import Multiaddr
 
 from .host_helpers import network as network_section
+from .test_relay import _node_config
 
 APPS = Path(__file__).resolve().parents[2] / "apps"
 PEER = PrivateKey.generate().peer_id()
@@ -279,16 +278,6 @@ async def test_dcutr_off_keeps_relayed_connections(autojump_clock: trio.testing.
 
 
 # -- whole nodes behind NAT models: invite, join through the relay, converge, punch ------------
-
-
-def _node_config(home: Path, **network: Any) -> NodeConfig:
-    def settings(file: FileConfig) -> FileConfig:
-        file = cluster_file_config(file)
-        net = replace(file.network, listen=["/ip4/0.0.0.0/tcp/4001"], bootstrap=[], **network)
-        return replace(file, network=net)
-
-    config, _ = make_test_config(home, api=False, configure=settings)
-    return replace(config, inline_store=True)
 
 
 async def _converge(nodes: Sequence[Node], context: bytes, want: dict[str, str]) -> None:
