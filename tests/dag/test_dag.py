@@ -221,3 +221,28 @@ def test_deferrals_change_when_deltas_apply_never_what_applies(
     position = {d: i for i, d in enumerate(seen)}
     for delta_id, parents in deltas:
         assert all(p == GENESIS or position[p] < position[delta_id] for p in parents)
+
+
+def test_checkpoint_shows_covered_deltas_before_releasing_any() -> None:
+    """A released delta may stand on what a covered one carries (a membership operation), so
+    `cover` sees every covered delta before `apply` sees the first released one."""
+    dag: CausalDag[str] = CausalDag()
+    _, (d2, p2), (d3, _) = _chain(3)
+    dag.offer(d2, p2, "covered", now=0)  # waits for d1, which only the checkpoint brings
+    child = _id(20)
+    dag.offer(child, (d2, d3), "released", now=0)  # waits for d2 and d3
+    seen: list[str] = []
+
+    def apply(_delta_id: bytes, item: str) -> bool:
+        seen.append(f"apply {item}")
+        return True
+
+    def cover(covered: list[tuple[bytes, str]]) -> None:
+        seen.append("cover " + ",".join(item for _, item in covered))
+
+    released, covered = dag.checkpoint([d3, d2], apply=apply, cover=cover)
+    assert seen == ["cover covered", "apply released"]
+    assert [i for i, _ in covered] == [d2]
+    assert [i for i, _ in released] == [child]
+    assert dag.heads == {child}
+    assert dag.pending_count == 0

@@ -489,6 +489,9 @@ class AuthGraph:
                 raise StaticError("the invitation was already used")
 
     def add(self, op: Op) -> Op:
+        known = self.ops.get(op.id)
+        if known is not None:  # the same signed op again (a snapshot's export, then gossip)
+            return known
         checked = self.check(op)
         self.ops[checked.id] = checked
         self._resolution = None

@@ -15,6 +15,7 @@ disk. One writer at a time per context (a trio.Lock).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -1169,7 +1170,15 @@ class ContextManager:
             added = 0
             for delta, header in received:
                 delta_id = delta.id
-                if delta_id in authority.meta or loaded.dag.is_pending(delta_id):
+                if delta_id in authority.meta:
+                    continue
+                if loaded.dag.is_pending(delta_id):
+                    # It came by gossip and waits for parents here. Ops after it in the
+                    # export build on it, so the graph takes it now; the DAG covers it (the
+                    # heads adopted next) or applies it once its parents come, and adding
+                    # it then again is a no-op.
+                    with contextlib.suppress(AuthRejected):
+                        authority.add_op(delta_id, header)
                     continue
                 try:
                     authority.add_op(delta_id, header)
@@ -1211,28 +1220,39 @@ class ContextManager:
             batch = WriteBatch()
             applying = _Applying(loaded, batch)
             marked = [h for h in heads if h != GENESIS and h not in loaded.dag.applied]
+
+            def cover(covered: list[tuple[bytes, SignedDelta]]) -> None:
+                # Before any delta they unblock is judged: those may stand on the
+                # authority these carry. Ops go in causal order (a version vector's sum
+                # grows along every causal path).
+                judged = [(delta_id, delta, verify_delta(delta)) for delta_id, delta in covered]
+                judged.sort(key=lambda item: (sum(v for _, v in item[2].vv), item[0]))
+                for delta_id, delta, header in judged:
+                    batch.delete(PENDING, context_id + delta_id)
+                    batch.put(DELTAS, context_id + delta_id, delta.encode())
+                    if header.auth is not None:
+                        try:
+                            loaded.authority.add_op(delta_id, header)
+                        except AuthRejected as exc:
+                            log.warning(
+                                "covered operation %s refused: %s", delta_id.hex()[:16], exc
+                            )
+                        applying.auth_changed = True
+                        self._learn_keys(loaded, batch, header.auth)
+                    loaded.authority.record(delta_id, header)
+                    if header.auth is None:
+                        loaded.authority.verdicts[delta_id] = Verdict.ACCEPTED  # came as state
+
             released, covered = loaded.dag.checkpoint(
                 heads,
                 superseded=superseded,
                 apply=lambda delta_id, item: self._apply_one(applying, delta_id, item),
+                cover=cover,
             )
             bodies = dict(covered)
             for delta_id in marked:
                 if delta_id not in bodies and delta_id not in loaded.authority.meta:
                     batch.put(DELTAS, context_id + delta_id, b"")
-            for delta_id, delta in bodies.items():
-                batch.delete(PENDING, context_id + delta_id)
-                batch.put(DELTAS, context_id + delta_id, delta.encode())
-                header = verify_delta(delta)
-                if header.auth is not None:
-                    try:
-                        loaded.authority.add_op(delta_id, header)
-                    except AuthRejected as exc:
-                        log.warning("covered operation %s refused: %s", delta_id.hex()[:16], exc)
-                    applying.auth_changed = True
-                loaded.authority.record(delta_id, header)
-                if header.auth is None:
-                    loaded.authority.verdicts[delta_id] = Verdict.ACCEPTED  # came as state
             reverted = self._settle(applying)
             _stage_state(loaded, batch)
             self._refresh_record(loaded)

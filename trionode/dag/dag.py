@@ -196,6 +196,7 @@ class CausalDag(Generic[T]):
         *,
         superseded: Iterable[bytes] = (),
         apply: Apply[T] | None = None,
+        cover: Callable[[list[tuple[bytes, T]]], None] | None = None,
     ) -> tuple[list[tuple[bytes, T]], list[tuple[bytes, T]]]:
         """Mark `ids` applied without applying them: their effects arrived as state (a
         snapshot or a tree comparison), which covers every delta in their causal past.
@@ -206,6 +207,8 @@ class CausalDag(Generic[T]):
         deltas that waited only for covered ids are released through `apply`, in causal
         order, as `offer` does. Returns (released, covered): the released deltas that
         `apply` accepted, and the covered pending ones (their bodies are real deltas).
+        `cover` sees the covered ones first, before anything is released: a released delta
+        may depend on what a covered one carries (a membership operation, a key).
         """
         ids = [i for i in dict.fromkeys(ids) if i != GENESIS]
         covered: list[tuple[bytes, T]] = []
@@ -225,6 +228,8 @@ class CausalDag(Generic[T]):
         self.heads.update(marked)
         self.heads.difference_update(cover_parents)
         self.heads.difference_update(s for s in superseded if s not in ids)
+        if cover is not None:
+            cover(covered)
         released: list[tuple[bytes, T]] = []
         for done in [*marked, *(delta_id for delta_id, _ in covered)]:
             for child_id in sorted(self._waiting.pop(done, ())):
