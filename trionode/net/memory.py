@@ -115,8 +115,10 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         local_address: Multiaddr,
         remote_address: Multiaddr,
         on_close: Callable[[], None] | None = None,
+        on_send: Callable[[int], None] | None = None,
     ) -> None:
         self._inner = inner
+        self._on_send = on_send
         self.local_address = local_address
         """Where this end is (the dialer's ephemeral port on the dialing side)."""
         self.remote_address = remote_address
@@ -169,6 +171,8 @@ class MemoryStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._check_aborted()
+        if self._on_send is not None:
+            self._on_send(len(data))
         try:
             await self._inner.send_all(data)
         except trio.ClosedResourceError:
@@ -311,6 +315,8 @@ class MemoryNetworkStatistics:
     """Dials refused because a partition separates the two hosts."""
     aborted: int
     """Connections aborted by partitions."""
+    bytes_sent: int = 0
+    """Bytes written into every connection so far (both directions, closed ones included)."""
 
 
 # -- the network ------------------------------------------------------------------------------
@@ -330,6 +336,7 @@ class MemoryNetwork:
         self._listeners: dict[tuple[Host, int], MemoryListener] = {}
         self._next_ephemeral: dict[Host, int] = {}
         self._links: set[_Link] = set()
+        self._bytes_sent = 0
         self._blocked: set[frozenset[Host]] = set()
         self._no_inbound: set[Host] = set()
         self._nat: dict[Host, NatKind] = {}
@@ -580,8 +587,8 @@ class MemoryNetwork:
         """Both ends of a new connection between ``host`` and ``ip``."""
         link = _Link((host, ip), self._links.discard)
         client_inner, server_inner = trio.testing.memory_stream_pair()
-        client = MemoryStream(client_inner, local, remote, link.end_closed)
-        server = MemoryStream(server_inner, remote, seen_as, link.end_closed)
+        client = MemoryStream(client_inner, local, remote, link.end_closed, self._count_sent)
+        server = MemoryStream(server_inner, remote, seen_as, link.end_closed, self._count_sent)
         link.ends = (client, server)
         client.peer, server.peer = server, client
         server.link = link
@@ -609,7 +616,11 @@ class MemoryNetwork:
             refused=self._refused,
             unreachable=self._unreachable,
             aborted=self._aborted,
+            bytes_sent=self._bytes_sent,
         )
+
+    def _count_sent(self, n: int) -> None:
+        self._bytes_sent += n
 
 
 def _host_of(host: Host | MemoryTransport) -> Host:
