@@ -16,7 +16,7 @@ from trionode.api.app import create_app
 from trionode.cli import main
 from trionode.cli_invitations import describe_invitation
 from trionode.config import FileConfig
-from trionode.context.invitations import create_invitation, parse_invitation
+from trionode.context.invitations import AppRef, create_invitation, parse_invitation
 from trionode.node import open_node
 from trionode.testing import make_test_config
 
@@ -26,7 +26,9 @@ APPS = Path(__file__).resolve().parents[1] / "apps"
 PEER = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
 
 
-def _invitation(*, expires_at: float, invitee: bytes | None = None) -> str:
+def _invitation(
+    *, expires_at: float, invitee: bytes | None = None, app: AppRef | None = None
+) -> str:
     return create_invitation(
         admin_key=Ed25519PrivateKey.generate(),
         context_id=b"\x01" * 32,
@@ -36,6 +38,7 @@ def _invitation(*, expires_at: float, invitee: bytes | None = None) -> str:
         inviter_peer=PEER,
         inviter_addrs=["/ip4/192.0.2.7/tcp/2428", "/dns/node.example.org/tcp/443"],
         invitee=invitee,
+        app=app,
     ).text
 
 
@@ -62,6 +65,37 @@ def test_show_table_flags_expiry_and_invitee(capsys: pytest.CaptureFixture[str])
     assert "(EXPIRED)" in out
     assert base58.b58encode(invitee).decode() in out
     assert "address       /ip4/192.0.2.7/tcp/2428" in out
+
+
+@pytest.mark.parametrize("signer", [b"\x05" * 32, None])
+def test_show_prints_the_app_the_joiner_would_fetch(
+    capsys: pytest.CaptureFixture[str], signer: bytes | None
+) -> None:
+    app = AppRef(
+        application_id=b"\x02" * 32,
+        bundle_blob_id=b"\x04" * 32,
+        name="kv_store",
+        version="1.2",
+        signer=signer,
+    )
+    text = _invitation(expires_at=time.time() + 60, app=app)
+    assert main(["invitation", "show", text, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    signer_b58 = None if signer is None else base58.b58encode(signer).decode()
+    assert doc["app"] == {
+        "applicationId": base58.b58encode(b"\x02" * 32).decode(),
+        "name": "kv_store",
+        "version": "1.2",
+        "signer": signer_b58,
+        "bundleBlobId": base58.b58encode(b"\x04" * 32).decode(),
+    }
+    assert main(["invitation", "show", text]) == 0
+    out = capsys.readouterr().out
+    assert "kv_store v1.2" in out
+    assert f"app signer    {signer_b58 or 'unsigned'}" in out
+    # An invitation without the description (older inviters) says what the joiner must do.
+    assert main(["invitation", "show", _invitation(expires_at=time.time() + 60)]) == 0
+    assert "install it before joining" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

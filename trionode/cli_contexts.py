@@ -204,7 +204,7 @@ def _render_invitation(result: Any) -> str:
 
 
 async def _join(client: Client, args: argparse.Namespace) -> Any:
-    return await client.join(args.invitation)
+    return await client.join(args.invitation, trust_app=args.trust_app)
 
 
 async def _sync(client: Client, args: argparse.Namespace) -> Any:
@@ -253,6 +253,12 @@ def _invite_args(p: argparse.ArgumentParser) -> None:
 
 def _join_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("invitation", metavar="INVITATION", help="the trinv1... string")
+    p.add_argument(
+        "--trust-app",
+        metavar="APP_ID",
+        help="run this app (fetched from the inviter) even though no signer in "
+        "apps.trusted_signers signed it: check it first with `trionode invitation show`",
+    )
 
 
 def _remove_args(p: argparse.ArgumentParser) -> None:

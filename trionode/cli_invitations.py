@@ -3,6 +3,10 @@
 It runs offline (no node, no API): the string carries everything, signed by the inviting
 admin. The signature is checked, so what is shown is what that admin wrote; whether the
 admin still has the right to invite is only known to the context's members, at join time.
+
+It also shows the context's app as the invitation describes it (id, name, version, signer):
+what `context join` will fetch and run if the app is not installed, and what to check
+before trusting it with `--trust-app`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def describe_invitation(text: str, *, now: float | None = None) -> dict[str, Any
 
     signed, invitation = parse_invitation(text)
     now = time.time() if now is None else now
+    app = invitation.app
     expires = dt.datetime.fromtimestamp(invitation.expires_at, dt.UTC)
     return {
         "contextId": _b58(invitation.context_id),
@@ -49,6 +54,15 @@ def describe_invitation(text: str, *, now: float | None = None) -> dict[str, Any
         "invitee": None if invitation.invitee is None else _b58(invitation.invitee),
         "oneTimeSecret": signed.secret is not None,
         "invitationId": _b58(invitation.id),
+        "app": None
+        if app is None
+        else {
+            "applicationId": _b58(app.application_id),
+            "name": app.name,
+            "version": app.version,
+            "signer": None if app.signer is None else _b58(app.signer),
+            "bundleBlobId": _b58(app.bundle_blob_id),
+        },
     }
 
 
@@ -58,6 +72,7 @@ def _render(doc: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
         ("context", doc["contextId"]),
         ("application", doc["applicationId"]),
+        *_app_rows(doc["app"]),
         ("role", doc["role"]),
         ("expires", expires),
         ("inviter", doc["inviter"]),
@@ -66,6 +81,16 @@ def _render(doc: dict[str, Any]) -> str:
     ]
     rows += [("address", a) for a in doc["addresses"]] or [("address", "none (unreachable)")]
     return table(rows, ("field", "value"))
+
+
+def _app_rows(app: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if app is None:
+        return [("app", "not described (install it before joining)")]
+    return [
+        ("app", f"{app['name']} v{app['version']}"),
+        ("app signer", app["signer"] or "unsigned"),
+        ("app bundle", app["bundleBlobId"]),
+    ]
 
 
 def cmd_invitation_show(args: argparse.Namespace) -> int:

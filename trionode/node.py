@@ -56,6 +56,7 @@ from trionode.api.tokens import TicketBook, TokenStore
 from trionode.blobs.store import BlobMetrics, BlobStore
 from trionode.blobs.transfer import BlobTransfer, BlobTransferMetrics
 from trionode.config import NodeConfig
+from trionode.context.app_bundles import AppBundles, BundleServing
 from trionode.context.applications import Applications
 from trionode.context.clock_waits import serve_clock_waits
 from trionode.context.event_log import EventLog, serve_event_log
@@ -155,7 +156,7 @@ class Node:
             max_size=config.blobs.max_size,
             read_only=config.node.mode == "read-only",
         )
-        self.applications = Applications(store, config.apps.trusted_signers)
+        self.applications = Applications(store, config.apps.trusted_signers, self.blobs)
         self.replication_metrics = ReplicationMetrics(metrics.registry)
         self.contexts = ContextManager(
             store,
@@ -189,9 +190,6 @@ class Node:
             on_join=config.sync.on_join,
             join_jitter=config.sync.join_jitter,
         )
-        self.joins = JoinService(
-            self.contexts, self.applications, self.host, self.replicator, store
-        )
         self.blob_transfer = BlobTransfer(
             self.blobs,
             self.contexts,
@@ -200,6 +198,15 @@ class Node:
             self.hub,
             config=config.blobs,
             metrics=BlobTransferMetrics(metrics.registry),
+            bundles=BundleServing(self.contexts, self.applications, self.blobs),
+        )
+        self.joins = JoinService(
+            self.contexts,
+            self.applications,
+            self.host,
+            self.replicator,
+            store,
+            app_bundles=AppBundles(self.applications, self.blobs, self.blob_transfer),
         )
         self.gc_metrics = GcMetrics(metrics.registry)
         self.tokens = TokenStore(store)

@@ -113,6 +113,8 @@ def application_json(record: ApplicationRecord) -> dict[str, Any]:
         "path": record.path,
         "installedAt": record.installed_at,
         "trusted": record.trusted,
+        "bundleBlobId": None if record.bundle_blob_id is None else b58(record.bundle_blob_id),
+        "signer": None if record.signer is None else b58(record.signer),
     }
 
 
@@ -288,10 +290,14 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
     async def join() -> Response:
         body = await json_object_body()
         text = body.get("invitation")
-        if not isinstance(text, str):
-            raise ContextError('body must be {"invitation": "trinv1..."}')
+        trust_app = body.get("trustApp")
+        if not isinstance(text, str) or not isinstance(trust_app, (str, type(None))):
+            raise ContextError('body must be {"invitation": "trinv1...", "trustApp": <app id>}')
         try:
-            record = await node.joins.join(text)
+            record = await node.joins.join(
+                text,
+                trust_app=None if trust_app is None else parse_id(trust_app, "trustApp"),
+            )
         except (PeerError, ProtocolError) as exc:
             raise ContextError(f"joining failed: {exc}", status=502) from None
         return jsonify(context_json(record))

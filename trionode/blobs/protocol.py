@@ -9,6 +9,13 @@ server  → BlobManifest{manifest} | BlobRefused{"not available"}
 fetcher → ChunkRequest{index}, `window` of them, then one more per reply
 server  → ChunkReply{index, data} (in request order) | BlobRefused
 ```
+An invitee that is not a member yet may fetch one blob only: the bundle of the context's
+app, so that `context join` can check and install the app before it joins. It opens with
+`InvitedOpen{invitation, member, proof, blob_id}` instead: the signed invitation (with its
+one-time secret, if any) and a proof of possession of the member key it will join with,
+bound to the Noise session like the member proof; the server checks the invitation as the
+join would (signature, admin inviter, expiry, invitee or secret) without spending it.
+
 The server answers the same `BlobRefused("not available")` to a non-member, a bad proof, an
 unknown context and a blob it does not have for that context, so a stranger learns nothing,
 not even whether the blob exists. The fetcher checks the manifest against the blob id and
@@ -48,6 +55,19 @@ class BlobOpen(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fields=Tr
     blob_id: Id32
 
 
+MAX_INVITED_INVITATION: Final = 16 * 1024
+"""Largest encoded signed invitation an `InvitedOpen` may carry (the invitation string's
+own limit)."""
+
+
+class InvitedOpen(msgspec.Struct, tag="open-invited", frozen=True, forbid_unknown_fields=True):
+    invitation: Annotated[bytes, msgspec.Meta(max_length=MAX_INVITED_INVITATION)]
+    """A msgpack `SignedInvitation` (trionode.context.invitations), secret included."""
+    member: Id32
+    proof: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
+    blob_id: Id32
+
+
 class BlobManifest(msgspec.Struct, tag="manifest", frozen=True, forbid_unknown_fields=True):
     manifest: Annotated[bytes, msgspec.Meta(max_length=MAX_MANIFEST_BYTES)]
 
@@ -65,7 +85,7 @@ class BlobRefused(msgspec.Struct, tag="refused", frozen=True, forbid_unknown_fie
     message: Annotated[str, msgspec.Meta(max_length=256)]
 
 
-BlobMessage = BlobOpen | BlobManifest | ChunkRequest | ChunkReply | BlobRefused
+BlobMessage = BlobOpen | InvitedOpen | BlobManifest | ChunkRequest | ChunkReply | BlobRefused
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(BlobMessage)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol
 
 import base58
 import trio
@@ -39,6 +39,7 @@ from trionode.blobs.protocol import (
     ChunkReply,
     ChunkRequest,
     FetchPlan,
+    InvitedOpen,
     auth_message,
     encode_frame,
 )
@@ -98,6 +99,22 @@ class BlobTransferMetrics:
         )
 
 
+Opener = Callable[[Connection, bytes], Awaitable[BlobOpen | InvitedOpen]]
+"""Makes the first message of a stream fetching a blob (by id) on a connection (the proof in
+it is bound to that connection's Noise session)."""
+
+
+class BundleAccess(Protocol):
+    """What the serving side asks about app bundles (trionode.context.app_bundles)."""
+
+    async def bundle_blob(self, context_id: bytes) -> bytes | None:
+        """The blob id of the bundle of the app `context_id` runs, if this node has it."""
+
+    async def allows_invitee(self, conn: Connection, request: InvitedOpen) -> bool:
+        """Whether `request` proves a valid invitation to a context whose app bundle is
+        `request.blob_id`."""
+
+
 class _Channel:
     """Length-prefixed blob frames over one stream."""
 
@@ -128,9 +145,19 @@ class _BadPeerError(RemoteProtocolError):
 class _Fetch:
     """One fetch's shared state: the manifest and plan (from the first good answer)."""
 
-    def __init__(self, blob_id: bytes, context_id: bytes) -> None:
+    def __init__(
+        self,
+        blob_id: bytes,
+        context_id: bytes,
+        opener: Opener,
+        max_size: int,
+        peers: list[PeerId] | None,
+    ) -> None:
         self.blob_id = blob_id
         self.context_id = context_id
+        self.opener = opener
+        self.max_size = max_size
+        self.peers = peers
         self.manifest: Manifest | None = None
         self.plan: FetchPlan | None = None
         self.lock = trio.Lock()
@@ -153,8 +180,10 @@ class BlobTransfer:
         *,
         config: BlobsSection,
         metrics: BlobTransferMetrics,
+        bundles: BundleAccess | None = None,
     ) -> None:
         self.blobs = blobs
+        self.bundles = bundles
         self.contexts = contexts
         self.host = host
         self.pubsub = pubsub
@@ -169,11 +198,26 @@ class BlobTransfer:
 
     # -- fetching --------------------------------------------------------------------------
 
-    async def fetch(self, blob_id: bytes, context_id: bytes) -> BlobInfo:
+    async def fetch(
+        self,
+        blob_id: bytes,
+        context_id: bytes,
+        *,
+        peers: list[PeerId] | None = None,
+        opener: Opener | None = None,
+        max_size: int | None = None,
+    ) -> BlobInfo:
         """Get a blob from members of `context_id` (or return it if it is here already).
 
-        Raises ContextError if this node is not a member, BlobUnavailableError if no peer
-        could provide it now (verified chunks are kept for the next attempt).
+        `peers` (default: the context's members, then other connected peers) are asked;
+        `opener` makes each stream's first message (default: this node's membership proof
+        for `context_id`; app bundles fetched before a join use an invitation instead); a
+        blob over `max_size` bytes (default `blobs.max_size`) is not fetched. The blob is
+        linked to `context_id` when it is complete.
+
+        Raises ContextError if this node is not a member (and no `opener` is given),
+        BlobUnavailableError if no peer could provide it now (verified chunks are kept for
+        the next attempt).
         """
         while (running := self._running.get(blob_id)) is not None:
             await running.wait()  # one fetch per blob; then see what it left
@@ -184,10 +228,13 @@ class BlobTransfer:
                 info = await self.blobs.info(blob_id)
             assert info is not None
             return info
-        await self.contexts.member_key(context_id)  # ContextError when not a member
+        if opener is None:
+            await self.contexts.member_key(context_id)  # ContextError when not a member
+            opener = self._member_opener(context_id)
+        limit = self.blobs.max_size if max_size is None else min(max_size, self.blobs.max_size)
         done = self._running[blob_id] = trio.Event()
         try:
-            info = await self._fetch(_Fetch(blob_id, context_id))
+            info = await self._fetch(_Fetch(blob_id, context_id, opener, limit, peers))
         except BlobUnavailableError:
             self.metrics.fetches.labels("unavailable").inc()
             raise
@@ -196,6 +243,14 @@ class BlobTransfer:
             done.set()
         self.metrics.fetches.labels("ok").inc()
         return info
+
+    def _member_opener(self, context_id: bytes) -> Opener:
+        async def open_as_member(conn: Connection, blob_id: bytes) -> BlobOpen:
+            member, key = await self.contexts.member_key(context_id)
+            signature = key.sign(auth_message(conn.noise.remote.handshake_hash, context_id))
+            return BlobOpen(context_id, member, signature, blob_id)
+
+        return open_as_member
 
     def running(self) -> set[bytes]:
         """Ids of the blobs being fetched now (GC keeps their partial records)."""
@@ -212,7 +267,8 @@ class BlobTransfer:
         partial = await self.blobs.partial_manifest(state.blob_id)
         if partial is not None:
             await self._adopt(state, partial)
-        peers = self.candidate_peers(state.context_id)[: self.config.fetch_peers]
+        peers = state.peers if state.peers is not None else self.candidate_peers(state.context_id)
+        peers = peers[: self.config.fetch_peers]
         if state.plan is None or not state.plan.complete:
             async with trio.open_nursery() as nursery:
                 for peer in peers:
@@ -257,9 +313,7 @@ class BlobTransfer:
             if conn is None:
                 raise PeerError(f"lost the connection to {peer}")
             channel = _Channel(stream)
-            member, key = await self.contexts.member_key(state.context_id)
-            signature = key.sign(auth_message(conn.noise.remote.handshake_hash, state.context_id))
-            await channel.send(BlobOpen(state.context_id, member, signature, state.blob_id))
+            await channel.send(await state.opener(conn, state.blob_id))
             with trio.fail_after(self.config.chunk_timeout):
                 reply = await channel.receive()
             if isinstance(reply, BlobRefused):
@@ -270,8 +324,8 @@ class BlobTransfer:
                 manifest = decode_manifest(reply.manifest, expected_id=state.blob_id)
             except InvalidManifestError as exc:
                 raise _BadPeerError("bad_manifest", str(exc)) from None
-            if manifest.size > self.blobs.max_size:
-                return  # too big for this node: nobody's fault
+            if manifest.size > state.max_size:
+                return  # too big for this node or this use: nobody's fault
             await self._adopt(state, manifest)
             await self._transfer(state, peer, manifest, channel)
             await stream.send_eof()
@@ -342,9 +396,12 @@ class BlobTransfer:
         # never holds a slot that members need.
         with trio.fail_after(self.host.stream_limits.first_message):
             first = await channel.receive()
-        if not isinstance(first, BlobOpen):
+        if isinstance(first, InvitedOpen):
+            manifest = await self._invited_manifest(conn, first)
+        elif isinstance(first, BlobOpen):
+            manifest = await self._authorised_manifest(conn, first)
+        else:
             raise RemoteProtocolError("a blob stream must start with open")
-        manifest = await self._authorised_manifest(conn, first)
         if manifest is None:
             self.metrics.refused.inc()
             await channel.send(BlobRefused(message=NOT_AVAILABLE))
@@ -389,7 +446,20 @@ class BlobTransfer:
                 return None
         except ContextError:
             return None
-        if not await self.blobs.linked(request.context_id, request.blob_id):
+        if not await self.blobs.linked(request.context_id, request.blob_id) and (
+            self.bundles is None
+            or await self.bundles.bundle_blob(request.context_id) != request.blob_id
+        ):
+            return None
+        try:
+            return await self.blobs.manifest(request.blob_id)
+        except StorageError:
+            return None
+
+    async def _invited_manifest(self, conn: Connection, request: InvitedOpen) -> Manifest | None:
+        """The manifest of an app bundle for the holder of a valid invitation (see
+        `trionode.blobs.protocol`); None for anything else."""
+        if self.bundles is None or not await self.bundles.allows_invitee(conn, request):
             return None
         try:
             return await self.blobs.manifest(request.blob_id)

@@ -134,10 +134,13 @@ class Client:
             json={"role": role, "expiresIn": expires_in},
         )
 
-    async def join(self, invitation: str) -> Any:
-        return await self.request(
-            "POST", "/admin-api/contexts/join", json={"invitation": invitation}
-        )
+    async def join(self, invitation: str, *, trust_app: str | None = None) -> Any:
+        """`trust_app`: the app id to run even if no trusted signer signed it (after
+        `trionode invitation show`)."""
+        body = {"invitation": invitation}
+        if trust_app is not None:
+            body["trustApp"] = trust_app
+        return await self.request("POST", "/admin-api/contexts/join", json=body)
 
     async def sync(self, context_id: str) -> Any:
         return await self.request("POST", f"/admin-api/contexts/{context_id}/sync", json={})

@@ -4,19 +4,28 @@ Installing reads a bundle from a local path, verifies it (a present signature mu
 valid; unsigned bundles are accepted only because the operator installs them locally),
 and stores the packed bundle itself in the `application` column, so the app keeps working
 after its source directory is gone. Loading imports it once per process.
+
+The packed bundle is also stored as a blob, pinned while the app is installed, and the
+record names it: members serve that blob to joiners that do not have the app
+(`trionode.context.app_bundles`), and uninstalling unpins it (GC removes it once no
+context here uses it either).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import msgspec
 import trio
 
+from trionode.blobs.store import BlobStore
 from trionode.context.manager import ContextError, b58
 from trionode.context.records import APPLICATIONS, ApplicationRecord
 from trionode.errors import TrionodeError
 from trionode.sdk.bundle import (
+    Bundle,
     BundleError,
     VerifiedBundle,
     load_app,
@@ -28,16 +37,25 @@ from trionode.sdk.bundle import (
 from trionode.store.lmdb_store import Column
 from trionode.store.store import AsyncStore, BytesCodec, Table, WriteBatch
 
+R = TypeVar("R")
+
 BUNDLES = Table(Column.GENERIC, BytesCodec(), BytesCodec())
 _BUNDLE_PREFIX = b"bundle/"
 """Packed bundles live in `generic` under bundle/<app id>, beside the records they belong to."""
 
 
 class Applications:
-    def __init__(self, store: AsyncStore, trusted_signers: list[str]) -> None:
+    def __init__(
+        self, store: AsyncStore, trusted_signers: list[str], blobs: BlobStore | None = None
+    ) -> None:
         self._store = store
         self._trusted = trusted_signers
+        self._blobs = blobs
         self._apps: dict[bytes, Any] = {}
+
+    @property
+    def trusted_signers(self) -> list[str]:
+        return list(self._trusted)
 
     async def install(self, path: str) -> ApplicationRecord:
         """Read, verify and import the bundle at `path`, then store it.
@@ -53,29 +71,70 @@ class Applications:
             verified = verify_bundle(bundle, self._trusted, installed_locally=True)
             return verified, load_app(verified)
 
+        verified, app = await self._off_thread(load_and_check)
+        return await self._record(verified, app, str(path), pack_bundle(verified.bundle))
+
+    async def install_verified(
+        self, verified: VerifiedBundle, packed: bytes, source: str
+    ) -> ApplicationRecord:
+        """Import and record a bundle verified elsewhere (one fetched from a peer, whose
+        packed bytes are `packed`); ContextError with the reason if it does not load."""
+        app = await self._off_thread(lambda: load_app(verified))
+        return await self._record(verified, app, source, packed)
+
+    async def _off_thread(self, work: Callable[[], R]) -> R:
         try:
             if self._store.inline:  # test clusters on autojump_clock: no worker threads
                 await trio.lowlevel.checkpoint()
-                verified, app = load_and_check()
-            else:
-                verified, app = await trio.to_thread.run_sync(load_and_check)
+                return work()
+            return await trio.to_thread.run_sync(work)
         except BundleError as exc:
             raise ContextError(str(exc)) from None
+
+    async def _record(
+        self, verified: VerifiedBundle, app: Any, path: str, packed: bytes
+    ) -> ApplicationRecord:
         bundle = verified.bundle
         self._apps[bundle.app_id] = app
         record = ApplicationRecord(
             application_id=bundle.app_id,
             name=bundle.name,
             version=bundle.version,
-            path=str(path),
+            path=path,
             installed_at=time.time(),
             trusted=True,
+            bundle_blob_id=await self._store_blob(bundle, packed),
+            signer=verified.signer,
         )
         batch = WriteBatch()
         batch.put(APPLICATIONS, record.application_id, record)
-        batch.put(BUNDLES, _BUNDLE_PREFIX + record.application_id, pack_bundle(verified.bundle))
+        batch.put(BUNDLES, _BUNDLE_PREFIX + record.application_id, packed)
         await self._store.write(batch)
         return record
+
+    async def _store_blob(self, bundle: Bundle, packed: bytes) -> bytes | None:
+        if self._blobs is None:
+            return None
+        info = await self._blobs.add_bytes(packed, name=f"{bundle.name}-{bundle.version}.tar.gz")
+        await self._blobs.pin(info.blob_id)
+        return info.blob_id
+
+    async def bundle_blob(self, application_id: bytes) -> bytes | None:
+        """The blob id of an installed app's bundle, storing the bundle as a (pinned) blob
+        first if it was installed before bundles were blobs; None if not installed here."""
+        record = await self._store.get(APPLICATIONS, application_id)
+        if record is None:
+            return None
+        if record.bundle_blob_id is not None or self._blobs is None:
+            return record.bundle_blob_id
+        packed = await self._store.get(BUNDLES, _BUNDLE_PREFIX + application_id)
+        if packed is None:
+            return None
+        blob_id = await self._store_blob(read_bundle(packed), packed)
+        await self._store.put(
+            APPLICATIONS, application_id, msgspec.structs.replace(record, bundle_blob_id=blob_id)
+        )
+        return blob_id
 
     async def uninstall(self, application_id: bytes) -> ApplicationRecord:
         """Forget an installed application and its stored bundle (ContextError 404 if it is
@@ -85,6 +144,8 @@ class Applications:
         batch.delete(APPLICATIONS, application_id)
         batch.delete(BUNDLES, _BUNDLE_PREFIX + application_id)
         await self._store.write(batch)
+        if record.bundle_blob_id is not None and self._blobs is not None:
+            await self._blobs.pin(record.bundle_blob_id, pinned=False)
         # Its modules stay imported: a context still running it (`--force`) keeps working
         # until the node restarts.
         self._apps.pop(application_id, None)

@@ -13,6 +13,12 @@ responder checks all of it (signature and admin rights of the inviter, context, 
 invitee or unused secret, proof), writes the membership delta, and answers with the
 context keys sealed to the joiner (X25519 sealed box, the joiner's Ed25519 member key
 converted), the application id and its heads. The joiner then syncs.
+
+The invitation also describes the context's app (`AppRef`: id, name, version, signer and
+the blob id of its bundle), signed with the rest, so that a joiner that does not have the
+app can decide whether to trust it before anything is fetched, and fetch it from the
+inviter (`trionode.context.app_bundles`). The app id is the bundle's hash and covers the
+manifest, so the bundle that arrives is checked against what the invitation named.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ PREFIX: Final = "trinv1"
 JOIN_PROTOCOL: Final = "/trionode/join/1"
 _INVITE_DOMAIN: Final = b"trionode/invitation/v1"
 _JOIN_DOMAIN: Final = b"trionode/join/v1"
+_BUNDLE_FETCH_DOMAIN: Final = b"trionode/bundle-fetch/v1"
 MAX_INVITATION: Final = 16 * 1024
 
 Id32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
@@ -47,6 +54,18 @@ Id32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 
 class InvitationError(TrionodeError):
     """An invitation is refused; the message says why (expired, forged, reused, …)."""
+
+
+class AppRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The context's app as an invitation describes it."""
+
+    application_id: Id32
+    bundle_blob_id: Id32
+    """The blob holding the packed bundle (`trionode.sdk.bundle.pack_bundle`)."""
+    name: Annotated[str, msgspec.Meta(max_length=128)]
+    version: Annotated[str, msgspec.Meta(max_length=64)]
+    signer: Id32 | None = None
+    """The bundle's signer (Ed25519 public key), None if it is unsigned."""
 
 
 class Invitation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,6 +80,9 @@ class Invitation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nonce: Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
     invitee: Id32 | None = None
     secret_sha256: Id32 | None = None
+    app: AppRef | None = None
+    """None in invitations from nodes that do not share bundles (the joiner must have the
+    app installed)."""
 
     @property
     def id(self) -> bytes:
@@ -112,6 +134,7 @@ def create_invitation(
     inviter_peer: str,
     inviter_addrs: list[str],
     invitee: bytes | None = None,
+    app: AppRef | None = None,
 ) -> CreatedInvitation:
     """A signed invitation; without `invitee` it carries a fresh one-time secret."""
     secret = None if invitee is not None else os.urandom(32)
@@ -126,6 +149,7 @@ def create_invitation(
         nonce=os.urandom(16),
         invitee=invitee,
         secret_sha256=None if secret is None else hashlib.sha256(secret).digest(),
+        app=app,
     )
     body = _ENCODER.encode(invitation)
     signed = SignedInvitation(
@@ -168,6 +192,23 @@ def decode_invitation(signed: SignedInvitation) -> Invitation:
 
 def proof_message(handshake_hash: bytes, invitation_id: bytes) -> bytes:
     return _JOIN_DOMAIN + handshake_hash + invitation_id
+
+
+def bundle_proof_message(handshake_hash: bytes, invitation_id: bytes) -> bytes:
+    """What an invitee signs to fetch the app bundle before joining (its own domain, so it
+    can never stand in for a join proof)."""
+    return _BUNDLE_FETCH_DOMAIN + handshake_hash + invitation_id
+
+
+def decode_signed(data: bytes) -> SignedInvitation:
+    try:
+        return _SIGNED.decode(data)
+    except msgspec.DecodeError:
+        raise RemoteProtocolError("malformed invitation") from None
+
+
+def encode_signed(signed: SignedInvitation) -> bytes:
+    return _ENCODER.encode(signed)
 
 
 def seal_keys(keys: dict[int, bytes], member: bytes) -> bytes:

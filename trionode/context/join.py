@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 import base58
 import trio
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from trionode.context import invitations as inv, members, snapshot
+from trionode.context.admission import check_invitation
+from trionode.context.app_bundles import AppBundles, invited_opener
 from trionode.context.applications import Applications
 from trionode.context.manager import ContextError, ContextManager
 from trionode.context.records import ContextRecord
@@ -41,6 +42,7 @@ class JoinService:
         *,
         wall_clock: Callable[[], float] = time.time,
         timeout: float = 30.0,
+        app_bundles: AppBundles | None = None,
     ) -> None:
         self.contexts = contexts
         self.applications = applications
@@ -49,6 +51,8 @@ class JoinService:
         self.store = store
         self.wall_clock = wall_clock
         self.timeout = timeout
+        self.app_bundles = app_bundles
+        """Fetches a missing app from the inviter; None: joiners must install it first."""
         self._lock = trio.Lock()
         host.set_handler(inv.JOIN_PROTOCOL, self._serve)
 
@@ -80,14 +84,29 @@ class JoinService:
             inviter_peer=str(self.host.peer_id),
             inviter_addrs=[str(a) for a in self.host.advertised_addrs],
             invitee=invitee,
+            app=None
+            if self.app_bundles is None
+            else await self.app_bundles.ref(record.application_id),
         )
         return created.text
 
     # -- joining ---------------------------------------------------------------------------
 
     async def join(
-        self, text: str, *, member_key: Ed25519PrivateKey | None = None
+        self,
+        text: str,
+        *,
+        member_key: Ed25519PrivateKey | None = None,
+        trust_app: bytes | None = None,
     ) -> ContextRecord:
+        """Join the context an invitation names.
+
+        If its app is not installed here, the invitation's description of it decides first
+        whether it may run here (a trusted signer, or `trust_app` is its id: else
+        AppNotTrustedError, before any network); then its bundle is fetched from the
+        inviter, verified and installed (see trionode.context.app_bundles), and only then is
+        the invitation spent.
+        """
         try:
             signed, invitation = inv.parse_invitation(text)
         except inv.InvitationError as exc:
@@ -96,21 +115,22 @@ class JoinService:
             raise ContextError("the invitation has expired")
         if invitation.context_id in self.contexts.known_ids():
             raise ContextError("this node is already a member of that context", status=409)
-        try:
-            await self.applications.get(invitation.application_id)
-        except ContextError:
-            app = base58.b58encode(invitation.application_id).decode()
-            raise ContextError(
-                f"install the context's application first (application id {app}): "
-                "`trionode app install PATH`",
-                status=412,
-            ) from None
+        ref = await self._missing_app(invitation, trust_app)
         if invitation.invitee is not None and member_key is None:
             raise ContextError("this invitation is for a specific member key; pass that key")
         key = member_key or Ed25519PrivateKey.generate()
         member = key.public_key().public_bytes_raw()
         peer = PeerId.from_string(invitation.inviter_peer)
         conn = await self._connect(peer, invitation.inviter_addrs)
+        if ref is not None:
+            assert self.app_bundles is not None
+            await self.app_bundles.ensure_app_bundle(
+                ref,
+                context_id=invitation.context_id,
+                peers=[peer],
+                trust_app=trust_app,
+                opener=invited_opener(signed, invitation.id, key),
+            )
         with trio.fail_after(self.timeout):
             _, stream = await conn.new_stream([inv.JOIN_PROTOCOL])
             async with stream:
@@ -137,6 +157,30 @@ class JoinService:
         self.replicator.subscribe(invitation.context_id)
         await self._first_sync(invitation, peer, response.heads)
         return await self.contexts.get(record.context_id)
+
+    async def _missing_app(
+        self, invitation: inv.Invitation, trust_app: bytes | None
+    ) -> inv.AppRef | None:
+        """None if the app is installed here; its description if it can be fetched and may
+        run here. Raises ContextError (412) with what to do otherwise."""
+        try:
+            await self.applications.get(invitation.application_id)
+        except ContextError:
+            pass
+        else:
+            return None
+        ref = invitation.app
+        if ref is None or self.app_bundles is None:
+            app = base58.b58encode(invitation.application_id).decode()
+            raise ContextError(
+                f"install the context's application first (application id {app}): "
+                "`trionode app install PATH`",
+                status=412,
+            )
+        if ref.application_id != invitation.application_id:
+            raise ContextError("the invitation is inconsistent: it names two different apps")
+        self.app_bundles.check_trust(ref, trust_app)
+        return ref
 
     async def _first_sync(
         self, invitation: inv.Invitation, peer: PeerId, heads: list[bytes]
@@ -200,29 +244,15 @@ class JoinService:
 
     async def _admit(self, request: inv.JoinRequest, conn: Connection) -> inv.JoinResponse:
         signed = request.invitation
-        invitation = inv.decode_invitation(signed)
-        inv.verify_signature(signed, invitation)
+        invitation = await check_invitation(
+            self.contexts,
+            signed,
+            request.member,
+            request.proof,
+            partial(inv.proof_message, conn.noise.remote.handshake_hash),
+            now=self.wall_clock(),
+        )
         context_id = invitation.context_id
-        if context_id not in self.contexts.known_ids():
-            raise inv.InvitationError("this node is not a member of that context")
-        if invitation.expires_at < self.wall_clock():
-            raise inv.InvitationError("the invitation has expired")
-        if await self.contexts.role(context_id, invitation.inviter) != "admin":
-            raise inv.InvitationError("the inviter is not an admin of the context")
-        if invitation.role not in members.ROLES:
-            raise inv.InvitationError("the invitation names an unknown role")
-        try:
-            Ed25519PublicKey.from_public_bytes(request.member).verify(
-                request.proof, inv.proof_message(conn.noise.remote.handshake_hash, invitation.id)
-            )
-        except (InvalidSignature, ValueError):
-            raise inv.InvitationError("no proof of possession of the member key") from None
-        if invitation.invitee is not None and invitation.invitee != request.member:
-            raise inv.InvitationError("the invitation is for another member key")
-        if invitation.secret_sha256 is not None:
-            secret = signed.secret
-            if secret is None or hashlib.sha256(secret).digest() != invitation.secret_sha256:
-                raise inv.InvitationError("the invitation's secret is missing or wrong")
         # The spend is an operation in the replicated state: every node that holds it
         # refuses a second spend, and concurrent spends resolve alike everywhere.
         try:

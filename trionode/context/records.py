@@ -77,6 +77,11 @@ class ApplicationRecord(msgspec.Struct, frozen=True):
     installed_at: float
     trusted: bool
     """Installed by the operator (or signed by a trusted signer): may be executed."""
+    bundle_blob_id: bytes | None = None
+    """The blob holding the packed bundle (pinned while installed), which members serve to
+    joiners; None for apps installed before bundles were blobs (made on first invite)."""
+    signer: bytes | None = None
+    """The bundle's verified signer (Ed25519 public key), None if unsigned."""
 
 
 BYTES = BytesCodec()
