@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.replication.test_processes import ENV, ROOT, add_bootstrap, cli, init, running
+from tests.blobs.test_two_nodes import raw_cli
+from tests.replication.test_processes import ROOT, add_bootstrap, cli, init, running
 
 pytestmark = pytest.mark.real_network
-
-
-async def raw_cli(home: Path, *args: str) -> tuple[int, str, str]:
-    result = await trio.run_process(
-        [sys.executable, "-m", "trionode", *args, "--home", str(home)],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        env=ENV,
-        cwd=ROOT,
-    )
-    return result.returncode, result.stderr.decode(), result.stdout.decode()
 
 
 def trust(home: Path, signer: str) -> None:
@@ -87,7 +75,7 @@ async def test_joiner_without_the_app_fetches_a_trusted_one_and_refuses_an_unsig
                 text = (await cli(a_home, "context", "invite", chat_context))["invitation"]
                 code, err, out = await raw_cli(b_home, "context", "join", text)
                 assert code == 1
-                assert out == ""
+                assert out == b""
                 assert err == (
                     f"trionode: 412: app {chat} (chat v0.1.0, unsigned) is not trusted: "
                     f"pass --trust-app {chat} to run it\n"
