@@ -4,6 +4,7 @@ inviter, and runs it only if a trusted signer signed it or the operator named it
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -235,3 +236,34 @@ async def test_join_api_refuses_a_bad_trust_app_with_400(
                 await client.request("POST", "/admin-api/contexts/join", json=body)
             assert refused.value.status == 400
             assert reason in str(refused.value)
+
+
+def _second_read_only() -> Callable[[FileConfig], FileConfig]:
+    modes = iter(["read-write", "read-only"])
+
+    def configure(file: FileConfig) -> FileConfig:
+        node = msgspec.structs.replace(file.node, mode=next(modes))
+        return msgspec.structs.replace(file, node=node)
+
+    return configure
+
+
+async def test_a_read_only_node_installs_and_fetches_apps(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Installing code stays allowed on a read-only node: one it installs itself is not
+    stored as a blob (it adds no blobs), one it fetches to join is kept and pinned."""
+    async with open_cluster(2, tmp_path, configure=_second_read_only()) as cluster:
+        a, mirror = cluster.nodes
+        local = await mirror.applications.install(str(APPS / "chat"))
+        assert local.bundle_blob_id is None
+        app_id, context, text = await create_and_invite(a, APPS / "kv_store")
+        await mirror.joins.join(text, trust_app=app_id)
+        record = await mirror.applications.get(app_id)
+        assert record.bundle_blob_id is not None
+        info = await mirror.blobs.info(record.bundle_blob_id)
+        assert info is not None
+        assert info.pinned
+        await write(a, context, "set", key="k", value="v")
+        await joined(cluster, context)
+        assert await call(mirror, context, "get", key="k") == "v"

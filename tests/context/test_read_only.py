@@ -39,7 +39,8 @@ async def test_read_only_node_refuses_writes_over_http(tmp_path: Path) -> None:
     home = tmp_path / "home"
     with trio.fail_after(60):
         async with open_test_node(home) as rw, rw.client() as client:
-            app = (await client.install_application(str(APPS / "kv_store")))["applicationId"]
+            installed_app = await client.install_application(str(APPS / "kv_store"))
+            app = installed_app["applicationId"]
             ctx = (await client.create_context(app))["contextId"]
             await client.call(ctx, "set", {"key": "a", "value": "1"})
             member = (await client.context(ctx))["memberPublicKey"]
@@ -103,7 +104,9 @@ async def test_read_only_node_refuses_writes_over_http(tmp_path: Path) -> None:
             upload = await http.post("/admin-api/blobs", content=b"hello")
             assert upload.status_code == 403
             assert "uploading a blob is not allowed" in upload.json()["error"]["message"]
-            assert (await http.get("/admin-api/blobs")).json()["blobs"] == []
+            # Only the app's bundle, stored when it was installed (read-write then).
+            blobs = (await http.get("/admin-api/blobs")).json()["blobs"]
+            assert [b["blobId"] for b in blobs] == [installed_app["bundleBlobId"]]
 
             # Node-local administration a reader needs stays allowed (docs/operating.md).
             installed = await http.post(

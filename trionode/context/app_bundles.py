@@ -224,7 +224,7 @@ class AppBundles:
             packed = b"".join([piece async for piece in await self.blobs.read(blob_id)])
             verified = self._verify(ref, packed, trust_app)
             return await self.applications.install_verified(
-                verified, packed, f"blob:{b58(blob_id)}"
+                verified, packed, f"blob:{b58(blob_id)}", blob_id
             )
         except (BundleError, StorageError, BlobError, ContextError) as exc:
             await self.blobs.delete(blob_id)  # never kept, never served on

@@ -23,7 +23,7 @@ import trio
 from trionode.blobs.store import BlobStore
 from trionode.context.manager import ContextError, b58
 from trionode.context.records import APPLICATIONS, ApplicationRecord
-from trionode.errors import TrionodeError
+from trionode.errors import ReadOnlyError, TrionodeError
 from trionode.sdk.bundle import (
     Bundle,
     BundleError,
@@ -75,12 +75,13 @@ class Applications:
         return await self._record(verified, app, str(path), pack_bundle(verified.bundle))
 
     async def install_verified(
-        self, verified: VerifiedBundle, packed: bytes, source: str
+        self, verified: VerifiedBundle, packed: bytes, source: str, blob_id: bytes
     ) -> ApplicationRecord:
-        """Import and record a bundle verified elsewhere (one fetched from a peer, whose
-        packed bytes are `packed`); ContextError with the reason if it does not load."""
+        """Import and record a bundle verified elsewhere: one fetched from a peer, whose
+        packed bytes are `packed`, stored as blob `blob_id` (pinned from now on).
+        ContextError with the reason if it does not load."""
         app = await self._off_thread(lambda: load_app(verified))
-        return await self._record(verified, app, source, packed)
+        return await self._record(verified, app, source, packed, blob_id)
 
     async def _off_thread(self, work: Callable[[], R]) -> R:
         try:
@@ -92,7 +93,12 @@ class Applications:
             raise ContextError(str(exc)) from None
 
     async def _record(
-        self, verified: VerifiedBundle, app: Any, path: str, packed: bytes
+        self,
+        verified: VerifiedBundle,
+        app: Any,
+        path: str,
+        packed: bytes,
+        blob_id: bytes | None = None,
     ) -> ApplicationRecord:
         bundle = verified.bundle
         self._apps[bundle.app_id] = app
@@ -103,7 +109,7 @@ class Applications:
             path=path,
             installed_at=time.time(),
             trusted=True,
-            bundle_blob_id=await self._store_blob(bundle, packed),
+            bundle_blob_id=await self._store_blob(bundle, packed, blob_id),
             signer=verified.signer,
         )
         batch = WriteBatch()
@@ -112,12 +118,24 @@ class Applications:
         await self._store.write(batch)
         return record
 
-    async def _store_blob(self, bundle: Bundle, packed: bytes) -> bytes | None:
+    async def _store_blob(
+        self, bundle: Bundle, packed: bytes, blob_id: bytes | None = None
+    ) -> bytes | None:
+        """Pin the bundle's blob (`blob_id`, or stored now); None where blobs cannot be
+        stored: a read-only node adds no blobs, so it does not serve apps it installed
+        itself (it invites nobody either), only those it fetched."""
         if self._blobs is None:
             return None
-        info = await self._blobs.add_bytes(packed, name=f"{bundle.name}-{bundle.version}.tar.gz")
-        await self._blobs.pin(info.blob_id)
-        return info.blob_id
+        if blob_id is None:
+            try:
+                info = await self._blobs.add_bytes(
+                    packed, name=f"{bundle.name}-{bundle.version}.tar.gz"
+                )
+            except ReadOnlyError:
+                return None
+            blob_id = info.blob_id
+        await self._blobs.pin(blob_id)
+        return blob_id
 
     async def bundle_blob(self, application_id: bytes) -> bytes | None:
         """The blob id of an installed app's bundle, storing the bundle as a (pinned) blob
