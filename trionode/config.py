@@ -87,6 +87,8 @@ class DcutrSection(_Section, frozen=True):
     """Exchanges (each with a fresh round-trip measurement) before the relayed one stays."""
     attempt_timeout: PositiveFloat = 10.0
     """Seconds one attempt may take: the CONNECT/SYNC exchange and the simultaneous dials."""
+    direct_dial_timeout: PositiveFloat = 5.0
+    """Seconds for the first step: dialing the peer's own addresses (it may be dialable)."""
     max_sync_delay: PositiveFloat = 2.0
     """Upper bound of the half round trip the driving side waits after SYNC before dialing."""
     handover_grace: Annotated[float, msgspec.Meta(ge=0)] = 5.0

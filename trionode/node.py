@@ -123,7 +123,7 @@ class Node:
         self.relay_server = (
             RelayServer(self.host, config.network) if config.network.relay.serve else None
         )
-        self.hole_puncher = HolePuncher(self.host, config.network)
+        self.hole_puncher = HolePuncher(self.host, config.network, metrics.registry)
         self.autonat = (
             AutoNat(self.host, config.network, AutoNatMetrics(metrics.registry))
             if config.network.autonat

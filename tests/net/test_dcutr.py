@@ -236,6 +236,8 @@ async def test_endpoint_independent_nats_are_punched_and_the_relay_is_left(
             while not relayed.closed:
                 await b.wait_connection_changed()
             assert (ap.failed, bp.failed) == (0, 0)
+            # A's plain dial to B (DCUtR's first step) found B's NAT closed: it took the punch.
+            assert ap.outcomes == {"hole_punch": 1}
 
 
 @pytest.mark.parametrize("kind", [NatKind.ENDPOINT_DEPENDENT, NatKind.NO_INBOUND])
@@ -248,6 +250,7 @@ async def test_without_a_predictable_mapping_the_relayed_connection_stays(
             while ap.failed == 0:
                 await ap.wait_changed()
             assert ap.upgraded == 0
+            assert ap.outcomes == {"relayed": 1}
             assert b.connections[a.peer_id] is relayed
             assert not relayed.closed
             assert await b.ping(a.peer_id) >= 0  # still works, through R
@@ -316,6 +319,18 @@ async def test_two_homes_join_through_the_relay_and_converge_then_punch_where_th
                 while puncher.upgraded + puncher.failed == 0:
                     await puncher.wait_changed()
                 conn = b.host.connections[a.host.peer_id]
+                outcomes = {
+                    sample.labels["outcome"]: sample.value
+                    for metric in a.metrics.registry.collect()
+                    for sample in metric.samples
+                    if sample.name == "trionode_dcutr_outcomes_total"
+                }
+                if kind is NatKind.ENDPOINT_INDEPENDENT:
+                    # B's join first tried A's direct address, which left a mapping in B's
+                    # NAT toward A: A's plain dial (DCUtR's first step) may already get in.
+                    assert sum(outcomes.get(o, 0) for o in ("direct_dial", "hole_punch")) == 1
+                else:
+                    assert outcomes == {"relayed": 1}
                 if kind is NatKind.ENDPOINT_INDEPENDENT:
                     assert (puncher.upgraded, puncher.failed) == (1, 0)
                     assert not conn.relayed

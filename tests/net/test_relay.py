@@ -256,15 +256,23 @@ async def test_a_private_node_invites_and_a_peer_joins_through_the_relay(
                 shown = describe_invitation(text)["addresses"]
                 assert any("/p2p-circuit" in address for address in shown)
                 await b.joins.join(text)
-                assert b.host.connections[a.host.peer_id].relayed
+                assert r.relay_server is not None
+                assert r.relay_server.circuits_opened == 1  # the join came through R
                 await b.contexts.execute(context, "set", json.dumps({"key": "y", "value": "2"}))
                 await a.contexts.execute(context, "set", json.dumps({"key": "z", "value": "3"}))
                 want = {"x": "1", "y": "2", "z": "3"}
                 for node in (a, b):
                     while (await node.contexts.execute(context, "entries", "{}")).result != want:
                         await node.pubsub.wait_heartbeat()
-                assert r.relay_server is not None
-                assert r.relay_server.circuits_opened >= 1
+                # B is dialable: the first step of DCUtR (A dials B's own addresses) makes
+                # the connection direct, and the relayed one goes.
+                while a.hole_puncher.upgraded == 0:
+                    await a.hole_puncher.wait_changed()
+                assert not b.host.connections[a.host.peer_id].relayed
+                sample = a.metrics.registry.get_sample_value(
+                    "trionode_dcutr_outcomes_total", {"outcome": "direct_dial"}
+                )
+                assert sample == 1
 
 
 async def test_a_private_node_without_relays_learns_one_from_its_peers_and_is_joined_through_it(
@@ -300,7 +308,8 @@ async def test_a_private_node_without_relays_learns_one_from_its_peers_and_is_jo
                 text = await a.joins.invite(context)
                 assert any("/p2p-circuit" in x for x in describe_invitation(text)["addresses"])
                 await b.joins.join(text)
-                assert b.host.connections[a.host.peer_id].relayed
+                assert r.relay_server is not None
+                assert r.relay_server.circuits_opened >= 1  # the join came through R
                 while (await b.contexts.execute(context, "entries", "{}")).result != {"x": "1"}:
                     await b.pubsub.wait_heartbeat()
                 # The relay goes away: its circuit addresses are no longer handed out.

@@ -23,10 +23,12 @@ When every attempt fails the relayed connection simply stays.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
 
 import trio
+from prometheus_client import CollectorRegistry, Counter
 
 from trionode.config import NetworkSection
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
@@ -50,7 +52,9 @@ _FAILURES = (
 class HolePuncher:
     """Both DCUtR roles for one Host. Constructing it installs the handler."""
 
-    def __init__(self, host: Host, config: NetworkSection) -> None:
+    def __init__(
+        self, host: Host, config: NetworkSection, registry: CollectorRegistry | None = None
+    ) -> None:
         self._host = host
         self._config = config
         self._limiter = trio.CapacityLimiter(config.dcutr.max_concurrent)
@@ -58,6 +62,15 @@ class HolePuncher:
         """Relayed connections replaced by a direct one (either role)."""
         self.failed = 0
         """Relayed connections we drove that stayed relayed after every attempt."""
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        """Relayed connections we drove, by outcome (as the metric below)."""
+        self._metrics = Counter(
+            "trionode_dcutr_outcomes",
+            "Relayed connections we received, by what became of them: direct_dial (the peer "
+            "was dialable), hole_punch (DCUtR made it direct), relayed (it stays relayed)",
+            ["outcome"],
+            registry=registry,
+        )
         self._changed = trio.Event()
         host.set_handler(wire.PROTOCOL, self._serve)
 
@@ -65,9 +78,16 @@ class HolePuncher:
         """Until a hole punch we drove ends, either way (tests)."""
         await self._changed.wait()
 
+    def _outcome(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        self._metrics.labels(outcome).inc()
+        self._ended(upgraded=outcome != "relayed")
+
     def _ended(self, *, upgraded: bool) -> None:
         if upgraded:
             self.upgraded += 1
+        else:
+            self.failed += 1
         self._changed.set()
         self._changed = trio.Event()
 
@@ -115,17 +135,25 @@ class HolePuncher:
         dcutr = self._config.dcutr
         with trio.move_on_after(self._config.negotiation_timeout):
             await conn.identified.wait()
-        if not dcutr.enabled or wire.PROTOCOL not in conn.protocols:
+        if not dcutr.enabled:
             return
         async with self._limiter:
+            # The spec's first step: the peer may simply be dialable (a public node dialed us
+            # through our relay). A normal dial, we are its initiator.
+            if await self._dial_directly(conn):
+                log.info("%s: direct connection (it is dialable)", conn.peer_id)
+                self._outcome("direct_dial")
+                return
+            if wire.PROTOCOL not in conn.protocols:
+                return
             for attempt in range(1, dcutr.attempts + 1):
                 if conn.closed or self._direct(conn.peer_id):
-                    return
+                    break
                 try:
                     with trio.fail_after(dcutr.attempt_timeout):
                         if await self._attempt(conn):
                             log.info("%s: direct connection after hole punching", conn.peer_id)
-                            self._ended(upgraded=True)
+                            self._outcome("hole_punch")
                             return
                 except _FAILURES as exc:
                     log.info(
@@ -134,10 +162,24 @@ class HolePuncher:
                         attempt,
                         str(exc) or "timeout",
                     )
-        if not self._direct(conn.peer_id):
-            self.failed += 1
+        if self._direct(conn.peer_id):
+            self._outcome("hole_punch")  # the peer's dial won while ours was failing
+        else:
             log.info("%s stays relayed: hole punching failed", conn.peer_id)
-        self._ended(upgraded=self._direct(conn.peer_id))
+            self._outcome("relayed")
+
+    async def _dial_directly(self, conn: Connection) -> bool:
+        addrs = [
+            addr.without_peer_id()
+            for addr in conn.listen_addrs
+            if addr.tcp_host_port() is not None
+            and not any(c.name == "p2p-circuit" for c in addr.components)
+        ][: wire.MAX_ADDRS]
+        if not addrs:
+            return False
+        with trio.move_on_after(self._config.dcutr.direct_dial_timeout):
+            return await self._dial_all(conn.peer_id, addrs, initiator=True)
+        return False
 
     async def _attempt(self, conn: Connection) -> bool:
         exchange = wire.HolePunchInitiator(conn.peer_id, self._our_addresses())
