@@ -15,7 +15,6 @@ disk. One writer at a time per context (a trio.Lock).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -1172,14 +1171,6 @@ class ContextManager:
                 delta_id = delta.id
                 if delta_id in authority.meta:
                     continue
-                if loaded.dag.is_pending(delta_id):
-                    # It came by gossip and waits for parents here. Ops after it in the
-                    # export build on it, so the graph takes it now; the DAG covers it (the
-                    # heads adopted next) or applies it once its parents come, and adding
-                    # it then again is a no-op.
-                    with contextlib.suppress(AuthRejected):
-                        authority.add_op(delta_id, header)
-                    continue
                 try:
                     authority.add_op(delta_id, header)
                 except AuthRejected as exc:
@@ -1188,7 +1179,11 @@ class ContextManager:
                 assert header.auth is not None
                 authority.record(delta_id, header)
                 if delta_id not in heads:  # the heads themselves: `adopt_heads` marks them
-                    loaded.dag.applied.add(delta_id)
+                    # One pending here (it came by gossip, its parents did not) is taken
+                    # too: the ops after it in the export build on it.
+                    if loaded.dag.is_pending(delta_id):
+                        batch.delete(PENDING, context_id + delta_id)
+                    loaded.dag.settle(delta_id)
                 batch.put(DELTAS, context_id + delta_id, delta.encode())
                 self._learn_keys(loaded, batch, header.auth)
                 applying.auth_changed = True

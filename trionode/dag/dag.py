@@ -231,7 +231,9 @@ class CausalDag(Generic[T]):
         if cover is not None:
             cover(covered)
         released: list[tuple[bytes, T]] = []
-        for done in [*marked, *(delta_id for delta_id, _ in covered)]:
+        # Also whatever waits for an id applied some other way meanwhile (`settle`).
+        settled = [w for w in self._waiting if w in self.applied]
+        for done in dict.fromkeys([*marked, *(delta_id for delta_id, _ in covered), *settled]):
             for child_id in sorted(self._waiting.pop(done, ())):
                 child = self._pending.get(child_id)
                 if child is None:
@@ -241,6 +243,13 @@ class CausalDag(Generic[T]):
                     self._remove_pending(child_id)
                     released.extend(self._cascade([child], apply))
         return released, covered
+
+    def settle(self, delta_id: bytes) -> None:
+        """Count `delta_id` applied, not as a head: a membership operation taken from a
+        peer's export (it lies in the past of the heads adopted next). A pending copy leaves
+        `pending`; what waits for it is released by the next `checkpoint`."""
+        self._drop(delta_id)
+        self.applied.add(delta_id)
 
     def _mark_applied(self, delta_id: bytes, parents: tuple[bytes, ...]) -> None:
         self.applied.add(delta_id)
