@@ -16,6 +16,7 @@ from benchmarks import (
     pubsub_bench,
     pubsub_procs,
     relay_bench,
+    scale_bench,
     store_bench,
     sync_bench,
     transport_bench,
@@ -38,6 +39,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "auth": auth_bench.run,
         "ws-load": ws_load_bench.run,
         "relay": relay_bench.run,
+        "scale": scale_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():
