@@ -12,22 +12,19 @@ import pytest
 import trio
 import trio.testing
 from hypothesis import given, strategies as st
-from prometheus_client import CollectorRegistry
 
 from trionode.config import DcutrSection, RelaySection
 from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.net.dcutr import HolePuncher
 from trionode.net.host import Host
 from trionode.net.memory import MemoryNetwork, NatKind
-from trionode.net.metrics import NetMetrics
-from trionode.net.relay import RelayClient, RelayServer
+from trionode.net.relay import RelayClient
 from trionode.node import Node, open_node
 from trionode.wire import dcutr as wire
 from trionode.wire.keys import PrivateKey
 from trionode.wire.multiaddr import Multiaddr
 
-from .host_helpers import network as network_section
-from .test_relay import _node_config
+from .test_relay import _host as relay_host, _node_config
 
 APPS = Path(__file__).resolve().parents[2] / "apps"
 PEER = PrivateKey.generate().peer_id()
@@ -165,24 +162,13 @@ def test_the_initiator_refuses_sync_and_data_after_the_end() -> None:
 async def _host(
     network: MemoryNetwork, stack: AsyncExitStack, nursery: trio.Nursery, **overrides: Any
 ) -> AsyncIterator[tuple[Host, RelayClient, HolePuncher]]:
-    settings: dict[str, Any] = {"listen": ["/ip4/0.0.0.0/tcp/4001"]}
-    settings.update(overrides)
-    host = Host(
-        PrivateKey.generate(),
-        network_section(**settings),
-        NetMetrics(CollectorRegistry()),
-        transport=network.transport(),
-    )
-    if host.config.relay.serve:
-        RelayServer(host, host.config)
-    client = RelayClient(host, host.config)
-    puncher = HolePuncher(host, host.config)
-    stop = trio.Event()
-    stack.callback(stop.set)
-    await nursery.start(host.run, stop)
-    await nursery.start(client.run, stop)
-    await nursery.start(puncher.run, stop)
-    yield host, client, puncher
+    """The relay tests' host, hole punching too."""
+    async with relay_host(network, stack, nursery, **overrides) as (host, client, _):
+        puncher = HolePuncher(host, host.config)
+        stop = trio.Event()
+        stack.callback(stop.set)
+        await nursery.start(puncher.run, stop)
+        yield host, client, puncher
 
 
 @asynccontextmanager
@@ -341,3 +327,30 @@ async def test_two_homes_join_through_the_relay_and_converge_then_punch_where_th
                 await a.contexts.execute(context, "set", json.dumps({"key": "z", "value": "3"}))
                 await _converge((a, b), context, {"x": "1", "y": "2", "z": "3"})
                 assert b.host.connections[a.host.peer_id] is conn
+
+
+async def test_a_hostile_hole_punch_costs_its_stream_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(120):
+        async with _two_homes(NatKind.NO_INBOUND) as (_network, a, ap, b, _bp, circuit):
+            relayed = await b.connect(circuit)
+            # B opens /libp2p/dcutr itself (A drives on this connection) and sends a frame
+            # over the size limit: A refuses it, counts a protocol error, keeps the connection.
+            _, stream = await relayed.new_stream([wire.PROTOCOL])
+            await stream.send_all(b"\xff\x7f" + b"\x00" * 64)
+            assert await stream.receive_some(100) == b""
+            assert await b.ping(a.peer_id) >= 0
+            # A CONNECT whose addresses are all useless (relay ones) gets no answer either.
+            _, stream = await relayed.new_stream([wire.PROTOCOL])
+            useless = Multiaddr.from_string(f"{circuit}")
+            await stream.send_all(_frame(wire.HolePunchType.CONNECT, useless))
+            assert await stream.receive_some(100) == b""
+            # Over a direct connection there is nothing to punch: the stream is closed unread.
+            r = next(conn for conn in b.connections.values() if not conn.relayed)
+            _, stream = await r.new_stream([wire.PROTOCOL])
+            await stream.send_all(_frame(wire.HolePunchType.CONNECT, A1))
+            assert await stream.receive_some(100) == b""
+            while ap.outcomes["relayed"] == 0:
+                await ap.wait_changed()
+            assert not relayed.closed
