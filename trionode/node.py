@@ -200,13 +200,15 @@ class Node:
             metrics=BlobTransferMetrics(metrics.registry),
             bundles=BundleServing(self.contexts, self.applications, self.blobs),
         )
+        self.app_bundles = AppBundles(self.applications, self.blobs, self.blob_transfer)
+        """Fetch, verify and install a context's app from its members (join, upgrade)."""
         self.joins = JoinService(
             self.contexts,
             self.applications,
             self.host,
             self.replicator,
             store,
-            app_bundles=AppBundles(self.applications, self.blobs, self.blob_transfer),
+            app_bundles=self.app_bundles,
         )
         self.gc_metrics = GcMetrics(metrics.registry)
         self.tokens = TokenStore(store)

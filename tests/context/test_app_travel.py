@@ -210,8 +210,7 @@ async def test_a_member_without_the_app_gets_it_from_other_members(
         app_id, context, text = await create_and_invite(a, signed_kv(tmp_path))
         await b.joins.join(text)
         await joined(cluster, context)
-        bundles = b.joins.app_bundles
-        assert bundles is not None
+        bundles = b.app_bundles
         ref = await bundles.ref(app_id)
         assert ref is not None
         await b.applications.uninstall(app_id)
