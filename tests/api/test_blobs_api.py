@@ -124,3 +124,40 @@ async def test_upload_over_the_limit_is_refused_without_a_blob(tmp_path: Path) -
         with pytest.raises(ApiError, match="413"):
             await client.add_blob(stream(os.urandom(2 * 1024 * 1024)))
         assert (await client.blobs())["blobs"] == []
+
+
+async def test_the_page_uploads_with_its_session_cookie_from_its_own_origin(
+    node: TestNode,
+) -> None:
+    base = f"{node.api_url}/admin-api/blobs"
+    async with httpx.AsyncClient() as http:
+        signed_in = await http.post(f"{node.api_url}/admin/session", json={"token": node.token})
+        session = signed_in.cookies["trionode_session"]
+        cookie = {"Cookie": f"trionode_session={session}"}
+        # Another site's page can't upload with the operator's session...
+        r = await http.post(
+            base, content=b"evil", headers={**cookie, "Origin": "https://evil.example"}
+        )
+        assert r.status_code == 403
+        assert "cross-origin" in r.json()["error"]["message"]
+        # ...a made-up session is no session...
+        r = await http.post(base, content=b"x", headers={"Cookie": "trionode_session=forged"})
+        assert r.status_code == 401
+        assert "sign in again" in r.json()["error"]["message"]
+        # ...and the page itself can.
+        r = await http.post(
+            base,
+            params={"name": "note.txt"},
+            content=b"from the page",
+            headers={**cookie, "Origin": node.api_url},
+        )
+        assert r.status_code == 200, r.text
+        blob_id = r.json()["blobId"]
+        r = await http.get(f"{base}/{blob_id}/content", headers=cookie)
+        assert r.content == b"from the page"
+        # Signing out ends it for uploads too.
+        await http.delete(f"{node.api_url}/admin/session", headers=cookie)
+        r = await http.post(base, content=b"x", headers={**cookie, "Origin": node.api_url})
+        assert r.status_code == 401
+    async with node.client() as client:
+        assert [b["name"] for b in (await client.blobs())["blobs"]] == ["note.txt"]

@@ -99,7 +99,7 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[LiveNode]]:
     thread = NodesThread(tmp_path_factory.mktemp("browser-nodes"), 2)
     started = thread.start()

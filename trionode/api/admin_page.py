@@ -106,6 +106,20 @@ def same_origin(origin: str | None) -> bool:
     return origin is None or origin == f"{request.scheme}://{request.host}"
 
 
+def session_refusal(
+    sessions: SessionBook, session: str, *, changes_state: bool, same_origin: bool
+) -> tuple[int, str] | None:
+    """Why a request carrying the page's session cookie is refused (status, message), or
+    None: the session must be live, and a request that changes state must come from the
+    page's own origin (SameSite=Strict already keeps other sites out; this is in case a
+    browser ignores it)."""
+    if not sessions.valid(session):
+        return 401, "the page session has ended: sign in again"
+    if changes_state and not same_origin:
+        return 403, "cross-origin request with the page's session"
+    return None
+
+
 def _static(name: str) -> Response:
     body = resources.files("trionode.api").joinpath("static", name).read_bytes()
     response = Response(body, content_type=STATIC_FILES[name])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
 import trio
@@ -18,6 +19,7 @@ from quart.json.provider import DefaultJSONProvider
 from quart_trio import QuartTrio
 from werkzeug.datastructures import Headers, MultiDict
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import parse_cookie
 
 from trionode import __version__
 from trionode.api.admin_page import (
@@ -27,6 +29,7 @@ from trionode.api.admin_page import (
     is_page_route,
     register_page_routes,
     same_origin,
+    session_refusal,
 )
 from trionode.api.blobs import UPLOAD_PATH, BlobApi, register_blob_routes, wrap_upload
 from trionode.api.contexts import ContextApi, json_object_body, register_context_routes
@@ -174,12 +177,14 @@ def create_app(node: NodeApi) -> QuartTrio:
         if not bearer and session is not None:
             # The page's session cookie: the admin, but only from the page's own origin for
             # anything that changes state (SameSite=Strict already keeps other sites out).
-            if not node.sessions.valid(session):
-                return error_response(401, "the page session has ended: sign in again")
-            if request.method not in SAFE_METHODS and not same_origin(
-                request.headers.get("Origin")
-            ):
-                return error_response(403, "cross-origin request with the page's session")
+            refusal = session_refusal(
+                node.sessions,
+                session,
+                changes_state=request.method not in SAFE_METHODS,
+                same_origin=same_origin(request.headers.get("Origin")),
+            )
+            if refusal is not None:
+                return error_response(*refusal)
             g.principal = ADMIN
             return None
         if not bearer and "ticket" not in request.args:
@@ -312,10 +317,29 @@ def create_app(node: NodeApi) -> QuartTrio:
     register_page_routes(app, node)
     install_cors(app, settings.cors_origins)
     register_blob_routes(app, node)
+
+    def authorize_upload(headers: Mapping[str, str], own_origin: str) -> tuple[int, str] | None:
+        # The admin token, or the page's session (the page uploads with its cookie).
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            if token_matches(token.strip(), node.token_sha256):
+                return None
+            return 401, "invalid bearer token"
+        session = parse_cookie(headers.get("cookie", "")).get(SESSION_COOKIE)
+        if session is None:
+            return 401, "missing bearer token"
+        origin = headers.get("origin")
+        return session_refusal(
+            node.sessions,
+            session,
+            changes_state=True,
+            same_origin=origin is None or origin == own_origin,
+        )
+
     app.asgi_app = wrap_upload(  # type: ignore[method-assign,assignment]  # Quart's hook
         app.asgi_app,
         node,
-        lambda token: token_matches(token, node.token_sha256),
+        authorize_upload,
         lambda status: metrics.http_requests.labels("POST", UPLOAD_PATH, str(status)).inc(),
     )
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import aclosing
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qs
@@ -127,10 +127,15 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 # -- upload (raw ASGI) ----------------------------------------------------------------------
 
 
+UploadAuth = Callable[[Mapping[str, str], str], tuple[int, str] | None]
+"""(the request's headers, lowercased names; its own origin) → None when it may upload,
+else the refusal (status, message)."""
+
+
 def wrap_upload(
     asgi_app: ASGIFramework,
     node: BlobApi,
-    check_token: Callable[[str], bool],
+    authorize: UploadAuth,
     on_done: Callable[[int], None],
 ) -> AsgiApp:
     """Serve `POST /admin-api/blobs` before Quart sees it; everything else goes to Quart.
@@ -149,7 +154,7 @@ def wrap_upload(
         request_body = _RequestBody(receive)
         try:
             try:
-                status, body = await _upload(scope, request_body, node, check_token)
+                status, body = await _upload(scope, request_body, node, authorize)
             except BlobRequestError as exc:
                 status, body = exc.status, _error_body(exc.status, str(exc))
                 # Read (a bounded amount of) what the client is still sending, so that it
@@ -210,14 +215,12 @@ async def _upload(
     scope: HTTPScope,
     body: _RequestBody,
     node: BlobApi,
-    check_token: Callable[[str], bool],
+    authorize: UploadAuth,
 ) -> tuple[int, bytes]:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise BlobRequestError("missing bearer token", 401)
-    if not check_token(token.strip()):
-        raise BlobRequestError("invalid bearer token", 401)
+    refusal = authorize(headers, f"{scope['scheme']}://{headers.get('host', '')}")
+    if refusal is not None:
+        raise BlobRequestError(refusal[1], refusal[0])
     query = parse_qs(scope["query_string"].decode("latin-1"), max_num_fields=8)
     context_id = None
     if "context" in query:

@@ -127,6 +127,88 @@ async function rpc(contextId, method, args) {
   return body.result;
 }
 
+// -- transfers with progress ----------------------------------------------------------------
+
+function bytesText(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1048576) return `${(n / 1024).toFixed(1)} KiB`;
+  if (n < 1073741824) return `${(n / 1048576).toFixed(1)} MiB`;
+  return `${(n / 1073741824).toFixed(2)} GiB`;
+}
+
+// A <progress> with its text, for one upload or download at a time.
+function progressBar(label) {
+  const bar = el("progress", { max: 1, value: 0, "aria-label": label });
+  const text = el("span", { class: "hint", role: "status", "aria-live": "polite" });
+  const box = el("div", { class: "progress", hidden: true }, bar, text);
+  return {
+    box,
+    show(done, total, what) {
+      box.hidden = false;
+      bar.max = total || 1;
+      bar.value = Math.min(done, total || 1);
+      text.textContent = `${what} ${bytesText(done)}${total ? ` of ${bytesText(total)}` : ""}`;
+    },
+    hide() { box.hidden = true; },
+  };
+}
+
+// Sends a File as the request body (streamed by the browser, not read into memory here);
+// XHR because fetch() has no upload progress. Resolves with the JSON answer.
+function uploadFile(url, file, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", url);
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    xhr.setRequestHeader("Accept", "application/json");
+    xhr.upload.addEventListener("progress", (e) => onProgress(e.loaded, e.lengthComputable ? e.total : file.size));
+    xhr.addEventListener("error", () => reject(new ApiError("The upload failed: the node can't be reached or closed the connection.", 0)));
+    xhr.addEventListener("load", () => {
+      let data = null;
+      try {
+        data = JSON.parse(xhr.responseText);
+      } catch {
+        data = null;
+      }
+      if (xhr.status === 401) showSignIn();
+      if (xhr.status >= 200 && xhr.status < 300) resolve(data);
+      else reject(new ApiError(readableError(data, { status: xhr.status, statusText: xhr.statusText }), xhr.status));
+    });
+    xhr.send(file);
+  });
+}
+
+// Reads a response body with progress, then hands it to the browser as a download.
+async function downloadWithProgress(path, filename, size, onProgress) {
+  let response;
+  try {
+    response = await fetch(path, { credentials: "same-origin" });
+  } catch {
+    throw new ApiError("The node can't be reached. Is it still running?", 0);
+  }
+  if (!response.ok) {
+    const data = await response.json().catch(() => null);
+    throw new ApiError(readableError(data, response), response.status);
+  }
+  const reader = response.body.getReader();
+  const parts = [];
+  let done = 0;
+  for (;;) {
+    const { value, done: finished } = await reader.read();
+    if (finished) break;
+    parts.push(value);
+    done += value.length;
+    onProgress(done, size);
+  }
+  if (done !== size) throw new ApiError(`The download stopped after ${bytesText(done)} of ${bytesText(size)}.`, 0);
+  const url = URL.createObjectURL(new Blob(parts, { type: "application/octet-stream" }));
+  const link = el("a", { href: url, download: filename, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+}
+
 // -- notices ------------------------------------------------------------------------------
 
 function notify(message, kind = "error") {
@@ -406,27 +488,88 @@ async function contextsView() {
     card("Contexts on this node", table(["Context", "App", "Members", { label: "Heads", optional: true }, ""], rows, "No contexts yet.")));
 }
 
-// A delete needs a second, deliberate press (keyboard-friendly, no modal dialog).
-function deleteButton(contextId, after) {
-  const button = el("button", { type: "button", class: "danger" }, "Delete");
+// A destructive action needs a second, deliberate press (keyboard-friendly, no modal dialog).
+function confirmButton(label, action) {
+  const button = el("button", { type: "button", class: "danger" }, label);
   let armed = false;
   button.addEventListener("click", () => {
     if (!armed) {
       armed = true;
-      button.textContent = "Really delete?";
+      button.textContent = `Really ${label.toLowerCase()}?`;
       return;
     }
-    act(button, async () => {
-      await api("DELETE", `/admin-api/contexts/${contextId}`);
-      notify(`Deleted context ${short(contextId, 16)} from this node.`, "info");
-      await after();
-    });
+    act(button, action);
   });
   button.addEventListener("blur", () => {
     armed = false;
-    button.textContent = "Delete";
+    button.textContent = label;
   });
   return button;
+}
+
+function deleteButton(contextId, after) {
+  return confirmButton("Delete", async () => {
+    await api("DELETE", `/admin-api/contexts/${contextId}`);
+    notify(`Deleted context ${short(contextId, 16)} from this node.`, "info");
+    await after();
+  });
+}
+
+// -- blobs ----------------------------------------------------------------------------------
+
+async function blobsView() {
+  const contexts = await api("GET", "/admin-api/contexts");
+  const listing = el("div", {});
+  const downProgress = progressBar("Download progress");
+  async function refresh() {
+    const blobs = await api("GET", "/admin-api/blobs");
+    const rows = blobs.blobs.map((b) => el("tr", { "data-blob-id": b.blobId },
+      el("td", { text: b.name || "(no name)" }),
+      el("td", { class: "mono", title: b.blobId, text: short(b.blobId, 14) }),
+      el("td", { text: bytesText(b.size) }),
+      el("td", { text: b.pinned ? "pinned" : "no" }),
+      el("td", { class: "optional mono" }, b.contexts.length
+        ? b.contexts.map((c, i) => [i ? ", " : "", el("a", { href: `#/context/${c}`, title: c, text: short(c, 10) })])
+        : "–"),
+      el("td", { class: "actions" },
+        el("button", { type: "button", class: "secondary", onclick: (e) => act(e.currentTarget, async () => {
+          await downloadWithProgress(`/admin-api/blobs/${b.blobId}/content`, b.name || b.blobId, b.size,
+            (done, total) => downProgress.show(done, total, "Downloaded"));
+        }) }, "Download"), " ",
+        el("button", { type: "button", class: "secondary", onclick: (e) => act(e.currentTarget, async () => {
+          await api(b.pinned ? "DELETE" : "PUT", `/admin-api/blobs/${b.blobId}/pin`);
+          await refresh();
+        }) }, b.pinned ? "Unpin" : "Pin"), " ",
+        confirmButton("Delete", async () => {
+          await api("DELETE", `/admin-api/blobs/${b.blobId}`);
+          notify(`Deleted blob ${short(b.blobId, 16)} from this node.`, "info");
+          await refresh();
+        }))));
+    listing.replaceChildren(table(["Name", "Blob id", "Size", "Pinned", { label: "Contexts", optional: true }, ""], rows, "No blobs yet."));
+  }
+  const file = el("input", { name: "file", type: "file", required: true });
+  const context = el("select", { name: "context" },
+    el("option", { value: "", text: "(none: only this node)" }),
+    contexts.contexts.map((c) => el("option", { value: c.contextId, text: short(c.contextId, 16) })));
+  const upProgress = progressBar("Upload progress");
+  const upload = onSubmit(el("form", { class: "inline" },
+    field("File", file), field("Share with context", context, "(its members may fetch it)"),
+    el("button", { type: "submit" }, "Upload"), upProgress.box),
+  async (data) => {
+    const chosen = file.files[0];
+    const query = new URLSearchParams({ name: chosen.name });
+    if (data.get("context")) query.set("context", data.get("context"));
+    upProgress.show(0, chosen.size, "Uploaded");
+    const info = await uploadFile(`/admin-api/blobs?${query}`, chosen, (done, total) => upProgress.show(done, total, "Uploaded"));
+    notify(`Uploaded ${chosen.name} (${bytesText(info.size)}) as blob ${short(info.blobId, 16)}.`, "info");
+    file.value = "";
+    await refresh();
+  });
+  render("Blobs",
+    card("Upload", upload),
+    card("Blobs on this node", listing, downProgress.box,
+      el("p", { class: "hint", text: "Pinned blobs are kept by garbage collection even when no context refers to them." })));
+  await refresh();
 }
 
 // -- one context ----------------------------------------------------------------------------
@@ -694,6 +837,7 @@ const ROUTES = [
   [/^#\/peers$/, peersView, "#/peers"],
   [/^#\/apps$/, appsView, "#/apps"],
   [/^#\/contexts$/, contextsView, "#/contexts"],
+  [/^#\/blobs$/, blobsView, "#/blobs"],
   [/^#\/context\/([1-9A-HJ-NP-Za-km-z]+)$/, contextView, "#/contexts"],
 ];
 
