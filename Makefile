@@ -72,7 +72,7 @@ bench-smoke: $(STAMP)
 
 # Refresh the page's screenshots in docs/ (from the browser tests' happy paths).
 screenshots: $(STAMP) browser
-	TRIONODE_SCREENSHOTS=docs $(BIN)/pytest -q tests/browser -k "sign_in or live or phone"
+	TRIONODE_SCREENSHOTS=docs $(BIN)/pytest -q tests/browser -k "sign_in or live or fits or sync or blob"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

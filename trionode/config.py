@@ -380,6 +380,9 @@ class SyncSection(_Section, frozen=True):
     """Seconds a received stamp (a delta's header or any record in it, or state) may lead
     our wall clock. A delta further ahead waits as pending until it does not; one more than
     `replication.pending_timeout` beyond this is refused (and counted), as is state."""
+    max_peer_status: PositiveInt = 64
+    """Peers per context whose last sync (time, protocol, deltas, error) the node remembers
+    for the page; beyond, the one tried longest ago is forgotten."""
 
 
 class AppsSection(_Section, frozen=True):

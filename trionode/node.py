@@ -189,6 +189,7 @@ class Node:
             max_concurrent=config.sync.max_concurrent,
             on_join=config.sync.on_join,
             join_jitter=config.sync.join_jitter,
+            max_peer_status=config.sync.max_peer_status,
         )
         self.blob_transfer = BlobTransfer(
             self.blobs,

@@ -12,6 +12,7 @@ from quart.typing import TestClientProtocol as QuartClient
 
 from trionode.api.admin_page import SESSION_COOKIE, SessionBook
 from trionode.api.app import create_app
+from trionode.sdk.bundle import load_bundle, pack_bundle
 from trionode.testing import TestNode, open_test_node
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,3 +190,50 @@ async def test_the_dag_limit_is_checked(client: QuartClient, node: TestNode, lim
         f"/admin-api/contexts/{context}/dag?limit={limit}", headers=bearer(node)
     )
     assert response.status_code == 400
+
+
+async def test_an_uploaded_bundle_is_installed_like_a_path(
+    client: QuartClient, node: TestNode
+) -> None:
+    packed = pack_bundle(load_bundle(KV_STORE))
+    response = await client.post(
+        "/admin-api/applications/bundle?name=kv_store.tar.gz", data=packed, headers=bearer(node)
+    )
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    app: Any = await response.get_json()
+    assert (app["name"], app["path"]) == ("kv_store", "upload:kv_store.tar.gz")
+    shown: Any = await (
+        await client.get(f"/admin-api/applications/{app['applicationId']}", headers=bearer(node))
+    ).get_json()
+    assert "set" in {e["name"] for e in shown["entryPoints"]}
+    # The same app as installing its directory by path: the same id.
+    by_path: Any = await (
+        await client.post(
+            "/admin-api/applications", json={"path": str(KV_STORE)}, headers=bearer(node)
+        )
+    ).get_json()
+    assert by_path["applicationId"] == app["applicationId"]
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "refusal"),
+    [
+        ("", b"", (400, "must be a bundle archive")),
+        ("", b"not an archive at all", (400, "uploaded bundle")),
+        ("?name=" + "x" * 256, b"x", (400, "longer than 255")),
+        ("", b"\0" * (8 * 1024 * 1024 + 1), (413, "install it by path instead")),
+    ],
+)
+async def test_a_bad_bundle_upload_is_a_clear_error(
+    client: QuartClient, node: TestNode, query: str, body: bytes, refusal: tuple[int, str]
+) -> None:
+    status, message = refusal
+    response = await client.post(
+        f"/admin-api/applications/bundle{query}", data=body, headers=bearer(node)
+    )
+    assert response.status_code == status
+    assert message in (await response.get_json())["error"]["message"]
+    listed: Any = await (
+        await client.get("/admin-api/applications", headers=bearer(node))
+    ).get_json()
+    assert listed["applications"] == []

@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import LiveNode, OpenPage
-from tests.browser.pages import sign_in
+from tests.browser.pages import shoot, sign_in
 
 pytestmark = pytest.mark.real_network
 
@@ -47,6 +47,7 @@ def test_upload_list_download_pin_and_delete_a_blob(
     expect(bar).to_have_attribute("value", str(len(data)))
     expect(page.locator(".progress", has=bar)).to_contain_text("Downloaded 3.0 MiB of 3.0 MiB")
 
+    shoot(page, "blobs")
     row.get_by_role("button", name="Pin").click()
     row = page.locator("tr", has_text="holiday photo.jpg")
     expect(row.get_by_role("button", name="Unpin")).to_be_visible()

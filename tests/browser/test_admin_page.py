@@ -9,7 +9,17 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import LiveNode, OpenPage
-from tests.browser.pages import call, create_context, install_kv_store, shoot, sign_in
+from tests.browser.pages import (
+    call,
+    context_page,
+    create_context,
+    install_kv_store,
+    invite,
+    join,
+    second_page,
+    shoot,
+    sign_in,
+)
 
 pytestmark = pytest.mark.real_network
 
@@ -50,9 +60,7 @@ def test_create_a_context_and_invite(open_page: OpenPage, nodes: list[LiveNode])
     sign_in(page, nodes[0])
     install_kv_store(page)
     context = create_context(page)
-    page.get_by_role("button", name="Invite").click()
-    invitation = page.get_by_label("Invitation")
-    expect(invitation).to_have_value(re.compile(r"^trinv"))
+    invite(page)
     page.get_by_role("link", name="Contexts").click()
     expect(page.get_by_role("link", name=re.compile(context[:16]))).to_be_visible()
 
@@ -61,22 +69,13 @@ def test_a_joined_nodes_write_appears_live_with_a_new_head(
     open_page: OpenPage, nodes: list[LiveNode]
 ) -> None:
     first, second = nodes
-    a = open_page(first.page_url())
-    sign_in(a, first)
-    install_kv_store(a)
-    context = create_context(a)
-    a.get_by_role("button", name="Invite").click()
-    invitation = a.get_by_label("Invitation").input_value()
+    a, context = context_page(open_page, first)
+    invitation = invite(a)
     expect(a.locator("#live-state")).to_have_text("live")
     shoot(a, "context")
 
-    b = open_page(second.page_url())
-    sign_in(b, second)
-    install_kv_store(b)  # a node runs only bundles its operator installed
-    b.get_by_role("link", name="Contexts").click()
-    b.get_by_label("Invitation").fill(invitation)
-    b.get_by_role("button", name="Join").click()
-    expect(b).to_have_url(re.compile(f"#/context/{context}$"))
+    b = second_page(open_page, second)
+    assert join(b, invitation) == context
 
     text = call(b, "set", key="from-b", value="hello from the second node")
     delta_id = re.search(r"New delta (\w+)", text)
@@ -147,19 +146,3 @@ def test_the_dag_gets_a_new_head_after_a_write(open_page: OpenPage, nodes: list[
     )
     assert dag["heads"] == [after]
     assert json.dumps(dag).count(before or "-") >= 2  # a node and its child's parent link
-
-
-@pytest.mark.parametrize("width", [390, 1280])
-def test_usable_on_a_phone_and_a_laptop(
-    open_page: OpenPage, nodes: list[LiveNode], width: int
-) -> None:
-    page = open_page(nodes[0].page_url(), width=width, height=800 if width > 400 else 844)
-    sign_in(page, nodes[0])
-    install_kv_store(page)
-    create_context(page)
-    expect(page.locator("#dag svg")).to_be_visible()
-    # Nothing wider than the screen except scrollable tables and the graph.
-    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
-    assert overflow <= 0
-    if width < 400:
-        shoot(page, "phone")

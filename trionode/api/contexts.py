@@ -17,6 +17,7 @@ import base58
 import trio
 from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from trionode.api.jsonio import BadInput, number_field
 from trionode.api.sse import EventRequestError, event_stream_response
@@ -28,7 +29,7 @@ from trionode.context.invitations import InvitationError, parse_invitation
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextError, ContextManager, b58
 from trionode.context.records import ApplicationRecord, ContextRecord
-from trionode.context.sync import SyncManager
+from trionode.context.sync import PeerSyncStatus, SyncManager
 from trionode.errors import (
     PeerError,
     ProtocolError,
@@ -38,6 +39,7 @@ from trionode.errors import (
 )
 from trionode.sdk.app import EntryKind
 from trionode.sdk.errors import AppError
+from trionode.wire.keys import PeerId
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,12 @@ JSONRPC_FORBIDDEN = -32002
 JSONRPC_READ_ONLY = -32003
 JSONRPC_INTERNAL = -32603
 MAX_JSONRPC_ID_LENGTH: Final = 256
+MAX_BUNDLE_NAME: Final = 255
 
 
 class Applications(Protocol):
     async def install(self, path: str) -> ApplicationRecord: ...
+    async def install_packed(self, data: bytes, source: str) -> ApplicationRecord: ...
     async def installed(self) -> list[ApplicationRecord]: ...
     async def get(self, application_id: bytes) -> ApplicationRecord: ...
     async def load(self, application_id: bytes) -> Any: ...
@@ -132,6 +136,32 @@ def app_interface(app: Any) -> dict[str, Any]:
     }
 
 
+def peer_sync_json(
+    peer: PeerId, status: PeerSyncStatus | None, *, connected: bool
+) -> dict[str, Any]:
+    """One peer's line of `GET /admin-api/contexts/ID/sync` (times: Unix seconds)."""
+    out: dict[str, Any] = {
+        "peerId": str(peer),
+        "connected": connected,
+        "lastAttemptAt": None,
+        "outcome": None,
+        "lastSync": None,
+        "lastError": None,
+    }
+    if status is None:
+        return out
+    out.update(lastAttemptAt=status.last_attempt, outcome=status.outcome)
+    if status.last_success is not None:
+        out["lastSync"] = {
+            "at": status.last_success,
+            "protocol": status.protocol,
+            "deltas": status.deltas,
+        }
+    if status.last_error is not None:
+        out["lastError"] = {"at": status.last_error_at, "message": status.last_error}
+    return out
+
+
 def _error(status: int, message: str, **extra: Any) -> Response:
     response = jsonify({"error": {"code": status, "message": message, **extra}})
     response.status_code = status
@@ -207,6 +237,27 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         if not isinstance(path, str) or not path:
             raise ContextError('body must be {"path": "<bundle directory or archive>"}')
         return jsonify(application_json(await node.applications.install(path)))
+
+    @app.post("/admin-api/applications/bundle")
+    async def upload_application() -> Response:
+        # The body is the archive itself (what a browser sends for a chosen file). Quart
+        # refuses it past api.max_request_body while it arrives (Content-Length first);
+        # the bundle reader then applies the bundle limits.
+        name = request.args.get("name") or "uploaded bundle"
+        if len(name) > MAX_BUNDLE_NAME:
+            raise ContextError(f"name is longer than {MAX_BUNDLE_NAME} characters")
+        try:
+            data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        except RequestEntityTooLarge:
+            raise ContextError(
+                f"the bundle is larger than api.max_request_body ({settings.max_request_body} "
+                "bytes); install it by path instead",
+                status=413,
+            ) from None
+        if not data:
+            raise ContextError("the body must be a bundle archive (.tar.gz, .tar or .zip)")
+        record = await node.applications.install_packed(data, f"upload:{name}")
+        return jsonify(application_json(record))
 
     @app.get("/admin-api/applications")
     async def list_applications() -> Response:
@@ -302,11 +353,32 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
             raise ContextError(f"joining failed: {exc}", status=502) from None
         return jsonify(context_json(record))
 
+    @app.get("/admin-api/contexts/<context_id>/sync")
+    async def sync_status(context_id: str) -> Response:
+        raw = parse_id(context_id, "context id")
+        await node.contexts.get(raw)  # 404 for an unknown context
+        return jsonify(
+            {
+                "contextId": context_id,
+                "running": node.sync.is_running(raw),
+                "peers": [
+                    peer_sync_json(peer, status, connected=connected)
+                    for peer, connected, status in node.sync.peer_status(raw)
+                ],
+            }
+        )
+
     @app.post("/admin-api/contexts/<context_id>/sync")
     async def sync_context(context_id: str) -> Response:
         raw = parse_id(context_id, "context id")
+        peer = None
+        if (text := request.args.get("peer")) is not None:
+            try:
+                peer = PeerId.from_base58(text)
+            except ProtocolError:
+                raise ContextError(f"peer {text[:80]!r} is not a peer id") from None
         try:
-            applied = await node.sync.sync_now(raw)
+            applied = await node.sync.sync_now(raw, peer)
         except (PeerError, ProtocolError, trio.TooSlowError) as exc:
             raise ContextError(f"sync failed: {exc}", status=502) from None
         root, heads, pending = await node.contexts.state(raw)

@@ -126,6 +126,23 @@ class _ContextSync:
 
 
 @attrs.define
+class PeerSyncStatus:
+    """How this node's last sessions of one context with one peer went (for the page and
+    `GET /admin-api/contexts/ID/sync`). Times are wall-clock seconds (Unix)."""
+
+    last_attempt: float
+    outcome: str = "ok"
+    """Of the last attempt: ok, partial, busy, refused or failed."""
+    protocol: str = "none"
+    """Of the last successful session: none (already in sync), delta, snapshot or tree."""
+    last_success: float | None = None
+    deltas: int = 0
+    """Deltas applied here by the last successful session."""
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@attrs.define
 class _Run:
     """What one session did (for its metrics)."""
 
@@ -151,6 +168,7 @@ class SyncManager:
         tree_limits: treecmp.TreeLimits | None = None,
         on_join: bool = True,
         join_jitter: float = 0.2,
+        max_peer_status: int = 64,
     ) -> None:
         self.contexts = contexts
         self.replicator = replicator
@@ -170,6 +188,9 @@ class SyncManager:
         self.join_jitter = join_jitter
         self.metrics = SyncMetrics(registry, self.limiter)
         self._state: dict[bytes, _ContextSync] = {}
+        self._peer_status: dict[bytes, dict[PeerId, PeerSyncStatus]] = {}
+        self.max_peer_status = max_peer_status
+        """Peers remembered per context; beyond, the one tried longest ago is forgotten."""
         self._running: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
         self._rng = random.Random()  # noqa: S311 - picks a peer, protects nothing
@@ -198,7 +219,10 @@ class SyncManager:
         while True:
             await trio.sleep(self.interval)
             now = trio.current_time()
-            for context_id in self.contexts.known_ids():
+            known = self.contexts.known_ids()
+            for gone in self._peer_status.keys() - known:
+                del self._peer_status[gone]
+            for context_id in known:
                 state = self._state.setdefault(context_id, _ContextSync())
                 if now - state.last_success < self.min_interval or now < state.next_attempt:
                     continue
@@ -241,6 +265,7 @@ class SyncManager:
         self._running.add(context_id)
         started = time.perf_counter()
         run = _Run()
+        chosen: PeerId | None = None
         try:
             async with state.lock:
                 candidates = [peer] if peer is not None else self._member_peers(context_id)
@@ -255,6 +280,7 @@ class SyncManager:
             if run.outcome == "ok":
                 state.last_success = trio.current_time()
                 state.failures = 0
+            self._record(context_id, chosen, run, None)
             self.metrics.deltas.inc(run.applied)
             return run.applied
         except SESSION_ERRORS as exc:
@@ -263,6 +289,7 @@ class SyncManager:
             else:
                 run.outcome = "failed"
             state.failures += 1
+            self._record(context_id, chosen, run, exc)
             backoff = min(self.min_interval * 2**state.failures, MAX_BACKOFF)
             state.next_attempt = trio.current_time() + backoff
             log.info(
@@ -279,6 +306,39 @@ class SyncManager:
             self._running.discard(context_id)
             self.metrics.sessions.labels(run.protocol, run.outcome).inc()
             self.metrics.duration.observe(time.perf_counter() - started)
+
+    def _record(
+        self, context_id: bytes, peer: PeerId | None, run: _Run, error: BaseException | None
+    ) -> None:
+        if peer is None:
+            return  # no peer to sync with: nothing was tried
+        now = time.time()
+        statuses = self._peer_status.setdefault(context_id, {})
+        status = statuses.get(peer)
+        if status is None:
+            if len(statuses) >= self.max_peer_status:
+                del statuses[min(statuses, key=lambda p: statuses[p].last_attempt)]
+            status = statuses[peer] = PeerSyncStatus(last_attempt=now)
+        status.last_attempt = now
+        status.outcome = run.outcome
+        if error is not None:
+            status.last_error = str(error) or type(error).__name__
+            status.last_error_at = now
+        elif run.outcome == "ok":
+            status.last_success = now
+            status.protocol = run.protocol
+            status.deltas = run.applied
+
+    def peer_status(self, context_id: bytes) -> list[tuple[PeerId, bool, PeerSyncStatus | None]]:
+        """Each peer that may hold the context (connected on its topic now, or synced with
+        before): whether it is connected, and how the last sessions with it went."""
+        connected = self.replicator.host.connections
+        statuses = self._peer_status.get(context_id, {})
+        peers = dict.fromkeys([*self._member_peers(context_id), *statuses])
+        return [(peer, peer in connected, statuses.get(peer)) for peer in peers]
+
+    def is_running(self, context_id: bytes) -> bool:
+        return context_id in self._running
 
     async def _pick(self, context_id: bytes, candidates: list[PeerId]) -> PeerId:
         """A random candidate; but while a snapshot is being taken, its peer if connected

@@ -361,7 +361,13 @@ async function nodeView() {
       el("dt", { text: "Pending deltas" }), el("dd", { text: String(metricSum(metrics, "trionode_deltas_pending")) }),
       el("dt", { text: "Store used" }), el("dd", { text: mib(metricSum(metrics, "trionode_store_used_bytes")) }),
       el("dt", { text: "HTTP requests" }), el("dd", { text: String(metricSum(metrics, "trionode_http_requests_total")) }),
-    ), el("p", { class: "hint" }, "All of them: ", el("a", { href: "/metrics", text: "/metrics" }), ".")));
+    ), el("p", { class: "hint" }, "All of them: ", el("a", { href: "/metrics", text: "/metrics" }), ".")),
+    card("Maintenance", el("p", {},
+      el("button", { type: "button", class: "secondary", onclick: (e) => act(e.currentTarget, async () => {
+        const result = await api("POST", "/admin-api/gc");
+        const parts = Object.entries(result).map(([key, value]) => `${key} ${value}`);
+        notify(`Garbage collection done${parts.length ? `: ${parts.join(", ")}` : ""}.`, "info");
+      }) }, "Collect garbage now"))));
 }
 
 function peerRows(peers) {
@@ -393,7 +399,7 @@ async function peersView() {
     });
   render("Peers", card("Connect", form), card("Connected peers", body));
   await refresh();
-  const timer = setInterval(() => act(null, refresh), 5000);
+  const timer = setInterval(() => refresh().catch(() => {}), 5000);
   cleanups.push(() => clearInterval(timer));
 }
 
@@ -404,7 +410,7 @@ function callableEntries(app) {
 
 function describeParams(params) {
   if (!params.length) return "no parameters";
-  return params.map((p) => `${p.name}: ${p.type}${p.required ? "" : " (optional)"}`).join(", ");
+  return params.map((p) => `${p.name}: ${baseType(p.type)}${p.required ? "" : " (optional)"}`).join(", ");
 }
 
 async function appsView() {
@@ -416,6 +422,19 @@ async function appsView() {
       notify(`Installed ${app.name} ${app.version}.`, "info");
       await appsView();
     });
+  // A bundle archive from this computer: sent as the request body, with progress.
+  const bundle = el("input", { name: "bundle", type: "file", required: true, accept: ".tar.gz,.tgz,.tar,.zip" });
+  const progress = progressBar("Bundle upload progress");
+  const upload = onSubmit(el("form", { class: "inline" }, field("Bundle file", bundle, "(.tar.gz, .tar or .zip)"),
+    el("button", { type: "submit" }, "Upload bundle"), progress.box),
+  async () => {
+    const chosen = bundle.files[0];
+    progress.show(0, chosen.size, "Uploaded");
+    const app = await uploadFile(`/admin-api/applications/bundle?${new URLSearchParams({ name: chosen.name })}`, chosen,
+      (done, total) => progress.show(done, total, "Uploaded"));
+    await appsView();
+    notify(`Installed ${app.name} ${app.version} from ${chosen.name}.`, "info");
+  });
   const rows = apps.applications.map((a) => {
     const details = el("td", { colspan: 4, hidden: true });
     const row = el("tr", {},
@@ -433,15 +452,20 @@ async function appsView() {
           }
           const described = await api("GET", `/admin-api/applications/${a.applicationId}`);
           details.replaceChildren(el("ul", {}, callableEntries(described).map((m) => el("li", {},
-            el("strong", { text: m.name }), ` (${m.kind}) — ${describeParams(m.params)} → ${m.returns}`,
+            el("strong", { text: m.name }), ` (${m.kind}) — ${describeParams(m.params)} → ${baseType(m.returns)}`,
             m.doc ? el("div", { class: "hint", text: m.doc }) : null)))); 
           details.hidden = false;
           button.setAttribute("aria-expanded", "true");
         }),
-      }, "Methods")));
+      }, "Methods"), " ",
+      confirmButton("Uninstall", async () => {
+        await api("DELETE", `/admin-api/applications/${a.applicationId}`);
+        await appsView();
+        notify(`Uninstalled ${a.name} ${a.version}.`, "info");
+      })));
     return [row, el("tr", {}, details)];
   });
-  render("Apps", card("Install", install),
+  render("Apps", card("Install", install, el("h3", { text: "Or upload a bundle from this computer" }), upload),
     card("Installed", table(["Name", "Version", "Application id", ""], rows.flat(), "No applications installed yet.")));
 }
 
@@ -738,12 +762,40 @@ function memberRows(contextId, record) {
   });
 }
 
+const PROTOCOLS = { none: "already in sync", delta: "deltas", snapshot: "snapshot", tree: "tree comparison" };
+
+function since(unixSeconds) {
+  return `${ago(Math.max(0, Date.now() / 1000 - unixSeconds))} ago`;
+}
+
+function syncRows(contextId, status, refresh) {
+  return status.peers.map((p) => el("tr", { "data-peer-id": p.peerId },
+    el("td", { class: "mono", title: p.peerId, text: short(p.peerId, 16) }),
+    el("td", { text: p.connected ? "connected" : "not connected" }),
+    el("td", { class: "last-sync" }, p.lastSync
+      ? [el("time", { datetime: new Date(p.lastSync.at * 1000).toISOString(), title: new Date(p.lastSync.at * 1000).toLocaleString(), text: since(p.lastSync.at) }),
+        el("div", { class: "hint", text: `${PROTOCOLS[p.lastSync.protocol] || p.lastSync.protocol}, ${p.lastSync.deltas} delta(s) applied` })]
+      : el("span", { class: "empty", text: "never" })),
+    el("td", { class: "last-error" }, p.lastError
+      ? [el("span", { class: "bad", text: p.lastError.message }), el("div", { class: "hint", text: since(p.lastError.at) })]
+      : "–"),
+    el("td", {}, el("button", { type: "button", class: "secondary", "aria-label": `Sync now with ${short(p.peerId, 16)}`, onclick: (e) => act(e.currentTarget, async () => {
+      try {
+        const result = await api("POST", `/admin-api/contexts/${contextId}/sync?peer=${encodeURIComponent(p.peerId)}`);
+        notify(`Synced with ${short(p.peerId, 16)}: ${result.applied} delta(s) applied, ${result.pending} pending.`, "info");
+      } finally {
+        await refresh();
+      }
+    }) }, "Sync now"))));
+}
+
 async function contextView(contextId) {
   const record = await api("GET", `/admin-api/contexts/${contextId}`);
   const app = await api("GET", `/admin-api/applications/${record.applicationId}`);
   const facts = el("dl", { class: "facts" });
   const members = el("div", {});
   const dagBox = el("div", { id: "dag" });
+  const syncBox = el("div", { id: "sync-status" });
   const events = el("ol", { class: "events", id: "events", "aria-live": "polite" });
   const liveState = el("span", { class: "pill", id: "live-state", text: "connecting" });
 
@@ -756,10 +808,16 @@ async function contextView(contextId) {
       el("dt", { text: "This node's member key" }), el("dd", { class: "mono", text: r.memberPublicKey }));
     members.replaceChildren(table(["Member", "Role", ""], memberRows(contextId, r), "No members."));
   }
+  async function refreshSync() {
+    const status = await api("GET", `/admin-api/contexts/${contextId}/sync`);
+    syncBox.replaceChildren(table(["Peer", "Connection", "Last sync", "Last error", ""],
+      syncRows(contextId, status, refreshSync), "No member peer is connected, and none was synced with yet."));
+  }
   async function refresh() {
     const [r, dag] = await Promise.all([
       api("GET", `/admin-api/contexts/${contextId}`),
       api("GET", `/admin-api/contexts/${contextId}/dag?limit=60`),
+      refreshSync(),
     ]);
     showFacts(r);
     dagBox.replaceChildren(dagView(dag));
@@ -784,10 +842,22 @@ async function contextView(contextId) {
         notify("Select the invitation and copy it (the browser did not allow copying).", "info");
       }
     } }, "Copy invitation");
-    inviteOut.replaceChildren(el("p", { class: "hint", text: "One-time invitation: paste it into the joining node's page (Contexts → Join)." }), text, copy);
+    const revoke = confirmButton("Revoke", async () => {
+      await api("POST", `/admin-api/contexts/${contextId}/invitations/revoke`, { invitation: body.invitation });
+      notify("Invitation revoked: nobody can join with it now.", "info");
+    });
+    inviteOut.replaceChildren(el("p", { class: "hint", text: "One-time invitation: paste it into the joining node's page (Contexts → Join)." }), text, copy, " ", revoke);
     inviteOut.hidden = false;
     text.focus();
     text.select();
+  });
+
+  const revokeForm = onSubmit(el("form", {},
+    field("Invitation to revoke", el("textarea", { name: "invitation", class: "mono", rows: 2, required: true, placeholder: "trinv1…" })),
+    el("button", { type: "submit", class: "secondary" }, "Revoke invitation")),
+  async (data) => {
+    await api("POST", `/admin-api/contexts/${contextId}/invitations/revoke`, { invitation: data.get("invitation").trim() });
+    notify("Invitation revoked: nobody can join with it now.", "info");
   });
 
   const actions = el("p", {},
@@ -796,13 +866,20 @@ async function contextView(contextId) {
       notify(`Synced: ${result.applied} delta(s) applied, ${result.pending} pending.`, "info");
       await refresh();
     }) }, "Sync now"), " ",
+    confirmButton("Leave", async () => {
+      await api("POST", `/admin-api/contexts/${contextId}/leave`);
+      notify(`Left context ${short(contextId, 16)}: the other members no longer share new writes with this node.`, "info");
+      await refresh();
+    }), " ",
     deleteButton(contextId, () => { location.hash = "#/contexts"; }));
 
   const callable = callableEntries(app);
   render(`Context ${short(contextId, 12)}`,
     el("div", { class: "grid" },
       card("Context", facts, actions),
-      card("Members", members, el("h3", { text: "Invite" }), invite, inviteOut)),
+      card("Members", members, el("h3", { text: "Invite" }), invite, inviteOut,
+        el("details", {}, el("summary", { text: "Revoke an invitation sent earlier" }), revokeForm))),
+    card("Sync with member peers", syncBox),
     el("div", { class: "grid" },
       card("Live events", el("p", { class: "hint" }, "Stream: ", liveState), events),
       card("Causal DAG (recent deltas)", dagBox)),
@@ -824,9 +901,12 @@ async function contextView(contextId) {
     clearTimeout(pendingRefresh);
     pendingRefresh = setTimeout(() => act(null, refresh), 150);
   });
+  // Quietly: a failed background refresh must not replace the notice the user is reading.
+  const syncTimer = setInterval(() => refreshSync().catch(() => {}), 5000);
   cleanups.push(() => {
     source.close();
     clearTimeout(pendingRefresh);
+    clearInterval(syncTimer);
   });
 }
 
