@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import LiveNode, OpenPage
-from tests.browser.pages import shoot, sign_in
+from tests.browser.pages import context_page, invite, join, second_page, shoot, sign_in
 
 pytestmark = pytest.mark.real_network
 
@@ -59,3 +59,41 @@ def test_upload_list_download_pin_and_delete_a_blob(
     delete.click()
     expect(page.locator("#notice")).to_contain_text(re.compile(r"Deleted blob \w+"))
     expect(page.locator("tr", has_text="holiday photo.jpg")).to_have_count(0)
+
+
+def test_a_member_fetches_a_blob_shared_with_a_context(
+    open_page: OpenPage, nodes: list[LiveNode], tmp_path: Path
+) -> None:
+    first, second = nodes
+    a, context = context_page(open_page, first)
+    invitation = invite(a)
+    b = second_page(open_page, second)
+    join(b, invitation)
+    data = os.urandom(200_000)
+    source = tmp_path / "shared.bin"
+    source.write_bytes(data)
+    a.get_by_role("link", name="Blobs").click()
+    a.get_by_label("File").set_input_files(source)
+    a.get_by_label("Share with context").select_option(context)
+    a.get_by_role("button", name="Upload").click()
+    row = a.locator("tr", has_text="shared.bin")
+    expect(row).to_contain_text(context[:10])
+    blob_id = row.get_attribute("data-blob-id")
+    assert blob_id is not None
+
+    b.get_by_role("link", name="Blobs").click()
+    b.get_by_label("Blob id").fill(blob_id)
+    b.get_by_label("From the members of").select_option(context)
+    b.get_by_role("button", name="Fetch").click()
+    expect(b.locator("#notice")).to_contain_text("Fetched blob")
+    fetched = b.locator(f'tr[data-blob-id="{blob_id}"]')
+    with b.expect_download() as download_info:
+        fetched.get_by_role("button", name="Download").click()
+    assert Path(download_info.value.path()).read_bytes() == data
+    # A blob nobody has: a sentence.
+    b.get_by_label("Blob id").fill("1" * 32)
+    b.get_by_role("button", name="Fetch").click()
+    notice = b.locator("#notice")
+    expect(notice).not_to_contain_text("Fetched")
+    expect(notice).to_be_visible()
+    assert not notice.inner_text().lstrip().startswith("{")

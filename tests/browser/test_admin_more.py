@@ -59,6 +59,10 @@ def test_the_context_view_shows_each_peers_sync_and_syncs_with_one(
         assert peer["lastError"]["at"] <= peer["lastSync"]["at"]
         expect(row.locator(".last-error")).to_contain_text(peer["lastError"]["message"])
     shoot(a, "context-sync")
+    # The contexts list sums it up per context.
+    a.get_by_role("link", name="Contexts").click()
+    summary = a.locator(f'tr[data-context-id="{context}"] .sync-summary')
+    expect(summary).to_contain_text(re.compile(r"1 of 1 peer\(s\) connected · last sync \d+ s ago"))
 
 
 def test_an_app_installed_by_upload_shows_its_methods(

@@ -498,18 +498,39 @@ async function contextsView() {
       const record = await api("POST", "/admin-api/contexts/join", { invitation: data.get("invitation").trim() });
       location.hash = `#/context/${record.contextId}`;
     });
-  const rows = contexts.contexts.map((c) => el("tr", {},
-    el("td", { class: "mono" }, el("a", { href: `#/context/${c.contextId}`, title: c.contextId, text: short(c.contextId, 16) })),
-    el("td", { text: names[c.applicationId] || short(c.applicationId) }),
-    el("td", { text: String(c.members.length) }),
-    el("td", { class: "optional", text: String(c.heads.length) }),
-    el("td", {}, deleteButton(c.contextId, () => contextsView())),
-  ));
+  const syncCells = [];
+  const rows = contexts.contexts.map((c) => {
+    const syncCell = el("td", { class: "sync-summary", text: "…" });
+    syncCells.push([c.contextId, syncCell]);
+    return el("tr", { "data-context-id": c.contextId },
+      el("td", { class: "mono" }, el("a", { href: `#/context/${c.contextId}`, title: c.contextId, text: short(c.contextId, 16) })),
+      el("td", { text: names[c.applicationId] || short(c.applicationId) }),
+      el("td", { text: String(c.members.length) }),
+      el("td", { class: "optional", text: String(c.heads.length) }),
+      syncCell,
+      el("td", {}, deleteButton(c.contextId, () => contextsView())));
+  });
   render("Contexts",
     el("div", { class: "grid" },
       card("Create", apps.applications.length ? create : el("p", { class: "empty" }, "Install an app first (", el("a", { href: "#/apps", text: "Apps" }), ").")),
       card("Join", join)),
-    card("Contexts on this node", table(["Context", "App", "Members", { label: "Heads", optional: true }, ""], rows, "No contexts yet.")));
+    card("Contexts on this node", table(["Context", "App", "Members", { label: "Heads", optional: true }, "Sync", ""], rows, "No contexts yet.")));
+  // Each context's peers, after the table is up (one small request per context).
+  await Promise.all(syncCells.map(async ([contextId, cell]) => {
+    try {
+      cell.textContent = syncSummary(await api("GET", `/admin-api/contexts/${contextId}/sync`));
+    } catch {
+      cell.textContent = "unknown";
+    }
+  }));
+}
+
+// "2 of 3 peers connected · last sync 4 s ago" for the contexts list.
+function syncSummary(status) {
+  const connected = status.peers.filter((p) => p.connected).length;
+  const last = Math.max(0, ...status.peers.map((p) => (p.lastSync ? p.lastSync.at : 0)));
+  const peers = status.peers.length ? `${connected} of ${status.peers.length} peer(s) connected` : "no peers yet";
+  return `${peers} · ${last ? `last sync ${since(last)}` : "never synced"}`;
 }
 
 // A destructive action needs a second, deliberate press (keyboard-friendly, no modal dialog).
@@ -589,8 +610,21 @@ async function blobsView() {
     file.value = "";
     await refresh();
   });
+  const fetchForm = onSubmit(el("form", { class: "inline" },
+    field("Blob id", el("input", { name: "blobId", required: true, autocomplete: "off", class: "mono" })),
+    field("From the members of", el("select", { name: "contextId", required: true },
+      contexts.contexts.map((c) => el("option", { value: c.contextId, text: short(c.contextId, 16) })))),
+    el("button", { type: "submit", class: "secondary" }, "Fetch")),
+  async (data) => {
+    const blobId = data.get("blobId").trim();
+    const info = await api("POST", `/admin-api/blobs/${encodeURIComponent(blobId)}/fetch`, { contextId: data.get("contextId") });
+    notify(`Fetched blob ${short(info.blobId, 16)} (${bytesText(info.size)}) from the context's members.`, "info");
+    await refresh();
+  });
   render("Blobs",
-    card("Upload", upload),
+    el("div", { class: "grid" },
+      card("Upload", upload),
+      card("Fetch from a context's members", contexts.contexts.length ? fetchForm : el("p", { class: "empty", text: "Join or create a context first." }))),
     card("Blobs on this node", listing, downProgress.box,
       el("p", { class: "hint", text: "Pinned blobs are kept by garbage collection even when no context refers to them." })));
   await refresh();
