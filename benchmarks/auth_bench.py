@@ -128,7 +128,7 @@ async def _late_removal_rows(n: int, filtered: int, base: Path) -> list[Row]:
         # removal that A writes later. Bodies are A's own `set` records.
         donor = await a.contexts.create((await a.contexts.get(context)).application_id)
         _, parents, _ = await a.contexts.state(context)
-        loaded = await a.contexts._context(context)  # noqa: SLF001 - a forger's view
+        loaded = await a.contexts.replica(context)  # a forger's view
         vv, _ = loaded.authority.merged_vv(parents)
         record = await a.contexts.get(context)
         keys = await a.contexts.keys(context)

@@ -8,7 +8,7 @@ import lmdb
 import pytest
 
 from tests.replication.helpers import install
-from trionode.context.manager import FORMAT_KEY
+from trionode.context.replicas import FORMAT_KEY
 from trionode.errors import StorageError
 from trionode.node import open_node
 from trionode.store.lmdb_store import Column

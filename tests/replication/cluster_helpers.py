@@ -320,7 +320,7 @@ async def forge(
     if parents is None:
         _, heads, _ = await node.contexts.state(context)
         parents = heads
-    loaded = await node.contexts._context(context)
+    loaded = await node.contexts.replica(context)
     vv, _ = loaded.authority.merged_vv(parents)
     seq = vv.get(author.public_key().public_bytes_raw()[:8], 0) + 1
     key_id = record.key_id if key_id is None else key_id

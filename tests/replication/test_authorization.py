@@ -63,7 +63,7 @@ async def member_id(node: Node, context: bytes) -> bytes:
 
 
 async def verdict(node: Node, context: bytes, delta_id: bytes) -> Verdict | None:
-    loaded = await node.contexts._context(context)
+    loaded = await node.contexts.replica(context)
     return loaded.authority.verdicts.get(delta_id)
 
 
@@ -105,7 +105,7 @@ async def test_removed_admin_cannot_regrant_itself(
             await wait_converged(cluster, [a, c], context)
             for node in (a, c):
                 assert b_member not in await roles(node, context)
-                resolution = (await node.contexts._context(context)).authority.resolution()
+                resolution = (await node.contexts.replica(context)).authority.resolution()
                 assert resolution.verdict_of_op(concurrent.id) is Verdict.FILTERED
             # After learning of its removal, a grant is rejected outright.
             removal_wire = await a.contexts.read_delta(context, removal.id)
@@ -249,7 +249,7 @@ async def test_concurrent_removals_get_distinct_keys_and_converge(
             await cluster.heal()
             await wait_converged(cluster, [a, b], context)
             assert metric(a, "trionode_handler_runs_total", outcome="ok") > ran
-            loaded = await a.contexts._context(context)
+            loaded = await a.contexts.replica(context)
             assert any(o.kind is Kind.ROTATE for o in loaded.authority.graph.ops.values())
             # Neither key follows both removals: the next writer rotates, and both read it.
             await write(a, context, "set", key="k", value="1")

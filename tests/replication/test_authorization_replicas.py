@@ -191,7 +191,7 @@ async def history(
 
 
 async def outcome(node: Node, context: bytes) -> tuple[object, ...]:
-    loaded = await node.contexts._context(context)
+    loaded = await node.contexts.replica(context)
     root, heads, pending = await node.contexts.state(context)
     topic = (await node.contexts.execute(context, "topic", "{}")).result
     return (
@@ -227,7 +227,7 @@ async def _agree(tmp_path: Path, seed: int) -> None:
                 for wire in wires:
                     await replica.contexts.receive(world.context, wire)
                 # Incremental re-judging agrees with judging everything from scratch.
-                loaded = await replica.contexts._context(world.context)
+                loaded = await replica.contexts.replica(world.context)
                 for delta_id, verdict in loaded.authority.verdicts.items():
                     assert loaded.authority.judge(delta_id)[0] is verdict
                 outcomes.append(await outcome(replica, world.context))

@@ -94,7 +94,7 @@ async def _running(setup: Setup) -> AsyncIterator[Node]:
     network = MemoryNetwork()
     try:
         async with open_node(setup.config, transport=network.transport()) as node:
-            node.contexts._wall_clock = lambda: setup.base + trio.current_time()
+            node.contexts.replicas.wall_clock = lambda: setup.base + trio.current_time()
             if not setup.context:
                 app = await node.applications.install(str(APPS / "kv_store"))
                 setup.context = (await node.contexts.create(app.application_id)).context_id
@@ -131,7 +131,7 @@ async def _sign(
         stamp = Timestamp(hlc, author.public_key().public_bytes_raw())
         records = [_register(b"from-the-member", stamp)]
     body = DeltaBody(records=[encode_entity(e) for e in records], events=[], root_hash=bytes(32))
-    loaded = await node.contexts._context(context)
+    loaded = await node.contexts.replica(context)
     vv, _ = loaded.authority.merged_vv(parents)
     if after is not None:
         vv = dict(verify_delta(after).vv)
@@ -380,8 +380,8 @@ async def test_writes_of_a_node_whose_clock_runs_fast_wait_then_converge(
             a, b = cluster
             context = await share(cluster, [0, 1])
             base = time.time() - trio.current_time()
-            a.contexts._wall_clock = lambda: base + trio.current_time()
-            b.contexts._wall_clock = lambda: base + trio.current_time() + 30
+            a.contexts.replicas.wall_clock = lambda: base + trio.current_time()
+            b.contexts.replicas.wall_clock = lambda: base + trio.current_time() + 30
             start = trio.current_time()
             delta_id = await write(b, context, "set", key="k", value="fast")
             await cluster.settle()

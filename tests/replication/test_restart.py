@@ -74,7 +74,7 @@ async def test_restart_restores_heads_pending_and_handler_runs(tmp_path: Path) -
                     HANDLER_PREFIX + context + id2 + (0).to_bytes(4, "big"),
                     HandlerRun(name="Inserted", payload=b'{"key": "k1", "value": "1"}'),
                 )
-                b.contexts.handler_runs_queued.set()  # (the runner may already take it)
+                b.contexts.wake_handlers()  # (the runner may already take it)
             await _restart_and_check(config_b, context, heads_before, id1, wire1, id2)
 
 

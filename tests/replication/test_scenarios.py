@@ -430,13 +430,13 @@ async def test_6_order_independence(
             }
             assert len({tuple(o) for o in orders.values()}) == 3
             depths: list[int] = []
-            original = e.contexts._apply_one
+            original = e.contexts.processor.apply_one
 
             def measured(applying: Any, delta_id: bytes, delta: SignedDelta) -> bool | Defer:
                 depths.append(stack_depth())
                 return original(applying, delta_id, delta)
 
-            e.contexts._apply_one = measured  # type: ignore[method-assign]
+            e.contexts.processor.apply_one = measured  # type: ignore[method-assign]
             for node, order in orders.items():
                 applied: list[bytes] = []
                 for delta_id in order:
@@ -487,7 +487,7 @@ async def test_7_lww_conflict(tmp_path: Path, autojump_clock: trio.testing.MockC
             # its write is the oldest and reaches the others first.
             now = time.time()
             for skew, node in zip((3.0, 1.5, 0.0), nodes, strict=True):
-                node.contexts._wall_clock = partial(skewed_clock, skew)
+                node.contexts.replicas.wall_clock = partial(skewed_clock, skew)
             value, stamps = await race("skewed")
             assert value == "skewed-0"
             assert stamps[0] > stamps[1] > stamps[2]
@@ -496,13 +496,13 @@ async def test_7_lww_conflict(tmp_path: Path, autojump_clock: trio.testing.MockC
             # writer id decides.
             frozen = now + 10.0
             for node in nodes:
-                node.contexts._wall_clock = lambda: frozen
+                node.contexts.replicas.wall_clock = lambda: frozen
             value, stamps = await race("tied")
             assert len({hlc for hlc, _ in stamps}) == 1
             best = max(range(3), key=lambda i: stamps[i][1])
             assert value == f"tied-{best}"
             for node in nodes:
-                node.contexts._wall_clock = time.time
+                node.contexts.replicas.wall_clock = time.time
 
 
 # -- 8. counters and collections --------------------------------------------------------------

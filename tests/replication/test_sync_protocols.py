@@ -485,7 +485,7 @@ async def test_snapshot_resumes_after_dropped_connection_and_reload(
             assert not progress.complete
             assert progress.cursor is not None
             taken = progress.records
-            c.contexts._loaded.pop(context)  # reload from the store, as after a restart
+            c.contexts.replicas.forget_loaded(context)  # reload from the store, as after a restart
 
             await cluster.heal()
             await c.sync.sync_now(context, cluster.peer_ids[0])

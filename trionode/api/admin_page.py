@@ -22,9 +22,11 @@ import trio
 from quart import Response, jsonify, redirect, request
 from quart_trio import QuartTrio
 
+from trionode.api.context_errors import http_status
 from trionode.api.contexts import parse_id
 from trionode.api.tokens import token_matches
-from trionode.context.manager import ContextError, ContextManager, b58
+from trionode.context.errors import ContextError
+from trionode.context.manager import ContextManager, b58
 from trionode.context.records import PENDING
 from trionode.dag.delta import decode_delta, verify_delta
 from trionode.errors import ProtocolError
@@ -238,4 +240,4 @@ def register_page_routes(app: QuartTrio, node: PageApi) -> None:
         try:
             return jsonify(await recent_dag(node, parse_id(context_id, "context id"), int(text)))
         except ContextError as exc:
-            return _error(exc.status, str(exc))
+            return _error(http_status(exc), str(exc))

@@ -19,15 +19,17 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from trionode.api.context_errors import JSONRPC_FORBIDDEN, http_status, jsonrpc_code
 from trionode.api.jsonio import BadInput, number_field
 from trionode.api.sse import EventRequestError, event_stream_response
 from trionode.api.tokens import Principal
 from trionode.api.ws import serve_websocket
 from trionode.config import ApiSection
+from trionode.context.errors import AlreadyExists, ContextError, PeerFailed
 from trionode.context.events import EventHub
 from trionode.context.invitations import InvitationError, parse_invitation
 from trionode.context.join import JoinService
-from trionode.context.manager import ContextError, ContextManager, b58
+from trionode.context.manager import ContextManager, b58
 from trionode.context.records import ApplicationRecord, ContextRecord
 from trionode.context.sync import PeerSyncStatus, SyncManager
 from trionode.errors import (
@@ -47,8 +49,6 @@ JSONRPC_PARSE_ERROR = -32700
 JSONRPC_INVALID_REQUEST = -32600
 JSONRPC_METHOD_NOT_FOUND = -32601
 JSONRPC_INVALID_PARAMS = -32602
-JSONRPC_CONTEXT_NOT_FOUND = -32001
-JSONRPC_FORBIDDEN = -32002
 JSONRPC_READ_ONLY = -32003
 JSONRPC_INTERNAL = -32603
 MAX_JSONRPC_ID_LENGTH: Final = 256
@@ -226,7 +226,7 @@ async def _is_view(node: ContextApi, context_id: bytes, method: str) -> bool:
 def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSection) -> None:
     @app.errorhandler(ContextError)
     async def context_error(exc: ContextError) -> Response:  # noqa: ASYNC124
-        return _error(exc.status, str(exc))
+        return _error(http_status(exc), str(exc))
 
     # -- applications ----------------------------------------------------------------------
 
@@ -249,11 +249,11 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         try:
             data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         except RequestEntityTooLarge:
-            raise ContextError(
+            return _error(
+                413,
                 f"the bundle is larger than api.max_request_body ({settings.max_request_body} "
                 "bytes); install it by path instead",
-                status=413,
-            ) from None
+            )
         if not data:
             raise ContextError("the body must be a bundle archive (.tar.gz, .tar or .zip)")
         record = await node.applications.install_packed(data, f"upload:{name}")
@@ -280,11 +280,10 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         if users and request.args.get("force") not in ("1", "true"):
             listed = ", ".join(b58(r.context_id) for r in users[:3])
             more = f" and {len(users) - 3} more" if len(users) > 3 else ""
-            raise ContextError(
+            raise AlreadyExists(
                 f"application {application_id} is used by {len(users)} context(s) "
                 f"({listed}{more}): delete them first, or uninstall with force "
-                "(`--force`; those contexts stop working)",
-                status=409,
+                "(`--force`; those contexts stop working)"
             )
         await node.applications.uninstall(raw)
         return jsonify(
@@ -350,7 +349,7 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
                 trust_app=None if trust_app is None else parse_id(trust_app, "trustApp"),
             )
         except (PeerError, ProtocolError) as exc:
-            raise ContextError(f"joining failed: {exc}", status=502) from None
+            raise PeerFailed(f"joining failed: {exc}") from None
         return jsonify(context_json(record))
 
     @app.get("/admin-api/contexts/<context_id>/sync")
@@ -380,7 +379,7 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         try:
             applied = await node.sync.sync_now(raw, peer)
         except (PeerError, ProtocolError, trio.TooSlowError) as exc:
-            raise ContextError(f"sync failed: {exc}", status=502) from None
+            raise PeerFailed(f"sync failed: {exc}") from None
         root, heads, pending = await node.contexts.state(raw)
         return jsonify(
             {
@@ -489,8 +488,7 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         except ReadOnlyError as exc:
             return _rpc_error(request_id, JSONRPC_READ_ONLY, str(exc))
         except ContextError as exc:
-            code = JSONRPC_CONTEXT_NOT_FOUND if exc.status == 404 else JSONRPC_FORBIDDEN
-            return _rpc_error(request_id, code, str(exc))
+            return _rpc_error(request_id, jsonrpc_code(exc), str(exc))
         except (StorageError, TrionodeError) as exc:
             return _rpc_error(request_id, JSONRPC_INTERNAL, f"call not committed: {exc}")
         return jsonify(

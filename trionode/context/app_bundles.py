@@ -38,7 +38,13 @@ from trionode.blobs.transfer import BlobTransfer, Opener
 from trionode.context import invitations as inv
 from trionode.context.admission import check_invitation
 from trionode.context.applications import Applications
-from trionode.context.manager import ContextError, ContextManager, b58
+from trionode.context.errors import (
+    ContextError,
+    ContextNotFound,
+    MissingPrerequisite,
+    PeerFailed,
+)
+from trionode.context.manager import ContextManager, b58
 from trionode.context.records import ApplicationRecord
 from trionode.errors import RemoteProtocolError, StorageError
 from trionode.net.host import Connection
@@ -57,25 +63,16 @@ MAX_BUNDLE_BLOB: Final = DEFAULT_LIMITS.max_total_bytes
 """A bundle blob larger than a bundle may be is not fetched at all."""
 
 
-class AppNotTrustedError(ContextError):
+class AppNotTrustedError(MissingPrerequisite):
     """The app is neither from a trusted signer nor named by `--trust-app`."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=412)
 
-
-class AppBundleRefusedError(ContextError):
+class AppBundleRefusedError(PeerFailed):
     """The bundle that arrived is not the app the invitation names, or does not verify."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=502)
 
-
-class AppBundleUnavailableError(ContextError):
+class AppBundleUnavailableError(PeerFailed):
     """No peer could provide the bundle now."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=502)
 
 
 def describe(ref: inv.AppRef) -> str:
@@ -209,9 +206,8 @@ class AppBundles:
         """
         try:
             return await self.applications.get(ref.application_id)
-        except ContextError as exc:
-            if exc.status != 404:
-                raise
+        except ContextNotFound:
+            pass
         self.check_trust(ref, trust_app)
         blob_id = ref.bundle_blob_id
         try:

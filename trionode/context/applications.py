@@ -21,7 +21,8 @@ import msgspec
 import trio
 
 from trionode.blobs.store import BlobStore
-from trionode.context.manager import ContextError, b58
+from trionode.context.errors import ContextBroken, ContextError, ContextNotFound
+from trionode.context.notices import b58
 from trionode.context.records import APPLICATIONS, ApplicationRecord
 from trionode.errors import ReadOnlyError, TrionodeError
 from trionode.sdk.bundle import (
@@ -63,7 +64,7 @@ class Applications:
         Importing it here checks the whole app (the entry point imports and is an `App`
         named as in the manifest, every state field is a replicated type, every entry
         point's signature is usable), so a broken bundle is refused now with the reason
-        (ContextError, 400) instead of failing later at `context create`.
+        (ContextError) instead of failing later at `context create`.
         """
 
         return await self._install(lambda: load_bundle(path), str(path))
@@ -164,8 +165,8 @@ class Applications:
         return blob_id
 
     async def uninstall(self, application_id: bytes) -> ApplicationRecord:
-        """Forget an installed application and its stored bundle (ContextError 404 if it is
-        not installed). Whether a context still uses it is the caller's question."""
+        """Forget an installed application and its stored bundle (ContextNotFound if
+        it is not installed). Whether a context still uses it is the caller's question."""
         record = await self.get(application_id)
         batch = WriteBatch()
         batch.delete(APPLICATIONS, application_id)
@@ -184,10 +185,9 @@ class Applications:
     async def get(self, application_id: bytes) -> ApplicationRecord:
         record = await self._store.get(APPLICATIONS, application_id)
         if record is None:
-            raise ContextError(
+            raise ContextNotFound(
                 f"application {b58(application_id)} is not installed "
-                "(install it with `trionode app install PATH`)",
-                status=404,
+                "(install it with `trionode app install PATH`)"
             )
         return record
 
@@ -199,12 +199,12 @@ class Applications:
         record = await self.get(application_id)
         packed = await self._store.get(BUNDLES, _BUNDLE_PREFIX + application_id)
         if packed is None:
-            raise ContextError(f"the bundle of {record.name} is missing from the store", 500)
+            raise ContextBroken(f"the bundle of {record.name} is missing from the store")
         try:
             bundle = read_bundle(packed, source=f"stored {record.name}@{record.version}")
             verified = verify_bundle(bundle, self._trusted, installed_locally=record.trusted)
             app = load_app(verified)
         except (BundleError, TrionodeError) as exc:
-            raise ContextError(f"cannot load {record.name}: {exc}", 500) from None
+            raise ContextBroken(f"cannot load {record.name}: {exc}") from None
         self._apps[application_id] = app
         return app

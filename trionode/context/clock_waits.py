@@ -1,9 +1,10 @@
 """The task that applies deltas once our clock has caught up with their stamps.
 
 A received delta stamped more than `sync.max_clock_drift` ahead of our wall clock is valid
-but waits (pending, persisted; see `ContextManager._apply_one`). This task sleeps until the
-earliest such wait is over, or until a new one starts, then lets the manager apply what is
-due. It uses Trio's clock, so under `autojump_clock` an hour's wait costs nothing.
+but waits (pending, persisted; see `DeltaProcessor.apply_one` in `processing.py`). This
+task sleeps until the earliest such wait is over, or until a new one starts, then lets the
+manager apply what is due. It uses Trio's clock, so under `autojump_clock` an hour's wait
+costs nothing.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ from trionode.context import invitations as inv, members, snapshot
 from trionode.context.admission import check_invitation
 from trionode.context.app_bundles import AppBundles, invited_opener
 from trionode.context.applications import Applications
-from trionode.context.manager import ContextError, ContextManager
+from trionode.context.errors import (
+    AlreadyExists,
+    ContextError,
+    MissingPrerequisite,
+    NotPermitted,
+    PeerFailed,
+)
+from trionode.context.manager import ContextManager
 from trionode.context.records import ContextRecord
 from trionode.context.replication import SESSION_ERRORS, Replicator
 from trionode.errors import PeerError, ProtocolError, ReadOnlyError
@@ -74,7 +81,7 @@ class JoinService:
         record = await self.contexts.get(context_id)
         member, key = await self.contexts.member_key(context_id)
         if await self.contexts.role(context_id, member) != "admin":
-            raise ContextError("only admins can invite", status=403)
+            raise NotPermitted("only admins can invite")
         created = inv.create_invitation(
             admin_key=key,
             context_id=context_id,
@@ -114,7 +121,7 @@ class JoinService:
         if invitation.expires_at < self.wall_clock():
             raise ContextError("the invitation has expired")
         if invitation.context_id in self.contexts.known_ids():
-            raise ContextError("this node is already a member of that context", status=409)
+            raise AlreadyExists("this node is already a member of that context")
         ref = await self._missing_app(invitation, trust_app)
         if invitation.invitee is not None and member_key is None:
             raise ContextError("this invitation is for a specific member key; pass that key")
@@ -140,7 +147,7 @@ class JoinService:
                 await framed.send_frame(inv.encode(request))
                 response = inv.decode_response(await framed.receive_frame())
         if not response.ok:
-            raise ContextError(f"the inviter refused: {response.error}", status=403)
+            raise NotPermitted(f"the inviter refused: {response.error}")
         keys = inv.open_keys(response.sealed_keys, key)
         if self.replicator.sync_session is not None:
             # Before the context exists here, so no session ever sees it without the marker.
@@ -172,10 +179,9 @@ class JoinService:
         ref = invitation.app
         if ref is None or self.app_bundles is None:
             app = base58.b58encode(invitation.application_id).decode()
-            raise ContextError(
+            raise MissingPrerequisite(
                 f"install the context's application first (application id {app}): "
-                "`trionode app install PATH`",
-                status=412,
+                "`trionode app install PATH`"
             )
         if ref.application_id != invitation.application_id:
             raise ContextError("the invitation is inconsistent: it names two different apps")
@@ -217,7 +223,7 @@ class JoinService:
                 return await self.host.connect(addr, member=True)
             except (PeerError, ProtocolError, trio.TooSlowError) as exc:
                 last = exc
-        raise ContextError(f"cannot reach the inviter {peer}: {last}", status=502)
+        raise PeerFailed(f"cannot reach the inviter {peer}: {last}")
 
     # -- serving ---------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from trionode.context.manager import ContextError, ContextManager
+from trionode.context.errors import ContextError, PeerFailed
+from trionode.context.manager import ContextManager
 from trionode.context.treecmp import SessionResponder
 from trionode.dag.delta import SignedDelta, decode_delta
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError, StreamEndedError
@@ -323,7 +324,7 @@ class Replicator:
                 await channel.send(DeltaRequest(ids=batch))
                 reply = await channel.receive()
                 if isinstance(reply, SyncError):
-                    raise ContextError(f"{peer} refused: {reply.message}")
+                    raise PeerFailed(f"{peer} refused: {reply.message}")
                 if not isinstance(reply, DeltaResponse):
                     raise RemoteProtocolError(f"expected deltas, got {type(reply).__name__}")
                 wanted.difference_update(batch)
@@ -379,7 +380,7 @@ class Replicator:
             await channel.send(HeadsRequest(heads=ours[:MAX_IDS]))
             reply = await channel.receive()
             if isinstance(reply, SyncError):
-                raise ContextError(f"{peer} refused: {reply.message}")
+                raise PeerFailed(f"{peer} refused: {reply.message}")
             if not isinstance(reply, HeadsResponse):
                 raise RemoteProtocolError(f"expected heads, got {type(reply).__name__}")
             await stream.send_eof()
@@ -475,9 +476,9 @@ class Replicator:
 
     async def _run_handlers(self) -> None:
         while True:
-            self.contexts.handler_runs_queued = trio.Event()
+            queued = self.contexts.handler_wakeup()
             await self.contexts.run_pending_handlers()
-            await self.contexts.handler_runs_queued.wait()
+            await queued.wait()
 
     async def _expire_pending(self) -> None:
         while True:

@@ -58,7 +58,8 @@ import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from trionode.context.manager import ContextError, ContextManager
+from trionode.context.errors import AlreadyExists, MissingPrerequisite, NotPermitted, PeerFailed
+from trionode.context.manager import ContextManager
 from trionode.crdt import Entity, decode_entities
 from trionode.errors import RemoteProtocolError
 from trionode.net.host import Connection
@@ -89,18 +90,12 @@ SERVE_MAX_BYTES: Final = 4 * 1024 * 1024
 PAGE_TIMEOUT: Final = 30.0
 
 
-class SnapshotRefused(ContextError):
+class SnapshotRefused(AlreadyExists):
     """The node has state: a snapshot would replace it (never done)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=409)
 
-
-class UntrustedSource(ContextError):
+class UntrustedSource(NotPermitted):
     """The peer is not the member this node trusts for a snapshot (it may sync by deltas)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=403)
 
 
 class SnapshotProgress(msgspec.Struct, frozen=True):
@@ -200,7 +195,7 @@ async def take(
     (boundary heads now adopted, records joined in this call).
 
     Raises SnapshotRefused if the node has state that is not this snapshot's, UntrustedSource
-    if the peer does not prove the marker's source, ContextError if there is no marker (no
+    if the peer does not prove the marker's source, MissingPrerequisite if there is no marker (no
     trusted source), RemoteProtocolError for bad pages.
     """
     store = contexts.store
@@ -208,7 +203,7 @@ async def take(
     if progress is None:
         if not await contexts.is_fresh(context_id):
             raise SnapshotRefused("this node has state: a snapshot never replaces it")
-        raise ContextError("no trusted snapshot source for this context", status=412)
+        raise MissingPrerequisite("no trusted snapshot source for this context")
     with contexts.snapshot_guard(context_id):
         await channel.send(ProofRequest())
         proof = await expect(channel, PeerProof)
@@ -298,10 +293,10 @@ def _check_page(page: SnapshotPage, cursor: bytes | None) -> list[Entity]:
 
 
 async def expect(channel: Channel, kind: type[M]) -> M:
-    """The next message, which must be a `kind` (a SyncError becomes a ContextError)."""
+    """The next message, which must be a `kind` (a SyncError becomes a PeerFailed)."""
     reply = await channel.receive()
     if isinstance(reply, SyncError):
-        raise ContextError(f"the peer refused: {reply.message}", status=502)
+        raise PeerFailed(f"the peer refused: {reply.message}")
     if not isinstance(reply, kind):
         raise RemoteProtocolError(f"expected {kind.__name__}, got {type(reply).__name__}")
     return reply

@@ -41,7 +41,8 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trionode.context import snapshot, treecmp
-from trionode.context.manager import ContextError, ContextManager
+from trionode.context.errors import ContextError, ContextNotFound
+from trionode.context.manager import ContextManager
 from trionode.context.replication import SESSION_ERRORS, Replicator, context_of, topic_for
 from trionode.net.pubsub import PubSub
 from trionode.wire.keys import PeerId
@@ -255,7 +256,7 @@ class SyncManager:
     async def sync_now(self, context_id: bytes, peer: PeerId | None = None) -> int:
         """Run one session now (skipping the interval); returns deltas applied."""
         if context_id not in self.contexts.known_ids():
-            raise ContextError("no such context", status=404)
+            raise ContextNotFound("no such context")
         return await self._session(context_id, peer, raise_errors=True)
 
     async def _session(

@@ -54,7 +54,8 @@ from typing import Final
 
 import attrs
 
-from trionode.context.manager import ContextError, ContextManager
+from trionode.context.errors import NotPermitted
+from trionode.context.manager import ContextManager
 from trionode.context.snapshot import Channel, check_proof, expect, prove, serve_page
 from trionode.crdt import Entity, decode_entities, decode_entity
 from trionode.crdt.entity import ROOT_ID
@@ -147,7 +148,7 @@ async def compare(
     """Run a tree comparison as the requester over an authenticated sync `channel`.
 
     `peer_heads` are the heads the peer announced (`HeadsResponse`): we tell it which of
-    them we have applied. Raises ContextError if the peer is not a writer of the context,
+    them we have applied. Raises NotPermitted if the peer is not a writer of the context,
     RemoteProtocolError for malformed answers.
     """
     limits = limits or TreeLimits()
@@ -155,7 +156,7 @@ async def compare(
     member = check_proof(conn, context_id, await expect(channel, PeerProof))
     writer, admin = await contexts.peer_rights(context_id, member)
     if not writer:
-        raise ContextError(f"{peer} is not a writer of this context: no state from it", 403)
+        raise NotPermitted(f"{peer} is not a writer of this context: no state from it")
     our_heads, known, _ = await contexts.capture(context_id, peer_heads)
     await channel.send(TreeStart(heads=our_heads[:MAX_IDS], known=known[:MAX_IDS]))
     started = await expect(channel, TreeStarted)

@@ -1,0 +1,40 @@
+"""The one place the context layer's typed errors become HTTP statuses and JSON-RPC codes."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from trionode.context.errors import (
+    AlreadyExists,
+    ContextBroken,
+    ContextError,
+    ContextNotFound,
+    MissingPrerequisite,
+    NotPermitted,
+    PeerFailed,
+)
+
+JSONRPC_CONTEXT_NOT_FOUND: Final = -32001
+JSONRPC_FORBIDDEN: Final = -32002
+
+_STATUSES: Final[tuple[tuple[type[ContextError], int], ...]] = (
+    (ContextNotFound, 404),
+    (NotPermitted, 403),
+    (AlreadyExists, 409),
+    (MissingPrerequisite, 412),
+    (PeerFailed, 502),
+    (ContextBroken, 500),
+)
+
+
+def http_status(exc: ContextError) -> int:
+    """The HTTP status for `exc` (400: the request itself cannot be served)."""
+    for kind, status in _STATUSES:
+        if isinstance(exc, kind):
+            return status
+    return 400
+
+
+def jsonrpc_code(exc: ContextError) -> int:
+    """The JSON-RPC error code for a call refused by the context layer."""
+    return JSONRPC_CONTEXT_NOT_FOUND if isinstance(exc, ContextNotFound) else JSONRPC_FORBIDDEN

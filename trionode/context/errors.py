@@ -1,0 +1,41 @@
+"""Why a request about a context cannot be served, as types.
+
+The context layer raises these; only `trionode/api/` turns them into HTTP statuses and
+JSON-RPC codes (`trionode/api/context_errors.py`), so no domain code knows about HTTP.
+A plain `ContextError` is a bad request: the caller asked for something that cannot be.
+"""
+
+from __future__ import annotations
+
+from trionode.errors import TrionodeError
+
+
+class ContextError(TrionodeError):
+    """A request about a context cannot be served as asked (bad input, by default)."""
+
+
+class ContextNotFound(ContextError):
+    """What was asked for (a context, a member, an application) does not exist here."""
+
+
+class NotPermitted(ContextError):
+    """The acting member (or peer) lacks the role the request needs."""
+
+
+class AlreadyExists(ContextError):
+    """The request would create something that already exists (a membership, a snapshot
+    already being taken)."""
+
+
+class MissingPrerequisite(ContextError):
+    """The request needs something this node does not have yet (the context's
+    application installed, a peer it trusts to serve a snapshot)."""
+
+
+class PeerFailed(ContextError):
+    """A peer the request depended on could not be reached or refused."""
+
+
+class ContextBroken(ContextError):
+    """This node's own data for the request is missing or unusable (not the caller's
+    fault: an operator has to look)."""

@@ -1,0 +1,378 @@
+"""Local writes: this node's member creating a context, calling its app, and changing
+membership.
+
+A local call runs against the replica's copy-on-write tree; on success its delta records
+become one signed, encrypted delta whose parents are the current heads, committed with the
+changed rows, the new heads and root hash in one LMDB write, then published to subscribers
+and handed to the delta listeners (gossip). Membership changes are deltas too (auth
+operations, `trionode/auth/model.py`), checked against our own authority before they are
+committed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import attrs
+import msgspec
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from msgspec.structs import replace
+
+from trionode.auth.model import WRITERS, Kind, StaticError, Verdict
+from trionode.context.authority import AuthRejected, action, op_from_header
+from trionode.context.errors import AlreadyExists, ContextError, ContextNotFound, NotPermitted
+from trionode.context.events import EventHub
+from trionode.context.invitations import SignedInvitation, seal_keys
+from trionode.context.notices import b58, payload_json, publish_change
+from trionode.context.records import (
+    DELTAS,
+    IDENTITY,
+    ContextRecord,
+    key_slot,
+    member_slot,
+)
+from trionode.context.replicas import Replica, ReplicaStore, stage_record
+from trionode.crdt import HybridClock, StateTree, encode_entity
+from trionode.dag.delta import (
+    AppEvent,
+    AuthAction,
+    DeltaBody,
+    SignedDelta,
+    key_id_of,
+    seal_delta,
+    verify_delta,
+)
+from trionode.errors import ReadOnlyError
+from trionode.sdk.app import App, EntryKind
+from trionode.sdk.runtime import CallOutcome, execute, init_state
+from trionode.store.store import WriteBatch
+
+
+class AppLoader(Protocol):
+    async def load(self, application_id: bytes) -> App:
+        """The App to run (ContextError if it is not installed or cannot be trusted)."""
+        ...
+
+
+class DeltaListener(Protocol):
+    def __call__(self, context_id: bytes, delta: SignedDelta) -> None: ...
+
+
+@attrs.frozen
+class CallResult:
+    result: Any
+    delta_id: bytes | None
+    root_hash: bytes
+
+
+class LocalWriter:
+    """Writes as this node's member: each method holds the replica's lock while it
+    seals and commits."""
+
+    def __init__(
+        self, replicas: ReplicaStore, hub: EventHub, apps: AppLoader, *, read_only: bool = False
+    ) -> None:
+        self._replicas = replicas
+        self.read_only = read_only
+        """`node.mode = "read-only"`: every local write raises ReadOnlyError (views run)."""
+        self._hub = hub
+        self._apps = apps
+        self.local_delta_listeners: list[DeltaListener] = []
+        """Called (synchronously, after commit) with every delta this node authors."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def create(
+        self, application_id: bytes, init_args_json: str | None = None
+    ) -> ContextRecord:
+        """A new context running `application_id`, with this node's new member as admin."""
+        self._writable("creating a context")
+        replicas = self._replicas
+        app = await self._apps.load(application_id)
+        context_id = os.urandom(32)
+        member_key = Ed25519PrivateKey.generate()
+        member = member_key.public_key().public_bytes_raw()
+        context_key = os.urandom(32)
+        tree = StateTree()
+        clock = HybridClock(member, replicas.max_clock_drift)
+        now = replicas.physical_now()
+        outcome = init_state(
+            app, tree, clock, now, init_args_json, executor=member, context_id=context_id
+        )
+        key_id = key_id_of(context_key)
+        record = ContextRecord(
+            context_id=context_id,
+            application_id=application_id,
+            created_at=replicas.wall_clock(),
+            root_hash=tree.root_hash(),
+            heads=[],
+            key_id=key_id,
+            members=[],
+            our_member=member,
+        )
+        replica = Replica(
+            record, tree, replicas.new_dag(), clock, member_key, {key_id: context_key}
+        )
+        batch = WriteBatch()
+        batch.put(IDENTITY, key_slot(context_id, key_id), context_key)
+        batch.put(IDENTITY, member_slot(context_id, member), member_key.private_bytes_raw())
+        # The genesis delta is the Create operation (its author the first admin) and carries
+        # the app's initial state.
+        delta, parents = self._seal(replica, outcome, auth=action(Kind.CREATE, key_id=key_id))
+        self._stage(replica, batch, delta, parents)
+        await replicas.store.write(batch)
+        replicas.add(replica)
+        self._after_local(replica, delta, outcome)
+        return replica.record
+
+    async def adopt(
+        self,
+        *,
+        context_id: bytes,
+        application_id: bytes,
+        member_key: Ed25519PrivateKey,
+        keys: dict[int, bytes],
+        key_id: int,
+    ) -> ContextRecord:
+        """Record a context this node joined (state arrives by sync and gossip)."""
+        if self._replicas.knows(context_id):
+            raise AlreadyExists(f"already a member of {b58(context_id)}")
+        await self._apps.load(application_id)
+        return await self._replicas.adopt(
+            context_id=context_id,
+            application_id=application_id,
+            member_key=member_key,
+            keys=keys,
+            key_id=key_id,
+        )
+
+    async def delete(self, context_id: bytes) -> None:
+        await self._replicas.delete(context_id)
+        self._hub.forget(b58(context_id))
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def execute(
+        self, context_id: bytes, method: str, args_json: str, *, executor: bytes | None = None
+    ) -> CallResult:
+        replica = await self._replicas.load(context_id)
+        if executor is not None and executor != replica.record.our_member:
+            raise NotPermitted("this node holds no key for that executor")
+        app = await self._apps.load(replica.record.application_id)
+        self.check_call(app, method)
+        async with replica.lock:
+            role = replica.authority.role(replica.record.our_member)
+            if role is None:
+                raise NotPermitted("this node is not (or no longer) a member")
+            outcome = execute(
+                app,
+                replica.tree,
+                replica.clock,
+                self._replicas.physical_now(),
+                method,
+                args_json,
+                executor=replica.record.our_member,
+                context_id=context_id,
+                writable=role in WRITERS,
+            )
+            if not outcome.delta_records and not outcome.events:
+                return CallResult(outcome.result, None, replica.tree.root_hash())
+            delta = await self.commit_outcome(replica, outcome, WriteBatch())
+            return CallResult(outcome.result, delta.id, replica.tree.root_hash())
+
+    def check_call(self, app: App, method: str) -> None:
+        """On a read-only node only views run (ReadOnlyError for anything else)."""
+        if self.read_only:
+            entry = app.entry(method)
+            # An unknown method falls through to the runtime's own "no such method" error.
+            if entry is not None and entry.kind is not EntryKind.VIEW:
+                raise ReadOnlyError(f"calling {method!r} (only views run)")
+
+    async def commit_outcome(
+        self, replica: Replica, outcome: CallOutcome, batch: WriteBatch
+    ) -> SignedDelta:
+        """Seal what a call (or a handler run) changed as our delta and commit it with
+        whatever `batch` already holds (under the lock)."""
+        await self._ensure_write_key(replica)
+        delta, parents = self._seal(replica, outcome)
+        self._stage(replica, batch, delta, parents)
+        await self._replicas.write(replica, batch)
+        self._after_local(replica, delta, outcome)
+        return delta
+
+    # -- membership --------------------------------------------------------------------------
+
+    async def change_members(
+        self, context_id: bytes, changes: list[tuple[bytes, str | None]]
+    ) -> SignedDelta:
+        """As an admin: grant roles (role) or remove members (None), one operation each;
+        returns the last one's delta."""
+        self._writable("changing roles")
+        if not changes:
+            raise ContextError("no membership changes given")
+        last: SignedDelta | None = None
+        for member, role in changes:
+            if role is None:
+                last = await self.remove_member(context_id, member)
+            else:
+                replica = await self._replicas.load(context_id)
+                async with replica.lock:
+                    last = await self._commit_op(
+                        replica, action(Kind.GRANT, member=member, role=role)
+                    )
+        assert last is not None
+        return last
+
+    async def remove_member(self, context_id: bytes, member: bytes) -> SignedDelta:
+        """As an admin: remove `member`; the operation introduces a new key, sealed to every
+        remaining member (the removed one cannot open it). Deltas written concurrently with
+        the removal by `member` are filtered on every node (`trionode.auth.model`)."""
+        self._writable("removing a member")
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            current = replica.authority.roles()
+            if current.get(replica.record.our_member) != "admin":
+                raise NotPermitted("only admins can remove members")
+            if member not in current:
+                raise ContextNotFound("not a member")
+            if member == replica.record.our_member:
+                raise ContextError("an admin cannot remove itself: leave instead")
+            keep = [m for m in current if m != member]
+            return await self._commit_op(
+                replica, self._new_key_action(replica, Kind.REMOVE, keep, member)
+            )
+
+    async def leave(self, context_id: bytes) -> SignedDelta:
+        """Leave the context (refused for its last admin: appoint another first)."""
+        self._writable("leaving a context")
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            return await self._commit_op(replica, action(Kind.LEAVE))
+
+    async def revoke_invitation(self, context_id: bytes, invitation_id: bytes) -> SignedDelta:
+        """As an admin: no admission may spend this invitation after this operation."""
+        self._writable("revoking an invitation")
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            return await self._commit_op(replica, action(Kind.REVOKE, invitation_id=invitation_id))
+
+    async def admit(
+        self, context_id: bytes, invitation: SignedInvitation, member: bytes, role: str
+    ) -> SignedDelta:
+        """Spend `invitation` on `member` in the replicated state: every node refuses a
+        second spend once it holds this one (raises NotPermitted if already spent)."""
+        self._writable("admitting a member")
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            return await self._commit_op(
+                replica,
+                action(
+                    Kind.ADMIT,
+                    member=member,
+                    role=role,
+                    invitation=invitation.invitation,
+                    invitation_signature=invitation.signature,
+                ),
+            )
+
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(what)
+
+    def _new_key_action(
+        self, replica: Replica, kind: Kind, recipients: Iterable[bytes], member: bytes | None = None
+    ) -> AuthAction:
+        new_key = os.urandom(32)
+        new_id = key_id_of(new_key)
+        replica.keys[new_id] = new_key  # (dropped with the replica if the commit fails)
+        box = [(m, seal_keys({new_id: new_key}, m)) for m in sorted(recipients)]
+        return action(kind, member=member, key_id=new_id, key_box=box)
+
+    async def _commit_op(self, replica: Replica, auth: AuthAction) -> SignedDelta:
+        """Seal, check and commit one membership operation of ours (under the lock)."""
+        outcome = CallOutcome(b"null", [], [])
+        delta, parents = self._seal(replica, outcome, auth=auth)
+        header = verify_delta(delta)
+        try:
+            replica.authority.graph.check(op_from_header(delta.id, header))
+        except (StaticError, AuthRejected) as exc:
+            raise NotPermitted(str(exc)) from None
+        batch = WriteBatch()
+        if auth.key_id is not None and auth.key_id in replica.keys:
+            batch.put(
+                IDENTITY, key_slot(replica.context_id, auth.key_id), replica.keys[auth.key_id]
+            )
+        self._stage(replica, batch, delta, parents)
+        await self._replicas.write(replica, batch)
+        self._after_local(replica, delta, outcome)
+        return delta
+
+    async def _ensure_write_key(self, replica: Replica) -> None:
+        """If no key we hold follows every removal in our view (concurrent removals, a
+        leaked invitation, or a removal whose key was not sealed to us), introduce one."""
+        if self._write_key(replica) is None:
+            roles = replica.authority.roles()
+            await self._commit_op(replica, self._new_key_action(replica, Kind.ROTATE, roles))
+
+    # -- sealing and staging -----------------------------------------------------------------
+
+    def _write_key(self, replica: Replica) -> int | None:
+        """The key a data delta written now must use (None: rotate first)."""
+        _, vv = replica.authority.next_local(replica.dag.heads, replica.record.our_member)
+        return replica.authority.resolution().write_key(vv, held=replica.keys)
+
+    def _seal(
+        self, replica: Replica, outcome: CallOutcome, *, auth: AuthAction | None = None
+    ) -> tuple[SignedDelta, list[bytes]]:
+        body = DeltaBody(
+            records=[encode_entity(r) for r in outcome.delta_records],
+            events=[AppEvent(e.name, e.payload) for e in outcome.events],
+            root_hash=replica.tree.root_hash(),
+        )
+        parents = replica.dag.parents_for_new_delta()
+        seq, vv = replica.authority.next_local(parents, replica.record.our_member)
+        if auth is not None:
+            auth = msgspec.structs.replace(auth, parents=replica.authority.auth_parents(vv))
+        key_id = replica.record.key_id
+        if auth is None:
+            key_id = self._write_key(replica) or key_id
+        elif auth.key_id is not None and auth.key_id in replica.keys:
+            key_id = auth.key_id
+        delta = seal_delta(
+            context_id=replica.context_id,
+            parents=parents,
+            author=replica.member_key,
+            hlc=replica.clock.last,
+            key_id=key_id,
+            context_key=replica.keys[key_id],
+            body=body,
+            seq=seq,
+            vv=vv,
+            auth=auth,
+        )
+        return delta, parents
+
+    def _stage(
+        self, replica: Replica, batch: WriteBatch, delta: SignedDelta, parents: list[bytes]
+    ) -> None:
+        """Add a local delta's rows to `batch` and advance the in-memory heads and record."""
+        header = verify_delta(delta)
+        if header.auth is not None:
+            replica.authority.add_op(delta.id, header)
+            if header.auth.key_id is not None and header.auth.key_id in replica.keys:
+                replica.record = replace(replica.record, key_id=header.auth.key_id)
+        replica.authority.record(delta.id, header)
+        if header.auth is None:
+            replica.authority.verdicts[delta.id] = Verdict.ACCEPTED
+        replica.dag.offer(delta.id, parents, delta, now=trio.current_time())
+        batch.put(DELTAS, replica.context_id + delta.id, delta.encode())
+        stage_record(replica, batch)
+
+    def _after_local(self, replica: Replica, delta: SignedDelta, outcome: CallOutcome) -> None:
+        events = [(e.name, payload_json(e.payload)) for e in outcome.events]
+        publish_change(self._hub, replica, delta_id=delta.id, events=events, origin="local")
+        for listener in self.local_delta_listeners:
+            listener(replica.context_id, delta)

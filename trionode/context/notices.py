@@ -1,0 +1,85 @@
+"""What subscribers (WebSocket, SSE) hear about a context's changes: one function per
+kind of change, so every service words its events the same way."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Protocol
+
+import base58
+
+from trionode.auth.model import Verdict
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from trionode.context.events import EventHub
+    from trionode.context.replicas import Replica
+
+
+class AppEvent(Protocol):
+    """An event an app emitted (the SDK's, or one carried in a delta body)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+
+
+def b58(data: bytes) -> str:
+    return base58.b58encode(data).decode("ascii")
+
+
+def publish_change(
+    hub: EventHub,
+    replica: Replica,
+    *,
+    delta_id: bytes | None,
+    events: Iterable[tuple[str, Any]],
+    origin: str,
+) -> None:
+    """A delta (or, `delta_id` None, state from a sync) changed `replica`; `events` are the
+    app events it carried as (name, JSON-ready payload)."""
+    hub.publish(
+        context_id=b58(replica.context_id),
+        delta_id="" if delta_id is None else delta_id.hex(),
+        root_hash=replica.record.root_hash.hex(),
+        heads=[h.hex() for h in replica.record.heads],
+        events=[{"name": n, "payload": p} for n, p in events],
+        origin=origin,
+    )
+
+
+def publish_app_events(
+    hub: EventHub, replica: Replica, delta_id: bytes, events: Iterable[AppEvent], origin: str
+) -> None:
+    publish_change(
+        hub,
+        replica,
+        delta_id=delta_id,
+        events=[(e.name, payload_json(e.payload)) for e in events],
+        origin=origin,
+    )
+
+
+def publish_verdicts(hub: EventHub, replica: Replica, changed: list[bytes]) -> None:
+    """Tell subscribers which applied deltas a late membership decision reverted (or
+    reinstated): their effects are gone from (or back in) the state, and app handlers
+    that already ran for them are not undone."""
+    verdicts = replica.authority.verdicts
+    reverted = [i.hex() for i in changed if verdicts.get(i) is not Verdict.ACCEPTED]
+    reinstated = [i.hex() for i in changed if verdicts.get(i) is Verdict.ACCEPTED]
+    publish_change(
+        hub,
+        replica,
+        delta_id=None,
+        events=[("reverted", {"reverted": reverted, "reinstated": reinstated})],
+        origin="auth",
+    )
+
+
+def payload_json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None

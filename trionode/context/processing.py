@@ -1,0 +1,422 @@
+"""Delta processing: received deltas judged, applied (or left pending, deferred, refused)
+and committed, and the state rebuilt when a late membership decision changes a verdict.
+
+A received delta is verified on arrival (id and signature); its author's rights are
+checked when it is *applied*, in causal order, because the membership that admits a new
+author may itself still be on its way (`trionode/auth/model.py`, DESIGN §7.1). The changed
+entity rows, the delta, the new heads and root hash, the pending set and the handler runs
+it queues commit in one LMDB write.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Protocol
+
+import attrs
+import trio
+
+from trionode.auth.model import Kind, Verdict
+from trionode.context.authority import AuthRejected
+from trionode.context.errors import ContextNotFound
+from trionode.context.events import EventHub
+from trionode.context.notices import b58, publish_app_events, publish_verdicts
+from trionode.context.records import (
+    DELTAS,
+    HANDLER_PREFIX,
+    HANDLER_RUNS,
+    PENDING,
+    HandlerRun,
+    PendingRecord,
+)
+from trionode.context.replicas import (
+    Replica,
+    ReplicaStore,
+    learn_keys,
+    stage_record,
+    stage_rows,
+)
+from trionode.crdt import Entity, StateTree, Timestamp, decode_entities, decode_entity, max_stamp
+from trionode.crdt.hlc import ntp64_duration, ntp64_seconds
+from trionode.dag.dag import Defer
+from trionode.dag.delta import (
+    AppEvent,
+    DeltaBody,
+    SignedDelta,
+    decode_delta,
+    open_delta,
+    verify_delta,
+)
+from trionode.errors import ProtocolError, RemoteProtocolError
+from trionode.store.store import WriteBatch
+
+log = logging.getLogger(__name__)
+
+_CLOCK_SLACK = 0.001
+"""Seconds added to a wait for the clock, so the wall clock has surely moved on by then."""
+
+
+class ReplicationMetrics(Protocol):
+    def outcome(self, outcome: str, n: int = 1) -> None: ...
+    def pending_depth(self, depth: int) -> None: ...
+    def heads(self, count: int) -> None: ...
+    def handler_run(self, *, ok: bool) -> None: ...
+
+
+class NoMetrics:
+    def outcome(self, outcome: str, n: int = 1) -> None:
+        pass
+
+    def pending_depth(self, depth: int) -> None:
+        pass
+
+    def heads(self, count: int) -> None:
+        pass
+
+    def handler_run(self, *, ok: bool) -> None:
+        pass
+
+
+@attrs.frozen
+class Received:
+    """What became of a received delta."""
+
+    applied: list[bytes]
+    """Ids applied now (the delta and any pending ones it released), in causal order."""
+    missing: frozenset[bytes]
+    """Parents nobody has sent us: ask the sender for these."""
+    duplicate: bool = False
+    rejected: list[tuple[bytes, str]] = attrs.field(factory=list)
+    """(id, reason) of deltas refused when they became applicable."""
+    refused: list[bytes] = attrs.field(factory=list)
+    """Valid deltas stamped more than drift + pending timeout ahead of our clock: neither
+    stored nor remembered, so the same delta is welcome again once clocks agree."""
+
+
+@attrs.define
+class Applying:
+    """What applying a cascade of received deltas produced, for one write."""
+
+    replica: Replica
+    batch: WriteBatch
+    rejected: list[tuple[bytes, str]] = attrs.field(factory=list)
+    refused: list[bytes] = attrs.field(factory=list)
+    events: list[tuple[bytes, list[AppEvent]]] = attrs.field(factory=list)
+    auth_changed: bool = False
+    """An op or an equivocation arrived: verdicts may change (see `settle`)."""
+    fresh: dict[bytes, SignedDelta] = attrs.field(factory=dict)
+
+
+class DeltaProcessor:
+    """The receive path of every replica (see the module docstring)."""
+
+    def __init__(
+        self,
+        replicas: ReplicaStore,
+        hub: EventHub,
+        metrics: ReplicationMetrics,
+        *,
+        pending_timeout: float = 300.0,
+        read_only: bool = False,
+    ) -> None:
+        self._replicas = replicas
+        self._read_only = read_only
+        self._hub = hub
+        self.metrics = metrics
+        self._max_wait = ntp64_duration(pending_timeout)
+        """How far beyond the drift a delta's stamps may lead and it still waits."""
+        self._handler_runs_queued = trio.Event()
+
+    def handler_wakeup(self) -> trio.Event:
+        """A fresh event, set when received deltas next queue app handler runs."""
+        self._handler_runs_queued = trio.Event()
+        return self._handler_runs_queued
+
+    def wake_handlers(self) -> None:
+        """Wake whoever waits for handler runs (also after a restart left some queued)."""
+        self._handler_runs_queued.set()
+
+    async def receive(self, context_id: bytes, wire: bytes) -> Received:
+        """Take a delta from a peer (gossip or sync). Raises ProtocolError for a bad one."""
+        if not self._replicas.knows(context_id):
+            raise ContextNotFound(f"not a member of {b58(context_id)}")
+        delta = decode_delta(wire)
+        header = verify_delta(delta)
+        if header.context_id != context_id:
+            raise RemoteProtocolError("delta belongs to another context")
+        replica = await self._replicas.load(context_id)
+        if self._too_far_ahead(replica, header.hlc, self._replicas.physical_now()):
+            # Checked before anything is stored: such a delta may be valid later.
+            self._refuse_ahead(context_id, delta.id)
+            return Received([], frozenset(), refused=[delta.id])
+        async with replica.lock:
+            batch = WriteBatch()
+            applying = Applying(replica, batch)
+            offer = replica.dag.offer(
+                delta.id,
+                header.parents,
+                delta,
+                now=trio.current_time(),
+                apply=lambda delta_id, item: self.apply_one(applying, delta_id, item),
+                author=header.author,
+            )
+            if offer.duplicate:
+                self.metrics.outcome("duplicate")
+                return Received([], frozenset(), duplicate=True)
+            for evicted in offer.evicted:
+                batch.delete(PENDING, context_id + evicted)
+                self.metrics.outcome("evicted")
+            if replica.dag.is_pending(delta.id):
+                batch.put(
+                    PENDING,
+                    context_id + delta.id,
+                    PendingRecord(delta=wire, received_at=self._replicas.wall_clock()),
+                )
+            self._replicas.note_deferred(replica)
+            if not offer.ready and not applying.rejected:
+                await self._replicas.write(replica, batch)
+                if replica.dag.is_pending(delta.id):
+                    self.metrics.outcome("pending")
+                self.metrics.pending_depth(replica.dag.pending_count)
+                return Received([], offer.missing, refused=applying.refused)
+            reverted = self.settle(applying)
+            stage_record(replica, batch)
+            await self._replicas.write(replica, batch)
+        if reverted:
+            publish_verdicts(self._hub, replica, reverted)
+        applied = [delta_id for delta_id, _ in offer.ready]
+        if applied:
+            self.metrics.outcome("applied")
+        self.after_received(applying, max(len(applied) - 1, 0), "cascaded")
+        return Received(applied, frozenset(), rejected=applying.rejected, refused=applying.refused)
+
+    def _too_far_ahead(self, replica: Replica, time: int, physical: int) -> bool:
+        return replica.clock.excess(time, physical) > self._max_wait
+
+    def _refuse_ahead(self, context_id: bytes, delta_id: bytes) -> None:
+        self.metrics.outcome("refused_ahead")
+        log.warning(
+            "refused delta %s in %s: stamped beyond max_clock_drift + pending_timeout",
+            delta_id.hex()[:16],
+            b58(context_id),
+        )
+
+    def apply_one(self, applying: Applying, delta_id: bytes, delta: SignedDelta) -> bool | Defer:
+        """Judge one ready delta and join it into the state if it stands, refuse it, or make
+        it wait for our clock (`Defer`: it stays pending); called in causal order.
+
+        Returns False only for a delta no honest member writes (rejected: never applied,
+        so nothing builds on it) or one stamped too far ahead; filtered and invalid deltas
+        are applied as no-ops, so honest descendants are judged on their own merits. The
+        verdict never depends on time; only *when* a valid delta applies does."""
+        replica, batch = applying.replica, applying.batch
+        context_id = replica.context_id
+        authority = replica.authority
+        header = verify_delta(delta)
+        try:
+            authority.check_chain(header)
+            if header.auth is not None:
+                authority.check_op(delta_id, header)
+            else:
+                authority.check_data(header)
+        except AuthRejected as exc:
+            batch.delete(PENDING, context_id + delta_id)
+            return self._reject(applying, delta_id, str(exc))
+        physical = self._replicas.physical_now()
+        wait = self._wait_for(applying, delta_id, header.hlc, physical)
+        if wait is not None:
+            return wait
+        body: DeltaBody | None = None
+        records: list[Entity] = []
+        verdict = Verdict.ACCEPTED
+        if header.auth is None:
+            verdict, why = authority.verdict_for(header)
+            if verdict is not Verdict.ACCEPTED:
+                self.metrics.outcome(f"auth_{verdict.value}")
+                log.info(
+                    "delta %s in %s is %s: %s", delta_id.hex()[:16], b58(context_id), verdict, why
+                )
+        if verdict is Verdict.ACCEPTED and (header.auth is None or header.auth.kind == Kind.CREATE):
+            try:
+                body = open_delta(delta, header, replica.keys[header.key_id])
+                records = decode_entities(body.records)
+            except KeyError:
+                batch.delete(PENDING, context_id + delta_id)
+                return self._reject(applying, delta_id, f"no key {header.key_id}")
+            except ProtocolError as exc:
+                batch.delete(PENDING, context_id + delta_id)
+                return self._reject(applying, delta_id, str(exc))
+            # Its newest stamp, header or any record inside, must be within drift of our
+            # clock, or joining it would drag our clock (and every local write) ahead.
+            newest = (max_stamp(records) or Timestamp(0, b"")).time
+            wait = self._wait_for(applying, delta_id, newest, physical)
+            if wait is not None:
+                return wait
+        batch.delete(PENDING, context_id + delta_id)
+        if header.auth is not None:
+            authority.add_op(delta_id, header)
+        equivocates = authority.record(delta_id, header)
+        if header.auth is None:
+            authority.verdicts[delta_id] = verdict
+        applying.auth_changed |= header.auth is not None or equivocates
+        applying.fresh[delta_id] = delta
+        batch.put(DELTAS, context_id + delta_id, delta.encode())
+        if header.auth is not None:
+            learn_keys(replica, batch, header.auth)
+        if body is None:
+            applying.events.append((delta_id, []))
+            return True
+        replica.clock.update(Timestamp(header.hlc, header.author), physical)
+        replica.tree.apply(records)
+        # A read-only node runs no handlers, so it queues none (they would pile up forever).
+        for index, event in enumerate(() if self._read_only else body.events):
+            batch.put(
+                HANDLER_RUNS,
+                HANDLER_PREFIX + context_id + delta_id + index.to_bytes(4, "big"),
+                HandlerRun(name=event.name, payload=event.payload),
+            )
+        applying.events.append((delta_id, list(body.events)))
+        return True
+
+    async def release_deferred(self) -> int:
+        """Apply the deltas whose wait for the clock is over (and what they release)."""
+        total = 0
+        now = trio.current_time()
+        for replica in self._replicas.loaded():
+            due = replica.dag.next_release()
+            if due is None or due > now:
+                continue
+            async with replica.lock:
+                batch = WriteBatch()
+                applying = Applying(replica, batch)
+                released = replica.dag.release(now, partial(self.apply_one, applying))
+                reverted = self.settle(applying)
+                stage_record(replica, batch)
+                await self._replicas.write(replica, batch)
+            if reverted:
+                publish_verdicts(self._hub, replica, reverted)
+            total += len(released)
+            self.after_received(applying, len(released), "cascaded")
+        return total
+
+    def after_received(self, applying: Applying, applied: int, outcome: str) -> None:
+        """Once a cascade is committed: count it and tell subscribers (and the handler
+        runner) what it applied."""
+        replica = applying.replica
+        if applied:
+            self.metrics.outcome(outcome, applied)
+        self.metrics.pending_depth(replica.dag.pending_count)
+        self.metrics.heads(len(replica.dag.heads))
+        for delta_id, event_list in applying.events:
+            publish_app_events(self._hub, replica, delta_id, event_list, "remote")
+        if any(event_list for _, event_list in applying.events):
+            self._handler_runs_queued.set()
+
+    def _wait_for(
+        self, applying: Applying, delta_id: bytes, time: int, physical: int
+    ) -> Defer | bool | None:
+        """None if a delta stamped `time` may apply now; else Defer (wait for our clock)
+        or False (refused: beyond drift + pending timeout)."""
+        replica = applying.replica
+        excess = replica.clock.excess(time, physical)
+        if excess > self._max_wait:
+            applying.batch.delete(PENDING, replica.context_id + delta_id)
+            applying.refused.append(delta_id)
+            self._refuse_ahead(replica.context_id, delta_id)
+            return False
+        if excess > 0:
+            self.metrics.outcome("deferred")
+            return Defer(trio.current_time() + ntp64_seconds(excess) + _CLOCK_SLACK)
+        return None
+
+    def _reject(self, applying: Applying, delta_id: bytes, reason: str) -> bool:
+        applying.rejected.append((delta_id, reason))
+        self.metrics.outcome(f"rejected_{_reason_label(reason)}")
+        log.warning(
+            "rejected delta %s in %s: %s",
+            delta_id.hex()[:16],
+            b58(applying.replica.context_id),
+            reason,
+        )
+        return False
+
+    def settle(self, applying: Applying) -> list[bytes]:
+        """After a batch of deltas: if membership changed, judge every applied delta again
+        and rebuild the state without those that no longer stand (or with those that now
+        do). Returns the ids whose verdict changed."""
+        if not applying.auth_changed:
+            return []
+        replica = applying.replica
+        changed = replica.authority.rejudge()
+        if not changed:
+            return []
+        self._rebuild(replica, applying.batch, applying.fresh)
+        reverted = sum(1 for _, now in changed.values() if now is not Verdict.ACCEPTED)
+        self.metrics.outcome("reverted", reverted)
+        return sorted(changed)
+
+    def _rebuild(
+        self, replica: Replica, batch: WriteBatch, fresh: dict[bytes, SignedDelta]
+    ) -> None:
+        """Recompute the whole state as base ⊔ every standing delta's records, and stage it
+        to replace the stored rows in `batch` (one transaction: a crash leaves the old
+        state, and verdicts are recomputed from the deltas on restart). `fresh` holds the
+        deltas applied in this batch (not in the store yet)."""
+        context_id = replica.context_id
+        store = self._replicas.store
+        tree = StateTree(self._replicas.iter_base(context_id))
+        for delta_id, meta in replica.authority.meta.items():
+            if meta.op and delta_id not in replica.authority.creations:
+                continue
+            if replica.authority.verdicts.get(delta_id, Verdict.ACCEPTED) is not Verdict.ACCEPTED:
+                continue
+            delta = fresh.get(delta_id)
+            if delta is None:
+                wire = store.get_sync(DELTAS, context_id + delta_id)
+                if not wire:
+                    continue
+                delta = decode_delta(wire)
+            header = verify_delta(delta)
+            try:
+                body = open_delta(delta, header, replica.keys[header.key_id])
+            except (KeyError, ProtocolError):
+                continue
+            tree.apply([decode_entity(r) for r in body.records])
+        rows = tree.rows_replacing(replica.tree)  # drops the old journal rows too
+        replica.tree = tree
+        stage_rows(replica, batch, rows)
+        replica.clock.witness(tree.max_stamp, self._replicas.physical_now())
+
+    async def expire_pending(self, max_age: float) -> int:
+        """Evict pending deltas older than `max_age` seconds in every loaded context."""
+        total = 0
+        for replica in self._replicas.loaded():
+            async with replica.lock:
+                expired = replica.dag.expire(trio.current_time(), max_age)
+                if not expired:
+                    continue
+                batch = WriteBatch()
+                for delta_id in expired:
+                    batch.delete(PENDING, replica.context_id + delta_id)
+                await self._replicas.write(replica, batch)
+                total += len(expired)
+                self.metrics.outcome("evicted", len(expired))
+                self.metrics.pending_depth(replica.dag.pending_count)
+        return total
+
+    async def missing(self, context_id: bytes) -> set[bytes]:
+        replica = await self._replicas.load(context_id)
+        return replica.dag.missing()
+
+
+def _reason_label(reason: str | None) -> str:
+    if reason is None:
+        return "unreadable"
+    if "author" in reason:
+        return "author"
+    if "admin" in reason:
+        return "role"
+    if "key" in reason or "decrypt" in reason:
+        return "key"
+    return "malformed"

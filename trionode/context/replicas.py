@@ -1,0 +1,428 @@
+"""Replica storage: which contexts this node holds, loading one into memory, and staging
+its changed rows for a write.
+
+A context's state lives in memory as a `Replica`: its `StateTree` (loaded from the `state`
+column the first time it is used) beside its causal DAG, HLC, keys and authority. Every
+change to a replica is staged into one `WriteBatch` and committed in one LMDB write; if
+that write fails the in-memory copy is dropped and reloaded from the store, so memory
+never runs ahead of disk (`ReplicaStore.write`). One writer at a time per context
+(`Replica.lock`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Final
+
+import attrs
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from msgspec.structs import replace
+
+from trionode.context.authority import AuthRejected, ContextAuthority, decode_vv
+from trionode.context.errors import AlreadyExists, ContextNotFound
+from trionode.context.invitations import open_keys
+from trionode.context.notices import b58
+from trionode.context.records import (
+    CONTEXTS,
+    DELTAS,
+    HANDLER_PREFIX,
+    HANDLER_RUNS,
+    IDENTITY,
+    PENDING,
+    STATE,
+    ContextRecord,
+    MemberRecord,
+    key_slot,
+    member_slot,
+)
+from trionode.crdt import Entity, HybridClock, StateTree, decode_entity, encode_entity
+from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE, ntp64_from_unix
+from trionode.crdt.rows import Row
+from trionode.dag.dag import CausalDag, Defer
+from trionode.dag.delta import (
+    AuthAction,
+    DeltaHeader,
+    SignedDelta,
+    decode_delta,
+    stored_header,
+    verify_delta,
+)
+from trionode.errors import ProtocolError, StorageError
+from trionode.store.lmdb_store import Column, Delete
+from trionode.store.store import AsyncStore, BytesCodec, Table, WriteBatch
+
+log = logging.getLogger(__name__)
+
+AUX = Table(Column.GENERIC, BytesCodec(), BytesCodec())
+BASE_PREFIX = b"base/"
+"""base/ ‖ context ‖ entity id → the join of every record that arrived as *state* (snapshot
+pages, tree comparison): what a rebuild starts from, as no delta body carries it."""
+STORAGE_FORMAT: Final = 2
+"""2: deltas carry sequence numbers, version vectors and membership operations."""
+FORMAT_TABLE = Table(Column.META, BytesCodec(), BytesCodec())
+FORMAT_KEY: Final = b"context-format"
+CHECKPOINT_VV_PREFIX = b"ckvv/"
+"""ckvv/ ‖ context ‖ delta id → the version vector of a checkpoint (as its source said)."""
+
+
+@attrs.define
+class Replica:
+    """One context held in memory (see the module docstring)."""
+
+    record: ContextRecord
+    tree: StateTree
+    dag: CausalDag[SignedDelta]
+    clock: HybridClock
+    member_key: Ed25519PrivateKey
+    keys: dict[int, bytes]
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
+    authority: ContextAuthority = attrs.field(factory=ContextAuthority)
+
+    @property
+    def context_id(self) -> bytes:
+        return self.record.context_id
+
+
+@attrs.frozen
+class DagLimits:
+    """How much a replica's DAG may hold pending (from `sync.*` in config.py)."""
+
+    max_pending: int = 1000
+    max_pending_per_author: int | None = None
+
+
+class ReplicaStore:
+    """The contexts this node holds: their records in the store, and the replicas loaded
+    in memory so far (lazily, on first use)."""
+
+    def __init__(
+        self,
+        store: AsyncStore,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        limits: DagLimits | None = None,
+        max_clock_drift: float = DEFAULT_DRIFT_TOLERANCE,
+    ) -> None:
+        self.store = store
+        self.wall_clock = wall_clock
+        self.limits = limits or DagLimits()
+        self.max_clock_drift = max_clock_drift
+        self._loaded: dict[bytes, Replica] = {}
+        self._known: set[bytes] = set()
+        self._load_lock = trio.Lock()
+        self._deferred = trio.Event()
+        """Set when a delta starts waiting for the clock (see `serve_clock_waits`)."""
+
+    async def start(self) -> None:
+        """Learn which contexts exist; their state loads lazily on first use.
+
+        Raises StorageError for contexts stored by a trionode whose delta format this one
+        cannot read (format 1: membership in the state, no sequence numbers)."""
+        records = await self.records()
+        stored = await self.store.get(FORMAT_TABLE, FORMAT_KEY)
+        if stored is None and records:
+            raise StorageError(
+                f"this home holds {len(records)} context(s) in storage format 1, which this "
+                f"trionode (format {STORAGE_FORMAT}) cannot read: start from a new home "
+                "(`trionode init --home NEW`) and share the contexts again"
+            )
+        if stored is not None and stored != str(STORAGE_FORMAT).encode():
+            raise StorageError(
+                f"this home's contexts are in storage format {stored.decode(errors='replace')}, "
+                f"and this trionode reads format {STORAGE_FORMAT}: use a matching trionode"
+            )
+        if stored is None:
+            await self.store.put(FORMAT_TABLE, FORMAT_KEY, str(STORAGE_FORMAT).encode())
+        self._known = {record.context_id for record in records}
+
+    # -- which contexts ----------------------------------------------------------------------
+
+    async def records(self) -> list[ContextRecord]:
+        return [record for _, record in await self.store.scan(CONTEXTS)]
+
+    async def get(self, context_id: bytes) -> ContextRecord:
+        record = await self.store.get(CONTEXTS, context_id)
+        if record is None:
+            raise ContextNotFound(f"no context {b58(context_id)}")
+        return record
+
+    def known_ids(self) -> set[bytes]:
+        return set(self._known)
+
+    def knows(self, context_id: bytes) -> bool:
+        return context_id in self._known
+
+    def loaded(self) -> list[Replica]:
+        """The replicas in memory now (a copy: safe to await while iterating)."""
+        return list(self._loaded.values())
+
+    def add(self, replica: Replica) -> None:
+        """Hold a replica created here (already committed)."""
+        self._loaded[replica.context_id] = replica
+        self._known.add(replica.context_id)
+
+    async def adopt(
+        self,
+        *,
+        context_id: bytes,
+        application_id: bytes,
+        member_key: Ed25519PrivateKey,
+        keys: dict[int, bytes],
+        key_id: int,
+    ) -> ContextRecord:
+        """Record a context this node joined (state arrives by sync and gossip)."""
+        if context_id in self._known:
+            raise AlreadyExists(f"already a member of {b58(context_id)}")
+        member = member_key.public_key().public_bytes_raw()
+        record = ContextRecord(
+            context_id=context_id,
+            application_id=application_id,
+            created_at=self.wall_clock(),
+            root_hash=StateTree().root_hash(),
+            heads=[],
+            key_id=key_id,
+            members=[],
+            our_member=member,
+        )
+        batch = WriteBatch()
+        for kid, key in keys.items():
+            batch.put(IDENTITY, key_slot(context_id, kid), key)
+        batch.put(IDENTITY, member_slot(context_id, member), member_key.private_bytes_raw())
+        batch.put(CONTEXTS, context_id, record)
+        await self.store.write(batch)
+        self._known.add(context_id)
+        return record
+
+    async def add_key(self, context_id: bytes, key_id: int, key: bytes) -> None:
+        replica = await self.load(context_id)
+        async with replica.lock:
+            replica.keys[key_id] = key
+            if key_id > replica.record.key_id:
+                replica.record = replace(replica.record, key_id=key_id)
+            batch = WriteBatch()
+            batch.put(IDENTITY, key_slot(context_id, key_id), key)
+            batch.put(CONTEXTS, context_id, replica.record)
+            await self.store.write(batch)
+
+    async def delete(self, context_id: bytes) -> None:
+        await self.get(context_id)
+        replica = self._loaded.pop(context_id, None)
+        if replica is not None:
+            await replica.lock.acquire()  # let an in-flight call finish first
+        batch = WriteBatch()
+        batch.delete(CONTEXTS, context_id)
+        for column in (Column.STATE, Column.DELTA, Column.IDENTITY, Column.PENDING):
+            for key, _ in await self.store.raw_scan(column, prefix=context_id):
+                batch.ops.append(Delete(column, key))
+        for key, _ in await self.store.scan(HANDLER_RUNS, prefix=HANDLER_PREFIX + context_id):
+            batch.delete(HANDLER_RUNS, key)
+        await self.store.write(batch)
+        self._known.discard(context_id)
+
+    def forget_loaded(self, context_id: bytes) -> None:
+        """Drop the in-memory copy: the next use reloads it from the store."""
+        self._loaded.pop(context_id, None)
+
+    # -- loading -----------------------------------------------------------------------------
+
+    async def load(self, context_id: bytes) -> Replica:
+        replica = self._loaded.get(context_id)
+        if replica is not None:
+            return replica
+        async with self._load_lock:
+            replica = self._loaded.get(context_id)
+            if replica is None:
+                replica = await self._read(context_id)
+                self._loaded[context_id] = replica
+        return replica
+
+    async def load_waiting(self) -> None:
+        """Load every context that has pending deltas (some may wait for the clock)."""
+        contexts = {key[:32] for key, _ in await self.store.raw_scan(Column.PENDING)}
+        for context_id in sorted(contexts & self._known):
+            await self.load(context_id)
+
+    def new_dag(
+        self, *, applied: Iterable[bytes] = (), heads: Iterable[bytes] = ()
+    ) -> CausalDag[SignedDelta]:
+        return CausalDag(
+            applied=applied,
+            heads=heads,
+            max_pending=self.limits.max_pending,
+            max_pending_per_author=self.limits.max_pending_per_author,
+        )
+
+    async def _read(self, context_id: bytes) -> Replica:
+        record = await self.get(context_id)
+        rows = await self.store.scan(STATE, prefix=context_id)
+        tree = StateTree.from_rows((key[len(context_id) :], value) for key, value in rows)
+        delta_rows = await self.store.scan(DELTAS, prefix=context_id)
+        applied = [k[len(context_id) :] for k, _ in delta_rows]
+        dag = self.new_dag(applied=applied, heads=record.heads)
+        member_seed = await self.store.get(IDENTITY, member_slot(context_id, record.our_member))
+        keys = {
+            int.from_bytes(k[33:41], "big"): v
+            for k, v in await self.store.scan(IDENTITY, prefix=context_id + b"k")
+        }
+        if member_seed is None or record.key_id not in keys:
+            raise StorageError(f"context {b58(context_id)} has lost its keys")
+        clock = HybridClock(record.our_member, self.max_clock_drift)
+        # Beyond drift this is ignored: state poisoned by an older version (a stamp near
+        # 2^64-1) must not make every local write overflow the clock after a restart.
+        clock.witness(tree.max_stamp, self.physical_now())
+        replica = Replica(
+            record, tree, dag, clock, Ed25519PrivateKey.from_private_bytes(member_seed), keys
+        )
+        await self._load_authority(replica, delta_rows)
+        # Pending deltas survive restarts: put them back in the DAG. Those waiting for the
+        # clock have all their parents: they wait again, due at once, so the next release
+        # checks them against the clock as it is now.
+        now = trio.current_time()
+        for key, pending in await self.store.scan(PENDING, prefix=context_id):
+            try:
+                delta = decode_delta(pending.delta)
+                header = verify_delta(delta)
+            except ProtocolError:
+                continue
+            dag.offer(
+                key[32:],
+                header.parents,
+                delta,
+                now=now,
+                apply=lambda _id, _item: Defer(now),
+                author=header.author,
+            )
+        self.note_deferred(replica)
+        return replica
+
+    async def _load_authority(self, replica: Replica, rows: list[tuple[bytes, bytes]]) -> None:
+        """Rebuild the auth graph, version vectors and verdicts from the stored deltas (a
+        pure function of them: the same verdicts as before the restart)."""
+        context_id = replica.context_id
+        authority = replica.authority
+        ops: list[tuple[bytes, DeltaHeader]] = []
+        for key, wire in rows:
+            if not wire:
+                continue
+            delta_id = key[len(context_id) :]
+            header = stored_header(decode_delta(wire))
+            authority.record(delta_id, header)
+            if header.auth is not None:
+                ops.append((delta_id, header))
+        for key, value in await self.store.scan(AUX, prefix=CHECKPOINT_VV_PREFIX + context_id):
+            authority.checkpoint_vv[key[len(CHECKPOINT_VV_PREFIX) + 32 :]] = decode_vv(value)
+        ops.sort(key=lambda item: (sum(v for _, v in item[1].vv), item[0]))
+        for delta_id, header in ops:
+            try:
+                authority.add_op(delta_id, header)
+            except AuthRejected as exc:  # stored before a rule tightened: skip it
+                log.warning("stored operation %s no longer passes: %s", delta_id.hex()[:16], exc)
+        for delta_id, meta in authority.meta.items():
+            if not meta.op:
+                authority.verdicts[delta_id] = authority.judge(delta_id)[0]
+        authority.judged()
+        replica.record = replace(
+            replica.record,
+            members=[
+                MemberRecord(public_key=m, role=r) for m, r in sorted(authority.roles().items())
+            ],
+        )
+
+    # -- waiting for the clock ---------------------------------------------------------------
+
+    def note_deferred(self, replica: Replica) -> None:
+        if replica.dag.next_release() is not None:
+            self._deferred.set()
+
+    def deferral_wakeup(self) -> trio.Event:
+        """A fresh event, set when a delta next starts waiting for the clock."""
+        self._deferred = trio.Event()
+        return self._deferred
+
+    def next_release(self) -> float | None:
+        """When the earliest delta waiting for the clock may apply (trio time)."""
+        times = [replica.dag.next_release() for replica in self._loaded.values()]
+        return min((t for t in times if t is not None), default=None)
+
+    # -- staging and writing -----------------------------------------------------------------
+
+    def physical_now(self) -> int:
+        return ntp64_from_unix(self.wall_clock())
+
+    async def write(self, replica: Replica, batch: WriteBatch) -> None:
+        """Commit `batch`; if that fails, drop the replica (memory never runs ahead)."""
+        try:
+            await self.store.write(batch)
+        except StorageError:
+            self._loaded.pop(replica.context_id, None)  # reload from disk next time
+            raise
+
+    def stage_base(self, replica: Replica, batch: WriteBatch, records: Sequence[Entity]) -> None:
+        """Join records that arrived as state into the base a rebuild starts from."""
+        prefix = BASE_PREFIX + replica.context_id
+        for record in records:
+            key = prefix + record.id
+            old = self.store.get_sync(AUX, key)
+            joined = record if not old else decode_entity(old).join(record)
+            batch.put(AUX, key, encode_entity(joined))
+
+    def iter_base(self, context_id: bytes) -> Iterator[Entity]:
+        """The records that arrived as state (see `stage_base`), from the store."""
+        for _, value in self.store.scan_sync(Column.GENERIC, BASE_PREFIX + context_id):
+            yield decode_entity(value)
+
+
+def learn_keys(replica: Replica, batch: WriteBatch, auth: AuthAction) -> None:
+    """Open a new key an operation sealed to us; it becomes our write key."""
+    if auth.key_id is None or auth.key_id in replica.keys:
+        return
+    for member, sealed in auth.key_box:
+        if member != replica.record.our_member:
+            continue
+        try:
+            key = open_keys(sealed, replica.member_key)[auth.key_id]
+        except (ProtocolError, KeyError):
+            return
+        replica.keys[auth.key_id] = key
+        batch.put(IDENTITY, key_slot(replica.context_id, auth.key_id), key)
+        replica.record = replace(replica.record, key_id=auth.key_id)
+        return
+
+
+def refresh_record(replica: Replica) -> None:
+    """Bring the record's root hash, heads and members up to the replica's."""
+    replica.record = replace(
+        replica.record,
+        root_hash=replica.tree.root_hash(),
+        heads=sorted(replica.dag.heads),
+        members=[
+            MemberRecord(public_key=m, role=r) for m, r in sorted(replica.authority.roles().items())
+        ],
+    )
+
+
+def stage_record(replica: Replica, batch: WriteBatch) -> None:
+    """Stage the changed state rows and the refreshed record: the end of every change."""
+    stage_state(replica, batch)
+    refresh_record(replica)
+    batch.put(CONTEXTS, replica.context_id, replica.record)
+
+
+def stage_state(replica: Replica, batch: WriteBatch) -> None:
+    """Write (or delete) the state rows changed since the last drain (a Text keystroke
+    writes its delta, not the whole Text: see `trionode/crdt/rows.py`)."""
+    stage_rows(replica, batch, replica.tree.drain_rows())
+
+
+def stage_rows(replica: Replica, batch: WriteBatch, rows: Iterable[Row]) -> None:
+    """Put or delete state rows (keys relative to the context). A rebuild stages a whole
+    new tree through here too (`StateTree.rows_replacing`)."""
+    context_id = replica.context_id
+    for key, value in rows:
+        if value is None:
+            batch.delete(STATE, context_id + key)
+        else:
+            batch.put(STATE, context_id + key, value)
