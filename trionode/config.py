@@ -446,6 +446,24 @@ class BlobsSection(_Section, frozen=True):
     """Seconds a peer may take to deliver a requested chunk before the fetch drops it."""
     max_serving: PositiveInt = 16
     """Blob streams this node serves at once; more are refused (the fetcher tries others)."""
+    call_read_max: Annotated[int, msgspec.Meta(ge=1, le=256 * MiB)] = 8 * MiB
+    """Bytes of blobs one app call (a view, usually) may read in total; apps read bigger
+    blobs in ranges."""
+    call_loads: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    """Blob reads or attachments one app call may make that need the store (each reruns
+    the call once its data is loaded)."""
+    background_fetches: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    """Blobs fetched at once in the background (for the state's references: on a call's
+    first read, or eagerly)."""
+    fetch_queue: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+    """Background fetches waiting for a slot; past that, requests are dropped and counted
+    (a later read or change asks again)."""
+    fetch_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 6
+    """Tries of one background fetch before it gives up (a later read asks again)."""
+    fetch_retry: PositiveFloat = 2.0
+    """Seconds before the first retry of a failed background fetch; doubled each time."""
+    fetch_retry_max: PositiveFloat = 300.0
+    """Longest wait between retries of a background fetch."""
 
 
 class FileConfig(_Section, frozen=True):

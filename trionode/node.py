@@ -25,6 +25,8 @@ open_node(config) ── root nursery
    ├─ serve_clock_waits applies deltas stamped ahead of our clock once it has caught up
    ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter
    ├─ serve_gc         periodic GC: tombstones in every context, unreferenced blobs
+   ├─ BlobFetcher.serve background fetches of blobs the states reference (on a call's
+   │                    first read, or eagerly as deltas reference them: the app's policy)
    ├─ serve_event_log  writes WebSocket events to LMDB (loaded before the nursery, closed
    │                    with a clean-stop mark after it), so `since` survives restarts
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
@@ -53,6 +55,9 @@ from trionode.api.admin_page import SessionBook
 from trionode.api.app import create_app
 from trionode.api.server import serve_api
 from trionode.api.tokens import TicketBook, TokenStore
+from trionode.blobs.calls import BlobCalls
+from trionode.blobs.fetcher import BlobFetcher, BlobFetcherMetrics
+from trionode.blobs.references import BlobReferences
 from trionode.blobs.store import BlobMetrics, BlobStore
 from trionode.blobs.transfer import BlobTransfer, BlobTransferMetrics
 from trionode.config import NodeConfig
@@ -211,6 +216,21 @@ class Node:
             store,
             app_bundles=self.app_bundles,
         )
+        self.blob_references = BlobReferences(self.contexts.state_tree)
+        self.blob_fetcher = BlobFetcher(
+            self.blob_transfer,
+            self.blobs,
+            self.blob_references,
+            self.hub,
+            policy=self._blob_policy,
+            contexts=self.contexts.known_ids,
+            config=config.blobs,
+            metrics=BlobFetcherMetrics(metrics.registry),
+        )
+        self.blob_calls = BlobCalls(
+            self.contexts, self.blobs, self.blob_references, self.blob_fetcher, config=config.blobs
+        )
+        """App calls (the API's `execute`), with blob reads and attachments served."""
         self.gc_metrics = GcMetrics(metrics.registry)
         self.tokens = TokenStore(store)
         """Scoped API tokens for browser apps (hashed in LMDB)."""
@@ -284,10 +304,19 @@ class Node:
     async def collect_everything(self, horizon_unix: float) -> dict[str, int]:
         """One GC pass: tombstones older than `horizon_unix`, then unreferenced blobs."""
         result = await self.contexts.collect_garbage(horizon_unix)
+        live = self.contexts.known_ids()
         blobs = await self.blobs.collect_garbage(
-            self.config.gc.blob_retention, self.contexts.known_ids(), self.blob_transfer.running()
+            self.config.gc.blob_retention,
+            live,
+            self.blob_transfer.running() | self.blob_fetcher.pending(),
+            await self.blob_references.all_of(live),
         )
         return {**result, **blobs}
+
+    async def _blob_policy(self, context_id: bytes) -> str:
+        record = await self.contexts.get(context_id)
+        app = await self.applications.load(record.application_id)
+        return str(app.blob_policy)
 
     async def refresh_metrics(self) -> None:
         stats = await self.store.stats()
@@ -440,6 +469,9 @@ async def _open_locked_node(
                 node.gc_metrics,
                 node.shutdown_requested,
                 name="gc",
+            )
+            await nursery.start(
+                node.blob_fetcher.serve, node.shutdown_requested, name="blob-fetcher"
             )
             await nursery.start(
                 serve_event_log, node.event_log, node.shutdown_requested, name="event-log"

@@ -24,6 +24,7 @@ from trionode.api.jsonio import BadInput, number_field
 from trionode.api.sse import EventRequestError, event_stream_response
 from trionode.api.tokens import Principal
 from trionode.api.ws import serve_websocket
+from trionode.blobs.calls import BlobCalls
 from trionode.config import ApiSection
 from trionode.context.errors import AlreadyExists, ContextError, PeerFailed
 from trionode.context.events import EventHub
@@ -79,6 +80,9 @@ class ContextApi(Protocol):
 
     @property
     def hub(self) -> EventHub: ...
+
+    @property
+    def blob_calls(self) -> BlobCalls: ...
 
     def knows_context(self, context_id_b58: str) -> bool: ...
 
@@ -481,7 +485,7 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
                     request_id, JSONRPC_FORBIDDEN, f"this token may not {what} that context"
                 )
         try:
-            result = await node.contexts.execute(context_id, method, args_json, executor=executor)
+            result = await node.blob_calls.execute(context_id, method, args_json, executor=executor)
         except AppError as exc:
             error = exc.to_jsonrpc()
             return _rpc_error(request_id, error["code"], error["message"], error.get("data"))

@@ -8,6 +8,11 @@ blob_meta  b"b" + blob id        BlobRecord: the manifest of a complete blob
            b"p" + blob id        PartialRecord: a fetch in progress (its manifest)
            b"x" + context + id   the blob belongs to that context (peers fetch it through it)
            b"y" + id + context   the same link, found from the blob
+           b"r" + context + id   a reference link: an app in that context attached the blob,
+                                 or this node fetched it because the state references it;
+                                 it authorises serving like b"x" but keeps the blob only
+                                 while that context's state references it
+           b"s" + id + context   the same reference link, found from the blob
            b"n" + blob id        pinned: never collected
            b"u" + blob id        when GC first found the blob unreferenced (wall clock)
 ```
@@ -67,6 +72,8 @@ _COMPLETE: Final = b"b"
 _PARTIAL: Final = b"p"
 _LINK: Final = b"x"
 _LINKED_BY: Final = b"y"
+_REF_LINK: Final = b"r"
+_REF_LINKED_BY: Final = b"s"
 _PIN: Final = b"n"
 _UNREFERENCED: Final = b"u"
 _CHUNK_AAD: Final = "blob-chunk"
@@ -224,7 +231,8 @@ class BlobStore:
         self.files = ChunkFiles(home / BLOBS_DIR, store.raw.cipher)
         self.metrics = metrics
         self.max_size = max_size
-        self._wall_clock = wall_clock
+        self.wall_clock = wall_clock
+        """Unix time for records and GC marks (tests on a virtual clock replace it)."""
         self._chunk_size = chunk_size
         self._limiter = trio.CapacityLimiter(4)
         self.files.clear_tmp()  # leftovers of a crash: never part of any blob
@@ -269,7 +277,7 @@ class BlobStore:
         batch = WriteBatch()
         existing = await self._store.get(_RECORDS, _COMPLETE + blob_id)
         if existing is None:
-            record = BlobRecord(manifest.encode(), self._wall_clock(), name)
+            record = BlobRecord(manifest.encode(), self.wall_clock(), name)
             batch.put(_RECORDS, _COMPLETE + blob_id, record)
         if context_id is not None:
             _link(batch, context_id, blob_id)
@@ -301,7 +309,7 @@ class BlobStore:
         """Remember a fetch in progress (its manifest survives restarts)."""
         blob_id = manifest.blob_id
         if await self._store.get(_PARTIALS, _PARTIAL + blob_id) is None:
-            record = PartialRecord(manifest.encode(), self._wall_clock(), name)
+            record = PartialRecord(manifest.encode(), self.wall_clock(), name)
             await self._store.put(_PARTIALS, _PARTIAL + blob_id, record)
 
     async def partial_manifest(self, blob_id: bytes) -> Manifest | None:
@@ -330,8 +338,11 @@ class BlobStore:
         await self._write_chunk(digest, data)
         return True
 
-    async def complete(self, manifest: Manifest, *, context_id: bytes | None = None) -> BlobInfo:
-        """Make a fetched blob visible under its id (every chunk must be here)."""
+    async def complete(
+        self, manifest: Manifest, *, context_id: bytes | None = None, by_reference: bool = False
+    ) -> BlobInfo:
+        """Make a fetched blob visible under its id (every chunk must be here), linked to
+        `context_id` (by reference: see the module docstring)."""
         if await self.missing_chunks(manifest):
             raise StorageError("cannot complete a blob whose chunks are not all stored")
         blob_id = manifest.blob_id
@@ -342,10 +353,10 @@ class BlobStore:
             batch.put(
                 _RECORDS,
                 _COMPLETE + blob_id,
-                BlobRecord(manifest.encode(), self._wall_clock(), name),
+                BlobRecord(manifest.encode(), self.wall_clock(), name),
             )
         if context_id is not None:
-            _link(batch, context_id, blob_id)
+            _link(batch, context_id, blob_id, by_reference=by_reference)
         batch.delete(_FLAGS, _PARTIAL + blob_id)
         await self._store.write(batch)
         info = await self.info(blob_id)
@@ -373,8 +384,11 @@ class BlobStore:
 
     async def _info(self, blob_id: bytes, record: BlobRecord, manifest: Manifest) -> BlobInfo:
         pinned = await self._store.get(_FLAGS, _PIN + blob_id) is not None
-        rows = await self._store.scan(_FLAGS, prefix=_LINKED_BY + blob_id)
-        contexts = [key[1 + len(blob_id) :] for key, _ in rows]
+        contexts: list[bytes] = []
+        for prefix in (_LINKED_BY, _REF_LINKED_BY):
+            for key, _ in await self._store.scan(_FLAGS, prefix=prefix + blob_id):
+                if (context := key[1 + len(blob_id) :]) not in contexts:
+                    contexts.append(context)
         return BlobInfo(
             blob_id=blob_id,
             size=manifest.size,
@@ -423,13 +437,20 @@ class BlobStore:
 
     # -- contexts and pins -----------------------------------------------------------------
 
-    async def link(self, context_id: bytes, blob_id: bytes) -> None:
+    async def link(self, context_id: bytes, blob_id: bytes, *, by_reference: bool = False) -> None:
+        """The blob belongs to the context: its members may fetch it from here. A plain link
+        keeps the blob while the context lives; a reference link only while the context's
+        state references it (see `collect_garbage`)."""
         batch = WriteBatch()
-        _link(batch, context_id, blob_id)
+        _link(batch, context_id, blob_id, by_reference=by_reference)
         await self._store.write(batch)
 
     async def linked(self, context_id: bytes, blob_id: bytes) -> bool:
-        return await self._store.get(_FLAGS, _LINK + context_id + blob_id) is not None
+        """Linked to the context, either way."""
+        for prefix in (_LINK, _REF_LINK):
+            if await self._store.get(_FLAGS, prefix + context_id + blob_id) is not None:
+                return True
+        return False
 
     async def pin(self, blob_id: bytes, *, pinned: bool = True) -> None:
         if pinned:
@@ -448,8 +469,7 @@ class BlobStore:
         batch.delete(_FLAGS, _COMPLETE + blob_id)
         batch.delete(_FLAGS, _PIN + blob_id)
         batch.delete(_FLAGS, _UNREFERENCED + blob_id)
-        for key, _ in await self._store.scan(_FLAGS, prefix=_LINKED_BY + blob_id):
-            _unlink(batch, key[1 + len(blob_id) :], blob_id)
+        await self._unlink_all(batch, blob_id)
         await self._store.write(batch)
         used = await self._used_chunks()
         for digest in set(manifest.chunks) - used:
@@ -460,18 +480,23 @@ class BlobStore:
     # -- garbage collection ----------------------------------------------------------------
 
     async def collect_garbage(
-        self, retention: float, live_contexts: set[bytes], busy: set[bytes]
+        self,
+        retention: float,
+        live_contexts: set[bytes],
+        busy: set[bytes],
+        referenced: frozenset[bytes] | set[bytes] = frozenset(),
     ) -> dict[str, int]:
         """Remove what nothing has referenced for `retention` seconds.
 
-        A complete blob is referenced while it is pinned or linked to a context this node
-        still holds; an unreferenced one is marked with the time GC first saw it so, and
+        A complete blob is referenced while it is pinned, linked (plainly) to a context this
+        node still holds, or in `referenced` (the blobs the live contexts' states reference);
+        an unreferenced one is marked with the time GC first saw it so, and
         removed once the mark is `retention` old (a new reference clears the mark). A
         partial fetch is dropped when it started `retention` ago and is not running
         (`busy`); chunk files that belong to no blob or partial fetch go once their file is
         `retention` old (younger ones may belong to an upload in progress).
         """
-        now = self._wall_clock()
+        now = self.wall_clock()
         removed = {"blobsRemoved": 0, "blobPartialsRemoved": 0, "blobChunksRemoved": 0}
         pinned = {k[1:] for k, _ in await self._store.scan(_FLAGS, prefix=_PIN)}
         linked: set[bytes] = set()
@@ -483,7 +508,7 @@ class BlobStore:
         for key, _ in await self._store.scan(_FLAGS, prefix=_COMPLETE):
             blob_id = key[1:]
             mark = marks.get(_UNREFERENCED + blob_id)
-            if blob_id in pinned or blob_id in linked:
+            if blob_id in pinned or blob_id in linked or blob_id in referenced:
                 if mark is not None:
                     batch.delete(_FLAGS, _UNREFERENCED + blob_id)
                 continue
@@ -492,8 +517,7 @@ class BlobStore:
             elif now - _untime(mark) >= retention:
                 batch.delete(_FLAGS, _UNREFERENCED + blob_id)
                 batch.delete(_FLAGS, _COMPLETE + blob_id)
-                for link, _ in await self._store.scan(_FLAGS, prefix=_LINKED_BY + blob_id):
-                    _unlink(batch, link[1 + len(blob_id) :], blob_id)
+                await self._unlink_all(batch, blob_id)
                 removed["blobsRemoved"] += 1
         for key, record in await self._store.scan(_PARTIALS, prefix=_PARTIAL):
             if key[1:] not in busy and now - record.started_at >= retention:
@@ -510,6 +534,11 @@ class BlobStore:
         self.metrics.collected.labels("partial").inc(removed["blobPartialsRemoved"])
         self.metrics.collected.labels("chunk").inc(removed["blobChunksRemoved"])
         return removed
+
+    async def _unlink_all(self, batch: WriteBatch, blob_id: bytes) -> None:
+        for by_reference, prefix in ((False, _LINKED_BY), (True, _REF_LINKED_BY)):
+            for key, _ in await self._store.scan(_FLAGS, prefix=prefix + blob_id):
+                _unlink(batch, key[1 + len(blob_id) :], blob_id, by_reference=by_reference)
 
     async def _used_chunks(self) -> set[bytes]:
         """Chunks of every complete or partial blob."""
@@ -528,14 +557,20 @@ def _untime(raw: bytes) -> float:
     return float(struct.unpack(">d", raw)[0]) if len(raw) == 8 else 0.0
 
 
-def _link(batch: WriteBatch, context_id: bytes, blob_id: bytes) -> None:
-    batch.put(_FLAGS, _LINK + context_id + blob_id, b"")
-    batch.put(_FLAGS, _LINKED_BY + blob_id + context_id, b"")
+def _link(
+    batch: WriteBatch, context_id: bytes, blob_id: bytes, *, by_reference: bool = False
+) -> None:
+    link, linked_by = (_REF_LINK, _REF_LINKED_BY) if by_reference else (_LINK, _LINKED_BY)
+    batch.put(_FLAGS, link + context_id + blob_id, b"")
+    batch.put(_FLAGS, linked_by + blob_id + context_id, b"")
 
 
-def _unlink(batch: WriteBatch, context_id: bytes, blob_id: bytes) -> None:
-    batch.delete(_FLAGS, _LINK + context_id + blob_id)
-    batch.delete(_FLAGS, _LINKED_BY + blob_id + context_id)
+def _unlink(
+    batch: WriteBatch, context_id: bytes, blob_id: bytes, *, by_reference: bool = False
+) -> None:
+    link, linked_by = (_REF_LINK, _REF_LINKED_BY) if by_reference else (_LINK, _LINKED_BY)
+    batch.delete(_FLAGS, link + context_id + blob_id)
+    batch.delete(_FLAGS, linked_by + blob_id + context_id)
 
 
 class _AnyRecord(msgspec.Struct, frozen=True):

@@ -152,12 +152,15 @@ class _Fetch:
         opener: Opener,
         max_size: int,
         peers: list[PeerId] | None,
+        *,
+        by_reference: bool = False,
     ) -> None:
         self.blob_id = blob_id
         self.context_id = context_id
         self.opener = opener
         self.max_size = max_size
         self.peers = peers
+        self.by_reference = by_reference
         self.manifest: Manifest | None = None
         self.plan: FetchPlan | None = None
         self.lock = trio.Lock()
@@ -206,6 +209,7 @@ class BlobTransfer:
         peers: list[PeerId] | None = None,
         opener: Opener | None = None,
         max_size: int | None = None,
+        by_reference: bool = False,
     ) -> BlobInfo:
         """Get a blob from members of `context_id` (or return it if it is here already).
 
@@ -215,6 +219,12 @@ class BlobTransfer:
         blob over `max_size` bytes (default `blobs.max_size`) is not fetched. The blob is
         linked to `context_id` when it is complete.
 
+        `by_reference`: the context's state references the blob (an app reads it, or the
+        eager policy). Then a blob stored here for *other* contexts only counts once a
+        member of this one serves its manifest for this context (no chunk is sent again):
+        a member cannot make this node hand out another context's blob just by referencing
+        its id. The link it gets is a reference link (kept while referenced).
+
         Raises ContextError if this node is not a member (and no `opener` is given),
         BlobUnavailableError if no peer could provide it now (verified chunks are kept for
         the next attempt).
@@ -222,7 +232,10 @@ class BlobTransfer:
         while (running := self._running.get(blob_id)) is not None:
             await running.wait()  # one fetch per blob; then see what it left
         info = await self.blobs.info(blob_id)
-        if info is not None:
+        if info is not None and by_reference:
+            if context_id in info.contexts:
+                return info
+        elif info is not None:
             if context_id not in info.contexts:
                 await self.blobs.link(context_id, blob_id)
                 info = await self.blobs.info(blob_id)
@@ -234,7 +247,9 @@ class BlobTransfer:
         limit = self.blobs.max_size if max_size is None else min(max_size, self.blobs.max_size)
         done = self._running[blob_id] = trio.Event()
         try:
-            info = await self._fetch(_Fetch(blob_id, context_id, opener, limit, peers))
+            info = await self._fetch(
+                _Fetch(blob_id, context_id, opener, limit, peers, by_reference=by_reference)
+            )
         except BlobUnavailableError:
             self.metrics.fetches.labels("unavailable").inc()
             raise
@@ -280,7 +295,9 @@ class BlobTransfer:
                 + (f" ({got} chunks kept for the next attempt)" if got else "")
             )
         self._progress(state, final=True)
-        return await self.blobs.complete(state.manifest, context_id=state.context_id)
+        return await self.blobs.complete(
+            state.manifest, context_id=state.context_id, by_reference=state.by_reference
+        )
 
     async def _adopt(self, state: _Fetch, manifest: Manifest) -> None:
         async with state.lock:

@@ -118,6 +118,8 @@ class EventHub:
         self._dropped: dict[str, int] = {}
         """Per context, the newest event no longer held in memory."""
         self._subscriptions: set[Subscription] = set()
+        self._watchers: set[Subscription] = set()
+        """Node services following every context's applied deltas (not WebSockets)."""
         self.unsaved: list[ContextEvent] | None = None
         """Published but not yet in LMDB, when an event log is attached (`EventLog.load`
         sets it to a list); its writer takes them from here."""
@@ -132,8 +134,17 @@ class EventHub:
         self._subscriptions.add(sub)
         return sub
 
+    def watch(self) -> Subscription:
+        """Follow the applied deltas of every context (for node services; not counted as a
+        subscriber). Its queue is bounded like a WebSocket's: a watcher that falls behind
+        finds it closed and must catch up some other way."""
+        sub = Subscription(self, self._capacity)
+        self._watchers.add(sub)
+        return sub
+
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscriptions.discard(sub)
+        self._watchers.discard(sub)
 
     def add_contexts(self, sub: Subscription, contexts: list[str], since: int | None) -> bool:
         """Subscribe to `contexts`; with `since`, first replay their events after it.
@@ -206,6 +217,8 @@ class EventHub:
         for sub in list(self._subscriptions):
             if context_id in sub.contexts:
                 sub._offer(event)  # noqa: SLF001
+        for sub in list(self._watchers):
+            sub._offer(event)  # noqa: SLF001
         return event
 
     def notify(self, context_id: str, payload: dict[str, Any]) -> None:

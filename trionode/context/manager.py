@@ -35,7 +35,7 @@ from trionode.context.processing import (
 from trionode.context.records import DELTAS
 from trionode.context.replicas import DagLimits, Replica, ReplicaStore, stage_state
 from trionode.context.serving import StateAheadError, SyncServing
-from trionode.crdt import ntp64_from_unix
+from trionode.crdt import StateTree, ntp64_from_unix
 from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE
 from trionode.store.store import AsyncStore, WriteBatch
 
@@ -146,6 +146,11 @@ class ContextManager:
         """(root hash, heads, pending count) as held in memory now."""
         replica = await self.replicas.load(context_id)
         return replica.tree.root_hash(), sorted(replica.dag.heads), replica.dag.pending_count
+
+    async def state_tree(self, context_id: bytes) -> StateTree:
+        """The context's live state tree, for readers that scan it (blob references);
+        callers must not change it."""
+        return (await self.replicas.load(context_id)).tree
 
     async def read_delta(self, context_id: bytes, delta_id: bytes) -> bytes | None:
         """A delta's wire bytes; None if we do not hold its body (unknown, or a checkpoint:

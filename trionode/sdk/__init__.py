@@ -18,11 +18,13 @@
 
 Pure: no Trio, no network. The node runs calls through `trionode.sdk.runtime`
 (`execute`, `init_state`, `run_handler`) and gets apps from bundles through
-`trionode.sdk.bundle` (`load_bundle`, `verify_bundle`, `load_app`).
+`trionode.sdk.bundle` (`load_bundle`, `verify_bundle`, `load_app`). Blobs in state and
+reading them in calls: `BlobRef`, `app.attach_blob`, `app.read_blob` (`trionode.sdk.blobs`).
 """
 
 from trionode.crdt.handles import Counter, LwwRegister, Text, UnorderedMap, UnorderedSet, Vector
 from trionode.sdk.app import App, EmittedEvent, EntryKind
+from trionode.sdk.blobs import BlobNotAvailableError, BlobReadError, BlobRef, UnknownBlobError
 from trionode.sdk.errors import (
     AlreadyInitializedError,
     AppDefinitionError,
@@ -43,6 +45,9 @@ __all__ = [
     "App",
     "AppDefinitionError",
     "AppError",
+    "BlobNotAvailableError",
+    "BlobReadError",
+    "BlobRef",
     "Counter",
     "EmittedEvent",
     "EntryKind",
@@ -56,6 +61,7 @@ __all__ = [
     "ResultError",
     "StateSchemaError",
     "Text",
+    "UnknownBlobError",
     "UnorderedMap",
     "UnorderedSet",
     "Vector",

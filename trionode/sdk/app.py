@@ -56,6 +56,15 @@ import base58
 import msgspec
 
 from trionode.crdt import Spec, StateTree, Transaction, spec_for, unix_from_ntp64
+from trionode.sdk.blobs import (
+    BlobNotAvailableError,
+    BlobReadError,
+    BlobRef,
+    UnknownBlobError,
+    b58,
+    current_access,
+    parse_blob_id,
+)
 from trionode.sdk.errors import (
     AppDefinitionError,
     EventError,
@@ -72,6 +81,9 @@ MAX_NAME_LENGTH: Final = 256
 MAX_EVENTS_PER_CALL: Final = 100
 MAX_EVENT_NAME_BYTES: Final = 100
 MAX_EVENT_PAYLOAD_BYTES: Final = 64 * 1024
+MAX_BLOB_NAME: Final = 1024
+MAX_BLOB_MIME: Final = 255
+BLOB_POLICIES: Final = ("on-read", "eager")
 
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -358,6 +370,10 @@ class App:
         self._init: EntryPoint | None = None
         self._handlers: dict[str, list[str]] = {}
         self._fields: dict[str, Spec[Any]] | None = None
+        self.blob_policy = "on-read"
+        """When this node fetches blobs the state references: "on-read" (when a call reads
+        one) or "eager" (as soon as a delta references one). Set from the bundle manifest's
+        `blobs` by `load_app`."""
 
     def __repr__(self) -> str:
         return f"App({self.name!r})"
@@ -622,6 +638,56 @@ class App:
             _UNIQUE_ID_DOMAIN + call.context_id + stamp.time.to_bytes(8, "big") + stamp.node
         ).digest()
         return str(base58.b58encode(digest[:16]).decode())
+
+    # -- blobs (see trionode.sdk.blobs) ------------------------------------------------------
+
+    def attach_blob(self, blob_id: str, *, name: str = "", mime: str = "") -> BlobRef:
+        """A `BlobRef` to a blob stored on this node (uploaded with `POST /admin-api/blobs`
+        or `trionode blob add`), to keep in state. Its size comes from the store.
+
+        Raises:
+            InvalidParamsError: not a blob id, or a name/mime over the limits.
+            UnknownBlobError: the blob is not stored on this node.
+        """
+        self._call("attach_blob()")
+        raw = parse_blob_id(blob_id)
+        if not _is_str(name) or len(name) > MAX_BLOB_NAME:
+            raise InvalidParamsError(f"blob name: a string of at most {MAX_BLOB_NAME} characters")
+        if not _is_str(mime) or len(mime) > MAX_BLOB_MIME:
+            raise InvalidParamsError(f"mime type: a string of at most {MAX_BLOB_MIME} characters")
+        size = current_access("app.attach_blob()").size(raw)
+        if size is None:
+            raise UnknownBlobError(
+                f"blob {b58(raw)} is not stored on this node for this context: upload it "
+                "first (`trionode blob add PATH`), then attach it by the id printed",
+                {"blobId": b58(raw)},
+            )
+        return BlobRef(id=b58(raw), size=size, name=name, mime=mime)
+
+    def read_blob(self, blob: BlobRef | str, start: int = 0, length: int | None = None) -> bytes:
+        """Up to `length` bytes of a blob from `start` (None: to the end), within the
+        node's per-call budget (`blobs.call_read_max`; read big blobs in ranges).
+
+        Never waits on the network: a blob that is not here yet raises
+        `BlobNotAvailableError`, and the node starts fetching it from the context's members.
+
+        Raises:
+            BlobNotAvailableError: not stored on this node (yet).
+            BlobReadError: over the budget, `start` past the end, or not in an API call.
+            InvalidParamsError: not a blob reference or id.
+        """
+        self._call("read_blob()")
+        raw = blob.blob_id if isinstance(blob, BlobRef) else parse_blob_id(blob)
+        if start < 0 or (length is not None and length < 0):
+            raise BlobReadError(f"bad range: start {start}, length {length}")
+        data = current_access("app.read_blob()").read(raw, start, length)
+        if data is None:
+            raise BlobNotAvailableError(
+                f"blob {b58(raw)} is not available on this node yet: it is being fetched "
+                "from the context's members; try again shortly",
+                {"blobId": b58(raw)},
+            )
+        return data
 
 
 def _is_str(value: object) -> bool:

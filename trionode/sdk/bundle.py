@@ -144,6 +144,9 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, f
     """Ed25519 public key of the signer, base58 (or hex)."""
     signature: Annotated[str, msgspec.Meta(max_length=MAX_SIGNATURE_TEXT)] | None = None
     """Ed25519 signature over the bundle hash, base58 (or hex)."""
+    blobs: Literal["on-read", "eager"] = "on-read"
+    """When a member node fetches blobs the state references: on a call's first read, or
+    as soon as an applied delta references one (see `trionode.sdk.blobs`)."""
 
     @property
     def module(self) -> str:
@@ -841,6 +844,7 @@ def _import_entry(bundle: Bundle, package: str) -> App:
         app.check()
     except AppDefinitionError as exc:
         raise AppLoadError(f"{where}: {exc}") from exc
+    app.blob_policy = manifest.blobs
     return app
 
 

@@ -20,6 +20,11 @@ errors it raises before an app runs, such as an unknown context):
 | -32014 | EventError            | an emitted event is not an event, or exceeds the limits   |
 | -32015 | StateSchemaError      | stored state does not decode as the app's declared types  |
 | -32016 | AlreadyInitializedError | `init` on a context that already has state              |
+| -32017 | BlobNotAvailableError | a blob read before the blob is here (being fetched)       |
+| -32018 | UnknownBlobError      | `attach_blob` of a blob not stored here for this context  |
+| -32019 | BlobReadError         | a blob read over the per-call limits or past the end      |
+
+(The blob errors live in `trionode.sdk.blobs`.)
 
 Apps raise `AppError` (or subclasses with their own `code`, preferably outside the reserved
 range) to fail a call deliberately; like every error, it discards the call's writes.

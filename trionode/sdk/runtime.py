@@ -40,6 +40,7 @@ from trionode.crdt import (
 )
 from trionode.crdt.entity import Body
 from trionode.sdk.app import CURRENT_CALL, App, CallState, EmittedEvent, EntryKind, EntryPoint
+from trionode.sdk.blobs import check_access_done
 from trionode.sdk.errors import (
     AlreadyInitializedError,
     AppError,
@@ -296,6 +297,7 @@ def _invoke(
     try:
         result = entry.fn(state, **kwargs)
     except AppError:
+        check_access_done()  # a blob load the app swallowed comes first: it reruns the call
         raise
     except TransactionError as exc:
         if not call.tx.writable:
@@ -306,7 +308,9 @@ def _invoke(
             f"`{entry.name}`: the stored state does not match {app.name}'s types: {exc}"
         ) from exc
     except Exception as exc:
+        check_access_done()
         raise _failed(app, entry, exc) from exc
+    check_access_done()
     if call.violation is not None:  # the app caught the error and carried on
         _raise_violation(entry, "write state or emit events", None)
     return result
