@@ -5,15 +5,21 @@
   (`transport_bench.measure_trionode`): what the connection itself can carry.
 * **3 peers**: once B and C hold it too, D fetches it from A, B and C at once, beside the
   1-peer figure of the same run.
+* **App read**: apps/notes' `read_attachment` view returning a 4 MiB attachment through
+  the node's call path (`BlobCalls`: the view is abandoned once, the bytes loaded, the view
+  run again, the result encoded as JSON with the bytes in base64), beside reading the same
+  bytes straight from the blob store in the same run: what the call path costs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
+import base58
 from msgspec.structs import replace
 
 from benchmarks.harness import Row
@@ -22,7 +28,8 @@ from trionode.config import FileConfig
 from trionode.node import Node
 from trionode.testing import open_test_nodes
 
-APP = Path(__file__).resolve().parents[1] / "apps" / "kv_store"
+APPS = Path(__file__).resolve().parents[1] / "apps"
+APP = APPS / "kv_store"
 MiB = 1024 * 1024
 
 
@@ -48,6 +55,31 @@ async def _timed_fetch(node: Node, blob_id: bytes, context: bytes, peers: list[N
     return info.size / elapsed / 1e6
 
 
+async def _app_read(tmp: Path, *, quick: bool) -> tuple[float, float]:
+    """(view MB/s, store MB/s) reading one 4 MiB attachment."""
+    size = 4 * MiB
+    rounds = 5 if quick else 40
+    async with open_test_nodes(1, tmp, api=False, configure=_settings) as test_nodes:
+        node = test_nodes[0].node
+        app_id = (await node.applications.install(str(APPS / "notes"))).application_id
+        context = (await node.contexts.create(app_id)).context_id
+        info = await node.blobs.add_bytes(os.urandom(size))
+        blob = base58.b58encode(info.blob_id).decode()
+        args = json.dumps({"blob_id": blob, "name": "a.bin"})
+        await node.blob_calls.execute(context, "attach", args)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            result = await node.blob_calls.execute(context, "read_attachment", '{"name": "a.bin"}')
+            assert len(result.result["data"]) > size
+        view = size * rounds / (time.perf_counter() - started) / 1e6
+        started = time.perf_counter()
+        for _ in range(rounds):
+            data = b"".join([piece async for piece in await node.blobs.read(info.blob_id)])
+            assert len(data) == size
+        store = size * rounds / (time.perf_counter() - started) / 1e6
+    return view, store
+
+
 async def run(*, quick: bool) -> list[Row]:
     size = (16 if quick else 128) * MiB
     echo = await measure_trionode(size, 10)
@@ -59,6 +91,7 @@ async def run(*, quick: bool) -> list[Row]:
             one = await _timed_fetch(b, info.blob_id, context, [a])
             await _timed_fetch(c, info.blob_id, context, [a])
             three = await _timed_fetch(d, info.blob_id, context, [a, b, c])
+        view, store = await _app_read(Path(tmp) / "app-read", quick=quick)
     mib = size // MiB
     return [
         Row(
@@ -69,4 +102,5 @@ async def run(*, quick: bool) -> list[Row]:
             echo["throughput_mb_s"],
         ),
         Row(f"blob fetch {mib} MiB, 3 peers", three, "MB/s", "blob fetch, 1 peer", one),
+        Row("app view reads a 4 MiB blob", view, "MB/s", "blob store read, same bytes", store),
     ]

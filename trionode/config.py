@@ -464,6 +464,10 @@ class BlobsSection(_Section, frozen=True):
     """Seconds before the first retry of a failed background fetch; doubled each time."""
     fetch_retry_max: PositiveFloat = 300.0
     """Longest wait between retries of a background fetch."""
+    eager_rescan: PositiveFloat = 600.0
+    """Seconds between checks of every eager-policy context for referenced blobs not stored
+    here (fetches that gave up, or that a restart interrupted); the first comes this long
+    after start."""
 
 
 class FileConfig(_Section, frozen=True):

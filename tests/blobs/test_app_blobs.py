@@ -25,7 +25,7 @@ from tests.replication.cluster_helpers import (
     wait_converged,
 )
 from trionode.config import FileConfig
-from trionode.context.events import Notice
+from trionode.context.events import ContextEvent, EventHub, Notice
 from trionode.context.manager import ContextError
 from trionode.node import Node
 from trionode.sdk import BlobNotAvailableError, UnknownBlobError
@@ -59,6 +59,15 @@ async def attach(node: Node, context: bytes, data: bytes, name: str) -> bytes:
     return info.blob_id
 
 
+def eager_notes(tmp_path: Path) -> Path:
+    """apps/notes with `"blobs": "eager"` in its manifest."""
+    eager = tmp_path / "apps" / "notes"
+    shutil.copytree(APPS / "notes", eager)
+    manifest = json.loads((eager / "manifest.json").read_text())
+    (eager / "manifest.json").write_text(json.dumps({**manifest, "blobs": "eager"}))
+    return eager
+
+
 async def test_member_reads_not_available_then_the_bytes_after_the_background_fetch(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -86,13 +95,37 @@ async def test_member_reads_not_available_then_the_bytes_after_the_background_fe
         assert metric(b, "trionode_blob_background_fetches_total", outcome="ok") == 1
 
 
+async def test_a_failed_background_fetch_is_retried_with_backoff(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    data = os.urandom(MiB)
+    async with open_cluster(2, tmp_path) as cluster:
+        a, b = cluster.nodes
+        context = await share(cluster, [0, 1], "notes")
+        blob_id = await attach(a, context, data, "later.bin")
+        await wait_converged(cluster, [a, b], context)
+        await cluster.partition([0])
+        with pytest.raises(BlobNotAvailableError):
+            await read_attachment(b, context, "later.bin")
+        await trio.testing.wait_all_tasks_blocked()
+        # Nobody could serve it: the fetch waits to try again.
+        assert metric(b, "trionode_blob_background_fetches_total", outcome="retry") == 1
+        assert blob_id in b.blob_fetcher.pending()
+        with pytest.raises(BlobNotAvailableError):  # a second read asks nothing new
+            await read_attachment(b, context, "later.bin")
+        assert (
+            metric(b, "trionode_blob_background_requests_total", trigger="read", fate="queued") == 1
+        )
+        await cluster.heal()
+        assert await b.blob_fetcher.wait(blob_id)
+        assert await read_attachment(b, context, "later.bin") == data
+        assert metric(b, "trionode_blob_background_fetches_total", outcome="ok") == 1
+
+
 async def test_eager_policy_fetches_without_a_read(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    eager = tmp_path / "apps" / "notes"
-    shutil.copytree(APPS / "notes", eager)
-    manifest = json.loads((eager / "manifest.json").read_text())
-    (eager / "manifest.json").write_text(json.dumps({**manifest, "blobs": "eager"}))
+    eager = eager_notes(tmp_path)
     data = os.urandom(2 * MiB)
     async with open_cluster(3, tmp_path / "nodes") as cluster:
         a, b, c = cluster.nodes
@@ -112,6 +145,39 @@ async def test_eager_policy_fetches_without_a_read(
         assert not metric(
             b, "trionode_blob_background_requests_total", trigger="read", fate="queued"
         )
+
+
+async def test_eager_fetches_that_gave_up_start_again_at_the_rescan(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    eager = eager_notes(tmp_path)
+    async with open_cluster(2, tmp_path / "nodes") as cluster:
+        a, b = cluster.nodes
+        context = await share(cluster, [0, 1], str(eager))
+        asked = b.blob_transfer.candidate_peers
+        b.blob_transfer.candidate_peers = lambda _context: []  # nobody can serve it, for now
+        sub = subscribe(b, context)
+        blob_id = await attach(a, context, os.urandom(1000), "late.txt")
+        started = trio.current_time()
+        with trio.fail_after(60):
+            while not isinstance(await sub.receive.receive(), ContextEvent):
+                pass  # until the delta referencing it is applied
+        await trio.testing.wait_all_tasks_blocked()
+        assert blob_id in b.blob_fetcher.pending()
+        assert not await b.blob_fetcher.wait(blob_id)  # gave up after blobs.fetch_attempts
+        tries = b.config.blobs.fetch_attempts
+        assert metric(b, "trionode_blob_background_fetches_total", outcome="gave_up") == 1
+        assert metric(b, "trionode_blob_background_fetches_total", outcome="retry") == tries - 1
+        b.blob_transfer.candidate_peers = asked
+        available = Notice(
+            b58(context),
+            {"type": "blob_available", "contextId": b58(context), "blobId": b58(blob_id)},
+        )
+        with trio.fail_after(2 * b.config.blobs.eager_rescan):
+            while await sub.receive.receive() != available:
+                pass
+        assert trio.current_time() - started >= b.config.blobs.eager_rescan - 1
+        assert await b.blobs.has(blob_id)
 
 
 async def test_a_non_member_never_gets_the_blob(
@@ -196,3 +262,24 @@ async def test_gc_keeps_a_referenced_blob_and_drops_it_after_the_reference_goes(
         for node in (a, b):
             assert (await node.collect_garbage())["blobsRemoved"] == 1
             assert not await node.blobs.has(blob_id)
+
+
+def test_a_hub_watcher_sees_every_context_and_is_not_a_subscriber() -> None:
+    hub = EventHub(subscriber_capacity=2)
+    watcher = hub.watch()
+    assert hub.subscribers == 0
+
+    def publish(context: str) -> None:
+        hub.publish(
+            context_id=context, delta_id="d", root_hash="r", heads=[], events=[], origin="remote"
+        )
+
+    publish("one")
+    publish("two")
+    seen = [watcher.receive.receive_nowait() for _ in range(2)]
+    assert [e.context_id for e in seen if isinstance(e, ContextEvent)] == ["one", "two"]
+    for _ in range(3):  # falls behind: its queue is closed, it must catch up another way
+        publish("one")
+    assert watcher.overflowed
+    watcher.close()
+    publish("one")  # no longer offered to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import base58
 import pytest
 import trio
 
@@ -89,3 +91,37 @@ def test_progress_line_shows_bytes_rate_and_eta() -> None:
     quiet = io.StringIO()
     Progress(10, "upload", out=quiet, enabled=False).advance(5)
     assert quiet.getvalue() == ""
+
+
+async def test_notes_attachment_through_the_cli_and_json_rpc(tmp_path: Path) -> None:
+    """A real node: upload with `blob add`, attach it to a note with `call`, read it back
+    through JSON-RPC; attaching a blob the node lacks is one line naming -32018."""
+    source = tmp_path / "photo.jpg"
+    data = os.urandom(300_000)
+    source.write_bytes(data)
+    async with open_test_node(tmp_path / "home") as node:
+        app = await cli(node, "app", "install", str(ROOT / "apps" / "notes"), "--json")
+        assert app.returncode == 0, app.stderr
+        app_id = json.loads(app.stdout)["applicationId"]
+        created = await cli(node, "context", "create", app_id, "--json")
+        assert created.returncode == 0, created.stderr
+        context = json.loads(created.stdout)["contextId"]
+        added = await cli(node, "blob", "add", str(source))
+        blob_id = added.stdout.decode().strip()
+        args = json.dumps({"blob_id": blob_id, "name": "photo.jpg", "mime": "image/jpeg"})
+        attached = await cli(node, "call", context, "attach", "--args", args)
+        assert attached.returncode == 0, attached.stderr
+        assert json.loads(attached.stdout)["size"] == len(data)
+        read = await cli(
+            node, "call", context, "read_attachment", "--args", '{"name": "photo.jpg"}'
+        )
+        assert read.returncode == 0, read.stderr
+        got = json.loads(read.stdout)
+        assert (got["mime"], base64.b64decode(got["data"])) == ("image/jpeg", data)
+        stranger = base58.b58encode(os.urandom(32)).decode()
+        unknown = json.dumps({"blob_id": stranger, "name": "x"})
+        refused = await cli(node, "call", context, "attach", "--args", unknown)
+        assert refused.returncode == 1
+        assert refused.stderr.decode().count("\n") == 1
+        assert stranger in refused.stderr.decode()
+        assert "not stored on this node" in refused.stderr.decode()

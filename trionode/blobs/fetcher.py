@@ -13,9 +13,10 @@ Requests come from two places: a call that read a blob not stored here (on-read,
 its retry is not asked for twice, and past `blobs.fetch_queue` waiting requests new ones
 are dropped and counted (the next read or change asks again). A fetch that fails is tried
 again after `blobs.fetch_retry` seconds, doubling up to `blobs.fetch_retry_max`, at most
-`blobs.fetch_attempts` times. Delta processing never waits for any of it: `_watch` reads
-a bounded queue of its own, and if it falls behind the hub closes it and `_watch` rescans
-every context instead.
+`blobs.fetch_attempts` times; every `blobs.eager_rescan` seconds `_watch` checks every
+eager context again, so what gave up (or a restart interrupted) is asked for again. Delta
+processing never waits for any of it: `_watch` reads a bounded queue of its own, and if it
+falls behind the hub closes it and `_watch` rescans every context instead.
 
 When a fetched blob is stored, the context's WebSocket subscribers get a `blob_available`
 notice, so an app's UI knows to read again.
@@ -188,7 +189,11 @@ class BlobFetcher:
     async def _watch(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        dirty = set(self._contexts())  # at start: whatever arrived while we were down
+        # Besides following changes, every `blobs.eager_rescan` seconds (the first time that
+        # long after start, not during it) check every context again: fetches that gave up,
+        # or that a restart interrupted, start again.
+        dirty: set[bytes] = set()
+        rescan = trio.current_time() + self._config.eager_rescan
         sub = self._hub.watch()
         task_status.started()
         try:
@@ -196,18 +201,24 @@ class BlobFetcher:
                 for context_id in dirty:
                     await self._check(context_id)
                 dirty = set()
-                try:
-                    # One check per context for everything that arrived meanwhile.
-                    items = [await sub.receive.receive()]
-                    while True:
-                        try:
-                            items.append(sub.receive.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                except trio.EndOfChannel:  # fell behind: the hub closed our queue
-                    sub.close()
-                    sub = self._hub.watch()
+                items: list[object] = []
+                with trio.move_on_at(rescan):
+                    try:
+                        # One check per context for everything that arrived meanwhile.
+                        items.append(await sub.receive.receive())
+                        while True:
+                            try:
+                                items.append(sub.receive.receive_nowait())
+                            except trio.WouldBlock:
+                                break
+                    except trio.EndOfChannel:  # fell behind: the hub closed our queue
+                        sub.close()
+                        sub = self._hub.watch()
+                        rescan = trio.current_time()
+                if trio.current_time() >= rescan:
+                    self._checked.clear()
                     dirty = set(self._contexts())
+                    rescan = trio.current_time() + self._config.eager_rescan
                     continue
                 dirty = {
                     base58.b58decode(item.context_id)
