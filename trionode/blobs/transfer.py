@@ -280,7 +280,10 @@ class BlobTransfer:
 
     async def _fetch(self, state: _Fetch) -> BlobInfo:
         partial = await self.blobs.partial_manifest(state.blob_id)
-        if partial is not None:
+        # By reference, a member must vouch for the blob in this context even when every
+        # chunk is here already (the partial may be another context's fetch); the chunks
+        # on disk still count, so nothing is transferred twice.
+        if partial is not None and not state.by_reference:
             await self._adopt(state, partial)
         peers = state.peers if state.peers is not None else self.candidate_peers(state.context_id)
         peers = peers[: self.config.fetch_peers]
