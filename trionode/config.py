@@ -98,6 +98,44 @@ class DcutrSection(_Section, frozen=True):
     """Hole punches (driven or answered) running at once; more wait for the next chance."""
 
 
+class KadSection(_Section, frozen=True):
+    """`[network.kad]`: the Kademlia DHT (peer routing, private rendezvous for contexts)."""
+
+    enabled: bool = True
+    """Find members' addresses by peer id and co-members of our contexts by private provider
+    records, beyond one LAN (see docs/operating.md)."""
+    protocol: Annotated[str, msgspec.Meta(pattern=r"^/[!-~]{1,120}$")] = "/trionode/kad/1.0.0"
+    """The DHT's protocol id: a private one by default so trionode nodes never join the public
+    IPFS DHT; `/ipfs/kad/1.0.0` to talk to other libp2p DHTs."""
+    server: bool = True
+    """Answer DHT requests (server mode). Off: client mode, we only ask."""
+    bucket_size: Annotated[int, msgspec.Meta(ge=1, le=64)] = 20
+    """k: contacts per routing-table bucket and peers a lookup ends with."""
+    alpha: Annotated[int, msgspec.Meta(ge=1, le=16)] = 3
+    """Requests a lookup keeps in flight at once."""
+    max_lookup_peers: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 200
+    """Candidates one lookup remembers (the farthest never-asked ones are dropped past it)."""
+    max_lookup_queries: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
+    """Requests one lookup sends at most."""
+    request_timeout: PositiveFloat = 10.0
+    """Seconds one DHT request (dial, stream, answer) may take."""
+    lookup_timeout: PositiveFloat = 30.0
+    """Seconds one lookup may take; it ends with what it found by then."""
+    refresh_interval: PositiveFloat = 600.0
+    """Seconds between routing-table refreshes (a lookup of our own id)."""
+    max_requests_per_stream: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    """Requests we answer on one inbound stream before closing it."""
+    provider_ttl: Annotated[int, msgspec.Meta(ge=60)] = 7200
+    """Seconds a provider record we sign is valid; others drop it after that."""
+    provider_republish: PositiveFloat = 1800.0
+    """Seconds between re-announcing our contexts (and looking up co-members); below
+    `provider_ttl` so records never lapse while we run."""
+    max_provider_keys: PositiveInt = 4096
+    """Keys we store providers for (for others, as a DHT server)."""
+    max_providers_per_key: Annotated[int, msgspec.Meta(ge=1, le=40)] = 20
+    """Providers we store per key."""
+
+
 class NetworkSection(_Section, frozen=True):
     """Peer-to-peer transport."""
 
@@ -204,6 +242,8 @@ class NetworkSection(_Section, frozen=True):
     """`[network.relay]`: being a relay for others, and its limits."""
     dcutr: DcutrSection = DcutrSection()
     """`[network.dcutr]`: upgrading relayed connections to direct ones."""
+    kad: KadSection = KadSection()
+    """`[network.kad]`: the Kademlia DHT."""
     mdns: bool = True
     """Find peers on the local network with multicast DNS (libp2p mDNS, `_p2p._udp.local`)."""
     mdns_interval: PositiveFloat = 30.0
@@ -646,6 +686,10 @@ def load_config(home: Path, *, env: dict[str, str] | None = None) -> NodeConfig:
                 Multiaddr.from_string(text)
             except ProtocolError as exc:
                 raise ConfigError(f"{path}: `{key}`: {text!r} is not a multiaddr: {exc}") from None
+    if net.kad.provider_republish >= net.kad.provider_ttl:
+        raise ConfigError(
+            f"{path}: `network.kad.provider_republish` must be below `network.kad.provider_ttl`"
+        )
     passphrase = (env or {}).get(PASSPHRASE_ENV)
     if file.store.encrypted and not passphrase:
         raise ConfigError(f"{path}: `store.encrypted` is true but ${PASSPHRASE_ENV} is not set")

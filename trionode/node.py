@@ -16,6 +16,8 @@ open_node(config) ── root nursery
    │                    with `network.relay.serve` the hop handler splices circuits too)
    ├─ HolePuncher.run  DCUtR: each relayed connection we received is hole punched into a
    │                    direct one where the NATs allow (`network.dcutr`)
+   ├─ Kademlia.run     (if `network.kad.enabled`) DHT routing-table refresh (a lookup of our
+   │                    own id); requests to us are served in the Host's connection nurseries
    ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
    │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
@@ -86,6 +88,7 @@ from trionode.net.events import (
     watch_peers,
 )
 from trionode.net.host import Host
+from trionode.net.kad import Kademlia, KadMetrics
 from trionode.net.mdns import serve_mdns
 from trionode.net.member_peers import context_topics, serve_member_peers
 from trionode.net.metrics import NetMetrics
@@ -132,6 +135,11 @@ class Node:
         self.autonat = (
             AutoNat(self.host, config.network, AutoNatMetrics(metrics.registry))
             if config.network.autonat
+            else None
+        )
+        self.kad = (
+            Kademlia(self.host, config.network, KadMetrics(metrics.registry))
+            if config.network.kad.enabled
             else None
         )
         self.discovery_metrics = DiscoveryMetrics(metrics.registry)
@@ -426,6 +434,8 @@ async def _open_locked_node(
             if node.autonat is not None:
                 await nursery.start(node.autonat.run, node.shutdown_requested, name="autonat")
             await nursery.start(node.relay_client.run, node.shutdown_requested, name="relays")
+            if node.kad is not None:
+                await nursery.start(node.kad.run, node.shutdown_requested, name="kad")
             if node.autonat is not None:
                 await nursery.start(
                     node.relay_client.learn_relays,

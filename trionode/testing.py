@@ -128,6 +128,9 @@ def cluster_file_config(file: FileConfig) -> FileConfig:
         network=replace(
             file.network,
             mdns=False,
+            # Like discovery: DHT lookups dial whom they learn of and would change the
+            # topology a test built; tests of the DHT switch it on.
+            kad=replace(file.network.kad, enabled=False),
             ping_interval=5.0,
             ping_timeout=2.0,
             handshake_timeout=5.0,
