@@ -341,6 +341,7 @@ async def test_a_hostile_hole_punch_costs_its_stream_only(
             await stream.send_all(b"\xff\x7f" + b"\x00" * 64)
             assert await stream.receive_some(100) == b""
             assert await b.ping(a.peer_id) >= 0
+            assert _stream_errors(a) == 1  # counted once
             # A CONNECT whose addresses are all useless (relay ones) gets no answer either.
             _, stream = await relayed.new_stream([wire.PROTOCOL])
             useless = Multiaddr.from_string(f"{circuit}")
@@ -354,3 +355,12 @@ async def test_a_hostile_hole_punch_costs_its_stream_only(
             while ap.outcomes["relayed"] == 0:
                 await ap.wait_changed()
             assert not relayed.closed
+
+
+def _stream_errors(host: Host) -> float:
+    return sum(
+        sample.value
+        for metric in host.metrics.protocol_errors.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels == {"layer": "stream"}
+    )

@@ -683,8 +683,6 @@ class Host:
         except ProtocolError as exc:  # a bad frame costs its stream; protocols decide more
             self.metrics.protocol_errors.labels("stream").inc()
             log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
-            self.metrics.protocol_errors.labels("stream").inc()
-            log.info("%s on %s from %s: %s", type(exc).__name__, protocol, conn.peer_id, exc)
         except Exception:  # a handler bug must cost one stream, never the node
             self.metrics.handler_errors.labels(protocol).inc()
             log.exception("handler for %s failed on a stream from %s", protocol, conn.peer_id)
