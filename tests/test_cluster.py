@@ -28,6 +28,7 @@ from trionode.wire.pubsub_pb import PubsubMessage
 
 TOPIC = "test/cluster"
 LIMIT = 120  # virtual seconds; autojump makes a generous bound free
+APPS = Path(__file__).resolve().parents[1] / "apps"
 
 
 @contextmanager
@@ -274,3 +275,63 @@ def test_fault_decisions_are_seeded() -> None:
     assert decisions(5) != decisions(6)
     with pytest.raises(ValueError, match="probability"):
         GossipFaults(drop=1.5)
+
+
+# -- crashes and skewed clocks (the chaos profiles' tools) ------------------------------------
+
+
+async def test_a_crashed_node_restarts_on_its_home_and_catches_up(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """`crash` resets the node's connections and kills it without a graceful stop; what it
+    acknowledged survives, and after `restart` (same home, IP and peer id) it reconnects
+    and syncs what it missed."""
+    async with open_cluster(3, tmp_path, restartable=True) as cluster:
+        app = (await cluster[0].applications.install(str(APPS / "kv_store"))).application_id
+        for node in cluster.nodes[1:]:
+            await node.applications.install(str(APPS / "kv_store"))
+        context = (await cluster[0].contexts.create(app)).context_id
+        for node in cluster.nodes[1:]:
+            await node.joins.join(await cluster[0].joins.invite(context))
+        await cluster[2].contexts.execute(context, "set", '{"key": "before", "value": "1"}')
+        old = cluster[2]
+        await cluster.crash(2)
+        assert cluster.down == {2}
+        assert not cluster.is_connected(0, 2)
+        assert cluster.network.connections_between(cluster.hosts[0], cluster.hosts[2]) == 0
+        await cluster[0].contexts.execute(context, "set", '{"key": "during", "value": "2"}')
+        with trio.fail_after(LIMIT):
+            node = await cluster.restart(2)
+            assert node is not old
+            assert cluster[2] is node
+            assert node.peer_id == old.peer_id
+            assert cluster.is_connected(0, 2)
+            while True:
+                entries = (await node.contexts.execute(context, "entries", "{}")).result
+                if entries == {"before": "1", "during": "2"}:
+                    break
+                await trio.sleep(1)
+        first = (await cluster[0].contexts.execute(context, "entries", "{}")).result
+        assert first == {"before": "1", "during": "2"}
+
+
+async def test_crash_needs_a_restartable_cluster(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_cluster(1, tmp_path) as cluster:
+        with pytest.raises(RuntimeError, match="restartable"):
+            await cluster.crash(0)
+
+
+async def test_skewed_wall_clocks_follow_the_virtual_clock(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With `clock_skews`, each node's wall clock (what stamps its writes and judges
+    received stamps) is Trio's clock plus its skew, so minutes of skew cost virtual time."""
+    async with open_cluster(2, tmp_path, clock_skews=[0.0, 120.0]) as cluster:
+        a, b = cluster.nodes
+        before = a.joins.wall_clock()
+        assert b.joins.wall_clock() - before == pytest.approx(120.0)
+        await trio.sleep(3600)
+        assert a.joins.wall_clock() - before == pytest.approx(3600.0)
+        assert b.joins.wall_clock() - a.joins.wall_clock() == pytest.approx(120.0)

@@ -43,7 +43,8 @@ acknowledged write has already committed, so shutdown loses nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
@@ -116,6 +117,7 @@ class Node:
         *,
         transport: Transport | None = None,
         gossip_faults: GossipFaults | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -181,6 +183,7 @@ class Node:
             pending_timeout=config.replication.pending_timeout,
             metrics=self.replication_metrics,
             read_only=config.node.mode == "read-only",
+            wall_clock=wall_clock,
         )
         self.replicator = Replicator(
             self.contexts,
@@ -223,6 +226,7 @@ class Node:
             self.replicator,
             store,
             app_bundles=self.app_bundles,
+            wall_clock=wall_clock,
         )
         self.blob_references = BlobReferences(self.contexts.state_tree)
         self.blob_fetcher = BlobFetcher(
@@ -382,17 +386,19 @@ async def open_node(
     *,
     transport: Transport | None = None,
     gossip_faults: GossipFaults | None = None,
+    wall_clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Node]:
     """Start every service and yield the node; leaving the block shuts it down gracefully.
 
-    ``transport`` (default TCP) and ``gossip_faults`` are for in-process clusters
-    (``trionode.testing.open_cluster``): a MemoryNetwork transport and message faults.
+    ``transport`` (default TCP), ``gossip_faults`` and ``wall_clock`` are for in-process
+    clusters (``trionode.testing.open_cluster``): a MemoryNetwork transport, message faults,
+    and the clock that stamps writes and judges stamps (skewed nodes, virtual time).
     The home is locked first, so a second node on the same home (one identity, one
     database) is refused with HomeLockedError before it reads or writes anything.
     """
     with lock_home(config.home):
         async with _open_locked_node(
-            config, transport=transport, gossip_faults=gossip_faults
+            config, transport=transport, gossip_faults=gossip_faults, wall_clock=wall_clock
         ) as node:
             yield node
 
@@ -403,6 +409,7 @@ async def _open_locked_node(
     *,
     transport: Transport | None,
     gossip_faults: GossipFaults | None,
+    wall_clock: Callable[[], float],
 ) -> AsyncIterator[Node]:
     identity = NodeIdentity.load(config.identity_path)
     metrics = NodeMetrics()
@@ -416,7 +423,13 @@ async def _open_locked_node(
         inline=config.inline_store,
     ) as store:
         node = Node(
-            config, identity, metrics, store, transport=transport, gossip_faults=gossip_faults
+            config,
+            identity,
+            metrics,
+            store,
+            transport=transport,
+            gossip_faults=gossip_faults,
+            wall_clock=wall_clock,
         )
         await node.event_log.load()  # numbering continues before anything is published
         await node.contexts.start()

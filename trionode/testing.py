@@ -6,7 +6,8 @@ API app: nothing is process-global.
 * :func:`open_test_node` / :func:`open_test_nodes`: real nodes on loopback TCP (ports chosen
   by the OS), API on; for tests that need sockets or the HTTP API. Keep the real clock.
 * :func:`open_cluster`: ``n`` nodes on an in-process :class:`~trionode.net.memory.MemoryNetwork`
-  (no sockets, no threads), connected in a chosen topology, with partitions and gossip faults;
+  (no sockets, no threads), connected in a chosen topology, with partitions and gossip faults,
+  optionally skewed wall clocks and nodes that crash and restart on their home;
   made for ``autojump_clock``::
 
       async def test_gossip(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
@@ -22,6 +23,7 @@ API app: nothing is process-global.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -36,7 +38,7 @@ from trionode.client import Client, open_client
 from trionode.config import FileConfig, NodeConfig, load_config
 from trionode.home import init_home
 from trionode.identity import NodeIdentity
-from trionode.net.memory import GossipFaults, MemoryNetwork
+from trionode.net.memory import GossipFaults, MemoryNetwork, MemoryTransport
 from trionode.node import Node, open_node
 from trionode.wire.keys import PeerId
 
@@ -174,11 +176,15 @@ class Cluster:
         self.homes = homes
         self.peer_ids = peer_ids
         self.nodes: list[Node] = []
+        self.down: set[int] = set()
+        """Nodes crashed (:meth:`crash`) and not restarted yet: ``nodes[i]`` is their last run."""
         self.edges: set[tuple[int, int]] = set(edges)
         # Edges whose dialer (the higher index) has the other as a bootstrap peer, so its
         # Host redials them by itself after a partition; other edges heal() redials.
         self._redialed = set(self.edges)
         self._dialer: dict[tuple[int, int], int] = {edge: edge[1] for edge in self.edges}
+        self._slots: list[_Slot] = []
+        self._nursery: trio.Nursery | None = None
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -248,7 +254,9 @@ class Cluster:
         """Return at the next connection change or pubsub heartbeat of any node. A change
         between the caller's check and this wait is caught by the next heartbeat."""
         async with trio.open_nursery() as nursery:
-            for node in self.nodes:
+            for i, node in enumerate(self.nodes):
+                if i in self.down:
+                    continue
                 for wait in (node.host.wait_connection_changed, node.pubsub.wait_heartbeat):
                     nursery.start_soon(_cancel_after, wait, nursery.cancel_scope)
 
@@ -287,6 +295,7 @@ class Cluster:
                 or _has_connection(self.nodes[y], self.peer_ids[x])
                 for x in a
                 for y in b
+                if x not in self.down and y not in self.down
             )
 
         await self._wait_until(separated)
@@ -303,11 +312,48 @@ class Cluster:
         if not wait:
             return
         for edge in sorted(self.edges - self._redialed):
-            if not self.is_connected(*edge):
+            if not self.down.intersection(edge) and not self.is_connected(*edge):
                 dialer = self._dialer[edge]
                 other = edge[0] if dialer == edge[1] else edge[1]
                 await self.nodes[dialer].host.connect(self.address(other))
         await self.wait_connected()
+
+    # -- crashes ---------------------------------------------------------------------------
+
+    async def crash(self, i: int) -> None:
+        """Kill node ``i`` as ``kill -9`` would (clusters opened with ``restartable``).
+
+        Its connections are reset at once (the peers see what a dead process leaves: a
+        reset), then its tasks are cancelled wherever they are; no graceful shutdown runs.
+        What it committed to its datastore stays: datastore writes in a cluster are single
+        synchronous LMDB transactions, so a crash falls between two of them. Returns once the
+        node has stopped; ``nodes[i]`` stays its (dead) last run until :meth:`restart`.
+        """
+        slot = self._slot(i)
+        self.network.disconnect(self.hosts[i])
+        self.down.add(i)
+        if slot.scope is not None:
+            slot.scope.cancel(reason="crash")
+        await slot.stopped.wait()
+
+    async def restart(self, i: int, *, wait: bool = True) -> Node:
+        """Start crashed node ``i`` again on the same home, IP and port; with ``wait``, return
+        once its edges are up again (it redials its bootstrap peers, the others redial it)."""
+        slot = self._slot(i)
+        if i not in self.down:
+            raise ValueError(f"node {i} is running")
+        assert self._nursery is not None
+        node: Node = await self._nursery.start(_run_slot, slot, self.faults)
+        self.nodes[i] = node
+        self.down.discard(i)
+        if wait:
+            await self.wait_connected()
+        return node
+
+    def _slot(self, i: int) -> _Slot:
+        if not self._slots:
+            raise RuntimeError("crash/restart need open_cluster(..., restartable=True)")
+        return self._slots[i]
 
     def _edge_up(self, edge: tuple[int, int]) -> bool:
         i, j = edge
@@ -324,11 +370,15 @@ class Cluster:
             self._edge_up(edge)
             for edge in self.edges
             if edge[1] < started
+            and not self.down.intersection(edge)
             and self.network.reachable(self.hosts[edge[0]], self.hosts[edge[1]])
         )
 
     def _mesh_ready(self, topic: str) -> bool:
-        subscribed = [topic in node.pubsub.topics() for node in self.nodes]
+        subscribed = [
+            i not in self.down and topic in node.pubsub.topics()
+            for i, node in enumerate(self.nodes)
+        ]
         for i, node in enumerate(self.nodes):
             if not subscribed[i]:
                 continue
@@ -354,6 +404,8 @@ async def open_cluster(
     configure: ConfigureFn | None = None,
     connect: Topology = "full",
     discovery: bool = False,
+    restartable: bool = False,
+    clock_skews: Sequence[float] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Start ``n`` nodes on an in-process network, connect them, yield a :class:`Cluster`.
 
@@ -380,6 +432,11 @@ async def open_cluster(
         configure: adjusts each node's file config (e.g. pubsub degrees).
         connect: ``"full"``, ``"chain"``, ``"none"`` or a list of ``(i, j)`` edges.
         discovery: run peer discovery (peer exchange + dialing toward ``target_peers``).
+        restartable: run each node in its own task so that :meth:`Cluster.crash` and
+            :meth:`Cluster.restart` can kill one and start it again on its home.
+        clock_skews: seconds each node's wall clock is ahead (negative: behind). Given, every
+            node's wall clock follows Trio's clock (``autojump_clock`` moves it too) plus its
+            skew, so waiting for a skewed peer's stamps costs virtual time only.
     """
     if n < 1:
         raise ValueError("a cluster needs at least one node")
@@ -412,11 +469,25 @@ async def open_cluster(
     cluster = Cluster(
         network, faults=faults, hosts=hosts, homes=homes, peer_ids=peer_ids, edges=edges
     )
+    if clock_skews is not None and len(clock_skews) != n:
+        raise ValueError(f"clock_skews needs one skew per node ({n})")
+    clocks = [
+        time.time if clock_skews is None else _virtual_wall_clock(s)
+        for s in clock_skews or [0.0] * n
+    ]
+    if restartable:
+        cluster._slots = [  # noqa: SLF001 - the cluster's owner
+            _Slot(config, transport, clock)
+            for config, transport, clock in zip(configs, transports, clocks, strict=True)
+        ]
+        async with _running_slots(cluster) as started:
+            yield started
+        return
     async with AsyncExitStack() as stack:
         try:
-            for config, transport in zip(configs, transports, strict=True):
+            for config, transport, clock in zip(configs, transports, clocks, strict=True):
                 node = await stack.enter_async_context(
-                    open_node(config, transport=transport, gossip_faults=faults)
+                    open_node(config, transport=transport, gossip_faults=faults, wall_clock=clock)
                 )
                 cluster.nodes.append(node)
                 await cluster.wait_connected()
@@ -425,6 +496,68 @@ async def open_cluster(
             network.close()
             for node in cluster.nodes:
                 node.request_shutdown()
+
+
+@attrs.define
+class _Slot:
+    """What a restartable cluster node needs to start again: the same home, IP and clock."""
+
+    config: NodeConfig
+    transport: MemoryTransport
+    wall_clock: Callable[[], float]
+    scope: trio.CancelScope | None = None
+    stopped: trio.Event = attrs.field(factory=trio.Event)
+
+
+async def _run_slot(
+    slot: _Slot, faults: GossipFaults | None, *, task_status: trio.TaskStatus[Node]
+) -> None:
+    """One run of a restartable node: until it is asked to shut down or crashes."""
+    slot.stopped = trio.Event()
+    try:
+        with trio.CancelScope() as scope:
+            slot.scope = scope
+            async with open_node(
+                slot.config,
+                transport=slot.transport,
+                gossip_faults=faults,
+                wall_clock=slot.wall_clock,
+            ) as node:
+                task_status.started(node)
+                await node.shutdown_requested.wait()
+    finally:
+        slot.scope = None
+        slot.stopped.set()
+
+
+@asynccontextmanager
+async def _running_slots(cluster: Cluster) -> AsyncIterator[Cluster]:
+    """Start a restartable cluster's nodes one at a time, each in its own task; on exit
+    ask every running node to shut down at once and join them last first."""
+    async with trio.open_nursery() as nursery:
+        cluster._nursery = nursery  # noqa: SLF001 - the cluster's owner
+        try:
+            for slot in cluster._slots:  # noqa: SLF001
+                cluster.nodes.append(await nursery.start(_run_slot, slot, cluster.faults))
+                await cluster.wait_connected()
+            yield cluster
+        finally:
+            cluster.network.close()
+            for i, node in enumerate(cluster.nodes):
+                if i not in cluster.down:
+                    node.request_shutdown()
+            for slot in reversed(cluster._slots[: len(cluster.nodes)]):  # noqa: SLF001
+                await slot.stopped.wait()
+
+
+def _virtual_wall_clock(skew: float) -> Callable[[], float]:
+    """Unix time that moves with Trio's clock (so with ``autojump_clock``), ``skew`` ahead."""
+    offset = time.time() - trio.current_time() + skew
+
+    def now() -> float:
+        return trio.current_time() + offset
+
+    return now
 
 
 def _topology(n: int, connect: Topology) -> set[tuple[int, int]]:

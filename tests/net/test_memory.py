@@ -208,3 +208,22 @@ async def test_crossing_dials_through_two_nats_make_one_connection(
     assert net.connections_between(a.host, b.host) == 1
     await first.send_all(b"x")
     assert await second.receive_some(1) == b"x"
+
+
+async def test_disconnect_resets_every_connection_of_a_host_and_only_those() -> None:
+    net = MemoryNetwork()
+    client, server = await connected_pair(net)  # 10.42.0.1 -> 10.42.0.2
+    other = net.transport()  # 10.42.0.3 -> 10.42.0.2
+    listener = net.listen("10.42.0.2", addr("/ip4/10.42.0.2/tcp/5000"))
+    bystander = await other.dial(addr("/ip4/10.42.0.2/tcp/5000"))
+    bystander_server = await listener.accept()
+    assert net.disconnect("10.42.0.1") == 1
+    for stream in (client, server):
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_all(b"x")
+    await bystander.send_all(b"still up")
+    assert await bystander_server.receive_some() == b"still up"
+    assert net.statistics().aborted == 1
+    # Unlike a partition, nothing is blocked afterwards: the host may dial again.
+    again = await other.dial(addr("/ip4/10.42.0.2/tcp/5000"))
+    assert isinstance(again, MemoryStream)

@@ -397,6 +397,16 @@ class MemoryNetwork:
         self._aborted += len(cut)
         return len(cut)
 
+    def disconnect(self, host: Host | MemoryTransport) -> int:
+        """Abort every open connection of ``host`` at once, as the kernel resets them when
+        its process is killed (a crashing cluster node). Returns how many it aborted."""
+        ip = _host_of(host)
+        cut = [link for link in self._links if ip in link.hosts]
+        for link in cut:
+            link.abort()
+        self._aborted += len(cut)
+        return len(cut)
+
     def heal(self) -> None:
         """Lift every partition. Connections they aborted stay closed: hosts redial."""
         self._blocked.clear()
