@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
-from quart.testing.connections import WebsocketResponseError
+from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 from quart.typing import TestClientProtocol as QuartClient
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request
@@ -213,3 +213,36 @@ async def test_a_resume_that_cannot_be_served_says_resync(tmp_path: Path, since:
             _publish(small, context, 1)
             live = json.loads(await ws.receive())
             assert (live["type"], live["seq"]) == ("delta", answer["seq"] + 1)
+
+
+async def test_a_client_that_falls_behind_is_told_to_resync_then_resumes(
+    client: QuartClient, node: TestNode
+) -> None:
+    """More events at once than a subscriber's queue holds (256): the client gets what was
+    queued, then an explicit `resync` message, then close 1008; resuming with the last
+    `seq` it got replays the rest from the log, so nothing is missed."""
+    context = await install_and_create(client, node)
+    async with client.websocket("/ws", headers=auth(node)) as ws:
+        [answer] = await _subscribe(ws, context, since=None)
+        assert answer["type"] == "subscribed"
+        _publish(node, context, 600)  # synchronously: the writer cannot keep up
+        received: list[dict[str, Any]] = []
+        code = None
+        while code is None:
+            try:
+                received.append(json.loads(await ws.receive()))
+            except WebsocketDisconnectError as exc:
+                code = exc.args[0]
+    assert code == 1008
+    deltas, last = received[:-1], received[-1]
+    assert all(d["type"] == "delta" for d in deltas)
+    assert 0 < len(deltas) < 600
+    assert last["type"] == "resync"
+    assert last["contextIds"] == [context]
+    assert last["seq"] == node.node.hub.seq
+    assert "too slow" in last["reason"]
+    async with client.websocket("/ws", headers=auth(node)) as ws:
+        replayed = await _subscribe(ws, context, since=deltas[-1]["seq"])
+    assert replayed[-1]["type"] == "subscribed"
+    seqs = [d["seq"] for d in deltas + replayed[:-1]]
+    assert seqs == list(range(seqs[0], seqs[0] + 600))

@@ -14,7 +14,10 @@ With "since", the events after that sequence number are replayed first, then `su
 numbering survives restarts (the log is in LMDB for `api.event_retention`). When that gap
 can't be filled (the events are no longer kept), the answer is `resync` instead: fetch the
 state again and follow from its `seq`; the subscription is made either way.
-A client that falls too far behind is disconnected with close code 1008 and may resume.
+A client that falls too far behind (its queue of `api` events is full) first gets every
+event queued for it, then a `resync` message naming its contexts, the current `seq` and the
+reason, and is disconnected with close code 1008: it resumes with `since` = the last `seq`
+it received (answered by a replay, or by `resync` if those events are gone).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ async def _reader(
         hub.add_contexts(sub, ids, since)
 
 
-async def _writer(sub: Subscription) -> None:
+async def _writer(hub: EventHub, sub: Subscription) -> None:
     while True:
         event: ContextEvent | Notice | Replay | None = None
         # Only the wait is timed: a send cut short would lose the event it carried.
@@ -99,6 +102,17 @@ async def _writer(sub: Subscription) -> None:
                 event = await sub.receive.receive()
             except trio.EndOfChannel:
                 if sub.overflowed:
+                    # Said in a message too: a close reason is easy to miss, and the client
+                    # must know that events are missing after the last one it received.
+                    await _send(
+                        {
+                            "type": "resync",
+                            "contextIds": sorted(sub.contexts),
+                            "seq": hub.seq,
+                            "reason": "too slow: events after the last one received were "
+                            "dropped; resume with since=<last seq> or fetch the state again",
+                        }
+                    )
                     await websocket.close(1008, "too slow: resume with since=<last seq>")
                 return
         if event is None:
@@ -122,7 +136,7 @@ async def serve_websocket(hub: EventHub, known: Callable[[str], bool], decode: D
                 nursery.cancel_scope.cancel()
 
             async def write_then_stop() -> None:
-                await _writer(sub)
+                await _writer(hub, sub)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(read_then_stop)
