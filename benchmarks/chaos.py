@@ -1,0 +1,122 @@
+"""The chaos figures: seeds by profiles, converged, acknowledged writes lost, filtered.
+
+Runs `trionode.chaos.run_chaos` for every seed of every profile, each in its own Trio run
+on a mock clock that jumps whenever every task waits (what ``autojump_clock`` does in the
+tests), and prints one row per profile and, with ``--each``, one line per run. The same
+runs as ``tests/replication/test_chaos_profiles.py`` (the slow test uses seeds 1001-1100
+with 6 rounds; this script's defaults are seeds 1-100 with 4 rounds).
+
+    python -m benchmarks.chaos                      # 100 seeds x light, heavy, crash
+    python -m benchmarks.chaos --seeds 10 --profile heavy --each
+    python -m benchmarks.chaos --seed 7 --profile crash     # one run, to reproduce it
+
+Exits non-zero if any run did not converge or lost an acknowledged write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import trio
+import trio.testing
+
+from trionode.chaos import PROFILES, ChaosResult, run_chaos, scratch_dir
+
+
+def _one(profile: str, seed: int, rounds: int) -> ChaosResult:
+    async def main() -> ChaosResult:
+        with scratch_dir() as base:
+            return await run_chaos(PROFILES[profile], seed, base, rounds=rounds)
+
+    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def _line(result: ChaosResult, seconds: float) -> str:
+    verdict = "ok" if result.converged and not result.lost else "FAIL"
+    return (
+        f"{verdict:4} {result.profile:5} seed {result.seed:4}: acknowledged {result.acknowledged}"
+        f" (required {result.required}), lost {result.lost}, filtered {result.filtered},"
+        f" refused {result.refused}, changes {result.changes}, crashes {result.crashes},"
+        f" partitions {result.partitions}, dropped {result.gossip_dropped},"
+        f" duplicated {result.gossip_duplicated}, {result.virtual_seconds:.0f} virtual s,"
+        f" {seconds:.1f} s" + ("" if result.problem is None else f" -- {result.problem}")
+    )
+
+
+def table(results: Sequence[ChaosResult]) -> str:
+    headers = (
+        "profile",
+        "seeds",
+        "converged",
+        "acknowledged",
+        "required",
+        "lost",
+        "filtered",
+        "refused",
+        "changes",
+        "crashes",
+        "partitions",
+    )
+    rows = []
+    for name in PROFILES:
+        mine = [r for r in results if r.profile == name]
+        if not mine:
+            continue
+        rows.append(
+            (
+                name,
+                str(len(mine)),
+                f"{sum(r.converged for r in mine)}/{len(mine)}",
+                *(
+                    str(sum(getattr(r, field) for r in mine))
+                    for field in (
+                        "acknowledged",
+                        "required",
+                        "lost",
+                        "filtered",
+                        "refused",
+                        "changes",
+                        "crashes",
+                        "partitions",
+                    )
+                ),
+            )
+        )
+    widths = [max(len(c) for c in col) for col in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__)
+    parser.add_argument("--seeds", type=int, default=100, help="seeds 1..N per profile")
+    parser.add_argument("--seed", type=int, help="run this one seed only")
+    parser.add_argument("--profile", choices=sorted(PROFILES), action="append")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--each", action="store_true", help="one line per run as it ends")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.rounds < 1:
+        parser.error("--seeds and --rounds must be at least 1")
+    profiles = args.profile or list(PROFILES)
+    seeds = [args.seed] if args.seed is not None else list(range(1, args.seeds + 1))
+    results: list[ChaosResult] = []
+    started = time.perf_counter()
+    for profile in profiles:
+        for seed in seeds:
+            began = time.perf_counter()
+            result = _one(profile, seed, args.rounds)
+            results.append(result)
+            if args.each or args.seed is not None or not result.converged or result.lost:
+                print(_line(result, time.perf_counter() - began), file=sys.stderr, flush=True)
+    print(table(results))
+    print(f"({len(results)} runs in {time.perf_counter() - started:.0f} s of real time)")
+    return 0 if all(r.converged and not r.lost for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
