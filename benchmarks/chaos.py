@@ -19,10 +19,12 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import Final
 
 import trio
 import trio.testing
 
+from benchmarks.harness import plain_table
 from trionode.chaos import PROFILES, ChaosResult, run_chaos, scratch_dir
 
 
@@ -46,50 +48,28 @@ def _line(result: ChaosResult, seconds: float) -> str:
     )
 
 
+COUNTS: Final = (
+    "acknowledged",
+    "required",
+    "lost",
+    "filtered",
+    "refused",
+    "changes",
+    "crashes",
+    "partitions",
+)
+"""The ChaosResult fields summed per profile in the table."""
+
+
 def table(results: Sequence[ChaosResult]) -> str:
-    headers = (
-        "profile",
-        "seeds",
-        "converged",
-        "acknowledged",
-        "required",
-        "lost",
-        "filtered",
-        "refused",
-        "changes",
-        "crashes",
-        "partitions",
-    )
     rows = []
     for name in PROFILES:
         mine = [r for r in results if r.profile == name]
-        if not mine:
-            continue
-        rows.append(
-            (
-                name,
-                str(len(mine)),
-                f"{sum(r.converged for r in mine)}/{len(mine)}",
-                *(
-                    str(sum(getattr(r, field) for r in mine))
-                    for field in (
-                        "acknowledged",
-                        "required",
-                        "lost",
-                        "filtered",
-                        "refused",
-                        "changes",
-                        "crashes",
-                        "partitions",
-                    )
-                ),
-            )
-        )
-    widths = [max(len(c) for c in col) for col in zip(headers, *rows, strict=True)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+        if mine:
+            converged = f"{sum(r.converged for r in mine)}/{len(mine)}"
+            sums = [str(sum(getattr(r, field) for r in mine)) for field in COUNTS]
+            rows.append([name, str(len(mine)), converged, *sums])
+    return plain_table(["profile", "seeds", "converged", *COUNTS], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,6 +46,7 @@ import attrs
 import httpx
 import trio
 
+from benchmarks.harness import plain_table
 from trionode.client import ApiError, Client, open_client
 from trionode.home import init_home
 from trionode.layout import read_api_url, read_token
@@ -401,11 +402,7 @@ def table(results: Sequence[CaseResult]) -> str:
         )
         for r in results
     ]
-    widths = [max(len(c) for c in col) for col in zip(headers, *rows, strict=True)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+    return plain_table(headers, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
