@@ -139,3 +139,31 @@ def test_every_main_view_fits_the_screen(
         expect(page.get_by_role("heading", level=1)).to_have_text(view)
         expect(page.locator(f"#view {ready}").first).to_be_visible()
         no_horizontal_overflow(page)
+
+
+def test_the_main_views_work_from_the_keyboard(open_page: OpenPage, nodes: list[LiveNode]) -> None:
+    page = open_page(nodes[0].page_url())
+    sign_in(page, nodes[0])
+    install_kv_store(page)
+
+    def tab_to(name: str) -> None:
+        # Tab forward (a bounded number of times) until the control named `name` has focus.
+        for _ in range(40):
+            page.keyboard.press("Tab")
+            focused = page.evaluate(
+                "(document.activeElement.innerText || document.activeElement.value || '').trim()"
+            )
+            if focused == name:
+                return
+        raise AssertionError(f"Tab never reached {name!r}")
+
+    page.evaluate("document.body.focus()")
+    tab_to("Contexts")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Contexts")
+    tab_to("Create context")
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"#/context/\w+$"))
+    tab_to("Blobs")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Blobs")
