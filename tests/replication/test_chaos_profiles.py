@@ -14,6 +14,10 @@ import trio
 import trio.testing
 
 from trionode.chaos import PROFILES, ChaosResult, run_chaos, scratch_dir
+from trionode.context.manager import ContextError
+from trionode.testing import open_cluster
+
+from .cluster_helpers import share
 
 DEFAULT_SEEDS = range(1, 4)
 SLOW_SEEDS = range(1, 101)
@@ -57,3 +61,23 @@ async def test_chaos_profile_many_seeds(
     homes: Path, profile: str, seed: int, autojump_clock: trio.testing.MockClock
 ) -> None:
     _assert_sound(await run_chaos(PROFILES[profile], seed + 1000, homes, rounds=6))
+
+
+async def test_a_removed_member_survives_thousands_of_refused_syncs(
+    homes: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Found by the crash profile: every refused session doubled the backoff with no cap
+    on the exponent, and heartbeats start sessions whatever the backoff, so a removed
+    member's node died of an OverflowError after 1,024 refusals."""
+    async with open_cluster(2, homes) as cluster:
+        a, b = cluster.nodes
+        context = await share(cluster, [0, 1])
+        await a.contexts.change_members(
+            context, [((await b.contexts.member_key(context))[0], None)]
+        )
+        await cluster.settle()
+        assert await b.contexts.role(context, (await b.contexts.member_key(context))[0]) is None
+        for _ in range(1100):
+            with pytest.raises(ContextError, match="not a member"):
+                await b.sync.sync_now(context, cluster.peer_ids[0])
+        assert b.is_ready()
