@@ -291,7 +291,9 @@ class SyncManager:
                 run.outcome = "failed"
             state.failures += 1
             self._record(context_id, chosen, run, exc)
-            backoff = min(self.min_interval * 2**state.failures, MAX_BACKOFF)
+            # The exponent is capped: heartbeats start sessions regardless of the backoff,
+            # so a removed member fails thousands of times, and 2.0**1024 overflows.
+            backoff = min(self.min_interval * 2.0 ** min(state.failures, 32), MAX_BACKOFF)
             state.next_attempt = trio.current_time() + backoff
             log.info(
                 "%s sync of %s failed (%s); next try in %.0fs",
