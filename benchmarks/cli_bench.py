@@ -57,7 +57,7 @@ async def run(*, quick: bool) -> list[Row]:
         async with open_test_node(Path(tmp) / "node") as test_node:
             async with test_node.client() as client:
                 app = await client.install_application(str(APPS / "kv_store"))
-                context = (await client.create_context(app["applicationId"]))["contextId"]
+                context = (await client.create_context(app.application_id)).context_id
                 await client.call(context, "set", {"key": "a", "value": "1"})
             url, token = test_node.api_url, test_node.token
             cli = [

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from trionode import schemas
 from trionode.cli import EXAMPLES, build_parser, main
 from trionode.cli_contexts import _render_call, cell, mapping_rows, table
 
@@ -40,6 +41,18 @@ def test_every_command_has_an_example_and_shows_its_defaults() -> None:
     assert "(default: 2528)" in init_help
     assert "(default: 30.0)" in commands["call"].format_help()  # --timeout
     assert "(default: False)" not in init_help  # flags say nothing about a default
+
+
+def test_every_argument_says_what_it_is() -> None:
+    for name, parser in _commands(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            what = action.option_strings or action.dest
+            assert action.help, f"`trionode {name}`: {what} has no help text"
+    invite = " ".join(dict(_commands(build_parser()))["context invite"].format_help().split())
+    assert "(default: member)" in invite
+    assert "(default: 7d)" in invite  # as people write it, not 604800.0
 
 
 def test_trionode_home_is_the_default_home(
@@ -81,7 +94,9 @@ def test_cells_are_plain_text_not_python_reprs() -> None:
 def test_call_prints_the_result_on_stdout_and_the_delta_on_stderr(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    out = _render_call({"output": {"text": "👍 é"}, "deltaId": "ab" * 32, "rootHash": "cd" * 32})
+    out = _render_call(
+        schemas.CallResult(output={"text": "👍 é"}, delta_id="ab" * 32, root_hash="cd" * 32)
+    )
     assert json.loads(out) == {"text": "👍 é"}
     assert "👍 é" in out  # real characters, not \\ud83d escapes
     err = capsys.readouterr().err

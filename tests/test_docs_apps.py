@@ -54,14 +54,14 @@ async def test_the_counter_behaves_as_the_tutorial_says(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with open_test_node(tmp_path / "home") as node, node.client() as client:
             app = await client.install_application(str(counter))
-            shown = await client.application(app["applicationId"])
-            docs = {e["name"]: e["doc"] for e in shown["entryPoints"]}
+            shown = await client.application(app.application_id)
+            docs = {e.name: e.doc for e in shown.entry_points}
             assert docs["increase"] == "Add `by` (1 if omitted) and return the new value."
-            ctx = (await client.create_context(app["applicationId"]))["contextId"]
-            assert (await client.call(ctx, "increase", {"by": 2}))["output"] == 2
-            assert (await client.call(ctx, "increase", {}))["output"] == 3
+            ctx = (await client.create_context(app.application_id)).context_id
+            assert (await client.call(ctx, "increase", {"by": 2})).output == 2
+            assert (await client.call(ctx, "increase", {})).output == 3
             await client.call(ctx, "rename", {"label": "visitors"})
-            assert (await client.call(ctx, "describe", {}))["output"] == "visitors: 3"
+            assert (await client.call(ctx, "describe", {})).output == "visitors: 3"
             with pytest.raises(ApiError, match="`by` must be at least 1"):
                 await client.call(ctx, "increase", {"by": 0})
-            assert (await client.call(ctx, "value", {}))["output"] == 3
+            assert (await client.call(ctx, "value", {})).output == 3

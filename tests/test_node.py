@@ -23,7 +23,7 @@ async def test_nodes_serve_their_api_on_real_sockets(tmp_path: Path) -> None:
         for n in nodes:
             assert (n.home / "api.url").read_text().strip() == n.api_url
             async with n.client() as client:
-                assert (await client.ready())["peerId"] == n.node.peer_id
+                assert (await client.ready()).peer_id == n.node.peer_id
         # A token is only good for its own node.
         async with httpx.AsyncClient() as http:
             response = await http.get(

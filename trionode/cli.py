@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from trionode import __version__
+import msgspec
+
+from trionode import __version__, schemas
 from trionode.cli_apps_sign import add_app_sign_commands
 from trionode.cli_blobs import COMMANDS as BLOB_COMMANDS
 from trionode.cli_contexts import COMMANDS as CONTEXT_COMMANDS, mapping_rows, table as _table
@@ -127,13 +129,16 @@ async def _info(client: Client, _args: argparse.Namespace) -> Any:
     return await client.node_info()
 
 
-def _render_info(result: Any) -> str:
-    rows = [(k, v) for k, v in result.items() if k not in ("addresses", "reachability")]
-    rows += [("address", a) for a in result.get("addresses", [])]
-    reach = result.get("reachability")
-    if isinstance(reach, dict):
-        rows.append(("reachability", reach.get("status", "?")))
-        rows += [("confirmed address", a) for a in reach.get("confirmedAddresses", [])]
+def _render_info(result: schemas.NodeInfo) -> str:
+    rows: list[tuple[str, Any]] = [
+        ("peerId", result.peer_id),
+        ("version", result.version),
+        ("mode", result.mode),
+    ]
+    rows += [("address", a) for a in result.addresses]
+    reach = result.reachability
+    rows.append(("reachability", reach.get("status", "?")))
+    rows += [("confirmed address", a) for a in reach.get("confirmedAddresses", [])]
     return _table(rows, ("key", "value"))
 
 
@@ -141,7 +146,7 @@ async def _peers(client: Client, _args: argparse.Namespace) -> Any:
     return await client.peers()
 
 
-def _render_peers(result: Any) -> str:
+def _render_peers(result: schemas.PeerList) -> str:
     rows = [
         (
             p["peer_id"],
@@ -152,12 +157,12 @@ def _render_peers(result: Any) -> str:
             "-" if p["ping_rtt_ms"] is None else f"{p['ping_rtt_ms']:.2f}",
             len(p.get("topics", ())),
         )
-        for p in result["peers"]
+        for p in result.peers
     ]
     table = _table(
         rows, ("peer id", "address", "direction", "agent", "streams", "rtt ms", "topics")
     )
-    listen = "\n".join(f"listening on {a}" for a in result["listenAddrs"])
+    listen = "\n".join(f"listening on {a}" for a in result.listen_addrs)
     return f"{table}\n{listen}" if listen else table
 
 
@@ -165,7 +170,7 @@ async def _topics(client: Client, _args: argparse.Namespace) -> Any:
     return await client.topics()
 
 
-def _render_topics(result: Any) -> str:
+def _render_topics(result: schemas.TopicList) -> str:
     rows = [
         (
             t["topic"],
@@ -174,7 +179,7 @@ def _render_topics(result: Any) -> str:
             len(t["subscribers"]),
             " ".join(t["meshPeers"]) or "-",
         )
-        for t in result["topics"]
+        for t in result.topics
     ]
     if not rows:
         return "no topics"
@@ -259,6 +264,9 @@ def run_client_command(args: argparse.Namespace) -> int:
 def _print_result(args: argparse.Namespace, command: ClientCommand, result: Any) -> int:
     if result is None:  # streaming commands (watch) printed as they went
         return EXIT_OK
+    if args.field is not None or args.json or command.render is None:
+        # Typed answers (trionode.schemas) as the node sent them: camelCase JSON.
+        result = msgspec.to_builtins(result)
     if args.field is not None:
         # `APP=$(trionode app install DIR --field applicationId)`: one value, for scripts.
         if not isinstance(result, dict) or args.field not in result:

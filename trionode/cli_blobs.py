@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+import msgspec
 import trio
 
+from trionode import schemas
 from trionode.cli_contexts import Spec, table
 from trionode.client import ApiError, Client
 
@@ -114,9 +116,9 @@ async def _blob_get(client: Client, args: argparse.Namespace) -> Any:
     target = trio.Path(args.output)
     part = trio.Path(args.output + ".part")
     start = (await part.stat()).st_size if await part.exists() else 0
-    if start > info["size"]:
+    if start > info.size:
         start = 0
-    progress = _progress(args, info["size"], "download")
+    progress = _progress(args, info.size, "download")
     progress.advance(start)
     async with await trio.open_file(part, "ab" if start else "wb") as f:
         async for piece in client.blob_content(args.blob_id, start=start):
@@ -124,10 +126,10 @@ async def _blob_get(client: Client, args: argparse.Namespace) -> Any:
             progress.advance(len(piece))
     progress.close()
     written = (await part.stat()).st_size
-    if written != info["size"]:
-        raise ApiError(f"download stopped at {written} of {info['size']} bytes (run get again)")
+    if written != info.size:
+        raise ApiError(f"download stopped at {written} of {info.size} bytes (run get again)")
     await part.replace(target)
-    return {**info, "path": str(target)}
+    return {**msgspec.to_builtins(info), "path": str(target)}
 
 
 async def _blob_list(client: Client, _args: argparse.Namespace) -> Any:
@@ -150,18 +152,18 @@ async def _blob_unpin(client: Client, args: argparse.Namespace) -> Any:
     return await client.pin_blob(args.blob_id, pinned=False)
 
 
-def _render_id(result: Any) -> str:
-    return str(result["blobId"])
+def _render_id(result: schemas.Blob) -> str:
+    return result.blob_id
 
 
 def _render_saved(result: Any) -> str:
     return f"{result['path']}  {result['size']} bytes  {result['blobId']}"
 
 
-def _render_blobs(result: Any) -> str:
+def _render_blobs(result: schemas.BlobList) -> str:
     rows = [
-        (b["blobId"], b["size"], b["name"] or "-", "yes" if b["pinned"] else "", len(b["contexts"]))
-        for b in result["blobs"]
+        (b.blob_id, b.size, b.name or "-", "yes" if b.pinned else "", len(b.contexts))
+        for b in result.blobs
     ]
     if not rows:
         return "no blobs"
@@ -175,13 +177,13 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _get_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("blob_id")
+    parser.add_argument("blob_id", help="blob id (`trionode blob ls`)")
     parser.add_argument("-o", "--output", required=True, help="file to write")
     parser.add_argument("--context", help="fetch from members of this context if missing here")
 
 
 def _id_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("blob_id")
+    parser.add_argument("blob_id", help="blob id (`trionode blob ls`)")
 
 
 COMMANDS: list[Spec] = [

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from trionode import schemas
 from trionode.client import Client
 
 Action = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, Any]]
@@ -95,44 +96,44 @@ async def _app_uninstall(client: Client, args: argparse.Namespace) -> Any:
     return await client.uninstall_application(args.application_id, force=args.force)
 
 
-def _render_uninstalled(result: Any) -> str:
-    stranded = result["contexts"]
+def _render_uninstalled(result: schemas.Uninstalled) -> str:
+    stranded = result.contexts
     note = f" ({len(stranded)} context(s) used it: {cell(stranded)})" if stranded else ""
-    return f"uninstalled {result['uninstalled']}{note}"
+    return f"uninstalled {result.uninstalled}{note}"
 
 
-def _signature(entry: dict[str, Any]) -> str:
+def _signature(entry: schemas.EntryPoint) -> str:
     params = ", ".join(
-        f"{p['name']}: {p['type']}" + ("" if p["required"] else " = ...") for p in entry["params"]
+        f"{p.name}: {p.type}" + ("" if p.required else " = ...") for p in entry.params
     )
-    return f"{entry['name']}({params}) -> {entry['returns']}"
+    return f"{entry.name}({params}) -> {entry.returns}"
 
 
-def _render_app(a: Any) -> str:
+def _render_app(a: schemas.ApplicationDetail) -> str:
     lines = [
-        f"application id  {a['applicationId']}",
-        f"name            {a['name']} {a['version']}",
-        f"installed       {iso_time(a['installedAt'])} from {a['path']}",
+        f"application id  {a.application_id}",
+        f"name            {a.name} {a.version}",
+        f"installed       {iso_time(a.installed_at)} from {a.path}",
         "state:",
-        *[f"  {name}: {kind}" for name, kind in a.get("state", {}).items()],
+        *[f"  {name}: {kind}" for name, kind in a.state.items()],
     ]
     titles = {"init": "init", "method": "methods", "view": "views", "handler": "event handlers"}
     for kind, title in titles.items():
-        entries = [e for e in a.get("entryPoints", []) if e["kind"] == kind]
+        entries = [e for e in a.entry_points if e.kind == kind]
         if not entries:
             continue
         lines.append(f"{title}:")
         for e in entries:
-            on = f"  (on {', '.join(e['events'])})" if e.get("events") else ""
+            on = f"  (on {', '.join(e.events)})" if e.events else ""
             lines.append(f"  {_signature(e)}{on}")
-            lines += [f"      {line}" for line in e["doc"].splitlines()]
+            lines += [f"      {line}" for line in e.doc.splitlines()]
     return "\n".join(lines)
 
 
-def _render_apps(result: Any) -> str:
+def _render_apps(result: schemas.ApplicationList) -> str:
     rows = [
-        (a["applicationId"], a["name"], a["version"], iso_time(a["installedAt"]), a["path"])
-        for a in result["applications"]
+        (a.application_id, a.name, a.version, iso_time(a.installed_at), a.path)
+        for a in result.applications
     ]
     if not rows:
         return "no applications (install one with `trionode app install PATH`)"
@@ -158,24 +159,24 @@ async def _context_delete(client: Client, args: argparse.Namespace) -> Any:
     return await client.delete_context(args.context_id)
 
 
-def _render_contexts(result: Any) -> str:
+def _render_contexts(result: schemas.ContextList) -> str:
     rows = [
-        (c["contextId"], c["applicationId"], len(c["heads"]), c["rootHash"][:16], len(c["members"]))
-        for c in result["contexts"]
+        (c.context_id, c.application_id, len(c.heads), c.root_hash[:16], len(c.members))
+        for c in result.contexts
     ]
     return table(rows, ("context id", "application id", "heads", "root hash", "members"))
 
 
-def _render_context(c: Any) -> str:
+def _render_context(c: schemas.Context) -> str:
     lines = [
-        f"context id      {c['contextId']}",
-        f"application id  {c['applicationId']}",
-        f"root hash       {c['rootHash']}",
-        f"heads           {', '.join(c['heads']) or '-'}",
-        f"our member      {c['memberPublicKey']}",
+        f"context id      {c.context_id}",
+        f"application id  {c.application_id}",
+        f"root hash       {c.root_hash}",
+        f"heads           {', '.join(c.heads) or '-'}",
+        f"our member      {c.member_public_key}",
         "members:",
     ]
-    lines += [f"  {m['publicKey']}  {m['role']}" for m in c["members"]]
+    lines += [f"  {m.public_key}  {m.role}" for m in c.members]
     return "\n".join(lines)
 
 
@@ -199,8 +200,8 @@ async def _invite(client: Client, args: argparse.Namespace) -> Any:
     return await client.invite(args.context_id, role=args.role, expires_in=args.expires)
 
 
-def _render_invitation(result: Any) -> str:
-    return str(result["invitation"])
+def _render_invitation(result: schemas.InvitationText) -> str:
+    return result.invitation
 
 
 async def _join(client: Client, args: argparse.Namespace) -> Any:
@@ -215,8 +216,8 @@ async def _members(client: Client, args: argparse.Namespace) -> Any:
     return await client.members(args.context_id)
 
 
-def _render_members(result: Any) -> str:
-    return table([(m["publicKey"], m["role"]) for m in result["members"]], ("member", "role"))
+def _render_members(result: schemas.MemberList) -> str:
+    return table([(m.public_key, m.role) for m in result.members], ("member", "role"))
 
 
 async def _remove(client: Client, args: argparse.Namespace) -> Any:
@@ -237,18 +238,29 @@ async def _revoke(client: Client, args: argparse.Namespace) -> Any:
 
 def _role_args(p: argparse.ArgumentParser) -> None:
     _remove_args(p)
-    p.add_argument("role", choices=["admin", "member", "read-only"])
+    p.add_argument("role", choices=["admin", "member", "read-only"], help="the new role")
 
 
 def _revoke_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument(
+        "context_id", metavar="CONTEXT", help="context id (base58; `trionode context list`)"
+    )
     p.add_argument("invitation", metavar="INVITATION", help="the trinv1... string to revoke")
 
 
 def _invite_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("context_id", metavar="CONTEXT")
-    p.add_argument("--role", default="member", choices=["admin", "member", "read-only"])
-    p.add_argument("--expires", type=_duration, default=7 * 86400.0, help="e.g. 12h, 7d")
+    p.add_argument(
+        "context_id", metavar="CONTEXT", help="context id (base58; `trionode context list`)"
+    )
+    p.add_argument(
+        "--role",
+        default="member",
+        choices=["admin", "member", "read-only"],
+        help="the role the invitee gets",
+    )
+    p.add_argument(
+        "--expires", type=_duration, default="7d", help="how long it can be used: 90s, 15m, 12h, 7d"
+    )
 
 
 def _join_args(p: argparse.ArgumentParser) -> None:
@@ -262,7 +274,9 @@ def _join_args(p: argparse.ArgumentParser) -> None:
 
 
 def _remove_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument(
+        "context_id", metavar="CONTEXT", help="context id (base58; `trionode context list`)"
+    )
     p.add_argument("member", metavar="MEMBER", help="member public key (base58)")
 
 
@@ -273,12 +287,12 @@ async def _call(client: Client, args: argparse.Namespace) -> Any:
     return await client.call(args.context_id, args.method, args.args or {})
 
 
-def _render_call(result: Any) -> str:
+def _render_call(result: schemas.CallResult) -> str:
     # The result on stdout (so `$(trionode call …)` is just the value); what the call did to
     # the context is a diagnostic, on stderr.
-    delta = result["deltaId"] or "none (nothing written)"
-    print(f"delta {delta}\nroot  {result['rootHash']}", file=sys.stderr)
-    return json.dumps(result["output"], indent=2, sort_keys=True, ensure_ascii=False)
+    delta = result.delta_id or "none (nothing written)"
+    print(f"delta {delta}\nroot  {result.root_hash}", file=sys.stderr)
+    return json.dumps(result.output, indent=2, sort_keys=True, ensure_ascii=False)
 
 
 async def _watch(client: Client, args: argparse.Namespace) -> Any:
@@ -311,35 +325,41 @@ def _path_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _app_id_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("application_id", metavar="APP_ID")
+    p.add_argument("application_id", metavar="APP_ID", help="application id (`trionode app list`)")
 
 
 def _uninstall_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("application_id", metavar="APP_ID")
+    p.add_argument("application_id", metavar="APP_ID", help="application id (`trionode app list`)")
     p.add_argument(
         "--force", action="store_true", help="even if contexts use it (they stop working)"
     )
 
 
 def _create_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("application_id", metavar="APP_ID")
+    p.add_argument("application_id", metavar="APP_ID", help="application id (`trionode app list`)")
     p.add_argument("--args", type=json_object, help="JSON object of arguments for the app's init")
 
 
 def _context_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument(
+        "context_id", metavar="CONTEXT", help="context id (base58; `trionode context list`)"
+    )
 
 
 def _call_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("context_id", metavar="CONTEXT")
-    p.add_argument("method", metavar="METHOD")
+    p.add_argument(
+        "context_id", metavar="CONTEXT", help="context id (base58; `trionode context list`)"
+    )
+    p.add_argument("method", metavar="METHOD", help="a method or view of the context's app")
     p.add_argument(
         "--args", type=json_object, help='JSON object of arguments, e.g. \'{"key": "a"}\''
     )
 
 
 def _watch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("context_id", metavar="CONTEXT")
+    p.add_argument(
+        "context_id", metavar="CONTEXT", help="context id (base58; `trionode context list`)"
+    )
     p.add_argument("--since", type=int, help="replay events after this sequence number first")
 
 

@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from trionode import schemas
 from trionode.cli_contexts import (
     Spec,
     _duration as duration,  # the parser of invite --expires
@@ -18,18 +19,15 @@ SCOPES = ("read", "call")
 
 
 async def _create(client: Client, args: argparse.Namespace) -> Any:
-    body: dict[str, Any] = {"contexts": args.context, "scope": args.scope}
-    if args.expires is not None:
-        body["expiresIn"] = args.expires
-    return await client.request("POST", "/admin-api/tokens", json=body)
+    return await client.create_token(args.context, args.scope, args.expires)
 
 
 async def _list(client: Client, _args: argparse.Namespace) -> Any:
-    return await client.request("GET", "/admin-api/tokens")
+    return await client.tokens()
 
 
 async def _revoke(client: Client, args: argparse.Namespace) -> Any:
-    return await client.request("DELETE", f"/admin-api/tokens/{args.token_id}")
+    return await client.revoke_token(args.token_id)
 
 
 def _when(stamp: float | None) -> str:
@@ -38,23 +36,23 @@ def _when(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(stamp))
 
 
-def _render_created(result: Any) -> str:
+def _render_created(result: schemas.TokenCreated) -> str:
     return (
-        f"{result['token']}\n"
-        f"(id {result['id']}, scope {result['scope']}, expires {_when(result['expiresAt'])}; "
+        f"{result.token}\n"
+        f"(id {result.id}, scope {result.scope}, expires {_when(result.expires_at)}; "
         "this is the only time the token is shown)"
     )
 
 
-def _render_list(result: Any) -> str:
+def _render_list(result: schemas.TokenList) -> str:
     rows = [
         (
-            t["id"],
-            t["scope"],
-            "expired" if t["expired"] else _when(t["expiresAt"]),
-            ", ".join(t["contexts"]),
+            t.id,
+            t.scope,
+            "expired" if t.expired else _when(t.expires_at),
+            ", ".join(t.contexts),
         )
-        for t in result["tokens"]
+        for t in result.tokens
     ]
     return table(rows, ("id", "scope", "expires", "contexts"))
 

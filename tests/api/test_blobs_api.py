@@ -12,6 +12,7 @@ import pytest
 import trio
 from msgspec.structs import replace
 
+from trionode import schemas
 from trionode.client import ApiError, Client
 from trionode.config import FileConfig
 from trionode.testing import TestNode, open_test_node
@@ -39,21 +40,21 @@ async def test_upload_list_show_download_delete(node: TestNode) -> None:
     data = os.urandom(3 * 1024 * 1024 + 12345)
     async with node.client() as client:
         info = await client.add_blob(stream(data), name="photo.jpg")
-        assert info["size"] == len(data)
-        assert info["chunks"] == 4
-        assert info["name"] == "photo.jpg"
-        blob_id = info["blobId"]
+        assert info.size == len(data)
+        assert info.chunks == 4
+        assert info.name == "photo.jpg"
+        blob_id = info.blob_id
         assert await download(client, blob_id) == data
         assert await download(client, blob_id, start=2_000_000) == data[2_000_000:]
         listed = await client.blobs()
-        assert [b["blobId"] for b in listed["blobs"]] == [blob_id]
-        assert (await client.blob(blob_id))["size"] == len(data)
-        assert (await client.pin_blob(blob_id))["pinned"] is True
-        assert (await client.blob(blob_id))["pinned"] is True
-        assert (await client.pin_blob(blob_id, pinned=False))["pinned"] is False
+        assert [b.blob_id for b in listed.blobs] == [blob_id]
+        assert (await client.blob(blob_id)).size == len(data)
+        assert (await client.pin_blob(blob_id)).pinned is True
+        assert (await client.blob(blob_id)).pinned is True
+        assert (await client.pin_blob(blob_id, pinned=False)).pinned is False
         with pytest.raises(ApiError, match="404"):
             await client.pin_blob("1" * 32)
-        assert await client.delete_blob(blob_id) == {"deleted": blob_id}
+        assert await client.delete_blob(blob_id) == schemas.BlobDeleted(deleted=blob_id)
         with pytest.raises(ApiError, match="404"):
             await client.blob(blob_id)
         with pytest.raises(ApiError, match="404"):
@@ -64,7 +65,7 @@ async def test_ranges(node: TestNode) -> None:
     data = os.urandom(2 * 1024 * 1024 + 7)
     headers = {"Authorization": f"Bearer {node.token}"}
     async with node.client() as client:
-        blob_id = (await client.add_blob(stream(data)))["blobId"]
+        blob_id = (await client.add_blob(stream(data))).blob_id
     url = f"{node.api_url}/admin-api/blobs/{blob_id}/content"
     async with httpx.AsyncClient(headers=headers) as http:
         r = await http.get(url, headers={"Range": "bytes=1048570-1048590"})
@@ -107,7 +108,7 @@ async def test_hostile_requests_get_clear_errors(node: TestNode) -> None:
         assert r.status_code == 404
     # Nothing half-stored by any of it.
     async with node.client() as client:
-        assert (await client.blobs())["blobs"] == []
+        assert (await client.blobs()).blobs == []
 
 
 async def test_upload_over_the_limit_is_refused_without_a_blob(tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ async def test_upload_over_the_limit_is_refused_without_a_blob(tmp_path: Path) -
         # Chunked (no length announced): refused when the limit is crossed.
         with pytest.raises(ApiError, match="413"):
             await client.add_blob(stream(os.urandom(2 * 1024 * 1024)))
-        assert (await client.blobs())["blobs"] == []
+        assert (await client.blobs()).blobs == []
 
 
 async def test_the_page_uploads_with_its_session_cookie_from_its_own_origin(
@@ -160,4 +161,4 @@ async def test_the_page_uploads_with_its_session_cookie_from_its_own_origin(
         r = await http.post(base, content=b"x", headers={**cookie, "Origin": node.api_url})
         assert r.status_code == 401
     async with node.client() as client:
-        assert [b["name"] for b in (await client.blobs())["blobs"]] == ["note.txt"]
+        assert [b.name for b in (await client.blobs()).blobs] == ["note.txt"]

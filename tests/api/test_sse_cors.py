@@ -46,14 +46,14 @@ async def http(live: TestNode) -> AsyncIterator[httpx.AsyncClient]:
 async def make_context(live: TestNode) -> str:
     async with live.client() as client:
         app = await client.install_application(str(KV_STORE))
-        context = await client.create_context(app["applicationId"])
-    return str(context["contextId"])
+        context = await client.create_context(app.application_id)
+    return str(context.context_id)
 
 
 async def write(live: TestNode, context: str, key: str) -> str:
     async with live.client() as client:
         result = await client.call(context, "set", {"key": key, "value": key.upper()})
-    return str(result["deltaId"])
+    return str(result.delta_id)
 
 
 class EventReader:

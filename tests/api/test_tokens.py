@@ -20,6 +20,8 @@ from trionode.testing import TestNode, make_test_config, open_test_node
 
 ROOT = Path(__file__).resolve().parents[2]
 KV_STORE = ROOT / "apps" / "kv_store"
+UNKNOWN = "6pnwRnpbGZ8yCDd4X3yVr3ZpwJbL2XExXC1aJ8uvfGLs"
+"""A well-formed context id no node here knows."""
 
 
 @pytest.fixture
@@ -164,11 +166,13 @@ async def test_tokens_expire_by_the_wall_clock(node: TestNode) -> None:
     ("body", "status", "message"),
     [
         ({"contexts": [], "scope": "read"}, 400, "between 1 and 64"),
-        ({"contexts": "{ctx}", "scope": "read"}, 400, "list of context ids"),
-        ({"contexts": ["{ctx}"], "scope": "admin"}, 400, "scope must be one of"),
-        ({"contexts": ["nope"], "scope": "read"}, 404, "unknown context ids"),
-        ({"contexts": ["{ctx}"], "scope": "read", "expiresIn": -1}, 400, "positive number"),
-        ({"contexts": ["{ctx}"], "scope": "read", "expiresIn": True}, 400, "number of seconds"),
+        ({"contexts": "{ctx}", "scope": "read"}, 400, "body.contexts: Expected `array`"),
+        ({"contexts": ["{ctx}"], "scope": "admin"}, 400, "body.scope: Invalid enum value"),
+        ({"contexts": ["nope"], "scope": "read"}, 400, "body.contexts[0]: Expected `str` matching"),
+        ({"contexts": [UNKNOWN], "scope": "read"}, 404, "unknown context ids"),
+        ({"contexts": ["{ctx}"], "scope": "read", "expiresIn": -1}, 400, "body.expiresIn"),
+        ({"contexts": ["{ctx}"], "scope": "read", "expiresIn": True}, 400, "body.expiresIn"),
+        ({"contexts": ["{ctx}"], "scope": "read", "extra": 1}, 400, "unknown field `extra`"),
         ({"contexts": ["{ctx}"], "scope": "read", "expiresIn": 1e12}, 400, "ten years"),
         ([], 400, "body:"),
     ],
@@ -283,7 +287,7 @@ async def test_token_commands_end_to_end(
     async with open_test_node(tmp_path / "home") as live:
         async with live.client() as admin:
             app = await admin.install_application(str(KV_STORE))
-            context = (await admin.create_context(app["applicationId"]))["contextId"]
+            context = (await admin.create_context(app.application_id)).context_id
         target = ["--api", live.api_url, f"--token={live.token}"]
 
         def run(*argv: str) -> tuple[int, str, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from trionode import schemas
 from trionode.cli_contexts import _render_app
 from trionode.client import ApiError
 from trionode.testing import open_test_node
@@ -66,30 +67,36 @@ async def test_broken_bundles_are_refused_at_install_with_the_reason(tmp_path: P
             missing_entry = dict(MANIFEST, entry="nope:app")
             with pytest.raises(ApiError, match=r"entry module .nope. has no nope\.py"):
                 await client.install_application(bundle(bundles, GOOD_HEAD, missing_entry))
+            # Paths that are not bundles at all (found by schemathesis: a NUL was a 500, and
+            # a device would have been read forever).
+            for path, reason in (("a\0b", "NUL"), ("/dev/zero", "not a directory or a regular")):
+                with pytest.raises(ApiError, match=r"^400: ") as caught:
+                    await client.install_application(path)
+                assert reason in str(caught.value)
             # Nothing half-installed is left behind.
-            assert (await client.applications())["applications"] == []
+            assert (await client.applications()).applications == []
 
 
 async def test_app_show_lists_the_interface_with_types_and_docstrings(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with open_test_node(tmp_path / "home") as node, node.client() as client:
             installed = await client.install_application(str(APPS / "kv_store"))
-            shown = await client.application(installed["applicationId"])
-    assert shown["name"] == "kv_store"
-    assert shown["state"] == {
+            shown = await client.application(installed.application_id)
+    assert shown.name == "kv_store"
+    assert shown.state == {
         "items": "UnorderedMap[str, LwwRegister[str]]",
         "handled": "Counter",
     }
-    entries = {e["name"]: e for e in shown["entryPoints"]}
-    assert entries["remove"] == {
-        "name": "remove",
-        "kind": "method",
-        "params": [{"name": "key", "type": "str", "required": True}],
-        "returns": "str | None",
-        "doc": "Remove `key`; returns its old value (null if it was missing).",
-    }
-    assert entries["get"]["kind"] == "view"
-    assert entries["count_event"]["events"] == ["Inserted", "Updated", "Removed", "Cleared"]
+    entries = {e.name: e for e in shown.entry_points}
+    assert entries["remove"] == schemas.EntryPoint(
+        name="remove",
+        kind="method",
+        params=[schemas.Parameter(name="key", type="str", required=True)],
+        returns="str | None",
+        doc="Remove `key`; returns its old value (null if it was missing).",
+    )
+    assert entries["get"].kind == "view"
+    assert entries["count_event"].events == ["Inserted", "Updated", "Removed", "Cleared"]
     text = _render_app(shown)
     assert "methods:\n  set(key: " in text
     assert "views:\n  get(key: str) -> str | None\n      The value of `key`, or null." in text
@@ -99,28 +106,24 @@ async def test_app_show_lists_the_interface_with_types_and_docstrings(tmp_path: 
 async def test_uninstall_is_refused_while_a_context_uses_the_app(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with open_test_node(tmp_path / "home") as node, node.client() as client:
-            kv = (await client.install_application(str(APPS / "kv_store")))["applicationId"]
-            notes = (await client.install_application(str(APPS / "notes")))["applicationId"]
-            context = (await client.create_context(kv))["contextId"]
+            kv = (await client.install_application(str(APPS / "kv_store"))).application_id
+            notes = (await client.install_application(str(APPS / "notes"))).application_id
+            context = (await client.create_context(kv)).context_id
 
-            assert await client.uninstall_application(notes) == {
-                "uninstalled": notes,
-                "contexts": [],
-            }
+            assert await client.uninstall_application(notes) == schemas.Uninstalled(
+                uninstalled=notes, contexts=[]
+            )
             with pytest.raises(ApiError, match=f"^409: .*used by 1 context.*{context}"):
                 await client.uninstall_application(kv)
-            assert [a["applicationId"] for a in (await client.applications())["applications"]] == [
-                kv
-            ]
-            assert await client.uninstall_application(kv, force=True) == {
-                "uninstalled": kv,
-                "contexts": [context],
-            }
-            assert (await client.applications())["applications"] == []
+            assert [a.application_id for a in (await client.applications()).applications] == [kv]
+            assert await client.uninstall_application(kv, force=True) == schemas.Uninstalled(
+                uninstalled=kv, contexts=[context]
+            )
+            assert (await client.applications()).applications == []
             with pytest.raises(ApiError, match=r"^404: application .* is not installed"):
                 await client.uninstall_application(kv)
             with pytest.raises(ApiError, match=r"^404: "):
                 await client.application(kv)
             # Installing it again brings it back under the same id.
             again = await client.install_application(str(APPS / "kv_store"))
-            assert again["applicationId"] == kv
+            assert again.application_id == kv

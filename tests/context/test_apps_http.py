@@ -19,36 +19,31 @@ async def test_chat_and_notes_over_http(tmp_path: Path) -> None:
         async with open_test_node(tmp_path / "home") as node, node.client() as client:
             chat_app = await client.install_application(str(APPS / "chat"))
             notes_app = await client.install_application(str(APPS / "notes"))
-            assert {a["name"] for a in (await client.applications())["applications"]} == {
+            assert {a.name for a in (await client.applications()).applications} == {
                 "chat",
                 "notes",
             }
 
-            chat = (await client.create_context(chat_app["applicationId"], {"topic": "hi"}))[
-                "contextId"
-            ]
-            first = (await client.call(chat, "post", {"text": "hello"}))["output"]
+            chat = (
+                await client.create_context(chat_app.application_id, {"topic": "hi"})
+            ).context_id
+            first = (await client.call(chat, "post", {"text": "hello"})).output
             await client.call(chat, "post", {"text": "world"})
-            assert (await client.call(chat, "react", {"message_id": first, "emoji": "👍"}))[
-                "output"
-            ] == 1
-            assert (await client.call(chat, "react", {"message_id": first, "emoji": "👍"}))[
-                "output"
-            ] == 2
-            assert (await client.call(chat, "topic"))["output"] == "hi"
-            messages = (await client.call(chat, "messages"))["output"]
+            react = {"message_id": first, "emoji": "👍"}
+            assert (await client.call(chat, "react", react)).output == 1
+            assert (await client.call(chat, "react", react)).output == 2
+            assert (await client.call(chat, "topic")).output == "hi"
+            messages = (await client.call(chat, "messages")).output
             assert [m["text"] for m in messages] == ["hello", "world"]
-            assert (await client.call(chat, "count"))["output"] == 2
+            assert (await client.call(chat, "count")).output == 2
 
             notes = (
-                await client.create_context(
-                    notes_app["applicationId"], {"title": "t", "text": "ac"}
-                )
-            )["contextId"]
+                await client.create_context(notes_app.application_id, {"title": "t", "text": "ac"})
+            ).context_id
             await client.call(notes, "insert", {"pos": 1, "text": "b"})
             await client.call(notes, "insert", {"pos": 3, "text": "de"})
             await client.call(notes, "delete", {"pos": 0, "length": 1})
-            assert (await client.call(notes, "text"))["output"] == "bcde"
-            assert (await client.call(notes, "title"))["output"] == "t"
-            contexts = (await client.contexts())["contexts"]
-            assert {c["contextId"] for c in contexts} == {chat, notes}
+            assert (await client.call(notes, "text")).output == "bcde"
+            assert (await client.call(notes, "title")).output == "t"
+            contexts = (await client.contexts()).contexts
+            assert {c.context_id for c in contexts} == {chat, notes}

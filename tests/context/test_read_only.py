@@ -40,11 +40,11 @@ async def test_read_only_node_refuses_writes_over_http(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with open_test_node(home) as rw, rw.client() as client:
             installed_app = await client.install_application(str(APPS / "kv_store"))
-            app = installed_app["applicationId"]
-            ctx = (await client.create_context(app))["contextId"]
+            app = installed_app.application_id
+            ctx = (await client.create_context(app)).context_id
             await client.call(ctx, "set", {"key": "a", "value": "1"})
-            member = (await client.context(ctx))["memberPublicKey"]
-            invitation = (await client.invite(ctx))["invitation"]
+            member = (await client.context(ctx)).member_public_key
+            invitation = (await client.invite(ctx)).invitation
             token = rw.token
         config = load_config(home)
         file = config.file
@@ -106,7 +106,7 @@ async def test_read_only_node_refuses_writes_over_http(tmp_path: Path) -> None:
             assert "uploading a blob is not allowed" in upload.json()["error"]["message"]
             # Only the app's bundle, stored when it was installed (read-write then).
             blobs = (await http.get("/admin-api/blobs")).json()["blobs"]
-            assert [b["blobId"] for b in blobs] == [installed_app["bundleBlobId"]]
+            assert [b["blobId"] for b in blobs] == [installed_app.bundle_blob_id]
 
             # Node-local administration a reader needs stays allowed (docs/operating.md).
             installed = await http.post(

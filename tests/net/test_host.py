@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 
+from trionode import schemas
 from trionode.cli import main
 from trionode.client import ApiError
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
@@ -266,10 +267,10 @@ async def test_node_api_connects_and_lists_peers(tmp_path: Path) -> None:
             (b_addr,) = b.node.listen_addresses()
             async with a.client() as client:
                 result = await client.connect(b_addr)
-                assert result == {"peerId": b.node.peer_id}
+                assert result == schemas.Connected(peer_id=b.node.peer_id)
                 listing = await client.peers()
-            assert listing["listenAddrs"] == a.node.listen_addresses()
-            (row,) = listing["peers"]
+            assert listing.listen_addrs == a.node.listen_addresses()
+            (row,) = listing.peers
             assert row["peer_id"] == b.node.peer_id
             assert row["direction"] == "outbound"
             assert set(row) >= {"address", "agent", "streams", "ping_rtt_ms"}
@@ -278,7 +279,7 @@ async def test_node_api_connects_and_lists_peers(tmp_path: Path) -> None:
             while a_id not in b.node.host.connections:
                 await b.node.host.wait_connection_changed()
             async with b.client() as client:
-                (back,) = (await client.peers())["peers"]
+                (back,) = (await client.peers()).peers
             assert back["peer_id"] == a.node.peer_id
             assert back["direction"] == "inbound"
 

@@ -428,7 +428,7 @@ async def test_event_channel_flood_drops_and_counts_and_the_node_stays_responsiv
             assert len(warnings) == 1
 
             async with victim.client() as client:
-                assert (await client.ready())["ready"] is True
+                assert (await client.ready()).ready is True
                 families = {
                     f.name: f for f in text_string_to_metric_families(await client.metrics_text())
                 }
@@ -476,13 +476,13 @@ async def test_event_channel_flood_drops_and_counts_and_the_node_stays_responsiv
             rtt = await sender.node.host.ping(victim_id)
             assert rtt < 5
             # Introspection: the topic, its mesh and subscribers; the peers listing.
-            [row] = topics["topics"]
+            [row] = topics.topics
             assert row["topic"] == topic
             assert row["subscribed"] is True
             assert row["subscribers"] == [str(sender.node.host.peer_id)]
             assert row["meshPeers"] == [str(sender.node.host.peer_id)]
             assert "flood" in _render_topics(topics)
-            [peer] = peers["peers"]
+            [peer] = peers.peers
             assert peer["topics"] == [topic]
             # Leaving: the sender hears of it and drops the victim from the topic's mesh.
             victim_pubsub.unsubscribe(topic)

@@ -22,8 +22,10 @@ import trio
 from quart import Response, jsonify, redirect, request
 from quart_trio import QuartTrio
 
+from trionode import schemas
 from trionode.api.context_errors import http_status
 from trionode.api.contexts import parse_id
+from trionode.api.openapi import Operations, Query
 from trionode.api.tokens import token_matches
 from trionode.context.errors import ContextError
 from trionode.context.manager import ContextManager, b58
@@ -186,7 +188,7 @@ async def recent_dag(node: PageApi, context_id: bytes, limit: int) -> dict[str, 
     }
 
 
-def register_page_routes(app: QuartTrio, node: PageApi) -> None:
+def register_page_routes(app: QuartTrio, node: PageApi, ops: Operations) -> None:
     @app.get(PAGE_PREFIX)
     async def page_redirect() -> Response:  # noqa: ASYNC124
         return redirect(f"{PAGE_PREFIX}/")  # type: ignore[return-value]
@@ -230,7 +232,16 @@ def register_page_routes(app: QuartTrio, node: PageApi) -> None:
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="Strict")
         return response
 
-    @app.get("/admin-api/contexts/<context_id>/dag")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/contexts/<context_id>/dag",
+        summary="The newest deltas of a context's graph, and the pending ones (the page's view)",
+        tag="contexts",
+        returns=schemas.Dag,
+        errors=(400, 404),
+        query=(Query("limit", f"at most this many deltas (1 to {MAX_DAG_NODES})"),),
+    )
     async def context_dag(context_id: str) -> Response:
         if not node.knows_context(context_id):
             return _error(404, f"unknown context {context_id}")

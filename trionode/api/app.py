@@ -21,7 +21,7 @@ from werkzeug.datastructures import Headers, MultiDict
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_cookie
 
-from trionode import __version__
+from trionode import __version__, schemas
 from trionode.api.admin_page import (
     SAFE_METHODS,
     SESSION_COOKIE,
@@ -32,9 +32,10 @@ from trionode.api.admin_page import (
     session_refusal,
 )
 from trionode.api.blobs import UPLOAD_PATH, BlobApi, register_blob_routes, wrap_upload
-from trionode.api.contexts import ContextApi, json_object_body, register_context_routes
+from trionode.api.contexts import ContextApi, register_context_routes
 from trionode.api.cors import install_cors
 from trionode.api.jsonio import BadInput, decode_json
+from trionode.api.openapi import OPENAPI_PATH, Operations, openapi_document, reply, typed_body
 from trionode.api.tokens import (
     ADMIN,
     Principal,
@@ -48,7 +49,7 @@ from trionode.errors import PeerError, ProtocolError, ReadOnlyError
 from trionode.metrics import NodeMetrics
 from trionode.store.store import AsyncStore
 
-PUBLIC_ROUTES: Final = frozenset({"/admin-api/health"})
+PUBLIC_ROUTES: Final = frozenset({"/admin-api/health", OPENAPI_PATH})
 SCOPED_ROUTES: Final = frozenset({"/jsonrpc", "/events", "/admin-api/tickets"})
 """All a scoped token reaches (each route then checks the contexts)."""
 TICKET_ROUTES: Final = frozenset({"/ws", "/events"})
@@ -226,41 +227,87 @@ def create_app(node: NodeApi) -> QuartTrio:
         app.logger.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
         return error_response(500, "internal error", type=type(exc).__name__)
 
-    @app.get("/admin-api/health")
-    async def health() -> Response:  # noqa: ASYNC124
-        return jsonify({"status": "ok"})
+    ops = Operations()
 
-    @app.get("/admin-api/ready")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/health",
+        summary="Liveness (no token needed)",
+        tag="node",
+        returns=schemas.Health,
+        public=True,
+    )
+    async def health() -> Response:  # noqa: ASYNC124
+        return reply(schemas.Health(status="ok"))
+
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/ready",
+        summary="Readiness: 503 while starting or shutting down",
+        tag="node",
+        returns=schemas.Ready,
+        errors=(503,),
+    )
     async def ready() -> Response:  # noqa: ASYNC124
         if node.is_ready():
-            return jsonify({"ready": True, "peerId": node.peer_id, "version": __version__})
+            return reply(schemas.Ready(ready=True, peer_id=node.peer_id, version=__version__))
         return error_response(503, "node is starting or shutting down", ready=False)
 
-    @app.get("/admin-api/node")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/node",
+        summary="This node: peer id, version, addresses, reachability, mode",
+        tag="node",
+        returns=schemas.NodeInfo,
+    )
     async def node_info() -> Response:  # noqa: ASYNC124
-        return jsonify(
-            {
-                "peerId": node.peer_id,
-                "version": __version__,
-                "addresses": node.listen_addresses(),
-                "reachability": node.reachability(),
-                "mode": node.config.node.mode,
-            }
+        return reply(
+            schemas.NodeInfo(
+                peer_id=node.peer_id,
+                version=__version__,
+                addresses=node.listen_addresses(),
+                reachability=node.reachability(),
+                mode=node.config.node.mode,
+            )
         )
 
-    @app.get("/admin-api/peers")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/peers",
+        summary="Connected peers",
+        tag="node",
+        returns=schemas.PeerList,
+    )
     async def peers() -> Response:  # noqa: ASYNC124
-        return jsonify({"peers": node.peers(), "listenAddrs": node.listen_addresses()})
+        return reply(schemas.PeerList(peers=node.peers(), listen_addrs=node.listen_addresses()))
 
-    @app.get("/admin-api/topics")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/topics",
+        summary="Gossipsub topics known to this node",
+        tag="node",
+        returns=schemas.TopicList,
+    )
     async def topics() -> Response:  # noqa: ASYNC124
-        return jsonify({"topics": node.topics()})
+        return reply(schemas.TopicList(topics=node.topics()))
 
-    @app.post("/admin-api/peers")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/peers",
+        summary="Dial a peer by multiaddr",
+        tag="node",
+        body=schemas.ConnectRequest,
+        returns=schemas.Connected,
+        errors=(400, 502, 504),
+    )
     async def connect() -> Response:
-        address = (await json_object_body()).get("address")
-        if not isinstance(address, str) or not address:
-            return error_response(400, 'body must be {"address": "<multiaddr>"}')
+        address = (await typed_body(schemas.ConnectRequest)).address
         try:
             peer_id = await node.connect(address)
         except PeerError as exc:
@@ -270,53 +317,72 @@ def create_app(node: NodeApi) -> QuartTrio:
             return error_response(502, f"handshake failed: {exc}")
         except trio.TooSlowError:
             return error_response(504, "handshake timed out")
-        return jsonify({"peerId": peer_id})
+        return reply(schemas.Connected(peer_id=peer_id))
 
     @app.errorhandler(TokenError)
     async def token_error(exc: TokenError) -> Response:  # noqa: ASYNC124
         return error_response(exc.status, str(exc))
 
-    @app.post("/admin-api/tokens")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/tokens",
+        summary="Create a scoped token for some contexts (shown once)",
+        tag="tokens",
+        body=schemas.TokenRequest,
+        returns=schemas.TokenCreated,
+        errors=(400, 404, 409),
+    )
     async def create_token() -> Response:
-        body = await request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise TokenError('body: {"contexts": [...], "scope": "read"|"call", "expiresIn": s}')
-        contexts, scope = body.get("contexts"), body.get("scope")
-        expires_in = body.get("expiresIn")
-        if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
-            raise TokenError("contexts must be a list of context ids")
-        unknown = [c for c in contexts if not node.knows_context(c)]
+        body = await typed_body(schemas.TokenRequest)
+        unknown = [c for c in body.contexts if not node.knows_context(c)]
         if unknown:
             raise TokenError(f"unknown context ids: {', '.join(unknown[:5])}", 404)
-        if expires_in is not None and (
-            isinstance(expires_in, bool) or not isinstance(expires_in, int | float)
-        ):
-            raise TokenError("expiresIn must be a number of seconds")
-        token, record = await node.tokens.create(
-            contexts, str(scope), None if expires_in is None else float(expires_in)
-        )
-        return jsonify({"token": token, **record.to_json(node.tokens.now())})
+        token, record = await node.tokens.create(body.contexts, body.scope, body.expires_in)
+        return reply({"token": token, **record.to_json(node.tokens.now())})
 
-    @app.get("/admin-api/tokens")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/tokens",
+        summary="List scoped tokens (never their secrets)",
+        tag="tokens",
+        returns=schemas.TokenList,
+    )
     async def list_tokens() -> Response:  # noqa: ASYNC124
         now = node.tokens.now()
-        return jsonify({"tokens": [r.to_json(now) for r in node.tokens.records()]})
+        return reply({"tokens": [r.to_json(now) for r in node.tokens.records()]})
 
-    @app.delete("/admin-api/tokens/<token_id>")
+    @ops.route(
+        app,
+        "DELETE",
+        "/admin-api/tokens/<token_id>",
+        summary="Revoke a scoped token",
+        tag="tokens",
+        returns=schemas.TokenRevoked,
+        errors=(400, 404),
+    )
     async def revoke_token(token_id: str) -> Response:
         await node.tokens.revoke(token_id)
-        return jsonify({"revoked": token_id})
+        return reply(schemas.TokenRevoked(revoked=token_id))
 
-    @app.post("/admin-api/tickets")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/tickets",
+        summary="A one-time ticket for /ws or /events (browsers cannot set headers there)",
+        tag="tokens",
+        returns=schemas.Ticket,
+    )
     async def issue_ticket() -> Response:  # noqa: ASYNC124
         principal: Principal = g.principal
         ticket = node.tickets.issue(principal)
-        return jsonify({"ticket": ticket, "expiresIn": node.tickets.ttl})
+        return reply(schemas.Ticket(ticket=ticket, expires_in=node.tickets.ttl))
 
-    register_context_routes(app, node, settings)
-    register_page_routes(app, node)
+    register_context_routes(app, node, settings, ops)
+    register_page_routes(app, node, ops)
     install_cors(app, settings.cors_origins)
-    register_blob_routes(app, node)
+    register_blob_routes(app, node, ops)
 
     def authorize_upload(headers: Mapping[str, str], own_origin: str) -> tuple[int, str] | None:
         # The admin token, or the page's session (the page uploads with its cookie).
@@ -343,9 +409,22 @@ def create_app(node: NodeApi) -> QuartTrio:
         lambda status: metrics.http_requests.labels("POST", UPLOAD_PATH, str(status)).inc(),
     )
 
-    @app.get("/metrics")
+    @ops.route(
+        app,
+        "GET",
+        "/metrics",
+        summary="Prometheus metrics (text format)",
+        tag="node",
+        content="text/plain",
+    )
     async def prometheus() -> Response:
         await node.refresh_metrics()
         return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    document = openapi_document(ops.items)
+
+    @app.get(OPENAPI_PATH)
+    async def openapi() -> Response:  # noqa: ASYNC124
+        return reply(document)
 
     return app

@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol
 from urllib.parse import parse_qs
 
 import base58
+import msgspec
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -42,6 +43,8 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.http import parse_range_header
 
+from trionode import schemas
+from trionode.api.openapi import Operation, Operations, Query, View, reply, typed_body
 from trionode.blobs.manifest import BlobNotFoundError, BlobTooLargeError
 from trionode.blobs.store import BlobInfo, BlobStore
 from trionode.blobs.transfer import BlobTransfer, BlobUnavailableError
@@ -92,16 +95,16 @@ def parse_blob_id(text: str, what: str = "blob id") -> bytes:
     return raw
 
 
-def blob_json(info: BlobInfo) -> dict[str, Any]:
-    return {
-        "blobId": b58(info.blob_id),
-        "size": info.size,
-        "chunks": info.chunks,
-        "createdAt": info.created_at,
-        "name": info.name,
-        "pinned": info.pinned,
-        "contexts": [b58(c) for c in info.contexts],
-    }
+def blob_reply(info: BlobInfo) -> schemas.Blob:
+    return schemas.Blob(
+        blob_id=b58(info.blob_id),
+        size=info.size,
+        chunks=info.chunks,
+        created_at=info.created_at,
+        name=info.name,
+        pinned=info.pinned,
+        contexts=[b58(c) for c in info.contexts],
+    )
 
 
 def _error_body(status: int, message: str) -> bytes:
@@ -244,13 +247,30 @@ async def _upload(
     except StorageError as exc:
         log.error("blob upload failed: %s", exc)  # noqa: TRY400 - no traceback
         raise BlobRequestError(f"storage failed: {exc}", 500) from None
-    return 200, json.dumps(blob_json(info)).encode()
+    return 200, msgspec.json.encode(blob_reply(info))
 
 
 # -- everything else (Quart routes) ---------------------------------------------------------
 
 
-def register_blob_routes(app: QuartTrio, node: BlobApi) -> None:
+def register_blob_routes(app: QuartTrio, node: BlobApi, ops: Operations) -> None:
+    ops.record(
+        Operation(
+            method="POST",
+            path=UPLOAD_PATH,
+            summary="Upload a blob (the body is the bytes, streamed; chunked or with a length)",
+            tag="blobs",
+            body=None,
+            body_content="application/octet-stream",
+            returns=schemas.Blob,
+            errors=(400, 403, 404, 413),
+            query=(
+                Query("context", "share it with this context's members"),
+                Query("name", "a file name to keep with it"),
+            ),
+        )
+    )
+
     @app.errorhandler(BlobRequestError)
     async def blob_request_error(exc: BlobRequestError) -> Response:  # noqa: ASYNC124
         return _json_error(exc.status, str(exc))
@@ -259,38 +279,65 @@ def register_blob_routes(app: QuartTrio, node: BlobApi) -> None:
     async def blob_not_found(exc: BlobNotFoundError) -> Response:  # noqa: ASYNC124
         return _json_error(404, str(exc))
 
-    @app.get("/admin-api/blobs")
+    def blob_route(method: str, path: str, summary: str, **kwargs: Any) -> Callable[[View], View]:
+        return ops.route(app, method, path, summary=summary, tag="blobs", **kwargs)
+
+    @blob_route("GET", "/admin-api/blobs", "Blobs held here", returns=schemas.BlobList)
     async def list_blobs() -> Response:
-        return jsonify({"blobs": [blob_json(i) for i in await node.blobs.list_blobs()]})
+        return reply(schemas.BlobList(blobs=[blob_reply(i) for i in await node.blobs.list_blobs()]))
 
-    @app.get("/admin-api/blobs/<blob_id>")
+    @blob_route(
+        "GET", "/admin-api/blobs/<blob_id>", "One blob", returns=schemas.Blob, errors=(400, 404)
+    )
     async def show_blob(blob_id: str) -> Response:
-        return jsonify(blob_json(await _info(node, parse_blob_id(blob_id))))
+        return reply(blob_reply(await _info(node, parse_blob_id(blob_id))))
 
-    @app.delete("/admin-api/blobs/<blob_id>")
+    @blob_route(
+        "DELETE",
+        "/admin-api/blobs/<blob_id>",
+        "Delete a blob held here",
+        returns=schemas.BlobDeleted,
+        errors=(400, 404),
+    )
     async def delete_blob(blob_id: str) -> Response:
         if not await node.blobs.delete(parse_blob_id(blob_id)):
             raise BlobNotFoundError(f"blob {blob_id} is not stored here")
-        return jsonify({"deleted": blob_id})
+        return reply(schemas.BlobDeleted(deleted=blob_id))
 
-    @app.put("/admin-api/blobs/<blob_id>/pin")
+    @blob_route(
+        "PUT",
+        "/admin-api/blobs/<blob_id>/pin",
+        "Pin a blob: garbage collection never removes it",
+        returns=schemas.Blob,
+        errors=(400, 404),
+    )
     async def pin_blob(blob_id: str) -> Response:
         info = await _info(node, parse_blob_id(blob_id))
         await node.blobs.pin(info.blob_id)
-        return jsonify(blob_json(await _info(node, info.blob_id)))
+        return reply(blob_reply(await _info(node, info.blob_id)))
 
-    @app.delete("/admin-api/blobs/<blob_id>/pin")
+    @blob_route(
+        "DELETE",
+        "/admin-api/blobs/<blob_id>/pin",
+        "Unpin a blob",
+        returns=schemas.Blob,
+        errors=(400, 404),
+    )
     async def unpin_blob(blob_id: str) -> Response:
         info = await _info(node, parse_blob_id(blob_id))
         await node.blobs.pin(info.blob_id, pinned=False)
-        return jsonify(blob_json(await _info(node, info.blob_id)))
+        return reply(blob_reply(await _info(node, info.blob_id)))
 
-    @app.post("/admin-api/blobs/<blob_id>/fetch")
+    @blob_route(
+        "POST",
+        "/admin-api/blobs/<blob_id>/fetch",
+        "Fetch a blob this node lacks from a context's members",
+        body=schemas.FetchBlobRequest,
+        returns=schemas.Blob,
+        errors=(400, 404),
+    )
     async def fetch_blob(blob_id: str) -> Response:
-        body = await request.get_json(silent=True)
-        context = body.get("contextId") if isinstance(body, dict) else None
-        if not isinstance(context, str):
-            raise BlobRequestError('body must be {"contextId": "<context id>"}')
+        context = (await typed_body(schemas.FetchBlobRequest)).context_id
         context_id = parse_blob_id(context, "context id")
         if not node.knows_context(context):
             raise BlobRequestError(f"unknown context {context}", 404)
@@ -298,9 +345,15 @@ def register_blob_routes(app: QuartTrio, node: BlobApi) -> None:
             info = await node.blob_transfer.fetch(parse_blob_id(blob_id), context_id)
         except BlobUnavailableError as exc:
             raise BlobRequestError(str(exc), 404) from None
-        return jsonify(blob_json(info))
+        return reply(blob_reply(info))
 
-    @app.get("/admin-api/blobs/<blob_id>/content")
+    @blob_route(
+        "GET",
+        "/admin-api/blobs/<blob_id>/content",
+        "The blob's bytes (`Range: bytes=N-` resumes: 206)",
+        content="application/octet-stream",
+        errors=(400, 404),
+    )
     async def blob_content(blob_id: str) -> Response:
         info = await _info(node, parse_blob_id(blob_id))
         bounds = byte_range(request.headers.get("Range"), info.size)

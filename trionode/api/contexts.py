@@ -14,13 +14,16 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import base58
+import msgspec
 import trio
 from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from trionode import schemas
 from trionode.api.context_errors import JSONRPC_FORBIDDEN, http_status, jsonrpc_code
-from trionode.api.jsonio import BadInput, number_field
+from trionode.api.jsonio import BadInput, typed
+from trionode.api.openapi import Operations, Query, reply, typed_body
 from trionode.api.sse import EventRequestError, event_stream_response
 from trionode.api.tokens import Principal
 from trionode.api.ws import serve_websocket
@@ -101,43 +104,51 @@ def parse_id(text: object, what: str) -> bytes:
     return raw
 
 
-def context_json(record: ContextRecord) -> dict[str, Any]:
-    return {
-        "contextId": b58(record.context_id),
-        "applicationId": b58(record.application_id),
-        "createdAt": record.created_at,
-        "rootHash": record.root_hash.hex(),
-        "heads": [h.hex() for h in record.heads],
-        "members": [{"publicKey": b58(m.public_key), "role": m.role} for m in record.members],
-        "memberPublicKey": b58(record.our_member),
-    }
+def member_reply(member: Any) -> schemas.Member:
+    return schemas.Member(public_key=b58(member.public_key), role=member.role)
 
 
-def application_json(record: ApplicationRecord) -> dict[str, Any]:
-    return {
-        "applicationId": b58(record.application_id),
-        "name": record.name,
-        "version": record.version,
-        "path": record.path,
-        "installedAt": record.installed_at,
-        "trusted": record.trusted,
-        "bundleBlobId": None if record.bundle_blob_id is None else b58(record.bundle_blob_id),
-        "signer": None if record.signer is None else b58(record.signer),
-    }
+def context_reply(record: ContextRecord) -> schemas.Context:
+    return schemas.Context(
+        context_id=b58(record.context_id),
+        application_id=b58(record.application_id),
+        created_at=record.created_at,
+        root_hash=record.root_hash.hex(),
+        heads=[h.hex() for h in record.heads],
+        members=[member_reply(m) for m in record.members],
+        member_public_key=b58(record.our_member),
+    )
 
 
-def app_interface(app: Any) -> dict[str, Any]:
+def application_reply(record: ApplicationRecord) -> schemas.Application:
+    return schemas.Application(
+        application_id=b58(record.application_id),
+        name=record.name,
+        version=record.version,
+        path=record.path,
+        installed_at=record.installed_at,
+        trusted=record.trusted,
+        bundle_blob_id=None if record.bundle_blob_id is None else b58(record.bundle_blob_id),
+        signer=None if record.signer is None else b58(record.signer),
+    )
+
+
+def application_detail(record: ApplicationRecord, app: Any) -> schemas.ApplicationDetail:
     """What an app offers callers: its state fields and entry points, with parameter types
     and docstrings (`app show`)."""
     description = app.describe()
     entries = {e.name: e for e in app.entry_points()}
-    return {
-        "state": description["state"],
-        "entryPoints": [
-            {**entry, "doc": inspect.getdoc(entries[entry["name"]].fn) or ""}
+    return schemas.ApplicationDetail(
+        **msgspec.structs.asdict(application_reply(record)),
+        state=description["state"],
+        entry_points=[
+            msgspec.convert(
+                {**entry, "doc": inspect.getdoc(entries[entry["name"]].fn) or ""},
+                schemas.EntryPoint,
+            )
             for entry in description["entry_points"]
         ],
-    }
+    )
 
 
 def peer_sync_json(
@@ -205,19 +216,21 @@ def _valid_jsonrpc_id(value: object) -> bool:
 def _call_params(
     params: dict[str, Any], decode: Callable[[str], Any]
 ) -> tuple[bytes, str, str, bytes | None]:
-    context_id = parse_id(params.get("contextId"), "contextId")
-    method = params.get("method")
-    if not isinstance(method, str) or not method:
-        raise ContextError("params.method must be a non-empty string")
-    args = params.get("argsJson", {})
-    if isinstance(args, str):
-        decode(args)  # the app parses it again: refuse here what our decoder refuses anywhere
-        args_json = args
+    call = typed(params, schemas.ExecuteParams, "params")
+    context_id = parse_id(call.context_id, "contextId")
+    if isinstance(call.args_json, str):
+        # The app parses it again: refuse here what our decoder refuses anywhere, and
+        # anything but an object (arguments are by name).
+        typed(decode(call.args_json), dict[str, Any], "params.argsJson")
+        args_json = call.args_json
     else:
-        args_json = json.dumps(args)
-    executor_text = params.get("executorPublicKey")
-    executor = None if executor_text is None else parse_id(executor_text, "executorPublicKey")
-    return context_id, method, args_json, executor
+        args_json = json.dumps(call.args_json)
+    executor = (
+        None
+        if call.executor_public_key is None
+        else parse_id(call.executor_public_key, "executorPublicKey")
+    )
+    return context_id, call.method, args_json, executor
 
 
 async def _is_view(node: ContextApi, context_id: bytes, method: str) -> bool:
@@ -227,22 +240,40 @@ async def _is_view(node: ContextApi, context_id: bytes, method: str) -> bool:
     return entry is not None and entry.kind is EntryKind.VIEW
 
 
-def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSection) -> None:
+def register_context_routes(
+    app: QuartTrio, node: ContextApi, settings: ApiSection, ops: Operations
+) -> None:
     @app.errorhandler(ContextError)
     async def context_error(exc: ContextError) -> Response:  # noqa: ASYNC124
         return _error(http_status(exc), str(exc))
 
     # -- applications ----------------------------------------------------------------------
 
-    @app.post("/admin-api/applications")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/applications",
+        summary="Install an application bundle (validated completely)",
+        tag="applications",
+        body=schemas.InstallRequest,
+        returns=schemas.Application,
+        errors=(400,),
+    )
     async def install_application() -> Response:
-        body = await json_object_body()
-        path = body.get("path")
-        if not isinstance(path, str) or not path:
-            raise ContextError('body must be {"path": "<bundle directory or archive>"}')
-        return jsonify(application_json(await node.applications.install(path)))
+        body = await typed_body(schemas.InstallRequest)
+        return reply(application_reply(await node.applications.install(body.path)))
 
-    @app.post("/admin-api/applications/bundle")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/applications/bundle",
+        summary="Install an application from its archive, sent as the body",
+        tag="applications",
+        body_content="application/octet-stream",
+        returns=schemas.Application,
+        errors=(400, 413),
+        query=(Query("name", "a name for the uploaded archive"),),
+    )
     async def upload_application() -> Response:
         # The body is the archive itself (what a browser sends for a chosen file). Quart
         # refuses it past api.max_request_body while it arrives (Content-Length first);
@@ -261,22 +292,44 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         if not data:
             raise ContextError("the body must be a bundle archive (.tar.gz, .tar or .zip)")
         record = await node.applications.install_packed(data, f"upload:{name}")
-        return jsonify(application_json(record))
+        return reply(application_reply(record))
 
-    @app.get("/admin-api/applications")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/applications",
+        summary="List installed applications",
+        tag="applications",
+        returns=schemas.ApplicationList,
+    )
     async def list_applications() -> Response:
         records = await node.applications.installed()
-        return jsonify({"applications": [application_json(r) for r in records]})
+        return reply(schemas.ApplicationList(applications=[application_reply(r) for r in records]))
 
-    @app.get("/admin-api/applications/<application_id>")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/applications/<application_id>",
+        summary="An application with its state fields, methods and views",
+        tag="applications",
+        returns=schemas.ApplicationDetail,
+        errors=(400, 404),
+    )
     async def show_application(application_id: str) -> Response:
         raw = parse_id(application_id, "application id")
         record = await node.applications.get(raw)
-        return jsonify(
-            {**application_json(record), **app_interface(await node.applications.load(raw))}
-        )
+        return reply(application_detail(record, await node.applications.load(raw)))
 
-    @app.delete("/admin-api/applications/<application_id>")
+    @ops.route(
+        app,
+        "DELETE",
+        "/admin-api/applications/<application_id>",
+        summary="Uninstall an application (refused while a context uses it, unless force)",
+        tag="applications",
+        returns=schemas.Uninstalled,
+        errors=(400, 404, 409),
+        query=(Query("force", "`true`: uninstall even if contexts use it"),),
+    )
     async def uninstall_application(application_id: str) -> Response:
         raw = parse_id(application_id, "application id")
         await node.applications.get(raw)  # 404 first if it is not installed
@@ -290,77 +343,130 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
                 "(`--force`; those contexts stop working)"
             )
         await node.applications.uninstall(raw)
-        return jsonify(
-            {"uninstalled": application_id, "contexts": [b58(r.context_id) for r in users]}
+        return reply(
+            schemas.Uninstalled(
+                uninstalled=application_id, contexts=[b58(r.context_id) for r in users]
+            )
         )
 
     # -- contexts --------------------------------------------------------------------------
 
-    @app.post("/admin-api/contexts")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/contexts",
+        summary="Create a context running an installed application",
+        tag="contexts",
+        body=schemas.CreateContextRequest,
+        returns=schemas.Context,
+        errors=(400, 403, 404),
+    )
     async def create_context() -> Response:
-        body = await json_object_body()
-        application_id = parse_id(body.get("applicationId"), "applicationId")
-        init_args = body.get("initArgs")
-        args_json = None if init_args is None else json.dumps(init_args)
+        body = await typed_body(schemas.CreateContextRequest)
+        application_id = parse_id(body.application_id, "applicationId")
+        args_json = None if body.init_args is None else json.dumps(body.init_args)
         try:
             record = await node.contexts.create(application_id, args_json)
         except AppError as exc:
             return _error(400, f"init failed: {exc.message}")
-        return jsonify(context_json(record))
+        return reply(context_reply(record))
 
-    @app.get("/admin-api/contexts")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/contexts",
+        summary="List the contexts this node is a member of",
+        tag="contexts",
+        returns=schemas.ContextList,
+    )
     async def list_contexts() -> Response:
         records = await node.contexts.records()
-        return jsonify({"contexts": [context_json(r) for r in records]})
+        return reply(schemas.ContextList(contexts=[context_reply(r) for r in records]))
 
-    @app.get("/admin-api/contexts/<context_id>")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/contexts/<context_id>",
+        summary="One context",
+        tag="contexts",
+        returns=schemas.Context,
+        errors=(400, 404),
+    )
     async def show_context(context_id: str) -> Response:
-        return jsonify(context_json(await node.contexts.get(parse_id(context_id, "context id"))))
+        return reply(context_reply(await node.contexts.get(parse_id(context_id, "context id"))))
 
-    @app.delete("/admin-api/contexts/<context_id>")
+    @ops.route(
+        app,
+        "DELETE",
+        "/admin-api/contexts/<context_id>",
+        summary="Delete a context from this node (the others keep it)",
+        tag="contexts",
+        returns=schemas.Deleted,
+        errors=(400, 404),
+    )
     async def delete_context(context_id: str) -> Response:
         await node.contexts.delete(parse_id(context_id, "context id"))
-        return jsonify({"deleted": context_id})
+        return reply(schemas.Deleted(deleted=context_id))
 
-    @app.post("/admin-api/contexts/<context_id>/invitations")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/contexts/<context_id>/invitations",
+        summary="Invite someone (admins only): returns the invitation text",
+        tag="contexts",
+        body=schemas.InviteRequest,
+        returns=schemas.InvitationText,
+        errors=(400, 403, 404),
+    )
     async def invite(context_id: str) -> Response:
-        body = await json_object_body()
-        role = body.get("role", "member")
-        if not isinstance(role, str):
-            raise ContextError('body: {"role": "member", "expiresIn": <seconds>, "invitee": <key>}')
-        expires_in = number_field(
-            body, "expiresIn", default=7 * 86400.0, maximum=settings.max_invitation_lifetime
-        )
-        invitee = body.get("invitee")
+        body = await typed_body(schemas.InviteRequest)
+        if body.expires_in > settings.max_invitation_lifetime:
+            raise BadInput(
+                f"expiresIn must be at most {settings.max_invitation_lifetime:g} seconds "
+                "(api.max_invitation_lifetime)"
+            )
         text = await node.joins.invite(
             parse_id(context_id, "context id"),
-            role=role,
-            expires_in=expires_in,
-            invitee=None if invitee is None else parse_id(invitee, "invitee"),
+            role=body.role,
+            expires_in=body.expires_in,
+            invitee=None if body.invitee is None else parse_id(body.invitee, "invitee"),
         )
-        return jsonify({"invitation": text})
+        return reply(schemas.InvitationText(invitation=text))
 
-    @app.post("/admin-api/contexts/join")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/contexts/join",
+        summary="Join a context with an invitation (dials the inviting node)",
+        tag="contexts",
+        body=schemas.JoinRequest,
+        returns=schemas.Context,
+        errors=(400, 403, 409, 412, 502),
+    )
     async def join() -> Response:
-        body = await json_object_body()
-        text = body.get("invitation")
-        trust_app = body.get("trustApp")
-        if not isinstance(text, str) or not isinstance(trust_app, (str, type(None))):
-            raise ContextError('body must be {"invitation": "trinv1...", "trustApp": <app id>}')
+        body = await typed_body(schemas.JoinRequest)
         try:
             record = await node.joins.join(
-                text,
-                trust_app=None if trust_app is None else parse_id(trust_app, "trustApp"),
+                body.invitation,
+                trust_app=None if body.trust_app is None else parse_id(body.trust_app, "trustApp"),
             )
         except (PeerError, ProtocolError) as exc:
             raise PeerFailed(f"joining failed: {exc}") from None
-        return jsonify(context_json(record))
+        return reply(context_reply(record))
 
-    @app.get("/admin-api/contexts/<context_id>/sync")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/contexts/<context_id>/sync",
+        summary="Sync status: whether a session runs, and each peer's last sync",
+        tag="contexts",
+        returns=schemas.SyncStatus,
+        errors=(400, 404),
+    )
     async def sync_status(context_id: str) -> Response:
         raw = parse_id(context_id, "context id")
         await node.contexts.get(raw)  # 404 for an unknown context
-        return jsonify(
+        return reply(
             {
                 "contextId": context_id,
                 "running": node.sync.is_running(raw),
@@ -371,8 +477,19 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
             }
         )
 
-    @app.post("/admin-api/contexts/<context_id>/sync")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/contexts/<context_id>/sync",
+        summary="Sync the context with its members now",
+        tag="contexts",
+        body=schemas.EmptyRequest,
+        returns=schemas.SyncResult,
+        errors=(400, 404, 502),
+        query=(Query("peer", "sync with this peer only"),),
+    )
     async def sync_context(context_id: str) -> Response:
+        await typed_body(schemas.EmptyRequest)
         raw = parse_id(context_id, "context id")
         peer = None
         if (text := request.args.get("peer")) is not None:
@@ -385,66 +502,125 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         except (PeerError, ProtocolError, trio.TooSlowError) as exc:
             raise PeerFailed(f"sync failed: {exc}") from None
         root, heads, pending = await node.contexts.state(raw)
-        return jsonify(
-            {
-                "applied": applied,
-                "rootHash": root.hex(),
-                "heads": [h.hex() for h in heads],
-                "pending": pending,
-            }
+        return reply(
+            schemas.SyncResult(
+                applied=applied,
+                root_hash=root.hex(),
+                heads=[h.hex() for h in heads],
+                pending=pending,
+            )
         )
 
-    @app.get("/admin-api/contexts/<context_id>/members")
+    @ops.route(
+        app,
+        "GET",
+        "/admin-api/contexts/<context_id>/members",
+        summary="The context's members and their roles",
+        tag="contexts",
+        returns=schemas.MemberList,
+        errors=(400, 404),
+    )
     async def list_members(context_id: str) -> Response:
         record = await node.contexts.get(parse_id(context_id, "context id"))
-        return jsonify(
-            {"members": [{"publicKey": b58(m.public_key), "role": m.role} for m in record.members]}
-        )
+        return reply(schemas.MemberList(members=[member_reply(m) for m in record.members]))
 
-    @app.delete("/admin-api/contexts/<context_id>/members/<member>")
+    @ops.route(
+        app,
+        "DELETE",
+        "/admin-api/contexts/<context_id>/members/<member>",
+        summary="Remove a member (admins only; a new key is sealed to the others)",
+        tag="contexts",
+        returns=schemas.MemberRemoved,
+        errors=(400, 403, 404),
+    )
     async def remove_member(context_id: str, member: str) -> Response:
         delta = await node.contexts.remove_member(
             parse_id(context_id, "context id"), parse_id(member, "member")
         )
-        return jsonify({"removed": member, "deltaId": delta.id.hex()})
+        return reply(schemas.MemberRemoved(removed=member, delta_id=delta.id.hex()))
 
-    @app.post("/admin-api/contexts/<context_id>/members/<member>/role")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/contexts/<context_id>/members/<member>/role",
+        summary="Change a member's role (admins only)",
+        tag="contexts",
+        body=schemas.RoleRequest,
+        returns=schemas.RoleChanged,
+        errors=(400, 403, 404),
+    )
     async def set_role(context_id: str, member: str) -> Response:
-        role = (await json_object_body()).get("role")
-        if role not in ("admin", "member", "read-only"):
-            raise ContextError('body must be {"role": "admin" | "member" | "read-only"}')
+        body = await typed_body(schemas.RoleRequest)
         delta = await node.contexts.change_members(
-            parse_id(context_id, "context id"), [(parse_id(member, "member"), role)]
+            parse_id(context_id, "context id"), [(parse_id(member, "member"), body.role)]
         )
-        return jsonify({"member": member, "role": role, "deltaId": delta.id.hex()})
+        return reply(schemas.RoleChanged(member=member, role=body.role, delta_id=delta.id.hex()))
 
-    @app.post("/admin-api/contexts/<context_id>/leave")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/contexts/<context_id>/leave",
+        summary="Leave the context (refused for its last admin)",
+        tag="contexts",
+        body=schemas.EmptyRequest,
+        returns=schemas.Left,
+        errors=(400, 403, 404),
+    )
     async def leave(context_id: str) -> Response:
+        await typed_body(schemas.EmptyRequest)
         delta = await node.contexts.leave(parse_id(context_id, "context id"))
-        return jsonify({"left": context_id, "deltaId": delta.id.hex()})
+        return reply(schemas.Left(left=context_id, delta_id=delta.id.hex()))
 
-    @app.post("/admin-api/contexts/<context_id>/invitations/revoke")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/contexts/<context_id>/invitations/revoke",
+        summary="Revoke an invitation (admins only): no admission may spend it after",
+        tag="contexts",
+        body=schemas.RevokeInvitationRequest,
+        returns=schemas.InvitationRevoked,
+        errors=(400, 403, 404),
+    )
     async def revoke_invitation(context_id: str) -> Response:
-        text = (await json_object_body()).get("invitation")
-        if not isinstance(text, str):
-            raise ContextError('body must be {"invitation": "trinv1..."}')
+        body = await typed_body(schemas.RevokeInvitationRequest)
         try:
-            _, invitation = parse_invitation(text)
+            _, invitation = parse_invitation(body.invitation)
         except InvitationError as exc:
             raise ContextError(str(exc)) from None
         raw = parse_id(context_id, "context id")
         if invitation.context_id != raw:
             raise ContextError("the invitation is for another context")
         delta = await node.contexts.revoke_invitation(raw, invitation.id)
-        return jsonify({"revoked": invitation.id.hex(), "deltaId": delta.id.hex()})
+        return reply(
+            schemas.InvitationRevoked(revoked=invitation.id.hex(), delta_id=delta.id.hex())
+        )
 
-    @app.post("/admin-api/gc")
+    @ops.route(
+        app,
+        "POST",
+        "/admin-api/gc",
+        summary="Run one garbage collection pass now",
+        tag="node",
+        body=schemas.EmptyRequest,
+        returns=schemas.GcResult,
+    )
     async def run_gc() -> Response:
-        return jsonify(await node.collect_garbage())
+        await typed_body(schemas.EmptyRequest)
+        return reply(await node.collect_garbage())
 
     # -- JSON-RPC --------------------------------------------------------------------------
 
-    @app.post("/jsonrpc")
+    @ops.route(
+        app,
+        "POST",
+        "/jsonrpc",
+        summary="JSON-RPC 2.0: `execute` a method or view of a context's app",
+        tag="calls",
+        body=schemas.JsonRpcRequest,
+        returns=schemas.JsonRpcReply,
+        description="Errors are JSON-RPC errors in a 200 answer (docs/api.md lists the "
+        "codes); a scoped token reaches only its contexts.",
+    )
     async def jsonrpc() -> Response:
         raw = await request.get_data(as_text=True)
         try:
@@ -495,16 +671,16 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
             return _rpc_error(request_id, jsonrpc_code(exc), str(exc))
         except (StorageError, TrionodeError) as exc:
             return _rpc_error(request_id, JSONRPC_INTERNAL, f"call not committed: {exc}")
-        return jsonify(
-            {
-                "jsonrpc": "2.0",
-                "id": request_id,
-                "result": {
-                    "output": result.result,
-                    "deltaId": None if result.delta_id is None else result.delta_id.hex(),
-                    "rootHash": result.root_hash.hex(),
-                },
-            }
+        return reply(
+            schemas.JsonRpcReply(
+                jsonrpc="2.0",
+                id=request_id,
+                result=schemas.CallResult(
+                    output=result.result,
+                    delta_id=None if result.delta_id is None else result.delta_id.hex(),
+                    root_hash=result.root_hash.hex(),
+                ),
+            )
         )
 
     # -- WebSocket -------------------------------------------------------------------------
@@ -523,7 +699,20 @@ def register_context_routes(app: QuartTrio, node: ContextApi, settings: ApiSecti
         await serve_websocket(node.hub, followable(), app.json.loads)
         return None
 
-    @app.get("/events")
+    @ops.route(
+        app,
+        "GET",
+        "/events",
+        summary="Follow contexts' applied deltas as Server-Sent Events",
+        tag="events",
+        content="text/event-stream",
+        errors=(400, 404, 410, 503),
+        query=(
+            Query("context", "a context id to follow (repeat for more)"),
+            Query("since", "resume after this sequence number"),
+            Query("ticket", "a one-time ticket instead of the bearer header"),
+        ),
+    )
     async def events() -> Response:  # noqa: ASYNC124
         try:
             return event_stream_response(node.hub, followable(), settings.sse_keepalive)

@@ -16,9 +16,14 @@ import json
 import math
 import re
 from itertools import accumulate
-from typing import Any, Final
+from typing import Any, Final, TypeVar
+
+import msgspec
 
 from trionode.errors import TrionodeError
+from trionode.schemas import BASE58_ID
+
+T = TypeVar("T")
 
 # A JSON string (escapes included), written so the regex engine never backtracks.
 _STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
@@ -100,3 +105,19 @@ def int_field(value: object, key: str, *, minimum: int, maximum: int) -> int:
     if not minimum <= value <= maximum:
         raise BadInput(f"{key} must be between {minimum} and {maximum}")
     return value
+
+
+def typed(value: Any, kind: type[T], what: str = "body") -> T:
+    """`value` (already decoded by `decode_json`) as `kind`, a `trionode.schemas` type.
+
+    Raises:
+        BadInput: a field is missing, unknown, of the wrong type or out of range.
+    """
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        # msgspec says "Expected `int`, got `str` - at `$.expiresIn`": name the field first.
+        detail, _, where = str(exc).partition(" - at `$")
+        detail = detail.replace(f"matching regex '{BASE58_ID}'", "that is a base58 id (32 bytes)")
+        field = what + where.rstrip("`") if where else what
+        raise BadInput(f"{field}: {_one_line(detail)}") from None

@@ -1,4 +1,5 @@
-"""HTTP client over httpx: every call returns decoded JSON or raises ApiError."""
+"""HTTP client over httpx: every call returns a typed answer (`trionode.schemas`) or raises
+ApiError."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Protocol, TypeVar
 
 import httpx
+import msgspec
 import trio  # httpx imports it anyway (its connection pool supports Trio)
 
+from trionode import schemas
 from trionode.errors import TrionodeError
 
 T = TypeVar("T")
@@ -68,125 +71,160 @@ class Client:
         return self._http
 
     async def request(self, method: str, path: str, json: Any = None) -> Any:
+        """Any route, untyped: the decoded JSON answer."""
+        return _checked(await self._send(method, path, json))
+
+    async def _send(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        if isinstance(body, msgspec.Struct):
+            body = msgspec.to_builtins(body)
         try:
-            response = await self._http.request(method, path, json=json)
+            return await self._http.request(method, path, json=body)
         except httpx.TimeoutException:
             raise ApiError(f"{self._http.base_url}: timed out") from None
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach node at {self._http.base_url}: {exc}") from None
-        return _checked(response)
 
-    async def health(self) -> Any:
-        return await self.request("GET", "/admin-api/health")
+    async def _typed(self, kind: type[T], method: str, path: str, body: Any = None) -> T:
+        return _decoded(await self._send(method, path, body), kind)
 
-    async def ready(self) -> Any:
-        return await self.request("GET", "/admin-api/ready")
+    async def health(self) -> schemas.Health:
+        return await self._typed(schemas.Health, "GET", "/admin-api/health")
 
-    async def node_info(self) -> Any:
-        return await self.request("GET", "/admin-api/node")
+    async def ready(self) -> schemas.Ready:
+        return await self._typed(schemas.Ready, "GET", "/admin-api/ready")
 
-    async def peers(self) -> Any:
-        return await self.request("GET", "/admin-api/peers")
+    async def node_info(self) -> schemas.NodeInfo:
+        return await self._typed(schemas.NodeInfo, "GET", "/admin-api/node")
 
-    async def topics(self) -> Any:
-        return await self.request("GET", "/admin-api/topics")
+    async def peers(self) -> schemas.PeerList:
+        return await self._typed(schemas.PeerList, "GET", "/admin-api/peers")
 
-    async def connect(self, address: str) -> Any:
-        return await self.request("POST", "/admin-api/peers", json={"address": address})
+    async def topics(self) -> schemas.TopicList:
+        return await self._typed(schemas.TopicList, "GET", "/admin-api/topics")
+
+    async def connect(self, address: str) -> schemas.Connected:
+        body = schemas.ConnectRequest(address=address)
+        return await self._typed(schemas.Connected, "POST", "/admin-api/peers", body)
 
     # -- applications and contexts ---------------------------------------------------------
 
-    async def install_application(self, path: str) -> Any:
-        return await self.request("POST", "/admin-api/applications", json={"path": path})
+    async def install_application(self, path: str) -> schemas.Application:
+        body = schemas.InstallRequest(path=path)
+        return await self._typed(schemas.Application, "POST", "/admin-api/applications", body)
 
-    async def applications(self) -> Any:
-        return await self.request("GET", "/admin-api/applications")
+    async def applications(self) -> schemas.ApplicationList:
+        return await self._typed(schemas.ApplicationList, "GET", "/admin-api/applications")
 
-    async def application(self, application_id: str) -> Any:
-        return await self.request("GET", f"/admin-api/applications/{application_id}")
+    async def application(self, application_id: str) -> schemas.ApplicationDetail:
+        path = f"/admin-api/applications/{application_id}"
+        return await self._typed(schemas.ApplicationDetail, "GET", path)
 
-    async def uninstall_application(self, application_id: str, *, force: bool = False) -> Any:
+    async def uninstall_application(
+        self, application_id: str, *, force: bool = False
+    ) -> schemas.Uninstalled:
         """Refused (409) while a context uses the application, unless `force`."""
         query = "?force=true" if force else ""
-        return await self.request("DELETE", f"/admin-api/applications/{application_id}{query}")
+        path = f"/admin-api/applications/{application_id}{query}"
+        return await self._typed(schemas.Uninstalled, "DELETE", path)
 
-    async def create_context(self, application_id: str, init_args: Any = None) -> Any:
-        body: dict[str, Any] = {"applicationId": application_id}
-        if init_args is not None:
-            body["initArgs"] = init_args
-        return await self.request("POST", "/admin-api/contexts", json=body)
+    async def create_context(
+        self, application_id: str, init_args: dict[str, Any] | None = None
+    ) -> schemas.Context:
+        body = schemas.CreateContextRequest(application_id=application_id, init_args=init_args)
+        return await self._typed(schemas.Context, "POST", "/admin-api/contexts", body)
 
-    async def contexts(self) -> Any:
-        return await self.request("GET", "/admin-api/contexts")
+    async def contexts(self) -> schemas.ContextList:
+        return await self._typed(schemas.ContextList, "GET", "/admin-api/contexts")
 
-    async def context(self, context_id: str) -> Any:
-        return await self.request("GET", f"/admin-api/contexts/{context_id}")
+    async def context(self, context_id: str) -> schemas.Context:
+        return await self._typed(schemas.Context, "GET", f"/admin-api/contexts/{context_id}")
 
-    async def delete_context(self, context_id: str) -> Any:
-        return await self.request("DELETE", f"/admin-api/contexts/{context_id}")
+    async def delete_context(self, context_id: str) -> schemas.Deleted:
+        return await self._typed(schemas.Deleted, "DELETE", f"/admin-api/contexts/{context_id}")
 
     async def invite(
-        self, context_id: str, *, role: str = "member", expires_in: float = 7 * 86400
-    ) -> Any:
-        return await self.request(
-            "POST",
-            f"/admin-api/contexts/{context_id}/invitations",
-            json={"role": role, "expiresIn": expires_in},
-        )
+        self,
+        context_id: str,
+        *,
+        role: schemas.Role = "member",
+        expires_in: float = schemas.SEVEN_DAYS,
+        invitee: str | None = None,
+    ) -> schemas.InvitationText:
+        body = schemas.InviteRequest(role=role, expires_in=expires_in, invitee=invitee)
+        path = f"/admin-api/contexts/{context_id}/invitations"
+        return await self._typed(schemas.InvitationText, "POST", path, body)
 
-    async def join(self, invitation: str, *, trust_app: str | None = None) -> Any:
+    async def join(self, invitation: str, *, trust_app: str | None = None) -> schemas.Context:
         """`trust_app`: the app id to run even if no trusted signer signed it (after
         `trionode invitation show`)."""
-        body = {"invitation": invitation}
-        if trust_app is not None:
-            body["trustApp"] = trust_app
-        return await self.request("POST", "/admin-api/contexts/join", json=body)
+        body = schemas.JoinRequest(invitation=invitation, trust_app=trust_app)
+        return await self._typed(schemas.Context, "POST", "/admin-api/contexts/join", body)
 
-    async def sync(self, context_id: str) -> Any:
-        return await self.request("POST", f"/admin-api/contexts/{context_id}/sync", json={})
+    async def sync(self, context_id: str) -> schemas.SyncResult:
+        path = f"/admin-api/contexts/{context_id}/sync"
+        return await self._typed(schemas.SyncResult, "POST", path, {})
 
-    async def members(self, context_id: str) -> Any:
-        return await self.request("GET", f"/admin-api/contexts/{context_id}/members")
+    async def members(self, context_id: str) -> schemas.MemberList:
+        path = f"/admin-api/contexts/{context_id}/members"
+        return await self._typed(schemas.MemberList, "GET", path)
 
-    async def remove_member(self, context_id: str, member: str) -> Any:
-        return await self.request("DELETE", f"/admin-api/contexts/{context_id}/members/{member}")
+    async def remove_member(self, context_id: str, member: str) -> schemas.MemberRemoved:
+        path = f"/admin-api/contexts/{context_id}/members/{member}"
+        return await self._typed(schemas.MemberRemoved, "DELETE", path)
 
-    async def set_role(self, context_id: str, member: str, role: str) -> Any:
-        return await self.request(
-            "POST", f"/admin-api/contexts/{context_id}/members/{member}/role", json={"role": role}
-        )
+    async def set_role(
+        self, context_id: str, member: str, role: schemas.Role
+    ) -> schemas.RoleChanged:
+        path = f"/admin-api/contexts/{context_id}/members/{member}/role"
+        body = schemas.RoleRequest(role=role)
+        return await self._typed(schemas.RoleChanged, "POST", path, body)
 
-    async def leave(self, context_id: str) -> Any:
-        return await self.request("POST", f"/admin-api/contexts/{context_id}/leave", json={})
+    async def leave(self, context_id: str) -> schemas.Left:
+        path = f"/admin-api/contexts/{context_id}/leave"
+        return await self._typed(schemas.Left, "POST", path, {})
 
-    async def revoke_invitation(self, context_id: str, invitation: str) -> Any:
-        return await self.request(
-            "POST",
-            f"/admin-api/contexts/{context_id}/invitations/revoke",
-            json={"invitation": invitation},
-        )
+    async def revoke_invitation(
+        self, context_id: str, invitation: str
+    ) -> schemas.InvitationRevoked:
+        path = f"/admin-api/contexts/{context_id}/invitations/revoke"
+        body = schemas.RevokeInvitationRequest(invitation=invitation)
+        return await self._typed(schemas.InvitationRevoked, "POST", path, body)
 
-    async def collect_garbage(self) -> Any:
-        return await self.request("POST", "/admin-api/gc", json={})
+    async def collect_garbage(self) -> schemas.GcResult:
+        return await self._typed(schemas.GcResult, "POST", "/admin-api/gc", {})
 
-    async def call(self, context_id: str, method: str, args: Any = None) -> Any:
-        """JSON-RPC `execute`; returns the result object or raises ApiError with the code."""
-        body = await self.request(
-            "POST",
-            "/jsonrpc",
-            json={
-                "jsonrpc": "2.0",
-                "id": 1,
-                "method": "execute",
-                "params": {"contextId": context_id, "method": method, "argsJson": args or {}},
-            },
-        )
-        if not isinstance(body, dict):
-            raise ApiError("the node answered JSON-RPC with something that is not an object")
-        if "error" in body:
-            error = body["error"]
-            raise ApiError(f"{error.get('code')}: {error.get('message')}", error.get("code"))
-        return body["result"]
+    # -- tokens ----------------------------------------------------------------------------
+
+    async def create_token(
+        self, contexts: list[str], scope: str, expires_in: float | None = None
+    ) -> schemas.TokenCreated:
+        """A scoped token for browser apps (`scope`: "read" or "call"); shown once."""
+        body = {"contexts": contexts, "scope": scope, "expiresIn": expires_in}
+        return await self._typed(schemas.TokenCreated, "POST", "/admin-api/tokens", body)
+
+    async def tokens(self) -> schemas.TokenList:
+        return await self._typed(schemas.TokenList, "GET", "/admin-api/tokens")
+
+    async def revoke_token(self, token_id: str) -> schemas.TokenRevoked:
+        path = f"/admin-api/tokens/{token_id}"
+        return await self._typed(schemas.TokenRevoked, "DELETE", path)
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def call(
+        self, context_id: str, method: str, args: dict[str, Any] | None = None
+    ) -> schemas.CallResult:
+        """JSON-RPC `execute`; returns the result, or raises ApiError with the JSON-RPC error
+        code as its `status`."""
+        params = schemas.ExecuteParams(context_id=context_id, method=method, args_json=args or {})
+        body = schemas.JsonRpcRequest(jsonrpc="2.0", id=1, method="execute", params=params)
+        answer = await self._typed(schemas.JsonRpcReply, "POST", "/jsonrpc", body)
+        if answer.error is not None:
+            error = answer.error
+            raise ApiError(f"{error.code}: {error.message}", error.code)
+        if answer.result is None:
+            raise ApiError("the node answered JSON-RPC with neither a result nor an error")
+        return answer.result
 
     async def watch(self, context_id: str, *, since: int | None = None) -> AsyncIterator[Any]:
         """Yield the context's applied-delta events from the WebSocket as they arrive."""
@@ -230,7 +268,7 @@ class Client:
         size: int | None = None,
         context_id: str | None = None,
         name: str | None = None,
-    ) -> Any:
+    ) -> schemas.Blob:
         """Upload a blob from an async byte stream (sent as it is produced, never whole)."""
         params = {k: v for k, v in (("context", context_id), ("name", name)) if v is not None}
         http = self._streaming_http()
@@ -249,26 +287,26 @@ class Client:
             if isinstance(content, AsyncGenerator):
                 with trio.CancelScope(shield=True):
                     await content.aclose()
-        return _checked(response)
+        return _decoded(response, schemas.Blob)
 
-    async def blobs(self) -> Any:
-        return await self.request("GET", "/admin-api/blobs")
+    async def blobs(self) -> schemas.BlobList:
+        return await self._typed(schemas.BlobList, "GET", "/admin-api/blobs")
 
-    async def blob(self, blob_id: str) -> Any:
-        return await self.request("GET", f"/admin-api/blobs/{blob_id}")
+    async def blob(self, blob_id: str) -> schemas.Blob:
+        return await self._typed(schemas.Blob, "GET", f"/admin-api/blobs/{blob_id}")
 
-    async def delete_blob(self, blob_id: str) -> Any:
-        return await self.request("DELETE", f"/admin-api/blobs/{blob_id}")
+    async def delete_blob(self, blob_id: str) -> schemas.BlobDeleted:
+        return await self._typed(schemas.BlobDeleted, "DELETE", f"/admin-api/blobs/{blob_id}")
 
-    async def pin_blob(self, blob_id: str, *, pinned: bool = True) -> Any:
+    async def pin_blob(self, blob_id: str, *, pinned: bool = True) -> schemas.Blob:
         """Pin (or unpin) a blob: garbage collection never removes a pinned blob."""
-        return await self.request("PUT" if pinned else "DELETE", f"/admin-api/blobs/{blob_id}/pin")
+        method = "PUT" if pinned else "DELETE"
+        return await self._typed(schemas.Blob, method, f"/admin-api/blobs/{blob_id}/pin")
 
-    async def fetch_blob(self, blob_id: str, context_id: str) -> Any:
+    async def fetch_blob(self, blob_id: str, context_id: str) -> schemas.Blob:
         """Have the node fetch a blob it lacks from members of `context_id`."""
-        return await self.request(
-            "POST", f"/admin-api/blobs/{blob_id}/fetch", json={"contextId": context_id}
-        )
+        body = schemas.FetchBlobRequest(context_id=context_id)
+        return await self._typed(schemas.Blob, "POST", f"/admin-api/blobs/{blob_id}/fetch", body)
 
     async def blob_content(self, blob_id: str, *, start: int = 0) -> AsyncIterator[bytes]:
         """The blob's bytes from `start` on, as they arrive."""
@@ -319,6 +357,15 @@ def _checked(response: httpx.Response) -> Any:
             message = str(body["error"].get("message", message))
         raise ApiError(f"{response.status_code}: {message}", response.status_code)
     return body
+
+
+def _decoded(response: httpx.Response, kind: type[T]) -> T:
+    if response.is_error:
+        _checked(response)  # raises with the node's message
+    try:
+        return msgspec.json.decode(response.content, type=kind)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise ApiError(f"unexpected answer from {response.url.path}: {exc}") from None
 
 
 def _handshake_reason(exc: BaseException) -> str:

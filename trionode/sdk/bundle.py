@@ -45,6 +45,7 @@ import importlib.machinery
 import io
 import json
 import re
+import stat
 import sys
 import tarfile
 import threading
@@ -208,6 +209,8 @@ def load_bundle(path: str | Path, *, limits: BundleLimits = DEFAULT_LIMITS) -> B
     Raises:
         InvalidBundleError: unreadable, malformed, unsafe or too large.
     """
+    if "\0" in str(path):
+        raise InvalidBundleError("the bundle path contains a NUL character")
     path = Path(path)
     if path.is_symlink() and path.is_dir():
         path = path.resolve()  # the bundle root itself may be a link; its contents may not
@@ -215,7 +218,10 @@ def load_bundle(path: str | Path, *, limits: BundleLimits = DEFAULT_LIMITS) -> B
         raw = _collect(_read_directory(path, limits), str(path))
         return _assemble(raw, str(path), limits, strip_root=False)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero would be read forever
+            raise InvalidBundleError(f"{path}: not a directory or a regular file")
+        size = info.st_size
         if size > limits.max_total_bytes:
             raise InvalidBundleError(f"{path}: archive is {size} bytes, over the limit")
         data = path.read_bytes()
