@@ -317,6 +317,7 @@ EXAMPLES: dict[str, str] = {
     "context remove": "trionode context remove CONTEXT MEMBER_KEY",
     "context role": "trionode context role CONTEXT MEMBER_KEY read-only",
     "context leave": "trionode context leave CONTEXT",
+    "context upgrade": "trionode context upgrade CONTEXT NEW_APP_ID",
     "context revoke": "trionode context revoke CONTEXT trinv1...",
     "call": 'trionode call CONTEXT set --args \'{"key": "a", "value": "1"}\'',
     "watch": "trionode watch CONTEXT --since 41",

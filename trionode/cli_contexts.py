@@ -232,6 +232,28 @@ async def _leave(client: Client, args: argparse.Namespace) -> Any:
     return await client.leave(args.context_id)
 
 
+async def _upgrade(client: Client, args: argparse.Namespace) -> Any:
+    return await client.upgrade_context(args.context_id, args.application_id)
+
+
+def _render_upgraded(result: schemas.Upgraded) -> str:
+    migration = result.migration_delta_id or "none (no @app.migrate, or it wrote nothing)"
+    return (
+        f"application {result.application_id}\nupgrade   {result.delta_id}\nmigration {migration}"
+    )
+
+
+def _upgrade_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "context_id", metavar="CONTEXT", help="context id (base58; `trionode context list`)"
+    )
+    p.add_argument(
+        "application_id",
+        metavar="APP_ID",
+        help="the newer version, installed (`trionode app list`)",
+    )
+
+
 async def _revoke(client: Client, args: argparse.Namespace) -> Any:
     return await client.revoke_invitation(args.context_id, args.invitation)
 
@@ -433,6 +455,13 @@ COMMANDS: list[Spec] = [
         _role_args,
     ),
     ("context leave", "leave CONTEXT (its last admin cannot)", _leave, None, _context_arg),
+    (
+        "context upgrade",
+        "move CONTEXT to APP_ID, a newer version of its app (admins only)",
+        _upgrade,
+        _render_upgraded,
+        _upgrade_args,
+    ),
     (
         "context revoke",
         "revoke an unused INVITATION to CONTEXT (admins only)",

@@ -265,6 +265,21 @@ class InvitationRevoked(Reply, kw_only=True):
     delta_id: Hex
 
 
+class UpgradeRequest(Request, kw_only=True):
+    application_id: Base58Id
+    """A newer version of the context's app, installed on this node."""
+
+
+class Upgraded(Reply, kw_only=True):
+    application_id: Base58Id
+    """The context's application now (a concurrent upgrade to a higher version may have
+    won over this one)."""
+    delta_id: Hex
+    """The upgrade operation."""
+    migration_delta_id: Hex | None
+    """The `@app.migrate` hook's writes (None: no hook, or it wrote nothing)."""
+
+
 class EmptyRequest(Request, kw_only=True):
     """No fields (`{}`); an empty body is accepted too."""
 

@@ -559,6 +559,33 @@ def register_context_routes(
     @ops.route(
         app,
         "POST",
+        "/admin-api/contexts/<context_id>/upgrade",
+        summary="Move the context to a newer version of its app (admins only); runs its "
+        "@app.migrate hook here",
+        tag="contexts",
+        body=schemas.UpgradeRequest,
+        returns=schemas.Upgraded,
+        errors=(400, 403, 404, 409),
+    )
+    async def upgrade(context_id: str) -> Response:
+        body = await typed_body(schemas.UpgradeRequest)
+        try:
+            done = await node.contexts.upgrade(
+                parse_id(context_id, "context id"), parse_id(body.application_id, "applicationId")
+            )
+        except AppError as exc:
+            return _error(400, f"the migration failed: {exc.message}")
+        return reply(
+            schemas.Upgraded(
+                application_id=b58(done.application_id),
+                delta_id=done.operation.id.hex(),
+                migration_delta_id=None if done.migration is None else done.migration.id.hex(),
+            )
+        )
+
+    @ops.route(
+        app,
+        "POST",
         "/admin-api/contexts/<context_id>/leave",
         summary="Leave the context (refused for its last admin)",
         tag="contexts",

@@ -50,6 +50,7 @@ their own merits.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Container, Iterable, Mapping
 from enum import StrEnum
 from typing import Final
@@ -82,6 +83,7 @@ class Kind(StrEnum):
     ROTATE = "rotate"
     ADMIT = "admit"
     REVOKE = "revoke"
+    UPGRADE = "upgrade"
 
 
 _NEEDS: Final = {
@@ -90,6 +92,7 @@ _NEEDS: Final = {
     Kind.REMOVE: "admin",
     Kind.ADMIT: "admin",
     Kind.REVOKE: "admin",
+    Kind.UPGRADE: "admin",
     Kind.ROTATE: "write",
     Kind.LEAVE: None,
 }
@@ -131,6 +134,10 @@ class Op:
     parents: tuple[bytes, ...] = ()
     """The maximal ops in this op's past (its *auth parents*): op-to-op ancestry is by
     these hashes, so a forked sequence number cannot place an op in another's past."""
+    application_id: bytes | None = None
+    """Upgrade: the application the context moves to."""
+    app_version: str | None = None
+    """Upgrade: its version."""
     ancestors: frozenset[bytes] = frozenset()
     """Every op in this op's past (set by `AuthGraph.add` from `parents`)."""
 
@@ -173,6 +180,31 @@ class Op:
         if self.kind in (Kind.GRANT, Kind.ADMIT):
             return _POWERS[self.role] - _POWERS[self.prior_role]
         return frozenset()
+
+
+def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
+    """A total order on version strings, the same on every node: the parts between `.`,
+    `-` and `+` compare left to right, numbers by value and before words (`0.10` > `0.9`),
+    and a version that extends another is higher (`1.0.1` > `1.0`)."""
+    parts = re.split(r"[.\-+]", version)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def application_of(resolution: Resolution) -> Op | None:
+    """The standing upgrade that decides the context's application (None: never upgraded):
+    the highest version, then the highest application id. Every node holding the same ops
+    picks the same one, whatever order they arrived in, so concurrent upgrades converge;
+    an upgrade filtered with its author's lost admin rights does not count."""
+    upgrades = [
+        op
+        for i, op in resolution.ops.items()
+        if op.kind is Kind.UPGRADE and i in resolution.standing and op.app_version
+    ]
+    return max(
+        upgrades,
+        key=lambda op: (version_key(op.app_version or ""), op.application_id or b""),
+        default=None,
+    )
 
 
 def concurrent(a: Op, b: Op) -> bool:
@@ -466,6 +498,8 @@ class AuthGraph:
                 raise StaticError("the last admin cannot leave")
         elif op.kind is Kind.ADMIT:
             self._check_admit(op, roles, past)
+        elif op.kind is Kind.UPGRADE and (op.application_id is None or not op.app_version):
+            raise StaticError("an upgrade names an application and its version")
         return attrs.evolve(op, prior_role=prior)
 
     @staticmethod

@@ -179,6 +179,12 @@ class Client:
         body = schemas.RoleRequest(role=role)
         return await self._typed(schemas.RoleChanged, "POST", path, body)
 
+    async def upgrade_context(self, context_id: str, application_id: str) -> schemas.Upgraded:
+        """Move the context to a newer version of its app (admins only)."""
+        path = f"/admin-api/contexts/{context_id}/upgrade"
+        body = schemas.UpgradeRequest(application_id=application_id)
+        return await self._typed(schemas.Upgraded, "POST", path, body)
+
     async def leave(self, context_id: str) -> schemas.Left:
         path = f"/admin-api/contexts/{context_id}/leave"
         return await self._typed(schemas.Left, "POST", path, {})

@@ -16,7 +16,16 @@ from typing import Final
 import attrs
 import msgspec
 
-from trionode.auth.model import AuthGraph, Kind, Op, Resolution, StaticError, Verdict, tag
+from trionode.auth.model import (
+    AuthGraph,
+    Kind,
+    Op,
+    Resolution,
+    StaticError,
+    Verdict,
+    application_of,
+    tag,
+)
 from trionode.context.invitations import (
     InvitationError,
     SignedInvitation,
@@ -74,6 +83,8 @@ def op_from_header(delta_id: bytes, header: DeltaHeader) -> Op:
         }
     elif kind is Kind.REVOKE:
         fields = {"invitation_id": action.invitation_id}
+    elif kind is Kind.UPGRADE:
+        fields = {"application_id": action.application_id, "app_version": action.app_version}
     return Op(
         id=delta_id,
         author=header.author,
@@ -272,6 +283,11 @@ class ContextAuthority:
 
     def role(self, member: bytes) -> str | None:
         return self.roles().get(member)
+
+    def application(self) -> bytes | None:
+        """The application standing upgrades moved the context to (None: never upgraded)."""
+        op = application_of(self.resolution())
+        return None if op is None else op.application_id
 
 
 def action(kind: Kind, **fields: object) -> AuthAction:

@@ -21,7 +21,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
 
-from trionode.auth.model import WRITERS, Kind, StaticError, Verdict
+from trionode.auth.model import WRITERS, Kind, StaticError, Verdict, version_key
 from trionode.context.authority import AuthRejected, action, op_from_header
 from trionode.context.errors import AlreadyExists, ContextError, ContextNotFound, NotPermitted
 from trionode.context.events import EventHub
@@ -30,6 +30,7 @@ from trionode.context.notices import b58, payload_json, publish_change
 from trionode.context.records import (
     DELTAS,
     IDENTITY,
+    ApplicationRecord,
     ContextRecord,
     key_slot,
     member_slot,
@@ -47,13 +48,17 @@ from trionode.dag.delta import (
 )
 from trionode.errors import ReadOnlyError
 from trionode.sdk.app import App, EntryKind
-from trionode.sdk.runtime import CallOutcome, execute, init_state
+from trionode.sdk.runtime import CallOutcome, execute, init_state, run_migrate
 from trionode.store.store import WriteBatch
 
 
 class AppLoader(Protocol):
     async def load(self, application_id: bytes) -> App:
         """The App to run (ContextError if it is not installed or cannot be trusted)."""
+        ...
+
+    async def get(self, application_id: bytes) -> ApplicationRecord:
+        """Its installed record (name, version; ContextError if it is not installed)."""
         ...
 
 
@@ -66,6 +71,16 @@ class CallResult:
     result: Any
     delta_id: bytes | None
     root_hash: bytes
+
+
+@attrs.frozen
+class Upgraded:
+    operation: SignedDelta
+    """The upgrade operation."""
+    migration: SignedDelta | None
+    """The `@app.migrate` hook's writes (None: no hook, or it wrote nothing)."""
+    application_id: bytes
+    """The context's application now."""
 
 
 class LocalWriter:
@@ -277,6 +292,55 @@ class LocalWriter:
                     invitation_signature=invitation.signature,
                 ),
             )
+
+    async def upgrade(self, context_id: bytes, application_id: bytes) -> Upgraded:
+        """As an admin: move the context to `application_id`, a newer version of the app
+        it runs (same name; installed here), then run its `@app.migrate` hook here, once.
+
+        The move is a signed operation in the replicated state, so every member switches
+        when it applies it, and concurrent upgrades resolve alike everywhere (the highest
+        version, then the highest id: `trionode.auth.model.application_of`). The hook's
+        writes are one ordinary delta after it. Raises NotPermitted (not an admin),
+        ContextError (not installed, another app), AlreadyExists (not newer).
+        """
+        self._writable("upgrading a context")
+        replica = await self._replicas.load(context_id)
+        target = await self._apps.get(application_id)
+        new_app = await self._apps.load(application_id)
+        async with replica.lock:
+            if replica.authority.role(replica.record.our_member) != "admin":
+                raise NotPermitted("only admins can upgrade a context")
+            current = await self._apps.get(replica.record.application_id)
+            if target.name != current.name:
+                raise ContextError(
+                    f"{b58(application_id)} is the app {target.name!r}; this context runs "
+                    f"{current.name!r}: an upgrade moves to a new version of the same app"
+                )
+            if version_key(target.version) <= version_key(current.version):
+                raise AlreadyExists(
+                    f"{target.name} {target.version} is not newer than the context's "
+                    f"{current.version}"
+                )
+            upgrade = await self._commit_op(
+                replica,
+                action(Kind.UPGRADE, application_id=application_id, app_version=target.version),
+            )
+            if replica.record.application_id != application_id:
+                # A concurrent upgrade to a higher version already won here: no migration.
+                return Upgraded(upgrade, None, replica.record.application_id)
+            outcome = run_migrate(
+                new_app,
+                replica.tree,
+                replica.clock,
+                self._replicas.physical_now(),
+                from_version=current.version,
+                executor=replica.record.our_member,
+                context_id=context_id,
+            )
+            migration = None
+            if outcome is not None and (outcome.delta_records or outcome.events):
+                migration = await self.commit_outcome(replica, outcome, WriteBatch())
+            return Upgraded(upgrade, migration, application_id)
 
     def _writable(self, what: str) -> None:
         if self.read_only:

@@ -115,6 +115,7 @@ class ContextManager:
         self.leave = writer.leave
         self.revoke_invitation = writer.revoke_invitation
         self.admit = writer.admit
+        self.upgrade = writer.upgrade
         # Delta processing.
         self.receive = processor.receive
         self.release_deferred = processor.release_deferred

@@ -52,6 +52,9 @@ class ContextRecord(msgspec.Struct, frozen=True):
     members: list[MemberRecord]
     our_member: bytes
     """The public key this node acts as in the context."""
+    base_application_id: bytes | None = None
+    """The application the context was created with, once upgrades moved it to another
+    (`application_id` follows the standing upgrades; None: never upgraded)."""
 
 
 class PendingRecord(msgspec.Struct, frozen=True):

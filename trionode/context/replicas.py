@@ -394,8 +394,12 @@ def learn_keys(replica: Replica, batch: WriteBatch, auth: AuthAction) -> None:
 
 def refresh_record(replica: Replica) -> None:
     """Bring the record's root hash, heads and members up to the replica's."""
+    base = replica.record.base_application_id or replica.record.application_id
+    current = replica.authority.application() or base
     replica.record = replace(
         replica.record,
+        application_id=current,
+        base_application_id=None if current == base else base,
         root_hash=replica.tree.root_hash(),
         heads=sorted(replica.dag.heads),
         members=[

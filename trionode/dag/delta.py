@@ -83,6 +83,10 @@ class AuthAction(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
     """Create, remove, rotate: the new key's id."""
     key_box: Annotated[list[tuple[Bytes32, bytes]], msgspec.Meta(max_length=MAX_KEY_BOX)] = []
     """The new key sealed to each member that may read: (member, sealed box)."""
+    application_id: Bytes32 | None = None
+    """Upgrade: the application the context moves to."""
+    app_version: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    """Upgrade: that application's version (the highest standing one is the context's)."""
 
 
 class DeltaHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

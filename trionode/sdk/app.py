@@ -95,6 +95,7 @@ class EntryKind(enum.Enum):
     METHOD = "method"
     VIEW = "view"
     HANDLER = "handler"
+    MIGRATE = "migrate"
 
 
 class EmittedEvent(NamedTuple):
@@ -368,6 +369,7 @@ class App:
         self._state_cls: type | None = None
         self._entries: dict[str, EntryPoint] = {}
         self._init: EntryPoint | None = None
+        self._migrate: EntryPoint | None = None
         self._handlers: dict[str, list[str]] = {}
         self._fields: dict[str, Spec[Any]] | None = None
         self.blob_policy = "on-read"
@@ -401,6 +403,13 @@ class App:
     def init(self, fn: F) -> F:
         """The initialiser: runs once when a context is created, may take JSON arguments."""
         return self._mark(fn, EntryKind.INIT)
+
+    def migrate(self, fn: F) -> F:
+        """The migration: runs once per context when an admin upgrades a context to this
+        version (`trionode context upgrade`), on that admin's node; its writes become one
+        delta. It takes no parameters, or one `from_version: str` (the version upgraded
+        from)."""
+        return self._mark(fn, EntryKind.MIGRATE)
 
     def method(self, fn: F) -> F:
         """A method: may read and write; its writes become one delta."""
@@ -459,6 +468,11 @@ class App:
                 raise AppDefinitionError(f"app {self.name!r} has two @app.init functions")
             self._init = entry
             return
+        if kind is EntryKind.MIGRATE:
+            if self._migrate is not None and self._migrate.fn is not fn:
+                raise AppDefinitionError(f"app {self.name!r} has two @app.migrate functions")
+            self._migrate = entry
+            return
         self._entries[entry.name] = entry
         for event in events:
             names = self._handlers.setdefault(event, [])
@@ -482,8 +496,7 @@ class App:
         """
         state_cls = self.state_class
         claimed = {e.fn for e in self._entries.values()}
-        if self._init is not None:
-            claimed.add(self._init.fn)
+        claimed |= {e.fn for e in (self._init, self._migrate) if e is not None}
         for fn, (kind, _) in self._marked.items():
             if fn not in claimed:
                 raise AppDefinitionError(
@@ -530,7 +543,7 @@ class App:
 
     def entry_points(self) -> list[EntryPoint]:
         """Init (if any), then methods, views and handlers in definition order."""
-        out = [self._init] if self._init is not None else []
+        out = [e for e in (self._init, self._migrate) if e is not None]
         return out + list(self._entries.values())
 
     def entry(self, name: str) -> EntryPoint | None:
@@ -540,6 +553,10 @@ class App:
     @property
     def init_entry(self) -> EntryPoint | None:
         return self._init
+
+    @property
+    def migrate_entry(self) -> EntryPoint | None:
+        return self._migrate
 
     def handlers_for(self, event_name: str) -> list[str]:
         """Names of the handlers registered for events of type `event_name`, in order."""

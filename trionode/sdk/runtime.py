@@ -234,6 +234,39 @@ def init_state(
     )
 
 
+def run_migrate(
+    app: App,
+    tree: StateTree,
+    clock: HybridClock,
+    physical_now: int,
+    *,
+    from_version: str,
+    executor: bytes,
+    context_id: bytes,
+) -> CallOutcome | None:
+    """Run the app's `@app.migrate` hook on a context upgraded to it (None: it has none).
+
+    Raises:
+        AppError: as for `execute` (the upgrade itself stays: the admin can fix the data
+            with methods).
+    """
+    entry = app.migrate_entry
+    if entry is None:
+        return None
+    takes_version = any(p.name == "from_version" for p in entry.params)
+    return _run(
+        app,
+        entry,
+        tree=tree,
+        clock=clock,
+        physical_now=physical_now,
+        args_json=msgspec.json.encode({"from_version": from_version}) if takes_version else None,
+        executor=executor,
+        context_id=context_id,
+        writable=True,
+    )
+
+
 def _lookup(app: App, method: str) -> EntryPoint:
     if not method or len(method) > MAX_METHOD_NAME:
         raise MethodNotFoundError(f"invalid method name {method[:64]!r}")
