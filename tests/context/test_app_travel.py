@@ -223,7 +223,12 @@ async def test_a_member_without_the_app_gets_it_from_other_members(
 @pytest.mark.real_network
 @pytest.mark.parametrize(
     ("trust_app", "reason"),
-    [(5, "trustApp"), ("0OIl", "trustApp '0OIl' is not base58"), ("abc", "not 32 bytes")],
+    # (the request schema refuses what is not a base58 id of 32 bytes: trionode/schemas.py)
+    [
+        (5, "body.trustApp"),
+        ("0OIl", "body.trustApp: Expected `str` that is a base58 id"),
+        ("abc", "body.trustApp: Expected `str` that is a base58 id"),
+    ],
 )
 async def test_join_api_refuses_a_bad_trust_app_with_400(
     tmp_path: Path, trust_app: object, reason: str

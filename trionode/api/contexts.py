@@ -190,18 +190,6 @@ def _rpc_error(request_id: Any, code: int, message: str, data: Any = None) -> Re
     return jsonify({"jsonrpc": "2.0", "id": request_id, "error": error})
 
 
-async def json_object_body() -> dict[str, Any]:
-    """The request body as a JSON object, decoded strictly (see `StrictJSONProvider`).
-
-    Raises:
-        BadInput: not JSON (whatever the Content-Type), too deep, or not an object.
-    """
-    body = await request.get_json(force=True)
-    if not isinstance(body, dict):
-        raise BadInput("body must be a JSON object")
-    return body
-
-
 def _valid_jsonrpc_id(value: object) -> bool:
     # JSON-RPC 2.0: a string, a number or null. We also bound strings, since ids are echoed.
     if isinstance(value, str):
