@@ -25,8 +25,8 @@ async def test_sync_status_per_peer_and_sync_with_one_peer(tmp_path: Path) -> No
         ):
             app = await a.install_application(str(KV_STORE))
             await b.install_application(str(KV_STORE))
-            context = (await a.create_context(app["applicationId"]))["contextId"]
-            invitation = (await a.invite(context))["invitation"]
+            context = (await a.create_context(app.application_id)).context_id
+            invitation = (await a.invite(context)).invitation
             await b.join(invitation)
             before = time.time()
             synced = await b.request(
