@@ -47,6 +47,7 @@ import httpx
 import trio
 
 from benchmarks.harness import plain_table
+from trionode import schemas
 from trionode.client import ApiError, Client, open_client
 from trionode.home import init_home
 from trionode.layout import read_api_url, read_token
@@ -155,17 +156,17 @@ class Cluster:
         app_id = ""
         for name in names:
             async with self.procs[name].client() as client:
-                app_id = (await client.install_application(str(ROOT / "apps" / "kv_store")))[
-                    "applicationId"
-                ]
+                app_id = (
+                    await client.install_application(str(ROOT / "apps" / "kv_store"))
+                ).application_id
         async with self.procs[names[0]].client() as client:
-            self.context = (await client.create_context(app_id))["contextId"]
+            self.context = (await client.create_context(app_id)).context_id
         for name in names[1:]:
             await self.join(name, names[0])
 
     async def join(self, name: str, via: str) -> None:
         async with self.procs[via].client() as inviter:
-            invitation = (await inviter.invite(self.context))["invitation"]
+            invitation = (await inviter.invite(self.context)).invitation
         async with self.procs[name].client() as client:
             await client.join(invitation)
 
@@ -199,7 +200,7 @@ class Cluster:
 
     async def entries(self, name: str) -> dict[str, str]:
         async with self.procs[name].client() as client:
-            result = (await client.call(self.context, "entries"))["output"]
+            result = (await client.call(self.context, "entries")).output
         assert isinstance(result, dict)
         return result
 
@@ -210,8 +211,8 @@ class Cluster:
             with trio.move_on_after(10), contextlib.suppress(ApiError):
                 await client.sync(self.context)
             shown = await client.context(self.context)
-        members = sorted((m["publicKey"], m["role"]) for m in shown["members"])
-        return (shown["rootHash"], sorted(shown["heads"]), members, await self.entries(name))
+        members = sorted((m.public_key, m.role) for m in shown.members)
+        return (shown.root_hash, sorted(shown.heads), members, await self.entries(name))
 
     async def converge(self, names: Sequence[str]) -> bool:
         """Poll until `names` agree on root hash, heads, members and entries. Between
@@ -294,7 +295,7 @@ async def case_serving_sync(c: Cluster) -> CaseResult:
     a, cc = c.procs["a"], c.procs["c"]
     since = len(cc.log)
     await c.start(cc)
-    a_id = (await _info(a))["peerId"]
+    a_id = (await _info(a)).peer_id
     await cc.wait_log(f"connected to {a_id}", since)
     await c.kill9(a)
     return await _after_restart(
@@ -321,7 +322,7 @@ async def case_snapshot_join(c: Cluster) -> CaseResult:
 
 async def case_key_rotation(c: Cluster) -> CaseResult:
     async with c.procs["d"].client() as client:
-        d_member = (await client.context(c.context))["memberPublicKey"]
+        d_member = (await client.context(c.context)).member_public_key
     async with trio.open_nursery() as nursery:
 
         async def write_on_b() -> None:
@@ -338,7 +339,7 @@ async def case_key_rotation(c: Cluster) -> CaseResult:
     converged = await c.converge("abc")
     lost = await c.lost("abc")
     async with c.procs["a"].client() as client:
-        members = {m["publicKey"] for m in (await client.members(c.context))["members"]}
+        members = {m.public_key for m in (await client.members(c.context)).members}
     removed = d_member not in members
     return attrs.evolve(
         result,
@@ -350,7 +351,7 @@ async def case_key_rotation(c: Cluster) -> CaseResult:
     )
 
 
-async def _info(proc: Proc) -> Any:
+async def _info(proc: Proc) -> schemas.NodeInfo:
     async with proc.client() as client:
         return await client.node_info()
 
