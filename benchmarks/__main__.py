@@ -13,6 +13,7 @@ from benchmarks import (
     cli_bench,
     context_bench,
     hostile_bench,
+    kad_bench,
     pubsub_bench,
     pubsub_procs,
     relay_bench,
@@ -40,6 +41,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "ws-load": ws_load_bench.run,
         "relay": relay_bench.run,
         "scale": scale_bench.run,
+        "kad": kad_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():

@@ -18,6 +18,8 @@ open_node(config) ── root nursery
    │                    direct one where the NATs allow (`network.dcutr`)
    ├─ Kademlia.run     (if `network.kad.enabled`) DHT routing-table refresh (a lookup of our
    │                    own id); requests to us are served in the Host's connection nurseries
+   ├─ Rendezvous.run   (with the DHT) announces our contexts under private keys and dials
+   │                    co-members found there (net/rendezvous.py)
    ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
    │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
@@ -96,6 +98,7 @@ from trionode.net.metrics import NetMetrics
 from trionode.net.peerstore import PeerStore
 from trionode.net.pubsub import PubSub, PubSubMetrics
 from trionode.net.relay import RelayClient, RelayServer
+from trionode.net.rendezvous import Rendezvous, context_provider_key
 from trionode.net.transport import Transport
 from trionode.store.store import AsyncStore, open_store
 
@@ -243,6 +246,11 @@ class Node:
             self.contexts, self.blobs, self.blob_references, self.blob_fetcher, config=config.blobs
         )
         """App calls (the API's `execute`), with blob reads and attachments served."""
+        self.rendezvous = (
+            Rendezvous(self.host, self.kad, self.rendezvous_keys, config.network)
+            if self.kad is not None
+            else None
+        )
         self.gc_metrics = GcMetrics(metrics.registry)
         self.tokens = TokenStore(store)
         """Scoped API tokens for browser apps (hashed in LMDB)."""
@@ -307,6 +315,15 @@ class Node:
         except ValueError:
             return False
         return raw in self.contexts.known_ids()
+
+    async def rendezvous_keys(self) -> list[bytes]:
+        """The private DHT keys of our contexts (see net/rendezvous.py)."""
+        out: list[bytes] = []
+        for record in await self.contexts.records():
+            key = (await self.contexts.keys(record.context_id)).get(record.key_id)
+            if key is not None:
+                out.append(context_provider_key(record.context_id, key))
+        return out
 
     async def collect_garbage(self) -> dict[str, int]:
         return await run_gc_once(
@@ -477,9 +494,13 @@ async def _open_locked_node(
                 name="member-peers",
             )
             if config.discovery:
+                resolve = None if node.kad is None else node.kad.find_peer
                 await nursery.start(
-                    partial(serve_discovery, *discovery, shutdown_requested=stop), name="discovery"
+                    partial(serve_discovery, *discovery, resolve=resolve, shutdown_requested=stop),
+                    name="discovery",
                 )
+            if node.rendezvous is not None:
+                await nursery.start(node.rendezvous.run, stop, name="rendezvous")
             if config.network.mdns:
                 await nursery.start(
                     partial(serve_mdns, *discovery, shutdown_requested=stop), name="mdns"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
@@ -13,10 +14,12 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from trionode.config import KadSection
+from trionode.net.discovery import serve_discovery
 from trionode.net.host import Connection, Host
 from trionode.net.kad import Kademlia, KadMetrics, read_message
 from trionode.net.memory import MemoryNetwork
 from trionode.net.metrics import NetMetrics
+from trionode.net.peerstore import PeerStore
 from trionode.wire import kad as wire
 from trionode.wire.keys import PeerId, PrivateKey
 from trionode.wire.multiaddr import Multiaddr
@@ -314,3 +317,37 @@ async def test_client_mode_asks_but_does_not_serve(autojump_clock: trio.testing.
         assert PROTOCOL not in client.host.protocols
         # Servers never admit the client to their tables.
         assert all(client.host.peer_id not in s.kad.table for s in servers)
+
+
+# -- peer routing for discovery ---------------------------------------------------------------
+
+
+async def test_discovery_redials_a_member_at_the_address_the_dht_knows(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork()
+    async with open_dhts(network, 8) as dhts:
+        await join(dhts[:-1], dhts[0])
+        member, seeker = dhts[-2], dhts[-1]
+        conn = await seeker.host.connect(dhts[0].address)
+        await conn.identified.wait()
+        store = PeerStore.from_config(seeker.host.config, local_peer=seeker.host.peer_id)
+        stale = Multiaddr.from_tcp("10.42.9.9", 4001)  # where it was: nobody listens there
+        store.add(member.host.peer_id, [stale], source="stored")
+        store.set_members([member.host.peer_id])
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    serve_discovery,
+                    seeker.host,
+                    store,
+                    seeker.host.config,
+                    resolve=seeker.kad.find_peer,
+                    shutdown_requested=stop,
+                )
+            )
+            while member.host.peer_id not in seeker.host.connections:
+                await seeker.host.wait_connection_changed()
+            stop.set()
+        assert member.host.listen_addrs[0] in store.addresses(member.host.peer_id)

@@ -8,7 +8,10 @@ serve_discovery ── discovery nursery
    ├─ _watch_store         turns peer-store changes into wake-ups of the dial loop
    └─ _dial_loop           while fewer than `target_peers` are connected, dial the best
         └─ _dial           candidates (at most MAX_CONCURRENT_DIALS at once); failures back
-                           off and, after `peer_max_failures`, the peer is forgotten
+                           off and, after `peer_max_failures`, the peer is forgotten. When
+                           every known address of a *member* fails and a resolver is given
+                           (the DHT's peer routing), its current addresses are looked up and
+                           tried before the failure counts
 ```
 
 The dial loop is level-triggered: it clears its wake-up event *before* looking at the state,
@@ -26,6 +29,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -46,6 +50,9 @@ from trionode.wire.peer_exchange import (
 )
 
 log = logging.getLogger(__name__)
+
+PeerResolver = Callable[[PeerId], Awaitable[list[Multiaddr]]]
+"""Finds where a peer can be dialed now (``Kademlia.find_peer``)."""
 
 MAX_CONCURRENT_DIALS: Final = 4
 """Discovery dials in flight at once: enough to fill a small cluster quickly without a burst
@@ -107,6 +114,7 @@ async def serve_discovery(
     config: NetworkSection,
     metrics: DiscoveryMetrics | None = None,
     *,
+    resolve: PeerResolver | None = None,
     shutdown_requested: trio.Event | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -119,7 +127,7 @@ async def serve_discovery(
     if metrics is None:
         metrics = DiscoveryMetrics(None)
         metrics.bind(peerstore)
-    discovery = _Discovery(host, peerstore, config, metrics)
+    discovery = _Discovery(host, peerstore, config, metrics, resolve)
     host.set_handler(PEER_EXCHANGE_PROTOCOL_ID, discovery.serve_exchange)
     discovery.add_bootstrap_peers()
     name = f"{host.peer_id}:discovery"
@@ -154,9 +162,15 @@ async def read_peers(stream: trio.abc.HalfCloseableStream) -> list[PeerAddrs]:
 
 class _Discovery:
     def __init__(
-        self, host: Host, store: PeerStore, config: NetworkSection, metrics: DiscoveryMetrics
+        self,
+        host: Host,
+        store: PeerStore,
+        config: NetworkSection,
+        metrics: DiscoveryMetrics,
+        resolve: PeerResolver | None = None,
     ) -> None:
         self._host = host
+        self._resolve = resolve
         self._store = store
         self._config = config
         self._metrics = metrics
@@ -315,6 +329,8 @@ class _Discovery:
         try:
             self._metrics.dials.inc()
             reached = await self._try_addresses(peer)
+            if reached is False and self._resolve is not None and self._store.is_member(peer):
+                reached = await self._try_resolved(peer, self._resolve)
             if reached is None:
                 return  # the connection limit stopped us; not the peer's fault
             if reached:
@@ -327,8 +343,25 @@ class _Discovery:
             self._dialing.discard(peer)
             self._poke()
 
-    async def _try_addresses(self, peer: PeerId) -> bool | None:
-        for addr in self._store.addresses(peer):
+    async def _try_resolved(self, peer: PeerId, resolve: PeerResolver) -> bool | None:
+        """A member moved: ask the DHT where it is now, and try what is new."""
+        tried = set(self._store.addresses(peer))
+        try:
+            found = await resolve(peer)
+        except (PeerError, ProtocolError, trio.TooSlowError) as exc:
+            log.debug("looking up %s in the DHT failed: %s", peer, exc)
+            return False
+        fresh = [a for a in found if a not in tried]
+        if not fresh:
+            return False
+        log.info("member %s found in the DHT at %s", peer, ", ".join(map(str, fresh)))
+        self._learn(peer, fresh, "dht")
+        return await self._try_addresses(peer, fresh)
+
+    async def _try_addresses(
+        self, peer: PeerId, addrs: list[Multiaddr] | None = None
+    ) -> bool | None:
+        for addr in self._store.addresses(peer) if addrs is None else addrs:
             if peer in self._host.connections:
                 return True
             if len(self._host.connections) >= self._config.max_connections:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 import attrs
@@ -169,6 +169,16 @@ class Kademlia:
         known = self.table.get(conn.peer_id)
         if known is None or not known.addrs:
             self.table.add(conn.peer_id, _usable(conn.listen_addrs), trio.current_time())
+
+    async def wait_for_server(self) -> None:
+        """Until the table holds a peer: a connected DHT server once identify says so."""
+        while not self.admit_connected():
+            async with trio.open_nursery() as nursery:
+                scope = nursery.cancel_scope
+                nursery.start_soon(_cancel_after, self._host.wait_connection_changed, scope)
+                for conn in list(self._host.connections.values()):
+                    if not conn.identified.is_set():
+                        nursery.start_soon(_cancel_after, conn.identified.wait, scope)
 
     # -- client ----------------------------------------------------------------------------
 
@@ -491,6 +501,11 @@ async def read_message(
                 return None
             raise RemoteProtocolError("DHT stream ended before a whole message")
         data += chunk
+
+
+async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 def _usable(addrs: Iterable[Multiaddr]) -> list[Multiaddr]:

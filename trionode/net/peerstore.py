@@ -41,7 +41,7 @@ from trionode.config import NetworkSection
 from trionode.wire.keys import PeerId
 from trionode.wire.multiaddr import Multiaddr
 
-Source = Literal["identify", "exchange", "mdns", "bootstrap", "stored"]
+Source = Literal["identify", "exchange", "mdns", "bootstrap", "stored", "dht"]
 ForgetReason = Literal["unreachable", "expired", "evicted"]
 
 MAX_ADDRS_PER_PEER: Final = 8
