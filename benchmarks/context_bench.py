@@ -29,15 +29,17 @@ Standalone: ``python -m benchmarks.context_bench [--quick]``.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
+import pstats
 import random
 import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from unittest.mock import patch
 
 import httpx
@@ -359,7 +361,9 @@ async def _node_rows(n: int, base: Path) -> list[Row]:
         original_write = node.store.write
 
         async def recording_write(batch: WriteBatch | Sequence[WriteOp]) -> None:
-            captured.append(list(batch.ops if isinstance(batch, WriteBatch) else batch))
+            ops = list(batch.ops if isinstance(batch, WriteBatch) else batch)
+            if any(op.column is Column.DELTA for op in ops):  # (not the event log's flushes)
+                captured.append(ops)
             await original_write(batch)
 
         used_before = (await node.store.stats()).used_bytes
@@ -369,6 +373,25 @@ async def _node_rows(n: int, base: Path) -> list[Row]:
         http_calls = _set_args(_kv_items(n, "http"))
         over_http = await _http_calls(test_node, remote, http_calls)
         per_entry = await _per_entry(test_node, local, n)
+        batched = (await node.contexts.create(installed.application_id)).context_id
+        concurrent_calls = _set_args(_kv_items(n, "many"))
+        concurrent = await _concurrent(
+            CONCURRENT_CALLERS,
+            concurrent_calls,
+            lambda args: node.contexts.execute(batched, "set", args),
+        )
+        http_many, health_many = await _http_concurrent(
+            test_node,
+            b58((await node.contexts.create(installed.application_id)).context_id),
+            _set_args(_kv_items(n, "http16")),
+        )
+        profiled = (await node.contexts.create(installed.application_id)).context_id
+        print(
+            await _profile_calls(
+                _set_args(_kv_items(min(n, 500), "prof")),
+                lambda args: node.contexts.execute(profiled, "set", args),
+            )
+        )
     _check(len(captured) == n, f"expected one store write per call, saw {len(captured)}")
     replayed = _raw_lmdb_replay(base / "replay", captured)
     raw_bytes = _raw_lmdb_bytes(base / "raw-kv", items)
@@ -396,6 +419,22 @@ async def _node_rows(n: int, base: Path) -> list[Row]:
             "calls/s",
             "raw lmdb: same rows, 1 txn/call",
             replayed,
+        ),
+        Row(
+            f"kv_store.set in process, {CONCURRENT_CALLERS} concurrent callers, durable "
+            f"(group commit), {n:,} calls",
+            concurrent,
+            "calls/s",
+            "the same calls one at a time (durable)",
+            in_process,
+        ),
+        Row(
+            f"kv_store.set over HTTP JSON-RPC, {HTTP_CLIENTS} concurrent keep-alive clients, "
+            f"{n:,} calls",
+            http_many,
+            "calls/s",
+            f"GET /admin-api/health, the same {HTTP_CLIENTS} clients",
+            health_many,
         ),
         Row(
             f"kv_store.set over HTTP JSON-RPC (httpx, keep-alive, same process), {grows}",
@@ -452,6 +491,90 @@ async def _http_calls(test_node: TestNode, context: str, calls: Sequence[str]) -
     async with httpx.AsyncClient(base_url=test_node.api_url, headers=headers) as http:
         await _rpc(http, context, "len", "{}")  # opens the connection; views write nothing
         return await _timed(calls, lambda args: _rpc(http, context, "set", args))
+
+
+CONCURRENT_CALLERS = 64
+HTTP_CLIENTS = 16
+
+
+async def _concurrent(
+    workers: int, calls: Sequence[str], call: Callable[[str], Awaitable[object]]
+) -> float:
+    """Calls per second with `workers` tasks each making its share of `calls` in turn."""
+    shares = [calls[i::workers] for i in range(workers)]
+
+    async def worker(share: Sequence[str]) -> None:
+        for args in share:
+            await call(args)
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for share in shares:
+            nursery.start_soon(worker, share)
+    return len(calls) / (time.perf_counter() - started)
+
+
+async def _http_concurrent(
+    test_node: TestNode, context: str, calls: Sequence[str]
+) -> tuple[float, float]:
+    """(set calls/s, health requests/s) from HTTP_CLIENTS concurrent keep-alive clients."""
+    headers = {"Authorization": f"Bearer {test_node.token}"}
+    limits = httpx.Limits(max_connections=HTTP_CLIENTS, max_keepalive_connections=HTTP_CLIENTS)
+    async with httpx.AsyncClient(
+        base_url=test_node.api_url, headers=headers, limits=limits
+    ) as http:
+        await _rpc(http, context, "len", "{}")
+
+        async def health(_: str) -> None:
+            response = await http.get("/admin-api/health")
+            _check(response.status_code == 200, f"health failed: {response.status_code}")
+
+        sets = await _concurrent(HTTP_CLIENTS, calls, lambda a: _rpc(http, context, "set", a))
+        checks = await _concurrent(HTTP_CLIENTS, calls, health)
+    return sets, checks
+
+
+_PROFILE_PARTS: Final = (
+    ("app execute (runtime.execute)", "runtime.py", "execute"),
+    ("root hash (StateTree.root_hash)", "tree.py", "root_hash"),
+    ("seal delta (encode, encrypt, sign)", "delta.py", "seal_delta"),
+    ("  of which Ed25519 delta signature", "", "sign"),
+    ("delta id (SHA-256)", "delta.py", "delta_id"),
+    ("gossip publish (encode, StrictSign)", "replication.py", "broadcast"),
+    ("stage rows + record (encoding)", "local_writes.py", "_stage"),
+    ("subscribers (events to the hub)", "local_writes.py", "_after_local"),
+)
+
+
+async def _profile_calls(calls: Sequence[str], call: Callable[[str], Awaitable[object]]) -> str:
+    """Where one durable call's CPU goes on the event loop thread (cProfile, cumulative
+    time per part; the LMDB commit runs in a worker thread and is not counted)."""
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.enable()
+    for args in calls:
+        await call(args)
+    profile.disable()
+    wall = (time.perf_counter() - started) / len(calls)
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    idle = ("poll", "select", "epoll")  # waiting for the commit thread is not CPU
+    busy = sum(
+        tt
+        for (_, _, func), (_, _, tt, _, _) in stats.items()
+        if not any(word in func for word in idle)
+    )
+    lines = [
+        f"one kv_store.set in process, {len(calls)} sequential calls (under cProfile): "
+        f"{wall * 1e6:.0f} us wall, {busy / len(calls) * 1e6:.0f} us busy on the event loop"
+    ]
+    for label, file, name in _PROFILE_PARTS:
+        cumulative = sum(
+            ct
+            for (path, _, func), (_, _, _, ct, _) in stats.items()
+            if func == name and path.endswith(file)
+        )
+        lines.append(f"  {label:<40} {cumulative / len(calls) * 1e6:8.0f} us")
+    return "\n".join(lines)
 
 
 async def _per_entry(

@@ -395,6 +395,13 @@ class ReplicationSection(_Section, frozen=True):
     much further than `sync.max_clock_drift` ahead a delta may be stamped and still wait."""
     fetch_timeout: PositiveFloat = 30.0
     """Seconds for one missing-parent fetch from a peer."""
+    processor_queue: PositiveInt = 1024
+    """Deltas (local calls and received ones) that may wait for the delta processor;
+    beyond, whoever submits one waits (the backpressure on API calls and gossip)."""
+    group_commit_max_deltas: PositiveInt = 256
+    """Deltas the processor commits together in one LMDB transaction (one fsync)."""
+    group_commit_max_bytes: PositiveInt = 4 * 1024 * 1024
+    """Bytes of received deltas and call arguments in one group commit."""
 
 
 class SyncSection(_Section, frozen=True):
@@ -408,6 +415,9 @@ class SyncSection(_Section, frozen=True):
     """Seconds between (heads, root) heartbeats on each context topic."""
     timeout: PositiveFloat = 30.0
     """Seconds one session may take."""
+    heartbeat_queue: PositiveInt = 256
+    """Received heartbeats waiting for the sync manager; beyond, they are dropped (and
+    counted): the next heartbeat or interval tick does the same job."""
     max_concurrent: PositiveInt = 30
     """Sessions at once, incoming and outgoing together."""
     on_join: bool = True

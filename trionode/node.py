@@ -2,6 +2,8 @@
 
 ```
 open_node(config) ── root nursery
+   ├─ serve_delta_processor  the one task that applies and commits deltas, local calls and
+   │                    received ones alike, in group commits (context/pipeline.py)
    ├─ Host.run         p2p listeners, bootstrap dialers, one nursery per peer connection
    ├─ NetworkEvents.run the network event channel's consumer (bounded; full = drop and count,
    │                    see net/events.py): gossip messages and peers up/down, for now logged
@@ -25,9 +27,11 @@ open_node(config) ── root nursery
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
    ├─ serve_mdns       (if `network.mdns`) local-link discovery into the peer store
    ├─ Replicator.run   broadcasts local deltas, fetches missing parents, runs event handlers,
-   │                    evicts stale pending deltas; received gossip reaches it via the channel
+   │                    evicts stale pending deltas; received gossip reaches it via the channel,
+   │                    and the heartbeats in it go on to the sync manager (a bounded channel)
    ├─ serve_clock_waits applies deltas stamped ahead of our clock once it has caught up
-   ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter
+   ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter (shared
+   │                    with the Replicator's incoming sessions; both get it from here)
    ├─ serve_gc         periodic GC: tombstones in every context, unreferenced blobs
    ├─ BlobFetcher.serve background fetches of blobs the states reference (on a call's
    │                    first read, or eagerly as deltas reference them: the app's policy)
@@ -73,8 +77,9 @@ from trionode.context.event_log import EventLog, serve_event_log
 from trionode.context.events import EventHub
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
+from trionode.context.pipeline import serve_delta_processor
 from trionode.context.replication import TOPIC_PREFIX, ReplicationMetrics, Replicator
-from trionode.context.sync import SyncManager
+from trionode.context.sync import SyncManager, SyncMetrics
 from trionode.errors import ConfigError
 from trionode.gc import GcMetrics, run_gc_once, serve_gc
 from trionode.identity import NodeIdentity
@@ -101,6 +106,8 @@ from trionode.net.relay import RelayClient, RelayServer
 from trionode.net.rendezvous import Rendezvous, context_provider_key
 from trionode.net.transport import Transport
 from trionode.store.store import AsyncStore, open_store
+from trionode.wire.keys import PeerId
+from trionode.wire.messages import Heartbeat
 
 if TYPE_CHECKING:
     from trionode.net.memory import GossipFaults
@@ -187,6 +194,16 @@ class Node:
             metrics=self.replication_metrics,
             read_only=config.node.mode == "read-only",
             wall_clock=wall_clock,
+            processor_queue=config.replication.processor_queue,
+            group_commit_max_deltas=config.replication.group_commit_max_deltas,
+            group_commit_max_bytes=config.replication.group_commit_max_bytes,
+        )
+        # Sync sessions, outgoing (SyncManager) and incoming (Replicator), share one limiter;
+        # heartbeats go from the replicator to the sync manager over a bounded channel.
+        session_limiter = trio.CapacityLimiter(config.sync.max_concurrent)
+        sync_metrics = SyncMetrics(metrics.registry, session_limiter)
+        send_heartbeats, receive_heartbeats = trio.open_memory_channel[tuple[PeerId, Heartbeat]](
+            config.sync.heartbeat_queue
         )
         self.replicator = Replicator(
             self.contexts,
@@ -195,17 +212,21 @@ class Node:
             self.replication_metrics,
             pending_timeout=config.replication.pending_timeout,
             fetch_timeout=config.replication.fetch_timeout,
+            session_limiter=session_limiter,
+            session_started=sync_metrics.session_started,
+            heartbeats=send_heartbeats,
         )
         self.sync = SyncManager(
             self.contexts,
             self.replicator,
             self.pubsub,
-            registry=metrics.registry,
+            limiter=session_limiter,
+            metrics=sync_metrics,
+            heartbeats=receive_heartbeats,
             interval=config.sync.interval,
             min_interval=config.sync.min_interval,
             heartbeat=config.sync.heartbeat,
             timeout=config.sync.timeout,
-            max_concurrent=config.sync.max_concurrent,
             on_join=config.sync.on_join,
             join_jitter=config.sync.join_jitter,
             max_peer_status=config.sync.max_peer_status,
@@ -228,6 +249,7 @@ class Node:
             self.host,
             self.replicator,
             store,
+            sync_session=self.sync.sync_now,
             app_bundles=self.app_bundles,
             wall_clock=wall_clock,
         )
@@ -453,6 +475,10 @@ async def _open_locked_node(
         await node.tokens.load()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_bound_shutdown, node, nursery.cancel_scope, name="shutdown-grace")
+            # First: every local call and received delta is committed by this one task.
+            await nursery.start(
+                serve_delta_processor, node.contexts.pipeline, name="delta-processor"
+            )
             await nursery.start(
                 node.events.run,
                 partial(_handle_network_event, node),

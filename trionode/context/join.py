@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final
 
@@ -47,6 +47,7 @@ class JoinService:
         replicator: Replicator,
         store: AsyncStore,
         *,
+        sync_session: Callable[[bytes, PeerId], Awaitable[int]] | None = None,
         wall_clock: Callable[[], float] = time.time,
         timeout: float = 30.0,
         app_bundles: AppBundles | None = None,
@@ -55,6 +56,9 @@ class JoinService:
         self.applications = applications
         self.host = host
         self.replicator = replicator
+        self.sync_session = sync_session
+        """Run a sync session for a context with a peer now (the sync manager's): the
+        first sync of a join, a snapshot. Without it the join fetches the deltas."""
         self.store = store
         self.wall_clock = wall_clock
         self.timeout = timeout
@@ -149,7 +153,7 @@ class JoinService:
         if not response.ok:
             raise NotPermitted(f"the inviter refused: {response.error}")
         keys = inv.open_keys(response.sealed_keys, key)
-        if self.replicator.sync_session is not None:
+        if self.sync_session is not None:
             # Before the context exists here, so no session ever sees it without the marker.
             await snapshot.begin(
                 self.store, invitation.context_id, source=invitation.inviter, peer=str(peer)
@@ -196,7 +200,7 @@ class JoinService:
         of unsigned state this node can trust yet: the snapshot marker names it. If this
         sync fails, the node is still a member and sync sessions finish the job."""
         context_id = invitation.context_id
-        session = self.replicator.sync_session
+        session = self.sync_session
         try:
             if session is None:
                 with trio.fail_after(self.timeout):

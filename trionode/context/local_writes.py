@@ -12,7 +12,7 @@ committed.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -84,8 +84,9 @@ class Upgraded:
 
 
 class LocalWriter:
-    """Writes as this node's member: each method holds the replica's lock while it
-    seals and commits."""
+    """Writes as this node's member, each under the replica's lock. App calls are staged
+    into the delta processor's batch (`pipeline.py`: `run_call`, `stage_outcome`);
+    membership changes commit on their own."""
 
     def __init__(
         self, replicas: ReplicaStore, hub: EventHub, apps: AppLoader, *, read_only: bool = False
@@ -170,33 +171,50 @@ class LocalWriter:
 
     # -- calls -------------------------------------------------------------------------------
 
-    async def execute(
-        self, context_id: bytes, method: str, args_json: str, *, executor: bytes | None = None
-    ) -> CallResult:
-        replica = await self._replicas.load(context_id)
-        if executor is not None and executor != replica.record.our_member:
-            raise NotPermitted("this node holds no key for that executor")
-        app = await self._apps.load(replica.record.application_id)
-        self.check_call(app, method)
-        async with replica.lock:
-            role = replica.authority.role(replica.record.our_member)
-            if role is None:
-                raise NotPermitted("this node is not (or no longer) a member")
-            outcome = execute(
-                app,
-                replica.tree,
-                replica.clock,
-                self._replicas.physical_now(),
-                method,
-                args_json,
-                executor=replica.record.our_member,
-                context_id=context_id,
-                writable=role in WRITERS,
-            )
-            if not outcome.delta_records and not outcome.events:
-                return CallResult(outcome.result, None, replica.tree.root_hash())
-            delta = await self.commit_outcome(replica, outcome, WriteBatch())
-            return CallResult(outcome.result, delta.id, replica.tree.root_hash())
+    def run_call(self, replica: Replica, app: App, method: str, args_json: str) -> CallOutcome:
+        """Run `method` against the replica's state (under its lock). Raises NotPermitted or
+        AppError having changed nothing; on success the tree holds the call's changes,
+        which `stage_outcome` must then seal (or the replica be reloaded)."""
+        role = replica.authority.role(replica.record.our_member)
+        if role is None:
+            raise NotPermitted("this node is not (or no longer) a member")
+        return execute(
+            app,
+            replica.tree,
+            replica.clock,
+            self._replicas.physical_now(),
+            method,
+            args_json,
+            executor=replica.record.our_member,
+            context_id=replica.context_id,
+            writable=role in WRITERS,
+        )
+
+    def stage_outcome(
+        self,
+        replica: Replica,
+        outcome: CallOutcome,
+        batch: WriteBatch,
+        fresh: dict[bytes, SignedDelta] | None = None,
+    ) -> tuple[SignedDelta, Callable[[], None]]:
+        """Seal what a call (or a handler run) changed as our delta and stage it in `batch`
+        (under the lock), with a key rotation first if no key we hold may be written under.
+        Returns the delta and what to announce once `batch` is durable."""
+        announce: list[tuple[SignedDelta, CallOutcome]] = []
+        if self._write_key(replica) is None:
+            # No key we hold follows every removal in our view (concurrent removals, a
+            # leaked invitation, or a removal whose key was not sealed to us): introduce one.
+            rotate = self._new_key_action(replica, Kind.ROTATE, replica.authority.roles())
+            announce.append(self._stage_op(replica, rotate, batch, fresh))
+        delta, parents = self._seal(replica, outcome)
+        self._stage(replica, batch, delta, parents, fresh)
+        announce.append((delta, outcome))
+
+        def after_commit() -> None:
+            for sealed, what in announce:
+                self._after_local(replica, sealed, what)
+
+        return delta, after_commit
 
     def check_call(self, app: App, method: str) -> None:
         """On a read-only node only views run (ReadOnlyError for anything else)."""
@@ -209,13 +227,10 @@ class LocalWriter:
     async def commit_outcome(
         self, replica: Replica, outcome: CallOutcome, batch: WriteBatch
     ) -> SignedDelta:
-        """Seal what a call (or a handler run) changed as our delta and commit it with
-        whatever `batch` already holds (under the lock)."""
-        await self._ensure_write_key(replica)
-        delta, parents = self._seal(replica, outcome)
-        self._stage(replica, batch, delta, parents)
+        """`stage_outcome`, then commit `batch` on its own (under the lock)."""
+        delta, after_commit = self.stage_outcome(replica, outcome, batch)
         await self._replicas.write(replica, batch)
-        self._after_local(replica, delta, outcome)
+        after_commit()
         return delta
 
     # -- membership --------------------------------------------------------------------------
@@ -355,8 +370,15 @@ class LocalWriter:
         box = [(m, seal_keys({new_id: new_key}, m)) for m in sorted(recipients)]
         return action(kind, member=member, key_id=new_id, key_box=box)
 
-    async def _commit_op(self, replica: Replica, auth: AuthAction) -> SignedDelta:
-        """Seal, check and commit one membership operation of ours (under the lock)."""
+    def _stage_op(
+        self,
+        replica: Replica,
+        auth: AuthAction,
+        batch: WriteBatch,
+        fresh: dict[bytes, SignedDelta] | None = None,
+    ) -> tuple[SignedDelta, CallOutcome]:
+        """Seal and check one membership operation of ours and stage it (under the lock).
+        Raises NotPermitted, having staged nothing, if our own authority refuses it."""
         outcome = CallOutcome(b"null", [], [])
         delta, parents = self._seal(replica, outcome, auth=auth)
         header = verify_delta(delta)
@@ -364,22 +386,20 @@ class LocalWriter:
             replica.authority.graph.check(op_from_header(delta.id, header))
         except (StaticError, AuthRejected) as exc:
             raise NotPermitted(str(exc)) from None
-        batch = WriteBatch()
         if auth.key_id is not None and auth.key_id in replica.keys:
             batch.put(
                 IDENTITY, key_slot(replica.context_id, auth.key_id), replica.keys[auth.key_id]
             )
-        self._stage(replica, batch, delta, parents)
+        self._stage(replica, batch, delta, parents, fresh)
+        return delta, outcome
+
+    async def _commit_op(self, replica: Replica, auth: AuthAction) -> SignedDelta:
+        """Seal, check and commit one membership operation of ours (under the lock)."""
+        batch = WriteBatch()
+        delta, outcome = self._stage_op(replica, auth, batch)
         await self._replicas.write(replica, batch)
         self._after_local(replica, delta, outcome)
         return delta
-
-    async def _ensure_write_key(self, replica: Replica) -> None:
-        """If no key we hold follows every removal in our view (concurrent removals, a
-        leaked invitation, or a removal whose key was not sealed to us), introduce one."""
-        if self._write_key(replica) is None:
-            roles = replica.authority.roles()
-            await self._commit_op(replica, self._new_key_action(replica, Kind.ROTATE, roles))
 
     # -- sealing and staging -----------------------------------------------------------------
 
@@ -420,9 +440,17 @@ class LocalWriter:
         return delta, parents
 
     def _stage(
-        self, replica: Replica, batch: WriteBatch, delta: SignedDelta, parents: list[bytes]
+        self,
+        replica: Replica,
+        batch: WriteBatch,
+        delta: SignedDelta,
+        parents: list[bytes],
+        fresh: dict[bytes, SignedDelta] | None = None,
     ) -> None:
-        """Add a local delta's rows to `batch` and advance the in-memory heads and record."""
+        """Add a local delta's rows to `batch` and advance the in-memory heads and record;
+        `fresh` (if given) collects the deltas staged but not yet written."""
+        if fresh is not None:
+            fresh[delta.id] = delta
         header = verify_delta(delta)
         if header.auth is not None:
             replica.authority.add_op(delta.id, header)

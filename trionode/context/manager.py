@@ -7,6 +7,7 @@ The work is split by responsibility, one module each:
 | `replicas.py`       | `ReplicaStore`   | which contexts exist; loading one; staging, writing |
 | `local_writes.py`   | `LocalWriter`    | create, calls, membership changes by our member     |
 | `processing.py`     | `DeltaProcessor` | received deltas: judge, apply, pend, defer, rebuild |
+| `pipeline.py`       | `DeltaPipeline`  | the delta processor task: group commit of both      |
 | `handler_runs.py`   | `HandlerRunner`  | app event handlers queued by received deltas        |
 | `serving.py`        | `SyncServing`    | snapshot pages, tree nodes, merging state, heads    |
 
@@ -26,6 +27,12 @@ from trionode.context.events import EventHub
 from trionode.context.handler_runs import HandlerRunner
 from trionode.context.local_writes import AppLoader, CallResult, DeltaListener, LocalWriter
 from trionode.context.notices import b58
+from trionode.context.pipeline import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DELTAS,
+    DEFAULT_QUEUE,
+    DeltaPipeline,
+)
 from trionode.context.processing import (
     DeltaProcessor,
     NoMetrics,
@@ -66,6 +73,9 @@ class ContextManager:
         pending_timeout: float = 300.0,
         metrics: ReplicationMetrics | None = None,
         read_only: bool = False,
+        processor_queue: int = DEFAULT_QUEUE,
+        group_commit_max_deltas: int = DEFAULT_MAX_DELTAS,
+        group_commit_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.read_only = read_only
         """`node.mode = "read-only"`: every local write raises ReadOnlyError, received
@@ -81,6 +91,15 @@ class ContextManager:
         self.writer = LocalWriter(self.replicas, hub, apps, read_only=read_only)
         self.processor = DeltaProcessor(
             self.replicas, hub, self.metrics, pending_timeout=pending_timeout, read_only=read_only
+        )
+        self.pipeline = DeltaPipeline(
+            self.replicas,
+            self.writer,
+            self.processor,
+            apps,
+            queue=processor_queue,
+            max_deltas=group_commit_max_deltas,
+            max_bytes=group_commit_max_bytes,
         )
         self.handlers = HandlerRunner(
             self.replicas, self.writer, apps, self.metrics, read_only=read_only
@@ -109,7 +128,7 @@ class ContextManager:
         self.create = writer.create
         self.adopt = writer.adopt
         self.delete = writer.delete
-        self.execute = writer.execute
+        self.execute = self.pipeline.call
         self.change_members = writer.change_members
         self.remove_member = writer.remove_member
         self.leave = writer.leave
@@ -117,7 +136,7 @@ class ContextManager:
         self.admit = writer.admit
         self.upgrade = writer.upgrade
         # Delta processing.
-        self.receive = processor.receive
+        self.receive = self.pipeline.receive
         self.release_deferred = processor.release_deferred
         self.expire_pending = processor.expire_pending
         self.missing = processor.missing

@@ -1,16 +1,19 @@
 """Delta processing: received deltas judged, applied (or left pending, deferred, refused)
 and committed, and the state rebuilt when a late membership decision changes a verdict.
 
-A received delta is verified on arrival (id and signature); its author's rights are
-checked when it is *applied*, in causal order, because the membership that admits a new
-author may itself still be on its way (`trionode/auth/model.py`, DESIGN §7.1). The changed
+A received delta is verified once on arrival (id and signature, `VerifiedDelta`) by the
+task that received it; the delta processor (`pipeline.py`) stages it here, in its batch,
+under the replica's lock. Its author's rights are checked when it is *applied*, in causal
+order, because the membership that admits a new author may itself still be on its way
+(`trionode/auth/model.py`, DESIGN §7.1). The changed
 entity rows, the delta, the new heads and root hash, the pending set and the handler runs
-it queues commit in one LMDB write.
+it queues commit in one LMDB write (shared with the rest of the processor's batch).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
@@ -19,7 +22,6 @@ import trio
 
 from trionode.auth.model import Kind, Verdict
 from trionode.context.authority import AuthRejected
-from trionode.context.errors import ContextNotFound
 from trionode.context.events import EventHub
 from trionode.context.notices import b58, publish_app_events, publish_verdicts
 from trionode.context.records import (
@@ -44,6 +46,7 @@ from trionode.dag.delta import (
     AppEvent,
     DeltaBody,
     SignedDelta,
+    VerifiedDelta,
     decode_delta,
     open_delta,
     verify_delta,
@@ -95,6 +98,14 @@ class Received:
 
 
 @attrs.define
+class Progress:
+    """Whether staging a job has started to change its replica in memory (an error after
+    that point leaves the replica unusable until it is reloaded)."""
+
+    mutated: bool = False
+
+
+@attrs.define
 class Applying:
     """What applying a cascade of received deltas produced, for one write."""
 
@@ -137,59 +148,74 @@ class DeltaProcessor:
         """Wake whoever waits for handler runs (also after a restart left some queued)."""
         self._handler_runs_queued.set()
 
-    async def receive(self, context_id: bytes, wire: bytes) -> Received:
-        """Take a delta from a peer (gossip or sync). Raises ProtocolError for a bad one."""
-        if not self._replicas.knows(context_id):
-            raise ContextNotFound(f"not a member of {b58(context_id)}")
-        delta = decode_delta(wire)
-        header = verify_delta(delta)
+    def stage_received(
+        self,
+        replica: Replica,
+        verified: VerifiedDelta,
+        batch: WriteBatch,
+        fresh: dict[bytes, SignedDelta],
+        progress: Progress,
+    ) -> tuple[Received, Callable[[], None] | None]:
+        """Offer a verified delta to `replica` (under its lock) and stage what that changes
+        in `batch`, which the caller commits; returns what became of it and what to announce
+        once the batch is durable. `fresh` holds the deltas staged but not yet written for
+        this replica (a rebuild reads them from there). Raises RemoteProtocolError, having
+        changed nothing, for a delta of another context."""
+        context_id = replica.context_id
+        delta, header = verified.delta, verified.header
         if header.context_id != context_id:
             raise RemoteProtocolError("delta belongs to another context")
-        replica = await self._replicas.load(context_id)
         if self._too_far_ahead(replica, header.hlc, self._replicas.physical_now()):
             # Checked before anything is stored: such a delta may be valid later.
             self._refuse_ahead(context_id, delta.id)
-            return Received([], frozenset(), refused=[delta.id])
-        async with replica.lock:
-            batch = WriteBatch()
-            applying = Applying(replica, batch)
-            offer = replica.dag.offer(
-                delta.id,
-                header.parents,
-                delta,
-                now=trio.current_time(),
-                apply=lambda delta_id, item: self.apply_one(applying, delta_id, item),
-                author=header.author,
+            return Received([], frozenset(), refused=[delta.id]), None
+        applying = Applying(replica, batch, fresh=fresh)
+        progress.mutated = True
+        offer = replica.dag.offer(
+            delta.id,
+            header.parents,
+            delta,
+            now=trio.current_time(),
+            apply=lambda delta_id, item: self.apply_one(applying, delta_id, item),
+            author=header.author,
+        )
+        if offer.duplicate:
+            self.metrics.outcome("duplicate")
+            return Received([], frozenset(), duplicate=True), None
+        for evicted in offer.evicted:
+            batch.delete(PENDING, context_id + evicted)
+            self.metrics.outcome("evicted")
+        pending = replica.dag.is_pending(delta.id)
+        if pending:
+            batch.put(
+                PENDING,
+                context_id + delta.id,
+                PendingRecord(delta=verified.wire, received_at=self._replicas.wall_clock()),
             )
-            if offer.duplicate:
-                self.metrics.outcome("duplicate")
-                return Received([], frozenset(), duplicate=True)
-            for evicted in offer.evicted:
-                batch.delete(PENDING, context_id + evicted)
-                self.metrics.outcome("evicted")
-            if replica.dag.is_pending(delta.id):
-                batch.put(
-                    PENDING,
-                    context_id + delta.id,
-                    PendingRecord(delta=wire, received_at=self._replicas.wall_clock()),
-                )
-            self._replicas.note_deferred(replica)
-            if not offer.ready and not applying.rejected:
-                await self._replicas.write(replica, batch)
-                if replica.dag.is_pending(delta.id):
+        self._replicas.note_deferred(replica)
+        if not offer.ready and not applying.rejected:
+
+            def after_pending() -> None:
+                if pending:
                     self.metrics.outcome("pending")
                 self.metrics.pending_depth(replica.dag.pending_count)
-                return Received([], offer.missing, refused=applying.refused)
-            reverted = self.settle(applying)
-            stage_record(replica, batch)
-            await self._replicas.write(replica, batch)
-        if reverted:
-            publish_verdicts(self._hub, replica, reverted)
+
+            return Received([], offer.missing, refused=applying.refused), after_pending
+        reverted = self.settle(applying)
+        stage_record(replica, batch)
         applied = [delta_id for delta_id, _ in offer.ready]
-        if applied:
-            self.metrics.outcome("applied")
-        self.after_received(applying, max(len(applied) - 1, 0), "cascaded")
-        return Received(applied, frozenset(), rejected=applying.rejected, refused=applying.refused)
+
+        def after_applied() -> None:
+            if reverted:
+                publish_verdicts(self._hub, replica, reverted)
+            if applied:
+                self.metrics.outcome("applied")
+            self.after_received(applying, max(len(applied) - 1, 0), "cascaded")
+
+        received = Received(
+            applied, frozenset(), rejected=applying.rejected, refused=applying.refused
+        )
+        return received, after_applied
 
     def _too_far_ahead(self, replica: Replica, time: int, physical: int) -> bool:
         return replica.clock.excess(time, physical) > self._max_wait

@@ -22,7 +22,8 @@
 | application   | application id                    | ApplicationRecord                  |
 
 One call's writes (state rows, the delta, the new heads and root) go in one WriteBatch, so
-a crash leaves either all of a call or none of it.
+a crash leaves either all of a call or none of it; the delta processor commits the batches
+of the calls and received deltas queued together in one transaction (`pipeline.py`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ signing the connection's Noise handshake hash with its member key.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Final
 
@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from trionode.context.errors import ContextError, PeerFailed
 from trionode.context.manager import ContextManager
 from trionode.context.treecmp import SessionResponder
-from trionode.dag.delta import SignedDelta, decode_delta
+from trionode.dag.delta import SignedDelta, verify_wire
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError, StreamEndedError
 from trionode.net.events import GossipMessage
 from trionode.net.framed import FramedStream, StreamLimits
@@ -177,6 +177,9 @@ class Replicator:
         fetch_timeout: float = 30.0,
         max_fetch_rounds: int = 64,
         max_concurrent_fetches: int = 8,
+        session_limiter: trio.CapacityLimiter | None = None,
+        session_started: Callable[[], None] | None = None,
+        heartbeats: trio.MemorySendChannel[tuple[PeerId, Heartbeat]] | None = None,
     ) -> None:
         self.contexts = contexts
         self.host = host
@@ -188,13 +191,13 @@ class Replicator:
         self._fetch_limit = trio.CapacityLimiter(max_concurrent_fetches)
         self._send_fetch, self._receive_fetch = trio.open_memory_channel[_Fetch](256)
         self._fetching: set[tuple[bytes, bytes]] = set()
-        self.session_limiter: trio.CapacityLimiter | None = None
-        self.session_started: Callable[[], None] | None = None
-        """Shared with outgoing sessions by the sync manager: incoming ones count too."""
-        self.on_heartbeat: Callable[[PeerId, Heartbeat], Awaitable[None]] | None = None
-        self.sync_session: Callable[[bytes, PeerId], Awaitable[int]] | None = None
-        """Set by the sync manager: run a sync session for a context with a peer now (the
-        join uses it for its first sync, a snapshot)."""
+        self.session_limiter = session_limiter
+        self.session_started = session_started
+        """Shared with the sync manager's outgoing sessions (wired in node.py): incoming
+        sessions take the same tokens and are counted alike."""
+        self._heartbeats = heartbeats
+        """Where received heartbeats go (the sync manager's channel; full: dropped and
+        counted, the next heartbeat or interval tick does the same job)."""
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         contexts.local_delta_listeners.append(self.broadcast)
 
@@ -247,11 +250,14 @@ class Replicator:
             self.metrics.outcome("rejected_malformed")
             return
         if isinstance(gossip, Heartbeat):
-            if self.on_heartbeat is not None:
+            if self._heartbeats is not None:
                 # Sync with the member that sent it if we can reach it, else the relay.
                 author = message.author
                 peer = author if author in self.host.connections else message.received_from
-                await self.on_heartbeat(peer, gossip)
+                try:
+                    self._heartbeats.send_nowait((peer, gossip))
+                except trio.WouldBlock:
+                    self.metrics.outcome("heartbeat_dropped")
             return
         await self.receive_from(message.received_from, context_id, gossip.delta)
 
@@ -330,12 +336,13 @@ class Replicator:
                 wanted.difference_update(batch)
                 asked = set(batch)
                 for wire in reply.deltas:
-                    if decode_delta(wire).id not in asked:
+                    verified = verify_wire(wire)  # once: the processor takes it as it is
+                    if verified.id not in asked:
                         # Not what we asked for (a wrong id): never applied, whatever it is.
                         self.metrics.outcome("rejected_invalid")
                         log.info("%s sent a delta that was not requested", peer)
                         continue
-                    result = await self.contexts.receive(context_id, wire)
+                    result = await self.contexts.receive(context_id, verified)
                     received += len(result.applied)
                     wanted.update(result.missing)
                 if reply.missing:

@@ -2,7 +2,9 @@
 
 ```
 SyncManager.run ── sync nursery
-   ├─ _heartbeats     every `sync.heartbeat`: publish (heads, root) on each context topic
+   ├─ _send_heartbeats   every `sync.heartbeat`: publish (heads, root) on each context topic
+   ├─ _receive_heartbeats  heartbeats the replicator received (a bounded channel wired in
+   │                  node.py): a peer with heads we lack is synced with at once
    ├─ _ticks          every `sync.interval`: a session for each context not synced within
    │                  `sync.min_interval` (failures back off exponentially, capped)
    └─ sessions        one task each, all under one CapacityLimiter(sync.max_concurrent)
@@ -159,12 +161,13 @@ class SyncManager:
         replicator: Replicator,
         pubsub: PubSub,
         *,
-        registry: CollectorRegistry | None = None,
+        limiter: trio.CapacityLimiter,
+        metrics: SyncMetrics,
+        heartbeats: trio.MemoryReceiveChannel[tuple[PeerId, Heartbeat]] | None = None,
         interval: float = 10.0,
         min_interval: float = 5.0,
         heartbeat: float = 5.0,
         timeout: float = 30.0,
-        max_concurrent: int = 30,
         max_delta_rounds: int = 64,
         tree_limits: treecmp.TreeLimits | None = None,
         on_join: bool = True,
@@ -178,7 +181,8 @@ class SyncManager:
         self.min_interval = min_interval
         self.heartbeat = heartbeat
         self.timeout = timeout
-        self.limiter = trio.CapacityLimiter(max_concurrent)
+        self.limiter = limiter
+        """Shared with the replicator's incoming sessions (wired in node.py)."""
         self.max_delta_rounds = max_delta_rounds
         """How deep (in breadth-first requests) a gap delta sync fills before giving way to
         tree comparison."""
@@ -187,7 +191,8 @@ class SyncManager:
         self.snapshot_page_bytes = snapshot.PAGE_BYTES
         self.on_join = on_join
         self.join_jitter = join_jitter
-        self.metrics = SyncMetrics(registry, self.limiter)
+        self.metrics = metrics
+        self._heartbeats = heartbeats
         self._state: dict[bytes, _ContextSync] = {}
         self._peer_status: dict[bytes, dict[PeerId, PeerSyncStatus]] = {}
         self.max_peer_status = max_peer_status
@@ -195,10 +200,6 @@ class SyncManager:
         self._running: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
         self._rng = random.Random()  # noqa: S311 - picks a peer, protects nothing
-        replicator.session_limiter = self.limiter
-        replicator.session_started = self.metrics.session_started
-        replicator.on_heartbeat = self._on_heartbeat
-        replicator.sync_session = self.sync_now
 
     async def run(
         self,
@@ -208,8 +209,10 @@ class SyncManager:
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._heartbeats)
+            nursery.start_soon(self._send_heartbeats)
             nursery.start_soon(self._ticks)
+            if self._heartbeats is not None:
+                nursery.start_soon(self._receive_heartbeats, self._heartbeats)
             task_status.started()
             await shutdown_requested.wait()
             nursery.cancel_scope.cancel()
@@ -493,7 +496,7 @@ class SyncManager:
 
     # -- heartbeats --------------------------------------------------------------------------
 
-    async def _heartbeats(self) -> None:
+    async def _send_heartbeats(self) -> None:
         while True:
             await trio.sleep(self.heartbeat)
             for context_id in self.contexts.known_ids():
@@ -505,6 +508,12 @@ class SyncManager:
                 self.replicator.subscribe(context_id)
                 self.pubsub.publish(topic_for(context_id), encode_gossip(message))
                 self.metrics.heartbeats.labels("sent").inc()
+
+    async def _receive_heartbeats(
+        self, heartbeats: trio.MemoryReceiveChannel[tuple[PeerId, Heartbeat]]
+    ) -> None:
+        async for peer, heartbeat in heartbeats:
+            await self._on_heartbeat(peer, heartbeat)
 
     async def _on_heartbeat(self, peer: PeerId, heartbeat: Heartbeat) -> None:
         self.metrics.heartbeats.labels("received").inc()

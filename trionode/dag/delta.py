@@ -30,6 +30,7 @@ import hashlib
 import os
 from typing import Annotated, Final
 
+import attrs
 import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -121,8 +122,15 @@ class DeltaBody(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     """The author's root hash after applying this delta (a divergence hint, not a rule)."""
 
 
-class SignedDelta(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """What travels: the header bytes exactly as signed, the ciphertext and the signature."""
+class SignedDelta(
+    msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, dict=True
+):
+    """What travels: the header bytes exactly as signed, the ciphertext and the signature.
+
+    One pass per delta: its id, its wire bytes and (once checked) its verified header are
+    computed once and kept on the object (`__dict__`, never encoded), so the many places
+    that ask for them cost a dictionary lookup, not a SHA-256, an encoding or an Ed25519
+    verification each."""
 
     header: bytes
     ciphertext: bytes
@@ -130,10 +138,16 @@ class SignedDelta(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
 
     @property
     def id(self) -> bytes:
-        return delta_id(self)
+        cached: bytes | None = self.__dict__.get("_id")
+        if cached is None:
+            cached = self.__dict__["_id"] = delta_id(self)
+        return cached
 
     def encode(self) -> bytes:
-        return _ENCODER.encode(self)
+        cached: bytes | None = self.__dict__.get("_wire")
+        if cached is None:
+            cached = self.__dict__["_wire"] = _ENCODER.encode(self)
+        return cached
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -189,7 +203,9 @@ def seal_delta(
         _ENCODER.encode(body), header_bytes, header.nonce, context_key
     )
     signature = author.sign(_signed_message(header_bytes, ciphertext))
-    return SignedDelta(header=header_bytes, ciphertext=ciphertext, signature=signature)
+    delta = SignedDelta(header=header_bytes, ciphertext=ciphertext, signature=signature)
+    delta.__dict__["_header"] = header  # ours, just signed: nothing to verify
+    return delta
 
 
 def decode_delta(
@@ -199,18 +215,25 @@ def decode_delta(
     if len(data) > max_size:
         raise RemoteProtocolError(f"delta of {len(data)} bytes exceeds {max_size}")
     try:
-        return _SIGNED_DECODER.decode(data)
+        delta = _SIGNED_DECODER.decode(data)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise RemoteProtocolError(f"malformed delta: {exc}") from None
+    if isinstance(data, bytes):
+        delta.__dict__["_wire"] = data  # (canonical or not, these are the bytes we hold)
+    return delta
 
 
 def verify_delta(delta: SignedDelta, *, expected_id: bytes | None = None) -> DeltaHeader:
     """Check the id (if the sender named one) and the author's signature; return the header.
 
     Membership and write rights are the caller's to check: they depend on context state.
+    The first successful check is kept on the delta; later calls return it at once.
     """
-    if expected_id is not None and delta_id(delta) != expected_id:
+    if expected_id is not None and delta.id != expected_id:
         raise RemoteProtocolError("delta id does not match its contents")
+    cached: DeltaHeader | None = delta.__dict__.get("_header")
+    if cached is not None:
+        return cached
     try:
         header = _HEADER_DECODER.decode(delta.header)
     except (msgspec.DecodeError, RecursionError) as exc:
@@ -234,7 +257,33 @@ def verify_delta(delta: SignedDelta, *, expected_id: bytes | None = None) -> Del
         )
     except (InvalidSignature, ValueError):
         raise RemoteProtocolError("bad delta signature") from None
+    delta.__dict__["_header"] = header
     return header
+
+
+@attrs.frozen
+class VerifiedDelta:
+    """A received delta checked once (decoded, id computed, signature verified, header
+    decoded) with the wire bytes it came as: what the delta processor takes."""
+
+    delta: SignedDelta
+    header: DeltaHeader
+
+    @property
+    def id(self) -> bytes:
+        return self.delta.id
+
+    @property
+    def wire(self) -> bytes:
+        return self.delta.encode()
+
+
+def verify_wire(
+    wire: bytes, *, expected_id: bytes | None = None, max_size: int = MAX_DELTA_BYTES
+) -> VerifiedDelta:
+    """Decode and verify a delta off the wire (RemoteProtocolError if it is not one)."""
+    delta = decode_delta(wire, max_size=max_size)
+    return VerifiedDelta(delta, verify_delta(delta, expected_id=expected_id))
 
 
 def open_delta(delta: SignedDelta, header: DeltaHeader, context_key: bytes) -> DeltaBody:

@@ -1,0 +1,271 @@
+"""The delta processor: one task that owns every write of a delta into a replica, and
+commits them in groups.
+
+```
+ API calls ──────┐                                      ┌─> answer each job (its result or
+ gossip, fetch ──┤  bounded channel of jobs    serve()  │   its error) once durable
+ (VerifiedDelta) ┴─> [LocalCall | Received] ──> batch ──┼─> publish to subscribers, gossip
+                                                        └─> one LMDB transaction, one fsync
+```
+
+Submitters (`call`, `receive`) put a job on a bounded memory channel (full: they wait,
+which is the backpressure) and wait for its answer. The processor takes what is queued,
+up to `replication.group_commit_max_deltas` jobs and `..._max_bytes` bytes, stages every
+job into one `WriteBatch` in arrival order (holding the lock of each replica it touches,
+so no reader sees a change before it is durable), commits the batch in one write
+transaction, and only then answers each job and announces its deltas. A failed commit
+fails every job in the batch and drops the replicas it touched (they reload from the
+store): nothing is acknowledged that is not on disk, and memory never runs ahead of it.
+
+A job's own error (an app error, a refused call, a bad delta) fails that job alone. An
+error after a job began to change its replica leaves that replica unusable: later jobs of
+the same context wait for the next batch, and the replica is reloaded after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+import trio
+
+from trionode.context.errors import ContextError, ContextNotFound, NotPermitted
+from trionode.context.local_writes import AppLoader, CallResult, LocalWriter
+from trionode.context.notices import b58
+from trionode.context.processing import DeltaProcessor, Progress, Received
+from trionode.context.replicas import Replica, ReplicaStore
+from trionode.dag.delta import SignedDelta, VerifiedDelta, verify_wire
+from trionode.errors import ProtocolError, StorageError
+from trionode.sdk.errors import AppError
+from trionode.store.store import WriteBatch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE: Final = 1024
+DEFAULT_MAX_DELTAS: Final = 256
+DEFAULT_MAX_BYTES: Final = 4 * 1024 * 1024
+
+JOB_ERRORS: Final = (AppError, ContextError, ProtocolError)
+"""Errors that belong to one job: they fail it and not the batch."""
+
+
+@attrs.frozen
+class LocalCall:
+    method: str
+    args_json: str
+
+
+@attrs.define(eq=False)
+class _Job:
+    context_id: bytes
+    work: LocalCall | VerifiedDelta
+    size: int
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: CallResult | Received | None = None
+    error: BaseException | None = None
+
+    def succeed(self, result: CallResult | Received) -> None:
+        self.result = result
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+@attrs.define
+class BatchStats:
+    """What the processor has done (for tests, metrics and the bench)."""
+
+    batches: int = 0
+    jobs: int = 0
+    largest: int = 0
+
+
+class DeltaPipeline:
+    def __init__(
+        self,
+        replicas: ReplicaStore,
+        writer: LocalWriter,
+        processor: DeltaProcessor,
+        apps: AppLoader,
+        *,
+        queue: int = DEFAULT_QUEUE,
+        max_deltas: int = DEFAULT_MAX_DELTAS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self._replicas = replicas
+        self._writer = writer
+        self._processor = processor
+        self._apps = apps
+        self._max_deltas = max_deltas
+        self._max_bytes = max_bytes
+        # Full: submitters wait (an API call, a gossip handler): the backpressure.
+        self._send, self._receive = trio.open_memory_channel[_Job](queue)
+        self.stats = BatchStats()
+
+    # -- submitting ------------------------------------------------------------------------
+
+    async def call(
+        self, context_id: bytes, method: str, args_json: str, *, executor: bytes | None = None
+    ) -> CallResult:
+        """Run an app call as this node's member; returns once its delta (if it made one)
+        is durable. Raises ContextError, AppError, ReadOnlyError (a read-only node runs
+        only views), or StorageError if the commit failed."""
+        replica = await self._replicas.load(context_id)  # ContextNotFound at once
+        if executor is not None and executor != replica.record.our_member:
+            raise NotPermitted("this node holds no key for that executor")
+        self._writer.check_call(await self._apps.load(replica.record.application_id), method)
+        result = await self._submit(
+            _Job(context_id, LocalCall(method, args_json), len(method) + len(args_json))
+        )
+        assert isinstance(result, CallResult)
+        return result
+
+    async def receive(self, context_id: bytes, delta: bytes | VerifiedDelta) -> Received:
+        """Take a delta from a peer (gossip, fetch, sync); returns what became of it once
+        that is durable. Raises ProtocolError for a bad delta, ContextNotFound if this node
+        is not a member of `context_id`."""
+        verified = delta if isinstance(delta, VerifiedDelta) else verify_wire(delta)
+        if not self._replicas.knows(context_id):
+            raise_not_member(context_id)
+        result = await self._submit(_Job(context_id, verified, len(verified.wire)))
+        assert isinstance(result, Received)
+        return result
+
+    async def _submit(self, job: _Job) -> CallResult | Received:
+        try:
+            await self._send.send(job)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise StorageError("the node is stopping: nothing was written") from None
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    # -- processing ------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Process jobs until cancelled (the root nursery's task `delta-processor`)."""
+        task_status.started()
+        jobs: list[_Job] = []
+        try:
+            while True:
+                jobs = jobs or [await self._receive.receive()]
+                size = sum(job.size for job in jobs)
+                while len(jobs) < self._max_deltas and size < self._max_bytes:
+                    try:
+                        job = self._receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    jobs.append(job)
+                    size += job.size
+                jobs = await self._run_batch(jobs)
+        finally:
+            # Stopping: whoever still waits hears so (a job cancelled mid-commit may or may
+            # not be on disk; none was acknowledged).
+            stopped = StorageError("the node stopped before this write was acknowledged")
+            while True:
+                try:
+                    jobs.append(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            self._receive.close()
+            for job in jobs:
+                if not job.done.is_set():
+                    job.fail(stopped)
+
+    async def _run_batch(self, jobs: list[_Job]) -> list[_Job]:
+        """Stage `jobs`, commit them in one write, answer them; returns the jobs left for
+        the next batch (those of a replica an error left unusable)."""
+        batch = WriteBatch()
+        held: dict[bytes, Replica] = {}
+        fresh: dict[bytes, dict[bytes, SignedDelta]] = {}
+        unusable: set[bytes] = set()
+        carry: list[_Job] = []
+        staged: list[tuple[_Job, CallResult | Received, Callable[[], None] | None]] = []
+        failed: list[tuple[_Job, BaseException]] = []
+        try:
+            for job in jobs:
+                if job.context_id in unusable:
+                    carry.append(job)
+                    continue
+                progress = Progress()
+                try:
+                    replica = await self._hold(job.context_id, held)
+                    answer, after = await self._stage(
+                        job, replica, batch, fresh.setdefault(job.context_id, {}), progress
+                    )
+                except JOB_ERRORS as exc:
+                    failed.append((job, exc))
+                    if progress.mutated:
+                        unusable.add(job.context_id)
+                        log.warning("%s needs a reload: %s", b58(job.context_id), exc)
+                    continue
+                staged.append((job, answer, after))
+            if len(batch):
+                try:
+                    await self._replicas.store.write(batch)
+                except StorageError as write_error:
+                    unusable.update(held)
+                    failed.extend((job, write_error) for job, _, _ in staged)
+                    staged = []
+        finally:
+            for context_id, replica in held.items():
+                if context_id in unusable:
+                    self._replicas.forget_loaded(context_id)  # reload from disk next time
+                replica.lock.release()
+        for job, error in failed:
+            job.fail(error)
+        for job, answer, after in staged:
+            if after is not None:
+                after()  # announce (subscribers, gossip) as soon as it is durable
+            job.succeed(answer)
+        self.stats.batches += 1
+        self.stats.jobs += len(jobs) - len(carry)
+        self.stats.largest = max(self.stats.largest, len(jobs) - len(carry))
+        return carry
+
+    async def _hold(self, context_id: bytes, held: dict[bytes, Replica]) -> Replica:
+        """The replica of `context_id`, locked until the batch is committed."""
+        replica = held.get(context_id)
+        if replica is None:
+            if not self._replicas.knows(context_id):
+                raise_not_member(context_id)
+            replica = await self._replicas.load(context_id)
+            await replica.lock.acquire()
+            held[context_id] = replica
+        return replica
+
+    async def _stage(
+        self,
+        job: _Job,
+        replica: Replica,
+        batch: WriteBatch,
+        fresh: dict[bytes, SignedDelta],
+        progress: Progress,
+    ) -> tuple[CallResult | Received, Callable[[], None] | None]:
+        work = job.work
+        if isinstance(work, VerifiedDelta):
+            return self._processor.stage_received(replica, work, batch, fresh, progress)
+        app = await self._apps.load(replica.record.application_id)
+        result = self._writer.run_call(replica, app, work.method, work.args_json)
+        if not result.delta_records and not result.events:
+            return CallResult(result.result, None, replica.tree.root_hash()), None
+        progress.mutated = True
+        delta, after = self._writer.stage_outcome(replica, result, batch, fresh)
+        return CallResult(result.result, delta.id, replica.tree.root_hash()), after
+
+
+def raise_not_member(context_id: bytes) -> None:
+    raise ContextNotFound(f"not a member of {b58(context_id)}")
+
+
+async def serve_delta_processor(
+    pipeline: DeltaPipeline, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The delta processor task (see the module docstring)."""
+    await pipeline.serve(task_status=task_status)
