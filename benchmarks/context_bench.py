@@ -521,7 +521,7 @@ async def _http_concurrent(
     headers = {"Authorization": f"Bearer {test_node.token}"}
     limits = httpx.Limits(max_connections=HTTP_CLIENTS, max_keepalive_connections=HTTP_CLIENTS)
     async with httpx.AsyncClient(
-        base_url=test_node.api_url, headers=headers, limits=limits
+        base_url=test_node.api_url, headers=headers, limits=limits, timeout=120
     ) as http:
         await _rpc(http, context, "len", "{}")
 

@@ -477,7 +477,10 @@ async def _open_locked_node(
             nursery.start_soon(_bound_shutdown, node, nursery.cancel_scope, name="shutdown-grace")
             # First: every local call and received delta is committed by this one task.
             await nursery.start(
-                serve_delta_processor, node.contexts.pipeline, name="delta-processor"
+                serve_delta_processor,
+                node.contexts.pipeline,
+                node.shutdown_requested,
+                name="delta-processor",
             )
             await nursery.start(
                 node.events.run,

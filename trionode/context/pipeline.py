@@ -148,13 +148,23 @@ class DeltaPipeline:
 
     # -- processing ------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Process jobs until cancelled (the root nursery's task `delta-processor`)."""
+    async def serve(
+        self,
+        shutdown_requested: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Process jobs (the root nursery's task `delta-processor`) until shutdown is
+        requested and what was queued by then is committed (or until cancelled)."""
         task_status.started()
         jobs: list[_Job] = []
         try:
             while True:
-                jobs = jobs or [await self._receive.receive()]
+                if not jobs:
+                    first = await self._next(shutdown_requested)
+                    if first is None:
+                        return
+                    jobs = [first]
                 size = sum(job.size for job in jobs)
                 while len(jobs) < self._max_deltas and size < self._max_bytes:
                     try:
@@ -177,6 +187,26 @@ class DeltaPipeline:
             for job in jobs:
                 if not job.done.is_set():
                     job.fail(stopped)
+
+    async def _next(self, shutdown_requested: trio.Event) -> _Job | None:
+        """The next job; None once shutdown is requested and nothing is queued."""
+        if not shutdown_requested.is_set():
+            got: list[_Job] = []
+            async with trio.open_nursery() as nursery:
+
+                async def stop() -> None:
+                    await shutdown_requested.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop)
+                got.append(await self._receive.receive())
+                nursery.cancel_scope.cancel()
+            if got:
+                return got[0]
+        try:
+            return self._receive.receive_nowait()
+        except trio.WouldBlock:
+            return None
 
     async def _run_batch(self, jobs: list[_Job]) -> list[_Job]:
         """Stage `jobs`, commit them in one write, answer them; returns the jobs left for
@@ -265,7 +295,12 @@ def raise_not_member(context_id: bytes) -> None:
 
 
 async def serve_delta_processor(
-    pipeline: DeltaPipeline, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    pipeline: DeltaPipeline,
+    shutdown_requested: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The delta processor task (see the module docstring)."""
-    await pipeline.serve(task_status=task_status)
+    """The delta processor task (see the module docstring). A shutdown request ends it
+    once what was queued is committed: later submitters hear that the node is stopping,
+    and the node's shutdown does not wait for its grace period on this task."""
+    await pipeline.serve(shutdown_requested, task_status=task_status)
