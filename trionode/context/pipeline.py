@@ -24,6 +24,7 @@ the same context wait for the next batch, and the replica is reloaded after the 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import Final
@@ -38,6 +39,7 @@ from trionode.context.processing import DeltaProcessor, Progress, Received
 from trionode.context.replicas import Replica, ReplicaStore
 from trionode.dag.delta import SignedDelta, VerifiedDelta, verify_wire
 from trionode.errors import ProtocolError, StorageError
+from trionode.sdk.blobs import BlobLoadNeeded
 from trionode.sdk.errors import AppError
 from trionode.store.store import WriteBatch
 
@@ -47,14 +49,18 @@ DEFAULT_QUEUE: Final = 1024
 DEFAULT_MAX_DELTAS: Final = 256
 DEFAULT_MAX_BYTES: Final = 4 * 1024 * 1024
 
-JOB_ERRORS: Final = (AppError, ContextError, ProtocolError)
-"""Errors that belong to one job: they fail it and not the batch."""
+JOB_ERRORS: Final = (AppError, ContextError, ProtocolError, BlobLoadNeeded)
+"""Errors that belong to one job: they fail it and not the batch. `BlobLoadNeeded` is the
+signal that a call must wait for blob bytes: the caller loads them and calls again."""
 
 
 @attrs.frozen
 class LocalCall:
     method: str
     args_json: str
+    caller: contextvars.Context = attrs.field(factory=contextvars.copy_context)
+    """The submitting task's context variables: the call runs in the processor's task,
+    and what the caller set up for it (the blob access of an API call) must come along."""
 
 
 @attrs.define(eq=False)
@@ -282,7 +288,7 @@ class DeltaPipeline:
         if isinstance(work, VerifiedDelta):
             return self._processor.stage_received(replica, work, batch, fresh, progress)
         app = await self._apps.load(replica.record.application_id)
-        result = self._writer.run_call(replica, app, work.method, work.args_json)
+        result = work.caller.run(self._writer.run_call, replica, app, work.method, work.args_json)
         if not result.delta_records and not result.events:
             return CallResult(result.result, None, replica.tree.root_hash()), None
         progress.mutated = True
