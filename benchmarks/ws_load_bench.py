@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +119,11 @@ async def _follow(
     request: dict[str, Any],
     opening: trio.Semaphore,
     ready: Callable[[], None],
+    *,
+    headers: list[tuple[bytes, bytes]],
 ) -> None:
     await opening.acquire()  # a few handshakes at a time, not a thousand SYNs at once
-    async with open_websocket_url(url, message_queue_size=10_000) as ws:
+    async with open_websocket_url(url, message_queue_size=10_000, extra_headers=headers) as ws:
         await ws.send_message(json.dumps(request))
         while True:
             try:
@@ -143,6 +146,8 @@ async def _load(
     subscribers: int,
     duration: float,
     write: Callable[[str, int], Awaitable[str]],
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> Outcome:
     subs = [Subscriber(contexts[i % len(contexts)]) for i in range(subscribers)]
     written: dict[str, list[tuple[str, float]]] = {c: [] for c in contexts}
@@ -151,7 +156,14 @@ async def _load(
         opening = trio.Semaphore(OPENING)
         for sub in subs:
             request = {"type": "subscribe", "contextIds": [sub.context]}
-            nursery.start_soon(_follow, url, sub, request, opening, connected.release)
+            nursery.start_soon(
+                partial(_follow, headers=headers or []),
+                url,
+                sub,
+                request,
+                opening,
+                connected.release,
+            )
         for _ in subs:
             await connected.acquire()
         started = trio.current_time()
@@ -270,8 +282,16 @@ async def _run_against(
             return str(reply["result"]["deltaId"])
 
         before = _rss_mib(proc.pid)
-        url = api.replace("http", "ws", 1) + f"/ws?token={token}"
-        outcome = await _load(url, contexts, subscribers, duration, write)
+        # Not a browser: the token goes in the Authorization header (no `?token=`).
+        url = api.replace("http", "ws", 1) + "/ws"
+        outcome = await _load(
+            url,
+            contexts,
+            subscribers,
+            duration,
+            write,
+            headers=[(b"Authorization", f"Bearer {token}".encode())],
+        )
         after = _rss_mib(proc.pid)
     return outcome, before, after
 
