@@ -433,6 +433,13 @@ class SyncSection(_Section, frozen=True):
     max_peer_status: PositiveInt = 64
     """Peers per context whose last sync (time, protocol, deltas, error) the node remembers
     for the page; beyond, the one tried longest ago is forgotten."""
+    serve_max_requests: PositiveInt = 1024
+    """Heads and delta requests one served sync stream may make; beyond, the stream is
+    closed as a protocol violation (an honest session makes at most a few dozen)."""
+    serve_timeout: PositiveFloat = 600.0
+    """Seconds one served sync stream may stay open in all (a member that keeps asking
+    would otherwise hold a session token for ever); well above `timeout`, which bounds
+    the requester's side, so that a large snapshot still completes."""
 
 
 class AppsSection(_Section, frozen=True):

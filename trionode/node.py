@@ -215,6 +215,8 @@ class Node:
             session_limiter=session_limiter,
             session_started=sync_metrics.session_started,
             heartbeats=send_heartbeats,
+            serve_max_requests=config.sync.serve_max_requests,
+            serve_timeout=config.sync.serve_timeout,
         )
         self.sync = SyncManager(
             self.contexts,

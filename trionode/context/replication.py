@@ -29,47 +29,37 @@ from typing import Final
 import attrs
 import base58
 import trio
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from trionode.context.errors import ContextError, PeerFailed
+from trionode.context.errors import ContextError
 from trionode.context.manager import ContextManager
-from trionode.context.treecmp import SessionResponder
-from trionode.dag.delta import SignedDelta, verify_wire
-from trionode.errors import PeerError, ProtocolError, RemoteProtocolError, StreamEndedError
+from trionode.dag.delta import SignedDelta, VerifiedDelta
+from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.events import GossipMessage
-from trionode.net.framed import FramedStream, StreamLimits
 from trionode.net.host import Connection, Host
 from trionode.net.pubsub import PubSub
+from trionode.sync.driver import (
+    SyncChannel,
+    SyncServer,
+    auth_message as auth_message,  # noqa: PLC0414 - re-exported (tests forge proofs with it)
+    exchange_heads,
+    fetch_deltas,
+)
+from trionode.sync.machines import DeltaFetch, HeadsExchange
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
-    MAX_FRAME,
-    MAX_IDS,
     DeltaGossip,
-    DeltaRequest,
-    DeltaResponse,
-    HeadsRequest,
     HeadsResponse,
     Heartbeat,
     SyncAuth,
-    SyncError,
-    SyncMessage,
     decode_gossip,
-    decode_sync,
     encode_gossip,
-    frame,
 )
 
 log = logging.getLogger(__name__)
 
 SYNC_PROTOCOL: Final = "/trionode/sync/1"
 TOPIC_PREFIX: Final = "trionode/context/"
-AUTH_DOMAIN: Final = b"trionode/sync-auth/v1"
-MAX_AUTH_FRAME: Final = 4096
-"""The first frame of a sync stream we serve is a SyncAuth (about 150 bytes): a peer that has
-not proved membership never gets a larger frame of its buffered."""
-
 
 SESSION_ERRORS: Final = (
     PeerError,
@@ -94,10 +84,6 @@ def context_of(topic: str) -> bytes | None:
     except ValueError:
         return None
     return raw if len(raw) == 32 else None
-
-
-def auth_message(handshake_hash: bytes, context_id: bytes) -> bytes:
-    return AUTH_DOMAIN + handshake_hash + context_id
 
 
 class ReplicationMetrics:
@@ -180,6 +166,8 @@ class Replicator:
         session_limiter: trio.CapacityLimiter | None = None,
         session_started: Callable[[], None] | None = None,
         heartbeats: trio.MemorySendChannel[tuple[PeerId, Heartbeat]] | None = None,
+        serve_max_requests: int = 1024,
+        serve_timeout: float | None = None,
     ) -> None:
         self.contexts = contexts
         self.host = host
@@ -198,6 +186,16 @@ class Replicator:
         self._heartbeats = heartbeats
         """Where received heartbeats go (the sync manager's channel; full: dropped and
         counted, the next heartbeat or interval tick does the same job)."""
+        self._server = SyncServer(
+            contexts,
+            host,
+            refused=metrics.sync_refused,
+            busy=metrics.sync_busy,
+            limiter=session_limiter,
+            session_started=session_started,
+            max_requests=serve_max_requests,
+            session_timeout=serve_timeout,
+        )
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
         contexts.local_delta_listeners.append(self.broadcast)
 
@@ -313,47 +311,32 @@ class Replicator:
         self, peer: PeerId, context_id: bytes, ids: set[bytes], *, max_rounds: int | None = None
     ) -> int:
         """Get `ids` and, breadth-first, whatever they still lack, from `peer` (at most
-        `max_rounds` requests, default `max_fetch_rounds`)."""
-        _, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
+        `max_rounds` requests, default `max_fetch_rounds`); how many deltas applied."""
+        machine = DeltaFetch(
+            ids, max_rounds=self.max_fetch_rounds if max_rounds is None else max_rounds
+        )
         received = 0
-        async with stream:
-            conn = self.host.connections.get(peer)
-            if conn is None:
-                raise PeerError(f"lost the connection to {peer}")
-            channel = self._requesting(stream)
-            await channel.send(await self._auth(conn, context_id))
-            wanted = set(ids)
-            for _ in range(self.max_fetch_rounds if max_rounds is None else max_rounds):
-                if not wanted:
-                    break
-                batch = sorted(wanted)[:MAX_IDS]
-                await channel.send(DeltaRequest(ids=batch))
-                reply = await channel.receive()
-                if isinstance(reply, SyncError):
-                    raise PeerFailed(f"{peer} refused: {reply.message}")
-                if not isinstance(reply, DeltaResponse):
-                    raise RemoteProtocolError(f"expected deltas, got {type(reply).__name__}")
-                wanted.difference_update(batch)
-                asked = set(batch)
-                for wire in reply.deltas:
-                    verified = verify_wire(wire)  # once: the processor takes it as it is
-                    if verified.id not in asked:
-                        # Not what we asked for (a wrong id): never applied, whatever it is.
-                        self.metrics.outcome("rejected_invalid")
-                        log.info("%s sent a delta that was not requested", peer)
-                        continue
-                    result = await self.contexts.receive(context_id, verified)
-                    received += len(result.applied)
-                    wanted.update(result.missing)
-                if reply.missing:
-                    log.info("%s lacks %d requested deltas", peer, len(reply.missing))
-            await stream.send_eof()
+
+        async def apply(delta: VerifiedDelta) -> frozenset[bytes]:
+            nonlocal received
+            result = await self.contexts.receive(context_id, delta)
+            received += len(result.applied)
+            return result.missing
+
+        async with self.session(peer, context_id) as (channel, _):
+            await fetch_deltas(channel, machine, apply)
+        if machine.rejected:
+            # Not what we asked for (a wrong id): never applied, whatever it is.
+            self.metrics.outcome("rejected_invalid", machine.rejected)
+            log.info("%s sent %d deltas that were not requested", peer, machine.rejected)
+        if machine.peer_missing:
+            log.info("%s lacks %d requested deltas", peer, len(machine.peer_missing))
         return received
 
     @asynccontextmanager
     async def session(
         self, peer: PeerId, context_id: bytes
-    ) -> AsyncIterator[tuple[_Channel, Connection]]:
+    ) -> AsyncIterator[tuple[SyncChannel, Connection]]:
         """A sync stream to `peer` on which we have proved our membership of `context_id`
         (for the state-based protocols: snapshot, tree comparison)."""
         _, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
@@ -376,108 +359,15 @@ class Replicator:
 
     async def ask_heads(self, peer: PeerId, context_id: bytes) -> HeadsResponse:
         """Open a session: the peer's heads and root hash for `context_id`."""
-        _, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
-        async with stream:
-            conn = self.host.connections.get(peer)
-            if conn is None:
-                raise PeerError(f"lost the connection to {peer}")
-            channel = self._requesting(stream)
-            await channel.send(await self._auth(conn, context_id))
+        async with self.session(peer, context_id) as (channel, _):
             _, ours, _ = await self.contexts.state(context_id)
-            await channel.send(HeadsRequest(heads=ours[:MAX_IDS]))
-            reply = await channel.receive()
-            if isinstance(reply, SyncError):
-                raise PeerFailed(f"{peer} refused: {reply.message}")
-            if not isinstance(reply, HeadsResponse):
-                raise RemoteProtocolError(f"expected heads, got {type(reply).__name__}")
-            await stream.send_eof()
-            return reply
+            return await exchange_heads(channel, HeadsExchange(ours))
 
-    def _requesting(self, stream: trio.abc.Stream) -> _Channel:
-        return _Channel(stream, self.host.stream_limits.for_requester())
+    def _requesting(self, stream: trio.abc.Stream) -> SyncChannel:
+        return SyncChannel(stream, self.host.stream_limits.for_requester())
 
     async def _serve_sync(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
-        # Until the peer has proved membership its stream holds no limiter token and may
-        # send one small frame, within the first-message deadline: silent or anonymous
-        # streams cost the node almost nothing and never make members wait.
-        channel = _Channel(stream, self.host.stream_limits, max_frame=MAX_AUTH_FRAME)
-        try:
-            first = await channel.receive()
-        except StreamEndedError:
-            raise  # silent or gone: it costs the stream (and the peer may only be slow)
-        except RemoteProtocolError:
-            # Garbage or an oversized frame before any proof: no member's node sends that.
-            self.host.report_misbehaviour(conn.peer_id, "sync_before_auth")
-            raise
-        if not isinstance(first, SyncAuth):
-            self.host.report_misbehaviour(conn.peer_id, "sync_before_auth")
-            raise RemoteProtocolError("a sync stream must start with auth")
-        problem = await self._check_auth(conn, first)
-        if problem is not None:
-            self.metrics.sync_refused.inc()
-            await channel.send(SyncError(message=problem))
-            return
-        self.host.member_proven(conn.peer_id, first.context_id)
-        channel.allow_frames(MAX_FRAME)
-        if self.session_limiter is None:
-            await self._serve_session(channel, stream, conn, first)
-            return
-        # Incoming sessions share the limiter with outgoing ones, but never *wait* for it:
-        # two nodes whose tokens are all held by sessions towards each other would otherwise
-        # each wait for the other until the timeouts fired. A busy node says so at once; the
-        # requester backs off and tries again.
-        try:
-            self.session_limiter.acquire_nowait()
-        except trio.WouldBlock:
-            self.metrics.sync_busy.inc()
-            await channel.send(SyncError(message="busy: too many sync sessions"))
-            return
-        try:
-            if self.session_started is not None:
-                self.session_started()
-            await self._serve_session(channel, stream, conn, first)
-        finally:
-            self.session_limiter.release()
-
-    async def _serve_session(
-        self,
-        channel: _Channel,
-        stream: trio.abc.HalfCloseableStream,
-        conn: Connection,
-        first: SyncAuth,
-    ) -> None:
-        state_sync = SessionResponder(self.contexts, conn, first.context_id, first.member)
-        while (message := await channel.receive(eof_ok=True)) is not None:
-            if isinstance(message, HeadsRequest):
-                heads, known, root = await self.contexts.capture(first.context_id, message.heads)
-                await channel.send(
-                    HeadsResponse(heads=heads[:MAX_IDS], root_hash=root, known=known[:MAX_IDS])
-                )
-                continue
-            if not isinstance(message, DeltaRequest):
-                # Snapshot and tree comparison (raises for anything else).
-                await channel.send(await state_sync.handle(message))
-                continue
-            found: list[bytes] = []
-            missing: list[bytes] = []
-            for delta_id in message.ids:
-                wire = await self.contexts.read_delta(first.context_id, delta_id)
-                (found if wire is not None else missing).append(wire or delta_id)
-            await channel.send(DeltaResponse(deltas=found, missing=missing))
-        await stream.send_eof()
-
-    async def _check_auth(self, conn: Connection, auth: SyncAuth) -> str | None:
-        if auth.context_id not in self.contexts.known_ids():
-            return "unknown context"
-        try:
-            Ed25519PublicKey.from_public_bytes(auth.member).verify(
-                auth.signature, auth_message(conn.noise.remote.handshake_hash, auth.context_id)
-            )
-        except (InvalidSignature, ValueError):
-            return "bad membership proof"
-        if await self.contexts.role(auth.context_id, auth.member) is None:
-            return "not a member"
-        return None
+        await self._server.serve(stream, conn)
 
     # -- background ------------------------------------------------------------------------
 
@@ -495,31 +385,5 @@ class Replicator:
                 log.info("evicted %d pending deltas whose parents never arrived", expired)
 
 
-class _Channel:
-    """Typed sync frames over one stream, on the shared framed-stream helper (its deadlines
-    and frame-size bound; `limits` default to the config defaults)."""
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        limits: StreamLimits | None = None,
-        *,
-        max_frame: int = MAX_FRAME,
-    ) -> None:
-        self._stream = stream
-        self._framed = FramedStream(
-            stream, limits or StreamLimits(), max_frame=max_frame, what="sync stream"
-        )
-
-    def allow_frames(self, max_frame: int) -> None:
-        """Accept frames up to `max_frame` bytes from now on (after authentication)."""
-        self._framed.max_frame = max_frame
-
-    async def send(self, message: SyncMessage) -> None:
-        await self._stream.send_all(frame(message))
-
-    async def receive(self, *, eof_ok: bool = False) -> SyncMessage | None:
-        if eof_ok:
-            body = await self._framed.receive_frame_or_eof()
-            return None if body is None else decode_sync(body)
-        return decode_sync(await self._framed.receive_frame())
+_Channel = SyncChannel
+"""The sync stream's typed channel (kept under its old name for the tests' raw peers)."""

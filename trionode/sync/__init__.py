@@ -1,0 +1,8 @@
+"""Sync protocols as sans-IO machines (DESIGN §8) and their one Trio driver.
+
+* `machines` — heads exchange, delta fetch and the responder: messages and `now` in,
+  messages and storage actions out; no trio, socket or time imports (`ruff.toml` here).
+* `errors` — typed errors for protocol violations, refusals and deadlines.
+* `driver` — runs one machine per `/trionode/sync/1` stream over the shared framed-stream
+  helper, fulfilling its actions against the node's contexts.
+"""

@@ -1,0 +1,277 @@
+"""The Trio driver of the `/trionode/sync/1` machines: one stream, one machine.
+
+The driver moves messages between a stream and a machine (`trionode.sync.machines`) and
+fulfils the machine's storage actions against the node's contexts. Every frame goes
+through the shared framed-stream helper (`trionode.net.framed`): the serving side's
+first-message deadline, the between-message deadline, and the frame-size bound the
+machine sets (small until the peer has proved membership). The machine's own deadline
+(``get_timer``) bounds the whole session on top of those.
+
+A served stream that has not proved membership holds no limiter token: the token is taken
+(never waited for) only once the proof holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final, Protocol
+
+import trio
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client import Counter
+
+from trionode.context.manager import ContextManager
+from trionode.context.treecmp import SessionResponder
+from trionode.dag.delta import VerifiedDelta
+from trionode.errors import RemoteProtocolError, StreamEndedError
+from trionode.net.framed import FramedStream, StreamLimits
+from trionode.net.host import Connection, Host
+from trionode.sync.errors import SessionExpired
+from trionode.sync.machines import (
+    MAX_AUTH_FRAME,
+    CheckAuth,
+    Delegate,
+    DeltaFetch,
+    HeadsExchange,
+    ReadDeltas,
+    ReadHeads,
+    Responder,
+)
+from trionode.wire.messages import (
+    MAX_FRAME,
+    HeadsResponse,
+    SyncAuth,
+    SyncMessage,
+    decode_sync,
+    frame,
+)
+
+log = logging.getLogger(__name__)
+
+AUTH_DOMAIN: Final = b"trionode/sync-auth/v1"
+
+
+def auth_message(handshake_hash: bytes, context_id: bytes) -> bytes:
+    """What a requester's member key signs to prove membership on one connection."""
+    return AUTH_DOMAIN + handshake_hash + context_id
+
+
+class SyncChannel:
+    """Typed sync frames over one stream, on the shared framed-stream helper (its deadlines
+    and frame-size bound; `limits` default to the config defaults)."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        limits: StreamLimits | None = None,
+        *,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        self._stream = stream
+        self._framed = FramedStream(
+            stream, limits or StreamLimits(), max_frame=max_frame, what="sync stream"
+        )
+
+    def allow_frames(self, max_frame: int) -> None:
+        """Accept frames up to `max_frame` bytes from now on (after authentication)."""
+        self._framed.max_frame = max_frame
+
+    async def send(self, message: SyncMessage) -> None:
+        await self._stream.send_all(frame(message))
+
+    async def receive(self, *, eof_ok: bool = False) -> SyncMessage | None:
+        if eof_ok:
+            body = await self._framed.receive_frame_or_eof()
+            return None if body is None else decode_sync(body)
+        return decode_sync(await self._framed.receive_frame())
+
+
+class _Machine(Protocol):
+    def messages_to_send(self) -> list[SyncMessage]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+
+
+async def _flush(channel: SyncChannel, machine: _Machine) -> None:
+    for message in machine.messages_to_send():
+        await channel.send(message)
+
+
+async def _receive(
+    channel: SyncChannel, machine: _Machine, *, eof_ok: bool = False
+) -> SyncMessage | None:
+    """The next message, within the machine's deadline (on top of the stream's own)."""
+    deadline = machine.get_timer()
+    with trio.move_on_at(math.inf if deadline is None else deadline):
+        return await channel.receive(eof_ok=eof_ok)
+    machine.handle_timer(trio.current_time())  # raises SessionExpired
+    raise SessionExpired("sync session deadline passed")
+
+
+# -- requester -----------------------------------------------------------------------------------
+
+
+async def exchange_heads(channel: SyncChannel, machine: HeadsExchange) -> HeadsResponse:
+    """Run a heads exchange on an authenticated stream; the peer's answer."""
+    await _flush(channel, machine)
+    while machine.result is None:
+        message = await _receive(channel, machine)
+        assert message is not None
+        machine.receive_message(message, trio.current_time())
+    return machine.result
+
+
+async def fetch_deltas(
+    channel: SyncChannel,
+    machine: DeltaFetch,
+    apply: Callable[[VerifiedDelta], Awaitable[Iterable[bytes]]],
+) -> None:
+    """Run a delta fetch on an authenticated stream; `apply` hands one verified delta to the
+    delta processor and returns the parents it waits for."""
+    while True:
+        await _flush(channel, machine)
+        if machine.finished:
+            return
+        message = await _receive(channel, machine)
+        assert message is not None
+        machine.receive_message(message, trio.current_time())
+        action = machine.next_action()
+        if action is not None:
+            missing: set[bytes] = set()
+            for delta in action.deltas:
+                missing.update(await apply(delta))
+            machine.deltas_applied(missing)
+
+
+# -- responder -----------------------------------------------------------------------------------
+
+
+class SyncServer:
+    """Serves `/trionode/sync/1` streams: a `Responder` machine per stream, its actions
+    answered from `contexts`, snapshot and tree-comparison requests handed to
+    `SessionResponder`.
+
+    Incoming sessions share `limiter` with outgoing ones, but never *wait* for it: two nodes
+    whose tokens are all held by sessions towards each other would otherwise each wait for
+    the other until the timeouts fired. A busy node says so at once; the requester backs
+    off and tries again.
+    """
+
+    def __init__(
+        self,
+        contexts: ContextManager,
+        host: Host,
+        *,
+        refused: Counter,
+        busy: Counter,
+        limiter: trio.CapacityLimiter | None = None,
+        session_started: Callable[[], None] | None = None,
+        max_requests: int = 1024,
+        session_timeout: float | None = None,
+    ) -> None:
+        self.contexts = contexts
+        self.host = host
+        self._refused = refused
+        self._busy = busy
+        self.limiter = limiter
+        self.session_started = session_started
+        self.max_requests = max_requests
+        self.session_timeout = session_timeout
+
+    async def serve(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
+        deadline = None
+        if self.session_timeout is not None:
+            deadline = trio.current_time() + self.session_timeout
+        machine = Responder(max_requests=self.max_requests, deadline=deadline)
+        # Until the peer has proved membership its stream holds no limiter token and may
+        # send one small frame, within the first-message deadline: silent or anonymous
+        # streams cost the node almost nothing and never make members wait.
+        channel = SyncChannel(stream, self.host.stream_limits, max_frame=MAX_AUTH_FRAME)
+        try:
+            first = await _receive(channel, machine)
+            assert first is not None
+            machine.receive_message(first, trio.current_time())
+        except StreamEndedError:
+            raise  # silent or gone: it costs the stream (and the peer may only be slow)
+        except RemoteProtocolError:
+            # Garbage, an oversized frame or a request before any proof: no member's node
+            # sends that.
+            self.host.report_misbehaviour(conn.peer_id, "sync_before_auth")
+            raise
+        action = machine.next_action()
+        assert isinstance(action, CheckAuth)
+        problem = await self._check_auth(conn, action.auth)
+        machine.auth_checked(problem)
+        if problem is not None:
+            self._refused.inc()
+            await _flush(channel, machine)
+            return
+        self.host.member_proven(conn.peer_id, action.auth.context_id)
+        channel.allow_frames(machine.max_frame)
+        if self.limiter is None:
+            await self._serve_session(channel, stream, conn, machine, action.auth)
+            return
+        try:
+            self.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            self._busy.inc()
+            machine.refuse("busy: too many sync sessions")
+            await _flush(channel, machine)
+            return
+        try:
+            if self.session_started is not None:
+                self.session_started()
+            await self._serve_session(channel, stream, conn, machine, action.auth)
+        finally:
+            self.limiter.release()
+
+    async def _serve_session(
+        self,
+        channel: SyncChannel,
+        stream: trio.abc.HalfCloseableStream,
+        conn: Connection,
+        machine: Responder,
+        auth: SyncAuth,
+    ) -> None:
+        context_id = auth.context_id
+        state_sync = SessionResponder(self.contexts, conn, context_id, auth.member)
+        while True:
+            message = await _receive(channel, machine, eof_ok=True)
+            if message is None:
+                machine.receive_eof()
+                break
+            machine.receive_message(message, trio.current_time())
+            action = machine.next_action()
+            if isinstance(action, ReadHeads):
+                heads, known, root = await self.contexts.capture(context_id, action.peer_heads)
+                machine.heads_read(heads, known, root)
+            elif isinstance(action, ReadDeltas):
+                found: list[bytes] = []
+                missing: list[bytes] = []
+                for delta_id in action.ids:
+                    wire = await self.contexts.read_delta(context_id, delta_id)
+                    if wire is None:
+                        missing.append(delta_id)
+                    else:
+                        found.append(wire)
+                machine.deltas_read(found, missing)
+            elif isinstance(action, Delegate):
+                machine.delegated(await state_sync.handle(action.message))
+            await _flush(channel, machine)
+        await stream.send_eof()
+
+    async def _check_auth(self, conn: Connection, auth: SyncAuth) -> str | None:
+        if auth.context_id not in self.contexts.known_ids():
+            return "unknown context"
+        try:
+            Ed25519PublicKey.from_public_bytes(auth.member).verify(
+                auth.signature, auth_message(conn.noise.remote.handshake_hash, auth.context_id)
+            )
+        except (InvalidSignature, ValueError):
+            return "bad membership proof"
+        if await self.contexts.role(auth.context_id, auth.member) is None:
+            return "not a member"
+        return None

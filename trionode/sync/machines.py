@@ -1,0 +1,478 @@
+"""Sans-IO machines for `/trionode/sync/1`: the heads exchange, the delta fetch, and the
+responder that serves both.
+
+Theory of operation
+-------------------
+A machine owns no stream, no clock and no storage. Its driver (`trionode.sync.driver`)
+feeds it the messages it read (``receive_message(message, now)``), sends what
+``messages_to_send()`` returns, and fulfils the storage *actions* ``next_action()`` asks for
+(read our heads, read these deltas, apply these deltas, check this membership proof) by
+calling the matching completion method with the answer. Time is a parameter: a machine
+built with a deadline refuses input after it (``handle_timer(now)`` raises
+:class:`SessionExpired`), and ``get_timer()`` tells the driver when to give up waiting.
+
+One message is in flight at a time, as on the stream: a requester sends one request and
+waits for its answer; a responder reads one request, answers it, then reads the next.
+``awaiting_message`` says whether a machine wants input now; feeding it while it waits for
+an action is a LocalProtocolError (a driver bug, not the peer's fault).
+
+Errors. Whatever the peer does wrong raises a :class:`SyncViolation` and leaves the machine
+failed (every later call raises LocalProtocolError): an answer of the wrong kind or out of
+turn (a duplicated or replayed message arrives out of turn), an answer that does not
+account for exactly the ids asked, more ids than allowed, a request before
+authentication. A refusal (``SyncError``) raises :class:`PeerRefused`. A delta nobody
+asked for is never applied: it is counted (``rejected``), recorded as ``violation``, and
+the fetch ends after that answer (the deltas that were asked for still apply: each
+verifies itself).
+
+What is applied is all or nothing per delta: the driver hands each verified delta to the
+delta processor, which takes it whole or not at all, and a delta whose parents are not
+applied waits as pending. So a session cut at any point leaves nothing half-applied: only
+whole deltas, each applied only once its parents are.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from typing import NoReturn
+
+import attrs
+
+from trionode.dag.delta import GENESIS, VerifiedDelta, verify_wire
+from trionode.errors import LocalProtocolError, RemoteProtocolError, TrionodeError
+from trionode.sync.errors import (
+    AnswerMismatch,
+    NotAuthenticated,
+    PeerRefused,
+    SessionExpired,
+    TooManyIds,
+    TooManyRequests,
+    UnexpectedMessage,
+    UnrequestedDelta,
+)
+from trionode.wire.messages import (
+    MAX_FRAME,
+    MAX_IDS,
+    AuthRequest,
+    DeltaRequest,
+    DeltaResponse,
+    EntityPush,
+    HeadsRequest,
+    HeadsResponse,
+    NodeRequest,
+    ProofRequest,
+    SnapshotRequest,
+    SyncAuth,
+    SyncError,
+    SyncMessage,
+    TreeDone,
+    TreeStart,
+)
+
+MAX_AUTH_FRAME = 4096
+"""The first frame of a sync stream we serve is a SyncAuth (about 150 bytes): a peer that has
+not proved membership never gets a larger frame of its buffered."""
+
+STATE_REQUESTS: tuple[type[SyncMessage], ...] = (
+    ProofRequest,
+    SnapshotRequest,
+    TreeStart,
+    NodeRequest,
+    EntityPush,
+    TreeDone,
+    AuthRequest,
+)
+"""Requests of the state-based protocols (snapshot, tree comparison): the responder hands
+them to the driver as they are (`Delegate`)."""
+
+
+# -- actions: storage work the driver does for a machine --------------------------------------
+
+
+@attrs.frozen
+class CheckAuth:
+    """Is `auth` a valid membership proof on this connection? Answer `auth_checked`."""
+
+    auth: SyncAuth
+
+
+@attrs.frozen
+class ReadHeads:
+    """Read our heads, those of `peer_heads` applied here, and our root hash, together.
+    Answer `heads_read`."""
+
+    peer_heads: tuple[bytes, ...]
+
+
+@attrs.frozen
+class ReadDeltas:
+    """Read the wire bytes of `ids`. Answer `deltas_read`."""
+
+    ids: tuple[bytes, ...]
+
+
+@attrs.frozen
+class Delegate:
+    """A snapshot or tree-comparison request: answer it (`delegated`)."""
+
+    message: SyncMessage
+
+
+@attrs.frozen
+class ApplyDeltas:
+    """Hand these verified deltas (each one asked for) to the delta processor, in order.
+    Answer `deltas_applied` with the parents they lack."""
+
+    deltas: tuple[VerifiedDelta, ...]
+
+
+ResponderAction = CheckAuth | ReadHeads | ReadDeltas | Delegate
+
+
+class _Base:
+    """What every machine shares: the outbox, the deadline and the failed state."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self._outbox: list[SyncMessage] = []
+        self._deadline = deadline
+        self._failed: TrionodeError | None = None
+
+    def messages_to_send(self) -> list[SyncMessage]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """When the session expires (None: never)."""
+        return self._deadline
+
+    def handle_timer(self, now: float) -> None:
+        """Raises SessionExpired once `now` reaches the deadline."""
+        self._check_alive()
+        if self._deadline is not None and now >= self._deadline:
+            self._fail(SessionExpired("sync session deadline passed"))
+
+    @property
+    def failed(self) -> bool:
+        return self._failed is not None
+
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise LocalProtocolError(f"sync session already failed: {self._failed}")
+
+    def _fail(self, error: TrionodeError) -> NoReturn:
+        self._failed = error
+        self._outbox.clear()
+        raise error
+
+
+# -- requester: heads exchange -----------------------------------------------------------------
+
+
+class HeadsExchange(_Base):
+    """Ask the peer for its heads and root hash, telling it ours (so it can say which of
+    ours it has applied). Finished once ``result`` is set."""
+
+    def __init__(
+        self, our_heads: Sequence[bytes], *, deadline: float | None = None, max_ids: int = MAX_IDS
+    ) -> None:
+        super().__init__(deadline)
+        self._max_ids = max_ids
+        self._sent = list(our_heads[:max_ids])
+        self._outbox.append(HeadsRequest(heads=self._sent))
+        self.result: HeadsResponse | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    @property
+    def awaiting_message(self) -> bool:
+        return not self.finished and not self.failed
+
+    def receive_message(self, message: SyncMessage, now: float) -> None:
+        self.handle_timer(now)
+        if isinstance(message, SyncError):
+            self._fail(PeerRefused(f"peer refused: {message.message}"))
+        if self.result is not None or not isinstance(message, HeadsResponse):
+            self._fail(UnexpectedMessage(message, "heads"))
+        assert isinstance(message, HeadsResponse)
+        if len(message.heads) > self._max_ids:
+            self._fail(TooManyIds(f"{len(message.heads)} heads (at most {self._max_ids})"))
+        if not set(message.known) <= set(self._sent):
+            self._fail(TooManyIds("the answer lists heads of ours we never sent"))
+        self.result = message
+
+
+# -- requester: delta fetch ----------------------------------------------------------------------
+
+
+class _FetchState(enum.Enum):
+    READY = "ready"
+    AWAIT_ANSWER = "await_answer"
+    AWAIT_APPLY = "await_apply"
+    DONE = "done"
+
+
+class DeltaFetch(_Base):
+    """Fetch `wanted` deltas and, breadth-first, the parents they still lack, at most
+    `max_rounds` requests deep and `batch` ids per request.
+
+    Each answer's deltas are verified here (id, signature) and must each be one of the ids
+    just asked for; the driver applies them (`ApplyDeltas`) and reports the parents they
+    lack (`deltas_applied`), which the next rounds ask for. An id is asked at most once per
+    session: the peer either sent it or said it lacks it. Finished when nothing is wanted,
+    the rounds are spent, or the peer sent a delta nobody asked for.
+    """
+
+    def __init__(
+        self,
+        wanted: Iterable[bytes],
+        *,
+        max_rounds: int,
+        batch: int = MAX_IDS,
+        deadline: float | None = None,
+    ) -> None:
+        super().__init__(deadline)
+        if not 1 <= batch <= MAX_IDS:
+            raise ValueError(f"batch must be within 1..{MAX_IDS}")
+        self._batch = batch
+        self._rounds_left = max_rounds
+        self._wanted = {i for i in wanted if i != GENESIS}
+        self._asked_ever: set[bytes] = set()
+        self._asked: frozenset[bytes] = frozenset()
+        self._action: ApplyDeltas | None = None
+        self._state = _FetchState.READY
+        self.rounds = 0
+        self.received = 0
+        """Deltas verified and handed to the driver to apply."""
+        self.rejected = 0
+        """Deltas in answers that were not asked for (never applied)."""
+        self.peer_missing: set[bytes] = set()
+        """Ids the peer said it does not hold."""
+        self.violation: UnrequestedDelta | None = None
+        self._ask_next()
+
+    @property
+    def finished(self) -> bool:
+        return self._state is _FetchState.DONE
+
+    @property
+    def awaiting_message(self) -> bool:
+        return self._state is _FetchState.AWAIT_ANSWER and not self.failed
+
+    @property
+    def wanted(self) -> frozenset[bytes]:
+        """Ids still to ask for (left over when the rounds ran out)."""
+        return frozenset(self._wanted)
+
+    def next_action(self) -> ApplyDeltas | None:
+        action, self._action = self._action, None
+        return action
+
+    def receive_message(self, message: SyncMessage, now: float) -> None:
+        self.handle_timer(now)
+        if isinstance(message, SyncError):
+            self._fail(PeerRefused(f"peer refused: {message.message}"))
+        if self._state is not _FetchState.AWAIT_ANSWER or not isinstance(message, DeltaResponse):
+            self._fail(UnexpectedMessage(message, "deltas"))
+        assert isinstance(message, DeltaResponse)
+        if len(message.deltas) + len(message.missing) != len(self._asked):
+            self._fail(
+                AnswerMismatch(
+                    f"{len(message.deltas)} deltas and {len(message.missing)} missing "
+                    f"for {len(self._asked)} ids asked"
+                )
+            )
+        missing = set(message.missing)
+        if len(missing) != len(message.missing) or not missing <= self._asked:
+            # An answer to another request (a replayed or duplicated one).
+            self._fail(AnswerMismatch("the answer lists as missing ids that were not asked"))
+        verified: list[VerifiedDelta] = []
+        seen: set[bytes] = set()
+        for wire in message.deltas:
+            try:
+                delta = verify_wire(wire)
+            except RemoteProtocolError as exc:
+                self._fail(exc)  # a forged or corrupt delta fails the session
+            if delta.id not in self._asked or delta.id in seen:
+                self.rejected += 1
+                self.violation = UnrequestedDelta("the peer sent a delta that was not requested")
+                continue
+            seen.add(delta.id)
+            verified.append(delta)
+        self.peer_missing.update(missing)
+        self.received += len(verified)
+        self._state = _FetchState.AWAIT_APPLY
+        if verified:
+            self._action = ApplyDeltas(tuple(verified))
+        else:
+            self.deltas_applied(())
+
+    def deltas_applied(self, missing: Iterable[bytes]) -> None:
+        """The deltas of the last `ApplyDeltas` were handed to the processor; `missing` are
+        the parents they wait for (fetched in the next rounds)."""
+        self._check_alive()
+        if self._state is not _FetchState.AWAIT_APPLY:
+            raise LocalProtocolError("no deltas were waiting to be applied")
+        self._action = None
+        self._wanted.update(i for i in missing if i != GENESIS and i not in self._asked_ever)
+        self._ask_next()
+
+    def _ask_next(self) -> None:
+        if self.violation is not None or not self._wanted or self._rounds_left <= 0:
+            self._state = _FetchState.DONE
+            return
+        batch = sorted(self._wanted)[: self._batch]
+        self._wanted.difference_update(batch)
+        self._asked_ever.update(batch)
+        self._asked = frozenset(batch)
+        self._rounds_left -= 1
+        self.rounds += 1
+        self._outbox.append(DeltaRequest(ids=batch))
+        self._state = _FetchState.AWAIT_ANSWER
+
+
+# -- responder -------------------------------------------------------------------------------------
+
+
+class _ServeState(enum.Enum):
+    AWAIT_AUTH = "await_auth"
+    CHECKING_AUTH = "checking_auth"
+    SERVING = "serving"
+    ACTING = "acting"
+    DONE = "done"
+
+
+class Responder(_Base):
+    """The serving side of one sync stream: the first message must prove membership
+    (`CheckAuth`); then it answers heads and delta requests itself (reading storage through
+    `ReadHeads` / `ReadDeltas`) and hands snapshot and tree-comparison requests to the
+    driver (`Delegate`), one request at a time, until the requester ends the stream.
+
+    ``max_frame`` is the largest frame the driver should accept next: small until the peer
+    has proved membership. At most `max_requests` heads and delta requests are served per
+    stream, each naming at most `max_ids` ids.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_ids: int = MAX_IDS,
+        max_requests: int = 1024,
+        deadline: float | None = None,
+    ) -> None:
+        super().__init__(deadline)
+        self._max_ids = max_ids
+        self._max_requests = max_requests
+        self._requests = 0
+        self._state = _ServeState.AWAIT_AUTH
+        self._action: ResponderAction | None = None
+        self._acting: type[ResponderAction] | None = None
+        self._claimed: SyncAuth | None = None
+        self.auth: SyncAuth | None = None
+        """The requester's proof, once checked."""
+        self.refused: str | None = None
+        """Why the session was refused (sent to the peer as a SyncError)."""
+
+    @property
+    def authenticated(self) -> bool:
+        return self.auth is not None
+
+    @property
+    def max_frame(self) -> int:
+        return MAX_FRAME if self.authenticated else MAX_AUTH_FRAME
+
+    @property
+    def finished(self) -> bool:
+        return self._state is _ServeState.DONE
+
+    @property
+    def awaiting_message(self) -> bool:
+        return self._state in (_ServeState.AWAIT_AUTH, _ServeState.SERVING) and not self.failed
+
+    def next_action(self) -> ResponderAction | None:
+        action, self._action = self._action, None
+        return action
+
+    def receive_message(self, message: SyncMessage, now: float) -> None:
+        self.handle_timer(now)
+        if not self.awaiting_message:
+            raise LocalProtocolError(f"responder is not reading ({self._state.value})")
+        if self._state is _ServeState.AWAIT_AUTH:
+            if not isinstance(message, SyncAuth):
+                self._fail(NotAuthenticated(message))
+            assert isinstance(message, SyncAuth)
+            self._claimed = message
+            self._act(CheckAuth(message), _ServeState.CHECKING_AUTH)
+            return
+        if isinstance(message, HeadsRequest | DeltaRequest):
+            self._requests += 1
+            if self._requests > self._max_requests:
+                self._fail(TooManyRequests(f"more than {self._max_requests} requests"))
+        if isinstance(message, HeadsRequest):
+            if len(message.heads) > self._max_ids:
+                self._fail(TooManyIds(f"{len(message.heads)} heads (at most {self._max_ids})"))
+            self._act(ReadHeads(tuple(message.heads)))
+        elif isinstance(message, DeltaRequest):
+            if len(message.ids) > self._max_ids:
+                self._fail(TooManyIds(f"{len(message.ids)} ids (at most {self._max_ids})"))
+            self._act(ReadDeltas(tuple(message.ids)))
+        elif isinstance(message, STATE_REQUESTS):
+            self._act(Delegate(message))
+        else:
+            self._fail(UnexpectedMessage(message, "a sync request"))
+
+    def receive_eof(self) -> None:
+        """The requester ended the stream (between requests): the session is over."""
+        self._check_alive()
+        if not self.awaiting_message:
+            raise LocalProtocolError(f"responder is not reading ({self._state.value})")
+        self._state = _ServeState.DONE
+
+    def auth_checked(self, problem: str | None) -> None:
+        """The answer to `CheckAuth`: None if the proof holds, else why not (refused)."""
+        self._done_acting(CheckAuth)
+        if problem is not None:
+            self.refuse(problem)
+            return
+        self.auth = self._claimed
+        self._state = _ServeState.SERVING
+
+    def refuse(self, message: str) -> None:
+        """End the session with a SyncError (a bad proof, or the node is busy)."""
+        self._check_alive()
+        self.refused = message
+        self._outbox.append(SyncError(message=message[:1024]))
+        self._state = _ServeState.DONE
+
+    def heads_read(self, heads: Sequence[bytes], known: Sequence[bytes], root: bytes) -> None:
+        self._done_acting(ReadHeads)
+        self._answer(
+            HeadsResponse(heads=list(heads[: self._max_ids]), root_hash=root, known=list(known))
+        )
+
+    def deltas_read(self, found: Sequence[bytes], missing: Sequence[bytes]) -> None:
+        """The answer to `ReadDeltas`: wire bytes of the ids held, and the ids not held."""
+        self._done_acting(ReadDeltas)
+        self._answer(DeltaResponse(deltas=list(found), missing=list(missing)))
+
+    def delegated(self, reply: SyncMessage) -> None:
+        self._done_acting(Delegate)
+        self._answer(reply)
+
+    def _act(self, action: ResponderAction, state: _ServeState = _ServeState.ACTING) -> None:
+        self._action = action
+        self._acting = type(action)
+        self._state = state
+
+    def _done_acting(self, kind: type[ResponderAction]) -> None:
+        self._check_alive()
+        if self._acting is not kind:
+            raise LocalProtocolError(f"no {kind.__name__} was asked for")
+        self._acting = None
+        self._action = None
+
+    def _answer(self, reply: SyncMessage) -> None:
+        self._outbox.append(reply)
+        self._state = _ServeState.SERVING
