@@ -17,6 +17,11 @@ and bytes of memory and of LMDB per stored entry. Every baseline is measured in 
   and to `pycrdt.Text` with one (implicit) transaction per keystroke. Both final texts must
   equal the trace's own result (checked, the run fails otherwise). Sizes: the sum of
   `encode_entity` over the tree's entities vs `doc.get_update()`.
+* **Keystrokes through a context.** One `notes.insert`/`notes.delete` call per keystroke on
+  a running node, on a note that already holds a long text: calls/s and the LMDB bytes each
+  call's commit writes (state rows alone, and every row), beside the same keystrokes on an
+  in-memory `StateTree` with and without the per-call root hash, and the Yjs update pycrdt
+  produces per keystroke.
 * **Per entry.** LMDB used pages (`store.stats().used_bytes`, before/after the in-process
   calls) divided by `n`, vs raw LMDB holding the same key and value bytes (one put per
   transaction); stored key+value bytes of the context's state rows and of its delta log; and
@@ -66,6 +71,7 @@ from trionode.store.store import WriteBatch
 from trionode.testing import TestNode, open_test_node
 
 KV_STORE = Path(__file__).resolve().parents[1] / "apps" / "kv_store"
+NOTES = Path(__file__).resolve().parents[1] / "apps" / "notes"
 VALUE_BYTES = 100
 MEMBER = b"\x01" * 32
 CONTEXT = b"\x02" * 32
@@ -252,6 +258,150 @@ def _trace_rows(name: str, trace: list[Edit]) -> list[Row]:
             higher_is_better=False,
         ),
     ]
+
+
+# -- keystrokes through a context ----------------------------------------------------
+
+
+async def _keystroke_rows(keystrokes: int, prefill: int, base: Path) -> list[Row]:
+    """One `notes.insert`/`notes.delete` call per keystroke on a running node, on a note
+    that starts with `prefill` characters (so the Text is long, as a document being edited
+    is): calls/s, and the bytes of the LMDB rows each call's commit writes (key + value of
+    every put), split into state rows and everything (state + signed delta log + heads +
+    context record). Baselines: the same keystrokes on an in-memory `StateTree` with and
+    without the root hash the node computes per call, and the Yjs update pycrdt produces
+    per keystroke (`get_update` against the state vector before it)."""
+    typing = editing_trace(keystrokes, seed=2028)
+    start_text = replay(editing_trace(prefill, seed=2029))
+    offset = len(start_text)
+    shifted = [(pos + offset, char) for pos, char in typing]
+    bare = _tree_keystrokes(start_text, shifted, root_hash=False)
+    hashed = _tree_keystrokes(start_text, shifted, root_hash=True)
+    yjs_bytes = _pycrdt_update_bytes(start_text, shifted)
+    writes: list[list[WriteOp]] = []
+    async with open_test_node(base / "notes-node") as test_node:
+        node = test_node.node
+        installed = await node.applications.install(str(NOTES))
+        init = json.dumps({"text": start_text})
+        context = (await node.contexts.create(installed.application_id, init)).context_id
+        original_write = node.store.write
+
+        async def recording_write(batch: WriteBatch | Sequence[WriteOp]) -> None:
+            ops = list(batch.ops if isinstance(batch, WriteBatch) else batch)
+            if any(op.column is Column.DELTA for op in ops):  # (not the event log's flushes)
+                writes.append(ops)
+            await original_write(batch)
+
+        calls = [
+            ("delete", json.dumps({"pos": pos, "length": 1}))
+            if char is None
+            else ("insert", json.dumps({"pos": pos, "text": char}))
+            for pos, char in shifted
+        ]
+        with patch.object(node.store, "write", recording_write):
+            started = time.perf_counter()
+            for method, args in calls:
+                await node.contexts.execute(context, method, args)
+            through_node = len(calls) / (time.perf_counter() - started)
+        final = (await node.contexts.execute(context, "text", "{}")).result
+    _check(final == _apply(start_text, shifted), "the note diverged from the keystrokes")
+    _check(len(writes) == keystrokes, f"expected one commit per keystroke, saw {len(writes)}")
+    state = sum(_put_bytes(ops, Column.STATE) for ops in writes) / keystrokes
+    everything = sum(_put_bytes(ops, None) for ops in writes) / keystrokes
+    what = f"{keystrokes:,} keystrokes on a {offset:,}-char note"
+    return [
+        Row(
+            f"Text keystroke through a context (notes call, durable), {what}",
+            through_node,
+            "calls/s",
+            "same keystrokes, in-memory StateTree txn + root hash",
+            hashed,
+        ),
+        Row(
+            f"Text keystroke in memory with the per-call root hash, {what}",
+            hashed,
+            "ops/s",
+            "same keystrokes, in-memory StateTree txn, no hash",
+            bare,
+        ),
+        Row(
+            "LMDB bytes written per keystroke through a context: state rows",
+            state,
+            "B/keystroke",
+            "Yjs update per keystroke (pycrdt, same edits)",
+            yjs_bytes,
+            higher_is_better=False,
+        ),
+        Row(
+            "LMDB bytes written per keystroke through a context: all rows (state, signed "
+            "delta, heads, record)",
+            everything,
+            "B/keystroke",
+            "Yjs update per keystroke (pycrdt, same edits)",
+            yjs_bytes,
+            higher_is_better=False,
+        ),
+    ]
+
+
+def _apply(start: str, trace: Sequence[Edit]) -> str:
+    chars = list(start)
+    for pos, char in trace:
+        if char is None:
+            del chars[pos]
+        else:
+            chars.insert(pos, char)
+    return "".join(chars)
+
+
+def _put_bytes(ops: Sequence[WriteOp], column: Column | None) -> int:
+    return sum(
+        len(op.key) + len(op.value)
+        for op in ops
+        if isinstance(op, Put) and (column is None or op.column is column)
+    )
+
+
+def _tree_keystrokes(start: str, trace: Sequence[Edit], *, root_hash: bool) -> float:
+    """Keystrokes/s on an in-memory tree holding `start`, one transaction each."""
+    tree = StateTree()
+    clock = HybridClock(MEMBER)
+    spec = text()
+    with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
+        tx.field("body", spec).insert(0, start)
+        tx.commit()
+    tree.root_hash()
+    started = time.perf_counter()
+    for pos, char in trace:
+        with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
+            body = tx.field("body", spec)
+            if char is None:
+                body.delete(pos, 1)
+            else:
+                body.insert(pos, char)
+            tx.commit()
+        if root_hash:
+            tree.root_hash()
+    return len(trace) / (time.perf_counter() - started)
+
+
+def _pycrdt_update_bytes(start: str, trace: Sequence[Edit]) -> float:
+    """Mean bytes of the Yjs update each keystroke produces (what a Yjs app would store or
+    send per keystroke)."""
+    doc: pycrdt.Doc[pycrdt.Text] = pycrdt.Doc()
+    body = pycrdt.Text()
+    doc["body"] = body
+    body.insert(0, start)
+    total = 0
+    for pos, char in trace:
+        before = doc.get_state()
+        if char is None:
+            del body[pos]
+        else:
+            body.insert(pos, char)
+        total += len(doc.get_update(before))
+    _check(str(body) == _apply(start, trace), "pycrdt diverged from the keystrokes")
+    return total / len(trace)
 
 
 # -- kv_store calls --------------------------------------------------------------------
@@ -628,6 +778,9 @@ async def run(*, quick: bool) -> list[Row]:
     calls = 200 if quick else 3_000
     rows = _text_rows(edits)
     with tempfile.TemporaryDirectory(prefix="trionode-bench-") as tmp:
+        rows += await _keystroke_rows(
+            100 if quick else 1_000, 2_000 if quick else 20_000, Path(tmp)
+        )
         rows += await _node_rows(calls, Path(tmp))
     return rows
 
