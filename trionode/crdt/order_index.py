@@ -17,11 +17,32 @@ blocks after it and rebuilds the Fenwick tree: O(blocks) once every `BLOCK_MAX /
 
 The index is a cache: its owner (`SequenceState`) rebuilds it from scratch whenever an
 incremental update would be hard (bulk merges, out-of-order arrivals, GC, forged data).
+
+Hash chunks
+-----------
+A sequence's Merkle hash must not cost O(length) per keystroke, and it must be a function of
+the visible elements alone (blocks depend on edit history, so they cannot be the unit).
+The visible sequence is therefore cut into *chunks* by content: a chunk ends at every
+visible element whose id is a *cut* (`is_cut`: its time is a multiple of `CUT_EVERY`, about
+one element in 61) and at the end of the sequence. The owner hashes each chunk and the
+sequence's hash form is the list of chunk digests (`chunk_digests`). An edit changes the
+chunk it falls in (and, when it adds or hides a cut, splits or merges two chunks); every
+other digest stays.
+
+Digests are cached by the id of the cut that ends their chunk (None: the chunk that ends
+at the end of the sequence), and each block caches the list of digests of the chunks that
+end in it (the last block also holds the trailing chunk). An edit at live offset `i` of a
+block drops the digest of the chunk ending at the first cut from `i` on and marks stale
+that block and every block up to the one holding that cut. Reading walks the blocks,
+re-listing only stale ones and hashing only chunks without a cached digest: O(blocks) list
+concatenation plus one or two chunks per edit. A writer can choose ids without cuts and so
+make one chunk as long as the sequence; the hash then costs what it always did, O(length),
+and stays correct.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Final, Self
 
@@ -29,10 +50,35 @@ from trionode.crdt.hlc import Timestamp
 
 BLOCK_MAX: Final = 256
 """Most ids in one block. A miss of the cursor hint scans one block (~100 ns per 32 ids)."""
+CUT_EVERY: Final = 61
+"""Mean visible elements per hash chunk (see "Hash chunks"): a prime, so ids whose times
+share a stride (a clock that ticks in steps) still cut about this often."""
+
+
+def is_cut(eid: Timestamp) -> bool:
+    """Does a hash chunk end at this element? A pure function of the id's time: one element
+    in `CUT_EVERY` of a typed run (consecutive times), about one in `CUT_EVERY` otherwise."""
+    return eid.time % CUT_EVERY == 0
+
+
+def _ends(block: _Block) -> list[int]:
+    """Offsets in `block.live` of its cuts, ascending (`list.index` runs in C)."""
+    return sorted(map(block.live.index, block.cuts))
+
+
+def _first_cut(block: _Block, start: int) -> Timestamp | None:
+    """The first cut in `block.live` from offset `start` on."""
+    after = [i for i in map(block.live.index, block.cuts) if i >= start]
+    return block.live[min(after)] if after else None
+
+
+def chunk_ends(ids: Sequence[Timestamp]) -> list[int]:
+    """Offsets in `ids` of the elements that end a chunk (cuts), ascending."""
+    return [i for i, e in enumerate(ids) if not e.time % CUT_EVERY]
 
 
 class _Block:
-    __slots__ = ("ids", "live", "pos", "serial")
+    __slots__ = ("chunks", "cuts", "ids", "live", "pos", "serial")
 
     def __init__(self, ids: list[Timestamp], live: list[Timestamp], serial: int) -> None:
         self.ids = ids
@@ -43,6 +89,11 @@ class _Block:
         """Index of this block in `OrderIndex._blocks` (renumbered on splits)."""
         self.serial = serial
         """Stable name of the block (`OrderIndex._where` maps ids to it)."""
+        self.cuts = [e for e in live if not e.time % CUT_EVERY]
+        """The cuts among `live`, in no particular order (a few per block)."""
+        self.chunks: list[bytes] | None = None
+        """Digests of the hash chunks ending in this block (None: stale). Replaced, never
+        mutated, so copies may share it."""
 
 
 class OrderIndex:
@@ -51,6 +102,7 @@ class OrderIndex:
     __slots__ = (
         "_block_max",
         "_blocks",
+        "_digests",
         "_by_serial",
         "_fenwick",
         "_hint",
@@ -84,6 +136,8 @@ class OrderIndex:
         """Offset in its block's live list of the live element placed last."""
         self._live_total = 0
         self._fenwick: list[int] = []
+        self._digests: dict[Timestamp | None, bytes] = {}
+        """Chunk digests by the cut ending the chunk (None: the trailing chunk)."""
         self._reindex()
 
     def copy(self) -> Self:
@@ -91,8 +145,11 @@ class OrderIndex:
         new._blocks = []
         new._by_serial = {}
         for block in self._blocks:
-            clone = _Block(list(block.ids), list(block.live), block.serial)
+            clone = _Block(list(block.ids), [], block.serial)
+            clone.live = list(block.live)
+            clone.cuts = list(block.cuts)
             clone.pos = block.pos
+            clone.chunks = block.chunks
             new._blocks.append(clone)
             new._by_serial[clone.serial] = clone
         new._where = self._where.copy()  # serials, not blocks: shared names stay valid
@@ -102,6 +159,7 @@ class OrderIndex:
         new._live_hint = 0
         new._live_total = self._live_total
         new._fenwick = list(self._fenwick)
+        new._digests = self._digests.copy()
         return new
 
     # -- reading -------------------------------------------------------------------------
@@ -139,6 +197,43 @@ class OrderIndex:
     def live(self) -> list[Timestamp]:
         return list(chain.from_iterable(b.live for b in self._blocks))
 
+    def chunk_digests(self, digest: Callable[[list[Timestamp]], bytes]) -> list[bytes]:
+        """The digest of every hash chunk of the visible sequence, in order (see "Hash
+        chunks"); `digest` hashes one chunk's ids, called only for chunks an edit changed."""
+        out: list[bytes] = []
+        blocks = self._blocks
+        cache = self._digests
+        last = len(blocks) - 1
+        carry: list[Timestamp] | None = []
+        """Visible ids since the last cut (None: not gathered while blocks are fresh)."""
+        for pos, block in enumerate(blocks):
+            chunks = block.chunks
+            if chunks is None:
+                if carry is None:
+                    carry = self._carry_before(pos)
+                live = block.live
+                chunks = []
+                start = 0
+                for end in _ends(block):
+                    key = live[end]
+                    known = cache.get(key)
+                    if known is None:
+                        known = cache[key] = digest(carry + live[start : end + 1])
+                    chunks.append(known)
+                    carry = []
+                    start = end + 1
+                carry += live[start:]
+                if pos == last and carry:
+                    known = cache.get(None)
+                    if known is None:
+                        known = cache[None] = digest(carry)
+                    chunks.append(known)
+                block.chunks = chunks
+            else:
+                carry = None
+            out += chunks
+        return out
+
     # -- updating ------------------------------------------------------------------------
 
     def insert_after(
@@ -162,9 +257,19 @@ class OrderIndex:
     def hide(self, eid: Timestamp) -> None:
         """`eid` (placed, visible) was just deleted."""
         block = self._by_serial[self._where[eid]]
-        block.live.remove(eid)
+        live = block.live
+        at = live.index(eid)
+        del live[at]
+        if not eid.time % CUT_EVERY:
+            block.cuts.remove(eid)
         self._live_total -= 1
         self._add(block.pos, -1)
+        self._stale(block, at)
+
+    def touch(self, eid: Timestamp) -> None:
+        """The value of `eid` (placed, visible) changed: its hash chunk is stale."""
+        block = self._by_serial[self._where[eid]]
+        self._stale(block, block.live.index(eid))
 
     # -- internals -----------------------------------------------------------------------
 
@@ -205,9 +310,12 @@ class OrderIndex:
                     guess if guess < len(live) and live[guess] == before else live.index(before)
                 ) + 1
             live.insert(at, eid)
+            if not eid.time % CUT_EVERY:
+                block.cuts.append(eid)
             self._live_hint = at
             self._live_total += 1
             self._add(block.pos, 1)
+            self._stale(block, at + 1)  # what follows the new element: its chunk's end
         if len(ids) > self._block_max:
             self._split(block)
 
@@ -222,10 +330,39 @@ class OrderIndex:
             cut += 1
         tail = self._new_block(moved, live[cut:])
         del live[cut:]
+        block.cuts = [c for c in block.cuts if c in keep]
+        block.chunks = None  # (the tail starts stale)
         self._blocks.insert(block.pos + 1, tail)
         self._where.update(dict.fromkeys(moved, tail.serial))
         self._hint = (block, 0)
         self._reindex()
+
+    def _stale(self, block: _Block, at: int) -> None:
+        """Visible content of `block` changed just before live offset `at` (or at it, for a
+        new value): the changed chunk ends at the first cut from `at` on, here or later."""
+        block.chunks = None
+        end = _first_cut(block, at)
+        blocks = self._blocks
+        pos = block.pos
+        while end is None and pos < len(blocks) - 1:
+            pos += 1
+            following = blocks[pos]
+            following.chunks = None
+            end = _first_cut(following, 0)
+        self._digests.pop(end, None)
+
+    def _carry_before(self, pos: int) -> list[Timestamp]:
+        """The visible ids after the last cut before block `pos` (the start of its first
+        chunk)."""
+        parts: list[list[Timestamp]] = []
+        for block in reversed(self._blocks[:pos]):
+            live = block.live
+            ends = _ends(block)
+            if ends:
+                parts.append(live[ends[-1] + 1 :])
+                break
+            parts.append(live)
+        return list(chain.from_iterable(reversed(parts)))
 
     def _reindex(self) -> None:
         """Renumber the blocks and rebuild the Fenwick tree of their live counts."""

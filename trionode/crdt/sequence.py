@@ -33,7 +33,9 @@ tree of visible counts, see `order_index.py`), kept up to date while elements ar
 causal order (`_place`, `hide`) and rebuilt from scratch otherwise (~1 µs per element). A
 keystroke costs O(log n) to find its position and O(block) to place; nothing scans the
 whole sequence. Full lists (`order()`, `visible_ids()`) are materialised on demand and
-cached until the next change.
+cached until the next change. The Merkle hash form is the list of digests of content-defined
+chunks of the visible sequence (see "Hash chunks" in `order_index.py`); the index caches
+them, so a keystroke rehashes one chunk of ~61 elements, not the whole text.
 
 Runs: a local insert right after the writer's own childless element X takes the id
 `X.time + 1` (same writer) instead of a fresh clock stamp, when that id is free. X has no
@@ -46,6 +48,7 @@ fresh stamp can collide with them.
 
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_left, insort
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
@@ -54,7 +57,7 @@ from typing import Final, Generic, NamedTuple, Self, TypeVar
 
 from trionode.crdt.canonical import canonical
 from trionode.crdt.hlc import NTP64_MAX, Timestamp, latest
-from trionode.crdt.order_index import OrderIndex
+from trionode.crdt.order_index import OrderIndex, chunk_ends
 
 V = TypeVar("V", str, bytes)
 
@@ -163,6 +166,10 @@ class SequenceState(Generic[V]):
                     self._elements[eid] = joined
                     if self._index is not None and eid in self._index:
                         self._index.hide(eid)
+                elif joined.deleted is None:  # a new value (Vector `set`): rehash its chunk
+                    self._elements[eid] = joined
+                    if self._index is not None and eid in self._index:
+                        self._index.touch(eid)
                 self._elements[eid] = joined
             changed = True
         if changed:
@@ -388,17 +395,23 @@ class SequenceState(Generic[V]):
         """A run's live values in the canonical form (Text joins them into a string)."""
         return live
 
-    def hash_form(
-        self, floor: Timestamp | None
-    ) -> tuple[list[Timestamp], list[V], list[Timestamp | None]] | None:
-        """What enters the Merkle hash: the visible elements in order, no tombstones, as
-        parallel (ids, values, value stamps) lists; None when nothing is visible."""
-        ids = self.visible_ids(floor)
-        if not ids:
-            return None
-        # C-level map/itemgetter: this runs on every commit touching a long Text.
+    def hash_form(self, floor: Timestamp | None) -> list[bytes] | None:
+        """What enters the Merkle hash: the digests of the visible sequence's hash chunks in
+        order (see "Hash chunks" in `order_index.py`), tombstones left out; None when
+        nothing is visible. Each chunk digest is SHA-256 over the canonical (ids, values,
+        value stamps) lists of its elements. Without a floor the index caches the digests,
+        so an edit rehashes one chunk, not the whole sequence."""
+        if floor is None:
+            digests = self._ordered().chunk_digests(self._chunk_digest)
+        else:
+            digests = chunk_digests(self.visible_ids(floor), self._chunk_digest)
+        return digests or None
+
+    def _chunk_digest(self, ids: list[Timestamp]) -> bytes:
+        # C-level map/itemgetter: a long chunk (forged ids without cuts) stays cheap.
         live = list(map(self._elements.__getitem__, ids))
-        return ids, list(map(_VALUE, live)), list(map(_UPDATED, live))
+        form = (ids, list(map(_VALUE, live)), list(map(_UPDATED, live)))
+        return hashlib.sha256(canonical(form)).digest()
 
     def canonical(self) -> bytes:
         return canonical(self.wire())
@@ -501,6 +514,21 @@ class SequenceState(Generic[V]):
             index.insert_after(last, eid, self._is_live)
         else:
             index.insert_after(None if parent == HEAD else parent, eid, self._is_live)
+
+
+def chunk_digests(
+    visible: list[Timestamp], digest: Callable[[list[Timestamp]], bytes]
+) -> list[bytes]:
+    """The chunk digests of a visible sequence given whole (the definition `OrderIndex.
+    chunk_digests` caches): a chunk ends at each cut and at the end."""
+    out: list[bytes] = []
+    start = 0
+    for end in chunk_ends(visible):
+        out.append(digest(visible[start : end + 1]))
+        start = end + 1
+    if start < len(visible):
+        out.append(digest(visible[start:]))
+    return out
 
 
 def _groups(stamps: list[Timestamp | None], index: dict[bytes, int]) -> list[Group]:
