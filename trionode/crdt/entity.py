@@ -118,7 +118,10 @@ class Entity:
         added: Timestamp | None = None,
         removed: Timestamp | None = None,
         body: Body | None = None,
+        known_id: bytes | None = None,
     ) -> None:
+        """`known_id`: `child_id(parent, name)` when the caller already holds it (a copy, a
+        transaction's path), which saves a SHA-256 per record on every keystroke."""
         if len(parent) != ID_BYTES:
             raise ValueError("parent id must be 32 bytes")
         if len(name) > MAX_NAME_BYTES:
@@ -132,7 +135,7 @@ class Entity:
         self.added = added
         self.removed = removed
         self.body: Body | None = None if body is not None and _empty(body) else body
-        self.id = child_id(self.parent, self.name)
+        self.id = child_id(self.parent, self.name) if known_id is None else known_id
 
     def copy(self) -> Entity:
         body = self.body
@@ -143,6 +146,7 @@ class Entity:
             added=self.added,
             removed=self.removed,
             body=body if body is None or isinstance(body, RegisterState) else body.copy(),
+            known_id=self.id,
         )
 
     def merge(self, other: Entity) -> MergeResult:

@@ -29,15 +29,19 @@ sequence's hash form is the list of chunk digests (`chunk_digests`). An edit cha
 chunk it falls in (and, when it adds or hides a cut, splits or merges two chunks); every
 other digest stays.
 
-Digests are cached by the id of the cut that ends their chunk (None: the chunk that ends
-at the end of the sequence), and each block caches the list of digests of the chunks that
-end in it (the last block also holds the trailing chunk). An edit at live offset `i` of a
-block drops the digest of the chunk ending at the first cut from `i` on and marks stale
-that block and every block up to the one holding that cut. Reading walks the blocks,
-re-listing only stale ones and hashing only chunks without a cached digest: O(blocks) list
-concatenation plus one or two chunks per edit. A writer can choose ids without cuts and so
-make one chunk as long as the sequence; the hash then costs what it always did, O(length),
-and stays correct.
+Edits cost nothing here beyond marking their block stale (`chunks = None`): the work is
+done when the hash is read. Each block keeps the digests of the chunks that *end* in it (the
+last block also holds the chunk that ends at the end of the sequence), the visible ids it
+received from earlier blocks when those were computed (`carry_in`: the start of its first
+chunk) and those it passes on (`carry_out`: what follows its last cut). Reading walks the
+blocks; a fresh block whose `carry_in` is still what the blocks before it pass on is reused
+as is, any other is re-cut, and each of its chunks reuses the digest cached under the id of
+its ending cut (None: the trailing chunk) when its ids are the ones hashed then. So a
+keystroke costs one re-cut block and one or two chunk digests at the next read, plus
+O(blocks) list concatenation. A new value for an element with the same id (Vector `set`,
+`touch`) is the one change ids cannot show; touched ids are remembered until the next read.
+A writer can choose ids without cuts and so make one chunk as long as the sequence; the
+hash then costs what it always did, O(length), and stays correct.
 """
 
 from __future__ import annotations
@@ -61,24 +65,13 @@ def is_cut(eid: Timestamp) -> bool:
     return eid.time % CUT_EVERY == 0
 
 
-def _ends(block: _Block) -> list[int]:
-    """Offsets in `block.live` of its cuts, ascending (`list.index` runs in C)."""
-    return sorted(map(block.live.index, block.cuts))
-
-
-def _first_cut(block: _Block, start: int) -> Timestamp | None:
-    """The first cut in `block.live` from offset `start` on."""
-    after = [i for i in map(block.live.index, block.cuts) if i >= start]
-    return block.live[min(after)] if after else None
-
-
 def chunk_ends(ids: Sequence[Timestamp]) -> list[int]:
     """Offsets in `ids` of the elements that end a chunk (cuts), ascending."""
     return [i for i, e in enumerate(ids) if not e.time % CUT_EVERY]
 
 
 class _Block:
-    __slots__ = ("chunks", "cuts", "ids", "live", "pos", "serial")
+    __slots__ = ("carry_in", "carry_out", "chunks", "ids", "live", "pos", "serial")
 
     def __init__(self, ids: list[Timestamp], live: list[Timestamp], serial: int) -> None:
         self.ids = ids
@@ -89,11 +82,11 @@ class _Block:
         """Index of this block in `OrderIndex._blocks` (renumbered on splits)."""
         self.serial = serial
         """Stable name of the block (`OrderIndex._where` maps ids to it)."""
-        self.cuts = [e for e in live if not e.time % CUT_EVERY]
-        """The cuts among `live`, in no particular order (a few per block)."""
         self.chunks: list[bytes] | None = None
-        """Digests of the hash chunks ending in this block (None: stale). Replaced, never
-        mutated, so copies may share it."""
+        """Digests of the hash chunks ending in this block (None: stale). This and the
+        carries are replaced, never mutated, so copies share them."""
+        self.carry_in: list[Timestamp] = []
+        self.carry_out: list[Timestamp] = []
 
 
 class OrderIndex:
@@ -102,13 +95,14 @@ class OrderIndex:
     __slots__ = (
         "_block_max",
         "_blocks",
-        "_digests",
         "_by_serial",
+        "_digests",
         "_fenwick",
         "_hint",
         "_live_hint",
         "_live_total",
         "_serials",
+        "_touched",
         "_where",
     )
 
@@ -136,8 +130,10 @@ class OrderIndex:
         """Offset in its block's live list of the live element placed last."""
         self._live_total = 0
         self._fenwick: list[int] = []
-        self._digests: dict[Timestamp | None, bytes] = {}
-        """Chunk digests by the cut ending the chunk (None: the trailing chunk)."""
+        self._digests: dict[Timestamp | None, tuple[list[Timestamp], bytes]] = {}
+        """(ids, digest) of chunks by the cut ending them (None: the trailing chunk)."""
+        self._touched: set[Timestamp] = set()
+        """Ids whose value changed since the last `chunk_digests`."""
         self._reindex()
 
     def copy(self) -> Self:
@@ -147,7 +143,8 @@ class OrderIndex:
         for block in self._blocks:
             clone = _Block(list(block.ids), [], block.serial)
             clone.live = list(block.live)
-            clone.cuts = list(block.cuts)
+            clone.carry_in = block.carry_in
+            clone.carry_out = block.carry_out
             clone.pos = block.pos
             clone.chunks = block.chunks
             new._blocks.append(clone)
@@ -160,6 +157,7 @@ class OrderIndex:
         new._live_total = self._live_total
         new._fenwick = list(self._fenwick)
         new._digests = self._digests.copy()
+        new._touched = self._touched.copy()
         return new
 
     # -- reading -------------------------------------------------------------------------
@@ -201,38 +199,52 @@ class OrderIndex:
         """The digest of every hash chunk of the visible sequence, in order (see "Hash
         chunks"); `digest` hashes one chunk's ids, called only for chunks an edit changed."""
         out: list[bytes] = []
-        blocks = self._blocks
         cache = self._digests
-        last = len(blocks) - 1
-        carry: list[Timestamp] | None = []
-        """Visible ids since the last cut (None: not gathered while blocks are fresh)."""
-        for pos, block in enumerate(blocks):
+        touched = self._touched
+        carry: list[Timestamp] = []
+        """Visible ids since the last cut."""
+        last = self._blocks[-1]
+        for block in self._blocks:
             chunks = block.chunks
-            if chunks is None:
-                if carry is None:
-                    carry = self._carry_before(pos)
+            if (
+                chunks is None
+                or (block.carry_in is not carry and block.carry_in != carry)
+                or (touched and not touched.isdisjoint(carry))
+            ):
                 live = block.live
+                block.carry_in = carry
                 chunks = []
                 start = 0
-                for end in _ends(block):
+                for end in chunk_ends(live):
                     key = live[end]
-                    known = cache.get(key)
-                    if known is None:
-                        known = cache[key] = digest(carry + live[start : end + 1])
-                    chunks.append(known)
+                    ids = carry + live[start : end + 1]
+                    chunks.append(self._digest(cache, key, ids, digest))
                     carry = []
                     start = end + 1
-                carry += live[start:]
-                if pos == last and carry:
-                    known = cache.get(None)
-                    if known is None:
-                        known = cache[None] = digest(carry)
-                    chunks.append(known)
+                carry = carry + live[start:]
+                if block is last and carry:
+                    chunks.append(self._digest(cache, None, carry, digest))
                 block.chunks = chunks
+                block.carry_out = carry
             else:
-                carry = None
+                carry = block.carry_out
             out += chunks
+        touched.clear()
         return out
+
+    def _digest(
+        self,
+        cache: dict[Timestamp | None, tuple[list[Timestamp], bytes]],
+        key: Timestamp | None,
+        ids: list[Timestamp],
+        digest: Callable[[list[Timestamp]], bytes],
+    ) -> bytes:
+        known = cache.get(key)
+        if known is not None and known[0] == ids and self._touched.isdisjoint(ids):
+            return known[1]
+        value = digest(ids)
+        cache[key] = (ids, value)
+        return value
 
     # -- updating ------------------------------------------------------------------------
 
@@ -260,16 +272,15 @@ class OrderIndex:
         live = block.live
         at = live.index(eid)
         del live[at]
-        if not eid.time % CUT_EVERY:
-            block.cuts.remove(eid)
         self._live_total -= 1
         self._add(block.pos, -1)
-        self._stale(block, at)
+        block.chunks = None
 
     def touch(self, eid: Timestamp) -> None:
         """The value of `eid` (placed, visible) changed: its hash chunk is stale."""
         block = self._by_serial[self._where[eid]]
-        self._stale(block, block.live.index(eid))
+        block.chunks = None
+        self._touched.add(eid)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -310,12 +321,10 @@ class OrderIndex:
                     guess if guess < len(live) and live[guess] == before else live.index(before)
                 ) + 1
             live.insert(at, eid)
-            if not eid.time % CUT_EVERY:
-                block.cuts.append(eid)
             self._live_hint = at
             self._live_total += 1
             self._add(block.pos, 1)
-            self._stale(block, at + 1)  # what follows the new element: its chunk's end
+            block.chunks = None
         if len(ids) > self._block_max:
             self._split(block)
 
@@ -330,39 +339,11 @@ class OrderIndex:
             cut += 1
         tail = self._new_block(moved, live[cut:])
         del live[cut:]
-        block.cuts = [c for c in block.cuts if c in keep]
         block.chunks = None  # (the tail starts stale)
         self._blocks.insert(block.pos + 1, tail)
         self._where.update(dict.fromkeys(moved, tail.serial))
         self._hint = (block, 0)
         self._reindex()
-
-    def _stale(self, block: _Block, at: int) -> None:
-        """Visible content of `block` changed just before live offset `at` (or at it, for a
-        new value): the changed chunk ends at the first cut from `at` on, here or later."""
-        block.chunks = None
-        end = _first_cut(block, at)
-        blocks = self._blocks
-        pos = block.pos
-        while end is None and pos < len(blocks) - 1:
-            pos += 1
-            following = blocks[pos]
-            following.chunks = None
-            end = _first_cut(following, 0)
-        self._digests.pop(end, None)
-
-    def _carry_before(self, pos: int) -> list[Timestamp]:
-        """The visible ids after the last cut before block `pos` (the start of its first
-        chunk)."""
-        parts: list[list[Timestamp]] = []
-        for block in reversed(self._blocks[:pos]):
-            live = block.live
-            ends = _ends(block)
-            if ends:
-                parts.append(live[ends[-1] + 1 :])
-                break
-            parts.append(live)
-        return list(chain.from_iterable(reversed(parts)))
 
     def _reindex(self) -> None:
         """Renumber the blocks and rebuild the Fenwick tree of their live counts."""

@@ -227,6 +227,7 @@ class Transaction:
                     node.kind,
                     added=touch,
                     body=body if node is path else None,
+                    known_id=node.id,
                 )
             )
 
@@ -236,9 +237,13 @@ class Transaction:
         stamp = self.stamp()
         for node in path.chain():
             if node is path:
-                self._join(Entity(_parent_id(node), node.name, node.kind, removed=stamp))
+                self._join(
+                    Entity(_parent_id(node), node.name, node.kind, removed=stamp, known_id=node.id)
+                )
             else:
-                self._join(Entity(_parent_id(node), node.name, node.kind, added=stamp))
+                self._join(
+                    Entity(_parent_id(node), node.name, node.kind, added=stamp, known_id=node.id)
+                )
 
     def _join(self, delta: Entity) -> None:
         """Add `delta` to the entity's pending delta (and to its view, if materialised;
