@@ -147,3 +147,62 @@ def test_replacing_the_state_drops_every_journal_row() -> None:
     assert records(loaded) == records(rebuilt)
     with loaded.reader() as tx:
         assert tx.field("t", text()).value() == "kept!"
+
+
+def test_version_1_journal_rows_still_load_and_new_rows_follow_them() -> None:
+    """Journal rows written before `JOURNAL_VERSION` 2 are whole records. A store that
+    holds them loads, keeps journaling (now compact rows) and loads again as the tree."""
+    tree = StateTree()
+    clock = HybridClock(b"a" * 32)
+    store: dict[bytes, bytes] = {}
+
+    def keystrokes(on: StateTree, start: int, count: int) -> None:
+        for i in range(start, start + count):
+            with on.begin(clock, T0 + i) as tx:
+                body = tx.field("t", text())
+                if i % 5 == 4:
+                    body.delete(len(body) // 2, 1)
+                else:
+                    body.insert(len(body) // 2, "v")
+                tx.commit()
+            _write(store, on.drain_rows())
+
+    keystrokes(tree, 0, 1)  # (the first write is a base row)
+    with patch("trionode.crdt.rows.encode_journal", encode_entity):  # as version 1 wrote
+        keystrokes(tree, 1, 40)
+    old_rows = [v for k, v in store.items() if len(k) == 36]
+    assert len(old_rows) == 40
+    assert all(v[1] == 1 for v in old_rows)  # [1, parent, name, ...]: whole records
+    loaded = StateTree.from_rows(store.items())
+    assert records(loaded) == records(tree)
+    keystrokes(loaded, 41, 40)
+    new_rows = [v for k, v in store.items() if len(k) == 36 and v not in old_rows]
+    assert len(new_rows) == 40
+    assert all(v[1] == 2 for v in new_rows)  # [2, added, removed, body]
+    assert sum(map(len, new_rows)) < sum(map(len, old_rows)) - 32 * 40  # no parent, name
+    again = StateTree.from_rows(store.items())
+    assert records(again) == records(loaded)
+    assert again.root_hash() == loaded.root_hash()
+
+
+def test_damaged_journal_rows_are_refused() -> None:
+    tree = StateTree()
+    clock = HybridClock(b"a")
+    store: dict[bytes, bytes] = {}
+    for i in range(2):
+        with tree.begin(clock, T0 + i) as tx:
+            tx.field("t", text()).insert(0, "x")
+            tx.commit()
+        _write(store, tree.drain_rows())
+    ((key, row),) = ((k, v) for k, v in store.items() if len(k) == 36)
+    base = next(k for k in store if len(k) == 32)
+    assert row[1] == 2
+    for bad in (
+        row[:1] + b"\x03" + row[2:],  # an unknown version
+        row[:-1],  # cut short
+        row[:-1] + b"\xc3",  # a body that is not a Text's
+    ):
+        with pytest.raises(RemoteProtocolError):
+            StateTree.from_rows([(base, store[base]), (key, bad)])
+    with pytest.raises(RemoteProtocolError):  # a compact row cannot stand without its base
+        StateTree.from_rows([(key, row)])

@@ -48,6 +48,10 @@ from trionode.crdt.sequence import (
 from trionode.errors import RemoteProtocolError
 
 FORMAT_VERSION: Final = 1
+JOURNAL_VERSION: Final = 2
+"""Journal rows of a Text/Vector (`rows.py`) are `[2, added, removed, body]`: the record's
+parent, name and kind are its base row's. Version 1 journal rows were whole records
+(`encode_entity`, which starts with FORMAT_VERSION 1) and still load."""
 MAX_ENTITY_BYTES: Final = 4 * 1024 * 1024
 """Largest encoded record we accept: comfortably inside one 8 MiB frame."""
 MAX_SEQUENCE_ELEMENTS: Final = MAX_ENTITY_BYTES // 8
@@ -68,7 +72,9 @@ _Groups = list[tuple[int, int, int, int]]
 _TextWire = tuple[_Writers, list[tuple[int, int, int, int, int, str, _Groups, _Groups]]]
 _VectorWire = tuple[_Writers, list[tuple[int, int, int, int, int, list[bytes], _Groups, _Groups]]]
 
+_JournalWire = tuple[int, _Stamp, _Stamp, msgspec.Raw]
 _record_decoder: Final = msgspec.msgpack.Decoder(_RecordWire)
+_journal_decoder: Final = msgspec.msgpack.Decoder(_JournalWire)
 _register_decoder: Final = msgspec.msgpack.Decoder(_RegisterWire)
 _counter_decoder: Final = msgspec.msgpack.Decoder(_CounterWire)
 _text_decoder: Final = msgspec.msgpack.Decoder(_TextWire | None)
@@ -130,6 +136,51 @@ def decode_entity(
         raise RemoteProtocolError("bad entity record: nested too deeply") from exc
 
 
+def encode_journal(delta: Entity) -> bytes:
+    """A journal row: `delta`'s stamps and body, without what its base row already says."""
+    return canonical(
+        (JOURNAL_VERSION, delta.added, delta.removed, msgspec.Raw(_body_wire(delta.body)))
+    )
+
+
+def decode_journal(
+    data: bytes | bytearray | memoryview, base: Entity, *, max_size: int = MAX_ENTITY_BYTES
+) -> Entity:
+    """A journal row (either version) of the entity whose base record is `base`.
+
+    Raises:
+        RemoteProtocolError: oversized, malformed or non-canonical bytes.
+        ValueError: a version 1 row that holds another entity's record.
+    """
+    if len(data) > max_size:
+        raise RemoteProtocolError(f"journal row of {len(data)} bytes exceeds {max_size}")
+    try:
+        version, added, removed, raw = _journal_decoder.decode(data)
+    except msgspec.DecodeError:
+        entity = decode_entity(data, max_size=max_size)  # version 1: a whole record
+        if entity.id != base.id:
+            raise ValueError("journal row holds another entity's record") from None
+        return entity
+    try:
+        _check_journal_version(version)
+        _check_stamp(added)
+        _check_stamp(removed)
+        body = _decode_body(base.kind, bytes(raw), MAX_SEQUENCE_ELEMENTS)
+        return Entity(
+            base.parent,
+            base.name,
+            base.kind,
+            added=added,
+            removed=removed,
+            body=body,
+            known_id=base.id,
+        )
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise RemoteProtocolError(f"bad journal row: {exc}") from exc
+    except RecursionError as exc:
+        raise RemoteProtocolError("bad journal row: nested too deeply") from exc
+
+
 def decode_entities(
     records: Iterable[bytes | bytearray | memoryview], *, max_elements: int = MAX_BATCH_ELEMENTS
 ) -> list[Entity]:
@@ -153,6 +204,11 @@ def _not_nil(value: T | None) -> T:
     if value is None:  # only reachable through a non-canonical nil
         raise ValueError("body must be nil or a value")
     return value
+
+
+def _check_journal_version(version: int) -> None:
+    if version != JOURNAL_VERSION:
+        raise ValueError(f"unknown journal row version {version}")
 
 
 def _check_version(version: int) -> None:

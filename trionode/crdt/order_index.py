@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
+from operator import itemgetter
 from typing import Final, Self
 
 from trionode.crdt.hlc import Timestamp
@@ -59,6 +60,9 @@ CUT_EVERY: Final = 61
 share a stride (a clock that ticks in steps) still cut about this often."""
 
 
+_TIME: Final = itemgetter(0)  # faster than the NamedTuple's `.time` property
+
+
 def is_cut(eid: Timestamp) -> bool:
     """Does a hash chunk end at this element? A pure function of the id's time: one element
     in `CUT_EVERY` of a typed run (consecutive times), about one in `CUT_EVERY` otherwise."""
@@ -67,7 +71,7 @@ def is_cut(eid: Timestamp) -> bool:
 
 def chunk_ends(ids: Sequence[Timestamp]) -> list[int]:
     """Offsets in `ids` of the elements that end a chunk (cuts), ascending."""
-    return [i for i, e in enumerate(ids) if not e.time % CUT_EVERY]
+    return [i for i, time in enumerate(map(_TIME, ids)) if not time % CUT_EVERY]
 
 
 class _Block:

@@ -5,7 +5,11 @@ the whole sequence while a keystroke changes one element, so rewriting it per ke
 costs O(length). For those kinds the rows are a *base* plus a *journal*:
 
     entity_id               -> encode_entity(record as of the last rewrite)
-    entity_id ‖ seq (u32)   -> encode_entity(delta-states joined since then)
+    entity_id ‖ seq (u32)   -> encode_journal(delta-states joined since then)
+
+A journal row (`JOURNAL_VERSION` 2) holds the delta's stamps and body only; its parent,
+name and kind are the base row's. Rows written before that (version 1) hold whole records
+and load alongside new ones.
 
 Reading joins the base and its journal rows. Join is idempotent, commutative and
 associative and the record is the join of everything applied to it, so the result is the
@@ -22,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from trionode.crdt.encoding import decode_entity, encode_entity
+from trionode.crdt.encoding import decode_entity, decode_journal, encode_entity, encode_journal
 from trionode.crdt.entity import ID_BYTES, Entity, Kind
 
 JOURNAL_KINDS: Final = frozenset({Kind.TEXT, Kind.VECTOR})
@@ -100,7 +104,7 @@ class RowLog:
                 and eid not in self._rewrite
                 and stored.journal_rows + 1 < _SEQ_LIMIT
             ):
-                data = encode_entity(delta)
+                data = encode_journal(delta)
                 if stored.journal_bytes + len(data) <= max(stored.base, JOURNAL_MIN_BYTES):
                     out.append((_journal_key(eid, stored.journal_rows), data))
                     stored.journal_rows += 1
@@ -156,7 +160,7 @@ class RowLog:
         """
         log = cls()
         bases: dict[bytes, Entity] = {}
-        journals: dict[bytes, list[Entity]] = {}
+        journals: dict[bytes, list[bytes]] = {}
         for key, value in rows:
             if len(key) == ID_BYTES:
                 entity = _decode(key, value)
@@ -165,21 +169,20 @@ class RowLog:
                     log._stored.setdefault(key, _Stored(0)).base = len(value)
             elif len(key) == ID_BYTES + _SEQ_BYTES:
                 eid = key[:ID_BYTES]
-                journals.setdefault(eid, []).append(_decode(eid, value))
+                journals.setdefault(eid, []).append(value)
                 stored = log._stored.setdefault(eid, _Stored(0))
                 seq = int.from_bytes(key[ID_BYTES:], "big")
                 stored.journal_rows = max(stored.journal_rows, seq + 1)
                 stored.journal_bytes += len(value)
             else:
                 raise ValueError(f"state row key of {len(key)} bytes")
-        for eid, deltas in journals.items():
+        for eid, values in journals.items():
             base = bases.get(eid)
             if base is None:  # rows change in one batch, so only damage leaves this
-                base = bases[eid] = deltas[0]
+                base = bases[eid] = _decode(eid, values[0])  # (a version 1 row stands alone)
                 log._rewrite.add(eid)  # write the base whole on its next change
-            for delta in deltas:
-                if delta is not base:
-                    base.merge(delta)
+            for value in values:
+                base.merge(decode_journal(value, base))
         return list(bases.values()), log
 
 
