@@ -17,6 +17,8 @@ and bytes of memory and of LMDB per stored entry. Every baseline is measured in 
   and to `pycrdt.Text` with one (implicit) transaction per keystroke. Both final texts must
   equal the trace's own result (checked, the run fails otherwise). Sizes: the sum of
   `encode_entity` over the tree's entities vs `doc.get_update()`.
+* **Vector.** The same two traces (20,000 edits) on `Vector[int]` (an insert puts its edit
+  number at the position) and on `pycrdt.Array`, one transaction per edit, results checked.
 * **Keystrokes through a context.** One `notes.insert`/`notes.delete` call per keystroke on
   a running node, on a note that already holds a long text: calls/s and the LMDB bytes each
   call's commit writes (state rows alone, and every row), beside the same keystrokes on an
@@ -62,6 +64,7 @@ from trionode.crdt import (
     encode_entity,
     ntp64_from_unix_ns,
     text,
+    vector,
 )
 from trionode.sdk import App
 from trionode.sdk.bundle import load_app, load_bundle, verify_bundle
@@ -213,6 +216,75 @@ def _pycrdt_text(trace: Sequence[Edit]) -> tuple[float, str, int]:
             body.insert(pos, char)
     elapsed = time.perf_counter() - started
     return elapsed, str(body), len(doc.get_update())
+
+
+def _vector_edits(trace: Sequence[Edit]) -> list[tuple[int, int | None]]:
+    """A Text trace as Vector edits: each insert puts its edit number at the position."""
+    return [(pos, None if char is None else k) for k, (pos, char) in enumerate(trace)]
+
+
+def _replay_vector(edits: Sequence[tuple[int, int | None]]) -> list[int]:
+    items: list[int] = []
+    for pos, value in edits:
+        if value is None:
+            del items[pos]
+        else:
+            items.insert(pos, value)
+    return items
+
+
+def _trionode_vector(edits: Sequence[tuple[int, int | None]]) -> tuple[float, list[int]]:
+    tree = StateTree()
+    clock = HybridClock(MEMBER)
+    spec = vector(int)
+    started = time.perf_counter()
+    for pos, value in edits:
+        with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
+            items = tx.field("items", spec)
+            if value is None:
+                items.delete(pos)
+            else:
+                items.insert(pos, value)
+            tx.commit()
+    elapsed = time.perf_counter() - started
+    with tree.reader() as tx:
+        return elapsed, tx.field("items", spec).to_list()
+
+
+def _pycrdt_vector(edits: Sequence[tuple[int, int | None]]) -> tuple[float, list[int]]:
+    doc: pycrdt.Doc[pycrdt.Array[int]] = pycrdt.Doc()
+    items: pycrdt.Array[int] = pycrdt.Array()
+    doc["items"] = items
+    started = time.perf_counter()
+    for pos, value in edits:
+        if value is None:
+            del items[pos]
+        else:
+            items.insert(pos, value)
+    elapsed = time.perf_counter() - started
+    return elapsed, [int(v) for v in items]  # (Yjs numbers come back as floats)
+
+
+def _vector_rows(ops: int) -> list[Row]:
+    rows: list[Row] = []
+    for name, trace in (("typing", editing_trace(ops)), ("random-position", random_trace(ops))):
+        edits = _vector_edits(trace)
+        expected = _replay_vector(edits)
+        ours, our_items = _trionode_vector(edits)
+        theirs, their_items = _pycrdt_vector(edits)
+        _check(our_items == expected, "trionode Vector diverged from the trace's own result")
+        _check(their_items == expected, "pycrdt Array diverged from the trace's own result")
+        rows.append(
+            Row(
+                f"Vector[int] {name} trace, 1 txn/edit: {ops:,} edits -> {len(expected):,} "
+                "items, equal in both",
+                ops / ours,
+                "ops/s",
+                "pycrdt (Yjs) Array, same edits",
+                ops / theirs,
+            )
+        )
+    return rows
 
 
 def _text_rows(ops: int) -> list[Row]:
@@ -777,6 +849,7 @@ async def run(*, quick: bool) -> list[Row]:
     edits = 5_000 if quick else 100_000
     calls = 200 if quick else 3_000
     rows = _text_rows(edits)
+    rows += _vector_rows(2_000 if quick else 20_000)
     with tempfile.TemporaryDirectory(prefix="trionode-bench-") as tmp:
         rows += await _keystroke_rows(
             100 if quick else 1_000, 2_000 if quick else 20_000, Path(tmp)

@@ -45,7 +45,7 @@ class EntityPath:
     them exists yet.
     """
 
-    __slots__ = ("depth", "id", "kind", "name", "parent")
+    __slots__ = ("_chain", "depth", "id", "kind", "name", "parent")
 
     def __init__(self, parent: EntityPath | None, name: bytes, kind: Kind) -> None:
         self.parent = parent
@@ -63,18 +63,22 @@ class EntityPath:
                 raise ValueError(f"key or field name longer than {MAX_NAME_BYTES} bytes")
             self.id = child_id(parent.id, name)
             self.depth = parent.depth + 1
+        self._chain: list[EntityPath] | None = None
 
     def child(self, name: bytes, kind: Kind) -> EntityPath:
         return EntityPath(self, name, kind)
 
     def chain(self) -> list[EntityPath]:
-        """Root-most first, the root itself excluded."""
+        """Root-most first, the root itself excluded (do not mutate: it is cached)."""
+        if self._chain is not None:
+            return self._chain
         out: list[EntityPath] = []
         cursor: EntityPath | None = self
         while cursor is not None and cursor.parent is not None:
             out.append(cursor)
             cursor = cursor.parent
         out.reverse()
+        self._chain = out
         return out
 
     def __repr__(self) -> str:
