@@ -80,6 +80,7 @@ MEMBER = b"\x01" * 32
 CONTEXT = b"\x02" * 32
 LMDB_MAP = 1 << 30
 
+TEXT = text()
 Edit = tuple[int, str | None]
 """(position, character inserted there) or (position, None): delete the character there."""
 
@@ -161,23 +162,27 @@ def replay(trace: Sequence[Edit]) -> str:
     return "".join(chars)
 
 
+def _keystroke(tree: StateTree, clock: HybridClock, pos: int, char: str | None) -> None:
+    """One edit of the Text field "body", in a transaction of its own."""
+    with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
+        body = tx.field("body", TEXT)
+        if char is None:
+            body.delete(pos, 1)
+        else:
+            body.insert(pos, char)
+        tx.commit()
+
+
 def _trionode_text(trace: Sequence[Edit]) -> tuple[float, str, int]:
     """(seconds, final text, encoded bytes): one transaction per keystroke."""
     tree = StateTree()
     clock = HybridClock(MEMBER)
-    spec = text()
     started = time.perf_counter()
     for pos, char in trace:
-        with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
-            body = tx.field("body", spec)
-            if char is None:
-                body.delete(pos, 1)
-            else:
-                body.insert(pos, char)
-            tx.commit()
+        _keystroke(tree, clock, pos, char)
     elapsed = time.perf_counter() - started
     with tree.reader() as tx:
-        final = tx.field("body", spec).value()
+        final = tx.field("body", TEXT).value()
     size = sum(len(encode_entity(entity)) for entity in tree.entities())
     return elapsed, final, size
 
@@ -188,16 +193,9 @@ def _written_per_keystroke(trace: Sequence[Edit]) -> tuple[float, int]:
     here; the node prefixes 32 bytes)."""
     tree = StateTree()
     clock = HybridClock(MEMBER)
-    spec = text()
     written = 0
     for pos, char in trace:
-        with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
-            body = tx.field("body", spec)
-            if char is None:
-                body.delete(pos, 1)
-            else:
-                body.insert(pos, char)
-            tx.commit()
+        _keystroke(tree, clock, pos, char)
         written += sum(len(k) + len(v) for k, v in tree.drain_rows() if v is not None)
     return written / len(trace), sum(len(encode_entity(e)) for e in tree.entities())
 
@@ -445,13 +443,7 @@ def _tree_keystrokes(start: str, trace: Sequence[Edit], *, root_hash: bool) -> f
     tree.root_hash()
     started = time.perf_counter()
     for pos, char in trace:
-        with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
-            body = tx.field("body", spec)
-            if char is None:
-                body.delete(pos, 1)
-            else:
-                body.insert(pos, char)
-            tx.commit()
+        _keystroke(tree, clock, pos, char)
         if root_hash:
             tree.root_hash()
     return len(trace) / (time.perf_counter() - started)

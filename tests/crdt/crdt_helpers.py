@@ -11,6 +11,7 @@ from trionode.crdt import (
     Entity,
     HybridClock,
     StateTree,
+    Timestamp,
     Transaction,
     counter,
     decode_entity,
@@ -23,6 +24,7 @@ from trionode.crdt import (
     unordered_set,
     vector,
 )
+from trionode.crdt.order_index import OrderIndex
 
 T0 = ntp64_from_unix(1_700_000_000.0)
 SECOND = 1 << 32
@@ -162,3 +164,31 @@ def _vector_op(draw: Draw, tx: Transaction) -> None:
         items[draw(st.integers(0, length - 1))] = draw(st.integers(0, 99))
     else:
         del items[draw(st.integers(0, length - 1))]
+
+
+def place(
+    model: list[Timestamp],
+    index: OrderIndex,
+    eid: Timestamp,
+    a: int,
+    *,
+    before: bool,
+    is_live: Callable[[Timestamp], bool],
+) -> bool:
+    """Put `eid` into a plain-list `model` and its `index` alike: after the a-th placed id
+    (a == 0: at the front), or before the a-th with `before`. False: nothing to put it
+    before."""
+    if not before and (not model or a % (len(model) + 1) == 0):
+        model.insert(0, eid)
+        index.insert_after(None, eid, is_live)
+    elif not before:
+        anchor = model[a % (len(model) + 1) - 1]
+        model.insert(model.index(anchor) + 1, eid)
+        index.insert_after(anchor, eid, is_live)
+    elif model:
+        anchor = model[a % len(model)]
+        model.insert(model.index(anchor), eid)
+        index.insert_before(anchor, eid, is_live)
+    else:
+        return False
+    return True

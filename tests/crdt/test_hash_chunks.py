@@ -16,7 +16,7 @@ from trionode.crdt import HEAD, Entity, HybridClock, StateTree, TextState, Times
 from trionode.crdt.order_index import OrderIndex, is_cut
 from trionode.crdt.sequence import VectorState, chunk_digests
 
-from .crdt_helpers import T0
+from .crdt_helpers import T0, place
 
 _CUTS = [t for t in range(1, 200_000) if is_cut(Timestamp(t, b""))]
 _PLAIN = [t for t in range(1, 2_000) if not is_cut(Timestamp(t, b""))]
@@ -59,18 +59,7 @@ def test_cached_chunk_digests_equal_the_definition(
             eid = fresh(cut)
             if not flag:
                 dead.add(eid)
-            if kind == 0 and (not model or a % (len(model) + 1) == 0):
-                model.insert(0, eid)
-                index.insert_after(None, eid, is_live)
-            elif kind == 0:
-                anchor = model[a % (len(model) + 1) - 1]
-                model.insert(model.index(anchor) + 1, eid)
-                index.insert_after(anchor, eid, is_live)
-            elif model:
-                anchor = model[a % len(model)]
-                model.insert(model.index(anchor), eid)
-                index.insert_before(anchor, eid, is_live)
-            else:
+            if not place(model, index, eid, a, before=kind == 1, is_live=is_live):
                 continue
         elif kind == 2 and live:
             victim = live[a % len(live)]

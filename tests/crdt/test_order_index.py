@@ -10,6 +10,8 @@ from hypothesis import given, settings, strategies as st
 from trionode.crdt import Timestamp
 from trionode.crdt.order_index import OrderIndex
 
+from .crdt_helpers import place
+
 # (kind, a, b): kind 0 insert after the a-th placed id (a == 0: at the front), 1 insert
 # before the a-th, 2 delete the a-th visible one, 3 copy and continue on the copy.
 ops = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.booleans()), max_size=120)
@@ -39,18 +41,7 @@ def test_index_matches_a_plain_list(
             serial += 1
             if born_dead:
                 deleted.add(eid)
-            if kind == 0 and (not model or a % (len(model) + 1) == 0):
-                model.insert(0, eid)
-                index.insert_after(None, eid, is_live)
-            elif kind == 0:
-                anchor = model[a % (len(model) + 1) - 1]
-                model.insert(model.index(anchor) + 1, eid)
-                index.insert_after(anchor, eid, is_live)
-            elif model:
-                anchor = model[a % len(model)]
-                model.insert(model.index(anchor), eid)
-                index.insert_before(anchor, eid, is_live)
-            else:
+            if not place(model, index, eid, a, before=kind == 1, is_live=is_live):
                 deleted.discard(eid)
                 continue
         elif kind == 2:
