@@ -14,6 +14,7 @@ from benchmarks import (
     context_bench,
     hostile_bench,
     kad_bench,
+    multiaddr_bench,
     pubsub_bench,
     pubsub_procs,
     relay_bench,
@@ -42,6 +43,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "relay": relay_bench.run,
         "scale": scale_bench.run,
         "kad": kad_bench.run,
+        "multiaddr": multiaddr_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():

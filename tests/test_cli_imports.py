@@ -25,6 +25,7 @@ NODE_ONLY = (
     "trionode.config",
     "trionode.api",
     "trionode.wire",
+    "multiaddr",  # the package costs ~35 ms to import (netaddr, cid): node side only
 )
 FORBIDDEN = (*NODE_ONLY, "trio_websocket")  # only `watch` needs WebSockets
 

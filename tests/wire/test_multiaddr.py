@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.wire.keys import PeerId, PrivateKey
-from trionode.wire.multiaddr import PROTOCOLS, Component, Multiaddr, Protocol
+from trionode.wire.multiaddr import MAX_VARIABLE_VALUE_SIZE, PROTOCOLS, Component, Multiaddr
 
 PEER = "12D3KooWBtg3aaRMjxwedh83aGiUkwSxDwUZkzuJcfaqUmo7R3pq"
 
@@ -79,6 +79,11 @@ def test_helpers() -> None:
     combined = base / Multiaddr.from_string(f"/p2p/{PEER}")
     assert combined == full
     assert repr(base) == "Multiaddr('/ip4/127.0.0.1/tcp/4001')"
+    relayed = base.circuit_through(peer_id)
+    assert str(relayed) == f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}/p2p-circuit"
+    assert relayed.is_circuit()
+    assert not full.is_circuit()
+    assert relayed.with_peer_id(other).peer_id() == other
 
 
 @pytest.mark.parametrize(
@@ -100,6 +105,15 @@ def test_helpers() -> None:
         "/p2p/notapeerid",
         "/dns4/",
         "/dns4/" + "a" * 256,
+        "/dns4/a b",
+        "/tcp/+1",  # int() would take these three
+        "/tcp/ 1",
+        "/tcp/1_000",
+        "//",
+        "/ip4/1.2.3.4//",
+        "/ip6zone/eth0/ip6/fe80::1",  # not in our table: the package splits it wrongly
+        "/unix/tmp/x",
+        "/memory/1",
     ],
 )
 def test_text_rejects(text: str) -> None:
@@ -121,6 +135,12 @@ def test_text_rejects(text: str) -> None:
         "36012f",  # dns4 containing '/'
         "a50303000000",  # p2p with invalid multihash
         "36ff02" + "61" * 300,  # too-long dns
+        "047f000001060fa1ff",  # trailing byte
+        "047f000001060f",  # short port
+        "84007f000001",  # ip4 code as a non-minimal varint
+        "2a046574683029" + "00" * 16,  # ip6zone
+        "3603612062",  # dns4 "a b": not a domain name
+        "90030161",  # unix: not in our table
     ],
 )
 def test_binary_rejects(hex_: str) -> None:
@@ -128,27 +148,56 @@ def test_binary_rejects(hex_: str) -> None:
         Multiaddr.from_bytes(bytes.fromhex(hex_))
 
 
+def test_international_domain_name() -> None:
+    address = Multiaddr.from_string("/dns4/bücher.example/tcp/1")
+    assert address.to_bytes() == bytes.fromhex("360f") + "bücher.example".encode() + bytes(
+        [0x06, 0x00, 0x01]
+    )
+    assert str(Multiaddr.from_bytes(address.to_bytes())) == "/dns4/bücher.example/tcp/1"
+
+
+def test_from_tcp_refuses_a_host_that_would_add_components() -> None:
+    with pytest.raises(RemoteProtocolError):
+        Multiaddr.from_tcp(f"evil/tcp/1/p2p/{PEER}", 2)
+    assert str(Multiaddr.from_tcp("fe80::1%lo", 1)) == "/ip6/fe80::1/tcp/1"
+
+
 def test_binary_size_limit() -> None:
     with pytest.raises(RemoteProtocolError, match="too long"):
         Multiaddr.from_bytes(bytes.fromhex("01dd") * 600)
 
 
-def _value_strategy(protocol: Protocol) -> st.SearchStrategy[bytes]:
-    if protocol.size == 0:
+_SIZES = {
+    "ip4": 4,
+    "ip6": 16,
+    "tcp": 2,
+    "udp": 2,
+    "dccp": 2,
+    "sctp": 2,
+    "p2p": -1,
+    "dns": -1,
+    "dns4": -1,
+    "dns6": -1,
+    "dnsaddr": -1,
+    "sni": -1,
+}
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_DOMAIN = st.lists(_LABEL, min_size=1, max_size=4).map(".".join)
+
+
+def _value_strategy(name: str) -> st.SearchStrategy[bytes]:
+    size = _SIZES.get(name, 0)
+    if size == 0:
         return st.just(b"")
-    if protocol.name == "ip4":
+    if name == "ip4":
         return st.ip_addresses(v=4).map(lambda a: a.packed)
-    if protocol.name == "ip6":
+    if name == "ip6":
         return st.ip_addresses(v=6).map(lambda a: ipaddress.IPv6Address(a).packed)
-    if protocol.size == 2:
+    if size == 2:
         return st.integers(0, 0xFFFF).map(lambda p: p.to_bytes(2, "big"))
-    if protocol.name == "p2p":
+    if name == "p2p":
         return st.binary(min_size=32, max_size=32).map(lambda s: PrivateKey(s).peer_id().multihash)
-    return st.text(
-        st.characters(exclude_characters="/", categories=("L", "N", "P", "S", "Zs")),
-        min_size=1,
-        max_size=20,
-    ).map(str.encode)
+    return _DOMAIN.map(str.encode)
 
 
 components = st.sampled_from(PROTOCOLS).flatmap(
@@ -177,6 +226,33 @@ def test_binary_garbage_only_raises_remote_protocol_error(data: bytes) -> None:
 def test_text_garbage_only_raises_remote_protocol_error(text: str) -> None:
     with contextlib.suppress(RemoteProtocolError):
         Multiaddr.from_string(text)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(PROTOCOLS),
+            st.integers(0, MAX_VARIABLE_VALUE_SIZE + 2),
+            st.binary(max_size=40),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_shaped_binary_only_raises_remote_protocol_error(
+    parts: list[tuple[str, int, bytes]],
+) -> None:
+    """Known codes with lying lengths and random values: accepted only if exact."""
+    wire = b""
+    for name, length, value in parts:
+        code = Multiaddr((Component(name, b""),)).to_bytes()
+        wire += code + bytes([length & 0x7F]) + value
+    try:
+        address = Multiaddr.from_bytes(wire)
+    except RemoteProtocolError:
+        return
+    assert address.to_bytes() == wire
+    assert Multiaddr.from_string(str(address)) == address
 
 
 @given(st.data())

@@ -119,7 +119,7 @@ class HolePuncher:
             if conn.observed_addr is not None and not conn.relayed
         ]
         for addr in candidates:
-            if any(c.name == "p2p-circuit" for c in addr.components):
+            if addr.is_circuit():
                 continue
             if addr.tcp_host_port() is not None and addr not in out:
                 out.append(addr)
@@ -172,8 +172,7 @@ class HolePuncher:
         addrs = [
             addr.without_peer_id()
             for addr in conn.listen_addrs
-            if addr.tcp_host_port() is not None
-            and not any(c.name == "p2p-circuit" for c in addr.components)
+            if addr.tcp_host_port() is not None and not addr.is_circuit()
         ][: wire.MAX_ADDRS]
         if not addrs:
             return False

@@ -112,9 +112,7 @@ class Connection:
     @property
     def relayed(self) -> bool:
         """Whether this connection runs through a relay (Circuit Relay v2)."""
-        return self.remote_addr is not None and any(
-            c.name == "p2p-circuit" for c in self.remote_addr.components
-        )
+        return self.remote_addr is not None and self.remote_addr.is_circuit()
 
     @property
     def closed(self) -> bool:
@@ -299,7 +297,7 @@ class Host:
                 return existing
         if not self.connmgr.may_dial(expected, member=member):
             raise PeerError(f"connection limit ({self.config.max_connections}) reached")
-        circuit = any(c.name == "p2p-circuit" for c in addr.components)
+        circuit = addr.is_circuit()
         if circuit and self._circuit_dialer is None:
             raise PeerError(f"{addr} is a relay address and relaying is off")
         if not circuit and addr.tcp_host_port() is None:

@@ -513,7 +513,7 @@ def _usable(addrs: Iterable[Multiaddr]) -> list[Multiaddr]:
     out: list[Multiaddr] = []
     for given in addrs:
         addr = given.without_peer_id()
-        if is_dialable(addr) or any(c.name == "p2p-circuit" for c in addr.components):
+        if is_dialable(addr) or addr.is_circuit():
             out.append(addr)
     return out
 

@@ -56,7 +56,7 @@ _COPY_CHUNK: Final = 64 * 1024
 
 def circuit_address(relay_addr: Multiaddr, relay: PeerId) -> Multiaddr:
     """``<relay addr>/p2p/<relay>/p2p-circuit``: where others dial us through ``relay``."""
-    return Multiaddr.from_string(f"{relay_addr.with_peer_id(relay)}/p2p-circuit")
+    return relay_addr.circuit_through(relay)
 
 
 def split_circuit(addr: Multiaddr) -> tuple[Multiaddr, PeerId, PeerId]:

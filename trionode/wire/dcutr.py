@@ -107,7 +107,7 @@ def usable_addresses(raw: Sequence[bytes], peer: PeerId) -> list[Multiaddr]:
         if named is not None and named != peer:
             continue
         addr = addr.without_peer_id()
-        if any(c.name == "p2p-circuit" for c in addr.components) or addr.tcp_host_port() is None:
+        if addr.is_circuit() or addr.tcp_host_port() is None:
             continue
         if addr not in out:
             out.append(addr)

@@ -1,29 +1,46 @@
-"""A small multiaddr codec: text (``/ip4/1.2.3.4/tcp/4001/p2p/12D3KooW…``) and binary.
+"""Multiaddrs (``/ip4/1.2.3.4/tcp/4001/p2p/12D3KooW…``), handled with the `multiaddr` package.
 
-The binary form is a sequence of ``uvarint(protocol code) || value``, where the value is
-fixed-size (ip4: 4 bytes, tcp/udp: 2-byte BE port, ip6: 16 bytes), absent (``/ws``,
-``/quic-v1``, …) or ``uvarint(len) || bytes`` (dns names, ``/p2p`` multihash, …).
+The package does the multiaddr work: its protocol table (codes and value sizes), splitting
+the binary form (``uvarint(code) || value``), and every value's text <-> bytes conversion
+(ip4/ip6 via netaddr, ports, dns names checked with IDNA, ``/p2p`` peer ids as CIDs). This
+module is the one place trionode touches it, because on untrusted input the package alone
+is not safe (version 0.2):
 
-Only the protocols in :data:`PROTOCOLS` are understood. A binary multiaddr containing any
-other code cannot even be split into components (its value size is unknown), so decoding
-it raises RemoteProtocolError; identify therefore keeps listen addresses as raw bytes and
-decodes them one by one.
+- ``multiaddr.Multiaddr(bytes)`` validates nothing, and its binary splitter reads a short
+  value without noticing (``04`` becomes ``/ip4/0.0.0.0``, ``047f0000`` ``/ip4/0.127.0.0``).
+  We check every value's length and that the parts rebuild the input byte for byte.
+- Its text parser accepts ``ip4/1.2.3.4`` (no leading slash), ``/``, ``//``, ports written
+  ``+1``, `` 1`` or in fullwidth digits (``int()``), and refuses a dns name that is also a
+  protocol name (``/dns/ws``). We split the text ourselves and use only its value codecs.
+- ``ip6zone`` is split with a zero-length value by its binary splitter although its text
+  encoder writes a length prefix, so it is left out of :data:`PROTOCOLS`.
+- It raises whatever its codecs raise (``ValueError``, ``EOFError``, netaddr's and idna's
+  errors, ``BinaryParseError``…). Every call into it is wrapped: callers only ever see
+  :class:`~trionode.errors.RemoteProtocolError`, with the size limits below checked first.
+- It does not know the legacy ``/ipfs`` name, and would store a CIDv1 peer id as the whole
+  CID instead of the multihash the spec asks for; peer ids therefore go through
+  :class:`~trionode.wire.keys.PeerId`.
 
-Parsers treat their input as untrusted and raise RemoteProtocolError.
+Only the protocols in :data:`PROTOCOLS` are accepted; identify keeps listen addresses as
+raw bytes and decodes them one by one, so an address in any other protocol is skipped.
+Importing the package costs about 35 ms (netaddr, cid, idna): client commands
+(``trionode call``) never import this module.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
+
+from multiaddr.codecs import codec_by_name
+from multiaddr.protocols import protocol_with_name
+from multiaddr.transforms import bytes_iter
 
 from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.wire.keys import PeerId
-from trionode.wire.varint import BytesLike, decode_uvarint, encode_uvarint
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from trionode.wire.varint import BytesLike, encode_uvarint
 
 MAX_MULTIADDR_SIZE = 1024
 """Largest binary multiaddr accepted."""
@@ -31,151 +48,170 @@ MAX_MULTIADDR_SIZE = 1024
 MAX_VARIABLE_VALUE_SIZE = 255
 """Largest variable-size value (dns names are at most 253 bytes; PeerIds 38)."""
 
-_VARIABLE = -1
+PROTOCOLS: tuple[str, ...] = (
+    "ip4",
+    "tcp",
+    "dccp",
+    "ip6",
+    "dns",
+    "dns4",
+    "dns6",
+    "dnsaddr",
+    "sctp",
+    "udp",
+    "webrtc-direct",
+    "webrtc",
+    "p2p-circuit",
+    "p2p",
+    "https",
+    "tls",
+    "sni",
+    "noise",
+    "quic",
+    "quic-v1",
+    "webtransport",
+    "ws",
+    "wss",
+    "http",
+)
+"""The protocols we accept (all of them round-trip through the package; tested)."""
+
+_ALIASES = {"ipfs": "p2p"}  # legacy text name; always formatted as /p2p
 
 
 @dataclass(frozen=True, slots=True)
-class Protocol:
-    """A multiaddr protocol: its name, multicodec code and value size in bytes."""
+class _Kind:
+    """One protocol as the package describes it, looked up once at import."""
 
     name: str
     code: int
     size: int
-    """Value size in bytes; 0 for no value, -1 for a varint-length-prefixed value."""
+    """Value size in bytes; 0 for no value, -1 for a length-prefixed value."""
+    proto: Any  # multiaddr.protocols.Protocol
+    codec: Any  # multiaddr.codecs.CodecBase
 
 
-PROTOCOLS: tuple[Protocol, ...] = (
-    Protocol("ip4", 0x04, 4),
-    Protocol("tcp", 0x06, 2),
-    Protocol("dccp", 0x21, 2),
-    Protocol("ip6", 0x29, 16),
-    Protocol("ip6zone", 0x2A, _VARIABLE),
-    Protocol("dns", 0x35, _VARIABLE),
-    Protocol("dns4", 0x36, _VARIABLE),
-    Protocol("dns6", 0x37, _VARIABLE),
-    Protocol("dnsaddr", 0x38, _VARIABLE),
-    Protocol("sctp", 0x84, 2),
-    Protocol("udp", 0x0111, 2),
-    Protocol("webrtc-direct", 0x0118, 0),
-    Protocol("webrtc", 0x0119, 0),
-    Protocol("p2p-circuit", 0x0122, 0),
-    Protocol("p2p", 0x01A5, _VARIABLE),
-    Protocol("https", 0x01BB, 0),
-    Protocol("tls", 0x01C0, 0),
-    Protocol("sni", 0x01C1, _VARIABLE),
-    Protocol("noise", 0x01C6, 0),
-    Protocol("quic", 0x01CC, 0),
-    Protocol("quic-v1", 0x01CD, 0),
-    Protocol("webtransport", 0x01D1, 0),
-    Protocol("ws", 0x01DD, 0),
-    Protocol("wss", 0x01DE, 0),
-    Protocol("http", 0x01E0, 0),
-)
+def _kind(name: str) -> _Kind:
+    proto = protocol_with_name(name)
+    codec = codec_by_name(proto.codec)
+    bits = int(codec.SIZE)
+    size = -1 if bits < 0 else bits // 8
+    return _Kind(name, int(proto.code), size, proto, codec)
 
-_BY_NAME = {p.name: p for p in PROTOCOLS}
-_BY_NAME["ipfs"] = _BY_NAME["p2p"]  # legacy text alias; always formatted as /p2p
-_BY_CODE = {p.code: p for p in PROTOCOLS}
-_PORT_PROTOCOLS = frozenset({"tcp", "udp", "dccp", "sctp"})
-_NAME_PROTOCOLS = frozenset({"dns", "dns4", "dns6", "dnsaddr", "sni", "ip6zone"})
+
+_BY_NAME = {name: _kind(name) for name in PROTOCOLS}
+_BY_CODE = {kind.code: kind for kind in _BY_NAME.values()}
+_PORTS = frozenset(name for name, kind in _BY_NAME.items() if kind.proto.codec == "uint16be")
 
 
 @dataclass(frozen=True, slots=True)
 class Component:
     """One ``/name/value`` step of a multiaddr; ``value`` is the binary value."""
 
-    protocol: Protocol
+    name: str
     value: bytes
-
-    @property
-    def name(self) -> str:
-        """The protocol name (``"ip4"``, ``"tcp"``, …)."""
-        return self.protocol.name
 
     def value_text(self) -> str | None:
         """The value in text form, or ``None`` for protocols without a value."""
-        return _value_to_text(self.protocol, self.value)
+        kind = _BY_NAME[self.name]
+        if kind.size == 0:
+            return None
+        return str(kind.codec.to_string(kind.proto, self.value))
 
 
-def _value_to_text(protocol: Protocol, value: bytes) -> str | None:
-    name = protocol.name
-    if protocol.size == 0:
-        return None
-    if name == "ip4":
-        return str(ipaddress.IPv4Address(value))
-    if name == "ip6":
-        return ipaddress.IPv6Address(value).compressed
-    if name in _PORT_PROTOCOLS:
-        return str(int.from_bytes(value, "big"))
-    if name == "p2p":
-        return str(PeerId.from_bytes(value))
-    return value.decode()  # name protocols: validated as UTF-8 without "/" on decode
+def _component(kind: _Kind, value: bytes) -> Component:
+    """Validate one binary value the package split off (it checks no lengths itself)."""
+    if kind.size >= 0 and len(value) != kind.size:
+        raise RemoteProtocolError(f"/{kind.name} value of {len(value)} bytes")
+    if kind.size < 0:
+        if not value or len(value) > MAX_VARIABLE_VALUE_SIZE:
+            raise RemoteProtocolError(f"/{kind.name} value has an invalid length")
+        if kind.name == "p2p":
+            PeerId.from_bytes(value)  # the package accepts any CID; we need a PeerId
+        else:
+            try:
+                text = kind.codec.to_string(kind.proto, value)
+            except Exception as error:  # noqa: BLE001 - the package raises anything
+                raise RemoteProtocolError(f"invalid /{kind.name} value: {error}") from None
+            if "/" in text:
+                raise RemoteProtocolError(f"/{kind.name} value contains '/'")
+    return Component(kind.name, value)
 
 
-def _value_from_text(protocol: Protocol, text: str) -> bytes:
-    name = protocol.name
+def _encode(component: Component) -> bytes:
+    kind = _BY_NAME[component.name]
+    if kind.size < 0:
+        return encode_uvarint(kind.code) + encode_uvarint(len(component.value)) + component.value
+    return encode_uvarint(kind.code) + component.value
+
+
+def _split(data: bytes) -> tuple[Component, ...]:
     try:
-        if name == "ip4":
-            return ipaddress.IPv4Address(text).packed
-        if name == "ip6":
-            return ipaddress.IPv6Address(text).packed
-    except ValueError:
-        raise RemoteProtocolError(f"invalid /{name} address {text!r}") from None
-    if name in _PORT_PROTOCOLS:
-        if not text.isascii() or not text.isdigit() or int(text) > 0xFFFF:
-            raise RemoteProtocolError(f"invalid /{name} port {text!r}")
-        return int(text).to_bytes(2, "big")
-    if name == "p2p":
-        return PeerId.from_string(text).multihash
-    raw = text.encode()
-    _check_name_value(protocol, raw)
-    return raw
+        pieces = [
+            (int(proto.code), str(proto.name), bytes(value))
+            for _, proto, _, value in bytes_iter(data)
+        ]
+    except Exception as error:  # noqa: BLE001 - EOFError, BinaryParseError, TypeError, …
+        raise RemoteProtocolError(f"malformed binary multiaddr: {error}") from None
+    components: list[Component] = []
+    for code, name, value in pieces:
+        kind = _BY_CODE.get(code)
+        if kind is None:
+            raise RemoteProtocolError(f"unsupported multiaddr protocol {name!r}")
+        components.append(_component(kind, value))
+    if b"".join(_encode(c) for c in components) != data:
+        # A truncated value, a non-minimal varint or trailing bytes: not what was sent.
+        raise RemoteProtocolError("malformed binary multiaddr")
+    return tuple(components)
 
 
-def _check_name_value(protocol: Protocol, raw: bytes) -> None:
-    if not raw or len(raw) > MAX_VARIABLE_VALUE_SIZE:
-        raise RemoteProtocolError(f"/{protocol.name} value has an invalid length")
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        raise RemoteProtocolError(f"/{protocol.name} value is not UTF-8") from None
-    if "/" in text:
-        raise RemoteProtocolError(f"/{protocol.name} value contains '/'")
+def _parse_text(text: str) -> tuple[Component, ...]:
+    """Split the text form ourselves (stricter than the package); its codecs do the values."""
+    if not text.startswith("/"):
+        raise RemoteProtocolError(f"multiaddr {text[:64]!r} does not start with '/'")
+    parts = text[1:].split("/")
+    if parts and parts[-1] == "":
+        parts.pop()  # tolerate one trailing slash
+    if not parts:
+        raise RemoteProtocolError("empty multiaddr")
+    components: list[Component] = []
+    index = 0
+    while index < len(parts):
+        name = _ALIASES.get(parts[index], parts[index])
+        kind = _BY_NAME.get(name)
+        if kind is None:
+            raise RemoteProtocolError(f"unknown multiaddr protocol {parts[index][:64]!r}")
+        index += 1
+        if kind.size == 0:
+            components.append(Component(name, b""))
+            continue
+        if index >= len(parts) or not parts[index]:
+            raise RemoteProtocolError(f"/{name} needs a value")
+        value = parts[index]
+        index += 1
+        if name == "p2p":  # base58 or CIDv1 text; the binary value is the multihash
+            components.append(Component(name, PeerId.from_string(value).multihash))
+            continue
+        if name in _PORTS and not (value.isascii() and value.isdigit()):
+            raise RemoteProtocolError(f"invalid /{name} port {value[:16]!r}")
+        try:
+            binary = kind.codec.to_bytes(kind.proto, value)
+        except Exception as error:  # noqa: BLE001 - ValueError, netaddr, idna, …
+            raise RemoteProtocolError(f"invalid /{name} value {value[:64]!r}: {error}") from None
+        components.append(_component(kind, bytes(binary)))
+    return tuple(components)
 
 
-def _check_binary_value(protocol: Protocol, value: bytes) -> None:
-    if protocol.name == "p2p":
-        PeerId.from_bytes(value)
-    elif protocol.name in _NAME_PROTOCOLS:
-        _check_name_value(protocol, value)
+DECODE_CACHE_SIZE = 2048
+"""Decoded addresses kept (at most 2 MiB): the same few recur in every kad response."""
 
 
-def _iter_binary(data: BytesLike) -> Iterator[Component]:
-    offset = 0
-    size = len(data)
-    while offset < size:
-        decoded = decode_uvarint(data, offset)
-        if decoded is None:
-            raise RemoteProtocolError("truncated multiaddr protocol code")
-        code, used = decoded
-        offset += used
-        protocol = _BY_CODE.get(code)
-        if protocol is None:
-            raise RemoteProtocolError(f"unknown multiaddr protocol code {code:#x}")
-        length = protocol.size
-        if length == _VARIABLE:
-            decoded = decode_uvarint(data, offset)
-            if decoded is None:
-                raise RemoteProtocolError("truncated multiaddr value length")
-            length, used = decoded
-            offset += used
-            if length > MAX_VARIABLE_VALUE_SIZE:
-                raise RemoteProtocolError(f"/{protocol.name} value of {length} bytes")
-        if length > size - offset:
-            raise RemoteProtocolError(f"truncated /{protocol.name} value")
-        value = bytes(data[offset : offset + length])
-        offset += length
-        _check_binary_value(protocol, value)
-        yield Component(protocol, value)
+@functools.lru_cache(maxsize=DECODE_CACHE_SIZE)
+def _decode(data: bytes) -> Multiaddr:
+    # Cached because the package's splitter costs 10-30 us per address and a 50-node kad
+    # lookup decodes ~400 addresses, 97 % of them seen before (benchmarks/multiaddr_bench).
+    # A refused input raises, and lru_cache keeps no exceptions: garbage is never cached.
+    return Multiaddr(_split(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +232,7 @@ class Multiaddr:
             raise RemoteProtocolError("empty multiaddr")
         if len(data) > MAX_MULTIADDR_SIZE:
             raise RemoteProtocolError(f"multiaddr of {len(data)} bytes is too long")
-        return cls(tuple(_iter_binary(data)))
+        return _decode(bytes(data))
 
     @classmethod
     def from_string(cls, text: str) -> Multiaddr:
@@ -207,41 +243,14 @@ class Multiaddr:
         """
         if len(text) > 4 * MAX_MULTIADDR_SIZE:
             raise RemoteProtocolError("multiaddr text is too long")
-        if not text.startswith("/"):
-            raise RemoteProtocolError(f"multiaddr {text!r} does not start with '/'")
-        parts = text[1:].split("/")
-        if parts and parts[-1] == "":
-            parts.pop()  # tolerate one trailing slash
-        if not parts:
-            raise RemoteProtocolError("empty multiaddr")
-        components: list[Component] = []
-        index = 0
-        while index < len(parts):
-            protocol = _BY_NAME.get(parts[index])
-            if protocol is None:
-                raise RemoteProtocolError(f"unknown multiaddr protocol {parts[index]!r}")
-            index += 1
-            if protocol.size == 0:
-                components.append(Component(protocol, b""))
-                continue
-            if index >= len(parts):
-                raise RemoteProtocolError(f"/{protocol.name} needs a value")
-            components.append(Component(protocol, _value_from_text(protocol, parts[index])))
-            index += 1
-        result = cls(tuple(components))
+        result = cls(_parse_text(text))
         if len(result.to_bytes()) > MAX_MULTIADDR_SIZE:
             raise RemoteProtocolError("multiaddr is too long")
         return result
 
     def to_bytes(self) -> bytes:
         """The binary form."""
-        out = bytearray()
-        for component in self.components:
-            out += encode_uvarint(component.protocol.code)
-            if component.protocol.size == _VARIABLE:
-                out += encode_uvarint(len(component.value))
-            out += component.value
-        return bytes(out)
+        return b"".join(_encode(c) for c in self.components)
 
     def __str__(self) -> str:
         parts: list[str] = []
@@ -281,9 +290,15 @@ class Multiaddr:
 
     def with_peer_id(self, peer_id: PeerId) -> Multiaddr:
         """This address ending in ``/p2p/<peer_id>`` (replacing any existing one)."""
-        return Multiaddr(
-            (*self.without_peer_id().components, Component(_BY_NAME["p2p"], peer_id.multihash))
-        )
+        return Multiaddr((*self.without_peer_id().components, Component("p2p", peer_id.multihash)))
+
+    def is_circuit(self) -> bool:
+        """Whether this is a relayed address (``…/p2p/<relay>/p2p-circuit[/p2p/<peer>]``)."""
+        return any(component.name == "p2p-circuit" for component in self.components)
+
+    def circuit_through(self, relay: PeerId) -> Multiaddr:
+        """``<this>/p2p/<relay>/p2p-circuit``: where others reach us through ``relay``."""
+        return Multiaddr((*self.with_peer_id(relay).components, Component("p2p-circuit", b"")))
 
     def tcp_host_port(self) -> tuple[str, int] | None:
         """``(host, port)`` for ``/ip4|ip6|dns*/…/tcp/…`` addresses, else ``None``."""
@@ -293,10 +308,8 @@ class Multiaddr:
         if port.name != "tcp" or host.name not in {"ip4", "ip6", "dns", "dns4", "dns6"}:
             return None
         host_text = host.value_text()
-        port_text = port.value_text()
         assert host_text is not None
-        assert port_text is not None
-        return host_text, int(port_text)
+        return host_text, int.from_bytes(port.value, "big")
 
     @classmethod
     def from_tcp(cls, host: str, port: int) -> Multiaddr:
@@ -304,14 +317,17 @@ class Multiaddr:
 
         Raises:
             LocalProtocolError: ``port`` is out of range.
+            RemoteProtocolError: ``host`` is neither an IP literal nor a valid dns name.
         """
         if not 0 <= port <= 0xFFFF:
             raise LocalProtocolError(f"invalid TCP port {port}")
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            first = Component(_BY_NAME["dns"], _value_from_text(_BY_NAME["dns"], host))
-        else:
-            name = "ip4" if address.version == 4 else "ip6"
-            first = Component(_BY_NAME[name], address.packed)
-        return cls((first, Component(_BY_NAME["tcp"], port.to_bytes(2, "big"))))
+            if "/" in host:
+                raise RemoteProtocolError(f"invalid host name {host[:64]!r}") from None
+            return cls.from_string(f"/dns/{host}/tcp/{port}")
+        # A socket's own address (maybe with a "%scope" the package cannot parse): its
+        # packed form is already the binary value.
+        first = Component("ip4" if address.version == 4 else "ip6", address.packed)
+        return cls((first, Component("tcp", port.to_bytes(2, "big"))))
