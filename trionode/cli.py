@@ -139,7 +139,25 @@ def _render_info(result: schemas.NodeInfo) -> str:
     reach = result.reachability
     rows.append(("reachability", reach.get("status", "?")))
     rows += [("confirmed address", a) for a in reach.get("confirmedAddresses", [])]
+    rows += _dht_rows(result.dht)
     return _table(rows, ("key", "value"))
+
+
+def _dht_rows(dht: schemas.DhtStatus) -> list[tuple[str, Any]]:
+    if not dht.enabled:
+        return [("dht", "disabled")]
+
+    def when(unix: float | None) -> str:
+        return "never" if unix is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
+
+    return [
+        ("dht", f"{dht.protocol} ({'server' if dht.server else 'client'})"),
+        ("dht routing table", f"{dht.routing_table} peers"),
+        ("dht provider records", dht.provider_records),
+        ("dht announced contexts", dht.announced_contexts),
+        ("dht last bootstrap", when(dht.last_bootstrap)),
+        ("dht last announcement", when(dht.last_announcement)),
+    ]
 
 
 async def _peers(client: Client, _args: argparse.Namespace) -> Any:

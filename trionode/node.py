@@ -21,7 +21,8 @@ open_node(config) ── root nursery
    ├─ Kademlia.run     (if `network.kad.enabled`) DHT routing-table refresh (a lookup of our
    │                    own id); requests to us are served in the Host's connection nurseries
    ├─ Rendezvous.run   (with the DHT) announces our contexts under private keys and dials
-   │                    co-members found there (net/rendezvous.py)
+   │                    co-members found there (net/rendezvous.py); a context created,
+   │                    joined or re-keyed is announced at once (ReplicaStore.wait_changed)
    ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
    │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`
@@ -60,6 +61,7 @@ import attrs
 import base58
 import trio
 
+from trionode import schemas
 from trionode.api.admin_page import SessionBook
 from trionode.api.app import create_app
 from trionode.api.server import serve_api
@@ -271,7 +273,13 @@ class Node:
         )
         """App calls (the API's `execute`), with blob reads and attachments served."""
         self.rendezvous = (
-            Rendezvous(self.host, self.kad, self.rendezvous_keys, config.network)
+            Rendezvous(
+                self.host,
+                self.kad,
+                self.rendezvous_keys,
+                config.network,
+                contexts_changed=self.contexts.wait_changed,
+            )
             if self.kad is not None
             else None
         )
@@ -328,6 +336,21 @@ class Node:
         if self.autonat is None:
             return {"status": "disabled"}
         return self.autonat.status().to_json()
+
+    def dht_status(self) -> schemas.DhtStatus:
+        if self.kad is None:
+            return schemas.DhtStatus(enabled=False)
+        kad, rendezvous = self.kad, self.rendezvous
+        return schemas.DhtStatus(
+            enabled=True,
+            protocol=kad.protocol,
+            server=self.config.network.kad.server,
+            routing_table=len(kad.table),
+            provider_records=len(kad.providers),
+            announced_contexts=0 if rendezvous is None else rendezvous.announced,
+            last_bootstrap=kad.last_bootstrap,
+            last_announcement=None if rendezvous is None else rendezvous.last_round,
+        )
 
     async def connect(self, address: str) -> str:
         conn = await self.host.connect(address)

@@ -74,6 +74,25 @@ class Ready(Reply, kw_only=True):
     version: str
 
 
+class DhtStatus(Reply, kw_only=True):
+    """The Kademlia DHT as this node sees it (`network.kad`)."""
+
+    enabled: bool
+    protocol: str | None = None
+    server: bool = False
+    """Whether we answer DHT requests (server mode) or only ask."""
+    routing_table: int = 0
+    """Peers in the routing table."""
+    provider_records: int = 0
+    """Provider records held (for others, and our own as a server)."""
+    announced_contexts: int = 0
+    """Our contexts announced (under their private keys) since the last republish."""
+    last_bootstrap: float | None = None
+    """Unix time the last bootstrap (a lookup of our own id) ended; null before the first."""
+    last_announcement: float | None = None
+    """Unix time the last announcement round ended; null before the first."""
+
+
 class NodeInfo(Reply, kw_only=True):
     peer_id: str
     version: str
@@ -81,6 +100,7 @@ class NodeInfo(Reply, kw_only=True):
     reachability: dict[str, Any]
     """AutoNAT's view: `{"status": "public" | "private" | "unknown" | "disabled", ...}`."""
     mode: Literal["read-write", "read-only"] = "read-write"
+    dht: DhtStatus = msgspec.field(default_factory=lambda: DhtStatus(enabled=False))
 
 
 class PeerList(Reply, kw_only=True):

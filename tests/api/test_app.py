@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from quart.typing import TestClientProtocol as QuartClient
@@ -55,6 +56,10 @@ async def test_ready_and_node_info(client: QuartClient, node: TestNode) -> None:
     assert response.status_code == 200
     assert body["ready"] is True
     assert body["peerId"] == node.node.peer_id
+    response = await client.get("/admin-api/node", headers=auth(node))
+    dht = (await response.get_json())["dht"]
+    assert dht == msgspec.to_builtins(node.node.dht_status())
+    assert set(dht) >= {"enabled", "routingTable", "providerRecords", "lastBootstrap"}
     node.node.request_shutdown()
     response = await client.get("/admin-api/ready", headers=auth(node))
     assert response.status_code == 503

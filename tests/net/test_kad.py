@@ -21,6 +21,7 @@ from trionode.net.memory import MemoryNetwork
 from trionode.net.metrics import NetMetrics
 from trionode.net.peerstore import PeerStore
 from trionode.wire import kad as wire
+from trionode.wire.kad_table import bucket_index
 from trionode.wire.keys import PeerId, PrivateKey
 from trionode.wire.multiaddr import Multiaddr
 
@@ -351,3 +352,56 @@ async def test_discovery_redials_a_member_at_the_address_the_dht_knows(
                 await seeker.host.wait_connection_changed()
             stop.set()
         assert member.host.listen_addrs[0] in store.addresses(member.host.peer_id)
+
+
+async def test_a_full_bucket_keeps_a_live_contact_and_evicts_a_silent_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """k = 1: a second peer in the bucket makes the table ping the first (a FIND_NODE); a
+    first that answers stays, and once it is gone the newcomer takes its place."""
+    own = PrivateKey.generate()
+    position = wire.kad_id(own.peer_id().multihash)
+    same_bucket: list[PrivateKey] = []
+    while len(same_bucket) < 2:  # keys whose ids fall in our farthest bucket (half of all)
+        key = PrivateKey.generate()
+        if bucket_index(position, wire.kad_id(key.peer_id().multihash)) == 0:
+            same_bucket.append(key)
+    network = MemoryNetwork()
+    config = network_section(listen=["/ip4/0.0.0.0/tcp/4001"], kad=KadSection(bucket_size=1))
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            stops = [trio.Event() for _ in range(3)]
+            dhts: list[Dht] = []
+            for key, stop in zip([own, *same_bucket], stops, strict=True):
+                registry = CollectorRegistry()
+                host = Host(key, config, NetMetrics(registry), transport=network.transport())
+                await nursery.start(host.run, stop)
+                dhts.append(Dht(host, Kademlia(host, config, KadMetrics(registry)), registry))
+            observer, first, second = dhts
+            await nursery.start(observer.kad.run, stops[0])
+
+            async def meet(other: Dht) -> None:
+                conn = await observer.host.connect(other.address)
+                await conn.identified.wait()
+                observer.kad.admit_connected()
+
+            async def probes(outcome: str, count: int) -> None:
+                while observer.sample("trionode_kad_bucket_probes_total", outcome=outcome) < count:
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.sleep(1)
+
+            await meet(first)
+            assert first.host.peer_id in observer.kad.table
+            await meet(second)
+            await probes("kept", 1)
+            assert first.host.peer_id in observer.kad.table
+            assert second.host.peer_id not in observer.kad.table
+            stops[1].set()  # the first goes away for good
+            while first.host.peer_id in observer.host.connections:
+                await observer.host.wait_connection_changed()
+            observer.kad.admit_connected()  # the second, still connected, asks again
+            await probes("evicted", 1)
+            assert first.host.peer_id not in observer.kad.table
+            assert second.host.peer_id in observer.kad.table
+            for stop in stops:
+                stop.set()

@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import trio
 import trio.testing
 from msgspec.structs import replace
 
+from trionode import schemas
+from trionode.cli import _render_info
 from trionode.config import FileConfig, NodeConfig
 from trionode.net.memory import MemoryNetwork
 from trionode.net.rendezvous import context_provider_key
@@ -104,3 +107,66 @@ async def test_two_members_at_new_addresses_find_each_other_through_the_dht(
                         for p in d.kad.providers.get(rendezvous, trio.current_time())
                     ]
                     assert a.host.peer_id in stored
+
+
+async def test_a_new_context_is_announced_on_the_dht_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Created or joined after the node's first rendezvous round: announced right away, not
+    at the next republish (`network.kad.provider_republish`, 30 minutes)."""
+    network = MemoryNetwork()
+    with trio.fail_after(900):
+        async with (
+            _node(_config(tmp_path / "d0"), network) as d0,
+            _node(_config(tmp_path / "a"), network) as a,
+            _node(_config(tmp_path / "b"), network) as b,
+        ):
+            assert a.rendezvous is not None
+            assert b.rendezvous is not None
+            assert d0.kad is not None
+            dht = d0.kad
+            for node in (a, b):
+                await _join_dht(node, d0)
+            rendezvous_a, rendezvous_b = a.rendezvous, b.rendezvous
+            await _wait(a, lambda: rendezvous_a.rounds >= 1 and rendezvous_b.rounds >= 1)
+            app = (await a.applications.install(str(APPS / "kv_store"))).application_id
+            await b.applications.install(str(APPS / "kv_store"))
+
+            def holders(key: bytes) -> set[object]:
+                return {p.peer_id for p in dht.providers.get(key, trio.current_time())}
+
+            started = trio.current_time()
+            context = (await a.contexts.create(app)).context_id
+            record = await a.contexts.get(context)
+            key = context_provider_key(context, (await a.contexts.keys(context))[record.key_id])
+            await _wait(a, lambda: a.host.peer_id in holders(key))
+            joined = trio.current_time()
+            await b.joins.join(await a.joins.invite(context))
+            await _wait(b, lambda: b.host.peer_id in holders(key))
+            republish = a.config.network.kad.provider_republish
+            # Each announcement took a heartbeat or two of virtual time, far below a
+            # republish period (and no full round ran in between).
+            assert joined - started < republish / 10
+            assert trio.current_time() - joined < republish / 10
+            assert rendezvous_a.announced == 1
+            assert rendezvous_b.announced == 1
+            # What `/admin-api/node` and `trionode info` show.
+            status = b.dht_status()
+            assert status.enabled
+            assert status.protocol == "/trionode/kad/1.0.0"
+            assert status.routing_table >= 1
+            assert status.announced_contexts == 1
+            assert status.last_announcement is not None
+            assert status.last_bootstrap is not None
+            assert d0.dht_status().provider_records >= 2  # a's and b's for the context
+            info = schemas.NodeInfo(
+                peer_id=str(b.host.peer_id),
+                version="x",
+                addresses=[],
+                reachability={"status": "unknown"},
+                dht=status,
+            )
+            decoded = msgspec.json.decode(msgspec.json.encode(info), type=schemas.NodeInfo)
+            assert decoded.dht == status
+            rendered = _render_info(decoded)
+            assert "dht announced contexts  1" in rendered

@@ -145,7 +145,7 @@ def test_a_full_bucket_takes_a_newcomer_only_in_place_of_a_failed_contact() -> N
     ]
     a, b = farthest[:2]
     assert table.add(a, (), 0.0) is AddResult.ADDED
-    assert table.add(b, (), 1.0) is AddResult.FULL
+    assert table.add(b, (), 1.0) is AddResult.PING  # a is asked first (see below)
     table.mark_failed(a)
     assert table.add(b, (), 2.0) is AddResult.REPLACED
     assert b in table
@@ -153,6 +153,86 @@ def test_a_full_bucket_takes_a_newcomer_only_in_place_of_a_failed_contact() -> N
     table.mark_failed(b)
     table.mark_failed(b)  # a second failure removes it
     assert len(table) == 0
+
+
+def _bucket_zero(table: RoutingTable) -> list[PeerId]:
+    return [p for p in PEERS[1:] if bucket_index(table.local_position, Contact(p).position) == 0]
+
+
+def test_a_full_bucket_pings_its_least_recently_seen_contact_before_evicting_it() -> None:
+    table = RoutingTable(PEERS[0], 2)
+    a, b, c, d = _bucket_zero(table)[:4]
+    table.add(a, (), 0.0)
+    table.add(b, (), 1.0)
+    table.add(a, (), 2.0)  # a answered again: b is now the least recently seen
+    assert table.add(c, (ADDR,), 3.0) is AddResult.PING
+    assert [contact.peer_id for contact in table.probes_due()] == [b]
+    assert table.probes_due() == []  # handed out once
+    assert table.add(d, (), 4.0) is AddResult.FULL  # one question per bucket at a time
+    assert c not in table
+    # b answers: it stays (now most recently seen) and the newcomer is dropped.
+    table.probe_answered(b, 5.0)
+    assert {x.peer_id for x in table.contacts()} == {a, b}
+    # The next newcomer asks a, the least recently seen now; a stays silent and goes.
+    assert table.add(c, (ADDR,), 6.0) is AddResult.PING
+    assert [contact.peer_id for contact in table.probes_due()] == [a]
+    table.probe_failed(a)
+    assert {x.peer_id for x in table.contacts()} == {b, c}
+    contact = table.get(c)
+    assert contact is not None
+    assert contact.addrs == (ADDR,)
+
+
+def test_a_probed_contact_removed_meanwhile_makes_room_for_the_newcomer() -> None:
+    table = RoutingTable(PEERS[0], 1)
+    a, b = _bucket_zero(table)[:2]
+    table.add(a, (), 0.0)
+    assert table.add(b, (), 1.0) is AddResult.PING
+    table.remove(a)  # e.g. it sent a malformed answer
+    assert table.probes_due() == []
+    assert b in table
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "answer", "fail", "due"]), st.integers(1, 63)),
+        max_size=150,
+    ),
+    st.integers(1, 3),
+)
+def test_only_a_silent_probed_contact_is_evicted(ops: list[tuple[str, int]], k: int) -> None:
+    table = RoutingTable(PEERS[0], k)
+    asked: list[PeerId] = []
+    for now, (op, i) in enumerate(ops):
+        before = {c.peer_id for c in table.contacts()}
+        evictable: set[PeerId] = set()
+        if op == "add":
+            table.add(PEERS[i], (), float(now))
+        elif op == "due":
+            for contact in table.probes_due():
+                index = bucket_index(table.local_position, contact.position)
+                bucket = [
+                    c
+                    for c in table.contacts()
+                    if bucket_index(table.local_position, c.position) == index
+                ]
+                assert contact.last_seen == min(c.last_seen for c in bucket)
+                asked.append(contact.peer_id)
+        elif asked:
+            peer = asked.pop(i % len(asked))
+            if op == "answer":
+                table.probe_answered(peer, float(now))
+            else:
+                table.probe_failed(peer)
+                assert peer not in table
+                evictable = {peer}
+        lost = before - {c.peer_id for c in table.contacts()}
+        assert lost <= evictable
+        buckets: dict[int, int] = {}
+        for contact in table.contacts():
+            index = bucket_index(table.local_position, contact.position)
+            buckets[index] = buckets.get(index, 0) + 1
+        assert all(count <= k for count in buckets.values())
 
 
 def test_provider_store_is_bounded_and_expires() -> None:

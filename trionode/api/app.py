@@ -91,6 +91,7 @@ class NodeApi(ContextApi, BlobApi, Protocol):
 
     def listen_addresses(self) -> list[str]: ...
     def reachability(self) -> dict[str, Any]: ...
+    def dht_status(self) -> schemas.DhtStatus: ...
 
     def topics(self) -> list[dict[str, Any]]: ...
 
@@ -259,7 +260,7 @@ def create_app(node: NodeApi) -> QuartTrio:
         app,
         "GET",
         "/admin-api/node",
-        summary="This node: peer id, version, addresses, reachability, mode",
+        summary="This node: peer id, version, addresses, reachability, mode, DHT",
         tag="node",
         returns=schemas.NodeInfo,
     )
@@ -271,6 +272,7 @@ def create_app(node: NodeApi) -> QuartTrio:
                 addresses=node.listen_addresses(),
                 reachability=node.reachability(),
                 mode=node.config.node.mode,
+                dht=node.dht_status(),
             )
         )
 

@@ -118,6 +118,7 @@ class ContextManager:
         self.records = replicas.records
         self.get = replicas.get
         self.known_ids = replicas.known_ids
+        self.wait_changed = replicas.wait_changed
         self.replica = replicas.load
         self.add_key = replicas.add_key
         self.load_waiting = replicas.load_waiting

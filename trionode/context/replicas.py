@@ -115,6 +115,8 @@ class ReplicaStore:
         self._load_lock = trio.Lock()
         self._deferred = trio.Event()
         """Set when a delta starts waiting for the clock (see `serve_clock_waits`)."""
+        self._changed = trio.Event()
+        """Set and replaced when a context is created, joined or deleted or gets a new key."""
 
     async def start(self) -> None:
         """Learn which contexts exist; their state loads lazily on first use.
@@ -152,6 +154,15 @@ class ReplicaStore:
     def known_ids(self) -> set[bytes]:
         return set(self._known)
 
+    async def wait_changed(self) -> None:
+        """Until a context is next created, joined or deleted or gets a new key (the DHT
+        rendezvous announces such a context right away: net/rendezvous.py)."""
+        await self._changed.wait()
+
+    def _note_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
     def knows(self, context_id: bytes) -> bool:
         return context_id in self._known
 
@@ -163,6 +174,7 @@ class ReplicaStore:
         """Hold a replica created here (already committed)."""
         self._loaded[replica.context_id] = replica
         self._known.add(replica.context_id)
+        self._note_changed()
 
     async def adopt(
         self,
@@ -194,6 +206,7 @@ class ReplicaStore:
         batch.put(CONTEXTS, context_id, record)
         await self.store.write(batch)
         self._known.add(context_id)
+        self._note_changed()
         return record
 
     async def add_key(self, context_id: bytes, key_id: int, key: bytes) -> None:
@@ -206,6 +219,7 @@ class ReplicaStore:
             batch.put(IDENTITY, key_slot(context_id, key_id), key)
             batch.put(CONTEXTS, context_id, replica.record)
             await self.store.write(batch)
+        self._note_changed()
 
     async def delete(self, context_id: bytes) -> None:
         await self.get(context_id)
@@ -221,6 +235,7 @@ class ReplicaStore:
             batch.delete(HANDLER_RUNS, key)
         await self.store.write(batch)
         self._known.discard(context_id)
+        self._note_changed()
 
     def forget_loaded(self, context_id: bytes) -> None:
         """Drop the in-memory copy: the next use reloads it from the store."""

@@ -46,6 +46,7 @@ from trionode.net.host import Connection, Host
 from trionode.net.multistream import select_protocol
 from trionode.net.noise_stream import noise_handshake
 from trionode.net.peerstore import is_dialable
+from trionode.net.service import run_loops
 from trionode.wire import autonat as wire
 from trionode.wire.keys import PeerId, PrivateKey
 from trionode.wire.multiaddr import Multiaddr
@@ -208,12 +209,9 @@ class AutoNat:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._client_loop, name=f"{self._host.peer_id}:autonat")
-            task_status.started()
-            if shutdown_requested is not None:
-                await shutdown_requested.wait()
-                nursery.cancel_scope.cancel(reason="node shutting down")
+        loops = [(self._client_loop, "autonat")]
+        owner = str(self._host.peer_id)
+        await run_loops(owner, loops, shutdown_requested, task_status=task_status)
 
     async def _client_loop(self) -> None:
         while True:

@@ -39,6 +39,7 @@ from trionode.config import NetworkSection
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.host import Connection, Host
 from trionode.net.peerstore import PeerStore, Source, is_dialable, resolve_unspecified
+from trionode.net.service import run_loops
 from trionode.wire.keys import PeerId
 from trionode.wire.multiaddr import Multiaddr
 from trionode.wire.peer_exchange import (
@@ -130,15 +131,12 @@ async def serve_discovery(
     discovery = _Discovery(host, peerstore, config, metrics, resolve)
     host.set_handler(PEER_EXCHANGE_PROTOCOL_ID, discovery.serve_exchange)
     discovery.add_bootstrap_peers()
-    name = f"{host.peer_id}:discovery"
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(discovery.watch_connections, name=f"{name}:connections")
-        nursery.start_soon(discovery.watch_store, name=f"{name}:store")
-        nursery.start_soon(discovery.dial_loop, name=f"{name}:dial")
-        task_status.started()
-        if shutdown_requested is not None:
-            await shutdown_requested.wait()
-            nursery.cancel_scope.cancel(reason="node shutting down")
+    loops = [
+        (discovery.watch_connections, "discovery:connections"),
+        (discovery.watch_store, "discovery:store"),
+        (discovery.dial_loop, "discovery:dial"),
+    ]
+    await run_loops(str(host.peer_id), loops, shutdown_requested, task_status=task_status)
 
 
 async def read_peers(stream: trio.abc.HalfCloseableStream) -> list[PeerAddrs]:

@@ -2,8 +2,11 @@
 
 ```
 Kademlia.run ── kad nursery
-   └─ _refresh_loop    at start and every kad.refresh_interval: admit connected DHT servers
-                       to the table, then look up our own id (fills the nearby buckets)
+   ├─ _refresh_loop    at start and every kad.refresh_interval: admit connected DHT servers
+   │                   to the table, then look up our own id (fills the nearby buckets)
+   └─ _probe_loop      a full bucket's least recently seen contact gets a FIND_NODE for its
+                       own id (any server answers that; not every one answers PING): it
+                       stays if it answers, else the waiting newcomer takes its place
 Kademlia.serve        (server mode; one task per inbound stream, in the Host's connection
                        nursery) up to kad.max_requests_per_stream requests per stream
 lookups               run in the caller's task: a nursery with up to kad.alpha requests in
@@ -41,8 +44,10 @@ from trionode.config import NetworkSection
 from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.host import Connection, Host
 from trionode.net.peerstore import is_dialable
+from trionode.net.service import run_loops
 from trionode.wire import kad as wire
 from trionode.wire.kad_table import (
+    AddResult,
     Contact,
     Lookup,
     ProviderStore,
@@ -88,6 +93,12 @@ class KadMetrics:
             ["kind"],
             registry=registry,
         )
+        self.bucket_probes = Counter(
+            "trionode_kad_bucket_probes",
+            "Pings of a full bucket's oldest contact, by outcome (kept, evicted)",
+            ["outcome"],
+            registry=registry,
+        )
         self.provider_records = Counter(
             "trionode_kad_provider_records_rejected",
             "Provider records ignored, by reason (forged, expired, wrong_key, unsigned)",
@@ -126,6 +137,9 @@ class Kademlia:
         self.providers = ProviderStore(
             max_keys=config.kad.max_provider_keys, max_per_key=config.kad.max_providers_per_key
         )
+        self._probes_wanted = trio.Event()
+        self.last_bootstrap: float | None = None
+        """Wall-clock time the last bootstrap lookup ended, or None before the first."""
         if config.kad.server:
             host.set_handler(self.protocol, self.serve)
 
@@ -137,12 +151,9 @@ class Kademlia:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._refresh_loop, name=f"{self._host.peer_id}:kad-refresh")
-            task_status.started()
-            if shutdown_requested is not None:
-                await shutdown_requested.wait()
-                nursery.cancel_scope.cancel(reason="node shutting down")
+        loops = [(self._refresh_loop, "kad-refresh"), (self._probe_loop, "kad-probes")]
+        owner = str(self._host.peer_id)
+        await run_loops(owner, loops, shutdown_requested, task_status=task_status)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -153,7 +164,31 @@ class Kademlia:
         """Admit connected DHT servers, then look up our own id: the peers nearest us learn
         of us and our table fills with them."""
         self.admit_connected()
-        return await self.closest_peers(self._host.peer_id.multihash)
+        found = await self.closest_peers(self._host.peer_id.multihash)
+        self.last_bootstrap = self._wall_clock()
+        return found
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await self._probes_wanted.wait()
+            self._probes_wanted = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for contact in self.table.probes_due():
+                    nursery.start_soon(self._probe, contact)
+
+    async def _probe(self, contact: Contact) -> None:
+        ping = wire.KadMessage(wire.MessageType.FIND_NODE, contact.peer_id.multihash)
+        if await self._request(contact, ping) is None:
+            self.table.probe_failed(contact.peer_id)
+            self.metrics.bucket_probes.labels("evicted").inc()
+        else:
+            self.table.probe_answered(contact.peer_id, trio.current_time())
+            self.metrics.bucket_probes.labels("kept").inc()
+        self.metrics.table_size.set(len(self.table))
+
+    def _add_contact(self, peer: PeerId, addrs: Iterable[Multiaddr]) -> None:
+        if self.table.add(peer, addrs, trio.current_time()) is AddResult.PING:
+            self._probes_wanted.set()
 
     def admit_connected(self) -> int:
         """Add every connected, identified peer that serves our protocol id; returns how many
@@ -168,7 +203,7 @@ class Kademlia:
             return
         known = self.table.get(conn.peer_id)
         if known is None or not known.addrs:
-            self.table.add(conn.peer_id, _usable(conn.listen_addrs), trio.current_time())
+            self._add_contact(conn.peer_id, _usable(conn.listen_addrs))
 
     async def wait_for_server(self) -> None:
         """Until the table holds a peer: a connected DHT server once identify says so."""
@@ -396,7 +431,7 @@ class Kademlia:
             log.debug("DHT request to %s failed: %r", contact.peer_id, exc)
             return None
         self.metrics.requests.labels("ok").inc()
-        self.table.add(contact.peer_id, contact.addrs, trio.current_time())
+        self._add_contact(contact.peer_id, contact.addrs)
         return reply
 
     async def _connection(self, contact: Contact) -> Connection:

@@ -27,9 +27,11 @@ tells anyone it connects to) provides an opaque key, how many peers provide the 
 opaque key, and when. Not the context, its app, its members' roles or any data.
 
 ```
-serve_rendezvous ── one task: at start once a DHT server is connected, then every
-                    kad.provider_republish seconds (and when poked): for each context,
-                    provide(key), find_providers(key, signed_only) and dial new ones as members
+Rendezvous.run ──── one task: at start once a DHT server is connected, then every
+                    kad.provider_republish seconds: for each context, provide(key),
+                    find_providers(key, signed_only) and dial new ones as members; a context
+                    created, joined or re-keyed in between gets the same at once
+               └─── one task waiting for such changes (ReplicaStore.wait_changed)
 ```
 """
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -47,6 +50,7 @@ from trionode.config import NetworkSection
 from trionode.errors import PeerError, ProtocolError, StorageError
 from trionode.net.host import Host
 from trionode.net.kad import Kademlia
+from trionode.net.service import Loop, run_loops
 from trionode.wire.kad import sha256_multihash
 
 log = logging.getLogger(__name__)
@@ -67,18 +71,32 @@ class Rendezvous:
     """Announce our contexts and dial co-members found in the DHT."""
 
     def __init__(
-        self, host: Host, kad: Kademlia, keys: RendezvousKeys, config: NetworkSection
+        self,
+        host: Host,
+        kad: Kademlia,
+        keys: RendezvousKeys,
+        config: NetworkSection,
+        *,
+        contexts_changed: Callable[[], Awaitable[None]] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._host = host
         self._kad = kad
         self._keys = keys
         self._config = config
-        self._wake = trio.Event()
+        self._contexts_changed = contexts_changed
+        self._wall_clock = wall_clock
+        self._dirty = trio.Event()
+        self._announced: set[bytes] = set()
+        """Keys provided since the last full round: a change announces only the others."""
         self.rounds = 0
+        self.last_round: float | None = None
+        """Unix time the last round ended, or None before the first."""
 
-    def poke(self) -> None:
-        """Run a round now (a context was created or joined)."""
-        self._wake.set()
+    @property
+    def announced(self) -> int:
+        """How many of our contexts' keys are announced in the current republish period."""
+        return len(self._announced)
 
     async def run(
         self,
@@ -86,35 +104,55 @@ class Rendezvous:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._loop, name=f"{self._host.peer_id}:rendezvous")
-            task_status.started()
-            if shutdown_requested is not None:
-                await shutdown_requested.wait()
-                nursery.cancel_scope.cancel(reason="node shutting down")
+        loops: list[Loop] = [(self._loop, "rendezvous")]
+        if self._contexts_changed is not None:
+            loops.append((self._watch_contexts, "rendezvous-contexts"))
+        owner = str(self._host.peer_id)
+        await run_loops(owner, loops, shutdown_requested, task_status=task_status)
+
+    async def _watch_contexts(self) -> None:
+        # A context created, joined or re-keyed is announced now, not at the next republish
+        # (30 min). Changes that come while a round runs mark the next one dirty: the round
+        # reads the keys after `_dirty` was replaced, so none is lost.
+        assert self._contexts_changed is not None
+        while True:
+            await self._contexts_changed()
+            self._dirty.set()
 
     async def _loop(self) -> None:
+        next_full = trio.current_time()
         while True:
             # Nothing to announce to until some DHT server is connected (bootstrap peers
             # connect in the background).
             await self._kad.wait_for_server()
-            self._wake = trio.Event()
+            self._dirty = trio.Event()
+            full = trio.current_time() >= next_full
+            if full:
+                next_full = trio.current_time() + self._config.kad.provider_republish
             try:
-                await self.round()
+                await self.round(only_new=not full)
             except (PeerError, ProtocolError, StorageError) as exc:
                 # Requests fail inside the DHT driver; this is what is left (our own store,
                 # an announcement we cannot encode). The next round tries again.
                 log.warning("context rendezvous round failed: %s", exc)
-            with trio.move_on_after(self._config.kad.provider_republish):
-                await self._wake.wait()
+            self.last_round = self._wall_clock()
+            with trio.move_on_at(next_full):
+                await self._dirty.wait()
 
-    async def round(self) -> int:
-        """Announce every context once and dial the co-members found; returns how many
-        new connections it made."""
+    async def round(self, *, only_new: bool = False) -> int:
+        """Announce every context once (``only_new``: those not announced since the last
+        full round) and dial the co-members found; returns how many new connections it
+        made."""
         self.rounds += 1
+        keys = await self._keys()
+        if not only_new:
+            self._announced = set()
         dialed = 0
-        for key in await self._keys():
+        for key in keys:
+            if key in self._announced:
+                continue
             await self._kad.provide(key)
+            self._announced.add(key)
             for provider in await self._kad.find_providers(key, signed_only=True):
                 if provider.peer_id in self._host.connections:
                     continue
@@ -127,4 +165,5 @@ class Rendezvous:
                     log.info("found co-member %s through the DHT at %s", provider.peer_id, addr)
                     dialed += 1
                     break
+        self._announced &= set(keys)  # a left context or an old key is not announced
         return dialed

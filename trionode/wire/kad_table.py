@@ -9,9 +9,12 @@ multihash bytes), as in libp2p, so our tables and lookups agree with other imple
 
 *Routing table*: 256 buckets by common-prefix length with our own id, each holding at most
 ``bucket_size`` (k) contacts, least recently seen first. A full bucket admits a newcomer
-only in place of a contact that failed since it last answered: live, long-known peers are
-never pushed out by a flood of new ids (Kademlia's defence against table poisoning), and
-the table can never hold more than 256 * k contacts.
+in place of a contact that failed since it last answered; otherwise, as the Kademlia paper
+says, its least recently seen contact is pinged (:meth:`RoutingTable.probes_due`, one
+probe per bucket at a time, the newcomer held meanwhile) and evicted for the newcomer only
+if it does not answer. Live, long-known peers are never pushed out by a flood of new ids
+(Kademlia's defence against table poisoning), and the table can never hold more than
+256 * k contacts.
 
 *Lookup*: the classic iterative walk. Keep the candidates seen, closest first (at most
 ``max_candidates``); ask up to ``alpha`` of the closest not yet asked at a time; stop when
@@ -65,7 +68,18 @@ class AddResult(Enum):
     UPDATED = "updated"
     REPLACED = "replaced"
     FULL = "full"
+    PING = "ping"
+    """The bucket is full: its least recently seen contact is to be pinged first."""
     SELF = "self"
+
+
+@dataclass(slots=True)
+class _Probe:
+    """A full bucket's question to its least recently seen contact: still there?"""
+
+    oldest: PeerId
+    newcomer: Contact
+    sent: bool = False
 
 
 class RoutingTable:
@@ -75,6 +89,8 @@ class RoutingTable:
         self.bucket_size = bucket_size
         self._buckets: list[list[Contact]] = [[] for _ in range(KEYSPACE_BITS)]
         self._index: dict[PeerId, Contact] = {}
+        self._probes: dict[int, _Probe] = {}
+        """By bucket index: at most one per bucket, so at most 256 newcomers held."""
 
     def __len__(self) -> int:
         return len(self._index)
@@ -112,13 +128,53 @@ class RoutingTable:
         if len(bucket) >= self.bucket_size:
             stale = next((c for c in bucket if c.failed), None)
             if stale is None:
-                return AddResult.FULL
+                index = bucket_index(self.local_position, contact.position)
+                if index in self._probes:
+                    return AddResult.FULL  # one question at a time; this newcomer is dropped
+                self._probes[index] = _Probe(bucket[0].peer_id, contact)
+                return AddResult.PING
             bucket.remove(stale)
             del self._index[stale.peer_id]
             result = AddResult.REPLACED
         bucket.append(contact)
         self._index[peer] = contact
         return result
+
+    def probes_due(self) -> list[Contact]:
+        """Least recently seen contacts of full buckets to ping now, each handed out once;
+        report with :meth:`probe_answered` or :meth:`probe_failed`."""
+        out: list[Contact] = []
+        for index, probe in list(self._probes.items()):
+            if probe.sent:
+                continue
+            contact = self._index.get(probe.oldest)
+            if contact is None:  # gone meanwhile (a bad answer): room for the newcomer
+                del self._probes[index]
+                self._insert(index, probe.newcomer)
+                continue
+            probe.sent = True
+            out.append(contact)
+        return out
+
+    def probe_answered(self, peer: PeerId, now: float) -> None:
+        """``peer`` answered its ping: it stays, now most recently seen; the newcomer goes."""
+        for index in [i for i, p in self._probes.items() if p.oldest == peer]:
+            del self._probes[index]
+        if peer in self._index:
+            self.add(peer, (), now)
+
+    def probe_failed(self, peer: PeerId) -> None:
+        """``peer`` did not answer its ping: evicted, and the newcomer takes its place."""
+        for index in [i for i, p in self._probes.items() if p.oldest == peer]:
+            probe = self._probes.pop(index)
+            self.remove(peer)
+            self._insert(index, probe.newcomer)
+
+    def _insert(self, index: int, contact: Contact) -> None:
+        bucket = self._buckets[index]
+        if contact.peer_id not in self._index and len(bucket) < self.bucket_size:
+            bucket.append(contact)
+            self._index[contact.peer_id] = contact
 
     def mark_failed(self, peer: PeerId) -> None:
         """A request to ``peer`` failed: it may be replaced; a second failure removes it."""
