@@ -24,6 +24,7 @@ from trionode.net.memory import MemoryNetwork
 from trionode.net.rendezvous import context_provider_key
 from trionode.node import Node, open_node
 from trionode.testing import cluster_file_config, make_test_config
+from trionode.wire.multiaddr import Multiaddr
 
 from .test_member_peers import _converged, _values, _wait
 
@@ -159,6 +160,11 @@ async def test_a_new_context_is_announced_on_the_dht_at_once(
             assert status.last_announcement is not None
             assert status.last_bootstrap is not None
             assert d0.dht_status().provider_records >= 2  # a's and b's for the context
+            # Both listen on the wildcard; what they handed out is dialable, never 0.0.0.0.
+            for held in dht.providers.get(key, trio.current_time()):
+                addrs = [str(Multiaddr.from_bytes(raw)) for raw in held.addrs]
+                assert addrs
+                assert all("/ip4/0.0.0.0/" not in addr for addr in addrs), addrs
             info = schemas.NodeInfo(
                 peer_id=str(b.host.peer_id),
                 version="x",
