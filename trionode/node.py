@@ -77,6 +77,7 @@ from trionode.context.applications import Applications
 from trionode.context.clock_waits import serve_clock_waits
 from trionode.context.event_log import EventLog, serve_event_log
 from trionode.context.events import EventHub
+from trionode.context.finality import FinalityMetrics
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
 from trionode.context.pipeline import serve_delta_processor
@@ -199,6 +200,11 @@ class Node:
             processor_queue=config.replication.processor_queue,
             group_commit_max_deltas=config.replication.group_commit_max_deltas,
             group_commit_max_bytes=config.replication.group_commit_max_bytes,
+        )
+        self.finality_metrics = FinalityMetrics(
+            metrics.registry,
+            lambda: [r.authority for r in self.contexts.replicas.loaded()],
+            wall_clock,
         )
         # Sync sessions, outgoing (SyncManager) and incoming (Replicator), share one limiter;
         # heartbeats go from the replicator to the sync manager over a bounded channel.

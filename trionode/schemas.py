@@ -249,6 +249,9 @@ class SyncStatus(Reply, kw_only=True):
     """A sync session of this context is running now."""
     peers: list[dict[str, Any]]
     """Per peer: connected, last success (protocol, deltas), last error."""
+    finality: dict[str, Any] | None = None
+    """Final and non-final data deltas, the age of the oldest non-final one, the admins
+    finality waits for (`ackSet`, `waitingFor`, `retired`) and the final frontier."""
 
 
 class MemberList(Reply, kw_only=True):

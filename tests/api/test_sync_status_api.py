@@ -43,6 +43,13 @@ async def test_sync_status_per_peer_and_sync_with_one_peer(tmp_path: Path) -> No
             assert peer["lastSync"]["protocol"] in ("none", "delta", "snapshot", "tree")
             assert isinstance(peer["lastSync"]["deltas"], int)
             assert peer["lastError"] is None
+            # Only the creator is admin: finality waits for nobody else's ack.
+            finality = status["finality"]
+            assert len(finality["ackSet"]) == 1
+            assert finality["waitingFor"] == []
+            assert finality["retired"] == []
+            assert finality["nonFinalDeltas"] >= 0
+            assert finality["lagSeconds"] >= 0
 
             # A peer id that is no peer id, one that is not connected, an unknown context.
             with pytest.raises(ApiError, match="400"):

@@ -31,6 +31,7 @@ from trionode.blobs.calls import BlobCalls
 from trionode.config import ApiSection
 from trionode.context.errors import AlreadyExists, ContextError, PeerFailed
 from trionode.context.events import EventHub
+from trionode.context.finality import finality_json
 from trionode.context.invitations import InvitationError, parse_invitation
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager, b58
@@ -446,7 +447,7 @@ def register_context_routes(
         app,
         "GET",
         "/admin-api/contexts/<context_id>/sync",
-        summary="Sync status: whether a session runs, and each peer's last sync",
+        summary="Sync status: whether a session runs, each peer's last sync, and finality",
         tag="contexts",
         returns=schemas.SyncStatus,
         errors=(400, 404),
@@ -454,6 +455,7 @@ def register_context_routes(
     async def sync_status(context_id: str) -> Response:
         raw = parse_id(context_id, "context id")
         await node.contexts.get(raw)  # 404 for an unknown context
+        replica = await node.contexts.replica(raw)
         return reply(
             {
                 "contextId": context_id,
@@ -462,6 +464,7 @@ def register_context_routes(
                     peer_sync_json(peer, status, connected=connected)
                     for peer, connected, status in node.sync.peer_status(raw)
                 ],
+                "finality": finality_json(replica.authority, node.contexts.replicas.wall_clock()),
             }
         )
 

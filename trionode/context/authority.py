@@ -16,6 +16,7 @@ from typing import Final
 import attrs
 import msgspec
 
+from trionode.auth.finality import Finality, finality, vv_max
 from trionode.auth.model import (
     AuthGraph,
     Kind,
@@ -50,6 +51,7 @@ class DeltaMeta:
     vv: Mapping[bytes, int]
     key_id: int
     op: bool
+    hlc: int = 0
 
 
 def op_from_header(delta_id: bytes, header: DeltaHeader) -> Op:
@@ -115,6 +117,14 @@ class ContextAuthority:
     """The resolution the verdicts were last computed under."""
     _touched: set[bytes] = attrs.field(factory=set)
     """Authors that equivocated since then."""
+    latest: dict[bytes, tuple[int, Mapping[bytes, int]]] = attrs.field(factory=dict)
+    """Author tag → (seq, vv) of its latest delta held: its implicit ack."""
+    acks: dict[bytes, dict[bytes, int]] = attrs.field(factory=dict)
+    """Author tag → the vector of its latest signed ack (trionode/auth/finality.py)."""
+    _frontier: dict[bytes, int] = attrs.field(factory=dict)
+    """Pointwise max of every recorded delta's vv."""
+    _generation: int = 0
+    _finality: tuple[tuple[int, int], Finality] | None = None
 
     # -- version vectors ------------------------------------------------------------------
 
@@ -167,13 +177,21 @@ class ContextAuthority:
     def record(self, delta_id: bytes, header: DeltaHeader) -> bool:
         """Remember an applied delta's meta; True if it makes an author equivocate (a
         second delta with one (author, seq))."""
+        vv = header_vv(header)
         self.meta[delta_id] = DeltaMeta(
-            header.author, header.seq, header_vv(header), header.key_id, header.auth is not None
+            header.author, header.seq, vv, header.key_id, header.auth is not None, header.hlc
         )
         same = self.by_author_seq.setdefault((tag(header.author), header.seq), set())
         same.add(delta_id)
         author = tag(header.author)
         self.max_seq[author] = max(self.max_seq.get(author, 0), header.seq)
+        known = self.latest.get(author)
+        if known is None or header.seq > known[0]:
+            self.latest[author] = (header.seq, vv)
+        for k, v in vv.items():
+            if v > self._frontier.get(k, 0):
+                self._frontier[k] = v
+        self._generation += 1
         if len(same) > 1:
             self._touched.add(header.author)
             return True
@@ -206,10 +224,52 @@ class ContextAuthority:
     def add_op(self, delta_id: bytes, header: DeltaHeader) -> Op:
         """Statically check and add an op (raises AuthRejected)."""
         op = op_from_header(delta_id, header)
+        self._generation += 1
         try:
             return self.graph.add(op)
         except StaticError as exc:
             raise AuthRejected(str(exc)) from None
+
+    # -- finality --------------------------------------------------------------------------
+
+    def frontier(self) -> dict[bytes, int]:
+        """What our DAG reaches: the max of every held delta's and checkpoint's vector."""
+        return vv_max([self._frontier, *self.checkpoint_vv.values()])
+
+    def note_ack(self, author: bytes, vv: Mapping[bytes, int]) -> bool:
+        """Keep a (verified) signed ack if it says more than the one we hold; True if so."""
+        key = tag(author)
+        known = self.acks.get(key, {})
+        merged = vv_max([known, vv])
+        if merged == known:
+            return False
+        self.acks[key] = merged
+        self._generation += 1
+        return True
+
+    def finality(self) -> Finality:
+        """Which deltas are final (`trionode.auth.finality`), cached until something
+        that can move it arrives."""
+        stamp = (self._generation, len(self.checkpoint_vv))
+        if self._finality is not None and self._finality[0] == stamp:
+            return self._finality[1]
+        candidates: dict[bytes, list[Mapping[bytes, int]]] = {
+            t: [vv] for t, (_, vv) in self.latest.items()
+        }
+        for t, vv in self.acks.items():
+            candidates.setdefault(t, []).append(vv)
+        result = finality(self.resolution(), candidates, self.frontier())
+        self._finality = (stamp, result)
+        return result
+
+    def is_final(self, delta_id: bytes) -> bool:
+        meta = self.meta.get(delta_id)
+        return meta is not None and self.finality().is_final(meta.vv)
+
+    def non_final_data(self) -> list[tuple[bytes, DeltaMeta]]:
+        """The data deltas held whose verdict may still change (the undo log)."""
+        f = self.finality()
+        return [(i, m) for i, m in self.meta.items() if not m.op and not f.is_final(m.vv)]
 
     def resolution(self) -> Resolution:
         return self.graph.resolution()
