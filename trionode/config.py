@@ -440,6 +440,9 @@ class SyncSection(_Section, frozen=True):
     """Seconds one served sync stream may stay open in all (a member that keeps asking
     would otherwise hold a session token for ever); well above `timeout`, which bounds
     the requester's side, so that a large snapshot still completes."""
+    ack_interval: PositiveFloat = 30.0
+    """Seconds between our signed finality acks on each context where we are (or were)
+    admin, sent only when what we hold moved: how soon others may fold what we saw."""
 
 
 class AppsSection(_Section, frozen=True):

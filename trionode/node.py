@@ -31,6 +31,8 @@ open_node(config) ── root nursery
    │                    evicts stale pending deltas; received gossip reaches it via the channel,
    │                    and the heartbeats in it go on to the sync manager (a bounded channel)
    ├─ serve_clock_waits applies deltas stamped ahead of our clock once it has caught up
+   ├─ serve_acks       our signed finality acks, every `sync.ack_interval` where we are
+   │                    (or were) admin and what we hold moved (context/acks.py)
    ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter (shared
    │                    with the Replicator's incoming sessions; both get it from here)
    ├─ serve_gc         periodic GC: tombstones in every context, unreferenced blobs
@@ -72,6 +74,7 @@ from trionode.blobs.references import BlobReferences
 from trionode.blobs.store import BlobMetrics, BlobStore
 from trionode.blobs.transfer import BlobTransfer, BlobTransferMetrics
 from trionode.config import NodeConfig
+from trionode.context.acks import AckBook, PrometheusAckMetrics, serve_acks
 from trionode.context.app_bundles import AppBundles, BundleServing
 from trionode.context.applications import Applications
 from trionode.context.clock_waits import serve_clock_waits
@@ -81,7 +84,7 @@ from trionode.context.finality import FinalityMetrics
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
 from trionode.context.pipeline import serve_delta_processor
-from trionode.context.replication import TOPIC_PREFIX, ReplicationMetrics, Replicator
+from trionode.context.replication import TOPIC_PREFIX, ReplicationMetrics, Replicator, topic_for
 from trionode.context.sync import SyncManager, SyncMetrics
 from trionode.errors import ConfigError
 from trionode.gc import GcMetrics, run_gc_once, serve_gc
@@ -110,7 +113,7 @@ from trionode.net.rendezvous import Rendezvous, context_provider_key
 from trionode.net.transport import Transport
 from trionode.store.store import AsyncStore, open_store
 from trionode.wire.keys import PeerId
-from trionode.wire.messages import Heartbeat
+from trionode.wire.messages import AckGossip, Heartbeat, encode_gossip
 
 if TYPE_CHECKING:
     from trionode.net.memory import GossipFaults
@@ -206,6 +209,7 @@ class Node:
             lambda: [r.authority for r in self.contexts.replicas.loaded()],
             wall_clock,
         )
+        self.acks = AckBook(self.contexts.replicas, PrometheusAckMetrics(metrics.registry))
         # Sync sessions, outgoing (SyncManager) and incoming (Replicator), share one limiter;
         # heartbeats go from the replicator to the sync manager over a bounded channel.
         session_limiter = trio.CapacityLimiter(config.sync.max_concurrent)
@@ -225,6 +229,7 @@ class Node:
             heartbeats=send_heartbeats,
             serve_max_requests=config.sync.serve_max_requests,
             serve_timeout=config.sync.serve_timeout,
+            acks=self.acks.receive,
         )
         self.sync = SyncManager(
             self.contexts,
@@ -413,6 +418,12 @@ class Node:
     def api_url(self) -> str:
         return self.api_urls[0]
 
+    def publish_ack(self, context_id: bytes, wire: bytes) -> None:
+        """Gossip our signed finality ack on the context's topic (serve_acks)."""
+        self.replicator.subscribe(context_id)
+        message = encode_gossip(AckGossip(context_id=context_id, ack=wire))
+        self.pubsub.publish(topic_for(context_id), message)
+
     def request_shutdown(self) -> None:
         """Phase one: stop taking new work; in-flight work drains within the grace period."""
         self.shutdown_requested.set()
@@ -541,6 +552,15 @@ async def _open_locked_node(
                 serve_clock_waits, node.contexts, node.shutdown_requested, name="clock-waits"
             )
             await nursery.start(node.sync.run, node.shutdown_requested, name="sync")
+            await nursery.start(
+                serve_acks,
+                node.acks,
+                node.contexts.replicas,
+                node.publish_ack,
+                node.config.sync.ack_interval,
+                node.shutdown_requested,
+                name="acks",
+            )
             discovery = (node.host, node.peerstore, config.network, node.discovery_metrics)
             stop = node.shutdown_requested
             # After the Replicator (it subscribes our contexts' topics), before discovery.

@@ -21,6 +21,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
 
+from trionode.auth.acks import open_ack
 from trionode.context.authority import AuthRejected, ContextAuthority, decode_vv
 from trionode.context.errors import AlreadyExists, ContextNotFound
 from trionode.context.invitations import open_keys
@@ -50,7 +51,7 @@ from trionode.dag.delta import (
     stored_header,
     verify_delta,
 )
-from trionode.errors import ProtocolError, StorageError
+from trionode.errors import ProtocolError, RemoteProtocolError, StorageError
 from trionode.store.lmdb_store import Column, Delete
 from trionode.store.store import AsyncStore, BytesCodec, Table, WriteBatch
 
@@ -64,6 +65,8 @@ STORAGE_FORMAT: Final = 2
 """2: deltas carry sequence numbers, version vectors and membership operations."""
 FORMAT_TABLE = Table(Column.META, BytesCodec(), BytesCodec())
 FORMAT_KEY: Final = b"context-format"
+ACK_PREFIX: Final = b"ack/"
+"""ack/ ‖ context ‖ author tag → the latest signed ack of that author (context/acks.py)."""
 CHECKPOINT_VV_PREFIX = b"ckvv/"
 """ckvv/ ‖ context ‖ delta id → the version vector of a checkpoint (as its source said)."""
 
@@ -329,6 +332,12 @@ class ReplicaStore:
                 ops.append((delta_id, header))
         for key, value in await self.store.scan(AUX, prefix=CHECKPOINT_VV_PREFIX + context_id):
             authority.checkpoint_vv[key[len(CHECKPOINT_VV_PREFIX) + 32 :]] = decode_vv(value)
+        for _, value in await self.store.scan(AUX, prefix=ACK_PREFIX + context_id):
+            try:
+                ack = open_ack(value, context_id)
+            except RemoteProtocolError:
+                continue
+            authority.note_ack(ack.author, dict(ack.vv))
         ops.sort(key=lambda item: (sum(v for _, v in item[1].vv), item[0]))
         for delta_id, header in ops:
             try:

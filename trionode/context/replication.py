@@ -22,7 +22,7 @@ signing the connection's Noise handshake hash with its member key.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Final
 
@@ -48,6 +48,7 @@ from trionode.sync.driver import (
 from trionode.sync.machines import DeltaFetch, HeadsExchange
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
+    AckGossip,
     DeltaGossip,
     HeadsResponse,
     Heartbeat,
@@ -168,6 +169,7 @@ class Replicator:
         heartbeats: trio.MemorySendChannel[tuple[PeerId, Heartbeat]] | None = None,
         serve_max_requests: int = 1024,
         serve_timeout: float | None = None,
+        acks: Callable[[bytes, bytes], Awaitable[bool]] | None = None,
     ) -> None:
         self.contexts = contexts
         self.host = host
@@ -186,6 +188,8 @@ class Replicator:
         self._heartbeats = heartbeats
         """Where received heartbeats go (the sync manager's channel; full: dropped and
         counted, the next heartbeat or interval tick does the same job)."""
+        self._acks = acks
+        """Where received finality acks go (the AckBook, wired in node.py)."""
         self._server = SyncServer(
             contexts,
             host,
@@ -256,6 +260,10 @@ class Replicator:
                     self._heartbeats.send_nowait((peer, gossip))
                 except trio.WouldBlock:
                     self.metrics.outcome("heartbeat_dropped")
+            return
+        if isinstance(gossip, AckGossip):
+            if self._acks is not None:
+                await self._acks(context_id, gossip.ack)
             return
         await self.receive_from(message.received_from, context_id, gossip.delta)
 

@@ -43,7 +43,14 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, forbid_unknown_fie
     root_hash: Id32
 
 
-Gossip = DeltaGossip | Heartbeat
+class AckGossip(msgspec.Struct, tag="ack", frozen=True, forbid_unknown_fields=True):
+    """An admin's signed finality ack (trionode/auth/acks.py)."""
+
+    context_id: Id32
+    ack: bytes
+
+
+Gossip = DeltaGossip | Heartbeat | AckGossip
 
 _ENCODER = msgspec.msgpack.Encoder()
 _GOSSIP = msgspec.msgpack.Decoder(Gossip)
