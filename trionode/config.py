@@ -380,6 +380,13 @@ class StoreSection(_Section, frozen=True):
     """The map never grows past this; a write that would need more fails cleanly."""
     reader_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     """Threads that may read LMDB at once (writes are always one at a time)."""
+    delta_retention: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    """Seconds a *final* delta's body is kept after its stamp before it is folded into the
+    final state (0: at once). Non-final deltas are always kept: undo needs them."""
+    fold_interval: PositiveFloat = 60.0
+    """Seconds between folding passes over the loaded contexts."""
+    fold_batch: PositiveInt = 256
+    """Deltas folded per LMDB transaction."""
 
 
 class ReplicationSection(_Section, frozen=True):

@@ -33,6 +33,8 @@ open_node(config) ── root nursery
    ├─ serve_clock_waits applies deltas stamped ahead of our clock once it has caught up
    ├─ serve_acks       our signed finality acks, every `sync.ack_interval` where we are
    │                    (or were) admin and what we hold moved (context/acks.py)
+   ├─ serve_folding    folds final deltas older than `store.delta_retention` into the
+   │                    final state, one batch per transaction (context/folding.py)
    ├─ SyncManager.run  heartbeats, interval sync sessions under one CapacityLimiter (shared
    │                    with the Replicator's incoming sessions; both get it from here)
    ├─ serve_gc         periodic GC: tombstones in every context, unreferenced blobs
@@ -81,6 +83,7 @@ from trionode.context.clock_waits import serve_clock_waits
 from trionode.context.event_log import EventLog, serve_event_log
 from trionode.context.events import EventHub
 from trionode.context.finality import FinalityMetrics
+from trionode.context.folding import serve_folding
 from trionode.context.join import JoinService
 from trionode.context.manager import ContextManager
 from trionode.context.pipeline import serve_delta_processor
@@ -552,6 +555,17 @@ async def _open_locked_node(
                 serve_clock_waits, node.contexts, node.shutdown_requested, name="clock-waits"
             )
             await nursery.start(node.sync.run, node.shutdown_requested, name="sync")
+            await nursery.start(
+                partial(
+                    serve_folding,
+                    node.contexts.replicas,
+                    retention=node.config.store.delta_retention,
+                    interval=node.config.store.fold_interval,
+                    max_batch=node.config.store.fold_batch,
+                    shutdown_requested=node.shutdown_requested,
+                ),
+                name="folding",
+            )
             await nursery.start(
                 serve_acks,
                 node.acks,

@@ -262,6 +262,13 @@ class ContextAuthority:
         self._finality = (stamp, result)
         return result
 
+    def fold(self, delta_id: bytes) -> None:
+        """A final delta was folded (context/folding.py): it is a checkpoint from now on,
+        known by its vector only, as it will be after a restart."""
+        meta = self.meta.pop(delta_id)
+        self.verdicts.pop(delta_id, None)
+        self.checkpoint_vv[delta_id] = dict(meta.vv)
+
     def is_final(self, delta_id: bytes) -> bool:
         meta = self.meta.get(delta_id)
         return meta is not None and self.finality().is_final(meta.vv)

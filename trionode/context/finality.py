@@ -54,6 +54,7 @@ def finality_json(authority: ContextAuthority, now: float) -> dict[str, Any]:
         "waitingFor": keys(f.waiting_for),
         "retired": keys(f.retired),
         "finalFrontier": {t.hex(): seq for t, seq in sorted(f.final.items())},
+        "checkpoints": len(authority.checkpoint_vv),
     }
 
 

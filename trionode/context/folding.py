@@ -1,0 +1,150 @@
+"""Folding: final deltas leave the undo log (reference local-first-auth.md §5.4).
+
+A data delta whose verdict can no longer change (final: trionode/auth/finality.py) and
+which is older than `store.delta_retention` is *folded*: its records, if it stood, are
+joined into the context's final state, and its body leaves the delta column. What stays
+is what a checkpoint is (serving.py): an empty delta row (the id stays applied, so the DAG
+and its children are intact across restarts) and its version vector (so a child's chain
+checks still pass). Folding is one bounded batch per LMDB transaction, under the
+replica's lock.
+
+The final state is the `base/` rows the rebuild already starts from: those were "records
+no delta body here carries" (snapshot pages, tree comparison) and folded records are
+exactly that. So the invariant stays one sentence — state = base ⊔ the records of every
+standing delta whose body we hold — and an undo (`DeltaProcessor._rebuild`) reads only
+non-final bodies. Folding changes no state row and no root hash: a folded delta moves from
+one side of the join to the other.
+
+Deltas stay unfolded when they are: membership operations (the auth history is kept for
+good: every verdict is computed from it), current heads (a peer one delta behind can still
+fetch it; it folds once something is written on it), or newer than the retention. A peer
+that needs a folded delta hears "missing", like one that asks a snapshot joiner, and its
+sync session falls back to tree comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from trionode.auth.model import Verdict
+from trionode.context.authority import encode_vv
+from trionode.context.errors import ContextError
+from trionode.context.records import DELTAS
+from trionode.context.replicas import (
+    AUX,
+    BASE_PREFIX,
+    CHECKPOINT_VV_PREFIX,
+    Replica,
+    ReplicaStore,
+)
+from trionode.crdt import Entity, decode_entities, decode_entity, encode_entity, ntp64_from_unix
+from trionode.dag.delta import decode_delta, open_delta, verify_delta
+from trionode.errors import ProtocolError
+from trionode.store.store import WriteBatch
+
+log = logging.getLogger(__name__)
+
+
+async def fold_once(
+    replicas: ReplicaStore, replica: Replica, *, retention: float, max_batch: int
+) -> int:
+    """Fold up to `max_batch` final deltas of `replica` older than `retention` seconds, in
+    one transaction; returns how many were folded."""
+    context_id = replica.context_id
+    store = replicas.store
+    async with replica.lock:
+        authority = replica.authority
+        final = authority.finality()
+        cutoff = ntp64_from_unix(max(0.0, replicas.wall_clock() - retention))
+        heads = set(replica.dag.heads)
+        chosen = sorted(
+            (
+                (sum(meta.vv.values()), delta_id)
+                for delta_id, meta in authority.meta.items()
+                if not meta.op
+                and delta_id not in heads
+                and meta.hlc <= cutoff
+                and final.is_final(meta.vv)
+            ),
+        )[:max_batch]
+        if not chosen:
+            return 0
+        batch = WriteBatch()
+        joined: dict[bytes, Entity] = {}
+        for _, delta_id in chosen:
+            meta = authority.meta[delta_id]
+            if authority.verdicts.get(delta_id) is Verdict.ACCEPTED:
+                wire = store.get_sync(DELTAS, context_id + delta_id)
+                if wire:
+                    for record in _records(replica, wire):
+                        known = joined.get(record.id)
+                        if known is None:
+                            stored = store.get_sync(AUX, BASE_PREFIX + context_id + record.id)
+                            known = decode_entity(stored) if stored else None
+                        joined[record.id] = record if known is None else known.join(record)
+            batch.put(DELTAS, context_id + delta_id, b"")
+            batch.put(AUX, CHECKPOINT_VV_PREFIX + context_id + delta_id, encode_vv(meta.vv))
+        for entity_id, entity in joined.items():
+            batch.put(AUX, BASE_PREFIX + context_id + entity_id, encode_entity(entity))
+        await replicas.write(replica, batch)
+        for _, delta_id in chosen:
+            authority.fold(delta_id)
+    return len(chosen)
+
+
+def _records(replica: Replica, wire: bytes) -> list[Entity]:
+    try:
+        delta = decode_delta(wire)
+        header = verify_delta(delta)
+        body = open_delta(delta, header, replica.keys[header.key_id])
+        return decode_entities(body.records)
+    except (KeyError, ProtocolError):
+        # It was applied, so we could read it then: only a damaged row lands here. Its
+        # records are in the state rows already; the base just lacks them for a rebuild.
+        log.warning("folding %s: its body no longer opens", replica.context_id.hex()[:12])
+        return []
+
+
+async def fold_all(replicas: ReplicaStore, *, retention: float, max_batch: int) -> int:
+    """Fold what is due in every loaded context, batch after batch; returns the count."""
+    total = 0
+    for replica in replicas.loaded():
+        while True:
+            try:
+                folded = await fold_once(
+                    replicas, replica, retention=retention, max_batch=max_batch
+                )
+            except ContextError:
+                break
+            total += folded
+            if folded < max_batch:
+                break
+            await trio.lowlevel.checkpoint()  # let writers in between batches
+    return total
+
+
+async def serve_folding(
+    replicas: ReplicaStore,
+    *,
+    retention: float,
+    interval: float,
+    max_batch: int,
+    shutdown_requested: trio.Event,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Every `interval` seconds, fold what is final and older than `retention`."""
+
+    async def loop() -> None:
+        while True:
+            await trio.sleep(interval)
+            folded = await fold_all(replicas, retention=retention, max_batch=max_batch)
+            if folded:
+                log.debug("folded %d final deltas", folded)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop)
+        task_status.started()
+        await shutdown_requested.wait()
+        nursery.cancel_scope.cancel(reason="node shutting down")
