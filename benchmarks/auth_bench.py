@@ -5,7 +5,11 @@ Rows:
   removals, each removal rotating the key), beside the same N writes with no changes;
 - a late removal arrives after N deltas, M of them by the removed member and concurrent
   with it: the receiver filters them and rebuilds its state, beside applying one ordinary
-  membership operation at the same point.
+  membership operation at the same point;
+- the same late removal once the receiver has folded the N-M final deltas (finality,
+  context/folding.py), beside the same rebuild without folding;
+- delta-log bytes per context (delta rows and checkpoint vectors) after N writes once
+  folded, beside the same writes kept whole.
 
 Histories are written by node A and replayed on node B through `ContextManager.receive`,
 in the order A wrote them (in process, no network).
@@ -20,11 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from msgspec.structs import replace
 
 from benchmarks.harness import Row
+from trionode.config import FileConfig
+from trionode.context.folding import fold_all
+from trionode.context.replicas import CHECKPOINT_VV_PREFIX
 from trionode.crdt import ntp64_from_unix
 from trionode.dag.delta import DeltaBody, decode_delta, open_delta, seal_delta, verify_delta
 from trionode.node import Node
+from trionode.store.lmdb_store import Column
 from trionode.testing import open_test_node
 
 KV_STORE = Path(__file__).resolve().parents[1] / "apps" / "kv_store"
@@ -113,10 +122,22 @@ async def _apply_rows(n: int, changes: int, base: Path) -> list[Row]:
     ]
 
 
-async def _late_removal_rows(n: int, filtered: int, base: Path) -> list[Row]:
+def _log_bytes(node: Node, context: bytes) -> int:
+    store = node.contexts.replicas.store
+    rows = store.scan_sync(Column.DELTA, context)
+    rows += store.scan_sync(Column.GENERIC, CHECKPOINT_VV_PREFIX + context)
+    return sum(len(k) + len(v) for k, v in rows)
+
+
+async def _fold(node: Node) -> int:
+    return await fold_all(node.contexts.replicas, retention=0.0, max_batch=256)
+
+
+async def _late_removal(n: int, filtered: int, base: Path, *, fold: bool) -> tuple[float, float]:
+    """(ms to receive the late removal and rebuild, ms for an ordinary op after it)."""
     async with (
-        open_test_node(base / "late-a", api=False) as ta,
-        open_test_node(base / "late-b", api=False) as tb,
+        open_test_node(base / f"late-a{fold}", api=False) as ta,
+        open_test_node(base / f"late-b{fold}", api=False) as tb,
     ):
         a, b = ta.node, tb.node
         context, start = await _setup(a, b)
@@ -163,6 +184,9 @@ async def _late_removal_rows(n: int, filtered: int, base: Path) -> list[Row]:
         wires += await _history(a, context, n - filtered, 0)
         wires += victim_wires
         await _replay(b, context, wires)
+        if fold:
+            # A is the only admin and wrote every delta but the victim's: those are final.
+            assert await _fold(b) >= n - filtered - 1, "the final deltas did not fold"
         removal = await a.contexts.remove_member(context, victim_member)
         started = time.perf_counter()
         await b.contexts.receive(context, removal.encode())
@@ -174,13 +198,55 @@ async def _late_removal_rows(n: int, filtered: int, base: Path) -> list[Row]:
         started = time.perf_counter()
         await b.contexts.receive(context, plain.encode())
         ordinary = time.perf_counter() - started
+    return rebuild * 1000, ordinary * 1000
+
+
+async def _late_removal_rows(n: int, filtered: int, base: Path) -> list[Row]:
+    rebuild, ordinary = await _late_removal(n, filtered, base, fold=False)
+    folded, _ = await _late_removal(n, filtered, base, fold=True)
     return [
         Row(
             f"late removal filters {filtered} of {n:,} deltas: receive it and rebuild",
-            rebuild * 1000,
+            rebuild,
             "ms",
             "receiving an ordinary membership operation at that point",
-            ordinary * 1000,
+            ordinary,
+            higher_is_better=False,
+        ),
+        Row(
+            f"the same late removal with the {n - filtered:,} final deltas folded",
+            folded,
+            "ms",
+            "the same rebuild without folding",
+            rebuild,
+            higher_is_better=False,
+        ),
+    ]
+
+
+def _read_only(config: FileConfig) -> FileConfig:
+    """The receiver runs no event handlers: its log holds only what it received."""
+    return replace(config, node=replace(config.node, mode="read-only"))
+
+
+async def _log_rows(n: int, base: Path) -> list[Row]:
+    async with (
+        open_test_node(base / "log-a", api=False) as ta,
+        open_test_node(base / "log-b", api=False, configure=_read_only) as tb,
+    ):
+        a, b = ta.node, tb.node
+        context, start = await _setup(a, b)
+        await _replay(b, context, start + await _history(a, context, n, 0))
+        whole = _log_bytes(b, context)
+        assert await _fold(b) >= n - 1, "the final deltas did not fold"
+        folded = _log_bytes(b, context)
+    return [
+        Row(
+            f"delta-log bytes per context after {n:,} writes, final deltas folded",
+            folded,
+            "bytes",
+            "the same writes, every body kept",
+            whole,
             higher_is_better=False,
         )
     ]
@@ -192,4 +258,5 @@ async def run(*, quick: bool) -> list[Row]:
         base = Path(tmp)
         rows = await _apply_rows(n, changes, base / "apply")
         rows += await _late_removal_rows(n, filtered, base / "late")
+        rows += await _log_rows(n, base / "log")
     return rows
