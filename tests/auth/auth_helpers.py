@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -113,3 +114,59 @@ class History:
             except StaticError:
                 continue
         return graph
+
+
+PEOPLE = [member(n) for n in "ABCDE"]
+
+
+def random_history(
+    steps: list[tuple[str, int, int, str]],
+    on_ack: Callable[[bytes, dict[bytes, int]], None] | None = None,
+) -> History:
+    """A creates the context with B admin and C member; then each step (kind, who, target,
+    role) by PEOPLE[who]: write, grant, demote, remove, leave, rotate, merge (who learns
+    what target knows) or ack (`on_ack` gets who's view as a version vector)."""
+    h = History()
+    a = PEOPLE[0]
+    h.op(a, Kind.CREATE, key_id=1)
+    h.op(a, Kind.GRANT, target=PEOPLE[1], role="admin")
+    h.op(a, Kind.GRANT, target=PEOPLE[2], role="member")
+    for p in PEOPLE:
+        h.learn_all(p)
+    key = 2
+    for kind, who_i, target_i, role in steps:
+        who, target = PEOPLE[who_i], PEOPLE[target_i]
+        if kind == "merge":
+            h.learn(who, target)
+            continue
+        if kind == "ack":
+            vv = h._vv(h.views.get(who, set()))
+            if on_ack is not None and vv:
+                on_ack(who, vv)
+            continue
+        # Authors act from their own view, like honest nodes that may lag: check the op
+        # against that view and drop it if no honest node would write it.
+        view_graph = h.graph()
+        if kind == "write":
+            h.write(who, key_id=1)
+            continue
+        fields: dict[str, object] = {}
+        if kind == "grant":
+            op_kind, fields = Kind.GRANT, {"target": target, "role": role}
+        elif kind == "demote":
+            op_kind, fields = Kind.GRANT, {"target": target, "role": "read-only"}
+        elif kind == "remove":
+            op_kind, fields = Kind.REMOVE, {"target": target, "key_id": key}
+        elif kind == "rotate":
+            op_kind, fields = Kind.ROTATE, {"key_id": key}
+        else:
+            op_kind = Kind.LEAVE
+        key += 1
+        event = h.op(who, op_kind, **fields)
+        try:
+            view_graph.check(event.op)  # type: ignore[arg-type]
+        except StaticError:
+            del h.events[event.id]
+            h.views[who].discard(event.id)
+            h.seqs.pop(who, None)
+    return h

@@ -11,11 +11,9 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from tests.auth.auth_helpers import Event, History, member
+from tests.auth.auth_helpers import PEOPLE, Event, History, random_history
 from trionode.auth.finality import Finality, finality, latest_by_author, vv_max, within
 from trionode.auth.model import AuthGraph, Kind, Resolution, StaticError, Verdict, tag
-
-PEOPLE = [member(n) for n in "ABCDE"]
 
 step = st.tuples(
     st.sampled_from(
@@ -30,45 +28,9 @@ Ack = tuple[bytes, dict[bytes, int]]
 
 
 def build(steps: list[tuple[str, int, int, str]]) -> tuple[History, list[Ack]]:
-    h = History()
-    a = PEOPLE[0]
-    h.op(a, Kind.CREATE, key_id=1)
-    h.op(a, Kind.GRANT, target=PEOPLE[1], role="admin")
-    h.op(a, Kind.GRANT, target=PEOPLE[2], role="member")
-    for p in PEOPLE:
-        h.learn_all(p)
+    # Acks are signed outside the DAG: a removed admin can still send one.
     acks: list[Ack] = []
-    for kind, who_i, target_i, role in steps:
-        who, target = PEOPLE[who_i], PEOPLE[target_i]
-        if kind == "merge":
-            h.learn(who, target)
-            continue
-        if kind == "ack":
-            # An ack is signed outside the DAG: a removed admin can still send one.
-            vv = h._vv(h.views.get(who, set()))
-            if vv:
-                acks.append((who, vv))
-            continue
-        if kind == "write":
-            h.write(who, key_id=1)
-            continue
-        view_graph = h.graph()
-        fields: dict[str, object] = {}
-        if kind == "grant":
-            op_kind, fields = Kind.GRANT, {"target": target, "role": role}
-        elif kind == "demote":
-            op_kind, fields = Kind.GRANT, {"target": target, "role": "read-only"}
-        elif kind == "remove":
-            op_kind, fields = Kind.REMOVE, {"target": target, "key_id": 1}
-        else:
-            op_kind = Kind.LEAVE
-        event = h.op(who, op_kind, **fields)
-        try:
-            # Honest authors write only what their own past allows.
-            view_graph.check(event.op)  # type: ignore[arg-type]
-        except StaticError:
-            del h.events[event.id]
-            h.views[who].discard(event.id)
+    h = random_history(steps, on_ack=lambda who, vv: acks.append((who, vv)))
     return h, acks
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from tests.auth.auth_helpers import History, member
-from trionode.auth.model import Kind, StaticError, Verdict
-
-PEOPLE = [member(n) for n in "ABCDE"]
+from tests.auth.auth_helpers import PEOPLE, random_history as build
+from trionode.auth.model import Verdict
 
 step = st.tuples(
     st.sampled_from(["write", "grant", "demote", "remove", "leave", "rotate", "merge"]),
@@ -18,48 +16,6 @@ step = st.tuples(
     st.integers(0, len(PEOPLE) - 1),
     st.sampled_from(["admin", "member", "read-only"]),
 )
-
-
-def build(steps: list[tuple[str, int, int, str]]) -> History:
-    h = History()
-    a = PEOPLE[0]
-    h.op(a, Kind.CREATE, key_id=1)
-    h.op(a, Kind.GRANT, target=PEOPLE[1], role="admin")
-    h.op(a, Kind.GRANT, target=PEOPLE[2], role="member")
-    for p in PEOPLE:
-        h.learn_all(p)
-    key = 2
-    for kind, who_i, target_i, role in steps:
-        who, target = PEOPLE[who_i], PEOPLE[target_i]
-        if kind == "merge":
-            h.learn(who, target)
-            continue
-        # Authors act from their own view, like honest nodes that may lag: check the op
-        # against that view and drop it if no honest node would write it.
-        view_graph = h.graph()
-        if kind == "write":
-            h.write(who, key_id=1)
-            continue
-        fields: dict[str, object] = {}
-        if kind == "grant":
-            op_kind, fields = Kind.GRANT, {"target": target, "role": role}
-        elif kind == "demote":
-            op_kind, fields = Kind.GRANT, {"target": target, "role": "read-only"}
-        elif kind == "remove":
-            op_kind, fields = Kind.REMOVE, {"target": target, "key_id": key}
-        elif kind == "rotate":
-            op_kind, fields = Kind.ROTATE, {"key_id": key}
-        else:
-            op_kind = Kind.LEAVE
-        key += 1
-        event = h.op(who, op_kind, **fields)
-        try:
-            view_graph.check(event.op)  # type: ignore[arg-type]
-        except StaticError:
-            del h.events[event.id]
-            h.views[who].discard(event.id)
-            h.seqs.pop(who, None)
-    return h
 
 
 @settings(max_examples=150, deadline=None)
