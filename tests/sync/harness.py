@@ -36,6 +36,8 @@ from trionode.wire.messages import SyncAuth, SyncError, SyncMessage
 CONTEXT = b"\x07" * 32
 KEY = b"\x01" * 32
 DEADLINE = 30.0
+ANSWER_BYTES = 1000
+"""Delta bytes per answer in the model: a few deltas, so answers defer the rest."""
 AUTHOR = Ed25519PrivateKey.from_private_bytes(b"\x05" * 32)
 
 
@@ -126,7 +128,7 @@ class Replica:
             known = sorted(h for h in action.peer_heads if h in self.dag.applied)
             responder.heads_read(self.heads(), known, self.root())
         elif isinstance(action, ReadDeltas):
-            found = [self.wires[i] for i in action.ids if i in self.dag.applied]
+            found = [(i, self.wires[i]) for i in action.ids if i in self.dag.applied]
             missing = [i for i in action.ids if i not in self.dag.applied]
             responder.deltas_read(found, missing)
         else:
@@ -160,7 +162,7 @@ Requester = HeadsExchange | DeltaFetch
 def converse(requester: Requester, local: Replica, remote: Replica, link: Link) -> None:
     """One stream: the requester's auth, then its machine against a fresh `Responder` over
     `remote`. Raises what a machine raises, `Cut`, or SessionExpired once both wait."""
-    responder = Responder(deadline=link.now + DEADLINE)
+    responder = Responder(deadline=link.now + DEADLINE, max_answer_bytes=ANSWER_BYTES)
     to_remote: deque[SyncMessage] = deque()
     to_local: deque[SyncMessage] = deque()
     auth = SyncAuth(context_id=CONTEXT, member=local.member, signature=bytes(64))

@@ -103,7 +103,7 @@ def test_responder_reads_only_a_small_proof_then_serves_heads_and_deltas() -> No
     ]
     responder.receive_message(DeltaRequest(ids=[ident(1), ident(2)]), 2.0)
     assert responder.next_action() == ReadDeltas((ident(1), ident(2)))
-    responder.deltas_read([b"wire"], [ident(2)])
+    responder.deltas_read([(ident(1), b"wire")], [ident(2)])
     assert responder.messages_to_send() == [DeltaResponse(deltas=[b"wire"], missing=[ident(2)])]
     page = SnapshotRequest(cursor=None, max_records=10, max_bytes=1000)
     responder.receive_message(page, 3.0)
@@ -157,6 +157,37 @@ def test_a_requester_that_sends_answers_or_replays_the_proof_ends_the_session(
     with pytest.raises(UnexpectedMessage):
         responder.receive_message(message, 0.0)
     assert responder.messages_to_send() == []
+
+
+def test_an_answer_too_big_for_one_frame_sends_what_fits_and_defers_the_rest() -> None:
+    responder = Responder(max_answer_bytes=100)
+    responder.receive_message(AUTH, 0.0)
+    responder.next_action()
+    responder.auth_checked(None)
+    ids = [ident(i) for i in range(1, 6)]
+    responder.receive_message(DeltaRequest(ids=ids), 0.0)
+    responder.next_action()
+    sizes = [60, 30, 20, 101, 5]  # the fourth alone exceeds the budget
+    responder.deltas_read([(i, bytes(n)) for i, n in zip(ids, sizes, strict=True)], [])
+    assert responder.messages_to_send() == [
+        DeltaResponse(deltas=[bytes(60), bytes(30)], missing=[ids[3]], later=[ids[2], ids[4]])
+    ]
+
+
+def test_fetch_asks_again_for_what_an_answer_deferred() -> None:
+    deltas = chain(3)
+    wanted = {d.id for d in deltas}
+    fetch = DeltaFetch(wanted, max_rounds=5)
+    fetch.messages_to_send()
+    first, *rest = sorted(deltas, key=lambda d: d.id)
+    fetch.receive_message(answer([first], later=[d.id for d in rest]), 0.0)
+    fetch.next_action()
+    fetch.deltas_applied(())
+    (again,) = fetch.messages_to_send()
+    assert again == DeltaRequest(ids=sorted(d.id for d in rest))
+    # Deferring everything and sending nothing would never end: a violation.
+    with pytest.raises(AnswerMismatch):
+        fetch.receive_message(answer([], later=again.ids), 0.0)
 
 
 def test_responder_limits_ids_and_requests_per_stream() -> None:
@@ -227,8 +258,12 @@ def test_heads_exchange_refuses_bad_answers(answer: HeadsResponse, error: type[E
 # -- the requester: delta fetch ----------------------------------------------------------------
 
 
-def answer(deltas: list[SignedDelta], missing: Sequence[bytes] = ()) -> DeltaResponse:
-    return DeltaResponse(deltas=[d.encode() for d in deltas], missing=list(missing))
+def answer(
+    deltas: list[SignedDelta], missing: Sequence[bytes] = (), later: Sequence[bytes] = ()
+) -> DeltaResponse:
+    return DeltaResponse(
+        deltas=[d.encode() for d in deltas], missing=list(missing), later=list(later)
+    )
 
 
 def test_fetch_walks_parents_breadth_first_and_asks_each_id_once() -> None:
@@ -439,37 +474,39 @@ def test_a_removed_member_gets_nothing(
     assert a.snapshot() == before
 
 
-def test_a_fault_free_pull_needs_no_more_rounds_than_the_gap_is_deep() -> None:
-    deltas = chain(6)
-    a = Replica(A_MEMBER)
-    b = Replica(B_MEMBER, members={A_MEMBER})
+def served_chain(n: int) -> tuple[list[SignedDelta], dict[bytes, tuple[bytes, ...]], Replica]:
+    """A chain of `n` deltas, their parents, and a replica holding them that serves A."""
+    deltas = chain(n)
+    parents = {d.id: tuple(verify_wire(d.encode()).header.parents) for d in deltas}
+    server = Replica(B_MEMBER, members={A_MEMBER})
     for delta in deltas:
-        b.receive(delta)
+        server.receive(delta)
+    return deltas, parents, server
+
+
+def test_a_fault_free_pull_needs_no_more_rounds_than_the_gap_is_deep() -> None:
+    deltas, parents, b = served_chain(6)
+    a = Replica(A_MEMBER)
     assert pull(a, b) == 6
     assert a.heads() == b.heads() == [deltas[-1].id]
     # Rounds run out: what came is consistent, and the next session goes on from there.
     c = Replica(A_MEMBER)
     assert pull(c, b, max_rounds=2) == 0  # two deltas fetched, both pending
     assert len(c.pending) == 2
-    check_consistent(c, {d.id: tuple(verify_wire(d.encode()).header.parents) for d in deltas})
+    check_consistent(c, parents)
     assert pull(c, b) == 6
     assert c.applied == b.applied
 
 
 def test_a_lost_message_expires_the_session() -> None:
-    deltas = chain(2)
+    _, parents, b = served_chain(2)
     a = Replica(A_MEMBER)
-    b = Replica(B_MEMBER, members={A_MEMBER})
-    for delta in deltas:
-        b.receive(delta)
     # Two streams: auth, heads request, heads; auth, then two rounds of request and answer.
     for drop in range(8):
         local = Replica(A_MEMBER)
         with pytest.raises(SessionExpired):
             pull(local, b, Faults(drop=drop))
-        check_consistent(
-            local, {d.id: tuple(verify_wire(d.encode()).header.parents) for d in deltas}
-        )
+        check_consistent(local, parents)
     assert pull(a, b, Faults(drop=8)) == 2  # beyond the session's messages: nothing lost
 
 

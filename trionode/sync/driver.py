@@ -249,14 +249,14 @@ class SyncServer:
                 heads, known, root = await self.contexts.capture(context_id, action.peer_heads)
                 machine.heads_read(heads, known, root)
             elif isinstance(action, ReadDeltas):
-                found: list[bytes] = []
+                found: list[tuple[bytes, bytes]] = []
                 missing: list[bytes] = []
                 for delta_id in action.ids:
                     wire = await self.contexts.read_delta(context_id, delta_id)
                     if wire is None:
                         missing.append(delta_id)
                     else:
-                        found.append(wire)
+                        found.append((delta_id, wire))
                 machine.deltas_read(found, missing)
             elif isinstance(action, Delegate):
                 machine.delegated(await state_sync.handle(action.message))

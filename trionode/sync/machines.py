@@ -74,6 +74,9 @@ MAX_AUTH_FRAME = 4096
 """The first frame of a sync stream we serve is a SyncAuth (about 150 bytes): a peer that has
 not proved membership never gets a larger frame of its buffered."""
 
+MAX_ANSWER_BYTES = MAX_FRAME - 64 * 1024
+"""Delta bytes in one answer: what fits a frame with room for the message around them."""
+
 STATE_REQUESTS: tuple[type[SyncMessage], ...] = (
     ProofRequest,
     SnapshotRequest,
@@ -277,17 +280,19 @@ class DeltaFetch(_Base):
         if self._state is not _FetchState.AWAIT_ANSWER or not isinstance(message, DeltaResponse):
             self._fail(UnexpectedMessage(message, "deltas"))
         assert isinstance(message, DeltaResponse)
-        if len(message.deltas) + len(message.missing) != len(self._asked):
-            self._fail(
-                AnswerMismatch(
-                    f"{len(message.deltas)} deltas and {len(message.missing)} missing "
-                    f"for {len(self._asked)} ids asked"
-                )
-            )
-        missing = set(message.missing)
-        if len(missing) != len(message.missing) or not missing <= self._asked:
+        listed = len(message.deltas) + len(message.missing) + len(message.later)
+        if listed != len(self._asked):
+            self._fail(AnswerMismatch(f"an answer for {listed} ids, {len(self._asked)} asked"))
+        missing, later = set(message.missing), set(message.later)
+        if (
+            len(missing) + len(later) != len(message.missing) + len(message.later)
+            or not (missing | later) <= self._asked
+            or missing & later
+        ):
             # An answer to another request (a replayed or duplicated one).
-            self._fail(AnswerMismatch("the answer lists as missing ids that were not asked"))
+            self._fail(AnswerMismatch("the answer lists ids that were not asked"))
+        if later and not message.deltas:
+            self._fail(AnswerMismatch("the answer defers ids without sending any"))
         verified: list[VerifiedDelta] = []
         seen: set[bytes] = set()
         for wire in message.deltas:
@@ -302,6 +307,7 @@ class DeltaFetch(_Base):
             seen.add(delta.id)
             verified.append(delta)
         self.peer_missing.update(missing)
+        self._wanted.update(later)  # asked again: the answer had no room for them
         self.received += len(verified)
         self._state = _FetchState.AWAIT_APPLY
         if verified:
@@ -360,9 +366,11 @@ class Responder(_Base):
         *,
         max_ids: int = MAX_IDS,
         max_requests: int = 1024,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
         deadline: float | None = None,
     ) -> None:
         super().__init__(deadline)
+        self._max_answer_bytes = max_answer_bytes
         self._max_ids = max_ids
         self._max_requests = max_requests
         self._requests = 0
@@ -452,10 +460,25 @@ class Responder(_Base):
             HeadsResponse(heads=list(heads[: self._max_ids]), root_hash=root, known=list(known))
         )
 
-    def deltas_read(self, found: Sequence[bytes], missing: Sequence[bytes]) -> None:
-        """The answer to `ReadDeltas`: wire bytes of the ids held, and the ids not held."""
+    def deltas_read(self, found: Sequence[tuple[bytes, bytes]], missing: Sequence[bytes]) -> None:
+        """The answer to `ReadDeltas`: (id, wire bytes) of the ids held, and the ids not
+        held. The answer carries deltas up to `max_answer_bytes` and lists the rest as
+        `later` (asked again); a delta that alone exceeds that cannot travel by sync and is
+        listed missing."""
         self._done_acting(ReadDeltas)
-        self._answer(DeltaResponse(deltas=list(found), missing=list(missing)))
+        sent: list[bytes] = []
+        later: list[bytes] = []
+        not_sent = list(missing)
+        size = 0
+        for delta_id, wire in found:
+            if len(wire) > self._max_answer_bytes:
+                not_sent.append(delta_id)
+            elif later or size + len(wire) > self._max_answer_bytes:
+                later.append(delta_id)
+            else:
+                sent.append(wire)
+                size += len(wire)
+        self._answer(DeltaResponse(deltas=sent, missing=not_sent, later=later))
 
     def delegated(self, reply: SyncMessage) -> None:
         self._done_acting(Delegate)

@@ -105,10 +105,15 @@ class DeltaRequest(msgspec.Struct, tag="get_deltas", frozen=True, forbid_unknown
     ids: Ids
 
 
-class DeltaResponse(msgspec.Struct, tag="deltas", frozen=True, forbid_unknown_fields=True):
+class DeltaResponse(
+    msgspec.Struct, tag="deltas", frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
     deltas: Annotated[list[bytes], msgspec.Meta(max_length=MAX_IDS)]
     missing: Ids
     """Requested ids the responder does not have (it says so instead of staying silent)."""
+    later: Ids = []
+    """Requested ids the responder has but left out so the answer fits one frame: ask
+    again. (Omitted when empty, so the frame is the same as before the field existed.)"""
 
 
 class SyncError(msgspec.Struct, tag="error", frozen=True, forbid_unknown_fields=True):
