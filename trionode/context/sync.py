@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterable
 from typing import Final
 
 import attrs
@@ -47,6 +48,7 @@ from trionode.context.errors import ContextError, ContextNotFound
 from trionode.context.manager import ContextManager
 from trionode.context.replication import SESSION_ERRORS, Replicator, context_of, topic_for
 from trionode.net.pubsub import PubSub
+from trionode.sync import plan
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import HeadsResponse, Heartbeat, encode_gossip
 
@@ -363,21 +365,33 @@ class SyncManager:
         return [p for p in self.pubsub.topic_peers(topic_for(context_id)) if p in connected]
 
     async def _sync_with(self, context_id: bytes, peer: PeerId, run: _Run) -> None:
-        """One session with `peer`: choose the protocol (module docstring) and run it."""
+        """One session with `peer`: gather what the choice needs (`trionode.sync.plan`)
+        and run the protocol chosen."""
         if self.contexts.snapshot_running(context_id):
             run.protocol, run.outcome = "snapshot", "busy"  # the join is taking it
             return
         progress = await snapshot.load_progress(self.contexts.store, context_id)
         heads = await self.replicator.ask_heads(peer, context_id)
-        if progress is not None or await self.contexts.is_fresh(context_id):
-            if not heads.heads:
-                return  # the peer has nothing either
-            if progress is not None:
-                try:
-                    await self._snapshot(context_id, peer, run)
-                    return
-                except snapshot.UntrustedSource as exc:
-                    log.info("no snapshot from %s (%s): syncing deltas instead", peer, exc)
+        fresh = progress is not None or await self.contexts.is_fresh(context_id)
+        situation = plan.Situation(heads, snapshot_in_progress=progress is not None, fresh=fresh)
+        if not fresh:
+            root, ours, _ = await self.contexts.state(context_id)
+            unknown = await self.contexts.unknown(context_id, heads.heads)
+            missing = await self.contexts.missing(context_id)
+            if not unknown and not missing:
+                ours = await self._drop_stale_heads(context_id, heads, ours)
+            situation = attrs.evolve(
+                situation, root=root, heads=ours, unknown=unknown, missing=missing
+            )
+        choice = plan.choose(situation)
+        if choice is plan.Choice.SNAPSHOT:
+            try:
+                await self._snapshot(context_id, peer, run)
+                return
+            except snapshot.UntrustedSource as exc:
+                log.info("no snapshot from %s (%s): syncing deltas instead", peer, exc)
+                choice = plan.Choice.HISTORY
+        if choice is plan.Choice.HISTORY:
             # The whole history (each session goes `max_fetch_rounds` deeper): every delta
             # verifies itself, so any member will do.
             run.protocol = "delta"
@@ -388,35 +402,28 @@ class SyncManager:
                     snapshot.PROGRESS, snapshot.progress_key(context_id)
                 )
             return
-        root, ours, _ = await self.contexts.state(context_id)
-        unknown = await self.contexts.unknown(context_id, heads.heads)
-        missing = await self.contexts.missing(context_id)
-        if not unknown and not missing:
-            ours = await self._drop_stale_heads(context_id, heads, ours)
-            if heads.root_hash == root or sorted(heads.heads) != ours:
-                return  # in sync, or we are ahead (the peer pulls from us)
-            self.metrics.divergence.inc()
-            log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
-        else:
+        if choice is plan.Choice.NOTHING:
+            return  # in sync, or we are ahead (the peer pulls from us)
+        if choice is plan.Choice.DELTA:
             run.protocol = "delta"
             if await self._delta_sync(
                 context_id, peer, heads, run, max_rounds=self.max_delta_rounds
             ):
-                await self._drop_stale_heads(context_id, heads, ours)
+                await self._drop_stale_heads(context_id, heads, situation.heads)
                 return
+        else:
+            self.metrics.divergence.inc()
+            log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
         await self._tree_compare(context_id, peer, heads.heads, run)
 
     async def _drop_stale_heads(
-        self, context_id: bytes, peer: HeadsResponse, ours: list[bytes]
+        self, context_id: bytes, peer: HeadsResponse, ours: Iterable[bytes]
     ) -> list[bytes]:
-        """Every head of the peer's is applied here: drop our heads the peer had applied and
-        does not list as heads (they lie below its heads, so they are not maximal here).
-        Such stale heads come from checkpoints, which do not know their ancestors: a delta
-        from before a snapshot's boundary that arrives later (as the parent of a concurrent
-        one) is applied as a head. Returns our heads now."""
-        stale = (set(peer.known) & set(ours)) - set(peer.heads)
+        """Every head of the peer's is applied here: drop our stale heads
+        (`plan.stale_heads`). Returns our heads now."""
+        stale = plan.stale_heads(peer, ours)
         if not stale:
-            return ours
+            return sorted(ours)
         log.info("%d stale heads in %s", len(stale), context_id.hex()[:12])
         _, heads = await self.contexts.adopt_heads(context_id, peer.heads, stale)
         return heads
