@@ -462,6 +462,9 @@ class AppsSection(_Section, frozen=True):
     whose signed bundles may run here even when they arrive from a peer, e.g. when
     `context join` fetches the app of the context it joins. Bundles the operator installs
     locally always may."""
+    upgrade_retry: PositiveFloat = 60.0
+    """Seconds between attempts to fetch the app a context was upgraded to when no member
+    could serve its bundle (`trionode/context/app_upgrades.py`)."""
 
     def __post_init__(self) -> None:
         for signer in self.trusted_signers:

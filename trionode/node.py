@@ -40,6 +40,8 @@ open_node(config) ── root nursery
    ├─ serve_gc         periodic GC: tombstones in every context, unreferenced blobs
    ├─ BlobFetcher.serve background fetches of blobs the states reference (on a call's
    │                    first read, or eagerly as deltas reference them: the app's policy)
+   ├─ AppFollower.serve installs the app a context was upgraded to when this node lacks it
+   │                    (fetched from members under the trust rule: context/app_upgrades.py)
    ├─ serve_event_log  writes WebSocket events to LMDB (loaded before the nursery, closed
    │                    with a clean-stop mark after it), so `since` survives restarts
    ├─ serve_api        hypercorn.trio.serve (stops intake when shutdown is requested)
@@ -78,6 +80,7 @@ from trionode.blobs.transfer import BlobTransfer, BlobTransferMetrics
 from trionode.config import NodeConfig
 from trionode.context.acks import AckBook, PrometheusAckMetrics, serve_acks
 from trionode.context.app_bundles import AppBundles, BundleServing
+from trionode.context.app_upgrades import AppFollower, AppFollowerMetrics
 from trionode.context.applications import Applications
 from trionode.context.clock_waits import serve_clock_waits
 from trionode.context.event_log import EventLog, serve_event_log
@@ -261,6 +264,14 @@ class Node:
         )
         self.app_bundles = AppBundles(self.applications, self.blobs, self.blob_transfer)
         """Fetch, verify and install a context's app from its members (join, upgrade)."""
+        self.app_follower = AppFollower(
+            self.contexts,
+            self.app_bundles,
+            self.hub,
+            retry=config.apps.upgrade_retry,
+            metrics=AppFollowerMetrics(metrics.registry),
+        )
+        """Installs the app a context moved to (an upgrade) when this node lacks it."""
         self.joins = JoinService(
             self.contexts,
             self.applications,
@@ -610,6 +621,9 @@ async def _open_locked_node(
             )
             await nursery.start(
                 node.blob_fetcher.serve, node.shutdown_requested, name="blob-fetcher"
+            )
+            await nursery.start(
+                node.app_follower.serve, node.shutdown_requested, name="app-follower"
             )
             await nursery.start(
                 serve_event_log, node.event_log, node.shutdown_requested, name="event-log"

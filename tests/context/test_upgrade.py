@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from trionode.api.context_errors import http_status
+from trionode.api.context_errors import JSONRPC_WAITING_FOR_APP, http_status, jsonrpc_code
 from trionode.client import ApiError
+from trionode.context.errors import WaitingForApp
 from trionode.context.manager import ContextError
 from trionode.context.replication import topic_for
 from trionode.node import Node
@@ -176,7 +177,7 @@ async def test_only_admins_upgrade_and_only_to_a_newer_same_app(
         assert (await member.contexts.get(context)).application_id == new
 
 
-async def test_a_member_without_the_new_bundle_is_told_what_to_install(
+async def test_a_member_that_may_not_run_the_new_bundle_stays_on_views_until_installed(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     v1 = bundle(tmp_path / "bundles", "tally", "1.0", upgraded=False)
@@ -189,11 +190,18 @@ async def test_a_member_without_the_new_bundle_is_told_what_to_install(
         await cluster[0].contexts.upgrade(context, new)
         await converge(cluster, list(cluster), context)
         assert (await cluster[1].contexts.get(context)).application_id == new
-        with pytest.raises(ContextError, match="not installed"):
-            await call(cluster[1], context, "value")
+        # v1.1 is unsigned: node 1 does not fetch it on its own (the trust rule), it
+        # waits: views of the state so far run on v1.0, calls are refused with the reason.
+        assert await call(cluster[1], context, "value") == 100
+        with pytest.raises(WaitingForApp, match=r"is waiting for app .*tally v1\.1.*--trust-app"):
+            await call(cluster[1], context, "add", by=1)
+        with pytest.raises(WaitingForApp) as refused:  # a view v1.0 does not have
+            await call(cluster[1], context, "note_text")
+        assert http_status(refused.value) == 503
+        assert jsonrpc_code(refused.value) == JSONRPC_WAITING_FOR_APP
         # Installing it is all it takes.
         await install(cluster[1], v2)
-        assert await call(cluster[1], context, "value") == 100
+        assert await call(cluster[1], context, "add", by=1) == 101
 
 
 @pytest.mark.real_network

@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import os
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, strategies as st
 
 from trionode.dag.delta import (
+    FORMAT_VERSION,
     GENESIS,
     AppEvent,
+    AuthAction,
     DeltaBody,
     SignedDelta,
+    _signed_message,
     decode_delta,
     delta_id,
     open_delta,
@@ -95,3 +99,42 @@ def test_mutated_deltas_are_rejected(position: int, value: int) -> None:
 def test_oversized_is_rejected() -> None:
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         decode_delta(b"\x00" * 100, max_size=10)
+
+
+def _resealed(delta: SignedDelta, author: Ed25519PrivateKey, **changes: object) -> SignedDelta:
+    """`delta` with its header changed and signed again by `author` (a node that writes
+    another format than this one would)."""
+    header = msgspec.structs.replace(verify_delta(delta), **changes)
+    raw = msgspec.msgpack.encode(header)
+    return SignedDelta(raw, delta.ciphertext, author.sign(_signed_message(raw, delta.ciphertext)))
+
+
+def test_only_ops_that_name_an_app_bundle_need_format_3() -> None:
+    author = Ed25519PrivateKey.generate()
+    body = DeltaBody(records=[], events=[], root_hash=bytes(32))
+    common = {
+        "context_id": CONTEXT,
+        "parents": [GENESIS],
+        "author": author,
+        "hlc": 1,
+        "key_id": 0,
+        "context_key": KEY,
+        "body": body,
+    }
+    upgrade = AuthAction(kind="upgrade", application_id=bytes(32), app_version="2.0")
+    plain = seal_delta(**common, auth=upgrade)  # type: ignore[arg-type]
+    assert verify_delta(plain).version == 2  # nodes from before format 3 still read it
+    named = msgspec.structs.replace(
+        upgrade, bundle_blob_id=b"\x01" * 32, app_name="tally", app_signer=b"\x02" * 32
+    )
+    sealed = seal_delta(**common, auth=named)  # type: ignore[arg-type]
+    header = verify_delta(decode_delta(sealed.encode()))
+    assert header.version == FORMAT_VERSION == 3
+    assert header.auth == named
+    # A format 2 header cannot name a bundle; unknown formats are refused.
+    with pytest.raises(RemoteProtocolError, match="format 2 delta names no app bundle"):
+        verify_delta(_resealed(sealed, author, version=2))
+    with pytest.raises(RemoteProtocolError, match="format 4 is not supported"):
+        verify_delta(_resealed(sealed, author, version=4))
+    # A format 2 op without them (written before format 3) still loads, re-signed or not.
+    assert verify_delta(_resealed(plain, author, version=2)).auth == upgrade

@@ -12,10 +12,12 @@ from trionode.context.errors import (
     MissingPrerequisite,
     NotPermitted,
     PeerFailed,
+    WaitingForApp,
 )
 
 JSONRPC_CONTEXT_NOT_FOUND: Final = -32001
 JSONRPC_FORBIDDEN: Final = -32002
+JSONRPC_WAITING_FOR_APP: Final = -32004
 
 _STATUSES: Final[tuple[tuple[type[ContextError], int], ...]] = (
     (ContextNotFound, 404),
@@ -24,6 +26,7 @@ _STATUSES: Final[tuple[tuple[type[ContextError], int], ...]] = (
     (MissingPrerequisite, 412),
     (PeerFailed, 502),
     (ContextBroken, 500),
+    (WaitingForApp, 503),
 )
 
 
@@ -37,4 +40,6 @@ def http_status(exc: ContextError) -> int:
 
 def jsonrpc_code(exc: ContextError) -> int:
     """The JSON-RPC error code for a call refused by the context layer."""
+    if isinstance(exc, WaitingForApp):
+        return JSONRPC_WAITING_FOR_APP
     return JSONRPC_CONTEXT_NOT_FOUND if isinstance(exc, ContextNotFound) else JSONRPC_FORBIDDEN

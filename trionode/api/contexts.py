@@ -223,8 +223,7 @@ def _call_params(
 
 
 async def _is_view(node: ContextApi, context_id: bytes, method: str) -> bool:
-    record = await node.contexts.get(context_id)
-    app = await node.applications.load(record.application_id)
+    app = await node.contexts.running_app(context_id, method)
     entry = app.entry(method)
     return entry is not None and entry.kind is EntryKind.VIEW
 

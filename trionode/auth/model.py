@@ -138,6 +138,11 @@ class Op:
     """Upgrade: the application the context moves to."""
     app_version: str | None = None
     """Upgrade: its version."""
+    app_name: str | None = None
+    """Create, upgrade (format 3): the app's name, its bundle's blob and signer, so a
+    member without the app can fetch it (`trionode.context.app_upgrades`)."""
+    bundle_blob_id: bytes | None = None
+    app_signer: bytes | None = None
     ancestors: frozenset[bytes] = frozenset()
     """Every op in this op's past (set by `AuthGraph.add` from `parents`)."""
 
@@ -205,6 +210,15 @@ def application_of(resolution: Resolution) -> Op | None:
         key=lambda op: (version_key(op.app_version or ""), op.application_id or b""),
         default=None,
     )
+
+
+def base_application_of(resolution: Resolution) -> Op | None:
+    """The create op, if it names the app the context started with (format 3): what the
+    context runs when no upgrade stands, e.g. once the only upgrade is filtered."""
+    for op in resolution.ops.values():
+        if op.kind is Kind.CREATE and op.application_id is not None:
+            return op
+    return None
 
 
 def concurrent(a: Op, b: Op) -> bool:

@@ -107,8 +107,9 @@ it is bound to that connection's Noise session)."""
 class BundleAccess(Protocol):
     """What the serving side asks about app bundles (trionode.context.app_bundles)."""
 
-    async def bundle_blob(self, context_id: bytes) -> bytes | None:
-        """The blob id of the bundle of the app `context_id` runs, if this node has it."""
+    async def serves_bundle(self, context_id: bytes, blob_id: bytes) -> bool:
+        """Whether `blob_id` is the bundle of an app `context_id` runs or ran (its create
+        and upgrade ops name them) and this node has it."""
 
     async def allows_invitee(self, conn: Connection, request: InvitedOpen) -> bool:
         """Whether `request` proves a valid invitation to a context whose app bundle is
@@ -468,7 +469,7 @@ class BlobTransfer:
             return None
         if not await self.blobs.linked(request.context_id, request.blob_id) and (
             self.bundles is None
-            or await self.bundles.bundle_blob(request.context_id) != request.blob_id
+            or not await self.bundles.serves_bundle(request.context_id, request.blob_id)
         ):
             return None
         try:

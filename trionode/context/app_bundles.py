@@ -37,6 +37,7 @@ from trionode.blobs.store import BlobStore
 from trionode.blobs.transfer import BlobTransfer, Opener
 from trionode.context import invitations as inv
 from trionode.context.admission import check_invitation
+from trionode.context.app_choice import describe
 from trionode.context.applications import Applications
 from trionode.context.errors import (
     ContextError,
@@ -75,11 +76,6 @@ class AppBundleUnavailableError(PeerFailed):
     """No peer could provide the bundle now."""
 
 
-def describe(ref: inv.AppRef) -> str:
-    signer = "unsigned" if ref.signer is None else f"signer {b58(ref.signer)}"
-    return f"app {b58(ref.application_id)} ({ref.name} v{ref.version}, {signer})"
-
-
 def invited_opener(
     signed: inv.SignedInvitation, invitation_id: bytes, member_key: Ed25519PrivateKey
 ) -> Opener:
@@ -112,15 +108,22 @@ class BundleServing:
         self.blobs = blobs
         self.wall_clock = wall_clock
 
-    async def bundle_blob(self, context_id: bytes) -> bytes | None:
+    async def serves_bundle(self, context_id: bytes, blob_id: bytes) -> bool:
+        # The bundles of every app the context's ops name (so a member that joined after an
+        # upgrade can fetch the original app if that upgrade is cancelled), and of the app
+        # the record names (contexts created before ops named apps).
         try:
-            record = await self.contexts.get(context_id)
+            replica = await self.contexts.replica(context_id)
         except ContextError:
-            return None
-        blob_id = await self.applications.bundle_blob(record.application_id)
-        if blob_id is None or not await self.blobs.has(blob_id):
-            return None
-        return blob_id
+            return False
+        apps = {op.application_id for op in replica.authority.application_ops()}
+        apps.add(replica.record.application_id)
+        for application_id in apps:
+            if application_id is None:
+                continue
+            if await self.applications.bundle_blob(application_id) == blob_id:
+                return await self.blobs.has(blob_id)
+        return False
 
     async def allows_invitee(self, conn: Connection, request: InvitedOpen) -> bool:
         try:
@@ -135,7 +138,7 @@ class BundleServing:
             )
         except (inv.InvitationError, RemoteProtocolError, ContextError):
             return False
-        return await self.bundle_blob(invitation.context_id) == request.blob_id
+        return await self.serves_bundle(invitation.context_id, request.blob_id)
 
 
 class AppBundles:

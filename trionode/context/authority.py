@@ -25,7 +25,9 @@ from trionode.auth.model import (
     StaticError,
     Verdict,
     application_of,
+    base_application_of,
     tag,
+    version_key,
 )
 from trionode.context.invitations import (
     InvitationError,
@@ -85,8 +87,15 @@ def op_from_header(delta_id: bytes, header: DeltaHeader) -> Op:
         }
     elif kind is Kind.REVOKE:
         fields = {"invitation_id": action.invitation_id}
-    elif kind is Kind.UPGRADE:
-        fields = {"application_id": action.application_id, "app_version": action.app_version}
+    elif kind in (Kind.CREATE, Kind.UPGRADE):
+        # What a member needs to fetch the app (format 3; None in older ops).
+        fields = {
+            "application_id": action.application_id,
+            "app_version": action.app_version,
+            "app_name": action.app_name,
+            "bundle_blob_id": action.bundle_blob_id,
+            "app_signer": action.app_signer,
+        }
     return Op(
         id=delta_id,
         author=header.author,
@@ -352,9 +361,29 @@ class ContextAuthority:
         return self.roles().get(member)
 
     def application(self) -> bytes | None:
-        """The application standing upgrades moved the context to (None: never upgraded)."""
-        op = application_of(self.resolution())
+        """The application standing upgrades moved the context to, else the one its create
+        op names (None: neither, a context created before ops named apps)."""
+        op = self.application_op()
         return None if op is None else op.application_id
+
+    def application_op(self) -> Op | None:
+        """The op that decides the context's application (see `application`)."""
+        resolution = self.resolution()
+        return application_of(resolution) or base_application_of(resolution)
+
+    def application_ops(self) -> list[Op]:
+        """Every op that names an app (the create op, upgrades standing or filtered), the
+        highest version first: the apps members serve each other (`app_upgrades`)."""
+        named = [
+            op
+            for op in self.graph.ops.values()
+            if op.kind in (Kind.CREATE, Kind.UPGRADE) and op.application_id is not None
+        ]
+        return sorted(
+            named,
+            key=lambda op: (version_key(op.app_version or ""), op.application_id or b""),
+            reverse=True,
+        )
 
 
 def action(kind: Kind, **fields: object) -> AuthAction:

@@ -39,3 +39,9 @@ class PeerFailed(ContextError):
 class ContextBroken(ContextError):
     """This node's own data for the request is missing or unusable (not the caller's
     fault: an operator has to look)."""
+
+
+class WaitingForApp(ContextError):
+    """The context moved to an app this node does not have yet (an upgrade it is still
+    fetching, or may not run): calls are refused until it is installed, views of the
+    state so far keep running on the version this node has (`context/app_upgrades.py`)."""

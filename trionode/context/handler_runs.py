@@ -14,6 +14,8 @@ import attrs
 import trio
 
 from trionode.auth.model import WRITERS
+from trionode.context.app_choice import running_app
+from trionode.context.errors import WaitingForApp
 from trionode.context.local_writes import AppLoader, LocalWriter
 from trionode.context.processing import ReplicationMetrics
 from trionode.context.records import HANDLER_PREFIX, HANDLER_RUNS, HandlerRun
@@ -56,7 +58,10 @@ class HandlerRunner:
                 if not self._replicas.knows(context_id):
                     continue
                 replica = await self._replicas.load(context_id)
-                app = await self._apps.load(replica.record.application_id)
+                try:
+                    app = await running_app(self._apps, self._replicas, replica)
+                except WaitingForApp:
+                    continue  # its runs wait for the app the context moved to (queued)
                 async with replica.lock:
                     batch = WriteBatch()
                     batch.delete(HANDLER_RUNS, key)

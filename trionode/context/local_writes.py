@@ -61,6 +61,10 @@ class AppLoader(Protocol):
         """Its installed record (name, version; ContextError if it is not installed)."""
         ...
 
+    async def bundle_blob(self, application_id: bytes) -> bytes | None:
+        """The blob holding its packed bundle (None: blobs cannot be stored here)."""
+        ...
+
 
 class DeltaListener(Protocol):
     def __call__(self, context_id: bytes, delta: SignedDelta) -> None: ...
@@ -137,7 +141,8 @@ class LocalWriter:
         batch.put(IDENTITY, member_slot(context_id, member), member_key.private_bytes_raw())
         # The genesis delta is the Create operation (its author the first admin) and carries
         # the app's initial state.
-        delta, parents = self._seal(replica, outcome, auth=action(Kind.CREATE, key_id=key_id))
+        create = action(Kind.CREATE, key_id=key_id, **await self._app_ref(application_id))
+        delta, parents = self._seal(replica, outcome, auth=create)
         self._stage(replica, batch, delta, parents)
         await replicas.store.write(batch)
         replicas.add(replica)
@@ -337,8 +342,7 @@ class LocalWriter:
                     f"{current.version}"
                 )
             upgrade = await self._commit_op(
-                replica,
-                action(Kind.UPGRADE, application_id=application_id, app_version=target.version),
+                replica, action(Kind.UPGRADE, **await self._app_ref(application_id))
             )
             if replica.record.application_id != application_id:
                 # A concurrent upgrade to a higher version already won here: no migration.
@@ -356,6 +360,18 @@ class LocalWriter:
             if outcome is not None and (outcome.delta_records or outcome.events):
                 migration = await self.commit_outcome(replica, outcome, WriteBatch())
             return Upgraded(upgrade, migration, application_id)
+
+    async def _app_ref(self, application_id: bytes) -> dict[str, object]:
+        """What an op says of an installed app so members that lack it can fetch it
+        (format 3: `trionode.context.app_upgrades`)."""
+        record = await self._apps.get(application_id)
+        return {
+            "application_id": application_id,
+            "app_version": record.version,
+            "app_name": record.name,
+            "bundle_blob_id": await self._apps.bundle_blob(application_id),
+            "app_signer": record.signer,
+        }
 
     def _writable(self, what: str) -> None:
         if self.read_only:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from trionode.context.app_choice import running_app
 from trionode.context.errors import ContextError
 from trionode.context.events import EventHub
 from trionode.context.handler_runs import HandlerRunner
@@ -44,6 +45,7 @@ from trionode.context.replicas import DagLimits, Replica, ReplicaStore, stage_st
 from trionode.context.serving import StateAheadError, SyncServing
 from trionode.crdt import StateTree, ntp64_from_unix
 from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE
+from trionode.sdk.app import App
 from trionode.store.store import AsyncStore, WriteBatch
 
 __all__ = [
@@ -106,6 +108,7 @@ class ContextManager:
         )
         self.serving = SyncServing(self.replicas, self.processor, hub, self.metrics)
         self.store: AsyncStore = store
+        self._apps = apps
 
         replicas, writer, processor, serving = (
             self.replicas,
@@ -177,6 +180,12 @@ class ContextManager:
         """A delta's wire bytes; None if we do not hold its body (unknown, or a checkpoint:
         applied here as state from a snapshot or tree comparison, see `adopt_heads`)."""
         return await self.store.get(DELTAS, context_id + delta_id) or None
+
+    async def running_app(self, context_id: bytes, method: str | None = None) -> App:
+        """The app whose code serves `method` on the context (`app_choice.running_app`:
+        WaitingForApp while the app it moved to is not installed, views excepted)."""
+        replica = await self.replicas.load(context_id)
+        return await running_app(self._apps, self.replicas, replica, method)
 
     async def member_key(self, context_id: bytes) -> tuple[bytes, Ed25519PrivateKey]:
         replica = await self.replicas.load(context_id)

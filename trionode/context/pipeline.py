@@ -32,6 +32,7 @@ from typing import Final
 import attrs
 import trio
 
+from trionode.context.app_choice import running_app
 from trionode.context.errors import ContextError, ContextNotFound, NotPermitted
 from trionode.context.local_writes import AppLoader, CallResult, LocalWriter
 from trionode.context.notices import b58
@@ -39,6 +40,7 @@ from trionode.context.processing import DeltaProcessor, Progress, Received
 from trionode.context.replicas import Replica, ReplicaStore
 from trionode.dag.delta import SignedDelta, VerifiedDelta, verify_wire
 from trionode.errors import ProtocolError, StorageError
+from trionode.sdk.app import App
 from trionode.sdk.blobs import BlobLoadNeeded
 from trionode.sdk.errors import AppError
 from trionode.store.store import WriteBatch
@@ -112,6 +114,9 @@ class DeltaPipeline:
         self._send, self._receive = trio.open_memory_channel[_Job](queue)
         self.stats = BatchStats()
 
+    async def _running_app(self, replica: Replica, method: str) -> App:
+        return await running_app(self._apps, self._replicas, replica, method)
+
     # -- submitting ------------------------------------------------------------------------
 
     async def call(
@@ -123,7 +128,7 @@ class DeltaPipeline:
         replica = await self._replicas.load(context_id)  # ContextNotFound at once
         if executor is not None and executor != replica.record.our_member:
             raise NotPermitted("this node holds no key for that executor")
-        self._writer.check_call(await self._apps.load(replica.record.application_id), method)
+        self._writer.check_call(await self._running_app(replica, method), method)
         result = await self._submit(
             _Job(context_id, LocalCall(method, args_json), len(method) + len(args_json))
         )
@@ -287,7 +292,7 @@ class DeltaPipeline:
         work = job.work
         if isinstance(work, VerifiedDelta):
             return self._processor.stage_received(replica, work, batch, fresh, progress)
-        app = await self._apps.load(replica.record.application_id)
+        app = await self._running_app(replica, work.method)
         result = work.caller.run(self._writer.run_call, replica, app, work.method, work.args_json)
         if not result.delta_records and not result.events:
             return CallResult(result.result, None, replica.tree.root_hash()), None

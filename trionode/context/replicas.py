@@ -120,6 +120,8 @@ class ReplicaStore:
         """Set when a delta starts waiting for the clock (see `serve_clock_waits`)."""
         self._changed = trio.Event()
         """Set and replaced when a context is created, joined or deleted or gets a new key."""
+        self.app_waits: dict[bytes, str] = {}
+        """Context → why it still waits for the app it moved to (`app_upgrades.py`)."""
 
     async def start(self) -> None:
         """Learn which contexts exist; their state loads lazily on first use.

@@ -21,6 +21,13 @@ can judge it, key or not (which also lets a removed member learn that it was rem
 Key ids are the first 8 bytes of a hash of the key, so two admins rotating at once never
 make the same id.
 
+Format 3 lets a membership operation name an app bundle (`AuthAction.bundle_blob_id`,
+`app_name`, `app_signer`): the create op names the app the context starts with and an
+upgrade op the one it moves to, so a member that lacks that app can fetch it from the
+others (`trionode.context.app_upgrades`). A delta is sealed in the oldest format that holds
+it (only ops naming a bundle are format 3), and format 2 deltas, stored or received, still
+load; a format 2 header that names a bundle is refused.
+
 Decoders enforce sizes and shapes and raise RemoteProtocolError; nothing here trusts input.
 """
 
@@ -50,7 +57,10 @@ MAX_DELTA_BYTES: Final = 8 * 1024 * 1024
 MAX_EVENTS: Final = 1024
 MAX_RECORDS: Final = 100_000
 _SIGNING_DOMAIN: Final = b"trionode/delta/v2"
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
+"""The newest format (see the module docstring); `SUPPORTED_FORMATS` are read."""
+SUPPORTED_FORMATS: Final = frozenset({2, 3})
+MAX_APP_NAME: Final = 128
 MAX_VV: Final = 4096
 """Authors named in one version vector (members who ever wrote)."""
 MAX_KEY_BOX: Final = 4096
@@ -88,6 +98,17 @@ class AuthAction(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fi
     """Upgrade: the application the context moves to."""
     app_version: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
     """Upgrade: that application's version (the highest standing one is the context's)."""
+    bundle_blob_id: Bytes32 | None = None
+    """Create, upgrade (format 3): the blob holding the app's packed bundle, which members
+    serve to each other; with `application_id`, `app_version`, `app_name`, `app_signer`."""
+    app_name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_APP_NAME)] | None = None
+    app_signer: Bytes32 | None = None
+    """The bundle's signer (Ed25519 public key); None: unsigned."""
+
+    @property
+    def names_bundle(self) -> bool:
+        """Whether this op needs format 3."""
+        return (self.bundle_blob_id, self.app_name, self.app_signer) != (None, None, None)
 
 
 class DeltaHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -187,7 +208,7 @@ def seal_delta(
     full_vv = dict(vv or {})
     full_vv[author_public[:8]] = seq
     header = DeltaHeader(
-        version=FORMAT_VERSION,
+        version=FORMAT_VERSION if auth is not None and auth.names_bundle else 2,
         context_id=context_id,
         parents=sorted(parents),
         author=author_public,
@@ -240,8 +261,10 @@ def verify_delta(delta: SignedDelta, *, expected_id: bytes | None = None) -> Del
         raise RemoteProtocolError(f"malformed delta header: {exc}") from None
     if _ENCODER.encode(header) != delta.header:
         raise RemoteProtocolError("delta header is not canonical")
-    if header.version != FORMAT_VERSION:
+    if header.version not in SUPPORTED_FORMATS:
         raise RemoteProtocolError(f"delta format {header.version} is not supported")
+    if header.version < FORMAT_VERSION and header.auth is not None and header.auth.names_bundle:
+        raise RemoteProtocolError(f"a format {header.version} delta names no app bundle")
     if header.hlc >= 1 << 64:
         raise RemoteProtocolError("delta hlc out of range")
     tags = [t for t, _ in header.vv]
