@@ -159,12 +159,28 @@ def test_usage_errors_are_one_line() -> None:
     assert one_line(trionode("no-such-command"), 2).startswith("trionode: argument COMMAND")
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([""], "'' is not a context id"),
+        (["CTX"], "'CTX' is not a context id"),
+        (["m11FZwVErNYb892v85jEQKbSvxgSUk2XyhSoHZU4H72", "--since", "-1"], "must be an integer"),
+        (["m11FZwVErNYb892v85jEQKbSvxgSUk2XyhSoHZU4H72", "--since", "x"], "must be an integer"),
+    ],
+)
+def test_watch_arguments_are_checked_before_any_request(args: list[str], expected: str) -> None:
+    line = one_line(trionode("watch", *args, "--api", "http://127.0.0.1:9", "--token", "t"), 2)
+    assert line.startswith("trionode watch: argument")
+    assert expected in line
+
+
 def test_call_and_watch_with_the_node_down(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{closed_port()}"
     call = one_line(trionode("call", "CTX", "get", "--api", url, "--token", "t"), 1)
     assert call.startswith(f"trionode: cannot reach node at {url}")
-    watch = one_line(trionode("watch", "CTX", "--api", url, "--token", "t"), 1)
-    assert watch.startswith("trionode: cannot watch CTX at ws://127.0.0.1:")
+    context = "m11FZwVErNYb892v85jEQKbSvxgSUk2XyhSoHZU4H72"
+    watch = one_line(trionode("watch", context, "--api", url, "--token", "t"), 1)
+    assert watch.startswith(f"trionode: cannot watch {context} at ws://127.0.0.1:")
     assert watch.rstrip().endswith("failed")  # the reason, not an empty string
     # No api.url and no node: the home's config gives the port, the failure is one line.
     init(tmp_path / "h", "--server-port", str(closed_port()))

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Final
 
 from trionode import schemas
 from trionode.client import Client
@@ -73,6 +73,29 @@ def json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(
             f"must be a JSON object like '{{\"key\": 1}}', not {kind}: {text!r}"
         )
+    return value
+
+
+_BASE58: Final = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+
+
+def context_id_text(text: str) -> str:
+    """An argparse type: what a context id looks like (32 bytes in base58)."""
+    if not 32 <= len(text) <= 44 or not set(text) <= _BASE58:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a context id (base58, as `trionode context list` prints)"
+        )
+    return text
+
+
+def sequence_number(text: str) -> int:
+    """An argparse type: an event sequence number (an integer ≥ 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}")
     return value
 
 
@@ -380,9 +403,14 @@ def _call_args(p: argparse.ArgumentParser) -> None:
 
 def _watch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "context_id", metavar="CONTEXT", help="context id (base58; `trionode context list`)"
+        "context_id",
+        metavar="CONTEXT",
+        type=context_id_text,
+        help="context id (base58; `trionode context list`)",
     )
-    p.add_argument("--since", type=int, help="replay events after this sequence number first")
+    p.add_argument(
+        "--since", type=sequence_number, help="replay events after this sequence number first"
+    )
 
 
 COMMANDS: list[Spec] = [

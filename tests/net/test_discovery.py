@@ -8,9 +8,11 @@ Network tests run on the real clock bounded by fail_after and wait on events
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +349,40 @@ async def test_nodes_wire_discovery_in(tmp_path: Path) -> None:
                 "trionode_discovery_peers_discovered_total", {"source": "exchange"}
             )
             assert value == 1
+
+
+@pytest.mark.real_network
+async def test_a_foreign_node_found_by_mdns_fails_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """Another program's libp2p node on the LAN answers mDNS too: dialing it fails the
+    handshake (it speaks something else), and that is not news: DEBUG only, no INFO."""
+    foreign = PrivateKey.generate().peer_id()
+    caplog.set_level(logging.DEBUG, logger="trionode")
+
+    async def speak_something_else(stream: trio.SocketStream) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(b"\x13/multistream/1.0.0\n\x0f/not-noise/1.0\n")
+            await stream.receive_some(1024)
+        await stream.aclose()
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, speak_something_else, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            async with (
+                open_host(
+                    peer_max_failures=2, redial_initial_backoff=0.01, redial_max_backoff=0.05
+                ) as c,
+                _discovering(c) as (store, _),
+            ):
+                assert store.add(foreign, [Multiaddr.from_tcp("127.0.0.1", port)], source="mdns")
+                forgotten = "trionode_discovery_peers_forgotten_total"
+                await _wait_store(store, lambda: c.sample(forgotten, reason="unreachable") == 1)
+                assert c.sample("trionode_discovery_dial_failures_total") == 2
+            nursery.cancel_scope.cancel()
+    about = [
+        r for r in caplog.records if str(foreign) in r.getMessage() or "handshake" in r.getMessage()
+    ]
+    assert about, "the failures are logged (at DEBUG)"
+    assert [r.getMessage() for r in about if r.levelno >= logging.INFO] == []

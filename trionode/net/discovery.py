@@ -335,8 +335,14 @@ class _Discovery:
                 self._store.record_success(peer)
                 return
             self._metrics.dial_failures.inc()
+            known = self._store.get(peer)
             if self._store.record_failure(peer):
-                log.info("forgetting %s: unreachable", peer)
+                # A peer mDNS found that never answered is most likely another program's
+                # libp2p node on the LAN: not news (its handshake failures are DEBUG too).
+                level = (
+                    logging.DEBUG if known is not None and known.source == "mdns" else logging.INFO
+                )
+                log.log(level, "forgetting %s: unreachable", peer)
         finally:
             self._dialing.discard(peer)
             self._poke()

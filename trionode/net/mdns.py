@@ -248,4 +248,6 @@ class _Mdns:
             addrs = [resolve_unspecified(a, observed) for a in peer.addrs]
             if self._store.add(peer.peer_id, addrs, source="mdns"):
                 self._metrics.record_discovered("mdns")
-                log.info("mDNS: found %s at %s", peer.peer_id, [str(a) for a in addrs])
+                # DEBUG: foreign libp2p nodes on the LAN answer too; a peer that turns out to
+                # be ours logs its connection at INFO.
+                log.debug("mDNS: found %s at %s", peer.peer_id, [str(a) for a in addrs])
