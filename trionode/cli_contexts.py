@@ -200,6 +200,8 @@ def _render_context(c: schemas.Context) -> str:
         "members:",
     ]
     lines += [f"  {m.public_key}  {m.role}" for m in c.members]
+    if c.waiting_for_app is not None:
+        lines.append(f"waiting         {c.waiting_for_app}")
     return "\n".join(lines)
 
 

@@ -194,6 +194,9 @@ class Context(Reply, kw_only=True):
     members: list[Member]
     member_public_key: Base58Id
     """This node's member key in the context."""
+    waiting_for_app: str | None = None
+    """Why this node cannot run the context's app yet (it was upgraded to a version being
+    fetched, or one this node may not run; calls answer 503 / -32004); null when it runs."""
 
 
 class Dag(Reply, kw_only=True):

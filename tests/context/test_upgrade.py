@@ -193,7 +193,9 @@ async def test_a_member_that_may_not_run_the_new_bundle_stays_on_views_until_ins
         # v1.1 is unsigned: node 1 does not fetch it on its own (the trust rule), it
         # waits: views of the state so far run on v1.0, calls are refused with the reason.
         assert await call(cluster[1], context, "value") == 100
-        with pytest.raises(WaitingForApp, match=r"is waiting for app .*tally v1\.1.*--trust-app"):
+        with pytest.raises(
+            WaitingForApp, match=r"is waiting for app .*tally v1\.1.*may not run it on its own"
+        ):
             await call(cluster[1], context, "add", by=1)
         with pytest.raises(WaitingForApp) as refused:  # a view v1.0 does not have
             await call(cluster[1], context, "note_text")

@@ -5,6 +5,7 @@ that joined after an upgrade can fetch the original app if that upgrade is cance
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -12,17 +13,18 @@ import trio
 import trio.testing
 
 from tests.context.test_upgrade import bundle, call, converge, install, share
-from tests.replication.cluster_helpers import b58, metric
+from tests.replication.cluster_helpers import b58, metric, subscribe
+from trionode.client import ApiError
 from trionode.config import FileConfig
 from trionode.context.errors import ContextNotFound, WaitingForApp
-from trionode.context.events import Notice
+from trionode.context.events import Notice, Subscription
 from trionode.context.replication import topic_for
 from trionode.dag.delta import FORMAT_VERSION, verify_delta
 from trionode.node import Node
 from trionode.sdk.bundle import sign_bundle
 from trionode.sdk.errors import AppError
 from trionode.sdk.signer import signer_id
-from trionode.testing import Cluster, open_cluster
+from trionode.testing import Cluster, open_cluster, open_test_nodes
 from trionode.wire.keys import PrivateKey
 
 PUBLISHER = PrivateKey.generate()
@@ -41,6 +43,30 @@ def signed(base: Path, version: str, key: PrivateKey = PUBLISHER) -> str:
 def trusting_publisher(config: FileConfig) -> FileConfig:
     apps = msgspec.structs.replace(config.apps, trusted_signers=[signer_id(PUBLISHER)])
     return msgspec.structs.replace(config, apps=apps)
+
+
+async def share_v1_everywhere_v2_on_a(
+    cluster: Cluster, v1: str, v2: str
+) -> tuple[bytes, bytes, bytes]:
+    """(context, v1's id, v2's id): every node installed v1 and shares a context of it, made
+    by node 0, the only one with v2."""
+    old = b""
+    for node in cluster:
+        old = await install(node, v1)
+    new = await install(cluster[0], v2)
+    return await share(cluster, old), old, new
+
+
+def notices(sub: Subscription) -> list[dict[str, Any]]:
+    """The transient notices queued for `sub` (not the applied-delta events)."""
+    out: list[dict[str, Any]] = []
+    while True:
+        try:
+            item = sub.receive.receive_nowait()
+        except trio.WouldBlock:
+            return out
+        if isinstance(item, Notice):
+            out.append(item.payload)
 
 
 async def installed(node: Node, app: bytes) -> bool:
@@ -65,11 +91,7 @@ async def test_members_without_the_new_bundle_fetch_it_from_a_trusted_signer(
     v2 = signed(tmp_path, "1.1")
     async with open_cluster(3, tmp_path / "nodes", configure=trusting_publisher) as cluster:
         a, b, c = cluster.nodes
-        old = await install(a, v1)
-        for node in (b, c):
-            await install(node, v1)
-        new = await install(a, v2)  # only A has v1.1
-        context = await share(cluster, old)
+        context, _, new = await share_v1_everywhere_v2_on_a(cluster, v1, v2)  # only A: v1.1
         await call(b, context, "add", by=2)
         done = await a.contexts.upgrade(context, new)
         # The upgrade op names the bundle (format 3), so the others know what to fetch.
@@ -107,10 +129,7 @@ async def test_a_new_version_by_the_same_signer_is_fetched_without_trusted_signe
     v2 = signed(tmp_path, "1.1")
     async with open_cluster(2, tmp_path / "nodes") as cluster:
         a, c = cluster.nodes
-        old = await install(a, v1)
-        await install(c, v1)
-        new = await install(a, v2)
-        context = await share(cluster, old)
+        context, _, new = await share_v1_everywhere_v2_on_a(cluster, v1, v2)
         await a.contexts.upgrade(context, new)
         await wait_installed(cluster, c, new)
         assert await call(c, context, "add", by=1) == 101
@@ -123,12 +142,8 @@ async def test_another_signer_leaves_the_member_on_the_old_app_with_the_reason(
     v2 = signed(tmp_path, "1.1", STRANGER)  # same app name, another publisher
     async with open_cluster(2, tmp_path / "nodes") as cluster:
         a, c = cluster.nodes
-        old = await install(a, v1)
-        await install(c, v1)
-        new = await install(a, v2)
-        context = await share(cluster, old)
-        sub = c.hub.open()
-        c.hub.add_contexts(sub, [b58(context)], None)
+        context, _, new = await share_v1_everywhere_v2_on_a(cluster, v1, v2)
+        sub = subscribe(c, context)
         await a.contexts.upgrade(context, new)
         await converge(cluster, list(cluster), context)
         await cluster.settle()
@@ -146,13 +161,7 @@ async def test_another_signer_leaves_the_member_on_the_old_app_with_the_reason(
         assert "\n" not in message
         assert f"waiting for app {b58(new)} (tally v1.1, signer {signer_id(STRANGER)})" in message
         assert "apps.trusted_signers" in message
-        notices = []
-        while True:
-            try:
-                notices.append(sub.receive.receive_nowait())
-            except trio.WouldBlock:
-                break
-        waiting = [n.payload for n in notices if isinstance(n, Notice)]
+        waiting = notices(sub)
         assert [n["type"] for n in waiting] == ["app_waiting"]
         assert waiting[0]["applicationId"] == b58(new)
         # The operator decides: installing it switches the context at once.
@@ -200,3 +209,48 @@ async def test_a_member_that_joined_after_a_cancelled_upgrade_fetches_the_origin
         assert await call(d, context, "add", by=1) == 101
         with pytest.raises(AppError, match="note_text"):
             await call(d, context, "note_text")
+
+
+@pytest.mark.real_network
+async def test_over_http_a_waiting_context_answers_minus_32004_and_says_why(
+    tmp_path: Path,
+) -> None:
+    v1 = bundle(tmp_path / "bundles", "tally", "1.0", upgraded=False)
+    v2 = bundle(tmp_path / "bundles", "tally", "1.1")  # unsigned: B will not fetch it
+    with trio.fail_after(120):
+        async with (
+            open_test_nodes(2, tmp_path / "nodes") as (a, b),
+            a.client() as client_a,
+            b.client() as client_b,
+        ):
+            old = (await client_a.install_application(v1)).application_id
+            await client_b.install_application(v1)
+            new = (await client_a.install_application(v2)).application_id
+            context = (await client_a.create_context(old)).context_id
+            await client_b.join((await client_a.invite(context)).invitation)
+            await client_a.upgrade_context(context, new)
+            while (await client_b.context(context)).application_id != new:
+                await client_b.sync(context)  # gossip gets there too; this is now
+            shown = await client_b.context(context)
+            while shown.waiting_for_app is None:  # the follower decides right after
+                await trio.lowlevel.checkpoint()
+                shown = await client_b.context(context)
+            blob = (await client_a.application(new)).bundle_blob_id
+            assert shown.waiting_for_app == (
+                "this node may not run it on its own: fetch and install it yourself: "
+                f"`trionode blob get {blob} -o tally-1.1.tar.gz --context {context}` then "
+                "`trionode app install tally-1.1.tar.gz`"
+            )
+            assert (await client_b.call(context, "value")).output == 100  # a view: v1.0 runs it
+            with pytest.raises(ApiError) as refused:
+                await client_b.call(context, "add", {"by": 1})
+            assert refused.value.status == -32004
+            assert f"is waiting for app {new} (tally v1.1, unsigned)" in str(refused.value)
+            # What the message says works: B's operator fetches the bundle from the members
+            # and installs it; the context switches at once.
+            assert blob is not None
+            await client_b.fetch_blob(blob, context)
+            archive = tmp_path / "tally-1.1.tar.gz"
+            archive.write_bytes(b"".join([c async for c in client_b.blob_content(blob)]))
+            assert (await client_b.install_application(str(archive))).application_id == new
+            assert (await client_b.call(context, "add", {"by": 1})).output == 101

@@ -10,7 +10,7 @@ import inspect
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 import base58
@@ -109,7 +109,9 @@ def member_reply(member: Any) -> schemas.Member:
     return schemas.Member(public_key=b58(member.public_key), role=member.role)
 
 
-def context_reply(record: ContextRecord) -> schemas.Context:
+def context_reply(
+    record: ContextRecord, waits: Mapping[bytes, str] | None = None
+) -> schemas.Context:
     return schemas.Context(
         context_id=b58(record.context_id),
         application_id=b58(record.application_id),
@@ -118,6 +120,7 @@ def context_reply(record: ContextRecord) -> schemas.Context:
         heads=[h.hex() for h in record.heads],
         members=[member_reply(m) for m in record.members],
         member_public_key=b58(record.our_member),
+        waiting_for_app=None if waits is None else waits.get(record.context_id),
     )
 
 
@@ -369,7 +372,8 @@ def register_context_routes(
     )
     async def list_contexts() -> Response:
         records = await node.contexts.records()
-        return reply(schemas.ContextList(contexts=[context_reply(r) for r in records]))
+        waits = node.contexts.replicas.app_waits
+        return reply(schemas.ContextList(contexts=[context_reply(r, waits) for r in records]))
 
     @ops.route(
         app,
@@ -381,7 +385,8 @@ def register_context_routes(
         errors=(400, 404),
     )
     async def show_context(context_id: str) -> Response:
-        return reply(context_reply(await node.contexts.get(parse_id(context_id, "context id"))))
+        record = await node.contexts.get(parse_id(context_id, "context id"))
+        return reply(context_reply(record, node.contexts.replicas.app_waits))
 
     @ops.route(
         app,

@@ -54,6 +54,17 @@ from trionode.context.replicas import Replica
 log = logging.getLogger(__name__)
 
 
+def untrusted_reason(ref: inv.AppRef, context_id: bytes) -> str:
+    """What the operator can do about an upgrade this node may not run on its own."""
+    archive = f"{ref.name}-{ref.version}.tar.gz"
+    signer = "" if ref.signer is None else f"add {b58(ref.signer)} to apps.trusted_signers, or "
+    return (
+        f"this node may not run it on its own: {signer}fetch and install it yourself: "
+        f"`trionode blob get {b58(ref.bundle_blob_id)} -o {archive} --context "
+        f"{b58(context_id)}` then `trionode app install {archive}`"
+    )
+
+
 class AppFollowerMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.outcomes = Counter(
@@ -183,9 +194,9 @@ class AppFollower:
         trust_app = await self._same_signer(replica, ref)
         try:
             self._bundles.check_trust(ref, trust_app)
-        except AppNotTrustedError as exc:
+        except AppNotTrustedError:
             self.metrics.outcomes.labels("untrusted").inc()
-            self._wait(replica, f"{exc}; or install it with `trionode app install PATH`")
+            self._wait(replica, untrusted_reason(ref, context_id))
             return
         self._wait(replica, "fetching its bundle from the context's members")
         try:
