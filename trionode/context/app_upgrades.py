@@ -167,19 +167,21 @@ class AppFollower:
     async def check(self, context_id: bytes) -> None:
         """Make sure the app `context_id` runs is installed here, if this node may run it."""
         try:
+            # The record first: a context whose app is installed is not even loaded (at
+            # start every context is checked, and replicas load lazily).
+            decided = (await self._contexts.get(context_id)).application_id
+            if self._checked.get(context_id) == decided:
+                # Decided before: only an install by the operator can have changed anything.
+                if context_id in self.waits and await self._installed(decided):
+                    self._ready(context_id, decided)
+                return
+            self._checked[context_id] = decided
+            if await self._installed(decided):
+                self._ready(context_id, decided)
+                return
             replica = await self._contexts.replica(context_id)
         except ContextError:  # left or deleted meanwhile
             self._forget(context_id)
-            return
-        decided = replica.record.application_id
-        if self._checked.get(context_id) == decided:
-            # Decided before: only an install by the operator can have changed anything.
-            if context_id in self.waits and await self._installed(decided):
-                self._ready(replica)
-            return
-        self._checked[context_id] = decided
-        if await self._installed(decided):
-            self._ready(replica)
             return
         op = replica.authority.application_op()
         ref = None if op is None or op.application_id != decided else app_ref(op)
@@ -213,7 +215,7 @@ class AppFollower:
             return
         self.metrics.outcomes.labels("installed").inc()
         log.info("installed %s for context %s", describe(ref), b58(context_id))
-        self._ready(replica)
+        self._ready(context_id, decided)
         await self._contexts.run_pending_handlers()  # the runs that waited for it
 
     async def _installed(self, application_id: bytes) -> bool:
@@ -256,8 +258,7 @@ class AppFollower:
             },
         )
 
-    def _ready(self, replica: Replica) -> None:
-        context_id = replica.context_id
+    def _ready(self, context_id: bytes, application_id: bytes) -> None:
         self._again.discard(context_id)
         if self.waits.pop(context_id, None) is not None:
             self.metrics.waiting.set(len(self.waits))
@@ -266,7 +267,7 @@ class AppFollower:
                 {
                     "type": "app_ready",
                     "contextId": b58(context_id),
-                    "applicationId": b58(replica.record.application_id),
+                    "applicationId": b58(application_id),
                 },
             )
 
