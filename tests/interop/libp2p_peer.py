@@ -264,6 +264,7 @@ class Libp2pPeer:
         """Number of inbound ``/echo/1.0.0`` streams that ran to completion (EOF, then FIN)."""
         self.echo_streams_failed = 0
         """Number of inbound ``/echo/1.0.0`` streams that ended in an error (then RST)."""
+        self._echo_ended = trio.Event()
 
     # -- identity and addresses -------------------------------------------------------------
 
@@ -371,6 +372,21 @@ class Libp2pPeer:
                 await stream.close_write()
         return bytes(received)
 
+    async def wait_echo_streams(self, served: int) -> None:
+        """Wait until ``served`` inbound echo streams have ended well. The remote sees our
+        FIN (and its echo returns) before py's ``close()`` returns here, so the counter
+        may lag what the remote already knows."""
+        while self.echo_streams_served < served:
+            await self._echo_ended.wait()
+
+    def _echo_stream_ended(self, *, ok: bool) -> None:
+        if ok:
+            self.echo_streams_served += 1
+        else:
+            self.echo_streams_failed += 1
+        self._echo_ended.set()
+        self._echo_ended = trio.Event()
+
     async def _serve_echo(self, stream: INetStream) -> None:
         try:
             while True:
@@ -385,11 +401,11 @@ class Libp2pPeer:
             # send window (that last one sends nothing on the wire by itself). Reset so the
             # remote sees RST rather than a stream that silently stops; an exception escaping
             # here would tear down py-libp2p's per-connection nursery.
-            self.echo_streams_failed += 1
             with contextlib.suppress(*STREAM_ERRORS):
                 await stream.reset()
+            self._echo_stream_ended(ok=False)
             return
-        self.echo_streams_served += 1
+        self._echo_stream_ended(ok=True)
 
     # -- ping -------------------------------------------------------------------------------
 

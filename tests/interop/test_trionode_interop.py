@@ -84,7 +84,7 @@ async def test_trionode_dials_py_libp2p() -> None:
             assert "/ipfs/ping/1.0.0" in info.protocols
             # ping
             rtt = await host.ping(conn.peer_id)
-            assert 0 < rtt < 5
+            assert rtt > 0  # how fast is for the benchmark, not a test
             # echo over 8 concurrent streams
             payloads = [os.urandom(100_000 + i) for i in range(8)]
             results: dict[int, bytes] = {}
