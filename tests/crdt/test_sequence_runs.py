@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from hypothesis import given, strategies as st
+
 from trionode.crdt import HybridClock, StateTree, Timestamp, text, vector
+from trionode.crdt.sequence import HEAD, Element, TextState
 
 from .crdt_helpers import T0 as NOW
 
@@ -79,3 +82,46 @@ def test_vector_appends_continue_runs_too() -> None:
         assert handle.to_list() == [0, 1, 2]
         assert handle[-1] == 2
         assert len(handle) == 3
+
+
+def test_gc_keeps_the_tombstone_a_run_would_continue_into() -> None:
+    w, v = b"w", b"v"
+    x = Timestamp(100, w)
+    elements = {
+        x: Element(HEAD, "x", None, None),
+        # 101 of w never existed: a run typed after x takes it, then must stop before 102
+        Timestamp(102, w): Element(HEAD, None, None, Timestamp(110, w)),
+        Timestamp(103, w): Element(Timestamp(102, w), None, None, Timestamp(110, w)),
+        Timestamp(101, v): Element(HEAD, None, None, Timestamp(110, v)),
+    }
+    state = TextState(elements)
+    assert state.gc(1 << 40) == 2  # w's 103 and v's 101: no live id of their writer below
+    assert set(state.elements) == {x, Timestamp(102, w)}
+    fresh = iter([Timestamp(200, w), Timestamp(201, w)])
+    delta = state.insert_delta(1, ["a", "b", "c"], lambda: next(fresh), writer=w)
+    assert sorted(delta.elements) == [Timestamp(101, w), Timestamp(200, w), Timestamp(201, w)]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 20), st.integers(1, 3)), max_size=40))
+def test_typing_and_gc_never_take_an_id_twice(steps: list[tuple[bool, int, int]]) -> None:
+    # One writer typing, deleting and collecting everything it may after every call: every
+    # id it ever takes is new, or a replica still holding the old tombstone would hide it.
+    tree = StateTree()
+    clock = HybridClock(b"a")
+    taken: set[Timestamp] = set()
+    for i, (delete, pos, count) in enumerate(steps):
+        physical = NOW + i * 1_000_000
+        with tree.begin(clock, physical) as tx:
+            body = tx.field("t", text())
+            length = len(body)
+            if delete and length:
+                body.delete(pos % length, min(count, length - pos % length))
+            else:
+                body.insert(pos % (length + 1), "xyz"[:count])
+            deltas = tx.commit()
+        for delta in deltas:
+            if isinstance(delta.body, TextState):
+                new = {e for e, el in delta.body.elements.items() if el.deleted is None}
+                assert not new & taken
+                taken |= new
+        tree.gc(physical + 1)

@@ -14,8 +14,9 @@ same way everywhere, and a run typed by one writer stays contiguous.
 
 Elements are never removed by operations: deleting sets a tombstone stamp (`deleted`) and
 drops the value. Only `gc` removes tombstones, and only leaves, so no live element loses
-the element it is positioned after. An element whose `after` is unknown (it arrived before
-its reference) is kept but not shown until the reference arrives.
+the element it is positioned after, and never a run guard (the tombstone just above a live
+element of its writer), so no run takes an id twice (see `gc`). An element whose `after` is
+unknown (it arrived before its reference) is kept but not shown until the reference arrives.
 
 Removal floor: when this sequence is the value of a map entry that was removed at HLC
 `floor`, elements with id <= floor are hidden, and an element positioned after such an
@@ -38,12 +39,13 @@ chunks of the visible sequence (see "Hash chunks" in `order_index.py`); the inde
 them, so a keystroke rehashes one chunk of ~61 elements, not the whole text.
 
 Runs: a local insert right after the writer's own childless element X takes the id
-`X.time + 1` (same writer) instead of a fresh clock stamp, when that id is free. X has no
-children, so the new element is placed right after X whatever its id, and a later insert
-that knows it gets a fresh stamp above it, as RGA requires. Consecutive typing therefore
-yields runs of consecutive ids, which the canonical form stores as one row per run (see
-`wire`). The caller makes the clock witness the ids it took (`Transaction.witness`), so no
-fresh stamp can collide with them.
+`X.time + 1` (same writer) instead of a fresh clock stamp, when that id is free (GC keeps
+the tombstone that could make a used id look free, see `gc`). X has no children, so the
+new element is placed right after X whatever its id, and a later insert that knows it
+gets a fresh stamp above it, as RGA requires. Consecutive typing therefore yields runs of
+consecutive ids, which the canonical form stores as one row per run (see `wire`). The
+caller makes the clock witness the ids it took (`Transaction.witness`), so no fresh stamp
+can collide with them.
 """
 
 from __future__ import annotations
@@ -305,7 +307,21 @@ class SequenceState(Generic[V]):
 
     def gc(self, horizon: int) -> int:
         """Drop tombstones deleted before NTP64 time `horizon` that no element is positioned
-        after (repeatedly, so dead runs unwind). Visible order is unchanged."""
+        after (repeatedly, so dead runs unwind), except run guards. Visible order is
+        unchanged.
+
+        A run guard is a tombstone whose next lower id of the same writer is live. A local
+        insert after a live element continues its writer's run with the next ids, taken
+        without the clock and only while they are absent here (see "Runs"); if GC dropped
+        the id just above a live element, or the first present one above a gap, its writer
+        would take that id again, and a replica still holding the tombstone would absorb
+        the new value into it. Only the writer continues its runs, and it holds all its own
+        elements; keeping the guards keeps a present tombstone there between every live
+        element and every collected id above it of the same writer (a run stops below the
+        first present id, fresh clock stamps are above everything), so no id is ever
+        reused. At most one guard per live element stays; a dead run goes entirely.
+        """
+        guards: set[Timestamp] = set()
 
         def collectible(eid: Timestamp) -> bool:
             el = self._elements.get(eid)
@@ -314,9 +330,13 @@ class SequenceState(Generic[V]):
                 and el.deleted is not None
                 and el.deleted.time < horizon
                 and not self._children.get(eid)
+                and eid not in guards
             )
 
         pending = [eid for eid in self._elements if collectible(eid)]
+        if pending:  # the guards cost a sort: only when something could go
+            guards = self._run_guards()
+            pending = [eid for eid in pending if eid not in guards]
         dropped = 0
         while pending:
             eid = pending.pop()
@@ -332,6 +352,23 @@ class SequenceState(Generic[V]):
             self._lists = None
             self._floored = None
         return dropped
+
+    def _run_guards(self) -> set[Timestamp]:
+        """Tombstones whose next lower present id of the same writer is live (see `gc`)."""
+        elements = self._elements
+        guards: set[Timestamp] = set()
+        previous: Timestamp | None = None
+        # Timestamps sort by time first: order by writer, then time, to walk each writer's ids.
+        for eid in sorted(elements, key=lambda e: (e.node, e.time)):
+            if (
+                previous is not None
+                and previous.node == eid.node
+                and elements[previous].deleted is None
+                and elements[eid].deleted is not None
+            ):
+                guards.add(eid)
+            previous = eid
+        return guards
 
     # -- canonical forms -----------------------------------------------------------------
 
