@@ -756,7 +756,10 @@ _PROFILE_PARTS: Final = (
     ("delta id (SHA-256)", "delta.py", "delta_id"),
     ("gossip publish (encode, StrictSign)", "replication.py", "broadcast"),
     ("stage rows + record (encoding)", "local_writes.py", "_stage"),
-    ("subscribers (events to the hub)", "local_writes.py", "_after_local"),
+    ("subscriber event: built at staging", "notices.py", "change_of"),
+    ("subscriber event: numbered + log row", "pipeline.py", "_number_events"),
+    ("subscriber event: shown (fan-out)", "events.py", "settle"),
+    ("event log task (its own writes)", "event_log.py", "flush"),
 )
 
 

@@ -409,6 +409,12 @@ class ReplicationSection(_Section, frozen=True):
     """Deltas the processor commits together in one LMDB transaction (one fsync)."""
     group_commit_max_bytes: PositiveInt = 4 * 1024 * 1024
     """Bytes of received deltas and call arguments in one group commit."""
+    gossip_queue: PositiveInt = 4096
+    """Deltas this node authored waiting to be gossiped; beyond, they are not gossiped
+    (heartbeats and sync carry them) and counted."""
+    gossip_batch_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024
+    """Delta bytes one gossip message carries at most (deltas committed together go out in
+    one message, one signature); keep it below `pubsub.max_message_size`."""
 
 
 class SyncSection(_Section, frozen=True):

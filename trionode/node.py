@@ -88,6 +88,7 @@ from trionode.context.events import EventHub
 from trionode.context.finality import FinalityMetrics
 from trionode.context.folding import serve_folding
 from trionode.context.join import JoinService
+from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
 from trionode.context.pipeline import serve_delta_processor
 from trionode.context.replication import TOPIC_PREFIX, ReplicationMetrics, Replicator, topic_for
@@ -195,6 +196,10 @@ class Node:
         )
         self.applications = Applications(store, config.apps.trusted_signers, self.blobs)
         self.replication_metrics = ReplicationMetrics(metrics.registry)
+        # What this node authors goes from the delta processor to the replicator's gossip.
+        send_authored, receive_authored = trio.open_memory_channel[Authored](
+            config.replication.gossip_queue
+        )
         self.contexts = ContextManager(
             store,
             self.hub,
@@ -209,6 +214,8 @@ class Node:
             processor_queue=config.replication.processor_queue,
             group_commit_max_deltas=config.replication.group_commit_max_deltas,
             group_commit_max_bytes=config.replication.group_commit_max_bytes,
+            event_log=self.event_log,
+            authored=send_authored,
         )
         self.finality_metrics = FinalityMetrics(
             metrics.registry,
@@ -236,6 +243,8 @@ class Node:
             serve_max_requests=config.sync.serve_max_requests,
             serve_timeout=config.sync.serve_timeout,
             acks=self.acks.receive,
+            authored=receive_authored,
+            max_batch_bytes=config.replication.gossip_batch_bytes,
         )
         self.sync = SyncManager(
             self.contexts,

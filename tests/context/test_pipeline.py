@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,14 @@ import trio
 import trio.testing
 
 from tests.replication.helpers import install
+from trionode.context.event_log import EVENT_PREFIX
+from trionode.context.events import ContextEvent, Replay
+from trionode.context.notices import b58
 from trionode.errors import StorageError
 from trionode.node import Node
 from trionode.sdk.errors import AppError
-from trionode.store.store import WriteBatch
+from trionode.store.lmdb_store import Column, Put
+from trionode.store.store import BytesCodec, Table, WriteBatch
 from trionode.testing import open_test_node
 
 
@@ -30,6 +34,7 @@ class GatedWrites:
         self.inner = self.replicas.store
         self.gate = trio.Event()
         self.sizes: list[int] = []
+        self.batches: list[WriteBatch] = []
         self.fail_next = False
         self.replicas.store = self  # type: ignore[assignment]
 
@@ -38,6 +43,7 @@ class GatedWrites:
 
     async def write(self, batch: WriteBatch) -> None:
         self.sizes.append(len(batch))
+        self.batches.append(batch)
         await self.gate.wait()
         if self.fail_next:
             self.fail_next = False
@@ -154,3 +160,105 @@ async def test_calls_fail_cleanly_once_the_processor_has_stopped(tmp_path: Path)
     # The node is closed: its processor is gone; a late call hears so instead of hanging.
     with pytest.raises(StorageError, match="stopping"):
         await pipeline.call(context, "set", kv_set("late", "1"))
+
+
+_LOG_ROWS = Table(Column.GENERIC, BytesCodec(), BytesCodec())
+
+
+def _event_seqs(batch: WriteBatch) -> list[int]:
+    """The event log rows a batch writes (their seq numbers)."""
+    return [
+        int.from_bytes(op.key[len(EVENT_PREFIX) :], "big")
+        for op in batch.ops
+        if isinstance(op, Put) and op.key.startswith(EVENT_PREFIX)
+    ]
+
+
+async def test_events_commit_with_their_deltas_and_are_shown_once_durable(tmp_path: Path) -> None:
+    async with one_context(tmp_path) as (node, context):
+        hub = node.hub
+        sub = hub.open()
+        hub.add_contexts(sub, [b58(context)], None)
+        assert isinstance(sub.receive.receive_nowait(), Replay)  # the subscribe's answer
+        shown = hub.shown
+        writes = GatedWrites(node)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(node.contexts.execute, context, "set", kv_set(f"k{i}", "v"))
+                await trio.testing.wait_all_tasks_blocked()
+                # Committing: numbered, in the commit, seen by nobody yet.
+                staged = [seq for batch in writes.batches for seq in _event_seqs(batch)]
+                assert staged
+                assert hub.shown == shown
+                with pytest.raises(trio.WouldBlock):
+                    sub.receive.receive_nowait()
+                # Something published meanwhile elsewhere waits behind them.
+                hub.publish(
+                    context_id=b58(context),
+                    delta_id="",
+                    root_hash="",
+                    heads=[],
+                    events=[],
+                    origin="sync",
+                )
+                with pytest.raises(trio.WouldBlock):
+                    sub.receive.receive_nowait()
+                writes.gate.set()
+        writes.restore()
+        seen = []
+        while True:
+            try:
+                event = sub.receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            assert isinstance(event, ContextEvent)
+            seen.append(event)
+        seqs = [event.seq for event in seen]
+        assert seqs == sorted(seqs)
+        assert len(seqs) == 9
+        assert seen[-1].origin == "sync"
+        assert hub.shown == seqs[-1]
+        # Every call's event was written by its commit: nothing is left for the log task.
+        staged = [seq for batch in writes.batches for seq in _event_seqs(batch)]
+        assert sorted(staged) == seqs[:-1]
+        stored = await node.store.scan(_LOG_ROWS, prefix=EVENT_PREFIX)
+        assert {int.from_bytes(key[len(EVENT_PREFIX) :], "big") for key, _ in stored} >= set(
+            seqs[:-1]
+        )
+
+
+async def test_a_failed_commit_shows_none_of_its_events(tmp_path: Path) -> None:
+    async with one_context(tmp_path) as (node, context):
+        hub = node.hub
+        sub = hub.open()
+        hub.add_contexts(sub, [b58(context)], None)
+        sub.receive.receive_nowait()
+        writes = GatedWrites(node)
+        writes.fail_next = True
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def call(i: int) -> None:
+                    with suppress(StorageError):
+                        await node.contexts.execute(context, "set", kv_set(f"k{i}", "v"))
+
+                for i in range(4):
+                    nursery.start_soon(call, i)
+                await trio.testing.wait_all_tasks_blocked()
+                failed = [seq for batch in writes.batches for seq in _event_seqs(batch)]
+                writes.gate.set()
+        writes.restore()
+        await node.contexts.execute(context, "set", kv_set("after", "v"))
+        seqs = []
+        while True:
+            try:
+                event = sub.receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            assert isinstance(event, ContextEvent)
+            seqs.append(event.seq)
+        assert failed
+        assert not set(failed) & set(seqs)  # never shown, numbers never reused
+        assert seqs == sorted(seqs)
+        assert seqs[-1] > max(failed)

@@ -45,6 +45,7 @@ from trionode.store.lmdb_store import Column
 from trionode.testing import Cluster, open_cluster
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
+    DeltaBatch,
     DeltaGossip,
     DeltaRequest,
     DeltaResponse,
@@ -91,9 +92,13 @@ def child_of(
             return False
         try:
             message_gossip = decode_gossip(message.data)
-            if not isinstance(message_gossip, DeltaGossip):
+            if isinstance(message_gossip, DeltaGossip):
+                wires = [message_gossip.delta]
+            elif isinstance(message_gossip, DeltaBatch):
+                wires = message_gossip.deltas
+            else:
                 return False
-            return verify_delta(decode_delta(message_gossip.delta)).parents == parents
+            return any(verify_delta(decode_delta(w)).parents == parents for w in wires)
         except RemoteProtocolError:
             return False
 

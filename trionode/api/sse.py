@@ -92,7 +92,7 @@ def check_resumable(hub: EventHub, contexts: list[str], since: int | None) -> No
         raise EventRequestError(
             410,
             f"events after {since} are no longer kept: fetch the state again, "
-            f"then follow from seq {hub.seq} (Last-Event-ID: {hub.seq})",
+            f"then follow from seq {hub.shown} (Last-Event-ID: {hub.shown})",
             resync=True,
         )
 

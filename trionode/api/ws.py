@@ -108,7 +108,7 @@ async def _writer(hub: EventHub, sub: Subscription) -> None:
                         {
                             "type": "resync",
                             "contextIds": sorted(sub.contexts),
-                            "seq": hub.seq,
+                            "seq": hub.shown,
                             "reason": "too slow: events after the last one received were "
                             "dropped; resume with since=<last seq> or fetch the state again",
                         }

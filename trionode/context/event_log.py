@@ -1,12 +1,14 @@
 """The event hub's log in LMDB: WebSocket `since` means the same thing after a restart.
 
-Events are written by one background task (`serve_event_log`) in batches, after the hub
-numbered and fanned them out, so the delta processor never waits for this disk write. The
-price is that a crash can lose the last few events of the log (never a delta: those are
-committed before they are published). So the log also records whether the node stopped
-cleanly: after a crash, numbering jumps ahead by `CRASH_GAP` and the hub's floor moves past
-the jump, so a client resuming from before the crash is told to resync instead of being
-served a log with a hole in it.
+The events of the deltas the delta processor commits (app calls, received deltas) are
+numbered before its commit and written in its transaction (`stage`): no fsync of their own,
+and they are on disk exactly when their deltas are. The few others (a membership change, a
+sync adopting state, a deferred delta released) are written by one background task
+(`serve_event_log`) in batches, after the hub numbered and fanned them out; a crash can lose
+the last of those. So the log also records whether the node stopped cleanly: after a crash,
+numbering jumps ahead by `CRASH_GAP` and the hub's floor moves past the jump, so a client
+resuming from before the crash is told to resync instead of being served a log with a hole
+in it.
 
 Retention (`api.event_retention` seconds, at most `api.max_retained_events` events) is
 applied at start and after every write; dropping events raises the hub's floor the same way.
@@ -111,6 +113,16 @@ class EventLog:
         # Only now: if the write was cancelled or failed, the next flush writes these again
         # (`_kept` then names them twice, which only makes retention drop a little early).
         del unsaved[: len(taken)]
+
+    def stage(self, batch: WriteBatch, events: list[ContextEvent]) -> None:
+        """Put `events` (just numbered by `EventHub.reserve`) in `batch`, the delta
+        processor's transaction that commits the deltas they describe: no write of their
+        own, and an acknowledged delta's event survives a crash with it."""
+        for event in events:
+            batch.put(_EVENTS, _key(event.seq), event)
+            self._kept.append((event.seq, event.at))
+        if events:
+            self._drop_expired(batch)
 
     async def close(self) -> None:
         """Final flush and the clean-stop mark (after every publisher has stopped)."""

@@ -53,6 +53,18 @@ class ContextEvent(msgspec.Struct, frozen=True, array_like=True):
 
 
 @attrs.frozen
+class Change:
+    """An applied delta's event before it is numbered (`EventHub.reserve`)."""
+
+    context_id: str
+    delta_id: str
+    root_hash: str
+    heads: list[str]
+    events: list[dict[str, Any]]
+    origin: str
+
+
+@attrs.frozen
 class Notice:
     """A transient message for a context's subscribers (e.g. blob transfer progress): not
     numbered and not replayed on resume, unlike applied-delta events."""
@@ -106,6 +118,10 @@ class EventHub:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.seq = 0
+        """The last number given to an event."""
+        self.shown = 0
+        """The last number subscribers were shown (behind `seq` while a reserved batch is
+        being committed)."""
         self.floor = 1
         """Every event numbered from here on is still known (held, or lost to nothing);
         below it some may be gone (retention, a crash), so resuming from before it needs a
@@ -124,6 +140,10 @@ class EventHub:
         """Published but not yet in LMDB, when an event log is attached (`EventLog.load`
         sets it to a list); its writer takes them from here."""
         self.unsaved_ready = trio.Event()
+        self._reserved = 0
+        """Batches numbered by `reserve` whose commit is not settled yet: while there is
+        one, what others publish waits in `_waiting`, so subscribers see seq in order."""
+        self._waiting: list[ContextEvent] = []
 
     @property
     def subscribers(self) -> int:
@@ -156,7 +176,7 @@ class EventHub:
         Returns whether the resume (if any) was served.
         """
         gone = since is not None and (
-            since > self.seq
+            since > self.shown
             or since < self.floor - 1
             or any(self._dropped.get(c, 0) > since for c in contexts)
         )
@@ -166,21 +186,21 @@ class EventHub:
                 backlog += [e for e in self._recent.get(context, ()) if e.seq > since]
             backlog.sort(key=lambda e: e.seq)
         sub.contexts.update(contexts)
-        answer: dict[str, Any] = {"type": "subscribed", "contextIds": contexts, "seq": self.seq}
+        answer: dict[str, Any] = {"type": "subscribed", "contextIds": contexts, "seq": self.shown}
         if gone:
             answer = {
                 "type": "resync",
                 "contextIds": contexts,
-                "seq": self.seq,
+                "seq": self.shown,
                 "reason": f"events after {since} are no longer kept (kept from seq "
-                f"{self.floor}); fetch the state again, then follow from seq {self.seq}",
+                f"{self.floor}); fetch the state again, then follow from seq {self.shown}",
             }
         sub._offer(Replay(backlog, answer))  # noqa: SLF001 - hub and subscription are one unit
         return not gone
 
     def restore(self, events: Iterable[ContextEvent], *, seq: int, floor: int) -> None:
         """Take back the events kept in LMDB at start, oldest first (before any publish)."""
-        self.seq = seq
+        self.seq = self.shown = seq
         self.floor = floor
         for event in events:
             self._remember(event)
@@ -206,20 +226,62 @@ class EventHub:
         origin: str,
     ) -> ContextEvent:
         """Record and fan out one applied delta. Never blocks."""
-        self.seq += 1
-        event = ContextEvent(
-            self.seq, context_id, delta_id, root_hash, heads, events, origin, self._clock()
-        )
-        self._remember(event)
+        return self.emit(Change(context_id, delta_id, root_hash, heads, events, origin))
+
+    def emit(self, change: Change) -> ContextEvent:
+        """`publish` of a `Change`."""
+        event = self._number(change, self._clock())
         if self.unsaved is not None:
             self.unsaved.append(event)
             self.unsaved_ready.set()
+        if self._reserved:
+            self._waiting.append(event)
+        else:
+            self._fan_out(event)
+        return event
+
+    def reserve(self, changes: Iterable[Change]) -> list[ContextEvent]:
+        """Number the events of a write about to be committed (the delta processor stores
+        them in the same transaction, see `event_log.py`); nobody sees them, nor anything
+        published after them, until `settle`."""
+        at = self._clock()
+        events = [self._number(change, at) for change in changes]
+        self._reserved += 1
+        return events
+
+    def settle(self, events: list[ContextEvent], *, durable: bool) -> None:
+        """The commit holding `events` (from `reserve`) is over: fan them out if it is
+        durable (drop them if not: their numbers stay unused), then what waited on them."""
+        self._reserved -= 1
+        if durable:
+            for event in events:
+                self._fan_out(event)
+        if not self._reserved:
+            waiting, self._waiting = self._waiting, []
+            for event in waiting:
+                self._fan_out(event)
+
+    def _number(self, change: Change, at: float) -> ContextEvent:
+        self.seq += 1
+        return ContextEvent(
+            self.seq,
+            change.context_id,
+            change.delta_id,
+            change.root_hash,
+            change.heads,
+            change.events,
+            change.origin,
+            at,
+        )
+
+    def _fan_out(self, event: ContextEvent) -> None:
+        self.shown = event.seq
+        self._remember(event)
         for sub in list(self._subscriptions):
-            if context_id in sub.contexts:
+            if event.context_id in sub.contexts:
                 sub._offer(event)  # noqa: SLF001
         for sub in list(self._watchers):
             sub._offer(event)  # noqa: SLF001
-        return event
 
     def notify(self, context_id: str, payload: dict[str, Any]) -> None:
         """Send a transient notice to the context's current subscribers. Never blocks."""

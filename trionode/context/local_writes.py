@@ -4,7 +4,7 @@ membership.
 A local call runs against the replica's copy-on-write tree; on success its delta records
 become one signed, encrypted delta whose parents are the current heads, committed with the
 changed rows, the new heads and root hash in one LMDB write, then published to subscribers
-and handed to the delta listeners (gossip). Membership changes are deltas too (auth
+and handed to the replicator's broadcaster (gossip). Membership changes are deltas too (auth
 operations, `trionode/auth/model.py`), checked against our own authority before they are
 committed.
 """
@@ -24,9 +24,9 @@ from msgspec.structs import replace
 from trionode.auth.model import WRITERS, Kind, StaticError, Verdict, version_key
 from trionode.context.authority import AuthRejected, action, op_from_header
 from trionode.context.errors import AlreadyExists, ContextError, ContextNotFound, NotPermitted
-from trionode.context.events import EventHub
+from trionode.context.events import Change, EventHub
 from trionode.context.invitations import SignedInvitation, seal_keys
-from trionode.context.notices import b58, payload_json, publish_change
+from trionode.context.notices import b58, change_of, payload_json
 from trionode.context.records import (
     DELTAS,
     IDENTITY,
@@ -66,10 +66,6 @@ class AppLoader(Protocol):
         ...
 
 
-class DeltaListener(Protocol):
-    def __call__(self, context_id: bytes, delta: SignedDelta) -> None: ...
-
-
 @attrs.frozen
 class CallResult:
     result: Any
@@ -93,15 +89,24 @@ class LocalWriter:
     membership changes commit on their own."""
 
     def __init__(
-        self, replicas: ReplicaStore, hub: EventHub, apps: AppLoader, *, read_only: bool = False
+        self,
+        replicas: ReplicaStore,
+        hub: EventHub,
+        apps: AppLoader,
+        *,
+        read_only: bool = False,
+        authored: trio.MemorySendChannel[Authored] | None = None,
     ) -> None:
         self._replicas = replicas
         self.read_only = read_only
         """`node.mode = "read-only"`: every local write raises ReadOnlyError (views run)."""
         self._hub = hub
         self._apps = apps
-        self.local_delta_listeners: list[DeltaListener] = []
-        """Called (synchronously, after commit) with every delta this node authors."""
+        self._authored = authored
+        """Where every delta this node authors goes once it is durable (the replicator's
+        broadcaster, wired in node.py). Full: the delta is not gossiped (counted in
+        `unannounced`); heartbeats and sync bring it to the peers instead."""
+        self.unannounced = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -201,23 +206,35 @@ class LocalWriter:
         outcome: CallOutcome,
         batch: WriteBatch,
         fresh: dict[bytes, SignedDelta] | None = None,
+        changes: list[Change] | None = None,
     ) -> tuple[SignedDelta, Callable[[], None]]:
         """Seal what a call (or a handler run) changed as our delta and stage it in `batch`
         (under the lock), with a key rotation first if no key we hold may be written under.
-        Returns the delta and what to announce once `batch` is durable."""
-        announce: list[tuple[SignedDelta, CallOutcome]] = []
+        Returns the delta and what to announce once `batch` is durable. The events for
+        subscribers go to `changes` if given (the caller stores and shows them), else the
+        announcing publishes them."""
+        sealed: list[SignedDelta] = []
+        own: list[Change] = []
         if self._write_key(replica) is None:
             # No key we hold follows every removal in our view (concurrent removals, a
             # leaked invitation, or a removal whose key was not sealed to us): introduce one.
             rotate = self._new_key_action(replica, Kind.ROTATE, replica.authority.roles())
-            announce.append(self._stage_op(replica, rotate, batch, fresh))
+            rotation, nothing = self._stage_op(replica, rotate, batch, fresh)
+            sealed.append(rotation)
+            own.append(_change(replica, rotation, nothing))
         delta, parents = self._seal(replica, outcome)
         self._stage(replica, batch, delta, parents, fresh)
-        announce.append((delta, outcome))
+        sealed.append(delta)
+        own.append(_change(replica, delta, outcome))
+        if changes is not None:
+            changes += own
 
         def after_commit() -> None:
-            for sealed, what in announce:
-                self._after_local(replica, sealed, what)
+            if changes is None:
+                for change in own:
+                    self._hub.emit(change)
+            for each in sealed:
+                self._announce(replica.context_id, each)
 
         return delta, after_commit
 
@@ -480,7 +497,26 @@ class LocalWriter:
         stage_record(replica, batch)
 
     def _after_local(self, replica: Replica, delta: SignedDelta, outcome: CallOutcome) -> None:
-        events = [(e.name, payload_json(e.payload)) for e in outcome.events]
-        publish_change(self._hub, replica, delta_id=delta.id, events=events, origin="local")
-        for listener in self.local_delta_listeners:
-            listener(replica.context_id, delta)
+        self._hub.emit(_change(replica, delta, outcome))
+        self._announce(replica.context_id, delta)
+
+    def _announce(self, context_id: bytes, delta: SignedDelta) -> None:
+        if self._authored is None:
+            return
+        try:
+            self._authored.send_nowait(Authored(context_id, delta))
+        except trio.WouldBlock:
+            self.unannounced += 1
+
+
+@attrs.frozen
+class Authored:
+    """A delta this node authored, durable now: for the replicator to gossip."""
+
+    context_id: bytes
+    delta: SignedDelta
+
+
+def _change(replica: Replica, delta: SignedDelta, outcome: CallOutcome) -> Change:
+    events = [(e.name, payload_json(e.payload)) for e in outcome.events]
+    return change_of(replica, delta_id=delta.id, events=events, origin="local")

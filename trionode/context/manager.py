@@ -20,13 +20,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from trionode.context.app_choice import running_app
 from trionode.context.errors import ContextError
+from trionode.context.event_log import EventLog
 from trionode.context.events import EventHub
 from trionode.context.handler_runs import HandlerRunner
-from trionode.context.local_writes import AppLoader, CallResult, DeltaListener, LocalWriter
+from trionode.context.local_writes import AppLoader, Authored, CallResult, LocalWriter
 from trionode.context.notices import b58
 from trionode.context.pipeline import (
     DEFAULT_MAX_BYTES,
@@ -50,10 +52,10 @@ from trionode.store.store import AsyncStore, WriteBatch
 
 __all__ = [
     "AppLoader",
+    "Authored",
     "CallResult",
     "ContextError",
     "ContextManager",
-    "DeltaListener",
     "Received",
     "ReplicationMetrics",
     "StateAheadError",
@@ -78,6 +80,8 @@ class ContextManager:
         processor_queue: int = DEFAULT_QUEUE,
         group_commit_max_deltas: int = DEFAULT_MAX_DELTAS,
         group_commit_max_bytes: int = DEFAULT_MAX_BYTES,
+        event_log: EventLog | None = None,
+        authored: trio.MemorySendChannel[Authored] | None = None,
     ) -> None:
         self.read_only = read_only
         """`node.mode = "read-only"`: every local write raises ReadOnlyError, received
@@ -90,7 +94,7 @@ class ContextManager:
             limits=DagLimits(max_pending, max_pending_per_author),
             max_clock_drift=max_clock_drift,
         )
-        self.writer = LocalWriter(self.replicas, hub, apps, read_only=read_only)
+        self.writer = LocalWriter(self.replicas, hub, apps, read_only=read_only, authored=authored)
         self.processor = DeltaProcessor(
             self.replicas, hub, self.metrics, pending_timeout=pending_timeout, read_only=read_only
         )
@@ -99,6 +103,8 @@ class ContextManager:
             self.writer,
             self.processor,
             apps,
+            hub,
+            event_log=event_log,
             queue=processor_queue,
             max_deltas=group_commit_max_deltas,
             max_bytes=group_commit_max_bytes,
@@ -128,7 +134,6 @@ class ContextManager:
         self.deferral_wakeup = replicas.deferral_wakeup
         self.next_release = replicas.next_release
         # Local writes.
-        self.local_delta_listeners: list[DeltaListener] = writer.local_delta_listeners
         self.create = writer.create
         self.adopt = writer.adopt
         self.delete = writer.delete
@@ -141,6 +146,7 @@ class ContextManager:
         self.upgrade = writer.upgrade
         # Delta processing.
         self.receive = self.pipeline.receive
+        self.receive_many = self.pipeline.receive_many
         self.release_deferred = processor.release_deferred
         self.expire_pending = processor.expire_pending
         self.missing = processor.missing

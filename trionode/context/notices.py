@@ -3,12 +3,14 @@ kind of change, so every service words its events the same way."""
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 import base58
 
 from trionode.auth.model import Verdict
+from trionode.context.events import Change
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -26,8 +28,52 @@ class AppEvent(Protocol):
     def payload(self) -> bytes: ...
 
 
+@functools.lru_cache(maxsize=4096)
 def b58(data: bytes) -> str:
+    """Base58 (cached: ids are encoded again and again, and the encoder is pure Python)."""
     return base58.b58encode(data).decode("ascii")
+
+
+def change_of(
+    replica: Replica, *, delta_id: bytes | None, events: Iterable[tuple[str, Any]], origin: str
+) -> Change:
+    """A delta (or, `delta_id` None, state from a sync) changed `replica`; `events` are the
+    app events it carried as (name, JSON-ready payload). Read from the replica's record as
+    it is now (right after that change was staged)."""
+    return Change(
+        context_id=b58(replica.context_id),
+        delta_id="" if delta_id is None else delta_id.hex(),
+        root_hash=replica.record.root_hash.hex(),
+        heads=[h.hex() for h in replica.record.heads],
+        events=[{"name": n, "payload": p} for n, p in events],
+        origin=origin,
+    )
+
+
+def app_events_change(
+    replica: Replica, delta_id: bytes, events: Iterable[AppEvent], origin: str
+) -> Change:
+    return change_of(
+        replica,
+        delta_id=delta_id,
+        events=[(e.name, payload_json(e.payload)) for e in events],
+        origin=origin,
+    )
+
+
+def verdicts_change(replica: Replica, changed: list[bytes]) -> Change:
+    """Which applied deltas a late membership decision reverted (or reinstated): their
+    effects are gone from (or back in) the state, and app handlers that already ran for
+    them are not undone."""
+    verdicts = replica.authority.verdicts
+    reverted = [i.hex() for i in changed if verdicts.get(i) is not Verdict.ACCEPTED]
+    reinstated = [i.hex() for i in changed if verdicts.get(i) is Verdict.ACCEPTED]
+    return change_of(
+        replica,
+        delta_id=None,
+        events=[("reverted", {"reverted": reverted, "reinstated": reinstated})],
+        origin="auth",
+    )
 
 
 def publish_change(
@@ -38,44 +84,17 @@ def publish_change(
     events: Iterable[tuple[str, Any]],
     origin: str,
 ) -> None:
-    """A delta (or, `delta_id` None, state from a sync) changed `replica`; `events` are the
-    app events it carried as (name, JSON-ready payload)."""
-    hub.publish(
-        context_id=b58(replica.context_id),
-        delta_id="" if delta_id is None else delta_id.hex(),
-        root_hash=replica.record.root_hash.hex(),
-        heads=[h.hex() for h in replica.record.heads],
-        events=[{"name": n, "payload": p} for n, p in events],
-        origin=origin,
-    )
+    hub.emit(change_of(replica, delta_id=delta_id, events=events, origin=origin))
 
 
 def publish_app_events(
     hub: EventHub, replica: Replica, delta_id: bytes, events: Iterable[AppEvent], origin: str
 ) -> None:
-    publish_change(
-        hub,
-        replica,
-        delta_id=delta_id,
-        events=[(e.name, payload_json(e.payload)) for e in events],
-        origin=origin,
-    )
+    hub.emit(app_events_change(replica, delta_id, events, origin))
 
 
 def publish_verdicts(hub: EventHub, replica: Replica, changed: list[bytes]) -> None:
-    """Tell subscribers which applied deltas a late membership decision reverted (or
-    reinstated): their effects are gone from (or back in) the state, and app handlers
-    that already ran for them are not undone."""
-    verdicts = replica.authority.verdicts
-    reverted = [i.hex() for i in changed if verdicts.get(i) is not Verdict.ACCEPTED]
-    reinstated = [i.hex() for i in changed if verdicts.get(i) is Verdict.ACCEPTED]
-    publish_change(
-        hub,
-        replica,
-        delta_id=None,
-        events=[("reverted", {"reverted": reverted, "reinstated": reinstated})],
-        origin="auth",
-    )
+    hub.emit(verdicts_change(replica, changed))
 
 
 def payload_json(payload: bytes) -> Any:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
@@ -34,6 +34,8 @@ import trio
 
 from trionode.context.app_choice import running_app
 from trionode.context.errors import ContextError, ContextNotFound, NotPermitted
+from trionode.context.event_log import EventLog
+from trionode.context.events import Change, ContextEvent, EventHub
 from trionode.context.local_writes import AppLoader, CallResult, LocalWriter
 from trionode.context.notices import b58
 from trionode.context.processing import DeltaProcessor, Progress, Received
@@ -99,7 +101,9 @@ class DeltaPipeline:
         writer: LocalWriter,
         processor: DeltaProcessor,
         apps: AppLoader,
+        hub: EventHub,
         *,
+        event_log: EventLog | None = None,
         queue: int = DEFAULT_QUEUE,
         max_deltas: int = DEFAULT_MAX_DELTAS,
         max_bytes: int = DEFAULT_MAX_BYTES,
@@ -108,6 +112,8 @@ class DeltaPipeline:
         self._writer = writer
         self._processor = processor
         self._apps = apps
+        self._hub = hub
+        self._event_log = event_log
         self._max_deltas = max_deltas
         self._max_bytes = max_bytes
         # Full: submitters wait (an API call, a gossip handler): the backpressure.
@@ -146,11 +152,47 @@ class DeltaPipeline:
         assert isinstance(result, Received)
         return result
 
-    async def _submit(self, job: _Job) -> CallResult | Received:
+    async def receive_many(
+        self, context_id: bytes, wires: Sequence[bytes]
+    ) -> list[Received | ProtocolError]:
+        """`receive` of several deltas (a gossip batch), all queued before any is awaited,
+        so they commit together; each one's outcome or error, in order. Raises
+        ContextNotFound if this node is not a member of `context_id`."""
+        if not self._replicas.knows(context_id):
+            raise_not_member(context_id)
+        outcomes: list[Received | ProtocolError | _Job] = []
+        for wire in wires:
+            try:
+                verified = verify_wire(wire)
+            except ProtocolError as exc:
+                outcomes.append(exc)
+                continue
+            job = _Job(context_id, verified, len(wire))
+            await self._send_job(job)
+            outcomes.append(job)
+        results: list[Received | ProtocolError] = []
+        for outcome in outcomes:
+            if not isinstance(outcome, _Job):
+                results.append(outcome)
+                continue
+            await outcome.done.wait()
+            if isinstance(outcome.error, ProtocolError):
+                results.append(outcome.error)
+            elif outcome.error is not None:
+                raise outcome.error
+            else:
+                assert isinstance(outcome.result, Received)
+                results.append(outcome.result)
+        return results
+
+    async def _send_job(self, job: _Job) -> None:
         try:
             await self._send.send(job)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise StorageError("the node is stopping: nothing was written") from None
+
+    async def _submit(self, job: _Job) -> CallResult | Received:
+        await self._send_job(job)
         await job.done.wait()
         if job.error is not None:
             raise job.error
@@ -229,6 +271,9 @@ class DeltaPipeline:
         carry: list[_Job] = []
         staged: list[tuple[_Job, CallResult | Received, Callable[[], None] | None]] = []
         failed: list[tuple[_Job, BaseException]] = []
+        changes: list[Change] = []
+        events: list[ContextEvent] | None = None
+        durable = False
         try:
             for job in jobs:
                 if job.context_id in unusable:
@@ -247,6 +292,9 @@ class DeltaPipeline:
                         log.warning("%s needs a reload: %s", b58(job.context_id), exc)
                     continue
                 staged.append((job, answer, after))
+                changes += progress.changes
+            if changes:
+                events = self._number_events(changes, batch)
             if len(batch):
                 try:
                     await self._replicas.store.write(batch)
@@ -254,11 +302,14 @@ class DeltaPipeline:
                     unusable.update(held)
                     failed.extend((job, write_error) for job, _, _ in staged)
                     staged = []
+            durable = True
         finally:
             for context_id, replica in held.items():
                 if context_id in unusable:
                     self._replicas.forget_loaded(context_id)  # reload from disk next time
                 replica.lock.release()
+            if events is not None:
+                self._hub.settle(events, durable=durable and bool(staged))
         for job, error in failed:
             job.fail(error)
         for job, answer, after in staged:
@@ -269,6 +320,14 @@ class DeltaPipeline:
         self.stats.jobs += len(jobs) - len(carry)
         self.stats.largest = max(self.stats.largest, len(jobs) - len(carry))
         return carry
+
+    def _number_events(self, changes: list[Change], batch: WriteBatch) -> list[ContextEvent]:
+        """The batch's events for subscribers, numbered now and stored in `batch` with the
+        deltas they describe; shown once it is durable (`EventHub.settle`)."""
+        events = self._hub.reserve(changes)
+        if self._event_log is not None:
+            self._event_log.stage(batch, events)
+        return events
 
     async def _hold(self, context_id: bytes, held: dict[bytes, Replica]) -> Replica:
         """The replica of `context_id`, locked until the batch is committed."""
@@ -297,7 +356,7 @@ class DeltaPipeline:
         if not result.delta_records and not result.events:
             return CallResult(result.result, None, replica.tree.root_hash()), None
         progress.mutated = True
-        delta, after = self._writer.stage_outcome(replica, result, batch, fresh)
+        delta, after = self._writer.stage_outcome(replica, result, batch, fresh, progress.changes)
         return CallResult(result.result, delta.id, replica.tree.root_hash()), after
 
 

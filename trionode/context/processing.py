@@ -22,8 +22,8 @@ import trio
 
 from trionode.auth.model import Kind, Verdict
 from trionode.context.authority import AuthRejected
-from trionode.context.events import EventHub
-from trionode.context.notices import b58, publish_app_events, publish_verdicts
+from trionode.context.events import Change, EventHub
+from trionode.context.notices import app_events_change, b58, publish_verdicts, verdicts_change
 from trionode.context.records import (
     DELTAS,
     HANDLER_PREFIX,
@@ -100,9 +100,11 @@ class Received:
 @attrs.define
 class Progress:
     """Whether staging a job has started to change its replica in memory (an error after
-    that point leaves the replica unusable until it is reloaded)."""
+    that point leaves the replica unusable until it is reloaded), and the events its
+    subscribers are to see once the batch is durable."""
 
     mutated: bool = False
+    changes: list[Change] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -204,13 +206,14 @@ class DeltaProcessor:
         reverted = self.settle(applying)
         stage_record(replica, batch)
         applied = [delta_id for delta_id, _ in offer.ready]
+        if reverted:
+            progress.changes.append(verdicts_change(replica, reverted))
+        progress.changes += self.changes_of(applying)
 
         def after_applied() -> None:
-            if reverted:
-                publish_verdicts(self._hub, replica, reverted)
             if applied:
                 self.metrics.outcome("applied")
-            self.after_received(applying, max(len(applied) - 1, 0), "cascaded")
+            self.count_received(applying, max(len(applied) - 1, 0), "cascaded")
 
         received = Received(
             applied, frozenset(), rejected=applying.rejected, refused=applying.refused
@@ -329,13 +332,26 @@ class DeltaProcessor:
     def after_received(self, applying: Applying, applied: int, outcome: str) -> None:
         """Once a cascade is committed: count it and tell subscribers (and the handler
         runner) what it applied."""
+        for change in self.changes_of(applying):
+            self._hub.emit(change)
+        self.count_received(applying, applied, outcome)
+
+    def changes_of(self, applying: Applying) -> list[Change]:
+        """What subscribers are to hear of a cascade: one event per delta it applied."""
+        replica = applying.replica
+        return [
+            app_events_change(replica, delta_id, event_list, "remote")
+            for delta_id, event_list in applying.events
+        ]
+
+    def count_received(self, applying: Applying, applied: int, outcome: str) -> None:
+        """Once a cascade is committed: count it and wake the handler runner if it queued
+        runs."""
         replica = applying.replica
         if applied:
             self.metrics.outcome(outcome, applied)
         self.metrics.pending_depth(replica.dag.pending_count)
         self.metrics.heads(len(replica.dag.heads))
-        for delta_id, event_list in applying.events:
-            publish_app_events(self._hub, replica, delta_id, event_list, "remote")
         if any(event_list for _, event_list in applying.events):
             self._handler_runs_queued.set()
 

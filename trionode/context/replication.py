@@ -4,14 +4,17 @@
 Replicator.run ── replication nursery
    ├─ _fetcher          fetch requests (bounded queue) → one task per request, limited
    ├─ _run_handlers     runs queued app-event handlers (also at start: crash recovery)
-   └─ _expire_pending   evicts pending deltas older than `replication.pending_timeout`
+   ├─ _expire_pending   evicts pending deltas older than `replication.pending_timeout`
+   └─ _broadcaster      gossips the deltas this node authored (a channel from the writer)
 ```
-Every delta this node authors is published on its context's topic right after it commits.
-A publish that reaches nobody loses nothing: the delta is in the store and the heads
-advertise it (the sync issue's heartbeat and sessions fetch it).
+Every delta this node authors is published on its context's topic right after it commits;
+the deltas committed together go out together, one message and one pubsub signature per
+context (`DeltaBatch`). A publish that reaches nobody loses nothing: the delta is in the
+store and the heads advertise it (the sync issue's heartbeat and sessions fetch it).
 
 Received gossip comes in through the network event channel (one consumer: the node's
-event task), so deltas are processed one at a time. A delta whose parents are unknown waits
+event task), so messages are processed one at a time; the deltas of one message are
+submitted together and so commit together. A delta whose parents are unknown waits
 (pending, persisted) and the sender is asked for them on a sync stream, breadth-first, so
 a long gap is filled without recursion; whatever arrives goes through the same `receive`.
 
@@ -32,9 +35,10 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trionode.context.errors import ContextError
+from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
-from trionode.dag.delta import SignedDelta, VerifiedDelta
-from trionode.errors import PeerError, ProtocolError, RemoteProtocolError
+from trionode.dag.delta import VerifiedDelta
+from trionode.errors import LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection, Host
 from trionode.net.pubsub import PubSub
@@ -48,7 +52,9 @@ from trionode.sync.driver import (
 from trionode.sync.machines import DeltaFetch, HeadsExchange
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
+    MAX_GOSSIP_DELTAS,
     AckGossip,
+    DeltaBatch,
     DeltaGossip,
     HeadsResponse,
     Heartbeat,
@@ -170,6 +176,8 @@ class Replicator:
         serve_max_requests: int = 1024,
         serve_timeout: float | None = None,
         acks: Callable[[bytes, bytes], Awaitable[bool]] | None = None,
+        authored: trio.MemoryReceiveChannel[Authored] | None = None,
+        max_batch_bytes: int = 256 * 1024,
     ) -> None:
         self.contexts = contexts
         self.host = host
@@ -200,8 +208,12 @@ class Replicator:
             max_requests=serve_max_requests,
             session_timeout=serve_timeout,
         )
+        self._authored = authored
+        """The deltas this node authors, once durable (from the LocalWriter, wired in
+        node.py): `_broadcaster` gossips them."""
+        self._max_batch_bytes = max_batch_bytes
+        """Delta bytes one gossip message carries at most (below pubsub's message size)."""
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
-        contexts.local_delta_listeners.append(self.broadcast)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -217,6 +229,8 @@ class Replicator:
             nursery.start_soon(self._fetcher, nursery)
             nursery.start_soon(self._run_handlers)
             nursery.start_soon(self._expire_pending)
+            if self._authored is not None:
+                nursery.start_soon(self._broadcaster, self._authored)
             task_status.started()
             await shutdown_requested.wait()
             nursery.cancel_scope.cancel()
@@ -228,12 +242,52 @@ class Replicator:
 
     # -- outbound --------------------------------------------------------------------------
 
-    def broadcast(self, context_id: bytes, delta: SignedDelta) -> None:
-        """Publish a delta this node just committed (called synchronously after commit)."""
+    async def _broadcaster(self, authored: trio.MemoryReceiveChannel[Authored]) -> None:
+        """Gossip what this node authored: whatever queued up meanwhile goes out together,
+        one message (one signature) per context and `MAX_GOSSIP_DELTAS` deltas."""
+        async for first in authored:
+            ready = [first]
+            while True:
+                try:
+                    ready.append(authored.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            by_context: dict[bytes, list[bytes]] = {}
+            for item in ready:  # (dicts keep order: each context's deltas stay in order)
+                by_context.setdefault(item.context_id, []).append(item.delta.encode())
+            for context_id, wires in by_context.items():
+                for part in self._parts(wires):
+                    self.broadcast(context_id, part)
+
+    def _parts(self, wires: list[bytes]) -> list[list[bytes]]:
+        parts: list[list[bytes]] = [[]]
+        size = 0
+        for wire in wires:
+            current = parts[-1]
+            if current and (
+                len(current) == MAX_GOSSIP_DELTAS or size + len(wire) > self._max_batch_bytes
+            ):
+                parts.append([])
+                size = 0
+            parts[-1].append(wire)
+            size += len(wire)
+        return parts
+
+    def broadcast(self, context_id: bytes, wires: list[bytes]) -> None:
+        """Publish deltas this node committed: one gossip message, one signature."""
         self.subscribe(context_id)
-        message = encode_gossip(DeltaGossip(context_id=context_id, delta=delta.encode()))
-        self.pubsub.publish(topic_for(context_id), message)
-        self.metrics.outcome("published")
+        message = encode_gossip(
+            DeltaGossip(context_id=context_id, delta=wires[0])
+            if len(wires) == 1
+            else DeltaBatch(context_id=context_id, deltas=wires)
+        )
+        try:
+            self.pubsub.publish(topic_for(context_id), message)
+        except LocalProtocolError as exc:
+            # (One delta larger than pubsub's message size: heartbeats and sync carry it.)
+            log.warning("not gossiping %d deltas: %s", len(wires), exc)
+            return
+        self.metrics.outcome("published", len(wires))
 
     # -- inbound gossip --------------------------------------------------------------------
 
@@ -265,26 +319,31 @@ class Replicator:
             if self._acks is not None:
                 await self._acks(context_id, gossip.ack)
             return
-        await self.receive_from(message.received_from, context_id, gossip.delta)
+        wires = [gossip.delta] if isinstance(gossip, DeltaGossip) else gossip.deltas
+        await self.receive_from(message.received_from, context_id, *wires)
 
-    async def receive_from(self, peer: PeerId, context_id: bytes, wire: bytes) -> None:
+    async def receive_from(self, peer: PeerId, context_id: bytes, *wires: bytes) -> None:
+        """Take deltas from `peer`, all submitted at once (they commit together)."""
         try:
-            result = await self.contexts.receive(context_id, wire)
+            results = await self.contexts.receive_many(context_id, wires)
         except ContextError:
             return  # not a member: we only relay this context's gossip
-        except ProtocolError as exc:
-            self.metrics.outcome("rejected_invalid")
-            log.info("invalid delta from %s: %s", peer, exc)
-            return
+        missing: set[bytes] = set()
+        for result in results:
+            if isinstance(result, ProtocolError):
+                self.metrics.outcome("rejected_invalid")
+                log.info("invalid delta from %s: %s", peer, result)
+            else:
+                missing |= result.missing
         if (
-            result.missing
+            missing
             and not self.contexts.snapshot_running(context_id)
             and not await self.contexts.is_fresh(context_id)
         ):
             # (A node with no state takes it from its first sync, a snapshot whose boundary
             # releases what waits here, then the tail; chasing history now would duplicate
             # that.)
-            self.request_fetch(peer, context_id, result.missing)
+            self.request_fetch(peer, context_id, frozenset(missing))
 
     def request_fetch(self, peer: PeerId, context_id: bytes, ids: frozenset[bytes]) -> None:
         wanted = frozenset(i for i in ids if (context_id, i) not in self._fetching)

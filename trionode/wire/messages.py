@@ -35,6 +35,20 @@ class DeltaGossip(msgspec.Struct, tag="delta", frozen=True, forbid_unknown_field
     """SignedDelta wire bytes."""
 
 
+MAX_GOSSIP_DELTAS: Final = 64
+"""Deltas one `DeltaBatch` may carry."""
+
+
+class DeltaBatch(msgspec.Struct, tag="deltas/1", frozen=True, forbid_unknown_fields=True):
+    """Several new deltas of one context in one message, in the order they were committed:
+    one pubsub signature (StrictSign) for all of them. Version 1 (in the tag: a changed
+    layout gets a new tag, and nodes without it reject the message as malformed)."""
+
+    context_id: Id32
+    deltas: Annotated[list[bytes], msgspec.Meta(min_length=1, max_length=MAX_GOSSIP_DELTAS)]
+    """SignedDelta wire bytes."""
+
+
 class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, forbid_unknown_fields=True):
     """What a member has: lets peers that missed gossip notice and sync."""
 
@@ -50,7 +64,7 @@ class AckGossip(msgspec.Struct, tag="ack", frozen=True, forbid_unknown_fields=Tr
     ack: bytes
 
 
-Gossip = DeltaGossip | Heartbeat | AckGossip
+Gossip = DeltaGossip | DeltaBatch | Heartbeat | AckGossip
 
 _ENCODER = msgspec.msgpack.Encoder()
 _GOSSIP = msgspec.msgpack.Decoder(Gossip)
