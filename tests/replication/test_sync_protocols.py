@@ -22,12 +22,12 @@ import trio.testing
 
 from trionode.config import FileConfig
 from trionode.context import snapshot, treecmp
-from trionode.context.records import DELTAS
+from trionode.context.folding import fold_all
 from trionode.context.replication import SYNC_PROTOCOL, _Channel
 from trionode.crdt import Entity, Kind, Timestamp, decode_entity, encode_entity
 from trionode.crdt.entity import ROOT_ID
 from trionode.dag.dag import CausalDag
-from trionode.dag.delta import GENESIS, decode_delta, verify_delta
+from trionode.dag.delta import GENESIS
 from trionode.errors import RemoteProtocolError
 from trionode.node import Node
 from trionode.testing import Cluster, open_cluster
@@ -194,18 +194,39 @@ async def raw_session(
 # -- SCENARIO 9 -------------------------------------------------------------------------------
 
 
+def folding(file: FileConfig) -> FileConfig:
+    """`quiet`, acks every second and no retention; folding runs when the test says so
+    (`fold_now`), so no fold races a snapshot's tail."""
+    file = quiet(file)
+    return msgspec.structs.replace(
+        file,
+        store=msgspec.structs.replace(file.store, delta_retention=0.0, fold_interval=10_000.0),
+        sync=msgspec.structs.replace(file.sync, ack_interval=1.0),
+    )
+
+
+async def fold_now(cluster: Cluster) -> None:
+    """Under `folding`: let acks go round, then fold what is final on every node."""
+    await trio.sleep(3)
+    await cluster.settle()
+    for node in cluster:
+        await fold_all(node.contexts.replicas, retention=0.0, max_batch=1024)
+
+
 async def test_9_fresh_joiner_snapshots(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A and B hold N entries; C joins: it snapshots them from the inviter, ends with A's
-    root and heads, holds no delta from before, then applies A's next delta normally."""
+    """A and B hold N entries, final and folded; C joins: it snapshots the final state from
+    the inviter, ends with A's root and heads, holds no delta from before, then applies
+    A's next delta normally."""
     with trio.fail_after(LIMIT):
-        async with open_cluster(3, tmp_path, configure=quiet) as cluster:
+        async with open_cluster(3, tmp_path, configure=folding) as cluster:
             a, b, c = cluster
             context = await create(a)
             await join(cluster, 0, 1, context)
             old = [await put(a if i % 2 else b, context, f"k{i:03}") for i in range(60)]
             await converged(cluster, [a, b], context)
+            await fold_now(cluster)
             c.sync.snapshot_page_records = 16  # several pages
 
             await join(cluster, 0, 2, context)
@@ -248,13 +269,14 @@ async def test_10_join_while_writes_continue(
 ) -> None:
     """While C takes its snapshot page by page, A writes 5 more deltas: C ends with all."""
     with trio.fail_after(LIMIT):
-        async with open_cluster(3, tmp_path, configure=quiet) as cluster:
+        async with open_cluster(3, tmp_path, configure=folding) as cluster:
             a, b, c = cluster
             context = await create(a)
             await join(cluster, 0, 1, context)
             for i in range(40):
                 await put(a, context, f"k{i:03}")
             await converged(cluster, [a, b], context)
+            await fold_now(cluster)
             c.sync.snapshot_page_records = 8
             served = slow_pages(monkeypatch)
             during: list[bytes] = []
@@ -273,9 +295,10 @@ async def test_10_join_while_writes_continue(
             assert len(values) == 45
             assert all(values[f"during{i}"] == "w" for i in range(5))
             # The writes after the boundary arrived as deltas (by gossip, released by the
-            # boundary, or by the tail sync): C holds them.
+            # boundary, or by the tail sync), judged by C itself (and maybe folded since).
+            replica = await c.contexts.replica(context)
             for delta_id in during:
-                assert await c.contexts.read_delta(context, delta_id) is not None
+                assert delta_id in replica.dag.applied
 
 
 # -- SCENARIO 11 ------------------------------------------------------------------------------
@@ -439,20 +462,20 @@ async def test_stale_heads_from_pre_boundary_deltas_are_dropped(
     first delta is its Create operation, which the snapshot carries as a signed op, so the
     first *data* delta plays that part.)"""
     with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+        async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
             context = await create(a)
-            await put(a, context, "k")
+            first_id = await put(a, context, "k")
+            first = await a.contexts.read_delta(context, first_id)
+            assert first is not None
+            await put(a, context, "k1")
+            await put(a, context, "k2")
+            await fold_now(cluster)  # the boundary: "k1" (folded); "k2" is a head
             await join(cluster, 0, 1, context)
-            first = next(
-                wire
-                for _, wire in await a.store.scan(DELTAS, prefix=context)
-                if verify_delta(decode_delta(wire)).auth is None
-            )
             assert (await c.contexts.receive(context, first)).applied
-            root, heads, _ = await c.contexts.state(context)
+            _, heads, _ = await c.contexts.state(context)
             assert len(heads) == 2
-            assert root == (await a.contexts.state(context))[0]
+            assert await entries(c, context) == await entries(a, context)
             await c.sync.sync_now(context, cluster.peer_ids[0])
             assert await c.contexts.state(context) == await a.contexts.state(context)
 
@@ -467,11 +490,12 @@ async def test_snapshot_resumes_after_dropped_connection_and_reload(
     restart): the join still succeeds, and the next session continues from the persisted
     cursor with the same peer, taking every record exactly once."""
     with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+        async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
             context = await create(a)
             for i in range(40):
                 await put(a, context, f"k{i:03}")
+            await fold_now(cluster)
             c.sync.snapshot_page_records = 8
             served = slow_pages(monkeypatch)
             async with trio.open_nursery() as nursery:
@@ -609,11 +633,12 @@ async def test_garbage_on_a_sync_stream_costs_only_that_stream(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+        async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, b = cluster
             context = await create(a)
             for i in range(3):
                 await put(a, context, f"k{i}")
+            await fold_now(cluster)
             await join(cluster, 0, 1, context)
             await converged(cluster, [a, b], context)
             before = await a.contexts.state(context)
@@ -639,11 +664,12 @@ async def test_bad_answers_fail_the_session_and_change_nothing(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path, configure=quiet) as cluster:
+        async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
             context = await create(a)
             for i in range(10):
                 await put(a, context, f"k{i}")
+            await fold_now(cluster)
 
             async def shuffled(*args: Any) -> SnapshotPage:
                 page = await snapshot.serve_page(*args)

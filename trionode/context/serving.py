@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
+from trionode.auth.finality import within
 from trionode.auth.model import WRITERS, Verdict
 from trionode.context.authority import AuthRejected, decode_vv, encode_vv
 from trionode.context.errors import AlreadyExists
@@ -29,13 +30,22 @@ from trionode.context.records import DELTAS, PENDING
 from trionode.context.replicas import (
     AUX,
     CHECKPOINT_VV_PREFIX,
+    Replica,
     ReplicaStore,
     learn_keys,
     stage_record,
 )
-from trionode.crdt import Entity, encode_entity, max_stamp
+from trionode.crdt import Entity, StateTree, decode_entity, encode_entity, max_stamp
 from trionode.crdt.hlc import ntp64_seconds
-from trionode.dag.delta import GENESIS, DeltaHeader, SignedDelta, decode_delta, verify_delta
+from trionode.dag.delta import (
+    GENESIS,
+    DeltaHeader,
+    SignedDelta,
+    decode_delta,
+    open_delta,
+    stored_header,
+    verify_delta,
+)
 from trionode.errors import ProtocolError, RemoteProtocolError
 from trionode.store.store import WriteBatch
 
@@ -70,6 +80,9 @@ class SyncServing:
         self._hub = hub
         self._metrics = metrics
         self._snapshots_running: set[bytes] = set()
+        self._final_views: dict[bytes, tuple[tuple[int, int, int], StateTree, list[bytes]]] = {}
+        self._base_changes = 0
+        """Bumped whenever state joins the base rows here (a snapshot cache key)."""
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -113,11 +126,13 @@ class SyncServing:
     async def snapshot_page(
         self, context_id: bytes, cursor: bytes | None, max_records: int, max_bytes: int
     ) -> tuple[list[bytes], bytes | None, list[bytes], bytes]:
-        """(records, next cursor or None at the end, heads, root hash): encoded records in
-        id order after `cursor`, at least one and then up to `max_records`/`max_bytes`."""
+        """(records, next cursor or None at the end, boundary, final root hash): encoded
+        records of the *final* state in id order after `cursor`, at least one and then up
+        to `max_records`/`max_bytes` (see `_final_view`)."""
         replica = await self._replicas.load(context_id)
         async with replica.lock:
-            entities = replica.tree.entities(start_after=cursor, limit=max_records + 1)
+            tree, boundary = self._final_view(replica)
+            entities = tree.entities(start_after=cursor, limit=max_records + 1)
             records: list[bytes] = []
             size = 0
             for entity in entities[:max_records]:
@@ -128,7 +143,53 @@ class SyncServing:
                 size += len(data)
             more = len(records) < len(entities)
             next_cursor = entities[len(records) - 1].id if more else None
-            return records, next_cursor, sorted(replica.dag.heads), replica.tree.root_hash()
+            return records, next_cursor, boundary, tree.root_hash()
+
+    def _final_view(self, replica: Replica) -> tuple[StateTree, list[bytes]]:
+        """The state a snapshot serves, and the checkpoints it stands for (§5.5).
+
+        Only *final* state travels unsigned: the base rows (folded final deltas and state
+        that arrived as state, final where it came from) and the creation's records. Every
+        delta whose body we hold — every non-final one among them — is left to the
+        joiner's delta sync, signed and encrypted, so it judges them itself; a verdict the
+        serving peer would apply under its own (possibly stale) view never reaches it.
+
+        The boundary is the checkpoints the joiner adopts: the maximal ones, and those a
+        held delta names as parent (so each non-final delta finds its parents applied).
+        Built once per change of the base or of the checkpoints (cached)."""
+        context_id = replica.context_id
+        authority = replica.authority
+        stamp = (len(authority.checkpoint_vv), len(authority.meta), self._base_changes)
+        cached = self._final_views.get(context_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        store = self._replicas.store
+        tree = StateTree(self._replicas.iter_base(context_id))
+        parents: set[bytes] = set()
+        for delta_id in authority.meta:
+            wire = store.get_sync(DELTAS, context_id + delta_id)
+            if not wire:
+                continue
+            delta = decode_delta(wire)
+            header = stored_header(delta)
+            parents.update(header.parents)
+            if delta_id in authority.creations:
+                try:
+                    body = open_delta(delta, header, replica.keys[header.key_id])
+                except (KeyError, ProtocolError):
+                    continue
+                tree.apply([decode_entity(r) for r in body.records])
+        checkpoints = authority.checkpoint_vv
+        maximal = {
+            c
+            for c, vv in checkpoints.items()
+            if not any(o != c and within(vv, other) for o, other in checkpoints.items())
+        }
+        boundary = sorted(maximal | (parents & set(checkpoints)))
+        if len(self._final_views) > 64:
+            self._final_views.clear()
+        self._final_views[context_id] = (stamp, tree, boundary)
+        return tree, boundary
 
     async def tree_nodes(
         self,
@@ -232,6 +293,7 @@ class SyncServing:
             replica.clock.witness(replica.tree.max_stamp, physical)
             batch = WriteBatch()
             self._replicas.stage_base(replica, batch, records)
+            self._base_changes += 1
             stage_record(replica, batch)
             if extra is not None:
                 extra(batch)
