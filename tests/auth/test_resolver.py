@@ -268,3 +268,20 @@ def test_non_admin_cannot_change_members() -> None:
 
 def test_empty_graph_has_no_members() -> None:
     assert AuthGraph().resolution().current() == {}
+
+
+def test_an_upgrade_to_another_app_is_invalid_on_every_node() -> None:
+    """The proposing node refuses it; a hostile admin's node that skips that check still
+    cannot switch the context to a different app, because members judge the op too."""
+    h = History()
+    h.op(A, Kind.CREATE, key_id=KEY0, application_id=b"t" * 32, app_name="tally", app_version="1")
+    h.op(A, Kind.GRANT, target=B, role="admin")
+    h.learn_all(B)
+    same = h.op(B, Kind.UPGRADE, application_id=b"u" * 32, app_name="tally", app_version="2")
+    graph = h.graph()
+    assert same.id in graph.ops  # a new version of the same app stands
+    other = h.op(B, Kind.UPGRADE, application_id=b"e" * 32, app_name="evil", app_version="9")
+    assert other.op is not None
+    with pytest.raises(StaticError, match="same app"):
+        graph.check(other.op)
+    assert other.id not in h.graph().ops

@@ -512,8 +512,16 @@ class AuthGraph:
                 raise StaticError("the last admin cannot leave")
         elif op.kind is Kind.ADMIT:
             self._check_admit(op, roles, past)
-        elif op.kind is Kind.UPGRADE and (op.application_id is None or not op.app_version):
-            raise StaticError("an upgrade names an application and its version")
+        elif op.kind is Kind.UPGRADE:
+            if op.application_id is None or not op.app_version:
+                raise StaticError("an upgrade names an application and its version")
+            # The proposing node checks this too, but a hostile admin's node would not:
+            # every member judges it, so an upgrade can never switch the context to a
+            # different app. (A create op from before format 3 names no app: unchecked.)
+            created = next((o for o in past.values() if o.kind is Kind.CREATE), None)
+            named = None if created is None else created.app_name
+            if named is not None and op.app_name != named:
+                raise StaticError("an upgrade moves to a new version of the same app")
         return attrs.evolve(op, prior_role=prior)
 
     @staticmethod
