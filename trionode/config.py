@@ -130,6 +130,10 @@ class KadSection(_Section, frozen=True):
     provider_republish: PositiveFloat = 1800.0
     """Seconds between re-announcing our contexts (and looking up co-members); below
     `provider_ttl` so records never lapse while we run."""
+    key_check_interval: PositiveFloat = 60.0
+    """Seconds between checks for a context key that changed (a rotation after a removal,
+    local or received): such a context is announced under its new key then, not at the
+    next republish. Creating, joining and leaving announce at once without waiting."""
     max_provider_keys: PositiveInt = 4096
     """Keys we store providers for (for others, as a DHT server)."""
     max_providers_per_key: Annotated[int, msgspec.Meta(ge=1, le=40)] = 20

@@ -21,8 +21,9 @@ open_node(config) ── root nursery
    ├─ Kademlia.run     (if `network.kad.enabled`) DHT routing-table refresh (a lookup of our
    │                    own id); requests to us are served in the Host's connection nurseries
    ├─ Rendezvous.run   (with the DHT) announces our contexts under private keys and dials
-   │                    co-members found there (net/rendezvous.py); a context created,
-   │                    joined or re-keyed is announced at once (ReplicaStore.wait_changed)
+   │                    co-members found there (net/rendezvous.py); a context created
+   │                    or joined is announced at once (ReplicaStore.wait_changed), a
+   │                    re-keyed one within network.kad.key_check_interval
    ├─ serve_member_peers  peers sharing a context with us: loaded from LMDB into the peer
    │                    store at start (never forgotten), stored again when they change
    ├─ serve_discovery  peer store upkeep, /trionode/peers/1, dials toward `target_peers`

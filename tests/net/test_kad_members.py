@@ -176,3 +176,49 @@ async def test_a_new_context_is_announced_on_the_dht_at_once(
             assert decoded.dht == status
             rendered = _render_info(decoded)
             assert "dht announced contexts  1" in rendered
+
+
+async def test_a_rotated_key_is_announced_before_the_next_republish(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Removing a member rotates the context key (the removed member cannot compute the
+    new rendezvous key): the admin announces under the new key within
+    `network.kad.key_check_interval`, not after the 30-minute republish."""
+    network = MemoryNetwork()
+    with trio.fail_after(900):
+        async with (
+            _node(_config(tmp_path / "d0"), network) as d0,
+            _node(_config(tmp_path / "a"), network) as a,
+            _node(_config(tmp_path / "b"), network) as b,
+        ):
+            assert a.rendezvous is not None
+            assert d0.kad is not None
+            dht = d0.kad
+            for node in (a, b):
+                await _join_dht(node, d0)
+            app = (await a.applications.install(str(APPS / "kv_store"))).application_id
+            await b.applications.install(str(APPS / "kv_store"))
+            context = (await a.contexts.create(app)).context_id
+            await b.joins.join(await a.joins.invite(context))
+
+            def holders(key: bytes) -> set[object]:
+                return {p.peer_id for p in dht.providers.get(key, trio.current_time())}
+
+            async def current_key() -> bytes:
+                record = await a.contexts.get(context)
+                return context_provider_key(
+                    context, (await a.contexts.keys(context))[record.key_id]
+                )
+
+            old = await current_key()
+            await _wait(a, lambda: a.host.peer_id in holders(old))
+            member_b = (await b.contexts.get(context)).our_member
+            removed_at = trio.current_time()
+            await a.contexts.remove_member(context, member_b)
+            new = await current_key()
+            assert new != old
+            await _wait(a, lambda: a.host.peer_id in holders(new))
+            waited = trio.current_time() - removed_at
+            assert waited <= a.config.network.kad.key_check_interval * 2
+            assert waited < a.config.network.kad.provider_republish / 10
+            assert b.host.peer_id not in holders(new)  # b never got the new key

@@ -160,8 +160,9 @@ class ReplicaStore:
         return set(self._known)
 
     async def wait_changed(self) -> None:
-        """Until a context is next created, joined or deleted or gets a new key (the DHT
-        rendezvous announces such a context right away: net/rendezvous.py)."""
+        """Until a context is next created, joined or deleted, or `add_key` gives it a new
+        key (the DHT rendezvous announces such a context right away: net/rendezvous.py;
+        it notices key rotations by the delta processor on its own)."""
         await self._changed.wait()
 
     def _note_changed(self) -> None:

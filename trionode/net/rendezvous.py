@@ -30,7 +30,8 @@ opaque key, and when. Not the context, its app, its members' roles or any data.
 Rendezvous.run ──── one task: at start once a DHT server is connected, then every
                     kad.provider_republish seconds: for each context, provide(key),
                     find_providers(key, signed_only) and dial new ones as members; a context
-                    created, joined or re-keyed in between gets the same at once
+                    created or joined in between gets the same at once, a re-keyed one
+                    within kad.key_check_interval
                └─── one task waiting for such changes (ReplicaStore.wait_changed)
 ```
 """
@@ -111,7 +112,7 @@ class Rendezvous:
         await run_loops(owner, loops, shutdown_requested, task_status=task_status)
 
     async def _watch_contexts(self) -> None:
-        # A context created, joined or re-keyed is announced now, not at the next republish
+        # A context created or joined is announced now, not at the next republish
         # (30 min). Changes that come while a round runs mark the next one dirty: the round
         # reads the keys after `_dirty` was replaced, so none is lost.
         assert self._contexts_changed is not None
@@ -136,8 +137,23 @@ class Rendezvous:
                 # an announcement we cannot encode). The next round tries again.
                 log.warning("context rendezvous round failed: %s", exc)
             self.last_round = self._wall_clock()
-            with trio.move_on_at(next_full):
+            await self._wait_for_change(next_full)
+
+    async def _wait_for_change(self, next_full: float) -> None:
+        """Until the next full round, a context change, or a context key we have not
+        announced. Key rotations (after a removal, ours or received) happen deep in the
+        delta processor; checking the keys every `kad.key_check_interval` costs one store
+        read per context and needs no hook there."""
+        check = self._config.kad.key_check_interval
+        while trio.current_time() < next_full:
+            with trio.move_on_at(min(next_full, trio.current_time() + check)):
                 await self._dirty.wait()
+                return
+            try:
+                if set(await self._keys()) - self._announced:
+                    return
+            except StorageError as exc:
+                log.warning("context rendezvous key check failed: %s", exc)
 
     async def round(self, *, only_new: bool = False) -> int:
         """Announce every context once (``only_new``: those not announced since the last
