@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import trio
@@ -61,15 +61,17 @@ COUNTS: Final = (
 """The ChaosResult fields summed per profile in the table."""
 
 
-def table(results: Sequence[ChaosResult]) -> str:
+def table(results: Sequence[ChaosResult], wall: Mapping[str, float] | None = None) -> str:
+    """One row per profile; `wall` gives each profile's real seconds (all its runs)."""
     rows = []
     for name in PROFILES:
         mine = [r for r in results if r.profile == name]
         if mine:
             converged = f"{sum(r.converged for r in mine)}/{len(mine)}"
             sums = [str(sum(getattr(r, field) for r in mine)) for field in COUNTS]
-            rows.append([name, str(len(mine)), converged, *sums])
-    return plain_table(["profile", "seeds", "converged", *COUNTS], rows)
+            seconds = "" if wall is None else f"{wall.get(name, 0.0):.0f} s"
+            rows.append([name, str(len(mine)), converged, *sums, seconds])
+    return plain_table(["profile", "seeds", "converged", *COUNTS, "wall time"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,15 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     profiles = args.profile or list(PROFILES)
     seeds = [args.seed] if args.seed is not None else list(range(1, args.seeds + 1))
     results: list[ChaosResult] = []
+    wall: dict[str, float] = {}
     started = time.perf_counter()
     for profile in profiles:
         for seed in seeds:
             began = time.perf_counter()
             result = _one(profile, seed, args.rounds)
             results.append(result)
+            wall[profile] = wall.get(profile, 0.0) + time.perf_counter() - began
             if args.each or args.seed is not None or not result.converged or result.lost:
                 print(_line(result, time.perf_counter() - began), file=sys.stderr, flush=True)
-    print(table(results))
+    print(table(results, wall))
     print(f"({len(results)} runs in {time.perf_counter() - started:.0f} s of real time)")
     return 0 if all(r.converged and not r.lost for r in results) else 1
 

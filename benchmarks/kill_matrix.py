@@ -8,17 +8,26 @@ acknowledged when the node's JSON-RPC answered it.
 
 * ``local-writes``: B is killed while a client writes to B (one request in flight);
 * ``receiving-gossip``: C is killed while A writes (C is applying A's gossip);
-* ``serving-sync``: C is killed and misses 40 writes on A; C restarts, and A is killed as
-  soon as C connects to it (C's catch-up sync with A starts then);
-* ``snapshot-join``: a fourth node D joins and is killed as soon as the join is answered,
-  while it takes in the context's state;
+* ``serving-sync``: C is killed and misses 60 writes on A; C restarts, and the member that
+  serves C's catch-up (A or B, whichever C asked) is killed while it serves: at the last
+  scrape before the SIGKILL its ``/metrics`` show a session being served
+  (``trionode_sync_serving``) and deltas sent since C came back
+  (``trionode_sync_served_deltas_total``; only C lacks any), and afterwards C's own
+  metrics show its session failed;
+* ``snapshot-join``: A writes 192 values of 60 KiB; a fourth node D, asking for 64 KiB
+  pages (some 200 of them), joins; the join answers once its snapshot is in, and before
+  that, once D's ``/metrics`` show a page joined (``trionode_snapshot_pages_total``), D is
+  killed; before D restarts, its datastore must hold the
+  snapshot's progress marker, unfinished (so the kill landed mid-snapshot), and D resumes
+  from it;
 * ``key-rotation``: A removes D (a removal introduces a new key, sealed to the others) and
   is killed as soon as the removal is answered, while B writes; after its restart A writes
   with the new key.
 
 For each case: the acknowledged writes, how many the killed node lacked right after its
 restart (before any sync: its own acknowledged writes must be on its disk), how many were
-lost after convergence (must be 0), and the seconds from the restart to convergence.
+lost after convergence (must be 0), the seconds from the restart to convergence, and for
+the two in-session cases what shows that the kill landed inside the session.
 
     python -m benchmarks.kill_matrix                  # every case
     python -m benchmarks.kill_matrix --case local-writes
@@ -37,26 +46,42 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
 import attrs
+import base58
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.harness import plain_table
-from trionode import schemas
 from trionode.client import ApiError, Client, open_client
+from trionode.config import load_config, parse_config, render_config
+from trionode.context import snapshot
 from trionode.home import init_home
 from trionode.layout import read_api_url, read_token
+from trionode.store.store import open_store
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 ENV: Final = {**os.environ, "PYTHONUNBUFFERED": "1"}
 CASES: Final = ("local-writes", "receiving-gossip", "serving-sync", "snapshot-join", "key-rotation")
 CONVERGE_LIMIT: Final = 120.0
 """Seconds the members may take to converge after a restart."""
+SESSION_WAIT: Final = 60.0
+"""Seconds to wait for the session a kill must land in to show on /metrics."""
+SERVING_GAP: Final = 60
+"""Writes C misses before ``serving-sync``: a chain, below ``sync.max_delta_rounds`` (64),
+so C's catch-up is one delta sync of 60 request rounds, not a tree comparison."""
+SNAPSHOT_VALUES: Final = 192
+SNAPSHOT_VALUE_BYTES: Final = 60 * 1024
+"""D asks for snapshot pages of 64 KiB (``sync.snapshot_page_bytes``): one such value a
+page, so its snapshot is some 200 round trips and commits (an app event may carry 64 KiB,
+and kv_store's carry the value, so values cannot be larger)."""
+SNAPSHOT_PAGE_BYTES: Final = 64 * 1024
 CLIENT_ERRORS: Final = (ApiError, httpx.HTTPError, OSError)
 
 
@@ -72,6 +97,8 @@ class CaseResult:
     converged: bool
     seconds_to_converge: float
     note: str = ""
+    inside: bool | None = None
+    """For the in-session cases: whether the kill provably landed inside the session."""
 
 
 @attrs.define
@@ -107,6 +134,21 @@ class Proc:
             await self.grew.wait()
 
 
+@attrs.frozen
+class Metrics:
+    """One scrape of a node's /metrics."""
+
+    samples: list[tuple[str, dict[str, str], float]]
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of `name`'s samples that carry `labels` (0 when there is none)."""
+        return sum(
+            value
+            for sample, have, value in self.samples
+            if sample == name and all(have.get(k) == v for k, v in labels.items())
+        )
+
+
 class Cluster:
     """The processes, the shared context and the writes acknowledged so far."""
 
@@ -121,9 +163,16 @@ class Cluster:
 
     # -- processes -------------------------------------------------------------------------
 
-    def add(self, name: str) -> Proc:
+    def add(self, name: str, **sections: dict[str, object]) -> Proc:
+        """A new home; `sections` override settings of config.toml (``sync={...}``)."""
         home = self.base / name
         init_home(home, swarm_port=0, server_port=0, swarm_host="127.0.0.1", mdns=False)
+        if sections:
+            path = home / "config.toml"
+            raw = tomllib.loads(path.read_text())
+            for section, values in sections.items():
+                raw[section].update(values)
+            path.write_text(render_config(parse_config(raw, source=str(path))))
         proc = Proc(name, home)
         self.procs[name] = proc
         return proc
@@ -170,10 +219,12 @@ class Cluster:
         async with self.procs[name].client() as client:
             await client.join(invitation)
 
-    async def write(self, name: str) -> str:
-        """One acknowledged write on node `name` (raises if the node did not answer)."""
+    async def write(self, name: str, size: int = 0) -> str:
+        """One acknowledged write on node `name` (raises if the node did not answer); its
+        value is `size` characters long when `size` is given."""
         self._n += 1
         key, value = f"{name}{self._n}", str(self._n)
+        value += "x" * max(0, size - len(value))
         async with self.procs[name].client() as client:
             await client.call(self.context, "set", {"key": key, "value": value})
         self.acked[key] = value
@@ -220,14 +271,35 @@ class Cluster:
         on every node, then compares."""
         with trio.move_on_after(CONVERGE_LIMIT):
             while True:
-                views = [await self.view(name) for name in names]
-                if all(v == views[0] for v in views):
+                try:
+                    views = [await self.view(name) for name in names]
+                except ApiError:
+                    # E.g. a joiner still taking its snapshot: it is not a member yet.
+                    views = []
+                if views and all(v == views[0] for v in views):
                     return True
                 await trio.sleep(0.5)
         return False
 
+    async def metrics(self, name: str) -> Metrics:
+        """What node `name` shows on /metrics now."""
+        async with self.procs[name].client() as client:
+            text = await client.metrics_text()
+        return Metrics(
+            [
+                (sample.name, sample.labels, sample.value)
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+            ]
+        )
+
     async def lost(self, names: Sequence[str]) -> list[str]:
-        present = [await self.entries(name) for name in names]
+        present = []
+        for name in names:
+            try:
+                present.append(await self.entries(name))
+            except ApiError:  # not a member (yet): it holds none of them
+                present.append({})
         return [k for k, v in self.acked.items() if any(p.get(k) != v for p in present)]
 
 
@@ -248,7 +320,7 @@ async def _after_restart(
 ) -> CaseResult:
     """Restart `victim`, count which of its own acknowledged writes it lacks, converge."""
     await c.start(c.procs[victim])
-    present = await c.entries(victim)
+    present = await c.entries(victim) if mine else {}
     missing = sum(1 for key in mine if present.get(key) != c.acked[key])
     started = time.perf_counter()
     converged = await c.converge(members)
@@ -288,35 +360,101 @@ async def case_receiving_gossip(c: Cluster) -> CaseResult:
     return await _after_restart(c, "receiving-gossip", "c", "abc", mine=[], note="A kept writing")
 
 
+SERVED: Final = "trionode_sync_served_deltas_total"
+SESSIONS: Final = "trionode_sync_sessions_total"
+
+
 async def case_serving_sync(c: Cluster) -> CaseResult:
     await c.kill9(c.procs["c"])
-    for _ in range(40):
+    for _ in range(SERVING_GAP):
         await c.write("a")
-    a, cc = c.procs["a"], c.procs["c"]
-    since = len(cc.log)
-    await c.start(cc)
-    a_id = (await _info(a)).peer_id
-    await cc.wait_log(f"connected to {a_id}", since)
-    await c.kill9(a)
-    return await _after_restart(
-        c,
-        "serving-sync",
-        "a",
-        "abc",
-        mine=[],
-        note="A killed as C connected to it for its catch-up",
+    servers = ("a", "b")
+    before = {name: (await c.metrics(name)).total(SERVED) for name in servers}
+    await c.start(c.procs["c"])
+    failed_before = (await c.metrics("c")).total(SESSIONS, outcome="failed")
+    # Scrape A and B in turn until one is serving a session and has sent deltas since C came
+    # back (only C lacks any): C's catch-up runs there. Kill that server at once.
+    victim, sent = "", 0.0
+    with trio.move_on_after(SESSION_WAIT):
+        while not victim:
+            for name in servers:
+                scrape = await c.metrics(name)
+                sent = scrape.total(SERVED) - before[name]
+                if scrape.total("trionode_sync_serving") >= 1 and sent > 0:
+                    victim = name
+                    break
+    if not victim:
+        victim = "a"  # no session showed: the case fails ("in session": NO)
+    await c.kill9(c.procs[victim])
+    # C's side: the session it was running with the server breaks (a failed session).
+    cut = False
+    with trio.move_on_after(SESSION_WAIT):
+        while not cut:
+            cut = (await c.metrics("c")).total(SESSIONS, outcome="failed") > failed_before
+            if not cut:
+                await trio.sleep(0.1)  # polling another process; no event crosses to us
+    inside = bool(sent) and cut
+    evidence = (
+        f"{victim.upper()} killed while serving C's catch-up ({sent:.0f} deltas sent);"
+        f" C's session {'failed' if cut else 'did NOT fail'}"
     )
+    result = await _after_restart(c, "serving-sync", victim, "abc", mine=[], note=evidence)
+    return attrs.evolve(result, inside=inside)
+
+
+async def snapshot_marker(proc: Proc, context_id: str) -> snapshot.SnapshotProgress | None:
+    """The snapshot progress marker in a stopped node's datastore (None: there is none)."""
+    config = load_config(proc.home)
+    async with open_store(
+        config.data_dir,
+        initial_map_size=config.store.initial_map_size,
+        max_map_size=config.store.max_map_size,
+        reader_threads=1,
+        passphrase=None,
+    ) as store:
+        return await snapshot.load_progress(store, base58.b58decode(context_id))
 
 
 async def case_snapshot_join(c: Cluster) -> CaseResult:
-    d = c.add("d")
+    async with trio.open_nursery() as nursery:  # a state of many snapshot pages
+
+        async def write_some(n: int) -> None:
+            for _ in range(n):
+                await c.write("a", SNAPSHOT_VALUE_BYTES)
+
+        for _ in range(8):
+            nursery.start_soon(write_some, SNAPSHOT_VALUES // 8)
+    d = c.add("d", sync={"snapshot_page_bytes": SNAPSHOT_PAGE_BYTES})
     await c.start(d)
     async with d.client() as client:
         await client.install_application(str(ROOT / "apps" / "kv_store"))
-    await c.join("d", "a")
-    await c.kill9(d)  # the join was answered; its state transfer and sync run now
-    return await _after_restart(
-        c, "snapshot-join", "d", "abcd", mine=[], note="D killed as soon as its join was answered"
+
+    async def join() -> None:
+        with contextlib.suppress(*CLIENT_ERRORS):  # the kill cuts the request
+            await c.join("d", "a")
+
+    # The join answers once its first sync, the snapshot, is done: D takes the state page
+    # by page meanwhile. Kill it once a page is in.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(join)
+        pages = 0.0
+        with trio.move_on_after(SESSION_WAIT):
+            while pages < 1:
+                pages = (await c.metrics("d")).total("trionode_snapshot_pages_total")
+        await c.kill9(d)
+    marker = await snapshot_marker(d, c.context)
+    inside = marker is not None and marker.heads is not None and not marker.complete
+    if marker is None:
+        evidence = "no snapshot marker after the kill: the snapshot had ended"
+    else:
+        evidence = (
+            f"D killed mid-snapshot: its marker holds {marker.pages} pages"
+            f" ({marker.records} records){', complete' if marker.complete else ''}"
+        )
+    result = await _after_restart(c, "snapshot-join", "d", "abcd", mine=[], note=evidence)
+    resumed = (await c.metrics("d")).total("trionode_snapshot_pages_total")
+    return attrs.evolve(
+        result, inside=inside, note=f"{evidence}; {resumed:.0f} more pages after the restart"
     )
 
 
@@ -349,11 +487,6 @@ async def case_key_rotation(c: Cluster) -> CaseResult:
         note="D removed; A writes with the new key after its restart"
         + ("" if removed else " -- D STILL A MEMBER"),
     )
-
-
-async def _info(proc: Proc) -> schemas.NodeInfo:
-    async with proc.client() as client:
-        return await client.node_info()
 
 
 CASE_FUNCTIONS: Final[dict[str, Callable[[Cluster], Awaitable[CaseResult]]]] = {
@@ -390,7 +523,16 @@ async def run_matrix(base: Path, cases: Sequence[str]) -> list[CaseResult]:
 
 
 def table(results: Sequence[CaseResult]) -> str:
-    headers = ("case", "killed", "acknowledged", "missing on restart", "lost", "converged", "s")
+    headers = (
+        "case",
+        "killed",
+        "acknowledged",
+        "missing on restart",
+        "lost",
+        "converged",
+        "s",
+        "in session",
+    )
     rows = [
         (
             r.case,
@@ -400,10 +542,16 @@ def table(results: Sequence[CaseResult]) -> str:
             str(r.lost),
             "yes" if r.converged else "NO",
             f"{r.seconds_to_converge:.1f}",
+            {None: "-", True: "yes", False: "NO"}[r.inside],
         )
         for r in results
     ]
     return plain_table(headers, rows)
+
+
+def sound(r: CaseResult) -> bool:
+    """Converged, nothing lost or missing, and an in-session kill landed in its session."""
+    return r.converged and not r.lost and not r.missing_after_restart and r.inside is not False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -417,9 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         if r.note:
             print(f"{r.case}: {r.note}")
-    return (
-        0 if all(r.converged and not r.lost and not r.missing_after_restart for r in results) else 1
-    )
+    return 0 if all(sound(r) for r in results) else 1
 
 
 if __name__ == "__main__":

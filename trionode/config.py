@@ -460,6 +460,11 @@ class SyncSection(_Section, frozen=True):
     ack_interval: PositiveFloat = 30.0
     """Seconds between our signed finality acks on each context where we are (or were)
     admin, sent only when what we hold moved: how soon others may fold what we saw."""
+    snapshot_page_records: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1000
+    """Records a joiner asks for per snapshot page (responders serve at most 4,096)."""
+    snapshot_page_bytes: Annotated[int, msgspec.Meta(ge=1024, le=4 * MiB)] = MiB
+    """Bytes a joiner asks for per snapshot page. Each page is a round trip and a commit
+    with the progress marker, so smaller pages lose less to a crash and cost more time."""
 
 
 class AppsSection(_Section, frozen=True):

@@ -261,6 +261,8 @@ class Node:
             on_join=config.sync.on_join,
             join_jitter=config.sync.join_jitter,
             max_peer_status=config.sync.max_peer_status,
+            snapshot_page_records=config.sync.snapshot_page_records,
+            snapshot_page_bytes=config.sync.snapshot_page_bytes,
         )
         self.blob_transfer = BlobTransfer(
             self.blobs,

@@ -171,3 +171,48 @@ async def test_restarted_member_at_a_new_address_reconnects_and_converges(
                 row = rows[PREFIX + b_id.multihash]
                 assert isinstance(row, StoredMemberPeer)
                 assert any(new_transport.host in addr for addr in row.addrs)
+
+
+async def test_a_joiner_killed_in_its_first_sync_finds_its_inviter_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Found by the kill -9 matrix: a joiner killed during its first sync (its snapshot),
+    before the member-peer tracker's first heartbeat, restarted knowing no peer at all
+    (no bootstrap, no mDNS) and never finished its snapshot. The join now stores the
+    inviter as a member peer before that sync begins."""
+    network = MemoryNetwork()
+    a_config, b_config = _config(tmp_path / "a"), _config(tmp_path / "b")
+    with trio.fail_after(600):
+        async with _node(a_config, network.transport()) as a:
+            app = (await a.applications.install(str(APPS / "kv_store"))).application_id
+            context = (await a.contexts.create(app)).context_id
+            for i in range(5):
+                await a.contexts.execute(context, "set", json.dumps({"key": f"k{i}", "value": "v"}))
+            stored_at_first_sync: list[object] = []
+            async with _node(b_config, network.transport()) as b:
+                await b.applications.install(str(APPS / "kv_store"))
+                first_sync = trio.Event()
+
+                async def stuck_first_sync(context_id: bytes, peer: PeerId) -> int:
+                    rows = dict(await b.store.scan(MEMBER_PEERS, prefix=PREFIX))
+                    stored_at_first_sync.append(rows.get(PREFIX + peer.multihash))
+                    first_sync.set()
+                    await trio.sleep_forever()
+                    raise AssertionError("unreachable")
+
+                b.joins.sync_session = stuck_first_sync
+                invitation = await a.joins.invite(context)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(b.joins.join, invitation)
+                    await first_sync.wait()
+                    nursery.cancel_scope.cancel()  # b goes down in the middle of its join
+            row = stored_at_first_sync[0]
+            assert isinstance(row, StoredMemberPeer)
+            assert row.addrs
+            # b comes back somewhere else; only the stored inviter can bring it back, and
+            # the snapshot its join began completes with it.
+            async with _node(b_config, network.transport()) as b:
+                await _wait(b, lambda: a.host.peer_id in b.host.connections)
+                while not await _converged([a, b], context):
+                    await b.pubsub.wait_heartbeat()
+                assert await _values(b, context) == await _values(a, context)

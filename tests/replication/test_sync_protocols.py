@@ -284,6 +284,9 @@ async def test_10_join_while_writes_continue(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(join, cluster, 0, 2, context)
                 await served.wait_for(2)
+                # Visible while it runs: A serves the session, C has persisted a page.
+                assert metric(a, "trionode_sync_serving") == 1
+                assert metric(c, "trionode_snapshot_pages_total") == 1
                 for i in range(5):
                     during.append(await put(a, context, f"during{i}", "w"))
                     pages_at_last_write = served.served
@@ -291,6 +294,8 @@ async def test_10_join_while_writes_continue(
             assert pages_at_last_write < served.served  # the writes fell between pages
             assert sessions(c, "snapshot") == 1
             await converged(cluster, [a, b, c], context)
+            assert metric(a, "trionode_sync_serving") == 0
+            assert metric(c, "trionode_snapshot_pages_total") == served.served
             values = await entries(c, context)
             assert len(values) == 45
             assert all(values[f"during{i}"] == "w" for i in range(5))
@@ -439,8 +444,10 @@ async def test_protocol_choice(tmp_path: Path, autojump_clock: trio.testing.Mock
             for i in range(3):
                 await put(a, context, f"k{i}")
             await cluster.heal()
+            served = metric(a, "trionode_sync_served_deltas_total")
             assert await b.sync.sync_now(context, cluster.peer_ids[0]) == 3
             assert sessions(b, "delta") == 1
+            assert metric(a, "trionode_sync_served_deltas_total") == served + 3
             # (B's kv_store handlers answer what it received with deltas of their own:
             # agreement comes once those have crossed too.)
             await converged(cluster, [a, b], context)

@@ -25,8 +25,9 @@ from trionode.context.errors import (
 )
 from trionode.context.manager import ContextManager
 from trionode.context.records import ContextRecord
-from trionode.context.replication import SESSION_ERRORS, Replicator
+from trionode.context.replication import SESSION_ERRORS, Replicator, topic_for
 from trionode.errors import PeerError, ProtocolError, ReadOnlyError
+from trionode.net import member_peers
 from trionode.net.framed import FramedStream
 from trionode.net.host import Connection, Host
 from trionode.store.store import AsyncStore
@@ -158,6 +159,11 @@ class JoinService:
             await snapshot.begin(
                 self.store, invitation.context_id, source=invitation.inviter, peer=str(peer)
             )
+        # The first sync may take long, and a node killed during it must find a peer of
+        # the context when it restarts (the snapshot resumes with the inviter).
+        await member_peers.remember(
+            self.store, conn, topic_for(invitation.context_id), invitation.inviter_addrs
+        )
         record = await self.contexts.adopt(
             context_id=invitation.context_id,
             application_id=invitation.application_id,

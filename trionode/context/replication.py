@@ -137,6 +137,18 @@ class ReplicationMetrics:
             "Sync streams refused (not a member, bad proof)",
             registry=registry,
         )
+        # These two let an operator (and the kill -9 matrix) see a session being served
+        # right now, not only sessions that ended.
+        self.serving = Gauge(
+            "trionode_sync_serving",
+            "Sync sessions this node is serving now (the member's proof was accepted)",
+            registry=registry,
+        )
+        self.served_deltas = Counter(
+            "trionode_sync_served_deltas",
+            "Deltas sent to members in sync sessions this node served",
+            registry=registry,
+        )
 
     def outcome(self, outcome: str, n: int = 1) -> None:
         self.deltas.labels(outcome).inc(n)
@@ -207,6 +219,8 @@ class Replicator:
             session_started=session_started,
             max_requests=serve_max_requests,
             session_timeout=serve_timeout,
+            serving=metrics.serving,
+            served_deltas=metrics.served_deltas,
         )
         self._authored = authored
         """The deltas this node authors, once durable (from the LocalWriter, wired in

@@ -51,6 +51,7 @@ such anchor, it takes the delta history instead (every delta verifies itself).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final, Protocol, TypeVar
 
 import msgspec
@@ -190,13 +191,15 @@ async def take(
     *,
     page_records: int = PAGE_RECORDS,
     page_bytes: int = PAGE_BYTES,
+    on_page: Callable[[], object] | None = None,
 ) -> tuple[list[bytes], int]:
     """Take (or resume) a snapshot over an authenticated sync `channel` to `peer`; returns
     (boundary heads now adopted, records joined in this call).
 
     Raises SnapshotRefused if the node has state that is not this snapshot's, UntrustedSource
     if the peer does not prove the marker's source, MissingPrerequisite if there is no marker (no
-    trusted source), RemoteProtocolError for bad pages.
+    trusted source), RemoteProtocolError for bad pages. `on_page` is called once each page is
+    persisted (a metric: progress is visible while the snapshot runs).
     """
     store = contexts.store
     progress = await load_progress(store, context_id)
@@ -253,6 +256,8 @@ async def take(
             if changed is None:
                 raise SnapshotRefused("state arrived meanwhile: the snapshot is not applied")
             joined += len(entities)
+            if on_page is not None:
+                on_page()
         boundary = progress.heads or []
 
         def finish(batch: WriteBatch) -> None:

@@ -87,6 +87,11 @@ class SyncMetrics:
             ["direction"],
             registry=registry,
         )
+        self.snapshot_pages = Counter(
+            "trionode_snapshot_pages",
+            "Snapshot pages this node joined, each persisted with its progress marker",
+            registry=registry,
+        )
         self.round_trips = Counter(
             "trionode_sync_round_trips",
             "Requests answered within state-based sessions",
@@ -175,6 +180,8 @@ class SyncManager:
         on_join: bool = True,
         join_jitter: float = 0.2,
         max_peer_status: int = 64,
+        snapshot_page_records: int = snapshot.PAGE_RECORDS,
+        snapshot_page_bytes: int = snapshot.PAGE_BYTES,
     ) -> None:
         self.contexts = contexts
         self.replicator = replicator
@@ -189,8 +196,8 @@ class SyncManager:
         """How deep (in breadth-first requests) a gap delta sync fills before giving way to
         tree comparison."""
         self.tree_limits = tree_limits or treecmp.TreeLimits()
-        self.snapshot_page_records = snapshot.PAGE_RECORDS
-        self.snapshot_page_bytes = snapshot.PAGE_BYTES
+        self.snapshot_page_records = snapshot_page_records
+        self.snapshot_page_bytes = snapshot_page_bytes
         self.on_join = on_join
         self.join_jitter = join_jitter
         self.metrics = metrics
@@ -464,6 +471,7 @@ class SyncManager:
                     context_id,
                     page_records=self.snapshot_page_records,
                     page_bytes=self.snapshot_page_bytes,
+                    on_page=self.metrics.snapshot_pages.inc,
                 )
         except snapshot.SnapshotRefused:
             self.metrics.snapshot_refused.inc()

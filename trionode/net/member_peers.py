@@ -158,6 +158,27 @@ class _MemberPeers:
         self._peerstore.set_members(self._stored)
 
 
+async def remember(
+    store: AsyncStore, conn: Connection, topic: str, known: Collection[str] = ()
+) -> None:
+    """Store the peer of ``conn`` as a member peer for ``topic`` at once (with the
+    multiaddrs ``known`` for it), keeping what was stored about it. For a join's inviter:
+    until the tracker's next heartbeat stores it, a node that crashes would restart knowing
+    no peer of the context it just joined (and, without mDNS or bootstrap peers, stay
+    alone)."""
+    key = PREFIX + conn.peer_id.multihash
+    old = await store.get(MEMBER_PEERS, key)
+    parsed = [a.without_peer_id() for a in _parse(list(known))]
+    addrs = [str(a) for a in _addresses(conn, parsed)]
+    if old is not None:
+        addrs = list(dict.fromkeys([*addrs, *old.addrs]))
+    if not addrs:
+        return
+    topics = [topic, *(t for t in (old.topics if old else []) if t != topic)]
+    row = StoredMemberPeer(addrs=addrs[:MAX_ADDRS_PER_PEER], topics=topics[:MAX_STORED_TOPICS])
+    await store.put(MEMBER_PEERS, key, row)
+
+
 def _addresses(conn: Connection, known: Collection[Multiaddr]) -> list[Multiaddr]:
     first: list[Multiaddr] = []
     if conn.outbound and conn.remote_addr is not None and is_dialable(conn.remote_addr):

@@ -21,7 +21,7 @@ from typing import Final, Protocol
 import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from trionode.context.manager import ContextManager
 from trionode.context.treecmp import SessionResponder
@@ -171,11 +171,16 @@ class SyncServer:
         session_started: Callable[[], None] | None = None,
         max_requests: int = 1024,
         session_timeout: float | None = None,
+        serving: Gauge | None = None,
+        served_deltas: Counter | None = None,
     ) -> None:
         self.contexts = contexts
         self.host = host
         self._refused = refused
         self._busy = busy
+        self._serving = serving
+        """Sessions being served now (past the proof): visible while they run."""
+        self._served_deltas = served_deltas
         self.limiter = limiter
         self.session_started = session_started
         self.max_requests = max_requests
@@ -236,6 +241,18 @@ class SyncServer:
         machine: Responder,
         auth: SyncAuth,
     ) -> None:
+        if self._serving is not None:
+            self._serving.inc()
+        try:
+            await self._answer(channel, conn, machine, auth)
+        finally:
+            if self._serving is not None:
+                self._serving.dec()
+        await stream.send_eof()
+
+    async def _answer(
+        self, channel: SyncChannel, conn: Connection, machine: Responder, auth: SyncAuth
+    ) -> None:
         context_id = auth.context_id
         state_sync = SessionResponder(self.contexts, conn, context_id, auth.member)
         while True:
@@ -258,10 +275,11 @@ class SyncServer:
                     else:
                         found.append((delta_id, wire))
                 machine.deltas_read(found, missing)
+                if self._served_deltas is not None:
+                    self._served_deltas.inc(len(found))
             elif isinstance(action, Delegate):
                 machine.delegated(await state_sync.handle(action.message))
             await _flush(channel, machine)
-        await stream.send_eof()
 
     async def _check_auth(self, conn: Connection, auth: SyncAuth) -> str | None:
         if auth.context_id not in self.contexts.known_ids():
