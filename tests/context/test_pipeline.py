@@ -4,7 +4,7 @@ the transaction holding their delta is durable (`trionode/context/pipeline.py`).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -12,11 +12,14 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.replication.helpers import install
+from trionode.context.errors import ContextError, ContextNotFound
 from trionode.context.event_log import EVENT_PREFIX
 from trionode.context.events import ContextEvent, Replay
 from trionode.context.notices import b58
+from trionode.dag.delta import SignedDelta
 from trionode.errors import StorageError
 from trionode.node import Node
 from trionode.sdk.errors import AppError
@@ -262,3 +265,52 @@ async def test_a_failed_commit_shows_none_of_its_events(tmp_path: Path) -> None:
         assert not set(failed) & set(seqs)  # never shown, numbers never reused
         assert seqs == sorted(seqs)
         assert seqs[-1] > max(failed)
+
+
+async def test_membership_changes_commit_with_calls_and_a_refused_one_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    async with one_context(tmp_path) as (node, context):
+        stranger = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        other = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        writes = GatedWrites(node)
+        results: dict[str, object] = {}
+
+        async def run(name: str, op: Callable[[], Awaitable[object]]) -> None:
+            try:
+                results[name] = await op()
+            except ContextError as exc:
+                results[name] = exc
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    run, "first", lambda: node.contexts.execute(context, "set", kv_set("a", "1"))
+                )
+                await trio.testing.wait_all_tasks_blocked()  # the first batch is committing
+                nursery.start_soon(
+                    run,
+                    "grant",
+                    lambda: node.contexts.change_members(
+                        context, [(other, "member"), (stranger, "member")]
+                    ),
+                )
+                nursery.start_soon(
+                    run, "bad", lambda: node.contexts.remove_member(context, b"\x09" * 32)
+                )
+                nursery.start_soon(
+                    run, "call", lambda: node.contexts.execute(context, "set", kv_set("b", "2"))
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                writes.gate.set()
+        writes.restore()
+        assert len(writes.sizes) == 2  # the first call, then everything that queued behind it
+        assert isinstance(results["bad"], ContextNotFound)
+        grant = results["grant"]
+        assert isinstance(grant, SignedDelta)
+        roles = await node.contexts.roles(context)
+        assert roles[other] == roles[stranger] == "member"
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert entries == {"a": "1", "b": "2"}
+        stored = await node.contexts.read_delta(context, grant.id)
+        assert stored is not None

@@ -1,5 +1,5 @@
 """Handler runs: the app event handlers that received deltas queued, run once each as this
-node's member.
+node's member, each a job of the delta processor (`pipeline.py`).
 
 A received delta's app events are queued (the `handler-run/` rows) in the same write that
 applies it; a run removes its queue entry in the same write that commits the delta its
@@ -9,6 +9,8 @@ handlers produce, so a crash replays a run at most once, and never loses one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import attrs
 import trio
@@ -17,13 +19,13 @@ from trionode.auth.model import WRITERS
 from trionode.context.app_choice import running_app
 from trionode.context.errors import WaitingForApp
 from trionode.context.local_writes import AppLoader, LocalWriter
+from trionode.context.pipeline import DeltaPipeline, LocalJob
 from trionode.context.processing import ReplicationMetrics
 from trionode.context.records import HANDLER_PREFIX, HANDLER_RUNS, HandlerRun
 from trionode.context.replicas import Replica, ReplicaStore
 from trionode.sdk.app import App
 from trionode.sdk.errors import AppError
 from trionode.sdk.runtime import CallOutcome, run_handler
-from trionode.store.store import WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class HandlerRunner:
         writer: LocalWriter,
         apps: AppLoader,
         metrics: ReplicationMetrics,
+        pipeline: DeltaPipeline,
         *,
         read_only: bool = False,
     ) -> None:
@@ -43,6 +46,7 @@ class HandlerRunner:
         self._writer = writer
         self._apps = apps
         self._metrics = metrics
+        self._pipeline = pipeline
         self._lock = trio.Lock()
 
     async def run_pending_handlers(self) -> int:
@@ -62,16 +66,23 @@ class HandlerRunner:
                     app = await running_app(self._apps, self._replicas, replica)
                 except WaitingForApp:
                     continue  # its runs wait for the app the context moved to (queued)
-                async with replica.lock:
-                    batch = WriteBatch()
-                    batch.delete(HANDLER_RUNS, key)
-                    outcome = self._run(app, replica, run)
-                    if outcome is not None and (outcome.delta_records or outcome.events):
-                        await self._writer.commit_outcome(replica, outcome, batch)
-                    else:
-                        await self._replicas.write(replica, batch)
-                    ran += 1
+                await self._pipeline.write(context_id, partial(self._stage, key, app, run))
+                ran += 1
             return ran
+
+    def _stage(
+        self, key: bytes, app: App, run: HandlerRun, job: LocalJob
+    ) -> tuple[None, Callable[[], None] | None]:
+        """One run as a delta processor job: its delta and the removal of its queue entry
+        commit together."""
+        job.batch.delete(HANDLER_RUNS, key)
+        outcome = self._run(app, job.replica, run)
+        if outcome is None or not (outcome.delta_records or outcome.events):
+            return None, None
+        _, after = self._writer.stage_outcome(
+            job.replica, outcome, job.batch, job.fresh, job.changes
+        )
+        return None, after
 
     def _run(self, app: App, replica: Replica, run: HandlerRun) -> CallOutcome | None:
         """Every handler of `run`'s event, their changes merged (None: nothing ran)."""

@@ -23,9 +23,9 @@ from msgspec.structs import replace
 
 from trionode.auth.model import WRITERS, Kind, StaticError, Verdict, version_key
 from trionode.context.authority import AuthRejected, action, op_from_header
-from trionode.context.errors import AlreadyExists, ContextError, ContextNotFound, NotPermitted
+from trionode.context.errors import AlreadyExists, ContextError, NotPermitted
 from trionode.context.events import Change, EventHub
-from trionode.context.invitations import SignedInvitation, seal_keys
+from trionode.context.invitations import seal_keys
 from trionode.context.notices import b58, change_of, payload_json
 from trionode.context.records import (
     DELTAS,
@@ -114,7 +114,7 @@ class LocalWriter:
         self, application_id: bytes, init_args_json: str | None = None
     ) -> ContextRecord:
         """A new context running `application_id`, with this node's new member as admin."""
-        self._writable("creating a context")
+        self.writable("creating a context")
         replicas = self._replicas
         app = await self._apps.load(application_id)
         context_id = os.urandom(32)
@@ -218,7 +218,7 @@ class LocalWriter:
         if self._write_key(replica) is None:
             # No key we hold follows every removal in our view (concurrent removals, a
             # leaked invitation, or a removal whose key was not sealed to us): introduce one.
-            rotate = self._new_key_action(replica, Kind.ROTATE, replica.authority.roles())
+            rotate = self.new_key_action(replica, Kind.ROTATE, replica.authority.roles())
             rotation, nothing = self._stage_op(replica, rotate, batch, fresh)
             sealed.append(rotation)
             own.append(_change(replica, rotation, nothing))
@@ -257,79 +257,6 @@ class LocalWriter:
 
     # -- membership --------------------------------------------------------------------------
 
-    async def change_members(
-        self, context_id: bytes, changes: list[tuple[bytes, str | None]]
-    ) -> SignedDelta:
-        """As an admin: grant roles (role) or remove members (None), one operation each;
-        returns the last one's delta."""
-        self._writable("changing roles")
-        if not changes:
-            raise ContextError("no membership changes given")
-        last: SignedDelta | None = None
-        for member, role in changes:
-            if role is None:
-                last = await self.remove_member(context_id, member)
-            else:
-                replica = await self._replicas.load(context_id)
-                async with replica.lock:
-                    last = await self._commit_op(
-                        replica, action(Kind.GRANT, member=member, role=role)
-                    )
-        assert last is not None
-        return last
-
-    async def remove_member(self, context_id: bytes, member: bytes) -> SignedDelta:
-        """As an admin: remove `member`; the operation introduces a new key, sealed to every
-        remaining member (the removed one cannot open it). Deltas written concurrently with
-        the removal by `member` are filtered on every node (`trionode.auth.model`)."""
-        self._writable("removing a member")
-        replica = await self._replicas.load(context_id)
-        async with replica.lock:
-            current = replica.authority.roles()
-            if current.get(replica.record.our_member) != "admin":
-                raise NotPermitted("only admins can remove members")
-            if member not in current:
-                raise ContextNotFound("not a member")
-            if member == replica.record.our_member:
-                raise ContextError("an admin cannot remove itself: leave instead")
-            keep = [m for m in current if m != member]
-            return await self._commit_op(
-                replica, self._new_key_action(replica, Kind.REMOVE, keep, member)
-            )
-
-    async def leave(self, context_id: bytes) -> SignedDelta:
-        """Leave the context (refused for its last admin: appoint another first)."""
-        self._writable("leaving a context")
-        replica = await self._replicas.load(context_id)
-        async with replica.lock:
-            return await self._commit_op(replica, action(Kind.LEAVE))
-
-    async def revoke_invitation(self, context_id: bytes, invitation_id: bytes) -> SignedDelta:
-        """As an admin: no admission may spend this invitation after this operation."""
-        self._writable("revoking an invitation")
-        replica = await self._replicas.load(context_id)
-        async with replica.lock:
-            return await self._commit_op(replica, action(Kind.REVOKE, invitation_id=invitation_id))
-
-    async def admit(
-        self, context_id: bytes, invitation: SignedInvitation, member: bytes, role: str
-    ) -> SignedDelta:
-        """Spend `invitation` on `member` in the replicated state: every node refuses a
-        second spend once it holds this one (raises NotPermitted if already spent)."""
-        self._writable("admitting a member")
-        replica = await self._replicas.load(context_id)
-        async with replica.lock:
-            return await self._commit_op(
-                replica,
-                action(
-                    Kind.ADMIT,
-                    member=member,
-                    role=role,
-                    invitation=invitation.invitation,
-                    invitation_signature=invitation.signature,
-                ),
-            )
-
     async def upgrade(self, context_id: bytes, application_id: bytes) -> Upgraded:
         """As an admin: move the context to `application_id`, a newer version of the app
         it runs (same name; installed here), then run its `@app.migrate` hook here, once.
@@ -340,7 +267,7 @@ class LocalWriter:
         writes are one ordinary delta after it. Raises NotPermitted (not an admin),
         ContextError (not installed, another app), AlreadyExists (not newer).
         """
-        self._writable("upgrading a context")
+        self.writable("upgrading a context")
         replica = await self._replicas.load(context_id)
         target = await self._apps.get(application_id)
         new_app = await self._apps.load(application_id)
@@ -390,11 +317,12 @@ class LocalWriter:
             "app_signer": record.signer,
         }
 
-    def _writable(self, what: str) -> None:
+    def writable(self, what: str) -> None:
+        """ReadOnlyError (naming `what`) on a read-only node."""
         if self.read_only:
             raise ReadOnlyError(what)
 
-    def _new_key_action(
+    def new_key_action(
         self, replica: Replica, kind: Kind, recipients: Iterable[bytes], member: bytes | None = None
     ) -> AuthAction:
         new_key = os.urandom(32)
@@ -425,6 +353,20 @@ class LocalWriter:
             )
         self._stage(replica, batch, delta, parents, fresh)
         return delta, outcome
+
+    def stage_own_op(
+        self,
+        replica: Replica,
+        auth: AuthAction,
+        batch: WriteBatch,
+        fresh: dict[bytes, SignedDelta],
+        changes: list[Change],
+    ) -> tuple[SignedDelta, Callable[[], None]]:
+        """`_stage_op` for the delta processor (`membership.py`): the event for subscribers
+        goes to `changes`; returns the delta and what to announce once it is durable."""
+        delta, outcome = self._stage_op(replica, auth, batch, fresh)
+        changes.append(_change(replica, delta, outcome))
+        return delta, lambda: self._announce(replica.context_id, delta)
 
     async def _commit_op(self, replica: Replica, auth: AuthAction) -> SignedDelta:
         """Seal, check and commit one membership operation of ours (under the lock)."""

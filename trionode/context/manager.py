@@ -29,6 +29,7 @@ from trionode.context.event_log import EventLog
 from trionode.context.events import EventHub
 from trionode.context.handler_runs import HandlerRunner
 from trionode.context.local_writes import AppLoader, Authored, CallResult, LocalWriter
+from trionode.context.membership import Membership
 from trionode.context.notices import b58
 from trionode.context.pipeline import (
     DEFAULT_MAX_BYTES,
@@ -109,8 +110,9 @@ class ContextManager:
             max_deltas=group_commit_max_deltas,
             max_bytes=group_commit_max_bytes,
         )
+        self.membership = Membership(self.writer, self.pipeline)
         self.handlers = HandlerRunner(
-            self.replicas, self.writer, apps, self.metrics, read_only=read_only
+            self.replicas, self.writer, apps, self.metrics, self.pipeline, read_only=read_only
         )
         self.serving = SyncServing(self.replicas, self.processor, hub, self.metrics)
         self.store: AsyncStore = store
@@ -138,11 +140,11 @@ class ContextManager:
         self.adopt = writer.adopt
         self.delete = writer.delete
         self.execute = self.pipeline.call
-        self.change_members = writer.change_members
-        self.remove_member = writer.remove_member
-        self.leave = writer.leave
-        self.revoke_invitation = writer.revoke_invitation
-        self.admit = writer.admit
+        self.change_members = self.membership.change_members
+        self.remove_member = self.membership.remove_member
+        self.leave = self.membership.leave
+        self.revoke_invitation = self.membership.revoke_invitation
+        self.admit = self.membership.admit
         self.upgrade = writer.upgrade
         # Delta processing.
         self.receive = self.pipeline.receive

@@ -67,16 +67,37 @@ class LocalCall:
     and what the caller set up for it (the blob access of an API call) must come along."""
 
 
+@attrs.frozen
+class LocalJob:
+    """What a `LocalWrite` stages into: the replica (held), the batch, the deltas staged
+    but not yet written for this replica, and where the events for subscribers go."""
+
+    replica: Replica
+    batch: WriteBatch
+    fresh: dict[bytes, SignedDelta]
+    changes: list[Change]
+
+
+@attrs.frozen
+class LocalWrite:
+    """Any other write of this node's member (a membership change, a handler run): `stage`
+    runs in the processor's task, returns its answer and what to announce once durable.
+    Its errors fail the job alone; the replica is reloaded after any error (it may have
+    changed it in memory)."""
+
+    stage: Callable[[LocalJob], tuple[object, Callable[[], None] | None]]
+
+
 @attrs.define(eq=False)
 class _Job:
     context_id: bytes
-    work: LocalCall | VerifiedDelta
+    work: LocalCall | VerifiedDelta | LocalWrite
     size: int
     done: trio.Event = attrs.field(factory=trio.Event)
-    result: CallResult | Received | None = None
+    result: object = None
     error: BaseException | None = None
 
-    def succeed(self, result: CallResult | Received) -> None:
+    def succeed(self, result: object) -> None:
         self.result = result
         self.done.set()
 
@@ -185,18 +206,26 @@ class DeltaPipeline:
                 results.append(outcome.result)
         return results
 
+    async def write(
+        self,
+        context_id: bytes,
+        stage: Callable[[LocalJob], tuple[object, Callable[[], None] | None]],
+    ) -> object:
+        """Run `stage` as a job (see `LocalWrite`); its answer once it is durable. Raises
+        what `stage` raised, ContextNotFound, or StorageError if the commit failed."""
+        return await self._submit(_Job(context_id, LocalWrite(stage), 0))
+
     async def _send_job(self, job: _Job) -> None:
         try:
             await self._send.send(job)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise StorageError("the node is stopping: nothing was written") from None
 
-    async def _submit(self, job: _Job) -> CallResult | Received:
+    async def _submit(self, job: _Job) -> object:
         await self._send_job(job)
         await job.done.wait()
         if job.error is not None:
             raise job.error
-        assert job.result is not None
         return job.result
 
     # -- processing ------------------------------------------------------------------------
@@ -269,7 +298,7 @@ class DeltaPipeline:
         fresh: dict[bytes, dict[bytes, SignedDelta]] = {}
         unusable: set[bytes] = set()
         carry: list[_Job] = []
-        staged: list[tuple[_Job, CallResult | Received, Callable[[], None] | None]] = []
+        staged: list[tuple[_Job, object, Callable[[], None] | None]] = []
         failed: list[tuple[_Job, BaseException]] = []
         changes: list[Change] = []
         events: list[ContextEvent] | None = None
@@ -347,10 +376,16 @@ class DeltaPipeline:
         batch: WriteBatch,
         fresh: dict[bytes, SignedDelta],
         progress: Progress,
-    ) -> tuple[CallResult | Received, Callable[[], None] | None]:
+    ) -> tuple[object, Callable[[], None] | None]:
         work = job.work
         if isinstance(work, VerifiedDelta):
             return self._processor.stage_received(replica, work, batch, fresh, progress)
+        if isinstance(work, LocalWrite):
+            progress.mutated = True
+            own = WriteBatch()  # (joins the batch only if the whole job stages)
+            staged = work.stage(LocalJob(replica, own, fresh, progress.changes))
+            batch.ops += own.ops
+            return staged
         app = await self._running_app(replica, work.method)
         result = work.caller.run(self._writer.run_call, replica, app, work.method, work.args_json)
         if not result.delta_records and not result.events:
