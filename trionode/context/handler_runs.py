@@ -75,6 +75,7 @@ class HandlerRunner:
     ) -> tuple[None, Callable[[], None] | None]:
         """One run as a delta processor job: its delta and the removal of its queue entry
         commit together."""
+        job.progress.mutated = True  # (handlers change the state tree as they run)
         job.batch.delete(HANDLER_RUNS, key)
         outcome = self._run(app, job.replica, run)
         if outcome is None or not (outcome.delta_records or outcome.events):

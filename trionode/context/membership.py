@@ -96,7 +96,8 @@ class Membership:
             announce: list[Callable[[], None]] = []
             delta: SignedDelta | None = None
             for build in builds:
-                auth = build(job.replica)
+                auth = build(job.replica)  # (its checks raise before anything changed)
+                job.progress.mutated = True
                 delta, after = writer.stage_own_op(
                     job.replica, auth, job.batch, job.fresh, job.changes
                 )

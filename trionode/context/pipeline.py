@@ -76,14 +76,16 @@ class LocalJob:
     batch: WriteBatch
     fresh: dict[bytes, SignedDelta]
     changes: list[Change]
+    progress: Progress
+    """`mutated` must be set before the stage changes the replica in memory."""
 
 
 @attrs.frozen
 class LocalWrite:
     """Any other write of this node's member (a membership change, a handler run): `stage`
     runs in the processor's task, returns its answer and what to announce once durable.
-    Its errors fail the job alone; the replica is reloaded after any error (it may have
-    changed it in memory)."""
+    Its errors fail the job alone; the replica is reloaded after an error raised once the
+    stage had begun to change it (`LocalJob.progress`)."""
 
     stage: Callable[[LocalJob], tuple[object, Callable[[], None] | None]]
 
@@ -381,9 +383,8 @@ class DeltaPipeline:
         if isinstance(work, VerifiedDelta):
             return self._processor.stage_received(replica, work, batch, fresh, progress)
         if isinstance(work, LocalWrite):
-            progress.mutated = True
             own = WriteBatch()  # (joins the batch only if the whole job stages)
-            staged = work.stage(LocalJob(replica, own, fresh, progress.changes))
+            staged = work.stage(LocalJob(replica, own, fresh, progress.changes, progress))
             batch.ops += own.ops
             return staged
         app = await self._running_app(replica, work.method)
