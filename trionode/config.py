@@ -416,6 +416,10 @@ class ReplicationSection(_Section, frozen=True):
     gossip_queue: PositiveInt = 4096
     """Deltas this node authored waiting to be gossiped; beyond, they are not gossiped
     (heartbeats and sync carry them) and counted."""
+    max_delta_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024, le=7 * MiB)] = 4 * MiB
+    """Largest delta this node writes: a call whose changes seal to more is refused
+    (413 / JSON-RPC -32005) and writes nothing. At most 7 MiB, so that every delta fits
+    one sync answer (8 MiB frames) and can always reach the other members."""
     gossip_batch_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024
     """Delta bytes one gossip message carries at most (deltas committed together go out in
     one message, one signature); keep it below `pubsub.max_message_size`."""

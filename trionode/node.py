@@ -215,6 +215,7 @@ class Node:
             processor_queue=config.replication.processor_queue,
             group_commit_max_deltas=config.replication.group_commit_max_deltas,
             group_commit_max_bytes=config.replication.group_commit_max_bytes,
+            max_delta_bytes=config.replication.max_delta_bytes,
             event_log=self.event_log,
             authored=send_authored,
         )

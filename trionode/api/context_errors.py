@@ -9,6 +9,7 @@ from trionode.context.errors import (
     ContextBroken,
     ContextError,
     ContextNotFound,
+    DeltaTooLarge,
     MissingPrerequisite,
     NotPermitted,
     PeerFailed,
@@ -18,6 +19,7 @@ from trionode.context.errors import (
 JSONRPC_CONTEXT_NOT_FOUND: Final = -32001
 JSONRPC_FORBIDDEN: Final = -32002
 JSONRPC_WAITING_FOR_APP: Final = -32004
+JSONRPC_DELTA_TOO_LARGE: Final = -32005
 
 _STATUSES: Final[tuple[tuple[type[ContextError], int], ...]] = (
     (ContextNotFound, 404),
@@ -27,6 +29,7 @@ _STATUSES: Final[tuple[tuple[type[ContextError], int], ...]] = (
     (PeerFailed, 502),
     (ContextBroken, 500),
     (WaitingForApp, 503),
+    (DeltaTooLarge, 413),
 )
 
 
@@ -42,4 +45,6 @@ def jsonrpc_code(exc: ContextError) -> int:
     """The JSON-RPC error code for a call refused by the context layer."""
     if isinstance(exc, WaitingForApp):
         return JSONRPC_WAITING_FOR_APP
+    if isinstance(exc, DeltaTooLarge):
+        return JSONRPC_DELTA_TOO_LARGE
     return JSONRPC_CONTEXT_NOT_FOUND if isinstance(exc, ContextNotFound) else JSONRPC_FORBIDDEN

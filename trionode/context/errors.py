@@ -45,3 +45,8 @@ class WaitingForApp(ContextError):
     """The context moved to an app this node does not have yet (an upgrade it is still
     fetching, or may not run): calls are refused until it is installed, views of the
     state so far keep running on the version this node has (`context/app_upgrades.py`)."""
+
+
+class DeltaTooLarge(ContextError):
+    """A call changed so much that its delta would be larger than a delta may be
+    (`replication.max_delta_bytes`): nothing was written."""

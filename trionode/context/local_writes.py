@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import attrs
 import msgspec
@@ -23,7 +23,7 @@ from msgspec.structs import replace
 
 from trionode.auth.model import WRITERS, Kind, StaticError, Verdict, version_key
 from trionode.context.authority import AuthRejected, action, op_from_header
-from trionode.context.errors import AlreadyExists, ContextError, NotPermitted
+from trionode.context.errors import AlreadyExists, ContextError, DeltaTooLarge, NotPermitted
 from trionode.context.events import Change, EventHub
 from trionode.context.invitations import seal_keys
 from trionode.context.notices import b58, change_of, payload_json
@@ -83,6 +83,10 @@ class Upgraded:
     """The context's application now."""
 
 
+DEFAULT_MAX_DELTA_BYTES: Final = 4 * 1024 * 1024
+"""The default of `replication.max_delta_bytes`; a sync answer frame is 8 MiB."""
+
+
 class LocalWriter:
     """Writes as this node's member, each under the replica's lock. App calls are staged
     into the delta processor's batch (`pipeline.py`: `run_call`, `stage_outcome`);
@@ -96,9 +100,13 @@ class LocalWriter:
         *,
         read_only: bool = False,
         authored: trio.MemorySendChannel[Authored] | None = None,
+        max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES,
     ) -> None:
         self._replicas = replicas
         self.read_only = read_only
+        self._max_delta_bytes = max_delta_bytes
+        """`replication.max_delta_bytes`: a delta this node writes must be able to travel by
+        sync (one answer frame) later, so a larger one is refused when it is sealed."""
         """`node.mode = "read-only"`: every local write raises ReadOnlyError (views run)."""
         self._hub = hub
         self._apps = apps
@@ -412,6 +420,13 @@ class LocalWriter:
             vv=vv,
             auth=auth,
         )
+        size = len(delta.encode())  # cached: the bytes that are stored and sent
+        if size > self._max_delta_bytes:
+            raise DeltaTooLarge(
+                f"the call's changes make a delta of {size} bytes, above the "
+                f"{self._max_delta_bytes} a delta may have (replication.max_delta_bytes): "
+                "split the change over several calls, or keep large data in blobs"
+            )
         return delta, parents
 
     def _stage(

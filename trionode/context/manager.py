@@ -28,7 +28,13 @@ from trionode.context.errors import ContextError
 from trionode.context.event_log import EventLog
 from trionode.context.events import EventHub
 from trionode.context.handler_runs import HandlerRunner
-from trionode.context.local_writes import AppLoader, Authored, CallResult, LocalWriter
+from trionode.context.local_writes import (
+    DEFAULT_MAX_DELTA_BYTES,
+    AppLoader,
+    Authored,
+    CallResult,
+    LocalWriter,
+)
 from trionode.context.membership import Membership
 from trionode.context.notices import b58
 from trionode.context.pipeline import (
@@ -83,6 +89,7 @@ class ContextManager:
         group_commit_max_bytes: int = DEFAULT_MAX_BYTES,
         event_log: EventLog | None = None,
         authored: trio.MemorySendChannel[Authored] | None = None,
+        max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES,
     ) -> None:
         self.read_only = read_only
         """`node.mode = "read-only"`: every local write raises ReadOnlyError, received
@@ -95,7 +102,14 @@ class ContextManager:
             limits=DagLimits(max_pending, max_pending_per_author),
             max_clock_drift=max_clock_drift,
         )
-        self.writer = LocalWriter(self.replicas, hub, apps, read_only=read_only, authored=authored)
+        self.writer = LocalWriter(
+            self.replicas,
+            hub,
+            apps,
+            read_only=read_only,
+            authored=authored,
+            max_delta_bytes=max_delta_bytes,
+        )
         self.processor = DeltaProcessor(
             self.replicas, hub, self.metrics, pending_timeout=pending_timeout, read_only=read_only
         )
