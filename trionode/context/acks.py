@@ -5,7 +5,10 @@ An ack is `{version, context_id, author, vv, hlc}` signed by the author's member
 outside the DAG: it costs no delta, and an admin removed from the context can still send
 one (which is how it leaves the AckSet). It travels as an `AckGossip` on the context's
 topic; `serve_acks` publishes ours every `sync.ack_interval` seconds for each context
-where we are an ever-admin and our frontier has moved since the last one. The vector is
+where we are an ever-admin and our frontier has moved since the last one. A round looks
+only at the replicas in memory and, for each, first compares its frontier with our last
+ack (a restart reads that from the store): it loads nothing and resolves no membership
+unless something moved. The vector is
 our frontier — every delta we hold — read under the replica's lock, so none of our own
 writes is in flight: everything we write later has it in its past.
 
@@ -28,7 +31,7 @@ from trionode.auth.acks import open_ack, sign_ack
 from trionode.auth.finality import ever_admins
 from trionode.auth.model import tag
 from trionode.context.errors import ContextError
-from trionode.context.replicas import ACK_PREFIX, AUX, ReplicaStore
+from trionode.context.replicas import ACK_PREFIX, AUX, Replica, ReplicaStore
 from trionode.errors import RemoteProtocolError
 from trionode.store.store import WriteBatch
 
@@ -67,6 +70,8 @@ class AckBook:
         """Context → the vector of our last ack sent."""
         self._stamps: dict[tuple[bytes, bytes], int] = {}
         """(context, author tag) → hlc of the latest ack kept."""
+        self.examined = 0
+        """Contexts whose frontier had moved when a round looked (the rest cost a compare)."""
 
     async def receive(self, context_id: bytes, wire: bytes) -> bool:
         """Take a peer's ack; True if kept. Never raises for bad input: drops and counts."""
@@ -110,14 +115,23 @@ class AckBook:
     async def ours(self, context_id: bytes) -> bytes | None:
         """Our signed ack for `context_id` if we are an ever-admin and our frontier moved
         since the last one (None otherwise)."""
-        replica = await self._replicas.load(context_id)
+        return await self.ours_of(await self._replicas.load(context_id))
+
+    async def ours_of(self, replica: Replica) -> bytes | None:
+        """`ours` for a replica in memory."""
+        context_id = replica.context_id
         async with replica.lock:
             authority = replica.authority
             me = replica.member_key.public_key().public_bytes_raw()
-            if me not in ever_admins(authority.resolution()):
-                return None
             frontier = authority.frontier()
-            if not frontier or self._sent.get(context_id) == frontier:
+            # The cheap test first: resolving who was ever admin walks every op, and most
+            # rounds find nothing moved. Our own stored ack counts as sent (a restart).
+            sent = self._sent.get(context_id, authority.acks.get(tag(me)))
+            if not frontier or sent == frontier:
+                return None
+            self.examined += 1
+            if me not in ever_admins(authority.resolution()):
+                self._sent[context_id] = frontier  # looked at; nothing to send until it moves
                 return None
             hlc = replica.clock.now(self._replicas.physical_now()).time
             wire = sign_ack(replica.member_key, context_id, frontier, hlc)
@@ -158,11 +172,24 @@ async def _ack_loop(
 ) -> None:
     while True:
         await trio.sleep(interval)
-        for context_id in sorted(replicas.known_ids()):
-            try:
-                wire = await book.ours(context_id)
-            except ContextError:
-                continue
-            if wire is not None:
-                publish(context_id, wire)
-                book.metrics.ack("sent")
+        await ack_round(book, replicas, publish)
+
+
+async def ack_round(book: AckBook, replicas: ReplicaStore, publish: Publish) -> int:
+    """One round of `serve_acks`: our ack of each *loaded* context whose frontier moved;
+    returns how many were sent.
+
+    Only replicas in memory are looked at, never loaded for this: what we hold can only
+    move while a replica is loaded (every delta is applied to one), and a context loaded
+    again after a restart is compared with our stored ack (`AckBook.ours_of`)."""
+    sent = 0
+    for replica in sorted(replicas.loaded(), key=lambda r: r.context_id):
+        try:
+            wire = await book.ours_of(replica)
+        except ContextError:
+            continue
+        if wire is not None:
+            publish(replica.context_id, wire)
+            book.metrics.ack("sent")
+            sent += 1
+    return sent

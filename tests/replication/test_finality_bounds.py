@@ -1,0 +1,82 @@
+"""What finality costs and bounds on an in-process cluster: `serve_acks` looks only at
+contexts whose frontier moved; equivocation against a folded delta is still seen after a
+restart; the undo log is bounded by `auth.max_nonfinal_bytes`; a folded parent is
+answered "folded" (context/acks.py, context/folding.py, context/finality.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from msgspec.structs import replace
+
+from tests.replication.cluster_helpers import LIMIT, share, wait_converged, write
+from trionode.config import FileConfig
+from trionode.context.acks import ack_round
+from trionode.context.replicas import Replica
+from trionode.node import Node
+from trionode.testing import open_cluster
+
+
+def no_ack_loop(config: FileConfig) -> FileConfig:
+    """The node's own ack loop stays idle: the test runs the rounds."""
+    return replace(config, sync=replace(config.sync, ack_interval=1e6))
+
+
+async def test_an_ack_round_loads_nothing_and_resolves_only_what_moved(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=no_ack_loop, restartable=True) as cluster:
+            a, b = cluster
+            contexts = [await share(cluster, [0, 1], "notes") for _ in range(4)]
+            for context in contexts:
+                await write(b, context, "set_title", title="x")
+                await wait_converged(cluster, list(cluster), context)
+            sent: list[bytes] = []
+            loads: list[bytes] = []
+
+            def publish(context_id: bytes, wire: bytes) -> None:
+                sent.append(context_id)
+
+            async def round_on(node: Node) -> int:
+                """One ack round, counting the contexts it loads (none may be)."""
+                replicas = node.contexts.replicas
+                load = replicas.load
+
+                async def counting_load(context_id: bytes) -> Replica:
+                    loads.append(context_id)
+                    return await load(context_id)
+
+                with monkeypatch.context() as patch:
+                    patch.setattr(replicas, "load", counting_load)
+                    return await ack_round(node.acks, replicas, publish)
+
+            assert await round_on(a) == 4
+            assert sorted(sent) == sorted(contexts)
+            examined = a.acks.examined
+            # Nothing moved: the next round resolves no membership and sends nothing.
+            assert await round_on(a) == 0
+            assert a.acks.examined == examined
+            # One context moves: only it is looked at again.
+            await write(b, contexts[2], "set_title", title="y")
+            await wait_converged(cluster, list(cluster), contexts[2])
+            sent.clear()
+            assert await round_on(a) == 1
+            assert sent == [contexts[2]]
+            assert a.acks.examined == examined + 1
+            # After a restart: a round loads no context, and a loaded one whose frontier
+            # equals our stored ack is not acked again.
+            await cluster.crash(0)
+            a = await cluster.restart(0)
+            replicas = a.contexts.replicas
+            for replica in replicas.loaded():
+                replicas.forget_loaded(replica.context_id)
+            await replicas.load(contexts[0])
+            sent.clear()
+            assert await round_on(a) == 0
+            assert a.acks.examined == 0
+            assert [r.context_id for r in replicas.loaded()] == [contexts[0]]
+            assert loads == [], "an ack round loaded a context"
