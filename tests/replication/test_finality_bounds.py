@@ -12,11 +12,29 @@ import trio
 import trio.testing
 from msgspec.structs import replace
 
-from tests.replication.cluster_helpers import LIMIT, share, wait_converged, write
+from tests.replication.cluster_helpers import (
+    LIMIT,
+    deltas,
+    forge,
+    header_of,
+    member_key,
+    share,
+    wait_converged,
+    write,
+)
+from trionode.auth.model import Verdict
 from trionode.config import FileConfig
 from trionode.context.acks import ack_round
-from trionode.context.replicas import Replica
+from trionode.context.replicas import (
+    ACK_PREFIX,
+    BASE_PREFIX,
+    CHECKPOINT_VV_PREFIX,
+    FOLDED_SEQ_PREFIX,
+    Replica,
+)
+from trionode.dag.delta import DeltaBody, verify_delta
 from trionode.node import Node
+from trionode.store.lmdb_store import Column
 from trionode.testing import open_cluster
 
 
@@ -80,3 +98,49 @@ async def test_an_ack_round_loads_nothing_and_resolves_only_what_moved(
             assert a.acks.examined == 0
             assert [r.context_id for r in replicas.loaded()] == [contexts[0]]
             assert loads == [], "an ack round loaded a context"
+
+
+def fold_fast(config: FileConfig) -> FileConfig:
+    return replace(
+        config,
+        store=replace(config.store, delta_retention=0.0, fold_interval=1.0),
+        sync=replace(config.sync, ack_interval=2.0),
+    )
+
+
+async def test_equivocation_against_a_folded_delta_is_seen_after_a_restart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=fold_fast, restartable=True) as cluster:
+            a, c = cluster
+            context = await share(cluster, [0, 1], "notes")
+            first = await write(c, context, "set_title", title="one")
+            folded = await header_of(c, context, first)
+            await write(c, context, "set_title", title="two")
+            await wait_converged(cluster, list(cluster), context)
+            await trio.sleep(10)  # acks go round, then folding
+            await cluster.settle()
+            assert await a.contexts.read_delta(context, first) is None, "not folded"
+            await cluster.crash(0)
+            a = await cluster.restart(0)
+            # C signs a second delta with the sequence number of its folded one.
+            twin = await forge(
+                a,
+                context,
+                await member_key(c, context),
+                DeltaBody(records=[], events=[], root_hash=bytes(32)),
+                parents=folded.parents,
+            )
+            assert verify_delta(twin).seq == folded.seq
+            filtered = deltas(a, "auth_filtered")
+            await a.contexts.receive(context, twin.encode())
+            authority = (await a.contexts.replica(context)).authority
+            assert authority.verdicts[twin.id] is Verdict.FILTERED
+            assert authority.judge(twin.id)[1] == "equivocation"
+            assert deltas(a, "auth_filtered") == filtered + 1
+            # Deleting the context takes its finality rows with it (a later join starts
+            # from nothing it held before).
+            await a.contexts.delete(context)
+            for prefix in (BASE_PREFIX, ACK_PREFIX, CHECKPOINT_VV_PREFIX, FOLDED_SEQ_PREFIX):
+                assert await a.store.raw_scan(Column.GENERIC, prefix=prefix + context) == []

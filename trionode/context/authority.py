@@ -273,10 +273,17 @@ class ContextAuthority:
 
     def fold(self, delta_id: bytes) -> None:
         """A final delta was folded (context/folding.py): it is a checkpoint from now on,
-        known by its vector only, as it will be after a restart."""
+        known by its vector (and its (author, seq), kept in `by_author_seq` for
+        equivocation), as it will be after a restart."""
         meta = self.meta.pop(delta_id)
         self.verdicts.pop(delta_id, None)
         self.checkpoint_vv[delta_id] = dict(meta.vv)
+
+    def note_folded(self, delta_id: bytes, author_tag: bytes, seq: int) -> None:
+        """A delta folded before a restart (only its vector is left, as a checkpoint): its
+        (author, seq) is still taken, so a second delta with it equivocates."""
+        self.by_author_seq.setdefault((author_tag, seq), set()).add(delta_id)
+        self.max_seq[author_tag] = max(self.max_seq.get(author_tag, 0), seq)
 
     def is_final(self, delta_id: bytes) -> bool:
         meta = self.meta.get(delta_id)

@@ -5,8 +5,9 @@ which is older than `store.delta_retention` is *folded*: its records, if it stoo
 joined into the context's final state, and its body leaves the delta column. What stays
 is what a checkpoint is (serving.py): an empty delta row (the id stays applied, so the DAG
 and its children are intact across restarts) and its version vector (so a child's chain
-checks still pass). Folding is one bounded batch per LMDB transaction, under the
-replica's lock.
+checks still pass), plus its author and sequence number (`ckseq/`): a second delta that
+author signs with the same number equivocates, and must still be seen to after a restart.
+Folding is one bounded batch per LMDB transaction, under the replica's lock.
 
 The final state is the `base/` rows the rebuild already starts from: those were "records
 no delta body here carries" (snapshot pages, tree comparison) and folded records are
@@ -28,7 +29,7 @@ import logging
 
 import trio
 
-from trionode.auth.model import Verdict
+from trionode.auth.model import Verdict, tag
 from trionode.context.authority import encode_vv
 from trionode.context.errors import ContextError
 from trionode.context.records import DELTAS
@@ -36,8 +37,10 @@ from trionode.context.replicas import (
     AUX,
     BASE_PREFIX,
     CHECKPOINT_VV_PREFIX,
+    FOLDED_SEQ_PREFIX,
     Replica,
     ReplicaStore,
+    folded_seq,
 )
 from trionode.crdt import Entity, decode_entities, decode_entity, encode_entity, ntp64_from_unix
 from trionode.dag.delta import decode_delta, open_delta, verify_delta
@@ -86,6 +89,11 @@ async def fold_once(
                         joined[record.id] = record if known is None else known.join(record)
             batch.put(DELTAS, context_id + delta_id, b"")
             batch.put(AUX, CHECKPOINT_VV_PREFIX + context_id + delta_id, encode_vv(meta.vv))
+            batch.put(
+                AUX,
+                FOLDED_SEQ_PREFIX + context_id + delta_id,
+                folded_seq(tag(meta.author), meta.seq),
+            )
         for entity_id, entity in joined.items():
             batch.put(AUX, BASE_PREFIX + context_id + entity_id, encode_entity(entity))
         await replicas.write(replica, batch)

@@ -69,6 +69,14 @@ ACK_PREFIX: Final = b"ack/"
 """ack/ ‖ context ‖ author tag → the latest signed ack of that author (context/acks.py)."""
 CHECKPOINT_VV_PREFIX = b"ckvv/"
 """ckvv/ ‖ context ‖ delta id → the version vector of a checkpoint (as its source said)."""
+FOLDED_SEQ_PREFIX: Final = b"ckseq/"
+"""ckseq/ ‖ context ‖ delta id → author tag ‖ sequence number (8 bytes, big-endian) of a
+delta folded here (context/folding.py): a second delta its author signs with that number
+is still seen as equivocation once the body is gone, restarts included."""
+
+
+def folded_seq(author_tag: bytes, seq: int) -> bytes:
+    return author_tag + seq.to_bytes(8, "big")
 
 
 @attrs.define
@@ -237,6 +245,10 @@ class ReplicaStore:
         for column in (Column.STATE, Column.DELTA, Column.IDENTITY, Column.PENDING):
             for key, _ in await self.store.raw_scan(column, prefix=context_id):
                 batch.ops.append(Delete(column, key))
+        # The finality rows too: a context joined again must not start from old base rows.
+        for prefix in (BASE_PREFIX, ACK_PREFIX, CHECKPOINT_VV_PREFIX, FOLDED_SEQ_PREFIX):
+            for key, _ in await self.store.raw_scan(Column.GENERIC, prefix=prefix + context_id):
+                batch.ops.append(Delete(Column.GENERIC, key))
         for key, _ in await self.store.scan(HANDLER_RUNS, prefix=HANDLER_PREFIX + context_id):
             batch.delete(HANDLER_RUNS, key)
         await self.store.write(batch)
@@ -335,6 +347,10 @@ class ReplicaStore:
                 ops.append((delta_id, header))
         for key, value in await self.store.scan(AUX, prefix=CHECKPOINT_VV_PREFIX + context_id):
             authority.checkpoint_vv[key[len(CHECKPOINT_VV_PREFIX) + 32 :]] = decode_vv(value)
+        for key, value in await self.store.scan(AUX, prefix=FOLDED_SEQ_PREFIX + context_id):
+            if len(value) > 8:
+                delta_id = key[len(FOLDED_SEQ_PREFIX) + 32 :]
+                authority.note_folded(delta_id, value[:-8], int.from_bytes(value[-8:], "big"))
         for _, value in await self.store.scan(AUX, prefix=ACK_PREFIX + context_id):
             try:
                 ack = open_ack(value, context_id)
