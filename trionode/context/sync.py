@@ -426,10 +426,17 @@ class SyncManager:
     async def _drop_stale_heads(
         self, context_id: bytes, peer: HeadsResponse, ours: Iterable[bytes]
     ) -> list[bytes]:
-        """Every head of the peer's is applied here: drop our stale heads
-        (`plan.stale_heads`). Returns our heads now."""
+        """If every head of the peer's is applied here, drop our stale heads
+        (`plan.stale_heads`). Returns our heads now.
+
+        A peer head we only hold *pending* (waiting for our clock, say) must not pass:
+        `adopt_heads` would record it as a checkpoint, as if its effects had come as state,
+        and no state comes here; it would count as applied without its records, leaving
+        us at the peer's heads with a different root."""
         stale = plan.stale_heads(peer, ours)
-        if not stale:
+        if not stale or len(await self.contexts.applied(context_id, peer.heads)) < len(
+            set(peer.heads)
+        ):
             return sorted(ours)
         log.info("%d stale heads in %s", len(stale), context_id.hex()[:12])
         _, heads = await self.contexts.adopt_heads(context_id, peer.heads, stale)
