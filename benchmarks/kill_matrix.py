@@ -14,12 +14,15 @@ acknowledged when the node's JSON-RPC answered it.
   (``trionode_sync_serving``) and deltas sent since C came back
   (``trionode_sync_served_deltas_total``; only C lacks any), and afterwards C's own
   metrics show its session failed;
-* ``snapshot-join``: A writes 192 values of 60 KiB; a fourth node D, asking for 64 KiB
-  pages (some 200 of them), joins; the join answers once its snapshot is in, and before
-  that, once D's ``/metrics`` show a page joined (``trionode_snapshot_pages_total``), D is
-  killed; before D restarts, its datastore must hold the
-  snapshot's progress marker, unfinished (so the kill landed mid-snapshot), and D resumes
-  from it;
+* ``snapshot-join``: a snapshot carries only *final* state (folded deltas: the base rows;
+  everything else reaches a joiner by delta sync), so A is first restarted to fold at once
+  (``store.delta_retention`` 0; A is the only admin, so each of its writes makes what it
+  held final), writes 192 values of 60 KiB and folds them (its sync status counts the
+  checkpoints); a fourth node D, asking for 64 KiB pages (some 190 of them), joins; the
+  join answers once its snapshot is in, and before that, once D's ``/metrics`` show a
+  page joined (``trionode_snapshot_pages_total``), D is killed; before D restarts, its
+  datastore must hold the snapshot's progress marker, unfinished (so the kill landed
+  mid-snapshot), and D resumes from it;
 * ``key-rotation``: A removes D (a removal introduces a new key, sealed to the others) and
   is killed as soon as the removal is answered, while B writes; after its restart A writes
   with the new key.
@@ -82,6 +85,10 @@ SNAPSHOT_VALUE_BYTES: Final = 60 * 1024
 page, so its snapshot is some 200 round trips and commits (an app event may carry 64 KiB,
 and kv_store's carry the value, so values cannot be larger)."""
 SNAPSHOT_PAGE_BYTES: Final = 64 * 1024
+FOLDING: Final[dict[str, object]] = {"delta_retention": 0.0, "fold_interval": 0.5}
+"""A's ``store`` settings for ``snapshot-join``: final deltas fold within half a second."""
+FOLD_WAIT: Final = 60.0
+"""Seconds A may take to fold the snapshot's values."""
 CLIENT_ERRORS: Final = (ApiError, httpx.HTTPError, OSError)
 
 
@@ -167,15 +174,18 @@ class Cluster:
         """A new home; `sections` override settings of config.toml (``sync={...}``)."""
         home = self.base / name
         init_home(home, swarm_port=0, server_port=0, swarm_host="127.0.0.1", mdns=False)
-        if sections:
-            path = home / "config.toml"
-            raw = tomllib.loads(path.read_text())
-            for section, values in sections.items():
-                raw[section].update(values)
-            path.write_text(render_config(parse_config(raw, source=str(path))))
+        _configure(home, sections)
         proc = Proc(name, home)
         self.procs[name] = proc
         return proc
+
+    async def reconfigure(self, proc: Proc, **sections: dict[str, object]) -> None:
+        """Stop `proc` gracefully, change its settings, start it again."""
+        assert proc.process is not None
+        proc.process.terminate()
+        await proc.process.wait()
+        _configure(proc.home, sections)
+        await self.start(proc)
 
     async def start(self, proc: Proc) -> None:
         since = len(proc.log)
@@ -303,6 +313,17 @@ class Cluster:
         return [k for k, v in self.acked.items() if any(p.get(k) != v for p in present)]
 
 
+def _configure(home: Path, sections: dict[str, dict[str, object]]) -> None:
+    """Override settings of the home's config.toml (``{"sync": {...}}``)."""
+    if not sections:
+        return
+    path = home / "config.toml"
+    raw = tomllib.loads(path.read_text())
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path.write_text(render_config(parse_config(raw, source=str(path))))
+
+
 async def _pump(proc: Proc, process: trio.Process) -> None:
     assert process.stderr is not None
     while chunk := await process.stderr.receive_some():
@@ -415,8 +436,18 @@ async def snapshot_marker(proc: Proc, context_id: str) -> snapshot.SnapshotProgr
         return await snapshot.load_progress(store, base58.b58decode(context_id))
 
 
+async def checkpoints(c: Cluster, name: str) -> int:
+    """How many checkpoints node `name` holds (folded deltas among them), from its sync
+    status."""
+    async with c.procs[name].client() as client:
+        status = await client.request("GET", f"/admin-api/contexts/{c.context}/sync")
+    return int(status["finality"]["checkpoints"])
+
+
 async def case_snapshot_join(c: Cluster) -> CaseResult:
-    async with trio.open_nursery() as nursery:  # a state of many snapshot pages
+    await c.reconfigure(c.procs["a"], store=FOLDING)
+    before = await checkpoints(c, "a")
+    async with trio.open_nursery() as nursery:  # a final state of many snapshot pages
 
         async def write_some(n: int) -> None:
             for _ in range(n):
@@ -424,6 +455,14 @@ async def case_snapshot_join(c: Cluster) -> CaseResult:
 
         for _ in range(8):
             nursery.start_soon(write_some, SNAPSHOT_VALUES // 8)
+    # Every value but the newest (a head never folds) is final once A wrote on it; the
+    # handler runs its events start on B and C fold too (so do checkpoints count them).
+    folded = 0
+    with trio.move_on_after(FOLD_WAIT):
+        while folded < SNAPSHOT_VALUES - 1:
+            folded = await checkpoints(c, "a") - before
+            if folded < SNAPSHOT_VALUES - 1:
+                await trio.sleep(0.2)  # polling another process; no event crosses to us
     d = c.add("d", sync={"snapshot_page_bytes": SNAPSHOT_PAGE_BYTES})
     await c.start(d)
     async with d.client() as client:
@@ -454,7 +493,9 @@ async def case_snapshot_join(c: Cluster) -> CaseResult:
     result = await _after_restart(c, "snapshot-join", "d", "abcd", mine=[], note=evidence)
     resumed = (await c.metrics("d")).total("trionode_snapshot_pages_total")
     return attrs.evolve(
-        result, inside=inside, note=f"{evidence}; {resumed:.0f} more pages after the restart"
+        result,
+        inside=inside,
+        note=f"A folded {folded} deltas; {evidence}; {resumed:.0f} more pages after the restart",
     )
 
 
