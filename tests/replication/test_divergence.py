@@ -14,9 +14,11 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from trionode.node import Node
 from trionode.testing import open_cluster
 
 from .cluster_helpers import call, metric, share, wait_converged, write
+from .test_sync_protocols import quiet
 
 AHEAD = 60.0
 """Seconds node A's wall clock leads B's: beyond `sync.max_clock_drift` (5 s), within the
@@ -53,3 +55,51 @@ async def test_a_delta_waiting_for_the_clock_is_not_taken_as_applied_by_a_sync(
         for node in (a, b):
             assert metric(node, "trionode_sync_divergence_total") == 0
             assert metric(node, "trionode_sync_records_total", direction="pulled") == 0
+
+
+async def test_a_covered_delta_the_source_filtered_is_judged_not_assumed_accepted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """B adopts A's heads as checkpoints (as a tree comparison does once B holds A's state
+    as of them) while B holds one of them pending: C's write w1, which A filtered (A
+    removed C concurrently). The adoption covers w1: applied, its body kept. It used to be
+    marked accepted without a verdict of its own, so the next rebuild on B (here: A demotes
+    B concurrently with B's own write) joined w1's records, which A never shows: same
+    heads, different root. Now w1 is judged once the ops it is covered with are in."""
+    async with open_cluster(3, tmp_path, configure=quiet) as cluster:
+        a, b, c = cluster.nodes
+        context = await share(cluster, [0, 1, 2])
+        await cluster.partition([0])
+        await cluster.partition([1], [2])  # each node alone: deltas go where the test says
+        w0 = await write(c, context, "set", key="c0", value="x")
+        w1 = await write(c, context, "set", key="c1", value="y")
+        wb = await write(b, context, "set", key="b0", value="z")
+        c_key, _ = await c.contexts.member_key(context)
+        b_key, _ = await b.contexts.member_key(context)
+        await a.contexts.change_members(context, [(c_key, None)])  # concurrent with w0, w1
+        for delta in (w0, w1):
+            await a.contexts.receive(context, await wire(c, context, delta))
+        assert await call(a, context, "get", key="c1") is None  # filtered on A
+        await b.contexts.receive(context, await wire(c, context, w1))
+        assert (await b.contexts.state(context))[2] == 1  # pending: B lacks w0
+
+        _, heads, _ = await a.contexts.state(context)
+        assert w1 in heads
+        ops, vvs = await a.contexts.auth_export(context, heads)
+        await b.contexts.adopt_auth(context, ops, vvs)
+        await b.contexts.adopt_heads(context, heads)
+        assert await b.contexts.applied(context, [w1]) == {w1}
+
+        demotion = await a.contexts.change_members(context, [(b_key, "read-only")])
+        await b.contexts.receive(context, demotion.encode())  # wb is filtered: B rebuilds
+        await a.contexts.receive(context, await wire(b, context, wb))
+        assert await call(b, context, "get", key="b0") is None
+        assert await call(b, context, "get", key="c1") is None
+        assert await call(b, context, "entries") == await call(a, context, "entries")
+        assert await a.contexts.state(context) == await b.contexts.state(context)
+
+
+async def wire(node: Node, context: bytes, delta_id: bytes) -> bytes:
+    data = await node.contexts.read_delta(context, delta_id)
+    assert data is not None
+    return data

@@ -125,7 +125,8 @@ class ContextAuthority:
     _judged: Resolution | None = None
     """The resolution the verdicts were last computed under."""
     _touched: set[bytes] = attrs.field(factory=set)
-    """Authors that equivocated since then."""
+    """Authors whose deltas the next rejudge must judge again (they equivocated, or deltas
+    of theirs were applied without a verdict of their own: `recheck`)."""
     latest: dict[bytes, tuple[int, Mapping[bytes, int]]] = attrs.field(factory=dict)
     """Author tag → (seq, vv) of its latest delta held: its implicit ack."""
     acks: dict[bytes, dict[bytes, int]] = attrs.field(factory=dict)
@@ -343,6 +344,11 @@ class ContextAuthority:
                 changed[delta_id] = (was, now)
                 self.verdicts[delta_id] = now
         return changed
+
+    def recheck(self, author: bytes) -> None:
+        """Judge `author`'s applied deltas again at the next `rejudge` (a verdict of theirs
+        was assumed, not computed)."""
+        self._touched.add(author)
 
     def judged(self) -> None:
         """Every verdict is current (after a load): later rejudges may be incremental."""

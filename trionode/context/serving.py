@@ -394,8 +394,16 @@ class SyncServing:
                         applying.auth_changed = True
                         learn_keys(replica, batch, header.auth)
                     replica.authority.record(delta_id, header)
+                    applying.fresh[delta_id] = delta  # a rebuild in this batch reads it here
                     if header.auth is None:
-                        replica.authority.verdicts[delta_id] = Verdict.ACCEPTED  # came as state
+                        # Taken as accepted (its effects came as state, if the source had
+                        # accepted it), then judged like any delta once every covered op is
+                        # in: the source may have filtered it (its records are then not in
+                        # the state), and assumed accepted for good, the next rebuild here
+                        # would join its records, which no other member holds.
+                        replica.authority.verdicts[delta_id] = Verdict.ACCEPTED
+                        replica.authority.recheck(header.author)
+                        applying.auth_changed = True
 
             released, covered = replica.dag.checkpoint(
                 heads,
