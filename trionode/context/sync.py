@@ -133,6 +133,9 @@ class _ContextSync:
     failures: int = 0
     next_attempt: float = 0.0
     lock: trio.Lock = attrs.field(factory=trio.Lock)
+    waiting: dict[PeerId, None] = attrs.field(factory=dict)
+    """Peers a session was asked for (a re-subscription, a heartbeat with news) while one
+    was running, oldest first: each gets its turn when the running one ends."""
 
 
 @attrs.define
@@ -260,10 +263,28 @@ class SyncManager:
             self._start(context_id, peer)
 
     def _start(self, context_id: bytes, peer: PeerId | None) -> None:
-        if context_id in self._running or self._nursery is None:
+        if self._nursery is None:
+            return
+        if context_id in self._running:
+            # One session per context at a time, but a peer that asked for one now (it just
+            # came back with what we lack) must not wait for a heartbeat: it goes next.
+            if peer is not None:
+                waiting = self._state.setdefault(context_id, _ContextSync()).waiting
+                if peer in waiting or len(waiting) < self.max_peer_status:
+                    waiting[peer] = None
             return
         self._running.add(context_id)
         self._nursery.start_soon(self._session, context_id, peer)
+
+    def _next_waiting(self, context_id: bytes, state: _ContextSync) -> None:
+        """Start the session the oldest still-connected waiting peer asked for."""
+        connected = self.replicator.host.connections
+        while state.waiting:
+            peer = next(iter(state.waiting))
+            del state.waiting[peer]
+            if peer in connected:
+                self._start(context_id, peer)
+                return
 
     async def sync_now(self, context_id: bytes, peer: PeerId | None = None) -> int:
         """Run one session now (skipping the interval); returns deltas applied."""
@@ -295,6 +316,11 @@ class SyncManager:
                 state.failures = 0
             self._record(context_id, chosen, run, None)
             self.metrics.deltas.inc(run.applied)
+            if run.applied:
+                # Deltas that came by sync are not gossiped again: tell the topic our new
+                # heads now, so peers that lack them (the other side of a healed partition,
+                # reachable only through us) pull at once instead of at the next heartbeat.
+                await self._heartbeat(context_id)
             return run.applied
         except SESSION_ERRORS as exc:
             if isinstance(exc, snapshot.SnapshotRefused):
@@ -321,6 +347,9 @@ class SyncManager:
             self._running.discard(context_id)
             self.metrics.sessions.labels(run.protocol, run.outcome).inc()
             self.metrics.duration.observe(time.perf_counter() - started)
+            if chosen is not None:
+                state.waiting.pop(chosen, None)  # just had its session
+            self._next_waiting(context_id, state)
 
     def _record(
         self, context_id: bytes, peer: PeerId | None, run: _Run, error: BaseException | None
@@ -522,14 +551,18 @@ class SyncManager:
         while True:
             await trio.sleep(self.heartbeat)
             for context_id in self.contexts.known_ids():
-                try:
-                    root, heads, _ = await self.contexts.state(context_id)
-                except ContextError:
-                    continue
-                message = Heartbeat(context_id=context_id, heads=heads[:256], root_hash=root)
-                self.replicator.subscribe(context_id)
-                self.pubsub.publish(topic_for(context_id), encode_gossip(message))
-                self.metrics.heartbeats.labels("sent").inc()
+                await self._heartbeat(context_id)
+
+    async def _heartbeat(self, context_id: bytes) -> None:
+        """Publish our (heads, root) of one context on its topic."""
+        try:
+            root, heads, _ = await self.contexts.state(context_id)
+        except ContextError:
+            return
+        message = Heartbeat(context_id=context_id, heads=heads[:256], root_hash=root)
+        self.replicator.subscribe(context_id)
+        self.pubsub.publish(topic_for(context_id), encode_gossip(message))
+        self.metrics.heartbeats.labels("sent").inc()
 
     async def _receive_heartbeats(
         self, heartbeats: trio.MemoryReceiveChannel[tuple[PeerId, Heartbeat]]

@@ -1,0 +1,85 @@
+"""Heal at once (issue #17 item 3): after a partition heals, a member peer's reconnection or
+re-subscription to a context's topic starts a sync session right away, so convergence does
+not wait for a sync heartbeat or tick. Heartbeats and ticks are pushed out of reach here
+(10,000 virtual seconds), so only the heal-at-once path can converge the nodes in time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+from msgspec.structs import replace
+
+from trionode.config import FileConfig
+from trionode.testing import open_cluster
+
+from .cluster_helpers import call, share, wait_converged, write
+
+QUIET = 10_000.0
+"""Seconds: heartbeats and ticks that never come within a test."""
+
+
+def _no_safety_net(file: FileConfig) -> FileConfig:
+    return replace(file, sync=replace(file.sync, heartbeat=QUIET, interval=QUIET))
+
+
+HEAL_LIMIT = 5.0
+"""Virtual seconds: the reconnect (the cluster's redial backoff is at most 2 s) plus one
+jittered session, far below a heartbeat or tick period."""
+
+
+async def test_partition_heals_without_heartbeats(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_cluster(5, tmp_path, configure=_no_safety_net) as cluster:
+        nodes = cluster.nodes
+        context = await share(cluster, list(range(5)), app="chat")
+        for r in range(4):
+            await cluster.partition([0])
+            for i, node in enumerate(nodes):
+                await write(node, context, "post", text=f"r{r}n{i}")
+            await trio.sleep(0.37 * r)  # heal at different phases of the redial backoff
+            await cluster.heal(wait=False)
+            await wait_converged(cluster, nodes, context, limit=HEAL_LIMIT)
+        assert await call(nodes[-1], context, "count") == 4 * 5
+
+
+def _no_jitter(file: FileConfig) -> FileConfig:
+    file = _no_safety_net(file)
+    return replace(file, sync=replace(file.sync, join_jitter=0.0))
+
+
+async def test_heal_into_three_islands_syncs_with_every_returning_peer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Each node is alone; at the heal each one sees both others re-subscribe at the same
+    # moment. A session with one of them must not swallow the request of the other.
+    async with open_cluster(3, tmp_path, configure=_no_jitter) as cluster:
+        nodes = cluster.nodes
+        context = await share(cluster, [0, 1, 2], app="chat")
+        await cluster.partition([0], [1, 2])
+        await cluster.partition([1], [2])
+        for i, node in enumerate(nodes):
+            await write(node, context, "post", text=f"n{i}")
+        await cluster.heal(wait=False)
+        await wait_converged(cluster, nodes, context, limit=60.0)
+        assert await call(nodes[2], context, "count") == 3
+
+
+async def test_hub_passes_on_what_one_side_brought_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # B - A - C: B and C reach each other only through A. Whatever A pulls from one side at
+    # the heal must reach the other side without waiting for a heartbeat.
+    async with open_cluster(
+        3, tmp_path, configure=_no_safety_net, connect=[(0, 1), (0, 2)]
+    ) as cluster:
+        nodes = cluster.nodes
+        context = await share(cluster, [0, 1, 2], app="chat")
+        await cluster.partition([0], [1, 2])
+        for i, node in enumerate(nodes):
+            await write(node, context, "post", text=f"n{i}")
+        await cluster.heal(wait=False)
+        await wait_converged(cluster, nodes, context, limit=60.0)
+        assert await call(nodes[1], context, "count") == 3
