@@ -467,8 +467,18 @@ class SyncSection(_Section, frozen=True):
     snapshot_page_records: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1000
     """Records a joiner asks for per snapshot page (responders serve at most 4,096)."""
     snapshot_page_bytes: Annotated[int, msgspec.Meta(ge=1024, le=4 * MiB)] = MiB
-    """Bytes a joiner asks for per snapshot page. Each page is a round trip and a commit
-    with the progress marker, so smaller pages lose less to a crash and cost more time."""
+    """Bytes a joiner asks for per snapshot page (responders serve at most 4 MiB)."""
+    snapshot_window: Annotated[int, msgspec.Meta(ge=2, le=64)] = 16
+    """Snapshot pages the responder may send ahead of the joiner's writes: the joiner
+    buffers at most this many pages, and commits every half window (or
+    `snapshot_batch_bytes`), with its progress marker, while the next half streams in."""
+    snapshot_batch_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024, le=256 * MiB)] = 16 * MiB
+    """Record bytes a joiner commits in one LMDB write (with the progress marker): larger
+    batches write faster, smaller ones lose less to a crash."""
+    snapshot_idle_timeout: PositiveFloat = 60.0
+    """Seconds a streamed snapshot may go without a page (joiner) or a credit (responder).
+    A snapshot stream has this deadline instead of `timeout` and `serve_timeout`, so a long
+    one is never cut while it moves."""
 
 
 class AppsSection(_Section, frozen=True):

@@ -244,6 +244,7 @@ class Node:
             heartbeats=send_heartbeats,
             serve_max_requests=config.sync.serve_max_requests,
             serve_timeout=config.sync.serve_timeout,
+            snapshot_idle_timeout=config.sync.snapshot_idle_timeout,
             acks=self.acks.receive,
             authored=receive_authored,
             max_batch_bytes=config.replication.gossip_batch_bytes,
@@ -264,6 +265,9 @@ class Node:
             max_peer_status=config.sync.max_peer_status,
             snapshot_page_records=config.sync.snapshot_page_records,
             snapshot_page_bytes=config.sync.snapshot_page_bytes,
+            snapshot_window=config.sync.snapshot_window,
+            snapshot_batch_bytes=config.sync.snapshot_batch_bytes,
+            snapshot_idle_timeout=config.sync.snapshot_idle_timeout,
         )
         self.blob_transfer = BlobTransfer(
             self.blobs,

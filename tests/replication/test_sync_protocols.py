@@ -30,6 +30,7 @@ from trionode.dag.dag import CausalDag
 from trionode.dag.delta import GENESIS
 from trionode.errors import RemoteProtocolError
 from trionode.node import Node
+from trionode.sync.driver import SyncServer
 from trionode.testing import Cluster, open_cluster
 from trionode.wire.messages import (
     MAX_FRAME,
@@ -159,17 +160,17 @@ class Pages:
 
 
 def slow_pages(monkeypatch: pytest.MonkeyPatch, seconds: float = 1.0) -> Pages:
-    """Every snapshot page takes `seconds` (virtual) to serve."""
+    """Every streamed snapshot page takes `seconds` (virtual) to serve."""
     pages = Pages()
-    original = snapshot.serve_page
+    original = SyncServer._read_snapshot_page
 
-    async def slow(*args: Any) -> SnapshotPage:
+    async def slow(*args: Any) -> Any:
         await trio.sleep(seconds)
         page = await original(*args)
         pages.count()
         return page
 
-    monkeypatch.setattr(treecmp, "serve_page", slow)
+    monkeypatch.setattr(SyncServer, "_read_snapshot_page", slow)
     return pages
 
 
@@ -278,6 +279,7 @@ async def test_10_join_while_writes_continue(
             await converged(cluster, [a, b], context)
             await fold_now(cluster)
             c.sync.snapshot_page_records = 8
+            c.sync.snapshot_window = 2  # one page per write: progress is persisted per page
             served = slow_pages(monkeypatch)
             during: list[bytes] = []
             pages_at_last_write = 0
@@ -506,6 +508,7 @@ async def test_snapshot_resumes_after_dropped_connection_and_reload(
                 await put(a, context, f"k{i:03}")
             await fold_now(cluster)
             c.sync.snapshot_page_records = 8
+            c.sync.snapshot_window = 2  # one page per write: progress is persisted per page
             served = slow_pages(monkeypatch)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(join, cluster, 0, 1, context)
@@ -680,11 +683,13 @@ async def test_bad_answers_fail_the_session_and_change_nothing(
                 await put(a, context, f"k{i}")
             await fold_now(cluster)
 
-            async def shuffled(*args: Any) -> SnapshotPage:
-                page = await snapshot.serve_page(*args)
-                return msgspec.structs.replace(page, records=page.records[::-1])
+            original = SyncServer._read_snapshot_page
 
-            monkeypatch.setattr(treecmp, "serve_page", shuffled)
+            async def shuffled(*args: Any) -> Any:
+                records, next_cursor, begin = await original(*args)
+                return records[::-1], next_cursor, begin
+
+            monkeypatch.setattr(SyncServer, "_read_snapshot_page", shuffled)
             await join(cluster, 0, 1, context)  # the join succeeds; its snapshot does not
             assert sessions(c, "snapshot", "failed") == 1
             assert await c.contexts.is_fresh(context)

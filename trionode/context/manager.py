@@ -52,6 +52,7 @@ from trionode.context.processing import (
 from trionode.context.records import DELTAS
 from trionode.context.replicas import DagLimits, Replica, ReplicaStore, stage_state
 from trionode.context.serving import StateAheadError, SyncServing
+from trionode.context.snapshot_state import SnapshotState
 from trionode.crdt import StateTree, ntp64_from_unix
 from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE
 from trionode.sdk.app import App
@@ -129,6 +130,7 @@ class ContextManager:
             self.replicas, self.writer, apps, self.metrics, self.pipeline, read_only=read_only
         )
         self.serving = SyncServing(self.replicas, self.processor, hub, self.metrics)
+        self.snapshots = SnapshotState(self.replicas, self.serving, hub, self.metrics)
         self.store: AsyncStore = store
         self._apps = apps
 
@@ -185,6 +187,13 @@ class ContextManager:
         self.auth_export = serving.auth_export
         self.adopt_auth = serving.adopt_auth
         self.adopt_heads = serving.adopt_heads
+        # Streamed snapshots.
+        self.snapshot_first_page = self.snapshots.first_page
+        self.store_snapshot_batch = self.snapshots.store_batch
+        self.check_snapshot_root = self.snapshots.check_root
+        self.check_snapshot_certificate = self.snapshots.check_certificate
+        self.note_snapshot_acks = self.snapshots.note_acks
+        self.discard_snapshot = self.snapshots.discard
 
     # -- queries ---------------------------------------------------------------------------
 

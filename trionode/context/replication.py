@@ -187,6 +187,7 @@ class Replicator:
         heartbeats: trio.MemorySendChannel[tuple[PeerId, Heartbeat]] | None = None,
         serve_max_requests: int = 1024,
         serve_timeout: float | None = None,
+        snapshot_idle_timeout: float = 60.0,
         acks: Callable[[bytes, bytes], Awaitable[bool]] | None = None,
         authored: trio.MemoryReceiveChannel[Authored] | None = None,
         max_batch_bytes: int = 256 * 1024,
@@ -221,6 +222,7 @@ class Replicator:
             session_timeout=serve_timeout,
             serving=metrics.serving,
             served_deltas=metrics.served_deltas,
+            snapshot_idle_timeout=snapshot_idle_timeout,
         )
         self._authored = authored
         """The deltas this node authors, once durable (from the LocalWriter, wired in

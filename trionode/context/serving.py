@@ -145,6 +145,14 @@ class SyncServing:
             next_cursor = entities[len(records) - 1].id if more else None
             return records, next_cursor, boundary, tree.root_hash()
 
+    def final_view(self, replica: Replica) -> tuple[StateTree, list[bytes]]:
+        """The state a snapshot serves and its boundary (`_final_view`; hold the lock)."""
+        return self._final_view(replica)
+
+    def base_changed(self) -> None:
+        """State joined the base rows outside `merge_state` (a streamed snapshot's batch)."""
+        self._base_changes += 1
+
     def _final_view(self, replica: Replica) -> tuple[StateTree, list[bytes]]:
         """The state a snapshot serves, and the checkpoints it stands for (§5.5).
 

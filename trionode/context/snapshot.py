@@ -52,8 +52,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
+import attrs
 import msgspec
 import trio
 from cryptography.exceptions import InvalidSignature
@@ -66,6 +67,10 @@ from trionode.errors import RemoteProtocolError
 from trionode.net.host import Connection
 from trionode.store.lmdb_store import Column
 from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch
+from trionode.sync.errors import SyncViolation
+from trionode.sync.snapshot import SnapshotTake, StoreBatch
+
+__all__ = ["SnapshotTake"]
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
     MAX_IDS,
@@ -80,6 +85,9 @@ from trionode.wire.messages import (
     SyncMessage,
 )
 
+if TYPE_CHECKING:
+    from trionode.sync.driver import SyncChannel
+
 log = logging.getLogger(__name__)
 M = TypeVar("M")
 
@@ -89,6 +97,9 @@ PAGE_BYTES: Final = 1024 * 1024
 SERVE_MAX_RECORDS: Final = MAX_PAGE_RECORDS
 SERVE_MAX_BYTES: Final = 4 * 1024 * 1024
 PAGE_TIMEOUT: Final = 30.0
+WINDOW: Final = 16
+BATCH_BYTES: Final = 16 * 1024 * 1024
+IDLE_TIMEOUT: Final = 60.0
 
 
 class SnapshotRefused(AlreadyExists):
@@ -115,6 +126,12 @@ class SnapshotProgress(msgspec.Struct, frozen=True):
     """Every page is in: only recording the boundary as heads is left."""
     pages: int = 0
     records: int = 0
+    certificate: list[bytes] = []
+    """The finality certificate that came with the boundary (checked at the end)."""
+    entries: int = 0
+    """Records in the state being taken (the responder's count: for progress)."""
+    size: int = 0
+    """Record bytes taken so far."""
 
 
 PROGRESS = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(SnapshotProgress))
@@ -182,25 +199,39 @@ class Channel(Protocol):
     async def receive(self, *, eof_ok: bool = False) -> SyncMessage | None: ...
 
 
+Progress = Callable[[SnapshotProgress, SnapshotTake | None], None]
+"""Called after each stored batch with the persisted marker and the stream's machine (its
+received counts); with None once the snapshot is adopted."""
+
+
 async def take(
     contexts: ContextManager,
-    channel: Channel,
+    channel: SyncChannel,
     conn: Connection,
     peer: PeerId,
     context_id: bytes,
     *,
     page_records: int = PAGE_RECORDS,
     page_bytes: int = PAGE_BYTES,
+    window: int = WINDOW,
+    batch_bytes: int = BATCH_BYTES,
+    idle_timeout: float = IDLE_TIMEOUT,
     on_page: Callable[[], object] | None = None,
+    on_progress: Progress | None = None,
 ) -> tuple[list[bytes], int]:
     """Take (or resume) a snapshot over an authenticated sync `channel` to `peer`; returns
     (boundary heads now adopted, records joined in this call).
 
     Raises SnapshotRefused if the node has state that is not this snapshot's, UntrustedSource
     if the peer does not prove the marker's source, MissingPrerequisite if there is no marker (no
-    trusted source), RemoteProtocolError for bad pages. `on_page` is called once each page is
-    persisted (a metric: progress is visible while the snapshot runs).
+    trusted source), RemoteProtocolError for bad pages (a SyncViolation: RootMismatch,
+    ForgedCertificate, StaleCertificate... — the state it brought is then discarded).
+    `on_page` is called once per page persisted (a metric: progress is visible while the
+    snapshot runs), `on_progress` once per batch.
     """
+    # The driver serves tree comparisons too (trionode.context.treecmp imports this module).
+    from trionode.sync.driver import take_snapshot  # noqa: PLC0415
+
     store = contexts.store
     progress = await load_progress(store, context_id)
     if progress is None:
@@ -226,49 +257,42 @@ async def take(
         if not started:
             progress = msgspec.structs.replace(progress, peer=str(peer))
         joined = 0
-        while not progress.complete:
-            await channel.send(
-                SnapshotRequest(
-                    cursor=progress.cursor, max_records=page_records, max_bytes=page_bytes
-                )
+        if not progress.complete:
+            machine = SnapshotTake(
+                trio.current_time(),
+                cursor=progress.cursor,
+                root_hash=progress.root_hash,
+                window=window,
+                max_records=page_records,
+                max_bytes=page_bytes,
+                batch_bytes=batch_bytes,
+                idle_timeout=idle_timeout,
             )
-            with trio.fail_after(PAGE_TIMEOUT):
-                page = await expect(channel, SnapshotPage)
-            entities = _check_page(page, progress.cursor)
-            first = progress.heads is None
-            progress = msgspec.structs.replace(
-                progress,
-                heads=page.heads if first else progress.heads,
-                root_hash=page.root_hash if first else progress.root_hash,
-                cursor=page.next_cursor or progress.cursor,
-                complete=page.next_cursor is None,
-                pages=progress.pages + 1,
-                records=progress.records + len(entities),
+            taking = _Taking(
+                contexts, context_id, machine, progress, first=not started, fresh=fresh
             )
-            saved = progress
-
-            def save(batch: WriteBatch, saved: SnapshotProgress = saved) -> None:
-                batch.put(PROGRESS, progress_key(context_id), saved)
-
-            changed = await contexts.merge_state(
-                context_id, entities, only_if_empty=first and fresh, extra=save
-            )
-            if changed is None:
-                raise SnapshotRefused("state arrived meanwhile: the snapshot is not applied")
-            joined += len(entities)
-            if on_page is not None:
-                on_page()
+            taking.on_page, taking.on_progress = on_page, on_progress
+            await take_snapshot(channel, machine, taking.store)
+            progress, joined = taking.progress, taking.joined
         boundary = progress.heads or []
+        try:
+            await contexts.check_snapshot_root(context_id, progress.root_hash or b"")
+            # Who may write, as signed operations this node checks itself (never the peer's
+            # verdicts), and where the boundary sits in everyone's sequence: before the
+            # boundary becomes our checkpoint.
+            await channel.send(AuthRequest(heads=boundary[:MAX_IDS]))
+            auth = await expect(channel, AuthResponse)
+            acks = contexts.check_snapshot_certificate(
+                context_id, progress.certificate, auth.ops, auth.vvs, boundary
+            )
+        except SyncViolation as exc:
+            await _refuse(contexts, context_id, progress, peer, exc)
+            raise
+        await contexts.adopt_auth(context_id, auth.ops, auth.vvs)
+        await contexts.note_snapshot_acks(context_id, acks)
 
         def finish(batch: WriteBatch) -> None:
             batch.delete(PROGRESS, progress_key(context_id))
-
-        # Who may write, as signed operations this node checks itself (never the peer's
-        # verdicts), and where the boundary sits in everyone's sequence: before the
-        # boundary becomes our checkpoint.
-        await channel.send(AuthRequest(heads=boundary[:MAX_IDS]))
-        auth = await expect(channel, AuthResponse)
-        await contexts.adopt_auth(context_id, auth.ops, auth.vvs)
 
         root, heads = await contexts.adopt_heads(context_id, boundary, extra=finish)
         log.info(
@@ -280,7 +304,82 @@ async def take(
             root.hex()[:12],
             len(heads),
         )
+        if on_progress is not None:
+            on_progress(progress, None)
         return boundary, joined
+
+
+@attrs.define
+class _Taking:
+    """Stores a streamed snapshot's batches, each with the progress marker it reaches."""
+
+    contexts: ContextManager
+    context_id: bytes
+    machine: SnapshotTake
+    progress: SnapshotProgress
+    first: bool
+    fresh: bool
+    joined: int = 0
+    on_page: Callable[[], object] | None = None
+    on_progress: Progress | None = None
+
+    async def store(self, batch: StoreBatch) -> None:
+        begin = self.machine.begin
+        assert begin is not None
+        old = self.progress
+        boundary = old.heads is None or self.machine.restarted
+        progress = msgspec.structs.replace(
+            old,
+            heads=begin.heads if boundary else old.heads,
+            root_hash=begin.root_hash if boundary else old.root_hash,
+            certificate=begin.certificate if boundary else old.certificate,
+            entries=begin.entries,
+            cursor=batch.cursor or old.cursor,
+            complete=batch.last,
+            pages=old.pages + batch.pages,
+            records=old.records + len(batch.entities),
+            size=old.size + batch.size,
+        )
+        key = progress_key(self.context_id)
+
+        def save(write: WriteBatch) -> None:
+            write.put(PROGRESS, key, progress)
+
+        new = await self.contexts.store_snapshot_batch(
+            self.context_id,
+            batch.entities,
+            batch.records,
+            only_if_empty=self.first and self.fresh,
+            extra=save,
+        )
+        if new is None:
+            raise SnapshotRefused("state arrived meanwhile: the snapshot is not applied")
+        self.progress = progress
+        self.first = False
+        self.joined += len(batch.entities)
+        if self.on_page is not None:
+            for _ in range(batch.pages):
+                self.on_page()
+        if self.on_progress is not None:
+            self.on_progress(progress, self.machine)
+
+
+async def _refuse(
+    contexts: ContextManager,
+    context_id: bytes,
+    progress: SnapshotProgress,
+    peer: PeerId,
+    error: Exception,
+) -> None:
+    """A snapshot that failed its checks: drop the state it brought and start the next one
+    from the first record (the marker keeps the trusted source)."""
+    log.warning("snapshot of %s from %s refused: %s", context_id.hex()[:12], peer, error)
+    await contexts.discard_snapshot(context_id)
+    await contexts.store.put(
+        PROGRESS,
+        progress_key(context_id),
+        SnapshotProgress(source=progress.source, peer=progress.peer),
+    )
 
 
 def _check_page(page: SnapshotPage, cursor: bytes | None) -> list[Entity]:

@@ -34,6 +34,7 @@ context run one at a time (a per-context lock; an explicit sync waits for a runn
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -162,6 +163,8 @@ class _Run:
     protocol: str = "none"
     outcome: str = "ok"
     applied: int = 0
+    scope: trio.CancelScope | None = None
+    """The session's deadline (`timeout`): a streamed snapshot lifts it while it moves."""
 
 
 class SyncManager:
@@ -185,6 +188,9 @@ class SyncManager:
         max_peer_status: int = 64,
         snapshot_page_records: int = snapshot.PAGE_RECORDS,
         snapshot_page_bytes: int = snapshot.PAGE_BYTES,
+        snapshot_window: int = snapshot.WINDOW,
+        snapshot_batch_bytes: int = snapshot.BATCH_BYTES,
+        snapshot_idle_timeout: float = snapshot.IDLE_TIMEOUT,
     ) -> None:
         self.contexts = contexts
         self.replicator = replicator
@@ -201,6 +207,11 @@ class SyncManager:
         self.tree_limits = tree_limits or treecmp.TreeLimits()
         self.snapshot_page_records = snapshot_page_records
         self.snapshot_page_bytes = snapshot_page_bytes
+        self.snapshot_window = snapshot_window
+        self.snapshot_batch_bytes = snapshot_batch_bytes
+        self.snapshot_idle_timeout = snapshot_idle_timeout
+        self.snapshot_progress: list[snapshot.Progress] = []
+        """Told of every snapshot batch stored (the join's progress display, the events)."""
         self.on_join = on_join
         self.join_jitter = join_jitter
         self.metrics = metrics
@@ -309,7 +320,7 @@ class SyncManager:
                 chosen = await self._pick(context_id, candidates)
                 async with self.limiter:
                     self.metrics.session_started()
-                    with trio.fail_after(self.timeout):
+                    with trio.fail_after(self.timeout) as run.scope:
                         await self._sync_with(context_id, chosen, run)
             if run.outcome == "ok":
                 state.last_success = trio.current_time()
@@ -497,6 +508,10 @@ class SyncManager:
 
     async def _snapshot(self, context_id: bytes, peer: PeerId, run: _Run) -> None:
         run.protocol = "snapshot"
+        # The stream has its own idle deadline (`snapshot_idle_timeout`): a snapshot of a
+        # million records is not cut by the session's `timeout` while it moves.
+        if run.scope is not None:
+            run.scope.deadline = math.inf
         try:
             async with self.replicator.session(peer, context_id) as (channel, conn):
                 _, joined = await snapshot.take(
@@ -507,7 +522,11 @@ class SyncManager:
                     context_id,
                     page_records=self.snapshot_page_records,
                     page_bytes=self.snapshot_page_bytes,
+                    window=self.snapshot_window,
+                    batch_bytes=self.snapshot_batch_bytes,
+                    idle_timeout=self.snapshot_idle_timeout,
                     on_page=self.metrics.snapshot_pages.inc,
+                    on_progress=self._snapshot_progress,
                 )
         except snapshot.SnapshotRefused:
             self.metrics.snapshot_refused.inc()
@@ -515,12 +534,20 @@ class SyncManager:
             await self.contexts.store.delete(snapshot.PROGRESS, snapshot.progress_key(context_id))
             raise
         self.metrics.records.labels("snapshot").inc(joined)
+        if run.scope is not None:
+            run.scope.deadline = trio.current_time() + self.timeout
         # The tail: what the peer wrote since the boundary (and anything gossip left pending).
         tail = await self.replicator.ask_heads(peer, context_id)
         if not await self._delta_sync(
             context_id, peer, tail, run, max_rounds=self.max_delta_rounds
         ):
             run.outcome = "partial"  # the next session continues (delta or tree comparison)
+
+    def _snapshot_progress(
+        self, progress: snapshot.SnapshotProgress, stream: snapshot.SnapshotTake | None
+    ) -> None:
+        for listener in self.snapshot_progress:
+            listener(progress, stream)
 
     async def _tree_compare(
         self, context_id: bytes, peer: PeerId, peer_heads: list[bytes], run: _Run

@@ -39,10 +39,14 @@ from trionode.sync.machines import (
     ReadDeltas,
     ReadHeads,
     Responder,
+    StreamSnapshot,
 )
+from trionode.sync.snapshot import ReadPage, SnapshotServe, SnapshotTake, StoreBatch
 from trionode.wire.messages import (
     MAX_FRAME,
+    MAX_PAGE_RECORDS,
     HeadsResponse,
+    SnapshotBegin,
     SyncAuth,
     SyncMessage,
     decode_sync,
@@ -52,6 +56,8 @@ from trionode.wire.messages import (
 log = logging.getLogger(__name__)
 
 AUTH_DOMAIN: Final = b"trionode/sync-auth/v1"
+SNAPSHOT_SERVE_BYTES: Final = 4 * 1024 * 1024
+"""Most record bytes in one streamed snapshot page we serve (whatever the requester asks)."""
 
 
 def auth_message(handshake_hash: bytes, context_id: bytes) -> bytes:
@@ -146,6 +152,80 @@ async def fetch_deltas(
             machine.deltas_applied(missing)
 
 
+async def take_snapshot(
+    channel: SyncChannel,
+    machine: SnapshotTake,
+    store: Callable[[StoreBatch], Awaitable[None]],
+) -> None:
+    """Run a streamed snapshot on an authenticated stream: one task reads pages into the
+    machine while this one stores its batches (one write each) and grants pages back, so
+    the next pages arrive while a batch is written. Returns once every page is stored and
+    the stream of pages is closed."""
+    await _flush(channel, machine)
+    ready = trio.Event()
+
+    async def read() -> None:
+        nonlocal ready
+        while machine.awaiting_message:
+            message = await _receive(channel, machine)
+            assert message is not None
+            machine.receive_message(message, trio.current_time())
+            ready.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            while not machine.finished:
+                batch = machine.next_batch()
+                if batch is None:
+                    ready = trio.Event()
+                    await ready.wait()
+                    continue
+                await store(batch)
+                machine.batch_stored()
+                await _flush(channel, machine)
+    except BaseExceptionGroup as group:
+        # Reader and writer are one session: its error is whichever failed (the other was
+        # only cancelled by it), raised as itself for the session's error handling.
+        raise _first_error(group) from None
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return (real or leaves)[0]
+
+
+async def serve_snapshot(
+    channel: SyncChannel,
+    machine: SnapshotServe,
+    read_page: Callable[
+        [ReadPage], Awaitable[tuple[list[bytes], bytes | None, SnapshotBegin | None]]
+    ],
+) -> None:
+    """Serve one streamed snapshot: pages go out as long as the window allows; credits (and
+    the close) are read when it does not, within the machine's idle deadline."""
+    while not machine.finished:
+        action = machine.next_action()
+        if action is not None:
+            records, next_cursor, begin = await read_page(action)
+            machine.page_read(records, next_cursor, begin=begin)
+            await _flush(channel, machine)
+            continue
+        message = await _receive(channel, machine)
+        assert message is not None
+        machine.receive_message(message, trio.current_time())
+
+
 # -- responder -----------------------------------------------------------------------------------
 
 
@@ -173,6 +253,8 @@ class SyncServer:
         session_timeout: float | None = None,
         serving: Gauge | None = None,
         served_deltas: Counter | None = None,
+        snapshot_idle_timeout: float = 60.0,
+        served_pages: Counter | None = None,
     ) -> None:
         self.contexts = contexts
         self.host = host
@@ -185,6 +267,9 @@ class SyncServer:
         self.session_started = session_started
         self.max_requests = max_requests
         self.session_timeout = session_timeout
+        self.snapshot_idle_timeout = snapshot_idle_timeout
+        """A streamed snapshot's deadline: renewed by every credit, never the session's."""
+        self._served_pages = served_pages
 
     async def serve(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
         deadline = None
@@ -277,9 +362,46 @@ class SyncServer:
                 machine.deltas_read(found, missing)
                 if self._served_deltas is not None:
                     self._served_deltas.inc(len(found))
+            elif isinstance(action, StreamSnapshot):
+                started = trio.current_time()
+                await self._stream_snapshot(channel, context_id, action)
+                machine.snapshot_streamed(trio.current_time() - started)
             elif isinstance(action, Delegate):
                 machine.delegated(await state_sync.handle(action.message))
             await _flush(channel, machine)
+
+    async def _stream_snapshot(
+        self, channel: SyncChannel, context_id: bytes, action: StreamSnapshot
+    ) -> None:
+        machine = SnapshotServe(
+            action.request,
+            trio.current_time(),
+            max_records=MAX_PAGE_RECORDS,
+            max_bytes=SNAPSHOT_SERVE_BYTES,
+            idle_timeout=self.snapshot_idle_timeout,
+        )
+
+        async def read(page: ReadPage) -> tuple[list[bytes], bytes | None, SnapshotBegin | None]:
+            return await self._read_snapshot_page(context_id, page)
+
+        await serve_snapshot(channel, machine, read)
+
+    async def _read_snapshot_page(
+        self, context_id: bytes, page: ReadPage
+    ) -> tuple[list[bytes], bytes | None, SnapshotBegin | None]:
+        """One page of the final state (with its boundary, for the first)."""
+        if page.first:
+            records, next_cursor, begin = await self.contexts.snapshot_first_page(
+                context_id, page.cursor, page.resume_root, page.max_records, page.max_bytes
+            )
+        else:
+            records, next_cursor, _, _ = await self.contexts.snapshot_page(
+                context_id, page.cursor, page.max_records, page.max_bytes
+            )
+            begin = None
+        if self._served_pages is not None:
+            self._served_pages.inc()
+        return records, next_cursor, begin
 
     async def _check_auth(self, conn: Connection, auth: SyncAuth) -> str | None:
         if auth.context_id not in self.contexts.known_ids():

@@ -62,6 +62,7 @@ from trionode.wire.messages import (
     HeadsResponse,
     NodeRequest,
     ProofRequest,
+    SnapshotOpen,
     SnapshotRequest,
     SyncAuth,
     SyncError,
@@ -130,7 +131,15 @@ class ApplyDeltas:
     deltas: tuple[VerifiedDelta, ...]
 
 
-ResponderAction = CheckAuth | ReadHeads | ReadDeltas | Delegate
+@attrs.frozen
+class StreamSnapshot:
+    """Stream a snapshot (a `trionode.sync.snapshot.SnapshotServe` machine runs the stream
+    on this one until the requester closes it); answer `snapshot_streamed`."""
+
+    request: SnapshotOpen
+
+
+ResponderAction = CheckAuth | ReadHeads | ReadDeltas | Delegate | StreamSnapshot
 
 
 class _Base:
@@ -426,6 +435,8 @@ class Responder(_Base):
             if len(message.ids) > self._max_ids:
                 self._fail(TooManyIds(f"{len(message.ids)} ids (at most {self._max_ids})"))
             self._act(ReadDeltas(tuple(message.ids)))
+        elif isinstance(message, SnapshotOpen):
+            self._act(StreamSnapshot(message))
         elif isinstance(message, STATE_REQUESTS):
             self._act(Delegate(message))
         else:
@@ -479,6 +490,14 @@ class Responder(_Base):
                 sent.append(wire)
                 size += len(wire)
         self._answer(DeltaResponse(deltas=sent, missing=not_sent, later=later))
+
+    def snapshot_streamed(self, seconds: float) -> None:
+        """The snapshot stream ended after `seconds`: it had its own idle deadline, so the
+        session's deadline moves on by that long (a long snapshot is not cut by it)."""
+        self._done_acting(StreamSnapshot)
+        if self._deadline is not None:
+            self._deadline += seconds
+        self._state = _ServeState.SERVING
 
     def delegated(self, reply: SyncMessage) -> None:
         self._done_acting(Delegate)

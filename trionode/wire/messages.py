@@ -175,6 +175,66 @@ class SnapshotPage(msgspec.Struct, tag="snapshot", frozen=True, forbid_unknown_f
     """The responder's heads and root when it read this page (under its context lock)."""
 
 
+MAX_SNAPSHOT_WINDOW: Final = 64
+"""Pages a streamed snapshot may have in flight (sent, not yet credited back)."""
+MAX_CERTIFICATE: Final = 256
+"""Entries in a snapshot's finality certificate (one per AckSet member)."""
+MAX_CERTIFICATE_ENTRY: Final = 512 * 1024
+"""A signed ack (`trionode.auth.acks.MAX_ACK_BYTES`) or a signed membership operation."""
+
+
+class SnapshotOpen(msgspec.Struct, tag="open_snapshot", frozen=True, forbid_unknown_fields=True):
+    """Stream the final state from `cursor` (None: from the start): the responder sends a
+    `SnapshotBegin`, then `SnapshotChunk`s ahead of the requester, at most `window` of them
+    not yet credited back (`SnapshotCredit`), until the last; then the requester closes the
+    stream of pages (`SnapshotClose`) and the session goes on (trionode.sync.snapshot)."""
+
+    cursor: Id32 | None
+    window: Annotated[int, msgspec.Meta(ge=1, le=MAX_SNAPSHOT_WINDOW)]
+    max_records: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE_RECORDS)]
+    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_FRAME // 2)]
+    root_hash: Id32 | None = None
+    """The root of the state `cursor` was read from: if the responder's has moved on since,
+    it starts from the first record instead (and `SnapshotBegin.cursor` says so)."""
+
+
+class SnapshotBegin(msgspec.Struct, tag="snapshot_begin", frozen=True, forbid_unknown_fields=True):
+    """The boundary the pages stand for, read with the first page."""
+
+    heads: Ids
+    """The checkpoints the requester adopts (each final where the responder is)."""
+    root_hash: Id32
+    """The root hash of the final state the pages add up to."""
+    entries: Annotated[int, msgspec.Meta(ge=0)]
+    """Records in that state (for progress: the pages carry them in id order)."""
+    certificate: Annotated[
+        list[Annotated[bytes, msgspec.Meta(max_length=MAX_CERTIFICATE_ENTRY)]],
+        msgspec.Meta(max_length=MAX_CERTIFICATE),
+    ] = []
+    """Finality certificate: each AckSet member's latest signed ack, or its latest signed
+    membership operation (whose version vector acknowledges its past)."""
+    cursor: Id32 | None = None
+    """Where the pages start: the requested cursor, or None (from the first record)."""
+
+
+class SnapshotChunk(msgspec.Struct, tag="snapshot_chunk", frozen=True, forbid_unknown_fields=True):
+    records: Records
+    next_cursor: Id32 | None
+    """The id of this page's last record (None: this was the last page)."""
+
+
+class SnapshotCredit(
+    msgspec.Struct, tag="snapshot_credit", frozen=True, forbid_unknown_fields=True
+):
+    """The requester stored (or dropped) `pages` more pages: the responder may send as many."""
+
+    pages: Annotated[int, msgspec.Meta(ge=1, le=MAX_SNAPSHOT_WINDOW)]
+
+
+class SnapshotClose(msgspec.Struct, tag="snapshot_close", frozen=True, forbid_unknown_fields=True):
+    """The requester wants no more pages (it has the last, or gives up): back to requests."""
+
+
 class TreeStart(msgspec.Struct, tag="tree_start", frozen=True, forbid_unknown_fields=True):
     """Open a tree comparison: the requester's heads, and which of the responder's
     heads (from `HeadsResponse`) it had applied when it read its own."""
@@ -291,6 +351,11 @@ SyncMessage = (
     | TreeDoneAck
     | AuthRequest
     | AuthResponse
+    | SnapshotOpen
+    | SnapshotBegin
+    | SnapshotChunk
+    | SnapshotCredit
+    | SnapshotClose
 )
 
 _SYNC = msgspec.msgpack.Decoder(SyncMessage)

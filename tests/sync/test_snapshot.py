@@ -1,0 +1,374 @@
+"""The streamed snapshot machines (`trionode.sync.snapshot`) against each other in memory,
+without Trio: hypothesis picks the final state, how it changes between sessions, the order
+in which messages, page reads and batch writes happen, and where the stream breaks; the
+requester resumes from the marker it persisted with its last batch. Then each hostile
+responder and requester the machines must refuse."""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_right
+from collections import deque
+
+import attrs
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from trionode.crdt import Entity, Kind, decode_entity, encode_entity
+from trionode.crdt.entity import ROOT_ID
+from trionode.errors import LocalProtocolError
+from trionode.sync.errors import PeerRefused, UnexpectedMessage
+from trionode.sync.snapshot import (
+    PageOutOfOrder,
+    ReadPage,
+    SnapshotExpired,
+    SnapshotServe,
+    SnapshotTake,
+    TooManyPages,
+)
+from trionode.wire.messages import (
+    SnapshotBegin,
+    SnapshotChunk,
+    SnapshotClose,
+    SnapshotCredit,
+    SnapshotOpen,
+    SyncError,
+    SyncMessage,
+)
+
+IDLE = 60.0
+
+
+def record(name: str) -> bytes:
+    return encode_entity(Entity(ROOT_ID, name.encode(), Kind.REGISTER))
+
+
+@attrs.define
+class Server:
+    """The responder's final state: id -> record bytes (it only grows, as final state does)."""
+
+    records: dict[bytes, bytes] = attrs.field(factory=dict)
+
+    @property
+    def root(self) -> bytes:
+        digest = hashlib.sha256()
+        for key in sorted(self.records):
+            digest.update(key + self.records[key])
+        return digest.digest()
+
+    def read(self, page: ReadPage) -> tuple[list[bytes], bytes | None, SnapshotBegin | None]:
+        cursor = page.cursor
+        if page.first and cursor is not None and page.resume_root != self.root:
+            cursor = None
+        ids = sorted(self.records)
+        start = 0 if cursor is None else bisect_right(ids, cursor)
+        chosen: list[bytes] = []
+        size = 0
+        for entity_id in ids[start : start + page.max_records]:
+            data = self.records[entity_id]
+            if chosen and size + len(data) > page.max_bytes:
+                break
+            chosen.append(entity_id)
+            size += len(data)
+        more = start + len(chosen) < len(ids)
+        begin = None
+        if page.first:
+            begin = SnapshotBegin(heads=[], root_hash=self.root, entries=len(ids), cursor=cursor)
+        return [self.records[i] for i in chosen], chosen[-1] if more else None, begin
+
+
+@attrs.define
+class Joiner:
+    """The requester's store: the records it holds and its persisted progress marker."""
+
+    records: dict[bytes, bytes] = attrs.field(factory=dict)
+    cursor: bytes | None = None
+    root: bytes | None = None
+    complete: bool = False
+    batches: int = 0
+
+
+class Cut(Exception):
+    """The stream broke."""
+
+
+def session(
+    server: Server,
+    joiner: Joiner,
+    choose: st.DataObject,
+    *,
+    window: int,
+    max_records: int,
+    cut_after: int | None,
+) -> None:
+    """One stream: both machines, messages moved one at a time in an order hypothesis picks,
+    until the requester has stored every page (or the stream breaks at `cut_after`)."""
+    now = 0.0
+    take = SnapshotTake(
+        now,
+        cursor=joiner.cursor,
+        root_hash=joiner.root,
+        window=window,
+        max_records=max_records,
+        max_bytes=1 << 20,
+        batch_bytes=1 << 30,
+        idle_timeout=IDLE,
+    )
+    to_server: deque[SyncMessage] = deque(take.messages_to_send())
+    to_joiner: deque[SyncMessage] = deque()
+    opened = to_server.popleft()
+    assert isinstance(opened, SnapshotOpen)
+    serve = SnapshotServe(opened, now, max_records=4096, max_bytes=1 << 22, idle_timeout=IDLE)
+    delivered = 0
+    while not take.finished:
+        moves: list[str] = []
+        if to_server and serve.awaiting_message:
+            moves.append("server reads")
+        if not serve.finished and not serve.awaiting_message:
+            moves.append("server sends")
+        if to_joiner and take.awaiting_message:
+            moves.append("joiner reads")
+        if take.batch_ready:
+            moves.append("joiner stores")
+        assert moves, "deadlock: neither side can move"
+        move = choose.draw(st.sampled_from(moves))
+        if move == "server reads":
+            serve.receive_message(to_server.popleft(), now)
+            delivered += 1
+        elif move == "server sends":
+            action = serve.next_action()
+            assert action is not None
+            records, next_cursor, begin = server.read(action)
+            serve.page_read(records, next_cursor, begin=begin)
+            to_joiner.extend(serve.messages_to_send())
+        elif move == "joiner reads":
+            take.receive_message(to_joiner.popleft(), now)
+            delivered += 1
+        else:
+            batch = take.next_batch()
+            assert batch is not None
+            assert take.begin is not None
+            for entity, data in zip(batch.entities, batch.records, strict=True):
+                assert entity.id == decode_entity(data).id
+                joiner.records[entity.id] = data
+            if joiner.root is None or take.restarted:
+                joiner.root = take.begin.root_hash
+            joiner.cursor = batch.cursor or joiner.cursor
+            joiner.complete = batch.last
+            joiner.batches += 1
+            take.batch_stored()
+            to_server.extend(take.messages_to_send())
+        in_flight = sum(isinstance(m, SnapshotChunk) for m in to_joiner) + take.pages_buffered
+        assert in_flight <= window  # memory stays bounded by the window
+        if cut_after is not None and delivered >= cut_after:
+            raise Cut
+    assert isinstance(to_server[-1], SnapshotClose)
+    for message in to_server:
+        serve.receive_message(message, now)
+    assert serve.finished
+
+
+names = st.sets(st.text("abcdefgh", min_size=1, max_size=6), max_size=60)
+
+
+def state_of(chosen: set[str]) -> dict[bytes, bytes]:
+    return {decode_entity(data).id: data for data in map(record, chosen)}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=names,
+    changes=st.lists(names, max_size=3),
+    window=st.integers(2, 8),
+    max_records=st.integers(1, 7),
+    cuts=st.lists(st.integers(1, 30), max_size=3),
+    choose=st.data(),
+)
+def test_streamed_snapshot_delivers_the_state_through_cuts_and_changes(
+    *,
+    first: set[str],
+    changes: list[set[str]],
+    window: int,
+    max_records: int,
+    cuts: list[int],
+    choose: st.DataObject,
+) -> None:
+    """Whatever the interleaving, wherever the stream breaks and however the responder's
+    state grows between sessions, the joiner ends with exactly the responder's state as of
+    its last session (the bytes as sent), having buffered at most `window` pages."""
+    server = Server(state_of(first))
+    joiner = Joiner()
+    pending_changes = list(changes)
+    for cut in [*cuts, None]:
+        try:
+            session(server, joiner, choose, window=window, max_records=max_records, cut_after=cut)
+        except Cut:
+            if pending_changes:  # the responder's state moves on while we are away
+                server.records.update(state_of(pending_changes.pop(0)))
+            continue
+        break
+    assert joiner.complete
+    assert joiner.root == server.root
+    assert joiner.records == server.records
+
+
+# -- hostile responders -----------------------------------------------------------------------
+
+
+def _records(n: int) -> list[bytes]:
+    data = [record(f"r{i}") for i in range(n)]
+    return sorted(data, key=lambda r: decode_entity(r).id)
+
+
+def _begun(window: int = 4) -> SnapshotTake:
+    take = SnapshotTake(0.0, window=window, idle_timeout=IDLE)
+    take.messages_to_send()
+    take.receive_message(SnapshotBegin(heads=[], root_hash=bytes(32), entries=3), 0.0)
+    return take
+
+
+def _cursor(data: bytes) -> bytes:
+    return decode_entity(data).id
+
+
+def test_pages_beyond_the_window_are_refused() -> None:
+    take = _begun(window=2)
+    one, two, three = _records(3)
+    take.receive_message(SnapshotChunk(records=[one], next_cursor=_cursor(one)), 0.0)
+    take.receive_message(SnapshotChunk(records=[two], next_cursor=_cursor(two)), 0.0)
+    with pytest.raises(TooManyPages):
+        take.receive_message(SnapshotChunk(records=[three], next_cursor=None), 0.0)
+
+
+def test_records_out_of_order_across_pages_are_refused() -> None:
+    take = _begun()
+    one, two, _ = _records(3)
+    take.receive_message(SnapshotChunk(records=[two], next_cursor=_cursor(two)), 0.0)
+    with pytest.raises(PageOutOfOrder, match="order"):
+        take.receive_message(SnapshotChunk(records=[one], next_cursor=None), 0.0)
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        lambda r: SnapshotChunk(records=[r[1], r[0]], next_cursor=None),  # not sorted
+        lambda r: SnapshotChunk(records=[r[0], r[1]], next_cursor=_cursor(r[0])),  # cursor
+        lambda r: SnapshotChunk(records=[], next_cursor=_cursor(r[0])),  # empty, not last
+        lambda r: SnapshotChunk(records=[b"\xc1garbage"], next_cursor=None),
+    ],
+)
+def test_bad_pages_are_refused(chunk: object) -> None:
+    take = _begun()
+    assert callable(chunk)
+    with pytest.raises(PageOutOfOrder):
+        take.receive_message(chunk(_records(2)), 0.0)
+
+
+def test_a_page_before_the_begin_or_a_begin_at_another_cursor_is_refused() -> None:
+    take = SnapshotTake(0.0, window=4, idle_timeout=IDLE)
+    one = _records(1)[0]
+    with pytest.raises(UnexpectedMessage):
+        take.receive_message(SnapshotChunk(records=[one], next_cursor=None), 0.0)
+    resumed = SnapshotTake(0.0, cursor=bytes(32), root_hash=b"r" * 32, window=4)
+    begin = SnapshotBegin(heads=[], root_hash=b"r" * 32, entries=1, cursor=b"\x01" * 32)
+    with pytest.raises(PageOutOfOrder, match="cursor"):
+        resumed.receive_message(begin, 0.0)
+
+
+def test_a_moved_state_restarts_from_the_first_record() -> None:
+    resumed = SnapshotTake(0.0, cursor=bytes(32), root_hash=b"r" * 32, window=4)
+    opened = resumed.messages_to_send()[0]
+    assert isinstance(opened, SnapshotOpen)
+    assert (opened.cursor, opened.root_hash) == (bytes(32), b"r" * 32)
+    resumed.receive_message(SnapshotBegin(heads=[], root_hash=b"s" * 32, entries=0), 0.0)
+    assert resumed.restarted
+    assert resumed.cursor is None
+
+
+def test_a_refusal_and_silence_end_the_stream() -> None:
+    take = SnapshotTake(0.0, window=4, idle_timeout=IDLE)
+    with pytest.raises(PeerRefused):
+        take.receive_message(SyncError(message="busy"), 1.0)
+    quiet = SnapshotTake(0.0, window=4, idle_timeout=IDLE)
+    assert quiet.get_timer() == IDLE
+    with pytest.raises(SnapshotExpired):
+        quiet.handle_timer(IDLE)
+
+
+def test_nothing_is_accepted_after_the_last_page() -> None:
+    take = _begun()
+    one = _records(1)[0]
+    take.receive_message(SnapshotChunk(records=[one], next_cursor=None), 0.0)
+    assert not take.awaiting_message
+    with pytest.raises(UnexpectedMessage):
+        take.receive_message(SnapshotChunk(records=[], next_cursor=None), 0.0)
+    batch = take.next_batch()
+    assert batch is not None
+    assert batch.last
+    take.batch_stored()
+    assert take.finished
+    assert isinstance(take.messages_to_send()[-1], SnapshotClose)
+
+
+def test_batches_are_cut_at_half_the_window_and_credited_when_stored() -> None:
+    take = _begun(window=4)
+    records = _records(5)
+    for data in records[:4]:
+        take.receive_message(SnapshotChunk(records=[data], next_cursor=_cursor(data)), 0.0)
+    first = take.next_batch()
+    assert first is not None
+    assert (first.pages, first.cursor) == (2, _cursor(records[1]))
+    assert take.next_batch() is None  # one write at a time
+    take.batch_stored()
+    assert take.messages_to_send() == [SnapshotCredit(pages=2)]
+    with pytest.raises(LocalProtocolError):
+        take.batch_stored()
+
+
+# -- hostile requesters -----------------------------------------------------------------------
+
+
+def _serving(window: int = 2) -> SnapshotServe:
+    request = SnapshotOpen(cursor=None, window=window, max_records=10, max_bytes=1 << 20)
+    return SnapshotServe(request, 0.0, max_records=4096, max_bytes=1 << 22, idle_timeout=IDLE)
+
+
+def test_credit_beyond_what_was_sent_is_refused() -> None:
+    serve = _serving(window=2)
+    with pytest.raises(TooManyPages):
+        serve.receive_message(SnapshotCredit(pages=1), 0.0)
+
+
+def test_the_responder_stops_at_the_window_and_waits_for_credit() -> None:
+    serve = _serving(window=2)
+    records = _records(4)
+    for data in records[:2]:
+        action = serve.next_action()
+        assert action is not None
+        begin = SnapshotBegin(heads=[], root_hash=bytes(32), entries=4) if action.first else None
+        serve.page_read([data], _cursor(data), begin=begin)
+    assert serve.next_action() is None
+    assert serve.awaiting_message
+    assert [type(m) for m in serve.messages_to_send()] == [
+        SnapshotBegin,
+        SnapshotChunk,
+        SnapshotChunk,
+    ]
+    serve.receive_message(SnapshotCredit(pages=1), 1.0)
+    assert serve.next_action() is not None
+    assert serve.get_timer() == 1.0 + IDLE  # renewed by the credit
+    with pytest.raises(UnexpectedMessage):
+        serve.receive_message(SnapshotOpen(cursor=None, window=2, max_records=1, max_bytes=1), 2.0)
+
+
+def test_a_silent_requester_expires_the_stream() -> None:
+    serve = _serving()
+    with pytest.raises(SnapshotExpired):
+        serve.receive_message(SnapshotCredit(pages=1), IDLE + 1)
+
+
+def test_the_requester_may_close_early() -> None:
+    serve = _serving()
+    serve.receive_message(SnapshotClose(), 0.0)
+    assert serve.finished
+    assert serve.next_action() is None

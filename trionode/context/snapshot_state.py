@@ -1,0 +1,281 @@
+"""What a streamed snapshot reads from and writes to a replica (trionode/sync/snapshot.py is
+the protocol, trionode/context/snapshot.py runs it).
+
+Serving: the first page comes with the boundary, the number of records, and the finality
+certificate — for each AckSet member, the newest thing it signed whose version vector
+reaches every boundary checkpoint: its stored signed ack, or (our own) an ack signed now,
+or its latest membership operation, or its latest delta whose body we still hold. A
+member for which we hold none is left out; the joiner then refuses the snapshot as stale.
+
+Taking: pages arrive as large batches (`store_batch`), each one LMDB write with the
+progress marker. Records new to the replica are written as the bytes that came (state row
+and base row alike: no decode/re-encode); only a record the replica already held (a resumed
+snapshot that restarted over what it has) is joined and re-encoded. Nothing here computes a
+root hash: the tree's hashes are built once, by `check_root` at the end, and the record's
+root is refreshed when the boundary is adopted. A snapshot that fails its checks is
+discarded whole (`discard`): state rows, base rows and the in-memory tree, so the next
+attempt starts clean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from trionode.auth.acks import open_ack, sign_ack
+from trionode.auth.finality import within
+from trionode.auth.model import tag
+from trionode.context.authority import AuthRejected, ContextAuthority, decode_vv
+from trionode.context.events import EventHub
+from trionode.context.notices import publish_change
+from trionode.context.processing import ReplicationMetrics
+from trionode.context.records import DELTAS, STATE
+from trionode.context.replicas import (
+    ACK_PREFIX,
+    AUX,
+    BASE_PREFIX,
+    Replica,
+    ReplicaStore,
+    stage_rows,
+)
+from trionode.context.serving import StateAheadError, SyncServing
+from trionode.crdt import Entity, StateTree, max_stamp
+from trionode.crdt.hlc import ntp64_seconds
+from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
+from trionode.errors import RemoteProtocolError
+from trionode.store.lmdb_store import Column
+from trionode.store.store import WriteBatch
+from trionode.sync.snapshot import (
+    RootMismatch,
+    StaleCertificate,
+    check_certificate,
+    open_certificate,
+)
+from trionode.wire.messages import MAX_CERTIFICATE, MAX_IDS, SnapshotBegin
+
+log = logging.getLogger(__name__)
+
+Page = tuple[list[bytes], bytes | None]
+
+
+class SnapshotState:
+    def __init__(
+        self,
+        replicas: ReplicaStore,
+        serving: SyncServing,
+        hub: EventHub,
+        metrics: ReplicationMetrics,
+    ) -> None:
+        self._replicas = replicas
+        self._serving = serving
+        self._hub = hub
+        self._metrics = metrics
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def first_page(
+        self,
+        context_id: bytes,
+        cursor: bytes | None,
+        resume_root: bytes | None,
+        max_records: int,
+        max_bytes: int,
+    ) -> tuple[list[bytes], bytes | None, SnapshotBegin]:
+        """The first page of a streamed snapshot and its `SnapshotBegin`: from `cursor` if
+        the final state still has `resume_root`, else from the first record."""
+        page = self._serving.snapshot_page
+        records, next_cursor, boundary, root = await page(
+            context_id, cursor, max_records, max_bytes
+        )
+        if cursor is not None and root != resume_root:
+            cursor = None
+            records, next_cursor, boundary, root = await page(
+                context_id, None, max_records, max_bytes
+            )
+        entries, certificate = await self.certificate(context_id, boundary)
+        begin = SnapshotBegin(
+            heads=boundary[:MAX_IDS],
+            root_hash=root,
+            entries=entries,
+            certificate=certificate,
+            cursor=cursor,
+        )
+        return records, next_cursor, begin
+
+    async def certificate(
+        self, context_id: bytes, boundary: Sequence[bytes]
+    ) -> tuple[int, list[bytes]]:
+        """(records in the final state, finality certificate of `boundary`)."""
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            tree, _ = self._serving.final_view(replica)
+            authority = replica.authority
+            vvs = [vv for vv in (authority.vv_of(h) for h in boundary) if vv]
+
+            def covers(vv: object) -> bool:
+                return isinstance(vv, dict) and all(within(b, vv) for b in vvs)
+
+            me = replica.member_key.public_key().public_bytes_raw()
+            out: list[bytes] = []
+            for member in sorted(authority.finality().ack_set)[:MAX_CERTIFICATE]:
+                entry = await self._entry(replica, member, me, covers)
+                if entry is not None:
+                    out.append(entry)
+                else:
+                    log.info("no signed ack of %s to certify a snapshot", member.hex()[:12])
+            return len(tree), out
+
+    async def _entry(
+        self, replica: Replica, member: bytes, me: bytes, covers: Callable[[object], bool]
+    ) -> bytes | None:
+        """What `member` signed that reaches the boundary (see the module doc), or None."""
+        context_id = replica.context_id
+        store = self._replicas.store
+        authority = replica.authority
+        stored = await store.get(AUX, ACK_PREFIX + context_id + tag(member))
+        if stored:
+            try:
+                ack = open_ack(stored, context_id)
+            except RemoteProtocolError:
+                ack = None
+            if ack is not None and ack.author == member and covers(dict(ack.vv)):
+                return stored
+        if member == me:
+            frontier = authority.frontier()
+            hlc = replica.clock.now(self._replicas.physical_now()).time
+            return sign_ack(replica.member_key, context_id, frontier, hlc)
+        ops = [o for o in authority.graph.ops.values() if o.author == member]
+        for op in sorted(ops, key=lambda o: o.seq, reverse=True):
+            if covers(dict(op.vv)):
+                wire = await store.get(DELTAS, context_id + op.id)
+                if wire:
+                    return wire
+            break
+        return None
+
+    # -- taking ---------------------------------------------------------------------------------
+
+    async def store_batch(
+        self,
+        context_id: bytes,
+        entities: Sequence[Entity],
+        records: Sequence[bytes],
+        *,
+        only_if_empty: bool = False,
+        extra: Callable[[WriteBatch], None] | None = None,
+    ) -> int | None:
+        """Join a batch of snapshot records (`records` are their wire bytes) and persist them
+        with whatever `extra` adds, in one write. Returns how many were new; None, having
+        changed nothing, if `only_if_empty` and the context already has state. Raises
+        StateAheadError (nothing joined) for stamps beyond the clock drift."""
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            tree = replica.tree
+            if only_if_empty and len(tree):
+                return None
+            physical = self._replicas.physical_now()
+            newest = max_stamp(list(entities))
+            excess = 0 if newest is None else replica.clock.excess(newest.time, physical)
+            if excess > 0:
+                self._metrics.outcome("refused_state_ahead")
+                raise StateAheadError(ntp64_seconds(excess))
+            fresh = [i for i, e in enumerate(entities) if e.id not in tree]
+            held = [e for e in entities if e.id in tree]
+            batch = WriteBatch()
+            if fresh:
+                tree.apply([entities[i] for i in fresh])
+                # Their rows are the bytes that came: nothing to drain or re-encode. (Every
+                # earlier change was drained by its own commit, so only these are undrained.)
+                tree.drain_changes()
+                state_prefix = context_id
+                base_prefix = BASE_PREFIX + context_id
+                for i in fresh:
+                    entity_id = entities[i].id
+                    batch.put(STATE, state_prefix + entity_id, records[i])
+                    batch.put(AUX, base_prefix + entity_id, records[i])
+            if held:
+                tree.apply(held)
+                stage_rows(replica, batch, tree.drain_rows())
+                self._replicas.stage_base(replica, batch, held)
+            replica.clock.witness(tree.max_stamp, physical)
+            self._serving.base_changed()
+            if extra is not None:
+                extra(batch)
+            await self._replicas.write(replica, batch)
+        return len(fresh)
+
+    async def check_root(self, context_id: bytes, root: bytes) -> None:
+        """Raise RootMismatch unless the replica's state hashes to `root` (the tree's
+        hashes are built here, once, for the whole snapshot)."""
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            ours = replica.tree.root_hash()
+        if ours != root:
+            raise RootMismatch(
+                f"the snapshot's records hash to {ours.hex()[:12]}, not {root.hex()[:12]}"
+            )
+
+    def check_certificate(
+        self,
+        context_id: bytes,
+        certificate: Sequence[bytes],
+        ops: Sequence[bytes],
+        vvs: Sequence[tuple[bytes, bytes]],
+        boundary: Sequence[bytes],
+    ) -> dict[bytes, dict[bytes, int]]:
+        """Check the certificate before anything of the responder's auth answer (`ops`,
+        the checkpoints' `vvs`) touches the replica: our own resolution of those signed ops
+        must find every AckSet member acknowledging every checkpoint of `boundary`. Returns
+        the acks (member → vector); raises ForgedCertificate or StaleCertificate."""
+        acks = open_certificate(certificate, context_id)
+        scratch = ContextAuthority()
+        for head, encoded in vvs:
+            scratch.checkpoint_vv[head] = decode_vv(encoded)
+        received: list[tuple[bytes, DeltaHeader]] = []
+        for wire in ops:
+            delta = decode_delta(wire)
+            header = verify_delta(delta)
+            if header.context_id != context_id or header.auth is None:
+                raise RemoteProtocolError("not a membership operation of this context")
+            received.append((delta.id, header))
+        received.sort(key=lambda item: (sum(v for _, v in item[1].vv), item[0]))
+        for delta_id, header in received:
+            try:
+                scratch.add_op(delta_id, header)
+            except AuthRejected:
+                continue  # adopt_auth refuses it too; the resolution goes on without it
+        checkpoints: dict[bytes, dict[bytes, int]] = {}
+        for head in boundary:
+            vv = scratch.vv_of(head)
+            if vv is None:
+                raise StaleCertificate(f"no version vector for checkpoint {head.hex()[:12]}")
+            checkpoints[head] = dict(vv)
+        check_certificate(scratch.resolution(), acks, checkpoints)
+        return acks
+
+    async def note_acks(self, context_id: bytes, acks: dict[bytes, dict[bytes, int]]) -> None:
+        """Count a checked certificate's acks here (finality moves before any gossip)."""
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            for member, vv in acks.items():
+                replica.authority.note_ack(member, vv)
+
+    async def discard(self, context_id: bytes) -> bool:
+        """Drop what snapshots brought (state rows, base rows, the in-memory tree) if the
+        replica holds nothing else (no delta applied); whether it did."""
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            meta = replica.authority.meta
+            if any(i not in meta or not meta[i].op for i in replica.dag.applied):
+                return False  # it holds data deltas: not only what snapshots brought
+            store = self._replicas.store
+            batch = WriteBatch()
+            for key, _ in await store.raw_scan(Column.STATE, prefix=context_id):
+                batch.delete(STATE, key)
+            for key, _ in await store.scan(AUX, prefix=BASE_PREFIX + context_id):
+                batch.delete(AUX, key)
+            replica.tree = StateTree()
+            self._serving.base_changed()
+            await self._replicas.write(replica, batch)
+        publish_change(self._hub, replica, delta_id=None, events=[], origin="sync")
+        return True
