@@ -1,8 +1,9 @@
 """Sync: a fresh member joining a large context, convergence after a partition heals, and
 propagation latency across 5 nodes. Every baseline is measured in the same run.
 
-* **Join.** A member holds a context with ``n`` entries; a fresh node (app installed, nothing
-  else) joins with ``joins.join(invitation)``. Timed: from the call until the joiner's root
+* **Join.** A member holds a context with ``n`` entries, its history final and folded (so
+  it is final state a joiner takes as a streamed snapshot); a fresh node (app installed,
+  nothing else) joins with ``joins.join(invitation)``. Timed: from the call until the joiner's root
   hash equals the member's (the member's root moves once more during the join: admitting the
   joiner is a membership delta). The row names the sync protocol(s) the joiner's sessions
   used (``trionode_sync_sessions``), so whatever the join does is what is measured.
@@ -63,6 +64,7 @@ from benchmarks.transport_baseline import READ_SIZE, _percentile
 from benchmarks.transport_bench import _host
 from trionode.config import FileConfig
 from trionode.context.events import ContextEvent
+from trionode.context.folding import fold_all
 from trionode.context.records import DELTAS, STATE
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection
@@ -226,9 +228,16 @@ async def _row_bytes(node: Node, context: bytes) -> tuple[int, int]:
     return sum(len(k) + len(v) for k, v in state), sum(len(k) + len(v) for k, v in deltas)
 
 
+def _folding(file: FileConfig) -> FileConfig:
+    """`_fast`, and history folds only when the bench says (`fold_all`): the member's whole
+    context is final state, which a joiner takes as a snapshot."""
+    file = _fast(file)
+    return replace(file, store=replace(file.store, delta_retention=0.0, fold_interval=1e6))
+
+
 async def _join_rows(n: int, base: Path, bundle: Path) -> list[Row]:
     async with (
-        open_test_node(base / "member", api=False, configure=_fast) as member_node,
+        open_test_node(base / "member", api=False, configure=_folding) as member_node,
         open_test_node(base / "joiner", api=False, configure=_fast) as joiner_node,
     ):
         member, joiner = member_node.node, joiner_node.node
@@ -241,6 +250,8 @@ async def _join_rows(n: int, base: Path, bundle: Path) -> list[Row]:
         populate = time.perf_counter() - started
         count = (await member.contexts.execute(context, "len", "{}")).result
         assert count == n, f"populated {count} entries, wanted {n}"
+        # One admin: its latest delta acks everything, so the whole history is final.
+        await fold_all(member.contexts.replicas, retention=0.0, max_batch=1024)
         state_bytes, delta_bytes = await _row_bytes(member, context)
         _log(
             f"{n:,} entries populated in {populate:.1f}s ({-(-n // CHUNK)} set_many calls); "

@@ -48,7 +48,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-NEEDS_EVENT_LOOP = frozenset({"watch", "blob add", "blob get"})
+NEEDS_EVENT_LOOP = frozenset({"watch", "blob add", "blob get", "context join"})
 """Client commands that stream (WebSocket, blob bodies, file I/O in Trio) and so run under
 trio.run with the async client; the others run without an event loop."""
 

@@ -24,18 +24,14 @@ import trio
 
 from trionode import schemas
 from trionode.cli_contexts import Spec, table
+from trionode.cli_progress import eta_text, size_text
 from trionode.client import ApiError, Client
 
 READ_SIZE: Final = 256 * 1024
 REDRAW_SECONDS: Final = 0.1
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover - the loop always returns
+_size = size_text
 
 
 class Progress:
@@ -70,7 +66,7 @@ class Progress:
         parts.append(f"{_size(rate)}/s")
         if self.total and rate > 0:
             left = max(self.total - self.done, 0) / rate
-            parts.append(f"ETA {int(left) // 60}:{int(left) % 60:02d}")
+            parts.append(eta_text(left))
         return "  ".join(parts)
 
     def close(self) -> None:

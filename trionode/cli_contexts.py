@@ -8,10 +8,16 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from trionode import schemas
-from trionode.client import Client
+from trionode.client import ApiError, Client
+
+if TYPE_CHECKING:
+    from trionode.cli_progress import ProgressLine
+
+PROGRESS_POLL: Final = 0.2
+"""Seconds between checks for the joined context (its snapshot's progress follows)."""
 
 Action = Callable[[Client, argparse.Namespace], Coroutine[Any, Any, Any]]
 Spec = tuple[
@@ -230,7 +236,53 @@ def _render_invitation(result: schemas.InvitationText) -> str:
 
 
 async def _join(client: Client, args: argparse.Namespace) -> Any:
-    return await client.join(args.invitation, trust_app=args.trust_app)
+    """Join, showing the snapshot's progress (entries, bytes, rate, ETA) on stderr while the
+    node takes it: one updating line on a terminal, plain lines otherwise."""
+    import trio  # noqa: PLC0415 - `context join` runs under trio (cli.NEEDS_EVENT_LOOP)
+
+    from trionode.cli_progress import ProgressLine  # noqa: PLC0415
+
+    context_id = _invited_context(args.invitation)
+    if context_id is None:  # the node says what is wrong with it
+        return await client.join(args.invitation, trust_app=args.trust_app)
+    line = ProgressLine()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_follow_snapshot, client, context_id, line)
+            result = await client.join(args.invitation, trust_app=args.trust_app)
+            nursery.cancel_scope.cancel()
+    finally:
+        line.close()
+    return result
+
+
+def _invited_context(text: str) -> str | None:
+    from trionode.cli_invitations import describe_invitation  # noqa: PLC0415
+    from trionode.errors import TrionodeError  # noqa: PLC0415
+
+    try:
+        context_id: str = describe_invitation(text)["contextId"]
+    except TrionodeError:  # not an invitation, damaged: the node's answer says so
+        return None
+    return context_id
+
+
+async def _follow_snapshot(client: Client, context_id: str, line: ProgressLine) -> None:
+    """Show the join's snapshot progress: the context exists on the node as soon as the
+    invitation is accepted, and its first sync (the snapshot) starts then."""
+    import trio  # noqa: PLC0415
+
+    try:
+        while True:
+            try:
+                await client.context(context_id)
+                break
+            except ApiError:
+                await trio.sleep(PROGRESS_POLL)
+        async for notice in client.notices(context_id, "snapshot_progress"):
+            line.show(notice)
+    except ApiError:
+        return  # progress is a courtesy: the join's own answer is what counts
 
 
 async def _sync(client: Client, args: argparse.Namespace) -> Any:

@@ -268,6 +268,7 @@ class Node:
             snapshot_window=config.sync.snapshot_window,
             snapshot_batch_bytes=config.sync.snapshot_batch_bytes,
             snapshot_idle_timeout=config.sync.snapshot_idle_timeout,
+            hub=self.hub,
         )
         self.blob_transfer = BlobTransfer(
             self.blobs,

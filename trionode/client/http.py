@@ -234,6 +234,17 @@ class Client:
 
     async def watch(self, context_id: str, *, since: int | None = None) -> AsyncIterator[Any]:
         """Yield the context's applied-delta events from the WebSocket as they arrive."""
+        async for message in self._subscribe(context_id, since=since, kinds=("delta",)):
+            yield message
+
+    async def notices(self, context_id: str, kind: str) -> AsyncIterator[Any]:
+        """Yield the context's transient notices of `kind` (e.g. "snapshot_progress")."""
+        async for message in self._subscribe(context_id, since=None, kinds=(kind,)):
+            yield message
+
+    async def _subscribe(
+        self, context_id: str, *, since: int | None, kinds: tuple[str, ...]
+    ) -> AsyncIterator[Any]:
         # Imported here: only watching needs WebSockets (and Trio), and the CLI's other
         # commands start faster without them.
         from trio_websocket import (  # noqa: PLC0415
@@ -256,7 +267,7 @@ class Client:
                         raise ApiError(str(message.get("message")))
                     if message.get("type") == "resync":  # `since` can't be served
                         raise ApiError(f"cannot resume: {message.get('reason')}")
-                    if message.get("type") == "delta":
+                    if message.get("type") in kinds:
                         yield message
         except ConnectionClosed:
             return

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import attrs
 import msgspec
@@ -69,8 +69,6 @@ from trionode.store.lmdb_store import Column
 from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch
 from trionode.sync.errors import SyncViolation
 from trionode.sync.snapshot import SnapshotTake, StoreBatch
-
-__all__ = ["SnapshotTake"]
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
     MAX_IDS,
@@ -132,6 +130,9 @@ class SnapshotProgress(msgspec.Struct, frozen=True):
     """Records in the state being taken (the responder's count: for progress)."""
     size: int = 0
     """Record bytes taken so far."""
+    last_records: int = 0
+    last_size: int = 0
+    """What the last batch added (so a rate can start from the stream's first batch)."""
 
 
 PROGRESS = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(SnapshotProgress))
@@ -199,9 +200,32 @@ class Channel(Protocol):
     async def receive(self, *, eof_ok: bool = False) -> SyncMessage | None: ...
 
 
-Progress = Callable[[SnapshotProgress, SnapshotTake | None], None]
-"""Called after each stored batch with the persisted marker and the stream's machine (its
-received counts); with None once the snapshot is adopted."""
+class Progress(Protocol):
+    """Told of a snapshot's progress: after each stored batch, and once it is adopted."""
+
+    def __call__(self, progress: SnapshotProgress, *, done: bool) -> None: ...
+
+
+def progress_json(
+    progress: SnapshotProgress, elapsed: float, entries_before: int, bytes_before: int
+) -> dict[str, Any]:
+    """A `snapshot_progress` notice: entries and bytes taken of the total, and this stream's
+    rate (entries and bytes taken `elapsed` seconds after it started, beyond those it found
+    already taken) with the time left at that rate (None while unknown)."""
+    entries = progress.records
+    rate = (entries - entries_before) / elapsed if elapsed > 0 else 0.0
+    byte_rate = (progress.size - bytes_before) / elapsed if elapsed > 0 else 0.0
+    left = max(0, progress.entries - entries)
+    eta = left / rate if rate > 0 else None
+    return {
+        "type": "snapshot_progress",
+        "entries": entries,
+        "entriesTotal": max(progress.entries, entries),
+        "bytes": progress.size,
+        "entriesPerSecond": round(rate, 1),
+        "bytesPerSecond": round(byte_rate),
+        "etaSeconds": None if eta is None else round(eta, 1),
+    }
 
 
 async def take(
@@ -305,7 +329,7 @@ async def take(
             len(heads),
         )
         if on_progress is not None:
-            on_progress(progress, None)
+            on_progress(progress, done=True)
         return boundary, joined
 
 
@@ -339,6 +363,8 @@ class _Taking:
             pages=old.pages + batch.pages,
             records=old.records + len(batch.entities),
             size=old.size + batch.size,
+            last_records=len(batch.entities),
+            last_size=batch.size,
         )
         key = progress_key(self.context_id)
 
@@ -361,7 +387,7 @@ class _Taking:
             for _ in range(batch.pages):
                 self.on_page()
         if self.on_progress is not None:
-            self.on_progress(progress, self.machine)
+            self.on_progress(progress, done=False)
 
 
 async def _refuse(

@@ -141,9 +141,11 @@ class SnapshotState:
             if ack is not None and ack.author == member and covers(dict(ack.vv)):
                 return stored
         if member == me:
-            frontier = authority.frontier()
-            hlc = replica.clock.now(self._replicas.physical_now()).time
-            return sign_ack(replica.member_key, context_id, frontier, hlc)
+            # The clock is read, not ticked: an ack's hlc only orders one author's acks,
+            # and serving a snapshot must not move the stamps of our next writes.
+            return sign_ack(
+                replica.member_key, context_id, authority.frontier(), replica.clock.last
+            )
         ops = [o for o in authority.graph.ops.values() if o.author == member]
         for op in sorted(ops, key=lambda o: o.seq, reverse=True):
             if covers(dict(op.vv)):

@@ -33,6 +33,7 @@ context run one at a time (a per-context lock; an explicit sync waits for a runn
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -46,7 +47,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trionode.context import snapshot, treecmp
 from trionode.context.errors import ContextError, ContextNotFound
+from trionode.context.events import EventHub
 from trionode.context.manager import ContextManager
+from trionode.context.notices import b58
 from trionode.context.replication import SESSION_ERRORS, Replicator, context_of, topic_for
 from trionode.net.pubsub import PubSub
 from trionode.sync import plan
@@ -191,6 +194,7 @@ class SyncManager:
         snapshot_window: int = snapshot.WINDOW,
         snapshot_batch_bytes: int = snapshot.BATCH_BYTES,
         snapshot_idle_timeout: float = snapshot.IDLE_TIMEOUT,
+        hub: EventHub | None = None,
     ) -> None:
         self.contexts = contexts
         self.replicator = replicator
@@ -210,8 +214,12 @@ class SyncManager:
         self.snapshot_window = snapshot_window
         self.snapshot_batch_bytes = snapshot_batch_bytes
         self.snapshot_idle_timeout = snapshot_idle_timeout
-        self.snapshot_progress: list[snapshot.Progress] = []
-        """Told of every snapshot batch stored (the join's progress display, the events)."""
+        self.hub = hub
+        """Where snapshot progress goes (a transient notice to the context's subscribers;
+        `trionode context join` shows it)."""
+        self._snapshot_started: dict[bytes, tuple[float, int, int]] = {}
+        """Context → (when this node's current snapshot stream started, entries and bytes
+        taken before it): the rate counts this stream only."""
         self.on_join = on_join
         self.join_jitter = join_jitter
         self.metrics = metrics
@@ -526,13 +534,15 @@ class SyncManager:
                     batch_bytes=self.snapshot_batch_bytes,
                     idle_timeout=self.snapshot_idle_timeout,
                     on_page=self.metrics.snapshot_pages.inc,
-                    on_progress=self._snapshot_progress,
+                    on_progress=functools.partial(self._snapshot_progress, context_id),
                 )
         except snapshot.SnapshotRefused:
             self.metrics.snapshot_refused.inc()
             # The state came some other way: the marker no longer applies.
             await self.contexts.store.delete(snapshot.PROGRESS, snapshot.progress_key(context_id))
             raise
+        finally:
+            self._snapshot_started.pop(context_id, None)  # the next stream has its own rate
         self.metrics.records.labels("snapshot").inc(joined)
         if run.scope is not None:
             run.scope.deadline = trio.current_time() + self.timeout
@@ -544,10 +554,19 @@ class SyncManager:
             run.outcome = "partial"  # the next session continues (delta or tree comparison)
 
     def _snapshot_progress(
-        self, progress: snapshot.SnapshotProgress, stream: snapshot.SnapshotTake | None
+        self, context_id: bytes, progress: snapshot.SnapshotProgress, *, done: bool
     ) -> None:
-        for listener in self.snapshot_progress:
-            listener(progress, stream)
+        now = trio.current_time()
+        started = self._snapshot_started.setdefault(
+            context_id,
+            (now, progress.records - progress.last_records, progress.size - progress.last_size),
+        )
+        if self.hub is None:
+            return
+        payload = snapshot.progress_json(progress, now - started[0], started[1], started[2])
+        payload["contextId"] = b58(context_id)
+        payload["done"] = done
+        self.hub.notify(payload["contextId"], payload)
 
     async def _tree_compare(
         self, context_id: bytes, peer: PeerId, peer_heads: list[bytes], run: _Run

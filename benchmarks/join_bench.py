@@ -1,0 +1,209 @@
+"""A fresh node joins a context of a million entries (`python -m benchmarks --only join`;
+`--quick` runs it with 20,000): time beside a raw copy of the same bytes, and the joiner's
+peak memory beside the same node restarted with that state loaded.
+
+* **Member** (in this process, on loopback): a `kv_store` context (the bench bundle of
+  `sync_bench`) with 1,000 entries written through the app and folded, then ``n`` - 1,000
+  more entries made from one of those records (same parent, same value, other keys) and
+  stored as final state (base rows, as a snapshot would leave them). Populating a million
+  entries through app calls would take hours (`sync_bench` explains why); what a joiner
+  receives is the same either way: final-state records in id order.
+* **Joiner**: a real `trionode start` process (its own memory), which joins with
+  ``trionode context join`` (the streamed snapshot, then the tail). Timed: the command's
+  wall time, including its own start (~0.3 s). Its peak RSS (VmHWM) is read once the join
+  returned. Then the node is stopped, started again on the same home, asked for the
+  context's size (which loads the replica from its state rows), and its peak RSS read again.
+* **Baselines** (same run): copying the member's state rows of the context (key + value
+  bytes) over one Noise+Yamux stream (`sync_bench.copy_seconds`), and the restarted node's
+  peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from benchmarks.harness import Row
+from benchmarks.sync_bench import (
+    _bench_bundle,
+    _folding,
+    _items,
+    _row_bytes,
+    _set_many,
+    copy_seconds,
+)
+from trionode.context.folding import fold_all
+from trionode.crdt import Entity, encode_entity
+from trionode.node import Node
+from trionode.testing import open_test_node
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+TEMPLATE_ENTRIES: Final = 1000
+STORE_BATCH: Final = 20_000
+
+
+def _log(message: str) -> None:
+    print(f"  join: {message}", file=sys.stderr, flush=True)
+
+
+async def _populate(member: Node, bundle: Path, n: int) -> bytes:
+    app_id = (await member.applications.install(str(bundle))).application_id
+    context = (await member.contexts.create(app_id)).context_id
+    await _set_many(member, context, _items("key", 0, TEMPLATE_ENTRIES))
+    await fold_all(member.contexts.replicas, retention=0.0, max_batch=1024)
+    replica = await member.contexts.replica(context)
+    template: Entity | None = None
+    marker = b"key:00000000"
+    for entity in replica.tree.entities():
+        if marker in entity.name:
+            template = entity
+            break
+    assert template is not None, "no kv_store entry record to copy"
+    made = TEMPLATE_ENTRIES
+    while made < n:
+        entities: list[Entity] = []
+        records: list[bytes] = []
+        for i in range(made, min(n, made + STORE_BATCH)):
+            name = template.name.replace(marker, f"key:{i:08d}".encode())
+            entity = template.copy()
+            clone = Entity(template.parent, name, template.kind)
+            clone.body, clone.added, clone.removed = entity.body, entity.added, entity.removed
+            entities.append(clone)
+            records.append(encode_entity(clone))
+        order = sorted(range(len(entities)), key=lambda k: entities[k].id)
+        stored = await member.contexts.store_snapshot_batch(
+            context, [entities[k] for k in order], [records[k] for k in order]
+        )
+        assert stored == len(entities)
+        made += len(entities)
+    count = (await member.contexts.execute(context, "len", "{}")).result
+    assert count == n, f"populated {count} entries, wanted {n}"
+    return context
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`trionode ARGS --home HOME`, its output (raises if it fails)."""
+    return subprocess.run(
+        [sys.executable, "-m", "trionode", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=3600,
+    )
+
+
+def _peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    assert match is not None
+    return int(match.group(1)) * 1024
+
+
+class _Joiner:
+    """A `trionode start` process on `home`."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trionode", "start", "--home", str(self.home)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        stderr = self.proc.stderr
+        assert stderr is not None
+        for line in stderr:
+            if b"started: peer id" in line:
+                break
+        # Keep reading its log so it never blocks on a full pipe.
+        threading.Thread(target=stderr.read, daemon=True).start()
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        self.proc = None
+
+
+async def _row(n: int, base: Path) -> list[Row]:
+    bundle = _bench_bundle(base / "bundle")
+    async with open_test_node(base / "member", api=False, configure=_folding) as member_node:
+        member = member_node.node
+        started = time.perf_counter()
+        context = await _populate(member, bundle, n)
+        state_bytes, _ = await _row_bytes(member, context)
+        _log(f"{n:,} entries made in {time.perf_counter() - started:.1f}s; {state_bytes:,} B")
+        home = base / "joiner"
+        _cli(home, "init", "--server-port", "0", "--swarm-port", "0", "--no-mdns")
+        joiner = _Joiner(home)
+        joiner.start()
+        try:
+            await trio.to_thread.run_sync(_cli, home, "app", "install", str(bundle))
+            invitation = await member.joins.invite(context)
+            started = time.perf_counter()
+            joined = await trio.to_thread.run_sync(
+                _cli, home, "context", "join", invitation, "--json"
+            )
+            seconds = time.perf_counter() - started
+            assert joiner.proc is not None
+            joined_rss = _peak_rss(joiner.proc.pid)
+            context_b58 = json.loads(joined.stdout)["contextId"]
+            shown = await trio.to_thread.run_sync(
+                _cli, home, "context", "show", context_b58, "--json"
+            )
+            ours = json.loads(shown.stdout)
+            theirs, _, _ = await member.contexts.state(context)
+            same = ours["rootHash"] == theirs.hex()
+            _log(f"joined in {seconds:.1f}s, peak RSS {joined_rss / 1e6:.0f} MB, same root {same}")
+        finally:
+            joiner.stop()
+        joiner.start()
+        try:
+            size = await trio.to_thread.run_sync(_cli, home, "call", context_b58, "len", "--json")
+            assert json.loads(size.stdout)["output"] == n
+            assert joiner.proc is not None
+            loaded_rss = _peak_rss(joiner.proc.pid)
+        finally:
+            joiner.stop()
+    copy = await copy_seconds(state_bytes)
+    label = "" if same else " (ROOTS DIFFER)"
+    return [
+        Row(
+            f"fresh member joins {n:,}-entry context (separate process, `context join`){label}",
+            seconds,
+            "s",
+            f"copy member's state rows ({state_bytes / 1e6:.0f} MB) over 1 noise+yamux stream",
+            copy,
+            higher_is_better=False,
+        ),
+        Row(
+            f"joiner's peak RSS taking {n:,} entries",
+            joined_rss / 1e6,
+            "MB",
+            "same node restarted, that state loaded",
+            loaded_rss / 1e6,
+            higher_is_better=False,
+        ),
+    ]
+
+
+async def run(*, quick: bool) -> list[Row]:
+    n = 20_000 if quick else 1_000_000
+    with tempfile.TemporaryDirectory(prefix="trionode-join-bench-") as tmp:
+        return await _row(n, Path(tmp))
