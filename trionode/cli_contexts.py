@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Final
 
 from trionode import schemas
@@ -279,8 +280,9 @@ async def _follow_snapshot(client: Client, context_id: str, line: ProgressLine) 
                 break
             except ApiError:
                 await trio.sleep(PROGRESS_POLL)
-        async for notice in client.notices(context_id, "snapshot_progress"):
-            line.show(notice)
+        async with aclosing(client.notices(context_id, "snapshot_progress")) as notices:
+            async for notice in notices:
+                line.show(notice)
     except ApiError:
         return  # progress is a courtesy: the join's own answer is what counts
 

@@ -8,7 +8,7 @@ Server messages: {"type": "subscribed", "contextIds", "seq"}, {"type": "unsubscr
 "contextIds"}, {"type": "delta", "seq", "contextId", "deltaId", "rootHash", "heads",
 "events", "origin"}, {"type": "resync", "contextIds", "seq", "reason"}, {"type": "pong"},
 {"type": "ping"} (keepalive), {"type": "error", "message"}, plus transient notices (blob
-transfer progress).
+transfer progress, a joining node's snapshot progress).
 
 With "since", the events after that sequence number are replayed first, then `subscribed`;
 numbering survives restarts (the log is in LMDB for `api.event_retention`). When that gap

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import Any, Protocol, TypeVar
 
 import httpx
@@ -232,19 +232,23 @@ class Client:
             raise ApiError("the node answered JSON-RPC with neither a result nor an error")
         return answer.result
 
-    async def watch(self, context_id: str, *, since: int | None = None) -> AsyncIterator[Any]:
+    async def watch(
+        self, context_id: str, *, since: int | None = None
+    ) -> AsyncGenerator[Any, None]:
         """Yield the context's applied-delta events from the WebSocket as they arrive."""
-        async for message in self._subscribe(context_id, since=since, kinds=("delta",)):
-            yield message
+        async with aclosing(self._subscribe(context_id, since=since, kinds=("delta",))) as events:
+            async for message in events:
+                yield message
 
-    async def notices(self, context_id: str, kind: str) -> AsyncIterator[Any]:
+    async def notices(self, context_id: str, kind: str) -> AsyncGenerator[Any, None]:
         """Yield the context's transient notices of `kind` (e.g. "snapshot_progress")."""
-        async for message in self._subscribe(context_id, since=None, kinds=(kind,)):
-            yield message
+        async with aclosing(self._subscribe(context_id, since=None, kinds=(kind,))) as events:
+            async for message in events:
+                yield message
 
     async def _subscribe(
         self, context_id: str, *, since: int | None, kinds: tuple[str, ...]
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         # Imported here: only watching needs WebSockets (and Trio), and the CLI's other
         # commands start faster without them.
         from trio_websocket import (  # noqa: PLC0415

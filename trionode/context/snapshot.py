@@ -1,19 +1,31 @@
-"""Snapshot: how a node with no state gets a context's state (DESIGN §8, issue 7).
+"""Snapshot: how a node with no state gets a context's final state (DESIGN §8, issues 7,
+10 and 17).
 
 ```
 joiner                                         member (responder)
   SyncAuth, ProofRequest          ──────────▶  checks the joiner's membership
                                   ◀──────────  PeerProof (its member key signs the session)
-  SnapshotRequest(cursor=None)    ──────────▶  under its context lock: records in id order,
-                                  ◀──────────  SnapshotPage(records, next_cursor, heads, root)
-  (join the page, persist it with the progress marker in one write)
-  SnapshotRequest(cursor=next)    ──────────▶  …until next_cursor is None
-  adopt the *first* page's heads as checkpoints; then delta-sync the tail
+  SnapshotOpen(cursor, root, W)   ──────────▶  the stream of pages (trionode/sync/snapshot.py):
+                                  ◀──────────  SnapshotBegin(heads H, final root, entries,
+                                               finality certificate), then pages sent ahead,
+  (every half window: one LMDB     ◀─ ─ ─ ─ ─   at most W not yet credited back
+   write of the batch + marker;
+   SnapshotCredit back)           ──────────▶
+  SnapshotClose after the last    ──────────▶
+  check: the records hash to the final root
+  AuthRequest(H)                  ──────────▶
+                                  ◀──────────  AuthResponse(signed ops, H's version vectors)
+  check the certificate under our own resolution of those ops; adopt the ops, then H as
+  checkpoints; then delta-sync the tail (every non-final delta, signed)
 ```
+
+A snapshot that fails a check (records out of order, more pages than granted, a root the
+records do not hash to, a forged or stale certificate) is refused: the state it brought is
+discarded (`SnapshotState.discard`) and the marker starts over, keeping the trusted source.
 
 **Consistency while the responder keeps writing.** Pages are read at different times, each
 under the responder's context lock (so a page never holds a change still being written).
-The joiner keeps the heads H sent with the *first* page as the snapshot's boundary. Its
+The joiner keeps the heads H sent with the first page (`SnapshotBegin`) as the boundary. Its
 state afterwards contains the responder's state as of H: entity records only ever grow
 under join (GC drops only tombstones older than the GC horizon, which nothing can need), so
 an entity that existed at the first page, with an id in the range a later page covers, is in
@@ -27,12 +39,13 @@ handlers for them. A checkpoint does not know its ancestors: a delta from before
 still arrives (as the parent of a concurrent one) applies harmlessly but becomes a stale
 head, which the next session drops (`HeadsResponse.known`, `SyncManager._drop_stale_heads`).
 
-**Resumable.** Each page is joined and persisted in the same write as a progress marker
-(`SnapshotProgress`: source peer and member, boundary heads, cursor). A dropped connection
-or a crash continues from the cursor with the same peer (whose state still contains the
-boundary's). From another peer it restarts from the first record with that peer's heads,
-keeping what it has (joining it again changes nothing). A context whose state was wiped
-since restarts too.
+**Resumable.** Each batch is joined and persisted in the same write as a progress marker
+(`SnapshotProgress`: source peer and member, boundary heads, final root, certificate,
+cursor). A dropped connection or a crash continues from the cursor with the same peer if
+its final state still has the root the cursor belongs to; if it moved on (more was
+folded), the pages start from the first record again with the new boundary, joining over
+what we have (records only grow). From another peer it restarts from the first record.
+A context whose state was wiped since restarts too.
 
 **Never over existing state.** A node that has state and no marker (or a marker for a
 snapshot that has not started) refuses to take a snapshot (`SnapshotRefused`, counted by
@@ -130,9 +143,6 @@ class SnapshotProgress(msgspec.Struct, frozen=True):
     """Records in the state being taken (the responder's count: for progress)."""
     size: int = 0
     """Record bytes taken so far."""
-    last_records: int = 0
-    last_size: int = 0
-    """What the last batch added (so a rate can start from the stream's first batch)."""
 
 
 PROGRESS = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(SnapshotProgress))
@@ -200,14 +210,18 @@ class Channel(Protocol):
     async def receive(self, *, eof_ok: bool = False) -> SyncMessage | None: ...
 
 
-class Progress(Protocol):
-    """Told of a snapshot's progress: after each stored batch, and once it is adopted."""
-
-    def __call__(self, progress: SnapshotProgress, *, done: bool) -> None: ...
+Progress = Callable[[dict[str, Any]], None]
+"""Told of a snapshot's progress (`progress_json`): after each stored batch, and once with
+`done` when it is adopted."""
 
 
 def progress_json(
-    progress: SnapshotProgress, elapsed: float, entries_before: int, bytes_before: int
+    progress: SnapshotProgress,
+    elapsed: float,
+    entries_before: int,
+    bytes_before: int,
+    *,
+    done: bool = False,
 ) -> dict[str, Any]:
     """A `snapshot_progress` notice: entries and bytes taken of the total, and this stream's
     rate (entries and bytes taken `elapsed` seconds after it started, beyond those it found
@@ -225,6 +239,7 @@ def progress_json(
         "entriesPerSecond": round(rate, 1),
         "bytesPerSecond": round(byte_rate),
         "etaSeconds": None if eta is None else round(eta, 1),
+        "done": done,
     }
 
 
@@ -296,6 +311,7 @@ async def take(
                 contexts, context_id, machine, progress, first=not started, fresh=fresh
             )
             taking.on_page, taking.on_progress = on_page, on_progress
+            taking.before = (progress.records, progress.size)
             await take_snapshot(channel, machine, taking.store)
             progress, joined = taking.progress, taking.joined
         boundary = progress.heads or []
@@ -329,7 +345,7 @@ async def take(
             len(heads),
         )
         if on_progress is not None:
-            on_progress(progress, done=True)
+            on_progress(progress_json(progress, 0.0, progress.records, progress.size, done=True))
         return boundary, joined
 
 
@@ -343,14 +359,31 @@ class _Taking:
     progress: SnapshotProgress
     first: bool
     fresh: bool
+    first_of_stream: bool = True
     joined: int = 0
     on_page: Callable[[], object] | None = None
     on_progress: Progress | None = None
+    started: float = attrs.field(factory=trio.current_time)
+    """When this stream started: its rate is what it took since."""
+    before: tuple[int, int] = (0, 0)
+    """Entries and bytes the marker counted when the stream started."""
+
+    def report(self, *, done: bool = False) -> None:
+        if self.on_progress is not None:
+            progress = self.progress
+            elapsed = trio.current_time() - self.started
+            entries, size = self.before
+            self.on_progress(progress_json(progress, elapsed, entries, size, done=done))
 
     async def store(self, batch: StoreBatch) -> None:
         begin = self.machine.begin
         assert begin is not None
         old = self.progress
+        if self.machine.restarted and self.first_of_stream:
+            # The responder's state moved on: the count starts over with its pages.
+            old = msgspec.structs.replace(old, records=0, size=0, pages=0)
+            self.before = (0, 0)
+        self.first_of_stream = False
         boundary = old.heads is None or self.machine.restarted
         progress = msgspec.structs.replace(
             old,
@@ -363,8 +396,6 @@ class _Taking:
             pages=old.pages + batch.pages,
             records=old.records + len(batch.entities),
             size=old.size + batch.size,
-            last_records=len(batch.entities),
-            last_size=batch.size,
         )
         key = progress_key(self.context_id)
 
@@ -386,8 +417,7 @@ class _Taking:
         if self.on_page is not None:
             for _ in range(batch.pages):
                 self.on_page()
-        if self.on_progress is not None:
-            self.on_progress(progress, done=False)
+        self.report()
 
 
 async def _refuse(

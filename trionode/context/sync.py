@@ -14,7 +14,8 @@ A session asks a member peer for its heads and root (`HeadsRequest`), then picks
 (`_sync_with`):
 
 * a snapshot is being taken (a marker is persisted), or the node has no state at all →
-  **snapshot** (`snapshot.take`: paged, resumable, never over existing state), then a delta
+  **snapshot** (`snapshot.take`: streamed, resumable, checked against its final root and
+  finality certificate, never over existing state), then a delta
   sync of the tail. A node with no state and no trusted snapshot source (only the join
   records one) fetches the whole delta history instead: deltas verify themselves.
 * every head of the peer's is applied here: equal roots → nothing to do; equal heads and a
@@ -39,7 +40,7 @@ import math
 import random
 import time
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
@@ -217,9 +218,6 @@ class SyncManager:
         self.hub = hub
         """Where snapshot progress goes (a transient notice to the context's subscribers;
         `trionode context join` shows it)."""
-        self._snapshot_started: dict[bytes, tuple[float, int, int]] = {}
-        """Context → (when this node's current snapshot stream started, entries and bytes
-        taken before it): the rate counts this stream only."""
         self.on_join = on_join
         self.join_jitter = join_jitter
         self.metrics = metrics
@@ -541,8 +539,6 @@ class SyncManager:
             # The state came some other way: the marker no longer applies.
             await self.contexts.store.delete(snapshot.PROGRESS, snapshot.progress_key(context_id))
             raise
-        finally:
-            self._snapshot_started.pop(context_id, None)  # the next stream has its own rate
         self.metrics.records.labels("snapshot").inc(joined)
         if run.scope is not None:
             run.scope.deadline = trio.current_time() + self.timeout
@@ -553,20 +549,10 @@ class SyncManager:
         ):
             run.outcome = "partial"  # the next session continues (delta or tree comparison)
 
-    def _snapshot_progress(
-        self, context_id: bytes, progress: snapshot.SnapshotProgress, *, done: bool
-    ) -> None:
-        now = trio.current_time()
-        started = self._snapshot_started.setdefault(
-            context_id,
-            (now, progress.records - progress.last_records, progress.size - progress.last_size),
-        )
-        if self.hub is None:
-            return
-        payload = snapshot.progress_json(progress, now - started[0], started[1], started[2])
-        payload["contextId"] = b58(context_id)
-        payload["done"] = done
-        self.hub.notify(payload["contextId"], payload)
+    def _snapshot_progress(self, context_id: bytes, payload: dict[str, Any]) -> None:
+        if self.hub is not None:
+            payload["contextId"] = b58(context_id)
+            self.hub.notify(payload["contextId"], payload)
 
     async def _tree_compare(
         self, context_id: bytes, peer: PeerId, peer_heads: list[bytes], run: _Run

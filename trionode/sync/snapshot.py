@@ -59,7 +59,7 @@ from trionode.auth.model import Resolution, tag
 from trionode.crdt import Entity, decode_entity
 from trionode.dag.delta import decode_delta, header_vv, verify_delta
 from trionode.errors import LocalProtocolError, ProtocolError
-from trionode.sync.errors import PeerRefused, SyncViolation, UnexpectedMessage
+from trionode.sync.errors import PeerRefused, SessionExpired, SyncViolation, UnexpectedMessage
 from trionode.wire.messages import (
     MAX_SNAPSHOT_WINDOW,
     SnapshotBegin,
@@ -97,8 +97,9 @@ class StaleCertificate(SyncViolation):
     the acks it carries do not reach every boundary checkpoint."""
 
 
-class SnapshotExpired(SyncViolation):
-    """Nothing moved on a snapshot stream for longer than its idle timeout."""
+class SnapshotExpired(SessionExpired):
+    """Nothing moved on a snapshot stream for longer than its idle timeout (a stalled
+    stream, not a violation: the peer may only be slow, and the snapshot resumes)."""
 
 
 # -- the certificate ------------------------------------------------------------------------------
