@@ -18,7 +18,7 @@ from trionode.node import Node
 from trionode.testing import open_cluster
 
 from .cluster_helpers import call, metric, share, wait_converged, write
-from .test_sync_protocols import quiet
+from .test_sync_protocols import quiet, sessions
 
 AHEAD = 60.0
 """Seconds node A's wall clock leads B's: beyond `sync.max_clock_drift` (5 s), within the
@@ -103,3 +103,30 @@ async def wire(node: Node, context: bytes, delta_id: bytes) -> bytes:
     data = await node.contexts.read_delta(context, delta_id)
     assert data is not None
     return data
+
+
+async def test_a_delta_sync_that_leaves_deltas_waiting_for_the_clock_needs_no_tree_comparison(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """B missed A's delta (partitioned) and fetches it in a delta sync, but it is stamped
+    ahead of B's clock, so it waits there. The session counted that as a gap delta sync
+    could not close and ran a tree comparison, which failed on A's records stamped ahead
+    (or, where it got that far, joined unsigned state of non-final deltas for good). Now
+    the session ends there, and the delta applies once B's clock allows."""
+    async with open_cluster(2, tmp_path, clock_skews=[AHEAD, 0.0], configure=quiet) as cluster:
+        a, b = cluster.nodes
+        context = await share(cluster, [0, 1])
+        await cluster.partition([0])
+        delta = await write(a, context, "set", key="late", value="v")
+        await trio.sleep(10)  # past gossip's message cache: B never hears of it
+        await cluster.heal()
+        assert await b.contexts.unknown(context, [delta]) == {delta}
+
+        await b.sync.sync_now(context, cluster.peer_ids[0])
+
+        assert sessions(b, "delta") == 1
+        assert sessions(b, "tree") == sessions(b, "tree", "failed") == 0
+        assert (await b.contexts.state(context))[2] == 1  # fetched, waiting for the clock
+        await wait_converged(cluster, [a, b], context)
+        assert await call(b, context, "get", key="late") == "v"
+        assert metric(b, "trionode_sync_records_total", direction="pulled") == 0

@@ -464,6 +464,14 @@ class SyncManager:
             ):
                 await self._drop_stale_heads(context_id, heads, situation.heads)
                 return
+            if not await self.contexts.unknown(
+                context_id, heads.heads
+            ) and not await self.contexts.missing(context_id):
+                # Every head of the peer's is here, some pending with no parent missing:
+                # they wait for our clock (stamped ahead) and apply once it allows. A tree
+                # comparison would only pull their records as unsigned state: refused as
+                # ahead of our clock, or joined for good with whatever came before them.
+                return
         else:
             self.metrics.divergence.inc()
             log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
