@@ -121,6 +121,26 @@ def test_success_resets_failures() -> None:
     assert known.failures == 1
 
 
+def test_network_back_makes_backed_off_members_dialable_at_once() -> None:
+    clock = FakeClock()
+    store, _ = _store(clock, member_max_backoff=60.0, max_backoff=60.0, max_failures=100)
+    member, other, first = _peer(1), _peer(2), _peer(3)  # `first`: unknown to the store
+    for n, peer in enumerate((member, other)):
+        store.add(peer, [_tcp(4001 + n)], source="identify")
+    store.set_members([member])
+    for _ in range(6):  # both back off far beyond the next second
+        store.record_failure(member)
+        store.record_failure(other)
+    assert store.dial_candidates(10) == []
+    store.set_connected([first])  # from no connection to one: the network is back
+    assert store.dial_candidates(10) == [member]  # members only: others keep their backoff
+    store.record_failure(member)  # really down: it backs off as before
+    assert store.dial_candidates(10) == []
+    store.set_connected([first, other])  # a second connection is not "back" again
+    store.set_connected([first])
+    assert store.dial_candidates(10) == []
+
+
 def test_unseen_peers_expire_but_connected_and_pinned_ones_stay() -> None:
     clock = FakeClock()
     store, forgotten = _store(clock)

@@ -236,15 +236,20 @@ class SyncManager:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._send_heartbeats)
-            nursery.start_soon(self._ticks)
-            if self._heartbeats is not None:
-                nursery.start_soon(self._receive_heartbeats, self._heartbeats)
-            task_status.started()
-            await shutdown_requested.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._send_heartbeats)
+                nursery.start_soon(self._ticks)
+                if self._heartbeats is not None:
+                    nursery.start_soon(self._receive_heartbeats, self._heartbeats)
+                task_status.started()
+                await shutdown_requested.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            # An explicit sync (`sync_now`) ending after this must not start a waiting
+            # peer's session in a closed nursery.
+            self._nursery = None
 
     # -- scheduling --------------------------------------------------------------------------
 

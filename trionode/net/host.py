@@ -191,6 +191,8 @@ class Host:
         """Per-address shares, watermarks and protected members (net/connmgr.py)."""
         self._nursery: trio.Nursery | None = None
         self._connection_changed = trio.Event()
+        self._network_back = trio.Event()
+        """Set (and replaced) when the first connection opens after none was open."""
         self._dialing: dict[PeerId, trio.Event] = {}
         self._circuit_dialer: CircuitDialer | None = None
         self.set_handler(PING_PROTOCOL_ID, _serve_ping)
@@ -385,7 +387,10 @@ class Host:
                 log.info(
                     "bootstrap peer %s unreachable (%s); retrying in %.0fs", addr, exc, backoff
                 )
-                await trio.sleep(backoff)
+                # The network coming back (our first connection after none) ends the wait:
+                # a healed link is worth trying at once, not after a long backoff.
+                with trio.move_on_after(backoff):
+                    await self._network_back.wait()
                 backoff = min(backoff * 2, self.config.redial_max_backoff)
                 continue
             backoff = self.config.redial_initial_backoff
@@ -579,8 +584,12 @@ class Host:
         group = self._group_of(conn)
         if not self._admit(conn, group):
             return None
+        alone = not any(not other.closed for other in self.connections.values())
         self.connections[conn.peer_id] = conn
         self._notify()
+        if alone:
+            self._network_back.set()
+            self._network_back = trio.Event()
         for peer in self.connmgr.trim(trio.current_time()):
             self._close_for_room(peer, "trimmed")
         return conn

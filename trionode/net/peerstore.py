@@ -23,6 +23,10 @@ row failed, and when the next dial may happen. Rules:
   down for an hour must be found again when it comes back. Their redial backoff stops at
   ``member_max_backoff`` (low), and they are dial candidates before everyone else.
   ``stored`` entries are member addresses read back from LMDB at start.
+- *Network back.* When the node goes from no connection at all to one (the network came
+  back: a laptop woke up, a partition healed, the first backed-off dial got through), every
+  unconnected member becomes dialable at once, instead of each waiting out its own backoff
+  (failures are kept, so a member that is really down backs off as before).
 
 The store does no I/O. Time comes from an injected clock (Trio's by default), and
 :meth:`PeerStore.wait_changed` wakes whoever waits on it after every change.
@@ -311,6 +315,8 @@ class PeerStore:
         if connected == self._connected:
             return
         now = self._clock()
+        if connected and not self._connected:
+            self._network_back(now)
         for peer in connected ^ self._connected:
             entry = self._entries.get(peer)
             if entry is not None:
@@ -319,6 +325,13 @@ class PeerStore:
                     entry.next_dial_at = max(entry.next_dial_at, now + self.initial_backoff)
         self._connected = connected
         self._notify()
+
+    def _network_back(self, now: float) -> None:
+        """Every unconnected member is dialable now (see "Network back")."""
+        for peer in self._members:
+            entry = self._entries.get(peer)
+            if entry is not None and entry.next_dial_at > now:
+                entry.next_dial_at = now
 
     def record_success(self, peer: PeerId) -> None:
         """A dial to ``peer`` succeeded: clear its failures and backoff."""
