@@ -10,6 +10,7 @@ import trio
 from benchmarks import (
     auth_bench,
     blob_bench,
+    bytes_bench,
     cli_bench,
     context_bench,
     hostile_bench,
@@ -35,6 +36,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "pubsub": pubsub_bench.run,
         "pubsub-procs": pubsub_procs.run,
         "contexts": context_bench.run,
+        "bytes": bytes_bench.run,
         "sync": sync_bench.run,
         "join": join_bench.run,
         "hostile": hostile_bench.run,

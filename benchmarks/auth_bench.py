@@ -164,7 +164,7 @@ async def _late_removal(n: int, filtered: int, base: Path, *, fold: bool) -> tup
             assert donor_wire is not None
             donor_delta = decode_delta(donor_wire)
             donor_keys = await a.contexts.keys(donor.context_id)
-            donor_header = verify_delta(donor_delta)
+            donor_header = verify_delta(donor_delta, context_id=donor.context_id)
             body: DeltaBody = open_delta(donor_delta, donor_header, donor_keys[donor_header.key_id])
             seq = vv.get(tag, 0) + 1
             delta = seal_delta(
@@ -178,7 +178,7 @@ async def _late_removal(n: int, filtered: int, base: Path, *, fold: bool) -> tup
                 seq=seq,
                 vv=vv,
             )
-            vv = dict(verify_delta(delta).vv)
+            vv = dict(verify_delta(delta, context_id=context).vv)
             parents = [delta.id]
             victim_wires.append(delta.encode())
         wires += await _history(a, context, n - filtered, 0)

@@ -142,7 +142,11 @@ async def _authored_by(node: Node, context: bytes) -> list[bytes]:
     """The keys of the deltas in `node`'s log that its own member wrote."""
     member, _ = await node.contexts.member_key(context)
     rows = await node.store.scan(DELTAS, prefix=context)
-    return [key for key, wire in rows if wire and verify_wire(wire).header.author == member]
+    return [
+        key
+        for key, wire in rows
+        if wire and verify_wire(wire, context_id=context).header.author == member
+    ]
 
 
 async def test_read_only_member_follows_and_serves_sync(

@@ -95,7 +95,7 @@ async def test_members_without_the_new_bundle_fetch_it_from_a_trusted_signer(
         await call(b, context, "add", by=2)
         done = await a.contexts.upgrade(context, new)
         # The upgrade op names the bundle (format 3), so the others know what to fetch.
-        header = verify_delta(done.operation)
+        header = verify_delta(done.operation, context_id=context)
         assert header.version == FORMAT_VERSION
         assert header.auth is not None
         assert header.auth.bundle_blob_id == (await a.applications.get(new)).bundle_blob_id

@@ -12,9 +12,11 @@ from trionode.dag.delta import (
     GENESIS,
     AppEvent,
     AuthAction,
+    CompactHeader,
     DeltaBody,
     SignedDelta,
     _signed_message,
+    _signed_message_v4,
     decode_delta,
     delta_id,
     open_delta,
@@ -42,7 +44,7 @@ def _delta(author: Ed25519PrivateKey | None = None) -> SignedDelta:
 def test_round_trip() -> None:
     delta = _delta()
     received = decode_delta(delta.encode())
-    header = verify_delta(received, expected_id=delta.id)
+    header = verify_delta(received, context_id=CONTEXT, expected_id=delta.id)
     assert header.context_id == CONTEXT
     body = open_delta(received, header, KEY)
     assert body.records == [b"r1"]
@@ -52,14 +54,14 @@ def test_round_trip() -> None:
 def test_wrong_id_signature_or_key_are_rejected() -> None:
     delta = _delta()
     with pytest.raises(RemoteProtocolError, match="id does not match"):
-        verify_delta(delta, expected_id=bytes(32))
+        verify_delta(delta, context_id=CONTEXT, expected_id=bytes(32))
     tampered = SignedDelta(delta.header, delta.ciphertext[:-1] + b"\x00", delta.signature)
     with pytest.raises(RemoteProtocolError, match="signature"):
-        verify_delta(tampered)
+        verify_delta(tampered, context_id=CONTEXT)
     forged = SignedDelta(delta.header, delta.ciphertext, bytes(64))
     with pytest.raises(RemoteProtocolError, match="signature"):
-        verify_delta(forged)
-    header = verify_delta(delta)
+        verify_delta(forged, context_id=CONTEXT)
+    header = verify_delta(delta, context_id=CONTEXT)
     with pytest.raises(RemoteProtocolError, match="decrypt"):
         open_delta(delta, header, os.urandom(32))
 
@@ -75,7 +77,7 @@ def test_id_covers_everything() -> None:
 def test_garbage_only_raises_the_typed_error(data: bytes) -> None:
     try:
         delta = decode_delta(data)
-        verify_delta(delta)
+        verify_delta(delta, context_id=CONTEXT)
     except RemoteProtocolError:
         pass
 
@@ -90,7 +92,7 @@ def test_mutated_deltas_are_rejected(position: int, value: int) -> None:
 
     def receive() -> None:
         delta = decode_delta(bytes(wire))
-        open_delta(delta, verify_delta(delta), KEY)
+        open_delta(delta, verify_delta(delta, context_id=CONTEXT), KEY)
 
     with pytest.raises(RemoteProtocolError):
         receive()
@@ -102,9 +104,9 @@ def test_oversized_is_rejected() -> None:
 
 
 def _resealed(delta: SignedDelta, author: Ed25519PrivateKey, **changes: object) -> SignedDelta:
-    """`delta` with its header changed and signed again by `author` (a node that writes
-    another format than this one would)."""
-    header = msgspec.structs.replace(verify_delta(delta), **changes)
+    """A format 2/3 `delta` with its header changed and signed again by `author` (a node
+    that writes another format than this one would)."""
+    header = msgspec.structs.replace(verify_delta(delta, context_id=CONTEXT), **changes)
     raw = msgspec.msgpack.encode(header)
     return SignedDelta(raw, delta.ciphertext, author.sign(_signed_message(raw, delta.ciphertext)))
 
@@ -122,19 +124,101 @@ def test_only_ops_that_name_an_app_bundle_need_format_3() -> None:
         "body": body,
     }
     upgrade = AuthAction(kind="upgrade", application_id=bytes(32), app_version="2.0")
-    plain = seal_delta(**common, auth=upgrade)  # type: ignore[arg-type]
-    assert verify_delta(plain).version == 2  # nodes from before format 3 still read it
+    plain = seal_delta(**common, auth=upgrade, version=2)  # type: ignore[arg-type]
+    assert verify_delta(plain, context_id=CONTEXT).version == 2
     named = msgspec.structs.replace(
         upgrade, bundle_blob_id=b"\x01" * 32, app_name="tally", app_signer=b"\x02" * 32
     )
-    sealed = seal_delta(**common, auth=named)  # type: ignore[arg-type]
-    header = verify_delta(decode_delta(sealed.encode()))
-    assert header.version == FORMAT_VERSION == 3
+    sealed = seal_delta(**common, auth=named, version=3)  # type: ignore[arg-type]
+    header = verify_delta(decode_delta(sealed.encode()), context_id=CONTEXT)
+    assert header.version == 3
+    assert header.auth == named
+    # Format 4 carries the same refs.
+    newest = seal_delta(**common, auth=named)  # type: ignore[arg-type]
+    header = verify_delta(decode_delta(newest.encode()), context_id=CONTEXT)
+    assert header.version == FORMAT_VERSION == 4
     assert header.auth == named
     # A format 2 header cannot name a bundle; unknown formats are refused.
     with pytest.raises(RemoteProtocolError, match="format 2 delta names no app bundle"):
-        verify_delta(_resealed(sealed, author, version=2))
-    with pytest.raises(RemoteProtocolError, match="format 4 is not supported"):
-        verify_delta(_resealed(sealed, author, version=4))
+        verify_delta(_resealed(sealed, author, version=2), context_id=CONTEXT)
+    with pytest.raises(RemoteProtocolError, match="format 5 is not supported"):
+        verify_delta(_resealed(sealed, author, version=5), context_id=CONTEXT)
     # A format 2 op without them (written before format 3) still loads, re-signed or not.
-    assert verify_delta(_resealed(plain, author, version=2)).auth == upgrade
+    assert verify_delta(_resealed(plain, author, version=2), context_id=CONTEXT).auth == upgrade
+
+
+# -- format 4: the compact header ------------------------------------------------------------
+
+
+def _compact_resealed(
+    delta: SignedDelta, author: Ed25519PrivateKey, raw: bytes, context: bytes = CONTEXT
+) -> SignedDelta:
+    """`delta` with header bytes `raw`, signed by `author` as format 4 signs."""
+    message = _signed_message_v4(context, raw, delta.ciphertext)
+    return SignedDelta(raw, delta.ciphertext, author.sign(message))
+
+
+def test_format_4_sends_neither_the_context_nor_the_authors_own_entry() -> None:
+    author = Ed25519PrivateKey.generate()
+    tag = author.public_key().public_bytes_raw()[:8]
+    other = (b"\x01" * 8, 4)
+    delta = seal_delta(
+        context_id=CONTEXT,
+        parents=[GENESIS],
+        author=author,
+        hlc=5,
+        key_id=0,
+        context_key=KEY,
+        body=DeltaBody(records=[], events=[]),
+        seq=3,
+        vv={other[0]: other[1]},
+    )
+    assert CONTEXT not in delta.encode()
+    wire = msgspec.msgpack.decode(delta.header, type=CompactHeader)
+    assert wire.vv == [other]
+    header = verify_delta(decode_delta(delta.encode()), context_id=CONTEXT)
+    assert header.vv == sorted([other, (tag, 3)])
+    # Under any other context it is not valid: the context id is signed.
+    with pytest.raises(RemoteProtocolError, match="signature"):
+        verify_delta(decode_delta(delta.encode()), context_id=os.urandom(32))
+    # Nor once verified: the kept header names its context.
+    with pytest.raises(RemoteProtocolError, match="another context"):
+        verify_delta(delta, context_id=os.urandom(32))
+
+
+def test_hostile_format_4_headers_are_refused() -> None:
+    author = Ed25519PrivateKey.generate()
+    delta = _delta(author)
+    wire = msgspec.msgpack.decode(delta.header, type=CompactHeader)
+    tag = author.public_key().public_bytes_raw()[:8]
+    repeats = msgspec.structs.replace(wire, vv=[(tag, 1)])
+    cases = {
+        "repeats its own author": msgspec.msgpack.encode(repeats),
+        "format 5 is not supported": msgspec.msgpack.encode(
+            msgspec.structs.replace(wire, version=5)
+        ),
+        "malformed delta header": delta.header[:-3],
+        "not canonical": b"\x99"  # the same fields, seq as a uint8 (not the fixint)
+        + b"".join(
+            b"\xcc\x01" if name == "seq" else msgspec.msgpack.encode(getattr(wire, name))
+            for name in CompactHeader.__struct_fields__
+        ),
+    }
+    for match, raw in cases.items():
+        with pytest.raises(RemoteProtocolError, match=match):
+            verify_delta(_compact_resealed(delta, author, raw), context_id=CONTEXT)
+    # A format 2 header names its context, which must be the one it is read under.
+    old = seal_delta(
+        context_id=CONTEXT,
+        parents=[GENESIS],
+        author=author,
+        hlc=1,
+        key_id=0,
+        context_key=KEY,
+        body=DeltaBody(records=[b"r"], events=[], root_hash=bytes(32)),
+        version=2,
+    )
+    with pytest.raises(RemoteProtocolError, match="another context"):
+        verify_delta(decode_delta(old.encode()), context_id=os.urandom(32))
+    header = verify_delta(decode_delta(old.encode()), context_id=CONTEXT)
+    assert open_delta(decode_delta(old.encode()), header, KEY).records == [b"r"]

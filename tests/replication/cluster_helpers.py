@@ -128,14 +128,14 @@ def deltas(node: Node, outcome: str) -> float:
 async def header_of(node: Node, context: bytes, delta_id: bytes) -> DeltaHeader:
     wire = await node.contexts.read_delta(context, delta_id)
     assert wire is not None, f"{node.peer_id} lacks delta {delta_id.hex()[:12]}"
-    return verify_delta(decode_delta(wire), expected_id=delta_id)
+    return verify_delta(decode_delta(wire), context_id=context, expected_id=delta_id)
 
 
 async def body_of(node: Node, context: bytes, delta_id: bytes) -> DeltaBody:
     wire = await node.contexts.read_delta(context, delta_id)
     assert wire is not None
     delta = decode_delta(wire)
-    header = verify_delta(delta)
+    header = verify_delta(delta, context_id=context)
     keys = await node.contexts.keys(context)
     return open_delta(delta, header, keys[header.key_id])
 

@@ -63,12 +63,14 @@ class World:
     def vv(self, ids: set[bytes]) -> dict[bytes, int]:
         out: dict[bytes, int] = {}
         for i in ids:
-            for k, v in verify_delta(self.deltas[i]).vv:
+            for k, v in verify_delta(self.deltas[i], context_id=self.context).vv:
                 out[k] = max(out.get(k, 0), v)
         return out
 
     def heads(self, view: set[bytes]) -> list[bytes]:
-        parents = {p for i in view for p in verify_delta(self.deltas[i]).parents}
+        parents = {
+            p for i in view for p in verify_delta(self.deltas[i], context_id=self.context).parents
+        }
         return sorted(view - parents) or [GENESIS]
 
     def seal(
@@ -79,7 +81,11 @@ class World:
         seq = vv.get(author.member[:8], 0) + 1
         if auth is not None:
             # Auth parents: the maximal ops in this delta's past.
-            past = [(i, verify_delta(o)) for i, o in self.ops.items() if i in author.view]
+            past = [
+                (i, verify_delta(o, context_id=self.context))
+                for i, o in self.ops.items()
+                if i in author.view
+            ]
             maximal = [
                 i
                 for i, h in past
@@ -88,7 +94,11 @@ class World:
             auth = msgspec.structs.replace(auth, parents=sorted(maximal))
         graph = AuthGraph()
         ordered = sorted(
-            ((verify_delta(o), i) for i, o in self.ops.items() if i in author.view),
+            (
+                (verify_delta(o, context_id=self.context), i)
+                for i, o in self.ops.items()
+                if i in author.view
+            ),
             key=lambda item: (sum(v for _, v in item[0].vv), item[1]),
         )
         for h, i in ordered:
@@ -118,7 +128,7 @@ class World:
         )
         if auth is not None:
             try:
-                graph.check(op_from_header(delta.id, verify_delta(delta)))
+                graph.check(op_from_header(delta.id, verify_delta(delta, context_id=self.context)))
             except (StaticError, AuthRejected):
                 return None  # an honest node would not write it
         self.deltas[delta.id] = delta

@@ -134,7 +134,7 @@ async def _sign(
     loaded = await node.contexts.replica(context)
     vv, _ = loaded.authority.merged_vv(parents)
     if after is not None:
-        vv = dict(verify_delta(after).vv)
+        vv = dict(verify_delta(after, context_id=context).vv)
     return seal_delta(
         context_id=context,
         parents=parents,

@@ -52,7 +52,9 @@ async def test_concurrent_writes_merge_and_collapse(tmp_path: Path) -> None:
             assert result.delta_id is not None
             wire = await a.contexts.read_delta(context, result.delta_id)
             assert wire is not None
-            assert verify_delta(decode_delta(wire)).parents == before  # the write merges them
+            assert (
+                verify_delta(decode_delta(wire), context_id=context).parents == before
+            )  # the write merges them
             await wait_converged([a, b], context)
             _, heads, _ = await b.contexts.state(context)
             assert heads == [result.delta_id]

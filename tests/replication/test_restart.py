@@ -46,7 +46,7 @@ async def _two_deltas(node: Node, context: bytes) -> tuple[bytes, bytes, bytes, 
         wire = await node.contexts.read_delta(context, result.delta_id)
         assert wire is not None
         out += [result.delta_id, wire]
-    assert verify_delta(decode_delta(out[3])).parents == [out[0]]
+    assert verify_delta(decode_delta(out[3]), context_id=context).parents == [out[0]]
     return out[0], out[1], out[2], out[3]
 
 
@@ -103,7 +103,7 @@ async def _restart_and_check(  # noqa: PLR0917
         root, (run_delta,), _ = await b.contexts.state(context)
         wire = await b.contexts.read_delta(context, run_delta)
         assert wire is not None
-        assert stored_header(decode_delta(wire)).parents == heads_before
+        assert stored_header(decode_delta(wire), context_id=context).parents == heads_before
         # The missing parent arrives: both apply, in order.
         received = await b.contexts.receive(context, wire1)
         assert received.applied == [id1, id2]

@@ -98,7 +98,10 @@ def child_of(
                 wires = message_gossip.deltas
             else:
                 return False
-            return any(verify_delta(decode_delta(w)).parents == parents for w in wires)
+            context = message_gossip.context_id
+            return any(
+                verify_delta(decode_delta(w), context_id=context).parents == parents for w in wires
+            )
         except RemoteProtocolError:
             return False
 
@@ -358,10 +361,11 @@ async def test_5_concurrent_writes(tmp_path: Path, autojump_clock: trio.testing.
 # -- 6. order independence --------------------------------------------------------------------
 
 
-def causal_order(wires: dict[bytes, bytes]) -> list[bytes]:
+def causal_order(context: bytes, wires: dict[bytes, bytes]) -> list[bytes]:
     """Delta ids, parents before children (Kahn's algorithm over the headers)."""
     parents = {
-        i: set(verify_delta(decode_delta(w)).parents) & wires.keys() for i, w in wires.items()
+        i: set(verify_delta(decode_delta(w), context_id=context).parents) & wires.keys()
+        for i, w in wires.items()
     }
     order: list[bytes] = []
     done: set[bytes] = set()
@@ -424,10 +428,10 @@ async def test_6_order_independence(
                 if key[32:] not in known
             }
             assert len(wires) == count
-            headers = [verify_delta(decode_delta(w)) for w in wires.values()]
+            headers = [verify_delta(decode_delta(w), context_id=context) for w in wires.values()]
             assert any(len(h.parents) > 1 for h in headers), "no concurrency to merge"
 
-            causal = causal_order(wires)
+            causal = causal_order(context, wires)
             orders = {
                 c: rng.sample(causal, len(causal)),
                 d: rng.sample(causal, len(causal)),
@@ -718,7 +722,7 @@ async def test_17_non_members_relay_but_learn_nothing(
             wires = [g.delta for g in relayed if isinstance(g, DeltaGossip)]
             (wire,) = [w for w in wires if decode_delta(w).id == d]
             assert b"s3cr3t-value" not in wire
-            header = verify_delta(decode_delta(wire))
+            header = verify_delta(decode_delta(wire), context_id=context)
             assert header.context_id == context
             with pytest.raises(RemoteProtocolError, match="does not decrypt"):
                 open_delta(decode_delta(wire), header, os.urandom(32))

@@ -87,7 +87,11 @@ class Replica:
     def receive(self, delta: VerifiedDelta | SignedDelta) -> frozenset[bytes]:
         """Like the delta processor: apply if every parent is applied, else keep pending;
         returns the parents nobody offered yet."""
-        verified = verify_wire(delta.encode()) if isinstance(delta, SignedDelta) else delta
+        verified = (
+            verify_wire(delta.encode(), context_id=CONTEXT)
+            if isinstance(delta, SignedDelta)
+            else delta
+        )
         self.wires.setdefault(verified.id, verified.wire)
         offer = self.dag.offer(
             verified.id, verified.header.parents, verified.wire, 0.0, lambda _i, _w: True
@@ -215,7 +219,9 @@ def pull(
     assert exchange.result is not None
     wanted = local.unknown(exchange.result.heads) | local.dag.missing()
     if wanted:
-        fetch = DeltaFetch(wanted, max_rounds=max_rounds, deadline=link.now + DEADLINE)
+        fetch = DeltaFetch(
+            wanted, context_id=CONTEXT, max_rounds=max_rounds, deadline=link.now + DEADLINE
+        )
         converse(fetch, local, remote, link)
     return len(local.dag.applied) - before
 

@@ -177,7 +177,7 @@ def test_an_answer_too_big_for_one_frame_sends_what_fits_and_defers_the_rest() -
 def test_fetch_asks_again_for_what_an_answer_deferred() -> None:
     deltas = chain(3)
     wanted = {d.id for d in deltas}
-    fetch = DeltaFetch(wanted, max_rounds=5)
+    fetch = DeltaFetch(wanted, context_id=CONTEXT, max_rounds=5)
     fetch.messages_to_send()
     first, *rest = sorted(deltas, key=lambda d: d.id)
     fetch.receive_message(answer([first], later=[d.id for d in rest]), 0.0)
@@ -268,7 +268,7 @@ def answer(
 
 def test_fetch_walks_parents_breadth_first_and_asks_each_id_once() -> None:
     deltas = chain(3)
-    fetch = DeltaFetch({deltas[2].id}, max_rounds=10)
+    fetch = DeltaFetch({deltas[2].id}, context_id=CONTEXT, max_rounds=10)
     assert fetch.messages_to_send() == [DeltaRequest(ids=[deltas[2].id])]
     fetch.receive_message(answer([deltas[2]]), 0.0)
     action = fetch.next_action()
@@ -287,7 +287,7 @@ def test_fetch_walks_parents_breadth_first_and_asks_each_id_once() -> None:
 
 def test_fetch_batches_and_stops_after_its_rounds() -> None:
     wanted = {ident(i) for i in range(1, 11)}
-    fetch = DeltaFetch(wanted, max_rounds=2, batch=4)
+    fetch = DeltaFetch(wanted, context_id=CONTEXT, max_rounds=2, batch=4)
     (first,) = fetch.messages_to_send()
     assert isinstance(first, DeltaRequest)
     assert first.ids == sorted(wanted)[:4]
@@ -302,7 +302,7 @@ def test_fetch_batches_and_stops_after_its_rounds() -> None:
 
 def test_an_unrequested_delta_is_never_applied_and_ends_the_fetch() -> None:
     asked, other = chain(2)
-    fetch = DeltaFetch({asked.id, ident(5)}, max_rounds=10, batch=1)
+    fetch = DeltaFetch({asked.id, ident(5)}, context_id=CONTEXT, max_rounds=10, batch=1)
     fetch.messages_to_send()
     fetch.receive_message(answer([other]), 0.0)  # one delta for one id: not the one asked
     assert fetch.next_action() is None
@@ -314,7 +314,7 @@ def test_an_unrequested_delta_is_never_applied_and_ends_the_fetch() -> None:
 
 def test_the_same_delta_twice_in_an_answer_is_applied_once() -> None:
     (delta,) = chain(1)
-    fetch = DeltaFetch({delta.id, ident(5)}, max_rounds=10)
+    fetch = DeltaFetch({delta.id, ident(5)}, context_id=CONTEXT, max_rounds=10)
     fetch.messages_to_send()
     fetch.receive_message(answer([delta, delta]), 0.0)
     action = fetch.next_action()
@@ -335,7 +335,7 @@ def test_the_same_delta_twice_in_an_answer_is_applied_once() -> None:
 )
 def test_fetch_refuses_hostile_answers(bad: str) -> None:
     deltas = chain(3)
-    fetch = DeltaFetch({deltas[2].id}, max_rounds=10)
+    fetch = DeltaFetch({deltas[2].id}, context_id=CONTEXT, max_rounds=10)
     fetch.messages_to_send()
     first = answer([deltas[2]])
     fetch.receive_message(first, 0.0)
@@ -359,11 +359,11 @@ def test_fetch_refuses_hostile_answers(bad: str) -> None:
 
 
 def test_fetch_refusal_and_deadline() -> None:
-    fetch = DeltaFetch({ident(1)}, max_rounds=1, deadline=5.0)
+    fetch = DeltaFetch({ident(1)}, context_id=CONTEXT, max_rounds=1, deadline=5.0)
     fetch.messages_to_send()
     with pytest.raises(PeerRefused, match="busy"):
         fetch.receive_message(SyncError(message="busy: too many sync sessions"), 0.0)
-    fetch = DeltaFetch({ident(1)}, max_rounds=1, deadline=5.0)
+    fetch = DeltaFetch({ident(1)}, context_id=CONTEXT, max_rounds=1, deadline=5.0)
     assert fetch.get_timer() == 5.0
     fetch.handle_timer(4.0)
     with pytest.raises(SessionExpired):
@@ -371,7 +371,7 @@ def test_fetch_refusal_and_deadline() -> None:
 
 
 def test_nothing_wanted_is_finished_at_once() -> None:
-    fetch = DeltaFetch({GENESIS}, max_rounds=5)
+    fetch = DeltaFetch({GENESIS}, context_id=CONTEXT, max_rounds=5)
     assert fetch.finished
     assert fetch.messages_to_send() == []
 
@@ -389,7 +389,9 @@ def dags(
     for i in range(n):
         picks = draw(st.sets(st.integers(0, i - 1), max_size=3)) if i else set()
         deltas.append(seal([deltas[p].id for p in picks], i))
-    parents = {d.id: tuple(verify_wire(d.encode()).header.parents) for d in deltas}
+    parents = {
+        d.id: tuple(verify_wire(d.encode(), context_id=CONTEXT).header.parents) for d in deltas
+    }
     return deltas, parents
 
 
@@ -477,7 +479,9 @@ def test_a_removed_member_gets_nothing(
 def served_chain(n: int) -> tuple[list[SignedDelta], dict[bytes, tuple[bytes, ...]], Replica]:
     """A chain of `n` deltas, their parents, and a replica holding them that serves A."""
     deltas = chain(n)
-    parents = {d.id: tuple(verify_wire(d.encode()).header.parents) for d in deltas}
+    parents = {
+        d.id: tuple(verify_wire(d.encode(), context_id=CONTEXT).header.parents) for d in deltas
+    }
     server = Replica(B_MEMBER, members={A_MEMBER})
     for delta in deltas:
         server.receive(delta)
@@ -534,7 +538,9 @@ class SyncModel(RuleBasedStateMachine):
     def write(self, side: int) -> None:
         replica = self.replicas[side]
         delta = seal(replica.heads(), len(self.deltas))
-        self.parents[delta.id] = tuple(verify_wire(delta.encode()).header.parents)
+        self.parents[delta.id] = tuple(
+            verify_wire(delta.encode(), context_id=CONTEXT).header.parents
+        )
         self.deltas.append(delta)
         replica.receive(delta)
 

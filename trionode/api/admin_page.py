@@ -159,7 +159,7 @@ async def recent_dag(node: PageApi, context_id: bytes, limit: int) -> dict[str, 
         if wire is None:
             entry["checkpoint"] = True
         else:
-            header = verify_delta(decode_delta(wire))
+            header = verify_delta(decode_delta(wire), context_id=context_id)
             entry.update(
                 parents=[p.hex() for p in header.parents],
                 author=b58(header.author),
@@ -170,7 +170,7 @@ async def recent_dag(node: PageApi, context_id: bytes, limit: int) -> dict[str, 
     for key, record in await node.store.scan(PENDING, prefix=context_id, limit=limit):
         delta_id = key[len(context_id) :]
         try:
-            header = verify_delta(decode_delta(record.delta))
+            header = verify_delta(decode_delta(record.delta), context_id=context_id)
         except ProtocolError:
             continue
         nodes[delta_id] = {

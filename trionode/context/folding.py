@@ -105,7 +105,7 @@ async def fold_once(
 def _records(replica: Replica, wire: bytes) -> list[Entity]:
     try:
         delta = decode_delta(wire)
-        header = verify_delta(delta)
+        header = verify_delta(delta, context_id=replica.context_id)
         body = open_delta(delta, header, replica.keys[header.key_id])
         return decode_entities(body.records)
     except (KeyError, ProtocolError):

@@ -350,7 +350,7 @@ class LocalWriter:
         Raises NotPermitted, having staged nothing, if our own authority refuses it."""
         outcome = CallOutcome(b"null", [], [])
         delta, parents = self._seal(replica, outcome, auth=auth)
-        header = verify_delta(delta)
+        header = verify_delta(delta, context_id=replica.context_id)
         try:
             replica.authority.graph.check(op_from_header(delta.id, header))
         except (StaticError, AuthRejected) as exc:
@@ -397,7 +397,6 @@ class LocalWriter:
         body = DeltaBody(
             records=[encode_entity(r) for r in outcome.delta_records],
             events=[AppEvent(e.name, e.payload) for e in outcome.events],
-            root_hash=replica.tree.root_hash(),
         )
         parents = replica.dag.parents_for_new_delta()
         seq, vv = replica.authority.next_local(parents, replica.record.our_member)
@@ -441,7 +440,7 @@ class LocalWriter:
         `fresh` (if given) collects the deltas staged but not yet written."""
         if fresh is not None:
             fresh[delta.id] = delta
-        header = verify_delta(delta)
+        header = verify_delta(delta, context_id=replica.context_id)
         if header.auth is not None:
             replica.authority.add_op(delta.id, header)
             if header.auth.key_id is not None and header.auth.key_id in replica.keys:

@@ -168,7 +168,9 @@ class DeltaPipeline:
         """Take a delta from a peer (gossip, fetch, sync); returns what became of it once
         that is durable. Raises ProtocolError for a bad delta, ContextNotFound if this node
         is not a member of `context_id`."""
-        verified = delta if isinstance(delta, VerifiedDelta) else verify_wire(delta)
+        verified = (
+            delta if isinstance(delta, VerifiedDelta) else verify_wire(delta, context_id=context_id)
+        )
         if not self._replicas.knows(context_id):
             raise_not_member(context_id)
         result = await self._submit(_Job(context_id, verified, len(verified.wire)))
@@ -186,7 +188,7 @@ class DeltaPipeline:
         outcomes: list[Received | ProtocolError | _Job] = []
         for wire in wires:
             try:
-                verified = verify_wire(wire)
+                verified = verify_wire(wire, context_id=context_id)
             except ProtocolError as exc:
                 outcomes.append(exc)
                 continue

@@ -242,7 +242,7 @@ class DeltaProcessor:
         replica, batch = applying.replica, applying.batch
         context_id = replica.context_id
         authority = replica.authority
-        header = verify_delta(delta)
+        header = verify_delta(delta, context_id=context_id)
         try:
             authority.check_chain(header)
             if header.auth is not None:
@@ -419,7 +419,7 @@ class DeltaProcessor:
                 if not wire:
                     continue
                 delta = decode_delta(wire)
-            header = verify_delta(delta)
+            header = verify_delta(delta, context_id=context_id)
             try:
                 body = open_delta(delta, header, replica.keys[header.key_id])
             except (KeyError, ProtocolError):

@@ -317,7 +317,7 @@ class ReplicaStore:
         for key, pending in await self.store.scan(PENDING, prefix=context_id):
             try:
                 delta = decode_delta(pending.delta)
-                header = verify_delta(delta)
+                header = verify_delta(delta, context_id=context_id)
             except ProtocolError:
                 continue
             dag.offer(
@@ -341,7 +341,7 @@ class ReplicaStore:
             if not wire:
                 continue
             delta_id = key[len(context_id) :]
-            header = stored_header(decode_delta(wire))
+            header = stored_header(decode_delta(wire), context_id=context_id)
             authority.record(delta_id, header)
             if header.auth is not None:
                 ops.append((delta_id, header))

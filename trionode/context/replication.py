@@ -396,7 +396,9 @@ class Replicator:
         """Get `ids` and, breadth-first, whatever they still lack, from `peer` (at most
         `max_rounds` requests, default `max_fetch_rounds`); how many deltas applied."""
         machine = DeltaFetch(
-            ids, max_rounds=self.max_fetch_rounds if max_rounds is None else max_rounds
+            ids,
+            context_id=context_id,
+            max_rounds=self.max_fetch_rounds if max_rounds is None else max_rounds,
         )
         received = 0
 

@@ -179,7 +179,7 @@ class SyncServing:
             if not wire:
                 continue
             delta = decode_delta(wire)
-            header = stored_header(delta)
+            header = stored_header(delta, context_id=context_id)
             parents.update(header.parents)
             if delta_id in authority.creations:
                 try:
@@ -328,8 +328,8 @@ class SyncServing:
             received: list[tuple[SignedDelta, DeltaHeader]] = []
             for wire in ops:
                 delta = decode_delta(wire)
-                header = verify_delta(delta)
-                if header.context_id != context_id or header.auth is None:
+                header = verify_delta(delta, context_id=context_id)
+                if header.auth is None:
                     raise RemoteProtocolError("not a membership operation of this context")
                 received.append((delta, header))
             received.sort(key=lambda item: (sum(v for _, v in item[1].vv), item[0].id))
@@ -387,7 +387,10 @@ class SyncServing:
                 # Before any delta they unblock is judged: those may stand on the
                 # authority these carry. Ops go in causal order (a version vector's sum
                 # grows along every causal path).
-                judged = [(delta_id, delta, verify_delta(delta)) for delta_id, delta in covered]
+                judged = [
+                    (delta_id, delta, verify_delta(delta, context_id=context_id))
+                    for delta_id, delta in covered
+                ]
                 judged.sort(key=lambda item: (sum(v for _, v in item[2].vv), item[0]))
                 for delta_id, delta, header in judged:
                     batch.delete(PENDING, context_id + delta_id)

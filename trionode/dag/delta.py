@@ -1,16 +1,18 @@
 """Causal deltas: the signed, encrypted unit of replication (DESIGN §6).
 
 ```
-header     = {version, context_id, parents[], author, seq, vv, hlc, key_id, nonce, auth?}
-ciphertext = XChaCha20-Poly1305(context key, nonce, body, aad = header bytes)
-signature  = Ed25519(author, "trionode/delta/v1" ‖ header ‖ ciphertext)
+header     = {version, parents[], author, seq, vv, hlc, key_id, nonce, auth?}     (format 4)
+ciphertext = XChaCha20-Poly1305(context key, nonce, body, aad = context id ‖ header bytes)
+signature  = Ed25519(author, "trionode/delta/v4" ‖ context id ‖ len ‖ header ‖ ciphertext)
 id         = SHA-256(header ‖ ciphertext ‖ signature)
 ```
 
+(Formats 2 and 3 put `context_id` in the header and sign and associate the header alone.)
+
 Everything a receiver needs to check authenticity is outside the ciphertext, so a node can
 verify (id, signature, author) before it even has the key, and a relay that is not a member
-learns only the header. The body (entity records, app events and the author's root hash) is
-encrypted, and bound to the header by the AEAD's associated data.
+learns only the header. The body (entity records and app events) is encrypted, and bound to
+the header by the AEAD's associated data.
 
 Format 2 adds what authorization by causal history needs (DESIGN §7.1, `trionode.auth`):
 `seq`, the author's sequence number (its deltas form a chain), and `vv`, the version
@@ -24,9 +26,25 @@ make the same id.
 Format 3 lets a membership operation name an app bundle (`AuthAction.bundle_blob_id`,
 `app_name`, `app_signer`): the create op names the app the context starts with and an
 upgrade op the one it moves to, so a member that lacks that app can fetch it from the
-others (`trionode.context.app_upgrades`). A delta is sealed in the oldest format that holds
-it (only ops naming a bundle are format 3), and format 2 deltas, stored or received, still
-load; a format 2 header that names a bundle is refused.
+others (`trionode.context.app_upgrades`). Before format 4, a delta was sealed in the oldest
+format that held it (only ops naming a bundle were format 3); a format 2 header that names
+a bundle is refused.
+
+Format 4 is the compact envelope (issue #16): nothing in it is said twice.
+
+- The header drops `context_id`: every holder of a delta already knows its context (the
+  gossip topic, the sync session, the storage key), so the id is bound by the signature
+  (`trionode/delta/v4` ‖ context id ‖ header ‖ ciphertext) and by the body's associated
+  data instead of being sent. `verify_delta` therefore takes the context id.
+- `vv` leaves out the author's own entry: it is `seq`.
+- The body drops the author's root hash (never read: heartbeats carry roots), and its
+  records travel as msgpack trees in which the delta's recurring values (the
+  author's key, the root id, the delta's HLC, ids of records earlier in the body) are
+  short references (`trionode.dag.compact`); opening the delta gives back the canonical
+  record bytes, so everything past `open_delta` is the same for every format.
+
+A delta is sealed in format 4; formats 2 and 3 (stored or received) still load, and a
+format 3 op's app-bundle refs are carried by format 4 as they are.
 
 Decoders enforce sizes and shapes and raise RemoteProtocolError; nothing here trusts input.
 """
@@ -47,6 +65,7 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError
 
+from trionode.dag.compact import compact_records, expand_records
 from trionode.errors import RemoteProtocolError
 
 ID_SIZE: Final = 32
@@ -57,9 +76,10 @@ MAX_DELTA_BYTES: Final = 8 * 1024 * 1024
 MAX_EVENTS: Final = 1024
 MAX_RECORDS: Final = 100_000
 _SIGNING_DOMAIN: Final = b"trionode/delta/v2"
-FORMAT_VERSION: Final = 3
+_SIGNING_DOMAIN_V4: Final = b"trionode/delta/v4"
+FORMAT_VERSION: Final = 4
 """The newest format (see the module docstring); `SUPPORTED_FORMATS` are read."""
-SUPPORTED_FORMATS: Final = frozenset({2, 3})
+SUPPORTED_FORMATS: Final = frozenset({2, 3, 4})
 MAX_APP_NAME: Final = 128
 MAX_VV: Final = 4096
 """Authors named in one version vector (members who ever wrote)."""
@@ -129,6 +149,22 @@ class DeltaHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     auth: AuthAction | None = None
 
 
+class CompactHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A format 4 header as it is signed and sent (see the module docstring): a
+    `DeltaHeader` without `context_id`, and `vv` without the author's own entry."""
+
+    version: int
+    parents: Annotated[list[Bytes32], msgspec.Meta(min_length=1, max_length=MAX_PARENTS)]
+    author: Bytes32
+    seq: Seq
+    vv: Annotated[list[tuple[Bytes8, Seq]], msgspec.Meta(max_length=MAX_VV - 1)]
+    """The other authors of the causal past: (author tag, seq), sorted."""
+    hlc: Annotated[int, msgspec.Meta(ge=0)]
+    key_id: KeyId
+    nonce: Bytes24
+    auth: AuthAction | None = None
+
+
 class AppEvent(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     payload: bytes
@@ -139,8 +175,17 @@ class DeltaBody(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     records: Annotated[list[bytes], msgspec.Meta(max_length=MAX_RECORDS)]
     """Encoded entity records (`trionode.crdt.encode_entity`)."""
     events: Annotated[list[AppEvent], msgspec.Meta(max_length=MAX_EVENTS)]
-    root_hash: Bytes32
-    """The author's root hash after applying this delta (a divergence hint, not a rule)."""
+    root_hash: Bytes32 | None = None
+    """Formats 2/3: the author's root hash after applying this delta. Nothing ever read it
+    (heartbeats carry roots), so format 4 does not send it."""
+
+
+class CompactBody(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A format 4 body as encrypted: `DeltaBody` with compact records (`dag/compact.py`)
+    and no root hash."""
+
+    records: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=MAX_RECORDS)]
+    events: Annotated[list[AppEvent], msgspec.Meta(max_length=MAX_EVENTS)]
 
 
 class SignedDelta(
@@ -173,8 +218,26 @@ class SignedDelta(
 
 _ENCODER = msgspec.msgpack.Encoder()
 _HEADER_DECODER = msgspec.msgpack.Decoder(DeltaHeader)
+_COMPACT_HEADER_DECODER = msgspec.msgpack.Decoder(CompactHeader)
 _BODY_DECODER = msgspec.msgpack.Decoder(DeltaBody)
+_COMPACT_BODY_DECODER = msgspec.msgpack.Decoder(CompactBody)
 _SIGNED_DECODER = msgspec.msgpack.Decoder(SignedDelta)
+
+
+def encode_compact_body(body: DeltaBody, *, author: bytes, hlc: int) -> bytes:
+    """A body's plaintext in format 4."""
+    records = compact_records(body.records, author=author, hlc=hlc)
+    return _ENCODER.encode(CompactBody(records, body.events))
+
+
+def decode_compact_body(plain: bytes, *, author: bytes, hlc: int) -> DeltaBody:
+    """A format 4 body, its records expanded to canonical bytes (RemoteProtocolError)."""
+    try:
+        wire = _COMPACT_BODY_DECODER.decode(plain)
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
+        raise RemoteProtocolError(f"malformed delta body: {exc}") from None
+    records = expand_records([bytes(r) for r in wire.records], author=author, hlc=hlc)
+    return DeltaBody(records, wire.events)
 
 
 def delta_id(delta: SignedDelta) -> bytes:
@@ -186,7 +249,75 @@ def delta_id(delta: SignedDelta) -> bytes:
 
 
 def _signed_message(header: bytes, ciphertext: bytes) -> bytes:
+    """What a format 2/3 author signs (the header names the context)."""
     return _SIGNING_DOMAIN + len(header).to_bytes(4, "big") + header + ciphertext
+
+
+def _signed_message_v4(context_id: bytes, header: bytes, ciphertext: bytes) -> bytes:
+    """What a format 4 author signs: the context id is signed, not sent."""
+    return _SIGNING_DOMAIN_V4 + context_id + len(header).to_bytes(4, "big") + header + ciphertext
+
+
+def _associated_data(header: DeltaHeader, header_bytes: bytes) -> bytes:
+    """What binds the body to its header (and, in format 4, to its context)."""
+    if header.version >= 4:
+        return header.context_id + header_bytes
+    return header_bytes
+
+
+def _wire_header(header: DeltaHeader) -> bytes:
+    """The bytes a header is signed and sent as, in its own format."""
+    if header.version < 4:
+        return _ENCODER.encode(header)
+    tag = header.author[:8]
+    return _ENCODER.encode(
+        CompactHeader(
+            version=header.version,
+            parents=header.parents,
+            author=header.author,
+            seq=header.seq,
+            vv=[entry for entry in header.vv if entry[0] != tag],
+            hlc=header.hlc,
+            key_id=header.key_id,
+            nonce=header.nonce,
+            auth=header.auth,
+        )
+    )
+
+
+def _read_header(data: bytes, context_id: bytes) -> DeltaHeader:
+    """Decode a header of any supported format, as a `DeltaHeader` of `context_id` (a
+    format 2/3 header must name it). Checks shape and canonical bytes, not the signature."""
+    version = data[1] if len(data) > 1 and 0x90 <= data[0] <= 0x9F else None  # [v, ...]
+    if version is not None and version < 0x80 and version not in SUPPORTED_FORMATS:
+        raise RemoteProtocolError(f"delta format {version} is not supported")
+    try:
+        if version == 4:
+            wire = _COMPACT_HEADER_DECODER.decode(data)
+            tag = wire.author[:8]
+            if any(t == tag for t, _ in wire.vv):
+                raise RemoteProtocolError("delta version vector repeats its own author")
+            header = DeltaHeader(
+                version=wire.version,
+                context_id=context_id,
+                parents=wire.parents,
+                author=wire.author,
+                seq=wire.seq,
+                vv=sorted([*wire.vv, (tag, wire.seq)]),
+                hlc=wire.hlc,
+                key_id=wire.key_id,
+                nonce=wire.nonce,
+                auth=wire.auth,
+            )
+        else:
+            header = _HEADER_DECODER.decode(data)
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
+        raise RemoteProtocolError(f"malformed delta header: {exc}") from None
+    if header.version not in SUPPORTED_FORMATS:
+        raise RemoteProtocolError(f"delta format {header.version} is not supported")
+    if header.context_id != context_id:
+        raise RemoteProtocolError("delta belongs to another context")
+    return header
 
 
 def seal_delta(
@@ -201,14 +332,18 @@ def seal_delta(
     seq: int = 1,
     vv: dict[bytes, int] | None = None,
     auth: AuthAction | None = None,
+    version: int = FORMAT_VERSION,
 ) -> SignedDelta:
     """Encrypt and sign a body as a new delta. `vv` is the version vector of its parents
-    (author tag → seq); the author's own entry is set to `seq`."""
+    (author tag → seq); the author's own entry is set to `seq`. `version` other than the
+    newest is for tests of what older nodes wrote."""
+    if version not in SUPPORTED_FORMATS:
+        raise ValueError(f"cannot seal delta format {version}")
     author_public = author.public_key().public_bytes_raw()
     full_vv = dict(vv or {})
     full_vv[author_public[:8]] = seq
     header = DeltaHeader(
-        version=FORMAT_VERSION if auth is not None and auth.names_bundle else 2,
+        version=version,
         context_id=context_id,
         parents=sorted(parents),
         author=author_public,
@@ -219,11 +354,18 @@ def seal_delta(
         nonce=os.urandom(24),
         auth=auth,
     )
-    header_bytes = _ENCODER.encode(header)
+    header_bytes = _wire_header(header)
+    if version >= 4:
+        plain = encode_compact_body(body, author=author_public, hlc=hlc)
+    else:
+        plain = _ENCODER.encode(body)
     ciphertext = crypto_aead_xchacha20poly1305_ietf_encrypt(
-        _ENCODER.encode(body), header_bytes, header.nonce, context_key
+        plain, _associated_data(header, header_bytes), header.nonce, context_key
     )
-    signature = author.sign(_signed_message(header_bytes, ciphertext))
+    if version >= 4:
+        signature = author.sign(_signed_message_v4(context_id, header_bytes, ciphertext))
+    else:
+        signature = author.sign(_signed_message(header_bytes, ciphertext))
     delta = SignedDelta(header=header_bytes, ciphertext=ciphertext, signature=signature)
     delta.__dict__["_header"] = header  # ours, just signed: nothing to verify
     return delta
@@ -244,8 +386,11 @@ def decode_delta(
     return delta
 
 
-def verify_delta(delta: SignedDelta, *, expected_id: bytes | None = None) -> DeltaHeader:
-    """Check the id (if the sender named one) and the author's signature; return the header.
+def verify_delta(
+    delta: SignedDelta, *, context_id: bytes, expected_id: bytes | None = None
+) -> DeltaHeader:
+    """Check the id (if the sender named one), that the delta belongs to `context_id` and
+    the author's signature; return the header.
 
     Membership and write rights are the caller's to check: they depend on context state.
     The first successful check is kept on the delta; later calls return it at once.
@@ -254,16 +399,13 @@ def verify_delta(delta: SignedDelta, *, expected_id: bytes | None = None) -> Del
         raise RemoteProtocolError("delta id does not match its contents")
     cached: DeltaHeader | None = delta.__dict__.get("_header")
     if cached is not None:
+        if cached.context_id != context_id:
+            raise RemoteProtocolError("delta belongs to another context")
         return cached
-    try:
-        header = _HEADER_DECODER.decode(delta.header)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise RemoteProtocolError(f"malformed delta header: {exc}") from None
-    if _ENCODER.encode(header) != delta.header:
+    header = _read_header(delta.header, context_id)
+    if _wire_header(header) != delta.header:
         raise RemoteProtocolError("delta header is not canonical")
-    if header.version not in SUPPORTED_FORMATS:
-        raise RemoteProtocolError(f"delta format {header.version} is not supported")
-    if header.version < FORMAT_VERSION and header.auth is not None and header.auth.names_bundle:
+    if header.version < 3 and header.auth is not None and header.auth.names_bundle:
         raise RemoteProtocolError(f"a format {header.version} delta names no app bundle")
     if header.hlc >= 1 << 64:
         raise RemoteProtocolError("delta hlc out of range")
@@ -274,10 +416,12 @@ def verify_delta(delta: SignedDelta, *, expected_id: bytes | None = None) -> Del
         raise RemoteProtocolError("delta version vector does not name its own seq")
     if header.parents != sorted(set(header.parents)):
         raise RemoteProtocolError("delta parents must be sorted and distinct")
+    if header.version >= 4:
+        message = _signed_message_v4(context_id, delta.header, delta.ciphertext)
+    else:
+        message = _signed_message(delta.header, delta.ciphertext)
     try:
-        Ed25519PublicKey.from_public_bytes(header.author).verify(
-            delta.signature, _signed_message(delta.header, delta.ciphertext)
-        )
+        Ed25519PublicKey.from_public_bytes(header.author).verify(delta.signature, message)
     except (InvalidSignature, ValueError):
         raise RemoteProtocolError("bad delta signature") from None
     delta.__dict__["_header"] = header
@@ -302,24 +446,32 @@ class VerifiedDelta:
 
 
 def verify_wire(
-    wire: bytes, *, expected_id: bytes | None = None, max_size: int = MAX_DELTA_BYTES
+    wire: bytes,
+    *,
+    context_id: bytes,
+    expected_id: bytes | None = None,
+    max_size: int = MAX_DELTA_BYTES,
 ) -> VerifiedDelta:
-    """Decode and verify a delta off the wire (RemoteProtocolError if it is not one)."""
+    """Decode and verify a delta of `context_id` off the wire (RemoteProtocolError if it
+    is not one)."""
     delta = decode_delta(wire, max_size=max_size)
-    return VerifiedDelta(delta, verify_delta(delta, expected_id=expected_id))
+    return VerifiedDelta(delta, verify_delta(delta, context_id=context_id, expected_id=expected_id))
 
 
 def open_delta(delta: SignedDelta, header: DeltaHeader, context_key: bytes) -> DeltaBody:
-    """Decrypt and decode the body of a verified delta."""
+    """Decrypt and decode the body of a verified delta (records as canonical bytes, whatever
+    the format)."""
     try:
         plain = crypto_aead_xchacha20poly1305_ietf_decrypt(
-            delta.ciphertext, delta.header, header.nonce, context_key
+            delta.ciphertext, _associated_data(header, delta.header), header.nonce, context_key
         )
     except CryptoError:
         raise RemoteProtocolError("delta body does not decrypt under that key") from None
+    if header.version >= 4:
+        return decode_compact_body(plain, author=header.author, hlc=header.hlc)
     try:
         return _BODY_DECODER.decode(plain)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
         raise RemoteProtocolError(f"malformed delta body: {exc}") from None
 
 
@@ -332,10 +484,7 @@ def key_id_of(key: bytes) -> int:
     return int.from_bytes(hashlib.sha256(b"trionode/key-id/v1" + key).digest()[:8], "big")
 
 
-def stored_header(delta: SignedDelta) -> DeltaHeader:
-    """The header of a delta this node verified before it stored it (no signature check:
-    a restart re-reads thousands of them)."""
-    try:
-        return _HEADER_DECODER.decode(delta.header)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise RemoteProtocolError(f"malformed delta header: {exc}") from None
+def stored_header(delta: SignedDelta, *, context_id: bytes) -> DeltaHeader:
+    """The header of a delta of `context_id` this node verified before it stored it (no
+    signature check: a restart re-reads thousands of them)."""
+    return _read_header(delta.header, context_id)

@@ -64,6 +64,9 @@ class StoreStats:
     map_size: int
     used_bytes: int
     entries: dict[str, int]
+    tree_bytes: dict[str, int] = attrs.field(factory=dict)
+    """Per column: bytes of the pages its B-tree holds now (branch, leaf and overflow
+    pages; `used_bytes` also counts freed pages not yet reused and LMDB's own)."""
 
 
 class _SharedExclusiveLock:
@@ -279,9 +282,18 @@ class LmdbStore:
             info = self._env.info()
             stat = self._env.stat()
             with self._env.begin() as txn:
-                entries = {col.value: int(txn.stat(db)["entries"]) for col, db in self._dbs.items()}
-        used = (int(info["last_pgno"]) + 1) * int(stat["psize"])
-        return StoreStats(map_size=int(info["map_size"]), used_bytes=used, entries=entries)
+                stats = {col.value: txn.stat(db) for col, db in self._dbs.items()}
+        page = int(stat["psize"])
+        used = (int(info["last_pgno"]) + 1) * page
+        return StoreStats(
+            map_size=int(info["map_size"]),
+            used_bytes=used,
+            entries={col: int(s["entries"]) for col, s in stats.items()},
+            tree_bytes={
+                col: page * sum(int(s[k]) for k in ("branch_pages", "leaf_pages", "overflow_pages"))
+                for col, s in stats.items()
+            },
+        )
 
     # -- writes ----------------------------------------------------------------------------
 

@@ -241,6 +241,7 @@ class DeltaFetch(_Base):
         self,
         wanted: Iterable[bytes],
         *,
+        context_id: bytes,
         max_rounds: int,
         batch: int = MAX_IDS,
         deadline: float | None = None,
@@ -249,6 +250,7 @@ class DeltaFetch(_Base):
         if not 1 <= batch <= MAX_IDS:
             raise ValueError(f"batch must be within 1..{MAX_IDS}")
         self._batch = batch
+        self._context_id = context_id
         self._rounds_left = max_rounds
         self._wanted = {i for i in wanted if i != GENESIS}
         self._asked_ever: set[bytes] = set()
@@ -306,7 +308,7 @@ class DeltaFetch(_Base):
         seen: set[bytes] = set()
         for wire in message.deltas:
             try:
-                delta = verify_wire(wire)
+                delta = verify_wire(wire, context_id=self._context_id)
             except RemoteProtocolError as exc:
                 self._fail(exc)  # a forged or corrupt delta fails the session
             if delta.id not in self._asked or delta.id in seen:

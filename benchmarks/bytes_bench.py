@@ -1,0 +1,295 @@
+"""Bytes: what one `kv_store.set` of a 100-byte value costs on the wire and on disk, by
+component, so the next cut is visible.
+
+* **Per delta.** The deltas of `n` sets (new keys, 13-byte keys, 100-byte values) read back
+  from the delta log, split into the header, the signature, the body's records, its app
+  events, the AEAD tag and the framing. Baseline: the same header fields and body sealed
+  in format 3 (the envelope before the compact one) in the same run.
+* **Gossip.** One such delta as it is published: a `DeltaBatch` in a StrictSign-signed
+  pubsub message (from, seqno, topic, signature) inside an RPC frame, beside the delta.
+* **Per entry.** LMDB used pages before/after the `n` calls divided by `n`, split into the
+  context's state rows and delta log (values, and keys: context id ‖ entity or delta id),
+  and what LMDB uses beyond keys and values (B-tree pages, node headers, free space
+  within pages); baseline: a bare LMDB env holding the same keys and values, one put per
+  transaction.
+
+Standalone: ``python -m benchmarks.bytes_bench [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from statistics import fmean
+
+import attrs
+import msgspec
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
+
+from benchmarks.context_bench import KV_STORE, _kv_items, _raw_lmdb_bytes, _set_args
+from benchmarks.harness import Row, render
+from trionode.context.records import DELTAS, STATE
+from trionode.context.replication import topic_for
+from trionode.dag.delta import (
+    CompactBody,
+    DeltaBody,
+    SignedDelta,
+    _associated_data,
+    open_delta,
+    seal_delta,
+    verify_delta,
+)
+from trionode.testing import open_test_node
+from trionode.wire.keys import PrivateKey
+from trionode.wire.messages import DeltaBatch, encode_gossip
+from trionode.wire.pubsub_pb import RPC, PubsubMessage, sign_message
+from trionode.wire.varint import encode_uvarint
+
+_AEAD_TAG = 16
+_SIGNATURE = 64
+
+
+@attrs.frozen
+class Parts:
+    """One delta's bytes by component."""
+
+    total: int
+    header: int
+    records: int
+    events: int
+
+    signature = _SIGNATURE
+    tag = _AEAD_TAG
+
+    @property
+    def framing(self) -> int:
+        """Array and byte-string headers around the parts (envelope and body), and the
+        root hash a format 3 body carried."""
+        return self.total - self.header - self.signature - self.records - self.events - self.tag
+
+
+def _parts(delta: SignedDelta, context_id: bytes, key: bytes) -> Parts:
+    header = verify_delta(delta, context_id=context_id)
+    if header.version >= 4:  # the records as they travel, not as they open
+        plain = crypto_aead_xchacha20poly1305_ietf_decrypt(
+            delta.ciphertext, _associated_data(header, delta.header), header.nonce, key
+        )
+        compact = msgspec.msgpack.decode(plain, type=CompactBody)
+        records = sum(len(r) for r in compact.records)
+        events = compact.events
+    else:
+        body = open_delta(delta, header, key)
+        records = sum(len(r) for r in body.records)
+        events = body.events
+    return Parts(
+        total=len(delta.encode()),
+        header=len(delta.header),
+        records=records,
+        events=sum(len(e.name) + len(e.payload) for e in events),
+    )
+
+
+def _as_format_3(delta: SignedDelta, context_id: bytes, key: bytes) -> SignedDelta:
+    """The same delta as a node before the compact envelope sealed it: the same header
+    fields and body (with the root hash it carried), by a throwaway author key."""
+    header = verify_delta(delta, context_id=context_id)
+    body = open_delta(delta, header, key)
+    return seal_delta(
+        context_id=context_id,
+        parents=header.parents,
+        author=Ed25519PrivateKey.generate(),
+        hlc=header.hlc,
+        key_id=header.key_id,
+        context_key=key,
+        body=DeltaBody(body.records, body.events, os.urandom(32)),
+        seq=header.seq,
+        vv={t: s for t, s in header.vv if t != header.author[:8]},
+        version=3,
+    )
+
+
+def _gossip_bytes(context_id: bytes, wire: bytes) -> int:
+    """One delta as it leaves a node: a DeltaBatch in a signed pubsub message in an RPC
+    frame (length prefix included)."""
+    key = PrivateKey.generate()
+    message = sign_message(
+        key,
+        PubsubMessage(
+            from_peer=key.peer_id().multihash,
+            data=encode_gossip(DeltaBatch(context_id=context_id, deltas=[wire])),
+            seqno=(1 << 62).to_bytes(8, "big"),
+            topic=topic_for(context_id),
+        ),
+    )
+    rpc = RPC(publish=(message,)).encode()
+    return len(encode_uvarint(len(rpc))) + len(rpc)
+
+
+async def _rows(n: int, base: Path) -> list[Row]:
+    items = _kv_items(n, "user")
+    async with open_test_node(base / "node", api=False) as test_node:
+        node = test_node.node
+        installed = await node.applications.install(str(KV_STORE))
+        context_id = (await node.contexts.create(installed.application_id)).context_id
+        await node.contexts.execute(context_id, "len", "{}")
+        before = await node.store.scan(DELTAS, prefix=context_id)
+        stats_before = await node.store.stats()
+        for args in _set_args(items):
+            await node.contexts.execute(context_id, "set", args)
+        stats = await node.store.stats()
+        used = (stats.used_bytes - stats_before.used_bytes) / n
+        trees = (
+            sum(stats.tree_bytes[col] - stats_before.tree_bytes[col] for col in ("state", "delta"))
+            / n
+        )
+        keys = await node.contexts.keys(context_id)
+        known = {k for k, _ in before}
+        deltas = [
+            msgspec.msgpack.decode(w, type=SignedDelta)
+            for k, w in await node.store.scan(DELTAS, prefix=context_id)
+            if k not in known
+        ]
+        state = await node.store.scan(STATE, prefix=context_id)
+    raw = _raw_lmdb_bytes(base / "raw-kv", items)
+    own = fmean(len(k.encode()) + len(v.encode()) for k, v in items)
+    parts = [
+        _parts(d, context_id, keys[verify_delta(d, context_id=context_id).key_id]) for d in deltas
+    ]
+    old = [
+        _parts(
+            _as_format_3(d, context_id, keys[_key_id(d, context_id)]),
+            context_id,
+            keys[_key_id(d, context_id)],
+        )
+        for d in deltas
+    ]
+    gossip = fmean(_gossip_bytes(context_id, d.encode()) for d in deltas)
+    state_values = sum(len(v) for _, v in state) / n
+    state_keys = sum(len(k) for k, _ in state) / n
+    log_values = sum(len(d.encode()) for d in deltas) / n
+    log_keys = 64 * len(deltas) / n
+    index = trees - state_values - state_keys - log_values - log_keys
+
+    def mean(get: str, of: list[Parts]) -> float:
+        return fmean(getattr(p, get) for p in of)
+
+    delta = f"delta of one kv_store.set (100-byte value, new key), {n:,} calls"
+    rows = [
+        Row(
+            f"{delta}: total",
+            mean("total", parts),
+            "B",
+            "format 3 envelope, same fields",
+            mean("total", old),
+            higher_is_better=False,
+        ),
+    ]
+    for label, field in (
+        ("header (parents, author, seq, vv, hlc, key id, nonce)", "header"),
+        ("signature (Ed25519)", "signature"),
+        ("body: entity records", "records"),
+        ("body: app events (name + JSON payload)", "events"),
+        ("AEAD tag", "tag"),
+        ("framing (+ format 3's root hash)", "framing"),
+    ):
+        rows.append(
+            Row(
+                f"  {label}",
+                mean(field, parts),
+                "B",
+                "format 3",
+                mean(field, old),
+                higher_is_better=False,
+            )
+        )
+    rows += [
+        Row(
+            "one delta as gossip (DeltaBatch, signed pubsub message, RPC frame)",
+            gossip,
+            "B",
+            "the delta alone",
+            mean("total", parts),
+            higher_is_better=False,
+        ),
+        Row(
+            f"LMDB used bytes per kv entry, {n:,} entries: total",
+            used,
+            "B/entry",
+            "raw lmdb: same key+value, 1 put/txn",
+            raw,
+            higher_is_better=False,
+        ),
+        Row(
+            "  state rows: values (entity records)",
+            state_values,
+            "B/entry",
+            "the entry's own key+value",
+            own,
+            higher_is_better=False,
+        ),
+        Row(
+            "  state rows: keys (context id + entity id)",
+            state_keys,
+            "B/entry",
+            "the entry's own key",
+            fmean(len(k.encode()) for k, _ in items),
+            higher_is_better=False,
+        ),
+        Row(
+            "  delta log: values (signed deltas)",
+            log_values,
+            "B/entry",
+            "the entry's own key+value",
+            own,
+            higher_is_better=False,
+        ),
+        Row(
+            "  delta log: keys (context id + delta id)",
+            log_keys,
+            "B/entry",
+            "the entry's own key",
+            fmean(len(k.encode()) for k, _ in items),
+            higher_is_better=False,
+        ),
+        Row(
+            "  index: state and delta B-tree pages beyond keys and values",
+            index,
+            "B/entry",
+            "raw lmdb: used beyond key+value",
+            raw - own,
+            higher_is_better=False,
+        ),
+        Row(
+            "  other columns (heads, events) and freed pages not yet reused",
+            used - trees,
+            "B/entry",
+            "raw lmdb: used beyond key+value",
+            raw - own,
+            higher_is_better=False,
+        ),
+    ]
+    return rows
+
+
+def _key_id(delta: SignedDelta, context_id: bytes) -> int:
+    return verify_delta(delta, context_id=context_id).key_id
+
+
+async def run(*, quick: bool) -> list[Row]:
+    with tempfile.TemporaryDirectory(prefix="trionode-bench-") as tmp:
+        return await _rows(200 if quick else 3_000, Path(tmp))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bytes_bench")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    args = parser.parse_args()
+    print(render(trio.run(lambda: run(quick=args.quick))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Format 4 (the compact envelope): round trips of real records, and hostile input."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import msgspec
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, strategies as st
+
+from trionode.crdt import (
+    HEAD,
+    CounterState,
+    Element,
+    Entity,
+    Kind,
+    RegisterState,
+    Slot,
+    TextState,
+    Timestamp,
+    VectorState,
+    decode_entities,
+    encode_entity,
+)
+from trionode.crdt.entity import ROOT_ID, child_id
+from trionode.dag import compact
+from trionode.dag.compact import (
+    EXT_AUTHOR,
+    EXT_HLC,
+    EXT_RECORD,
+    EXT_STAMP,
+    compact_records,
+    expand_records,
+)
+from trionode.dag.delta import (
+    GENESIS,
+    AppEvent,
+    DeltaBody,
+    decode_compact_body,
+    decode_delta,
+    encode_compact_body,
+    open_delta,
+    seal_delta,
+    verify_delta,
+)
+from trionode.errors import RemoteProtocolError
+
+AUTHOR = Ed25519PrivateKey.generate()
+AUTHOR_KEY = AUTHOR.public_key().public_bytes_raw()
+OTHER = os.urandom(32)
+HLC = 7_716_128_034_823_536_640
+CONTEXT = os.urandom(32)
+KEY = os.urandom(32)
+
+nodes = st.sampled_from([AUTHOR_KEY, OTHER, b"a"])
+times = st.one_of(st.integers(HLC - 300, HLC), st.integers(0, 70_000), st.just(HLC + 1))
+stamps = st.builds(Timestamp, times, nodes)
+maybe_stamps = st.none() | stamps
+values = st.one_of(st.binary(max_size=40), st.just(AUTHOR_KEY), st.just(ROOT_ID))
+
+
+@st.composite
+def sequences(draw: st.DrawFn, *, text: bool) -> TextState | VectorState:
+    ids = draw(st.lists(stamps, unique=True, max_size=6))
+    elements: dict[Timestamp, Element[Any]] = {}
+    for eid in ids:
+        after = draw(st.sampled_from([HEAD, *ids]))
+        if draw(st.booleans()):
+            elements[eid] = Element(after, None, None, draw(stamps))
+        elif text:
+            elements[eid] = Element(after, draw(st.sampled_from("xyz")), None, None)
+        else:
+            elements[eid] = Element(after, draw(values), draw(maybe_stamps), None)
+    return TextState(elements) if text else VectorState(elements)
+
+
+BODIES: dict[Kind, st.SearchStrategy[Any]] = {
+    Kind.REGISTER: st.builds(RegisterState, stamps, values),
+    Kind.COUNTER: st.dictionaries(
+        nodes, st.builds(Slot, stamps, st.integers(0, 2**64 - 1), st.integers(0, 4))
+    ).map(CounterState),
+    Kind.TEXT: sequences(text=True),
+    Kind.VECTOR: sequences(text=False),
+}
+
+
+@st.composite
+def bodies_of_records(draw: st.DrawFn) -> list[Entity]:
+    """Records as a delta holds them: parents are the root, another record of the same
+    delta (drawn before or after it), or some entity elsewhere."""
+    out: list[Entity] = []
+    for _ in range(draw(st.integers(0, 6))):
+        parents = [ROOT_ID, bytes(range(32)), *(e.id for e in out)]
+        kind = draw(st.sampled_from(list(Kind)))
+        body = draw(st.none() | BODIES[kind]) if kind in BODIES else None
+        out.append(
+            Entity(
+                draw(st.sampled_from(parents)),
+                draw(st.binary(max_size=12)),
+                kind,
+                added=draw(maybe_stamps),
+                removed=draw(maybe_stamps),
+                body=body,
+            )
+        )
+    return draw(st.permutations(out))
+
+
+def _canonical(records: list[Entity]) -> list[bytes]:
+    return [encode_entity(r) for r in records]
+
+
+@given(bodies_of_records())
+def test_compact_records_round_trip(records: list[Entity]) -> None:
+    encoded = _canonical(records)
+    items = compact_records(encoded, author=AUTHOR_KEY, hlc=HLC)
+    expanded = expand_records([bytes(i) for i in items], author=AUTHOR_KEY, hlc=HLC)
+    assert sorted(expanded) == sorted(encoded)
+    # Parents come before their children, so every reference points backwards.
+    position = {child_id(e.parent, e.name): i for i, e in enumerate(decode_entities(expanded))}
+    for i, entity in enumerate(decode_entities(expanded)):
+        assert position.get(entity.parent, -1) < i
+
+
+@given(bodies_of_records(), st.lists(st.binary(max_size=30), max_size=3))
+def test_a_format_4_delta_round_trips(records: list[Entity], payloads: list[bytes]) -> None:
+    body = DeltaBody(records=_canonical(records), events=[AppEvent("E", p) for p in payloads])
+    delta = seal_delta(
+        context_id=CONTEXT,
+        parents=[GENESIS],
+        author=AUTHOR,
+        hlc=HLC,
+        key_id=7,
+        context_key=KEY,
+        body=body,
+    )
+    received = decode_delta(delta.encode())
+    header = verify_delta(received, context_id=CONTEXT, expected_id=delta.id)
+    assert (header.version, header.context_id, header.hlc) == (4, CONTEXT, HLC)
+    assert header.vv == [(AUTHOR_KEY[:8], 1)]
+    opened = open_delta(received, header, KEY)
+    assert sorted(opened.records) == sorted(body.records)
+    assert opened.events == body.events
+
+
+def test_a_kv_set_shrinks() -> None:
+    """The records of one kv `set` (the map's stamp and the entry), author stamps at the
+    delta's HLC: references replace every key, id and time the delta already holds."""
+    stamp = Timestamp(HLC, AUTHOR_KEY)
+    items = Entity(ROOT_ID, b"items", Kind.MAP, added=stamp)
+    entry = Entity(
+        items.id,
+        b"\xad" + b"user:00000001",
+        Kind.REGISTER,
+        added=stamp,
+        body=RegisterState(stamp, b"\xd9\x64" + b"v" * 100),
+    )
+    encoded = _canonical([entry, items])
+    compacted = [bytes(i) for i in compact_records(encoded, author=AUTHOR_KEY, hlc=HLC)]
+    assert sum(map(len, encoded)) == 337
+    assert sum(map(len, compacted)) == 18 + 134
+    assert expand_records(compacted, author=AUTHOR_KEY, hlc=HLC) == [encoded[1], encoded[0]]
+
+
+def test_records_that_are_not_msgpack_arrays_travel_as_they_are() -> None:
+    items = compact_records([b"r1", b"\x05"], author=AUTHOR_KEY, hlc=HLC)
+    assert expand_records([bytes(i) for i in items], author=AUTHOR_KEY, hlc=HLC) == [
+        b"r1",
+        b"\x05",
+    ]
+
+
+def test_the_entity_id_is_computed_as_the_crdt_does() -> None:
+    assert compact._entity_id(bytes(32), b"items") == child_id(bytes(32), b"items")
+
+
+# -- hostile -------------------------------------------------------------------------------
+
+
+def _item(tree: object) -> bytes:
+    return msgspec.msgpack.encode(tree)
+
+
+def ext(code: int, data: bytes = b"") -> msgspec.msgpack.Ext:
+    return msgspec.msgpack.Ext(code, data)
+
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [
+        ([b"\x92\x01"], "malformed"),  # truncated array
+        ([_item([1, ext(9)])], "unknown compact reference 9"),
+        ([_item([1, ext(EXT_AUTHOR, b"x")])], "unknown compact reference 1"),
+        ([_item([1, ext(EXT_HLC)])], "unknown compact reference 3"),
+        ([_item([1, ext(EXT_RECORD, b"\x00")])], "later record"),
+        ([_item([1, ext(EXT_RECORD, b"\x00\x00\x00\x01")])], "unknown compact reference 4"),
+        ([_item(b"raw"), _item([1, ext(EXT_RECORD, b"\x00")])], "without id"),
+        ([_item([1, {"a": 1}])], "no maps"),
+        ([_item(5)], "an array or a byte string"),
+        ([_item([[[[[[[[[[1]]]]]]]]]])], "nested too deeply"),
+    ],
+)
+def test_hostile_compact_records_are_refused(items: list[bytes], match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        expand_records(items, author=AUTHOR_KEY, hlc=HLC)
+
+
+def test_times_below_zero_are_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="below zero"):
+        expand_records([_item([ext(EXT_STAMP, b"\x09")])], author=AUTHOR_KEY, hlc=5)
+
+
+def test_expansion_is_bounded() -> None:
+    """Each 3-byte reference stands for 34 bytes: a small body cannot claim a huge one."""
+    bomb = _item([ext(EXT_AUTHOR)] * 1000)
+    assert len(expand_records([bomb], author=AUTHOR_KEY, hlc=HLC)[0]) > 30_000
+    with pytest.raises(RemoteProtocolError, match="budget"):
+        expand_records([bomb], author=AUTHOR_KEY, hlc=HLC, budget=10_000)
+    with pytest.raises(RemoteProtocolError, match="budget"):
+        expand_records([bomb] * 3, author=AUTHOR_KEY, hlc=HLC, budget=80_000)
+
+
+@given(st.binary(max_size=300))
+def test_garbage_bodies_only_raise_the_typed_error(data: bytes) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        decode_compact_body(data, author=AUTHOR_KEY, hlc=HLC)
+
+
+@given(st.lists(st.binary(max_size=60), max_size=4))
+def test_garbage_records_only_raise_the_typed_error(items: list[bytes]) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        expand_records(items, author=AUTHOR_KEY, hlc=HLC)
+
+
+def test_a_body_with_a_root_hash_is_not_format_4() -> None:
+    """Format 4 bodies have two fields; a format 2/3 body under a format 4 header fails."""
+    old = msgspec.msgpack.encode(DeltaBody(records=[], events=[], root_hash=bytes(32)))
+    with pytest.raises(RemoteProtocolError, match="malformed delta body"):
+        decode_compact_body(old, author=AUTHOR_KEY, hlc=HLC)
+    plain = encode_compact_body(DeltaBody(records=[], events=[]), author=AUTHOR_KEY, hlc=HLC)
+    assert decode_compact_body(plain, author=AUTHOR_KEY, hlc=HLC) == DeltaBody([], [])
