@@ -1,10 +1,12 @@
 """State rows: how a `StateTree` is persisted, writing only what changed.
 
-Every entity is one row `entity_id -> encode_entity(record)`. A Text or Vector record holds
-the whole sequence while a keystroke changes one element, so rewriting it per keystroke
-costs O(length). For those kinds the rows are a *base* plus a *journal*:
+Every entity is one row `entity_id -> record`: version 3 rows (`compact.py`) hold the
+record with its own writer and time said once; version 1 rows (`encode_entity`) still load.
+A Text or Vector record holds the whole sequence while a keystroke changes one element,
+so rewriting it per keystroke costs O(length). For those kinds the rows are a *base* plus
+a *journal*:
 
-    entity_id               -> encode_entity(record as of the last rewrite)
+    entity_id               -> the record as of the last rewrite
     entity_id ‖ seq (u32)   -> encode_journal(delta-states joined since then)
 
 A journal row (`JOURNAL_VERSION` 2) holds the delta's stamps and body only; its parent,
@@ -26,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Final
 
+from trionode.crdt.compact import encode_row, record_of_row
 from trionode.crdt.encoding import decode_entity, decode_journal, encode_entity, encode_journal
 from trionode.crdt.entity import ID_BYTES, Entity, Kind
 
@@ -110,7 +113,7 @@ class RowLog:
                     stored.journal_rows += 1
                     stored.journal_bytes += len(data)
                     continue
-            data = encode_entity(entity)
+            data = _row(entity)
             out.append((eid, data))
             self._rewrite.discard(eid)
             self._drop_journal(eid, out)
@@ -132,7 +135,7 @@ class RowLog:
         written: set[bytes] = set()
         self._stored.clear()
         for entity in records:
-            data = encode_entity(entity)
+            data = _row(entity)
             out.append((entity.id, data))
             written.add(entity.id)
             if entity.kind in JOURNAL_KINDS:
@@ -186,8 +189,14 @@ class RowLog:
         return list(bases.values()), log
 
 
+def _row(entity: Entity) -> bytes:
+    """A base row (version 3: see `compact.py`)."""
+    added = entity.added
+    return encode_row(encode_entity(entity), None if added is None else (added.time, added.node))
+
+
 def _decode(entity_id: bytes, value: bytes) -> Entity:
-    entity = decode_entity(value)
+    entity = decode_entity(record_of_row(value))
     if entity.id != entity_id:
         raise ValueError("state row holds another entity's record")
     return entity

@@ -65,7 +65,7 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError
 
-from trionode.dag.compact import compact_records, expand_records
+from trionode.crdt.compact import compact_records, expand_records
 from trionode.errors import RemoteProtocolError
 
 ID_SIZE: Final = 32

@@ -1,4 +1,5 @@
-"""Compact records inside a format 4 delta body (issue #16: no field twice).
+"""Compact records: inside a format 4 delta body, and as version 2 state rows (issue #16:
+no field twice).
 
 A delta's records are canonical entity records (`trionode.crdt.encode_entity`). Written
 as they are, the values a delta repeats cost most of its bytes: every stamp names its
@@ -30,17 +31,14 @@ validate as it validates any record.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Final
 
 import msgspec
 
+from trionode.crdt.entity import ROOT_ID, child_id
 from trionode.errors import RemoteProtocolError
 
-ROOT_ID: Final = bytes(32)
-_ID_DOMAIN: Final = b"trionode/entity-id/v1\x00"
-"""As `trionode.crdt.entity.child_id` (kept in step by a test)."""
 EXT_AUTHOR: Final = 1
 EXT_ROOT: Final = 2
 EXT_HLC: Final = 3
@@ -58,17 +56,13 @@ _ENCODER: Final = msgspec.msgpack.Encoder()
 _GENERIC: Final = msgspec.msgpack.Decoder()
 
 
-def _entity_id(parent: bytes, name: bytes) -> bytes:
-    return hashlib.sha256(_ID_DOMAIN + parent + name).digest()
-
-
 def _id_of(tree: object) -> bytes | None:
     """The entity id a canonical record tree `[version, parent, name, ...]` is stored
     under, or None if it is not shaped like one."""
     if isinstance(tree, list) and len(tree) >= 3:
         parent, name = tree[1], tree[2]
         if isinstance(parent, bytes) and len(parent) == _REF_BYTES and isinstance(name, bytes):
-            return _entity_id(parent, name)
+            return child_id(parent, name)
     return None
 
 
@@ -246,3 +240,49 @@ class _Expander:
                 self._ids[index] = record_id
             return record_id
         raise RemoteProtocolError(f"unknown compact reference {ext.code} ({len(data)} bytes)")
+
+
+# -- state rows ---------------------------------------------------------------------------
+
+ROW_VERSION: Final = 3
+"""State rows (`rows.py`) of version 3 are `[3, time, writer, record]`: the record as
+`encode_entity` gives it, as a tree in which the writer and time of its own `added` stamp
+(nearly every stamp in a row) are references. Version 1 rows are `encode_entity` bytes
+(`[1, parent, ...]`) and still load. (Version 2 is the Text/Vector journal row's, which
+lives in the same column: `encoding.JOURNAL_VERSION`.)"""
+_ROW_HEAD: Final = bytes([0x94, ROW_VERSION])  # fixarray of 4, then the version
+
+
+def encode_row(record: bytes, added: tuple[int, bytes] | None) -> bytes:
+    """The version 3 row of `record` (canonical bytes) whose `added` stamp is `added`; a
+    record never added stays a version 1 row (nothing to refer to)."""
+    if added is None:
+        return record
+    time, writer = added
+    tree = _GENERIC.decode(record)
+    refs = _Refs(writer, time, {})
+    return _ENCODER.encode([ROW_VERSION, time, writer, refs.compact(tree)])
+
+
+def record_of_row(data: bytes, *, budget: int = MAX_EXPANSION) -> bytes:
+    """The canonical record bytes a state row (either version) holds.
+
+    Raises:
+        RemoteProtocolError: a version 3 row that is malformed or expands past `budget`.
+    """
+    if data[:2] != _ROW_HEAD:
+        return data  # version 1: `decode_entity` checks it
+    try:
+        row = _GENERIC.decode(data)
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
+        raise RemoteProtocolError(f"malformed state row: {exc}") from None
+    _, time, writer, tree = row
+    if type(time) is not int or time < 0 or not isinstance(writer, bytes):
+        raise RemoteProtocolError("malformed state row: bad stamp")
+    if not isinstance(tree, list):
+        raise RemoteProtocolError("malformed state row: no record")
+    expander = _Expander(writer, time, [], [])
+    record = _ENCODER.encode(expander.expand(tree, 1))
+    if len(data) + expander.grown > budget or len(record) > budget:
+        raise RemoteProtocolError("state row expands beyond the budget")
+    return record

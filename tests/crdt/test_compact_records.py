@@ -1,4 +1,5 @@
-"""Format 4 (the compact envelope): round trips of real records, and hostile input."""
+"""Compact records (format 4 delta bodies, version 3 state rows): round trips of real
+records, old formats still loading, and hostile input."""
 
 from __future__ import annotations
 
@@ -19,22 +20,26 @@ from trionode.crdt import (
     Kind,
     RegisterState,
     Slot,
+    StateTree,
     TextState,
     Timestamp,
     VectorState,
     decode_entities,
+    decode_entity,
     encode_entity,
 )
-from trionode.crdt.entity import ROOT_ID, child_id
-from trionode.dag import compact
-from trionode.dag.compact import (
+from trionode.crdt.compact import (
     EXT_AUTHOR,
     EXT_HLC,
     EXT_RECORD,
     EXT_STAMP,
+    ROW_VERSION,
     compact_records,
+    encode_row,
     expand_records,
+    record_of_row,
 )
+from trionode.crdt.entity import ROOT_ID, child_id
 from trionode.dag.delta import (
     GENESIS,
     AppEvent,
@@ -173,10 +178,6 @@ def test_records_that_are_not_msgpack_arrays_travel_as_they_are() -> None:
     ]
 
 
-def test_the_entity_id_is_computed_as_the_crdt_does() -> None:
-    assert compact._entity_id(bytes(32), b"items") == child_id(bytes(32), b"items")
-
-
 # -- hostile -------------------------------------------------------------------------------
 
 
@@ -242,3 +243,77 @@ def test_a_body_with_a_root_hash_is_not_format_4() -> None:
         decode_compact_body(old, author=AUTHOR_KEY, hlc=HLC)
     plain = encode_compact_body(DeltaBody(records=[], events=[]), author=AUTHOR_KEY, hlc=HLC)
     assert decode_compact_body(plain, author=AUTHOR_KEY, hlc=HLC) == DeltaBody([], [])
+
+
+# -- state rows (version 3) ------------------------------------------------------------------
+
+
+def _row_of(entity: Entity) -> bytes:
+    added = entity.added
+    return encode_row(encode_entity(entity), None if added is None else (added.time, added.node))
+
+
+@given(bodies_of_records())
+def test_state_rows_round_trip_and_old_rows_still_load(records: list[Entity]) -> None:
+    for entity in records:
+        row = _row_of(entity)
+        assert record_of_row(row) == encode_entity(entity)
+        assert record_of_row(encode_entity(entity)) == encode_entity(entity)  # version 1
+    tree = StateTree()
+    tree.apply(records)
+    rows = [(e.id, _row_of(e)) for e in tree.entities()]
+    old = [(e.id, encode_entity(e)) for e in tree.entities()]
+    mixed = [new if i % 2 else was for i, (new, was) in enumerate(zip(rows, old, strict=True))]
+    for stored in (rows, old, mixed):
+        loaded = StateTree.from_rows(stored)
+        assert loaded.root_hash() == tree.root_hash()
+        assert sorted(map(encode_entity, loaded.entities())) == sorted(
+            map(encode_entity, tree.entities())
+        )
+
+
+def test_a_kv_entry_row_says_its_writer_and_time_once() -> None:
+    stamp = Timestamp(HLC, AUTHOR_KEY)
+    entry = Entity(
+        child_id(ROOT_ID, b"items"),
+        b"\xad" + b"user:00000001",
+        Kind.REGISTER,
+        added=stamp,
+        body=RegisterState(stamp, b"\xd9\x64" + b"v" * 100),
+    )
+    assert len(encode_entity(entry)) == 247
+    assert len(_row_of(entry)) == 210
+    assert _row_of(entry)[:2] == bytes([0x94, ROW_VERSION])
+    never_added = Entity(ROOT_ID, b"gone", Kind.MAP, removed=stamp)
+    assert _row_of(never_added) == encode_entity(never_added)
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        (b"\x94\x03", "malformed state row"),  # truncated
+        (_item([3, -1, AUTHOR_KEY, [1]]), "bad stamp"),
+        (_item([3, 5, "writer", [1]]), "bad stamp"),
+        (_item([3, 5, AUTHOR_KEY, 7]), "no record"),
+        (_item([3, 5, AUTHOR_KEY, [[[[[[[[[1]]]]]]]]]]), "nested too deeply"),
+        (_item([3, 5, AUTHOR_KEY, [ext(EXT_RECORD, b"\x00")]]), "later record"),
+        (_item([3, 5, AUTHOR_KEY, [ext(EXT_STAMP, b"\x09")]]), "below zero"),
+        (_item([3, 5, AUTHOR_KEY, [{"a": 1}]]), "no maps"),
+    ],
+)
+def test_hostile_state_rows_are_refused(row: bytes, match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        record_of_row(row)
+
+
+def test_state_row_expansion_is_bounded() -> None:
+    bomb = _item([3, 5, AUTHOR_KEY, [ext(EXT_AUTHOR)] * 1000])
+    assert len(record_of_row(bomb)) > 30_000
+    with pytest.raises(RemoteProtocolError, match="budget"):
+        record_of_row(bomb, budget=10_000)
+
+
+@given(st.binary(max_size=200))
+def test_garbage_state_rows_only_raise_the_typed_error(data: bytes) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        decode_entity(record_of_row(b"\x94\x03" + data))
