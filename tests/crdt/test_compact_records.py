@@ -193,6 +193,8 @@ def ext(code: int, data: bytes = b"") -> msgspec.msgpack.Ext:
     ("items", "match"),
     [
         ([b"\x92\x01"], "malformed"),  # truncated array
+        ([b"\x91\x81\x80\x01"], "malformed"),  # a map keyed by a map (unhashable)
+        ([b"\x91\xa2\x80\x80"], "malformed"),  # a string that is not UTF-8
         ([_item([1, ext(9)])], "unknown compact reference 9"),
         ([_item([1, ext(EXT_AUTHOR, b"x")])], "unknown compact reference 1"),
         ([_item([1, ext(EXT_HLC)])], "unknown compact reference 3"),
@@ -292,6 +294,7 @@ def test_a_kv_entry_row_says_its_writer_and_time_once() -> None:
     ("row", "match"),
     [
         (b"\x94\x03", "malformed state row"),  # truncated
+        (b"\x94\x03\x81\x80\x01\x01\x01\x01", "malformed state row"),  # map key: a map
         (_item([3, -1, AUTHOR_KEY, [1]]), "bad stamp"),
         (_item([3, 5, "writer", [1]]), "bad stamp"),
         (_item([3, 5, AUTHOR_KEY, 7]), "no record"),

@@ -75,7 +75,7 @@ def compact_records(records: Sequence[bytes], *, author: bytes, hlc: int) -> lis
     for data in records:
         try:
             trees.append(_GENERIC.decode(data))
-        except (msgspec.DecodeError, ValueError):  # not msgpack (or bad UTF-8): as it is
+        except (msgspec.DecodeError, ValueError, TypeError):  # not msgpack: as it is
             trees.append(None)
     ids = [_id_of(tree) for tree in trees]
     order = _parents_first(ids, trees)
@@ -170,7 +170,7 @@ def expand_records(
     for data in items:
         try:
             item = _GENERIC.decode(data)
-        except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
+        except (msgspec.DecodeError, RecursionError, ValueError, TypeError) as exc:  # UTF-8, keys
             raise RemoteProtocolError(f"malformed compact record: {exc}") from None
         if isinstance(item, bytes):
             record = item
@@ -274,7 +274,7 @@ def record_of_row(data: bytes, *, budget: int = MAX_EXPANSION) -> bytes:
         return data  # version 1: `decode_entity` checks it
     try:
         row = _GENERIC.decode(data)
-    except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
+    except (msgspec.DecodeError, RecursionError, ValueError, TypeError) as exc:  # UTF-8, keys
         raise RemoteProtocolError(f"malformed state row: {exc}") from None
     _, time, writer, tree = row
     if type(time) is not int or time < 0 or not isinstance(writer, bytes):
