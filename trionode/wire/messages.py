@@ -82,7 +82,7 @@ def decode_gossip(data: bytes) -> Gossip:
         raise RemoteProtocolError(f"gossip message of {len(data)} bytes exceeds {MAX_GOSSIP}")
     try:
         message: Gossip = _GOSSIP.decode(data)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
         raise RemoteProtocolError(f"malformed gossip message: {exc}") from None
     return message
 
@@ -394,6 +394,6 @@ def decode_sync(body: bytes | bytearray | memoryview) -> SyncMessage:
     """One sync frame's body (without its length prefix)."""
     try:
         message: SyncMessage = _SYNC.decode(body)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
         raise RemoteProtocolError(f"malformed sync message: {exc}") from None
     return message
