@@ -8,6 +8,7 @@ import sys
 import trio
 
 from benchmarks import (
+    aims_bench,
     auth_bench,
     blob_bench,
     bytes_bench,
@@ -48,6 +49,7 @@ async def run_all(*, quick: bool, only: str | None) -> list[Row]:
         "scale": scale_bench.run,
         "kad": kad_bench.run,
         "multiaddr": multiaddr_bench.run,
+        "aims": aims_bench.run,
     }
     rows: list[Row] = []
     for name, suite in suites.items():
