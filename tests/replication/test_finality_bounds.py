@@ -132,7 +132,7 @@ async def test_equivocation_against_a_folded_delta_is_seen_after_a_restart(
                 DeltaBody(records=[], events=[], root_hash=bytes(32)),
                 parents=folded.parents,
             )
-            assert verify_delta(twin).seq == folded.seq
+            assert verify_delta(twin, context_id=context).seq == folded.seq
             filtered = deltas(a, "auth_filtered")
             await a.contexts.receive(context, twin.encode())
             authority = (await a.contexts.replica(context)).authority
