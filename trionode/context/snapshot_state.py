@@ -236,7 +236,7 @@ class SnapshotState:
         received: list[tuple[bytes, DeltaHeader]] = []
         for wire in ops:
             delta = decode_delta(wire)
-            header = verify_delta(delta)
+            header = verify_delta(delta, context_id=context_id)
             if header.context_id != context_id or header.auth is None:
                 raise RemoteProtocolError("not a membership operation of this context")
             received.append((delta.id, header))

@@ -124,7 +124,7 @@ def _open_entry(entry: bytes, context_id: bytes) -> tuple[bytes, dict[bytes, int
     else:
         return ack.author, dict(ack.vv)
     try:
-        header = verify_delta(decode_delta(entry))
+        header = verify_delta(decode_delta(entry), context_id=context_id)
     except ProtocolError:
         raise ForgedCertificate(f"certificate entry does not verify: {ack_error}") from None
     if header.context_id != context_id or header.auth is None:
