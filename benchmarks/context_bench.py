@@ -64,7 +64,6 @@ from trionode.context.records import DELTAS, STATE
 from trionode.crdt import (
     HybridClock,
     StateTree,
-    decode_entity,
     encode_entity,
     ntp64_from_unix_ns,
     text,
@@ -814,10 +813,10 @@ async def _per_entry(
     deltas = await store.scan(DELTAS, prefix=context_id)
     state_bytes = sum(len(k) + len(v) for k, v in state) / n
     delta_bytes = sum(len(k) + len(v) for k, v in deltas) / n
-    rows = [value for _, value in state]
+    rows = [(key[len(context_id) :], value) for key, value in state]
 
     def load_tree() -> object:
-        tree = StateTree(decode_entity(row) for row in rows)
+        tree = StateTree.from_rows(rows)  # (as a node loads them: rows of any version)
         tree.root_hash()
         return tree
 
