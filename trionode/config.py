@@ -481,6 +481,16 @@ class SyncSection(_Section, frozen=True):
     one is never cut while it moves."""
 
 
+class AuthSection(_Section, frozen=True):
+    """Authorization and finality (DESIGN §7.1, trionode/auth/finality.py)."""
+
+    max_nonfinal_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 64 * MiB
+    """Bytes of non-final data deltas (the undo log) one context may hold. Beyond, it takes
+    no *new* ones until finality moves: local calls answer 503 / JSON-RPC -32006 and
+    received deltas are refused without penalty (fetched again later). Finality stalls
+    while an admin stays silent; see `oldest_unacked_admin` on /metrics."""
+
+
 class AppsSection(_Section, frozen=True):
     """Which application bundles this node will execute."""
 
@@ -579,6 +589,7 @@ class FileConfig(_Section, frozen=True):
     store: StoreSection = StoreSection()
     replication: ReplicationSection = ReplicationSection()
     sync: SyncSection = SyncSection()
+    auth: AuthSection = AuthSection()
     apps: AppsSection = AppsSection()
     gc: GcSection = GcSection()
     blobs: BlobsSection = BlobsSection()
@@ -637,6 +648,10 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def sync(self) -> SyncSection:
         return self.file.sync
+
+    @property
+    def auth(self) -> AuthSection:
+        return self.file.auth
 
     @property
     def apps(self) -> AppsSection:

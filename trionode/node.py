@@ -208,6 +208,7 @@ class Node:
             max_pending=config.replication.max_pending,
             max_pending_per_author=config.replication.max_pending_per_author,
             max_clock_drift=config.sync.max_clock_drift,
+            max_nonfinal_bytes=config.auth.max_nonfinal_bytes,
             pending_timeout=config.replication.pending_timeout,
             metrics=self.replication_metrics,
             read_only=config.node.mode == "read-only",
@@ -221,7 +222,7 @@ class Node:
         )
         self.finality_metrics = FinalityMetrics(
             metrics.registry,
-            lambda: [r.authority for r in self.contexts.replicas.loaded()],
+            lambda: [(r.context_id, r.authority) for r in self.contexts.replicas.loaded()],
             wall_clock,
         )
         self.acks = AckBook(self.contexts.replicas, PrometheusAckMetrics(metrics.registry))

@@ -253,8 +253,10 @@ class SyncStatus(Reply, kw_only=True):
     peers: list[dict[str, Any]]
     """Per peer: connected, last success (protocol, deltas), last error."""
     finality: dict[str, Any] | None = None
-    """Final and non-final data deltas, the age of the oldest non-final one, the admins
-    finality waits for (`ackSet`, `waitingFor`, `retired`) and the final frontier."""
+    """Final and non-final data deltas, their bytes against `auth.max_nonfinal_bytes`, the
+    age of the oldest non-final one, the admin whose acknowledgement lags most
+    (`oldestUnackedAdmin`), the admins finality waits for (`ackSet`, `waitingFor`,
+    `retired`) and the final frontier."""
 
 
 class MemberList(Reply, kw_only=True):

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from tests.replication.cluster_helpers import LIMIT, metric, share, wait_converged, write
+from tests.replication.cluster_helpers import LIMIT, b58, metric, share, wait_converged, write
 from trionode.auth.acks import sign_ack
 from trionode.node import Node
 from trionode.testing import open_cluster
@@ -32,7 +32,8 @@ async def test_a_delta_is_final_once_every_admin_has_it_in_its_past(
             for node in cluster:
                 # Neither admin has acknowledged it: its verdict may still change.
                 assert not await is_final(node, context, by_c)
-                assert metric(node, "trionode_finality_lag_deltas") >= 1
+                lag = metric(node, "trionode_finality_lag_deltas", context=b58(context))
+                assert lag >= 1
             by_a = await write(a, context, "set_title", title="a")
             await wait_converged(cluster, list(cluster), context)
             for node in cluster:
@@ -64,7 +65,7 @@ async def test_an_idle_admin_moves_finality_with_signed_acks(
             await cluster.settle()
             for node in cluster:
                 assert await is_final(node, context, by_c)
-                assert metric(node, "trionode_finality_lag_deltas") == 0
+                assert metric(node, "trionode_finality_lag_deltas", context=b58(context)) == 0
                 assert metric(node, "trionode_acks_total", outcome="kept") >= 1
             # Kept across a restart (from the store).
             await cluster.crash(2)

@@ -10,6 +10,7 @@ from trionode.context.errors import (
     ContextError,
     ContextNotFound,
     DeltaTooLarge,
+    FinalityBehind,
     MissingPrerequisite,
     NotPermitted,
     PeerFailed,
@@ -20,6 +21,7 @@ JSONRPC_CONTEXT_NOT_FOUND: Final = -32001
 JSONRPC_FORBIDDEN: Final = -32002
 JSONRPC_WAITING_FOR_APP: Final = -32004
 JSONRPC_DELTA_TOO_LARGE: Final = -32005
+JSONRPC_FINALITY_BEHIND: Final = -32006
 
 _STATUSES: Final[tuple[tuple[type[ContextError], int], ...]] = (
     (ContextNotFound, 404),
@@ -30,6 +32,7 @@ _STATUSES: Final[tuple[tuple[type[ContextError], int], ...]] = (
     (ContextBroken, 500),
     (WaitingForApp, 503),
     (DeltaTooLarge, 413),
+    (FinalityBehind, 503),
 )
 
 
@@ -47,4 +50,6 @@ def jsonrpc_code(exc: ContextError) -> int:
         return JSONRPC_WAITING_FOR_APP
     if isinstance(exc, DeltaTooLarge):
         return JSONRPC_DELTA_TOO_LARGE
+    if isinstance(exc, FinalityBehind):
+        return JSONRPC_FINALITY_BEHIND
     return JSONRPC_CONTEXT_NOT_FOUND if isinstance(exc, ContextNotFound) else JSONRPC_FORBIDDEN

@@ -468,7 +468,11 @@ def register_context_routes(
                     peer_sync_json(peer, status, connected=connected)
                     for peer, connected, status in node.sync.peer_status(raw)
                 ],
-                "finality": finality_json(replica.authority, node.contexts.replicas.wall_clock()),
+                "finality": finality_json(
+                    replica.authority,
+                    node.contexts.replicas.wall_clock(),
+                    max_nonfinal_bytes=node.contexts.processor.max_nonfinal_bytes,
+                ),
             }
         )
 

@@ -126,6 +126,9 @@ class Finality:
     """AckSet members without a counted ack: while any, nothing is final."""
     final: Mapping[bytes, int]
     """FF: author tag → highest final sequence number."""
+    counted: Mapping[bytes, Mapping[bytes, int]] = attrs.field(factory=dict)
+    """Ever-admin → what its counted ack covers (floors included): which admin holds
+    finality back, and by how much (`trionode.context.finality`)."""
 
     def is_final(self, vv: Vector) -> bool:
         """Whether a delta with this version vector (itself included) is final."""
@@ -214,7 +217,7 @@ def finality(
     final: dict[bytes, int] = {}
     if ack_set and not waiting:
         final = vv_min(counted[m] for m in ack_set)
-    return Finality(ack_set, frozenset(retired), waiting, final)
+    return Finality(ack_set, frozenset(retired), waiting, final, counted)
 
 
 def latest_by_author(vectors: Iterable[tuple[bytes, int, Vector]]) -> dict[bytes, Vector]:

@@ -16,7 +16,7 @@ from typing import Final
 import attrs
 import msgspec
 
-from trionode.auth.finality import Finality, finality, vv_max
+from trionode.auth.finality import Finality, finality, vv_max, vv_min
 from trionode.auth.model import (
     AuthGraph,
     Kind,
@@ -54,6 +54,8 @@ class DeltaMeta:
     key_id: int
     op: bool
     hlc: int = 0
+    size: int = 0
+    """Its wire bytes (0 where the caller did not say): what it weighs in the undo log."""
 
 
 def op_from_header(delta_id: bytes, header: DeltaHeader) -> Op:
@@ -135,6 +137,13 @@ class ContextAuthority:
     """Pointwise max of every recorded delta's vv."""
     _generation: int = 0
     _finality: tuple[tuple[int, int], Finality] | None = None
+    folded: set[bytes] = attrs.field(factory=set)
+    """Ids of deltas folded here (context/folding.py): their bodies are gone for good."""
+    _undo: dict[bytes, int] = attrs.field(factory=dict)
+    """Data deltas not seen final yet → their size (see `nonfinal_bytes`)."""
+    _undo_bytes: int = 0
+    _undo_final: Mapping[bytes, int] = attrs.field(factory=dict)
+    """The final frontier `_undo` was last swept with."""
 
     # -- version vectors ------------------------------------------------------------------
 
@@ -184,13 +193,17 @@ class ContextAuthority:
 
     # -- applying --------------------------------------------------------------------------
 
-    def record(self, delta_id: bytes, header: DeltaHeader) -> bool:
-        """Remember an applied delta's meta; True if it makes an author equivocate (a
-        second delta with one (author, seq))."""
+    def record(self, delta_id: bytes, header: DeltaHeader, size: int = 0) -> bool:
+        """Remember an applied delta's meta (`size`: its wire bytes); True if it makes an
+        author equivocate (a second delta with one (author, seq))."""
         vv = header_vv(header)
+        op = header.auth is not None
         self.meta[delta_id] = DeltaMeta(
-            header.author, header.seq, vv, header.key_id, header.auth is not None, header.hlc
+            header.author, header.seq, vv, header.key_id, op, header.hlc, size
         )
+        if not op and delta_id not in self._undo:
+            self._undo[delta_id] = size
+            self._undo_bytes += size
         same = self.by_author_seq.setdefault((tag(header.author), header.seq), set())
         same.add(delta_id)
         author = tag(header.author)
@@ -279,12 +292,43 @@ class ContextAuthority:
         meta = self.meta.pop(delta_id)
         self.verdicts.pop(delta_id, None)
         self.checkpoint_vv[delta_id] = dict(meta.vv)
+        self.folded.add(delta_id)
+        self._undo_bytes -= self._undo.pop(delta_id, 0)
 
     def note_folded(self, delta_id: bytes, author_tag: bytes, seq: int) -> None:
         """A delta folded before a restart (only its vector is left, as a checkpoint): its
         (author, seq) is still taken, so a second delta with it equivocates."""
         self.by_author_seq.setdefault((author_tag, seq), set()).add(delta_id)
         self.max_seq[author_tag] = max(self.max_seq.get(author_tag, 0), seq)
+        self.folded.add(delta_id)
+
+    def nonfinal_bytes(self) -> int:
+        """Wire bytes of the data deltas held that are not final: the undo log, which
+        `auth.max_nonfinal_bytes` bounds. Kept as a running sum; the deltas that became
+        final are swept out only when the final frontier moved."""
+        final = self.finality()
+        if final.final != self._undo_final:
+            done = [i for i in self._undo if (m := self.meta.get(i)) and final.is_final(m.vv)]
+            for delta_id in done:
+                self._undo_bytes -= self._undo.pop(delta_id)
+            self._undo_final = dict(final.final)
+        return self._undo_bytes
+
+    def acked_by_all(self, us: bytes) -> dict[bytes, int]:
+        """What every other AckSet member than `us` has acknowledged (its latest ack or
+        delta, counted or not yet; our own ack follows what we take): a delta within it is
+        final as soon as we hold its past, so a full undo log still takes it (else a node
+        that refused it could never count the acks that name it, and stall for good)."""
+        final = self.finality()
+        vectors: list[Mapping[bytes, int]] = []
+        for member in final.ack_set - {us}:
+            t = tag(member)
+            latest = self.latest.get(t)
+            seen = [vv for vv in (self.acks.get(t), latest and latest[1]) if vv]
+            if not seen:
+                return {}
+            vectors.append(vv_max(seen))
+        return vv_min(vectors) if vectors else {}
 
     def is_final(self, delta_id: bytes) -> bool:
         meta = self.meta.get(delta_id)

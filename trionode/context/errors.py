@@ -50,3 +50,9 @@ class WaitingForApp(ContextError):
 class DeltaTooLarge(ContextError):
     """A call changed so much that its delta would be larger than a delta may be
     (`replication.max_delta_bytes`): nothing was written."""
+
+
+class FinalityBehind(ContextError):
+    """The context's undo log (its non-final deltas) is over `auth.max_nonfinal_bytes`: it
+    takes no new writes until the admins' acknowledgements make older deltas final. Not
+    the caller's fault, and temporary: retry later (or remove an admin that is gone)."""

@@ -23,8 +23,15 @@ from msgspec.structs import replace
 
 from trionode.auth.model import WRITERS, Kind, StaticError, Verdict, version_key
 from trionode.context.authority import AuthRejected, action, op_from_header
-from trionode.context.errors import AlreadyExists, ContextError, DeltaTooLarge, NotPermitted
+from trionode.context.errors import (
+    AlreadyExists,
+    ContextError,
+    DeltaTooLarge,
+    FinalityBehind,
+    NotPermitted,
+)
 from trionode.context.events import Change, EventHub
+from trionode.context.finality import lag_of
 from trionode.context.invitations import seal_keys
 from trionode.context.notices import b58, change_of, payload_json
 from trionode.context.records import (
@@ -101,12 +108,15 @@ class LocalWriter:
         read_only: bool = False,
         authored: trio.MemorySendChannel[Authored] | None = None,
         max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES,
+        max_nonfinal_bytes: int | None = None,
     ) -> None:
         self._replicas = replicas
         self.read_only = read_only
         self._max_delta_bytes = max_delta_bytes
         """`replication.max_delta_bytes`: a delta this node writes must be able to travel by
         sync (one answer frame) later, so a larger one is refused when it is sealed."""
+        self.max_nonfinal_bytes = max_nonfinal_bytes
+        """`auth.max_nonfinal_bytes` (None: unbounded): see `_check_room`."""
         """`node.mode = "read-only"`: every local write raises ReadOnlyError (views run)."""
         self._hub = hub
         self._apps = apps
@@ -196,6 +206,7 @@ class LocalWriter:
         role = replica.authority.role(replica.record.our_member)
         if role is None:
             raise NotPermitted("this node is not (or no longer) a member")
+        self._check_room(replica, app, method)
         return execute(
             app,
             replica.tree,
@@ -245,6 +256,27 @@ class LocalWriter:
                 self._announce(replica.context_id, each)
 
         return delta, after_commit
+
+    def _check_room(self, replica: Replica, app: App, method: str) -> None:
+        """A call that may write is refused (FinalityBehind) while the context's undo log
+        is over `auth.max_nonfinal_bytes`: its delta would be one more non-final delta.
+        Views run; membership changes go on (removing a silent admin is the remedy)."""
+        limit = self.max_nonfinal_bytes
+        if limit is None:
+            return
+        entry = app.entry(method)
+        if entry is not None and entry.kind is EntryKind.VIEW:
+            return
+        held = replica.authority.nonfinal_bytes()
+        if held >= limit:
+            oldest = lag_of(replica.authority, self._replicas.wall_clock()).oldest_unacked
+            who = "the admins acknowledge" if oldest is None else f"admin {b58(oldest.admin)}"
+            raise FinalityBehind(
+                f"context {b58(replica.context_id)} holds {held} bytes of deltas that are not "
+                f"final yet (auth.max_nonfinal_bytes = {limit}): writes resume once "
+                f"{who if oldest is None else who + ' acknowledges'} them (remove an admin "
+                "that is gone for good)"
+            )
 
     def check_call(self, app: App, method: str) -> None:
         """On a read-only node only views run (ReadOnlyError for anything else)."""
@@ -445,11 +477,12 @@ class LocalWriter:
             replica.authority.add_op(delta.id, header)
             if header.auth.key_id is not None and header.auth.key_id in replica.keys:
                 replica.record = replace(replica.record, key_id=header.auth.key_id)
-        replica.authority.record(delta.id, header)
+        wire = delta.encode()
+        replica.authority.record(delta.id, header, len(wire))
         if header.auth is None:
             replica.authority.verdicts[delta.id] = Verdict.ACCEPTED
         replica.dag.offer(delta.id, parents, delta, now=trio.current_time())
-        batch.put(DELTAS, replica.context_id + delta.id, delta.encode())
+        batch.put(DELTAS, replica.context_id + delta.id, wire)
         stage_record(replica, batch)
 
     def _after_local(self, replica: Replica, delta: SignedDelta, outcome: CallOutcome) -> None:

@@ -91,6 +91,7 @@ class ContextManager:
         event_log: EventLog | None = None,
         authored: trio.MemorySendChannel[Authored] | None = None,
         max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES,
+        max_nonfinal_bytes: int | None = None,
     ) -> None:
         self.read_only = read_only
         """`node.mode = "read-only"`: every local write raises ReadOnlyError, received
@@ -110,9 +111,15 @@ class ContextManager:
             read_only=read_only,
             authored=authored,
             max_delta_bytes=max_delta_bytes,
+            max_nonfinal_bytes=max_nonfinal_bytes,
         )
         self.processor = DeltaProcessor(
-            self.replicas, hub, self.metrics, pending_timeout=pending_timeout, read_only=read_only
+            self.replicas,
+            hub,
+            self.metrics,
+            pending_timeout=pending_timeout,
+            read_only=read_only,
+            max_nonfinal_bytes=max_nonfinal_bytes,
         )
         self.pipeline = DeltaPipeline(
             self.replicas,
@@ -168,6 +175,7 @@ class ContextManager:
         self.release_deferred = processor.release_deferred
         self.expire_pending = processor.expire_pending
         self.missing = processor.missing
+        self.undo_log_full = processor.undo_log_full
         self.handler_wakeup = processor.handler_wakeup
         self.wake_handlers = processor.wake_handlers
         # Handler runs.

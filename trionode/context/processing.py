@@ -20,6 +20,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from trionode.auth.finality import within
 from trionode.auth.model import Kind, Verdict
 from trionode.context.authority import AuthRejected
 from trionode.context.events import Change, EventHub
@@ -45,9 +46,11 @@ from trionode.dag.dag import Defer
 from trionode.dag.delta import (
     AppEvent,
     DeltaBody,
+    DeltaHeader,
     SignedDelta,
     VerifiedDelta,
     decode_delta,
+    header_vv,
     open_delta,
     verify_delta,
 )
@@ -132,9 +135,12 @@ class DeltaProcessor:
         *,
         pending_timeout: float = 300.0,
         read_only: bool = False,
+        max_nonfinal_bytes: int | None = None,
     ) -> None:
         self._replicas = replicas
         self._read_only = read_only
+        self.max_nonfinal_bytes = max_nonfinal_bytes
+        """`auth.max_nonfinal_bytes` (None: unbounded): see `_undo_log_full`."""
         self._hub = hub
         self.metrics = metrics
         self._max_wait = ntp64_duration(pending_timeout)
@@ -252,6 +258,15 @@ class DeltaProcessor:
         except AuthRejected as exc:
             batch.delete(PENDING, context_id + delta_id)
             return self._reject(applying, delta_id, str(exc))
+        if header.auth is None and self._undo_log_full(replica, header):
+            # Refused, not rejected: nothing is wrong with it, and it is not remembered, so
+            # a sync session brings it again once finality has moved (it is not counted
+            # against the peer). Membership operations are always taken: removing a silent
+            # admin must stay possible.
+            batch.delete(PENDING, context_id + delta_id)
+            applying.refused.append(delta_id)
+            self.metrics.outcome("refused_undo_full")
+            return False
         physical = self._replicas.physical_now()
         wait = self._wait_for(applying, delta_id, header.hlc, physical)
         if wait is not None:
@@ -285,12 +300,13 @@ class DeltaProcessor:
         batch.delete(PENDING, context_id + delta_id)
         if header.auth is not None:
             authority.add_op(delta_id, header)
-        equivocates = authority.record(delta_id, header)
+        wire = delta.encode()
+        equivocates = authority.record(delta_id, header, len(wire))
         if header.auth is None:
             authority.verdicts[delta_id] = verdict
         applying.auth_changed |= header.auth is not None or equivocates
         applying.fresh[delta_id] = delta
-        batch.put(DELTAS, context_id + delta_id, delta.encode())
+        batch.put(DELTAS, context_id + delta_id, wire)
         if header.auth is not None:
             learn_keys(replica, batch, header.auth)
         if body is None:
@@ -307,6 +323,17 @@ class DeltaProcessor:
             )
         applying.events.append((delta_id, list(body.events)))
         return True
+
+    def _undo_log_full(self, replica: Replica, header: DeltaHeader) -> bool:
+        """Whether a received data delta is refused because the context's undo log is over
+        `max_nonfinal_bytes` (local-first-auth.md §5.4: convergence over liveness). One
+        every AckSet member has acknowledged is taken all the same: it is final as soon as
+        its past is here, and refusing it would keep those acks from counting."""
+        limit = self.max_nonfinal_bytes
+        authority = replica.authority
+        if limit is None or authority.nonfinal_bytes() < limit:
+            return False
+        return not within(header_vv(header), authority.acked_by_all(replica.record.our_member))
 
     async def release_deferred(self) -> int:
         """Apply the deltas whose wait for the clock is over (and what they release)."""
@@ -446,6 +473,13 @@ class DeltaProcessor:
                 self.metrics.outcome("evicted", len(expired))
                 self.metrics.pending_depth(replica.dag.pending_count)
         return total
+
+    async def undo_log_full(self, context_id: bytes) -> bool:
+        """Whether the context holds `max_nonfinal_bytes` of non-final deltas or more."""
+        if self.max_nonfinal_bytes is None:
+            return False
+        replica = await self._replicas.load(context_id)
+        return replica.authority.nonfinal_bytes() >= self.max_nonfinal_bytes
 
     async def missing(self, context_id: bytes) -> set[bytes]:
         replica = await self._replicas.load(context_id)

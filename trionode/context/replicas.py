@@ -342,7 +342,7 @@ class ReplicaStore:
                 continue
             delta_id = key[len(context_id) :]
             header = stored_header(decode_delta(wire), context_id=context_id)
-            authority.record(delta_id, header)
+            authority.record(delta_id, header, len(wire))
             if header.auth is not None:
                 ops.append((delta_id, header))
         for key, value in await self.store.scan(AUX, prefix=CHECKPOINT_VV_PREFIX + context_id):

@@ -480,6 +480,11 @@ class SyncManager:
         else:
             self.metrics.divergence.inc()
             log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
+        if await self.contexts.undo_log_full(context_id):
+            # The deltas it lacks were refused (auth.max_nonfinal_bytes): state that carries
+            # them must not slip in either. A later session fetches them once finality moved.
+            run.outcome = "undo_full"
+            return
         await self._tree_compare(context_id, peer, heads.heads, run)
 
     async def _drop_stale_heads(
