@@ -14,10 +14,12 @@ from msgspec.structs import replace
 
 from tests.replication.cluster_helpers import (
     LIMIT,
+    call,
     deltas,
     forge,
     header_of,
     member_key,
+    metric,
     share,
     wait_converged,
     write,
@@ -144,3 +146,101 @@ async def test_equivocation_against_a_folded_delta_is_seen_after_a_restart(
             await a.contexts.delete(context)
             for prefix in (BASE_PREFIX, ACK_PREFIX, CHECKPOINT_VV_PREFIX, FOLDED_SEQ_PREFIX):
                 assert await a.store.raw_scan(Column.GENERIC, prefix=prefix + context) == []
+
+
+async def test_a_folded_parent_is_answered_folded_and_final_state_covers_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(3, tmp_path, configure=fold_fast) as cluster:
+            a, b, d = cluster
+            context = await share(cluster, [0, 1], "notes")
+            parent = await write(a, context, "set_title", title="p")
+            await wait_converged(cluster, [a, b], context)
+            await cluster.partition([1])
+            # B writes on `parent` while cut off; A goes on and folds `parent`.
+            late = await write(b, context, "set_title", title="late")
+            late_wire = await b.contexts.read_delta(context, late)
+            assert late_wire is not None
+            await write(a, context, "set_title", title="q")
+            await write(a, context, "set_title", title="r")
+            await trio.sleep(10)
+            await cluster.settle()
+            assert await a.contexts.read_delta(context, parent) is None, "not folded"
+            # D joins after the folding: `parent` reaches it only as final state.
+            await d.applications.install(str(Path(__file__).parents[2] / "apps" / "notes"))
+            await d.joins.join(await a.joins.invite(context))
+            await wait_converged(cluster, [a, d], context)
+            replica = await d.contexts.replica(context)
+            assert not replica.dag.knows(parent)
+            # B's late delta arrives; its parent is asked of A, which folded it.
+            received = await d.contexts.receive(context, late_wire)
+            assert received.missing == {parent}
+            asked: list[list[bytes]] = []
+            serve = a.contexts.read_delta
+
+            async def counting(context_id: bytes, delta_id: bytes) -> bytes | None:
+                asked.append([delta_id])
+                return await serve(context_id, delta_id)
+
+            a.contexts.read_delta = counting  # type: ignore[method-assign]
+            released = await d.replicator.fetch(cluster.peer_ids[0], context, {parent})
+            # "Folded", and D's own finality covers it: the late delta applies, judged
+            # like any other; the parent stays unknown (should it come, it applies).
+            assert released == 1
+            assert await d.contexts.read_delta(context, late) is not None
+            assert (await d.contexts.state(context))[2] == 0, "still pending"
+            assert not replica.dag.knows(parent)
+            assert metric(d, "trionode_delta_fetches_total", outcome="folded") == 1
+            assert metric(d, "trionode_delta_fetches_total", outcome="failed") == 0
+            # Not asked again: A said folded, and nothing waits for it any more.
+            d.replicator.request_fetch(cluster.peer_ids[0], context, frozenset({parent}))
+            assert not d.replicator._fetching
+            assert asked == [[parent]]
+            await wait_converged(cluster, [a, d], context)
+
+
+def quiet_sync(config: FileConfig) -> FileConfig:
+    """Sync sessions only when the test asks (fetches are explicit)."""
+    return replace(
+        config,
+        sync=replace(config.sync, interval=1e5, heartbeat=1e5, on_join=False),
+    )
+
+
+async def test_a_forged_folded_answer_cannot_make_a_node_skip_a_parent(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(3, tmp_path, configure=quiet_sync) as cluster:
+            a, b, c = cluster
+            context = await share(cluster, [0, 1, 2], "notes")
+            await cluster.partition([2])
+            parent = await write(b, context, "set_title", title="needed")
+            child = await write(b, context, "insert", pos=0, text="child ")
+            await wait_converged(cluster, [a, b], context)
+            child_wire = await b.contexts.read_delta(context, child)
+            assert child_wire is not None
+            await cluster.heal()
+            received = await c.contexts.receive(context, child_wire)
+            assert received.missing == {parent}
+            # A claims it folded `parent`: it did not (nothing is final: A never saw B's
+            # ack of it, and C holds none of it).
+            serve = a.contexts.read_delta
+
+            async def hiding(context_id: bytes, delta_id: bytes) -> bytes | None:
+                return None if delta_id == parent else await serve(context_id, delta_id)
+
+            async def claiming(context_id: bytes, ids: object) -> set[bytes]:
+                return {parent}
+
+            monkeypatch.setattr(a.contexts, "read_delta", hiding)
+            monkeypatch.setattr(a.contexts, "folded", claiming)
+            assert await c.replicator.fetch(cluster.peer_ids[0], context, {parent}) == 0
+            replica = await c.contexts.replica(context)
+            assert replica.dag.is_pending(child), "the claim let the child skip its parent"
+            assert parent in await c.contexts.missing(context)
+            # The parent is still asked of the others, and comes from B.
+            assert await c.replicator.fetch(cluster.peer_ids[1], context, {parent}) == 2
+            assert await call(c, context, "title") == "needed"
+            assert await call(c, context, "text") == "child "

@@ -19,8 +19,10 @@ one side of the join to the other.
 Deltas stay unfolded when they are: membership operations (the auth history is kept for
 good: every verdict is computed from it), current heads (a peer one delta behind can still
 fetch it; it folds once something is written on it), or newer than the retention. A peer
-that needs a folded delta hears "missing", like one that asks a snapshot joiner, and its
-sync session falls back to tree comparison.
+that asks for a folded delta hears "folded" (`DeltaResponse.folded`), not "missing": it
+does not ask us again, and what waits for that delta there applies once the peer's *own*
+finality covers it (`DeltaProcessor.release_past_folded`; a false "folded" changes
+nothing), its effects coming as final state.
 """
 
 from __future__ import annotations

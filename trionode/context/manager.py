@@ -18,7 +18,7 @@ object; the few queries that belong to no single service live here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -176,6 +176,7 @@ class ContextManager:
         self.expire_pending = processor.expire_pending
         self.missing = processor.missing
         self.undo_log_full = processor.undo_log_full
+        self.release_past_folded = processor.release_past_folded
         self.handler_wakeup = processor.handler_wakeup
         self.wake_handlers = processor.wake_handlers
         # Handler runs.
@@ -219,6 +220,12 @@ class ContextManager:
         """A delta's wire bytes; None if we do not hold its body (unknown, or a checkpoint:
         applied here as state from a snapshot or tree comparison, see `adopt_heads`)."""
         return await self.store.get(DELTAS, context_id + delta_id) or None
+
+    async def folded(self, context_id: bytes, ids: Iterable[bytes]) -> set[bytes]:
+        """Those of `ids` folded here (context/folding.py): a peer asking for them hears
+        "folded", not "missing"."""
+        replica = await self.replicas.load(context_id)
+        return set(ids) & replica.authority.folded
 
     async def running_app(self, context_id: bytes, method: str | None = None) -> App:
         """The app whose code serves `method` on the context (`app_choice.running_app`:

@@ -13,7 +13,7 @@ it queues commit in one LMDB write (shared with the rest of the processor's batc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Protocol
 
@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from trionode.auth.finality import within
-from trionode.auth.model import Kind, Verdict
+from trionode.auth.model import Kind, Verdict, tag
 from trionode.context.authority import AuthRejected
 from trionode.context.events import Change, EventHub
 from trionode.context.notices import app_events_change, b58, publish_verdicts, verdicts_change
@@ -355,6 +355,42 @@ class DeltaProcessor:
             total += len(released)
             self.after_received(applying, len(released), "cascaded")
         return total
+
+    async def release_past_folded(self, context_id: bytes, folded: Iterable[bytes]) -> int:
+        """Apply the pending deltas that wait for parents a peer said it folded, where our
+        *own* finality shows those parents are in our final state: the delta's whole past
+        (its version vector less its own step) is final here. Such a parent was folded or
+        came as final state, so nobody can send its body; waiting for it would never end.
+
+        A peer's "folded" only makes us look: a false one for a parent that is not final
+        here changes nothing (the delta keeps waiting and the parent is still asked of
+        others). The parents are not marked applied either: if one ever arrives, it applies
+        as usual (joining its records again changes nothing). Returns how many applied."""
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            final = replica.authority.finality()
+            if not final.final:
+                return 0
+
+            def past_is_final(_delta_id: bytes, delta: SignedDelta) -> bool:
+                header = verify_delta(delta)
+                past = dict(header_vv(header))
+                past[tag(header.author)] = header.seq - 1
+                return within(past, final.final)
+
+            batch = WriteBatch()
+            applying = Applying(replica, batch)
+            released = replica.dag.forgo(folded, past_is_final, partial(self.apply_one, applying))
+            if not released and not applying.rejected and not applying.refused:
+                return 0
+            reverted = self.settle(applying)
+            stage_record(replica, batch)
+            await self._replicas.write(replica, batch)
+            self._replicas.note_deferred(replica)
+        if reverted:
+            publish_verdicts(self._hub, replica, reverted)
+        self.after_received(applying, len(released), "released_folded")
+        return len(released)
 
     def after_received(self, applying: Applying, applied: int, outcome: str) -> None:
         """Once a cascade is committed: count it and tell subscribers (and the handler

@@ -25,7 +25,8 @@ signing the connection's Noise handshake hash with its member key.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from typing import Final
 
@@ -163,6 +164,42 @@ class ReplicationMetrics:
         self.handlers.labels("ok" if ok else "failed").inc()
 
 
+class FoldedClaims:
+    """Which peers answered "folded" for which ids of a context (bounded: the oldest claims
+    are forgotten first). Such a peer is not asked for those ids again; whether waiting
+    for them may end is for our own finality to say (`release_past_folded`), so a false
+    claim costs at most that one peer's answer, and the id is still asked of others."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._claims: dict[bytes, OrderedDict[bytes, set[PeerId]]] = {}
+
+    def note(self, context_id: bytes, peer: PeerId, ids: Iterable[bytes]) -> None:
+        claims = self._claims.setdefault(context_id, OrderedDict())
+        for delta_id in ids:
+            claims.setdefault(delta_id, set()).add(peer)
+            claims.move_to_end(delta_id)
+        while len(claims) > self._limit:
+            claims.popitem(last=False)
+
+    def by(self, context_id: bytes, peer: PeerId) -> set[bytes]:
+        """The ids `peer` said it folded."""
+        claims = self._claims.get(context_id)
+        return set() if claims is None else {i for i, who in claims.items() if peer in who}
+
+    def ids(self, context_id: bytes) -> set[bytes]:
+        return set(self._claims.get(context_id, ()))
+
+    def forget(self, context_id: bytes, ids: Iterable[bytes]) -> None:
+        claims = self._claims.get(context_id)
+        if claims is None:
+            return
+        for delta_id in ids:
+            claims.pop(delta_id, None)
+        if not claims:
+            del self._claims[context_id]
+
+
 @attrs.frozen
 class _Fetch:
     peer: PeerId
@@ -202,6 +239,8 @@ class Replicator:
         self._fetch_limit = trio.CapacityLimiter(max_concurrent_fetches)
         self._send_fetch, self._receive_fetch = trio.open_memory_channel[_Fetch](256)
         self._fetching: set[tuple[bytes, bytes]] = set()
+        self.folded = FoldedClaims()
+        """Ids peers answered "folded" for (see `FoldedClaims`)."""
         self.session_limiter = session_limiter
         self.session_started = session_started
         """Shared with the sync manager's outgoing sessions (wired in node.py): incoming
@@ -351,6 +390,11 @@ class Replicator:
                 log.info("invalid delta from %s: %s", peer, result)
             else:
                 missing |= result.missing
+        claimed = missing & self.folded.ids(context_id)
+        if claimed:
+            # Parents some peer folded: waiting may end if our own finality covers them.
+            await self.release_past_folded(context_id, claimed)
+            missing -= claimed
         if (
             missing
             and not self.contexts.snapshot_running(context_id)
@@ -362,7 +406,10 @@ class Replicator:
             self.request_fetch(peer, context_id, frozenset(missing))
 
     def request_fetch(self, peer: PeerId, context_id: bytes, ids: frozenset[bytes]) -> None:
-        wanted = frozenset(i for i in ids if (context_id, i) not in self._fetching)
+        folded = self.folded.by(context_id, peer)
+        wanted = frozenset(
+            i for i in ids if (context_id, i) not in self._fetching and i not in folded
+        )
         if not wanted:
             return
         try:
@@ -416,7 +463,22 @@ class Replicator:
             log.info("%s sent %d deltas that were not requested", peer, machine.rejected)
         if machine.peer_missing:
             log.info("%s lacks %d requested deltas", peer, len(machine.peer_missing))
+        if machine.peer_folded:
+            # An honest answer, not a failure: those bodies are gone everywhere they are
+            # final. Their effects come as final state; what waits for them may go on once
+            # our own finality covers them.
+            self.metrics.fetches.labels("folded").inc(len(machine.peer_folded))
+            self.folded.note(context_id, peer, machine.peer_folded)
+            received += await self.release_past_folded(context_id, machine.peer_folded)
         return received
+
+    async def release_past_folded(self, context_id: bytes, ids: Iterable[bytes]) -> int:
+        """`DeltaProcessor.release_past_folded`. A claim is kept (the peer is not asked
+        again) until the id turns up applied here after all."""
+        ids = set(ids)
+        released = await self.contexts.release_past_folded(context_id, ids)
+        self.folded.forget(context_id, await self.contexts.applied(context_id, ids))
+        return released
 
     @asynccontextmanager
     async def session(

@@ -433,9 +433,15 @@ class SyncManager:
         fresh = progress is not None or await self.contexts.is_fresh(context_id)
         situation = plan.Situation(heads, snapshot_in_progress=progress is not None, fresh=fresh)
         if not fresh:
+            claimed = self.replicator.folded.ids(context_id)
+            if claimed:  # our finality may cover them by now (acks came since)
+                run.applied += await self.replicator.release_past_folded(context_id, claimed)
             root, ours, _ = await self.contexts.state(context_id)
             unknown = await self.contexts.unknown(context_id, heads.heads)
-            missing = await self.contexts.missing(context_id)
+            # Not what this peer said it folded: asking again brings nothing.
+            missing = await self.contexts.missing(context_id) - self.replicator.folded.by(
+                context_id, peer
+            )
             if not unknown and not missing:
                 ours = await self._drop_stale_heads(context_id, heads, ours)
             situation = attrs.evolve(
@@ -520,6 +526,7 @@ class SyncManager:
         of the peer's is applied now."""
         wanted = await self.contexts.unknown(context_id, heads.heads)
         wanted |= await self.contexts.missing(context_id)
+        wanted -= self.replicator.folded.by(context_id, peer)
         if wanted:
             run.applied += await self.replicator.fetch(
                 peer,

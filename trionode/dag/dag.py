@@ -244,6 +244,38 @@ class CausalDag(Generic[T]):
                     released.extend(self._cascade([child], apply))
         return released, covered
 
+    def forgo(
+        self,
+        parents: Iterable[bytes],
+        eligible: Callable[[bytes, T], bool],
+        apply: Apply[T] | None = None,
+    ) -> list[tuple[bytes, T]]:
+        """Stop making the `eligible` pending deltas wait for `parents` (ids neither applied
+        nor pending: their effects are known to be here some other way); those left waiting
+        for nothing are handed to `apply`, in causal order, as `offer` does. The parents
+        stay unknown: should one arrive, it applies like any delta. Returns the applied."""
+        ready: list[_Pending[T]] = []
+        for parent in sorted(set(parents)):
+            if parent in self.applied or parent in self._pending:
+                continue
+            waiters = self._waiting.get(parent)
+            if not waiters:
+                continue
+            for child_id in sorted(waiters):
+                child = self._pending.get(child_id)
+                if child is None or child.not_before is not None:
+                    continue
+                if not eligible(child_id, child.item):
+                    continue
+                waiters.discard(child_id)
+                child.missing.discard(parent)
+                if not child.missing:
+                    self._remove_pending(child_id)
+                    ready.append(child)
+            if not waiters:
+                del self._waiting[parent]
+        return self._cascade(ready, apply)
+
     def settle(self, delta_id: bytes) -> None:
         """Count `delta_id` applied, not as a head: a membership operation taken from a
         peer's export (it lies in the past of the heads adopted next). A pending copy leaves

@@ -359,7 +359,8 @@ class SyncServer:
                         missing.append(delta_id)
                     else:
                         found.append((delta_id, wire))
-                machine.deltas_read(found, missing)
+                folded = await self.contexts.folded(context_id, missing)
+                machine.deltas_read(found, [i for i in missing if i not in folded], sorted(folded))
                 if self._served_deltas is not None:
                     self._served_deltas.inc(len(found))
             elif isinstance(action, StreamSnapshot):

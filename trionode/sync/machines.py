@@ -264,6 +264,8 @@ class DeltaFetch(_Base):
         """Deltas in answers that were not asked for (never applied)."""
         self.peer_missing: set[bytes] = set()
         """Ids the peer said it does not hold."""
+        self.peer_folded: set[bytes] = set()
+        """Ids the peer said it folded into its final state (not asked again here)."""
         self.violation: UnrequestedDelta | None = None
         self._ask_next()
 
@@ -291,14 +293,18 @@ class DeltaFetch(_Base):
         if self._state is not _FetchState.AWAIT_ANSWER or not isinstance(message, DeltaResponse):
             self._fail(UnexpectedMessage(message, "deltas"))
         assert isinstance(message, DeltaResponse)
-        listed = len(message.deltas) + len(message.missing) + len(message.later)
+        listed = (
+            len(message.deltas) + len(message.missing) + len(message.later) + len(message.folded)
+        )
         if listed != len(self._asked):
             self._fail(AnswerMismatch(f"an answer for {listed} ids, {len(self._asked)} asked"))
-        missing, later = set(message.missing), set(message.later)
+        missing, later, folded = set(message.missing), set(message.later), set(message.folded)
         if (
-            len(missing) + len(later) != len(message.missing) + len(message.later)
-            or not (missing | later) <= self._asked
+            len(missing) + len(later) + len(folded)
+            != len(message.missing) + len(message.later) + len(message.folded)
+            or not (missing | later | folded) <= self._asked
             or missing & later
+            or folded & (missing | later)
         ):
             # An answer to another request (a replayed or duplicated one).
             self._fail(AnswerMismatch("the answer lists ids that were not asked"))
@@ -318,6 +324,7 @@ class DeltaFetch(_Base):
             seen.add(delta.id)
             verified.append(delta)
         self.peer_missing.update(missing)
+        self.peer_folded.update(folded)
         self._wanted.update(later)  # asked again: the answer had no room for them
         self.received += len(verified)
         self._state = _FetchState.AWAIT_APPLY
@@ -473,11 +480,16 @@ class Responder(_Base):
             HeadsResponse(heads=list(heads[: self._max_ids]), root_hash=root, known=list(known))
         )
 
-    def deltas_read(self, found: Sequence[tuple[bytes, bytes]], missing: Sequence[bytes]) -> None:
-        """The answer to `ReadDeltas`: (id, wire bytes) of the ids held, and the ids not
-        held. The answer carries deltas up to `max_answer_bytes` and lists the rest as
-        `later` (asked again); a delta that alone exceeds that cannot travel by sync and is
-        listed missing."""
+    def deltas_read(
+        self,
+        found: Sequence[tuple[bytes, bytes]],
+        missing: Sequence[bytes],
+        folded: Sequence[bytes] = (),
+    ) -> None:
+        """The answer to `ReadDeltas`: (id, wire bytes) of the ids held, the ids not held,
+        and those folded into the final state. The answer carries deltas up to
+        `max_answer_bytes` and lists the rest as `later` (asked again); a delta that alone
+        exceeds that cannot travel by sync and is listed missing."""
         self._done_acting(ReadDeltas)
         sent: list[bytes] = []
         later: list[bytes] = []
@@ -491,7 +503,7 @@ class Responder(_Base):
             else:
                 sent.append(wire)
                 size += len(wire)
-        self._answer(DeltaResponse(deltas=sent, missing=not_sent, later=later))
+        self._answer(DeltaResponse(deltas=sent, missing=not_sent, later=later, folded=list(folded)))
 
     def snapshot_streamed(self, seconds: float) -> None:
         """The snapshot stream ended after `seconds`: it had its own idle deadline, so the

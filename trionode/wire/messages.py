@@ -128,6 +128,10 @@ class DeltaResponse(
     later: Ids = []
     """Requested ids the responder has but left out so the answer fits one frame: ask
     again. (Omitted when empty, so the frame is the same as before the field existed.)"""
+    folded: Ids = []
+    """Requested ids the responder folded into its final state (final there, bodies gone:
+    context/folding.py): no peer that folded them can send them; their effects travel as
+    final state. A claim, not proof: the requester believes only its own finality."""
 
 
 class SyncError(msgspec.Struct, tag="error", frozen=True, forbid_unknown_fields=True):
