@@ -314,6 +314,11 @@ class ContextAuthority:
             self._undo_final = dict(final.final)
         return self._undo_bytes
 
+    def undo_log_over(self, limit: int) -> bool:
+        """`nonfinal_bytes() >= limit`, cheaply while the running sum (which only
+        over-counts until swept) stays below: no finality computed per delta."""
+        return self._undo_bytes >= limit and self.nonfinal_bytes() >= limit
+
     def acked_by_all(self, us: bytes) -> dict[bytes, int]:
         """What every other AckSet member than `us` has acknowledged (its latest ack or
         delta, counted or not yet; our own ack follows what we take): a delta within it is

@@ -267,16 +267,17 @@ class LocalWriter:
         entry = app.entry(method)
         if entry is not None and entry.kind is EntryKind.VIEW:
             return
+        if not replica.authority.undo_log_over(limit):
+            return
         held = replica.authority.nonfinal_bytes()
-        if held >= limit:
-            oldest = lag_of(replica.authority, self._replicas.wall_clock()).oldest_unacked
-            who = "the admins acknowledge" if oldest is None else f"admin {b58(oldest.admin)}"
-            raise FinalityBehind(
-                f"context {b58(replica.context_id)} holds {held} bytes of deltas that are not "
-                f"final yet (auth.max_nonfinal_bytes = {limit}): writes resume once "
-                f"{who if oldest is None else who + ' acknowledges'} them (remove an admin "
-                "that is gone for good)"
-            )
+        oldest = lag_of(replica.authority, self._replicas.wall_clock()).oldest_unacked
+        who = "the admins acknowledge" if oldest is None else f"admin {b58(oldest.admin)}"
+        raise FinalityBehind(
+            f"context {b58(replica.context_id)} holds {held} bytes of deltas that are not "
+            f"final yet (auth.max_nonfinal_bytes = {limit}): writes resume once "
+            f"{who if oldest is None else who + ' acknowledges'} them (remove an admin that "
+            "is gone for good)"
+        )
 
     def check_call(self, app: App, method: str) -> None:
         """On a read-only node only views run (ReadOnlyError for anything else)."""

@@ -331,7 +331,7 @@ class DeltaProcessor:
         its past is here, and refusing it would keep those acks from counting."""
         limit = self.max_nonfinal_bytes
         authority = replica.authority
-        if limit is None or authority.nonfinal_bytes() < limit:
+        if limit is None or not authority.undo_log_over(limit):
             return False
         return not within(header_vv(header), authority.acked_by_all(replica.record.our_member))
 
@@ -515,7 +515,7 @@ class DeltaProcessor:
         if self.max_nonfinal_bytes is None:
             return False
         replica = await self._replicas.load(context_id)
-        return replica.authority.nonfinal_bytes() >= self.max_nonfinal_bytes
+        return replica.authority.undo_log_over(self.max_nonfinal_bytes)
 
     async def missing(self, context_id: bytes) -> set[bytes]:
         replica = await self._replicas.load(context_id)
