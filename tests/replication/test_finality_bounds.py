@@ -24,6 +24,7 @@ from tests.replication.cluster_helpers import (
     wait_converged,
     write,
 )
+from tests.replication.test_folding import fold_fast
 from trionode.auth.model import Verdict
 from trionode.config import FileConfig
 from trionode.context.acks import ack_round
@@ -100,14 +101,6 @@ async def test_an_ack_round_loads_nothing_and_resolves_only_what_moved(
             assert a.acks.examined == 0
             assert [r.context_id for r in replicas.loaded()] == [contexts[0]]
             assert loads == [], "an ack round loaded a context"
-
-
-def fold_fast(config: FileConfig) -> FileConfig:
-    return replace(
-        config,
-        store=replace(config.store, delta_retention=0.0, fold_interval=1.0),
-        sync=replace(config.sync, ack_interval=2.0),
-    )
 
 
 async def test_equivocation_against_a_folded_delta_is_seen_after_a_restart(
