@@ -9,7 +9,11 @@ Rows:
 - the same late removal once the receiver has folded the N-M final deltas (finality,
   context/folding.py), beside the same rebuild without folding;
 - delta-log bytes per context (delta rows and checkpoint vectors) after N writes once
-  folded, beside the same writes kept whole.
+  folded, beside the same writes kept whole;
+- a receiver applies N deltas with the undo log bounded (`auth.max_nonfinal_bytes`),
+  beside the same deltas unbounded;
+- an ack round (`serve_acks`) over K loaded contexts none of which moved, beside a round
+  where every one moved (each resolved and acked).
 
 Histories are written by node A and replayed on node B through `ContextManager.receive`,
 in the order A wrote them (in process, no network).
@@ -28,6 +32,7 @@ from msgspec.structs import replace
 
 from benchmarks.harness import Row
 from trionode.config import FileConfig
+from trionode.context.acks import ack_round
 from trionode.context.folding import fold_all
 from trionode.context.replicas import CHECKPOINT_VV_PREFIX
 from trionode.crdt import ntp64_from_unix
@@ -252,6 +257,63 @@ async def _log_rows(n: int, base: Path) -> list[Row]:
     ]
 
 
+async def _bound_rows(n: int, base: Path) -> list[Row]:
+    times: dict[bool, float] = {}
+    for bounded in (True, False):
+        async with (
+            open_test_node(base / f"a{bounded}", api=False) as ta,
+            open_test_node(base / f"b{bounded}", api=False) as tb,
+        ):
+            a, b = ta.node, tb.node
+            if not bounded:
+                b.contexts.processor.max_nonfinal_bytes = None
+            context, start = await _setup(a, b)
+            times[bounded] = await _replay(b, context, start + await _history(a, context, n, 0))
+    return [
+        Row(
+            f"receiver applies {n:,} deltas, undo log bounded (auth.max_nonfinal_bytes)",
+            n / times[True],
+            "deltas/s",
+            "the same deltas, no bound",
+            n / times[False],
+        )
+    ]
+
+
+async def _ack_round_rows(k: int, base: Path) -> list[Row]:
+    async with open_test_node(base / "acks", api=False) as ta:
+        node = ta.node
+        app = (await node.applications.install(str(KV_STORE))).application_id
+        contexts = [(await node.contexts.create(app)).context_id for _ in range(k)]
+
+        def publish(context_id: bytes, wire: bytes) -> None:
+            pass
+
+        async def moved_round() -> float:
+            for context in contexts:
+                await node.contexts.execute(context, "set", json.dumps({"key": "k", "value": "v"}))
+            started = time.perf_counter()
+            assert await ack_round(node.acks, node.contexts.replicas, publish) == k
+            return time.perf_counter() - started
+
+        moved = min([await moved_round() for _ in range(3)])
+        idle = []
+        for _ in range(3):
+            started = time.perf_counter()
+            assert await ack_round(node.acks, node.contexts.replicas, publish) == 0
+            idle.append(time.perf_counter() - started)
+    return [
+        Row(
+            f"ack round over {k} loaded contexts, none moved",
+            min(idle) * 1000,
+            "ms",
+            "a round where every context moved",
+            moved * 1000,
+            higher_is_better=False,
+        )
+    ]
+
+
 async def run(*, quick: bool) -> list[Row]:
     n, changes, filtered = (1_000, 10, 10) if quick else (10_000, 100, 100)
     with tempfile.TemporaryDirectory(prefix="trionode-auth-bench-") as tmp:
@@ -259,4 +321,6 @@ async def run(*, quick: bool) -> list[Row]:
         rows = await _apply_rows(n, changes, base / "apply")
         rows += await _late_removal_rows(n, filtered, base / "late")
         rows += await _log_rows(n, base / "log")
+        rows += await _bound_rows(n, base / "bound")
+        rows += await _ack_round_rows(50 if quick else 200, base / "ack-rounds")
     return rows
