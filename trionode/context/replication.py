@@ -399,6 +399,9 @@ class Replicator:
             missing
             and not self.contexts.snapshot_running(context_id)
             and not await self.contexts.is_fresh(context_id)
+            # (Over auth.max_nonfinal_bytes the parents would be refused on arrival: a sync
+            # session brings them once finality has moved.)
+            and not await self.contexts.undo_log_full(context_id)
         ):
             # (A node with no state takes it from its first sync, a snapshot whose boundary
             # releases what waits here, then the tail; chasing history now would duplicate
