@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
 
 from tests.replication.cluster_helpers import (
@@ -19,18 +20,20 @@ from tests.replication.cluster_helpers import (
     b58,
     call,
     deltas,
+    install,
     metric,
     share,
     wait_converged,
     write,
 )
 from trionode.api.context_errors import http_status, jsonrpc_code
+from trionode.client import ApiError
 from trionode.config import FileConfig, parse_config
 from trionode.context.errors import FinalityBehind
 from trionode.context.finality import finality_json
 from trionode.errors import ConfigError
 from trionode.node import Node
-from trionode.testing import open_cluster
+from trionode.testing import open_cluster, open_test_node
 
 BOUND = 3000
 
@@ -146,3 +149,21 @@ async def test_received_deltas_over_the_bound_are_refused_without_penalty_and_ta
 def test_the_bound_is_checked_with_the_config(value: int) -> None:
     with pytest.raises(ConfigError, match=r"`auth.max_nonfinal_bytes`: Expected `int` >= 65536"):
         parse_config({"auth": {"max_nonfinal_bytes": value}}, source="config.toml")
+
+
+async def test_a_json_rpc_caller_hears_finality_behind(tmp_path: Path) -> None:
+    """Through the API on loopback: an admin whose node never comes online (a key granted
+    admin and never used) holds finality back; calls end with -32006, views still run."""
+    with trio.fail_after(60):
+        async with open_test_node(tmp_path / "a", configure=small_undo_log) as test_node:
+            node = test_node.node
+            context = (await node.contexts.create(await install(node, "notes"))).context_id
+            absent = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+            await node.contexts.change_members(context, [(absent, "admin")])
+            await write_until_refused(node, context)
+            async with test_node.client() as client:
+                with pytest.raises(ApiError) as refused:
+                    await client.call(b58(context), "set_title", {"title": "one more"})
+                assert refused.value.status == -32006
+                assert f"once admin {b58(absent)} acknowledges them" in str(refused.value)
+                assert (await client.call(b58(context), "title", {})) is not None
