@@ -246,3 +246,25 @@ def test_checkpoint_shows_covered_deltas_before_releasing_any() -> None:
     assert [i for i, _ in released] == [child]
     assert dag.heads == {child}
     assert dag.pending_count == 0
+
+
+def test_forgo_releases_only_the_eligible_and_a_late_parent_is_no_head() -> None:
+    dag: CausalDag[str] = CausalDag()
+    base, gone, other = _id(1), _id(2), _id(3)
+    dag.offer(base, (GENESIS,), "base", now=0)
+    dag.offer(_id(10), (base, gone), "covered", now=0)
+    dag.offer(_id(11), (gone,), "not covered", now=0)
+    dag.offer(_id(12), (other,), "waits for another", now=0)
+    released = dag.forgo([gone, base], lambda i, _: i != _id(11))
+    # Only what the predicate allows, and only for the parents named (an applied one,
+    # `base`, is no parent to forgo).
+    assert released == [(_id(10), "covered")]
+    assert dag.heads == {_id(10)}
+    assert dag.is_pending(_id(11))
+    assert dag.is_pending(_id(12))
+    assert dag.missing() == {gone, other}
+    assert not dag.knows(gone)
+    # The forgone parent may still arrive: it applies, and releases what still waited.
+    offer = dag.offer(gone, (base,), "late", now=1)
+    assert [d for d, _ in offer.ready] == [gone, _id(11)]
+    assert dag.heads == {_id(10), _id(11)}

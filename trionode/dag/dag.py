@@ -95,6 +95,8 @@ class CausalDag(Generic[T]):
         self._deferred: dict[bytes, float] = {}
         """Pending ids waiting for time, and until when (usually none or a few)."""
         self._waiting: dict[bytes, set[bytes]] = {}
+        self._forgone: set[bytes] = set()
+        """Parents `forgo` stopped waiting for: applied later, they are no heads."""
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -253,7 +255,8 @@ class CausalDag(Generic[T]):
         """Stop making the `eligible` pending deltas wait for `parents` (ids neither applied
         nor pending: their effects are known to be here some other way); those left waiting
         for nothing are handed to `apply`, in causal order, as `offer` does. The parents
-        stay unknown: should one arrive, it applies like any delta. Returns the applied."""
+        stay unknown: should one arrive, it applies like any delta (but as no head: what
+        applied here already builds on it). Returns the applied."""
         ready: list[_Pending[T]] = []
         for parent in sorted(set(parents)):
             if parent in self.applied or parent in self._pending:
@@ -267,6 +270,7 @@ class CausalDag(Generic[T]):
                     continue
                 if not eligible(child_id, child.item):
                     continue
+                self._forgone.add(parent)
                 waiters.discard(child_id)
                 child.missing.discard(parent)
                 if not child.missing:
@@ -286,7 +290,10 @@ class CausalDag(Generic[T]):
     def _mark_applied(self, delta_id: bytes, parents: tuple[bytes, ...]) -> None:
         self.applied.add(delta_id)
         self.heads.difference_update(parents)
-        self.heads.add(delta_id)
+        if delta_id in self._forgone:
+            self._forgone.discard(delta_id)  # something applied here builds on it already
+        else:
+            self.heads.add(delta_id)
 
     def _add_pending(self, entry: _Pending[T]) -> None:
         self._pending[entry.id] = entry
