@@ -393,8 +393,9 @@ class Replicator:
         claimed = missing & self.folded.ids(context_id)
         if claimed:
             # Parents some peer folded: waiting may end if our own finality covers them.
+            # (Still asked of this peer unless it said so itself: `request_fetch`.)
             await self.release_past_folded(context_id, claimed)
-            missing -= claimed
+            missing = set(await self.contexts.missing(context_id)) & missing
         if (
             missing
             and not self.contexts.snapshot_running(context_id)
