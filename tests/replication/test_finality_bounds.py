@@ -233,7 +233,19 @@ async def test_a_forged_folded_answer_cannot_make_a_node_skip_a_parent(
             replica = await c.contexts.replica(context)
             assert replica.dag.is_pending(child), "the claim let the child skip its parent"
             assert parent in await c.contexts.missing(context)
-            # The parent is still asked of the others, and comes from B.
-            assert await c.replicator.fetch(cluster.peer_ids[1], context, {parent}) == 2
+            # The parent is still asked of the others: a delta on it that B relays makes C
+            # ask B, which sends it.
+            sibling = await forge(
+                b,
+                context,
+                await member_key(c, context),
+                DeltaBody(records=[], events=[], root_hash=bytes(32)),
+                parents=[parent],
+            )
+            await c.replicator.receive_from(cluster.peer_ids[1], context, sibling.encode())
+            await cluster.settle()
+            assert not replica.dag.is_pending(child)
+            assert replica.dag.knows(sibling.id)
+            assert not replica.dag.is_pending(sibling.id)
             assert await call(c, context, "title") == "needed"
             assert await call(c, context, "text") == "child "
