@@ -36,7 +36,7 @@ def test_the_responder_lists_folded_ids_apart_from_missing_ones() -> None:
 
 
 def test_the_requester_records_folded_ids_and_does_not_ask_again() -> None:
-    fetch = DeltaFetch({ident(1), ident(2)}, max_rounds=5)
+    fetch = DeltaFetch({ident(1), ident(2)}, max_rounds=5, context_id=CONTEXT)
     [request] = fetch.messages_to_send()
     assert request == DeltaRequest(ids=[ident(1), ident(2)])
     fetch.receive_message(DeltaResponse(deltas=[], missing=[ident(1)], folded=[ident(2)]), 0.0)
@@ -59,7 +59,7 @@ def test_the_requester_records_folded_ids_and_does_not_ask_again() -> None:
 def test_the_requester_refuses_inconsistent_folded_lists(
     missing: list[bytes], folded: list[bytes]
 ) -> None:
-    fetch = DeltaFetch({ident(1), ident(2)}, max_rounds=5)
+    fetch = DeltaFetch({ident(1), ident(2)}, max_rounds=5, context_id=CONTEXT)
     fetch.messages_to_send()
     with pytest.raises(AnswerMismatch):
         fetch.receive_message(DeltaResponse(deltas=[], missing=missing, folded=folded), 0.0)

@@ -373,7 +373,7 @@ class DeltaProcessor:
                 return 0
 
             def past_is_final(_delta_id: bytes, delta: SignedDelta) -> bool:
-                header = verify_delta(delta)
+                header = verify_delta(delta, context_id=context_id)
                 past = dict(header_vv(header))
                 past[tag(header.author)] = header.seq - 1
                 return within(past, final.final)
