@@ -14,6 +14,7 @@ import trio.testing
 from trionode.errors import RemoteProtocolError
 from trionode.net.noise_stream import NoiseStream, noise_handshake
 from trionode.net.yamux_session import YamuxSession, YamuxStream
+from trionode.wire.yamux import YamuxConfig
 from trionode.wire.keys import PrivateKey
 
 
@@ -145,3 +146,33 @@ async def test_many_streams_and_a_large_transfer() -> None:
             for i in range(8):
                 nursery.start_soon(roundtrip, b"stream %d " % i * 1000)
             nursery.start_soon(roundtrip, payload)
+
+
+async def test_a_ping_timeout_ends_the_session_and_later_bytes_do_not_crash_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer that stops answering pings: the session ends at the ping timeout, at once and
+    cleanly, and bytes that reach a reader already waiting are not fed to the terminated
+    machine (that raised LocalProtocolError out of `run` and stopped the node)."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    config = YamuxConfig(keepalive_interval=5.0, ping_timeout=2.0)
+    session = YamuxSession(ours, is_client=True, config=config)
+    ended = trio.Event()
+
+    async def run() -> None:
+        await session.run()
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        with trio.fail_after(60):
+            # A ping from the peer starts our clock, and our keepalive ping goes out at
+            # once (after the pong); the peer never answers it.
+            await theirs.send_all(bytes([0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7]))
+            assert await theirs.receive_some(1024)
+            await ended.wait()
+        assert session.closed
+        assert session.close_reason == "ping timeout"
+        # The peer's late bytes find no reader to break.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await theirs.send_all(b"\x00" * 12)

@@ -226,6 +226,7 @@ class YamuxSession:
         self.on_stream_refused = on_stream_refused
         self._refused_reported = 0
         self._cancel_scope: trio.CancelScope | None = None
+        self._reader_scope: trio.CancelScope | None = None
 
     @property
     def open_streams(self) -> int:
@@ -303,6 +304,8 @@ class YamuxSession:
         self._send_inbound.close()
         self._drained.set()
         self._write_wanted.set()
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -330,11 +333,17 @@ class YamuxSession:
     async def _reader(self) -> None:
         conn = self.conn
         while not self.closed:
-            try:
-                data = await self.transport.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._shutdown("transport broken")
-                return
+            # `_shutdown` (a ping timeout in the timer task, a local close) cancels this
+            # wait: the session ends then, not when the silent peer next sends a byte.
+            with trio.CancelScope() as scope:
+                self._reader_scope = scope
+                try:
+                    data = await self.transport.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._shutdown("transport broken")
+                    return
+            if scope.cancelled_caught or conn.terminated:
+                return  # bytes that raced the shutdown are not fed to a terminated machine
             try:
                 conn.receive_data(data, now=trio.current_time())
             except RemoteProtocolError as exc:
