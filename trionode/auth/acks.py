@@ -63,7 +63,7 @@ def open_ack(wire: bytes, context_id: bytes) -> Ack:
     try:
         signed = _SIGNED.decode(wire)
         ack = _ACK.decode(signed.ack)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"malformed ack: {exc}") from None
     if ack.version != ACK_VERSION:
         raise RemoteProtocolError(f"ack version {ack.version} is not {ACK_VERSION}")

@@ -102,7 +102,7 @@ def decode_manifest(data: bytes, *, expected_id: bytes | None = None) -> Manifes
         raise InvalidManifestError("manifest does not hash to the requested blob id")
     try:
         manifest = _DECODER.decode(data)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidManifestError(f"malformed manifest: {exc}") from None
     if manifest.version != VERSION:
         raise InvalidManifestError(f"unsupported manifest version {manifest.version}")

@@ -122,7 +122,7 @@ class BlobFrameReader:
             return None
         try:
             message: BlobMessage = _DECODER.decode(whole[_LENGTH.size :])
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise RemoteProtocolError(f"malformed blob message: {exc}") from None
         return message
 

@@ -463,5 +463,5 @@ def encode_vv(vv: Mapping[bytes, int]) -> bytes:
 def decode_vv(data: bytes) -> dict[bytes, int]:
     try:
         return dict(_VV.decode(data))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise RemoteProtocolError("malformed version vector") from None

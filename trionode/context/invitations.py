@@ -185,7 +185,7 @@ def verify_signature(signed: SignedInvitation, invitation: Invitation) -> None:
 def decode_invitation(signed: SignedInvitation) -> Invitation:
     try:
         invitation = _INVITATION.decode(signed.invitation)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise RemoteProtocolError("malformed invitation") from None
     return invitation
 
@@ -203,7 +203,7 @@ def bundle_proof_message(handshake_hash: bytes, invitation_id: bytes) -> bytes:
 def decode_signed(data: bytes) -> SignedInvitation:
     try:
         return _SIGNED.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise RemoteProtocolError("malformed invitation") from None
 
 
@@ -222,7 +222,7 @@ def open_keys(sealed: bytes, member_key: Ed25519PrivateKey) -> dict[int, bytes]:
     try:
         plain = crypto_box_seal_open(sealed, crypto_sign_ed25519_pk_to_curve25519(public), secret)
         return _KEYS.decode(plain)
-    except (CryptoError, msgspec.DecodeError):
+    except (CryptoError, msgspec.DecodeError, UnicodeDecodeError):
         raise RemoteProtocolError("the sealed context keys do not open") from None
 
 
@@ -237,12 +237,12 @@ _RESPONSE = msgspec.msgpack.Decoder(JoinResponse)
 def decode_request(data: bytes) -> JoinRequest:
     try:
         return _REQUEST.decode(data)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RemoteProtocolError(f"malformed join request: {exc}") from None
 
 
 def decode_response(data: bytes) -> JoinResponse:
     try:
         return _RESPONSE.decode(data)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RemoteProtocolError(f"malformed join response: {exc}") from None

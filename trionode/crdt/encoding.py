@@ -156,7 +156,7 @@ def decode_journal(
         raise RemoteProtocolError(f"journal row of {len(data)} bytes exceeds {max_size}")
     try:
         version, added, removed, raw = _journal_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         entity = decode_entity(data, max_size=max_size)  # version 1: a whole record
         if entity.id != base.id:
             raise ValueError("journal row holds another entity's record") from None
@@ -380,14 +380,14 @@ class ValueCodec(Generic[T]):
         try:
             data = self._encoder.encode(value)
             self._decoder(data)
-        except (msgspec.DecodeError, TypeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, TypeError) as exc:
             raise TypeError(f"{value!r} is not a valid {self.type!r}: {exc}") from exc
         return data
 
     def decode(self, data: bytes) -> T:
         try:
             return self._decoder(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise SchemaError(f"stored value is not a valid {self.type!r}: {exc}") from exc
 
     def __repr__(self) -> str:

@@ -379,7 +379,7 @@ def decode_delta(
         raise RemoteProtocolError(f"delta of {len(data)} bytes exceeds {max_size}")
     try:
         delta = _SIGNED_DECODER.decode(data)
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RemoteProtocolError(f"malformed delta: {exc}") from None
     if isinstance(data, bytes):
         delta.__dict__["_wire"] = data  # (canonical or not, these are the bytes we hold)

@@ -545,7 +545,7 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
     """
     try:
         manifest = msgspec.json.decode(data, type=Manifest)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidBundleError(f"{source}: {MANIFEST}: {exc}") from None
     if _NAME.fullmatch(manifest.name) is None:
         raise InvalidBundleError(f"{source}: {MANIFEST}: bad name {manifest.name!r}")

@@ -61,7 +61,7 @@ def decode_signer_key(data: bytes, source: str = "signer key") -> PrivateKey:
         raise SignerKeyError(f"{source}: {len(data)} bytes; a signer key file is under 4 KiB")
     try:
         document = msgspec.json.decode(data, type=_KeyFile)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise SignerKeyError(f"{source}: not a trionode signer key file ({exc})") from None
     if document.format != KEY_FORMAT:
         raise SignerKeyError(

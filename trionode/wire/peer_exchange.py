@@ -132,7 +132,7 @@ def decode_response_body(body: BytesLike) -> list[PeerAddrs]:
     """
     try:
         entries = _DECODER.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"malformed peer exchange response: {exc}") from None
     result: list[PeerAddrs] = []
     seen: set[PeerId] = set()
