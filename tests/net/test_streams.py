@@ -14,8 +14,8 @@ import trio.testing
 from trionode.errors import RemoteProtocolError
 from trionode.net.noise_stream import NoiseStream, noise_handshake
 from trionode.net.yamux_session import YamuxSession, YamuxStream
-from trionode.wire.yamux import YamuxConfig
 from trionode.wire.keys import PrivateKey
+from trionode.wire.yamux import YamuxConfig
 
 
 async def _noise_pair(
