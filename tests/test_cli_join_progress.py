@@ -17,7 +17,7 @@ import trio
 
 from trionode.cli_progress import ProgressLine, describe
 from trionode.config import FileConfig
-from trionode.context.events import Notice
+from trionode.context.events import ContextEvent, Notice
 from trionode.context.folding import fold_all
 from trionode.sync.driver import SyncServer
 from trionode.testing import TestNode, open_test_node
@@ -135,11 +135,24 @@ async def test_subscribers_get_the_snapshots_progress(
         with trio.fail_after(60):
             await joiner.node.joins.join(invitation)
         sub.close()
+        received = [m async for m in sub.receive]
         notices = [
             m.payload
-            async for m in sub.receive
+            for m in received
             if isinstance(m, Notice) and m.payload.get("type") == "snapshot_progress"
         ]
+        # The state itself is announced once, as a change from sync (no delta), when the
+        # snapshot is adopted: just before its last progress notice.
+        states = [
+            i
+            for i, m in enumerate(received)
+            if isinstance(m, ContextEvent) and m.origin == "sync" and not m.delta_id
+        ]
+        assert len(states) == 1
+        done = next(
+            i for i, m in enumerate(received) if isinstance(m, Notice) and m.payload["done"]
+        )
+        assert states[0] < done
         assert len(notices) >= 3
         counts = [n["entries"] for n in notices]
         assert counts == sorted(counts)

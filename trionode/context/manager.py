@@ -202,6 +202,7 @@ class ContextManager:
         self.check_snapshot_root = self.snapshots.check_root
         self.check_snapshot_certificate = self.snapshots.check_certificate
         self.note_snapshot_acks = self.snapshots.note_acks
+        self.announce_snapshot = self.snapshots.announce
         self.discard_snapshot = self.snapshots.discard
 
     # -- queries ---------------------------------------------------------------------------

@@ -335,6 +335,7 @@ async def take(
             batch.delete(PROGRESS, progress_key(context_id))
 
         root, heads = await contexts.adopt_heads(context_id, boundary, extra=finish)
+        await contexts.announce_snapshot(context_id)
         log.info(
             "snapshot of %s from %s: %d records in %d pages, root %s, %d heads",
             context_id.hex()[:12],

@@ -262,6 +262,12 @@ class SnapshotState:
             for member, vv in acks.items():
                 replica.authority.note_ack(member, vv)
 
+    async def announce(self, context_id: bytes) -> None:
+        """Tell subscribers the state a snapshot brought is in (one change event, origin
+        "sync", once it is adopted: the batches themselves announce nothing)."""
+        replica = await self._replicas.load(context_id)
+        publish_change(self._hub, replica, delta_id=None, events=[], origin="sync")
+
     async def discard(self, context_id: bytes) -> bool:
         """Drop what snapshots brought (state rows, base rows, the in-memory tree) if the
         replica holds nothing else (no delta applied); whether it did."""
