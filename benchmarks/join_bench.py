@@ -93,15 +93,18 @@ async def _populate(member: Node, bundle: Path, n: int) -> bytes:
 
 
 def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`trionode ARGS --home HOME`, its output (raises if it fails)."""
-    return subprocess.run(
+    """`trionode ARGS --home HOME`, its output (raises with its error if it fails)."""
+    done = subprocess.run(
         [sys.executable, "-m", "trionode", *args, "--home", str(home)],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        check=True,
+        check=False,
         timeout=3600,
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"trionode {args[0]} {args[1:2]} failed: {done.stderr.strip()}")
+    return done
 
 
 def _peak_rss(pid: int) -> int:
@@ -158,7 +161,7 @@ async def _row(n: int, base: Path) -> list[Row]:
             invitation = await member.joins.invite(context)
             started = time.perf_counter()
             joined = await trio.to_thread.run_sync(
-                _cli, home, "context", "join", invitation, "--json"
+                _cli, home, "context", "join", invitation, "--json", "--timeout", "3600"
             )
             seconds = time.perf_counter() - started
             assert joiner.proc is not None
