@@ -433,7 +433,10 @@ class SyncSection(_Section, frozen=True):
     min_interval: PositiveFloat = 5.0
     """A context synced this recently is skipped at a tick; also the base of the backoff."""
     heartbeat: PositiveFloat = 5.0
-    """Seconds between (heads, root) heartbeats on each context topic."""
+    """Seconds between heartbeats: each connected peer gets one stream naming the (heads,
+    root) of every context whose topic it is on."""
+    heartbeat_max_beats: PositiveInt = 16384
+    """Contexts one peer's heartbeat stream may name; a longer one is cut off (counted)."""
     timeout: PositiveFloat = 30.0
     """Seconds one session may take."""
     heartbeat_queue: PositiveInt = 256

@@ -249,6 +249,8 @@ class Node:
             acks=self.acks.receive,
             authored=receive_authored,
             max_batch_bytes=config.replication.gossip_batch_bytes,
+            heartbeat_interval=config.sync.heartbeat,
+            heartbeat_max_beats=config.sync.heartbeat_max_beats,
         )
         self.sync = SyncManager(
             self.contexts,

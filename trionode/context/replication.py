@@ -36,6 +36,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trionode.context.errors import ContextError
+from trionode.context.heartbeats import HeartbeatExchange, HeartbeatMetrics
 from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
 from trionode.dag.delta import VerifiedDelta
@@ -150,6 +151,7 @@ class ReplicationMetrics:
             "Deltas sent to members in sync sessions this node served",
             registry=registry,
         )
+        self.heartbeat = HeartbeatMetrics(registry)
 
     def outcome(self, outcome: str, n: int = 1) -> None:
         self.deltas.labels(outcome).inc(n)
@@ -228,6 +230,8 @@ class Replicator:
         acks: Callable[[bytes, bytes], Awaitable[bool]] | None = None,
         authored: trio.MemoryReceiveChannel[Authored] | None = None,
         max_batch_bytes: int = 256 * 1024,
+        heartbeat_interval: float = 5.0,
+        heartbeat_max_beats: int = 16384,
     ) -> None:
         self.contexts = contexts
         self.host = host
@@ -269,6 +273,17 @@ class Replicator:
         self._max_batch_bytes = max_batch_bytes
         """Delta bytes one gossip message carries at most (below pubsub's message size)."""
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
+        self.heartbeats = HeartbeatExchange(
+            host,
+            pubsub,
+            heartbeats,
+            metrics.heartbeat,
+            interval=heartbeat_interval,
+            max_beats=heartbeat_max_beats,
+            timeout=fetch_timeout,
+        )
+        """Sends each peer one heartbeat stream per interval (for the sync manager) and
+        passes the beats peers send on to `heartbeats`."""
 
     # -- running ---------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 ```
 SyncManager.run ── sync nursery
-   ├─ _send_heartbeats   every `sync.heartbeat`: publish (heads, root) on each context topic
+   ├─ _send_heartbeats   every `sync.heartbeat`: (heads, root) of every context, one stream
+   │                  per peer on its topics (`context/heartbeats.py`)
    ├─ _receive_heartbeats  heartbeats the replicator received (a bounded channel wired in
    │                  node.py): a peer with heads we lack is synced with at once
    ├─ _ticks          every `sync.interval`: a session for each context not synced within
@@ -55,7 +56,7 @@ from trionode.context.replication import SESSION_ERRORS, Replicator, context_of,
 from trionode.net.pubsub import PubSub
 from trionode.sync import plan
 from trionode.wire.keys import PeerId
-from trionode.wire.messages import HeadsResponse, Heartbeat, encode_gossip
+from trionode.wire.messages import Beat, HeadsResponse, Heartbeat, encode_gossip
 
 log = logging.getLogger(__name__)
 
@@ -605,13 +606,25 @@ class SyncManager:
     # -- heartbeats --------------------------------------------------------------------------
 
     async def _send_heartbeats(self) -> None:
+        """Every interval, each context's (heads, root) to the peers on its topic: one
+        stream per peer for all of them (`context/heartbeats.py`), not one gossip message
+        per context."""
         while True:
             await trio.sleep(self.heartbeat)
+            beats: dict[str, Beat] = {}
             for context_id in self.contexts.known_ids():
-                await self._heartbeat(context_id)
+                try:
+                    root, heads, _ = await self.contexts.state(context_id)
+                except ContextError:
+                    continue
+                self.replicator.subscribe(context_id)
+                beats[topic_for(context_id)] = Beat(context_id, heads[:256], root)
+            await self.replicator.heartbeats.send(beats)
+            self.metrics.heartbeats.labels("sent").inc(len(beats))
 
     async def _heartbeat(self, context_id: bytes) -> None:
-        """Publish our (heads, root) of one context on its topic."""
+        """Publish our (heads, root) of one context on its topic at once (after a session
+        that applied deltas): one gossip message, not worth a stream per peer."""
         try:
             root, heads, _ = await self.contexts.state(context_id)
         except ContextError:

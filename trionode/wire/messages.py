@@ -401,3 +401,57 @@ def decode_sync(body: bytes | bytearray | memoryview) -> SyncMessage:
     except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
         raise RemoteProtocolError(f"malformed sync message: {exc}") from None
     return message
+
+
+# -- /trionode/heartbeat/1 -----------------------------------------------------------------
+
+MAX_HEARTBEAT_FRAME: Final = 1024 * 1024
+"""Largest heartbeat frame (a node with more contexts sends several frames)."""
+MAX_HEARTBEAT_BEATS: Final = 4096
+"""Contexts named in one heartbeat frame."""
+
+
+class Beat(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """One context's (heads, root) in a `HeartbeatBatch`: what a `Heartbeat` says."""
+
+    context_id: Id32
+    heads: Ids
+    root_hash: Id32
+
+
+class HeartbeatBatch(msgspec.Struct, tag="heartbeats/1", frozen=True, forbid_unknown_fields=True):
+    """Every context a node shares with one peer, in one frame per heartbeat interval
+    instead of one gossip message (and one StrictSign signature) per context."""
+
+    beats: Annotated[list[Beat], msgspec.Meta(min_length=1, max_length=MAX_HEARTBEAT_BEATS)]
+
+
+_HEARTBEATS = msgspec.msgpack.Decoder(HeartbeatBatch)
+
+
+def encode_heartbeats(beats: list[Beat], *, max_frame: int = MAX_HEARTBEAT_FRAME) -> list[bytes]:
+    """Frame bodies holding `beats`, each at most `max_frame` bytes and MAX_HEARTBEAT_BEATS
+    beats (split where they would not fit)."""
+    bodies: list[bytes] = []
+    current: list[Beat] = []
+    size = 16  # the batch's own tag and array header, generously
+    for beat in beats:
+        length = len(_ENCODER.encode(beat))
+        if current and (size + length > max_frame or len(current) == MAX_HEARTBEAT_BEATS):
+            bodies.append(_ENCODER.encode(HeartbeatBatch(current)))
+            current, size = [], 16
+        current.append(beat)
+        size += length
+    if current:
+        bodies.append(_ENCODER.encode(HeartbeatBatch(current)))
+    return bodies
+
+
+def decode_heartbeats(body: bytes | bytearray | memoryview) -> HeartbeatBatch:
+    """One heartbeat frame's body (RemoteProtocolError if it is not one)."""
+    if len(body) > MAX_HEARTBEAT_FRAME:
+        raise RemoteProtocolError(f"heartbeat frame of {len(body)} bytes exceeds the limit")
+    try:
+        return _HEARTBEATS.decode(body)
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
+        raise RemoteProtocolError(f"malformed heartbeats: {exc}") from None

@@ -1,0 +1,186 @@
+"""Heartbeats go to each peer as one stream per interval naming every shared context
+(`trionode/context/heartbeats.py`), not as one gossip message per context; what a beat
+starts is unchanged, and a hostile peer's heartbeat streams are bounded."""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from msgspec.structs import replace
+
+from trionode.config import FileConfig
+from trionode.context.heartbeats import HEARTBEAT_PROTOCOL
+from trionode.context.replication import topic_for
+from trionode.errors import RemoteProtocolError
+from trionode.net.framed import LENGTH
+from trionode.net.memory import GossipFaults
+from trionode.node import Node
+from trionode.testing import Cluster, open_cluster
+from trionode.wire.messages import (
+    MAX_HEARTBEAT_BEATS,
+    MAX_HEARTBEAT_FRAME,
+    Beat,
+    HeartbeatBatch,
+    decode_heartbeats,
+    encode_heartbeats,
+)
+
+from .cluster_helpers import call, metric, share, wait_converged, write
+
+HEARTBEAT = 2.0
+CONTEXTS = 4
+
+
+def _heartbeats_only(file: FileConfig) -> FileConfig:
+    """Sessions start only from heartbeats: no ticks within the test, none on (re)join."""
+    sync = replace(file.sync, heartbeat=HEARTBEAT, interval=3600.0, min_interval=1.0, on_join=False)
+    return replace(file, sync=sync)
+
+
+def batches(node: Node, direction: str) -> float:
+    return metric(node, "trionode_heartbeat_batches_total", direction=direction)
+
+
+def beats(node: Node, direction: str) -> float:
+    return metric(node, "trionode_sync_heartbeats_total", direction=direction)
+
+
+async def test_one_stream_per_peer_and_interval_names_every_context(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_cluster(2, tmp_path, configure=_heartbeats_only) as cluster:
+        a, b = cluster.nodes
+        for _ in range(CONTEXTS):
+            await share(cluster, [0, 1])
+        await trio.sleep(HEARTBEAT)  # past the first interval with every context shared
+        sent, beats_sent = batches(a, "sent"), beats(a, "sent")
+        got, beats_got = batches(b, "received"), beats(b, "received")
+        intervals = 5
+        await trio.sleep(intervals * HEARTBEAT)
+        streams = batches(a, "sent") - sent
+        assert intervals - 1 <= streams <= intervals + 1
+        assert beats(a, "sent") - beats_sent == CONTEXTS * streams
+        # B took exactly those: one stream each, each beat passed on to its sync manager.
+        assert batches(b, "received") - got == streams
+        assert beats(b, "received") - beats_got == CONTEXTS * streams
+        assert batches(b, "refused") == 0
+
+
+async def test_a_beat_still_starts_a_session_when_gossip_is_lost(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    faults = GossipFaults(seed=16)
+    async with open_cluster(2, tmp_path, configure=_heartbeats_only, faults=faults) as cluster:
+        a, b = cluster.nodes
+        context = await share(cluster, [0, 1])
+        faults.drop = 1.0  # every gossip message is lost from here on
+        await write(a, context, "set", key="k", value="only a heartbeat tells b")
+        await wait_converged(cluster, [a, b], context, limit=4 * HEARTBEAT)
+        assert await call(b, context, "get", key="k") == "only a heartbeat tells b"
+
+
+# -- the frame codec -------------------------------------------------------------------------
+
+
+def _beat(i: int, heads: int = 1) -> Beat:
+    return Beat(i.to_bytes(32, "big"), [os.urandom(32) for _ in range(heads)], bytes(32))
+
+
+def test_beats_split_into_frames_that_fit() -> None:
+    many = [_beat(i, heads=40) for i in range(800)]
+    bodies = encode_heartbeats(many)
+    assert len(bodies) > 1
+    assert all(len(body) <= MAX_HEARTBEAT_FRAME for body in bodies)
+    assert [b for body in bodies for b in decode_heartbeats(body).beats] == many
+    counted = encode_heartbeats([_beat(i) for i in range(MAX_HEARTBEAT_BEATS + 1)])
+    assert [len(decode_heartbeats(body).beats) for body in counted] == [MAX_HEARTBEAT_BEATS, 1]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\x81\xa4type\xa2\x80\x80",  # a tag that is not UTF-8
+        b"\x82\xa4type\xacheartbeats/1\xa5beats\x90",  # no beats
+        bytes(MAX_HEARTBEAT_FRAME + 1),
+    ],
+)
+def test_bad_frames_are_the_typed_error(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_heartbeats(body)
+
+
+# -- hostile peers ---------------------------------------------------------------------------
+
+
+async def _send_raw(cluster: Cluster, frames: list[bytes]) -> None:
+    a = cluster.nodes[0]
+    _, stream = await a.host.new_stream(cluster.peer_ids[1], [HEARTBEAT_PROTOCOL])
+    async with stream:
+        with suppress(trio.BrokenResourceError):  # (refused: reset under our feet)
+            for body in frames:
+                await stream.send_all(LENGTH.pack(len(body)) + body)
+            await stream.send_eof()
+        await trio.testing.wait_all_tasks_blocked()
+
+
+QUIET = 60.0
+
+
+def _quiet(file: FileConfig) -> FileConfig:
+    """Heartbeats every minute (one stream per peer per half minute), at most 3 beats per
+    stream; the nodes share no context, so they send none of their own."""
+    sync = replace(_heartbeats_only(file).sync, heartbeat=QUIET, heartbeat_max_beats=3)
+    return replace(file, sync=sync)
+
+
+async def test_hostile_heartbeat_streams_are_refused_and_counted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_cluster(2, tmp_path, configure=_quiet) as cluster:
+        a, b = cluster.nodes
+        await cluster.wait_connected()
+        good = encode_heartbeats([_beat(1)])[0]
+        await _send_raw(cluster, [b"\x00garbage"])
+        assert batches(b, "refused") == 1
+        await trio.sleep(QUIET / 2)
+        await _send_raw(cluster, [good])  # (due again: one stream per half interval)
+        await _send_raw(cluster, [good])  # too soon after the last one: closed unread
+        assert (batches(b, "received"), batches(b, "refused")) == (1, 2)
+        await trio.sleep(QUIET / 2)
+        too_many = HeartbeatBatch([_beat(i) for i in range(4)])
+        await _send_raw(cluster, encode_heartbeats(too_many.beats))
+        assert batches(b, "refused") == 3
+        await trio.sleep(QUIET / 2)
+        await _send_raw(cluster, [bytes(MAX_HEARTBEAT_FRAME + 1)])
+        assert batches(b, "refused") == 4
+        # Unknown contexts in a beat start nothing, and the node carries on.
+        assert cluster.peer_ids[0] in b.host.connections
+        context = await share(cluster, [0, 1])
+        await write(a, context, "set", key="k", value="v")
+        await wait_converged(cluster, [a, b], context)
+
+
+async def test_a_peer_too_slow_to_take_a_heartbeat_costs_only_its_stream(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_cluster(2, tmp_path, configure=_quiet) as cluster:
+        a, b = cluster.nodes
+        context = await share(cluster, [0, 1])
+
+        async def too_slow(*_: object) -> None:
+            raise trio.TooSlowError  # (as a protocol negotiation that timed out does)
+
+        monkeypatch.setattr(a.host, "new_stream", too_slow)
+        sent = batches(a, "sent")
+        beat = Beat(context, [], bytes(32))
+        assert await a.replicator.heartbeats.send({topic_for(context): beat}) == 1  # (tried)
+        assert batches(a, "sent") == sent
+        monkeypatch.undo()
+        await write(a, context, "set", key="k", value="v")  # the node carries on
+        await wait_converged(cluster, [a, b], context)

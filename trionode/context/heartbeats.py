@@ -1,0 +1,184 @@
+"""Heartbeats, batched per peer: `/trionode/heartbeat/1` (issue #16).
+
+A heartbeat tells a peer a context's (heads, root) so that a node that missed gossip
+notices and syncs (DESIGN §8). Published on each context's topic, a node with 1,000
+contexts sent 1,000 gossip messages per interval, each with its own StrictSign signature,
+seqno and topic name, to every mesh peer. Here the sync manager hands every context's beat
+to `HeartbeatExchange.send` once per interval, and each connected peer subscribed to some
+of those contexts' topics gets one stream with one frame (more only past
+`MAX_HEARTBEAT_FRAME`) naming all of them.
+
+On the receiving side each beat becomes the same `(peer, Heartbeat)` a gossip heartbeat
+became, on the same bounded channel to the sync manager, so what a heartbeat starts (a
+session per context, under the shared limiter and each context's backoff) does not change.
+The sender is the Noise-authenticated peer of the stream; what it may claim is what any
+subscriber of the topic could publish by gossip.
+
+Bounds against a hostile peer: one stream per peer per half interval (others are closed
+unread, counted), frames of at most `MAX_HEARTBEAT_FRAME`, at most `max_beats` beats per
+stream, the shared stream deadlines and one deadline (`timeout`) for the whole stream,
+including waits while the sync manager's queue is full: what it cuts off, the next
+heartbeat or sync tick does again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Final
+
+import trio
+from prometheus_client import CollectorRegistry, Counter
+
+from trionode.errors import PeerError, ProtocolError
+from trionode.net.framed import FramedStream, StreamLimits
+from trionode.net.host import Connection, Host
+from trionode.net.pubsub import PubSub
+from trionode.wire.keys import PeerId
+from trionode.wire.messages import (
+    MAX_HEARTBEAT_FRAME,
+    Beat,
+    Heartbeat,
+    decode_heartbeats,
+    encode_heartbeats,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_PROTOCOL: Final = "/trionode/heartbeat/1"
+_SEND_ERRORS: Final = (
+    PeerError,
+    ProtocolError,
+    trio.TooSlowError,  # (the protocol negotiation's own deadline)
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+class HeartbeatMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.batches = Counter(
+            "trionode_heartbeat_batches",
+            "Heartbeat streams (one per peer and interval) by direction "
+            "(sent, received, refused: too soon, malformed, too many beats or too slow)",
+            ["direction"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "trionode_heartbeat_bytes",
+            "Heartbeat frame bytes by direction (sent, received)",
+            ["direction"],
+            registry=registry,
+        )
+
+
+class HeartbeatExchange:
+    """Sends each peer one heartbeat stream per interval and serves the peers' ones."""
+
+    def __init__(
+        self,
+        host: Host,
+        pubsub: PubSub,
+        received: trio.MemorySendChannel[tuple[PeerId, Heartbeat]] | None,
+        metrics: HeartbeatMetrics,
+        *,
+        interval: float = 5.0,
+        max_beats: int = 16384,
+        timeout: float = 30.0,
+    ) -> None:
+        self._host = host
+        self._pubsub = pubsub
+        self._received = received
+        self.metrics = metrics
+        self.min_spacing = interval / 2
+        """A peer's streams closer together than this are refused (it sends one per
+        interval)."""
+        self.max_beats = max_beats
+        self.timeout = timeout
+        """Seconds one peer's stream may take to send (or to be read and passed on)."""
+        self._last: dict[PeerId, float] = {}
+        host.set_handler(HEARTBEAT_PROTOCOL, self._serve)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send(self, beats: Mapping[str, Beat]) -> int:
+        """Send each connected peer the beats of the topics (`trionode/context/…`) it is
+        subscribed to, one stream per peer, all at once; returns how many peers got one."""
+        batches: dict[PeerId, list[Beat]] = {}
+        for peer in list(self._host.connections):
+            mine = [beats[t] for t in self._pubsub.peer_topics(peer) if t in beats]
+            if mine:
+                batches[peer] = sorted(mine, key=lambda b: b.context_id)
+        async with trio.open_nursery() as nursery:
+            for peer, peer_beats in batches.items():
+                nursery.start_soon(self._send_to, peer, peer_beats)
+        return len(batches)
+
+    async def _send_to(self, peer: PeerId, beats: list[Beat]) -> None:
+        bodies = encode_heartbeats(beats)
+        with trio.move_on_after(self.timeout):
+            try:
+                _, stream = await self._host.new_stream(peer, [HEARTBEAT_PROTOCOL])
+                async with stream:
+                    framed = FramedStream(
+                        stream, StreamLimits(), max_frame=0, what="heartbeat stream"
+                    )
+                    for body in bodies:
+                        await framed.send_frame(body)
+                    await stream.send_eof()
+            except _SEND_ERRORS:
+                return  # gone, too slow or not speaking it: sync ticks still reach it
+            self.metrics.batches.labels("sent").inc()
+            self.metrics.bytes.labels("sent").inc(sum(len(b) + 4 for b in bodies))
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def _serve(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
+        peer = conn.peer_id
+        now = trio.current_time()
+        last = self._last.get(peer)
+        if last is not None and now - last < self.min_spacing:
+            self.metrics.batches.labels("refused").inc()
+            await trio.aclose_forcefully(stream)
+            return
+        self._last[peer] = now
+        self._forget_gone()
+        framed = FramedStream(
+            stream, self._host.stream_limits, max_frame=MAX_HEARTBEAT_FRAME, what="heartbeat"
+        )
+        outcome = "received"
+        with trio.move_on_after(self.timeout) as scope:
+            try:
+                await self._receive(peer, framed)
+            except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                outcome = "refused"
+                log.info("heartbeats from %s refused: %s", peer, exc)
+        if scope.cancelled_caught:
+            outcome = "refused"
+        self.metrics.batches.labels(outcome).inc()
+        await trio.aclose_forcefully(stream)
+
+    async def _receive(self, peer: PeerId, framed: FramedStream) -> None:
+        """Pass each beat of the stream's frames on, waiting while the sync manager's
+        queue is full (the stream's deadline bounds the wait)."""
+        taken = 0
+        while (body := await framed.receive_frame_or_eof()) is not None:
+            batch = decode_heartbeats(body)
+            taken += len(batch.beats)
+            if taken > self.max_beats:
+                raise ProtocolError(f"more than {self.max_beats} beats in one stream")
+            self.metrics.bytes.labels("received").inc(len(body) + 4)
+            if self._received is None:
+                continue
+            for beat in batch.beats:
+                heartbeat = Heartbeat(
+                    context_id=beat.context_id, heads=beat.heads, root_hash=beat.root_hash
+                )
+                await self._received.send((peer, heartbeat))
+
+    def _forget_gone(self) -> None:
+        """Keep `_last` to connected peers (it would otherwise grow with every peer seen)."""
+        if len(self._last) > 2 * len(self._host.connections) + 16:
+            for peer in list(self._last):
+                if peer not in self._host.connections:
+                    del self._last[peer]
