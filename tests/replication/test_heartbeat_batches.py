@@ -184,3 +184,37 @@ async def test_a_peer_too_slow_to_take_a_heartbeat_costs_only_its_stream(
         monkeypatch.undo()
         await write(a, context, "set", key="k", value="v")  # the node carries on
         await wait_converged(cluster, [a, b], context)
+
+
+def _ticking(file: FileConfig) -> FileConfig:
+    """Ticks every 3 s, heartbeats every second: a tick always has a fresh heartbeat."""
+    sync = replace(file.sync, heartbeat=1.0, interval=3.0, min_interval=1.0, on_join=False)
+    return replace(file, sync=sync)
+
+
+def sessions(node: Node) -> float:
+    registry = node.metrics.registry
+    return sum(
+        sample.value
+        for family in registry.collect()
+        if family.name == "trionode_sync_sessions"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def test_idle_contexts_a_heartbeat_confirmed_cost_no_tick_session(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_cluster(2, tmp_path, configure=_ticking) as cluster:
+        a, b = cluster.nodes
+        contexts = [await share(cluster, [0, 1]) for _ in range(CONTEXTS)]
+        for context in contexts:
+            await wait_converged(cluster, [a, b], context)
+        await trio.sleep(10.0)
+        before = sessions(a) + sessions(b)
+        await trio.sleep(30.0)  # ten ticks, thirty heartbeats
+        assert sessions(a) + sessions(b) == before
+        # A write: its gossip carries it; nothing else is needed.
+        await write(a, contexts[0], "set", key="k", value="v")
+        await wait_converged(cluster, [a, b], contexts[0])

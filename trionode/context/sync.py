@@ -29,7 +29,9 @@ A session asks a member peer for its heads and root (`HeadsRequest`), then picks
 
 Both sides run sessions, so each pulls what it lacks. A heartbeat showing heads we lack
 starts a session with that peer at once; equal heads with a different root are counted as
-divergence and start one too (within the interval and backoff rules). Sessions of one
+divergence and start one too (within the interval and backoff rules); any other heartbeat
+shows the peer has nothing we lack, and a context so confirmed since the last tick gets no
+tick session (idle contexts cost their heartbeats only). Sessions of one
 context run one at a time (a per-context lock; an explicit sync waits for a running one).
 """
 
@@ -136,6 +138,8 @@ class SyncMetrics:
 @attrs.define
 class _ContextSync:
     last_success: float = -1e18
+    confirmed_at: float = -1e18
+    """When a peer's heartbeat last showed we lack nothing it has (trio time)."""
     failures: int = 0
     next_attempt: float = 0.0
     lock: trio.Lock = attrs.field(factory=trio.Lock)
@@ -264,6 +268,11 @@ class SyncManager:
             for context_id in known:
                 state = self._state.setdefault(context_id, _ContextSync())
                 if now - state.last_success < self.min_interval or now < state.next_attempt:
+                    continue
+                if now - state.confirmed_at < self.interval:
+                    # A peer's heartbeat since the last tick showed it has nothing we lack
+                    # (and one that has would have started a session itself): an idle
+                    # context costs its heartbeats, not a session per tick.
                     continue
                 self._start(context_id, None)
 
@@ -651,10 +660,12 @@ class SyncManager:
             self._start(context_id, peer)  # they have something we lack: sync now
             return
         root, heads, _ = await self.contexts.state(context_id)
-        if heads == sorted(heartbeat.heads) and root != heartbeat.root_hash:
-            self.metrics.divergence.inc()
-            log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
-            state = self._state.setdefault(context_id, _ContextSync())
-            now = trio.current_time()
-            if now - state.last_success >= self.min_interval and now >= state.next_attempt:
-                self._start(context_id, peer)  # tree comparison repairs it
+        state = self._state.setdefault(context_id, _ContextSync())
+        now = trio.current_time()
+        if heads != sorted(heartbeat.heads) or root == heartbeat.root_hash:
+            state.confirmed_at = now  # we have every head it has: nothing to pull from it
+            return
+        self.metrics.divergence.inc()
+        log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
+        if now - state.last_success >= self.min_interval and now >= state.next_attempt:
+            self._start(context_id, peer)  # tree comparison repairs it
