@@ -223,55 +223,29 @@ async def _rows(n: int, base: Path) -> list[Row]:
             raw,
             higher_is_better=False,
         ),
-        Row(
-            "  state rows: values (entity records)",
-            state_values,
-            "B/entry",
-            "the entry's own key+value",
-            own,
-            higher_is_better=False,
-        ),
-        Row(
-            "  state rows: keys (context id + entity id)",
-            state_keys,
-            "B/entry",
-            "the entry's own key",
-            fmean(len(k.encode()) for k, _ in items),
-            higher_is_better=False,
-        ),
-        Row(
-            "  delta log: values (signed deltas)",
-            log_values,
-            "B/entry",
-            "the entry's own key+value",
-            own,
-            higher_is_better=False,
-        ),
-        Row(
-            "  delta log: keys (context id + delta id)",
-            log_keys,
-            "B/entry",
-            "the entry's own key",
-            fmean(len(k.encode()) for k, _ in items),
-            higher_is_better=False,
-        ),
-        Row(
-            "  index: state and delta B-tree pages beyond keys and values",
-            index,
-            "B/entry",
-            "raw lmdb: used beyond key+value",
-            raw - own,
-            higher_is_better=False,
-        ),
-        Row(
-            "  other columns (heads, events) and freed pages not yet reused",
-            used - trees,
-            "B/entry",
-            "raw lmdb: used beyond key+value",
-            raw - own,
-            higher_is_better=False,
-        ),
     ]
+    key = fmean(len(k.encode()) for k, _ in items)
+    for label, value, baseline_name, baseline in (
+        ("state rows: values (entity records)", state_values, "the entry's own key+value", own),
+        ("state rows: keys (context id + entity id)", state_keys, "the entry's own key", key),
+        ("delta log: values (signed deltas)", log_values, "the entry's own key+value", own),
+        ("delta log: keys (context id + delta id)", log_keys, "the entry's own key", key),
+        (
+            "index: state and delta B-tree pages beyond keys and values",
+            index,
+            "raw lmdb: used beyond key+value",
+            raw - own,
+        ),
+        (
+            "other columns (heads, events) and freed pages not yet reused",
+            used - trees,
+            "raw lmdb: used beyond key+value",
+            raw - own,
+        ),
+    ):
+        rows.append(
+            Row(f"  {label}", value, "B/entry", baseline_name, baseline, higher_is_better=False)
+        )
     return rows
 
 
