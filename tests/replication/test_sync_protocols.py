@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from trionode.config import FileConfig
-from trionode.context import snapshot, treecmp
+from trionode.context import snapshot
 from trionode.context.folding import fold_all
 from trionode.context.replication import SYNC_PROTOCOL, _Channel
 from trionode.crdt import Entity, Kind, Timestamp, decode_entity, encode_entity
@@ -30,7 +30,9 @@ from trionode.dag.dag import CausalDag
 from trionode.dag.delta import GENESIS
 from trionode.errors import RemoteProtocolError
 from trionode.node import Node
-from trionode.sync.driver import SyncServer
+from trionode.sync.driver import SyncServer, compare_trees
+from trionode.sync.errors import UntrustedState
+from trionode.sync.treecmp import TreeCompare
 from trionode.testing import Cluster, open_cluster
 from trionode.wire.messages import (
     MAX_FRAME,
@@ -348,9 +350,10 @@ async def test_11_divergent_nodes_reconcile_by_tree_comparison(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A (with C) and B diverge in a partition: A writes 10 entries, B 3. One session of B
-    with A (the gap is too deep for delta sync) leaves both with all 13 plus the shared ones
-    and the same heads; then deltas from either side apply everywhere, also on C, which
-    lacks B's branch and reconciles with A (which holds it only as state)."""
+    with A (the gap is too deep for B's delta sync) compares final state — equal, nothing
+    is folded — and fetches A's deltas by id on the same stream: no record moves unsigned,
+    since none of them is final and folded. A's own session brings B's branch, signed; then
+    deltas from either side apply everywhere, also on C, which was cut off from B."""
     with trio.fail_after(LIMIT):
         async with open_cluster(3, tmp_path, configure=quiet) as cluster:
             a, b, c = cluster
@@ -362,40 +365,34 @@ async def test_11_divergent_nodes_reconcile_by_tree_comparison(
             await converged(cluster, [a, b, c], context)
 
             await cluster.partition([1])
-            for i in range(10):
-                await put(a, context, f"a{i}")
+            a_deltas = [await put(a, context, f"a{i}") for i in range(10)]
             b_deltas = [await put(b, context, f"b{i}") for i in range(3)]
             await converged(cluster, [a, c], context)
             await trio.sleep(10)  # past gossip's message cache: B's deltas stay with B
             await cluster.heal()
             b.sync.max_delta_rounds = 2
             await b.sync.sync_now(context, cluster.peer_ids[0])
-            await cluster.settle()
             assert sessions(b, "tree") == 1
-            assert metric(b, "trionode_sync_records_total", direction="pulled") >= 10
-            assert metric(b, "trionode_sync_records_total", direction="pushed") >= 3
-            assert len(await entries(a, context)) == len(await entries(b, context)) == 15
-            root_a, heads_a, pending_a = await a.contexts.state(context)
-            assert (root_a, heads_a, pending_a) == await b.contexts.state(context)
-            assert b_deltas[-1] in heads_a
-            assert len(heads_a) == 2
-            # A holds B's branch as a checkpoint only.
+            assert metric(b, "trionode_sync_records_total", direction="pulled") == 0
+            assert metric(b, "trionode_sync_records_total", direction="pushed") == 0
+            assert await b.contexts.read_delta(context, a_deltas[-1]) is not None
+            assert len(await entries(b, context)) == 15
+            # B's branch reaches A as signed deltas, in A's own session.
             assert await a.contexts.read_delta(context, b_deltas[-1]) is None
+            await a.sync.sync_now(context, cluster.peer_ids[1])
+            await cluster.settle()
+            assert await a.contexts.read_delta(context, b_deltas[-1]) is not None
+            assert len(await entries(a, context)) == 15
 
-            # B's next delta applies on A at once; C (cut off from B) gets it from A, lacks
-            # its parent, and reconciles with A by tree comparison.
+            # B's next delta applies on A at once; C (cut off from B) gets it from A and
+            # fills the gap from A, which now holds B's bodies.
             await cluster.partition([1], [2])
             from_b = await put(b, context, "from-b")
             await cluster.settle()
             assert await a.contexts.read_delta(context, from_b) is not None
-            assert (await a.contexts.state(context))[2] == 0
-            # Pending on B's branch (with the delta A's event handler wrote on top of it).
-            assert (await c.contexts.state(context))[2] >= 1
-            assert from_b not in await c.contexts.applied(context, [from_b])
             await c.sync.sync_now(context, cluster.peer_ids[0])
-            assert sessions(c, "tree") == 1
-            assert await c.contexts.state(context) == await a.contexts.state(context)
-            assert await c.contexts.read_delta(context, from_b) is not None  # covered, kept
+            await cluster.settle()
+            assert await c.contexts.read_delta(context, from_b) is not None
             await cluster.heal()
 
             from_a = await put(a, context, "from-a")
@@ -556,10 +553,9 @@ async def test_state_from_read_only_members_is_refused(
             assert await a.contexts.state(context) == before
             # A read-only peer is no source of state for tree comparison either.
             async with a.replicator.session(cluster.peer_ids[1], context) as (channel, conn):
-                with pytest.raises(Exception, match="not a writer"):
-                    await treecmp.compare(
-                        a.contexts, channel, conn, cluster.peer_ids[1], context, peer_heads=[]
-                    )
+                ours, _ = await a.contexts.final_start(context, ())
+                with pytest.raises(UntrustedState, match="not a writer"):
+                    await compare_trees(channel, TreeCompare(ours), a.contexts, conn, context)
 
 
 # -- malformed frames -------------------------------------------------------------------------

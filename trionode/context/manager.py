@@ -190,6 +190,7 @@ class ContextManager:
         self.capture = serving.capture
         self.peer_rights = serving.peer_rights
         self.snapshot_page = serving.snapshot_page
+        self.final_start = serving.final_start
         self.tree_nodes = serving.tree_nodes
         self.subtree_records = serving.subtree_records
         self.merge_state = serving.merge_state

@@ -461,6 +461,19 @@ class Replicator:
     ) -> int:
         """Get `ids` and, breadth-first, whatever they still lack, from `peer` (at most
         `max_rounds` requests, default `max_fetch_rounds`); how many deltas applied."""
+        async with self.session(peer, context_id) as (channel, _):
+            return await self.fetch_on(channel, peer, context_id, ids, max_rounds=max_rounds)
+
+    async def fetch_on(
+        self,
+        channel: SyncChannel,
+        peer: PeerId,
+        context_id: bytes,
+        ids: set[bytes],
+        *,
+        max_rounds: int | None = None,
+    ) -> int:
+        """`fetch` on a sync stream already open to `peer` (a session's one stream)."""
         machine = DeltaFetch(
             ids,
             context_id=context_id,
@@ -474,8 +487,7 @@ class Replicator:
             received += len(result.applied)
             return result.missing
 
-        async with self.session(peer, context_id) as (channel, _):
-            await fetch_deltas(channel, machine, apply)
+        await fetch_deltas(channel, machine, apply)
         if machine.rejected:
             # Not what we asked for (a wrong id): never applied, whatever it is.
             self.metrics.outcome("rejected_invalid", machine.rejected)

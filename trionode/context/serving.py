@@ -48,6 +48,7 @@ from trionode.dag.delta import (
 )
 from trionode.errors import ProtocolError, RemoteProtocolError
 from trionode.store.store import WriteBatch
+from trionode.sync.treecmp import FinalSide
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class SyncServing:
         Built once per change of the base or of the checkpoints (cached)."""
         context_id = replica.context_id
         authority = replica.authority
-        stamp = (len(authority.checkpoint_vv), len(authority.meta), self._base_changes)
+        stamp = self._view_stamp(replica)
         cached = self._final_views.get(context_id)
         if cached is not None and cached[0] == stamp:
             return cached[1], cached[2]
@@ -199,6 +200,36 @@ class SyncServing:
         self._final_views[context_id] = (stamp, tree, boundary)
         return tree, boundary
 
+    async def final_start(
+        self, context_id: bytes, peer_boundary: Iterable[bytes]
+    ) -> tuple[FinalSide, list[bytes]]:
+        """Our final side for a tree comparison (final root, FF, boundary: see
+        `_final_view`) and which of `peer_boundary` we have applied, read together."""
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            tree, boundary = self._final_view(replica)
+            known = sorted({h for h in peer_boundary if h in replica.dag.applied})
+            frontier = dict(replica.authority.finality().final)
+            return FinalSide(tree.root_hash(), frontier, tuple(boundary)), known
+
+    def _base_joined(self, replica: Replica, records: Sequence[Entity]) -> None:
+        """`records` joined the base rows: a cached final view that was current takes
+        them too (a tree comparison alternates pushes and reads: no rebuild per push)."""
+        stamp = self._view_stamp(replica)
+        self._base_changes += 1
+        cached = self._final_views.get(replica.context_id)
+        if cached is not None and cached[0] == stamp:
+            cached[1].apply(records)
+            self._final_views[replica.context_id] = (
+                self._view_stamp(replica),
+                cached[1],
+                cached[2],
+            )
+
+    def _view_stamp(self, replica: Replica) -> tuple[int, int, int]:
+        authority = replica.authority
+        return (len(authority.checkpoint_vv), len(authority.meta), self._base_changes)
+
     async def tree_nodes(
         self,
         context_id: bytes,
@@ -207,7 +238,8 @@ class SyncServing:
         max_children: int | None = None,
         max_bytes: int | None = None,
     ) -> list[TreeNode]:
-        """For a prefix of `queries` (entity id, list children after this id): (encoded
+        """For a prefix of `queries` (entity id, list children after this id), in the
+        *final* state (`_final_view`: only final state is compared unsigned): (encoded
         record, Merkle hash, [(child id, hash)], more children follow). The first query is
         always answered; later ones only within `max_children` and `max_bytes` in total."""
         replica = await self._replicas.load(context_id)
@@ -215,8 +247,9 @@ class SyncServing:
         children_left = max_children
         bytes_left = max_bytes
         async with replica.lock:
+            tree, _ = self._final_view(replica)
             for entity_id, after in queries:
-                info = replica.tree.node(entity_id)
+                info = tree.node(entity_id)
                 record = None if info.entity is None else encode_entity(info.entity)
                 children = info.children
                 if after is not None:
@@ -239,12 +272,12 @@ class SyncServing:
     async def subtree_records(
         self, context_id: bytes, roots: Iterable[bytes], limit: int
     ) -> tuple[list[bytes], bool]:
-        """Encoded records of `roots` and everything below them (at most `limit`; the flag
-        says whether that was all)."""
+        """Encoded final records of `roots` and everything below them (at most `limit`;
+        the flag says whether that was all)."""
         replica = await self._replicas.load(context_id)
         records: list[bytes] = []
         async with replica.lock:
-            tree = replica.tree
+            tree, _ = self._final_view(replica)
             work = [r for r in roots if r in tree]
             while work:
                 if len(records) >= limit:
@@ -301,7 +334,7 @@ class SyncServing:
             replica.clock.witness(replica.tree.max_stamp, physical)
             batch = WriteBatch()
             self._replicas.stage_base(replica, batch, records)
-            self._base_changes += 1
+            self._base_joined(replica, records)
             stage_record(replica, batch)
             if extra is not None:
                 extra(batch)

@@ -25,7 +25,9 @@ A session asks a member peer for its heads and root (`HeadsRequest`), then picks
 * otherwise → **delta sync**: fetch the peer's unknown heads (and the parents our pending
   deltas miss) breadth-first, at most `max_delta_rounds` requests deep. If that closes the
   gap, done; if not (a long gap, or history the peer does not hold because it took a
-  snapshot) → **tree comparison** (`treecmp.compare`: both directions in one session).
+  snapshot) → **tree comparison** (`trionode.sync.treecmp`: compare (FF, final root),
+  repair the final state both ways, then fetch the peer's non-final deltas by id on the
+  same stream; nothing non-final travels unsigned).
 
 Both sides run sessions, so each pulls what it lacks. A heartbeat showing heads we lack
 starts a session with that peer at once; equal heads with a different root are counted as
@@ -49,7 +51,7 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from trionode.context import snapshot, treecmp
+from trionode.context import snapshot
 from trionode.context.errors import ContextError, ContextNotFound
 from trionode.context.events import EventHub
 from trionode.context.manager import ContextManager
@@ -57,6 +59,8 @@ from trionode.context.notices import b58
 from trionode.context.replication import SESSION_ERRORS, Replicator, context_of, topic_for
 from trionode.net.pubsub import PubSub
 from trionode.sync import plan
+from trionode.sync.driver import compare_trees
+from trionode.sync.treecmp import TreeCompare, TreeLimits
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import Beat, HeadsResponse, Heartbeat, encode_gossip
 
@@ -191,7 +195,7 @@ class SyncManager:
         heartbeat: float = 5.0,
         timeout: float = 30.0,
         max_delta_rounds: int = 64,
-        tree_limits: treecmp.TreeLimits | None = None,
+        tree_limits: TreeLimits | None = None,
         on_join: bool = True,
         join_jitter: float = 0.2,
         max_peer_status: int = 64,
@@ -214,7 +218,7 @@ class SyncManager:
         self.max_delta_rounds = max_delta_rounds
         """How deep (in breadth-first requests) a gap delta sync fills before giving way to
         tree comparison."""
-        self.tree_limits = tree_limits or treecmp.TreeLimits()
+        self.tree_limits = tree_limits or TreeLimits()
         self.snapshot_page_records = snapshot_page_records
         self.snapshot_page_bytes = snapshot_page_bytes
         self.snapshot_window = snapshot_window
@@ -493,15 +497,16 @@ class SyncManager:
                 # comparison would only pull their records as unsigned state: refused as
                 # ahead of our clock, or joined for good with whatever came before them.
                 return
+            diverged = False
         else:
-            self.metrics.divergence.inc()
+            diverged = True
             log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])
         if await self.contexts.undo_log_full(context_id):
             # The deltas it lacks were refused (auth.max_nonfinal_bytes): state that carries
             # them must not slip in either. A later session fetches them once finality moved.
             run.outcome = "undo_full"
             return
-        await self._tree_compare(context_id, peer, heads.heads, run)
+        await self._tree_compare(context_id, peer, heads.heads, run, diverged=diverged)
 
     async def _drop_stale_heads(
         self, context_id: bytes, peer: HeadsResponse, ours: Iterable[bytes]
@@ -590,26 +595,49 @@ class SyncManager:
             self.hub.notify(payload["contextId"], payload)
 
     async def _tree_compare(
-        self, context_id: bytes, peer: PeerId, peer_heads: list[bytes], run: _Run
+        self,
+        context_id: bytes,
+        peer: PeerId,
+        peer_heads: list[bytes],
+        run: _Run,
+        *,
+        diverged: bool,
     ) -> None:
+        """Compare (FF, final root) with `peer` and repair the final state
+        (`trionode.sync.treecmp`), then fetch its non-final deltas by id, signed, on the
+        same stream: whatever is not final never travels unsigned."""
         run.protocol = "tree"
+        contexts = self.contexts
         async with self.replicator.session(peer, context_id) as (channel, conn):
-            result = await treecmp.compare(
-                self.contexts,
-                channel,
-                conn,
-                peer,
-                context_id,
-                peer_heads=peer_heads,
-                limits=self.tree_limits,
+            ours, _ = await contexts.final_start(context_id, ())
+            machine = TreeCompare(ours, limits=self.tree_limits)
+            result = await compare_trees(channel, machine, contexts, conn, context_id)
+            wanted = await contexts.unknown(context_id, peer_heads)
+            wanted |= await contexts.missing(context_id)
+            if wanted:
+                run.applied += await self.replicator.fetch_on(
+                    channel, peer, context_id, wanted, max_rounds=None
+                )
+        if diverged or result.divergence:
+            self.metrics.divergence.inc()
+        if result.divergence:
+            log.warning(
+                "divergence in %s: same final frontier, different final root",
+                context_id.hex()[:12],
             )
         self.metrics.records.labels("pulled").inc(result.pulled)
         self.metrics.records.labels("pushed").inc(result.pushed)
-        self.metrics.records.labels("refused").inc(result.refused_here + result.refused_there)
+        self.metrics.records.labels("refused").inc(result.refused_there)
         self.metrics.round_trips.labels("tree").inc(result.round_trips)
         self.metrics.bytes.labels("received").inc(result.bytes_received)
         self.metrics.bytes.labels("sent").inc(result.bytes_sent)
-        if not (result.complete and result.adopted_here and result.adopted_there):
+        applied = await contexts.applied(context_id, peer_heads)
+        if not (
+            result.complete
+            and result.adopted_here
+            and result.adopted_there
+            and len(applied) == len(set(peer_heads))
+        ):
             run.outcome = "partial"
 
     # -- heartbeats --------------------------------------------------------------------------

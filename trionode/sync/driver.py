@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import Counter, Gauge
 
 from trionode.context.manager import ContextManager
+from trionode.context.snapshot import check_proof
 from trionode.context.treecmp import SessionResponder
 from trionode.dag.delta import VerifiedDelta
 from trionode.errors import RemoteProtocolError, StreamEndedError
@@ -42,6 +43,16 @@ from trionode.sync.machines import (
     StreamSnapshot,
 )
 from trionode.sync.snapshot import ReadPage, SnapshotServe, SnapshotTake, StoreBatch
+from trionode.sync.treecmp import (
+    AdoptBoundary,
+    CheckPeer,
+    ExportAuth,
+    JoinRecords,
+    ReadNodes,
+    ReadSubtrees,
+    TreeCompare,
+    TreeResult,
+)
 from trionode.wire.messages import (
     MAX_FRAME,
     MAX_PAGE_RECORDS,
@@ -224,6 +235,48 @@ async def serve_snapshot(
         message = await _receive(channel, machine)
         assert message is not None
         machine.receive_message(message, trio.current_time())
+
+
+async def compare_trees(
+    channel: SyncChannel,
+    machine: TreeCompare,
+    contexts: ContextManager,
+    conn: Connection,
+    context_id: bytes,
+) -> TreeResult:
+    """Run a tree comparison of final state on an authenticated stream, fulfilling the
+    machine's actions against `contexts` (`trionode.sync.treecmp`)."""
+    while True:
+        await _flush(channel, machine)
+        if machine.finished:
+            return machine.result
+        action = machine.next_action()
+        if action is None:
+            message = await _receive(channel, machine)
+            assert message is not None
+            machine.receive_message(message, trio.current_time())
+            continue
+        if isinstance(action, CheckPeer):
+            member = check_proof(conn, context_id, action.proof)
+            writer, _ = await contexts.peer_rights(context_id, member)
+            problem = None if writer else f"{conn.peer_id} is not a writer of this context"
+            machine.peer_checked(member, problem)
+        elif isinstance(action, ReadNodes):
+            machine.nodes_read(await contexts.tree_nodes(context_id, action.queries))
+        elif isinstance(action, JoinRecords):
+            await contexts.merge_state(context_id, action.records)
+            machine.records_joined()
+        elif isinstance(action, ReadSubtrees):
+            records, whole = await contexts.subtree_records(context_id, action.roots, action.limit)
+            machine.subtrees_read(records, whole=whole)
+        elif isinstance(action, ExportAuth):
+            ops, vvs = await contexts.auth_export(context_id, action.heads)
+            machine.auth_exported(ops, vvs)
+        else:
+            assert isinstance(action, AdoptBoundary)
+            await contexts.adopt_auth(context_id, action.ops, action.vvs)
+            await contexts.adopt_heads(context_id, action.heads, ())
+            machine.boundary_adopted()
 
 
 # -- responder -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ deadline raises :class:`SessionExpired` (a stalled stream: the peer may only be 
 
 from __future__ import annotations
 
-from trionode.context.errors import PeerFailed
+from trionode.context.errors import NotPermitted, PeerFailed
 from trionode.errors import RemoteProtocolError, StreamStalledError
 
 
@@ -58,3 +58,8 @@ class SessionExpired(StreamStalledError):
 
 class PeerRefused(PeerFailed):
     """The peer answered with a refusal (not a member, busy, unknown context)."""
+
+
+class UntrustedState(NotPermitted):
+    """The peer offered state without signatures but is no writer in our own resolution:
+    nothing it sends is joined (`trionode.sync.treecmp`)."""

@@ -142,7 +142,7 @@ class StreamSnapshot:
 ResponderAction = CheckAuth | ReadHeads | ReadDeltas | Delegate | StreamSnapshot
 
 
-class _Base:
+class MachineBase:
     """What every machine shares: the outbox, the deadline and the failed state."""
 
     def __init__(self, deadline: float | None) -> None:
@@ -181,7 +181,7 @@ class _Base:
 # -- requester: heads exchange -----------------------------------------------------------------
 
 
-class HeadsExchange(_Base):
+class HeadsExchange(MachineBase):
     """Ask the peer for its heads and root hash, telling it ours (so it can say which of
     ours it has applied). Finished once ``result`` is set."""
 
@@ -226,7 +226,7 @@ class _FetchState(enum.Enum):
     DONE = "done"
 
 
-class DeltaFetch(_Base):
+class DeltaFetch(MachineBase):
     """Fetch `wanted` deltas and, breadth-first, the parents they still lack, at most
     `max_rounds` requests deep and `batch` ids per request.
 
@@ -368,7 +368,7 @@ class _ServeState(enum.Enum):
     DONE = "done"
 
 
-class Responder(_Base):
+class Responder(MachineBase):
     """The serving side of one sync stream: the first message must prove membership
     (`CheckAuth`); then it answers heads and delta requests itself (reading storage through
     `ReadHeads` / `ReadDeltas`) and hands snapshot and tree-comparison requests to the

@@ -239,21 +239,31 @@ class SnapshotClose(msgspec.Struct, tag="snapshot_close", frozen=True, forbid_un
     """The requester wants no more pages (it has the last, or gives up): back to requests."""
 
 
+Frontier = Annotated[
+    list[tuple[Annotated[bytes, msgspec.Meta(max_length=64)], Annotated[int, msgspec.Meta(ge=0)]]],
+    msgspec.Meta(max_length=4096),
+]
+"""A final frontier (FF): (author tag, highest final sequence number), by tag."""
+
+
 class TreeStart(msgspec.Struct, tag="tree_start", frozen=True, forbid_unknown_fields=True):
-    """Open a tree comparison: the requester's heads, and which of the responder's
-    heads (from `HeadsResponse`) it had applied when it read its own."""
+    """Open a tree comparison of final state (`trionode.sync.treecmp`): the requester's
+    final boundary (the checkpoints its final state stands for: the responder adopts them
+    at the end), and its final frontier."""
 
     heads: Ids
     known: Ids
+    frontier: Frontier = []
 
 
 class TreeStarted(msgspec.Struct, tag="tree_started", frozen=True, forbid_unknown_fields=True):
-    """The responder's heads and root, and which of the requester's heads it has applied,
-    read together."""
+    """The responder's final boundary, which of the requester's it has applied, its final
+    root and final frontier, read together."""
 
     heads: Ids
     known: Ids
     root_hash: Id32
+    frontier: Frontier = []
 
 
 class NodeQuery(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
