@@ -456,7 +456,10 @@ class SyncManager:
             missing = await self.contexts.missing(context_id) - self.replicator.folded.by(
                 context_id, peer
             )
-            if not unknown and not missing:
+            applied = await self.contexts.applied(context_id, heads.heads)
+            if not missing and len(applied) == len(set(heads.heads)):
+                # (Only once every head of the peer's is *applied*: adopting its heads
+                # while one waits here, deferred, would mark it applied unread.)
                 ours = await self._drop_stale_heads(context_id, heads, ours)
             situation = attrs.evolve(
                 situation, root=root, heads=ours, unknown=unknown, missing=missing

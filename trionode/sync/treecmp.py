@@ -89,6 +89,9 @@ from trionode.wire.messages import (
     TreeStarted,
 )
 
+_ABSENT = b"absent"
+"""Stands for a child we do not list (never a hash: hashes are 32 bytes)."""
+
 PUSH_BYTES = 2 * 1024 * 1024
 """Record bytes per push (below a frame, with room for the message around them)."""
 
@@ -242,7 +245,8 @@ class TreeCompare(MachineBase):
         self._reply: list[TreeNode] = []
         self._pushes: list[bytes] = []
         self._push_roots: list[bytes] = []
-        self._pull_bytes: list[Entity] = []
+        self._suspect: set[bytes] = set()
+        """Nodes whose hidden children are compared too (see `nodes_read`)."""
         self.started: TreeStarted | None = None
         self.member: bytes | None = None
         """The responder's proven member key."""
@@ -353,9 +357,21 @@ class TreeCompare(MachineBase):
                     self._pushes.append(record)
             upto = remote.children[-1][0] if remote.more else None
             ours = dict(own_children)
+            # A hidden child has no hash, so "hidden on both sides" says nothing about its
+            # records when the two sides hide it under different floors: where this node's
+            # records differ (or an ancestor's did), joining may make it visible, so it is
+            # asked for too (and its hidden children after it).
+            suspect = entity_id in self._suspect or (after is None and remote.record != record)
+            if suspect:
+                self._suspect.add(entity_id)
             for child_id, child_hash in remote.children:
-                if child_id in ours and ours[child_id] == child_hash:
-                    continue  # equal, or hidden on both sides
+                mine = ours.get(child_id, _ABSENT)
+                if child_hash is not None and mine == child_hash:
+                    continue  # the same subtree on both sides
+                if child_hash is None and mine is None:
+                    if not suspect:
+                        continue  # hidden on both sides under the same floor
+                    self._suspect.add(child_id)
                 self._queue.append((child_id, None))
             listed = {child_id for child_id, _ in remote.children}
             self._push_roots.extend(
