@@ -66,10 +66,12 @@ from trionode.config import FileConfig
 from trionode.context.events import ContextEvent
 from trionode.context.folding import fold_all
 from trionode.context.records import DELTAS, STATE
+from trionode.context.replication import topic_for
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection
 from trionode.node import Node
 from trionode.testing import open_cluster, open_test_node
+from trionode.wire.keys import PeerId
 
 KV_STORE: Final = Path(__file__).resolve().parents[1] / "apps" / "kv_store"
 SINK: Final = "/bench/sink/1.0.0"
@@ -461,6 +463,70 @@ async def _propagation(rounds: int, base: Path, bundle: Path) -> tuple[list[floa
     return writes, raw
 
 
+# -- 4. one sync session ----------------------------------------------------------------------
+
+
+def _quiet(file: FileConfig) -> FileConfig:
+    """`_fast`, and sync sessions only when the benchmark runs one."""
+    file = _fast(file)
+    return replace(
+        file, sync=replace(file.sync, heartbeat=10_000.0, interval=10_000.0, on_join=False)
+    )
+
+
+async def _two_stream_session(node: Node, peer: PeerId, context: bytes) -> int:
+    """A delta-sync session as sessions ran before #17's one stream: the heads exchange on
+    one stream, the fetch on a second (the same machines, the same requests)."""
+    async with node.replicator.session(peer, context) as (channel, _):
+        heads = await node.replicator.ask_heads_on(channel, context)
+    wanted = await node.contexts.unknown(context, heads.heads)
+    return await node.replicator.fetch(peer, context, wanted)
+
+
+async def _session_times(
+    rounds: int, k: int, base: Path, bundle: Path
+) -> tuple[list[float], list[float]]:
+    """Seconds of one delta-sync session of B with A (B lacks `k` deltas A wrote): the
+    session as it runs now (one stream) and composed of two streams, interleaved round by
+    round on the same two loopback nodes. B is off the context's topic, so the deltas
+    reach it only by the session."""
+    one: list[float] = []
+    two: list[float] = []
+    with trio.fail_after(120 + rounds * 10):
+        async with AsyncExitStack() as stack:
+            a, b = [
+                (
+                    await stack.enter_async_context(
+                        open_test_node(base / f"node{i}", api=False, configure=_quiet)
+                    )
+                ).node
+                for i in range(2)
+            ]
+            await a.host.connect(b.host.addresses()[0])
+            context = await _share([a, b], bundle)
+            await _wait_converged([a, b], context)
+            topic = topic_for(context)
+            b.pubsub.unsubscribe(topic)
+            await _until(lambda: _absent(a, topic, b.host.peer_id), [a, b], limit=30)
+            for r in range(rounds):
+                for session, times in ((None, one), (_two_stream_session, two)):
+                    for i in range(k):
+                        await _set_many(a, context, _items(f"session{r}-{len(times)}", i, 1))
+                    started = time.perf_counter()
+                    if session is None:
+                        applied = await b.sync.sync_now(context, a.host.peer_id)
+                    else:
+                        applied = await session(b, a.host.peer_id, context)
+                    times.append(time.perf_counter() - started)
+                    if applied != k:
+                        raise RuntimeError(f"a session applied {applied} deltas, not {k}")
+    return one, two
+
+
+async def _absent(node: Node, topic: str, peer: PeerId) -> bool:
+    return peer not in node.pubsub.topic_peers(topic)
+
+
 # -- the suite --------------------------------------------------------------------------------
 
 
@@ -494,7 +560,9 @@ async def run(*, quick: bool) -> list[Row]:
                 )
             )
         writes, raw = await _propagation(rounds, base / "propagation", bundle)
-    return rows + propagation_rows(writes, raw)
+        session_rounds = 20 if quick else 200
+        one, two = await _session_times(session_rounds, 10, base / "session", bundle)
+    return rows + propagation_rows(writes, raw) + session_rows(one, two)
 
 
 def propagation_rows(writes: list[float], raw: list[float]) -> list[Row]:
@@ -507,6 +575,22 @@ def propagation_rows(writes: list[float], raw: list[float]) -> list[Row]:
             "ms",
             "raw gossip publish -> last of 4, same nodes",
             _percentile(raw, q) * 1000,
+            higher_is_better=False,
+        )
+        for q, name in ((0.5, "p50"), (0.99, "p99"))
+    ]
+
+
+def session_rows(one: list[float], two: list[float]) -> list[Row]:
+    """p50 and p99 of `_session_times`, in ms: one stream against two."""
+    return [
+        Row(
+            f"sync session of B with A (loopback), B lacks 10 deltas: one stream {name}, "
+            f"{len(one)} rounds",
+            _percentile(one, q) * 1000,
+            "ms",
+            "same session on two streams (heads, then fetch), interleaved",
+            _percentile(two, q) * 1000,
             higher_is_better=False,
         )
         for q, name in ((0.5, "p50"), (0.99, "p99"))

@@ -515,8 +515,9 @@ class Replicator:
     async def session(
         self, peer: PeerId, context_id: bytes
     ) -> AsyncIterator[tuple[SyncChannel, Connection]]:
-        """A sync stream to `peer` on which we have proved our membership of `context_id`
-        (for the state-based protocols: snapshot, tree comparison)."""
+        """A sync stream to `peer` on which we have proved our membership of `context_id`:
+        a sync session runs all its protocols on one (heads exchange, then delta sync,
+        snapshot or tree comparison)."""
         _, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
         async with stream:
             conn = self.host.connections.get(peer)
@@ -535,11 +536,10 @@ class Replicator:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def ask_heads(self, peer: PeerId, context_id: bytes) -> HeadsResponse:
-        """Open a session: the peer's heads and root hash for `context_id`."""
-        async with self.session(peer, context_id) as (channel, _):
-            _, ours, _ = await self.contexts.state(context_id)
-            return await exchange_heads(channel, HeadsExchange(ours))
+    async def ask_heads_on(self, channel: SyncChannel, context_id: bytes) -> HeadsResponse:
+        """The heads exchange on a session's stream (its first request, or again later)."""
+        _, ours, _ = await self.contexts.state(context_id)
+        return await exchange_heads(channel, HeadsExchange(ours))
 
     def _requesting(self, stream: trio.abc.Stream) -> SyncChannel:
         return SyncChannel(stream, self.host.stream_limits.for_requester())

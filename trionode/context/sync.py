@@ -57,9 +57,10 @@ from trionode.context.events import EventHub
 from trionode.context.manager import ContextManager
 from trionode.context.notices import b58
 from trionode.context.replication import SESSION_ERRORS, Replicator, context_of, topic_for
+from trionode.net.host import Connection
 from trionode.net.pubsub import PubSub
 from trionode.sync import plan
-from trionode.sync.driver import compare_trees
+from trionode.sync.driver import SyncChannel, compare_trees
 from trionode.sync.treecmp import TreeCompare, TreeLimits
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import Beat, HeadsResponse, Heartbeat, encode_gossip
@@ -167,6 +168,15 @@ class PeerSyncStatus:
     """Deltas applied here by the last successful session."""
     last_error: str | None = None
     last_error_at: float | None = None
+
+
+@attrs.frozen
+class _Link:
+    """A session's one sync stream (membership already proved on it) and its peer."""
+
+    peer: PeerId
+    channel: SyncChannel
+    conn: Connection
 
 
 @attrs.define
@@ -442,8 +452,15 @@ class SyncManager:
         if self.contexts.snapshot_running(context_id):
             run.protocol, run.outcome = "snapshot", "busy"  # the join is taking it
             return
+        async with self.replicator.session(peer, context_id) as (channel, conn):
+            await self._run_session(context_id, _Link(peer, channel, conn), run)
+
+    async def _run_session(self, context_id: bytes, link: _Link, run: _Run) -> None:
+        """The session on its one stream: heads exchange, then whatever protocol the plan
+        picks (snapshot, delta sync, tree comparison) on the same stream."""
+        peer = link.peer
         progress = await snapshot.load_progress(self.contexts.store, context_id)
-        heads = await self.replicator.ask_heads(peer, context_id)
+        heads = await self.replicator.ask_heads_on(link.channel, context_id)
         fresh = progress is not None or await self.contexts.is_fresh(context_id)
         situation = plan.Situation(heads, snapshot_in_progress=progress is not None, fresh=fresh)
         if not fresh:
@@ -467,7 +484,7 @@ class SyncManager:
         choice = plan.choose(situation)
         if choice is plan.Choice.SNAPSHOT:
             try:
-                await self._snapshot(context_id, peer, run)
+                await self._snapshot(context_id, link, run)
                 return
             except snapshot.UntrustedSource as exc:
                 log.info("no snapshot from %s (%s): syncing deltas instead", peer, exc)
@@ -476,7 +493,7 @@ class SyncManager:
             # The whole history (each session goes `max_fetch_rounds` deeper): every delta
             # verifies itself, so any member will do.
             run.protocol = "delta"
-            if not await self._delta_sync(context_id, peer, heads, run, max_rounds=None):
+            if not await self._delta_sync(context_id, link, heads, run, max_rounds=None):
                 run.outcome = "partial"
             elif progress is not None:
                 await self.contexts.store.delete(
@@ -488,7 +505,7 @@ class SyncManager:
         if choice is plan.Choice.DELTA:
             run.protocol = "delta"
             if await self._delta_sync(
-                context_id, peer, heads, run, max_rounds=self.max_delta_rounds
+                context_id, link, heads, run, max_rounds=self.max_delta_rounds
             ):
                 await self._drop_stale_heads(context_id, heads, situation.heads)
                 return
@@ -509,7 +526,7 @@ class SyncManager:
             # them must not slip in either. A later session fetches them once finality moved.
             run.outcome = "undo_full"
             return
-        await self._tree_compare(context_id, peer, heads.heads, run, diverged=diverged)
+        await self._tree_compare(context_id, link, heads.heads, run, diverged=diverged)
 
     async def _drop_stale_heads(
         self, context_id: bytes, peer: HeadsResponse, ours: Iterable[bytes]
@@ -533,7 +550,7 @@ class SyncManager:
     async def _delta_sync(
         self,
         context_id: bytes,
-        peer: PeerId,
+        link: _Link,
         heads: HeadsResponse,
         run: _Run,
         *,
@@ -544,39 +561,35 @@ class SyncManager:
         of the peer's is applied now."""
         wanted = await self.contexts.unknown(context_id, heads.heads)
         wanted |= await self.contexts.missing(context_id)
-        wanted -= self.replicator.folded.by(context_id, peer)
+        wanted -= self.replicator.folded.by(context_id, link.peer)
         if wanted:
-            run.applied += await self.replicator.fetch(
-                peer,
-                context_id,
-                wanted,
-                max_rounds=max_rounds,
+            run.applied += await self.replicator.fetch_on(
+                link.channel, link.peer, context_id, wanted, max_rounds=max_rounds
             )
         applied = await self.contexts.applied(context_id, heads.heads)
         return len(applied) == len(set(heads.heads))
 
-    async def _snapshot(self, context_id: bytes, peer: PeerId, run: _Run) -> None:
+    async def _snapshot(self, context_id: bytes, link: _Link, run: _Run) -> None:
         run.protocol = "snapshot"
         # The stream has its own idle deadline (`snapshot_idle_timeout`): a snapshot of a
         # million records is not cut by the session's `timeout` while it moves.
         if run.scope is not None:
             run.scope.deadline = math.inf
         try:
-            async with self.replicator.session(peer, context_id) as (channel, conn):
-                _, joined = await snapshot.take(
-                    self.contexts,
-                    channel,
-                    conn,
-                    peer,
-                    context_id,
-                    page_records=self.snapshot_page_records,
-                    page_bytes=self.snapshot_page_bytes,
-                    window=self.snapshot_window,
-                    batch_bytes=self.snapshot_batch_bytes,
-                    idle_timeout=self.snapshot_idle_timeout,
-                    on_page=self.metrics.snapshot_pages.inc,
-                    on_progress=functools.partial(self._snapshot_progress, context_id),
-                )
+            _, joined = await snapshot.take(
+                self.contexts,
+                link.channel,
+                link.conn,
+                link.peer,
+                context_id,
+                page_records=self.snapshot_page_records,
+                page_bytes=self.snapshot_page_bytes,
+                window=self.snapshot_window,
+                batch_bytes=self.snapshot_batch_bytes,
+                idle_timeout=self.snapshot_idle_timeout,
+                on_page=self.metrics.snapshot_pages.inc,
+                on_progress=functools.partial(self._snapshot_progress, context_id),
+            )
         except snapshot.SnapshotRefused:
             self.metrics.snapshot_refused.inc()
             # The state came some other way: the marker no longer applies.
@@ -586,9 +599,9 @@ class SyncManager:
         if run.scope is not None:
             run.scope.deadline = trio.current_time() + self.timeout
         # The tail: what the peer wrote since the boundary (and anything gossip left pending).
-        tail = await self.replicator.ask_heads(peer, context_id)
+        tail = await self.replicator.ask_heads_on(link.channel, context_id)
         if not await self._delta_sync(
-            context_id, peer, tail, run, max_rounds=self.max_delta_rounds
+            context_id, link, tail, run, max_rounds=self.max_delta_rounds
         ):
             run.outcome = "partial"  # the next session continues (delta or tree comparison)
 
@@ -600,7 +613,7 @@ class SyncManager:
     async def _tree_compare(
         self,
         context_id: bytes,
-        peer: PeerId,
+        link: _Link,
         peer_heads: list[bytes],
         run: _Run,
         *,
@@ -611,16 +624,15 @@ class SyncManager:
         same stream: whatever is not final never travels unsigned."""
         run.protocol = "tree"
         contexts = self.contexts
-        async with self.replicator.session(peer, context_id) as (channel, conn):
-            ours, _ = await contexts.final_start(context_id, ())
-            machine = TreeCompare(ours, limits=self.tree_limits)
-            result = await compare_trees(channel, machine, contexts, conn, context_id)
-            wanted = await contexts.unknown(context_id, peer_heads)
-            wanted |= await contexts.missing(context_id)
-            if wanted:
-                run.applied += await self.replicator.fetch_on(
-                    channel, peer, context_id, wanted, max_rounds=None
-                )
+        ours, _ = await contexts.final_start(context_id, ())
+        machine = TreeCompare(ours, limits=self.tree_limits)
+        result = await compare_trees(link.channel, machine, contexts, link.conn, context_id)
+        wanted = await contexts.unknown(context_id, peer_heads)
+        wanted |= await contexts.missing(context_id)
+        if wanted:
+            run.applied += await self.replicator.fetch_on(
+                link.channel, link.peer, context_id, wanted, max_rounds=None
+            )
         if diverged or result.divergence:
             self.metrics.divergence.inc()
         if result.divergence:
