@@ -1,5 +1,6 @@
-"""Sync: a fresh member joining a large context, convergence after a partition heals, and
-propagation latency across 5 nodes. Every baseline is measured in the same run.
+"""Sync: a fresh member joining a large context, convergence after a partition heals,
+propagation latency across 5 nodes, and one sync session. Every baseline is measured in the
+same run.
 
 * **Join.** A member holds a context with ``n`` entries, its history final and folded (so
   it is final state a joiner takes as a streamed snapshot); a fresh node (app installed,
@@ -26,6 +27,12 @@ propagation latency across 5 nodes. Every baseline is measured in the same run.
   the same 5 nodes, a random payload of the delta's wire size published on A until the last
   of the other 4 nodes' event consumers handled it (``node.events.observe()``), interleaved
   round by round with the writes.
+* **One sync session.** 2 real nodes on loopback TCP, sync sessions only when the bench
+  runs one; B leaves the context's gossip topic, so A's writes reach it only by sync. A
+  writes 10 deltas, then B runs a session with A (`sync_now`: the heads exchange and the
+  delta fetch on the session's one stream); p50/p99 over the rounds. Baseline, interleaved
+  round by round: the same session composed as sessions ran before, the heads exchange on
+  one stream and the fetch on a second.
 
 **Entries and writes.** Populating a context one ``kv_store.set`` per entry costs O(entries)
 per call (each call recomputes the root hash, and the map's Merkle node hashes every child

@@ -12,7 +12,8 @@ import trio.testing
 from tests.replication.cluster_helpers import LIMIT, call, metric, share, wait_converged
 from tests.replication.test_authorization import forged_set, member_id
 from tests.replication.test_sync_protocols import fold_now, folding, quiet, sessions
-from trionode.auth.model import Verdict
+from trionode.auth.model import Verdict, tag
+from trionode.context.folding import fold_all
 from trionode.node import Node
 from trionode.testing import open_cluster
 
@@ -89,3 +90,38 @@ async def test_a_folded_gap_is_repaired_through_the_final_tree(
             want = {f"a{i}" for i in range(8)} | {"b0"}
             for node in (a, b):
                 assert want <= set(await call(node, context, "entries"))
+
+
+async def test_a_tree_comparison_between_different_final_frontiers_exchanges_acks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """B misses A's signed ack while cut off: A (the only admin) acked C's write, which no
+    delta of A's has in its past, and folded its own writes. B's session with A cannot
+    close the gap by deltas (A answers "missing" for folded bodies), so it compares trees:
+    the final frontiers differ, the two exchange their signed acks, and B's frontier
+    catches up with A's (without A's ack it would stop at A's own latest delta)."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(3, tmp_path, configure=folding) as cluster:
+            a, b, c = cluster
+            context = await share(cluster, [0, 1, 2])
+            await cluster.partition([1])
+            for i in range(3):
+                await call(a, context, "set", key=f"a{i}", value="v")
+            await cluster.settle()
+            await call(c, context, "set", key="c0", value="v")
+            await trio.sleep(3)  # A's ack round: its signed ack covers C's write
+            await cluster.settle()
+            await fold_all(a.contexts.replicas, retention=0.0, max_batch=1024)
+            await trio.sleep(10)  # past gossip's message cache: A's ack stays off B
+            a_final = dict((await a.contexts.replica(context)).authority.finality().final)
+            c_tag = tag(await member_id(c, context))
+            assert a_final.get(c_tag, 0) >= 1, "A's ack made C's write final on A"
+            b_replica = await b.contexts.replica(context)
+            assert dict(b_replica.authority.finality().final) != a_final
+            await cluster.heal()
+            await cluster.partition([2])
+            await b.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(b, "tree") == 1
+            assert metric(b, "trionode_acks_total", outcome="kept") >= 1
+            assert dict(b_replica.authority.finality().final) == a_final
+            assert {"a0", "a1", "a2", "c0"} <= set(await call(b, context, "entries"))

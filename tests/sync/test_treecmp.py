@@ -29,6 +29,7 @@ from trionode.sync.treecmp import (
     JoinRecords,
     ReadNodes,
     ReadSubtrees,
+    TakeAcks,
     TreeCompare,
     TreeLimits,
     TreeResult,
@@ -67,9 +68,14 @@ class Side:
     writers: set[bytes] = attrs.field(factory=lambda: {WRITER})
     frontier: dict[bytes, int] = attrs.field(factory=dict)
     applied: set[bytes] = attrs.field(factory=set)
+    acks: tuple[bytes, ...] = ()
+    taken: list[bytes] = attrs.field(factory=list)
+    """The peer's acks this side took."""
 
     def final(self) -> FinalSide:
-        return FinalSide(self.tree.root_hash(), self.frontier, tuple(sorted(self.boundary)))
+        return FinalSide(
+            self.tree.root_hash(), self.frontier, tuple(sorted(self.boundary)), self.acks
+        )
 
     def nodes(self, queries: Sequence[tuple[bytes, bytes | None]]) -> list[TreeNode]:
         out = []
@@ -109,11 +115,15 @@ class ModelServer:
             return PeerProof(member=side.member, signature=bytes(64))
         if isinstance(message, TreeStart):
             self.start = message
+            differ = dict(message.frontier) != side.frontier
+            if differ:
+                side.taken.extend(message.acks)
             return TreeStarted(
                 heads=sorted(side.boundary),
                 known=sorted(h for h in message.heads if h in side.applied | side.boundary),
                 root_hash=side.tree.root_hash(),
                 frontier=sorted(side.frontier.items()),
+                acks=list(side.acks) if differ else [],
             )
         if isinstance(message, NodeRequest):
             nodes = side.nodes([(q.id, q.after) for q in message.queries])
@@ -142,6 +152,9 @@ def fulfil(machine: TreeCompare, local: Side) -> bool:
         member = action.proof.member
         trusted = member in local.writers
         machine.peer_checked(member, None if trusted else "not a writer of this context")
+    elif isinstance(action, TakeAcks):
+        local.taken.extend(action.acks)
+        machine.acks_taken()
     elif isinstance(action, ReadNodes):
         machine.nodes_read(
             [(n.record, n.hash, n.children, n.more) for n in local.nodes(action.queries)]
@@ -346,6 +359,30 @@ def test_same_frontier_and_different_final_roots_is_a_divergence() -> None:
     result = compare(local, remote)
     assert result.walked
     assert not result.divergence
+
+
+@settings(max_examples=60, deadline=None)
+@given(records(), records(), st.booleans())
+def test_different_frontiers_exchange_acks_and_equal_ones_do_not(
+    mine: list[Entity], theirs: list[Entity], same: bool
+) -> None:
+    local, remote = side(mine, set()), side(theirs, set())
+    local.acks, remote.acks = (b"ack of I",), (b"ack of R",)
+    local.frontier = {b"t" * 8: 3}
+    remote.frontier = {b"t" * 8: 3 if same else 5}
+    result = compare(local, remote)
+    assert local.taken == ([] if same else [b"ack of R"])
+    assert remote.taken == ([] if same else [b"ack of I"])
+    assert result.complete
+    assert local.tree.root_hash() == remote.tree.root_hash() == union_root(mine, theirs)
+
+
+def test_acks_offered_under_an_equal_frontier_fail_the_session() -> None:
+    local, remote = _diverged()
+    started = TreeStarted(heads=[], known=[], root_hash=bytes(32), acks=[b"unasked"])
+    with pytest.raises(AnswerMismatch, match="acks"):
+        compare(local, remote, tamper={TreeStarted: started})
+    assert not local.taken
 
 
 @pytest.mark.parametrize(

@@ -266,6 +266,7 @@ class Replicator:
             serving=metrics.serving,
             served_deltas=metrics.served_deltas,
             snapshot_idle_timeout=snapshot_idle_timeout,
+            acks=acks,
         )
         self._authored = authored
         """The deltas this node authors, once durable (from the LocalWriter, wired in
@@ -535,6 +536,10 @@ class Replicator:
         return SyncAuth(context_id=context_id, member=member, signature=signature)
 
     # -- serving ---------------------------------------------------------------------------
+
+    async def take_ack(self, context_id: bytes, wire: bytes) -> bool:
+        """A signed ack a sync session brought (as if gossiped): whether it was kept."""
+        return self._acks is not None and await self._acks(context_id, wire)
 
     async def ask_heads_on(self, channel: SyncChannel, context_id: bytes) -> HeadsResponse:
         """The heads exchange on a session's stream (its first request, or again later)."""

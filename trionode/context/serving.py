@@ -28,6 +28,7 @@ from trionode.context.notices import publish_change, publish_verdicts
 from trionode.context.processing import Applying, DeltaProcessor, ReplicationMetrics
 from trionode.context.records import DELTAS, PENDING
 from trionode.context.replicas import (
+    ACK_PREFIX,
     AUX,
     CHECKPOINT_VV_PREFIX,
     Replica,
@@ -49,11 +50,16 @@ from trionode.dag.delta import (
 from trionode.errors import ProtocolError, RemoteProtocolError
 from trionode.store.store import WriteBatch
 from trionode.sync.treecmp import FinalSide
+from trionode.wire.messages import MAX_IDS
 
 log = logging.getLogger(__name__)
 
 TreeNode = tuple[bytes | None, bytes | None, list[tuple[bytes, bytes | None]], bool]
 """(encoded record, Merkle hash, [(child id, hash)], more children follow)."""
+
+
+MAX_ACKS_BYTES = 1024 * 1024
+"""Signed acks a tree comparison offers at most (well within a frame)."""
 
 
 class StateAheadError(ProtocolError):
@@ -206,11 +212,19 @@ class SyncServing:
         """Our final side for a tree comparison (final root, FF, boundary: see
         `_final_view`) and which of `peer_boundary` we have applied, read together."""
         replica = await self._replicas.load(context_id)
+        acks: list[bytes] = []
+        size = 0
+        for _, wire in await self._replicas.store.scan(AUX, prefix=ACK_PREFIX + context_id):
+            if len(acks) >= MAX_IDS or size + len(wire) > MAX_ACKS_BYTES:
+                break
+            acks.append(wire)
+            size += len(wire)
         async with replica.lock:
             tree, boundary = self._final_view(replica)
             known = sorted({h for h in peer_boundary if h in replica.dag.applied})
             frontier = dict(replica.authority.finality().final)
-            return FinalSide(tree.root_hash(), frontier, tuple(boundary)), known
+            side = FinalSide(tree.root_hash(), frontier, tuple(boundary), tuple(acks))
+            return side, known
 
     def _base_joined(self, replica: Replica, records: Sequence[Entity]) -> None:
         """`records` joined the base rows: a cached final view that was current takes

@@ -11,8 +11,8 @@ SyncManager.run ── sync nursery
    └─ sessions        one task each, all under one CapacityLimiter(sync.max_concurrent)
                       shared with incoming sessions (see Replicator._serve_sync)
 ```
-A session asks a member peer for its heads and root (`HeadsRequest`), then picks a protocol
-(`_sync_with`):
+A session opens one sync stream to a member peer, asks for its heads and root
+(`HeadsRequest`), then picks a protocol (`_run_session`) and runs it on the same stream:
 
 * a snapshot is being taken (a marker is persisted), or the node has no state at all →
   **snapshot** (`snapshot.take`: streamed, resumable, checked against its final root and
@@ -626,7 +626,9 @@ class SyncManager:
         contexts = self.contexts
         ours, _ = await contexts.final_start(context_id, ())
         machine = TreeCompare(ours, limits=self.tree_limits)
-        result = await compare_trees(link.channel, machine, contexts, link.conn, context_id)
+        result = await compare_trees(
+            link.channel, machine, contexts, link.conn, context_id, acks=self.replicator.take_ack
+        )
         wanted = await contexts.unknown(context_id, peer_heads)
         wanted |= await contexts.missing(context_id)
         if wanted:

@@ -9,6 +9,7 @@ not, is ever served unsigned.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from trionode.context.manager import ContextManager
@@ -37,6 +38,9 @@ from trionode.wire.messages import (
 
 log = logging.getLogger(__name__)
 
+TakeAck = Callable[[bytes, bytes], Awaitable[bool]]
+"""Take one signed ack for a context (`AckBook.receive`): whether it was kept."""
+
 REPLY_BYTES: Final = 3 * 1024 * 1024
 """Record bytes per node reply beyond its first node (which may hold one large record)."""
 SERVE_MAX_REQUESTS: Final = 16384
@@ -51,8 +55,16 @@ class SessionResponder:
     Pushed records are joined only while that key is a writer in our own resolution."""
 
     def __init__(
-        self, contexts: ContextManager, conn: Connection, context_id: bytes, member: bytes
+        self,
+        contexts: ContextManager,
+        conn: Connection,
+        context_id: bytes,
+        member: bytes,
+        *,
+        acks: TakeAck | None = None,
     ) -> None:
+        self.acks = acks
+        """Where a requester's signed acks go when our final frontiers differ (the AckBook)."""
         self.contexts = contexts
         self.conn = conn
         self.context_id = context_id
@@ -71,11 +83,16 @@ class SessionResponder:
         if isinstance(message, TreeStart):
             side, known = await contexts.final_start(context_id, message.heads)
             self._start = message
+            differ = dict(message.frontier) != dict(side.frontier)
+            if differ and self.acks is not None:
+                for ack in message.acks:
+                    await self.acks(context_id, ack)  # (drops and counts a bad one)
             return TreeStarted(
                 heads=list(side.boundary[:MAX_IDS]),
                 known=known[:MAX_IDS],
                 root_hash=side.root,
                 frontier=sorted(side.frontier.items()),
+                acks=list(side.acks) if differ else [],
             )
         if isinstance(message, NodeRequest):
             self._requests += 1

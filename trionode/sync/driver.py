@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge
 
 from trionode.context.manager import ContextManager
 from trionode.context.snapshot import check_proof
-from trionode.context.treecmp import SessionResponder
+from trionode.context.treecmp import SessionResponder, TakeAck
 from trionode.dag.delta import VerifiedDelta
 from trionode.errors import RemoteProtocolError, StreamEndedError
 from trionode.net.framed import FramedStream, StreamLimits
@@ -50,6 +50,7 @@ from trionode.sync.treecmp import (
     JoinRecords,
     ReadNodes,
     ReadSubtrees,
+    TakeAcks,
     TreeCompare,
     TreeResult,
 )
@@ -243,6 +244,8 @@ async def compare_trees(
     contexts: ContextManager,
     conn: Connection,
     context_id: bytes,
+    *,
+    acks: TakeAck | None = None,
 ) -> TreeResult:
     """Run a tree comparison of final state on an authenticated stream, fulfilling the
     machine's actions against `contexts` (`trionode.sync.treecmp`)."""
@@ -261,6 +264,11 @@ async def compare_trees(
             writer, _ = await contexts.peer_rights(context_id, member)
             problem = None if writer else f"{conn.peer_id} is not a writer of this context"
             machine.peer_checked(member, problem)
+        elif isinstance(action, TakeAcks):
+            if acks is not None:
+                for ack in action.acks:
+                    await acks(context_id, ack)  # (drops and counts a bad one)
+            machine.acks_taken()
         elif isinstance(action, ReadNodes):
             machine.nodes_read(await contexts.tree_nodes(context_id, action.queries))
         elif isinstance(action, JoinRecords):
@@ -308,7 +316,10 @@ class SyncServer:
         served_deltas: Counter | None = None,
         snapshot_idle_timeout: float = 60.0,
         served_pages: Counter | None = None,
+        acks: TakeAck | None = None,
     ) -> None:
+        self.acks = acks
+        """Where signed acks a tree comparison brings go (the AckBook)."""
         self.contexts = contexts
         self.host = host
         self._refused = refused
@@ -392,7 +403,7 @@ class SyncServer:
         self, channel: SyncChannel, conn: Connection, machine: Responder, auth: SyncAuth
     ) -> None:
         context_id = auth.context_id
-        state_sync = SessionResponder(self.contexts, conn, context_id, auth.member)
+        state_sync = SessionResponder(self.contexts, conn, context_id, auth.member, acks=self.acks)
         while True:
             message = await _receive(channel, machine, eof_ok=True)
             if message is None:

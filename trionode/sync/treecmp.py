@@ -6,8 +6,10 @@ requester (I)                                     responder (R)
   ProofRequest                        ──────────▶  (I proved membership with SyncAuth)
                                       ◀──────────  PeerProof: R's member key (CheckPeer: a
                                                    current member in I's own resolution)
-  TreeStart(boundary B_I, FF_I)       ──────────▶  reads together: its final boundary B_R,
-                                      ◀──────────  which of B_I it has applied, final root, FF_R
+  TreeStart(boundary B_I, FF_I, acks) ──────────▶  reads together: its final boundary B_R,
+                                      ◀──────────  which of B_I it has applied, final root, FF_R;
+                                                   FFs differ: each side takes the other's
+                                                   signed acks (TakeAcks), so FF catches up
   equal final roots: nothing to walk. Otherwise (same FF: a divergence, counted) walk
   breadth-first from the root, only where hashes differ:
   NodeRequest([(id, after)…])         ──────────▶  per node of its final tree: record, hash,
@@ -117,6 +119,8 @@ class FinalSide:
     """FF: author tag → highest final sequence number."""
     boundary: tuple[bytes, ...]
     """The checkpoints the final state stands for (at most `MAX_IDS` travel)."""
+    acks: tuple[bytes, ...] = ()
+    """The signed acks held (see `trionode.context.acks`), offered when frontiers differ."""
 
 
 @attrs.define
@@ -184,6 +188,14 @@ class ExportAuth:
 
 
 @attrs.frozen
+class TakeAcks:
+    """The frontiers differ: take the peer's signed acks (each verified, and counted once
+    its whole past is held here). Answer `acks_taken`."""
+
+    acks: tuple[bytes, ...]
+
+
+@attrs.frozen
 class AdoptBoundary:
     """Take these ops (verified and judged here), then record `heads` as checkpoints
     (`known`: those of our own boundary the peer had applied). Answer `boundary_adopted`."""
@@ -194,7 +206,9 @@ class AdoptBoundary:
     known: tuple[bytes, ...]
 
 
-TreeAction = CheckPeer | ReadNodes | JoinRecords | ReadSubtrees | ExportAuth | AdoptBoundary
+TreeAction = (
+    CheckPeer | TakeAcks | ReadNodes | JoinRecords | ReadSubtrees | ExportAuth | AdoptBoundary
+)
 
 
 class _State(enum.Enum):
@@ -323,6 +337,7 @@ class TreeCompare(MachineBase):
                 heads=list(ours.boundary[:MAX_IDS]),
                 known=[],
                 frontier=_encode_frontier(ours.frontier),
+                acks=list(ours.acks[:MAX_IDS]),
             ),
             _State.AWAIT_STARTED,
         )
@@ -413,11 +428,26 @@ class TreeCompare(MachineBase):
         if not set(started.known) <= set(self._ours.boundary):
             raise TooManyIds("the answer lists boundary ids of ours we never sent")
         self.started = started
+        same_frontier = _decode_frontier(started.frontier) == dict(self._ours.frontier)
+        if started.acks and same_frontier:
+            raise AnswerMismatch("acks offered under an equal frontier")
+        if started.acks:
+            self._act(TakeAcks(tuple(started.acks)))
+            return
+        self._begin_walk(same_frontier=same_frontier)
+
+    def acks_taken(self) -> None:
+        self._done_acting(TakeAcks)
+        self._begin_walk(same_frontier=False)
+
+    def _begin_walk(self, *, same_frontier: bool) -> None:
+        started = self.started
+        assert started is not None
         if started.root_hash == self._ours.root:
             self._finish_walk()
             return
         self.result.walked = True
-        self.result.divergence = _decode_frontier(started.frontier) == dict(self._ours.frontier)
+        self.result.divergence = same_frontier
         self._queue.append((ROOT_ID, None))
         self._ask_next()
 

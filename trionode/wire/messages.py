@@ -244,6 +244,10 @@ Frontier = Annotated[
     msgspec.Meta(max_length=4096),
 ]
 """A final frontier (FF): (author tag, highest final sequence number), by tag."""
+Acks = Annotated[
+    list[Annotated[bytes, msgspec.Meta(max_length=128 * 1024)]], msgspec.Meta(max_length=MAX_IDS)
+]
+"""Signed finality acks (`trionode.auth.acks`), exchanged when two final frontiers differ."""
 
 
 class TreeStart(msgspec.Struct, tag="tree_start", frozen=True, forbid_unknown_fields=True):
@@ -254,6 +258,8 @@ class TreeStart(msgspec.Struct, tag="tree_start", frozen=True, forbid_unknown_fi
     heads: Ids
     known: Ids
     frontier: Frontier = []
+    acks: Acks = []
+    """The requester's signed acks: the responder takes them if the frontiers differ."""
 
 
 class TreeStarted(msgspec.Struct, tag="tree_started", frozen=True, forbid_unknown_fields=True):
@@ -264,6 +270,8 @@ class TreeStarted(msgspec.Struct, tag="tree_started", frozen=True, forbid_unknow
     known: Ids
     root_hash: Id32
     frontier: Frontier = []
+    acks: Acks = []
+    """The responder's signed acks, when the frontiers differ (none when they are equal)."""
 
 
 class NodeQuery(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
