@@ -594,6 +594,7 @@ async def _open_locked_node(
                     retention=node.config.store.delta_retention,
                     interval=node.config.store.fold_interval,
                     max_batch=node.config.store.fold_batch,
+                    metrics=node.replication_metrics,
                     shutdown_requested=node.shutdown_requested,
                 ),
                 name="folding",

@@ -11,7 +11,14 @@ import trio
 import trio.testing
 from msgspec.structs import replace
 
-from tests.replication.cluster_helpers import LIMIT, call, share, wait_converged, write
+from tests.replication.cluster_helpers import (
+    LIMIT,
+    call,
+    deltas,
+    share,
+    wait_converged,
+    write,
+)
 from trionode.auth.model import Verdict
 from trionode.config import FileConfig
 from trionode.node import Node
@@ -54,6 +61,7 @@ async def test_final_deltas_fold_and_an_undo_rebuilds_from_the_final_state(
             ids.append(await write(a, context, "set_title", title="A"))  # the only head
             await wait_converged(cluster, list(cluster), context)
             before = await root(a, context)
+            assert [deltas(node, "folded") for node in cluster] == [0.0] * 3
             await trio.sleep(10)  # acks go round, then a folding pass
             await cluster.settle()
             for node in cluster:
@@ -61,6 +69,7 @@ async def test_final_deltas_fold_and_an_undo_rebuilds_from_the_final_state(
                 assert await held(node, context, ids) == [False] * 4 + [True]
                 assert await root(node, context) == before
                 assert await call(node, context, "text") == "one two three four "
+                assert deltas(node, "folded") == 4
             # An undo after folding: B applies C's write, then learns (straight from A's
             # removal, before any sync could repair it) that A removed C concurrently.
             c_member = (await c.contexts.member_key(context))[0]

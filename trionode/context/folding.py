@@ -34,6 +34,7 @@ import trio
 from trionode.auth.model import Verdict, tag
 from trionode.context.authority import encode_vv
 from trionode.context.errors import ContextError
+from trionode.context.processing import ReplicationMetrics
 from trionode.context.records import DELTAS
 from trionode.context.replicas import (
     AUX,
@@ -141,16 +142,19 @@ async def serve_folding(
     retention: float,
     interval: float,
     max_batch: int,
+    metrics: ReplicationMetrics,
     shutdown_requested: trio.Event,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Every `interval` seconds, fold what is final and older than `retention`."""
+    """Every `interval` seconds, fold what is final and older than `retention`; each folded
+    delta counts as `trionode_deltas_total{outcome="folded"}`."""
 
     async def loop() -> None:
         while True:
             await trio.sleep(interval)
             folded = await fold_all(replicas, retention=retention, max_batch=max_batch)
             if folded:
+                metrics.outcome("folded", folded)
                 log.debug("folded %d final deltas", folded)
 
     async with trio.open_nursery() as nursery:

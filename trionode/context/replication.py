@@ -102,7 +102,8 @@ class ReplicationMetrics:
             "Received and local deltas by outcome (applied, pending, cascaded, duplicate, "
             "evicted, rejected_<reason>, published; deferred: stamped ahead of our clock, "
             "waits; refused_ahead: beyond max_clock_drift + pending_timeout, not stored; "
-            "refused_state_ahead: state records beyond max_clock_drift)",
+            "refused_state_ahead: state records beyond max_clock_drift; folded: final deltas "
+            "whose bodies left the undo log for the final state)",
             ["outcome"],
             registry=registry,
         )
