@@ -103,6 +103,16 @@ class MergeResult(NamedTuple):
     """`removed` changed: the floor of the whole subtree moved."""
 
 
+_RESULTS: Final = (
+    (
+        MergeResult(changed=False, floor_changed=False),
+        MergeResult(changed=False, floor_changed=True),
+    ),
+    (MergeResult(changed=True, floor_changed=False), MergeResult(changed=True, floor_changed=True)),
+)
+"""Every `MergeResult`, made once: `merge` runs per record per write."""
+
+
 class Entity:
     """One entity record (see the module docstring). Mutable so the tree and transactions
     can join in place; treat records you did not create as read-only."""
@@ -155,16 +165,16 @@ class Entity:
             raise ValueError("cannot join records of different entities")
         added = latest(self.added, other.added)
         removed = latest(self.removed, other.removed)
-        changed = added != self.added or removed != self.removed
         floor_changed = removed != self.removed
+        changed = floor_changed or added != self.added
         self.added, self.removed = added, removed
         if other.kind < self.kind:
             self.kind = other.kind
             self.body = other.copy().body
-            return MergeResult(changed=True, floor_changed=True)
+            return _RESULTS[1][1]
         if other.kind == self.kind and other.body is not None:
-            changed |= self._merge_body(other.body)
-        return MergeResult(changed, floor_changed)
+            changed = self._merge_body(other.body) or changed
+        return _RESULTS[changed][floor_changed]
 
     def join(self, other: Entity) -> Entity:
         result = self.copy()

@@ -414,9 +414,7 @@ class _Sequence(Handle, Generic[S]):
         state, floor = self._base()
         tx = self._tx
         delta = state.insert_delta(pos, values, tx.stamp, floor, writer=tx.writer)
-        tx.witness(
-            max(delta.elements, default=None)
-        )  # ids continuing a run are not fresh clock stamps
+        tx.witness(delta.max_id())  # ids continuing a run are not fresh clock stamps
         tx.write(self._path, delta)
 
     def _delete(self, pos: int, count: int) -> None:
@@ -433,7 +431,8 @@ class Vector(_Sequence[VectorState], Generic[T]):
     _state_type = VectorState
 
     def __init__(self, tx: Transaction, path: EntityPath, codec: ValueCodec[T]) -> None:
-        super().__init__(tx, path)
+        self._tx = tx  # (not `super().__init__`: one call less per bound handle)
+        self._path = path
         self._codec = codec
 
     def to_list(self) -> list[T]:

@@ -29,7 +29,9 @@ module deterministic and lets tests drive it.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, NamedTuple
+from collections.abc import Callable
+from functools import partial
+from typing import Annotated, Final, NamedTuple, cast
 
 import msgspec
 
@@ -110,6 +112,12 @@ class Timestamp(NamedTuple):
         return self.time & LOGICAL_MASK
 
 
+new_stamp: Final = cast(
+    "Callable[[tuple[int, bytes]], Timestamp]", partial(tuple.__new__, Timestamp)
+)
+"""A `Timestamp` without the NamedTuple's Python-level `__new__` (runs once per write)."""
+
+
 class ClockDriftError(TrionodeError):
     """A remote stamp is further in the future than the drift tolerance allows.
 
@@ -173,7 +181,16 @@ class HybridClock:
 
     def now(self, physical: int) -> Timestamp:
         """Tick: a fresh stamp greater than every stamp issued or witnessed before."""
-        return self._issue(max(_check_range(physical) & ~LOGICAL_MASK, self._last + 1))
+        if not 0 <= physical <= NTP64_MAX:
+            _check_range(physical)  # raises
+        time = physical & ~LOGICAL_MASK
+        last = self._last + 1
+        if last > time:
+            time = last
+            if time > NTP64_MAX:
+                _check_range(time)  # raises
+        self._last = time  # (inlined `_issue`: this runs once per write)
+        return new_stamp((time, self._node))
 
     def update(self, remote: Timestamp, physical: int) -> Timestamp:
         """Receive: advance past `remote` and return a stamp for the receive event.

@@ -259,8 +259,14 @@ class OrderIndex:
         if anchor is None:
             block, index = self._blocks[0], 0
         else:
-            block, index = self._locate(anchor)
-            index += 1
+            block, index = self._hint
+            ids = block.ids
+            # Typing: the anchor is the element placed last (`_locate`'s first guess, inline).
+            if index < len(ids) and ids[index] == anchor:
+                index += 1
+            else:
+                block, index = self._locate(anchor)
+                index += 1
         self._insert(block, index, eid, is_live)
 
     def insert_before(
@@ -312,22 +318,25 @@ class OrderIndex:
         self._where[eid] = block.serial
         self._hint = (block, index)
         if is_live(eid):
-            back = index - 1
-            while back >= 0 and not is_live(ids[back]):
-                back -= 1
             live = block.live
-            at = 0
-            if back >= 0:
-                before = ids[back]
-                # Typing: the live predecessor is usually the element placed last.
-                guess = self._live_hint
-                at = (
-                    guess if guess < len(live) and live[guess] == before else live.index(before)
-                ) + 1
+            guess = self._live_hint
+            # Typing: the live predecessor is usually the element placed last, right before.
+            if index and guess < len(live) and live[guess] == ids[index - 1]:
+                at = guess + 1
+            else:
+                back = index - 1
+                while back >= 0 and not is_live(ids[back]):
+                    back -= 1
+                at = live.index(ids[back]) + 1 if back >= 0 else 0
             live.insert(at, eid)
             self._live_hint = at
             self._live_total += 1
-            self._add(block.pos, 1)
+            tree = self._fenwick  # (`_add(block.pos, 1)`, inline: once per keystroke)
+            i = block.pos + 1
+            n = len(tree)
+            while i < n:
+                tree[i] += 1
+                i += i & -i
             block.chunks = None
         if len(ids) > self._block_max:
             self._split(block)

@@ -53,12 +53,13 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left, insort
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from operator import itemgetter
 from types import MappingProxyType
-from typing import Final, Generic, NamedTuple, Self, TypeVar
+from typing import Final, Generic, NamedTuple, Self, TypeVar, cast
 
 from trionode.crdt.canonical import canonical
-from trionode.crdt.hlc import NTP64_MAX, Timestamp, latest
+from trionode.crdt.hlc import NTP64_MAX, Timestamp, latest, new_stamp
 from trionode.crdt.order_index import OrderIndex, chunk_ends
 
 V = TypeVar("V", str, bytes)
@@ -66,6 +67,7 @@ V = TypeVar("V", str, bytes)
 HEAD: Final = Timestamp(0, b"")
 """The virtual element before the first one. No real element can have this id."""
 
+_AFTER: Final = itemgetter(0)
 _VALUE: Final = itemgetter(1)
 _UPDATED: Final = itemgetter(2)
 _BULK_MERGE: Final = 64
@@ -87,6 +89,13 @@ class Element(NamedTuple, Generic[V]):
     """Stamp of the current value if it was overwritten (Vector `set`); None: the id's."""
     deleted: Timestamp | None
     """Tombstone stamp; None while live."""
+
+
+_element: Final = cast(
+    "Callable[[tuple[Timestamp, V | None, Timestamp | None, Timestamp | None]], Element[V]]",
+    partial(tuple.__new__, Element),
+)
+"""`Element` from a tuple without the NamedTuple's Python-level `__new__` (per keystroke)."""
 
 
 def join_element(eid: Timestamp, a: Element[V], b: Element[V]) -> Element[V]:
@@ -112,8 +121,12 @@ class SequenceState(Generic[V]):
     def __init__(self, elements: Mapping[Timestamp, Element[V]] | None = None) -> None:
         self._elements: dict[Timestamp, Element[V]] = dict(elements) if elements else {}
         self._children: dict[Timestamp, list[Timestamp]] = {}
-        for eid in sorted(self._elements):
-            self._children.setdefault(self._elements[eid].after, []).append(eid)
+        if len(self._elements) == 1:  # a one-edit delta: no sort
+            [(eid, el)] = self._elements.items()
+            self._children[el.after] = [eid]
+        else:
+            for eid in sorted(self._elements):
+                self._children.setdefault(self._elements[eid].after, []).append(eid)
         self._index: OrderIndex | None = None
         """The order without a floor (None: rebuild on the next read)."""
         self._lists: tuple[list[Timestamp], list[Timestamp]] | None = None
@@ -149,8 +162,9 @@ class SequenceState(Generic[V]):
         changed = False
         # Ascending ids put references before the elements inserted after them (HLC
         # causality), so incremental placement covers the common case.
-        for eid in sorted(other._elements):
-            incoming = other._elements[eid]
+        theirs = other._elements
+        for eid in sorted(theirs) if len(theirs) > 1 else theirs:
+            incoming = theirs[eid]
             mine = self._elements.get(eid)
             if mine is None:
                 self._elements[eid] = incoming
@@ -254,29 +268,41 @@ class SequenceState(Generic[V]):
         right after that writer's own childless element continues its run of ids (see the
         module docstring); the caller must witness the ids of the returned delta.
         """
-        length = self.visible_len(floor)
-        if not 0 <= pos <= length:
-            raise IndexError(f"insert position {pos} out of range 0..{length}")
-        after = self.visible_at(pos - 1, floor) if pos else HEAD
+        if floor is None:  # the common case, without the general lookups' calls
+            index = self._ordered()
+            length = index.live_len()
+            if not 0 <= pos <= length:
+                raise IndexError(f"insert position {pos} out of range 0..{length}")
+            after = index.live_at(pos - 1) if pos else HEAD
+        else:
+            length = self.visible_len(floor)
+            if not 0 <= pos <= length:
+                raise IndexError(f"insert position {pos} out of range 0..{length}")
+            after = self.visible_at(pos - 1, floor) if pos else HEAD
         new: dict[Timestamp, Element[V]] = {}
         elements = self._elements
+        node = after[1]
         extend = (
             writer is not None
-            and after.node == writer
+            and node == writer
             and after not in self._children
-            and after.time + len(values) <= NTP64_MAX
+            and after[0] + len(values) <= NTP64_MAX
         )
         for value in values:
             if extend:
-                eid = Timestamp(after.time + 1, after.node)
+                eid = new_stamp((after[0] + 1, node))
                 if eid in elements:
                     extend = False
                     eid = stamp()
             else:
                 eid = stamp()
-            new[eid] = Element(after, value, None, None)
+            new[eid] = _element((after, value, None, None))
             after = eid
         return type(self)(new)
+
+    def max_id(self) -> Timestamp | None:
+        """The highest element id (None when empty)."""
+        return max(self._elements, default=None)
 
     def delete_delta(
         self, pos: int, count: int, stamp: Timestamp, floor: Timestamp | None = None
@@ -454,12 +480,15 @@ class SequenceState(Generic[V]):
         return canonical(self.wire())
 
     def max_stamp(self) -> Timestamp | None:
-        best: Timestamp | None = max(self._elements, default=None)
-        for el in self._elements.values():
-            # `after` too: an honest one is older than its element, a forged one must not
-            # slip a far-future stamp past the drift check.
-            best = latest(best, latest(el.after, latest(el.updated, el.deleted)))
-        return best
+        elements = self._elements
+        if not elements:
+            return None
+        # `after` too: an honest one is older than its element, a forged one must not slip
+        # a far-future stamp past the drift check. (C-level max: runs once per edit.)
+        best: Timestamp = max(elements)
+        afters: Timestamp = max(map(_AFTER, elements.values()))
+        stamps = [s for el in elements.values() for s in (el.updated, el.deleted) if s is not None]
+        return max(best, afters, *stamps)
 
     def __eq__(self, other: object) -> bool:
         return (

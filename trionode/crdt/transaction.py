@@ -15,8 +15,10 @@ revives it (the later of add/remove by HLC wins) and a map that holds anything i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Final, NamedTuple, Self, TypeVar, cast
 
 from trionode.crdt.entity import (
     CONTAINERS,
@@ -29,7 +31,7 @@ from trionode.crdt.entity import (
     child_id,
 )
 from trionode.crdt.errors import TransactionError
-from trionode.crdt.hlc import HybridClock, Timestamp, latest
+from trionode.crdt.hlc import HybridClock, Timestamp
 
 if TYPE_CHECKING:
     from trionode.crdt.handles import Spec
@@ -87,6 +89,23 @@ class EntityPath:
 
 ROOT_PATH = EntityPath(None, b"", Kind.OBJECT)
 
+_FIELD_PATHS: dict[tuple[bytes, Kind], EntityPath] = {}
+"""Paths of top-level fields, shared by every transaction: a field's path costs a SHA-256
+to build and every call binds one. Paths never change once built."""
+_FIELD_PATHS_MAX: Final = 4096
+"""Field names come from app schemas, so few; past this many, paths are built per call."""
+
+
+def field_path(name: bytes, kind: Kind) -> EntityPath:
+    """The path of the top-level field `name` (cached, see `_FIELD_PATHS`)."""
+    key = (name, kind)
+    path = _FIELD_PATHS.get(key)
+    if path is None:
+        path = ROOT_PATH.child(name, kind)
+        if len(_FIELD_PATHS) < _FIELD_PATHS_MAX:
+            _FIELD_PATHS[key] = path
+    return path
+
 
 class Resolved(NamedTuple):
     """An entity as a transaction sees it."""
@@ -97,6 +116,13 @@ class Resolved(NamedTuple):
     """Latest removal of it or any ancestor: contributions at or below it are hidden."""
     visible: bool
     """Every record on the path exists, has the expected kind and is live."""
+
+
+_resolved: Final = cast(
+    "Callable[[tuple[Entity | None, Timestamp | None, bool]], Resolved]",
+    partial(tuple.__new__, Resolved),
+)
+"""`Resolved` without the NamedTuple's Python-level `__new__` (every handle call)."""
 
 
 class Transaction:
@@ -113,11 +139,13 @@ class Transaction:
         "_overlay",
         "_pending",
         "_physical",
+        "_records",
         "_tree",
     )
 
     def __init__(self, tree: StateTree, clock: HybridClock | None, physical: int) -> None:
         self._tree = tree
+        self._records = tree.records
         self._clock = clock
         self._physical = physical
         self._generation = tree.generation
@@ -152,15 +180,16 @@ class Transaction:
 
     def field(self, name: str, spec: Spec[H]) -> H:
         """A handle on the top-level field `name`, typed by `spec`."""
-        return spec.bind(self, ROOT_PATH.child(name.encode(), spec.kind))
+        return spec.bind(self, field_path(name.encode(), spec.kind))
 
     def get(self, entity_id: bytes) -> Entity | None:
         """The record as this transaction sees it (read-only)."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
         view = self._overlay.get(entity_id)
         if view is not None:
             return view
-        base = self._tree.get(entity_id)
+        base = self._records.get(entity_id)
         pending = self._pending.get(entity_id)
         if pending is None:
             return base
@@ -189,16 +218,20 @@ class Transaction:
                 continue
             if record.kind != node.kind or not record.is_live(floor):
                 visible = False
-            floor = latest(floor, record.removed)
-        return Resolved(record if path.parent is not None else None, floor, visible)
+            removed = record.removed
+            if removed is not None and (floor is None or removed > floor):
+                floor = removed
+        return _resolved((record if path.parent is not None else None, floor, visible))
 
     # -- writing -------------------------------------------------------------------------
 
     def stamp(self) -> Timestamp:
         """A fresh HLC stamp from the transaction's clock."""
-        self._check_writable()
-        assert self._clock is not None  # checked above
-        return self._clock.now(self._physical)
+        clock = self._clock
+        if clock is None or self._closed:
+            self._check_writable()
+        assert clock is not None  # checked above
+        return clock.now(self._physical)
 
     @property
     def writer(self) -> bytes | None:
@@ -208,9 +241,11 @@ class Transaction:
     def witness(self, stamp: Timestamp | None) -> None:
         """Make later stamps exceed `stamp`: for ids a write took without the clock (a
         sequence run continuing its writer's last id)."""
-        self._check_writable()
-        assert self._clock is not None  # checked above
-        self._clock.witness(stamp, self._physical)
+        clock = self._clock
+        if clock is None or self._closed:
+            self._check_writable()
+        assert clock is not None  # checked above
+        clock.witness(stamp, self._physical)
 
     def write(
         self, path: EntityPath, body: Body | None = None, *, stamp: Timestamp | None = None
@@ -221,7 +256,8 @@ class Transaction:
         written with, or none to take a fresh one (after the body's own stamps, so that
         `added` bounds everything written under it).
         """
-        self._check_writable()
+        if self._clock is None or self._closed:
+            self._check_writable()
         touch = stamp if stamp is not None else self.stamp()
         for node in path.chain():
             self._join(
@@ -259,7 +295,7 @@ class Transaction:
         pending = self._pending.get(eid)
         if pending is None:
             self._pending[eid] = delta
-            if eid not in self._tree:
+            if eid not in self._records:
                 self._new_children.setdefault(delta.parent, set()).add(eid)
         else:
             pending.merge(delta)
@@ -278,7 +314,7 @@ class Transaction:
                 the tree since this one began (its deltas could be stale for counters).
         """
         self._check_open()
-        if self.writable and self._tree.generation != self._generation:
+        if self._clock is not None and self._tree.generation != self._generation:
             self.abort()
             raise TransactionError("another local transaction committed first; retry")
         deltas = self.deltas()

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
-from trionode.crdt.rows import Row, RowLog
+from trionode.crdt.rows import JOURNAL_KINDS, Row, RowLog
 from trionode.crdt.sequence import SequenceState
 from trionode.crdt.transaction import Transaction
 
@@ -93,6 +93,12 @@ class StateTree:
         """The record for `entity_id` (read-only), tombstones included."""
         return self._records.get(entity_id)
 
+    @property
+    def records(self) -> Mapping[bytes, Entity]:
+        """Every record by id (read-only; a transaction reads through it without a call
+        per lookup)."""
+        return self._records
+
     def __len__(self) -> int:
         return len(self._records)
 
@@ -147,11 +153,15 @@ class StateTree:
                 result = mine.merge(incoming)
                 if not result.changed:
                     continue
-                self._log.applied(mine, incoming)
+                if mine.kind in JOURNAL_KINDS:
+                    self._log.applied(mine, incoming)
                 floor_changed = result.floor_changed
             changed.append(eid)
-            self._max_stamp = latest(self._max_stamp, incoming.max_stamp())
-            self._mark_updated(eid)
+            stamp = incoming.max_stamp()
+            if stamp is not None and (self._max_stamp is None or stamp > self._max_stamp):
+                self._max_stamp = stamp
+            self._deleted.discard(eid)  # (`_mark_updated`, inlined: runs per write)
+            self._updated.add(eid)
             self._invalidate_up(eid)
             if floor_changed:
                 self._invalidate_down(eid)
