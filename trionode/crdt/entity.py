@@ -144,7 +144,11 @@ class Entity:
         self.kind = kind
         self.added = added
         self.removed = removed
-        self.body: Body | None = None if body is not None and _empty(body) else body
+        self.body: Body | None = (
+            None  # (`_empty`, inline: a record is built per write)
+            if body is not None and not isinstance(body, RegisterState) and body.is_empty()
+            else body
+        )
         self.id = child_id(self.parent, self.name) if known_id is None else known_id
 
     def copy(self) -> Entity:

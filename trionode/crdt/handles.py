@@ -403,8 +403,15 @@ class _Sequence(Handle, Generic[S]):
     _state_type: type[S]
 
     def _base(self) -> tuple[S, Timestamp | None]:
-        state, floor = self._current(self._state_type)
-        return (state if state is not None else self._state_type()), floor
+        """`_current`, inline (once per edit), with an empty state for none."""
+        found = self._tx.resolve(self._path)
+        record = found.entity
+        state_type = self._state_type
+        if record is not None and record.kind == self._path.kind:
+            body = record.body
+            if type(body) is state_type:
+                return body, found.floor
+        return state_type(), found.floor
 
     def __len__(self) -> int:
         state, floor = self._read(self._state_type)

@@ -481,6 +481,14 @@ class SequenceState(Generic[V]):
 
     def max_stamp(self) -> Timestamp | None:
         elements = self._elements
+        if len(elements) == 1:  # a one-edit delta (committed once per keystroke)
+            [(top, (after, _, updated, deleted))] = elements.items()
+            top = max(top, after)
+            if updated is not None and updated > top:
+                top = updated
+            if deleted is not None and deleted > top:
+                top = deleted
+            return top
         if not elements:
             return None
         # `after` too: an honest one is older than its element, a forged one must not slip

@@ -304,7 +304,10 @@ class Transaction:
 
     def deltas(self) -> list[Entity]:
         """The pending delta-states, sorted by entity id (read-only)."""
-        return [self._pending[k] for k in sorted(self._pending)]
+        pending = self._pending
+        if len(pending) == 1:
+            return list(pending.values())
+        return [pending[k] for k in sorted(pending)]
 
     def commit(self) -> list[Entity]:
         """Join the pending deltas into the tree and return them (sorted by entity id).
