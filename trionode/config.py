@@ -218,6 +218,11 @@ class NetworkSection(_Section, frozen=True):
     member_redial_max_backoff: PositiveFloat = 10.0
     """Peers that share a context with us are never forgotten; their redials back off up to
     only this many seconds, so a restarted member is found again quickly."""
+    offline_redial_interval: PositiveFloat = 0.5
+    """While no peer at all is connected (our own network is the likely cause: a laptop
+    asleep, a cable out, a partition), bootstrap and member peers are redialed at least this
+    often, whatever backoff their failures built up: a node whose network comes back finds
+    its peers within this many seconds. Online, dead peers keep their long backoffs."""
     peer_exchange_max_peers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
     """Connected peers named in one answer to `/trionode/peers/1` (peer exchange)."""
     autonat: bool = True

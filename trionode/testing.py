@@ -140,6 +140,7 @@ def cluster_file_config(file: FileConfig) -> FileConfig:
             negotiation_timeout=5.0,
             redial_initial_backoff=0.5,
             redial_max_backoff=2.0,
+            offline_redial_interval=0.25,
         ),
         pubsub=replace(file.pubsub, heartbeat_interval=0.5),
         api=replace(file.api, enabled=False),

@@ -141,6 +141,63 @@ def test_network_back_makes_backed_off_members_dialable_at_once() -> None:
     assert store.dial_candidates(10) == []
 
 
+def test_a_member_that_comes_back_makes_the_other_members_dialable_at_once() -> None:
+    clock = FakeClock()
+    store, _ = _store(clock, member_max_backoff=60.0, max_backoff=60.0, max_failures=100)
+    online, back, other, stranger = _peer(1), _peer(2), _peer(3), _peer(4)
+    for n, peer in enumerate((back, other, stranger)):
+        store.add(peer, [_tcp(4001 + n)], source="identify")
+    store.set_members([back, other])
+    store.set_connected([online])  # online all along: not "offline", not "network back"
+    for _ in range(6):
+        for peer in (back, other, stranger):
+            store.record_failure(peer)
+    assert store.dial_candidates(10) == []
+    store.set_connected([online, back])  # it dialed us: whatever cut it off has healed
+    assert store.dial_candidates(10) == [other]  # members only: strangers keep backing off
+    store.record_failure(other)  # really down: it backs off as before
+    assert store.dial_candidates(10) == []
+    store.set_connected([online])
+    store.set_connected([online, back])  # no failures since: a reconnection, nothing more
+    assert store.dial_candidates(10) == []
+    # Our own dial getting through to a backed-off member counts the same.
+    store.set_connected([online])
+    for _ in range(6):
+        for peer in (back, other, stranger):
+            store.record_failure(peer)
+    store.record_success(back)
+    store.set_connected([online, back])
+    assert store.dial_candidates(10) == [other]
+
+
+def test_offline_members_are_redialed_at_the_offline_interval() -> None:
+    clock = FakeClock()
+    store, _ = _store(
+        clock, member_max_backoff=60.0, max_backoff=60.0, max_failures=100, offline_backoff=0.5
+    )
+    online, member, stranger = _peer(1), _peer(2), _peer(3)
+    for n, peer in enumerate((member, stranger)):
+        store.add(peer, [_tcp(4001 + n)], source="identify")
+    store.set_members([member])
+    store.set_connected([online])
+    for _ in range(6):  # online: a dead member backs off to its cap
+        store.record_failure(member)
+        store.record_failure(stranger)
+    assert store.next_dial_time(members_only=True) == clock.now + 32.0
+    store.set_connected([])  # our last connection closed: we are the likely cause
+    # Not after its backoff: after the pause any disconnection gets (initial_backoff).
+    assert store.next_dial_time(members_only=True) == clock.now + 1.0
+    clock.now += 1.0
+    assert store.dial_candidates(10) == [member]
+    for _ in range(10):
+        store.record_failure(member)
+        assert store.next_dial_time(members_only=True) == clock.now + 0.5
+    assert store.get(stranger).next_dial_at > clock.now + 30  # only members
+    store.set_connected([online])  # online again: failures back off as before
+    store.record_failure(member)
+    assert store.next_dial_time(members_only=True) == clock.now + 60.0
+
+
 def test_unseen_peers_expire_but_connected_and_pinned_ones_stay() -> None:
     clock = FakeClock()
     store, forgotten = _store(clock)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -73,14 +73,21 @@ async def converged(nodes: list[Node], context: bytes) -> bool:
     return all(s == states[0] for s in states) and states[0][2] == 0
 
 
-async def wait_converged(nodes: list[Node], context: bytes, limit: float = 20) -> None:
-    """Wait until every node has the same root, heads and no pending delta.
+async def wait_converged(
+    nodes: list[Node],
+    context: bytes,
+    limit: float = 20,
+    *,
+    also: Callable[[], Awaitable[bool]] | None = None,
+) -> None:
+    """Wait until every node has the same root, heads and no pending delta (and `also`
+    holds: say, until event handlers that write have run everywhere).
 
     Event-driven where it can be: each round waits for the next applied delta anywhere
     (the hub's sequence), bounded so that a settled state is noticed too.
     """
     with trio.fail_after(limit):
-        while not await converged(nodes, context):
+        while not (await converged(nodes, context) and (also is None or await also())):
             with trio.move_on_after(0.05):
                 async with trio.open_nursery() as nursery:
                     for node in nodes:

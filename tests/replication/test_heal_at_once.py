@@ -83,3 +83,35 @@ async def test_hub_passes_on_what_one_side_brought_at_once(
         await cluster.heal(wait=False)
         await wait_converged(cluster, nodes, context, limit=60.0)
         assert await call(nodes[1], context, "count") == 3
+
+
+SLOW = 120.0
+"""Seconds: redial backoffs long enough that waiting one out would show."""
+
+
+def _slow_redials(file: FileConfig) -> FileConfig:
+    file = _no_safety_net(file)
+    network = replace(file.network, redial_max_backoff=SLOW, member_redial_max_backoff=SLOW)
+    return replace(file, network=network)
+
+
+async def test_a_long_partition_heals_within_the_offline_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Nodes as they run for real (discovery dials member peers). A is cut off long enough
+    # that every redial toward it, and its own toward the others, backed off to SLOW.
+    async with open_cluster(5, tmp_path, configure=_slow_redials, discovery=True) as cluster:
+        nodes = cluster.nodes
+        context = await share(cluster, list(range(5)), app="chat")
+        await trio.sleep(5)  # the member peers are recorded at pubsub heartbeats
+        await cluster.partition([0])
+        for i, node in enumerate(nodes):
+            await write(node, context, "post", text=f"n{i}")
+        await trio.sleep(1000.0)
+        await cluster.heal(wait=False)
+        # Alone, A kept redialing every `offline_redial_interval` (0.25 s in clusters); its
+        # first connection back makes it dial every other member at once; each reconnected
+        # peer's re-subscription starts a session within `sync.join_jitter` (0.2 s). (The
+        # helper checks at pubsub heartbeats, every 0.5 s: hence the 1.5 s.)
+        await wait_converged(cluster, nodes, context, limit=1.5)
+        assert await call(nodes[-1], context, "count") == 5

@@ -22,8 +22,12 @@ pytestmark = pytest.mark.real_network
 
 
 def _alone(file: FileConfig) -> FileConfig:
-    # No discovery: nobody redials the peer the test disconnected.
-    return replace(file, network=replace(file.network, target_peers=0))
+    # Nobody redials the peer the test disconnected: no discovery toward a peer target, and
+    # members (dialed past any target once a pubsub heartbeat recorded them) not for an hour.
+    network = replace(
+        file.network, target_peers=0, redial_initial_backoff=3600.0, redial_max_backoff=3600.0
+    )
+    return replace(file, network=network)
 
 
 async def _disconnect(a: Node, b: Node) -> None:

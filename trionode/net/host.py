@@ -191,8 +191,13 @@ class Host:
         """Per-address shares, watermarks and protected members (net/connmgr.py)."""
         self._nursery: trio.Nursery | None = None
         self._connection_changed = trio.Event()
-        self._network_back = trio.Event()
-        """Set (and replaced) when the first connection opens after none was open."""
+        self._redial_now = trio.Event()
+        """Set (and replaced) when a backed-off bootstrap redial is worth trying at once: the
+        first connection opened after none was open (the network came back), a bootstrap
+        peer whose dials were failing connected (it came back: so may the others), or the
+        last connection closed (we are offline: the offline interval applies from now)."""
+        self._failing: set[PeerId] = set()
+        """Bootstrap peers whose last dial failed."""
         self._dialing: dict[PeerId, trio.Event] = {}
         self._circuit_dialer: CircuitDialer | None = None
         self.set_handler(PING_PROTOCOL_ID, _serve_ping)
@@ -380,19 +385,29 @@ class Host:
 
     async def _keep_connected(self, addr: Multiaddr) -> None:
         backoff = self.config.redial_initial_backoff
+        peer = addr.peer_id()
         while True:
             try:
                 conn = await self.connect(addr)
             except (PeerError, ProtocolError, trio.TooSlowError) as exc:
-                log.info(
-                    "bootstrap peer %s unreachable (%s); retrying in %.0fs", addr, exc, backoff
+                if peer is not None:
+                    self._failing.add(peer)
+                # Offline, the likely cause is our own network: try again soon, whatever
+                # the backoff (`network.offline_redial_interval`).
+                wait = (
+                    backoff
+                    if self.is_online()
+                    else min(backoff, self.config.offline_redial_interval)
                 )
-                # The network coming back (our first connection after none) ends the wait:
-                # a healed link is worth trying at once, not after a long backoff.
-                with trio.move_on_after(backoff):
-                    await self._network_back.wait()
+                log.info("bootstrap peer %s unreachable (%s); retrying in %.1fs", addr, exc, wait)
+                # A sign that the network changed ends the wait (see `_redial_now`): a healed
+                # link is worth trying at once, not after a long backoff.
+                with trio.move_on_after(wait):
+                    await self._redial_now.wait()
                 backoff = min(backoff * 2, self.config.redial_max_backoff)
                 continue
+            if peer is not None:
+                self._failing.discard(peer)
             backoff = self.config.redial_initial_backoff
             await conn.session.wait_closed()
             # Do not hammer a peer that accepts and then drops us at once.
@@ -553,6 +568,8 @@ class Host:
                 del self.connections[conn.peer_id]
                 self.connmgr.remove(conn.peer_id)
             self._notify()
+            if not self.is_online():
+                self._wake_redials()
             log.info(
                 "disconnected from %s (%s)", conn.peer_id, conn.session.close_reason or "closed"
             )
@@ -584,12 +601,12 @@ class Host:
         group = self._group_of(conn)
         if not self._admit(conn, group):
             return None
-        alone = not any(not other.closed for other in self.connections.values())
+        alone = not self.is_online()
         self.connections[conn.peer_id] = conn
         self._notify()
-        if alone:
-            self._network_back.set()
-            self._network_back = trio.Event()
+        if alone or conn.peer_id in self._failing:
+            self._failing.discard(conn.peer_id)
+            self._wake_redials()
         for peer in self.connmgr.trim(trio.current_time()):
             self._close_for_room(peer, "trimmed")
         return conn
@@ -636,6 +653,14 @@ class Host:
         if conn is not None and not conn.closed and self._nursery is not None:
             log.warning("disconnecting %s: %s", peer, reason)
             self._nursery.start_soon(conn.aclose)
+
+    def is_online(self) -> bool:
+        """Whether any connection is open."""
+        return any(not conn.closed for conn in self.connections.values())
+
+    def _wake_redials(self) -> None:
+        self._redial_now.set()
+        self._redial_now = trio.Event()
 
     def _notify(self) -> None:
         self._connection_changed.set()

@@ -24,9 +24,14 @@ row failed, and when the next dial may happen. Rules:
   ``member_max_backoff`` (low), and they are dial candidates before everyone else.
   ``stored`` entries are member addresses read back from LMDB at start.
 - *Network back.* When the node goes from no connection at all to one (the network came
-  back: a laptop woke up, a partition healed, the first backed-off dial got through), every
-  unconnected member becomes dialable at once, instead of each waiting out its own backoff
-  (failures are kept, so a member that is really down backs off as before).
+  back: a laptop woke up, a partition healed, the first backed-off dial got through), or a
+  member whose dials were failing connects (either way: it came back, so whatever cut it
+  off may have cut off the others too), every unconnected member becomes dialable at once,
+  instead of each waiting out its own backoff (failures are kept, so a member that is
+  really down backs off as before).
+- *Offline.* While no peer at all is connected, a member's backoff is at most
+  ``offline_backoff``: the likely cause is our own network, and the first dial that gets
+  through after it comes back should not wait out a backoff built up while it was gone.
 
 The store does no I/O. Time comes from an injected clock (Trio's by default), and
 :meth:`PeerStore.wait_changed` wakes whoever waits on it after every change.
@@ -128,6 +133,7 @@ class PeerStore:
         initial_backoff: float = 1.0,
         max_backoff: float = 60.0,
         member_max_backoff: float = 10.0,
+        offline_backoff: float = 0.5,
         local_peer: PeerId | None = None,
         clock: Callable[[], float] = trio.current_time,
         on_forget: Callable[[PeerId, ForgetReason], None] | None = None,
@@ -138,6 +144,7 @@ class PeerStore:
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         self.member_max_backoff = member_max_backoff
+        self.offline_backoff = offline_backoff
         self.local_peer = local_peer
         self.on_forget = on_forget
         """Called with (peer, reason) whenever a peer is forgotten (metrics hook)."""
@@ -163,6 +170,7 @@ class PeerStore:
             initial_backoff=config.redial_initial_backoff,
             max_backoff=config.redial_max_backoff,
             member_max_backoff=config.member_redial_max_backoff,
+            offline_backoff=config.offline_redial_interval,
             local_peer=local_peer,
             clock=clock,
         )
@@ -315,7 +323,15 @@ class PeerStore:
         if connected == self._connected:
             return
         now = self._clock()
-        if connected and not self._connected:
+        came_back = False
+        for peer in connected - self._connected:
+            entry = self._entries.get(peer)
+            if entry is not None and peer in self._members and entry.failures:
+                # It reached us: its backoff is over, and it is a sign for the others.
+                came_back = True
+                entry.failures = 0
+                entry.next_dial_at = float("-inf")
+        if connected and (came_back or not self._connected):
             self._network_back(now)
         for peer in connected ^ self._connected:
             entry = self._entries.get(peer)
@@ -323,6 +339,8 @@ class PeerStore:
                 entry.last_seen = now
                 if peer not in connected:
                     entry.next_dial_at = max(entry.next_dial_at, now + self.initial_backoff)
+        if self._connected and not connected:
+            self._offline(now)
         self._connected = connected
         self._notify()
 
@@ -333,10 +351,21 @@ class PeerStore:
             if entry is not None and entry.next_dial_at > now:
                 entry.next_dial_at = now
 
+    def _offline(self, now: float) -> None:
+        """The last connection closed: no member waits longer than ``offline_backoff``
+        beyond the usual pause after a disconnection (see "Offline")."""
+        cap = now + max(self.offline_backoff, self.initial_backoff)
+        for peer in self._members:
+            entry = self._entries.get(peer)
+            if entry is not None and entry.next_dial_at > cap:
+                entry.next_dial_at = cap
+
     def record_success(self, peer: PeerId) -> None:
         """A dial to ``peer`` succeeded: clear its failures and backoff."""
         entry = self._entries.get(peer)
         if entry is not None:
+            if entry.failures and peer in self._members:
+                self._network_back(self._clock())  # it came back (see "Network back")
             entry.failures = 0
             entry.next_dial_at = float("-inf")
             entry.last_seen = self._clock()
@@ -362,6 +391,8 @@ class PeerStore:
         # min() first: 2 ** failures grows without bound for a member down for days.
         exponent = min(entry.failures - 1, 32)
         cap = self.member_max_backoff if member else self.max_backoff
+        if member and not self._connected:
+            cap = min(cap, self.offline_backoff)  # see "Offline"
         entry.next_dial_at = now + min(self.initial_backoff * 2**exponent, cap)
         self._notify()
         return False
