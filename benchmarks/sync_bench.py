@@ -13,12 +13,14 @@ same run.
   EOF): the member's LMDB state rows of the context (key + value bytes) when the join took a
   snapshot, the sum of its delta rows when it fetched deltas.
 * **Partition heal.** 5 in-process nodes (`open_cluster`: memory network, full mesh, real
-  clock, the cluster's short redial timers, default sync timers), partition {A} | {B..E};
+  clock, the cluster's short redial timers, default sync timers, discovery on as in a real
+  node, so member peers are redialed), partition {A} | {B..E};
   A writes ``k`` deltas, B..E write ``k`` between them (round-robin); heal; time from the heal
   until every node has the same root and heads and nothing pending (this includes the
-  redial, the gossip mesh repair and the wait for a sync heartbeat: each heal first waits a
+  redial, the re-subscription and the sync sessions it starts; each heal first waits a
   seeded random part of `sync.heartbeat`, so the rounds sample the heartbeat's phase instead
-  of locking onto it); median and max over the rounds. Baseline: the same writes without a
+  of locking onto it); median and max over the rounds. Each round logs when A's first
+  connection came back (the reconnection's share). Baseline: the same writes without a
   partition, from the last write returning until the same convergence.
 * **Propagation.** 5 real nodes on loopback TCP, full mesh. A write on A; the time from
   ``execute`` returning on A (the delta is committed there and handed to gossip) until the
@@ -332,7 +334,7 @@ async def _partition_times(
     healed: list[float] = []
     unpartitioned: list[float] = []
     with trio.fail_after(120 + rounds * 60):
-        async with open_cluster(NODES, base) as cluster:
+        async with open_cluster(NODES, base, discovery=True) as cluster:
             nodes = cluster.nodes
             context = await _share(nodes, bundle)
             await _wait_converged(nodes, context)
@@ -349,16 +351,27 @@ async def _partition_times(
                     await trio.sleep(rng.uniform(0, nodes[0].config.sync.heartbeat))
                 before = _sessions(nodes[0])
                 started = time.perf_counter()
-                await cluster.heal(wait=False)
-                await _wait_converged(nodes, context)
-                healed.append(time.perf_counter() - started)
+                reconnected: list[float] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_first_connection, nodes[0], started, reconnected)
+                    await cluster.heal(wait=False)
+                    await _wait_converged(nodes, context)
+                    healed.append(time.perf_counter() - started)
                 after = _sessions(nodes[0])
                 ran = {key: v - before.get(key, 0) for key, v in after.items()}
                 _log(
-                    f"heal {r}: converged after {healed[-1]:.2f}s; "
-                    f"A's new sessions { ({key: v for key, v in ran.items() if v}) }"
+                    f"heal {r}: A reconnected after {reconnected[0]:.2f}s, converged after "
+                    f"{healed[-1]:.2f}s; A's new sessions "
+                    f"{ ({key: v for key, v in ran.items() if v}) }"
                 )
     return healed, unpartitioned
+
+
+async def _first_connection(node: Node, started: float, out: list[float]) -> None:
+    """Append the seconds from `started` until `node` has a connection again."""
+    while not node.host.is_online():
+        await node.host.wait_connection_changed()
+    out.append(time.perf_counter() - started)
 
 
 # -- 3. propagation ---------------------------------------------------------------------------

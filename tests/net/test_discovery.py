@@ -192,7 +192,9 @@ def test_offline_members_are_redialed_at_the_offline_interval() -> None:
     for _ in range(10):
         store.record_failure(member)
         assert store.next_dial_time(members_only=True) == clock.now + 0.5
-    assert store.get(stranger).next_dial_at > clock.now + 30  # only members
+    known = store.get(stranger)
+    assert known is not None
+    assert known.next_dial_at > clock.now + 30  # only members
     store.set_connected([online])  # online again: failures back off as before
     store.record_failure(member)
     assert store.next_dial_time(members_only=True) == clock.now + 60.0
