@@ -146,6 +146,9 @@ async def _rows(n: int, base: Path) -> list[Row]:
             sum(stats.tree_bytes[col] - stats_before.tree_bytes[col] for col in ("state", "delta"))
             / n
         )
+        # The WebSocket event log (api.max_retained_events rows at most) is most of the
+        # generic column's growth here: one row per applied delta.
+        events = (stats.tree_bytes["generic"] - stats_before.tree_bytes["generic"]) / n
         keys = await node.contexts.keys(context_id)
         known = {k for k, _ in before}
         deltas = [
@@ -237,8 +240,14 @@ async def _rows(n: int, base: Path) -> list[Row]:
             raw - own,
         ),
         (
-            "other columns (heads, events) and freed pages not yet reused",
-            used - trees,
+            "WebSocket event log (generic column B-tree, bounded by retention)",
+            events,
+            "the entry's own key+value",
+            own,
+        ),
+        (
+            "other columns (heads) and freed pages not yet reused",
+            used - trees - events,
             "raw lmdb: used beyond key+value",
             raw - own,
         ),

@@ -8,14 +8,30 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import base58
+import msgspec
+import pytest
+
 from tests.context.test_contexts import auth, call, install_and_create
 from trionode.api.app import create_app
-from trionode.context.event_log import CRASH_GAP, EventLog
-from trionode.context.events import EventHub, Replay, Subscription
+from trionode.context.event_log import (
+    CRASH_GAP,
+    EVENT_PREFIX,
+    EVENT_ROW_VERSION,
+    META_KEY,
+    EventLog,
+    EventRowCodec,
+    LogMeta,
+)
+from trionode.context.events import ContextEvent, EventHub, Replay, Subscription
+from trionode.errors import StorageError
 from trionode.node import open_node
 from trionode.store.lmdb_store import Column
-from trionode.store.store import AsyncStore, open_store
+from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch, open_store
 from trionode.testing import TestNode, make_test_config
+
+_OLD_EVENTS = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(ContextEvent))
+_OLD_META = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(LogMeta))
 
 
 async def _resume(node: TestNode, context: str, since: int) -> list[dict[str, Any]]:
@@ -147,3 +163,65 @@ async def test_retention_drops_old_events_and_says_so(tmp_path: Path) -> None:
     assert again.floor == 16
     assert _answer(again, 14)[1]["type"] == "resync"
     assert _answer(again, 15)[0] == list(range(16, 66))
+
+
+def _event(seq: int, **fields: Any) -> ContextEvent:
+    values: dict[str, Any] = {
+        "seq": seq,
+        "context_id": base58.b58encode(bytes(range(32))).decode("ascii"),
+        "delta_id": bytes([seq]).hex() * 32,
+        "root_hash": "ab" * 32,
+        "heads": ["cd" * 32, "ef" * 32],
+        "events": [{"name": "Inserted", "payload": {"key": "k", "value": "v" * 100}}],
+        "origin": "local",
+        "at": 1.5,
+    }
+    return ContextEvent(**(values | fields))
+
+
+def test_event_rows_hold_ids_as_bytes_and_read_back_exactly() -> None:
+    codec = EventRowCodec()
+    event = _event(7)
+    row = codec.encode(event)
+    as_before = msgspec.msgpack.encode(event)
+    assert codec.decode(row) == event
+    # The ids as 32 raw bytes instead of base58 (context) and hex (delta, root, 2 heads)
+    # text, for one version byte.
+    assert len(as_before) - len(row) == (len(event.context_id) - 32) + 4 * 32 - 1
+    # What does not round-trip through bytes stays text, exactly.
+    odd = _event(8, context_id="not base58: 0OIl", delta_id="AB" * 32, root_hash="", heads=["x"])
+    assert codec.decode(codec.encode(odd)) == odd
+
+
+def test_event_rows_written_before_still_load_and_bad_rows_are_storage_errors() -> None:
+    codec = EventRowCodec()
+    old = _event(3)
+    assert codec.decode(msgspec.msgpack.encode(old)) == old
+    for bad in (EVENT_ROW_VERSION, EVENT_ROW_VERSION + b"\xc1", EVENT_ROW_VERSION + b"\x93\x01"):
+        with pytest.raises(StorageError):
+            codec.decode(bad)
+    with pytest.raises(StorageError):
+        codec.decode(b"\x98garbage")
+
+
+async def test_a_log_of_old_rows_loads_and_goes_on_in_the_new_format(tmp_path: Path) -> None:
+    async with _store(tmp_path / "db") as store:
+        batch = WriteBatch()
+        for seq in (1, 2):  # as a node before compact rows wrote them
+            batch.put(_OLD_EVENTS, EVENT_PREFIX + seq.to_bytes(8, "big"), _event(seq))
+        batch.put(_OLD_META, META_KEY, LogMeta(floor=1, next_seq=3, clean=True))
+        await store.write(batch)
+        log = _log(EventHub(), store, lambda: 0.0)
+        await log.load()
+        _publish(log.hub, "ctx", 1)
+        await log.close()
+        rows = dict(await store.raw_scan(Column.GENERIC, prefix=EVENT_PREFIX))
+    assert not rows[EVENT_PREFIX + (1).to_bytes(8, "big")].startswith(EVENT_ROW_VERSION)
+    assert rows[EVENT_PREFIX + (3).to_bytes(8, "big")].startswith(EVENT_ROW_VERSION)
+    async with _store(tmp_path / "db") as store:
+        again = EventHub()
+        await _log(again, store, lambda: 0.0).load()
+    assert again.seq == 3
+    assert [e.seq for e in again._recent[_event(1).context_id]] == [1, 2]
+    assert [e.seq for e in again._recent["ctx"]] == [3]
+    assert again._recent[_event(1).context_id][1] == _event(2)

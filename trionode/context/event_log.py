@@ -14,7 +14,11 @@ Retention (`api.event_retention` seconds, at most `api.max_retained_events` even
 applied at start and after every write; dropping events raises the hub's floor the same way.
 
 Layout (GENERIC column): `ws-event/<seq, 8 bytes big-endian>` → the `ContextEvent`;
-`ws-event-meta` → `LogMeta`. A `ContextEvent` is stored as it is (a msgpack array).
+`ws-event-meta` → `LogMeta`. An event row is `EVENT_ROW_VERSION` ‖ a msgpack array holding
+the ids as raw bytes (`EventRowCodec`): the hub's events spell them in base58 and hex,
+which took 44-66 bytes each, 4 per event, in a log that holds up to
+`api.max_retained_events` of them. Rows written before (the `ContextEvent` array as it is)
+still load.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
+import base58
 import msgspec
 import trio
 
@@ -47,7 +52,103 @@ class LogMeta(msgspec.Struct, frozen=True):
     clean: bool
 
 
-_EVENTS = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(ContextEvent))
+EVENT_ROW_VERSION: Final = b"\x02"
+"""First byte of a compact event row. A row of version 1 (a bare `ContextEvent` array)
+starts with a msgpack array header (0x9_), never with this positive fixint."""
+
+_Id = bytes | str
+"""An id as raw bytes, or its string as the hub had it when that is not what encoding
+the bytes gives back (never for ids the node makes; kept exact for any other). msgspec
+cannot type a union of bytes and str, so `_EventRow` takes either and `_id` checks."""
+
+
+class _EventRow(msgspec.Struct, frozen=True, array_like=True):
+    """A `ContextEvent` as the log stores it: the same fields, ids as raw bytes."""
+
+    seq: int
+    context_id: Any
+    delta_id: Any
+    root_hash: Any
+    heads: list[Any]
+    events: list[dict[str, Any]]
+    origin: str
+    at: float
+
+
+def _b58_raw(text: str) -> _Id:
+    try:
+        raw = base58.b58decode(text)
+    except ValueError:
+        return text
+    return raw if raw and base58.b58encode(raw).decode("ascii") == text else text
+
+
+def _hex_raw(text: str) -> _Id:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        return text
+    return raw if raw and raw.hex() == text else text
+
+
+def _id(value: object) -> _Id:
+    if not isinstance(value, bytes | str):
+        raise StorageError("stored event is unreadable: an id is neither bytes nor text")
+    return value
+
+
+def _b58_text(value: object) -> str:
+    value = _id(value)
+    return value if isinstance(value, str) else base58.b58encode(value).decode("ascii")
+
+
+def _hex_text(value: object) -> str:
+    value = _id(value)
+    return value if isinstance(value, str) else value.hex()
+
+
+class EventRowCodec:
+    """Event rows: written compact (`_EventRow` after `EVENT_ROW_VERSION`), read in either
+    version. Bad bytes raise StorageError, as every stored value's codec does."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._rows = msgspec.msgpack.Decoder(_EventRow)
+        self._old = MsgpackCodec(ContextEvent)
+
+    def encode(self, event: ContextEvent, /) -> bytes:
+        row = _EventRow(
+            event.seq,
+            _b58_raw(event.context_id),
+            _hex_raw(event.delta_id),
+            _hex_raw(event.root_hash),
+            [_hex_raw(h) for h in event.heads],
+            event.events,
+            event.origin,
+            event.at,
+        )
+        return EVENT_ROW_VERSION + self._encoder.encode(row)
+
+    def decode(self, data: bytes, /) -> ContextEvent:
+        if not data.startswith(EVENT_ROW_VERSION):
+            return self._old.decode(data)
+        try:
+            row = self._rows.decode(memoryview(data)[1:])
+        except msgspec.DecodeError as exc:
+            raise StorageError(f"stored event is unreadable: {exc}") from None
+        return ContextEvent(
+            seq=row.seq,
+            context_id=_b58_text(row.context_id),
+            delta_id=_hex_text(row.delta_id),
+            root_hash=_hex_text(row.root_hash),
+            heads=[_hex_text(h) for h in row.heads],
+            events=row.events,
+            origin=row.origin,
+            at=row.at,
+        )
+
+
+_EVENTS = Table(Column.GENERIC, BytesCodec(), EventRowCodec())
 _META = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(LogMeta))
 
 
