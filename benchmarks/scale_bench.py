@@ -15,12 +15,18 @@
   nodes (a sparse random graph, as discovery would leave it), all members of one context.
   ``w`` writes (one ``set_many`` key each, no event handlers) from random members, one after
   another; the time from the first write until every node has the same root and heads, beside
-  the time the writes take on their writers alone (until the last one returned). Gossip
-  copies sent per write (the routers' ``forwarded`` counts: publishes, forwards and IWANT
-  replies, summed over nodes) beside gossipsub's expectation of ``D x m`` (every node
-  relays each message to its ``D`` mesh peers). The nodes run their default sync timers (a
-  lost gossip copy is repaired by a heartbeat's session), so the copies counted include
-  the heartbeats sent while the writes flow: one per node per `sync.heartbeat` seconds.
+  the time the writes take on their writers alone (until the last one returned), and beside
+  raw gossip in the same cluster afterwards: random payloads of each delta's wire size,
+  published by the same writers at the same offsets from the first, until every node saw
+  every one. Gossip copies sent per write (the routers' ``forwarded`` counts: publishes,
+  forwards and IWANT replies, summed over nodes) beside gossipsub's expectation of ``D x m``
+  (every node relays each message to its ``D`` mesh peers) and beside the raw gossip's;
+  wire bytes per write (every byte the memory network carried) beside the raw gossip's. The
+  nodes run their default sync timers (a lost gossip copy is repaired by a heartbeat's
+  session), so the copies and bytes counted include the heartbeats sent meanwhile: one per
+  node per `sync.heartbeat` seconds (the raw phase carries them too).
+  The full size, 100 nodes and 1,000 writes, is one process on one core: run it with
+  ``TMPDIR`` on a tmpfs (``/dev/shm``), or the 100 LMDB fsyncs per write measure the disk.
 
 Standalone: ``python -m benchmarks.scale_bench [--quick]``.
 """
@@ -28,6 +34,7 @@ Standalone: ``python -m benchmarks.scale_bench [--quick]``.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -36,12 +43,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+import attrs
 import trio
+import trio.testing
 from msgspec.structs import replace
 
 from benchmarks.harness import Row, render
-from benchmarks.sync_bench import _bench_bundle, _items, _set_many, _share, _wait_converged
+from benchmarks.sync_bench import (
+    RAW_TOPIC,
+    _bench_bundle,
+    _items,
+    _set_many,
+    _share,
+    _wait_converged,
+)
 from trionode.config import FileConfig, NetworkSection, PubsubSection, SyncSection
+from trionode.net.events import GossipMessage
 from trionode.net.memory import MemoryNetwork
 from trionode.node import Node
 from trionode.testing import Topology, open_cluster
@@ -181,46 +198,182 @@ def _forwarded(nodes: Sequence[Node]) -> int:
     return sum(node.pubsub.statistics().forwarded for node in nodes)
 
 
+class _Seen:
+    """How many nodes saw each raw gossip payload; set `done` once every node saw all."""
+
+    def __init__(self, expected: int, receivers: int) -> None:
+        self.expected = expected
+        self.receivers = receivers
+        self.count: dict[bytes, int] = {}
+        self.complete = 0
+        self.done = trio.Event()
+        self.last = 0.0
+
+    def arrived(self, payload: bytes) -> None:
+        n = self.count.get(payload, 0) + 1
+        self.count[payload] = n
+        if n == self.receivers:
+            self.complete += 1
+            if self.complete == self.expected:
+                self.last = time.perf_counter()
+                self.done.set()
+
+
+async def _count_raw(node: Node, publisher_of: dict[bytes, Node], seen: _Seen) -> None:
+    with node.events.observe(capacity=100_000) as events:
+        async for event in events:
+            if (
+                isinstance(event, GossipMessage)
+                and event.topic == RAW_TOPIC
+                and publisher_of.get(event.data) is not node
+            ):
+                seen.arrived(event.data)
+
+
+async def _raw_mesh_ready(nodes: Sequence[Node], limit: float) -> None:
+    """Every node has grafted as many mesh peers on the raw topic as it can."""
+    with trio.fail_after(limit):
+        for node in nodes:
+            links = len(node.host.connections)
+            while len(node.pubsub.mesh_peers(RAW_TOPIC)) < min(node.config.pubsub.d_lo, links):
+                await node.pubsub.wait_heartbeat()
+
+
+@attrs.frozen
+class _Phase:
+    """One phase of the many-nodes case: seconds, gossip copies and wire bytes."""
+
+    seconds: float
+    copies: int
+    wire: int
+
+
+async def _raw_gossip(
+    nodes: Sequence[Node],
+    network: MemoryNetwork,
+    schedule: Sequence[tuple[float, int, int]],
+    limit: float,
+) -> _Phase:
+    """Publish random payloads of the deltas' sizes from the same writers on the same
+    schedule (offsets from the first write), until every node saw every payload."""
+    for node in nodes:
+        node.pubsub.subscribe(RAW_TOPIC)
+    await _raw_mesh_ready(nodes, limit)
+    payloads = [(offset, nodes[i], os.urandom(size)) for offset, i, size in schedule]
+    publisher_of = {payload: node for _, node, payload in payloads}
+    seen = _Seen(len(payloads), len(nodes) - 1)
+    async with trio.open_nursery() as readers:
+        for node in nodes:
+            readers.start_soon(_count_raw, node, publisher_of, seen)
+        await trio.testing.wait_all_tasks_blocked()
+        copies, wire = _forwarded(nodes), network.statistics().bytes_sent
+        first = time.perf_counter()
+        for offset, node, payload in payloads:
+            await trio.sleep_until(
+                trio.current_time() + max(0.0, first + offset - time.perf_counter())
+            )
+            node.pubsub.publish(RAW_TOPIC, payload)
+        with trio.move_on_after(limit):
+            await seen.done.wait()
+        readers.cancel_scope.cancel()
+    if not seen.done.is_set():
+        _log(f"raw gossip: only {seen.complete} of {len(payloads)} reached every node")
+        seen.last = time.perf_counter()
+    return _Phase(
+        seen.last - first,
+        _forwarded(nodes) - copies,
+        network.statistics().bytes_sent - wire,
+    )
+
+
 async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
     bundle = _bench_bundle(base / "bundle")
     rng = random.Random(SEED)
     topology: Topology = _random_edges(m, rng)
     configure: Callable[[FileConfig], FileConfig] = _no_dial_target
+    network = MemoryNetwork()
     started = time.perf_counter()
-    async with open_cluster(m, base / "many", connect=topology, configure=configure) as c:
+    async with open_cluster(
+        m, base / "many", network=network, connect=topology, configure=configure
+    ) as c:
         nodes = list(c)
         _log(f"{m} nodes up in {time.perf_counter() - started:.1f}s")
         context = await _share(nodes, bundle)
-        await _wait_converged(nodes, context, limit=600)
+        await _wait_converged(nodes, context, limit=1800)
         _log(f"{m} members joined after {time.perf_counter() - started:.1f}s")
         degree = nodes[0].config.pubsub.d
-        copies = _forwarded(nodes)
+        copies, wire = _forwarded(nodes), network.statistics().bytes_sent
+        made: list[tuple[float, int, bytes]] = []
         first = time.perf_counter()
         for i in range(w):
-            await _set_many(rng.choice(nodes), context, _items("scale", i, 1))
+            writer = rng.randrange(m)
+            offset = time.perf_counter() - first
+            made.append(
+                (offset, writer, await _set_many(nodes[writer], context, _items("s", i, 1)))
+            )
+            if (i + 1) % 100 == 0:
+                _log(f"{i + 1:,} writes")
         written = time.perf_counter()
-        await _wait_converged(nodes, context, limit=1800)
+        await _wait_converged(nodes, context, limit=3600)
         converged = time.perf_counter()
-        per_write = (_forwarded(nodes) - copies) / w
+        writes = _Phase(
+            converged - first,
+            _forwarded(nodes) - copies,
+            network.statistics().bytes_sent - wire,
+        )
+        schedule = [
+            (offset, i, len(await nodes[i].contexts.read_delta(context, delta_id) or b""))
+            for offset, i, delta_id in made
+        ]
+        delta_bytes = sum(size for _, _, size in schedule)
+        raw = await _raw_gossip(nodes, network, schedule, limit=1800)
     _log(
         f"{w:,} writes in {written - first:.1f}s, converged {converged - written:.2f}s later; "
-        f"{per_write:,.0f} gossip copies per write (D={degree}, m={m})"
+        f"raw gossip of the same payloads on the same schedule: {raw.seconds:.1f}s; "
+        f"copies per write {writes.copies / w:,.0f} (raw {raw.copies / w:,.0f}, "
+        f"D={degree}, m={m}); wire bytes per write {writes.wire / w:,.0f} "
+        f"(raw {raw.wire / w:,.0f}); mean delta {delta_bytes / w:,.0f} B"
     )
+    case = f"{w:,} writes on {m} nodes"
     return [
         Row(
-            f"{w:,} writes on {m} nodes: first write -> all converged",
-            converged - first,
+            f"{case}: first write -> all converged",
+            writes.seconds,
             "s",
             "the writes on their writers alone",
             written - first,
             higher_is_better=False,
         ),
         Row(
+            f"{case}: first write -> all converged",
+            writes.seconds,
+            "s",
+            "raw gossip, same payload sizes, writers, schedule: all seen",
+            raw.seconds,
+            higher_is_better=False,
+        ),
+        Row(
             f"gossip copies per write, {m} nodes",
-            per_write,
+            writes.copies / w,
             "msgs",
             f"gossipsub's D x N (D={degree})",
             float(degree * m),
+            higher_is_better=False,
+        ),
+        Row(
+            f"gossip copies per write, {m} nodes",
+            writes.copies / w,
+            "msgs",
+            "raw gossip of the same payloads",
+            raw.copies / w,
+            higher_is_better=False,
+        ),
+        Row(
+            f"wire bytes per write, {m} nodes (all traffic, heartbeats and sessions too)",
+            writes.wire / w,
+            "B",
+            "raw gossip of the same payloads",
+            raw.wire / w,
             higher_is_better=False,
         ),
     ]
