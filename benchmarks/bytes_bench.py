@@ -7,6 +7,9 @@ component, so the next cut is visible.
   in format 3 (the envelope before the compact one) in the same run.
 * **Gossip.** One such delta as it is published: a `DeltaBatch` in a StrictSign-signed
   pubsub message (from, seqno, topic, signature) inside an RPC frame, beside the delta.
+  Then per delta when 4, 16 or 64 of them (one author's chain, as concurrent calls commit
+  together) share one message: a plain `DeltaBatch` beside the delta alone, and the
+  `SharedDeltaBatch` the node sends (author key and parent ids said once) beside it.
 * **Per entry.** LMDB used pages before/after the `n` calls divided by `n`, split into the
   context's state rows and delta log (values, and keys: context id ‖ entity or delta id),
   and what LMDB uses beyond keys and values (B-tree pages, node headers, free space
@@ -33,7 +36,7 @@ from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
 from benchmarks.context_bench import KV_STORE, _kv_items, _raw_lmdb_bytes, _set_args
 from benchmarks.harness import Row, render
 from trionode.context.records import DELTAS, STATE
-from trionode.context.replication import topic_for
+from trionode.context.replication import batch_of, topic_for
 from trionode.dag.delta import (
     CompactBody,
     DeltaBody,
@@ -115,12 +118,18 @@ def _as_format_3(delta: SignedDelta, context_id: bytes, key: bytes) -> SignedDel
 def _gossip_bytes(context_id: bytes, wire: bytes) -> int:
     """One delta as it leaves a node: a DeltaBatch in a signed pubsub message in an RPC
     frame (length prefix included)."""
+    return _published_bytes(context_id, encode_gossip(DeltaBatch(context_id, [wire])))
+
+
+def _published_bytes(context_id: bytes, data: bytes) -> int:
+    """A gossip payload as it leaves a node: in a signed pubsub message in an RPC frame
+    (length prefix included)."""
     key = PrivateKey.generate()
     message = sign_message(
         key,
         PubsubMessage(
             from_peer=key.peer_id().multihash,
-            data=encode_gossip(DeltaBatch(context_id=context_id, deltas=[wire])),
+            data=data,
             seqno=(1 << 62).to_bytes(8, "big"),
             topic=topic_for(context_id),
         ),
@@ -156,6 +165,9 @@ async def _rows(n: int, base: Path) -> list[Row]:
             for k, w in await node.store.scan(DELTAS, prefix=context_id)
             if k not in known
         ]
+        # In the order they were written (the log is keyed by id): each one's parent is
+        # the one before, as in a batch of calls committed together.
+        deltas.sort(key=lambda d: verify_delta(d, context_id=context_id).seq)
         state = await node.store.scan(STATE, prefix=context_id)
     raw = _raw_lmdb_bytes(base / "raw-kv", items)
     own = fmean(len(k.encode()) + len(v.encode()) for k, v in items)
@@ -171,6 +183,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
         for d in deltas
     ]
     gossip = fmean(_gossip_bytes(context_id, d.encode()) for d in deltas)
+    batches = _batch_rows(context_id, deltas, mean_delta=fmean(len(d.encode()) for d in deltas))
     state_values = sum(len(v) for _, v in state) / n
     state_keys = sum(len(k) for k, _ in state) / n
     log_values = sum(len(d.encode()) for d in deltas) / n
@@ -218,6 +231,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
             mean("total", parts),
             higher_is_better=False,
         ),
+        *batches,
         Row(
             f"LMDB used bytes per kv entry, {n:,} entries: total",
             used,
@@ -255,6 +269,47 @@ async def _rows(n: int, base: Path) -> list[Row]:
         rows.append(
             Row(f"  {label}", value, "B/entry", baseline_name, baseline, higher_is_better=False)
         )
+    return rows
+
+
+def _batch_rows(context_id: bytes, chain: list[SignedDelta], *, mean_delta: float) -> list[Row]:
+    """Gossip bytes per delta when `k` of these (one author's chain, as a node commits
+    them together) go in one message: the plain `DeltaBatch` beside the delta alone, and
+    the `SharedDeltaBatch` the broadcaster sends (its key and the parents' ids said once)
+    beside the plain batch."""
+    rows: list[Row] = []
+    for k in (4, 16, 64):
+        groups = [chain[i : i + k] for i in range(0, len(chain) - k + 1, k)]
+        if not groups:
+            continue
+        plain = fmean(
+            _published_bytes(
+                context_id, encode_gossip(DeltaBatch(context_id, [d.encode() for d in g]))
+            )
+            / k
+            for g in groups
+        )
+        shared = fmean(
+            _published_bytes(context_id, encode_gossip(batch_of(context_id, g))) / k for g in groups
+        )
+        rows += [
+            Row(
+                f"gossip per delta, {k} chained deltas in one DeltaBatch (deltas/1)",
+                plain,
+                "B",
+                "the delta alone",
+                mean_delta,
+                higher_is_better=False,
+            ),
+            Row(
+                f"gossip per delta, {k} chained deltas in one SharedDeltaBatch (deltas/2)",
+                shared,
+                "B",
+                "the same deltas in a DeltaBatch (deltas/1)",
+                plain,
+                higher_is_better=False,
+            ),
+        ]
     return rows
 
 

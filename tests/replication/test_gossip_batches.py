@@ -1,6 +1,7 @@
 """Deltas committed together are gossiped together: one `DeltaBatch` message (one pubsub
 signature) per context, and a receiver submits a message's deltas together, so they
-commit together there too; a bad delta in a batch fails alone."""
+commit together there too; a bad delta in a batch fails alone. Deltas of one author that
+chain go as a `SharedDeltaBatch`, sharing the author's key and their parents' ids."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import pytest
 import trio
 import trio.testing
 
-from trionode.context.replication import topic_for
+from trionode.context.replication import batch_of, topic_for
+from trionode.dag.delta import SignedDelta, decode_delta
 from trionode.errors import RemoteProtocolError
 from trionode.net.events import GossipMessage
+from trionode.node import Node
 from trionode.testing import open_cluster
 from trionode.wire.messages import (
     MAX_GOSSIP_DELTAS,
     DeltaBatch,
     DeltaGossip,
+    SharedDeltaBatch,
     decode_gossip,
     encode_gossip,
 )
@@ -56,13 +60,20 @@ async def test_concurrent_writes_go_out_in_fewer_messages_and_arrive(
                     if isinstance(event, GossipMessage) and event.topic == topic_for(context):
                         messages.append(decode_gossip(event.data))
             carried = [
-                len(m.deltas) if isinstance(m, DeltaBatch) else 1
+                len(m.deltas) if isinstance(m, DeltaBatch | SharedDeltaBatch) else 1
                 for m in messages
-                if isinstance(m, DeltaBatch | DeltaGossip)
+                if isinstance(m, DeltaBatch | SharedDeltaBatch | DeltaGossip)
             ]
             assert sum(carried) == 32  # every delta gossiped once...
             assert len(carried) < 32  # ... in fewer messages: batches of what committed together
             assert max(carried) > 1
+            # One author's chain: the batches share its key and the parents' ids.
+            author, _ = await a.contexts.member_key(context)
+            shared = [m for m in messages if isinstance(m, SharedDeltaBatch)]
+            assert shared
+            assert all(m.shared == [author] for m in shared)
+            for m in shared:  # chained: every delta after the first refers to its parent
+                assert all(sum(isinstance(p, int) for p in d) == 2 for d in m.deltas[1:])
             texts = [m["text"] for m in await call(b, context, "messages")]
             assert sorted(texts) == sorted(f"m{i}" for i in range(32))
 
@@ -87,6 +98,66 @@ async def test_a_bad_delta_in_a_batch_fails_alone(
             await b.replicator.receive_from(a.host.peer_id, context, wires[0], tampered, wires[1])
             assert deltas(b, "rejected_invalid") == invalid + 1
             assert await call(b, context, "get", key="x") == "x"
+            assert await call(b, context, "get", key="y") == "y"
+
+
+async def _chain_of_two(a: Node, context: bytes) -> list[SignedDelta]:
+    out = []
+    for key in ("x", "y"):
+        result = await a.contexts.execute(context, "set", _set(key))
+        assert result.delta_id is not None
+        wire = await a.contexts.read_delta(context, result.delta_id)
+        assert wire is not None
+        out.append(decode_delta(wire))
+    return out
+
+
+def _gossip(a: Node, context: bytes, message: SharedDeltaBatch) -> GossipMessage:
+    return GossipMessage(
+        topic=topic_for(context),
+        data=encode_gossip(message),
+        author=a.host.peer_id,
+        seqno=1,
+        message_id=b"m",
+        received_from=a.host.peer_id,
+    )
+
+
+async def test_a_shared_batch_arrives_and_a_forged_one_does_not(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path) as cluster:
+            a, b = cluster
+            context = await share(cluster, [0, 1])
+            await cluster.partition([1])
+            chain = await _chain_of_two(a, context)
+            good = batch_of(context, chain)
+            assert isinstance(good, SharedDeltaBatch)
+            plain = encode_gossip(DeltaBatch(context, [d.encode() for d in chain]))
+            assert len(encode_gossip(good)) < len(plain) - 32  # the key and a parent id
+            # Refs to nothing: the message is malformed, nothing of it applies.
+            malformed = deltas(b, "rejected_malformed")
+            broken = SharedDeltaBatch(context, good.shared, [good.deltas[0], [*good.deltas[1], 9]])
+            await b.replicator.on_gossip(_gossip(a, context, broken))
+            assert deltas(b, "rejected_malformed") == malformed + 1
+            assert await call(b, context, "get", key="x") is None
+            # A forged second delta (a flipped byte in a literal part) fails its signature
+            # alone; the first applies.
+            invalid = deltas(b, "rejected_invalid")
+            last = good.deltas[1][-1]
+            assert isinstance(last, bytes)
+            forged = [*good.deltas[1][:-1], last[:-1] + bytes([last[-1] ^ 1])]
+            await b.replicator.on_gossip(
+                _gossip(
+                    a, context, SharedDeltaBatch(context, good.shared, [good.deltas[0], forged])
+                )
+            )
+            assert deltas(b, "rejected_invalid") == invalid + 1
+            assert await call(b, context, "get", key="x") == "x"
+            assert await call(b, context, "get", key="y") is None
+            # The batch as sent applies whole.
+            await b.replicator.on_gossip(_gossip(a, context, good))
             assert await call(b, context, "get", key="y") == "y"
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Final
 
@@ -39,7 +39,13 @@ from trionode.context.errors import ContextError
 from trionode.context.heartbeats import HeartbeatExchange, HeartbeatMetrics
 from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
-from trionode.dag.delta import VerifiedDelta
+from trionode.dag.delta import (
+    MAX_DELTA_BYTES,
+    SignedDelta,
+    VerifiedDelta,
+    decode_delta,
+    verify_delta,
+)
 from trionode.errors import LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection, Host
@@ -52,6 +58,7 @@ from trionode.sync.driver import (
     fetch_deltas,
 )
 from trionode.sync.machines import DeltaFetch, HeadsExchange
+from trionode.wire import shared_batch
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
     MAX_GOSSIP_DELTAS,
@@ -60,6 +67,7 @@ from trionode.wire.messages import (
     DeltaGossip,
     HeadsResponse,
     Heartbeat,
+    SharedDeltaBatch,
     SyncAuth,
     decode_gossip,
     encode_gossip,
@@ -93,6 +101,33 @@ def context_of(topic: str) -> bytes | None:
     except ValueError:
         return None
     return raw if len(raw) == 32 else None
+
+
+def _delta_id(wire: bytes) -> bytes:
+    return decode_delta(wire).id
+
+
+def batch_of(
+    context_id: bytes, deltas: Sequence[SignedDelta]
+) -> DeltaGossip | DeltaBatch | SharedDeltaBatch:
+    """The gossip message for deltas committed together: one delta as it is; several as a
+    `SharedDeltaBatch` when sharing their authors' keys and parent ids makes it smaller
+    (and it rebuilds the same bytes), else as a plain `DeltaBatch`."""
+    wires = [delta.encode() for delta in deltas]
+    if len(wires) == 1:
+        return DeltaGossip(context_id=context_id, delta=wires[0])
+    plain = DeltaBatch(context_id=context_id, deltas=wires)
+    authors = [verify_delta(d, context_id=context_id).author for d in deltas]  # (cached: ours)
+    shared, parts = shared_batch.pack(wires, [d.id for d in deltas], authors)
+    if shared_batch.packed_size(shared, parts) >= sum(len(w) + 5 for w in wires):
+        return plain
+    rebuilt = shared_batch.unpack(
+        shared, parts, id_of=_delta_id, max_delta_bytes=max(len(w) for w in wires)
+    )
+    if rebuilt != wires:  # (a bug, never the peer's problem: send what surely works)
+        log.error("a shared delta batch did not rebuild its deltas; sending them plain")
+        return plain
+    return SharedDeltaBatch(context_id=context_id, shared=shared, deltas=parts)
 
 
 class ReplicationMetrics:
@@ -324,42 +359,39 @@ class Replicator:
                     ready.append(authored.receive_nowait())
                 except trio.WouldBlock:
                     break
-            by_context: dict[bytes, list[bytes]] = {}
+            by_context: dict[bytes, list[SignedDelta]] = {}
             for item in ready:  # (dicts keep order: each context's deltas stay in order)
-                by_context.setdefault(item.context_id, []).append(item.delta.encode())
-            for context_id, wires in by_context.items():
-                for part in self._parts(wires):
+                by_context.setdefault(item.context_id, []).append(item.delta)
+            for context_id, deltas in by_context.items():
+                for part in self._parts(deltas):
                     self.broadcast(context_id, part)
 
-    def _parts(self, wires: list[bytes]) -> list[list[bytes]]:
-        parts: list[list[bytes]] = [[]]
+    def _parts(self, deltas: list[SignedDelta]) -> list[list[SignedDelta]]:
+        parts: list[list[SignedDelta]] = [[]]
         size = 0
-        for wire in wires:
+        for delta in deltas:
             current = parts[-1]
+            wire = delta.encode()
             if current and (
                 len(current) == MAX_GOSSIP_DELTAS or size + len(wire) > self._max_batch_bytes
             ):
                 parts.append([])
                 size = 0
-            parts[-1].append(wire)
+            parts[-1].append(delta)
             size += len(wire)
         return parts
 
-    def broadcast(self, context_id: bytes, wires: list[bytes]) -> None:
+    def broadcast(self, context_id: bytes, deltas: list[SignedDelta]) -> None:
         """Publish deltas this node committed: one gossip message, one signature."""
         self.subscribe(context_id)
-        message = encode_gossip(
-            DeltaGossip(context_id=context_id, delta=wires[0])
-            if len(wires) == 1
-            else DeltaBatch(context_id=context_id, deltas=wires)
-        )
+        message = encode_gossip(batch_of(context_id, deltas))
         try:
             self.pubsub.publish(topic_for(context_id), message)
         except LocalProtocolError as exc:
             # (One delta larger than pubsub's message size: heartbeats and sync carry it.)
-            log.warning("not gossiping %d deltas: %s", len(wires), exc)
+            log.warning("not gossiping %d deltas: %s", len(deltas), exc)
             return
-        self.metrics.outcome("published", len(wires))
+        self.metrics.outcome("published", len(deltas))
 
     # -- inbound gossip --------------------------------------------------------------------
 
@@ -391,7 +423,17 @@ class Replicator:
             if self._acks is not None:
                 await self._acks(context_id, gossip.ack)
             return
-        wires = [gossip.delta] if isinstance(gossip, DeltaGossip) else gossip.deltas
+        if isinstance(gossip, SharedDeltaBatch):
+            try:
+                wires = shared_batch.unpack(
+                    gossip.shared, gossip.deltas, id_of=_delta_id, max_delta_bytes=MAX_DELTA_BYTES
+                )
+            except RemoteProtocolError as exc:
+                self.metrics.outcome("rejected_malformed")
+                log.info("malformed delta batch from %s: %s", message.author, exc)
+                return
+        else:
+            wires = [gossip.delta] if isinstance(gossip, DeltaGossip) else gossip.deltas
         await self.receive_from(message.received_from, context_id, *wires)
 
     async def receive_from(self, peer: PeerId, context_id: bytes, *wires: bytes) -> None:

@@ -14,6 +14,7 @@ import msgspec
 
 from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.wire.buffer import ReceiveBuffer
+from trionode.wire.shared_batch import Parts, Shared
 
 MAX_FRAME: Final = 8 * 1024 * 1024
 MAX_GOSSIP: Final = 4 * 1024 * 1024
@@ -49,6 +50,16 @@ class DeltaBatch(msgspec.Struct, tag="deltas/1", frozen=True, forbid_unknown_fie
     """SignedDelta wire bytes."""
 
 
+class SharedDeltaBatch(msgspec.Struct, tag="deltas/2", frozen=True, forbid_unknown_fields=True):
+    """A `DeltaBatch` whose deltas share the 32-byte values they repeat (their authors'
+    keys, an earlier delta's id as a parent): `trionode/wire/shared_batch.py`. Nodes
+    without this tag reject it as malformed, as with every changed layout."""
+
+    context_id: Id32
+    shared: Shared
+    deltas: Annotated[list[Parts], msgspec.Meta(min_length=1, max_length=MAX_GOSSIP_DELTAS)]
+
+
 class Heartbeat(msgspec.Struct, tag="heartbeat", frozen=True, forbid_unknown_fields=True):
     """What a member has: lets peers that missed gossip notice and sync."""
 
@@ -64,7 +75,7 @@ class AckGossip(msgspec.Struct, tag="ack", frozen=True, forbid_unknown_fields=Tr
     ack: bytes
 
 
-Gossip = DeltaGossip | DeltaBatch | Heartbeat | AckGossip
+Gossip = DeltaGossip | DeltaBatch | SharedDeltaBatch | Heartbeat | AckGossip
 
 _ENCODER = msgspec.msgpack.Encoder()
 _GOSSIP = msgspec.msgpack.Decoder(Gossip)
