@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 from hypothesis import given, strategies as st
 
@@ -134,21 +136,103 @@ keys = st.binary(min_size=1, max_size=8)
 @given(
     ops=st.lists(st.tuples(st.booleans(), keys, st.binary(max_size=16)), min_size=1, max_size=40),
     prefix=st.binary(max_size=2),
+    column=st.sampled_from([Column.GENERIC, Column.DELTA]),  # (the delta column: two trees)
+    reopen=st.booleans(),
 )
 def test_scans_match_a_dict_model(
-    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[bool, bytes, bytes]], prefix: bytes
+    tmp_path_factory: pytest.TempPathFactory,
+    ops: list[tuple[bool, bytes, bytes]],
+    prefix: bytes,
+    column: Column,
+    reopen: bool,
 ) -> None:
-    store = LmdbStore.open(tmp_path_factory.mktemp("model"), initial_map_size=1 << 20)
+    path = tmp_path_factory.mktemp("model")
+    store = LmdbStore.open(path, initial_map_size=1 << 20)
     model: dict[bytes, bytes] = {}
     try:
         for is_put, key, value in ops:
             if is_put:
-                store.write([Put(Column.GENERIC, key, value)])
+                store.write([Put(column, key, value)])
                 model[key] = value
             else:
-                store.write([Delete(Column.GENERIC, key)])
+                store.write([Delete(column, key)])
                 model.pop(key, None)
+        if reopen:
+            store.close()
+            store = LmdbStore.open(path, initial_map_size=1 << 20)
         expected = sorted((k, v) for k, v in model.items() if k.startswith(prefix))
-        assert store.scan(Column.GENERIC, prefix=prefix) == expected
+        assert store.scan(column, prefix=prefix) == expected
+        assert store.get_many(column, [k for k, _ in expected]) == [v for _, v in expected]
+        assert store.count(column) == len(model)
     finally:
         store.close()
+
+
+def _as_one_tree(path: Path, rows: dict[bytes, bytes], *, seal: LmdbStore | None = None) -> None:
+    """Make `path` hold `rows` in its delta column as a store before the delta log did:
+    one B-tree, no layout record (sealed by `seal`'s cipher, if given)."""
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(Column.META.value.encode(), txn=txn)
+        txn.delete(b"delta-layout", db=meta)
+        delta = env.open_db(Column.DELTA.value.encode(), txn=txn)
+        txn.drop(delta, delete=False)
+        txn.drop(env.open_db(b"delta-log", txn=txn), delete=False)
+        for key, value in rows.items():
+            stored = value if seal is None else seal._seal(Column.DELTA, key, value)
+            txn.put(key, stored, db=delta)
+    env.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_delta_column_of_one_tree_moves_to_the_log_when_opened(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    passphrase = "pw" if encrypted else None
+    rows = {b"%032d" % i + bytes([i % 256]) * 32: b"delta %d " % i * 40 for i in range(300)}
+    rows[b"%064d" % 999] = b""  # a checkpoint's empty row
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    store.put(Column.STATE, b"s", b"state")
+    _as_one_tree(tmp_path / "db", rows, seal=store)
+    store.close()
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    try:
+        assert store.scan(Column.DELTA) == sorted(rows.items())
+        key = min(rows)
+        assert store.get(Column.DELTA, key) == rows[key]
+        assert store.get(Column.STATE, b"s") == b"state"
+        store.write([Put(Column.DELTA, b"new", b"v"), Delete(Column.DELTA, key)])
+        store.put(Column.DELTA, max(rows), b"overwritten")
+    finally:
+        store.close()
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)  # moved once
+    try:
+        expected = {k: v for k, v in rows.items() if k != key} | {
+            b"new": b"v",
+            max(rows): b"overwritten",
+        }
+        assert store.scan(Column.DELTA) == sorted(expected.items())
+        assert store.count(Column.DELTA) == len(expected)
+    finally:
+        store.close()
+
+
+def test_delta_values_are_laid_out_in_write_order(tmp_path: Path) -> None:
+    # Keys at random (as delta ids are hashes), ~500-byte values: the same rows take fewer
+    # pages than in one B-tree, whose splits leave pages part empty.
+    rows = [(hashlib.sha256(b"%d" % i).digest() * 2, b"\x01" * 500) for i in range(2000)]
+    store = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 24)
+    one_tree = lmdb.open(str(tmp_path / "one"), max_dbs=1, map_size=1 << 24)
+    try:
+        db = one_tree.open_db(b"delta")
+        for key, value in rows:
+            store.put(Column.DELTA, key, value)
+            with one_tree.begin(write=True) as txn:
+                txn.put(key, value, db=db)
+        with one_tree.begin() as txn:
+            stat = txn.stat(db)
+        baseline = 4096 * (stat["leaf_pages"] + stat["branch_pages"])
+        assert store.stats().tree_bytes[Column.DELTA.value] < 0.95 * baseline
+    finally:
+        store.close()
+        one_tree.close()
