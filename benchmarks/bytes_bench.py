@@ -35,7 +35,9 @@ from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
 
 from benchmarks.context_bench import KV_STORE, _kv_items, _raw_lmdb_bytes, _set_args
 from benchmarks.harness import Row, render
+from trionode.context.folding import fold_all
 from trionode.context.records import DELTAS, STATE
+from trionode.context.replicas import BASE_PREFIX, CHECKPOINT_VV_PREFIX, FOLDED_SEQ_PREFIX
 from trionode.context.replication import batch_of, topic_for
 from trionode.dag.delta import (
     CompactBody,
@@ -46,6 +48,8 @@ from trionode.dag.delta import (
     seal_delta,
     verify_delta,
 )
+from trionode.node import Node
+from trionode.store.lmdb_store import Column, StoreStats
 from trionode.testing import open_test_node
 from trionode.wire.keys import PrivateKey
 from trionode.wire.messages import DeltaBatch, encode_gossip
@@ -169,6 +173,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
         # the one before, as in a batch of calls committed together.
         deltas.sort(key=lambda d: verify_delta(d, context_id=context_id).seq)
         state = await node.store.scan(STATE, prefix=context_id)
+        folded = await _folded(node, context_id, stats_before, n)
     raw = _raw_lmdb_bytes(base / "raw-kv", items)
     own = fmean(len(k.encode()) + len(v.encode()) for k, v in items)
     parts = [
@@ -269,7 +274,67 @@ async def _rows(n: int, base: Path) -> list[Row]:
         rows.append(
             Row(f"  {label}", value, "B/entry", baseline_name, baseline, higher_is_better=False)
         )
+    rows.append(
+        Row(
+            "after folding every delta (store.delta_retention = 0): state, delta, generic "
+            "B-trees per entry",
+            folded.trees,
+            "B/entry",
+            "the same B-trees before folding",
+            trees + events,
+            higher_is_better=False,
+        )
+    )
+    for label, value in (
+        ("base rows (the folded records: what the state rows hold too)", folded.base),
+        ("checkpoint rows (empty delta row, ckvv/, ckseq/): keys and values", folded.checkpoints),
+    ):
+        rows.append(
+            Row(
+                f"  {label}",
+                value,
+                "B/entry",
+                "state rows: keys and values",
+                state_values + state_keys,
+                higher_is_better=False,
+            )
+        )
     return rows
+
+
+@attrs.frozen
+class _Folded:
+    trees: float
+    """state + delta + generic B-tree bytes per entry, after folding."""
+    base: float
+    """base/ rows: keys and values per entry."""
+    checkpoints: float
+    """what stays of a folded delta: its empty row and its ckvv/ and ckseq/ rows."""
+
+
+async def _folded(node: Node, context_id: bytes, before: StoreStats, n: int) -> _Folded:
+    """Fold every final delta at once (`store.delta_retention` 0) and measure what stays,
+    per entry beyond `before` (the store before the `n` calls): the steady state of a
+    context whose deltas are older than the retention."""
+    await fold_all(node.contexts.replicas, retention=0.0, max_batch=256)
+    stats = await node.store.stats()
+    columns = ("state", "delta", "generic")
+    trees = sum(stats.tree_bytes[c] - before.tree_bytes[c] for c in columns)
+
+    async def size(prefix: bytes) -> int:
+        return sum(
+            len(k) + len(v) for k, v in await node.store.raw_scan(Column.GENERIC, prefix=prefix)
+        )
+
+    empty = sum(len(k) for k, v in await node.store.scan(DELTAS, prefix=context_id) if not v)
+    marks = await size(CHECKPOINT_VV_PREFIX + context_id) + await size(
+        FOLDED_SEQ_PREFIX + context_id
+    )
+    return _Folded(
+        trees=trees / n,
+        base=await size(BASE_PREFIX + context_id) / n,
+        checkpoints=(empty + marks) / n,
+    )
 
 
 def _batch_rows(context_id: bytes, chain: list[SignedDelta], *, mean_delta: float) -> list[Row]:

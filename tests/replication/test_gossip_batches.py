@@ -86,13 +86,7 @@ async def test_a_bad_delta_in_a_batch_fails_alone(
             a, b = cluster
             context = await share(cluster, [0, 1])
             await cluster.partition([1])
-            wires = []
-            for key in ("x", "y"):
-                result = await a.contexts.execute(context, "set", _set(key))
-                assert result.delta_id is not None
-                wire = await a.contexts.read_delta(context, result.delta_id)
-                assert wire is not None
-                wires.append(wire)
+            wires = [d.encode() for d in await _chain_of_two(a, context)]
             invalid = deltas(b, "rejected_invalid")
             tampered = wires[1][:-1] + bytes([wires[1][-1] ^ 1])
             await b.replicator.receive_from(a.host.peer_id, context, wires[0], tampered, wires[1])
