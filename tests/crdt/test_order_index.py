@@ -13,8 +13,12 @@ from trionode.crdt.order_index import OrderIndex
 from .crdt_helpers import place
 
 # (kind, a, b): kind 0 insert after the a-th placed id (a == 0: at the front), 1 insert
-# before the a-th, 2 delete the a-th visible one, 3 copy and continue on the copy.
-ops = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10_000), st.booleans()), max_size=120)
+# before the a-th, 2 delete the a-th visible one, 3 copy and continue on the copy, 4 type:
+# insert right after the id placed last (the index's cursor hint, its one-keystroke path).
+ops = st.lists(
+    st.tuples(st.sampled_from([0, 1, 2, 3, 4, 4, 4]), st.integers(0, 10_000), st.booleans()),
+    max_size=120,
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -35,15 +39,20 @@ def test_index_matches_a_plain_list(
 
     index = OrderIndex(model, is_live, block_max=block_max)
     serial = initial + 1
+    last: Timestamp | None = None
     for kind, a, born_dead in operations:
-        if kind in (0, 1):
+        if kind in (0, 1, 4):
             eid = Timestamp(serial, b"n")
             serial += 1
             if born_dead:
                 deleted.add(eid)
-            if not place(model, index, eid, a, before=kind == 1, is_live=is_live):
+            if kind == 4:
+                model.insert(0 if last is None else model.index(last) + 1, eid)
+                index.insert_after(last, eid, is_live)
+            elif not place(model, index, eid, a, before=kind == 1, is_live=is_live):
                 deleted.discard(eid)
                 continue
+            last = eid
         elif kind == 2:
             live = [e for e in model if is_live(e)]
             if live:

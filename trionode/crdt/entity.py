@@ -167,17 +167,28 @@ class Entity:
         """Join `other` (same id) into self, in place. `other` is never aliased."""
         if other.id != self.id:
             raise ValueError("cannot join records of different entities")
-        added = latest(self.added, other.added)
-        removed = latest(self.removed, other.removed)
-        floor_changed = removed != self.removed
-        changed = floor_changed or added != self.added
-        self.added, self.removed = added, removed
+        # `latest`, inline (this runs per record per write): an incoming stamp only moves
+        # ours forward.
+        added, removed = other.added, other.removed
+        floor_changed = removed is not None and (self.removed is None or removed > self.removed)
+        if floor_changed:
+            self.removed = removed
+        changed = floor_changed
+        if added is not None and (self.added is None or added > self.added):
+            self.added = added
+            changed = True
         if other.kind < self.kind:
             self.kind = other.kind
             self.body = other.copy().body
             return _RESULTS[1][1]
-        if other.kind == self.kind and other.body is not None:
-            changed = self._merge_body(other.body) or changed
+        body = other.body
+        if other.kind == self.kind and body is not None:
+            mine = self.body
+            if mine is not None and not isinstance(mine, RegisterState):
+                # A sequence or counter joins in place (`_merge_body`, inline: per write).
+                changed = mine.merge(body) or changed  # type: ignore[arg-type]  # same kind
+            else:
+                changed = self._merge_body(body) or changed
         return _RESULTS[changed][floor_changed]
 
     def join(self, other: Entity) -> Entity:
@@ -210,8 +221,11 @@ class Entity:
     def max_stamp(self) -> Timestamp | None:
         """The newest stamp anywhere in the record (for clock witnessing/drift checks)."""
         best = latest(self.added, self.removed)
-        if self.body is not None:
-            best = latest(best, self.body.max_stamp())
+        body = self.body
+        if body is not None:
+            stamp = body.max_stamp()
+            if best is None or (stamp is not None and stamp > best):
+                best = stamp
         return best
 
     def __eq__(self, other: object) -> bool:

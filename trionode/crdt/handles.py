@@ -478,7 +478,8 @@ class Vector(_Sequence[VectorState], Generic[T]):
         self.set(index, value)
 
     def delete(self, index: int) -> None:
-        self._delete(_normalize(index, len(self)), 1)
+        # The length only matters for a negative index (it costs a lookup per delete).
+        self._delete(index if index >= 0 else index + len(self), 1)
 
     def __delitem__(self, index: int) -> None:
         self.delete(index)

@@ -260,9 +260,11 @@ class Transaction:
             self._check_writable()
         touch = stamp if stamp is not None else self.stamp()
         for node in path.chain():
+            parent = node.parent
+            assert parent is not None  # chain() never yields the root
             self._join(
                 Entity(
-                    _parent_id(node),
+                    parent.id,
                     node.name,
                     node.kind,
                     added=touch,
@@ -316,7 +318,8 @@ class Transaction:
             TransactionError: closed already, or another local transaction committed to
                 the tree since this one began (its deltas could be stale for counters).
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         if self._clock is not None and self._tree.generation != self._generation:
             self.abort()
             raise TransactionError("another local transaction committed first; retry")

@@ -1,0 +1,112 @@
+"""The one-edit fast paths give what the general code gives.
+
+A keystroke takes shortcuts the general code does not: a one-element delta computes its
+newest stamp without building lists, top-level field paths are shared between
+transactions, and a delete looks the length up only for a negative index. Each is checked
+here against a naive model of the same thing. (The order index's cursor-hint path, typing
+right after the element placed last, is in `test_order_index.py`.)
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from trionode.crdt import HybridClock, StateTree, Timestamp, text, transaction, vector
+from trionode.crdt.entity import ROOT_ID, Kind, child_id
+from trionode.crdt.hlc import latest
+from trionode.crdt.sequence import Element, VectorState
+from trionode.crdt.transaction import field_path
+
+from .crdt_helpers import T0
+
+stamps = st.builds(Timestamp, st.integers(0, 2**64 - 1), st.sampled_from([b"", b"a", b"b"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    eid=stamps,
+    after=stamps,
+    updated=st.none() | stamps,
+    deleted=st.none() | stamps,
+)
+def test_a_one_element_max_stamp_is_the_newest_of_its_stamps(
+    eid: Timestamp, after: Timestamp, updated: Timestamp | None, deleted: Timestamp | None
+) -> None:
+    """Forged `after`, value and tombstone stamps count too (the drift check relies on it)."""
+    value = None if deleted is not None else b"\x01"
+    state = VectorState({eid: Element(after, value, updated, deleted)})
+    expected = latest(latest(eid, after), latest(updated, deleted))
+    assert state.max_stamp() == expected
+    # Two elements take the general path: the same definition.
+    other = Timestamp(0, b"z")
+    both = VectorState(
+        {eid: Element(after, value, updated, deleted), other: Element(other, b"", None, None)}
+    )
+    assert expected is not None
+    assert both.max_stamp() == max(expected, other)
+
+
+def test_field_paths_are_shared_and_name_the_field() -> None:
+    path = field_path(b"body", Kind.TEXT)
+    assert path is field_path(b"body", Kind.TEXT)
+    assert path.id == child_id(ROOT_ID, b"body")
+    assert field_path(b"body", Kind.VECTOR) is not path  # the kind is part of the path
+    assert field_path(b"body", Kind.VECTOR).kind is Kind.VECTOR
+
+
+def test_field_paths_past_the_cache_bound_are_still_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transaction, "_FIELD_PATHS", {})
+    monkeypatch.setattr(transaction, "_FIELD_PATHS_MAX", 2)
+    paths = [field_path(f"f{i}".encode(), Kind.REGISTER) for i in range(5)]
+    assert [p.id for p in paths] == [child_id(ROOT_ID, f"f{i}".encode()) for i in range(5)]
+    assert len(transaction._FIELD_PATHS) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, 1_000), st.booleans()), max_size=80))
+def test_one_transaction_per_edit_matches_a_list(edits: list[tuple[int, bool]]) -> None:
+    """Vector and Text edited one call per transaction (the fast paths' case) against a
+    plain list, and against the same edits replayed as one remote state."""
+    tree = StateTree()
+    clock = HybridClock(b"w")
+    model: list[int] = []
+    for step, (a, delete) in enumerate(edits):
+        with tree.begin(clock, T0 + step) as tx:
+            items = tx.field("items", vector(int))
+            body = tx.field("body", text())
+            if delete and model:
+                k = a % len(model)
+                del model[k]
+                items.delete(k)
+                body.delete(k, 1)
+            else:
+                k = a % (len(model) + 1)
+                model.insert(k, step)
+                items.insert(k, step)
+                body.insert(k, chr(0x61 + step % 26))
+            tx.commit()
+    with tree.reader() as tx:
+        assert tx.field("items", vector(int)).to_list() == model
+        assert len(tx.field("body", text()).value()) == len(model)
+    copy = StateTree([e.copy() for e in tree.entities()])
+    assert copy.root_hash() == tree.root_hash()
+
+
+def test_vector_delete_takes_python_indices() -> None:
+    """`delete` looks the length up only for a negative index; both kinds still work and
+    an index out of range on either side raises."""
+    tree = StateTree()
+    clock = HybridClock(b"w")
+    with tree.begin(clock, T0) as tx:
+        items = tx.field("items", vector(int))
+        for value in range(5):
+            items.append(value)
+        items.delete(-1)
+        items.delete(0)
+        del items[-2]
+        assert items.to_list() == [1, 3]
+        for bad in (2, -3):
+            with pytest.raises(IndexError):
+                items.delete(bad)
+        assert items.to_list() == [1, 3]
