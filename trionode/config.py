@@ -487,6 +487,13 @@ class SyncSection(_Section, frozen=True):
     """Seconds a streamed snapshot may go without a page (joiner) or a credit (responder).
     A snapshot stream has this deadline instead of `timeout` and `serve_timeout`, so a long
     one is never cut while it moves."""
+    snapshot_keepalive: PositiveFloat = 5.0
+    """Seconds between the "still preparing" messages a member sends a joiner while the
+    first page of a snapshot waits for its final state to be built (once per loaded
+    context; long for a large one). Keep it well below `network.stream_idle_timeout`."""
+    snapshot_prepare_timeout: PositiveFloat = 600.0
+    """Seconds a joiner waits for a snapshot to begin, "still preparing" messages or not:
+    a member that only ever says "wait" is given up on."""
 
 
 class AuthSection(_Section, frozen=True):

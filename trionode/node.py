@@ -246,6 +246,7 @@ class Node:
             serve_max_requests=config.sync.serve_max_requests,
             serve_timeout=config.sync.serve_timeout,
             snapshot_idle_timeout=config.sync.snapshot_idle_timeout,
+            snapshot_keepalive=config.sync.snapshot_keepalive,
             acks=self.acks.receive,
             authored=receive_authored,
             max_batch_bytes=config.replication.gossip_batch_bytes,
@@ -271,6 +272,7 @@ class Node:
             snapshot_window=config.sync.snapshot_window,
             snapshot_batch_bytes=config.sync.snapshot_batch_bytes,
             snapshot_idle_timeout=config.sync.snapshot_idle_timeout,
+            snapshot_prepare_timeout=config.sync.snapshot_prepare_timeout,
             hub=self.hub,
         )
         self.blob_transfer = BlobTransfer(

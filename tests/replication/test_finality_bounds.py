@@ -28,9 +28,9 @@ from tests.replication.test_folding import fold_fast
 from trionode.auth.model import Verdict
 from trionode.config import FileConfig
 from trionode.context.acks import ack_round
+from trionode.context.final_state import BASE_PREFIX
 from trionode.context.replicas import (
     ACK_PREFIX,
-    BASE_PREFIX,
     CHECKPOINT_VV_PREFIX,
     FOLDED_SEQ_PREFIX,
     Replica,

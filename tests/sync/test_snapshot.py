@@ -32,6 +32,7 @@ from trionode.wire.messages import (
     SnapshotClose,
     SnapshotCredit,
     SnapshotOpen,
+    SnapshotWait,
     SyncError,
     SyncMessage,
 )
@@ -138,6 +139,10 @@ def session(
         elif move == "server sends":
             action = serve.next_action()
             assert action is not None
+            if action.first and choose.draw(st.booleans()):
+                # The final state is still being built: the requester is told to wait.
+                assert serve.still_preparing(now)
+                to_joiner.extend(serve.messages_to_send())
             records, next_cursor, begin = server.read(action)
             serve.page_read(records, next_cursor, begin=begin)
             to_joiner.extend(serve.messages_to_send())
@@ -293,6 +298,45 @@ def test_a_refusal_and_silence_end_the_stream() -> None:
     assert quiet.get_timer() == IDLE
     with pytest.raises(SnapshotExpired):
         quiet.handle_timer(IDLE)
+
+
+def test_waits_renew_the_idle_deadline_within_the_bound_on_preparing() -> None:
+    """A responder still preparing keeps the requester waiting past its idle deadline, but
+    never past `prepare_timeout`; once the snapshot began, a wait is out of place."""
+    take = SnapshotTake(0.0, window=4, idle_timeout=IDLE, prepare_timeout=3 * IDLE)
+    take.messages_to_send()
+    for now in (IDLE - 1, 2 * IDLE - 2, 3 * IDLE - 3):
+        take.receive_message(SnapshotWait(), now)
+    assert take.waits == 3
+    assert take.get_timer() == 3 * IDLE  # the bound, not the renewed idle deadline
+    with pytest.raises(SnapshotExpired):
+        take.handle_timer(3 * IDLE)
+    begun = _begun()
+    with pytest.raises(UnexpectedMessage):
+        begun.receive_message(SnapshotWait(), 0.0)
+
+
+def test_the_responder_says_wait_only_while_its_first_page_is_read() -> None:
+    serve = _serving(window=2)
+    assert not serve.still_preparing(0.0)  # nothing asked for yet
+    action = serve.next_action()
+    assert action is not None
+    assert action.first
+    assert serve.still_preparing(IDLE - 1)
+    assert serve.still_preparing(2 * IDLE - 2)
+    assert serve.get_timer() == 3 * IDLE - 2  # preparing is not the requester's silence
+    data = _records(2)
+    begin = SnapshotBegin(heads=[], root_hash=bytes(32), entries=2)
+    serve.page_read([data[0]], _cursor(data[0]), begin=begin, now=3 * IDLE)
+    assert serve.get_timer() == 4 * IDLE
+    assert serve.next_action() is not None
+    assert not serve.still_preparing(3 * IDLE)  # later pages are plain reads
+    assert [type(m) for m in serve.messages_to_send()] == [
+        SnapshotWait,
+        SnapshotWait,
+        SnapshotBegin,
+        SnapshotChunk,
+    ]
 
 
 def test_nothing_is_accepted_after_the_last_page() -> None:

@@ -34,11 +34,11 @@ import trio
 from trionode.auth.model import Verdict, tag
 from trionode.context.authority import encode_vv
 from trionode.context.errors import ContextError
+from trionode.context.final_state import BASE_PREFIX, note_base
 from trionode.context.processing import ReplicationMetrics
 from trionode.context.records import DELTAS
 from trionode.context.replicas import (
     AUX,
-    BASE_PREFIX,
     CHECKPOINT_VV_PREFIX,
     FOLDED_SEQ_PREFIX,
     Replica,
@@ -99,6 +99,8 @@ async def fold_once(
             )
         for entity_id, entity in joined.items():
             batch.put(AUX, BASE_PREFIX + context_id + entity_id, encode_entity(entity))
+        # The final state kept for snapshots takes them now: no rebuild per fold.
+        note_base(replica, list(joined.values()))
         await replicas.write(replica, batch)
         for _, delta_id in chosen:
             authority.fold(delta_id)

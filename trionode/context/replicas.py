@@ -22,8 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
 
 from trionode.auth.acks import open_ack
+from trionode.context import final_state
 from trionode.context.authority import AuthRejected, ContextAuthority, decode_vv
 from trionode.context.errors import AlreadyExists, ContextNotFound
+from trionode.context.final_state import FinalSlot, note_base
 from trionode.context.invitations import open_keys
 from trionode.context.notices import b58
 from trionode.context.records import (
@@ -58,9 +60,10 @@ from trionode.store.store import AsyncStore, BytesCodec, Table, WriteBatch
 log = logging.getLogger(__name__)
 
 AUX = Table(Column.GENERIC, BytesCodec(), BytesCodec())
-BASE_PREFIX = b"base/"
+BASE_PREFIX: Final = final_state.BASE_PREFIX
 """base/ ‖ context ‖ entity id → the join of every record that arrived as *state* (snapshot
-pages, tree comparison): what a rebuild starts from, as no delta body carries it."""
+pages, tree comparison) or was folded: what a rebuild starts from, as no delta body carries
+it (and the final state a snapshot serves: final_state.py)."""
 STORAGE_FORMAT: Final = 2
 """2: deltas carry sequence numbers, version vectors and membership operations."""
 FORMAT_TABLE = Table(Column.META, BytesCodec(), BytesCodec())
@@ -91,6 +94,8 @@ class Replica:
     keys: dict[int, bytes]
     lock: trio.Lock = attrs.field(factory=trio.Lock)
     authority: ContextAuthority = attrs.field(factory=ContextAuthority)
+    final: FinalSlot = attrs.field(factory=FinalSlot)
+    """The final state kept current for snapshots and tree comparison (final_state.py)."""
 
     @property
     def context_id(self) -> bytes:
@@ -411,6 +416,7 @@ class ReplicaStore:
             old = self.store.get_sync(AUX, key)
             joined = record if not old else decode_entity(old).join(record)
             batch.put(AUX, key, encode_entity(joined))
+        note_base(replica, records)
 
     def iter_base(self, context_id: bytes) -> Iterator[Entity]:
         """The records that arrived as state (see `stage_base`), from the store."""

@@ -263,6 +263,7 @@ class Replicator:
         serve_max_requests: int = 1024,
         serve_timeout: float | None = None,
         snapshot_idle_timeout: float = 60.0,
+        snapshot_keepalive: float = 5.0,
         acks: Callable[[bytes, bytes], Awaitable[bool]] | None = None,
         authored: trio.MemoryReceiveChannel[Authored] | None = None,
         max_batch_bytes: int = 256 * 1024,
@@ -302,6 +303,7 @@ class Replicator:
             serving=metrics.serving,
             served_deltas=metrics.served_deltas,
             snapshot_idle_timeout=snapshot_idle_timeout,
+            snapshot_keepalive=snapshot_keepalive,
             acks=acks,
         )
         self._authored = authored

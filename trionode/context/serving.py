@@ -24,6 +24,7 @@ from trionode.auth.model import WRITERS, Verdict
 from trionode.context.authority import AuthRejected, decode_vv, encode_vv
 from trionode.context.errors import AlreadyExists
 from trionode.context.events import EventHub
+from trionode.context.final_state import locked_final, page
 from trionode.context.notices import publish_change, publish_verdicts
 from trionode.context.processing import Applying, DeltaProcessor, ReplicationMetrics
 from trionode.context.records import DELTAS, PENDING
@@ -36,14 +37,13 @@ from trionode.context.replicas import (
     learn_keys,
     stage_record,
 )
-from trionode.crdt import Entity, StateTree, decode_entity, encode_entity, max_stamp
+from trionode.crdt import Entity, StateTree, encode_entity, max_stamp
 from trionode.crdt.hlc import ntp64_seconds
 from trionode.dag.delta import (
     GENESIS,
     DeltaHeader,
     SignedDelta,
     decode_delta,
-    open_delta,
     stored_header,
     verify_delta,
 )
@@ -87,9 +87,7 @@ class SyncServing:
         self._hub = hub
         self._metrics = metrics
         self._snapshots_running: set[bytes] = set()
-        self._final_views: dict[bytes, tuple[tuple[int, int, int], StateTree, list[bytes]]] = {}
-        self._base_changes = 0
-        """Bumped whenever state joins the base rows here (a snapshot cache key)."""
+        self._boundaries: dict[bytes, tuple[tuple[int, int], list[bytes]]] = {}
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -133,67 +131,52 @@ class SyncServing:
     async def snapshot_page(
         self, context_id: bytes, cursor: bytes | None, max_records: int, max_bytes: int
     ) -> tuple[list[bytes], bytes | None, list[bytes], bytes]:
-        """(records, next cursor or None at the end, boundary, final root hash): encoded
-        records of the *final* state in id order after `cursor`, at least one and then up
-        to `max_records`/`max_bytes` (see `_final_view`)."""
+        """(records, next cursor or None at the end, boundary, final root hash): records of
+        the *final* state in id order after `cursor`, at least one and then up to
+        `max_records`/`max_bytes` (see `_boundary`), as stored (final_state.page)."""
         replica = await self._replicas.load(context_id)
-        async with replica.lock:
-            tree, boundary = self._final_view(replica)
-            entities = tree.entities(start_after=cursor, limit=max_records + 1)
-            records: list[bytes] = []
-            size = 0
-            for entity in entities[:max_records]:
-                data = encode_entity(entity)
-                if records and size + len(data) > max_bytes:
-                    break
-                records.append(data)
-                size += len(data)
-            more = len(records) < len(entities)
-            next_cursor = entities[len(records) - 1].id if more else None
-            return records, next_cursor, boundary, tree.root_hash()
+        async with locked_final(self._replicas, replica) as state:
+            records, next_cursor = page(
+                self._replicas,
+                state,
+                context_id,
+                cursor,
+                max_records=max_records,
+                max_bytes=max_bytes,
+            )
+            return records, next_cursor, self._boundary(replica), state.tree.root_hash()
 
-    def final_view(self, replica: Replica) -> tuple[StateTree, list[bytes]]:
-        """The state a snapshot serves and its boundary (`_final_view`; hold the lock)."""
-        return self._final_view(replica)
+    async def final_view(self, replica: Replica) -> tuple[StateTree, list[bytes]]:
+        """The state a snapshot serves and its boundary (`_boundary`), as of now."""
+        async with locked_final(self._replicas, replica) as state:
+            return state.tree, self._boundary(replica)
 
-    def base_changed(self) -> None:
-        """State joined the base rows outside `merge_state` (a streamed snapshot's batch)."""
-        self._base_changes += 1
+    def _boundary(self, replica: Replica) -> list[bytes]:
+        """The checkpoints a snapshot of the final state stands for (§5.5).
 
-    def _final_view(self, replica: Replica) -> tuple[StateTree, list[bytes]]:
-        """The state a snapshot serves, and the checkpoints it stands for (§5.5).
-
-        Only *final* state travels unsigned: the base rows (folded final deltas and state
-        that arrived as state, final where it came from) and the creation's records. Every
-        delta whose body we hold — every non-final one among them — is left to the
-        joiner's delta sync, signed and encrypted, so it judges them itself; a verdict the
-        serving peer would apply under its own (possibly stale) view never reaches it.
+        Only *final* state travels unsigned (the final tree, final_state.py: the base rows,
+        which hold folded final deltas and state that arrived as state, and the creation's
+        records). Every delta whose body we hold — every non-final one among them — is left
+        to the joiner's delta sync, signed and encrypted, so it judges them itself; a
+        verdict the serving peer would apply under its own (possibly stale) view never
+        reaches it.
 
         The boundary is the checkpoints the joiner adopts: the maximal ones, and those a
         held delta names as parent (so each non-final delta finds its parents applied).
-        Built once per change of the base or of the checkpoints (cached)."""
+        Built once per change of the held deltas or of the checkpoints (cached); hold the
+        lock."""
         context_id = replica.context_id
         authority = replica.authority
-        stamp = self._view_stamp(replica)
-        cached = self._final_views.get(context_id)
+        stamp = (len(authority.checkpoint_vv), len(authority.meta))
+        cached = self._boundaries.get(context_id)
         if cached is not None and cached[0] == stamp:
-            return cached[1], cached[2]
+            return cached[1]
         store = self._replicas.store
-        tree = StateTree(self._replicas.iter_base(context_id))
         parents: set[bytes] = set()
         for delta_id in authority.meta:
             wire = store.get_sync(DELTAS, context_id + delta_id)
-            if not wire:
-                continue
-            delta = decode_delta(wire)
-            header = stored_header(delta, context_id=context_id)
-            parents.update(header.parents)
-            if delta_id in authority.creations:
-                try:
-                    body = open_delta(delta, header, replica.keys[header.key_id])
-                except (KeyError, ProtocolError):
-                    continue
-                tree.apply([decode_entity(r) for r in body.records])
+            if wire:
+                parents.update(stored_header(decode_delta(wire), context_id=context_id).parents)
         checkpoints = authority.checkpoint_vv
         maximal = {
             c
@@ -201,16 +184,16 @@ class SyncServing:
             if not any(o != c and within(vv, other) for o, other in checkpoints.items())
         }
         boundary = sorted(maximal | (parents & set(checkpoints)))
-        if len(self._final_views) > 64:
-            self._final_views.clear()
-        self._final_views[context_id] = (stamp, tree, boundary)
-        return tree, boundary
+        if len(self._boundaries) > 64:
+            self._boundaries.clear()
+        self._boundaries[context_id] = (stamp, boundary)
+        return boundary
 
     async def final_start(
         self, context_id: bytes, peer_boundary: Iterable[bytes]
     ) -> tuple[FinalSide, list[bytes]]:
         """Our final side for a tree comparison (final root, FF, boundary: see
-        `_final_view`) and which of `peer_boundary` we have applied, read together."""
+        `_boundary`) and which of `peer_boundary` we have applied, read together."""
         replica = await self._replicas.load(context_id)
         acks: list[bytes] = []
         size = 0
@@ -219,30 +202,12 @@ class SyncServing:
                 break
             acks.append(wire)
             size += len(wire)
-        async with replica.lock:
-            tree, boundary = self._final_view(replica)
+        async with locked_final(self._replicas, replica) as state:
+            tree, boundary = state.tree, self._boundary(replica)
             known = sorted({h for h in peer_boundary if h in replica.dag.applied})
             frontier = dict(replica.authority.finality().final)
             side = FinalSide(tree.root_hash(), frontier, tuple(boundary), tuple(acks))
             return side, known
-
-    def _base_joined(self, replica: Replica, records: Sequence[Entity]) -> None:
-        """`records` joined the base rows: a cached final view that was current takes
-        them too (a tree comparison alternates pushes and reads: no rebuild per push)."""
-        stamp = self._view_stamp(replica)
-        self._base_changes += 1
-        cached = self._final_views.get(replica.context_id)
-        if cached is not None and cached[0] == stamp:
-            cached[1].apply(records)
-            self._final_views[replica.context_id] = (
-                self._view_stamp(replica),
-                cached[1],
-                cached[2],
-            )
-
-    def _view_stamp(self, replica: Replica) -> tuple[int, int, int]:
-        authority = replica.authority
-        return (len(authority.checkpoint_vv), len(authority.meta), self._base_changes)
 
     async def tree_nodes(
         self,
@@ -253,15 +218,15 @@ class SyncServing:
         max_bytes: int | None = None,
     ) -> list[TreeNode]:
         """For a prefix of `queries` (entity id, list children after this id), in the
-        *final* state (`_final_view`: only final state is compared unsigned): (encoded
+        *final* state (final_state.py: only final state is compared unsigned): (encoded
         record, Merkle hash, [(child id, hash)], more children follow). The first query is
         always answered; later ones only within `max_children` and `max_bytes` in total."""
         replica = await self._replicas.load(context_id)
         out: list[TreeNode] = []
         children_left = max_children
         bytes_left = max_bytes
-        async with replica.lock:
-            tree, _ = self._final_view(replica)
+        async with locked_final(self._replicas, replica) as state:
+            tree = state.tree
             for entity_id, after in queries:
                 info = tree.node(entity_id)
                 record = None if info.entity is None else encode_entity(info.entity)
@@ -290,8 +255,8 @@ class SyncServing:
         the flag says whether that was all)."""
         replica = await self._replicas.load(context_id)
         records: list[bytes] = []
-        async with replica.lock:
-            tree, _ = self._final_view(replica)
+        async with locked_final(self._replicas, replica) as state:
+            tree = state.tree
             work = [r for r in roots if r in tree]
             while work:
                 if len(records) >= limit:
@@ -348,7 +313,6 @@ class SyncServing:
             replica.clock.witness(replica.tree.max_stamp, physical)
             batch = WriteBatch()
             self._replicas.stage_base(replica, batch, records)
-            self._base_joined(replica, records)
             stage_record(replica, batch)
             if extra is not None:
                 extra(batch)

@@ -111,6 +111,7 @@ PAGE_TIMEOUT: Final = 30.0
 WINDOW: Final = 16
 BATCH_BYTES: Final = 16 * 1024 * 1024
 IDLE_TIMEOUT: Final = 60.0
+PREPARE_TIMEOUT: Final = 600.0
 
 
 class SnapshotRefused(AlreadyExists):
@@ -255,6 +256,7 @@ async def take(
     window: int = WINDOW,
     batch_bytes: int = BATCH_BYTES,
     idle_timeout: float = IDLE_TIMEOUT,
+    prepare_timeout: float = PREPARE_TIMEOUT,
     on_page: Callable[[], object] | None = None,
     on_progress: Progress | None = None,
 ) -> tuple[list[bytes], int]:
@@ -306,6 +308,7 @@ async def take(
                 max_bytes=page_bytes,
                 batch_bytes=batch_bytes,
                 idle_timeout=idle_timeout,
+                prepare_timeout=prepare_timeout,
             )
             taking = _Taking(
                 contexts, context_id, machine, progress, first=not started, fresh=fresh

@@ -27,13 +27,13 @@ from trionode.auth.finality import within
 from trionode.auth.model import tag
 from trionode.context.authority import AuthRejected, ContextAuthority, decode_vv
 from trionode.context.events import EventHub
+from trionode.context.final_state import BASE_PREFIX, note_base, reset
 from trionode.context.notices import publish_change
 from trionode.context.processing import ReplicationMetrics
 from trionode.context.records import DELTAS, STATE
 from trionode.context.replicas import (
     ACK_PREFIX,
     AUX,
-    BASE_PREFIX,
     Replica,
     ReplicaStore,
     stage_rows,
@@ -107,8 +107,9 @@ class SnapshotState:
     ) -> tuple[int, list[bytes]]:
         """(records in the final state, finality certificate of `boundary`)."""
         replica = await self._replicas.load(context_id)
+        tree, _ = await self._serving.final_view(replica)
+        entries = len(tree)
         async with replica.lock:
-            tree, _ = self._serving.final_view(replica)
             authority = replica.authority
             vvs = [vv for vv in (authority.vv_of(h) for h in boundary) if vv]
 
@@ -123,7 +124,7 @@ class SnapshotState:
                     out.append(entry)
                 else:
                     log.info("no signed ack of %s to certify a snapshot", member.hex()[:12])
-            return len(tree), out
+            return entries, out
 
     async def _entry(
         self, replica: Replica, member: bytes, me: bytes, covers: Callable[[object], bool]
@@ -195,12 +196,12 @@ class SnapshotState:
                     entity_id = entities[i].id
                     batch.put(STATE, state_prefix + entity_id, records[i])
                     batch.put(AUX, base_prefix + entity_id, records[i])
+                note_base(replica, [entities[i] for i in fresh])
             if held:
                 tree.apply(held)
                 stage_rows(replica, batch, tree.drain_rows())
                 self._replicas.stage_base(replica, batch, held)
             replica.clock.witness(tree.max_stamp, physical)
-            self._serving.base_changed()
             if extra is not None:
                 extra(batch)
             await self._replicas.write(replica, batch)
@@ -283,7 +284,7 @@ class SnapshotState:
             for key, _ in await store.scan(AUX, prefix=BASE_PREFIX + context_id):
                 batch.delete(AUX, key)
             replica.tree = StateTree()
-            self._serving.base_changed()
+            reset(replica)
             await self._replicas.write(replica, batch)
         publish_change(self._hub, replica, delta_id=None, events=[], origin="sync")
         return True

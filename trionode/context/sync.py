@@ -214,6 +214,7 @@ class SyncManager:
         snapshot_window: int = snapshot.WINDOW,
         snapshot_batch_bytes: int = snapshot.BATCH_BYTES,
         snapshot_idle_timeout: float = snapshot.IDLE_TIMEOUT,
+        snapshot_prepare_timeout: float = snapshot.PREPARE_TIMEOUT,
         hub: EventHub | None = None,
     ) -> None:
         self.contexts = contexts
@@ -234,6 +235,7 @@ class SyncManager:
         self.snapshot_window = snapshot_window
         self.snapshot_batch_bytes = snapshot_batch_bytes
         self.snapshot_idle_timeout = snapshot_idle_timeout
+        self.snapshot_prepare_timeout = snapshot_prepare_timeout
         self.hub = hub
         """Where snapshot progress goes (a transient notice to the context's subscribers;
         `trionode context join` shows it)."""
@@ -587,6 +589,7 @@ class SyncManager:
                 window=self.snapshot_window,
                 batch_bytes=self.snapshot_batch_bytes,
                 idle_timeout=self.snapshot_idle_timeout,
+                prepare_timeout=self.snapshot_prepare_timeout,
                 on_page=self.metrics.snapshot_pages.inc,
                 on_progress=functools.partial(self._snapshot_progress, context_id),
             )

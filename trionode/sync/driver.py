@@ -217,25 +217,54 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return (real or leaves)[0]
 
 
+PageRead = tuple[list[bytes], bytes | None, SnapshotBegin | None]
+
+
 async def serve_snapshot(
     channel: SyncChannel,
     machine: SnapshotServe,
-    read_page: Callable[
-        [ReadPage], Awaitable[tuple[list[bytes], bytes | None, SnapshotBegin | None]]
-    ],
+    read_page: Callable[[ReadPage], Awaitable[PageRead]],
+    *,
+    keepalive: float = 5.0,
 ) -> None:
     """Serve one streamed snapshot: pages go out as long as the window allows; credits (and
-    the close) are read when it does not, within the machine's idle deadline."""
+    the close) are read when it does not, within the machine's idle deadline. While the
+    first page is read (the final state may still be built), a `SnapshotWait` goes out
+    every `keepalive` seconds."""
     while not machine.finished:
         action = machine.next_action()
         if action is not None:
-            records, next_cursor, begin = await read_page(action)
-            machine.page_read(records, next_cursor, begin=begin)
+            if action.first:
+                read = await _preparing(channel, machine, read_page(action), keepalive)
+            else:
+                read = await read_page(action)
+            records, next_cursor, begin = read
+            machine.page_read(records, next_cursor, begin=begin, now=trio.current_time())
             await _flush(channel, machine)
             continue
         message = await _receive(channel, machine)
         assert message is not None
         machine.receive_message(message, trio.current_time())
+
+
+async def _preparing(
+    channel: SyncChannel, machine: SnapshotServe, work: Awaitable[PageRead], every: float
+) -> PageRead:
+    """Await `work` (the first page), telling the requester to wait every `every` s."""
+
+    async def beat() -> None:
+        while True:
+            await trio.sleep(every)
+            if machine.still_preparing(trio.current_time()):
+                # Never cut a frame in half when the page is ready: the beat is shielded.
+                with trio.CancelScope(shield=True):
+                    await _flush(channel, machine)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(beat)
+        result = await work
+        nursery.cancel_scope.cancel()
+    return result
 
 
 async def compare_trees(
@@ -315,6 +344,7 @@ class SyncServer:
         serving: Gauge | None = None,
         served_deltas: Counter | None = None,
         snapshot_idle_timeout: float = 60.0,
+        snapshot_keepalive: float = 5.0,
         served_pages: Counter | None = None,
         acks: TakeAck | None = None,
     ) -> None:
@@ -333,6 +363,8 @@ class SyncServer:
         self.session_timeout = session_timeout
         self.snapshot_idle_timeout = snapshot_idle_timeout
         """A streamed snapshot's deadline: renewed by every credit, never the session's."""
+        self.snapshot_keepalive = snapshot_keepalive
+        """Seconds between `SnapshotWait`s while a snapshot's first page is prepared."""
         self._served_pages = served_pages
 
     async def serve(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
@@ -446,10 +478,10 @@ class SyncServer:
             idle_timeout=self.snapshot_idle_timeout,
         )
 
-        async def read(page: ReadPage) -> tuple[list[bytes], bytes | None, SnapshotBegin | None]:
+        async def read(page: ReadPage) -> PageRead:
             return await self._read_snapshot_page(context_id, page)
 
-        await serve_snapshot(channel, machine, read)
+        await serve_snapshot(channel, machine, read, keepalive=self.snapshot_keepalive)
 
     async def _read_snapshot_page(
         self, context_id: bytes, page: ReadPage

@@ -4,6 +4,8 @@ local-first-auth.md §5.5).
 ```
 requester (SnapshotTake)                         responder (SnapshotServe)
   SnapshotOpen(cursor, root, window W) ──────▶  reads page 1 with the boundary
+                                       ◀──────  SnapshotWait every few seconds, while the
+                                                final state is still being prepared
                                        ◀──────  SnapshotBegin(heads, root, entries, certificate)
                                        ◀──────  SnapshotChunk, up to W of them (no waiting)
   pages decoded and checked as they come;
@@ -27,6 +29,12 @@ responder's final state still has that root, the pages continue after the cursor
 moved on (more was folded), the responder starts from the first record again and says so
 (`SnapshotBegin.cursor` is None). Records only grow under join, so what the requester has
 is joined again harmlessly, and the root check at the end holds for the newer state.
+
+**Preparing.** Before its first page the responder may need its final state built (once
+per loaded context: trionode/context/final_state.py), which takes long for a large one.
+Meanwhile it sends `SnapshotWait` now and then (`still_preparing`), each renewing the
+requester's idle deadline; the requester bounds the whole wait for `SnapshotBegin` by its
+own `prepare_timeout`, so a responder that only ever says "wait" is cut off.
 
 **Checks.** Records must rise strictly in id order across pages, a page that is not the
 last must end at its cursor and carry at least one record, and no more pages may come than
@@ -67,6 +75,7 @@ from trionode.wire.messages import (
     SnapshotClose,
     SnapshotCredit,
     SnapshotOpen,
+    SnapshotWait,
     SyncError,
     SyncMessage,
 )
@@ -250,16 +259,20 @@ class SnapshotServe:
         next_cursor: bytes | None,
         *,
         begin: SnapshotBegin | None = None,
+        now: float | None = None,
     ) -> None:
         """The answer to `ReadPage`. For the first page, `begin` is the boundary as read with
         it; if the requester's cursor belongs to another root than `begin.root_hash`, the
-        driver read from the first record and `begin.cursor` is None."""
+        driver read from the first record and `begin.cursor` is None. With `now`, the idle
+        deadline restarts from the first page (however long it took to read)."""
         if self._state is not _Serve.READING:
             raise LocalProtocolError("no page was asked for")
         if self._first:
             if begin is None or begin.cursor not in (None, self._cursor):
                 raise LocalProtocolError("the first page needs its boundary and its start")
             self._outbox.append(begin)
+            if now is not None:
+                self._deadline = now + self._idle_timeout
             self._first = False
         self._outbox.append(SnapshotChunk(records=list(records), next_cursor=next_cursor))
         self._credits -= 1
@@ -267,6 +280,16 @@ class SnapshotServe:
         self.records_sent += len(records)
         self._cursor = next_cursor
         self._state = _Serve.SENDING if next_cursor is not None else _Serve.DRAINING
+
+    def still_preparing(self, now: float) -> bool:
+        """The first page is still being read (a long one: the final state is being
+        built): queue a `SnapshotWait` so the requester keeps waiting; whether one was.
+        Time spent preparing is ours, not the requester's: the idle deadline restarts."""
+        if self._state is not _Serve.READING or not self._first:
+            return False
+        self._outbox.append(SnapshotWait())
+        self._deadline = now + self._idle_timeout
+        return True
 
     def receive_message(self, message: SyncMessage, now: float) -> None:
         self.handle_timer(now)
@@ -328,6 +351,7 @@ class SnapshotTake:
         max_bytes: int = 1 << 20,
         batch_bytes: int = 16 << 20,
         idle_timeout: float = 60.0,
+        prepare_timeout: float = 600.0,
     ) -> None:
         if not 2 <= window <= MAX_SNAPSHOT_WINDOW:
             raise ValueError(f"window must be 2..{MAX_SNAPSHOT_WINDOW}")
@@ -336,6 +360,9 @@ class SnapshotTake:
         self._batch_bytes = batch_bytes
         self._idle_timeout = idle_timeout
         self._deadline = now + idle_timeout
+        self._prepare_timeout = prepare_timeout
+        self._begin_deadline = now + prepare_timeout
+        """`SnapshotWait`s renew the idle deadline, never this one."""
         self._cursor = cursor if root_hash is not None else None
         self._state = _Take.AWAIT_BEGIN
         self._outbox: list[SyncMessage] = [
@@ -354,6 +381,8 @@ class SnapshotTake:
         self._ready: list[StoreBatch] = []
         self._storing = 0
         self.begin: SnapshotBegin | None = None
+        self.waits = 0
+        """`SnapshotWait`s received (the responder was preparing)."""
         self.restarted = False
         """The responder's state moved since our cursor: the pages start from the first
         record again (what we hold is joined again)."""
@@ -389,9 +418,13 @@ class SnapshotTake:
         return out
 
     def get_timer(self) -> float | None:
+        if self._state is _Take.AWAIT_BEGIN:
+            return min(self._deadline, self._begin_deadline)
         return self._deadline if self.awaiting_message else None
 
     def handle_timer(self, now: float) -> None:
+        if self._state is _Take.AWAIT_BEGIN and now >= self._begin_deadline:
+            raise SnapshotExpired(f"the snapshot did not begin within {self._prepare_timeout:g}s")
         if self.awaiting_message and now >= self._deadline:
             raise SnapshotExpired(f"no page for {self._idle_timeout:g}s")
 
@@ -403,6 +436,9 @@ class SnapshotTake:
         if isinstance(message, SyncError):
             raise PeerRefused(f"the peer refused: {message.message}")
         if self._state is _Take.AWAIT_BEGIN:
+            if isinstance(message, SnapshotWait):
+                self.waits += 1
+                return
             if not isinstance(message, SnapshotBegin):
                 raise UnexpectedMessage(message, "snapshot begin")
             if message.cursor is not None and message.cursor != self._cursor:

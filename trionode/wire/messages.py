@@ -232,6 +232,13 @@ class SnapshotBegin(msgspec.Struct, tag="snapshot_begin", frozen=True, forbid_un
     """Where the pages start: the requested cursor, or None (from the first record)."""
 
 
+class SnapshotWait(msgspec.Struct, tag="snapshot_wait", frozen=True, forbid_unknown_fields=True):
+    """The responder is still preparing the snapshot (its final state, before the first
+    page): the requester keeps waiting. Sent every `sync.snapshot_keepalive` seconds until
+    `SnapshotBegin`, so a large state never trips the deadline between messages; the
+    requester bounds the whole wait (`sync.snapshot_prepare_timeout`)."""
+
+
 class SnapshotChunk(msgspec.Struct, tag="snapshot_chunk", frozen=True, forbid_unknown_fields=True):
     records: Records
     next_cursor: Id32 | None
@@ -386,6 +393,7 @@ SyncMessage = (
     | AuthResponse
     | SnapshotOpen
     | SnapshotBegin
+    | SnapshotWait
     | SnapshotChunk
     | SnapshotCredit
     | SnapshotClose

@@ -1,0 +1,246 @@
+"""The final state of a loaded context, kept current in memory (what snapshots and tree
+comparison serve; DESIGN §8, issue 17).
+
+Only final state travels unsigned (`SyncServing._boundary`): the base rows (folded
+final deltas, and state that arrived as state) joined with the records of the context's
+creation. A snapshot announces that state's root hash before its first page, so the
+serving member needs the state as a tree. Building it from the base rows costs a decode
+of every row, which is seconds per 100,000 entries: done per snapshot (as it was), a
+large context could not even start one within the joiner's deadline between messages.
+
+So the tree is built once per loaded replica, off the event loop (a worker thread reads
+and decodes the rows while the node keeps serving, and the snapshot stream sends
+keep-alives meanwhile), and from then on every write of a base row joins the same
+records into it (`note_base`): folding, a tree comparison's state, a snapshot batch.
+Join is idempotent, so a record both read by the build and noted while it ran is
+harmless; a build notes the writes made while it runs and joins them at its end. A
+discard of the base (`reset`) drops the tree and voids a build that is running.
+
+Pages do not come from the tree: they are the base rows *as stored*, read in key (= id)
+order from the cursor, so serving a page decodes and re-encodes nothing. Only the few
+entities the creation's records touch (`overlay`) differ from their stored row; their
+pages carry the final tree's record instead (see `page`).
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left, bisect_right
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from trionode.context.records import DELTAS
+from trionode.crdt import Entity, StateTree, decode_entity, encode_entity
+from trionode.dag.delta import decode_delta, open_delta, stored_header
+from trionode.errors import ProtocolError
+from trionode.store.lmdb_store import Column
+
+if TYPE_CHECKING:
+    from trionode.context.replicas import Replica, ReplicaStore
+
+log = logging.getLogger(__name__)
+
+BASE_PREFIX: Final = b"base/"
+"""base/ ‖ context ‖ entity id (the rows `replicas.BASE_PREFIX` names)."""
+BUILD_ROWS: Final = 4096
+"""Base rows one read of the build takes (so it never holds them all as bytes at once)."""
+
+
+@attrs.define
+class FinalState:
+    """The final state of one context: the tree (for its root, size and Merkle nodes) and
+    the sorted ids whose final record is not their stored base row."""
+
+    tree: StateTree
+    overlay: list[bytes]
+    """Ids of the creation's records, sorted: their record is the tree's, not the row's."""
+    creations: frozenset[bytes]
+    """The creation deltas whose records are in `tree` (another set means: rebuild)."""
+
+
+@attrs.define
+class FinalSlot:
+    """Per replica: the final state once built, and a build under way."""
+
+    state: FinalState | None = None
+    building: trio.Event | None = None
+    noted: list[Entity] | None = None
+    """Records written to the base while a build runs (joined at its end)."""
+    epoch: int = 0
+    """Bumped by `reset`: a build started in an older epoch is void."""
+    builds: int = 0
+    """Builds finished (how often the rows were decoded whole: a test counter)."""
+
+
+def note_base(replica: Replica, records: Sequence[Entity]) -> None:
+    """`records` were joined into the base rows (call under the replica's lock, with the
+    write): the final state, built or being built, takes them too."""
+    slot = replica.final
+    if slot.state is not None and records:
+        tree = slot.state.tree
+        tree.apply(records)
+        tree.drain_changes()  # a view: nothing of it is ever written
+    if slot.noted is not None:
+        slot.noted.extend(records)
+
+
+def reset(replica: Replica) -> None:
+    """The base rows were discarded (call under the lock): build again when next needed."""
+    slot = replica.final
+    slot.state = None
+    slot.epoch += 1
+
+
+async def final_state(replicas: ReplicaStore, replica: Replica) -> FinalState:
+    """The replica's final state, built first if it is not (call *without* its lock: the
+    build reads the rows in a worker thread while writes go on, and takes the lock only to
+    start and to finish)."""
+    slot = replica.final
+    while True:
+        async with replica.lock:
+            creations = frozenset(replica.authority.creations)
+            if slot.state is not None and slot.state.creations == creations:
+                return slot.state
+            waiting = slot.building
+            start: tuple[list[Entity], frozenset[bytes], int] | None = None
+            if waiting is None:
+                slot.building = trio.Event()
+                slot.noted = []
+                overlay = _creation_records(replicas, replica, creations)
+                start = (overlay, creations, slot.epoch)
+        if start is not None:
+            await _build_into(replicas, replica, *start)
+        elif waiting is not None:
+            await waiting.wait()
+
+
+async def _build_into(
+    replicas: ReplicaStore,
+    replica: Replica,
+    overlay: list[Entity],
+    creations: frozenset[bytes],
+    epoch: int,
+) -> None:
+    slot = replica.final
+    building = slot.building
+    assert building is not None
+    try:
+        tree = await trio.to_thread.run_sync(_build, replicas, replica.context_id)
+        async with replica.lock:
+            if slot.epoch != epoch:
+                return  # the base was discarded meanwhile: what we read is void
+            assert slot.noted is not None
+            tree.apply(slot.noted)
+            tree.apply(overlay)
+            tree.drain_changes()
+            slot.state = FinalState(tree, sorted({e.id for e in overlay}), creations)
+            slot.builds += 1
+    finally:
+        slot.building = None
+        slot.noted = None
+        building.set()
+
+
+@asynccontextmanager
+async def locked_final(replicas: ReplicaStore, replica: Replica) -> AsyncIterator[FinalState]:
+    """Hold the replica's lock with its final state current (built first if need be)."""
+    while True:
+        state = await final_state(replicas, replica)
+        async with replica.lock:
+            if replica.final.state is state:
+                yield state
+                return
+
+
+def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
+    """The base rows of `context_id` as a tree (runs in a worker thread)."""
+    tree = StateTree(decode_entity(value) for _, value in _rows(replicas, context_id))
+    tree.drain_changes()
+    return tree
+
+
+def _rows(replicas: ReplicaStore, context_id: bytes) -> Iterator[tuple[bytes, bytes]]:
+    prefix = BASE_PREFIX + context_id
+    start: bytes | None = None
+    raw = replicas.store.raw
+    while True:
+        rows = raw.scan(Column.GENERIC, prefix=prefix, start=start, limit=BUILD_ROWS)
+        yield from rows
+        if len(rows) < BUILD_ROWS:
+            return
+        start = rows[-1][0] + b"\x00"
+
+
+def _creation_records(
+    replicas: ReplicaStore, replica: Replica, creations: frozenset[bytes]
+) -> list[Entity]:
+    """The records of the context's creation (final, never folded: it is a membership
+    operation), read from the bodies held."""
+    context_id = replica.context_id
+    out: list[Entity] = []
+    for delta_id in sorted(creations):
+        wire = replicas.store.get_sync(DELTAS, context_id + delta_id)
+        if not wire:
+            continue
+        try:
+            delta = decode_delta(wire)
+            header = stored_header(delta, context_id=context_id)
+            body = open_delta(delta, header, replica.keys[header.key_id])
+            out.extend(decode_entity(r) for r in body.records)
+        except (KeyError, ProtocolError):
+            log.warning("creation %s of %s does not open", delta_id.hex()[:12], context_id.hex())
+    return out
+
+
+def page(
+    replicas: ReplicaStore,
+    state: FinalState,
+    context_id: bytes,
+    cursor: bytes | None,
+    *,
+    max_records: int,
+    max_bytes: int,
+) -> tuple[list[bytes], bytes | None]:
+    """(records, next cursor or None at the end): the final state's records after `cursor`
+    in id order, at least one and then up to `max_records`/`max_bytes`. The base rows as
+    stored, with the overlay's records (encoded from the tree) merged in their place.
+    Read under the replica's lock, with `state` current."""
+    prefix = BASE_PREFIX + context_id
+    start = None if cursor is None else prefix + cursor + b"\x00"
+    rows = replicas.store.raw.scan(
+        Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1
+    )
+    cut = len(prefix)
+    stored = [(key[cut:], value) for key, value in rows]
+    # The overlay's ids up to where the stored rows read reach (all of them after the last
+    # row if the rows ran out).
+    overlay = state.overlay
+    low = 0 if cursor is None else bisect_right(overlay, cursor)
+    high = len(overlay) if len(stored) <= max_records else bisect_left(overlay, stored[-1][0])
+    merged: list[tuple[bytes, bytes | None]] = [*stored]
+    extra = overlay[low:high]
+    if extra:
+        taken = {entity_id for entity_id, _ in stored}
+        merged.extend((entity_id, None) for entity_id in extra if entity_id not in taken)
+        merged.sort(key=lambda item: item[0])
+    records: list[bytes] = []
+    last: bytes | None = None
+    size = 0
+    overlaid = set(extra)
+    for entity_id, stored_value in merged[:max_records]:
+        value = stored_value
+        if entity_id in overlaid or value is None:
+            record = state.tree.get(entity_id)
+            assert record is not None
+            value = encode_entity(record)
+        if records and size + len(value) > max_bytes:
+            break
+        records.append(value)
+        size += len(value)
+        last = entity_id
+    more = len(records) < len(merged)
+    return records, last if more else None
