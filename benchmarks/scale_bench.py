@@ -54,10 +54,10 @@ from benchmarks.sync_bench import (
     _bench_bundle,
     _items,
     _set_many,
-    _share,
     _wait_converged,
 )
 from trionode.config import FileConfig, NetworkSection, PubsubSection, SyncSection
+from trionode.context.errors import PeerFailed
 from trionode.net.events import GossipMessage
 from trionode.net.memory import MemoryNetwork
 from trionode.node import Node
@@ -286,6 +286,29 @@ async def _raw_gossip(
     )
 
 
+JOIN_ATTEMPTS: Final = 5
+
+
+async def _share_retrying(nodes: Sequence[Node], bundle: Path) -> bytes:
+    """`sync_bench._share`, each joiner trying again when it cannot reach node 0: with
+    dozens of nodes in one process on a loaded machine, a dial to the inviter can time out
+    (a real joiner would try again too)."""
+    app_id = b""
+    for node in nodes:
+        app_id = (await node.applications.install(str(bundle))).application_id
+    context = (await nodes[0].contexts.create(app_id)).context_id
+    for node in nodes[1:]:
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            try:
+                await node.joins.join(await nodes[0].joins.invite(context))
+                break
+            except PeerFailed as exc:
+                if attempt == JOIN_ATTEMPTS:
+                    raise
+                _log(f"join attempt {attempt} failed ({exc}); trying again")
+    return context
+
+
 async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
     bundle = _bench_bundle(base / "bundle")
     rng = random.Random(SEED)
@@ -298,7 +321,7 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
     ) as c:
         nodes = list(c)
         _log(f"{m} nodes up in {time.perf_counter() - started:.1f}s")
-        context = await _share(nodes, bundle)
+        context = await _share_retrying(nodes, bundle)
         await _wait_converged(nodes, context, limit=1800)
         _log(f"{m} members joined after {time.perf_counter() - started:.1f}s")
         degree = nodes[0].config.pubsub.d
