@@ -142,6 +142,10 @@ class DeltaPipeline:
         # Full: submitters wait (an API call, a gossip handler): the backpressure.
         self._send, self._receive = trio.open_memory_channel[_Job](queue)
         self.stats = BatchStats()
+        self._stopping = False
+        """A shutdown was requested: what is queued is committed, then `serve` ends."""
+        self._waiting: trio.CancelScope | None = None
+        """The processor's wait for a job, while it waits (the shutdown watcher cancels it)."""
 
     async def _running_app(self, replica: Replica, method: str) -> App:
         return await running_app(self._apps, self._replicas, replica, method)
@@ -221,7 +225,12 @@ class DeltaPipeline:
 
     async def _send_job(self, job: _Job) -> None:
         try:
-            await self._send.send(job)
+            try:
+                # Room in the queue: no trip through the scheduler (every one costs a
+                # round of whatever else is runnable, e.g. gossip being forwarded).
+                self._send.send_nowait(job)
+            except trio.WouldBlock:
+                await self._send.send(job)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise StorageError("the node is stopping: nothing was written") from None
 
@@ -242,24 +251,13 @@ class DeltaPipeline:
     ) -> None:
         """Process jobs (the root nursery's task `delta-processor`) until shutdown is
         requested and what was queued by then is committed (or until cancelled)."""
-        task_status.started()
         jobs: list[_Job] = []
         try:
-            while True:
-                if not jobs:
-                    first = await self._next(shutdown_requested)
-                    if first is None:
-                        return
-                    jobs = [first]
-                size = sum(job.size for job in jobs)
-                while len(jobs) < self._max_deltas and size < self._max_bytes:
-                    try:
-                        job = self._receive.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    jobs.append(job)
-                    size += job.size
-                jobs = await self._run_batch(jobs)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_shutdown, shutdown_requested)
+                task_status.started()
+                await self._process(jobs)
+                nursery.cancel_scope.cancel()
         finally:
             # Stopping: whoever still waits hears so (a job cancelled mid-commit may or may
             # not be on disk; none was acknowledged).
@@ -274,25 +272,47 @@ class DeltaPipeline:
                 if not job.done.is_set():
                     job.fail(stopped)
 
-    async def _next(self, shutdown_requested: trio.Event) -> _Job | None:
-        """The next job; None once shutdown is requested and nothing is queued."""
-        if not shutdown_requested.is_set():
-            got: list[_Job] = []
-            async with trio.open_nursery() as nursery:
+    async def _process(self, jobs: list[_Job]) -> None:
+        """Run batches until shutdown is requested and nothing is queued; `jobs` holds
+        the jobs taken and not yet answered (the caller fails them if this is cancelled)."""
+        while True:
+            if not jobs:
+                first = await self._next()
+                if first is None:
+                    return
+                jobs.append(first)
+            size = sum(job.size for job in jobs)
+            while len(jobs) < self._max_deltas and size < self._max_bytes:
+                try:
+                    job = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                jobs.append(job)
+                size += job.size
+            jobs[:] = await self._run_batch(jobs)
 
-                async def stop() -> None:
-                    await shutdown_requested.wait()
-                    nursery.cancel_scope.cancel()
+    async def _watch_shutdown(self, shutdown_requested: trio.Event) -> None:
+        await shutdown_requested.wait()
+        self._stopping = True
+        if self._waiting is not None:
+            self._waiting.cancel()
 
-                nursery.start_soon(stop)
-                got.append(await self._receive.receive())
-                nursery.cancel_scope.cancel()
-            if got:
-                return got[0]
+    async def _next(self) -> _Job | None:
+        """The next job; None once shutdown is requested and nothing is queued. (The wait is
+        a cancel scope the shutdown watcher cancels, not a nursery per job: a job is taken
+        without extra trips through the scheduler.)"""
         try:
             return self._receive.receive_nowait()
         except trio.WouldBlock:
-            return None
+            if self._stopping:
+                return None
+        self._waiting = trio.CancelScope()
+        try:
+            with self._waiting:
+                return await self._receive.receive()
+        finally:
+            self._waiting = None
+        return None  # (cancelled: shutdown requested, nothing queued)
 
     async def _run_batch(self, jobs: list[_Job]) -> list[_Job]:
         """Stage `jobs`, commit them in one write, answer them; returns the jobs left for
@@ -369,7 +389,10 @@ class DeltaPipeline:
             if not self._replicas.knows(context_id):
                 raise_not_member(context_id)
             replica = await self._replicas.load(context_id)
-            await replica.lock.acquire()
+            try:
+                replica.lock.acquire_nowait()  # (free: no trip through the scheduler)
+            except trio.WouldBlock:
+                await replica.lock.acquire()
             held[context_id] = replica
         return replica
 

@@ -55,6 +55,18 @@ class _Resolved(NamedTuple):
 
 
 _HIDDEN = _Resolved(visible=False, floor=None, depth=0)
+_BUCKETS = 256
+
+
+class _Buckets:
+    """A large container's cached bucket digests (b"" for a bucket without children) and
+    the buckets whose digest is out of date."""
+
+    __slots__ = ("digests", "stale")
+
+    def __init__(self) -> None:
+        self.digests = [b""] * _BUCKETS
+        self.stale: set[int] = set(range(_BUCKETS))
 
 
 class StateTree:
@@ -77,7 +89,7 @@ class StateTree:
         self._records: dict[bytes, Entity] = {}
         self._children: dict[bytes, list[bytes]] = {}
         self._hashes: dict[bytes, bytes] = {}
-        self._buckets: dict[bytes, dict[int, bytes]] = {}
+        self._buckets: dict[bytes, _Buckets] = {}
         self._sorted_ids: list[bytes] | None = None
         self._max_stamp: Timestamp | None = None
         self._log = RowLog()
@@ -239,25 +251,49 @@ class StateTree:
                 # A large container hashes its children in 256 buckets by the first byte of
                 # their ids, each cached: one changed child rehashes its bucket (~1/256 of
                 # the children), not all of them. Same state, same hash, on every node.
-                cache = self._buckets.setdefault(entity_id, {})
-                start = 0
-                while start < len(children):
-                    bucket = children[start][0]
-                    end = (
-                        bisect_left(children, bytes([bucket + 1]))
-                        if bucket < 255
-                        else len(children)
-                    )
-                    digest = cache.get(bucket)
-                    if digest is None:
-                        inner = hashlib.sha256(b"bucket" + bytes([bucket]))
-                        self._hash_children(inner, children[start:end], floor, depth)
-                        digest = cache[bucket] = inner.digest()
-                    hasher.update(digest)
-                    start = end
+                cache = self._buckets.get(entity_id)
+                if cache is None:
+                    cache = self._buckets[entity_id] = _Buckets()
+                if cache.stale:
+                    self._hash_buckets(cache, children, floor, depth)
+                # (An empty bucket's slot is b"": the digests of the non-empty ones, in
+                # order, without a loop over 256 buckets per write.)
+                hasher.update(b"".join(cache.digests))
         digest = hasher.digest()
         self._hashes[entity_id] = digest
         return digest
+
+    def _hash_buckets(
+        self, cache: _Buckets, children: Sequence[bytes], floor: Timestamp | None, depth: int
+    ) -> None:
+        """Hash the stale buckets of a large container (all of them: one pass over the
+        children; a few: a bisection each)."""
+        digests = cache.digests
+        if len(cache.stale) == _BUCKETS:
+            digests[:] = [b""] * _BUCKETS
+            start = 0
+            while start < len(children):
+                bucket = children[start][0]
+                end = bisect_left(children, bytes([bucket + 1])) if bucket < 255 else len(children)
+                digests[bucket] = self._bucket_digest(bucket, children[start:end], floor, depth)
+                start = end
+        else:
+            for bucket in cache.stale:
+                start = bisect_left(children, bytes([bucket]))
+                end = bisect_left(children, bytes([bucket + 1])) if bucket < 255 else len(children)
+                digests[bucket] = (
+                    self._bucket_digest(bucket, children[start:end], floor, depth)
+                    if start < end
+                    else b""
+                )
+        cache.stale.clear()
+
+    def _bucket_digest(
+        self, bucket: int, children: Sequence[bytes], floor: Timestamp | None, depth: int
+    ) -> bytes:
+        inner = hashlib.sha256(b"bucket" + bytes([bucket]))
+        self._hash_children(inner, children, floor, depth)
+        return inner.digest()
 
     def _hash_children(
         self, hasher: Any, children: Sequence[bytes], floor: Timestamp | None, depth: int
@@ -278,7 +314,7 @@ class StateTree:
                 break
             buckets = self._buckets.get(record.parent)
             if buckets is not None:
-                buckets.pop(cursor[0], None)
+                buckets.stale.add(cursor[0])
             cursor = record.parent
         self._hashes.pop(ROOT_ID, None)
 
@@ -340,7 +376,7 @@ class StateTree:
         self._invalidate_up(top.parent)
         parent_buckets = self._buckets.get(top.parent)
         if parent_buckets is not None:
-            parent_buckets.pop(entity_id[0], None)
+            parent_buckets.stale.add(entity_id[0])
         for eid in doomed:
             del self._records[eid]
             self._children.pop(eid, None)
