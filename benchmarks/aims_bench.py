@@ -9,7 +9,10 @@ measured in the same process on the same machine minutes apart.
 * The delta of one 100-byte `set` by component beside the format 3 envelope, the gossip
   envelope beside the delta, and the per-entry bytes by component (`bytes_bench`).
 * A write on A applied on the last of 4 nodes, p50 and p99, beside raw gossip to the same
-  nodes (`sync_bench._propagation`).
+  nodes (`sync_bench._propagation`), and beside raw gossip after which each receiver
+  commits one durable LMDB transaction of the delta's size in its own env: every node
+  here shares one disk, so the last of 4 waits for four fsyncs, the floor a durable
+  receive can reach on this machine (a received delta is shown only once it is durable).
 
 `python -m benchmarks --only aims` (``--quick``: small sizes).
 """
@@ -17,15 +20,36 @@ measured in the same process on the same machine minutes apart.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
+import time
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Final
 
+import lmdb
 import trio
+import trio.testing
 
 from benchmarks.bytes_bench import _rows as _byte_rows
 from benchmarks.context_bench import _node_rows
 from benchmarks.harness import Row, render
-from benchmarks.sync_bench import _bench_bundle, _propagation, propagation_rows
+from benchmarks.sync_bench import (
+    NODES,
+    RAW_TOPIC,
+    _Arrivals,
+    _bench_bundle,
+    _propagation,
+    _wait_raw_mesh,
+    loopback_mesh,
+    propagation_rows,
+)
+from benchmarks.transport_baseline import _percentile
+from trionode.net.events import GossipMessage
+from trionode.node import Node
+
+DELTA_BYTES: Final = 400
+"""About one propagated delta's wire size (the propagation row logs the exact one)."""
 
 
 async def run(*, quick: bool) -> list[Row]:
@@ -37,7 +61,69 @@ async def run(*, quick: bool) -> list[Row]:
         rows += await _node_rows(calls, base / "calls")
         rows += await _byte_rows(calls, base / "bytes")
         writes, raw = await _propagation(rounds, base / "propagation", _bench_bundle(base / "b"))
-    return rows + propagation_rows(writes, raw)
+        floor = await _gossip_then_commit(rounds, base / "floor")
+    return [
+        *rows,
+        *propagation_rows(writes, raw),
+        Row(
+            f"write on A -> applied on last of 4 (loopback, full mesh) p50, {rounds} rounds",
+            _percentile(writes, 0.5) * 1000,
+            "ms",
+            "raw gossip -> last of 4 has committed it to LMDB (durable)",
+            _percentile(floor, 0.5) * 1000,
+            higher_is_better=False,
+        ),
+    ]
+
+
+async def _gossip_then_commit(rounds: int, base: Path) -> list[float]:
+    """Seconds from a raw gossip publish until the last of 4 receivers has committed the
+    payload in one durable LMDB transaction of its own env (see the module docstring)."""
+    latencies: list[float] = []
+    envs = _open_envs(base, NODES - 1)
+    try:
+        async with AsyncExitStack() as stack:
+            nodes = await loopback_mesh(stack, base)
+            for node in nodes:
+                node.pubsub.subscribe(RAW_TOPIC)
+            await _wait_raw_mesh(nodes)
+            committed = _Arrivals(NODES - 1)
+            async with trio.open_nursery() as readers:
+                for node, env in zip(nodes[1:], envs, strict=True):
+                    ready = trio.Event()
+                    readers.start_soon(_commit_gossip, node, env, committed, ready)
+                    await ready.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                for _ in range(rounds):
+                    payload = os.urandom(DELTA_BYTES)
+                    started = time.perf_counter()
+                    nodes[0].pubsub.publish(RAW_TOPIC, payload)
+                    latencies.append(await committed.last(payload) - started)
+                readers.cancel_scope.cancel()
+    finally:
+        for env in envs:
+            env.close()
+    return latencies
+
+
+def _open_envs(base: Path, n: int) -> list[lmdb.Environment]:
+    base.mkdir(parents=True, exist_ok=True)
+    return [lmdb.open(str(base / f"lmdb{i}"), map_size=1 << 26) for i in range(n)]
+
+
+async def _commit_gossip(
+    node: Node, env: lmdb.Environment, committed: _Arrivals, ready: trio.Event
+) -> None:
+    def commit(data: bytes) -> None:
+        with env.begin(write=True) as txn:
+            txn.put(data[:32], data)
+
+    with node.events.observe(capacity=10_000) as seen:
+        ready.set()
+        async for event in seen:
+            if isinstance(event, GossipMessage) and event.topic == RAW_TOPIC:
+                await trio.to_thread.run_sync(commit, event.data)
+                committed.arrived(event.data)
 
 
 def main() -> None:

@@ -3,8 +3,9 @@ component, so the next cut is visible.
 
 * **Per delta.** The deltas of `n` sets (new keys, 13-byte keys, 100-byte values) read back
   from the delta log, split into the header, the signature, the body's records, its app
-  events, the AEAD tag and the framing. Baseline: the same header fields and body sealed
-  in format 3 (the envelope before the compact one) in the same run.
+  events, the AEAD tag and the framing. Baselines: the same header fields and body sealed
+  in format 3 (the envelope before the compact one) and in format 4 (before event payloads
+  referred to the records), in the same run.
 * **Gossip.** One such delta as it is published: a `DeltaBatch` in a StrictSign-signed
   pubsub message (from, seqno, topic, signature) inside an RPC frame, beside the delta.
   Then per delta when 4, 16 or 64 of them (one author's chain, as concurrent calls commit
@@ -41,6 +42,7 @@ from trionode.context.replicas import BASE_PREFIX, CHECKPOINT_VV_PREFIX, FOLDED_
 from trionode.context.replication import batch_of, topic_for
 from trionode.dag.delta import (
     CompactBody,
+    CompactBody5,
     DeltaBody,
     SignedDelta,
     _associated_data,
@@ -81,41 +83,55 @@ class Parts:
 
 def _parts(delta: SignedDelta, context_id: bytes, key: bytes) -> Parts:
     header = verify_delta(delta, context_id=context_id)
-    if header.version >= 4:  # the records as they travel, not as they open
+    if header.version >= 4:  # the records and events as they travel, not as they open
         plain = crypto_aead_xchacha20poly1305_ietf_decrypt(
             delta.ciphertext, _associated_data(header, delta.header), header.nonce, key
         )
-        compact = msgspec.msgpack.decode(plain, type=CompactBody)
+        compact: CompactBody | CompactBody5 = (
+            msgspec.msgpack.decode(plain, type=CompactBody)
+            if header.version == 4
+            else msgspec.msgpack.decode(plain, type=CompactBody5)
+        )
         records = sum(len(r) for r in compact.records)
-        events = compact.events
+        events = sum(
+            len(e.name)
+            + (
+                len(e.payload)
+                if isinstance(e.payload, bytes)
+                else len(msgspec.msgpack.encode(e.payload))
+            )
+            for e in compact.events
+        )
     else:
         body = open_delta(delta, header, key)
         records = sum(len(r) for r in body.records)
-        events = body.events
+        events = sum(len(e.name) + len(e.payload) for e in body.events)
     return Parts(
-        total=len(delta.encode()),
-        header=len(delta.header),
-        records=records,
-        events=sum(len(e.name) + len(e.payload) for e in events),
+        total=len(delta.encode()), header=len(delta.header), records=records, events=events
     )
 
 
-def _as_format_3(delta: SignedDelta, context_id: bytes, key: bytes) -> SignedDelta:
-    """The same delta as a node before the compact envelope sealed it: the same header
-    fields and body (with the root hash it carried), by a throwaway author key."""
+def _as_format(
+    delta: SignedDelta, context_id: bytes, key: bytes, version: int, author: Ed25519PrivateKey
+) -> SignedDelta:
+    """The same delta as a node sealed it in an older format (3: before the compact
+    envelope, 4: before payloads referred to records): the same header fields and body
+    (with the root hash format 3 carried), signed by its author (so format 4's references
+    to the author apply as they did; never stored)."""
     header = verify_delta(delta, context_id=context_id)
     body = open_delta(delta, header, key)
+    root_hash = os.urandom(32) if version < 4 else None
     return seal_delta(
         context_id=context_id,
         parents=header.parents,
-        author=Ed25519PrivateKey.generate(),
+        author=author,
         hlc=header.hlc,
         key_id=header.key_id,
         context_key=key,
-        body=DeltaBody(body.records, body.events, os.urandom(32)),
+        body=DeltaBody(body.records, body.events, root_hash),
         seq=header.seq,
         vv={t: s for t, s in header.vv if t != header.author[:8]},
-        version=3,
+        version=version,
     )
 
 
@@ -163,6 +179,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
         # generic column's growth here: one row per applied delta.
         events = (stats.tree_bytes["generic"] - stats_before.tree_bytes["generic"]) / n
         keys = await node.contexts.keys(context_id)
+        member_key = (await node.contexts.replicas.load(context_id)).member_key
         known = {k for k, _ in before}
         deltas = [
             msgspec.msgpack.decode(w, type=SignedDelta)
@@ -179,14 +196,17 @@ async def _rows(n: int, base: Path) -> list[Row]:
     parts = [
         _parts(d, context_id, keys[verify_delta(d, context_id=context_id).key_id]) for d in deltas
     ]
-    old = [
-        _parts(
-            _as_format_3(d, context_id, keys[_key_id(d, context_id)]),
-            context_id,
-            keys[_key_id(d, context_id)],
-        )
-        for d in deltas
-    ]
+    old, previous = (
+        [
+            _parts(
+                _as_format(d, context_id, keys[_key_id(d, context_id)], version, member_key),
+                context_id,
+                keys[_key_id(d, context_id)],
+            )
+            for d in deltas
+        ]
+        for version in (3, 4)
+    )
     gossip = fmean(_gossip_bytes(context_id, d.encode()) for d in deltas)
     batches = _batch_rows(context_id, deltas, mean_delta=fmean(len(d.encode()) for d in deltas))
     state_values = sum(len(v) for _, v in state) / n
@@ -208,12 +228,28 @@ async def _rows(n: int, base: Path) -> list[Row]:
             mean("total", old),
             higher_is_better=False,
         ),
+        Row(
+            f"{delta}: total",
+            mean("total", parts),
+            "B",
+            "format 4 (payloads repeat what records hold)",
+            mean("total", previous),
+            higher_is_better=False,
+        ),
+        Row(
+            "  body: app events, payloads referring to the records",
+            mean("events", parts),
+            "B",
+            "format 4: payloads whole",
+            mean("events", previous),
+            higher_is_better=False,
+        ),
     ]
     for label, field in (
         ("header (parents, author, seq, vv, hlc, key id, nonce)", "header"),
         ("signature (Ed25519)", "signature"),
         ("body: entity records", "records"),
-        ("body: app events (name + JSON payload)", "events"),
+        ("body: app events (name + payload as it travels)", "events"),
         ("AEAD tag", "tag"),
         ("framing (+ format 3's root hash)", "framing"),
     ):

@@ -429,6 +429,23 @@ async def _wait_raw_mesh(nodes: Sequence[Node]) -> None:
                 await node.pubsub.wait_heartbeat()
 
 
+async def loopback_mesh(stack: AsyncExitStack, base: Path) -> list[Node]:
+    """`NODES` real nodes (`_fast`) under `base`, on loopback, connected in a full mesh
+    (closed with `stack`)."""
+    nodes = [
+        (
+            await stack.enter_async_context(
+                open_test_node(base / f"node{i}", api=False, configure=_fast)
+            )
+        ).node
+        for i in range(NODES)
+    ]
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1 :]:
+            await a.host.connect(b.host.addresses()[0])
+    return nodes
+
+
 async def _propagation(rounds: int, base: Path, bundle: Path) -> tuple[list[float], list[float]]:
     """(write latencies, raw gossip latencies) in seconds, interleaved round by round."""
     writes: list[float] = []
@@ -436,17 +453,7 @@ async def _propagation(rounds: int, base: Path, bundle: Path) -> tuple[list[floa
     firsts: list[float] = []
     with trio.fail_after(120 + rounds):
         async with AsyncExitStack() as stack:
-            nodes = [
-                (
-                    await stack.enter_async_context(
-                        open_test_node(base / f"node{i}", api=False, configure=_fast)
-                    )
-                ).node
-                for i in range(NODES)
-            ]
-            for i, a in enumerate(nodes):
-                for b in nodes[i + 1 :]:
-                    await a.host.connect(b.host.addresses()[0])
+            nodes = await loopback_mesh(stack, base)
             context = await _share(nodes, bundle)
             await _wait_converged(nodes, context)
             for node in nodes:

@@ -130,8 +130,10 @@ def test_compact_records_round_trip(records: list[Entity]) -> None:
         assert position.get(entity.parent, -1) < i
 
 
-@given(bodies_of_records(), st.lists(st.binary(max_size=30), max_size=3))
-def test_a_format_4_delta_round_trips(records: list[Entity], payloads: list[bytes]) -> None:
+@given(bodies_of_records(), st.lists(st.binary(max_size=30), max_size=3), st.sampled_from([4, 5]))
+def test_a_format_4_or_5_delta_round_trips(
+    records: list[Entity], payloads: list[bytes], version: int
+) -> None:
     body = DeltaBody(records=_canonical(records), events=[AppEvent("E", p) for p in payloads])
     delta = seal_delta(
         context_id=CONTEXT,
@@ -141,10 +143,11 @@ def test_a_format_4_delta_round_trips(records: list[Entity], payloads: list[byte
         key_id=7,
         context_key=KEY,
         body=body,
+        version=version,
     )
     received = decode_delta(delta.encode())
     header = verify_delta(received, context_id=CONTEXT, expected_id=delta.id)
-    assert (header.version, header.context_id, header.hlc) == (4, CONTEXT, HLC)
+    assert (header.version, header.context_id, header.hlc) == (version, CONTEXT, HLC)
     assert header.vv == [(AUTHOR_KEY[:8], 1)]
     opened = open_delta(received, header, KEY)
     assert sorted(opened.records) == sorted(body.records)
@@ -238,13 +241,17 @@ def test_garbage_records_only_raise_the_typed_error(items: list[bytes]) -> None:
         expand_records(items, author=AUTHOR_KEY, hlc=HLC)
 
 
-def test_a_body_with_a_root_hash_is_not_format_4() -> None:
-    """Format 4 bodies have two fields; a format 2/3 body under a format 4 header fails."""
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_body_with_a_root_hash_is_not_format_4_or_5(version: int) -> None:
+    """Format 4/5 bodies have two fields; a format 2/3 body under a format 4/5 header fails."""
     old = msgspec.msgpack.encode(DeltaBody(records=[], events=[], root_hash=bytes(32)))
     with pytest.raises(RemoteProtocolError, match="malformed delta body"):
-        decode_compact_body(old, author=AUTHOR_KEY, hlc=HLC)
-    plain = encode_compact_body(DeltaBody(records=[], events=[]), author=AUTHOR_KEY, hlc=HLC)
-    assert decode_compact_body(plain, author=AUTHOR_KEY, hlc=HLC) == DeltaBody([], [])
+        decode_compact_body(old, author=AUTHOR_KEY, hlc=HLC, version=version)
+    plain = encode_compact_body(
+        DeltaBody(records=[], events=[]), author=AUTHOR_KEY, hlc=HLC, version=version
+    )
+    opened = decode_compact_body(plain, author=AUTHOR_KEY, hlc=HLC, version=version)
+    assert opened == DeltaBody([], [])
 
 
 # -- state rows (version 3) ------------------------------------------------------------------

@@ -133,16 +133,18 @@ def test_only_ops_that_name_an_app_bundle_need_format_3() -> None:
     header = verify_delta(decode_delta(sealed.encode()), context_id=CONTEXT)
     assert header.version == 3
     assert header.auth == named
-    # Format 4 carries the same refs.
-    newest = seal_delta(**common, auth=named)  # type: ignore[arg-type]
-    header = verify_delta(decode_delta(newest.encode()), context_id=CONTEXT)
-    assert header.version == FORMAT_VERSION == 4
-    assert header.auth == named
+    # Formats 4 and 5 carry the same refs.
+    for version in (4, FORMAT_VERSION):
+        newest = seal_delta(**common, auth=named, version=version)  # type: ignore[arg-type]
+        header = verify_delta(decode_delta(newest.encode()), context_id=CONTEXT)
+        assert header.version == version
+        assert header.auth == named
+    assert FORMAT_VERSION == 5
     # A format 2 header cannot name a bundle; unknown formats are refused.
     with pytest.raises(RemoteProtocolError, match="format 2 delta names no app bundle"):
         verify_delta(_resealed(sealed, author, version=2), context_id=CONTEXT)
-    with pytest.raises(RemoteProtocolError, match="format 5 is not supported"):
-        verify_delta(_resealed(sealed, author, version=5), context_id=CONTEXT)
+    with pytest.raises(RemoteProtocolError, match="format 6 is not supported"):
+        verify_delta(_resealed(sealed, author, version=6), context_id=CONTEXT)
     # A format 2 op without them (written before format 3) still loads, re-signed or not.
     assert verify_delta(_resealed(plain, author, version=2), context_id=CONTEXT).auth == upgrade
 
@@ -194,8 +196,8 @@ def test_hostile_format_4_headers_are_refused() -> None:
     repeats = msgspec.structs.replace(wire, vv=[(tag, 1)])
     cases = {
         "repeats its own author": msgspec.msgpack.encode(repeats),
-        "format 5 is not supported": msgspec.msgpack.encode(
-            msgspec.structs.replace(wire, version=5)
+        "format 6 is not supported": msgspec.msgpack.encode(
+            msgspec.structs.replace(wire, version=6)
         ),
         "malformed delta header": delta.header[:-3],
         "not canonical": b"\x99"  # the same fields, seq as a uint8 (not the fixint)

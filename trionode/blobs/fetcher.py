@@ -221,9 +221,8 @@ class BlobFetcher:
                     rescan = trio.current_time() + self._config.eager_rescan
                     continue
                 dirty = {
-                    base58.b58decode(item.context_id)
-                    for item in items
-                    if isinstance(item, ContextEvent)
+                    base58.b58decode(name)  # (each context once: a burst of writes is one)
+                    for name in {i.context_id for i in items if isinstance(i, ContextEvent)}
                 }
         finally:
             sub.close()

@@ -149,9 +149,8 @@ class AppFollower:
                             except trio.WouldBlock:
                                 break
                         dirty = {
-                            base58.b58decode(item.context_id)
-                            for item in items
-                            if isinstance(item, ContextEvent)
+                            base58.b58decode(name)  # (each context once)
+                            for name in {i.context_id for i in items if isinstance(i, ContextEvent)}
                         }
                     except trio.EndOfChannel:  # fell behind: check everything again
                         sub.close()

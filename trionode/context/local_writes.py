@@ -234,14 +234,17 @@ class LocalWriter:
         announcing publishes them."""
         sealed: list[SignedDelta] = []
         own: list[Change] = []
-        if self._write_key(replica) is None:
+        key_id = self._write_key(replica)
+        if key_id is None:
             # No key we hold follows every removal in our view (concurrent removals, a
             # leaked invitation, or a removal whose key was not sealed to us): introduce one.
             rotate = self.new_key_action(replica, Kind.ROTATE, replica.authority.roles())
             rotation, nothing = self._stage_op(replica, rotate, batch, fresh)
             sealed.append(rotation)
             own.append(_change(replica, rotation, nothing))
-        delta, parents = self._seal(replica, outcome)
+            key_id = self._write_key(replica)
+        # (The key is resolved once per call: it walks the context's membership ops.)
+        delta, parents = self._seal(replica, outcome, write_key=key_id)
         self._stage(replica, batch, delta, parents, fresh)
         sealed.append(delta)
         own.append(_change(replica, delta, outcome))
@@ -425,8 +428,15 @@ class LocalWriter:
         return replica.authority.resolution().write_key(vv, held=replica.keys)
 
     def _seal(
-        self, replica: Replica, outcome: CallOutcome, *, auth: AuthAction | None = None
+        self,
+        replica: Replica,
+        outcome: CallOutcome,
+        *,
+        auth: AuthAction | None = None,
+        write_key: int | None = None,
     ) -> tuple[SignedDelta, list[bytes]]:
+        """Seal `outcome` (or the op `auth`) as our next delta; a data delta uses
+        `write_key` if the caller resolved it (`_write_key`), else resolves it."""
         body = DeltaBody(
             records=[encode_entity(r) for r in outcome.delta_records],
             events=[AppEvent(e.name, e.payload) for e in outcome.events],
@@ -437,7 +447,7 @@ class LocalWriter:
             auth = msgspec.structs.replace(auth, parents=replica.authority.auth_parents(vv))
         key_id = replica.record.key_id
         if auth is None:
-            key_id = self._write_key(replica) or key_id
+            key_id = write_key or self._write_key(replica) or key_id
         elif auth.key_id is not None and auth.key_id in replica.keys:
             key_id = auth.key_id
         delta = seal_delta(

@@ -23,10 +23,23 @@ that happens to equal the author's key comes back as the same bytes). Records ar
 parents first so that references point backwards; join is order-independent, so the order
 means nothing else. A record that is not a msgpack array travels as a byte string, as is.
 
+In a format 5 body an app event's payload may refer to the records as well: apps often
+emit what they just wrote (kv_store's `Inserted` carries the key and the 100-byte value its
+records hold), so a payload travels as pieces, literal bytes and references to a byte string
+of the records (`leaves`: every byte string of at least `MIN_SPAN` bytes in the canonical
+record trees, records in body order, depth first):
+
+| ext | data                   | stands for                                            |
+|-----|------------------------|-------------------------------------------------------|
+| 6   | index, big-endian 1-3 B| that byte string, whole                               |
+| 7   | index, big-endian 1-3 B| what it holds: a msgpack str/bin, its header stripped |
+
+A payload with no span worth a reference stays a byte string.
+
 `expand_records` is the decoder: it takes untrusted bytes, rejects unknown references,
 references forward, maps, nesting deeper than any record has and expansion past the
 budget with RemoteProtocolError, and returns record bytes for `decode_entities` to
-validate as it validates any record.
+validate as it validates any record; `expand_payload` does the same for a payload's pieces.
 """
 
 from __future__ import annotations
@@ -44,6 +57,15 @@ EXT_ROOT: Final = 2
 EXT_HLC: Final = 3
 EXT_RECORD: Final = 4
 EXT_STAMP: Final = 5
+EXT_LEAF: Final = 6
+EXT_CONTENT: Final = 7
+MIN_SPAN: Final = 8
+"""Shortest byte string an event payload refers to (a reference costs 3-5 bytes)."""
+MAX_SPAN_CANDIDATES: Final = 256
+"""Most byte strings of a body the encoder looks for in its payloads (the longest): a
+body of many records with many events costs a bounded search, not records times events."""
+MAX_PIECES: Final = 4096
+"""Most pieces in one payload."""
 MAX_HLC_OFFSET: Final = 255
 MAX_DEPTH: Final = 8
 """Deepest nesting in a record (a sequence body's stamp groups are at depth 6)."""
@@ -69,8 +91,11 @@ def _id_of(tree: object) -> bytes | None:
 # -- encoding (our own records) ------------------------------------------------------------
 
 
-def compact_records(records: Sequence[bytes], *, author: bytes, hlc: int) -> list[msgspec.Raw]:
-    """The records of a body written by `author` at `hlc`, compacted (see module docstring)."""
+def compact_records(
+    records: Sequence[bytes], *, author: bytes, hlc: int, leaves: list[bytes] | None = None
+) -> list[msgspec.Raw]:
+    """The records of a body written by `author` at `hlc`, compacted (see module docstring).
+    `leaves`, if given, receives the body's byte strings that payloads may refer to."""
     trees: list[object] = []
     for data in records:
         try:
@@ -83,10 +108,10 @@ def compact_records(records: Sequence[bytes], *, author: bytes, hlc: int) -> lis
     out: list[msgspec.Raw] = []
     for position, i in enumerate(order):
         tree = trees[i]
-        if not isinstance(tree, list):
+        if not isinstance(tree, list):  # (travels, and opens, as a byte string: no leaves)
             out.append(msgspec.Raw(_ENCODER.encode(records[i])))
             continue
-        refs = _Refs(author, hlc, index)
+        refs = _Refs(author, hlc, index, leaves)
         out.append(msgspec.Raw(_ENCODER.encode(refs.compact(tree))))
         record_id = ids[i]
         if record_id is not None:
@@ -118,32 +143,54 @@ def _parents_first(ids: Sequence[bytes | None], trees: Sequence[object]) -> list
     return order
 
 
-class _Refs:
-    __slots__ = ("_author", "_hlc", "_index")
+_AUTHOR_REF: Final = msgspec.msgpack.Ext(EXT_AUTHOR, b"")
+_ROOT_REF: Final = msgspec.msgpack.Ext(EXT_ROOT, b"")
+_STAMP_REFS: Final = tuple(msgspec.msgpack.Ext(EXT_STAMP, bytes([k])) for k in range(256))
+_HLC_REFS: Final = tuple(msgspec.msgpack.Ext(EXT_HLC, bytes([k])) for k in range(256))
 
-    def __init__(self, author: bytes, hlc: int, index: dict[bytes, int]) -> None:
+
+class _Refs:
+    """One record's references (the encoder's walk; it runs for every record written, so
+    the references it can make are shared objects and leaves are collected on the way)."""
+
+    __slots__ = ("_author", "_hlc", "_index", "_leaves")
+
+    def __init__(
+        self,
+        author: bytes,
+        hlc: int,
+        index: dict[bytes, int],
+        leaves: list[bytes] | None = None,
+    ) -> None:
         self._author = author
         self._hlc = hlc
         self._index = index
+        self._leaves = leaves
+        """Where the byte strings of the canonical tree go, in the order `_collect_leaves`
+        finds them (None: not wanted)."""
 
     def compact(self, node: object) -> object:
-        if isinstance(node, list):
-            if len(node) == 2 and node[1] == self._author and type(node[0]) is int:
+        if type(node) is list:
+            if len(node) == 2 and type(node[0]) is int and node[1] == self._author:
                 offset = self._hlc - node[0]
                 if 0 <= offset <= MAX_HLC_OFFSET:
-                    return msgspec.msgpack.Ext(EXT_STAMP, bytes([offset]))
+                    if self._leaves is not None and len(self._author) >= MIN_SPAN:
+                        self._leaves.append(self._author)  # (the stamp's writer)
+                    return _STAMP_REFS[offset]
             return [self.compact(child) for child in node]
-        if isinstance(node, bytes):
+        if type(node) is bytes:
+            if self._leaves is not None and len(node) >= MIN_SPAN:
+                self._leaves.append(node)
             if node == self._author:
-                return msgspec.msgpack.Ext(EXT_AUTHOR, b"")
+                return _AUTHOR_REF
             if node == ROOT_ID:
-                return msgspec.msgpack.Ext(EXT_ROOT, b"")
+                return _ROOT_REF
             earlier = self._index.get(node)
             if earlier is not None:
                 return msgspec.msgpack.Ext(EXT_RECORD, _index_bytes(earlier))
             return node
         if type(node) is int and node > _SMALL_INT and 0 <= self._hlc - node <= MAX_HLC_OFFSET:
-            return msgspec.msgpack.Ext(EXT_HLC, bytes([self._hlc - node]))
+            return _HLC_REFS[self._hlc - node]
         return node
 
 
@@ -151,13 +198,135 @@ def _index_bytes(index: int) -> bytes:
     return index.to_bytes(max(1, (index.bit_length() + 7) // 8), "big")
 
 
+# -- event payloads (format 5) -------------------------------------------------------------
+
+
+def _collect_leaves(tree: object, out: list[bytes]) -> None:
+    """The byte strings of a record tree a payload may refer to, depth first."""
+    if isinstance(tree, list):
+        for child in tree:
+            _collect_leaves(child, out)
+    elif isinstance(tree, bytes) and len(tree) >= MIN_SPAN:
+        out.append(tree)
+
+
+def _content(leaf: bytes) -> bytes | None:
+    """What a byte string holding one msgpack str or bin holds (None: it holds none)."""
+    first = leaf[0] if leaf else 0
+    if 0xA0 <= first <= 0xBF:
+        size, length = 1, first & 0x1F
+    elif first in (0xD9, 0xC4) and len(leaf) >= 2:
+        size, length = 2, leaf[1]
+    elif first in (0xDA, 0xC5) and len(leaf) >= 3:
+        size, length = 3, int.from_bytes(leaf[1:3], "big")
+    elif first in (0xDB, 0xC6) and len(leaf) >= 5:
+        size, length = 5, int.from_bytes(leaf[1:5], "big")
+    else:
+        return None
+    return leaf[size:] if size + length == len(leaf) else None
+
+
+Piece = bytes | msgspec.msgpack.Ext
+
+
+class PayloadSpans:
+    """Finds the spans of payloads that a body's leaves already hold (the encoder)."""
+
+    __slots__ = ("_needles",)
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        needles: dict[bytes, tuple[int, int]] = {}
+        for index, leaf in enumerate(leaves):
+            if leaf in needles:
+                continue
+            needles[leaf] = (EXT_LEAF, index)
+            content = _content(leaf)
+            if content is not None and len(content) >= MIN_SPAN:
+                needles.setdefault(content, (EXT_CONTENT, index))
+        longest = sorted(needles, key=len, reverse=True)[:MAX_SPAN_CANDIDATES]
+        self._needles = [(needle, *needles[needle]) for needle in longest]
+
+    def compact(self, payload: bytes) -> bytes | list[Piece]:
+        """`payload` as pieces (longest spans first, never overlapping), or as it is if
+        nothing in it is worth a reference."""
+        if not self._needles or len(payload) < MIN_SPAN:
+            return payload
+        taken: list[tuple[int, int, int, int]] = []
+        for needle, code, index in self._needles:
+            if len(needle) > len(payload):
+                continue
+            start = payload.find(needle)
+            while start >= 0 and len(taken) < MAX_PIECES // 2:
+                end = start + len(needle)
+                if all(end <= s or start >= e for s, e, _, _ in taken):
+                    taken.append((start, end, code, index))
+                    start = payload.find(needle, end)
+                else:
+                    start = payload.find(needle, start + 1)
+        if not taken:
+            return payload
+        taken.sort()
+        pieces: list[Piece] = []
+        at = 0
+        for start, end, code, index in taken:
+            if start > at:
+                pieces.append(payload[at:start])
+            pieces.append(msgspec.msgpack.Ext(code, _index_bytes(index)))
+            at = end
+        if at < len(payload):
+            pieces.append(payload[at:])
+        return pieces
+
+
+def expand_payload(pieces: Sequence[Piece], leaves: Sequence[bytes], *, budget: int) -> bytes:
+    """A payload from its pieces (untrusted), at most `budget` bytes.
+
+    Raises:
+        RemoteProtocolError: an unknown reference, one to a leaf that is not there or holds
+            no msgpack str/bin (ext 7), or more than `budget` bytes.
+    """
+    if len(pieces) > MAX_PIECES:
+        raise RemoteProtocolError("event payload of too many pieces")
+    out: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            part = piece
+        else:
+            data = bytes(piece.data)
+            if piece.code not in (EXT_LEAF, EXT_CONTENT) or not 1 <= len(data) <= 3:
+                raise RemoteProtocolError(f"unknown payload reference {piece.code}")
+            index = int.from_bytes(data, "big")
+            if index >= len(leaves):
+                raise RemoteProtocolError("payload refers to a byte string the body lacks")
+            leaf = leaves[index]
+            if piece.code == EXT_LEAF:
+                part = leaf
+            else:
+                content = _content(leaf)
+                if content is None:
+                    raise RemoteProtocolError("payload refers to the content of a non-string")
+                part = content
+        size += len(part)
+        if size > budget:
+            raise RemoteProtocolError("event payloads expand beyond the budget")
+        out.append(part)
+    return b"".join(out)
+
+
 # -- decoding (untrusted) -----------------------------------------------------------------
 
 
 def expand_records(
-    items: Sequence[bytes], *, author: bytes, hlc: int, budget: int = MAX_EXPANSION
+    items: Sequence[bytes],
+    *,
+    author: bytes,
+    hlc: int,
+    budget: int = MAX_EXPANSION,
+    leaves: list[bytes] | None = None,
 ) -> list[bytes]:
     """Canonical record bytes from a body's compact items (each one's msgpack bytes).
+    `leaves`, if given, receives the byte strings payloads may refer to.
 
     Raises:
         RemoteProtocolError: malformed items, unknown or forward references, nesting
@@ -189,6 +358,9 @@ def expand_records(
         out.append(record)
         trees.append(tree)
         ids.append(None)  # computed when a later record refers to it
+    if leaves is not None:
+        for tree in trees:
+            _collect_leaves(tree, leaves)
     return out
 
 

@@ -43,8 +43,12 @@ Format 4 is the compact envelope (issue #16): nothing in it is said twice.
   short references (`trionode.dag.compact`); opening the delta gives back the canonical
   record bytes, so everything past `open_delta` is the same for every format.
 
-A delta is sealed in format 4; formats 2 and 3 (stored or received) still load, and a
-format 3 op's app-bundle refs are carried by format 4 as they are.
+Format 5 is format 4 with event payloads that refer to the records' byte strings instead
+of repeating them (`trionode.crdt.compact`: kv_store's `Inserted` event repeats the key and
+value its records hold, about 100 of a 507-byte delta). Its header is format 4's.
+
+A delta is sealed in format 5; formats 2, 3 and 4 (stored or received) still load, and a
+format 3 op's app-bundle refs are carried by format 4 and 5 as they are.
 
 Decoders enforce sizes and shapes and raise RemoteProtocolError; nothing here trusts input.
 """
@@ -65,7 +69,14 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError
 
-from trionode.crdt.compact import compact_records, expand_records
+from trionode.crdt.compact import (
+    MAX_EXPANSION,
+    MAX_PIECES,
+    PayloadSpans,
+    compact_records,
+    expand_payload,
+    expand_records,
+)
 from trionode.errors import RemoteProtocolError
 
 ID_SIZE: Final = 32
@@ -77,9 +88,11 @@ MAX_EVENTS: Final = 1024
 MAX_RECORDS: Final = 100_000
 _SIGNING_DOMAIN: Final = b"trionode/delta/v2"
 _SIGNING_DOMAIN_V4: Final = b"trionode/delta/v4"
-FORMAT_VERSION: Final = 4
+FORMAT_VERSION: Final = 5
 """The newest format (see the module docstring); `SUPPORTED_FORMATS` are read."""
-SUPPORTED_FORMATS: Final = frozenset({2, 3, 4})
+SUPPORTED_FORMATS: Final = frozenset({2, 3, 4, 5})
+COMPACT_FORMATS: Final = frozenset({4, 5})
+"""Formats whose header is a `CompactHeader` (and whose records are compact)."""
 MAX_APP_NAME: Final = 128
 MAX_VV: Final = 4096
 """Authors named in one version vector (members who ever wrote)."""
@@ -188,6 +201,23 @@ class CompactBody(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     events: Annotated[list[AppEvent], msgspec.Meta(max_length=MAX_EVENTS)]
 
 
+class CompactEvent(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A format 5 event: its payload as it is, or as pieces (`trionode.crdt.compact`)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    payload: (
+        bytes | Annotated[list[bytes | msgspec.msgpack.Ext], msgspec.Meta(max_length=MAX_PIECES)]
+    )
+
+
+class CompactBody5(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """A format 5 body as encrypted: `CompactBody` whose event payloads may refer to the
+    records."""
+
+    records: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=MAX_RECORDS)]
+    events: Annotated[list[CompactEvent], msgspec.Meta(max_length=MAX_EVENTS)]
+
+
 class SignedDelta(
     msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, dict=True
 ):
@@ -221,23 +251,49 @@ _HEADER_DECODER = msgspec.msgpack.Decoder(DeltaHeader)
 _COMPACT_HEADER_DECODER = msgspec.msgpack.Decoder(CompactHeader)
 _BODY_DECODER = msgspec.msgpack.Decoder(DeltaBody)
 _COMPACT_BODY_DECODER = msgspec.msgpack.Decoder(CompactBody)
+_COMPACT_BODY5_DECODER = msgspec.msgpack.Decoder(CompactBody5)
 _SIGNED_DECODER = msgspec.msgpack.Decoder(SignedDelta)
 
 
-def encode_compact_body(body: DeltaBody, *, author: bytes, hlc: int) -> bytes:
-    """A body's plaintext in format 4."""
-    records = compact_records(body.records, author=author, hlc=hlc)
-    return _ENCODER.encode(CompactBody(records, body.events))
+def encode_compact_body(
+    body: DeltaBody, *, author: bytes, hlc: int, version: int = FORMAT_VERSION
+) -> bytes:
+    """A body's plaintext in format 4 or 5."""
+    if version == 4:
+        records = compact_records(body.records, author=author, hlc=hlc)
+        return _ENCODER.encode(CompactBody(records, body.events))
+    leaves: list[bytes] | None = [] if body.events else None
+    records = compact_records(body.records, author=author, hlc=hlc, leaves=leaves)
+    spans = PayloadSpans(leaves or [])
+    events = [CompactEvent(e.name, spans.compact(e.payload)) for e in body.events]
+    return _ENCODER.encode(CompactBody5(records, events))
 
 
-def decode_compact_body(plain: bytes, *, author: bytes, hlc: int) -> DeltaBody:
-    """A format 4 body, its records expanded to canonical bytes (RemoteProtocolError)."""
+def decode_compact_body(
+    plain: bytes, *, author: bytes, hlc: int, version: int = FORMAT_VERSION
+) -> DeltaBody:
+    """A format 4 or 5 body, its records expanded to canonical bytes and its payloads
+    rebuilt (RemoteProtocolError)."""
     try:
-        wire = _COMPACT_BODY_DECODER.decode(plain)
+        wire = (_COMPACT_BODY_DECODER if version == 4 else _COMPACT_BODY5_DECODER).decode(plain)
     except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)
         raise RemoteProtocolError(f"malformed delta body: {exc}") from None
-    records = expand_records([bytes(r) for r in wire.records], author=author, hlc=hlc)
-    return DeltaBody(records, wire.events)
+    items = [bytes(r) for r in wire.records]
+    if isinstance(wire, CompactBody):
+        return DeltaBody(expand_records(items, author=author, hlc=hlc), wire.events)
+    pieces = any(not isinstance(e.payload, bytes) for e in wire.events)
+    leaves: list[bytes] | None = [] if pieces else None
+    records = expand_records(items, author=author, hlc=hlc, leaves=leaves)
+    # (The records and the payloads share one budget: a delta never opens past it.)
+    left = MAX_EXPANSION - sum(len(r) for r in records)
+    events: list[AppEvent] = []
+    for event in wire.events:
+        payload = event.payload
+        if not isinstance(payload, bytes):
+            payload = expand_payload(payload, leaves or [], budget=left)
+        left -= len(payload)
+        events.append(AppEvent(event.name, payload))
+    return DeltaBody(records, events)
 
 
 def delta_id(delta: SignedDelta) -> bytes:
@@ -267,7 +323,7 @@ def _associated_data(header: DeltaHeader, header_bytes: bytes) -> bytes:
 
 def _wire_header(header: DeltaHeader) -> bytes:
     """The bytes a header is signed and sent as, in its own format."""
-    if header.version < 4:
+    if header.version not in COMPACT_FORMATS:
         return _ENCODER.encode(header)
     tag = header.author[:8]
     return _ENCODER.encode(
@@ -292,7 +348,7 @@ def _read_header(data: bytes, context_id: bytes) -> DeltaHeader:
     if version is not None and version < 0x80 and version not in SUPPORTED_FORMATS:
         raise RemoteProtocolError(f"delta format {version} is not supported")
     try:
-        if version == 4:
+        if version in COMPACT_FORMATS:
             wire = _COMPACT_HEADER_DECODER.decode(data)
             tag = wire.author[:8]
             if any(t == tag for t, _ in wire.vv):
@@ -355,8 +411,8 @@ def seal_delta(
         auth=auth,
     )
     header_bytes = _wire_header(header)
-    if version >= 4:
-        plain = encode_compact_body(body, author=author_public, hlc=hlc)
+    if version in COMPACT_FORMATS:
+        plain = encode_compact_body(body, author=author_public, hlc=hlc, version=version)
     else:
         plain = _ENCODER.encode(body)
     ciphertext = crypto_aead_xchacha20poly1305_ietf_encrypt(
@@ -467,8 +523,10 @@ def open_delta(delta: SignedDelta, header: DeltaHeader, context_key: bytes) -> D
         )
     except CryptoError:
         raise RemoteProtocolError("delta body does not decrypt under that key") from None
-    if header.version >= 4:
-        return decode_compact_body(plain, author=header.author, hlc=header.hlc)
+    if header.version in COMPACT_FORMATS:
+        return decode_compact_body(
+            plain, author=header.author, hlc=header.hlc, version=header.version
+        )
     try:
         return _BODY_DECODER.decode(plain)
     except (msgspec.DecodeError, RecursionError, ValueError) as exc:  # (bad UTF-8)

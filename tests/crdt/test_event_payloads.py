@@ -1,0 +1,228 @@
+"""Format 5 event payloads that refer to the records' byte strings: lossless round trips,
+the kv `set` delta under 450 bytes, and hostile pieces refused with the typed error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import msgspec
+import pytest
+from hypothesis import given, strategies as st
+
+from tests.crdt.test_compact_records import AUTHOR, AUTHOR_KEY, HLC, bodies_of_records
+from trionode.crdt import Entity, Kind, RegisterState, Timestamp, encode_entity
+from trionode.crdt.compact import (
+    EXT_CONTENT,
+    EXT_LEAF,
+    MAX_PIECES,
+    MIN_SPAN,
+    PayloadSpans,
+    compact_records,
+    expand_payload,
+)
+from trionode.crdt.entity import ROOT_ID
+from trionode.dag.delta import (
+    AppEvent,
+    CompactBody5,
+    CompactEvent,
+    DeltaBody,
+    decode_compact_body,
+    decode_delta,
+    encode_compact_body,
+    open_delta,
+    seal_delta,
+    verify_delta,
+)
+from trionode.errors import RemoteProtocolError
+
+CONTEXT = os.urandom(32)
+KEY = os.urandom(32)
+STAMP = Timestamp(HLC, AUTHOR_KEY)
+
+
+def _entry(key: bytes, value: bytes) -> list[bytes]:
+    """The records of one kv `set`: the map's stamp and the entry (name and value are
+    msgpack strings, as the SDK stores them)."""
+    items = Entity(ROOT_ID, b"items", Kind.MAP, added=STAMP)
+    entry = Entity(
+        items.id,
+        msgspec.msgpack.encode(key.decode()),
+        Kind.REGISTER,
+        added=STAMP,
+        body=RegisterState(STAMP, msgspec.msgpack.encode(value.decode())),
+    )
+    return [encode_entity(items), encode_entity(entry)]
+
+
+def _inserted(key: bytes, value: bytes) -> AppEvent:
+    payload = b'{"key":"' + key + b'","value":"' + value + b'"}'
+    return AppEvent("Inserted", payload)
+
+
+def test_a_kv_set_delta_is_at_most_450_bytes() -> None:
+    """The event repeats the key and the value the records hold: it refers to them."""
+    key, value = b"user:00000001", b"v" * 100
+    body = DeltaBody(records=_entry(key, value), events=[_inserted(key, value)])
+    sizes = {}
+    for version in (4, 5):
+        delta = seal_delta(
+            context_id=CONTEXT,
+            parents=[os.urandom(32)],
+            author=AUTHOR,
+            hlc=HLC,
+            key_id=2**63 + 1,  # (ids are 8 bytes of a hash: nearly always this long)
+            context_key=KEY,
+            body=body,
+            seq=2,
+            version=version,
+        )
+        sizes[version] = len(delta.encode())
+        received = decode_delta(delta.encode())
+        header = verify_delta(received, context_id=CONTEXT)
+        opened = open_delta(received, header, KEY)
+        assert opened.events == body.events
+        assert sorted(opened.records) == sorted(body.records)
+    assert sizes[5] <= 450 < sizes[4]
+    assert sizes[4] - sizes[5] >= len(key) + len(value) - 20
+
+
+def test_payload_pieces_refer_to_whole_leaves_and_to_string_contents() -> None:
+    leaf = b"\xc4\x0a" + b"0123456789"  # a msgpack bin holding 10 bytes
+    whole = b"ABCDEFGHIJKL"  # not msgpack: only whole
+    spans = PayloadSpans([leaf, whole])
+    pieces = spans.compact(b"<" + b"0123456789" + b"|" + whole + b"|" + leaf + b">")
+    assert isinstance(pieces, list)
+    refs = [p for p in pieces if isinstance(p, msgspec.msgpack.Ext)]
+    assert [(r.code, r.data) for r in refs] == [
+        (EXT_CONTENT, b"\x00"),
+        (EXT_LEAF, b"\x01"),
+        (EXT_LEAF, b"\x00"),
+    ]
+    assert expand_payload(pieces, [leaf, whole], budget=1000) == (
+        b"<0123456789|" + whole + b"|" + leaf + b">"
+    )
+    # Nothing worth a reference: the payload stays a byte string.
+    assert spans.compact(b"short") == b"short"
+    assert spans.compact(b"nothing here matches") == b"nothing here matches"
+
+
+words = st.binary(min_size=MIN_SPAN, max_size=40)
+
+
+@given(
+    st.lists(st.tuples(st.text(min_size=1, max_size=20), st.text(max_size=120)), max_size=4),
+    st.lists(st.lists(st.integers(0, 9) | words, max_size=6), max_size=4),
+)
+def test_format_5_bodies_round_trip(
+    entries: list[tuple[str, str]], payloads: list[list[int | bytes]]
+) -> None:
+    """Payloads made of the records' strings (and of bytes that are not) come back as
+    they were."""
+    records = [r for k, v in entries for r in _entry(k.encode(), v.encode())]
+    strings = [s.encode() for pair in entries for s in pair] or [b""]
+    events = [
+        AppEvent(
+            "E",
+            b"".join(p if isinstance(p, bytes) else strings[p % len(strings)] for p in parts),
+        )
+        for parts in payloads
+    ]
+    body = DeltaBody(records=records, events=events)
+    plain = encode_compact_body(body, author=AUTHOR_KEY, hlc=HLC, version=5)
+    opened = decode_compact_body(plain, author=AUTHOR_KEY, hlc=HLC, version=5)
+    assert opened.events == events
+    assert sorted(opened.records) == sorted(records)
+
+
+def _byte_strings(tree: object) -> list[bytes]:
+    if isinstance(tree, list):
+        return [leaf for child in tree for leaf in _byte_strings(child)]
+    return [tree] if isinstance(tree, bytes) and len(tree) >= MIN_SPAN else []
+
+
+@given(bodies_of_records(), st.data())
+def test_payloads_made_of_any_records_bytes_round_trip(
+    records: list[Entity], data: st.DataObject
+) -> None:
+    """Whatever the records (every kind, stamps by the author and others, references to
+    each other): a payload spliced from their byte strings, and from their contents,
+    opens as it was sealed."""
+    encoded = [encode_entity(r) for r in records]
+    strings = [s for r in encoded for s in _byte_strings(msgspec.msgpack.decode(r))]
+    strings += [s[1:] for s in strings] + [b"{", b'"'] + [os.urandom(3)]
+    parts = data.draw(st.lists(st.sampled_from(strings), max_size=8))
+    events = [AppEvent("E", b"".join(parts)), AppEvent("F", b"".join(reversed(parts)))]
+    body = DeltaBody(records=encoded, events=events)
+    plain = encode_compact_body(body, author=AUTHOR_KEY, hlc=HLC, version=5)
+    opened = decode_compact_body(plain, author=AUTHOR_KEY, hlc=HLC, version=5)
+    assert opened.events == events
+    assert sorted(opened.records) == sorted(encoded)
+
+
+# -- hostile ---------------------------------------------------------------------------------
+
+LEAVES = [b"\xa9" + b"012345678", b"ABCDEFGHIJ"]
+
+
+def ext(code: int, data: bytes) -> msgspec.msgpack.Ext:
+    return msgspec.msgpack.Ext(code, data)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "match"),
+    [
+        ([ext(9, b"\x00")], "unknown payload reference 9"),
+        ([ext(EXT_LEAF, b"")], "unknown payload reference 6"),
+        ([ext(EXT_LEAF, b"\x00\x00\x00\x00")], "unknown payload reference 6"),
+        ([ext(EXT_LEAF, b"\x02")], "lacks"),
+        ([ext(EXT_CONTENT, b"\x01")], "non-string"),
+        ([b"x"] * (MAX_PIECES + 1), "too many pieces"),
+        ([ext(EXT_LEAF, b"\x01")] * 11, "budget"),
+    ],
+)
+def test_hostile_pieces_are_refused(pieces: list[bytes | msgspec.msgpack.Ext], match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        expand_payload(pieces, LEAVES, budget=100)
+
+
+def test_references_cannot_expand_a_body_past_its_budget() -> None:
+    """4,096 references to a 5,000-byte string would be 20 MB: refused, however small the
+    body is on the wire."""
+    value = b"v" * 5_000
+    leaves: list[bytes] = []
+    compacted = compact_records(_entry(b"k", value), author=AUTHOR_KEY, hlc=HLC, leaves=leaves)
+    records = [bytes(r) for r in compacted]
+    index = leaves.index(msgspec.msgpack.encode(value.decode()))
+    content = msgspec.msgpack.Ext(EXT_CONTENT, bytes([index]))
+    bomb = CompactBody5(
+        [msgspec.Raw(r) for r in records], [CompactEvent("E", [content] * MAX_PIECES)]
+    )
+    plain = msgspec.msgpack.encode(bomb)
+    assert len(plain) < 20_000
+    with pytest.raises(RemoteProtocolError, match="budget"):
+        decode_compact_body(plain, author=AUTHOR_KEY, hlc=HLC, version=5)
+    # One reference is fine and stands for the value.
+    one = CompactBody5([msgspec.Raw(r) for r in records], [CompactEvent("E", [content])])
+    opened = decode_compact_body(msgspec.msgpack.encode(one), author=AUTHOR_KEY, hlc=HLC)
+    assert opened.events == [AppEvent("E", value)]
+
+
+@given(st.binary(max_size=300))
+def test_garbage_format_5_bodies_only_raise_the_typed_error(data: bytes) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        decode_compact_body(data, author=AUTHOR_KEY, hlc=HLC, version=5)
+
+
+@given(
+    st.lists(
+        st.binary(max_size=12) | st.builds(ext, st.integers(-128, 127), st.binary(max_size=4)),
+        max_size=8,
+    )
+)
+def test_garbage_pieces_only_raise_the_typed_error(
+    pieces: list[bytes | msgspec.msgpack.Ext],
+) -> None:
+    body = CompactBody5([], [CompactEvent("E", pieces)])
+    with contextlib.suppress(RemoteProtocolError):
+        decode_compact_body(msgspec.msgpack.encode(body), author=AUTHOR_KEY, hlc=HLC, version=5)
