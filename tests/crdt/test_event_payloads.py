@@ -208,6 +208,18 @@ def test_references_cannot_expand_a_body_past_its_budget() -> None:
     assert opened.events == [AppEvent("E", value)]
 
 
+def test_a_body_that_would_open_past_the_budget_travels_without_references() -> None:
+    """An author never seals what receivers refuse: 20 MB of payload made of one 100 KB
+    value would be a few KB of references, and more than any receiver opens."""
+    value = b"v" * 100_000
+    body = DeltaBody(records=_entry(b"k", value), events=[AppEvent("E", value * 200)])
+    plain = encode_compact_body(body, author=AUTHOR_KEY, hlc=HLC, version=5)
+    assert len(plain) > 200 * len(value)  # as large as it is: refused by the size limit
+    assert decode_compact_body(plain, author=AUTHOR_KEY, hlc=HLC).events == body.events
+    small = DeltaBody(records=body.records, events=[AppEvent("E", value * 2)])
+    assert len(encode_compact_body(small, author=AUTHOR_KEY, hlc=HLC)) < 2 * len(value)
+
+
 @given(st.binary(max_size=300))
 def test_garbage_format_5_bodies_only_raise_the_typed_error(data: bytes) -> None:
     with contextlib.suppress(RemoteProtocolError):

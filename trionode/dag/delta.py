@@ -264,7 +264,11 @@ def encode_compact_body(
         return _ENCODER.encode(CompactBody(records, body.events))
     leaves: list[bytes] | None = [] if body.events else None
     records = compact_records(body.records, author=author, hlc=hlc, leaves=leaves)
-    spans = PayloadSpans(leaves or [])
+    opened = sum(map(len, body.records)) + sum(len(e.payload) for e in body.events)
+    # A body that would open past the budget every receiver holds it to travels without
+    # references: as large as it is, it is refused here (replication.max_delta_bytes),
+    # never sealed small and refused by every other member.
+    spans = PayloadSpans(leaves if leaves is not None and opened <= MAX_EXPANSION else [])
     events = [CompactEvent(e.name, spans.compact(e.payload)) for e in body.events]
     return _ENCODER.encode(CompactBody5(records, events))
 
