@@ -19,6 +19,7 @@ from trionode.context.notices import b58
 from trionode.testing import open_test_node
 
 LIMIT = 64 * 1024
+BIG = "\n" * 32_000
 
 
 def small_deltas(config: FileConfig) -> FileConfig:
@@ -35,8 +36,9 @@ async def test_a_call_whose_delta_is_too_large_is_refused_and_writes_nothing(
             context = (await node.contexts.create(await install(node))).context_id
             await node.contexts.execute(context, "set", json.dumps({"key": "k", "value": "v"}))
             before = await node.contexts.state(context)
-            # The entry and its event carry 40,000 bytes each: 80 KB, above LIMIT.
-            big = json.dumps({"key": "big", "value": "x" * 40_000})
+            # The entry carries 32,000 newlines, its event 64,000 bytes of them escaped
+            # (so it cannot refer to the entry's bytes): 96 KB, above LIMIT.
+            big = json.dumps({"key": "big", "value": BIG})
             with pytest.raises(DeltaTooLarge, match=r"replication\.max_delta_bytes"):
                 await node.contexts.execute(context, "set", big)
             # Nothing of it was written or kept in memory: same root, heads, no entry.
@@ -48,6 +50,6 @@ async def test_a_call_whose_delta_is_too_large_is_refused_and_writes_nothing(
             assert (await node.contexts.state(context))[0] != before[0]
             async with test_node.client() as client:
                 with pytest.raises(ApiError) as refused:
-                    await client.call(b58(context), "set", {"key": "big", "value": "x" * 40_000})
+                    await client.call(b58(context), "set", {"key": "big", "value": BIG})
             assert refused.value.status == -32005
             assert "split the change over several calls" in str(refused.value)
