@@ -224,6 +224,8 @@ class DeltaPipeline:
         return await self._submit(_Job(context_id, LocalWrite(stage), 0))
 
     async def _send_job(self, job: _Job) -> None:
+        # A cancelled submitter queues nothing (as `send` would not); this does not yield.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             try:
                 # Room in the queue: no trip through the scheduler (every one costs a
