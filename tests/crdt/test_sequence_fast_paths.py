@@ -9,10 +9,21 @@ right after the element placed last, is in `test_order_index.py`.)
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from trionode.crdt import HybridClock, StateTree, Timestamp, text, transaction, vector
+from trionode.crdt import (
+    HybridClock,
+    StateTree,
+    Timestamp,
+    register,
+    text,
+    transaction,
+    unordered_map,
+    vector,
+)
 from trionode.crdt.entity import ROOT_ID, Kind, child_id
 from trionode.crdt.hlc import latest
 from trionode.crdt.sequence import Element, VectorState
@@ -110,3 +121,29 @@ def test_vector_delete_takes_python_indices() -> None:
             with pytest.raises(IndexError):
                 items.delete(bad)
         assert items.to_list() == [1, 3]
+
+
+def test_paths_chain_root_most_first_without_reference_cycles() -> None:
+    """A map entry's path is built per access: it must not hold itself (a cycle only the
+    cyclic GC frees, two objects per write before)."""
+    outer = field_path(b"m", Kind.MAP)
+    inner = outer.child(b"k", Kind.MAP)
+    leaf = inner.child(b"x", Kind.REGISTER)
+    assert leaf.chain() == [outer, inner, leaf]
+    assert transaction.ROOT_PATH.chain() == []
+    tree = StateTree()
+    clock = HybridClock(b"w")
+    spec = unordered_map(str, unordered_map(str, register(int)))
+    gc.collect()
+    gc.disable()
+    try:
+        for step in range(200):
+            with tree.begin(clock, T0 + step) as tx:
+                tx.field("m", spec)[f"k{step % 7}"][f"x{step}"].set(step)
+                tx.commit()
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    assert garbage == 0
+    with tree.reader() as tx:
+        assert tx.field("m", spec)["k3"]["x3"].get() == 3

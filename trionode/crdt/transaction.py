@@ -47,7 +47,7 @@ class EntityPath:
     them exists yet.
     """
 
-    __slots__ = ("_chain", "depth", "id", "kind", "name", "parent")
+    __slots__ = ("ancestors", "depth", "id", "kind", "name", "parent")
 
     def __init__(self, parent: EntityPath | None, name: bytes, kind: Kind) -> None:
         self.parent = parent
@@ -65,23 +65,19 @@ class EntityPath:
                 raise ValueError(f"key or field name longer than {MAX_NAME_BYTES} bytes")
             self.id = child_id(parent.id, name)
             self.depth = parent.depth + 1
-        self._chain: list[EntityPath] | None = None
+        self.ancestors: tuple[EntityPath, ...] = (
+            () if parent is None or parent.parent is None else (*parent.ancestors, parent)
+        )
+        """Root-most first, the root and this path excluded. Only ancestors: a path that
+        held itself would be a reference cycle, freed only by the cyclic GC (a map entry's
+        path is built per access)."""
 
     def child(self, name: bytes, kind: Kind) -> EntityPath:
         return EntityPath(self, name, kind)
 
     def chain(self) -> list[EntityPath]:
-        """Root-most first, the root itself excluded (do not mutate: it is cached)."""
-        if self._chain is not None:
-            return self._chain
-        out: list[EntityPath] = []
-        cursor: EntityPath | None = self
-        while cursor is not None and cursor.parent is not None:
-            out.append(cursor)
-            cursor = cursor.parent
-        out.reverse()
-        self._chain = out
-        return out
+        """Root-most first, the root itself excluded (a new list)."""
+        return [*self.ancestors, self] if self.parent is not None else []
 
     def __repr__(self) -> str:
         return f"EntityPath({self.id.hex()[:12]}, {self.name!r}, {self.kind.name})"
