@@ -233,6 +233,12 @@ class OrderIndex:
             else:
                 carry = block.carry_out
             out += chunks
+        if not carry:
+            # No trailing chunk now: its cached entry is orphaned. Unlike a cut's entry (a
+            # hidden cut never shows again) it can come back — delete the last cut and the
+            # same ids trail again — and a touch made while it was orphaned is cleared by
+            # this read, so the entry could no longer be seen to be stale. Drop it.
+            cache.pop(None, None)
         touched.clear()
         return out
 
