@@ -1,13 +1,16 @@
-"""A fresh node joins a context of a million entries (`python -m benchmarks --only join`;
-`--quick` runs it with 20,000): time beside a raw copy of the same bytes, and the joiner's
-peak memory beside the same node restarted with that state loaded.
+"""A fresh node joins a context of 100,000 and of a million entries (`python -m benchmarks
+--only join`; `--quick` runs it with 20,000): time beside a raw copy of the same bytes, and
+the joiner's peak memory beside the same node restarted with that state loaded.
 
 * **Member** (in this process, on loopback): a `kv_store` context (the bench bundle of
   `sync_bench`) with 1,000 entries written through the app and folded, then ``n`` - 1,000
   more entries made from one of those records (same parent, same value, other keys) and
-  stored as final state (base rows, as a snapshot would leave them). Populating a million
-  entries through app calls would take hours (`sync_bench` explains why); what a joiner
-  receives is the same either way: final-state records in id order.
+  stored as final state (base rows, as a snapshot would leave them), in id order. Populating
+  a million entries through app calls would take hours (`sync_bench` explains why); what a
+  joiner receives is the same either way: final-state records in id order. The member's
+  root is computed before the clock starts (a live member's is current), its *final*
+  state is not: the first snapshot after a start builds it (trionode/context/final_state.py),
+  and that build is inside the timed join.
 * **Joiner**: a real `trionode start` process (its own memory), which joins with
   ``trionode context join`` (the streamed snapshot, then the tail). Timed: the command's
   wall time, including its own start (~0.3 s). Its peak RSS (VmHWM) is read once the join
@@ -45,6 +48,7 @@ from benchmarks.sync_bench import (
 )
 from trionode.context.folding import fold_all
 from trionode.crdt import Entity, encode_entity
+from trionode.crdt.entity import child_id
 from trionode.node import Node
 from trionode.testing import open_test_node
 
@@ -70,23 +74,25 @@ async def _populate(member: Node, bundle: Path, n: int) -> bytes:
             template = entity
             break
     assert template is not None, "no kv_store entry record to copy"
-    made = TEMPLATE_ENTRIES
-    while made < n:
+    # In id order, as state rows are stored: each batch extends the tree's sorted child
+    # lists instead of inserting into the middle of a million-entry one.
+    names = sorted(
+        (child_id(template.parent, template.name.replace(marker, f"key:{i:08d}".encode())), i)
+        for i in range(TEMPLATE_ENTRIES, n)
+    )
+    for start in range(0, len(names), STORE_BATCH):
         entities: list[Entity] = []
         records: list[bytes] = []
-        for i in range(made, min(n, made + STORE_BATCH)):
+        for _, i in names[start : start + STORE_BATCH]:
             name = template.name.replace(marker, f"key:{i:08d}".encode())
-            entity = template.copy()
             clone = Entity(template.parent, name, template.kind)
-            clone.body, clone.added, clone.removed = entity.body, entity.added, entity.removed
+            body = template.copy().body  # each its own, as decoded rows would be
+            clone.body, clone.added, clone.removed = body, template.added, template.removed
             entities.append(clone)
             records.append(encode_entity(clone))
-        order = sorted(range(len(entities)), key=lambda k: entities[k].id)
-        stored = await member.contexts.store_snapshot_batch(
-            context, [entities[k] for k in order], [records[k] for k in order]
-        )
+        stored = await member.contexts.store_snapshot_batch(context, entities, records)
         assert stored == len(entities)
-        made += len(entities)
+    del names
     count = (await member.contexts.execute(context, "len", "{}")).result
     assert count == n, f"populated {count} entries, wanted {n}"
     return context
@@ -112,6 +118,12 @@ def _peak_rss(pid: int) -> int:
     match = re.search(r"VmHWM:\s+(\d+) kB", status)
     assert match is not None
     return int(match.group(1)) * 1024
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Joiner:
@@ -159,11 +171,16 @@ async def _row(n: int, base: Path) -> list[Row]:
         try:
             await trio.to_thread.run_sync(_cli, home, "app", "install", str(bundle))
             invitation = await member.joins.invite(context)
+            await member.contexts.state(context)  # a live member's root is current
+            assert joiner.proc is not None
+            cpu = (_cpu_seconds(joiner.proc.pid), time.process_time())
             started = time.perf_counter()
             joined = await trio.to_thread.run_sync(
                 _cli, home, "context", "join", invitation, "--json", "--timeout", "3600"
             )
             seconds = time.perf_counter() - started
+            joiner_cpu = _cpu_seconds(joiner.proc.pid) - cpu[0]
+            member_cpu = time.process_time() - cpu[1]
             assert joiner.proc is not None
             joined_rss = _peak_rss(joiner.proc.pid)
             context_b58 = json.loads(joined.stdout)["contextId"]
@@ -173,7 +190,10 @@ async def _row(n: int, base: Path) -> list[Row]:
             ours = json.loads(shown.stdout)
             theirs, _, _ = await member.contexts.state(context)
             same = ours["rootHash"] == theirs.hex()
-            _log(f"joined in {seconds:.1f}s, peak RSS {joined_rss / 1e6:.0f} MB, same root {same}")
+            _log(
+                f"joined in {seconds:.1f}s (CPU: joiner {joiner_cpu:.1f}s, member "
+                f"{member_cpu:.1f}s), peak RSS {joined_rss / 1e6:.0f} MB, same root {same}"
+            )
         finally:
             joiner.stop()
         joiner.start()
@@ -207,6 +227,9 @@ async def _row(n: int, base: Path) -> list[Row]:
 
 
 async def run(*, quick: bool) -> list[Row]:
-    n = 20_000 if quick else 1_000_000
-    with tempfile.TemporaryDirectory(prefix="trionode-join-bench-") as tmp:
-        return await _row(n, Path(tmp))
+    sizes = [20_000] if quick else [100_000, 1_000_000]
+    rows: list[Row] = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="trionode-join-bench-") as tmp:
+            rows += await _row(n, Path(tmp))
+    return rows

@@ -43,7 +43,7 @@ from trionode.crdt import Entity, StateTree, max_stamp
 from trionode.crdt.hlc import ntp64_seconds
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
 from trionode.errors import RemoteProtocolError
-from trionode.store.lmdb_store import Column
+from trionode.store.lmdb_store import Column, Put
 from trionode.store.store import WriteBatch
 from trionode.sync.snapshot import (
     RootMismatch,
@@ -186,16 +186,18 @@ class SnapshotState:
             held = [e for e in entities if e.id in tree]
             batch = WriteBatch()
             if fresh:
-                tree.apply([entities[i] for i in fresh])
+                # Decoded for this batch alone: the tree keeps them without a copy.
+                tree.add_new([entities[i] for i in fresh])
                 # Their rows are the bytes that came: nothing to drain or re-encode. (Every
                 # earlier change was drained by its own commit, so only these are undrained.)
                 tree.drain_changes()
                 state_prefix = context_id
                 base_prefix = BASE_PREFIX + context_id
+                ops = batch.ops  # raw bytes both: `batch.put` would only pass them through
                 for i in fresh:
-                    entity_id = entities[i].id
-                    batch.put(STATE, state_prefix + entity_id, records[i])
-                    batch.put(AUX, base_prefix + entity_id, records[i])
+                    entity_id, record = entities[i].id, records[i]
+                    ops.append(Put(STATE.column, state_prefix + entity_id, record))
+                    ops.append(Put(AUX.column, base_prefix + entity_id, record))
                 note_base(replica, [entities[i] for i in fresh])
             if held:
                 tree.apply(held)

@@ -181,6 +181,46 @@ class StateTree:
             self._generation += 1
         return changed
 
+    def add_new(self, entities: Sequence[Entity]) -> None:
+        """Take records the caller owns (just decoded: kept, not copied), mostly new to the
+        tree, as a snapshot's pages bring them; the same tree as `apply(entities)`, in
+        bulk. New records are filed under their parents once per batch (one sort of runs,
+        linear; appended when they come in id order) and each parent's ancestors' hashes
+        are invalidated once, not once per record; one the tree holds is joined as usual."""
+        records = self._records
+        added: dict[bytes, list[bytes]] = {}
+        newest: Timestamp | None = self._max_stamp
+        held: list[Entity] = []
+        for incoming in entities:
+            eid = incoming.id
+            if eid in records:
+                held.append(incoming)
+                continue
+            records[eid] = incoming
+            self._log.rewrite(eid)
+            added.setdefault(incoming.parent, []).append(eid)
+            newest = latest(newest, incoming.max_stamp())
+            self._deleted.discard(eid)
+            self._updated.add(eid)
+        for parent, ids in added.items():
+            ids.sort()
+            siblings = self._children.setdefault(parent, [])
+            in_order = not siblings or siblings[-1] < ids[0]
+            siblings.extend(ids)
+            if not in_order:
+                siblings.sort()  # two sorted runs: timsort merges them in linear time
+            self._invalidate_up(parent)
+            self._buckets.pop(parent, None)  # every bucket may have a new child
+        for ids in added.values():
+            for eid in ids:
+                if eid in self._children:
+                    self._invalidate_down(eid)  # earlier-arrived children may be reachable
+        if added:
+            self._sorted_ids = None
+            self._max_stamp = newest
+        if held:
+            self.apply(held)
+
     # -- hashes --------------------------------------------------------------------------
 
     def root_hash(self) -> bytes:

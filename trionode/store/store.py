@@ -13,6 +13,7 @@ mock clock jump to the next deadline while LMDB is still working).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -198,8 +199,12 @@ class AsyncStore:
 
     async def write(self, batch: WriteBatch | Sequence[WriteOp]) -> None:
         ops = batch.ops if isinstance(batch, WriteBatch) else list(batch)
-        for op in ops:
-            self._count("put" if isinstance(op, Put) else "delete", op.column)
+        # Counted per (kind, column), not per op: a snapshot batch is 100,000s of puts.
+        counts = collections.Counter(
+            ("put" if isinstance(op, Put) else "delete", op.column) for op in ops
+        )
+        for (kind, column), n in counts.items():
+            self._count(kind, column, n)
         await self._run(self._writer, "write", self.raw.write, ops)
 
     async def put(self, table: Table[K, V], key: K, value: V) -> None:
