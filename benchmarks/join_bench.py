@@ -152,7 +152,7 @@ class _Joiner:
     def stop(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
+        self.proc.wait(timeout=900)
         self.proc = None
 
 
@@ -198,7 +198,11 @@ async def _row(n: int, base: Path) -> list[Row]:
             joiner.stop()
         joiner.start()
         try:
-            size = await trio.to_thread.run_sync(_cli, home, "call", context_b58, "len", "--json")
+            # The first call loads the replica from its rows (a million: minutes on a loaded
+            # machine), so it gets the join's generous timeout.
+            size = await trio.to_thread.run_sync(
+                _cli, home, "call", context_b58, "len", "--json", "--timeout", "3600"
+            )
             assert json.loads(size.stdout)["output"] == n
             assert joiner.proc is not None
             loaded_rss = _peak_rss(joiner.proc.pid)

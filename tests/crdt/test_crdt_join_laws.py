@@ -164,20 +164,25 @@ def _tree_key(tree: StateTree) -> object:
     return records(tree), tree.root_hash(), snapshot(tree)
 
 
-@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_nested_tree_join_laws(data: st.DataObject) -> None:
-    """Whole trees (maps of maps/counters/texts, sets, ...) written concurrently join
-    like any other state."""
+def _written(data: st.DataObject, replicas: int) -> list[list[Entity]]:
+    """The records of `replicas` replicas, each after a few transactions hypothesis picks."""
     states: list[list[Entity]] = []
-    for i in range(3):
+    for i in range(replicas):
         replica = Replica(bytes([97 + i]))
         for _ in range(data.draw(st.integers(1, 6), label="txs")):
             with replica.begin() as tx:
                 perform(data.draw, tx)
                 tx.commit()
         states.append(replica.tree.entities())
-    a, b, c = states
+    return states
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_nested_tree_join_laws(data: st.DataObject) -> None:
+    """Whole trees (maps of maps/counters/texts, sets, ...) written concurrently join
+    like any other state."""
+    a, b, c = _written(data, 3)
     bc = _tree_join(b, c).entities()
     ab = _tree_join(a, b).entities()
     assert _tree_key(_tree_join(a, b)) == _tree_key(_tree_join(b, a))
@@ -191,14 +196,7 @@ def test_adding_records_in_bulk_builds_the_tree_join_does(data: st.DataObject) -
     """`add_new` (a snapshot's batches: decoded records, kept without a copy) gives the tree
     `apply` gives, whatever the order and the cut into batches, with records the tree
     already holds among them, and hashes asked for between batches."""
-    states: list[list[Entity]] = []
-    for i in range(2):
-        replica = Replica(bytes([97 + i]))
-        for _ in range(data.draw(st.integers(1, 6), label="txs")):
-            with replica.begin() as tx:
-                perform(data.draw, tx)
-                tx.commit()
-        states.append(replica.tree.entities())
+    states = _written(data, 2)
     incoming = [*states[0], *states[1]]
     if data.draw(st.booleans(), label="in id order"):
         incoming.sort(key=lambda e: e.id)
