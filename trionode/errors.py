@@ -69,3 +69,23 @@ class ReadOnlyError(TrionodeError):
     def __init__(self, what: str) -> None:
         super().__init__(f"this node is read-only (node.mode): {what} is not allowed")
         self.what = what
+
+
+_SILENT_ERRORS: dict[str, str] = {
+    "TooSlowError": "timed out",
+    "BrokenResourceError": "the connection broke",
+    "ClosedResourceError": "the connection was closed",
+    "EndOfChannel": "the peer closed the stream",
+}
+
+
+def describe(error: BaseException | None) -> str:
+    """What went wrong, in words, for a message a user reads: Trio's timeouts and broken
+    streams carry no text of their own (``str()`` is empty), so they are named here."""
+    if error is None:
+        return "no address to try"
+    text = str(error)
+    if text:
+        return text
+    name = type(error).__name__
+    return _SILENT_ERRORS.get(name, name)

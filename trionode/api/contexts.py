@@ -43,6 +43,7 @@ from trionode.errors import (
     ReadOnlyError,
     StorageError,
     TrionodeError,
+    describe,
 )
 from trionode.sdk.app import EntryKind
 from trionode.sdk.errors import AppError
@@ -499,7 +500,7 @@ def register_context_routes(
         try:
             applied = await node.sync.sync_now(raw, peer)
         except (PeerError, ProtocolError, trio.TooSlowError) as exc:
-            raise PeerFailed(f"sync failed: {exc}") from None
+            raise PeerFailed(f"sync failed: {describe(exc)}") from None
         root, heads, pending = await node.contexts.state(raw)
         return reply(
             schemas.SyncResult(

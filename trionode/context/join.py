@@ -26,7 +26,7 @@ from trionode.context.errors import (
 from trionode.context.manager import ContextManager
 from trionode.context.records import ContextRecord
 from trionode.context.replication import SESSION_ERRORS, Replicator, topic_for
-from trionode.errors import PeerError, ProtocolError, ReadOnlyError
+from trionode.errors import PeerError, ProtocolError, ReadOnlyError, StreamEndedError, describe
 from trionode.net import member_peers
 from trionode.net.framed import FramedStream
 from trionode.net.host import Connection, Host
@@ -143,14 +143,27 @@ class JoinService:
                 trust_app=trust_app,
                 opener=invited_opener(signed, invitation.id, key),
             )
-        with trio.fail_after(self.timeout):
-            _, stream = await conn.new_stream([inv.JOIN_PROTOCOL])
-            async with stream:
-                proof = key.sign(inv.proof_message(conn.noise.remote.handshake_hash, invitation.id))
-                request = inv.JoinRequest(invitation=signed, member=member, proof=proof)
-                framed = self._framed(stream, requester=True)
-                await framed.send_frame(inv.encode(request))
-                response = inv.decode_response(await framed.receive_frame())
+        try:
+            with trio.fail_after(self.timeout):
+                _, stream = await conn.new_stream([inv.JOIN_PROTOCOL])
+                async with stream:
+                    proof = key.sign(
+                        inv.proof_message(conn.noise.remote.handshake_hash, invitation.id)
+                    )
+                    request = inv.JoinRequest(invitation=signed, member=member, proof=proof)
+                    framed = self._framed(stream, requester=True)
+                    await framed.send_frame(inv.encode(request))
+                    response = inv.decode_response(await framed.receive_frame())
+        except (
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            StreamEndedError,
+        ) as exc:
+            # Nothing was spent here yet: the user may simply try again.
+            raise PeerFailed(
+                f"the inviter {peer} did not answer the join: {describe(exc)}"
+            ) from None
         if not response.ok:
             raise NotPermitted(f"the inviter refused: {response.error}")
         keys = inv.open_keys(response.sealed_keys, key)
@@ -217,7 +230,7 @@ class JoinService:
             log.warning(
                 "joined %s; its first sync failed (%s): sync sessions will complete it",
                 base58.b58encode(context_id).decode(),
-                exc,
+                describe(exc),
             )
 
     async def _connect(self, peer: PeerId, addrs: list[str]) -> Connection:
@@ -233,7 +246,7 @@ class JoinService:
                 return await self.host.connect(addr, member=True)
             except (PeerError, ProtocolError, trio.TooSlowError) as exc:
                 last = exc
-        raise PeerFailed(f"cannot reach the inviter {peer}: {last}")
+        raise PeerFailed(f"cannot reach the inviter {peer}: {describe(last)}")
 
     # -- serving ---------------------------------------------------------------------------
 
