@@ -15,6 +15,7 @@ from trionode.context.errors import PeerFailed
 from trionode.context.invitations import JOIN_PROTOCOL
 from trionode.errors import describe
 from trionode.net.host import Connection, StreamHandler
+from trionode.node import Node
 from trionode.testing import open_cluster
 
 
@@ -36,22 +37,28 @@ def test_describe_names_silent_errors(error: BaseException | None, words: str) -
     assert describe(error) == words
 
 
+async def _invite(a: Node, b: Node) -> tuple[bytes, str]:
+    """A kv_store context on `a`, and an invitation to it for `b` (which has the app)."""
+    app = await install(a, "kv_store")
+    await install(b, "kv_store")
+    context = (await a.contexts.create(app)).context_id
+    return context, await a.joins.invite(context)
+
+
 async def test_a_join_that_cannot_reach_its_inviter_says_why(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     with trio.fail_after(LIMIT):
         async with open_cluster(2, tmp_path) as cluster:
             a, b = cluster
-            app = await install(a, "kv_store")
-            await install(b, "kv_store")
-            context = (await a.contexts.create(app)).context_id
-            invitation = await a.joins.invite(context)
+            context, invitation = await _invite(a, b)
             await cluster.partition([0])
             with pytest.raises(PeerFailed) as failed:
                 await b.joins.join(invitation)
             message = str(failed.value)
             assert message.startswith(f"cannot reach the inviter {cluster.peer_ids[0]}: ")
             assert message.split(": ", 1)[1].strip()
+            assert context not in b.contexts.known_ids()
 
 
 async def _never_answers(stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
@@ -78,10 +85,7 @@ async def test_an_inviter_that_does_not_answer_the_join_is_a_peer_failure(
     with trio.fail_after(LIMIT):
         async with open_cluster(2, tmp_path) as cluster:
             a, b = cluster
-            app = await install(a, "kv_store")
-            await install(b, "kv_store")
-            context = (await a.contexts.create(app)).context_id
-            invitation = await a.joins.invite(context)
+            context, invitation = await _invite(a, b)
             a.host.set_handler(JOIN_PROTOCOL, inviter)
             with pytest.raises(PeerFailed) as failed:
                 await b.joins.join(invitation)
