@@ -78,6 +78,24 @@ def within(vv: Vector, bound: Vector) -> bool:
     return all(v <= bound.get(k, 0) for k, v in vv.items() if v > 0)
 
 
+def maximal(vectors: Mapping[bytes, Vector]) -> set[bytes]:
+    """The ids whose vector no other's bounds (`within`): the frontier of a set of
+    checkpoints. Of several ids with one same vector, the smallest is kept.
+
+    A dominating vector has a strictly larger sum, so taking the ids by descending sum each
+    is checked only against the maximal ones found so far (a vector bounded by any earlier
+    one is bounded by a maximal one): O(n * width) instead of comparing every pair, which
+    was O(n²) `within` calls for the thousands of checkpoints folding leaves behind."""
+    found: list[Vector] = []
+    out: set[bytes] = set()
+    for _, key in sorted((-sum(v.values()), k) for k, v in vectors.items()):
+        vv = vectors[key]
+        if not any(within(vv, bound) for bound in found):
+            found.append(vv)
+            out.add(key)
+    return out
+
+
 def vv_max(vectors: Iterable[Vector]) -> dict[bytes, int]:
     out: dict[bytes, int] = {}
     for vv in vectors:

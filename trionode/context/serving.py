@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
-from trionode.auth.finality import within
+from trionode.auth.finality import maximal
 from trionode.auth.model import WRITERS, Verdict
 from trionode.context.authority import AuthRejected, decode_vv, encode_vv
 from trionode.context.errors import AlreadyExists
@@ -178,12 +178,7 @@ class SyncServing:
             if wire:
                 parents.update(stored_header(decode_delta(wire), context_id=context_id).parents)
         checkpoints = authority.checkpoint_vv
-        maximal = {
-            c
-            for c, vv in checkpoints.items()
-            if not any(o != c and within(vv, other) for o, other in checkpoints.items())
-        }
-        boundary = sorted(maximal | (parents & set(checkpoints)))
+        boundary = sorted(maximal(checkpoints) | (parents & set(checkpoints)))
         if len(self._boundaries) > 64:
             self._boundaries.clear()
         self._boundaries[context_id] = (stamp, boundary)
