@@ -64,8 +64,6 @@ BASE_PREFIX: Final = final_state.BASE_PREFIX
 """base/ ‖ context ‖ entity id → the join of every record that arrived as *state* (snapshot
 pages, tree comparison) or was folded: what a rebuild starts from, as no delta body carries
 it (and the final state a snapshot serves: final_state.py)."""
-LOAD_PAGE: Final = 4096
-"""State rows read per LMDB transaction when a replica loads (bounded memory per read)."""
 STORAGE_FORMAT: Final = 2
 """2: deltas carry sequence numbers, version vectors and membership operations."""
 FORMAT_TABLE = Table(Column.META, BytesCodec(), BytesCodec())
@@ -295,26 +293,10 @@ class ReplicaStore:
             max_pending_per_author=self.limits.max_pending_per_author,
         )
 
-    def _state_rows(self, context_id: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """The context's state rows (keys relative to it), read `LOAD_PAGE` at a time."""
-        start: bytes | None = None
-        skip = len(context_id)
-        while True:
-            page = self.store.scan_page_sync(Column.STATE, context_id, start, LOAD_PAGE)
-            for key, value in page:
-                yield key[skip:], value
-            if len(page) < LOAD_PAGE:
-                return
-            start = page[-1][0] + b"\x00"  # the first key after the last one read
-
     async def _read(self, context_id: bytes) -> Replica:
         record = await self.get(context_id)
-        # Decoded as read, in a worker thread: a large replica is never held as its rows'
-        # bytes and as its records at once (a whole-prefix scan doubled the peak of a
-        # 1,000,000-entry restart), and the event loop keeps serving while it loads.
-        tree = await trio.to_thread.run_sync(
-            StateTree.from_rows, self._state_rows(context_id), abandon_on_cancel=False
-        )
+        rows = await self.store.scan(STATE, prefix=context_id)
+        tree = StateTree.from_rows((key[len(context_id) :], value) for key, value in rows)
         delta_rows = await self.store.scan(DELTAS, prefix=context_id)
         applied = [k[len(context_id) :] for k, _ in delta_rows]
         dag = self.new_dag(applied=applied, heads=record.heads)

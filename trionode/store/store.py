@@ -169,14 +169,6 @@ class AsyncStore:
         self._count("scan", column)
         return self.raw.scan(column, prefix=prefix)
 
-    def scan_page_sync(
-        self, column: Column, prefix: bytes, start: bytes | None, limit: int
-    ) -> list[tuple[bytes, bytes]]:
-        """Up to `limit` rows with `prefix` from `start` (inclusive), without yielding: for
-        code already in a worker thread that reads a large prefix page by page."""
-        self._count("scan", column)
-        return self.raw.scan(column, prefix=prefix, start=start, limit=limit)
-
     async def scan(
         self,
         table: Table[K, V],
