@@ -241,11 +241,39 @@ def test_oversized_message_is_invalid() -> None:
     assert events == [InvalidMessage(pair.remote, InvalidReason.MESSAGE_TOO_LARGE, TOPIC)]
 
 
-def test_self_origin_and_unsubscribed_topics() -> None:
+def test_our_own_message_echoed_after_a_restart_is_ignored_without_penalty() -> None:
+    # Signed with our key by our previous life: after a restart our seen cache is empty, so
+    # a peer's IHAVE of a message we published before makes us ask for it. The peer that
+    # answers is honest; it must not be counted as sending invalid messages.
+    config = GossipConfig(max_peer_invalid_per_interval=3)
+    pair = Pair(config)
+    pair.router.heartbeat(pair.now)  # grafts the remote into our mesh
+    _drain(pair.router)
+    pair.outbox()
+    echoes = [pair.message(key=pair.key) for _ in range(5)]
+    ids = [default_message_id(m) for m in echoes]
+    pair.send(RPC(control=ControlMessage(ihave=(ControlIHave(TOPIC, tuple(ids)),))))
+    assert _control(pair.outbox()).iwant == (ControlIWant(tuple(ids)),)
+    events = pair.send(RPC(publish=tuple(echoes)))
+    assert events == []  # not delivered, not invalid, no misbehaviour
+    stats = pair.router.statistics()
+    assert stats.invalid == {}
+    assert stats.dropped == {DropReason.OWN_MESSAGE: 5}
+    assert all(not rpc.publish for rpc in pair.outbox())  # not forwarded either
+    # Now seen: the next IHAVE for them asks for nothing.
+    pair.send(RPC(control=ControlMessage(ihave=(ControlIHave(TOPIC, tuple(ids)),))))
+    assert _control(pair.outbox()).iwant == ()
+
+
+def test_a_forged_message_in_our_name_is_invalid() -> None:
     pair = Pair()
-    ours = pair.message(key=pair.key)  # signed with our key, but we never published it
-    events = pair.send(RPC(publish=(ours,)))
-    assert events == [InvalidMessage(pair.remote, InvalidReason.SELF_ORIGIN, TOPIC)]
+    forged = dataclasses.replace(pair.message(key=pair.key), data=b"not what we signed")
+    events = pair.send(RPC(publish=(forged,)))
+    assert events == [InvalidMessage(pair.remote, RejectReason.BAD_SIGNATURE, TOPIC)]
+
+
+def test_unsubscribed_topics_are_dropped() -> None:
+    pair = Pair()
     events = pair.send(RPC(publish=(pair.message(topic="elsewhere"),)))
     assert events == []
     assert pair.router.statistics().dropped == {DropReason.NOT_SUBSCRIBED: 1}

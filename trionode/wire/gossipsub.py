@@ -30,7 +30,8 @@ Theory of operation (gossipsub v1.0 plus the v1.1 parts worth having; no peer sc
   (``from || seqno``) enters the *seen* cache (``seen_ttl``) only after its signature checks
   out, so a forged copy cannot shadow the real one. Invalid messages are counted, reported
   (:class:`InvalidMessage`) and never forwarded. Messages for topics we do not subscribe to
-  are dropped, as go-libp2p-pubsub does.
+  are dropped, as go-libp2p-pubsub does. A message we signed ourselves that comes back
+  (after a restart, through IHAVE/IWANT) is dropped without penalty: only we hold the key.
 * **Defences.** Decoding is bounded (:class:`~trionode.wire.pubsub_pb.RpcLimits`). Each peer
   has a budget of messages and bytes per heartbeat interval; the excess is dropped and
   counted, and :class:`PeerMisbehaved` (at most once per reason per interval) lets the driver
@@ -261,8 +262,6 @@ class InvalidReason(enum.StrEnum):
     MESSAGE_TOO_LARGE = "message_too_large"
     BAD_MESSAGE_ID = "bad_message_id"
     """The message-id function refused the message."""
-    SELF_ORIGIN = "self_origin"
-    """Claims to be from us but we did not publish it (recently)."""
     INVALID_MESSAGES = "invalid_messages"
     """Misbehaviour: too many invalid messages in one interval."""
 
@@ -280,6 +279,8 @@ class DropReason(enum.StrEnum):
     GRAFT_DURING_BACKOFF = "graft_during_backoff"
     OUTBOX_FULL = "outbox_full"
     UNKNOWN_PEER = "unknown_peer"
+    OWN_MESSAGE = "own_message"
+    """A message we signed, echoed back (after a restart our seen cache no longer has it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -887,13 +888,20 @@ class GossipRouter:
         if message_id in self._seen:
             self._counters.duplicates += 1
             return
-        if message.from_peer == self._local_bytes:
-            self._invalid_message(peer, InvalidReason.SELF_ORIGIN, topic)
-            return
         try:
             author = verify_message(message)
         except MessageRejectedError as exc:
             self._invalid_message(peer, exc.reason, topic)
+            return
+        if message.from_peer == self._local_bytes:
+            # Only we hold our key, so this is a message we published, typically in a
+            # previous life: a restart empties the seen cache and a peer's IHAVE makes us
+            # ask for our own message again. The peer that answers is honest, so this is
+            # no penalty (it used to be, and disconnected peers of a restarted node); it is
+            # marked seen so we don't ask again, and not delivered or forwarded.
+            self._mark_seen(message_id, now)
+            self._iwant_pending.pop(message_id, None)
+            self._counters.dropped[DropReason.OWN_MESSAGE] += 1
             return
         self._mark_seen(message_id, now)
         self._iwant_pending.pop(message_id, None)
