@@ -19,6 +19,7 @@ from trionode.context.errors import ContextError, ContextNotFound
 from trionode.context.event_log import EVENT_PREFIX
 from trionode.context.events import ContextEvent, Replay
 from trionode.context.notices import b58
+from trionode.context.records import CONTEXTS
 from trionode.dag.delta import SignedDelta
 from trionode.errors import StorageError
 from trionode.node import Node
@@ -128,6 +129,35 @@ async def test_a_failed_commit_fails_every_call_in_it_and_loses_nothing_acknowle
         assert entries == {"before": "1"} | {f"k{i}": str(i) for i in range(8) if i not in failures}
         await node.contexts.execute(context, "set", kv_set("after", "2"))
         assert (await node.contexts.execute(context, "get", '{"key": "after"}')).result == "2"
+
+
+async def test_a_record_read_during_a_commit_is_the_stored_one(tmp_path: Path) -> None:
+    # `ReplicaStore.get` answers from memory when no change holds the replica (issue #16):
+    # never with a staged record whose commit may yet fail.
+    async with one_context(tmp_path) as (node, context):
+        replicas = node.contexts.replicas
+        before = await replicas.get(context)
+        writes = GatedWrites(node)
+        writes.fail_next = True
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def call() -> None:
+                    with suppress(StorageError):
+                        await node.contexts.execute(context, "set", kv_set("k", "v"))
+
+                nursery.start_soon(call)
+                await trio.testing.wait_all_tasks_blocked()
+                staged = (await replicas.load(context)).record
+                assert staged.root_hash != before.root_hash  # (staged, not durable)
+                assert await replicas.get(context) == before
+                writes.gate.set()
+        writes.restore()
+        assert await replicas.get(context) == before  # the commit failed
+        result = await node.contexts.execute(context, "set", kv_set("k", "v"))
+        after = await replicas.get(context)
+        assert after.root_hash == result.root_hash != before.root_hash
+        assert after == await replicas.store.get(CONTEXTS, context)
 
 
 async def test_a_bad_call_fails_alone_in_its_batch(tmp_path: Path) -> None:

@@ -176,3 +176,29 @@ def test_batch_limits_are_enforced_on_decode() -> None:
             decode_gossip(hostile)
     batch = DeltaBatch(CONTEXT, [b"a", b"b"])
     assert decode_gossip(encode_gossip(batch)) == batch
+
+
+async def test_a_write_no_peer_hears_is_not_signed_and_a_later_peer_still_gets_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Issue #16: with nobody on the topic, building and signing a gossip message is
+    # wasted work; heads (heartbeats) and sync bring the delta to whoever comes later.
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path) as cluster:
+            a, b = cluster
+            context = await share(cluster, [0, 1])
+            published, unpublished = deltas(a, "published"), deltas(a, "unpublished")
+            signed = a.pubsub.statistics().published
+            await cluster.partition([0], [1])
+            assert not a.pubsub.has_topic_peers(topic_for(context))
+            await call(a, context, "set", key="alone", value="v")
+            assert deltas(a, "unpublished") == unpublished + 1
+            assert deltas(a, "published") == published
+            assert a.pubsub.statistics().published == signed  # nothing signed
+            await cluster.heal()
+            await wait_converged(cluster, [a, b], context)
+            assert await call(b, context, "get", key="alone") == "v"
+            # With the peer back on the topic, writes are gossiped again.
+            await cluster.wait_mesh(topic_for(context))
+            await call(a, context, "set", key="back", value="w")
+            assert deltas(a, "published") == published + 1

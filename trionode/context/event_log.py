@@ -75,12 +75,25 @@ class _EventRow(msgspec.Struct, frozen=True, array_like=True):
     at: float
 
 
+_B58_CACHE_SIZE: Final = 1024
+"""Context ids remembered by `_b58_raw`: every event row names one, and decoding base58
+(then encoding it again to check it) cost more than the rest of the row (issue #16)."""
+_b58_cache: dict[str, _Id] = {}
+
+
 def _b58_raw(text: str) -> _Id:
+    cached = _b58_cache.get(text)
+    if cached is not None:
+        return cached
     try:
         raw = base58.b58decode(text)
     except ValueError:
         return text
-    return raw if raw and base58.b58encode(raw).decode("ascii") == text else text
+    found = raw if raw and base58.b58encode(raw).decode("ascii") == text else text
+    if len(_b58_cache) >= _B58_CACHE_SIZE:
+        _b58_cache.clear()
+    _b58_cache[text] = found
+    return found
 
 
 def _hex_raw(text: str) -> _Id:

@@ -164,6 +164,13 @@ class ReplicaStore:
         return [record for _, record in await self.store.scan(CONTEXTS)]
 
     async def get(self, context_id: bytes) -> ContextRecord:
+        replica = self._loaded.get(context_id)
+        if replica is not None and not replica.lock.locked():
+            # What the store holds: every change refreshes the record under the lock and
+            # a failed commit drops the replica. (Watchers read it after every write: a
+            # thread trip each saved, issue #16.)
+            await trio.lowlevel.checkpoint()
+            return replica.record
         record = await self.store.get(CONTEXTS, context_id)
         if record is None:
             raise ContextNotFound(f"no context {b58(context_id)}")

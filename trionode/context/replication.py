@@ -39,6 +39,7 @@ from trionode.context.errors import ContextError
 from trionode.context.heartbeats import HeartbeatExchange, HeartbeatMetrics
 from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
+from trionode.context.notices import b58
 from trionode.dag.delta import (
     MAX_DELTA_BYTES,
     SignedDelta,
@@ -90,7 +91,7 @@ SESSION_ERRORS: Final = (
 
 
 def topic_for(context_id: bytes) -> str:
-    return TOPIC_PREFIX + base58.b58encode(context_id).decode("ascii")
+    return TOPIC_PREFIX + b58(context_id)  # (cached: every publish names its topic)
 
 
 def context_of(topic: str) -> bytes | None:
@@ -135,7 +136,8 @@ class ReplicationMetrics:
         self.deltas = Counter(
             "trionode_deltas",
             "Received and local deltas by outcome (applied, pending, cascaded, duplicate, "
-            "evicted, rejected_<reason>, published; deferred: stamped ahead of our clock, "
+            "evicted, rejected_<reason>, published; unpublished: authored when no peer was on "
+            "the topic; deferred: stamped ahead of our clock, "
             "waits; refused_ahead: beyond max_clock_drift + pending_timeout, not stored; "
             "refused_state_ahead: state records beyond max_clock_drift; folded: final deltas "
             "whose bodies left the undo log for the final state)",
@@ -384,11 +386,17 @@ class Replicator:
         return parts
 
     def broadcast(self, context_id: bytes, deltas: list[SignedDelta]) -> None:
-        """Publish deltas this node committed: one gossip message, one signature."""
+        """Publish deltas this node committed: one gossip message, one signature. With no
+        peer on the topic nothing is built or signed (counted `unpublished`): no one would
+        receive it, and heartbeats and sync bring the deltas to peers that come later."""
         self.subscribe(context_id)
+        topic = topic_for(context_id)
+        if not self.pubsub.has_topic_peers(topic):
+            self.metrics.outcome("unpublished", len(deltas))
+            return
         message = encode_gossip(batch_of(context_id, deltas))
         try:
-            self.pubsub.publish(topic_for(context_id), message)
+            self.pubsub.publish(topic, message)
         except LocalProtocolError as exc:
             # (One delta larger than pubsub's message size: heartbeats and sync carry it.)
             log.warning("not gossiping %d deltas: %s", len(deltas), exc)

@@ -279,6 +279,11 @@ class PubSub:
         """Connected peers known to subscribe to ``topic``."""
         return self.router.topic_peers(topic)
 
+    def has_topic_peers(self, topic: str) -> bool:
+        """Whether any connected peer is known to subscribe to ``topic`` (none: `publish`
+        would reach nobody, so a caller may skip building the message)."""
+        return self.router.has_topic_peers(topic)
+
     def peer_topics(self, peer: PeerId) -> list[str]:
         """Topics ``peer`` announced."""
         return self.router.peer_topics(peer)

@@ -527,6 +527,11 @@ class GossipRouter:
         """Peers known to subscribe to ``topic``."""
         return list(self._topic_peers.get(topic, ()))
 
+    def has_topic_peers(self, topic: str) -> bool:
+        """Whether any peer is known to subscribe to ``topic``: if none is, a message
+        published now reaches nobody (every recipient, mesh, fanout or flood, is one)."""
+        return bool(self._topic_peers.get(topic))
+
     def mesh_peers(self, topic: str) -> list[PeerId]:
         """Our mesh for ``topic`` (empty if we do not subscribe)."""
         return list(self._mesh.get(topic, ()))
