@@ -15,11 +15,12 @@ import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.replication.helpers import install
-from trionode.context.errors import ContextError, ContextNotFound
+from trionode.context.errors import ContextError, ContextNotFound, DeltaTooLarge
 from trionode.context.event_log import EVENT_PREFIX
-from trionode.context.events import ContextEvent, Replay
+from trionode.context.events import ContextEvent, Replay, Subscription
+from trionode.context.local_writes import CallResult
 from trionode.context.notices import b58
-from trionode.context.records import CONTEXTS
+from trionode.context.records import CONTEXTS, ContextRecord
 from trionode.dag.delta import SignedDelta
 from trionode.errors import StorageError
 from trionode.node import Node
@@ -158,6 +159,100 @@ async def test_a_record_read_during_a_commit_is_the_stored_one(tmp_path: Path) -
         after = await replicas.get(context)
         assert after.root_hash == result.root_hash != before.root_hash
         assert after == await replicas.store.get(CONTEXTS, context)
+
+
+async def test_a_batch_refreshes_each_record_once_and_every_answer_names_its_root(
+    tmp_path: Path,
+) -> None:
+    # Issue #16: data deltas committed together refresh their context's record (root hash,
+    # heads) once, and every call and event of the batch names the root hash it left.
+    async with one_context(tmp_path) as (node, context):
+        writes = GatedWrites(node)
+        results: list[CallResult] = []
+        sub = node.hub.watch()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def call(i: int) -> None:
+                    results.append(
+                        await node.contexts.execute(context, "set", kv_set(f"k{i}", "v"))
+                    )
+
+                for i in range(16):
+                    nursery.start_soon(call, i)
+                await trio.testing.wait_all_tasks_blocked()
+                writes.gate.set()
+        writes.restore()
+        shown = [e for e in drain_nowait(sub) if isinstance(e, ContextEvent)]
+        sub.close()
+        (batch,) = [b for b in writes.batches if len(b) > 16]
+        records = [op for op in batch.ops if isinstance(op, Put) and op.column is CONTEXTS.column]
+        assert len(records) == 1  # one record for 16 deltas
+        stored = await replicas_record(node, context)
+        assert stored.heads == sorted(node.contexts.replicas.loaded()[0].dag.heads)
+        assert {r.root_hash for r in results} == {stored.root_hash}
+        assert len(shown) == 16
+        assert {e.root_hash for e in shown} == {stored.root_hash.hex()}
+        assert {tuple(e.heads) for e in shown} == {tuple(h.hex() for h in stored.heads)}
+
+
+async def test_a_call_failing_after_it_changed_the_replica_makes_its_batch_mates_run_again(
+    tmp_path: Path,
+) -> None:
+    # A job that fails once it has changed the replica in memory (here: a delta too large
+    # to seal, after the app wrote) leaves the replica to reload. The context's other jobs
+    # in the batch run again in the next one: their record, not yet refreshed, would be
+    # computed from the changed replica. Nothing is lost, the failed call leaves no trace.
+    async with one_context(tmp_path) as (node, context):
+        node.contexts.writer._max_delta_bytes = 4096
+        writes = GatedWrites(node)
+        outcomes: dict[str, object] = {}
+
+        async def call(key: str, value: str) -> None:
+            try:
+                outcomes[key] = await node.contexts.execute(context, "set", kv_set(key, value))
+            except DeltaTooLarge as exc:
+                outcomes[key] = exc
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, "first", "1")
+                await trio.testing.wait_all_tasks_blocked()  # (its batch waits at the gate)
+                for key, value in (("a", "1"), ("b", "2"), ("big", "x" * 10_000)):
+                    nursery.start_soon(call, key, value)
+                    await trio.testing.wait_all_tasks_blocked()
+                writes.gate.set()
+        writes.restore()
+        assert isinstance(outcomes["big"], DeltaTooLarge)
+        assert all(isinstance(outcomes[k], CallResult) for k in ("first", "a", "b"))
+        # (Nothing was written after the batch that ran a and b again: what is stored is
+        # what that batch wrote.)
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert entries == {"first": "1", "a": "1", "b": "2"}
+        stored = await replicas_record(node, context)
+        replica = await node.contexts.replicas.load(context)  # (reloaded from the store)
+        assert stored.heads == sorted(replica.dag.heads)
+        assert stored.root_hash == replica.tree.root_hash()
+        for key in ("a", "b"):
+            result = outcomes[key]
+            assert isinstance(result, CallResult)
+            assert result.delta_id is not None
+            assert await node.contexts.read_delta(context, result.delta_id) is not None
+
+
+async def replicas_record(node: Node, context: bytes) -> ContextRecord:
+    record = await node.contexts.replicas.store.get(CONTEXTS, context)
+    assert record is not None
+    return record
+
+
+def drain_nowait(sub: Subscription) -> list[object]:
+    items: list[object] = []
+    while True:
+        try:
+            items.append(sub.receive.receive_nowait())
+        except trio.WouldBlock:
+            return items
 
 
 async def test_a_bad_call_fails_alone_in_its_batch(tmp_path: Path) -> None:

@@ -192,6 +192,7 @@ async def test_a_write_no_peer_hears_is_not_signed_and_a_later_peer_still_gets_i
             await cluster.partition([0], [1])
             assert not a.pubsub.has_topic_peers(topic_for(context))
             await call(a, context, "set", key="alone", value="v")
+            await trio.testing.wait_all_tasks_blocked()  # (the broadcaster has had its turn)
             assert deltas(a, "unpublished") == unpublished + 1
             assert deltas(a, "published") == published
             assert a.pubsub.statistics().published == signed  # nothing signed
@@ -201,4 +202,5 @@ async def test_a_write_no_peer_hears_is_not_signed_and_a_later_peer_still_gets_i
             # With the peer back on the topic, writes are gossiped again.
             await cluster.wait_mesh(topic_for(context))
             await call(a, context, "set", key="back", value="w")
+            await trio.testing.wait_all_tasks_blocked()
             assert deltas(a, "published") == published + 1

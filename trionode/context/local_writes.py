@@ -494,7 +494,7 @@ class LocalWriter:
             replica.authority.verdicts[delta.id] = Verdict.ACCEPTED
         replica.dag.offer(delta.id, parents, delta, now=trio.current_time())
         batch.put(DELTAS, replica.context_id + delta.id, wire)
-        stage_record(replica, batch)
+        stage_record(replica, batch, data_only=header.auth is None)
 
     def _after_local(self, replica: Replica, delta: SignedDelta, outcome: CallOutcome) -> None:
         self._hub.emit(_change(replica, delta, outcome))

@@ -39,12 +39,13 @@ from trionode.context.events import Change, ContextEvent, EventHub
 from trionode.context.local_writes import AppLoader, CallResult, LocalWriter
 from trionode.context.notices import b58
 from trionode.context.processing import DeltaProcessor, Progress, Received
-from trionode.context.replicas import Replica, ReplicaStore
+from trionode.context.replicas import GroupWrite, Replica, ReplicaStore
 from trionode.dag.delta import SignedDelta, VerifiedDelta, verify_wire
 from trionode.errors import ProtocolError, StorageError
 from trionode.sdk.app import App
 from trionode.sdk.blobs import BlobLoadNeeded
 from trionode.sdk.errors import AppError
+from trionode.store.lmdb_store import WriteOp
 from trionode.store.store import WriteBatch
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,19 @@ class _Job:
     def fail(self, error: BaseException) -> None:
         self.error = error
         self.done.set()
+
+
+@attrs.frozen
+class _Staged:
+    """A job staged in the batch: its answer, what to announce once durable, its events,
+    and the span of the batch's ops it added."""
+
+    job: _Job
+    answer: object
+    after: Callable[[], None] | None
+    changes: list[Change]
+    start: int
+    end: int
 
 
 @attrs.define
@@ -319,22 +333,22 @@ class DeltaPipeline:
     async def _run_batch(self, jobs: list[_Job]) -> list[_Job]:
         """Stage `jobs`, commit them in one write, answer them; returns the jobs left for
         the next batch (those of a replica an error left unusable)."""
-        batch = WriteBatch()
+        batch = GroupWrite()
         held: dict[bytes, Replica] = {}
         fresh: dict[bytes, dict[bytes, SignedDelta]] = {}
         unusable: set[bytes] = set()
-        carry: list[_Job] = []
-        staged: list[tuple[_Job, object, Callable[[], None] | None]] = []
+        retry: set[_Job] = set()
+        staged: list[_Staged] = []
         failed: list[tuple[_Job, BaseException]] = []
-        changes: list[Change] = []
         events: list[ContextEvent] | None = None
         durable = False
         try:
             for job in jobs:
                 if job.context_id in unusable:
-                    carry.append(job)
+                    retry.add(job)
                     continue
                 progress = Progress()
+                start = len(batch.ops)
                 try:
                     replica = await self._hold(job.context_id, held)
                     answer, after = await self._stage(
@@ -345,9 +359,15 @@ class DeltaPipeline:
                     if progress.mutated:
                         unusable.add(job.context_id)
                         log.warning("%s needs a reload: %s", b58(job.context_id), exc)
+                        # (Its ops may be half staged: they go, and so do those of the
+                        # context's earlier jobs, whose record is yet to be refreshed from
+                        # a replica this job has now changed: they run again next batch.)
+                        del batch.ops[start:]
+                        staged = self._unstage(staged, job.context_id, batch, retry)
                     continue
-                staged.append((job, answer, after))
-                changes += progress.changes
+                staged.append(_Staged(job, answer, after, progress.changes, start, len(batch.ops)))
+            batch.finish()  # the records of the replicas data deltas changed: once each
+            changes = self._settled_changes(staged, held)
             if changes:
                 events = self._number_events(changes, batch)
             if len(batch):
@@ -355,7 +375,7 @@ class DeltaPipeline:
                     await self._replicas.store.write(batch)
                 except StorageError as write_error:
                     unusable.update(held)
-                    failed.extend((job, write_error) for job, _, _ in staged)
+                    failed.extend((each.job, write_error) for each in staged)
                     staged = []
             durable = True
         finally:
@@ -367,14 +387,54 @@ class DeltaPipeline:
                 self._hub.settle(events, durable=durable and bool(staged))
         for job, error in failed:
             job.fail(error)
-        for job, answer, after in staged:
-            if after is not None:
-                after()  # announce (subscribers, gossip) as soon as it is durable
-            job.succeed(answer)
+        for each in staged:
+            if each.after is not None:
+                each.after()  # announce (subscribers, gossip) as soon as it is durable
+            answer = each.answer
+            if isinstance(answer, CallResult):
+                # The root hash once the call is durable (the batch's: see `GroupWrite`).
+                answer = attrs.evolve(answer, root_hash=held[each.job.context_id].tree.root_hash())
+            each.job.succeed(answer)
+        carry = [job for job in jobs if job in retry]
         self.stats.batches += 1
         self.stats.jobs += len(jobs) - len(carry)
         self.stats.largest = max(self.stats.largest, len(jobs) - len(carry))
         return carry
+
+    @staticmethod
+    def _unstage(
+        staged: list[_Staged], context_id: bytes, batch: GroupWrite, retry: set[_Job]
+    ) -> list[_Staged]:
+        """Take the jobs of `context_id` out of the batch, their ops too, to run again;
+        returns the staged jobs left (their spans of ops moved down)."""
+        kept: list[_Staged] = []
+        ops: list[WriteOp] = []
+        for each in staged:
+            if each.job.context_id == context_id:
+                retry.add(each.job)
+                continue
+            start = len(ops)
+            ops += batch.ops[each.start : each.end]
+            kept.append(attrs.evolve(each, start=start, end=len(ops)))
+        staged_end = staged[-1].end if staged else 0
+        batch.ops[:staged_end] = ops
+        batch.stale.pop(context_id, None)
+        return kept
+
+    @staticmethod
+    def _settled_changes(staged: list[_Staged], held: dict[bytes, Replica]) -> list[Change]:
+        """The staged jobs' events, each with the root hash and heads of its context once
+        the batch is durable (staging left the records of data deltas stale: `GroupWrite`)."""
+        final: dict[str, tuple[str, list[str]]] = {}
+        for context_id, replica in held.items():
+            record = replica.record
+            final[b58(context_id)] = (record.root_hash.hex(), [h.hex() for h in record.heads])
+        changes: list[Change] = []
+        for each in staged:
+            for change in each.changes:
+                root_hash, heads = final.get(change.context_id, (change.root_hash, change.heads))
+                changes.append(attrs.evolve(change, root_hash=root_hash, heads=heads))
+        return changes
 
     def _number_events(self, changes: list[Change], batch: WriteBatch) -> list[ContextEvent]:
         """The batch's events for subscribers, numbered now and stored in `batch` with the
@@ -416,11 +476,12 @@ class DeltaPipeline:
             return staged
         app = await self._running_app(replica, work.method)
         result = work.caller.run(self._writer.run_call, replica, app, work.method, work.args_json)
+        # (The root hash is the batch's, filled in once it is durable: `_run_batch`.)
         if not result.delta_records and not result.events:
-            return CallResult(result.result, None, replica.tree.root_hash()), None
+            return CallResult(result.result, None, b""), None
         progress.mutated = True
         delta, after = self._writer.stage_outcome(replica, result, batch, fresh, progress.changes)
-        return CallResult(result.result, delta.id, replica.tree.root_hash()), after
+        return CallResult(result.result, delta.id, b""), after
 
 
 def raise_not_member(context_id: bytes) -> None:

@@ -210,7 +210,7 @@ class DeltaProcessor:
 
             return Received([], offer.missing, refused=applying.refused), after_pending
         reverted = self.settle(applying)
-        stage_record(replica, batch)
+        stage_record(replica, batch, data_only=not applying.auth_changed and not reverted)
         applied = [delta_id for delta_id, _ in offer.ready]
         if reverted:
             progress.changes.append(verdicts_change(replica, reverted))
