@@ -465,11 +465,12 @@ def refresh_record(replica: Replica) -> None:
 
 
 class GroupWrite(WriteBatch):
-    """The delta processor's batch (`pipeline.py`): the record of a replica that only data
-    deltas changed (its root hash and heads; members and app change only by operations)
-    is refreshed and put once, by `finish`, not once per delta (issue #16: the root hash
-    and the record's encoding were a fifth of a call's CPU). Until then the replica's
-    record is stale; the processor holds the replica's lock meanwhile."""
+    """The delta processor's batch (`pipeline.py`): the state rows and the record of a
+    replica that only data deltas changed (its root hash and heads; members and app change
+    only by operations) are staged once, by `finish`, not once per delta (issue #16: the
+    root hash, the rows a kv `set` rewrites every time (its map's) and the record were a
+    fifth of a call's CPU). Until then the replica's record is stale and its rows are not
+    drained; the processor holds the replica's lock meanwhile."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -478,6 +479,7 @@ class GroupWrite(WriteBatch):
     def finish(self) -> None:
         """Refresh and put the deferred records (after every staged change)."""
         for replica in self.stale.values():
+            stage_state(replica, self)
             refresh_record(replica)
             self.put(CONTEXTS, replica.context_id, replica.record)
         self.stale.clear()
@@ -485,12 +487,12 @@ class GroupWrite(WriteBatch):
 
 def stage_record(replica: Replica, batch: WriteBatch, *, data_only: bool = False) -> None:
     """Stage the changed state rows and the refreshed record: the end of every change.
-    `data_only`: the change holds no operation, so in a `GroupWrite` the record waits for
-    its `finish`."""
-    stage_state(replica, batch)
+    `data_only`: the change holds no operation, so in a `GroupWrite` both wait for its
+    `finish`."""
     if data_only and isinstance(batch, GroupWrite):
         batch.stale[replica.context_id] = replica
         return
+    stage_state(replica, batch)
     refresh_record(replica)
     batch.put(CONTEXTS, replica.context_id, replica.record)
 
