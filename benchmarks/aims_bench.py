@@ -25,7 +25,8 @@ import tempfile
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+from unittest.mock import patch
 
 import lmdb
 import trio
@@ -39,14 +40,22 @@ from benchmarks.sync_bench import (
     RAW_TOPIC,
     _Arrivals,
     _bench_bundle,
+    _items,
     _propagation,
+    _read_hub,
+    _set_many,
+    _share,
+    _wait_converged,
     _wait_raw_mesh,
     loopback_mesh,
     propagation_rows,
 )
 from benchmarks.transport_baseline import _percentile
+from trionode.context.pipeline import DeltaPipeline
+from trionode.context.replication import Replicator
 from trionode.net.events import GossipMessage
 from trionode.node import Node
+from trionode.store.store import AsyncStore
 
 DELTA_BYTES: Final = 400
 """About one propagated delta's wire size (the propagation row logs the exact one)."""
@@ -62,6 +71,7 @@ async def run(*, quick: bool) -> list[Row]:
         rows += await _byte_rows(calls, base / "bytes")
         writes, raw = await _propagation(rounds, base / "propagation", _bench_bundle(base / "b"))
         floor = await _gossip_then_commit(rounds, base / "floor")
+        print(await _propagation_stages(rounds, base / "stages", _bench_bundle(base / "b2")))
     return [
         *rows,
         *propagation_rows(writes, raw),
@@ -104,6 +114,95 @@ async def _gossip_then_commit(rounds: int, base: Path) -> list[float]:
         for env in envs:
             env.close()
     return latencies
+
+
+_STAGES: Final = (
+    ("gossip message reaches its replicator", "arrived"),
+    ("verified, queued for the delta processor", "queued"),
+    ("the delta processor takes it (its batch starts)", "batch"),
+    ("staged: decrypted, authorised, applied, rows encoded", "commit"),
+    ("committed (one LMDB transaction, fsync)", "durable"),
+    ("shown to subscribers (the hub event)", "shown"),
+)
+
+
+async def _propagation_stages(rounds: int, base: Path, bundle: Path) -> str:
+    """Where the time goes from A's durable write to the last of the 3 receivers showing
+    it: each stage's p50 on that last receiver, in ms after A's call returned (the stages
+    are timed by wrapping the receive path's methods, which adds a little to each)."""
+    marks: dict[tuple[int, str], float] = {}
+    owner: dict[int, int] = {}
+
+    def mark(of: object, stage: str) -> None:
+        who = owner.get(id(of))
+        if who is not None and (who, stage) not in marks:
+            marks[(who, stage)] = time.perf_counter()
+
+    on_gossip, send_job = Replicator.on_gossip, DeltaPipeline._send_job  # noqa: SLF001
+    run_batch, write = DeltaPipeline._run_batch, AsyncStore.write  # noqa: SLF001
+
+    async def arrived(self: Replicator, message: GossipMessage) -> None:
+        mark(self, "arrived")
+        await on_gossip(self, message)
+
+    async def queued(self: DeltaPipeline, job: Any) -> None:
+        await send_job(self, job)
+        mark(self, "queued")
+
+    async def batch(self: DeltaPipeline, jobs: Any) -> Any:
+        mark(self, "batch")
+        return await run_batch(self, jobs)
+
+    async def committed(self: AsyncStore, ops: Any) -> None:
+        mark(self, "commit")
+        await write(self, ops)
+        mark(self, "durable")
+
+    per_stage: dict[str, list[float]] = {stage: [] for _, stage in _STAGES}
+    with (
+        patch.object(Replicator, "on_gossip", arrived),
+        patch.object(DeltaPipeline, "_send_job", queued),
+        patch.object(DeltaPipeline, "_run_batch", batch),
+        patch.object(AsyncStore, "write", committed),
+        trio.fail_after(120 + rounds),
+    ):
+        async with AsyncExitStack() as stack:
+            nodes = await loopback_mesh(stack, base)
+            context = await _share(nodes, bundle)
+            await _wait_converged(nodes, context)
+            for i, node in enumerate(nodes):
+                for part in (node.replicator, node.contexts.pipeline, node.store):
+                    owner[id(part)] = i
+            applied = _Arrivals(NODES - 1)
+            async with trio.open_nursery() as readers:
+                for node in nodes[1:]:
+                    readers.start_soon(_read_hub, node, context, applied)
+                await trio.testing.wait_all_tasks_blocked()
+                for r in range(rounds):
+                    delta_id = await _set_many(nodes[0], context, _items("stages", r, 1))
+                    marks.clear()  # (A's own marks are before this)
+                    started = time.perf_counter()
+                    await applied.last(delta_id)
+                    shown = applied.seen[delta_id]
+                    last = max(range(1, NODES), key=lambda i: marks.get((i, "durable"), 0.0))
+                    marks[(last, "shown")] = max(shown)
+                    for _, stage in _STAGES:
+                        if (last, stage) in marks:
+                            per_stage[stage].append(marks[(last, stage)] - started)
+                    await trio.testing.wait_all_tasks_blocked()  # (the next round starts idle)
+                readers.cancel_scope.cancel()
+    lines = [
+        f"write on A -> shown on the last of {NODES - 1} receivers, {rounds} rounds: p50 of "
+        "each stage on that receiver, ms after A's call returned (loadavg "
+        f"{os.getloadavg()[0]:.1f})"
+    ]
+    before = 0.0
+    for label, stage in _STAGES:
+        if per_stage[stage]:
+            at = _percentile(per_stage[stage], 0.5) * 1000
+            lines.append(f"  {label:<54} {at:7.2f}   (+{at - before:5.2f})")
+            before = at
+    return "\n".join(lines)
 
 
 def _open_envs(base: Path, n: int) -> list[lmdb.Environment]:
