@@ -147,3 +147,55 @@ def test_paths_chain_root_most_first_without_reference_cycles() -> None:
     assert garbage == 0
     with tree.reader() as tx:
         assert tx.field("m", spec)["k3"]["x3"].get() == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from([b"a", b"b"]), st.integers(0, 400), st.integers(0, 99)),
+        max_size=40,
+    ),
+    pos=st.integers(0, 99),
+    writer=st.sampled_from([b"a", b"b", b"c"]),
+)
+def test_a_keystroke_takes_the_ids_and_places_of_the_general_code(
+    ops: list[tuple[bytes, int, int]], pos: int, writer: bytes
+) -> None:
+    """`insert_one` (one value, no floor) builds the delta `insert_delta` builds, and a
+    one-element merge (`_add_one`) puts every element where a rebuilt order does. Ids are
+    drawn, not increasing, so an incoming element is often not the highest child of its
+    reference (the shortcut's own case) and often is (the other placement)."""
+    used: set[int] = set()
+
+    def stamp_for(node: bytes, time: int) -> Timestamp:
+        while time in used:
+            time += 1
+        used.add(time)
+        return Timestamp(T0 + time, node)
+
+    state = VectorState()
+    assert state.visible_len() == 0  # builds the index: merges below update it in place
+    for node, time, where in ops:
+        if where % 4 == 0 and len(state):
+            delta = state.delete_delta(where % len(state), 1, stamp_for(node, time))
+        else:
+            at = where % (len(state) + 1)
+            delta = state.insert_delta(
+                at, [bytes([where])], lambda n=node, t=time: stamp_for(n, t), writer=node
+            )
+        assert state.merge(delta)
+        used.update(e.time - T0 for e in delta.elements)  # a run's ids skip the stamps
+        rebuilt = VectorState(state.elements)
+        assert state.order() == rebuilt.order()
+        assert state.visible_ids() == rebuilt.visible_ids()
+    at = pos % (len(state) + 1)
+    fresh = [stamp_for(writer, 1_000 + k) for k in range(2)]
+    general = state.insert_delta(at, [b"x"], iter(fresh).__next__, writer=writer)
+    one, run = state.insert_one(at, b"x", iter(fresh).__next__, writer)
+    assert one == general
+    [eid] = one.elements
+    assert (run == eid) if eid not in fresh else run is None
+    with pytest.raises(IndexError):
+        state.insert_one(len(state) + 1, b"x", iter(fresh).__next__, writer)
+    with pytest.raises(IndexError):
+        state.insert_one(-1, b"x", iter(fresh).__next__, writer)

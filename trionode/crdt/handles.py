@@ -420,8 +420,13 @@ class _Sequence(Handle, Generic[S]):
     def _insert(self, pos: int, values: list[Any]) -> None:
         state, floor = self._base()
         tx = self._tx
-        delta = state.insert_delta(pos, values, tx.stamp, floor, writer=tx.writer)
-        tx.witness(delta.max_id())  # ids continuing a run are not fresh clock stamps
+        if floor is None and len(values) == 1:  # a keystroke
+            delta, run = state.insert_one(pos, values[0], tx.stamp, tx.writer)
+            if run is not None:
+                tx.witness(run)  # an id continuing a run is not a fresh clock stamp
+        else:
+            delta = state.insert_delta(pos, values, tx.stamp, floor, writer=tx.writer)
+            tx.witness(delta.max_id())  # ids continuing a run are not fresh clock stamps
         tx.write(self._path, delta)
 
     def _delete(self, pos: int, count: int) -> None:

@@ -259,9 +259,15 @@ class OrderIndex:
     # -- updating ------------------------------------------------------------------------
 
     def insert_after(
-        self, anchor: Timestamp | None, eid: Timestamp, is_live: Callable[[Timestamp], bool]
+        self,
+        anchor: Timestamp | None,
+        eid: Timestamp,
+        is_live: Callable[[Timestamp], bool],
+        *,
+        live: bool | None = None,
     ) -> None:
-        """Place `eid` right after `anchor` (None: at the front)."""
+        """Place `eid` right after `anchor` (None: at the front); `live`: whether `eid` is
+        visible, when the caller knows (None: ask `is_live`)."""
         if anchor is None:
             block, index = self._blocks[0], 0
         else:
@@ -273,7 +279,7 @@ class OrderIndex:
             else:
                 block, index = self._locate(anchor)
                 index += 1
-        self._insert(block, index, eid, is_live)
+        self._insert(block, index, eid, is_live, live_known=live)
 
     def insert_before(
         self, anchor: Timestamp, eid: Timestamp, is_live: Callable[[Timestamp], bool]
@@ -317,13 +323,19 @@ class OrderIndex:
         return block, ids.index(eid)
 
     def _insert(
-        self, block: _Block, index: int, eid: Timestamp, is_live: Callable[[Timestamp], bool]
+        self,
+        block: _Block,
+        index: int,
+        eid: Timestamp,
+        is_live: Callable[[Timestamp], bool],
+        *,
+        live_known: bool | None = None,
     ) -> None:
         ids = block.ids
         ids.insert(index, eid)
         self._where[eid] = block.serial
         self._hint = (block, index)
-        if is_live(eid):
+        if is_live(eid) if live_known is None else live_known:
             live = block.live
             guess = self._live_hint
             # Typing: the live predecessor is usually the element placed last, right before.

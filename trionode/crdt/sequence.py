@@ -156,13 +156,18 @@ class SequenceState(Generic[V]):
         """Join `other` into self; returns whether anything changed."""
         if other is self or not other._elements:
             return False
-        bulk = len(other._elements) > _BULK_MERGE
+        theirs = other._elements
+        if len(theirs) == 1:
+            [(eid, incoming)] = theirs.items()
+            if eid not in self._elements:
+                self._add_one(eid, incoming)
+                return True
+        bulk = len(theirs) > _BULK_MERGE
         if bulk:
             self._index = None
         changed = False
         # Ascending ids put references before the elements inserted after them (HLC
         # causality), so incremental placement covers the common case.
-        theirs = other._elements
         for eid in sorted(theirs) if len(theirs) > 1 else theirs:
             incoming = theirs[eid]
             mine = self._elements.get(eid)
@@ -192,6 +197,36 @@ class SequenceState(Generic[V]):
             self._lists = None
             self._floored = None
         return changed
+
+    def _add_one(self, eid: Timestamp, incoming: Element[V]) -> None:
+        """`merge` of one element this state lacks (every keystroke's delta), with
+        `_place` inline. A local insert's id is above every id here, so it is the highest
+        child of its reference: appended to the siblings and placed right after the
+        reference, the index's cursor hint finding it when typing."""
+        self._elements[eid] = incoming
+        after = incoming[0]
+        children = self._children
+        siblings = children.get(after)
+        if siblings is None:
+            children[after] = [eid]
+        elif siblings[-1] < eid:
+            siblings.append(eid)
+        else:
+            insort(siblings, eid)
+        self._lists = None
+        self._floored = None
+        index = self._index
+        if index is None:
+            return
+        if eid in children:  # it is the missing reference of earlier arrivals
+            self._index = None
+        elif siblings is None or siblings[-1] is eid:
+            if after == HEAD:
+                index.insert_after(None, eid, self._is_live, live=incoming[3] is None)
+            elif after in index:
+                index.insert_after(after, eid, self._is_live, live=incoming[3] is None)
+        else:
+            self._place(eid)
 
     def join(self, other: SequenceState[V]) -> Self:
         result = self.copy()
@@ -299,6 +334,33 @@ class SequenceState(Generic[V]):
             new[eid] = _element((after, value, None, None))
             after = eid
         return type(self)(new)
+
+    def insert_one(
+        self, pos: int, value: V, stamp: Callable[[], Timestamp], writer: bytes | None
+    ) -> tuple[Self, Timestamp | None]:
+        """`insert_delta(pos, [value], stamp, writer=writer)` without a floor (a keystroke),
+        with the id the caller must witness: the new id if it continues a run, else None
+        (a clock stamp needs no witnessing)."""
+        index = self._index
+        if index is None:
+            index = self._ordered()
+        length = index.live_len()
+        if not 0 <= pos <= length:
+            raise IndexError(f"insert position {pos} out of range 0..{length}")
+        after = index.live_at(pos - 1) if pos else HEAD
+        run: Timestamp | None = None
+        if after[1] == writer and after not in self._children and after[0] < NTP64_MAX:
+            run = new_stamp((after[0] + 1, writer))
+            if run in self._elements:
+                run = None
+        eid = stamp() if run is None else run
+        new: Self = type(self).__new__(type(self))
+        new._elements = {eid: _element((after, value, None, None))}
+        new._children = {after: [eid]}
+        new._index = None
+        new._lists = None
+        new._floored = None
+        return new, run
 
     def max_id(self) -> Timestamp | None:
         """The highest element id (None when empty)."""

@@ -252,9 +252,16 @@ class Transaction:
         written with, or none to take a fresh one (after the body's own stamps, so that
         `added` bounds everything written under it).
         """
-        if self._clock is None or self._closed:
+        clock = self._clock
+        if clock is None or self._closed:
             self._check_writable()
-        touch = stamp if stamp is not None else self.stamp()
+        assert clock is not None  # checked above
+        touch = stamp if stamp is not None else clock.now(self._physical)
+        if not path.ancestors and path.parent is not None:  # a top-level field: no loop
+            self._join(
+                Entity(ROOT_ID, path.name, path.kind, added=touch, body=body, known_id=path.id)
+            )
+            return
         for node in path.chain():
             parent = node.parent
             assert parent is not None  # chain() never yields the root
@@ -319,7 +326,8 @@ class Transaction:
         if self._clock is not None and self._tree.generation != self._generation:
             self.abort()
             raise TransactionError("another local transaction committed first; retry")
-        deltas = self.deltas()
+        pending = self._pending
+        deltas = list(pending.values()) if len(pending) == 1 else self.deltas()
         self._closed = True
         if deltas:
             self._tree.apply(deltas, local=True)
