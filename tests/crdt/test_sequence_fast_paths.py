@@ -10,6 +10,7 @@ right after the element placed last, is in `test_order_index.py`.)
 from __future__ import annotations
 
 import gc
+from functools import partial
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -181,7 +182,7 @@ def test_a_keystroke_takes_the_ids_and_places_of_the_general_code(
         else:
             at = where % (len(state) + 1)
             delta = state.insert_delta(
-                at, [bytes([where])], lambda n=node, t=time: stamp_for(n, t), writer=node
+                at, [bytes([where])], partial(stamp_for, node, time), writer=node
             )
         assert state.merge(delta)
         used.update(e.time - T0 for e in delta.elements)  # a run's ids skip the stamps
