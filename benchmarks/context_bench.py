@@ -180,6 +180,7 @@ def _trionode_text(trace: Sequence[Edit]) -> tuple[float, str, int]:
     """(seconds, final text, encoded bytes): one transaction per keystroke."""
     tree = StateTree()
     clock = HybridClock(MEMBER)
+    gc.collect()  # start without debt: see `_vector_rows`
     started = time.perf_counter()
     for pos, char in trace:
         _keystroke(tree, clock, pos, char)
@@ -209,6 +210,7 @@ def _pycrdt_text(trace: Sequence[Edit]) -> tuple[float, str, int]:
     doc: pycrdt.Doc[pycrdt.Text] = pycrdt.Doc()
     body = pycrdt.Text()
     doc["body"] = body
+    gc.collect()  # start without debt: see `_vector_rows`
     started = time.perf_counter()
     for pos, char in trace:
         if char is None:
@@ -238,6 +240,7 @@ def _trionode_vector(edits: Sequence[tuple[int, int | None]]) -> tuple[float, li
     tree = StateTree()
     clock = HybridClock(MEMBER)
     spec = vector(int)
+    gc.collect()  # start without debt: see `_vector_rows`
     started = time.perf_counter()
     for pos, value in edits:
         with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
@@ -256,6 +259,7 @@ def _pycrdt_vector(edits: Sequence[tuple[int, int | None]]) -> tuple[float, list
     doc: pycrdt.Doc[pycrdt.Array[int]] = pycrdt.Doc()
     items: pycrdt.Array[int] = pycrdt.Array()
     doc["items"] = items
+    gc.collect()  # start without debt: see `_vector_rows`
     started = time.perf_counter()
     for pos, value in edits:
         if value is None:
@@ -267,6 +271,10 @@ def _pycrdt_vector(edits: Sequence[tuple[int, int | None]]) -> tuple[float, list
 
 
 def _vector_rows(ops: int, *, long_typing: int) -> list[Row]:
+    """Both sides of every trace row start after a full `gc.collect()`: building the traces
+    leaves tens of thousands of young objects, and the collector would otherwise charge
+    their promotion to whichever side runs first (a full collection of the whole bench
+    process costs ~100 ms, a fifth of a 20,000-edit run)."""
     rows: list[Row] = []
     traces = [
         ("typing", editing_trace(ops)),

@@ -162,8 +162,9 @@ def test_paths_chain_root_most_first_without_reference_cycles() -> None:
 def test_a_keystroke_takes_the_ids_and_places_of_the_general_code(
     ops: list[tuple[bytes, int, int]], pos: int, writer: bytes
 ) -> None:
-    """`insert_one` (one value, no floor) builds the delta `insert_delta` builds, and a
-    one-element merge (`_add_one`) puts every element where a rebuilt order does. Ids are
+    """`insert_one` (one value, no floor) builds the delta `insert_delta` builds, a
+    one-element delete builds the general delete's, and a one-element merge (`_add_one`,
+    or a tombstone) puts every element where a rebuilt order does. Ids are
     drawn, not increasing, so an incoming element is often not the highest child of its
     reference (the shortcut's own case) and often is (the other placement)."""
     used: set[int] = set()
@@ -200,3 +201,11 @@ def test_a_keystroke_takes_the_ids_and_places_of_the_general_code(
         state.insert_one(len(state) + 1, b"x", iter(fresh).__next__, writer)
     with pytest.raises(IndexError):
         state.insert_one(-1, b"x", iter(fresh).__next__, writer)
+    if len(state):  # a backspace's delta: the general code's, one element
+        at = pos % len(state)
+        gone = state.visible_ids()[at]
+        expected = VectorState({gone: Element(state.elements[gone].after, None, None, fresh[0])})
+        assert state.delete_delta(at, 1, fresh[0]) == expected
+    for bad in (-1, len(state)):
+        with pytest.raises(IndexError):
+            state.delete_delta(bad, 1, fresh[0])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from unittest.mock import patch
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from trionode.crdt import HybridClock, StateTree, encode_entity, text
+from trionode.crdt import Entity, HybridClock, StateTree, encode_entity, text
+from trionode.crdt.canonical import canonical
+from trionode.crdt.encoding import decode_journal
 from trionode.crdt.rows import Row
 from trionode.errors import RemoteProtocolError
 
@@ -178,7 +182,7 @@ def test_version_1_journal_rows_still_load_and_new_rows_follow_them() -> None:
     keystrokes(loaded, 41, 40)
     new_rows = [v for k, v in store.items() if len(k) == 36 and v not in old_rows]
     assert len(new_rows) == 40
-    assert all(v[1] == 2 for v in new_rows)  # [2, added, removed, body]
+    assert all(v[1] == 4 for v in new_rows)  # [4, added time, added writer#, removed, body]
     assert sum(map(len, new_rows)) < sum(map(len, old_rows)) - 32 * 40  # no parent, name
     again = StateTree.from_rows(store.items())
     assert records(again) == records(loaded)
@@ -196,13 +200,84 @@ def test_damaged_journal_rows_are_refused() -> None:
         _write(store, tree.drain_rows())
     ((key, row),) = ((k, v) for k, v in store.items() if len(k) == 36)
     base = next(k for k in store if len(k) == 32)
-    assert row[1] == 2
+    assert row[:3] == b"\x95\x04\xcf"  # [4, added time (u64), added writer#, ...]
+    writer_at = 11  # after the version and the 9-byte time: the writer index, a fixint
+    assert row[writer_at] == 1  # the body lists HEAD's empty writer first, then b"a"
     for bad in (
         row[:1] + b"\x03" + row[2:],  # an unknown version
+        row[:1] + b"\x02" + row[2:],  # version 2's tag on version 4's shape
         row[:-1],  # cut short
         row[:-1] + b"\xc3",  # a body that is not a Text's
+        row[:writer_at] + b"\x02" + row[writer_at + 1 :],  # a writer the body does not list
+        row[:writer_at] + b"\xff" + row[writer_at + 1 :],  # a negative writer index
+        row[: writer_at + 2] + b"\xc0",  # no body: no writer list to refer to
     ):
         with pytest.raises(RemoteProtocolError):
             StateTree.from_rows([(base, store[base]), (key, bad)])
     with pytest.raises(RemoteProtocolError):  # a compact row cannot stand without its base
         StateTree.from_rows([(key, row)])
+
+
+def test_version_2_journal_rows_still_load_and_version_4_rows_say_the_writer_once() -> None:
+    """Journal rows of version 2 (`[2, added, removed, body]`, the writer id in `added`
+    and again in the body) load beside version 4 rows, which refer to the body's writer
+    list instead: 32 bytes less per keystroke for a 32-byte member id, same records."""
+    writer = b"w" * 32
+    clock = HybridClock(writer)
+    store: dict[bytes, bytes] = {}
+    tree = StateTree()
+
+    def keystrokes(on: StateTree, start: int, count: int) -> list[bytes]:
+        journal = []
+        for i in range(start, start + count):
+            with on.begin(clock, T0 + i) as tx:
+                body = tx.field("t", text())
+                if i % 5 == 4:
+                    body.delete(len(body) // 2, 1)
+                else:
+                    body.insert(len(body) // 2, "v")
+                tx.commit()
+            rows = on.drain_rows()
+            journal += [v for k, v in rows if len(k) == 36 and v is not None]
+            _write(store, rows)
+        return journal
+
+    keystrokes(tree, 0, 1)
+    with patch("trionode.crdt.rows.encode_journal", _encode_journal_v2):
+        old = keystrokes(tree, 1, 40)
+    assert all(v[1] == 2 for k, v in store.items() if len(k) == 36)
+    loaded = StateTree.from_rows(store.items())
+    assert records(loaded) == records(tree)
+    new = keystrokes(loaded, 41, 40)
+    assert len(old) == len(new) == 40
+    assert all(row.count(writer) == 2 for row in old)
+    assert all(row[1] == 4 and row.count(writer) == 1 for row in new)
+    [base] = loaded.entities()
+    for row in new:  # the same delta as version 2 wrote it: the id twice
+        assert len(_encode_journal_v2(decode_journal(row, base))) >= len(row) + 32
+    again = StateTree.from_rows(store.items())
+    assert records(again) == records(loaded)
+    assert again.root_hash() == loaded.root_hash()
+
+
+def _encode_journal_v2(delta: Entity) -> bytes:
+    """A journal row as version 2 wrote it."""
+    body = _NIL if delta.body is None else delta.body.canonical()
+    return canonical((2, delta.added, delta.removed, msgspec.Raw(body)))
+
+
+_NIL = b"\xc0"
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200), head=st.sampled_from([b"\x95\x04", b"\x94\x02", b""]))
+def test_hostile_journal_rows_are_typed_errors(data: bytes, head: bytes) -> None:
+    """Whatever a journal row holds, decoding it gives a record or `RemoteProtocolError`
+    (a version 1 row naming another entity: `ValueError`), never anything else."""
+    tree = StateTree()
+    with tree.begin(HybridClock(b"a"), T0) as tx:
+        tx.field("t", text()).insert(0, "x")
+        tx.commit()
+    [base] = tree.entities()
+    with contextlib.suppress(RemoteProtocolError, ValueError):
+        decode_journal(head + data, base)

@@ -25,6 +25,7 @@ hidden data, never changes a hash.
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, Final, Generic, TypeVar
 
@@ -48,10 +49,17 @@ from trionode.crdt.sequence import (
 from trionode.errors import RemoteProtocolError
 
 FORMAT_VERSION: Final = 1
-JOURNAL_VERSION: Final = 2
-"""Journal rows of a Text/Vector (`rows.py`) are `[2, added, removed, body]`: the record's
-parent, name and kind are its base row's. Version 1 journal rows were whole records
-(`encode_entity`, which starts with FORMAT_VERSION 1) and still load."""
+JOURNAL_VERSION: Final = 4
+"""Journal rows of a Text/Vector (`rows.py`) are `[4, added time, added writer#, removed,
+body]`: the record's parent, name and kind are its base row's, and the writer of `added`
+is an index into the body's own writer list (a keystroke's delta names its writer there
+already, so the row no longer holds that id twice: 32 bytes of a 32-byte member id). A
+delta whose `added` writer is not in its body's list (or that has no body) is written as
+version 2, `[2, added, removed, body]`, which still loads, as do version 1 rows (whole
+records, `encode_entity`, which starts with FORMAT_VERSION 1). (Version 3 is the base
+row's, `compact.ROW_VERSION`.)"""
+_JOURNAL_V2: Final = 2
+_JOURNAL_HEAD: Final = bytes([0x95, JOURNAL_VERSION])  # fixarray of 5, then the version
 MAX_ENTITY_BYTES: Final = 4 * 1024 * 1024
 """Largest encoded record we accept: comfortably inside one 8 MiB frame."""
 MAX_SEQUENCE_ELEMENTS: Final = MAX_ENTITY_BYTES // 8
@@ -76,6 +84,8 @@ _JournalWire = tuple[int, _Stamp, _Stamp, msgspec.Raw]
 _record_decoder: Final = msgspec.msgpack.Decoder(_RecordWire)
 _KINDS: Final = {int(kind): kind for kind in Kind}
 _journal_decoder: Final = msgspec.msgpack.Decoder(_JournalWire)
+_journal4_decoder: Final = msgspec.msgpack.Decoder(tuple[int, int, int, _Stamp, msgspec.Raw])
+_body_writers_decoder: Final = msgspec.msgpack.Decoder(tuple[_Writers, msgspec.Raw])
 _register_decoder: Final = msgspec.msgpack.Decoder(_RegisterWire)
 _counter_decoder: Final = msgspec.msgpack.Decoder(_CounterWire)
 _text_decoder: Final = msgspec.msgpack.Decoder(_TextWire | None)
@@ -138,10 +148,16 @@ def decode_entity(
 
 
 def encode_journal(delta: Entity) -> bytes:
-    """A journal row: `delta`'s stamps and body, without what its base row already says."""
-    return canonical(
-        (JOURNAL_VERSION, delta.added, delta.removed, msgspec.Raw(_body_wire(delta.body)))
-    )
+    """A journal row: `delta`'s stamps and body, without what its base row already says
+    (see `JOURNAL_VERSION`)."""
+    added = delta.added
+    body = delta.body
+    if added is not None and isinstance(body, SequenceState) and not body.is_empty():
+        writers, runs = body.wire()
+        k = bisect_left(writers, added.node)
+        if k < len(writers) and writers[k] == added.node:
+            return canonical((JOURNAL_VERSION, added.time, k, delta.removed, (writers, runs)))
+    return canonical((_JOURNAL_V2, added, delta.removed, msgspec.Raw(_body_wire(body))))
 
 
 def decode_journal(
@@ -155,6 +171,8 @@ def decode_journal(
     """
     if len(data) > max_size:
         raise RemoteProtocolError(f"journal row of {len(data)} bytes exceeds {max_size}")
+    if data[:2] == _JOURNAL_HEAD:
+        return _decode_journal4(data, base)
     try:
         version, added, removed, raw = _journal_decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError):
@@ -182,6 +200,41 @@ def decode_journal(
         raise RemoteProtocolError("bad journal row: nested too deeply") from exc
 
 
+def _decode_journal4(data: bytes | bytearray | memoryview, base: Entity) -> Entity:
+    """A version 4 journal row (see `JOURNAL_VERSION`) of `base`'s entity."""
+    try:
+        _, time, writer, removed, raw = _journal4_decoder.decode(data)
+        writers, _ = _body_writers_decoder.decode(raw)  # (the body itself is checked below)
+        added = Timestamp(time, _listed(writers, writer))
+        _check_stamp(added)
+        _check_stamp(removed)
+        body = _decode_body(base.kind, bytes(raw), MAX_SEQUENCE_ELEMENTS)
+        return Entity(
+            base.parent,
+            base.name,
+            base.kind,
+            added=added,
+            removed=removed,
+            body=body,
+            known_id=base.id,
+        )
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise RemoteProtocolError(f"bad journal row: {exc}") from exc
+    except RecursionError as exc:
+        raise RemoteProtocolError("bad journal row: nested too deeply") from exc
+
+
+def _check_journal_version(version: int) -> None:
+    if version != _JOURNAL_V2:  # (version 4 rows are told apart by their first bytes)
+        raise ValueError(f"unknown journal row version {version}")
+
+
+def _listed(writers: list[bytes], index: int) -> bytes:
+    if not 0 <= index < len(writers):
+        raise ValueError("journal row names a writer its body does not list")
+    return writers[index]
+
+
 def decode_entities(
     records: Iterable[bytes | bytearray | memoryview], *, max_elements: int = MAX_BATCH_ELEMENTS
 ) -> list[Entity]:
@@ -205,11 +258,6 @@ def _not_nil(value: T | None) -> T:
     if value is None:  # only reachable through a non-canonical nil
         raise ValueError("body must be nil or a value")
     return value
-
-
-def _check_journal_version(version: int) -> None:
-    if version != JOURNAL_VERSION:
-        raise ValueError(f"unknown journal row version {version}")
 
 
 def _kind(value: int) -> Kind:

@@ -404,14 +404,20 @@ class _Sequence(Handle, Generic[S]):
 
     def _base(self) -> tuple[S, Timestamp | None]:
         """`_current`, inline (once per edit), with an empty state for none."""
-        found = self._tx.resolve(self._path)
-        record = found.entity
+        path = self._path
+        if path.ancestors:
+            found = self._tx.resolve(path)
+            record = found.entity
+            floor = found.floor
+        else:  # a top-level field: its own removal is the whole floor (`resolve`, inline)
+            record = self._tx.get(path.id)
+            floor = None if record is None else record.removed
         state_type = self._state_type
-        if record is not None and record.kind == self._path.kind:
+        if record is not None and record.kind == path.kind:
             body = record.body
             if type(body) is state_type:
-                return body, found.floor
-        return state_type(), found.floor
+                return body, floor
+        return state_type(), floor
 
     def __len__(self) -> int:
         state, floor = self._read(self._state_type)

@@ -9,9 +9,10 @@ a *journal*:
     entity_id               -> the record as of the last rewrite
     entity_id ‖ seq (u32)   -> encode_journal(delta-states joined since then)
 
-A journal row (`JOURNAL_VERSION` 2) holds the delta's stamps and body only; its parent,
-name and kind are the base row's. Rows written before that (version 1) hold whole records
-and load alongside new ones.
+A journal row (`JOURNAL_VERSION` 4) holds the delta's stamps and body only; its parent,
+name and kind are the base row's, and its writer id is said once (in the body's writer
+list, which `added` refers to). Rows written before that (version 2: the same without the
+reference; version 1: whole records) load alongside new ones.
 
 Reading joins the base and its journal rows. Join is idempotent, commutative and
 associative and the record is the join of everything applied to it, so the result is the

@@ -159,8 +159,19 @@ class SequenceState(Generic[V]):
         theirs = other._elements
         if len(theirs) == 1:
             [(eid, incoming)] = theirs.items()
-            if eid not in self._elements:
+            mine = self._elements.get(eid)
+            if mine is None:
                 self._add_one(eid, incoming)
+                return True
+            if (  # a one-element delete (a backspace): `join_element`'s result, inline
+                mine[3] is None and incoming[3] is not None and incoming[0] == mine[0]
+            ):
+                self._elements[eid] = _element((mine[0], None, None, incoming[3]))
+                index = self._index
+                if index is not None and eid in index:
+                    index.hide(eid)
+                self._lists = None
+                self._floored = None
                 return True
         bulk = len(theirs) > _BULK_MERGE
         if bulk:
@@ -354,13 +365,18 @@ class SequenceState(Generic[V]):
             if run in self._elements:
                 run = None
         eid = stamp() if run is None else run
+        return self._one(eid, _element((after, value, None, None))), run
+
+    def _one(self, eid: Timestamp, element: Element[V]) -> Self:
+        """A one-element state of this type (a keystroke's delta), without `__init__`'s
+        general work."""
         new: Self = type(self).__new__(type(self))
-        new._elements = {eid: _element((after, value, None, None))}
-        new._children = {after: [eid]}
+        new._elements = {eid: element}
+        new._children = {element[0]: [eid]}
         new._index = None
         new._lists = None
         new._floored = None
-        return new, run
+        return new
 
     def max_id(self) -> Timestamp | None:
         """The highest element id (None when empty)."""
@@ -370,6 +386,13 @@ class SequenceState(Generic[V]):
         self, pos: int, count: int, stamp: Timestamp, floor: Timestamp | None = None
     ) -> Self:
         """Tombstone `count` visible elements starting at `pos`."""
+        if floor is None and count == 1:  # a backspace, without the general lookups' calls
+            index = self._ordered()
+            length = index.live_len()
+            if not 0 <= pos < length:
+                raise IndexError(f"delete range {pos}+1 out of range 0..{length}")
+            eid = index.live_at(pos)
+            return self._one(eid, _element((self._elements[eid][0], None, None, stamp)))
         length = self.visible_len(floor)
         if pos < 0 or count < 0 or pos + count > length:
             raise IndexError(f"delete range {pos}+{count} out of range 0..{length}")
