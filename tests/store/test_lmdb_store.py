@@ -175,6 +175,7 @@ def _as_one_tree(path: Path, rows: dict[bytes, bytes], *, seal: LmdbStore | None
     with env.begin(write=True) as txn:
         meta = env.open_db(Column.META.value.encode(), txn=txn)
         txn.delete(b"delta-layout", db=meta)
+        txn.delete(b"store-layout", db=meta)
         delta = env.open_db(Column.DELTA.value.encode(), txn=txn)
         txn.drop(delta, delete=False)
         txn.drop(env.open_db(b"delta-log", txn=txn), delete=False)
@@ -236,3 +237,92 @@ def test_delta_values_are_laid_out_in_write_order(tmp_path: Path) -> None:
     finally:
         store.close()
         one_tree.close()
+
+
+def _as_layout_2(path: Path, rows: dict[bytes, bytes], *, seal: LmdbStore | None = None) -> None:
+    """Make `path` hold `rows` in its delta column as a layout-2 store did: every value,
+    empty ones too, in the log (sealed by `seal`'s cipher, if given), no `store-layout`."""
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(Column.META.value.encode(), txn=txn)
+        txn.delete(b"store-layout", db=meta)
+        index = env.open_db(Column.DELTA.value.encode(), txn=txn)
+        log = env.open_db(b"delta-log", txn=txn)
+        txn.drop(index, delete=False)
+        txn.drop(log, delete=False)
+        for seq, (key, value) in enumerate(rows.items(), start=1):
+            stored = value if seal is None else seal._seal(Column.DELTA, key, value)
+            txn.put(key, seq.to_bytes(8, "big"), db=index)
+            txn.put(seq.to_bytes(8, "big"), stored, db=log)
+    env.close()
+
+
+def _log_rows(path: Path) -> int:
+    env = lmdb.open(str(path), max_dbs=16)
+    try:
+        with env.begin() as txn:
+            return int(txn.stat(env.open_db(b"delta-log", txn=txn))["entries"])
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_empty_delta_values_of_a_layout_2_store_leave_the_log_when_opened(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    passphrase = "pw" if encrypted else None
+    rows = {hashlib.sha256(b"%d" % i).digest() * 2: b"body %d " % i * 60 for i in range(200)}
+    folded = sorted(rows)[::2]
+    rows |= dict.fromkeys(folded, b"")
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    _as_layout_2(tmp_path / "db", rows, seal=store)
+    store.close()
+    assert _log_rows(tmp_path / "db") == len(rows)
+    for _ in range(2):  # converted once; the second open finds layout 3
+        store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+        try:
+            assert store.scan(Column.DELTA) == sorted(rows.items())
+            assert store.get_many(Column.DELTA, folded) == [b""] * len(folded)
+            assert (
+                store.get(Column.DELTA, max(set(rows) - set(folded)))
+                == rows[max(set(rows) - set(folded))]
+            )
+        finally:
+            store.close()
+        assert _log_rows(tmp_path / "db") == len(rows) - len(folded)
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_emptying_delta_values_gives_their_pages_back(tmp_path: Path, encrypted: bool) -> None:
+    # Folding empties most delta rows of an old context: the bodies' pages must go with
+    # them (a value replaced in place never merges pages), and the ids must stay.
+    passphrase = "pw" if encrypted else None
+    store = LmdbStore.open(
+        tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF, initial_map_size=1 << 24
+    )
+    try:
+        keys = [hashlib.sha256(b"%d" % i).digest() * 2 for i in range(2000)]
+        for key in keys:
+            store.put(Column.DELTA, key, b"\x01" * 500)
+        full = store.stats().tree_bytes[Column.DELTA.value]
+        for i in range(0, len(keys), 100):
+            store.write([Put(Column.DELTA, key, b"") for key in keys[i : i + 100]])
+        # What stays is the index: a 64-byte key per id (~1/6 of the bodies' pages).
+        assert store.stats().tree_bytes[Column.DELTA.value] < 0.3 * full
+        assert store.scan(Column.DELTA) == [(key, b"") for key in sorted(keys)]
+        store.put(Column.DELTA, keys[0], b"again")
+        assert store.get(Column.DELTA, keys[0]) == b"again"
+    finally:
+        store.close()
+
+
+def test_a_store_of_a_newer_layout_is_refused_with_one_line(tmp_path: Path) -> None:
+    LmdbStore.open(tmp_path / "db").close()
+    env = lmdb.open(str(tmp_path / "db"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"store-layout", b"4", db=env.open_db(Column.META.value.encode(), txn=txn))
+    env.close()
+    for _ in range(2):  # (and the refusal wrote nothing)
+        with pytest.raises(StorageError, match="has layout 4, which this trionode") as caught:
+            LmdbStore.open(tmp_path / "db")
+        assert "\n" not in str(caught.value)

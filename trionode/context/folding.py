@@ -5,8 +5,9 @@ which is older than `store.delta_retention` is *folded*: its records, if it stoo
 joined into the context's final state, and its body leaves the delta column. What stays
 is what a checkpoint is (serving.py): an empty delta row (the id stays applied, so the DAG
 and its children are intact across restarts) and its version vector (so a child's chain
-checks still pass), plus its author and sequence number (`ckseq/`): a second delta that
-author signs with the same number equivocates, and must still be seen to after a restart.
+checks still pass), with its author and sequence number in the same `ckvv/` row: a second
+delta that author signs with the same number equivocates, and must still be seen to after
+a restart.
 Folding is one bounded batch per LMDB transaction, under the replica's lock.
 
 The final state is the `base/` rows the rebuild already starts from: those were "records
@@ -32,7 +33,6 @@ import logging
 import trio
 
 from trionode.auth.model import Verdict, tag
-from trionode.context.authority import encode_vv
 from trionode.context.errors import ContextError
 from trionode.context.final_state import BASE_PREFIX, note_base
 from trionode.context.processing import ReplicationMetrics
@@ -40,10 +40,9 @@ from trionode.context.records import DELTAS
 from trionode.context.replicas import (
     AUX,
     CHECKPOINT_VV_PREFIX,
-    FOLDED_SEQ_PREFIX,
     Replica,
     ReplicaStore,
-    folded_seq,
+    folded_row,
 )
 from trionode.crdt import Entity, decode_entities, decode_entity, encode_entity, ntp64_from_unix
 from trionode.dag.delta import decode_delta, open_delta, verify_delta
@@ -91,11 +90,10 @@ async def fold_once(
                             known = decode_entity(stored) if stored else None
                         joined[record.id] = record if known is None else known.join(record)
             batch.put(DELTAS, context_id + delta_id, b"")
-            batch.put(AUX, CHECKPOINT_VV_PREFIX + context_id + delta_id, encode_vv(meta.vv))
             batch.put(
                 AUX,
-                FOLDED_SEQ_PREFIX + context_id + delta_id,
-                folded_seq(tag(meta.author), meta.seq),
+                CHECKPOINT_VV_PREFIX + context_id + delta_id,
+                folded_row(tag(meta.author), meta.seq, meta.vv),
             )
         for entity_id, entity in joined.items():
             batch.put(AUX, BASE_PREFIX + context_id + entity_id, encode_entity(entity))

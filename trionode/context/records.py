@@ -17,8 +17,9 @@
 | generic       | "bundle/" ‖ application id        | packed bundle (.tar.gz)            |
 | generic       | "base/" ‖ context ‖ entity id     | state that arrived as state (the   |
 |               |                                   | base a membership rebuild joins)   |
-| generic       | "ckvv/" ‖ context ‖ delta id      | a checkpoint's version vector      |
-| meta          | "context-format"                  | storage format of contexts (2)     |
+| generic       | "ckvv/" ‖ context ‖ delta id      | a checkpoint's version vector (and |
+|               |                                   | a folded delta's author and seq)   |
+| meta          | "context-format"                  | storage format of contexts (3)     |
 | application   | application id                    | ApplicationRecord                  |
 
 One call's writes (state rows, the delta, the new heads and root) go in one WriteBatch, so

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
 import attrs
+import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
@@ -64,22 +65,54 @@ BASE_PREFIX: Final = final_state.BASE_PREFIX
 """base/ ‖ context ‖ entity id → the join of every record that arrived as *state* (snapshot
 pages, tree comparison) or was folded: what a rebuild starts from, as no delta body carries
 it (and the final state a snapshot serves: final_state.py)."""
-STORAGE_FORMAT: Final = 2
-"""2: deltas carry sequence numbers, version vectors and membership operations."""
+STORAGE_FORMAT: Final = 3
+"""2: deltas carry sequence numbers, version vectors and membership operations; 3: a folded
+delta keeps one `ckvv/` row that names its author and sequence number too (format 2 kept
+them in a second row, `ckseq/`: `_to_format_3` merges them), and the store keeps empty
+delta values without a log row (store/lmdb_store.py). A build of format 2 refuses a home
+of format 3 at start, with one line, before it reads a row it would misread."""
 FORMAT_TABLE = Table(Column.META, BytesCodec(), BytesCodec())
 FORMAT_KEY: Final = b"context-format"
 ACK_PREFIX: Final = b"ack/"
 """ack/ ‖ context ‖ author tag → the latest signed ack of that author (context/acks.py)."""
 CHECKPOINT_VV_PREFIX = b"ckvv/"
-"""ckvv/ ‖ context ‖ delta id → the version vector of a checkpoint (as its source said)."""
+"""ckvv/ ‖ context ‖ delta id → the version vector of a checkpoint (as its source said,
+`encode_vv`), or for a delta folded here `FOLDED_MARK` ‖ (author tag, seq, vv) (`folded_row`):
+a second delta its author signs with that number is still seen as equivocation once the
+body is gone, restarts included."""
 FOLDED_SEQ_PREFIX: Final = b"ckseq/"
-"""ckseq/ ‖ context ‖ delta id → author tag ‖ sequence number (8 bytes, big-endian) of a
-delta folded here (context/folding.py): a second delta its author signs with that number
-is still seen as equivocation once the body is gone, restarts included."""
+"""ckseq/ ‖ context ‖ delta id → author tag ‖ sequence number (8 bytes, big-endian): format
+2's second row per folded delta (merged into its ckvv/ row when a home moves to format 3)."""
+FOLDED_MARK: Final = b"\x01"
+"""First byte of a folded delta's ckvv/ row: a positive fixint, never the msgpack array
+header an `encode_vv` row starts with."""
 
 
-def folded_seq(author_tag: bytes, seq: int) -> bytes:
-    return author_tag + seq.to_bytes(8, "big")
+class _FoldedRow(msgspec.Struct, array_like=True, frozen=True):
+    author_tag: bytes
+    seq: int
+    vv: list[tuple[bytes, int]]
+
+
+_FOLDED_ROW = msgspec.msgpack.Decoder(_FoldedRow)
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def folded_row(author_tag: bytes, seq: int, vv: Mapping[bytes, int]) -> bytes:
+    """The ckvv/ row of a delta folded here: its vector, author and sequence number."""
+    return FOLDED_MARK + _ENCODER.encode(_FoldedRow(author_tag, seq, sorted(vv.items())))
+
+
+def read_checkpoint(value: bytes) -> tuple[dict[bytes, int], tuple[bytes, int] | None]:
+    """(vector, (author tag, seq) if it was folded here) of a ckvv/ row; raises
+    StorageError for a damaged one."""
+    try:
+        if value.startswith(FOLDED_MARK):
+            row = _FOLDED_ROW.decode(memoryview(value)[1:])
+            return dict(row.vv), (row.author_tag, row.seq)
+        return decode_vv(value), None
+    except (msgspec.DecodeError, RemoteProtocolError):
+        raise StorageError("a stored checkpoint vector is unreadable") from None
 
 
 @attrs.define
@@ -149,7 +182,9 @@ class ReplicaStore:
                 f"trionode (format {STORAGE_FORMAT}) cannot read: start from a new home "
                 "(`trionode init --home NEW`) and share the contexts again"
             )
-        if stored is not None and stored != str(STORAGE_FORMAT).encode():
+        if stored == b"2":
+            await self._to_format_3()
+        elif stored is not None and stored != str(STORAGE_FORMAT).encode():
             raise StorageError(
                 f"this home's contexts are in storage format {stored.decode(errors='replace')}, "
                 f"and this trionode reads format {STORAGE_FORMAT}: use a matching trionode"
@@ -157,6 +192,24 @@ class ReplicaStore:
         if stored is None:
             await self.store.put(FORMAT_TABLE, FORMAT_KEY, str(STORAGE_FORMAT).encode())
         self._known = {record.context_id for record in records}
+
+    async def _to_format_3(self) -> None:
+        """Merge each folded delta's ckseq/ row into its ckvv/ row and record format 3, in
+        one transaction (a crash leaves format 2, converted again at the next start)."""
+        batch = WriteBatch()
+        for key, value in await self.store.scan(AUX, prefix=FOLDED_SEQ_PREFIX):
+            slot = CHECKPOINT_VV_PREFIX + key[len(FOLDED_SEQ_PREFIX) :]
+            vv = await self.store.get(AUX, slot)
+            if vv is None or len(value) <= 8:
+                continue  # (nothing to merge with: kept, and read as before)
+            vector, folded = read_checkpoint(vv)
+            if folded is None:
+                batch.put(
+                    AUX, slot, folded_row(value[:-8], int.from_bytes(value[-8:], "big"), vector)
+                )
+            batch.delete(AUX, key)
+        batch.put(FORMAT_TABLE, FORMAT_KEY, str(STORAGE_FORMAT).encode())
+        await self.store.write(batch)
 
     # -- which contexts ----------------------------------------------------------------------
 
@@ -358,7 +411,11 @@ class ReplicaStore:
             if header.auth is not None:
                 ops.append((delta_id, header))
         for key, value in await self.store.scan(AUX, prefix=CHECKPOINT_VV_PREFIX + context_id):
-            authority.checkpoint_vv[key[len(CHECKPOINT_VV_PREFIX) + 32 :]] = decode_vv(value)
+            delta_id = key[len(CHECKPOINT_VV_PREFIX) + 32 :]
+            authority.checkpoint_vv[delta_id], folded = read_checkpoint(value)
+            if folded is not None:
+                authority.note_folded(delta_id, *folded)
+        # Format 2's rows that had no vector to merge with (see `_to_format_3`).
         for key, value in await self.store.scan(AUX, prefix=FOLDED_SEQ_PREFIX + context_id):
             if len(value) > 8:
                 delta_id = key[len(FOLDED_SEQ_PREFIX) + 32 :]

@@ -12,6 +12,19 @@ appended in key order fill their pages, so the delta column takes ~30% fewer pag
 `make bench --only bytes`). The rest of the node sees one column as before; a store written
 with one tree is moved to two when opened (`_DeltaLog.migrate`, in one transaction).
 
+An empty delta value (a folded delta or a checkpoint: its id stays, its body is gone) has
+no log row: its index row holds an empty sequence number instead, and the value is never
+sealed (a sealed value is never empty, so the two cannot be confused). Folding empties
+most rows of an old context; replacing a value in place never merges LMDB pages, so empty
+log rows kept the pages of the bodies they replaced (515 B per folded delta). Deleting
+the row lets LMDB merge and reuse them.
+
+Layouts (`store-layout` in the meta column): 1, one delta tree; 2, the index and the log
+(`delta-layout` = 2 records this too, as builds before layout 3 read only that key); 3,
+empty values as index markers. Opening converts an older store in one transaction; a
+store of a layout newer than `STORE_LAYOUT` is refused with one line, so a build never
+misreads rows written by a newer one.
+
 Map growth: LMDB fails a write with MapFullError when the memory map is full. We then abort
 that transaction, double the map (up to the configured maximum) and retry. Resizing needs
 every other transaction of this process to be finished, so reads hold a shared lock and the
@@ -21,7 +34,7 @@ resize holds it exclusively.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -36,7 +49,11 @@ from trionode.store.encryption import KdfParams, ValueCipher, create_verifier, o
 _VERIFIER_KEY: Final = b"encryption-verifier"
 _DELTA_LAYOUT_KEY: Final = b"delta-layout"
 _DELTA_LAYOUT: Final = b"2"
-"""1 (no record): the delta column is one B-tree; 2: an index and an append-ordered log."""
+"""1 (no record): the delta column is one B-tree; 2: an index and an append-ordered log.
+Kept at 2 from layout 3 on: a build of layout 2 moves any other value to the log again."""
+_STORE_LAYOUT_KEY: Final = b"store-layout"
+STORE_LAYOUT: Final = 3
+"""The newest layout this build reads and writes (see the module docstring)."""
 _DELTA_LOG_DB: Final = b"delta-log"
 _SEQ_BYTES: Final = 8
 _MAX_KEY_SIZE: Final = 511  # LMDB's default compile-time limit
@@ -136,24 +153,35 @@ class _DeltaLog:
         self.log = log
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
-        seq = txn.get(key, db=self.index)
-        return None if seq is None else txn.get(seq, db=self.log)
+        seq: bytes | None = txn.get(key, db=self.index)
+        if not seq:
+            return seq  # (None: no row; b"": an empty value)
+        value: bytes | None = txn.get(seq, db=self.log)
+        return value
 
     def put(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
+        """`value` as stored (sealed if the store is); an empty one takes no log row."""
         seq = txn.get(key, db=self.index)
-        if seq is None:
+        if not value:
+            if seq:
+                txn.delete(seq, db=self.log)
+            txn.put(key, b"", db=self.index)
+            return
+        if not seq:
             seq = self._next(txn)
             txn.put(key, seq, db=self.index)
         txn.put(seq, value, db=self.log)
 
     def delete(self, txn: lmdb.Transaction, key: bytes) -> None:
         seq = txn.pop(key, db=self.index)
-        if seq is not None:
+        if seq:
             txn.delete(seq, db=self.log)
 
     def scan(self, txn: lmdb.Transaction, rows: list[tuple[bytes, bytes]]) -> None:
         """Replace each (key, sequence number) of an index scan by (key, value), in place."""
         for i, (key, seq) in enumerate(rows):
+            if not seq:
+                continue  # an empty value: (key, b"") already
             value = txn.get(seq, db=self.log)
             if value is None:
                 raise StorageError(f"the delta log lost the value of {key.hex()[:16]}")
@@ -164,18 +192,25 @@ class _DeltaLog:
         last = int.from_bytes(cursor.key(), "big") if cursor.last() else 0
         return (last + 1).to_bytes(_SEQ_BYTES, "big")
 
-    def migrate(self, env: lmdb.Environment, meta: Any) -> None:
-        """Move a one-tree delta column to the index and the log, in one transaction (a
-        crash leaves it as it was), and record the layout."""
-        with env.begin(write=True) as txn:
-            if txn.get(_DELTA_LAYOUT_KEY, db=meta) == _DELTA_LAYOUT:
-                return
-            cursor = txn.cursor(db=self.index)
-            for seq, (key, value) in enumerate(cursor.iternext(), start=1):
-                number = seq.to_bytes(_SEQ_BYTES, "big")
-                txn.put(number, value, db=self.log)
-                cursor.put(key, number)  # (replaces the value under the cursor's key)
-            txn.put(_DELTA_LAYOUT_KEY, _DELTA_LAYOUT, db=meta)
+    def to_log(self, txn: lmdb.Transaction) -> None:
+        """Layout 1 → 2: move a one-tree delta column to the index and the log."""
+        cursor = txn.cursor(db=self.index)
+        for seq, (key, value) in enumerate(cursor.iternext(), start=1):
+            number = seq.to_bytes(_SEQ_BYTES, "big")
+            txn.put(number, value, db=self.log)
+            cursor.put(key, number)  # (replaces the value under the cursor's key)
+
+    def drop_empty(self, txn: lmdb.Transaction, is_empty: Callable[[bytes, bytes], bool]) -> None:
+        """Layout 2 → 3: the log rows of empty values (`is_empty(key, stored value)`: it may
+        be sealed) go; their index rows hold the empty marker."""
+        cursor = txn.cursor(db=self.index)
+        for key, seq in cursor.iternext():
+            if not seq:
+                continue
+            value = txn.get(seq, db=self.log)
+            if value is not None and is_empty(key, value):
+                txn.delete(seq, db=self.log)
+                cursor.put(key, b"")
 
 
 class LmdbStore:
@@ -197,7 +232,7 @@ class LmdbStore:
         self._closed = False
         while True:
             try:
-                self._deltas.migrate(env, dbs[Column.META])
+                self._convert(dbs[Column.META])
                 break
             except lmdb.MapFullError:
                 self._grow()
@@ -273,6 +308,44 @@ class LmdbStore:
             txn.put(_VERIFIER_KEY, record, db=meta)
         return cipher
 
+    def _convert(self, meta: Any) -> None:
+        """Bring an older store to `STORE_LAYOUT` in one transaction (a crash leaves it as
+        it was); refuse a newer one, writing nothing."""
+        with self._env.begin(write=True) as txn:
+            stored = txn.get(_STORE_LAYOUT_KEY, db=meta)
+            if stored is not None:
+                layout = int(stored) if stored.isdigit() else -1
+                if layout == STORE_LAYOUT:
+                    return
+                if not 0 < layout < STORE_LAYOUT:
+                    path = self._env.path()
+                    raise StorageError(
+                        f"the datastore at {path} has layout {stored.decode(errors='replace')}, "
+                        f"which this trionode (layout {STORE_LAYOUT}) cannot read: "
+                        "use the trionode that wrote it, or a newer one"
+                    )
+            elif txn.get(_DELTA_LAYOUT_KEY, db=meta) == _DELTA_LAYOUT:
+                layout = 2
+            else:
+                layout = 1
+            if layout < 2:
+                self._deltas.to_log(txn)
+                txn.put(_DELTA_LAYOUT_KEY, _DELTA_LAYOUT, db=meta)
+            if layout < 3:
+                self._deltas.drop_empty(txn, self._holds_empty)
+            txn.put(_STORE_LAYOUT_KEY, str(STORE_LAYOUT).encode(), db=meta)
+
+    def _holds_empty(self, key: bytes, stored: bytes) -> bool:
+        """Whether a delta value as a layout-2 store kept it is empty (sealed or not)."""
+        if self._cipher is None or not stored:
+            return not stored
+        if len(stored) != len(self._seal(Column.DELTA, key, b"")):
+            return False
+        try:
+            return not self._unseal(Column.DELTA, key, stored)
+        except StorageError:
+            return False  # damaged: left as it is, to fail where it is read
+
     @property
     def encrypted(self) -> bool:
         return self._cipher is not None
@@ -297,7 +370,9 @@ class LmdbStore:
         return value if self._cipher is None else self._cipher.seal(column.value, key, value)
 
     def _unseal(self, column: Column, key: bytes, stored: bytes) -> bytes:
-        return stored if self._cipher is None else self._cipher.open(column.value, key, stored)
+        if self._cipher is None or (not stored and column is Column.DELTA):
+            return stored  # (an empty delta value is stored as it is: see the docstring)
+        return self._cipher.open(column.value, key, stored)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -387,7 +462,8 @@ class LmdbStore:
         for op in ops:
             _check_key(op.key)
             if isinstance(op, Put):
-                value = self._seal(op.column, op.key, op.value)
+                empty = not op.value and op.column is Column.DELTA
+                value = op.value if empty else self._seal(op.column, op.key, op.value)
                 prepared.append((op.column, op.key, value))
             else:
                 prepared.append((op.column, op.key, None))
