@@ -335,7 +335,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
     for label, value in (
         ("state B-tree", folded.state_tree),
         ("generic B-tree (base rows, checkpoint rows, event log)", folded.generic),
-        ("base rows (the folded records: what the state rows hold too)", folded.base),
+        ("base rows (folded records; empty where the state row holds the same)", folded.base),
         ("checkpoint rows (empty delta row, ckvv/ row): keys and values", folded.checkpoints),
     ):
         rows.append(

@@ -6,12 +6,10 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from msgspec.structs import replace
 
-from tests.replication.helpers import call, install
-from trionode.config import FileConfig
+from tests.context.folded_homes import folded_context, home_config
+from tests.replication.helpers import install
 from trionode.context.authority import encode_vv
-from trionode.context.folding import fold_all
 from trionode.context.replicas import (
     CHECKPOINT_VV_PREFIX,
     FOLDED_SEQ_PREFIX,
@@ -51,10 +49,6 @@ async def test_a_new_home_records_the_format(tmp_path: Path) -> None:
         assert len(node.contexts.known_ids()) == 1
 
 
-def _encrypted(file: FileConfig) -> FileConfig:
-    return replace(file, store=replace(file.store, encrypted=True))
-
-
 def _folded_state(node: Node, context: bytes) -> tuple[object, ...]:
     replica = node.contexts.replicas._loaded[context]
     authority = replica.authority
@@ -70,15 +64,10 @@ def _folded_state(node: Node, context: bytes) -> tuple[object, ...]:
 async def test_a_format_2_home_is_converted_once_and_keeps_what_folding_knew(
     tmp_path: Path, passphrase: str | None
 ) -> None:
-    config, _ = make_test_config(
-        tmp_path, api=False, passphrase=passphrase, configure=_encrypted if passphrase else None
-    )
+    config = home_config(tmp_path, passphrase)
     async with open_node(config) as node:
-        app = await install(node)
-        context = (await node.contexts.create(app)).context_id
-        for i in range(6):
-            await call(node, context, "set", key=f"k{i}", value="v" * 50)
-        assert await fold_all(node.contexts.replicas, retention=0.0, max_batch=256) >= 5
+        context, count = await folded_context(node, 6, "v" * 50)
+        assert count >= 5
         before = _folded_state(node, context)
     # Rewrite the folded rows as format 2 kept them: the vector alone in ckvv/, the author
     # and sequence number in ckseq/.

@@ -35,6 +35,7 @@ import trio
 
 from trionode.context.records import DELTAS
 from trionode.crdt import Entity, StateTree, decode_entity, encode_entity
+from trionode.crdt.compact import record_of_row
 from trionode.dag.delta import decode_delta, open_delta, stored_header
 from trionode.errors import ProtocolError
 from trionode.store.lmdb_store import Column
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 BASE_PREFIX: Final = b"base/"
 """base/ ‖ context ‖ entity id (the rows `replicas.BASE_PREFIX` names)."""
+BASE_FILL: Final = (Column.STATE, len(BASE_PREFIX))
+"""`fill` for a scan of base rows (`LmdbStore.scan`): a marker (see `replicas.BASE_PREFIX`)
+takes its state row, whose key is the base key without its prefix, from the same read
+transaction."""
 BUILD_ROWS: Final = 4096
 """Base rows one read of the build takes (so it never holds them all as bytes at once)."""
 
@@ -158,7 +163,9 @@ async def locked_final(replicas: ReplicaStore, replica: Replica) -> AsyncIterato
 
 def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
     """The base rows of `context_id` as a tree (runs in a worker thread)."""
-    tree = StateTree(decode_entity(value) for _, value in _rows(replicas, context_id))
+    tree = StateTree(
+        decode_entity(record_of_row(value)) for _, value in _rows(replicas, context_id)
+    )
     tree.drain_changes()
     return tree
 
@@ -168,7 +175,10 @@ def _rows(replicas: ReplicaStore, context_id: bytes) -> Iterator[tuple[bytes, by
     start: bytes | None = None
     raw = replicas.store.raw
     while True:
-        rows = raw.scan(Column.GENERIC, prefix=prefix, start=start, limit=BUILD_ROWS)
+        # (A marker row takes its state row, read in the same transaction.)
+        rows = raw.scan(
+            Column.GENERIC, prefix=prefix, start=start, limit=BUILD_ROWS, fill=BASE_FILL
+        )
         yield from rows
         if len(rows) < BUILD_ROWS:
             return
@@ -212,10 +222,11 @@ def page(
     prefix = BASE_PREFIX + context_id
     start = None if cursor is None else prefix + cursor + b"\x00"
     rows = replicas.store.raw.scan(
-        Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1
+        Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1, fill=BASE_FILL
     )
     cut = len(prefix)
-    stored = [(key[cut:], value) for key, value in rows]
+    # A marker row came as its state row: served as the record that holds.
+    stored = [(key[cut:], record_of_row(value)) for key, value in rows]
     # The overlay's ids up to where the stored rows read reach (all of them after the last
     # row if the rows ran out).
     overlay = state.overlay

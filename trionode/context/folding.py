@@ -36,15 +36,18 @@ from trionode.auth.model import Verdict, tag
 from trionode.context.errors import ContextError
 from trionode.context.final_state import BASE_PREFIX, note_base
 from trionode.context.processing import ReplicationMetrics
-from trionode.context.records import DELTAS
+from trionode.context.records import DELTAS, STATE
 from trionode.context.replicas import (
     AUX,
     CHECKPOINT_VV_PREFIX,
     Replica,
     ReplicaStore,
+    base_record,
     folded_row,
 )
 from trionode.crdt import Entity, decode_entities, decode_entity, encode_entity, ntp64_from_unix
+from trionode.crdt.compact import record_of_row
+from trionode.crdt.rows import JOURNAL_KINDS
 from trionode.dag.delta import decode_delta, open_delta, verify_delta
 from trionode.errors import ProtocolError
 from trionode.store.store import WriteBatch
@@ -87,7 +90,9 @@ async def fold_once(
                         known = joined.get(record.id)
                         if known is None:
                             stored = store.get_sync(AUX, BASE_PREFIX + context_id + record.id)
-                            known = decode_entity(stored) if stored else None
+                            if stored is not None:
+                                base = base_record(store, context_id, record.id, stored)
+                                known = decode_entity(base)
                         joined[record.id] = record if known is None else known.join(record)
             batch.put(DELTAS, context_id + delta_id, b"")
             batch.put(
@@ -96,13 +101,23 @@ async def fold_once(
                 folded_row(tag(meta.author), meta.seq, meta.vv),
             )
         for entity_id, entity in joined.items():
-            batch.put(AUX, BASE_PREFIX + context_id + entity_id, encode_entity(entity))
+            batch.put(AUX, BASE_PREFIX + context_id + entity_id, _base_row(replica, entity))
         # The final state kept for snapshots takes them now: no rebuild per fold.
         note_base(replica, list(joined.values()))
         await replicas.write(replica, batch)
         for _, delta_id in chosen:
             authority.fold(delta_id)
     return len(chosen)
+
+
+def _base_row(replica: Replica, entity: Entity) -> bytes:
+    """A folded entity's new base row: a marker when it is the state row's record (the
+    usual case once all of an entity's deltas are folded: see `replicas.BASE_PREFIX`)."""
+    record = encode_entity(entity)
+    if entity.kind in JOURNAL_KINDS or replica.store is None:
+        return record
+    state = replica.store.get_sync(STATE, replica.context_id + entity.id)
+    return b"" if state is not None and record_of_row(state) == record else record
 
 
 def _records(replica: Replica, wire: bytes) -> list[Entity]:

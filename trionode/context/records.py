@@ -15,8 +15,9 @@
 | generic       | "handler-run/" ‖ context ‖ delta ‖ index | HandlerRun (to run once)    |
 | generic       | "snapshot-progress/" ‖ context    | SnapshotProgress (resume point)    |
 | generic       | "bundle/" ‖ application id        | packed bundle (.tar.gz)            |
-| generic       | "base/" ‖ context ‖ entity id     | state that arrived as state (the   |
-|               |                                   | base a membership rebuild joins)   |
+| generic       | "base/" ‖ context ‖ entity id     | state that arrived as state or was |
+|               |                                   | folded (the base a rebuild joins); |
+|               |                                   | empty: the same as the state row   |
 | generic       | "ckvv/" ‖ context ‖ delta id      | a checkpoint's version vector (and |
 |               |                                   | a folded delta's author and seq)   |
 | meta          | "context-format"                  | storage format of contexts (3)     |

@@ -43,6 +43,8 @@ from trionode.context.records import (
     member_slot,
 )
 from trionode.crdt import Entity, HybridClock, StateTree, decode_entity, encode_entity
+from trionode.crdt.compact import record_of_row
+from trionode.crdt.entity import ID_BYTES
 from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE, ntp64_from_unix
 from trionode.crdt.rows import Row
 from trionode.dag.dag import CausalDag, Defer
@@ -55,7 +57,7 @@ from trionode.dag.delta import (
     verify_delta,
 )
 from trionode.errors import ProtocolError, RemoteProtocolError, StorageError
-from trionode.store.lmdb_store import Column, Delete
+from trionode.store.lmdb_store import Column, Delete, Put
 from trionode.store.store import AsyncStore, BytesCodec, Table, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,17 @@ AUX = Table(Column.GENERIC, BytesCodec(), BytesCodec())
 BASE_PREFIX: Final = final_state.BASE_PREFIX
 """base/ ‖ context ‖ entity id → the join of every record that arrived as *state* (snapshot
 pages, tree comparison) or was folded: what a rebuild starts from, as no delta body carries
-it (and the final state a snapshot serves: final_state.py)."""
+it (and the final state a snapshot serves: final_state.py).
+
+An empty value (a *marker*) says: the same record as the entity's state row. Folding
+writes one when the base it computed is the state row's record (once every delta on an
+entity is folded: the rest of a context's life, for most of its entities), where a copy
+would double what the entity takes on disk. Any later change of that state row first
+writes the record the marker stood for (`stage_rows`, in the same batch), so a marker is
+always exactly the stored state row; readers resolve it (`base_record`, or a scan with
+`BASE_FILL`). Only plain records get one: a Text or Vector state row is a base plus a
+journal (crdt/rows.py)."""
+BASE_FILL: Final = final_state.BASE_FILL
 STORAGE_FORMAT: Final = 3
 """2: deltas carry sequence numbers, version vectors and membership operations; 3: a folded
 delta keeps one `ckvv/` row that names its author and sequence number too (format 2 kept
@@ -129,6 +141,9 @@ class Replica:
     authority: ContextAuthority = attrs.field(factory=ContextAuthority)
     final: FinalSlot = attrs.field(factory=FinalSlot)
     """The final state kept current for snapshots and tree comparison (final_state.py)."""
+    store: AsyncStore | None = None
+    """Where its rows are (set by `ReplicaStore` when it holds the replica): staging a
+    state row reads the base marker it may replace (`stage_rows`)."""
 
     @property
     def context_id(self) -> bytes:
@@ -251,6 +266,7 @@ class ReplicaStore:
 
     def add(self, replica: Replica) -> None:
         """Hold a replica created here (already committed)."""
+        replica.store = self.store
         self._loaded[replica.context_id] = replica
         self._known.add(replica.context_id)
         self._note_changed()
@@ -372,7 +388,13 @@ class ReplicaStore:
         # 2^64-1) must not make every local write overflow the clock after a restart.
         clock.witness(tree.max_stamp, self.physical_now())
         replica = Replica(
-            record, tree, dag, clock, Ed25519PrivateKey.from_private_bytes(member_seed), keys
+            record,
+            tree,
+            dag,
+            clock,
+            Ed25519PrivateKey.from_private_bytes(member_seed),
+            keys,
+            store=self.store,
         )
         await self._load_authority(replica, delta_rows)
         # Pending deltas survive restarts: put them back in the DAG. Those waiting for the
@@ -474,18 +496,36 @@ class ReplicaStore:
 
     def stage_base(self, replica: Replica, batch: WriteBatch, records: Sequence[Entity]) -> None:
         """Join records that arrived as state into the base a rebuild starts from."""
-        prefix = BASE_PREFIX + replica.context_id
+        context_id = replica.context_id
+        prefix = BASE_PREFIX + context_id
         for record in records:
             key = prefix + record.id
             old = self.store.get_sync(AUX, key)
-            joined = record if not old else decode_entity(old).join(record)
+            if old is None:
+                joined = record
+            else:
+                joined = decode_entity(base_record(self.store, context_id, record.id, old))
+                joined = joined.join(record)
             batch.put(AUX, key, encode_entity(joined))
         note_base(replica, records)
 
     def iter_base(self, context_id: bytes) -> Iterator[Entity]:
-        """The records that arrived as state (see `stage_base`), from the store."""
-        for _, value in self.store.scan_sync(Column.GENERIC, BASE_PREFIX + context_id):
-            yield decode_entity(value)
+        """The records that arrived as state or were folded (see `stage_base`), from the
+        store. Call under the replica's lock."""
+        rows = self.store.scan_sync(Column.GENERIC, BASE_PREFIX + context_id, fill=BASE_FILL)
+        for _, value in rows:
+            yield decode_entity(record_of_row(value))
+
+
+def base_record(store: AsyncStore, context_id: bytes, entity_id: bytes, stored: bytes) -> bytes:
+    """The record a base row holds: its bytes, or for a marker the state row's record (see
+    `BASE_PREFIX`). Call under the replica's lock (or the two reads could disagree)."""
+    if stored:
+        return stored
+    row = store.get_sync(STATE, context_id + entity_id)
+    if row is None:
+        raise StorageError(f"a base row of {b58(context_id)} stands for a state row that is gone")
+    return record_of_row(row)
 
 
 def learn_keys(replica: Replica, batch: WriteBatch, auth: AuthAction) -> None:
@@ -564,8 +604,33 @@ def stage_rows(replica: Replica, batch: WriteBatch, rows: Iterable[Row]) -> None
     """Put or delete state rows (keys relative to the context). A rebuild stages a whole
     new tree through here too (`StateTree.rows_replacing`)."""
     context_id = replica.context_id
+    rows = rows if isinstance(rows, list) else list(rows)
+    if replica.store is not None:
+        _keep_bases(replica.store, context_id, batch, [k for k, _ in rows if len(k) == ID_BYTES])
     for key, value in rows:
         if value is None:
             batch.delete(STATE, context_id + key)
         else:
             batch.put(STATE, context_id + key, value)
+
+
+def _keep_bases(store: AsyncStore, context_id: bytes, batch: WriteBatch, ids: list[bytes]) -> None:
+    """Before the state rows of `ids` change, a base marker among them (see `BASE_PREFIX`)
+    becomes the record it stood for: the state row as stored (before this batch). A base
+    row this batch already puts (a tree comparison stages the base first) is left to it."""
+    if not ids:
+        return
+    prefix = BASE_PREFIX + context_id
+    bases = store.raw.get_many(Column.GENERIC, [prefix + i for i in ids])
+    marked = [i for i, base in zip(ids, bases, strict=True) if base == b""]
+    if not marked:
+        return
+    staged = {op.key for op in batch.ops if isinstance(op, Put) and op.column is Column.GENERIC}
+    marked = [i for i in marked if prefix + i not in staged]
+    states = store.raw.get_many(Column.STATE, [context_id + i for i in marked])
+    for entity_id, state in zip(marked, states, strict=True):
+        if state is None:
+            raise StorageError(
+                f"a base row of {b58(context_id)} stands for a state row that is gone"
+            )
+        batch.put(AUX, prefix + entity_id, record_of_row(state))

@@ -12,9 +12,10 @@ appended in key order fill their pages, so the delta column takes ~30% fewer pag
 `make bench --only bytes`). The rest of the node sees one column as before; a store written
 with one tree is moved to two when opened (`_DeltaLog.migrate`, in one transaction).
 
-An empty delta value (a folded delta or a checkpoint: its id stays, its body is gone) has
-no log row: its index row holds an empty sequence number instead, and the value is never
-sealed (a sealed value is never empty, so the two cannot be confused). Folding empties
+An empty value is stored as it is, never sealed, in every column (there is nothing in it
+to hide, and a sealed value is never empty, so the two cannot be confused). An empty delta
+value (a folded delta or a checkpoint: its id stays, its body is gone) has no log row:
+its index row holds an empty sequence number instead. Folding empties
 most rows of an old context; replacing a value in place never merges LMDB pages, so empty
 log rows kept the pages of the bodies they replaced (515 B per folded delta). Deleting
 the row lets LMDB merge and reuse them.
@@ -339,7 +340,7 @@ class LmdbStore:
         """Whether a delta value as a layout-2 store kept it is empty (sealed or not)."""
         if self._cipher is None or not stored:
             return not stored
-        if len(stored) != len(self._seal(Column.DELTA, key, b"")):
+        if len(stored) != len(self._cipher.seal(Column.DELTA.value, key, b"")):
             return False
         try:
             return not self._unseal(Column.DELTA, key, stored)
@@ -367,11 +368,13 @@ class LmdbStore:
     # -- values ----------------------------------------------------------------------------
 
     def _seal(self, column: Column, key: bytes, value: bytes) -> bytes:
-        return value if self._cipher is None else self._cipher.seal(column.value, key, value)
+        if self._cipher is None or not value:
+            return value  # (an empty value is stored as it is: see the module docstring)
+        return self._cipher.seal(column.value, key, value)
 
     def _unseal(self, column: Column, key: bytes, stored: bytes) -> bytes:
-        if self._cipher is None or (not stored and column is Column.DELTA):
-            return stored  # (an empty delta value is stored as it is: see the docstring)
+        if self._cipher is None or not stored:
+            return stored
         return self._cipher.open(column.value, key, stored)
 
     # -- reads -----------------------------------------------------------------------------
@@ -402,8 +405,14 @@ class LmdbStore:
         start: bytes | None = None,
         end: bytes | None = None,
         limit: int | None = None,
+        fill: tuple[Column, int] | None = None,
     ) -> list[tuple[bytes, bytes]]:
-        """Keys in order: those with `prefix`, from `start` (inclusive) to `end` (exclusive)."""
+        """Keys in order: those with `prefix`, from `start` (inclusive) to `end` (exclusive).
+
+        With `fill` = (column, n), a row whose value is empty takes instead the value of
+        its key less its first n bytes in that column (if there is one), read in the same
+        transaction: rows that defer to another column's (context/replicas.py's base
+        rows) come back consistent with it."""
         self._check_open()
         lower = max(prefix, start) if start is not None else prefix
         out: list[tuple[bytes, bytes]] = []
@@ -419,8 +428,23 @@ class LmdbStore:
                     break
             if column is Column.DELTA:
                 self._deltas.scan(txn, out)
+            filled: set[int] = set()
+            if fill is not None:
+                other, cut = fill
+                for i, (key, value) in enumerate(out):
+                    if not value:
+                        found = txn.get(key[cut:], db=self._dbs[other])
+                        if found is not None:
+                            out[i] = (key, found)
+                            filled.add(i)
         if self._cipher is None:
             return out
+        if fill is not None and filled:
+            other, cut = fill
+            return [
+                (k, self._unseal(other, k[cut:], v) if i in filled else self._unseal(column, k, v))
+                for i, (k, v) in enumerate(out)
+            ]
         return [(k, self._unseal(column, k, v)) for k, v in out]
 
     def count(self, column: Column) -> int:
@@ -462,8 +486,7 @@ class LmdbStore:
         for op in ops:
             _check_key(op.key)
             if isinstance(op, Put):
-                empty = not op.value and op.column is Column.DELTA
-                value = op.value if empty else self._seal(op.column, op.key, op.value)
+                value = self._seal(op.column, op.key, op.value)
                 prepared.append((op.column, op.key, value))
             else:
                 prepared.append((op.column, op.key, None))

@@ -164,10 +164,13 @@ class AsyncStore:
         raw = self.raw.get(table.column, table.keys.encode(key))
         return None if raw is None else table.values.decode(raw)
 
-    def scan_sync(self, column: Column, prefix: bytes) -> list[tuple[bytes, bytes]]:
-        """A prefix scan without yielding (rare, bounded work: a rebuild)."""
+    def scan_sync(
+        self, column: Column, prefix: bytes, *, fill: tuple[Column, int] | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """A prefix scan without yielding (rare, bounded work: a rebuild). `fill`: see
+        `LmdbStore.scan`."""
         self._count("scan", column)
-        return self.raw.scan(column, prefix=prefix)
+        return self.raw.scan(column, prefix=prefix, fill=fill)
 
     async def scan(
         self,
