@@ -61,8 +61,7 @@ from typing import Annotated, Final
 
 import attrs
 import msgspec
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
     crypto_aead_xchacha20poly1305_ietf_encrypt,
@@ -78,6 +77,7 @@ from trionode.crdt.compact import (
     expand_records,
 )
 from trionode.errors import RemoteProtocolError
+from trionode.wire import ed25519
 
 ID_SIZE: Final = 32
 GENESIS: Final = bytes(ID_SIZE)
@@ -422,10 +422,11 @@ def seal_delta(
     ciphertext = crypto_aead_xchacha20poly1305_ietf_encrypt(
         plain, _associated_data(header, header_bytes), header.nonce, context_key
     )
+    seed = author.private_bytes_raw()  # (signed by libsodium: `trionode.wire.ed25519`)
     if version >= 4:
-        signature = author.sign(_signed_message_v4(context_id, header_bytes, ciphertext))
+        signature = ed25519.sign(seed, _signed_message_v4(context_id, header_bytes, ciphertext))
     else:
-        signature = author.sign(_signed_message(header_bytes, ciphertext))
+        signature = ed25519.sign(seed, _signed_message(header_bytes, ciphertext))
     delta = SignedDelta(header=header_bytes, ciphertext=ciphertext, signature=signature)
     delta.__dict__["_header"] = header  # ours, just signed: nothing to verify
     return delta
@@ -480,10 +481,8 @@ def verify_delta(
         message = _signed_message_v4(context_id, delta.header, delta.ciphertext)
     else:
         message = _signed_message(delta.header, delta.ciphertext)
-    try:
-        Ed25519PublicKey.from_public_bytes(header.author).verify(delta.signature, message)
-    except (InvalidSignature, ValueError):
-        raise RemoteProtocolError("bad delta signature") from None
+    if not ed25519.verify(header.author, delta.signature, message):
+        raise RemoteProtocolError("bad delta signature")
     delta.__dict__["_header"] = header
     return header
 

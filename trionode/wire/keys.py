@@ -25,14 +25,12 @@ import hashlib
 from dataclasses import dataclass
 
 import base58
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
-    Ed25519PublicKey,
 )
 
 from trionode.errors import LocalProtocolError, RemoteProtocolError
-from trionode.wire import protobuf
+from trionode.wire import ed25519, protobuf
 from trionode.wire.varint import BytesLike, decode_uvarint, encode_uvarint
 
 MAX_KEY_PROTOBUF_SIZE = 4096
@@ -118,13 +116,7 @@ class PublicKey:
         """
         if self.key_type is not KeyType.ED25519:
             raise RemoteProtocolError(f"cannot verify {self.key_type.name} signatures")
-        if len(signature) != ED25519_SIGNATURE_LENGTH:
-            return False
-        try:
-            Ed25519PublicKey.from_public_bytes(self.data).verify(signature, message)
-        except (InvalidSignature, ValueError):
-            return False
-        return True
+        return ed25519.verify(self.data, signature, message)  # (libsodium: see `ed25519`)
 
     def peer_id(self) -> PeerId:
         """The PeerId of this key."""
@@ -134,7 +126,7 @@ class PublicKey:
 class PrivateKey:
     """An Ed25519 identity key pair (the only kind trionode generates)."""
 
-    __slots__ = ("_private", "_public", "_seed")
+    __slots__ = ("_private", "_public", "_secret", "_seed")
 
     def __init__(self, seed: bytes) -> None:
         """Load from a 32-byte Ed25519 seed.
@@ -147,6 +139,7 @@ class PrivateKey:
         self._seed = bytes(seed)
         self._private = Ed25519PrivateKey.from_private_bytes(self._seed)
         self._public = PublicKey(KeyType.ED25519, self._private.public_key().public_bytes_raw())
+        self._secret = ed25519.secret_key(self._seed)
 
     @classmethod
     def generate(cls) -> PrivateKey:
@@ -195,8 +188,8 @@ class PrivateKey:
         return PeerId.from_public_key(self._public)
 
     def sign(self, message: bytes) -> bytes:
-        """An RFC 8032 Ed25519 signature (64 bytes) of ``message``."""
-        return self._private.sign(message)
+        """An RFC 8032 Ed25519 signature (64 bytes) of ``message`` (libsodium: `ed25519`)."""
+        return ed25519.sign_with(self._secret, message)
 
     def __repr__(self) -> str:
         return f"PrivateKey(<{self.peer_id()}>)"
