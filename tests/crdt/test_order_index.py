@@ -5,6 +5,7 @@ Tiny blocks (3..6 ids) make every operation cross block boundaries, split and re
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from trionode.crdt import Timestamp
@@ -46,9 +47,10 @@ def test_index_matches_a_plain_list(
             serial += 1
             if born_dead:
                 deleted.add(eid)
-            if kind == 4:
+            if kind == 4:  # (half the time telling the index whether `eid` is visible)
                 model.insert(0 if last is None else model.index(last) + 1, eid)
-                index.insert_after(last, eid, is_live)
+                told = None if a % 2 else not born_dead
+                assert index.insert_after(last, eid, is_live, live=told)
             elif not place(model, index, eid, a, before=kind == 1, is_live=is_live):
                 deleted.discard(eid)
                 continue
@@ -71,6 +73,11 @@ def test_index_matches_a_plain_list(
             count = a % (len(live) - k + 1)
             assert index.live_slice(k, count) == live[k : k + count]
         assert all(e in index for e in model)
+        k = a % (len(live) + 1)
+        assert index.live_before(k) == (live[k - 1] if k else None)
+        stray = Timestamp(0, b"not placed")
+        assert not index.insert_after(stray, Timestamp(serial, b"n"), is_live)
+        assert index.order() == model
     for position in range(index.live_len()):
         assert index.live_at(position) == [e for e in model if is_live(e)][position]
 
@@ -91,3 +98,13 @@ def test_out_of_range_lookups_raise_index_error() -> None:
     else:
         raise AssertionError("an overlong slice did not raise")
     assert index.live_slice(1, 0) == []
+
+
+def test_live_before_takes_insert_positions() -> None:
+    """`live_before(p)`: the visible id an insert at `p` goes after; 0..len, not beyond."""
+    ids = [Timestamp(i, b"n") for i in range(1, 4)]
+    index = OrderIndex(ids, lambda e: e != ids[1])
+    assert [index.live_before(p) for p in range(3)] == [None, ids[0], ids[2]]
+    for bad in (-1, 3):
+        with pytest.raises(IndexError):
+            index.live_before(bad)

@@ -163,7 +163,7 @@ def encode_journal(delta: Entity) -> bytes:
 def decode_journal(
     data: bytes | bytearray | memoryview, base: Entity, *, max_size: int = MAX_ENTITY_BYTES
 ) -> Entity:
-    """A journal row (either version) of the entity whose base record is `base`.
+    """A journal row (any version) of the entity whose base record is `base`.
 
     Raises:
         RemoteProtocolError: oversized, malformed or non-canonical bytes.
@@ -171,41 +171,23 @@ def decode_journal(
     """
     if len(data) > max_size:
         raise RemoteProtocolError(f"journal row of {len(data)} bytes exceeds {max_size}")
-    if data[:2] == _JOURNAL_HEAD:
-        return _decode_journal4(data, base)
+    version2: tuple[int, Timestamp | None, Timestamp | None, msgspec.Raw] | None = None
+    if data[:2] != _JOURNAL_HEAD:
+        try:
+            version2 = _journal_decoder.decode(data)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            entity = decode_entity(data, max_size=max_size)  # version 1: a whole record
+            if entity.id != base.id:
+                raise ValueError("journal row holds another entity's record") from None
+            return entity
     try:
-        version, added, removed, raw = _journal_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        entity = decode_entity(data, max_size=max_size)  # version 1: a whole record
-        if entity.id != base.id:
-            raise ValueError("journal row holds another entity's record") from None
-        return entity
-    try:
-        _check_journal_version(version)
-        _check_stamp(added)
-        _check_stamp(removed)
-        body = _decode_body(base.kind, bytes(raw), MAX_SEQUENCE_ELEMENTS)
-        return Entity(
-            base.parent,
-            base.name,
-            base.kind,
-            added=added,
-            removed=removed,
-            body=body,
-            known_id=base.id,
-        )
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise RemoteProtocolError(f"bad journal row: {exc}") from exc
-    except RecursionError as exc:
-        raise RemoteProtocolError("bad journal row: nested too deeply") from exc
-
-
-def _decode_journal4(data: bytes | bytearray | memoryview, base: Entity) -> Entity:
-    """A version 4 journal row (see `JOURNAL_VERSION`) of `base`'s entity."""
-    try:
-        _, time, writer, removed, raw = _journal4_decoder.decode(data)
-        writers, _ = _body_writers_decoder.decode(raw)  # (the body itself is checked below)
-        added = Timestamp(time, _listed(writers, writer))
+        if version2 is None:  # version 4
+            _, time, writer, removed, raw = _journal4_decoder.decode(data)
+            writers, _ = _body_writers_decoder.decode(raw)  # (the body is checked below)
+            added: Timestamp | None = Timestamp(time, _listed(writers, writer))
+        else:
+            version, added, removed, raw = version2
+            _check_journal_version(version)
         _check_stamp(added)
         _check_stamp(removed)
         body = _decode_body(base.kind, bytes(raw), MAX_SEQUENCE_ELEMENTS)

@@ -220,7 +220,10 @@ class Entity:
 
     def max_stamp(self) -> Timestamp | None:
         """The newest stamp anywhere in the record (for clock witnessing/drift checks)."""
-        best = latest(self.added, self.removed)
+        best = self.added  # (`latest(self.added, self.removed)`, inline: per record applied)
+        removed = self.removed
+        if removed is not None and (best is None or removed > best):
+            best = removed
         body = self.body
         if body is not None:
             stamp = body.max_stamp()

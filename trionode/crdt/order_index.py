@@ -179,6 +179,16 @@ class OrderIndex:
         block, offset = self._find(position)
         return block.live[offset]
 
+    def live_before(self, position: int) -> Timestamp | None:
+        """The visible id just before visible `position` (0 <= position <= live_len()),
+        None at the front: where an insert at `position` goes."""
+        if not 0 <= position <= self._live_total:
+            raise IndexError(f"insert position {position} out of range 0..{self._live_total}")
+        if not position:
+            return None
+        block, offset = self._find(position - 1)
+        return block.live[offset]
+
     def live_slice(self, position: int, count: int) -> list[Timestamp]:
         """`count` visible ids from `position` (the range must be inside live_len())."""
         if position < 0 or count < 0 or position + count > self._live_total:
@@ -265,9 +275,11 @@ class OrderIndex:
         is_live: Callable[[Timestamp], bool],
         *,
         live: bool | None = None,
-    ) -> None:
-        """Place `eid` right after `anchor` (None: at the front); `live`: whether `eid` is
-        visible, when the caller knows (None: ask `is_live`)."""
+    ) -> bool:
+        """Place `eid` right after `anchor` (None: at the front) and return True; False,
+        placing nothing, when `anchor` is not placed (then `eid` stays out of the order, as
+        its reference does). `live`: whether `eid` is visible, when the caller knows (None:
+        ask `is_live`)."""
         if anchor is None:
             block, index = self._blocks[0], 0
         else:
@@ -276,10 +288,13 @@ class OrderIndex:
             # Typing: the anchor is the element placed last (`_locate`'s first guess, inline).
             if index < len(ids) and ids[index] == anchor:
                 index += 1
-            else:
+            elif anchor in self._where:
                 block, index = self._locate(anchor)
                 index += 1
+            else:
+                return False
         self._insert(block, index, eid, is_live, live_known=live)
+        return True
 
     def insert_before(
         self, anchor: Timestamp, eid: Timestamp, is_live: Callable[[Timestamp], bool]

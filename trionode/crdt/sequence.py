@@ -231,11 +231,9 @@ class SequenceState(Generic[V]):
             return
         if eid in children:  # it is the missing reference of earlier arrivals
             self._index = None
-        elif siblings is None or siblings[-1] is eid:
-            if after == HEAD:
-                index.insert_after(None, eid, self._is_live, live=incoming[3] is None)
-            elif after in index:
-                index.insert_after(after, eid, self._is_live, live=incoming[3] is None)
+        elif siblings is None or siblings[-1] is eid:  # (reference not placed: stays out)
+            anchor = None if after == HEAD else after
+            index.insert_after(anchor, eid, self._is_live, live=incoming[3] is None)
         else:
             self._place(eid)
 
@@ -355,10 +353,7 @@ class SequenceState(Generic[V]):
         index = self._index
         if index is None:
             index = self._ordered()
-        length = index.live_len()
-        if not 0 <= pos <= length:
-            raise IndexError(f"insert position {pos} out of range 0..{length}")
-        after = index.live_at(pos - 1) if pos else HEAD
+        after = index.live_before(pos) or HEAD  # (IndexError outside 0..len)
         run: Timestamp | None = None
         if after[1] == writer and after not in self._children and after[0] < NTP64_MAX:
             run = new_stamp((after[0] + 1, writer))
@@ -399,7 +394,7 @@ class SequenceState(Generic[V]):
         elements = self._elements
         return type(self)(
             {
-                e: Element(elements[e].after, None, None, stamp)
+                e: _element((elements[e][0], None, None, stamp))
                 for e in self.visible_slice(pos, count, floor)
             }
         )

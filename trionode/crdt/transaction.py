@@ -137,6 +137,7 @@ class Transaction:
         "_physical",
         "_records",
         "_tree",
+        "writer",
     )
 
     def __init__(self, tree: StateTree, clock: HybridClock | None, physical: int) -> None:
@@ -149,8 +150,11 @@ class Transaction:
         self._pending: dict[bytes, Entity] = {}
         self._new_children: dict[bytes, set[bytes]] = {}
         self._closed = False
+        self.writer: bytes | None = None
+        """The node id this transaction stamps writes with (None: read-only). Read-only."""
         if clock is not None:
             clock.witness(tree.max_stamp, physical)
+            self.writer = clock.node_id
 
     @property
     def writable(self) -> bool:
@@ -228,11 +232,6 @@ class Transaction:
             self._check_writable()
         assert clock is not None  # checked above
         return clock.now(self._physical)
-
-    @property
-    def writer(self) -> bytes | None:
-        """The node id this transaction stamps writes with (None: read-only)."""
-        return None if self._clock is None else self._clock.node_id
 
     def witness(self, stamp: Timestamp | None) -> None:
         """Make later stamps exceed `stamp`: for ids a write took without the clock (a

@@ -76,13 +76,14 @@ class StateTree:
         "_buckets",
         "_children",
         "_deleted",
-        "_generation",
         "_hashes",
         "_log",
-        "_max_stamp",
         "_records",
         "_sorted_ids",
         "_updated",
+        "generation",
+        "max_stamp",
+        "records",
     )
 
     def __init__(self, entities: Iterable[Entity] = ()) -> None:
@@ -91,9 +92,14 @@ class StateTree:
         self._hashes: dict[bytes, bytes] = {}
         self._buckets: dict[bytes, _Buckets] = {}
         self._sorted_ids: list[bytes] | None = None
-        self._max_stamp: Timestamp | None = None
+        self.records: Mapping[bytes, Entity] = self._records
+        """Every record by id (read-only, as are the next two: plain attributes, because a
+        transaction reads them once per keystroke)."""
+        self.max_stamp: Timestamp | None = None
+        """The newest stamp in any record ever applied."""
         self._log = RowLog()
-        self._generation = 0
+        self.generation = 0
+        """Bumped by every local commit (guards against interleaved local transactions)."""
         self._updated: set[bytes] = set()
         self._deleted: set[bytes] = set()
         self.apply(entities)
@@ -104,12 +110,6 @@ class StateTree:
     def get(self, entity_id: bytes) -> Entity | None:
         """The record for `entity_id` (read-only), tombstones included."""
         return self._records.get(entity_id)
-
-    @property
-    def records(self) -> Mapping[bytes, Entity]:
-        """Every record by id (read-only; a transaction reads through it without a call
-        per lookup)."""
-        return self._records
 
     def __len__(self) -> int:
         return len(self._records)
@@ -131,16 +131,6 @@ class StateTree:
         start = 0 if start_after is None else bisect_right(ids, start_after)
         stop = len(ids) if limit is None else min(len(ids), start + limit)
         return [self._records[i] for i in ids[start:stop]]
-
-    @property
-    def max_stamp(self) -> Timestamp | None:
-        """The newest stamp in any record ever applied."""
-        return self._max_stamp
-
-    @property
-    def generation(self) -> int:
-        """Bumped by every local commit (guards against interleaved local transactions)."""
-        return self._generation
 
     # -- joining -------------------------------------------------------------------------
 
@@ -170,15 +160,15 @@ class StateTree:
                 floor_changed = result.floor_changed
             changed.append(eid)
             stamp = incoming.max_stamp()
-            if stamp is not None and (self._max_stamp is None or stamp > self._max_stamp):
-                self._max_stamp = stamp
+            if stamp is not None and (self.max_stamp is None or stamp > self.max_stamp):
+                self.max_stamp = stamp
             self._deleted.discard(eid)  # (`_mark_updated`, inlined: runs per write)
             self._updated.add(eid)
             self._invalidate_up(eid)
             if floor_changed:
                 self._invalidate_down(eid)
         if local:
-            self._generation += 1
+            self.generation += 1
         return changed
 
     def add_new(self, entities: Sequence[Entity]) -> None:
@@ -189,7 +179,7 @@ class StateTree:
         are invalidated once, not once per record; one the tree holds is joined as usual."""
         records = self._records
         added: dict[bytes, list[bytes]] = {}
-        newest: Timestamp | None = self._max_stamp
+        newest: Timestamp | None = self.max_stamp
         held: list[Entity] = []
         for incoming in entities:
             eid = incoming.id
@@ -217,7 +207,7 @@ class StateTree:
                     self._invalidate_down(eid)  # earlier-arrived children may be reachable
         if added:
             self._sorted_ids = None
-            self._max_stamp = newest
+            self.max_stamp = newest
         if held:
             self.apply(held)
 
