@@ -25,10 +25,12 @@
   nodes run their default sync timers (a lost gossip copy is repaired by a heartbeat's
   session), so the copies and bytes counted include the heartbeats sent meanwhile: one per
   node per `sync.heartbeat` seconds (the raw phase carries them too).
-  The full size, 100 nodes and 1,000 writes, is one process on one core: run it with
-  ``TMPDIR`` on a tmpfs (``/dev/shm``), or the 100 LMDB fsyncs per write measure the disk.
+  The nodes run the timers they ship with (the idle case's too), not the cluster's short
+  test timers. The full size, 100 nodes and 1,000 writes, is one process on one core: run
+  it with ``TMPDIR`` on a tmpfs (``/dev/shm``), or the 100 LMDB fsyncs per write measure
+  the disk.
 
-Standalone: ``python -m benchmarks.scale_bench [--quick]``.
+Standalone: ``python -m benchmarks.scale_bench [--quick] [--many NODES WRITES]``.
 """
 
 from __future__ import annotations
@@ -92,11 +94,6 @@ def _default_timers(file: FileConfig) -> FileConfig:
         target_peers=0,
     )
     return replace(file, network=network, pubsub=PubsubSection(), sync=SyncSection())
-
-
-def _no_dial_target(file: FileConfig) -> FileConfig:
-    """Only the benchmark's random graph: no dialing toward a peer target."""
-    return replace(file, network=replace(file.network, target_peers=0))
 
 
 class _Idle:
@@ -297,7 +294,10 @@ async def _share_retrying(nodes: Sequence[Node], bundle: Path) -> bytes:
     for node in nodes:
         app_id = (await node.applications.install(str(bundle))).application_id
     context = (await nodes[0].contexts.create(app_id)).context_id
-    for node in nodes[1:]:
+    started = time.perf_counter()
+    for number, node in enumerate(nodes[1:], start=1):
+        if number % 10 == 0:
+            _log(f"{number} joined, {(time.perf_counter() - started) / number:.2f}s per join")
         for attempt in range(1, JOIN_ATTEMPTS + 1):
             try:
                 await node.joins.join(await nodes[0].joins.invite(context))
@@ -313,7 +313,11 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
     bundle = _bench_bundle(base / "bundle")
     rng = random.Random(SEED)
     topology: Topology = _random_edges(m, rng)
-    configure: Callable[[FileConfig], FileConfig] = _no_dial_target
+    # The timers a node ships with, not the cluster's short test timers: those refresh
+    # member peers on every 0.5 s pubsub heartbeat and ping every link every 5 s, work that
+    # grows with the members, and at 100 nodes in one process it kept the one core busy
+    # enough that joins timed out (session 6: a join failed at 48 s, a start stalled).
+    configure: Callable[[FileConfig], FileConfig] = _default_timers
     network = MemoryNetwork()
     started = time.perf_counter()
     async with open_cluster(
@@ -402,13 +406,17 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
     ]
 
 
-async def run(*, quick: bool) -> list[Row]:
+async def run(*, quick: bool, many: tuple[int, int] | None = None, idle: bool = True) -> list[Row]:
+    """Both cases; `many` = (nodes, writes) overrides the many-nodes size, and `idle`
+    False skips the idle-contexts case."""
     contexts = 100 if quick else 1000
     window = QUICK_IDLE_WINDOW if quick else IDLE_WINDOW
-    nodes, writes = (20, 100) if quick else (100, 1000)
+    nodes, writes = many or ((20, 100) if quick else (100, 1000))
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="trionode-scale-") as tmp:
         base = Path(tmp)
-        rows = await _idle_rows(contexts, window, base / "idle")
+        if idle:
+            rows += await _idle_rows(contexts, window, base / "idle")
         rows += await _many_rows(nodes, writes, base / "many")
     return rows
 
@@ -416,8 +424,16 @@ async def run(*, quick: bool) -> list[Row]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale_bench")
     parser.add_argument("--quick", action="store_true", help="100 contexts, 20 nodes")
+    parser.add_argument(
+        "--many",
+        nargs=2,
+        type=int,
+        metavar=("NODES", "WRITES"),
+        help="the many-nodes case at this size, alone (no idle-contexts case)",
+    )
     args = parser.parse_args()
-    print(render(trio.run(lambda: run(quick=args.quick))))
+    many = None if args.many is None else (args.many[0], args.many[1])
+    print(render(trio.run(lambda: run(quick=args.quick, many=many, idle=many is None))))
 
 
 if __name__ == "__main__":
