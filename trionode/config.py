@@ -462,6 +462,10 @@ class SyncSection(_Section, frozen=True):
     max_peer_status: PositiveInt = 64
     """Peers per context whose last sync (time, protocol, deltas, error) the node remembers
     for the page; beyond, the one tried longest ago is forgotten."""
+    max_ancestors: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 1024
+    """Ancestors a delta request asks for beside the deltas it names (those our heads'
+    version vector does not cover), and the most a request we serve gets: a chain of
+    deltas comes in one round trip, not one per delta. 0: one generation per round trip."""
     serve_max_requests: PositiveInt = 1024
     """Heads and delta requests one served sync stream may make; beyond, the stream is
     closed as a protocol violation (an honest session makes at most a few dozen)."""

@@ -245,6 +245,7 @@ class Node:
             heartbeats=send_heartbeats,
             serve_max_requests=config.sync.serve_max_requests,
             serve_timeout=config.sync.serve_timeout,
+            max_ancestors=config.sync.max_ancestors,
             snapshot_idle_timeout=config.sync.snapshot_idle_timeout,
             snapshot_keepalive=config.sync.snapshot_keepalive,
             acks=self.acks.receive,

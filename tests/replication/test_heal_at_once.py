@@ -12,9 +12,10 @@ import trio.testing
 from msgspec.structs import replace
 
 from trionode.config import FileConfig
+from trionode.context.replication import SYNC_PROTOCOL, SYNC_PROTOCOL_V1
 from trionode.testing import open_cluster
 
-from .cluster_helpers import call, share, wait_converged, write
+from .cluster_helpers import call, metric, share, wait_converged, write
 
 QUIET = 10_000.0
 """Seconds: heartbeats and ticks that never come within a test."""
@@ -115,3 +116,53 @@ async def test_a_long_partition_heals_within_the_offline_interval(
         # helper checks at pubsub heartbeats, every 0.5 s: hence the 1.5 s.)
         await wait_converged(cluster, nodes, context, limit=1.5)
         assert await call(nodes[-1], context, "count") == 5
+
+
+async def test_a_healed_chain_of_twenty_deltas_comes_in_one_round_trip_per_peer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A writes a chain of 20 deltas alone; its gossip is gone by the heal (past the message
+    # cache), so each other node pulls the chain in its session with A. Asked for with its
+    # ancestors (`/trionode/sync/2`), it comes in one answer, not one round trip per delta.
+    async with open_cluster(5, tmp_path, configure=_no_safety_net) as cluster:
+        nodes = cluster.nodes
+        context = await share(cluster, list(range(5)), app="chat")
+        await cluster.partition([0])
+        for i in range(20):
+            await write(nodes[0], context, "post", text=f"a{i}")
+        await trio.sleep(10)  # past gossip's message cache
+        before = [metric(node, "trionode_sync_delta_requests_total") for node in nodes]
+        served = metric(nodes[0], "trionode_sync_served_deltas_total")
+        await cluster.heal(wait=False)
+        await wait_converged(cluster, nodes, context, limit=HEAL_LIMIT)
+        assert await call(nodes[-1], context, "count") == 20
+        requests = [
+            metric(node, "trionode_sync_delta_requests_total") - before[i]
+            for i, node in enumerate(nodes)
+        ]
+        # One request each for the chain (a second only if gossip from a peer that got it
+        # first raced the session); sync/1 made 20 each.
+        assert all(1 <= n <= 2 for n in requests[1:]), requests
+        # (The chain came by sync, from A or from a node that had it from A first.)
+        assert metric(nodes[0], "trionode_sync_served_deltas_total") - served >= 20
+
+
+async def test_a_peer_that_speaks_only_sync1_is_still_synced_with(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A node from before `/trionode/sync/2` serves only /1: the requester falls back to it
+    # and fetches the chain one generation per round trip, as that node understands.
+    async with open_cluster(2, tmp_path, configure=_no_safety_net) as cluster:
+        old, new = cluster.nodes
+        old.host._handlers.pop(SYNC_PROTOCOL)
+        assert SYNC_PROTOCOL_V1 in old.host._handlers
+        context = await share(cluster, [0, 1], app="chat")
+        await cluster.partition([0])
+        for i in range(5):
+            await write(old, context, "post", text=f"a{i}")
+        await trio.sleep(10)  # past gossip's message cache
+        before = metric(new, "trionode_sync_delta_requests_total")
+        await cluster.heal(wait=False)
+        await wait_converged(cluster, cluster.nodes, context, limit=HEAL_LIMIT)
+        assert await call(new, context, "count") == 5
+        assert metric(new, "trionode_sync_delta_requests_total") - before == 5

@@ -370,7 +370,10 @@ async def test_11_divergent_nodes_reconcile_by_tree_comparison(
             await converged(cluster, [a, c], context)
             await trio.sleep(10)  # past gossip's message cache: B's deltas stay with B
             await cluster.heal()
+            # Two rounds of at most two deltas each (one asked for, one ancestor): short of
+            # A's ten.
             b.sync.max_delta_rounds = 2
+            b.replicator.max_ancestors = 1
             await b.sync.sync_now(context, cluster.peer_ids[0])
             assert sessions(b, "tree") == 1
             assert metric(b, "trionode_sync_records_total", direction="pulled") == 0

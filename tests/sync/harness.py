@@ -27,6 +27,7 @@ from trionode.sync.machines import (
     Delegate,
     DeltaFetch,
     HeadsExchange,
+    ReadAncestors,
     ReadDeltas,
     ReadHeads,
     Responder,
@@ -109,6 +110,15 @@ class Replica:
     def heads(self) -> list[bytes]:
         return sorted(self.dag.heads)
 
+    def heads_vv(self) -> dict[bytes, int]:
+        """The pointwise max of the heads' version vectors (what a request's `have` says)."""
+        vv: dict[bytes, int] = {}
+        for head in self.dag.heads:
+            header = verify_wire(self.wires[head], context_id=CONTEXT).header
+            for author, seq in header.vv:
+                vv[author] = max(seq, vv.get(author, 0))
+        return vv
+
     def root(self) -> bytes:
         return hashlib.sha256(b"".join(sorted(self.dag.applied))).digest()
 
@@ -125,6 +135,11 @@ class Replica:
         action = responder.next_action()
         if action is None:
             return False
+        self.serve_action(responder, action)
+        return True
+
+    def serve_action(self, responder: Responder, action: object) -> None:
+        """Fulfil one action the responder asked for."""
         if isinstance(action, CheckAuth):
             member = action.auth.member
             responder.auth_checked(None if member in self.members else "not a member")
@@ -135,10 +150,11 @@ class Replica:
             found = [(i, self.wires[i]) for i in action.ids if i in self.dag.applied]
             missing = [i for i in action.ids if i not in self.dag.applied]
             responder.deltas_read(found, missing)
+        elif isinstance(action, ReadAncestors):
+            responder.ancestors_read([(i, self.wires[i]) for i in action.ids if i in self.wires])
         else:
             assert isinstance(action, Delegate)
             responder.delegated(SyncError(message="no state sync in this model"))
-        return True
 
 
 @attrs.define
@@ -149,6 +165,8 @@ class Link:
     sent: int = 0
     delivered: int = 0
     now: float = 0.0
+    answer_bytes: int = ANSWER_BYTES
+    """Delta bytes per answer of the responder."""
 
     def post(self, queue: deque[SyncMessage], message: SyncMessage) -> None:
         n = self.sent
@@ -166,7 +184,7 @@ Requester = HeadsExchange | DeltaFetch
 def converse(requester: Requester, local: Replica, remote: Replica, link: Link) -> None:
     """One stream: the requester's auth, then its machine against a fresh `Responder` over
     `remote`. Raises what a machine raises, `Cut`, or SessionExpired once both wait."""
-    responder = Responder(deadline=link.now + DEADLINE, max_answer_bytes=ANSWER_BYTES)
+    responder = Responder(deadline=link.now + DEADLINE, max_answer_bytes=link.answer_bytes)
     to_remote: deque[SyncMessage] = deque()
     to_local: deque[SyncMessage] = deque()
     auth = SyncAuth(context_id=CONTEXT, member=local.member, signature=bytes(64))
@@ -207,32 +225,51 @@ def converse(requester: Requester, local: Replica, remote: Replica, link: Link) 
 
 
 def pull(
-    local: Replica, remote: Replica, faults: Faults | None = None, max_rounds: int = 64
+    local: Replica,
+    remote: Replica,
+    faults: Faults | None = None,
+    max_rounds: int = 64,
+    *,
+    ancestors: int = 0,
+    rounds: list[int] | None = None,
+    answer_bytes: int = ANSWER_BYTES,
 ) -> int:
     """What `SyncManager` does for a delta sync: ask `remote`'s heads on one stream, then
-    fetch what `local` lacks of them (and what its pending deltas wait for) on another.
-    Returns how many deltas `local` applied."""
+    fetch what `local` lacks of them (and what its pending deltas wait for) on another,
+    asking for up to `ancestors` ancestors per answer (sync/2). Returns how many deltas
+    `local` applied; the fetch's round trips are appended to `rounds`."""
     before = len(local.dag.applied)
-    link = Link(faults or Faults())
+    link = Link(faults or Faults(), answer_bytes=answer_bytes)
     exchange = HeadsExchange(local.heads(), deadline=link.now + DEADLINE)
     converse(exchange, local, remote, link)
     assert exchange.result is not None
     wanted = local.unknown(exchange.result.heads) | local.dag.missing()
     if wanted:
         fetch = DeltaFetch(
-            wanted, context_id=CONTEXT, max_rounds=max_rounds, deadline=link.now + DEADLINE
+            wanted,
+            context_id=CONTEXT,
+            max_rounds=max_rounds,
+            deadline=link.now + DEADLINE,
+            ancestors=ancestors,
+            have=local.heads_vv(),
         )
+        if rounds is not None:
+            rounds.append(0)
         converse(fetch, local, remote, link)
+        if rounds is not None:
+            rounds[-1] = fetch.rounds
     return len(local.dag.applied) - before
 
 
 SESSION_FAILURES = (TrionodeError, Cut)
 
 
-def try_pull(local: Replica, remote: Replica, faults: Faults | None = None) -> bool:
+def try_pull(
+    local: Replica, remote: Replica, faults: Faults | None = None, *, ancestors: int = 0
+) -> bool:
     """A pull that may fail (faults, refusals): whether it completed."""
     try:
-        pull(local, remote, faults)
+        pull(local, remote, faults, ancestors=ancestors)
     except SESSION_FAILURES:
         return False
     return True
@@ -255,12 +292,12 @@ def union_of(replicas: Iterable[Replica], parents: dict[bytes, tuple[bytes, ...]
     return held
 
 
-def converge(a: Replica, b: Replica, limit: int) -> None:
+def converge(a: Replica, b: Replica, limit: int, *, ancestors: int = 0) -> None:
     """Fault-free sessions both ways until neither side changes (at most `limit`)."""
     for _ in range(limit):
         before = (a.snapshot(), b.snapshot())
-        pull(a, b)
-        pull(b, a)
+        pull(a, b, ancestors=ancestors)
+        pull(b, a, ancestors=ancestors)
         if (a.snapshot(), b.snapshot()) == before:
             return
     raise AssertionError("sessions did not converge")

@@ -188,6 +188,7 @@ class ContextManager:
         self.unknown = serving.unknown
         self.applied = serving.applied
         self.capture = serving.capture
+        self.heads_vv = serving.heads_vv
         self.peer_rights = serving.peer_rights
         self.snapshot_page = serving.snapshot_page
         self.final_start = serving.final_start

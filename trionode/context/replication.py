@@ -76,7 +76,10 @@ from trionode.wire.messages import (
 
 log = logging.getLogger(__name__)
 
-SYNC_PROTOCOL: Final = "/trionode/sync/1"
+SYNC_PROTOCOL: Final = "/trionode/sync/2"
+SYNC_PROTOCOL_V1: Final = "/trionode/sync/1"
+"""Served still, for peers that do not speak /2 yet: the same messages, but a delta request
+never asks for ancestors on it (a /1 responder rejects the fields)."""
 TOPIC_PREFIX: Final = "trionode/context/"
 
 SESSION_ERRORS: Final = (
@@ -189,6 +192,11 @@ class ReplicationMetrics:
             "Deltas sent to members in sync sessions this node served",
             registry=registry,
         )
+        self.fetch_requests = Counter(
+            "trionode_sync_delta_requests",
+            "Delta requests this node sent (round trips of delta sync and gap fetches)",
+            registry=registry,
+        )
         self.heartbeat = HeartbeatMetrics(registry)
 
     def outcome(self, outcome: str, n: int = 1) -> None:
@@ -258,6 +266,7 @@ class Replicator:
         pending_timeout: float = 300.0,
         fetch_timeout: float = 30.0,
         max_fetch_rounds: int = 64,
+        max_ancestors: int = 1024,
         max_concurrent_fetches: int = 8,
         session_limiter: trio.CapacityLimiter | None = None,
         session_started: Callable[[], None] | None = None,
@@ -279,6 +288,8 @@ class Replicator:
         self.pending_timeout = pending_timeout
         self.fetch_timeout = fetch_timeout
         self.max_fetch_rounds = max_fetch_rounds
+        self.max_ancestors = max_ancestors
+        """Ancestors a delta request asks for (and the most a request we serve gets)."""
         self._fetch_limit = trio.CapacityLimiter(max_concurrent_fetches)
         self._send_fetch, self._receive_fetch = trio.open_memory_channel[_Fetch](256)
         self._fetching: set[tuple[bytes, bytes]] = set()
@@ -304,6 +315,7 @@ class Replicator:
             session_timeout=serve_timeout,
             serving=metrics.serving,
             served_deltas=metrics.served_deltas,
+            max_ancestors=max_ancestors,
             snapshot_idle_timeout=snapshot_idle_timeout,
             snapshot_keepalive=snapshot_keepalive,
             acks=acks,
@@ -314,6 +326,7 @@ class Replicator:
         self._max_batch_bytes = max_batch_bytes
         """Delta bytes one gossip message carries at most (below pubsub's message size)."""
         host.set_handler(SYNC_PROTOCOL, self._serve_sync)
+        host.set_handler(SYNC_PROTOCOL_V1, self._serve_sync)
         self.heartbeats = HeartbeatExchange(
             host,
             pubsub,
@@ -528,10 +541,13 @@ class Replicator:
         max_rounds: int | None = None,
     ) -> int:
         """`fetch` on a sync stream already open to `peer` (a session's one stream)."""
+        ancestors = self.max_ancestors if channel.chains else 0
         machine = DeltaFetch(
             ids,
             context_id=context_id,
             max_rounds=self.max_fetch_rounds if max_rounds is None else max_rounds,
+            ancestors=ancestors,
+            have=await self.contexts.heads_vv(context_id) if ancestors else None,
         )
         received = 0
 
@@ -542,6 +558,7 @@ class Replicator:
             return result.missing
 
         await fetch_deltas(channel, machine, apply)
+        self.metrics.fetch_requests.inc(machine.rounds)
         if machine.rejected:
             # Not what we asked for (a wrong id): never applied, whatever it is.
             self.metrics.outcome("rejected_invalid", machine.rejected)
@@ -572,12 +589,13 @@ class Replicator:
         """A sync stream to `peer` on which we have proved our membership of `context_id`:
         a sync session runs all its protocols on one (heads exchange, then delta sync,
         snapshot or tree comparison)."""
-        _, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
+        protocol, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL, SYNC_PROTOCOL_V1])
         async with stream:
             conn = self.host.connections.get(peer)
             if conn is None:
                 raise PeerError(f"lost the connection to {peer}")
             channel = self._requesting(stream)
+            channel.chains = protocol == SYNC_PROTOCOL
             await channel.send(await self._auth(conn, context_id))
             yield channel, conn
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):

@@ -113,6 +113,12 @@ class SyncServing:
         replica = await self._replicas.load(context_id)
         return {i for i in ids if i in replica.dag.applied}
 
+    async def heads_vv(self, context_id: bytes) -> dict[bytes, int]:
+        """The version vector of our heads (what a delta request's `have` tells the peer)."""
+        replica = await self._replicas.load(context_id)
+        vv, _ = replica.authority.merged_vv(replica.dag.heads)
+        return vv
+
     async def capture(
         self, context_id: bytes, peer_heads: Iterable[bytes]
     ) -> tuple[list[bytes], list[bytes], bytes]:

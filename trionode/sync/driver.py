@@ -37,6 +37,7 @@ from trionode.sync.machines import (
     Delegate,
     DeltaFetch,
     HeadsExchange,
+    ReadAncestors,
     ReadDeltas,
     ReadHeads,
     Responder,
@@ -55,6 +56,7 @@ from trionode.sync.treecmp import (
     TreeResult,
 )
 from trionode.wire.messages import (
+    MAX_ANCESTORS,
     MAX_FRAME,
     MAX_PAGE_RECORDS,
     HeadsResponse,
@@ -89,6 +91,8 @@ class SyncChannel:
         max_frame: int = MAX_FRAME,
     ) -> None:
         self._stream = stream
+        self.chains = False
+        """Whether the peer speaks `/trionode/sync/2` (answers with ancestors)."""
         self._framed = FramedStream(
             stream, limits or StreamLimits(), max_frame=max_frame, what="sync stream"
         )
@@ -347,7 +351,10 @@ class SyncServer:
         snapshot_keepalive: float = 5.0,
         served_pages: Counter | None = None,
         acks: TakeAck | None = None,
+        max_ancestors: int = MAX_ANCESTORS,
     ) -> None:
+        self.max_ancestors = max_ancestors
+        """Most ancestors one delta answer carries, whatever the request asks."""
         self.acks = acks
         """Where signed acks a tree comparison brings go (the AckBook)."""
         self.contexts = contexts
@@ -371,7 +378,9 @@ class SyncServer:
         deadline = None
         if self.session_timeout is not None:
             deadline = trio.current_time() + self.session_timeout
-        machine = Responder(max_requests=self.max_requests, deadline=deadline)
+        machine = Responder(
+            max_requests=self.max_requests, max_ancestors=self.max_ancestors, deadline=deadline
+        )
         # Until the peer has proved membership its stream holds no limiter token and may
         # send one small frame, within the first-message deadline: silent or anonymous
         # streams cost the node almost nothing and never make members wait.
@@ -457,8 +466,11 @@ class SyncServer:
                         found.append((delta_id, wire))
                 folded = await self.contexts.folded(context_id, missing)
                 machine.deltas_read(found, [i for i in missing if i not in folded], sorted(folded))
+                sent_before = machine.ancestors_sent
+                while isinstance(action := machine.next_action(), ReadAncestors):
+                    machine.ancestors_read(await self._read_held(context_id, action.ids))
                 if self._served_deltas is not None:
-                    self._served_deltas.inc(len(found))
+                    self._served_deltas.inc(len(found) + machine.ancestors_sent - sent_before)
             elif isinstance(action, StreamSnapshot):
                 started = trio.current_time()
                 await self._stream_snapshot(channel, context_id, action)
@@ -466,6 +478,16 @@ class SyncServer:
             elif isinstance(action, Delegate):
                 machine.delegated(await state_sync.handle(action.message))
             await _flush(channel, machine)
+
+    async def _read_held(
+        self, context_id: bytes, ids: Iterable[bytes]
+    ) -> list[tuple[bytes, bytes]]:
+        held: list[tuple[bytes, bytes]] = []
+        for delta_id in ids:
+            wire = await self.contexts.read_delta(context_id, delta_id)
+            if wire is not None:
+                held.append((delta_id, wire))
+        return held
 
     async def _stream_snapshot(
         self, channel: SyncChannel, context_id: bytes, action: StreamSnapshot

@@ -1,5 +1,6 @@
-"""Sans-IO machines for `/trionode/sync/1`: the heads exchange, the delta fetch, and the
-responder that serves both.
+"""Sans-IO machines for `/trionode/sync/2` (and `/1`): the heads exchange, the delta fetch,
+and the responder that serves both. On /2 a delta request may ask for the ancestors the
+requester lacks, so a chain comes in one answer (`DeltaFetch`, `Responder`).
 
 Theory of operation
 -------------------
@@ -34,12 +35,14 @@ whole deltas, each applied only once its parents are.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NoReturn
 
 import attrs
+import msgspec
 
-from trionode.dag.delta import GENESIS, VerifiedDelta, verify_wire
+from trionode.auth.model import tag
+from trionode.dag.delta import GENESIS, VerifiedDelta, decode_delta, stored_header, verify_wire
 from trionode.errors import LocalProtocolError, RemoteProtocolError, TrionodeError
 from trionode.sync.errors import (
     AnswerMismatch,
@@ -52,7 +55,9 @@ from trionode.sync.errors import (
     UnrequestedDelta,
 )
 from trionode.wire.messages import (
+    MAX_ANCESTORS,
     MAX_FRAME,
+    MAX_HAVE,
     MAX_IDS,
     AuthRequest,
     DeltaRequest,
@@ -117,6 +122,14 @@ class ReadDeltas:
 
 
 @attrs.frozen
+class ReadAncestors:
+    """Read the wire bytes of those of `ids` held here (ancestors of an answer's deltas).
+    Answer `ancestors_read` with the ones found, in the order asked."""
+
+    ids: tuple[bytes, ...]
+
+
+@attrs.frozen
 class Delegate:
     """A snapshot or tree-comparison request: answer it (`delegated`)."""
 
@@ -139,7 +152,7 @@ class StreamSnapshot:
     request: SnapshotOpen
 
 
-ResponderAction = CheckAuth | ReadHeads | ReadDeltas | Delegate | StreamSnapshot
+ResponderAction = CheckAuth | ReadHeads | ReadDeltas | ReadAncestors | Delegate | StreamSnapshot
 
 
 class MachineBase:
@@ -235,6 +248,14 @@ class DeltaFetch(MachineBase):
     lack (`deltas_applied`), which the next rounds ask for. An id is asked at most once per
     session: the peer either sent it or said it lacks it. Finished when nothing is wanted,
     the rounds are spent, or the peer sent a delta nobody asked for.
+
+    With `ancestors` > 0 (a `/trionode/sync/2` peer) each request also asks for up to that
+    many ancestors of the deltas asked for that `have` (our version vector) does not cover,
+    so a chain of n deltas comes in one answer instead of n round trips. Each ancestor must
+    be a parent of a delta asked for or of an ancestor after it in the answer (so parents
+    come first); one that is not is unrelated: never applied, counted, and the fetch ends
+    as for an unrequested delta. More ancestors than asked for fails the session. A cut
+    chain (the answer's limits) goes on with the parents still lacking, as before.
     """
 
     def __init__(
@@ -245,11 +266,18 @@ class DeltaFetch(MachineBase):
         max_rounds: int,
         batch: int = MAX_IDS,
         deadline: float | None = None,
+        ancestors: int = 0,
+        have: Mapping[bytes, int] | None = None,
     ) -> None:
         super().__init__(deadline)
         if not 1 <= batch <= MAX_IDS:
             raise ValueError(f"batch must be within 1..{MAX_IDS}")
+        if not 0 <= ancestors <= MAX_ANCESTORS:
+            raise ValueError(f"ancestors must be within 0..{MAX_ANCESTORS}")
         self._batch = batch
+        self._ancestors = ancestors
+        # (A longer vector only makes the peer send more: the hint is cut, never wrong.)
+        self._have = sorted(have.items())[:MAX_HAVE] if have and ancestors else []
         self._context_id = context_id
         self._rounds_left = max_rounds
         self._wanted = {i for i in wanted if i != GENESIS}
@@ -260,6 +288,8 @@ class DeltaFetch(MachineBase):
         self.rounds = 0
         self.received = 0
         """Deltas verified and handed to the driver to apply."""
+        self.ancestors_received = 0
+        """Of those, ancestors the peer sent beside the deltas asked for."""
         self.rejected = 0
         """Deltas in answers that were not asked for (never applied)."""
         self.peer_missing: set[bytes] = set()
@@ -310,28 +340,64 @@ class DeltaFetch(MachineBase):
             self._fail(AnswerMismatch("the answer lists ids that were not asked"))
         if later and not message.deltas:
             self._fail(AnswerMismatch("the answer defers ids without sending any"))
+        if len(message.ancestors) > self._ancestors:
+            self._fail(
+                TooManyIds(f"{len(message.ancestors)} ancestors (at most {self._ancestors})")
+            )
         verified: list[VerifiedDelta] = []
         seen: set[bytes] = set()
         for wire in message.deltas:
-            try:
-                delta = verify_wire(wire, context_id=self._context_id)
-            except RemoteProtocolError as exc:
-                self._fail(exc)  # a forged or corrupt delta fails the session
+            delta = self._verify(wire)
             if delta.id not in self._asked or delta.id in seen:
-                self.rejected += 1
-                self.violation = UnrequestedDelta("the peer sent a delta that was not requested")
+                self._unrequested()
                 continue
             seen.add(delta.id)
             verified.append(delta)
+        ancestors = self._related([self._verify(wire) for wire in message.ancestors], verified)
         self.peer_missing.update(missing)
         self.peer_folded.update(folded)
         self._wanted.update(later)  # asked again: the answer had no room for them
+        for delta in ancestors:
+            self._wanted.discard(delta.id)
+            self._asked_ever.add(delta.id)
+        verified = ancestors + verified
         self.received += len(verified)
+        self.ancestors_received += len(ancestors)
         self._state = _FetchState.AWAIT_APPLY
         if verified:
             self._action = ApplyDeltas(tuple(verified))
         else:
             self.deltas_applied(())
+
+    def _verify(self, wire: bytes) -> VerifiedDelta:
+        try:
+            return verify_wire(wire, context_id=self._context_id)
+        except RemoteProtocolError as exc:
+            self._fail(exc)  # a forged or corrupt delta fails the session
+
+    def _unrequested(self) -> None:
+        self.rejected += 1
+        self.violation = UnrequestedDelta("the peer sent a delta that was not requested")
+
+    def _related(
+        self, ancestors: list[VerifiedDelta], asked: list[VerifiedDelta]
+    ) -> list[VerifiedDelta]:
+        """The ancestors that are a parent of a delta asked for or of an ancestor after them,
+        in the answer's order (parents first). Walked from the end: every child of a
+        delta comes after it, so its parents are known to be wanted when it is reached.
+        The others (unrelated, repeated, or out of causal order) are counted and dropped."""
+        wanted = {p for delta in asked for p in delta.header.parents}
+        taken: set[bytes] = {delta.id for delta in asked}
+        keep: list[VerifiedDelta] = []
+        for delta in reversed(ancestors):
+            if delta.id not in wanted or delta.id in taken:
+                self._unrequested()
+                continue
+            taken.add(delta.id)
+            wanted.update(delta.header.parents)
+            keep.append(delta)
+        keep.reverse()
+        return keep
 
     def deltas_applied(self, missing: Iterable[bytes]) -> None:
         """The deltas of the last `ApplyDeltas` were handed to the processor; `missing` are
@@ -353,7 +419,7 @@ class DeltaFetch(MachineBase):
         self._asked = frozenset(batch)
         self._rounds_left -= 1
         self.rounds += 1
-        self._outbox.append(DeltaRequest(ids=batch))
+        self._outbox.append(DeltaRequest(ids=batch, ancestors=self._ancestors, have=self._have))
         self._state = _FetchState.AWAIT_ANSWER
 
 
@@ -377,6 +443,12 @@ class Responder(MachineBase):
     ``max_frame`` is the largest frame the driver should accept next: small until the peer
     has proved membership. At most `max_requests` heads and delta requests are served per
     stream, each naming at most `max_ids` ids.
+
+    A delta request that asks for ancestors (`/trionode/sync/2`) is answered after a walk
+    back from the deltas sent (`ReadAncestors`, one generation of parents per action):
+    what the request's version vector does not cover, up to the count it asked for (and
+    at most `max_ancestors`) and within `max_answer_bytes` with the deltas asked for,
+    sent parents first.
     """
 
     def __init__(
@@ -385,10 +457,16 @@ class Responder(MachineBase):
         max_ids: int = MAX_IDS,
         max_requests: int = 1024,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        max_ancestors: int = MAX_ANCESTORS,
         deadline: float | None = None,
     ) -> None:
         super().__init__(deadline)
         self._max_answer_bytes = max_answer_bytes
+        self._max_ancestors = max_ancestors
+        self._request: DeltaRequest | None = None
+        self._walk: _Walk | None = None
+        self.ancestors_sent = 0
+        """Ancestors sent in answers on this stream so far."""
         self._max_ids = max_ids
         self._max_requests = max_requests
         self._requests = 0
@@ -443,6 +521,7 @@ class Responder(MachineBase):
         elif isinstance(message, DeltaRequest):
             if len(message.ids) > self._max_ids:
                 self._fail(TooManyIds(f"{len(message.ids)} ids (at most {self._max_ids})"))
+            self._request = message
             self._act(ReadDeltas(tuple(message.ids)))
         elif isinstance(message, SnapshotOpen):
             self._act(StreamSnapshot(message))
@@ -492,6 +571,7 @@ class Responder(MachineBase):
         exceeds that cannot travel by sync and is listed missing."""
         self._done_acting(ReadDeltas)
         sent: list[bytes] = []
+        sent_ids: list[bytes] = []
         later: list[bytes] = []
         not_sent = list(missing)
         size = 0
@@ -502,8 +582,44 @@ class Responder(MachineBase):
                 later.append(delta_id)
             else:
                 sent.append(wire)
+                sent_ids.append(delta_id)
                 size += len(wire)
-        self._answer(DeltaResponse(deltas=sent, missing=not_sent, later=later, folded=list(folded)))
+        reply = DeltaResponse(deltas=sent, missing=not_sent, later=later, folded=list(folded))
+        request, self._request = self._request, None
+        limit = 0 if request is None else min(request.ancestors, self._max_ancestors)
+        if limit and sent and not later and self.auth is not None:
+            assert request is not None
+            walk = _Walk(
+                reply,
+                self.auth.context_id,
+                dict(request.have),
+                seen=set(request.ids),
+                limit=limit,
+                room=self._max_answer_bytes - size,
+            )
+            walk.take(zip(sent_ids, sent, strict=True), asked=True)
+            self._walk_on(walk)
+            return
+        self._answer(reply)
+
+    def ancestors_read(self, found: Sequence[tuple[bytes, bytes]]) -> None:
+        """The answer to `ReadAncestors`: (id, wire bytes) of those held, in the order
+        asked (what is not held is left out: the requester asks for it by id)."""
+        self._done_acting(ReadAncestors)
+        walk, self._walk = self._walk, None
+        assert walk is not None
+        walk.take(found)
+        self._walk_on(walk)
+
+    def _walk_on(self, walk: _Walk) -> None:
+        frontier = walk.frontier()
+        if frontier:
+            self._walk = walk
+            self._act(ReadAncestors(tuple(frontier)))
+        else:
+            answer = walk.answer()
+            self.ancestors_sent += len(answer.ancestors)
+            self._answer(answer)
 
     def snapshot_streamed(self, seconds: float) -> None:
         """The snapshot stream ended after `seconds`: it had its own idle deadline, so the
@@ -532,3 +648,89 @@ class Responder(MachineBase):
     def _answer(self, reply: SyncMessage) -> None:
         self._outbox.append(reply)
         self._state = _ServeState.SERVING
+
+
+class _Walk:
+    """The walk back from an answer's deltas to the ancestors the requester lacks: each
+    `take` adds one generation (as read), `frontier` names the next, until the count or
+    the bytes run out or nothing uncovered is left."""
+
+    def __init__(
+        self,
+        reply: DeltaResponse,
+        context_id: bytes,
+        have: dict[bytes, int],
+        *,
+        seen: set[bytes],
+        limit: int,
+        room: int,
+    ) -> None:
+        self._reply = reply
+        self._context_id = context_id
+        self._have = have
+        self._seen = seen
+        """Ids asked for, taken, or named in a frontier already: never walked twice."""
+        self._limit = limit
+        self._room = room
+        self._taken: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        self._next: list[bytes] = []
+        self._full = False
+
+    def take(self, found: Iterable[tuple[bytes, bytes]], *, asked: bool = False) -> None:
+        """One generation read (first the deltas `asked` for, already in the answer): each
+        ancestor the requester's vector does not cover goes in, and its parents become the
+        next frontier, until the answer is full."""
+        parents: list[bytes] = []
+        for delta_id, wire in found:
+            try:
+                header = stored_header(decode_delta(wire), context_id=self._context_id)
+            except RemoteProtocolError:
+                continue  # (a stored delta we cannot read is not ours to send)
+            if not asked:
+                if self._have.get(tag(header.author), 0) >= header.seq:
+                    continue  # the requester holds it (and so its past)
+                if len(self._taken) >= self._limit or len(wire) > self._room:
+                    self._full = True
+                    break
+                self._taken[delta_id] = (wire, header.parents)
+                self._room -= len(wire)
+            parents.extend(header.parents)
+        self._next = []
+        if self._full:
+            return
+        for parent in parents:
+            if parent == GENESIS or parent in self._seen:
+                continue
+            self._seen.add(parent)
+            self._next.append(parent)
+
+    def frontier(self) -> list[bytes]:
+        """The next generation to read (empty: the walk is over)."""
+        left = self._limit - len(self._taken)
+        return [] if self._full or left <= 0 else self._next[:left]
+
+    def answer(self) -> DeltaResponse:
+        ancestors = [self._taken[i][0] for i in self._order()]
+        return msgspec.structs.replace(self._reply, ancestors=ancestors)
+
+    def _order(self) -> list[bytes]:
+        """The taken ids, each after its taken parents (depth first, iteratively)."""
+        out: list[bytes] = []
+        done: set[bytes] = set()
+        for start in self._taken:
+            stack = [start]
+            entered: set[bytes] = set()
+            while stack:
+                node = stack[-1]
+                if node in done:
+                    stack.pop()
+                    continue
+                todo = [p for p in self._taken[node][1] if p in self._taken and p not in done]
+                if todo and node not in entered:
+                    entered.add(node)
+                    stack.extend(todo)
+                    continue
+                done.add(node)
+                out.append(node)
+                stack.pop()
+        return out

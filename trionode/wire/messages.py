@@ -126,8 +126,31 @@ class HeadsResponse(msgspec.Struct, tag="heads", frozen=True, forbid_unknown_fie
     is not among `heads` lies below them, so it is no head of the union."""
 
 
-class DeltaRequest(msgspec.Struct, tag="get_deltas", frozen=True, forbid_unknown_fields=True):
+MAX_ANCESTORS: Final = 4096
+"""Ancestors one delta answer may carry besides the deltas asked for (`/trionode/sync/2`)."""
+
+MAX_HAVE: Final = 4096
+"""Authors in a request's version vector (as many as one delta's may name)."""
+
+Tag8 = Annotated[bytes, msgspec.Meta(min_length=8, max_length=8)]
+Vv = Annotated[
+    list[tuple[Tag8, Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]]],
+    msgspec.Meta(max_length=MAX_HAVE),
+]
+"""A version vector: (author tag, highest seq)."""
+
+
+class DeltaRequest(
+    msgspec.Struct, tag="get_deltas", frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
     ids: Ids
+    ancestors: Annotated[int, msgspec.Meta(ge=0, le=MAX_ANCESTORS)] = 0
+    """`/trionode/sync/2`: also send up to this many ancestors of the deltas asked for that
+    `have` does not cover, parents first, so a chain travels in one answer, not one round
+    trip per delta. (Omitted when 0: the frame is then the one sync/1 peers know.)"""
+    have: Vv = []
+    """The requester's version vector (of its heads): an ancestor whose author's seq it
+    covers is not sent. A hint only; what still lacks a parent is asked for again."""
 
 
 class DeltaResponse(
@@ -143,6 +166,9 @@ class DeltaResponse(
     """Requested ids the responder folded into its final state (final there, bodies gone:
     context/folding.py): no peer that folded them can send them; their effects travel as
     final state. A claim, not proof: the requester believes only its own finality."""
+    ancestors: Annotated[list[bytes], msgspec.Meta(max_length=MAX_ANCESTORS)] = []
+    """Ancestors of the deltas sent that the request's `have` does not cover, each before
+    its children (SignedDelta wire bytes): applied before `deltas`."""
 
 
 class SyncError(msgspec.Struct, tag="error", frozen=True, forbid_unknown_fields=True):
