@@ -21,7 +21,10 @@ same run.
   seeded random part of `sync.heartbeat`, so the rounds sample the heartbeat's phase instead
   of locking onto it); median and max over the rounds. Each round logs when A's first
   connection came back (the reconnection's share). Baseline: the same writes without a
-  partition, from the last write returning until the same convergence.
+  partition, from the last write returning until the same convergence. With ``--heal``
+  only these rows run, then again with delta answers that carry no ancestors
+  (``sync.max_ancestors = 0``: a chain one round trip per delta, as before
+  `/trionode/sync/2`), each beside its own no-partition baseline.
 * **Propagation.** 5 real nodes on loopback TCP, full mesh. A write on A; the time from
   ``execute`` returning on A (the delta is committed there and handed to gossip) until the
   last of the other 4 has applied it (their ``node.hub`` subscriptions report it); p50/p99
@@ -45,7 +48,7 @@ schema, so a join moves the same records as with ``kv_store``). The partition an
 propagation writes are ``set_many`` with one key: one delta each, and no event handlers on
 the receivers (``kv_store.set`` would add a handler delta per receiving node).
 
-Standalone: ``python -m benchmarks.sync_bench [--quick]``.
+Standalone: ``python -m benchmarks.sync_bench [--quick] [--heal]``.
 """
 
 from __future__ import annotations
@@ -321,7 +324,13 @@ async def _write_sides(nodes: Sequence[Node], context: bytes, k: int, tag: str) 
 
 
 async def _partition_times(
-    k: int, rounds: int, base: Path, bundle: Path, *, jitter: bool
+    k: int,
+    rounds: int,
+    base: Path,
+    bundle: Path,
+    *,
+    jitter: bool,
+    configure: Callable[[FileConfig], FileConfig] | None = None,
 ) -> tuple[list[float], list[float]]:
     """Seconds to converge after each heal, and after the same writes without a partition.
 
@@ -334,7 +343,7 @@ async def _partition_times(
     healed: list[float] = []
     unpartitioned: list[float] = []
     with trio.fail_after(120 + rounds * 60):
-        async with open_cluster(NODES, base, discovery=True) as cluster:
+        async with open_cluster(NODES, base, discovery=True, configure=configure) as cluster:
             nodes = cluster.nodes
             context = await _share(nodes, bundle)
             await _wait_converged(nodes, context)
@@ -557,28 +566,39 @@ async def _absent(node: Node, topic: str, peer: PeerId) -> bool:
 # -- the suite --------------------------------------------------------------------------------
 
 
-async def run(*, quick: bool) -> list[Row]:
-    sizes = [1_000] if quick else [10_000, 100_000]
-    k, heal_rounds = (5, 1) if quick else (20, 8)
-    rounds = 30 if quick else 300
+def _one_generation(file: FileConfig) -> FileConfig:
+    """Delta answers without ancestors: a chain comes one round trip per delta (as on
+    `/trionode/sync/1`)."""
+    return replace(file, sync=replace(file.sync, max_ancestors=0))
+
+
+async def heal_rows(
+    k: int, rounds: int, base: Path, bundle: Path, *, quick: bool, one_generation: bool = False
+) -> list[Row]:
+    """Median (and max) of `_partition_times` beside the no-partition baseline; with
+    `one_generation`, the same rounds again with delta answers that carry no ancestors."""
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="trionode-sync-bench-") as tmp:
-        base = Path(tmp)
-        bundle = _bench_bundle(base / "bundle")
-        for n in sizes:
-            rows += await _join_rows(n, base / f"join-{n}", bundle)
+    cases: list[tuple[str, Callable[[FileConfig], FileConfig] | None]] = [("", None)]
+    if one_generation:
+        cases.append((", answers without ancestors", _one_generation))
+    for suffix, configure in cases:
         healed, plain = await _partition_times(
-            k, heal_rounds, base / "partition", bundle, jitter=not quick
+            k,
+            rounds,
+            base / f"partition{len(rows)}",
+            bundle,
+            jitter=not quick,
+            configure=configure,
         )
         heartbeat = FileConfig().sync.heartbeat
         figures = [("median", statistics.median(healed), statistics.median(plain))]
-        if heal_rounds > 1:
+        if rounds > 1:
             figures.append(("max", max(healed), max(plain)))
         for name, ours, theirs in figures:
             rows.append(
                 Row(
                     f"5 nodes (memory net), {{A}}|{{B..E}}, {k}+{k} deltas: heal -> converged, "
-                    f"{name} of {heal_rounds} (sync.heartbeat {heartbeat:g} s)",
+                    f"{name} of {rounds} (sync.heartbeat {heartbeat:g} s){suffix}",
                     ours,
                     "s",
                     "same writes, no partition: last write -> converged",
@@ -586,6 +606,22 @@ async def run(*, quick: bool) -> list[Row]:
                     higher_is_better=False,
                 )
             )
+    return rows
+
+
+async def run(*, quick: bool, heal_only: bool = False) -> list[Row]:
+    sizes = [1_000] if quick else [10_000, 100_000]
+    k, heal_rounds = (5, 1) if quick else (20, 8)
+    rounds = 30 if quick else 300
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="trionode-sync-bench-") as tmp:
+        base = Path(tmp)
+        bundle = _bench_bundle(base / "bundle")
+        if heal_only:
+            return await heal_rows(k, heal_rounds, base, bundle, quick=quick, one_generation=True)
+        for n in sizes:
+            rows += await _join_rows(n, base / f"join-{n}", bundle)
+        rows += await heal_rows(k, heal_rounds, base, bundle, quick=quick)
         writes, raw = await _propagation(rounds, base / "propagation", bundle)
         session_rounds = 20 if quick else 200
         one, two = await _session_times(session_rounds, 10, base / "session", bundle)
@@ -627,8 +663,13 @@ def session_rows(one: list[float], two: list[float]) -> list[Row]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sync_bench")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument(
+        "--heal",
+        action="store_true",
+        help="only the partition heal, also with delta answers that carry no ancestors",
+    )
     args = parser.parse_args()
-    print(render(trio.run(lambda: run(quick=args.quick))))
+    print(render(trio.run(lambda: run(quick=args.quick, heal_only=args.heal))))
 
 
 if __name__ == "__main__":

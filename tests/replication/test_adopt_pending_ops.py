@@ -46,6 +46,7 @@ async def test_a_pending_op_is_taken_from_a_tree_comparison_export(
 
             await cluster.heal()
             b.sync.max_delta_rounds = 2
+            b.replicator.max_ancestors = 0  # (one generation per round: short of the gap)
             await b.sync.sync_now(context, cluster.peer_ids[0])
             await cluster.settle()
             assert sessions(b, "tree") == 1
