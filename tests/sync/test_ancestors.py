@@ -181,9 +181,9 @@ def test_more_ancestors_than_asked_fail_the_session() -> None:
 def test_a_forged_ancestor_fails_the_session() -> None:
     deltas = chain(3)
     fetch = fetch_top(deltas)
-    forged = DeltaResponse(
-        deltas=[deltas[2].encode()], missing=[], ancestors=[deltas[1].encode()[:-1] + b"\x00"]
-    )
+    wire = deltas[1].encode()
+    bad_signature = wire[:-1] + bytes([wire[-1] ^ 1])
+    forged = DeltaResponse(deltas=[deltas[2].encode()], missing=[], ancestors=[bad_signature])
     with pytest.raises(RemoteProtocolError):
         fetch.receive_message(forged, 0.0)
     assert fetch.failed

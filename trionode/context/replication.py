@@ -40,6 +40,7 @@ from trionode.context.heartbeats import HeartbeatExchange, HeartbeatMetrics
 from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
 from trionode.context.notices import b58
+from trionode.context.processing import Received
 from trionode.dag.delta import (
     MAX_DELTA_BYTES,
     SignedDelta,
@@ -551,11 +552,24 @@ class Replicator:
         )
         received = 0
 
-        async def apply(delta: VerifiedDelta) -> frozenset[bytes]:
+        async def apply(deltas: Sequence[VerifiedDelta]) -> set[bytes]:
+            # Queued together, so they commit together: a chain of ancestors is one
+            # commit, not one per delta. (Each is judged alone; the first bad one fails
+            # the fetch, as it would have alone.)
             nonlocal received
-            result = await self.contexts.receive(context_id, delta)
-            received += len(result.applied)
-            return result.missing
+            if len(deltas) == 1:
+                results: list[Received | ProtocolError] = [
+                    await self.contexts.receive(context_id, deltas[0])
+                ]
+            else:
+                results = await self.contexts.receive_many(context_id, [d.wire for d in deltas])
+            missing: set[bytes] = set()
+            for result in results:
+                if isinstance(result, ProtocolError):
+                    raise result
+                received += len(result.applied)
+                missing |= result.missing
+            return missing
 
         await fetch_deltas(channel, machine, apply)
         self.metrics.fetch_requests.inc(machine.rounds)

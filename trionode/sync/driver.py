@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, Protocol
 
 import trio
@@ -149,10 +149,11 @@ async def exchange_heads(channel: SyncChannel, machine: HeadsExchange) -> HeadsR
 async def fetch_deltas(
     channel: SyncChannel,
     machine: DeltaFetch,
-    apply: Callable[[VerifiedDelta], Awaitable[Iterable[bytes]]],
+    apply: Callable[[Sequence[VerifiedDelta]], Awaitable[Iterable[bytes]]],
 ) -> None:
-    """Run a delta fetch on an authenticated stream; `apply` hands one verified delta to the
-    delta processor and returns the parents it waits for."""
+    """Run a delta fetch on an authenticated stream; `apply` hands one answer's verified
+    deltas to the delta processor, in order and together (one commit for a whole chain),
+    and returns the parents they wait for."""
     while True:
         await _flush(channel, machine)
         if machine.finished:
@@ -162,10 +163,7 @@ async def fetch_deltas(
         machine.receive_message(message, trio.current_time())
         action = machine.next_action()
         if action is not None:
-            missing: set[bytes] = set()
-            for delta in action.deltas:
-                missing.update(await apply(delta))
-            machine.deltas_applied(missing)
+            machine.deltas_applied(await apply(action.deltas))
 
 
 async def take_snapshot(
