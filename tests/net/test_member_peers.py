@@ -216,3 +216,38 @@ async def test_a_joiner_killed_in_its_first_sync_finds_its_inviter_again(
                 while not await _converged([a, b], context):
                     await b.pubsub.wait_heartbeat()
                 assert await _values(b, context) == await _values(a, context)
+
+
+def _rare_heartbeats(file: FileConfig) -> FileConfig:
+    file = _settings(file)
+    return replace(file, pubsub=replace(file.pubsub, heartbeat_interval=RARE))
+
+
+RARE = 1000.0
+"""Seconds between pubsub heartbeats: none comes within the test's bound."""
+
+
+async def test_a_member_is_recorded_when_it_subscribes_not_at_the_next_heartbeat(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A node partitioned right after another joined must already count it as a member:
+    # an ordinary peer is forgotten after three failed dials.
+    network = MemoryNetwork()
+    configs = []
+    for name in "ab":
+        config, _ = make_test_config(tmp_path / name, api=False, configure=_rare_heartbeats)
+        configs.append(replace(config, inline_store=True, discovery=True))
+    with trio.fail_after(RARE / 2):
+        async with (
+            _node(configs[0], network.transport()) as a,
+            _node(configs[1], network.transport()) as b,
+        ):
+            app = (await a.applications.install(str(APPS / "kv_store"))).application_id
+            await b.applications.install(str(APPS / "kv_store"))
+            context = (await a.contexts.create(app)).context_id
+            await b.joins.join(await a.joins.invite(context))
+            # Within a few (virtual) seconds of the join, far from the next heartbeat.
+            await trio.sleep(5)
+            assert b.host.peer_id in _members(a)
+            rows = dict(await a.store.scan(MEMBER_PEERS, prefix=PREFIX))
+            assert PREFIX + b.host.peer_id.multihash in rows

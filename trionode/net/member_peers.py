@@ -6,7 +6,9 @@ redials while it was down. So:
 
 - A peer *shares a context* with us while it is subscribed to the gossip topic of a context
   we hold (pubsub tells us; every member node subscribes to its contexts' topics).
-- On every pubsub heartbeat, for each such connected peer, the addresses it can be dialed at
+- On every pubsub heartbeat, and as soon as a peer subscribes to a topic (so a member that
+  just joined is known before a partition that follows at once, or it would be forgotten
+  after a few failed dials), for each such connected peer, the addresses it can be dialed at
   are written to LMDB (``GENERIC`` column, ``member-peer/<peer id>``) with the topics we
   share — only when they changed, so a quiet network writes nothing. The address we dialed
   it at (when we dialed) comes first: it is known to work.
@@ -22,7 +24,7 @@ tells us its new addresses, and the next heartbeat stores them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Final
 
 import msgspec
@@ -126,7 +128,10 @@ class _MemberPeers:
 
     async def run(self) -> None:
         while True:
-            await self._pubsub.wait_heartbeat()
+            # (Subscriptions in a burst, a peer's topics at connection, make one update.)
+            async with trio.open_nursery() as nursery:
+                for wait in (self._pubsub.wait_heartbeat, self._pubsub.wait_subscribed):
+                    nursery.start_soon(_then_cancel, wait, nursery.cancel_scope)
             await self.update()
 
     async def update(self) -> None:
@@ -177,6 +182,11 @@ async def remember(
     topics = [topic, *(t for t in (old.topics if old else []) if t != topic)]
     row = StoredMemberPeer(addrs=addrs[:MAX_ADDRS_PER_PEER], topics=topics[:MAX_STORED_TOPICS])
     await store.put(MEMBER_PEERS, key, row)
+
+
+async def _then_cancel(wait: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 def _addresses(conn: Connection, known: Collection[Multiaddr]) -> list[Multiaddr]:

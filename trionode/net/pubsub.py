@@ -164,6 +164,7 @@ class PubSub:
         self._running = trio.Event()
         self._flush_wanted = trio.Event()
         self._heartbeat_done = trio.Event()
+        self._subscribed = trio.Event()
         for protocol in PROTOCOLS:
             host.set_handler(protocol, self._serve_stream)
         self.faults = faults
@@ -228,6 +229,10 @@ class PubSub:
     async def wait_heartbeat(self) -> None:
         """Wait until the next heartbeat has run (and its output has been queued)."""
         await self._heartbeat_done.wait()
+
+    async def wait_subscribed(self) -> None:
+        """Wait until a peer next subscribes to a topic."""
+        await self._subscribed.wait()
 
     async def _flusher(self) -> None:
         while True:
@@ -461,6 +466,8 @@ class PubSub:
             elif isinstance(event, PeerSubscribed):
                 log.debug("%s subscribed to %s", event.peer, event.topic)
                 self.events.emit(TopicJoined(peer=event.peer, topic=event.topic))
+                self._subscribed.set()
+                self._subscribed = trio.Event()
             elif isinstance(event, PeerUnsubscribed):
                 log.debug("%s unsubscribed from %s", event.peer, event.topic)
 
