@@ -162,15 +162,17 @@ async def locked_final(replicas: ReplicaStore, replica: Replica) -> AsyncIterato
 
 
 def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
-    """The base rows of `context_id` as a tree (runs in a worker thread)."""
-    tree = StateTree(
-        decode_entity(record_of_row(value)) for _, value in _rows(replicas, context_id)
-    )
+    """The base rows of `context_id` as a tree (runs in a worker thread). The records are
+    decoded here, so the tree keeps them as they are (`add_new`, no copy each), filed one
+    read at a time: the rows come in id order, so each read extends the sorted child lists."""
+    tree = StateTree()
+    for rows in _pages(replicas, context_id):
+        tree.add_new([decode_entity(record_of_row(value)) for _, value in rows])
     tree.drain_changes()
     return tree
 
 
-def _rows(replicas: ReplicaStore, context_id: bytes) -> Iterator[tuple[bytes, bytes]]:
+def _pages(replicas: ReplicaStore, context_id: bytes) -> Iterator[list[tuple[bytes, bytes]]]:
     prefix = BASE_PREFIX + context_id
     start: bytes | None = None
     raw = replicas.store.raw
@@ -179,7 +181,8 @@ def _rows(replicas: ReplicaStore, context_id: bytes) -> Iterator[tuple[bytes, by
         rows = raw.scan(
             Column.GENERIC, prefix=prefix, start=start, limit=BUILD_ROWS, fill=BASE_FILL
         )
-        yield from rows
+        if rows:
+            yield rows
         if len(rows) < BUILD_ROWS:
             return
         start = rows[-1][0] + b"\x00"

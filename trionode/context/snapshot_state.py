@@ -193,11 +193,12 @@ class SnapshotState:
                 tree.drain_changes()
                 state_prefix = context_id
                 base_prefix = BASE_PREFIX + context_id
-                ops = batch.ops  # raw bytes both: `batch.put` would only pass them through
-                for i in fresh:
-                    entity_id, record = entities[i].id, records[i]
-                    ops.append(Put(STATE.column, state_prefix + entity_id, record))
-                    ops.append(Put(AUX.column, base_prefix + entity_id, record))
+                # Raw bytes both (`batch.put` would only pass them through), one column
+                # after the other in key order: the store writes each run in one call.
+                ops = batch.ops
+                state, base = STATE.column, AUX.column
+                ops += [Put(state, state_prefix + entities[i].id, records[i]) for i in fresh]
+                ops += [Put(base, base_prefix + entities[i].id, records[i]) for i in fresh]
                 note_base(replica, [entities[i] for i in fresh])
             if held:
                 tree.apply(held)
