@@ -162,29 +162,50 @@ class RowLog:
             RemoteProtocolError: a row that does not decode.
             ValueError: a key that is neither an entity id nor a journal key.
         """
-        log = cls()
-        bases: dict[bytes, Entity] = {}
-        journals: dict[bytes, list[bytes]] = {}
+        loading = RowLoad()
+        loading.feed(rows)
+        return loading.finish()
+
+
+class RowLoad:
+    """`RowLog.load` a read at a time: `feed` each read's rows (decoded as they come, so a
+    caller holds one read's bytes, never the whole state's), then `finish`."""
+
+    __slots__ = ("_bases", "_journals", "_log")
+
+    def __init__(self) -> None:
+        self._log = RowLog()
+        self._bases: dict[bytes, Entity] = {}
+        self._journals: dict[bytes, list[bytes]] = {}
+
+    def feed(self, rows: Iterable[tuple[bytes, bytes]]) -> None:
+        """Decode stored rows (see `RowLog.load`, which raises what this raises)."""
+        bases, journals = self._bases, self._journals
+        stored_rows = self._log._stored  # noqa: SLF001 (this module's log: filled as read)
         for key, value in rows:
             if len(key) == ID_BYTES:
                 entity = _decode(key, value)
                 bases[key] = entity
                 if entity.kind in JOURNAL_KINDS:
-                    log._stored.setdefault(key, _Stored(0)).base = len(value)
+                    stored_rows.setdefault(key, _Stored(0)).base = len(value)
             elif len(key) == ID_BYTES + _SEQ_BYTES:
                 eid = key[:ID_BYTES]
                 journals.setdefault(eid, []).append(value)
-                stored = log._stored.setdefault(eid, _Stored(0))
+                stored = stored_rows.setdefault(eid, _Stored(0))
                 seq = int.from_bytes(key[ID_BYTES:], "big")
                 stored.journal_rows = max(stored.journal_rows, seq + 1)
                 stored.journal_bytes += len(value)
             else:
                 raise ValueError(f"state row key of {len(key)} bytes")
-        for eid, values in journals.items():
+
+    def finish(self) -> tuple[list[Entity], RowLog]:
+        """The records of every row fed (journals joined into their bases), and the log."""
+        log, bases = self._log, self._bases
+        for eid, values in self._journals.items():
             base = bases.get(eid)
             if base is None:  # rows change in one batch, so only damage leaves this
                 base = bases[eid] = _decode(eid, values[0])  # (a version 1 row stands alone)
-                log._rewrite.add(eid)  # write the base whole on its next change
+                log._rewrite.add(eid)  # noqa: SLF001 (write the base whole on its next change)
             for value in values:
                 base.merge(decode_journal(value, base))
         return list(bases.values()), log

@@ -429,9 +429,16 @@ class StateTree:
             ValueError: a row key that is neither an entity id nor a journal key.
         """
         entities, log = RowLog.load(rows)
-        tree = cls(entities)
-        tree._log = log
+        tree = cls()
+        tree.add_new(entities)  # decoded here: kept, not copied
+        tree.restore_log(log)
         return tree
+
+    def restore_log(self, log: RowLog) -> None:
+        """Take the log of the rows this tree's records were loaded from (`RowLog.load`,
+        `RowLoad`): loading is not a change."""
+        self.drain_changes()
+        self._log = log
 
     def drain_rows(self) -> list[Row]:
         """The rows to write or delete (keys relative to the context) for every change
