@@ -52,8 +52,10 @@ async def _run(
             await fold_now(cluster)
             original = a.contexts.snapshot_first_page
 
-            async def tampered(*args: Any) -> tuple[list[bytes], bytes | None, SnapshotBegin]:
-                records, next_cursor, begin = await original(*args)
+            async def tampered(
+                *args: Any, **kwargs: Any
+            ) -> tuple[list[bytes], bytes | None, SnapshotBegin]:
+                records, next_cursor, begin = await original(*args, **kwargs)
                 changed = await tamper(begin, context, b)
                 return records, next_cursor, changed
 

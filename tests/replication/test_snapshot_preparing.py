@@ -29,7 +29,9 @@ from tests.replication.test_sync_protocols import (
 )
 from trionode.config import FileConfig
 from trionode.context.final_state import FinalSlot
+from trionode.context.folding import fold_all
 from trionode.crdt import encode_entity
+from trionode.sync.driver import SyncServer
 from trionode.testing import open_cluster
 
 
@@ -46,11 +48,11 @@ async def test_a_join_completes_when_preparing_outlasts_the_deadline_between_mes
             await fold_now(cluster)
             original = a.contexts.snapshot_first_page
 
-            async def slow(*args: Any) -> Any:
+            async def slow(*args: Any, **kwargs: Any) -> Any:
                 # Preparing the final state outlasts the joiner's wait between messages
                 # three times over.
                 await trio.sleep(3 * between)
-                return await original(*args)
+                return await original(*args, **kwargs)
 
             monkeypatch.setattr(a.contexts, "snapshot_first_page", slow)
             await install(c)
@@ -103,3 +105,62 @@ async def _served(node: Any, context: bytes) -> tuple[bytes, list[bytes]]:
     assert tree.root_hash() == begin.root_hash
     assert begin.entries == len(records)
     return begin.root_hash, records
+
+
+async def test_folding_during_a_snapshot_does_not_change_what_it_serves(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The member folds while a snapshot streams: new base rows land among the pages still
+    to come. Every page comes from the view of the first (trionode/context/final_state.py),
+    so the pages add up to the root announced before them and the snapshot is taken in one
+    go. Before, later pages carried the new rows, the joiner's root check failed, and the
+    snapshot was refused and started over."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=folding) as cluster:
+            a, c = cluster
+            context = await share(cluster, [0])
+            for i in range(40):
+                await put(a, context, f"k{i:03}")
+            await fold_now(cluster)
+            for i in range(30):  # final, not yet folded: folded mid-stream below
+                await put(a, context, f"late{i:03}", "w")
+            for i in range(10):  # rows already served or still to come change too
+                await put(a, context, f"k{i * 4:03}", "changed")
+            await trio.sleep(3)  # acks go round: final
+            await cluster.settle()
+            c.sync.snapshot_page_records = 8  # several pages
+            original = SyncServer._read_snapshot_page
+            served: list[int] = []
+
+            async def folding_meanwhile(*args: Any) -> Any:
+                page = await original(*args)
+                served.append(len(page[0]))
+                if len(served) == 2:
+                    replica = await a.contexts.replica(context)
+                    base = len(replica.final.state.tree) if replica.final.state else 0
+                    folded = await fold_all(a.contexts.replicas, retention=0.0, max_batch=1024)
+                    assert folded >= 40
+                    assert replica.final.state is not None
+                    assert len(replica.final.state.tree) >= base + 30
+                return page
+
+            monkeypatch.setattr(SyncServer, "_read_snapshot_page", folding_meanwhile)
+            await install(c)
+            await c.joins.join(await a.joins.invite(context))
+            monkeypatch.undo()
+            assert len(served) >= 5  # the fold came after the second of many pages
+            # The deltas folded mid-stream came after the snapshot's boundary, and their
+            # bodies are gone: the next sessions bring their records as final state.
+            for _ in range(3):
+                await c.sync.sync_now(context, cluster.peer_ids[0])
+            await converged(cluster, [a, c], context)
+            # Taken once, its root check passed (its tail was folded: "partial"), and a
+            # tree comparison brought the rest.
+            assert sessions(c, "snapshot", "failed") == 0
+            assert sessions(c, "snapshot", "partial") == 1
+            assert sessions(c, "tree") >= 1
+            ours = await entries(c, context)
+            assert len(ours) == 70
+            assert ours == await entries(a, context)
+            assert ours["k036"] == "changed"
+            assert not (await a.contexts.replica(context)).final.views  # every view closed

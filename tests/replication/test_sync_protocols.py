@@ -24,7 +24,7 @@ from trionode.config import FileConfig
 from trionode.context import snapshot
 from trionode.context.folding import fold_all
 from trionode.context.replication import SYNC_PROTOCOL, _Channel
-from trionode.crdt import Entity, Kind, Timestamp, decode_entity, encode_entity
+from trionode.crdt import Entity, Kind, Timestamp, encode_entity
 from trionode.crdt.entity import ROOT_ID
 from trionode.dag.dag import CausalDag
 from trionode.dag.delta import GENESIS
@@ -44,8 +44,10 @@ from trionode.wire.messages import (
     FrameReader,
     NodeQuery,
     NodeRequest,
-    SnapshotPage,
+    PeerProof,
+    ProofRequest,
     SnapshotRequest,
+    SyncError,
     SyncMessage,
     TreeDone,
     frame,
@@ -620,27 +622,6 @@ def test_oversized_and_garbage_frames_raise_the_typed_error() -> None:
     assert isinstance(_decode(ok), NodeRequest)
 
 
-def test_bad_snapshot_pages_raise_the_typed_error() -> None:
-    one, two = (encode_entity(Entity(ROOT_ID, name, Kind.REGISTER)) for name in (b"a", b"b"))
-    ids = sorted(decode_entity(r).id for r in (one, two))
-    ordered = sorted((one, two), key=lambda r: decode_entity(r).id)
-
-    def page(records: list[bytes], cursor: bytes | None) -> SnapshotPage:
-        return SnapshotPage(records=records, next_cursor=cursor, heads=[], root_hash=bytes(32))
-
-    assert len(snapshot._check_page(page(ordered, None), None)) == 2
-    with pytest.raises(RemoteProtocolError, match="order"):
-        snapshot._check_page(page(ordered[::-1], None), None)
-    with pytest.raises(RemoteProtocolError, match="order"):
-        snapshot._check_page(page(ordered, None), ids[1])  # not after the cursor
-    with pytest.raises(RemoteProtocolError, match="cursor"):
-        snapshot._check_page(page(ordered, ids[0]), None)  # cursor is not the last record
-    with pytest.raises(RemoteProtocolError, match="cursor"):
-        snapshot._check_page(page([], ids[0]), None)  # no progress
-    with pytest.raises(RemoteProtocolError):
-        snapshot._check_page(page([b"garbage"], None), None)
-
-
 async def test_garbage_on_a_sync_stream_costs_only_that_stream(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -664,12 +645,14 @@ async def test_garbage_on_a_sync_stream_costs_only_that_stream(
                 assert await raw_session(b, a, context, messages) is None
             assert await a.contexts.state(context) == before
             # A still serves sessions.
-            page = await raw_session(
+            proof = await raw_session(b, a, context, [ProofRequest()])
+            assert isinstance(proof, PeerProof)
+            # The page-by-page snapshot is gone: an old peer asking for a page hears why.
+            old = await raw_session(
                 b, a, context, [SnapshotRequest(cursor=None, max_records=1, max_bytes=1 << 20)]
             )
-            assert isinstance(page, SnapshotPage)
-            assert len(page.records) == 1
-            assert page.next_cursor is not None
+            assert isinstance(old, SyncError)
+            assert "no longer served" in old.message
 
 
 async def test_bad_answers_fail_the_session_and_change_nothing(

@@ -39,6 +39,16 @@ EMPTY_PEER = HeadsResponse(heads=[], root_hash=ident(0))
         (Situation(PEER, False, False, ROOT, [ident(1), ident(2)]), Choice.NOTHING),
         (Situation(PEER, False, False, OTHER_ROOT, [ident(3)]), Choice.NOTHING),  # ahead
         (Situation(PEER, False, False, OTHER_ROOT, [ident(2), ident(1)]), Choice.TREE),
+        # Our pending deltas wait for parents the peer folded: only its final state has
+        # them (a snapshot's tail folded meanwhile), whatever the heads say.
+        (
+            Situation(PEER, False, False, OTHER_ROOT, [ident(3)], folded={ident(9)}),
+            Choice.TREE,
+        ),
+        (
+            Situation(PEER, False, False, ROOT, [ident(3)], missing={ident(8)}, folded={ident(9)}),
+            Choice.DELTA,  # what deltas can still bring comes first
+        ),
     ],
 )
 def test_choose(situation: Situation, expected: Choice) -> None:

@@ -20,13 +20,24 @@ Pages do not come from the tree: they are the base rows *as stored*, read in key
 order from the cursor, so serving a page decodes and re-encodes nothing. Only the few
 entities the creation's records touch (`overlay`) differ from their stored row; their
 pages carry the final tree's record instead (see `page`).
+
+**One view per snapshot.** A snapshot announces its root before the first page, and
+folding goes on while it streams: pages read from the rows as they are *now* would bring
+records the announced root does not hold, the joiner's root check would fail, and the
+snapshot would start over (every time, for a large state on a busy member). So a stream
+serves a `SnapshotView`: the root, boundary and overlay as of its first page, and the
+rows as they were then. Base rows only grow by join, and every write of one passes
+`note_base` before it commits, which keeps, for each open view, the row's bytes from
+before the first change since the view opened (None: the row did not exist). A page is
+the rows read now with those kept bytes put back (`view_page`). Memory is what changed
+during the stream, never a copy of the state; a view is closed when its stream ends.
 """
 
 from __future__ import annotations
 
 import logging
 from bisect import bisect_left, bisect_right
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -37,7 +48,7 @@ from trionode.context.records import DELTAS
 from trionode.crdt import Entity, StateTree, decode_entity, encode_entity
 from trionode.crdt.compact import record_of_row
 from trionode.dag.delta import decode_delta, open_delta, stored_header
-from trionode.errors import ProtocolError
+from trionode.errors import LocalProtocolError, ProtocolError
 from trionode.store.lmdb_store import Column
 
 if TYPE_CHECKING:
@@ -67,6 +78,37 @@ class FinalState:
     """The creation deltas whose records are in `tree` (another set means: rebuild)."""
 
 
+class SnapshotViewLost(LocalProtocolError):
+    """The base rows a snapshot view stands on were discarded (or the replica reloaded):
+    its stream ends, and the joiner's next session starts a new one."""
+
+
+@attrs.define(eq=False)
+class SnapshotView:
+    """The final state as one snapshot's first page saw it (see the module doc)."""
+
+    slot: FinalSlot
+    read_base: Callable[[bytes], bytes | None]
+    """The stored base row of an id, as it is now."""
+    root: bytes
+    entries: int
+    overlay: dict[bytes, bytes]
+    """The creation's records (id → encoded final record) as of the first page."""
+    kept: dict[bytes, bytes | None] = attrs.field(factory=dict)
+    """Base rows changed since: their bytes at the first page (None: there was none)."""
+    lost: bool = False
+
+    def keep(self, records: Sequence[Entity]) -> None:
+        """`records` are about to be joined into their base rows: keep those rows first."""
+        kept = self.kept
+        for record in records:
+            if record.id not in kept:
+                kept[record.id] = self.read_base(record.id)
+
+    def close(self) -> None:
+        self.slot.views.discard(self)
+
+
 @attrs.define
 class FinalSlot:
     """Per replica: the final state once built, and a build under way."""
@@ -79,12 +121,16 @@ class FinalSlot:
     """Bumped by `reset`: a build started in an older epoch is void."""
     builds: int = 0
     """Builds finished (how often the rows were decoded whole: a test counter)."""
+    views: set[SnapshotView] = attrs.field(factory=set)
+    """Open snapshot views (each keeps the rows changed under it)."""
 
 
 def note_base(replica: Replica, records: Sequence[Entity]) -> None:
     """`records` were joined into the base rows (call under the replica's lock, with the
     write): the final state, built or being built, takes them too."""
     slot = replica.final
+    for view in slot.views:
+        view.keep(records)
     if slot.state is not None and records:
         tree = slot.state.tree
         tree.apply(records)
@@ -98,6 +144,9 @@ def reset(replica: Replica) -> None:
     slot = replica.final
     slot.state = None
     slot.epoch += 1
+    for view in slot.views:
+        view.lost = True
+    slot.views.clear()
 
 
 async def final_state(replicas: ReplicaStore, replica: Replica) -> FinalState:
@@ -257,4 +306,76 @@ def page(
         size += len(value)
         last = entity_id
     more = len(records) < len(merged)
+    return records, last if more else None
+
+
+def open_view(replicas: ReplicaStore, replica: Replica, state: FinalState) -> SnapshotView:
+    """A view of `state` as it is now (call under the replica's lock, `state` current);
+    close it when the stream ends."""
+    prefix = BASE_PREFIX + replica.context_id
+    get = replicas.store.raw.get
+
+    def read_base(entity_id: bytes) -> bytes | None:
+        return get(Column.GENERIC, prefix + entity_id)
+
+    overlay: dict[bytes, bytes] = {}
+    for entity_id in state.overlay:
+        record = state.tree.get(entity_id)
+        assert record is not None
+        overlay[entity_id] = encode_entity(record)
+    view = SnapshotView(replica.final, read_base, state.tree.root_hash(), len(state.tree), overlay)
+    replica.final.views.add(view)
+    return view
+
+
+def view_page(
+    replicas: ReplicaStore,
+    replica: Replica,
+    view: SnapshotView,
+    cursor: bytes | None,
+    *,
+    max_records: int,
+    max_bytes: int,
+) -> tuple[list[bytes], bytes | None]:
+    """Like `page`, from `view`: the rows as they were when it opened (call under the
+    replica's lock). Raises SnapshotViewLost if its rows were discarded meanwhile."""
+    if view.lost or replica.final is not view.slot:
+        raise SnapshotViewLost("the state this snapshot serves was discarded")
+    prefix = BASE_PREFIX + replica.context_id
+    cut = len(prefix)
+    raw = replicas.store.raw
+    kept = view.kept
+    stored: list[tuple[bytes, bytes]] = []
+    after = cursor
+    ended = False
+    # Rows new since the view opened are skipped, so a read may bring fewer than it asks
+    # for: read on until one row more than a page is known (or the rows end).
+    while len(stored) <= max_records and not ended:
+        start = None if after is None else prefix + after + b"\x00"
+        rows = raw.scan(Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1)
+        ended = len(rows) <= max_records
+        for key, now in rows:
+            entity_id = key[cut:]
+            value = kept.get(entity_id, now)
+            if value is not None:  # (None: a row new since the view opened)
+                stored.append((entity_id, value))
+        if rows:
+            after = rows[-1][0][cut:]
+    overlay = sorted(view.overlay)
+    low = 0 if cursor is None else bisect_right(overlay, cursor)
+    high = len(overlay) if ended else bisect_left(overlay, stored[-1][0])
+    merged = dict(stored)
+    for entity_id in overlay[low:high]:
+        merged[entity_id] = view.overlay[entity_id]
+    ordered = sorted(merged.items()) if high > low else stored
+    records: list[bytes] = []
+    last: bytes | None = None
+    size = 0
+    for entity_id, value in ordered[:max_records]:
+        if records and size + len(value) > max_bytes:
+            break
+        records.append(value)
+        size += len(value)
+        last = entity_id
+    more = len(records) < len(ordered) or not ended
     return records, last if more else None

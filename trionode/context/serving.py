@@ -24,7 +24,7 @@ from trionode.auth.model import WRITERS, Verdict
 from trionode.context.authority import AuthRejected, decode_vv, encode_vv
 from trionode.context.errors import AlreadyExists
 from trionode.context.events import EventHub
-from trionode.context.final_state import locked_final, page
+from trionode.context.final_state import SnapshotView, locked_final, open_view, page, view_page
 from trionode.context.notices import publish_change, publish_verdicts
 from trionode.context.processing import Applying, DeltaProcessor, ReplicationMetrics
 from trionode.context.records import DELTAS, PENDING
@@ -151,6 +151,33 @@ class SyncServing:
                 max_bytes=max_bytes,
             )
             return records, next_cursor, self._boundary(replica), state.tree.root_hash()
+
+    async def open_snapshot_view(self, context_id: bytes) -> tuple[SnapshotView, list[bytes]]:
+        """A view of the final state as of now, for one snapshot stream, and its boundary
+        (`_boundary`), read together (close the view when the stream ends)."""
+        replica = await self._replicas.load(context_id)
+        async with locked_final(self._replicas, replica) as state:
+            return open_view(self._replicas, replica, state), self._boundary(replica)
+
+    async def snapshot_view_page(
+        self,
+        context_id: bytes,
+        view: SnapshotView,
+        cursor: bytes | None,
+        max_records: int,
+        max_bytes: int,
+    ) -> tuple[list[bytes], bytes | None]:
+        """(records, next cursor or None at the end) after `cursor`, as `view` saw them."""
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            return view_page(
+                self._replicas,
+                replica,
+                view,
+                cursor,
+                max_records=max_records,
+                max_bytes=max_bytes,
+            )
 
     async def final_view(self, replica: Replica) -> tuple[StateTree, list[bytes]]:
         """The state a snapshot serves and its boundary (`_boundary`), as of now."""

@@ -75,7 +75,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from trionode.context.errors import AlreadyExists, MissingPrerequisite, NotPermitted, PeerFailed
 from trionode.context.manager import ContextManager
-from trionode.crdt import Entity, decode_entities
 from trionode.errors import RemoteProtocolError
 from trionode.net.host import Connection
 from trionode.store.lmdb_store import Column
@@ -85,13 +84,10 @@ from trionode.sync.snapshot import SnapshotTake, StoreBatch
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
     MAX_IDS,
-    MAX_PAGE_RECORDS,
     AuthRequest,
     AuthResponse,
     PeerProof,
     ProofRequest,
-    SnapshotPage,
-    SnapshotRequest,
     SyncError,
     SyncMessage,
 )
@@ -105,9 +101,6 @@ M = TypeVar("M")
 PROOF_DOMAIN: Final = b"trionode/sync-proof/v1"
 PAGE_RECORDS: Final = 1000
 PAGE_BYTES: Final = 1024 * 1024
-SERVE_MAX_RECORDS: Final = MAX_PAGE_RECORDS
-SERVE_MAX_BYTES: Final = 4 * 1024 * 1024
-PAGE_TIMEOUT: Final = 30.0
 WINDOW: Final = 16
 BATCH_BYTES: Final = 16 * 1024 * 1024
 IDLE_TIMEOUT: Final = 60.0
@@ -186,21 +179,6 @@ def check_proof(conn: Connection, context_id: bytes, proof: PeerProof) -> bytes:
     except (InvalidSignature, ValueError):
         raise RemoteProtocolError("bad membership proof from the responder") from None
     return proof.member
-
-
-async def serve_page(
-    contexts: ContextManager, context_id: bytes, request: SnapshotRequest
-) -> SnapshotPage:
-    """One page, read under the context lock (the responder side)."""
-    records, next_cursor, heads, root = await contexts.snapshot_page(
-        context_id,
-        request.cursor,
-        min(request.max_records, SERVE_MAX_RECORDS),
-        min(request.max_bytes, SERVE_MAX_BYTES),
-    )
-    return SnapshotPage(
-        records=records, next_cursor=next_cursor, heads=heads[:MAX_IDS], root_hash=root
-    )
 
 
 class Channel(Protocol):
@@ -440,20 +418,6 @@ async def _refuse(
         progress_key(context_id),
         SnapshotProgress(source=progress.source, peer=progress.peer),
     )
-
-
-def _check_page(page: SnapshotPage, cursor: bytes | None) -> list[Entity]:
-    """Decode a page's records; ids must rise strictly after `cursor`, and a page that is
-    not the last must end at its cursor (so paging always moves forward)."""
-    entities = decode_entities(page.records)
-    previous = cursor
-    for entity in entities:
-        if previous is not None and entity.id <= previous:
-            raise RemoteProtocolError("snapshot records out of order")
-        previous = entity.id
-    if page.next_cursor is not None and (not entities or page.next_cursor != previous):
-        raise RemoteProtocolError("snapshot page cursor does not follow its records")
-    return entities
 
 
 async def expect(channel: Channel, kind: type[M]) -> M:

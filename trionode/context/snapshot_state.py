@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import attrs
+
 from trionode.auth.acks import open_ack, sign_ack
 from trionode.auth.finality import within
 from trionode.auth.model import tag
 from trionode.context.authority import AuthRejected, ContextAuthority, decode_vv
 from trionode.context.events import EventHub
-from trionode.context.final_state import BASE_PREFIX, note_base, reset
+from trionode.context.final_state import BASE_PREFIX, SnapshotView, note_base, reset
 from trionode.context.notices import publish_change
 from trionode.context.processing import ReplicationMetrics
 from trionode.context.records import DELTAS, STATE
@@ -42,7 +44,7 @@ from trionode.context.serving import StateAheadError, SyncServing
 from trionode.crdt import Entity, StateTree, max_stamp
 from trionode.crdt.hlc import ntp64_seconds
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
-from trionode.errors import RemoteProtocolError
+from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.store.lmdb_store import Column, Put
 from trionode.store.store import WriteBatch
 from trionode.sync.snapshot import (
@@ -56,6 +58,23 @@ from trionode.wire.messages import MAX_CERTIFICATE, MAX_IDS, SnapshotBegin
 log = logging.getLogger(__name__)
 
 Page = tuple[list[bytes], bytes | None]
+
+
+@attrs.define
+class SnapshotStream:
+    """The view one served snapshot stream reads its pages from (opened by its first page,
+    closed when the stream ends, however it ends)."""
+
+    view: SnapshotView | None = None
+
+    def open(self, view: SnapshotView) -> None:
+        self.close()
+        self.view = view
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
+            self.view = None
 
 
 class SnapshotState:
@@ -80,35 +99,56 @@ class SnapshotState:
         resume_root: bytes | None,
         max_records: int,
         max_bytes: int,
+        *,
+        stream: SnapshotStream | None = None,
     ) -> tuple[list[bytes], bytes | None, SnapshotBegin]:
         """The first page of a streamed snapshot and its `SnapshotBegin`: from `cursor` if
-        the final state still has `resume_root`, else from the first record."""
-        page = self._serving.snapshot_page
-        records, next_cursor, boundary, root = await page(
-            context_id, cursor, max_records, max_bytes
-        )
-        if cursor is not None and root != resume_root:
-            cursor = None
-            records, next_cursor, boundary, root = await page(
-                context_id, None, max_records, max_bytes
+        the final state still has `resume_root`, else from the first record. The stream's
+        later pages come from the view opened here (`stream.view`: see final_state.py);
+        without a `stream`, the view serves this page alone."""
+        serving = self._serving
+        view, boundary = await serving.open_snapshot_view(context_id)
+        try:
+            if cursor is not None and view.root != resume_root:
+                cursor = None
+            records, next_cursor = await serving.snapshot_view_page(
+                context_id, view, cursor, max_records, max_bytes
             )
-        entries, certificate = await self.certificate(context_id, boundary)
+            certificate = await self.certificate(context_id, boundary)
+        except BaseException:
+            view.close()
+            raise
+        if stream is None:
+            view.close()
+        else:
+            stream.open(view)
         begin = SnapshotBegin(
             heads=boundary[:MAX_IDS],
-            root_hash=root,
-            entries=entries,
+            root_hash=view.root,
+            entries=view.entries,
             certificate=certificate,
             cursor=cursor,
         )
         return records, next_cursor, begin
 
-    async def certificate(
-        self, context_id: bytes, boundary: Sequence[bytes]
-    ) -> tuple[int, list[bytes]]:
-        """(records in the final state, finality certificate of `boundary`)."""
+    async def next_page(
+        self,
+        context_id: bytes,
+        stream: SnapshotStream,
+        cursor: bytes | None,
+        max_records: int,
+        max_bytes: int,
+    ) -> tuple[list[bytes], bytes | None]:
+        """A later page of the stream whose first page opened `stream`'s view."""
+        if stream.view is None:
+            raise LocalProtocolError("no snapshot view: the first page opens it")
+        return await self._serving.snapshot_view_page(
+            context_id, stream.view, cursor, max_records, max_bytes
+        )
+
+    async def certificate(self, context_id: bytes, boundary: Sequence[bytes]) -> list[bytes]:
+        """The finality certificate of `boundary`."""
         replica = await self._replicas.load(context_id)
-        tree, _ = await self._serving.final_view(replica)
-        entries = len(tree)
         async with replica.lock:
             authority = replica.authority
             vvs = [vv for vv in (authority.vv_of(h) for h in boundary) if vv]
@@ -124,7 +164,7 @@ class SnapshotState:
                     out.append(entry)
                 else:
                     log.info("no signed ack of %s to certify a snapshot", member.hex()[:12])
-            return entries, out
+            return out
 
     async def _entry(
         self, replica: Replica, member: bytes, me: bytes, covers: Callable[[object], bool]

@@ -471,17 +471,18 @@ class SyncManager:
                 run.applied += await self.replicator.release_past_folded(context_id, claimed)
             root, ours, _ = await self.contexts.state(context_id)
             unknown = await self.contexts.unknown(context_id, heads.heads)
-            # Not what this peer said it folded: asking again brings nothing.
-            missing = await self.contexts.missing(context_id) - self.replicator.folded.by(
-                context_id, peer
-            )
+            # Not what this peer said it folded: asking again brings nothing (its final
+            # state has them: a tree comparison).
+            waiting = set(await self.contexts.missing(context_id))
+            folded = waiting & self.replicator.folded.by(context_id, peer)
+            missing = waiting - folded
             applied = await self.contexts.applied(context_id, heads.heads)
             if not missing and len(applied) == len(set(heads.heads)):
                 # (Only once every head of the peer's is *applied*: adopting its heads
                 # while one waits here, deferred, would mark it applied unread.)
                 ours = await self._drop_stale_heads(context_id, heads, ours)
             situation = attrs.evolve(
-                situation, root=root, heads=ours, unknown=unknown, missing=missing
+                situation, root=root, heads=ours, unknown=unknown, missing=missing, folded=folded
             )
         choice = plan.choose(situation)
         if choice is plan.Choice.SNAPSHOT:
@@ -520,6 +521,8 @@ class SyncManager:
                 # ahead of our clock, or joined for good with whatever came before them.
                 return
             diverged = False
+        elif situation.folded:
+            diverged = False  # parents only the peer's final state holds
         else:
             diverged = True
             log.warning("divergence in %s: same heads, different root", context_id.hex()[:12])

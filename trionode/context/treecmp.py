@@ -1,5 +1,6 @@
-"""The responder side of the state-based sync requests on one sync stream: snapshot pages
-and tree comparison of final state. The requester of a tree comparison is the sans-IO
+"""The responder side of the state-based sync requests on one sync stream: the proof a
+snapshot asks for, and tree comparison of final state (snapshots themselves stream:
+`trionode.sync.snapshot`). The requester of a tree comparison is the sans-IO
 machine `trionode.sync.treecmp.TreeCompare` (its module doc has the protocol and the trust
 rule); this answers it from the replica's *final* view (`SyncServing.final_start`,
 `tree_nodes`, `subtree_records`), so no record of a delta whose body we hold, final or
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from trionode.context.manager import ContextManager
-from trionode.context.snapshot import prove, serve_page
+from trionode.context.snapshot import prove
 from trionode.crdt import decode_entities
 from trionode.errors import RemoteProtocolError
 from trionode.net.host import Connection
@@ -28,6 +29,7 @@ from trionode.wire.messages import (
     ProofRequest,
     PushAck,
     SnapshotRequest,
+    SyncError,
     SyncMessage,
     TreeDone,
     TreeDoneAck,
@@ -47,6 +49,7 @@ SERVE_MAX_REQUESTS: Final = 16384
 """Node requests a responder answers on one stream."""
 SERVE_MAX_PUSHED: Final = 200_000
 """Records a responder takes on one stream."""
+OLD_SNAPSHOT_REFUSED: Final = "page-by-page snapshots are no longer served: open a streamed one"
 
 
 class SessionResponder:
@@ -79,7 +82,9 @@ class SessionResponder:
         if isinstance(message, ProofRequest):
             return await prove(contexts, self.conn, context_id)
         if isinstance(message, SnapshotRequest):
-            return await serve_page(contexts, context_id, message)
+            # The page-by-page snapshot (one round trip per page) is gone: snapshots stream
+            # (`SnapshotOpen`). A node too old to open one hears why, not a torn stream.
+            return SyncError(message=OLD_SNAPSHOT_REFUSED)
         if isinstance(message, TreeStart):
             side, known = await contexts.final_start(context_id, message.heads)
             self._start = message

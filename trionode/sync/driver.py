@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge
 
 from trionode.context.manager import ContextManager
 from trionode.context.snapshot import check_proof
+from trionode.context.snapshot_state import SnapshotStream
 from trionode.context.treecmp import SessionResponder, TakeAck
 from trionode.dag.delta import VerifiedDelta
 from trionode.errors import RemoteProtocolError, StreamEndedError
@@ -497,25 +498,36 @@ class SyncServer:
             max_bytes=SNAPSHOT_SERVE_BYTES,
             idle_timeout=self.snapshot_idle_timeout,
         )
+        # Every page from one view of the state, as of the first (folding goes on meanwhile:
+        # trionode/context/final_state.py), released however the stream ends.
+        stream = SnapshotStream()
 
         async def read(page: ReadPage) -> PageRead:
-            return await self._read_snapshot_page(context_id, page)
+            return await self._read_snapshot_page(context_id, page, stream)
 
-        await serve_snapshot(channel, machine, read, keepalive=self.snapshot_keepalive)
+        try:
+            await serve_snapshot(channel, machine, read, keepalive=self.snapshot_keepalive)
+        finally:
+            stream.close()
 
     async def _read_snapshot_page(
-        self, context_id: bytes, page: ReadPage
+        self, context_id: bytes, page: ReadPage, stream: SnapshotStream
     ) -> tuple[list[bytes], bytes | None, SnapshotBegin | None]:
         """One page of the final state (with its boundary, for the first)."""
+        begin: SnapshotBegin | None = None
         if page.first:
             records, next_cursor, begin = await self.contexts.snapshot_first_page(
-                context_id, page.cursor, page.resume_root, page.max_records, page.max_bytes
+                context_id,
+                page.cursor,
+                page.resume_root,
+                page.max_records,
+                page.max_bytes,
+                stream=stream,
             )
         else:
-            records, next_cursor, _, _ = await self.contexts.snapshot_page(
-                context_id, page.cursor, page.max_records, page.max_bytes
+            records, next_cursor = await self.contexts.snapshot_next_page(
+                context_id, stream, page.cursor, page.max_records, page.max_bytes
             )
-            begin = None
         if self._served_pages is not None:
             self._served_pages.inc()
         return records, next_cursor, begin

@@ -48,6 +48,9 @@ class Situation:
     """The peer's heads neither applied nor pending here."""
     missing: AbstractSet[bytes] = frozenset()
     """Parents our pending deltas wait for."""
+    folded: AbstractSet[bytes] = frozenset()
+    """Parents our pending deltas wait for that the peer folded: no delta brings them any
+    more, only its final state (as after a snapshot whose tail the member folded)."""
 
 
 def choose(situation: Situation) -> Choice:
@@ -58,6 +61,8 @@ def choose(situation: Situation) -> Choice:
         return Choice.SNAPSHOT if situation.snapshot_in_progress else Choice.HISTORY
     if situation.unknown or situation.missing:
         return Choice.DELTA
+    if situation.folded:
+        return Choice.TREE
     if peer.root_hash == situation.root or sorted(peer.heads) != sorted(situation.heads):
         return Choice.NOTHING
     return Choice.TREE
