@@ -72,7 +72,7 @@ from trionode.crdt import (
 from trionode.sdk import App
 from trionode.sdk.bundle import load_app, load_bundle, verify_bundle
 from trionode.sdk.runtime import execute, init_state
-from trionode.store.lmdb_store import Column, Put, WriteOp
+from trionode.store.lmdb_store import Column, Delete, Put, WriteOp
 from trionode.store.store import WriteBatch
 from trionode.testing import TestNode, open_test_node
 
@@ -530,8 +530,10 @@ def _raw_lmdb_replay(path: Path, batches: Sequence[Sequence[WriteOp]]) -> float:
                 for op in ops:
                     if isinstance(op, Put):
                         txn.put(op.key, op.value, db=dbs[op.column])
-                    else:
+                    elif isinstance(op, Delete):
                         txn.delete(op.key, db=dbs[op.column])
+                    else:
+                        txn.cursor(db=dbs[op.column]).putmulti(op.rows)
         return len(batches) / (time.perf_counter() - started)
     finally:
         env.close()

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 from trionode.errors import StorageError, WrongPassphraseError
 from trionode.store.encryption import KdfParams
-from trionode.store.lmdb_store import Column, Delete, LmdbStore, Put
+from trionode.store.lmdb_store import Column, Delete, LmdbStore, Put, PutMany
 
 FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
 
@@ -38,6 +38,37 @@ def test_batch_spans_columns_atomically(store: LmdbStore) -> None:
     with pytest.raises(StorageError, match="key of"):
         store.write([Put(Column.STATE, b"b", b"1"), Put(Column.DELTA, b"x" * 600, b"2")])
     assert store.get(Column.STATE, b"b") is None
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_runs_of_puts_and_put_many_keep_the_order_of_ops(tmp_path: Path, encrypted: bool) -> None:
+    """Puts to one column go in one putmulti (a PutMany is one op of many rows); every op
+    still takes effect in order, across columns, deletes and the delta log."""
+    store = LmdbStore.open(tmp_path / "db", passphrase="pw" if encrypted else None, kdf=FAST_KDF)
+    try:
+        store.write(
+            [
+                PutMany(Column.STATE, [(b"a", b"1"), (b"b", b"1"), (b"c", b"1")]),
+                Put(Column.STATE, b"b", b"2"),
+                Delete(Column.STATE, b"c"),
+                PutMany(Column.GENERIC, [(b"a", b"g")]),
+                Put(Column.STATE, b"c", b"3"),
+                Put(Column.DELTA, b"d", b"x"),
+                PutMany(Column.DELTA, [(b"e", b"y")]),
+                Put(Column.STATE, b"d", b"4"),
+                Delete(Column.STATE, b"d"),
+            ]
+        )
+        assert store.scan(Column.STATE) == [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")]
+        assert store.scan(Column.GENERIC) == [(b"a", b"g")]
+        assert store.get(Column.DELTA, b"d") == b"x"
+        assert store.get(Column.DELTA, b"e") == b"y"
+        # A bad key anywhere in a PutMany writes nothing at all.
+        with pytest.raises(StorageError, match="empty keys"):
+            store.write([Put(Column.STATE, b"z", b"1"), PutMany(Column.STATE, [(b"", b"1")])])
+        assert store.get(Column.STATE, b"z") is None
+    finally:
+        store.close()
 
 
 def test_prefix_and_range_scans(store: LmdbStore) -> None:

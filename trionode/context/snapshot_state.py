@@ -45,7 +45,7 @@ from trionode.crdt import Entity, StateTree, max_stamp
 from trionode.crdt.hlc import ntp64_seconds
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
 from trionode.errors import LocalProtocolError, RemoteProtocolError
-from trionode.store.lmdb_store import Column, Put
+from trionode.store.lmdb_store import Column, PutMany
 from trionode.store.store import WriteBatch
 from trionode.sync.snapshot import (
     RootMismatch,
@@ -234,11 +234,13 @@ class SnapshotState:
                 state_prefix = context_id
                 base_prefix = BASE_PREFIX + context_id
                 # Raw bytes both (`batch.put` would only pass them through), one column
-                # after the other in key order: the store writes each run in one call.
-                ops = batch.ops
-                state, base = STATE.column, AUX.column
-                ops += [Put(state, state_prefix + entities[i].id, records[i]) for i in fresh]
-                ops += [Put(base, base_prefix + entities[i].id, records[i]) for i in fresh]
+                # after the other in key order, one op each (no object per row): the store
+                # writes each in one putmulti.
+                rows = [(entities[i].id, records[i]) for i in fresh]
+                batch.ops += [
+                    PutMany(STATE.column, [(state_prefix + k, v) for k, v in rows]),
+                    PutMany(AUX.column, [(base_prefix + k, v) for k, v in rows]),
+                ]
                 note_base(replica, [entities[i] for i in fresh])
             if held:
                 tree.apply(held)

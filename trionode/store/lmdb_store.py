@@ -87,7 +87,16 @@ class Delete:
     key: bytes
 
 
-WriteOp = Put | Delete
+@attrs.frozen
+class PutMany:
+    """Puts of many rows to one column, as one op (a snapshot batch writes 100,000s of
+    rows: no object per row)."""
+
+    column: Column
+    rows: Sequence[tuple[bytes, bytes]]
+
+
+WriteOp = Put | Delete | PutMany
 
 
 @attrs.frozen
@@ -484,6 +493,12 @@ class LmdbStore:
             return
         prepared: list[tuple[Column, bytes, bytes | None]] = []
         for op in ops:
+            if isinstance(op, PutMany):
+                column = op.column
+                for key, value in op.rows:
+                    _check_key(key)
+                    prepared.append((column, key, self._seal(column, key, value)))
+                continue
             _check_key(op.key)
             if isinstance(op, Put):
                 value = self._seal(op.column, op.key, op.value)

@@ -26,7 +26,15 @@ from prometheus_client import CollectorRegistry, Counter
 
 from trionode.errors import StorageError
 from trionode.store.encryption import KdfParams
-from trionode.store.lmdb_store import Column, Delete, LmdbStore, Put, StoreStats, WriteOp
+from trionode.store.lmdb_store import (
+    Column,
+    Delete,
+    LmdbStore,
+    Put,
+    PutMany,
+    StoreStats,
+    WriteOp,
+)
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -203,9 +211,12 @@ class AsyncStore:
     async def write(self, batch: WriteBatch | Sequence[WriteOp]) -> None:
         ops = batch.ops if isinstance(batch, WriteBatch) else list(batch)
         # Counted per (kind, column), not per op: a snapshot batch is 100,000s of puts.
-        counts = collections.Counter(
-            ("put" if isinstance(op, Put) else "delete", op.column) for op in ops
-        )
+        counts: collections.Counter[tuple[str, Column]] = collections.Counter()
+        for op in ops:
+            if isinstance(op, PutMany):
+                counts["put", op.column] += len(op.rows)
+            else:
+                counts["put" if isinstance(op, Put) else "delete", op.column] += 1
         for (kind, column), n in counts.items():
             self._count(kind, column, n)
         await self._run(self._writer, "write", self.raw.write, ops)
