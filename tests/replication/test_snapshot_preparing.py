@@ -32,7 +32,7 @@ from trionode.context.final_state import FinalSlot
 from trionode.context.folding import fold_all
 from trionode.crdt import encode_entity
 from trionode.sync.driver import SyncServer
-from trionode.testing import open_cluster
+from trionode.testing import Cluster, open_cluster
 
 
 async def test_a_join_completes_when_preparing_outlasts_the_deadline_between_messages(
@@ -42,10 +42,7 @@ async def test_a_join_completes_when_preparing_outlasts_the_deadline_between_mes
     with trio.fail_after(LIMIT):
         async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
-            context = await share(cluster, [0])
-            for i in range(40):
-                await put(a, context, f"k{i:03}")
-            await fold_now(cluster)
+            context = await _folded_member(cluster)
             original = a.contexts.snapshot_first_page
 
             async def slow(*args: Any, **kwargs: Any) -> Any:
@@ -89,6 +86,16 @@ async def test_the_final_state_follows_folding_and_pages_are_the_stored_rows(
                 assert replica.final.builds == 1
 
 
+async def _folded_member(cluster: Cluster) -> bytes:
+    """A context of the first node alone, with 40 entries written and folded."""
+    a = cluster[0]
+    context = await share(cluster, [0])
+    for i in range(40):
+        await put(a, context, f"k{i:03}")
+    await fold_now(cluster)
+    return context
+
+
 async def _served(node: Any, context: bytes) -> tuple[bytes, list[bytes]]:
     """(final root, every record) as a snapshot serves them, page by page (3 records a
     page); the records must be the final tree's, in id order."""
@@ -118,10 +125,7 @@ async def test_folding_during_a_snapshot_does_not_change_what_it_serves(
     with trio.fail_after(LIMIT):
         async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
-            context = await share(cluster, [0])
-            for i in range(40):
-                await put(a, context, f"k{i:03}")
-            await fold_now(cluster)
+            context = await _folded_member(cluster)
             for i in range(30):  # final, not yet folded: folded mid-stream below
                 await put(a, context, f"late{i:03}", "w")
             for i in range(10):  # rows already served or still to come change too
