@@ -312,11 +312,17 @@ def page(
 def open_view(replicas: ReplicaStore, replica: Replica, state: FinalState) -> SnapshotView:
     """A view of `state` as it is now (call under the replica's lock, `state` current);
     close it when the stream ends."""
-    prefix = BASE_PREFIX + replica.context_id
+    context_id = replica.context_id
+    prefix = BASE_PREFIX + context_id
     get = replicas.store.raw.get
 
     def read_base(entity_id: bytes) -> bytes | None:
-        return get(Column.GENERIC, prefix + entity_id)
+        # The record the row holds now; a marker's is its state row's (`replicas.BASE_PREFIX`:
+        # under the lock, before a write, the two agree).
+        stored = get(Column.GENERIC, prefix + entity_id)
+        if stored == b"":
+            stored = get(Column.STATE, context_id + entity_id)
+        return None if stored is None else record_of_row(stored)
 
     overlay: dict[bytes, bytes] = {}
     for entity_id in state.overlay:
@@ -352,11 +358,14 @@ def view_page(
     # for: read on until one row more than a page is known (or the rows end).
     while len(stored) <= max_records and not ended:
         start = None if after is None else prefix + after + b"\x00"
-        rows = raw.scan(Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1)
+        # (A marker row takes its state row, read in the same transaction.)
+        rows = raw.scan(
+            Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1, fill=BASE_FILL
+        )
         ended = len(rows) <= max_records
         for key, now in rows:
             entity_id = key[cut:]
-            value = kept.get(entity_id, now)
+            value = kept[entity_id] if entity_id in kept else record_of_row(now)
             if value is not None:  # (None: a row new since the view opened)
                 stored.append((entity_id, value))
         if rows:
