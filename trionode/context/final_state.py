@@ -8,9 +8,9 @@ serving member needs the state as a tree. Building it from the base rows costs a
 of every row, which is seconds per 100,000 entries: done per snapshot (as it was), a
 large context could not even start one within the joiner's deadline between messages.
 
-So the tree is built once per loaded replica, off the event loop (a worker thread reads
-and decodes the rows while the node keeps serving, and the snapshot stream sends
-keep-alives meanwhile), and from then on every write of a base row joins the same
+So the tree is built once per loaded replica, a read of `BUILD_ROWS` rows at a time with a
+checkpoint between reads (the node keeps serving, and the snapshot stream sends keep-alives
+meanwhile), and from then on every write of a base row joins the same
 records into it (`note_base`): folding, a tree comparison's state, a snapshot batch.
 Join is idempotent, so a record both read by the build and noted while it ran is
 harmless; a build notes the writes made while it runs and joins them at its end. A
@@ -151,7 +151,7 @@ def reset(replica: Replica) -> None:
 
 async def final_state(replicas: ReplicaStore, replica: Replica) -> FinalState:
     """The replica's final state, built first if it is not (call *without* its lock: the
-    build reads the rows in a worker thread while writes go on, and takes the lock only to
+    build reads the rows a page at a time while writes go on, and takes the lock only to
     start and to finish)."""
     slot = replica.final
     while True:
@@ -183,7 +183,7 @@ async def _build_into(
     building = slot.building
     assert building is not None
     try:
-        tree = await trio.to_thread.run_sync(_build, replicas, replica.context_id)
+        tree = await _build(replicas, replica.context_id)
         async with replica.lock:
             if slot.epoch != epoch:
                 return  # the base was discarded meanwhile: what we read is void
@@ -210,13 +210,20 @@ async def locked_final(replicas: ReplicaStore, replica: Replica) -> AsyncIterato
                 return
 
 
-def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
-    """The base rows of `context_id` as a tree (runs in a worker thread). The records are
-    decoded here, so the tree keeps them as they are (`add_new`, no copy each), filed one
-    read at a time: the rows come in id order, so each read extends the sorted child lists."""
+async def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
+    """The base rows of `context_id` as a tree. The records are decoded here, so the tree
+    keeps them as they are (`add_new`, no copy each), filed one read at a time: the rows
+    come in id order, so each read extends the sorted child lists.
+
+    On the event loop, one read at a time with a checkpoint between reads (tens of
+    milliseconds each), as a restart loads a replica: in a worker thread the loop sat idle
+    while the thread worked, and a test's autojump clock ran virtual time on meanwhile, so
+    session deadlines passed during a build of a few dozen rows (two flaky tests)."""
     tree = StateTree()
     for rows in _pages(replicas, context_id):
         tree.add_new([decode_entity(record_of_row(value)) for _, value in rows])
+        del rows
+        await trio.lowlevel.checkpoint()
     tree.drain_changes()
     return tree
 
