@@ -78,7 +78,8 @@ SESSION_WAIT: Final = 60.0
 """Seconds to wait for the session a kill must land in to show on /metrics."""
 SERVING_GAP: Final = 60
 """Writes C misses before ``serving-sync``: a chain, below ``sync.max_delta_rounds`` (64),
-so C's catch-up is one delta sync of 60 request rounds, not a tree comparison."""
+so C's catch-up is one delta sync (of 30 request rounds: see ``SERVING_ANCESTORS``), not a
+tree comparison."""
 SNAPSHOT_VALUES: Final = 192
 SNAPSHOT_VALUE_BYTES: Final = 60 * 1024
 """D asks for snapshot pages of 64 KiB (``sync.snapshot_page_bytes``): one such value a
@@ -385,8 +386,15 @@ SERVED: Final = "trionode_sync_served_deltas_total"
 SESSIONS: Final = "trionode_sync_sessions_total"
 
 
+SERVING_ANCESTORS: Final = 1
+"""C's ``sync.max_ancestors`` for ``serving-sync``: a delta request (/trionode/sync/2) takes
+up to that many ancestors in its answer, and at the default the whole 60-delta chain came in
+one answer, over before the kill could land in it. One each keeps the catch-up 30 rounds."""
+
+
 async def case_serving_sync(c: Cluster) -> CaseResult:
     await c.kill9(c.procs["c"])
+    _configure(c.procs["c"].home, {"sync": {"max_ancestors": SERVING_ANCESTORS}})
     for _ in range(SERVING_GAP):
         await c.write("a")
     servers = ("a", "b")
