@@ -17,6 +17,9 @@ and bytes of memory and of LMDB per stored entry. Every baseline is measured in 
   and to `pycrdt.Text` with one (implicit) transaction per keystroke. Both final texts must
   equal the trace's own result (checked, the run fails otherwise). Sizes: the sum of
   `encode_entity` over the tree's entities vs `doc.get_update()`.
+* **Text range deletes.** The typing trace's text, typed into both (untimed), then 50
+  seeded deletes of 200-2,000 characters at random places, one transaction each
+  (`Text.delete(pos, length)` against pycrdt's `del text[a:b]`), results checked.
 * **Vector.** The same two traces (20,000 edits) on `Vector[int]` (an insert puts its edit
   number at the position) and on `pycrdt.Array`, one transaction per edit, results checked;
   and the typing trace again at the Text rows' length (100,000 edits). pycrdt's cost per
@@ -316,6 +319,62 @@ def _text_rows(ops: int) -> list[Row]:
             higher_is_better=False,
         ),
         *_trace_rows("Text random-position trace", random_trace(ops)),
+        *_range_delete_rows(typing, 50),
+    ]
+
+
+def _range_delete_rows(trace: Sequence[Edit], deletes: int) -> list[Row]:
+    """Large range deletes: the typing trace typed into both CRDTs first (untimed), then
+    `deletes` seeded deletes of 200-2,000 characters at random places, one transaction
+    each (`Text.delete(pos, length)` against pycrdt's `del text[pos:pos + length]`)."""
+    rng = random.Random(2028)
+    typed = replay(trace)
+    length = len(typed)
+    ranges: list[tuple[int, int]] = []
+    for _ in range(deletes):
+        count = min(rng.randint(200, 2_000), length // 2)
+        ranges.append((rng.randint(0, length - count), count))
+        length -= count
+    expected = typed
+    for pos, count in ranges:
+        expected = expected[:pos] + expected[pos + count :]
+    tree = StateTree()
+    clock = HybridClock(MEMBER)
+    for pos, char in trace:
+        _keystroke(tree, clock, pos, char)
+    doc: pycrdt.Doc[pycrdt.Text] = pycrdt.Doc()
+    body = pycrdt.Text()
+    doc["body"] = body
+    for pos, char in trace:
+        if char is None:
+            del body[pos]
+        else:
+            body.insert(pos, char)
+    gc.collect()  # start without debt: see `_vector_rows`
+    started = time.perf_counter()
+    for pos, count in ranges:
+        with tree.begin(clock, ntp64_from_unix_ns(time.time_ns())) as tx:
+            tx.field("body", TEXT).delete(pos, count)
+            tx.commit()
+    ours = time.perf_counter() - started
+    gc.collect()
+    started = time.perf_counter()
+    for pos, count in ranges:
+        del body[pos : pos + count]
+    theirs = time.perf_counter() - started
+    with tree.reader() as tx:
+        _check(tx.field("body", TEXT).value() == expected, "trionode Text range deletes diverged")
+    _check(str(body) == expected, "pycrdt Text range deletes diverged")
+    removed = sum(count for _, count in ranges)
+    return [
+        Row(
+            f"Text range deletes, 1 txn each: {deletes} deletes of 200-2,000 chars "
+            f"({removed:,} chars) from the {len(typed):,}-char typed text, equal in both",
+            deletes / ours,
+            "deletes/s",
+            "pycrdt (Yjs) del text[a:b], same ranges",
+            deletes / theirs,
+        )
     ]
 
 

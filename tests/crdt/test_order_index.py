@@ -15,9 +15,11 @@ from .crdt_helpers import place
 
 # (kind, a, b): kind 0 insert after the a-th placed id (a == 0: at the front), 1 insert
 # before the a-th, 2 delete the a-th visible one, 3 copy and continue on the copy, 4 type:
-# insert right after the id placed last (the index's cursor hint, its one-keystroke path).
+# insert right after the id placed last (the index's cursor hint, its one-keystroke path),
+# 5 delete a range of visible ones at once (`hide_many`, a range delete): from the a-th,
+# a // 7 % 9 + 1 of them (fewer at the end).
 ops = st.lists(
-    st.tuples(st.sampled_from([0, 1, 2, 3, 4, 4, 4]), st.integers(0, 10_000), st.booleans()),
+    st.tuples(st.sampled_from([0, 1, 2, 3, 4, 4, 4, 5]), st.integers(0, 10_000), st.booleans()),
     max_size=120,
 )
 
@@ -61,6 +63,13 @@ def test_index_matches_a_plain_list(
                 victim = live[a % len(live)]
                 deleted.add(victim)
                 index.hide(victim)
+        elif kind == 5:
+            live = [e for e in model if is_live(e)]
+            if live:
+                start = a % len(live)
+                victims = live[start : start + a // 7 % 9 + 1]
+                deleted.update(victims)
+                index.hide_many(reversed(victims) if born_dead else victims)
         else:
             index = index.copy()
         live = [e for e in model if is_live(e)]

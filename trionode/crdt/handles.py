@@ -492,8 +492,23 @@ class Vector(_Sequence[VectorState], Generic[T]):
         # The length only matters for a negative index (it costs a lookup per delete).
         self._delete(index if index >= 0 else index + len(self), 1)
 
-    def __delitem__(self, index: int) -> None:
-        self.delete(index)
+    def delete_range(self, index: int, count: int) -> None:
+        """Delete `count` items from `index` (negative: from the end) in one delta; the
+        range must fit. One range delete hides the items without rebuilding the order."""
+        if count < 0:
+            raise IndexError(f"negative count {count}")
+        if index < 0:
+            index += len(self)
+        self._delete(index, count)
+
+    def __delitem__(self, index: int | slice) -> None:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("only contiguous slices (step 1) can be deleted")
+            self._delete(start, max(0, stop - start))
+        else:
+            self.delete(index)
 
     def pop(self, index: int = -1) -> T:
         value = self[index]

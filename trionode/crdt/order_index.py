@@ -313,6 +313,32 @@ class OrderIndex:
         self._add(block.pos, -1)
         block.chunks = None
 
+    def hide_many(self, ids: Iterable[Timestamp]) -> None:
+        """Every id in `ids` (placed, visible) was just deleted: a range delete. Costs
+        O(len(ids)) dict lookups plus one filter of each block they fall in and one Fenwick
+        update per such block, whatever the sequence's length (`hide` per id would scan
+        its block's live list once per id)."""
+        by_block: dict[int, set[Timestamp]] = {}
+        where = self._where
+        for eid in ids:
+            serial = where[eid]
+            gone = by_block.get(serial)
+            if gone is None:
+                by_block[serial] = {eid}
+            else:
+                gone.add(eid)
+        by_serial = self._by_serial
+        for serial, gone in by_block.items():
+            block = by_serial[serial]
+            live = block.live
+            kept = [e for e in live if e not in gone]
+            removed = len(live) - len(kept)
+            block.live = kept
+            self._live_total -= removed
+            self._add(block.pos, -removed)
+            block.chunks = None
+        self._live_hint = 0  # (offsets into live lists moved)
+
     def touch(self, eid: Timestamp) -> None:
         """The value of `eid` (placed, visible) changed: its hash chunk is stale."""
         block = self._by_serial[self._where[eid]]

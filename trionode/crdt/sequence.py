@@ -173,6 +173,10 @@ class SequenceState(Generic[V]):
                 self._lists = None
                 self._floored = None
                 return True
+        if self._index is not None:
+            deleted = self._tombstone_all(theirs)
+            if deleted is not None:
+                return deleted
         bulk = len(theirs) > _BULK_MERGE
         if bulk:
             self._index = None
@@ -204,6 +208,44 @@ class SequenceState(Generic[V]):
                         self._index.touch(eid)
                 self._elements[eid] = joined
             changed = True
+        if changed:
+            self._lists = None
+            self._floored = None
+        return changed
+
+    def _tombstone_all(self, theirs: Mapping[Timestamp, Element[V]]) -> bool | None:
+        """`merge` of a delta that only deletes elements this state holds (a range
+        delete): each element becomes `join_element`'s result and the index hides them
+        in one pass (`OrderIndex.hide_many`), keeping its blocks and cached chunk digests,
+        instead of the rebuild a large general merge takes. None, changing nothing, when
+        the delta is anything else (new elements, values, a different reference)."""
+        elements = self._elements
+        for eid, incoming in theirs.items():
+            mine = elements.get(eid)
+            if (
+                mine is None
+                or incoming[3] is None
+                or incoming[1] is not None
+                or incoming[2] is not None
+                or incoming[0] != mine[0]
+            ):
+                return None
+        index = self._index
+        hidden: list[Timestamp] = []
+        changed = False
+        for eid, incoming in theirs.items():
+            mine = elements[eid]
+            gone = mine[3]
+            joined: Element[V] = _element((mine[0], None, None, latest(gone, incoming[3])))
+            if joined == mine:
+                continue
+            elements[eid] = joined
+            changed = True
+            if gone is None and index is not None and eid in index:
+                hidden.append(eid)
+        if hidden:
+            assert index is not None  # (only placed ids are collected)
+            index.hide_many(hidden)
         if changed:
             self._lists = None
             self._floored = None
