@@ -20,6 +20,9 @@ and bytes of memory and of LMDB per stored entry. Every baseline is measured in 
 * **Text range deletes.** The typing trace's text, typed into both (untimed), then 50
   seeded deletes of 200-2,000 characters at random places, one transaction each
   (`Text.delete(pos, length)` against pycrdt's `del text[a:b]`), results checked.
+* **Text memory.** Resident bytes per character of the typing trace's text: RSS growth
+  while the trace is typed, each side (trionode `StateTree`, pycrdt Doc) in a freshly
+  spawned process so neither reuses memory the other freed.
 * **Vector.** The same two traces (20,000 edits) on `Vector[int]` (an insert puts its edit
   number at the position) and on `pycrdt.Array`, one transaction per edit, results checked;
   and the typing trace again at the Text rows' length (100,000 edits). pycrdt's cost per
@@ -46,6 +49,8 @@ import argparse
 import cProfile
 import gc
 import json
+import multiprocessing
+import os
 import pstats
 import random
 import tempfile
@@ -320,6 +325,7 @@ def _text_rows(ops: int) -> list[Row]:
         ),
         *_trace_rows("Text random-position trace", random_trace(ops)),
         *_range_delete_rows(typing, 50),
+        *_memory_rows(ops),
     ]
 
 
@@ -374,6 +380,60 @@ def _range_delete_rows(trace: Sequence[Edit], deletes: int) -> list[Row]:
             "deletes/s",
             "pycrdt (Yjs) del text[a:b], same ranges",
             deletes / theirs,
+        )
+    ]
+
+
+def _resident_bytes() -> int:
+    """This process's resident set (Linux `/proc`), after a full collection."""
+    gc.collect()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_of_typing(side: str, ops: int) -> int:
+    """Resident bytes a typed text holds: the typing trace of `ops` edits typed into a
+    fresh `StateTree` ("ours", one transaction per keystroke) or a pycrdt Doc, RSS after
+    minus RSS before (the trace itself already built). Runs in a spawned process of its
+    own, so neither side reuses memory the other freed."""
+    trace = editing_trace(ops)
+    before = _resident_bytes()
+    keep: object
+    if side == "ours":
+        tree = StateTree()
+        clock = HybridClock(MEMBER)
+        for pos, char in trace:
+            _keystroke(tree, clock, pos, char)
+        keep = tree
+    else:
+        doc: pycrdt.Doc[pycrdt.Text] = pycrdt.Doc()
+        body = pycrdt.Text()
+        doc["body"] = body
+        for pos, char in trace:
+            if char is None:
+                del body[pos]
+            else:
+                body.insert(pos, char)
+        keep = doc
+    used = _resident_bytes() - before
+    del keep
+    return used
+
+
+def _memory_rows(ops: int) -> list[Row]:
+    chars = len(replay(editing_trace(ops)))
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        ours = pool.apply(_memory_of_typing, ("ours", ops))
+        theirs = pool.apply(_memory_of_typing, ("pycrdt", ops))
+    return [
+        Row(
+            f"Text editing trace: resident memory per character of the typed text "
+            f"({ops:,} edits -> {chars:,} chars; RSS growth, each side in a fresh process)",
+            ours / chars,
+            "bytes",
+            "pycrdt (Yjs) Text, same trace",
+            theirs / chars,
+            higher_is_better=False,
         )
     ]
 
