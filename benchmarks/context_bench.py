@@ -329,6 +329,28 @@ def _text_rows(ops: int) -> list[Row]:
     ]
 
 
+def _typed_tree(trace: Sequence[Edit]) -> tuple[StateTree, HybridClock]:
+    """A `StateTree` with the trace typed into its Text "body", one transaction each."""
+    tree = StateTree()
+    clock = HybridClock(MEMBER)
+    for pos, char in trace:
+        _keystroke(tree, clock, pos, char)
+    return tree, clock
+
+
+def _typed_pycrdt(trace: Sequence[Edit]) -> tuple[pycrdt.Doc[pycrdt.Text], pycrdt.Text]:
+    """A pycrdt Doc with the trace typed into its Text "body"."""
+    doc: pycrdt.Doc[pycrdt.Text] = pycrdt.Doc()
+    body = pycrdt.Text()
+    doc["body"] = body
+    for pos, char in trace:
+        if char is None:
+            del body[pos]
+        else:
+            body.insert(pos, char)
+    return doc, body
+
+
 def _range_delete_rows(trace: Sequence[Edit], deletes: int) -> list[Row]:
     """Large range deletes: the typing trace typed into both CRDTs first (untimed), then
     `deletes` seeded deletes of 200-2,000 characters at random places, one transaction
@@ -344,18 +366,8 @@ def _range_delete_rows(trace: Sequence[Edit], deletes: int) -> list[Row]:
     expected = typed
     for pos, count in ranges:
         expected = expected[:pos] + expected[pos + count :]
-    tree = StateTree()
-    clock = HybridClock(MEMBER)
-    for pos, char in trace:
-        _keystroke(tree, clock, pos, char)
-    doc: pycrdt.Doc[pycrdt.Text] = pycrdt.Doc()
-    body = pycrdt.Text()
-    doc["body"] = body
-    for pos, char in trace:
-        if char is None:
-            del body[pos]
-        else:
-            body.insert(pos, char)
+    tree, clock = _typed_tree(trace)
+    _doc, body = _typed_pycrdt(trace)  # (the Doc must outlive its Text)
     gc.collect()  # start without debt: see `_vector_rows`
     started = time.perf_counter()
     for pos, count in ranges:
@@ -398,23 +410,7 @@ def _memory_of_typing(side: str, ops: int) -> int:
     own, so neither side reuses memory the other freed."""
     trace = editing_trace(ops)
     before = _resident_bytes()
-    keep: object
-    if side == "ours":
-        tree = StateTree()
-        clock = HybridClock(MEMBER)
-        for pos, char in trace:
-            _keystroke(tree, clock, pos, char)
-        keep = tree
-    else:
-        doc: pycrdt.Doc[pycrdt.Text] = pycrdt.Doc()
-        body = pycrdt.Text()
-        doc["body"] = body
-        for pos, char in trace:
-            if char is None:
-                del body[pos]
-            else:
-                body.insert(pos, char)
-        keep = doc
+    keep = _typed_tree(trace) if side == "ours" else _typed_pycrdt(trace)
     used = _resident_bytes() - before
     del keep
     return used
