@@ -249,17 +249,50 @@ class EventHub:
         self._reserved += 1
         return events
 
-    def settle(self, events: list[ContextEvent], *, durable: bool) -> None:
+    def show_early(self, events: list[ContextEvent]) -> None:
+        """Fan out the first events of a reserved batch before its commit is settled (the
+        delta processor does so for received deltas: `pipeline.py`). They must be the
+        batch's first events, in order, so subscribers still see `seq` in order."""
+        for event in events:
+            self._fan_out(event)
+
+    def settle(self, events: list[ContextEvent], *, durable: bool, early: int = 0) -> None:
         """The commit holding `events` (from `reserve`) is over: fan them out if it is
-        durable (drop them if not: their numbers stay unused), then what waited on them."""
+        durable (drop them if not: their numbers stay unused), then what waited on them.
+        The first `early` were shown already (`show_early`); if the commit failed they
+        are lost (`_lost`)."""
         self._reserved -= 1
         if durable:
-            for event in events:
+            for event in events[early:]:
                 self._fan_out(event)
+        elif early:
+            self._lost(events[:early])
         if not self._reserved:
             waiting, self._waiting = self._waiting, []
             for event in waiting:
                 self._fan_out(event)
+
+    def _lost(self, events: list[ContextEvent]) -> None:
+        """Events shown before a commit that then failed: their deltas are not applied here
+        any more (the replica reloads from disk; they come again by gossip or sync, as new
+        events). A client that saw one, or resumes from before one, must read the state
+        again: the floor moves past the next number (a resume from the last lost one is
+        refused too), their contexts' kept events go, and current subscribers of those
+        contexts are told to resync."""
+        contexts = sorted({event.context_id for event in events})
+        self.floor = max(self.floor, events[-1].seq + 2)
+        for context in contexts:
+            self.forget(context)
+            self.notify(
+                context,
+                {
+                    "type": "resync",
+                    "contextIds": [context],
+                    "seq": self.shown,
+                    "reason": "deltas shown before they were stored could not be stored; "
+                    f"fetch the state again, then follow from seq {self.shown}",
+                },
+            )
 
     def _number(self, change: Change, at: float) -> ContextEvent:
         self.seq += 1

@@ -20,6 +20,27 @@ store): nothing is acknowledged that is not on disk, and memory never runs ahead
 A job's own error (an app error, a refused call, a bad delta) fails that job alone. An
 error after a job began to change its replica leaves that replica unusable: later jobs of
 the same context wait for the next batch, and the replica is reloaded after the commit.
+
+**Received deltas are shown before their commit is durable** (issue #16: on a receiver
+the commit's fsync was most of a propagated write's latency). The events of a context the
+batch changed only with received deltas go to subscribers as soon as the batch is staged,
+while the commit runs; everything else is still shown and answered only once durable. This
+is safe because such a delta is already durable on its author, who publishes only after
+its own commit, and a crash here can only lose what peers still hold:
+- *Nothing acknowledged builds on it early.* The replica stays locked until the commit
+  is over, and this task stages the next batch only after it, so a local write on top of
+  a received delta commits in the same or a later LMDB transaction (LMDB makes those
+  durable in order); if the commit fails, the replica reloads without it first.
+- *A crash loses nothing that cannot be fetched again.* The author (and every peer that
+  applied it) still has the delta, and our heads after the restart lack it, so a
+  heartbeat or sync session brings it back. Subscribers are told to resync after a
+  crash (the event log's numbering jumps, `event_log.py`) or a failed commit
+  (`EventHub.settle`), so none keeps a delta the node lost as applied.
+- *Peers are promised nothing.* Heads (heartbeats, sync's first message) were already read
+  from memory during a commit; a peer that asks for a delta not yet stored hears
+  "missing" and asks again or elsewhere, and finality and acks count only deltas we author,
+  which commit after what they build on.
+Handler runs are queued in the same commit and start only once it is durable.
 """
 
 from __future__ import annotations
@@ -341,6 +362,7 @@ class DeltaPipeline:
         staged: list[_Staged] = []
         failed: list[tuple[_Job, BaseException]] = []
         events: list[ContextEvent] | None = None
+        early = 0
         durable = False
         try:
             for job in jobs:
@@ -367,9 +389,11 @@ class DeltaPipeline:
                     continue
                 staged.append(_Staged(job, answer, after, progress.changes, start, len(batch.ops)))
             batch.finish()  # the records of the replicas data deltas changed: once each
-            changes = self._settled_changes(staged, held)
+            changes, early = self._settled_changes(staged, held)
             if changes:
                 events = self._number_events(changes, batch)
+                # Received deltas are shown now, while their commit runs (module docstring).
+                self._hub.show_early(events[:early])
             if len(batch):
                 try:
                     await self._replicas.store.write(batch)
@@ -384,7 +408,7 @@ class DeltaPipeline:
                     self._replicas.forget_loaded(context_id)  # reload from disk next time
                 replica.lock.release()
             if events is not None:
-                self._hub.settle(events, durable=durable and bool(staged))
+                self._hub.settle(events, durable=durable and bool(staged), early=early)
         for job, error in failed:
             job.fail(error)
         for each in staged:
@@ -422,19 +446,32 @@ class DeltaPipeline:
         return kept
 
     @staticmethod
-    def _settled_changes(staged: list[_Staged], held: dict[bytes, Replica]) -> list[Change]:
+    def _settled_changes(
+        staged: list[_Staged], held: dict[bytes, Replica]
+    ) -> tuple[list[Change], int]:
         """The staged jobs' events, each with the root hash and heads of its context once
-        the batch is durable (staging left the records of data deltas stale: `GroupWrite`)."""
+        the batch is durable (staging left the records of data deltas stale: `GroupWrite`),
+        and how many come first that may be shown before the commit: those of contexts
+        this batch changed only with received deltas. Every event of a context stays in
+        one of the two runs, in staging order, so each context's events keep their causal
+        order (and across contexts order carries no meaning)."""
         final: dict[str, tuple[str, list[str]]] = {}
         for context_id, replica in held.items():
             record = replica.record
             final[b58(context_id)] = (record.root_hash.hex(), [h.hex() for h in record.heads])
-        changes: list[Change] = []
+        written_here = {
+            b58(each.job.context_id)
+            for each in staged
+            if not isinstance(each.job.work, VerifiedDelta)
+        }
+        early: list[Change] = []
+        late: list[Change] = []
         for each in staged:
             for change in each.changes:
                 root_hash, heads = final.get(change.context_id, (change.root_hash, change.heads))
-                changes.append(attrs.evolve(change, root_hash=root_hash, heads=heads))
-        return changes
+                settled = attrs.evolve(change, root_hash=root_hash, heads=heads)
+                (late if change.context_id in written_here else early).append(settled)
+        return early + late, len(early)
 
     def _number_events(self, changes: list[Change], batch: WriteBatch) -> list[ContextEvent]:
         """The batch's events for subscribers, numbered now and stored in `batch` with the

@@ -48,7 +48,13 @@ from trionode.dag.delta import (
     decode_delta,
     verify_delta,
 )
-from trionode.errors import LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError
+from trionode.errors import (
+    LocalProtocolError,
+    PeerError,
+    ProtocolError,
+    RemoteProtocolError,
+    StorageError,
+)
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection, Host
 from trionode.net.pubsub import PubSub
@@ -466,6 +472,13 @@ class Replicator:
             results = await self.contexts.receive_many(context_id, wires)
         except ContextError:
             return  # not a member: we only relay this context's gossip
+        except StorageError as exc:
+            # Our commit failed (the replica reloads from disk): the deltas are not ours to
+            # keep yet, but their peers have them and sync brings them again. The gossip
+            # handler goes on; the node does not stop over one failed write.
+            self.metrics.outcome("store_failed", len(wires))
+            log.warning("could not store deltas from %s in %s: %s", peer, b58(context_id), exc)
+            return
         missing: set[bytes] = set()
         for result in results:
             if isinstance(result, ProtocolError):
