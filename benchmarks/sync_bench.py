@@ -197,6 +197,19 @@ def _sessions(node: Node) -> dict[str, int]:
     return out
 
 
+def _failed_sessions(nodes: Sequence[Node]) -> int:
+    return sum(v for node in nodes for k, v in _sessions(node).items() if k.endswith("/failed"))
+
+
+def _retired(nodes: Sequence[Node]) -> int:
+    """Connections that lost a simultaneous dial, over all nodes (each end counts one)."""
+    total = 0.0
+    for node in nodes:
+        for metric in node.host.metrics.retired.collect():
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    return int(total)
+
+
 def _log(message: str) -> None:
     print(f"  sync: {message}", file=sys.stderr)
 
@@ -359,6 +372,8 @@ async def _partition_times(
                 if jitter:
                     await trio.sleep(rng.uniform(0, nodes[0].config.sync.heartbeat))
                 before = _sessions(nodes[0])
+                failed_before = _failed_sessions(nodes)
+                retired_before = _retired(nodes)
                 started = time.perf_counter()
                 reconnected: list[float] = []
                 async with trio.open_nursery() as nursery:
@@ -371,7 +386,9 @@ async def _partition_times(
                 _log(
                     f"heal {r}: A reconnected after {reconnected[0]:.2f}s, converged after "
                     f"{healed[-1]:.2f}s; A's new sessions "
-                    f"{ ({key: v for key, v in ran.items() if v}) }"
+                    f"{ ({key: v for key, v in ran.items() if v}) }; failed sessions (all "
+                    f"nodes) {_failed_sessions(nodes) - failed_before}, connections retired "
+                    f"after a simultaneous dial {_retired(nodes) - retired_before}"
                 )
     return healed, unpartitioned
 

@@ -176,6 +176,12 @@ class NetworkSection(_Section, frozen=True):
     connection_grace: PositiveFloat = 30.0
     """Seconds a new connection is spared by watermark trimming, so a member has time to
     prove itself. At `max_connections` a newcomer may still displace one (net/connmgr.py)."""
+    replaced_connection_grace: PositiveFloat = 1.0
+    """When two peers dial each other at once, both ends keep the connection the smaller peer
+    id initiated. The other one stays open this many seconds for streams the peer opened on
+    it before it learned which one won, then closes as soon as none is open ..."""
+    replaced_connection_drain: PositiveFloat = 30.0
+    """... or after this many seconds at most (a stream still open then is cut)."""
     max_streams_per_connection: PositiveInt = 256
     """Inbound streams a peer may have open at once; more are reset and counted."""
     max_refused_streams: PositiveInt = 64

@@ -616,11 +616,16 @@ class Replicator:
         """A sync stream to `peer` on which we have proved our membership of `context_id`:
         a sync session runs all its protocols on one (heads exchange, then delta sync,
         snapshot or tree comparison)."""
-        protocol, stream = await self.host.new_stream(peer, [SYNC_PROTOCOL, SYNC_PROTOCOL_V1])
+        conn = self.host.connections.get(peer)
+        if conn is None or conn.closed:
+            raise PeerError(f"not connected to {peer}")
+        # The proof names the connection the stream runs on: looked up after opening it, a
+        # connection that won a simultaneous dial meanwhile would make it a wrong one.
+        protocol, stream = await conn.new_stream(
+            [SYNC_PROTOCOL, SYNC_PROTOCOL_V1],
+            negotiation_timeout=self.host.config.negotiation_timeout,
+        )
         async with stream:
-            conn = self.host.connections.get(peer)
-            if conn is None:
-                raise PeerError(f"lost the connection to {peer}")
             channel = self._requesting(stream)
             channel.chains = protocol == SYNC_PROTOCOL
             await channel.send(await self._auth(conn, context_id))

@@ -15,8 +15,12 @@ Host.run ── host nursery
 Upgrade of a raw TCP stream (both directions): multistream-select `/noise` → Noise XX
 (the initiator checks the /p2p/ peer id it dialed) → multistream-select `/yamux/1.0.0`.
 One connection per peer: when two connections to the same peer exist (a simultaneous dial)
-both sides keep the one *initiated by the smaller peer id* and close the other, so they
-agree without talking about it.
+both sides keep the one *initiated by the smaller peer id*, so they agree without talking
+about it. The other one is *retired*, not cut: new streams go to the one kept, but the
+retired one keeps serving for `network.replaced_connection_grace` and then until no stream
+is open on it (at most `network.replaced_connection_drain`). Each end learns of the second
+connection a little later than the other; in between it may have opened a stream (a sync
+session) on the one the other end already retired, and that stream must finish.
 """
 
 from __future__ import annotations
@@ -538,10 +542,13 @@ class Host:
             if conn.outbound:  # start() raises it to the dialer
                 raise PeerError(f"connection limit ({self.config.max_connections}) reached")
             return
-        if kept is not conn:
+        retiring = kept is not conn
+        if retiring:
             task_status.started(kept)
-            await conn.session.aclose()
-            return
+            if kept.relayed != conn.relayed:
+                await conn.session.aclose()  # a relayed one that lost to a direct one
+                return
+            log.debug("%s: kept the connection %s initiated", conn.peer_id, kept.direction)
         direction = conn.direction
         self.metrics.connections.labels(direction).inc()
         log.info("connected to %s (%s, %s)", conn.peer_id, direction, conn.remote_addr)
@@ -549,9 +556,13 @@ class Host:
             async with trio.open_nursery() as nursery:
                 await nursery.start(conn.session.run)
                 nursery.start_soon(self._accept_streams, conn)
-                nursery.start_soon(self._identify_peer, conn)
-                nursery.start_soon(self._keepalive, conn)
-                task_status.started(conn)
+                if retiring:
+                    # Lost a simultaneous dial: serve what the peer opens until it knows.
+                    nursery.start_soon(self._retire, conn)
+                else:
+                    nursery.start_soon(self._identify_peer, conn)
+                    nursery.start_soon(self._keepalive, conn)
+                    task_status.started(conn)
                 await conn.session.wait_closed()
                 nursery.cancel_scope.cancel()
         except* RemoteProtocolError as group:
@@ -593,10 +604,13 @@ class Host:
             self.connections[conn.peer_id] = conn
             self._notify()
             if self._nursery is not None:
-                # New streams go to `conn` from now on; streams still running on a relayed
-                # connection get a grace period to finish (DCUtR's handover).
-                grace = self.config.dcutr.handover_grace if existing.relayed else 0.0
-                self._nursery.start_soon(_close_after, existing, grace)
+                # New streams go to `conn` from now on; streams still running on the old
+                # one get time to finish (a relayed one: DCUtR's handover).
+                if existing.relayed:
+                    grace = self.config.dcutr.handover_grace
+                    self._nursery.start_soon(_close_after, existing, grace)
+                else:
+                    self._nursery.start_soon(self._retire, existing)
             return conn
         group = self._group_of(conn)
         if not self._admit(conn, group):
@@ -610,6 +624,17 @@ class Host:
         for peer in self.connmgr.trim(trio.current_time()):
             self._close_for_room(peer, "trimmed")
         return conn
+
+    async def _retire(self, conn: Connection) -> None:
+        """Close `conn`, the loser of a simultaneous dial, once the peer has had time to learn
+        which connection won (`replaced_connection_grace`) and no stream is open on it
+        (within `replaced_connection_drain`). Both ends do the same, so neither cuts a stream
+        the other opened on it before it knew."""
+        self.metrics.retired.inc()
+        with trio.move_on_after(self.config.replaced_connection_drain):
+            await trio.sleep(self.config.replaced_connection_grace)
+            await conn.session.wait_idle()
+        await conn.session.aclose()
 
     def _group_of(self, conn: Connection) -> AddressGroup:
         return None if conn.outbound else address_group(conn.remote_addr)

@@ -66,6 +66,11 @@ class NetMetrics:
             ["protocol"],
             registry=registry,
         )
+        self.retired = Counter(
+            "trionode_p2p_connections_retired",
+            "Connections that lost a simultaneous dial to the same peer (closed once idle)",
+            registry=registry,
+        )
         self.closed_bytes_sent = 0
         self.closed_bytes_received = 0
         self._registry = registry

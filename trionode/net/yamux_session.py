@@ -211,6 +211,8 @@ class YamuxSession:
         self.close_reason: str | None = None
         self.last_rtt: float | None = None
         self._streams: dict[int, YamuxStream] = {}
+        self._stream_gone = trio.Event()
+        """Set (and replaced by `wait_idle`) when a stream leaves `_streams`."""
         self._send_inbound, self._receive_inbound = trio.open_memory_channel[YamuxStream](
             accept_backlog
         )
@@ -272,6 +274,13 @@ class YamuxSession:
     async def wait_closed(self) -> None:
         await self._finished.wait()
 
+    async def wait_idle(self) -> None:
+        """Wait until no stream is open (both directions), or the session is closed."""
+        while self._streams and not self.closed:
+            self._stream_gone = trio.Event()
+            await self._stream_gone.wait()
+        await trio.lowlevel.checkpoint()
+
     # -- internals used by streams ---------------------------------------------------------
 
     def _wake_writer(self) -> None:
@@ -289,6 +298,7 @@ class YamuxSession:
 
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
+        self._stream_gone.set()
 
     def _shutdown(self, reason: str) -> None:
         if self.closed:
@@ -301,6 +311,7 @@ class YamuxSession:
         for stream in list(self._streams.values()):
             stream._on_reset()  # noqa: SLF001
         self._streams.clear()
+        self._stream_gone.set()
         self._send_inbound.close()
         self._drained.set()
         self._write_wanted.set()
@@ -405,6 +416,7 @@ class YamuxSession:
                 stream = streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream._on_reset()  # noqa: SLF001
+                    self._stream_gone.set()
             elif isinstance(event, PongReceived):
                 if event.rtt is not None:
                     self.last_rtt = event.rtt
