@@ -22,14 +22,18 @@ import trio.testing
 
 from trionode.config import FileConfig
 from trionode.context import snapshot
+from trionode.context.final_state import BASE_PREFIX
 from trionode.context.folding import fold_all
+from trionode.context.records import STATE
 from trionode.context.replication import SYNC_PROTOCOL, _Channel
 from trionode.crdt import Entity, Kind, Timestamp, encode_entity
+from trionode.crdt.compact import record_of_row
 from trionode.crdt.entity import ROOT_ID
 from trionode.dag.dag import CausalDag
 from trionode.dag.delta import GENESIS
 from trionode.errors import RemoteProtocolError
 from trionode.node import Node
+from trionode.store.lmdb_store import Column
 from trionode.sync.driver import SyncServer, compare_trees
 from trionode.sync.errors import UntrustedState
 from trionode.sync.treecmp import TreeCompare
@@ -252,6 +256,18 @@ async def test_9_fresh_joiner_snapshots(
             assert reply.missing == old[:3]
             # The snapshot left no marker behind.
             assert await snapshot.load_progress(c.store, context) is None
+            # Each record is stored once: its base row is a marker for its state row (a
+            # copy only where the state row moved on since, by the tail).
+            rows = await c.store.raw_scan(Column.GENERIC, prefix=BASE_PREFIX + context)
+            assert len(rows) == count
+            copies = {k[len(BASE_PREFIX) + len(context) :]: v for k, v in rows if v}
+            assert len(copies) < 5
+            for entity_id, value in copies.items():
+                state = await c.store.get(STATE, context + entity_id)
+                assert state is not None
+                assert record_of_row(state) != value
+            base = {e.id: encode_entity(e) for e in c.contexts.replicas.iter_base(context)}
+            assert len(base) == count
 
             # A's next delta builds on the heads C recorded: it applies at once.
             pending_before = metric(c, "trionode_deltas_total", outcome="pending")
@@ -260,6 +276,10 @@ async def test_9_fresh_joiner_snapshots(
             assert await c.contexts.read_delta(context, new) is not None
             assert metric(c, "trionode_deltas_total", outcome="pending") == pending_before
             assert (await entries(c, context))["after"] == "v"
+            # The write changed state rows; the base is still what the snapshot brought.
+            assert {e.id: encode_entity(e) for e in c.contexts.replicas.iter_base(context)} == base
+            rows = await c.store.raw_scan(Column.GENERIC, prefix=BASE_PREFIX + context)
+            assert len(copies) < sum(1 for _, value in rows if value) < count
             # And C's own write reaches the others the same way.
             await put(c, context, "from-c")
             await converged(cluster, [a, b, c], context)

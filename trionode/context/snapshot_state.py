@@ -8,8 +8,9 @@ or its latest membership operation, or its latest delta whose body we still hold
 member for which we hold none is left out; the joiner then refuses the snapshot as stale.
 
 Taking: pages arrive as large batches (`store_batch`), each one LMDB write with the
-progress marker. Records new to the replica are written as the bytes that came (state row
-and base row alike: no decode/re-encode); only a record the replica already held (a resumed
+progress marker. Records new to the replica are written as the bytes that came (no
+decode/re-encode), once: their base row is a marker for the state row (a Text or Vector
+keeps a copy); only a record the replica already held (a resumed
 snapshot that restarted over what it has) is joined and re-encoded. Nothing here computes a
 root hash: the tree's hashes are built once, by `check_root` at the end, and the record's
 root is refreshed when the boundary is adopted. A snapshot that fails its checks is
@@ -43,6 +44,7 @@ from trionode.context.replicas import (
 from trionode.context.serving import StateAheadError, SyncServing
 from trionode.crdt import Entity, StateTree, max_stamp
 from trionode.crdt.hlc import ntp64_seconds
+from trionode.crdt.rows import JOURNAL_KINDS
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
 from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.store.lmdb_store import Column, PutMany
@@ -233,13 +235,21 @@ class SnapshotState:
                 tree.drain_changes()
                 state_prefix = context_id
                 base_prefix = BASE_PREFIX + context_id
-                # Raw bytes both (`batch.put` would only pass them through), one column
-                # after the other in key order, one op each (no object per row): the store
-                # writes each in one putmulti.
-                rows = [(entities[i].id, records[i]) for i in fresh]
+                # Raw bytes (`batch.put` would only pass them through), one column after
+                # the other in key order, one op each (no object per row): the store writes
+                # each in one putmulti. A base row equal to its state row is a marker
+                # (`replicas.BASE_PREFIX`), so each record is stored once; a Text or Vector
+                # keeps a copy, as folding leaves it (its state row grows a journal).
+                rows = [(entities[i].id, records[i], entities[i].kind) for i in fresh]
                 batch.ops += [
-                    PutMany(STATE.column, [(state_prefix + k, v) for k, v in rows]),
-                    PutMany(AUX.column, [(base_prefix + k, v) for k, v in rows]),
+                    PutMany(STATE.column, [(state_prefix + k, v) for k, v, _ in rows]),
+                    PutMany(
+                        AUX.column,
+                        [
+                            (base_prefix + k, v if kind in JOURNAL_KINDS else b"")
+                            for k, v, kind in rows
+                        ],
+                    ),
                 ]
                 note_base(replica, [entities[i] for i in fresh])
             if held:
