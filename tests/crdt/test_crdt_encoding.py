@@ -21,7 +21,12 @@ from trionode.crdt import (
     decode_entity,
     encode_entity,
 )
-from trionode.crdt.encoding import FORMAT_VERSION
+from trionode.crdt.encoding import (
+    FORMAT_VERSION,
+    MAX_SEQUENCE_ELEMENTS,
+    _decode_general,
+    _decode_plain,
+)
 from trionode.errors import RemoteProtocolError
 
 from .crdt_helpers import Replica, perform
@@ -184,3 +189,26 @@ def test_many_tiny_tombstone_runs_cannot_claim_unbounded_elements() -> None:
         decode_entities([tomb] * 6, max_elements=5000)
     with pytest.raises(RemoteProtocolError, match="run length"):
         decode_entity(tomb, max_elements=999)
+
+
+@given(st.one_of(entities().map(encode_entity), mutated(), st.binary(max_size=300)))
+@example(_record(Kind.MAP, [STAMP, b"v"]))  # a register's body on a kind without one
+@example(_record(Kind.COUNTER, [STAMP, b"v"]))  # ... on a counter
+@example(_record(Kind.REGISTER, [[-1, b"n"], b"v"]))  # a stamp out of range
+@example(_record(Kind.REGISTER, [STAMP, b"v"], version=2))
+def test_the_one_pass_decode_takes_exactly_what_the_general_one_takes(data: bytes) -> None:
+    """Registers and bodiless records decode in one pass (`_decode_plain`); whatever it
+    takes is the record the general decoder gives, and everything else is left to that
+    one (which decodes it or refuses it with its own error)."""
+    try:
+        general: Entity | None = _decode_general(data, MAX_SEQUENCE_ELEMENTS)
+    except RemoteProtocolError:
+        general = None
+    plain = _decode_plain(data)
+    if plain is None:
+        assert general is None or not (general.kind is Kind.REGISTER or general.body is None)
+        return
+    assert general is not None
+    assert plain == general
+    assert plain.id == general.id
+    assert encode_entity(plain) == encode_entity(general)

@@ -46,6 +46,7 @@ import trio
 
 from trionode.context.records import DELTAS
 from trionode.crdt import Entity, StateTree, decode_entity, encode_entity
+from trionode.crdt.bulk import collector_paused
 from trionode.crdt.compact import record_of_row
 from trionode.dag.delta import decode_delta, open_delta, stored_header
 from trionode.errors import LocalProtocolError, ProtocolError
@@ -221,7 +222,8 @@ async def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
     session deadlines passed during a build of a few dozen rows (two flaky tests)."""
     tree = StateTree()
     for rows in _pages(replicas, context_id):
-        tree.add_new([decode_entity(record_of_row(value)) for _, value in rows])
+        with collector_paused():
+            tree.add_new([decode_entity(record_of_row(value)) for _, value in rows])
         del rows
         await trio.lowlevel.checkpoint()
     tree.drain_changes()

@@ -44,6 +44,7 @@ from trionode.context.records import (
     member_slot,
 )
 from trionode.crdt import Entity, HybridClock, StateTree, decode_entity, encode_entity
+from trionode.crdt.bulk import collector_paused
 from trionode.crdt.compact import record_of_row
 from trionode.crdt.entity import ID_BYTES
 from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE, ntp64_from_unix
@@ -385,7 +386,8 @@ class ReplicaStore:
         start: bytes | None = None
         while True:
             page = raw.scan(Column.STATE, prefix=context_id, start=start, limit=LOAD_PAGE)
-            loading.feed((key[skip:], value) for key, value in page)
+            with collector_paused():
+                loading.feed((key[skip:], value) for key, value in page)
             if len(page) < LOAD_PAGE:
                 break
             start = page[-1][0] + b"\x00"  # the first key after the last one read
@@ -394,7 +396,8 @@ class ReplicaStore:
         entities, log = loading.finish()
         tree = StateTree()
         for at in range(0, len(entities), LOAD_PAGE):
-            tree.add_new(entities[at : at + LOAD_PAGE])  # decoded here: kept, not copied
+            with collector_paused():
+                tree.add_new(entities[at : at + LOAD_PAGE])  # decoded here: kept, not copied
             await trio.lowlevel.checkpoint()
         tree.restore_log(log)
         return tree

@@ -43,6 +43,7 @@ from trionode.context.replicas import (
 )
 from trionode.context.serving import StateAheadError, SyncServing
 from trionode.crdt import Entity, StateTree, max_stamp
+from trionode.crdt.bulk import collector_paused
 from trionode.crdt.hlc import ntp64_seconds
 from trionode.crdt.rows import JOURNAL_KINDS
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
@@ -228,30 +229,8 @@ class SnapshotState:
             held = [e for e in entities if e.id in tree]
             batch = WriteBatch()
             if fresh:
-                # Decoded for this batch alone: the tree keeps them without a copy.
-                tree.add_new([entities[i] for i in fresh])
-                # Their rows are the bytes that came: nothing to drain or re-encode. (Every
-                # earlier change was drained by its own commit, so only these are undrained.)
-                tree.drain_changes()
-                state_prefix = context_id
-                base_prefix = BASE_PREFIX + context_id
-                # Raw bytes (`batch.put` would only pass them through), one column after
-                # the other in key order, one op each (no object per row): the store writes
-                # each in one putmulti. A base row equal to its state row is a marker
-                # (`replicas.BASE_PREFIX`), so each record is stored once; a Text or Vector
-                # keeps a copy, as folding leaves it (its state row grows a journal).
-                rows = [(entities[i].id, records[i], entities[i].kind) for i in fresh]
-                batch.ops += [
-                    PutMany(STATE.column, [(state_prefix + k, v) for k, v, _ in rows]),
-                    PutMany(
-                        AUX.column,
-                        [
-                            (base_prefix + k, v if kind in JOURNAL_KINDS else b"")
-                            for k, v, kind in rows
-                        ],
-                    ),
-                ]
-                note_base(replica, [entities[i] for i in fresh])
+                with collector_paused():  # many rows, every one kept (crdt/bulk.py)
+                    _take_new(replica, batch, entities, records, fresh)
             if held:
                 tree.apply(held)
                 stage_rows(replica, batch, tree.drain_rows())
@@ -343,3 +322,36 @@ class SnapshotState:
             await self._replicas.write(replica, batch)
         publish_change(self._hub, replica, delta_id=None, events=[], origin="sync")
         return True
+
+
+def _take_new(
+    replica: Replica,
+    batch: WriteBatch,
+    entities: Sequence[Entity],
+    records: Sequence[bytes],
+    fresh: Sequence[int],
+) -> None:
+    """File the records at `fresh` (new to the replica) into its tree and stage their rows."""
+    context_id = replica.context_id
+    tree = replica.tree
+    # Decoded for this batch alone: the tree keeps them without a copy.
+    tree.add_new([entities[i] for i in fresh])
+    # Their rows are the bytes that came: nothing to drain or re-encode. (Every earlier
+    # change was drained by its own commit, so only these are undrained.)
+    tree.drain_changes()
+    state_prefix = context_id
+    base_prefix = BASE_PREFIX + context_id
+    # Raw bytes (`batch.put` would only pass them through), one column after the other in
+    # key order, one op each (no object per row): the store writes each in one putmulti.
+    # A base row equal to its state row is a marker (`replicas.BASE_PREFIX`), so each
+    # record is stored once; a Text or Vector keeps a copy, as folding leaves it (its
+    # state row grows a journal).
+    rows = [(entities[i].id, records[i], entities[i].kind) for i in fresh]
+    batch.ops += [
+        PutMany(STATE.column, [(state_prefix + k, v) for k, v, _ in rows]),
+        PutMany(
+            AUX.column,
+            [(base_prefix + k, v if kind in JOURNAL_KINDS else b"") for k, v, kind in rows],
+        ),
+    ]
+    note_base(replica, [entities[i] for i in fresh])

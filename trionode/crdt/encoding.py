@@ -87,6 +87,10 @@ _journal_decoder: Final = msgspec.msgpack.Decoder(_JournalWire)
 _journal4_decoder: Final = msgspec.msgpack.Decoder(tuple[int, int, int, _Stamp, msgspec.Raw])
 _body_writers_decoder: Final = msgspec.msgpack.Decoder(tuple[_Writers, msgspec.Raw])
 _register_decoder: Final = msgspec.msgpack.Decoder(_RegisterWire)
+_plain_decoder: Final = msgspec.msgpack.Decoder(
+    tuple[int, bytes, bytes, int, _Stamp, _Stamp, _RegisterWire]
+)
+"""A record whose body is a register's or nil, in one pass (`_decode_plain`)."""
 _counter_decoder: Final = msgspec.msgpack.Decoder(_CounterWire)
 _text_decoder: Final = msgspec.msgpack.Decoder(_TextWire | None)
 _vector_decoder: Final = msgspec.msgpack.Decoder(_VectorWire | None)
@@ -133,6 +137,12 @@ def decode_entity(
     """
     if len(data) > max_size:
         raise RemoteProtocolError(f"entity record of {len(data)} bytes exceeds {max_size}")
+    plain = _decode_plain(data)
+    return plain if plain is not None else _decode_general(data, max_elements)
+
+
+def _decode_general(data: bytes | bytearray | memoryview, max_elements: int) -> Entity:
+    """Any record, or RemoteProtocolError (its size is checked already)."""
     try:
         version, parent, name, kind_value, added, removed, raw = _record_decoder.decode(data)
         _check_version(version)
@@ -145,6 +155,38 @@ def decode_entity(
         raise RemoteProtocolError(f"bad entity record: {exc}") from exc
     except RecursionError as exc:  # msgspec skipping a deeply nested body as Raw
         raise RemoteProtocolError("bad entity record: nested too deeply") from exc
+
+
+def _decode_plain(data: bytes | bytearray | memoryview) -> Entity | None:
+    """The record if it is a register or has no body (most records), in one decode and with
+    the same checks as the general path; None for anything else (another body, or bytes
+    that do not decode), which the general path then decodes or refuses with its own
+    error. Half the time of the general path's two decodes for a `kv_store` entry."""
+    try:
+        version, parent, name, kind_value, added, removed, reg = _plain_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    kind = _KINDS.get(kind_value)
+    if (
+        version != FORMAT_VERSION
+        or kind is None
+        or (reg is not None and kind is not Kind.REGISTER)
+        or (added is not None and not 0 <= added.time <= NTP64_MAX)
+        or (removed is not None and not 0 <= removed.time <= NTP64_MAX)
+        or (reg is not None and not 0 <= reg[0].time <= NTP64_MAX)
+    ):
+        return None
+    try:
+        return Entity(
+            parent,
+            name,
+            kind,
+            added=added,
+            removed=removed,
+            body=None if reg is None else RegisterState(reg[0], reg[1]),
+        )
+    except ValueError:
+        return None
 
 
 def encode_journal(delta: Entity) -> bytes:

@@ -65,6 +65,7 @@ from trionode.auth.acks import open_ack
 from trionode.auth.finality import finality, vv_max, within
 from trionode.auth.model import Resolution, tag
 from trionode.crdt import Entity, decode_entity
+from trionode.crdt.bulk import collector_paused
 from trionode.dag.delta import decode_delta, header_vv, verify_delta
 from trionode.errors import LocalProtocolError, ProtocolError
 from trionode.sync.errors import PeerRefused, SessionExpired, SyncViolation, UnexpectedMessage
@@ -470,7 +471,8 @@ class SnapshotTake:
 
     def _check(self, chunk: SnapshotChunk) -> list[Entity]:
         try:
-            entities = [decode_entity(r) for r in chunk.records]
+            with collector_paused():  # a page of records, every one kept (crdt/bulk.py)
+                entities = [decode_entity(r) for r in chunk.records]
         except (ProtocolError, msgspec.DecodeError, ValueError) as exc:
             raise PageOutOfOrder(f"a snapshot record does not decode: {exc}") from None
         previous = self._cursor
