@@ -29,6 +29,7 @@ from pathlib import Path
 from statistics import fmean
 
 import attrs
+import base58
 import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -36,6 +37,8 @@ from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
 
 from benchmarks.context_bench import KV_STORE, _kv_items, _raw_lmdb_bytes, _set_args
 from benchmarks.harness import Row, render
+from trionode.context.event_log import EVENT_PREFIX
+from trionode.context.events import ContextEvent
 from trionode.context.folding import fold_all
 from trionode.context.records import DELTAS, STATE
 from trionode.context.replicas import BASE_PREFIX, CHECKPOINT_VV_PREFIX, FOLDED_SEQ_PREFIX
@@ -166,6 +169,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
         context_id = (await node.contexts.create(installed.application_id)).context_id
         await node.contexts.execute(context_id, "len", "{}")
         before = await node.store.scan(DELTAS, prefix=context_id)
+        seq_before = node.hub.seq
         stats_before = await node.store.stats()
         for args in _set_args(items):
             await node.contexts.execute(context_id, "set", args)
@@ -191,6 +195,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
         # the one before, as in a batch of calls committed together.
         deltas.sort(key=lambda d: verify_delta(d, context_id=context_id).seq)
         state = await node.store.scan(STATE, prefix=context_id)
+        logged = [(e, size) for e, size in await node.event_log.read() if e.seq > seq_before]
         folded = await _folded(node, context_id, stats_before, n)
     raw = _raw_lmdb_bytes(base / "raw-kv", items)
     own = fmean(len(k.encode()) + len(v.encode()) for k, v in items)
@@ -313,6 +318,16 @@ async def _rows(n: int, base: Path) -> list[Row]:
         )
     rows.append(
         Row(
+            "  event log rows (keys and values): the context by number, no field twice",
+            sum(size for _, size in logged) / n,
+            "B/entry",
+            "the same events as version 2 rows",
+            sum(_v2_row_bytes(e) for e, _ in logged) / n,
+            higher_is_better=False,
+        )
+    )
+    rows.append(
+        Row(
             "after folding every delta (store.delta_retention = 0): state, delta, generic "
             "B-trees per entry",
             folded.trees,
@@ -349,6 +364,22 @@ async def _rows(n: int, base: Path) -> list[Row]:
             )
         )
     return rows
+
+
+def _v2_row_bytes(event: ContextEvent) -> int:
+    """Key and value bytes of `event` as a version 2 event row (every field of the event,
+    ids as raw bytes)."""
+    row = [
+        event.seq,
+        base58.b58decode(event.context_id),
+        bytes.fromhex(event.delta_id),
+        bytes.fromhex(event.root_hash),
+        [bytes.fromhex(h) for h in event.heads],
+        event.events,
+        event.origin,
+        event.at,
+    ]
+    return len(EVENT_PREFIX) + 8 + 1 + len(msgspec.msgpack.encode(row))
 
 
 @attrs.frozen

@@ -11,10 +11,12 @@ from typing import Any
 import base58
 import msgspec
 import pytest
+from msgspec.structs import replace
 
 from tests.context.test_contexts import auth, call, install_and_create
 from trionode.api.app import create_app
 from trionode.context.event_log import (
+    CONTEXT_PREFIX,
     CRASH_GAP,
     EVENT_PREFIX,
     EVENT_ROW_VERSION,
@@ -23,10 +25,10 @@ from trionode.context.event_log import (
     EventRowCodec,
     LogMeta,
 )
-from trionode.context.events import ContextEvent, EventHub, Replay, Subscription
+from trionode.context.events import Change, ContextEvent, EventHub, Replay, Subscription
 from trionode.errors import StorageError
 from trionode.node import open_node
-from trionode.store.lmdb_store import Column
+from trionode.store.lmdb_store import Column, Put, WriteOp
 from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch, open_store
 from trionode.testing import TestNode, make_test_config
 
@@ -179,29 +181,128 @@ def _event(seq: int, **fields: Any) -> ContextEvent:
     return ContextEvent(**(values | fields))
 
 
-def test_event_rows_hold_ids_as_bytes_and_read_back_exactly() -> None:
-    codec = EventRowCodec()
-    event = _event(7)
-    row = codec.encode(event)
-    as_before = msgspec.msgpack.encode(event)
-    assert codec.decode(row) == event
-    # The ids as 32 raw bytes instead of base58 (context) and hex (delta, root, 2 heads)
-    # text, for one version byte.
-    assert len(as_before) - len(row) == (len(event.context_id) - 32) + 4 * 32 - 1
-    # What does not round-trip through bytes stays text, exactly.
-    odd = _event(8, context_id="not base58: 0OIl", delta_id="AB" * 32, root_hash="", heads=["x"])
-    assert codec.decode(codec.encode(odd)) == odd
+def _v2_row(event: ContextEvent) -> bytes:
+    """`event` as a node before version 3 rows stored it: every field, ids as raw bytes."""
+    return b"\x02" + msgspec.msgpack.encode(
+        [
+            event.seq,
+            base58.b58decode(event.context_id),
+            bytes.fromhex(event.delta_id),
+            bytes.fromhex(event.root_hash),
+            [bytes.fromhex(h) for h in event.heads],
+            event.events,
+            event.origin,
+            event.at,
+        ]
+    )
+
+
+def test_event_rows_say_only_what_no_key_or_other_row_says() -> None:
+    event = _event(7, heads=[bytes([7]).hex() * 32], at=1_700_000_000.0)
+    codec = EventRowCodec({1: event.context_id})
+    row = codec.encode(event, 1)
+    assert codec.decode(7, row) == event
+    assert row.startswith(EVENT_ROW_VERSION)
+    assert base58.b58decode(event.context_id) not in row  # named by its number
+    assert row.count(bytes.fromhex(event.delta_id)) == 1  # the heads are just the delta
+    # Against version 2: the context (33 bytes), the heads (34), the seq (1), the event's
+    # field names (13), "local" (5) and the time as a float (4).
+    assert len(_v2_row(event)) - len(row) == 33 + 34 + 1 + 13 + 5 + 4
+
+
+def test_event_rows_keep_what_is_not_the_usual_shape_exactly() -> None:
+    odd = _event(
+        8,
+        context_id="not base58: 0OIl",
+        delta_id="AB" * 32,
+        root_hash="",
+        heads=["x", "cd" * 32],
+        events=[{"name": "N", "payload": 1, "extra": True}, {"payload": None}, {"name": 3}],
+        origin="elsewhere",
+        at=-2.5,
+    )
+    codec = EventRowCodec({5: odd.context_id})
+    assert codec.decode(8, codec.encode(odd, 5)) == odd
+    remote = _event(9, origin="remote", at=12.75, heads=[])
+    assert codec.decode(9, codec.encode(remote, 5)) == replace(
+        remote,
+        context_id=odd.context_id,
+        at=12.0,  # (whole seconds: only retention reads it)
+    )
 
 
 def test_event_rows_written_before_still_load_and_bad_rows_are_storage_errors() -> None:
-    codec = EventRowCodec()
+    codec = EventRowCodec({1: "ctx"})
     old = _event(3)
-    assert codec.decode(msgspec.msgpack.encode(old)) == old
-    for bad in (EVENT_ROW_VERSION, EVENT_ROW_VERSION + b"\xc1", EVENT_ROW_VERSION + b"\x93\x01"):
+    assert codec.decode(3, msgspec.msgpack.encode(old)) == old  # version 1
+    assert codec.decode(3, _v2_row(old)) == old
+    good = codec.encode(_event(4, context_id="ctx"), 1)
+    for bad in (
+        EVENT_ROW_VERSION,
+        EVENT_ROW_VERSION + b"\xc1",
+        EVENT_ROW_VERSION + b"\x93\x01",
+        good[:-3],
+        codec.encode(_event(4, context_id="ctx"), 2),  # a context number nobody stored
+        codec.encode(_event(4, context_id="ctx", events=[{1: 2}]), 1),  # a key is no text
+        codec.encode(_event(4, context_id="ctx", events=[["a", 1, 2]]), 1),  # no pair
+        b"\x02",
+        b"\x02\x93\x01",
+        b"\x98garbage",
+    ):
         with pytest.raises(StorageError):
-            codec.decode(bad)
-    with pytest.raises(StorageError):
-        codec.decode(b"\x98garbage")
+            codec.decode(4, bad)
+
+
+async def test_contexts_are_numbered_once_and_unused_numbers_go_at_start(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    async with _store(tmp_path / "db") as store:
+        hub = EventHub(clock=lambda: now[0])
+        log = EventLog(hub, store, retention=100.0, max_events=50, clock=lambda: now[0])
+        await log.load()
+        first = WriteBatch()
+        log.stage(first, log.hub.reserve([_change("a"), _change("b"), _change("a")]))
+        context_rows = [op for op in first.ops if _names_a_context(op)]
+        assert len(context_rows) == 2  # one row per context, in the batch that needs it
+        # That batch never commits (the delta processor's write failed): the next one
+        # that names "a" holds its number's row again.
+        again = WriteBatch()
+        log.stage(again, log.hub.reserve([_change("a")]))
+        assert sum(_names_a_context(op) for op in again.ops) == 1
+        await store.write(again)
+        third = WriteBatch()
+        log.stage(third, log.hub.reserve([_change("a")]))
+        assert not any(_names_a_context(op) for op in third.ops)  # stored now
+        await store.write(third)
+        now[0] = 50.0
+        _publish(log.hub, "c", 2)
+        await log.close()
+        assert len(await store.raw_scan(Column.GENERIC, prefix=CONTEXT_PREFIX)) == 2  # a, c
+    async with _store(tmp_path / "db") as store:
+        hub = EventHub()
+        reopened = EventLog(hub, store, retention=100.0, max_events=50, clock=lambda: now[0])
+        await reopened.load()
+        await reopened.close()
+        assert [e.context_id for e in hub._recent["a"]] == ["a", "a"]
+        assert [e.events for e in hub._recent["c"]] == [
+            [{"name": "E", "payload": {"i": i, "nested": [1.5, None, "x"]}}] for i in (0, 1)
+        ]
+        now[0] = 120.0  # a's events (t=0) are past retention, c's (t=50) are not
+    async with _store(tmp_path / "db") as store:
+        hub = EventHub()
+        await EventLog(hub, store, retention=100.0, max_events=50, clock=lambda: now[0]).load()
+        assert hub.floor == 6  # a's events were dropped; c's (6, 7) are kept
+        assert [e.seq for e in hub._recent["c"]] == [6, 7]
+        assert len(await store.raw_scan(Column.GENERIC, prefix=CONTEXT_PREFIX)) == 1  # c
+
+
+def _names_a_context(op: WriteOp) -> bool:
+    return isinstance(op, Put) and op.key.startswith(CONTEXT_PREFIX)
+
+
+def _change(context: str) -> Change:
+    return Change(context, "ab" * 32, "cd" * 32, ["ab" * 32], [], "local")
 
 
 async def test_a_log_of_old_rows_loads_and_goes_on_in_the_new_format(tmp_path: Path) -> None:
