@@ -12,10 +12,12 @@ component, so the next cut is visible.
   together) share one message: a plain `DeltaBatch` beside the delta alone, and the
   `SharedDeltaBatch` the node sends (author key and parent ids said once) beside it.
 * **Per entry.** LMDB used pages before/after the `n` calls divided by `n`, split into the
-  context's state rows and delta log (values, and keys: context id ‖ entity or delta id),
-  and what LMDB uses beyond keys and values (B-tree pages, node headers, free space
-  within pages); baseline: a bare LMDB env holding the same keys and values, one put per
-  transaction.
+  context's state rows and delta log (values, and keys as stored: context number ‖ entity
+  or delta id), the WebSocket event log (its rows beside the same events as version 2
+  rows), and what LMDB uses beyond keys and values (B-tree pages, node headers, free
+  space within pages); baseline: a bare LMDB env holding the same keys and values, one
+  put per transaction. Then after folding every delta, by tree and row kind, and once the
+  event log's rows expired too (deleted as retention deletes them).
 
 Standalone: ``python -m benchmarks.bytes_bench [--quick]``.
 """
@@ -54,7 +56,7 @@ from trionode.dag.delta import (
     verify_delta,
 )
 from trionode.node import Node
-from trionode.store.lmdb_store import Column, StoreStats
+from trionode.store.lmdb_store import Column, Delete, StoreStats
 from trionode.testing import open_test_node
 from trionode.wire.keys import PrivateKey
 from trionode.wire.messages import DeltaBatch, encode_gossip
@@ -186,17 +188,20 @@ async def _rows(n: int, base: Path) -> list[Row]:
         keys = await node.contexts.keys(context_id)
         member_key = (await node.contexts.replicas.load(context_id)).member_key
         known = {k for k, _ in before}
-        deltas = [
-            msgspec.msgpack.decode(w, type=SignedDelta)
-            for k, w in await node.store.scan(DELTAS, prefix=context_id)
-            if k not in known
+        logged_deltas = [
+            (k, w) for k, w in await node.store.scan(DELTAS, prefix=context_id) if k not in known
         ]
+        deltas = [msgspec.msgpack.decode(w, type=SignedDelta) for _, w in logged_deltas]
         # In the order they were written (the log is keyed by id): each one's parent is
         # the one before, as in a batch of calls committed together.
         deltas.sort(key=lambda d: verify_delta(d, context_id=context_id).seq)
-        state = await node.store.scan(STATE, prefix=context_id)
+        state = [
+            (_stored_key(node, Column.STATE, k), v)
+            for k, v in await node.store.scan(STATE, prefix=context_id)
+        ]
+        stored_delta_keys = [_stored_key(node, Column.DELTA, k) for k, _ in logged_deltas]
         logged = [(e, size) for e, size in await node.event_log.read() if e.seq > seq_before]
-        folded = await _folded(node, context_id, stats_before, n)
+        folded = await _folded(node, context_id, stats_before, n, [e.seq for e, _ in logged])
     raw = _raw_lmdb_bytes(base / "raw-kv", items)
     own = fmean(len(k.encode()) + len(v.encode()) for k, v in items)
     parts = [
@@ -218,7 +223,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
     state_values = sum(len(v) for _, v in state) / n
     state_keys = sum(len(k) for k, _ in state) / n
     log_values = sum(len(d.encode()) for d in deltas) / n
-    log_keys = 64 * len(deltas) / n
+    log_keys = sum(len(k) for k in stored_delta_keys) / n
     index = trees - state_values - state_keys - log_values - log_keys
 
     def mean(get: str, of: list[Parts]) -> float:
@@ -291,9 +296,9 @@ async def _rows(n: int, base: Path) -> list[Row]:
     key = fmean(len(k.encode()) for k, _ in items)
     for label, value, baseline_name, baseline in (
         ("state rows: values (entity records)", state_values, "the entry's own key+value", own),
-        ("state rows: keys (context id + entity id)", state_keys, "the entry's own key", key),
+        ("state rows: keys (context number + entity id)", state_keys, "the entry's own key", key),
         ("delta log: values (signed deltas)", log_values, "the entry's own key+value", own),
-        ("delta log: keys (context id + delta id)", log_keys, "the entry's own key", key),
+        ("delta log: keys (context number + delta id)", log_keys, "the entry's own key", key),
         (
             "index: state and delta B-tree pages beyond keys and values",
             index,
@@ -334,6 +339,17 @@ async def _rows(n: int, base: Path) -> list[Row]:
             "B/entry",
             "the same B-trees before folding",
             trees + events,
+            higher_is_better=False,
+        )
+    )
+    rows.append(
+        Row(
+            "after folding and the event log's retention (api.event_retention, a day): "
+            "state, delta, generic B-trees per entry",
+            folded.expired,
+            "B/entry",
+            "raw lmdb: same key+value, 1 put/txn",
+            raw,
             higher_is_better=False,
         )
     )
@@ -386,6 +402,8 @@ def _v2_row_bytes(event: ContextEvent) -> int:
 class _Folded:
     trees: float
     """state + delta + generic B-tree bytes per entry, after folding."""
+    expired: float
+    """The same once the event log's rows of the entries expired too."""
     state_tree: float
     delta: float
     generic: float
@@ -395,33 +413,50 @@ class _Folded:
     """what stays of a folded delta: its empty row and its ckvv/ and ckseq/ rows."""
 
 
-async def _folded(node: Node, context_id: bytes, before: StoreStats, n: int) -> _Folded:
+async def _folded(
+    node: Node, context_id: bytes, before: StoreStats, n: int, events: list[int]
+) -> _Folded:
     """Fold every final delta at once (`store.delta_retention` 0) and measure what stays,
     per entry beyond `before` (the store before the `n` calls): the steady state of a
-    context whose deltas are older than the retention."""
+    context whose deltas are older than the retention. Then delete the calls' event rows
+    (`events`), as `api.event_retention` does a day later, and measure again."""
     await fold_all(node.contexts.replicas, retention=0.0, max_batch=256)
     stats = await node.store.stats()
     columns = ("state", "delta", "generic")
     trees = sum(stats.tree_bytes[c] - before.tree_bytes[c] for c in columns)
 
     async def size(prefix: bytes) -> int:
-        return sum(
-            len(k) + len(v) for k, v in await node.store.raw_scan(Column.GENERIC, prefix=prefix)
-        )
+        rows = await node.store.raw_scan(Column.GENERIC, prefix=prefix)
+        return sum(len(_stored_key(node, Column.GENERIC, k)) + len(v) for k, v in rows)
 
-    empty = sum(len(k) for k, v in await node.store.scan(DELTAS, prefix=context_id) if not v)
+    empty = sum(
+        len(_stored_key(node, Column.DELTA, k))
+        for k, v in await node.store.scan(DELTAS, prefix=context_id)
+        if not v
+    )
     marks = await size(CHECKPOINT_VV_PREFIX + context_id) + await size(
         FOLDED_SEQ_PREFIX + context_id  # (format 2's second row: none now)
     )
     grown = {c: stats.tree_bytes[c] - before.tree_bytes[c] for c in columns}
+    await node.store.write(
+        [Delete(Column.GENERIC, EVENT_PREFIX + seq.to_bytes(8, "big")) for seq in events]
+    )
+    expired = await node.store.stats()
     return _Folded(
         trees=trees / n,
+        expired=sum(expired.tree_bytes[c] - before.tree_bytes[c] for c in columns) / n,
         state_tree=grown["state"] / n,
         delta=grown["delta"] / n,
         generic=grown["generic"] / n,
         base=await size(BASE_PREFIX + context_id) / n,
         checkpoints=(empty + marks) / n,
     )
+
+
+def _stored_key(node: Node, column: Column, key: bytes) -> bytes:
+    stored = node.store.raw.stored_key(column, key)
+    assert stored is not None  # (a row's context has a number)
+    return stored
 
 
 def _batch_rows(context_id: bytes, chain: list[SignedDelta], *, mean_delta: float) -> list[Row]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lmdb
+import msgspec
 import pytest
 
 from tests.context.folded_homes import folded_context, home_config
@@ -12,9 +13,12 @@ from tests.replication.helpers import install
 from trionode.context.authority import encode_vv
 from trionode.context.replicas import (
     CHECKPOINT_VV_PREFIX,
+    FOLDED_MARK,
+    FOLDED_OWN_MARK,
     FOLDED_SEQ_PREFIX,
     FORMAT_KEY,
     STORAGE_FORMAT,
+    folded_row,
     read_checkpoint,
 )
 from trionode.errors import StorageError
@@ -117,3 +121,20 @@ def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
     return [error]
+
+
+def test_folded_rows_say_the_authors_entry_once_and_read_back_exactly() -> None:
+    own, other = b"a" * 8, b"b" * 8
+    for vv in ({own: 7}, {own: 7, other: 3}):
+        row = folded_row(own, 7, vv)
+        assert row.startswith(FOLDED_OWN_MARK)
+        assert row.count(own) == 1
+        assert read_checkpoint(row) == (vv, (own, 7))
+    assert len(folded_row(own, 7, {own: 7})) == 14
+    odd = {own: 6, other: 3}  # an entry for the author that is not its seq: kept whole
+    assert read_checkpoint(folded_row(own, 7, odd)) == (odd, (own, 7))
+    assert folded_row(own, 7, odd).startswith(FOLDED_MARK)
+    twice = FOLDED_OWN_MARK + msgspec.msgpack.encode([own, 7, [[own, 7]]])
+    for bad in (twice, FOLDED_OWN_MARK, FOLDED_OWN_MARK + b"\x93\x01", FOLDED_OWN_MARK + b"\xc1"):
+        with pytest.raises(StorageError):
+            read_checkpoint(bad)

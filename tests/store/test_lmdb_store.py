@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 from trionode.errors import StorageError, WrongPassphraseError
 from trionode.store.encryption import KdfParams
-from trionode.store.lmdb_store import Column, Delete, LmdbStore, Put, PutMany
+from trionode.store.lmdb_store import NUMBERED, Column, Delete, LmdbStore, Put, PutMany
 
 FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
 
@@ -145,12 +145,12 @@ def test_encryption_mode_mismatches_are_refused(tmp_path: Path) -> None:
 
 def test_sealed_value_moved_to_another_key_fails(tmp_path: Path) -> None:
     store = LmdbStore.open(tmp_path / "db", passphrase="pw", kdf=FAST_KDF)
-    store.put(Column.STATE, b"a", b"alpha")
+    store.put(Column.CONFIG, b"a", b"alpha")  # (a column whose keys are stored as they are)
     with store._env.begin(write=True) as txn:
-        sealed = txn.get(b"a", db=store._dbs[Column.STATE])
-        txn.put(b"b", sealed, db=store._dbs[Column.STATE])
+        sealed = txn.get(b"a", db=store._dbs[Column.CONFIG])
+        txn.put(b"b", sealed, db=store._dbs[Column.CONFIG])
     with pytest.raises(StorageError, match="failed authentication"):
-        store.get(Column.STATE, b"b")
+        store.get(Column.CONFIG, b"b")
     store.close()
 
 
@@ -351,9 +351,133 @@ def test_a_store_of_a_newer_layout_is_refused_with_one_line(tmp_path: Path) -> N
     LmdbStore.open(tmp_path / "db").close()
     env = lmdb.open(str(tmp_path / "db"), max_dbs=16)
     with env.begin(write=True) as txn:
-        txn.put(b"store-layout", b"4", db=env.open_db(Column.META.value.encode(), txn=txn))
+        txn.put(b"store-layout", b"5", db=env.open_db(Column.META.value.encode(), txn=txn))
     env.close()
     for _ in range(2):  # (and the refusal wrote nothing)
-        with pytest.raises(StorageError, match="has layout 4, which this trionode") as caught:
+        with pytest.raises(StorageError, match="has layout 5, which this trionode") as caught:
             LmdbStore.open(tmp_path / "db")
         assert "\n" not in str(caught.value)
+
+
+def _context_rows(contexts: int) -> dict[Column, dict[bytes, bytes]]:
+    """Rows as the context layer keys them (prefix ‖ context id ‖ rest), and a few that
+    are too short to name a context or outside the numbered prefixes."""
+    ids = [hashlib.sha256(b"context %d" % i).digest() for i in range(contexts)]
+    entity = [hashlib.sha256(b"entity %d" % i).digest() for i in range(20)]
+    return {
+        Column.STATE: {c + e: b"record %d" % i for c in ids for i, e in enumerate(entity)}
+        | {c + entity[0] + (7).to_bytes(4, "big"): b"journal" for c in ids}
+        | {b"short": b"s"},
+        Column.DELTA: {c + e: (b"delta %d " % i) * 20 for c in ids for i, e in enumerate(entity)}
+        | {ids[0] + b"\xff" * 32: b""},
+        Column.GENERIC: {b"base/" + c + e: b"" for c in ids for e in entity[:5]}
+        | {b"ckvv/" + c + e: b"\x01vv" for c in ids for e in entity[5:8]}
+        | {b"base/x": b"short", b"ws-event/1": b"event", b"bundle/a": b"b"},
+        Column.CONFIG: dict.fromkeys(ids, b"record"),
+    }
+
+
+def _as_layout_3(path: Path, rows: dict[Column, dict[bytes, bytes]], store: LmdbStore) -> None:
+    """Make `path` hold `rows` as a layout-3 store did: keys as they are, in the trees
+    named after their columns (sealed by `store`'s cipher, if it has one)."""
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(Column.META.value.encode(), txn=txn)
+        txn.put(b"store-layout", b"3", db=meta)
+        log = env.open_db(b"delta-log", txn=txn)
+        for column, table in rows.items():
+            db = env.open_db(column.value.encode(), txn=txn)
+            for seq, (key, value) in enumerate(sorted(table.items()), start=1):
+                stored = store._seal(column, key, value)
+                if column is not Column.DELTA:
+                    txn.put(key, stored, db=db)
+                elif not value:
+                    txn.put(key, b"", db=db)
+                else:
+                    txn.put(key, seq.to_bytes(8, "big"), db=db)
+                    txn.put(seq.to_bytes(8, "big"), stored, db=log)
+    env.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_layout_3_store_numbers_its_contexts_once_at_open(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    passphrase = "pw" if encrypted else None
+    rows = _context_rows(3)
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    _as_layout_3(tmp_path / "db", rows, store)
+    store.close()
+    for reopen in range(2):  # converted once; the second open finds layout 4
+        store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+        try:
+            for column, table in rows.items():
+                assert store.scan(column) == sorted(table.items()), column
+                assert store.count(column) == len(table)
+            context = min(k[:32] for k in rows[Column.CONFIG])
+            in_state = sorted((k, v) for k, v in rows[Column.STATE].items() if k[:32] == context)
+            assert store.scan(Column.STATE, prefix=context) == in_state
+            assert (
+                store.scan(Column.STATE, prefix=context, start=in_state[3][0], limit=2)
+                == (in_state[3:5])
+            )
+            assert store.scan(Column.STATE, prefix=context, end=in_state[2][0]) == in_state[:2]
+            base = b"base/" + context
+            assert [k for k, _ in store.scan(Column.GENERIC, prefix=base)] == sorted(
+                k for k in rows[Column.GENERIC] if k.startswith(base)
+            )
+            key = in_state[0][0]
+            assert store.get(Column.STATE, key) == rows[Column.STATE][key]
+            assert (
+                store.get_many(Column.DELTA, list(rows[Column.DELTA])[:3])
+                == list(rows[Column.DELTA].values())[:3]
+            )
+            if reopen == 0:  # the old trees went; keys hold 4-byte numbers, not ids
+                with store._env.begin() as txn:
+                    names = {k for k, _ in txn.cursor()}
+                    assert not {c.value.encode() for c in NUMBERED} & names
+                    stored = [k for k, _ in txn.cursor(db=store._dbs[Column.STATE])]
+                assert max(len(k) for k in stored) == 1 + 4 + 32 + 4
+        finally:
+            store.close()
+
+
+def test_context_numbers_are_given_in_the_writing_transaction_and_taken_back_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 20)
+    first, second, third = (hashlib.sha256(b"%d" % i).digest() for i in range(3))
+
+    def failing_put(*_: object) -> None:
+        raise lmdb.Error("disk on fire")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(store._deltas, "put", failing_put)
+            with pytest.raises(StorageError, match="disk on fire"):  # the write aborts whole
+                store.write(
+                    [Put(Column.STATE, first + b"e" * 32, b"v"), Put(Column.DELTA, first, b"x")]
+                )
+        assert store.get(Column.STATE, first + b"e" * 32) is None
+        assert store.scan(Column.STATE, prefix=first) == []
+        assert store._keys.numbers == {}  # the number it took went back
+        store.write([Delete(Column.STATE, second + b"e" * 32)])  # no rows: no number
+        assert store._keys.numbers == {}
+        store.write([Put(Column.STATE, second + b"e" * 32, b"2"), Put(Column.DELTA, first, b"")])
+        store.write([Put(Column.GENERIC, b"ckvv/" + first + b"d" * 32, b"1")])
+        assert len(store._keys.numbers) == 2
+        # A map too small for the write: it grows and the write is tried again.
+        store.write([Put(Column.STATE, third + b"%032d" % i, b"x" * 1000) for i in range(2000)])
+        assert len(store.scan(Column.STATE, prefix=third)) == 2000
+        assert sorted(store._keys.ids) == [(n).to_bytes(4, "big") for n in (1, 2, 3)]
+    finally:
+        store.close()
+    store = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 20)
+    try:
+        assert store.scan(Column.STATE, prefix=second) == [(second + b"e" * 32, b"2")]
+        assert store.get(Column.DELTA, first) == b""
+        assert store.scan(Column.GENERIC) == [(b"ckvv/" + first + b"d" * 32, b"1")]
+        assert len(store.scan(Column.STATE)) == 2001
+        assert len(store._keys.numbers) == 3
+    finally:
+        store.close()

@@ -101,8 +101,13 @@ FOLDED_SEQ_PREFIX: Final = b"ckseq/"
 """ckseq/ ‖ context ‖ delta id → author tag ‖ sequence number (8 bytes, big-endian): format
 2's second row per folded delta (merged into its ckvv/ row when a home moves to format 3)."""
 FOLDED_MARK: Final = b"\x01"
-"""First byte of a folded delta's ckvv/ row: a positive fixint, never the msgpack array
-header an `encode_vv` row starts with."""
+"""First byte of a folded delta's ckvv/ row as format 3 wrote it: a positive fixint, never
+the msgpack array header an `encode_vv` row starts with."""
+FOLDED_OWN_MARK: Final = b"\x02"
+"""First byte of a folded delta's ckvv/ row from store layout 4 on (which builds before
+refuse: store/lmdb_store.py): (author tag, seq, the rest of the vector), the vector's
+entry for the author (which is `seq`) left out: 14 bytes for a delta whose vector names
+only its author, where `FOLDED_MARK` rows said tag and seq twice (26)."""
 
 
 class _FoldedRow(msgspec.Struct, array_like=True, frozen=True):
@@ -117,7 +122,10 @@ _ENCODER = msgspec.msgpack.Encoder()
 
 def folded_row(author_tag: bytes, seq: int, vv: Mapping[bytes, int]) -> bytes:
     """The ckvv/ row of a delta folded here: its vector, author and sequence number."""
-    return FOLDED_MARK + _ENCODER.encode(_FoldedRow(author_tag, seq, sorted(vv.items())))
+    if vv.get(author_tag) != seq:  # (never for a delta a node signed: kept as it is)
+        return FOLDED_MARK + _ENCODER.encode(_FoldedRow(author_tag, seq, sorted(vv.items())))
+    rest = sorted((t, s) for t, s in vv.items() if t != author_tag)
+    return FOLDED_OWN_MARK + _ENCODER.encode(_FoldedRow(author_tag, seq, rest))
 
 
 def read_checkpoint(value: bytes) -> tuple[dict[bytes, int], tuple[bytes, int] | None]:
@@ -127,6 +135,12 @@ def read_checkpoint(value: bytes) -> tuple[dict[bytes, int], tuple[bytes, int] |
         if value.startswith(FOLDED_MARK):
             row = _FOLDED_ROW.decode(memoryview(value)[1:])
             return dict(row.vv), (row.author_tag, row.seq)
+        if value.startswith(FOLDED_OWN_MARK):
+            row = _FOLDED_ROW.decode(memoryview(value)[1:])
+            vv = dict(row.vv)
+            if row.author_tag in vv:
+                raise StorageError("a stored checkpoint vector names its author twice")
+            return vv | {row.author_tag: row.seq}, (row.author_tag, row.seq)
         return decode_vv(value), None
     except (msgspec.DecodeError, RemoteProtocolError):
         raise StorageError("a stored checkpoint vector is unreadable") from None

@@ -20,11 +20,18 @@ most rows of an old context; replacing a value in place never merges LMDB pages,
 log rows kept the pages of the bodies they replaced (515 B per folded delta). Deleting
 the row lets LMDB merge and reuse them.
 
+Context ids in keys are stored as local numbers (`_ContextNumbers`): every state, delta,
+base and checkpoint row's key starts with the 32-byte id of its context, which the store
+keeps as a 4-byte number (and a tag byte) instead: 27 bytes less in each of the three or
+four rows a kv entry takes. Callers see the keys as they wrote them.
+
 Layouts (`store-layout` in the meta column): 1, one delta tree; 2, the index and the log
 (`delta-layout` = 2 records this too, as builds before layout 3 read only that key); 3,
-empty values as index markers. Opening converts an older store in one transaction; a
-store of a layout newer than `STORE_LAYOUT` is refused with one line, so a build never
-misreads rows written by a newer one.
+empty values as index markers; 4, context numbers in keys, in trees named `<column>@4`
+(the conversion reads the old tree and writes the new one, then drops the old). Opening
+converts an older store in one transaction; a store of a layout newer than
+`STORE_LAYOUT` is refused with one line, so a build never misreads rows written by a
+newer one.
 
 Map growth: LMDB fails a write with MapFullError when the memory map is full. We then abort
 that transaction, double the map (up to the configured maximum) and retry. Resizing needs
@@ -53,11 +60,19 @@ _DELTA_LAYOUT: Final = b"2"
 """1 (no record): the delta column is one B-tree; 2: an index and an append-ordered log.
 Kept at 2 from layout 3 on: a build of layout 2 moves any other value to the log again."""
 _STORE_LAYOUT_KEY: Final = b"store-layout"
-STORE_LAYOUT: Final = 3
+STORE_LAYOUT: Final = 4
 """The newest layout this build reads and writes (see the module docstring)."""
 _DELTA_LOG_DB: Final = b"delta-log"
 _SEQ_BYTES: Final = 8
 _MAX_KEY_SIZE: Final = 511  # LMDB's default compile-time limit
+_CONTEXT_BYTES: Final = 32
+_NUMBER_BYTES: Final = 4
+_SHORT: Final = b"\x00"
+"""Stored-key tag of a key too short to hold a context id after its prefix."""
+_NUMBERED_TAG: Final = b"\x01"
+"""Stored-key tag of a key whose context id is said by its number."""
+_NUMBER_KEY: Final = b"context-number/"
+"""meta: context-number/ ‖ context id → its number (4 bytes, big-endian)."""
 
 
 class Column(StrEnum):
@@ -72,6 +87,20 @@ class Column(StrEnum):
     APPLICATION = "application"
     BLOB_META = "blob_meta"
     GENERIC = "generic"
+
+
+NUMBERED: Final[dict[Column, tuple[bytes, ...]]] = {
+    Column.STATE: (b"",),
+    Column.DELTA: (b"",),
+    Column.GENERIC: (b"base/", b"ckvv/"),
+}
+"""Where keys are prefix ‖ context id (32 bytes) ‖ rest: stored with a local number of 4
+bytes for the context id (see the module docstring)."""
+
+
+def _db_name(column: Column) -> bytes:
+    """Columns whose keys are numbered live in new trees from layout 4 on (`_convert`)."""
+    return f"{column.value}@4".encode() if column in NUMBERED else column.value.encode()
 
 
 @attrs.frozen
@@ -153,6 +182,28 @@ def _check_key(key: bytes) -> None:
         raise StorageError(f"key of {len(key)} bytes exceeds LMDB's {_MAX_KEY_SIZE}-byte limit")
 
 
+def _raw_scan(
+    txn: lmdb.Transaction,
+    prefix: bytes,
+    start: bytes | None,
+    end: bytes | None,
+    limit: int | None,
+) -> list[tuple[bytes, bytes]]:
+    """Rows of the transaction's tree with `prefix`, in [start, end), at most `limit`."""
+    lower = max(prefix, start) if start is not None else prefix
+    out: list[tuple[bytes, bytes]] = []
+    cursor = txn.cursor()
+    if lower and not cursor.set_range(lower):
+        return []
+    for key, value in cursor.iternext():
+        if (prefix and not key.startswith(prefix)) or (end is not None and key >= end):
+            break
+        out.append((key, value))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
 class _DeltaLog:
     """The delta column's two trees (see the module docstring): `index` maps a key to its
     sequence number, `log` a sequence number to the (sealed) value. All methods work inside
@@ -223,6 +274,119 @@ class _DeltaLog:
                 cursor.put(key, b"")
 
 
+class _ContextNumbers:
+    """Local numbers for context ids in the keys of `NUMBERED` columns: a stored key is
+    prefix ‖ `_NUMBERED_TAG` ‖ number ‖ rest instead of prefix ‖ context id ‖ rest (28
+    bytes less in every state, delta, base and checkpoint row), or prefix ‖ `_SHORT` ‖ rest
+    for a key too short to name a context. Keys of other columns, and of the generic column
+    outside its numbered prefixes, are stored as they are.
+
+    Within one context the stored keys keep the order of the keys (the number is a fixed
+    prefix); across contexts they follow the numbers. Numbers are given in a write
+    transaction (`stored(..., txn=)`), recorded in the meta column in that transaction, and
+    taken back if it aborts (`rollback`)."""
+
+    def __init__(self, meta: Any) -> None:
+        self._meta = meta
+        self.numbers: dict[bytes, bytes] = {}
+        self.ids: dict[bytes, bytes] = {}
+        self._next = 1
+
+    def load(self, txn: lmdb.Transaction) -> None:
+        self.numbers.clear()
+        self.ids.clear()
+        cursor = txn.cursor(db=self._meta)
+        if cursor.set_range(_NUMBER_KEY):
+            for key, number in cursor.iternext():
+                if not key.startswith(_NUMBER_KEY):
+                    break
+                context = key[len(_NUMBER_KEY) :]
+                if len(context) != _CONTEXT_BYTES or len(number) != _NUMBER_BYTES:
+                    raise StorageError("a stored context number is damaged")
+                self.numbers[context] = number
+                self.ids[number] = context
+        self._next = max((int.from_bytes(n, "big") for n in self.ids), default=0) + 1
+
+    def stored(
+        self,
+        column: Column,
+        key: bytes,
+        *,
+        txn: lmdb.Transaction | None = None,
+        added: list[bytes] | None = None,
+    ) -> bytes | None:
+        """The stored form of `key`; None when it names a context without a number and no
+        write transaction (`txn`, noting new contexts in `added`) may give it one."""
+        prefixes = NUMBERED.get(column)
+        if prefixes is None:
+            return key
+        for prefix in prefixes:
+            if not key.startswith(prefix):
+                continue
+            cut = len(prefix)
+            if len(key) < cut + _CONTEXT_BYTES:
+                return prefix + _SHORT + key[cut:]
+            context = key[cut : cut + _CONTEXT_BYTES]
+            number = self.numbers.get(context)
+            if number is None:
+                if txn is None or added is None:
+                    return None
+                number = self._give(context, txn)
+                added.append(context)
+            return prefix + _NUMBERED_TAG + number + key[cut + _CONTEXT_BYTES :]
+        return key
+
+    def _give(self, context: bytes, txn: lmdb.Transaction) -> bytes:
+        if self._next >= 1 << (8 * _NUMBER_BYTES):
+            raise StorageError("the datastore ran out of context numbers")
+        number = self._next.to_bytes(_NUMBER_BYTES, "big")
+        self._next += 1
+        txn.put(_NUMBER_KEY + context, number, db=self._meta)
+        self.numbers[context] = number
+        self.ids[number] = context
+        return number
+
+    def rollback(self, added: list[bytes]) -> None:
+        """The transaction that gave numbers to `added` aborted."""
+        for context in added:
+            del self.ids[self.numbers.pop(context)]
+        self._next = max((int.from_bytes(n, "big") for n in self.ids), default=0) + 1
+        added.clear()
+
+    def key(self, column: Column, stored: bytes) -> bytes:
+        """The key of a stored key (`stored`'s inverse)."""
+        prefixes = NUMBERED.get(column)
+        if prefixes is None:
+            return stored
+        for prefix in prefixes:
+            if not stored.startswith(prefix):
+                continue
+            cut = len(prefix)
+            tag = stored[cut : cut + 1]
+            if tag == _SHORT:
+                return prefix + stored[cut + 1 :]
+            number = stored[cut + 1 : cut + 1 + _NUMBER_BYTES]
+            context = self.ids.get(number) if tag == _NUMBERED_TAG else None
+            if context is None:
+                raise StorageError(f"a stored {column.value} key names no known context")
+            return prefix + context + stored[cut + 1 + _NUMBER_BYTES :]
+        return stored
+
+    def pinned(self, column: Column, prefix: bytes) -> bool | None:
+        """How a scan of `prefix` maps to stored keys: True, to one range (the prefix names
+        a context, or no numbered key starts with it); None, the prefix names a context
+        without a number (no rows); False, to keys of many contexts (`_scan_all`)."""
+        prefixes = NUMBERED.get(column)
+        if prefixes is None:
+            return True
+        for p in prefixes:
+            if prefix.startswith(p) and len(prefix) >= len(p) + _CONTEXT_BYTES:
+                return True if prefix[len(p) : len(p) + _CONTEXT_BYTES] in self.numbers else None
+            if p.startswith(prefix) or prefix.startswith(p):
+                return False
+        return True
+
+
 class LmdbStore:
     """A blocking datastore. Use `LmdbStore.open(...)`; close with `close()`."""
 
@@ -235,7 +399,9 @@ class LmdbStore:
     ) -> None:
         self._env = env
         self._dbs = dbs
-        self._deltas = _DeltaLog(dbs[Column.DELTA], env.open_db(_DELTA_LOG_DB))
+        self._log_db = env.open_db(_DELTA_LOG_DB)
+        self._deltas = _DeltaLog(dbs[Column.DELTA], self._log_db)
+        self._keys = _ContextNumbers(dbs[Column.META])
         self._cipher = cipher
         self._max_map_size = max_map_size
         self._lock = _SharedExclusiveLock()
@@ -269,7 +435,8 @@ class LmdbStore:
             env = lmdb.open(
                 str(path),
                 map_size=initial_map_size,
-                max_dbs=len(Column) + 2,  # (the delta log's second tree)
+                # (the delta log's second tree, and the trees layout 4 moved from)
+                max_dbs=len(Column) + 2 + len(NUMBERED),
                 max_readers=max_readers,
                 subdir=True,
                 readahead=False,
@@ -281,7 +448,7 @@ class LmdbStore:
             map_size = max(env.info()["map_size"], initial_map_size)
             env.set_mapsize(map_size)
             cipher = cls._open_cipher(env, passphrase, kdf or KdfParams(), path)
-            dbs = {col: env.open_db(col.value.encode()) for col in Column}
+            dbs = {col: env.open_db(_db_name(col)) for col in Column}
             return cls(env, dbs, cipher, max_map_size)  # (moves an old delta column)
         except BaseException:
             env.close()
@@ -322,6 +489,7 @@ class LmdbStore:
         """Bring an older store to `STORE_LAYOUT` in one transaction (a crash leaves it as
         it was); refuse a newer one, writing nothing."""
         with self._env.begin(write=True) as txn:
+            self._keys.load(txn)
             stored = txn.get(_STORE_LAYOUT_KEY, db=meta)
             if stored is not None:
                 layout = int(stored) if stored.isdigit() else -1
@@ -338,12 +506,37 @@ class LmdbStore:
                 layout = 2
             else:
                 layout = 1
+            old = self._old_trees(txn)
+            deltas = _DeltaLog(old.get(Column.DELTA, self._dbs[Column.DELTA]), self._log_db)
             if layout < 2:
-                self._deltas.to_log(txn)
+                deltas.to_log(txn)
                 txn.put(_DELTA_LAYOUT_KEY, _DELTA_LAYOUT, db=meta)
             if layout < 3:
-                self._deltas.drop_empty(txn, self._holds_empty)
+                deltas.drop_empty(txn, self._holds_empty)
+            if layout < 4:
+                self._number_contexts(txn, old)
             txn.put(_STORE_LAYOUT_KEY, str(STORE_LAYOUT).encode(), db=meta)
+
+    def _old_trees(self, txn: lmdb.Transaction) -> dict[Column, Any]:
+        """The trees of `NUMBERED` columns as layouts before 4 named them (those there are)."""
+        names = {key for key, _ in txn.cursor()}
+        return {
+            column: self._env.open_db(column.value.encode(), txn=txn)
+            for column in NUMBERED
+            if column.value.encode() in names
+        }
+
+    def _number_contexts(self, txn: lmdb.Transaction, old: dict[Column, Any]) -> None:
+        """Layout 3 → 4: every row of a numbered column moves to its new tree under its
+        stored key (values as they are: sealing binds them to the key, not its stored
+        form); the old trees go."""
+        added: list[bytes] = []
+        for column, tree in old.items():
+            new = self._dbs[column]
+            for key, value in txn.cursor(db=tree).iternext():
+                stored = self._keys.stored(column, key, txn=txn, added=added)
+                txn.put(stored, value, db=new)
+            txn.drop(tree, delete=True)
 
     def _holds_empty(self, key: bytes, stored: bytes) -> bool:
         """Whether a delta value as a layout-2 store kept it is empty (sealed or not)."""
@@ -390,17 +583,24 @@ class LmdbStore:
 
     def get(self, column: Column, key: bytes) -> bytes | None:
         self._check_open()
+        stored_key = self._keys.stored(column, key)
+        if stored_key is None:
+            return None
         with self._lock.shared(), self._env.begin(db=self._dbs[column], buffers=False) as txn:
-            stored = self._deltas.get(txn, key) if column is Column.DELTA else txn.get(key)
+            if column is Column.DELTA:
+                stored = self._deltas.get(txn, stored_key)
+            else:
+                stored = txn.get(stored_key)
         return None if stored is None else self._unseal(column, key, stored)
 
     def get_many(self, column: Column, keys: Sequence[bytes]) -> list[bytes | None]:
         self._check_open()
+        stored_keys = [self._keys.stored(column, k) for k in keys]
         with self._lock.shared(), self._env.begin(db=self._dbs[column]) as txn:
             if column is Column.DELTA:
-                stored = [self._deltas.get(txn, k) for k in keys]
+                stored = [None if k is None else self._deltas.get(txn, k) for k in stored_keys]
             else:
-                stored = [txn.get(k) for k in keys]
+                stored = [None if k is None else txn.get(k) for k in stored_keys]
         return [
             None if s is None else self._unseal(column, k, s)
             for k, s in zip(keys, stored, strict=True)
@@ -423,18 +623,8 @@ class LmdbStore:
         transaction: rows that defer to another column's (context/replicas.py's base
         rows) come back consistent with it."""
         self._check_open()
-        lower = max(prefix, start) if start is not None else prefix
-        out: list[tuple[bytes, bytes]] = []
         with self._lock.shared(), self._env.begin(db=self._dbs[column]) as txn:
-            cursor = txn.cursor()
-            if lower and not cursor.set_range(lower):
-                return []
-            for key, value in cursor.iternext():
-                if (prefix and not key.startswith(prefix)) or (end is not None and key >= end):
-                    break
-                out.append((key, value))
-                if limit is not None and len(out) >= limit:
-                    break
+            out = self._scan(txn, column, prefix, start=start, end=end, limit=limit)
             if column is Column.DELTA:
                 self._deltas.scan(txn, out)
             filled: set[int] = set()
@@ -442,7 +632,7 @@ class LmdbStore:
                 other, cut = fill
                 for i, (key, value) in enumerate(out):
                     if not value:
-                        found = txn.get(key[cut:], db=self._dbs[other])
+                        found = self._get_in(txn, other, key[cut:])
                         if found is not None:
                             out[i] = (key, found)
                             filled.add(i)
@@ -455,6 +645,78 @@ class LmdbStore:
                 for i, (k, v) in enumerate(out)
             ]
         return [(k, self._unseal(column, k, v)) for k, v in out]
+
+    def _get_in(self, txn: lmdb.Transaction, column: Column, key: bytes) -> bytes | None:
+        stored_key = self._keys.stored(column, key)
+        if stored_key is None:
+            return None
+        if column is Column.DELTA:
+            return self._deltas.get(txn, stored_key)
+        found: bytes | None = txn.get(stored_key, db=self._dbs[column])
+        return found
+
+    def _scan(
+        self,
+        txn: lmdb.Transaction,
+        column: Column,
+        prefix: bytes,
+        *,
+        start: bytes | None,
+        end: bytes | None,
+        limit: int | None,
+    ) -> list[tuple[bytes, bytes]]:
+        """`scan`'s rows as stored (values sealed, delta values as log numbers), keys as
+        they are."""
+        pinned = self._keys.pinned(column, prefix)
+        if pinned is None:
+            return []
+        if not pinned:
+            return self._scan_all(txn, column, prefix, start=start, end=end, limit=limit)
+        stored_prefix = self._keys.stored(column, prefix)
+        if stored_prefix is None:
+            return []
+        if stored_prefix != prefix:  # one context's keys: their bounds map to stored ones
+            if start is not None:
+                if start.startswith(prefix):
+                    start = self._keys.stored(column, start)
+                elif start > prefix:
+                    return []  # (after every key with the prefix)
+                else:
+                    start = None
+            if end is not None:
+                if end <= prefix:
+                    return []
+                end = self._keys.stored(column, end) if end.startswith(prefix) else None
+        rows = _raw_scan(txn, stored_prefix, start, end, limit)
+        if stored_prefix == prefix and column not in NUMBERED:
+            return rows
+        return [(self._keys.key(column, k), v) for k, v in rows]
+
+    def _scan_all(
+        self,
+        txn: lmdb.Transaction,
+        column: Column,
+        prefix: bytes,
+        *,
+        start: bytes | None,
+        end: bytes | None,
+        limit: int | None,
+    ) -> list[tuple[bytes, bytes]]:
+        """A scan whose keys span contexts (a whole column, a short prefix): every row of
+        the column is read and put in key order. Rare (tests, tools), so not paged."""
+        rows = sorted(
+            (key, value)
+            for key, value in ((self._keys.key(column, k), v) for k, v in txn.cursor().iternext())
+            if key.startswith(prefix)
+            and (start is None or key >= start)
+            and (end is None or key < end)
+        )
+        return rows if limit is None else rows[:limit]
+
+    def stored_key(self, column: Column, key: bytes) -> bytes | None:
+        """`key` as the store keeps it (see `_ContextNumbers`; None: its context has no
+        number yet). For measurements."""
+        return self._keys.stored(column, key)
 
     def count(self, column: Column) -> int:
         self._check_open()
@@ -505,35 +767,57 @@ class LmdbStore:
                 prepared.append((op.column, op.key, value))
             else:
                 prepared.append((op.column, op.key, None))
-        deltas = self._deltas
         while True:
+            added: list[bytes] = []
             try:
                 with self._lock.shared(), self._env.begin(write=True) as txn:
-                    # Consecutive puts to one column go in one `putmulti` (a snapshot
-                    # batch is 100,000s of them: one C call instead of one put each).
-                    run: list[tuple[bytes, bytes]] = []
-                    run_column = Column.DELTA  # (no run yet)
-                    for column, key, stored in prepared:
-                        if run and (column is not run_column or stored is None):
-                            txn.cursor(db=self._dbs[run_column]).putmulti(run)
-                            run = []
-                        if column is Column.DELTA:
-                            if stored is None:
-                                deltas.delete(txn, key)
-                            else:
-                                deltas.put(txn, key, stored)
-                        elif stored is None:
-                            txn.delete(key, db=self._dbs[column])
-                        else:
-                            run.append((key, stored))
-                            run_column = column
-                    if run:
-                        txn.cursor(db=self._dbs[run_column]).putmulti(run)
+                    self._write_in(txn, prepared, added)
                 return
             except lmdb.MapFullError:
+                self._keys.rollback(added)
                 self._grow()
             except lmdb.Error as exc:
+                self._keys.rollback(added)
                 raise StorageError(f"datastore write failed: {exc}") from None
+            except BaseException:
+                self._keys.rollback(added)
+                raise
+
+    def _write_in(
+        self,
+        txn: lmdb.Transaction,
+        prepared: list[tuple[Column, bytes, bytes | None]],
+        added: list[bytes],
+    ) -> None:
+        """`write`'s ops in `txn` (contexts given numbers noted in `added`)."""
+        deltas, keys = self._deltas, self._keys
+        # Consecutive puts to one column go in one `putmulti` (a snapshot batch is
+        # 100,000s of them: one C call instead of one put each).
+        run: list[tuple[bytes, bytes]] = []
+        run_column = Column.DELTA  # (no run yet)
+        for column, key, stored in prepared:
+            if run and (column is not run_column or stored is None):
+                txn.cursor(db=self._dbs[run_column]).putmulti(run)
+                run = []
+            if stored is None:
+                stored_key = keys.stored(column, key)
+                if stored_key is None:
+                    continue  # (a context without a number has no rows to delete)
+            else:
+                stored_key = keys.stored(column, key, txn=txn, added=added)
+                assert stored_key is not None  # (a write transaction gives numbers)
+            if column is Column.DELTA:
+                if stored is None:
+                    deltas.delete(txn, stored_key)
+                else:
+                    deltas.put(txn, stored_key, stored)
+            elif stored is None:
+                txn.delete(stored_key, db=self._dbs[column])
+            else:
+                run.append((stored_key, stored))
+                run_column = column
+        if run:
+            txn.cursor(db=self._dbs[run_column]).putmulti(run)
 
     def put(self, column: Column, key: bytes, value: bytes) -> None:
         self.write([Put(column, key, value)])
