@@ -314,14 +314,17 @@ class OrderIndex:
         block.chunks = None
 
     def hide_many(self, ids: Iterable[Timestamp]) -> None:
-        """Every id in `ids` (placed, visible) was just deleted: a range delete. Costs
-        O(len(ids)) dict lookups plus one filter of each block they fall in and one Fenwick
-        update per such block, whatever the sequence's length (`hide` per id would scan
-        its block's live list once per id)."""
+        """The ids in `ids` that are placed here (all visible) were just deleted: a range
+        delete; ids not placed are skipped (they are out of the order, like their
+        reference). Costs O(len(ids)) dict lookups plus one filter of each block they fall
+        in and one Fenwick update per such block, whatever the sequence's length (`hide`
+        per id would scan its block's live list once per id)."""
         by_block: dict[int, set[Timestamp]] = {}
-        where = self._where
+        where = self._where.get
         for eid in ids:
-            serial = where[eid]
+            serial = where(eid)
+            if serial is None:
+                continue
             gone = by_block.get(serial)
             if gone is None:
                 by_block[serial] = {eid}

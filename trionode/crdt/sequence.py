@@ -33,8 +33,13 @@ Caching: the order without a floor lives in an `OrderIndex` (blocks of ids plus 
 tree of visible counts, see `order_index.py`), kept up to date while elements arrive in
 causal order (`_place`, `hide`) and rebuilt from scratch otherwise (~1 µs per element). A
 keystroke costs O(log n) to find its position and O(block) to place; nothing scans the
-whole sequence. Full lists (`order()`, `visible_ids()`) are materialised on demand and
-cached until the next change. The Merkle hash form is the list of digests of content-defined
+whole sequence. A range delete (a delta that only tombstones held elements) hides its
+elements in one pass over the blocks they fall in (`_tombstone_all`), so the index and its
+cached chunk digests survive it: O(deleted + blocks touched), not a rebuild. Elements are
+still one dict entry each, so a delete still costs per element, not per run.
+
+Full lists (`order()`, `visible_ids()`) are materialised on demand and cached until the
+next change. The Merkle hash form is the list of digests of content-defined
 chunks of the visible sequence (see "Hash chunks" in `order_index.py`); the index caches
 them, so a keystroke rehashes one chunk of ~61 elements, not the whole text.
 
@@ -230,21 +235,23 @@ class SequenceState(Generic[V]):
                 or incoming[0] != mine[0]
             ):
                 return None
-        index = self._index
         hidden: list[Timestamp] = []
         changed = False
         for eid, incoming in theirs.items():
             mine = elements[eid]
             gone = mine[3]
-            joined: Element[V] = _element((mine[0], None, None, latest(gone, incoming[3])))
-            if joined == mine:
-                continue
-            elements[eid] = joined
-            changed = True
-            if gone is None and index is not None and eid in index:
+            if gone is None:  # (`join_element`'s result for a live element, inline)
+                elements[eid] = _element((mine[0], None, None, incoming[3]))
                 hidden.append(eid)
+                changed = True
+                continue
+            joined: Element[V] = _element((mine[0], None, None, latest(gone, incoming[3])))
+            if joined != mine:
+                elements[eid] = joined
+                changed = True
         if hidden:
-            assert index is not None  # (only placed ids are collected)
+            index = self._index
+            assert index is not None  # (checked by the caller)
             index.hide_many(hidden)
         if changed:
             self._lists = None
