@@ -7,6 +7,7 @@ Hypercorn, LMDB, crypto), which client commands must not pay for.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -109,6 +110,15 @@ async def _watch_signals(
             shutdown.set()
 
 
+def freeze_startup_heap() -> None:
+    """Collect once, then keep everything alive now (modules, the config, app bundles,
+    pools) out of the collector's sight for good (`gc.freeze`): later collections scan
+    only what the node made since. Under a write load the full collections took ~90 ms
+    each, most of it walking objects that live as long as the process (issue #16)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run_until_signalled(
     config: NodeConfig, on_started: Callable[[], None] = lambda: None
 ) -> None:
@@ -116,6 +126,7 @@ async def run_until_signalled(
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, shutdown, nursery.cancel_scope)
         async with open_node(config) as node:
+            freeze_startup_heap()
             on_started()
             log.info(
                 "trionode %s started: peer id %s, API %s, p2p %s",

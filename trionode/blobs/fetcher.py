@@ -37,6 +37,7 @@ from trionode.blobs.store import BlobStore
 from trionode.blobs.transfer import BlobTransfer
 from trionode.config import BlobsSection
 from trionode.context.events import ContextEvent, EventHub
+from trionode.context.notices import from_b58
 from trionode.errors import TrionodeError
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class BlobFetcher:
                     rescan = trio.current_time() + self._config.eager_rescan
                     continue
                 dirty = {
-                    base58.b58decode(name)  # (each context once: a burst of writes is one)
+                    from_b58(name)  # (each context once: a burst of writes is one)
                     for name in {i.context_id for i in items if isinstance(i, ContextEvent)}
                 }
         finally:

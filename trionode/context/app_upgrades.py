@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import math
 
-import base58
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -48,7 +47,7 @@ from trionode.context.app_choice import app_ref, describe, named_apps, waiting_m
 from trionode.context.errors import ContextError, ContextNotFound
 from trionode.context.events import ContextEvent, EventHub
 from trionode.context.manager import ContextManager
-from trionode.context.notices import b58
+from trionode.context.notices import b58, from_b58
 from trionode.context.replicas import Replica
 
 log = logging.getLogger(__name__)
@@ -149,7 +148,7 @@ class AppFollower:
                             except trio.WouldBlock:
                                 break
                         dirty = {
-                            base58.b58decode(name)  # (each context once)
+                            from_b58(name)  # (each context once)
                             for name in {i.context_id for i in items if isinstance(i, ContextEvent)}
                         }
                     except trio.EndOfChannel:  # fell behind: check everything again

@@ -34,6 +34,14 @@ def b58(data: bytes) -> str:
     return base58.b58encode(data).decode("ascii")
 
 
+@functools.lru_cache(maxsize=4096)
+def from_b58(text: str) -> bytes:
+    """A context id back from an event's base58 (cached like `b58`: the services that
+    follow every applied delta decoded it once per event, ~20 us each). Raises ValueError
+    for text that is not base58."""
+    return base58.b58decode(text)
+
+
 def change_of(
     replica: Replica, *, delta_id: bytes | None, events: Iterable[tuple[str, Any]], origin: str
 ) -> Change:

@@ -139,6 +139,7 @@ class AsyncStore:
         self._writer = trio.CapacityLimiter(1)
         self._readers = trio.CapacityLimiter(reader_threads)
         self._metrics = metrics
+        self._counted: dict[tuple[str, Column], Counter] = {}
 
     async def _run(
         self, limiter: trio.CapacityLimiter, op: str, fn: Callable[..., R], *args: Any
@@ -156,7 +157,12 @@ class AsyncStore:
 
     def _count(self, op: str, column: Column, n: int = 1) -> None:
         if self._metrics is not None:
-            self._metrics.operations.labels(op, column.value).inc(n)
+            # (A labelled child is looked up once: `labels` cost ~10 us, several per write.)
+            child = self._counted.get((op, column))
+            if child is None:
+                child = self._metrics.operations.labels(op, column.value)
+                self._counted[op, column] = child
+            child.inc(n)
 
     async def get(self, table: Table[K, V], key: K) -> V | None:
         # A point read is a lookup in a memory-mapped B-tree that never waits for the writer
