@@ -9,6 +9,8 @@ runs" is a state the test can stand in, on an in-process cluster under `autojump
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -30,7 +32,21 @@ from trionode.context.events import ContextEvent, Notice, Subscription
 from trionode.context.records import DELTAS
 from trionode.node import Node
 from trionode.store.lmdb_store import Put
-from trionode.testing import open_cluster
+from trionode.testing import Cluster, open_cluster
+
+
+@asynccontextmanager
+async def _two_members(
+    tmp_path: Path, *, restartable: bool = False
+) -> AsyncIterator[tuple[Cluster, bytes, Subscription]]:
+    """Two members of a kv_store context, and a subscription to it on node 1 that has
+    heard nothing yet."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, restartable=restartable) as cluster:
+            context = await share(cluster, [0, 1])
+            sub = subscribe(cluster[1], context)
+            drain(sub)
+            yield cluster, context, sub
 
 
 async def _next_event(sub: Subscription) -> ContextEvent | Notice:
@@ -55,129 +71,113 @@ def _batch_of(writes: GatedWrites, delta_id: bytes) -> int:
 async def test_a_received_delta_is_shown_before_its_commit_and_a_write_on_it_waits_for_it(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path) as cluster:
-            a, b = cluster
-            context = await share(cluster, [0, 1])
-            sub = subscribe(b, context)
-            drain(sub)
-            writes = GatedWrites(b)
-            received = await write(a, context, "set", key="k", value="from a")
-            shown = await _next_event(sub)
-            # Shown, with the heads it makes, while its commit is held: not stored yet.
-            assert isinstance(shown, ContextEvent)
-            assert (shown.delta_id, shown.origin) == (received.hex(), "remote")
-            assert received.hex() in shown.heads
-            assert writes.batches
-            assert await b.contexts.read_delta(context, received) is None
-            answered: list[bytes] = []
+    async with _two_members(tmp_path) as (cluster, context, sub):
+        a, b = cluster
+        writes = GatedWrites(b)
+        received = await write(a, context, "set", key="k", value="from a")
+        shown = await _next_event(sub)
+        # Shown, with the heads it makes, while its commit is held: not stored yet.
+        assert isinstance(shown, ContextEvent)
+        assert (shown.delta_id, shown.origin) == (received.hex(), "remote")
+        assert received.hex() in shown.heads
+        assert writes.batches
+        assert await b.contexts.read_delta(context, received) is None
+        answered: list[bytes] = []
 
-            async def write_on_b() -> None:
-                answered.append(await write(b, context, "set", key="k2", value="from b"))
+        async def write_on_b() -> None:
+            answered.append(await write(b, context, "set", key="k2", value="from b"))
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(write_on_b)
-                await trio.testing.wait_all_tasks_blocked()
-                # The local write waits for the commit ahead of it; its event is not shown.
-                assert answered == []
-                assert drain(sub) == []
-                writes.gate.set()
-            writes.restore()
-            (local,) = answered
-            assert received in (await header_of(b, context, local)).parents
-            # Its delta went to disk in a later transaction than the one it builds on.
-            assert _batch_of(writes, local) > _batch_of(writes, received)
-            assert await b.contexts.read_delta(context, received) is not None
-            after = drain(sub)[0]  # (then whatever B writes on its own, e.g. an ack)
-            assert (after.delta_id, after.origin, after.seq) == (
-                local.hex(),
-                "local",
-                shown.seq + 1,
-            )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_on_b)
+            await trio.testing.wait_all_tasks_blocked()
+            # The local write waits for the commit ahead of it; its event is not shown.
+            assert answered == []
+            assert drain(sub) == []
+            writes.gate.set()
+        writes.restore()
+        (local,) = answered
+        assert received in (await header_of(b, context, local)).parents
+        # Its delta went to disk in a later transaction than the one it builds on.
+        assert _batch_of(writes, local) > _batch_of(writes, received)
+        assert await b.contexts.read_delta(context, received) is not None
+        after = drain(sub)[0]  # (then whatever B writes on its own, e.g. an ack)
+        assert (after.delta_id, after.origin, after.seq) == (
+            local.hex(),
+            "local",
+            shown.seq + 1,
+        )
 
 
 async def test_a_local_write_in_the_same_batch_keeps_the_contexts_events_until_durable(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path) as cluster:
-            a, b = cluster
-            context = await share(cluster, [0, 1])
-            sub = subscribe(b, context)
-            drain(sub)
-            writes = GatedWrites(b)
-            # Held: B's own write, then (queued behind it) A's delta and another write.
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_set, b, context, "first")
-                await trio.testing.wait_all_tasks_blocked()
-                received = await write(a, context, "set", key="k", value="from a")
-                nursery.start_soon(_set, b, context, "second")
-                await trio.testing.wait_all_tasks_blocked()
-                assert drain(sub) == []
-                writes.gate.set()
-            writes.restore()
-            events = drain(sub)
-            # The batch holding A's delta also held B's own write: shown once durable, in order.
-            assert received.hex() in [event.delta_id for event in events]
-            seqs = [event.seq for event in events]
-            assert seqs == sorted(seqs)
-            assert len(events) == 3
+    async with _two_members(tmp_path) as (cluster, context, sub):
+        a, b = cluster
+        writes = GatedWrites(b)
+        # Held: B's own write, then (queued behind it) A's delta and another write.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_set, b, context, "first")
+            await trio.testing.wait_all_tasks_blocked()
+            received = await write(a, context, "set", key="k", value="from a")
+            nursery.start_soon(_set, b, context, "second")
+            await trio.testing.wait_all_tasks_blocked()
+            assert drain(sub) == []
+            writes.gate.set()
+        writes.restore()
+        events = drain(sub)
+        # The batch holding A's delta also held B's own write: shown once durable, in order.
+        assert received.hex() in [event.delta_id for event in events]
+        seqs = [event.seq for event in events]
+        assert seqs == sorted(seqs)
+        assert len(events) == 3
 
 
 async def test_a_failed_commit_after_showing_tells_subscribers_to_resync_and_heals(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path) as cluster:
-            a, b = cluster
-            context = await share(cluster, [0, 1])
-            sub = subscribe(b, context)
-            drain(sub)
-            writes = GatedWrites(b)
-            writes.fail_next = True
-            received = await write(a, context, "set", key="k", value="from a")
-            shown = await _next_event(sub)
-            assert isinstance(shown, ContextEvent)
-            assert shown.delta_id == received.hex()
-            writes.gate.set()
-            notice = await _next_event(sub)
-            assert isinstance(notice, Notice)
-            assert (notice.payload["type"], notice.payload["contextIds"]) == (
-                "resync",
-                [b58(context)],
-            )
-            writes.restore()
-            # A client that saw it, or resumes from before it, must read the state again.
-            for since in (shown.seq - 1, shown.seq):
-                assert not b.hub.add_contexts(b.hub.open(), [b58(context)], since)
-            assert await b.contexts.read_delta(context, received) is None
-            # It comes back from the peer: A's next delta names it, B fetches it.
-            await write(a, context, "set", key="k2", value="again")
-            await wait_converged(cluster, [a, b], context)
-            assert await call(b, context, "get", key="k") == "from a"
-            assert await b.contexts.read_delta(context, received) is not None
+    async with _two_members(tmp_path) as (cluster, context, sub):
+        a, b = cluster
+        writes = GatedWrites(b)
+        writes.fail_next = True
+        received = await write(a, context, "set", key="k", value="from a")
+        shown = await _next_event(sub)
+        assert isinstance(shown, ContextEvent)
+        assert shown.delta_id == received.hex()
+        writes.gate.set()
+        notice = await _next_event(sub)
+        assert isinstance(notice, Notice)
+        assert (notice.payload["type"], notice.payload["contextIds"]) == (
+            "resync",
+            [b58(context)],
+        )
+        writes.restore()
+        # A client that saw it, or resumes from before it, must read the state again.
+        for since in (shown.seq - 1, shown.seq):
+            assert not b.hub.add_contexts(b.hub.open(), [b58(context)], since)
+        assert await b.contexts.read_delta(context, received) is None
+        # It comes back from the peer: A's next delta names it, B fetches it.
+        await write(a, context, "set", key="k2", value="again")
+        await wait_converged(cluster, [a, b], context)
+        assert await call(b, context, "get", key="k") == "from a"
+        assert await b.contexts.read_delta(context, received) is not None
 
 
 async def test_a_crash_between_showing_and_committing_loses_nothing_the_peers_lack(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(LIMIT):
-        async with open_cluster(2, tmp_path, restartable=True) as cluster:
-            a, b = cluster
-            context = await share(cluster, [0, 1])
-            sub = subscribe(b, context)
-            drain(sub)
-            GatedWrites(b)  # its commit never happens: the node dies first
-            received = await write(a, context, "set", key="k", value="from a")
-            shown = await _next_event(sub)
-            assert isinstance(shown, ContextEvent)
-            assert shown.delta_id == received.hex()
-            await cluster.crash(1)
-            b = await cluster.restart(1)
-            assert await b.contexts.read_delta(context, received) is None
-            # What a client was shown is not taken as kept: resuming from it needs a resync.
-            assert not b.hub.add_contexts(b.hub.open(), [b58(context)], shown.seq)
-            # The peer still has it: the session the reconnect starts brings it back.
-            await wait_converged(cluster, [a, b], context)
-            assert await call(b, context, "get", key="k") == "from a"
-            assert await b.contexts.read_delta(context, received) is not None
+    async with _two_members(tmp_path, restartable=True) as (cluster, context, sub):
+        a, b = cluster
+        GatedWrites(b)  # its commit never happens: the node dies first
+        received = await write(a, context, "set", key="k", value="from a")
+        shown = await _next_event(sub)
+        assert isinstance(shown, ContextEvent)
+        assert shown.delta_id == received.hex()
+        await cluster.crash(1)
+        b = await cluster.restart(1)
+        assert await b.contexts.read_delta(context, received) is None
+        # What a client was shown is not taken as kept: resuming from it needs a resync.
+        assert not b.hub.add_contexts(b.hub.open(), [b58(context)], shown.seq)
+        # The peer still has it: the session the reconnect starts brings it back.
+        await wait_converged(cluster, [a, b], context)
+        assert await call(b, context, "get", key="k") == "from a"
+        assert await b.contexts.read_delta(context, received) is not None
