@@ -55,6 +55,7 @@ from benchmarks.sync_bench import (
     _wait_raw_mesh,
     loopback_mesh,
     propagation_rows,
+    wait_stored,
 )
 from benchmarks.transport_baseline import _percentile
 from trionode.cli_node import freeze_startup_heap
@@ -320,7 +321,7 @@ async def _propagation_stages(rounds: int, base: Path, bundle: Path) -> str:
                     started = time.perf_counter()
                     await applied.last(delta_id)
                     last = max(range(1, NODES), key=lambda i: marks.get((i, "shown"), 0.0))
-                    await trio.testing.wait_all_tasks_blocked()  # (its commit ends too)
+                    await wait_stored(nodes[1:], context, delta_id)  # (the next round starts idle)
                     for _, stage in _STAGES:
                         if (last, stage) in marks:
                             per_stage[stage].append(marks[(last, stage)] - started)

@@ -472,6 +472,17 @@ async def loopback_mesh(stack: AsyncExitStack, base: Path) -> list[Node]:
     return nodes
 
 
+async def wait_stored(nodes: Sequence[Node], context: bytes, delta_id: bytes) -> None:
+    """Until every node has stored the delta: a received delta is shown while its commit
+    runs (`trionode/context/pipeline.py`), and the next round (a raw gossip one too) must
+    not share the machine with the end of those commits. A view is a job of the node's
+    delta processor, which takes it only once the batch before it is committed."""
+    for node in nodes:
+        await node.contexts.execute(context, "len", "{}")
+        if await node.contexts.read_delta(context, delta_id) is None:
+            raise RuntimeError(f"{node.peer_id} showed {delta_id.hex()[:16]} but did not store it")
+
+
 async def _propagation(rounds: int, base: Path, bundle: Path) -> tuple[list[float], list[float]]:
     """(write latencies, raw gossip latencies) in seconds, interleaved round by round."""
     writes: list[float] = []
@@ -501,6 +512,7 @@ async def _propagation(rounds: int, base: Path, bundle: Path) -> tuple[list[floa
                     committed = time.perf_counter()
                     writes.append(await applied.last(delta_id) - committed)
                     firsts.append(min(applied.seen[delta_id]) - committed)
+                    await wait_stored(nodes[1:], context, delta_id)
                     if not size:
                         wire = await writer.contexts.read_delta(context, delta_id)
                         size = len(wire or b"")
