@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from msgspec.structs import replace
 
 from trionode.config import FileConfig, NodeConfig
+from trionode.net import member_peers
+from trionode.net.host import Connection
 from trionode.net.member_peers import MEMBER_PEERS, PREFIX, StoredMemberPeer
 from trionode.net.memory import MemoryNetwork, MemoryTransport
 from trionode.node import Node, open_node
 from trionode.testing import cluster_file_config, make_test_config
 from trionode.wire.keys import PeerId
+from trionode.wire.multiaddr import Multiaddr
 
 from .test_discovery import FakeClock, _peer, _store, _tcp
 
@@ -251,3 +255,51 @@ async def test_a_member_is_recorded_when_it_subscribes_not_at_the_next_heartbeat
             assert b.host.peer_id in _members(a)
             rows = dict(await a.store.scan(MEMBER_PEERS, prefix=PREFIX))
             assert PREFIX + b.host.peer_id.multihash in rows
+
+
+async def test_a_heartbeat_rebuilds_only_the_rows_of_peers_whose_addresses_changed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Building a row parses and prints every address of the peer: done for every member on
+    # every pubsub heartbeat, it was most of an idle node's work at 100 members.
+    network = MemoryNetwork()
+    configs = []
+    for name in "abc":
+        config, _ = make_test_config(tmp_path / name, api=False, configure=_settings)
+        configs.append(replace(config, inline_store=True, discovery=True))
+    built: list[PeerId] = []
+    addresses = member_peers._addresses
+
+    def counted(conn: Connection, known: Collection[Multiaddr]) -> list[Multiaddr]:
+        built.append(conn.peer_id)
+        return addresses(conn, known)
+
+    monkeypatch.setattr(member_peers, "_addresses", counted)
+    with trio.fail_after(120):
+        async with (
+            _node(configs[0], network.transport()) as a,
+            _node(configs[1], network.transport()) as b,
+            _node(configs[2], network.transport()) as c,
+        ):
+            app = (await a.applications.install(str(APPS / "kv_store"))).application_id
+            for joiner in (b, c):
+                await joiner.applications.install(str(APPS / "kv_store"))
+                context = (await a.contexts.create(app)).context_id
+                await joiner.joins.join(await a.joins.invite(context))
+            await _wait(a, lambda: {b.host.peer_id, c.host.peer_id} <= _members(a))
+            for _ in range(3):
+                await a.pubsub.wait_heartbeat()
+            built.clear()
+            for _ in range(5):
+                await a.pubsub.wait_heartbeat()
+            assert built == []  # 5 heartbeats of 3 nodes, nothing changed: no row built
+            # b reports a new listen address (identify again): only b's row is rebuilt.
+            conn = a.host.connections[b.host.peer_id]
+            moved = Multiaddr.from_string("/ip4/10.9.9.9/tcp/4009")
+            conn.listen_addrs = (*conn.listen_addrs, moved)
+            await a.pubsub.wait_heartbeat()
+            await a.pubsub.wait_heartbeat()
+            assert set(built) == {b.host.peer_id}
+            row = await a.store.get(MEMBER_PEERS, PREFIX + b.host.peer_id.multihash)
+            assert row is not None
+            assert str(moved) in row.addrs
