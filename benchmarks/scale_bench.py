@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Final
 
 import attrs
+import base58
 import trio
 import trio.testing
 from msgspec.structs import replace
@@ -56,7 +57,6 @@ from benchmarks.sync_bench import (
     _bench_bundle,
     _items,
     _set_many,
-    _wait_converged,
 )
 from trionode.config import FileConfig, NetworkSection, PubsubSection, SyncSection
 from trionode.context.errors import PeerFailed
@@ -283,6 +283,69 @@ async def _raw_gossip(
     )
 
 
+CONVERGE_POLL: Final = 0.1
+"""Seconds between convergence checks while no node applies anything (a snapshot or a tree
+comparison changes state without an event)."""
+PROGRESS_EVERY: Final = 60.0
+
+
+class _Wake:
+    """Set by any node's event; the waiter replaces `event` before each check."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    async def watch(self, node: Node, context: bytes) -> None:
+        sub = node.hub.open()
+        sub.contexts.add(base58.b58encode(context).decode())
+        try:
+            while True:
+                await sub.receive.receive()
+                self.event.set()
+        finally:
+            sub.close()
+
+
+async def _same_state(nodes: Sequence[Node], context: bytes) -> bool:
+    """Every node holds the same root and heads, with nothing pending; stops at the first
+    node that differs (while the writes spread that is the first or second one)."""
+    first = await nodes[0].contexts.state(context)
+    if first[2]:
+        return False
+    for node in nodes[1:]:
+        if await node.contexts.state(context) != first:
+            return False
+    return True
+
+
+async def _wait_all_converged(nodes: Sequence[Node], context: bytes, limit: float) -> None:
+    """Until every node holds the same state. One subscription per node for the whole wait
+    and a check that stops at the first difference: `sync_bench._wait_converged` opens a
+    subscription on every node every 2 ms and reads every node's state each time, which at
+    100 nodes was most of what the process did while it waited."""
+    wake = _Wake()
+    started = last_log = time.perf_counter()
+    async with trio.open_nursery() as watchers:
+        for node in nodes:
+            watchers.start_soon(wake.watch, node, context)
+        with trio.fail_after(limit):
+            while True:
+                wake.event = trio.Event()
+                if await _same_state(nodes, context):
+                    break
+                if time.perf_counter() - last_log > PROGRESS_EVERY:
+                    last_log = time.perf_counter()
+                    states = [await node.contexts.state(context) for node in nodes]
+                    _log(
+                        f"converging for {last_log - started:.0f}s: "
+                        f"{sum(s[:2] == states[0][:2] for s in states)} of {len(nodes)} "
+                        f"nodes hold node 0's state, {sum(s[2] for s in states)} deltas pending"
+                    )
+                with trio.move_on_after(CONVERGE_POLL):
+                    await wake.event.wait()
+        watchers.cancel_scope.cancel()
+
+
 JOIN_ATTEMPTS: Final = 5
 
 
@@ -326,7 +389,7 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
         nodes = list(c)
         _log(f"{m} nodes up in {time.perf_counter() - started:.1f}s")
         context = await _share_retrying(nodes, bundle)
-        await _wait_converged(nodes, context, limit=1800)
+        await _wait_all_converged(nodes, context, limit=1800)
         _log(f"{m} members joined after {time.perf_counter() - started:.1f}s")
         degree = nodes[0].config.pubsub.d
         copies, wire = _forwarded(nodes), network.statistics().bytes_sent
@@ -341,7 +404,7 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
             if (i + 1) % 100 == 0:
                 _log(f"{i + 1:,} writes")
         written = time.perf_counter()
-        await _wait_converged(nodes, context, limit=3600)
+        await _wait_all_converged(nodes, context, limit=3600)
         converged = time.perf_counter()
         writes = _Phase(
             converged - first,
