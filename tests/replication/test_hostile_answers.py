@@ -1,0 +1,116 @@
+"""A peer whose delta answer breaks `/trionode/sync/2` (issue #17): an ancestor nobody asked
+for, a forged one, more than were asked for. The session fails, nothing bad is applied, and
+the peer is counted and disconnected as for any other protocol violation
+(`trionode_p2p_misbehaving_peers_total{reason="sync_answer"}`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from msgspec.structs import replace
+
+from trionode.config import FileConfig
+from trionode.context.replication import SESSION_ERRORS
+from trionode.net.host import Connection
+from trionode.node import Node
+from trionode.sync.driver import SyncChannel
+from trionode.sync.machines import Responder
+from trionode.testing import open_cluster
+from trionode.wire.messages import DeltaResponse, SyncAuth, SyncMessage
+
+from .cluster_helpers import metric, share, wait_converged, write
+
+QUIET = 10_000.0
+
+
+def _quiet(file: FileConfig) -> FileConfig:
+    """Sessions only when the test runs one."""
+    sync = replace(file.sync, heartbeat=QUIET, interval=QUIET, on_join=False)
+    return replace(file, sync=sync)
+
+
+Tamper = Callable[[DeltaResponse, list[bytes]], DeltaResponse]
+
+
+def _unrelated(answer: DeltaResponse, old: list[bytes]) -> DeltaResponse:
+    # A genuine, signed delta of the context, but a parent of nothing in the answer.
+    return replace(answer, ancestors=[old[0], *answer.ancestors])
+
+
+def _forged(answer: DeltaResponse, _old: list[bytes]) -> DeltaResponse:
+    wire = answer.ancestors[0]
+    return replace(answer, ancestors=[wire[:-1] + bytes([wire[-1] ^ 1]), *answer.ancestors[1:]])
+
+
+def _too_many(answer: DeltaResponse, old: list[bytes]) -> DeltaResponse:
+    return replace(answer, ancestors=[*old * 1100, *answer.ancestors])
+
+
+def _hostile(node: Node, tamper: Tamper, old: list[bytes]) -> None:
+    """Make `node` tamper with every delta answer it serves."""
+    server = node.replicator._server
+    answer = server._answer
+
+    async def tampering(
+        channel: SyncChannel, conn: Connection, machine: Responder, auth: SyncAuth
+    ) -> None:
+        send = channel.send
+
+        async def send_tampered(message: SyncMessage) -> None:
+            if isinstance(message, DeltaResponse) and message.ancestors:
+                message = tamper(message, old)
+            await send(message)
+
+        channel.send = send_tampered  # type: ignore[method-assign]
+        await answer(channel, conn, machine, auth)
+
+    server._answer = tampering  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "whole_answer_refused"),
+    [
+        # The signed deltas that do belong in the answer are applied; the stray one never.
+        (_unrelated, False),
+        (_forged, True),
+        (_too_many, True),
+    ],
+)
+async def test_a_bad_ancestor_answer_fails_the_session_and_the_peer_is_disconnected(
+    tamper: Tamper,
+    whole_answer_refused: bool,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_cluster(2, tmp_path, configure=_quiet) as cluster:
+        a, b = cluster.nodes
+        context = await share(cluster, [0, 1], app="chat")
+        # (B's chain below grows on `second`: `first` is an ancestor, but a parent of none.)
+        first = await write(b, context, "post", text="first")
+        await write(b, context, "post", text="second")
+        await wait_converged(cluster, [a, b], context)
+        old = await b.contexts.read_delta(context, first)
+        assert old is not None
+        await cluster.partition([0])
+        chain = [await write(b, context, "post", text=f"b{i}") for i in range(3)]
+        await trio.sleep(10)  # past gossip's message cache: only a session brings them
+        await cluster.heal()
+        _hostile(b, tamper, [old])
+        assert metric(a, "trionode_p2p_misbehaving_peers_total", reason="sync_answer") == 0
+        with pytest.raises(SESSION_ERRORS):
+            await a.sync.sync_now(context, b.host.peer_id)
+        assert metric(a, "trionode_p2p_misbehaving_peers_total", reason="sync_answer") == 1
+        # Counted and disconnected.
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.host.peer_id not in a.host.connections
+        applied = await a.contexts.applied(context, [first, *chain])
+        assert applied == ({first} if whole_answer_refused else {first, *chain})
+        # An honest answer later (B behaves again after its redial) brings the chain.
+        b.replicator._server.__dict__.pop("_answer")
+        await cluster.wait_connected()
+        await a.sync.sync_now(context, b.host.peer_id)
+        assert set(await a.contexts.applied(context, chain)) == set(chain)
