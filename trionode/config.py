@@ -456,11 +456,12 @@ class SyncSection(_Section, frozen=True):
     max_concurrent: PositiveInt = 30
     """Sessions at once, incoming and outgoing together."""
     on_join: bool = True
-    """Start a session with a peer as soon as it (re)subscribes to a context's topic (a
-    reconnect, a healed partition, a restart), instead of waiting for the next heartbeat."""
+    """Greet a peer with our heartbeat as soon as it (re)subscribes to a context's topic (a
+    reconnect, a healed partition, a restart), instead of waiting for the next heartbeat:
+    whichever side lacks something starts a session at once."""
     join_jitter: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.2
-    """Seconds: each such session starts after a random delay up to this, so a whole
-    cluster healing at once does not stampede."""
+    """Seconds: a peer that cannot be greeted gets a session after a random delay up to
+    this, so a whole cluster healing at once does not stampede."""
     max_clock_drift: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 5.0
     """Seconds a received stamp (a delta's header or any record in it, or state) may lead
     our wall clock. A delta further ahead waits as pending until it does not; one more than

@@ -120,6 +120,17 @@ def metric(node: Node, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+def sync_sessions(node: Node) -> float:
+    """Sync sessions `node` ran, whatever their protocol and outcome."""
+    return sum(
+        sample.value
+        for family in node.metrics.registry.collect()
+        if family.name == "trionode_sync_sessions"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
 def deltas(node: Node, outcome: str) -> float:
     """`trionode_deltas_total{outcome=...}` on `node`."""
     return metric(node, "trionode_deltas_total", outcome=outcome)

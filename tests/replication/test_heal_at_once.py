@@ -13,9 +13,9 @@ from msgspec.structs import replace
 
 from trionode.config import FileConfig
 from trionode.context.replication import SYNC_PROTOCOL, SYNC_PROTOCOL_V1
-from trionode.testing import open_cluster
+from trionode.testing import Cluster, open_cluster
 
-from .cluster_helpers import call, metric, share, wait_converged, write
+from .cluster_helpers import call, metric, share, sync_sessions, wait_converged, write
 
 QUIET = 10_000.0
 """Seconds: heartbeats and ticks that never come within a test."""
@@ -118,6 +118,15 @@ async def test_a_long_partition_heals_within_the_offline_interval(
         assert await call(nodes[-1], context, "count") == 5
 
 
+async def _a_writes_alone(cluster: Cluster, context: bytes, n: int) -> None:
+    """Cut node 0 (A) off; it writes a chain of `n` deltas; its gossip is gone by the heal
+    (past the message cache), so only sessions bring the chain."""
+    await cluster.partition([0])
+    for i in range(n):
+        await write(cluster.nodes[0], context, "post", text=f"a{i}")
+    await trio.sleep(10)
+
+
 async def test_a_healed_chain_of_twenty_deltas_comes_in_one_round_trip_per_peer(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -127,10 +136,7 @@ async def test_a_healed_chain_of_twenty_deltas_comes_in_one_round_trip_per_peer(
     async with open_cluster(5, tmp_path, configure=_no_safety_net) as cluster:
         nodes = cluster.nodes
         context = await share(cluster, list(range(5)), app="chat")
-        await cluster.partition([0])
-        for i in range(20):
-            await write(nodes[0], context, "post", text=f"a{i}")
-        await trio.sleep(10)  # past gossip's message cache
+        await _a_writes_alone(cluster, context, 20)
         before = [metric(node, "trionode_sync_delta_requests_total") for node in nodes]
         served = metric(nodes[0], "trionode_sync_served_deltas_total")
         await cluster.heal(wait=False)
@@ -166,3 +172,33 @@ async def test_a_peer_that_speaks_only_sync1_is_still_synced_with(
         await wait_converged(cluster, cluster.nodes, context, limit=HEAL_LIMIT)
         assert await call(new, context, "count") == 5
         assert metric(new, "trionode_sync_delta_requests_total") - before == 5
+
+
+def _greetings_only(file: FileConfig) -> FileConfig:
+    """No heartbeats or ticks, and the jittered session a peer gets when it cannot be greeted
+    out of reach: only greetings (`SyncManager.on_topic_joined`) can converge the nodes."""
+    file = _no_safety_net(file)
+    return replace(file, sync=replace(file.sync, join_jitter=60.0))
+
+
+async def test_a_reconnected_member_is_greeted_and_only_the_side_that_lacks_something_syncs(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Each side greets the other with its (heads, root) as soon as it re-subscribes: B..E,
+    # which lack A's chain, each start a session with A at once (no jitter, not through a
+    # peer one heartbeat later); A lacks nothing, so it starts none.
+    async with open_cluster(5, tmp_path, configure=_greetings_only) as cluster:
+        nodes = cluster.nodes
+        context = await share(cluster, list(range(5)), app="chat")
+        await _a_writes_alone(cluster, context, 5)
+        before = [sync_sessions(node) for node in nodes]
+        greeted = metric(nodes[0], "trionode_heartbeat_batches_total", direction="received")
+        await cluster.heal(wait=False)
+        await wait_converged(cluster, nodes, context, limit=HEAL_LIMIT)
+        assert await call(nodes[-1], context, "count") == 5
+        after = [sync_sessions(node) for node in nodes]
+        assert after[0] == before[0]  # A lacked nothing: no session
+        assert all(after[i] - before[i] >= 1 for i in range(1, 5)), (before, after)
+        # Every peer greeted A once on its new connection.
+        received = metric(nodes[0], "trionode_heartbeat_batches_total", direction="received")
+        assert received - greeted == 4

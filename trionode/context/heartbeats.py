@@ -14,11 +14,18 @@ session per context, under the shared limiter and each context's backoff) does n
 The sender is the Noise-authenticated peer of the stream; what it may claim is what any
 subscriber of the topic could publish by gossip.
 
-Bounds against a hostile peer: one stream per peer per half interval (others are closed
-unread, counted), frames of at most `MAX_HEARTBEAT_FRAME`, at most `max_beats` beats per
-stream, the shared stream deadlines and one deadline (`timeout`) for the whole stream,
-including waits while the sync manager's queue is full: what it cuts off, the next
-heartbeat or sync tick does again.
+A peer that (re)subscribes to a context's topic (a reconnection, a healed partition) is
+*greeted* at once with a stream of the beats of the topics it just joined (`greet`): whichever
+side lacks something starts its session right away, and nobody starts one that would bring
+nothing.
+
+Bounds against a hostile peer: a peer's streams draw on a bucket of `BURST` tokens, one
+token back per half interval, and a full bucket with each new connection (a handshake paid
+for it); a stream with no token is closed unread, counted. So a greeting and the periodic
+beat never crowd each other out, and a flood gets one stream per half interval. Frames of
+at most `MAX_HEARTBEAT_FRAME`, at most `max_beats` beats per stream, the shared stream
+deadlines and one deadline (`timeout`) for the whole stream, including waits while the
+sync manager's queue is full: what it cuts off, the next heartbeat or sync tick does again.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from trionode.wire.messages import (
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PROTOCOL: Final = "/trionode/heartbeat/1"
+BURST: Final = 3
+"""Heartbeat streams a peer may send at once (a greeting or two beside the periodic one)."""
 _SEND_ERRORS: Final = (
     PeerError,
     ProtocolError,
@@ -91,12 +100,13 @@ class HeartbeatExchange:
         self._received = received
         self.metrics = metrics
         self.min_spacing = interval / 2
-        """A peer's streams closer together than this are refused (it sends one per
-        interval)."""
+        """A peer gets one stream token back per this many seconds (it sends one stream per
+        interval, and greetings), up to `BURST`; a stream without one is refused."""
         self.max_beats = max_beats
         self.timeout = timeout
         """Seconds one peer's stream may take to send (or to be read and passed on)."""
-        self._last: dict[PeerId, float] = {}
+        self._tokens: dict[PeerId, tuple[float, float, Connection]] = {}
+        """Per peer: stream tokens left, when that was counted, and on which connection."""
         host.set_handler(HEARTBEAT_PROTOCOL, self._serve)
 
     # -- sending ---------------------------------------------------------------------------
@@ -114,7 +124,12 @@ class HeartbeatExchange:
                 nursery.start_soon(self._send_to, peer, peer_beats)
         return len(batches)
 
-    async def _send_to(self, peer: PeerId, beats: list[Beat]) -> None:
+    async def greet(self, peer: PeerId, beats: list[Beat]) -> bool:
+        """Send `peer` these beats now (it just subscribed to their topics); whether they
+        went out."""
+        return await self._send_to(peer, sorted(beats, key=lambda b: b.context_id))
+
+    async def _send_to(self, peer: PeerId, beats: list[Beat]) -> bool:
         bodies = encode_heartbeats(beats)
         with trio.move_on_after(self.timeout):
             try:
@@ -127,21 +142,20 @@ class HeartbeatExchange:
                         await framed.send_frame(body)
                     await stream.send_eof()
             except _SEND_ERRORS:
-                return  # gone, too slow or not speaking it: sync ticks still reach it
+                return False  # gone, too slow or not speaking it: sync ticks still reach it
             self.metrics.batches.labels("sent").inc()
             self.metrics.bytes.labels("sent").inc(sum(len(b) + 4 for b in bodies))
+            return True
+        return False
 
     # -- serving ---------------------------------------------------------------------------
 
     async def _serve(self, stream: trio.abc.HalfCloseableStream, conn: Connection) -> None:
         peer = conn.peer_id
-        now = trio.current_time()
-        last = self._last.get(peer)
-        if last is not None and now - last < self.min_spacing:
+        if not self._take_token(conn, trio.current_time()):
             self.metrics.batches.labels("refused").inc()
             await trio.aclose_forcefully(stream)
             return
-        self._last[peer] = now
         self._forget_gone()
         framed = FramedStream(
             stream, self._host.stream_limits, max_frame=MAX_HEARTBEAT_FRAME, what="heartbeat"
@@ -176,9 +190,20 @@ class HeartbeatExchange:
                 )
                 await self._received.send((peer, heartbeat))
 
+    def _take_token(self, conn: Connection, now: float) -> bool:
+        tokens, at, on = self._tokens.get(conn.peer_id, (float(BURST), now, conn))
+        if on is not conn:
+            tokens = float(BURST)  # a new connection: greeted again, and may greet
+        tokens = min(float(BURST), tokens + (now - at) / self.min_spacing)
+        if tokens < 1:
+            return False
+        self._tokens[conn.peer_id] = (tokens - 1, now, conn)
+        return True
+
     def _forget_gone(self) -> None:
-        """Keep `_last` to connected peers (it would otherwise grow with every peer seen)."""
-        if len(self._last) > 2 * len(self._host.connections) + 16:
-            for peer in list(self._last):
+        """Keep `_tokens` to connected peers (it would otherwise grow with every peer seen;
+        a peer forgotten comes back with a full bucket, which its handshake paid for)."""
+        if len(self._tokens) > 2 * len(self._host.connections) + 16:
+            for peer in list(self._tokens):
                 if peer not in self._host.connections:
-                    del self._last[peer]
+                    del self._tokens[peer]

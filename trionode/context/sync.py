@@ -248,6 +248,8 @@ class SyncManager:
         self.max_peer_status = max_peer_status
         """Peers remembered per context; beyond, the one tried longest ago is forgotten."""
         self._running: set[bytes] = set()
+        self._greetings: dict[PeerId, set[bytes]] = {}
+        """Peers to greet (`on_topic_joined`), with the contexts their burst named so far."""
         self._nursery: trio.Nursery | None = None
         self._rng = random.Random()  # noqa: S311 - picks a peer, protects nothing
 
@@ -293,8 +295,11 @@ class SyncManager:
                 self._start(context_id, None)
 
     def on_topic_joined(self, peer: PeerId, topic: str) -> None:
-        """A peer (re)subscribed to a topic: if it is one of our contexts', sync with that
-        peer shortly (DESIGN §8: a healed partition converges at once, not at a tick)."""
+        """A peer (re)subscribed to a topic: if it is one of our contexts', greet it with
+        our (heads, root) of that context at once (DESIGN §8: a healed partition converges
+        at once, not at a tick). It does the same, so whichever side lacks something starts
+        a session right away (`_on_heartbeat`), with no jitter and no session that would
+        bring nothing. A peer that cannot be greeted gets a jittered session instead."""
         context_id = context_of(topic)
         if (
             not self.on_join
@@ -303,7 +308,33 @@ class SyncManager:
             or context_id not in self.contexts.known_ids()
         ):
             return
-        self._nursery.start_soon(self._join_session, context_id, peer)
+        waiting = self._greetings.get(peer)
+        if waiting is not None:
+            waiting.add(context_id)  # one greeting for a whole subscription burst
+            return
+        self._greetings[peer] = {context_id}
+        self._nursery.start_soon(self._greet, peer)
+
+    async def _greet(self, peer: PeerId) -> None:
+        # The topics of one subscription message join back to back: let them gather.
+        await trio.lowlevel.checkpoint()
+        context_ids = self._greetings.pop(peer, set())
+        beats: list[Beat] = []
+        for context_id in context_ids:
+            try:
+                root, heads, _ = await self.contexts.state(context_id)
+            except ContextError:
+                continue
+            beats.append(Beat(context_id, heads[:256], root))
+        if not beats:
+            return
+        if await self.replicator.heartbeats.greet(peer, beats):
+            self.metrics.heartbeats.labels("sent").inc(len(beats))
+            return
+        nursery = self._nursery
+        if nursery is not None:  # (None once the manager stopped)
+            for beat in beats:
+                nursery.start_soon(self._join_session, beat.context_id, peer)
 
     async def _join_session(self, context_id: bytes, peer: PeerId) -> None:
         await trio.sleep(self._rng.uniform(0, self.join_jitter))
