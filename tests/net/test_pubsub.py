@@ -18,6 +18,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 from msgspec.structs import replace
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -412,6 +413,11 @@ async def test_event_channel_flood_drops_and_counts_and_the_node_stays_responsiv
             sender_pubsub, victim_pubsub = sender.node.pubsub, victim.node.pubsub
             while victim_id not in sender_pubsub.topic_peers(topic):
                 await sender_pubsub.wait_heartbeat()
+            # The victim's consumer must be parked on the empty channel when the burst comes
+            # (the first message goes straight to it): under load it could still be handling
+            # the events of the connection (peer up, topic joined), and then one fewer is
+            # dropped than counted below.
+            await trio.testing.wait_all_tasks_blocked()
             # One burst: published without a checkpoint, so it leaves as one RPC and the
             # victim's reader emits every message in one go, far beyond the channel's room.
             for k in range(burst):
