@@ -215,6 +215,18 @@ async def test_an_uploaded_bundle_is_installed_like_a_path(
     assert by_path["applicationId"] == app["applicationId"]
 
 
+async def test_installing_a_path_the_system_refuses_is_a_400_not_a_500(
+    client: QuartClient, node: TestNode, tmp_path: Path
+) -> None:
+    # The slow schemathesis run sent a 300-byte name: ENAMETOOLONG escaped as a 500.
+    response = await client.post(
+        "/admin-api/applications", json={"path": str(tmp_path / ("n" * 300))}, headers=bearer(node)
+    )
+    assert response.status_code == 400, await response.get_data(as_text=True)
+    body: Any = await response.get_json()
+    assert "cannot read" in body["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("query", "body", "refusal"),
     [

@@ -16,10 +16,11 @@ import tracemalloc
 import zipfile
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from trionode.sdk.bundle import BundleLimits, InvalidBundleError, read_bundle
+from trionode.sdk.bundle import BundleLimits, InvalidBundleError, load_bundle, read_bundle
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -172,3 +173,21 @@ def test_zip_names_are_bounded() -> None:
         archive.writestr("n" * 5000, b"")
     with pytest.raises(InvalidBundleError, match="5000-byte file name"):
         read_bundle(buffer.getvalue())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x" * 300,  # one component past NAME_MAX: stat raises ENAMETOOLONG, not ENOENT
+        "T\u033a\u0315o\u035e i\u0332\u032c" * 40,  # what the API fuzzer sent: 300+ UTF-8 bytes
+        "/".join(["d"] * 3000),  # past PATH_MAX
+    ],
+)
+def test_a_path_the_system_refuses_is_an_invalid_bundle_not_an_os_error(
+    tmp_path: Path, name: str
+) -> None:
+    # `Path.is_dir()` swallows only "no such file"-like errors; an over-long name raised
+    # OSError out of `load_bundle` and the admin API answered 500 (found by the slow
+    # schemathesis run).
+    with pytest.raises(InvalidBundleError, match="cannot read"):
+        load_bundle(tmp_path / name)

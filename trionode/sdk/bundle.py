@@ -212,9 +212,15 @@ def load_bundle(path: str | Path, *, limits: BundleLimits = DEFAULT_LIMITS) -> B
     if "\0" in str(path):
         raise InvalidBundleError("the bundle path contains a NUL character")
     path = Path(path)
-    if path.is_symlink() and path.is_dir():
-        path = path.resolve()  # the bundle root itself may be a link; its contents may not
-    if path.is_dir():
+    try:
+        # `is_dir` swallows only "no such file"-like errors: a name past NAME_MAX or
+        # PATH_MAX raises, and must be a refused bundle like any unreadable path.
+        if path.is_symlink() and path.is_dir():
+            path = path.resolve()  # the bundle root may be a link; its contents may not
+        is_directory = path.is_dir()
+    except OSError as exc:
+        raise InvalidBundleError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if is_directory:
         raw = _collect(_read_directory(path, limits), str(path))
         return _assemble(raw, str(path), limits, strip_root=False)
     try:
