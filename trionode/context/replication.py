@@ -54,7 +54,6 @@ from trionode.errors import (
     ProtocolError,
     RemoteProtocolError,
     StorageError,
-    StreamEndedError,
 )
 from trionode.net.events import GossipMessage
 from trionode.net.host import Connection, Host
@@ -585,25 +584,12 @@ class Replicator:
                 missing |= result.missing
             return missing
 
-        try:
-            await fetch_deltas(channel, machine, apply)
-        except RemoteProtocolError as exc:
-            # The machine's own verdict on an answer (more ancestors than asked, a forged
-            # delta, an answer to another request): no honest peer sends one. A stalled
-            # stream (StreamEndedError) may only be a slow peer.
-            if machine.failed and not isinstance(exc, StreamEndedError):
-                self.host.report_misbehaviour(peer, "sync_answer")
-            raise
-        finally:
-            self.metrics.fetch_requests.inc(machine.rounds)
+        await fetch_deltas(channel, machine, apply)
+        self.metrics.fetch_requests.inc(machine.rounds)
         if machine.rejected:
-            # Not what we asked for (a wrong id, an ancestor of nothing in the answer):
-            # never applied, whatever it is; the fetch ended there and so does the session.
+            # Not what we asked for (a wrong id): never applied, whatever it is.
             self.metrics.outcome("rejected_invalid", machine.rejected)
             log.info("%s sent %d deltas that were not requested", peer, machine.rejected)
-            self.host.report_misbehaviour(peer, "sync_answer")
-            assert machine.violation is not None
-            raise machine.violation
         if machine.peer_missing:
             log.info("%s lacks %d requested deltas", peer, len(machine.peer_missing))
         if machine.peer_folded:
