@@ -290,6 +290,61 @@ async def test_wait_changed_wakes_on_every_change() -> None:
             store.add(_peer(1), [_tcp(1)], source="mdns")
 
 
+async def test_wait_changed_since_a_version_counts_a_change_made_before_the_wait() -> None:
+    store = PeerStore(max_peers=5)
+    seen = store.version
+    store.add(_peer(1), [_tcp(1)], source="mdns")  # between reading the version and waiting
+    assert store.version != seen
+    with trio.fail_after(5):
+        await store.wait_changed(since=seen)  # returns at once: the change is not lost
+    current = store.version
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(store.wait_changed, since=current))
+        await trio.testing.wait_all_tasks_blocked()
+        assert nursery.child_tasks, "no change since `current`: it waits"
+        store.add(_peer(2), [_tcp(2)], source="mdns")
+
+
+class _UnreachableHost:
+    """Just what discovery's loops use of a Host; every dial fails and is recorded."""
+
+    def __init__(self) -> None:
+        self.peer_id = _peer(98)
+        self.connections: dict[PeerId, Connection] = {}
+        self.dialed: list[Multiaddr] = []
+        self.dial_made = trio.Event()
+
+    def set_handler(self, protocol: str, handler: object) -> None:
+        pass
+
+    async def wait_connection_changed(self) -> None:
+        await trio.sleep_forever()
+
+    async def connect(self, addr: Multiaddr) -> None:
+        self.dialed.append(addr)
+        self.dial_made.set()
+        await trio.lowlevel.checkpoint()
+        raise trio.TooSlowError
+
+
+async def test_a_peer_added_as_discovery_starts_is_dialed() -> None:
+    """A peer added right after `serve_discovery` reports started, before its loops first
+    wait, is dialed. The loops start in an order trio chooses at random, so each round is a
+    fresh start; in CI one such add in ~40 was missed (the store watcher waited for the
+    *next* change and the dial loop had already looked), and the peer sat there forever."""
+    config = FileConfig().network
+    for round_ in range(40):
+        host = _UnreachableHost()
+        store = PeerStore.from_config(config, local_peer=host.peer_id)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_discovery, host, store, config)
+                store.add(_peer(round_ + 1), [_tcp(round_ + 1)], source="mdns")
+                await host.dial_made.wait()
+                nursery.cancel_scope.cancel()
+        assert host.dialed == [_tcp(round_ + 1).with_peer_id(_peer(round_ + 1))]
+
+
 # -- peer exchange between real hosts --------------------------------------------------------
 
 

@@ -174,6 +174,9 @@ class _Discovery:
         self._metrics = metrics
         self._dialing: set[PeerId] = set()
         self._wake = trio.Event()
+        # Read now, before any loop runs: a change made between `serve_discovery` reporting
+        # started and `watch_store` first waiting still wakes the dial loop.
+        self._store_seen = store.version
 
     def _poke(self) -> None:
         self._wake.set()
@@ -262,7 +265,8 @@ class _Discovery:
 
     async def watch_store(self) -> None:
         while True:
-            await self._store.wait_changed()
+            await self._store.wait_changed(since=self._store_seen)
+            self._store_seen = self._store.version
             self._poke()
 
     # -- serving ---------------------------------------------------------------------------

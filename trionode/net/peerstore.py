@@ -154,6 +154,7 @@ class PeerStore:
         self._members: frozenset[PeerId] = frozenset()
         self._gave_up: dict[PeerId, float] = {}  # unreachable peer -> when we forgot it
         self._changed = trio.Event()
+        self._version = 0
 
     @classmethod
     def from_config(
@@ -256,8 +257,21 @@ class PeerStore:
         ]
         return min(times, default=float("inf"))
 
-    async def wait_changed(self) -> None:
-        """Wait until the store next changes (a peer added, forgotten, dialed or connected)."""
+    @property
+    def version(self) -> int:
+        """A number that grows with every change (see :meth:`wait_changed`)."""
+        return self._version
+
+    async def wait_changed(self, since: int | None = None) -> None:
+        """Wait until the store changes (a peer added, forgotten, dialed or connected).
+
+        With ``since`` (a :attr:`version` read earlier), a change made after that reading
+        counts even if it came before this call: a watcher that reads the version, does
+        other work across checkpoints and then waits cannot miss a change in between.
+        """
+        if since is not None and since != self._version:
+            await trio.lowlevel.checkpoint()
+            return
         await self._changed.wait()
 
     # -- writing ---------------------------------------------------------------------------
@@ -440,6 +454,7 @@ class PeerStore:
         self._notify()
 
     def _notify(self) -> None:
+        self._version += 1
         self._changed.set()
         self._changed = trio.Event()
 
