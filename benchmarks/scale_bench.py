@@ -318,6 +318,28 @@ async def _same_state(nodes: Sequence[Node], context: bytes) -> bool:
     return True
 
 
+def _labelled(nodes: Sequence[Node], counter: str) -> dict[str, int]:
+    """A labelled counter of every node's replication metrics, summed by label."""
+    total: dict[str, int] = {}
+    for node in nodes:
+        metric = getattr(node.replication_metrics, counter)
+        for family in metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels:
+                    label = next(iter(sample.labels.values()))
+                    total[label] = total.get(label, 0) + int(sample.value)
+    return {label: n for label, n in sorted(total.items()) if n}
+
+
+def _fetch_failures(nodes: Sequence[Node]) -> str:
+    """Failed delta fetches by reason, summed over the nodes (`trionode_delta_fetch_failures`),
+    and the deltas evicted from pending."""
+    failures = _labelled(nodes, "fetch_failures")
+    evicted = _labelled(nodes, "deltas").get("evicted", 0)
+    listed = ", ".join(f"{reason} {n:,}" for reason, n in failures.items()) or "none"
+    return f"failed fetches: {listed}; evicted from pending: {evicted:,}"
+
+
 async def _wait_all_converged(nodes: Sequence[Node], context: bytes, limit: float) -> None:
     """Until every node holds the same state. One subscription per node for the whole wait
     and a check that stops at the first difference: `sync_bench._wait_converged` opens a
@@ -339,7 +361,9 @@ async def _wait_all_converged(nodes: Sequence[Node], context: bytes, limit: floa
                     _log(
                         f"converging for {last_log - started:.0f}s: "
                         f"{sum(s[:2] == states[0][:2] for s in states)} of {len(nodes)} "
-                        f"nodes hold node 0's state, {sum(s[2] for s in states)} deltas pending"
+                        f"nodes hold node 0's state, {sum(s[2] for s in states)} deltas pending, "
+                        f"at most {max(len(s[1]) for s in states)} heads on a node; "
+                        f"{_fetch_failures(nodes)}"
                     )
                 with trio.move_on_after(CONVERGE_POLL):
                     await wake.event.wait()
@@ -406,6 +430,7 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
         written = time.perf_counter()
         await _wait_all_converged(nodes, context, limit=3600)
         converged = time.perf_counter()
+        failures = _fetch_failures(nodes)
         writes = _Phase(
             converged - first,
             _forwarded(nodes) - copies,
@@ -422,7 +447,7 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
         f"raw gossip of the same payloads on the same schedule: {raw.seconds:.1f}s; "
         f"copies per write {writes.copies / w:,.0f} (raw {raw.copies / w:,.0f}, "
         f"D={degree}, m={m}); wire bytes per write {writes.wire / w:,.0f} "
-        f"(raw {raw.wire / w:,.0f}); mean delta {delta_bytes / w:,.0f} B"
+        f"(raw {raw.wire / w:,.0f}); mean delta {delta_bytes / w:,.0f} B; {failures}"
     )
     case = f"{w:,} writes on {m} nodes"
     return [

@@ -21,7 +21,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
 
-from trionode.auth.model import WRITERS, Kind, StaticError, Verdict, version_key
+from trionode.auth.model import WRITERS, Kind, StaticError, Verdict, tag, version_key
 from trionode.context.authority import AuthRejected, action, op_from_header
 from trionode.context.errors import (
     AlreadyExists,
@@ -441,7 +441,7 @@ class LocalWriter:
             records=[encode_entity(r) for r in outcome.delta_records],
             events=[AppEvent(e.name, e.payload) for e in outcome.events],
         )
-        parents = replica.dag.parents_for_new_delta()
+        parents = replica.dag.parents_for_new_delta(first=_own_newest(replica))
         seq, vv = replica.authority.next_local(parents, replica.record.our_member)
         if auth is not None:
             auth = msgspec.structs.replace(auth, parents=replica.authority.auth_parents(vv))
@@ -520,3 +520,20 @@ class Authored:
 def _change(replica: Replica, delta: SignedDelta, outcome: CallOutcome) -> Change:
     events = [(e.name, payload_json(e.payload)) for e in outcome.events]
     return change_of(replica, delta_id=delta.id, events=events, origin="local")
+
+
+def _own_newest(replica: Replica) -> list[bytes]:
+    """A head whose past holds our own newest delta (by its seq in the heads' vectors; none
+    before our first): a delta that takes only some heads as parents (more heads than a
+    header may name) must keep it, or its seq would not follow its past and every peer
+    would refuse it."""
+    own = tag(replica.record.our_member)
+    authority = replica.authority
+    best = 0
+    newest: list[bytes] = []
+    for head in replica.dag.heads:
+        vv = authority.vv_of(head)
+        seq = 0 if vv is None else vv.get(own, 0)
+        if seq > best or (seq == best and seq and head < newest[0]):
+            best, newest = seq, [head]
+    return newest

@@ -25,6 +25,7 @@ signing the connection's Noise handshake hash with its member key.
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -98,6 +99,14 @@ SESSION_ERRORS: Final = (
     trio.ClosedResourceError,
 )
 """What a session or fetch with one peer can fail with: it fails, the node carries on."""
+
+
+def failure_reason(error: BaseException) -> str:
+    """A failed fetch's reason label: its error's type in snake case (a closed set: the
+    machines' and the stream's error types), or `timeout`."""
+    if isinstance(error, trio.TooSlowError):
+        return "timeout"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
 
 
 def topic_for(context_id: bytes) -> str:
@@ -177,6 +186,17 @@ class ReplicationMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.fetch_failures = Counter(
+            "trionode_delta_fetch_failures",
+            "Delta fetches that failed (a missing-parent fetch, or the delta fetch of a sync "
+            "session), by reason: the machine's verdict on an answer (answer_mismatch, "
+            "too_many_ids, unexpected_message, unrequested: an ancestor or delta nobody asked "
+            "for), a delta in it that does not decode or verify (remote_protocol_error), one "
+            "the processor refused, the stream (stream_ended_error, stream_stalled_error), the "
+            "peer (peer_error, peer_refused) or the fetch's time (timeout)",
+            ["reason"],
+            registry=registry,
+        )
         self.sync_busy = Counter(
             "trionode_sync_busy",
             "Incoming sync streams turned away because max_concurrent sessions were running",
@@ -208,6 +228,9 @@ class ReplicationMetrics:
 
     def outcome(self, outcome: str, n: int = 1) -> None:
         self.deltas.labels(outcome).inc(n)
+
+    def fetch_failed(self, error: BaseException | str) -> None:
+        self.fetch_failures.labels(error if isinstance(error, str) else failure_reason(error)).inc()
 
     def pending_depth(self, depth: int) -> None:
         self.pending.set(depth)
@@ -531,6 +554,8 @@ class Replicator:
                 self.metrics.fetches.labels("ok").inc()
             except SESSION_ERRORS as exc:
                 self.metrics.fetches.labels("failed").inc()
+                if isinstance(exc, trio.TooSlowError):
+                    self.metrics.fetch_failed(exc)  # (inside, the fetch saw a cancellation)
                 log.info(
                     "fetching %d deltas from %s failed: %s", len(request.ids), request.peer, exc
                 )
@@ -542,8 +567,15 @@ class Replicator:
     ) -> int:
         """Get `ids` and, breadth-first, whatever they still lack, from `peer` (at most
         `max_rounds` requests, default `max_fetch_rounds`); how many deltas applied."""
-        async with self.session(peer, context_id) as (channel, _):
-            return await self.fetch_on(channel, peer, context_id, ids, max_rounds=max_rounds)
+        fetching = False
+        try:
+            async with self.session(peer, context_id) as (channel, _):
+                fetching = True
+                return await self.fetch_on(channel, peer, context_id, ids, max_rounds=max_rounds)
+        except SESSION_ERRORS as exc:
+            if not fetching:  # (`fetch_on` counts its own)
+                self.metrics.fetch_failed(exc)
+            raise
 
     async def fetch_on(
         self,
@@ -584,9 +616,15 @@ class Replicator:
                 missing |= result.missing
             return missing
 
-        await fetch_deltas(channel, machine, apply)
-        self.metrics.fetch_requests.inc(machine.rounds)
+        try:
+            await fetch_deltas(channel, machine, apply)
+        except SESSION_ERRORS as exc:
+            self.metrics.fetch_failed(exc)
+            raise
+        finally:
+            self.metrics.fetch_requests.inc(machine.rounds)
         if machine.rejected:
+            self.metrics.fetch_failed("unrequested")
             # Not what we asked for (a wrong id): never applied, whatever it is.
             self.metrics.outcome("rejected_invalid", machine.rejected)
             log.info("%s sent %d deltas that were not requested", peer, machine.rejected)

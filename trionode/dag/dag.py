@@ -18,7 +18,10 @@ loses its oldest. Evicted ids are reported; `expire` drops those that waited for
 longer than a timeout.
 
 Heads are the applied deltas nothing applied builds on yet; a new local delta takes them
-all as parents, which is what collapses concurrent branches.
+as parents, which is what collapses concurrent branches: all of them, up to the
+`MAX_PARENTS` a delta header may name. With more concurrent branches than that (a hundred
+members writing at once), a delta takes `MAX_PARENTS` of them and the next ones take the
+rest, never one that no decoder would accept.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from trionode.dag.delta import GENESIS
+from trionode.dag.delta import GENESIS, MAX_PARENTS
 
 T = TypeVar("T")
 
@@ -125,8 +128,24 @@ class CausalDag(Generic[T]):
         """The earliest time a deferred delta may apply (None: none waits for time)."""
         return min(self._deferred.values(), default=None)
 
-    def parents_for_new_delta(self) -> list[bytes]:
-        return sorted(self.heads) if self.heads else [GENESIS]
+    def parents_for_new_delta(
+        self, *, first: Iterable[bytes] = (), limit: int = MAX_PARENTS
+    ) -> list[bytes]:
+        """The parents of a delta written now, sorted: every head, or, with more heads than
+        `limit`, the heads in `first` (the writer's own newest delta must stay in its past,
+        or its sequence number would not follow it) and then the others in id order up to
+        `limit`. The heads left out stay heads, so the next delta takes them."""
+        if not self.heads:
+            return [GENESIS]
+        heads = sorted(self.heads)
+        if len(heads) <= limit:
+            return heads
+        chosen = dict.fromkeys(h for h in first if h in self.heads)
+        for head in heads:
+            if len(chosen) >= limit:
+                break
+            chosen.setdefault(head)
+        return sorted(list(chosen)[:limit])
 
     # -- changes ---------------------------------------------------------------------------
 
