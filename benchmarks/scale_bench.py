@@ -50,6 +50,7 @@ import base58
 import trio
 import trio.testing
 from msgspec.structs import replace
+from prometheus_client import Counter
 
 from benchmarks.harness import Row, render
 from benchmarks.sync_bench import (
@@ -318,15 +319,14 @@ async def _same_state(nodes: Sequence[Node], context: bytes) -> bool:
     return True
 
 
-def _labelled(nodes: Sequence[Node], counter: str) -> dict[str, int]:
-    """A labelled counter of every node's replication metrics, summed by label."""
+def _labelled(metrics: Sequence[Counter]) -> dict[str, int]:
+    """A labelled counter of every node, summed by its labels (joined by "/")."""
     total: dict[str, int] = {}
-    for node in nodes:
-        metric = getattr(node.replication_metrics, counter)
+    for metric in metrics:
         for family in metric.collect():
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels:
-                    label = next(iter(sample.labels.values()))
+                    label = "/".join(sample.labels.values())
                     total[label] = total.get(label, 0) + int(sample.value)
     return {label: n for label, n in sorted(total.items()) if n}
 
@@ -334,10 +334,17 @@ def _labelled(nodes: Sequence[Node], counter: str) -> dict[str, int]:
 def _fetch_failures(nodes: Sequence[Node]) -> str:
     """Failed delta fetches by reason, summed over the nodes (`trionode_delta_fetch_failures`),
     and the deltas evicted from pending."""
-    failures = _labelled(nodes, "fetch_failures")
-    evicted = _labelled(nodes, "deltas").get("evicted", 0)
-    listed = ", ".join(f"{reason} {n:,}" for reason, n in failures.items()) or "none"
-    return f"failed fetches: {listed}; evicted from pending: {evicted:,}"
+    failures = _labelled([node.replication_metrics.fetch_failures for node in nodes])
+    evicted = _labelled([node.replication_metrics.deltas for node in nodes]).get("evicted", 0)
+    sessions = _labelled([node.sync.metrics.sessions for node in nodes])
+    return (
+        f"failed fetches: {_listed(failures)}; evicted from pending: {evicted:,}; "
+        f"sync sessions (protocol/outcome): {_listed(sessions)}"
+    )
+
+
+def _listed(counts: dict[str, int]) -> str:
+    return ", ".join(f"{label} {n:,}" for label, n in counts.items()) or "none"
 
 
 async def _wait_all_converged(nodes: Sequence[Node], context: bytes, limit: float) -> None:
@@ -426,7 +433,11 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
                 (offset, writer, await _set_many(nodes[writer], context, _items("s", i, 1)))
             )
             if (i + 1) % 100 == 0:
-                _log(f"{i + 1:,} writes")
+                states = [await node.contexts.state(context) for node in nodes]
+                _log(
+                    f"{i + 1:,} writes; {sum(s[2] for s in states)} deltas pending, at most "
+                    f"{max(len(s[1]) for s in states)} heads on a node; {_fetch_failures(nodes)}"
+                )
         written = time.perf_counter()
         await _wait_all_converged(nodes, context, limit=3600)
         converged = time.perf_counter()
