@@ -48,6 +48,7 @@ from trionode.context.records import DELTAS
 from trionode.crdt import Entity, StateTree, decode_entity, encode_entity
 from trionode.crdt.bulk import collector_paused
 from trionode.crdt.compact import record_of_row
+from trionode.crdt.lazy import take
 from trionode.dag.delta import decode_delta, open_delta, stored_header
 from trionode.errors import LocalProtocolError, ProtocolError
 from trionode.store.lmdb_store import Column
@@ -223,8 +224,11 @@ async def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
     tree = StateTree()
     for rows in _pages(replicas, context_id):
         with collector_paused():
-            tree.add_new([decode_entity(record_of_row(value)) for _, value in rows])
-        del rows
+            # Most stay their rows' bytes (crdt/lazy.py): the root hashes from those, and
+            # pages are served from the rows anyway.
+            entities, newest = take([record_of_row(value) for _, value in rows])
+            tree.add_new(entities, newest=newest)
+        del rows, entities
         await trio.lowlevel.checkpoint()
     tree.drain_changes()
     return tree

@@ -390,6 +390,7 @@ class _Taking:
             batch.records,
             only_if_empty=self.first and self.fresh,
             extra=save,
+            newest=batch.newest,
         )
         if new is None:
             raise SnapshotRefused("state arrived meanwhile: the snapshot is not applied")

@@ -44,7 +44,7 @@ from trionode.context.replicas import (
 from trionode.context.serving import StateAheadError, SyncServing
 from trionode.crdt import Entity, StateTree, max_stamp
 from trionode.crdt.bulk import collector_paused
-from trionode.crdt.hlc import ntp64_seconds
+from trionode.crdt.hlc import Timestamp, ntp64_seconds
 from trionode.crdt.rows import JOURNAL_KINDS
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
 from trionode.errors import LocalProtocolError, RemoteProtocolError
@@ -209,18 +209,22 @@ class SnapshotState:
         *,
         only_if_empty: bool = False,
         extra: Callable[[WriteBatch], None] | None = None,
+        newest: Timestamp | None = None,
     ) -> int | None:
         """Join a batch of snapshot records (`records` are their wire bytes) and persist them
         with whatever `extra` adds, in one write. Returns how many were new; None, having
         changed nothing, if `only_if_empty` and the context already has state. Raises
-        StateAheadError (nothing joined) for stamps beyond the clock drift."""
+        StateAheadError (nothing joined) for stamps beyond the clock drift. `newest`: the
+        newest stamp in `entities` if the caller knows it (`lazy.take`)."""
         replica = await self._replicas.load(context_id)
         async with replica.lock:
             tree = replica.tree
             if only_if_empty and len(tree):
                 return None
             physical = self._replicas.physical_now()
-            newest = max_stamp(list(entities))
+            known = newest is not None
+            if not known:
+                newest = max_stamp(list(entities))
             excess = 0 if newest is None else replica.clock.excess(newest.time, physical)
             if excess > 0:
                 self._metrics.outcome("refused_state_ahead")
@@ -230,7 +234,9 @@ class SnapshotState:
             batch = WriteBatch()
             if fresh:
                 with collector_paused():  # many rows, every one kept (crdt/bulk.py)
-                    _take_new(replica, batch, entities, records, fresh)
+                    _take_new(
+                        replica, batch, entities, records, fresh, newest=newest if known else None
+                    )
             if held:
                 tree.apply(held)
                 stage_rows(replica, batch, tree.drain_rows())
@@ -330,12 +336,15 @@ def _take_new(
     entities: Sequence[Entity],
     records: Sequence[bytes],
     fresh: Sequence[int],
+    *,
+    newest: Timestamp | None,
 ) -> None:
     """File the records at `fresh` (new to the replica) into its tree and stage their rows."""
     context_id = replica.context_id
     tree = replica.tree
-    # Decoded for this batch alone: the tree keeps them without a copy.
-    tree.add_new([entities[i] for i in fresh])
+    # Made for this batch alone (most kept as their rows: crdt/lazy.py): the tree keeps
+    # them without a copy.
+    tree.add_new([entities[i] for i in fresh], newest=newest)
     # Their rows are the bytes that came: nothing to drain or re-encode. (Every earlier
     # change was drained by its own commit, so only these are undrained.)
     tree.drain_changes()

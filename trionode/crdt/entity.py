@@ -51,7 +51,7 @@ MAX_NAME_BYTES: Final = 4096
 MAX_DEPTH: Final = 32
 """Entities nested deeper than this are never shown or hashed (bounds recursion)."""
 
-_ID_DOMAIN: Final = b"trionode/entity-id/v1\x00"
+ID_DOMAIN: Final = b"trionode/entity-id/v1\x00"
 
 
 class Kind(IntEnum):
@@ -88,7 +88,7 @@ _BODY_TYPES: Final[dict[Kind, type[Body] | None]] = {
 def child_id(parent: bytes, name: bytes) -> bytes:
     """The id of the child `name` of `parent`. The domain tag is fixed-length and `parent`
     is 32 bytes, so the concatenation is unambiguous."""
-    return hashlib.sha256(_ID_DOMAIN + parent + name).digest()
+    return hashlib.sha256(ID_DOMAIN + parent + name).digest()
 
 
 def body_type(kind: Kind) -> type[Body] | None:

@@ -22,12 +22,18 @@ from typing import Any, NamedTuple
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
+from trionode.crdt.lazy import RowEntity
 from trionode.crdt.rows import JOURNAL_KINDS, Row, RowLog
 from trionode.crdt.sequence import SequenceState
 from trionode.crdt.transaction import Transaction
 
 BUCKETING_THRESHOLD = 64
 """Containers with more children than this hash them in 256 cached buckets."""
+
+
+def _undecoded(record: Entity) -> bool:
+    """A record still held as its row (`lazy.py`): live, with no removal of its own."""
+    return record.__class__ is RowEntity and record.row is not None
 
 
 class NodeInfo(NamedTuple):
@@ -171,27 +177,34 @@ class StateTree:
             self.generation += 1
         return changed
 
-    def add_new(self, entities: Sequence[Entity]) -> None:
-        """Take records the caller owns (just decoded: kept, not copied), mostly new to the
-        tree, as a snapshot's pages bring them; the same tree as `apply(entities)`, in
-        bulk. New records are filed under their parents once per batch (one sort of runs,
-        linear; appended when they come in id order) and each parent's ancestors' hashes
-        are invalidated once, not once per record; one the tree holds is joined as usual."""
+    def add_new(self, entities: Sequence[Entity], *, newest: Timestamp | None = None) -> None:
+        """Take records the caller owns (just decoded, or kept as their rows: `lazy.take`;
+        kept, not copied), mostly new to the tree, as a snapshot's pages bring them; the
+        same tree as `apply(entities)`, in bulk. New records are filed under their parents
+        once per batch (one sort of runs, linear; appended when they come in id order) and
+        each parent's ancestors' hashes are invalidated once, not once per record; one the
+        tree holds is joined as usual. `newest`: the newest stamp in `entities`, when the
+        caller knows it (`lazy.take` does), saves reading every record's stamps."""
         records = self._records
         added: dict[bytes, list[bytes]] = {}
-        newest: Timestamp | None = self.max_stamp
+        known = newest is not None
+        newest = latest(self.max_stamp, newest)
         held: list[Entity] = []
+        rewrite = self._log.rewrite
+        deleted = self._deleted
+        updated = self._updated
         for incoming in entities:
             eid = incoming.id
             if eid in records:
                 held.append(incoming)
                 continue
             records[eid] = incoming
-            self._log.rewrite(eid)
+            rewrite(eid)
             added.setdefault(incoming.parent, []).append(eid)
-            newest = latest(newest, incoming.max_stamp())
-            self._deleted.discard(eid)
-            self._updated.add(eid)
+            if not known:
+                newest = latest(newest, incoming.max_stamp())
+            deleted.discard(eid)
+            updated.add(eid)
         for parent, ids in added.items():
             ids.sort()
             siblings = self._children.setdefault(parent, [])
@@ -235,7 +248,7 @@ class StateTree:
         for cid in self._children.get(entity_id, ()):
             child = self._records[cid]
             if descend and child.is_live(where.floor):
-                floor = latest(where.floor, child.removed)
+                floor = where.floor if _undecoded(child) else latest(where.floor, child.removed)
                 children.append((cid, self._hash(cid, floor, where.depth + 1)))
             else:
                 children.append((cid, None))
@@ -258,7 +271,8 @@ class StateTree:
         for record in reversed(chain):
             if parent_kind not in CONTAINERS or not record.is_live(floor):
                 return _HIDDEN
-            floor = latest(floor, record.removed)
+            if not _undecoded(record):  # (one held as its row has no removal of its own)
+                floor = latest(floor, record.removed)
             parent_kind = record.kind
         return _Resolved(visible=True, floor=floor, depth=len(chain))
 
@@ -271,7 +285,11 @@ class StateTree:
             kind = Kind.OBJECT
         else:
             record = self._records[entity_id]
-            hasher = hashlib.sha256(own_form(record, floor))
+            # A record still held as its row (`lazy.py`) is hashed from the row's bytes.
+            if floor is None and record.__class__ is RowEntity and record.row is not None:
+                hasher = hashlib.sha256(record.form())
+            else:
+                hasher = hashlib.sha256(own_form(record, floor))
             kind = record.kind
         if kind in CONTAINERS and depth < MAX_DEPTH:
             children = self._children.get(entity_id, ())
@@ -328,9 +346,14 @@ class StateTree:
     def _hash_children(
         self, hasher: Any, children: Sequence[bytes], floor: Timestamp | None, depth: int
     ) -> None:
+        records = self._records
+        hashes = self._hashes
         for cid in children:
-            child = self._records[cid]
-            if child.is_live(floor):
+            child = records[cid]
+            if floor is None and child.__class__ is RowEntity and child.row is not None:
+                # Live, with no removal of its own (`lazy.scan`): hashed from its row.
+                hasher.update(hashes.get(cid) or self._hash(cid, None, depth + 1))
+            elif child.is_live(floor):
                 hasher.update(self._hash(cid, latest(floor, child.removed), depth + 1))
 
     def _invalidate_up(self, entity_id: bytes) -> None:
@@ -376,12 +399,15 @@ class StateTree:
             record = self._records.get(eid)
             if (
                 record is not None
+                and not _undecoded(record)  # (no removal, no sequence: nothing to collect)
                 and record.removed is not None
                 and record.removed.time < horizon
                 and not record.is_live()
             ):
                 dropped += self._drop_subtree(eid)
         for eid, record in self._records.items():
+            if _undecoded(record):
+                continue
             body = record.body
             if isinstance(body, SequenceState) and (count := body.gc(horizon)):
                 dropped += count

@@ -64,8 +64,10 @@ import msgspec
 from trionode.auth.acks import open_ack
 from trionode.auth.finality import finality, vv_max, within
 from trionode.auth.model import Resolution, tag
-from trionode.crdt import Entity, decode_entity
+from trionode.crdt import Entity
 from trionode.crdt.bulk import collector_paused
+from trionode.crdt.hlc import Timestamp, latest
+from trionode.crdt.lazy import take
 from trionode.dag.delta import decode_delta, header_vv, verify_delta
 from trionode.errors import LocalProtocolError, ProtocolError
 from trionode.sync.errors import PeerRefused, SessionExpired, SyncViolation, UnexpectedMessage
@@ -323,6 +325,8 @@ class StoreBatch:
     pages: int
     size: int
     last: bool
+    newest: Timestamp | None = None
+    """The newest stamp in `entities` (for the clock-drift check)."""
 
 
 class _Take(enum.Enum):
@@ -377,6 +381,7 @@ class SnapshotTake:
         ]
         self._entities: list[Entity] = []
         self._records: list[bytes] = []
+        self._newest: Timestamp | None = None
         self._pages = 0
         self._size = 0
         self._ready: list[StoreBatch] = []
@@ -471,10 +476,13 @@ class SnapshotTake:
 
     def _check(self, chunk: SnapshotChunk) -> list[Entity]:
         try:
-            with collector_paused():  # a page of records, every one kept (crdt/bulk.py)
-                entities = [decode_entity(r) for r in chunk.records]
+            # Records of the common shape stay bytes until read (crdt/lazy.py); a page of
+            # records, every one kept, with the collector paused (crdt/bulk.py).
+            with collector_paused():
+                entities, newest = take(chunk.records)
         except (ProtocolError, msgspec.DecodeError, ValueError) as exc:
             raise PageOutOfOrder(f"a snapshot record does not decode: {exc}") from None
+        self._newest = latest(self._newest, newest)
         previous = self._cursor
         for entity in entities:
             if previous is not None and entity.id <= previous:
@@ -494,9 +502,11 @@ class SnapshotTake:
                 self._pages,
                 self._size,
                 last,
+                self._newest,
             )
         )
         self._entities, self._records, self._pages, self._size = [], [], 0, 0
+        self._newest = None
 
     def _ready_pages(self) -> int:
         return sum(b.pages for b in self._ready)

@@ -1,0 +1,255 @@
+"""Records kept as their rows (`trionode.crdt.lazy`): the fast path accepts only rows the
+decoder reads back byte for byte, hashes them as the decoded record hashes, and a record
+held as bytes behaves as the decoded one from its first read on; a bad row is refused at
+intake or, at the latest, to the one reader that touches it."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from trionode.crdt import Entity, Kind, StateTree, Timestamp, decode_entity, encode_entity
+from trionode.crdt.encoding import own_form
+from trionode.crdt.entity import ROOT_ID, child_id
+from trionode.crdt.lazy import CorruptRecord, RowEntity, scan, take
+from trionode.crdt.register import RegisterState
+from trionode.errors import RemoteProtocolError
+
+NOW = 0xE9_0000_0000_0000_00  # an NTP64 time of this century (past 2**32)
+MAP = child_id(ROOT_ID, b"\xa7entries")
+
+times = st.one_of(
+    st.integers(min_value=NOW, max_value=NOW + 10**6),
+    st.integers(min_value=0, max_value=(1 << 64) - 1),
+    st.sampled_from([0, 1, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32]),
+)
+stamps = st.builds(Timestamp, times, st.binary(min_size=0, max_size=64))
+names = st.one_of(st.binary(max_size=300), st.text(max_size=20).map(msgspec.msgpack.encode))
+values = st.one_of(st.binary(max_size=300), st.binary(min_size=65536, max_size=65540), st.just(b""))
+
+
+@st.composite
+def entities(draw: st.DrawFn) -> Entity:
+    """Records of every shape the fast path may see: registers (their stamp `added` or
+    not), bodiless containers, tombstones, and other kinds."""
+    kind = draw(st.sampled_from(list(Kind)))
+    added = draw(st.one_of(st.none(), stamps))
+    removed = draw(st.one_of(st.none(), st.none(), stamps))
+    body = None
+    if kind is Kind.REGISTER and draw(st.booleans()):
+        stamp = draw(stamps)
+        if added is not None and draw(st.booleans()):  # `added`, or a stamp of its form
+            stamp = Timestamp(draw(st.sampled_from([added.time, added.time ^ 1])), added.node)
+        body = RegisterState(stamp, draw(values))
+    parent = draw(st.one_of(st.just(MAP), st.just(ROOT_ID), st.binary(min_size=32, max_size=32)))
+    return Entity(parent, draw(names), kind, added=added, removed=removed, body=body)
+
+
+def _same(lazy: Entity, decoded: Entity) -> None:
+    assert lazy.id == decoded.id
+    assert lazy.parent == decoded.parent
+    assert lazy.kind == decoded.kind
+    assert lazy.max_stamp() == decoded.max_stamp()
+    assert lazy.is_live() == decoded.is_live()
+    if isinstance(lazy, RowEntity) and lazy.row is not None:
+        assert lazy.form() == own_form(decoded, None)
+    assert lazy == decoded  # (reads the record: decodes the row)
+    assert encode_entity(lazy) == encode_entity(decoded)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(entities())
+def test_a_record_held_as_its_row_is_the_decoded_record(entity: Entity) -> None:
+    row = encode_entity(entity)
+    decoded = decode_entity(row)
+    (lazy,), newest = take([row])
+    assert newest == decoded.max_stamp()
+    _same(lazy, decoded)
+
+
+def test_the_common_records_stay_bytes_and_the_rest_are_decoded() -> None:
+    stamp = Timestamp(NOW, os.urandom(32))
+    entry = Entity(MAP, b"\xa3key", Kind.REGISTER, added=stamp, body=RegisterState(stamp, b"\x01"))
+    container = Entity(ROOT_ID, b"\xa7entries", Kind.MAP, added=stamp)
+    tombstone = Entity(MAP, b"\xa3old", Kind.REGISTER, added=stamp, removed=stamp)
+    older = Timestamp(NOW - 1, stamp.node)
+    rewritten = Entity(
+        MAP, b"\xa3new", Kind.REGISTER, added=stamp, body=RegisterState(older, b"\x02")
+    )
+    got, _ = take([encode_entity(e) for e in (entry, container, tombstone, rewritten)])
+    assert [type(e) for e in got] == [RowEntity, RowEntity, Entity, Entity]
+
+
+def _mutations(row: bytes, data: st.DataObject) -> bytes:
+    how = data.draw(st.sampled_from(["flip", "cut", "grow", "splice"]))
+    at = data.draw(st.integers(0, len(row) - 1))
+    if how == "flip":
+        return row[:at] + bytes([data.draw(st.integers(0, 255))]) + row[at + 1 :]
+    if how == "cut":
+        return row[:at]
+    if how == "grow":
+        return row[:at] + data.draw(st.binary(min_size=1, max_size=4)) + row[at:]
+    return row[:at] + row[at + 1 :]
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(entities(), st.data())
+def test_any_row_the_fast_path_takes_decodes_back_to_itself(
+    entity: Entity, data: st.DataObject
+) -> None:
+    """Mutated and random rows: whatever `scan` accepts, the decoder accepts too and
+    re-encodes to the same bytes (so the hash cut from the row is the record's); whatever
+    it declines, `take` treats as the decoder does."""
+    row = data.draw(
+        st.one_of(st.just(encode_entity(entity)), st.binary(max_size=200)).map(
+            lambda r: _mutations(r, data) if r and data.draw(st.booleans()) else r
+        )
+    )
+    try:
+        decoded: Entity | None = decode_entity(row)
+    except RemoteProtocolError:
+        decoded = None
+    if scan(row) is not None:
+        assert decoded is not None
+        assert encode_entity(decoded) == row
+    if decoded is None:
+        with pytest.raises(RemoteProtocolError):
+            take([row])
+    else:
+        (lazy,), _ = take([row])
+        _same(lazy, decoded)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(entities(), max_size=40), st.data())
+def test_a_tree_of_rows_hashes_and_reads_as_the_decoded_tree(
+    records: list[Entity], data: st.DataObject
+) -> None:
+    """Containers, removals above rows (a floor: the row is decoded to be hashed),
+    records read, written and joined at random: the same roots and records throughout."""
+    top = Entity(ROOT_ID, b"\xa7entries", Kind.MAP, added=Timestamp(NOW, b"w"))
+    rows = [encode_entity(e) for e in [top, *records]]
+    lazy_tree, eager_tree = StateTree(), StateTree()
+    entities_, newest = take(rows)
+    lazy_tree.add_new(entities_, newest=newest)
+    eager_tree.apply(decode_entity(r) for r in rows)
+    assert lazy_tree.root_hash() == eager_tree.root_hash()
+    assert lazy_tree.max_stamp == eager_tree.max_stamp
+    ids = sorted({decode_entity(r).id for r in rows})
+    for _ in range(data.draw(st.integers(0, 4))):
+        eid = data.draw(st.sampled_from(ids))
+        if data.draw(st.booleans()):
+            assert lazy_tree.node(eid) == eager_tree.node(eid)
+        else:  # another write of that record, or of a removal of the container
+            update = data.draw(entities())
+            mine = eager_tree.get(eid)
+            assert mine is not None
+            joined = Entity(mine.parent, mine.name, mine.kind, added=update.added)
+            lazy_tree.apply([joined])
+            eager_tree.apply([joined])
+        assert lazy_tree.root_hash() == eager_tree.root_hash()
+    assert lazy_tree.entities() == eager_tree.entities()
+
+
+def test_a_write_to_a_record_held_as_its_row_decodes_it_first() -> None:
+    stamp = Timestamp(NOW, b"w")
+    row = encode_entity(
+        Entity(MAP, b"\xa1k", Kind.REGISTER, added=stamp, body=RegisterState(stamp, b"\x07"))
+    )
+    (lazy,), _ = take([row])
+    assert isinstance(lazy, RowEntity)
+    lazy.removed = Timestamp(NOW + 1, b"w")
+    assert lazy.row is None
+    assert lazy.body == RegisterState(stamp, b"\x07")
+    assert not lazy.is_live()
+
+
+def _unchecked(row: bytes, like: Entity) -> RowEntity:
+    """A RowEntity over `row` that never went through `scan` (what a bug there, or a row
+    changed in memory, would leave): `take` of a good row, its bytes then swapped."""
+    (lazy,), _ = take([encode_entity(like)])
+    assert isinstance(lazy, RowEntity)
+    object.__setattr__(lazy, "row", row)
+    return lazy
+
+
+def test_a_bad_row_is_refused_to_its_reader_alone() -> None:
+    stamp = Timestamp(NOW, b"w")
+    good = [
+        Entity(MAP, f"k{i}".encode(), Kind.REGISTER, added=stamp, body=RegisterState(stamp, b"1"))
+        for i in range(3)
+    ]
+    bad_like = Entity(MAP, b"bad", Kind.REGISTER, added=stamp, body=RegisterState(stamp, b"1"))
+    other = Entity(MAP, b"other", Kind.REGISTER, added=stamp)
+    bad = _unchecked(encode_entity(other), bad_like)  # another record's row
+    worse = _unchecked(b"\x97\x01\xc4 " + bytes(40), bad_like)  # no record at all
+    tree = StateTree()
+    items, _ = take([encode_entity(e) for e in good])
+    tree.add_new([*items, bad])
+    for reader in (lambda: bad.body, lambda: bad.added, lambda: tree.get(bad.id).copy()):  # type: ignore[union-attr]
+        with pytest.raises(CorruptRecord):
+            reader()
+    with pytest.raises(CorruptRecord):
+        _ = worse.name
+    assert isinstance(bad.row, bytes)  # still refused on the next read, never half-decoded
+    for record in good:
+        held = tree.get(record.id)
+        assert held == record
+
+
+def _row_with(**parts: bytes) -> bytes:
+    """A register row of `MAP`, field by field (each a msgpack encoding), canonical unless a
+    part is given in another form."""
+    node = b"\xc4\x20" + bytes(range(32))
+    stamp = parts.get("stamp", b"\x92\xcf" + NOW.to_bytes(8, "big") + node)
+    return (
+        b"\x97\x01\xc4\x20"
+        + MAP
+        + parts.get("name", b"\xc4\x03key")
+        + parts.get("kind", b"\x02")
+        + stamp
+        + parts.get("removed", b"\xc0")
+        + b"\x92"
+        + parts.get("body_stamp", stamp)
+        + parts.get("value", b"\xc4\x01\x07")
+        + parts.get("tail", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        {"stamp": b"\x92\xcf" + (5).to_bytes(8, "big") + b"\xc4\x01w"},  # time in a long form
+        {"name": b"\xc5\x00\x03key"},  # name in a long form
+        {"value": b"\xc5\x00\x01\x07"},  # value in a long form
+        {"value": b"\xc4\x02\x07"},  # value shorter than it says
+        {"tail": b"\xc0"},  # a byte after the record
+        {"kind": b"\x09"},  # no such kind
+        {"kind": b"\x04"},  # a map with a register's body
+        {"stamp": b"\x92\xcf" + NOW.to_bytes(8, "big") + b"\xc4\x41" + bytes(65)},  # node > 64
+    ],
+)
+def test_rows_in_any_other_form_are_decoded_and_refused_there(parts: dict[str, bytes]) -> None:
+    row = _row_with(**parts)
+    assert scan(row) is None
+    try:
+        decoded = decode_entity(row)
+    except RemoteProtocolError:
+        with pytest.raises(RemoteProtocolError):
+            take([row])
+        return
+    (got,), _ = take([row])  # a form the decoder reads: decoded now, hashed as decoded
+    assert type(got) is Entity
+    assert got == decoded
+
+
+def test_the_canonical_row_is_on_the_fast_path() -> None:
+    row = _row_with()
+    assert scan(row) is not None
+    assert encode_entity(decode_entity(row)) == row
+    node = b"\xc4\x20" + bytes(range(32))
+    future = _row_with(body_stamp=b"\x92\xcf" + (NOW + 1).to_bytes(8, "big") + node)
+    assert scan(future) is None  # its body's stamp is not `added`: decoded, drift-checked

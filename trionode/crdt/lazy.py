@@ -1,0 +1,228 @@
+"""Records kept as their row bytes until something reads them (issue 17: joins at
+transport speed).
+
+A snapshot brings a context's records as encoded bytes, and a join of a large context
+mostly stores them and checks that they add up to the announced root: decoding each into
+an `Entity` (five Python objects, a validating constructor) cost about as much as all the
+rest of the joiner's work, and the cyclic collector then traversed those objects again and
+again. Most records are never read afterwards, or only much later.
+
+So a record on the *fast path* stays bytes: a `RowEntity` holds its row, and only what the
+tree needs to file and hash it is read from those bytes (id, parent, kind). The fast path
+is the canonical shape of the common records, checked byte for byte here (`scan`):
+
+    97 01 c4 20 <parent: 32>  c4 <n> <name: n>  <kind>  <added: 92 <uint> c4 <m> <node>>
+    c0 (removed: nil)  and a body that is nil, or (a register) 92 <added again> <value bin>
+
+Every header has its shortest form (as the canonical encoder writes it), the register's
+stamp is the record's `added` (what a write of it gives), and the row ends exactly after
+its body. Such a row decodes (`decode_entity`) to a record whose `encode_entity` is the
+row itself, and its Merkle leaf form (`encoding.own_form` under no removal above it) is
+cut from the row's bytes: `[kind, name, added, body]`, a register's hash form being its
+wire form. `tests/crdt/test_lazy.py` checks both against the decoder on valid, mutated and
+random bytes. Anything else (a tombstone, a counter, a sequence, a longer name, any other
+encoding) is decoded at once, as before, and refused there if it is bad.
+
+A `RowEntity` is an `Entity`: the first read of anything but its id, parent and kind
+decodes the row (the same checks as any record; a failure is a `CorruptRecord`, raised to
+that reader alone, never a wrong value) and from then on it is an ordinary record. A write
+to it decodes it first, so its row never disagrees with its state. Only the tree's hashing
+and a liveness check under no removal use the row directly (`form`, `is_live`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from hashlib import sha256
+from typing import Any, Final
+
+from trionode.crdt.encoding import MAX_ENTITY_BYTES, decode_entity, encode_entity
+from trionode.crdt.entity import ID_DOMAIN, Entity, Kind
+from trionode.crdt.hlc import MAX_NODE_ID_BYTES, Timestamp, latest
+from trionode.errors import RemoteProtocolError
+
+_HEAD: Final = b"\x97\x01\xc4\x20"
+"""fixarray of 7, version 1, a 32-byte bin: the parent."""
+_NAME: Final = 36
+_KINDS: Final = {int(kind): kind for kind in Kind}
+_REGISTER: Final = int(Kind.REGISTER)
+_LAZY: Final = frozenset({"name", "added", "removed", "body"})
+
+
+class CorruptRecord(RemoteProtocolError):
+    """A record kept as bytes does not decode to what its row says (raised to the reader
+    that first needs it; the other records are unaffected)."""
+
+
+def scan(row: bytes) -> tuple[int, int] | None:
+    """(offset of the kind, offset of `removed`) if `row` is on the fast path (module doc),
+    else None (decode it). Written for speed: a snapshot scans every record. A stamp's time
+    is an NTP64 time past 2**32 (any real clock's), so its shortest form is always `cf`
+    and eight bytes."""
+    try:
+        if row[:4] != _HEAD or row[_NAME] != 0xC4 or len(row) > MAX_ENTITY_BYTES:
+            return None
+        kind_at = _NAME + 2 + row[_NAME + 1]
+        node = row[kind_at + 12]
+        if (
+            row[kind_at + 1 : kind_at + 3] != b"\x92\xcf"
+            or row[kind_at] not in _KINDS
+            or row[kind_at + 3 : kind_at + 7] == b"\0\0\0\0"  # (a shorter form fits)
+            or row[kind_at + 11] != 0xC4
+            or node > MAX_NODE_ID_BYTES
+        ):
+            return None
+        removed_at = kind_at + 13 + node
+        tail = row[removed_at:]
+        if tail == b"\xc0\xc0":  # no removal, no body
+            return kind_at, removed_at
+        # A register's body: [its stamp, which is `added`, value as bin].
+        stamp = row[kind_at + 1 : removed_at]
+        value = removed_at + 2 + len(stamp)
+        if (
+            row[kind_at] != _REGISTER
+            or tail[:2] != b"\xc0\x92"
+            or row[removed_at + 2 : value] != stamp
+        ):
+            return None
+        head = row[value]
+        if head == 0xC4:
+            end = value + 2 + row[value + 1]
+        elif head == 0xC5:
+            length = int.from_bytes(row[value + 1 : value + 3])
+            end = value + 3 + length if length >= 0x100 else -1
+        elif head == 0xC6:
+            length = int.from_bytes(row[value + 1 : value + 5])
+            end = value + 5 + length if length >= 0x10000 else -1
+        else:
+            return None
+    except IndexError:  # (shorter than its headers say)
+        return None
+    return (kind_at, removed_at) if end == len(row) else None
+
+
+class RowEntity(Entity):
+    """A record held as its row until first read (module doc). Made by `take`."""
+
+    __slots__ = ("cut", "row")
+
+    row: bytes | None
+    """The record's bytes while undecoded (None once decoded)."""
+    cut: int
+    """Offsets of the kind and of `removed` in the row (`scan`), as kind + removed << 16."""
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for a slot not set yet: the part of the record still in the row.
+        if name not in _LAZY or self.row is None:
+            raise AttributeError(name)
+        self._load()
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.row is not None and name != "row":
+            self._load()  # a write joins into the record, never beside its row
+        object.__setattr__(self, name, value)
+
+    def _load(self) -> None:
+        row = self.row
+        assert row is not None
+        try:
+            entity = decode_entity(row)
+        except RemoteProtocolError as exc:
+            raise CorruptRecord(f"record {self.id.hex()[:12]} does not decode: {exc}") from None
+        if entity.id != self.id or entity.kind != self.kind or encode_entity(entity) != row:
+            raise CorruptRecord(f"record {self.id.hex()[:12]} is not what its row said")
+        _set_name(self, entity.name)
+        _set_added(self, entity.added)
+        _set_removed(self, entity.removed)
+        _set_body(self, entity.body)
+        object.__setattr__(self, "row", None)
+
+    def form(self) -> bytes:
+        """The row's Merkle leaf form under no removal above it (`encoding.own_form`): its
+        kind, name, added and body, cut from the row (call only while `row` is set)."""
+        row = self.row
+        assert row is not None
+        kind_at, removed_at = self.cut & 0xFFFF, self.cut >> 16
+        return (
+            b"\x94"
+            + row[kind_at : kind_at + 1]
+            + row[_NAME:kind_at]
+            + row[kind_at + 1 : removed_at]
+            + row[removed_at + 1 :]
+        )
+
+    def is_live(self, floor: Timestamp | None = None) -> bool:
+        if floor is None and self.row is not None:
+            return True  # (the fast path has an `added` and no `removed`)
+        return Entity.is_live(self, floor)
+
+    def max_stamp(self) -> Timestamp | None:
+        if self.row is None:
+            return Entity.max_stamp(self)
+        return _added(self.row, self.cut & 0xFFFF)  # (a register's stamp is `added`)
+
+
+def _setter(cls: type, name: str) -> Any:
+    """A slot's own setter (bypasses `RowEntity.__setattr__`, which would decode)."""
+    return cls.__dict__[name].__set__
+
+
+_set_name = _setter(Entity, "name")
+_set_added = _setter(Entity, "added")
+_set_removed = _setter(Entity, "removed")
+_set_body = _setter(Entity, "body")
+_set_id = _setter(Entity, "id")
+_set_parent = _setter(Entity, "parent")
+_set_kind = _setter(Entity, "kind")
+_set_row = _setter(RowEntity, "row")
+_set_cut = _setter(RowEntity, "cut")
+_new = object.__new__
+
+
+def _added(row: bytes, kind_at: int) -> Timestamp:
+    """The `added` stamp of a fast-path row."""
+    return Timestamp(
+        int.from_bytes(row[kind_at + 3 : kind_at + 11]),
+        row[kind_at + 13 : kind_at + 13 + row[kind_at + 12]],
+    )
+
+
+def take(records: Sequence[bytes]) -> tuple[list[Entity], Timestamp | None]:
+    """The records of a page or a read as entities, fast-path rows kept as bytes
+    (`RowEntity`), and the newest stamp among them (for the clock-drift check).
+
+    Raises:
+        RemoteProtocolError: a record that is not on the fast path and does not decode.
+    """
+    out: list[Entity] = []
+    newest: Timestamp | None = None
+    best = -1
+    best_rows: list[tuple[bytes, int]] = []
+    kinds = _KINDS
+    for row in records:
+        cut = scan(row)
+        if cut is None:
+            entity = decode_entity(row)
+            newest = latest(newest, entity.max_stamp())
+            out.append(entity)
+            continue
+        kind_at, removed_at = cut
+        record = _new(RowEntity)
+        _set_row(record, row)
+        _set_cut(record, kind_at | removed_at << 16)
+        parent = row[4:_NAME]
+        _set_parent(record, parent)
+        _set_kind(record, kinds[row[kind_at]])
+        _set_id(record, sha256(ID_DOMAIN + parent + row[_NAME + 2 : kind_at]).digest())
+        out.append(record)
+        # The newest `added` by time alone here (a stamp per row would cost an object);
+        # ties are settled among the few rows of that time below.
+        time = int.from_bytes(row[kind_at + 3 : kind_at + 11])
+        if time >= best:
+            if time > best:
+                best, best_rows = time, []
+            best_rows.append((row, kind_at))
+    for row, kind_at in best_rows:
+        newest = latest(newest, _added(row, kind_at))
+    return out, newest
