@@ -395,6 +395,10 @@ class StoreSection(_Section, frozen=True):
     """The map never grows past this; a write that would need more fails cleanly."""
     reader_threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     """Threads that may read LMDB at once (writes are always one at a time)."""
+    inline_commit_max_seconds: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.002
+    """A small write commits on the event loop's own thread when nothing else is waiting
+    to run and commits have lately taken at most this long on average (0: always in the
+    writer thread); see `trionode/store/store.py`."""
     delta_retention: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
     """Seconds a *final* delta's body is kept after its stamp before it is folded into the
     final state (0: at once). Non-final deltas are always kept: undo needs them."""

@@ -540,6 +540,7 @@ async def _open_locked_node(
         passphrase=config.passphrase if config.store.encrypted else None,
         registry=metrics.registry,
         inline=config.inline_store,
+        inline_commit_max=config.store.inline_commit_max_seconds,
     ) as store:
         node = Node(
             config,

@@ -1,0 +1,187 @@
+"""A small write commits on the Trio thread when the loop has nothing else to run, and in
+the writer thread otherwise (`trionode/store/store.py`, issue #16)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from trionode.errors import StorageError
+from trionode.store import store as store_module
+from trionode.store.lmdb_store import Column, LmdbStore, Put, WriteOp
+from trionode.store.store import INLINE_MAX_OPS, AsyncStore, open_store
+
+
+class Commits:
+    """Which thread ran each `LmdbStore.write`; optionally failing, or taking `took`
+    seconds by the store's clock (a busy or a fast disk, whatever this one's fsync costs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.threads: list[int] = []
+        self.took = 0.0
+        self.delay = 0.0
+        self.fail = False
+        self.now = 0.0
+        original: Callable[[LmdbStore, Sequence[WriteOp]], None] = LmdbStore.write
+        monkeypatch.setattr(store_module, "time", SimpleNamespace(perf_counter=lambda: self.now))
+
+        def write(store: LmdbStore, ops: Sequence[WriteOp]) -> None:
+            self.threads.append(threading.get_ident())
+            self.now += self.took
+            if self.delay:
+                time.sleep(self.delay)  # (holds the writer thread busy, not a wait)
+            if self.fail:
+                raise StorageError("disk full (test)")
+            original(store, ops)
+
+        monkeypatch.setattr(LmdbStore, "write", write)
+
+    def last_inline(self) -> bool:
+        return self.threads[-1] == threading.get_ident()
+
+
+@asynccontextmanager
+async def store_at(
+    path: Path, registry: CollectorRegistry | None = None, inline_max: float = 0.002
+) -> AsyncIterator[AsyncStore]:
+    async with open_store(
+        path,
+        initial_map_size=1 << 20,
+        max_map_size=1 << 30,
+        reader_threads=1,
+        passphrase=None,
+        registry=registry,
+        inline_commit_max=inline_max,
+    ) as store:
+        yield store
+
+
+def puts(prefix: bytes, n: int = 1) -> list[WriteOp]:
+    return [Put(Column.GENERIC, prefix + b"%d" % i, b"v") for i in range(n)]
+
+
+async def test_a_small_write_on_an_idle_loop_commits_on_the_trio_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db") as store:
+        await trio.testing.wait_all_tasks_blocked()
+        await store.write(puts(b"a/"))
+        assert commits.last_inline()
+        assert store.inline_commits == 1
+        assert store.raw.get(Column.GENERIC, b"a/0") == b"v"  # committed when it returned
+
+
+async def test_a_write_goes_to_the_writer_thread_while_another_task_waits_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db") as store, trio.open_nursery() as nursery:
+        ran = trio.Event()
+
+        async def runnable() -> None:
+            ran.set()
+
+        nursery.start_soon(runnable)  # runnable now, not yet run
+        await store.write(puts(b"a/"))
+        assert not commits.last_inline()
+        assert store.inline_commits == 0
+        assert ran.is_set()
+        assert store.raw.get(Column.GENERIC, b"a/0") == b"v"
+
+
+async def test_a_large_batch_always_goes_to_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db") as store:
+        await store.write(puts(b"a/", INLINE_MAX_OPS + 1))
+        assert not commits.last_inline()
+        await store.write(puts(b"b/", INLINE_MAX_OPS))
+        assert commits.last_inline()
+
+
+async def test_slow_commits_go_back_to_the_writer_thread_until_commits_are_fast_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db", inline_max=0.002) as store:
+        commits.took = 0.02  # a busy disk: each commit takes 20 ms
+        await store.write(puts(b"a/"))  # (inline: nothing measured yet)
+        assert commits.last_inline()
+        for i in range(3):
+            await store.write(puts(b"b%d/" % i))
+            assert not commits.last_inline()  # the loop is not blocked for a slow sync
+        assert store.commit_seconds > 0.002
+        commits.took = 0.0001
+        inline = []
+        for i in range(40):  # fast commits (measured in the thread) bring the average down
+            await store.write(puts(b"c%d/" % i))
+            inline.append(commits.last_inline())
+        assert not inline[0]
+        assert inline[-1]
+
+
+async def test_zero_disables_inline_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db", inline_max=0.0) as store:
+        await store.write(puts(b"a/"))
+        assert not commits.last_inline()
+        assert store.inline_commits == 0
+
+
+async def test_a_failed_inline_commit_is_a_counted_storage_error_and_frees_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    registry = CollectorRegistry()
+    async with store_at(tmp_path / "db", registry) as store:
+        commits.fail = True
+        with pytest.raises(StorageError, match="disk full"):
+            await store.write(puts(b"a/"))
+        assert commits.last_inline()
+        assert registry.get_sample_value("trionode_store_errors_total", {"op": "write"}) == 1.0
+        assert store.raw.get(Column.GENERIC, b"a/0") is None
+        commits.fail = False
+        with trio.fail_after(5):  # the writer limiter was released
+            await store.write(puts(b"b/"))
+        assert store.raw.get(Column.GENERIC, b"b/0") == b"v"
+
+
+async def test_a_cancelled_writer_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db") as store:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.write(puts(b"a/"))
+        assert commits.threads == []
+        assert store.raw.get(Column.GENERIC, b"a/0") is None
+
+
+async def test_an_inline_commit_waits_for_a_writer_thread_still_committing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db", inline_max=1.0) as store, trio.open_nursery() as nursery:
+        commits.delay = 0.05
+        nursery.start_soon(store.write, puts(b"a/", INLINE_MAX_OPS + 1))  # in the thread
+        await trio.testing.wait_all_tasks_blocked()
+        commits.delay = 0.0
+        await store.write(puts(b"b/"))  # nothing runnable, but the writer is busy
+        assert len(commits.threads) == 2
+        assert not commits.last_inline()  # it queued for the writer like any write
+        assert store.raw.get(Column.GENERIC, b"a/0") == b"v"  # after the first, not beside
+        assert store.raw.get(Column.GENERIC, b"b/0") == b"v"
