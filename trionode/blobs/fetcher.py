@@ -195,7 +195,9 @@ class BlobFetcher:
         # or that a restart interrupted, start again.
         dirty: set[bytes] = set()
         rescan = trio.current_time() + self._config.eager_rescan
-        sub = self._hub.watch()
+        # (Only received deltas: a local write can reference only blobs already held here,
+        # since attaching needs the bytes; a copied reference was checked when it arrived.)
+        sub = self._hub.watch(remote_only=True)
         task_status.started()
         try:
             while True:
@@ -214,7 +216,7 @@ class BlobFetcher:
                                 break
                     except trio.EndOfChannel:  # fell behind: the hub closed our queue
                         sub.close()
-                        sub = self._hub.watch()
+                        sub = self._hub.watch(remote_only=True)
                         rescan = trio.current_time()
                 if trio.current_time() >= rescan:
                     self._checked.clear()

@@ -128,7 +128,9 @@ class AppFollower:
     async def _follow(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        sub = self._hub.watch()
+        # (Only received deltas: what this node writes runs an app installed here, and its
+        # own upgrades install first.)
+        sub = self._hub.watch(remote_only=True)
         task_status.started()
         dirty = set(self._contexts.known_ids())  # a restart finishes what it interrupted
         retry_at = math.inf
@@ -153,7 +155,7 @@ class AppFollower:
                         }
                     except trio.EndOfChannel:  # fell behind: check everything again
                         sub.close()
-                        sub = self._hub.watch()
+                        sub = self._hub.watch(remote_only=True)
                         dirty = set(self._contexts.known_ids())
                 if waited.cancelled_caught:
                     dirty, self._again, retry_at = self._again, set(), math.inf

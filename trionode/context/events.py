@@ -135,6 +135,7 @@ class EventHub:
         """Per context, the newest event no longer held in memory."""
         self._subscriptions: set[Subscription] = set()
         self._watchers: set[Subscription] = set()
+        self._remote_watchers: set[Subscription] = set()
         """Node services following every context's applied deltas (not WebSockets)."""
         self.unsaved: list[ContextEvent] | None = None
         """Published but not yet in LMDB, when an event log is attached (`EventLog.load`
@@ -154,17 +155,20 @@ class EventHub:
         self._subscriptions.add(sub)
         return sub
 
-    def watch(self) -> Subscription:
+    def watch(self, *, remote_only: bool = False) -> Subscription:
         """Follow the applied deltas of every context (for node services; not counted as a
         subscriber). Its queue is bounded like a WebSocket's: a watcher that falls behind
-        finds it closed and must catch up some other way."""
+        finds it closed and must catch up some other way. `remote_only`: only deltas
+        received from peers (a watcher that nothing written here can concern is then not
+        woken by every local write: issue #16)."""
         sub = Subscription(self, self._capacity)
-        self._watchers.add(sub)
+        (self._remote_watchers if remote_only else self._watchers).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscriptions.discard(sub)
         self._watchers.discard(sub)
+        self._remote_watchers.discard(sub)
 
     def add_contexts(self, sub: Subscription, contexts: list[str], since: int | None) -> bool:
         """Subscribe to `contexts`; with `since`, first replay their events after it.
@@ -315,6 +319,9 @@ class EventHub:
                 sub._offer(event)  # noqa: SLF001
         for sub in list(self._watchers):
             sub._offer(event)  # noqa: SLF001
+        if event.origin != "local":
+            for sub in list(self._remote_watchers):
+                sub._offer(event)  # noqa: SLF001
 
     def notify(self, context_id: str, payload: dict[str, Any]) -> None:
         """Send a transient notice to the context's current subscribers. Never blocks."""

@@ -1,0 +1,70 @@
+"""Watchers that only deltas from peers can concern (the app follower, the eager blob
+fetcher) are not woken by this node's own writes (issue #16: each woke twice per write)."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from tests.replication.helpers import install
+from trionode.context.events import ContextEvent, EventHub, Subscription
+from trionode.testing import open_test_node
+
+
+def test_a_remote_only_watcher_sees_every_origin_but_local() -> None:
+    hub = EventHub()
+    everything = hub.watch()
+    remote = hub.watch(remote_only=True)
+    origins = ["local", "remote", "sync", "auth", "local"]
+    for origin in origins:
+        hub.publish(context_id="c", delta_id="d", root_hash="r", heads=[], events=[], origin=origin)
+
+    def drain(sub: Subscription) -> list[str]:
+        seen: list[str] = []
+        while True:
+            try:
+                event = sub.receive.receive_nowait()
+            except trio.WouldBlock:
+                return seen
+            assert isinstance(event, ContextEvent)
+            seen.append(event.origin)
+
+    assert drain(everything) == origins
+    assert drain(remote) == ["remote", "sync", "auth"]
+    remote.close()
+    hub.publish(context_id="c", delta_id="d", root_hash="r", heads=[], events=[], origin="x")
+    assert drain(everything) == ["x"]
+
+
+class _Steps(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.steps: collections.Counter[str] = collections.Counter()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name] += 1
+
+
+async def test_local_writes_do_not_wake_the_app_follower_or_the_blob_fetcher(
+    tmp_path: Path,
+) -> None:
+    async with open_test_node(tmp_path / "a", api=False) as test_node:
+        node = test_node.node
+        context = (await node.contexts.create(await install(node))).context_id
+        await trio.testing.wait_all_tasks_blocked()
+        steps = _Steps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for i in range(5):
+                args = json.dumps({"key": f"k{i}", "value": "v"})
+                await node.contexts.execute(context, "set", args)
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        watchers = ("AppFollower._follow", "BlobFetcher._watch")
+        woken = {name: n for name, n in steps.steps.items() if name.endswith(watchers)}
+        assert woken == {}
+        assert steps.steps  # (the instrument saw the writes' own steps)
