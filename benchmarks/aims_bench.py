@@ -14,6 +14,11 @@ measured in the same process on the same machine minutes apart.
   here shares one disk, so the last of 4 waits for four fsyncs, the floor a durable
   receive can reach on this machine. A received delta is shown while its commit runs
   (`trionode/context/pipeline.py`), so the first baseline is the one its aim is judged by.
+* Every node of the propagation rows runs on this one event loop, so a write reaches the
+  last receiver no sooner than the loop has run everything on the way, one step at a
+  time: the loop's CPU per propagated write beside that of a raw gossip message of the
+  same size, by kind of task (`_shared_loop_cpu`), says how much of the ratio is the
+  work on the path rather than waiting. Raw gossip and the write share that harness.
 
 `python -m benchmarks --only aims` (``--quick``: small sizes).
 """
@@ -48,6 +53,7 @@ from benchmarks.sync_bench import (
     _bench_bundle,
     _items,
     _propagation,
+    _read_gossip,
     _read_hub,
     _set_many,
     _share,
@@ -84,6 +90,7 @@ async def run(*, quick: bool) -> list[Row]:
         writes, raw = await _propagation(rounds, base / "propagation", _bench_bundle(base / "b"))
         floor = await _gossip_then_commit(rounds, base / "floor")
         print(await _propagation_stages(rounds, base / "stages", _bench_bundle(base / "b2")))
+        print(await _shared_loop_cpu(rounds, base / "cpu", _bench_bundle(base / "b3")))
     return [
         *rows,
         *propagation_rows(writes, raw),
@@ -171,6 +178,7 @@ async def _sequential_trace(n: int, base: Path) -> str:
                 commits.clear()
                 collections_.clear()
                 steps.on = True
+                inline = node.store.inline_commits
                 cpu = time.process_time()
                 for args in calls[20:]:
                     began = time.perf_counter()
@@ -178,6 +186,7 @@ async def _sequential_trace(n: int, base: Path) -> str:
                     spans.append((began, time.perf_counter()))
                 cpu = time.process_time() - cpu
                 steps.on = False
+                inline = node.store.inline_commits - inline
     finally:
         trio.lowlevel.remove_instrument(steps)
         gc.callbacks.remove(on_gc)
@@ -199,12 +208,13 @@ async def _sequential_trace(n: int, base: Path) -> str:
         f"{wall * 1e6:.0f} us wall, {cpu / k * 1e6:.0f} us process CPU per call",
         f"  before its commit starts (to the processor, call, seal, stage), p50 "
         f"{us(statistics.median(before))}",
-        f"  commit in the worker thread (LMDB transaction, fsync), p50        "
+        f"  commit, inline or in the writer thread (LMDB txn, fsync), p50     "
         f"{us(statistics.median(during))}",
-        f"  after the commit (thread reports back, answer, announce), p50     "
+        f"  after the commit (thread reports back if any, answer, announce), p50"
         f"{us(statistics.median(after))}",
         f"  event loop: CPU {us(sum(steps.cpu.values()) / k)}, in steps "
         f"{us(sum(steps.wall.values()) / k)}, waiting for I/O {us(steps.idle / k)} per call",
+        f"  commits on the event loop's thread (nothing else runnable): {inline} of {k}",
         f"  garbage collection: {len(collections_)} collections, "
         f"{sum(d for _, d in collections_) * 1e3:.1f} ms in all, longest "
         f"{max((d for _, d in collections_), default=0.0) * 1e3:.1f} ms",
@@ -337,6 +347,91 @@ async def _propagation_stages(rounds: int, base: Path, bundle: Path) -> str:
             at = _percentile(per_stage[stage], 0.5) * 1000
             lines.append(f"  {label:<54} {at:7.2f}   (+{at - before:5.2f})")
             before = at
+    return "\n".join(lines)
+
+
+_NETWORK_TASKS: Final = ("yamux", "Host._handle_stream", "network-events", "pubsub")
+
+
+async def _shared_loop_cpu(rounds: int, base: Path, bundle: Path) -> str:
+    """What the propagation rows measure besides the write path: every bench node runs on
+    this one event loop, so a write reaches the last receiver no sooner than the loop has
+    run everything on the way, on every node, one step at a time. This sums the loop's CPU
+    per write (A's call, the 3 receivers' delta processors, every node's network tasks)
+    and per raw gossip message of the same size, by kind of task, over `rounds` of each
+    (each round waits until every node is idle, so nothing of one round runs in the next).
+    """
+    steps = _Steps()
+    per_write: dict[str, float] = collections.defaultdict(float)
+    per_raw: dict[str, float] = collections.defaultdict(float)
+
+    def kind(name: str) -> str:
+        if name == "delta-processor":
+            return "delta processors (A's write, 3 receives)"
+        if any(part in name for part in _NETWORK_TASKS):
+            return "network (yamux, streams, gossipsub)"
+        if name.startswith(("benchmarks.", "__main__")):
+            return "the bench's own readers"
+        return "other node tasks (watchers, gossip broadcaster, timers)"
+
+    def take(into: dict[str, float]) -> None:
+        for name, cpu in steps.cpu.items():
+            into[kind(name)] += cpu
+        steps.cpu.clear()
+        steps.wall.clear()
+        steps.steps.clear()
+
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with AsyncExitStack() as stack:
+            nodes = await loopback_mesh(stack, base)
+            context = await _share(nodes, bundle)
+            await _wait_converged(nodes, context)
+            for node in nodes:
+                node.pubsub.subscribe(RAW_TOPIC)
+            await _wait_raw_mesh(nodes)
+            applied = _Arrivals(NODES - 1)
+            gossiped = _Arrivals(NODES - 1)
+            async with trio.open_nursery() as readers:
+                for node in nodes[1:]:
+                    readers.start_soon(_read_hub, node, context, applied)
+                    ready = trio.Event()
+                    readers.start_soon(_read_gossip, node, gossiped, ready)
+                    await ready.wait()
+                size = 0
+                for r in range(rounds):
+                    await trio.testing.wait_all_tasks_blocked()
+                    steps.on = True
+                    delta_id = await _set_many(nodes[0], context, _items("cpu", r, 1))
+                    await applied.last(delta_id)
+                    await wait_stored(nodes[1:], context, delta_id)
+                    await trio.testing.wait_all_tasks_blocked()
+                    steps.on = False
+                    take(per_write)
+                    if not size:
+                        size = len(await nodes[0].contexts.read_delta(context, delta_id) or b"")
+                    payload = os.urandom(size)
+                    steps.on = True
+                    nodes[0].pubsub.publish(RAW_TOPIC, payload)
+                    await gossiped.last(payload)
+                    await trio.testing.wait_all_tasks_blocked()
+                    steps.on = False
+                    take(per_raw)
+                readers.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    write_total = sum(per_write.values()) / rounds * 1e6
+    raw_total = sum(per_raw.values()) / rounds * 1e6
+    lines = [
+        f"event-loop CPU per propagated write, all {NODES} nodes on one loop, {rounds} rounds "
+        f"(loadavg {os.getloadavg()[0]:.1f}): write {write_total:.0f} us, raw gossip of the "
+        f"same size {raw_total:.0f} us ({write_total / max(raw_total, 1e-9):.1f}x)"
+    ]
+    lines += [
+        f"  {name:<58} write {per_write[name] / rounds * 1e6:6.0f} us   "
+        f"raw {per_raw[name] / rounds * 1e6:6.0f} us"
+        for name in sorted(per_write.keys() | per_raw.keys())
+    ]
     return "\n".join(lines)
 
 
