@@ -121,7 +121,7 @@ def test_a_large_range_delete_keeps_the_index_and_the_cached_chunk_digests() -> 
     index = state._ordered()
     delta = state.delete_delta(1_000, 3 * _BULK_MERGE, Timestamp(9_999, b"d"))
     assert state.merge(delta)
-    assert state._index is index  # hidden in place, not dropped for a rebuild
+    assert state._blocks is index  # hidden in place, not dropped for a rebuild
     after = state.hash_form(None)
     assert after is not None
     # Only the chunks the range touched changed; the ones before and after it are reused.

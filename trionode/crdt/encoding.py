@@ -273,7 +273,7 @@ def decode_entities(
     for data in records:
         entity = decode_entity(data, max_elements=left)
         if isinstance(entity.body, SequenceState):
-            left -= len(entity.body.elements)
+            left -= entity.body.element_count()
         out.append(entity)
     return out
 

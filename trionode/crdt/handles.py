@@ -468,7 +468,8 @@ class Vector(_Sequence[VectorState], Generic[T]):
         position = _normalize(index, length)
         if state is None or not 0 <= position < length:
             raise IndexError("vector index out of range")
-        value = state.elements[state.visible_at(position, floor)].value
+        element = state.element(state.visible_at(position, floor))
+        value = None if element is None else element.value
         assert value is not None  # visible elements hold a value
         return self._codec.decode(value)
 

@@ -29,19 +29,33 @@ writers never produce two versions of an id except by delete/update, so the mini
 value tie-breaks only make the join total (commutative, associative, idempotent) against
 forged data.
 
-Caching: the order without a floor lives in an `OrderIndex` (blocks of ids plus a Fenwick
-tree of visible counts, see `order_index.py`), kept up to date while elements arrive in
-causal order (`_place`, `hide`) and rebuilt from scratch otherwise (~1 µs per element). A
-keystroke costs O(log n) to find its position and O(block) to place; nothing scans the
-whole sequence. A range delete (a delta that only tombstones held elements) hides its
-elements in one pass over the blocks they fall in (`_tombstone_all`), so the index and its
-cached chunk digests survive it: O(deleted + blocks touched), not a rebuild. Elements are
-still one dict entry each, so a delete still costs per element, not per run.
+Items (run-length storage): elements are not stored one by one. An *item* holds a stretch
+of consecutive ids of one writer, each inserted right after the previous one, that also
+sits contiguously in the order (element k+1 is element k's highest child): its writer, first
+time, length, the first element's reference, the values in one `str` (Text) or list
+(Vector), and per-element tombstone and value stamps only once some element has one (a
+list of stamps, not an interval list: a stamp is one pointer, and deletes inside an item
+need no split, so the item and its place in the order survive any delete). An id resolves
+to (item, offset) by bisecting its writer's sorted item starts. Items split when an element
+is inserted inside one (the two halves stay in place, the new item goes between), are
+extended in place when their writer types on at their end, and hold at most `ITEM_MAX`
+elements (so extending a Text item copies a short string). Only elements whose reference is
+not the id just below them (item starts) keep an entry in the explicit children map; the
+child `id + 1` is implied by the items.
 
-Full lists (`order()`, `visible_ids()`) are materialised on demand and cached until the
-next change. The Merkle hash form is the list of digests of content-defined
-chunks of the visible sequence (see "Hash chunks" in `order_index.py`); the index caches
-them, so a keystroke rehashes one chunk of ~61 elements, not the whole text.
+Order: the placed items, in order, are cut into blocks with a Fenwick tree of the blocks'
+visible counts, so a visible position resolves in O(log blocks + block) and a keystroke
+extends or splits one item. Elements whose reference is missing (or that sit on a forged
+cycle) are stored in unplaced items until it arrives. Anything the incremental paths do
+not cover (bulk merges, out-of-order arrivals, forged re-parenting, GC) drops the order,
+which is rebuilt on the next read by a pre-order walk that also regroups the items.
+Floors, `wire`, `gc`, `elements` and `__eq__` still expand the items into elements (O(n)).
+
+Hash chunks: the visible sequence is cut into chunks ending at cut ids (see "Hash chunks"
+in `order_index.py`) and the hash form is the list of their digests, defined over element
+ids exactly as before. Chunks are computed per block from the items' live id ranges
+(arithmetic on times: no per-element objects) and each digest is cached under its ending
+cut with the chunk's id ranges, so a keystroke rehashes one chunk.
 
 Runs: a local insert right after the writer's own childless element X takes the id
 `X.time + 1` (same writer) instead of a fresh clock stamp, when that id is free (GC keeps
@@ -56,33 +70,37 @@ can collide with them.
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_left, insort
-from collections.abc import Callable, Mapping, Sequence
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
-from operator import itemgetter
 from types import MappingProxyType
-from typing import Final, Generic, NamedTuple, Self, TypeVar, cast
+from typing import Any, Final, Generic, NamedTuple, Self, TypeVar, cast
 
 from trionode.crdt.canonical import canonical
 from trionode.crdt.hlc import NTP64_MAX, Timestamp, latest, new_stamp
-from trionode.crdt.order_index import OrderIndex, chunk_ends
+from trionode.crdt.order_index import CUT_EVERY, chunk_ends
 
 V = TypeVar("V", str, bytes)
 
 HEAD: Final = Timestamp(0, b"")
 """The virtual element before the first one. No real element can have this id."""
 
-_AFTER: Final = itemgetter(0)
-_VALUE: Final = itemgetter(1)
-_UPDATED: Final = itemgetter(2)
 _BULK_MERGE: Final = 64
 """Above this many incoming elements a full rebuild is cheaper than incremental placement."""
+ITEM_MAX: Final = 256
+"""Most elements in one item (see "Items"): bounds the copy when a Text item grows."""
+BLOCK_MAX: Final = 32
+"""Most items in one block of the order."""
+_BLOCK_FILL: Final = 16
+"""Items per block after a rebuild (room to grow before the first split)."""
 
 
 Group = tuple[int, int, int, int]
 """`(offset, count, time, writer#)`: a span of a run's elements sharing one stamp."""
 WireRun = tuple[int, int, int, int, int, V | list[V], list[Group], list[Group]]
 """One run in the canonical form (see `SequenceState.wire`)."""
+Segment = tuple[bytes, int, int]
+"""`(writer, first time, last time)`: consecutive visible ids of one writer, in order."""
 
 
 class Element(NamedTuple, Generic[V]):
@@ -118,178 +136,784 @@ def join_element(eid: Timestamp, a: Element[V], b: Element[V]) -> Element[V]:
     return Element(after, winner.value, winner.updated, None)
 
 
-class SequenceState(Generic[V]):
-    """An RGA element set plus caches of its order. See the module docstring."""
+class _Block:
+    __slots__ = ("carry_in", "carry_out", "chunks", "items", "live", "pos")
 
-    __slots__ = ("_children", "_elements", "_floored", "_index", "_lists")
+    def __init__(self, items: list[_Item]) -> None:
+        self.items = items
+        self.live = sum(item.live for item in items)
+        self.pos = 0
+        self.chunks: list[bytes] | None = None
+        """Digests of the hash chunks ending in this block (None: stale)."""
+        self.carry_in: list[Segment] = []
+        self.carry_out: list[Segment] = []
+        for item in items:
+            item.block = self
+
+
+class _Item:
+    """Consecutive elements of one writer, contiguous in the order (see "Items")."""
+
+    __slots__ = ("after", "block", "deleted", "live", "n", "node", "start", "updated", "values")
+
+    def __init__(  # noqa: PLR0917  (built in a few hot places, positionally)
+        self,
+        node: bytes,
+        start: int,
+        after: Timestamp,
+        values: Any,
+        deleted: list[Timestamp | None] | None,
+        updated: list[Timestamp | None] | None,
+    ) -> None:
+        self.node = node
+        self.start = start
+        self.n = len(values)
+        self.after = after
+        """Reference of the first element (the others follow the one before them)."""
+        self.values = values
+        """One value per element (a str for Text); a deleted element's entry is filler."""
+        self.deleted = deleted
+        """Tombstone stamp per element, or None while none is deleted."""
+        self.updated = updated
+        """Value stamp per element, or None while no value was overwritten."""
+        self.live = self.n if deleted is None else deleted.count(None)
+        self.block: _Block | None = None
+        """The block holding it (None: not placed)."""
+
+    def element(self, k: int) -> Element[Any]:
+        deleted = None if self.deleted is None else self.deleted[k]
+        return _element(
+            (
+                self.after if not k else new_stamp((self.start + k - 1, self.node)),
+                None if deleted is not None else self.values[k],
+                None if self.updated is None else self.updated[k],
+                deleted,
+            )
+        )
+
+    def clone(self) -> _Item:
+        new = _Item.__new__(_Item)
+        new.node = self.node
+        new.start = self.start
+        new.n = self.n
+        new.after = self.after
+        new.values = self.values if isinstance(self.values, str) else list(self.values)
+        new.deleted = None if self.deleted is None else list(self.deleted)
+        new.updated = None if self.updated is None else list(self.updated)
+        new.live = self.live
+        new.block = None
+        return new
+
+    def cut(self, k: int) -> _Item:
+        """Split off elements k.. (0 < k < n) as a new item (same block), returned."""
+        tail = _Item.__new__(_Item)
+        tail.node = self.node
+        tail.start = self.start + k
+        tail.n = self.n - k
+        tail.after = new_stamp((self.start + k - 1, self.node))
+        tail.values = self.values[k:]
+        self.values = self.values[:k]
+        tail.deleted = None
+        tail.updated = None
+        if self.deleted is not None:
+            tail.deleted = self.deleted[k:]
+            del self.deleted[k:]
+        if self.updated is not None:
+            tail.updated = self.updated[k:]
+            del self.updated[k:]
+        self.n = k
+        tail.live = tail.n if tail.deleted is None else tail.deleted.count(None)
+        self.live -= tail.live
+        tail.block = self.block
+        return tail
+
+    def live_offset(self, rank: int) -> int:
+        """Offset of the live element with this rank among the item's live ones."""
+        deleted = self.deleted
+        if deleted is None:
+            return rank
+        for k, stamp in enumerate(deleted):
+            if stamp is None:
+                if not rank:
+                    return k
+                rank -= 1
+        raise IndexError(rank)
+
+    def live_ranges(self) -> Iterator[tuple[int, int]]:
+        """(first offset, end offset) of each stretch of live elements."""
+        deleted = self.deleted
+        if deleted is None:
+            if self.n:
+                yield 0, self.n
+            return
+        k = 0
+        n = self.n
+        while k < n:
+            while k < n and deleted[k] is not None:
+                k += 1
+            first = k
+            while k < n and deleted[k] is None:
+                k += 1
+            if k > first:
+                yield first, k
+
+
+class SequenceState(Generic[V]):
+    """An RGA element set stored as run-length items. See the module docstring."""
+
+    __slots__ = (
+        "_blocks",
+        "_count",
+        "_digests",
+        "_expanded",
+        "_extra",
+        "_fenwick",
+        "_floored",
+        "_lists",
+        "_live_total",
+        "_runs",
+        "_touched",
+    )
+    _text: bool = False
+    _filler: Any = None
 
     def __init__(self, elements: Mapping[Timestamp, Element[V]] | None = None) -> None:
-        self._elements: dict[Timestamp, Element[V]] = dict(elements) if elements else {}
-        self._children: dict[Timestamp, list[Timestamp]] = {}
-        if len(self._elements) == 1:  # a one-edit delta: no sort
-            [(eid, el)] = self._elements.items()
-            self._children[el.after] = [eid]
-        else:
-            for eid in sorted(self._elements):
-                self._children.setdefault(self._elements[eid].after, []).append(eid)
-        self._index: OrderIndex | None = None
-        """The order without a floor (None: rebuild on the next read)."""
+        self._reset()
+        if elements:
+            for eid in sorted(elements):
+                self._store_new(eid, elements[eid])
+
+    def _reset(self) -> None:
+        self._runs: dict[bytes, tuple[list[int], list[_Item]]] = {}
+        """Per writer: sorted item starts and the items."""
+        self._extra: dict[Timestamp, list[Timestamp]] = {}
+        """Sorted children of each element, apart from the implied child `id + 1`."""
+        self._count = 0
+        self._blocks: list[_Block] | None = None
+        """The placed items in order (None: rebuild on the next read)."""
+        self._fenwick: list[int] = []
+        self._live_total = 0
+        self._digests: dict[tuple[int, bytes] | None, tuple[list[Segment], bytes]] = {}
+        """(segments, digest) of hash chunks by the cut ending them (None: the trailing one)."""
+        self._touched: set[Timestamp] = set()
+        """Ids whose value changed since the last hash read."""
         self._lists: tuple[list[Timestamp], list[Timestamp]] | None = None
-        """Materialised (order, visible ids) without a floor, until the next change."""
         self._floored: tuple[Timestamp, list[Timestamp], list[Timestamp]] | None = None
+        self._expanded: dict[Timestamp, Element[V]] | None = None
+
+    # -- storage -------------------------------------------------------------------------
+
+    def _find(self, eid: Timestamp) -> tuple[_Item, int] | None:
+        """The item holding `eid` and its offset there (None: not held)."""
+        runs = self._runs.get(eid[1])
+        if runs is None:
+            return None
+        starts, items = runs
+        i = bisect_right(starts, eid[0]) - 1
+        if i < 0:
+            return None
+        item = items[i]
+        k = eid[0] - item.start
+        return (item, k) if k < item.n else None
+
+    def element(self, eid: Timestamp) -> Element[V] | None:
+        """The element with id `eid` (None: not held)."""
+        found = self._find(eid)
+        return None if found is None else found[0].element(found[1])
+
+    def _after(self, item: _Item, k: int) -> Timestamp:
+        return item.after if not k else new_stamp((item.start + k - 1, item.node))
+
+    def _kids(self, parent: Timestamp) -> list[Timestamp]:
+        """The children of `parent`, ascending (a new list)."""
+        kids = list(self._extra.get(parent, ()))
+        if parent != HEAD:
+            child = new_stamp((parent[0] + 1, parent[1]))
+            found = self._find(child)
+            if found is not None and self._after(*found) == parent:
+                insort(kids, child)
+        return kids
+
+    def _has_kids(self, parent: Timestamp) -> bool:
+        if parent in self._extra:
+            return True
+        found = self._find(new_stamp((parent[0] + 1, parent[1])))
+        if found is None:
+            return False
+        item, k = found
+        return k > 0 or item.after == parent
+
+    def _add_item(self, item: _Item) -> None:
+        runs = self._runs.get(item.node)
+        if runs is None:
+            self._runs[item.node] = ([item.start], [item])
+            return
+        starts, items = runs
+        i = bisect_left(starts, item.start)
+        starts.insert(i, item.start)
+        items.insert(i, item)
+
+    def _split(self, item: _Item, k: int) -> _Item:
+        """Cut `item` before offset k (0 < k < n), in storage and in its block."""
+        tail = item.cut(k)
+        starts, items = self._runs[item.node]
+        i = bisect_left(starts, tail.start)
+        starts.insert(i, tail.start)
+        items.insert(i, tail)
+        block = item.block
+        if block is not None:
+            at = block.items.index(item)
+            block.items.insert(at + 1, tail)
+            block.chunks = None
+            if len(block.items) > BLOCK_MAX:
+                self._split_block(block)
+        return tail
+
+    def _store_new(self, eid: Timestamp, el: Element[V]) -> _Item:
+        """Store an element this state lacks (not placed); returns its item."""
+        time, node = eid
+        after = el[0]
+        value = el[1]
+        if value is None and el[3] is not None:
+            value = self._filler
+        self._count += 1
+        self._changed()
+        if after[1] == node and after[0] == time - 1 and after != HEAD:
+            found = self._find(after)
+            if found is not None:
+                item, k = found
+                if k == item.n - 1 and item.n < ITEM_MAX and item.block is None:
+                    self._append(item, value, el[2], el[3])
+                    return item
+        else:
+            insort(self._extra.setdefault(after, []), eid)
+        item = _Item(
+            node,
+            time,
+            after,
+            self._pack_one(value),
+            None if el[3] is None else [el[3]],
+            None if el[2] is None else [el[2]],
+        )
+        self._add_item(item)
+        return item
+
+    def _pack_one(self, value: Any) -> Any:
+        """One element's values container: a one-character str for Text (a list only for
+        a value that is not one character: forged or hand-built states)."""
+        if self._text and type(value) is str and len(value) == 1:
+            return value
+        return [value]
+
+    def _append(
+        self, item: _Item, value: Any, updated: Timestamp | None, deleted: Timestamp | None
+    ) -> None:
+        n = item.n
+        values: Any = item.values
+        if type(values) is not str:
+            values.append(value)
+        elif type(value) is str and len(value) == 1:
+            item.values = values + value
+        else:
+            item.values = [*values, value]
+        if deleted is not None:
+            if item.deleted is None:
+                item.deleted = [None] * n
+            item.deleted.append(deleted)
+        elif item.deleted is not None:
+            item.deleted.append(None)
+        if updated is not None:
+            if item.updated is None:
+                item.updated = [None] * n
+            item.updated.append(updated)
+        elif item.updated is not None:
+            item.updated.append(None)
+        item.n = n + 1
+        if deleted is None:
+            item.live += 1
+
+    def _write(self, item: _Item, k: int, eid: Timestamp, old: Element[V], new: Element[V]) -> None:
+        """Replace element k of `item` (id `eid`) by its joined version `new`."""
+        if new[0] != old[0]:  # forged data: re-parent (the caller drops the order)
+            if k:
+                item = self._split(item, k)
+                k = 0
+            if not _implied(eid, old[0]):
+                siblings = self._extra[old[0]]
+                del siblings[bisect_left(siblings, eid)]
+                if not siblings:
+                    del self._extra[old[0]]
+            item.after = new[0]
+            if not _implied(eid, new[0]):
+                insort(self._extra.setdefault(new[0], []), eid)
+        if new[3] != old[3]:
+            if item.deleted is None:
+                item.deleted = [None] * item.n
+            item.deleted[k] = new[3]
+            if old[3] is None:
+                item.live -= 1
+                if item.block is not None:
+                    item.block.live -= 1
+        if new[2] != old[2]:
+            if item.updated is None:
+                item.updated = [None] * item.n
+            item.updated[k] = new[2]
+        if new[3] is None and new[1] != old[1]:
+            values: Any = item.values
+            value = new[1]
+            if type(values) is not str:
+                values[k] = value
+            elif type(value) is str and len(value) == 1:
+                item.values = values[:k] + value + values[k + 1 :]
+            else:
+                item.values = [*values[:k], value, *values[k + 1 :]]
+        self._changed()
+
+    def _changed(self) -> None:
+        self._lists = None
+        self._floored = None
+        self._expanded = None
+
+    def _items(self) -> Iterator[_Item]:
+        for _starts, items in self._runs.values():
+            yield from items
+
+    def _iter_elements(self) -> Iterator[tuple[Timestamp, Element[V]]]:
+        for item in self._items():
+            node = item.node
+            start = item.start
+            for k in range(item.n):
+                yield new_stamp((start + k, node)), item.element(k)
 
     # -- state ---------------------------------------------------------------------------
 
     @property
     def elements(self) -> Mapping[Timestamp, Element[V]]:
-        return MappingProxyType(self._elements)
+        """Every element by id (expanded from the items, O(n); cached until a change)."""
+        expanded = self._expanded
+        if expanded is None:
+            expanded = self._expanded = dict(sorted(self._iter_elements()))
+        return MappingProxyType(expanded)
+
+    def element_count(self) -> int:
+        """How many elements (tombstones included) this state holds."""
+        return self._count
 
     def is_empty(self) -> bool:
-        return not self._elements
+        return not self._count
 
     def copy(self) -> Self:
-        new: Self = type(self)()
-        new._elements = dict(self._elements)
-        new._children = {k: list(v) for k, v in self._children.items()}
-        if self._index is not None:  # updated in place, so never shared
-            new._index = self._index.copy()
+        new: Self = type(self).__new__(type(self))
+        new._reset()
+        clones: dict[int, _Item] = {}
+        for node, (starts, items) in self._runs.items():
+            copied = [item.clone() for item in items]
+            for old, clone in zip(items, copied, strict=True):
+                clones[id(old)] = clone
+            new._runs[node] = (list(starts), copied)
+        new._extra = {k: list(v) for k, v in self._extra.items()}
+        new._count = self._count
+        if self._blocks is not None:
+            copied_blocks: list[_Block] = []
+            for block in self._blocks:
+                twin = _Block([clones[id(item)] for item in block.items])
+                twin.pos = block.pos
+                twin.chunks = block.chunks
+                twin.carry_in = block.carry_in
+                twin.carry_out = block.carry_out
+                copied_blocks.append(twin)
+            new._blocks = copied_blocks
+            new._fenwick = list(self._fenwick)
+            new._live_total = self._live_total
+            new._digests = self._digests.copy()
+            new._touched = self._touched.copy()
         new._lists = self._lists  # replaced, never mutated
         new._floored = self._floored
         return new
 
     def merge(self, other: SequenceState[V]) -> bool:
         """Join `other` into self; returns whether anything changed."""
-        if other is self or not other._elements:
+        if other is self or not other._count:
             return False
-        theirs = other._elements
-        if len(theirs) == 1:
-            [(eid, incoming)] = theirs.items()
-            mine = self._elements.get(eid)
-            if mine is None:
-                self._add_one(eid, incoming)
-                return True
-            if (  # a one-element delete (a backspace): `join_element`'s result, inline
-                mine[3] is None and incoming[3] is not None and incoming[0] == mine[0]
-            ):
-                self._elements[eid] = _element((mine[0], None, None, incoming[3]))
-                index = self._index
-                if index is not None and eid in index:
-                    index.hide(eid)
-                self._lists = None
-                self._floored = None
-                return True
-        if self._index is not None:
-            deleted = self._tombstone_all(theirs)
-            if deleted is not None:
-                return deleted
-        bulk = len(theirs) > _BULK_MERGE
-        if bulk:
-            self._index = None
-        changed = False
-        # Ascending ids put references before the elements inserted after them (HLC
-        # causality), so incremental placement covers the common case.
-        for eid in sorted(theirs) if len(theirs) > 1 else theirs:
-            incoming = theirs[eid]
-            mine = self._elements.get(eid)
-            if mine is None:
-                self._elements[eid] = incoming
-                insort(self._children.setdefault(incoming.after, []), eid)
-                self._place(eid)
+        if self._blocks is not None:
+            if other._count == 1:  # a keystroke
+                [(_, [single])] = other._runs.values()
+                eid = new_stamp((single.start, single.node))
+                if self._find(eid) is None and self._insert_placed(eid, single.element(0)):
+                    return True
             else:
-                joined = join_element(eid, mine, incoming)
-                if joined == mine:
-                    continue
-                if joined.after != mine.after:  # forged data: re-parent, rebuild later
-                    self._unlink(eid, mine.after)
-                    insort(self._children.setdefault(joined.after, []), eid)
-                    self._index = None
-                elif mine.deleted is None and joined.deleted is not None:
-                    self._elements[eid] = joined
-                    if self._index is not None and eid in self._index:
-                        self._index.hide(eid)
-                elif joined.deleted is None:  # a new value (Vector `set`): rehash its chunk
-                    self._elements[eid] = joined
-                    if self._index is not None and eid in self._index:
-                        self._index.touch(eid)
-                self._elements[eid] = joined
-            changed = True
-        if changed:
-            self._lists = None
-            self._floored = None
-        return changed
-
-    def _tombstone_all(self, theirs: Mapping[Timestamp, Element[V]]) -> bool | None:
-        """`merge` of a delta that only deletes elements this state holds (a range
-        delete): each element becomes `join_element`'s result and the index hides them
-        in one pass (`OrderIndex.hide_many`), keeping its blocks and cached chunk digests,
-        instead of the rebuild a large general merge takes. None, changing nothing, when
-        the delta is anything else (new elements, values, a different reference)."""
-        elements = self._elements
-        for eid, incoming in theirs.items():
-            mine = elements.get(eid)
-            if (
-                mine is None
-                or incoming[3] is None
-                or incoming[1] is not None
-                or incoming[2] is not None
-                or incoming[0] != mine[0]
-            ):
-                return None
-        hidden: list[Timestamp] = []
+                done = self._tombstone_all(other)
+                if done is not None:
+                    return done
+                if other._count > _BULK_MERGE:
+                    self._drop_order()
         changed = False
-        for eid, incoming in theirs.items():
-            mine = elements[eid]
-            gone = mine[3]
-            if gone is None:  # (`join_element`'s result for a live element, inline)
-                elements[eid] = _element((mine[0], None, None, incoming[3]))
-                hidden.append(eid)
+        for eid, incoming in (
+            sorted(other._iter_elements()) if other._count > 1 else (other._iter_elements())
+        ):
+            found = self._find(eid)
+            if found is None:
+                if self._blocks is None or not self._insert_placed(eid, incoming):
+                    item = self._store_new(eid, incoming)
+                    if self._blocks is not None and (
+                        item.block is not None or self._has_kids(eid) or self._placed(incoming[0])
+                    ):
+                        self._drop_order()  # (placed parent: `_insert_placed` refused it)
                 changed = True
                 continue
-            joined: Element[V] = _element((mine[0], None, None, latest(gone, incoming[3])))
-            if joined != mine:
-                elements[eid] = joined
-                changed = True
-        if hidden:
-            index = self._index
-            assert index is not None  # (checked by the caller)
-            index.hide_many(hidden)
-        if changed:
-            self._lists = None
-            self._floored = None
+            item, k = found
+            mine = item.element(k)
+            joined = join_element(eid, mine, incoming)
+            if joined == mine:
+                continue
+            changed = True
+            placed = self._blocks is not None and item.block is not None
+            self._write(item, k, eid, mine, joined)
+            if not placed:
+                if joined[0] != mine[0]:
+                    self._drop_order()
+                continue
+            if joined[0] != mine[0]:
+                self._drop_order()
+                continue
+            if mine[3] is None and joined[3] is not None:
+                self._hidden(item)
+            elif joined[3] is None:  # a new value (Vector `set`): rehash its chunk
+                assert item.block is not None
+                item.block.chunks = None
+                self._touched.add(eid)
         return changed
 
-    def _add_one(self, eid: Timestamp, incoming: Element[V]) -> None:
-        """`merge` of one element this state lacks (every keystroke's delta), with
-        `_place` inline. A local insert's id is above every id here, so it is the highest
-        child of its reference: appended to the siblings and placed right after the
-        reference, the index's cursor hint finding it when typing."""
-        self._elements[eid] = incoming
-        after = incoming[0]
-        children = self._children
-        siblings = children.get(after)
-        if siblings is None:
-            children[after] = [eid]
-        elif siblings[-1] < eid:
-            siblings.append(eid)
-        else:
-            insort(siblings, eid)
-        self._lists = None
-        self._floored = None
-        index = self._index
-        if index is None:
-            return
-        if eid in children:  # it is the missing reference of earlier arrivals
-            self._index = None
-        elif siblings is None or siblings[-1] is eid:  # (reference not placed: stays out)
-            anchor = None if after == HEAD else after
-            index.insert_after(anchor, eid, self._is_live, live=incoming[3] is None)
-        else:
-            self._place(eid)
+    def _tombstone_all(self, other: SequenceState[V]) -> bool | None:
+        """`merge` of a delta that only deletes elements this state holds (a range
+        delete), item range by item range: each element becomes `join_element`'s result
+        and each placed item's block and count are updated once, keeping the order and its
+        cached chunk digests. None, changing nothing, when the delta is anything else
+        (new elements, values, a different reference)."""
+        pieces = list(other._items())
+        spans: list[tuple[_Item, int, int, list[Timestamp | None], int]] = []
+        for piece in pieces:
+            stamps = piece.deleted
+            if stamps is None or piece.updated is not None or stamps.count(None):
+                return None
+            node = piece.node
+            time = piece.start
+            end = time + piece.n
+            while time < end:
+                found = self._find(new_stamp((time, node)))
+                if found is None:
+                    return None
+                item, k = found
+                theirs = piece.after if time == piece.start else new_stamp((time - 1, node))
+                if (not k or time == piece.start) and self._after(item, k) != theirs:
+                    return None
+                take = min(item.n - k, end - time)
+                spans.append((item, k, take, stamps, time - piece.start))
+                time += take
+        changed = False
+        for item, k, take, stamps, at in spans:
+            deleted = item.deleted
+            if deleted is None:
+                deleted = item.deleted = [None] * item.n
+            hidden = 0
+            for j in range(take):
+                mine = deleted[k + j]
+                incoming = stamps[at + j]
+                if mine is None:
+                    deleted[k + j] = incoming
+                    hidden += 1
+                elif incoming is not None and incoming > mine:
+                    deleted[k + j] = incoming
+                    changed = True
+            if hidden:
+                changed = True
+                if item.updated is not None:  # (a tombstone keeps no value stamp)
+                    for j in range(k, k + take):
+                        item.updated[j] = None
+                item.live -= hidden
+                block = item.block
+                if block is not None:
+                    block.live -= hidden
+                    self._live_total -= hidden
+                    self._add(block.pos, -hidden)
+                    block.chunks = None
+        if changed:
+            self._changed()
+        return changed
+
+    def _placed(self, eid: Timestamp) -> bool:
+        if eid == HEAD:
+            return True
+        found = self._find(eid)
+        return found is not None and found[0].block is not None
+
+    def _hidden(self, item: _Item) -> None:
+        """An element of placed `item` was just deleted (its counts already updated)."""
+        block = item.block
+        assert block is not None
+        self._live_total -= 1
+        self._add(block.pos, -1)
+        block.chunks = None
 
     def join(self, other: SequenceState[V]) -> Self:
         result = self.copy()
         result.merge(other)
         return result
+
+    # -- order ---------------------------------------------------------------------------
+
+    def _drop_order(self) -> None:
+        if self._blocks is not None:
+            for item in self._items():
+                item.block = None
+            self._blocks = None
+            self._digests = {}
+            self._touched = set()
+        self._changed()
+
+    def _ordered(self) -> list[_Block]:
+        blocks = self._blocks
+        if blocks is None:
+            blocks = self._rebuild()
+        return blocks
+
+    def _rebuild(self) -> list[_Block]:
+        """Walk the tree in pre-order (siblings highest id first), regroup the items by it
+        and cut them into blocks."""
+        extra = self._extra
+        find = self._find
+        placed: list[_Item] = []
+        current: _Item | None = None
+        seen: set[int] = set()
+        stack = list(extra.get(HEAD, ()))
+        while stack:
+            found = find(stack.pop())
+            assert found is not None
+            item, k = found
+            seen.add(id(item))
+            node = item.node
+            while True:  # along the item while its next element is the highest child
+                time = item.start + k
+                element = item.element(k)
+                after = element[0]
+                if (
+                    current is not None
+                    and after[1] == node
+                    and after[0] == time - 1
+                    and current.node == node
+                    and current.start + current.n == time
+                    and current.n < ITEM_MAX
+                ):
+                    self._append(current, item.values[k], element[2], element[3])
+                else:
+                    current = _Item(
+                        node,
+                        time,
+                        after,
+                        item.values[k : k + 1],
+                        None if element[3] is None else [element[3]],
+                        None if element[2] is None else [element[2]],
+                    )
+                    placed.append(current)
+                eid = new_stamp((time, node))
+                if k + 1 < item.n:
+                    others = extra.get(eid)
+                    if others:
+                        implied = new_stamp((time + 1, node))
+                        if others[-1] > implied:  # a higher child goes first
+                            kids = list(others)
+                            insort(kids, implied)
+                            stack += kids
+                            break
+                        stack += others
+                    k += 1
+                    continue
+                stack += self._kids(eid)
+                break
+        # Storage: the regrouped placed items, and the unreachable ones as they were.
+        unplaced = [item for item in self._items() if id(item) not in seen]
+        self._runs = {}
+        for item in unplaced:
+            item.block = None
+            self._add_item(item)
+        for item in placed:
+            self._add_item(item)
+        blocks = [
+            _Block(placed[i : i + _BLOCK_FILL]) for i in range(0, max(len(placed), 1), _BLOCK_FILL)
+        ]
+        self._blocks = blocks
+        self._digests = {}
+        self._touched = set()
+        self._reindex()
+        return blocks
+
+    def _reindex(self) -> None:
+        """Renumber the blocks and rebuild the Fenwick tree of their live counts."""
+        blocks = self._blocks
+        assert blocks is not None
+        tree = [0] * (len(blocks) + 1)
+        total = 0
+        for pos, block in enumerate(blocks):
+            block.pos = pos
+            count = block.live
+            total += count
+            i = pos + 1
+            tree[i] += count
+            parent = i + (i & -i)
+            if parent < len(tree):
+                tree[parent] += tree[i]
+        self._fenwick = tree
+        self._live_total = total
+
+    def _add(self, pos: int, delta: int) -> None:
+        tree = self._fenwick
+        i = pos + 1
+        n = len(tree)
+        while i < n:
+            tree[i] += delta
+            i += i & -i
+
+    def _locate(self, position: int) -> tuple[_Item, int]:
+        """The item holding visible `position` and the element's offset in it."""
+        blocks = self._ordered()
+        tree = self._fenwick
+        n = len(tree) - 1
+        pos = 0
+        rest = position
+        step = 1 << (n.bit_length() - 1) if n else 0
+        while step:
+            nxt = pos + step
+            if nxt <= n and tree[nxt] <= rest:
+                pos = nxt
+                rest -= tree[nxt]
+            step >>= 1
+        for item in blocks[pos].items:
+            live = item.live
+            if rest < live:
+                return item, item.live_offset(rest)
+            rest -= live
+        raise IndexError(position)
+
+    def _visible_id(self, position: int) -> Timestamp:
+        self._ordered()
+        if not 0 <= position < self._live_total:
+            raise IndexError(position)
+        item, k = self._locate(position)
+        return new_stamp((item.start + k, item.node))
+
+    def _insert_placed(self, eid: Timestamp, el: Element[V]) -> bool:
+        """Store and place a new element whose reference is placed (or HEAD) and that no
+        held element names as its reference; False, changing nothing, otherwise."""
+        parent = el[0]
+        if parent[0] + 1 == eid[0] and parent[1] == eid[1] and parent not in self._extra:
+            # Typing on: the parent's only other possible child is `eid` itself, absent.
+            found = self._find(parent)
+            if found is not None:
+                item, k = found
+                if (
+                    item.block is not None
+                    and k == item.n - 1
+                    and item.n < ITEM_MAX
+                    and parent != HEAD
+                    and not self._has_kids(eid)
+                ):
+                    self._grow(item, el)
+                    return True
+        if self._has_kids(eid) or not self._placed(parent):
+            return False
+        siblings = self._kids(parent)
+        k = bisect_left(siblings, eid)
+        if k:  # the next lower sibling follows the new element: go right before it
+            found = self._find(siblings[k - 1])
+            assert found is not None
+            item, offset = found
+            if offset:
+                item = self._split(item, offset)
+            block = item.block
+            assert block is not None
+            self._place_new(block, block.items.index(item), eid, el)
+        elif siblings:  # lowest: after the subtree of the next higher sibling
+            last = siblings[0]
+            while kids := self._kids(last):
+                last = kids[0]
+            self._place_after(last, eid, el)
+        else:
+            self._place_after(parent, eid, el)
+        if not _implied(eid, parent):
+            insort(self._extra.setdefault(parent, []), eid)
+        return True
+
+    def _place_after(self, anchor: Timestamp, eid: Timestamp, el: Element[V]) -> None:
+        blocks = self._blocks
+        assert blocks is not None
+        if anchor == HEAD:
+            self._place_new(blocks[0], 0, eid, el)
+            return
+        found = self._find(anchor)
+        assert found is not None
+        item, k = found
+        if k + 1 < item.n:
+            self._split(item, k + 1)
+        block = item.block
+        assert block is not None
+        if (
+            el[0] == anchor
+            and anchor[1] == eid[1]
+            and anchor[0] + 1 == eid[0]
+            and item.n < ITEM_MAX
+        ):  # typing on at the end of the writer's own item
+            self._grow(item, el)
+            return
+        self._place_new(block, block.items.index(item) + 1, eid, el)
+
+    def _grow(self, item: _Item, el: Element[V]) -> None:
+        """Append the next element of its writer to placed `item` (typing on)."""
+        block = item.block
+        assert block is not None
+        value = self._filler if el[1] is None and el[3] is not None else el[1]
+        self._append(item, value, el[2], el[3])
+        self._count += 1
+        self._changed()
+        block.chunks = None
+        if el[3] is None:
+            block.live += 1
+            self._live_total += 1
+            self._add(block.pos, 1)
+
+    def _place_new(self, block: _Block, at: int, eid: Timestamp, el: Element[V]) -> None:
+        """A new one-element item at index `at` of `block`."""
+        value = self._filler if el[1] is None and el[3] is not None else el[1]
+        item = _Item(
+            eid[1],
+            eid[0],
+            el[0],
+            self._pack_one(value),
+            None if el[3] is None else [el[3]],
+            None if el[2] is None else [el[2]],
+        )
+        self._add_item(item)
+        self._count += 1
+        self._changed()
+        item.block = block
+        block.items.insert(at, item)
+        block.chunks = None
+        if item.live:
+            block.live += 1
+            self._live_total += 1
+            self._add(block.pos, 1)
+        if len(block.items) > BLOCK_MAX:
+            self._split_block(block)
+
+    def _split_block(self, block: _Block) -> None:
+        blocks = self._blocks
+        assert blocks is not None
+        half = len(block.items) // 2
+        tail = _Block(block.items[half:])
+        del block.items[half:]
+        block.live -= tail.live
+        block.chunks = None
+        blocks.insert(block.pos + 1, tail)
+        self._reindex()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -307,13 +931,24 @@ class SequenceState(Generic[V]):
         return self._floor_view(floor)[1]
 
     def values(self, floor: Timestamp | None = None) -> list[V]:
-        elements = self._elements
-        return [elements[e].value for e in self.visible_ids(floor)]  # type: ignore[misc]
+        if floor is not None:
+            elements = self.elements
+            return [elements[e].value for e in self.visible_ids(floor)]  # type: ignore[misc]
+        out: list[V] = []
+        for block in self._ordered():
+            for item in block.items:
+                if item.deleted is None:
+                    out += item.values
+                else:
+                    values = item.values
+                    out += [values[k] for k, d in enumerate(item.deleted) if d is None]
+        return out
 
     def visible_len(self, floor: Timestamp | None = None) -> int:
         """Number of visible elements under `floor` (O(1) without a floor)."""
         if floor is None:
-            return self._ordered().live_len()
+            self._ordered()
+            return self._live_total
         return len(self._floor_view(floor)[1])
 
     def visible_at(self, position: int, floor: Timestamp | None = None) -> Timestamp:
@@ -323,7 +958,7 @@ class SequenceState(Generic[V]):
             IndexError: `position` is not in 0..visible_len(floor) - 1.
         """
         if floor is None:
-            return self._ordered().live_at(position)
+            return self._visible_id(position)
         visible = self._floor_view(floor)[1]
         if not 0 <= position < len(visible):
             raise IndexError(position)
@@ -333,12 +968,48 @@ class SequenceState(Generic[V]):
         self, position: int, count: int, floor: Timestamp | None = None
     ) -> list[Timestamp]:
         """Ids of `count` visible elements from `position` (the range must fit)."""
-        if floor is None:
-            return self._ordered().live_slice(position, count)
-        visible = self._floor_view(floor)[1]
-        if position < 0 or count < 0 or position + count > len(visible):
+        if floor is not None:
+            visible = self._floor_view(floor)[1]
+            if position < 0 or count < 0 or position + count > len(visible):
+                raise IndexError(position)
+            return visible[position : position + count]
+        self._ordered()
+        if position < 0 or count < 0 or position + count > self._live_total:
             raise IndexError(position)
-        return visible[position : position + count]
+        out: list[Timestamp] = []
+        for item, first, end in self._live_spans(position, count):
+            node = item.node
+            start = item.start
+            out += [new_stamp((start + k, node)) for k in range(first, end)]
+        return out
+
+    def _live_spans(self, position: int, count: int) -> Iterator[tuple[_Item, int, int]]:
+        """(item, first offset, end offset) of the live stretches covering `count` visible
+        elements from `position` (inside the visible length)."""
+        if not count:
+            return
+        blocks = self._ordered()
+        item, k = self._locate(position)
+        block = item.block
+        assert block is not None
+        b = block.pos
+        i = block.items.index(item)
+        while count:
+            for first, end in item.live_ranges():
+                if end <= k:
+                    continue
+                begin = max(first, k)
+                take = min(end - begin, count)
+                yield item, begin, begin + take
+                count -= take
+                if not count:
+                    return
+            k = 0
+            i += 1
+            while i >= len(blocks[b].items):
+                b += 1
+                i = 0
+            item = blocks[b].items[i]
 
     def __len__(self) -> int:
         """Number of visible elements (no floor)."""
@@ -361,30 +1032,22 @@ class SequenceState(Generic[V]):
         right after that writer's own childless element continues its run of ids (see the
         module docstring); the caller must witness the ids of the returned delta.
         """
-        if floor is None:  # the common case, without the general lookups' calls
-            index = self._ordered()
-            length = index.live_len()
-            if not 0 <= pos <= length:
-                raise IndexError(f"insert position {pos} out of range 0..{length}")
-            after = index.live_at(pos - 1) if pos else HEAD
-        else:
-            length = self.visible_len(floor)
-            if not 0 <= pos <= length:
-                raise IndexError(f"insert position {pos} out of range 0..{length}")
-            after = self.visible_at(pos - 1, floor) if pos else HEAD
+        length = self.visible_len(floor)
+        if not 0 <= pos <= length:
+            raise IndexError(f"insert position {pos} out of range 0..{length}")
+        after = self.visible_at(pos - 1, floor) if pos else HEAD
         new: dict[Timestamp, Element[V]] = {}
-        elements = self._elements
         node = after[1]
         extend = (
             writer is not None
             and node == writer
-            and after not in self._children
+            and not self._has_kids(after)
             and after[0] + len(values) <= NTP64_MAX
         )
         for value in values:
             if extend:
                 eid = new_stamp((after[0] + 1, node))
-                if eid in elements:
+                if self._find(eid) is not None:
                     extend = False
                     eid = stamp()
             else:
@@ -399,54 +1062,82 @@ class SequenceState(Generic[V]):
         """`insert_delta(pos, [value], stamp, writer=writer)` without a floor (a keystroke),
         with the id the caller must witness: the new id if it continues a run, else None
         (a clock stamp needs no witnessing)."""
-        index = self._index
-        if index is None:
-            index = self._ordered()
-        after = index.live_before(pos) or HEAD  # (IndexError outside 0..len)
+        length = self.visible_len()
+        if not 0 <= pos <= length:
+            raise IndexError(f"insert position {pos} out of range 0..{length}")
+        after = self._visible_id(pos - 1) if pos else HEAD
         run: Timestamp | None = None
-        if after[1] == writer and after not in self._children and after[0] < NTP64_MAX:
+        if after[1] == writer and after[0] < NTP64_MAX and not self._has_kids(after):
             run = new_stamp((after[0] + 1, writer))
-            if run in self._elements:
+            if self._find(run) is not None:
                 run = None
         eid = stamp() if run is None else run
         return self._one(eid, _element((after, value, None, None))), run
 
     def _one(self, eid: Timestamp, element: Element[V]) -> Self:
-        """A one-element state of this type (a keystroke's delta), without `__init__`'s
-        general work."""
+        """A one-element state of this type (a keystroke's delta)."""
         new: Self = type(self).__new__(type(self))
-        new._elements = {eid: element}
-        new._children = {element[0]: [eid]}
-        new._index = None
-        new._lists = None
-        new._floored = None
+        new._reset()
+        value = element[1]
+        if value is None and element[3] is not None:
+            value = self._filler
+        item = _Item(
+            eid[1],
+            eid[0],
+            element[0],
+            self._pack_one(value),
+            None if element[3] is None else [element[3]],
+            None if element[2] is None else [element[2]],
+        )
+        new._runs[eid[1]] = ([eid[0]], [item])
+        if not _implied(eid, element[0]):
+            new._extra[element[0]] = [eid]
+        new._count = 1
         return new
 
     def max_id(self) -> Timestamp | None:
         """The highest element id (None when empty)."""
-        return max(self._elements, default=None)
+        best: Timestamp | None = None
+        for node, (_starts, items) in self._runs.items():
+            last = items[-1]
+            top = new_stamp((last.start + last.n - 1, node))
+            if best is None or top > best:
+                best = top
+        return best
 
     def delete_delta(
         self, pos: int, count: int, stamp: Timestamp, floor: Timestamp | None = None
     ) -> Self:
         """Tombstone `count` visible elements starting at `pos`."""
-        if floor is None and count == 1:  # a backspace, without the general lookups' calls
-            index = self._ordered()
-            length = index.live_len()
-            if not 0 <= pos < length:
-                raise IndexError(f"delete range {pos}+1 out of range 0..{length}")
-            eid = index.live_at(pos)
-            return self._one(eid, _element((self._elements[eid][0], None, None, stamp)))
         length = self.visible_len(floor)
         if pos < 0 or count < 0 or pos + count > length:
             raise IndexError(f"delete range {pos}+{count} out of range 0..{length}")
-        elements = self._elements
-        return type(self)(
-            {
-                e: _element((elements[e][0], None, None, stamp))
-                for e in self.visible_slice(pos, count, floor)
-            }
-        )
+        if floor is not None:
+            elements = self.elements
+            return type(self)(
+                {
+                    e: _element((elements[e][0], None, None, stamp))
+                    for e in self.visible_slice(pos, count, floor)
+                }
+            )
+        new: Self = type(self).__new__(type(self))
+        new._reset()
+        filler = self._filler
+        for item, first, end in self._live_spans(pos, count):
+            values = filler * (end - first) if self._text else [filler] * (end - first)
+            piece = _Item(
+                item.node,
+                item.start + first,
+                self._after(item, first),
+                values,
+                [stamp] * (end - first),
+                None,
+            )
+            new._add_item(piece)
+            if first == 0 and not _implied(new_stamp((item.start, item.node)), item.after):
+                insort(new._extra.setdefault(item.after, []), new_stamp((item.start, item.node)))
+            new._count += end - first
+        return new
 
     def set_delta(
         self, index: int, value: V, stamp: Timestamp, floor: Timestamp | None = None
@@ -456,14 +1147,16 @@ class SequenceState(Generic[V]):
         if not 0 <= index < length:
             raise IndexError(f"index {index} out of range 0..{length - 1}")
         eid = self.visible_at(index, floor)
-        return type(self)({eid: Element(self._elements[eid].after, value, stamp, None)})
+        found = self._find(eid)
+        assert found is not None
+        return type(self)({eid: Element(self._after(*found), value, stamp, None)})
 
     # -- maintenance ---------------------------------------------------------------------
 
     def gc(self, horizon: int) -> int:
         """Drop tombstones deleted before NTP64 time `horizon` that no element is positioned
         after (repeatedly, so dead runs unwind), except run guards. Visible order is
-        unchanged.
+        unchanged. (Runs on the expanded elements, O(n).)
 
         A run guard is a tombstone whose next lower id of the same writer is live. A local
         insert after a live element continues its writer's run with the next ids, taken
@@ -476,54 +1169,44 @@ class SequenceState(Generic[V]):
         first present id, fresh clock stamps are above everything), so no id is ever
         reused. At most one guard per live element stays; a dead run goes entirely.
         """
+        elements = dict(self.elements)
+        children: dict[Timestamp, list[Timestamp]] = {}
+        for eid in sorted(elements):
+            children.setdefault(elements[eid].after, []).append(eid)
         guards: set[Timestamp] = set()
 
         def collectible(eid: Timestamp) -> bool:
-            el = self._elements.get(eid)
+            el = elements.get(eid)
             return (
                 el is not None
                 and el.deleted is not None
                 and el.deleted.time < horizon
-                and not self._children.get(eid)
+                and not children.get(eid)
                 and eid not in guards
             )
 
-        pending = [eid for eid in self._elements if collectible(eid)]
+        pending = [eid for eid in elements if collectible(eid)]
         if pending:  # the guards cost a sort: only when something could go
-            guards = self._run_guards()
+            guards = _run_guards(elements)
             pending = [eid for eid in pending if eid not in guards]
         dropped = 0
         while pending:
             eid = pending.pop()
             if not collectible(eid):
                 continue
-            after = self._elements.pop(eid).after
-            self._unlink(eid, after)
+            after = elements.pop(eid).after
+            siblings = children[after]
+            del siblings[bisect_left(siblings, eid)]
+            if not siblings:
+                del children[after]
             dropped += 1
             if after != HEAD and collectible(after):
                 pending.append(after)
         if dropped:
-            self._index = None
-            self._lists = None
-            self._floored = None
+            self._reset()
+            for eid in sorted(elements):
+                self._store_new(eid, elements[eid])
         return dropped
-
-    def _run_guards(self) -> set[Timestamp]:
-        """Tombstones whose next lower present id of the same writer is live (see `gc`)."""
-        elements = self._elements
-        guards: set[Timestamp] = set()
-        previous: Timestamp | None = None
-        # Timestamps sort by time first: order by writer, then time, to walk each writer's ids.
-        for eid in sorted(elements, key=lambda e: (e.node, e.time)):
-            if (
-                previous is not None
-                and previous.node == eid.node
-                and elements[previous].deleted is None
-                and elements[eid].deleted is not None
-            ):
-                guards.add(eid)
-            previous = eid
-        return guards
 
     # -- canonical forms -----------------------------------------------------------------
 
@@ -541,44 +1224,62 @@ class SequenceState(Generic[V]):
         groups `(offset, count, time, writer#)`: elements `offset..offset+count-1` of the
         run were deleted (their value overwritten) at that one stamp.
         """
-        elements = self._elements
-        runs: list[list[Timestamp]] = []
-        open_runs: dict[Timestamp, list[Timestamp]] = {}
+        # Items of one writer that continue each other form one run: join them.
+        chains: list[list[_Item]] = []
         used: set[bytes] = set()
-        for eid in sorted(elements):
-            el = elements[eid]
-            before = Timestamp(eid.time - 1, eid.node)
-            run = open_runs.pop(before, None) if el.after == before else None
-            if run is None:
-                run = [eid]
-                runs.append(run)
-                used.add(eid.node)
-                used.add(el.after.node)
-            else:
-                run.append(eid)
-            open_runs[eid] = run
-            if el.updated is not None:
-                used.add(el.updated.node)
-            if el.deleted is not None:
-                used.add(el.deleted.node)
+        for node, (_starts, items) in self._runs.items():
+            used.add(node)
+            previous: _Item | None = None
+            for item in items:
+                if (
+                    previous is not None
+                    and previous.start + previous.n == item.start
+                    and item.after == new_stamp((item.start - 1, node))
+                ):
+                    chains[-1].append(item)
+                else:
+                    chains.append([item])
+                    used.add(item.after[1])
+                for stamps in (item.deleted, item.updated):
+                    if stamps is not None:
+                        used.update(s[1] for s in stamps if s is not None)
+                previous = item
+        chains.sort(key=lambda chain: (chain[0].start, chain[0].node))
         writers = sorted(used)
         index = {w: i for i, w in enumerate(writers)}
         out: list[WireRun[V]] = []
-        for run in runs:
-            first = run[0]
-            after = elements[first].after
-            items = [elements[e] for e in run]
-            live = [el.value for el in items if el.value is not None]
+        for chain in chains:
+            first = chain[0]
+            live: list[V] = []
+            deleted: list[Timestamp | None] = []
+            updated: list[Timestamp | None] = []
+            for item in chain:
+                n = item.n
+                values: Any = item.values
+                if item.deleted is None:
+                    kept: Any = (
+                        values if type(values) is str else [v for v in values if v is not None]
+                    )
+                    live += kept
+                    deleted += [None] * n
+                else:
+                    live += [
+                        values[k]
+                        for k, d in enumerate(item.deleted)
+                        if d is None and values[k] is not None
+                    ]
+                    deleted += item.deleted
+                updated += [None] * n if item.updated is None else item.updated
             out.append(
                 (
-                    first.time,
+                    first.start,
                     index[first.node],
-                    after.time,
-                    index[after.node],
-                    len(run),
+                    first.after[0],
+                    index[first.after[1]],
+                    len(deleted),
                     self._pack(live),
-                    _groups([el.deleted for el in items], index),
-                    _groups([el.updated for el in items], index),
+                    _groups(deleted, index),
+                    _groups(updated, index),
                 )
             )
         return writers, out
@@ -591,139 +1292,211 @@ class SequenceState(Generic[V]):
         """What enters the Merkle hash: the digests of the visible sequence's hash chunks in
         order (see "Hash chunks" in `order_index.py`), tombstones left out; None when
         nothing is visible. Each chunk digest is SHA-256 over the canonical (ids, values,
-        value stamps) lists of its elements. Without a floor the index caches the digests,
+        value stamps) lists of its elements. Without a floor the blocks cache the digests,
         so an edit rehashes one chunk, not the whole sequence."""
         if floor is None:
-            digests = self._ordered().chunk_digests(self._chunk_digest)
+            digests = self._chunk_digests()
         else:
-            digests = chunk_digests(self.visible_ids(floor), self._chunk_digest)
+            digests = chunk_digests(self.visible_ids(floor), self._ids_digest)
         return digests or None
 
-    def _chunk_digest(self, ids: list[Timestamp]) -> bytes:
-        # C-level map/itemgetter: a long chunk (forged ids without cuts) stays cheap.
-        live = list(map(self._elements.__getitem__, ids))
-        form = (ids, list(map(_VALUE, live)), list(map(_UPDATED, live)))
+    def _ids_digest(self, ids: list[Timestamp]) -> bytes:
+        elements = self.elements
+        live = [elements[e] for e in ids]
+        form = (ids, [el[1] for el in live], [el[2] for el in live])
         return hashlib.sha256(canonical(form)).digest()
+
+    def _segments_digest(self, segments: list[Segment]) -> bytes:
+        """The chunk digest (as `_ids_digest`) of the ids in `segments`."""
+        ids: list[tuple[int, bytes]] = []
+        values: list[Any] = []
+        updated: list[Timestamp | None] = []
+        for node, first, last in segments:
+            time = first
+            while time <= last:
+                found = self._find(new_stamp((time, node)))
+                assert found is not None
+                item, k = found
+                end = min(item.n, k + last - time + 1)
+                ids += [(t, node) for t in range(time, time + end - k)]
+                values += item.values[k:end]
+                updated += [None] * (end - k) if item.updated is None else item.updated[k:end]
+                time += end - k
+        return hashlib.sha256(canonical((ids, values, updated))).digest()
+
+    def _chunk_digests(self) -> list[bytes]:
+        """Every hash chunk's digest in order (see "Hash chunks" in `order_index.py`): a
+        block whose items did not change and whose incoming carry is the same is reused;
+        any other is re-cut from its items' live ranges, reusing cached digests."""
+        blocks = self._ordered()
+        out: list[bytes] = []
+        touched = self._touched
+        carry: list[Segment] = []
+        last = blocks[-1]
+        for block in blocks:
+            if (
+                block.chunks is None
+                or block.carry_in != carry
+                or (touched and _touches(touched, carry))
+            ):
+                block.carry_in = carry
+                chunks: list[bytes] = []
+                segments = list(carry)
+                for item in block.items:
+                    node = item.node
+                    for first, end in item.live_ranges():
+                        t0 = item.start + first
+                        t1 = item.start + end - 1
+                        cut = t0 + (-t0) % CUT_EVERY
+                        while cut <= t1:
+                            _extend(segments, node, t0, cut)
+                            chunks.append(self._digest((cut, node), segments))
+                            segments = []
+                            t0 = cut + 1
+                            cut += CUT_EVERY
+                        if t0 <= t1:
+                            _extend(segments, node, t0, t1)
+                if block is last and segments:
+                    chunks.append(self._digest(None, segments))
+                block.chunks = chunks
+                block.carry_out = segments
+                carry = segments
+            else:
+                carry = block.carry_out
+            out += block.chunks
+        if not carry:
+            self._digests.pop(None, None)  # (see `OrderIndex.chunk_digests`)
+        touched.clear()
+        return out
+
+    def _digest(self, key: tuple[int, bytes] | None, segments: list[Segment]) -> bytes:
+        cache = self._digests
+        known = cache.get(key)
+        if known is not None and known[0] == segments and not _touches(self._touched, segments):
+            return known[1]
+        value = self._segments_digest(segments)
+        cache[key] = (segments, value)
+        return value
 
     def canonical(self) -> bytes:
         return canonical(self.wire())
 
     def max_stamp(self) -> Timestamp | None:
-        elements = self._elements
-        if len(elements) == 1:  # a one-edit delta (committed once per keystroke)
-            [(top, (after, _, updated, deleted))] = elements.items()
-            top = max(top, after)
-            if updated is not None and updated > top:
-                top = updated
-            if deleted is not None and deleted > top:
-                top = deleted
+        if self._count == 1:  # a one-edit delta (committed once per keystroke)
+            [(_, [single])] = self._runs.values()
+            top = max(new_stamp((single.start, single.node)), single.after)
+            for stamps in (single.deleted, single.updated):
+                if stamps is not None and stamps[0] is not None and stamps[0] > top:
+                    top = stamps[0]
             return top
-        if not elements:
-            return None
-        # `after` too: an honest one is older than its element, a forged one must not slip
-        # a far-future stamp past the drift check. (C-level max: runs once per edit.)
-        best: Timestamp = max(elements)
-        afters: Timestamp = max(map(_AFTER, elements.values()))
-        stamps = [s for el in elements.values() for s in (el.updated, el.deleted) if s is not None]
-        return max(best, afters, *stamps)
+        best: Timestamp | None = None
+        for item in self._items():
+            top = max(new_stamp((item.start + item.n - 1, item.node)), item.after)
+            for stamps in (item.deleted, item.updated):
+                if stamps is not None:
+                    top = max(top, *(s for s in stamps if s is not None), top)
+            if best is None or top > best:
+                best = top
+        return best
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, SequenceState)
             and type(other) is type(self)
-            and self._elements == other._elements
+            and self.elements == other.elements
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._elements!r})"
+        return f"{type(self).__name__}({dict(self.elements)!r})"
 
     # -- internals -----------------------------------------------------------------------
-
-    def _unlink(self, eid: Timestamp, after: Timestamp) -> None:
-        siblings = self._children[after]
-        del siblings[bisect_left(siblings, eid)]
-        if not siblings:
-            del self._children[after]
-
-    def _linearize(self, floor: Timestamp | None) -> list[Timestamp]:
-        """Pre-order walk from HEAD, highest id first among siblings; see module docstring.
-
-        Each element has one `after`, so nothing is visited twice; cycles (forged data)
-        are not reachable from HEAD and simply stay invisible.
-        """
-        children = self._children
-        if floor is None:
-            stack = list(children.get(HEAD, ()))
-        else:
-            stack = sorted(e for e, el in self._elements.items() if e > floor and el.after <= floor)
-        out: list[Timestamp] = []
-        while stack:
-            eid = stack.pop()  # ascending lists: pop() takes the highest id first
-            out.append(eid)
-            kids = children.get(eid)
-            if kids:
-                stack.extend(kids if floor is None else [k for k in kids if k > floor])
-        return out
 
     def _floor_view(self, floor: Timestamp) -> tuple[list[Timestamp], list[Timestamp]]:
         cached = self._floored
         if cached is None or cached[0] != floor:
-            order = self._linearize(floor)
-            elements = self._elements
+            elements = self.elements
+            children: dict[Timestamp, list[Timestamp]] = {}
+            for eid in elements:  # (ascending: `elements` is sorted)
+                children.setdefault(elements[eid].after, []).append(eid)
+            stack = sorted(e for e, el in elements.items() if e > floor and el.after <= floor)
+            order: list[Timestamp] = []
+            while stack:
+                eid = stack.pop()
+                order.append(eid)
+                kids = children.get(eid)
+                if kids:
+                    stack.extend(k for k in kids if k > floor)
             visible = [e for e in order if elements[e].deleted is None]
             cached = self._floored = (floor, order, visible)
         return cached[1], cached[2]
 
-    def _is_live(self, eid: Timestamp) -> bool:
-        return self._elements[eid].deleted is None
-
-    def _ordered(self) -> OrderIndex:
-        index = self._index
-        if index is None:
-            index = self._index = OrderIndex(self._linearize(None), self._is_live)
-        return index
-
     def _materialised(self) -> tuple[list[Timestamp], list[Timestamp]]:
         lists = self._lists
         if lists is None:
-            index = self._ordered()
-            lists = self._lists = (index.order(), index.live())
+            order: list[Timestamp] = []
+            live: list[Timestamp] = []
+            for block in self._ordered():
+                for item in block.items:
+                    node = item.node
+                    start = item.start
+                    ids = [new_stamp((start + k, node)) for k in range(item.n)]
+                    order += ids
+                    if item.deleted is None:
+                        live += ids
+                    else:
+                        live += [e for e, d in zip(ids, item.deleted, strict=True) if d is None]
+            lists = self._lists = (order, live)
         return lists
 
-    def _place(self, eid: Timestamp) -> None:
-        """Put a just-added element into the index, if it can be done locally."""
-        index = self._index
-        if index is None:
+
+def _implied(eid: Timestamp, after: Timestamp) -> bool:
+    """Is `after` the id just below `eid` (the child `id + 1` the items imply)?"""
+    return after[0] + 1 == eid[0] and after[1] == eid[1] and after != HEAD
+
+
+def _extend(segments: list[Segment], node: bytes, first: int, last: int) -> None:
+    """Append ids `first..last` of `node`, joining the last segment when they continue it
+    (so equal id lists give equal segment lists, whatever the items)."""
+    if segments:
+        tail = segments[-1]
+        if tail[0] == node and tail[2] + 1 == first:
+            segments[-1] = (node, tail[1], last)
             return
-        if eid in self._children:  # it is the missing reference of earlier arrivals
-            self._index = None
-            return
-        parent = self._elements[eid].after
-        if parent != HEAD and parent not in index:
-            return  # reference not here yet: stays out of the order until it arrives
-        siblings = self._children[parent]
-        k = bisect_left(siblings, eid)
-        if k > 0:
-            # The next lower sibling follows us: go right before it.
-            index.insert_before(siblings[k - 1], eid, self._is_live)
-        elif len(siblings) > 1:
-            # Lowest sibling: go after the subtree of the next higher one, which ends at
-            # its last (lowest-id) descendant chain.
-            last = siblings[1]
-            while kids := self._children.get(last):
-                last = kids[0]
-            index.insert_after(last, eid, self._is_live)
-        else:
-            index.insert_after(None if parent == HEAD else parent, eid, self._is_live)
+    segments.append((node, first, last))
+
+
+def _touches(touched: set[Timestamp], segments: list[Segment]) -> bool:
+    return any(
+        node == eid[1] and first <= eid[0] <= last
+        for eid in touched
+        for node, first, last in segments
+    )
+
+
+def _run_guards(elements: Mapping[Timestamp, Element[Any]]) -> set[Timestamp]:
+    """Tombstones whose next lower present id of the same writer is live (see `gc`)."""
+    guards: set[Timestamp] = set()
+    previous: Timestamp | None = None
+    # Timestamps sort by time first: order by writer, then time, to walk each writer's ids.
+    for eid in sorted(elements, key=lambda e: (e.node, e.time)):
+        if (
+            previous is not None
+            and previous.node == eid.node
+            and elements[previous].deleted is None
+            and elements[eid].deleted is not None
+        ):
+            guards.add(eid)
+        previous = eid
+    return guards
 
 
 def chunk_digests(
     visible: list[Timestamp], digest: Callable[[list[Timestamp]], bytes]
 ) -> list[bytes]:
-    """The chunk digests of a visible sequence given whole (the definition `OrderIndex.
-    chunk_digests` caches): a chunk ends at each cut and at the end."""
+    """The chunk digests of a visible sequence given whole (the definition the blocks
+    cache): a chunk ends at each cut and at the end."""
     out: list[bytes] = []
     start = 0
     for end in chunk_ends(visible):
@@ -751,9 +1524,11 @@ def _groups(stamps: list[Timestamp | None], index: dict[bytes, int]) -> list[Gro
 
 
 class TextState(SequenceState[str]):
-    """A `Text`: one element per character."""
+    """A `Text`: one element per character, an item's characters in one string."""
 
     __slots__ = ()
+    _text = True
+    _filler = "\0"
 
     def _pack(self, live: list[str]) -> str | list[str]:
         return "".join(live)
