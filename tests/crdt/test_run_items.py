@@ -174,7 +174,7 @@ def test_forged_states_join_exactly_as_the_model(
     data: st.DataObject, text: bool, floor: Timestamp | None
 ) -> None:
     parts = [data.draw(forged(text)) for _ in range(3)]
-    runs = [
+    runs: list[Any] = [
         (TextState if text else VectorState)({e: Element(*el) for e, el in p.items()})
         for p in parts
     ]
