@@ -178,7 +178,7 @@ def test_forged_states_join_exactly_as_the_model(
         (TextState if text else VectorState)({e: Element(*el) for e, el in p.items()})
         for p in parts
     ]
-    naives = [
+    naives: list[Any] = [
         (model.TextState if text else model.VectorState)(
             {e: model.Element(*el) for e, el in p.items()}
         )
