@@ -11,17 +11,24 @@ deltas (and whole states) reach the others in any order, more than once.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from trionode.crdt import HEAD, Element, TextState, Timestamp, VectorState
+from trionode.crdt.hlc import NTP64_MAX
 from trionode.crdt.sequence import ITEM_MAX, SequenceState
 
 from . import sequence_model as model
 
 WRITERS = (b"a", b"b", b"c")
-stamps = st.builds(Timestamp, st.integers(1, 12), st.sampled_from(WRITERS))
+stamps = st.builds(
+    Timestamp,
+    st.integers(1, 12) | st.sampled_from([NTP64_MAX - 1, NTP64_MAX]),  # (ids at the edge)
+    st.sampled_from(WRITERS),
+)
 
 
 def assert_same(run: SequenceState[Any], naive: Any, floors: list[Timestamp]) -> None:
@@ -112,12 +119,15 @@ class History:
         if top is not None:
             self.clock = max(self.clock, top.time)
         self.deltas.append((run, naive))
-        pair.merge((run, naive))
+        # The delta itself, as a transaction commits it (a range delete's delta then
+        # takes the spans it was made from: `SequenceState._origin`).
+        assert pair.run.merge(run) == pair.naive.merge(naive)
 
 
 steps = st.lists(
     st.tuples(st.integers(0, 6), st.integers(0, 2), st.integers(0, 200), st.integers(0, 200)),
-    max_size=60,
+    min_size=10,
+    max_size=80,
 )
 
 
@@ -214,3 +224,84 @@ def test_typing_keeps_one_item_per_run_of_keystrokes() -> None:
     assert len(list(state._items())) == len(items) + 2  # one split + the new item
     typed = "".join("abc"[k % 3] for k in range(1_000))
     assert "".join(state.values()) == typed[:500] + "!" + typed[500:]
+
+
+def to_model(state: SequenceState[Any]) -> Any:
+    """The model state holding the same elements."""
+    kind = model.TextState if isinstance(state, TextState) else model.VectorState
+    return kind({e: model.Element(*el) for e, el in state.elements.items()})
+
+
+def origin_of(delta: SequenceState[Any]) -> Any:
+    return delta._origin
+
+
+def _typed_text(writer: bytes, count: int, start: int = 1) -> TextState:
+    state = TextState()
+    time = iter(range(start, start + 10 * count))
+    for k in range(count):
+        delta, _ = state.insert_one(k, "abcd"[k % 4], lambda: Timestamp(next(time), writer), writer)
+        state.merge(delta)
+    return state
+
+
+def test_a_range_delete_merged_into_its_source_touches_only_its_spans() -> None:
+    """`delete_delta` remembers the live spans it covers; merged back into the unchanged
+    state it came from, they are tombstoned without looking anything up, and the result is
+    the general join's (a copy of the state takes the general path)."""
+    state = _typed_text(b"w", 2_000)
+    for k in range(0, 2_000, 97):  # split the run into many items (typing inside it)
+        delta, _ = state.insert_one(k, "!", partial(Timestamp, 10**6 + k, b"v"), b"v")
+        state.merge(delta)
+    delta = state.delete_delta(150, 1_500, Timestamp(10**7, b"d"))
+    assert origin_of(delta) is not None
+    assert origin_of(delta)[0] is state
+    general = state.copy()
+    naive = to_model(state)
+    assert general.merge(delta) == state.merge(delta) is True
+    assert naive.merge(to_model(delta))
+    assert origin_of(delta) is None  # used once: the state changed since
+    for run in (state, general):
+        assert_same(run, naive, [])
+    assert state.merge(delta) is False  # again: the general join, idempotent
+
+
+def test_a_range_delete_made_before_another_change_takes_the_general_join() -> None:
+    state = _typed_text(b"w", 500)
+    delta = state.delete_delta(100, 300, Timestamp(10**7, b"d"))
+    naive = to_model(state)
+    insert, _ = state.insert_one(200, "!", lambda: Timestamp(10**6, b"v"), b"v")
+    state.merge(insert)  # splits the item the delta's spans point into
+    naive.merge(to_model(insert))
+    assert state.merge(delta)
+    assert naive.merge(to_model(delta))
+    assert_same(state, naive, [])
+    assert "".join(state.values()).count("!") == 1
+
+
+def test_a_range_delete_over_overwritten_items_drops_their_value_stamps() -> None:
+    state = VectorState()
+    naive: Any = model.VectorState()
+    states: tuple[Any, ...] = (state, naive)
+    for k in range(10):
+        stamp = Timestamp(100 + k, b"w")
+        for s in states:
+            delta, _ = s.insert_one(k, bytes([k]), lambda stamp=stamp: stamp, b"w")
+            s.merge(delta)
+    for s in states:
+        s.merge(s.set_delta(3, b"z", Timestamp(5_000, b"w")))
+        assert s.merge(s.delete_delta(2, 4, Timestamp(6_000, b"w")))
+    gone: Element[bytes] = Element(state.order()[2], None, None, Timestamp(6_000, b"w"))
+    assert state.element(state.order()[3]) == gone
+    assert_same(state, naive, [])
+
+
+def test_out_of_range_edits_are_index_errors_without_allocating() -> None:
+    state = _typed_text(b"w", 100)
+    for pos, count in ((0, 10**9), (99, 2), (-1, 1), (5, -1)):
+        with pytest.raises(IndexError):
+            state.delete_delta(pos, count, Timestamp(10**7, b"d"))
+    with pytest.raises(IndexError):
+        state.insert_one(101, "x", partial(Timestamp, 10**7, b"w"), b"w")
+    with pytest.raises(IndexError):
+        state.visible_slice(50, 10**9)

@@ -70,9 +70,11 @@ can collide with them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, Final, Generic, NamedTuple, Self, TypeVar, cast
 
@@ -258,6 +260,10 @@ class _Item:
                 yield first, k
 
 
+_Origin = tuple["SequenceState[Any]", int, list[tuple[_Item, int, int]], Timestamp]
+"""(source state, its version, live spans, stamp): see `SequenceState._origin`."""
+
+
 class SequenceState(Generic[V]):
     """An RGA element set stored as run-length items. See the module docstring."""
 
@@ -271,8 +277,10 @@ class SequenceState(Generic[V]):
         "_floored",
         "_lists",
         "_live_total",
+        "_origin",
         "_runs",
         "_touched",
+        "_version",
     )
     _text: bool = False
     _filler: Any = None
@@ -288,11 +296,11 @@ class SequenceState(Generic[V]):
         """Per writer: sorted item starts and the items."""
         self._extra: dict[Timestamp, list[Timestamp]] = {}
         """Sorted children of each element, apart from the implied child `id + 1`."""
-        self._count = 0
+        self._count: int = 0
         self._blocks: list[_Block] | None = None
         """The placed items in order (None: rebuild on the next read)."""
         self._fenwick: list[int] = []
-        self._live_total = 0
+        self._live_total: int = 0
         self._digests: dict[tuple[int, bytes] | None, tuple[list[Segment], bytes]] = {}
         """(segments, digest) of hash chunks by the cut ending them (None: the trailing one)."""
         self._touched: set[Timestamp] = set()
@@ -300,6 +308,12 @@ class SequenceState(Generic[V]):
         self._lists: tuple[list[Timestamp], list[Timestamp]] | None = None
         self._floored: tuple[Timestamp, list[Timestamp], list[Timestamp]] | None = None
         self._expanded: dict[Timestamp, Element[V]] | None = None
+        self._version = next(_VERSIONS)
+        """Changes on every change (unique across states): see `_origin`."""
+        self._origin: _Origin | None = None
+        """For a range delete's delta: the state it was made from, that state's version
+        then and the live spans it tombstones, so merging it back into that unchanged state
+        costs O(spans), not a lookup per item (`_tombstone_all`)."""
 
     # -- storage -------------------------------------------------------------------------
 
@@ -470,6 +484,7 @@ class SequenceState(Generic[V]):
         self._changed()
 
     def _changed(self) -> None:
+        self._version = next(_VERSIONS)
         self._lists = None
         self._floored = None
         self._expanded = None
@@ -590,6 +605,9 @@ class SequenceState(Generic[V]):
         and each placed item's block and count are updated once, keeping the order and its
         cached chunk digests. None, changing nothing, when the delta is anything else
         (new elements, values, a different reference)."""
+        origin = other._origin
+        if origin is not None and origin[0] is self and origin[1] == self._version:
+            return self._tombstone_spans(origin[2], origin[3], other)
         pieces = list(other._items())
         spans: list[tuple[_Item, int, int, list[Timestamp | None], int]] = []
         for piece in pieces:
@@ -611,20 +629,26 @@ class SequenceState(Generic[V]):
                 spans.append((item, k, take, stamps, time - piece.start))
                 time += take
         changed = False
+        per_block: dict[int, int] = {}
         for item, k, take, stamps, at in spans:
             deleted = item.deleted
             if deleted is None:
                 deleted = item.deleted = [None] * item.n
-            hidden = 0
-            for j in range(take):
-                mine = deleted[k + j]
-                incoming = stamps[at + j]
-                if mine is None:
-                    deleted[k + j] = incoming
-                    hidden += 1
-                elif incoming is not None and incoming > mine:
-                    deleted[k + j] = incoming
-                    changed = True
+            window = deleted[k : k + take]
+            if window.count(None) == take:  # all live: the common range delete
+                deleted[k : k + take] = stamps[at : at + take]
+                hidden = take
+            else:
+                hidden = 0
+                for j in range(take):
+                    mine = window[j]
+                    incoming = stamps[at + j]
+                    if mine is None:
+                        deleted[k + j] = incoming
+                        hidden += 1
+                    elif incoming is not None and incoming > mine:
+                        deleted[k + j] = incoming
+                        changed = True
             if hidden:
                 changed = True
                 if item.updated is not None:  # (a tombstone keeps no value stamp)
@@ -634,12 +658,43 @@ class SequenceState(Generic[V]):
                 block = item.block
                 if block is not None:
                     block.live -= hidden
-                    self._live_total -= hidden
-                    self._add(block.pos, -hidden)
                     block.chunks = None
+                    per_block[block.pos] = per_block.get(block.pos, 0) + hidden
+        for pos, hidden in per_block.items():
+            self._live_total -= hidden
+            self._add(pos, -hidden)
         if changed:
             self._changed()
         return changed
+
+    def _tombstone_spans(
+        self, spans: list[tuple[_Item, int, int]], gone: Timestamp, delta: SequenceState[V]
+    ) -> bool:
+        """`_tombstone_all` of `delta`, made by `delete_delta` from this very state with
+        nothing changed since: `spans` are live stretches of this state's items and
+        `delta` tombstones exactly them, all at one stamp."""
+        if not spans:
+            return False
+        per_block: dict[int, int] = {}
+        for item, begin, end in spans:
+            take = end - begin
+            if item.deleted is None:
+                item.deleted = [None] * item.n
+            item.deleted[begin:end] = [gone] * take
+            if item.updated is not None:
+                item.updated[begin:end] = [None] * take
+            item.live -= take
+            block = item.block
+            if block is not None:
+                block.live -= take
+                block.chunks = None
+                per_block[block.pos] = per_block.get(block.pos, 0) + take
+        for pos, take in per_block.items():
+            self._live_total -= take
+            self._add(pos, -take)
+        delta._origin = None  # (used: the state has changed since)
+        self._changed()
+        return True
 
     def _placed(self, eid: Timestamp) -> bool:
         if eid == HEAD:
@@ -983,33 +1038,46 @@ class SequenceState(Generic[V]):
             out += [new_stamp((start + k, node)) for k in range(first, end)]
         return out
 
-    def _live_spans(self, position: int, count: int) -> Iterator[tuple[_Item, int, int]]:
+    def _live_spans(self, position: int, count: int) -> list[tuple[_Item, int, int]]:
         """(item, first offset, end offset) of the live stretches covering `count` visible
-        elements from `position` (inside the visible length)."""
+        elements from `position` (inside the visible length): O(log n + items)."""
+        out: list[tuple[_Item, int, int]] = []
         if not count:
-            return
+            return out
         blocks = self._ordered()
         item, k = self._locate(position)
         block = item.block
         assert block is not None
         b = block.pos
-        i = block.items.index(item)
-        while count:
-            for first, end in item.live_ranges():
-                if end <= k:
-                    continue
-                begin = max(first, k)
-                take = min(end - begin, count)
-                yield item, begin, begin + take
-                count -= take
+        items = block.items
+        i = items.index(item)
+        while True:
+            if item.live:
+                if item.deleted is None:
+                    take = min(item.n - k, count)
+                    out.append((item, k, k + take))
+                    count -= take
+                else:
+                    for first, end in item.live_ranges():
+                        if end <= k:
+                            continue
+                        begin = max(first, k)
+                        take = min(end - begin, count)
+                        out.append((item, begin, begin + take))
+                        count -= take
+                        if not count:
+                            break
                 if not count:
-                    return
+                    return out
             k = 0
             i += 1
-            while i >= len(blocks[b].items):
+            while i >= len(items):
                 b += 1
+                while not blocks[b].live:  # (nothing visible in it)
+                    b += 1
+                items = blocks[b].items
                 i = 0
-            item = blocks[b].items[i]
+            item = items[i]
 
     def __len__(self) -> int:
         """Number of visible elements (no floor)."""
@@ -1123,20 +1191,34 @@ class SequenceState(Generic[V]):
         new: Self = type(self).__new__(type(self))
         new._reset()
         filler = self._filler
-        for item, first, end in self._live_spans(pos, count):
-            values = filler * (end - first) if self._text else [filler] * (end - first)
-            piece = _Item(
-                item.node,
-                item.start + first,
-                self._after(item, first),
-                values,
-                [stamp] * (end - first),
-                None,
-            )
-            new._add_item(piece)
-            if first == 0 and not _implied(new_stamp((item.start, item.node)), item.after):
-                insort(new._extra.setdefault(item.after, []), new_stamp((item.start, item.node)))
-            new._count += end - first
+        spans = self._live_spans(pos, count)
+        new._origin = (self, self._version, spans, stamp)
+        text = self._text
+        extra = new._extra
+        by_writer: dict[bytes, list[_Item]] = {}
+        for item, first, end in spans:
+            take = end - first
+            piece = _Item.__new__(_Item)
+            piece.node = node = item.node
+            piece.start = start = item.start + first
+            piece.n = take
+            piece.after = after = item.after if not first else new_stamp((start - 1, node))
+            piece.values = filler * take if text else [filler] * take
+            piece.deleted = [stamp] * take
+            piece.updated = None
+            piece.live = 0
+            piece.block = None
+            pieces = by_writer.get(node)
+            if pieces is None:
+                by_writer[node] = [piece]
+            else:
+                pieces.append(piece)
+            if not first and not _implied(new_stamp((start, node)), after):
+                insort(extra.setdefault(after, []), new_stamp((start, node)))
+            new._count += take
+        for node, pieces in by_writer.items():
+            pieces.sort(key=_START)
+            new._runs[node] = ([piece.start for piece in pieces], pieces)
         return new
 
     def set_delta(
@@ -1394,7 +1476,7 @@ class SequenceState(Generic[V]):
             top = max(new_stamp((item.start + item.n - 1, item.node)), item.after)
             for stamps in (item.deleted, item.updated):
                 if stamps is not None:
-                    top = max(top, *(s for s in stamps if s is not None), top)
+                    top = max(top, max(filter(None, stamps), default=top))
             if best is None or top > best:
                 best = top
         return best
@@ -1449,6 +1531,10 @@ class SequenceState(Generic[V]):
                         live += [e for e, d in zip(ids, item.deleted, strict=True) if d is None]
             lists = self._lists = (order, live)
         return lists
+
+
+_VERSIONS: Final = itertools.count()
+_START: Final = attrgetter("start")
 
 
 def _implied(eid: Timestamp, after: Timestamp) -> bool:
