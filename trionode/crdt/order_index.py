@@ -423,39 +423,50 @@ class OrderIndex:
     def _reindex(self) -> None:
         """Renumber the blocks and rebuild the Fenwick tree of their live counts."""
         blocks = self._blocks
-        tree = [0] * (len(blocks) + 1)
-        total = 0
         for pos, block in enumerate(blocks):
             block.pos = pos
-            count = len(block.live)
-            total += count
-            i = pos + 1
-            tree[i] += count
-            parent = i + (i & -i)
-            if parent < len(tree):
-                tree[parent] += tree[i]
-        self._fenwick = tree
-        self._live_total = total
+        self._fenwick, self._live_total = fenwick([len(block.live) for block in blocks])
 
     def _add(self, pos: int, delta: int) -> None:
-        tree = self._fenwick
-        i = pos + 1
-        n = len(tree)
-        while i < n:
-            tree[i] += delta
-            i += i & -i
+        fenwick_add(self._fenwick, pos, delta)
 
     def _find(self, position: int) -> tuple[_Block, int]:
         """The block holding visible `position`, and the offset in its live list."""
-        tree = self._fenwick
-        n = len(tree) - 1
-        pos = 0
-        rest = position
-        step = 1 << (n.bit_length() - 1) if n else 0
-        while step:
-            nxt = pos + step
-            if nxt <= n and tree[nxt] <= rest:
-                pos = nxt
-                rest -= tree[nxt]
-            step >>= 1
+        pos, rest = fenwick_find(self._fenwick, position)
         return self._blocks[pos], rest
+
+
+def fenwick(counts: list[int]) -> tuple[list[int], int]:
+    """A Fenwick tree (1-based) over `counts`, and their total."""
+    tree = [0] * (len(counts) + 1)
+    for i, count in enumerate(counts, 1):
+        tree[i] += count
+        parent = i + (i & -i)
+        if parent < len(tree):
+            tree[parent] += tree[i]
+    return tree, sum(counts)
+
+
+def fenwick_add(tree: list[int], pos: int, delta: int) -> None:
+    """Add `delta` to the count at index `pos` (0-based)."""
+    i = pos + 1
+    n = len(tree)
+    while i < n:
+        tree[i] += delta
+        i += i & -i
+
+
+def fenwick_find(tree: list[int], position: int) -> tuple[int, int]:
+    """(index, rest): the index whose span of the running total holds `position`
+    (0 <= position < total), and `position`'s offset inside that index's count."""
+    n = len(tree) - 1
+    pos = 0
+    rest = position
+    step = 1 << (n.bit_length() - 1) if n else 0
+    while step:
+        nxt = pos + step
+        if nxt <= n and tree[nxt] <= rest:
+            pos = nxt
+            rest -= tree[nxt]
+        step >>= 1
+    return pos, rest

@@ -80,7 +80,7 @@ from typing import Any, Final, Generic, NamedTuple, Self, TypeVar, cast
 
 from trionode.crdt.canonical import canonical
 from trionode.crdt.hlc import NTP64_MAX, Timestamp, latest, new_stamp
-from trionode.crdt.order_index import CUT_EVERY, chunk_ends
+from trionode.crdt.order_index import CUT_EVERY, chunk_ends, fenwick, fenwick_add, fenwick_find
 
 V = TypeVar("V", str, bytes)
 
@@ -660,9 +660,7 @@ class SequenceState(Generic[V]):
                     block.live -= hidden
                     block.chunks = None
                     per_block[block.pos] = per_block.get(block.pos, 0) + hidden
-        for pos, hidden in per_block.items():
-            self._live_total -= hidden
-            self._add(pos, -hidden)
+        self._uncount(per_block)
         if changed:
             self._changed()
         return changed
@@ -689,9 +687,7 @@ class SequenceState(Generic[V]):
                 block.live -= take
                 block.chunks = None
                 per_block[block.pos] = per_block.get(block.pos, 0) + take
-        for pos, take in per_block.items():
-            self._live_total -= take
-            self._add(pos, -take)
+        self._uncount(per_block)
         delta._origin = None  # (used: the state has changed since)
         self._changed()
         return True
@@ -806,42 +802,23 @@ class SequenceState(Generic[V]):
         """Renumber the blocks and rebuild the Fenwick tree of their live counts."""
         blocks = self._blocks
         assert blocks is not None
-        tree = [0] * (len(blocks) + 1)
-        total = 0
         for pos, block in enumerate(blocks):
             block.pos = pos
-            count = block.live
-            total += count
-            i = pos + 1
-            tree[i] += count
-            parent = i + (i & -i)
-            if parent < len(tree):
-                tree[parent] += tree[i]
-        self._fenwick = tree
-        self._live_total = total
+        self._fenwick, self._live_total = fenwick([block.live for block in blocks])
 
     def _add(self, pos: int, delta: int) -> None:
-        tree = self._fenwick
-        i = pos + 1
-        n = len(tree)
-        while i < n:
-            tree[i] += delta
-            i += i & -i
+        fenwick_add(self._fenwick, pos, delta)
+
+    def _uncount(self, hidden_per_block: dict[int, int]) -> None:
+        """Elements were hidden in placed blocks (by block position): the totals."""
+        for pos, hidden in hidden_per_block.items():
+            self._live_total -= hidden
+            fenwick_add(self._fenwick, pos, -hidden)
 
     def _locate(self, position: int) -> tuple[_Item, int]:
         """The item holding visible `position` and the element's offset in it."""
         blocks = self._ordered()
-        tree = self._fenwick
-        n = len(tree) - 1
-        pos = 0
-        rest = position
-        step = 1 << (n.bit_length() - 1) if n else 0
-        while step:
-            nxt = pos + step
-            if nxt <= n and tree[nxt] <= rest:
-                pos = nxt
-                rest -= tree[nxt]
-            step >>= 1
+        pos, rest = fenwick_find(self._fenwick, position)
         for item in blocks[pos].items:
             live = item.live
             if rest < live:
