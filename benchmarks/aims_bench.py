@@ -19,6 +19,10 @@ measured in the same process on the same machine minutes apart.
   time: the loop's CPU per propagated write beside that of a raw gossip message of the
   same size, by kind of task (`_shared_loop_cpu`), says how much of the ratio is the
   work on the path rather than waiting. Raw gossip and the write share that harness.
+* The same propagation rows with each node in its own process (`process_nodes.py`),
+  where receivers work in parallel as far as the cores allow, as separate nodes do: the
+  write and its raw gossip baseline both run in that harness. (Five processes share this
+  machine's 2 cores, so under load the operating system's scheduling adds to both.)
 
 `python -m benchmarks --only aims` (``--quick``: small sizes).
 """
@@ -46,6 +50,7 @@ import trio.testing
 from benchmarks.bytes_bench import _rows as _byte_rows
 from benchmarks.context_bench import KV_STORE, _node_rows
 from benchmarks.harness import Row, render
+from benchmarks.process_nodes import propagation as process_propagation
 from benchmarks.sync_bench import (
     NODES,
     RAW_TOPIC,
@@ -88,6 +93,9 @@ async def run(*, quick: bool) -> list[Row]:
         print(await _sequential_trace(calls, base / "trace"))
         rows += await _byte_rows(calls, base / "bytes")
         writes, raw = await _propagation(rounds, base / "propagation", _bench_bundle(base / "b"))
+        apart, raw_apart = await process_propagation(
+            rounds, base / "processes", _bench_bundle(base / "b4"), NODES
+        )
         floor = await _gossip_then_commit(rounds, base / "floor")
         print(await _propagation_stages(rounds, base / "stages", _bench_bundle(base / "b2")))
         print(await _shared_loop_cpu(rounds, base / "cpu", _bench_bundle(base / "b3")))
@@ -100,6 +108,23 @@ async def run(*, quick: bool) -> list[Row]:
             "ms",
             "raw gossip -> last of 4 has committed it to LMDB (durable)",
             _percentile(floor, 0.5) * 1000,
+            higher_is_better=False,
+        ),
+        Row(
+            f"write on A -> applied on last of 4, each node its own process, p50, {rounds} "
+            f"rounds (loadavg {os.getloadavg()[0]:.1f})",
+            _percentile(apart, 0.5) * 1000,
+            "ms",
+            "raw gossip publish -> last of 4, the same processes",
+            _percentile(raw_apart, 0.5) * 1000,
+            higher_is_better=False,
+        ),
+        Row(
+            f"write on A -> applied on last of 4, each node its own process, p99, {rounds} rounds",
+            _percentile(apart, 0.99) * 1000,
+            "ms",
+            "raw gossip publish -> last of 4, the same processes",
+            _percentile(raw_apart, 0.99) * 1000,
             higher_is_better=False,
         ),
     ]
