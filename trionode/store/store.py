@@ -285,12 +285,13 @@ class AsyncStore:
 
     def _may_inline(self, ops: Sequence[WriteOp]) -> bool:
         """Whether `ops` may commit on the Trio thread now (see the module docs)."""
-        return (
-            len(ops) <= INLINE_MAX_OPS
-            and self.commit_seconds <= self.inline_commit_max
-            and self.inline_commit_max > 0
-            and trio.lowlevel.current_statistics().tasks_runnable == 0
-        )
+        limit = self.inline_commit_max
+        if len(ops) > INLINE_MAX_OPS or limit <= 0 or self.commit_seconds > limit:
+            return False
+        # (Nothing runnable, and no worker thread's result waiting to wake a task. This
+        # counts the I/O backend's registrations too: O(open sockets), once per commit.)
+        loop = trio.lowlevel.current_statistics()
+        return loop.tasks_runnable == 0 and loop.run_sync_soon_queue_size == 0
 
     def _timed_write(self, ops: Sequence[WriteOp]) -> None:
         """`LmdbStore.write`, its duration folded into `commit_seconds` (in whichever
