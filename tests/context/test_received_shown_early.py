@@ -21,6 +21,7 @@ from tests.replication.cluster_helpers import (
     LIMIT,
     b58,
     call,
+    deltas,
     drain,
     header_of,
     share,
@@ -30,6 +31,7 @@ from tests.replication.cluster_helpers import (
 )
 from trionode.context.events import ContextEvent, Notice, Subscription
 from trionode.context.records import DELTAS
+from trionode.net.events import GossipMessage, NetworkEvent
 from trionode.node import Node
 from trionode.store.lmdb_store import Put
 from trionode.testing import Cluster, open_cluster
@@ -183,3 +185,61 @@ async def test_a_crash_between_showing_and_committing_loses_nothing_the_peers_la
         await wait_converged(cluster, [a, b], context)
         assert await call(b, context, "get", key="k") == "from a"
         assert await b.contexts.read_delta(context, received) is not None
+
+
+def _gossip_handled(seen: trio.MemoryReceiveChannel[NetworkEvent]) -> int:
+    """Gossip messages the node's network-event handler finished with since last asked."""
+    handled = 0
+    while True:
+        try:
+            event = seen.receive_nowait()
+        except trio.WouldBlock:
+            return handled
+        handled += isinstance(event, GossipMessage)
+
+
+async def test_the_gossip_handler_goes_on_while_a_received_deltas_commit_is_held(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The handler takes every network event of the node in turn: waiting for each received
+    # delta's fsync held all of them (the next gossip message too) behind the disk. Now it
+    # waits only until its deltas are staged (a message that arrives during a commit still
+    # waits for the processor to take it, which is after that commit).
+    async with _two_members(tmp_path) as (cluster, context, sub):
+        a, b = cluster
+        writes = GatedWrites(b)
+        with b.events.observe() as seen:
+            first = await write(a, context, "set", key="k", value="first")
+            shown = await _next_event(sub)
+            assert isinstance(shown, ContextEvent)
+            assert shown.delta_id == first.hex()
+            await trio.testing.wait_all_tasks_blocked()
+            assert _gossip_handled(seen) >= 1  # done with it while its commit is held
+            assert await b.contexts.read_delta(context, first) is None
+            second = await write(a, context, "set", key="k2", value="second")
+            await trio.testing.wait_all_tasks_blocked()
+            assert drain(sub) == []  # (its batch waits for the held commit)
+            writes.gate.set()
+            await wait_converged(cluster, [a, b], context)
+            assert _gossip_handled(seen) >= 1
+        writes.restore()
+        assert await b.contexts.read_delta(context, first) is not None
+        assert await b.contexts.read_delta(context, second) is not None
+        assert [event.delta_id for event in drain(sub)][:1] == [second.hex()]
+
+
+async def test_a_failed_commit_of_deltas_already_answered_is_counted_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with _two_members(tmp_path) as (cluster, context, sub):
+        a, b = cluster
+        writes = GatedWrites(b)
+        writes.fail_next = True
+        failed = deltas(b, "store_failed")
+        received = await write(a, context, "set", key="k", value="from a")
+        await _next_event(sub)
+        writes.gate.set()
+        await _next_event(sub)  # the resync notice: the commit failed
+        writes.restore()
+        assert deltas(b, "store_failed") == failed + 1
+        assert await b.contexts.read_delta(context, received) is None

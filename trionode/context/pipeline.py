@@ -40,7 +40,11 @@ its own commit, and a crash here can only lose what peers still hold:
   from memory during a commit; a peer that asks for a delta not yet stored hears
   "missing" and asks again or elsewhere, and finality and acks count only deltas we author,
   which commit after what they build on.
-Handler runs are queued in the same commit and start only once it is durable.
+Handler runs are queued in the same commit and start only once it is durable. For the
+same reasons `receive_many` (gossip, fetched chains) answers its submitter once the
+deltas are staged, so the gossip handler, which handles every network event of the node in
+turn, does not wait for an fsync per message; a failed commit is then counted and logged
+here.
 """
 
 from __future__ import annotations
@@ -120,14 +124,32 @@ class _Job:
     done: trio.Event = attrs.field(factory=trio.Event)
     result: object = None
     error: BaseException | None = None
+    staged: trio.Event | None = None
+    """Set (for a received delta submitted by `receive_many`) once the job's outcome is
+    known, before its commit: its submitter goes on without waiting for the disk."""
+    early: tuple[object, BaseException | None] = (None, None)
+    """The (result, error) that `staged` announced (a later failed commit leaves it)."""
 
     def succeed(self, result: object) -> None:
         self.result = result
-        self.done.set()
+        self._answer()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
+        self._answer()
+
+    def _answer(self) -> None:
         self.done.set()
+        self.answer_early(self.result, self.error)
+
+    def answer_early(self, result: object, error: BaseException | None = None) -> bool:
+        """Tell a submitter that waits only for staging what became of the job; whether
+        it was waiting so (then the job's commit is no longer its submitter's concern)."""
+        if self.staged is None or self.staged.is_set():
+            return False
+        self.early = (result, error)
+        self.staged.set()
+        return True
 
 
 @attrs.frozen
@@ -219,9 +241,18 @@ class DeltaPipeline:
     async def receive_many(
         self, context_id: bytes, wires: Sequence[bytes]
     ) -> list[Received | ProtocolError]:
-        """`receive` of several deltas (a gossip batch), all queued before any is awaited,
-        so they commit together; each one's outcome or error, in order. Raises
-        ContextNotFound if this node is not a member of `context_id`."""
+        """`receive` of several deltas (a gossip batch, a fetched chain), all queued before
+        any is awaited, so they commit together; each one's outcome or error, in order.
+        Raises ContextNotFound if this node is not a member of `context_id`.
+
+        Returns once they are *staged* (applied in memory, shown to subscribers), not once
+        durable: their commit follows in the same group commit. Whoever delivers deltas
+        (the gossip handler, which handles every network event of the node in turn) then
+        goes on while the disk syncs, instead of holding every later event for an fsync.
+        Nothing is promised to anyone on receipt (the module docstring's reasons for
+        showing early); if that commit fails, the replica reloads from disk, the failure
+        is counted (`outcome="store_failed"`) and logged here, and sync brings the deltas
+        again."""
         if not self._replicas.knows(context_id):
             raise_not_member(context_id)
         outcomes: list[Received | ProtocolError | _Job] = []
@@ -231,7 +262,7 @@ class DeltaPipeline:
             except ProtocolError as exc:
                 outcomes.append(exc)
                 continue
-            job = _Job(context_id, verified, len(wire))
+            job = _Job(context_id, verified, len(wire), staged=trio.Event())
             await self._send_job(job)
             outcomes.append(job)
         results: list[Received | ProtocolError] = []
@@ -239,14 +270,16 @@ class DeltaPipeline:
             if not isinstance(outcome, _Job):
                 results.append(outcome)
                 continue
-            await outcome.done.wait()
-            if isinstance(outcome.error, ProtocolError):
-                results.append(outcome.error)
-            elif outcome.error is not None:
-                raise outcome.error
+            assert outcome.staged is not None
+            await outcome.staged.wait()
+            result, error = outcome.early
+            if isinstance(error, ProtocolError):
+                results.append(error)
+            elif error is not None:
+                raise error
             else:
-                assert isinstance(outcome.result, Received)
-                results.append(outcome.result)
+                assert isinstance(result, Received)
+                results.append(result)
         return results
 
     async def write(
@@ -394,6 +427,7 @@ class DeltaPipeline:
                 events = self._number_events(changes, batch)
                 # Received deltas are shown now, while their commit runs (module docstring).
                 self._hub.show_early(events[:early])
+            released = self._answer_early(staged, failed)
             if len(batch):
                 try:
                     await self._replicas.store.write(batch)
@@ -401,6 +435,13 @@ class DeltaPipeline:
                     unusable.update(held)
                     failed.extend((each.job, write_error) for each in staged)
                     staged = []
+                    if released:
+                        self._processor.metrics.outcome("store_failed", released)
+                        log.warning(
+                            "could not store %d received deltas (sync brings them again): %s",
+                            released,
+                            write_error,
+                        )
             durable = True
         finally:
             for context_id, replica in held.items():
@@ -424,6 +465,15 @@ class DeltaPipeline:
         self.stats.jobs += len(jobs) - len(carry)
         self.stats.largest = max(self.stats.largest, len(jobs) - len(carry))
         return carry
+
+    @staticmethod
+    def _answer_early(staged: list[_Staged], failed: list[tuple[_Job, BaseException]]) -> int:
+        """Answer the received deltas whose submitters wait only for staging (`receive_many`):
+        their outcomes, and the errors of those that failed to stage. Returns how many
+        staged ones were answered so (their commit is now this task's to report)."""
+        for job, error in failed:
+            job.answer_early(None, error)
+        return sum(1 for each in staged if each.job.answer_early(each.answer))
 
     @staticmethod
     def _unstage(
