@@ -27,6 +27,7 @@ import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from trionode.config import FileConfig
 from trionode.context.events import ContextEvent, Subscription
 from trionode.context.records import HANDLER_PREFIX, HANDLER_RUNS
 from trionode.context.replication import SYNC_PROTOCOL, _Channel, topic_for
@@ -70,6 +71,13 @@ def b58(raw: bytes) -> str:
 
 
 # -- setting up -------------------------------------------------------------------------------
+
+
+def no_sync_timers(file: FileConfig) -> FileConfig:
+    """No session but the ones a test runs or gossip's fetches: no ticks, heartbeats or
+    greetings."""
+    sync = msgspec.structs.replace(file.sync, interval=10_000.0, heartbeat=10_000.0, on_join=False)
+    return msgspec.structs.replace(file, sync=sync)
 
 
 async def install(node: Node, app: str) -> bytes:

@@ -16,7 +16,6 @@ import trio
 import trio.testing
 from msgspec.structs import replace
 
-from trionode.config import FileConfig
 from trionode.context.replication import SESSION_ERRORS
 from trionode.net.host import Connection
 from trionode.node import Node
@@ -25,16 +24,7 @@ from trionode.sync.machines import Responder
 from trionode.testing import open_cluster
 from trionode.wire.messages import DeltaResponse, SyncAuth, SyncMessage
 
-from .cluster_helpers import metric, share, wait_converged, write
-
-QUIET = 10_000.0
-
-
-def _quiet(file: FileConfig) -> FileConfig:
-    """Sessions only when the test runs one."""
-    sync = replace(file.sync, heartbeat=QUIET, interval=QUIET, on_join=False)
-    return replace(file, sync=sync)
-
+from .cluster_helpers import metric, no_sync_timers, share, wait_converged, write
 
 Tamper = Callable[[DeltaResponse, list[bytes]], DeltaResponse]
 
@@ -89,7 +79,7 @@ async def test_a_bad_ancestor_answer_ends_the_fetch_and_is_counted_by_its_reason
     tmp_path: Path,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with open_cluster(2, tmp_path, configure=_quiet) as cluster:
+    async with open_cluster(2, tmp_path, configure=no_sync_timers) as cluster:
         a, b = cluster.nodes
         context = await share(cluster, [0, 1], app="chat")
         # (B's chain below grows on `second`: `first` is an ancestor, but a parent of none.)

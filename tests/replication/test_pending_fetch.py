@@ -9,23 +9,16 @@ from pathlib import Path
 
 import trio
 import trio.testing
-from msgspec.structs import replace
 
-from trionode.config import FileConfig
 from trionode.testing import open_cluster
 
-from .cluster_helpers import metric, share, write
-
-
-def _quiet(file: FileConfig) -> FileConfig:
-    sync = replace(file.sync, heartbeat=10_000.0, interval=10_000.0, on_join=False)
-    return replace(file, sync=sync)
+from .cluster_helpers import metric, no_sync_timers, share, write
 
 
 async def test_a_queued_fetch_whose_parent_arrived_meanwhile_opens_no_stream(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_cluster(2, tmp_path, configure=_quiet) as cluster:
+    async with open_cluster(2, tmp_path, configure=no_sync_timers) as cluster:
         a, b = cluster.nodes
         context = await share(cluster, [0, 1], app="chat")
         await cluster.partition([0])  # (only what the test hands B reaches it)

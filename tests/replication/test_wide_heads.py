@@ -15,28 +15,20 @@ from pathlib import Path
 import trio
 import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from msgspec.structs import replace
 
-from trionode.config import FileConfig
 from trionode.context import invitations as inv
 from trionode.dag.delta import MAX_PARENTS, DeltaBody
 from trionode.testing import open_cluster
 
-from .cluster_helpers import forge, header_of, share, wait_converged, write
+from .cluster_helpers import forge, header_of, no_sync_timers, share, wait_converged, write
 
 WRITERS = MAX_PARENTS + 6
-
-
-def _quiet(file: FileConfig) -> FileConfig:
-    """No sessions: only gossip carries the deltas (a fetch would fail the same way)."""
-    sync = replace(file.sync, heartbeat=10_000.0, interval=10_000.0, on_join=False)
-    return replace(file, sync=sync)
 
 
 async def test_a_node_with_more_heads_than_a_delta_names_writes_deltas_its_peers_take(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_cluster(2, tmp_path, configure=_quiet) as cluster:
+    async with open_cluster(2, tmp_path, configure=no_sync_timers) as cluster:
         a, b = cluster.nodes
         context = await share(cluster, [0, 1], app="chat")
         keys = [Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32) for i in range(WRITERS)]
