@@ -58,13 +58,13 @@ from benchmarks.sync_bench import (
     _bench_bundle,
     _items,
     _propagation,
-    _read_gossip,
     _read_hub,
     _set_many,
     _share,
     _wait_converged,
     _wait_raw_mesh,
     loopback_mesh,
+    propagation_mesh,
     propagation_rows,
     wait_stored,
 )
@@ -408,41 +408,27 @@ async def _shared_loop_cpu(rounds: int, base: Path, bundle: Path) -> str:
 
     trio.lowlevel.add_instrument(steps)
     try:
-        async with AsyncExitStack() as stack:
-            nodes = await loopback_mesh(stack, base)
-            context = await _share(nodes, bundle)
-            await _wait_converged(nodes, context)
-            for node in nodes:
-                node.pubsub.subscribe(RAW_TOPIC)
-            await _wait_raw_mesh(nodes)
-            applied = _Arrivals(NODES - 1)
-            gossiped = _Arrivals(NODES - 1)
-            async with trio.open_nursery() as readers:
-                for node in nodes[1:]:
-                    readers.start_soon(_read_hub, node, context, applied)
-                    ready = trio.Event()
-                    readers.start_soon(_read_gossip, node, gossiped, ready)
-                    await ready.wait()
-                size = 0
-                for r in range(rounds):
-                    await trio.testing.wait_all_tasks_blocked()
-                    steps.on = True
-                    delta_id = await _set_many(nodes[0], context, _items("cpu", r, 1))
-                    await applied.last(delta_id)
-                    await wait_stored(nodes[1:], context, delta_id)
-                    await trio.testing.wait_all_tasks_blocked()
-                    steps.on = False
-                    take(per_write)
-                    if not size:
-                        size = len(await nodes[0].contexts.read_delta(context, delta_id) or b"")
-                    payload = os.urandom(size)
-                    steps.on = True
-                    nodes[0].pubsub.publish(RAW_TOPIC, payload)
-                    await gossiped.last(payload)
-                    await trio.testing.wait_all_tasks_blocked()
-                    steps.on = False
-                    take(per_raw)
-                readers.cancel_scope.cancel()
+        async with propagation_mesh(base, bundle) as mesh:
+            nodes, context = mesh.nodes, mesh.context
+            size = 0
+            for r in range(rounds):
+                await trio.testing.wait_all_tasks_blocked()
+                steps.on = True
+                delta_id = await _set_many(nodes[0], context, _items("cpu", r, 1))
+                await mesh.applied.last(delta_id)
+                await wait_stored(nodes[1:], context, delta_id)
+                await trio.testing.wait_all_tasks_blocked()
+                steps.on = False
+                take(per_write)
+                if not size:
+                    size = len(await nodes[0].contexts.read_delta(context, delta_id) or b"")
+                payload = os.urandom(size)
+                steps.on = True
+                nodes[0].pubsub.publish(RAW_TOPIC, payload)
+                await mesh.gossiped.last(payload)
+                await trio.testing.wait_all_tasks_blocked()
+                steps.on = False
+                take(per_raw)
     finally:
         trio.lowlevel.remove_instrument(steps)
     write_total = sum(per_write.values()) / rounds * 1e6

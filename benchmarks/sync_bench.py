@@ -61,11 +61,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Final
 
+import attrs
 import base58
 import trio
 import trio.testing
@@ -483,44 +484,69 @@ async def wait_stored(nodes: Sequence[Node], context: bytes, delta_id: bytes) ->
             raise RuntimeError(f"{node.peer_id} showed {delta_id.hex()[:16]} but did not store it")
 
 
+@attrs.frozen
+class PropagationMesh:
+    """`NODES` loopback nodes sharing a context, each receiver's hub and raw gossip read."""
+
+    nodes: list[Node]
+    context: bytes
+    applied: _Arrivals
+    """When each receiver's hub showed each delta."""
+    gossiped: _Arrivals
+    """When each receiver got each raw gossip payload."""
+
+
+@asynccontextmanager
+async def propagation_mesh(base: Path, bundle: Path) -> AsyncIterator[PropagationMesh]:
+    """The propagation rows' nodes (`loopback_mesh`), converged on a shared context and
+    meshed on the raw topic, with their readers running."""
+    async with AsyncExitStack() as stack:
+        nodes = await loopback_mesh(stack, base)
+        context = await _share(nodes, bundle)
+        await _wait_converged(nodes, context)
+        for node in nodes:
+            node.pubsub.subscribe(RAW_TOPIC)
+        await _wait_raw_mesh(nodes)
+        mesh = PropagationMesh(nodes, context, _Arrivals(NODES - 1), _Arrivals(NODES - 1))
+        async with trio.open_nursery() as readers:
+            for node in nodes[1:]:
+                readers.start_soon(_read_hub, node, context, mesh.applied)
+                ready = trio.Event()
+                readers.start_soon(_read_gossip, node, mesh.gossiped, ready)
+                await ready.wait()
+            yield mesh
+            readers.cancel_scope.cancel()
+
+
 async def _propagation(rounds: int, base: Path, bundle: Path) -> tuple[list[float], list[float]]:
     """(write latencies, raw gossip latencies) in seconds, interleaved round by round."""
     writes: list[float] = []
     raw: list[float] = []
     firsts: list[float] = []
     with trio.fail_after(120 + rounds):
-        async with AsyncExitStack() as stack:
-            nodes = await loopback_mesh(stack, base)
-            context = await _share(nodes, bundle)
-            await _wait_converged(nodes, context)
-            for node in nodes:
-                node.pubsub.subscribe(RAW_TOPIC)
-            await _wait_raw_mesh(nodes)
-            applied = _Arrivals(NODES - 1)
-            gossiped = _Arrivals(NODES - 1)
-            async with trio.open_nursery() as readers:
-                for node in nodes[1:]:
-                    readers.start_soon(_read_hub, node, context, applied)
-                    ready = trio.Event()
-                    readers.start_soon(_read_gossip, node, gossiped, ready)
-                    await ready.wait()
-                await trio.testing.wait_all_tasks_blocked()
-                writer = nodes[0]
-                size = 0
-                for r in range(rounds):
-                    delta_id = await _set_many(writer, context, _items("prop", r, 1))
-                    committed = time.perf_counter()
-                    writes.append(await applied.last(delta_id) - committed)
-                    firsts.append(min(applied.seen[delta_id]) - committed)
-                    await wait_stored(nodes[1:], context, delta_id)
-                    if not size:
-                        wire = await writer.contexts.read_delta(context, delta_id)
-                        size = len(wire or b"")
-                    payload = os.urandom(size)
-                    started = time.perf_counter()
-                    writer.pubsub.publish(RAW_TOPIC, payload)
-                    raw.append(await gossiped.last(payload) - started)
-                readers.cancel_scope.cancel()
+        async with propagation_mesh(base, bundle) as mesh:
+            nodes, context, applied, gossiped = (
+                mesh.nodes,
+                mesh.context,
+                mesh.applied,
+                mesh.gossiped,
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            writer = nodes[0]
+            size = 0
+            for r in range(rounds):
+                delta_id = await _set_many(writer, context, _items("prop", r, 1))
+                committed = time.perf_counter()
+                writes.append(await applied.last(delta_id) - committed)
+                firsts.append(min(applied.seen[delta_id]) - committed)
+                await wait_stored(nodes[1:], context, delta_id)
+                if not size:
+                    wire = await writer.contexts.read_delta(context, delta_id)
+                    size = len(wire or b"")
+                payload = os.urandom(size)
+                started = time.perf_counter()
+                writer.pubsub.publish(RAW_TOPIC, payload)
+                raw.append(await gossiped.last(payload) - started)
             _log(
                 f"propagation: delta wire size {size} B, {rounds} rounds; applied on the "
                 f"first of 4 p50 {_percentile(firsts, 0.5) * 1000:.2f} ms"
