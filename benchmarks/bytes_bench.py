@@ -195,8 +195,8 @@ async def _rows(n: int, base: Path) -> list[Row]:
         # In the order they were written (the log is keyed by id): each one's parent is
         # the one before, as in a batch of calls committed together.
         deltas.sort(key=lambda d: verify_delta(d, context_id=context_id).seq)
-        state = [
-            (_stored_key(node, Column.STATE, k), v)
+        state = [  # (keys and values as stored: ids in values by number)
+            (_stored_key(node, Column.STATE, k), node.store.raw.stored_size(Column.STATE, v))
             for k, v in await node.store.scan(STATE, prefix=context_id)
         ]
         stored_delta_keys = [_stored_key(node, Column.DELTA, k) for k, _ in logged_deltas]
@@ -220,7 +220,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
     )
     gossip = fmean(_gossip_bytes(context_id, d.encode()) for d in deltas)
     batches = _batch_rows(context_id, deltas, mean_delta=fmean(len(d.encode()) for d in deltas))
-    state_values = sum(len(v) for _, v in state) / n
+    state_values = sum(size for _, size in state) / n
     state_keys = sum(len(k) for k, _ in state) / n
     log_values = sum(len(d.encode()) for d in deltas) / n
     log_keys = sum(len(k) for k in stored_delta_keys) / n
@@ -295,7 +295,12 @@ async def _rows(n: int, base: Path) -> list[Row]:
     ]
     key = fmean(len(k.encode()) for k, _ in items)
     for label, value, baseline_name, baseline in (
-        ("state rows: values (entity records)", state_values, "the entry's own key+value", own),
+        (
+            "state rows: values (records; writer, parent by number)",
+            state_values,
+            "the entry's own key+value",
+            own,
+        ),
         ("state rows: keys (context number + entity id)", state_keys, "the entry's own key", key),
         ("delta log: values (signed deltas)", log_values, "the entry's own key+value", own),
         ("delta log: keys (context number + delta id)", log_keys, "the entry's own key", key),

@@ -399,6 +399,9 @@ class StoreSection(_Section, frozen=True):
     """A small write commits on the event loop's own thread when nothing else is waiting
     to run and commits have lately taken at most this long on average (0: always in the
     writer thread); see `trionode/store/store.py`."""
+    max_value_refs: Annotated[int, msgspec.Meta(ge=0, le=1 << 24)] = 65_536
+    """32-byte ids (writers, parents) state rows may name by a short number; the table is
+    held in memory (~250 B an id). Past it, rows keep the ids whole."""
     delta_retention: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
     """Seconds a *final* delta's body is kept after its stamp before it is folded into the
     final state (0: at once). Non-final deltas are always kept: undo needs them."""

@@ -537,6 +537,7 @@ async def _open_locked_node(
         initial_map_size=config.store.initial_map_size,
         max_map_size=config.store.max_map_size,
         reader_threads=config.store.reader_threads,
+        max_value_refs=config.store.max_value_refs,
         passphrase=config.passphrase if config.store.encrypted else None,
         registry=metrics.registry,
         inline=config.inline_store,

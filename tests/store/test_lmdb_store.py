@@ -351,10 +351,10 @@ def test_a_store_of_a_newer_layout_is_refused_with_one_line(tmp_path: Path) -> N
     LmdbStore.open(tmp_path / "db").close()
     env = lmdb.open(str(tmp_path / "db"), max_dbs=16)
     with env.begin(write=True) as txn:
-        txn.put(b"store-layout", b"5", db=env.open_db(Column.META.value.encode(), txn=txn))
+        txn.put(b"store-layout", b"6", db=env.open_db(Column.META.value.encode(), txn=txn))
     env.close()
     for _ in range(2):  # (and the refusal wrote nothing)
-        with pytest.raises(StorageError, match="has layout 5, which this trionode") as caught:
+        with pytest.raises(StorageError, match="has layout 6, which this trionode") as caught:
             LmdbStore.open(tmp_path / "db")
         assert "\n" not in str(caught.value)
 
@@ -408,7 +408,7 @@ def test_a_layout_3_store_numbers_its_contexts_once_at_open(
     store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
     _as_layout_3(tmp_path / "db", rows, store)
     store.close()
-    for reopen in range(2):  # converted once; the second open finds layout 4
+    for reopen in range(2):  # converted once; the second open finds layout 5
         store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
         try:
             for column, table in rows.items():

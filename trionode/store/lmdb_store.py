@@ -25,10 +25,15 @@ base and checkpoint row's key starts with the 32-byte id of its context, which t
 keeps as a 4-byte number (and a tag byte) instead: 27 bytes less in each of the three or
 four rows a kv entry takes. Callers see the keys as they wrote them.
 
+State values name 32-byte ids by short store-wide numbers (`_ValueRefs`): a state row
+repeats its writer's key and its record's parent id, 68 of a kv entry's ~210 bytes; stored,
+they take ~4. Callers read back the bytes they wrote.
+
 Layouts (`store-layout` in the meta column): 1, one delta tree; 2, the index and the log
 (`delta-layout` = 2 records this too, as builds before layout 3 read only that key); 3,
 empty values as index markers; 4, context numbers in keys, in trees named `<column>@4`
-(the conversion reads the old tree and writes the new one, then drops the old). Opening
+(the conversion reads the old tree and writes the new one, then drops the old); 5, state
+values with ids as numbers (every state value rewritten in place). Opening
 converts an older store in one transaction; a store of a layout newer than
 `STORE_LAYOUT` is refused with one line, so a build never misreads rows written by a
 newer one.
@@ -60,7 +65,7 @@ _DELTA_LAYOUT: Final = b"2"
 """1 (no record): the delta column is one B-tree; 2: an index and an append-ordered log.
 Kept at 2 from layout 3 on: a build of layout 2 moves any other value to the log again."""
 _STORE_LAYOUT_KEY: Final = b"store-layout"
-STORE_LAYOUT: Final = 4
+STORE_LAYOUT: Final = 5
 """The newest layout this build reads and writes (see the module docstring)."""
 _DELTA_LOG_DB: Final = b"delta-log"
 _SEQ_BYTES: Final = 8
@@ -73,6 +78,189 @@ _NUMBERED_TAG: Final = b"\x01"
 """Stored-key tag of a key whose context id is said by its number."""
 _NUMBER_KEY: Final = b"context-number/"
 """meta: context-number/ ‖ context id → its number (4 bytes, big-endian)."""
+_REF_KEY: Final = b"value-ref/"
+"""meta: value-ref/ ‖ number (4 bytes) → a 32-byte id that state values refer to by that
+number (sealed, bound to its key, in an encrypted store)."""
+_PACKED: Final = 0xC1
+"""First byte of every stored state value from layout 5 on that is not empty (msgpack
+never uses it, so no row of an older layout starts with it: see `_ValueRefs`)."""
+_ID_TOKEN: Final = b"\xc4\x20"
+"""msgpack's header of a 32-byte byte string."""
+_ID_BYTES: Final = 32
+_TOKEN_BYTES: Final = len(_ID_TOKEN) + _ID_BYTES
+DEFAULT_MAX_VALUE_REFS: Final = 65_536
+"""Ids `_ValueRefs` numbers at most (see `store.max_value_refs`)."""
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_uvarint(data: bytes, at: int) -> tuple[int, int]:
+    """(value, next offset) of the varint at `at` (at most 4 bytes: StorageError past it)."""
+    value = shift = 0
+    for i in range(at, min(at + 4, len(data))):
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    raise StorageError("a stored state value is damaged (bad number)")
+
+
+def _id_cuts(value: bytes) -> list[int]:
+    """Offsets of the 32-byte ids a state value repeats from row to row: a version 3 row
+    (`crdt/compact.py`: `[3, time, writer, [1, parent, ...]]`) names its writer and its
+    record's parent (unless the root), a version 1 record (`[1, parent, ...]`, a joined
+    record as received) its parent. Anything else (journal rows, odd bytes): none."""
+    cuts: list[int] = []
+    at = 0
+    if value[:2] == b"\x94\x03":  # a version 3 row: the time, then the writer
+        head = value[2] if len(value) > 2 else 0
+        at = 3 + _INT_EXTRA.get(head, 0 if head <= 0x7F else -1)
+        if at < 3 or value[at : at + 2] != _ID_TOKEN:
+            return cuts
+        cuts.append(at)
+        at += _TOKEN_BYTES
+    head = value[at] if len(value) > at else 0
+    if 0x90 <= head <= 0x9F:  # the record: its version, then its parent
+        at += 1
+    elif head == 0xDC:
+        at += 3
+    else:
+        return cuts
+    if (
+        value[at : at + 1] == b"\x01"
+        and value[at + 1 : at + 3] == _ID_TOKEN
+        and len(value) >= at + 1 + _TOKEN_BYTES
+    ):
+        cuts.append(at + 1)
+    return cuts
+
+
+_INT_EXTRA: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+"""Bytes after the header of a msgpack unsigned integer, by header."""
+
+
+class _ValueRefs:
+    """Short numbers for the 32-byte ids state values repeat (layout 5): a state value is
+    stored as `_PACKED` ‖ count ‖ count times (gap, number) ‖ the value less those ids, where
+    each gap (a varint) is the bytes of the rest to copy before the next id goes back in,
+    with its header, and each number (a varint) names an id in the meta column. A kv entry's
+    row repeats its writer's key and its map's id (68 bytes); stored, they take ~4.
+
+    Reading puts back the very bytes written, so callers, hashes and sealing (bound to the
+    key, over the stored form) see nothing of it. A value that has nothing to cut and
+    starts with `_PACKED` anyway is stored with a count of 0, so every stored value that
+    starts with it is packed.
+
+    Numbers are store-wide, given in memory as ids are first met (at most `limit`: past
+    it, ids stay in the values) and written to the meta column by every transaction that
+    stores a value using a number not yet committed (`persist`), so a value never names a
+    number its transaction did not make durable. A number given in memory by a
+    transaction that aborted is written by the next one to use it, or never (a gap)."""
+
+    def __init__(self, meta: Any, limit: int) -> None:
+        self._meta = meta
+        self._limit = limit
+        self.ids: dict[int, bytes] = {}
+        self.numbers: dict[bytes, int] = {}
+        self._durable: set[int] = set()
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def load(self, txn: lmdb.Transaction, unseal: Callable[[bytes, bytes], bytes]) -> None:
+        self.ids.clear()
+        self.numbers.clear()
+        cursor = txn.cursor(db=self._meta)
+        if cursor.set_range(_REF_KEY):
+            for key, stored in cursor.iternext():
+                if not key.startswith(_REF_KEY):
+                    break
+                number = key[len(_REF_KEY) :]
+                value = unseal(key, stored)
+                if len(number) != _NUMBER_BYTES or len(value) != _ID_BYTES:
+                    raise StorageError("a stored value reference is damaged")
+                n = int.from_bytes(number, "big")
+                self.ids[n] = value
+                self.numbers[value] = n
+        self._durable = set(self.ids)
+        self._next = max(self.ids, default=0) + 1
+
+    def _number(self, value_id: bytes, *, give: bool = True) -> int | None:
+        number = self.numbers.get(value_id)
+        if number is not None or not give:
+            return number
+        with self._lock:
+            number = self.numbers.get(value_id)
+            if number is None and len(self.ids) < self._limit:
+                number = self._next
+                self._next += 1
+                self.ids[number] = value_id
+                self.numbers[value_id] = number
+            return number
+
+    def pack(self, value: bytes, fresh: set[int], *, give: bool = True) -> bytes:
+        """The stored form of a state value (numbers not yet durable added to `fresh`;
+        without `give`, ids without a number stay whole)."""
+        if not value:
+            return value
+        parts: list[bytes] = []
+        refs: list[bytes] = []
+        at = 0
+        for cut in _id_cuts(value):
+            number = self._number(value[cut + len(_ID_TOKEN) : cut + _TOKEN_BYTES], give=give)
+            if number is None:
+                continue
+            if number not in self._durable:
+                fresh.add(number)
+            refs.append(_uvarint(cut - at) + _uvarint(number))
+            parts.append(value[at:cut])
+            at = cut + _TOKEN_BYTES
+        if not refs:
+            return value if value[0] != _PACKED else bytes([_PACKED, 0]) + value
+        parts.append(value[at:])
+        return b"".join([bytes([_PACKED, len(refs)]), *refs, *parts])
+
+    def unpack(self, stored: bytes) -> bytes:
+        """A state value from its stored form (StorageError if damaged)."""
+        if not stored or stored[0] != _PACKED:
+            return stored
+        if len(stored) < 2:
+            raise StorageError("a stored state value is damaged (no count)")
+        cuts: list[tuple[int, bytes]] = []
+        at = 2
+        for _ in range(stored[1]):
+            gap, at = _read_uvarint(stored, at)
+            number, at = _read_uvarint(stored, at)
+            value_id = self.ids.get(number)
+            if value_id is None:
+                raise StorageError("a stored state value names an unknown reference")
+            cuts.append((gap, value_id))
+        parts: list[bytes] = []
+        for gap, value_id in cuts:
+            if at + gap > len(stored):
+                raise StorageError("a stored state value is damaged (past its end)")
+            parts += (stored[at : at + gap], _ID_TOKEN, value_id)
+            at += gap
+        parts.append(stored[at:])
+        return b"".join(parts)
+
+    def persist(
+        self, txn: lmdb.Transaction, fresh: set[int], seal: Callable[[bytes, bytes], bytes]
+    ) -> None:
+        """Write the numbers `fresh` names in `txn` (before it commits)."""
+        for number in sorted(fresh):
+            key = _REF_KEY + number.to_bytes(_NUMBER_BYTES, "big")
+            txn.put(key, seal(key, self.ids[number]), db=self._meta)
+
+    def committed(self, fresh: set[int]) -> None:
+        self._durable |= fresh
 
 
 class Column(StrEnum):
@@ -396,12 +584,14 @@ class LmdbStore:
         dbs: dict[Column, Any],
         cipher: ValueCipher | None,
         max_map_size: int,
+        max_value_refs: int = DEFAULT_MAX_VALUE_REFS,
     ) -> None:
         self._env = env
         self._dbs = dbs
         self._log_db = env.open_db(_DELTA_LOG_DB)
         self._deltas = _DeltaLog(dbs[Column.DELTA], self._log_db)
         self._keys = _ContextNumbers(dbs[Column.META])
+        self._refs = _ValueRefs(dbs[Column.META], max_value_refs)
         self._cipher = cipher
         self._max_map_size = max_map_size
         self._lock = _SharedExclusiveLock()
@@ -423,6 +613,7 @@ class LmdbStore:
         passphrase: str | None = None,
         kdf: KdfParams | None = None,
         max_readers: int = 126,
+        max_value_refs: int = DEFAULT_MAX_VALUE_REFS,
     ) -> LmdbStore:
         """Open (creating if needed) the store at `path`.
 
@@ -449,7 +640,8 @@ class LmdbStore:
             env.set_mapsize(map_size)
             cipher = cls._open_cipher(env, passphrase, kdf or KdfParams(), path)
             dbs = {col: env.open_db(_db_name(col)) for col in Column}
-            return cls(env, dbs, cipher, max_map_size)  # (moves an old delta column)
+            # (converts an older layout)
+            return cls(env, dbs, cipher, max_map_size, max_value_refs)
         except BaseException:
             env.close()
             raise
@@ -488,8 +680,10 @@ class LmdbStore:
     def _convert(self, meta: Any) -> None:
         """Bring an older store to `STORE_LAYOUT` in one transaction (a crash leaves it as
         it was); refuse a newer one, writing nothing."""
+        fresh: set[int] = set()
         with self._env.begin(write=True) as txn:
             self._keys.load(txn)
+            self._refs.load(txn, self._meta_unseal)
             stored = txn.get(_STORE_LAYOUT_KEY, db=meta)
             if stored is not None:
                 layout = int(stored) if stored.isdigit() else -1
@@ -515,7 +709,10 @@ class LmdbStore:
                 deltas.drop_empty(txn, self._holds_empty)
             if layout < 4:
                 self._number_contexts(txn, old)
+            if layout < 5:
+                self._pack_state(txn, fresh)
             txn.put(_STORE_LAYOUT_KEY, str(STORE_LAYOUT).encode(), db=meta)
+        self._refs.committed(fresh)
 
     def _old_trees(self, txn: lmdb.Transaction) -> dict[Column, Any]:
         """The trees of `NUMBERED` columns as layouts before 4 named them (those there are)."""
@@ -537,6 +734,27 @@ class LmdbStore:
                 stored = self._keys.stored(column, key, txn=txn, added=added)
                 txn.put(stored, value, db=new)
             txn.drop(tree, delete=True)
+
+    def _pack_state(self, txn: lmdb.Transaction, fresh: set[int]) -> None:
+        """Layout 4 → 5: every state value takes its stored form (`_ValueRefs`), sealed
+        anew under the key it was sealed to."""
+        cursor = txn.cursor(db=self._dbs[Column.STATE])
+        refs, keys = self._refs, self._keys
+        for stored_key, stored in cursor.iternext():
+            if not stored:
+                continue
+            key = keys.key(Column.STATE, stored_key)
+            value = self._unseal(Column.STATE, key, stored)
+            packed = refs.pack(value, fresh)
+            if packed is not value:
+                cursor.put(stored_key, self._seal(Column.STATE, key, packed))
+        refs.persist(txn, fresh, self._meta_seal)
+
+    def _meta_seal(self, key: bytes, value: bytes) -> bytes:
+        return self._seal(Column.META, key, value)
+
+    def _meta_unseal(self, key: bytes, stored: bytes) -> bytes:
+        return self._unseal(Column.META, key, stored)
 
     def _holds_empty(self, key: bytes, stored: bytes) -> bool:
         """Whether a delta value as a layout-2 store kept it is empty (sealed or not)."""
@@ -579,6 +797,11 @@ class LmdbStore:
             return stored
         return self._cipher.open(column.value, key, stored)
 
+    def _value(self, column: Column, key: bytes, stored: bytes) -> bytes:
+        """What a caller wrote, from what the store holds."""
+        value = self._unseal(column, key, stored)
+        return self._refs.unpack(value) if column is Column.STATE else value
+
     # -- reads -----------------------------------------------------------------------------
 
     def get(self, column: Column, key: bytes) -> bytes | None:
@@ -591,7 +814,7 @@ class LmdbStore:
                 stored = self._deltas.get(txn, stored_key)
             else:
                 stored = txn.get(stored_key)
-        return None if stored is None else self._unseal(column, key, stored)
+        return None if stored is None else self._value(column, key, stored)
 
     def get_many(self, column: Column, keys: Sequence[bytes]) -> list[bytes | None]:
         self._check_open()
@@ -602,7 +825,7 @@ class LmdbStore:
             else:
                 stored = [None if k is None else txn.get(k) for k in stored_keys]
         return [
-            None if s is None else self._unseal(column, k, s)
+            None if s is None else self._value(column, k, s)
             for k, s in zip(keys, stored, strict=True)
         ]
 
@@ -636,15 +859,15 @@ class LmdbStore:
                         if found is not None:
                             out[i] = (key, found)
                             filled.add(i)
-        if self._cipher is None:
+        if self._cipher is None and column is not Column.STATE and not filled:
             return out
         if fill is not None and filled:
             other, cut = fill
             return [
-                (k, self._unseal(other, k[cut:], v) if i in filled else self._unseal(column, k, v))
+                (k, self._value(other, k[cut:], v) if i in filled else self._value(column, k, v))
                 for i, (k, v) in enumerate(out)
             ]
-        return [(k, self._unseal(column, k, v)) for k, v in out]
+        return [(k, self._value(column, k, v)) for k, v in out]
 
     def _get_in(self, txn: lmdb.Transaction, column: Column, key: bytes) -> bytes | None:
         stored_key = self._keys.stored(column, key)
@@ -718,6 +941,13 @@ class LmdbStore:
         number yet). For measurements."""
         return self._keys.stored(column, key)
 
+    def stored_size(self, column: Column, value: bytes) -> int:
+        """Bytes `value` takes as this column stores it, before sealing (state values name
+        ids by number: `_ValueRefs`). For measurements: gives no number."""
+        if column is not Column.STATE:
+            return len(value)
+        return len(self._refs.pack(value, set(), give=False))
+
     def count(self, column: Column) -> int:
         self._check_open()
         with self._lock.shared(), self._env.begin() as txn:
@@ -754,17 +984,21 @@ class LmdbStore:
         if not ops:
             return
         prepared: list[tuple[Column, bytes, bytes | None]] = []
+        fresh: set[int] = set()
+        pack = self._refs.pack
         for op in ops:
             if isinstance(op, PutMany):
                 column = op.column
+                state = column is Column.STATE
                 for key, value in op.rows:
                     _check_key(key)
-                    prepared.append((column, key, self._seal(column, key, value)))
+                    stored = pack(value, fresh) if state else value
+                    prepared.append((column, key, self._seal(column, key, stored)))
                 continue
             _check_key(op.key)
             if isinstance(op, Put):
-                value = self._seal(op.column, op.key, op.value)
-                prepared.append((op.column, op.key, value))
+                stored = pack(op.value, fresh) if op.column is Column.STATE else op.value
+                prepared.append((op.column, op.key, self._seal(op.column, op.key, stored)))
             else:
                 prepared.append((op.column, op.key, None))
         while True:
@@ -772,6 +1006,9 @@ class LmdbStore:
             try:
                 with self._lock.shared(), self._env.begin(write=True) as txn:
                     self._write_in(txn, prepared, added)
+                    if fresh:
+                        self._refs.persist(txn, fresh, self._meta_seal)
+                self._refs.committed(fresh)
                 return
             except lmdb.MapFullError:
                 self._keys.rollback(added)

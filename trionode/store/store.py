@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter
 from trionode.errors import StorageError
 from trionode.store.encryption import KdfParams
 from trionode.store.lmdb_store import (
+    DEFAULT_MAX_VALUE_REFS,
     Column,
     Delete,
     LmdbStore,
@@ -329,6 +330,7 @@ async def open_store(
     kdf: KdfParams | None = None,
     inline: bool = False,
     inline_commit_max: float = DEFAULT_INLINE_COMMIT_MAX,
+    max_value_refs: int = DEFAULT_MAX_VALUE_REFS,
 ) -> AsyncIterator[AsyncStore]:
     """Open the datastore in a worker thread (Argon2id takes a moment) and close it after.
 
@@ -342,6 +344,7 @@ async def open_store(
             max_map_size=max_map_size,
             passphrase=passphrase,
             kdf=kdf,
+            max_value_refs=max_value_refs,
         )
 
     if inline:

@@ -1,0 +1,212 @@
+"""State values with their repeated ids stored as numbers (store layout 5, `_ValueRefs`)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lmdb
+import msgspec
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from trionode.errors import StorageError
+from trionode.store.encryption import KdfParams
+from trionode.store.lmdb_store import Column, LmdbStore, Put, PutMany
+
+FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
+CONTEXT = hashlib.sha256(b"context").digest()
+WRITERS = [hashlib.sha256(b"writer %d" % i).digest() for i in range(3)]
+PARENTS = [hashlib.sha256(b"parent %d" % i).digest() for i in range(3)]
+
+
+def v3_row(time: int, writer: bytes, parent: bytes, name: bytes, value: bytes) -> bytes:
+    """A state row shaped as `crdt/compact.py` writes it (version 3)."""
+    record = [1, parent, name, 2, msgspec.msgpack.Ext(5, b"\x00"), None, [None, value]]
+    return msgspec.msgpack.encode([3, time, writer, record])
+
+
+def v1_record(parent: bytes, name: bytes, value: bytes) -> bytes:
+    return msgspec.msgpack.encode([1, parent, name, 2, None, None, [None, value]])
+
+
+def _key(i: int) -> bytes:
+    return CONTEXT + hashlib.sha256(b"entity %d" % i).digest()
+
+
+def _stored(store: LmdbStore, key: bytes) -> bytes:
+    """A state value as the B-tree holds it (unsealed)."""
+    stored_key = store.stored_key(Column.STATE, key)
+    assert stored_key is not None
+    with store._env.begin(db=store._dbs[Column.STATE]) as txn:
+        stored = txn.get(stored_key)
+    assert stored is not None
+    return store._unseal(Column.STATE, key, stored)
+
+
+_times = st.one_of(st.integers(0, 0x7F), st.integers(0, 1 << 16), st.integers(0, (1 << 64) - 1))
+_values = st.one_of(
+    st.builds(
+        v3_row,
+        _times,
+        st.sampled_from(WRITERS),
+        st.sampled_from([*PARENTS, b"\x00" * 31]),
+        st.binary(max_size=20),
+        st.binary(max_size=200),
+    ),
+    st.builds(v1_record, st.sampled_from(PARENTS), st.binary(max_size=20), st.binary()),
+    st.binary(max_size=120),
+    st.binary(max_size=80).map(lambda b: b"\xc1" + b),  # looks packed: must stay as written
+    st.binary(max_size=80).map(lambda b: b"\x94\x03" + b),
+    st.builds(
+        lambda b, w: b"\x94\x03\x05\xc4\x20" + w + b, st.binary(max_size=40), st.just(WRITERS[0])
+    ),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(_values, min_size=1, max_size=8))
+def test_every_value_reads_back_as_written(
+    tmp_path_factory: pytest.TempPathFactory, values: list[bytes]
+) -> None:
+    path = tmp_path_factory.mktemp("db")
+    store = LmdbStore.open(path)
+    try:
+        rows = {_key(i): v for i, v in enumerate(values)}
+        store.write([PutMany(Column.STATE, list(rows.items()))])
+        assert dict(store.scan(Column.STATE, prefix=CONTEXT)) == rows
+        assert store.get_many(Column.STATE, list(rows)) == list(rows.values())
+    finally:
+        store.close()
+    store = LmdbStore.open(path)  # (the numbers were stored with the rows)
+    try:
+        assert dict(store.scan(Column.STATE, prefix=CONTEXT)) == rows
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_rows_writer_and_parent_take_a_few_bytes(tmp_path: Path, encrypted: bool) -> None:
+    passphrase = "pw" if encrypted else None
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    row = v3_row(1 << 60, WRITERS[0], PARENTS[0], b"user:1", b"v" * 100)
+    joined = v1_record(PARENTS[0], b"user:2", b"w" * 100)
+    try:
+        store.write([Put(Column.STATE, _key(1), row), Put(Column.STATE, _key(2), joined)])
+        assert len(_stored(store, _key(1))) <= len(row) - 2 * 34 + 6
+        assert len(_stored(store, _key(2))) <= len(joined) - 34 + 4
+        assert store.get(Column.STATE, _key(1)) == row
+        assert store.get(Column.STATE, _key(2)) == joined
+    finally:
+        store.close()
+    if encrypted:  # the ids a row refers to are sealed in the meta column too
+        data = (tmp_path / "db" / "data.mdb").read_bytes()
+        assert WRITERS[0] not in data
+        assert PARENTS[0] not in data
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    try:
+        assert store.get(Column.STATE, _key(1)) == row
+    finally:
+        store.close()
+
+
+def test_a_number_given_by_an_aborted_write_is_stored_by_the_next_that_uses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LmdbStore.open(tmp_path / "db")
+    row = v3_row(7, WRITERS[1], PARENTS[1], b"k", b"v")
+
+    def failing_put(*_: object) -> None:
+        raise lmdb.Error("disk on fire")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(store._deltas, "put", failing_put)
+            with pytest.raises(StorageError, match="disk on fire"):
+                store.write([Put(Column.STATE, _key(1), row), Put(Column.DELTA, CONTEXT, b"x")])
+        assert store.get(Column.STATE, _key(1)) is None
+        store.write([Put(Column.STATE, _key(2), row)])
+    finally:
+        store.close()
+    store = LmdbStore.open(tmp_path / "db")
+    try:
+        assert store.get(Column.STATE, _key(2)) == row
+        assert len(_stored(store, _key(2))) < len(row) - 60
+    finally:
+        store.close()
+
+
+def test_past_the_limit_ids_stay_in_the_values(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "db", max_value_refs=2)
+    rows = {_key(i): v3_row(5, WRITERS[0], PARENTS[i % 3], b"%d" % i, b"v") for i in range(6)}
+    try:
+        store.write([PutMany(Column.STATE, list(rows.items()))])
+        assert len(store._refs.ids) == 2
+        assert dict(store.scan(Column.STATE, prefix=CONTEXT)) == rows
+        sizes = sorted(len(_stored(store, k)) for k in rows)
+        assert sizes[0] < sizes[-1]  # (some rows keep one id whole)
+    finally:
+        store.close()
+
+
+def test_damaged_stored_values_fail_as_storage_errors(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "db")
+    row = v3_row(5, WRITERS[0], PARENTS[0], b"k", b"v")
+    try:
+        store.put(Column.STATE, _key(0), row)
+        packed = _stored(store, _key(0))
+        assert packed[0] == 0xC1
+        stored_key = store.stored_key(Column.STATE, _key(0))
+        assert stored_key is not None
+        damaged = [
+            packed[:1],  # no count
+            packed[:3],  # a count without its references
+            packed[:2] + b"\xff\xff\xff\xff\xff",  # a varint that never ends
+            packed[:2] + b"\x03\x7f" + packed[4:],  # an unknown number
+            bytes([0xC1, 1, 0x7F, 1]),  # a gap past the end
+        ]
+        for value in damaged:
+            with store._env.begin(write=True, db=store._dbs[Column.STATE]) as txn:
+                txn.put(stored_key, value)
+            with pytest.raises(StorageError):
+                store.get(Column.STATE, _key(0))
+            with pytest.raises(StorageError):
+                store.scan(Column.STATE, prefix=CONTEXT)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_layout_4_store_packs_its_state_values_once_at_open(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    passphrase = "pw" if encrypted else None
+    rows = {
+        _key(i): v3_row(1 << 50, WRITERS[i % 2], PARENTS[i % 3], b"%d" % i, b"x" * 100)
+        for i in range(30)
+    } | {_key(100): b"\xc1 as a journal row may start", _key(101): b"", _key(102): b"\x95\x04"}
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    try:  # as layout 4 wrote them: values sealed as they are, no references
+        store.write([Put(Column.GENERIC, b"x", b"y")])
+        with store._env.begin(write=True) as txn:
+            added: list[bytes] = []
+            for key, value in rows.items():
+                stored_key = store._keys.stored(Column.STATE, key, txn=txn, added=added)
+                assert stored_key is not None
+                sealed = store._seal(Column.STATE, key, value)
+                txn.put(stored_key, sealed, db=store._dbs[Column.STATE])
+            txn.put(b"store-layout", b"4", db=store._dbs[Column.META])
+        before = store.stats().tree_bytes[Column.STATE.value]
+    finally:
+        store.close()
+    for reopen in range(2):  # converted once; the second open finds layout 5
+        store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+        try:
+            assert dict(store.scan(Column.STATE, prefix=CONTEXT)) == rows
+            assert store.get(Column.STATE, _key(100)) == rows[_key(100)]
+            if reopen == 0:
+                assert store.stats().tree_bytes[Column.STATE.value] <= before
+                assert len(_stored(store, _key(0))) < len(rows[_key(0)]) - 60
+                assert len(store._refs.ids) == 5
+        finally:
+            store.close()
