@@ -25,13 +25,16 @@ Standalone: ``python -m benchmarks.bytes_bench [--quick]``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from statistics import fmean
 
 import attrs
 import base58
+import lmdb
 import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -56,7 +59,7 @@ from trionode.dag.delta import (
     verify_delta,
 )
 from trionode.node import Node
-from trionode.store.lmdb_store import Column, Delete, StoreStats
+from trionode.store.lmdb_store import NUMBERED, Column, Delete, LmdbStore, PutMany, StoreStats
 from trionode.testing import open_test_node
 from trionode.wire.keys import PrivateKey
 from trionode.wire.messages import DeltaBatch, encode_gossip
@@ -509,9 +512,81 @@ def _key_id(delta: SignedDelta, context_id: bytes) -> int:
     return verify_delta(delta, context_id=context_id).key_id
 
 
+def _conversion_rows(n: int, base: Path) -> list[Row]:
+    """Seconds to open a store of layout 4 holding `n` kv entries as a node keeps them
+    (a state row, a delta row with its ~400-byte body, a base marker and a checkpoint row
+    each): its trees move to one-byte context tags and every state value takes its
+    stored form, in one transaction. Baseline: writing the same rows to a new store in one
+    transaction."""
+    context = hashlib.sha256(b"context").digest()
+    writer = hashlib.sha256(b"writer").digest()
+    parent = hashlib.sha256(b"items").digest()
+    rows: dict[Column, list[tuple[bytes, bytes]]] = {c: [] for c in NUMBERED}
+    for i in range(n):
+        entity = hashlib.sha256(b"entity %d" % i).digest()
+        delta = hashlib.sha256(b"delta %d" % i).digest()
+        record = [1, parent, b"user:%08d" % i, 2, msgspec.msgpack.Ext(5, b"\x00"), None]
+        state = msgspec.msgpack.encode([3, 1 << 62, writer, [*record, [None, b"v" * 100]]])
+        rows[Column.STATE].append((context + entity, state))
+        rows[Column.DELTA].append((context + delta, os.urandom(400)))
+        rows[Column.GENERIC] += [
+            (BASE_PREFIX + context + entity, b""),
+            (CHECKPOINT_VV_PREFIX + context + delta, b"\x02" + os.urandom(13)),
+        ]
+    fresh = LmdbStore.open(base / "fresh")
+    try:
+        started = time.perf_counter()
+        fresh.write([PutMany(c, sorted(r)) for c, r in rows.items()])
+        written = time.perf_counter() - started
+    finally:
+        fresh.close()
+    _as_layout_4(base / "old", rows)
+    started = time.perf_counter()
+    LmdbStore.open(base / "old").close()
+    converted = time.perf_counter() - started
+    return [
+        Row(
+            f"opening a layout 4 store of {n:,} kv entries (converts to layout 6 at open)",
+            converted,
+            "s",
+            "the same rows written to a new store in one transaction",
+            written,
+            higher_is_better=False,
+        )
+    ]
+
+
+def _as_layout_4(path: Path, rows: dict[Column, list[tuple[bytes, bytes]]]) -> None:
+    """A store holding `rows` as layout 4 kept them (context 1 in 5-byte tags, in trees
+    `<column>@4`, state values as written)."""
+    LmdbStore.open(path).close()
+    env = lmdb.open(str(path), max_dbs=32, map_size=1 << 32)
+    try:
+        with env.begin(write=True) as txn:
+            meta = env.open_db(Column.META.value.encode(), txn=txn)
+            txn.put(b"store-layout", b"4", db=meta)
+            log = env.open_db(b"delta-log", txn=txn)
+            for column, table in rows.items():
+                env.open_db(f"{column.value}@6".encode(), txn=txn)
+                db = env.open_db(f"{column.value}@4".encode(), txn=txn)
+                for seq, (key, value) in enumerate(sorted(table), start=1):
+                    prefix = next(p for p in NUMBERED[column] if key.startswith(p))
+                    context = key[len(prefix) : len(prefix) + 32]
+                    txn.put(b"context-number/" + context, (1).to_bytes(4, "big"), db=meta)
+                    stored_key = prefix + b"\x01" + (1).to_bytes(4, "big") + key[len(prefix) + 32 :]
+                    if column is Column.DELTA:
+                        txn.put(stored_key, seq.to_bytes(8, "big"), db=db)
+                        txn.put(seq.to_bytes(8, "big"), value, db=log)
+                    else:
+                        txn.put(stored_key, value, db=db)
+    finally:
+        env.close()
+
+
 async def run(*, quick: bool) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="trionode-bench-") as tmp:
-        return await _rows(200 if quick else 3_000, Path(tmp))
+        rows = await _rows(200 if quick else 3_000, Path(tmp))
+        return rows + _conversion_rows(2_000 if quick else 100_000, Path(tmp) / "convert")
 
 
 def main() -> None:

@@ -351,10 +351,10 @@ def test_a_store_of_a_newer_layout_is_refused_with_one_line(tmp_path: Path) -> N
     LmdbStore.open(tmp_path / "db").close()
     env = lmdb.open(str(tmp_path / "db"), max_dbs=16)
     with env.begin(write=True) as txn:
-        txn.put(b"store-layout", b"6", db=env.open_db(Column.META.value.encode(), txn=txn))
+        txn.put(b"store-layout", b"7", db=env.open_db(Column.META.value.encode(), txn=txn))
     env.close()
     for _ in range(2):  # (and the refusal wrote nothing)
-        with pytest.raises(StorageError, match="has layout 6, which this trionode") as caught:
+        with pytest.raises(StorageError, match="has layout 7, which this trionode") as caught:
             LmdbStore.open(tmp_path / "db")
         assert "\n" not in str(caught.value)
 
@@ -408,7 +408,7 @@ def test_a_layout_3_store_numbers_its_contexts_once_at_open(
     store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
     _as_layout_3(tmp_path / "db", rows, store)
     store.close()
-    for reopen in range(2):  # converted once; the second open finds layout 5
+    for reopen in range(2):  # converted once; the second open finds layout 6
         store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
         try:
             for column, table in rows.items():
@@ -437,7 +437,7 @@ def test_a_layout_3_store_numbers_its_contexts_once_at_open(
                     names = {k for k, _ in txn.cursor()}
                     assert not {c.value.encode() for c in NUMBERED} & names
                     stored = [k for k, _ in txn.cursor(db=store._dbs[Column.STATE])]
-                assert max(len(k) for k in stored) == 1 + 4 + 32 + 4
+                assert max(len(k) for k in stored) == 1 + 32 + 4
         finally:
             store.close()
 
@@ -469,7 +469,7 @@ def test_context_numbers_are_given_in_the_writing_transaction_and_taken_back_wit
         # A map too small for the write: it grows and the write is tried again.
         store.write([Put(Column.STATE, third + b"%032d" % i, b"x" * 1000) for i in range(2000)])
         assert len(store.scan(Column.STATE, prefix=third)) == 2000
-        assert sorted(store._keys.ids) == [(n).to_bytes(4, "big") for n in (1, 2, 3)]
+        assert sorted(store._keys.ids) == [1, 2, 3]
     finally:
         store.close()
     store = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 20)
@@ -481,3 +481,73 @@ def test_context_numbers_are_given_in_the_writing_transaction_and_taken_back_wit
         assert len(store._keys.numbers) == 3
     finally:
         store.close()
+
+
+def _as_layout_5(path: Path, rows: dict[Column, dict[bytes, bytes]], store: LmdbStore) -> None:
+    """Make `path` hold `rows` as a layout-5 store did: contexts numbered in the order
+    they first appear, every number in a 5-byte tag, in trees named `<column>@4`."""
+    env = lmdb.open(str(path), max_dbs=16)
+    numbers: dict[bytes, bytes] = {}
+    with env.begin(write=True) as txn:
+        meta = env.open_db(Column.META.value.encode(), txn=txn)
+        txn.put(b"store-layout", b"5", db=meta)
+        log = env.open_db(b"delta-log", txn=txn)
+        for column, table in rows.items():
+            name = f"{column.value}@4" if column in NUMBERED else column.value
+            db = env.open_db(name.encode(), txn=txn)
+            for seq, (key, value) in enumerate(sorted(table.items()), start=1):
+                stored_key = key
+                for prefix in NUMBERED.get(column, ()):
+                    if key.startswith(prefix) and len(key) >= len(prefix) + 32:
+                        context = key[len(prefix) : len(prefix) + 32]
+                        if context not in numbers:
+                            numbers[context] = (len(numbers) + 1).to_bytes(4, "big")
+                            txn.put(b"context-number/" + context, numbers[context], db=meta)
+                        stored_key = prefix + b"\x01" + numbers[context] + key[len(prefix) + 32 :]
+                        break
+                    if key.startswith(prefix):
+                        stored_key = prefix + b"\x00" + key[len(prefix) :]
+                        break
+                stored = store._seal(column, key, value)
+                if column is not Column.DELTA:
+                    txn.put(stored_key, stored, db=db)
+                elif not value:
+                    txn.put(stored_key, b"", db=db)
+                else:
+                    txn.put(stored_key, seq.to_bytes(8, "big"), db=db)
+                    txn.put(seq.to_bytes(8, "big"), stored, db=log)
+    env.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_layout_5_store_moves_to_one_byte_context_tags_once_at_open(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    passphrase = "pw" if encrypted else None
+    rows = _context_rows(130)  # (numbers past 127 keep their 5-byte tags)
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    _as_layout_5(tmp_path / "db", rows, store)
+    store.close()
+    for reopen in range(2):  # converted once; the second open finds layout 6
+        store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+        try:
+            for column, table in rows.items():
+                assert store.scan(column) == sorted(table.items()), column
+            for context in {k[:32] for k in rows[Column.CONFIG]}:
+                in_state = sorted(
+                    (k, v) for k, v in rows[Column.STATE].items() if k[:32] == context
+                )
+                assert store.scan(Column.STATE, prefix=context) == in_state
+                assert store.get(Column.STATE, in_state[0][0]) == in_state[0][1]
+            with store._env.begin() as txn:
+                names = {k for k, _ in txn.cursor()}
+                stored = [k for k, _ in txn.cursor(db=store._dbs[Column.STATE])]
+            assert not {f"{c.value}@4".encode() for c in NUMBERED} & names
+            lengths = {len(k) for k in stored}
+            assert {1 + 32, 1 + 32 + 4, 5 + 32, 5 + 32 + 4} <= lengths
+            assert sum(len(k) == 1 + 32 for k in stored) == 127 * 20
+            if reopen == 1:  # the 131st context
+                store.put(Column.STATE, b"\xab" * 32 + b"\xcd" * 32, b"new context")
+                assert store.get(Column.STATE, b"\xab" * 32 + b"\xcd" * 32) == b"new context"
+        finally:
+            store.close()

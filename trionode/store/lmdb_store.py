@@ -22,8 +22,8 @@ the row lets LMDB merge and reuse them.
 
 Context ids in keys are stored as local numbers (`_ContextNumbers`): every state, delta,
 base and checkpoint row's key starts with the 32-byte id of its context, which the store
-keeps as a 4-byte number (and a tag byte) instead: 27 bytes less in each of the three or
-four rows a kv entry takes. Callers see the keys as they wrote them.
+keeps as a one-byte tag (a 4-byte number after a tag byte past 127 contexts) instead: 31
+bytes less in each of the four rows a kv entry takes. Callers see the keys as they wrote them.
 
 State values name 32-byte ids by short store-wide numbers (`_ValueRefs`): a state row
 repeats its writer's key and its record's parent id, 68 of a kv entry's ~210 bytes; stored,
@@ -33,7 +33,8 @@ Layouts (`store-layout` in the meta column): 1, one delta tree; 2, the index and
 (`delta-layout` = 2 records this too, as builds before layout 3 read only that key); 3,
 empty values as index markers; 4, context numbers in keys, in trees named `<column>@4`
 (the conversion reads the old tree and writes the new one, then drops the old); 5, state
-values with ids as numbers (every state value rewritten in place). Opening
+values with ids as numbers (every state value rewritten in place); 6, one-byte tags for
+the first 127 contexts' numbers, in trees `<column>@6` (moved as for 4). Opening
 converts an older store in one transaction; a store of a layout newer than
 `STORE_LAYOUT` is refused with one line, so a build never misreads rows written by a
 newer one.
@@ -65,7 +66,7 @@ _DELTA_LAYOUT: Final = b"2"
 """1 (no record): the delta column is one B-tree; 2: an index and an append-ordered log.
 Kept at 2 from layout 3 on: a build of layout 2 moves any other value to the log again."""
 _STORE_LAYOUT_KEY: Final = b"store-layout"
-STORE_LAYOUT: Final = 5
+STORE_LAYOUT: Final = 6
 """The newest layout this build reads and writes (see the module docstring)."""
 _DELTA_LOG_DB: Final = b"delta-log"
 _SEQ_BYTES: Final = 8
@@ -75,7 +76,10 @@ _NUMBER_BYTES: Final = 4
 _SHORT: Final = b"\x00"
 """Stored-key tag of a key too short to hold a context id after its prefix."""
 _NUMBERED_TAG: Final = b"\x01"
-"""Stored-key tag of a key whose context id is said by its number."""
+"""Stored-key tag of a key whose context id is said by its number, in the next 4 bytes."""
+_SMALL_TAG: Final = 0x80
+"""Stored-key tags from here on say a context's number themselves (layout 6)."""
+_SMALL_NUMBERS: Final = 0x80
 _NUMBER_KEY: Final = b"context-number/"
 """meta: context-number/ ‖ context id → its number (4 bytes, big-endian)."""
 _REF_KEY: Final = b"value-ref/"
@@ -287,8 +291,9 @@ bytes for the context id (see the module docstring)."""
 
 
 def _db_name(column: Column) -> bytes:
-    """Columns whose keys are numbered live in new trees from layout 4 on (`_convert`)."""
-    return f"{column.value}@4".encode() if column in NUMBERED else column.value.encode()
+    """Columns whose keys are numbered live in new trees from layout 6 on (`_convert`;
+    layouts 4 and 5 named them `<column>@4`, before that `<column>`)."""
+    return f"{column.value}@6".encode() if column in NUMBERED else column.value.encode()
 
 
 @attrs.frozen
@@ -464,20 +469,24 @@ class _DeltaLog:
 
 class _ContextNumbers:
     """Local numbers for context ids in the keys of `NUMBERED` columns: a stored key is
-    prefix ‖ `_NUMBERED_TAG` ‖ number ‖ rest instead of prefix ‖ context id ‖ rest (28
-    bytes less in every state, delta, base and checkpoint row), or prefix ‖ `_SHORT` ‖ rest
-    for a key too short to name a context. Keys of other columns, and of the generic column
-    outside its numbered prefixes, are stored as they are.
+    prefix ‖ tag ‖ rest instead of prefix ‖ context id ‖ rest, where the tag is one byte,
+    `_SMALL_TAG` | number, for the first `_SMALL_NUMBERS` contexts (31 bytes less in every
+    state, delta, base and checkpoint row), else `_NUMBERED_TAG` ‖ number (4 bytes), or
+    `_SHORT` for a key too short to name a context. Keys of other columns, and of the
+    generic column outside its numbered prefixes, are stored as they are. (Layouts 4 and 5
+    wrote every number in 5 bytes; `key` reads both.)
 
-    Within one context the stored keys keep the order of the keys (the number is a fixed
-    prefix); across contexts they follow the numbers. Numbers are given in a write
+    Within one context the stored keys keep the order of the keys (the tag is a fixed
+    prefix); across contexts they follow no order. Numbers are given in a write
     transaction (`stored(..., txn=)`), recorded in the meta column in that transaction, and
     taken back if it aborts (`rollback`)."""
 
     def __init__(self, meta: Any) -> None:
         self._meta = meta
         self.numbers: dict[bytes, bytes] = {}
-        self.ids: dict[bytes, bytes] = {}
+        """context id → its tag in stored keys."""
+        self.ids: dict[int, bytes] = {}
+        """number → context id."""
         self._next = 1
 
     def load(self, txn: lmdb.Transaction) -> None:
@@ -491,9 +500,16 @@ class _ContextNumbers:
                 context = key[len(_NUMBER_KEY) :]
                 if len(context) != _CONTEXT_BYTES or len(number) != _NUMBER_BYTES:
                     raise StorageError("a stored context number is damaged")
-                self.numbers[context] = number
-                self.ids[number] = context
-        self._next = max((int.from_bytes(n, "big") for n in self.ids), default=0) + 1
+                self._note(context, int.from_bytes(number, "big"))
+        self._next = max(self.ids, default=0) + 1
+
+    def _note(self, context: bytes, number: int) -> None:
+        self.numbers[context] = (
+            bytes([_SMALL_TAG | number])
+            if number < _SMALL_NUMBERS
+            else _NUMBERED_TAG + number.to_bytes(_NUMBER_BYTES, "big")
+        )
+        self.ids[number] = context
 
     def stored(
         self,
@@ -515,34 +531,35 @@ class _ContextNumbers:
             if len(key) < cut + _CONTEXT_BYTES:
                 return prefix + _SHORT + key[cut:]
             context = key[cut : cut + _CONTEXT_BYTES]
-            number = self.numbers.get(context)
-            if number is None:
+            tag = self.numbers.get(context)
+            if tag is None:
                 if txn is None or added is None:
                     return None
-                number = self._give(context, txn)
+                tag = self._give(context, txn)
                 added.append(context)
-            return prefix + _NUMBERED_TAG + number + key[cut + _CONTEXT_BYTES :]
+            return prefix + tag + key[cut + _CONTEXT_BYTES :]
         return key
 
     def _give(self, context: bytes, txn: lmdb.Transaction) -> bytes:
         if self._next >= 1 << (8 * _NUMBER_BYTES):
             raise StorageError("the datastore ran out of context numbers")
-        number = self._next.to_bytes(_NUMBER_BYTES, "big")
+        number = self._next
         self._next += 1
-        txn.put(_NUMBER_KEY + context, number, db=self._meta)
-        self.numbers[context] = number
-        self.ids[number] = context
-        return number
+        txn.put(_NUMBER_KEY + context, number.to_bytes(_NUMBER_BYTES, "big"), db=self._meta)
+        self._note(context, number)
+        return self.numbers[context]
 
     def rollback(self, added: list[bytes]) -> None:
         """The transaction that gave numbers to `added` aborted."""
         for context in added:
-            del self.ids[self.numbers.pop(context)]
-        self._next = max((int.from_bytes(n, "big") for n in self.ids), default=0) + 1
+            del self.numbers[context]
+        self.ids = {n: c for n, c in self.ids.items() if c in self.numbers}
+        self._next = max(self.ids, default=0) + 1
         added.clear()
 
     def key(self, column: Column, stored: bytes) -> bytes:
-        """The key of a stored key (`stored`'s inverse)."""
+        """The key of a stored key (`stored`'s inverse; a 5-byte tag of a small number,
+        as layouts 4 and 5 wrote it, too)."""
         prefixes = NUMBERED.get(column)
         if prefixes is None:
             return stored
@@ -550,14 +567,20 @@ class _ContextNumbers:
             if not stored.startswith(prefix):
                 continue
             cut = len(prefix)
-            tag = stored[cut : cut + 1]
-            if tag == _SHORT:
+            tag = stored[cut] if len(stored) > cut else -1
+            if tag == _SHORT[0]:
                 return prefix + stored[cut + 1 :]
-            number = stored[cut + 1 : cut + 1 + _NUMBER_BYTES]
-            context = self.ids.get(number) if tag == _NUMBERED_TAG else None
+            if tag >= _SMALL_TAG:
+                number, rest = tag & ~_SMALL_TAG, cut + 1
+            elif tag == _NUMBERED_TAG[0] and len(stored) >= cut + 1 + _NUMBER_BYTES:
+                number = int.from_bytes(stored[cut + 1 : cut + 1 + _NUMBER_BYTES], "big")
+                rest = cut + 1 + _NUMBER_BYTES
+            else:
+                number, rest = -1, 0
+            context = self.ids.get(number)
             if context is None:
                 raise StorageError(f"a stored {column.value} key names no known context")
-            return prefix + context + stored[cut + 1 + _NUMBER_BYTES :]
+            return prefix + context + stored[rest:]
         return stored
 
     def pinned(self, column: Column, prefix: bytes) -> bool | None:
@@ -700,39 +723,44 @@ class LmdbStore:
                 layout = 2
             else:
                 layout = 1
-            old = self._old_trees(txn)
+            old = self._old_trees(txn, "" if layout < 4 else "@4")
             deltas = _DeltaLog(old.get(Column.DELTA, self._dbs[Column.DELTA]), self._log_db)
             if layout < 2:
                 deltas.to_log(txn)
                 txn.put(_DELTA_LAYOUT_KEY, _DELTA_LAYOUT, db=meta)
             if layout < 3:
                 deltas.drop_empty(txn, self._holds_empty)
-            if layout < 4:
-                self._number_contexts(txn, old)
+            if layout < 6:
+                self._number_contexts(txn, old, numbered=layout >= 4)
             if layout < 5:
                 self._pack_state(txn, fresh)
             txn.put(_STORE_LAYOUT_KEY, str(STORE_LAYOUT).encode(), db=meta)
         self._refs.committed(fresh)
 
-    def _old_trees(self, txn: lmdb.Transaction) -> dict[Column, Any]:
-        """The trees of `NUMBERED` columns as layouts before 4 named them (those there are)."""
+    def _old_trees(self, txn: lmdb.Transaction, suffix: str) -> dict[Column, Any]:
+        """The trees of `NUMBERED` columns as an older layout named them (`<column>` before
+        layout 4, `<column>@4` in 4 and 5), those there are."""
         names = {key for key, _ in txn.cursor()}
         return {
-            column: self._env.open_db(column.value.encode(), txn=txn)
+            column: self._env.open_db(name, txn=txn)
             for column in NUMBERED
-            if column.value.encode() in names
+            if (name := f"{column.value}{suffix}".encode()) in names
         }
 
-    def _number_contexts(self, txn: lmdb.Transaction, old: dict[Column, Any]) -> None:
-        """Layout 3 → 4: every row of a numbered column moves to its new tree under its
-        stored key (values as they are: sealing binds them to the key, not its stored
-        form); the old trees go."""
+    def _number_contexts(
+        self, txn: lmdb.Transaction, old: dict[Column, Any], *, numbered: bool
+    ) -> None:
+        """Layouts 3 → 6 and 4, 5 → 6: every row of a numbered column moves to its new tree
+        under its stored key (values as they are: sealing binds them to the key, not its
+        stored form); the old trees go. Keys of layouts 4 and 5 (`numbered`) are read as
+        stored keys; before, as they are."""
         added: list[bytes] = []
+        keys = self._keys
         for column, tree in old.items():
             new = self._dbs[column]
             for key, value in txn.cursor(db=tree).iternext():
-                stored = self._keys.stored(column, key, txn=txn, added=added)
-                txn.put(stored, value, db=new)
+                plain = keys.key(column, key) if numbered else key
+                txn.put(keys.stored(column, plain, txn=txn, added=added), value, db=new)
             txn.drop(tree, delete=True)
 
     def _pack_state(self, txn: lmdb.Transaction, fresh: set[int]) -> None:
