@@ -363,7 +363,7 @@ async def _rows(n: int, base: Path) -> list[Row]:
     )
     rows.append(
         Row(
-            "  delta B-trees (the ids stay; an empty body takes no log row)",
+            "  delta B-trees (the ids stay, each with its checkpoint row; no log row)",
             folded.delta,
             "B/entry",
             "the same before folding",
@@ -373,9 +373,9 @@ async def _rows(n: int, base: Path) -> list[Row]:
     )
     for label, value in (
         ("state B-tree", folded.state_tree),
-        ("generic B-tree (base rows, checkpoint rows, event log)", folded.generic),
+        ("generic B-tree (base rows, event log)", folded.generic),
         ("base rows (folded records; empty where the state row holds the same)", folded.base),
-        ("checkpoint rows (empty delta row, ckvv/ row): keys and values", folded.checkpoints),
+        ("checkpoint rows (a folded delta's index row with its ckvv/ row)", folded.checkpoints),
     ):
         rows.append(
             Row(
@@ -442,9 +442,14 @@ async def _folded(
         for k, v in await node.store.scan(DELTAS, prefix=context_id)
         if not v
     )
-    marks = await size(CHECKPOINT_VV_PREFIX + context_id) + await size(
-        FOLDED_SEQ_PREFIX + context_id  # (format 2's second row: none now)
-    )
+    # A checkpoint row lives in its delta's index row (store layout 6): its value and two
+    # flag bytes there, the key being the delta row's.
+    marks = sum(
+        len(v) + 2
+        for _, v in await node.store.raw_scan(
+            Column.GENERIC, prefix=CHECKPOINT_VV_PREFIX + context_id
+        )
+    ) + await size(FOLDED_SEQ_PREFIX + context_id)  # (format 2's second row: none now)
     grown = {c: stats.tree_bytes[c] - before.tree_bytes[c] for c in columns}
     await node.store.write(
         [Delete(Column.GENERIC, EVENT_PREFIX + seq.to_bytes(8, "big")) for seq in events]

@@ -34,7 +34,8 @@ Layouts (`store-layout` in the meta column): 1, one delta tree; 2, the index and
 empty values as index markers; 4, context numbers in keys, in trees named `<column>@4`
 (the conversion reads the old tree and writes the new one, then drops the old); 5, state
 values with ids as numbers (every state value rewritten in place); 6, one-byte tags for
-the first 127 contexts' numbers, in trees `<column>@6` (moved as for 4). Opening
+the first 127 contexts' numbers, in trees `<column>@6` (moved as for 4), and checkpoint
+rows in the delta index (`_DeltaLog`). Opening
 converts an older store in one transaction; a store of a layout newer than
 `STORE_LAYOUT` is refused with one line, so a build never misreads rows written by a
 newer one.
@@ -381,33 +382,101 @@ def _raw_scan(
     start: bytes | None,
     end: bytes | None,
     limit: int | None,
+    *,
+    select: Callable[[bytes], bytes | None] | None = None,
+    db: Any = None,
 ) -> list[tuple[bytes, bytes]]:
-    """Rows of the transaction's tree with `prefix`, in [start, end), at most `limit`."""
+    """Rows of the transaction's tree (or `db`) with `prefix`, in [start, end), at most
+    `limit`; with `select`, its value of each row's (rows it gives None for are left out)."""
     lower = max(prefix, start) if start is not None else prefix
     out: list[tuple[bytes, bytes]] = []
-    cursor = txn.cursor()
+    cursor = txn.cursor() if db is None else txn.cursor(db=db)
     if lower and not cursor.set_range(lower):
         return []
-    for key, value in cursor.iternext():
+    for key, raw in cursor.iternext():
         if (prefix and not key.startswith(prefix)) or (end is not None and key >= end):
             break
+        value = raw if select is None else select(raw)
+        if value is None:
+            continue
         out.append((key, value))
         if limit is not None and len(out) >= limit:
             break
     return out
 
 
+_WITH_CHECKPOINT: Final = 0xFF
+"""First byte of a delta index value that holds a checkpoint row too (`_DeltaLog`); a
+sequence number's is 0 (numbers stay below 2^56)."""
+_HAS_DELTA: Final = 1
+_HAS_BODY: Final = 2
+CHECKPOINT_PREFIX: Final = b"ckvv/"
+"""Generic rows `ckvv/` ‖ context ‖ delta id (context/replicas.py's checkpoint rows) live
+in the delta index row of the same context and id (`_DeltaLog`)."""
+_CHECKPOINT_KEY_BYTES: Final = len(CHECKPOINT_PREFIX) + 2 * _ID_BYTES
+
+
+def _is_checkpoint(column: Column, key: bytes) -> bool:
+    return (
+        column is Column.GENERIC
+        and len(key) == _CHECKPOINT_KEY_BYTES
+        and key.startswith(CHECKPOINT_PREFIX)
+    )
+
+
+def _index_parts(raw: bytes | None) -> tuple[bytes | None, bytes | None]:
+    """(the delta's part: None for no delta row, b"" for an empty value, else its log
+    sequence number; the checkpoint row's value or None) of a delta index value."""
+    if raw is None:
+        return None, None
+    if not raw or raw[0] != _WITH_CHECKPOINT:
+        return raw, None
+    if len(raw) < 2:
+        raise StorageError("a stored delta index row is damaged")
+    flags = raw[1]
+    if not flags & _HAS_DELTA:
+        return None, raw[2:]
+    if not flags & _HAS_BODY:
+        return b"", raw[2:]
+    if len(raw) < 2 + _SEQ_BYTES:
+        raise StorageError("a stored delta index row is damaged")
+    return raw[2 : 2 + _SEQ_BYTES], raw[2 + _SEQ_BYTES :]
+
+
+def _index_value(delta: bytes | None, checkpoint: bytes | None) -> bytes | None:
+    """`_index_parts`'s inverse (None: no row)."""
+    if checkpoint is None:
+        return delta
+    flags = (0 if delta is None else _HAS_DELTA) | (_HAS_BODY if delta else 0)
+    return bytes([_WITH_CHECKPOINT, flags]) + (delta or b"") + checkpoint
+
+
+def _delta_part(raw: bytes) -> bytes | None:
+    return _index_parts(raw)[0]
+
+
+def _checkpoint_part(raw: bytes) -> bytes | None:
+    return _index_parts(raw)[1]
+
+
 class _DeltaLog:
     """The delta column's two trees (see the module docstring): `index` maps a key to its
     sequence number, `log` a sequence number to the (sealed) value. All methods work inside
-    a transaction the caller holds."""
+    a transaction the caller holds.
+
+    An index row also holds the checkpoint row (`CHECKPOINT_PREFIX`) of its context and
+    delta id, if there is one: every delta folded here has both, and one row instead of two
+    saves a 38-byte key, a node header and their share of half-empty pages (~60 bytes per
+    folded delta). Such a value is `_WITH_CHECKPOINT` ‖ flags ‖ the sequence number (if
+    the delta has a body) ‖ the checkpoint value (sealed as a generic row); an index value
+    without a checkpoint is as before (empty, or the number)."""
 
     def __init__(self, index: Any, log: Any) -> None:
         self.index = index
         self.log = log
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
-        seq: bytes | None = txn.get(key, db=self.index)
+        seq = _index_parts(txn.get(key, db=self.index))[0]
         if not seq:
             return seq  # (None: no row; b"": an empty value)
         value: bytes | None = txn.get(seq, db=self.log)
@@ -415,24 +484,44 @@ class _DeltaLog:
 
     def put(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
         """`value` as stored (sealed if the store is); an empty one takes no log row."""
-        seq = txn.get(key, db=self.index)
+        seq, checkpoint = _index_parts(txn.get(key, db=self.index))
         if not value:
             if seq:
                 txn.delete(seq, db=self.log)
-            txn.put(key, b"", db=self.index)
+            txn.put(key, _index_value(b"", checkpoint), db=self.index)
             return
         if not seq:
             seq = self._next(txn)
-            txn.put(key, seq, db=self.index)
+            txn.put(key, _index_value(seq, checkpoint), db=self.index)
         txn.put(seq, value, db=self.log)
 
     def delete(self, txn: lmdb.Transaction, key: bytes) -> None:
-        seq = txn.pop(key, db=self.index)
+        seq, checkpoint = _index_parts(txn.get(key, db=self.index))
         if seq:
             txn.delete(seq, db=self.log)
+        self._set(txn, key, None, checkpoint)
+
+    def _set(
+        self, txn: lmdb.Transaction, key: bytes, seq: bytes | None, checkpoint: bytes | None
+    ) -> None:
+        value = _index_value(seq, checkpoint)
+        if value is None:
+            txn.delete(key, db=self.index)
+        else:
+            txn.put(key, value, db=self.index)
+
+    def get_checkpoint(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
+        return _index_parts(txn.get(key, db=self.index))[1]
+
+    def put_checkpoint(self, txn: lmdb.Transaction, key: bytes, value: bytes | None) -> None:
+        """Set (None: remove) the checkpoint row of `key`'s index row."""
+        seq, checkpoint = _index_parts(txn.get(key, db=self.index))
+        if checkpoint is not None or value is not None:
+            self._set(txn, key, seq, value)
 
     def scan(self, txn: lmdb.Transaction, rows: list[tuple[bytes, bytes]]) -> None:
-        """Replace each (key, sequence number) of an index scan by (key, value), in place."""
+        """Replace each (key, sequence number) of an index scan (its values through
+        `_delta_part`) by (key, value), in place."""
         for i, (key, seq) in enumerate(rows):
             if not seq:
                 continue  # an empty value: (key, b"") already
@@ -732,6 +821,7 @@ class LmdbStore:
                 deltas.drop_empty(txn, self._holds_empty)
             if layout < 6:
                 self._number_contexts(txn, old, numbered=layout >= 4)
+                self._merge_checkpoints(txn)
             if layout < 5:
                 self._pack_state(txn, fresh)
             txn.put(_STORE_LAYOUT_KEY, str(STORE_LAYOUT).encode(), db=meta)
@@ -762,6 +852,23 @@ class LmdbStore:
                 plain = keys.key(column, key) if numbered else key
                 txn.put(keys.stored(column, plain, txn=txn, added=added), value, db=new)
             txn.drop(tree, delete=True)
+
+    def _merge_checkpoints(self, txn: lmdb.Transaction) -> None:
+        """Layouts before 6: checkpoint rows move from the generic tree into the delta
+        index rows of their context and id (`_DeltaLog`), values as they are."""
+        keys, added = self._keys, list[bytes]()
+        generic = self._dbs[Column.GENERIC]
+        moved: list[bytes] = []
+        for stored_key, value in _raw_scan(txn, CHECKPOINT_PREFIX, None, None, None, db=generic):
+            key = keys.key(Column.GENERIC, stored_key)
+            if _is_checkpoint(Column.GENERIC, key):
+                within = key[len(CHECKPOINT_PREFIX) :]
+                index_key = keys.stored(Column.DELTA, within, txn=txn, added=added)
+                assert index_key is not None  # (a write transaction gives numbers)
+                self._deltas.put_checkpoint(txn, index_key, value)
+                moved.append(stored_key)
+        for stored_key in moved:
+            txn.delete(stored_key, db=generic)
 
     def _pack_state(self, txn: lmdb.Transaction, fresh: set[int]) -> None:
         """Layout 4 → 5: every state value takes its stored form (`_ValueRefs`), sealed
@@ -834,24 +941,14 @@ class LmdbStore:
 
     def get(self, column: Column, key: bytes) -> bytes | None:
         self._check_open()
-        stored_key = self._keys.stored(column, key)
-        if stored_key is None:
-            return None
-        with self._lock.shared(), self._env.begin(db=self._dbs[column], buffers=False) as txn:
-            if column is Column.DELTA:
-                stored = self._deltas.get(txn, stored_key)
-            else:
-                stored = txn.get(stored_key)
+        with self._lock.shared(), self._env.begin(buffers=False) as txn:
+            stored = self._get_in(txn, column, key)
         return None if stored is None else self._value(column, key, stored)
 
     def get_many(self, column: Column, keys: Sequence[bytes]) -> list[bytes | None]:
         self._check_open()
-        stored_keys = [self._keys.stored(column, k) for k in keys]
-        with self._lock.shared(), self._env.begin(db=self._dbs[column]) as txn:
-            if column is Column.DELTA:
-                stored = [None if k is None else self._deltas.get(txn, k) for k in stored_keys]
-            else:
-                stored = [None if k is None else txn.get(k) for k in stored_keys]
+        with self._lock.shared(), self._env.begin() as txn:
+            stored = [self._get_in(txn, column, k) for k in keys]
         return [
             None if s is None else self._value(column, k, s)
             for k, s in zip(keys, stored, strict=True)
@@ -898,6 +995,10 @@ class LmdbStore:
         return [(k, self._value(column, k, v)) for k, v in out]
 
     def _get_in(self, txn: lmdb.Transaction, column: Column, key: bytes) -> bytes | None:
+        """The value of `key` as stored (sealed), read in `txn`."""
+        if _is_checkpoint(column, key):
+            index_key = self._keys.stored(Column.DELTA, key[len(CHECKPOINT_PREFIX) :])
+            return None if index_key is None else self._deltas.get_checkpoint(txn, index_key)
         stored_key = self._keys.stored(column, key)
         if stored_key is None:
             return None
@@ -918,11 +1019,56 @@ class LmdbStore:
     ) -> list[tuple[bytes, bytes]]:
         """`scan`'s rows as stored (values sealed, delta values as log numbers), keys as
         they are."""
+        rows = self._scan_tree(txn, column, prefix, start=start, end=end, limit=limit)
+        if column is Column.GENERIC and (
+            prefix.startswith(CHECKPOINT_PREFIX) or CHECKPOINT_PREFIX.startswith(prefix)
+        ):
+            more = self._scan_checkpoints(txn, prefix, start=start, end=end)
+            if more:
+                rows = sorted(rows + more)
+                if limit is not None:
+                    rows = rows[:limit]
+        return rows
+
+    def _scan_checkpoints(
+        self, txn: lmdb.Transaction, prefix: bytes, *, start: bytes | None, end: bytes | None
+    ) -> list[tuple[bytes, bytes]]:
+        """Checkpoint rows (kept in delta index rows: `_DeltaLog`) with `prefix`, in
+        [start, end), in key order."""
+        within = prefix[len(CHECKPOINT_PREFIX) :]
+        rows = self._scan_tree(
+            txn, Column.DELTA, within, start=None, end=None, limit=None, select=_checkpoint_part
+        )
+        keyed = ((CHECKPOINT_PREFIX + k, v) for k, v in rows if len(k) == 2 * _ID_BYTES)
+        return [
+            (k, v)
+            for k, v in keyed
+            if k.startswith(prefix) and (start is None or k >= start) and (end is None or k < end)
+        ]
+
+    def _scan_tree(
+        self,
+        txn: lmdb.Transaction,
+        column: Column,
+        prefix: bytes,
+        *,
+        start: bytes | None,
+        end: bytes | None,
+        limit: int | None,
+        select: Callable[[bytes], bytes | None] | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """The rows of `column`'s own tree (its index for the delta column: values through
+        `select`, by default each row's delta part)."""
+        if column is Column.DELTA and select is None:
+            select = _delta_part
+        db = self._dbs[column]
         pinned = self._keys.pinned(column, prefix)
         if pinned is None:
             return []
         if not pinned:
-            return self._scan_all(txn, column, prefix, start=start, end=end, limit=limit)
+            return self._scan_all(
+                txn, column, prefix, start=start, end=end, limit=limit, select=select
+            )
         stored_prefix = self._keys.stored(column, prefix)
         if stored_prefix is None:
             return []
@@ -938,7 +1084,7 @@ class LmdbStore:
                 if end <= prefix:
                     return []
                 end = self._keys.stored(column, end) if end.startswith(prefix) else None
-        rows = _raw_scan(txn, stored_prefix, start, end, limit)
+        rows = _raw_scan(txn, stored_prefix, start, end, limit, select=select, db=db)
         if stored_prefix == prefix and column not in NUMBERED:
             return rows
         return [(self._keys.key(column, k), v) for k, v in rows]
@@ -952,13 +1098,19 @@ class LmdbStore:
         start: bytes | None,
         end: bytes | None,
         limit: int | None,
+        select: Callable[[bytes], bytes | None] | None,
     ) -> list[tuple[bytes, bytes]]:
         """A scan whose keys span contexts (a whole column, a short prefix): every row of
         the column is read and put in key order. Rare (tests, tools), so not paged."""
+        cursor = txn.cursor(db=self._dbs[column])
         rows = sorted(
             (key, value)
-            for key, value in ((self._keys.key(column, k), v) for k, v in txn.cursor().iternext())
-            if key.startswith(prefix)
+            for key, value in (
+                (self._keys.key(column, k), v if select is None else select(v))
+                for k, v in cursor.iternext()
+            )
+            if value is not None
+            and key.startswith(prefix)
             and (start is None or key >= start)
             and (end is None or key < end)
         )
@@ -977,9 +1129,18 @@ class LmdbStore:
         return len(self._refs.pack(value, set(), give=False))
 
     def count(self, column: Column) -> int:
+        """Rows in `column` (for the delta and generic columns, by reading the delta
+        index: some of its rows are checkpoint rows, some both)."""
         self._check_open()
         with self._lock.shared(), self._env.begin() as txn:
-            return int(txn.stat(self._dbs[column])["entries"])
+            entries = int(txn.stat(self._dbs[column])["entries"])
+            if column not in (Column.DELTA, Column.GENERIC):
+                return entries
+            index = txn.cursor(db=self._dbs[Column.DELTA]).iternext(values=True)
+            parts = [_index_parts(v) for _, v in index]
+        if column is Column.DELTA:
+            return sum(delta is not None for delta, _ in parts)
+        return entries + sum(checkpoint is not None for _, checkpoint in parts)
 
     def stats(self) -> StoreStats:
         self._check_open()
@@ -1061,9 +1222,20 @@ class LmdbStore:
         run: list[tuple[bytes, bytes]] = []
         run_column = Column.DELTA  # (no run yet)
         for column, key, stored in prepared:
-            if run and (column is not run_column or stored is None):
+            checkpoint = _is_checkpoint(column, key)
+            if run and (column is not run_column or stored is None or checkpoint):
                 txn.cursor(db=self._dbs[run_column]).putmulti(run)
                 run = []
+            if checkpoint:
+                within = key[len(CHECKPOINT_PREFIX) :]
+                index_key = (
+                    keys.stored(Column.DELTA, within)
+                    if stored is None
+                    else keys.stored(Column.DELTA, within, txn=txn, added=added)
+                )
+                if index_key is not None:
+                    deltas.put_checkpoint(txn, index_key, stored)
+                continue
             if stored is None:
                 stored_key = keys.stored(column, key)
                 if stored_key is None:
