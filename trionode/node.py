@@ -187,6 +187,7 @@ class Node:
             store,
             retention=config.api.event_retention,
             max_events=config.api.max_retained_events,
+            max_shapes=config.api.max_event_shapes,
         )
         self.blobs = BlobStore(
             store,

@@ -21,6 +21,7 @@ from trionode.context.event_log import (
     EVENT_PREFIX,
     EVENT_ROW_VERSION,
     META_KEY,
+    SHAPE_PREFIX,
     EventLog,
     EventRowCodec,
     LogMeta,
@@ -326,3 +327,92 @@ async def test_a_log_of_old_rows_loads_and_goes_on_in_the_new_format(tmp_path: P
     assert [e.seq for e in again._recent[_event(1).context_id]] == [1, 2]
     assert [e.seq for e in again._recent["ctx"]] == [3]
     assert again._recent[_event(1).context_id][1] == _event(2)
+
+
+def test_an_app_event_whose_payload_is_a_small_map_names_its_shape_by_number() -> None:
+    event = _event(7, at=1.0)
+    shapes: dict[int, Any] = {}
+    codec = EventRowCodec({1: event.context_id}, shapes)
+    whole = codec.encode(event, 1)
+
+    def shape(found: Any) -> int:
+        shapes[3] = found
+        return 3
+
+    row = codec.encode(event, 1, shape)
+    assert shapes == {3: ("Inserted", ("key", "value"))}
+    assert codec.decode(7, row) == event
+    # The name (9 bytes), the map's header (1) and its keys (4 + 6) against a number and an
+    # array header.
+    assert len(whole) - len(row) == 9 + 1 + 10 - 2
+    odd = [
+        {"name": "N", "payload": {1: 2}},  # a key that is no text
+        {"name": "N", "payload": {}},
+        {"name": "N", "payload": {f"k{i}": i for i in range(17)}},  # too many keys
+        {"name": "N", "payload": [1, 2]},
+        {"name": "N", "payload": {"a": 1}, "extra": True},
+        {"name": "M", "payload": {"b": {"nested": [1, None]}, "a": 1.5}},  # (key order kept)
+    ]
+    shapes.clear()
+    mixed = replace(event, events=odd)
+    assert codec.decode(7, codec.encode(mixed, 1, shape)) == mixed
+    assert shapes == {3: ("M", ("b", "a"))}
+    for bad in (
+        codec.encode(event, 1, lambda _: 4),  # a shape number nobody stored
+        EVENT_ROW_VERSION + msgspec.msgpack.encode([1, b"", b"", None, [[3, [1]]], True, 0]),
+        EVENT_ROW_VERSION + msgspec.msgpack.encode([1, b"", b"", None, [[3, 7]], True, 0]),
+    ):
+        with pytest.raises(StorageError):
+            codec.decode(7, bad)
+    v3 = b"\x03" + whole[1:]  # a version 3 row (no shapes) still loads
+    assert codec.decode(7, v3) == event
+
+
+async def test_shapes_are_numbered_once_kept_while_named_and_bounded(tmp_path: Path) -> None:
+    now = [0.0]
+
+    def names_a_shape(op: WriteOp) -> bool:
+        return isinstance(op, Put) and op.key.startswith(SHAPE_PREFIX)
+
+    async with _store(tmp_path / "db") as store:
+        hub = EventHub(clock=lambda: now[0])
+        log = EventLog(
+            hub, store, retention=100.0, max_events=50, clock=lambda: now[0], max_shapes=2
+        )
+        await log.load()
+        changes = [
+            Change(
+                "a", "ab" * 32, "cd" * 32, ["ab" * 32], [{"name": n, "payload": {"x": 1}}], "local"
+            )
+            for n in ("one", "two", "one", "three")
+        ]
+        first = WriteBatch()
+        log.stage(first, log.hub.reserve(changes))
+        assert sum(names_a_shape(op) for op in first.ops) == 2  # "three": past the limit
+        again = WriteBatch()  # (the first batch never committed)
+        log.stage(again, log.hub.reserve(changes[:1]))
+        assert sum(names_a_shape(op) for op in again.ops) == 1
+        await store.write(again)
+        third = WriteBatch()
+        log.stage(third, log.hub.reserve(changes))
+        assert sum(names_a_shape(op) for op in third.ops) == 1  # "two": "one" is stored
+        await store.write(third)
+        fourth = WriteBatch()
+        log.stage(fourth, log.hub.reserve(changes))
+        assert not any(names_a_shape(op) for op in fourth.ops)
+        await store.write(fourth)
+        await log.close()
+        expected = [c.events for c in changes[:1] + changes + changes]  # (what committed)
+    async with _store(tmp_path / "db") as store:
+        hub = EventHub()
+        log = EventLog(hub, store, retention=100.0, max_events=50, clock=lambda: now[0])
+        await log.load()
+        await log.close()
+        assert [e.events for e in hub._recent["a"]] == expected
+        assert len(await store.raw_scan(Column.GENERIC, prefix=SHAPE_PREFIX)) == 2
+    now[0] = 150.0  # every event is past retention: no row names a shape
+    async with _store(tmp_path / "db") as store:
+        await EventLog(
+            EventHub(), store, retention=100.0, max_events=50, clock=lambda: now[0]
+        ).load()
+        assert await store.raw_scan(Column.GENERIC, prefix=SHAPE_PREFIX) == []
