@@ -579,7 +579,9 @@ def _as_layout_4(path: Path, rows: dict[Column, list[tuple[bytes, bytes]]]) -> N
                     context = key[len(prefix) : len(prefix) + 32]
                     txn.put(b"context-number/" + context, (1).to_bytes(4, "big"), db=meta)
                     stored_key = prefix + b"\x01" + (1).to_bytes(4, "big") + key[len(prefix) + 32 :]
-                    if column is Column.DELTA:
+                    if column is Column.DELTA and not value:
+                        txn.put(stored_key, b"", db=db)
+                    elif column is Column.DELTA:
                         txn.put(stored_key, seq.to_bytes(8, "big"), db=db)
                         txn.put(seq.to_bytes(8, "big"), value, db=log)
                     else:
