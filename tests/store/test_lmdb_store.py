@@ -388,15 +388,35 @@ def _as_layout_3(path: Path, rows: dict[Column, dict[bytes, bytes]], store: Lmdb
         for column, table in rows.items():
             db = env.open_db(column.value.encode(), txn=txn)
             for seq, (key, value) in enumerate(sorted(table.items()), start=1):
-                stored = store._seal(column, key, value)
-                if column is not Column.DELTA:
-                    txn.put(key, stored, db=db)
-                elif not value:
-                    txn.put(key, b"", db=db)
-                else:
-                    txn.put(key, seq.to_bytes(8, "big"), db=db)
-                    txn.put(seq.to_bytes(8, "big"), stored, db=log)
+                _put_as_stored(
+                    txn, (db, log), column, (key, key), value=value, seq=seq, store=store
+                )
     env.close()
+
+
+def _put_as_stored(
+    txn: lmdb.Transaction,
+    trees: tuple[object, object],
+    column: Column,
+    keys: tuple[bytes, bytes],
+    *,
+    value: bytes,
+    seq: int,
+    store: LmdbStore,
+) -> None:
+    """Put a row as an old layout kept it: `keys` = (the caller's key, the stored key);
+    in the delta column an index row (`trees[0]`) and its value in the log (`trees[1]`)
+    under `seq`, or an empty index value."""
+    db, log = trees
+    key, stored_key = keys
+    stored = store._seal(column, key, value)
+    if column is not Column.DELTA:
+        txn.put(stored_key, stored, db=db)
+    elif not value:
+        txn.put(stored_key, b"", db=db)
+    else:
+        txn.put(stored_key, seq.to_bytes(8, "big"), db=db)
+        txn.put(seq.to_bytes(8, "big"), stored, db=log)
 
 
 @pytest.mark.parametrize("encrypted", [False, True])
@@ -508,14 +528,9 @@ def _as_layout_5(path: Path, rows: dict[Column, dict[bytes, bytes]], store: Lmdb
                     if key.startswith(prefix):
                         stored_key = prefix + b"\x00" + key[len(prefix) :]
                         break
-                stored = store._seal(column, key, value)
-                if column is not Column.DELTA:
-                    txn.put(stored_key, stored, db=db)
-                elif not value:
-                    txn.put(stored_key, b"", db=db)
-                else:
-                    txn.put(stored_key, seq.to_bytes(8, "big"), db=db)
-                    txn.put(seq.to_bytes(8, "big"), stored, db=log)
+                _put_as_stored(
+                    txn, (db, log), column, (key, stored_key), value=value, seq=seq, store=store
+                )
     env.close()
 
 

@@ -182,18 +182,14 @@ class _ValueRefs:
     def load(self, txn: lmdb.Transaction, unseal: Callable[[bytes, bytes], bytes]) -> None:
         self.ids.clear()
         self.numbers.clear()
-        cursor = txn.cursor(db=self._meta)
-        if cursor.set_range(_REF_KEY):
-            for key, stored in cursor.iternext():
-                if not key.startswith(_REF_KEY):
-                    break
-                number = key[len(_REF_KEY) :]
-                value = unseal(key, stored)
-                if len(number) != _NUMBER_BYTES or len(value) != _ID_BYTES:
-                    raise StorageError("a stored value reference is damaged")
-                n = int.from_bytes(number, "big")
-                self.ids[n] = value
-                self.numbers[value] = n
+        for key, stored in _raw_scan(txn, _REF_KEY, None, None, None, db=self._meta):
+            number = key[len(_REF_KEY) :]
+            value = unseal(key, stored)
+            if len(number) != _NUMBER_BYTES or len(value) != _ID_BYTES:
+                raise StorageError("a stored value reference is damaged")
+            n = int.from_bytes(number, "big")
+            self.ids[n] = value
+            self.numbers[value] = n
         self._durable = set(self.ids)
         self._next = max(self.ids, default=0) + 1
 
@@ -581,15 +577,11 @@ class _ContextNumbers:
     def load(self, txn: lmdb.Transaction) -> None:
         self.numbers.clear()
         self.ids.clear()
-        cursor = txn.cursor(db=self._meta)
-        if cursor.set_range(_NUMBER_KEY):
-            for key, number in cursor.iternext():
-                if not key.startswith(_NUMBER_KEY):
-                    break
-                context = key[len(_NUMBER_KEY) :]
-                if len(context) != _CONTEXT_BYTES or len(number) != _NUMBER_BYTES:
-                    raise StorageError("a stored context number is damaged")
-                self._note(context, int.from_bytes(number, "big"))
+        for key, number in _raw_scan(txn, _NUMBER_KEY, None, None, None, db=self._meta):
+            context = key[len(_NUMBER_KEY) :]
+            if len(context) != _CONTEXT_BYTES or len(number) != _NUMBER_BYTES:
+                raise StorageError("a stored context number is damaged")
+            self._note(context, int.from_bytes(number, "big"))
         self._next = max(self.ids, default=0) + 1
 
     def _note(self, context: bytes, number: int) -> None:
