@@ -49,6 +49,8 @@ class Server:
     """The responder's final state: id -> record bytes (it only grows, as final state does)."""
 
     records: dict[bytes, bytes] = attrs.field(factory=dict)
+    root_last: bool = False
+    """A fresh stream announces its root with the last page (the state is not built)."""
 
     @property
     def root(self) -> bytes:
@@ -74,7 +76,8 @@ class Server:
         more = start + len(chosen) < len(ids)
         begin = None
         if page.first:
-            begin = SnapshotBegin(heads=[], root_hash=self.root, entries=len(ids), cursor=cursor)
+            root = None if self.root_last and cursor is None else self.root
+            begin = SnapshotBegin(heads=[], root_hash=root, entries=len(ids), cursor=cursor)
         return [self.records[i] for i in chosen], chosen[-1] if more else None, begin
 
 
@@ -144,7 +147,10 @@ def session(
                 assert serve.still_preparing(now)
                 to_joiner.extend(serve.messages_to_send())
             records, next_cursor, begin = server.read(action)
-            serve.page_read(records, next_cursor, begin=begin)
+            # A root the begin did not carry goes with some page, the last at the latest.
+            due = serve.root_due(begin) and (next_cursor is None or choose.draw(st.booleans()))
+            root = server.root if due else None
+            serve.page_read(records, next_cursor, begin=begin, root=root)
             to_joiner.extend(serve.messages_to_send())
         elif move == "joiner reads":
             take.receive_message(to_joiner.popleft(), now)
@@ -156,8 +162,9 @@ def session(
             for entity, data in zip(batch.entities, batch.records, strict=True):
                 assert entity.id == decode_entity(data).id
                 joiner.records[entity.id] = data
-            if joiner.root is None or take.restarted:
-                joiner.root = take.begin.root_hash
+            # As the driver persists it: the begin's root, or the last page's once it came.
+            boundary = joiner.root is None or take.restarted
+            joiner.root = take.root_hash or (None if boundary else joiner.root)
             joiner.cursor = batch.cursor or joiner.cursor
             joiner.complete = batch.last
             joiner.batches += 1
@@ -187,6 +194,7 @@ def state_of(chosen: set[str]) -> dict[bytes, bytes]:
     window=st.integers(2, 8),
     max_records=st.integers(1, 7),
     cuts=st.lists(st.integers(1, 30), max_size=3),
+    root_last=st.booleans(),
     choose=st.data(),
 )
 def test_streamed_snapshot_delivers_the_state_through_cuts_and_changes(
@@ -196,12 +204,14 @@ def test_streamed_snapshot_delivers_the_state_through_cuts_and_changes(
     window: int,
     max_records: int,
     cuts: list[int],
+    root_last: bool,
     choose: st.DataObject,
 ) -> None:
     """Whatever the interleaving, wherever the stream breaks and however the responder's
     state grows between sessions, the joiner ends with exactly the responder's state as of
-    its last session (the bytes as sent), having buffered at most `window` pages."""
-    server = Server(state_of(first))
+    its last session (the bytes as sent), having buffered at most `window` pages; also
+    when a fresh stream's root comes with its last page."""
+    server = Server(state_of(first), root_last=root_last)
     joiner = Joiner()
     pending_changes = list(changes)
     for cut in [*cuts, None]:
@@ -416,3 +426,83 @@ def test_the_requester_may_close_early() -> None:
     serve.receive_message(SnapshotClose(), 0.0)
     assert serve.finished
     assert serve.next_action() is None
+
+
+# -- the root with the last page ------------------------------------------------------------------
+
+
+def _unrooted(take: SnapshotTake) -> None:
+    take.messages_to_send()
+    take.receive_message(SnapshotBegin(heads=[], root_hash=None, entries=3), 0.0)
+
+
+def test_a_root_comes_once_by_the_last_page_when_the_begin_had_none() -> None:
+    one, two, three = _records(3)
+    take = SnapshotTake(0.0, window=4, idle_timeout=IDLE)
+    _unrooted(take)
+    take.receive_message(SnapshotChunk(records=[one], next_cursor=_cursor(one)), 0.0)
+    with pytest.raises(PageOutOfOrder, match="root"):  # none by the last page
+        take.receive_message(SnapshotChunk(records=[two], next_cursor=None), 0.0)
+    take = SnapshotTake(0.0, window=4, idle_timeout=IDLE)
+    _unrooted(take)
+    assert take.begin is not None
+    assert take.begin.root_hash is None
+    take.receive_message(
+        SnapshotChunk(records=[one], next_cursor=_cursor(one), root_hash=b"r" * 32), 0.0
+    )
+    assert take.root_hash == b"r" * 32
+    with pytest.raises(PageOutOfOrder, match="root"):  # only once
+        take.receive_message(
+            SnapshotChunk(records=[two], next_cursor=_cursor(two), root_hash=b"s" * 32), 0.0
+        )
+    take = SnapshotTake(0.0, window=4, idle_timeout=IDLE)
+    _unrooted(take)
+    take.receive_message(
+        SnapshotChunk(records=[one, two, three], next_cursor=None, root_hash=b"r" * 32), 0.0
+    )
+    assert take.root_hash == b"r" * 32
+    rooted = _begun()
+    with pytest.raises(PageOutOfOrder, match="root"):  # the begin had one already
+        rooted.receive_message(
+            SnapshotChunk(records=[one], next_cursor=None, root_hash=bytes(32)), 0.0
+        )
+
+
+def test_a_resumed_stream_must_announce_its_root_first() -> None:
+    one = _records(1)[0]
+    take = SnapshotTake(0.0, cursor=_cursor(one), root_hash=bytes(32), window=4)
+    take.messages_to_send()
+    with pytest.raises(PageOutOfOrder, match="root"):
+        take.receive_message(
+            SnapshotBegin(heads=[], root_hash=None, entries=3, cursor=_cursor(one)), 0.0
+        )
+
+
+def test_the_responder_sends_the_root_once_by_the_last_page_when_it_announced_none() -> None:
+    one, two, three = _records(3)
+    serve = _serving(window=4)
+    assert serve.next_action() is not None
+    begin = SnapshotBegin(heads=[], root_hash=None, entries=3)
+    assert serve.root_due(begin)
+    serve.page_read([one], _cursor(one), begin=begin)  # not known yet: later
+    assert serve.next_action() is not None
+    assert serve.root_due(None)
+    with pytest.raises(LocalProtocolError):
+        serve.page_read([two], None)  # the last page: the root is due
+    serve.page_read([two], _cursor(two), root=b"r" * 32)
+    assert not serve.root_due(None)
+    assert serve.next_action() is not None
+    with pytest.raises(LocalProtocolError):  # once
+        serve.page_read([three], None, root=b"r" * 32)
+    serve.page_read([three], None)
+    sent = serve.messages_to_send()
+    assert [m.root_hash for m in sent if isinstance(m, SnapshotChunk)] == [None, b"r" * 32, None]
+    rooted = _serving(window=4)
+    assert rooted.next_action() is not None
+    with pytest.raises(LocalProtocolError):  # announced first: never again
+        rooted.page_read(
+            [one],
+            None,
+            begin=SnapshotBegin(heads=[], root_hash=bytes(32), entries=1),
+            root=bytes(32),
+        )

@@ -8,6 +8,11 @@ serving member needs the state as a tree. Building it from the base rows costs a
 of every row, which is seconds per 100,000 entries: done per snapshot (as it was), a
 large context could not even start one within the joiner's deadline between messages.
 
+A snapshot served before that tree is built does not wait for it (`open_unbuilt_view`):
+its pages are the rows anyway, and the root of the view it serves is hashed beside the
+stream and sent with a later page (trionode/sync/snapshot.py, "Root last"). The tree is
+still what tree comparison and a resumed snapshot need.
+
 So the tree is built once per loaded replica, a read of `BUILD_ROWS` rows at a time with a
 checkpoint between reads (the node keeps serving, and the snapshot stream sends keep-alives
 meanwhile), and from then on every write of a base row joins the same
@@ -92,7 +97,8 @@ class SnapshotView:
     slot: FinalSlot
     read_base: Callable[[bytes], bytes | None]
     """The stored base row of an id, as it is now."""
-    root: bytes
+    root: bytes | None
+    """None: the state was not built when the view opened (`open_unbuilt_view`)."""
     entries: int
     overlay: dict[bytes, bytes]
     """The creation's records (id → encoded final record) as of the first page."""
@@ -322,10 +328,7 @@ def page(
     return records, last if more else None
 
 
-def open_view(replicas: ReplicaStore, replica: Replica, state: FinalState) -> SnapshotView:
-    """A view of `state` as it is now (call under the replica's lock, `state` current);
-    close it when the stream ends."""
-    context_id = replica.context_id
+def _base_reader(replicas: ReplicaStore, context_id: bytes) -> Callable[[bytes], bytes | None]:
     prefix = BASE_PREFIX + context_id
     get = replicas.store.raw.get
 
@@ -337,12 +340,42 @@ def open_view(replicas: ReplicaStore, replica: Replica, state: FinalState) -> Sn
             stored = get(Column.STATE, context_id + entity_id)
         return None if stored is None else record_of_row(stored)
 
+    return read_base
+
+
+def open_view(replicas: ReplicaStore, replica: Replica, state: FinalState) -> SnapshotView:
+    """A view of `state` as it is now (call under the replica's lock, `state` current);
+    close it when the stream ends."""
     overlay: dict[bytes, bytes] = {}
     for entity_id in state.overlay:
         record = state.tree.get(entity_id)
         assert record is not None
         overlay[entity_id] = encode_entity(record)
+    read_base = _base_reader(replicas, replica.context_id)
     view = SnapshotView(replica.final, read_base, state.tree.root_hash(), len(state.tree), overlay)
+    replica.final.views.add(view)
+    return view
+
+
+def open_unbuilt_view(replicas: ReplicaStore, replica: Replica) -> SnapshotView:
+    """A view of the final state as it is now, without building it (call under the
+    replica's lock): pages are the base rows anyway, and the few records of the creation
+    are joined with their rows here. It has no root (the stream hashes what it serves:
+    snapshot_state.SnapshotStream) and its size is the replica's, an estimate."""
+    read_base = _base_reader(replicas, replica.context_id)
+    creation = _creation_records(replicas, replica, frozenset(replica.authority.creations))
+    joined = StateTree()
+    for entity_id in sorted({e.id for e in creation}):
+        stored = read_base(entity_id)
+        if stored is not None:
+            joined.apply([decode_entity(stored)])
+    joined.apply(creation)
+    overlay: dict[bytes, bytes] = {}
+    for entity_id in {e.id for e in creation}:
+        record = joined.get(entity_id)
+        assert record is not None
+        overlay[entity_id] = encode_entity(record)
+    view = SnapshotView(replica.final, read_base, None, len(replica.tree), overlay)
     replica.final.views.add(view)
     return view
 

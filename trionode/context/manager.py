@@ -201,6 +201,7 @@ class ContextManager:
         # Streamed snapshots.
         self.snapshot_first_page = self.snapshots.first_page
         self.snapshot_next_page = self.snapshots.next_page
+        self.snapshot_hash_view = self.snapshots.hash_view
         self.store_snapshot_batch = self.snapshots.store_batch
         self.check_snapshot_root = self.snapshots.check_root
         self.check_snapshot_certificate = self.snapshots.check_certificate

@@ -24,7 +24,14 @@ from trionode.auth.model import WRITERS, Verdict
 from trionode.context.authority import AuthRejected, decode_vv, encode_vv
 from trionode.context.errors import AlreadyExists
 from trionode.context.events import EventHub
-from trionode.context.final_state import SnapshotView, locked_final, open_view, page, view_page
+from trionode.context.final_state import (
+    SnapshotView,
+    locked_final,
+    open_unbuilt_view,
+    open_view,
+    page,
+    view_page,
+)
 from trionode.context.notices import publish_change, publish_verdicts
 from trionode.context.processing import Applying, DeltaProcessor, ReplicationMetrics
 from trionode.context.records import DELTAS, PENDING
@@ -152,10 +159,21 @@ class SyncServing:
             )
             return records, next_cursor, self._boundary(replica), state.tree.root_hash()
 
-    async def open_snapshot_view(self, context_id: bytes) -> tuple[SnapshotView, list[bytes]]:
+    async def open_snapshot_view(
+        self, context_id: bytes, *, unbuilt: bool = False
+    ) -> tuple[SnapshotView, list[bytes]]:
         """A view of the final state as of now, for one snapshot stream, and its boundary
-        (`_boundary`), read together (close the view when the stream ends)."""
+        (`_boundary`), read together (close the view when the stream ends). With `unbuilt`,
+        a final state not built yet is not waited for: the view has no root
+        (`final_state.open_unbuilt_view`)."""
         replica = await self._replicas.load(context_id)
+        if unbuilt:
+            async with replica.lock:
+                state = replica.final.state
+                creations = frozenset(replica.authority.creations)
+                if state is None or state.creations != creations:
+                    view = open_unbuilt_view(self._replicas, replica)
+                    return view, self._boundary(replica)
         async with locked_final(self._replicas, replica) as state:
             return open_view(self._replicas, replica, state), self._boundary(replica)
 

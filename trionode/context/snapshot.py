@@ -7,7 +7,9 @@ joiner                                         member (responder)
                                   ◀──────────  PeerProof (its member key signs the session)
   SnapshotOpen(cursor, root, W)   ──────────▶  the stream of pages (trionode/sync/snapshot.py):
                                   ◀──────────  SnapshotBegin(heads H, final root, entries,
-                                               finality certificate), then pages sent ahead,
+                                               finality certificate), then pages sent ahead
+                                               (if its final state is not built yet: no root
+                                               here, a later page carries it),
   (every half window: one LMDB     ◀─ ─ ─ ─ ─   at most W not yet credited back
    write of the batch + marker;
    SnapshotCredit back)           ──────────▶
@@ -370,7 +372,9 @@ class _Taking:
         progress = msgspec.structs.replace(
             old,
             heads=begin.heads if boundary else old.heads,
-            root_hash=begin.root_hash if boundary else old.root_hash,
+            # The begin's root, or (root last: sync/snapshot.py) the last page's once it came;
+            # None until then, so a resume before it starts over.
+            root_hash=self.machine.root_hash or (None if boundary else old.root_hash),
             certificate=begin.certificate if boundary else old.certificate,
             entries=begin.entries,
             cursor=batch.cursor or old.cursor,

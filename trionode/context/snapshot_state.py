@@ -24,13 +24,20 @@ import logging
 from collections.abc import Callable, Sequence
 
 import attrs
+import trio
 
 from trionode.auth.acks import open_ack, sign_ack
 from trionode.auth.finality import within
 from trionode.auth.model import tag
 from trionode.context.authority import AuthRejected, ContextAuthority, decode_vv
 from trionode.context.events import EventHub
-from trionode.context.final_state import BASE_PREFIX, SnapshotView, note_base, reset
+from trionode.context.final_state import (
+    BASE_PREFIX,
+    BUILD_ROWS,
+    SnapshotView,
+    note_base,
+    reset,
+)
 from trionode.context.notices import publish_change
 from trionode.context.processing import ReplicationMetrics
 from trionode.context.records import DELTAS, STATE
@@ -45,6 +52,7 @@ from trionode.context.serving import StateAheadError, SyncServing
 from trionode.crdt import Entity, StateTree, max_stamp
 from trionode.crdt.bulk import collector_paused
 from trionode.crdt.hlc import Timestamp, ntp64_seconds
+from trionode.crdt.lazy import take
 from trionode.crdt.rows import JOURNAL_KINDS
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
 from trionode.errors import LocalProtocolError, RemoteProtocolError
@@ -66,13 +74,25 @@ Page = tuple[list[bytes], bytes | None]
 @attrs.define
 class SnapshotStream:
     """The view one served snapshot stream reads its pages from (opened by its first page,
-    closed when the stream ends, however it ends)."""
+    closed when the stream ends, however it ends), and, when that view has no root (the
+    final state was not built: `final_state.open_unbuilt_view`), the root of the view's
+    state once `SnapshotState.hash_view` has read and hashed it, beside the stream."""
 
     view: SnapshotView | None = None
+    root: bytes | None = None
+    hashed: trio.Event = attrs.field(factory=trio.Event)
+    """Set once `root` is known (at once for a view that has one)."""
 
     def open(self, view: SnapshotView) -> None:
         self.close()
         self.view = view
+        self.root = view.root
+        if view.root is not None:
+            self.hashed.set()
+
+    @property
+    def needs_hashing(self) -> bool:
+        return self.view is not None and self.root is None
 
     def close(self) -> None:
         if self.view is not None:
@@ -110,7 +130,9 @@ class SnapshotState:
         later pages come from the view opened here (`stream.view`: see final_state.py);
         without a `stream`, the view serves this page alone."""
         serving = self._serving
-        view, boundary = await serving.open_snapshot_view(context_id)
+        # A fresh stream does not wait for the final state to be built: its root comes last.
+        unbuilt = stream is not None and cursor is None
+        view, boundary = await serving.open_snapshot_view(context_id, unbuilt=unbuilt)
         try:
             if cursor is not None and view.root != resume_root:
                 cursor = None
@@ -148,6 +170,29 @@ class SnapshotState:
         return await self._serving.snapshot_view_page(
             context_id, stream.view, cursor, max_records, max_bytes
         )
+
+    async def hash_view(self, context_id: bytes, stream: SnapshotStream) -> None:
+        """The root of `stream`'s view (one with none: the final state was not built), read
+        through the view a read at a time beside the stream, as a build reads the rows."""
+        view = stream.view
+        if view is None or stream.root is not None:
+            raise LocalProtocolError("no view without a root to hash")
+        tree = StateTree()
+        cursor: bytes | None = None
+        while True:
+            records, cursor = await self._serving.snapshot_view_page(
+                context_id, view, cursor, BUILD_ROWS, 1 << 30
+            )
+            with collector_paused():  # a read of records, every one kept (crdt/bulk.py)
+                entities, newest = take(records)
+                tree.add_new(entities, newest=newest)
+            del records, entities
+            if cursor is None:
+                break
+            await trio.lowlevel.checkpoint()
+        tree.drain_changes()
+        stream.root = tree.root_hash()
+        stream.hashed.set()
 
     async def certificate(self, context_id: bytes, boundary: Sequence[bytes]) -> list[bytes]:
         """The finality certificate of `boundary`."""

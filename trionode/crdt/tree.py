@@ -351,8 +351,15 @@ class StateTree:
         for cid in children:
             child = records[cid]
             if floor is None and child.__class__ is RowEntity and child.row is not None:
-                # Live, with no removal of its own (`lazy.scan`): hashed from its row.
-                hasher.update(hashes.get(cid) or self._hash(cid, None, depth + 1))
+                # Live, with no removal of its own (`lazy.scan`): hashed from its row (a
+                # leaf inline: a snapshot's root hashes every record once).
+                digest = hashes.get(cid)
+                if digest is None:
+                    if child.kind in CONTAINERS:
+                        digest = self._hash(cid, None, depth + 1)
+                    else:
+                        digest = hashes[cid] = hashlib.sha256(child.form()).digest()
+                hasher.update(digest)
             elif child.is_live(floor):
                 hasher.update(self._hash(cid, latest(floor, child.removed), depth + 1))
 

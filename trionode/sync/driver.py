@@ -28,7 +28,7 @@ from trionode.context.snapshot import check_proof
 from trionode.context.snapshot_state import SnapshotStream
 from trionode.context.treecmp import SessionResponder, TakeAck
 from trionode.dag.delta import VerifiedDelta
-from trionode.errors import RemoteProtocolError, StreamEndedError
+from trionode.errors import LocalProtocolError, RemoteProtocolError, StreamEndedError
 from trionode.net.framed import FramedStream, StreamLimits
 from trionode.net.host import Connection, Host
 from trionode.sync.errors import SessionExpired
@@ -223,17 +223,27 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 PageRead = tuple[list[bytes], bytes | None, SnapshotBegin | None]
 
 
+class RootSource(Protocol):
+    """The root of a snapshot's state, hashed beside its stream (`SnapshotStream`)."""
+
+    root: bytes | None
+    hashed: trio.Event
+
+
 async def serve_snapshot(
     channel: SyncChannel,
     machine: SnapshotServe,
     read_page: Callable[[ReadPage], Awaitable[PageRead]],
     *,
     keepalive: float = 5.0,
+    root: RootSource | None = None,
 ) -> None:
     """Serve one streamed snapshot: pages go out as long as the window allows; credits (and
     the close) are read when it does not, within the machine's idle deadline. While the
     first page is read (the final state may still be built), a `SnapshotWait` goes out
-    every `keepalive` seconds."""
+    every `keepalive` seconds. `root`: where the root comes from when the begin announced
+    none (the state is hashed beside the stream): it goes with the first page after it is
+    known, and the last page waits for it."""
     while not machine.finished:
         action = machine.next_action()
         if action is not None:
@@ -242,7 +252,16 @@ async def serve_snapshot(
             else:
                 read = await read_page(action)
             records, next_cursor, begin = read
-            machine.page_read(records, next_cursor, begin=begin, now=trio.current_time())
+            final: bytes | None = None
+            if machine.root_due(begin):
+                if root is None:
+                    raise LocalProtocolError("a snapshot without its root needs a source of it")
+                if next_cursor is None:
+                    await root.hashed.wait()
+                final = root.root
+            machine.page_read(
+                records, next_cursor, begin=begin, now=trio.current_time(), root=final
+            )
             await _flush(channel, machine)
             continue
         message = await _receive(channel, machine)
@@ -503,10 +522,24 @@ class SyncServer:
         stream = SnapshotStream()
 
         async def read(page: ReadPage) -> PageRead:
-            return await self._read_snapshot_page(context_id, page, stream)
+            read = await self._read_snapshot_page(context_id, page, stream)
+            if page.first and stream.needs_hashing:
+                # The final state was not built: its root is hashed beside the stream.
+                nursery.start_soon(self.contexts.snapshot_hash_view, context_id, stream)
+            return read
 
         try:
-            await serve_snapshot(channel, machine, read, keepalive=self.snapshot_keepalive)
+            async with trio.open_nursery() as nursery:
+                await serve_snapshot(
+                    channel,
+                    machine,
+                    read,
+                    keepalive=self.snapshot_keepalive,
+                    root=stream,
+                )
+                nursery.cancel_scope.cancel()  # (a hash no longer needed)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
         finally:
             stream.close()
 

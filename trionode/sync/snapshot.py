@@ -30,6 +30,14 @@ moved on (more was folded), the responder starts from the first record again and
 (`SnapshotBegin.cursor` is None). Records only grow under join, so what the requester has
 is joined again harmlessly, and the root check at the end holds for the newer state.
 
+**Root last.** A responder whose final state is not built yet (the first snapshot since
+it loaded the context) does not wait for it: its `SnapshotBegin` has no root, it hashes
+the records as it serves them, and the last `SnapshotChunk` carries the root of all it
+sent. So the requester's work overlaps the responder's, instead of following a build of
+the whole state. Only a fresh stream does this; a resume (a cursor and its root) is
+served from the built state, whose root it must compare. A stream cut before its root
+came resumes from the first record.
+
 **Preparing.** Before its first page the responder may need its final state built (once
 per loaded context: trionode/context/final_state.py), which takes long for a large one.
 Meanwhile it sends `SnapshotWait` now and then (`still_preparing`), each renewing the
@@ -88,7 +96,8 @@ Vector = Mapping[bytes, int]
 
 class PageOutOfOrder(SyncViolation):
     """Records that do not rise strictly in id order (across pages too), a page that does
-    not end at its cursor, or an empty page that is not the last."""
+    not end at its cursor, an empty page that is not the last, or a root on a page where
+    none is due (or none on the last page of a stream whose begin had none)."""
 
 
 class TooManyPages(SyncViolation):
@@ -219,6 +228,8 @@ class SnapshotServe:
         self._deadline = now + idle_timeout
         self._state = _Serve.SENDING
         self._first = True
+        self._rooted = True
+        """The `SnapshotBegin` announced the root (else the last chunk carries it)."""
         self._outbox: list[SyncMessage] = []
         self.pages_sent = 0
         self.records_sent = 0
@@ -256,6 +267,13 @@ class SnapshotServe:
             self._resume_root if self._first else None,
         )
 
+    def root_due(self, begin: SnapshotBegin | None) -> bool:
+        """Whether the root is still to be sent (the begin, `begin` for the first page,
+        announced none, and no page carried it yet): a page may carry it, the last must."""
+        if self._first:
+            return begin is not None and begin.root_hash is None
+        return not self._rooted
+
     def page_read(
         self,
         records: Sequence[bytes],
@@ -263,21 +281,32 @@ class SnapshotServe:
         *,
         begin: SnapshotBegin | None = None,
         now: float | None = None,
+        root: bytes | None = None,
     ) -> None:
         """The answer to `ReadPage`. For the first page, `begin` is the boundary as read with
         it; if the requester's cursor belongs to another root than `begin.root_hash`, the
         driver read from the first record and `begin.cursor` is None. With `now`, the idle
-        deadline restarts from the first page (however long it took to read)."""
+        deadline restarts from the first page (however long it took to read). `root`: the
+        root of every record sent, with the last page when the begin had none (and only
+        then: `needs_root`)."""
         if self._state is not _Serve.READING:
             raise LocalProtocolError("no page was asked for")
+        due = self.root_due(begin)
+        if (root is not None and not due) or (root is None and due and next_cursor is None):
+            raise LocalProtocolError("the root goes once, by the last page, if the begin had none")
         if self._first:
             if begin is None or begin.cursor not in (None, self._cursor):
                 raise LocalProtocolError("the first page needs its boundary and its start")
+            if begin.root_hash is None and begin.cursor is not None:
+                raise LocalProtocolError("a resumed stream is served with its root first")
             self._outbox.append(begin)
             if now is not None:
                 self._deadline = now + self._idle_timeout
             self._first = False
-        self._outbox.append(SnapshotChunk(records=list(records), next_cursor=next_cursor))
+        self._rooted = not due or root is not None
+        self._outbox.append(
+            SnapshotChunk(records=list(records), next_cursor=next_cursor, root_hash=root)
+        )
         self._credits -= 1
         self.pages_sent += 1
         self.records_sent += len(records)
@@ -387,6 +416,8 @@ class SnapshotTake:
         self._ready: list[StoreBatch] = []
         self._storing = 0
         self.begin: SnapshotBegin | None = None
+        self.root_hash: bytes | None = None
+        """The root the pages add up to: the begin's, or (root last) the last chunk's."""
         self.waits = 0
         """`SnapshotWait`s received (the responder was preparing)."""
         self.restarted = False
@@ -452,14 +483,23 @@ class SnapshotTake:
             if message.cursor is None and self._cursor is not None:
                 self.restarted = True
                 self._cursor = None
+            if message.root_hash is None and message.cursor is not None:
+                raise PageOutOfOrder("a resumed snapshot must announce its root first")
             self.begin = message
+            self.root_hash = message.root_hash
             self._state = _Take.STREAMING
             return
         if not isinstance(message, SnapshotChunk):
             raise UnexpectedMessage(message, "snapshot chunk")
         if self.pages_buffered >= self._window:
             raise TooManyPages(f"more than {self._window} pages in flight")
+        last = message.next_cursor is None
+        due = self.root_hash is None
+        if (message.root_hash is not None and not due) or (due and last and not message.root_hash):
+            raise PageOutOfOrder("a root comes once, by the last page, when the begin had none")
         entities = self._check(message)
+        if message.root_hash is not None:
+            self.root_hash = message.root_hash
         self._entities.extend(entities)
         self._records.extend(message.records)
         self._pages += 1
@@ -468,7 +508,6 @@ class SnapshotTake:
         self.pages += 1
         self.records += len(entities)
         self.bytes += size
-        last = message.next_cursor is None
         if last:
             self._state = _Take.RECEIVED
         if last or self._pages >= self._batch_pages or self._size >= self._batch_bytes:

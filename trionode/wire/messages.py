@@ -244,10 +244,12 @@ class SnapshotBegin(msgspec.Struct, tag="snapshot_begin", frozen=True, forbid_un
 
     heads: Ids
     """The checkpoints the requester adopts (each final where the responder is)."""
-    root_hash: Id32
-    """The root hash of the final state the pages add up to."""
+    root_hash: Id32 | None
+    """The root hash of the final state the pages add up to; None: it comes with the last
+    page (`SnapshotChunk.root_hash`), as the responder streams while it builds that state."""
     entries: Annotated[int, msgspec.Meta(ge=0)]
-    """Records in that state (for progress: the pages carry them in id order)."""
+    """Records in that state (for progress: the pages carry them in id order; an estimate
+    when the root comes last)."""
     certificate: Annotated[
         list[Annotated[bytes, msgspec.Meta(max_length=MAX_CERTIFICATE_ENTRY)]],
         msgspec.Meta(max_length=MAX_CERTIFICATE),
@@ -269,6 +271,9 @@ class SnapshotChunk(msgspec.Struct, tag="snapshot_chunk", frozen=True, forbid_un
     records: Records
     next_cursor: Id32 | None
     """The id of this page's last record (None: this was the last page)."""
+    root_hash: Id32 | None = None
+    """On the last page of a stream whose `SnapshotBegin` had no root, and only there: the
+    root hash of every record the stream carried."""
 
 
 class SnapshotCredit(
