@@ -253,3 +253,16 @@ def test_the_canonical_row_is_on_the_fast_path() -> None:
     node = b"\xc4\x20" + bytes(range(32))
     future = _row_with(body_stamp=b"\x92\xcf" + (NOW + 1).to_bytes(8, "big") + node)
     assert scan(future) is None  # its body's stamp is not `added`: decoded, drift-checked
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(entities(), max_size=30), st.data())
+def test_the_newest_stamp_of_a_page_is_its_records_newest(
+    records: list[Entity], data: st.DataObject
+) -> None:
+    """Many rows of one write share a stamp; rows of one time may differ by writer."""
+    rows = [encode_entity(e) for e in records]
+    rows += [rows[data.draw(st.integers(0, len(rows) - 1))] for _ in rows[:5]]
+    _, newest = take(rows)
+    stamps = [s for s in (decode_entity(r).max_stamp() for r in rows) if s is not None]
+    assert newest == max(stamps, default=None)

@@ -198,7 +198,8 @@ def take(records: Sequence[bytes]) -> tuple[list[Entity], Timestamp | None]:
     out: list[Entity] = []
     newest: Timestamp | None = None
     best = -1
-    best_rows: list[tuple[bytes, int]] = []
+    best_rows: dict[bytes, tuple[bytes, int]] = {}
+    """Rows of the newest time, one per stamp (the records of one write share theirs)."""
     kinds = _KINDS
     for row in records:
         cut = scan(row)
@@ -221,8 +222,8 @@ def take(records: Sequence[bytes]) -> tuple[list[Entity], Timestamp | None]:
         time = int.from_bytes(row[kind_at + 3 : kind_at + 11])
         if time >= best:
             if time > best:
-                best, best_rows = time, []
-            best_rows.append((row, kind_at))
-    for row, kind_at in best_rows:
+                best, best_rows = time, {}
+            best_rows[row[kind_at + 1 : removed_at]] = (row, kind_at)
+    for row, kind_at in best_rows.values():
         newest = latest(newest, _added(row, kind_at))
     return out, newest
