@@ -215,7 +215,9 @@ def progress_json(
     return {
         "type": "snapshot_progress",
         "entries": entries,
-        "entriesTotal": max(progress.entries, entries),
+        # (The responder's count is an estimate when it streams before building its state:
+        # once done, the total is what came.)
+        "entriesTotal": entries if done else max(progress.entries, entries),
         "bytes": progress.size,
         "entriesPerSecond": round(rate, 1),
         "bytesPerSecond": round(byte_rate),
