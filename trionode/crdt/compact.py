@@ -1,4 +1,4 @@
-"""Compact records: inside a format 4 delta body, and as version 2 state rows (issue #16:
+"""Compact records: inside a format 4 delta body, and as version 3 state rows (issue #16:
 no field twice).
 
 A delta's records are canonical entity records (`trionode.crdt.encode_entity`). Written
@@ -420,8 +420,8 @@ ROW_VERSION: Final = 3
 """State rows (`rows.py`) of version 3 are `[3, time, writer, record]`: the record as
 `encode_entity` gives it, as a tree in which the writer and time of its own `added` stamp
 (nearly every stamp in a row) are references. Version 1 rows are `encode_entity` bytes
-(`[1, parent, ...]`) and still load. (Version 2 is the Text/Vector journal row's, which
-lives in the same column: `encoding.JOURNAL_VERSION`.)"""
+(`[1, parent, ...]`) and still load. (Versions 2 and 4 are the Text/Vector journal rows',
+which live in the same column: `encoding.JOURNAL_VERSION`.)"""
 _ROW_HEAD: Final = bytes([0x94, ROW_VERSION])  # fixarray of 4, then the version
 
 

@@ -10,7 +10,7 @@ those numbers in the order they were first written. A B-tree that takes ~500-byt
 at random keys keeps its pages about 60% full (each split leaves two half pages); values
 appended in key order fill their pages, so the delta column takes ~30% fewer pages (see
 `make bench --only bytes`). The rest of the node sees one column as before; a store written
-with one tree is moved to two when opened (`_DeltaLog.migrate`, in one transaction).
+with one tree is moved to two when opened (`_convert`, in one transaction).
 
 An empty value is stored as it is, never sealed, in every column (there is nothing in it
 to hide, and a sealed value is never empty, so the two cannot be confused). An empty delta
