@@ -333,13 +333,16 @@ def _labelled(metrics: Sequence[Counter]) -> dict[str, int]:
 
 def _fetch_failures(nodes: Sequence[Node]) -> str:
     """Failed delta fetches by reason, summed over the nodes (`trionode_delta_fetch_failures`),
-    and the deltas evicted from pending."""
+    the deltas evicted from pending, sync sessions by outcome and failed ones by reason
+    (`trionode_sync_session_failures`: a timed-out session's fetch counts no failure)."""
     failures = _labelled([node.replication_metrics.fetch_failures for node in nodes])
     evicted = _labelled([node.replication_metrics.deltas for node in nodes]).get("evicted", 0)
     sessions = _labelled([node.sync.metrics.sessions for node in nodes])
+    reasons = _labelled([node.sync.metrics.failures for node in nodes])
     return (
         f"failed fetches: {_listed(failures)}; evicted from pending: {evicted:,}; "
-        f"sync sessions (protocol/outcome): {_listed(sessions)}"
+        f"sync sessions (protocol/outcome): {_listed(sessions)}; "
+        f"failed sessions (protocol/reason): {_listed(reasons)}"
     )
 
 

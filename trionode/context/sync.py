@@ -56,7 +56,13 @@ from trionode.context.errors import ContextError, ContextNotFound
 from trionode.context.events import EventHub
 from trionode.context.manager import ContextManager
 from trionode.context.notices import b58
-from trionode.context.replication import SESSION_ERRORS, Replicator, context_of, topic_for
+from trionode.context.replication import (
+    SESSION_ERRORS,
+    Replicator,
+    context_of,
+    failure_reason,
+    topic_for,
+)
 from trionode.net.host import Connection
 from trionode.net.pubsub import PubSub
 from trionode.sync import plan
@@ -76,6 +82,16 @@ class SyncMetrics:
             "trionode_sync_sessions",
             "Sync sessions by protocol and outcome",
             ["protocol", "outcome"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "trionode_sync_session_failures",
+            "Failed sync sessions by protocol and reason: timeout (the session's "
+            "`sync.timeout`, its fetch saw only a cancellation), peer_busy (the peer ran "
+            "`max_concurrent` sessions), peer_refused, peer_error (not connected, stream "
+            "refused), session_expired, stream_ended_error, stream_stalled_error, or the "
+            "type of the peer's protocol violation",
+            ["protocol", "reason"],
             registry=registry,
         )
         self.duration = Histogram(
@@ -407,6 +423,7 @@ class SyncManager:
             else:
                 run.outcome = "failed"
             state.failures += 1
+            self.metrics.failures.labels(run.protocol, failure_reason(exc)).inc()
             self._record(context_id, chosen, run, exc)
             # The exponent is capped: heartbeats start sessions regardless of the backoff,
             # so a removed member fails thousands of times, and 2.0**1024 overflows.

@@ -31,7 +31,7 @@ from trionode.dag.delta import VerifiedDelta
 from trionode.errors import LocalProtocolError, RemoteProtocolError, StreamEndedError
 from trionode.net.framed import FramedStream, StreamLimits
 from trionode.net.host import Connection, Host
-from trionode.sync.errors import SessionExpired
+from trionode.sync.errors import BUSY, SessionExpired
 from trionode.sync.machines import (
     MAX_AUTH_FRAME,
     CheckAuth,
@@ -431,7 +431,7 @@ class SyncServer:
             self.limiter.acquire_nowait()
         except trio.WouldBlock:
             self._busy.inc()
-            machine.refuse("busy: too many sync sessions")
+            machine.refuse(BUSY)
             await _flush(channel, machine)
             return
         try:

@@ -60,6 +60,22 @@ class PeerRefused(PeerFailed):
     """The peer answered with a refusal (not a member, busy, unknown context)."""
 
 
+class PeerBusy(PeerRefused):
+    """The peer refused because it runs `sync.max_concurrent` sessions already: a sign of
+    load, not of a bad peer (counted apart, `trionode_sync_session_failures`)."""
+
+
+BUSY = "busy: too many sync sessions"
+"""The refusal a responder with no session token left sends."""
+
+
+def refusal(message: str) -> PeerRefused:
+    """The error for a peer's `SyncError` carrying `message`."""
+    if message.startswith(BUSY):
+        return PeerBusy(f"peer refused: {message}")
+    return PeerRefused(f"peer refused: {message}")
+
+
 class UntrustedState(NotPermitted):
     """The peer offered state without signatures but is no writer in our own resolution:
     nothing it sends is joined (`trionode.sync.treecmp`)."""

@@ -47,12 +47,12 @@ from trionode.errors import LocalProtocolError, RemoteProtocolError, TrionodeErr
 from trionode.sync.errors import (
     AnswerMismatch,
     NotAuthenticated,
-    PeerRefused,
     SessionExpired,
     TooManyIds,
     TooManyRequests,
     UnexpectedMessage,
     UnrequestedDelta,
+    refusal,
 )
 from trionode.wire.messages import (
     MAX_ANCESTORS,
@@ -218,7 +218,7 @@ class HeadsExchange(MachineBase):
     def receive_message(self, message: SyncMessage, now: float) -> None:
         self.handle_timer(now)
         if isinstance(message, SyncError):
-            self._fail(PeerRefused(f"peer refused: {message.message}"))
+            self._fail(refusal(message.message))
         if self.result is not None or not isinstance(message, HeadsResponse):
             self._fail(UnexpectedMessage(message, "heads"))
         assert isinstance(message, HeadsResponse)
@@ -319,7 +319,7 @@ class DeltaFetch(MachineBase):
     def receive_message(self, message: SyncMessage, now: float) -> None:
         self.handle_timer(now)
         if isinstance(message, SyncError):
-            self._fail(PeerRefused(f"peer refused: {message.message}"))
+            self._fail(refusal(message.message))
         if self._state is not _FetchState.AWAIT_ANSWER or not isinstance(message, DeltaResponse):
             self._fail(UnexpectedMessage(message, "deltas"))
         assert isinstance(message, DeltaResponse)

@@ -64,10 +64,10 @@ from trionode.crdt.entity import ROOT_ID
 from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.sync.errors import (
     AnswerMismatch,
-    PeerRefused,
     TooManyIds,
     UnexpectedMessage,
     UntrustedState,
+    refusal,
 )
 from trionode.sync.machines import MachineBase
 from trionode.wire.messages import (
@@ -286,7 +286,7 @@ class TreeCompare(MachineBase):
         if not self.awaiting_message:
             raise LocalProtocolError(f"tree comparison is not reading ({self._state.value})")
         if isinstance(message, SyncError):
-            self._fail(PeerRefused(f"peer refused: {message.message}"))
+            self._fail(refusal(message.message))
         try:
             self._dispatch(message)
         except RemoteProtocolError as exc:
