@@ -280,6 +280,7 @@ class SequenceState(Generic[V]):
         "_origin",
         "_runs",
         "_touched",
+        "_typing",
         "_version",
     )
     _text: bool = False
@@ -311,6 +312,10 @@ class SequenceState(Generic[V]):
         self._version = next(_VERSIONS)
         """Changes on every change (unique across states): see `_origin`."""
         self._origin: _Origin | None = None
+        self._typing: tuple[int, _Item, Timestamp] | None = None
+        """(version, item, id) from `insert_one`: the id continues the item's run, the
+        item is placed and ends with its writer's childless element; valid while the
+        version is unchanged, so `merge` of that keystroke appends without lookups."""
         """For a range delete's delta: the state it was made from, that state's version
         then and the live spans it tombstones, so merging it back into that unchanged state
         costs O(spans), not a lookup per item (`_tombstone_all`)."""
@@ -554,6 +559,23 @@ class SequenceState(Generic[V]):
             if other._count == 1:  # a keystroke
                 [(_, [single])] = other._runs.values()
                 eid = new_stamp((single.start, single.node))
+                typing = self._typing
+                if (
+                    typing is not None
+                    and typing[2] == eid
+                    and typing[0] == self._version
+                    and single.after[0] + 1 == eid[0]
+                    and single.after[1] == eid[1]
+                ):  # `insert_one` just checked the run goes on at the end of this item
+                    item = typing[1]
+                    if (
+                        item.block is not None
+                        and item.n < ITEM_MAX
+                        and item.start + item.n == eid[0]
+                        and not self._has_kids(eid)
+                    ):
+                        self._grow(item, single.element(0))
+                        return True
                 if self._find(eid) is None and self._insert_placed(eid, single.element(0)):
                     return True
             else:
@@ -1107,15 +1129,28 @@ class SequenceState(Generic[V]):
         """`insert_delta(pos, [value], stamp, writer=writer)` without a floor (a keystroke),
         with the id the caller must witness: the new id if it continues a run, else None
         (a clock stamp needs no witnessing)."""
-        length = self.visible_len()
+        self._ordered()
+        length = self._live_total
         if not 0 <= pos <= length:
             raise IndexError(f"insert position {pos} out of range 0..{length}")
-        after = self._visible_id(pos - 1) if pos else HEAD
+        if not pos:
+            return self._one(stamp(), _element((HEAD, value, None, None))), None
+        item, k = self._locate(pos - 1)
+        after = new_stamp((item.start + k, item.node))
         run: Timestamp | None = None
-        if after[1] == writer and after[0] < NTP64_MAX and not self._has_kids(after):
+        # A run goes on only after the writer's childless element: the last of its item
+        # (the next one is its child), not an explicit parent, and `id + 1` free.
+        if (
+            after[1] == writer
+            and k == item.n - 1
+            and after[0] < NTP64_MAX
+            and after not in self._extra
+        ):
             run = new_stamp((after[0] + 1, writer))
             if self._find(run) is not None:
                 run = None
+            else:
+                self._typing = (self._version, item, run)
         eid = stamp() if run is None else run
         return self._one(eid, _element((after, value, None, None))), run
 
