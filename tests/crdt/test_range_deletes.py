@@ -209,3 +209,31 @@ def test_a_shipped_range_delete_gives_the_same_tree_and_root_hash_everywhere() -
                 texts.add(tx.field("doc", DOC).value())
         assert len(texts) == 1
         assert writer.root_hash() == reader.root_hash() == rebuilt.root_hash()
+
+
+@pytest.mark.parametrize("staged_in_place", [False, True])
+def test_a_range_delete_then_an_insert_in_one_transaction_keeps_the_insert(
+    staged_in_place: bool,
+) -> None:
+    """The transaction's pending delta is the range delete's delta joined with the insert:
+    merged into the state it was made from, the range delete's own shortcut (`_origin`)
+    once dropped the insert from the tree while the delta shipped it."""
+    tree = StateTree()
+    clock = HybridClock(WRITERS[0])
+    with tree.begin(clock, T0) as tx:
+        tx.field("doc", DOC).insert(0, "abc")
+        tx.commit()
+    with tree.begin(clock, T0 + 1) as tx:
+        doc = tx.field("doc", DOC)
+        doc.delete(0, 2)
+        doc.insert(0, "XY" if not staged_in_place else "X")  # (one character: in place)
+        assert doc.value() == ("XYc" if not staged_in_place else "Xc")
+        deltas = tx.commit()
+    with tree.reader() as tx:
+        assert tx.field("doc", DOC).value() == ("XYc" if not staged_in_place else "Xc")
+    other = StateTree()
+    other.apply([decode_entity(encode_entity(d)) for d in deltas])
+    with tree.begin(clock, T0 + 2) as tx:
+        first = tx.field("doc", DOC).value()
+    with other.reader() as tx:
+        assert tx.field("doc", DOC).value() == first[:-1]  # ("c" was in the first delta)

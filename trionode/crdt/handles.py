@@ -424,8 +424,16 @@ class _Sequence(Handle, Generic[S]):
         return state.visible_len(floor) if state is not None else 0
 
     def _insert(self, pos: int, values: list[Any]) -> None:
-        state, floor = self._base()
         tx = self._tx
+        if len(values) == 1:  # a keystroke: in place if it may (see `transaction.py`)
+            record = tx.in_place(self._path)
+            if record is not None:
+                body = record.body
+                if type(body) is self._state_type:
+                    delta, run = body.insert_in_place(pos, values[0], tx.stamp, tx.writer)
+                    tx.wrote_in_place(self._path, record, delta, None, run)
+                    return
+        state, floor = self._base()
         if floor is None and len(values) == 1:  # a keystroke
             delta, run = state.insert_one(pos, values[0], tx.stamp, tx.writer)
             if run is not None:
@@ -436,6 +444,18 @@ class _Sequence(Handle, Generic[S]):
         tx.write(self._path, delta)
 
     def _delete(self, pos: int, count: int) -> None:
+        tx = self._tx
+        if count == 1:  # a keystroke: in place if it may (see `transaction.py`)
+            record = tx.in_place(self._path)
+            if record is not None:
+                body = record.body
+                if type(body) is self._state_type:
+                    delta = body.delete_delta(pos, 1, tx.stamp())
+                    eid = delta.only_id()
+                    old = body.element(eid)
+                    body.merge(delta)
+                    tx.wrote_in_place(self._path, record, delta, old)
+                    return
         state, floor = self._base()
         delta = state.delete_delta(pos, count, self._tx.stamp(), floor)
         if not delta.is_empty():

@@ -555,6 +555,10 @@ class SequenceState(Generic[V]):
         """Join `other` into self; returns whether anything changed."""
         if other is self or not other._count:
             return False
+        # A range delete's delta joined with more (a transaction's later edits) no longer
+        # tombstones exactly the spans it was made for: merged back through `_origin`, it
+        # would drop the rest.
+        self._origin = None
         if self._blocks is not None:
             if other._count == 1:  # a keystroke
                 [(_, [single])] = other._runs.values()
@@ -1154,6 +1158,45 @@ class SequenceState(Generic[V]):
         eid = stamp() if run is None else run
         return self._one(eid, _element((after, value, None, None))), run
 
+    def insert_in_place(
+        self, pos: int, value: V, stamp: Callable[[], Timestamp], writer: bytes | None
+    ) -> tuple[Self, Timestamp | None]:
+        """`insert_one`, joined into this state as it is made (`Transaction.in_place`):
+        the same delta and id to witness, and the same state as `merge` of that delta,
+        without looking the position up twice. Typing on at the end of the writer's own
+        item appends to it."""
+        self._ordered()
+        length = self._live_total
+        if not 0 <= pos <= length:
+            raise IndexError(f"insert position {pos} out of range 0..{length}")
+        run: Timestamp | None = None
+        if pos:
+            item, k = self._locate(pos - 1)
+            after = new_stamp((item.start + k, item.node))
+            # A run goes on only after the writer's childless element: the last of its
+            # item (the next one is its child), not an explicit parent, and `id + 1` free.
+            if (
+                after[1] == writer
+                and k == item.n - 1
+                and after[0] < NTP64_MAX
+                and after not in self._extra
+            ):
+                run = new_stamp((after[0] + 1, writer))
+                if self._find(run) is not None:
+                    run = None
+                elif item.n < ITEM_MAX and not self._has_kids(run):
+                    element = _element((after, value, None, None))
+                    self._grow(item, element)
+                    return self._one(run, element), run
+        else:
+            after = HEAD
+        eid = stamp() if run is None else run
+        element = _element((after, value, None, None))
+        delta = self._one(eid, element)
+        if not self._insert_placed(eid, element):
+            self.merge(delta)  # (forged elements already name the new id)
+        return delta, run
+
     def _one(self, eid: Timestamp, element: Element[V]) -> Self:
         """A one-element state of this type (a keystroke's delta)."""
         new: Self = type(self).__new__(type(self))
@@ -1174,6 +1217,22 @@ class SequenceState(Generic[V]):
             new._extra[element[0]] = [eid]
         new._count = 1
         return new
+
+    def restored(self, versions: Mapping[Timestamp, Element[Any] | None]) -> Self:
+        """A new state of these elements with `versions` put back (None: without that
+        element): an undo (`Transaction.evict`), O(n)."""
+        elements = dict(self.elements)
+        for eid, version in versions.items():
+            if version is None:
+                elements.pop(eid, None)
+            else:
+                elements[eid] = version
+        return type(self)(elements)
+
+    def only_id(self) -> Timestamp:
+        """The id of a one-element state's element (a keystroke's delta)."""
+        [(node, ([start], _items))] = self._runs.items()
+        return new_stamp((start, node))
 
     def max_id(self) -> Timestamp | None:
         """The highest element id (None when empty)."""

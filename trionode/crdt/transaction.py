@@ -9,6 +9,21 @@ that entity. `commit()` joins the pending deltas into the tree and returns them,
 id: exactly what the node ships in a causal delta. `abort()` (or leaving a `with` block
 without committing) drops them; the tree never saw anything.
 
+Sequence edits in place: a one-element insert or delete in a top-level Text or Vector
+field the tree already holds is joined straight into the tree's record (a keystroke would
+otherwise build a pending delta, join it again at commit and pay for both), with an undo
+log holding, per touched element id, its version before the transaction (None: new) and
+the record's `added`. Only one transaction writes in place at a time, and nobody else
+sees it: any other transaction that opens or reads, and every join into the tree
+(`apply`, `add_new`, `gc`), first *evicts* it (`evict`): its in-place changes are undone
+and carried on as pending deltas, as if they had been staged all along. Undoing rebuilds
+the touched record from its elements with the logged versions put back (O(record), only
+on abort or eviction): the sequence is a pure function of its element set, so the
+rebuilt record is the one the transaction started from (`tests/crdt/test_in_place.py`
+aborts random transactions against the naive model). Plain tree reads (`root_hash`,
+`entities`) made while it is open see its writes; the node never makes them then (a call
+runs to its commit without yielding).
+
 Every write also stamps `added` on every ancestor entry, so a write under a removed key
 revives it (the later of add/remove by HLC wins) and a map that holds anything is live.
 """
@@ -18,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, NamedTuple, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeVar, cast
 
 from trionode.crdt.entity import (
     CONTAINERS,
@@ -32,9 +47,11 @@ from trionode.crdt.entity import (
 )
 from trionode.crdt.errors import TransactionError
 from trionode.crdt.hlc import HybridClock, Timestamp
+from trionode.crdt.sequence import SequenceState
 
 if TYPE_CHECKING:
     from trionode.crdt.handles import Spec
+    from trionode.crdt.sequence import Element, TextState, VectorState
     from trionode.crdt.tree import StateTree
 
 H = TypeVar("H")
@@ -128,19 +145,24 @@ class Transaction:
     """
 
     __slots__ = (
+        "_applied",
         "_clock",
         "_closed",
         "_generation",
         "_new_children",
+        "_newest",
         "_overlay",
         "_pending",
         "_physical",
         "_records",
         "_tree",
+        "_undo",
         "writer",
     )
 
     def __init__(self, tree: StateTree, clock: HybridClock | None, physical: int) -> None:
+        if tree.in_place is not None:
+            tree.in_place.evict()
         self._tree = tree
         self._records = tree.records
         self._clock = clock
@@ -149,6 +171,13 @@ class Transaction:
         self._overlay: dict[bytes, Entity] = {}
         self._pending: dict[bytes, Entity] = {}
         self._new_children: dict[bytes, set[bytes]] = {}
+        self._applied: dict[bytes, Entity] = {}
+        """Deltas already joined into the tree's records (in place), by entity id."""
+        self._undo: dict[bytes, tuple[Timestamp | None, dict[Timestamp, Element[Any] | None]]] = {}
+        """Per record written in place: its `added` before, and each touched element's
+        version before (None: the transaction created it)."""
+        self._newest: Timestamp | None = None
+        """The newest stamp in `_applied`."""
         self._closed = False
         self.writer: bytes | None = None
         """The node id this transaction stamps writes with (None: read-only). Read-only."""
@@ -186,6 +215,9 @@ class Transaction:
         """The record as this transaction sees it (read-only)."""
         if self._closed:
             self._check_open()
+        in_place = self._tree.in_place
+        if in_place is not None and in_place is not self:
+            in_place.evict()
         view = self._overlay.get(entity_id)
         if view is not None:
             return view
@@ -203,6 +235,9 @@ class Transaction:
 
     def children(self, entity_id: bytes) -> list[bytes]:
         """Child ids (hidden ones too), sorted."""
+        in_place = self._tree.in_place
+        if in_place is not None and in_place is not self:
+            in_place.evict()
         base = self._tree.children(entity_id)
         new = self._new_children.get(entity_id)
         return sorted(new.union(base)) if new else list(base)
@@ -289,6 +324,85 @@ class Transaction:
                     Entity(_parent_id(node), node.name, node.kind, added=stamp, known_id=node.id)
                 )
 
+    def in_place(self, path: EntityPath) -> Entity | None:
+        """The tree's own record at `path` when a sequence edit may be joined into it in
+        place (`write_in_place`): a live top-level record of the path's kind, written by
+        no staged delta of this transaction, and no other transaction writing in place."""
+        if self._closed or self._clock is None or path.ancestors or path.parent is None:
+            return None
+        eid = path.id
+        if eid in self._pending:
+            return None
+        tree = self._tree
+        if tree.in_place is not None and tree.in_place is not self:
+            return None
+        record = self._records.get(eid)
+        if record is None or record.kind != path.kind or record.removed is not None:
+            return None
+        return record if record.added is not None else None
+
+    def wrote_in_place(
+        self,
+        path: EntityPath,
+        record: Entity,
+        body: TextState | VectorState,
+        before: Element[Any] | None,
+        run: Timestamp | None = None,
+    ) -> None:
+        """`write(path, body)` for a one-element `body` the caller just joined into the
+        body of `record` (from `in_place(path)`): `before` is that element's version
+        before (None: new), for the undo log; `run`, an id to witness (`witness`)."""
+        eid = path.id
+        element_id = body.only_id()
+        undo = self._undo.get(eid)
+        if undo is None:
+            undo = self._undo[eid] = (record.added, {})
+        undo[1].setdefault(element_id, before)
+        self._tree.in_place = self
+        clock = self._clock
+        assert clock is not None  # `in_place` checked it
+        if run is not None:
+            clock.witness(run, self._physical)
+        touch = clock.now(self._physical)
+        added = record.added
+        if added is None or touch > added:
+            record.added = touch
+        # The delta's newest stamp: its element's id or `touch` (its other stamps are a
+        # held reference and a tombstone stamped before `touch`).
+        newest = max(element_id, touch)
+        if self._newest is None or newest > self._newest:
+            self._newest = newest
+        delta = Entity.delta(eid, path.name, path.kind, touch, body)
+        applied = self._applied.get(eid)
+        if applied is None:
+            self._applied[eid] = delta
+        else:
+            applied.merge(delta)
+
+    def evict(self) -> None:
+        """Undo the in-place writes (see the module docstring), keeping them as pending
+        deltas unless the transaction is closing."""
+        tree = self._tree
+        if tree.in_place is self:
+            tree.in_place = None
+        records = self._records
+        for eid, (added, versions) in self._undo.items():
+            record = records[eid]
+            state = record.body
+            assert isinstance(state, SequenceState)  # `in_place` callers check the type
+            restored = state.restored(versions)
+            record.body = None if restored.is_empty() else restored
+            record.added = added
+            tree.restored(eid)
+        self._undo.clear()
+        self._newest = None
+        applied, self._applied = self._applied, {}
+        if self._closed:
+            return
+        for delta in applied.values():
+            self._overlay.pop(delta.id, None)  # (built over the record with the writes)
+            self._join(delta)
+
     def _join(self, delta: Entity) -> None:
         """Add `delta` to the entity's pending delta (and to its view, if materialised;
         `get` builds views lazily). The tree itself is untouched until commit."""
@@ -309,6 +423,11 @@ class Transaction:
     def deltas(self) -> list[Entity]:
         """The pending delta-states, sorted by entity id (read-only)."""
         pending = self._pending
+        if self._applied:
+            pending = pending.copy()
+            for eid, delta in self._applied.items():
+                staged = pending.get(eid)
+                pending[eid] = delta if staged is None else delta.join(staged)
         if len(pending) == 1:
             return list(pending.values())
         return [pending[k] for k in sorted(pending)]
@@ -326,16 +445,50 @@ class Transaction:
             self.abort()
             raise TransactionError("another local transaction committed first; retry")
         pending = self._pending
+        applied = self._applied
+        tree = self._tree
+        if applied:
+            # The in-place deltas are in the tree already: only its bookkeeping is left
+            # (rows, hashes, newest stamp); what was staged besides is joined as usual.
+            if tree.in_place is self:
+                tree.in_place = None
+            self._undo.clear()
+            self._applied = {}
+            if not pending:  # in place only (a keystroke)
+                self._closed = True
+                for eid, delta in applied.items():
+                    tree.applied_in_place(eid, delta)
+                tree.witness(self._newest)
+                tree.generation += 1
+                if len(applied) == 1:
+                    return list(applied.values())
+                return [applied[k] for k in sorted(applied)]
+            staged = list(pending.values())
+            tree.witness(self._newest)
+            for eid, delta in applied.items():
+                tree.applied_in_place(eid, delta)
+                extra = pending.get(eid)
+                if extra is not None:
+                    delta.merge(extra)
+                pending[eid] = delta
+            self._closed = True
+            if staged:
+                tree.apply(staged)
+            tree.generation += 1
+            self._overlay.clear()
+            return list(pending.values()) if len(pending) == 1 else self.deltas()
         deltas = list(pending.values()) if len(pending) == 1 else self.deltas()
         self._closed = True
         if deltas:
-            self._tree.apply(deltas, local=True)
+            tree.apply(deltas, local=True)
         self._overlay.clear()
         return deltas
 
     def abort(self) -> None:
         """Drop every change; the tree is left as it was."""
         self._closed = True
+        if self._applied:
+            self.evict()
         self._overlay.clear()
         self._pending.clear()
         self._new_children.clear()

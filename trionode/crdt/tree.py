@@ -88,6 +88,7 @@ class StateTree:
         "_sorted_ids",
         "_updated",
         "generation",
+        "in_place",
         "max_stamp",
         "records",
     )
@@ -106,6 +107,9 @@ class StateTree:
         self._log = RowLog()
         self.generation = 0
         """Bumped by every local commit (guards against interleaved local transactions)."""
+        self.in_place: Transaction | None = None
+        """The open transaction whose sequence edits are joined into records in place
+        (see `transaction.py`): every other join into the tree evicts it first."""
         self._updated: set[bytes] = set()
         self._deleted: set[bytes] = set()
         self.apply(entities)
@@ -147,6 +151,8 @@ class StateTree:
         same tree. The caller checks clock drift first (`entity.max_stamp`). Records are
         copied, never aliased. Returns the ids that changed.
         """
+        if self.in_place is not None:
+            self.in_place.evict()
         changed: list[bytes] = []
         for incoming in entities:
             eid = incoming.id
@@ -177,6 +183,35 @@ class StateTree:
             self.generation += 1
         return changed
 
+    def applied_in_place(self, entity_id: bytes, delta: Entity) -> None:
+        """`delta` was joined into record `entity_id` in place by a committing transaction
+        and changed it (a new or tombstoned element): what `apply` does besides the join,
+        apart from `max_stamp` (`witness`)."""
+        record = self._records[entity_id]
+        if record.kind in JOURNAL_KINDS:
+            self._log.applied(record, delta)
+        self._deleted.discard(entity_id)
+        self._updated.add(entity_id)
+        if record.parent == ROOT_ID:  # (`_invalidate_up`, inline: a top-level field)
+            hashes = self._hashes
+            hashes.pop(entity_id, None)
+            hashes.pop(ROOT_ID, None)
+            buckets = self._buckets.get(ROOT_ID)
+            if buckets is not None:
+                buckets.stale.add(entity_id[0])
+        else:
+            self._invalidate_up(entity_id)
+
+    def witness(self, stamp: Timestamp | None) -> None:
+        """`stamp` is in a record now (joined in place): keep `max_stamp` the newest."""
+        if stamp is not None and (self.max_stamp is None or stamp > self.max_stamp):
+            self.max_stamp = stamp
+
+    def restored(self, entity_id: bytes) -> None:
+        """Record `entity_id` was put back as it was before in-place writes (an evicted
+        transaction): hashes read meanwhile may hold them."""
+        self._invalidate_up(entity_id)
+
     def add_new(self, entities: Sequence[Entity], *, newest: Timestamp | None = None) -> None:
         """Take records the caller owns (just decoded, or kept as their rows: `lazy.take`;
         kept, not copied), mostly new to the tree, as a snapshot's pages bring them; the
@@ -185,6 +220,8 @@ class StateTree:
         each parent's ancestors' hashes are invalidated once, not once per record; one the
         tree holds is joined as usual. `newest`: the newest stamp in `entities`, when the
         caller knows it (`lazy.take` does), saves reading every record's stamps."""
+        if self.in_place is not None:
+            self.in_place.evict()
         records = self._records
         added: dict[bytes, list[bytes]] = {}
         known = newest is not None
@@ -401,6 +438,8 @@ class StateTree:
         the root hash is unchanged. Safe only if nothing stamped before the horizon can
         still arrive (the node's GC horizon, default 1 day, bounds that).
         """
+        if self.in_place is not None:
+            self.in_place.evict()
         dropped = 0
         for eid in list(self._records):
             record = self._records.get(eid)
