@@ -16,6 +16,9 @@ the joiner's peak memory beside the same node restarted with that state loaded.
   wall time, including its own start (~0.3 s). Its peak RSS (VmHWM) is read once the join
   returned. Then the node is stopped, started again on the same home, asked for the
   context's size (which loads the replica from its state rows), and its peak RSS read again.
+* **Breakdown**: where the join's seconds went, printed (stderr) with each row: the
+  joiner's `join of …` time line from its log and the member's `snapshot of … served` one
+  (trionode/context/join_timeline.py) on one axis with the command's start and return.
 * **Baselines** (same run): copying the member's state rows of the context (key + value
   bytes) over one Noise+Yamux stream (`sync_bench.copy_seconds`), and the restarted node's
   peak RSS.
@@ -24,6 +27,7 @@ the joiner's peak memory beside the same node restarted with that state loaded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -32,8 +36,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import trio
 
@@ -46,10 +52,12 @@ from benchmarks.sync_bench import (
     _set_many,
     copy_seconds,
 )
+from trionode.context import join_timeline
 from trionode.context.folding import fold_all
 from trionode.crdt import Entity, encode_entity
 from trionode.crdt.entity import child_id
 from trionode.node import Node
+from trionode.sync import driver
 from trionode.testing import open_test_node
 
 ROOT: Final = Path(__file__).resolve().parents[1]
@@ -132,6 +140,8 @@ class _Joiner:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.proc: subprocess.Popen[bytes] | None = None
+        self.timelines: list[str] = []
+        """The `join of …` time lines it logged."""
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -147,13 +157,68 @@ class _Joiner:
             if b"started: peer id" in line:
                 break
         # Keep reading its log so it never blocks on a full pipe.
-        threading.Thread(target=stderr.read, daemon=True).start()
+        threading.Thread(target=self._read_log, args=(stderr,), daemon=True).start()
+
+    def _read_log(self, stderr: IO[bytes]) -> None:
+        for raw in stderr:
+            line = raw.decode(errors="replace")
+            if "join of " in line and " t0=" in line:
+                self.timelines.append(line)
 
     def stop(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=900)
         self.proc = None
+
+
+class _ServedLines(logging.Handler):
+    """The member's `snapshot of … served` time lines (it runs in this process)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if " served: t0=" in message:
+            self.lines.append(message)
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        logger = logging.getLogger(driver.__name__)
+        level = logger.level
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+
+def _breakdown(started: float, ended: float, joiner: list[str], member: list[str]) -> list[str]:
+    """The join's phases on one axis (seconds since the command started, and each phase's
+    share): the CLI's own start until the node saw the request, then the joiner's and the
+    member's marks (`trionode/context/join_timeline.py`), then the command's return."""
+    events: list[tuple[float, str]] = []
+    for side, lines in (("joiner", joiner[-1:]), ("member", member[-1:])):
+        for text in lines:
+            parsed = join_timeline.parse(text)
+            if parsed is None:
+                continue
+            t0, marks = parsed
+            opened = "request reached the node" if side == "joiner" else "snapshot stream opened"
+            events.append((t0, f"{side}: {opened}"))
+            events += [(t0 + at, f"{side}: {phase}") for phase, at in marks]
+    events.append((ended, "command returned"))
+    events.sort()
+    out = ["breakdown (s since `context join` started; + since the previous mark):"]
+    previous = started
+    for at, what in events:
+        out.append(f"  {at - started:7.3f}  +{at - previous:6.3f}  {what}")
+        previous = at
+    return out
 
 
 async def _row(n: int, base: Path) -> list[Row]:
@@ -174,11 +239,14 @@ async def _row(n: int, base: Path) -> list[Row]:
             await member.contexts.state(context)  # a live member's root is current
             assert joiner.proc is not None
             cpu = (_cpu_seconds(joiner.proc.pid), time.process_time())
-            started = time.perf_counter()
-            joined = await trio.to_thread.run_sync(
-                _cli, home, "context", "join", invitation, "--json", "--timeout", "3600"
-            )
+            served = _ServedLines()
+            started, wall = time.perf_counter(), time.time()
+            with served.capturing():
+                joined = await trio.to_thread.run_sync(
+                    _cli, home, "context", "join", invitation, "--json", "--timeout", "3600"
+                )
             seconds = time.perf_counter() - started
+            breakdown = _breakdown(wall, wall + seconds, joiner.timelines, served.lines)
             joiner_cpu = _cpu_seconds(joiner.proc.pid) - cpu[0]
             member_cpu = time.process_time() - cpu[1]
             assert joiner.proc is not None
@@ -194,6 +262,8 @@ async def _row(n: int, base: Path) -> list[Row]:
                 f"joined in {seconds:.1f}s (CPU: joiner {joiner_cpu:.1f}s, member "
                 f"{member_cpu:.1f}s), peak RSS {joined_rss / 1e6:.0f} MB, same root {same}"
             )
+            for text in breakdown:
+                _log(text)
         finally:
             joiner.stop()
         joiner.start()

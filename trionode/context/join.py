@@ -12,7 +12,7 @@ import base58
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from trionode.context import invitations as inv, members, snapshot
+from trionode.context import invitations as inv, join_timeline, members, snapshot
 from trionode.context.admission import check_invitation
 from trionode.context.app_bundles import AppBundles, invited_opener
 from trionode.context.applications import Applications
@@ -119,6 +119,16 @@ class JoinService:
         inviter, verified and installed (see trionode.context.app_bundles), and only then is
         the invitation spent.
         """
+        with join_timeline.timeline() as line:
+            record = await self._join(text, member_key=member_key, trust_app=trust_app)
+            line.mark("done")
+        # The phases of this join (benchmarks/join_bench.py prints them as its breakdown).
+        log.info("join of %s: %s", base58.b58encode(record.context_id).decode(), line.line())
+        return record
+
+    async def _join(
+        self, text: str, *, member_key: Ed25519PrivateKey | None, trust_app: bytes | None
+    ) -> ContextRecord:
         try:
             signed, invitation = inv.parse_invitation(text)
         except inv.InvitationError as exc:
@@ -134,6 +144,7 @@ class JoinService:
         member = key.public_key().public_bytes_raw()
         peer = PeerId.from_string(invitation.inviter_peer)
         conn = await self._connect(peer, invitation.inviter_addrs)
+        join_timeline.mark("connected")
         if ref is not None:
             assert self.app_bundles is not None
             await self.app_bundles.ensure_app_bundle(
@@ -166,6 +177,7 @@ class JoinService:
             ) from None
         if not response.ok:
             raise NotPermitted(f"the inviter refused: {response.error}")
+        join_timeline.mark("admitted")
         keys = inv.open_keys(response.sealed_keys, key)
         if self.sync_session is not None:
             # Before the context exists here, so no session ever sees it without the marker.
@@ -185,7 +197,9 @@ class JoinService:
             key_id=response.key_id,
         )
         self.replicator.subscribe(invitation.context_id)
+        join_timeline.mark("adopted")
         await self._first_sync(invitation, peer, response.heads)
+        join_timeline.mark("synced")
         return await self.contexts.get(record.context_id)
 
     async def _missing_app(

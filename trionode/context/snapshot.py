@@ -75,6 +75,7 @@ import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from trionode.context import join_timeline
 from trionode.context.errors import AlreadyExists, MissingPrerequisite, NotPermitted, PeerFailed
 from trionode.context.manager import ContextManager
 from trionode.errors import RemoteProtocolError
@@ -267,6 +268,7 @@ async def take(
         member = check_proof(conn, context_id, proof)
         if member != progress.source:
             raise UntrustedSource(f"{peer} is not the snapshot source this node trusts")
+        join_timeline.mark("proved")
         fresh = await contexts.is_fresh(context_id)
         started = progress.heads is not None
         if not started and not fresh:
@@ -299,9 +301,11 @@ async def take(
             taking.before = (progress.records, progress.size)
             await take_snapshot(channel, machine, taking.store)
             progress, joined = taking.progress, taking.joined
+            join_timeline.mark("pages_stored")
         boundary = progress.heads or []
         try:
             await contexts.check_snapshot_root(context_id, progress.root_hash or b"")
+            join_timeline.mark("root_checked")
             # Who may write, as signed operations this node checks itself (never the peer's
             # verdicts), and where the boundary sits in everyone's sequence: before the
             # boundary becomes our checkpoint.
@@ -310,6 +314,7 @@ async def take(
             acks = contexts.check_snapshot_certificate(
                 context_id, progress.certificate, auth.ops, auth.vvs, boundary
             )
+            join_timeline.mark("certified")
         except SyncViolation as exc:
             await _refuse(contexts, context_id, progress, peer, exc)
             raise
@@ -320,6 +325,7 @@ async def take(
             batch.delete(PROGRESS, progress_key(context_id))
 
         root, heads = await contexts.adopt_heads(context_id, boundary, extra=finish)
+        join_timeline.mark("boundary_adopted")
         await contexts.announce_snapshot(context_id)
         log.info(
             "snapshot of %s from %s: %d records in %d pages, root %s, %d heads",
@@ -369,6 +375,8 @@ class _Taking:
             # The responder's state moved on: the count starts over with its pages.
             old = msgspec.structs.replace(old, records=0, size=0, pages=0)
             self.before = (0, 0)
+        if self.first_of_stream:
+            join_timeline.mark("first_batch")
         self.first_of_stream = False
         boundary = old.heads is None or self.machine.restarted
         progress = msgspec.structs.replace(
@@ -403,6 +411,7 @@ class _Taking:
         self.progress = progress
         self.first = False
         self.joined += len(batch.entities)
+        join_timeline.mark(f"batch_{progress.pages}_pages_stored")
         if self.on_page is not None:
             for _ in range(batch.pages):
                 self.on_page()

@@ -29,6 +29,7 @@ import trio
 from trionode.auth.acks import open_ack, sign_ack
 from trionode.auth.finality import within
 from trionode.auth.model import tag
+from trionode.context import join_timeline
 from trionode.context.authority import AuthRejected, ContextAuthority, decode_vv
 from trionode.context.events import EventHub
 from trionode.context.final_state import (
@@ -193,6 +194,7 @@ class SnapshotState:
         tree.drain_changes()
         stream.root = tree.root_hash()
         stream.hashed.set()
+        join_timeline.mark("root_hashed")
 
     async def certificate(self, context_id: bytes, boundary: Sequence[bytes]) -> list[bytes]:
         """The finality certificate of `boundary`."""

@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import Counter, Gauge
 
+from trionode.context import join_timeline
 from trionode.context.manager import ContextManager
 from trionode.context.snapshot import check_proof
 from trionode.context.snapshot_state import SnapshotStream
@@ -523,25 +524,33 @@ class SyncServer:
 
         async def read(page: ReadPage) -> PageRead:
             read = await self._read_snapshot_page(context_id, page, stream)
-            if page.first and stream.needs_hashing:
-                # The final state was not built: its root is hashed beside the stream.
-                nursery.start_soon(self.contexts.snapshot_hash_view, context_id, stream)
+            if page.first:
+                join_timeline.mark("first_page_read")
+                if stream.needs_hashing:
+                    # The final state was not built: its root is hashed beside the stream.
+                    nursery.start_soon(self.contexts.snapshot_hash_view, context_id, stream)
+            if read[1] is None:
+                join_timeline.mark("last_page_read")
             return read
 
-        try:
-            async with trio.open_nursery() as nursery:
-                await serve_snapshot(
-                    channel,
-                    machine,
-                    read,
-                    keepalive=self.snapshot_keepalive,
-                    root=stream,
-                )
-                nursery.cancel_scope.cancel()  # (a hash no longer needed)
-        except BaseExceptionGroup as group:
-            raise _first_error(group) from None
-        finally:
-            stream.close()
+        with join_timeline.timeline() as line:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await serve_snapshot(
+                        channel,
+                        machine,
+                        read,
+                        keepalive=self.snapshot_keepalive,
+                        root=stream,
+                    )
+                    nursery.cancel_scope.cancel()  # (a hash no longer needed)
+            except BaseExceptionGroup as group:
+                raise _first_error(group) from None
+            finally:
+                stream.close()
+            line.mark("closed")
+        # Where a served snapshot's time went (benchmarks/join_bench.py prints it).
+        log.info("snapshot of %s served: %s", context_id.hex()[:12], line.line())
 
     async def _read_snapshot_page(
         self, context_id: bytes, page: ReadPage, stream: SnapshotStream
