@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -25,6 +26,8 @@ from tests.replication.test_sync_protocols import (
     put,
     sessions,
 )
+from trionode.context import snapshot_state
+from trionode.context.snapshot import load_progress
 from trionode.context.snapshot_state import SnapshotStream
 from trionode.crdt import Entity, Kind, RegisterState, encode_entity
 from trionode.crdt.lazy import RowEntity
@@ -131,5 +134,96 @@ async def test_a_root_sent_last_that_the_pages_do_not_hash_to_is_refused(
             assert await c.contexts.is_fresh(context)
             monkeypatch.undo()
             await c.sync.sync_now(context, cluster.peer_ids[0])
+            await converged(cluster, [a, c], context)
+            assert await entries(c, context) == await entries(a, context)
+
+
+async def test_a_member_streaming_before_its_state_is_built_reads_its_rows_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read that hashes the member's state beside the stream is also what the stream
+    sends: every record is read from the store once (the first page, then the hashing
+    read), not once to hash and once more to send."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=folding) as cluster:
+            a, c = cluster
+            context = await folded(cluster, 40)
+            read: list[int] = []
+            sent: list[int] = []
+
+            def counting(owner: Any, name: str, counts: list[int]) -> None:
+                original = getattr(owner, name)
+
+                async def counted(*args: Any, **kwargs: Any) -> Any:
+                    result = await original(*args, **kwargs)
+                    counts.append(len(result[0]))
+                    return result
+
+                monkeypatch.setattr(owner, name, counted)
+
+            counting(a.contexts.serving, "snapshot_view_page", read)
+            counting(a.contexts, "snapshot_first_page", sent)
+            counting(a.contexts, "snapshot_next_page", sent)
+            c.sync.snapshot_page_records = 8  # several pages
+            await join(cluster, 0, 1, context)
+            assert sessions(c, "snapshot") == 1
+            await converged(cluster, [a, c], context)
+            assert len(sent) >= 5
+            assert read[0] == 8  # the first page
+            assert sum(read) == sum(sent)  # then the rest, once
+            assert await entries(c, context) == await entries(a, context)
+
+
+async def test_a_stream_cut_before_its_late_root_resumes_after_its_cursor(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The member streams before its state is built, so the root comes late; the stream is
+    cut after the first page is stored and before any root was stored with it. The next
+    session continues after that page (the boundary is the same), not from the first
+    record, and the joiner ends with the member's root."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=folding) as cluster:
+            a, c = cluster
+            context = await folded(cluster, 40)
+            assert (await a.contexts.replica(context)).final.state is None
+            c.sync.snapshot_page_records = 8
+            c.sync.snapshot_batch_bytes = 1  # a batch (a write with its marker) per page
+            # The member's hashing read a page at a time, at most a page ahead: its root
+            # is known only once the stream is nearly done.
+            monkeypatch.setattr(snapshot_state, "BUILD_ROWS", 8)
+            monkeypatch.setattr(snapshot_state, "AHEAD_RECORDS", 8)
+            original = c.contexts.store_snapshot_batch
+            stored: list[int] = []
+
+            async def cut_at_the_second(
+                context_id: bytes, entities: Any, records: Any, **kwargs: Any
+            ) -> int | None:
+                if len(stored) == 1:
+                    stored.append(-1)
+                    raise trio.BrokenResourceError("the stream broke")
+                stored.append(len(entities))
+                return await original(context_id, entities, records, **kwargs)
+
+            monkeypatch.setattr(c.contexts, "store_snapshot_batch", cut_at_the_second)
+            first_page = a.contexts.snapshot_first_page
+            began: list[bytes | None] = []
+
+            async def beginning(*args: Any, **kwargs: Any) -> Any:
+                records, after, begin = await first_page(*args, **kwargs)
+                began.append(begin.cursor)
+                return records, after, begin
+
+            monkeypatch.setattr(a.contexts, "snapshot_first_page", beginning)
+            await join(cluster, 0, 1, context)
+            assert sessions(c, "snapshot", "failed") == 1
+            marker = await load_progress(c.contexts.store, context)
+            assert marker is not None
+            assert marker.cursor is not None
+            assert marker.root_hash is None  # cut before the root was stored
+            assert stored == [8, -1]
+            await c.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(c, "snapshot") == 1
+            assert began == [None, marker.cursor]  # the second stream went on from there
+            assert sum(stored[2:]) + 8 == len(await entries(c, context))  # each record once
             await converged(cluster, [a, c], context)
             assert await entries(c, context) == await entries(a, context)

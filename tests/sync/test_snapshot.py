@@ -11,6 +11,7 @@ from bisect import bisect_right
 from collections import deque
 
 import attrs
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -50,7 +51,8 @@ class Server:
 
     records: dict[bytes, bytes] = attrs.field(factory=dict)
     root_last: bool = False
-    """A fresh stream announces its root with the last page (the state is not built)."""
+    """A fresh stream announces its root with the last page (the state is not built), and
+    so does one resumed by its heads."""
 
     @property
     def root(self) -> bytes:
@@ -59,9 +61,18 @@ class Server:
             digest.update(key + self.records[key])
         return digest.digest()
 
+    @property
+    def heads(self) -> list[bytes]:
+        """The boundary: it moves whenever the state does."""
+        return [hashlib.sha256(b"heads" + self.root).digest()]
+
     def read(self, page: ReadPage) -> tuple[list[bytes], bytes | None, SnapshotBegin | None]:
         cursor = page.cursor
-        if page.first and cursor is not None and page.resume_root != self.root:
+        by_heads = page.first and cursor is not None and page.resume_root is None
+        if by_heads:
+            if page.resume_heads is None or list(page.resume_heads) != self.heads:
+                cursor = None
+        elif page.first and cursor is not None and page.resume_root != self.root:
             cursor = None
         ids = sorted(self.records)
         start = 0 if cursor is None else bisect_right(ids, cursor)
@@ -76,8 +87,9 @@ class Server:
         more = start + len(chosen) < len(ids)
         begin = None
         if page.first:
-            root = None if self.root_last and cursor is None else self.root
-            begin = SnapshotBegin(heads=[], root_hash=root, entries=len(ids), cursor=cursor)
+            unbuilt = self.root_last and (cursor is None or by_heads)
+            root = None if unbuilt else self.root
+            begin = SnapshotBegin(heads=self.heads, root_hash=root, entries=len(ids), cursor=cursor)
         return [self.records[i] for i in chosen], chosen[-1] if more else None, begin
 
 
@@ -88,6 +100,7 @@ class Joiner:
     records: dict[bytes, bytes] = attrs.field(factory=dict)
     cursor: bytes | None = None
     root: bytes | None = None
+    heads: list[bytes] | None = None
     complete: bool = False
     batches: int = 0
 
@@ -112,6 +125,7 @@ def session(
         now,
         cursor=joiner.cursor,
         root_hash=joiner.root,
+        heads=joiner.heads,
         window=window,
         max_records=max_records,
         max_bytes=1 << 20,
@@ -162,8 +176,10 @@ def session(
             for entity, data in zip(batch.entities, batch.records, strict=True):
                 assert entity.id == decode_entity(data).id
                 joiner.records[entity.id] = data
-            # As the driver persists it: the begin's root, or the last page's once it came.
-            boundary = joiner.root is None or take.restarted
+            # As the driver persists it: the begin's boundary and root, or the last page's
+            # root once it came.
+            boundary = joiner.heads is None or take.restarted
+            joiner.heads = list(take.begin.heads) if boundary else joiner.heads
             joiner.root = take.root_hash or (None if boundary else joiner.root)
             joiner.cursor = batch.cursor or joiner.cursor
             joiner.complete = batch.last
@@ -506,3 +522,52 @@ def test_the_responder_sends_the_root_once_by_the_last_page_when_it_announced_no
             begin=SnapshotBegin(heads=[], root_hash=bytes(32), entries=1),
             root=bytes(32),
         )
+
+
+def test_a_stream_cut_before_its_late_root_resumes_after_its_cursor_by_its_heads() -> None:
+    """Cut before the root came, the requester keeps its cursor with the boundary it holds;
+    a responder with that boundary still continues after the cursor (its root last
+    again), one with another starts over, and a begin that keeps the cursor under other
+    heads is refused."""
+    one, two = _records(2)
+    heads = [b"h" * 32]
+    take = SnapshotTake(0.0, cursor=_cursor(one), root_hash=None, heads=heads, window=4)
+    opened = take.messages_to_send()[0]
+    assert isinstance(opened, SnapshotOpen)
+    assert (opened.cursor, opened.root_hash, opened.heads) == (_cursor(one), None, heads)
+    serve = SnapshotServe(opened, 0.0, max_records=10, max_bytes=1 << 20, idle_timeout=IDLE)
+    action = serve.next_action()
+    assert action is not None
+    assert (action.cursor, action.resume_heads) == (_cursor(one), tuple(heads))
+    begin = SnapshotBegin(heads=heads, root_hash=None, entries=2, cursor=_cursor(one))
+    with pytest.raises(LocalProtocolError):  # (its own heads must be the ones it resumed)
+        serve.page_read(
+            [two], None, begin=msgspec.structs.replace(begin, heads=[b"g" * 32]), root=b"r" * 32
+        )
+    serve.page_read([two], None, begin=begin, root=b"r" * 32)
+    for message in serve.messages_to_send():
+        take.receive_message(message, 0.0)
+    assert not take.restarted
+    assert take.root_hash == b"r" * 32
+    batch = take.next_batch()
+    assert batch is not None
+    assert [e.id for e in batch.entities] == [_cursor(two)]
+
+    # Another boundary: from the first record, as any moved state.
+    moved = SnapshotTake(0.0, cursor=_cursor(one), root_hash=None, heads=heads, window=4)
+    moved.messages_to_send()
+    moved.receive_message(SnapshotBegin(heads=[b"g" * 32], root_hash=None, entries=2), 0.0)
+    assert moved.restarted
+    # A begin at our cursor under other heads, with no root to check it by: refused.
+    lying = SnapshotTake(0.0, cursor=_cursor(one), root_hash=None, heads=heads, window=4)
+    lying.messages_to_send()
+    with pytest.raises(PageOutOfOrder, match="heads"):
+        lying.receive_message(
+            SnapshotBegin(heads=[b"g" * 32], root_hash=None, entries=2, cursor=_cursor(one)),
+            0.0,
+        )
+    # Without heads, a cursor with no root is not kept (nothing to resume it by).
+    bare = SnapshotTake(0.0, cursor=_cursor(one), root_hash=None, window=4)
+    opened = bare.messages_to_send()[0]
+    assert isinstance(opened, SnapshotOpen)
+    assert (opened.cursor, opened.heads) == (None, None)

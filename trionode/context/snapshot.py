@@ -44,9 +44,10 @@ head, which the next session drops (`HeadsResponse.known`, `SyncManager._drop_st
 **Resumable.** Each batch is joined and persisted in the same write as a progress marker
 (`SnapshotProgress`: source peer and member, boundary heads, final root, certificate,
 cursor). A dropped connection or a crash continues from the cursor with the same peer if
-its final state still has the root the cursor belongs to; if it moved on (more was
-folded), the pages start from the first record again with the new boundary, joining over
-what we have (records only grow). From another peer it restarts from the first record.
+its final state still has the root the cursor belongs to (or, cut before a late root came,
+still has the boundary: `SnapshotOpen.heads`); if it moved on (more was folded), the pages
+start from the first record again with the new boundary, joining over what we have
+(records only grow). From another peer it restarts from the first record.
 A context whose state was wiped since restarts too.
 
 **Never over existing state.** A node that has state and no marker (or a marker for a
@@ -102,8 +103,8 @@ log = logging.getLogger(__name__)
 M = TypeVar("M")
 
 PROOF_DOMAIN: Final = b"trionode/sync-proof/v1"
-PAGE_RECORDS: Final = 1000
-PAGE_BYTES: Final = 1024 * 1024
+PAGE_RECORDS: Final = 4096
+PAGE_BYTES: Final = 4 * 1024 * 1024
 WINDOW: Final = 16
 BATCH_BYTES: Final = 16 * 1024 * 1024
 IDLE_TIMEOUT: Final = 60.0
@@ -287,6 +288,7 @@ async def take(
                 trio.current_time(),
                 cursor=progress.cursor,
                 root_hash=progress.root_hash,
+                heads=progress.heads,
                 window=window,
                 max_records=page_records,
                 max_bytes=page_bytes,

@@ -21,7 +21,9 @@ attempt starts clean.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Final
 
 import attrs
 import trio
@@ -65,40 +67,128 @@ from trionode.sync.snapshot import (
     check_certificate,
     open_certificate,
 )
-from trionode.wire.messages import MAX_CERTIFICATE, MAX_IDS, SnapshotBegin
+from trionode.wire.messages import MAX_CERTIFICATE, MAX_IDS, MAX_PAGE_RECORDS, SnapshotBegin
 
 log = logging.getLogger(__name__)
 
 Page = tuple[list[bytes], bytes | None]
 
 
+AHEAD_RECORDS: Final = 2 * MAX_PAGE_RECORDS
+AHEAD_BYTES: Final = 8 * 1024 * 1024
+"""How far the hashing read of a stream (`SnapshotState.hash_view`) may run ahead of the
+pages sent from it: records and bytes read and not sent yet. Each is at least what one page
+may hold, so a page waiting for its records never waits on a read that waits for it."""
+
+
 @attrs.define
 class SnapshotStream:
     """The view one served snapshot stream reads its pages from (opened by its first page,
     closed when the stream ends, however it ends), and, when that view has no root (the
-    final state was not built: `final_state.open_unbuilt_view`), the root of the view's
-    state once `SnapshotState.hash_view` has read and hashed it, beside the stream."""
+    final state was not built: `final_state.open_unbuilt_view`), the read that hashes the
+    view's state beside the stream (`SnapshotState.hash_view`): its root once known, and
+    the records it read that the stream has not sent yet, which are the stream's next
+    pages (the rows are read once, not once to hash and once to send)."""
 
     view: SnapshotView | None = None
     root: bytes | None = None
     hashed: trio.Event = attrs.field(factory=trio.Event)
     """Set once `root` is known (at once for a view that has one)."""
+    first: list[bytes] = attrs.field(factory=list)
+    """The first page's records (sent already: the hashing read starts with them)."""
+    after_first: bytes | None = None
+    """Where the first page ended (None: it was the last)."""
+    read: deque[tuple[bytes, bytes]] = attrs.field(factory=deque)
+    """Records (with their ids, in id order) the hashing read read and no page sent yet."""
+    read_bytes: int = 0
+    read_ended: bool = False
+    """The hashing read reached the view's end (what is left to send is in `read`)."""
+    sent_to: bytes | None = None
+    """The id of the last record a page from `read` took."""
+    resumed: bool = False
+    """The first page continued an earlier stream after its cursor (cut before its root
+    came): the hashing read starts from the first record, and sends what follows the
+    first page."""
+    _moved: trio.Event = attrs.field(factory=trio.Event)
 
-    def open(self, view: SnapshotView) -> None:
+    def open(
+        self,
+        view: SnapshotView,
+        records: list[bytes],
+        after: bytes | None,
+        *,
+        resumed: bool = False,
+    ) -> None:
+        """Serve from `view`, whose first page held `records` and ended at `after`
+        (`resumed`: it started after an earlier stream's cursor)."""
         self.close()
         self.view = view
         self.root = view.root
         if view.root is not None:
             self.hashed.set()
+        else:
+            self.first = [] if resumed else records
+            self.after_first = self.sent_to = after
+            self.resumed = resumed
 
     @property
     def needs_hashing(self) -> bool:
         return self.view is not None and self.root is None
 
+    @property
+    def shared(self) -> bool:
+        """The pages after the first come from the hashing read."""
+        return self.view is not None and self.view.root is None
+
     def close(self) -> None:
         if self.view is not None:
             self.view.close()
             self.view = None
+
+    def _notify(self) -> None:
+        self._moved.set()
+        self._moved = trio.Event()
+
+    async def push(self, ids: Sequence[bytes], records: Sequence[bytes], *, last: bool) -> None:
+        """The hashing read read `records` (`last`: the view ends there); waits first while
+        it is as far ahead of the stream as it may be."""
+        while len(self.read) >= AHEAD_RECORDS or self.read_bytes >= AHEAD_BYTES:
+            await self._moved.wait()
+        self.read.extend(zip(ids, records, strict=True))
+        self.read_bytes += sum(len(r) for r in records)
+        self.read_ended = last
+        self._notify()
+
+    async def page(
+        self, cursor: bytes | None, max_records: int, max_bytes: int
+    ) -> tuple[list[bytes], bytes | None]:
+        """The next page from the hashing read: (records, next cursor or None at the end),
+        at least one record and then up to `max_records`/`max_bytes` (a whole one unless
+        the view ends first)."""
+        if cursor is None or cursor != self.sent_to:
+            raise LocalProtocolError("the pages of a hashed stream go in order")
+        want_records = min(max_records, AHEAD_RECORDS)
+        want_bytes = min(max_bytes, AHEAD_BYTES)
+        while not self.read_ended and (
+            len(self.read) < want_records and self.read_bytes < want_bytes
+        ):
+            await self._moved.wait()
+        records: list[bytes] = []
+        size = 0
+        last = cursor
+        read = self.read
+        while read and len(records) < max_records:
+            entity_id, value = read[0]
+            if records and size + len(value) > max_bytes:
+                break
+            read.popleft()
+            records.append(value)
+            size += len(value)
+            last = entity_id
+        self.read_bytes -= size
+        self.sent_to = last
+        self._notify()
+        return records, last if read or not self.read_ended else None
 
 
 class SnapshotState:
@@ -125,17 +215,24 @@ class SnapshotState:
         max_bytes: int,
         *,
         stream: SnapshotStream | None = None,
+        resume_heads: Sequence[bytes] | None = None,
     ) -> tuple[list[bytes], bytes | None, SnapshotBegin]:
         """The first page of a streamed snapshot and its `SnapshotBegin`: from `cursor` if
-        the final state still has `resume_root`, else from the first record. The stream's
-        later pages come from the view opened here (`stream.view`: see final_state.py);
-        without a `stream`, the view serves this page alone."""
+        the final state still has `resume_root` (or, without one, the boundary is still
+        `resume_heads`), else from the first record. The stream's later pages come from
+        the view opened here (`stream.view`: see final_state.py); without a `stream`, the
+        view serves this page alone."""
         serving = self._serving
-        # A fresh stream does not wait for the final state to be built: its root comes last.
-        unbuilt = stream is not None and cursor is None
+        # A stream does not wait for the final state to be built unless it must compare
+        # its root: that root comes last.
+        by_heads = stream is not None and cursor is not None and resume_root is None
+        unbuilt = stream is not None and (cursor is None or by_heads)
         view, boundary = await serving.open_snapshot_view(context_id, unbuilt=unbuilt)
         try:
-            if cursor is not None and view.root != resume_root:
+            if by_heads:
+                if resume_heads is None or sorted(resume_heads) != sorted(boundary):
+                    cursor = None
+            elif cursor is not None and view.root != resume_root:
                 cursor = None
             records, next_cursor = await serving.snapshot_view_page(
                 context_id, view, cursor, max_records, max_bytes
@@ -147,7 +244,7 @@ class SnapshotState:
         if stream is None:
             view.close()
         else:
-            stream.open(view)
+            stream.open(view, records, next_cursor, resumed=cursor is not None)
         begin = SnapshotBegin(
             heads=boundary[:MAX_IDS],
             root_hash=view.root,
@@ -168,29 +265,50 @@ class SnapshotState:
         """A later page of the stream whose first page opened `stream`'s view."""
         if stream.view is None:
             raise LocalProtocolError("no snapshot view: the first page opens it")
+        if stream.shared:
+            return await stream.page(cursor, max_records, max_bytes)
         return await self._serving.snapshot_view_page(
             context_id, stream.view, cursor, max_records, max_bytes
         )
 
     async def hash_view(self, context_id: bytes, stream: SnapshotStream) -> None:
         """The root of `stream`'s view (one with none: the final state was not built), read
-        through the view a read at a time beside the stream, as a build reads the rows."""
+        through the view a read at a time beside the stream, as a build reads the rows; what
+        it reads after the first page is what the stream sends next (`SnapshotStream.page`).
+        A fresh stream's first page is the start of that read; a resumed one's started
+        after an earlier stream's cursor, so the read starts from the first record and
+        sends what follows that page."""
         view = stream.view
         if view is None or stream.root is not None:
             raise LocalProtocolError("no view without a root to hash")
         tree = StateTree()
-        cursor: bytes | None = None
-        while True:
-            records, cursor = await self._serving.snapshot_view_page(
-                context_id, view, cursor, BUILD_ROWS, 1 << 30
-            )
+
+        def hashed(records: list[bytes]) -> list[Entity]:
             with collector_paused():  # a read of records, every one kept (crdt/bulk.py)
                 entities, newest = take(records)
                 tree.add_new(entities, newest=newest)
+            return entities
+
+        sends = stream.after_first is not None  # (else the first page was the last)
+        skip = stream.after_first if stream.resumed else None
+        hashed(stream.first)
+        cursor = None if stream.resumed else stream.after_first
+        stream.first = []
+        more = stream.resumed or cursor is not None
+        while more:
+            records, cursor = await self._serving.snapshot_view_page(
+                context_id, view, cursor, BUILD_ROWS, 1 << 30
+            )
+            entities = hashed(records)
+            if sends:
+                pairs = [
+                    (e.id, r)
+                    for e, r in zip(entities, records, strict=True)
+                    if skip is None or e.id > skip
+                ]
+                await stream.push([i for i, _ in pairs], [r for _, r in pairs], last=cursor is None)
             del records, entities
-            if cursor is None:
-                break
-            await trio.lowlevel.checkpoint()
+            more = cursor is not None
         tree.drain_changes()
         stream.root = tree.root_hash()
         stream.hashed.set()

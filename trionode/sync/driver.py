@@ -565,6 +565,7 @@ class SyncServer:
                 page.max_records,
                 page.max_bytes,
                 stream=stream,
+                resume_heads=page.resume_heads,
             )
         else:
             records, next_cursor = await self.contexts.snapshot_next_page(

@@ -34,9 +34,14 @@ is joined again harmlessly, and the root check at the end holds for the newer st
 it loaded the context) does not wait for it: its `SnapshotBegin` has no root, it hashes
 the records as it serves them, and the last `SnapshotChunk` carries the root of all it
 sent. So the requester's work overlaps the responder's, instead of following a build of
-the whole state. Only a fresh stream does this; a resume (a cursor and its root) is
-served from the built state, whose root it must compare. A stream cut before its root
-came resumes from the first record.
+the whole state. A resume with a cursor and its root is served from the built state, whose
+root it must compare. A stream cut before its root came resumes too: the requester sends
+its cursor with the boundary it holds instead (`SnapshotOpen.heads`); a responder whose
+boundary is still that (nothing was folded since: the same final state) continues after
+the cursor and sends the root of its whole state (it hashes every record, sending those
+after the cursor), last or first; any other starts from the first record. The root check
+at the end covers what came before the cut as well, so a state that moved regardless is
+refused, never taken.
 
 **Preparing.** Before its first page the responder may need its final state built (once
 per loaded context: trionode/context/final_state.py), which takes long for a large one.
@@ -190,6 +195,9 @@ class ReadPage:
     resume_root: bytes | None = None
     """With `first` and a cursor: the root that cursor belongs to. If the state served now
     has another root, read from the first record instead (and say so in `begin.cursor`)."""
+    resume_heads: tuple[bytes, ...] | None = None
+    """With `first`, a cursor and no root: the boundary that cursor belongs to. If the
+    boundary now is another, read from the first record instead."""
 
 
 class _Serve(enum.Enum):
@@ -222,6 +230,11 @@ class SnapshotServe:
         self._credits = request.window
         self._cursor = request.cursor
         self._resume_root = request.root_hash
+        self._resume_heads = (
+            tuple(request.heads)
+            if request.heads is not None and request.root_hash is None and request.cursor
+            else None
+        )
         self._max_records = min(request.max_records, max_records)
         self._max_bytes = min(request.max_bytes, max_bytes)
         self._idle_timeout = idle_timeout
@@ -265,6 +278,7 @@ class SnapshotServe:
             self._max_bytes,
             self._first,
             self._resume_root if self._first else None,
+            self._resume_heads if self._first else None,
         )
 
     def root_due(self, begin: SnapshotBegin | None) -> bool:
@@ -298,7 +312,10 @@ class SnapshotServe:
             if begin is None or begin.cursor not in (None, self._cursor):
                 raise LocalProtocolError("the first page needs its boundary and its start")
             if begin.root_hash is None and begin.cursor is not None:
-                raise LocalProtocolError("a resumed stream is served with its root first")
+                if self._resume_heads is None:
+                    raise LocalProtocolError("a resumed stream is served with its root first")
+                if sorted(begin.heads) != sorted(self._resume_heads):
+                    raise LocalProtocolError("a stream resumed without its root keeps its heads")
             self._outbox.append(begin)
             if now is not None:
                 self._deadline = now + self._idle_timeout
@@ -380,6 +397,7 @@ class SnapshotTake:
         *,
         cursor: bytes | None = None,
         root_hash: bytes | None = None,
+        heads: Sequence[bytes] | None = None,
         window: int = 16,
         max_records: int = 1000,
         max_bytes: int = 1 << 20,
@@ -397,7 +415,12 @@ class SnapshotTake:
         self._prepare_timeout = prepare_timeout
         self._begin_deadline = now + prepare_timeout
         """`SnapshotWait`s renew the idle deadline, never this one."""
-        self._cursor = cursor if root_hash is not None else None
+        # A cursor is kept with the root it belongs to or, cut before that came, with the
+        # boundary (see "Root last" in the module doc).
+        self._resume_heads = (
+            sorted(heads) if heads is not None and root_hash is None and cursor else None
+        )
+        self._cursor = cursor if root_hash is not None or self._resume_heads else None
         self._state = _Take.AWAIT_BEGIN
         self._outbox: list[SyncMessage] = [
             SnapshotOpen(
@@ -406,6 +429,7 @@ class SnapshotTake:
                 window=window,
                 max_records=max_records,
                 max_bytes=max_bytes,
+                heads=self._resume_heads,
             )
         ]
         self._entities: list[Entity] = []
@@ -484,7 +508,10 @@ class SnapshotTake:
                 self.restarted = True
                 self._cursor = None
             if message.root_hash is None and message.cursor is not None:
-                raise PageOutOfOrder("a resumed snapshot must announce its root first")
+                if self._resume_heads is None:
+                    raise PageOutOfOrder("a resumed snapshot must announce its root first")
+                if sorted(message.heads) != self._resume_heads:
+                    raise PageOutOfOrder("a snapshot resumed without its root keeps its heads")
             self.begin = message
             self.root_hash = message.root_hash
             self._state = _Take.STREAMING

@@ -237,6 +237,10 @@ class SnapshotOpen(msgspec.Struct, tag="open_snapshot", frozen=True, forbid_unkn
     root_hash: Id32 | None = None
     """The root of the state `cursor` was read from: if the responder's has moved on since,
     it starts from the first record instead (and `SnapshotBegin.cursor` says so)."""
+    heads: Ids | None = None
+    """With a cursor and no root (the stream was cut before its late root came): the
+    boundary the pages up to `cursor` stood for. A responder whose boundary is still that
+    continues after the cursor, with the root of the whole state last again."""
 
 
 class SnapshotBegin(msgspec.Struct, tag="snapshot_begin", frozen=True, forbid_unknown_fields=True):
