@@ -494,9 +494,9 @@ class SyncSection(_Section, frozen=True):
     ack_interval: PositiveFloat = 30.0
     """Seconds between our signed finality acks on each context where we are (or were)
     admin, sent only when what we hold moved: how soon others may fold what we saw."""
-    snapshot_page_records: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1000
+    snapshot_page_records: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 4096
     """Records a joiner asks for per snapshot page (responders serve at most 4,096)."""
-    snapshot_page_bytes: Annotated[int, msgspec.Meta(ge=1024, le=4 * MiB)] = MiB
+    snapshot_page_bytes: Annotated[int, msgspec.Meta(ge=1024, le=4 * MiB)] = 4 * MiB
     """Bytes a joiner asks for per snapshot page (responders serve at most 4 MiB)."""
     snapshot_window: Annotated[int, msgspec.Meta(ge=2, le=64)] = 16
     """Snapshot pages the responder may send ahead of the joiner's writes: the joiner
