@@ -481,6 +481,10 @@ class SyncSection(_Section, frozen=True):
     """Peers per context whose last sync (time, protocol, deltas, error) the node remembers
     for the page; beyond, the one tried longest ago is forgotten."""
     max_ancestors: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 1024
+    ancestor_headers: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 4096
+    """Delta headers the ancestor walks of served sync streams keep decoded (the most
+    recently read; up to about 2 KiB each with 64 parents): while many members catch up,
+    each session walks the same recent deltas. 0: decode them on every walk."""
     """Ancestors a delta request asks for beside the deltas it names (those our heads'
     version vector does not cover), and the most a request we serve gets: a chain of
     deltas comes in one round trip, not one per delta. 0: one generation per round trip."""

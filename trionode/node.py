@@ -247,6 +247,7 @@ class Node:
             serve_max_requests=config.sync.serve_max_requests,
             serve_timeout=config.sync.serve_timeout,
             max_ancestors=config.sync.max_ancestors,
+            ancestor_headers=config.sync.ancestor_headers,
             snapshot_idle_timeout=config.sync.snapshot_idle_timeout,
             snapshot_keepalive=config.sync.snapshot_keepalive,
             acks=self.acks.receive,

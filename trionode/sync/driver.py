@@ -38,6 +38,7 @@ from trionode.sync.machines import (
     CheckAuth,
     Delegate,
     DeltaFetch,
+    HeaderCache,
     HeadsExchange,
     ReadAncestors,
     ReadDeltas,
@@ -371,8 +372,11 @@ class SyncServer:
         served_pages: Counter | None = None,
         acks: TakeAck | None = None,
         max_ancestors: int = MAX_ANCESTORS,
+        ancestor_headers: int = 4096,
     ) -> None:
         self.max_ancestors = max_ancestors
+        self.headers = HeaderCache(ancestor_headers)
+        """Headers the ancestor walks of every stream served read, most recent kept."""
         """Most ancestors one delta answer carries, whatever the request asks."""
         self.acks = acks
         """Where signed acks a tree comparison brings go (the AckBook)."""
@@ -398,7 +402,10 @@ class SyncServer:
         if self.session_timeout is not None:
             deadline = trio.current_time() + self.session_timeout
         machine = Responder(
-            max_requests=self.max_requests, max_ancestors=self.max_ancestors, deadline=deadline
+            max_requests=self.max_requests,
+            max_ancestors=self.max_ancestors,
+            deadline=deadline,
+            headers=self.headers,
         )
         # Until the peer has proved membership its stream holds no limiter token and may
         # send one small frame, within the first-message deadline: silent or anonymous
