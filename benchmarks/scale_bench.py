@@ -49,10 +49,11 @@ import attrs
 import base58
 import trio
 import trio.testing
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from msgspec.structs import replace
 from prometheus_client import Counter
 
-from benchmarks.harness import Row, render
+from benchmarks.harness import Row, render, timed
 from benchmarks.sync_bench import (
     RAW_TOPIC,
     _bench_bundle,
@@ -61,10 +62,13 @@ from benchmarks.sync_bench import (
 )
 from trionode.config import FileConfig, NetworkSection, PubsubSection, SyncSection
 from trionode.context.errors import PeerFailed
+from trionode.dag.delta import GENESIS, DeltaBody, seal_delta
 from trionode.net.events import GossipMessage
 from trionode.net.memory import MemoryNetwork
 from trionode.node import Node
+from trionode.sync.machines import HeaderCache, ReadAncestors, ReadDeltas, Responder
 from trionode.testing import Topology, open_cluster
+from trionode.wire.messages import MAX_ANCESTORS, DeltaRequest, DeltaResponse, SyncAuth
 
 IDLE_WINDOW: Final = 20.0
 """Seconds of idle time measured (several sync heartbeats and many gossipsub heartbeats)."""
@@ -287,7 +291,37 @@ async def _raw_gossip(
 CONVERGE_POLL: Final = 0.1
 """Seconds between convergence checks while no node applies anything (a snapshot or a tree
 comparison changes state without an event)."""
-PROGRESS_EVERY: Final = 60.0
+PROGRESS_EVERY: Final = 15.0
+"""Seconds between progress lines while converging (pending deltas over time)."""
+RAW_GRACE: Final = 300.0
+"""Seconds raw gossip may take beyond its schedule's last publish before the phase gives up
+(it had 1,800 s whatever the schedule)."""
+
+
+def default_rate(m: int) -> float:
+    """Writes per second the many-nodes case paces itself at unless told: what this 2-core
+    machine sustains with every node in one process (each write costs every node a
+    delivery, so it shrinks with the nodes: 100 nodes, 1 a second)."""
+    return min(5.0, 100.0 / m)
+
+
+class _Cpu:
+    """The share of wall time this process spent on the CPU since the last `take`: near
+    100 % the one core the nodes share is saturated (a capacity limit, not a stall)."""
+
+    def __init__(self) -> None:
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+
+    def take(self) -> float:
+        cpu, wall = time.process_time(), time.perf_counter()
+        share = (cpu - self._cpu) / max(wall - self._wall, 1e-9)
+        self._cpu, self._wall = cpu, wall
+        return share
+
+    def busy(self) -> str:
+        """`take` as a phrase, with the machine's load beside it: on a shared machine a
+        share well below 100 % may mean the process waited for a core, not for work."""
+        return f"CPU {self.take():.0%} busy (load {os.getloadavg()[0]:.1f})"
 
 
 class _Wake:
@@ -356,6 +390,7 @@ async def _wait_all_converged(nodes: Sequence[Node], context: bytes, limit: floa
     subscription on every node every 2 ms and reads every node's state each time, which at
     100 nodes was most of what the process did while it waited."""
     wake = _Wake()
+    cpu = _Cpu()
     started = last_log = time.perf_counter()
     async with trio.open_nursery() as watchers:
         for node in nodes:
@@ -373,7 +408,7 @@ async def _wait_all_converged(nodes: Sequence[Node], context: bytes, limit: floa
                         f"{sum(s[:2] == states[0][:2] for s in states)} of {len(nodes)} "
                         f"nodes hold node 0's state, {sum(s[2] for s in states)} deltas pending, "
                         f"at most {max(len(s[1]) for s in states)} heads on a node; "
-                        f"{_fetch_failures(nodes)}"
+                        f"{cpu.busy()}; {_fetch_failures(nodes)}"
                     )
                 with trio.move_on_after(CONVERGE_POLL):
                     await wake.event.wait()
@@ -406,7 +441,8 @@ async def _share_retrying(nodes: Sequence[Node], bundle: Path) -> bytes:
     return context
 
 
-async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
+async def _many_rows(m: int, w: int, base: Path, rate: float | None = None) -> list[Row]:
+    rate = default_rate(m) if rate is None else rate
     bundle = _bench_bundle(base / "bundle")
     rng = random.Random(SEED)
     topology: Topology = _random_edges(m, rng)
@@ -428,22 +464,36 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
         degree = nodes[0].config.pubsub.d
         copies, wire = _forwarded(nodes), network.statistics().bytes_sent
         made: list[tuple[float, int, bytes]] = []
+        interval = 1.0 / rate
+        cpu, writing_cpu = _Cpu(), _Cpu()
+        _log(f"{w:,} writes paced at {rate:g} a second ({interval * w:,.0f}s of writing)")
         first = time.perf_counter()
-        for i in range(w):
-            writer = rng.randrange(m)
-            offset = time.perf_counter() - first
-            made.append(
-                (offset, writer, await _set_many(nodes[writer], context, _items("s", i, 1)))
-            )
-            if (i + 1) % 100 == 0:
-                states = [await node.contexts.state(context) for node in nodes]
-                _log(
-                    f"{i + 1:,} writes; {sum(s[2] for s in states)} deltas pending, at most "
-                    f"{max(len(s[1]) for s in states)} heads on a node; {_fetch_failures(nodes)}"
+
+        async def one(i: int, writer: int, offset: float) -> None:
+            delta_id = await _set_many(nodes[writer], context, _items("s", i, 1))
+            made.append((offset, writer, delta_id))
+
+        async with trio.open_nursery() as writers:
+            for i in range(w):
+                offset = i * interval
+                await trio.sleep_until(
+                    trio.current_time() + max(0.0, first + offset - time.perf_counter())
                 )
+                writers.start_soon(one, i, rng.randrange(m), offset)
+                if (i + 1) % 100 == 0:
+                    states = [await node.contexts.state(context) for node in nodes]
+                    _log(
+                        f"{i + 1:,} writes issued at {time.perf_counter() - first:.0f}s, "
+                        f"{len(made):,} done; {sum(s[2] for s in states)} deltas pending, at "
+                        f"most {max(len(s[1]) for s in states)} heads on a node; "
+                        f"{cpu.busy()}; {_fetch_failures(nodes)}"
+                    )
+        made.sort()
         written = time.perf_counter()
+        writing_busy, converging_cpu = writing_cpu.busy(), _Cpu()
         await _wait_all_converged(nodes, context, limit=3600)
         converged = time.perf_counter()
+        converging_busy = converging_cpu.busy()
         failures = _fetch_failures(nodes)
         writes = _Phase(
             converged - first,
@@ -455,15 +505,16 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
             for offset, i, delta_id in made
         ]
         delta_bytes = sum(size for _, _, size in schedule)
-        raw = await _raw_gossip(nodes, network, schedule, limit=1800)
+        raw = await _raw_gossip(nodes, network, schedule, limit=interval * w + RAW_GRACE)
     _log(
-        f"{w:,} writes in {written - first:.1f}s, converged {converged - written:.2f}s later; "
+        f"{w:,} writes paced at {rate:g}/s in {written - first:.1f}s ({writing_busy}), "
+        f"converged {converged - written:.2f}s later ({converging_busy}); "
         f"raw gossip of the same payloads on the same schedule: {raw.seconds:.1f}s; "
         f"copies per write {writes.copies / w:,.0f} (raw {raw.copies / w:,.0f}, "
         f"D={degree}, m={m}); wire bytes per write {writes.wire / w:,.0f} "
         f"(raw {raw.wire / w:,.0f}); mean delta {delta_bytes / w:,.0f} B; {failures}"
     )
-    case = f"{w:,} writes on {m} nodes"
+    case = f"{w:,} writes at {rate:g}/s on {m} nodes"
     return [
         Row(
             f"{case}: first write -> all converged",
@@ -508,9 +559,95 @@ async def _many_rows(m: int, w: int, base: Path) -> list[Row]:
     ]
 
 
-async def run(*, quick: bool, many: tuple[int, int] | None = None, idle: bool = True) -> list[Row]:
-    """Both cases; `many` = (nodes, writes) overrides the many-nodes size, and `idle`
-    False skips the idle-contexts case."""
+WALK_AUTHORS: Final = 16
+WALK_PARENTS: Final = 48
+
+
+def _walk_dag(n: int) -> dict[bytes, bytes]:
+    """`n` signed deltas by `WALK_AUTHORS` members writing at once: each names the last
+    `WALK_PARENTS` deltas as parents (the scale run's DAG has tens of heads). id → wire."""
+    keys = [Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32) for i in range(WALK_AUTHORS)]
+    seqs = [0] * WALK_AUTHORS
+    order: list[bytes] = []
+    wires: dict[bytes, bytes] = {}
+    for i in range(n):
+        author = i % WALK_AUTHORS
+        seqs[author] += 1
+        delta = seal_delta(
+            context_id=WALK_CONTEXT,
+            parents=order[-WALK_PARENTS:] or [GENESIS],
+            author=keys[author],
+            hlc=i + 1,
+            key_id=0,
+            context_key=bytes(32),
+            body=DeltaBody(records=[os.urandom(100)], events=[], root_hash=bytes(32)),
+            seq=seqs[author],
+        )
+        order.append(delta.id)
+        wires[delta.id] = delta.encode()
+    return wires
+
+
+WALK_CONTEXT: Final = b"\x16" * 32
+
+
+def _serve_walk(wires: dict[bytes, bytes], top: bytes, headers: HeaderCache) -> int:
+    """One delta request for `top` with every ancestor it may carry, answered from `wires`
+    as a `SyncServer` answers it from the store; the ancestors sent."""
+    responder = Responder(headers=headers)
+    responder.receive_message(
+        SyncAuth(context_id=WALK_CONTEXT, member=bytes(32), signature=bytes(64)), 0.0
+    )
+    responder.next_action()
+    responder.auth_checked(None)
+    responder.receive_message(DeltaRequest(ids=[top], ancestors=MAX_ANCESTORS), 0.0)
+    while (action := responder.next_action()) is not None:
+        if isinstance(action, ReadDeltas):
+            responder.deltas_read([(i, wires[i]) for i in action.ids], [])
+        else:
+            assert isinstance(action, ReadAncestors)
+            responder.ancestors_read([(i, wires[i]) for i in action.ids if i in wires])
+    (answer,) = responder.messages_to_send()
+    assert isinstance(answer, DeltaResponse)
+    return len(answer.ancestors)
+
+
+def _walk_rows(*, quick: bool) -> list[Row]:
+    """Serving the same ancestor walk again (many members catching up walk the same recent
+    deltas), with the node's header cache beside decoding every header each time."""
+    n = 256 if quick else SyncSection().max_ancestors + 1
+    wires = _walk_dag(n)
+    top = list(wires)[-1]
+    repeats = 5 if quick else 20
+    cached = HeaderCache(SyncSection().ancestor_headers)
+    assert _serve_walk(wires, top, cached) == n - 1  # (warms the cache)
+    with_cache = timed(lambda: [_serve_walk(wires, top, cached) for _ in range(repeats)])
+    without = timed(lambda: [_serve_walk(wires, top, HeaderCache(0)) for _ in range(repeats)])
+    _log(
+        f"ancestor walk of {n - 1:,}: {with_cache / repeats * 1e3:.1f} ms with the cache, "
+        f"{without / repeats * 1e3:.1f} ms decoding every header"
+    )
+    return [
+        Row(
+            f"serving a walk of {n - 1:,} ancestors again ({WALK_PARENTS} parents each)",
+            repeats / with_cache,
+            "walks/s",
+            "decoding every header each walk (sync.ancestor_headers = 0)",
+            repeats / without,
+        )
+    ]
+
+
+async def run(
+    *,
+    quick: bool,
+    many: tuple[int, int] | None = None,
+    idle: bool = True,
+    rate: float | None = None,
+) -> list[Row]:
+    """Both cases; `many` = (nodes, writes) overrides the many-nodes size, `rate` its
+    writes per second (default `default_rate`), and `idle` False skips the idle-contexts
+    case (and the ancestor-walk rows)."""
     contexts = 100 if quick else 1000
     window = QUICK_IDLE_WINDOW if quick else IDLE_WINDOW
     nodes, writes = many or ((20, 100) if quick else (100, 1000))
@@ -518,8 +655,9 @@ async def run(*, quick: bool, many: tuple[int, int] | None = None, idle: bool = 
     with tempfile.TemporaryDirectory(prefix="trionode-scale-") as tmp:
         base = Path(tmp)
         if idle:
+            rows += _walk_rows(quick=quick)
             rows += await _idle_rows(contexts, window, base / "idle")
-        rows += await _many_rows(nodes, writes, base / "many")
+        rows += await _many_rows(nodes, writes, base / "many", rate)
     return rows
 
 
@@ -533,9 +671,21 @@ def main() -> None:
         metavar=("NODES", "WRITES"),
         help="the many-nodes case at this size, alone (no idle-contexts case)",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="WRITES_PER_S",
+        help="pace the many-nodes writes at this rate (default: 100 / NODES, at most 5)",
+    )
     args = parser.parse_args()
+    if args.rate is not None and args.rate <= 0:
+        parser.error("--rate must be positive")
     many = None if args.many is None else (args.many[0], args.many[1])
-    print(render(trio.run(lambda: run(quick=args.quick, many=many, idle=many is None))))
+    print(
+        render(
+            trio.run(lambda: run(quick=args.quick, many=many, idle=many is None, rate=args.rate))
+        )
+    )
 
 
 if __name__ == "__main__":
