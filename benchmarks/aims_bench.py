@@ -2,7 +2,12 @@
 measured in the same process on the same machine minutes apart.
 
 * `kv_store.set` in process, sequential and durable, beside raw LMDB committing the same
-  rows one transaction per call; 64 concurrent callers beside the sequential rate; over
+  rows one durable transaction per call, the two **interleaved** (`_interleaved_sequential`):
+  each call followed by the raw commit of its rows on the same disk, summed per short
+  trial, the median of each and the spread of the per-trial ratios printed. This disk's
+  fsync rate swings several times over between runs minutes apart (issue #16: raw LMDB
+  519-3,184 calls/s in one evening), and both figures swing with it, so only a ratio
+  measured this way can be judged. 64 concurrent callers beside the sequential rate; over
   HTTP with 16 concurrent keep-alive clients beside `GET /admin-api/health` from the same
   clients; LMDB bytes per kv entry beside raw LMDB (`context_bench._node_rows`, which also
   prints where one call's time goes).
@@ -48,7 +53,7 @@ import trio
 import trio.testing
 
 from benchmarks.bytes_bench import _rows as _byte_rows
-from benchmarks.context_bench import KV_STORE, _node_rows
+from benchmarks.context_bench import KV_STORE, LMDB_MAP, _kv_items, _node_rows, _set_args
 from benchmarks.harness import Row, render
 from benchmarks.process_nodes import propagation as process_propagation
 from benchmarks.sync_bench import (
@@ -75,8 +80,8 @@ from trionode.context.pipeline import DeltaPipeline
 from trionode.context.replication import Replicator
 from trionode.net.events import GossipMessage
 from trionode.node import Node
-from trionode.store.lmdb_store import LmdbStore, WriteOp
-from trionode.store.store import AsyncStore
+from trionode.store.lmdb_store import Column, Delete, LmdbStore, Put, WriteOp
+from trionode.store.store import AsyncStore, WriteBatch
 from trionode.testing import open_test_node
 
 DELTA_BYTES: Final = 400
@@ -89,7 +94,16 @@ async def run(*, quick: bool) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="trionode-aims-") as tmp:
         base = Path(tmp)
-        rows += await _node_rows(calls, base / "calls")
+        rows += await _interleaved_sequential(
+            SEQUENTIAL_TRIALS, calls // 4 if quick else 500, base / "interleaved"
+        )
+        # (its own sequential row's raw LMDB baseline ran once, apart from the row: the
+        # interleaved rows above replace it)
+        rows += [
+            row
+            for row in await _node_rows(calls, base / "calls")
+            if not row.baseline_name.startswith("raw lmdb: same rows")
+        ]
         print(await _sequential_trace(calls, base / "trace"))
         rows += await _byte_rows(calls, base / "bytes")
         writes, raw = await _propagation(rounds, base / "propagation", _bench_bundle(base / "b"))
@@ -125,6 +139,113 @@ async def run(*, quick: bool) -> list[Row]:
             "ms",
             "raw gossip publish -> last of 4, the same processes",
             _percentile(raw_apart, 0.99) * 1000,
+            higher_is_better=False,
+        ),
+    ]
+
+
+SEQUENTIAL_TRIALS: Final = 9
+"""Trials of the sequential row and of its raw LMDB baseline, alternated."""
+
+
+async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> list[Row]:
+    """Sequential durable `kv_store.set` beside raw LMDB committing the same rows, one
+    durable transaction per call, interleaved call by call (module docs).
+
+    Each call on the node is followed at once by one synced transaction of the rows that
+    call committed, in a bare LMDB env in the same directory; the two are timed apart and
+    summed per trial of `per_trial` calls, so both rates of a trial come from the same
+    second of the disk's life. Rows: the median of the trials' rates for each, the median
+    and spread of the trials' ratios, and the process CPU per call (every thread's: the
+    raw transactions' CPU is taken out by timing them with `process_time` too)."""
+    node_rates: list[float] = []
+    raw_rates: list[float] = []
+    cpu: list[float] = []
+    calls = _set_args(_kv_items(trials * per_trial, "seq"))
+    await trio.to_thread.run_sync(lambda: base.mkdir(parents=True, exist_ok=True))
+    env = lmdb.open(str(base / "raw"), map_size=LMDB_MAP, max_dbs=len(Column) + 1)
+    try:
+        dbs = {col: env.open_db(col.value.encode()) for col in Column}
+
+        def commit_raw(ops: Sequence[WriteOp]) -> None:
+            with env.begin(write=True) as txn:
+                for op in ops:
+                    if isinstance(op, Put):
+                        txn.put(op.key, op.value, db=dbs[op.column])
+                    elif isinstance(op, Delete):
+                        txn.delete(op.key, db=dbs[op.column])
+                    else:
+                        txn.cursor(db=dbs[op.column]).putmulti(op.rows)
+
+        async with open_test_node(base / "node", api=False) as test_node:
+            node = test_node.node
+            app = await node.applications.install(str(KV_STORE))
+            context = (await node.contexts.create(app.application_id)).context_id
+            for args in _set_args(_kv_items(20, "warm")):
+                await node.contexts.execute(context, "set", args)
+            captured: list[list[WriteOp]] = []
+            original_write = node.store.write
+
+            async def recording_write(batch: WriteBatch | Sequence[WriteOp]) -> None:
+                ops = list(batch.ops if isinstance(batch, WriteBatch) else batch)
+                if any(op.column is Column.DELTA for op in ops):  # (not the event log's)
+                    captured.append(ops)
+                await original_write(batch)
+
+            with patch.object(node.store, "write", recording_write):
+                for t in range(trials):
+                    node_wall = node_cpu = raw_wall = 0.0
+                    for args in calls[t * per_trial : (t + 1) * per_trial]:
+                        captured.clear()
+                        began, began_cpu = time.perf_counter(), time.process_time()
+                        await node.contexts.execute(context, "set", args)
+                        ended, ended_cpu = time.perf_counter(), time.process_time()
+                        node_wall += ended - began
+                        node_cpu += ended_cpu - began_cpu
+                        if len(captured) != 1:
+                            raise RuntimeError("aims bench: expected one store write per call")
+                        commit_raw(captured[0])
+                        raw_wall += time.perf_counter() - ended
+                    node_rates.append(per_trial / node_wall)
+                    raw_rates.append(per_trial / raw_wall)
+                    cpu.append(node_cpu / per_trial)
+    finally:
+        env.close()
+    ratios = sorted(n / r for n, r in zip(node_rates, raw_rates, strict=True))
+    node_p50, raw_p50 = statistics.median(node_rates), statistics.median(raw_rates)
+    print(
+        f"sequential durable kv_store.set, {trials} trials of {per_trial} calls, each call "
+        "followed by raw LMDB committing the same rows in one durable txn (loadavg "
+        f"{os.getloadavg()[0]:.1f}):\n"
+        f"  trionode calls/s: median {node_p50:,.0f}, {min(node_rates):,.0f}-"
+        f"{max(node_rates):,.0f}; raw LMDB: median {raw_p50:,.0f}, {min(raw_rates):,.0f}-"
+        f"{max(raw_rates):,.0f}\n"
+        f"  per-trial ratio: median {statistics.median(ratios):.2f}x, "
+        f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x; process CPU per call: median "
+        f"{statistics.median(cpu) * 1e6:.0f} us"
+    )
+    label = f"kv_store.set in process, sequential durable, {trials} trials x {per_trial} calls"
+    return [
+        Row(
+            f"{label}, median (interleaved)",
+            node_p50,
+            "calls/s",
+            "raw lmdb: same rows, 1 durable txn/call, interleaved",
+            raw_p50,
+        ),
+        Row(
+            f"{label}, median per-trial ratio (spread {ratios[0]:.2f}-{ratios[-1]:.2f}x)",
+            statistics.median(ratios),
+            "x",
+            "raw lmdb in the same trial (aim: 0.5x)",
+            1.0,
+        ),
+        Row(
+            f"{label}: process CPU per call, median of trials",
+            statistics.median(cpu) * 1e6,
+            "us",
+            "raw lmdb: wall time per durable txn (median)",
+            1e6 / raw_p50,
             higher_is_better=False,
         ),
     ]
@@ -469,8 +590,17 @@ async def _commit_gossip(
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.aims_bench")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument(
+        "--sequential", action="store_true", help="only the interleaved sequential rows"
+    )
     args = parser.parse_args()
-    print(render(trio.run(lambda: run(quick=args.quick))))
+    if args.sequential:
+        with tempfile.TemporaryDirectory(prefix="trionode-aims-") as tmp:
+            per_trial = 50 if args.quick else 500
+            rows = trio.run(_interleaved_sequential, SEQUENTIAL_TRIALS, per_trial, Path(tmp))
+    else:
+        rows = trio.run(lambda: run(quick=args.quick))
+    print(render(rows))
 
 
 if __name__ == "__main__":
