@@ -461,6 +461,7 @@ class LocalWriter:
             seq=seq,
             vv=vv,
             auth=auth,
+            author_public=replica.record.our_member,
         )
         size = len(delta.encode())  # cached: the bytes that are stored and sent
         if size > self._max_delta_bytes:
