@@ -31,11 +31,14 @@ class Commits:
         self.delay = 0.0
         self.fail = False
         self.now = 0.0
+        self.on_start: Callable[[], object] | None = None
         original: Callable[[LmdbStore, Sequence[WriteOp]], None] = LmdbStore.write
         monkeypatch.setattr(store_module, "time", SimpleNamespace(perf_counter=lambda: self.now))
 
         def write(store: LmdbStore, ops: Sequence[WriteOp]) -> None:
             self.threads.append(threading.get_ident())
+            if self.on_start is not None:
+                self.on_start()
             self.now += self.took
             if self.delay:
                 time.sleep(self.delay)  # (holds the writer thread busy, not a wait)
@@ -185,3 +188,64 @@ async def test_an_inline_commit_waits_for_a_writer_thread_still_committing(
         assert not commits.last_inline()  # it queued for the writer like any write
         assert store.raw.get(Column.GENERIC, b"a/0") == b"v"  # after the first, not beside
         assert store.raw.get(Column.GENERIC, b"b/0") == b"v"
+
+
+async def test_commits_off_the_loop_share_one_long_lived_thread_that_ends_with_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db", inline_max=0.0) as store:
+        for i in range(5):
+            await store.write(puts(b"a%d/" % i))
+        assert len(set(commits.threads)) == 1
+        assert not commits.last_inline()
+        writers = [t for t in threading.enumerate() if t.name == "trionode-store-writer"]
+        assert [t.ident for t in writers] == commits.threads[:1]
+    assert not writers[0].is_alive()  # the store's close ended it
+
+
+async def test_a_writer_cancelled_while_its_commit_runs_in_the_thread_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db", inline_max=0.0) as store:
+        commits.delay = 0.05
+        token = trio.lowlevel.current_trio_token()
+        committing = trio.Event()
+        commits.on_start = lambda: token.run_sync_soon(committing.set)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_once_committing() -> None:
+                    await committing.wait()
+                    scope.cancel()
+
+                nursery.start_soon(cancel_once_committing)
+                await store.write(puts(b"a/"))
+                # Not abandoned: the write returns once committed (it did happen), and the
+                # cancellation comes at the caller's next checkpoint.
+                assert store.raw.get(Column.GENERIC, b"a/0") == b"v"
+                await trio.lowlevel.checkpoint()
+                raise AssertionError("the cancellation should have come by now")
+        assert scope.cancelled_caught
+        commits.delay = 0.0
+        with trio.fail_after(5):  # and the writer is free again
+            await store.write(puts(b"b/"))
+
+
+async def test_a_failed_commit_in_the_thread_is_a_counted_storage_error_and_frees_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    registry = CollectorRegistry()
+    async with store_at(tmp_path / "db", registry, inline_max=0.0) as store:
+        commits.fail = True
+        with pytest.raises(StorageError, match="disk full"):
+            await store.write(puts(b"a/"))
+        assert not commits.last_inline()
+        assert registry.get_sample_value("trionode_store_errors_total", {"op": "write"}) == 1.0
+        commits.fail = False
+        with trio.fail_after(5):
+            await store.write(puts(b"b/"))
+        assert store.raw.get(Column.GENERIC, b"b/0") == b"v"
+        assert store.raw.get(Column.GENERIC, b"a/0") is None

@@ -29,6 +29,9 @@ hands the commit to the writer thread as before.
 from __future__ import annotations
 
 import collections
+import contextlib
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -65,6 +68,61 @@ DEFAULT_INLINE_COMMIT_MAX: Final = 0.002
 """The default of `store.inline_commit_max_seconds`."""
 _AVERAGE_WEIGHT: Final = 0.2
 """The weight of the newest commit in the moving average of commit durations."""
+
+
+class _CommitThread:
+    """One long-lived thread for the commits `AsyncStore.write` hands off the loop.
+
+    `trio.to_thread.run_sync` per commit names the pooled thread and names it back (two
+    system calls), captures the context, and builds its cancel machinery: on a loaded
+    machine that was a sixth of the delta processor's time in the propagation bench
+    (py-spy, issue #16). Here a commit is a queue put and, once done, one callback that
+    wakes the waiting task. Like `run_sync` without `abandon_on_cancel`, a commit that
+    has begun is waited for even if the caller is cancelled meanwhile: a write either
+    committed or did not happen. The thread starts with the first commit it gets and
+    ends at `close` (the store's close)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the thread; raises what it raised."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._work, name="trionode-store-writer", daemon=True
+            )
+            self._thread.start()
+        job = _Commit(fn, trio.lowlevel.current_trio_token())
+        self._jobs.put(job)
+        with trio.CancelScope(shield=True):  # (the commit is waited for: see above)
+            await job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job.fn()
+            except BaseException as exc:  # noqa: BLE001 (raised in the waiting task)
+                job.error = exc
+            with contextlib.suppress(trio.RunFinishedError):  # (nobody waits any more)
+                job.token.run_sync_soon(job.done.set)
+
+    def close(self) -> None:
+        """End the thread once the commits queued before are done."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+@attrs.define(eq=False)
+class _Commit:
+    fn: Callable[[], None]
+    token: trio.lowlevel.TrioToken
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: BaseException | None = None
 
 
 class Codec(Protocol[T]):
@@ -170,6 +228,7 @@ class AsyncStore:
         self.inline_commits = 0
         """Writes committed on the Trio thread because the loop had nothing else to run."""
         self._writer = trio.CapacityLimiter(1)
+        self._commits = _CommitThread()
         self._readers = trio.CapacityLimiter(reader_threads)
         self._metrics = metrics
         self._counted: dict[tuple[str, Column], Counter] = {}
@@ -268,7 +327,7 @@ class AsyncStore:
             try:
                 self._writer.acquire_nowait()
             except trio.WouldBlock:
-                await self._run(self._writer, "write", self._timed_write, ops)
+                await self._commit_in_thread(ops)
             else:
                 try:
                     self.inline_commits += 1
@@ -282,7 +341,21 @@ class AsyncStore:
                 # Yield once, as any write does, but it is done: not a cancel point.
                 await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            await self._run(self._writer, "write", self._timed_write, ops)
+            await self._commit_in_thread(ops)
+
+    async def _commit_in_thread(self, ops: Sequence[WriteOp]) -> None:
+        """Commit `ops` in the commit thread, one writer at a time."""
+        async with self._writer:
+            try:
+                await self._commits.run(lambda: self._timed_write(ops))
+            except StorageError:
+                if self._metrics is not None:
+                    self._metrics.errors.labels("write").inc()
+                raise
+
+    def close(self) -> None:
+        """Stop the commit thread (the store's close: no write is running)."""
+        self._commits.close()
 
     def _may_inline(self, ops: Sequence[WriteOp]) -> bool:
         """Whether `ops` may commit on the Trio thread now (see the module docs)."""
@@ -354,8 +427,12 @@ async def open_store(
         raw = await trio.to_thread.run_sync(open_raw)
     try:
         metrics = StoreMetrics(registry) if registry is not None else None
-        yield AsyncStore(
+        store = AsyncStore(
             raw, reader_threads, metrics, inline=inline, inline_commit_max=inline_commit_max
         )
+        try:
+            yield store
+        finally:
+            store.close()
     finally:
         raw.close()
