@@ -531,6 +531,16 @@ class DeltaPipeline:
             self._event_log.stage(batch, events)
         return events
 
+    async def _handles(self, replica: Replica) -> Callable[[str], bool] | None:
+        """Whether the app the context runs has a handler for an event name (None: its app
+        is not installed or cannot load here, so every event queues its run, which waits
+        for the app: `handler_runs.py`)."""
+        try:
+            app = await running_app(self._apps, self._replicas, replica)
+        except ContextError:
+            return None
+        return lambda name: bool(app.handlers_for(name))
+
     async def _hold(self, context_id: bytes, held: dict[bytes, Replica]) -> Replica:
         """The replica of `context_id`, locked until the batch is committed."""
         replica = held.get(context_id)
@@ -555,7 +565,10 @@ class DeltaPipeline:
     ) -> tuple[object, Callable[[], None] | None]:
         work = job.work
         if isinstance(work, VerifiedDelta):
-            return self._processor.stage_received(replica, work, batch, fresh, progress)
+            handles = await self._handles(replica)
+            return self._processor.stage_received(
+                replica, work, batch, fresh, progress, handles=handles
+            )
         if isinstance(work, LocalWrite):
             own = WriteBatch()  # (joins the batch only if the whole job stages)
             staged = work.stage(LocalJob(replica, own, fresh, progress.changes, progress))

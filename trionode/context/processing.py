@@ -122,6 +122,9 @@ class Applying:
     auth_changed: bool = False
     """An op or an equivocation arrived: verdicts may change (see `settle`)."""
     fresh: dict[bytes, SignedDelta] = attrs.field(factory=dict)
+    handles: Callable[[str], bool] | None = None
+    """Whether the app the context runs has a handler for an event name (None: not known
+    here, so every event queues its run: see `apply_one`)."""
 
 
 class DeltaProcessor:
@@ -163,12 +166,15 @@ class DeltaProcessor:
         batch: WriteBatch,
         fresh: dict[bytes, SignedDelta],
         progress: Progress,
+        *,
+        handles: Callable[[str], bool] | None = None,
     ) -> tuple[Received, Callable[[], None] | None]:
         """Offer a verified delta to `replica` (under its lock) and stage what that changes
         in `batch`, which the caller commits; returns what became of it and what to announce
         once the batch is durable. `fresh` holds the deltas staged but not yet written for
-        this replica (a rebuild reads them from there). Raises RemoteProtocolError, having
-        changed nothing, for a delta of another context."""
+        this replica (a rebuild reads them from there). `handles`: see `Applying.handles`.
+        Raises RemoteProtocolError, having changed nothing, for a delta of another
+        context."""
         context_id = replica.context_id
         delta, header = verified.delta, verified.header
         if header.context_id != context_id:
@@ -177,7 +183,7 @@ class DeltaProcessor:
             # Checked before anything is stored: such a delta may be valid later.
             self._refuse_ahead(context_id, delta.id)
             return Received([], frozenset(), refused=[delta.id]), None
-        applying = Applying(replica, batch, fresh=fresh)
+        applying = Applying(replica, batch, fresh=fresh, handles=handles)
         progress.mutated = True
         offer = replica.dag.offer(
             delta.id,
@@ -316,6 +322,8 @@ class DeltaProcessor:
         replica.tree.apply(records)
         # A read-only node runs no handlers, so it queues none (they would pile up forever).
         for index, event in enumerate(() if self._read_only else body.events):
+            if not _may_handle(applying, event.name):
+                continue
             batch.put(
                 HANDLER_RUNS,
                 HANDLER_PREFIX + context_id + delta_id + index.to_bytes(4, "big"),
@@ -520,6 +528,16 @@ class DeltaProcessor:
     async def missing(self, context_id: bytes) -> set[bytes]:
         replica = await self._replicas.load(context_id)
         return replica.dag.missing()
+
+
+def _may_handle(applying: Applying, name: str) -> bool:
+    """Whether an event of a delta applied now queues a handler run: unless the app the
+    context runs is known and has no handler for it (issue #16: each queued run cost a
+    row, a wake-up of the handler runner, a store scan and a second commit to delete the
+    row, for every event of every received delta, handled or not). An event queues its
+    run whenever this cascade applied an operation before it (the app may have changed
+    with it, and the record names the new one only once the batch is staged)."""
+    return applying.handles is None or applying.auth_changed or applying.handles(name)
 
 
 def _reason_label(reason: str | None) -> str:
