@@ -53,7 +53,14 @@ import trio
 import trio.testing
 
 from benchmarks.bytes_bench import _rows as _byte_rows
-from benchmarks.context_bench import KV_STORE, LMDB_MAP, _kv_items, _node_rows, _set_args
+from benchmarks.context_bench import (
+    KV_STORE,
+    LMDB_MAP,
+    _kv_items,
+    _node_rows,
+    _set_args,
+    raw_commit,
+)
 from benchmarks.harness import Row, render
 from benchmarks.process_nodes import propagation as process_propagation
 from benchmarks.sync_bench import (
@@ -80,7 +87,7 @@ from trionode.context.pipeline import DeltaPipeline
 from trionode.context.replication import Replicator
 from trionode.net.events import GossipMessage
 from trionode.node import Node
-from trionode.store.lmdb_store import Column, Delete, LmdbStore, Put, WriteOp
+from trionode.store.lmdb_store import Column, LmdbStore, WriteOp
 from trionode.store.store import AsyncStore, WriteBatch
 from trionode.testing import open_test_node
 
@@ -167,16 +174,6 @@ async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> li
     try:
         dbs = {col: env.open_db(col.value.encode()) for col in Column}
 
-        def commit_raw(ops: Sequence[WriteOp]) -> None:
-            with env.begin(write=True) as txn:
-                for op in ops:
-                    if isinstance(op, Put):
-                        txn.put(op.key, op.value, db=dbs[op.column])
-                    elif isinstance(op, Delete):
-                        txn.delete(op.key, db=dbs[op.column])
-                    else:
-                        txn.cursor(db=dbs[op.column]).putmulti(op.rows)
-
         async with open_test_node(base / "node", api=False) as test_node:
             node = test_node.node
             app = await node.applications.install(str(KV_STORE))
@@ -204,7 +201,7 @@ async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> li
                         node_cpu += ended_cpu - began_cpu
                         if len(captured) != 1:
                             raise RuntimeError("aims bench: expected one store write per call")
-                        commit_raw(captured[0])
+                        raw_commit(env, dbs, captured[0])
                         raw_wall += time.perf_counter() - ended
                     node_rates.append(per_trial / node_wall)
                     raw_rates.append(per_trial / raw_wall)

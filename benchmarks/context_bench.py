@@ -641,17 +641,22 @@ def _raw_lmdb_replay(path: Path, batches: Sequence[Sequence[WriteOp]]) -> float:
         dbs = {col: env.open_db(col.value.encode()) for col in Column}
         started = time.perf_counter()
         for ops in batches:
-            with env.begin(write=True) as txn:
-                for op in ops:
-                    if isinstance(op, Put):
-                        txn.put(op.key, op.value, db=dbs[op.column])
-                    elif isinstance(op, Delete):
-                        txn.delete(op.key, db=dbs[op.column])
-                    else:
-                        txn.cursor(db=dbs[op.column]).putmulti(op.rows)
+            raw_commit(env, dbs, ops)
         return len(batches) / (time.perf_counter() - started)
     finally:
         env.close()
+
+
+def raw_commit(env: lmdb.Environment, dbs: dict[Column, Any], ops: Sequence[WriteOp]) -> None:
+    """Commit `ops` to a bare LMDB env in one (synced) write transaction."""
+    with env.begin(write=True) as txn:
+        for op in ops:
+            if isinstance(op, Put):
+                txn.put(op.key, op.value, db=dbs[op.column])
+            elif isinstance(op, Delete):
+                txn.delete(op.key, db=dbs[op.column])
+            else:
+                txn.cursor(db=dbs[op.column]).putmulti(op.rows)
 
 
 def _raw_lmdb_bytes(path: Path, items: Sequence[tuple[str, str]]) -> float:
