@@ -420,6 +420,34 @@ def test_sender_blocks_at_256_kib_until_the_receiver_acknowledges() -> None:
     assert server_events == [StreamOpened(other), DataReceived(other, b"y" * 1000)]
 
 
+def test_has_data_to_send_says_whether_data_to_send_has_anything() -> None:
+    """A driver wakes its writer only when it is true: it must never be false with frames
+    queued (a lost frame) and is false after acknowledgements that grant nothing."""
+    pair = Pair()
+
+    def wants(conn: YamuxConnection) -> bool:
+        return conn.has_data_to_send  # (a call: mypy would narrow the property for good)
+
+    assert not wants(pair.client)
+    stream_id = pair.client.open_stream()
+    assert wants(pair.client)  # the SYN
+    pair.server.receive_data(pair.client.data_to_send())
+    assert not wants(pair.client)
+    assert wants(pair.server)  # the ACK owed for the SYN
+    pair.pump()
+    assert not wants(pair.client)
+    assert not wants(pair.server)
+    pair.client.send_data(stream_id, bytes(DEFAULT_WINDOW))
+    pair.pump()
+    pair.server.acknowledge_received(stream_id, DEFAULT_WINDOW // 2 - 1)
+    assert not wants(pair.server)  # under half the window: no update yet
+    assert pair.server.data_to_send() == b""
+    pair.server.acknowledge_received(stream_id, 1)
+    assert wants(pair.server)
+    assert pair.server.data_to_send()
+    assert not wants(pair.server)
+
+
 def _grow(pair: Pair, stream_id: int, rounds: int, step: float) -> list[int]:
     """Stream client -> server for `rounds` exchanges; the reader acks at time `i * step`."""
     windows = []

@@ -24,7 +24,7 @@ tells us its new addresses, and the next heartbeat stores them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from typing import Final
 
 import msgspec
@@ -135,9 +135,7 @@ class _MemberPeers:
     async def run(self) -> None:
         while True:
             # (Subscriptions in a burst, a peer's topics at connection, make one update.)
-            async with trio.open_nursery() as nursery:
-                for wait in (self._pubsub.wait_heartbeat, self._pubsub.wait_subscribed):
-                    nursery.start_soon(_then_cancel, wait, nursery.cancel_scope)
+            await self._pubsub.wait_heartbeat_or_subscribed()
             await self.update()
 
     async def update(self) -> None:
@@ -202,11 +200,6 @@ async def remember(
     topics = [topic, *(t for t in (old.topics if old else []) if t != topic)]
     row = StoredMemberPeer(addrs=addrs[:MAX_ADDRS_PER_PEER], topics=topics[:MAX_STORED_TOPICS])
     await store.put(MEMBER_PEERS, key, row)
-
-
-async def _then_cancel(wait: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
-    await wait()
-    scope.cancel()
 
 
 def _addresses(conn: Connection, known: Collection[Multiaddr]) -> list[Multiaddr]:

@@ -165,6 +165,7 @@ class PubSub:
         self._flush_wanted = trio.Event()
         self._heartbeat_done = trio.Event()
         self._subscribed = trio.Event()
+        self._heartbeat_or_subscribed = trio.Event()
         for protocol in PROTOCOLS:
             host.set_handler(protocol, self._serve_stream)
         self.faults = faults
@@ -225,6 +226,8 @@ class PubSub:
         self._pump()
         self._heartbeat_done.set()
         self._heartbeat_done = trio.Event()
+        self._heartbeat_or_subscribed.set()
+        self._heartbeat_or_subscribed = trio.Event()
 
     async def wait_heartbeat(self) -> None:
         """Wait until the next heartbeat has run (and its output has been queued)."""
@@ -233,6 +236,12 @@ class PubSub:
     async def wait_subscribed(self) -> None:
         """Wait until a peer next subscribes to a topic."""
         await self._subscribed.wait()
+
+    async def wait_heartbeat_or_subscribed(self) -> None:
+        """Wait until the next heartbeat has run or a peer next subscribes, whichever is
+        first (one event: waiting for both in a nursery of two tasks cost every node a
+        nursery per heartbeat)."""
+        await self._heartbeat_or_subscribed.wait()
 
     async def _flusher(self) -> None:
         while True:
@@ -468,6 +477,8 @@ class PubSub:
                 self.events.emit(TopicJoined(peer=event.peer, topic=event.topic))
                 self._subscribed.set()
                 self._subscribed = trio.Event()
+                self._heartbeat_or_subscribed.set()
+                self._heartbeat_or_subscribed = trio.Event()
             elif isinstance(event, PeerUnsubscribed):
                 log.debug("%s unsubscribed from %s", event.peer, event.topic)
 

@@ -168,7 +168,7 @@ class YamuxStream(trio.abc.HalfCloseableStream):
         session = self.session
         if not session.closed:
             session.conn.acknowledge_received(self.stream_id, n, now=trio.current_time())
-            session._wake_writer()  # noqa: SLF001
+            session._wake_writer_if_needed()  # noqa: SLF001 (a window update, now and then)
         return out
 
     async def aclose(self) -> None:
@@ -221,6 +221,8 @@ class YamuxSession:
         self._drained.set()
         self._queued = 0
         self._timer_moved = trio.Event()
+        self._timer_deadline: float | None = None
+        """What the timer task sleeps until: the reader wakes it only when that changes."""
         self._writes_started = 0
         self._writes_done = 0
         self._write_done = trio.Event()
@@ -285,6 +287,12 @@ class YamuxSession:
 
     def _wake_writer(self) -> None:
         self._write_wanted.set()
+
+    def _wake_writer_if_needed(self) -> None:
+        # Most reads and acknowledgements queue nothing; waking the writer for nothing was
+        # a task switch per chunk on every connection (all of them share one thread).
+        if self.conn.has_data_to_send:
+            self._write_wanted.set()
 
     async def _wait_drained(self) -> None:
         if self._queued > HIGH_WATER and not self.closed:
@@ -363,8 +371,9 @@ class YamuxSession:
                 raise
             self._report_refusals()
             self._dispatch()
-            self._wake_writer()
-            self._timer_moved.set()
+            self._wake_writer_if_needed()
+            if conn.get_timer() != self._timer_deadline:
+                self._timer_moved.set()  # a ping answered or timed: the timer re-arms
             if not data:
                 self._shutdown("peer closed the connection")
                 return
@@ -375,7 +384,7 @@ class YamuxSession:
         callback = self.on_stream_refused
         if callback is None:
             return
-        refused = self.conn.statistics().refused_streams
+        refused = self.conn.refused_streams
         for _ in range(refused - self._refused_reported):
             callback()
         self._refused_reported = refused
@@ -459,11 +468,11 @@ class YamuxSession:
     async def _timer(self) -> None:
         conn = self.conn
         while not self.closed:
-            deadline = conn.get_timer()
+            deadline = self._timer_deadline = conn.get_timer()
             self._timer_moved = trio.Event()
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await self._timer_moved.wait()
                 continue
             conn.handle_timer(trio.current_time())
             self._dispatch()
-            self._wake_writer()
+            self._wake_writer_if_needed()

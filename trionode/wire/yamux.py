@@ -361,6 +361,18 @@ class YamuxConnection:
         """True once the connection failed, hit EOF or timed out; nothing more will happen."""
         return self._terminated
 
+    @property
+    def refused_streams(self) -> int:
+        """Inbound streams refused so far (``statistics().refused_streams``, without building
+        the whole snapshot: a driver reads it after every chunk it feeds)."""
+        return self._refused_streams
+
+    @property
+    def has_data_to_send(self) -> bool:
+        """Whether :meth:`data_to_send` would return anything: a driver wakes its writer
+        only then (most reads and window acknowledgements queue no frame)."""
+        return bool(self._out or self._pending_acks)
+
     def statistics(self) -> YamuxStatistics:
         return YamuxStatistics(
             open_streams=len(self._streams),
