@@ -143,6 +143,8 @@ class AutoNat:
         self._metrics = metrics if metrics is not None else AutoNatMetrics(None)
         self._results: dict[PeerId, bool] = {}
         """Latest countable answer per server peer: True = dialed us back."""
+        self._answers = 0
+        """Countable answers (OK or E_DIAL_ERROR) received so far."""
         self._confirmed: list[Multiaddr] = []
         self._checked_at: float | None = None
         self._status = Reachability.UNKNOWN
@@ -172,6 +174,7 @@ class AutoNat:
         await self._changed.wait()
 
     def _record(self, peer: PeerId, *, reachable: bool, addr: Multiaddr | None) -> None:
+        self._answers += 1
         self._results.pop(peer, None)
         self._results[peer] = reachable
         while len(self._results) > MAX_RESULTS:
@@ -214,10 +217,22 @@ class AutoNat:
         await run_loops(owner, loops, shutdown_requested, task_status=task_status)
 
     async def _client_loop(self) -> None:
+        config = self._config
+        unanswered_wait = config.autonat_retry_interval
         while True:
+            answers = self._answers
             asked = await self.check_once()
-            known = self._status is not Reachability.UNKNOWN
-            wait = self._config.autonat_interval if known else self._config.autonat_retry_interval
+            if self._status is not Reachability.UNKNOWN:
+                wait = config.autonat_interval
+            elif asked and self._answers == answers:
+                # Every server refused (or failed): they will not dial our addresses (private
+                # ones, as on a LAN or a test network, unless they allow it), and asking them
+                # again at the retry interval learns nothing. Each such round doubles the wait,
+                # up to the interval of a known verdict; an answer that counts resets it.
+                wait = unanswered_wait
+                unanswered_wait = min(2 * unanswered_wait, config.autonat_interval)
+            else:
+                wait = unanswered_wait = config.autonat_retry_interval
             if not asked:
                 with trio.move_on_after(wait):
                     await self._wait_for_server()

@@ -1048,6 +1048,12 @@ class GossipRouter:
         config = self._config
         peers = self._peers
         size = len(mesh)
+        if config.d_hi >= size >= len(self._topic_peers.get(topic, ())):
+            # Every topic peer is in the mesh already (the mesh only holds topic peers)
+            # and it is not too big: nothing to graft or prune. Each topic of a small
+            # network, or of a node sharing a thousand contexts with a few peers, is like
+            # this, and each heartbeat listed each one's candidates for nothing.
+            return
         if size < config.d_lo:
             candidates = self._graft_candidates(topic, mesh, now)
             for peer_id in self._sample(candidates, config.d - size):
