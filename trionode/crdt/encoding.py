@@ -39,8 +39,8 @@ from trionode.crdt.hlc import MAX_NODE_ID_BYTES, NTP64_MAX, Timestamp
 from trionode.crdt.register import RegisterState
 from trionode.crdt.sequence import (
     HEAD,
-    Element,
     Group,
+    RunSpec,
     SequenceState,
     TextState,
     VectorState,
@@ -332,19 +332,21 @@ def _decode_counter(raw: bytes) -> CounterState:
 
 def _decode_text(raw: bytes, max_elements: int) -> TextState:
     writers, rows = _not_nil(_text_decoder.decode(raw))
-    return TextState(_elements(writers, rows, text=True, budget=max_elements))
+    return TextState.from_runs(_runs(writers, rows, text=True, budget=max_elements))
 
 
 def _decode_vector(raw: bytes, max_elements: int) -> VectorState:
     writers, rows = _not_nil(_vector_decoder.decode(raw))
-    return VectorState(_elements(writers, rows, text=False, budget=max_elements))
+    return VectorState.from_runs(_runs(writers, rows, text=False, budget=max_elements))
 
 
-def _elements(
+def _runs(
     writers: list[bytes], runs: Sequence[WireRun[Any]], *, text: bool, budget: int
-) -> dict[Timestamp, Element[Any]]:
-    """Rebuild elements from the run form (see `SequenceState.wire`), insisting on the
-    canonical shape and on at most `budget` elements."""
+) -> list[RunSpec]:
+    """Check the run form (see `SequenceState.wire`) run by run, insisting on the
+    canonical shape and on at most `budget` elements; the runs for
+    `SequenceState.from_runs`. Element by element only inside a run with deletes or
+    value stamps."""
     if not runs:
         raise ValueError("empty sequence body must be nil")
     if any(a >= b for a, b in itertools.pairwise(writers)):
@@ -359,8 +361,9 @@ def _elements(
         _check_stamp(stamp)
         return stamp
 
-    elements: dict[Timestamp, Element[Any]] = {}
-    starts: list[Timestamp] = []
+    out: list[RunSpec] = []
+    ends: dict[bytes, int] = {}
+    """Per writer, the id time just past its last run (runs come sorted by first id)."""
     previous = HEAD
     for time, writer, after_time, after_writer, length, values, deleted, updated in runs:
         first = unpack(time, writer)
@@ -371,31 +374,32 @@ def _elements(
             raise ValueError(f"run length {length} out of range (at most {budget} elements left)")
         budget -= length
         _check_stamp(Timestamp(time + length - 1, b""))
-        gone = _spans(deleted, length, unpack)
+        gone = _spans(deleted, length, unpack) if deleted else None
         if text and updated:
             raise ValueError("text elements carry no value stamps")
-        changed = _spans(updated, length, unpack)
-        if any(gone[k] is not None and changed[k] is not None for k in range(length)):
+        changed = _spans(updated, length, unpack) if updated else None
+        if (
+            gone is not None
+            and changed is not None
+            and any(gone[k] is not None and changed[k] is not None for k in range(length))
+        ):
             raise ValueError("a deleted element keeps no value stamp")
-        live = iter(values)
-        if len(values) != length - sum(stamp is not None for stamp in gone):
+        dead = 0 if gone is None else length - gone.count(None)
+        if len(values) != length - dead:
             raise ValueError("a run holds one value per live element")
         after = unpack(after_time, after_writer)
-        for k in range(length):
-            eid = Timestamp(time + k, first.node)
-            if eid in elements:
+        node = first.node
+        end = ends.get(node)
+        if end is not None:  # this writer's runs so far end below `end`, in order
+            if time < end:
                 raise ValueError("runs overlap")
-            value = None if gone[k] is not None else next(live)
-            elements[eid] = Element(after, value, changed[k], gone[k])
-            after = eid
-        starts.append(first)
-    for first in starts:  # maximal runs: a run never continues the one ending just below
-        before = Timestamp(first.time - 1, first.node)
-        if before in elements and elements[first].after == before:
-            raise ValueError("a run continues another one: runs must be maximal")
+            if end == time and after == Timestamp(time - 1, node):
+                raise ValueError("a run continues another one: runs must be maximal")
+        ends[node] = time + length
+        out.append((node, time, after, values, gone, changed))
     if not all(used):
         raise ValueError("sequence lists a writer it does not use")
-    return elements
+    return out
 
 
 def _spans(

@@ -48,7 +48,9 @@ visible counts, so a visible position resolves in O(log blocks + block) and a ke
 extends or splits one item. Elements whose reference is missing (or that sit on a forged
 cycle) are stored in unplaced items until it arrives. Anything the incremental paths do
 not cover (bulk merges, out-of-order arrivals, forged re-parenting, GC) drops the order,
-which is rebuilt on the next read by a pre-order walk that also regroups the items.
+which is rebuilt on the next read by a pre-order walk that also regroups the items (a
+stretch of an item at a time, up to its next element with explicit children). Decoding
+builds items straight from the wire runs (`from_runs`).
 Floors, `wire`, `gc`, `elements` and `__eq__` still expand the items into elements (O(n)).
 
 Hash chunks: the visible sequence is cut into chunks ending at cut ids (see "Hash chunks"
@@ -101,6 +103,11 @@ Group = tuple[int, int, int, int]
 """`(offset, count, time, writer#)`: a span of a run's elements sharing one stamp."""
 WireRun = tuple[int, int, int, int, int, V | list[V], list[Group], list[Group]]
 """One run in the canonical form (see `SequenceState.wire`)."""
+RunSpec = tuple[
+    bytes, int, Timestamp, Any, list[Timestamp | None] | None, list[Timestamp | None] | None
+]
+"""`(writer, first time, reference, live values, deleted, updated)`: a checked wire run
+(`SequenceState.from_runs`); `deleted`/`updated` are per element, None when none is set."""
 Segment = tuple[bytes, int, int]
 """`(writer, first time, last time)`: consecutive visible ids of one writer, in order."""
 
@@ -291,6 +298,52 @@ class SequenceState(Generic[V]):
         if elements:
             for eid in sorted(elements):
                 self._store_new(eid, elements[eid])
+
+    @classmethod
+    def from_runs(cls, runs: Sequence[RunSpec]) -> Self:
+        """The state holding the elements of `runs` (sorted by first id, disjoint, each a
+        chain of consecutive ids inserted one after another: `encoding._runs` checks
+        them), built item by item: a run becomes its items as they are, never one element
+        at a time unless it holds deletes or value stamps."""
+        new: Self = cls.__new__(cls)
+        new._reset()
+        text = cls._text
+        filler = cls._filler
+        by_writer = new._runs
+        extra = new._extra
+        count = 0
+        for node, time, after, values, deleted, updated in runs:
+            length = len(values) if deleted is None else len(deleted)
+            if deleted is not None and None not in deleted:
+                full: Any = filler * length if text and type(values) is str else [filler] * length
+            elif deleted is not None:
+                live = iter(values)
+                full = [filler if gone is not None else next(live) for gone in deleted]
+                if text and type(values) is str:
+                    full = "".join(full)
+            else:
+                full = values if type(values) is str else list(values)
+            if not _implied(new_stamp((time, node)), after):
+                insort(extra.setdefault(after, []), new_stamp((time, node)))
+            runs_of = by_writer.get(node)
+            if runs_of is None:
+                runs_of = by_writer[node] = ([], [])
+            starts, items = runs_of
+            for offset in range(0, length, ITEM_MAX):
+                stop = min(length, offset + ITEM_MAX)
+                item = _Item(
+                    node,
+                    time + offset,
+                    after if not offset else new_stamp((time + offset - 1, node)),
+                    full[offset:stop] if offset or stop < length else full,
+                    None if deleted is None else deleted[offset:stop],
+                    None if updated is None else updated[offset:stop],
+                )
+                starts.append(item.start)
+                items.append(item)
+            count += length
+        new._count = count
+        return new
 
     def _reset(self) -> None:
         self._runs: dict[bytes, tuple[list[int], list[_Item]]] = {}
@@ -762,6 +815,15 @@ class SequenceState(Generic[V]):
         placed: list[_Item] = []
         current: _Item | None = None
         seen: set[int] = set()
+        # Per writer, the sorted times of its elements with explicit children: an item's
+        # stretch up to the next of them is copied whole (the walk is per stretch, not
+        # per element: a typed run has none inside).
+        parents: dict[bytes, list[int]] = {}
+        for parent in extra:
+            if parent != HEAD:
+                parents.setdefault(parent[1], []).append(parent[0])
+        for times in parents.values():
+            times.sort()
         stack = list(extra.get(HEAD, ()))
         while stack:
             found = find(stack.pop())
@@ -769,41 +831,25 @@ class SequenceState(Generic[V]):
             item, k = found
             seen.add(id(item))
             node = item.node
+            start = item.start
+            n = item.n
+            times = parents.get(node) or []
             while True:  # along the item while its next element is the highest child
-                time = item.start + k
-                element = item.element(k)
-                after = element[0]
-                if (
-                    current is not None
-                    and after[1] == node
-                    and after[0] == time - 1
-                    and current.node == node
-                    and current.start + current.n == time
-                    and current.n < ITEM_MAX
-                ):
-                    self._append(current, item.values[k], element[2], element[3])
-                else:
-                    current = _Item(
-                        node,
-                        time,
-                        after,
-                        item.values[k : k + 1],
-                        None if element[3] is None else [element[3]],
-                        None if element[2] is None else [element[2]],
-                    )
-                    placed.append(current)
-                eid = new_stamp((time, node))
-                if k + 1 < item.n:
-                    others = extra.get(eid)
-                    if others:
-                        implied = new_stamp((time + 1, node))
-                        if others[-1] > implied:  # a higher child goes first
-                            kids = list(others)
-                            insort(kids, implied)
-                            stack += kids
-                            break
-                        stack += others
-                    k += 1
+                i = bisect_left(times, start + k)
+                j = min(n - 1, times[i] - start) if i < len(times) else n - 1
+                after = item.after if not k else new_stamp((start + k - 1, node))
+                current = self._place_stretch(current, placed, item, k, j + 1, after)
+                eid = new_stamp((start + j, node))
+                if j + 1 < n:
+                    others = extra[eid]
+                    implied = new_stamp((start + j + 1, node))
+                    if others[-1] > implied:  # a higher child goes first
+                        kids = list(others)
+                        insort(kids, implied)
+                        stack += kids
+                        break
+                    stack += others
+                    k = j + 1
                     continue
                 stack += self._kids(eid)
                 break
@@ -823,6 +869,48 @@ class SequenceState(Generic[V]):
         self._touched = set()
         self._reindex()
         return blocks
+
+    def _place_stretch(  # noqa: PLR0917  (one call per stretch of `_rebuild`)
+        self,
+        current: _Item | None,
+        placed: list[_Item],
+        item: _Item,
+        k: int,
+        stop: int,
+        after: Timestamp,
+    ) -> _Item:
+        """Elements k..stop-1 of `item` (the first after `after`) follow `current` in the
+        order: appended to it when they continue its run, else new items in `placed`
+        (at most `ITEM_MAX` elements each). Returns the last item."""
+        node = item.node
+        time = item.start + k
+        while k < stop:
+            if (
+                current is not None
+                and after[1] == node
+                and after[0] == time - 1
+                and current.node == node
+                and current.start + current.n == time
+                and current.n < ITEM_MAX
+            ):
+                take = min(stop - k, ITEM_MAX - current.n)
+                _extend_item(current, item, k, take)
+            else:
+                take = min(stop - k, ITEM_MAX)
+                current = _Item(
+                    node,
+                    time,
+                    after,
+                    item.values[k : k + take],
+                    None if item.deleted is None else item.deleted[k : k + take],
+                    None if item.updated is None else item.updated[k : k + take],
+                )
+                placed.append(current)
+            k += take
+            time += take
+            after = new_stamp((time - 1, node))
+        assert current is not None  # (stop > k on entry)
+        return current
 
     def _reindex(self) -> None:
         """Renumber the blocks and rebuild the Fenwick tree of their live counts."""
@@ -1181,13 +1269,21 @@ class SequenceState(Generic[V]):
                 and after[0] < NTP64_MAX
                 and after not in self._extra
             ):
-                run = new_stamp((after[0] + 1, writer))
-                if self._find(run) is not None:
+                time = after[0] + 1
+                run = new_stamp((time, writer))
+                # `_find(run)` and `_has_kids(run)` with one bisection: the writer's items
+                # are disjoint and `item` ends at `after`, so an item holding `run` (or,
+                # `run` absent, `run + 1`) is the next one and starts there.
+                starts, items = self._runs[writer]
+                i = bisect_right(starts, after[0])
+                following = starts[i] if i < len(starts) else -1
+                if following == time:
                     run = None
-                elif item.n < ITEM_MAX and not self._has_kids(run):
-                    element = _element((after, value, None, None))
-                    self._grow(item, element)
-                    return self._one(run, element), run
+                elif item.n < ITEM_MAX and not (
+                    run in self._extra or (following == time + 1 and items[i].after == run)
+                ):
+                    self._type_on(item, value)
+                    return self._one_typed(run, after, value), run
         else:
             after = HEAD
         eid = stamp() if run is None else run
@@ -1196,6 +1292,34 @@ class SequenceState(Generic[V]):
         if not self._insert_placed(eid, element):
             self.merge(delta)  # (forged elements already name the new id)
         return delta, run
+
+    def _type_on(self, item: _Item, value: Any) -> None:
+        """`_grow(item, _element((id before, value, None, None)))` for a live value (typing
+        on), partly inline: runs per keystroke."""
+        block = item.block
+        assert block is not None
+        self._append(item, value, None, None)
+        self._count += 1
+        self._version = next(_VERSIONS)  # (`_changed`, inline)
+        self._lists = None
+        self._floored = None
+        self._expanded = None
+        block.chunks = None
+        block.live += 1
+        self._live_total += 1
+        fenwick_add(self._fenwick, block.pos, 1)
+
+    def _one_typed(self, eid: Timestamp, after: Timestamp, value: Any) -> Self:
+        """`_one(eid, _element((after, value, None, None)))` where `after` is the id just
+        below `eid` (implied: no explicit child entry)."""
+        new: Self = type(self).__new__(type(self))
+        new._reset()
+        new._runs[eid[1]] = (
+            [eid[0]],
+            [_Item(eid[1], eid[0], after, self._pack_one(value), None, None)],
+        )
+        new._count = 1
+        return new
 
     def _one(self, eid: Timestamp, element: Element[V]) -> Self:
         """A one-element state of this type (a keystroke's delta)."""
@@ -1606,6 +1730,32 @@ class SequenceState(Generic[V]):
 
 _VERSIONS: Final = itertools.count()
 _START: Final = attrgetter("start")
+
+
+def _extend_item(item: _Item, source: _Item, k: int, take: int) -> None:
+    """Append elements k..k+take-1 of `source` to `item` (its writer's next ids)."""
+    n = item.n
+    values: Any = item.values
+    more: Any = source.values[k : k + take]
+    if type(values) is str and type(more) is str:
+        item.values = values + more
+    elif type(values) is str:
+        item.values = [*values, *more]
+    else:
+        values += more
+    for name in ("deleted", "updated"):
+        mine: list[Timestamp | None] | None = getattr(item, name)
+        theirs: list[Timestamp | None] | None = getattr(source, name)
+        if theirs is not None:
+            if mine is None:
+                mine = [None] * n
+                setattr(item, name, mine)
+            mine += theirs[k : k + take]
+        elif mine is not None:
+            mine += [None] * take
+    item.n = n + take
+    deleted = source.deleted
+    item.live += take if deleted is None else deleted[k : k + take].count(None)
 
 
 def _implied(eid: Timestamp, after: Timestamp) -> bool:

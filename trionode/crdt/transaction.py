@@ -353,7 +353,7 @@ class Transaction:
         body of `record` (from `in_place(path)`): `before` is that element's version
         before (None: new), for the undo log; `run`, an id to witness (`witness`)."""
         eid = path.id
-        element_id = body.only_id()
+        element_id = body.only_id() if run is None else run
         undo = self._undo.get(eid)
         if undo is None:
             undo = self._undo[eid] = (record.added, {})
@@ -456,17 +456,13 @@ class Transaction:
             self._applied = {}
             if not pending:  # in place only (a keystroke)
                 self._closed = True
-                for eid, delta in applied.items():
-                    tree.applied_in_place(eid, delta)
-                tree.witness(self._newest)
-                tree.generation += 1
+                tree.applied_in_place(applied, self._newest)
                 if len(applied) == 1:
                     return list(applied.values())
                 return [applied[k] for k in sorted(applied)]
             staged = list(pending.values())
-            tree.witness(self._newest)
+            tree.applied_in_place(applied, self._newest)
             for eid, delta in applied.items():
-                tree.applied_in_place(eid, delta)
                 extra = pending.get(eid)
                 if extra is not None:
                     delta.merge(extra)
@@ -474,7 +470,6 @@ class Transaction:
             self._closed = True
             if staged:
                 tree.apply(staged)
-            tree.generation += 1
             self._overlay.clear()
             return list(pending.values()) if len(pending) == 1 else self.deltas()
         deltas = list(pending.values()) if len(pending) == 1 else self.deltas()

@@ -183,29 +183,29 @@ class StateTree:
             self.generation += 1
         return changed
 
-    def applied_in_place(self, entity_id: bytes, delta: Entity) -> None:
-        """`delta` was joined into record `entity_id` in place by a committing transaction
-        and changed it (a new or tombstoned element): what `apply` does besides the join,
-        apart from `max_stamp` (`witness`)."""
-        record = self._records[entity_id]
-        if record.kind in JOURNAL_KINDS:
-            self._log.applied(record, delta)
-        self._deleted.discard(entity_id)
-        self._updated.add(entity_id)
-        if record.parent == ROOT_ID:  # (`_invalidate_up`, inline: a top-level field)
-            hashes = self._hashes
-            hashes.pop(entity_id, None)
-            hashes.pop(ROOT_ID, None)
-            buckets = self._buckets.get(ROOT_ID)
-            if buckets is not None:
-                buckets.stale.add(entity_id[0])
-        else:
-            self._invalidate_up(entity_id)
-
-    def witness(self, stamp: Timestamp | None) -> None:
-        """`stamp` is in a record now (joined in place): keep `max_stamp` the newest."""
-        if stamp is not None and (self.max_stamp is None or stamp > self.max_stamp):
-            self.max_stamp = stamp
+    def applied_in_place(self, deltas: dict[bytes, Entity], newest: Timestamp | None) -> None:
+        """A local commit whose `deltas` (by entity id) were joined into their records in
+        place, each changing it (a new or tombstoned element), and whose newest stamp is
+        `newest`: what `apply(deltas, local=True)` does besides the joins."""
+        records = self._records
+        hashes = self._hashes
+        for entity_id, delta in deltas.items():
+            record = records[entity_id]
+            if record.kind in JOURNAL_KINDS:
+                self._log.applied(record, delta)
+            self._deleted.discard(entity_id)
+            self._updated.add(entity_id)
+            if record.parent == ROOT_ID:  # (`_invalidate_up`, inline: a top-level field)
+                hashes.pop(entity_id, None)
+                hashes.pop(ROOT_ID, None)
+                buckets = self._buckets.get(ROOT_ID)
+                if buckets is not None:
+                    buckets.stale.add(entity_id[0])
+            else:
+                self._invalidate_up(entity_id)
+        if newest is not None and (self.max_stamp is None or newest > self.max_stamp):
+            self.max_stamp = newest
+        self.generation += 1
 
     def restored(self, entity_id: bytes) -> None:
         """Record `entity_id` was put back as it was before in-place writes (an evicted
