@@ -485,6 +485,11 @@ class SyncSection(_Section, frozen=True):
     """Delta headers the ancestor walks of served sync streams keep decoded (the most
     recently read; up to about 2 KiB each with 64 parents): while many members catch up,
     each session walks the same recent deltas. 0: decode them on every walk."""
+    walk_budget: PositiveFloat = 5.0
+    """Seconds the ancestor walk of one delta answer we serve may take; past them the
+    answer goes with the ancestors found so far and the requester asks on. Keep it well
+    below `timeout` (the requester's): under load a longer walk outlived the session
+    that asked for it, and the whole answer was lost."""
     """Ancestors a delta request asks for beside the deltas it names (those our heads'
     version vector does not cover), and the most a request we serve gets: a chain of
     deltas comes in one round trip, not one per delta. 0: one generation per round trip."""

@@ -248,6 +248,7 @@ class Node:
             serve_timeout=config.sync.serve_timeout,
             max_ancestors=config.sync.max_ancestors,
             ancestor_headers=config.sync.ancestor_headers,
+            walk_budget=config.sync.walk_budget,
             snapshot_idle_timeout=config.sync.snapshot_idle_timeout,
             snapshot_keepalive=config.sync.snapshot_keepalive,
             acks=self.acks.receive,

@@ -373,7 +373,10 @@ class SyncServer:
         acks: TakeAck | None = None,
         max_ancestors: int = MAX_ANCESTORS,
         ancestor_headers: int = 4096,
+        walk_budget: float | None = None,
     ) -> None:
+        self.walk_budget = walk_budget
+        """Seconds one answer's ancestor walk may take (`Responder`)."""
         self.max_ancestors = max_ancestors
         self.headers = HeaderCache(ancestor_headers)
         """Headers the ancestor walks of every stream served read, most recent kept."""
@@ -406,6 +409,7 @@ class SyncServer:
             max_ancestors=self.max_ancestors,
             deadline=deadline,
             headers=self.headers,
+            walk_budget=self.walk_budget,
         )
         # Until the peer has proved membership its stream holds no limiter token and may
         # send one small frame, within the first-message deadline: silent or anonymous
@@ -494,7 +498,8 @@ class SyncServer:
                 machine.deltas_read(found, [i for i in missing if i not in folded], sorted(folded))
                 sent_before = machine.ancestors_sent
                 while isinstance(action := machine.next_action(), ReadAncestors):
-                    machine.ancestors_read(await self._read_held(context_id, action.ids))
+                    held = await self._read_held(context_id, action.ids)
+                    machine.ancestors_read(held, trio.current_time())
                 if self._served_deltas is not None:
                     self._served_deltas.inc(len(found) + machine.ancestors_sent - sent_before)
             elif isinstance(action, StreamSnapshot):

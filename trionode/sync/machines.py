@@ -461,8 +461,13 @@ class Responder(MachineBase):
         max_ancestors: int = MAX_ANCESTORS,
         deadline: float | None = None,
         headers: HeaderCache | None = None,
+        walk_budget: float | None = None,
     ) -> None:
         super().__init__(deadline)
+        self._walk_budget = walk_budget
+        """Seconds an ancestor walk may take from its request: past them the answer goes
+        with what the walk took so far (None: no bound)."""
+        self._request_at = 0.0
         self._headers = headers if headers is not None else HeaderCache(0)
         """Headers read by earlier walks (shared by the streams a node serves)."""
         self._max_answer_bytes = max_answer_bytes
@@ -526,6 +531,7 @@ class Responder(MachineBase):
             if len(message.ids) > self._max_ids:
                 self._fail(TooManyIds(f"{len(message.ids)} ids (at most {self._max_ids})"))
             self._request = message
+            self._request_at = now
             self._act(ReadDeltas(tuple(message.ids)))
         elif isinstance(message, SnapshotOpen):
             self._act(StreamSnapshot(message))
@@ -607,13 +613,25 @@ class Responder(MachineBase):
             return
         self._answer(reply)
 
-    def ancestors_read(self, found: Sequence[tuple[bytes, bytes]]) -> None:
+    def ancestors_read(
+        self, found: Sequence[tuple[bytes, bytes]], now: float | None = None
+    ) -> None:
         """The answer to `ReadAncestors`: (id, wire bytes) of those held, in the order
-        asked (what is not held is left out: the requester asks for it by id)."""
+        asked (what is not held is left out: the requester asks for it by id). `now`: the
+        time it was read; once the walk has taken `walk_budget` seconds the answer goes
+        with what it took so far, parents first, and the requester asks for the rest in
+        its next request. Under load a walk of a thousand ancestors outlived the
+        requester's session deadline, and the whole answer was lost with it."""
         self._done_acting(ReadAncestors)
         walk, self._walk = self._walk, None
         assert walk is not None
         walk.take(found)
+        if (
+            now is not None
+            and self._walk_budget is not None
+            and now - self._request_at >= self._walk_budget
+        ):
+            walk.stop()
         self._walk_on(walk)
 
     def _walk_on(self, walk: _Walk) -> None:
@@ -756,6 +774,10 @@ class _Walk:
                 continue
             self._seen.add(parent)
             self._next.append(parent)
+
+    def stop(self) -> None:
+        """End the walk with what it took (its frontier is not read)."""
+        self._full = True
 
     def frontier(self) -> list[bytes]:
         """The next generation to read (empty: the walk is over)."""
