@@ -164,9 +164,11 @@ class _ContextSync:
     failures: int = 0
     next_attempt: float = 0.0
     lock: trio.Lock = attrs.field(factory=trio.Lock)
-    waiting: dict[PeerId, None] = attrs.field(factory=dict)
+    waiting: dict[PeerId, frozenset[bytes] | None] = attrs.field(factory=dict)
     """Peers a session was asked for (a re-subscription, a heartbeat with news) while one
-    was running, oldest first: each gets its turn when the running one ends."""
+    was running, oldest first, with the heads of theirs we lacked (None: asked for without
+    a reason to check): each gets its turn when the running one ends, unless by then
+    those heads arrived (gossip, the running session) and no parent is missing."""
 
 
 @attrs.define
@@ -357,7 +359,11 @@ class SyncManager:
         if peer in self.replicator.host.connections:
             self._start(context_id, peer)
 
-    def _start(self, context_id: bytes, peer: PeerId | None) -> None:
+    def _start(
+        self, context_id: bytes, peer: PeerId | None, wants: frozenset[bytes] | None = None
+    ) -> None:
+        """A session for `context_id` (with `peer`, or a random member peer); `wants`: the
+        heads of the peer's we lack, which a session that has to wait checks again."""
         if self._nursery is None:
             return
         if context_id in self._running:
@@ -365,20 +371,24 @@ class SyncManager:
             # came back with what we lack) must not wait for a heartbeat: it goes next.
             if peer is not None:
                 waiting = self._state.setdefault(context_id, _ContextSync()).waiting
-                if peer in waiting or len(waiting) < self.max_peer_status:
-                    waiting[peer] = None
+                if peer in waiting:
+                    # (Its newest heartbeat names its newest heads; None stays None.)
+                    if waiting[peer] is not None:
+                        waiting[peer] = wants
+                elif len(waiting) < self.max_peer_status:
+                    waiting[peer] = wants
             return
         self._running.add(context_id)
-        self._nursery.start_soon(self._session, context_id, peer)
+        self._nursery.start_soon(self._session, context_id, peer, wants)
 
     def _next_waiting(self, context_id: bytes, state: _ContextSync) -> None:
         """Start the session the oldest still-connected waiting peer asked for."""
         connected = self.replicator.host.connections
         while state.waiting:
             peer = next(iter(state.waiting))
-            del state.waiting[peer]
+            wants = state.waiting.pop(peer)
             if peer in connected:
-                self._start(context_id, peer)
+                self._start(context_id, peer, wants)
                 return
 
     async def sync_now(self, context_id: bytes, peer: PeerId | None = None) -> int:
@@ -388,7 +398,12 @@ class SyncManager:
         return await self._session(context_id, peer, raise_errors=True)
 
     async def _session(
-        self, context_id: bytes, peer: PeerId | None, *, raise_errors: bool = False
+        self,
+        context_id: bytes,
+        peer: PeerId | None,
+        wants: frozenset[bytes] | None = None,
+        *,
+        raise_errors: bool = False,
     ) -> int:
         state = self._state.setdefault(context_id, _ContextSync())
         self._running.add(context_id)
@@ -397,6 +412,12 @@ class SyncManager:
         chosen: PeerId | None = None
         try:
             async with state.lock:
+                if wants is not None and not await self._still_lacking(context_id, wants):
+                    # Asked for while another session ran; what the peer's heartbeat showed
+                    # came meanwhile. Under load heartbeats queue one session per peer
+                    # behind the running one, mostly for deltas gossip was still bringing.
+                    run.outcome = "arrived"
+                    return 0
                 candidates = [peer] if peer is not None else self._member_peers(context_id)
                 if not candidates:
                     run.outcome = "no_peer"
@@ -446,6 +467,14 @@ class SyncManager:
             if chosen is not None:
                 state.waiting.pop(chosen, None)  # just had its session
             self._next_waiting(context_id, state)
+
+    async def _still_lacking(self, context_id: bytes, heads: frozenset[bytes]) -> bool:
+        """Whether a heartbeat's `heads` still name deltas we do not know, or deltas here
+        wait for parents (the test `_on_heartbeat` starts a session on)."""
+        return bool(
+            await self.contexts.unknown(context_id, heads)
+            or await self.contexts.missing(context_id)
+        )
 
     def _record(
         self, context_id: bytes, peer: PeerId | None, run: _Run, error: BaseException | None
@@ -757,10 +786,9 @@ class SyncManager:
         now = trio.current_time()
         lacking = set(heartbeat.heads) - await self.contexts.applied(context_id, heartbeat.heads)
         if lacking:
-            if await self.contexts.unknown(context_id, lacking) or await self.contexts.missing(
-                context_id
-            ):
-                self._start(context_id, peer)  # they have something we lack: sync now
+            wants = frozenset(lacking)
+            if await self._still_lacking(context_id, wants):
+                self._start(context_id, peer, wants)  # they have something we lack: sync now
                 return
             # Every head of theirs we lack is here, pending with no parent missing: stamped
             # ahead of our clock, it applies when the clock allows (`serve_clock_waits` knows
