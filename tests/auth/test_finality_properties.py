@@ -155,3 +155,34 @@ def test_a_removed_admin_retires_once_it_acked_its_removal() -> None:
     h.learn_all(a)
     replica.acks[tag(a)] = [vv_max(e.vv for e in h.events.values())]
     assert replica.finality().is_final(w.vv)
+
+
+def test_finality_stays_when_every_admin_has_left() -> None:
+    """The creator grants two admins and leaves, both admins leave concurrently, and one
+    of them writes once more (rejected: it had left). Once every ever-admin retired,
+    nothing that needs admin rights can arrive: what was final stays final, and all held
+    is final (found by the property test above; the AckSet going empty un-finalized it)."""
+    h, acks = build(
+        [
+            ("leave", 0, 0, "admin"),
+            ("leave", 1, 0, "admin"),
+            ("leave", 2, 0, "admin"),
+            ("merge", 1, 0, "admin"),
+            ("write", 1, 0, "admin"),
+        ]
+    )
+    assert acks == []
+    replica = Replica(h)
+    was_final: set[bytes] = set()
+    for e in h.events.values():
+        replica.deliver(e)
+        f = replica.finality()
+        final = {d.id for d in replica.held if f.is_final(d.vv)}
+        assert was_final <= final, "a final delta became non-final"
+        was_final = final
+    f = replica.finality()
+    assert f.ack_set == frozenset()
+    assert was_final == set(h.events), "with no admin left, everything held is final"
+    full = h.graph().resolution()
+    late_write = next(e for e in h.events.values() if e.op is None)
+    assert verdict(full, late_write) is verdict(replica.graph.resolution(), late_write)

@@ -50,8 +50,10 @@ nothing more). Member `a` retires when:
 2. `r` is in the past of every other AckSet member's counted ack, so no op that could
    still arrive is concurrent with `r` or its past: its standing cannot change.
 Retiring one member can let another retire, so this is iterated to the fixpoint (it only
-grows, so the fixpoint is unique). A member made admin again later (by an op we do not
-hold yet) is made so after its granter's ack, hence after every final delta.
+grows, so the fixpoint is unique). Once every ever-admin has retired (the last admin left
+and no member remains for the fallback), everything held is final. A member made admin
+again later (by an op we do not hold yet) is made so after its granter's ack, hence after
+every final delta.
 
 Limits (decided): an admin that equivocates (two deltas with one sequence number) breaks
 the chain argument, as in p2panda; and a silent ever-admin blocks finality for good — the
@@ -233,7 +235,14 @@ def finality(
     ack_set = frozenset(admins - retired)
     waiting = frozenset(m for m in ack_set if m not in counted)
     final: dict[bytes, int] = {}
-    if ack_set and not waiting:
+    if not ack_set:
+        # Every ever-admin retired: each lost admin for good with that loss in every
+        # other's counted ack, and none is admin now, so the fallback found no member to
+        # make admin either. No op that needs admin rights can still arrive, and the
+        # vacuous rule (every AckSet member acked it) makes all we hold final. Returning
+        # nothing here instead would un-finalize what was final a moment before.
+        final = dict(frontier)
+    elif not waiting:
         final = vv_min(counted[m] for m in ack_set)
     return Finality(ack_set, frozenset(retired), waiting, final, counted)
 
