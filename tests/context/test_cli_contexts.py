@@ -61,7 +61,9 @@ async def test_install_create_call_and_watch(tmp_path: Path) -> None:
     assert node.stderr is not None
     watcher: trio.Process | None = None
     try:
-        with trio.fail_after(90):
+        # A hang detector, not a speed check: each step is a fresh CLI process, and on a
+        # loaded 2-core machine their start-up alone came near a 90 s limit.
+        with trio.fail_after(300):
             await _read_until(node.stderr, b"started: peer id", bytearray())
             app = await _cli_json("app", "install", str(ROOT / "apps" / "kv_store"), "--home", home)
             context = await _cli_json(
