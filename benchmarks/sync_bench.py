@@ -597,10 +597,13 @@ async def _session_times(
             context = await _share([a, b], bundle)
             await _wait_converged([a, b], context)
             topic = topic_for(context)
-            b.pubsub.unsubscribe(topic)
-            await _until(lambda: _absent(a, topic, b.host.peer_id), [a, b], limit=30)
             for r in range(rounds):
                 for session, times in ((None, one), (_two_stream_session, two)):
+                    # A session that applied deltas announces B's new heads on the topic,
+                    # subscribing B again (a member belongs on its context's topic): leave
+                    # it again before each round, or A's writes reach B by gossip.
+                    b.pubsub.unsubscribe(topic)
+                    await _until(lambda: _absent(a, topic, b.host.peer_id), [a, b], limit=30)
                     for i in range(k):
                         await _set_many(a, context, _items(f"session{r}-{len(times)}", i, 1))
                     started = time.perf_counter()
