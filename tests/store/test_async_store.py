@@ -8,7 +8,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from trionode.errors import StorageError
-from trionode.store.lmdb_store import Column
+from trionode.store.lmdb_store import Column, PutMany
 from trionode.store.store import BytesCodec, MsgpackCodec, StrCodec, Table, WriteBatch, open_store
 
 
@@ -46,6 +46,37 @@ async def test_typed_tables_and_batches(tmp_path: Path) -> None:
         "trionode_store_operations_total", {"op": "put", "column": "generic"}
     )
     assert puts == 1.0
+
+
+async def test_operations_are_counted_by_kind_and_column(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    async with open_store(
+        tmp_path / "db",
+        initial_map_size=1 << 20,
+        max_map_size=1 << 30,
+        reader_threads=1,
+        passphrase=None,
+        registry=registry,
+    ) as store:
+        batch = WriteBatch()
+        batch.put(BLOBS, b"a", b"1")
+        batch.put(BLOBS, b"b", b"2")
+        batch.delete(BLOBS, b"c")
+        batch.ops.append(PutMany(Column.GENERIC, [(b"x", b"1"), (b"y", b"2"), (b"z", b"3")]))
+        await store.write(batch)
+        await store.get(BLOBS, b"a")
+        await store.delete(BLOBS, b"a")
+
+    def count(op: str, column: str) -> float | None:
+        return registry.get_sample_value(
+            "trionode_store_operations_total", {"op": op, "column": column}
+        )
+
+    assert count("put", "blob_meta") == 2.0
+    assert count("put", "generic") == 3.0
+    assert count("delete", "blob_meta") == 2.0
+    assert count("get", "blob_meta") == 1.0
+    assert count("delete", "generic") is None  # (nothing deleted there: no series)
 
 
 async def test_undecodable_value_is_a_storage_error(tmp_path: Path) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import base58
+import msgspec
 
 from trionode.auth.model import Verdict
 from trionode.context.events import Change
@@ -106,7 +107,18 @@ def publish_verdicts(hub: EventHub, replica: Replica, changed: list[bytes]) -> N
 
 
 def payload_json(payload: bytes) -> Any:
+    """An event payload as JSON values (None if it is not JSON). msgspec decodes what apps
+    emit (msgspec's own JSON) several times faster than `json`, once per event of every
+    delta applied; what it refuses (a float out of range, a lone surrogate) gets `json`'s
+    reading, as before."""
+    try:
+        return _JSON.decode(payload)
+    except msgspec.MsgspecError:
+        pass
     try:
         return json.loads(payload)
     except ValueError:
         return None
+
+
+_JSON: Final = msgspec.json.Decoder()

@@ -42,6 +42,8 @@ import attrs
 import msgspec
 import trio
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from trionode.errors import StorageError
 from trionode.store.encryption import KdfParams
@@ -194,15 +196,43 @@ class WriteBatch:
 
 class StoreMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.operations = Counter(
-            "trionode_store_operations",
-            "Datastore operations by kind and column",
-            ["op", "column"],
-            registry=registry,
-        )
+        self.operations = _OperationCounts()
+        """`trionode_store_operations` by (op, column): plain counts, read at each scrape
+        (a prometheus `Counter` child's `inc` takes a lock and checks that it may be
+        observed, each time: several per write, on every call's path)."""
+        registry.register(self.operations)
         self.errors = Counter(
             "trionode_store_errors", "Datastore operations that failed", ["op"], registry=registry
         )
+
+
+class _OperationCounts(Collector):
+    """Datastore operations by kind and column, a plain counter read at each scrape. The
+    store's methods count on the Trio thread, where they are called (a write before it
+    goes to the commit thread), so it takes no lock; a scrape copies it in one step."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[tuple[str, Column]] = collections.Counter()
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "trionode_store_operations",
+            "Datastore operations by kind and column",
+            labels=["op", "column"],
+        )
+        counts = list(self.counts.items())  # (one step: no count changes it meanwhile)
+        for (op, column), n in sorted(counts, key=lambda kv: (kv[0][0], kv[0][1].value)):
+            family.add_metric([op, column.value], n)
+        return [family]
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [
+            CounterMetricFamily(
+                "trionode_store_operations",
+                "Datastore operations by kind and column",
+                labels=["op", "column"],
+            )
+        ]
 
 
 class AsyncStore:
@@ -231,7 +261,7 @@ class AsyncStore:
         self._commits = _CommitThread()
         self._readers = trio.CapacityLimiter(reader_threads)
         self._metrics = metrics
-        self._counted: dict[tuple[str, Column], Counter] = {}
+        self._counts = None if metrics is None else metrics.operations.counts
 
     async def _run(
         self, limiter: trio.CapacityLimiter, op: str, fn: Callable[..., R], *args: Any
@@ -248,13 +278,8 @@ class AsyncStore:
             raise
 
     def _count(self, op: str, column: Column, n: int = 1) -> None:
-        if self._metrics is not None:
-            # (A labelled child is looked up once: `labels` cost ~10 us, several per write.)
-            child = self._counted.get((op, column))
-            if child is None:
-                child = self._metrics.operations.labels(op, column.value)
-                self._counted[op, column] = child
-            child.inc(n)
+        if self._counts is not None:
+            self._counts[op, column] += n
 
     async def get(self, table: Table[K, V], key: K) -> V | None:
         # A point read is a lookup in a memory-mapped B-tree that never waits for the writer
@@ -308,15 +333,15 @@ class AsyncStore:
 
     async def write(self, batch: WriteBatch | Sequence[WriteOp]) -> None:
         ops = batch.ops if isinstance(batch, WriteBatch) else list(batch)
-        # Counted per (kind, column), not per op: a snapshot batch is 100,000s of puts.
-        counts: collections.Counter[tuple[str, Column]] = collections.Counter()
-        for op in ops:
-            if isinstance(op, PutMany):
-                counts["put", op.column] += len(op.rows)
-            else:
-                counts["put" if isinstance(op, Put) else "delete", op.column] += 1
-        for (kind, column), n in counts.items():
-            self._count(kind, column, n)
+        counts = self._counts
+        if counts is not None:
+            for op in ops:
+                if op.__class__ is Put:
+                    counts["put", op.column] += 1
+                elif isinstance(op, PutMany):  # (one op for 100,000s of a snapshot's rows)
+                    counts["put", op.column] += len(op.rows)
+                else:
+                    counts["delete", op.column] += 1
         if self.inline:
             await self._run(self._writer, "write", self.raw.write, ops)
         elif self._may_inline(ops):
