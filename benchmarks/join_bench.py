@@ -3,9 +3,12 @@
 the joiner's peak memory beside the same node restarted with that state loaded.
 
 * **Member** (in this process, on loopback): a `kv_store` context (the bench bundle of
-  `sync_bench`) with 1,000 entries written through the app and folded, then ``n`` - 1,000
-  more entries made from one of those records (same parent, same value, other keys) and
-  stored as final state (base rows, as a snapshot would leave them), in id order. Populating
+  `sync_bench`) with 1,000 entries written through the app in two writes, the first (the
+  map and 999 entries) folded into final state, the second left a head (the tail a joiner
+  syncs after its snapshot, as on a live member); then ``n`` - 1,000 more entries made
+  from one of those records (same parent, same value, other keys) and stored as final
+  state (base rows, as a snapshot would leave them), in id order. So the snapshot carries
+  the map with its entries, and its root covers every one of them. Populating
   a million entries through app calls would take hours (`sync_bench` explains why); what a
   joiner receives is the same either way: final-state records in id order. The member's
   root is computed before the clock starts (a live member's is current), its *final*
@@ -72,8 +75,13 @@ def _log(message: str) -> None:
 async def _populate(member: Node, bundle: Path, n: int) -> bytes:
     app_id = (await member.applications.install(str(bundle))).application_id
     context = (await member.contexts.create(app_id)).context_id
-    await _set_many(member, context, _items("key", 0, TEMPLATE_ENTRIES))
-    await fold_all(member.contexts.replicas, retention=0.0, max_batch=1024)
+    # Two writes: the first (the map and all but one entry) folds into final state, the
+    # second stays a head (a head never folds), as a live context's newest write does, and
+    # is the tail a joiner syncs after the snapshot.
+    await _set_many(member, context, _items("key", 0, TEMPLATE_ENTRIES - 1))
+    await _set_many(member, context, _items("key", TEMPLATE_ENTRIES - 1, 1))
+    folded = await fold_all(member.contexts.replicas, retention=0.0, max_batch=1024)
+    assert folded, "the template entries did not fold: the snapshot would not carry the map"
     replica = await member.contexts.replica(context)
     template: Entity | None = None
     marker = b"key:00000000"
