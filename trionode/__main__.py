@@ -1,5 +1,3 @@
-import sys
+from trionode.cli import run
 
-from trionode.cli import main
-
-sys.exit(main())
+run()
