@@ -210,3 +210,63 @@ def test_a_layout_4_store_packs_its_state_values_once_at_open(
                 assert len(store._refs.ids) == 5
         finally:
             store.close()
+
+
+OTHER = hashlib.sha256(b"other context").digest()
+_many_keys = st.one_of(
+    st.builds(_key, st.integers(0, 40)),
+    st.builds(lambda i: OTHER + b"%d" % i, st.integers(0, 5)),
+    st.binary(min_size=1, max_size=40),  # short, and no context at all
+)
+_generic_keys = st.one_of(
+    st.builds(lambda i: b"base/" + _key(i), st.integers(0, 40)),
+    st.builds(lambda i: b"base/" + OTHER + b"%d" % i, st.integers(0, 5)),
+    st.builds(lambda i: b"ckvv/" + CONTEXT + hashlib.sha256(b"%d" % i).digest(), st.integers(0, 3)),
+    st.binary(min_size=1, max_size=40),
+)
+
+
+def _contents(store: LmdbStore) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Every B-tree as stored (keys and values as they lie on disk)."""
+    out: dict[str, list[tuple[bytes, bytes]]] = {}
+    with store._env.begin() as txn:
+        for name, db in [*((c.value, d) for c, d in store._dbs.items()), ("log", store._log_db)]:
+            out[name] = list(txn.cursor(db=db).iternext())
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    # Rows of one context (its number found once), or of any keys at all.
+    state=st.lists(st.tuples(st.builds(_key, st.integers(0, 40)), _values), max_size=12)
+    | st.lists(st.tuples(_many_keys, _values), max_size=12),
+    generic=st.lists(
+        st.tuples(st.builds(lambda i: b"base/" + _key(i), st.integers(0, 40)), st.binary()),
+        max_size=8,
+    )
+    | st.lists(st.tuples(_generic_keys, st.binary(max_size=40)), max_size=8),
+    limit=st.sampled_from([1, 2, 1000]),
+)
+def test_rows_put_many_at_once_are_stored_as_put_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    state: list[tuple[bytes, bytes]],
+    generic: list[tuple[bytes, bytes]],
+    limit: int,
+) -> None:
+    """A PutMany whose keys name one context has its context's number found once and its
+    joined records' parents numbered once per parent (`pack_many`): the B-trees it leaves
+    are byte for byte those of the same rows put one by one, whatever the rows (several
+    contexts, checkpoint rows, short keys, ids past the limit of numbers)."""
+    stores = [LmdbStore.open(tmp_path_factory.mktemp("db"), max_value_refs=limit) for _ in range(2)]
+    try:
+        stores[0].write([PutMany(Column.STATE, state), PutMany(Column.GENERIC, generic)])
+        stores[1].write(
+            [Put(Column.STATE, k, v) for k, v in state]
+            + [Put(Column.GENERIC, k, v) for k, v in generic]
+        )
+        assert _contents(stores[0]) == _contents(stores[1])
+        expected = dict(state)
+        assert dict(stores[0].scan(Column.STATE)) == expected
+    finally:
+        for store in stores:
+            store.close()

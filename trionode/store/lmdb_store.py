@@ -148,6 +148,11 @@ def _id_cuts(value: bytes) -> list[int]:
     return cuts
 
 
+_RECORD_HEAD: Final = b"\x97\x01" + _ID_TOKEN
+"""A joined record as received (`crdt/encoding.py`: fixarray of 7, version 1) with its
+parent's id next: `_id_cuts` finds that id, and only it, at offset 2."""
+_RECORD_ID_END: Final = len(_RECORD_HEAD) + _ID_BYTES
+
 _INT_EXTRA: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 """Bytes after the header of a msgpack unsigned integer, by header."""
 
@@ -227,6 +232,34 @@ class _ValueRefs:
             return value if value[0] != _PACKED else bytes([_PACKED, 0]) + value
         parts.append(value[at:])
         return b"".join([bytes([_PACKED, len(refs)]), *refs, *parts])
+
+    def pack_many(self, values: Sequence[bytes], fresh: set[int]) -> list[bytes]:
+        """`pack` of each of `values` (a snapshot batch's rows). A joined record as received
+        (`[1, parent, ...]`: `_RECORD_HEAD`) has one id to number, its parent, at a fixed
+        place: its stored form is the parent's packed head and the rest, made once per
+        parent, not once per row. Anything else goes through `pack`."""
+        pack = self.pack
+        heads: dict[bytes, bytes | None] = {}
+        out: list[bytes] = []
+        for value in values:
+            if value[:4] != _RECORD_HEAD or len(value) < _RECORD_ID_END:
+                out.append(pack(value, fresh))
+                continue
+            parent = value[4:_RECORD_ID_END]
+            if parent in heads:
+                head = heads[parent]
+            else:
+                number = self._number(parent)
+                if number is None:
+                    head = None
+                else:
+                    if number not in self._durable:
+                        fresh.add(number)
+                    # (`pack`'s form: one ref, 2 bytes of the value before the id.)
+                    head = bytes([_PACKED, 1]) + _uvarint(2) + _uvarint(number) + value[:2]
+                heads[parent] = head
+            out.append(value if head is None else head + value[_RECORD_ID_END:])
+        return out
 
     def unpack(self, stored: bytes) -> bytes:
         """A state value from its stored form (StorageError if damaged)."""
@@ -316,6 +349,49 @@ class PutMany:
 
 
 WriteOp = Put | Delete | PutMany
+
+
+class _Many:
+    """A `PutMany` as `LmdbStore.write` prepared it: its keys as given, values as stored."""
+
+    __slots__ = ("column", "keys", "values")
+
+    def __init__(self, column: Column, keys: list[bytes], values: list[bytes]) -> None:
+        self.column = column
+        self.keys = keys
+        self.values = values
+
+
+@attrs.frozen
+class _Stored:
+    """Rows of one column, keys and values as stored: one `putmulti`."""
+
+    column: Column
+    rows: list[tuple[bytes, bytes]]
+
+
+Prepared = tuple[Column, bytes, bytes | None]
+"""One put (a value as stored) or delete (None) of `LmdbStore.write`, its key as given."""
+
+
+def _singles(
+    prepared: Sequence[Prepared | _Many],
+    keys: _ContextNumbers,
+    txn: lmdb.Transaction,
+    added: list[bytes],
+) -> Iterator[Prepared | _Stored]:
+    """`prepared` in order, a `_Many` whose keys all name one context as one `_Stored` (its
+    number found once, `_ContextNumbers.stored_many`), any other as its single puts."""
+    for item in prepared:
+        if not isinstance(item, _Many):
+            yield item
+            continue
+        stored = keys.stored_many(item.column, item.keys, txn=txn, added=added)
+        if stored is None:
+            for key, value in zip(item.keys, item.values, strict=True):
+                yield (item.column, key, value)
+        else:
+            yield _Stored(item.column, list(zip(stored, item.values, strict=True)))
 
 
 @attrs.frozen
@@ -620,6 +696,33 @@ class _ContextNumbers:
                 added.append(context)
             return prefix + tag + key[cut + _CONTEXT_BYTES :]
         return key
+
+    def stored_many(
+        self, column: Column, keys: Sequence[bytes], *, txn: lmdb.Transaction, added: list[bytes]
+    ) -> list[bytes] | None:
+        """`stored` of every key of `keys` in a write transaction, when they all name one
+        context under one prefix (a snapshot batch's rows): its number is found once. None
+        if they do not (or are checkpoint rows, or delta rows): store them one by one."""
+        prefixes = NUMBERED.get(column)
+        if prefixes is None:
+            return list(keys)
+        if not keys or column is Column.DELTA:
+            return None
+        first = keys[0]
+        for prefix in prefixes:
+            if first.startswith(prefix):
+                break
+        else:
+            return None
+        if prefix == CHECKPOINT_PREFIX:
+            return None
+        cut = len(prefix) + _CONTEXT_BYTES
+        head = first[:cut]
+        if len(first) < cut or not all(k.startswith(head) for k in keys):
+            return None
+        tag = self.stored(column, head, txn=txn, added=added)
+        assert tag is not None  # (a write transaction gives numbers)
+        return [tag + k[cut:] for k in keys]
 
     def _give(self, context: bytes, txn: lmdb.Transaction) -> bytes:
         if self._next >= 1 << (8 * _NUMBER_BYTES):
@@ -1164,17 +1267,24 @@ class LmdbStore:
         self._check_open()
         if not ops:
             return
-        prepared: list[tuple[Column, bytes, bytes | None]] = []
+        prepared: list[Prepared | _Many] = []
         fresh: set[int] = set()
         pack = self._refs.pack
         for op in ops:
             if isinstance(op, PutMany):
+                if not op.rows:
+                    continue
                 column = op.column
-                state = column is Column.STATE
-                for key, value in op.rows:
-                    _check_key(key)
-                    stored = pack(value, fresh) if state else value
-                    prepared.append((column, key, self._seal(column, key, stored)))
+                keys = [key for key, _ in op.rows]
+                if not min(map(len, keys)) or max(map(len, keys)) > _MAX_KEY_SIZE:
+                    for key in keys:
+                        _check_key(key)  # (raises for the bad one)
+                values = [value for _, value in op.rows]
+                if column is Column.STATE:
+                    values = self._refs.pack_many(values, fresh)
+                if self._cipher is not None:
+                    values = [self._seal(column, k, v) for k, v in zip(keys, values, strict=True)]
+                prepared.append(_Many(column, keys, values))
                 continue
             _check_key(op.key)
             if isinstance(op, Put):
@@ -1204,7 +1314,7 @@ class LmdbStore:
     def _write_in(
         self,
         txn: lmdb.Transaction,
-        prepared: list[tuple[Column, bytes, bytes | None]],
+        prepared: list[Prepared | _Many],
         added: list[bytes],
     ) -> None:
         """`write`'s ops in `txn` (contexts given numbers noted in `added`)."""
@@ -1213,7 +1323,14 @@ class LmdbStore:
         # 100,000s of them: one C call instead of one put each).
         run: list[tuple[bytes, bytes]] = []
         run_column = Column.DELTA  # (no run yet)
-        for column, key, stored in prepared:
+        for item in _singles(prepared, keys, txn, added):
+            if isinstance(item, _Stored):
+                if run:
+                    txn.cursor(db=self._dbs[run_column]).putmulti(run)
+                    run = []
+                txn.cursor(db=self._dbs[item.column]).putmulti(item.rows)
+                continue
+            column, key, stored = item
             checkpoint = _is_checkpoint(column, key)
             if run and (column is not run_column or stored is None or checkpoint):
                 txn.cursor(db=self._dbs[run_column]).putmulti(run)
