@@ -270,3 +270,41 @@ def test_rows_put_many_at_once_are_stored_as_put_one_by_one(
     finally:
         for store in stores:
             store.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    state=st.dictionaries(st.integers(0, 30), _values, max_size=10),
+    bases=st.dictionaries(st.integers(0, 30), st.binary(max_size=8), max_size=10),
+    start=st.none() | st.integers(0, 30),
+)
+def test_a_scan_of_base_markers_reads_each_marker_as_its_state_row(
+    tmp_path_factory: pytest.TempPathFactory,
+    state: dict[int, bytes],
+    bases: dict[int, bytes],
+    start: int | None,
+) -> None:
+    """A snapshot page's read: base rows of one context, an empty one (a marker) filled with
+    the state row of its id when there is one, the others as they are, from any start."""
+    store = LmdbStore.open(tmp_path_factory.mktemp("db"))
+    prefix = b"base/" + CONTEXT
+    try:
+        store.write(
+            [
+                PutMany(Column.STATE, [(_key(i), v) for i, v in sorted(state.items())]),
+                PutMany(Column.GENERIC, [(b"base/" + _key(i), v) for i, v in bases.items()]),
+                Put(Column.GENERIC, b"base/" + OTHER + b"x", b""),  # another context's
+                Put(Column.STATE, OTHER + b"x", b"other"),
+            ]
+        )
+        low = None if start is None else b"base/" + _key(start)
+        expected = sorted(
+            (b"base/" + _key(i), v or state.get(i, v))
+            for i, v in bases.items()
+            if low is None or b"base/" + _key(i) >= low
+        )
+        assert store.scan(Column.GENERIC, prefix=prefix, start=low, fill=(Column.STATE, 5)) == (
+            expected
+        )
+    finally:
+        store.close()

@@ -265,6 +265,11 @@ class _ValueRefs:
         """A state value from its stored form (StorageError if damaged)."""
         if not stored or stored[0] != _PACKED:
             return stored
+        if stored[1:3] == b"\x01\x02" and len(stored) > 5 and stored[3] < 0x80:
+            # A joined record (`pack_many`): one id, after 2 bytes, of a one-byte number.
+            value_id = self.ids.get(stored[3])
+            if value_id is not None:
+                return stored[4:6] + _ID_TOKEN + value_id + stored[6:]
         if len(stored) < 2:
             raise StorageError("a stored state value is damaged (no count)")
         cuts: list[tuple[int, bytes]] = []
@@ -1073,12 +1078,7 @@ class LmdbStore:
             filled: set[int] = set()
             if fill is not None:
                 other, cut = fill
-                for i, (key, value) in enumerate(out):
-                    if not value:
-                        found = self._get_in(txn, other, key[cut:])
-                        if found is not None:
-                            out[i] = (key, found)
-                            filled.add(i)
+                self._fill(txn, out, other, cut, filled)
         if self._cipher is None and column is not Column.STATE and not filled:
             return out
         if fill is not None and filled:
@@ -1088,6 +1088,37 @@ class LmdbStore:
                 for i, (k, v) in enumerate(out)
             ]
         return [(k, self._value(column, k, v)) for k, v in out]
+
+    def _fill(
+        self,
+        txn: lmdb.Transaction,
+        out: list[tuple[bytes, bytes]],
+        other: Column,
+        cut: int,
+        filled: set[int],
+    ) -> None:
+        """`scan`'s `fill`: each empty value of `out` takes that of its key less `cut` bytes
+        in `other` (the rows that do: `filled`). State rows of one context (a snapshot's
+        page of base markers) find their stored key from the context's, once."""
+        heads: dict[bytes, bytes | None] = {}
+        state = other is Column.STATE
+        db = self._dbs[other]
+        for i, (key, value) in enumerate(out):
+            if value:
+                continue
+            within = key[cut:]
+            if state and len(within) >= _CONTEXT_BYTES:
+                context = within[:_CONTEXT_BYTES]
+                if context in heads:
+                    head = heads[context]
+                else:
+                    head = heads[context] = self._keys.stored(other, context)
+                found = None if head is None else txn.get(head + within[_CONTEXT_BYTES:], db=db)
+            else:
+                found = self._get_in(txn, other, within)
+            if found is not None:
+                out[i] = (key, found)
+                filled.add(i)
 
     def _get_in(self, txn: lmdb.Transaction, column: Column, key: bytes) -> bytes | None:
         """The value of `key` as stored (sealed), read in `txn`."""
@@ -1182,6 +1213,11 @@ class LmdbStore:
         rows = _raw_scan(txn, stored_prefix, start, end, limit, select=select, db=db)
         if stored_prefix == prefix and column not in NUMBERED:
             return rows
+        if stored_prefix != prefix:
+            # One context's rows: every stored key is the stored prefix and the rest, so
+            # its key is the prefix and that rest (what `key` gives, without a call a row).
+            cut = len(stored_prefix)
+            return [(prefix + k[cut:], v) for k, v in rows]
         return [(self._keys.key(column, k), v) for k, v in rows]
 
     def _scan_all(
