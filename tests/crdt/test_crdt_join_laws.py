@@ -26,7 +26,6 @@ from trionode.crdt import (
     VectorState,
     encode_entity,
 )
-from trionode.crdt.entity import ROOT_ID
 
 from .crdt_helpers import Replica, perform, records, snapshot
 
@@ -214,20 +213,3 @@ def test_adding_records_in_bulk_builds_the_tree_join_does(data: st.DataObject) -
     assert _tree_key(bulk) == _tree_key(expected)
     assert bulk.max_stamp == expected.max_stamp
     assert bulk.drain_changes().updated == frozenset(e.id for e in incoming)
-
-
-def test_missing_parents_are_the_parents_named_and_not_held() -> None:
-    """What a snapshot's check refuses: records hanging from a parent the tree lacks (the
-    root's children hang from the root, which is never missing)."""
-    stamp = Timestamp(1, b"a")
-    top = Entity(ROOT_ID, b"top", Kind.MAP, added=stamp)
-    child = Entity(top.id, b"child", Kind.REGISTER, added=stamp)
-    stray = Entity(b"\x07" * 32, b"stray", Kind.REGISTER, added=stamp)
-    tree = StateTree()
-    tree.add_new([child])
-    assert tree.missing_parents(5) == [top.id]
-    tree.add_new([top])
-    assert tree.missing_parents(5) == []
-    tree.apply([stray, Entity(b"\x08" * 32, b"other", Kind.REGISTER, added=stamp)])
-    assert sorted(tree.missing_parents(5)) == [b"\x07" * 32, b"\x08" * 32]
-    assert len(tree.missing_parents(1)) == 1

@@ -62,7 +62,6 @@ from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.store.lmdb_store import Column, PutMany
 from trionode.store.store import WriteBatch
 from trionode.sync.snapshot import (
-    ParentlessRecords,
     RootMismatch,
     StaleCertificate,
     check_certificate,
@@ -415,19 +414,13 @@ class SnapshotState:
 
     async def check_root(self, context_id: bytes, root: bytes) -> None:
         """Raise RootMismatch unless the replica's state hashes to `root` (the tree's
-        hashes are built here, once, for the whole snapshot), ParentlessRecords if records
-        hang from a parent it did not bring (the root covers none of them)."""
+        hashes are built here, once, for the whole snapshot)."""
         replica = await self._replicas.load(context_id)
         async with replica.lock:
             ours = replica.tree.root_hash()
-            orphaned = replica.tree.missing_parents(1)
         if ours != root:
             raise RootMismatch(
                 f"the snapshot's records hash to {ours.hex()[:12]}, not {root.hex()[:12]}"
-            )
-        if orphaned:
-            raise ParentlessRecords(
-                f"snapshot records name parent {orphaned[0].hex()[:12]}, which it did not bring"
             )
 
     def check_certificate(

@@ -131,19 +131,6 @@ class StateTree:
         """Ids of every record whose parent is `entity_id`, sorted (hidden ones too)."""
         return tuple(self._children.get(entity_id, ()))
 
-    def missing_parents(self, limit: int) -> list[bytes]:
-        """Up to `limit` ids that records name as their parent and the tree does not hold.
-        Such records hang from nothing: no hash covers them, so a state that came with its
-        root (a snapshot) proves nothing about them. One look per parent, not per record."""
-        records = self._records
-        out: list[bytes] = []
-        for parent, ids in self._children.items():
-            if ids and parent != ROOT_ID and parent not in records:
-                out.append(parent)
-                if len(out) >= limit:
-                    break
-        return out
-
     def entities(
         self, *, start_after: bytes | None = None, limit: int | None = None
     ) -> list[Entity]:

@@ -113,13 +113,6 @@ class RootMismatch(SyncViolation):
     """The pages do not add up to the root hash the responder announced."""
 
 
-class ParentlessRecords(SyncViolation):
-    """Records whose parent the snapshot did not bring: no hash covers them, so the root
-    check says nothing about them (a hostile responder could fill a joiner's store with
-    them). A final state holds the parent of every record it holds (a child's write comes
-    after its parent's, so it is final only once that is)."""
-
-
 class ForgedCertificate(SyncViolation):
     """A certificate entry that does not verify: a bad signature, another context, or an
     operation that is not one."""
