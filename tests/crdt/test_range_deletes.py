@@ -53,6 +53,8 @@ def assert_same_as_rebuilt(state: TextState) -> None:
     for k in range(fresh.visible_len()):
         assert state.visible_at(k) == fresh.visible_ids()[k]
     assert state.hash_form(None) == fresh.hash_form(None)
+    assert state.wire() == fresh.wire()
+    assert state.max_stamp() == fresh.max_stamp()
 
 
 # (kind, a, b, writer): 0 insert `b % 4 + 1` characters at visible position a (one run of
@@ -89,6 +91,8 @@ def test_a_range_delete_joins_like_the_general_join(
             pos = a % length
             delta = state.delete_delta(pos, min(b % 40 + 1, length - pos), Timestamp(time, writer))
             deletes.append(dict(delta.elements))
+            # (its newest stamp comes from `delete_delta`, not from reading every stamp)
+            assert delta.max_stamp() == TextState(dict(delta.elements)).max_stamp()
         elif kind == 2 and deletes:
             old = deletes[a % len(deletes)]
             stamp = Timestamp(time if b % 2 else 1, writer)

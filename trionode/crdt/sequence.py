@@ -76,6 +76,7 @@ import itertools
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
+from itertools import groupby
 from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, Final, Generic, NamedTuple, Self, TypeVar, cast
@@ -284,6 +285,7 @@ class SequenceState(Generic[V]):
         "_floored",
         "_lists",
         "_live_total",
+        "_newest",
         "_origin",
         "_runs",
         "_touched",
@@ -365,6 +367,9 @@ class SequenceState(Generic[V]):
         self._version = next(_VERSIONS)
         """Changes on every change (unique across states): see `_origin`."""
         self._origin: _Origin | None = None
+        self._newest: tuple[int, Timestamp] | None = None
+        """(version, newest stamp) from `delete_delta`: `max_stamp` while the version is
+        unchanged, without reading every tombstone stamp of a range delete."""
         self._typing: tuple[int, _Item, Timestamp] | None = None
         """(version, item, id) from `insert_one`: the id continues the item's run, the
         item is placed and ends with its writer's childless element; valid while the
@@ -1391,6 +1396,7 @@ class SequenceState(Generic[V]):
         text = self._text
         extra = new._extra
         by_writer: dict[bytes, list[_Item]] = {}
+        newest_after = HEAD
         for item, first, end in spans:
             take = end - first
             piece = _Item.__new__(_Item)
@@ -1398,6 +1404,7 @@ class SequenceState(Generic[V]):
             piece.start = start = item.start + first
             piece.n = take
             piece.after = after = item.after if not first else new_stamp((start - 1, node))
+            newest_after = max(newest_after, after)
             piece.values = filler * take if text else [filler] * take
             piece.deleted = [stamp] * take
             piece.updated = None
@@ -1411,9 +1418,14 @@ class SequenceState(Generic[V]):
             if not first and not _implied(new_stamp((start, node)), after):
                 insort(extra.setdefault(after, []), new_stamp((start, node)))
             new._count += take
+        newest = max(stamp, newest_after)
         for node, pieces in by_writer.items():
             pieces.sort(key=_START)
             new._runs[node] = ([piece.start for piece in pieces], pieces)
+            last = pieces[-1]
+            newest = max(newest, new_stamp((last.start + last.n - 1, node)))
+        if by_writer:
+            new._newest = (new._version, newest)
         return new
 
     def set_delta(
@@ -1517,16 +1529,12 @@ class SequenceState(Generic[V]):
                 else:
                     chains.append([item])
                     used.add(item.after[1])
-                for stamps in (item.deleted, item.updated):
-                    if stamps is not None:
-                        used.update(s[1] for s in stamps if s is not None)
                 previous = item
         chains.sort(key=lambda chain: (chain[0].start, chain[0].node))
-        writers = sorted(used)
-        index = {w: i for i, w in enumerate(writers)}
-        out: list[WireRun[V]] = []
+        # Per run: its live values and its stamp groups, with the stamps themselves until
+        # every writer is known (one entry per stretch of equal stamps, not per element).
+        runs: list[tuple[_Item, int, list[V], list[_Stretch], list[_Stretch]]] = []
         for chain in chains:
-            first = chain[0]
             live: list[V] = []
             deleted: list[Timestamp | None] = []
             updated: list[Timestamp | None] = []
@@ -1547,18 +1555,26 @@ class SequenceState(Generic[V]):
                     ]
                     deleted += item.deleted
                 updated += [None] * n if item.updated is None else item.updated
-            out.append(
-                (
-                    first.start,
-                    index[first.node],
-                    first.after[0],
-                    index[first.after[1]],
-                    len(deleted),
-                    self._pack(live),
-                    _groups(deleted, index),
-                    _groups(updated, index),
-                )
+            gone = _stretches(deleted)
+            new = _stretches(updated)
+            used.update(stamp[1] for _, _, stamp in gone)
+            used.update(stamp[1] for _, _, stamp in new)
+            runs.append((chain[0], len(deleted), live, gone, new))
+        writers = sorted(used)
+        index = {w: i for i, w in enumerate(writers)}
+        out: list[WireRun[V]] = [
+            (
+                first.start,
+                index[first.node],
+                first.after[0],
+                index[first.after[1]],
+                length,
+                self._pack(live),
+                [(offset, count, stamp[0], index[stamp[1]]) for offset, count, stamp in gone],
+                [(offset, count, stamp[0], index[stamp[1]]) for offset, count, stamp in new],
             )
+            for first, length, live, gone, new in runs
+        ]
         return writers, out
 
     def _pack(self, live: list[V]) -> V | list[V]:
@@ -1666,6 +1682,9 @@ class SequenceState(Generic[V]):
                 if stamps is not None and stamps[0] is not None and stamps[0] > top:
                     top = stamps[0]
             return top
+        newest = self._newest
+        if newest is not None and newest[0] == self._version:  # a range delete's delta
+            return newest[1]
         best: Timestamp | None = None
         for item in self._items():
             top = max(new_stamp((item.start + item.n - 1, item.node)), item.after)
@@ -1814,19 +1833,22 @@ def chunk_digests(
     return out
 
 
-def _groups(stamps: list[Timestamp | None], index: dict[bytes, int]) -> list[Group]:
-    """Maximal spans of equal non-None stamps, as `(offset, count, time, writer#)`."""
-    out: list[Group] = []
-    previous: Timestamp | None = None
-    for offset, stamp in enumerate(stamps):
-        if stamp is None:
-            previous = None
-        elif stamp == previous:
-            start, count, time, writer = out[-1]
-            out[-1] = (start, count + 1, time, writer)
-        else:
-            out.append((offset, 1, stamp.time, index[stamp.node]))
-            previous = stamp
+_Stretch = tuple[int, int, Timestamp]
+"""`(offset, count, stamp)`: a span of a run's elements sharing one stamp (see `wire`)."""
+
+
+def _stretches(stamps: list[Timestamp | None]) -> list[_Stretch]:
+    """Maximal spans of equal non-None stamps: one step per span (the scan runs in C)."""
+    first = stamps[0] if stamps else None
+    if stamps.count(first) == len(stamps):  # one stamp, or none at all: the common cases
+        return [] if first is None else [(0, len(stamps), first)]
+    out: list[_Stretch] = []
+    offset = 0
+    for stamp, group in groupby(stamps):
+        count = len(list(group))
+        if stamp is not None:
+            out.append((offset, count, stamp))
+        offset += count
     return out
 
 
