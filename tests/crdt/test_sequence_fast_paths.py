@@ -2,7 +2,8 @@
 
 A keystroke takes shortcuts the general code does not: a one-element delta computes its
 newest stamp without building lists, top-level field paths are shared between
-transactions, and a delete looks the length up only for a negative index. Each is checked
+transactions, a delete looks the length up only for a negative index, and a keystroke
+joined in place finds the next keystroke's position where it wrote. Each is checked
 here against a naive model of the same thing. (The order index's cursor-hint path, typing
 right after the element placed last, is in `test_order_index.py`.)
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import gc
 from functools import partial
+from typing import Any
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -27,10 +29,12 @@ from trionode.crdt import (
 )
 from trionode.crdt.entity import ROOT_ID, Kind, child_id
 from trionode.crdt.hlc import latest
-from trionode.crdt.sequence import Element, VectorState
+from trionode.crdt.sequence import Element, SequenceState, TextState, VectorState
 from trionode.crdt.transaction import field_path
 
+from . import sequence_model as model
 from .crdt_helpers import T0
+from .test_run_items import assert_same
 
 stamps = st.builds(Timestamp, st.integers(0, 2**64 - 1), st.sampled_from([b"", b"a", b"b"]))
 
@@ -209,3 +213,64 @@ def test_a_keystroke_takes_the_ids_and_places_of_the_general_code(
     for bad in (-1, len(state)):
         with pytest.raises(IndexError):
             state.delete_delta(bad, 1, fresh[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 10_000)), max_size=60),
+    text_state=st.booleans(),
+)
+def test_in_place_keystrokes_give_the_general_delta_and_state(
+    ops: list[tuple[int, int]], text_state: bool
+) -> None:
+    """`insert_in_place` and `delete_in_place` (one position lookup, the last keystroke's
+    place remembered for the next one) give the delta the general code builds, and leave
+    the state `merge` of that delta leaves, checked against the per-element model and a
+    plain list after every keystroke. Keystrokes mostly go on where the last one was
+    (typing on, backspaces), sometimes elsewhere, and another writer's edits arrive in
+    between (merged the general way), so the remembered place is often stale."""
+    state_type = TextState if text_state else VectorState
+    fast: SequenceState[Any] = state_type()
+    naive: Any = (model.TextState if text_state else model.VectorState)()
+    expected: list[Any] = []
+    clock = HybridClock(b"a", drift_tolerance=3600.0)
+    other = HybridClock(b"b", drift_tolerance=3600.0)
+    physical = T0
+    cursor = 0
+    for kind, where in ops:
+        physical += 1 << 20
+        value: Any = "xyzw"[where % 4] if text_state else bytes([where % 251])
+        if kind <= 1:  # typing at the cursor, or somewhere else
+            at = cursor if kind == 0 else where % (len(expected) + 1)
+            at = min(at, len(expected))
+            twin = HybridClock(b"a", drift_tolerance=3600.0, last=clock.last)
+            general, general_run = fast.copy().insert_one(
+                at, value, partial(twin.now, physical), b"a"
+            )
+            delta, run = fast.insert_in_place(at, value, partial(clock.now, physical), b"a")
+            assert dict(delta.elements) == dict(general.elements)
+            assert run == general_run
+            clock.witness(run, physical)
+            expected.insert(at, value)
+            cursor = at + 1
+        elif kind <= 3 and expected:  # backspace at the cursor, or a delete elsewhere
+            at = cursor - 1 if kind == 2 and cursor else where % len(expected)
+            at = min(at, len(expected) - 1)
+            stamp = clock.now(physical)
+            general = fast.delete_delta(at, 1, stamp)
+            delta, before = fast.delete_in_place(at, stamp)
+            [eid] = delta.elements
+            assert before == naive.elements[eid]
+            assert dict(delta.elements) == dict(general.elements)
+            del expected[at]
+            cursor = at
+        elif kind == 4:  # another writer types somewhere (the general merge)
+            at = where % (len(expected) + 1)
+            delta = fast.insert_delta(at, [value], partial(other.now, physical))
+            fast.merge(delta)
+            expected.insert(at, value)
+        else:
+            continue
+        naive.merge(type(naive)(dict(delta.elements)))
+        assert_same(fast, naive, [])
+        assert fast.values() == expected

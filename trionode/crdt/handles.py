@@ -450,10 +450,7 @@ class _Sequence(Handle, Generic[S]):
             if record is not None:
                 body = record.body
                 if type(body) is self._state_type:
-                    delta = body.delete_delta(pos, 1, tx.stamp())
-                    eid = delta.only_id()
-                    old = body.element(eid)
-                    body.merge(delta)
+                    delta, old = body.delete_in_place(pos, tx.stamp())
                     tx.wrote_in_place(self._path, record, delta, old)
                     return
         state, floor = self._base()

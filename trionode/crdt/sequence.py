@@ -45,7 +45,8 @@ child `id + 1` is implied by the items.
 
 Order: the placed items, in order, are cut into blocks with a Fenwick tree of the blocks'
 visible counts, so a visible position resolves in O(log blocks + block) and a keystroke
-extends or splits one item. Elements whose reference is missing (or that sit on a forged
+extends or splits one item. A keystroke remembers the place it wrote (`_cursor`): the next
+one, typing on or a backspace, finds its position there without a search. Elements whose reference is missing (or that sit on a forged
 cycle) are stored in unplaced items until it arrives. Anything the incremental paths do
 not cover (bulk merges, out-of-order arrivals, forged re-parenting, GC) drops the order,
 which is rebuilt on the next read by a pre-order walk that also regroups the items (a
@@ -278,6 +279,7 @@ class SequenceState(Generic[V]):
     __slots__ = (
         "_blocks",
         "_count",
+        "_cursor",
         "_digests",
         "_expanded",
         "_extra",
@@ -370,6 +372,10 @@ class SequenceState(Generic[V]):
         self._newest: tuple[int, Timestamp] | None = None
         """(version, newest stamp) from `delete_delta`: `max_stamp` while the version is
         unchanged, without reading every tombstone stamp of a range delete."""
+        self._cursor: tuple[int, int, _Item, int] | None = None
+        """(version, visible position, item, offset) of the element a keystroke just
+        wrote or the one before the element it just deleted: `_locate` of the next
+        keystroke's position without a search, valid while the version is unchanged."""
         self._typing: tuple[int, _Item, Timestamp] | None = None
         """(version, item, id) from `insert_one`: the id continues the item's run, the
         item is placed and ends with its writer's childless element; valid while the
@@ -936,6 +942,9 @@ class SequenceState(Generic[V]):
 
     def _locate(self, position: int) -> tuple[_Item, int]:
         """The item holding visible `position` and the element's offset in it."""
+        cursor = self._cursor
+        if cursor is not None and cursor[1] == position and cursor[0] == self._version:
+            return cursor[2], cursor[3]
         blocks = self._ordered()
         pos, rest = fenwick_find(self._fenwick, position)
         for item in blocks[pos].items:
@@ -1288,15 +1297,41 @@ class SequenceState(Generic[V]):
                     run in self._extra or (following == time + 1 and items[i].after == run)
                 ):
                     self._type_on(item, value)
+                    self._cursor = (self._version, pos, item, item.n - 1)
                     return self._one_typed(run, after, value), run
         else:
             after = HEAD
         eid = stamp() if run is None else run
         element = _element((after, value, None, None))
         delta = self._one(eid, element)
-        if not self._insert_placed(eid, element):
+        if self._insert_placed(eid, element):
+            placed = self._find(eid)
+            assert placed is not None  # (just placed)
+            self._cursor = (self._version, pos, placed[0], placed[1])
+        else:
             self.merge(delta)  # (forged elements already name the new id)
         return delta, run
+
+    def delete_in_place(self, pos: int, stamp: Timestamp) -> tuple[Self, Element[V]]:
+        """`delete_delta(pos, 1, stamp)` joined into this state as it is made
+        (`Transaction.in_place`): the same delta and the same state as `merge` of it, with
+        one position lookup and no general join, and the element's version before (for
+        the undo log)."""
+        self._ordered()
+        length = self._live_total
+        if not 0 <= pos < length:
+            raise IndexError(f"delete range {pos}+1 out of range 0..{length}")
+        item, k = self._locate(pos)
+        eid = new_stamp((item.start + k, item.node))
+        old = item.element(k)
+        # `join_element(eid, old, gone)` of a live `old` is `gone` itself.
+        gone: Element[V] = _element((old[0], None, None, stamp))
+        self._origin = None  # (`merge`)
+        self._write(item, k, eid, old, gone)
+        self._hidden(item)
+        if k and (item.deleted is None or item.deleted[k - 1] is None):  # (a backspace next)
+            self._cursor = (self._version, pos - 1, item, k - 1)
+        return self._one(eid, gone), old
 
     def _type_on(self, item: _Item, value: Any) -> None:
         """`_grow(item, _element((id before, value, None, None)))` for a live value (typing
