@@ -215,7 +215,7 @@ def test_a_keystroke_takes_the_ids_and_places_of_the_general_code(
             state.delete_delta(bad, 1, fresh[0])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     ops=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 10_000)), max_size=60),
     text_state=st.booleans(),
