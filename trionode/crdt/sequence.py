@@ -46,9 +46,10 @@ child `id + 1` is implied by the items.
 Order: the placed items, in order, are cut into blocks with a Fenwick tree of the blocks'
 visible counts, so a visible position resolves in O(log blocks + block) and a keystroke
 extends or splits one item. A keystroke remembers the place it wrote (`_cursor`): the next
-one, typing on or a backspace, finds its position there without a search. Elements whose reference is missing (or that sit on a forged
-cycle) are stored in unplaced items until it arrives. Anything the incremental paths do
-not cover (bulk merges, out-of-order arrivals, forged re-parenting, GC) drops the order,
+one, typing on or a backspace, finds its position there without a search. Elements whose
+reference is missing (or that sit on a forged cycle) are stored in unplaced items until it
+arrives. Anything the incremental paths do not cover (bulk merges, out-of-order arrivals,
+forged re-parenting, GC) drops the order,
 which is rebuilt on the next read by a pre-order walk that also regroups the items (a
 stretch of an item at a time, up to its next element with explicit children). Decoding
 builds items straight from the wire runs (`from_runs`).
