@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import attrs
 import msgspec
@@ -234,7 +234,8 @@ class LocalWriter:
         announcing publishes them."""
         sealed: list[SignedDelta] = []
         own: list[Change] = []
-        key_id = self._write_key(replica)
+        planned: _Next | None = self._next(replica)
+        key_id = self._write_key(replica, planned)
         if key_id is None:
             # No key we hold follows every removal in our view (concurrent removals, a
             # leaked invitation, or a removal whose key was not sealed to us): introduce one.
@@ -242,9 +243,10 @@ class LocalWriter:
             rotation, nothing = self._stage_op(replica, rotate, batch, fresh)
             sealed.append(rotation)
             own.append(_change(replica, rotation, nothing))
+            planned = None  # (the rotation is a new head)
             key_id = self._write_key(replica)
         # (The key is resolved once per call: it walks the context's membership ops.)
-        delta, parents = self._seal(replica, outcome, write_key=key_id)
+        delta, parents = self._seal(replica, outcome, write_key=key_id, planned=planned)
         self._stage(replica, batch, delta, parents, fresh)
         sealed.append(delta)
         own.append(_change(replica, delta, outcome))
@@ -422,10 +424,22 @@ class LocalWriter:
 
     # -- sealing and staging -----------------------------------------------------------------
 
-    def _write_key(self, replica: Replica) -> int | None:
-        """The key a data delta written now must use (None: rotate first)."""
-        _, vv = replica.authority.next_local(replica.dag.heads, replica.record.our_member)
+    def _write_key(self, replica: Replica, planned: _Next | None = None) -> int | None:
+        """The key a data delta written now must use (None: rotate first). `planned`: the
+        delta's parents and vectors (`_next`), whose vector is the heads' when it takes
+        every head."""
+        heads = replica.dag.heads
+        if planned is not None and heads and len(planned.parents) == len(heads):
+            vv = planned.vv
+        else:
+            _, vv = replica.authority.next_local(heads, replica.record.our_member)
         return replica.authority.resolution().write_key(vv, held=replica.keys)
+
+    def _next(self, replica: Replica) -> _Next:
+        """The parents, seq and parents' version vector of our next delta."""
+        parents = replica.dag.parents_for_new_delta(first=_own_newest(replica))
+        seq, vv = replica.authority.next_local(parents, replica.record.our_member)
+        return _Next(parents, seq, vv)
 
     def _seal(
         self,
@@ -434,15 +448,16 @@ class LocalWriter:
         *,
         auth: AuthAction | None = None,
         write_key: int | None = None,
+        planned: _Next | None = None,
     ) -> tuple[SignedDelta, list[bytes]]:
         """Seal `outcome` (or the op `auth`) as our next delta; a data delta uses
-        `write_key` if the caller resolved it (`_write_key`), else resolves it."""
+        `write_key` if the caller resolved it (`_write_key`), else resolves it. `planned`:
+        its parents and vectors if the caller took them (`_next`) and nothing changed since."""
         body = DeltaBody(
             records=[encode_entity(r) for r in outcome.delta_records],
             events=[AppEvent(e.name, e.payload) for e in outcome.events],
         )
-        parents = replica.dag.parents_for_new_delta(first=_own_newest(replica))
-        seq, vv = replica.authority.next_local(parents, replica.record.our_member)
+        parents, seq, vv = planned if planned is not None else self._next(replica)
         if auth is not None:
             auth = msgspec.structs.replace(auth, parents=replica.authority.auth_parents(vv))
         key_id = replica.record.key_id
@@ -508,6 +523,15 @@ class LocalWriter:
             self._authored.send_nowait(Authored(context_id, delta))
         except trio.WouldBlock:
             self.unannounced += 1
+
+
+class _Next(NamedTuple):
+    """Our next delta's parents, sequence number and the parents' version vector (each
+    taken once per call: the vector merges every head's)."""
+
+    parents: list[bytes]
+    seq: int
+    vv: dict[bytes, int]
 
 
 @attrs.frozen
