@@ -34,6 +34,7 @@ from trionode.context.records import DELTAS
 from trionode.net.events import GossipMessage, NetworkEvent
 from trionode.node import Node
 from trionode.store.lmdb_store import Put
+from trionode.store.store import WriteBatch
 from trionode.testing import Cluster, open_cluster
 
 
@@ -78,10 +79,12 @@ async def test_a_received_delta_is_shown_before_its_commit_and_a_write_on_it_wai
         writes = GatedWrites(b)
         received = await write(a, context, "set", key="k", value="from a")
         shown = await _next_event(sub)
-        # Shown, with the heads it makes, while its commit is held: not stored yet.
+        # Shown, with the heads it makes, while its commit is held: not stored yet. (The
+        # commit begins once those the showing woke have run.)
         assert isinstance(shown, ContextEvent)
         assert (shown.delta_id, shown.origin) == (received.hex(), "remote")
         assert received.hex() in shown.heads
+        await trio.testing.wait_all_tasks_blocked()
         assert writes.batches
         assert await b.contexts.read_delta(context, received) is None
         answered: list[bytes] = []
@@ -243,3 +246,54 @@ async def test_a_failed_commit_of_deltas_already_answered_is_counted_once(
         writes.restore()
         assert deltas(b, "store_failed") == failed + 1
         assert await b.contexts.read_delta(context, received) is None
+
+
+async def test_subscribers_run_before_the_commit_and_services_hear_only_once_durable(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Issue #16: on one event loop (the bench's nodes) everything a processor did after
+    # showing a received delta (its rows, handing the commit off) came before the next
+    # node's processor could show it, and the remote-only watchers (app follower, blob
+    # fetcher) woke on the show. Now whom the show woke runs before the commit begins,
+    # and those services are offered the event once it is durable (not if it is lost).
+    async with _two_members(tmp_path) as (cluster, context, sub):
+        a, b = cluster
+        writes = GatedWrites(b)
+        services = b.hub.watch(remote_only=True)
+        read: list[ContextEvent | Notice] = []
+        read_when_committing: list[list[ContextEvent | Notice]] = []
+        gated_write = writes.write
+
+        async def write_seen(batch: WriteBatch) -> None:
+            read_when_committing.append(list(read))  # (before anything of the write yields)
+            await gated_write(batch)
+
+        writes.write = write_seen  # type: ignore[method-assign]
+
+        async def reader() -> None:
+            while True:
+                read.append(await _next_event(sub))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            received = await write(a, context, "set", key="k", value="from a")
+            await trio.testing.wait_all_tasks_blocked()
+            ([shown],) = read_when_committing  # the reader had it before the commit began
+            assert isinstance(shown, ContextEvent)
+            assert shown.delta_id == received.hex()
+            assert drain(services) == []  # held commit: not durable yet
+            writes.gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert [event.delta_id for event in drain(services)] == [received.hex()]
+            # A shown delta whose commit fails never reaches the services.
+            writes.gate = trio.Event()
+            writes.fail_next = True
+            lost = await write(a, context, "set", key="k2", value="lost here")
+            await trio.testing.wait_all_tasks_blocked()
+            assert [e.delta_id for e in read if isinstance(e, ContextEvent)][-1] == lost.hex()
+            writes.gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert drain(services) == []
+            nursery.cancel_scope.cancel()
+        writes.restore()
+        services.close()

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from tests.replication.helpers import install
-from trionode.context.events import ContextEvent, EventHub, Subscription
+from trionode.context.events import Change, ContextEvent, EventHub, Subscription
 from trionode.testing import open_test_node
 
 
@@ -68,3 +68,32 @@ async def test_local_writes_do_not_wake_the_app_follower_or_the_blob_fetcher(
         woken = {name: n for name, n in steps.steps.items() if name.endswith(watchers)}
         assert woken == {}
         assert steps.steps  # (the instrument saw the writes' own steps)
+
+
+def test_a_remote_only_watcher_hears_of_events_shown_early_once_they_are_durable() -> None:
+    hub = EventHub()
+    everything = hub.watch()
+    remote = hub.watch(remote_only=True)
+
+    def change(delta_id: str) -> Change:
+        return Change("c", delta_id, "r", [], [], "remote")
+
+    def drain(sub: Subscription) -> list[str]:
+        seen: list[str] = []
+        while True:
+            try:
+                event = sub.receive.receive_nowait()
+            except trio.WouldBlock:
+                return seen
+            assert isinstance(event, ContextEvent)
+            seen.append(event.delta_id)
+
+    kept = hub.reserve([change("a"), change("b")])
+    hub.show_early(kept[:1])
+    assert (drain(everything), drain(remote)) == (["a"], [])
+    hub.settle(kept, durable=True, early=1)
+    assert (drain(everything), drain(remote)) == (["b"], ["a", "b"])
+    lost = hub.reserve([change("c")])
+    hub.show_early(lost)
+    hub.settle(lost, durable=False, early=1)
+    assert (drain(everything), drain(remote)) == (["c"], [])

@@ -40,6 +40,12 @@ its own commit, and a crash here can only lose what peers still hold:
   from memory during a commit; a peer that asks for a delta not yet stored hears
   "missing" and asks again or elsewhere, and finality and acks count only deltas we author,
   which commit after what they build on.
+The processor yields once between showing and committing (the batch's state rows are
+encoded after it): whom the show woke — subscribers, the gossip handler, and on a bench's
+shared event loop the next node's processor — runs first, instead of after this batch's
+remaining work; the replicas stay held meanwhile, so nothing can see or change them
+(issue #16). The node's own services that act on received deltas (the app follower, the
+blob fetcher) hear of them only once durable (`EventHub.show_early`).
 Handler runs are queued in the same commit and start only once it is durable. For the
 same reasons `receive_many` (gossip, fetched chains) answers its submitter once the
 deltas are staged, so the gossip handler, which handles every network event of the node in
@@ -421,13 +427,22 @@ class DeltaPipeline:
                         staged = self._unstage(staged, job.context_id, batch, retry)
                     continue
                 staged.append(_Staged(job, answer, after, progress.changes, start, len(batch.ops)))
-            batch.finish()  # the records of the replicas data deltas changed: once each
+            batch.finish_records()  # the records data deltas changed: once each
             changes, early = self._settled_changes(staged, held)
             if changes:
                 events = self._number_events(changes, batch)
                 # Received deltas are shown now, while their commit runs (module docstring).
                 self._hub.show_early(events[:early])
             released = self._answer_early(staged, failed)
+            if early or released:
+                # Let whom that woke (subscribers, the gossip handler; on one loop, other
+                # nodes' processors) run before this batch's rows and commit. Twice: the
+                # first puts this task in the same scheduling batch as them, which Trio may
+                # run in either order. Not cancel points; nothing changes meanwhile (the
+                # replicas stay held).
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            batch.finish_rows()  # (and their state rows)
             if len(batch):
                 try:
                     await self._replicas.store.write(batch)

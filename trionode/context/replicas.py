@@ -629,13 +629,24 @@ class GroupWrite(WriteBatch):
         self.stale: dict[bytes, Replica] = {}
 
     def finish(self) -> None:
-        """Refresh and put the deferred records (after every staged change)."""
+        """Refresh and put the deferred records and rows (after every staged change)."""
+        self.finish_records()
+        self.finish_rows()
+
+    def finish_records(self) -> None:
+        """Refresh and put the deferred records: the root hashes and heads the batch's
+        events carry. Their rows wait for `finish_rows` (the delta processor shows received
+        deltas in between: `pipeline.py`)."""
         for replica in self.stale.values():
-            stage_state(replica, self)
             # Only data deltas changed it here; a delta of this batch that changed members
             # or the app refreshed the whole record when it was staged (`stage_record`).
             refresh_record(replica, members=False)
             self.put(CONTEXTS, replica.context_id, replica.record)
+
+    def finish_rows(self) -> None:
+        """Put the deferred state rows (before the batch is written)."""
+        for replica in self.stale.values():
+            stage_state(replica, self)
         self.stale.clear()
 
 
