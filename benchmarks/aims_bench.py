@@ -401,8 +401,8 @@ _STAGES: Final = (
     ("gossip message reaches its replicator", "arrived"),
     ("verified, queued for the delta processor", "queued"),
     ("the delta processor takes it (its batch starts)", "batch"),
-    ("staged: decrypted, authorised, applied, rows encoded", "commit"),
-    ("shown to subscribers (the hub event, before the commit)", "shown"),
+    ("staged and shown to subscribers (the hub event)", "shown"),
+    ("its commit begins (once whom the show woke ran)", "commit"),
     ("committed (one LMDB transaction, fsync; after it is shown)", "durable"),
 )
 
@@ -412,14 +412,21 @@ async def _propagation_stages(rounds: int, base: Path, bundle: Path) -> str:
     it: each stage's p50 on that last receiver, in ms after A's call returned (the stages
     are timed by wrapping the receive path's methods, which adds a little to each). A
     received delta is shown while its commit runs (`pipeline.py`), so the commit's end
-    comes after the row that is measured."""
+    comes after the row that is measured.
+
+    Every node runs on this one loop, so beside each stage is the loop's CPU from the
+    stage before (task steps of every node) and how much of it was delta processors':
+    a stage that waits is mostly the loop running the other receivers' work."""
     marks: dict[tuple[int, str], float] = {}
+    cpu_at: dict[tuple[int, str], tuple[float, float]] = {}
     owner: dict[int, int] = {}
+    steps = _Steps()
 
     def mark(of: object, stage: str) -> None:
         who = owner.get(id(of))
         if who is not None and (who, stage) not in marks:
             marks[(who, stage)] = time.perf_counter()
+            cpu_at[(who, stage)] = (sum(steps.cpu.values()), steps.cpu["delta-processor"])
 
     on_gossip, send_job = Replicator.on_gossip, DeltaPipeline._send_job  # noqa: SLF001
     run_batch, write = DeltaPipeline._run_batch, AsyncStore.write  # noqa: SLF001
@@ -448,6 +455,9 @@ async def _propagation_stages(rounds: int, base: Path, bundle: Path) -> str:
             mark(self, "shown")
 
     per_stage: dict[str, list[float]] = {stage: [] for _, stage in _STAGES}
+    cpu_stage: dict[str, list[tuple[float, float]]] = {stage: [] for _, stage in _STAGES}
+    trio.lowlevel.add_instrument(steps)
+    steps.on = True
     with (
         patch.object(Replicator, "on_gossip", arrived),
         patch.object(DeltaPipeline, "_send_job", queued),
@@ -471,24 +481,39 @@ async def _propagation_stages(rounds: int, base: Path, bundle: Path) -> str:
                 for r in range(rounds):
                     delta_id = await _set_many(nodes[0], context, _items("stages", r, 1))
                     marks.clear()  # (A's own marks are before this)
+                    cpu_at.clear()
                     started = time.perf_counter()
+                    cpu_started = (sum(steps.cpu.values()), steps.cpu["delta-processor"])
                     await applied.last(delta_id)
                     last = max(range(1, NODES), key=lambda i: marks.get((i, "shown"), 0.0))
                     await wait_stored(nodes[1:], context, delta_id)  # (the next round starts idle)
+                    cpu_before = cpu_started
                     for _, stage in _STAGES:
                         if (last, stage) in marks:
                             per_stage[stage].append(marks[(last, stage)] - started)
+                            cpu = cpu_at[(last, stage)]
+                            cpu_stage[stage].append(
+                                (cpu[0] - cpu_before[0], cpu[1] - cpu_before[1])
+                            )
+                            cpu_before = cpu
                 readers.cancel_scope.cancel()
+    trio.lowlevel.remove_instrument(steps)
     lines = [
         f"write on A -> shown on the last of {NODES - 1} receivers, {rounds} rounds: p50 of "
         "each stage on that receiver, ms after A's call returned (loadavg "
-        f"{os.getloadavg()[0]:.1f})"
+        f"{os.getloadavg()[0]:.1f}); the loop's CPU since the stage before (every node's "
+        "task steps), of which delta processors'"
     ]
     before = 0.0
     for label, stage in _STAGES:
         if per_stage[stage]:
             at = _percentile(per_stage[stage], 0.5) * 1000
-            lines.append(f"  {label:<54} {at:7.2f}   (+{at - before:5.2f})")
+            loop = _percentile([c for c, _ in cpu_stage[stage]], 0.5) * 1000
+            processors = _percentile([p for _, p in cpu_stage[stage]], 0.5) * 1000
+            lines.append(
+                f"  {label:<54} {at:7.2f}   (+{at - before:5.2f})   "
+                f"loop CPU {loop:5.2f}, processors {processors:5.2f}"
+            )
             before = at
     return "\n".join(lines)
 
