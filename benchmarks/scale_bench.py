@@ -30,7 +30,7 @@
   it with ``TMPDIR`` on a tmpfs (``/dev/shm``), or the 100 LMDB fsyncs per write measure
   the disk.
 
-Standalone: ``python -m benchmarks.scale_bench [--quick] [--many NODES WRITES]``.
+Standalone: ``python -m benchmarks.scale_bench [--quick] [--many NODES WRITES] [--idle CONTEXTS]``.
 """
 
 from __future__ import annotations
@@ -102,11 +102,13 @@ def _default_timers(file: FileConfig) -> FileConfig:
 
 
 class _Idle:
-    """What one idle window cost: process CPU seconds, wire bytes, wall seconds."""
+    """What one idle window cost: process CPU seconds, wire bytes, heartbeat bytes sent
+    (both nodes, `trionode_heartbeat_bytes`), wall seconds."""
 
-    def __init__(self, cpu: float, wire: int, wall: float) -> None:
+    def __init__(self, cpu: float, wire: int, heartbeat: int, wall: float) -> None:
         self.cpu = cpu
         self.wire = wire
+        self.heartbeat = heartbeat
         self.wall = wall
 
     @property
@@ -117,14 +119,75 @@ class _Idle:
     def bytes_per_second(self) -> float:
         return self.wire / self.wall
 
+    @property
+    def heartbeat_per_second(self) -> float:
+        return self.heartbeat / self.wall
 
-async def _measure_idle(network: MemoryNetwork, window: float) -> _Idle:
+
+def _heartbeat_bytes(nodes: Sequence[Node]) -> int:
+    return sum(
+        int(sample.value)
+        for node in nodes
+        for family in node.replication_metrics.heartbeat.bytes.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels.get("direction") == "sent"
+    )
+
+
+async def _measure_idle(network: MemoryNetwork, nodes: Sequence[Node], window: float) -> _Idle:
     wire = network.statistics().bytes_sent
+    heartbeat = _heartbeat_bytes(nodes)
     cpu = time.process_time()
     started = time.perf_counter()
     await trio.sleep(window)
     wall = time.perf_counter() - started
-    return _Idle(time.process_time() - cpu, network.statistics().bytes_sent - wire, wall)
+    return _Idle(
+        time.process_time() - cpu,
+        network.statistics().bytes_sent - wire,
+        _heartbeat_bytes(nodes) - heartbeat,
+        wall,
+    )
+
+
+def _activity(nodes: Sequence[Node]) -> tuple[int, ...]:
+    """What moves while a node is not idle yet: deltas by outcome (applied, pending,
+    folded...), sync sessions, acks in and out, deltas served and fetched, on every node."""
+    counters: list[Counter] = []
+    for node in nodes:
+        counters += [
+            node.replication_metrics.deltas,
+            node.replication_metrics.served_deltas,
+            node.replication_metrics.fetches,
+            node.sync.metrics.sessions,
+        ]
+    totals = _labelled(counters)
+    acks = sum(
+        int(sample.value)
+        for node in nodes
+        for family in node.metrics.registry.collect()
+        if family.name == "trionode_acks"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+    return (*totals.values(), len(totals), acks)
+
+
+async def _settle(nodes: Sequence[Node], quiet: float, limit: float) -> float:
+    """Wait until nothing has moved (`_activity`) for `quiet` seconds, at most `limit`;
+    returns the seconds waited. After thousands of joins the acks, their folding into
+    finality and the last sessions run for a while: a window opened 2 s after the joins
+    caught them (3.4-10.9 % CPU for the same idle node)."""
+    started = time.perf_counter()
+    last = _activity(nodes)
+    quiet_since = started
+    while time.perf_counter() - started < limit:
+        await trio.sleep(1.0)
+        now = _activity(nodes)
+        if now != last:
+            last, quiet_since = now, time.perf_counter()
+        elif time.perf_counter() - quiet_since >= quiet:
+            break
+    return time.perf_counter() - started
 
 
 async def _share_many(a: Node, b: Node, app_id: bytes, n: int) -> None:
@@ -135,30 +198,46 @@ async def _share_many(a: Node, b: Node, app_id: bytes, n: int) -> None:
             _log(f"{i + 1:,} contexts shared")
 
 
+SETTLE_QUIET: Final = SyncSection().ack_interval + SyncSection().heartbeat
+"""Seconds without a delta, session or ack that count as settled: longer than one ack
+round, which acks what the last joins brought."""
+SETTLE_LIMIT: Final = 240.0
+
+
 async def _idle_rows(n: int, window: float, base: Path) -> list[Row]:
     bundle = _bench_bundle(base / "bundle")
     network = MemoryNetwork()
     async with open_cluster(2, base / "idle", network=network, configure=_default_timers) as c:
         a, b = c[0], c[1]
+        nodes = [a, b]
         app_id = b""
         for node in (a, b):
             app_id = (await node.applications.install(str(bundle))).application_id
         await trio.sleep(2.0)  # let start-up work (identify, mesh joins) finish before measuring
-        bare = await _measure_idle(network, window)
+        bare = await _measure_idle(network, nodes, window)
         rss_before = _rss()
         await _share_many(a, b, app_id, 1)
-        one = await _measure_idle(network, window)
+        settled_one = await _settle(nodes, SETTLE_QUIET, SETTLE_LIMIT)
+        one = await _measure_idle(network, nodes, window)
         started = time.perf_counter()
         await _share_many(a, b, app_id, n - 1)
         _log(f"{n:,} contexts shared in {time.perf_counter() - started:.1f}s")
-        await trio.sleep(2.0)
-        many = await _measure_idle(network, window)
+        settled = await _settle(nodes, SETTLE_QUIET, SETTLE_LIMIT)
+        many = await _measure_idle(network, nodes, window)
         rss_after = _rss()
+        busy = settled >= SETTLE_LIMIT
     per_context_kib = (rss_after - rss_before) / n / 1024
+    _log(
+        f"settled in {settled_one:.0f}s (one) and {settled:.0f}s ({n:,})"
+        f"{' (NOT settled: limit reached)' if busy else ''}; load {os.getloadavg()[0]:.1f}"
+    )
     _log(
         f"idle CPU: none {bare.cpu_share:.2%}, one {one.cpu_share:.2%}, "
         f"{n:,} {many.cpu_share:.2%}; wire B/s: none {bare.bytes_per_second:,.0f}, "
-        f"one {one.bytes_per_second:,.0f}, {n:,} {many.bytes_per_second:,.0f}"
+        f"one {one.bytes_per_second:,.0f}, {n:,} {many.bytes_per_second:,.0f}; "
+        f"heartbeat B/s: none {bare.heartbeat_per_second:,.0f}, "
+        f"one {one.heartbeat_per_second:,.0f}, {n:,} {many.heartbeat_per_second:,.0f}; "
+        f"RSS +{per_context_kib:,.1f} KiB per context"
     )
     return [
         Row(
@@ -183,6 +262,14 @@ async def _idle_rows(n: int, window: float, base: Path) -> list[Row]:
             "B/s",
             f"{n:,} x one context's",
             n * max(one.bytes_per_second - bare.bytes_per_second, 0.0),
+            higher_is_better=False,
+        ),
+        Row(
+            f"idle heartbeat traffic, {n:,} shared contexts",
+            many.heartbeat_per_second,
+            "B/s",
+            f"{n:,} x one context's",
+            n * one.heartbeat_per_second,
             higher_is_better=False,
         ),
     ]
@@ -644,6 +731,7 @@ async def run(
     many: tuple[int, int] | None = None,
     idle: bool = True,
     rate: float | None = None,
+    idle_only: int | None = None,
 ) -> list[Row]:
     """Both cases; `many` = (nodes, writes) overrides the many-nodes size, `rate` its
     writes per second (default `default_rate`), and `idle` False skips the idle-contexts
@@ -654,6 +742,8 @@ async def run(
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="trionode-scale-") as tmp:
         base = Path(tmp)
+        if idle_only is not None:
+            return await _idle_rows(idle_only, window, base / "idle")
         if idle:
             rows += _walk_rows(quick=quick)
             rows += await _idle_rows(contexts, window, base / "idle")
@@ -677,13 +767,27 @@ def main() -> None:
         metavar="WRITES_PER_S",
         help="pace the many-nodes writes at this rate (default: 100 / NODES, at most 5)",
     )
+    parser.add_argument(
+        "--idle",
+        type=int,
+        metavar="CONTEXTS",
+        help="the idle-contexts case with this many contexts, alone",
+    )
     args = parser.parse_args()
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
     many = None if args.many is None else (args.many[0], args.many[1])
     print(
         render(
-            trio.run(lambda: run(quick=args.quick, many=many, idle=many is None, rate=args.rate))
+            trio.run(
+                lambda: run(
+                    quick=args.quick,
+                    many=many,
+                    idle=many is None,
+                    rate=args.rate,
+                    idle_only=args.idle,
+                )
+            )
         )
     )
 
