@@ -459,6 +459,15 @@ class SyncSection(_Section, frozen=True):
     root) of every context whose topic it is on."""
     heartbeat_max_beats: PositiveInt = 16384
     """Contexts one peer's heartbeat stream may name; a longer one is cut off (counted)."""
+    heartbeat_digests: bool = True
+    """Offer peers a digest of our heads first (`/trionode/heartbeat/2`) and name contexts
+    only where we differ: an idle heartbeat costs a few dozen bytes, not ~100 B per
+    context. False: every heartbeat names every context (/1; /2 is not served either)."""
+    heartbeat_max_buckets: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+    """Buckets of contexts a digest answer holds (8 bytes each), ours and the most a peer's
+    may hold: where digests differ, only the beats of differing buckets cross."""
+    heartbeat_bucket_contexts: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 8
+    """Contexts per bucket a digest answer aims at (fewer buckets for fewer contexts)."""
     timeout: PositiveFloat = 30.0
     """Seconds one session may take."""
     heartbeat_queue: PositiveInt = 256

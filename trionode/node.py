@@ -88,6 +88,7 @@ from trionode.context.event_log import EventLog, serve_event_log
 from trionode.context.events import EventHub
 from trionode.context.finality import FinalityMetrics
 from trionode.context.folding import serve_folding
+from trionode.context.heartbeats import HeartbeatNews
 from trionode.context.join import JoinService
 from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
@@ -120,8 +121,9 @@ from trionode.net.relay import RelayClient, RelayServer
 from trionode.net.rendezvous import Rendezvous, context_provider_key
 from trionode.net.transport import Transport
 from trionode.store.store import AsyncStore, open_store
+from trionode.sync.heartbeat import DigestLimits
 from trionode.wire.keys import PeerId
-from trionode.wire.messages import AckGossip, Heartbeat, encode_gossip
+from trionode.wire.messages import AckGossip, encode_gossip
 
 if TYPE_CHECKING:
     from trionode.net.memory import GossipFaults
@@ -231,9 +233,9 @@ class Node:
         # heartbeats go from the replicator to the sync manager over a bounded channel.
         session_limiter = trio.CapacityLimiter(config.sync.max_concurrent)
         sync_metrics = SyncMetrics(metrics.registry, session_limiter)
-        send_heartbeats, receive_heartbeats = trio.open_memory_channel[tuple[PeerId, Heartbeat]](
-            config.sync.heartbeat_queue
-        )
+        send_heartbeats, receive_heartbeats = trio.open_memory_channel[
+            tuple[PeerId, HeartbeatNews]
+        ](config.sync.heartbeat_queue)
         self.replicator = Replicator(
             self.contexts,
             self.host,
@@ -256,6 +258,15 @@ class Node:
             max_batch_bytes=config.replication.gossip_batch_bytes,
             heartbeat_interval=config.sync.heartbeat,
             heartbeat_max_beats=config.sync.heartbeat_max_beats,
+            heartbeat_digests=(
+                DigestLimits(
+                    max_buckets=config.sync.heartbeat_max_buckets,
+                    bucket_contexts=config.sync.heartbeat_bucket_contexts,
+                    max_beats=config.sync.heartbeat_max_beats,
+                )
+                if config.sync.heartbeat_digests
+                else None
+            ),
         )
         self.sync = SyncManager(
             self.contexts,

@@ -14,7 +14,7 @@ import trio.testing
 from msgspec.structs import replace
 
 from trionode.config import FileConfig
-from trionode.context.heartbeats import BURST, HEARTBEAT_PROTOCOL
+from trionode.context.heartbeats import BURST, DIGEST_PROTOCOL, HEARTBEAT_PROTOCOL
 from trionode.context.replication import topic_for
 from trionode.errors import RemoteProtocolError
 from trionode.net.framed import LENGTH
@@ -50,10 +50,25 @@ def beats(node: Node, direction: str) -> float:
     return metric(node, "trionode_sync_heartbeats_total", direction=direction)
 
 
+def heartbeat_bytes(node: Node, direction: str) -> float:
+    return metric(node, "trionode_heartbeat_bytes_total", direction=direction)
+
+
+def _v1_only(file: FileConfig) -> FileConfig:
+    file = _heartbeats_only(file)
+    return replace(file, sync=replace(file.sync, heartbeat_digests=False))
+
+
+def _speaks_only_v1(node: Node) -> None:
+    """`node` as a node from before digests: it neither serves nor proposes /2."""
+    node.host.remove_handler(DIGEST_PROTOCOL)
+    node.replicator.heartbeats.protocols = (HEARTBEAT_PROTOCOL,)
+
+
 async def test_one_stream_per_peer_and_interval_names_every_context(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_cluster(2, tmp_path, configure=_heartbeats_only) as cluster:
+    async with open_cluster(2, tmp_path, configure=_v1_only) as cluster:
         a, b = cluster.nodes
         for _ in range(CONTEXTS):
             await share(cluster, [0, 1])
@@ -69,6 +84,79 @@ async def test_one_stream_per_peer_and_interval_names_every_context(
         assert batches(b, "received") - got == streams
         assert beats(b, "received") - beats_got == CONTEXTS * streams
         assert batches(b, "refused") == 0
+
+
+async def _idle_heartbeat_bytes(cluster: Cluster, contexts: int) -> tuple[float, float]:
+    """Heartbeat streams A sent over five intervals once `contexts` are shared and idle,
+    and the bytes those streams carried (both ways)."""
+    a, b = cluster.nodes
+    while len(a.contexts.known_ids()) < contexts:
+        await share(cluster, [0, 1])
+    await trio.sleep(2 * HEARTBEAT)  # (every context in the last beats sent both ways)
+    streams, carried = (
+        batches(a, "sent"),
+        heartbeat_bytes(a, "sent") + heartbeat_bytes(a, "received"),
+    )
+    confirmed = beats(b, "confirmed")
+    await trio.sleep(5 * HEARTBEAT)
+    streams = batches(a, "sent") - streams
+    assert 4 <= streams <= 6
+    # Each of A's streams confirmed every context to B, and named none of them.
+    assert beats(b, "confirmed") - confirmed == contexts * streams
+    assert metric(b, "trionode_heartbeat_digests_total", side="answered", outcome="same") > 0
+    carried = heartbeat_bytes(a, "sent") + heartbeat_bytes(a, "received") - carried
+    return streams, carried
+
+
+async def test_an_idle_heartbeat_is_a_digest_whatever_the_number_of_contexts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_cluster(2, tmp_path, configure=_heartbeats_only) as cluster:
+        streams_1, bytes_1 = await _idle_heartbeat_bytes(cluster, 1)
+        streams_n, bytes_n = await _idle_heartbeat_bytes(cluster, CONTEXTS * 2)
+        b = cluster.nodes[1]
+        received = beats(b, "received")
+        # A's stream (its digest, B's match) and B's (the same the other way) cost the
+        # same bytes with one context as with eight: ~100 bytes an interval in all.
+        assert bytes_1 / streams_1 == bytes_n / streams_n < 100
+        assert beats(b, "received") == received
+
+
+async def test_a_write_lost_to_gossip_reaches_the_peer_through_a_differing_bucket(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    faults = GossipFaults(seed=16)
+    async with open_cluster(2, tmp_path, configure=_heartbeats_only, faults=faults) as cluster:
+        a, b = cluster.nodes
+        contexts = [await share(cluster, [0, 1]) for _ in range(CONTEXTS)]
+        await trio.sleep(2 * HEARTBEAT)
+        faults.drop = 1.0
+        await write(a, contexts[1], "set", key="k", value="only a digest tells b")
+        await wait_converged(cluster, [a, b], contexts[1], limit=4 * HEARTBEAT)
+        assert await call(b, contexts[1], "get", key="k") == "only a digest tells b"
+        assert metric(a, "trionode_heartbeat_digests_total", side="offered", outcome="listed")
+
+
+async def test_a_node_without_digests_still_hears_and_is_heard(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    faults = GossipFaults(seed=16)
+    async with open_cluster(2, tmp_path, configure=_heartbeats_only, faults=faults) as cluster:
+        a, b = cluster.nodes
+        _speaks_only_v1(a)
+        context = await share(cluster, [0, 1])
+        await trio.sleep(2 * HEARTBEAT)
+        got_a, got_b = beats(a, "received"), beats(b, "received")
+        await trio.sleep(2 * HEARTBEAT)
+        # B proposes /2, A refuses it and takes /1; A sends /1: every beat crosses.
+        assert beats(a, "received") > got_a
+        assert beats(b, "received") > got_b
+        assert metric(a, "trionode_heartbeat_digests_total", side="answered", outcome="same") == 0
+        faults.drop = 1.0
+        await write(a, context, "set", key="k", value="from the old node")
+        await write(b, context, "set", key="j", value="from the new node")
+        await wait_converged(cluster, [a, b], context, limit=4 * HEARTBEAT)
+        assert batches(a, "refused") == batches(b, "refused") == 0
 
 
 async def test_a_beat_still_starts_a_session_when_gossip_is_lost(

@@ -37,7 +37,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from trionode.context.errors import ContextError
-from trionode.context.heartbeats import HeartbeatExchange, HeartbeatMetrics
+from trionode.context.heartbeats import HeartbeatExchange, HeartbeatMetrics, HeartbeatNews
 from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
 from trionode.context.notices import b58
@@ -66,6 +66,7 @@ from trionode.sync.driver import (
     exchange_heads,
     fetch_deltas,
 )
+from trionode.sync.heartbeat import DigestLimits
 from trionode.sync.machines import DeltaFetch, HeadsExchange
 from trionode.wire import shared_batch
 from trionode.wire.keys import PeerId
@@ -303,7 +304,7 @@ class Replicator:
         max_concurrent_fetches: int = 8,
         session_limiter: trio.CapacityLimiter | None = None,
         session_started: Callable[[], None] | None = None,
-        heartbeats: trio.MemorySendChannel[tuple[PeerId, Heartbeat]] | None = None,
+        heartbeats: trio.MemorySendChannel[tuple[PeerId, HeartbeatNews]] | None = None,
         serve_max_requests: int = 1024,
         serve_timeout: float | None = None,
         snapshot_idle_timeout: float = 60.0,
@@ -313,6 +314,7 @@ class Replicator:
         max_batch_bytes: int = 256 * 1024,
         heartbeat_interval: float = 5.0,
         heartbeat_max_beats: int = 16384,
+        heartbeat_digests: DigestLimits | None = None,
     ) -> None:
         self.contexts = contexts
         self.host = host
@@ -370,6 +372,7 @@ class Replicator:
             interval=heartbeat_interval,
             max_beats=heartbeat_max_beats,
             timeout=fetch_timeout,
+            digests=heartbeat_digests,
         )
         """Sends each peer one heartbeat stream per interval (for the sync manager) and
         passes the beats peers send on to `heartbeats`."""

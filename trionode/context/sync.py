@@ -54,6 +54,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from trionode.context import snapshot
 from trionode.context.errors import ContextError, ContextNotFound
 from trionode.context.events import EventHub
+from trionode.context.heartbeats import HeartbeatNews
 from trionode.context.manager import ContextManager
 from trionode.context.notices import b58
 from trionode.context.replication import (
@@ -67,6 +68,7 @@ from trionode.net.host import Connection
 from trionode.net.pubsub import PubSub
 from trionode.sync import plan
 from trionode.sync.driver import SyncChannel, compare_trees
+from trionode.sync.heartbeat import Confirmed
 from trionode.sync.treecmp import TreeCompare, TreeLimits
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import Beat, HeadsResponse, Heartbeat, encode_gossip
@@ -217,7 +219,7 @@ class SyncManager:
         *,
         limiter: trio.CapacityLimiter,
         metrics: SyncMetrics,
-        heartbeats: trio.MemoryReceiveChannel[tuple[PeerId, Heartbeat]] | None = None,
+        heartbeats: trio.MemoryReceiveChannel[tuple[PeerId, HeartbeatNews]] | None = None,
         interval: float = 10.0,
         min_interval: float = 5.0,
         heartbeat: float = 5.0,
@@ -772,10 +774,23 @@ class SyncManager:
         self.metrics.heartbeats.labels("sent").inc()
 
     async def _receive_heartbeats(
-        self, heartbeats: trio.MemoryReceiveChannel[tuple[PeerId, Heartbeat]]
+        self, heartbeats: trio.MemoryReceiveChannel[tuple[PeerId, HeartbeatNews]]
     ) -> None:
         async for peer, heartbeat in heartbeats:
-            await self._on_heartbeat(peer, heartbeat)
+            if isinstance(heartbeat, Confirmed):
+                self._on_confirmed(heartbeat)
+            else:
+                await self._on_heartbeat(peer, heartbeat)
+
+    def _on_confirmed(self, confirmed: Confirmed) -> None:
+        """A digest heartbeat showed the peer's (heads, root) of these contexts equal ours:
+        as a beat of each with equal heads and root would have (`_on_heartbeat`)."""
+        now = trio.current_time()
+        known = self.contexts.known_ids()
+        self.metrics.heartbeats.labels("confirmed").inc(len(confirmed.context_ids))
+        for context_id in confirmed.context_ids:
+            if context_id in known:
+                self._state.setdefault(context_id, _ContextSync()).confirmed_at = now
 
     async def _on_heartbeat(self, peer: PeerId, heartbeat: Heartbeat) -> None:
         self.metrics.heartbeats.labels("received").inc()

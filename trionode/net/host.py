@@ -213,6 +213,10 @@ class Host:
         """Serve inbound streams that negotiate `protocol` with `handler(stream, conn)`."""
         self._handlers[protocol] = handler
 
+    def remove_handler(self, protocol: str) -> None:
+        """Stop serving `protocol` (streams that negotiate it are refused from now on)."""
+        self._handlers.pop(protocol, None)
+
     def set_circuit_dialer(self, dialer: CircuitDialer) -> None:
         """Dial `/p2p-circuit` addresses with `dialer` (the relay client registers itself,
         as protocols register their handlers)."""
@@ -727,7 +731,10 @@ class Host:
             await trio.aclose_forcefully(stream)
             return
         stream.protocol = protocol
-        handler = self._handlers[protocol]
+        handler = self._handlers.get(protocol)
+        if handler is None:  # (removed while the stream negotiated it)
+            await trio.aclose_forcefully(stream)
+            return
         try:
             await handler(negotiated, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
