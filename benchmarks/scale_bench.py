@@ -62,6 +62,7 @@ from benchmarks.sync_bench import (
 )
 from trionode.config import FileConfig, NetworkSection, PubsubSection, SyncSection
 from trionode.context.errors import PeerFailed
+from trionode.context.replication import topic_for
 from trionode.dag.delta import GENESIS, DeltaBody, seal_delta
 from trionode.net.events import GossipMessage
 from trionode.net.memory import MemoryNetwork
@@ -467,6 +468,28 @@ def _fetch_failures(nodes: Sequence[Node]) -> str:
     )
 
 
+def _links(nodes: Sequence[Node], context: bytes) -> str:
+    """Connections, the context's topic peers and mesh per node (min/median/max), and how
+    many nodes have no peer on the topic (they can neither gossip nor sync)."""
+    topic = topic_for(context)
+
+    def spread(values: list[int]) -> str:
+        ordered = sorted(values)
+        return f"{ordered[0]}/{ordered[len(ordered) // 2]}/{ordered[-1]}"
+
+    connections = [len(node.host.connections) for node in nodes]
+    peers = [
+        len([p for p in node.pubsub.topic_peers(topic) if p in node.host.connections])
+        for node in nodes
+    ]
+    mesh = [len(node.pubsub.mesh_peers(topic)) for node in nodes]
+    alone = [i for i, n in enumerate(peers) if n == 0]
+    return (
+        f"connections {spread(connections)}, topic peers {spread(peers)}, "
+        f"mesh {spread(mesh)} (min/median/max); nodes with no topic peer: {alone or 'none'}"
+    )
+
+
 def _listed(counts: dict[str, int]) -> str:
     return ", ".join(f"{label} {n:,}" for label, n in counts.items()) or "none"
 
@@ -495,7 +518,7 @@ async def _wait_all_converged(nodes: Sequence[Node], context: bytes, limit: floa
                         f"{sum(s[:2] == states[0][:2] for s in states)} of {len(nodes)} "
                         f"nodes hold node 0's state, {sum(s[2] for s in states)} deltas pending, "
                         f"at most {max(len(s[1]) for s in states)} heads on a node; "
-                        f"{cpu.busy()}; {_fetch_failures(nodes)}"
+                        f"{cpu.busy()}; {_fetch_failures(nodes)}; {_links(nodes, context)}"
                     )
                 with trio.move_on_after(CONVERGE_POLL):
                     await wake.event.wait()
@@ -573,7 +596,7 @@ async def _many_rows(m: int, w: int, base: Path, rate: float | None = None) -> l
                         f"{i + 1:,} writes issued at {time.perf_counter() - first:.0f}s, "
                         f"{len(made):,} done; {sum(s[2] for s in states)} deltas pending, at "
                         f"most {max(len(s[1]) for s in states)} heads on a node; "
-                        f"{cpu.busy()}; {_fetch_failures(nodes)}"
+                        f"{cpu.busy()}; {_fetch_failures(nodes)}; {_links(nodes, context)}"
                     )
         made.sort()
         written = time.perf_counter()
