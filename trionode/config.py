@@ -204,6 +204,15 @@ class NetworkSection(_Section, frozen=True):
     """Seconds between keepalive pings (/ipfs/ping/1.0.0) to each peer."""
     ping_timeout: PositiveFloat = 10.0
     """A ping unanswered this long counts as failed; two failures close the connection."""
+    ping_lag_allowance: PositiveFloat = 0.05
+    """Seconds by which our own event loop's timers may resume late, on average, while a
+    ping waits, before a miss is ours, not the peer's: a node too busy to run its tasks in
+    time (a ping takes a few dozen task switches across both ends) would otherwise close
+    every connection at once, and then redial and resync them, busier still. See
+    `ping_excused_misses`."""
+    ping_excused_misses: Annotated[int, msgspec.Meta(ge=0, le=100)] = 4
+    """Misses in a row excused that way, at most; past them they count again, so a dead
+    connection still closes on a node that stays too busy."""
     redial_initial_backoff: PositiveFloat = 1.0
     """First wait before re-dialing a bootstrap peer; it doubles on each failure ..."""
     redial_max_backoff: PositiveFloat = 60.0

@@ -41,6 +41,13 @@ class NetMetrics:
             ["protocol"],
             registry=registry,
         )
+        self.pings_missed = Counter(
+            "trionode_p2p_pings_missed",
+            "Keepalive pings unanswered in time, by verdict (counted against the peer; "
+            "excused: our own event loop ran late meanwhile) and connections closed for them",
+            ["verdict"],
+            registry=registry,
+        )
         self.streams_refused = Counter(
             "trionode_p2p_streams_refused",
             "Inbound streams reset because the peer had too many open",
