@@ -195,6 +195,20 @@ def test_a_probed_contact_removed_meanwhile_makes_room_for_the_newcomer() -> Non
     assert b in table
 
 
+def test_a_probed_contact_heard_from_again_stays_and_the_newcomer_goes() -> None:
+    """Found by the property below: a contact refreshed while its ping waits is no longer
+    the least recently seen, and it has just shown it is alive."""
+    table = RoutingTable(PEERS[0], 2)
+    first, second, newcomer = _bucket_zero(table)[:3]
+    table.add(first, (), 0.0)
+    table.add(second, (), 1.0)
+    assert table.add(newcomer, (), 2.0) is AddResult.PING
+    assert table.add(first, (), 3.0) is AddResult.UPDATED
+    assert table.probes_due() == []
+    table.probe_failed(first)  # a ping sent before would not evict it now
+    assert {c.peer_id for c in table.contacts()} == {first, second}
+
+
 @given(
     st.lists(
         st.tuples(st.sampled_from(["add", "answer", "fail", "due"]), st.integers(1, 63)),

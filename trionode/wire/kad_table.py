@@ -121,6 +121,11 @@ class RoutingTable:
             known.failed = False
             if addresses:
                 known.addrs = addresses
+            # Heard from while a newcomer waits on its ping: as good as an answer. It stays
+            # and the newcomer goes, or a ping already out could evict a live contact, and
+            # one not yet sent would ask a contact that is no longer the least recent.
+            for index in [i for i, p in self._probes.items() if p.oldest == peer]:
+                del self._probes[index]
             return AddResult.UPDATED
         contact = Contact(peer, addresses, now)
         bucket = self._buckets[bucket_index(self.local_position, contact.position)]
