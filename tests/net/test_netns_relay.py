@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
@@ -97,10 +99,31 @@ def _run(*args: str) -> None:
     subprocess.run(list(args), check=True, capture_output=True)
 
 
+SPACES = ("wan", "relay", "nat1", "nat2", "home1", "home2")
+LEFTOVER = re.compile(rf"i12[0-9a-f]{{5}}({'|'.join(SPACES)})")
+LEFTOVER_AGE = 3600.0
+"""A run killed mid-test (SIGKILL, a CI timeout) cannot delete its namespaces; ours from
+more than an hour ago are swept (younger ones may belong to a run going on beside us)."""
+
+
+def _sweep_leftovers(now: float) -> None:
+    run_dir = Path("/run/netns")
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        try:
+            old = now - entry.stat().st_mtime > LEFTOVER_AGE
+        except OSError:
+            continue
+        if LEFTOVER.fullmatch(entry.name) and old:
+            subprocess.run(["ip", "netns", "del", entry.name], capture_output=True, check=False)
+
+
 @contextmanager
 def _topology(masquerade: str) -> Iterator[dict[str, str]]:
+    _sweep_leftovers(time.time())
     tag = uuid.uuid4().hex[:5]
-    ns = {name: f"i12{tag}{name}" for name in ("wan", "relay", "nat1", "nat2", "home1", "home2")}
+    ns = {name: f"i12{tag}{name}" for name in SPACES}
     try:
         for name in ns.values():
             _run("ip", "netns", "add", name)
