@@ -477,6 +477,10 @@ class SyncSection(_Section, frozen=True):
     may hold: where digests differ, only the beats of differing buckets cross."""
     heartbeat_bucket_contexts: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 8
     """Contexts per bucket a digest answer aims at (fewer buckets for fewer contexts)."""
+    announce_interval: PositiveFloat = 1.0
+    """Seconds between two announcements of a context's new heads on its topic after sync
+    sessions applied deltas (so peers reachable only through us pull at once): the first
+    goes at once, the sessions within the interval after it share the next one."""
     timeout: PositiveFloat = 30.0
     """Seconds one session may take."""
     heartbeat_queue: PositiveInt = 256

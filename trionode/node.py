@@ -278,6 +278,7 @@ class Node:
             interval=config.sync.interval,
             min_interval=config.sync.min_interval,
             heartbeat=config.sync.heartbeat,
+            announce_interval=config.sync.announce_interval,
             timeout=config.sync.timeout,
             on_join=config.sync.on_join,
             join_jitter=config.sync.join_jitter,

@@ -296,3 +296,25 @@ async def test_idle_contexts_a_heartbeat_confirmed_cost_no_tick_session(
         # A write: its gossip carries it; nothing else is needed.
         await write(a, contexts[0], "set", key="k", value="v")
         await wait_converged(cluster, [a, b], contexts[0])
+
+
+async def test_sessions_that_apply_deltas_share_one_announcement_per_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    faults = GossipFaults(seed=16)
+    async with open_cluster(2, tmp_path, configure=_heartbeats_only, faults=faults) as cluster:
+        a, b = cluster.nodes
+        context = await share(cluster, [0, 1])
+        faults.drop = 1.0  # B learns of A's writes only from its own sessions
+        interval = b.config.sync.announce_interval
+        await trio.sleep(interval)  # (past what the join's sessions announced)
+        announced = beats(b, "announced")
+        for i in range(5):
+            await write(a, context, "set", key=f"k{i}", value="v")
+            assert await b.sync.sync_now(context, cluster.peer_ids[0]) > 0
+            await trio.testing.wait_all_tasks_blocked()
+            # The first session's heads go out at once; the next four, within the
+            # interval, wait for one more announcement together.
+            assert beats(b, "announced") - announced == 1
+        await trio.sleep(interval)
+        assert beats(b, "announced") - announced == 2

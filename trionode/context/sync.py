@@ -223,6 +223,7 @@ class SyncManager:
         interval: float = 10.0,
         min_interval: float = 5.0,
         heartbeat: float = 5.0,
+        announce_interval: float = 1.0,
         timeout: float = 30.0,
         max_delta_rounds: int = 64,
         tree_limits: TreeLimits | None = None,
@@ -243,6 +244,13 @@ class SyncManager:
         self.interval = interval
         self.min_interval = min_interval
         self.heartbeat = heartbeat
+        self.announce_interval = announce_interval
+        """Seconds between two announcements of one context's heads on its topic after
+        sessions (`_announce`): the sessions in between share the next one."""
+        self._announced: dict[bytes, float] = {}
+        """Context → when its heads were last announced (trio time)."""
+        self._announcing: set[bytes] = set()
+        """Contexts whose next announcement waits for `announce_interval` to pass."""
         self.timeout = timeout
         self.limiter = limiter
         """Shared with the replicator's incoming sessions (wired in node.py)."""
@@ -303,6 +311,8 @@ class SyncManager:
             known = self.contexts.known_ids()
             for gone in self._peer_status.keys() - known:
                 del self._peer_status[gone]
+            for gone in [c for c, at in self._announced.items() if now - at > self.interval]:
+                del self._announced[gone]  # (long enough ago to announce at once again)
             for context_id in known:
                 state = self._state.setdefault(context_id, _ContextSync())
                 if now - state.last_success < self.min_interval or now < state.next_attempt:
@@ -438,7 +448,7 @@ class SyncManager:
                 # Deltas that came by sync are not gossiped again: tell the topic our new
                 # heads now, so peers that lack them (the other side of a healed partition,
                 # reachable only through us) pull at once instead of at the next heartbeat.
-                await self._heartbeat(context_id)
+                self._announce(context_id)
             return run.applied
         except SESSION_ERRORS as exc:
             if isinstance(exc, snapshot.SnapshotRefused):
@@ -760,6 +770,29 @@ class SyncManager:
                 beats[topic_for(context_id)] = Beat(context_id, heads[:256], root)
             await self.replicator.heartbeats.send(beats)
             self.metrics.heartbeats.labels("sent").inc(len(beats))
+
+    def _announce(self, context_id: bytes) -> None:
+        """Our new heads of a context on its topic after a session applied deltas: at once
+        if none went out within `announce_interval`, else once that has passed, for all the
+        sessions since. Each announcement reaches every member (D copies each), and while
+        many members repair one context every session sent one."""
+        nursery = self._nursery
+        if nursery is None or context_id in self._announcing:
+            return  # (an announcement is due: it will carry these heads too)
+        now = trio.current_time()
+        last = self._announced.get(context_id)
+        self._announcing.add(context_id)
+        due = now if last is None else max(now, last + self.announce_interval)
+        nursery.start_soon(self._announce_at, context_id, due)
+
+    async def _announce_at(self, context_id: bytes, due: float) -> None:
+        try:
+            await trio.sleep_until(due)
+        finally:
+            self._announcing.discard(context_id)
+        self._announced[context_id] = trio.current_time()
+        self.metrics.heartbeats.labels("announced").inc()
+        await self._heartbeat(context_id)
 
     async def _heartbeat(self, context_id: bytes) -> None:
         """Publish our (heads, root) of one context on its topic at once (after a session
