@@ -314,7 +314,7 @@ class SyncManager:
             for gone in [c for c, at in self._announced.items() if now - at > self.interval]:
                 del self._announced[gone]  # (long enough ago to announce at once again)
             for context_id in known:
-                state = self._state.setdefault(context_id, _ContextSync())
+                state = self._context_sync(context_id)
                 if now - state.last_success < self.min_interval or now < state.next_attempt:
                     continue
                 if now - state.confirmed_at < self.interval:
@@ -382,7 +382,7 @@ class SyncManager:
             # One session per context at a time, but a peer that asked for one now (it just
             # came back with what we lack) must not wait for a heartbeat: it goes next.
             if peer is not None:
-                waiting = self._state.setdefault(context_id, _ContextSync()).waiting
+                waiting = self._context_sync(context_id).waiting
                 if peer in waiting:
                     # (Its newest heartbeat names its newest heads; None stays None.)
                     if waiting[peer] is not None:
@@ -417,7 +417,7 @@ class SyncManager:
         *,
         raise_errors: bool = False,
     ) -> int:
-        state = self._state.setdefault(context_id, _ContextSync())
+        state = self._context_sync(context_id)
         self._running.add(context_id)
         started = time.perf_counter()
         run = _Run()
@@ -771,6 +771,14 @@ class SyncManager:
             await self.replicator.heartbeats.send(beats)
             self.metrics.heartbeats.labels("sent").inc(len(beats))
 
+    def _context_sync(self, context_id: bytes) -> _ContextSync:
+        """A context's session state, made on first use. Not `setdefault`: that builds a
+        throwaway `_ContextSync` (and its lock) on every call, once per context per tick."""
+        state = self._state.get(context_id)
+        if state is None:
+            state = self._state[context_id] = _ContextSync()
+        return state
+
     def _announce(self, context_id: bytes) -> None:
         """Our new heads of a context on its topic after a session applied deltas: at once
         if none went out within `announce_interval`, else once that has passed, for all the
@@ -823,14 +831,14 @@ class SyncManager:
         self.metrics.heartbeats.labels("confirmed").inc(len(confirmed.context_ids))
         for context_id in confirmed.context_ids:
             if context_id in known:
-                self._state.setdefault(context_id, _ContextSync()).confirmed_at = now
+                self._context_sync(context_id).confirmed_at = now
 
     async def _on_heartbeat(self, peer: PeerId, heartbeat: Heartbeat) -> None:
         self.metrics.heartbeats.labels("received").inc()
         context_id = heartbeat.context_id
         if context_id not in self.contexts.known_ids():
             return
-        state = self._state.setdefault(context_id, _ContextSync())
+        state = self._context_sync(context_id)
         now = trio.current_time()
         lacking = set(heartbeat.heads) - await self.contexts.applied(context_id, heartbeat.heads)
         if lacking:
