@@ -571,3 +571,30 @@ def test_a_stream_cut_before_its_late_root_resumes_after_its_cursor_by_its_heads
     opened = bare.messages_to_send()[0]
     assert isinstance(opened, SnapshotOpen)
     assert (opened.cursor, opened.heads) == (None, None)
+
+
+def test_a_free_writer_stores_what_came_at_once_and_what_came_meanwhile_next() -> None:
+    """The first page is stored alone, at once (no waiting for half a window); the pages
+    that arrive while it is written are the next batch."""
+    take = _begun(window=8)
+    records = _records(4)
+    take.receive_message(SnapshotChunk(records=[records[0]], next_cursor=_cursor(records[0])), 0.0)
+    first = take.next_batch()  # (no half window waited for)
+    assert first is not None
+    assert (first.pages, first.cursor) == (1, _cursor(records[0]))
+    assert not take.batch_ready
+    for data in records[1:3]:
+        take.receive_message(SnapshotChunk(records=[data], next_cursor=_cursor(data)), 0.0)
+    assert take.next_batch() is None  # one write at a time
+    take.batch_stored()
+    assert take.messages_to_send() == [SnapshotCredit(pages=1)]
+    second = take.next_batch()
+    assert second is not None
+    assert (second.pages, second.cursor, second.last) == (2, _cursor(records[2]), False)
+    assert [e.id for e in second.entities] == [_cursor(r) for r in records[1:3]]
+    take.batch_stored()
+    assert take.next_batch() is None  # nothing came meanwhile
+    take.receive_message(SnapshotChunk(records=[records[3]], next_cursor=None), 0.0)
+    last = take.next_batch()
+    assert last is not None
+    assert last.last

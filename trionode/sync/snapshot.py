@@ -9,7 +9,8 @@ requester (SnapshotTake)                         responder (SnapshotServe)
                                        ◀──────  SnapshotBegin(heads, root, entries, certificate)
                                        ◀──────  SnapshotChunk, up to W of them (no waiting)
   pages decoded and checked as they come;
-  every `batch` pages (or bytes) one StoreBatch:
+  what came while the last write ran (at
+  most `batch` pages or bytes) one StoreBatch:
   one LMDB write with the progress marker
   SnapshotCredit(n) once n pages are stored ──▶  n more pages may go
                                        ◀──────  … the last chunk (next_cursor None)
@@ -20,8 +21,10 @@ requester (SnapshotTake)                         responder (SnapshotServe)
 round trip sits between two pages: while the requester's driver writes one batch, the next
 pages are already on the wire. Memory on both sides stays bounded by the window: the
 requester grants a page back only once it is stored (or dropped), so at most `window`
-pages are ever buffered, and a batch is cut at half the window so that a batch being
-written never stops the stream.
+pages are ever buffered, and a batch is at most half the window so that a batch being
+written never stops the stream. A batch is whatever came while the previous one was
+written (the first page alone, to begin with): the writes start with the first page,
+and grow only as large as they are slow.
 
 **Resume.** The requester persists its progress (boundary, root, cursor) with every batch.
 On a new session it sends its cursor and the root that cursor belongs to: if the
@@ -466,8 +469,9 @@ class SnapshotTake:
 
     @property
     def batch_ready(self) -> bool:
-        """A batch waits to be stored (and none is being stored)."""
-        return bool(self._ready) and not self._storing
+        """A batch waits to be stored, or pages that `next_batch` makes one of at once (and
+        none is being stored)."""
+        return bool(self._ready or self._pages) and not self._storing
 
     @property
     def pages_buffered(self) -> int:
@@ -578,8 +582,15 @@ class SnapshotTake:
         return sum(b.pages for b in self._ready)
 
     def next_batch(self) -> StoreBatch | None:
-        """The next batch to store (one at a time: answer `batch_stored` first)."""
-        if self._storing or not self._ready:
+        """The next batch to store (one at a time: answer `batch_stored` first). With none
+        cut yet, the pages received so far are one: a driver free to write takes what came
+        at once (the first page alone), and the pages that arrive while it writes make the
+        next batch, so batches grow only as large as the writes are slow."""
+        if self._storing:
+            return None
+        if not self._ready and self._pages:
+            self._cut(last=False)
+        if not self._ready:
             return None
         batch = self._ready.pop(0)
         self._storing = batch.pages
