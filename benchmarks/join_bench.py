@@ -23,8 +23,9 @@ the joiner's peak memory beside the same node restarted with that state loaded.
   joiner's `join of …` time line from its log and the member's `snapshot of … served` one
   (trionode/context/join_timeline.py) on one axis with the command's start and return.
 * **Baselines** (same run): copying the member's state rows of the context (key + value
-  bytes) over one Noise+Yamux stream (`sync_bench.copy_seconds`), and the restarted node's
-  peak RSS.
+  bytes) over one Noise+Yamux stream (`sync_bench.copy_seconds`; the median of `COPIES`
+  copies, each printed: one swings 2x on a loaded machine), and the restarted node's peak
+  RSS.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import logging
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +68,8 @@ from trionode.testing import open_test_node
 ROOT: Final = Path(__file__).resolve().parents[1]
 TEMPLATE_ENTRIES: Final = 1000
 STORE_BATCH: Final = 20_000
+COPIES: Final = 5
+"""Raw copies timed for the baseline (its median)."""
 
 
 def _log(message: str) -> None:
@@ -286,14 +290,18 @@ async def _row(n: int, base: Path) -> list[Row]:
             loaded_rss = _peak_rss(joiner.proc.pid)
         finally:
             joiner.stop()
-    copy = await copy_seconds(state_bytes)
+    # One copy swings 2x on a loaded machine: the median of several, all printed.
+    copies = [await copy_seconds(state_bytes) for _ in range(COPIES)]
+    copy = statistics.median(copies)
+    _log(f"raw copies: {', '.join(f'{c:.3f}' for c in copies)} s (median {copy:.3f} s)")
     label = "" if same else " (ROOTS DIFFER)"
     return [
         Row(
             f"fresh member joins {n:,}-entry context (separate process, `context join`){label}",
             seconds,
             "s",
-            f"copy member's state rows ({state_bytes / 1e6:.0f} MB) over 1 noise+yamux stream",
+            f"copy member's state rows ({state_bytes / 1e6:.0f} MB) over 1 noise+yamux stream"
+            f" (median of {COPIES})",
             copy,
             higher_is_better=False,
         ),
