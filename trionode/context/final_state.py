@@ -388,9 +388,11 @@ def view_page(
     *,
     max_records: int,
     max_bytes: int,
+    ids: list[bytes] | None = None,
 ) -> tuple[list[bytes], bytes | None]:
     """Like `page`, from `view`: the rows as they were when it opened (call under the
-    replica's lock). Raises SnapshotViewLost if its rows were discarded meanwhile."""
+    replica's lock); the records' ids (their rows' keys) are appended to `ids` if given.
+    Raises SnapshotViewLost if its rows were discarded meanwhile."""
     if view.lost or replica.final is not view.slot:
         raise SnapshotViewLost("the state this snapshot serves was discarded")
     prefix = BASE_PREFIX + replica.context_id
@@ -432,5 +434,7 @@ def view_page(
         records.append(value)
         size += len(value)
         last = entity_id
+    if ids is not None:
+        ids += [entity_id for entity_id, _ in ordered[: len(records)]]
     more = len(records) < len(ordered) or not ended
     return records, last if more else None

@@ -184,8 +184,11 @@ class SyncServing:
         cursor: bytes | None,
         max_records: int,
         max_bytes: int,
+        *,
+        ids: list[bytes] | None = None,
     ) -> tuple[list[bytes], bytes | None]:
-        """(records, next cursor or None at the end) after `cursor`, as `view` saw them."""
+        """(records, next cursor or None at the end) after `cursor`, as `view` saw them;
+        their ids are appended to `ids` if given."""
         replica = await self._replicas.load(context_id)
         async with replica.lock:
             return view_page(
@@ -195,6 +198,7 @@ class SyncServing:
                 cursor,
                 max_records=max_records,
                 max_bytes=max_bytes,
+                ids=ids,
             )
 
     async def final_view(self, replica: Replica) -> tuple[StateTree, list[bytes]]:

@@ -283,31 +283,34 @@ class SnapshotState:
             raise LocalProtocolError("no view without a root to hash")
         tree = StateTree()
 
-        def hashed(records: list[bytes]) -> list[Entity]:
+        def hashed(records: list[bytes], ids: list[bytes] | None) -> None:
             with collector_paused():  # a read of records, every one kept (crdt/bulk.py)
-                entities, newest = take(records)
+                # (Our own rows: their keys are their ids, no hash of each record's.)
+                entities, newest = take(records, ids)
                 tree.add_new(entities, newest=newest)
-            return entities
 
         sends = stream.after_first is not None  # (else the first page was the last)
         skip = stream.after_first if stream.resumed else None
-        hashed(stream.first)
+        hashed(stream.first, None)
         cursor = None if stream.resumed else stream.after_first
         stream.first = []
         more = stream.resumed or cursor is not None
         while more:
+            ids: list[bytes] = []
             records, cursor = await self._serving.snapshot_view_page(
-                context_id, view, cursor, BUILD_ROWS, 1 << 30
+                context_id, view, cursor, BUILD_ROWS, 1 << 30, ids=ids
             )
-            entities = hashed(records)
             if sends:
-                pairs = [
-                    (e.id, r)
-                    for e, r in zip(entities, records, strict=True)
-                    if skip is None or e.id > skip
-                ]
-                await stream.push([i for i, _ in pairs], [r for _, r in pairs], last=cursor is None)
-            del records, entities
+                # Sent before they are hashed: the joiner's work on them overlaps ours.
+                if skip is None:
+                    await stream.push(ids, records, last=cursor is None)
+                else:
+                    pairs = [(i, r) for i, r in zip(ids, records, strict=True) if i > skip]
+                    await stream.push(
+                        [i for i, _ in pairs], [r for _, r in pairs], last=cursor is None
+                    )
+            hashed(records, ids)
+            del records, ids
             more = cursor is not None
         tree.drain_changes()
         stream.root = tree.root_hash()

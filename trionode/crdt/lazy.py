@@ -188,9 +188,15 @@ def _added(row: bytes, kind_at: int) -> Timestamp:
     )
 
 
-def take(records: Sequence[bytes]) -> tuple[list[Entity], Timestamp | None]:
+def take(
+    records: Sequence[bytes], ids: Sequence[bytes] | None = None
+) -> tuple[list[Entity], Timestamp | None]:
     """The records of a page or a read as entities, fast-path rows kept as bytes
     (`RowEntity`), and the newest stamp among them (for the clock-drift check).
+
+    `ids`: the records' ids, when the caller holds them from a source it trusts (the keys
+    of our own rows): a fast-path row then takes its id instead of hashing it (a SHA-256
+    per record, a third of this function's time). Never for records from a peer.
 
     Raises:
         RemoteProtocolError: a record that is not on the fast path and does not decode.
@@ -201,7 +207,7 @@ def take(records: Sequence[bytes]) -> tuple[list[Entity], Timestamp | None]:
     best_rows: dict[bytes, tuple[bytes, int]] = {}
     """Rows of the newest time, one per stamp (the records of one write share theirs)."""
     kinds = _KINDS
-    for row in records:
+    for at, row in enumerate(records):
         cut = scan(row)
         if cut is None:
             entity = decode_entity(row)
@@ -215,7 +221,10 @@ def take(records: Sequence[bytes]) -> tuple[list[Entity], Timestamp | None]:
         parent = row[4:_NAME]
         _set_parent(record, parent)
         _set_kind(record, kinds[row[kind_at]])
-        _set_id(record, sha256(ID_DOMAIN + parent + row[_NAME + 2 : kind_at]).digest())
+        if ids is None:
+            _set_id(record, sha256(ID_DOMAIN + parent + row[_NAME + 2 : kind_at]).digest())
+        else:
+            _set_id(record, ids[at])
         out.append(record)
         # The newest `added` by time alone here (a stamp per row would cost an object);
         # ties are settled among the few rows of that time below.
