@@ -266,3 +266,65 @@ def test_the_newest_stamp_of_a_page_is_its_records_newest(
     _, newest = take(rows)
     stamps = [s for s in (decode_entity(r).max_stamp() for r in rows) if s is not None]
     assert newest == max(stamps, default=None)
+
+
+@settings(max_examples=15, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.integers(65, 400),
+    st.lists(st.integers(1, 300), min_size=1, max_size=8),
+    st.sampled_from(["ids", "shuffled", "reversed"]),
+    st.data(),
+)
+def test_a_large_container_filled_batch_by_batch_hashes_as_one_built_at_once(
+    size: int, cuts: list[int], order: str, data: st.DataObject
+) -> None:
+    """A map past the bucketing threshold, its records (some removed, some held already,
+    the map itself somewhere among them) added in batches with the root asked for after
+    each: only the buckets a batch fills are hashed again, and every root is the root of
+    a tree built from those records at once."""
+    stamp = Timestamp(NOW, b"w")
+    top = Entity(ROOT_ID, b"\xa7entries", Kind.MAP, added=stamp)
+    records: list[Entity] = [top]
+    every = data.draw(st.integers(2, 20), label="one removed in")
+    for i in range(size):
+        removed = stamp if i % every == 0 else None
+        body = RegisterState(stamp, i.to_bytes(2, "big"))
+        name = msgspec.msgpack.encode(f"key:{i}")
+        records.append(Entity(top.id, name, Kind.REGISTER, added=stamp, removed=removed, body=body))
+    if order == "ids":
+        records.sort(key=lambda e: e.id)
+    elif order == "reversed":
+        records.sort(key=lambda e: e.id, reverse=True)
+    else:
+        records = data.draw(st.permutations(records))
+    rows = [encode_entity(e) for e in records]
+    tree = StateTree()
+    start = 0
+    for cut in [*cuts, len(rows)]:
+        end = min(len(rows), start + cut)
+        again = data.draw(st.integers(0, 3)) if start else 0  # some held already
+        batch, newest = take(rows[start - again : end])
+        tree.add_new(batch, newest=newest)
+        built = StateTree(decode_entity(r) for r in rows[:end])
+        assert tree.root_hash() == built.root_hash()
+        start = end
+        if start == len(rows):
+            break
+
+
+def test_our_own_rows_take_their_ids_from_their_keys() -> None:
+    """`take(rows, ids)`: the ids given, not hashed (the rows' keys); the same records."""
+    stamp = Timestamp(NOW, b"w")
+    rows = [
+        encode_entity(
+            Entity(
+                MAP, f"k{i}".encode(), Kind.REGISTER, added=stamp, body=RegisterState(stamp, b"v")
+            )
+        )
+        for i in range(5)
+    ]
+    hashed, newest = take(rows)
+    keyed, keyed_newest = take(rows, [e.id for e in hashed])
+    assert [e.id for e in keyed] == [e.id for e in hashed]
+    assert keyed == hashed
+    assert keyed_newest == newest

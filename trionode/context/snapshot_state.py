@@ -11,11 +11,12 @@ Taking: pages arrive as large batches (`store_batch`), each one LMDB write with 
 progress marker. Records new to the replica are written as the bytes that came (no
 decode/re-encode), once: their base row is a marker for the state row (a Text or Vector
 keeps a copy); only a record the replica already held (a resumed
-snapshot that restarted over what it has) is joined and re-encoded. Nothing here computes a
-root hash: the tree's hashes are built once, by `check_root` at the end, and the record's
-root is refreshed when the boundary is adopted. A snapshot that fails its checks is
-discarded whole (`discard`): state rows, base rows and the in-memory tree, so the next
-attempt starts clean.
+snapshot that restarted over what it has) is joined and re-encoded. The tree's hashes are
+built batch by batch, each batch's after its write (only the buckets of a large container
+that a batch filled are hashed again: `StateTree.add_new`), so `check_root` at the end
+hashes the last batch alone; the record's root is refreshed when the boundary is adopted.
+A snapshot that fails its checks is discarded whole (`discard`): state rows, base rows and
+the in-memory tree, so the next attempt starts clean.
 """
 
 from __future__ import annotations
@@ -413,11 +414,16 @@ class SnapshotState:
             if extra is not None:
                 extra(batch)
             await self._replicas.write(replica, batch)
+            if fresh:
+                # Hash what this batch brought now, while the next pages are on their way
+                # (the buckets it filled: `StateTree.add_new`), so the root check after the
+                # last page has only that page to hash, not the whole state.
+                tree.root_hash()
         return len(fresh)
 
     async def check_root(self, context_id: bytes, root: bytes) -> None:
-        """Raise RootMismatch unless the replica's state hashes to `root` (the tree's
-        hashes are built here, once, for the whole snapshot)."""
+        """Raise RootMismatch unless the replica's state hashes to `root` (the hashes of
+        all but the last batch's records were built as they were stored)."""
         replica = await self._replicas.load(context_id)
         async with replica.lock:
             ours = replica.tree.root_hash()

@@ -250,7 +250,11 @@ class StateTree:
             if not in_order:
                 siblings.sort()  # two sorted runs: timsort merges them in linear time
             self._invalidate_up(parent)
-            self._buckets.pop(parent, None)  # every bucket may have a new child
+            cache = self._buckets.get(parent)
+            if cache is not None:
+                # Only the buckets with a new child change (a snapshot's page of records
+                # in id order fills a few): the others keep their digests.
+                cache.stale.update({eid[0] for eid in ids})
         for ids in added.values():
             for eid in ids:
                 if eid in self._children:
