@@ -311,6 +311,24 @@ class Resolution:
     )
     _current: dict[bytes, str] | None = attrs.field(default=None, eq=False, repr=False)
     """The roles of every standing op, when the resolver built them already."""
+    _frontier: dict[bytes, int] = attrs.field(factory=dict, init=False, eq=False, repr=False)
+    """Author tag → the highest sequence number of an op by it: a past holds every op iff
+    its vector reaches this (`covers`)."""
+
+    def __attrs_post_init__(self) -> None:
+        frontier = self._frontier
+        for op in self.ops.values():
+            t = tag(op.author)
+            if op.seq > frontier.get(t, 0):
+                frontier[t] = op.seq
+
+    def covers(self, vv: Mapping[bytes, int]) -> bool:
+        """Whether every op is in the past named by `vv`: then that past's standing ops,
+        roles and keys are the resolution's own, and no loss is concurrent with it. The
+        common case (a delta written after its author heard of every membership change):
+        O(authors of ops) instead of a scan of every op per question (issue #16: ~25
+        `in_past_of` calls per received delta)."""
+        return all(vv.get(t, 0) >= seq for t, seq in self._frontier.items())
 
     def invalid(self) -> frozenset[bytes]:
         return frozenset(self.ops) - self.standing - self.filtered
@@ -322,12 +340,12 @@ class Resolution:
 
     def standing_in_past(self, vv: Mapping[bytes, int] | None) -> frozenset[bytes]:
         """Standing ops in the past of `vv` (None: all of them)."""
-        if vv is None:
+        if vv is None or self.covers(vv):
             return self.standing
         return frozenset(i for i in self.standing if self.ops[i].in_past_of(vv))
 
     def roles_at(self, vv: Mapping[bytes, int] | None) -> dict[bytes, str]:
-        if vv is None and self._current is not None:
+        if self._current is not None and (vv is None or self.covers(vv)):
             return self._current
         key = self.standing_in_past(vv)
         cached = self._roles_cache.get(key)
@@ -346,11 +364,13 @@ class Resolution:
     def admissible_keys(self, vv: Mapping[bytes, int] | None) -> set[int]:
         """Key ids a delta with this past may use: introduced by a standing key op in the
         past that follows every standing removal and leave in that past."""
-        standing = self.standing_in_past(vv)
+        partial = None if vv is None or self.covers(vv) else vv  # (None: every op)
+        standing = self.standing_in_past(partial)
         leaked = frozenset(
             i
             for i in self.filtered
-            if self.ops[i].kind is Kind.ADMIT and (vv is None or self.ops[i].in_past_of(vv))
+            if self.ops[i].kind is Kind.ADMIT
+            and (partial is None or self.ops[i].in_past_of(partial))
         )
         cached = self._keys_cache.get((standing, leaked))
         if cached is not None:
@@ -399,7 +419,8 @@ class Resolution:
             return Verdict.INVALID, "author may not write"
         if equivocating:
             return Verdict.FILTERED, "equivocation"
-        for loss in self.losses_of(author, "write"):
+        # (A past that holds every op holds every loss: none is concurrent with it.)
+        for loss in () if self.covers(vv) else self.losses_of(author, "write"):
             if not loss.in_past_of(vv) and loss.vv.get(tag(author), 0) < seq:
                 return Verdict.FILTERED, "concurrent with the author's removal or demotion"
         if key_id not in self.admissible_keys(vv):
@@ -487,6 +508,9 @@ class AuthGraph:
 
     def static_resolution(self, vv: Mapping[bytes, int]) -> Resolution:
         """The resolution *inside* the past named by `vv`: what the static checks use."""
+        whole = self.resolution()
+        if whole.covers(vv):
+            return whole  # (the past holds every op: it is the resolution of them all)
         past = frozenset(i for i, o in self.ops.items() if o.in_past_of(vv))
         cached = self._static.get(past)
         if cached is None:
