@@ -24,6 +24,7 @@ signing the connection's Noise handshake hash with its member key.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import OrderedDict
@@ -114,7 +115,11 @@ def topic_for(context_id: bytes) -> str:
     return TOPIC_PREFIX + b58(context_id)  # (cached: every publish names its topic)
 
 
+@functools.lru_cache(maxsize=4096)
 def context_of(topic: str) -> bytes | None:
+    """The context a topic is named after (None: not a context's topic). Cached: every
+    gossip message asks, and base58 decoding is pure Python (~30 us per message, issue
+    #16); the topics a node hears are those it subscribed to, a bounded set."""
     if not topic.startswith(TOPIC_PREFIX):
         return None
     try:
