@@ -62,11 +62,7 @@ from typing import Annotated, Final
 import attrs
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nacl.bindings import (
-    crypto_aead_xchacha20poly1305_ietf_decrypt,
-    crypto_aead_xchacha20poly1305_ietf_encrypt,
-)
-from nacl.exceptions import CryptoError
+from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 
 from trionode.crdt.compact import (
     MAX_EXPANSION,
@@ -78,6 +74,7 @@ from trionode.crdt.compact import (
 )
 from trionode.errors import RemoteProtocolError
 from trionode.wire import ed25519
+from trionode.wire.aead import open_xchacha20poly1305
 
 ID_SIZE: Final = 32
 GENESIS: Final = bytes(ID_SIZE)
@@ -523,12 +520,11 @@ def verify_wire(
 def open_delta(delta: SignedDelta, header: DeltaHeader, context_key: bytes) -> DeltaBody:
     """Decrypt and decode the body of a verified delta (records as canonical bytes, whatever
     the format)."""
-    try:
-        plain = crypto_aead_xchacha20poly1305_ietf_decrypt(
-            delta.ciphertext, _associated_data(header, delta.header), header.nonce, context_key
-        )
-    except CryptoError:
-        raise RemoteProtocolError("delta body does not decrypt under that key") from None
+    plain = open_xchacha20poly1305(
+        delta.ciphertext, _associated_data(header, delta.header), header.nonce, context_key
+    )
+    if plain is None:
+        raise RemoteProtocolError("delta body does not decrypt under that key")
     if header.version in COMPACT_FORMATS:
         return decode_compact_body(
             plain, author=header.author, hlc=header.hlc, version=header.version
