@@ -4,6 +4,7 @@ RemoteProtocolError on bad bytes."""
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import msgspec
 import pytest
@@ -24,6 +25,7 @@ from trionode.crdt import (
 from trionode.crdt.encoding import (
     FORMAT_VERSION,
     MAX_SEQUENCE_ELEMENTS,
+    ValueCodec,
     _decode_general,
     _decode_plain,
 )
@@ -212,3 +214,43 @@ def test_the_one_pass_decode_takes_exactly_what_the_general_one_takes(data: byte
     assert plain == general
     assert plain.id == general.id
     assert encode_entity(plain) == encode_entity(general)
+
+
+@given(
+    data=st.data(),
+    declared=st.sampled_from([int, str, bytes, float, bool, list[int], int | None]),
+)
+def test_a_scalar_value_encodes_as_the_checked_round_trip_does(
+    data: st.DataObject, declared: Any
+) -> None:
+    """A value of exactly a declared scalar type skips the decode check (`ValueCodec`):
+    it gives the bytes the checked path gives, and every other value (a bool for an int,
+    an int for a float, out-of-range ints, text that is not UTF-8) still goes through
+    the check and fails the same way."""
+    value = data.draw(
+        st.one_of(
+            st.integers(-(2**70), 2**70),
+            st.text(),
+            st.binary(max_size=8),
+            st.floats(),
+            st.booleans(),
+            st.none(),
+            st.lists(st.integers(0, 9), max_size=3),
+        )
+    )
+    codec: ValueCodec[Any] = ValueCodec(declared)
+    encoder = msgspec.msgpack.Encoder(order="deterministic")
+    decoder = msgspec.msgpack.Decoder(declared)
+    try:
+        expected = encoder.encode(value)
+        decoder.decode(expected)
+    except (msgspec.DecodeError, TypeError):
+        with pytest.raises(TypeError, match="not a valid"):
+            codec.encode(value)
+        return
+    except OverflowError:  # (not a type error: as before the fast path)
+        with pytest.raises(OverflowError):
+            codec.encode(value)
+        return
+    assert codec.encode(value) == expected
+    assert codec.decode(codec.encode(value)) == decoder.decode(expected)

@@ -125,3 +125,38 @@ def test_node_id_is_validated() -> None:
         HybridClock(b"")
     with pytest.raises(ValueError, match="node id"):
         HybridClock(b"x" * 65)
+
+
+@given(st.integers(0, 2**32 * 10**9 - 1))
+def test_ns_conversion_is_whole_seconds_then_the_fraction(ns: int) -> None:
+    """One floor division gives what the two-part definition gives: the seconds in the
+    high 32 bits, the fraction of the rest in the low 32."""
+    whole, rest = divmod(ns, 10**9)
+    assert ntp64_from_unix_ns(ns) == (whole << 32) | ((rest << 32) // 10**9)
+
+
+_TIMES = st.one_of(
+    st.integers(T0 - 10 * SECOND, T0 + 10 * SECOND),  # around now, within the drift or not
+    st.integers(0, NTP64_MAX),
+)
+
+
+@given(last=_TIMES, stamp=_TIMES, physical=_TIMES, node=st.sampled_from([b"a", b"n", b"z"]))
+def test_now_after_is_witness_then_now(last: int, stamp: int, physical: int, node: bytes) -> None:
+    """`now_after` (a keystroke continuing a run) issues what `witness` then `now` issue,
+    leaves the clock where they leave it, and raises where they raise, for stamps within
+    the drift tolerance, beyond it, and at the end of the range."""
+    fused = HybridClock(b"n", last=last)
+    twin = HybridClock(b"n", last=last)
+    seen = Timestamp(stamp, node)
+    try:
+        twin.witness(seen, physical)
+        expected: Timestamp | None = twin.now(physical)
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError, match="64 bits"):
+            fused.now_after(seen, physical)
+        return
+    assert fused.now_after(seen, physical) == expected
+    assert fused.last == twin.last

@@ -79,6 +79,27 @@ def test_field_paths_past_the_cache_bound_are_still_right(monkeypatch: pytest.Mo
     assert len(transaction._FIELD_PATHS) == 2
 
 
+def test_a_field_bound_by_name_has_the_shared_path_past_the_cache_bound_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`Transaction.field` looks paths up by the str name (`_NAMED_PATHS`): the same
+    path `field_path` gives for the encoded name, cached or not."""
+    monkeypatch.setattr(transaction, "_NAMED_PATHS", {})
+    monkeypatch.setattr(transaction, "_FIELD_PATHS", {})
+    monkeypatch.setattr(transaction, "_FIELD_PATHS_MAX", 2)
+    names = ("body", "é", "f2", "f3")
+    with StateTree().reader() as tx:
+        first = [tx.field(name, text()).path for name in names]
+        again = [tx.field(name, text()).path for name in names]
+        vectors = [tx.field(name, vector(int)).path for name in names]
+    for name, path, later, other in zip(names, first, again, vectors, strict=True):
+        assert (path.name, path.kind) == (name.encode(), Kind.TEXT)
+        assert path.id == later.id == other.id == child_id(ROOT_ID, name.encode())
+        assert other.kind is Kind.VECTOR
+    assert [a is b for a, b in zip(first, again, strict=True)] == [True, True, False, False]
+    assert len(transaction._NAMED_PATHS) == 2
+
+
 @settings(max_examples=60, deadline=None)
 @given(edits=st.lists(st.tuples(st.integers(0, 1_000), st.booleans()), max_size=80))
 def test_one_transaction_per_edit_matches_a_list(edits: list[tuple[int, bool]]) -> None:
@@ -247,10 +268,14 @@ def test_in_place_keystrokes_give_the_general_delta_and_state(
             general, general_run = fast.copy().insert_one(
                 at, value, partial(twin.now, physical), b"a"
             )
-            delta, run = fast.insert_in_place(at, value, partial(clock.now, physical), b"a")
+            delta, eid, continues = fast.insert_in_place(
+                at, value, partial(clock.now, physical), b"a"
+            )
             assert dict(delta.elements) == dict(general.elements)
-            assert run == general_run
-            clock.witness(run, physical)
+            assert list(delta.elements) == [eid]
+            assert (eid if continues else None) == general_run
+            if continues:
+                clock.witness(eid, physical)
             expected.insert(at, value)
             cursor = at + 1
         elif kind <= 3 and expected:  # backspace at the cursor, or a delete elsewhere
@@ -258,8 +283,8 @@ def test_in_place_keystrokes_give_the_general_delta_and_state(
             at = min(at, len(expected) - 1)
             stamp = clock.now(physical)
             general = fast.delete_delta(at, 1, stamp)
-            delta, before = fast.delete_in_place(at, stamp)
-            [eid] = delta.elements
+            delta, eid, before = fast.delete_in_place(at, stamp)
+            assert list(delta.elements) == [eid]
             assert before == naive.elements[eid]
             assert dict(delta.elements) == dict(general.elements)
             del expected[at]

@@ -445,6 +445,9 @@ def own_form(entity: Entity, floor: Timestamp | None) -> bytes:
 # -- values ----------------------------------------------------------------------------
 
 
+_SCALARS: Final = (int, str, bytes, float, bool)
+
+
 class ValueCodec(Generic[T]):
     """Canonical msgpack for user values and keys of one declared type.
 
@@ -453,15 +456,20 @@ class ValueCodec(Generic[T]):
     equal bytes (and equal map keys give equal entity ids).
     """
 
-    __slots__ = ("_decoder", "type")
+    __slots__ = ("_decoder", "_scalar", "type")
 
     _encoder: Final = msgspec.msgpack.Encoder(order="deterministic")
 
     def __init__(self, tp: type[T] | Any) -> None:
         self.type: Any = tp
         self._decoder: Callable[[bytes], T] = msgspec.msgpack.Decoder(tp).decode
+        self._scalar: type | None = tp if tp in _SCALARS else None
+        """The declared type when it is a scalar: a value of exactly that type that
+        encodes always decodes as it (no round trip to check)."""
 
     def encode(self, value: T) -> bytes:
+        if type(value) is self._scalar:
+            return self._encoder.encode(value)  # (raises as below: no decode error)
         try:
             data = self._encoder.encode(value)
             self._decoder(data)

@@ -151,23 +151,6 @@ class Entity:
         )
         self.id = child_id(self.parent, self.name) if known_id is None else known_id
 
-    @classmethod
-    def delta(
-        cls, entity_id: bytes, name: bytes, kind: Kind, added: Timestamp, body: Body
-    ) -> Entity:
-        """A top-level record `entity_id` (`child_id(ROOT_ID, name)`) holding a non-empty
-        `body` of `kind`'s type written at `added`: `Entity(...)` without its checks, for
-        a keystroke's delta (the caller's path checked the name)."""
-        new = cls.__new__(cls)
-        new.parent = ROOT_ID
-        new.name = name
-        new.kind = kind
-        new.added = added
-        new.removed = None
-        new.body = body
-        new.id = entity_id
-        return new
-
     def copy(self) -> Entity:
         body = self.body
         return Entity(

@@ -424,15 +424,9 @@ class _Sequence(Handle, Generic[S]):
         return state.visible_len(floor) if state is not None else 0
 
     def _insert(self, pos: int, values: list[Any]) -> None:
+        """Insert `values` before visible `pos`, staged (the caller tried a keystroke in
+        place first: `Transaction.edit_in_place`)."""
         tx = self._tx
-        if len(values) == 1:  # a keystroke: in place if it may (see `transaction.py`)
-            record = tx.in_place(self._path)
-            if record is not None:
-                body = record.body
-                if type(body) is self._state_type:
-                    delta, run = body.insert_in_place(pos, values[0], tx.stamp, tx.writer)
-                    tx.wrote_in_place(self._path, record, delta, None, run)
-                    return
         state, floor = self._base()
         if floor is None and len(values) == 1:  # a keystroke
             delta, run = state.insert_one(pos, values[0], tx.stamp, tx.writer)
@@ -445,14 +439,8 @@ class _Sequence(Handle, Generic[S]):
 
     def _delete(self, pos: int, count: int) -> None:
         tx = self._tx
-        if count == 1:  # a keystroke: in place if it may (see `transaction.py`)
-            record = tx.in_place(self._path)
-            if record is not None:
-                body = record.body
-                if type(body) is self._state_type:
-                    delta, old = body.delete_in_place(pos, tx.stamp())
-                    tx.wrote_in_place(self._path, record, delta, old)
-                    return
+        if count == 1 and tx.edit_in_place(self._path, self._state_type, pos, None):
+            return  # a keystroke, in place (see `transaction.py`)
         state, floor = self._base()
         delta = state.delete_delta(pos, count, self._tx.stamp(), floor)
         if not delta.is_empty():
@@ -495,7 +483,9 @@ class Vector(_Sequence[VectorState], Generic[T]):
 
     def insert(self, index: int, value: T) -> None:
         """Insert before `index` (0..len)."""
-        self._insert(index, [self._codec.encode(value)])
+        data = self._codec.encode(value)
+        if not self._tx.edit_in_place(self._path, VectorState, index, data):
+            self._insert(index, [data])
 
     def set(self, index: int, value: T) -> None:
         state, floor = self._base()
@@ -549,9 +539,11 @@ class Text(_Sequence[TextState]):
 
     def insert(self, pos: int, content: str) -> None:
         """Insert `content` before character `pos` (0..len)."""
-        if not content:
-            return
-        self._insert(pos, list(content))
+        if len(content) == 1:
+            if not self._tx.edit_in_place(self._path, TextState, pos, content):
+                self._insert(pos, [content])
+        elif content:
+            self._insert(pos, list(content))
 
     def delete(self, pos: int, length: int) -> None:
         """Delete `length` characters starting at `pos`."""

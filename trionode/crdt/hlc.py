@@ -62,8 +62,8 @@ def ntp64_from_unix_ns(nanoseconds: int) -> int:
     """Convert Unix time in integer nanoseconds (e.g. `time.time_ns()`) to NTP64, exactly."""
     if nanoseconds < 0:
         raise ValueError("NTP64 time cannot be negative")
-    whole, rest = divmod(nanoseconds, _NS_PER_S)
-    time = (whole << FRACTION_BITS) | ((rest << FRACTION_BITS) // _NS_PER_S)
+    # = (whole seconds << 32) | (rest << 32) // 10^9: the fraction part is below 2^32.
+    time = (nanoseconds << FRACTION_BITS) // _NS_PER_S
     return time if time <= NTP64_MAX else _check_range(time)  # (a transaction per call)
 
 
@@ -221,6 +221,23 @@ class HybridClock:
             return
         if self.excess(stamp.time, _check_range(physical)) <= 0:
             self._last = stamp.time
+
+    def now_after(self, stamp: Timestamp, physical: int) -> Timestamp:
+        """`witness(stamp, physical)`, then `now(physical)`, in one call (a keystroke
+        continuing its writer's run witnesses the id it took, then stamps the record)."""
+        if not 0 <= physical <= NTP64_MAX:
+            _check_range(physical)  # raises
+        last = self._last
+        if stamp.time > last and stamp.time - physical - self._drift <= 0:
+            last = self._last = stamp.time
+        time = physical & ~LOGICAL_MASK
+        last += 1
+        if last > time:
+            time = last
+            if time > NTP64_MAX:
+                _check_range(time)  # raises
+        self._last = time
+        return new_stamp((time, self._node))
 
     def _issue(self, time: int) -> Timestamp:
         self._last = _check_range(time)

@@ -297,6 +297,14 @@ class SequenceState(Generic[V]):
     )
     _text: bool = False
     _filler: Any = None
+    # Set with the order (`_rebuild`), read only while it is held (`_blocks`), so a state
+    # without one (a keystroke's delta) never allocates them:
+    _fenwick: list[int]
+    """Fenwick tree of the blocks' visible counts."""
+    _digests: dict[tuple[int, bytes] | None, tuple[list[Segment], bytes]]
+    """(segments, digest) of hash chunks by the cut ending them (None: the trailing one)."""
+    _touched: set[Timestamp]
+    """Ids whose value changed since the last hash read."""
 
     def __init__(self, elements: Mapping[Timestamp, Element[V]] | None = None) -> None:
         self._reset()
@@ -358,18 +366,16 @@ class SequenceState(Generic[V]):
         self._count: int = 0
         self._blocks: list[_Block] | None = None
         """The placed items in order (None: rebuild on the next read)."""
-        self._fenwick: list[int] = []
         self._live_total: int = 0
-        self._digests: dict[tuple[int, bytes] | None, tuple[list[Segment], bytes]] = {}
-        """(segments, digest) of hash chunks by the cut ending them (None: the trailing one)."""
-        self._touched: set[Timestamp] = set()
-        """Ids whose value changed since the last hash read."""
         self._lists: tuple[list[Timestamp], list[Timestamp]] | None = None
         self._floored: tuple[Timestamp, list[Timestamp], list[Timestamp]] | None = None
         self._expanded: dict[Timestamp, Element[V]] | None = None
         self._version = next(_VERSIONS)
         """Changes on every change (unique across states): see `_origin`."""
         self._origin: _Origin | None = None
+        """For a range delete's delta: the state it was made from, that state's version
+        then and the live spans it tombstones, so merging it back into that unchanged state
+        costs O(spans), not a lookup per item (`_tombstone_all`)."""
         self._newest: tuple[int, Timestamp] | None = None
         """(version, newest stamp) from `delete_delta`: `max_stamp` while the version is
         unchanged, without reading every tombstone stamp of a range delete."""
@@ -381,9 +387,6 @@ class SequenceState(Generic[V]):
         """(version, item, id) from `insert_one`: the id continues the item's run, the
         item is placed and ends with its writer's childless element; valid while the
         version is unchanged, so `merge` of that keystroke appends without lookups."""
-        """For a range delete's delta: the state it was made from, that state's version
-        then and the live spans it tombstones, so merging it back into that unchanged state
-        costs O(spans), not a lookup per item (`_tombstone_all`)."""
 
     # -- storage -------------------------------------------------------------------------
 
@@ -1263,18 +1266,23 @@ class SequenceState(Generic[V]):
 
     def insert_in_place(
         self, pos: int, value: V, stamp: Callable[[], Timestamp], writer: bytes | None
-    ) -> tuple[Self, Timestamp | None]:
-        """`insert_one`, joined into this state as it is made (`Transaction.in_place`):
-        the same delta and id to witness, and the same state as `merge` of that delta,
-        without looking the position up twice. Typing on at the end of the writer's own
-        item appends to it."""
-        self._ordered()
+    ) -> tuple[Self, Timestamp, bool]:
+        """`insert_one`, joined into this state as it is made (`Transaction.edit_in_place`):
+        the same delta, its element's id and whether that id continues a run (the caller
+        must witness it), and the same state as `merge` of that delta, without looking the
+        position up twice. Typing on at the end of the writer's own item appends to it."""
+        if self._blocks is None:  # (`_ordered`, inline)
+            self._rebuild()
         length = self._live_total
         if not 0 <= pos <= length:
             raise IndexError(f"insert position {pos} out of range 0..{length}")
-        run: Timestamp | None = None
         if pos:
-            item, k = self._locate(pos - 1)
+            cursor = self._cursor
+            if cursor is not None and cursor[1] == pos - 1 and cursor[0] == self._version:
+                item = cursor[2]  # (`_locate`, inline: the last keystroke's place)
+                k = cursor[3]
+            else:
+                item, k = self._locate(pos - 1)
             after = new_stamp((item.start + k, item.node))
             # A run goes on only after the writer's childless element: the last of its
             # item (the next one is its child), not an explicit parent, and `id + 1` free.
@@ -1293,16 +1301,52 @@ class SequenceState(Generic[V]):
                 i = bisect_right(starts, after[0])
                 following = starts[i] if i < len(starts) else -1
                 if following == time:
-                    run = None
+                    pass  # (taken: a fresh stamp)
                 elif item.n < ITEM_MAX and not (
                     run in self._extra or (following == time + 1 and items[i].after == run)
                 ):
-                    self._type_on(item, value)
-                    self._cursor = (self._version, pos, item, item.n - 1)
-                    return self._one_typed(run, after, value), run
+                    # Typing on: `_grow(item, _element((after, value, None, None)))`,
+                    # inline (per keystroke).
+                    values: Any = item.values  # (`_append`)
+                    if type(values) is not str:
+                        values.append(value)
+                    elif type(value) is str and len(value) == 1:
+                        item.values = values + value
+                    else:
+                        item.values = [*values, value]
+                    if item.deleted is not None:
+                        item.deleted.append(None)
+                    if item.updated is not None:
+                        item.updated.append(None)
+                    n = item.n = item.n + 1
+                    item.live += 1
+                    self._count += 1
+                    version = self._version = next(_VERSIONS)  # (`_changed`)
+                    self._lists = None
+                    self._floored = None
+                    self._expanded = None
+                    block = item.block
+                    assert block is not None  # (placed: `_locate` found it)
+                    block.chunks = None
+                    block.live += 1
+                    self._live_total = length + 1
+                    tree = self._fenwick  # (`fenwick_add(tree, block.pos, 1)`)
+                    j = block.pos + 1
+                    size = len(tree)
+                    while j < size:
+                        tree[j] += 1
+                        j += j & -j
+                    self._cursor = (version, pos, item, n - 1)
+                    return self._one_typed(run, after, value), run, True
+                else:
+                    return self._insert_new(pos, run, after, value), run, True
         else:
             after = HEAD
-        eid = stamp() if run is None else run
+        eid = stamp()
+        return self._insert_new(pos, eid, after, value), eid, False
+
+    def _insert_new(self, pos: int, eid: Timestamp, after: Timestamp, value: V) -> Self:
+        """`insert_in_place` of element `eid` after `after` other than by typing on."""
         element = _element((after, value, None, None))
         delta = self._one(eid, element)
         if self._insert_placed(eid, element):
@@ -1311,14 +1355,15 @@ class SequenceState(Generic[V]):
             self._cursor = (self._version, pos, placed[0], placed[1])
         else:
             self.merge(delta)  # (forged elements already name the new id)
-        return delta, run
+        return delta
 
-    def delete_in_place(self, pos: int, stamp: Timestamp) -> tuple[Self, Element[V]]:
+    def delete_in_place(self, pos: int, stamp: Timestamp) -> tuple[Self, Timestamp, Element[V]]:
         """`delete_delta(pos, 1, stamp)` joined into this state as it is made
-        (`Transaction.in_place`): the same delta and the same state as `merge` of it, with
-        one position lookup and no general join, and the element's version before (for
-        the undo log)."""
-        self._ordered()
+        (`Transaction.edit_in_place`): the same delta and the same state as `merge` of it,
+        with one position lookup and no general join; with the element's id and its version
+        before (for the undo log)."""
+        if self._blocks is None:  # (`_ordered`, inline)
+            self._rebuild()
         length = self._live_total
         if not 0 <= pos < length:
             raise IndexError(f"delete range {pos}+1 out of range 0..{length}")
@@ -1332,33 +1377,15 @@ class SequenceState(Generic[V]):
         self._hidden(item)
         if k and (item.deleted is None or item.deleted[k - 1] is None):  # (a backspace next)
             self._cursor = (self._version, pos - 1, item, k - 1)
-        return self._one(eid, gone), old
-
-    def _type_on(self, item: _Item, value: Any) -> None:
-        """`_grow(item, _element((id before, value, None, None)))` for a live value (typing
-        on), partly inline: runs per keystroke."""
-        block = item.block
-        assert block is not None
-        self._append(item, value, None, None)
-        self._count += 1
-        self._version = next(_VERSIONS)  # (`_changed`, inline)
-        self._lists = None
-        self._floored = None
-        self._expanded = None
-        block.chunks = None
-        block.live += 1
-        self._live_total += 1
-        fenwick_add(self._fenwick, block.pos, 1)
+        return self._one(eid, gone), eid, old
 
     def _one_typed(self, eid: Timestamp, after: Timestamp, value: Any) -> Self:
         """`_one(eid, _element((after, value, None, None)))` where `after` is the id just
         below `eid` (implied: no explicit child entry)."""
         new: Self = type(self).__new__(type(self))
         new._reset()
-        new._runs[eid[1]] = (
-            [eid[0]],
-            [_Item(eid[1], eid[0], after, self._pack_one(value), None, None)],
-        )
+        packed = value if self._text and type(value) is str and len(value) == 1 else [value]
+        new._runs[eid[1]] = ([eid[0]], [_Item(eid[1], eid[0], after, packed, None, None)])
         new._count = 1
         return new
 
@@ -1393,11 +1420,6 @@ class SequenceState(Generic[V]):
             else:
                 elements[eid] = version
         return type(self)(elements)
-
-    def only_id(self) -> Timestamp:
-        """The id of a one-element state's element (a keystroke's delta)."""
-        [(node, ([start], _items))] = self._runs.items()
-        return new_stamp((start, node))
 
     def max_id(self) -> Timestamp | None:
         """The highest element id (None when empty)."""

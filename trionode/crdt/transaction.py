@@ -9,20 +9,20 @@ that entity. `commit()` joins the pending deltas into the tree and returns them,
 id: exactly what the node ships in a causal delta. `abort()` (or leaving a `with` block
 without committing) drops them; the tree never saw anything.
 
-Sequence edits in place: a one-element insert or delete in a top-level Text or Vector
-field the tree already holds is joined straight into the tree's record (a keystroke would
-otherwise build a pending delta, join it again at commit and pay for both), with an undo
-log holding, per touched element id, its version before the transaction (None: new) and
-the record's `added`. Only one transaction writes in place at a time, and nobody else
-sees it: any other transaction that opens or reads, and every join into the tree
-(`apply`, `add_new`, `gc`), first *evicts* it (`evict`): its in-place changes are undone
-and carried on as pending deltas, as if they had been staged all along. Undoing rebuilds
-the touched record from its elements with the logged versions put back (O(record), only
-on abort or eviction): the sequence is a pure function of its element set, so the
-rebuilt record is the one the transaction started from (`tests/crdt/test_in_place.py`
-aborts random transactions against the naive model). Plain tree reads (`root_hash`,
-`entities`) made while it is open see its writes; the node never makes them then (a call
-runs to its commit without yielding).
+Sequence edits in place (`edit_in_place`): a one-element insert or delete in a top-level
+Text or Vector field the tree already holds is joined straight into the tree's record (a
+keystroke would otherwise build a pending delta, join it again at commit and pay for both),
+with an undo log holding, per touched element id, its version before the transaction
+(None: new) and the record's `added`. Only one transaction writes in place at a time, and
+nobody else sees it: any other transaction that opens or reads, and every join into the
+tree (`apply`, `add_new`, `gc`), first *evicts* it (`evict`): its in-place changes are
+undone and carried on as pending deltas, as if they had been staged all along. Undoing
+rebuilds the touched record from its elements with the logged versions put back
+(O(record), only on abort or eviction): the sequence is a pure function of its element
+set, so the rebuilt record is the one the transaction started from
+(`tests/crdt/test_in_place.py` aborts random transactions against the naive model). Plain
+tree reads (`root_hash`, `entities`) made while it is open see its writes; the node never
+makes them then (a call runs to its commit without yielding).
 
 Every write also stamps `added` on every ancestor entry, so a write under a removed key
 revives it (the later of add/remove by HLC wins) and a map that holds anything is live.
@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeVar, cast
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, Self, TypeVar, cast
 
 from trionode.crdt.entity import (
     CONTAINERS,
@@ -51,7 +51,7 @@ from trionode.crdt.sequence import SequenceState
 
 if TYPE_CHECKING:
     from trionode.crdt.handles import Spec
-    from trionode.crdt.sequence import Element, TextState, VectorState
+    from trionode.crdt.sequence import Element
     from trionode.crdt.tree import StateTree
 
 H = TypeVar("H")
@@ -109,6 +109,10 @@ _FIELD_PATHS_MAX: Final = 4096
 """Field names come from app schemas, so few; past this many, paths are built per call."""
 
 
+_NAMED_PATHS: dict[tuple[str, Kind], EntityPath] = {}
+"""`_FIELD_PATHS` by the field's name as a str (`Transaction.field`: no encoding per call)."""
+
+
 def field_path(name: bytes, kind: Kind) -> EntityPath:
     """The path of the top-level field `name` (cached, see `_FIELD_PATHS`)."""
     key = (name, kind)
@@ -137,12 +141,20 @@ _resolved: Final = cast(
 )
 """`Resolved` without the NamedTuple's Python-level `__new__` (every handle call)."""
 
+_NONE: Final = cast("dict[Any, Any]", MappingProxyType({}))
+"""The empty map a transaction's maps start as (`Transaction.__init__`): read-only, so a
+write that forgot to give the transaction a dict of its own fails at once."""
+
 
 class Transaction:
     """A copy-on-write overlay recording delta-states. See the module docstring.
 
     Create with `StateTree.begin(clock, physical)` or `StateTree.reader()`.
     """
+
+    WRITES_IN_PLACE: ClassVar[bool] = True
+    """Whether keystrokes may be joined into the tree in place (`edit_in_place`); a test
+    subclass turns it off to compare with the staged path."""
 
     __slots__ = (
         "_applied",
@@ -168,12 +180,16 @@ class Transaction:
         self._clock = clock
         self._physical = physical
         self._generation = tree.generation
-        self._overlay: dict[bytes, Entity] = {}
-        self._pending: dict[bytes, Entity] = {}
-        self._new_children: dict[bytes, set[bytes]] = {}
-        self._applied: dict[bytes, Entity] = {}
+        # The maps below start as the shared empty `_NONE` and get a dict of their own at
+        # the first write (most transactions are one keystroke: they fill one or two).
+        self._overlay: dict[bytes, Entity] = _NONE
+        self._pending: dict[bytes, Entity] = _NONE
+        self._new_children: dict[bytes, set[bytes]] = _NONE
+        self._applied: dict[bytes, Entity] = _NONE
         """Deltas already joined into the tree's records (in place), by entity id."""
-        self._undo: dict[bytes, tuple[Timestamp | None, dict[Timestamp, Element[Any] | None]]] = {}
+        self._undo: dict[bytes, tuple[Timestamp | None, dict[Timestamp, Element[Any] | None]]] = (
+            _NONE
+        )
         """Per record written in place: its `added` before, and each touched element's
         version before (None: the transaction created it)."""
         self._newest: Timestamp | None = None
@@ -209,7 +225,13 @@ class Transaction:
 
     def field(self, name: str, spec: Spec[H]) -> H:
         """A handle on the top-level field `name`, typed by `spec`."""
-        return spec.bind(self, field_path(name.encode(), spec.kind))
+        key = (name, spec.kind)
+        path = _NAMED_PATHS.get(key)
+        if path is None:
+            path = field_path(name.encode(), spec.kind)
+            if len(_NAMED_PATHS) < _FIELD_PATHS_MAX:
+                _NAMED_PATHS[key] = path
+        return spec.bind(self, path)
 
     def get(self, entity_id: bytes) -> Entity | None:
         """The record as this transaction sees it (read-only)."""
@@ -230,7 +252,10 @@ class Transaction:
         view = pending.copy() if base is None else base.copy()
         if base is not None:
             view.merge(pending)
-        self._overlay[entity_id] = view
+        overlay = self._overlay
+        if overlay is _NONE:
+            overlay = self._overlay = {}
+        overlay[entity_id] = view
         return view
 
     def children(self, entity_id: bytes) -> list[bytes]:
@@ -324,60 +349,85 @@ class Transaction:
                     Entity(_parent_id(node), node.name, node.kind, added=stamp, known_id=node.id)
                 )
 
-    def in_place(self, path: EntityPath) -> Entity | None:
-        """The tree's own record at `path` when a sequence edit may be joined into it in
-        place (`write_in_place`): a live top-level record of the path's kind, written by
-        no staged delta of this transaction, and no other transaction writing in place."""
-        if self._closed or self._clock is None or path.ancestors or path.parent is None:
-            return None
+    def edit_in_place(
+        self, path: EntityPath, state_type: type[SequenceState[Any]], pos: int, value: Any
+    ) -> bool:
+        """`write(path, delta)` of a keystroke: the insert of `value` (None: the delete of
+        the element) at visible `pos` of the top-level sequence at `path`, joined straight
+        into the tree's record (see the module docstring), with its undo logged. False,
+        changing nothing, unless the record is a live top-level record of the path's kind
+        holding a `state_type` body, written by no staged delta of this transaction, and no
+        other transaction writes in place.
+
+        Raises:
+            IndexError: `pos` out of range (nothing changed).
+        """
+        clock = self._clock
+        if (
+            self._closed
+            or clock is None
+            or path.ancestors
+            or path.parent is None
+            or not self.WRITES_IN_PLACE
+        ):
+            return False
         eid = path.id
         if eid in self._pending:
-            return None
+            return False
         tree = self._tree
         if tree.in_place is not None and tree.in_place is not self:
-            return None
+            return False
         record = self._records.get(eid)
         if record is None or record.kind != path.kind or record.removed is not None:
-            return None
-        return record if record.added is not None else None
-
-    def wrote_in_place(
-        self,
-        path: EntityPath,
-        record: Entity,
-        body: TextState | VectorState,
-        before: Element[Any] | None,
-        run: Timestamp | None = None,
-    ) -> None:
-        """`write(path, body)` for a one-element `body` the caller just joined into the
-        body of `record` (from `in_place(path)`): `before` is that element's version
-        before (None: new), for the undo log; `run`, an id to witness (`witness`)."""
-        eid = path.id
-        element_id = body.only_id() if run is None else run
-        undo = self._undo.get(eid)
-        if undo is None:
-            undo = self._undo[eid] = (record.added, {})
-        undo[1].setdefault(element_id, before)
-        self._tree.in_place = self
-        clock = self._clock
-        assert clock is not None  # `in_place` checked it
-        if run is not None:
-            clock.witness(run, self._physical)
-        touch = clock.now(self._physical)
+            return False
         added = record.added
-        if added is None or touch > added:
+        body = record.body
+        if added is None or type(body) is not state_type:
+            return False
+        assert isinstance(body, SequenceState)  # (`state_type` is one)
+        physical = self._physical
+        if value is None:
+            delta, element_id, before = body.delete_in_place(pos, clock.now(physical))
+            touch = clock.now(physical)
+        else:
+            delta, element_id, run = body.insert_in_place(pos, value, self.stamp, self.writer)
+            before = None
+            touch = clock.now_after(element_id, physical) if run else clock.now(physical)
+        undo = self._undo
+        if undo is _NONE:
+            self._undo = {eid: (added, {element_id: before})}
+        else:
+            logged = undo.get(eid)
+            if logged is None:
+                undo[eid] = (added, {element_id: before})
+            else:
+                logged[1].setdefault(element_id, before)
+        tree.in_place = self
+        if touch > added:
             record.added = touch
         # The delta's newest stamp: its element's id or `touch` (its other stamps are a
         # held reference and a tombstone stamped before `touch`).
-        newest = max(element_id, touch)
+        newest = element_id if element_id > touch else touch  # noqa: FURB136  # (per keystroke)
         if self._newest is None or newest > self._newest:
             self._newest = newest
-        delta = Entity.delta(eid, path.name, path.kind, touch, body)
-        applied = self._applied.get(eid)
-        if applied is None:
-            self._applied[eid] = delta
+        entity = Entity.__new__(Entity)  # (without `__init__`'s checks: per keystroke)
+        entity.parent = ROOT_ID
+        entity.name = path.name
+        entity.kind = path.kind
+        entity.added = touch
+        entity.removed = None
+        entity.body = delta
+        entity.id = eid
+        applied = self._applied
+        if applied is _NONE:
+            self._applied = {eid: entity}
         else:
-            applied.merge(delta)
+            held = applied.get(eid)
+            if held is None:
+                applied[eid] = entity
+            else:
+                held.merge(entity)
+        return True
 
     def evict(self) -> None:
         """Undo the in-place writes (see the module docstring), keeping them as pending
@@ -389,18 +439,20 @@ class Transaction:
         for eid, (added, versions) in self._undo.items():
             record = records[eid]
             state = record.body
-            assert isinstance(state, SequenceState)  # `in_place` callers check the type
+            assert isinstance(state, SequenceState)  # (`edit_in_place` checks the type)
             restored = state.restored(versions)
             record.body = None if restored.is_empty() else restored
             record.added = added
             tree.restored(eid)
-        self._undo.clear()
+        self._undo = _NONE
         self._newest = None
-        applied, self._applied = self._applied, {}
+        applied, self._applied = self._applied, _NONE
         if self._closed:
             return
+        overlay = self._overlay
         for delta in applied.values():
-            self._overlay.pop(delta.id, None)  # (built over the record with the writes)
+            if overlay:
+                overlay.pop(delta.id, None)  # (built over the record with the writes)
             self._join(delta)
 
     def _join(self, delta: Entity) -> None:
@@ -412,8 +464,12 @@ class Transaction:
             view.merge(delta)
         pending = self._pending.get(eid)
         if pending is None:
+            if self._pending is _NONE:
+                self._pending = {}
             self._pending[eid] = delta
             if eid not in self._records:
+                if self._new_children is _NONE:
+                    self._new_children = {}
                 self._new_children.setdefault(delta.parent, set()).add(eid)
         else:
             pending.merge(delta)
@@ -452,8 +508,8 @@ class Transaction:
             # (rows, hashes, newest stamp); what was staged besides is joined as usual.
             if tree.in_place is self:
                 tree.in_place = None
-            self._undo.clear()
-            self._applied = {}
+            self._undo = _NONE
+            self._applied = _NONE
             if not pending:  # in place only (a keystroke)
                 self._closed = True
                 tree.applied_in_place(applied, self._newest)
@@ -470,13 +526,13 @@ class Transaction:
             self._closed = True
             if staged:
                 tree.apply(staged)
-            self._overlay.clear()
+            self._overlay = _NONE
             return list(pending.values()) if len(pending) == 1 else self.deltas()
         deltas = list(pending.values()) if len(pending) == 1 else self.deltas()
         self._closed = True
         if deltas:
             tree.apply(deltas, local=True)
-        self._overlay.clear()
+        self._overlay = _NONE
         return deltas
 
     def abort(self) -> None:
@@ -484,9 +540,9 @@ class Transaction:
         self._closed = True
         if self._applied:
             self.evict()
-        self._overlay.clear()
-        self._pending.clear()
-        self._new_children.clear()
+        self._overlay = _NONE
+        self._pending = _NONE
+        self._new_children = _NONE
 
     def _check_open(self) -> None:
         if self._closed:
