@@ -302,12 +302,21 @@ async def test_sessions_that_apply_deltas_share_one_announcement_per_interval(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     faults = GossipFaults(seed=16)
-    async with open_cluster(2, tmp_path, configure=_heartbeats_only, faults=faults) as cluster:
+
+    def configure(file: FileConfig) -> FileConfig:
+        # Far beyond the heartbeats: should the clock jump while a commit runs in the
+        # writer thread, it reaches a heartbeat first, not the shared announcement.
+        file = _heartbeats_only(file)
+        return replace(file, sync=replace(file.sync, announce_interval=10 * HEARTBEAT))
+
+    async with open_cluster(2, tmp_path, configure=configure, faults=faults) as cluster:
         a, b = cluster.nodes
         context = await share(cluster, [0, 1])
         faults.drop = 1.0  # B learns of A's writes only from its own sessions
         interval = b.config.sync.announce_interval
-        await trio.sleep(interval)  # (past what the join's sessions announced)
+        # Past what the join's sessions announced, and whatever those scheduled next
+        # (a timer due at the very deadline of a sleep may run after the sleeper).
+        await trio.sleep(2 * interval)
         announced = beats(b, "announced")
         for i in range(5):
             await write(a, context, "set", key=f"k{i}", value="v")
@@ -316,5 +325,7 @@ async def test_sessions_that_apply_deltas_share_one_announcement_per_interval(
             # The first session's heads go out at once; the next four, within the
             # interval, wait for one more announcement together.
             assert beats(b, "announced") - announced == 1
-        await trio.sleep(interval)
+        # The shared one is due `interval` after the first at the latest; sleeping exactly
+        # that long ties with its timer, whose task may then run after this one.
+        await trio.sleep(1.5 * interval)
         assert beats(b, "announced") - announced == 2
