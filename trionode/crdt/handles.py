@@ -438,9 +438,11 @@ class _Sequence(Handle, Generic[S]):
         tx.write(self._path, delta)
 
     def _delete(self, pos: int, count: int) -> None:
+        """Delete `count` visible elements from `pos`: one in place if it may (see
+        `transaction.py`), else staged."""
         tx = self._tx
         if count == 1 and tx.edit_in_place(self._path, self._state_type, pos, None):
-            return  # a keystroke, in place (see `transaction.py`)
+            return
         state, floor = self._base()
         delta = state.delete_delta(pos, count, self._tx.stamp(), floor)
         if not delta.is_empty():

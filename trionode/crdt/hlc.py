@@ -151,7 +151,7 @@ class HybridClock:
             against drift: pass only a time this node issued.
     """
 
-    __slots__ = ("_drift", "_last", "_node")
+    __slots__ = ("_drift", "_last", "_node", "node_id")
 
     def __init__(
         self, node_id: bytes, drift_tolerance: float = DEFAULT_DRIFT_TOLERANCE, *, last: int = 0
@@ -159,12 +159,10 @@ class HybridClock:
         if not 1 <= len(node_id) <= MAX_NODE_ID_BYTES:
             raise ValueError(f"node id must be 1..{MAX_NODE_ID_BYTES} bytes")
         self._node = bytes(node_id)
+        self.node_id: Final = self._node
+        """The writer id (a plain attribute: a transaction reads it as it begins)."""
         self._drift = ntp64_duration(drift_tolerance)
         self._last = _check_range(last)
-
-    @property
-    def node_id(self) -> bytes:
-        return self._node
 
     @property
     def drift(self) -> int:

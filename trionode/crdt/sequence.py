@@ -1294,17 +1294,22 @@ class SequenceState(Generic[V]):
             ):
                 time = after[0] + 1
                 run = new_stamp((time, writer))
-                # `_find(run)` and `_has_kids(run)` with one bisection: the writer's items
-                # are disjoint and `item` ends at `after`, so an item holding `run` (or,
-                # `run` absent, `run + 1`) is the next one and starts there.
+                # `_find(run)` and `_has_kids(run)` with one bisection at most: the
+                # writer's items are disjoint and `item` ends at `after`, so an item
+                # holding `run` (or, `run` absent, `run + 1`) is the next one and starts
+                # there; after the writer's last item (typing at its newest text) neither
+                # is held.
                 starts, items = self._runs[writer]
-                i = bisect_right(starts, after[0])
-                following = starts[i] if i < len(starts) else -1
-                if following == time:
-                    pass  # (taken: a fresh stamp)
-                elif item.n < ITEM_MAX and not (
-                    run in self._extra or (following == time + 1 and items[i].after == run)
-                ):
+                if items[-1] is item:
+                    taken = kids = False
+                else:
+                    i = bisect_right(starts, after[0])
+                    following = starts[i]  # (`item` is not the last)
+                    taken = following == time
+                    kids = following == time + 1 and items[i].after == run
+                if taken:
+                    pass  # (a fresh stamp)
+                elif item.n < ITEM_MAX and not kids and run not in self._extra:
                     # Typing on: `_grow(item, _element((after, value, None, None)))`,
                     # inline (per keystroke).
                     values: Any = item.values  # (`_append`)
@@ -1373,10 +1378,31 @@ class SequenceState(Generic[V]):
         # `join_element(eid, old, gone)` of a live `old` is `gone` itself.
         gone: Element[V] = _element((old[0], None, None, stamp))
         self._origin = None  # (`merge`)
-        self._write(item, k, eid, old, gone)
-        self._hidden(item)
-        if k and (item.deleted is None or item.deleted[k - 1] is None):  # (a backspace next)
-            self._cursor = (self._version, pos - 1, item, k - 1)
+        # `_write(item, k, eid, old, gone)` and `_hidden(item)`, inline (per keystroke):
+        deleted = item.deleted
+        if deleted is None:
+            deleted = item.deleted = [None] * item.n
+        deleted[k] = stamp
+        if item.updated is not None:
+            item.updated[k] = None
+        item.live -= 1
+        block = item.block
+        assert block is not None  # (placed: `_locate` found it)
+        block.live -= 1
+        block.chunks = None
+        version = self._version = next(_VERSIONS)  # (`_changed`)
+        self._lists = None
+        self._floored = None
+        self._expanded = None
+        self._live_total = length - 1
+        tree = self._fenwick  # (`fenwick_add(tree, block.pos, -1)`)
+        j = block.pos + 1
+        size = len(tree)
+        while j < size:
+            tree[j] -= 1
+            j += j & -j
+        if k and deleted[k - 1] is None:  # (a backspace next)
+            self._cursor = (version, pos - 1, item, k - 1)
         return self._one(eid, gone), eid, old
 
     def _one_typed(self, eid: Timestamp, after: Timestamp, value: Any) -> Self:
@@ -1384,8 +1410,14 @@ class SequenceState(Generic[V]):
         below `eid` (implied: no explicit child entry)."""
         new: Self = type(self).__new__(type(self))
         new._reset()
-        packed = value if self._text and type(value) is str and len(value) == 1 else [value]
-        new._runs[eid[1]] = ([eid[0]], [_Item(eid[1], eid[0], after, packed, None, None)])
+        item = _Item.__new__(_Item)  # (`_Item(...)` of one live element, inline)
+        item.node = node = eid[1]
+        item.start = time = eid[0]
+        item.n = item.live = 1
+        item.after = after
+        item.values = value if self._text and type(value) is str and len(value) == 1 else [value]
+        item.deleted = item.updated = item.block = None
+        new._runs[node] = ([time], [item])
         new._count = 1
         return new
 
