@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.context.folded_homes import folded_context, home_config
-from tests.replication.helpers import call
+from tests.replication.helpers import call, install
 from trionode.context.folding import fold_all
 from trionode.context.records import STATE
 from trionode.context.replicas import BASE_PREFIX, _keep_bases
@@ -35,6 +35,10 @@ async def test_a_folded_base_stays_what_was_folded_while_its_state_moves_on(
 ) -> None:
     config = home_config(tmp_path, passphrase)
     async with open_node(config) as node:
+        # A context created here has no base row: its writes read none (`Replica.markers`).
+        fresh = (await node.contexts.create(await install(node))).context_id
+        await call(node, fresh, "set", key="k", value="v")
+        assert node.contexts.replicas._loaded[fresh].markers is False
         context, _ = await folded_context(node, 8, "v" * 40)
         folded = _base(node, context)
         # Every folded entry's base is its state row's record: markers, not copies (the
@@ -52,6 +56,12 @@ async def test_a_folded_base_stays_what_was_folded_while_its_state_moves_on(
     async with open_node(config) as node:
         await node.contexts.replicas.load(context)
         assert _base(node, context) == folded
+        # Loaded with markers: a write after the restart keeps what a marker stood for.
+        await call(node, context, "set", key="k6", value="after the restart")
+        assert _base(node, context) == folded
+        left -= 1
+        # Loaded with no base row: nothing to look for.
+        assert (await node.contexts.replicas.load(fresh)).markers is False
         # Folding the new writes too: the base is the state again, marked.
         await fold_all(node.contexts.replicas, retention=0.0, max_batch=256)
         assert await _markers(node, context) > left

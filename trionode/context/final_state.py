@@ -135,7 +135,9 @@ class FinalSlot:
 
 def note_base(replica: Replica, records: Sequence[Entity]) -> None:
     """`records` were joined into the base rows (call under the replica's lock, with the
-    write): the final state, built or being built, takes them too."""
+    write): the final state, built or being built, takes them too, and staging the
+    replica's state rows looks for markers from now on (`Replica.markers`)."""
+    replica.markers = True
     slot = replica.final
     for view in slot.views:
         view.keep(records)

@@ -157,7 +157,13 @@ class LocalWriter:
             our_member=member,
         )
         replica = Replica(
-            record, tree, replicas.new_dag(), clock, member_key, {key_id: context_key}
+            record,
+            tree,
+            replicas.new_dag(),
+            clock,
+            member_key,
+            {key_id: context_key},
+            markers=False,  # (no base row yet: `note_base` sets it with the first)
         )
         batch = WriteBatch()
         batch.put(IDENTITY, key_slot(context_id, key_id), context_key)

@@ -163,6 +163,12 @@ class Replica:
     store: AsyncStore | None = None
     """Where its rows are (set by `ReplicaStore` when it holds the replica): staging a
     state row reads the base marker it may replace (`stage_rows`)."""
+    markers: bool = True
+    """Whether a base row of this context may be a marker (see `BASE_PREFIX`), so staging
+    its state rows must read their base rows first (`_keep_bases`: an LMDB read per
+    change, issue #16). False only where known: a context created here, or loaded with no
+    base row; whatever writes a base row sets it first (`final_state.note_base`, which
+    folding, a snapshot's records and a tree comparison's call)."""
 
     @property
     def context_id(self) -> bytes:
@@ -433,6 +439,7 @@ class ReplicaStore:
         # Beyond drift this is ignored: state poisoned by an older version (a stamp near
         # 2^64-1) must not make every local write overflow the clock after a restart.
         clock.witness(tree.max_stamp, self.physical_now())
+        base = BASE_PREFIX + context_id
         replica = Replica(
             record,
             tree,
@@ -441,6 +448,7 @@ class ReplicaStore:
             Ed25519PrivateKey.from_private_bytes(member_seed),
             keys,
             store=self.store,
+            markers=bool(self.store.raw.scan(Column.GENERIC, prefix=base, limit=1)),
         )
         await self._load_authority(replica, delta_rows)
         # Pending deltas survive restarts: put them back in the DAG. Those waiting for the
@@ -673,7 +681,7 @@ def stage_rows(replica: Replica, batch: WriteBatch, rows: Iterable[Row]) -> None
     new tree through here too (`StateTree.rows_replacing`)."""
     context_id = replica.context_id
     rows = rows if isinstance(rows, list) else list(rows)
-    if replica.store is not None:
+    if replica.store is not None and replica.markers:
         _keep_bases(replica.store, context_id, batch, [k for k, _ in rows if len(k) == ID_BYTES])
     for key, value in rows:
         if value is None:
