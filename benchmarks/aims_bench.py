@@ -183,11 +183,13 @@ async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> li
             captured: list[list[WriteOp]] = []
             original_write = node.store.write
 
-            async def recording_write(batch: WriteBatch | Sequence[WriteOp]) -> None:
+            async def recording_write(
+                batch: WriteBatch | Sequence[WriteOp], *, settle: bool = True
+            ) -> None:
                 ops = list(batch.ops if isinstance(batch, WriteBatch) else batch)
                 if any(op.column is Column.DELTA for op in ops):  # (not the event log's)
                     captured.append(ops)
-                await original_write(batch)
+                await original_write(batch, settle=settle)
 
             with patch.object(node.store, "write", recording_write):
                 for t in range(trials):
@@ -444,9 +446,9 @@ async def _propagation_stages(rounds: int, base: Path, bundle: Path) -> str:
         mark(self, "batch")
         return await run_batch(self, jobs)
 
-    async def committed(self: AsyncStore, ops: Any) -> None:
+    async def committed(self: AsyncStore, ops: Any, *, settle: bool = True) -> None:
         mark(self, "commit")
-        await write(self, ops)
+        await write(self, ops, settle=settle)
         mark(self, "durable")
 
     def shown(self: EventHub, events: list[ContextEvent]) -> None:

@@ -489,11 +489,13 @@ async def _keystroke_rows(keystrokes: int, prefill: int, base: Path) -> list[Row
         context = (await node.contexts.create(installed.application_id, init)).context_id
         original_write = node.store.write
 
-        async def recording_write(batch: WriteBatch | Sequence[WriteOp]) -> None:
+        async def recording_write(
+            batch: WriteBatch | Sequence[WriteOp], *, settle: bool = True
+        ) -> None:
             ops = list(batch.ops if isinstance(batch, WriteBatch) else batch)
             if any(op.column is Column.DELTA for op in ops):  # (not the event log's flushes)
                 writes.append(ops)
-            await original_write(batch)
+            await original_write(batch, settle=settle)
 
         calls = [
             ("delete", json.dumps({"pos": pos, "length": 1}))
@@ -717,11 +719,13 @@ async def _node_rows(n: int, base: Path) -> list[Row]:
         freeze_startup_heap()
         original_write = node.store.write
 
-        async def recording_write(batch: WriteBatch | Sequence[WriteOp]) -> None:
+        async def recording_write(
+            batch: WriteBatch | Sequence[WriteOp], *, settle: bool = True
+        ) -> None:
             ops = list(batch.ops if isinstance(batch, WriteBatch) else batch)
             if any(op.column is Column.DELTA for op in ops):  # (not the event log's flushes)
                 captured.append(ops)
-            await original_write(batch)
+            await original_write(batch, settle=settle)
 
         used_before = (await node.store.stats()).used_bytes
         with patch.object(node.store, "write", recording_write):

@@ -25,7 +25,7 @@ def record_queued_runs(node: Node) -> list[bytes]:
     queued: list[bytes] = []
     original = node.store.write
 
-    async def recording(batch: WriteBatch | Sequence[WriteOp]) -> None:
+    async def recording(batch: WriteBatch | Sequence[WriteOp], *, settle: bool = True) -> None:
         ops = batch.ops if isinstance(batch, WriteBatch) else batch
         queued.extend(
             op.key
@@ -34,7 +34,7 @@ def record_queued_runs(node: Node) -> list[bytes]:
             and op.column is HANDLER_RUNS.column
             and op.key.startswith(HANDLER_PREFIX)
         )
-        await original(batch)
+        await original(batch, settle=settle)
 
     node.store.write = recording  # type: ignore[method-assign]
     return queued

@@ -46,14 +46,14 @@ class GatedWrites:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def write(self, batch: WriteBatch) -> None:
+    async def write(self, batch: WriteBatch, *, settle: bool = True) -> None:
         self.sizes.append(len(batch))
         self.batches.append(batch)
         await self.gate.wait()
         if self.fail_next:
             self.fail_next = False
             raise StorageError("disk full (test)")
-        await self.inner.write(batch)
+        await self.inner.write(batch, settle=settle)
 
     def restore(self) -> None:
         self.replicas.store = self.inner

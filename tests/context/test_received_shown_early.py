@@ -264,9 +264,9 @@ async def test_subscribers_run_before_the_commit_and_services_hear_only_once_dur
         read_when_committing: list[list[ContextEvent | Notice]] = []
         gated_write = writes.write
 
-        async def write_seen(batch: WriteBatch) -> None:
+        async def write_seen(batch: WriteBatch, *, settle: bool = True) -> None:
             read_when_committing.append(list(read))  # (before anything of the write yields)
-            await gated_write(batch)
+            await gated_write(batch, settle=settle)
 
         writes.write = write_seen  # type: ignore[method-assign]
 

@@ -162,11 +162,59 @@ async def test_a_failed_inline_commit_is_a_counted_storage_error_and_frees_the_w
         assert store.raw.get(Column.GENERIC, b"b/0") == b"v"
 
 
-async def test_a_cancelled_writer_commits_nothing(
+class Steps(trio.abc.Instrument):
+    """How many times the task that made it was scheduled (its rounds of the scheduler)."""
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+@pytest.mark.parametrize(("settle", "rounds"), [(True, 1), (False, 0)])
+async def test_an_inline_commit_yields_once_unless_its_caller_yields_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settle: bool, rounds: int
+) -> None:
+    # settle=False is the delta processor's: it answers its callers, then waits for a job.
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db") as store:
+        await trio.testing.wait_all_tasks_blocked()
+        steps = Steps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await store.write(puts(b"a/"), settle=settle)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert commits.last_inline()
+        assert store.raw.get(Column.GENERIC, b"a/0") == b"v"
+        assert steps.steps == rounds
+
+
+async def test_a_commit_in_the_thread_waits_only_for_the_thread_when_the_writer_is_free(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     commits = Commits(monkeypatch)
-    async with store_at(tmp_path / "db") as store:
+    async with store_at(tmp_path / "db", inline_max=0.0) as store:
+        steps = Steps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await store.write(puts(b"a/"))
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert not commits.last_inline()
+        assert store.raw.get(Column.GENERIC, b"a/0") == b"v"
+        assert steps.steps == 1  # (taking the free writer was not a second round)
+
+
+@pytest.mark.parametrize("inline_max", [0.002, 0.0])
+async def test_a_cancelled_writer_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline_max: float
+) -> None:
+    commits = Commits(monkeypatch)
+    async with store_at(tmp_path / "db", inline_max=inline_max) as store:
         with trio.CancelScope() as scope:
             scope.cancel()
             await store.write(puts(b"a/"))

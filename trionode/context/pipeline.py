@@ -366,6 +366,10 @@ class DeltaPipeline:
                 jobs.append(job)
                 size += job.size
             jobs[:] = await self._run_batch(jobs)
+            if jobs or self._receive.statistics().current_buffer_used:
+                # More to do at once: others run first (the commit did not yield: the
+                # callers just answered, and whoever submits or reads, get their turn).
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _watch_shutdown(self, shutdown_requested: trio.Event) -> None:
         await shutdown_requested.wait()
@@ -445,7 +449,8 @@ class DeltaPipeline:
             batch.finish_rows()  # (and their state rows)
             if len(batch):
                 try:
-                    await self._replicas.store.write(batch)
+                    # (Not yielding after an inline commit: `_process` yields next.)
+                    await self._replicas.store.write(batch, settle=False)
                 except StorageError as write_error:
                     unusable.update(held)
                     failed.extend((each.job, write_error) for each in staged)
