@@ -124,6 +124,9 @@ def test_compact_records_round_trip(records: list[Entity]) -> None:
     items = compact_records(encoded, author=AUTHOR_KEY, hlc=HLC)
     expanded = expand_records([bytes(i) for i in items], author=AUTHOR_KEY, hlc=HLC)
     assert sorted(expanded) == sorted(encoded)
+    # A local write passes the ids its entities hold: the same bytes, without hashing.
+    given_ids = compact_records(encoded, author=AUTHOR_KEY, hlc=HLC, ids=[r.id for r in records])
+    assert [bytes(i) for i in given_ids] == [bytes(i) for i in items]
     # Parents come before their children, so every reference points backwards.
     position = {child_id(e.parent, e.name): i for i, e in enumerate(decode_entities(expanded))}
     for i, entity in enumerate(decode_entities(expanded)):

@@ -92,18 +92,28 @@ def _id_of(tree: object) -> bytes | None:
 
 
 def compact_records(
-    records: Sequence[bytes], *, author: bytes, hlc: int, leaves: list[bytes] | None = None
+    records: Sequence[bytes],
+    *,
+    author: bytes,
+    hlc: int,
+    leaves: list[bytes] | None = None,
+    ids: Sequence[bytes] | None = None,
 ) -> list[msgspec.Raw]:
     """The records of a body written by `author` at `hlc`, compacted (see module docstring).
-    `leaves`, if given, receives the body's byte strings that payloads may refer to."""
+    `leaves`, if given, receives the body's byte strings that payloads may refer to. `ids`:
+    the records' ids if the caller holds them (`records` are then `encode_entity` of
+    entities whose ids these are: `child_id(parent, name)`, as `_id_of` would hash them;
+    a SHA-256 per record saved on every local write)."""
     trees: list[object] = []
     for data in records:
         try:
             trees.append(_GENERIC.decode(data))
         except (msgspec.DecodeError, ValueError, TypeError):  # not msgpack: as it is
             trees.append(None)
-    ids = [_id_of(tree) for tree in trees]
-    order = _parents_first(ids, trees)
+    record_ids: Sequence[bytes | None] = (
+        ids if ids is not None else [_id_of(tree) for tree in trees]
+    )
+    order = _parents_first(record_ids, trees)
     index: dict[bytes, int] = {}
     out: list[msgspec.Raw] = []
     for position, i in enumerate(order):
@@ -113,7 +123,7 @@ def compact_records(
             continue
         refs = _Refs(author, hlc, index, leaves)
         out.append(msgspec.Raw(_ENCODER.encode(refs.compact(tree))))
-        record_id = ids[i]
+        record_id = record_ids[i]
         if record_id is not None:
             index.setdefault(record_id, position)
     return out

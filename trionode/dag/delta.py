@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from typing import Annotated, Final
 
 import attrs
@@ -253,14 +254,20 @@ _SIGNED_DECODER = msgspec.msgpack.Decoder(SignedDelta)
 
 
 def encode_compact_body(
-    body: DeltaBody, *, author: bytes, hlc: int, version: int = FORMAT_VERSION
+    body: DeltaBody,
+    *,
+    author: bytes,
+    hlc: int,
+    version: int = FORMAT_VERSION,
+    record_ids: Sequence[bytes] | None = None,
 ) -> bytes:
-    """A body's plaintext in format 4 or 5."""
+    """A body's plaintext in format 4 or 5. `record_ids`: its records' entity ids, if the
+    caller holds them (`compact_records`)."""
     if version == 4:
-        records = compact_records(body.records, author=author, hlc=hlc)
+        records = compact_records(body.records, author=author, hlc=hlc, ids=record_ids)
         return _ENCODER.encode(CompactBody(records, body.events))
     leaves: list[bytes] | None = [] if body.events else None
-    records = compact_records(body.records, author=author, hlc=hlc, leaves=leaves)
+    records = compact_records(body.records, author=author, hlc=hlc, leaves=leaves, ids=record_ids)
     opened = sum(map(len, body.records)) + sum(len(e.payload) for e in body.events)
     # A body that would open past the budget every receiver holds it to travels without
     # references: as large as it is, it is refused here (replication.max_delta_bytes),
@@ -391,11 +398,14 @@ def seal_delta(
     auth: AuthAction | None = None,
     version: int = FORMAT_VERSION,
     author_public: bytes | None = None,
+    record_ids: Sequence[bytes] | None = None,
 ) -> SignedDelta:
     """Encrypt and sign a body as a new delta. `vv` is the version vector of its parents
     (author tag → seq); the author's own entry is set to `seq`. `version` other than the
     newest is for tests of what older nodes wrote. `author_public`: `author`'s public key
-    if the caller holds it (deriving it is a scalar multiplication, ~20 us per delta)."""
+    if the caller holds it (deriving it is a scalar multiplication, ~20 us per delta).
+    `record_ids`: the entity ids of `body.records`, if the caller holds them (a SHA-256
+    per record saved: `compact_records`)."""
     if version not in SUPPORTED_FORMATS:
         raise ValueError(f"cannot seal delta format {version}")
     if author_public is None:
@@ -416,7 +426,9 @@ def seal_delta(
     )
     header_bytes = _wire_header(header)
     if version in COMPACT_FORMATS:
-        plain = encode_compact_body(body, author=author_public, hlc=hlc, version=version)
+        plain = encode_compact_body(
+            body, author=author_public, hlc=hlc, version=version, record_ids=record_ids
+        )
     else:
         plain = _ENCODER.encode(body)
     ciphertext = crypto_aead_xchacha20poly1305_ietf_encrypt(
