@@ -5,6 +5,7 @@ piece its body lacks is refused, typed and counted, on every path, and changes n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -101,11 +102,19 @@ async def test_events_that_refer_to_record_bytes_arrive_whole_by_gossip_and_by_s
                 assert deltas(node, "rejected_malformed") == 0
 
 
-def _hostile(body: DeltaBody, *, author: bytes, hlc: int, version: int = 5) -> bytes:
+def _hostile(
+    body: DeltaBody,
+    *,
+    author: bytes,
+    hlc: int,
+    version: int = 5,
+    record_ids: Sequence[bytes] | None = None,
+) -> bytes:
     """`body`'s plaintext as its author would write it, but with an event that refers to a
     byte string the body does not hold (a leaf index past the end)."""
     honest = msgspec.msgpack.decode(
-        encode_compact_body(body, author=author, hlc=hlc, version=version), type=CompactBody5
+        encode_compact_body(body, author=author, hlc=hlc, version=version, record_ids=record_ids),
+        type=CompactBody5,
     )
     missing = msgspec.msgpack.Ext(EXT_LEAF, (200).to_bytes(1, "big"))
     events = [CompactEvent("Inserted", [b'{"key":"k","value":"', missing, b'"}'])]
