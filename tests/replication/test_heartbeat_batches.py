@@ -329,3 +329,29 @@ async def test_sessions_that_apply_deltas_share_one_announcement_per_interval(
         # that long ties with its timer, whose task may then run after this one.
         await trio.sleep(1.5 * interval)
         assert beats(b, "announced") - announced == 2
+
+
+async def test_a_context_taking_a_snapshot_is_left_out_of_heartbeats(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Its root is a partial state's while the pages come (and hashing it rebuilds the
+    hashes every page invalidated): the other contexts' beats go on, it has none."""
+    async with open_cluster(2, tmp_path, configure=_v1_only) as cluster:
+        a = cluster.nodes[0]
+        for _ in range(CONTEXTS):
+            await share(cluster, [0, 1])
+        taking = min(a.contexts.known_ids())
+        await trio.sleep(HEARTBEAT)
+        with a.contexts.snapshot_guard(taking):
+            await trio.sleep(HEARTBEAT)  # (a beat that began before the guard is out)
+            sent, beats_sent = batches(a, "sent"), beats(a, "sent")
+            await trio.sleep(4 * HEARTBEAT)
+            streams = batches(a, "sent") - sent
+            assert streams >= 3
+            assert beats(a, "sent") - beats_sent == (CONTEXTS - 1) * streams
+        await trio.sleep(HEARTBEAT)
+        sent, beats_sent = batches(a, "sent"), beats(a, "sent")
+        await trio.sleep(3 * HEARTBEAT)
+        streams = batches(a, "sent") - sent
+        assert streams >= 2
+        assert beats(a, "sent") - beats_sent == CONTEXTS * streams
