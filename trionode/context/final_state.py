@@ -230,13 +230,18 @@ async def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
     while the thread worked, and a test's autojump clock ran virtual time on meanwhile, so
     session deadlines passed during a build of a few dozen rows (two flaky tests)."""
     tree = StateTree()
+    cut = len(BASE_PREFIX + context_id)
     for rows in _pages(replicas, context_id):
         with collector_paused():
             # Most stay their rows' bytes (crdt/lazy.py): the root hashes from those, and
-            # pages are served from the rows anyway.
-            entities, newest = take([record_of_row(value) for _, value in rows])
+            # pages are served from the rows anyway. Our own rows: their keys are their ids.
+            records = [record_of_row(value) for _, value in rows]
+            entities, newest = take(records, [key[cut:] for key, _ in rows])
             tree.add_new(entities, newest=newest)
-        del rows, entities
+        # Hashed read by read (the buckets it filled), not in one synchronous step of the
+        # whole state when the root is first asked for.
+        tree.root_hash()
+        del rows, records, entities
         await trio.lowlevel.checkpoint()
     tree.drain_changes()
     return tree
