@@ -403,8 +403,9 @@ class SnapshotState:
             if excess > 0:
                 self._metrics.outcome("refused_state_ahead")
                 raise StateAheadError(ntp64_seconds(excess))
-            fresh = [i for i, e in enumerate(entities) if e.id not in tree]
-            held = [e for e in entities if e.id in tree]
+            held_ids = tree.records  # (a dict: no method call per record)
+            fresh = [i for i, e in enumerate(entities) if e.id not in held_ids]
+            held = [e for e in entities if e.id in held_ids] if len(fresh) < len(entities) else []
             batch = WriteBatch()
             if fresh:
                 with collector_paused():  # many rows, every one kept (crdt/bulk.py)
@@ -521,9 +522,12 @@ def _take_new(
     """File the records at `fresh` (new to the replica) into its tree and stage their rows."""
     context_id = replica.context_id
     tree = replica.tree
+    if len(fresh) < len(entities):
+        entities = [entities[i] for i in fresh]
+        records = [records[i] for i in fresh]
     # Made for this batch alone (most kept as their rows: crdt/lazy.py): the tree keeps
     # them without a copy.
-    tree.add_new([entities[i] for i in fresh], newest=newest)
+    tree.add_new(entities, newest=newest)
     # Their rows are the bytes that came: nothing to drain or re-encode. (Every earlier
     # change was drained by its own commit, so only these are undrained.)
     tree.drain_changes()
@@ -534,12 +538,13 @@ def _take_new(
     # A base row equal to its state row is a marker (`replicas.BASE_PREFIX`), so each
     # record is stored once; a Text or Vector keeps a copy, as folding leaves it (its
     # state row grows a journal).
-    rows = [(entities[i].id, records[i], entities[i].kind) for i in fresh]
+    ids = [e.id for e in entities]
+    journals = [i for i, e in enumerate(entities) if e.kind in JOURNAL_KINDS]
+    bases = [(base_prefix + k, b"") for k in ids]
+    for i in journals:
+        bases[i] = (bases[i][0], records[i])
     batch.ops += [
-        PutMany(STATE.column, [(state_prefix + k, v) for k, v, _ in rows]),
-        PutMany(
-            AUX.column,
-            [(base_prefix + k, v if kind in JOURNAL_KINDS else b"") for k, v, kind in rows],
-        ),
+        PutMany(STATE.column, [(state_prefix + k, v) for k, v in zip(ids, records, strict=True)]),
+        PutMany(AUX.column, bases),
     ]
-    note_base(replica, [entities[i] for i in fresh])
+    note_base(replica, entities)
