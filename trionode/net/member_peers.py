@@ -142,17 +142,14 @@ class _MemberPeers:
         """Store what changed about connected member peers; refresh the member set."""
         ours = set(self._our_topics())
         batch = WriteBatch()
-        # Connected peers that share a topic with us: asked per peer (a few), not per
-        # topic of ours (one per context: a node with 1,000 contexts asked 1,000 times on
-        # every pubsub heartbeat).
         live: set[PeerId] = set()
-        for peer, conn in list(self._host.connections.items()):
-            if conn.closed:
+        for topic in ours:
+            live.update(self._pubsub.topic_peers(topic))
+        for peer in live:
+            conn = self._host.connections.get(peer)
+            if conn is None or conn.closed:
                 continue
             shared = sorted(ours.intersection(self._pubsub.peer_topics(peer)))
-            if not shared:
-                continue
-            live.add(peer)
             known = self._peerstore.addresses(peer)
             inputs = (conn, conn.listen_addrs, known, shared)
             last = self._inputs.get(peer)
