@@ -308,3 +308,68 @@ def test_a_scan_of_base_markers_reads_each_marker_as_its_state_row(
         )
     finally:
         store.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    state=st.dictionaries(st.integers(0, 40), _values, max_size=16),
+    bases=st.dictionaries(st.integers(0, 40), st.binary(max_size=8), max_size=16),
+    others=st.lists(st.integers(0, 40), max_size=4),
+    start=st.none() | st.integers(0, 40),
+    limit=st.integers(1, 20),
+    encrypted=st.booleans(),
+)
+def test_a_page_of_base_markers_walked_beside_the_state_rows_is_the_scan_of_them(
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    state: dict[int, bytes],
+    bases: dict[int, bytes],
+    others: list[int],
+    start: int | None,
+    limit: int,
+    encrypted: bool,
+) -> None:
+    """`scan_filled` (a snapshot page's read: the base rows and the state rows walked side
+    by side) gives what `scan` with `fill` gives, keys less the prefix: whatever state rows
+    lie between the markers' (ids without a base row, another context's rows), markers
+    without a state row, base rows with a value, from any start, at any limit, sealed or
+    not."""
+    store = LmdbStore.open(
+        tmp_path_factory.mktemp("db"), passphrase="pw" if encrypted else None, kdf=FAST_KDF
+    )
+    prefix = b"base/" + CONTEXT
+    try:
+        store.write(
+            [
+                Put(Column.STATE, OTHER + b"x" * 32, b"other"),  # (another context first)
+                PutMany(Column.STATE, [(_key(i), v) for i, v in sorted(state.items())]),
+                PutMany(Column.GENERIC, [(b"base/" + _key(i), v) for i, v in bases.items()]),
+                *(Put(Column.STATE, OTHER + _key(i)[32:], b"o") for i in others),
+                Put(Column.GENERIC, b"base/" + OTHER + b"x" * 32, b""),
+            ]
+        )
+        low = None if start is None else prefix + _key(start)[32:]
+        expected = store.scan(
+            Column.GENERIC, prefix=prefix, start=low, limit=limit, fill=(Column.STATE, 5)
+        )
+        assert store.scan_filled(
+            Column.GENERIC, prefix=prefix, start=low, limit=limit, fill=(Column.STATE, 5)
+        ) == [(k[len(prefix) :], v) for k, v in expected]
+    finally:
+        store.close()
+
+
+def test_a_page_of_base_markers_of_a_context_without_rows_is_empty(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "db")
+    try:
+        store.write([Put(Column.GENERIC, b"base/" + OTHER + b"x", b"")])
+        prefix = b"base/" + CONTEXT
+        assert (
+            store.scan_filled(Column.GENERIC, prefix=prefix, limit=5, fill=(Column.STATE, 5)) == []
+        )
+        # (Not one context's rows: read by `scan`.)
+        assert store.scan_filled(
+            Column.GENERIC, prefix=b"base/", limit=5, fill=(Column.STATE, 5)
+        ) == [(OTHER + b"x", b"")]
+    finally:
+        store.close()

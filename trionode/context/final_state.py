@@ -230,13 +230,12 @@ async def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
     while the thread worked, and a test's autojump clock ran virtual time on meanwhile, so
     session deadlines passed during a build of a few dozen rows (two flaky tests)."""
     tree = StateTree()
-    cut = len(BASE_PREFIX + context_id)
     for rows in _pages(replicas, context_id):
         with collector_paused():
             # Most stay their rows' bytes (crdt/lazy.py): the root hashes from those, and
             # pages are served from the rows anyway. Our own rows: their keys are their ids.
             records = [record_of_row(value) for _, value in rows]
-            entities, newest = take(records, [key[cut:] for key, _ in rows])
+            entities, newest = take(records, [entity_id for entity_id, _ in rows])
             tree.add_new(entities, newest=newest)
         # Hashed read by read (the buckets it filled), not in one synchronous step of the
         # whole state when the root is first asked for.
@@ -248,19 +247,20 @@ async def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
 
 
 def _pages(replicas: ReplicaStore, context_id: bytes) -> Iterator[list[tuple[bytes, bytes]]]:
+    """The base rows of `context_id` (entity id, row), `BUILD_ROWS` at a time."""
     prefix = BASE_PREFIX + context_id
     start: bytes | None = None
     raw = replicas.store.raw
     while True:
         # (A marker row takes its state row, read in the same transaction.)
-        rows = raw.scan(
+        rows = raw.scan_filled(
             Column.GENERIC, prefix=prefix, start=start, limit=BUILD_ROWS, fill=BASE_FILL
         )
         if rows:
             yield rows
         if len(rows) < BUILD_ROWS:
             return
-        start = rows[-1][0] + b"\x00"
+        start = prefix + rows[-1][0] + b"\x00"
 
 
 def _creation_records(
@@ -299,12 +299,11 @@ def page(
     Read under the replica's lock, with `state` current."""
     prefix = BASE_PREFIX + context_id
     start = None if cursor is None else prefix + cursor + b"\x00"
-    rows = replicas.store.raw.scan(
+    rows = replicas.store.raw.scan_filled(
         Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1, fill=BASE_FILL
     )
-    cut = len(prefix)
     # A marker row came as its state row: served as the record that holds.
-    stored = [(key[cut:], record_of_row(value)) for key, value in rows]
+    stored = [(entity_id, record_of_row(value)) for entity_id, value in rows]
     # The overlay's ids up to where the stored rows read reach (all of them after the last
     # row if the rows ran out).
     overlay = state.overlay
@@ -403,7 +402,6 @@ def view_page(
     if view.lost or replica.final is not view.slot:
         raise SnapshotViewLost("the state this snapshot serves was discarded")
     prefix = BASE_PREFIX + replica.context_id
-    cut = len(prefix)
     raw = replicas.store.raw
     kept = view.kept
     stored: list[tuple[bytes, bytes]] = []
@@ -414,17 +412,19 @@ def view_page(
     while len(stored) <= max_records and not ended:
         start = None if after is None else prefix + after + b"\x00"
         # (A marker row takes its state row, read in the same transaction.)
-        rows = raw.scan(
+        rows = raw.scan_filled(
             Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1, fill=BASE_FILL
         )
         ended = len(rows) <= max_records
-        for key, now in rows:
-            entity_id = key[cut:]
-            value = kept[entity_id] if entity_id in kept else record_of_row(now)
-            if value is not None:  # (None: a row new since the view opened)
-                stored.append((entity_id, value))
+        if kept:
+            for entity_id, now in rows:
+                value = kept[entity_id] if entity_id in kept else record_of_row(now)
+                if value is not None:  # (None: a row new since the view opened)
+                    stored.append((entity_id, value))
+        else:
+            stored += [(entity_id, record_of_row(now)) for entity_id, now in rows]
         if rows:
-            after = rows[-1][0][cut:]
+            after = rows[-1][0]
     overlay = sorted(view.overlay)
     low = 0 if cursor is None else bisect_right(overlay, cursor)
     high = len(overlay) if ended else bisect_left(overlay, stored[-1][0])

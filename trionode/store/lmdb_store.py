@@ -1089,6 +1089,78 @@ class LmdbStore:
             ]
         return [(k, self._value(column, k, v)) for k, v in out]
 
+    def scan_filled(
+        self,
+        column: Column,
+        *,
+        prefix: bytes,
+        start: bytes | None = None,
+        limit: int,
+        fill: tuple[Column, int],
+    ) -> list[tuple[bytes, bytes]]:
+        """`scan(column, prefix=prefix, start=start, limit=limit, fill=fill)` with each key
+        less `prefix` (a page of one context's base rows, by entity id).
+
+        When `prefix` names one context of a numbered column and its empty rows defer to
+        that context's rows of the state column (`fill` cuts exactly the column's prefix
+        off: context/replicas.py's base markers), the two trees are walked side by side,
+        both in id order, instead of a lookup from the top of the state tree per marker;
+        anything else goes through `scan`."""
+        self._check_open()
+        other, cut = fill
+        stored_prefix = self._keys.stored(column, prefix)
+        if (
+            column is not Column.GENERIC
+            or other is not Column.STATE
+            or len(prefix) != cut + _CONTEXT_BYTES
+            or stored_prefix is None
+            or stored_prefix == prefix  # (no context number: not one context's rows)
+            or (start is not None and not start.startswith(prefix))
+        ):
+            rows = self.scan(column, prefix=prefix, start=start, limit=limit, fill=fill)
+            n = len(prefix)
+            return [(k[n:], v) for k, v in rows]
+        context = prefix[cut:]
+        out: list[tuple[bytes, bytes]] = []
+        with self._lock.shared(), self._env.begin() as txn:
+            state_head = self._keys.stored(other, context)
+            lower = stored_prefix if start is None else stored_prefix + start[len(prefix) :]
+            base = txn.cursor(db=self._dbs[column])
+            if limit <= 0 or not base.set_range(lower):
+                return out
+            state = txn.cursor(db=self._dbs[other])
+            state_rows: Iterator[tuple[bytes, bytes]] | None = None
+            here: tuple[bytes, bytes] | None = None
+            """The state row the walk is at (None: before the first, or past the last)."""
+            n = len(stored_prefix)
+            sealed = self._cipher is not None
+            unpack = self._refs.unpack
+            for key, value in base.iternext():
+                if not key.startswith(stored_prefix):
+                    break
+                entity_id = key[n:]
+                if value:
+                    out.append((entity_id, self._value(column, prefix + entity_id, value)))
+                elif state_head is None:
+                    out.append((entity_id, value))
+                else:
+                    want = state_head + entity_id
+                    if state_rows is not None and here is not None and here[0] < want:
+                        here = next(state_rows, None)  # (the next marker's row, mostly)
+                    if state_rows is None or (here is not None and here[0] < want):
+                        state_rows = state.iternext() if state.set_range(want) else iter(())
+                        here = next(state_rows, None)
+                    if here is not None and here[0] == want:
+                        stored = here[1]
+                        if sealed:
+                            stored = self._unseal(other, context + entity_id, stored)
+                        out.append((entity_id, unpack(stored)))
+                    else:
+                        out.append((entity_id, value))  # (no state row: stays a marker)
+                if len(out) >= limit:
+                    break
+        return out
+
     def _fill(
         self,
         txn: lmdb.Transaction,
