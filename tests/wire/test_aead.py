@@ -1,13 +1,14 @@
-"""`trionode.wire.aead` opens what PyNaCl's XChaCha20-Poly1305 seals, and refuses (None,
+"""`trionode.wire.aead` seals what PyNaCl seals and opens what it seals, and refuses (None,
 never an exception or a read past a buffer) anything that does not authenticate or has a
 wrong length."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, strategies as st
 from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt as seal
 
-from trionode.wire.aead import open_xchacha20poly1305 as open_
+from trionode.wire.aead import open_xchacha20poly1305 as open_, seal_xchacha20poly1305 as seal_
 
 keys = st.binary(min_size=32, max_size=32)
 nonces = st.binary(min_size=24, max_size=24)
@@ -45,3 +46,15 @@ def test_wrong_lengths_are_refused() -> None:
     assert open_(ciphertext, b"", nonce[:23], key) is None
     assert open_(ciphertext[:15], b"", nonce, key) is None
     assert open_(b"", b"", nonce, key) is None
+
+
+@given(key=keys, nonce=nonces, plain=st.binary(max_size=1024), ad=st.binary(max_size=128))
+def test_seals_what_pynacl_seals(key: bytes, nonce: bytes, plain: bytes, ad: bytes) -> None:
+    assert seal_(plain, ad, nonce, key) == seal(plain, ad, nonce, key)
+
+
+def test_sealing_with_wrong_lengths_raises() -> None:
+    with pytest.raises(ValueError, match="32-byte key"):
+        seal_(b"x", b"", bytes(24), bytes(31))
+    with pytest.raises(ValueError, match="24-byte nonce"):
+        seal_(b"x", b"", bytes(23), bytes(32))

@@ -63,7 +63,6 @@ from typing import Annotated, Final
 import attrs
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 
 from trionode.crdt.compact import (
     MAX_EXPANSION,
@@ -75,7 +74,7 @@ from trionode.crdt.compact import (
 )
 from trionode.errors import RemoteProtocolError
 from trionode.wire import ed25519
-from trionode.wire.aead import open_xchacha20poly1305
+from trionode.wire.aead import open_xchacha20poly1305, seal_xchacha20poly1305
 
 ID_SIZE: Final = 32
 GENESIS: Final = bytes(ID_SIZE)
@@ -431,7 +430,7 @@ def seal_delta(
         )
     else:
         plain = _ENCODER.encode(body)
-    ciphertext = crypto_aead_xchacha20poly1305_ietf_encrypt(
+    ciphertext = seal_xchacha20poly1305(
         plain, _associated_data(header, header_bytes), header.nonce, context_key
     )
     seed = author.private_bytes_raw()  # (signed by libsodium: `trionode.wire.ed25519`)

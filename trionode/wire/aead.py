@@ -1,10 +1,12 @@
-"""XChaCha20-Poly1305 decryption through libsodium's own binding, for the receive path.
+"""XChaCha20-Poly1305 through libsodium's own binding, for the hot paths.
 
-Every member opens the body of every delta it receives. PyNaCl's wrapper
-(`nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt`) checks its arguments by
-formatting an error message for each check whether it fails or not, about twice the cost
-of the decryption itself for a delta of a few hundred bytes (issue #16). This calls the
-same libsodium function once, with the lengths checked here (libsodium trusts them).
+Every member opens the body of every delta it receives, and seals the body of every delta
+it writes. PyNaCl's wrappers (`nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt`,
+`..._encrypt`) check their arguments by formatting an error message for each check whether
+it fails or not, about twice the cost of the decryption itself for a delta of a few hundred
+bytes, and three times that of the encryption (12.5 against 3.1 us for a 300-byte body,
+issue #16). These call the same libsodium functions once, with the lengths checked here
+(libsodium trusts them).
 """
 
 from __future__ import annotations
@@ -16,6 +18,31 @@ from nacl._sodium import ffi, lib  # type: ignore[import-not-found,unused-ignore
 KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 24
 TAG_BYTES: Final = 16
+
+
+def seal_xchacha20poly1305(plain: bytes, associated_data: bytes, nonce: bytes, key: bytes) -> bytes:
+    """`plain` encrypted under `key` and `nonce`, bound to `associated_data`, its 16-byte
+    tag last (what PyNaCl's `crypto_aead_xchacha20poly1305_ietf_encrypt` returns).
+
+    Raises:
+        ValueError: a key or nonce of the wrong length.
+    """
+    if len(key) != KEY_BYTES or len(nonce) != NONCE_BYTES:
+        raise ValueError("XChaCha20-Poly1305 takes a 32-byte key and a 24-byte nonce")
+    size = len(plain) + TAG_BYTES
+    sealed = ffi.new("unsigned char[]", size)
+    lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        sealed,
+        ffi.NULL,
+        plain,
+        len(plain),
+        associated_data,
+        len(associated_data),
+        ffi.NULL,
+        nonce,
+        key,
+    )
+    return bytes(ffi.buffer(sealed, size))
 
 
 def open_xchacha20poly1305(
