@@ -34,8 +34,10 @@ from trionode.crdt.compact import (
     EXT_RECORD,
     EXT_STAMP,
     ROW_VERSION,
+    compact_entities,
     compact_records,
     encode_row,
+    entity_row,
     expand_records,
     record_of_row,
 )
@@ -330,3 +332,21 @@ def test_state_row_expansion_is_bounded() -> None:
 def test_garbage_state_rows_only_raise_the_typed_error(data: bytes) -> None:
     with contextlib.suppress(RemoteProtocolError):
         decode_entity(record_of_row(b"\x94\x03" + data))
+
+
+@given(bodies_of_records(), st.booleans())
+def test_compacting_the_records_themselves_gives_the_same_bytes(
+    records: list[Entity], with_leaves: bool
+) -> None:
+    """A local write compacts its records from the entities it holds (`compact_entities`),
+    not from their encodings: the same bytes and the same leaves, whatever they hold."""
+    leaves: list[bytes] | None = [] if with_leaves else None
+    expected_leaves: list[bytes] | None = [] if with_leaves else None
+    direct = compact_entities(records, author=AUTHOR_KEY, hlc=HLC, leaves=leaves)
+    via_bytes = compact_records(
+        _canonical(records), author=AUTHOR_KEY, hlc=HLC, leaves=expected_leaves
+    )
+    assert [bytes(i) for i in direct] == [bytes(i) for i in via_bytes]
+    assert leaves == expected_leaves
+    for entity in records:
+        assert entity_row(entity) == _row_of(entity)

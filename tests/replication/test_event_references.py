@@ -16,6 +16,7 @@ import trio.testing
 from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
 
 from trionode.context.replication import SYNC_PROTOCOL, _Channel
+from trionode.crdt import Entity
 from trionode.crdt.compact import EXT_CONTENT, EXT_LEAF
 from trionode.dag.delta import (
     CompactBody5,
@@ -109,11 +110,19 @@ def _hostile(
     hlc: int,
     version: int = 5,
     record_ids: Sequence[bytes] | None = None,
+    entities: Sequence[Entity] | None = None,
 ) -> bytes:
     """`body`'s plaintext as its author would write it, but with an event that refers to a
     byte string the body does not hold (a leaf index past the end)."""
     honest = msgspec.msgpack.decode(
-        encode_compact_body(body, author=author, hlc=hlc, version=version, record_ids=record_ids),
+        encode_compact_body(
+            body,
+            author=author,
+            hlc=hlc,
+            version=version,
+            record_ids=record_ids,
+            entities=entities,
+        ),
         type=CompactBody5,
     )
     missing = msgspec.msgpack.Ext(EXT_LEAF, (200).to_bytes(1, "big"))

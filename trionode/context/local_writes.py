@@ -483,7 +483,7 @@ class LocalWriter:
             vv=vv,
             auth=auth,
             author_public=replica.record.our_member,
-            record_ids=[r.id for r in outcome.delta_records],
+            entities=outcome.delta_records,
         )
         size = len(delta.encode())  # cached: the bytes that are stored and sent
         if size > self._max_delta_bytes:

@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from trionode.crdt.compact import encode_row, record_of_row
-from trionode.crdt.encoding import decode_entity, decode_journal, encode_entity, encode_journal
+from trionode.crdt.compact import entity_row, record_of_row
+from trionode.crdt.encoding import decode_entity, decode_journal, encode_journal
 from trionode.crdt.entity import ID_BYTES, Entity, Kind
 
 JOURNAL_KINDS: Final = frozenset({Kind.TEXT, Kind.VECTOR})
@@ -213,8 +213,7 @@ class RowLoad:
 
 def _row(entity: Entity) -> bytes:
     """A base row (version 3: see `compact.py`)."""
-    added = entity.added
-    return encode_row(encode_entity(entity), None if added is None else (added.time, added.node))
+    return entity_row(entity)
 
 
 def _decode(entity_id: bytes, value: bytes) -> Entity:

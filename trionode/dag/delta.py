@@ -68,10 +68,12 @@ from trionode.crdt.compact import (
     MAX_EXPANSION,
     MAX_PIECES,
     PayloadSpans,
+    compact_entities,
     compact_records,
     expand_payload,
     expand_records,
 )
+from trionode.crdt.entity import Entity
 from trionode.errors import RemoteProtocolError
 from trionode.wire import ed25519
 from trionode.wire.aead import open_xchacha20poly1305, seal_xchacha20poly1305
@@ -259,14 +261,20 @@ def encode_compact_body(
     hlc: int,
     version: int = FORMAT_VERSION,
     record_ids: Sequence[bytes] | None = None,
+    entities: Sequence[Entity] | None = None,
 ) -> bytes:
     """A body's plaintext in format 4 or 5. `record_ids`: its records' entity ids, if the
-    caller holds them (`compact_records`)."""
+    caller holds them (`compact_records`); `entities`: the records themselves, whose
+    encodings `body.records` are (`compact_entities`: the same bytes, sooner)."""
+    leaves: list[bytes] | None = [] if body.events and version != 4 else None
+    if entities is not None:
+        records = compact_entities(entities, author=author, hlc=hlc, leaves=leaves)
+    else:
+        records = compact_records(
+            body.records, author=author, hlc=hlc, leaves=leaves, ids=record_ids
+        )
     if version == 4:
-        records = compact_records(body.records, author=author, hlc=hlc, ids=record_ids)
         return _ENCODER.encode(CompactBody(records, body.events))
-    leaves: list[bytes] | None = [] if body.events else None
-    records = compact_records(body.records, author=author, hlc=hlc, leaves=leaves, ids=record_ids)
     opened = sum(map(len, body.records)) + sum(len(e.payload) for e in body.events)
     # A body that would open past the budget every receiver holds it to travels without
     # references: as large as it is, it is refused here (replication.max_delta_bytes),
@@ -398,13 +406,15 @@ def seal_delta(
     version: int = FORMAT_VERSION,
     author_public: bytes | None = None,
     record_ids: Sequence[bytes] | None = None,
+    entities: Sequence[Entity] | None = None,
 ) -> SignedDelta:
     """Encrypt and sign a body as a new delta. `vv` is the version vector of its parents
     (author tag → seq); the author's own entry is set to `seq`. `version` other than the
     newest is for tests of what older nodes wrote. `author_public`: `author`'s public key
     if the caller holds it (deriving it is a scalar multiplication, ~20 us per delta).
     `record_ids`: the entity ids of `body.records`, if the caller holds them (a SHA-256
-    per record saved: `compact_records`)."""
+    per record saved: `compact_records`); `entities`: the records themselves, whose
+    encodings `body.records` are (`compact_entities`)."""
     if version not in SUPPORTED_FORMATS:
         raise ValueError(f"cannot seal delta format {version}")
     if author_public is None:
@@ -426,7 +436,12 @@ def seal_delta(
     header_bytes = _wire_header(header)
     if version in COMPACT_FORMATS:
         plain = encode_compact_body(
-            body, author=author_public, hlc=hlc, version=version, record_ids=record_ids
+            body,
+            author=author_public,
+            hlc=hlc,
+            version=version,
+            record_ids=record_ids,
+            entities=entities,
         )
     else:
         plain = _ENCODER.encode(body)
