@@ -20,6 +20,7 @@ from trionode.context.event_log import EVENT_PREFIX
 from trionode.context.events import ContextEvent, Replay, Subscription
 from trionode.context.local_writes import CallResult
 from trionode.context.notices import b58
+from trionode.context.pipeline import DeltaPipeline
 from trionode.context.records import CONTEXTS, ContextRecord
 from trionode.dag.delta import SignedDelta
 from trionode.errors import StorageError
@@ -439,3 +440,54 @@ async def test_membership_changes_commit_with_calls_and_a_refused_one_writes_not
         assert entries == {"a": "1", "b": "2"}
         stored = await node.contexts.read_delta(context, grant.id)
         assert stored is not None
+
+
+def _second_pipeline(node: Node) -> DeltaPipeline:
+    """A processor of the node's contexts besides the node's own (to stop it alone)."""
+    running = node.contexts.pipeline
+    return DeltaPipeline(
+        running._replicas,
+        running._writer,
+        running._processor,
+        running._apps,
+        running._hub,
+    )
+
+
+async def test_a_shutdown_request_ends_an_idle_processor(tmp_path: Path) -> None:
+    async with one_context(tmp_path) as (node, context):
+        pipeline = _second_pipeline(node)
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.serve, stop)
+            await trio.testing.wait_all_tasks_blocked()  # (it waits for a job)
+            stop.set()
+        # (The nursery is done: `serve` ended by itself, not by a cancellation.)
+        with pytest.raises(StorageError, match="stopping"):
+            await pipeline.call(context, "set", kv_set("late", "1"))
+
+
+@pytest.mark.parametrize("run", range(6))
+async def test_a_call_queued_as_shutdown_is_requested_still_commits(
+    tmp_path: Path, run: int
+) -> None:
+    """The call reaches the idle processor in the same round of the scheduler as the
+    shutdown request (in either order, as Trio runs them): it is committed and answered,
+    then the processor ends."""
+    async with one_context(tmp_path) as (node, context):
+        pipeline = _second_pipeline(node)
+        stop = trio.Event()
+        answers: list[CallResult] = []
+
+        async def call() -> None:
+            answers.append(await pipeline.call(context, "set", kv_set(f"k{run}", "v")))
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.serve, stop)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call)
+            stop.set()
+        assert len(answers) == 1
+        assert answers[0].delta_id is not None
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert entries == {f"k{run}": "v"}
