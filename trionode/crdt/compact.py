@@ -304,40 +304,58 @@ def _content(leaf: bytes) -> bytes | None:
 Piece = bytes | msgspec.msgpack.Ext
 
 
+_STRING_HEADS: Final = frozenset({0xD9, 0xC4, 0xDA, 0xC5, 0xDB, 0xC6})
+"""The first bytes of a msgpack str or bin besides fixstr's (`_content`)."""
+_ONE_BYTE: Final = tuple(bytes([i]) for i in range(256))
+_MAX_SPANS: Final = MAX_PIECES // 2
+
+
+def _needle_length(needle: tuple[bytes, int, int]) -> int:
+    return len(needle[0])
+
+
 class PayloadSpans:
     """Finds the spans of payloads that a body's leaves already hold (the encoder)."""
 
     __slots__ = ("_needles",)
 
     def __init__(self, leaves: Sequence[bytes]) -> None:
-        needles: dict[bytes, tuple[int, int]] = {}
+        needles: dict[bytes, tuple[bytes, int, int]] = {}
         for index, leaf in enumerate(leaves):
             if leaf in needles:
                 continue
-            needles[leaf] = (EXT_LEAF, index)
-            content = _content(leaf)
-            if content is not None and len(content) >= MIN_SPAN:
-                needles.setdefault(content, (EXT_CONTENT, index))
-        longest = sorted(needles, key=len, reverse=True)[:MAX_SPAN_CANDIDATES]
-        self._needles = [(needle, *needles[needle]) for needle in longest]
+            needles[leaf] = (leaf, EXT_LEAF, index)
+            # (Most leaves are ids, whose first byte seldom starts a str or bin: no call.)
+            if leaf and (0xA0 <= leaf[0] <= 0xBF or leaf[0] in _STRING_HEADS):
+                content = _content(leaf)
+                if content is not None and len(content) >= MIN_SPAN:
+                    needles.setdefault(content, (content, EXT_CONTENT, index))
+        # (Longest first; a stable sort, so equal lengths stay in the leaves' order.)
+        self._needles = sorted(needles.values(), key=_needle_length, reverse=True)[
+            :MAX_SPAN_CANDIDATES
+        ]
 
     def compact(self, payload: bytes) -> bytes | list[Piece]:
         """`payload` as pieces (longest spans first, never overlapping), or as it is if
         nothing in it is worth a reference."""
         if not self._needles or len(payload) < MIN_SPAN:
             return payload
+        size = len(payload)
+        find = payload.find
         taken: list[tuple[int, int, int, int]] = []
         for needle, code, index in self._needles:
-            if len(needle) > len(payload):
+            if len(needle) > size:
                 continue
-            start = payload.find(needle)
-            while start >= 0 and len(taken) < MAX_PIECES // 2:
+            start = find(needle)
+            while start >= 0 and len(taken) < _MAX_SPANS:
                 end = start + len(needle)
-                if all(end <= s or start >= e for s, e, _, _ in taken):
-                    taken.append((start, end, code, index))
-                    start = payload.find(needle, end)
+                for s, e, _, _ in taken:  # (`all(...)` without a generator per span)
+                    if end > s and start < e:
+                        start = find(needle, start + 1)
+                        break
                 else:
-                    start = payload.find(needle, start + 1)
+                    taken.append((start, end, code, index))
+                    start = find(needle, end)
         if not taken:
             return payload
         taken.sort()
@@ -346,7 +364,8 @@ class PayloadSpans:
         for start, end, code, index in taken:
             if start > at:
                 pieces.append(payload[at:start])
-            pieces.append(msgspec.msgpack.Ext(code, _index_bytes(index)))
+            data = _ONE_BYTE[index] if index < 256 else _index_bytes(index)
+            pieces.append(msgspec.msgpack.Ext(code, data))
             at = end
         if at < len(payload):
             pieces.append(payload[at:])
