@@ -627,7 +627,7 @@ class Replicator:
                     await self.contexts.receive(context_id, deltas[0])
                 ]
             else:
-                results = await self.contexts.receive_many(context_id, [d.wire for d in deltas])
+                results = await self.contexts.receive_many(context_id, deltas)
             missing: set[bytes] = set()
             for result in results:
                 if isinstance(result, ProtocolError):
