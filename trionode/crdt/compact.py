@@ -78,6 +78,7 @@ _SMALL_INT: Final = 0xFFFF
 _REF_BYTES: Final = 32
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _GENERIC: Final = msgspec.msgpack.Decoder()
+_EXT: Final = msgspec.msgpack.Ext
 
 
 def _id_of(tree: object) -> bytes | None:
@@ -471,16 +472,25 @@ class _Expander:
         self.grown = 0
         """Bytes the references added (each stands for at most 32 bytes more)."""
 
-    def expand(self, node: object, depth: int) -> object:
-        if isinstance(node, list):
-            if depth > MAX_DEPTH:
-                raise RemoteProtocolError("compact record nested too deeply")
-            return [self.expand(child, depth + 1) for child in node]
-        if isinstance(node, msgspec.msgpack.Ext):
-            return self._resolve(node)
-        if isinstance(node, dict):
-            raise RemoteProtocolError("a compact record holds no maps")
-        return node
+    def expand(self, node: list[object], depth: int) -> list[object]:
+        """The array `node` at `depth`, its references resolved. (Its scalars are taken as
+        they are without a call each: a received delta's records are mostly scalars, and a
+        call per node was most of expanding them, issue #16. msgspec decodes to exact
+        builtin types, so `type(...) is` is `isinstance` here.)"""
+        if depth > MAX_DEPTH:
+            raise RemoteProtocolError("compact record nested too deeply")
+        out: list[object] = []
+        for child in node:
+            kind = type(child)
+            if kind is list:
+                out.append(self.expand(child, depth + 1))  # type: ignore[arg-type]
+            elif kind is _EXT:
+                out.append(self._resolve(child))  # type: ignore[arg-type]
+            elif kind is dict:
+                raise RemoteProtocolError("a compact record holds no maps")
+            else:
+                out.append(child)
+        return out
 
     def _resolve(self, ext: msgspec.msgpack.Ext) -> object:
         data = bytes(ext.data)
