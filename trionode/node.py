@@ -331,6 +331,7 @@ class Node:
             contexts=self.contexts.known_ids,
             config=config.blobs,
             metrics=BlobFetcherMetrics(metrics.registry),
+            application=self.contexts.replicas.application_of,
         )
         self.blob_calls = BlobCalls(
             self.contexts, self.blobs, self.blob_references, self.blob_fetcher, config=config.blobs

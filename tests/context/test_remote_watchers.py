@@ -10,9 +10,10 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from tests.replication.cluster_helpers import LIMIT, call, share, wait_converged, write
 from tests.replication.helpers import install
 from trionode.context.events import Change, ContextEvent, EventHub, Subscription
-from trionode.testing import open_test_node
+from trionode.testing import open_cluster, open_test_node
 
 
 def test_a_remote_only_watcher_sees_every_origin_but_local() -> None:
@@ -97,3 +98,61 @@ def test_a_remote_only_watcher_hears_of_events_shown_early_once_they_are_durable
     hub.show_early(lost)
     hub.settle(lost, durable=False, early=1)
     assert (drain(everything), drain(remote)) == (["c"], [])
+
+
+def test_a_watcher_hears_only_the_events_it_wants() -> None:
+    hub = EventHub()
+    wanted = {"b", "d"}
+    remote = hub.watch(remote_only=True, wants=lambda event: event.delta_id in wanted)
+    everything = hub.watch(wants=lambda event: event.delta_id != "c")
+    for delta_id in "abcd":
+        hub.publish(
+            context_id="c", delta_id=delta_id, root_hash="r", heads=[], events=[], origin="remote"
+        )
+    kept = hub.reserve(
+        [Change("c", "e", "r", [], [], "remote"), Change("c", "b", "r", [], [], "x")]
+    )
+    hub.show_early(kept[:1])
+    hub.settle(kept, durable=True, early=1)
+
+    def drain(sub: Subscription) -> list[str]:
+        seen: list[str] = []
+        while True:
+            try:
+                event = sub.receive.receive_nowait()
+            except trio.WouldBlock:
+                return seen
+            assert isinstance(event, ContextEvent)
+            seen.append(event.delta_id)
+
+    assert drain(remote) == ["b", "d", "b"]
+    assert drain(everything) == ["a", "b", "d", "e", "b"]
+
+
+async def test_received_data_deltas_wake_the_app_follower_and_blob_fetcher_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Once each has found nothing to do for a context (its app installed, its blob policy
+    not eager), further data deltas received for it do not wake them (issue #16); the app
+    moving on still does (tests/context/test_upgrade.py)."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path) as cluster:
+            a, b = cluster
+            context = await share(cluster, [0, 1])
+            await write(a, context, "set", key="first", value="v")
+            await wait_converged(cluster, [a, b], context)
+            await trio.testing.wait_all_tasks_blocked()
+            steps = _Steps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                for i in range(5):
+                    await write(a, context, "set", key=f"k{i}", value="v")
+                await wait_converged(cluster, [a, b], context)
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert await call(b, context, "get", key="k4") == "v"
+            watchers = ("AppFollower._follow", "BlobFetcher._watch")
+            woken = {name: n for name, n in steps.steps.items() if name.endswith(watchers)}
+            assert woken == {}
+            assert steps.steps["delta-processor"]  # (b applied them meanwhile)

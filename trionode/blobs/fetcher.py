@@ -73,6 +73,8 @@ class BlobFetcher:
     """Args:
     policy: the blob policy of a context's app ("on-read" or "eager").
     contexts: the ids of the contexts this node holds now.
+    application: the app a context runs, if known without a read (else None): a context
+        whose app was found not eager is not checked again for each received delta.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class BlobFetcher:
         contexts: Callable[[], set[bytes]],
         config: BlobsSection,
         metrics: BlobFetcherMetrics,
+        application: Callable[[bytes], bytes | None] = lambda _context_id: None,
     ) -> None:
         self._transfer = transfer
         self._blobs = blobs
@@ -99,6 +102,10 @@ class BlobFetcher:
         self._send, self._receive = trio.open_memory_channel[_Job](config.fetch_queue)
         self._checked: dict[bytes, frozenset[bytes]] = {}
         """Per eager context: references already seen stored or requested."""
+        self._application = application
+        self._not_eager: dict[bytes, bytes] = {}
+        """Context → the app it ran when its policy was last found not eager (an app's
+        policy is part of its bundle: it changes only with the app)."""
 
     def request(self, context_id: bytes, blob_id: bytes, *, trigger: str = "read") -> bool:
         """Fetch `blob_id` from the members of `context_id` in the background. Never blocks.
@@ -197,7 +204,7 @@ class BlobFetcher:
         rescan = trio.current_time() + self._config.eager_rescan
         # (Only received deltas: a local write can reference only blobs already held here,
         # since attaching needs the bytes; a copied reference was checked when it arrived.)
-        sub = self._hub.watch(remote_only=True)
+        sub = self._hub.watch(remote_only=True, wants=self._concerns)
         task_status.started()
         try:
             while True:
@@ -216,7 +223,7 @@ class BlobFetcher:
                                 break
                     except trio.EndOfChannel:  # fell behind: the hub closed our queue
                         sub.close()
-                        sub = self._hub.watch(remote_only=True)
+                        sub = self._hub.watch(remote_only=True, wants=self._concerns)
                         rescan = trio.current_time()
                 if trio.current_time() >= rescan:
                     self._checked.clear()
@@ -230,11 +237,23 @@ class BlobFetcher:
         finally:
             sub.close()
 
+    def _concerns(self, event: ContextEvent) -> bool:
+        """Whether `_check` may have something to do after `event`: not if the context runs
+        the app last found not eager (most contexts, whose every received delta woke this
+        task for nothing: two task steps each, issue #16)."""
+        context_id = from_b58(event.context_id)
+        application = self._application(context_id)
+        return application is None or self._not_eager.get(context_id) != application
+
     async def _check(self, context_id: bytes) -> None:
         """Request the blobs an eager context references that are not stored here."""
+        application = self._application(context_id)  # (before the policy: see `_concerns`)
         try:
             if await self._policy(context_id) != "eager":
+                if application is not None:
+                    self._not_eager[context_id] = application
                 return
+            self._not_eager.pop(context_id, None)
             refs = await self._references.of(context_id)
         except TrionodeError as exc:  # gone, or its app cannot load here
             log.debug("no eager blob check for %s: %s", _b58(context_id), exc)

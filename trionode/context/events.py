@@ -88,11 +88,18 @@ class Replay:
 class Subscription:
     """One subscriber: a set of context ids and a bounded queue of events."""
 
-    def __init__(self, hub: EventHub, capacity: int) -> None:
+    def __init__(
+        self,
+        hub: EventHub,
+        capacity: int,
+        wants: Callable[[ContextEvent], bool] | None = None,
+    ) -> None:
         self._hub = hub
         self.contexts: set[str] = set()
         self.send, self.receive = trio.open_memory_channel[ContextEvent | Notice | Replay](capacity)
         self.overflowed = False
+        self.wants = wants
+        """A watcher's filter (`EventHub.watch`); None: every event."""
 
     def _offer(self, event: ContextEvent | Notice | Replay) -> None:
         if self.overflowed:
@@ -155,13 +162,21 @@ class EventHub:
         self._subscriptions.add(sub)
         return sub
 
-    def watch(self, *, remote_only: bool = False) -> Subscription:
+    def watch(
+        self,
+        *,
+        remote_only: bool = False,
+        wants: Callable[[ContextEvent], bool] | None = None,
+    ) -> Subscription:
         """Follow the applied deltas of every context (for node services; not counted as a
         subscriber). Its queue is bounded like a WebSocket's: a watcher that falls behind
         finds it closed and must catch up some other way. `remote_only`: only deltas
         received from peers (a watcher that nothing written here can concern is then not
-        woken by every local write: issue #16)."""
-        sub = Subscription(self, self._capacity)
+        woken by every local write: issue #16). `wants`: only the events for which it says
+        True, asked when each is offered (synchronous, cheap, and never raising: a service
+        that would find nothing to do is then not woken, issue #16: each such wake was two
+        task steps per received delta and service)."""
+        sub = Subscription(self, self._capacity, wants)
         (self._remote_watchers if remote_only else self._watchers).add(sub)
         return sub
 
@@ -327,14 +342,16 @@ class EventHub:
             if event.context_id in sub.contexts:
                 sub._offer(event)  # noqa: SLF001
         for sub in list(self._watchers):
-            sub._offer(event)  # noqa: SLF001
+            if sub.wants is None or sub.wants(event):
+                sub._offer(event)  # noqa: SLF001
         if services:
             self._offer_services(event)
 
     def _offer_services(self, event: ContextEvent) -> None:
         if event.origin != "local":
             for sub in list(self._remote_watchers):
-                sub._offer(event)  # noqa: SLF001
+                if sub.wants is None or sub.wants(event):
+                    sub._offer(event)  # noqa: SLF001
 
     def notify(self, context_id: str, payload: dict[str, Any]) -> None:
         """Send a transient notice to the context's current subscribers. Never blocks."""

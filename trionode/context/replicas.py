@@ -289,6 +289,15 @@ class ReplicaStore:
         """The replicas in memory now (a copy: safe to await while iterating)."""
         return list(self._loaded.values())
 
+    def application_of(self, context_id: bytes) -> bytes | None:
+        """The app a context runs as the store holds it, if that is known without a read:
+        the context is in memory and no write holds it (as `get` reads it). None otherwise.
+        For watchers deciding synchronously whether an event concerns them."""
+        replica = self._loaded.get(context_id)
+        if replica is None or replica.lock.locked():
+            return None
+        return replica.record.application_id
+
     def add(self, replica: Replica) -> None:
         """Hold a replica created here (already committed)."""
         replica.store = self.store
