@@ -401,8 +401,22 @@ class StateTree:
                     else:
                         digest = hashes[cid] = hashlib.sha256(child.form()).digest()
                 hasher.update(digest)
+            elif floor is None:
+                # (`is_live` and `_hash`'s cache lookup inline: every write rehashes all
+                # children of a container of up to BUCKETING_THRESHOLD, issue #16)
+                added = child.added
+                removed = child.removed
+                if added is None or (removed is not None and not added > removed):
+                    continue
+                digest = hashes.get(cid)
+                if digest is None:
+                    digest = self._hash(cid, removed, depth + 1)
+                hasher.update(digest)
             elif child.is_live(floor):
-                hasher.update(self._hash(cid, latest(floor, child.removed), depth + 1))
+                digest = hashes.get(cid)
+                if digest is None:
+                    digest = self._hash(cid, latest(floor, child.removed), depth + 1)
+                hasher.update(digest)
 
     def _invalidate_up(self, entity_id: bytes) -> None:
         # Always walk to the root: a newly visible child has no cached hash of its own,
