@@ -47,7 +47,7 @@ hash then costs what it always did, O(length), and stays correct.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
+from itertools import accumulate, chain
 from operator import itemgetter
 from typing import Final, Self
 
@@ -438,13 +438,10 @@ class OrderIndex:
 
 def fenwick(counts: list[int]) -> tuple[list[int], int]:
     """A Fenwick tree (1-based) over `counts`, and their total."""
-    tree = [0] * (len(counts) + 1)
-    for i, count in enumerate(counts, 1):
-        tree[i] += count
-        parent = i + (i & -i)
-        if parent < len(tree):
-            tree[parent] += tree[i]
-    return tree, sum(counts)
+    # Entry i sums the counts (i - lowbit(i), i]: a difference of two prefix sums, and
+    # i - lowbit(i) is i & (i - 1). (A list comprehension: a split rebuilds it per block.)
+    prefix = [0, *accumulate(counts)]
+    return [0, *[prefix[i] - prefix[i & (i - 1)] for i in range(1, len(prefix))]], prefix[-1]
 
 
 def fenwick_add(tree: list[int], pos: int, delta: int) -> None:

@@ -286,6 +286,8 @@ class SequenceState(Generic[V]):
         "_extra",
         "_fenwick",
         "_floored",
+        "_lag",
+        "_lag_at",
         "_lists",
         "_live_total",
         "_newest",
@@ -300,7 +302,13 @@ class SequenceState(Generic[V]):
     # Set with the order (`_rebuild`), read only while it is held (`_blocks`), so a state
     # without one (a keystroke's delta) never allocates them:
     _fenwick: list[int]
-    """Fenwick tree of the blocks' visible counts."""
+    """Fenwick tree of the blocks' visible counts, but for `_lag` (see `_settle`)."""
+    _lag_at: int
+    """The block position whose visible count the Fenwick tree lacks `_lag` of (-1: none):
+    a keystroke counts its block here, so typing on in one block pays one Fenwick update
+    per run of keystrokes, not one per keystroke. Adds commute, so only a lookup
+    (`_locate`) and a copy need the tree up to date; a rebuild (`_reindex`) drops it."""
+    _lag: int
     _digests: dict[tuple[int, bytes] | None, tuple[list[Segment], bytes]]
     """(segments, digest) of hash chunks by the cut ending them (None: the trailing one)."""
     _touched: set[Timestamp]
@@ -379,10 +387,11 @@ class SequenceState(Generic[V]):
         self._newest: tuple[int, Timestamp] | None = None
         """(version, newest stamp) from `delete_delta`: `max_stamp` while the version is
         unchanged, without reading every tombstone stamp of a range delete."""
-        self._cursor: tuple[int, int, _Item, int] | None = None
-        """(version, visible position, item, offset) of the element a keystroke just
-        wrote or the one before the element it just deleted: `_locate` of the next
-        keystroke's position without a search, valid while the version is unchanged."""
+        self._cursor: tuple[int, int, _Item, int, Timestamp | None] | None = None
+        """(version, visible position, item, offset, id or None) of the element a
+        keystroke just wrote or the one before the element it just deleted: `_locate` of
+        the next keystroke's position (and the id it goes after) without a search, valid
+        while the version is unchanged."""
         self._typing: tuple[int, _Item, Timestamp] | None = None
         """(version, item, id) from `insert_one`: the id continues the item's run, the
         item is placed and ends with its writer's childless element; valid while the
@@ -612,6 +621,8 @@ class SequenceState(Generic[V]):
                 copied_blocks.append(twin)
             new._blocks = copied_blocks
             new._fenwick = list(self._fenwick)
+            new._lag_at = self._lag_at
+            new._lag = self._lag
             new._live_total = self._live_total
             new._digests = self._digests.copy()
             new._touched = self._touched.copy()
@@ -927,16 +938,26 @@ class SequenceState(Generic[V]):
         assert current is not None  # (stop > k on entry)
         return current
 
-    def _reindex(self) -> None:
-        """Renumber the blocks and rebuild the Fenwick tree of their live counts."""
+    def _reindex(self, start: int = 0) -> None:
+        """Renumber the blocks (from `start`: those before it kept their places) and
+        rebuild the Fenwick tree of their live counts."""
         blocks = self._blocks
         assert blocks is not None
-        for pos, block in enumerate(blocks):
-            block.pos = pos
+        for pos in range(start, len(blocks)):
+            blocks[pos].pos = pos
         self._fenwick, self._live_total = fenwick([block.live for block in blocks])
+        self._lag_at = -1  # (built from the blocks' counts, which never lag)
+        self._lag = 0
+
+    def _settle(self) -> None:
+        """Bring the Fenwick tree up to date with the blocks' counts (see `_lag_at`)."""
+        if self._lag_at >= 0:
+            fenwick_add(self._fenwick, self._lag_at, self._lag)
+            self._lag_at = -1
+            self._lag = 0
 
     def _add(self, pos: int, delta: int) -> None:
-        fenwick_add(self._fenwick, pos, delta)
+        fenwick_add(self._fenwick, pos, delta)  # (adds commute: a lag may stay)
 
     def _uncount(self, hidden_per_block: dict[int, int]) -> None:
         """Elements were hidden in placed blocks (by block position): the totals."""
@@ -950,6 +971,8 @@ class SequenceState(Generic[V]):
         if cursor is not None and cursor[1] == position and cursor[0] == self._version:
             return cursor[2], cursor[3]
         blocks = self._ordered()
+        if self._lag_at >= 0:
+            self._settle()
         pos, rest = fenwick_find(self._fenwick, position)
         for item in blocks[pos].items:
             live = item.live
@@ -1077,7 +1100,7 @@ class SequenceState(Generic[V]):
         block.live -= tail.live
         block.chunks = None
         blocks.insert(block.pos + 1, tail)
-        self._reindex()
+        self._reindex(block.pos + 1)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -1281,9 +1304,10 @@ class SequenceState(Generic[V]):
             if cursor is not None and cursor[1] == pos - 1 and cursor[0] == self._version:
                 item = cursor[2]  # (`_locate`, inline: the last keystroke's place)
                 k = cursor[3]
+                after = cursor[4] or new_stamp((item.start + k, item.node))
             else:
                 item, k = self._locate(pos - 1)
-            after = new_stamp((item.start + k, item.node))
+                after = new_stamp((item.start + k, item.node))
             # A run goes on only after the writer's childless element: the last of its
             # item (the next one is its child), not an explicit parent, and `id + 1` free.
             if (
@@ -1335,13 +1359,14 @@ class SequenceState(Generic[V]):
                     block.chunks = None
                     block.live += 1
                     self._live_total = length + 1
-                    tree = self._fenwick  # (`fenwick_add(tree, block.pos, 1)`)
-                    j = block.pos + 1
-                    size = len(tree)
-                    while j < size:
-                        tree[j] += 1
-                        j += j & -j
-                    self._cursor = (version, pos, item, n - 1)
+                    if self._lag_at == block.pos:  # (`_add(block.pos, 1)`, deferred)
+                        self._lag += 1
+                    else:
+                        if self._lag_at >= 0:
+                            self._settle()
+                        self._lag_at = block.pos
+                        self._lag = 1
+                    self._cursor = (version, pos, item, n - 1, run)
                     return self._one_typed(run, after, value), run, True
                 else:
                     return self._insert_new(pos, run, after, value), run, True
@@ -1357,7 +1382,7 @@ class SequenceState(Generic[V]):
         if self._insert_placed(eid, element):
             placed = self._find(eid)
             assert placed is not None  # (just placed)
-            self._cursor = (self._version, pos, placed[0], placed[1])
+            self._cursor = (self._version, pos, placed[0], placed[1], eid)
         else:
             self.merge(delta)  # (forged elements already name the new id)
         return delta
@@ -1395,14 +1420,15 @@ class SequenceState(Generic[V]):
         self._floored = None
         self._expanded = None
         self._live_total = length - 1
-        tree = self._fenwick  # (`fenwick_add(tree, block.pos, -1)`)
-        j = block.pos + 1
-        size = len(tree)
-        while j < size:
-            tree[j] -= 1
-            j += j & -j
+        if self._lag_at == block.pos:  # (`_add(block.pos, -1)`, deferred)
+            self._lag -= 1
+        else:
+            if self._lag_at >= 0:
+                self._settle()
+            self._lag_at = block.pos
+            self._lag = -1
         if k and deleted[k - 1] is None:  # (a backspace next)
-            self._cursor = (version, pos - 1, item, k - 1)
+            self._cursor = (version, pos - 1, item, k - 1, None)
         return self._one(eid, gone), eid, old
 
     def _one_typed(self, eid: Timestamp, after: Timestamp, value: Any) -> Self:
