@@ -11,7 +11,9 @@ large context could not even start one within the joiner's deadline between mess
 A snapshot served before that tree is built does not wait for it (`open_unbuilt_view`):
 its pages are the rows anyway, and the root of the view it serves is hashed beside the
 stream and sent with a later page (trionode/sync/snapshot.py, "Root last"). The tree is
-still what tree comparison and a resumed snapshot need.
+still what tree comparison and a resumed snapshot need; the one such a stream hashed is
+kept as it (`adopt_view_tree`, with the rows changed since its view opened joined in), so
+only the first snapshot after a load hashes the state, not every one.
 
 So the tree is built once per loaded replica, a read of `BUILD_ROWS` rows at a time with a
 checkpoint between reads (the node keeps serving, and the snapshot stream sends keep-alives
@@ -102,6 +104,8 @@ class SnapshotView:
     entries: int
     overlay: dict[bytes, bytes]
     """The creation's records (id → encoded final record) as of the first page."""
+    creations: frozenset[bytes] = frozenset()
+    """The creation deltas whose records are in `overlay`."""
     kept: dict[bytes, bytes | None] = attrs.field(factory=dict)
     """Base rows changed since: their bytes at the first page (None: there was none)."""
     lost: bool = False
@@ -358,7 +362,10 @@ def open_view(replicas: ReplicaStore, replica: Replica, state: FinalState) -> Sn
         assert record is not None
         overlay[entity_id] = encode_entity(record)
     read_base = _base_reader(replicas, replica.context_id)
-    view = SnapshotView(replica.final, read_base, state.tree.root_hash(), len(state.tree), overlay)
+    root = state.tree.root_hash()
+    view = SnapshotView(
+        replica.final, read_base, root, len(state.tree), overlay, creations=state.creations
+    )
     replica.final.views.add(view)
     return view
 
@@ -369,7 +376,8 @@ def open_unbuilt_view(replicas: ReplicaStore, replica: Replica) -> SnapshotView:
     are joined with their rows here. It has no root (the stream hashes what it serves:
     snapshot_state.SnapshotStream) and its size is the replica's, an estimate."""
     read_base = _base_reader(replicas, replica.context_id)
-    creation = _creation_records(replicas, replica, frozenset(replica.authority.creations))
+    creations = frozenset(replica.authority.creations)
+    creation = _creation_records(replicas, replica, creations)
     joined = StateTree()
     for entity_id in sorted({e.id for e in creation}):
         stored = read_base(entity_id)
@@ -381,9 +389,36 @@ def open_unbuilt_view(replicas: ReplicaStore, replica: Replica) -> SnapshotView:
         record = joined.get(entity_id)
         assert record is not None
         overlay[entity_id] = encode_entity(record)
-    view = SnapshotView(replica.final, read_base, None, len(replica.tree), overlay)
+    view = SnapshotView(
+        replica.final, read_base, None, len(replica.tree), overlay, creations=creations
+    )
     replica.final.views.add(view)
     return view
+
+
+def adopt_view_tree(replica: Replica, view: SnapshotView, tree: StateTree) -> bool:
+    """`tree` holds every record of `view` (an unbuilt one: its stream hashed it, read by
+    read): keep it as the replica's final state, brought up to date with the base rows
+    changed since the view opened, so the next snapshot is served from a built state (its
+    root with the first page, nothing hashed again) instead of hashing the whole state
+    once more. Call under the replica's lock. Not if the view's rows were discarded, the
+    context's creation changed, or a final state was built (or is being built) meanwhile:
+    whether it was kept."""
+    slot = replica.final
+    if (
+        view.lost
+        or slot is not view.slot
+        or slot.state is not None
+        or slot.building is not None
+        or frozenset(replica.authority.creations) != view.creations
+    ):
+        return False
+    # A base row only grows by join (note_base): its record now joins over the one read.
+    changed = [view.read_base(entity_id) for entity_id in view.kept]
+    tree.apply(decode_entity(record) for record in changed if record is not None)
+    tree.drain_changes()  # a view: nothing of it is ever written
+    slot.state = FinalState(tree, sorted(view.overlay), view.creations)
+    return True
 
 
 def view_page(

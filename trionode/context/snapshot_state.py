@@ -39,6 +39,7 @@ from trionode.context.final_state import (
     BASE_PREFIX,
     BUILD_ROWS,
     SnapshotView,
+    adopt_view_tree,
     note_base,
     reset,
 )
@@ -319,7 +320,14 @@ class SnapshotState:
             del records, ids
             more = cursor is not None
         tree.drain_changes()
-        stream.root = tree.root_hash()
+        root = tree.root_hash()
+        # That was a build of the final state, read by read: kept, the next snapshot
+        # announces its root at once and hashes nothing (final_state.adopt_view_tree).
+        # Before the root goes out with the last page, so the stream never ends first.
+        replica = await self._replicas.load(context_id)
+        async with replica.lock:
+            adopt_view_tree(replica, view, tree)
+        stream.root = root
         stream.hashed.set()
         join_timeline.mark("root_hashed")
 
