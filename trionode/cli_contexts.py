@@ -12,7 +12,6 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Final
 
 from trionode import schemas
-from trionode.cli_early import JOIN_PATH, EarlyJoin, claim
 from trionode.client import ApiError, Client
 
 if TYPE_CHECKING:
@@ -244,48 +243,18 @@ async def _join(client: Client, args: argparse.Namespace) -> Any:
 
     from trionode.cli_progress import ProgressLine  # noqa: PLC0415
 
-    early = claim(
-        invitation=args.invitation,
-        home=args.home,
-        api=args.api,
-        token=args.token,
-        timeout=args.timeout,
-        trust_app=args.trust_app,
-    )
-
-    async def join() -> schemas.Context:
-        if early is None:
-            return await client.join(args.invitation, trust_app=args.trust_app)
-        return await _early_answer(early)
-
     context_id = _invited_context(args.invitation)
     if context_id is None:  # the node says what is wrong with it
-        return await join()
+        return await client.join(args.invitation, trust_app=args.trust_app)
     line = ProgressLine()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_follow_snapshot, client, context_id, line)
-            result = await join()
+            result = await client.join(args.invitation, trust_app=args.trust_app)
             nursery.cancel_scope.cancel()
     finally:
         line.close()
     return result
-
-
-async def _early_answer(early: EarlyJoin) -> schemas.Context:
-    """The answer to the join `python -m trionode` sent before the CLI loaded
-    (trionode/cli_early.py), as `Client.join` gives it."""
-    import trio  # noqa: PLC0415
-
-    from trionode.client.http import answer_of  # noqa: PLC0415
-
-    await trio.to_thread.run_sync(early.done.wait, abandon_on_cancel=True)
-    if early.status is None:
-        if isinstance(early.error, TimeoutError):
-            raise ApiError(f"{early.url}: timed out")
-        raise ApiError(f"cannot reach node at {early.url}: {early.error}")
-    url = early.url.rstrip("/") + JOIN_PATH
-    return answer_of(url, early.status, early.body, schemas.Context)
 
 
 def _invited_context(text: str) -> str | None:

@@ -380,13 +380,6 @@ def _checked(response: httpx.Response) -> Any:
     return body
 
 
-def answer_of(url: str, status: int, body: bytes, kind: type[T]) -> T:
-    """The typed answer (or ApiError) of a request to `url` answered with `status` and
-    `body` outside this client (a join sent before the CLI loaded it: `cli_early.py`)."""
-    request = httpx.Request("POST", url)
-    return _decoded(httpx.Response(status, content=body, request=request), kind)
-
-
 def _decoded(response: httpx.Response, kind: type[T]) -> T:
     if response.is_error:
         _checked(response)  # raises with the node's message
