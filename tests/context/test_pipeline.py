@@ -14,6 +14,7 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.replication.cluster_helpers import body_of
 from tests.replication.helpers import install
 from trionode.context.errors import ContextError, ContextNotFound, DeltaTooLarge
 from trionode.context.event_log import EVENT_PREFIX
@@ -22,7 +23,8 @@ from trionode.context.local_writes import CallResult
 from trionode.context.notices import b58
 from trionode.context.pipeline import DeltaPipeline
 from trionode.context.records import CONTEXTS, ContextRecord
-from trionode.dag.delta import SignedDelta
+from trionode.crdt import Entity, Kind, RegisterState, decode_entities
+from trionode.dag.delta import AppEvent, SignedDelta
 from trionode.errors import StorageError
 from trionode.node import Node
 from trionode.sdk.errors import AppError
@@ -186,13 +188,14 @@ async def test_a_batch_refreshes_each_record_once_and_every_answer_names_its_roo
         writes.restore()
         shown = [e for e in drain_nowait(sub) if isinstance(e, ContextEvent)]
         sub.close()
-        (batch,) = [b for b in writes.batches if len(b) > 16]
+        (batch,) = [b for b in writes.batches if _event_seqs(b)]
         records = [op for op in batch.ops if isinstance(op, Put) and op.column is CONTEXTS.column]
-        assert len(records) == 1  # one record for 16 deltas
+        assert len(records) == 1  # one record for the batch's deltas
         stored = await replicas_record(node, context)
         assert stored.heads == sorted(node.contexts.replicas.loaded()[0].dag.heads)
         assert {r.root_hash for r in results} == {stored.root_hash}
-        assert len(shown) == 16
+        # (The 16 calls queued together: one delta, one event with their 16 app events.)
+        assert sum(len(e.events) for e in shown) == 16
         assert {e.root_hash for e in shown} == {stored.root_hash.hex()}
         assert {tuple(e.heads) for e in shown} == {tuple(h.hex() for h in stored.heads)}
 
@@ -345,7 +348,9 @@ async def test_events_commit_with_their_deltas_and_are_shown_once_durable(tmp_pa
             seen.append(event)
         seqs = [event.seq for event in seen]
         assert seqs == sorted(seqs)
-        assert len(seqs) == 9
+        # (Calls that queued together share one delta: one event with their app events.)
+        inserted = sorted(e["payload"]["key"] for event in seen[:-1] for e in event.events)
+        assert inserted == [f"k{i}" for i in range(8)]
         assert seen[-1].origin == "sync"
         assert hub.shown == seqs[-1]
         # Every call's event was written by its commit: nothing is left for the log task.
@@ -491,3 +496,99 @@ async def test_a_call_queued_as_shutdown_is_requested_still_commits(
         assert answers[0].delta_id is not None
         entries = (await node.contexts.execute(context, "entries", "{}")).result
         assert entries == {f"k{run}": "v"}
+
+
+def _values(records: list[Entity]) -> dict[bytes, tuple[Kind, bytes | None]]:
+    """Records by id, as what they hold apart from their stamps (which differ run to run)."""
+    return {
+        r.id: (r.kind, r.body.value if isinstance(r.body, RegisterState) else None) for r in records
+    }
+
+
+async def test_calls_queued_together_share_one_delta_as_the_calls_one_by_one_make(
+    tmp_path: Path,
+) -> None:
+    """Local calls of one context in one batch become one delta (`_Merge`): each caller
+    hears its own answer, the shared delta id and the root after it; a call that fails in
+    the middle is not in it; its records and app events are those of the same calls made
+    one by one."""
+    async with one_context(tmp_path) as (node, context):
+        await node.contexts.execute(context, "set", kv_set("before", "0"))
+        writes = GatedWrites(node)
+        answers: dict[int, CallResult | AppError] = {}
+
+        async def call(i: int) -> None:
+            # Call 3 is refused (a value that is no string): it changes nothing.
+            args = json.dumps({"key": "bad", "value": 5}) if i == 3 else kv_set(f"k{i}", f"v{i}")
+            try:
+                answers[i] = await node.contexts.execute(context, "set", args)
+            except AppError as exc:
+                answers[i] = exc
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(6):
+                    nursery.start_soon(call, i)
+                await trio.testing.wait_all_tasks_blocked()
+                writes.gate.set()
+        writes.restore()
+        assert isinstance(answers.pop(3), AppError)
+        good = list(answers.values())
+        assert all(isinstance(a, CallResult) and a.result is None for a in good)
+        (delta_id,) = {a.delta_id for a in good if isinstance(a, CallResult)}
+        assert delta_id is not None
+        stored = await replicas_record(node, context)
+        assert {a.root_hash for a in good if isinstance(a, CallResult)} == {stored.root_hash}
+        merged = await body_of(node, context, delta_id)
+        keys = [json.loads(e.payload)["key"] for e in merged.events]
+        assert sorted(keys) == ["k0", "k1", "k2", "k4", "k5"]
+        assert (await node.contexts.execute(context, "entries", "{}")).result == {
+            "before": "0",
+            **{f"k{i}": f"v{i}" for i in (0, 1, 2, 4, 5)},
+        }
+        # The same calls one by one, in the order the batch ran them, in another context:
+        # the same app events in the same order, and the join of their records.
+        other = (await node.contexts.create(await install(node))).context_id
+        one_by_one: list[Entity] = []
+        events: list[AppEvent] = []
+        for key in keys:
+            done = await node.contexts.execute(other, "set", kv_set(key, f"v{key[1:]}"))
+            assert done.delta_id is not None
+            body = await body_of(node, other, done.delta_id)
+            one_by_one += decode_entities(body.records)
+            events += body.events
+        assert merged.events == events
+        joined: dict[bytes, Entity] = {}
+        for record in one_by_one:
+            joined[record.id] = (
+                record if record.id not in joined else joined[record.id].join(record)
+            )
+        assert _values(decode_entities(merged.records)) == _values(list(joined.values()))
+
+
+async def test_a_merged_delta_too_large_to_seal_leaves_its_calls_each_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calls small enough each, whose merged delta is over `replication.max_delta_bytes`,
+    are sealed one by one in the next batch: every call succeeds, each its own delta."""
+    async with one_context(tmp_path) as (node, context):
+        writer = node.contexts.pipeline._writer
+        writer._max_delta_bytes = 1500  # (a 400-byte value makes a ~600-byte delta)
+        writes = GatedWrites(node)
+        answers: list[CallResult] = []
+
+        async def call(i: int) -> None:
+            answers.append(await node.contexts.execute(context, "set", kv_set(f"k{i}", "x" * 400)))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(call, i)
+                await trio.testing.wait_all_tasks_blocked()
+                writes.gate.set()
+        writes.restore()
+        assert "a merged delta failed" in caplog.text  # (it was tried)
+        assert len(answers) == 4
+        assert len({a.delta_id for a in answers}) == 4
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert entries == {f"k{i}": "x" * 400 for i in range(4)}

@@ -17,6 +17,11 @@ transaction, and only then answers each job and announces its deltas. A failed c
 fails every job in the batch and drops the replicas it touched (they reload from the
 store): nothing is acknowledged that is not on disk, and memory never runs ahead of it.
 
+Local calls of one context that queue together become **one delta** (`_Merge`): they run
+one after another as before, and their changes are sealed once, signed by the context's
+own member, with their app events in call order; each caller is answered with its own
+result and the shared delta id.
+
 A job's own error (an app error, a refused call, a bad delta) fails that job alone. An
 error after a job began to change its replica leaves that replica unusable: later jobs of
 the same context wait for the next batch, and the replica is reloaded after the commit.
@@ -72,11 +77,13 @@ from trionode.context.local_writes import AppLoader, CallResult, LocalWriter
 from trionode.context.notices import b58
 from trionode.context.processing import DeltaProcessor, Progress, Received
 from trionode.context.replicas import GroupWrite, Replica, ReplicaStore
+from trionode.crdt import Entity
 from trionode.dag.delta import SignedDelta, VerifiedDelta, verify_wire
 from trionode.errors import ProtocolError, StorageError
 from trionode.sdk.app import App
 from trionode.sdk.blobs import BlobLoadNeeded
 from trionode.sdk.errors import AppError
+from trionode.sdk.runtime import CallOutcome
 from trionode.store.lmdb_store import WriteOp
 from trionode.store.store import WriteBatch
 
@@ -136,6 +143,9 @@ class _Job:
     known, before its commit: its submitter goes on without waiting for the disk."""
     early: tuple[object, BaseException | None] = (None, None)
     """The (result, error) that `staged` announced (a later failed commit leaves it)."""
+    alone: bool = False
+    """A local call whose delta is sealed on its own, not merged with its neighbours'
+    (`_Merge`): set when a merged delta could not be sealed, for its calls' second try."""
 
     def succeed(self, result: object) -> None:
         self.result = result
@@ -170,6 +180,38 @@ class _Staged:
     changes: list[Change]
     start: int
     end: int
+
+
+@attrs.frozen
+class _Executed:
+    """A local call that ran and changed its replica, its delta not sealed yet: it joins
+    its context's `_Merge`."""
+
+    outcome: CallOutcome
+
+
+@attrs.define(eq=False)
+class _Merge:
+    """Consecutive local calls of one context in a batch that ran and changed it: their
+    changes become one delta (`DeltaPipeline._flush`).
+
+    Every local call is by the context's `our_member`, so one author signs them all; the
+    records of the calls are joined (a delta-state CRDT: applying the join is applying
+    each in turn, so a peer ends with the same state as from one delta per call) and their
+    app events travel in call order. Each caller is answered with its own result, the
+    shared delta id and the root hash after that delta. A call that fails before it
+    changed the replica is not in it (the runtime rolled it back); one that fails after
+    sends the context's calls of this batch to the next one (as it did before merging).
+    A merged delta that cannot be sealed (larger than `replication.max_delta_bytes`) sends
+    its calls to the next batch to be sealed each on its own. Anything else a batch does
+    for the context (a received delta, a membership change, a call sealed alone) seals the
+    pending calls first, so the context's deltas keep the order of its jobs.
+
+    What it saves: one seal (body encoding, encryption, Ed25519 signature), one DAG insert,
+    one delta row, one event-log row and one gossip message per merged call."""
+
+    replica: Replica
+    calls: list[tuple[_Job, CallOutcome]] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -423,11 +465,28 @@ class DeltaPipeline:
         events: list[ContextEvent] | None = None
         early = 0
         durable = False
+        merging: dict[bytes, _Merge] = {}
         try:
             for job in jobs:
                 if job.context_id in unusable:
                     retry.add(job)
                     continue
+                if job.alone or not isinstance(job.work, LocalCall):
+                    # (The context's deltas keep its jobs' order: see `_Merge`.)
+                    pending = merging.pop(job.context_id, None)
+                    if pending is not None:
+                        staged = self._flush(
+                            pending,
+                            batch,
+                            fresh=fresh,
+                            staged=staged,
+                            unusable=unusable,
+                            retry=retry,
+                            failed=failed,
+                        )
+                        if job.context_id in unusable:
+                            retry.add(job)
+                            continue
                 progress = Progress()
                 start = len(batch.ops)
                 try:
@@ -445,8 +504,27 @@ class DeltaPipeline:
                         # a replica this job has now changed: they run again next batch.)
                         del batch.ops[start:]
                         staged = self._unstage(staged, job.context_id, batch, retry)
+                        pending = merging.pop(job.context_id, None)
+                        if pending is not None:
+                            retry.update(call for call, _ in pending.calls)
+                    continue
+                if isinstance(answer, _Executed):
+                    pending = merging.get(job.context_id)
+                    if pending is None:
+                        pending = merging[job.context_id] = _Merge(replica)
+                    pending.calls.append((job, answer.outcome))
                     continue
                 staged.append(_Staged(job, answer, after, progress.changes, start, len(batch.ops)))
+            for pending in merging.values():
+                staged = self._flush(
+                    pending,
+                    batch,
+                    fresh=fresh,
+                    staged=staged,
+                    unusable=unusable,
+                    retry=retry,
+                    failed=failed,
+                )
             batch.finish_records()  # the records data deltas changed: once each
             changes, early = self._settled_changes(staged, held)
             if changes:
@@ -503,6 +581,56 @@ class DeltaPipeline:
         self.stats.jobs += len(jobs) - len(carry)
         self.stats.largest = max(self.stats.largest, len(jobs) - len(carry))
         return carry
+
+    def _flush(
+        self,
+        pending: _Merge,
+        batch: GroupWrite,
+        *,
+        fresh: dict[bytes, dict[bytes, SignedDelta]],
+        staged: list[_Staged],
+        unusable: set[bytes],
+        retry: set[_Job],
+        failed: list[tuple[_Job, BaseException]],
+    ) -> list[_Staged]:
+        """Seal and stage the merged delta of `pending`'s calls (see `_Merge`); returns the
+        staged jobs, its calls added (or, if it could not be sealed, the context's jobs
+        taken out to run again, its calls each alone)."""
+        replica = pending.replica
+        context_id = replica.context_id
+        start = len(batch.ops)
+        changes: list[Change] = []
+        try:
+            delta, after = self._writer.stage_outcome(
+                replica,
+                merged_outcome([outcome for _, outcome in pending.calls]),
+                batch,
+                fresh.setdefault(context_id, {}),
+                changes,
+            )
+        except JOB_ERRORS as exc:
+            unusable.add(context_id)
+            del batch.ops[start:]
+            staged = self._unstage(staged, context_id, batch, retry)
+            if len(pending.calls) == 1:  # (its own error, as if it had been sealed alone)
+                log.warning("%s needs a reload: %s", b58(context_id), exc)
+                failed.append((pending.calls[0][0], exc))
+                return staged
+            log.warning("%s needs a reload: a merged delta failed: %s", b58(context_id), exc)
+            for job, _ in pending.calls:
+                job.alone = True
+                retry.add(job)
+            return staged
+        end = len(batch.ops)
+        for i, (job, outcome) in enumerate(pending.calls):
+            # (The first holds the delta's ops, its announcement and its event; the others
+            # an empty span, so `_unstage` moves the ops once.)
+            answer = CallResult(outcome.result, delta.id, b"")
+            if i == 0:
+                staged.append(_Staged(job, answer, after, changes, start, end))
+            else:
+                staged.append(_Staged(job, answer, None, [], end, end))
+        return staged
 
     @staticmethod
     def _answer_early(staged: list[_Staged], failed: list[tuple[_Job, BaseException]]) -> int:
@@ -625,8 +753,24 @@ class DeltaPipeline:
         if not result.delta_records and not result.events:
             return CallResult(result.result, None, b""), None
         progress.mutated = True
+        if not job.alone:
+            return _Executed(result), None  # (sealed with its neighbours': `_Merge`)
         delta, after = self._writer.stage_outcome(replica, result, batch, fresh, progress.changes)
         return CallResult(result.result, delta.id, b""), after
+
+
+def merged_outcome(outcomes: Sequence[CallOutcome]) -> CallOutcome:
+    """The changes of calls run one after another as one: their records joined (by entity
+    id, sorted as a call's are) and their app events in order."""
+    if len(outcomes) == 1:
+        return outcomes[0]
+    records: dict[bytes, Entity] = {}
+    for outcome in outcomes:
+        for record in outcome.delta_records:
+            mine = records.get(record.id)
+            records[record.id] = record if mine is None else mine.join(record)  # (copies)
+    events = [event for outcome in outcomes for event in outcome.events]
+    return CallOutcome(b"null", [records[i] for i in sorted(records)], events)
 
 
 def raise_not_member(context_id: bytes) -> None:
