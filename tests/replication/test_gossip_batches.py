@@ -44,12 +44,16 @@ async def test_concurrent_writes_go_out_in_fewer_messages_and_arrive(
         async with open_cluster(2, tmp_path) as cluster:
             a, b = cluster
             context = await share(cluster, [0, 1], app="chat")
+            written: list[bytes | None] = []
+
+            async def post(i: int) -> None:
+                result = await a.contexts.execute(context, "post", json.dumps({"text": f"m{i}"}))
+                written.append(result.delta_id)
+
             with b.events.observe() as seen:
                 async with trio.open_nursery() as nursery:
                     for i in range(32):
-                        nursery.start_soon(
-                            a.contexts.execute, context, "post", json.dumps({"text": f"m{i}"})
-                        )
+                        nursery.start_soon(post, i)
                 await wait_converged(cluster, [a, b], context)
                 messages = []
                 while True:
@@ -64,16 +68,13 @@ async def test_concurrent_writes_go_out_in_fewer_messages_and_arrive(
                 for m in messages
                 if isinstance(m, DeltaBatch | SharedDeltaBatch | DeltaGossip)
             ]
-            assert sum(carried) == 32  # every delta gossiped once...
-            assert len(carried) < 32  # ... in fewer messages: batches of what committed together
-            assert max(carried) > 1
-            # One author's chain: the batches share its key and the parents' ids.
-            author, _ = await a.contexts.member_key(context)
-            shared = [m for m in messages if isinstance(m, SharedDeltaBatch)]
-            assert shared
-            assert all(m.shared == [author] for m in shared)
-            for m in shared:  # chained: every delta after the first refers to its parent
-                assert all(sum(isinstance(p, int) for p in d) == 2 for d in m.deltas[1:])
+            # Calls that queued together are one delta (`pipeline._Merge`): every delta
+            # gossiped once, far fewer deltas and messages than posts. (Several deltas in one
+            # shared batch: `test_a_shared_batch_arrives_and_a_forged_one_does_not`.)
+            deltas = {d for d in written if d is not None}
+            assert len(written) == 32
+            assert sum(carried) == len(deltas) < 32
+            assert len(carried) < 32
             texts = [m["text"] for m in await call(b, context, "messages")]
             assert sorted(texts) == sorted(f"m{i}" for i in range(32))
 
