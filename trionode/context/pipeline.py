@@ -145,7 +145,8 @@ class _Job:
     """The (result, error) that `staged` announced (a later failed commit leaves it)."""
     alone: bool = False
     """A local call whose delta is sealed on its own, not merged with its neighbours'
-    (`_Merge`): set when a merged delta could not be sealed, for its calls' second try."""
+    (`_Merge`): set when a merged delta could not be sealed, for its calls' second try,
+    and for the only job of a batch (nothing to merge with: no bookkeeping)."""
 
     def succeed(self, result: object) -> None:
         self.result = result
@@ -466,6 +467,8 @@ class DeltaPipeline:
         early = 0
         durable = False
         merging: dict[bytes, _Merge] = {}
+        if len(jobs) == 1:
+            jobs[0].alone = True  # (a sequential caller's call: sealed as it runs)
         try:
             for job in jobs:
                 if job.context_id in unusable:
