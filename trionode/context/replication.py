@@ -529,7 +529,7 @@ class Replicator:
                 log.info("invalid delta from %s: %s", peer, result)
             else:
                 missing |= result.missing
-        claimed = missing & self.folded.ids(context_id)
+        claimed = missing & self.folded.ids(context_id) if missing else set()
         if claimed:
             # Parents some peer folded: waiting may end if our own finality covers them.
             # (Still asked of this peer unless it said so itself: `request_fetch`.)
