@@ -527,7 +527,7 @@ async def _shared_loop_cpu(rounds: int, base: Path, bundle: Path) -> str:
     """What the propagation rows measure besides the write path: every bench node runs on
     this one event loop, so a write reaches the last receiver no sooner than the loop has
     run everything on the way, on every node, one step at a time. This sums the loop's CPU
-    per write (A's call, the 3 receivers' delta processors, every node's network tasks)
+    per write (A's call, the 4 receivers' delta processors, every node's network tasks)
     and per raw gossip message of the same size, by kind of task, over `rounds` of each
     (each round waits until every node is idle, so nothing of one round runs in the next).
     """
@@ -537,7 +537,7 @@ async def _shared_loop_cpu(rounds: int, base: Path, bundle: Path) -> str:
 
     def kind(name: str) -> str:
         if name == "delta-processor":
-            return "delta processors (A's write, 3 receives)"
+            return f"delta processors (A's write, {NODES - 1} receives)"
         if any(part in name for part in _NETWORK_TASKS):
             return "network (yamux, streams, gossipsub)"
         if name.startswith(("benchmarks.", "__main__")):
