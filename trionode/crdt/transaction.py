@@ -145,6 +145,12 @@ _NONE: Final = cast("dict[Any, Any]", MappingProxyType({}))
 """The empty map a transaction's maps start as (`Transaction.__init__`): read-only, so a
 write that forgot to give the transaction a dict of its own fails at once."""
 
+_Undo = tuple[bytes, "Timestamp | None", Timestamp, "Element[Any] | None"]
+"""(record id, its `added` before, element id, the element's version before): one
+in-place write (`Transaction._undo`)."""
+_NO_UNDO: Final = cast("list[_Undo]", ())
+"""The empty undo log a transaction starts with (read-only, like `_NONE`)."""
+
 
 class Transaction:
     """A copy-on-write overlay recording delta-states. See the module docstring.
@@ -187,11 +193,10 @@ class Transaction:
         self._new_children: dict[bytes, set[bytes]] = _NONE
         self._applied: dict[bytes, Entity] = _NONE
         """Deltas already joined into the tree's records (in place), by entity id."""
-        self._undo: dict[bytes, tuple[Timestamp | None, dict[Timestamp, Element[Any] | None]]] = (
-            _NONE
-        )
-        """Per record written in place: its `added` before, and each touched element's
-        version before (None: the transaction created it)."""
+        self._undo: list[_Undo] = _NO_UNDO
+        """Per in-place write, in order: the record's id and `added` before, and the
+        touched element's id and version before (None: the transaction created it); the
+        first entry of a record or an element is the one an undo puts back."""
         self._newest: Timestamp | None = None
         """The newest stamp in `_applied`."""
         self._closed = False
@@ -386,28 +391,27 @@ class Transaction:
             return False
         assert isinstance(body, SequenceState)  # (`state_type` is one)
         physical = self._physical
+        # `newest`: the delta's newest stamp, its element's id or `touch` (its other stamps
+        # are a held reference and a tombstone stamped before `touch`).
         if value is None:
             delta, element_id, before = body.delete_in_place(pos, clock.now(physical))
             touch = clock.now(physical)
+            newest = element_id if element_id > touch else touch  # noqa: FURB136  # (hot)
         else:
             delta, element_id, run = body.insert_in_place(pos, value, self.stamp, self.writer)
             before = None
-            touch = clock.now_after(element_id, physical) if run else clock.now(physical)
-        undo = self._undo
-        if undo is _NONE:
-            self._undo = {eid: (added, {element_id: before})}
-        else:
-            logged = undo.get(eid)
-            if logged is None:
-                undo[eid] = (added, {element_id: before})
-            else:
-                logged[1].setdefault(element_id, before)
+            if run:  # (a run's id and `touch` are both this writer's: their times order them)
+                touch = clock.now_after(element_id, physical)  # (unless beyond the drift)
+                newest = element_id if element_id[0] > touch[0] else touch
+            else:  # (a fresh stamp: `touch` is later)
+                touch = newest = clock.now(physical)
+        if self._undo:
+            self._undo.append((eid, added, element_id, before))
+        else:  # (a list per transaction, not per record: most write one element)
+            self._undo = [(eid, added, element_id, before)]
         tree.in_place = self
         if touch > added:
             record.added = touch
-        # The delta's newest stamp: its element's id or `touch` (its other stamps are a
-        # held reference and a tombstone stamped before `touch`).
-        newest = element_id if element_id > touch else touch  # noqa: FURB136  # (per keystroke)
         if self._newest is None or newest > self._newest:
             self._newest = newest
         entity = Entity.__new__(Entity)  # (without `__init__`'s checks: per keystroke)
@@ -436,7 +440,14 @@ class Transaction:
         if tree.in_place is self:
             tree.in_place = None
         records = self._records
-        for eid, (added, versions) in self._undo.items():
+        logged: dict[bytes, tuple[Timestamp | None, dict[Timestamp, Element[Any] | None]]] = {}
+        for eid, added, element_id, before in self._undo:
+            first = logged.get(eid)
+            if first is None:
+                logged[eid] = (added, {element_id: before})
+            else:
+                first[1].setdefault(element_id, before)
+        for eid, (added, versions) in logged.items():
             record = records[eid]
             state = record.body
             assert isinstance(state, SequenceState)  # (`edit_in_place` checks the type)
@@ -444,7 +455,7 @@ class Transaction:
             record.body = None if restored.is_empty() else restored
             record.added = added
             tree.restored(eid)
-        self._undo = _NONE
+        self._undo = _NO_UNDO
         self._newest = None
         applied, self._applied = self._applied, _NONE
         if self._closed:
@@ -508,7 +519,7 @@ class Transaction:
             # (rows, hashes, newest stamp); what was staged besides is joined as usual.
             if tree.in_place is self:
                 tree.in_place = None
-            self._undo = _NONE
+            self._undo = _NO_UNDO
             self._applied = _NONE
             if not pending:  # in place only (a keystroke)
                 self._closed = True

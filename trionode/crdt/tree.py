@@ -191,9 +191,9 @@ class StateTree:
         hashes = self._hashes
         for entity_id, delta in deltas.items():
             record = records[entity_id]
-            if record.kind in JOURNAL_KINDS:
-                self._log.applied(record, delta)
-            self._deleted.discard(entity_id)
+            self._log.applied(record, delta)  # (a sequence: journaled if stored)
+            if self._deleted:
+                self._deleted.discard(entity_id)
             self._updated.add(entity_id)
             if record.parent == ROOT_ID:  # (`_invalidate_up`, inline: a top-level field)
                 hashes.pop(entity_id, None)
