@@ -70,7 +70,7 @@ class RowLog:
 
     def applied(self, record: Entity, incoming: Entity) -> None:
         """`incoming` was just joined into the existing `record` and changed it."""
-        if record.kind not in JOURNAL_KINDS or record.id not in self._stored:
+        if record.id not in self._stored or record.kind not in JOURNAL_KINDS:
             return  # no base row to journal against (or never persisted): written whole
         pending = self._journal.get(record.id)
         if pending is None:

@@ -173,6 +173,7 @@ class Transaction:
         "_pending",
         "_physical",
         "_records",
+        "_sole",
         "_tree",
         "_undo",
         "writer",
@@ -192,7 +193,10 @@ class Transaction:
         self._pending: dict[bytes, Entity] = _NONE
         self._new_children: dict[bytes, set[bytes]] = _NONE
         self._applied: dict[bytes, Entity] = _NONE
-        """Deltas already joined into the tree's records (in place), by entity id."""
+        """Deltas already joined into the tree's records (in place), by entity id, when
+        more than one record was written in place (else `_sole`)."""
+        self._sole: Entity | None = None
+        """The delta joined in place when only one record was (a keystroke: no dict)."""
         self._undo: list[_Undo] = _NO_UNDO
         """Per in-place write, in order: the record's id and `added` before, and the
         touched element's id and version before (None: the transaction created it); the
@@ -422,16 +426,25 @@ class Transaction:
         entity.removed = None
         entity.body = delta
         entity.id = eid
-        applied = self._applied
-        if applied is _NONE:
-            self._applied = {eid: entity}
-        else:
+        sole = self._sole
+        if sole is None and not self._applied:
+            self._sole = entity
+        elif sole is not None and sole.id == eid:
+            sole.merge(entity)
+        else:  # (a second record: the general map)
+            applied = self._applied = self._in_place_deltas()
+            self._sole = None
             held = applied.get(eid)
             if held is None:
                 applied[eid] = entity
             else:
                 held.merge(entity)
         return True
+
+    def _in_place_deltas(self) -> dict[bytes, Entity]:
+        """The deltas joined in place, by entity id (a new dict for a `_sole` one)."""
+        sole = self._sole
+        return self._applied if sole is None else {sole.id: sole}
 
     def evict(self) -> None:
         """Undo the in-place writes (see the module docstring), keeping them as pending
@@ -457,7 +470,9 @@ class Transaction:
             tree.restored(eid)
         self._undo = _NO_UNDO
         self._newest = None
-        applied, self._applied = self._applied, _NONE
+        applied = self._in_place_deltas()
+        self._applied = _NONE
+        self._sole = None
         if self._closed:
             return
         overlay = self._overlay
@@ -490,9 +505,10 @@ class Transaction:
     def deltas(self) -> list[Entity]:
         """The pending delta-states, sorted by entity id (read-only)."""
         pending = self._pending
-        if self._applied:
+        applied = self._in_place_deltas()
+        if applied:
             pending = pending.copy()
-            for eid, delta in self._applied.items():
+            for eid, delta in applied.items():
                 staged = pending.get(eid)
                 pending[eid] = delta if staged is None else delta.join(staged)
         if len(pending) == 1:
@@ -512,8 +528,17 @@ class Transaction:
             self.abort()
             raise TransactionError("another local transaction committed first; retry")
         pending = self._pending
-        applied = self._applied
         tree = self._tree
+        sole = self._sole
+        if sole is not None and not pending:  # one record written in place (a keystroke)
+            if tree.in_place is self:
+                tree.in_place = None
+            self._undo = _NO_UNDO
+            self._sole = None
+            self._closed = True
+            tree.applied_in_place(sole, self._newest)
+            return [sole]
+        applied = self._in_place_deltas()
         if applied:
             # The in-place deltas are in the tree already: only its bookkeeping is left
             # (rows, hashes, newest stamp); what was staged besides is joined as usual.
@@ -521,14 +546,15 @@ class Transaction:
                 tree.in_place = None
             self._undo = _NO_UNDO
             self._applied = _NONE
-            if not pending:  # in place only (a keystroke)
+            self._sole = None
+            if not pending:  # in place only
                 self._closed = True
-                tree.applied_in_place(applied, self._newest)
-                if len(applied) == 1:
-                    return list(applied.values())
+                for delta in applied.values():
+                    tree.applied_in_place(delta, self._newest)
                 return [applied[k] for k in sorted(applied)]
             staged = list(pending.values())
-            tree.applied_in_place(applied, self._newest)
+            for delta in applied.values():
+                tree.applied_in_place(delta, self._newest)
             for eid, delta in applied.items():
                 extra = pending.get(eid)
                 if extra is not None:
@@ -549,7 +575,7 @@ class Transaction:
     def abort(self) -> None:
         """Drop every change; the tree is left as it was."""
         self._closed = True
-        if self._applied:
+        if self._sole is not None or self._applied:
             self.evict()
         self._overlay = _NONE
         self._pending = _NONE

@@ -183,26 +183,26 @@ class StateTree:
             self.generation += 1
         return changed
 
-    def applied_in_place(self, deltas: dict[bytes, Entity], newest: Timestamp | None) -> None:
-        """A local commit whose `deltas` (by entity id) were joined into their records in
-        place, each changing it (a new or tombstoned element), and whose newest stamp is
-        `newest`: what `apply(deltas, local=True)` does besides the joins."""
-        records = self._records
-        hashes = self._hashes
-        for entity_id, delta in deltas.items():
-            record = records[entity_id]
-            self._log.applied(record, delta)  # (a sequence: journaled if stored)
-            if self._deleted:
-                self._deleted.discard(entity_id)
-            self._updated.add(entity_id)
-            if record.parent == ROOT_ID:  # (`_invalidate_up`, inline: a top-level field)
+    def applied_in_place(self, delta: Entity, newest: Timestamp | None) -> None:
+        """A local commit's `delta` was joined into its record in place, changing it (a
+        new or tombstoned element), and the commit's newest stamp is `newest`: what
+        `apply([delta], local=True)` does besides the join. (Once per record.)"""
+        entity_id = delta.id
+        record = self._records[entity_id]
+        self._log.applied(record, delta)  # (a sequence: journaled if stored)
+        if self._deleted:
+            self._deleted.discard(entity_id)
+        self._updated.add(entity_id)
+        if record.parent == ROOT_ID:  # (`_invalidate_up`, inline: a top-level field)
+            hashes = self._hashes
+            if hashes:
                 hashes.pop(entity_id, None)
                 hashes.pop(ROOT_ID, None)
-                buckets = self._buckets.get(ROOT_ID)
-                if buckets is not None:
-                    buckets.stale.add(entity_id[0])
-            else:
-                self._invalidate_up(entity_id)
+            buckets = self._buckets.get(ROOT_ID)
+            if buckets is not None:
+                buckets.stale.add(entity_id[0])
+        else:
+            self._invalidate_up(entity_id)
         if newest is not None and (self.max_stamp is None or newest > self.max_stamp):
             self.max_stamp = newest
         self.generation += 1
