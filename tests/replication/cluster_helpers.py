@@ -46,11 +46,11 @@ from trionode.node import Node
 from trionode.testing import Cluster
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
-    DeltaGossip,
     DeltaRequest,
     DeltaResponse,
     SyncAuth,
     SyncMessage,
+    TopicDelta,
     encode_gossip,
 )
 
@@ -361,7 +361,7 @@ async def forge(
 
 def gossip(node: Node, context: bytes, wire: bytes) -> None:
     """Publish delta bytes on the context's topic from `node`, as a relay or author would."""
-    message = encode_gossip(DeltaGossip(context_id=context, delta=wire))
+    message = encode_gossip(TopicDelta(wire))
     node.pubsub.publish(topic_for(context), message)
 
 

@@ -33,7 +33,13 @@ from trionode.context.authority import action
 from trionode.context.events import ContextEvent
 from trionode.context.manager import ContextError
 from trionode.context.records import CONTEXTS, DELTAS
-from trionode.context.replication import SYNC_PROTOCOL, _Channel, auth_message, topic_for
+from trionode.context.replication import (
+    SYNC_PROTOCOL,
+    _Channel,
+    auth_message,
+    context_of,
+    topic_for,
+)
 from trionode.dag.dag import Defer
 from trionode.dag.delta import SignedDelta, decode_delta, open_delta, verify_delta
 from trionode.errors import RemoteProtocolError
@@ -51,6 +57,7 @@ from trionode.wire.messages import (
     DeltaResponse,
     SyncAuth,
     SyncError,
+    TopicDelta,
     decode_gossip,
 )
 from trionode.wire.pubsub_pb import PubsubMessage
@@ -92,14 +99,14 @@ def child_of(
             return False
         try:
             message_gossip = decode_gossip(message.data)
-            if isinstance(message_gossip, DeltaGossip):
+            if isinstance(message_gossip, TopicDelta | DeltaGossip):
                 wires = [message_gossip.delta]
             elif isinstance(message_gossip, DeltaBatch):
                 wires = message_gossip.deltas
             else:
                 return False
-            context = message_gossip.context_id
-            return any(
+            context = context_of(message.topic or "")
+            return context is not None and any(
                 verify_delta(decode_delta(w), context_id=context).parents == parents for w in wires
             )
         except RemoteProtocolError:
@@ -719,7 +726,7 @@ async def test_17_non_members_relay_but_learn_nothing(
                 ]
             assert await call(b, context, "get", key="secret") == "s3cr3t-value"
             # O relayed it, could read the header, not the body.
-            wires = [g.delta for g in relayed if isinstance(g, DeltaGossip)]
+            wires = [g.delta for g in relayed if isinstance(g, TopicDelta | DeltaGossip)]
             (wire,) = [w for w in wires if decode_delta(w).id == d]
             assert b"s3cr3t-value" not in wire
             header = verify_delta(decode_delta(wire), context_id=context)

@@ -80,6 +80,7 @@ from trionode.wire.messages import (
     Heartbeat,
     SharedDeltaBatch,
     SyncAuth,
+    TopicDelta,
     decode_gossip,
     encode_gossip,
 )
@@ -135,13 +136,14 @@ def _delta_id(wire: bytes) -> bytes:
 
 def batch_of(
     context_id: bytes, deltas: Sequence[SignedDelta]
-) -> DeltaGossip | DeltaBatch | SharedDeltaBatch:
-    """The gossip message for deltas committed together: one delta as it is; several as a
+) -> TopicDelta | DeltaBatch | SharedDeltaBatch:
+    """The gossip message for deltas committed together: one delta as it is (the topic
+    names the context: `TopicDelta`); several as a
     `SharedDeltaBatch` when sharing their authors' keys and parent ids makes it smaller
     (and it rebuilds the same bytes), else as a plain `DeltaBatch`."""
     wires = [delta.encode() for delta in deltas]
     if len(wires) == 1:
-        return DeltaGossip(context_id=context_id, delta=wires[0])
+        return TopicDelta(wires[0])
     plain = DeltaBatch(context_id=context_id, deltas=wires)
     authors = [verify_delta(d, context_id=context_id).author for d in deltas]  # (cached: ours)
     shared, parts = shared_batch.pack(wires, [d.id for d in deltas], authors)
@@ -478,6 +480,10 @@ class Replicator:
         except RemoteProtocolError as exc:
             self.metrics.outcome("rejected_malformed")
             log.info("malformed gossip from %s: %s", message.author, exc)
+            return
+        if isinstance(gossip, TopicDelta):
+            # (The topic's context: a delta of another one fails its check, as invalid.)
+            await self.receive_from(message.received_from, context_id, gossip.delta)
             return
         if gossip.context_id != context_id:
             self.metrics.outcome("rejected_malformed")
