@@ -916,7 +916,8 @@ _PROFILE_PARTS: Final = (
     ("gossip publish (encode, StrictSign)", "replication.py", "broadcast"),
     ("stage rows + record (encoding)", "local_writes.py", "_stage"),
     ("subscriber event: built at staging", "notices.py", "change_of"),
-    ("subscriber event: numbered + log row", "pipeline.py", "_number_events"),
+    ("subscriber event: numbered", "events.py", "reserve"),
+    ("subscriber event: log row", "pipeline.py", "_log_events"),
     ("subscriber event: shown (fan-out)", "events.py", "settle"),
     ("event log task (its own writes)", "event_log.py", "flush"),
 )

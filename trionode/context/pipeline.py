@@ -531,9 +531,10 @@ class DeltaPipeline:
             batch.finish_records()  # the records data deltas changed: once each
             changes, early = self._settled_changes(staged, held)
             if changes:
-                events = self._number_events(changes, batch)
+                events = self._hub.reserve(changes)  # (numbered now)
                 # Received deltas are shown now, while their commit runs (module docstring).
                 self._hub.show_early(events[:early])
+                self._log_events(events, batch)
             released = self._answer_early(staged, failed)
             if early or released:
                 # Let whom that woke (subscribers, the gossip handler; on one loop, other
@@ -699,13 +700,14 @@ class DeltaPipeline:
                 (late if change.context_id in written_here else early).append(settled)
         return early + late, len(early)
 
-    def _number_events(self, changes: list[Change], batch: WriteBatch) -> list[ContextEvent]:
-        """The batch's events for subscribers, numbered now and stored in `batch` with the
-        deltas they describe; shown once it is durable (`EventHub.settle`)."""
-        events = self._hub.reserve(changes)
+    def _log_events(self, events: list[ContextEvent], batch: WriteBatch) -> None:
+        """Store the batch's numbered events in `batch` with the deltas they describe (the
+        rest are shown once it is durable: `EventHub.settle`). Encoded after the early
+        show: nothing before the commit reads them, and a received delta is shown ~20 us
+        sooner (issue #16). If this raises, the batch fails, and what was shown is lost
+        as with a failed commit."""
         if self._event_log is not None:
             self._event_log.stage(batch, events)
-        return events
 
     async def _handles(self, replica: Replica) -> Callable[[str], bool] | None:
         """Whether the app the context runs has a handler for an event name (None: its app
