@@ -1,6 +1,7 @@
-"""The pages of a snapshot stream whose member hashes its state beside it come from the
-hashing read (`SnapshotStream.push` / `page`): in order, whole, each within its limits,
-and the read never runs more than `AHEAD_RECORDS` / `AHEAD_BYTES` ahead of the stream."""
+"""The pages of a snapshot stream whose member hashes its state beside it (one resumed
+after a cursor without its root, from a state not built) come from the hashing read
+(`SnapshotStream.push` / `page`): in order, whole, each within its limits, and the read
+never runs more than `AHEAD_RECORDS` / `AHEAD_BYTES` ahead of the stream."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from trionode.errors import LocalProtocolError
 def _stream(first: list[bytes], after: bytes | None) -> SnapshotStream:
     stream = SnapshotStream()
     view = SnapshotView(FinalSlot(), lambda _: None, None, 0, {})
-    stream.open(view, first, after)
+    stream.open(view, first, after, resumed=True)
+    assert stream.needs_hashing
+    assert stream.shared
     return stream
 
 

@@ -60,9 +60,10 @@ async def test_a_join_logs_its_phases_on_both_sides(
     assert joiner[: len(expected)] == expected
     batches = [p for p in joiner if p.startswith("batch_")]
     assert len(batches) >= 4
+    # (No root to check: a fresh stream from a member whose final state is not built sends
+    # none, and hashes nothing: trionode/sync/snapshot.py, "Root last, or none".)
     assert joiner[len(expected) + len(batches) :] == [
         "pages_stored",
-        "root_checked",
         "certified",
         "boundary_adopted",
         "synced",
@@ -70,4 +71,4 @@ async def test_a_join_logs_its_phases_on_both_sides(
     ]
     assert member[0] == "first_page_read"
     assert member[-2:] == ["last_page_read", "closed"]
-    assert "root_hashed" in member
+    assert "root_hashed" not in member

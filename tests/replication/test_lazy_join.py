@@ -2,8 +2,9 @@
 their rows until something reads them (`trionode.crdt.lazy`): the snapshot's root is
 checked over those bytes; a value no reader can decode is refused to the call that reads
 it, with a typed error, while every other entry reads as usual and the replica stays as
-the member's. A member whose final state is not built streams at once and sends the root
-later (`trionode.sync.snapshot`, "Root last"); a root the pages do not hash to is refused."""
+the member's. A member whose final state is not built streams at once and hashes nothing
+(`trionode.sync.snapshot`, "Root last, or none"), unless the stream resumed after a cut,
+whose root comes later; a root the pages do not hash to is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -33,6 +35,7 @@ from trionode.crdt import Entity, Kind, RegisterState, encode_entity
 from trionode.crdt.lazy import RowEntity
 from trionode.node import Node
 from trionode.sdk.errors import StateSchemaError
+from trionode.sync.snapshot import RootMismatch
 from trionode.testing import Cluster, open_cluster
 
 
@@ -93,12 +96,12 @@ async def test_a_value_no_reader_decodes_is_refused_at_its_first_read_and_alone(
             assert await get(a, context, "after") == "v"
 
 
-async def test_a_member_streams_before_its_final_state_is_built_and_sends_the_root_later(
+async def test_a_member_streams_before_its_final_state_is_built_and_hashes_nothing(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The member's first snapshot since it loaded the context does not wait for its final
-    state to be built: pages go at once, the state is hashed beside them, the root follows
-    with a later page, and the joiner ends with the member's root."""
+    state to be built: pages go at once, and nothing is hashed (a fresh stream sends no
+    root); the joiner ends with the member's state and root."""
     with trio.fail_after(LIMIT):
         async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
@@ -111,24 +114,30 @@ async def test_a_member_streams_before_its_final_state_is_built_and_sends_the_ro
             await converged(cluster, [a, c], context)
             assert await entries(c, context) == await entries(a, context)
             assert replica.final.builds == 0  # never built for it
+            assert replica.final.state is None  # nor hashed beside the stream
             assert not replica.final.views  # the view closed with the stream
+            ours, _, _ = await c.contexts.state(context)
+            assert ours == (await a.contexts.state(context))[0]
 
 
-async def test_a_root_sent_last_that_the_pages_do_not_hash_to_is_refused(
+async def test_a_root_the_pages_do_not_hash_to_is_refused(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A member whose final state is not built may still announce a root (one whose state
+    is built does, and an older member sent one last): the joiner checks it, and a forged
+    one refuses the snapshot and discards what it brought."""
     with trio.fail_after(LIMIT):
         async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
             context = await folded(cluster, 20)
             assert (await a.contexts.replica(context)).final.state is None
-            original = a.contexts.snapshot_hash_view
+            first_page = a.contexts.snapshot_first_page
 
-            async def lying(context_id: bytes, stream: SnapshotStream) -> None:
-                await original(context_id, stream)
-                stream.root = bytes(32)
+            async def forging(*args: Any, **kwargs: Any) -> Any:
+                records, after, begin = await first_page(*args, **kwargs)
+                return records, after, msgspec.structs.replace(begin, root_hash=bytes(32))
 
-            monkeypatch.setattr(a.contexts, "snapshot_hash_view", lying)
+            monkeypatch.setattr(a.contexts, "snapshot_first_page", forging)
             await join(cluster, 0, 1, context)  # the join succeeds; its snapshot does not
             assert sessions(c, "snapshot", "failed") == 1
             assert await c.contexts.is_fresh(context)
@@ -202,13 +211,19 @@ async def test_a_member_streaming_before_its_state_is_built_reads_its_rows_once(
             assert await entries(c, context) == await entries(a, context)
 
 
+@pytest.mark.parametrize("lying", [False, True])
 async def test_a_stream_cut_before_its_late_root_resumes_after_its_cursor(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    lying: bool,
 ) -> None:
-    """The member streams before its state is built, so the root comes late; the stream is
-    cut after the first page is stored and before any root was stored with it. The next
-    session continues after that page (the boundary is the same), not from the first
-    record, and the joiner ends with the member's root."""
+    """The member streams before its state is built, so no root comes with the fresh
+    stream; the stream is cut after the first page is stored. The next session continues
+    after that page (the boundary is the same), not from the first record; that one owes
+    its root (hashed beside it, over every record: the pages before the cut too), and the
+    joiner ends with the member's root. A `lying` member's resumed root is refused (the
+    state it brought discarded), and the next snapshot starts over."""
     with trio.fail_after(LIMIT):
         async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
@@ -242,6 +257,14 @@ async def test_a_stream_cut_before_its_late_root_resumes_after_its_cursor(
                 return records, after, begin
 
             monkeypatch.setattr(a.contexts, "snapshot_first_page", beginning)
+            if lying:
+                hash_view = a.contexts.snapshot_hash_view
+
+                async def forging(context_id: bytes, stream: SnapshotStream) -> None:
+                    await hash_view(context_id, stream)
+                    stream.root = bytes(32)
+
+                monkeypatch.setattr(a.contexts, "snapshot_hash_view", forging)
             await join(cluster, 0, 1, context)
             assert sessions(c, "snapshot", "failed") == 1
             marker = await load_progress(c.contexts.store, context)
@@ -249,9 +272,19 @@ async def test_a_stream_cut_before_its_late_root_resumes_after_its_cursor(
             assert marker.cursor is not None
             assert marker.root_hash is None  # cut before the root was stored
             assert stored == [8, -1]
-            await c.sync.sync_now(context, cluster.peer_ids[0])
-            assert sessions(c, "snapshot") == 1
+            if lying:
+                with pytest.raises(RootMismatch):
+                    await c.sync.sync_now(context, cluster.peer_ids[0])
+            else:
+                await c.sync.sync_now(context, cluster.peer_ids[0])
+            assert sessions(c, "snapshot") == int(not lying)
             assert began == [None, marker.cursor]  # the second stream went on from there
-            assert sum(stored[2:]) + 8 == len(await entries(c, context))  # each record once
+            if lying:
+                assert sessions(c, "snapshot", "failed") == 2
+                assert await c.contexts.is_fresh(context)
+                monkeypatch.undo()
+                await c.sync.sync_now(context, cluster.peer_ids[0])
+            else:
+                assert sum(stored[2:]) + 8 == len(await entries(c, context))  # each once
             await converged(cluster, [a, c], context)
             assert await entries(c, context) == await entries(a, context)

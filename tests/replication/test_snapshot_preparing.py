@@ -90,11 +90,12 @@ async def test_the_final_state_follows_folding_and_pages_are_the_stored_rows(
 async def test_a_view_hashed_beside_its_stream_is_kept_as_the_final_state(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A snapshot of a member whose final state was not built hashes the view it serves
-    (snapshot_state.SnapshotState.hash_view); that tree is then kept as the final state,
-    with what was folded since the view opened joined in, so the next snapshot announces
-    its root at once instead of hashing every record again. Kept or built from the rows,
-    it is the same state."""
+    """A fresh snapshot of a member whose final state was not built hashes nothing (it
+    sends no root); one resumed after its cursor by its heads hashes the view it serves
+    (snapshot_state.SnapshotState.hash_view) to send its root; that tree is then kept as
+    the final state, with what was folded since the view opened joined in, so the next
+    snapshot announces its root at once instead of hashing every record again. Kept or
+    built from the rows, it is the same state."""
     with trio.fail_after(LIMIT):
         async with open_cluster(1, tmp_path, configure=folding) as cluster:
             (a,) = cluster
@@ -105,11 +106,20 @@ async def test_a_view_hashed_beside_its_stream_is_kept_as_the_final_state(
             replica = await a.contexts.replica(context)
             before = await _served(a, context)
             replica.final = FinalSlot()  # (not built: as after a restart)
+            fresh = SnapshotStream()
+            _, after, first = await a.contexts.snapshot_first_page(
+                context, None, None, 3, 1 << 20, stream=fresh
+            )
+            assert first.root_hash is None
+            assert after is not None
+            assert not fresh.needs_hashing  # a fresh stream sends no root
+            fresh.close()
             stream = SnapshotStream()
             _, _, begin = await a.contexts.snapshot_first_page(
-                context, None, None, 3, 1 << 20, stream=stream
+                context, after, None, 3, 1 << 20, stream=stream, resume_heads=first.heads
             )
-            assert begin.root_hash is None  # hashed beside the stream
+            assert (begin.root_hash, begin.cursor) == (None, after)  # hashed beside the stream
+            assert stream.needs_hashing
             for i in range(20):  # folded after the view opened: not in what it serves
                 await put(a, context, f"k{i * 2:03}", "changed")
                 await put(a, context, f"new{i:03}")
@@ -167,7 +177,9 @@ async def test_folding_during_a_snapshot_does_not_change_what_it_serves(
     so the pages add up to the root announced before them (or, when the member's final
     state was not `built`, to the root of that view hashed beside the stream and sent with
     a later page) and the snapshot is taken in one go. Before, later pages carried the new
-    rows, the joiner's root check failed, and the snapshot was refused and started over."""
+    rows, the joiner's root check failed, and the snapshot was refused and started over.
+    (Not built, a fresh stream sends no root: the joiner's state must be the view's all
+    the same, as the tree comparison afterwards shows.)"""
     with trio.fail_after(LIMIT):
         async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
@@ -205,12 +217,12 @@ async def test_folding_during_a_snapshot_does_not_change_what_it_serves(
             await c.joins.join(await a.joins.invite(context))
             monkeypatch.undo()
             assert len(served) >= 5  # the fold came after the second of many pages
-            # Hashed beside the stream (or built before it), the view's state became the
-            # final state, brought up to date with the fold: the same as one built from
-            # the rows now, and (hashed beside the stream) never built.
-            assert replica.final.state is not None
+            # Built before it, the final state was brought up to date with the fold: the
+            # same as one built from the rows now. Not built, the fresh stream hashed
+            # nothing and it is still not built.
+            assert (replica.final.state is not None) == built
             adopted = await _served(a, context)
-            assert replica.final.builds == int(built)
+            assert replica.final.builds == 1
             replica.final = FinalSlot()
             assert await _served(a, context) == adopted
             # The deltas folded mid-stream came after the snapshot's boundary, and their

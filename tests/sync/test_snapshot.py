@@ -51,8 +51,8 @@ class Server:
 
     records: dict[bytes, bytes] = attrs.field(factory=dict)
     root_last: bool = False
-    """A fresh stream announces its root with the last page (the state is not built), and
-    so does one resumed by its heads."""
+    """The state is not built: a fresh stream announces no root at all, and one resumed by
+    its heads sends it by the last page."""
 
     @property
     def root(self) -> bytes:
@@ -103,6 +103,8 @@ class Joiner:
     heads: list[bytes] | None = None
     complete: bool = False
     batches: int = 0
+    from_first: bool = False
+    """The last stream started from the first record (fresh, or restarted)."""
 
 
 class Cut(Exception):
@@ -183,6 +185,7 @@ def session(
             joiner.root = take.root_hash or (None if boundary else joiner.root)
             joiner.cursor = batch.cursor or joiner.cursor
             joiner.complete = batch.last
+            joiner.from_first = take.begin.cursor is None
             joiner.batches += 1
             take.batch_stored()
             to_server.extend(take.messages_to_send())
@@ -226,7 +229,8 @@ def test_streamed_snapshot_delivers_the_state_through_cuts_and_changes(
     """Whatever the interleaving, wherever the stream breaks and however the responder's
     state grows between sessions, the joiner ends with exactly the responder's state as of
     its last session (the bytes as sent), having buffered at most `window` pages; also
-    when a fresh stream's root comes with its last page."""
+    when a fresh stream brings no root (the joiner then has none to check, and its state is
+    the responder's all the same: a stream resumed after a cut always brings one)."""
     server = Server(state_of(first), root_last=root_last)
     joiner = Joiner()
     pending_changes = list(changes)
@@ -239,7 +243,12 @@ def test_streamed_snapshot_delivers_the_state_through_cuts_and_changes(
             continue
         break
     assert joiner.complete
-    assert joiner.root == server.root
+    if joiner.root is None:
+        # Only a stream that ran whole from the first record may end without its root.
+        assert root_last
+        assert joiner.from_first
+    else:
+        assert joiner.root == server.root
     assert joiner.records == server.records
 
 
@@ -452,13 +461,19 @@ def _unrooted(take: SnapshotTake) -> None:
     take.receive_message(SnapshotBegin(heads=[], root_hash=None, entries=3), 0.0)
 
 
-def test_a_root_comes_once_by_the_last_page_when_the_begin_had_none() -> None:
+def test_a_fresh_stream_whose_begin_had_no_root_brings_one_once_or_none() -> None:
+    """A fresh stream from an unbuilt state brings no root (a root in one uninterrupted
+    stream proves nothing the joiner does not hash itself); one that comes anyway, on any
+    page, is kept to be checked, once."""
     one, two, three = _records(3)
     take = SnapshotTake(0.0, window=4, idle_timeout=IDLE)
     _unrooted(take)
     take.receive_message(SnapshotChunk(records=[one], next_cursor=_cursor(one)), 0.0)
-    with pytest.raises(PageOutOfOrder, match="root"):  # none by the last page
-        take.receive_message(SnapshotChunk(records=[two], next_cursor=None), 0.0)
+    take.receive_message(SnapshotChunk(records=[two], next_cursor=None), 0.0)
+    assert take.root_hash is None  # nothing to check: the pages are all there is
+    batch = take.next_batch()
+    assert batch is not None
+    assert batch.last
     take = SnapshotTake(0.0, window=4, idle_timeout=IDLE)
     _unrooted(take)
     assert take.begin is not None
@@ -484,6 +499,21 @@ def test_a_root_comes_once_by_the_last_page_when_the_begin_had_none() -> None:
         )
 
 
+def test_a_stream_resumed_by_its_heads_must_bring_its_root_by_the_last_page() -> None:
+    """Resumed after its cursor without a root, the stream's root is what proves that its
+    pages continue the view of those before the cut: a last page without it is refused."""
+    one, two, three = _records(3)
+    heads = [b"h" * 32]
+    take = SnapshotTake(0.0, cursor=_cursor(one), root_hash=None, heads=heads, window=4)
+    take.messages_to_send()
+    take.receive_message(
+        SnapshotBegin(heads=heads, root_hash=None, entries=3, cursor=_cursor(one)), 0.0
+    )
+    take.receive_message(SnapshotChunk(records=[two], next_cursor=_cursor(two)), 0.0)
+    with pytest.raises(PageOutOfOrder, match="root"):
+        take.receive_message(SnapshotChunk(records=[three], next_cursor=None), 0.0)
+
+
 def test_a_resumed_stream_must_announce_its_root_first() -> None:
     one = _records(1)[0]
     take = SnapshotTake(0.0, cursor=_cursor(one), root_hash=bytes(32), window=4)
@@ -494,11 +524,17 @@ def test_a_resumed_stream_must_announce_its_root_first() -> None:
         )
 
 
-def test_the_responder_sends_the_root_once_by_the_last_page_when_it_announced_none() -> None:
+def test_the_responder_sends_a_resumed_streams_root_once_by_the_last_page() -> None:
+    """A stream resumed by its heads owes its root (by the last page, once); a fresh one
+    whose begin had none sends none, and one whose begin had it never again."""
     one, two, three = _records(3)
-    serve = _serving(window=4)
+    heads = [b"h" * 32]
+    request = SnapshotOpen(
+        cursor=_cursor(one), window=4, max_records=10, max_bytes=1 << 20, heads=heads
+    )
+    serve = SnapshotServe(request, 0.0, max_records=4096, max_bytes=1 << 22, idle_timeout=IDLE)
     assert serve.next_action() is not None
-    begin = SnapshotBegin(heads=[], root_hash=None, entries=3)
+    begin = SnapshotBegin(heads=heads, root_hash=None, entries=3, cursor=_cursor(one))
     assert serve.root_due(begin)
     serve.page_read([one], _cursor(one), begin=begin)  # not known yet: later
     assert serve.next_action() is not None
@@ -513,6 +549,19 @@ def test_the_responder_sends_the_root_once_by_the_last_page_when_it_announced_no
     serve.page_read([three], None)
     sent = serve.messages_to_send()
     assert [m.root_hash for m in sent if isinstance(m, SnapshotChunk)] == [None, b"r" * 32, None]
+    fresh = _serving(window=4)
+    assert fresh.next_action() is not None
+    unrooted = SnapshotBegin(heads=[], root_hash=None, entries=2)
+    assert not fresh.root_due(unrooted)
+    fresh.page_read([one], _cursor(one), begin=unrooted)
+    assert fresh.next_action() is not None
+    with pytest.raises(LocalProtocolError):  # none is due
+        fresh.page_read([two], None, root=b"r" * 32)
+    fresh.page_read([two], None)
+    assert [m.root_hash for m in fresh.messages_to_send() if isinstance(m, SnapshotChunk)] == [
+        None,
+        None,
+    ]
     rooted = _serving(window=4)
     assert rooted.next_action() is not None
     with pytest.raises(LocalProtocolError):  # announced first: never again

@@ -306,8 +306,11 @@ async def take(
             join_timeline.mark("pages_stored")
         boundary = progress.heads or []
         try:
-            await contexts.check_snapshot_root(context_id, progress.root_hash or b"")
-            join_timeline.mark("root_checked")
+            if progress.root_hash is not None:
+                # (None: one fresh stream from an unbuilt state, which sends no root: see
+                # "Root last, or none" in trionode/sync/snapshot.py.)
+                await contexts.check_snapshot_root(context_id, progress.root_hash)
+                join_timeline.mark("root_checked")
             # Who may write, as signed operations this node checks itself (never the peer's
             # verdicts), and where the boundary sits in everyone's sequence: before the
             # boundary becomes our checkpoint.

@@ -87,10 +87,11 @@ may hold, so a page waiting for its records never waits on a read that waits for
 class SnapshotStream:
     """The view one served snapshot stream reads its pages from (opened by its first page,
     closed when the stream ends, however it ends), and, when that view has no root (the
-    final state was not built: `final_state.open_unbuilt_view`), the read that hashes the
-    view's state beside the stream (`SnapshotState.hash_view`): its root once known, and
-    the records it read that the stream has not sent yet, which are the stream's next
-    pages (the rows are read once, not once to hash and once to send)."""
+    final state was not built: `final_state.open_unbuilt_view`) and the stream must send
+    one (it resumed after a cursor), the read that hashes the view's state beside the
+    stream (`SnapshotState.hash_view`): its root once known, and the records it read that
+    the stream has not sent yet, which are the stream's next pages (the rows are read
+    once, not once to hash and once to send)."""
 
     view: SnapshotView | None = None
     root: bytes | None = None
@@ -111,6 +112,9 @@ class SnapshotStream:
     """The first page continued an earlier stream after its cursor (cut before its root
     came): the hashing read starts from the first record, and sends what follows the
     first page."""
+    hashing: bool = False
+    """The view has no root and the stream must send one (it resumed after a cursor
+    without its root): `SnapshotState.hash_view` reads and hashes it beside the stream."""
     _moved: trio.Event = attrs.field(factory=trio.Event)
 
     def open(
@@ -128,19 +132,23 @@ class SnapshotStream:
         self.root = view.root
         if view.root is not None:
             self.hashed.set()
-        else:
-            self.first = [] if resumed else records
+        elif resumed:
+            # Only a stream resumed after a cursor without its root is hashed: its root
+            # proves that its pages continue the view of those before the cut. A fresh one
+            # sends its pages unhashed (see "Root last, or none" in trionode/sync/snapshot.py).
+            self.hashing = True
+            self.first = []
             self.after_first = self.sent_to = after
             self.resumed = resumed
 
     @property
     def needs_hashing(self) -> bool:
-        return self.view is not None and self.root is None
+        return self.view is not None and self.hashing and self.root is None
 
     @property
     def shared(self) -> bool:
         """The pages after the first come from the hashing read."""
-        return self.view is not None and self.view.root is None
+        return self.view is not None and self.hashing
 
     def close(self) -> None:
         if self.view is not None:

@@ -33,18 +33,30 @@ moved on (more was folded), the responder starts from the first record again and
 (`SnapshotBegin.cursor` is None). Records only grow under join, so what the requester has
 is joined again harmlessly, and the root check at the end holds for the newer state.
 
-**Root last.** A responder whose final state is not built yet (the first snapshot since
-it loaded the context) does not wait for it: its `SnapshotBegin` has no root, it hashes
-the records as it serves them, and the last `SnapshotChunk` carries the root of all it
-sent. So the requester's work overlaps the responder's, instead of following a build of
-the whole state. A resume with a cursor and its root is served from the built state, whose
-root it must compare. A stream cut before its root came resumes too: the requester sends
-its cursor with the boundary it holds instead (`SnapshotOpen.heads`); a responder whose
-boundary is still that (nothing was folded since: the same final state) continues after
-the cursor and sends the root of its whole state (it hashes every record, sending those
-after the cursor), last or first; any other starts from the first record. The root check
-at the end covers what came before the cut as well, so a state that moved regardless is
-refused, never taken.
+**Root last, or none.** A responder whose final state is not built yet (the first snapshot
+since it loaded the context) does not wait for it, nor hash it: its `SnapshotBegin` has no
+root, and a fresh stream (from the first record) then brings none. A root in one
+uninterrupted stream proves nothing to the requester: it is the responder's own word,
+hashed from the rows it sends, and the requester hashes the records it received itself; a
+hostile responder passes that check by hashing whatever it sends, and an honest one sends
+one view by construction (every page from the view its first page opened:
+trionode/context/final_state.py). What vouches for the state is the boundary (the
+certificate shows it final, and the tail sync brings every delta after it), not the root.
+So the responder's work is reading and sending, and the requester's overlaps it.
+
+The root proves something across a cut: the pages before it came from an earlier stream,
+and those after must continue the *same* view, not a state that moved in between. So a
+resumed stream always brings its root. A resume with a cursor and its root is served from
+the built state, whose root it must compare. A stream cut before any root came resumes by
+the boundary it holds (`SnapshotOpen.heads`): a responder whose boundary is still that
+(nothing was folded since: the same final state) continues after the cursor and sends the
+root of its whole state (it hashes every record, sending those after the cursor), by the
+last page at the latest; any other starts from the first record (a fresh stream: what the
+requester holds is joined again, records only grow, so it ends with the newer view). The
+root check at the end covers what came before the cut as well, so a state that moved
+regardless is refused, never taken. A root that does come on a fresh stream (the begin's,
+from a built state, or a page's, from a responder that hashes beside its stream) is
+checked all the same: one root per stream, at most.
 
 **Preparing.** Before its first page the responder may need its final state built (once
 per loaded context: trionode/context/final_state.py), which takes long for a large one.
@@ -285,10 +297,12 @@ class SnapshotServe:
         )
 
     def root_due(self, begin: SnapshotBegin | None) -> bool:
-        """Whether the root is still to be sent (the begin, `begin` for the first page,
-        announced none, and no page carried it yet): a page may carry it, the last must."""
+        """Whether the root is still to be sent: the stream resumed after a cursor without
+        its root (the begin, `begin` for the first page, announced none) and no page
+        carried it yet: a page may carry it, the last must. A fresh stream whose begin had
+        no root sends none (see "Root last" in the module doc)."""
         if self._first:
-            return begin is not None and begin.root_hash is None
+            return begin is not None and begin.root_hash is None and begin.cursor is not None
         return not self._rooted
 
     def page_read(
@@ -444,7 +458,12 @@ class SnapshotTake:
         self._storing = 0
         self.begin: SnapshotBegin | None = None
         self.root_hash: bytes | None = None
-        """The root the pages add up to: the begin's, or (root last) the last chunk's."""
+        """The root the pages add up to: the begin's, or (root last) a chunk's; None once
+        `finished`: a fresh stream from a responder whose final state was not built, whose
+        pages nothing but the boundary vouches for (see "Root last" in the module doc)."""
+        self._root_owed = False
+        """The begin resumed after our cursor without a root: the last page must bring it
+        (it covers the pages before the cut too)."""
         self.waits = 0
         """`SnapshotWait`s received (the responder was preparing)."""
         self.restarted = False
@@ -518,6 +537,7 @@ class SnapshotTake:
                     raise PageOutOfOrder("a snapshot resumed without its root keeps its heads")
             self.begin = message
             self.root_hash = message.root_hash
+            self._root_owed = message.root_hash is None and message.cursor is not None
             self._state = _Take.STREAMING
             return
         if not isinstance(message, SnapshotChunk):
@@ -525,8 +545,11 @@ class SnapshotTake:
         if self.pages_buffered >= self._window:
             raise TooManyPages(f"more than {self._window} pages in flight")
         last = message.next_cursor is None
-        due = self.root_hash is None
-        if (message.root_hash is not None and not due) or (due and last and not message.root_hash):
+        late = self.root_hash is None
+        owed = late and self._root_owed
+        if (message.root_hash is not None and not late) or (
+            owed and last and not message.root_hash
+        ):
             raise PageOutOfOrder("a root comes once, by the last page, when the begin had none")
         entities = self._check(message)
         if message.root_hash is not None:
