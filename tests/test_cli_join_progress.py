@@ -17,7 +17,7 @@ import trio
 
 from trionode.cli_progress import ProgressLine, describe
 from trionode.config import FileConfig
-from trionode.context.events import ContextEvent, Notice
+from trionode.context.events import ContextEvent, EventHub, Notice, Replay
 from trionode.context.folding import fold_all
 from trionode.sync.driver import SyncServer
 from trionode.testing import TestNode, open_test_node
@@ -79,6 +79,38 @@ def test_elsewhere_plain_lines_at_most_one_a_second_and_always_the_last() -> Non
         "snapshot: 400",
         "snapshot: 1,000",
     ]
+
+
+def test_a_late_subscriber_gets_where_the_snapshot_stands() -> None:
+    """`context join` sends its request before it can follow the progress
+    (trionode/cli_early.py): a join shorter than the command's start-up is over before it
+    subscribes. The context's latest snapshot progress goes to each new subscriber that
+    asks for it (the command's follower), before the subscription's answer."""
+    hub = EventHub()
+    hub.notify("ctx", {"type": "blob_progress", "bytes": 1})
+    hub.notify("ctx", _notice(100))
+    hub.notify("ctx", _notice(1000, done=True))
+    hub.notify("other", _notice(5))
+    plain = hub.open()
+    hub.add_contexts(plain, ["ctx"], None)  # not asked for: only what happens from now
+    assert isinstance(plain.receive.receive_nowait(), Replay)
+    with pytest.raises(trio.WouldBlock):
+        plain.receive.receive_nowait()
+    sub = hub.open()
+    hub.add_contexts(sub, ["ctx"], None, progress=True)
+    latest = sub.receive.receive_nowait()  # before the answer: once it is in, so is this
+    assert isinstance(latest, Notice)
+    assert latest.payload == _notice(1000, done=True)
+    replay = sub.receive.receive_nowait()
+    assert isinstance(replay, Replay)
+    with pytest.raises(trio.WouldBlock):
+        sub.receive.receive_nowait()
+    hub.forget("ctx")
+    again = hub.open()
+    hub.add_contexts(again, ["ctx"], None, progress=True)
+    assert isinstance(again.receive.receive_nowait(), Replay)
+    with pytest.raises(trio.WouldBlock):
+        again.receive.receive_nowait()
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -165,16 +197,21 @@ async def test_subscribers_get_the_snapshots_progress(
 
 
 @pytest.mark.real_network
+@pytest.mark.parametrize("slow", [True, False])
 async def test_context_join_prints_progress_lines(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: bool
 ) -> None:
+    """The command's request goes out before it loads what it follows the progress with
+    (trionode/cli_early.py): a join that is not `slow` is over before the follower
+    subscribed, and its last word (done, 100%) is shown all the same."""
     async with (
         open_test_node(tmp_path / "member", api=False, configure=_folding) as member,
         open_test_node(tmp_path / "joiner", configure=_folding) as joiner,
     ):
         context, invitation = await _context_with_folded_history(member)
         await joiner.node.applications.install(str(APPS / "kv_store"))
-        _slow_pages(monkeypatch)
+        if slow:
+            _slow_pages(monkeypatch)
         with trio.fail_after(120):
             result = await trio.run_process(
                 [

@@ -12,6 +12,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Final
 
 from trionode import schemas
+from trionode.cli_early import JOIN_PATH, EarlyJoin, claim
 from trionode.client import ApiError, Client
 
 if TYPE_CHECKING:
@@ -243,18 +244,68 @@ async def _join(client: Client, args: argparse.Namespace) -> Any:
 
     from trionode.cli_progress import ProgressLine  # noqa: PLC0415
 
+    early = claim(
+        invitation=args.invitation,
+        home=args.home,
+        api=args.api,
+        token=args.token,
+        timeout=args.timeout,
+        trust_app=args.trust_app,
+    )
+
+    async def join() -> schemas.Context:
+        if early is None:
+            return await client.join(args.invitation, trust_app=args.trust_app)
+        return await _early_answer(early)
+
     context_id = _invited_context(args.invitation)
     if context_id is None:  # the node says what is wrong with it
-        return await client.join(args.invitation, trust_app=args.trust_app)
+        return await join()
     line = ProgressLine()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_follow_snapshot, client, context_id, line)
-            result = await client.join(args.invitation, trust_app=args.trust_app)
+            result = await join()
             nursery.cancel_scope.cancel()
+        if not line.finished:
+            await _last_progress(client, context_id, line)
     finally:
         line.close()
     return result
+
+
+async def _last_progress(client: Client, context_id: str, line: ProgressLine) -> None:
+    """Show the snapshot's last word, which the follower has not shown: a join shorter
+    than the command's start-up (its request went out before: cli_early.py) can be over
+    before the follower subscribed, and the notices on the WebSocket may come after the
+    join's answer. The node keeps a context's latest progress for a new subscriber."""
+    import trio  # noqa: PLC0415
+
+    from trionode.config import JOIN_LAST_PROGRESS_TIMEOUT  # noqa: PLC0415
+
+    with trio.move_on_after(JOIN_LAST_PROGRESS_TIMEOUT):
+        try:
+            latest = await client.latest_notice(context_id, "snapshot_progress")
+        except ApiError:
+            return  # progress is a courtesy: the join's own answer is what counts
+        if latest is not None:
+            line.show(latest)
+
+
+async def _early_answer(early: EarlyJoin) -> schemas.Context:
+    """The answer to the join `python -m trionode` sent before the CLI loaded
+    (trionode/cli_early.py), as `Client.join` gives it."""
+    import trio  # noqa: PLC0415
+
+    from trionode.client.http import answer_of  # noqa: PLC0415
+
+    await trio.to_thread.run_sync(early.done.wait, abandon_on_cancel=True)
+    if early.status is None:
+        if isinstance(early.error, TimeoutError):
+            raise ApiError(f"{early.url}: timed out")
+        raise ApiError(f"cannot reach node at {early.url}: {early.error}")
+    url = early.url.rstrip("/") + JOIN_PATH
+    return answer_of(url, early.status, early.body, schemas.Context)
 
 
 def _invited_context(text: str) -> str | None:

@@ -58,8 +58,11 @@ class ProgressLine:
         self._clock = clock
         self._width = 0
         self._last_plain: float | None = None
+        self.finished = False
+        """A final notice (`done`) was shown."""
 
     def show(self, notice: dict[str, Any]) -> None:
+        self.finished = self.finished or bool(notice.get("done"))
         text = describe(notice)
         if self.tty:
             # Overwrite the previous line in place (padded over a longer previous text).

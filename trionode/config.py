@@ -32,6 +32,9 @@ from trionode.wire.pubsub_pb import RpcLimits
 log = logging.getLogger(__name__)
 
 PASSPHRASE_ENV: Final = "TRIONODE_PASSPHRASE"  # noqa: S105 - a variable name
+JOIN_LAST_PROGRESS_TIMEOUT: Final = 5.0
+"""Seconds `context join` waits, once the node answered, for the snapshot's last progress
+notice when its follower had not shown it (cli_contexts._join): never longer than that."""
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]

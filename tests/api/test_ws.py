@@ -86,6 +86,7 @@ def auth(node: TestNode) -> dict[str, str]:
         ('{"type": "subscribe", "contextIds": [], "since": true}', "since must be an integer"),
         ('{"type": "subscribe", "contextIds": [], "since": -1}', "since must be between"),
         ('{"type": "subscribe", "contextIds": [], "since": 1.5}', "since must be an integer"),
+        ('{"type": "subscribe", "contextIds": [], "progress": 1}', "progress must be true or"),
         ('{"type": "subscribe", "contextIds": [], "since": 1e999}', "out of range"),
     ],
 )

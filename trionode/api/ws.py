@@ -89,8 +89,12 @@ async def _reader(
             except BadInput as exc:
                 await _send({"type": "error", "message": str(exc)})
                 continue
+        progress = message.get("progress", False)
+        if not isinstance(progress, bool):
+            await _send({"type": "error", "message": "progress must be true or false"})
+            continue
         # The answer (subscribed or resync) goes out through the writer, after the replay.
-        hub.add_contexts(sub, ids, since)
+        hub.add_contexts(sub, ids, since, progress=progress)
 
 
 async def _writer(hub: EventHub, sub: Subscription) -> None:

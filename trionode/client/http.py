@@ -242,12 +242,33 @@ class Client:
 
     async def notices(self, context_id: str, kind: str) -> AsyncGenerator[Any, None]:
         """Yield the context's transient notices of `kind` (e.g. "snapshot_progress")."""
-        async with aclosing(self._subscribe(context_id, since=None, kinds=(kind,))) as events:
+        subscription = self._subscribe(context_id, since=None, kinds=(kind,), progress=True)
+        async with aclosing(subscription) as events:
             async for message in events:
                 yield message
 
+    async def latest_notice(self, context_id: str, kind: str) -> Any | None:
+        """The context's latest notice of `kind` as the node keeps it for a new subscriber
+        (a snapshot's progress: `EventHub.notify`), or None. It comes before the
+        subscription's answer, so this ends with the answer."""
+        latest = None
+        subscription = self._subscribe(
+            context_id, since=None, kinds=(kind, "subscribed"), progress=True
+        )
+        async with aclosing(subscription) as messages:
+            async for message in messages:
+                if message.get("type") == "subscribed":
+                    break
+                latest = message
+        return latest
+
     async def _subscribe(
-        self, context_id: str, *, since: int | None, kinds: tuple[str, ...]
+        self,
+        context_id: str,
+        *,
+        since: int | None,
+        kinds: tuple[str, ...],
+        progress: bool = False,
     ) -> AsyncGenerator[Any, None]:
         # Imported here: only watching needs WebSockets (and Trio), and the CLI's other
         # commands start faster without them.
@@ -264,6 +285,8 @@ class Client:
                 request: dict[str, Any] = {"type": "subscribe", "contextIds": [context_id]}
                 if since is not None:
                     request["since"] = since
+                if progress:  # the latest snapshot progress first (EventHub.add_contexts)
+                    request["progress"] = True
                 await ws.send_message(json.dumps(request))
                 while True:
                     message = json.loads(await ws.get_message())
@@ -378,6 +401,13 @@ def _checked(response: httpx.Response) -> Any:
             message = str(body["error"].get("message", message))
         raise ApiError(f"{response.status_code}: {message}", response.status_code)
     return body
+
+
+def answer_of(url: str, status: int, body: bytes, kind: type[T]) -> T:
+    """The typed answer (or ApiError) of a request to `url` answered with `status` and
+    `body` outside this client (a join sent before the CLI loaded it: `cli_early.py`)."""
+    request = httpx.Request("POST", url)
+    return _decoded(httpx.Response(status, content=body, request=request), kind)
 
 
 def _decoded(response: httpx.Response, kind: type[T]) -> T:

@@ -67,7 +67,9 @@ class Change:
 @attrs.frozen
 class Notice:
     """A transient message for a context's subscribers (e.g. blob transfer progress): not
-    numbered and not replayed on resume, unlike applied-delta events."""
+    numbered and not replayed on resume, unlike applied-delta events. Only a context's
+    latest snapshot progress is kept, and handed to a new subscriber of it that asks
+    (`EventHub.add_contexts`, before the subscription's answer)."""
 
     context_id: str
     payload: dict[str, Any]
@@ -140,6 +142,9 @@ class EventHub:
         self._recent: dict[str, deque[ContextEvent]] = {}
         self._dropped: dict[str, int] = {}
         """Per context, the newest event no longer held in memory."""
+        self._progress: dict[str, Notice] = {}
+        """Per context, its latest `snapshot_progress` notice (`notify`): a subscriber
+        that comes while a snapshot is taken, or just after, gets it at once if it asks."""
         self._subscriptions: set[Subscription] = set()
         self._watchers: set[Subscription] = set()
         self._remote_watchers: set[Subscription] = set()
@@ -185,8 +190,11 @@ class EventHub:
         self._watchers.discard(sub)
         self._remote_watchers.discard(sub)
 
-    def add_contexts(self, sub: Subscription, contexts: list[str], since: int | None) -> bool:
-        """Subscribe to `contexts`; with `since`, first replay their events after it.
+    def add_contexts(
+        self, sub: Subscription, contexts: list[str], since: int | None, *, progress: bool = False
+    ) -> bool:
+        """Subscribe to `contexts`; with `since`, first replay their events after it; with
+        `progress`, first hand over each one's latest snapshot progress (`notify`).
 
         The replayed events and the answer go into the subscriber's queue as one `Replay`,
         so the client sees them in order, before anything published later. The answer is
@@ -214,7 +222,15 @@ class EventHub:
                 "reason": f"events after {since} are no longer kept (kept from seq "
                 f"{self.floor}); fetch the state again, then follow from seq {self.shown}",
             }
-        sub._offer(Replay(backlog, answer))  # noqa: SLF001 - hub and subscription are one unit
+        # Where a snapshot being taken stands (or, just taken, its last word), for one that
+        # asks as it subscribes late: `context join` sends its request before it can
+        # follow. Before the answer, so that once the answer is in, the subscriber knows it
+        # has it. (Only if asked: other subscribers hear of snapshots as they happen.)
+        for context in contexts if progress else ():
+            latest = self._progress.get(context)
+            if latest is not None:
+                sub._offer(latest)  # noqa: SLF001 - hub and subscription are one unit
+        sub._offer(Replay(backlog, answer))  # noqa: SLF001
         return not gone
 
     def restore(self, events: Iterable[ContextEvent], *, seq: int, floor: int) -> None:
@@ -356,11 +372,14 @@ class EventHub:
     def notify(self, context_id: str, payload: dict[str, Any]) -> None:
         """Send a transient notice to the context's current subscribers. Never blocks."""
         notice = Notice(context_id, payload)
+        if payload.get("type") == "snapshot_progress":
+            self._progress[context_id] = notice
         for sub in list(self._subscriptions):
             if context_id in sub.contexts:
                 sub._offer(notice)  # noqa: SLF001
 
     def forget(self, context_id: str) -> None:
+        self._progress.pop(context_id, None)
         recent = self._recent.pop(context_id, None)
         if recent:
             self._dropped[context_id] = recent[-1].seq

@@ -1,0 +1,148 @@
+"""`python -m trionode context join` sends its request before the CLI loads its libraries
+(trionode/cli_early.py), and the command reads that request's answer as its own."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from trionode import cli_early
+
+ROOT = Path(__file__).resolve().parents[1]
+INVITATION = "trinv1notarealone"
+CONTEXT = {
+    "contextId": "11111111111111111111111111111111",
+    "applicationId": "11111111111111111111111111111111",
+    "createdAt": 1_700_000_000.0,
+    "rootHash": "00" * 32,
+    "heads": [],
+    "members": [],
+    "memberPublicKey": "11111111111111111111111111111111",
+}
+
+
+@pytest.mark.parametrize(
+    ("argv", "read"),
+    [
+        (["context", "join", "trinv1x"], {"invitation": "trinv1x"}),
+        (
+            ["context", "join", "--api", "http://h:1", "trinv1x", "--token=t", "--json"],
+            {"invitation": "trinv1x", "--api": "http://h:1", "--token": "t", "--json": ""},
+        ),
+        (
+            ["context", "join", "trinv1x", "--home", "/h", "--timeout", "9", "--trust-app", "A"],
+            {"invitation": "trinv1x", "--home": "/h", "--timeout": "9", "--trust-app": "A"},
+        ),
+    ],
+)
+def test_a_plain_join_is_read_early(argv: list[str], read: dict[str, str]) -> None:
+    assert cli_early.parse(argv) == read
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["context", "list"],
+        ["call", "join", "trinv1x"],
+        ["context", "join"],
+        ["context", "join", "trinv1x", "--help"],
+        ["context", "join", "trinv1x", "other"],
+        ["context", "join", "trinv1x", "--tok", "t"],  # (an abbreviation: argparse's)
+        ["context", "join", "trinv1x", "--token"],
+        ["context", "join", "trinv1x", "--token", "--json"],
+        ["context", "join", "trinv1x", "--token", "a", "--token", "b"],
+        ["context", "join", "trinv1x", "--json=1"],
+        ["context", "join", "trinv1x", "--field", "contextId"],
+    ],
+)
+def test_anything_else_is_left_to_argparse(argv: list[str]) -> None:
+    assert cli_early.parse(argv) is None
+
+
+class _Node(BaseHTTPRequestHandler):
+    """A stand-in for a node's API: answers every join with `answer`, records requests."""
+
+    answer: ClassVar[tuple[int, dict[str, Any]]] = (200, CONTEXT)
+    seen: ClassVar[list[tuple[str, str, dict[str, str], bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).seen.append(("POST", self.path, dict(self.headers), body))
+        status, answer = type(self).answer
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_args: object) -> None:
+        return
+
+
+@contextmanager
+def _node(status: int, answer: dict[str, Any]) -> Iterator[tuple[str, list[Any]]]:
+    class Node(_Node):
+        pass
+
+    Node.answer, Node.seen = (status, answer), []
+    handler = Node
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _join(api: str, *more: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trionode", "context", "join", INVITATION, "--api", api, *more],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_the_early_join_is_the_commands_one_request_and_its_answer() -> None:
+    with _node(200, CONTEXT) as (api, seen):
+        done = _join(api, "--token=secret", "--json", "--trust-app", "AppId")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["contextId"] == CONTEXT["contextId"]
+    assert len(seen) == 1  # sent once: the command took the early one's answer
+    method, path, headers, body = seen[0]
+    assert (method, path) == ("POST", "/admin-api/contexts/join")
+    assert headers["Authorization"] == "Bearer secret"
+    assert json.loads(body) == {"invitation": INVITATION, "trustApp": "AppId"}
+
+
+def test_the_nodes_refusal_of_an_early_join_is_the_commands_error() -> None:
+    refusal = {"error": {"code": "forbidden", "message": "the invitation expired"}}
+    with _node(403, refusal) as (api, seen):
+        done = _join(api, "--token", "t")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "trionode: 403: the invitation expired"
+    assert len(seen) == 1
+
+
+def test_an_early_join_to_no_node_says_it_cannot_reach_it() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # (closed again: nothing listens there)
+    done = _join(f"http://127.0.0.1:{port}", "--token", "t")
+    assert done.returncode == 1
+    assert f"cannot reach node at http://127.0.0.1:{port}" in done.stderr
