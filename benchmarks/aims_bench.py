@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
 import os
@@ -534,6 +535,7 @@ async def _shared_loop_cpu(rounds: int, base: Path, bundle: Path) -> str:
     steps = _Steps()
     per_write: dict[str, float] = collections.defaultdict(float)
     per_raw: dict[str, float] = collections.defaultdict(float)
+    switches = {"write": [0, 0], "raw": [0, 0]}  # (voluntary, involuntary)
 
     def kind(name: str) -> str:
         if name == "delta-processor":
@@ -559,8 +561,10 @@ async def _shared_loop_cpu(rounds: int, base: Path, bundle: Path) -> str:
             for r in range(rounds):
                 await trio.testing.wait_all_tasks_blocked()
                 steps.on = True
+                before = _context_switches()
                 delta_id = await _set_many(nodes[0], context, _items("cpu", r, 1))
                 await mesh.applied.last(delta_id)
+                _count_switches(switches["write"], before)
                 await wait_stored(nodes[1:], context, delta_id)
                 await trio.testing.wait_all_tasks_blocked()
                 steps.on = False
@@ -569,8 +573,10 @@ async def _shared_loop_cpu(rounds: int, base: Path, bundle: Path) -> str:
                     size = len(await nodes[0].contexts.read_delta(context, delta_id) or b"")
                 payload = os.urandom(size)
                 steps.on = True
+                before = _context_switches()
                 nodes[0].pubsub.publish(RAW_TOPIC, payload)
                 await mesh.gossiped.last(payload)
+                _count_switches(switches["raw"], before)
                 await trio.testing.wait_all_tasks_blocked()
                 steps.on = False
                 take(per_raw)
@@ -588,7 +594,35 @@ async def _shared_loop_cpu(rounds: int, base: Path, bundle: Path) -> str:
         f"raw {per_raw[name] / rounds * 1e6:6.0f} us"
         for name in sorted(per_write.keys() | per_raw.keys())
     ]
+    write_voluntary, write_preempted = switches["write"]
+    raw_voluntary, raw_preempted = switches["raw"]
+    lines.append(
+        f"  the loop thread's context switches until the last of {NODES - 1} has it, per "
+        f"round: write {write_voluntary / rounds:.1f} waits (the GIL, I/O), "
+        f"{write_preempted / rounds:.1f} preempted; raw gossip {raw_voluntary / rounds:.1f} "
+        f"waits, {raw_preempted / rounds:.1f} preempted (under load each can cost a time "
+        "slice; a write wakes each node's commit thread, which then wants the GIL, raw gossip "
+        "wakes no thread)"
+    )
     return "\n".join(lines)
+
+
+def _context_switches() -> tuple[int, int]:
+    """This thread's (voluntary, involuntary) context switches so far (0, 0 where Linux's
+    /proc/thread-self is not there)."""
+    counts = {"voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+    with contextlib.suppress(OSError), open("/proc/thread-self/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in counts:
+                counts[name] = int(value)
+    return counts["voluntary_ctxt_switches"], counts["nonvoluntary_ctxt_switches"]
+
+
+def _count_switches(into: list[int], before: tuple[int, int]) -> None:
+    after = _context_switches()
+    into[0] += after[0] - before[0]
+    into[1] += after[1] - before[1]
 
 
 def _open_envs(base: Path, n: int) -> list[lmdb.Environment]:
