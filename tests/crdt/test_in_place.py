@@ -2,7 +2,7 @@
 
 Each history runs twice from the same clocks: on a tree whose transactions write
 one-element inserts and deletes of top-level Text and Vector fields in place, and on a
-twin whose transactions stage every write (`Transaction.WRITES_IN_PLACE` off), the path that
+twin whose transactions stage every write (`edit_in_place` refuses), the path that
 existed before. Transactions are random: keystrokes, pastes and range deletes (staged
 even in place), Vector overwrites, reads of their own writes, readers and other writers
 opened in the middle, remote deltas and GC arriving in the middle (each evicts the
@@ -47,7 +47,9 @@ class _Refused(Transaction):
     """A transaction that stages everything (the path before in-place writes)."""
 
     __slots__ = ()
-    WRITES_IN_PLACE = False
+
+    def edit_in_place(self, *_: object) -> bool:
+        return False
 
 
 class _Failed(Exception):

@@ -64,9 +64,7 @@ class LaggedCounts(RuleBasedStateMachine):
             at = min(self.cursor, len(self.expected))
             value = self._value(seed + n)
             physical = self._tick()
-            delta, eid, continues = self.state.insert_in_place(
-                at, value, partial(self.clock.now, physical), b"a"
-            )
+            delta, eid, continues = self.state.insert_in_place(at, value, self.clock, physical)
             if continues:
                 self.clock.witness(eid, physical)
             self._merged(delta)

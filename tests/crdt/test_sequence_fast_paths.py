@@ -63,6 +63,24 @@ def test_a_one_element_max_stamp_is_the_newest_of_its_stamps(
     assert both.max_stamp() == max(expected, other)
 
 
+@pytest.mark.parametrize(("state_type", "value"), [(TextState, "x"), (VectorState, b"\x01")])
+def test_a_keystroke_delta_sets_every_slot_a_reset_sets(
+    state_type: type[SequenceState[Any]], value: Any
+) -> None:
+    """`_one_typed` builds its state without `_reset`: a slot it forgot would raise on the
+    first read of it, wherever the delta travels (a merge, an encoding, a hash)."""
+    eid, after = Timestamp(T0 + 1, b"a"), Timestamp(T0, b"a")
+    typed = state_type()._one_typed(eid, after, value)
+    blank = state_type()
+    for slot in SequenceState.__slots__:
+        assert hasattr(typed, slot) == hasattr(blank, slot), slot
+        if hasattr(blank, slot) and slot not in {"_runs", "_count", "_version"}:
+            assert getattr(typed, slot) == getattr(blank, slot), slot
+    assert typed == state_type()._one(eid, Element(after, value, None, None))
+    assert dict(typed.elements) == {eid: Element(after, value, None, None)}
+    assert typed.max_stamp() == eid
+
+
 def test_field_paths_are_shared_and_name_the_field() -> None:
     path = field_path(b"body", Kind.TEXT)
     assert path is field_path(b"body", Kind.TEXT)
@@ -268,9 +286,7 @@ def test_in_place_keystrokes_give_the_general_delta_and_state(
             general, general_run = fast.copy().insert_one(
                 at, value, partial(twin.now, physical), b"a"
             )
-            delta, eid, continues = fast.insert_in_place(
-                at, value, partial(clock.now, physical), b"a"
-            )
+            delta, eid, continues = fast.insert_in_place(at, value, clock, physical)
             assert dict(delta.elements) == dict(general.elements)
             assert list(delta.elements) == [eid]
             assert (eid if continues else None) == general_run

@@ -446,6 +446,9 @@ def own_form(entity: Entity, floor: Timestamp | None) -> bytes:
 
 
 _SCALARS: Final = (int, str, bytes, float, bool)
+_ENCODER: Final = msgspec.msgpack.Encoder(order="deterministic")
+"""Canonical msgpack (`ValueCodec`)."""
+_encode: Final[Callable[[object], bytes]] = _ENCODER.encode
 
 
 class ValueCodec(Generic[T]):
@@ -458,7 +461,7 @@ class ValueCodec(Generic[T]):
 
     __slots__ = ("_decoder", "_scalar", "type")
 
-    _encoder: Final = msgspec.msgpack.Encoder(order="deterministic")
+    _encoder: Final = _ENCODER
 
     def __init__(self, tp: type[T] | Any) -> None:
         self.type: Any = tp
@@ -469,7 +472,9 @@ class ValueCodec(Generic[T]):
 
     def encode(self, value: T) -> bytes:
         if type(value) is self._scalar:
-            return self._encoder.encode(value)  # (raises as below: no decode error)
+            # (the module's encoder, not `self._encoder`: a class attribute read through an
+            # instance is not specialised on Python 3.11, and this runs per write)
+            return _encode(value)  # (raises as below: no decode error)
         try:
             data = self._encoder.encode(value)
             self._decoder(data)

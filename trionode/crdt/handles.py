@@ -21,7 +21,7 @@ deterministic, but unrelated to insertion order (the maps are unordered).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
 
 from trionode.crdt.counter import CounterState
 from trionode.crdt.encoding import ValueCodec
@@ -35,6 +35,7 @@ T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 H_co = TypeVar("H_co", covariant=True)
+_new: Final = object.__new__
 B = TypeVar("B", bound=Body)
 S = TypeVar("S", TextState, VectorState)
 
@@ -102,7 +103,13 @@ class VectorSpec(Spec["Vector[T]"], Generic[T]):
         self.codec: ValueCodec[T] = ValueCodec(value_type)
 
     def bind(self, tx: Transaction, path: EntityPath) -> Vector[T]:
-        return Vector(tx, path, self.codec)
+        # `Vector(tx, path, self.codec)` without calling the class (a class with a Python
+        # `__init__` is called through C and a fresh interpreter frame; this runs per call).
+        handle: Vector[T] = _new(Vector)
+        handle._tx = tx  # noqa: SLF001
+        handle._path = path  # noqa: SLF001
+        handle._codec = self.codec  # noqa: SLF001
+        return handle
 
 
 class TextSpec(Spec["Text"]):
@@ -110,7 +117,10 @@ class TextSpec(Spec["Text"]):
     kind = Kind.TEXT
 
     def bind(self, tx: Transaction, path: EntityPath) -> Text:
-        return Text(tx, path)
+        handle: Text = _new(Text)  # (`Text(tx, path)`, as in `VectorSpec.bind`)
+        handle._tx = tx  # noqa: SLF001
+        handle._path = path  # noqa: SLF001
+        return handle
 
 
 def register(value_type: type[T]) -> RegisterSpec[T]:

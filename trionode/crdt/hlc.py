@@ -151,7 +151,7 @@ class HybridClock:
             against drift: pass only a time this node issued.
     """
 
-    __slots__ = ("_drift", "_last", "_node", "node_id")
+    __slots__ = ("_drift", "_node", "last", "node_id")
 
     def __init__(
         self, node_id: bytes, drift_tolerance: float = DEFAULT_DRIFT_TOLERANCE, *, last: int = 0
@@ -162,7 +162,9 @@ class HybridClock:
         self.node_id: Final = self._node
         """The writer id (a plain attribute: a transaction reads it as it begins)."""
         self._drift = ntp64_duration(drift_tolerance)
-        self._last = _check_range(last)
+        self.last = _check_range(last)
+        """The highest time issued or witnessed so far (a plain attribute: a transaction
+        reads it as it begins). Read-only."""
 
     @property
     def drift(self) -> int:
@@ -173,22 +175,17 @@ class HybridClock:
         """How far (NTP64) `time` lies beyond physical time + drift; <= 0 when within."""
         return time - physical - self._drift
 
-    @property
-    def last(self) -> int:
-        """The highest time issued or witnessed so far."""
-        return self._last
-
     def now(self, physical: int) -> Timestamp:
         """Tick: a fresh stamp greater than every stamp issued or witnessed before."""
         if not 0 <= physical <= NTP64_MAX:
             _check_range(physical)  # raises
         time = physical & ~LOGICAL_MASK
-        last = self._last + 1
+        last = self.last + 1
         if last > time:
             time = last
             if time > NTP64_MAX:
                 _check_range(time)  # raises
-        self._last = time  # (inlined `_issue`: this runs once per write)
+        self.last = time  # (inlined `_issue`: this runs once per write)
         return new_stamp((time, self._node))
 
     def update(self, remote: Timestamp, physical: int) -> Timestamp:
@@ -202,7 +199,7 @@ class HybridClock:
         excess = remote.time - physical - self._drift
         if excess > 0:
             raise ClockDriftError(remote, physical, excess)
-        return self._issue(max(physical & ~LOGICAL_MASK, self._last + 1, remote.time + 1))
+        return self._issue(max(physical & ~LOGICAL_MASK, self.last + 1, remote.time + 1))
 
     def witness(self, stamp: Timestamp | None, physical: int) -> None:
         """Make later stamps exceed `stamp`, unless it lies beyond the drift tolerance.
@@ -215,30 +212,30 @@ class HybridClock:
         or a clock that has since stepped back: following it could push the clock to the
         end of its range, so it is ignored (local writes then order below it).
         """
-        if stamp is None or stamp.time <= self._last:
+        if stamp is None or stamp.time <= self.last:
             return
         if self.excess(stamp.time, _check_range(physical)) <= 0:
-            self._last = stamp.time
+            self.last = stamp.time
 
     def now_after(self, stamp: Timestamp, physical: int) -> Timestamp:
         """`witness(stamp, physical)`, then `now(physical)`, in one call (a keystroke
         continuing its writer's run witnesses the id it took, then stamps the record)."""
         if not 0 <= physical <= NTP64_MAX:
             _check_range(physical)  # raises
-        last = self._last
+        last = self.last
         if stamp.time > last and stamp.time - physical - self._drift <= 0:
-            last = self._last = stamp.time
+            last = self.last = stamp.time
         time = physical & ~LOGICAL_MASK
         last += 1
         if last > time:
             time = last
             if time > NTP64_MAX:
                 _check_range(time)  # raises
-        self._last = time
+        self.last = time
         return new_stamp((time, self._node))
 
     def _issue(self, time: int) -> Timestamp:
-        self._last = _check_range(time)
+        self.last = _check_range(time)
         return Timestamp(time, self._node)
 
 

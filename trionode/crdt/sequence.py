@@ -84,10 +84,13 @@ from types import MappingProxyType
 from typing import Any, Final, Generic, NamedTuple, Self, TypeVar, cast
 
 from trionode.crdt.canonical import canonical
-from trionode.crdt.hlc import NTP64_MAX, Timestamp, latest, new_stamp
+from trionode.crdt.hlc import NTP64_MAX, HybridClock, Timestamp, latest, new_stamp
 from trionode.crdt.order_index import CUT_EVERY, chunk_ends, fenwick, fenwick_add, fenwick_find
 
 V = TypeVar("V", str, bytes)
+
+_new: Final = object.__new__
+"""An instance of a class without calling the class (per keystroke: no `__init__`)."""
 
 HEAD: Final = Timestamp(0, b"")
 """The virtual element before the first one. No real element can have this id."""
@@ -1288,12 +1291,13 @@ class SequenceState(Generic[V]):
         return self._one(eid, _element((after, value, None, None))), run
 
     def insert_in_place(
-        self, pos: int, value: V, stamp: Callable[[], Timestamp], writer: bytes | None
+        self, pos: int, value: V, clock: HybridClock, physical: int
     ) -> tuple[Self, Timestamp, bool]:
-        """`insert_one`, joined into this state as it is made (`Transaction.edit_in_place`):
-        the same delta, its element's id and whether that id continues a run (the caller
-        must witness it), and the same state as `merge` of that delta, without looking the
-        position up twice. Typing on at the end of the writer's own item appends to it."""
+        """`insert_one(pos, value, partial(clock.now, physical), clock.node_id)`, joined
+        into this state as it is made (`Transaction.edit_in_place`): the same delta, its
+        element's id and whether that id continues a run (the caller must witness it), and
+        the same state as `merge` of that delta, without looking the position up twice.
+        Typing on at the end of the writer's own item appends to it."""
         if self._blocks is None:  # (`_ordered`, inline)
             self._rebuild()
         length = self._live_total
@@ -1310,6 +1314,7 @@ class SequenceState(Generic[V]):
                 after = new_stamp((item.start + k, item.node))
             # A run goes on only after the writer's childless element: the last of its
             # item (the next one is its child), not an explicit parent, and `id + 1` free.
+            writer = clock.node_id
             if (
                 after[1] == writer
                 and k == item.n - 1
@@ -1372,7 +1377,7 @@ class SequenceState(Generic[V]):
                     return self._insert_new(pos, run, after, value), run, True
         else:
             after = HEAD
-        eid = stamp()
+        eid = clock.now(physical)
         return self._insert_new(pos, eid, after, value), eid, False
 
     def _insert_new(self, pos: int, eid: Timestamp, after: Timestamp, value: V) -> Self:
@@ -1434,17 +1439,24 @@ class SequenceState(Generic[V]):
     def _one_typed(self, eid: Timestamp, after: Timestamp, value: Any) -> Self:
         """`_one(eid, _element((after, value, None, None)))` where `after` is the id just
         below `eid` (implied: no explicit child entry)."""
-        new: Self = type(self).__new__(type(self))
-        new._reset()
-        item = _Item.__new__(_Item)  # (`_Item(...)` of one live element, inline)
+        item: _Item = _new(_Item)  # (`_Item(...)` of one live element, inline)
         item.node = node = eid[1]
         item.start = time = eid[0]
         item.n = item.live = 1
         item.after = after
-        item.values = value if self._text and type(value) is str and len(value) == 1 else [value]
+        # (`_pack_one`: `_text`, a class attribute, is read last: not for a Vector's bytes)
+        item.values = value if type(value) is str and len(value) == 1 and self._text else [value]
         item.deleted = item.updated = item.block = None
-        new._runs[node] = ([time], [item])
+        new: Self = _new(type(self))
+        # `_reset`, inline (per keystroke), but for the one item: every slot it sets
+        # (`test_a_keystroke_delta_sets_every_slot_a_reset_sets`).
+        new._runs = {node: ([time], [item])}
+        new._extra = {}
         new._count = 1
+        new._live_total = 0
+        new._version = next(_VERSIONS)
+        new._blocks = new._lists = new._floored = new._expanded = new._origin = None
+        new._newest = new._cursor = new._typing = None
         return new
 
     def _one(self, eid: Timestamp, element: Element[V]) -> Self:

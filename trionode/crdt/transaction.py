@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self, TypeVar, cast
 
 from trionode.crdt.entity import (
     CONTAINERS,
@@ -109,8 +109,10 @@ _FIELD_PATHS_MAX: Final = 4096
 """Field names come from app schemas, so few; past this many, paths are built per call."""
 
 
-_NAMED_PATHS: dict[tuple[str, Kind], EntityPath] = {}
-"""`_FIELD_PATHS` by the field's name as a str (`Transaction.field`: no encoding per call)."""
+_NAMED_PATHS: dict[tuple[str, type[Spec[Any]]], EntityPath] = {}
+"""`_FIELD_PATHS` by the field's name as a str and its spec's class, which fixes the kind
+(`Transaction.field`: no encoding per call, and no read of `kind`, a class attribute, through
+the spec: such a read is not specialised on Python 3.11)."""
 
 
 def field_path(name: bytes, kind: Kind) -> EntityPath:
@@ -141,6 +143,9 @@ _resolved: Final = cast(
 )
 """`Resolved` without the NamedTuple's Python-level `__new__` (every handle call)."""
 
+_new: Final = object.__new__
+"""An instance of a class without calling the class (`Entity` in `edit_in_place`)."""
+
 _NONE: Final = cast("dict[Any, Any]", MappingProxyType({}))
 """The empty map a transaction's maps start as (`Transaction.__init__`): read-only, so a
 write that forgot to give the transaction a dict of its own fails at once."""
@@ -157,10 +162,6 @@ class Transaction:
 
     Create with `StateTree.begin(clock, physical)` or `StateTree.reader()`.
     """
-
-    WRITES_IN_PLACE: ClassVar[bool] = True
-    """Whether keystrokes may be joined into the tree in place (`edit_in_place`); a test
-    subclass turns it off to compare with the staged path."""
 
     __slots__ = (
         "_applied",
@@ -180,6 +181,11 @@ class Transaction:
     )
 
     def __init__(self, tree: StateTree, clock: HybridClock | None, physical: int) -> None:
+        self._open(tree, clock, physical)
+
+    def _open(self, tree: StateTree, clock: HybridClock | None, physical: int) -> Self:
+        """`__init__`'s work, returning self (`StateTree.begin` calls it without calling
+        the class)."""
         if tree.in_place is not None:
             tree.in_place.evict()
         self._tree = tree
@@ -207,8 +213,13 @@ class Transaction:
         self.writer: bytes | None = None
         """The node id this transaction stamps writes with (None: read-only). Read-only."""
         if clock is not None:
-            clock.witness(tree.max_stamp, physical)
+            newest = tree.max_stamp
+            # (`witness`'s own test first, inline: the clock stamped the tree's newest
+            # stamp itself after a local commit, so this is the common case)
+            if newest is not None and newest[0] > clock.last:
+                clock.witness(newest, physical)
             self.writer = clock.node_id
+        return self
 
     @property
     def writable(self) -> bool:
@@ -234,7 +245,7 @@ class Transaction:
 
     def field(self, name: str, spec: Spec[H]) -> H:
         """A handle on the top-level field `name`, typed by `spec`."""
-        key = (name, spec.kind)
+        key = (name, type(spec))
         path = _NAMED_PATHS.get(key)
         if path is None:
             path = field_path(name.encode(), spec.kind)
@@ -366,22 +377,17 @@ class Transaction:
         into the tree's record (see the module docstring), with its undo logged. False,
         changing nothing, unless the record is a live top-level record of the path's kind
         holding a `state_type` body, written by no staged delta of this transaction, and no
-        other transaction writes in place.
+        other transaction writes in place (a test subclass refuses always, to compare with
+        the staged path).
 
         Raises:
             IndexError: `pos` out of range (nothing changed).
         """
         clock = self._clock
-        if (
-            self._closed
-            or clock is None
-            or path.ancestors
-            or path.parent is None
-            or not self.WRITES_IN_PLACE
-        ):
+        if self._closed or clock is None or path.ancestors or path.parent is None:
             return False
         eid = path.id
-        if eid in self._pending:
+        if self._pending and eid in self._pending:
             return False
         tree = self._tree
         if tree.in_place is not None and tree.in_place is not self:
@@ -402,7 +408,7 @@ class Transaction:
             touch = clock.now(physical)
             newest = element_id if element_id > touch else touch  # noqa: FURB136  # (hot)
         else:
-            delta, element_id, run = body.insert_in_place(pos, value, self.stamp, self.writer)
+            delta, element_id, run = body.insert_in_place(pos, value, clock, physical)
             before = None
             if run:  # (a run's id and `touch` are both this writer's: their times order them)
                 touch = clock.now_after(element_id, physical)  # (unless beyond the drift)
@@ -418,7 +424,7 @@ class Transaction:
             record.added = touch
         if self._newest is None or newest > self._newest:
             self._newest = newest
-        entity = Entity.__new__(Entity)  # (without `__init__`'s checks: per keystroke)
+        entity: Entity = _new(Entity)  # (without `__init__`'s checks: per keystroke)
         entity.parent = ROOT_ID
         entity.name = path.name
         entity.kind = path.kind

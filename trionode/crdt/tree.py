@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
@@ -26,6 +26,8 @@ from trionode.crdt.lazy import RowEntity
 from trionode.crdt.rows import JOURNAL_KINDS, Row, RowLog
 from trionode.crdt.sequence import SequenceState
 from trionode.crdt.transaction import Transaction
+
+_new: Final = object.__new__
 
 BUCKETING_THRESHOLD = 64
 """Containers with more children than this hash them in 256 cached buckets."""
@@ -565,7 +567,11 @@ class StateTree:
         The clock first witnesses the newest stamp in the tree, so every local write orders
         after everything this replica holds. Run one writable transaction at a time.
         """
-        return Transaction(self, clock, physical)
+        # (`Transaction(self, clock, physical)` without calling the class: a call of a class
+        # with a Python `__init__` goes through C and a fresh interpreter frame, ~1,000
+        # machine instructions, and a transaction is opened per keystroke)
+        tx: Transaction = _new(Transaction)
+        return tx._open(self, clock, physical)  # noqa: SLF001  # (its initialiser)
 
     def reader(self) -> Transaction:
         """A read-only transaction (handles bound to it raise on writes)."""
