@@ -59,10 +59,12 @@ class _Stored:
 class RowLog:
     """Per-tree bookkeeping of stored rows and of the deltas not yet written."""
 
-    __slots__ = ("_journal", "_rewrite", "_stored")
+    __slots__ = ("_journal", "_rewrite", "stored")
 
     def __init__(self) -> None:
-        self._stored: dict[bytes, _Stored] = {}
+        self.stored: dict[bytes, _Stored] = {}
+        """What the store holds, by entity id, for each journaled entity it holds (read-only
+        outside this module: `StateTree.applied_in_place` tests it before `applied`)."""
         self._journal: dict[bytes, Entity] = {}
         """Join of the records applied to an existing journaled entity since the last drain."""
         self._rewrite: set[bytes] = set()
@@ -70,7 +72,7 @@ class RowLog:
 
     def applied(self, record: Entity, incoming: Entity) -> None:
         """`incoming` was just joined into the existing `record` and changed it."""
-        if record.id not in self._stored or record.kind not in JOURNAL_KINDS:
+        if record.id not in self.stored or record.kind not in JOURNAL_KINDS:
             return  # no base row to journal against (or never persisted): written whole
         pending = self._journal.get(record.id)
         if pending is None:
@@ -80,7 +82,7 @@ class RowLog:
 
     def rewrite(self, entity_id: bytes) -> None:
         """The record changed in a way no delta expresses (GC, dropped, created anew)."""
-        if entity_id in self._stored:
+        if entity_id in self.stored:
             self._journal.pop(entity_id, None)
             self._rewrite.add(entity_id)
 
@@ -100,7 +102,7 @@ class RowLog:
             entity = record(eid)
             if entity is None:
                 continue
-            stored = self._stored.get(eid)
+            stored = self.stored.get(eid)
             delta = self._journal.get(eid)
             if (
                 stored is not None
@@ -119,7 +121,7 @@ class RowLog:
             self._rewrite.discard(eid)
             self._drop_journal(eid, out)
             if entity.kind in JOURNAL_KINDS:
-                self._stored[eid] = _Stored(len(data))
+                self.stored[eid] = _Stored(len(data))
         for eid in sorted(deleted):
             out.append((eid, None))
             self._rewrite.discard(eid)
@@ -134,22 +136,22 @@ class RowLog:
         rows) with `records` written whole; this log then knows those bases."""
         out: list[Row] = []
         written: set[bytes] = set()
-        self._stored.clear()
+        self.stored.clear()
         for entity in records:
             data = _row(entity)
             out.append((entity.id, data))
             written.add(entity.id)
             if entity.kind in JOURNAL_KINDS:
-                self._stored[entity.id] = _Stored(len(data))
+                self.stored[entity.id] = _Stored(len(data))
         out.extend((eid, None) for eid in sorted(set(old_ids) - written))
-        for eid in sorted(old._stored):
+        for eid in sorted(old.stored):
             old._drop_journal(eid, out)
         self._journal.clear()
         self._rewrite.clear()
         return out
 
     def _drop_journal(self, eid: bytes, out: list[Row]) -> None:
-        stored = self._stored.pop(eid, None)
+        stored = self.stored.pop(eid, None)
         if stored is not None:
             out.extend((_journal_key(eid, seq), None) for seq in range(stored.journal_rows))
 
@@ -181,7 +183,7 @@ class RowLoad:
     def feed(self, rows: Iterable[tuple[bytes, bytes]]) -> None:
         """Decode stored rows (see `RowLog.load`, which raises what this raises)."""
         bases, journals = self._bases, self._journals
-        stored_rows = self._log._stored  # noqa: SLF001 (this module's log: filled as read)
+        stored_rows = self._log.stored  # (this module's log: filled as read)
         for key, value in rows:
             if len(key) == ID_BYTES:
                 entity = _decode(key, value)

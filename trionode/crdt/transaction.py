@@ -177,7 +177,6 @@ class Transaction:
         "_sole",
         "_tree",
         "_undo",
-        "writer",
     )
 
     def __init__(self, tree: StateTree, clock: HybridClock | None, physical: int) -> None:
@@ -210,16 +209,19 @@ class Transaction:
         self._newest: Timestamp | None = None
         """The newest stamp in `_applied`."""
         self._closed = False
-        self.writer: bytes | None = None
-        """The node id this transaction stamps writes with (None: read-only). Read-only."""
         if clock is not None:
             newest = tree.max_stamp
             # (`witness`'s own test first, inline: the clock stamped the tree's newest
             # stamp itself after a local commit, so this is the common case)
             if newest is not None and newest[0] > clock.last:
                 clock.witness(newest, physical)
-            self.writer = clock.node_id
         return self
+
+    @property
+    def writer(self) -> bytes | None:
+        """The node id this transaction stamps writes with (None: read-only)."""
+        clock = self._clock
+        return None if clock is None else clock.node_id
 
     @property
     def writable(self) -> bool:
@@ -528,22 +530,23 @@ class Transaction:
             TransactionError: closed already, or another local transaction committed to
                 the tree since this one began (its deltas could be stale for counters).
         """
-        if self._closed:
-            self._check_open()
-        if self._clock is not None and self._tree.generation != self._generation:
-            self.abort()
-            raise TransactionError("another local transaction committed first; retry")
-        pending = self._pending
-        tree = self._tree
         sole = self._sole
-        if sole is not None and not pending:  # one record written in place (a keystroke)
-            if tree.in_place is self:
-                tree.in_place = None
+        tree = self._tree
+        if sole is not None and not self._pending and tree.generation == self._generation:
+            # One record written in place (a keystroke). (`_sole` is set only while the
+            # transaction is open, writable and the tree's `in_place`.)
+            tree.in_place = None
             self._undo = _NO_UNDO
             self._sole = None
             self._closed = True
             tree.applied_in_place(sole, self._newest)
             return [sole]
+        if self._closed:
+            self._check_open()
+        if self._clock is not None and tree.generation != self._generation:
+            self.abort()
+            raise TransactionError("another local transaction committed first; retry")
+        pending = self._pending
         applied = self._in_place_deltas()
         if applied:
             # The in-place deltas are in the tree already: only its bookkeeping is left

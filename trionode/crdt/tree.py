@@ -191,7 +191,9 @@ class StateTree:
         `apply([delta], local=True)` does besides the join. (Once per record.)"""
         entity_id = delta.id
         record = self._records[entity_id]
-        self._log.applied(record, delta)  # (a sequence: journaled if stored)
+        log = self._log
+        if entity_id in log.stored:  # (a sequence: journaled if stored; `applied`'s test)
+            log.applied(record, delta)
         if self._deleted:
             self._deleted.discard(entity_id)
         self._updated.add(entity_id)
