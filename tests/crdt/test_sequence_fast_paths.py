@@ -100,22 +100,28 @@ def test_field_paths_past_the_cache_bound_are_still_right(monkeypatch: pytest.Mo
 def test_a_field_bound_by_name_has_the_shared_path_past_the_cache_bound_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`Transaction.field` looks paths up by the str name (`_NAMED_PATHS`): the same
-    path `field_path` gives for the encoded name, cached or not."""
-    monkeypatch.setattr(transaction, "_NAMED_PATHS", {})
+    """`Transaction.field` looks paths up by the str name in the spec's `field_paths`: the
+    same path `field_path` gives for the encoded name, cached or not, and shared between
+    specs of one kind."""
     monkeypatch.setattr(transaction, "_FIELD_PATHS", {})
     monkeypatch.setattr(transaction, "_FIELD_PATHS_MAX", 2)
     names = ("body", "é", "f2", "f3")
+    doc = text()
     with StateTree().reader() as tx:
-        first = [tx.field(name, text()).path for name in names]
-        again = [tx.field(name, text()).path for name in names]
+        first = [tx.field(name, doc).path for name in names]
+        again = [tx.field(name, doc).path for name in names]
+        other_spec = [tx.field(name, text()).path for name in names]
         vectors = [tx.field(name, vector(int)).path for name in names]
-    for name, path, later, other in zip(names, first, again, vectors, strict=True):
+    for name, path, later, same, other in zip(
+        names, first, again, other_spec, vectors, strict=True
+    ):
         assert (path.name, path.kind) == (name.encode(), Kind.TEXT)
-        assert path.id == later.id == other.id == child_id(ROOT_ID, name.encode())
+        assert path.id == later.id == same.id == other.id == child_id(ROOT_ID, name.encode())
         assert other.kind is Kind.VECTOR
-    assert [a is b for a, b in zip(first, again, strict=True)] == [True, True, False, False]
-    assert len(transaction._NAMED_PATHS) == 2
+    cached = [True, True, False, False]
+    assert [a is b for a, b in zip(first, again, strict=True)] == cached
+    assert [a is b for a, b in zip(first, other_spec, strict=True)] == cached
+    assert list(doc.field_paths) == ["body", "é"]
 
 
 @settings(max_examples=60, deadline=None)

@@ -21,7 +21,7 @@ deterministic, but unrelated to insertion order (the maps are unordered).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 from trionode.crdt.counter import CounterState
 from trionode.crdt.encoding import ValueCodec
@@ -35,7 +35,6 @@ T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 H_co = TypeVar("H_co", covariant=True)
-_new: Final = object.__new__
 B = TypeVar("B", bound=Body)
 S = TypeVar("S", TextState, VectorState)
 
@@ -46,8 +45,14 @@ S = TypeVar("S", TextState, VectorState)
 class Spec(Generic[H_co]):
     """Describes one replicated type and binds handles of it to entities."""
 
-    __slots__ = ()
+    __slots__ = ("field_paths",)
     kind: ClassVar[Kind]
+
+    def __init__(self) -> None:
+        self.field_paths: dict[str, EntityPath] = {}
+        """Paths of the top-level fields bound with this spec, by name: what
+        `Transaction.field` looks up per call (one lookup of a str, whose hash is cached).
+        Filled by it."""
 
     def bind(self, tx: Transaction, path: EntityPath) -> H_co:
         raise NotImplementedError
@@ -58,6 +63,7 @@ class RegisterSpec(Spec["LwwRegister[T]"], Generic[T]):
     kind = Kind.REGISTER
 
     def __init__(self, value_type: type[T] | Any) -> None:
+        super().__init__()
         self.codec: ValueCodec[T] = ValueCodec(value_type)
 
     def bind(self, tx: Transaction, path: EntityPath) -> LwwRegister[T]:
@@ -77,6 +83,7 @@ class MapSpec(Spec["UnorderedMap[K, V]"], Generic[K, V]):
     kind = Kind.MAP
 
     def __init__(self, key_type: type[K] | Any, value: Spec[V]) -> None:
+        super().__init__()
         self.key: ValueCodec[K] = ValueCodec(key_type)
         self.value = value
 
@@ -89,6 +96,7 @@ class SetSpec(Spec["UnorderedSet[K]"], Generic[K]):
     kind = Kind.SET
 
     def __init__(self, key_type: type[K] | Any) -> None:
+        super().__init__()
         self.key: ValueCodec[K] = ValueCodec(key_type)
 
     def bind(self, tx: Transaction, path: EntityPath) -> UnorderedSet[K]:
@@ -100,12 +108,11 @@ class VectorSpec(Spec["Vector[T]"], Generic[T]):
     kind = Kind.VECTOR
 
     def __init__(self, value_type: type[T] | Any) -> None:
+        super().__init__()
         self.codec: ValueCodec[T] = ValueCodec(value_type)
 
     def bind(self, tx: Transaction, path: EntityPath) -> Vector[T]:
-        # `Vector(tx, path, self.codec)` without calling the class (a class with a Python
-        # `__init__` is called through C and a fresh interpreter frame; this runs per call).
-        handle: Vector[T] = _new(Vector)
+        handle: Vector[T] = Vector()  # (no `__init__`: see `_Sequence`)
         handle._tx = tx  # noqa: SLF001
         handle._path = path  # noqa: SLF001
         handle._codec = self.codec  # noqa: SLF001
@@ -117,7 +124,7 @@ class TextSpec(Spec["Text"]):
     kind = Kind.TEXT
 
     def bind(self, tx: Transaction, path: EntityPath) -> Text:
-        handle: Text = _new(Text)  # (`Text(tx, path)`, as in `VectorSpec.bind`)
+        handle: Text = Text()  # (no `__init__`: see `_Sequence`)
         handle._tx = tx  # noqa: SLF001
         handle._path = path  # noqa: SLF001
         return handle
@@ -412,6 +419,11 @@ class _Sequence(Handle, Generic[S]):
     __slots__ = ()
     _state_type: type[S]
 
+    # `object.__init__`, not `Handle`'s: calling the class then runs no Python (a class
+    # with a Python `__init__` is called through C and a fresh interpreter frame, and a
+    # handle is bound per call). The specs set the slots (`VectorSpec.bind`).
+    __init__ = object.__init__
+
     def _base(self) -> tuple[S, Timestamp | None]:
         """`_current`, inline (once per edit), with an empty state for none."""
         path = self._path
@@ -464,11 +476,7 @@ class Vector(_Sequence[VectorState], Generic[T]):
 
     __slots__ = ("_codec",)
     _state_type = VectorState
-
-    def __init__(self, tx: Transaction, path: EntityPath, codec: ValueCodec[T]) -> None:
-        self._tx = tx  # (not `super().__init__`: one call less per bound handle)
-        self._path = path
-        self._codec = codec
+    _codec: ValueCodec[T]
 
     def to_list(self) -> list[T]:
         state, floor = self._read(VectorState)

@@ -109,12 +109,6 @@ _FIELD_PATHS_MAX: Final = 4096
 """Field names come from app schemas, so few; past this many, paths are built per call."""
 
 
-_NAMED_PATHS: dict[tuple[str, type[Spec[Any]]], EntityPath] = {}
-"""`_FIELD_PATHS` by the field's name as a str and its spec's class, which fixes the kind
-(`Transaction.field`: no encoding per call, and no read of `kind`, a class attribute, through
-the spec: such a read is not specialised on Python 3.11)."""
-
-
 def field_path(name: bytes, kind: Kind) -> EntityPath:
     """The path of the top-level field `name` (cached, see `_FIELD_PATHS`)."""
     key = (name, kind)
@@ -247,12 +241,12 @@ class Transaction:
 
     def field(self, name: str, spec: Spec[H]) -> H:
         """A handle on the top-level field `name`, typed by `spec`."""
-        key = (name, type(spec))
-        path = _NAMED_PATHS.get(key)
+        paths = spec.field_paths
+        path = paths.get(name)
         if path is None:
             path = field_path(name.encode(), spec.kind)
-            if len(_NAMED_PATHS) < _FIELD_PATHS_MAX:
-                _NAMED_PATHS[key] = path
+            if len(paths) < _FIELD_PATHS_MAX:
+                paths[name] = path
         return spec.bind(self, path)
 
     def get(self, entity_id: bytes) -> Entity | None:
