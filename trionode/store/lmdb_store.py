@@ -416,18 +416,25 @@ class _SharedExclusiveLock:
         self._cond = threading.Condition()
         self._readers = 0
         self._exclusive = False
+        self._shared = _Shared(self)
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self) -> _Shared:
+        """Held by every transaction, each write's too: a plain context manager, not a
+        generator's, and no wake-up unless a resizer waits (issue #16)."""
+        return self._shared
+
+    def acquire_shared(self) -> None:
         with self._cond:
             while self._exclusive:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
+
+    def release_shared(self) -> None:
+        # (Readers wait only for a resizer, which wakes them: the last reader out wakes
+        # the waiters only if a resizer waits for it.)
+        with self._cond:
+            self._readers -= 1
+            if not self._readers and self._exclusive:
                 self._cond.notify_all()
 
     @contextmanager
@@ -444,6 +451,21 @@ class _SharedExclusiveLock:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
+
+
+class _Shared:
+    """`_SharedExclusiveLock.shared`: one object for every holder (it keeps no state)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: _SharedExclusiveLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire_shared()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release_shared()
 
 
 def _check_key(key: bytes) -> None:
