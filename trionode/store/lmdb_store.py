@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import attrs
 import lmdb
@@ -95,6 +95,10 @@ _ID_BYTES: Final = 32
 _TOKEN_BYTES: Final = len(_ID_TOKEN) + _ID_BYTES
 DEFAULT_MAX_VALUE_REFS: Final = 65_536
 """Ids `_ValueRefs` numbers at most (see `store.max_value_refs`)."""
+
+
+_ONE_BYTE: Final = tuple(bytes([i]) for i in range(0x80))
+"""`_uvarint(i)` of each i below 0x80."""
 
 
 def _uvarint(value: int) -> bytes:
@@ -220,12 +224,21 @@ class _ValueRefs:
         refs: list[bytes] = []
         at = 0
         for cut in _id_cuts(value):
-            number = self._number(value[cut + len(_ID_TOKEN) : cut + _TOKEN_BYTES], give=give)
+            value_id = value[cut + len(_ID_TOKEN) : cut + _TOKEN_BYTES]
+            number = self.numbers.get(value_id)  # (`_number`'s first look, inline)
             if number is None:
-                continue
+                number = self._number(value_id, give=give)
+                if number is None:
+                    continue
             if number not in self._durable:
                 fresh.add(number)
-            refs.append(_uvarint(cut - at) + _uvarint(number))
+            # (Both numbers mostly fit one byte: no call. Every local write packs its
+            # state rows here, issue #16.)
+            gap = cut - at
+            refs.append(
+                (_ONE_BYTE[gap] if gap < 0x80 else _uvarint(gap))
+                + (_ONE_BYTE[number] if number < 0x80 else _uvarint(number))
+            )
             parts.append(value[at:cut])
             at = cut + _TOKEN_BYTES
         if not refs:
@@ -331,15 +344,16 @@ def _db_name(column: Column) -> bytes:
     return f"{column.value}@6".encode() if column in NUMBERED else column.value.encode()
 
 
-@attrs.frozen
-class Put:
+class Put(NamedTuple):
+    """(Named tuples, not attrs classes: every delta stages several; a frozen attrs
+    instance took twice as long to build, issue #16.)"""
+
     column: Column
     key: bytes
     value: bytes
 
 
-@attrs.frozen
-class Delete:
+class Delete(NamedTuple):
     column: Column
     key: bytes
 
