@@ -134,6 +134,39 @@ async def test_slow_commits_go_back_to_the_writer_thread_until_commits_are_fast_
         assert inline[-1]
 
 
+async def test_a_small_write_waits_for_a_commit_in_the_writer_thread_and_follows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits = Commits(monkeypatch)
+    started, release = threading.Event(), threading.Event()
+
+    def hold_the_first() -> None:
+        if not started.is_set():
+            started.set()
+            release.wait(30)
+
+    commits.on_start = hold_the_first
+    async with store_at(tmp_path / "db") as store:
+        small = trio.Event()
+
+        async def write_small() -> None:
+            await store.write(puts(b"b/"))
+            small.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, puts(b"a/", INLINE_MAX_OPS + 1))  # (the thread)
+            await trio.to_thread.run_sync(started.wait)
+            nursery.start_soon(write_small)
+            await trio.testing.wait_all_tasks_blocked()  # (the loop is idle: only waits)
+            assert not small.is_set()
+            assert len(commits.threads) == 1  # it waits for the writer, not on this thread
+            release.set()
+        assert small.is_set()
+        assert not commits.last_inline()
+        assert store.inline_commits == 0
+        assert store.raw.get(Column.GENERIC, b"b/0") == b"v"
+
+
 async def test_zero_disables_inline_commits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
