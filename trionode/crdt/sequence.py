@@ -167,33 +167,28 @@ class _Block:
 
 
 class _Item:
-    """Consecutive elements of one writer, contiguous in the order (see "Items")."""
+    """Consecutive elements of one writer, contiguous in the order (see "Items").
+
+    Made by `_item` (or `_Item()` and every slot set): the class has no `__init__` of its
+    own, so calling it runs no Python (a class with a Python `__init__` is called through C
+    and a fresh interpreter frame; items are made per keystroke and per decoded run)."""
 
     __slots__ = ("after", "block", "deleted", "live", "n", "node", "start", "updated", "values")
 
-    def __init__(  # noqa: PLR0917  (built in a few hot places, positionally)
-        self,
-        node: bytes,
-        start: int,
-        after: Timestamp,
-        values: Any,
-        deleted: list[Timestamp | None] | None,
-        updated: list[Timestamp | None] | None,
-    ) -> None:
-        self.node = node
-        self.start = start
-        self.n = len(values)
-        self.after = after
-        """Reference of the first element (the others follow the one before them)."""
-        self.values = values
-        """One value per element (a str for Text); a deleted element's entry is filler."""
-        self.deleted = deleted
-        """Tombstone stamp per element, or None while none is deleted."""
-        self.updated = updated
-        """Value stamp per element, or None while no value was overwritten."""
-        self.live = self.n if deleted is None else deleted.count(None)
-        self.block: _Block | None = None
-        """The block holding it (None: not placed)."""
+    node: bytes
+    start: int
+    n: int
+    after: Timestamp
+    """Reference of the first element (the others follow the one before them)."""
+    values: Any
+    """One value per element (a str for Text); a deleted element's entry is filler."""
+    deleted: list[Timestamp | None] | None
+    """Tombstone stamp per element, or None while none is deleted."""
+    updated: list[Timestamp | None] | None
+    """Value stamp per element, or None while no value was overwritten."""
+    live: int
+    block: _Block | None
+    """The block holding it (None: not placed)."""
 
     def element(self, k: int) -> Element[Any]:
         deleted = None if self.deleted is None else self.deleted[k]
@@ -207,7 +202,7 @@ class _Item:
         )
 
     def clone(self) -> _Item:
-        new = _Item.__new__(_Item)
+        new = _Item()
         new.node = self.node
         new.start = self.start
         new.n = self.n
@@ -221,7 +216,7 @@ class _Item:
 
     def cut(self, k: int) -> _Item:
         """Split off elements k.. (0 < k < n) as a new item (same block), returned."""
-        tail = _Item.__new__(_Item)
+        tail = _Item()
         tail.node = self.node
         tail.start = self.start + k
         tail.n = self.n - k
@@ -271,6 +266,28 @@ class _Item:
                 k += 1
             if k > first:
                 yield first, k
+
+
+def _item(  # noqa: PLR0917  (made in a few hot places, positionally)
+    node: bytes,
+    start: int,
+    after: Timestamp,
+    values: Any,
+    deleted: list[Timestamp | None] | None,
+    updated: list[Timestamp | None] | None,
+) -> _Item:
+    """An unplaced item of `values` (see `_Item`)."""
+    item = _Item()
+    item.node = node
+    item.start = start
+    item.n = n = len(values)
+    item.after = after
+    item.values = values
+    item.deleted = deleted
+    item.updated = updated
+    item.live = n if deleted is None else deleted.count(None)
+    item.block = None
+    return item
 
 
 _Origin = tuple["SequenceState[Any]", int, list[tuple[_Item, int, int]], Timestamp]
@@ -355,7 +372,7 @@ class SequenceState(Generic[V]):
             starts, items = runs_of
             for offset in range(0, length, ITEM_MAX):
                 stop = min(length, offset + ITEM_MAX)
-                item = _Item(
+                item = _item(
                     node,
                     time + offset,
                     after if not offset else new_stamp((time + offset - 1, node)),
@@ -486,7 +503,7 @@ class SequenceState(Generic[V]):
                     return item
         else:
             insort(self._extra.setdefault(after, []), eid)
-        item = _Item(
+        item = _item(
             node,
             time,
             after,
@@ -926,7 +943,7 @@ class SequenceState(Generic[V]):
                 _extend_item(current, item, k, take)
             else:
                 take = min(stop - k, ITEM_MAX)
-                current = _Item(
+                current = _item(
                     node,
                     time,
                     after,
@@ -1073,7 +1090,7 @@ class SequenceState(Generic[V]):
     def _place_new(self, block: _Block, at: int, eid: Timestamp, el: Element[V]) -> None:
         """A new one-element item at index `at` of `block`."""
         value = self._filler if el[1] is None and el[3] is not None else el[1]
-        item = _Item(
+        item = _item(
             eid[1],
             eid[0],
             el[0],
@@ -1439,7 +1456,7 @@ class SequenceState(Generic[V]):
     def _one_typed(self, eid: Timestamp, after: Timestamp, value: Any) -> Self:
         """`_one(eid, _element((after, value, None, None)))` where `after` is the id just
         below `eid` (implied: no explicit child entry)."""
-        item: _Item = _new(_Item)  # (`_Item(...)` of one live element, inline)
+        item = _Item()  # (`_item(...)` of one live element, inline)
         item.node = node = eid[1]
         item.start = time = eid[0]
         item.n = item.live = 1
@@ -1466,7 +1483,7 @@ class SequenceState(Generic[V]):
         value = element[1]
         if value is None and element[3] is not None:
             value = self._filler
-        item = _Item(
+        item = _item(
             eid[1],
             eid[0],
             element[0],
@@ -1527,7 +1544,7 @@ class SequenceState(Generic[V]):
         newest_after = HEAD
         for item, first, end in spans:
             take = end - first
-            piece = _Item.__new__(_Item)
+            piece = _Item()
             piece.node = node = item.node
             piece.start = start = item.start + first
             piece.n = take
