@@ -342,7 +342,10 @@ async def test_a_peer_added_as_discovery_starts_is_dialed() -> None:
                 store.add(_peer(round_ + 1), [_tcp(round_ + 1)], source="mdns")
                 await host.dial_made.wait()
                 nursery.cancel_scope.cancel()
-        assert host.dialed == [_tcp(round_ + 1).with_peer_id(_peer(round_ + 1))]
+        # (Every dial is of that peer. A second one may follow the first when this task
+        # runs more than the failed dial's backoff late, as a loaded machine can.)
+        assert host.dialed
+        assert set(host.dialed) == {_tcp(round_ + 1).with_peer_id(_peer(round_ + 1))}
 
 
 # -- peer exchange between real hosts --------------------------------------------------------
