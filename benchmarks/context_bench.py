@@ -84,7 +84,7 @@ from trionode.crdt import (
 from trionode.sdk import App
 from trionode.sdk.bundle import load_app, load_bundle, verify_bundle
 from trionode.sdk.runtime import execute, init_state
-from trionode.store.lmdb_store import Column, Delete, Put, WriteOp
+from trionode.store.lmdb_store import Column, Delete, Put, PutRun, WriteOp
 from trionode.store.store import WriteBatch
 from trionode.testing import TestNode, open_test_node
 
@@ -670,6 +670,9 @@ def raw_commit(env: lmdb.Environment, dbs: dict[Column, Any], ops: Sequence[Writ
                 txn.put(op.key, op.value, db=dbs[op.column])
             elif isinstance(op, Delete):
                 txn.delete(op.key, db=dbs[op.column])
+            elif isinstance(op, PutRun):
+                rows = [(op.prefix + k, v) for k, v in zip(op.keys, op.values, strict=True)]
+                txn.cursor(db=dbs[op.column]).putmulti(rows)
             else:
                 txn.cursor(db=dbs[op.column]).putmulti(op.rows)
 

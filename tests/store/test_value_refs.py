@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from trionode.errors import StorageError
 from trionode.store.encryption import KdfParams
-from trionode.store.lmdb_store import Column, LmdbStore, Put, PutMany
+from trionode.store.lmdb_store import Column, LmdbStore, Put, PutMany, PutRun
 
 FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
 CONTEXT = hashlib.sha256(b"context").digest()
@@ -267,6 +267,74 @@ def test_rows_put_many_at_once_are_stored_as_put_one_by_one(
         assert _contents(stores[0]) == _contents(stores[1])
         expected = dict(state)
         assert dict(stores[0].scan(Column.STATE)) == expected
+    finally:
+        for store in stores:
+            store.close()
+
+
+_run_prefixes = st.sampled_from(
+    [
+        (Column.STATE, CONTEXT),  # a context's rows: its number found once
+        (Column.STATE, OTHER[:20]),  # keys that are not all one context's
+        (Column.STATE, b"\x00"),
+        (Column.GENERIC, b"base/" + CONTEXT),
+        (Column.GENERIC, b"ckvv/" + CONTEXT),  # checkpoint rows: one by one
+        (Column.GENERIC, b"base/"),
+        (Column.GENERIC, b"other/"),
+        (Column.CONFIG, b"x"),  # a column without numbers
+    ]
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    prefixed=_run_prefixes,
+    rows=st.dictionaries(
+        st.binary(min_size=0, max_size=40) | st.builds(_key, st.integers(0, 40)),
+        _values,
+        max_size=12,
+    ),
+    limit=st.sampled_from([1, 1000]),
+    encrypted=st.booleans(),
+)
+def test_a_run_of_rows_under_one_prefix_is_stored_as_put_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    prefixed: tuple[Column, bytes],
+    rows: dict[bytes, bytes],
+    limit: int,
+    encrypted: bool,
+) -> None:
+    """A PutRun (a snapshot batch: keys after one prefix, no tuple per row) leaves the same
+    rows as the same puts one by one, whatever the prefix names (a context, part of one, no
+    context, checkpoint rows, a column without numbers); a key past LMDB's limit is refused
+    and nothing of the write is stored."""
+    column, prefix = prefixed
+    passphrase = "pw" if encrypted else None
+    stores = [
+        LmdbStore.open(
+            tmp_path_factory.mktemp("db"), max_value_refs=limit, passphrase=passphrase, kdf=FAST_KDF
+        )
+        for _ in range(2)
+    ]
+    try:
+        keys = sorted(rows)
+        if not prefix and any(not k for k in keys):
+            return
+        stores[0].write([PutRun(column, prefix, keys, [rows[k] for k in keys])])
+        stores[1].write([Put(column, prefix + k, rows[k]) for k in keys])
+        for store in stores:
+            assert dict(store.scan(column, prefix=prefix)) == {
+                prefix + k: v for k, v in rows.items()
+            }
+        if not encrypted:
+            assert _contents(stores[0]) == _contents(stores[1])
+        with pytest.raises(StorageError):
+            stores[0].write(
+                [PutRun(column, prefix, [*keys, b"k" * 600], [*(rows[k] for k in keys), b"v"])]
+            )
+        assert dict(stores[0].scan(column, prefix=prefix)) == {
+            prefix + k: v for k, v in rows.items()
+        }
     finally:
         for store in stores:
             store.close()

@@ -61,7 +61,7 @@ from trionode.crdt.lazy import take
 from trionode.crdt.rows import JOURNAL_KINDS
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
 from trionode.errors import LocalProtocolError, RemoteProtocolError
-from trionode.store.lmdb_store import Column, PutMany
+from trionode.store.lmdb_store import Column, PutRun
 from trionode.store.store import WriteBatch
 from trionode.sync.snapshot import (
     RootMismatch,
@@ -547,20 +547,17 @@ def _take_new(
     # Their rows are the bytes that came: nothing to drain or re-encode. (Every earlier
     # change was drained by its own commit, so only these are undrained.)
     tree.drain_changes()
-    state_prefix = context_id
-    base_prefix = BASE_PREFIX + context_id
-    # Raw bytes (`batch.put` would only pass them through), one column after the other in
-    # key order, one op each (no object per row): the store writes each in one putmulti.
-    # A base row equal to its state row is a marker (`replicas.BASE_PREFIX`), so each
-    # record is stored once; a Text or Vector keeps a copy, as folding leaves it (its
-    # state row grows a journal).
+    # The bytes that came, one column after the other in key order, one op each (no
+    # object per row): the store writes each in one putmulti. A base row equal to its
+    # state row is a marker (`replicas.BASE_PREFIX`), so each record is stored once; a Text
+    # or Vector keeps a copy, as folding leaves it (its state row grows a journal).
     ids = [e.id for e in entities]
-    journals = [i for i, e in enumerate(entities) if e.kind in JOURNAL_KINDS]
-    bases = [(base_prefix + k, b"") for k in ids]
-    for i in journals:
-        bases[i] = (bases[i][0], records[i])
+    bases: list[bytes] = [b""] * len(ids)
+    for i, e in enumerate(entities):
+        if e.kind in JOURNAL_KINDS:
+            bases[i] = records[i]
     batch.ops += [
-        PutMany(STATE.column, [(state_prefix + k, v) for k, v in zip(ids, records, strict=True)]),
-        PutMany(AUX.column, bases),
+        PutRun(STATE.column, context_id, ids, records),
+        PutRun(AUX.column, BASE_PREFIX + context_id, ids, bases),
     ]
     note_base(replica, entities)

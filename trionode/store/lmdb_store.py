@@ -49,7 +49,7 @@ resize holds it exclusively.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -367,18 +367,35 @@ class PutMany:
     rows: Sequence[tuple[bytes, bytes]]
 
 
-WriteOp = Put | Delete | PutMany
+@attrs.frozen
+class PutRun:
+    """Puts of many rows to one column whose keys share a prefix (a snapshot batch: one
+    context's rows): row i is `prefix + keys[i]` → `values[i]`, without a tuple or a key
+    per row, and a prefix naming a context (`NUMBERED`) is mapped to its stored form once,
+    not once per key."""
+
+    column: Column
+    prefix: bytes
+    keys: Sequence[bytes]
+    values: Sequence[bytes]
+
+
+WriteOp = Put | Delete | PutMany | PutRun
 
 
 class _Many:
-    """A `PutMany` as `LmdbStore.write` prepared it: its keys as given, values as stored."""
+    """A `PutMany` or `PutRun` as `LmdbStore.write` prepared it: its keys as given (after
+    `prefix`), values as stored."""
 
-    __slots__ = ("column", "keys", "values")
+    __slots__ = ("column", "keys", "prefix", "values")
 
-    def __init__(self, column: Column, keys: list[bytes], values: list[bytes]) -> None:
+    def __init__(
+        self, column: Column, keys: Sequence[bytes], values: list[bytes], prefix: bytes = b""
+    ) -> None:
         self.column = column
         self.keys = keys
         self.values = values
+        self.prefix = prefix
 
 
 @attrs.frozen
@@ -386,7 +403,7 @@ class _Stored:
     """Rows of one column, keys and values as stored: one `putmulti`."""
 
     column: Column
-    rows: list[tuple[bytes, bytes]]
+    rows: Iterable[tuple[bytes, bytes]]
 
 
 Prepared = tuple[Column, bytes, bytes | None]
@@ -405,9 +422,17 @@ def _singles(
         if not isinstance(item, _Many):
             yield item
             continue
-        stored = keys.stored_many(item.column, item.keys, txn=txn, added=added)
+        given = item.keys
+        if item.prefix:
+            tag = keys.stored_prefix(item.column, item.prefix, txn=txn, added=added)
+            if tag is not None:
+                rows = zip([tag + k for k in given], item.values, strict=True)
+                yield _Stored(item.column, rows)
+                continue
+            given = [item.prefix + k for k in given]
+        stored = keys.stored_many(item.column, given, txn=txn, added=added)
         if stored is None:
-            for key, value in zip(item.keys, item.values, strict=True):
+            for key, value in zip(given, item.values, strict=True):
                 yield (item.column, key, value)
         else:
             yield _Stored(item.column, list(zip(stored, item.values, strict=True)))
@@ -764,6 +789,26 @@ class _ContextNumbers:
         tag = self.stored(column, head, txn=txn, added=added)
         assert tag is not None  # (a write transaction gives numbers)
         return [tag + k[cut:] for k in keys]
+
+    def stored_prefix(
+        self, column: Column, head: bytes, *, txn: lmdb.Transaction, added: list[bytes]
+    ) -> bytes | None:
+        """The stored form of `head` in a write transaction, when `head` is exactly a prefix
+        of `column` and a context id (a `PutRun`'s prefix): every key `head + k` is stored
+        as that + `k`. None if it is not (or names checkpoint or delta rows): map each key."""
+        prefixes = NUMBERED.get(column)
+        if prefixes is None:
+            return head
+        if column is Column.DELTA:
+            return None
+        for prefix in prefixes:
+            if head.startswith(prefix) and len(head) == len(prefix) + _CONTEXT_BYTES:
+                break
+        else:
+            return None
+        if prefix == CHECKPOINT_PREFIX:
+            return None
+        return self.stored(column, head, txn=txn, added=added)
 
     def _give(self, context: bytes, txn: lmdb.Transaction) -> bytes:
         if self._next >= 1 << (8 * _NUMBER_BYTES):
@@ -1430,6 +1475,10 @@ class LmdbStore:
                     values = [self._seal(column, k, v) for k, v in zip(keys, values, strict=True)]
                 prepared.append(_Many(column, keys, values))
                 continue
+            if isinstance(op, PutRun):
+                if op.keys:
+                    prepared.append(self._prepare_run(op, fresh))
+                continue
             _check_key(op.key)
             if isinstance(op, Put):
                 stored = pack(op.value, fresh) if op.column is Column.STATE else op.value
@@ -1454,6 +1503,22 @@ class LmdbStore:
             except BaseException:
                 self._keys.rollback(added)
                 raise
+
+    def _prepare_run(self, op: PutRun, fresh: set[int]) -> _Many:
+        """`write`'s preparation of a `PutRun`: its keys checked, values as stored."""
+        column, head, keys = op.column, op.prefix, op.keys
+        if len(op.values) != len(keys):
+            raise ValueError("a PutRun needs one value per key")
+        if not len(head) + min(map(len, keys)) or len(head) + max(map(len, keys)) > _MAX_KEY_SIZE:
+            for key in keys:
+                _check_key(head + key)  # (raises for the bad one)
+        if column is Column.STATE:
+            values = self._refs.pack_many(op.values, fresh)
+        else:
+            values = list(op.values)
+        if self._cipher is not None:
+            values = [self._seal(column, head + k, v) for k, v in zip(keys, values, strict=True)]
+        return _Many(column, keys, values, head)
 
     def _write_in(
         self,

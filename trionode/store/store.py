@@ -54,6 +54,7 @@ from trionode.store.lmdb_store import (
     LmdbStore,
     Put,
     PutMany,
+    PutRun,
     StoreStats,
     WriteOp,
 )
@@ -362,6 +363,8 @@ class AsyncStore:
                     counts["put", op.column] += 1
                 elif isinstance(op, PutMany):  # (one op for 100,000s of a snapshot's rows)
                     counts["put", op.column] += len(op.rows)
+                elif isinstance(op, PutRun):
+                    counts["put", op.column] += len(op.keys)
                 else:
                     counts["delete", op.column] += 1
         if self.inline:
