@@ -231,21 +231,31 @@ class StateTree:
         known = newest is not None
         newest = latest(self.max_stamp, newest)
         held: list[Entity] = []
-        rewrite = self._log.rewrite
-        deleted = self._deleted
-        updated = self._updated
+        last: bytes | None = None
+        siblings: list[bytes] = []
         for incoming in entities:
             eid = incoming.id
             if eid in records:
                 held.append(incoming)
                 continue
             records[eid] = incoming
-            rewrite(eid)
-            added.setdefault(incoming.parent, []).append(eid)
+            parent = incoming.parent
+            if parent != last:  # (a page's records mostly share their parent)
+                last = parent
+                siblings = added.setdefault(parent, [])
+            siblings.append(eid)
             if not known:
                 newest = latest(newest, incoming.max_stamp())
-            deleted.discard(eid)
-            updated.add(eid)
+        # What changed, in bulk (`_mark_updated` and `RowLog.rewrite` of each new record).
+        stored = self._log.stored
+        for ids in added.values():
+            self._updated.update(ids)
+            if self._deleted:
+                self._deleted.difference_update(ids)
+            if stored:
+                for eid in ids:
+                    if eid in stored:
+                        self._log.rewrite(eid)
         for parent, ids in added.items():
             ids.sort()
             siblings = self._children.setdefault(parent, [])
