@@ -127,6 +127,15 @@ def _id_cuts(value: bytes) -> list[int]:
     (`crdt/compact.py`: `[3, time, writer, [1, parent, ...]]`) names its writer and its
     record's parent (unless the root), a version 1 record (`[1, parent, ...]`, a joined
     record as received) its parent. Anything else (journal rows, odd bytes): none."""
+    if value[_U64_WRITER : _U64_WRITER + 2] == _ID_TOKEN and value[:3] == _V3_U64_HEAD:
+        # (Most rows: a local write's, its time a uint64. The same cuts as below, found
+        # with no walk: every local write packs its state rows, issue #16.)
+        head = value[_U64_RECORD] if len(value) > _U64_RECORD else 0
+        if 0x90 <= head <= 0x9F:
+            parent = _U64_RECORD + 2
+            if value[parent - 1 : parent + 2] == _V1_PARENT and len(value) >= parent + _TOKEN_BYTES:
+                return [_U64_WRITER, parent]
+            return [_U64_WRITER]
     cuts: list[int] = []
     at = 0
     if value[:2] == b"\x94\x03":  # a version 3 row: the time, then the writer
@@ -159,6 +168,14 @@ _RECORD_ID_END: Final = len(_RECORD_HEAD) + _ID_BYTES
 
 _INT_EXTRA: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 """Bytes after the header of a msgpack unsigned integer, by header."""
+_V3_U64_HEAD: Final = b"\x94\x03\xcf"
+"""A version 3 row whose time is a uint64 (`_id_cuts`' quick case)."""
+_U64_WRITER: Final = 3 + 8
+"""Where such a row's writer token starts..."""
+_U64_RECORD: Final = _U64_WRITER + _TOKEN_BYTES
+"""...and its record's array header."""
+_V1_PARENT: Final = b"\x01" + _ID_TOKEN
+"""A record's version, then its parent's id token."""
 
 
 class _ValueRefs:
@@ -408,6 +425,10 @@ class _Stored:
 
 Prepared = tuple[Column, bytes, bytes | None]
 """One put (a value as stored) or delete (None) of `LmdbStore.write`, its key as given."""
+_STATE: Final = Column.STATE
+_DELTA: Final = Column.DELTA
+_GENERIC: Final = Column.GENERIC
+"""(Module constants: a column looked up on `Column` costs an attribute lookup per op.)"""
 
 
 def _singles(
@@ -1459,7 +1480,17 @@ class LmdbStore:
         prepared: list[Prepared | _Many] = []
         fresh: set[int] = set()
         pack = self._refs.pack
+        sealed = self._cipher is not None
         for op in ops:
+            if type(op) is Put:  # (most ops: checked and packed with no call but `pack`)
+                key, column = op.key, op.column
+                if not key or len(key) > _MAX_KEY_SIZE:
+                    _check_key(key)  # (raises)
+                stored = pack(op.value, fresh) if column is _STATE else op.value
+                if sealed:
+                    stored = self._seal(column, key, stored)
+                prepared.append((column, key, stored))
+                continue
             if isinstance(op, PutMany):
                 if not op.rows:
                     continue
@@ -1528,6 +1559,7 @@ class LmdbStore:
     ) -> None:
         """`write`'s ops in `txn` (contexts given numbers noted in `added`)."""
         deltas, keys = self._deltas, self._keys
+        numbers = keys.numbers
         # Consecutive puts to one column go in one `putmulti` (a snapshot batch is
         # 100,000s of them: one C call instead of one put each).
         run: list[tuple[bytes, bytes]] = []
@@ -1540,7 +1572,11 @@ class LmdbStore:
                 txn.cursor(db=self._dbs[item.column]).putmulti(item.rows)
                 continue
             column, key, stored = item
-            checkpoint = _is_checkpoint(column, key)
+            checkpoint = (  # (`_is_checkpoint`, inline: it ran for every op)
+                column is _GENERIC
+                and len(key) == _CHECKPOINT_KEY_BYTES
+                and key.startswith(CHECKPOINT_PREFIX)
+            )
             if run and (column is not run_column or stored is None or checkpoint):
                 txn.cursor(db=self._dbs[run_column]).putmulti(run)
                 run = []
@@ -1558,6 +1594,15 @@ class LmdbStore:
                 stored_key = keys.stored(column, key)
                 if stored_key is None:
                     continue  # (a context without a number has no rows to delete)
+            elif (column is _STATE or column is _DELTA) and len(key) >= _CONTEXT_BYTES:
+                # (`keys.stored` of a state or delta row, inline: the key is the context id
+                # and the rest. Every local write puts both, issue #16.)
+                tag = numbers.get(key[:_CONTEXT_BYTES])
+                if tag is None:
+                    stored_key = keys.stored(column, key, txn=txn, added=added)
+                    assert stored_key is not None
+                else:
+                    stored_key = tag + key[_CONTEXT_BYTES:]
             else:
                 stored_key = keys.stored(column, key, txn=txn, added=added)
                 assert stored_key is not None  # (a write transaction gives numbers)
