@@ -55,7 +55,8 @@ def test_wrong_id_signature_or_key_are_rejected() -> None:
     delta = _delta()
     with pytest.raises(RemoteProtocolError, match="id does not match"):
         verify_delta(delta, context_id=CONTEXT, expected_id=bytes(32))
-    tampered = SignedDelta(delta.header, delta.ciphertext[:-1] + b"\x00", delta.signature)
+    flipped = bytes([delta.ciphertext[-1] ^ 1])  # (never the byte it was)
+    tampered = SignedDelta(delta.header, delta.ciphertext[:-1] + flipped, delta.signature)
     with pytest.raises(RemoteProtocolError, match="signature"):
         verify_delta(tampered, context_id=CONTEXT)
     forged = SignedDelta(delta.header, delta.ciphertext, bytes(64))
