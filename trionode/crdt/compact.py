@@ -148,7 +148,15 @@ def compact_entities(
     encoding and no walk of their fields; only a body other than a register's is walked
     (`_Refs.entity`). A kv `set`'s two records: 1,292 bytecodes a call before (issue #16)."""
     ids = [entity.id for entity in entities]
-    order = _parents_first(ids, [entity.parent for entity in entities])
+    order: Sequence[int]
+    if len(entities) == 2:  # (a kv `set`'s map and entry: `_parents_first` without a walk)
+        first, second = ids
+        swapped = entities[0].parent == second and (entities[1].parent != first or first == second)
+        order = _SWAPPED if swapped else _IN_ORDER
+    elif len(entities) < 2:
+        order = _IN_ORDER[: len(entities)]
+    else:
+        order = _parents_first(ids, [entity.parent for entity in entities])
     index: dict[bytes, int] = {}
     refs = _Refs(author, hlc, index, leaves)
     out: list[msgspec.Raw] = []
@@ -156,6 +164,12 @@ def compact_entities(
         out.append(msgspec.Raw(_ENCODER.encode(refs.entity(entities[i]))))
         index.setdefault(ids[i], position)
     return out
+
+
+_IN_ORDER: Final = (0, 1)
+_SWAPPED: Final = (1, 0)
+"""`_parents_first` of two records whose first one's parent is the second (and the second
+is a root: its parent is not the first, or both are one id)."""
 
 
 def _parents_first(ids: Sequence[bytes | None], parents: Sequence[object]) -> list[int]:
@@ -252,12 +266,25 @@ class _Refs:
         (the leaves and references come out as the walk makes them); a body other than a
         register's `[stamp, value]` is encoded and walked."""
         added, removed, body = entity.added, entity.removed, entity.body
+        parent = self._bytes(entity.parent)
+        name = self._bytes(entity.name)
+        if added is None:
+            added_ref: object = None
+        else:
+            # (`_stamp` inline for the stamp most records have: the author's, lately.)
+            offset = self._hlc - added.time
+            if added.node == self._author and 0 <= offset <= MAX_HLC_OFFSET:
+                if self._leaves is not None and len(self._author) >= MIN_SPAN:
+                    self._leaves.append(self._author)
+                added_ref = _STAMP_REFS[offset]
+            else:
+                added_ref = self._stamp(added.time, added.node)
         head: list[object] = [
             FORMAT_VERSION,
-            self._bytes(entity.parent),
-            self._bytes(entity.name),
+            parent,
+            name,
             int(entity.kind),  # (small integers stay as they are)
-            None if added is None else self._stamp(added.time, added.node),
+            added_ref,
             None if removed is None else self._stamp(removed.time, removed.node),
         ]
         if body is None:
