@@ -350,3 +350,25 @@ def test_compacting_the_records_themselves_gives_the_same_bytes(
     assert leaves == expected_leaves
     for entity in records:
         assert entity_row(entity) == _row_of(entity)
+
+
+@given(bodies_of_records(), st.lists(st.binary(max_size=120), max_size=3))
+def test_a_body_sealed_from_its_records_alone_is_the_same(
+    records: list[Entity], payloads: list[bytes]
+) -> None:
+    """A local write hands sealing its records without their encodings (`records` left
+    empty): the same body bytes, its payloads' references included."""
+    events = [AppEvent("E", p) for p in payloads]
+    canonical = _canonical(records)
+    # (Payloads that repeat what the records hold, so that references are made.)
+    events += [AppEvent("F", r) for r in canonical[:2]]
+    whole = DeltaBody(records=canonical, events=events)
+    alone = DeltaBody(records=[], events=events)
+    for version in (4, 5):
+        expected = encode_compact_body(whole, author=AUTHOR_KEY, hlc=HLC, version=version)
+        assert (
+            encode_compact_body(
+                alone, author=AUTHOR_KEY, hlc=HLC, version=version, entities=records
+            )
+            == expected
+        )

@@ -43,7 +43,7 @@ from trionode.context.records import (
     member_slot,
 )
 from trionode.context.replicas import Replica, ReplicaStore, stage_record
-from trionode.crdt import HybridClock, StateTree, encode_entity
+from trionode.crdt import HybridClock, StateTree
 from trionode.dag.delta import (
     AppEvent,
     AuthAction,
@@ -459,10 +459,8 @@ class LocalWriter:
         """Seal `outcome` (or the op `auth`) as our next delta; a data delta uses
         `write_key` if the caller resolved it (`_write_key`), else resolves it. `planned`:
         its parents and vectors if the caller took them (`_next`) and nothing changed since."""
-        body = DeltaBody(
-            records=[encode_entity(r) for r in outcome.delta_records],
-            events=[AppEvent(e.name, e.payload) for e in outcome.events],
-        )
+        # (The records go as they are: sealing compacts them without their encodings.)
+        body = DeltaBody(records=[], events=[AppEvent(e.name, e.payload) for e in outcome.events])
         parents, seq, vv = planned if planned is not None else self._next(replica)
         if auth is not None:
             auth = msgspec.structs.replace(auth, parents=replica.authority.auth_parents(vv))

@@ -73,6 +73,7 @@ from trionode.crdt.compact import (
     expand_payload,
     expand_records,
 )
+from trionode.crdt.encoding import encode_entity
 from trionode.crdt.entity import Entity
 from trionode.errors import RemoteProtocolError
 from trionode.wire import ed25519
@@ -265,7 +266,8 @@ def encode_compact_body(
 ) -> bytes:
     """A body's plaintext in format 4 or 5. `record_ids`: its records' entity ids, if the
     caller holds them (`compact_records`); `entities`: the records themselves, whose
-    encodings `body.records` are (`compact_entities`: the same bytes, sooner)."""
+    encodings `body.records` are (`compact_entities`: the same bytes, sooner), or would
+    be (`body.records` may then be left empty: a local write does not encode them)."""
     leaves: list[bytes] | None = [] if body.events and version != 4 else None
     if entities is not None:
         records = compact_entities(entities, author=author, hlc=hlc, leaves=leaves)
@@ -275,13 +277,24 @@ def encode_compact_body(
         )
     if version == 4:
         return _ENCODER.encode(CompactBody(records, body.events))
-    opened = sum(map(len, body.records)) + sum(len(e.payload) for e in body.events)
+    opened = sum(len(e.payload) for e in body.events)
+    if entities is None or body.records:
+        opened += sum(map(len, body.records))
+    elif opened + _MAX_GROWTH * sum(map(len, records)) > MAX_EXPANSION:
+        opened += sum(len(encode_entity(e)) for e in entities)
+    else:
+        opened += _MAX_GROWTH * sum(map(len, records))  # (at least what they open to)
     # A body that would open past the budget every receiver holds it to travels without
     # references: as large as it is, it is refused here (replication.max_delta_bytes),
     # never sealed small and refused by every other member.
     spans = PayloadSpans(leaves if leaves is not None and opened <= MAX_EXPANSION else [])
     events = [CompactEvent(e.name, spans.compact(e.payload)) for e in body.events]
     return _ENCODER.encode(CompactBody5(records, events))
+
+
+_MAX_GROWTH: Final = 16
+"""A compact record opens to less than this many times its bytes: its largest reference
+for its size, a stamp (3 bytes), stands for 44 (`trionode.crdt.compact`)."""
 
 
 def decode_compact_body(
@@ -414,7 +427,7 @@ def seal_delta(
     if the caller holds it (deriving it is a scalar multiplication, ~20 us per delta).
     `record_ids`: the entity ids of `body.records`, if the caller holds them (a SHA-256
     per record saved: `compact_records`); `entities`: the records themselves, whose
-    encodings `body.records` are (`compact_entities`)."""
+    encodings `body.records` are, or would be if left empty (`compact_entities`)."""
     if version not in SUPPORTED_FORMATS:
         raise ValueError(f"cannot seal delta format {version}")
     if author_public is None:
@@ -444,6 +457,8 @@ def seal_delta(
             entities=entities,
         )
     else:
+        if entities is not None and not body.records:
+            body = msgspec.structs.replace(body, records=[encode_entity(e) for e in entities])
         plain = _ENCODER.encode(body)
     ciphertext = seal_xchacha20poly1305(
         plain, _associated_data(header, header_bytes), header.nonce, context_key
