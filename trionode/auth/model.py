@@ -51,7 +51,7 @@ their own merits.
 from __future__ import annotations
 
 import re
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping
 from enum import StrEnum
 from typing import Final
 
@@ -298,6 +298,10 @@ def roles_from(ops: Iterable[Op]) -> dict[bytes, str]:
     return dict(builder.view())
 
 
+_WRITE_KEYS_KEPT: Final = 16
+"""`Resolution.write_key` answers kept per resolution (one per set of keys held)."""
+
+
 @attrs.frozen
 class Resolution:
     ops: Mapping[bytes, Op]
@@ -311,6 +315,11 @@ class Resolution:
     )
     _current: dict[bytes, str] | None = attrs.field(default=None, eq=False, repr=False)
     """The roles of every standing op, when the resolver built them already."""
+    _write_keys: dict[frozenset[int] | None, int | None] = attrs.field(
+        factory=dict, init=False, eq=False, repr=False
+    )
+    """`write_key` of a past that holds every op, by the keys held (every local write asks;
+    a new resolution starts it anew)."""
     _frontier: dict[bytes, int] = attrs.field(factory=dict, init=False, eq=False, repr=False)
     """Author tag → the highest sequence number of an op by it: a past holds every op iff
     its vector reaches this (`covers`)."""
@@ -396,6 +405,18 @@ class Resolution:
     ) -> int | None:
         """The key a new delta with this past should use: the admissible one (among those
         `held`) of greatest (depth, id); None when there is none (rotate first)."""
+        if (vv is None or self.covers(vv)) and (held is None or isinstance(held, Collection)):
+            # (Every op in the past: the answer depends on the keys held alone.)
+            known = None if held is None else frozenset(held)
+            cache = self._write_keys
+            if known not in cache:
+                if len(cache) >= _WRITE_KEYS_KEPT:
+                    cache.clear()
+                cache[known] = self._write_key(None, held)
+            return cache[known]
+        return self._write_key(vv, held)
+
+    def _write_key(self, vv: Mapping[bytes, int] | None, held: Container[int] | None) -> int | None:
         keys = {k for k in self.admissible_keys(vv) if held is None or k in held}
         best: tuple[tuple[int, bytes], int] | None = None
         for i in self.standing_in_past(vv):
