@@ -46,8 +46,10 @@ class AuthRejected(RemoteProtocolError):
     """A delta no honest member writes (a broken chain, an op without authority)."""
 
 
-@attrs.frozen
-class DeltaMeta:
+class DeltaMeta(msgspec.Struct, frozen=True):
+    """An applied delta's header as authority needs it (one per delta held: a struct, not
+    attrs, whose frozen `__init__` cost ~1 us per delta written or received)."""
+
     author: bytes
     seq: int
     vv: Mapping[bytes, int]

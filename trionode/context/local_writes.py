@@ -73,8 +73,9 @@ class AppLoader(Protocol):
         ...
 
 
-@attrs.frozen
-class CallResult:
+class CallResult(msgspec.Struct, frozen=True):
+    """A call's answer. (A struct, not attrs: two are made per call.)"""
+
     result: Any
     delta_id: bytes | None
     root_hash: bytes
@@ -539,8 +540,7 @@ class _Next(NamedTuple):
     vv: dict[bytes, int]
 
 
-@attrs.frozen
-class Authored:
+class Authored(msgspec.Struct, frozen=True):
     """A delta this node authored, durable now: for the replicator to gossip."""
 
     context_id: bytes

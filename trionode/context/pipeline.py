@@ -67,6 +67,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
+import msgspec
 import trio
 
 from trionode.context.app_choice import running_app
@@ -98,11 +99,13 @@ JOB_ERRORS: Final = (AppError, ContextError, ProtocolError, BlobLoadNeeded)
 signal that a call must wait for blob bytes: the caller loads them and calls again."""
 
 
-@attrs.frozen
-class LocalCall:
+class LocalCall(msgspec.Struct, frozen=True):
+    """An app call to run. (This and `_Staged` are structs, not attrs classes: one of each
+    is made per call, and a frozen attrs class's `__init__` cost ~1 us.)"""
+
     method: str
     args_json: str
-    caller: contextvars.Context = attrs.field(factory=contextvars.copy_context)
+    caller: contextvars.Context = msgspec.field(default_factory=contextvars.copy_context)
     """The submitting task's context variables: the call runs in the processor's task,
     and what the caller set up for it (the blob access of an API call) must come along."""
 
@@ -170,8 +173,7 @@ class _Job:
         return True
 
 
-@attrs.frozen
-class _Staged:
+class _Staged(msgspec.Struct, frozen=True):
     """A job staged in the batch: its answer, what to announce once durable, its events,
     and the span of the batch's ops it added."""
 
@@ -677,7 +679,7 @@ class DeltaPipeline:
                 continue
             start = len(ops)
             ops += batch.ops[each.start : each.end]
-            kept.append(attrs.evolve(each, start=start, end=len(ops)))
+            kept.append(msgspec.structs.replace(each, start=start, end=len(ops)))
         staged_end = staged[-1].end if staged else 0
         batch.ops[:staged_end] = ops
         batch.stale.pop(context_id, None)
