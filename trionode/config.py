@@ -327,6 +327,13 @@ class PubsubSection(_Section, frozen=True):
     outbox_capacity: PositiveInt = 256
     """RPCs queued for one peer's writer; when full, more are dropped and counted, so a
     slow peer never stalls the router or the other peers."""
+    forward_after_delivery: bool = True
+    """A message on a context's topic is forwarded once the node has taken it (a delta
+    applied and shown, or found not ours to judge), not as it arrives, and never if its
+    deltas are all invalid (`trionode/net/pubsub.py`). Off: forwarded on arrival."""
+    hold_timeout: PositiveFloat = 1.0
+    """Seconds a context topic's message waits for the node's judgement before it is
+    forwarded anyway (at the next heartbeat after)."""
 
     def gossip_config(self) -> GossipConfig:
         """The router parameters. Raises ValueError if the degrees/timers are inconsistent."""
@@ -349,6 +356,7 @@ class PubsubSection(_Section, frozen=True):
             max_peer_messages_per_interval=self.max_peer_messages_per_interval,
             max_peer_bytes_per_interval=self.max_peer_bytes_per_interval,
             max_peer_invalid_per_interval=self.max_peer_invalid_per_interval,
+            hold_timeout=self.hold_timeout,
             rpc_limits=RpcLimits(max_rpc_size=self.max_rpc_size),
         )
 

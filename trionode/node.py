@@ -182,6 +182,7 @@ class Node:
             PubSubMetrics(metrics.registry),
             events=self.events,
             faults=gossip_faults,
+            hold=_is_context_topic,
         )
         self.hub = EventHub()
         self.event_log = EventLog(
@@ -481,6 +482,11 @@ class Node:
     def request_shutdown(self) -> None:
         """Phase one: stop taking new work; in-flight work drains within the grace period."""
         self.shutdown_requested.set()
+
+
+def _is_context_topic(topic: str) -> bool:
+    """The topics pubsub forwards once the replicator has judged their messages."""
+    return topic.startswith(TOPIC_PREFIX)
 
 
 async def _handle_network_event(node: Node, event: NetworkEvent) -> None:

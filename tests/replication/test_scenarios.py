@@ -49,6 +49,7 @@ from trionode.node import Node
 from trionode.sdk.errors import ReadOnlyCallError
 from trionode.store.lmdb_store import Column
 from trionode.testing import Cluster, open_cluster
+from trionode.wire.gossipsub import DropReason
 from trionode.wire.keys import PeerId
 from trionode.wire.messages import (
     DeltaBatch,
@@ -773,6 +774,11 @@ async def test_17_non_members_relay_but_learn_nothing(
 # -- 18. forged deltas ------------------------------------------------------------------------
 
 
+def not_forwarded(node: Node) -> int:
+    """Gossip messages `node` received and did not forward: found invalid."""
+    return node.pubsub.router.statistics().dropped.get(DropReason.REJECTED, 0)
+
+
 async def test_18_forged_deltas_are_rejected(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -818,9 +824,17 @@ async def test_18_forged_deltas_are_rejected(
             for sender, forged, outcome in cases:
                 receivers = [n for n in nodes if n is not sender]
                 counts = [deltas(n, outcome) for n in receivers]
+                held_back = [not_forwarded(n) for n in receivers]
                 gossip(sender, context, forged.encode())
                 await cluster.settle()
                 assert [deltas(n, outcome) for n in receivers] == [x + 1 for x in counts], outcome
+                # An invalid delta is not passed on (pubsub forwards a context topic's
+                # message once judged); one refused by authorization is, each node judging
+                # it by what it knows.
+                dropped = int(outcome == "rejected_invalid")
+                assert [not_forwarded(n) for n in receivers] == [x + dropped for x in held_back], (
+                    outcome
+                )
                 for node in nodes:
                     assert await node.contexts.read_delta(context, forged.id) is None
                     assert await node.contexts.state(context) == before[node]

@@ -108,11 +108,14 @@ class Pair:
         protocol: str = MESHSUB_1_1,
         remote_outbound: bool = False,
         subscribe: bool = True,
+        hold: Callable[[str], bool] | None = None,
     ) -> None:
         self.now = 0.0
         self.key = _key(1)
         self.remote_key = _key(2)
-        self.router = GossipRouter(self.key, initial_seqno=100, config=config, rng=random.Random(1))
+        self.router = GossipRouter(
+            self.key, initial_seqno=100, config=config, rng=random.Random(1), hold=hold
+        )
         self.remote = self.remote_key.peer_id()
         # remote_outbound: we dialed the remote.
         self.router.add_peer(self.remote, protocol, outbound=remote_outbound)
@@ -627,6 +630,83 @@ def test_seen_cache_expires() -> None:
     for _ in range(4):
         pair.heartbeat()
     assert pair.router.statistics().seen_cache_size == 0
+
+
+def _held_pair(config: GossipConfig | None = None) -> tuple[Pair, PeerId]:
+    """A pair whose router holds TOPIC's messages, and a floodsub peer of TOPIC (it gets
+    every forward at once, mesh or not)."""
+    pair = Pair(config, hold=lambda topic: topic == TOPIC)
+    relay = _key(3).peer_id()
+    pair.router.add_peer(relay, FLOODSUB, outbound=True)
+    pair.router.receive_rpc(
+        relay, RPC(subscriptions=(SubOpts(subscribe=True, topic=TOPIC),)), pair.now
+    )
+    pair.router.rpcs_to_send()
+    _drain(pair.router)
+    return pair, relay
+
+
+def _relayed(pair: Pair, relay: PeerId) -> list[bytes]:
+    return [m.data or b"" for rpc in _sent(pair.router).get(relay, []) for m in rpc.publish]
+
+
+def test_a_held_message_is_delivered_and_forwarded_once_accepted() -> None:
+    pair, relay = _held_pair()
+    [event] = pair.send(RPC(publish=(pair.message(b"held"),)))
+    assert isinstance(event, MessageReceived)
+    assert _relayed(pair, relay) == []  # delivered, not forwarded yet
+    assert pair.router.validated(event.message_id, accept=True)
+    assert _relayed(pair, relay) == [b"held"]
+    assert not pair.router.validated(event.message_id, accept=True)  # judged once
+    assert _relayed(pair, relay) == []
+    # Cached once accepted: an IWANT is answered.
+    iwant = RPC(control=ControlMessage(iwant=(ControlIWant((event.message_id,)),)))
+    pair.send(iwant)
+    assert [m.data for rpc in pair.outbox() for m in rpc.publish] == [b"held"]
+
+
+def test_a_rejected_held_message_is_never_forwarded_cached_or_advertised() -> None:
+    pair, relay = _held_pair()
+    message = pair.message(b"bad")
+    [event] = pair.send(RPC(publish=(message,)))
+    assert isinstance(event, MessageReceived)
+    assert pair.router.validated(event.message_id, accept=False)
+    assert pair.router.statistics().dropped == {DropReason.REJECTED: 1}
+    for _ in range(3):
+        pair.heartbeat()
+    assert _relayed(pair, relay) == []
+    assert all(not _control([rpc]).ihave for rpc in _sent(pair.router).get(relay, []))
+    iwant = RPC(control=ControlMessage(iwant=(ControlIWant((event.message_id,)),)))
+    pair.send(iwant)
+    assert all(not rpc.publish for rpc in pair.outbox())
+    # A copy sent again is a duplicate (seen), not delivered a second time.
+    assert pair.send(RPC(publish=(message,))) == []
+
+
+def test_a_held_message_nobody_judges_is_forwarded_after_the_hold_timeout() -> None:
+    pair, relay = _held_pair(GossipConfig(hold_timeout=2.5))
+    [event] = pair.send(RPC(publish=(pair.message(b"late"),)))
+    assert isinstance(event, MessageReceived)
+    pair.heartbeat(2.0)
+    assert _relayed(pair, relay) == []
+    pair.heartbeat(1.0)  # 3 s after it arrived
+    assert _relayed(pair, relay) == [b"late"]
+    assert not pair.router.validated(event.message_id, accept=False)  # too late
+
+
+def test_other_topics_are_forwarded_on_arrival_by_a_holding_router() -> None:
+    pair, relay = _held_pair()
+    pair.router.subscribe("other")
+    for peer in (pair.remote, relay):
+        pair.router.receive_rpc(
+            peer, RPC(subscriptions=(SubOpts(subscribe=True, topic="other"),)), pair.now
+        )
+    pair.router.rpcs_to_send()
+    _drain(pair.router)
+    [event] = pair.send(RPC(publish=(pair.message(b"free", topic="other"),)))
+    assert isinstance(event, MessageReceived)
+    assert _relayed(pair, relay) == [b"free"]
+    assert not pair.router.validated(event.message_id, accept=True)
 
 
 def test_timer() -> None:

@@ -471,23 +471,38 @@ class Replicator:
     # -- inbound gossip --------------------------------------------------------------------
 
     async def on_gossip(self, message: GossipMessage) -> None:
-        """One gossip message from the network event channel."""
+        """One gossip message from the network event channel. Pubsub forwards it once it
+        is judged here (`PubSub.validated`, `trionode/net/pubsub.py`): a delta message as
+        soon as its deltas are applied and shown (before any fetch of missing parents),
+        anything else once handled; never a malformed one or one whose deltas are all
+        invalid."""
+        message_id = message.message_id
+        accept = False
+        try:
+            accept = await self._take_gossip(message)
+        finally:
+            self.pubsub.validated(message_id, accept=accept)  # (nothing if judged before)
+
+    async def _take_gossip(self, message: GossipMessage) -> bool:
+        """`on_gossip`'s work; whether the message may be forwarded (if not judged yet)."""
         context_id = context_of(message.topic)
         if context_id is None:
-            return
+            return False  # (a malformed context topic: nobody's to relay)
         try:
             gossip = decode_gossip(message.data)
         except RemoteProtocolError as exc:
             self.metrics.outcome("rejected_malformed")
             log.info("malformed gossip from %s: %s", message.author, exc)
-            return
+            return False
         if isinstance(gossip, TopicDelta):
             # (The topic's context: a delta of another one fails its check, as invalid.)
-            await self.receive_from(message.received_from, context_id, gossip.delta)
-            return
+            await self.receive_from(
+                message.received_from, context_id, gossip.delta, judged=message.message_id
+            )
+            return True
         if gossip.context_id != context_id:
             self.metrics.outcome("rejected_malformed")
-            return
+            return False
         if isinstance(gossip, Heartbeat):
             if self._heartbeats is not None:
                 # Sync with the member that sent it if we can reach it, else the relay.
@@ -497,11 +512,11 @@ class Replicator:
                     self._heartbeats.send_nowait((peer, gossip))
                 except trio.WouldBlock:
                     self.metrics.outcome("heartbeat_dropped")
-            return
+            return True
         if isinstance(gossip, AckGossip):
             if self._acks is not None:
                 await self._acks(context_id, gossip.ack)
-            return
+            return True
         if isinstance(gossip, SharedDeltaBatch):
             try:
                 wires = shared_batch.unpack(
@@ -510,13 +525,20 @@ class Replicator:
             except RemoteProtocolError as exc:
                 self.metrics.outcome("rejected_malformed")
                 log.info("malformed delta batch from %s: %s", message.author, exc)
-                return
+                return False
         else:
             wires = [gossip.delta] if isinstance(gossip, DeltaGossip) else gossip.deltas
-        await self.receive_from(message.received_from, context_id, *wires)
+        await self.receive_from(
+            message.received_from, context_id, *wires, judged=message.message_id
+        )
+        return True
 
-    async def receive_from(self, peer: PeerId, context_id: bytes, *wires: bytes) -> None:
-        """Take deltas from `peer`, all submitted at once (they commit together)."""
+    async def receive_from(
+        self, peer: PeerId, context_id: bytes, *wires: bytes, judged: bytes | None = None
+    ) -> None:
+        """Take deltas from `peer`, all submitted at once (they commit together). `judged`:
+        the id of the gossip message that carried them, judged (`PubSub.validated`) as soon
+        as they are staged: rejected only if every one of them is invalid."""
         try:
             results = await self.contexts.receive_many(context_id, wires)
         except ContextError:
@@ -528,6 +550,9 @@ class Replicator:
             self.metrics.outcome("store_failed", len(wires))
             log.warning("could not store deltas from %s in %s: %s", peer, b58(context_id), exc)
             return
+        if judged is not None:
+            valid = not all(isinstance(result, ProtocolError) for result in results)
+            self.pubsub.validated(judged, accept=valid)
         missing: set[bytes] = set()
         for result in results:
             if isinstance(result, ProtocolError):

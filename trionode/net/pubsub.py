@@ -31,6 +31,16 @@ Theory of operation:
   stalled by another peer or by the node.
 * **Publishing** from the API (:meth:`PubSub.publish`) only queues into the router and wakes the
   flusher task, so messages published in one burst leave as one RPC per peer.
+* **Forwarded once delivered** (issue #16): messages of the topics ``hold`` names (the
+  node's context topics) are forwarded when the node has judged them
+  (:meth:`PubSub.validated`: the replicator, once a gossiped delta is applied and shown, or
+  found not this node's to judge), not as they arrive, and never when all their deltas are
+  invalid (libp2p's validate-then-forward). A node thus applies its own copy before it pays
+  for the copies it sends on: in a full mesh every peer got the author's flood publish
+  directly, and each forward it sends before applying made its own apply (and, on a shared
+  core, its peers') wait; each further hop waits for one apply (~0.3-0.5 ms) more. A
+  message not judged within ``hold_timeout`` is forwarded at the next heartbeat, and one
+  whose event the full channel dropped is forwarded at once, as before.
 * **Misbehaviour** (router :class:`PeerMisbehaved`: a garbled or oversized frame, a budget
   exceeded, too many invalid messages) drops the peer from the router at once and closes its
   connection.
@@ -41,7 +51,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -139,6 +149,7 @@ class PubSub:
         events: NetworkEvents | None = None,
         rng: random.Random | None = None,
         faults: GossipFaults | None = None,
+        hold: Callable[[str], bool] | None = None,
     ) -> None:
         """Args:
         host: the transport; its connections are followed and its handler table extended.
@@ -150,12 +161,18 @@ class PubSub:
         rng: peer selection randomness, seeded for reproducible simulations.
         faults: test clusters only: drops, duplicates or delays received messages before
             the router sees them (`trionode.net.memory.GossipFaults`). None: no faults.
+        hold: the topics whose messages are forwarded only once judged (:meth:`validated`,
+            the module docstring), if ``config.forward_after_delivery``.
         """
         self.host = host
         self.config = config
         # Seqnos must increase across restarts (libp2p-wire §7.3): seed from the wall clock.
         self.router = GossipRouter(
-            key, initial_seqno=time.time_ns(), config=config.gossip_config(), rng=rng
+            key,
+            initial_seqno=time.time_ns(),
+            config=config.gossip_config(),
+            rng=rng,
+            hold=hold if config.forward_after_delivery else None,
         )
         self.events = events if events is not None else NetworkEvents(DEFAULT_EVENT_CAPACITY)
         self.metrics = metrics if metrics is not None else PubSubMetrics(None)
@@ -280,6 +297,12 @@ class PubSub:
         self.metrics.published_for(topic).inc()
         self._flush_wanted.set()
         return message_id
+
+    def validated(self, message_id: bytes, *, accept: bool) -> None:
+        """The node's judgement of a delivered message of a held topic: accepted, it is
+        forwarded now; rejected, dropped (module docstring). Nothing if it is not held."""
+        if self.router.validated(message_id, accept=accept):
+            self._pump()
 
     def topics(self) -> list[str]:
         """Topics we subscribe to."""
@@ -442,21 +465,12 @@ class PubSub:
         """Hand the router's output on. Synchronous: never blocks (module docstring)."""
         router = self.router
         metrics = self.metrics
-        for peer_id, chunk in router.rpcs_to_send():
-            link = self._links.get(peer_id)
-            if link is None or link.closed:
-                continue
-            try:
-                link.outbox.send_nowait(chunk)
-            except trio.WouldBlock:
-                link.outbox_dropped += 1
-                metrics.outbox_dropped.inc()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        self._send_rpcs()
+        unheld = False
         while (event := router.next_event()) is not None:
             if isinstance(event, MessageReceived):
                 metrics.received_for(event.topic).inc()
-                self.events.emit(
+                if not self.events.emit(
                     GossipMessage(
                         topic=event.topic,
                         data=event.data,
@@ -465,7 +479,8 @@ class PubSub:
                         message_id=event.message_id,
                         received_from=event.received_from,
                     )
-                )
+                ) and router.validated(event.message_id, accept=True):
+                    unheld = True  # (nobody will judge it: forwarded as before)
             elif isinstance(event, InvalidMessage):
                 kind = "none" if event.topic is None else topic_kind(event.topic)
                 metrics.invalid.labels(kind, event.reason).inc()
@@ -481,6 +496,23 @@ class PubSub:
                 self._heartbeat_or_subscribed = trio.Event()
             elif isinstance(event, PeerUnsubscribed):
                 log.debug("%s unsubscribed from %s", event.peer, event.topic)
+        if unheld:
+            self._send_rpcs()
+
+    def _send_rpcs(self) -> None:
+        """The router's queued RPCs to each peer's outbox (full: dropped and counted)."""
+        metrics = self.metrics
+        for peer_id, chunk in self.router.rpcs_to_send():
+            link = self._links.get(peer_id)
+            if link is None or link.closed:
+                continue
+            try:
+                link.outbox.send_nowait(chunk)
+            except trio.WouldBlock:
+                link.outbox_dropped += 1
+                metrics.outbox_dropped.inc()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     def _misbehaved(self, event: PeerMisbehaved) -> None:
         link = self._links.get(event.peer)

@@ -166,6 +166,10 @@ class GossipConfig:
     """Messages sent per peer and heartbeat in answer to IWANT."""
     max_outbox_messages: int = 4096
     """Messages queued for one peer and not yet taken by :meth:`GossipRouter.rpcs_to_send`."""
+    hold_timeout: float = 1.0
+    """A message of a held topic (the router's ``hold``) that the driver has not judged
+    (:meth:`GossipRouter.validated`) this many seconds after it arrived is forwarded at the
+    next heartbeat, as if accepted."""
     rpc_limits: RpcLimits = field(default_factory=RpcLimits)
 
     def __post_init__(self) -> None:
@@ -184,6 +188,7 @@ class GossipConfig:
             self.prune_backoff,
             self.unsubscribe_backoff,
             self.iwant_followup_time,
+            self.hold_timeout,
         )
         if min(durations) <= 0:
             raise ValueError("intervals, TTLs and backoffs must be positive")
@@ -281,6 +286,9 @@ class DropReason(enum.StrEnum):
     UNKNOWN_PEER = "unknown_peer"
     OWN_MESSAGE = "own_message"
     """A message we signed, echoed back (after a restart our seen cache no longer has it)."""
+    REJECTED = "rejected"
+    """A held message the driver found invalid (:meth:`GossipRouter.validated`): not
+    forwarded, cached or advertised."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,6 +448,19 @@ class _Cached:
         self.served: dict[PeerId, int] = {}
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A received message as forwarding needs it (see ``GossipRouter``'s ``hold``)."""
+
+    message: PubsubMessage
+    topic: str
+    source: PeerId
+    """The peer it came from."""
+    author: PeerId
+    expiry: float
+    """When it is forwarded if not judged by then (``hold_timeout`` after it arrived)."""
+
+
 # -- the router -------------------------------------------------------------------------------
 
 
@@ -454,6 +475,7 @@ class GossipRouter:
         config: GossipConfig | None = None,
         rng: random.Random | None = None,
         message_id_fn: Callable[[PubsubMessage], bytes] = default_message_id,
+        hold: Callable[[str], bool] | None = None,
     ) -> None:
         """Create a router publishing as ``key``.
 
@@ -465,6 +487,10 @@ class GossipRouter:
             rng: randomness for peer selection; seed it for reproducible simulations.
             message_id_fn: must match every other peer on our topics. It may raise
                 RemoteProtocolError for messages it cannot identify.
+            hold: the topics whose received messages are forwarded (and cached for IWANT)
+                only once the driver judged them (:meth:`validated`; at the latest after
+                ``hold_timeout``): delivered first, and never forwarded if invalid. None:
+                every message is forwarded as it arrives.
 
         Raises:
             LocalProtocolError: ``initial_seqno`` does not fit in 64 bits.
@@ -497,6 +523,9 @@ class GossipRouter:
         self._pending: dict[PeerId, None] = {}
         """Peers whose outbox is not empty, in the order they got output."""
         self._counters = _Counters()
+        self._hold = hold
+        self._held: OrderedDict[bytes, _Held] = OrderedDict()
+        """Messages of held topics delivered and not yet judged, oldest first."""
 
     # -- introspection ----------------------------------------------------------------------
 
@@ -910,7 +939,6 @@ class GossipRouter:
             return
         self._mark_seen(message_id, now)
         self._iwant_pending.pop(message_id, None)
-        self._cache_put(message_id, message, topic)
         self._counters.received += 1
         assert message.seqno is not None  # checked by verify_message
         self._events.append(
@@ -923,10 +951,35 @@ class GossipRouter:
                 received_from=peer.peer_id,
             )
         )
-        source = peer.peer_id
+        held = _Held(message, topic, peer.peer_id, author, now + config.hold_timeout)
+        if self._hold is not None and self._hold(topic):
+            self._held[message_id] = held
+        else:
+            self._forward(message_id, held)
+
+    def validated(self, message_id: bytes, *, accept: bool) -> bool:
+        """The driver's judgement of a delivered message of a held topic (see ``hold``):
+        accepted, it is forwarded to the topic's mesh now (and cached for IWANT); rejected,
+        it is dropped (counted as ``DropReason.REJECTED``). Returns False if the message is
+        not held (another topic's, judged before, or forwarded after ``hold_timeout``)."""
+        held = self._held.pop(message_id, None)
+        if held is None:
+            return False
+        if accept:
+            self._forward(message_id, held)
+        else:
+            self._counters.dropped[DropReason.REJECTED] += 1
+        return True
+
+    def _forward(self, message_id: bytes, held: _Held) -> None:
+        """Cache a received message for IWANT and queue it for the topic's mesh (and
+        floodsub peers), except its author and the peer it came from."""
+        message, topic, source, author = held.message, held.topic, held.source, held.author
+        self._cache_put(message_id, message, topic)
+        peers = self._peers
         for peer_id in chain(self._mesh.get(topic, ()), self._flood_peers.get(topic, ())):
             if peer_id not in (source, author):
-                self._queue_message(self._peers[peer_id], message)
+                self._queue_message(peers[peer_id], message)
 
     def _on_control(self, peer: _Peer, control: ControlMessage, now: float) -> None:
         if control.ihave:
@@ -1043,6 +1096,12 @@ class GossipRouter:
         self._shift_cache()
         self._expire(self._seen, now)
         self._expire(self._iwant_pending, now)
+        held = self._held
+        while held:
+            oldest = next(iter(held))
+            if held[oldest].expiry > now:
+                break
+            self._forward(oldest, held.pop(oldest))  # (not judged in time: as accepted)
 
     def _maintain_mesh(self, topic: str, mesh: dict[PeerId, None], now: float) -> None:
         config = self._config
