@@ -202,8 +202,9 @@ def take(
         RemoteProtocolError: a record that is not on the fast path and does not decode.
     """
     out: list[Entity] = []
+    append = out.append
     newest: Timestamp | None = None
-    best = -1
+    best = stamp = b""
     best_rows: dict[bytes, tuple[bytes, int]] = {}
     """Rows of the newest time, one per stamp (the records of one write share theirs)."""
     kinds = _KINDS
@@ -212,7 +213,7 @@ def take(
         if cut is None:
             entity = decode_entity(row)
             newest = latest(newest, entity.max_stamp())
-            out.append(entity)
+            append(entity)
             continue
         kind_at, removed_at = cut
         record = _new(RowEntity)
@@ -225,14 +226,17 @@ def take(
             _set_id(record, sha256(ID_DOMAIN + parent + row[_NAME + 2 : kind_at]).digest())
         else:
             _set_id(record, ids[at])
-        out.append(record)
-        # The newest `added` by time alone here (a stamp per row would cost an object);
-        # ties are settled among the few rows of that time below.
-        time = int.from_bytes(row[kind_at + 3 : kind_at + 11])
+        append(record)
+        # The newest `added` by time alone here (its eight big-endian bytes order as the
+        # time does; a stamp per row would cost an object); ties are settled among the few
+        # rows of that time below.
+        time = row[kind_at + 3 : kind_at + 11]
         if time >= best:
             if time > best:
-                best, best_rows = time, {}
-            best_rows[row[kind_at + 1 : removed_at]] = (row, kind_at)
+                best, best_rows, stamp = time, {}, b"-"
+            if not row.startswith(stamp, kind_at + 1):  # (not the previous row's stamp)
+                stamp = row[kind_at + 1 : removed_at]
+                best_rows[stamp] = (row, kind_at)
     for row, kind_at in best_rows.values():
         newest = latest(newest, _added(row, kind_at))
     return out, newest
