@@ -22,7 +22,7 @@ from typing import Any, Final, NamedTuple
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
-from trionode.crdt.lazy import RowEntity
+from trionode.crdt.lazy import _NAME as _ROW_NAME, RowEntity
 from trionode.crdt.rows import JOURNAL_KINDS, Row, RowLog
 from trionode.crdt.sequence import SequenceState
 from trionode.crdt.transaction import Transaction
@@ -403,17 +403,27 @@ class StateTree:
     ) -> None:
         records = self._records
         hashes = self._hashes
+        sha256 = hashlib.sha256
         for cid in children:
             child = records[cid]
-            if floor is None and child.__class__ is RowEntity and child.row is not None:
+            if floor is None and child.__class__ is RowEntity and (row := child.row) is not None:
                 # Live, with no removal of its own (`lazy.scan`): hashed from its row (a
-                # leaf inline: a snapshot's root hashes every record once).
+                # leaf inline, its form cut from the row as `RowEntity.form` cuts it: a
+                # snapshot's root hashes every record once).
                 digest = hashes.get(cid)
                 if digest is None:
                     if child.kind in CONTAINERS:
                         digest = self._hash(cid, None, depth + 1)
                     else:
-                        digest = hashes[cid] = hashlib.sha256(child.form()).digest()
+                        cut = child.cut
+                        kind_at, removed_at = cut & 0xFFFF, cut >> 16
+                        digest = hashes[cid] = sha256(
+                            b"\x94"
+                            + row[kind_at : kind_at + 1]
+                            + row[_ROW_NAME:kind_at]
+                            + row[kind_at + 1 : removed_at]
+                            + row[removed_at + 1 :]
+                        ).digest()
                 hasher.update(digest)
             elif floor is None:
                 # (`is_live` and `_hash`'s cache lookup inline: every write rehashes all
