@@ -165,6 +165,8 @@ _RECORD_HEAD: Final = b"\x97\x01" + _ID_TOKEN
 """A joined record as received (`crdt/encoding.py`: fixarray of 7, version 1) with its
 parent's id next: `_id_cuts` finds that id, and only it, at offset 2."""
 _RECORD_ID_END: Final = len(_RECORD_HEAD) + _ID_BYTES
+_UNSEEN: Final = b"-"
+"""(`pack_many`: a parent not looked up yet; no packed head is this.)"""
 
 _INT_EXTRA: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 """Bytes after the header of a msgpack unsigned integer, by header."""
@@ -271,14 +273,14 @@ class _ValueRefs:
         pack = self.pack
         heads: dict[bytes, bytes | None] = {}
         out: list[bytes] = []
+        append = out.append
         for value in values:
-            if value[:4] != _RECORD_HEAD or len(value) < _RECORD_ID_END:
-                out.append(pack(value, fresh))
+            if not value.startswith(_RECORD_HEAD) or len(value) < _RECORD_ID_END:
+                append(pack(value, fresh))
                 continue
             parent = value[4:_RECORD_ID_END]
-            if parent in heads:
-                head = heads[parent]
-            else:
+            head = heads.get(parent, _UNSEEN)
+            if head is _UNSEEN:
                 number = self._number(parent)
                 if number is None:
                     head = None
@@ -288,7 +290,7 @@ class _ValueRefs:
                     # (`pack`'s form: one ref, 2 bytes of the value before the id.)
                     head = bytes([_PACKED, 1]) + _uvarint(2) + _uvarint(number) + value[:2]
                 heads[parent] = head
-            out.append(value if head is None else head + value[_RECORD_ID_END:])
+            append(value if head is None else head + value[_RECORD_ID_END:])
         return out
 
     def unpack(self, stored: bytes) -> bytes:
