@@ -288,10 +288,20 @@ def test_records_out_of_order_across_pages_are_refused() -> None:
         take.receive_message(SnapshotChunk(records=[one], next_cursor=None), 0.0)
 
 
+def test_a_page_that_repeats_the_last_record_of_the_one_before_is_refused() -> None:
+    take = _begun()
+    one, two, three = _records(3)
+    take.receive_message(SnapshotChunk(records=[one, two], next_cursor=_cursor(two)), 0.0)
+    with pytest.raises(PageOutOfOrder, match="order"):
+        take.receive_message(SnapshotChunk(records=[two, three], next_cursor=None), 0.0)
+
+
 @pytest.mark.parametrize(
     "chunk",
     [
         lambda r: SnapshotChunk(records=[r[1], r[0]], next_cursor=None),  # not sorted
+        lambda r: SnapshotChunk(records=[r[0], r[2], r[1]], next_cursor=None),  # nor later
+        lambda r: SnapshotChunk(records=[r[0], r[1], r[1]], next_cursor=None),  # a repeat
         lambda r: SnapshotChunk(records=[r[0], r[1]], next_cursor=_cursor(r[0])),  # cursor
         lambda r: SnapshotChunk(records=[], next_cursor=_cursor(r[0])),  # empty, not last
         lambda r: SnapshotChunk(records=[b"\xc1garbage"], next_cursor=None),
@@ -301,7 +311,7 @@ def test_bad_pages_are_refused(chunk: object) -> None:
     take = _begun()
     assert callable(chunk)
     with pytest.raises(PageOutOfOrder):
-        take.receive_message(chunk(_records(2)), 0.0)
+        take.receive_message(chunk(_records(3)), 0.0)
 
 
 def test_a_page_before_the_begin_or_a_begin_at_another_cursor_is_refused() -> None:
