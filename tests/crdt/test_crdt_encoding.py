@@ -253,4 +253,7 @@ def test_a_scalar_value_encodes_as_the_checked_round_trip_does(
             codec.encode(value)
         return
     assert codec.encode(value) == expected
-    assert codec.decode(codec.encode(value)) == decoder.decode(expected)
+    # (Compared as encoded: a NaN, which hypothesis draws, is not equal to itself.)
+    assert encoder.encode(codec.decode(codec.encode(value))) == encoder.encode(
+        decoder.decode(expected)
+    )
