@@ -369,6 +369,9 @@ MAX_SHAPE_KEYS: Final = 16
 maps apps emit again and again)."""
 
 
+_STR_ONLY: Final = {str}
+
+
 def shape_of(event: dict[str, Any]) -> Shape | None:
     """The shape of an app event `{"name": str, "payload": {str: ...}}`, else None."""
     if len(event) != 2:
@@ -378,7 +381,7 @@ def shape_of(event: dict[str, Any]) -> Shape | None:
         isinstance(name, str)
         and type(payload) is dict
         and 0 < len(payload) <= MAX_SHAPE_KEYS
-        and all(type(k) is str for k in payload)
+        and {*map(type, payload)} == _STR_ONLY  # (every key a str: no generator)
     ):
         return name, tuple(payload)
     return None

@@ -1605,6 +1605,8 @@ class LmdbStore:
                     assert stored_key is not None
                 else:
                     stored_key = tag + key[_CONTEXT_BYTES:]
+            elif column not in NUMBERED:  # (keys as they are: a context record's, say)
+                stored_key = key
             else:
                 stored_key = keys.stored(column, key, txn=txn, added=added)
                 assert stored_key is not None  # (a write transaction gives numbers)
