@@ -153,15 +153,17 @@ class Entity:
 
     def copy(self) -> Entity:
         body = self.body
-        return Entity(
-            self.parent,
-            self.name,
-            self.kind,
-            added=self.added,
-            removed=self.removed,
-            body=body if body is None or isinstance(body, RegisterState) else body.copy(),
-            known_id=self.id,
-        )
+        # (`trusted`'s work inline: a record this class built passed `__init__`'s checks,
+        # and a local write copies one into the tree)
+        copied: Entity = _new(Entity)
+        copied.parent = self.parent
+        copied.name = self.name
+        copied.kind = self.kind
+        copied.added = self.added
+        copied.removed = self.removed
+        copied.body = body if body is None or isinstance(body, RegisterState) else body.copy()
+        copied.id = self.id
+        return copied
 
     def merge(self, other: Entity) -> MergeResult:
         """Join `other` (same id) into self, in place. `other` is never aliased."""
@@ -249,6 +251,35 @@ class Entity:
             f"Entity({self.id.hex()[:12]}, parent={self.parent.hex()[:12]}, name={self.name!r},"
             f" {self.kind.name}, added={self.added}, removed={self.removed}, body={self.body!r})"
         )
+
+
+_new: Final = object.__new__
+
+
+def trusted(  # noqa: PLR0917  # (a record's fields, positionally: built per write)
+    parent: bytes,
+    name: bytes,
+    kind: Kind,
+    added: Timestamp | None,
+    removed: Timestamp | None,
+    body: Body | None,
+    entity_id: bytes,
+) -> Entity:
+    """`Entity(parent, name, kind, added=..., removed=..., body=..., known_id=entity_id)`
+    without the class call and its checks, for callers that already hold what they check:
+    `parent` and `entity_id` 32-byte ids (`entity_id` the child id), `name` within
+    MAX_NAME_BYTES (an `EntityPath`'s), and `body` None, a `RegisterState` of a REGISTER
+    or a non-empty body of `kind`'s type. (A transaction builds records per write: the
+    class call with keywords costs several times this.)"""
+    entity: Entity = _new(Entity)
+    entity.parent = parent
+    entity.name = name
+    entity.kind = kind
+    entity.added = added
+    entity.removed = removed
+    entity.body = body
+    entity.id = entity_id
+    return entity
 
 
 def _empty(body: Body) -> bool:

@@ -21,7 +21,7 @@ deterministic, but unrelated to insertion order (the maps are unordered).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
 
 from trionode.crdt.counter import CounterState
 from trionode.crdt.encoding import ValueCodec
@@ -35,6 +35,7 @@ T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 H_co = TypeVar("H_co", covariant=True)
+_new: Final = object.__new__
 B = TypeVar("B", bound=Body)
 S = TypeVar("S", TextState, VectorState)
 
@@ -67,7 +68,13 @@ class RegisterSpec(Spec["LwwRegister[T]"], Generic[T]):
         self.codec: ValueCodec[T] = ValueCodec(value_type)
 
     def bind(self, tx: Transaction, path: EntityPath) -> LwwRegister[T]:
-        return LwwRegister(tx, path, self.codec)
+        # (`LwwRegister(tx, path, self.codec)` without the class call: its `__init__`s run
+        # in fresh frames, and a handle is bound per field and map entry of every call)
+        handle: LwwRegister[T] = _new(LwwRegister)
+        handle._tx = tx  # noqa: SLF001
+        handle._path = path  # noqa: SLF001
+        handle._codec = self.codec  # noqa: SLF001
+        return handle
 
 
 class CounterSpec(Spec["Counter"]):
@@ -75,7 +82,10 @@ class CounterSpec(Spec["Counter"]):
     kind = Kind.COUNTER
 
     def bind(self, tx: Transaction, path: EntityPath) -> Counter:
-        return Counter(tx, path)
+        handle: Counter = _new(Counter)  # (`Counter(tx, path)`: see `RegisterSpec.bind`)
+        handle._tx = tx  # noqa: SLF001
+        handle._path = path  # noqa: SLF001
+        return handle
 
 
 class MapSpec(Spec["UnorderedMap[K, V]"], Generic[K, V]):
@@ -88,7 +98,15 @@ class MapSpec(Spec["UnorderedMap[K, V]"], Generic[K, V]):
         self.value = value
 
     def bind(self, tx: Transaction, path: EntityPath) -> UnorderedMap[K, V]:
-        return UnorderedMap(tx, path, self.key, self.value)
+        # (`UnorderedMap(tx, path, self.key, self.value)`: see `RegisterSpec.bind`)
+        handle: UnorderedMap[K, V] = _new(UnorderedMap)
+        handle._tx = tx  # noqa: SLF001
+        handle._path = path  # noqa: SLF001
+        value = self.value
+        handle._entry_kind = value.kind  # noqa: SLF001
+        handle._key = self.key  # noqa: SLF001
+        handle._value = value  # noqa: SLF001
+        return handle
 
 
 class SetSpec(Spec["UnorderedSet[K]"], Generic[K]):

@@ -44,9 +44,11 @@ from trionode.crdt.entity import (
     Entity,
     Kind,
     child_id,
+    trusted,
 )
 from trionode.crdt.errors import TransactionError
 from trionode.crdt.hlc import HybridClock, Timestamp
+from trionode.crdt.register import RegisterState
 from trionode.crdt.sequence import SequenceState
 
 if TYPE_CHECKING:
@@ -287,17 +289,31 @@ class Transaction:
         floor: Timestamp | None = None
         visible = True
         record: Entity | None = None
-        for node in path.chain():
-            record = self.get(node.id)
+        if path.parent is None:  # the root
+            return _resolved((None, None, True))
+        # (`get`, inline, while the transaction has written nothing and nobody writes in
+        # place: the tree's records as they are; a map `set` reads its entry first)
+        read: Callable[[bytes], Entity | None]
+        if self._pending is _NONE and self._tree.in_place is None and not self._closed:
+            read = self._records.get
+        else:
+            read = self.get
+        for node in (*path.ancestors, path):
+            record = read(node.id)
             if record is None:
                 visible = False
                 continue
-            if record.kind != node.kind or not record.is_live(floor):
-                visible = False
             removed = record.removed
             if removed is not None and (floor is None or removed > floor):
                 floor = removed
-        return _resolved((record if path.parent is not None else None, floor, visible))
+            # (`is_live` under the floor before, inline: the floor is now its bar)
+            if visible and (
+                record.kind != node.kind
+                or (added := record.added) is None
+                or (floor is not None and not added > floor)
+            ):
+                visible = False
+        return _resolved((record, floor, visible))
 
     # -- writing -------------------------------------------------------------------------
 
@@ -332,24 +348,22 @@ class Transaction:
             self._check_writable()
         assert clock is not None  # checked above
         touch = stamp if stamp is not None else clock.now(self._physical)
-        if not path.ancestors and path.parent is not None:  # a top-level field: no loop
-            self._join(
-                Entity(ROOT_ID, path.name, path.kind, added=touch, body=body, known_id=path.id)
-            )
+        parent = path.parent
+        if parent is None:  # (the root: `chain()` is empty)
             return
-        for node in path.chain():
-            parent = node.parent
-            assert parent is not None  # chain() never yields the root
-            self._join(
-                Entity(
-                    parent.id,
-                    node.name,
-                    node.kind,
-                    added=touch,
-                    body=body if node is path else None,
-                    known_id=node.id,
-                )
+        if body is None or (body.__class__ is RegisterState and path.kind is Kind.REGISTER):
+            # (`trusted` records: a path's ids and name are checked when it is built, and
+            # a register body needs no emptiness test: a map `set` builds two per call)
+            record = trusted(parent.id, path.name, path.kind, touch, None, body, path.id)
+        else:  # (`Entity` checks the body's type and makes an empty one None)
+            record = Entity(
+                parent.id, path.name, path.kind, added=touch, body=body, known_id=path.id
             )
+        for node in path.ancestors:  # root-most first (none for a top-level field)
+            above = node.parent
+            assert above is not None  # ancestors exclude the root
+            self._join(trusted(above.id, node.name, node.kind, touch, None, None, node.id))
+        self._join(record)
 
     def remove(self, path: EntityPath) -> None:
         """Record the removal of the entity at `path` (a tombstone stamped now)."""
@@ -541,39 +555,43 @@ class Transaction:
             self.abort()
             raise TransactionError("another local transaction committed first; retry")
         pending = self._pending
+        if sole is None and not self._applied:  # (nothing written in place: a map `set`)
+            deltas = (
+                list(pending.values())
+                if len(pending) == 1
+                else [pending[k] for k in sorted(pending)]
+            )
+            self._closed = True
+            if deltas:
+                tree.apply(deltas, local=True)
+            self._overlay = _NONE
+            return deltas
         applied = self._in_place_deltas()
-        if applied:
-            # The in-place deltas are in the tree already: only its bookkeeping is left
-            # (rows, hashes, newest stamp); what was staged besides is joined as usual.
-            if tree.in_place is self:
-                tree.in_place = None
-            self._undo = _NO_UNDO
-            self._applied = _NONE
-            self._sole = None
-            if not pending:  # in place only
-                self._closed = True
-                for delta in applied.values():
-                    tree.applied_in_place(delta, self._newest)
-                return [applied[k] for k in sorted(applied)]
-            staged = list(pending.values())
+        # The in-place deltas are in the tree already: only its bookkeeping is left
+        # (rows, hashes, newest stamp); what was staged besides is joined as usual.
+        if tree.in_place is self:
+            tree.in_place = None
+        self._undo = _NO_UNDO
+        self._applied = _NONE
+        self._sole = None
+        if not pending:  # in place only
+            self._closed = True
             for delta in applied.values():
                 tree.applied_in_place(delta, self._newest)
-            for eid, delta in applied.items():
-                extra = pending.get(eid)
-                if extra is not None:
-                    delta.merge(extra)
-                pending[eid] = delta
-            self._closed = True
-            if staged:
-                tree.apply(staged)
-            self._overlay = _NONE
-            return list(pending.values()) if len(pending) == 1 else self.deltas()
-        deltas = list(pending.values()) if len(pending) == 1 else self.deltas()
+            return [applied[k] for k in sorted(applied)]
+        staged = list(pending.values())
+        for delta in applied.values():
+            tree.applied_in_place(delta, self._newest)
+        for eid, delta in applied.items():
+            extra = pending.get(eid)
+            if extra is not None:
+                delta.merge(extra)
+            pending[eid] = delta
         self._closed = True
-        if deltas:
-            tree.apply(deltas, local=True)
+        if staged:
+            tree.apply(staged)
         self._overlay = _NONE
-        return deltas
+        return list(pending.values()) if len(pending) == 1 else self.deltas()
 
     def abort(self) -> None:
         """Drop every change; the tree is left as it was."""

@@ -19,10 +19,12 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
+from trionode.crdt.canonical import canonical
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
 from trionode.crdt.lazy import _NAME as _ROW_NAME, RowEntity
+from trionode.crdt.register import RegisterState
 from trionode.crdt.rows import JOURNAL_KINDS, Row, RowLog
 from trionode.crdt.sequence import SequenceState
 from trionode.crdt.transaction import Transaction
@@ -64,6 +66,25 @@ class _Resolved(NamedTuple):
 
 _HIDDEN = _Resolved(visible=False, floor=None, depth=0)
 _BUCKETS = 256
+_LAST_BUCKET: Final = _BUCKETS - 1
+_BUCKET_KEYS: Final = [bytes([b]) for b in range(_BUCKETS)]
+"""The smallest id of each bucket (what a bucket's children are bisected by)."""
+_BUCKET_TAGS: Final = [b"bucket" + bytes([b]) for b in range(_BUCKETS)]
+"""What each bucket's digest starts with."""
+_sha256: Final = hashlib.sha256
+
+
+def _own_form(record: Entity, floor: Timestamp | None) -> bytes:
+    """`own_form(record, floor)`, with a register's or an empty body's inline (a write
+    rehashes its record, its map and the root)."""
+    body = record.body
+    if body is None:
+        return canonical((int(record.kind), record.name, record.added, None))
+    if body.__class__ is RegisterState:
+        stamp = body.stamp
+        form = (stamp, body.value) if floor is None or stamp > floor else None
+        return canonical((int(record.kind), record.name, record.added, form))
+    return own_form(record, floor)
 
 
 class _Buckets:
@@ -156,12 +177,17 @@ class StateTree:
         if self.in_place is not None:
             self.in_place.evict()
         changed: list[bytes] = []
+        records = self._records
+        hashes = self._hashes
+        all_buckets = self._buckets
+        log = self._log
         for incoming in entities:
             eid = incoming.id
-            mine = self._records.get(eid)
+            mine = records.get(eid)
             if mine is None:
-                self._records[eid] = incoming.copy()
-                self._log.rewrite(eid)  # dropped by GC earlier, now back: no base to extend
+                records[eid] = incoming.copy()
+                if eid in log.stored:  # (`log.rewrite`'s test, inline: per new record)
+                    log.rewrite(eid)  # dropped by GC earlier, now back: no base to extend
                 insort(self._children.setdefault(incoming.parent, []), eid)
                 self._sorted_ids = None
                 floor_changed = True  # earlier-arrived children may now be reachable
@@ -170,7 +196,7 @@ class StateTree:
                 if not result.changed:
                     continue
                 if mine.kind in JOURNAL_KINDS:
-                    self._log.applied(mine, incoming)
+                    log.applied(mine, incoming)
                 floor_changed = result.floor_changed
             changed.append(eid)
             stamp = incoming.max_stamp()
@@ -178,9 +204,25 @@ class StateTree:
                 self.max_stamp = stamp
             self._deleted.discard(eid)  # (`_mark_updated`, inlined: runs per write)
             self._updated.add(eid)
-            self._invalidate_up(eid)
-            if floor_changed:
-                self._invalidate_down(eid)
+            # (`_invalidate_up`, inline, the root's hash popped once per batch: a map
+            # `set` applies an entry and its map)
+            cursor = eid
+            for _ in range(MAX_DEPTH + 1):
+                hashes.pop(cursor, None)
+                record = records.get(cursor)
+                if record is None:
+                    break
+                parent = record.parent
+                buckets = all_buckets.get(parent)
+                if buckets is not None:
+                    buckets.stale.add(cursor[0])
+                if parent == ROOT_ID:
+                    break
+                cursor = parent
+            if floor_changed and (eid in self._children or eid in all_buckets):
+                self._invalidate_down(eid)  # (nothing below a record without children)
+        if changed:
+            hashes.pop(ROOT_ID, None)
         if local:
             self.generation += 1
         return changed
@@ -342,9 +384,9 @@ class StateTree:
             record = self._records[entity_id]
             # A record still held as its row (`lazy.py`) is hashed from the row's bytes.
             if floor is None and record.__class__ is RowEntity and record.row is not None:
-                hasher = hashlib.sha256(record.form())
+                hasher = _sha256(record.form())
             else:
-                hasher = hashlib.sha256(own_form(record, floor))
+                hasher = _sha256(_own_form(record, floor))
             kind = record.kind
         if kind in CONTAINERS and depth < MAX_DEPTH:
             children = self._children.get(entity_id, ())
@@ -357,7 +399,23 @@ class StateTree:
                 cache = self._buckets.get(entity_id)
                 if cache is None:
                     cache = self._buckets[entity_id] = _Buckets()
-                if cache.stale:
+                stale = cache.stale
+                if len(stale) == 1:  # (one write since: `_hash_buckets`' loop, inline)
+                    (bucket,) = stale
+                    start = bisect_left(children, _BUCKET_KEYS[bucket])
+                    end = (
+                        bisect_left(children, _BUCKET_KEYS[bucket + 1], start)
+                        if bucket < _LAST_BUCKET
+                        else len(children)
+                    )
+                    if start < end:
+                        inner = _sha256(_BUCKET_TAGS[bucket])
+                        self._hash_children(inner, children[start:end], floor, depth)
+                        cache.digests[bucket] = inner.digest()
+                    else:
+                        cache.digests[bucket] = b""
+                    stale.clear()
+                elif stale:
                     self._hash_buckets(cache, children, floor, depth)
                 # (An empty bucket's slot is b"": the digests of the non-empty ones, in
                 # order, without a loop over 256 buckets per write.)
@@ -377,13 +435,21 @@ class StateTree:
             start = 0
             while start < len(children):
                 bucket = children[start][0]
-                end = bisect_left(children, bytes([bucket + 1])) if bucket < 255 else len(children)
+                end = (
+                    bisect_left(children, _BUCKET_KEYS[bucket + 1], start)
+                    if bucket < _LAST_BUCKET
+                    else len(children)
+                )
                 digests[bucket] = self._bucket_digest(bucket, children[start:end], floor, depth)
                 start = end
         else:
             for bucket in cache.stale:
-                start = bisect_left(children, bytes([bucket]))
-                end = bisect_left(children, bytes([bucket + 1])) if bucket < 255 else len(children)
+                start = bisect_left(children, _BUCKET_KEYS[bucket])
+                end = (
+                    bisect_left(children, _BUCKET_KEYS[bucket + 1], start)
+                    if bucket < _LAST_BUCKET
+                    else len(children)
+                )
                 digests[bucket] = (
                     self._bucket_digest(bucket, children[start:end], floor, depth)
                     if start < end
@@ -394,7 +460,7 @@ class StateTree:
     def _bucket_digest(
         self, bucket: int, children: Sequence[bytes], floor: Timestamp | None, depth: int
     ) -> bytes:
-        inner = hashlib.sha256(b"bucket" + bytes([bucket]))
+        inner = _sha256(_BUCKET_TAGS[bucket])
         self._hash_children(inner, children, floor, depth)
         return inner.digest()
 
@@ -434,7 +500,10 @@ class StateTree:
                     continue
                 digest = hashes.get(cid)
                 if digest is None:
-                    digest = self._hash(cid, removed, depth + 1)
+                    if child.kind in CONTAINERS:
+                        digest = self._hash(cid, removed, depth + 1)
+                    else:  # (a leaf: `_hash`'s work, inline)
+                        digest = hashes[cid] = _sha256(_own_form(child, removed)).digest()
                 hasher.update(digest)
             elif child.is_live(floor):
                 digest = hashes.get(cid)
