@@ -49,13 +49,15 @@ import re
 import typing
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, ClassVar, Final, NamedTuple, TypeVar, get_origin
+from functools import partial
+from typing import Any, ClassVar, Final, NamedTuple, TypeVar, cast, get_origin
 
 import attrs
 import base58
 import msgspec
 
 from trionode.crdt import Spec, StateTree, Transaction, spec_for, unix_from_ntp64
+from trionode.crdt.transaction import EntityPath, field_path
 from trionode.sdk.blobs import (
     BlobNotAvailableError,
     BlobReadError,
@@ -85,6 +87,8 @@ MAX_BLOB_NAME: Final = 1024
 MAX_BLOB_MIME: Final = 255
 BLOB_POLICIES: Final = ("on-read", "eager")
 
+_new: Final = object.__new__
+_setattr: Final = object.__setattr__
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9_]+")
 _UNIQUE_ID_DOMAIN: Final = b"trionode/sdk/unique-id/v1"
@@ -103,6 +107,12 @@ class EmittedEvent(NamedTuple):
 
     name: str
     payload: bytes
+
+
+_event: Final = cast(
+    "Callable[[tuple[str, bytes]], EmittedEvent]", partial(tuple.__new__, EmittedEvent)
+)
+"""`EmittedEvent` without the NamedTuple's Python-level `__new__` (per event)."""
 
 
 @attrs.frozen
@@ -213,9 +223,11 @@ class EntryPoint:
             InvalidParamsError: not JSON, not an object, unknown/missing parameter, or a
                 value that does not match the parameter's type; the message names it.
         """
-        self._ensure_compiled()
+        if self._args_type is None:  # (`_ensure_compiled`, inline: per call)
+            self.compile()
         data = args_json.encode() if isinstance(args_json, str) else (args_json or b"")
-        if not data.strip() or data.strip() == b"null":
+        stripped = data.strip()
+        if not stripped or stripped == b"null":
             data = b"{}"
         try:
             decoded = msgspec.json.decode(data, type=self._args_type)
@@ -372,6 +384,8 @@ class App:
         self._migrate: EntryPoint | None = None
         self._handlers: dict[str, list[str]] = {}
         self._fields: dict[str, Spec[Any]] | None = None
+        self._bound: tuple[type, tuple[tuple[str, Spec[Any], EntityPath], ...]] | None = None
+        """The state class and each field's name, spec and path (`bind_state`)."""
         self.blob_policy = "on-read"
         """When this node fetches blobs the state references: "on-read" (when a call reads
         one) or "eager" (as soon as a delta references one). Set from the bundle manifest's
@@ -577,10 +591,22 @@ class App:
 
     def bind_state(self, tx: Transaction) -> Any:
         """A state instance whose fields are handles bound to `tx`."""
-        state_cls = self.state_class
-        instance: Any = object.__new__(state_cls)
-        for name, spec in self.fields().items():
-            object.__setattr__(instance, name, tx.field(name, spec))
+        bound = self._bound
+        if bound is None:
+            state_cls = self.state_class
+            bound = self._bound = (
+                state_cls,
+                tuple(
+                    (name, spec, field_path(name.encode(), spec.kind))
+                    for name, spec in self.fields().items()
+                ),
+            )
+        state_cls, fields = bound
+        instance: Any = _new(state_cls)
+        # (`tx.field(name, spec)` with the field's path found once per app: a call binds
+        # every field)
+        for name, spec, path in fields:
+            _setattr(instance, name, spec.bind(tx, path))
         return instance
 
     # -- the call-only API ---------------------------------------------------------------
@@ -600,10 +626,13 @@ class App:
             ViewWriteError: in a view. ReadOnlyCallError: in a read-only call.
             EventError: not an event, or over the limits.
         """
-        call = self._call("emit()")
-        call.forbid_side_effects("emit events")
-        if isinstance(event, type) or not (
-            isinstance(event, msgspec.Struct) or dataclasses.is_dataclass(event)
+        call = CURRENT_CALL.get()  # (`_call`, inline: per event)
+        if call is None or call.app is not self:
+            call = self._call("emit()")
+        if not call.tx.writable:
+            call.forbid_side_effects("emit events")
+        if not isinstance(event, msgspec.Struct) and (
+            isinstance(event, type) or not dataclasses.is_dataclass(event)
         ):
             raise EventError(
                 f"`{call.entry.name}` emitted {event!r}: events are msgspec Structs or "
@@ -622,7 +651,7 @@ class App:
             raise EventError(
                 f"event {name} is {len(payload)} bytes (limit {MAX_EVENT_PAYLOAD_BYTES})"
             )
-        call.events.append(EmittedEvent(name, payload))
+        call.events.append(_event((name, payload)))
 
     def executor(self) -> bytes:
         """The public key (member id, 32 bytes) of the member executing this call."""

@@ -23,7 +23,7 @@ the same tree meanwhile) is a caller bug and propagates unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
 import attrs
 import msgspec
@@ -52,6 +52,10 @@ from trionode.sdk.errors import (
     StateSchemaError,
     ViewWriteError,
 )
+
+_new: Final = object.__new__
+_setattr: Final = object.__setattr__
+_encode_json: Final = msgspec.json.encode
 
 MAX_ARGS_BYTES: Final = 10 * 1024 * 1024
 """Largest JSON argument document accepted (the reference's limit)."""
@@ -308,23 +312,37 @@ def _run(
     tx = _ReadOnlyTransaction(tree) if read_only else tree.begin(clock, physical_now)
     try:
         call = CallState(app, entry, tx, bytes(executor), bytes(context_id), physical_now)
-        if isinstance(tx, _ReadOnlyTransaction):
-            tx.call = call
+        if read_only:
+            cast("_ReadOnlyTransaction", tx).call = call
         token = CURRENT_CALL.set(call)
         try:
-            result = _invoke(app, entry, state=app.bind_state(tx), kwargs=kwargs, call=call)
+            result = _invoke(app, entry, app.bind_state(tx), kwargs, call)
         finally:
             CURRENT_CALL.reset(token)
-        result_json = _encode_result(entry, result)
-        records = [] if read_only else tx.commit()
-        return CallOutcome(result_json, records, list(call.events))
-    finally:
+        try:  # (`_encode_result`'s work, inline: per call)
+            result_json = _encode_json(result)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _not_json(entry, result, exc) from exc
+        if read_only:
+            tx.abort()
+            records: list[Entity] = []
+        else:
+            records = tx.commit()
+    except BaseException:
         if not tx.closed:
             tx.abort()
+        raise
+    # (`CallOutcome(result_json, records, list(call.events))` without the class call: its
+    # generated `__init__` sets the frozen fields one by one through object.__setattr__)
+    outcome: CallOutcome = _new(CallOutcome)
+    _setattr(outcome, "result_json", result_json)
+    _setattr(outcome, "delta_records", records)
+    _setattr(outcome, "events", list(call.events))
+    return outcome
 
 
 def _invoke(
-    app: App, entry: EntryPoint, *, state: Any, kwargs: dict[str, Any], call: CallState
+    app: App, entry: EntryPoint, state: Any, kwargs: dict[str, Any], call: CallState
 ) -> Any:
     """Call the app function, turning whatever it raises into an `AppError`."""
     try:
@@ -370,15 +388,12 @@ def _failed(app: App, entry: EntryPoint, exc: Exception) -> MethodFailedError:
     )
 
 
-def _encode_result(entry: EntryPoint, result: Any) -> bytes:
-    try:
-        return msgspec.json.encode(result)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ResultError(
-            f"`{entry.name}` returned {type(result).__name__}, which is not JSON: {exc} "
-            "(return plain values, e.g. `handle.get()` or `handle.to_list()`, not handles)",
-            {"method": entry.name},
-        ) from exc
+def _not_json(entry: EntryPoint, result: Any, exc: Exception) -> ResultError:
+    return ResultError(
+        f"`{entry.name}` returned {type(result).__name__}, which is not JSON: {exc} "
+        "(return plain values, e.g. `handle.get()` or `handle.to_list()`, not handles)",
+        {"method": entry.name},
+    )
 
 
 __all__ = [
