@@ -89,6 +89,7 @@ BLOB_POLICIES: Final = ("on-read", "eager")
 
 _new: Final = object.__new__
 _setattr: Final = object.__setattr__
+_asdict: Final = msgspec.structs.asdict
 _APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9_]+")
 _UNIQUE_ID_DOMAIN: Final = b"trionode/sdk/unique-id/v1"
@@ -239,7 +240,7 @@ class EntryPoint:
             ) from None
         if self._fields is None:
             return {self.params[0].name: decoded}
-        return {name: getattr(decoded, name) for name in self._fields}
+        return _asdict(decoded)  # (the struct's fields are `_fields`, in order)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (for `app show` and docs)."""
