@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import attrs
 import base58
 import msgspec
 import pytest
@@ -11,7 +12,9 @@ import pytest
 from trionode.crdt import HybridClock, StateTree, ntp64_from_unix, unix_from_ntp64
 from trionode.sdk import (
     AlreadyInitializedError,
+    App,
     AppError,
+    Counter,
     EventError,
     InvalidParamsError,
     MethodFailedError,
@@ -21,7 +24,7 @@ from trionode.sdk import (
     ResultError,
     ViewWriteError,
 )
-from trionode.sdk.app import MAX_EVENTS_PER_CALL, current_call
+from trionode.sdk.app import MAX_EVENTS_PER_CALL, CallState, current_call
 from trionode.sdk.runtime import (
     MAX_ARGS_BYTES,
     CallOutcome,
@@ -341,3 +344,43 @@ def test_handlers_run_like_methods_on_event_payloads() -> None:
         receiver.handle("on_tagged", b'{"extra": "no tag"}')
     with pytest.raises(MethodNotFoundError, match="not an event handler"):
         receiver.handle("incr", b"{}")
+
+
+# -- the call state ----------------------------------------------------------------------
+
+_seen_fields: dict[str, object] = {}
+_field_probe = App("call_state_probe")
+
+
+@_field_probe.state
+class _FieldProbe:
+    hits: Counter
+
+    @_field_probe.method
+    def look(self) -> None:
+        call = current_call()
+        for field in attrs.fields(CallState):
+            _seen_fields[field.name] = getattr(call, field.name)  # unset: AttributeError
+        self.hits.increment()
+
+
+def test_the_runtime_sets_every_field_of_the_call_state() -> None:
+    """`_run` builds the CallState field by field (no class call): none is left unset."""
+    tree = StateTree()
+    _seen_fields.clear()
+    execute(
+        _field_probe,
+        tree,
+        HybridClock(EXECUTOR),
+        NOW,
+        "look",
+        b"{}",
+        executor=EXECUTOR,
+        context_id=CONTEXT,
+    )
+    assert set(_seen_fields) == {field.name for field in attrs.fields(CallState)}
+    assert _seen_fields["executor"] == EXECUTOR
+    assert _seen_fields["context_id"] == CONTEXT
+    assert _seen_fields["physical"] == NOW
+    assert _seen_fields["events"] == []
+    assert _seen_fields["violation"] is None

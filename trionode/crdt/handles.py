@@ -20,8 +20,9 @@ deterministic, but unrelated to insertion order (the maps are unordered).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, ClassVar, Final, Generic, TypeVar, cast, get_args, get_origin
 
 from trionode.crdt.counter import CounterState
 from trionode.crdt.encoding import ValueCodec
@@ -36,6 +37,10 @@ K = TypeVar("K")
 V = TypeVar("V")
 H_co = TypeVar("H_co", covariant=True)
 _new: Final = object.__new__
+_register: Final = cast(
+    "Callable[[tuple[Timestamp, bytes]], RegisterState]", partial(tuple.__new__, RegisterState)
+)
+"""`RegisterState` without the NamedTuple's Python-level `__new__` (per `set`)."""
 B = TypeVar("B", bound=Body)
 S = TypeVar("S", TextState, VectorState)
 
@@ -252,7 +257,7 @@ class LwwRegister(Handle, Generic[T]):
 
     def set(self, value: T) -> None:
         stamp = self._tx.stamp()
-        self._tx.write(self._path, RegisterState(stamp, self._codec.encode(value)), stamp=stamp)
+        self._tx.write(self._path, _register((stamp, self._codec.encode(value))), stamp=stamp)
 
     @property
     def stamp(self) -> Timestamp | None:

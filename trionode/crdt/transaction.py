@@ -92,7 +92,18 @@ class EntityPath:
         path is built per access)."""
 
     def child(self, name: bytes, kind: Kind) -> EntityPath:
-        return EntityPath(self, name, kind)
+        if self.kind not in CONTAINERS or self.depth >= MAX_DEPTH or len(name) > MAX_NAME_BYTES:
+            return EntityPath(self, name, kind)  # (raises the error `__init__` names)
+        # (`EntityPath(self, name, kind)` without the class call, its checks made above: a
+        # map entry's path is built per access)
+        path: EntityPath = _new(EntityPath)
+        path.parent = self
+        path.name = name
+        path.kind = kind
+        path.id = child_id(self.id, name)
+        path.depth = self.depth + 1
+        path.ancestors = () if self.parent is None else (*self.ancestors, self)
+        return path
 
     def chain(self) -> list[EntityPath]:
         """Root-most first, the root itself excluded (a new list)."""

@@ -199,7 +199,19 @@ class StateTree:
                     log.applied(mine, incoming)
                 floor_changed = result.floor_changed
             changed.append(eid)
-            stamp = incoming.max_stamp()
+            if incoming.__class__ is Entity:
+                # (`incoming.max_stamp()`, inline: a map `set` applies two records)
+                stamp = incoming.added
+                removed = incoming.removed
+                if removed is not None and (stamp is None or removed > stamp):
+                    stamp = removed
+                body = incoming.body
+                if body is not None:
+                    inner = body.stamp if body.__class__ is RegisterState else body.max_stamp()
+                    if stamp is None or (inner is not None and inner > stamp):
+                        stamp = inner
+            else:  # (a record held as its row reads its stamp from the row: `lazy.py`)
+                stamp = incoming.max_stamp()
             if stamp is not None and (self.max_stamp is None or stamp > self.max_stamp):
                 self.max_stamp = stamp
             self._deleted.discard(eid)  # (`_mark_updated`, inlined: runs per write)

@@ -332,7 +332,8 @@ def type_name(annotation: Any) -> str:
 
 @attrs.define(eq=False)
 class CallState:
-    """What the runtime tells the SDK about the call in progress."""
+    """What the runtime tells the SDK about the call in progress. (`runtime._run` builds
+    it field by field, without calling the class: a new field must be set there too.)"""
 
     app: App
     entry: EntryPoint

@@ -311,7 +311,17 @@ def _run(
     read_only = entry.kind is EntryKind.VIEW or not writable
     tx = _ReadOnlyTransaction(tree) if read_only else tree.begin(clock, physical_now)
     try:
-        call = CallState(app, entry, tx, bytes(executor), bytes(context_id), physical_now)
+        # (`CallState(app, entry, tx, bytes(executor), bytes(context_id), physical_now)`
+        # without the class call and its generated `__init__`)
+        call: CallState = _new(CallState)
+        call.app = app
+        call.entry = entry
+        call.tx = tx
+        call.executor = bytes(executor)
+        call.context_id = bytes(context_id)
+        call.physical = physical_now
+        call.events = []
+        call.violation = None
         if read_only:
             cast("_ReadOnlyTransaction", tx).call = call
         token = CURRENT_CALL.set(call)
