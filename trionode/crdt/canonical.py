@@ -13,6 +13,8 @@ from typing import Final
 import msgspec
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
+encode_form: Final = _ENCODER.encode
+"""`canonical`, without its frame (for loops that run per write)."""
 
 
 def canonical(obj: object) -> bytes:

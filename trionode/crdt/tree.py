@@ -19,7 +19,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
-from trionode.crdt.canonical import canonical
+from trionode.crdt.canonical import encode_form
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
@@ -79,11 +79,11 @@ def _own_form(record: Entity, floor: Timestamp | None) -> bytes:
     rehashes its record, its map and the root)."""
     body = record.body
     if body is None:
-        return canonical((int(record.kind), record.name, record.added, None))
+        return encode_form((int(record.kind), record.name, record.added, None))
     if body.__class__ is RegisterState:
         stamp = body.stamp
         form = (stamp, body.value) if floor is None or stamp > floor else None
-        return canonical((int(record.kind), record.name, record.added, form))
+        return encode_form((int(record.kind), record.name, record.added, form))
     return own_form(record, floor)
 
 
@@ -337,7 +337,8 @@ class StateTree:
 
     def root_hash(self) -> bytes:
         """The context's root hash."""
-        return self._hash(ROOT_ID, None, 0)
+        cached = self._hashes.get(ROOT_ID)  # (asked again per call once computed)
+        return cached if cached is not None else self._hash(ROOT_ID, None, 0)
 
     def entity_hash(self, entity_id: bytes) -> bytes | None:
         """The Merkle hash of a visible entity, or None if hidden or unknown."""
