@@ -41,7 +41,7 @@ import trio
 
 from trionode.context.events import ContextEvent, EventHub
 from trionode.errors import StorageError
-from trionode.store.lmdb_store import Column
+from trionode.store.lmdb_store import Column, Put
 from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch
 
 log_ = logging.getLogger(__name__)
@@ -388,6 +388,7 @@ def shape_of(event: dict[str, Any]) -> Shape | None:
 
 
 _RAW = Table(Column.GENERIC, BytesCodec(), BytesCodec())
+_GENERIC: Final = Column.GENERIC
 _META = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(LogMeta))
 
 
@@ -499,12 +500,15 @@ class EventLog:
         def shape(found: Shape) -> int | None:
             return self._shapes.number(found, batch, put_shapes)
 
+        encode, ops, kept = self._codec.encode, batch.ops, self._kept
         for event in events:
             number = self._contexts.number(event.context_id, batch, put)
             if number is None:
                 raise StorageError("the event log ran out of context numbers")
-            batch.put(_RAW, _key(event.seq), self._codec.encode(event, number, shape))
-            self._kept.append((event.seq, event.at))
+            # (A `Put` made here: `_RAW`'s codecs pass bytes as they are. Every call's event
+            # is put so, issue #16.)
+            ops.append(Put(_GENERIC, _key(event.seq), encode(event, number, shape)))
+            kept.append((event.seq, event.at))
 
     async def close(self) -> None:
         """Final flush and the clean-stop mark (after every publisher has stopped)."""
