@@ -101,7 +101,12 @@ class Member:
             await self.pubsub.wait_heartbeat()
 
 
-def make_member(signal: Signal, config: PubsubSection = PUBSUB, capacity: int = 10_000) -> Member:
+def make_member(
+    signal: Signal,
+    config: PubsubSection = PUBSUB,
+    capacity: int = 10_000,
+    hold: Callable[[str], bool] | None = None,
+) -> Member:
     registry = CollectorRegistry()
     host = Host(
         PrivateKey.generate(),
@@ -109,7 +114,7 @@ def make_member(signal: Signal, config: PubsubSection = PUBSUB, capacity: int = 
         NetMetrics(registry),
     )
     events = NetworkEvents(capacity, registry)
-    pubsub = PubSub(host, host.key, config, PubSubMetrics(registry), events=events)
+    pubsub = PubSub(host, host.key, config, PubSubMetrics(registry), events=events, hold=hold)
     return Member(host, pubsub, events, registry, signal)
 
 
@@ -213,6 +218,50 @@ async def test_cluster_delivers_every_message_exactly_once_and_meshes_stay_in_bo
             # Still within bounds after all that traffic.
             degrees = mesh_degrees(members, alive)
             assert all(PUBSUB.d_lo <= d <= PUBSUB.d_hi for d in degrees), degrees
+
+
+async def test_a_held_message_is_passed_on_once_judged_valid_never_once_invalid() -> None:
+    """A - B - C in a line, B holding the topic (as a node holds its context topics): what
+    A publishes reaches C only once B judged it valid (`PubSub.validated`), with B's next
+    flush; one B judged invalid never does."""
+    signal = Signal()
+    a, c = make_member(signal), make_member(signal)
+    b = make_member(signal, hold=lambda topic: topic == TOPIC)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for member in (a, b, c):
+                await nursery.start(member.run)
+                member.pubsub.subscribe(TOPIC)
+            await a.host.connect(b.host.addresses()[0])
+            await b.host.connect(c.host.addresses()[0])
+            await b.until_heartbeat(lambda: len(b.pubsub.mesh_peers(TOPIC)) == 2)
+            await a.until_heartbeat(lambda: b.peer_id in a.pubsub.mesh_peers(TOPIC))
+            await c.until_heartbeat(lambda: b.peer_id in c.pubsub.mesh_peers(TOPIC))
+
+            def judged(data: bytes, *, accept: bool) -> Callable[[], bool]:
+                def arrived() -> bool:
+                    for event in b.received:
+                        if event.data == data:
+                            b.pubsub.validated(event.message_id, accept=accept)
+                            return True
+                    return False
+
+                return arrived
+
+            a.pubsub.publish(TOPIC, b"forged")
+            await signal.wait_until(judged(b"forged", accept=False))
+            a.pubsub.publish(TOPIC, b"held")
+            await signal.wait_until(lambda: any(e.data == b"held" for e in b.received))
+            await b.pubsub.wait_heartbeat()
+            assert c.received == []  # (held: not judged yet, the hold timeout is 1 s)
+            await signal.wait_until(judged(b"held", accept=True))
+            await signal.wait_until(lambda: bool(c.received))
+            # (In order on B's one stream to C: the rejected one would have come first.)
+            assert [event.data for event in c.received] == [b"held"]
+            await b.pubsub.wait_heartbeat()
+            assert [event.data for event in c.received] == [b"held"]
+            assert b.pubsub.statistics().dropped.get("rejected") == 1
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_host_removed_mid_stream_does_not_stop_delivery() -> None:
