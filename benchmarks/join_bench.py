@@ -21,7 +21,9 @@ the joiner's peak memory beside the same node restarted with that state loaded.
   context's size (which loads the replica from its state rows), and its peak RSS read again.
 * **Breakdown**: where the join's seconds went, printed (stderr) with each row: the
   joiner's `join of …` time line from its log and the member's `snapshot of … served` one
-  (trionode/context/join_timeline.py) on one axis with the command's start and return.
+  (trionode/context/join_timeline.py) on one axis with the command's start and return;
+  then how the joiner's stream of pages spent them (storing batches, waiting for pages,
+  taking pages in: `trionode.sync.driver.TakeTimes`).
 * **Baselines** (same run): copying the member's state rows of the context (key + value
   bytes) over one Noise+Yamux stream (`sync_bench.copy_seconds`; the median of `COPIES`
   copies, each printed: one swings 2x on a loaded machine), and the restarted node's peak
@@ -154,6 +156,9 @@ class _Joiner:
         self.proc: subprocess.Popen[bytes] | None = None
         self.timelines: list[str] = []
         """The `join of …` time lines it logged."""
+        self.takes: list[str] = []
+        """Its `snapshot pages of … taken: …` lines (where the stream of pages spent its
+        time: `trionode.sync.driver.TakeTimes`)."""
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -176,6 +181,8 @@ class _Joiner:
             line = raw.decode(errors="replace")
             if "join of " in line and " t0=" in line:
                 self.timelines.append(line)
+            elif "snapshot pages of " in line and " taken: " in line:
+                self.takes.append(line.split(" taken: ", 1)[1].strip())
 
     def stop(self) -> None:
         assert self.proc is not None
@@ -271,11 +278,13 @@ async def _row(n: int, base: Path) -> list[Row]:
             theirs, _, _ = await member.contexts.state(context)
             same = ours["rootHash"] == theirs.hex()
             _log(
-                f"joined in {seconds:.1f}s (CPU: joiner {joiner_cpu:.1f}s, member "
-                f"{member_cpu:.1f}s), peak RSS {joined_rss / 1e6:.0f} MB, same root {same}"
+                f"joined in {seconds:.2f}s (CPU: joiner {joiner_cpu:.2f}s, member "
+                f"{member_cpu:.2f}s), peak RSS {joined_rss / 1e6:.0f} MB, same root {same}"
             )
             for text in breakdown:
                 _log(text)
+            for text in joiner.takes[-1:]:
+                _log(f"joiner's stream of pages: {text}")
         finally:
             joiner.stop()
         joiner.start()

@@ -56,6 +56,9 @@ async def test_a_join_logs_its_phases_on_both_sides(
             await join(cluster, 0, 1, context)
             joiner = _phases(caplog, "join of ")
             member = _phases(caplog, " served: ")
+            takes = [
+                r.getMessage() for r in caplog.records if "snapshot pages of " in r.getMessage()
+            ]
     expected = ["connected", "admitted", "adopted", "proved", "first_batch"]
     assert joiner[: len(expected)] == expected
     batches = [p for p in joiner if p.startswith("batch_")]
@@ -69,6 +72,11 @@ async def test_a_join_logs_its_phases_on_both_sides(
         "synced",
         "done",
     ]
+    # Where the stream of pages spent its time, once, counting the batches it stored.
+    assert len(takes) == 1, takes
+    assert f" {len(batches)} batches: storing " in takes[0]
+    assert "waiting for pages" in takes[0]
+    assert "taking pages in" in takes[0]
     assert member[0] == "first_page_read"
     assert member[-2:] == ["last_page_read", "closed"]
     assert "root_hashed" not in member

@@ -301,9 +301,11 @@ async def take(
             )
             taking.on_page, taking.on_progress = on_page, on_progress
             taking.before = (progress.records, progress.size)
-            await take_snapshot(channel, machine, taking.store)
+            times = await take_snapshot(channel, machine, taking.store)
             progress, joined = taking.progress, taking.joined
             join_timeline.mark("pages_stored")
+            # (benchmarks/join_bench.py prints it with its breakdown)
+            log.info("snapshot pages of %s taken: %s", context_id.hex()[:12], times.line())
         boundary = progress.heads or []
         try:
             if progress.root_hash is not None:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, Protocol
 
+import attrs
 import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -169,15 +171,39 @@ async def fetch_deltas(
             machine.deltas_applied(await apply(action.deltas))
 
 
+@attrs.define
+class TakeTimes:
+    """Where a taken snapshot's stream of pages spent its time (wall-clock seconds): the
+    writer task storing batches, or waiting for a page to store; the reader task taking
+    pages in (checking and reading their records: Python on the event loop, beside the
+    writes). `benchmarks/join_bench.py` prints them with its breakdown."""
+
+    seconds: float = 0.0
+    batches: int = 0
+    storing: float = 0.0
+    waiting: float = 0.0
+    """The writer had nothing to store (no page had come since its last batch)."""
+    taking_in: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.seconds:.3f}s, {self.batches} batches: storing {self.storing:.3f}s,"
+            f" waiting for pages {self.waiting:.3f}s, taking pages in {self.taking_in:.3f}s"
+        )
+
+
 async def take_snapshot(
     channel: SyncChannel,
     machine: SnapshotTake,
     store: Callable[[StoreBatch], Awaitable[None]],
-) -> None:
+) -> TakeTimes:
     """Run a streamed snapshot on an authenticated stream: one task reads pages into the
     machine while this one stores its batches (one write each) and grants pages back, so
     the next pages arrive while a batch is written. Returns once every page is stored and
-    the stream of pages is closed."""
+    the stream of pages is closed, with where its time went."""
+    clock = time.perf_counter
+    times = TakeTimes()
+    began = clock()
     await _flush(channel, machine)
     ready = trio.Event()
 
@@ -186,7 +212,9 @@ async def take_snapshot(
         while machine.awaiting_message:
             message = await _receive(channel, machine)
             assert message is not None
+            started = clock()
             machine.receive_message(message, trio.current_time())
+            times.taking_in += clock() - started
             ready.set()
 
     try:
@@ -194,17 +222,23 @@ async def take_snapshot(
             nursery.start_soon(read)
             while not machine.finished:
                 batch = machine.next_batch()
+                started = clock()
                 if batch is None:
                     ready = trio.Event()
                     await ready.wait()
+                    times.waiting += clock() - started
                     continue
                 await store(batch)
+                times.storing += clock() - started
+                times.batches += 1
                 machine.batch_stored()
                 await _flush(channel, machine)
     except BaseExceptionGroup as group:
         # Reader and writer are one session: its error is whichever failed (the other was
         # only cancelled by it), raised as itself for the session's error handling.
         raise _first_error(group) from None
+    times.seconds = clock() - began
+    return times
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
