@@ -47,6 +47,8 @@ _NAME: Final = 36
 _KINDS: Final = {int(kind): kind for kind in Kind}
 _REGISTER: Final = int(Kind.REGISTER)
 _LAZY: Final = frozenset({"name", "added", "removed", "body"})
+_ID_SEED: Final = sha256(ID_DOMAIN)
+"""The hash state of an id's domain (`entity.child_id`), copied per record."""
 
 
 class CorruptRecord(RemoteProtocolError):
@@ -208,6 +210,7 @@ def take(
     best_rows: dict[bytes, tuple[bytes, int]] = {}
     """Rows of the newest time, one per stamp (the records of one write share theirs)."""
     kinds = _KINDS
+    id_seed = _ID_SEED
     for at, row in enumerate(records):
         cut = scan(row)
         if cut is None:
@@ -223,7 +226,12 @@ def take(
         _set_parent(record, parent)
         _set_kind(record, kinds[row[kind_at]])
         if ids is None:
-            _set_id(record, sha256(ID_DOMAIN + parent + row[_NAME + 2 : kind_at]).digest())
+            # (A copy of the domain's hash state, then the parent and the name, not a new
+            # hash of the three joined: ~2 % of this function's instructions, callgrind.)
+            hasher = id_seed.copy()
+            hasher.update(parent)
+            hasher.update(row[_NAME + 2 : kind_at])
+            _set_id(record, hasher.digest())
         else:
             _set_id(record, ids[at])
         append(record)

@@ -72,6 +72,8 @@ _BUCKET_KEYS: Final = [bytes([b]) for b in range(_BUCKETS)]
 _BUCKET_TAGS: Final = [b"bucket" + bytes([b]) for b in range(_BUCKETS)]
 """What each bucket's digest starts with."""
 _sha256: Final = hashlib.sha256
+_FORM_HEADS: Final = [b"\x94" + bytes([kind]) for kind in range(256)]
+"""The first two bytes of a leaf's hash form (`RowEntity.form`) by its row's kind byte."""
 
 
 def _own_form(record: Entity, floor: Timestamp | None) -> bytes:
@@ -483,6 +485,8 @@ class StateTree:
         records = self._records
         hashes = self._hashes
         sha256 = hashlib.sha256
+        form_heads = _FORM_HEADS
+        join = b"".join
         for cid in children:
             child = records[cid]
             if floor is None and child.__class__ is RowEntity and (row := child.row) is not None:
@@ -496,12 +500,18 @@ class StateTree:
                     else:
                         cut = child.cut
                         kind_at, removed_at = cut & 0xFFFF, cut >> 16
+                        # (One join of the form's parts, its head per kind made once: each
+                        # `+` copied what came before; ~1,300 of a leaf's ~22,000
+                        # instructions, callgrind.)
                         digest = hashes[cid] = sha256(
-                            b"\x94"
-                            + row[kind_at : kind_at + 1]
-                            + row[_ROW_NAME:kind_at]
-                            + row[kind_at + 1 : removed_at]
-                            + row[removed_at + 1 :]
+                            join(
+                                (
+                                    form_heads[row[kind_at]],
+                                    row[_ROW_NAME:kind_at],
+                                    row[kind_at + 1 : removed_at],
+                                    row[removed_at + 1 :],
+                                )
+                            )
                         ).digest()
                 hasher.update(digest)
             elif floor is None:
