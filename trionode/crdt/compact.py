@@ -246,7 +246,7 @@ class _Refs:
             return _ROOT_REF
         earlier = self._index.get(node)
         if earlier is not None:
-            return msgspec.msgpack.Ext(EXT_RECORD, _index_bytes(earlier))
+            return _record_ref(earlier)
         return node
 
     def _stamp(self, time: int, node: bytes) -> object:
@@ -266,32 +266,59 @@ class _Refs:
         (the leaves and references come out as the walk makes them); a body other than a
         register's `[stamp, value]` is encoded and walked."""
         added, removed, body = entity.added, entity.removed, entity.body
-        parent = self._bytes(entity.parent)
-        name = self._bytes(entity.name)
+        author, hlc, leaves = self._author, self._hlc, self._leaves
+        # (`_bytes` of the parent and the name, inline: a write compacts two records)
+        parent = entity.parent
+        if leaves is not None and len(parent) >= MIN_SPAN:
+            leaves.append(parent)
+        parent_ref: object = parent
+        if parent == author:
+            parent_ref = _AUTHOR_REF
+        elif parent == ROOT_ID:
+            parent_ref = _ROOT_REF
+        elif (earlier := self._index.get(parent)) is not None:
+            parent_ref = _record_ref(earlier)
+        name = entity.name
+        if leaves is not None and len(name) >= MIN_SPAN:
+            leaves.append(name)
+        name_ref: object = name
+        if name == author:
+            name_ref = _AUTHOR_REF
+        elif len(name) == _REF_BYTES:  # (only ids are referred to: the root's, records')
+            if name == ROOT_ID:
+                name_ref = _ROOT_REF
+            elif (earlier := self._index.get(name)) is not None:
+                name_ref = _record_ref(earlier)
         if added is None:
             added_ref: object = None
         else:
             # (`_stamp` inline for the stamp most records have: the author's, lately.)
-            offset = self._hlc - added.time
-            if added.node == self._author and 0 <= offset <= MAX_HLC_OFFSET:
-                if self._leaves is not None and len(self._author) >= MIN_SPAN:
-                    self._leaves.append(self._author)
-                added_ref = _STAMP_REFS[offset]
+            time, node = added
+            if node == author and 0 <= hlc - time <= MAX_HLC_OFFSET:
+                if leaves is not None and len(author) >= MIN_SPAN:
+                    leaves.append(author)
+                added_ref = _STAMP_REFS[hlc - time]
             else:
-                added_ref = self._stamp(added.time, added.node)
+                added_ref = self._stamp(time, node)
         head: list[object] = [
             FORMAT_VERSION,
-            parent,
-            name,
+            parent_ref,
+            name_ref,
             int(entity.kind),  # (small integers stay as they are)
             added_ref,
             None if removed is None else self._stamp(removed.time, removed.node),
         ]
         if body is None:
             head.append(None)
-        elif type(body) is RegisterState and type(body.value) is bytes:
-            stamp = body.stamp
-            head.append([self._stamp(stamp.time, stamp.node), self._bytes(body.value)])
+        elif body.__class__ is RegisterState and (value := body.value).__class__ is bytes:
+            time, node = body.stamp
+            if node == author and 0 <= hlc - time <= MAX_HLC_OFFSET:  # (`_stamp`, inline)
+                if leaves is not None and len(author) >= MIN_SPAN:
+                    leaves.append(author)
+                stamp_ref: object = _STAMP_REFS[hlc - time]
+            else:
+                stamp_ref = self._stamp(time, node)
+            head.append([stamp_ref, self._bytes(value)])
         else:
             head.append(self.compact(_GENERIC.decode(body.canonical())))
         return head
@@ -299,6 +326,11 @@ class _Refs:
 
 def _index_bytes(index: int) -> bytes:
     return index.to_bytes(max(1, (index.bit_length() + 7) // 8), "big")
+
+
+def _record_ref(index: int) -> msgspec.msgpack.Ext:
+    """The reference to the record at `index` of the body."""
+    return _EXT(EXT_RECORD, _ONE_BYTE[index] if index < 256 else _index_bytes(index))
 
 
 # -- event payloads (format 5) -------------------------------------------------------------
@@ -335,6 +367,8 @@ Piece = bytes | msgspec.msgpack.Ext
 _STRING_FIRST: Final = frozenset([*range(0xA0, 0xC0), 0xD9, 0xC4, 0xDA, 0xC5, 0xDB, 0xC6])
 """The first bytes of a msgpack str or bin (`_content`)."""
 _ONE_BYTE: Final = tuple(bytes([i]) for i in range(256))
+_STR8: Final = frozenset([0xD9, 0xC4])
+"""The first bytes of a msgpack str 8 and bin 8: one length byte follows."""
 _MAX_SPANS: Final = MAX_PIECES // 2
 
 
@@ -351,13 +385,21 @@ class PayloadSpans:
 
     def __init__(self, leaves: Sequence[bytes]) -> None:
         needles: dict[bytes, tuple[bytes, int, int]] = {}
+        string_first = _STRING_FIRST
         for index, leaf in enumerate(leaves):
             if leaf in needles:
                 continue
             needles[leaf] = (leaf, EXT_LEAF, index)
-            # (Most leaves are ids, whose first byte seldom starts a str or bin: no call.)
-            if leaf and leaf[0] in _STRING_FIRST:
-                content = _content(leaf)
+            # (Most leaves are ids, whose first byte seldom starts a str or bin: no call.
+            # The strings apps write, up to 255 bytes, are cut here, as `_content` cuts.)
+            if leaf and leaf[0] in string_first:
+                first = leaf[0]
+                if first <= 0xBF:  # (a fixstr: `_content`'s first case)
+                    content = leaf[1:] if first - 0xA0 == len(leaf) - 1 else None
+                elif first in _STR8 and len(leaf) >= 2:  # (str8, bin8)
+                    content = leaf[2:] if leaf[1] == len(leaf) - 2 else None
+                else:
+                    content = _content(leaf)
                 if content is not None and len(content) >= MIN_SPAN:
                     needles.setdefault(content, (content, EXT_CONTENT, index))
         # (Longest first; a stable sort, so equal lengths stay in the leaves' order. The
@@ -378,11 +420,12 @@ class PayloadSpans:
         taken: list[tuple[int, int, int, int]] = []
         most = _MAX_SPANS
         for needle, code, index in needles:
-            if len(needle) > size:
+            length = len(needle)
+            if length > size:
                 continue
             start = find(needle)
             while start >= 0 and len(taken) < most:
-                end = start + len(needle)
+                end = start + length
                 for s, e, _, _ in taken:  # (`all(...)` without a generator per span)
                     if end > s and start < e:
                         start = find(needle, start + 1)
@@ -394,15 +437,15 @@ class PayloadSpans:
             return payload
         taken.sort()
         pieces: list[Piece] = []
+        append = pieces.append
         at = 0
         for start, end, code, index in taken:
             if start > at:
-                pieces.append(payload[at:start])
-            data = _ONE_BYTE[index] if index < 256 else _index_bytes(index)
-            pieces.append(_EXT(code, data))
+                append(payload[at:start])
+            append(_EXT(code, _ONE_BYTE[index] if index < 256 else _index_bytes(index)))
             at = end
         if at < size:
-            pieces.append(payload[at:])
+            append(payload[at:])
         return pieces
 
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from bisect import insort
 from collections.abc import Sequence
 from typing import Annotated, Final
 
@@ -432,22 +433,30 @@ def seal_delta(
         raise ValueError(f"cannot seal delta format {version}")
     if author_public is None:
         author_public = author.public_key().public_bytes_raw()
-    full_vv = dict(vv or {})
-    full_vv[author_public[:8]] = seq
+    tag = author_public[:8]
+    # (The vector without our own entry, as format 4 sends it, and with it, as the header
+    # says it: one sort, no dictionary copy, no second pass over the sorted vector.)
+    others = sorted([entry for entry in vv.items() if entry[0] != tag]) if vv else []
+    full_vv = others.copy()
+    insort(full_vv, (tag, seq))
+    parents = sorted(parents)
+    nonce = os.urandom(24)
     header = DeltaHeader(
         version=version,
         context_id=context_id,
-        parents=sorted(parents),
+        parents=parents,
         author=author_public,
         seq=seq,
-        vv=sorted(full_vv.items()),
+        vv=full_vv,
         hlc=hlc,
         key_id=key_id,
-        nonce=os.urandom(24),
+        nonce=nonce,
         auth=auth,
     )
-    header_bytes = _wire_header(header)
     if version in COMPACT_FORMATS:
+        header_bytes = _ENCODER.encode(
+            CompactHeader(version, parents, author_public, seq, others, hlc, key_id, nonce, auth)
+        )  # (`_wire_header(header)`, from the parts at hand)
         plain = encode_compact_body(
             body,
             author=author_public,
@@ -456,21 +465,24 @@ def seal_delta(
             record_ids=record_ids,
             entities=entities,
         )
+        ciphertext = seal_xchacha20poly1305(plain, context_id + header_bytes, nonce, context_key)
+        message = _SIGNING_DOMAIN_V4 + context_id + _length(header_bytes) + header_bytes
     else:
+        header_bytes = _ENCODER.encode(header)
         if entities is not None and not body.records:
             body = msgspec.structs.replace(body, records=[encode_entity(e) for e in entities])
-        plain = _ENCODER.encode(body)
-    ciphertext = seal_xchacha20poly1305(
-        plain, _associated_data(header, header_bytes), header.nonce, context_key
-    )
-    seed = author.private_bytes_raw()  # (signed by libsodium: `trionode.wire.ed25519`)
-    if version >= 4:
-        signature = ed25519.sign(seed, _signed_message_v4(context_id, header_bytes, ciphertext))
-    else:
-        signature = ed25519.sign(seed, _signed_message(header_bytes, ciphertext))
-    delta = SignedDelta(header=header_bytes, ciphertext=ciphertext, signature=signature)
+        ciphertext = seal_xchacha20poly1305(_ENCODER.encode(body), header_bytes, nonce, context_key)
+        message = _SIGNING_DOMAIN + _length(header_bytes) + header_bytes
+    # (signed by libsodium: `trionode.wire.ed25519`)
+    signature = ed25519.sign(author.private_bytes_raw(), message + ciphertext)
+    delta = SignedDelta(header_bytes, ciphertext, signature)
     delta.__dict__["_header"] = header  # ours, just signed: nothing to verify
     return delta
+
+
+def _length(header: bytes) -> bytes:
+    """A header's length as the signed message frames it."""
+    return len(header).to_bytes(4, "big")
 
 
 def decode_delta(
