@@ -45,9 +45,10 @@ its own commit, and a crash here can only lose what peers still hold:
   from memory during a commit; a peer that asks for a delta not yet stored hears
   "missing" and asks again or elsewhere, and finality and acks count only deltas we author,
   which commit after what they build on.
-The processor yields once between showing and committing (the batch's state rows are
-encoded after it): whom the show woke — subscribers, the gossip handler, and on a bench's
-shared event loop the next node's processor — runs first, instead of after this batch's
+The processor yields between showing and committing (the batch's event-log and state
+rows are encoded after it): whom the show woke — subscribers, and on a bench's shared
+event loop the other nodes' readers — runs first, then the submitters it answers next
+(the gossip handler, which passes the message on), instead of after this batch's
 remaining work; the replicas stay held meanwhile, so nothing can see or change them
 (issue #16). The node's own services that act on received deltas (the app follower, the
 blob fetcher) hear of them only once durable (`EventHub.show_early`).
@@ -554,16 +555,24 @@ class DeltaPipeline:
                 events = self._hub.reserve(changes)  # (numbered now)
                 # Received deltas are shown now, while their commit runs (module docstring).
                 self._hub.show_early(events[:early])
-                self._log_events(events, batch)
+            if early:
+                # Whom the show woke (subscribers; on one loop, the other nodes' readers)
+                # run before the submitters hear (the gossip handler, which then queues
+                # the message's copies for its peers) and before this batch's rows and
+                # commit.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             released = self._answer_early(staged, failed)
             if early or released:
-                # Let whom that woke (subscribers, the gossip handler; on one loop, other
-                # nodes' processors) run before this batch's rows and commit. Twice: the
-                # first puts this task in the same scheduling batch as them, which Trio may
-                # run in either order. Not cancel points; nothing changes meanwhile (the
-                # replicas stay held).
+                # Let whom that woke (the gossip handler; on one loop, other nodes'
+                # processors) run before this batch's rows and commit. Twice in all: a
+                # yield puts this task in the same scheduling batch as them, which Trio
+                # may run in either order. Not cancel points; nothing changes meanwhile
+                # (the replicas stay held).
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not early:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+            if events is not None:
+                self._log_events(events, batch)
             batch.finish_rows()  # (and their state rows)
             if len(batch):
                 try:
