@@ -126,7 +126,7 @@ class PublicKey:
 class PrivateKey:
     """An Ed25519 identity key pair (the only kind trionode generates)."""
 
-    __slots__ = ("_private", "_public", "_secret", "_seed")
+    __slots__ = ("_peer_id", "_private", "_public", "_secret", "_seed")
 
     def __init__(self, seed: bytes) -> None:
         """Load from a 32-byte Ed25519 seed.
@@ -140,6 +140,8 @@ class PrivateKey:
         self._private = Ed25519PrivateKey.from_private_bytes(self._seed)
         self._public = PublicKey(KeyType.ED25519, self._private.public_key().public_bytes_raw())
         self._secret = ed25519.secret_key(self._seed)
+        self._peer_id = PeerId.from_public_key(self._public)
+        """Derived once: every gossip message this node publishes is checked against it."""
 
     @classmethod
     def generate(cls) -> PrivateKey:
@@ -185,7 +187,7 @@ class PrivateKey:
 
     def peer_id(self) -> PeerId:
         """Our PeerId."""
-        return PeerId.from_public_key(self._public)
+        return self._peer_id
 
     def sign(self, message: bytes) -> bytes:
         """An RFC 8032 Ed25519 signature (64 bytes) of ``message`` (libsodium: `ed25519`)."""

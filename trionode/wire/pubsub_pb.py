@@ -290,7 +290,8 @@ def sign_message(
         from_peer=message.from_peer, data=message.data, seqno=message.seqno, topic=message.topic
     )
     signature = key.sign(unsigned.signing_payload())
-    embed = include_key or peer_id.extract_public_key() is None
+    # (Whether our PeerId embeds our key is parsed once: `_embedded_key` keeps it.)
+    embed = include_key or _embedded_key(peer_id) is None
     return PubsubMessage(
         from_peer=message.from_peer,
         data=message.data,
