@@ -443,9 +443,9 @@ async def _propagation_stages(rounds: int, base: Path, bundle: Path) -> str:
         await send_job(self, job)
         mark(self, "queued")
 
-    async def batch(self: DeltaPipeline, jobs: Any) -> Any:
+    async def batch(self: DeltaPipeline, jobs: Any, **kwargs: Any) -> Any:
         mark(self, "batch")
-        return await run_batch(self, jobs)
+        return await run_batch(self, jobs, **kwargs)
 
     async def committed(self: AsyncStore, ops: Any, *, settle: bool = True) -> None:
         mark(self, "commit")

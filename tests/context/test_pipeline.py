@@ -49,6 +49,9 @@ class GatedWrites:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def may_write_now(self) -> bool:
+        return False  # (every write waits at the gate: no caller commits its own batch)
+
     async def write(self, batch: WriteBatch, *, settle: bool = True) -> None:
         self.sizes.append(len(batch))
         self.batches.append(batch)
@@ -592,3 +595,96 @@ async def test_a_merged_delta_too_large_to_seal_leaves_its_calls_each_alone(
         assert len({a.delta_id for a in answers}) == 4
         entries = (await node.contexts.execute(context, "entries", "{}")).result
         assert entries == {f"k{i}": "x" * 400 for i in range(4)}
+
+
+@asynccontextmanager
+async def batch_runners(pipeline: DeltaPipeline) -> AsyncIterator[list[str]]:
+    """The names of the tasks that run each batch of `pipeline`, in order."""
+    runners: list[str] = []
+    original = pipeline._run_batch
+
+    async def recording(jobs: list[Any], *, here: bool = False) -> list[Any]:
+        runners.append(trio.lowlevel.current_task().name)
+        return await original(jobs, here=here)
+
+    pipeline._run_batch = recording  # type: ignore[method-assign]
+    try:
+        yield runners
+    finally:
+        del pipeline._run_batch
+
+
+async def test_a_lone_call_runs_its_own_batch_durably_and_concurrent_calls_still_share_one(
+    tmp_path: Path,
+) -> None:
+    async with one_context(tmp_path) as (node, context):
+        node.store.inline_commit_max = 60.0  # (however slow this disk is now)
+        pipeline = node.contexts.pipeline
+        me = trio.lowlevel.current_task().name
+        async with batch_runners(pipeline) as runners:
+            ran_here = 0
+            for i in range(5):
+                await trio.testing.wait_all_tasks_blocked()  # (nothing else runnable)
+                # (Unless a write of the node's own, its event log's say, still holds the
+                # writer thread: that is for the processor, as before.)
+                here = node.store.may_write_now()
+                result = await node.contexts.execute(context, "set", kv_set(f"k{i}", str(i)))
+                # Run in this task, not the processor's, and on disk once answered.
+                assert runners[-1] == (me if here else "delta-processor")
+                assert result.delta_id is not None
+                assert node.store.raw.get(Column.DELTA, context + result.delta_id)
+                ran_here += here
+            assert ran_here  # (the path this tests was taken)
+            runners.clear()
+            before = pipeline.stats.batches
+            async with trio.open_nursery() as nursery:
+                for i in range(32):
+                    nursery.start_soon(node.contexts.execute, context, "set", kv_set(f"c{i}", "v"))
+        # The first may run alone; all that came meanwhile share the processor's batch.
+        assert pipeline.stats.batches - before <= 2
+        assert runners[-1] == "delta-processor"
+        assert pipeline.stats.largest >= 31
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert len(entries) == 5 + 32
+
+
+async def test_a_lone_call_whose_commit_fails_hears_so_and_leaves_nothing_in_memory(
+    tmp_path: Path,
+) -> None:
+    async with one_context(tmp_path) as (node, context):
+        node.store.inline_commit_max = 60.0
+        await node.contexts.execute(context, "set", kv_set("before", "1"))
+        me = trio.lowlevel.current_task().name
+
+        def full(ops: object) -> None:
+            raise StorageError("disk full (test)")
+
+        async with batch_runners(node.contexts.pipeline) as runners:
+            raw_write = node.store.raw.write
+            node.store.raw.write = full  # type: ignore[method-assign]
+            try:
+                await trio.testing.wait_all_tasks_blocked()
+                here = node.store.may_write_now()  # (see the test above)
+                with pytest.raises(StorageError, match="disk full"):
+                    await node.contexts.execute(context, "set", kv_set("lost", "2"))
+            finally:
+                del node.store.raw.write
+            assert runners == [me if here else "delta-processor"]
+            assert node.store.raw.write == raw_write
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert entries == {"before": "1"}
+        await node.contexts.execute(context, "set", kv_set("after", "3"))
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert entries == {"before": "1", "after": "3"}
+
+
+async def test_a_cancelled_lone_caller_runs_and_writes_nothing(tmp_path: Path) -> None:
+    async with one_context(tmp_path) as (node, context):
+        node.store.inline_commit_max = 60.0
+        async with batch_runners(node.contexts.pipeline) as runners:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await node.contexts.execute(context, "set", kv_set("never", "1"))
+            assert runners == []
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert entries == {}

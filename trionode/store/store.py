@@ -393,6 +393,21 @@ class AsyncStore:
         else:
             await self._commit_in_thread(ops)
 
+    def may_write_now(self) -> bool:
+        """Whether a small write (at most `INLINE_MAX_OPS` ops) would commit now on the Trio
+        thread (`write`'s rule: module docs), so that `write` neither yields nor meets a
+        cancel point that can fire, if nothing has yielded since this said so (the delta
+        processor's batch that a caller runs itself: `DeltaPipeline.call`). Never with
+        `inline` (whose writes yield first)."""
+        limit = self.inline_commit_max
+        return (
+            not self.inline
+            and limit > 0
+            and self.commit_seconds <= limit
+            and not self._writer.borrowed_tokens
+            and _loop_idle()
+        )
+
     async def _commit_in_thread(self, ops: Sequence[WriteOp]) -> None:
         """Commit `ops` in the commit thread, one writer at a time."""
         # (A free writer is taken without the round of the scheduler `acquire` makes: the
