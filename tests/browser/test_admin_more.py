@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Route, expect
 
 from tests.browser.conftest import LiveNode, OpenPage
 from tests.browser.pages import (
@@ -167,3 +167,32 @@ def test_the_main_views_work_from_the_keyboard(open_page: OpenPage, nodes: list[
     tab_to("Blobs")
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", level=1)).to_have_text("Blobs")
+
+
+def test_a_view_still_loading_does_not_take_the_keyboard_focus_back(
+    open_page: OpenPage, nodes: list[LiveNode]
+) -> None:
+    # The contexts view shows its table, then asks for each context's peers. Hold those answers
+    # so the view is still loading while the user tabs through it: when they arrive, the focus
+    # must stay where the user put it (it used to jump back to the main region).
+    page = open_page(nodes[0].page_url())
+    sign_in(page, nodes[0])
+    install_kv_store(page)
+    create_context(page)
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    page.route(re.compile(r"/admin-api/contexts/\w+/sync$"), hold)
+
+    page.get_by_role("link", name="Contexts").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Contexts")
+    expect(page.locator(".sync-summary").first).to_have_text("…")
+    create_button = page.get_by_role("button", name="Create context")
+    create_button.focus()
+    assert held, "the view asked for no context's peers"
+    for route in held:
+        route.continue_()
+    expect(page.locator(".sync-summary").first).not_to_have_text("…")
+    expect(create_button).to_be_focused()

@@ -287,10 +287,20 @@ function leaveView() {
   cleanups = [];
 }
 
+// Set by route(): the next render() of the view it opened moves focus to the main region.
+// Focus moves when the view appears, not when its last request ends: a view may keep loading
+// after it is shown (the contexts view fetches each context's peers), and a keyboard user who
+// has started tabbing through it must not be sent back to the top when that load finishes.
+let focusOnRender = false;
+
 function render(title, ...children) {
   const view = document.getElementById("view");
   view.replaceChildren(el("h1", { text: title }), ...children);
   document.title = `${title} · trionode`;
+  if (focusOnRender) {
+    focusOnRender = false;
+    document.getElementById("main").focus({ preventScroll: true });
+  }
 }
 
 // The few samples of the Prometheus text the node view shows: {name: {labels: value}}.
@@ -965,8 +975,12 @@ async function route() {
       if (link.getAttribute("href") === nav) link.setAttribute("aria-current", "page");
       else link.removeAttribute("aria-current");
     }
+    focusOnRender = true;
     await act(null, () => view(...match.slice(1)));
-    document.getElementById("main").focus({ preventScroll: true });
+    if (focusOnRender) {  // the view failed before it rendered: focus the main region anyway
+      focusOnRender = false;
+      document.getElementById("main").focus({ preventScroll: true });
+    }
     return;
   }
   location.hash = "#/node";
