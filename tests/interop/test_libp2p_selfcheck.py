@@ -31,8 +31,18 @@ TEST_TIMEOUT = 60
 
 
 async def _connected_pair_roundtrips(dialer: Libp2pPeer, listener: Libp2pPeer) -> None:
-    """Echo on 8 concurrent streams in both directions of one connection."""
-    payloads = [os.urandom(64 * 1024 + i) for i in range(8)]
+    """Echo on 8 concurrent streams in both directions of one connection.
+
+    The payloads stay small (about 32 KiB each way in all) on purpose. py-libp2p 0.8's yamux
+    read loop writes frames itself (a new stream's ACK, a ping's answer) under the
+    connection's write lock; when both hosts' writers block on full TCP buffers, neither
+    read loop gets that lock, neither reads, and the two py-libp2p hosts deadlock (seen here
+    under load with 64 KiB payloads). That is a py-libp2p limit, not the helper's: large
+    transfers are checked one stream at a time by ``test_one_mib_echo``, and trionode's own
+    yamux, whose reader never waits for a write, is checked against py-libp2p with large
+    concurrent payloads in ``test_trionode_interop``.
+    """
+    payloads = [os.urandom(2 * 1024 + i) for i in range(8)]
     results: dict[tuple[str, int], bytes] = {}
 
     async def one(src: Libp2pPeer, dst: Libp2pPeer, i: int) -> None:
