@@ -27,7 +27,10 @@ measured in the same process on the same machine minutes apart.
 * The same propagation rows with each node in its own process (`process_nodes.py`),
   where receivers work in parallel as far as the cores allow, as separate nodes do: the
   write and its raw gossip baseline both run in that harness. (Five processes share this
-  machine's 2 cores, so under load the operating system's scheduling adds to both.)
+  machine's 2 cores, so under load the operating system's scheduling adds to both.) A
+  run of its own then prints where their time goes (`process_nodes.timeline`): each
+  stage on A and on the last receiver, with that process's loop CPU between stages and
+  the task steps on the way, for the write and its raw gossip alike.
 
 `python -m benchmarks --only aims` (``--quick``: small sizes).
 """
@@ -63,7 +66,10 @@ from benchmarks.context_bench import (
     raw_commit,
 )
 from benchmarks.harness import Row, render
-from benchmarks.process_nodes import propagation as process_propagation
+from benchmarks.process_nodes import (
+    propagation as process_propagation,
+    timeline as process_timeline,
+)
 from benchmarks.sync_bench import (
     NODES,
     RAW_TOPIC,
@@ -118,6 +124,11 @@ async def run(*, quick: bool) -> list[Row]:
         apart, raw_apart = await process_propagation(
             rounds, base / "processes", _bench_bundle(base / "b4"), NODES
         )
+        print(
+            await process_timeline(
+                min(rounds, TIMELINE_ROUNDS), base / "timeline", _bench_bundle(base / "b5"), NODES
+            )
+        )
         floor = await _gossip_then_commit(rounds, base / "floor")
         print(await _propagation_stages(rounds, base / "stages", _bench_bundle(base / "b2")))
         print(await _shared_loop_cpu(rounds, base / "cpu", _bench_bundle(base / "b3")))
@@ -151,6 +162,9 @@ async def run(*, quick: bool) -> list[Row]:
         ),
     ]
 
+
+TIMELINE_ROUNDS: Final = 100
+"""Rounds of the per-process timeline (`process_nodes.timeline`), a run of its own."""
 
 SEQUENTIAL_TRIALS: Final = 9
 """Trials of the sequential row and of its raw LMDB baseline, alternated."""

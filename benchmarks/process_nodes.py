@@ -30,9 +30,16 @@ import trio
 import trio.testing
 
 from benchmarks.sync_bench import RAW_TOPIC, _fast, _items, _set_many, wait_stored
-from trionode.context.events import ContextEvent
-from trionode.net.events import GossipMessage
+from benchmarks.transport_baseline import _percentile
+from trionode.context.events import ContextEvent, EventHub
+from trionode.context.pipeline import DeltaPipeline
+from trionode.context.replication import Replicator
+from trionode.net.events import GossipMessage, NetworkEvents
+from trionode.net.noise_stream import NoiseStream
+from trionode.net.pubsub import PubSub
+from trionode.net.yamux_session import YamuxStream
 from trionode.node import Node
+from trionode.store.store import AsyncStore
 from trionode.testing import open_test_node
 
 Say = Callable[[dict[str, Any]], None]
@@ -181,6 +188,278 @@ async def propagation(
     return writes, raw
 
 
+# -- the timeline ------------------------------------------------------------------------------
+
+_STAGES: Final = (
+    # (stage, label, on the writer A or a receiver)
+    ("broadcast", "A: the broadcaster takes the delta (Replicator.broadcast)", "A"),
+    ("published", "A: signed and queued (PubSub.publish returned)", "A"),
+    ("sent", "A: first gossip frame leaves (NoiseStream.send_all)", "A"),
+    ("wire", "receiver: the frame's bytes decrypted (NoiseStream.receive_some)", "R"),
+    ("read", "receiver: pubsub reads them (YamuxStream.receive_some)", "R"),
+    ("emitted", "receiver: delivered to the event channel (NetworkEvents.emit)", "R"),
+    ("arrived", "receiver: the gossip handler has it (Replicator.on_gossip)", "R"),
+    ("queued", "receiver: verified, queued for the delta processor", "R"),
+    ("batch", "receiver: the delta processor takes it (its batch starts)", "R"),
+    ("shown", "receiver: staged and shown (EventHub.show_early)", "R"),
+    ("seen", "receiver: the bench's reader has the hub event", "R"),
+    ("forwarded", "receiver: judged, forwarded (PubSub.validated)", "R"),
+    ("commit", "receiver: its commit begins", "R"),
+    ("durable", "receiver: committed (after it is shown)", "R"),
+)
+_RAW_STAGES: Final = (
+    ("raw published", "A: signed and queued (PubSub.publish called)", "A"),
+    ("raw sent", "A: first gossip frame leaves", "A"),
+    ("raw wire", "receiver: the frame's bytes decrypted", "R"),
+    ("raw read", "receiver: pubsub reads them", "R"),
+    ("raw emitted", "receiver: delivered to the event channel", "R"),
+    ("raw seen", "receiver: the bench's observer has it", "R"),
+)
+_MARKS: dict[str, tuple[float, float]] = {}
+"""A child's marks this round, once traced: stage -> (perf_counter, the loop thread's CPU)."""
+_TRACE: list[bool] = [False]
+_STEPS: list[tuple[str, float, float]] = []
+"""A traced child's task steps this round: (task name, when it began, its thread CPU)."""
+MAX_STEPS: Final = 5000
+
+
+class _StepLog(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self._began = (0.0, 0.0)
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._began = (time.perf_counter(), time.thread_time())
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if len(_STEPS) < MAX_STEPS:
+            _STEPS.append((task.name, self._began[0], time.thread_time() - self._began[1]))
+
+
+def _mark(stage: str) -> None:
+    if _TRACE[0] and stage not in _MARKS:
+        _MARKS[stage] = (time.perf_counter(), time.thread_time())
+
+
+def _trace(node: Node) -> None:
+    """Mark the stages of `_STAGES` in this process (one node: its classes' methods are
+    wrapped; each stage's first time in a round counts)."""
+    if _TRACE[0]:
+        return
+    _TRACE[0] = True
+    trio.lowlevel.add_instrument(_StepLog())
+    wrapped: dict[str, Any] = {}
+    read_at: dict[str, tuple[float, float]] = {}
+
+    def wrap(cls: Any, name: str, make: Callable[[Any], Any]) -> None:
+        wrapped[name] = getattr(cls, name)
+        setattr(cls, name, make(wrapped[name]))
+
+    def broadcast(inner: Any) -> Any:
+        def run(self: Any, context_id: bytes, deltas: Any) -> None:
+            _mark("broadcast")
+            inner(self, context_id, deltas)
+            _mark("published")
+
+        return run
+
+    def publish(inner: Any) -> Any:
+        def run(self: Any, topic: str, data: Any) -> bytes:
+            if topic == RAW_TOPIC:
+                _mark("raw published")
+            return inner(self, topic, data)  # type: ignore[no-any-return]
+
+        return run
+
+    def send_all(inner: Any) -> Any:
+        async def run(self: Any, data: Any) -> None:
+            await inner(self, data)
+            if "published" in _MARKS:
+                _mark("sent")
+            if "raw published" in _MARKS:
+                _mark("raw sent")
+
+        return run
+
+    def receive_some(inner: Any, stage: str) -> Any:
+        async def run(self: Any, max_bytes: int | None = None) -> Any:
+            data = await inner(self, max_bytes)
+            read_at[stage] = (time.perf_counter(), time.thread_time())
+            return data
+
+        return run
+
+    def emit(inner: Any) -> Any:
+        def run(self: Any, event: Any) -> bool:
+            if isinstance(event, GossipMessage):
+                raw = event.topic == RAW_TOPIC
+                prefix = "raw " if raw else ""
+                for stage in ("wire", "read"):
+                    if _TRACE[0] and prefix + stage not in _MARKS and stage in read_at:
+                        _MARKS[prefix + stage] = read_at[stage]
+                _mark(prefix + "emitted")
+            return inner(self, event)  # type: ignore[no-any-return]
+
+        return run
+
+    def on_gossip(inner: Any) -> Any:
+        async def run(self: Any, message: Any) -> None:
+            _mark("arrived")
+            await inner(self, message)
+
+        return run
+
+    def send_job(inner: Any) -> Any:
+        async def run(self: Any, job: Any) -> None:
+            await inner(self, job)
+            _mark("queued")
+
+        return run
+
+    def run_batch(inner: Any) -> Any:
+        async def run(self: Any, jobs: Any, **kwargs: Any) -> Any:
+            _mark("batch")
+            return await inner(self, jobs, **kwargs)
+
+        return run
+
+    def show_early(inner: Any) -> Any:
+        def run(self: Any, events: Any) -> None:
+            inner(self, events)
+            if events:
+                _mark("shown")
+
+        return run
+
+    def validated(inner: Any) -> Any:
+        def run(self: Any, message_id: bytes, *, accept: bool) -> None:
+            if accept:
+                _mark("forwarded")
+            inner(self, message_id, accept=accept)
+
+        return run
+
+    def write(inner: Any) -> Any:
+        async def run(self: Any, ops: Any, *, settle: bool = True) -> None:
+            _mark("commit")
+            await inner(self, ops, settle=settle)
+            _mark("durable")
+
+        return run
+
+    wrap(Replicator, "broadcast", broadcast)
+    wrap(PubSub, "publish", publish)
+    wrap(NoiseStream, "send_all", send_all)
+    wrap(NoiseStream, "receive_some", lambda inner: receive_some(inner, "wire"))
+    wrap(YamuxStream, "receive_some", lambda inner: receive_some(inner, "read"))
+    wrap(NetworkEvents, "emit", emit)
+    wrap(Replicator, "on_gossip", on_gossip)
+    wrap(DeltaPipeline, "_send_job", send_job)
+    wrap(DeltaPipeline, "_run_batch", run_batch)
+    wrap(EventHub, "show_early", show_early)
+    wrap(PubSub, "validated", validated)
+    wrap(AsyncStore, "write", write)
+    del node
+
+
+async def timeline(rounds: int, base: Path, bundle: Path, nodes: int) -> str:
+    """Where the time goes in `propagation`'s rounds, each node in its own process: every
+    child marks when the write (and its raw gossip baseline) passes each stage of
+    `_STAGES` (by wrapping the methods named, which adds a little to each), and the
+    loop thread's CPU in that process since the stage before; printed as each stage's
+    p50 in ms after A's call returned (raw gossip: after A called publish), on A and on
+    the receiver that showed it last."""
+    at: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    tasks: dict[tuple[str, str], dict[str, list[float]]] = {}
+    async with open_children(base, nodes) as children:
+        context = await share(children, bundle)
+        await wait_converged(children, context)
+        await wait_raw_mesh(children)
+        for child in children:
+            await child.ask("trace")
+        writer, receivers = children[0], children[1:]
+        size = 0
+        for r in range(rounds):
+            for child in children:
+                await child.ask("marks")  # (cleared: the round starts)
+            delta, committed = await writer.ask("write", context=context, prefix="trace", round=r)
+            await last_seen(receivers, delta)
+            last = max(receivers, key=lambda child: child.seen[delta])
+            for child in receivers:
+                await child.ask("stored", context=context, delta=delta)
+            if not size:
+                size = await writer.ask("size", context=context, delta=delta)
+            payload = os.urandom(size).hex()
+            started = await writer.ask("publish", payload=payload)
+            await last_seen(receivers, payload)
+            raw_last = max(receivers, key=lambda child: child.seen[payload])
+            taken_a = await writer.ask("marks")
+            taken_raw = await raw_last.ask("marks")
+            taken_r = taken_raw if last is raw_last else await last.ask("marks")
+            for stages, origin, taken in (
+                (_STAGES, committed, taken_r),
+                (_RAW_STAGES, started, taken_raw),
+            ):
+                previous: dict[str, float] = {}
+                for stage, _, where in stages:
+                    marks = (taken_a if where == "A" else taken)["marks"]
+                    if stage not in marks:
+                        continue
+                    when, thread = marks[stage]
+                    at.setdefault(stage, []).append(when - origin)
+                    if where in previous:
+                        cpu.setdefault(stage, []).append(thread - previous[where])
+                    previous[where] = thread
+            for window, taken in (
+                (("published", "sent"), taken_a),
+                (("raw published", "raw sent"), taken_a),
+                (("wire", "seen"), taken_r),
+                (("raw wire", "raw seen"), taken_raw),
+            ):
+                _note_steps(tasks.setdefault(window, {}), taken, *window)
+    lines = [
+        f"write on A -> shown on the last of {nodes - 1} receivers, each node its own "
+        f"process, {rounds} rounds (loadavg {os.getloadavg()[0]:.1f}): p50 of each stage, "
+        "ms after A's call returned (raw gossip: after A called publish), on A and on the "
+        "receiver that had it last; the CPU of that process's loop thread since its stage "
+        "before"
+    ]
+    for stages in (_STAGES, _RAW_STAGES):
+        for stage, label, _ in stages:
+            if stage in at:
+                ms = _percentile(at[stage], 0.5) * 1000
+                spent = f"{_percentile(cpu[stage], 0.5) * 1e6:6.0f} us" if stage in cpu else ""
+                lines.append(f"  {label:<74} {ms:6.2f}   {spent}")
+    for (first, then), by_task in tasks.items():
+        lines.append(
+            f"  task steps from {first!r} to {then!r} in that process, per round: CPU us, steps"
+        )
+        ranked = sorted(by_task.items(), key=lambda item: -sum(item[1][0::2]))
+        for name, steps in ranked[:8]:
+            lines.append(
+                f"    {sum(steps[0::2]) / rounds * 1e6:7.0f} us  {len(steps) // 2 / rounds:5.1f}  "
+                f"{name}"
+            )
+    return "\n".join(lines)
+
+
+def _note_steps(into: dict[str, list[float]], taken: dict[str, Any], first: str, then: str) -> None:
+    """Add the task steps that began between marks `first` and `then` (CPU, 1 per step)."""
+    marks = taken["marks"]
+    if first not in marks or then not in marks:
+        return
+    began, ended = marks[first][0], marks[then][0]
+    for name, at, spent in taken["steps"]:
+        if began <= at < ended:
+            into.setdefault(_task_kind(name), []).extend((spent, 1.0))
+
+
+def _task_kind(name: str) -> str:
+    """A task's name without the peer id some names start with."""
+    head, _, tail = name.partition(":")
+    return tail if tail and len(head) > 40 else name
+
+
 # -- the child ---------------------------------------------------------------------------------
 
 
@@ -275,6 +554,15 @@ async def _do(node: Node, command: dict[str, Any], nursery: trio.Nursery, say: S
         started = time.perf_counter()
         node.pubsub.publish(RAW_TOPIC, payload)
         return started
+    if what == "trace":
+        _trace(node)
+        return None
+    if what == "marks":
+        taken = {stage: list(at) for stage, at in _MARKS.items()}
+        steps = list(_STEPS)
+        _MARKS.clear()
+        _STEPS.clear()
+        return {"marks": taken, "steps": steps}
     if what == "idle":
         await trio.testing.wait_all_tasks_blocked(cushion=0.001)
         return None
@@ -287,6 +575,7 @@ async def _report_hub(node: Node, context: str, say: Say) -> None:
     try:
         async for event in sub.receive:
             if isinstance(event, ContextEvent):
+                _mark("seen")
                 say({"seen": event.delta_id, "at": time.perf_counter()})
     finally:
         sub.close()
@@ -296,6 +585,7 @@ async def _report_gossip(node: Node, say: Say) -> None:
     with node.events.observe(capacity=10_000) as seen:
         async for event in seen:
             if isinstance(event, GossipMessage) and event.topic == RAW_TOPIC:
+                _mark("raw seen")
                 say({"seen": event.data.hex(), "at": time.perf_counter()})
 
 
