@@ -367,7 +367,10 @@ async def timeline(rounds: int, base: Path, bundle: Path, nodes: int) -> str:
     `_STAGES` (by wrapping the methods named, which adds a little to each), and the
     loop thread's CPU in that process since the stage before; printed as each stage's
     p50 in ms after A's call returned (raw gossip: after A called publish), on A and on
-    the receiver that showed it last."""
+    the receiver that showed it last; then the task steps in those processes from A's
+    publish to its first frame, from the last receiver's first bytes to its reader having
+    the event, and from then to its commit's end (what an earlier receiver still does
+    while the last one works: these processes share the machine's cores)."""
     at: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     tasks: dict[tuple[str, str], dict[str, list[float]]] = {}
@@ -414,6 +417,7 @@ async def timeline(rounds: int, base: Path, bundle: Path, nodes: int) -> str:
                 (("published", "sent"), taken_a),
                 (("raw published", "raw sent"), taken_a),
                 (("wire", "seen"), taken_r),
+                (("seen", "durable"), taken_r),
                 (("raw wire", "raw seen"), taken_raw),
             ):
                 _note_steps(tasks.setdefault(window, {}), taken, *window)
@@ -430,6 +434,14 @@ async def timeline(rounds: int, base: Path, bundle: Path, nodes: int) -> str:
                 ms = _percentile(at[stage], 0.5) * 1000
                 spent = f"{_percentile(cpu[stage], 0.5) * 1e6:6.0f} us" if stage in cpu else ""
                 lines.append(f"  {label:<74} {ms:6.2f}   {spent}")
+    published = at.get("published", [])
+    late = [t for t in published if t > 0]
+    if published:
+        lines.append(
+            f"  A published the delta after its call returned in {len(late)} of "
+            f"{len(published)} rounds (Trio runs the caller and the broadcaster it woke in "
+            f"either order), by p50 {_percentile(late, 0.5) * 1000 if late else 0:.2f} ms"
+        )
     for (first, then), by_task in tasks.items():
         lines.append(
             f"  task steps from {first!r} to {then!r} in that process, per round: CPU us, steps"
