@@ -6,6 +6,7 @@ intake or, at the latest, to the one reader that touches it."""
 from __future__ import annotations
 
 import os
+from hashlib import sha256
 
 import msgspec
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from trionode.crdt import Entity, Kind, StateTree, Timestamp, decode_entity, encode_entity
 from trionode.crdt.encoding import own_form
-from trionode.crdt.entity import ROOT_ID, child_id
+from trionode.crdt.entity import CONTAINERS, ROOT_ID, child_id
 from trionode.crdt.lazy import CorruptRecord, RowEntity, scan, take
 from trionode.crdt.register import RegisterState
 from trionode.errors import RemoteProtocolError
@@ -56,6 +57,9 @@ def _same(lazy: Entity, decoded: Entity) -> None:
     assert lazy.is_live() == decoded.is_live()
     if isinstance(lazy, RowEntity) and lazy.row is not None:
         assert lazy.form() == own_form(decoded, None)
+        # A leaf's digest is hashed when it comes (a container's covers its children).
+        leaf = None if lazy.kind in CONTAINERS else sha256(own_form(decoded, None)).digest()
+        assert lazy.leaf == leaf
     assert lazy == decoded  # (reads the record: decodes the row)
     assert encode_entity(lazy) == encode_entity(decoded)
 
@@ -328,3 +332,45 @@ def test_our_own_rows_take_their_ids_from_their_keys() -> None:
     assert [e.id for e in keyed] == [e.id for e in hashed]
     assert keyed == hashed
     assert keyed_newest == newest
+
+
+def test_a_bucket_of_rows_with_records_read_and_written_hashes_as_the_decoded_one() -> None:
+    """The digests a large map's bucket joins at once (`RowEntity.leaf`) are dropped with
+    the row: a record read (decoded), written, removed or a container among them hashes
+    the bucket child by child, to the root of the same records decoded."""
+    stamp = Timestamp(NOW, b"w")
+    later = Timestamp(NOW + 1, b"w")
+    top = Entity(ROOT_ID, b"\xa7entries", Kind.MAP, added=stamp)
+    records = [top] + [
+        Entity(
+            top.id,
+            msgspec.msgpack.encode(f"key:{i}"),
+            Kind.REGISTER,
+            added=stamp,
+            body=RegisterState(stamp, i.to_bytes(2, "big")),
+        )
+        for i in range(600)
+    ]
+    records.append(Entity(top.id, b"\xa3sub", Kind.MAP, added=stamp))
+    rows = [encode_entity(e) for e in sorted(records, key=lambda e: e.id)]
+    lazy_tree = StateTree()
+    taken, newest = take(rows)
+    lazy_tree.add_new(taken, newest=newest)
+    eager_tree = StateTree(decode_entity(r) for r in rows)
+    assert lazy_tree.root_hash() == eager_tree.root_hash()
+    entries = [e for e in taken if e.kind is Kind.REGISTER]
+    read, written, removed = entries[0], entries[300], entries[599]
+    assert isinstance(read, RowEntity)
+    assert read.body is not None  # (read: decoded, its digest dropped)
+    assert read.row is None
+    assert read.leaf is None
+    for tree in (lazy_tree, eager_tree):
+        tree.apply(
+            [
+                Entity(top.id, written.name, Kind.REGISTER, added=later),
+                Entity(top.id, removed.name, Kind.REGISTER, removed=later),
+            ]
+        )
+        tree.entity_hash(read.id)  # (a hash asked alone is cached)
+    assert lazy_tree.root_hash() == eager_tree.root_hash()
+    assert lazy_tree.node(top.id) == eager_tree.node(top.id)

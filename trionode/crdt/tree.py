@@ -23,7 +23,7 @@ from trionode.crdt.canonical import encode_form
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
-from trionode.crdt.lazy import _NAME as _ROW_NAME, RowEntity
+from trionode.crdt.lazy import RowEntity
 from trionode.crdt.register import RegisterState
 from trionode.crdt.rows import JOURNAL_KINDS, Row, RowLog
 from trionode.crdt.sequence import SequenceState
@@ -72,8 +72,6 @@ _BUCKET_KEYS: Final = [bytes([b]) for b in range(_BUCKETS)]
 _BUCKET_TAGS: Final = [b"bucket" + bytes([b]) for b in range(_BUCKETS)]
 """What each bucket's digest starts with."""
 _sha256: Final = hashlib.sha256
-_FORM_HEADS: Final = [b"\x94" + bytes([kind]) for kind in range(256)]
-"""The first two bytes of a leaf's hash form (`RowEntity.form`) by its row's kind byte."""
 
 
 def _own_form(record: Entity, floor: Timestamp | None) -> bytes:
@@ -399,6 +397,8 @@ class StateTree:
             record = self._records[entity_id]
             # A record still held as its row (`lazy.py`) is hashed from the row's bytes.
             if floor is None and record.__class__ is RowEntity and record.row is not None:
+                if record.leaf is not None:  # (a leaf: hashed when it came)
+                    return record.leaf
                 hasher = _sha256(record.form())
             else:
                 hasher = _sha256(_own_form(record, floor))
@@ -475,6 +475,18 @@ class StateTree:
     def _bucket_digest(
         self, bucket: int, children: Sequence[bytes], floor: Timestamp | None, depth: int
     ) -> bytes:
+        if floor is None:
+            # A bucket of leaves held as their rows (a snapshot's, a loaded state's): their
+            # digests came with them (`RowEntity.leaf`), joined in one step. Any other child
+            # (a container or a decoded record: None, or no such slot) hashes the bucket
+            # child by child.
+            records = self._records
+            try:
+                joined = b"".join([records[cid].leaf for cid in children])  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
+            else:
+                return _sha256(_BUCKET_TAGS[bucket] + joined).digest()
         inner = _sha256(_BUCKET_TAGS[bucket])
         self._hash_children(inner, children, floor, depth)
         return inner.digest()
@@ -484,35 +496,16 @@ class StateTree:
     ) -> None:
         records = self._records
         hashes = self._hashes
-        sha256 = hashlib.sha256
-        form_heads = _FORM_HEADS
-        join = b"".join
         for cid in children:
             child = records[cid]
-            if floor is None and child.__class__ is RowEntity and (row := child.row) is not None:
-                # Live, with no removal of its own (`lazy.scan`): hashed from its row (a
-                # leaf inline, its form cut from the row as `RowEntity.form` cuts it: a
-                # snapshot's root hashes every record once).
-                digest = hashes.get(cid)
-                if digest is None:
-                    if child.kind in CONTAINERS:
+            if floor is None and child.__class__ is RowEntity and child.row is not None:
+                # Live, with no removal of its own (`lazy.scan`): a leaf's digest was
+                # hashed from its row when it came (`RowEntity.leaf`, by `lazy.take`).
+                digest = child.leaf
+                if digest is None:  # (a container)
+                    digest = hashes.get(cid)
+                    if digest is None:
                         digest = self._hash(cid, None, depth + 1)
-                    else:
-                        cut = child.cut
-                        kind_at, removed_at = cut & 0xFFFF, cut >> 16
-                        # (One join of the form's parts, its head per kind made once: each
-                        # `+` copied what came before; ~1,300 of a leaf's ~22,000
-                        # instructions, callgrind.)
-                        digest = hashes[cid] = sha256(
-                            join(
-                                (
-                                    form_heads[row[kind_at]],
-                                    row[_ROW_NAME:kind_at],
-                                    row[kind_at + 1 : removed_at],
-                                    row[removed_at + 1 :],
-                                )
-                            )
-                        ).digest()
                 hasher.update(digest)
             elif floor is None:
                 # (`is_live` and `_hash`'s cache lookup inline: every write rehashes all
