@@ -91,7 +91,7 @@ async def test_a_base_row_the_batch_already_puts_is_not_overwritten(tmp_path: Pa
         assert len(marked) >= 2
         batch = WriteBatch()
         batch.ops.append(Put(Column.GENERIC, BASE_PREFIX + context + marked[0], b"joined"))
-        _keep_bases(node.store, context, batch, marked[:2])
+        _keep_bases(node.contexts.replicas._loaded[context], node.store, batch, marked[:2])
         puts = [op for op in batch.ops if isinstance(op, Put)]
         assert [op.value for op in puts if op.key.endswith(marked[0])] == [b"joined"]
         stand_in = [op.value for op in puts if op.key.endswith(marked[1])]

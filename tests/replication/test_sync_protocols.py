@@ -22,9 +22,10 @@ import trio.testing
 
 from trionode.config import FileConfig
 from trionode.context import snapshot
-from trionode.context.final_state import BASE_PREFIX
+from trionode.context.final_state import BASE_PREFIX, NO_BASE, STATE_BASE_PREFIX
 from trionode.context.folding import fold_all
 from trionode.context.records import STATE
+from trionode.context.replicas import AUX
 from trionode.context.replication import SYNC_PROTOCOL, _Channel
 from trionode.crdt import Entity, Kind, Timestamp, encode_entity
 from trionode.crdt.compact import record_of_row
@@ -256,12 +257,12 @@ async def test_9_fresh_joiner_snapshots(
             assert reply.missing == old[:3]
             # The snapshot left no marker behind.
             assert await snapshot.load_progress(c.store, context) is None
-            # Each record is stored once: its base row is a marker for its state row (a
-            # copy only where the state row moved on since, by the tail).
+            # Each record is stored once: the state rows are the base (no base row each),
+            # with a base row only where the state row moved on since, by the tail.
+            assert c.store.get_sync(AUX, STATE_BASE_PREFIX + context) is not None
             rows = await c.store.raw_scan(Column.GENERIC, prefix=BASE_PREFIX + context)
-            assert len(rows) == count
             copies = {k[len(BASE_PREFIX) + len(context) :]: v for k, v in rows if v}
-            assert len(copies) < 5
+            assert len(rows) == len(copies) < 5
             for entity_id, value in copies.items():
                 state = await c.store.get(STATE, context + entity_id)
                 assert state is not None
@@ -278,8 +279,10 @@ async def test_9_fresh_joiner_snapshots(
             assert (await entries(c, context))["after"] == "v"
             # The write changed state rows; the base is still what the snapshot brought.
             assert {e.id: encode_entity(e) for e in c.contexts.replicas.iter_base(context)} == base
+            # (Base rows for the entities it changed: what they were, or "none" for new.)
             rows = await c.store.raw_scan(Column.GENERIC, prefix=BASE_PREFIX + context)
-            assert len(copies) < sum(1 for _, value in rows if value) < count
+            assert len(copies) < len(rows) < count
+            assert NO_BASE in {value for _, value in rows}
             # And C's own write reaches the others the same way.
             await put(c, context, "from-c")
             await converged(cluster, [a, b, c], context)

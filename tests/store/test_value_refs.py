@@ -441,3 +441,89 @@ def test_a_page_of_base_markers_of_a_context_without_rows_is_empty(tmp_path: Pat
         ) == [(OTHER + b"x", b"")]
     finally:
         store.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    state=st.dictionaries(st.integers(0, 40), _values, max_size=16),
+    journal=st.lists(st.integers(0, 40), max_size=4),
+    bases=st.dictionaries(
+        st.integers(0, 40), st.sampled_from([b"", b"\xc1", b"r1", b"record 2"]), max_size=16
+    ),
+    others=st.lists(st.integers(0, 40), max_size=4),
+    start=st.none() | st.integers(0, 40),
+    limit=st.integers(1, 20),
+    encrypted=st.booleans(),
+)
+def test_a_page_of_base_rows_where_the_state_rows_are_the_base_merges_the_two(
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    state: dict[int, bytes],
+    journal: list[int],
+    bases: dict[int, bytes],
+    others: list[int],
+    start: int | None,
+    limit: int,
+    encrypted: bool,
+) -> None:
+    """`scan_filled` with `implicit` (a context whose state rows are its base): every id
+    with a base row or an entity's state row, in id order from any start, at any limit: a
+    base row as it is, a marker as its state row, an `absent` row left out, no base row
+    as the state row; journal rows (longer keys) and other contexts' rows never count."""
+    store = LmdbStore.open(
+        tmp_path_factory.mktemp("db"), passphrase="pw" if encrypted else None, kdf=FAST_KDF
+    )
+    prefix = b"base/" + CONTEXT
+    try:
+        store.write(
+            [
+                Put(Column.STATE, OTHER + b"x" * 32, b"other"),
+                PutMany(Column.STATE, [(_key(i), v) for i, v in sorted(state.items())]),
+                *(Put(Column.STATE, _key(i) + b"\x00" * 8, b"journal") for i in journal),
+                PutMany(Column.GENERIC, [(b"base/" + _key(i), v) for i, v in bases.items()]),
+                *(Put(Column.STATE, OTHER + _key(i)[32:], b"o") for i in others),
+                *(Put(Column.GENERIC, b"base/" + OTHER + _key(i)[32:], b"b") for i in others),
+            ]
+        )
+        model: list[tuple[bytes, bytes]] = []
+        for i in set(state) | set(bases):
+            entity_id = _key(i)[32:]
+            base = bases.get(i)
+            if base == b"\xc1":
+                continue
+            value = base or state.get(i, b"")
+            model.append((entity_id, value))
+        model.sort()
+        low = None if start is None else prefix + _key(start)[32:]
+        if low is not None:
+            model = [(i, v) for i, v in model if prefix + i >= low]
+        assert (
+            store.scan_filled(
+                Column.GENERIC,
+                prefix=prefix,
+                start=low,
+                limit=limit,
+                fill=(Column.STATE, 5),
+                implicit=(32, b"\xc1"),
+            )
+            == model[:limit]
+        )
+    finally:
+        store.close()
+
+
+def test_an_implicit_page_of_a_context_without_rows_is_empty(tmp_path: Path) -> None:
+    store = LmdbStore.open(tmp_path / "db")
+    try:
+        store.write([Put(Column.STATE, OTHER + b"x" * 32, b"o")])
+        prefix = b"base/" + CONTEXT
+        page = store.scan_filled(
+            Column.GENERIC, prefix=prefix, limit=5, fill=(Column.STATE, 5), implicit=(32, b"-")
+        )
+        assert page == []
+        with pytest.raises(ValueError, match="one context"):
+            store.scan_filled(
+                Column.GENERIC, prefix=b"base/", limit=5, fill=(Column.STATE, 5), implicit=(32, b"")
+            )
+    finally:
+        store.close()

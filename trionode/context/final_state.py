@@ -62,6 +62,7 @@ from trionode.store.lmdb_store import Column
 
 if TYPE_CHECKING:
     from trionode.context.replicas import Replica, ReplicaStore
+    from trionode.store.store import AsyncStore
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,16 @@ BASE_FILL: Final = (Column.STATE, len(BASE_PREFIX))
 """`fill` for a scan of base rows (`LmdbStore.scan`): a marker (see `replicas.BASE_PREFIX`)
 takes its state row, whose key is the base key without its prefix, from the same read
 transaction."""
+STATE_BASE_PREFIX: Final = b"sbase/"
+"""sbase/ ‖ context → b"1": the context's state rows are its base where it has no base row
+(see `replicas.BASE_PREFIX`)."""
+NO_BASE: Final = b"\xc1"
+"""A base row that says "no base" (in a context with `STATE_BASE_PREFIX`: the entity
+appeared after its snapshot). msgpack never uses the byte, so no record starts with it."""
+BASE_IMPLICIT: Final = (32, NO_BASE)
+"""`implicit` for a scan of base rows in a context whose state rows are its base
+(`LmdbStore.scan_filled`): state rows of entities (ids of 32 bytes) without a base row
+count, `NO_BASE` rows do not."""
 BUILD_ROWS: Final = 4096
 """Base rows one read of the build takes (so it never holds them all as bytes at once)."""
 
@@ -234,7 +245,8 @@ async def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
     while the thread worked, and a test's autojump clock ran virtual time on meanwhile, so
     session deadlines passed during a build of a few dozen rows (two flaky tests)."""
     tree = StateTree()
-    for rows in _pages(replicas, context_id):
+    store = replicas.store
+    for rows in base_pages(store, context_id, state_base=is_state_base(store, context_id)):
         with collector_paused():
             # Most stay their rows' bytes (crdt/lazy.py): the root hashes from those, and
             # pages are served from the rows anyway. Our own rows: their keys are their ids.
@@ -250,21 +262,49 @@ async def _build(replicas: ReplicaStore, context_id: bytes) -> StateTree:
     return tree
 
 
-def _pages(replicas: ReplicaStore, context_id: bytes) -> Iterator[list[tuple[bytes, bytes]]]:
-    """The base rows of `context_id` (entity id, row), `BUILD_ROWS` at a time."""
+def is_state_base(store: AsyncStore, context_id: bytes) -> bool:
+    """Whether the context's state rows are its base where it has no base row (as stored:
+    `Replica.state_base` says the same of a loaded replica)."""
+    return store.raw.get(Column.GENERIC, STATE_BASE_PREFIX + context_id) is not None
+
+
+def base_rows(
+    store: AsyncStore,
+    context_id: bytes,
+    after: bytes | None,
+    limit: int,
+    *,
+    state_base: bool,
+) -> list[tuple[bytes, bytes]]:
+    """Up to `limit` of the context's base records (entity id, record or the state row
+    that holds it) in id order, after the id `after` if given: its base rows, a marker as
+    its state row, and where the state rows are the base (`state_base`), the state rows of
+    entities without a base row, and no `NO_BASE` row (see `replicas.BASE_PREFIX`), read in
+    one transaction."""
     prefix = BASE_PREFIX + context_id
-    start: bytes | None = None
-    raw = replicas.store.raw
+    start = None if after is None else prefix + after + b"\x00"
+    return store.raw.scan_filled(
+        Column.GENERIC,
+        prefix=prefix,
+        start=start,
+        limit=limit,
+        fill=BASE_FILL,
+        implicit=BASE_IMPLICIT if state_base else None,
+    )
+
+
+def base_pages(
+    store: AsyncStore, context_id: bytes, *, state_base: bool
+) -> Iterator[list[tuple[bytes, bytes]]]:
+    """The base records of `context_id` (`base_rows`), `BUILD_ROWS` at a time."""
+    after: bytes | None = None
     while True:
-        # (A marker row takes its state row, read in the same transaction.)
-        rows = raw.scan_filled(
-            Column.GENERIC, prefix=prefix, start=start, limit=BUILD_ROWS, fill=BASE_FILL
-        )
+        rows = base_rows(store, context_id, after, BUILD_ROWS, state_base=state_base)
         if rows:
             yield rows
         if len(rows) < BUILD_ROWS:
             return
-        start = prefix + rows[-1][0] + b"\x00"
+        after = rows[-1][0]
 
 
 def _creation_records(
@@ -301,10 +341,13 @@ def page(
     in id order, at least one and then up to `max_records`/`max_bytes`. The base rows as
     stored, with the overlay's records (encoded from the tree) merged in their place.
     Read under the replica's lock, with `state` current."""
-    prefix = BASE_PREFIX + context_id
-    start = None if cursor is None else prefix + cursor + b"\x00"
-    rows = replicas.store.raw.scan_filled(
-        Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1, fill=BASE_FILL
+    store = replicas.store
+    rows = base_rows(
+        store,
+        context_id,
+        cursor,
+        max_records + 1,
+        state_base=is_state_base(store, context_id),
     )
     # A marker row came as its state row: served as the record that holds.
     stored = [(entity_id, record_of_row(value)) for entity_id, value in rows]
@@ -338,15 +381,19 @@ def page(
     return records, last if more else None
 
 
-def _base_reader(replicas: ReplicaStore, context_id: bytes) -> Callable[[bytes], bytes | None]:
+def _base_reader(replicas: ReplicaStore, replica: Replica) -> Callable[[bytes], bytes | None]:
+    context_id = replica.context_id
     prefix = BASE_PREFIX + context_id
     get = replicas.store.raw.get
 
     def read_base(entity_id: bytes) -> bytes | None:
-        # The record the row holds now; a marker's is its state row's (`replicas.BASE_PREFIX`:
-        # under the lock, before a write, the two agree).
+        # The record the row holds now; a marker's (or, where the state rows are the base,
+        # no row's) is its state row's (`replicas.BASE_PREFIX`: under the lock, before a
+        # write, the two agree).
         stored = get(Column.GENERIC, prefix + entity_id)
-        if stored == b"":
+        if stored == NO_BASE:
+            return None
+        if stored == b"" or (stored is None and replica.state_base):
             stored = get(Column.STATE, context_id + entity_id)
         return None if stored is None else record_of_row(stored)
 
@@ -361,7 +408,7 @@ def open_view(replicas: ReplicaStore, replica: Replica, state: FinalState) -> Sn
         record = state.tree.get(entity_id)
         assert record is not None
         overlay[entity_id] = encode_entity(record)
-    read_base = _base_reader(replicas, replica.context_id)
+    read_base = _base_reader(replicas, replica)
     root = state.tree.root_hash()
     view = SnapshotView(
         replica.final, read_base, root, len(state.tree), overlay, creations=state.creations
@@ -375,7 +422,7 @@ def open_unbuilt_view(replicas: ReplicaStore, replica: Replica) -> SnapshotView:
     replica's lock): pages are the base rows anyway, and the few records of the creation
     are joined with their rows here. It has no root (the stream hashes what it serves:
     snapshot_state.SnapshotStream) and its size is the replica's, an estimate."""
-    read_base = _base_reader(replicas, replica.context_id)
+    read_base = _base_reader(replicas, replica)
     creations = frozenset(replica.authority.creations)
     creation = _creation_records(replicas, replica, creations)
     joined = StateTree()
@@ -436,8 +483,6 @@ def view_page(
     Raises SnapshotViewLost if its rows were discarded meanwhile."""
     if view.lost or replica.final is not view.slot:
         raise SnapshotViewLost("the state this snapshot serves was discarded")
-    prefix = BASE_PREFIX + replica.context_id
-    raw = replicas.store.raw
     kept = view.kept
     stored: list[tuple[bytes, bytes]] = []
     after = cursor
@@ -445,10 +490,13 @@ def view_page(
     # Rows new since the view opened are skipped, so a read may bring fewer than it asks
     # for: read on until one row more than a page is known (or the rows end).
     while len(stored) <= max_records and not ended:
-        start = None if after is None else prefix + after + b"\x00"
         # (A marker row takes its state row, read in the same transaction.)
-        rows = raw.scan_filled(
-            Column.GENERIC, prefix=prefix, start=start, limit=max_records + 1, fill=BASE_FILL
+        rows = base_rows(
+            replicas.store,
+            replica.context_id,
+            after,
+            max_records + 1,
+            state_base=replica.state_base,
         )
         ended = len(rows) <= max_records
         if kept:

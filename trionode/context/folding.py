@@ -42,8 +42,8 @@ from trionode.context.replicas import (
     CHECKPOINT_VV_PREFIX,
     Replica,
     ReplicaStore,
-    base_record,
     folded_row,
+    read_base,
 )
 from trionode.crdt import Entity, decode_entities, decode_entity, encode_entity, ntp64_from_unix
 from trionode.crdt.compact import record_of_row
@@ -89,9 +89,8 @@ async def fold_once(
                     for record in _records(replica, wire):
                         known = joined.get(record.id)
                         if known is None:
-                            stored = store.get_sync(AUX, BASE_PREFIX + context_id + record.id)
-                            if stored is not None:
-                                base = base_record(store, context_id, record.id, stored)
+                            base = read_base(store, replica, record.id)
+                            if base is not None:
                                 known = decode_entity(base)
                         joined[record.id] = record if known is None else known.join(record)
             batch.put(DELTAS, context_id + delta_id, b"")

@@ -48,7 +48,7 @@ from trionode.crdt.bulk import collector_paused
 from trionode.crdt.compact import record_of_row
 from trionode.crdt.entity import ID_BYTES
 from trionode.crdt.hlc import DEFAULT_DRIFT_TOLERANCE, ntp64_from_unix
-from trionode.crdt.rows import Row, RowLoad
+from trionode.crdt.rows import JOURNAL_KINDS, Row, RowLoad
 from trionode.dag.dag import CausalDag, Defer
 from trionode.dag.delta import (
     AuthAction,
@@ -59,7 +59,7 @@ from trionode.dag.delta import (
     verify_delta,
 )
 from trionode.errors import ProtocolError, RemoteProtocolError, StorageError
-from trionode.store.lmdb_store import Column, Delete, Put
+from trionode.store.lmdb_store import Column, Delete, Put, PutRun
 from trionode.store.store import AsyncStore, BytesCodec, Table, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -75,16 +75,30 @@ writes one when the base it computed is the state row's record (once every delta
 entity is folded: the rest of a context's life, for most of its entities), where a copy
 would double what the entity takes on disk. Any later change of that state row first
 writes the record the marker stood for (`stage_rows`, in the same batch), so a marker is
-always exactly the stored state row; readers resolve it (`base_record`, or a scan with
+always exactly the stored state row; readers resolve it (`read_base`, or a scan with
 `BASE_FILL`). Only plain records get one: a Text or Vector state row is a base plus a
-journal (crdt/rows.py)."""
+journal (crdt/rows.py).
+
+A context whose `STATE_BASE_PREFIX` row exists goes further: there, an entity with no base
+row at all has its state row's record as its base (none if it has no state row), as if
+every state row had a marker. A snapshot taken into an empty replica writes that row with
+its first batch and no base row per record (a join of 100,000 entries put 100,000 markers
+beside the state rows: half of its writes). Where the base differs from the state row a
+base row says so: a record, or `NO_BASE` for an entity that has none (one that appeared
+after the snapshot); staging a state row writes it first (`_keep_bases`)."""
 BASE_FILL: Final = final_state.BASE_FILL
-STORAGE_FORMAT: Final = 3
+STATE_BASE_PREFIX: Final = final_state.STATE_BASE_PREFIX
+NO_BASE: Final = final_state.NO_BASE
+STORAGE_FORMAT: Final = 4
 """2: deltas carry sequence numbers, version vectors and membership operations; 3: a folded
 delta keeps one `ckvv/` row that names its author and sequence number too (format 2 kept
 them in a second row, `ckseq/`: `_to_format_3` merges them), and the store keeps empty
-delta values without a log row (store/lmdb_store.py). A build of format 2 refuses a home
-of format 3 at start, with one line, before it reads a row it would misread."""
+delta values without a log row (store/lmdb_store.py); 4: a context whose state rows are
+its base (`STATE_BASE_PREFIX`: one that took a snapshot into an empty replica) has a base
+row only where the base differs from the state row. Each format reads the homes of the
+one before as they are (a format-3 home has no such context). A build of format 2 refuses
+a home of format 3 at start, with one line, before it reads a row it would misread; one of
+format 3 refuses format 4 (it would read a joined context's base as nearly empty)."""
 LOAD_PAGE: Final = 4096
 """State rows read (and records filed) per step when a replica loads: bounded bytes per
 read, and the event loop gets a turn between steps."""
@@ -169,6 +183,8 @@ class Replica:
     change, issue #16). False only where known: a context created here, or loaded with no
     base row; whatever writes a base row sets it first (`final_state.note_base`, which
     folding, a snapshot's records and a tree comparison's call)."""
+    state_base: bool = False
+    """Whether its state rows are its base where it has no base row (`STATE_BASE_PREFIX`)."""
 
     @property
     def context_id(self) -> bytes:
@@ -224,6 +240,9 @@ class ReplicaStore:
             )
         if stored == b"2":
             await self._to_format_3()
+        elif stored == b"3":
+            # (Format 4 only adds what format 3 never wrote: the home reads as it is.)
+            await self.store.put(FORMAT_TABLE, FORMAT_KEY, str(STORAGE_FORMAT).encode())
         elif stored is not None and stored != str(STORAGE_FORMAT).encode():
             raise StorageError(
                 f"this home's contexts are in storage format {stored.decode(errors='replace')}, "
@@ -234,8 +253,9 @@ class ReplicaStore:
         self._known = {record.context_id for record in records}
 
     async def _to_format_3(self) -> None:
-        """Merge each folded delta's ckseq/ row into its ckvv/ row and record format 3, in
-        one transaction (a crash leaves format 2, converted again at the next start)."""
+        """Merge each folded delta's ckseq/ row into its ckvv/ row and record the format
+        (3, and so 4: see `STORAGE_FORMAT`), in one transaction (a crash leaves format 2,
+        converted again at the next start)."""
         batch = WriteBatch()
         for key, value in await self.store.scan(AUX, prefix=FOLDED_SEQ_PREFIX):
             slot = CHECKPOINT_VV_PREFIX + key[len(FOLDED_SEQ_PREFIX) :]
@@ -361,6 +381,7 @@ class ReplicaStore:
             for key, _ in await self.store.raw_scan(column, prefix=context_id):
                 batch.ops.append(Delete(column, key))
         # The finality rows too: a context joined again must not start from old base rows.
+        batch.delete(AUX, STATE_BASE_PREFIX + context_id)
         for prefix in (BASE_PREFIX, ACK_PREFIX, CHECKPOINT_VV_PREFIX, FOLDED_SEQ_PREFIX):
             for key, _ in await self.store.raw_scan(Column.GENERIC, prefix=prefix + context_id):
                 batch.ops.append(Delete(Column.GENERIC, key))
@@ -449,6 +470,7 @@ class ReplicaStore:
         # 2^64-1) must not make every local write overflow the clock after a restart.
         clock.witness(tree.max_stamp, self.physical_now())
         base = BASE_PREFIX + context_id
+        state_base = self.store.get_sync(AUX, STATE_BASE_PREFIX + context_id) is not None
         replica = Replica(
             record,
             tree,
@@ -457,7 +479,8 @@ class ReplicaStore:
             Ed25519PrivateKey.from_private_bytes(member_seed),
             keys,
             store=self.store,
-            markers=bool(self.store.raw.scan(Column.GENERIC, prefix=base, limit=1)),
+            markers=state_base or bool(self.store.raw.scan(Column.GENERIC, prefix=base, limit=1)),
+            state_base=state_base,
         )
         await self._load_authority(replica, delta_rows)
         # Pending deltas survive restarts: put them back in the DAG. Those waiting for the
@@ -559,36 +582,98 @@ class ReplicaStore:
 
     def stage_base(self, replica: Replica, batch: WriteBatch, records: Sequence[Entity]) -> None:
         """Join records that arrived as state into the base a rebuild starts from."""
-        context_id = replica.context_id
-        prefix = BASE_PREFIX + context_id
+        prefix = BASE_PREFIX + replica.context_id
         for record in records:
-            key = prefix + record.id
-            old = self.store.get_sync(AUX, key)
-            if old is None:
-                joined = record
-            else:
-                joined = decode_entity(base_record(self.store, context_id, record.id, old))
-                joined = joined.join(record)
-            batch.put(AUX, key, encode_entity(joined))
+            old = read_base(self.store, replica, record.id)
+            joined = record if old is None else decode_entity(old).join(record)
+            batch.put(AUX, prefix + record.id, encode_entity(joined))
         note_base(replica, records)
 
     def iter_base(self, context_id: bytes) -> Iterator[Entity]:
         """The records that arrived as state or were folded (see `stage_base`), from the
         store. Call under the replica's lock."""
-        rows = self.store.scan_sync(Column.GENERIC, BASE_PREFIX + context_id, fill=BASE_FILL)
-        for _, value in rows:
-            yield decode_entity(record_of_row(value))
+        state_base = self.store.get_sync(AUX, STATE_BASE_PREFIX + context_id) is not None
+        for rows in final_state.base_pages(self.store, context_id, state_base=state_base):
+            for _, value in rows:
+                yield decode_entity(record_of_row(value))
 
 
-def base_record(store: AsyncStore, context_id: bytes, entity_id: bytes, stored: bytes) -> bytes:
-    """The record a base row holds: its bytes, or for a marker the state row's record (see
-    `BASE_PREFIX`). Call under the replica's lock (or the two reads could disagree)."""
+def read_base(store: AsyncStore, replica: Replica, entity_id: bytes) -> bytes | None:
+    """The base record of an entity (None: it has none): its base row, or what that row or
+    its absence stands for (see `BASE_PREFIX`). Call under the replica's lock (or the reads
+    could disagree)."""
+    context_id = replica.context_id
+    stored = store.get_sync(AUX, BASE_PREFIX + context_id + entity_id)
+    if stored is None and not replica.state_base:
+        return None
     if stored:
-        return stored
+        return None if stored == NO_BASE else stored
     row = store.get_sync(STATE, context_id + entity_id)
     if row is None:
+        if stored is None:
+            return None  # (no base row, no state row: no base)
         raise StorageError(f"a base row of {b58(context_id)} stands for a state row that is gone")
     return record_of_row(row)
+
+
+def stage_state_base(store: AsyncStore, replica: Replica, batch: WriteBatch) -> None:
+    """Make the replica's state rows its base where it has no base row (see `BASE_PREFIX`),
+    with `batch`: for a replica that holds no state, before a snapshot's first records. Not
+    if it has base rows (a marker would stay one: harmless, but nothing is saved)."""
+    context_id = replica.context_id
+    if store.raw.scan(Column.GENERIC, prefix=BASE_PREFIX + context_id, limit=1):
+        return
+    batch.put(AUX, STATE_BASE_PREFIX + context_id, b"1")
+    replica.state_base = True
+    replica.markers = True  # (its state rows stand for base rows: `_keep_bases`)
+
+
+def stage_fresh_bases(
+    store: AsyncStore,
+    replica: Replica,
+    batch: WriteBatch,
+    entities: Sequence[Entity],
+    records: Sequence[bytes],
+) -> None:
+    """The base rows of records that arrived as state and were new to the replica (not in
+    its tree), whose state rows `batch` puts as `records`: their base is that record. Where
+    the state rows are the base (`Replica.state_base`) that needs no row, but for a Text or
+    Vector (its state row grows a journal: a copy, as folding leaves it) or an entity that
+    has a base row still (one deleted from the state). Else each gets a marker (an empty
+    row: one copy of each record, not two)."""
+    if not entities:
+        return
+    context_id = replica.context_id
+    prefix = BASE_PREFIX + context_id
+    ids = [e.id for e in entities]
+    if not replica.state_base:
+        bases: list[bytes] = [b""] * len(ids)
+        for i, e in enumerate(entities):
+            if e.kind in JOURNAL_KINDS:
+                bases[i] = records[i]
+        batch.ops.append(PutRun(AUX.column, prefix, ids, bases))
+    else:
+        copies = {
+            e.id: r for e, r in zip(entities, records, strict=True) if e.kind in JOURNAL_KINDS
+        }
+        # (One read of the range: none at all in a join.)
+        held = store.raw.scan(
+            Column.GENERIC, prefix=prefix, start=prefix + min(ids), end=prefix + max(ids) + b"\0"
+        )
+        if held:
+            at = {entity_id: i for i, entity_id in enumerate(ids)}
+            for key, value in held:
+                i = at.get(key[len(prefix) :], -1)
+                if i < 0 or key[len(prefix) :] in copies:
+                    continue
+                if value and value != NO_BASE:
+                    joined = decode_entity(value).join(entities[i])
+                    copies[ids[i]] = encode_entity(joined)
+                else:
+                    copies[ids[i]] = records[i]
+        for entity_id in sorted(copies):
+            batch.put(AUX, prefix + entity_id, copies[entity_id])
+    note_base(replica, entities)
 
 
 def learn_keys(replica: Replica, batch: WriteBatch, auth: AuthAction) -> None:
@@ -696,7 +781,7 @@ def stage_rows(replica: Replica, batch: WriteBatch, rows: Iterable[Row]) -> None
     context_id = replica.context_id
     rows = rows if isinstance(rows, list) else list(rows)
     if replica.store is not None and replica.markers:
-        _keep_bases(replica.store, context_id, batch, [k for k, _ in rows if len(k) == ID_BYTES])
+        _keep_bases(replica, replica.store, batch, [k for k, _ in rows if len(k) == ID_BYTES])
     # (`Put`s and `Delete`s made here: the table's codecs pass bytes as they are, and
     # calling them was ~25 bytecodes per row of every call, issue #16.)
     ops = batch.ops
@@ -707,23 +792,33 @@ def stage_rows(replica: Replica, batch: WriteBatch, rows: Iterable[Row]) -> None
             ops.append(Put(_STATE_COLUMN, context_id + key, value))
 
 
-def _keep_bases(store: AsyncStore, context_id: bytes, batch: WriteBatch, ids: list[bytes]) -> None:
-    """Before the state rows of `ids` change, a base marker among them (see `BASE_PREFIX`)
-    becomes the record it stood for: the state row as stored (before this batch). A base
-    row this batch already puts (a tree comparison stages the base first) is left to it."""
+def _keep_bases(replica: Replica, store: AsyncStore, batch: WriteBatch, ids: list[bytes]) -> None:
+    """Before the state rows of `ids` change, a base that is their state row (a marker, or
+    no base row at all in a context whose state rows are its base: see `BASE_PREFIX`)
+    becomes a row of its own: the state row's record as stored (before this batch), or
+    `NO_BASE` where there was no state row. A base row this batch already puts (a tree
+    comparison stages the base first) is left to it."""
     if not ids:
         return
+    context_id = replica.context_id
     prefix = BASE_PREFIX + context_id
     bases = store.raw.get_many(Column.GENERIC, [prefix + i for i in ids])
-    marked = [i for i, base in zip(ids, bases, strict=True) if base == b""]
+    if replica.state_base:
+        marked = [i for i, base in zip(ids, bases, strict=True) if not base]
+    else:
+        marked = [i for i, base in zip(ids, bases, strict=True) if base == b""]
     if not marked:
         return
     staged = {op.key for op in batch.ops if isinstance(op, Put) and op.column is Column.GENERIC}
     marked = [i for i in marked if prefix + i not in staged]
     states = store.raw.get_many(Column.STATE, [context_id + i for i in marked])
+    by_id = dict(zip(ids, bases, strict=True))
     for entity_id, state in zip(marked, states, strict=True):
-        if state is None:
+        if state is not None:
+            batch.put(AUX, prefix + entity_id, record_of_row(state))
+        elif by_id[entity_id] is None:
+            batch.put(AUX, prefix + entity_id, NO_BASE)  # (it appears now: no base)
+        else:
             raise StorageError(
                 f"a base row of {b58(context_id)} stands for a state row that is gone"
             )
-        batch.put(AUX, prefix + entity_id, record_of_row(state))

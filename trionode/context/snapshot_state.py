@@ -9,9 +9,10 @@ member for which we hold none is left out; the joiner then refuses the snapshot 
 
 Taking: pages arrive as large batches (`store_batch`), each one LMDB write with the
 progress marker. Records new to the replica are written as the bytes that came (no
-decode/re-encode), once: their base row is a marker for the state row (a Text or Vector
-keeps a copy); only a record the replica already held (a resumed
-snapshot that restarted over what it has) is joined and re-encoded. The tree's hashes are
+decode/re-encode), once: into an empty replica, the first batch makes its state rows its
+base, so they need no base row (`replicas.BASE_PREFIX`: a Text or Vector keeps a copy),
+else their base row is a marker for the state row; only a record the replica already held
+(a resumed snapshot that restarted over what it has) is joined and re-encoded. The tree's hashes are
 built batch by batch, each batch's after its write (only the buckets of a large container
 that a batch filled are hashed again: `StateTree.add_new`), so `check_root` at the end
 hashes the last batch alone; the record's root is refreshed when the boundary is adopted.
@@ -38,9 +39,9 @@ from trionode.context.events import EventHub
 from trionode.context.final_state import (
     BASE_PREFIX,
     BUILD_ROWS,
+    STATE_BASE_PREFIX,
     SnapshotView,
     adopt_view_tree,
-    note_base,
     reset,
 )
 from trionode.context.notices import publish_change
@@ -51,14 +52,15 @@ from trionode.context.replicas import (
     AUX,
     Replica,
     ReplicaStore,
+    stage_fresh_bases,
     stage_rows,
+    stage_state_base,
 )
 from trionode.context.serving import StateAheadError, SyncServing
 from trionode.crdt import Entity, StateTree, max_stamp
 from trionode.crdt.bulk import collector_paused
 from trionode.crdt.hlc import Timestamp, ntp64_seconds
 from trionode.crdt.lazy import take
-from trionode.crdt.rows import JOURNAL_KINDS
 from trionode.dag.delta import DeltaHeader, decode_delta, verify_delta
 from trionode.errors import LocalProtocolError, RemoteProtocolError
 from trionode.store.lmdb_store import Column, PutRun
@@ -424,10 +426,16 @@ class SnapshotState:
             held = [e for e in entities if e.id in held_ids] if len(fresh) < len(entities) else []
             batch = WriteBatch()
             if fresh:
+                if not replica.state_base and not len(tree):
+                    # A first batch into an empty replica: its state rows are its base from
+                    # now on, and the records new to it write no base row each (half the
+                    # rows a join puts: `replicas.BASE_PREFIX`).
+                    stage_state_base(self._replicas.store, replica, batch)
                 with collector_paused():  # many rows, every one kept (crdt/bulk.py)
-                    _take_new(
+                    taken = _take_new(
                         replica, batch, entities, records, fresh, newest=newest if known else None
                     )
+                    stage_fresh_bases(self._replicas.store, replica, batch, *taken)
             if held:
                 tree.apply(held)
                 stage_rows(replica, batch, tree.drain_rows())
@@ -519,6 +527,8 @@ class SnapshotState:
                 batch.delete(STATE, key)
             for key, _ in await store.scan(AUX, prefix=BASE_PREFIX + context_id):
                 batch.delete(AUX, key)
+            batch.delete(AUX, STATE_BASE_PREFIX + context_id)
+            replica.state_base = False
             replica.tree = StateTree()
             reset(replica)
             await self._replicas.write(replica, batch)
@@ -534,8 +544,9 @@ def _take_new(
     fresh: Sequence[int],
     *,
     newest: Timestamp | None,
-) -> None:
-    """File the records at `fresh` (new to the replica) into its tree and stage their rows."""
+) -> tuple[Sequence[Entity], Sequence[bytes]]:
+    """File the records at `fresh` (new to the replica) into its tree and stage their rows;
+    returns those records (entities and bytes)."""
     context_id = replica.context_id
     tree = replica.tree
     if len(fresh) < len(entities):
@@ -547,17 +558,7 @@ def _take_new(
     # Their rows are the bytes that came: nothing to drain or re-encode. (Every earlier
     # change was drained by its own commit, so only these are undrained.)
     tree.drain_changes()
-    # The bytes that came, one column after the other in key order, one op each (no
-    # object per row): the store writes each in one putmulti. A base row equal to its
-    # state row is a marker (`replicas.BASE_PREFIX`), so each record is stored once; a Text
-    # or Vector keeps a copy, as folding leaves it (its state row grows a journal).
-    ids = [e.id for e in entities]
-    bases: list[bytes] = [b""] * len(ids)
-    for i, e in enumerate(entities):
-        if e.kind in JOURNAL_KINDS:
-            bases[i] = records[i]
-    batch.ops += [
-        PutRun(STATE.column, context_id, ids, records),
-        PutRun(AUX.column, BASE_PREFIX + context_id, ids, bases),
-    ]
-    note_base(replica, entities)
+    # The bytes that came, in key order, as one op (no object per row): the store writes
+    # them in one putmulti. (Their base rows: `stage_fresh_bases`, by the caller.)
+    batch.ops.append(PutRun(STATE.column, context_id, [e.id for e in entities], records))
+    return entities, records

@@ -1204,9 +1204,16 @@ class LmdbStore:
         start: bytes | None = None,
         limit: int,
         fill: tuple[Column, int],
+        implicit: tuple[int, bytes] | None = None,
     ) -> list[tuple[bytes, bytes]]:
         """`scan(column, prefix=prefix, start=start, limit=limit, fill=fill)` with each key
         less `prefix` (a page of one context's base rows, by entity id).
+
+        With `implicit` = (id length, absent): a state row of the context whose key is the
+        context and an id of that length, and which has no row here, counts as a row here
+        holding its value (context/replicas.py's contexts whose state rows are their base:
+        `STATE_BASE_PREFIX`); a row here whose value is `absent` is left out (it says
+        "none", overriding the state row). Only for one context's base rows.
 
         When `prefix` names one context of a numbered column and its empty rows defer to
         that context's rows of the state column (`fill` cuts exactly the column's prefix
@@ -1216,6 +1223,18 @@ class LmdbStore:
         self._check_open()
         other, cut = fill
         stored_prefix = self._keys.stored(column, prefix)
+        if implicit is not None:
+            if (
+                column is not Column.GENERIC
+                or other is not Column.STATE
+                or len(prefix) != cut + _CONTEXT_BYTES
+                or (start is not None and not start.startswith(prefix))
+            ):
+                raise ValueError("an implicit scan reads one context's base rows")
+            if stored_prefix is None or limit <= 0:
+                return []  # (no number: the context has no rows)
+            rest = b"" if start is None else start[len(prefix) :]
+            return self._scan_implicit(prefix, stored_prefix, rest, limit, implicit)
         if (
             column is not Column.GENERIC
             or other is not Column.STATE
@@ -1266,6 +1285,74 @@ class LmdbStore:
                         out.append((entity_id, value))  # (no state row: stays a marker)
                 if len(out) >= limit:
                     break
+        return out
+
+    def _scan_implicit(
+        self,
+        prefix: bytes,
+        stored_prefix: bytes,
+        rest: bytes,
+        limit: int,
+        implicit: tuple[int, bytes],
+    ) -> list[tuple[bytes, bytes]]:
+        """`scan_filled` with `implicit`: the context's base rows and its state rows walked
+        side by side from `rest` (the first id, or a part of one), both in id order."""
+        id_bytes, absent = implicit
+        context = prefix[-_CONTEXT_BYTES:]
+        out: list[tuple[bytes, bytes]] = []
+        value_of = self._value
+        unpack = self._refs.unpack
+        sealed = self._cipher is not None
+        with self._lock.shared(), self._env.begin() as txn:
+            n = len(stored_prefix)
+            base = txn.cursor(db=self._dbs[Column.GENERIC])
+            base_rows = base.iternext() if base.set_range(stored_prefix + rest) else iter(())
+            state_head = self._keys.stored(Column.STATE, context)
+            m = 0 if state_head is None else len(state_head)
+            state = txn.cursor(db=self._dbs[Column.STATE])
+            state_rows = (
+                state.iternext()
+                if state_head is not None and state.set_range(state_head + rest)
+                else iter(())
+            )
+
+            def next_base() -> tuple[bytes, bytes] | None:
+                for key, value in base_rows:
+                    return (key[n:], value) if key.startswith(stored_prefix) else None
+                return None
+
+            def next_state() -> tuple[bytes, bytes] | None:
+                assert state_head is not None
+                for key, value in state_rows:
+                    if not key.startswith(state_head):
+                        return None
+                    if len(key) - m == id_bytes:  # (not a Text's journal row, say)
+                        return key[m:], value
+                return None
+
+            b = next_base()
+            s = None if state_head is None else next_state()
+            while (b is not None or s is not None) and len(out) < limit:
+                if s is None or (b is not None and b[0] <= s[0]):
+                    assert b is not None
+                    entity_id, stored = b
+                    held = None
+                    if s is not None and s[0] == entity_id:
+                        held = s[1]
+                        s = next_state()
+                    b = next_base()
+                    value = value_of(Column.GENERIC, prefix + entity_id, stored)
+                    if value == absent:
+                        continue
+                    if value or held is None:
+                        out.append((entity_id, value))
+                        continue
+                else:
+                    entity_id, held = s
+                    s = next_state()
+                if sealed:
+                    held = self._unseal(Column.STATE, context + entity_id, held)
+                out.append((entity_id, unpack(held)))
         return out
 
     def _fill(
