@@ -4,10 +4,11 @@ after it (an error included), and nested or already-paused steps leave it alone.
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 
-from trionode.crdt.bulk import collector_paused
+from trionode.crdt.bulk import collector_paused, records_kept
 
 
 def test_the_collector_is_off_inside_and_back_on_after_even_after_an_error() -> None:
@@ -31,3 +32,51 @@ def test_a_collector_that_was_off_stays_off() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class _Node:
+    """A tracked object that can sit in a reference cycle and be watched (weakref)."""
+
+    def __init__(self) -> None:
+        self.other: object = None
+
+
+def test_a_kept_step_freezes_what_it_made_while_a_snapshot_is_taken() -> None:
+    assert gc.get_freeze_count() == 0  # (the test process froze nothing)
+    with records_kept():
+        with collector_paused(kept=True):
+            kept = [_Node() for _ in range(100)]
+            dead = _Node()
+            dead.other = dead  # a cycle that died inside the step: collected, not frozen
+            watch = weakref.ref(dead)
+            del dead
+        assert watch() is None
+        frozen = gc.get_freeze_count()
+        assert frozen >= len(kept)
+        with collector_paused():  # (not kept: nothing more frozen)
+            also = [_Node() for _ in range(100)]
+        assert gc.get_freeze_count() == frozen
+        assert gc.isenabled()
+    # Nothing was frozen before: everything is back in the collector's sight.
+    assert gc.get_freeze_count() == 0
+    assert len(also) == 100
+
+
+def test_a_kept_step_outside_a_snapshot_freezes_nothing() -> None:
+    with collector_paused(kept=True):
+        made = [_Node() for _ in range(10)]
+    assert gc.get_freeze_count() == 0
+    assert len(made) == 10
+
+
+def test_a_process_that_keeps_its_heap_frozen_keeps_it_after_a_snapshot() -> None:
+    """A started node froze its startup heap (`cli_node.freeze_startup_heap`): a snapshot
+    leaves its records frozen with it rather than thawing both."""
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with records_kept(), records_kept(), collector_paused(kept=True):  # (nested)
+            made = [_Node() for _ in range(50)]
+        assert gc.get_freeze_count() >= before + len(made)
+    finally:
+        gc.unfreeze()

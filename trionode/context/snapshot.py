@@ -79,6 +79,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from trionode.context import join_timeline
 from trionode.context.errors import AlreadyExists, MissingPrerequisite, NotPermitted, PeerFailed
 from trionode.context.manager import ContextManager
+from trionode.crdt.bulk import records_kept
 from trionode.errors import RemoteProtocolError
 from trionode.net.host import Connection
 from trionode.store.lmdb_store import Column
@@ -301,7 +302,8 @@ async def take(
             )
             taking.on_page, taking.on_progress = on_page, on_progress
             taking.before = (progress.records, progress.size)
-            times = await take_snapshot(channel, machine, taking.store)
+            with records_kept():  # (crdt/bulk.py)
+                times = await take_snapshot(channel, machine, taking.store)
             progress, joined = taking.progress, taking.joined
             join_timeline.mark("pages_stored")
             # (benchmarks/join_bench.py prints it with its breakdown)

@@ -572,8 +572,9 @@ class SnapshotTake:
     def _check(self, chunk: SnapshotChunk) -> list[Entity]:
         try:
             # Records of the common shape stay bytes until read (crdt/lazy.py); a page of
-            # records, every one kept, with the collector paused (crdt/bulk.py).
-            with collector_paused():
+            # records, every one kept, with the collector paused and (while the driver
+            # takes a snapshot: `records_kept`) then frozen (crdt/bulk.py).
+            with collector_paused(kept=True):
                 entities, newest = take(chunk.records)
         except (ProtocolError, msgspec.DecodeError, ValueError) as exc:
             raise PageOutOfOrder(f"a snapshot record does not decode: {exc}") from None
