@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from trionode.errors import StorageError
 from trionode.store.encryption import KdfParams
-from trionode.store.lmdb_store import Column, LmdbStore, Put, PutMany, PutRun
+from trionode.store.lmdb_store import Column, LmdbStore, Put, PutMany, PutRun, _ValueRefs
 
 FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
 CONTEXT = hashlib.sha256(b"context").digest()
@@ -108,6 +108,40 @@ def test_a_rows_writer_and_parent_take_a_few_bytes(tmp_path: Path, encrypted: bo
         assert store.get(Column.STATE, _key(1)) == row
     finally:
         store.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    time=st.integers(1 << 32, (1 << 64) - 1),
+    writer=st.sampled_from(WRITERS),
+    parent=st.sampled_from([*PARENTS, bytes(32), None]),
+    name=st.binary(max_size=20),
+    value=st.binary(max_size=200),
+)
+def test_a_local_writes_row_is_packed_in_the_documented_form(
+    time: int, writer: bytes, parent: bytes | None, name: bytes, value: bytes
+) -> None:
+    """A row with a uint64 time, as every local write stages (`_ValueRefs.pack`'s quick
+    case): `_PACKED` ‖ count ‖ (gap, number) per id ‖ the rest, as for any other value."""
+    refs = _ValueRefs(None, 16)
+    row = v3_row(
+        time, writer, msgspec.msgpack.Ext(2, b"") if parent is None else parent, name, value
+    )
+    fresh: set[int] = set()
+    packed = refs.pack(row, fresh)
+    w = refs.numbers[writer]
+    if parent is None:  # (the root as a compact reference: no id to cut)
+        assert packed == bytes([0xC1, 1, 11, w]) + row[:11] + row[45:]
+        assert fresh == {w}
+    else:
+        p = refs.numbers[parent]
+        assert packed == bytes([0xC1, 2, 11, w, 2, p]) + row[:11] + row[45:47] + row[81:]
+        assert fresh == {w, p}
+    assert refs.unpack(packed) == row
+    refs.committed(fresh)
+    again: set[int] = set()
+    assert refs.pack(row, again) == packed
+    assert not again
 
 
 def test_a_number_given_by_an_aborted_write_is_stored_by_the_next_that_uses_it(

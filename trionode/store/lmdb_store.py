@@ -180,6 +180,16 @@ _U64_RECORD: Final = _U64_WRITER + _TOKEN_BYTES
 """...and its record's array header."""
 _V1_PARENT: Final = b"\x01" + _ID_TOKEN
 """A record's version, then its parent's id token."""
+_U64_PARENT: Final = _U64_RECORD + 2
+"""Where such a row's record's parent token starts (after the array header and version)..."""
+_U64_REST: Final = _U64_PARENT + _TOKEN_BYTES
+"""...and what follows it."""
+_U64_ONE_HEAD: Final = bytes([_PACKED, 1, _U64_WRITER])
+_U64_TWO_HEAD: Final = bytes([_PACKED, 2, _U64_WRITER])
+"""`pack`'s head of such a row, its writer's id cut (and its parent's): the count, then
+the writer's gap."""
+_U64_PARENT_GAP: Final = bytes([_U64_PARENT - _U64_RECORD])
+"""The parent's gap in it: the array header and version, between the two ids."""
 
 
 class _ValueRefs:
@@ -241,10 +251,44 @@ class _ValueRefs:
         without `give`, ids without a number stay whole)."""
         if not value:
             return value
+        numbers, durable = self.numbers, self._durable
+        if (
+            value[_U64_WRITER : _U64_WRITER + 2] == _ID_TOKEN
+            and value[:3] == _V3_U64_HEAD
+            and len(value) > _U64_RECORD
+            and 0x90 <= value[_U64_RECORD] <= 0x9F
+        ):
+            # A local write's state row (`_id_cuts`' quick case): with its ids numbered
+            # below 0x80, the general form below with no walk and no call but the lookups
+            # and the join (every local write packs its rows, issue #16).
+            writer = numbers.get(value[_U64_WRITER + 2 : _U64_RECORD])
+            if writer is not None and writer < 0x80:
+                if value[_U64_PARENT - 1 : _U64_PARENT + 2] != _V1_PARENT or len(value) < _U64_REST:
+                    if writer not in durable:
+                        fresh.add(writer)
+                    return b"".join(
+                        (_U64_ONE_HEAD, _ONE_BYTE[writer], value[:_U64_WRITER], value[_U64_RECORD:])
+                    )
+                parent = numbers.get(value[_U64_PARENT + 2 : _U64_REST])
+                if parent is not None and parent < 0x80:
+                    if writer not in durable:
+                        fresh.add(writer)
+                    if parent not in durable:
+                        fresh.add(parent)
+                    return b"".join(
+                        (
+                            _U64_TWO_HEAD,
+                            _ONE_BYTE[writer],
+                            _U64_PARENT_GAP,
+                            _ONE_BYTE[parent],
+                            value[:_U64_WRITER],
+                            value[_U64_RECORD:_U64_PARENT],
+                            value[_U64_REST:],
+                        )
+                    )
         parts: list[bytes] = []
         refs: list[bytes] = []
         at = 0
-        numbers, durable = self.numbers, self._durable
         for cut in _id_cuts(value):
             value_id = value[cut + len(_ID_TOKEN) : cut + _TOKEN_BYTES]
             number = numbers.get(value_id)  # (`_number`'s first look, inline)
