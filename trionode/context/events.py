@@ -245,7 +245,9 @@ class EventHub:
         self.floor = max(self.floor, floor)
 
     def _remember(self, event: ContextEvent) -> None:
-        recent = self._recent.setdefault(event.context_id, deque(maxlen=self._replay))
+        recent = self._recent.get(event.context_id)
+        if recent is None:  # (not a new deque per event for `setdefault`, issue #16)
+            recent = self._recent[event.context_id] = deque(maxlen=self._replay)
         if len(recent) == recent.maxlen:
             self._dropped[event.context_id] = recent[0].seq
         recent.append(event)
@@ -354,12 +356,15 @@ class EventHub:
         `_offer_services` does so later)."""
         self.shown = event.seq
         self._remember(event)
-        for sub in list(self._subscriptions):
-            if event.context_id in sub.contexts:
-                sub._offer(event)  # noqa: SLF001
-        for sub in list(self._watchers):
-            if sub.wants is None or sub.wants(event):
-                sub._offer(event)  # noqa: SLF001
+        # (Copied to walk them only if any: every call's event comes here, issue #16.)
+        if self._subscriptions:
+            for sub in list(self._subscriptions):
+                if event.context_id in sub.contexts:
+                    sub._offer(event)  # noqa: SLF001
+        if self._watchers:
+            for sub in list(self._watchers):
+                if sub.wants is None or sub.wants(event):
+                    sub._offer(event)  # noqa: SLF001
         if services:
             self._offer_services(event)
 
