@@ -85,7 +85,6 @@ from trionode.sdk import App
 from trionode.sdk.bundle import load_app, load_bundle, verify_bundle
 from trionode.sdk.runtime import execute, init_state
 from trionode.store.lmdb_store import Column, Delete, Put, PutRun, WriteOp
-from trionode.store.store import WriteBatch
 from trionode.testing import TestNode, open_test_node
 
 KV_STORE = Path(__file__).resolve().parents[1] / "apps" / "kv_store"
@@ -499,15 +498,13 @@ async def _keystroke_rows(keystrokes: int, prefill: int, base: Path) -> list[Row
         installed = await node.applications.install(str(NOTES))
         init = json.dumps({"text": start_text})
         context = (await node.contexts.create(installed.application_id, init)).context_id
-        original_write = node.store.write
+        raw_write = node.store.raw.write
 
-        async def recording_write(
-            batch: WriteBatch | Sequence[WriteOp], *, settle: bool = True
-        ) -> None:
-            ops = list(batch.ops if isinstance(batch, WriteBatch) else batch)
+        def recording_write(ops: Sequence[WriteOp]) -> None:
+            # (At the LMDB store: every commit comes here, `AsyncStore.write_now`'s too.)
             if any(op.column is Column.DELTA for op in ops):  # (not the event log's flushes)
-                writes.append(ops)
-            await original_write(batch, settle=settle)
+                writes.append(list(ops))
+            raw_write(ops)
 
         calls = [
             ("delete", json.dumps({"pos": pos, "length": 1}))
@@ -515,7 +512,7 @@ async def _keystroke_rows(keystrokes: int, prefill: int, base: Path) -> list[Row
             else ("insert", json.dumps({"pos": pos, "text": char}))
             for pos, char in shifted
         ]
-        with patch.object(node.store, "write", recording_write):
+        with patch.object(node.store.raw, "write", recording_write):
             started = time.perf_counter()
             for method, args in calls:
                 await node.contexts.execute(context, method, args)
@@ -732,18 +729,16 @@ async def _node_rows(n: int, base: Path) -> list[Row]:
         # As `trionode start` does once the node is up: without it, one full collection
         # over the startup heap took 94-241 ms inside a 200-call quick run of these rows.
         freeze_startup_heap()
-        original_write = node.store.write
+        raw_write = node.store.raw.write
 
-        async def recording_write(
-            batch: WriteBatch | Sequence[WriteOp], *, settle: bool = True
-        ) -> None:
-            ops = list(batch.ops if isinstance(batch, WriteBatch) else batch)
+        def recording_write(ops: Sequence[WriteOp]) -> None:
+            # (At the LMDB store: every commit comes here, `AsyncStore.write_now`'s too.)
             if any(op.column is Column.DELTA for op in ops):  # (not the event log's flushes)
-                captured.append(ops)
-            await original_write(batch, settle=settle)
+                captured.append(list(ops))
+            raw_write(ops)
 
         used_before = (await node.store.stats()).used_bytes
-        with patch.object(node.store, "write", recording_write):
+        with patch.object(node.store.raw, "write", recording_write):
             in_process = await _timed(calls, lambda args: node.contexts.execute(local, "set", args))
         used_after = (await node.store.stats()).used_bytes
         http_calls = _set_args(_kv_items(n, "http"))

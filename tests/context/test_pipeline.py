@@ -52,6 +52,9 @@ class GatedWrites:
     def may_write_now(self) -> bool:
         return False  # (every write waits at the gate: no caller commits its own batch)
 
+    def write_now(self, batch: WriteBatch) -> bool:
+        return False  # (nor past the gate)
+
     async def write(self, batch: WriteBatch, *, settle: bool = True) -> None:
         self.sizes.append(len(batch))
         self.batches.append(batch)

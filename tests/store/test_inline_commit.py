@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from trionode.errors import StorageError
 from trionode.store import store as store_module
 from trionode.store.lmdb_store import Column, LmdbStore, Put, WriteOp
-from trionode.store.store import INLINE_MAX_OPS, AsyncStore, open_store
+from trionode.store.store import INLINE_MAX_OPS, AsyncStore, WriteBatch, open_store
 
 
 class Commits:
@@ -70,6 +70,12 @@ async def store_at(
 
 def puts(prefix: bytes, n: int = 1) -> list[WriteOp]:
     return [Put(Column.GENERIC, prefix + b"%d" % i, b"v") for i in range(n)]
+
+
+def batch_of(ops: list[WriteOp]) -> WriteBatch:
+    batch = WriteBatch()
+    batch.ops += ops
+    return batch
 
 
 async def test_a_small_write_on_an_idle_loop_commits_on_the_trio_thread(
@@ -193,6 +199,38 @@ async def test_a_failed_inline_commit_is_a_counted_storage_error_and_frees_the_w
         with trio.fail_after(5):  # the writer limiter was released
             await store.write(puts(b"b/"))
         assert store.raw.get(Column.GENERIC, b"b/0") == b"v"
+
+
+async def test_write_now_commits_on_the_trio_thread_only_when_write_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`write_now`: `write`'s inline commit, made at once (no yield, no cancel point), or
+    nothing at all (False) when `write` would hand it to the writer thread."""
+    commits = Commits(monkeypatch)
+    registry = CollectorRegistry()
+    async with store_at(tmp_path / "db", registry) as store, trio.open_nursery() as nursery:
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.write_now(batch_of(puts(b"a/")))
+        assert commits.last_inline()
+        assert store.inline_commits == 1
+        assert store.raw.get(Column.GENERIC, b"a/0") == b"v"  # committed when it returned
+        assert (
+            registry.get_sample_value(
+                "trionode_store_operations_total", {"op": "put", "column": "generic"}
+            )
+            == 1.0
+        )
+        assert not store.write_now(batch_of(puts(b"b/", INLINE_MAX_OPS + 1)))
+        nursery.start_soon(trio.sleep, 0)  # (a task runnable now)
+        assert not store.write_now(batch_of(puts(b"c/")))
+        commits.fail = True
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(StorageError, match="disk full"):
+            store.write_now(batch_of(puts(b"d/")))
+        assert registry.get_sample_value("trionode_store_errors_total", {"op": "write"}) == 1.0
+        assert len(commits.threads) == 2
+        assert store.raw.get(Column.GENERIC, b"b/0") is None
+        assert store.raw.get(Column.GENERIC, b"c/0") is None
 
 
 class Steps(trio.abc.Instrument):

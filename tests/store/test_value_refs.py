@@ -20,7 +20,7 @@ WRITERS = [hashlib.sha256(b"writer %d" % i).digest() for i in range(3)]
 PARENTS = [hashlib.sha256(b"parent %d" % i).digest() for i in range(3)]
 
 
-def v3_row(time: int, writer: bytes, parent: bytes, name: bytes, value: bytes) -> bytes:
+def v3_row(time: int, writer: bytes, parent: object, name: bytes, value: bytes) -> bytes:
     """A state row shaped as `crdt/compact.py` writes it (version 3)."""
     record = [1, parent, name, 2, msgspec.msgpack.Ext(5, b"\x00"), None, [None, value]]
     return msgspec.msgpack.encode([3, time, writer, record])

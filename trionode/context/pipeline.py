@@ -640,13 +640,13 @@ class DeltaPipeline:
             if len(batch):
                 try:
                     store = self._replicas.store
-                    if not here or store.may_write_now():
-                        # (Not yielding after an inline commit: `_process` yields next.
-                        # A caller's own batch commits here, and with no cancel point
-                        # that can fire: `_run_here`.)
+                    if not here:
+                        # (Not yielding after an inline commit: `_process` yields next.)
                         await store.write(batch, settle=False)
-                    else:
-                        with trio.CancelScope(shield=True):  # (`_run_here`)
+                    elif not store.write_now(batch):
+                        # (A caller's own batch commits at once on this thread, with no
+                        # cancel point; if it no longer may, shielded: `_run_here`.)
+                        with trio.CancelScope(shield=True):
                             await store.write(batch, settle=False)
                 except StorageError as write_error:
                     unusable.update(held)
