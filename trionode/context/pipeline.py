@@ -117,6 +117,9 @@ class LocalCall(msgspec.Struct, frozen=True):
     caller: contextvars.Context = msgspec.field(default_factory=contextvars.copy_context)
     """The submitting task's context variables: the call runs in the processor's task,
     and what the caller set up for it (the blob access of an API call) must come along."""
+    app: App | None = None
+    """The app to run it with, as `call` found it, for a call that runs its own batch
+    with nothing yielding meanwhile (`_run_here`): not looked up a second time."""
 
 
 @attrs.frozen
@@ -288,8 +291,9 @@ class DeltaPipeline:
             replica = await self._replicas.load(context_id)  # ContextNotFound at once
             if executor is not None and executor != replica.record.our_member:
                 raise NotPermitted("this node holds no key for that executor")
-            self._writer.check_call(await self._running_app(replica, method), method)
-            job = _Job(context_id, LocalCall(method, args_json), len(method) + len(args_json))
+            app = await self._running_app(replica, method)
+            self._writer.check_call(app, method)
+            size = len(method) + len(args_json)
             if (
                 self._callers == 1
                 and self._idle
@@ -298,9 +302,11 @@ class DeltaPipeline:
                 and not replica.lock.locked()
                 and self._replicas.store.may_write_now()
             ):
-                result = await self._run_here(job)
+                result = await self._run_here(
+                    _Job(context_id, LocalCall(method, args_json, app=app), size)
+                )
             else:
-                result = await self._submit(job)
+                result = await self._submit(_Job(context_id, LocalCall(method, args_json), size))
         finally:
             self._callers -= 1
         assert isinstance(result, CallResult)
@@ -330,6 +336,8 @@ class DeltaPipeline:
                 self._here_over.set()
                 self._here_over = None
         if carry:  # (not for one job: it is answered or failed; to the processor, if so)
+            if isinstance(job.work, LocalCall):  # (its app is looked up again there)
+                job.work = msgspec.structs.replace(job.work, app=None)
             return await self._submit(job)
         # A call is a schedule point, as through the processor (not a cancel point: it is
         # durable and answered).
@@ -851,7 +859,9 @@ class DeltaPipeline:
             staged = work.stage(LocalJob(replica, own, fresh, progress.changes, progress))
             batch.ops += own.ops
             return staged
-        app = await self._running_app(replica, work.method)
+        app = work.app
+        if app is None:
+            app = await self._running_app(replica, work.method)
         result = work.caller.run(self._writer.run_call, replica, app, work.method, work.args_json)
         # (The root hash is the batch's, filled in once it is durable: `_run_batch`.)
         if not result.delta_records and not result.events:
