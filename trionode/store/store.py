@@ -370,13 +370,7 @@ class AsyncStore:
             if self._writer.borrowed_tokens:
                 await self._commit_in_thread(ops)
             else:
-                try:
-                    self.inline_commits += 1
-                    self._timed_write(ops)
-                except StorageError:
-                    if self._metrics is not None:
-                        self._metrics.errors.labels("write").inc()
-                    raise
+                self._commit_here(ops)
                 if settle:
                     # Yield once, as any write does, but it is done: not a cancel point.
                     await trio.lowlevel.cancel_shielded_checkpoint()
@@ -408,14 +402,18 @@ class AsyncStore:
         if len(ops) > INLINE_MAX_OPS or not self.may_write_now():
             return False
         self._count_ops(ops)
+        self._commit_here(ops)
+        return True
+
+    def _commit_here(self, ops: Sequence[WriteOp]) -> None:
+        """Commit on the Trio thread (the caller checked it may), counted as such."""
+        self.inline_commits += 1
         try:
-            self.inline_commits += 1
             self._timed_write(ops)
         except StorageError:
             if self._metrics is not None:
                 self._metrics.errors.labels("write").inc()
             raise
-        return True
 
     def may_write_now(self) -> bool:
         """Whether a small write (at most `INLINE_MAX_OPS` ops) would commit now on the Trio
