@@ -127,6 +127,57 @@ def test_any_row_the_fast_path_takes_decodes_back_to_itself(
         _same(lazy, decoded)
 
 
+def _taken_alone(row: bytes) -> tuple[type, bytes, bytes | None] | None:
+    """What `take` makes of `row` on a page of its own: (type, id, leaf), or None if it is
+    refused."""
+    try:
+        (got,), _ = take([row])
+    except RemoteProtocolError:
+        return None
+    return type(got), got.id, got.leaf if isinstance(got, RowEntity) else None
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(entities(), min_size=1, max_size=6), st.data())
+def test_a_page_takes_each_row_as_that_row_alone(
+    records: list[Entity], data: st.DataObject
+) -> None:
+    """`take` checks once what consecutive rows share (the head with their parent, the
+    stamp): a page of rows of a few records, their mutations (a byte of the shared parts
+    changed, cut inside them, one shared part with the next one's), in any order, makes
+    of every row what `take` and `scan` make of it alone, and the newest stamp of those
+    that decode."""
+    rows = [encode_entity(e) for e in records]
+    for _ in range(data.draw(st.integers(0, 12), label="mutants")):
+        base = data.draw(st.sampled_from(rows))
+        if not base:
+            continue
+        how = data.draw(st.sampled_from(["flip", "cut", "swap", "same"]))
+        at = data.draw(st.integers(0, min(len(base), 120) - 1))
+        if how == "flip":
+            rows.append(base[:at] + bytes([data.draw(st.integers(0, 255))]) + base[at + 1 :])
+        elif how == "cut":
+            rows.append(base[:at])
+        elif how == "swap":  # the start of one row, the rest of another
+            other = data.draw(st.sampled_from(rows))
+            rows.append(base[:at] + other[at:])
+        else:
+            rows.append(base)
+    page = data.draw(st.permutations(rows))
+    alone = [_taken_alone(row) for row in page]
+    if None in alone:
+        with pytest.raises(RemoteProtocolError):
+            take(page)
+        return
+    got, newest = take(page)
+    assert [(type(e), e.id, e.leaf if isinstance(e, RowEntity) else None) for e in got] == alone
+    assert [type(e) is RowEntity for e in got] == [scan(row) is not None for row in page]
+    decoded = [decode_entity(row) for row in page]
+    assert newest == max((s for s in (e.max_stamp() for e in decoded) if s), default=None)
+    for lazy, eager in zip(got, decoded, strict=True):
+        _same(lazy, eager)
+
+
 @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.lists(entities(), max_size=40), st.data())
 def test_a_tree_of_rows_hashes_and_reads_as_the_decoded_tree(
