@@ -307,12 +307,12 @@ class StateTree:
             if self._deleted:
                 self._deleted.difference_update(ids)
             if stored:
-                for eid in ids:
-                    if eid in stored:
-                        self._log.rewrite(eid)
+                for eid in stored.keys() & ids:
+                    self._log.rewrite(eid)
+        children = self._children
         for parent, ids in added.items():
             ids.sort()
-            siblings = self._children.setdefault(parent, [])
+            siblings = children.setdefault(parent, [])
             in_order = not siblings or siblings[-1] < ids[0]
             siblings.extend(ids)
             if not in_order:
@@ -324,9 +324,8 @@ class StateTree:
                 # in id order fills a few): the others keep their digests.
                 cache.stale.update({eid[0] for eid in ids})
         for ids in added.values():
-            for eid in ids:
-                if eid in self._children:
-                    self._invalidate_down(eid)  # earlier-arrived children may be reachable
+            for eid in children.keys() & ids:
+                self._invalidate_down(eid)  # earlier-arrived children may be reachable
         if added:
             self._sorted_ids = None
             self.max_stamp = newest
@@ -543,17 +542,24 @@ class StateTree:
         self._hashes.pop(ROOT_ID, None)
 
     def _invalidate_down(self, entity_id: bytes) -> None:
-        self._buckets.pop(entity_id, None)  # its children's liveness may have changed
-        level = list(self._children.get(entity_id, ()))
+        # Level by level, each in C: what of a level is cached (its hashes, its buckets)
+        # and which of it has children (the next level) are intersections, not a Python
+        # step per descendant (a map that arrives after its 50,000 entries: every one).
+        hashes = self._hashes
+        buckets = self._buckets
+        children = self._children
+        buckets.pop(entity_id, None)  # its children's liveness may have changed
+        level: Sequence[bytes] = children.get(entity_id, ())
         for _ in range(MAX_DEPTH):
             if not level:
                 return
-            following: list[bytes] = []
-            for cid in level:
-                self._hashes.pop(cid, None)
-                self._buckets.pop(cid, None)
-                following.extend(self._children.get(cid, ()))
-            level = following
+            if hashes:
+                for cid in hashes.keys() & level:
+                    del hashes[cid]
+            if buckets:
+                for cid in buckets.keys() & level:
+                    del buckets[cid]
+            level = [c for parent in children.keys() & level for c in children[parent]]
 
     # -- garbage collection ------------------------------------------------------------
 
