@@ -114,6 +114,7 @@ from trionode.wire.messages import (
 )
 
 Vector = Mapping[bytes, int]
+_id_of = operator.attrgetter("id")
 
 
 class PageOutOfOrder(SyncViolation):
@@ -559,7 +560,7 @@ class SnapshotTake:
         self._entities.extend(entities)
         self._records.extend(message.records)
         self._pages += 1
-        size = sum(len(r) for r in message.records)
+        size = sum(map(len, message.records))
         self._size += size
         self.pages += 1
         self.records += len(entities)
@@ -580,7 +581,7 @@ class SnapshotTake:
             raise PageOutOfOrder(f"a snapshot record does not decode: {exc}") from None
         self._newest = latest(self._newest, newest)
         previous = self._cursor
-        ids = [entity.id for entity in entities]
+        ids = list(map(_id_of, entities))
         if ids:
             # Each after the one before (compared in C, not in a loop per record).
             if (previous is not None and ids[0] <= previous) or not all(
