@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from trionode.errors import StorageError
 from trionode.store import store as store_module
-from trionode.store.lmdb_store import Column, LmdbStore, Put, WriteOp
+from trionode.store.lmdb_store import Column, LmdbStore, Put, PutRun, WriteOp
 from trionode.store.store import INLINE_MAX_OPS, AsyncStore, WriteBatch, open_store
 
 
@@ -370,3 +370,26 @@ async def test_a_failed_commit_in_the_thread_is_a_counted_storage_error_and_free
             await store.write(puts(b"b/"))
         assert store.raw.get(Column.GENERIC, b"b/0") == b"v"
         assert store.raw.get(Column.GENERIC, b"a/0") is None
+
+
+async def test_the_writer_times_count_the_thread_commits_and_the_bulk_writes(
+    tmp_path: Path,
+) -> None:
+    # (inline commits off: every write goes to the writer thread)
+    async with store_at(tmp_path / "db", inline_max=0.0) as store:
+        before = store.writer_times()
+        rows = [b"%04d" % i for i in range(100)]
+        await store.write([PutRun(Column.STATE, b"c" * 32, rows, rows), *puts(b"p/")])
+        after_bulk = store.writer_times()
+        await store.write(puts(b"a/", 3))  # `Put`s alone: not a bulk write
+        after_puts = store.writer_times()
+    one = after_bulk.since(before)
+    assert one.commits == 1
+    assert one.bulk.writes == 1
+    times = (one.seconds, one.cpu, one.bulk.preparing, one.bulk.putting, one.bulk.committing)
+    assert all(t >= 0 for t in times)
+    two = after_puts.since(after_bulk)
+    assert two.commits == 1
+    assert two.bulk.writes == 0
+    assert after_puts.since(before).commits == 2
+    assert "2 commits in the writer thread" in after_puts.since(before).line()

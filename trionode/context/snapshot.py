@@ -302,12 +302,19 @@ async def take(
             )
             taking.on_page, taking.on_progress = on_page, on_progress
             taking.before = (progress.records, progress.size)
+            writer = contexts.store.writer_times()
             with records_kept():  # (crdt/bulk.py)
                 times = await take_snapshot(channel, machine, taking.store)
             progress, joined = taking.progress, taking.joined
             join_timeline.mark("pages_stored")
-            # (benchmarks/join_bench.py prints it with its breakdown)
-            log.info("snapshot pages of %s taken: %s", context_id.hex()[:12], times.line())
+            # (benchmarks/join_bench.py prints it with its breakdown; the writer's figures
+            # count every commit meanwhile, the batches' and any other's)
+            log.info(
+                "snapshot pages of %s taken: %s; writer: %s",
+                context_id.hex()[:12],
+                times.line(),
+                contexts.store.writer_times().since(writer).line(),
+            )
         boundary = progress.heads or []
         try:
             if progress.root_hash is not None:

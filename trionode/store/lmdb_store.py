@@ -49,6 +49,7 @@ resize holds it exclusively.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
@@ -508,6 +509,31 @@ def _singles(
             yield _Stored(item.column, list(zip(stored, item.values, strict=True)))
 
 
+@attrs.define
+class BulkTimes:
+    """Where a store's bulk writes spent their time (seconds summed since it opened): every
+    write that is not `Put`s alone (a snapshot batch's `PutRun`s, a folding pass). Timed in
+    the thread that writes, so a wait for the GIL counts in the step it interrupted: py-lmdb
+    lets go of it around every put, and takes it back only when the other thread's Python
+    lets it (issue #17). The common write of `Put`s alone is not timed (issue #16)."""
+
+    writes: int = 0
+    preparing: float = 0.0
+    """Before the transaction: keys checked, values packed and sealed."""
+    putting: float = 0.0
+    """The puts, in the transaction."""
+    committing: float = 0.0
+    """The commit: pages written and synced to disk."""
+
+    def since(self, earlier: BulkTimes) -> BulkTimes:
+        return BulkTimes(
+            self.writes - earlier.writes,
+            self.preparing - earlier.preparing,
+            self.putting - earlier.putting,
+            self.committing - earlier.committing,
+        )
+
+
 @attrs.frozen
 class StoreStats:
     map_size: int
@@ -959,6 +985,8 @@ class LmdbStore:
         self._max_map_size = max_map_size
         self._lock = _SharedExclusiveLock()
         self._closed = False
+        self.bulk = BulkTimes()
+        """Where the bulk writes spent their time (`BulkTimes`)."""
         while True:
             try:
                 self._convert(dbs[Column.META])
@@ -1618,6 +1646,7 @@ class LmdbStore:
         pack = self._refs.pack
         sealed = self._cipher is not None
         puts = True  # (every op a `Put`: `_write_puts`)
+        began = putting = committing = 0.0  # (a bulk write's: `BulkTimes`)
         for op in ops:
             if type(op) is Put:  # (most ops: checked and packed with no call but `pack`)
                 key, column = op.key, op.column
@@ -1628,7 +1657,9 @@ class LmdbStore:
                     stored = self._seal(column, key, stored)
                 prepared.append((column, key, stored))
                 continue
-            puts = False
+            if puts:
+                began = time.perf_counter()
+                puts = False
             if isinstance(op, PutMany):
                 if not op.rows:
                     continue
@@ -1661,9 +1692,14 @@ class LmdbStore:
                     if puts:
                         self._write_puts(txn, prepared, added)
                     else:
+                        putting = time.perf_counter()
                         self._write_in(txn, prepared, added)
                     if fresh:
                         self._refs.persist(txn, fresh, self._meta_seal)
+                    if not puts:
+                        committing = time.perf_counter()
+                if not puts:
+                    self._note_bulk(began, putting, committing)
                 self._refs.committed(fresh)
                 return
             except lmdb.MapFullError:
@@ -1675,6 +1711,14 @@ class LmdbStore:
             except BaseException:
                 self._keys.rollback(added)
                 raise
+
+    def _note_bulk(self, began: float, putting: float, committing: float) -> None:
+        """Count a bulk write that committed (`BulkTimes`; one writer at a time)."""
+        bulk = self.bulk
+        bulk.writes += 1
+        bulk.preparing += putting - began
+        bulk.putting += committing - putting
+        bulk.committing += time.perf_counter() - committing
 
     def _prepare_run(self, op: PutRun, fresh: set[int]) -> _Many:
         """`write`'s preparation of a `PutRun`: its keys checked, values as stored."""

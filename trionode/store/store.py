@@ -49,6 +49,7 @@ from trionode.errors import StorageError
 from trionode.store.encryption import KdfParams
 from trionode.store.lmdb_store import (
     DEFAULT_MAX_VALUE_REFS,
+    BulkTimes,
     Column,
     Delete,
     LmdbStore,
@@ -73,6 +74,9 @@ DEFAULT_INLINE_COMMIT_MAX: Final = 0.002
 """The default of `store.inline_commit_max_seconds`."""
 _AVERAGE_WEIGHT: Final = 0.2
 """The weight of the newest commit in the moving average of commit durations."""
+_WALL: Final = time.perf_counter
+_CPU: Final = time.thread_time
+"""The clocks of `WriterTimes` (bound once: the writer thread's loop reads them)."""
 
 
 def _loop_idle() -> bool:
@@ -105,6 +109,8 @@ class _CommitThread:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.times = WriterTimes()
+        """The commits it ran and where their time went (summed since the store opened)."""
 
     async def run(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the thread; raises what it raised."""
@@ -121,11 +127,16 @@ class _CommitThread:
             raise job.error
 
     def _work(self) -> None:
+        clock, cpu, times = _WALL, _CPU, self.times
         while (job := self._jobs.get()) is not None:
+            began, used = clock(), cpu()
             try:
                 job.fn()
             except BaseException as exc:  # noqa: BLE001 (raised in the waiting task)
                 job.error = exc
+            times.commits += 1
+            times.seconds += clock() - began
+            times.cpu += cpu() - used
             with contextlib.suppress(trio.RunFinishedError):  # (nobody waits any more)
                 job.token.run_sync_soon(job.done.set)
 
@@ -135,6 +146,39 @@ class _CommitThread:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+
+
+@attrs.define
+class WriterTimes:
+    """Where the writer thread's commits spent their time (seconds), and the store's bulk
+    writes in whichever thread made them (`LmdbStore.bulk`): what a snapshot's batches cost
+    the writer (`AsyncStore.writer_times`; the join bench prints it, issue #17)."""
+
+    commits: int = 0
+    """Commits the writer thread ran."""
+    seconds: float = 0.0
+    """Their wall time in the thread."""
+    cpu: float = 0.0
+    """The thread's CPU time meanwhile: the rest of `seconds` it waited, for the disk or the
+    GIL (py-lmdb takes the GIL back after every put: `BulkTimes`)."""
+    bulk: BulkTimes = attrs.field(factory=BulkTimes)
+
+    def since(self, earlier: WriterTimes) -> WriterTimes:
+        return WriterTimes(
+            self.commits - earlier.commits,
+            self.seconds - earlier.seconds,
+            self.cpu - earlier.cpu,
+            self.bulk.since(earlier.bulk),
+        )
+
+    def line(self) -> str:
+        bulk = self.bulk
+        return (
+            f"{self.commits} commits in the writer thread, {self.seconds:.3f}s"
+            f" (CPU {self.cpu:.3f}s); {bulk.writes} bulk writes: preparing"
+            f" {bulk.preparing:.3f}s, putting {bulk.putting:.3f}s, committing"
+            f" {bulk.committing:.3f}s"
+        )
 
 
 @attrs.define(eq=False)
@@ -447,6 +491,13 @@ class AsyncStore:
             raise
         finally:
             self._writer.release()
+
+    def writer_times(self) -> WriterTimes:
+        """The writer thread's commits and the bulk writes so far (`WriterTimes`: take
+        two and subtract, `since`). Read while writes go on, the sums may be a commit
+        apart."""
+        times = self._commits.times
+        return WriterTimes(times.commits, times.seconds, times.cpu, attrs.evolve(self.raw.bulk))
 
     def close(self) -> None:
         """Stop the commit thread (the store's close: no write is running)."""
