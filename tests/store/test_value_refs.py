@@ -306,6 +306,35 @@ def test_rows_put_many_at_once_are_stored_as_put_one_by_one(
             store.close()
 
 
+@pytest.mark.parametrize("limit", [1, 1000])
+def test_runs_of_rows_of_one_parent_are_stored_as_put_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory, limit: int
+) -> None:
+    """`pack_many` knows a row of the parent of the row before by its head alone: runs of
+    one parent, broken by another parent's rows (past the limit of numbers: kept whole), by
+    a row of another shape, and a row that is only the head, are stored as put one by one."""
+    first, second = PARENTS[0], PARENTS[1]
+    values = [
+        *(v1_record(first, b"a%d" % i, b"x" * i) for i in range(3)),
+        v1_record(second, b"b", b"y"),
+        v1_record(second, b"c", b"z"),
+        v3_row(5, WRITERS[0], first, b"d", b"w"),
+        v1_record(first, b"e", b""),
+        v1_record(first, b"f", b"v")[:36],  # (the head and the parent, nothing after)
+        v1_record(first, b"g", b"u"),
+    ]
+    rows = [(_key(i), value) for i, value in enumerate(values)]
+    stores = [LmdbStore.open(tmp_path_factory.mktemp("db"), max_value_refs=limit) for _ in range(2)]
+    try:
+        stores[0].write([PutMany(Column.STATE, rows)])
+        stores[1].write([Put(Column.STATE, k, v) for k, v in rows])
+        assert _contents(stores[0]) == _contents(stores[1])
+        assert dict(stores[0].scan(Column.STATE)) == dict(rows)
+    finally:
+        for store in stores:
+            store.close()
+
+
 _run_prefixes = st.sampled_from(
     [
         (Column.STATE, CONTEXT),  # a context's rows: its number found once

@@ -317,12 +317,21 @@ class _ValueRefs:
         """`pack` of each of `values` (a snapshot batch's rows). A joined record as received
         (`[1, parent, ...]`: `_RECORD_HEAD`) has one id to number, its parent, at a fixed
         place: its stored form is the parent's packed head and the rest, made once per
-        parent, not once per row. Anything else goes through `pack`."""
+        parent, not once per row. Anything else goes through `pack`.
+
+        Runs in the writer thread, holding the GIL the event loop wants meanwhile (issue
+        #17): a row of the same parent as the row before (a snapshot's rows come by id,
+        mostly one map's entries) is known by one `startswith` of that row's head."""
         pack = self.pack
         heads: dict[bytes, bytes | None] = {}
         out: list[bytes] = []
         append = out.append
+        same: tuple[bytes, ...] = ()  # (the head and parent of the last row packed by them)
+        same_head = b""
         for value in values:
+            if value.startswith(same):
+                append(same_head + value[_RECORD_ID_END:])
+                continue
             if not value.startswith(_RECORD_HEAD) or len(value) < _RECORD_ID_END:
                 append(pack(value, fresh))
                 continue
@@ -338,7 +347,11 @@ class _ValueRefs:
                     # (`pack`'s form: one ref, 2 bytes of the value before the id.)
                     head = bytes([_PACKED, 1]) + _uvarint(2) + _uvarint(number) + value[:2]
                 heads[parent] = head
-            append(value if head is None else head + value[_RECORD_ID_END:])
+            if head is None:
+                append(value)
+            else:
+                same, same_head = (value[:_RECORD_ID_END],), head
+                append(head + value[_RECORD_ID_END:])
         return out
 
     def unpack(self, stored: bytes) -> bytes:
