@@ -35,6 +35,7 @@ import attrs
 from trionode.dag.delta import GENESIS, MAX_PARENTS
 
 T = TypeVar("T")
+_NOTHING: frozenset[bytes] = frozenset()
 
 
 @attrs.frozen
@@ -164,9 +165,16 @@ class CausalDag(Generic[T]):
         descendants wait (and expire) instead; one it defers waits for `release`. `ready`
         lists only the applied ones. `author` counts against `max_pending_per_author`."""
         if self.knows(delta_id):
-            return Offer([], frozenset(), duplicate=True, evicted=[])
+            return Offer([], _NOTHING, duplicate=True, evicted=[])
         parents = tuple(parents)
-        missing = {p for p in parents if p != GENESIS and p not in self.applied}
+        applied = self.applied
+        missing = {p for p in parents if p != GENESIS and p not in applied}
+        if not missing and apply is None and delta_id not in self._waiting:
+            # (What `_cascade` does for it, without a pending entry to build and drop: a
+            # delta on applied parents that nothing waits for and nobody judges, as a local
+            # delta is; adding none, it leaves the quotas as they were.)
+            self._mark_applied(delta_id, parents)
+            return Offer([(delta_id, item)], _NOTHING, duplicate=False, evicted=[])
         entry = _Pending(delta_id, parents, item, now, set(missing), author)
         if missing:
             self._add_pending(entry)
@@ -176,7 +184,7 @@ class CausalDag(Generic[T]):
             unknown = frozenset(p for p in missing if p not in self._pending)
             return Offer([], unknown, duplicate=False, evicted=evicted)
         ready = self._cascade([entry], apply)
-        return Offer(ready, frozenset(), False, self._enforce_limits())
+        return Offer(ready, _NOTHING, False, self._enforce_limits())
 
     def release(self, now: float, apply: Apply[T]) -> list[tuple[bytes, T]]:
         """Hand the deferred deltas whose time has come (and what waited for them) to
