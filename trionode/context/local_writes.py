@@ -12,7 +12,7 @@ committed.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, NamedTuple, Protocol
 
 import attrs
@@ -274,12 +274,10 @@ class LocalWriter:
         is over `auth.max_nonfinal_bytes`: its delta would be one more non-final delta.
         Views run; membership changes go on (removing a silent admin is the remedy)."""
         limit = self.max_nonfinal_bytes
-        if limit is None:
+        if limit is None or not replica.authority.undo_log_over(limit):
             return
         entry = app.entry(method)
         if entry is not None and entry.kind is EntryKind.VIEW:
-            return
-        if not replica.authority.undo_log_over(limit):
             return
         held = replica.authority.nonfinal_bytes()
         oldest = lag_of(replica.authority, self._replicas.wall_clock()).oldest_unacked
@@ -552,11 +550,12 @@ def _change(replica: Replica, delta: SignedDelta, outcome: CallOutcome) -> Chang
     return change_of(replica, delta_id=delta.id, events=events, origin="local")
 
 
-def _own_newest(replica: Replica) -> list[bytes]:
+def _own_newest(replica: Replica) -> Iterator[bytes]:
     """A head whose past holds our own newest delta (by its seq in the heads' vectors; none
     before our first): a delta that takes only some heads as parents (more heads than a
     header may name) must keep it, or its seq would not follow its past and every peer
-    would refuse it."""
+    would refuse it. (A generator: `parents_for_new_delta` reads it only then, so the
+    common delta, which takes every head, walks no vector for it.)"""
     own = tag(replica.record.our_member)
     authority = replica.authority
     best = 0
@@ -566,4 +565,4 @@ def _own_newest(replica: Replica) -> list[bytes]:
         seq = 0 if vv is None else vv.get(own, 0)
         if seq > best or (seq == best and seq and head < newest[0]):
             best, newest = seq, [head]
-    return newest
+    yield from newest

@@ -291,7 +291,7 @@ class DeltaPipeline:
             replica = await self._replicas.load(context_id)  # ContextNotFound at once
             if executor is not None and executor != replica.record.our_member:
                 raise NotPermitted("this node holds no key for that executor")
-            app = await self._running_app(replica, method)
+            app = await running_app(self._apps, self._replicas, replica, method)
             self._writer.check_call(app, method)
             size = len(method) + len(args_json)
             if (
@@ -687,10 +687,12 @@ class DeltaPipeline:
                 root_hash = held[each.job.context_id].tree.root_hash()
                 answer = CallResult(answer.result, answer.delta_id, root_hash)
             each.job.succeed(answer)
-        carry = [job for job in jobs if job in retry]
-        self.stats.batches += 1
-        self.stats.jobs += len(jobs) - len(carry)
-        self.stats.largest = max(self.stats.largest, len(jobs) - len(carry))
+        carry = [job for job in jobs if job in retry] if retry else []
+        done = len(jobs) - len(carry)
+        stats = self.stats
+        stats.batches += 1
+        stats.jobs += done
+        stats.largest = max(stats.largest, done)
         return carry
 
     def _flush(
