@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from functools import partial
 
-import attrs
+import msgspec
 import trio
 
 from trionode.auth.model import WRITERS
@@ -113,6 +113,6 @@ class HandlerRunner:
 def _merge(a: CallOutcome | None, b: CallOutcome) -> CallOutcome:
     if a is None:
         return b
-    return attrs.evolve(
+    return msgspec.structs.replace(
         b, delta_records=[*a.delta_records, *b.delta_records], events=[*a.events, *b.events]
     )

@@ -128,7 +128,17 @@ class Param:
 class EntryPoint:
     """A method, view, init hook or event handler of an app, with its argument decoder."""
 
-    __slots__ = ("_args_type", "_fields", "events", "fn", "kind", "name", "params", "returns")
+    __slots__ = (
+        "_args_type",
+        "_decoder",
+        "_fields",
+        "events",
+        "fn",
+        "kind",
+        "name",
+        "params",
+        "returns",
+    )
 
     def __init__(self, fn: Callable[..., Any], kind: EntryKind, events: tuple[str, ...]) -> None:
         self.fn = fn
@@ -139,6 +149,9 @@ class EntryPoint:
         self.params: tuple[Param, ...] = ()
         self.returns: Any = Any
         self._args_type: Any = None
+        self._decoder: msgspec.json.Decoder[Any] | None = None
+        """The arguments' JSON decoder, built once (`compile`): `msgspec.json.decode` with a
+        type looks the type up per call."""
         self._fields: tuple[str, ...] | None = None
         """Parameter names to unpack from the decoded struct; None: pass it whole."""
 
@@ -199,6 +212,7 @@ class EntryPoint:
         self.returns = hints.get("return", Any)
         if self.kind is EntryKind.HANDLER and _is_event_param(self.params, self.events):
             self._args_type = self.params[0].annotation
+            self._decoder = msgspec.json.Decoder(self._args_type)
             self._fields = None
             return
         try:
@@ -210,7 +224,7 @@ class EntryPoint:
                 forbid_unknown_fields=self.kind is not EntryKind.HANDLER,
                 kw_only=True,
             )
-            msgspec.json.Decoder(self._args_type)  # unsupported annotations fail here
+            self._decoder = msgspec.json.Decoder(self._args_type)  # (unsupported ones fail)
         except (TypeError, ValueError) as exc:
             raise AppDefinitionError(f"{where}: unsupported parameter types: {exc}") from exc
         self._fields = tuple(p.name for p in self.params)
@@ -224,14 +238,18 @@ class EntryPoint:
             InvalidParamsError: not JSON, not an object, unknown/missing parameter, or a
                 value that does not match the parameter's type; the message names it.
         """
-        if self._args_type is None:  # (`_ensure_compiled`, inline: per call)
+        decoder = self._decoder
+        if decoder is None:  # (`_ensure_compiled`, inline: per call)
             self.compile()
-        data = args_json.encode() if isinstance(args_json, str) else (args_json or b"")
+            decoder = self._decoder
+            assert decoder is not None  # (compiled)
+        # (A str is decoded as it is: msgspec takes both, and encoding it first copied it.)
+        data = args_json or b""
         stripped = data.strip()
-        if not stripped or stripped == b"null":
+        if not stripped or stripped == ("null" if isinstance(stripped, str) else b"null"):
             data = b"{}"
         try:
-            decoded = msgspec.json.decode(data, type=self._args_type)
+            decoded = decoder.decode(data)
         except msgspec.ValidationError as exc:
             raise _invalid_params(self, str(exc)) from None
         except msgspec.DecodeError as exc:
@@ -330,10 +348,10 @@ def type_name(annotation: Any) -> str:
 # -- the current call ------------------------------------------------------------------
 
 
-@attrs.define(eq=False)
-class CallState:
-    """What the runtime tells the SDK about the call in progress. (`runtime._run` builds
-    it field by field, without calling the class: a new field must be set there too.)"""
+class CallState(msgspec.Struct):
+    """What the runtime tells the SDK about the call in progress. (A struct, not an attrs
+    class: one is made per call, by msgspec's constructor rather than a generated Python
+    `__init__`.)"""
 
     app: App
     entry: EntryPoint
@@ -341,7 +359,7 @@ class CallState:
     executor: bytes
     context_id: bytes
     physical: int
-    events: list[EmittedEvent] = attrs.Factory(list)
+    events: list[EmittedEvent] = msgspec.field(default_factory=list)
     violation: str | None = None
     """Set when the app attempted a forbidden side effect (even if it caught the error)."""
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any, Final, NoReturn, cast
 
-import attrs
 import msgspec
 
 from trionode.crdt import (
@@ -53,8 +52,6 @@ from trionode.sdk.errors import (
     ViewWriteError,
 )
 
-_new: Final = object.__new__
-_setattr: Final = object.__setattr__
 _encode_json: Final = msgspec.json.encode
 
 MAX_ARGS_BYTES: Final = 10 * 1024 * 1024
@@ -63,9 +60,9 @@ MAX_METHOD_NAME: Final = 256
 ID_BYTES: Final = 32
 
 
-@attrs.frozen
-class CallOutcome:
-    """What a successful call produced."""
+class CallOutcome(msgspec.Struct, frozen=True):
+    """What a successful call produced. (A struct, not an attrs class: one is made per
+    call, by msgspec's constructor rather than a generated Python `__init__`.)"""
 
     result_json: bytes
     """The return value as JSON (`null` for None)."""
@@ -311,17 +308,7 @@ def _run(
     read_only = entry.kind is EntryKind.VIEW or not writable
     tx = _ReadOnlyTransaction(tree) if read_only else tree.begin(clock, physical_now)
     try:
-        # (`CallState(app, entry, tx, bytes(executor), bytes(context_id), physical_now)`
-        # without the class call and its generated `__init__`)
-        call: CallState = _new(CallState)
-        call.app = app
-        call.entry = entry
-        call.tx = tx
-        call.executor = bytes(executor)
-        call.context_id = bytes(context_id)
-        call.physical = physical_now
-        call.events = []
-        call.violation = None
+        call = CallState(app, entry, tx, bytes(executor), bytes(context_id), physical_now, [])
         if read_only:
             cast("_ReadOnlyTransaction", tx).call = call
         token = CURRENT_CALL.set(call)
@@ -342,13 +329,7 @@ def _run(
         if not tx.closed:
             tx.abort()
         raise
-    # (`CallOutcome(result_json, records, list(call.events))` without the class call: its
-    # generated `__init__` sets the frozen fields one by one through object.__setattr__)
-    outcome: CallOutcome = _new(CallOutcome)
-    _setattr(outcome, "result_json", result_json)
-    _setattr(outcome, "delta_records", records)
-    _setattr(outcome, "events", list(call.events))
-    return outcome
+    return CallOutcome(result_json, records, list(call.events))
 
 
 def _invoke(
