@@ -55,7 +55,8 @@ def ntp64_from_unix(seconds: float) -> int:
         raise ValueError("NTP64 time cannot be negative")
     whole = int(seconds)
     fraction = int((seconds - whole) * (1 << FRACTION_BITS))
-    return _check_range((whole << FRACTION_BITS) | fraction)
+    time = (whole << FRACTION_BITS) | fraction
+    return time if time <= NTP64_MAX else _check_range(time)  # (a call's physical time)
 
 
 def ntp64_from_unix_ns(nanoseconds: int) -> int:

@@ -98,30 +98,33 @@ class RowLog:
     ) -> list[Row]:
         """The rows to write for the drained changes, and forget the pending deltas."""
         out: list[Row] = []
+        stored_rows, journal, rewrite = self.stored, self._journal, self._rewrite
         for eid in sorted(updated):
             entity = record(eid)
             if entity is None:
                 continue
-            stored = self.stored.get(eid)
-            delta = self._journal.get(eid)
-            if (
-                stored is not None
-                and delta is not None
-                and eid not in self._rewrite
-                and stored.journal_rows + 1 < _SEQ_LIMIT
-            ):
-                data = encode_journal(delta)
-                if stored.journal_bytes + len(data) <= max(stored.base, JOURNAL_MIN_BYTES):
-                    out.append((_journal_key(eid, stored.journal_rows), data))
-                    stored.journal_rows += 1
-                    stored.journal_bytes += len(data)
-                    continue
-            data = _row(entity)
+            stored = stored_rows.get(eid)
+            if stored is not None:  # (a journaled record: its delta, or its base anew)
+                delta = journal.get(eid)
+                if (
+                    delta is not None
+                    and eid not in rewrite
+                    and stored.journal_rows + 1 < _SEQ_LIMIT
+                ):
+                    data = encode_journal(delta)
+                    if stored.journal_bytes + len(data) <= max(stored.base, JOURNAL_MIN_BYTES):
+                        out.append((_journal_key(eid, stored.journal_rows), data))
+                        stored.journal_rows += 1
+                        stored.journal_bytes += len(data)
+                        continue
+            data = entity_row(entity)  # (`_row`, inline: per changed record)
             out.append((eid, data))
-            self._rewrite.discard(eid)
-            self._drop_journal(eid, out)
+            if rewrite:
+                rewrite.discard(eid)
+            if stored is not None:
+                self._drop_journal(eid, out)
             if entity.kind in JOURNAL_KINDS:
-                self.stored[eid] = _Stored(len(data))
+                stored_rows[eid] = _Stored(len(data))
         for eid in sorted(deleted):
             out.append((eid, None))
             self._rewrite.discard(eid)

@@ -512,14 +512,17 @@ class Transaction:
         """Add `delta` to the entity's pending delta (and to its view, if materialised;
         `get` builds views lazily). The tree itself is untouched until commit."""
         eid = delta.id
-        view = self._overlay.get(eid)
-        if view is not None:
-            view.merge(delta)
-        pending = self._pending.get(eid)
+        overlay = self._overlay
+        if overlay:  # (none until a read after a write: most calls never read so)
+            view = overlay.get(eid)
+            if view is not None:
+                view.merge(delta)
+        pending_deltas = self._pending
+        if pending_deltas is _NONE:
+            pending_deltas = self._pending = {}
+        pending = pending_deltas.get(eid)
         if pending is None:
-            if self._pending is _NONE:
-                self._pending = {}
-            self._pending[eid] = delta
+            pending_deltas[eid] = delta
             if eid not in self._records:
                 if self._new_children is _NONE:
                     self._new_children = {}
