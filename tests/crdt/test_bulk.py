@@ -52,14 +52,23 @@ class _Node:
 def test_a_kept_step_freezes_what_it_made_while_a_snapshot_is_taken() -> None:
     assert gc.get_freeze_count() == 0  # (the test process froze nothing)
     with records_kept():
+        dead = _Node()
+        dead.other = dead  # a cycle that died before the step: collected, not frozen
+        watch = weakref.ref(dead)
+        del dead
         with collector_paused(kept=True):
+            assert watch() is None
             kept = [_Node() for _ in range(100)]
-            dead = _Node()
-            dead.other = dead  # a cycle that died inside the step: collected, not frozen
-            watch = weakref.ref(dead)
-            del dead
-        assert watch() is None
         assert all(_frozen(*kept))
+        refused: list[_Node] = []
+
+        def bad_page() -> None:
+            refused.extend(_Node() for _ in range(100))
+            raise ValueError("bad page")
+
+        with pytest.raises(ValueError, match="bad page"), collector_paused(kept=True):
+            bad_page()
+        assert not any(_frozen(*refused))  # (a step that raises freezes nothing)
         with collector_paused():  # (not kept: nothing more frozen)
             also = [_Node() for _ in range(100)]
         assert not any(_frozen(*also))

@@ -15,14 +15,18 @@ were traversed by the young collection that ran as the collector resumed, again 
 middle one, and the whole growing state by every full one (a joiner taking 100,000
 records, gc callbacks, load 8: 0.8-1.1 s in collections over its life, 0.2-0.35 s with
 what follows). So while a snapshot is taken (`records_kept`), a step that keeps what it
-made (`collector_paused(kept=True)`) ends with a collection of the two younger
-generations (what it made, and any cycle that died since the last, traversed once) and
-freezes what survives (`gc.freeze`: a splice of lists, no traversal): those
-records are never traversed again, as a started node keeps its startup heap
-(`cli_node.freeze_startup_heap`). A process that froze nothing before the snapshot (a
-test's) gets everything back into the oldest generation when it ends. An object alive
-at a freeze that later dies in a reference cycle is not collected (anything else is freed
-by its count, frozen or not): the price `gc.freeze` always has.
+makes (`collector_paused(kept=True)`) starts with a collection of the two younger
+generations (any cycle that died since the last step: the objects made meanwhile, a few
+hundred) and ends by freezing what is alive (`gc.freeze`: a splice of lists, no
+traversal): its records are never traversed at all, as a started node keeps its startup
+heap (`cli_node.freeze_startup_heap`). (The collection used to end the step, and
+traversed the page it had just made, some 4,000 records: 2-6 ms a page, loaded.) Such a
+step must make no reference cycle, which would be frozen with the records and never
+collected: records hold none, and a step that raises freezes nothing. A process that
+froze nothing before the snapshot (a test's) gets everything back into the oldest
+generation when it ends. An object alive at a freeze that later dies in a reference cycle
+is not collected (anything else is freed by its count, frozen or not): the price
+`gc.freeze` always has (tests/replication/test_join_soak.py: none in a node's joins).
 """
 
 from __future__ import annotations
@@ -40,20 +44,26 @@ _thaw = False
 @contextmanager
 def collector_paused(*, kept: bool = False) -> Iterator[None]:
     """No cyclic collection inside the block (one bounded, synchronous bulk step). Nested
-    or already paused: leaves the collector as it found it. `kept`: what the block made
-    is kept (a snapshot's records): collected once and frozen at its end while a snapshot
-    is taken (`records_kept`)."""
+    or already paused: leaves the collector as it found it. `kept`: what the block makes
+    is kept (a snapshot's records), and it makes no reference cycle: while a snapshot is
+    taken (`records_kept`), the block starts with a collection of the younger generations
+    and its end freezes what it made, never traversed (module doc); a block that raises
+    freezes nothing."""
     if not gc.isenabled():
         yield
         return
+    freezes = kept and _keeping
     gc.disable()
     try:
-        yield
-    finally:
-        if kept and _keeping:
+        if freezes:
             gc.collect(1)
-            gc.freeze()
+        yield
+    except BaseException:
         gc.enable()
+        raise
+    if freezes:
+        gc.freeze()
+    gc.enable()
 
 
 @contextmanager
