@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Final
 
 import attrs
@@ -76,6 +77,7 @@ from trionode.wire.messages import MAX_CERTIFICATE, MAX_IDS, MAX_PAGE_RECORDS, S
 log = logging.getLogger(__name__)
 
 Page = tuple[list[bytes], bytes | None]
+_id_of: Final = attrgetter("id")
 
 
 AHEAD_RECORDS: Final = 2 * MAX_PAGE_RECORDS
@@ -553,12 +555,11 @@ def _take_new(
         entities = [entities[i] for i in fresh]
         records = [records[i] for i in fresh]
     # Made for this batch alone (most kept as their rows: crdt/lazy.py): the tree keeps
-    # them without a copy.
-    tree.add_new(entities, newest=newest)
-    # Their rows are the bytes that came: nothing to drain or re-encode. (Every earlier
-    # change was drained by its own commit, so only these are undrained.)
+    # them without a copy. Their rows are the bytes that came: nothing to drain or
+    # re-encode (`stored`). (Every earlier change was drained by its own commit.)
+    tree.add_new(entities, newest=newest, stored=True)
     tree.drain_changes()
     # The bytes that came, in key order, as one op (no object per row): the store writes
     # them in one putmulti. (Their base rows: `stage_fresh_bases`, by the caller.)
-    batch.ops.append(PutRun(STATE.column, context_id, [e.id for e in entities], records))
+    batch.ops.append(PutRun(STATE.column, context_id, list(map(_id_of, entities)), records))
     return entities, records

@@ -272,14 +272,23 @@ class StateTree:
         transaction): hashes read meanwhile may hold them."""
         self._invalidate_up(entity_id)
 
-    def add_new(self, entities: Sequence[Entity], *, newest: Timestamp | None = None) -> None:
+    def add_new(
+        self,
+        entities: Sequence[Entity],
+        *,
+        newest: Timestamp | None = None,
+        stored: bool = False,
+    ) -> None:
         """Take records the caller owns (just decoded, or kept as their rows: `lazy.take`;
         kept, not copied), mostly new to the tree, as a snapshot's pages bring them; the
         same tree as `apply(entities)`, in bulk. New records are filed under their parents
         once per batch (one sort of runs, linear; appended when they come in id order) and
         each parent's ancestors' hashes are invalidated once, not once per record; one the
         tree holds is joined as usual. `newest`: the newest stamp in `entities`, when the
-        caller knows it (`lazy.take` does), saves reading every record's stamps."""
+        caller knows it (`lazy.take` does), saves reading every record's stamps. `stored`:
+        the caller writes the new records' rows itself, as they came (a snapshot's), and
+        drains the changes at once: they are not marked for `drain_changes` (a set of every
+        id, and its copy, for nothing)."""
         if self.in_place is not None:
             self.in_place.evict()
         records = self._records
@@ -303,13 +312,14 @@ class StateTree:
             if not known:
                 newest = latest(newest, incoming.max_stamp())
         # What changed, in bulk (`_mark_updated` and `RowLog.rewrite` of each new record).
-        stored = self._log.stored
+        rows = self._log.stored
         for ids in added.values():
-            self._updated.update(ids)
+            if not stored:
+                self._updated.update(ids)
             if self._deleted:
                 self._deleted.difference_update(ids)
-            if stored:
-                for eid in stored.keys() & ids:
+            if rows:
+                for eid in rows.keys() & ids:
                     self._log.rewrite(eid)
         children = self._children
         for parent, ids in added.items():
