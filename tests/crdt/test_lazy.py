@@ -6,6 +6,7 @@ intake or, at the latest, to the one reader that touches it."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from hashlib import sha256
 
 import msgspec
@@ -244,7 +245,12 @@ def test_a_bad_row_is_refused_to_its_reader_alone() -> None:
     tree = StateTree()
     items, _ = take([encode_entity(e) for e in good])
     tree.add_new([*items, bad])
-    for reader in (lambda: bad.body, lambda: bad.added, lambda: tree.get(bad.id).copy()):  # type: ignore[union-attr]
+    readers: list[Callable[[], object]] = [
+        lambda: bad.body,
+        lambda: bad.added,
+        lambda: tree.get(bad.id).copy(),  # type: ignore[union-attr]
+    ]
+    for reader in readers:
         with pytest.raises(CorruptRecord):
             reader()
     with pytest.raises(CorruptRecord):
