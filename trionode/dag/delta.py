@@ -59,7 +59,7 @@ import hashlib
 import os
 from bisect import insort
 from collections.abc import Sequence
-from typing import Annotated, Final
+from typing import Annotated, Final, overload
 
 import attrs
 import msgspec
@@ -219,6 +219,23 @@ class CompactBody5(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_
     events: Annotated[list[CompactEvent], msgspec.Meta(max_length=MAX_EVENTS)]
 
 
+class _DeltaId:
+    """`SignedDelta.id`: its SHA-256, computed on the first access and kept in the delta's
+    `__dict__`, where every later access finds it with no call (a descriptor without
+    `__set__` yields to the instance's dict: ~10 accesses of each local write's delta,
+    issue #16)."""
+
+    @overload
+    def __get__(self, delta: None, owner: type) -> _DeltaId: ...
+    @overload
+    def __get__(self, delta: SignedDelta, owner: type | None = None) -> bytes: ...
+    def __get__(self, delta: SignedDelta | None, owner: type | None = None) -> bytes | _DeltaId:
+        if delta is None:
+            return self
+        value = delta.__dict__["id"] = delta_id(delta)
+        return value
+
+
 class SignedDelta(
     msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, dict=True
 ):
@@ -233,12 +250,7 @@ class SignedDelta(
     ciphertext: bytes
     signature: Bytes64
 
-    @property
-    def id(self) -> bytes:
-        cached: bytes | None = self.__dict__.get("_id")
-        if cached is None:
-            cached = self.__dict__["_id"] = delta_id(self)
-        return cached
+    id = _DeltaId()
 
     def encode(self) -> bytes:
         cached: bytes | None = self.__dict__.get("_wire")
