@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from operator import attrgetter
 from typing import Final
 
 import attrs
@@ -63,6 +64,7 @@ from trionode.store.lmdb_store import Column, Delete, Put, PutRun
 from trionode.store.store import AsyncStore, BytesCodec, Table, WriteBatch
 
 log = logging.getLogger(__name__)
+_kind_of: Final = attrgetter("kind")
 
 AUX = Table(Column.GENERIC, BytesCodec(), BytesCodec())
 BASE_PREFIX: Final = final_state.BASE_PREFIX
@@ -634,28 +636,34 @@ def stage_fresh_bases(
     batch: WriteBatch,
     entities: Sequence[Entity],
     records: Sequence[bytes],
+    *,
+    ids: Sequence[bytes],
 ) -> None:
     """The base rows of records that arrived as state and were new to the replica (not in
     its tree), whose state rows `batch` puts as `records`: their base is that record. Where
     the state rows are the base (`Replica.state_base`) that needs no row, but for a Text or
     Vector (its state row grows a journal: a copy, as folding leaves it) or an entity that
     has a base row still (one deleted from the state). Else each gets a marker (an empty
-    row: one copy of each record, not two)."""
+    row: one copy of each record, not two). `ids`: the records' ids, in their order."""
     if not entities:
         return
     context_id = replica.context_id
     prefix = BASE_PREFIX + context_id
-    ids = [e.id for e in entities]
+    # (Most batches hold no Text or Vector: found in one pass in C, no loop over them.)
+    journals = not JOURNAL_KINDS.isdisjoint(map(_kind_of, entities))
     if not replica.state_base:
         bases: list[bytes] = [b""] * len(ids)
-        for i, e in enumerate(entities):
-            if e.kind in JOURNAL_KINDS:
-                bases[i] = records[i]
+        if journals:
+            for i, e in enumerate(entities):
+                if e.kind in JOURNAL_KINDS:
+                    bases[i] = records[i]
         batch.ops.append(PutRun(AUX.column, prefix, ids, bases))
     else:
-        copies = {
-            e.id: r for e, r in zip(entities, records, strict=True) if e.kind in JOURNAL_KINDS
-        }
+        copies = (
+            {e.id: r for e, r in zip(entities, records, strict=True) if e.kind in JOURNAL_KINDS}
+            if journals
+            else {}
+        )
         # (One read of the range: none at all in a join.)
         held = store.raw.scan(
             Column.GENERIC, prefix=prefix, start=prefix + min(ids), end=prefix + max(ids) + b"\0"

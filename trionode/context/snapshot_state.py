@@ -424,8 +424,18 @@ class SnapshotState:
                 self._metrics.outcome("refused_state_ahead")
                 raise StateAheadError(ntp64_seconds(excess))
             held_ids = tree.records  # (a dict: no method call per record)
-            fresh = [i for i, e in enumerate(entities) if e.id not in held_ids]
-            held = [e for e in entities if e.id in held_ids] if len(fresh) < len(entities) else []
+            # The batch's ids, read once (in C) for all that needs them; a join's batches
+            # hold none of the tree's, found in one pass in C too.
+            ids = list(map(_id_of, entities))
+            fresh: Sequence[int]
+            held: list[Entity] = []
+            if held_ids.keys().isdisjoint(ids):
+                fresh = range(len(ids))
+            else:
+                fresh = [i for i, entity_id in enumerate(ids) if entity_id not in held_ids]
+                held = [
+                    e for e, entity_id in zip(entities, ids, strict=True) if entity_id in held_ids
+                ]
             batch = WriteBatch()
             if fresh:
                 if not replica.state_base and not len(tree):
@@ -437,7 +447,8 @@ class SnapshotState:
                     taken = _take_new(
                         replica, batch, entities, records, fresh, newest=newest if known else None
                     )
-                    stage_fresh_bases(self._replicas.store, replica, batch, *taken)
+                    fresh_ids = [ids[i] for i in fresh] if held else ids
+                    stage_fresh_bases(self._replicas.store, replica, batch, *taken, ids=fresh_ids)
             if held:
                 tree.apply(held)
                 stage_rows(replica, batch, tree.drain_rows())
