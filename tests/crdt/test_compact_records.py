@@ -40,6 +40,7 @@ from trionode.crdt.compact import (
     entity_row,
     expand_records,
     record_of_row,
+    sealed_row,
 )
 from trionode.crdt.entity import ROOT_ID, child_id
 from trionode.dag.delta import (
@@ -372,3 +373,90 @@ def test_a_body_sealed_from_its_records_alone_is_the_same(
             )
             == expected
         )
+
+
+@st.composite
+def local_writes(draw: st.DrawFn) -> list[Entity]:
+    """Records as a local write seals them: most added by the author at the delta's HLC,
+    some naming, or holding, the id of another record of the body."""
+    out: list[Entity] = []
+    for _ in range(draw(st.integers(1, 5))):
+        ids = [e.id for e in out]
+        parent = draw(st.sampled_from([ROOT_ID, AUTHOR_KEY, bytes(range(32)), *ids]))
+        name = draw(st.binary(max_size=12) | st.sampled_from([ROOT_ID, *ids]))
+        kind = draw(st.sampled_from([Kind.MAP, Kind.REGISTER, Kind.TEXT, Kind.COUNTER]))
+        added = draw(st.just(Timestamp(HLC, AUTHOR_KEY)) | maybe_stamps)
+        body: Any = None
+        if kind is Kind.REGISTER:
+            value = draw(values | st.sampled_from([AUTHOR_KEY, *ids]))
+            body = draw(st.none() | st.just(RegisterState(draw(stamps), value)))
+        elif kind in BODIES:
+            body = draw(st.none() | BODIES[kind])
+        removed = draw(st.none() | maybe_stamps)
+        out.append(Entity(parent, name, kind, added=added, removed=removed, body=body))
+    return draw(st.permutations(out))
+
+
+@given(local_writes(), st.booleans())
+def test_the_rows_made_while_sealing_are_the_records_rows(
+    records: list[Entity], with_leaves: bool
+) -> None:
+    """A local write's sealing leaves the state rows of its records (`compact_entities`'s
+    `rows`): each is the record's own row, and the body is the same as without them."""
+    rows: dict[bytes, Any] = {}
+    leaves: list[bytes] | None = [] if with_leaves else None
+    made = compact_entities(records, author=AUTHOR_KEY, hlc=HLC, leaves=leaves, rows=rows)
+    alone = compact_entities(records, author=AUTHOR_KEY, hlc=HLC, leaves=None)
+    assert [bytes(i) for i in made] == [bytes(i) for i in alone]
+    last = {e.id: e for e in records}  # (a body may name an id twice: the later is kept)
+    for entity in last.values():
+        row = sealed_row(entity, rows.get(entity.id))
+        assert row is None or row == entity_row(entity)
+    assert set(rows) <= set(last)
+
+
+def test_a_kv_set_leaves_both_rows_and_a_changed_record_is_rowed_afresh() -> None:
+    added = Timestamp(HLC, AUTHOR_KEY)
+    items = Entity(ROOT_ID, b"items", Kind.MAP, added=added)
+    entry = Entity(
+        items.id, b"\xa3key", Kind.REGISTER, added=added, body=RegisterState(added, b"\xa1v")
+    )
+    rows: dict[bytes, Any] = {}
+    compact_entities([entry, items], author=AUTHOR_KEY, hlc=HLC, leaves=[], rows=rows)
+    assert set(rows) == {items.id, entry.id}
+    for entity in (items, entry):
+        assert sealed_row(entity.copy(), rows[entity.id]) == entity_row(entity)
+    later = Timestamp(HLC + 1, AUTHOR_KEY)
+    rewritten = entry.copy()
+    rewritten.body = RegisterState(later, b"\xa1w")
+    assert sealed_row(rewritten, rows[entry.id]) is None
+    # Another writer's record, or one added before the delta's time, is not rowed here.
+    elsewhere = Entity(ROOT_ID, b"x", Kind.MAP, added=Timestamp(HLC, OTHER))
+    earlier = Entity(ROOT_ID, b"y", Kind.MAP, added=Timestamp(HLC - 1, AUTHOR_KEY))
+    rows.clear()
+    compact_entities([elsewhere, earlier], author=AUTHOR_KEY, hlc=HLC, rows=rows)
+    assert rows == {}
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c"]), st.binary(max_size=8)), max_size=8))
+def test_a_tree_drains_the_rows_sealed_with_its_records_as_it_would_make_them(
+    writes: list[tuple[bytes, bytes]],
+) -> None:
+    """`StateTree.sealed_rows`: rows made as records were sealed are drained only for the
+    records that still hold what was sealed; the rows are those made without them."""
+    tree, plain = StateTree(), StateTree()
+    items = Entity(ROOT_ID, b"items", Kind.MAP, added=Timestamp(1, AUTHOR_KEY))
+    for t in (tree, plain):
+        t.apply([items.copy()])
+        t.drain_rows()
+    for n, (key, value) in enumerate(writes):
+        stamp = Timestamp(HLC + n, AUTHOR_KEY)
+        touched = Entity(ROOT_ID, b"items", Kind.MAP, added=stamp)
+        entry = Entity(items.id, key, Kind.REGISTER, added=stamp, body=RegisterState(stamp, value))
+        records = [entry, touched]
+        compact_entities(records, author=AUTHOR_KEY, hlc=HLC + n, rows=tree.sealed_rows)
+        tree.apply([r.copy() for r in records])
+        plain.apply([r.copy() for r in records])
+        if n % 2:  # (some writes drained one by one, others together, as a batch does)
+            assert tree.drain_rows() == plain.drain_rows()
+    assert tree.drain_rows() == plain.drain_rows()

@@ -17,7 +17,7 @@ from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_decrypt
 
 from trionode.context.replication import SYNC_PROTOCOL, _Channel
 from trionode.crdt import Entity
-from trionode.crdt.compact import EXT_CONTENT, EXT_LEAF
+from trionode.crdt.compact import EXT_CONTENT, EXT_LEAF, SealedRow
 from trionode.dag.delta import (
     CompactBody5,
     CompactEvent,
@@ -111,6 +111,7 @@ def _hostile(
     version: int = 5,
     record_ids: Sequence[bytes] | None = None,
     entities: Sequence[Entity] | None = None,
+    rows: dict[bytes, SealedRow] | None = None,
 ) -> bytes:
     """`body`'s plaintext as its author would write it, but with an event that refers to a
     byte string the body does not hold (a leaf index past the end)."""
@@ -122,6 +123,7 @@ def _hostile(
             version=version,
             record_ids=record_ids,
             entities=entities,
+            rows=rows,
         ),
         type=CompactBody5,
     )

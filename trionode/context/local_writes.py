@@ -481,6 +481,7 @@ class LocalWriter:
             auth=auth,
             author_public=replica.record.our_member,
             entities=outcome.delta_records,
+            rows=replica.tree.sealed_rows,  # (the rows of the records, made on the way)
         )
         size = len(delta.encode())  # cached: the bytes that are stored and sent
         if size > self._max_delta_bytes:

@@ -142,11 +142,17 @@ def compact_entities(
     author: bytes,
     hlc: int,
     leaves: list[bytes] | None = None,
+    rows: dict[bytes, SealedRow] | None = None,
 ) -> list[msgspec.Raw]:
     """`compact_records` of `[encode_entity(e) for e in entities]`, the same bytes, built
     from the records themselves (a local write holds them): no generic decode of their
     encoding and no walk of their fields; only a body other than a register's is walked
-    (`_Refs.entity`). A kv `set`'s two records: 1,292 bytecodes a call before (issue #16)."""
+    (`_Refs.entity`). A kv `set`'s two records: 1,292 bytecodes a call before (issue #16).
+
+    `rows`, if given, receives the state row (`entity_row`) of each record whose row is
+    the tree just made (`sealed_row`): a record added by `author` at `hlc`, as a local
+    write's are, whose tree differs from its row's at most by the reference to its parent
+    (a state row refers to nothing but its own stamp's writer and time)."""
     ids = [entity.id for entity in entities]
     order: Sequence[int]
     if len(entities) == 2:  # (a kv `set`'s map and entry: `_parents_first` without a walk)
@@ -160,10 +166,40 @@ def compact_entities(
     index: dict[bytes, int] = {}
     refs = _Refs(author, hlc, index, leaves)
     out: list[msgspec.Raw] = []
+    stamp = (hlc, author) if rows is not None else ()  # (the stamp a row must have)
     for position, i in enumerate(order):
-        out.append(msgspec.Raw(_ENCODER.encode(refs.entity(entities[i]))))
+        entity = entities[i]
+        tree = refs.entity(entity)
+        out.append(msgspec.Raw(_ENCODER.encode(tree)))
         index.setdefault(ids[i], position)
+        if refs.referred:
+            refs.referred = 0
+        elif entity.added == stamp and rows is not None:
+            body = entity.body
+            if body is None or body.__class__ is RegisterState:
+                parent_ref = tree[1]
+                if parent_ref.__class__ is _EXT and parent_ref.code == EXT_RECORD:
+                    tree[1] = entity.parent  # (a row refers to no other record)
+                rows[ids[i]] = (
+                    (entity.kind, entity.added, entity.removed, body),
+                    _ENCODER.encode([ROW_VERSION, hlc, author, tree]),
+                )
     return out
+
+
+SealedRow = tuple[tuple[object, ...], bytes]
+"""A record's state row made as it was sealed (`compact_entities`): `((kind, added,
+removed, body), row)`, the row good for any record of that id holding those values."""
+
+
+def sealed_row(entity: Entity, sealed: SealedRow | None) -> bytes | None:
+    """`sealed`'s row if `entity` still holds what was sealed (None: it changed since)."""
+    if sealed is None:
+        return None
+    held, row = sealed
+    if (entity.kind, entity.added, entity.removed, entity.body) == held:
+        return row
+    return None
 
 
 _IN_ORDER: Final = (0, 1)
@@ -206,7 +242,7 @@ class _Refs:
     """One record's references (the encoder's walk; it runs for every record written, so
     the references it can make are shared objects and leaves are collected on the way)."""
 
-    __slots__ = ("_author", "_hlc", "_index", "_leaves")
+    __slots__ = ("_author", "_hlc", "_index", "_leaves", "referred")
 
     def __init__(
         self,
@@ -221,6 +257,9 @@ class _Refs:
         self._leaves = leaves
         """Where the byte strings of the canonical tree go, in the order `_collect_leaves`
         finds them (None: not wanted)."""
+        self.referred = 0
+        """References to earlier records made, but for a record's parent in `entity` (a
+        state row has none: `compact_entities`)."""
 
     def compact(self, node: object) -> object:
         if type(node) is list:
@@ -246,6 +285,7 @@ class _Refs:
             return _ROOT_REF
         earlier = self._index.get(node)
         if earlier is not None:
+            self.referred += 1
             return _record_ref(earlier)
         return node
 
@@ -260,7 +300,7 @@ class _Refs:
             return [_HLC_REFS[hlc - time], self._bytes(node)]
         return [time, self._bytes(node)]
 
-    def entity(self, entity: Entity) -> object:
+    def entity(self, entity: Entity) -> list[object]:
         """`compact` of the tree `encode_entity(entity)` decodes to, `[version, parent,
         name, kind, added, removed, body]`, built from the record's fields in that order
         (the leaves and references come out as the walk makes them); a body other than a
@@ -288,6 +328,7 @@ class _Refs:
             if name == ROOT_ID:
                 name_ref = _ROOT_REF
             elif (earlier := self._index.get(name)) is not None:
+                self.referred += 1
                 name_ref = _record_ref(earlier)
         if added is None:
             added_ref: object = None

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from trionode.crdt.compact import entity_row, record_of_row
+from trionode.crdt.compact import SealedRow, entity_row, record_of_row, sealed_row
 from trionode.crdt.encoding import decode_entity, decode_journal, encode_journal
 from trionode.crdt.entity import ID_BYTES, Entity, Kind
 
@@ -59,7 +59,7 @@ class _Stored:
 class RowLog:
     """Per-tree bookkeeping of stored rows and of the deltas not yet written."""
 
-    __slots__ = ("_journal", "_rewrite", "stored")
+    __slots__ = ("_journal", "_rewrite", "sealed", "stored")
 
     def __init__(self) -> None:
         self.stored: dict[bytes, _Stored] = {}
@@ -69,6 +69,10 @@ class RowLog:
         """Join of the records applied to an existing journaled entity since the last drain."""
         self._rewrite: set[bytes] = set()
         """Changed in a way no delta expresses (GC): write the base whole."""
+        self.sealed: dict[bytes, SealedRow] = {}
+        """Rows a local write made as it sealed its records (`compact_entities`), by id:
+        the next drain writes a record's as it is if the record still holds what was
+        sealed (a kv `set`'s two rows: no second walk of its records, issue #16)."""
 
     def applied(self, record: Entity, incoming: Entity) -> None:
         """`incoming` was just joined into the existing `record` and changed it."""
@@ -89,6 +93,7 @@ class RowLog:
     def forget_pending(self) -> None:
         """Changes were drained without writing rows (only right after loading)."""
         self._journal.clear()
+        self.sealed.clear()
 
     def rows(
         self,
@@ -99,6 +104,7 @@ class RowLog:
         """The rows to write for the drained changes, and forget the pending deltas."""
         out: list[Row] = []
         stored_rows, journal, rewrite = self.stored, self._journal, self._rewrite
+        sealed = self.sealed
         for eid in sorted(updated):
             entity = record(eid)
             if entity is None:
@@ -117,7 +123,10 @@ class RowLog:
                         stored.journal_rows += 1
                         stored.journal_bytes += len(data)
                         continue
-            data = entity_row(entity)  # (`_row`, inline: per changed record)
+            # (No journal to write or drop: a row made as the record was sealed, if it still
+            # holds what was sealed; else `_row`, inline: per changed record.)
+            made = sealed_row(entity, sealed.get(eid)) if sealed and stored is None else None
+            data = entity_row(entity) if made is None else made
             out.append((eid, data))
             if rewrite:
                 rewrite.discard(eid)
@@ -130,6 +139,7 @@ class RowLog:
             self._rewrite.discard(eid)
             self._drop_journal(eid, out)
         self._journal.clear()
+        sealed.clear()
         return out
 
     def replacing(
@@ -151,6 +161,7 @@ class RowLog:
             old._drop_journal(eid, out)
         self._journal.clear()
         self._rewrite.clear()
+        self.sealed.clear()
         return out
 
     def _drop_journal(self, eid: bytes, out: list[Row]) -> None:

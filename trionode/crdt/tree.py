@@ -21,6 +21,7 @@ from operator import attrgetter
 from typing import Any, Final, NamedTuple
 
 from trionode.crdt.canonical import encode_form
+from trionode.crdt.compact import SealedRow
 from trionode.crdt.encoding import ROOT_FORM, own_form
 from trionode.crdt.entity import CONTAINERS, MAX_DEPTH, ROOT_ID, Entity, Kind
 from trionode.crdt.hlc import HybridClock, Timestamp, latest
@@ -656,6 +657,12 @@ class StateTree:
         `RowLoad`): loading is not a change."""
         self.drain_changes()
         self._log = log
+
+    @property
+    def sealed_rows(self) -> dict[bytes, SealedRow]:
+        """Where a local write's sealing leaves the rows of its records (`RowLog.sealed`):
+        the next `drain_rows` takes a record's if the record still holds what was sealed."""
+        return self._log.sealed
 
     def drain_rows(self) -> list[Row]:
         """The rows to write or delete (keys relative to the context) for every change

@@ -69,6 +69,7 @@ from trionode.crdt.compact import (
     MAX_EXPANSION,
     MAX_PIECES,
     PayloadSpans,
+    SealedRow,
     compact_entities,
     compact_records,
     expand_payload,
@@ -276,14 +277,16 @@ def encode_compact_body(
     version: int = FORMAT_VERSION,
     record_ids: Sequence[bytes] | None = None,
     entities: Sequence[Entity] | None = None,
+    rows: dict[bytes, SealedRow] | None = None,
 ) -> bytes:
     """A body's plaintext in format 4 or 5. `record_ids`: its records' entity ids, if the
     caller holds them (`compact_records`); `entities`: the records themselves, whose
     encodings `body.records` are (`compact_entities`: the same bytes, sooner), or would
-    be (`body.records` may then be left empty: a local write does not encode them)."""
+    be (`body.records` may then be left empty: a local write does not encode them);
+    `rows`: where `compact_entities` leaves their state rows (with `entities`)."""
     leaves: list[bytes] | None = [] if body.events and version != 4 else None
     if entities is not None:
-        records = compact_entities(entities, author=author, hlc=hlc, leaves=leaves)
+        records = compact_entities(entities, author=author, hlc=hlc, leaves=leaves, rows=rows)
     else:
         records = compact_records(
             body.records, author=author, hlc=hlc, leaves=leaves, ids=record_ids
@@ -433,6 +436,7 @@ def seal_delta(
     author_public: bytes | None = None,
     record_ids: Sequence[bytes] | None = None,
     entities: Sequence[Entity] | None = None,
+    rows: dict[bytes, SealedRow] | None = None,
 ) -> SignedDelta:
     """Encrypt and sign a body as a new delta. `vv` is the version vector of its parents
     (author tag → seq); the author's own entry is set to `seq`. `version` other than the
@@ -440,7 +444,9 @@ def seal_delta(
     if the caller holds it (deriving it is a scalar multiplication, ~20 us per delta).
     `record_ids`: the entity ids of `body.records`, if the caller holds them (a SHA-256
     per record saved: `compact_records`); `entities`: the records themselves, whose
-    encodings `body.records` are, or would be if left empty (`compact_entities`)."""
+    encodings `body.records` are, or would be if left empty (`compact_entities`); `rows`:
+    where the state rows of `entities` are left as they are made on the way (a local
+    write's tree: `StateTree.sealed_rows`; formats 4 and 5)."""
     if version not in SUPPORTED_FORMATS:
         raise ValueError(f"cannot seal delta format {version}")
     if author_public is None:
@@ -476,6 +482,7 @@ def seal_delta(
             version=version,
             record_ids=record_ids,
             entities=entities,
+            rows=rows,
         )
         ciphertext = seal_xchacha20poly1305(plain, context_id + header_bytes, nonce, context_key)
         message = _SIGNING_DOMAIN_V4 + context_id + _length(header_bytes) + header_bytes
