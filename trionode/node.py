@@ -93,7 +93,13 @@ from trionode.context.join import JoinService
 from trionode.context.local_writes import Authored
 from trionode.context.manager import ContextManager
 from trionode.context.pipeline import serve_delta_processor
-from trionode.context.replication import TOPIC_PREFIX, ReplicationMetrics, Replicator, topic_for
+from trionode.context.replication import (
+    TOPIC_PREFIX,
+    AuthoredGossip,
+    ReplicationMetrics,
+    Replicator,
+    topic_for,
+)
 from trionode.context.sync import SyncManager, SyncMetrics
 from trionode.errors import ConfigError
 from trionode.gc import GcMetrics, run_gc_once, serve_gc
@@ -222,7 +228,7 @@ class Node:
             group_commit_max_bytes=config.replication.group_commit_max_bytes,
             max_delta_bytes=config.replication.max_delta_bytes,
             event_log=self.event_log,
-            authored=send_authored,
+            authored=AuthoredGossip(send_authored, self.pubsub, self.replication_metrics),
         )
         self.finality_metrics = FinalityMetrics(
             metrics.registry,

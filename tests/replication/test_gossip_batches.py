@@ -29,7 +29,7 @@ from trionode.wire.messages import (
     encode_gossip,
 )
 
-from .cluster_helpers import LIMIT, call, deltas, share, wait_converged
+from .cluster_helpers import LIMIT, call, deltas, install, share, wait_converged
 
 CONTEXT = b"\x07" * 32
 
@@ -229,6 +229,25 @@ def test_batch_limits_are_enforced_on_decode() -> None:
             decode_gossip(hostile)
     batch = DeltaBatch(CONTEXT, [b"a", b"b"])
     assert decode_gossip(encode_gossip(batch)) == batch
+
+
+async def test_a_lone_nodes_writes_are_counted_unpublished_as_they_commit_and_it_subscribes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Issue #16: with nobody on a context's topic, a delta this node authors is counted
+    # `unpublished` when it is handed over (the broadcaster is not woken for it), and the
+    # topic is subscribed, as the broadcaster did, so that peers that come later find it.
+    with trio.fail_after(LIMIT):
+        async with open_cluster(1, tmp_path) as cluster:
+            (a,) = cluster
+            app_id = await install(a, "kv_store")
+            before = deltas(a, "unpublished")
+            context = (await a.contexts.create(app_id)).context_id
+            assert topic_for(context) in a.pubsub.topics()
+            for key in ("a", "b"):
+                await call(a, context, "set", key=key, value="v")
+            assert deltas(a, "unpublished") == before + 3  # (the create's delta too)
+            assert deltas(a, "published") == 0
 
 
 async def test_a_write_no_peer_hears_is_not_signed_and_a_later_peer_still_gets_it(

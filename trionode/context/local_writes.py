@@ -73,6 +73,15 @@ class AppLoader(Protocol):
         ...
 
 
+class AuthoredSink(Protocol):
+    """Where the deltas this node authors go once durable: the replicator's broadcaster
+    (`trionode.context.replication.AuthoredGossip`, in node.py), or its channel alone."""
+
+    def send_nowait(self, value: Authored) -> None:
+        """Take the delta (trio.WouldBlock: full, the delta is not gossiped)."""
+        ...
+
+
 class CallResult(msgspec.Struct, frozen=True):
     """A call's answer. (A struct, not attrs: two are made per call.)"""
 
@@ -107,7 +116,7 @@ class LocalWriter:
         apps: AppLoader,
         *,
         read_only: bool = False,
-        authored: trio.MemorySendChannel[Authored] | None = None,
+        authored: AuthoredSink | None = None,
         max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES,
         max_nonfinal_bytes: int | None = None,
     ) -> None:

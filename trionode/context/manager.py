@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from trionode.context.app_choice import running_app
@@ -32,6 +31,7 @@ from trionode.context.local_writes import (
     DEFAULT_MAX_DELTA_BYTES,
     AppLoader,
     Authored,
+    AuthoredSink,
     CallResult,
     LocalWriter,
 )
@@ -89,7 +89,7 @@ class ContextManager:
         group_commit_max_deltas: int = DEFAULT_MAX_DELTAS,
         group_commit_max_bytes: int = DEFAULT_MAX_BYTES,
         event_log: EventLog | None = None,
-        authored: trio.MemorySendChannel[Authored] | None = None,
+        authored: AuthoredSink | None = None,
         max_delta_bytes: int = DEFAULT_MAX_DELTA_BYTES,
         max_nonfinal_bytes: int | None = None,
     ) -> None:
