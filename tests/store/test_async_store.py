@@ -64,6 +64,11 @@ async def test_operations_are_counted_by_kind_and_column(tmp_path: Path) -> None
         batch.delete(BLOBS, b"c")
         batch.ops.append(PutMany(Column.GENERIC, [(b"x", b"1"), (b"y", b"2"), (b"z", b"3")]))
         await store.write(batch)
+        only_puts = WriteBatch()  # (a call's write: counted in one step, the same counts)
+        only_puts.put(BLOBS, b"d", b"4")
+        only_puts.put(BLOBS, b"e", b"5")
+        only_puts.put(HEADS, "ctx/2", Head("c2", []))
+        await store.write(only_puts)
         await store.get(BLOBS, b"a")
         await store.delete(BLOBS, b"a")
 
@@ -72,8 +77,8 @@ async def test_operations_are_counted_by_kind_and_column(tmp_path: Path) -> None
             "trionode_store_operations_total", {"op": op, "column": column}
         )
 
-    assert count("put", "blob_meta") == 2.0
-    assert count("put", "generic") == 3.0
+    assert count("put", "blob_meta") == 4.0
+    assert count("put", "generic") == 4.0
     assert count("delete", "blob_meta") == 2.0
     assert count("get", "blob_meta") == 1.0
     assert count("delete", "generic") is None  # (nothing deleted there: no series)
