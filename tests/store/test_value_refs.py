@@ -590,3 +590,31 @@ def test_an_implicit_page_of_a_context_without_rows_is_empty(tmp_path: Path) -> 
             )
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_write_of_puts_that_grows_the_map_packs_its_rows_alike(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    """A batch of puts alone (a delta's) is packed as it is put; when the map must grow
+    and the write is tried again, its rows are packed again with the same numbers, and
+    they read back as written, after a reopen too."""
+    path = tmp_path / "db"
+    passphrase = "pw" if encrypted else None
+    store = LmdbStore.open(path, initial_map_size=1 << 20, passphrase=passphrase, kdf=FAST_KDF)
+    rows = {
+        _key(i): v3_row(0x1234_5678 + i, WRITERS[i % 3], PARENTS[i % 2], b"n%d" % i, b"v" * 900)
+        for i in range(3000)
+    }
+    try:
+        store.write([Put(Column.STATE, key, value) for key, value in rows.items()])
+        assert store.stats().map_size > 1 << 20  # (it grew: the write was tried again)
+        assert all(store.get(Column.STATE, key) == value for key, value in rows.items())
+    finally:
+        store.close()
+    store = LmdbStore.open(path, passphrase=passphrase, kdf=FAST_KDF)
+    try:
+        assert all(store.get(Column.STATE, key) == value for key, value in rows.items())
+        assert len(store.scan(Column.STATE)) == len(rows)
+    finally:
+        store.close()

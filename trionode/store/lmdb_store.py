@@ -492,6 +492,8 @@ _STATE: Final = Column.STATE
 _DELTA: Final = Column.DELTA
 _GENERIC: Final = Column.GENERIC
 """(Module constants: a column looked up on `Column` costs an attribute lookup per op.)"""
+_PUTS_ONLY: Final = {Put}
+"""The op types of a batch of puts alone (`LmdbStore._write_puts`)."""
 
 
 def _singles(
@@ -1658,9 +1660,11 @@ class LmdbStore:
         fresh: set[int] = set()
         pack = self._refs.pack
         sealed = self._cipher is not None
-        puts = True  # (every op a `Put`: `_write_puts`)
+        # (Every op a `Put`, as a delta's batch: checked, packed and put in one pass in the
+        # transaction, `_write_puts`.)
+        puts = set(map(type, ops)) == _PUTS_ONLY
         began = putting = committing = 0.0  # (a bulk write's: `BulkTimes`)
-        for op in ops:
+        for op in () if puts else ops:
             if type(op) is Put:  # (most ops: checked and packed with no call but `pack`)
                 key, column = op.key, op.column
                 if not key or len(key) > _MAX_KEY_SIZE:
@@ -1670,9 +1674,8 @@ class LmdbStore:
                     stored = self._seal(column, key, stored)
                 prepared.append((column, key, stored))
                 continue
-            if puts:
+            if not began:
                 began = time.perf_counter()
-                puts = False
             if isinstance(op, PutMany):
                 if not op.rows:
                     continue
@@ -1703,7 +1706,7 @@ class LmdbStore:
             try:
                 with self._lock.shared(), self._env.begin(write=True) as txn:
                     if puts:
-                        self._write_puts(txn, prepared, added)
+                        self._write_puts(txn, ops, fresh, added)  # type: ignore[arg-type]
                     else:
                         putting = time.perf_counter()
                         self._write_in(txn, prepared, added)
@@ -1750,18 +1753,25 @@ class LmdbStore:
         return _Many(column, keys, values, head)
 
     def _write_puts(
-        self, txn: lmdb.Transaction, prepared: list[Prepared | _Many], added: list[bytes]
+        self, txn: lmdb.Transaction, ops: Sequence[Put], fresh: set[int], added: list[bytes]
     ) -> None:
-        """`_write_in` of puts alone (no delete, no `PutMany` or `PutRun`): a delta's batch,
-        the common write. Each row is put as it comes: `putmulti` saves nothing on a few
-        rows, and the runs `_write_in` gathers for it were ~400 of the ~1,500 bytecodes of a
-        sequential call's write (issue #16)."""
+        """`write` of puts alone (no delete, no `PutMany` or `PutRun`): a delta's batch, the
+        common write. Each op is checked, packed (numbers not yet durable go to `fresh`) and
+        put as it comes, in one pass: `putmulti` saves nothing on a few rows, and the runs
+        `_write_in` gathers for it were ~400 of the ~1,500 bytecodes of a sequential call's
+        write, a pass to prepare the ops before the transaction ~150 more (issue #16). A
+        retry after the map grew packs them again: the same rows, the same numbers."""
         deltas, keys, dbs = self._deltas, self._keys, self._dbs
         numbers = keys.numbers
         put = txn.put
-        for item in prepared:
-            column, key, stored = item  # type: ignore[misc]  # (no `_Many`: `write`)
-            assert stored is not None  # (puts only)
+        pack = self._refs.pack
+        sealed = self._cipher is not None
+        for column, key, value in ops:
+            if not key or len(key) > _MAX_KEY_SIZE:
+                _check_key(key)  # (raises)
+            stored = pack(value, fresh) if column is _STATE else value
+            if sealed:
+                stored = self._seal(column, key, stored)
             if column is _STATE or column is _DELTA:
                 # (`keys.stored` inline for the common key: the context id, then the rest;
                 # a shorter key is not in `numbers`.)
