@@ -668,10 +668,9 @@ class StateTree:
         """The rows to write or delete (keys relative to the context) for every change
         since the last drain: whole records, or for a Text/Vector just the delta-states
         applied to it (see `rows.py`)."""
-        changes = ChangeSet(frozenset(self._updated), frozenset(self._deleted))
-        self._updated.clear()
-        self._deleted.clear()
-        return self._log.rows(changes.updated, changes.deleted, self._records.get)
+        updated, deleted = self._updated, self._deleted
+        self._updated, self._deleted = set(), set()  # (the drained sets go as they are)
+        return self._log.rows(updated, deleted, self._records.get)
 
     def rows_replacing(self, old: StateTree) -> list[Row]:
         """Rows that replace every row `old` stored (records and Text/Vector journal rows)
