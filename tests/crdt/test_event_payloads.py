@@ -8,7 +8,7 @@ import os
 
 import msgspec
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from tests.crdt.test_compact_records import AUTHOR, AUTHOR_KEY, HLC, bodies_of_records
 from trionode.crdt import Entity, Kind, RegisterState, Timestamp, encode_entity
@@ -108,6 +108,124 @@ def test_payload_pieces_refer_to_whole_leaves_and_to_string_contents() -> None:
 
 
 words = st.binary(min_size=MIN_SPAN, max_size=40)
+
+
+def _pieces_by_the_rule(leaves: list[bytes], payload: bytes) -> bytes | list[object]:
+    """The pieces the wire has always had (format 5), found the slow, plain way: the
+    candidates are each leaf and each msgpack str/bin leaf's content (the first leaf that
+    gives a byte string names it; a leaf already named is passed over), longest first
+    (equal lengths in that order), at most 256; only the ASCII ones for an ASCII payload.
+    Each takes, leftmost first, every place it occurs that overlaps nothing taken before,
+    up to MAX_PIECES // 2 places in all."""
+    named: dict[bytes, tuple[int, int]] = {}
+    for index, leaf in enumerate(leaves):
+        if leaf in named:
+            continue
+        named[leaf] = (EXT_LEAF, index)
+        content = _string_content(leaf)
+        if content is not None and len(content) >= MIN_SPAN:
+            named.setdefault(content, (EXT_CONTENT, index))
+    needles = sorted(named, key=len, reverse=True)[:256]
+    if payload.isascii():
+        needles = [n for n in needles if n.isascii()]
+    if not needles or len(payload) < MIN_SPAN:
+        return payload
+    taken: list[tuple[int, int, int, int]] = []
+    for needle in needles:
+        start = payload.find(needle)
+        while start >= 0 and len(taken) < MAX_PIECES // 2:
+            end = start + len(needle)
+            if any(end > s and start < e for s, e, _, _ in taken):
+                start = payload.find(needle, start + 1)
+            else:
+                taken.append((start, end, *named[needle]))
+                start = payload.find(needle, end)
+    if not taken:
+        return payload
+    pieces: list[object] = []
+    at = 0
+    for start, end, code, index in sorted(taken):
+        if start > at:
+            pieces.append(payload[at:start])
+        pieces.append(ext(code, index.to_bytes(max(1, (index.bit_length() + 7) // 8), "big")))
+        at = end
+    if at < len(payload):
+        pieces.append(payload[at:])
+    return pieces
+
+
+def _string_content(leaf: bytes) -> bytes | None:
+    """What a leaf that is one msgpack str or bin holds, by its header (None: it is not
+    one): fixstr, str 8/16/32 and bin 8/16/32, whose length is the rest of the leaf."""
+    if not leaf:
+        return None
+    first = leaf[0]
+    if 0xA0 <= first <= 0xBF:
+        size, length = 1, first - 0xA0
+    else:
+        width = {0xD9: 1, 0xC4: 1, 0xDA: 2, 0xC5: 2, 0xDB: 4, 0xC6: 4}.get(first)
+        if width is None or len(leaf) < 1 + width:
+            return None
+        size, length = 1 + width, int.from_bytes(leaf[1 : 1 + width], "big")
+    return leaf[size:] if size + length == len(leaf) else None
+
+
+_soup = st.lists(
+    st.sampled_from([b"ab", b"a", b"b", b"ba", b"\x00", b"\xa9", b'"', b"\xc4\x08"]), max_size=12
+).map(b"".join)
+"""Byte strings of a few pieces, so that leaves, their contents and payloads overlap."""
+
+
+def _wrapped(data: bytes, form: int) -> bytes:
+    """`data` as it is (0), or as the whole of a msgpack fixstr/str 8 (1) or bin 8 (2)."""
+    if form == 1 and len(data) < 32:
+        return bytes([0xA0 + len(data)]) + data
+    if form in (1, 2) and len(data) < 256:
+        return bytes([0xD9 if form == 1 else 0xC4, len(data)]) + data
+    return data
+
+
+@given(
+    st.lists(_soup, min_size=1, max_size=4),
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2)), max_size=8),
+    st.lists(st.integers(0, 11) | _soup, max_size=10),
+    st.booleans(),
+)
+# (Two candidates of one length that overlap: the first leaf's wins.)
+@example(
+    pool=[b"babababa", b"abababab"], picks=[(0, 0), (1, 0)], parts=[b"ababababa"], ascii_=False
+)
+def test_payload_pieces_are_those_of_the_rule(
+    pool: list[bytes], picks: list[tuple[int, int]], parts: list[int | bytes], ascii_: bool
+) -> None:
+    """The encoder finds exactly the pieces the rule gives (the wire bytes of every
+    format 5 delta depend on it): overlapping and repeated candidates, leaves that are
+    another's content, ASCII payloads and others. (Leaves are the encoder's: at least
+    MIN_SPAN bytes.)"""
+    leaves = [_wrapped(pool[i % len(pool)], form) for i, form in picks]
+    leaves = [leaf for leaf in leaves if len(leaf) >= MIN_SPAN]
+    taken = pool + leaves
+    payload = b"".join(p if isinstance(p, bytes) else taken[p % len(taken)] for p in parts)
+    if ascii_:
+        payload = payload.decode("latin-1").encode("ascii", "replace")
+    expected = _pieces_by_the_rule(leaves, payload)
+    got = PayloadSpans(leaves).compact(payload)
+    assert msgspec.msgpack.encode(got) == msgspec.msgpack.encode(expected)
+    if isinstance(got, list):
+        assert expand_payload(got, leaves, budget=1 << 20) == payload
+
+
+def test_payload_pieces_stop_at_the_most_a_payload_may_have() -> None:
+    """Past MAX_PIECES // 2 references the rest of the payload stays literal, as the rule
+    says (a payload of the one leaf, again and again, then another leaf)."""
+    leaf, other = b"ABCDEFGH", b"abcdefgh"
+    payload = leaf * (MAX_PIECES // 2 + 3) + other
+    got = PayloadSpans([leaf, other]).compact(payload)
+    assert msgspec.msgpack.encode(got) == msgspec.msgpack.encode(
+        _pieces_by_the_rule([leaf, other], payload)
+    )
+    assert isinstance(got, list)
+    assert sum(isinstance(p, msgspec.msgpack.Ext) for p in got) == MAX_PIECES // 2
 
 
 @given(

@@ -417,23 +417,35 @@ class PayloadSpans:
     """Finds the spans of payloads that a body's leaves already hold (the encoder).
 
     The candidates (`needles`: each leaf, and what a leaf holding a msgpack str/bin holds)
-    are found once, longest first. A payload that is all ASCII (JSON as apps emit it:
-    `json.dumps` escapes the rest) cannot hold a candidate with any other byte in it,
+    are found once, longest first (equal lengths in the order the leaves give them), each
+    with the reference that stands for it. A payload that is all ASCII (JSON as apps emit
+    it: `json.dumps` escapes the rest) cannot hold a candidate with any other byte in it,
     such as a 32-byte id or a msgpack string's header: it is searched for the ASCII ones
-    only, the same pieces in a fraction of the searches (a kv `set`: 2 of 7, issue #16)."""
+    only, the same pieces in a fraction of the searches (a kv `set`: 2 of 7, issue #16).
 
-    __slots__ = ("_ascii", "_needles")
+    Each candidate in turn takes every place it occurs, leftmost first, that no longer one
+    took (nor itself, just before): the payload is kept as pieces, and a candidate splits
+    only the literal pieces, in C (`bytes.split`), which is that rule without a step per
+    place or per span taken (a kv `set`'s payload: 328 bytecodes to 207, issue #16)."""
+
+    __slots__ = ("_ascii", "_needles", "_refs")
 
     def __init__(self, leaves: Sequence[bytes]) -> None:
-        needles: dict[bytes, tuple[bytes, int, int]] = {}
+        """`leaves`: a body's byte strings of at least `MIN_SPAN` bytes, as the encoder
+        collects them (`compact_entities`, `compact_records`)."""
+        needles: dict[bytes, msgspec.msgpack.Ext] = {}
         string_first = _STRING_FIRST
+        leaf_refs, content_refs = _LEAF_REFS, _CONTENT_REFS
+        if len(leaves) > _SHARED_REFS:  # (made for the leaves past the shared ones)
+            leaf_refs = _refs(EXT_LEAF, len(leaves))
+            content_refs = _refs(EXT_CONTENT, len(leaves))
         for index, leaf in enumerate(leaves):
             if leaf in needles:
                 continue
-            needles[leaf] = (leaf, EXT_LEAF, index)
+            needles[leaf] = leaf_refs[index]
             # (Most leaves are ids, whose first byte seldom starts a str or bin: no call.
             # The strings apps write, up to 255 bytes, are cut here, as `_content` cuts.)
-            if leaf and leaf[0] in string_first:
+            if leaf[0] in string_first:  # (a leaf is MIN_SPAN bytes or more)
                 first = leaf[0]
                 if first <= 0xBF:  # (a fixstr: `_content`'s first case)
                     content = leaf[1:] if first - 0xA0 == len(leaf) - 1 else None
@@ -442,52 +454,59 @@ class PayloadSpans:
                 else:
                     content = _content(leaf)
                 if content is not None and len(content) >= MIN_SPAN:
-                    needles.setdefault(content, (content, EXT_CONTENT, index))
+                    needles.setdefault(content, content_refs[index])
         # (Longest first; a stable sort, so equal lengths stay in the leaves' order. The
         # keys are the needles' bytes: sorted by the builtin `len`, no call of ours each.)
-        longest = sorted(needles, key=len, reverse=True)[:MAX_SPAN_CANDIDATES]
-        self._needles = list(map(needles.__getitem__, longest))
-        self._ascii = list(map(needles.__getitem__, filter(bytes.isascii, longest)))
+        self._needles = sorted(needles, key=len, reverse=True)[:MAX_SPAN_CANDIDATES]
+        self._ascii = list(filter(bytes.isascii, self._needles))
         """The needles that are all ASCII, in the same order."""
+        self._refs = needles
+        """Each needle's reference."""
 
     def compact(self, payload: bytes) -> bytes | list[Piece]:
         """`payload` as pieces (longest spans first, never overlapping), or as it is if
         nothing in it is worth a reference."""
         if not self._needles or len(payload) < MIN_SPAN:
             return payload
-        needles = self._ascii if payload.isascii() else self._needles
-        size = len(payload)
-        find = payload.find
-        taken: list[tuple[int, int, int, int]] = []
-        most = _MAX_SPANS
-        for needle, code, index in needles:
-            length = len(needle)
-            if length > size:
+        pieces: list[Piece] | None = None
+        left = _MAX_SPANS
+        for needle in self._ascii if payload.isascii() else self._needles:
+            if needle not in payload:  # (most are not: one search, in C)
                 continue
-            start = find(needle)
-            while start >= 0 and len(taken) < most:
-                end = start + length
-                for s, e, _, _ in taken:  # (`all(...)` without a generator per span)
-                    if end > s and start < e:
-                        start = find(needle, start + 1)
-                        break
-                else:
-                    taken.append((start, end, code, index))
-                    start = find(needle, end)
-        if not taken:
+            ref = self._refs[needle]
+            if pieces is None:  # (the first to occur: nothing to step around yet)
+                parts = payload.split(needle, left)
+                left -= len(parts) - 1
+                pieces = [ref] * (2 * len(parts) - 1)
+                pieces[::2] = parts  # (the literal parts, a reference between each two)
+            else:
+                split: list[Piece] = []
+                for piece in pieces:
+                    if piece.__class__ is bytes and needle in piece:
+                        parts = piece.split(needle, left)
+                        left -= len(parts) - 1
+                        around: list[Piece] = [ref] * (2 * len(parts) - 1)
+                        around[::2] = parts
+                        split += around
+                    else:
+                        split.append(piece)
+                pieces = split
+            if not left:  # (the most spans a payload may have: `split` takes no more)
+                break
+        if pieces is None:
             return payload
-        taken.sort()
-        pieces: list[Piece] = []
-        append = pieces.append
-        at = 0
-        for start, end, code, index in taken:
-            if start > at:
-                append(payload[at:start])
-            append(_EXT(code, _ONE_BYTE[index] if index < 256 else _index_bytes(index)))
-            at = end
-        if at < size:
-            append(payload[at:])
-        return pieces
+        return list(filter(None, pieces))  # (no empty literal between two references)
+
+
+def _refs(code: int, count: int) -> tuple[msgspec.msgpack.Ext, ...]:
+    """The references to the first `count` leaves (ext `code`: `EXT_LEAF`, `EXT_CONTENT`)."""
+    return tuple(_EXT(code, _ONE_BYTE[i] if i < 256 else _index_bytes(i)) for i in range(count))
+
+
+_SHARED_REFS: Final = 256
+_LEAF_REFS: Final = _refs(EXT_LEAF, _SHARED_REFS)
+_CONTENT_REFS: Final = _refs(EXT_CONTENT, _SHARED_REFS)
+"""Shared references to the first leaves (an `Ext` is read-only)."""
 
 
 def expand_payload(pieces: Sequence[Piece], leaves: Sequence[bytes], *, budget: int) -> bytes:
