@@ -26,14 +26,21 @@ from trionode.context.event_log import (
     EventRowCodec,
     LogMeta,
 )
-from trionode.context.events import Change, ContextEvent, EventHub, Replay, Subscription
+from trionode.context.events import (
+    Change,
+    ContextEvent,
+    EventHub,
+    Replay,
+    Subscription,
+    context_event,
+)
 from trionode.errors import StorageError
 from trionode.node import open_node
 from trionode.store.lmdb_store import Column, Put, WriteOp
 from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch, open_store
 from trionode.testing import TestNode, make_test_config
 
-_OLD_EVENTS = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(ContextEvent))
+_OLD_EVENTS = Table(Column.GENERIC, BytesCodec(), BytesCodec())
 _OLD_META = Table(Column.GENERIC, BytesCodec(), MsgpackCodec(LogMeta))
 
 
@@ -179,7 +186,23 @@ def _event(seq: int, **fields: Any) -> ContextEvent:
         "origin": "local",
         "at": 1.5,
     }
-    return ContextEvent(**(values | fields))
+    return context_event(**(values | fields))
+
+
+def _v1_row(event: ContextEvent) -> bytes:
+    """`event` as the first nodes stored it: the event's fields in an array, ids in hex."""
+    return msgspec.msgpack.encode(
+        [
+            event.seq,
+            event.context_id,
+            event.delta_id,
+            event.root_hash,
+            event.heads,
+            event.events,
+            event.origin,
+            event.at,
+        ]
+    )
 
 
 def _v2_row(event: ContextEvent) -> bytes:
@@ -235,7 +258,7 @@ def test_event_rows_keep_what_is_not_the_usual_shape_exactly() -> None:
 def test_event_rows_written_before_still_load_and_bad_rows_are_storage_errors() -> None:
     codec = EventRowCodec({1: "ctx"})
     old = _event(3)
-    assert codec.decode(3, msgspec.msgpack.encode(old)) == old  # version 1
+    assert codec.decode(3, _v1_row(old)) == old  # version 1
     assert codec.decode(3, _v2_row(old)) == old
     good = codec.encode(_event(4, context_id="ctx"), 1)
     for bad in (
@@ -310,7 +333,7 @@ async def test_a_log_of_old_rows_loads_and_goes_on_in_the_new_format(tmp_path: P
     async with _store(tmp_path / "db") as store:
         batch = WriteBatch()
         for seq in (1, 2):  # as a node before compact rows wrote them
-            batch.put(_OLD_EVENTS, EVENT_PREFIX + seq.to_bytes(8, "big"), _event(seq))
+            batch.put(_OLD_EVENTS, EVENT_PREFIX + seq.to_bytes(8, "big"), _v1_row(_event(seq)))
         batch.put(_OLD_META, META_KEY, LogMeta(floor=1, next_seq=3, clean=True))
         await store.write(batch)
         log = _log(EventHub(), store, lambda: 0.0)

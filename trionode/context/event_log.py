@@ -39,7 +39,7 @@ import base58
 import msgspec
 import trio
 
-from trionode.context.events import ContextEvent, EventHub
+from trionode.context.events import ContextEvent, EventHub, context_event
 from trionode.errors import StorageError
 from trionode.store.lmdb_store import Column, Put
 from trionode.store.store import AsyncStore, BytesCodec, MsgpackCodec, Table, WriteBatch
@@ -74,6 +74,19 @@ _Id = bytes | str
 """An id as raw bytes, or its string as the hub had it when that is not what encoding
 the bytes gives back (never for ids the node makes; kept exact for any other). msgspec
 cannot type a union of bytes and str, so `_EventRow` takes either and `_id` checks."""
+
+
+class _EventRow1(msgspec.Struct, frozen=True, array_like=True):
+    """A `ContextEvent` as version 1 rows stored it: its fields as they were, ids in hex."""
+
+    seq: int
+    context_id: str
+    delta_id: str
+    root_hash: str
+    heads: list[str]
+    events: list[dict[str, Any]]
+    origin: str
+    at: float = 0.0
 
 
 class _EventRow(msgspec.Struct, frozen=True, array_like=True):
@@ -129,11 +142,6 @@ def _b58_text(value: object) -> str:
     return value if isinstance(value, str) else base58.b58encode(value).decode("ascii")
 
 
-def _hex_text(value: object) -> str:
-    value = _id(value)
-    return value if isinstance(value, str) else value.hex()
-
-
 class _EventRow3(msgspec.Struct, frozen=True, array_like=True):
     """A `ContextEvent` as version 3 rows store it (see the module docstring); its seq is
     the row's key."""
@@ -156,12 +164,23 @@ _MAX_SECONDS: Final = 1 << 32
 
 
 def _compact_event(event: dict[str, Any], shape: Callable[[Shape], int | None] | None) -> Any:
-    found = None if shape is None else shape_of(event)
-    number = None if found is None or shape is None else shape(found)
-    if number is not None:
-        return [number, list(event["payload"].values())]
-    if len(event) == 2 and isinstance(event.get("name"), str) and "payload" in event:
-        return [event["name"], event["payload"]]
+    """An app event as a row holds it: [shape number, its payload's values] if it has a
+    shape (`shape_of`) that `shape` numbers, else [name, payload] if it is just those, else
+    the map as it is. (`shape_of`'s checks, inline: every call's event comes here.)"""
+    if len(event) == 2:
+        name = event.get("name")
+        if isinstance(name, str) and "payload" in event:
+            payload = event["payload"]
+            if (
+                shape is not None
+                and type(payload) is dict
+                and 0 < len(payload) <= MAX_SHAPE_KEYS
+                and {*map(type, payload)} == _STR_ONLY
+            ):
+                number = shape((name, tuple(payload)))
+                if number is not None:
+                    return [number, list(payload.values())]
+            return [name, payload]
     return event
 
 
@@ -194,7 +213,7 @@ class EventRowCodec:
         self._encoder = msgspec.msgpack.Encoder()
         self._rows = msgspec.msgpack.Decoder(_EventRow3)
         self._v2 = msgspec.msgpack.Decoder(_EventRow)
-        self._old = MsgpackCodec(ContextEvent)
+        self._old = MsgpackCodec(_EventRow1)
 
     def encode(
         self,
@@ -204,13 +223,20 @@ class EventRowCodec:
     ) -> bytes:
         """The row of `event`, whose context has the number `context` (`shape` gives an
         app event shape's number, or None: that event is stored whole)."""
-        delta_id = _hex_raw(event.delta_id)
-        heads = event.heads
+        # (The event's ids are raw bytes as the node made them: written as they are. An id
+        # given as text is written as the bytes it is the hex of, if it is, as before.)
+        delta_id = event.delta_raw
+        if delta_id.__class__ is not bytes:
+            delta_id = _hex_raw(delta_id)  # type: ignore[arg-type]
+        root = event.root_raw
+        heads = event.heads_raw
         row = _EventRow3(
             context,
             delta_id,
-            _hex_raw(event.root_hash),
-            None if heads == [event.delta_id] else [_hex_raw(h) for h in heads],
+            root if root.__class__ is bytes else _hex_raw(root),  # type: ignore[arg-type]
+            None
+            if heads == [delta_id]
+            else [h if h.__class__ is bytes else _hex_raw(h) for h in heads],  # type: ignore[arg-type]
             [_compact_event(e, shape) for e in event.events],
             _ORIGINS.get(event.origin, event.origin),
             int(event.at) if 0 <= event.at < _MAX_SECONDS else event.at,
@@ -223,7 +249,17 @@ class EventRowCodec:
             return self._decode_v3(seq, data)
         if data.startswith(_ROW_V2):
             return self._decode_v2(data)
-        return self._old.decode(data)
+        old = self._old.decode(data)
+        return context_event(
+            seq=old.seq,
+            context_id=old.context_id,
+            delta_id=old.delta_id,
+            root_hash=old.root_hash,
+            heads=old.heads,
+            events=old.events,
+            origin=old.origin,
+            at=old.at,
+        )
 
     def _decode_v3(self, seq: int, data: bytes) -> ContextEvent:
         try:
@@ -233,17 +269,17 @@ class EventRowCodec:
         context_id = self.contexts.get(row.context)
         if context_id is None:
             raise StorageError(f"stored event {seq} names context number {row.context}, unknown")
-        delta_id = _hex_text(row.delta_id)
+        delta_id = _id(row.delta_id)
         origin = row.origin
         return ContextEvent(
-            seq=seq,
-            context_id=context_id,
-            delta_id=delta_id,
-            root_hash=_hex_text(row.root_hash),
-            heads=[delta_id] if row.heads is None else [_hex_text(h) for h in row.heads],
-            events=[_app_event(e, self.shapes) for e in row.events],
-            origin=origin if isinstance(origin, str) else ("local" if origin else "remote"),
-            at=float(row.at),
+            seq,
+            context_id,
+            delta_id,
+            _id(row.root_hash),
+            [delta_id] if row.heads is None else [*map(_id, row.heads)],
+            [_app_event(e, self.shapes) for e in row.events],
+            origin if isinstance(origin, str) else ("local" if origin else "remote"),
+            float(row.at),
         )
 
     def _decode_v2(self, data: bytes) -> ContextEvent:
@@ -252,14 +288,14 @@ class EventRowCodec:
         except msgspec.DecodeError as exc:
             raise StorageError(f"stored event is unreadable: {exc}") from None
         return ContextEvent(
-            seq=row.seq,
-            context_id=_b58_text(row.context_id),
-            delta_id=_hex_text(row.delta_id),
-            root_hash=_hex_text(row.root_hash),
-            heads=[_hex_text(h) for h in row.heads],
-            events=row.events,
-            origin=row.origin,
-            at=row.at,
+            row.seq,
+            _b58_text(row.context_id),
+            _id(row.delta_id),
+            _id(row.root_hash),
+            [*map(_id, row.heads)],
+            row.events,
+            row.origin,
+            row.at,
         )
 
 
@@ -297,6 +333,10 @@ class _Numbers(Generic[T]):
         self.names: dict[int, T] = {}
         self._numbers: dict[T, int] = {}
         self._stored: set[int] = set()
+        self.stored: dict[T, int] = {}
+        """The names whose number's row is in the store, and their numbers: what `number`
+        gives for them at once (every event names a context and most an app event shape,
+        found here with one lookup each, issue #16)."""
         self._next = 1
 
     def _key(self, number: int) -> bytes:
@@ -312,6 +352,7 @@ class _Numbers(Generic[T]):
             self.names[number] = name
             self._numbers[name] = number
             self._stored.add(number)
+            self.stored[name] = number
         self._next = max(self.names, default=0) + 1
 
     def drop_unused(self, used: set[int], batch: WriteBatch) -> None:
@@ -320,6 +361,8 @@ class _Numbers(Generic[T]):
             name = self.names.pop(number)
             if self._numbers.get(name) == number:
                 del self._numbers[name]
+            if self.stored.get(name) == number:
+                del self.stored[name]
             self._stored.discard(number)
         self._next = max(self.names, default=0) + 1
 
@@ -341,6 +384,7 @@ class _Numbers(Generic[T]):
             key = self._key(number)
             if self._store.get_sync(_RAW, key) is not None:
                 self._stored.add(number)
+                self.stored[name] = number
             else:
                 batch.put(_RAW, key, self._encode(name))
                 put.add(number)
@@ -496,13 +540,18 @@ class EventLog:
     def _put(self, batch: WriteBatch, events: list[ContextEvent]) -> None:
         put: set[int] = set()
         put_shapes: set[int] = set()
+        shapes, stored_shapes = self._shapes, self._shapes.stored
+        contexts, stored_contexts = self._contexts, self._contexts.stored
 
         def shape(found: Shape) -> int | None:
-            return self._shapes.number(found, batch, put_shapes)
+            number = stored_shapes.get(found)  # (`number`'s answer for a stored one)
+            return shapes.number(found, batch, put_shapes) if number is None else number
 
         encode, ops, kept = self._codec.encode, batch.ops, self._kept
         for event in events:
-            number = self._contexts.number(event.context_id, batch, put)
+            number = stored_contexts.get(event.context_id)
+            if number is None:
+                number = contexts.number(event.context_id, batch, put)
             if number is None:
                 raise StorageError("the event log ran out of context numbers")
             # (A `Put` made here: `_RAW`'s codecs pass bytes as they are. Every call's event

@@ -23,21 +23,56 @@ import attrs
 import msgspec
 import trio
 
+Id = bytes | str
+"""A delta or root id as the node holds it, raw bytes (its hex is what subscribers see);
+an id given to `EventHub.publish` as text that is not the lowercase hex of any bytes is
+kept as that text."""
 
-class ContextEvent(msgspec.Struct, frozen=True, array_like=True):
-    """One applied delta, as subscribers see it (and as the event log stores it)."""
+
+def raw_id(text: str) -> Id:
+    """`text` as the bytes it is the lowercase hex of, or as it is if it is not that."""
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        return text
+    return raw if raw and raw.hex() == text else text
+
+
+def id_text(value: Id) -> str:
+    """An `Id` as subscribers see it: raw bytes as hex, text as it is."""
+    return value.hex() if value.__class__ is bytes else value  # type: ignore[return-value]
+
+
+class ContextEvent(msgspec.Struct, frozen=True):
+    """One applied delta, as subscribers see it (and as the event log stores it).
+
+    Its ids are held as the node has them (`Id`: raw bytes) and made hex only when asked
+    (`delta_id`, `root_hash`, `heads`: subscribers' JSON); the event log stores the raw
+    bytes. Every call's event went from bytes to hex and back (issue #16)."""
 
     seq: int
     context_id: str
-    delta_id: str
-    root_hash: str
-    heads: list[str]
+    delta_raw: Id
+    root_raw: Id
+    heads_raw: list[Id]
     events: list[dict[str, Any]]
     """App events: {"name": ..., "payload": <decoded JSON>}."""
     origin: str
     """"local" for calls made on this node, "remote" for deltas received from peers."""
     at: float = 0.0
     """Unix time it was published (for `api.event_retention`); not sent to clients."""
+
+    @property
+    def delta_id(self) -> str:
+        return id_text(self.delta_raw)
+
+    @property
+    def root_hash(self) -> str:
+        return id_text(self.root_raw)
+
+    @property
+    def heads(self) -> list[str]:
+        return list(map(id_text, self.heads_raw))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,14 +87,39 @@ class ContextEvent(msgspec.Struct, frozen=True, array_like=True):
         }
 
 
+def context_event(
+    *,
+    seq: int,
+    context_id: str,
+    delta_id: str,
+    root_hash: str,
+    heads: list[str],
+    events: list[dict[str, Any]],
+    origin: str,
+    at: float = 0.0,
+) -> ContextEvent:
+    """A `ContextEvent` from its ids as subscribers see them (hex)."""
+    return ContextEvent(
+        seq,
+        context_id,
+        raw_id(delta_id),
+        raw_id(root_hash),
+        [*map(raw_id, heads)],
+        events,
+        origin,
+        at,
+    )
+
+
 class Change(msgspec.Struct, frozen=True):
     """An applied delta's event before it is numbered (`EventHub.reserve`). (A struct, not
-    attrs: two are made per call, and a frozen attrs class's `__init__` cost ~1 us each.)"""
+    attrs: two are made per call, and a frozen attrs class's `__init__` cost ~1 us each.)
+    Its ids are `Id`s: raw bytes, as the node holds them (`ContextEvent`)."""
 
     context_id: str
-    delta_id: str
-    root_hash: str
-    heads: list[str]
+    delta_id: Id
+    root_hash: Id
+    heads: list[Id]
     events: list[dict[str, Any]]
     origin: str
 
@@ -262,8 +322,11 @@ class EventHub:
         events: list[dict[str, Any]],
         origin: str,
     ) -> ContextEvent:
-        """Record and fan out one applied delta. Never blocks."""
-        return self.emit(Change(context_id, delta_id, root_hash, heads, events, origin))
+        """Record and fan out one applied delta (its ids as hex). Never blocks."""
+        change = Change(
+            context_id, raw_id(delta_id), raw_id(root_hash), [*map(raw_id, heads)], events, origin
+        )
+        return self.emit(change)
 
     def emit(self, change: Change) -> ContextEvent:
         """`publish` of a `Change`."""

@@ -49,13 +49,14 @@ def change_of(
     """A delta (or, `delta_id` None, state from a sync) changed `replica`; `events` are the
     app events it carried as (name, JSON-ready payload). Read from the replica's record as
     it is now (right after that change was staged)."""
+    record = replica.record
     return Change(
-        context_id=b58(replica.context_id),
-        delta_id="" if delta_id is None else delta_id.hex(),
-        root_hash=replica.record.root_hash.hex(),
-        heads=[h.hex() for h in replica.record.heads],
-        events=[{"name": n, "payload": p} for n, p in events],
-        origin=origin,
+        b58(replica.context_id),
+        "" if delta_id is None else delta_id,  # (ids raw: hex only for subscribers)
+        record.root_hash,
+        list(record.heads),
+        [{"name": n, "payload": p} for n, p in events],
+        origin,
     )
 
 

@@ -82,7 +82,7 @@ import trio
 from trionode.context.app_choice import running_app
 from trionode.context.errors import ContextError, ContextNotFound, NotPermitted
 from trionode.context.event_log import EventLog
-from trionode.context.events import Change, ContextEvent, EventHub
+from trionode.context.events import Change, ContextEvent, EventHub, Id
 from trionode.context.local_writes import AppLoader, CallResult, LocalWriter
 from trionode.context.notices import b58
 from trionode.context.processing import DeltaProcessor, Progress, Received
@@ -784,10 +784,10 @@ class DeltaPipeline:
         this batch changed only with received deltas. Every event of a context stays in
         one of the two runs, in staging order, so each context's events keep their causal
         order (and across contexts order carries no meaning)."""
-        final: dict[str, tuple[str, list[str]]] = {}
+        final: dict[str, tuple[Id, list[Id]]] = {}
         for context_id, replica in held.items():
             record = replica.record
-            final[b58(context_id)] = (record.root_hash.hex(), [h.hex() for h in record.heads])
+            final[b58(context_id)] = (record.root_hash, list(record.heads))  # (raw: `Change`)
         written_here = {
             b58(each.job.context_id)
             for each in staged
