@@ -56,6 +56,7 @@ Decoders enforce sizes and shapes and raise RemoteProtocolError; nothing here tr
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 from bisect import insort
 from collections.abc import Sequence
@@ -293,13 +294,13 @@ def encode_compact_body(
         )
     if version == 4:
         return _ENCODER.encode(CompactBody(records, body.events))
-    opened = sum(len(e.payload) for e in body.events)
+    opened = sum(map(len, map(_PAYLOAD, body.events)))
     if entities is None or body.records:
         opened += sum(map(len, body.records))
-    elif opened + _MAX_GROWTH * sum(map(len, records)) > MAX_EXPANSION:
+    elif opened + (grown := _MAX_GROWTH * sum(map(len, records))) > MAX_EXPANSION:
         opened += sum(len(encode_entity(e)) for e in entities)
     else:
-        opened += _MAX_GROWTH * sum(map(len, records))  # (at least what they open to)
+        opened += grown  # (at least what they open to)
     # A body that would open past the budget every receiver holds it to travels without
     # references: as large as it is, it is refused here (replication.max_delta_bytes),
     # never sealed small and refused by every other member.
@@ -308,6 +309,7 @@ def encode_compact_body(
     return _ENCODER.encode(CompactBody5(records, events))
 
 
+_PAYLOAD: Final = operator.attrgetter("payload")
 _MAX_GROWTH: Final = 16
 """A compact record opens to less than this many times its bytes: its largest reference
 for its size, a stamp (3 bytes), stands for 44 (`trionode.crdt.compact`)."""
