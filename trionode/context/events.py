@@ -345,7 +345,23 @@ class EventHub:
         them in the same transaction, see `event_log.py`); nobody sees them, nor anything
         published after them, until `settle`."""
         at = self._clock()
-        events = [self._number(change, at) for change in changes]
+        seq = self.seq
+        events: list[ContextEvent] = []
+        for change in changes:  # (`_number`, inline: every call's event is numbered here)
+            seq += 1
+            events.append(
+                ContextEvent(
+                    seq,
+                    change.context_id,
+                    change.delta_id,
+                    change.root_hash,
+                    change.heads,
+                    change.events,
+                    change.origin,
+                    at,
+                )
+            )
+        self.seq = seq
         self._reserved += 1
         return events
 
@@ -368,13 +384,15 @@ class EventHub:
         are lost (`_lost`)."""
         self._reserved -= 1
         if durable:
-            for event in events[:early]:
-                self._offer_services(event)
-            for event in events[early:]:
+            if early:
+                for event in events[:early]:
+                    self._offer_services(event)
+                events = events[early:]
+            for event in events:
                 self._fan_out(event)
         elif early:
             self._lost(events[:early])
-        if not self._reserved:
+        if not self._reserved and self._waiting:
             waiting, self._waiting = self._waiting, []
             for event in waiting:
                 self._fan_out(event)
@@ -418,8 +436,14 @@ class EventHub:
         """Show `event`; to remote-only watchers too unless `services` is False (then
         `_offer_services` does so later)."""
         self.shown = event.seq
-        self._remember(event)
-        # (Copied to walk them only if any: every call's event comes here, issue #16.)
+        # (`_remember`, inline: every call's event comes here, issue #16.)
+        recent = self._recent.get(event.context_id)
+        if recent is None:
+            recent = self._recent[event.context_id] = deque(maxlen=self._replay)
+        if len(recent) == recent.maxlen:
+            self._dropped[event.context_id] = recent[0].seq
+        recent.append(event)
+        # (Copied to walk them only if any.)
         if self._subscriptions:
             for sub in list(self._subscriptions):
                 if event.context_id in sub.contexts:
@@ -428,7 +452,7 @@ class EventHub:
             for sub in list(self._watchers):
                 if sub.wants is None or sub.wants(event):
                     sub._offer(event)  # noqa: SLF001
-        if services:
+        if services and event.origin != "local":  # (`_offer_services`' first check)
             self._offer_services(event)
 
     def _offer_services(self, event: ContextEvent) -> None:
