@@ -77,6 +77,7 @@ async def test_a_join_logs_its_phases_on_both_sides(
     assert f" {len(batches)} batches: storing " in takes[0]
     assert "waiting for pages" in takes[0]
     assert "taking pages in" in takes[0]
+    assert "(the loop's CPU " in takes[0]
     assert member[0] == "first_page_read"
     assert member[-2:] == ["last_page_read", "closed"]
     assert "root_hashed" not in member
