@@ -223,6 +223,31 @@ def test_a_write_to_a_record_held_as_its_row_decodes_it_first() -> None:
     assert not lazy.is_live()
 
 
+@pytest.mark.parametrize("merged", ["no stamps", "a newer added"])
+def test_a_join_that_lowers_the_kind_of_a_record_held_as_its_row_decodes_it_first(
+    merged: str,
+) -> None:
+    """Two records of one id and different kinds (concurrent writes of one name): the lower
+    kind wins with its body (`Entity.merge`). Into a record held as its row, that wrote its
+    kind slot and then refused its own row as corrupt, as no longer of its kind."""
+    stamp = Timestamp(NOW, b"w")
+    counter = Entity(MAP, b"\xa1k", Kind.COUNTER, added=stamp)
+    added = None if merged == "no stamps" else Timestamp(NOW + 1, b"v")
+    other = Entity(MAP, b"\xa1k", Kind.OBJECT, added=added)
+    (lazy,), _ = take([encode_entity(counter)])
+    assert isinstance(lazy, RowEntity)
+    eager = decode_entity(encode_entity(counter))
+    assert lazy.merge(other.copy()) == eager.merge(other.copy())
+    assert lazy.row is None
+    assert lazy == eager
+    assert encode_entity(lazy) == encode_entity(eager)
+    tree_lazy, tree_eager = StateTree(), StateTree()
+    tree_lazy.add_new(take([encode_entity(counter), encode_entity(other)])[0])
+    tree_eager.apply([counter.copy(), other.copy()])
+    assert tree_lazy.root_hash() == tree_eager.root_hash()
+    assert tree_lazy.entities() == tree_eager.entities()
+
+
 def _unchecked(row: bytes, like: Entity) -> RowEntity:
     """A RowEntity over `row` that never went through `scan` (what a bug there, or a row
     changed in memory, would leave): `take` of a good row, its bytes then swapped."""

@@ -143,13 +143,23 @@ class RowEntity(Entity):
 
     # The parts of the record still in the row (name, added, removed, body) are read and
     # written through `_lazy`'s properties, which decode it first; everything else is a
-    # plain slot. (Not `__getattr__`/`__setattr__`: a class with either pays for them on
-    # every attribute, a lookup through a hook three times as slow as a slot's, and the
-    # tree reads a record's id, parent, kind, row and leaf many times over.)
+    # plain slot. (Not `__getattr__`: a class with it pays for it on every attribute, a
+    # lookup through a hook three times as slow as a slot's, and the tree reads a record's
+    # id, parent, kind, row and leaf many times over.)
     name = _lazy("name")
     added = _lazy("added")
     removed = _lazy("removed")
     body = _lazy("body")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # `kind` is read as a plain slot, but a join may write it (the lower kind wins, its
+        # body with it: `Entity.merge`): decoded first, as any write, or the row would say
+        # one kind and the record another (and the body's write would refuse the row as
+        # corrupt). Writes to a record held as its row are rare (a join into it, after which
+        # it is decoded); `take` and `_load` set slots without this hook.
+        if name == "kind" and self.row is not None:
+            self._load()
+        object.__setattr__(self, name, value)
 
     def _load(self) -> None:
         row = self.row
