@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from hashlib import sha256
+from typing import Final
 
 import msgspec
 import pytest
@@ -339,6 +340,104 @@ def test_the_canonical_row_is_on_the_fast_path() -> None:
     node = b"\xc4\x20" + bytes(range(32))
     future = _row_with(body_stamp=b"\x92\xcf" + (NOW + 1).to_bytes(8, "big") + node)
     assert scan(future) is None  # its body's stamp is not `added`: decoded, drift-checked
+
+
+@st.composite
+def shaped(draw: st.DrawFn) -> list[bytes]:
+    """Rows of a few shapes (one parent, kind, stamp and name and value lengths each: the
+    rows of one write of fixed-width keys and values), with names and values of any bytes,
+    and one-byte mutants of them (the same length: maybe of the same shape), most in what
+    a shape holds (the bytes outside the name and the value), most next to their row; in
+    runs, or mixed with each other and with rows of every other form."""
+    rows: list[bytes] = []
+    for _ in range(draw(st.integers(1, 3), label="shapes")):
+        parent = draw(st.sampled_from([MAP, ROOT_ID, b"\x01" * 32]))
+        kind = draw(st.sampled_from(list(Kind)))
+        stamp = draw(stamps)
+        width = draw(st.integers(0, 40))
+        size = draw(st.sampled_from([0, 1, 80, 255, 256, 300])) if kind is Kind.REGISTER else -1
+        for _ in range(draw(st.integers(1, 10), label="rows of the shape")):
+            name = draw(st.binary(min_size=width, max_size=width))
+            body = None
+            if size >= 0:
+                body = RegisterState(stamp, draw(st.binary(min_size=size, max_size=size)))
+            rows.append(encode_entity(Entity(parent, name, kind, added=stamp, body=body)))
+    for _ in range(draw(st.integers(0, 8), label="mutants")):
+        where = draw(st.integers(0, len(rows) - 1))
+        base = rows[where]
+        cut = scan(base)
+        skeleton = list(range(min(len(base), _NAME_AT)))
+        if cut is not None:
+            skeleton += range(cut[0], len(base) - len(_value_of(base)))
+        at = draw(st.one_of(st.sampled_from(skeleton), st.integers(0, len(base) - 1)))
+        mutant = base[:at] + bytes([draw(st.integers(0, 255))]) + base[at + 1 :]
+        rows.insert(draw(st.sampled_from([where + 1, where + 1, where, len(rows)])), mutant)
+    rows += [encode_entity(e) for e in draw(st.lists(entities(), max_size=3))]
+    if draw(st.integers(0, 3)) == 0:
+        rows = draw(st.permutations(rows))
+    return rows
+
+
+_NAME_AT: Final = 38
+"""Where a fast-path row's name starts (after the head, the parent and the name's bin)."""
+
+
+def _value_of(row: bytes) -> bytes:
+    """A register row's value (empty for other rows)."""
+    body = decode_entity(row).body
+    return body.value if isinstance(body, RegisterState) else b""
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(shaped(), st.booleans())
+def test_a_run_of_rows_of_one_shape_takes_each_row_as_that_row_alone(
+    page: list[bytes], keyed: bool
+) -> None:
+    """A row of the previous fast-path row's shape is made in bulk with its run, unparsed
+    (`take`): every row of any page of such runs, their one-byte mutants and other rows,
+    is made as `take` and `scan` make it alone, with our own ids given or hashed."""
+    alone = [_taken_alone(row) for row in page]
+    if None in alone:
+        with pytest.raises(RemoteProtocolError):
+            take(page)
+        return
+    ids = [got[1] for got in alone if got is not None] if keyed else None
+    got, newest = take(page, ids)
+    assert [(type(e), e.id, e.leaf if isinstance(e, RowEntity) else None) for e in got] == alone
+    assert [type(e) is RowEntity for e in got] == [scan(row) is not None for row in page]
+    decoded = [decode_entity(row) for row in page]
+    assert newest == max((s for s in (e.max_stamp() for e in decoded) if s), default=None)
+    for lazy, eager in zip(got, decoded, strict=True):
+        _same(lazy, eager)
+
+
+@pytest.mark.parametrize("size", [0, 3, 300])
+def test_a_row_that_differs_from_its_shape_in_any_byte_of_it_is_taken_as_alone(
+    size: int,
+) -> None:
+    """Every byte of a shape (outside the name and the value), changed in a row of one
+    like it that follows it: the row is made as it would be alone (or the page refused)."""
+    stamp = Timestamp(NOW, b"node")
+    body = RegisterState(stamp, bytes(range(size % 256)) * (size // 256 + 1))
+    rows = [
+        encode_entity(Entity(MAP, name, Kind.REGISTER, added=stamp, body=body))
+        for name in (b"\xa4key1", b"\xa4key2")
+    ]
+    cut = scan(rows[0])
+    assert cut is not None
+    value = len(rows[0]) - len(_value_of(rows[0]))
+    for at in [*range(_NAME_AT), *range(cut[0], value)]:
+        for byte in {rows[1][at] ^ 1, rows[1][at] + 1 & 0xFF, 0xC0, 0}:
+            page = [rows[0], rows[1], rows[1][:at] + bytes([byte]) + rows[1][at + 1 :]]
+            alone = [_taken_alone(row) for row in page]
+            if None in alone:
+                with pytest.raises(RemoteProtocolError):
+                    take(page)
+                continue
+            got, _ = take(page)
+            assert [
+                (type(e), e.id, e.leaf if isinstance(e, RowEntity) else None) for e in got
+            ] == alone
 
 
 @settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])

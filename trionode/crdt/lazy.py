@@ -35,7 +35,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from hashlib import sha256
-from typing import Any, Final, NoReturn
+from itertools import repeat
+from operator import add, getitem
+from typing import Any, Final, NoReturn, cast
 
 from trionode.crdt.encoding import MAX_ENTITY_BYTES, decode_entity, encode_entity
 from trionode.crdt.entity import CONTAINERS, ID_DOMAIN, Entity, Kind
@@ -53,6 +55,9 @@ _FORM_HEADS: Final = [b"\x94" + bytes([kind]) for kind in range(256)]
 """The first two bytes of a leaf's hash form (`RowEntity.form`) by its row's kind byte."""
 _sha256: Final = sha256
 _digest: Final = type(sha256()).digest
+_cut: Final = cast("Callable[[bytes, slice], bytes]", getitem)
+"""`row[a slice]`, in `map` (a run's names and bodies, `take`)."""
+_join: Final = b"".join
 _each: Final[Callable[[Iterable[object]], None]] = deque[object](maxlen=0).extend
 """Runs an iterator to its end in C (the bulk setters of `take`)."""
 
@@ -258,6 +263,14 @@ def take(
     differs from them is checked field by field as `scan` does; `test_lazy.py` holds the two
     to the same verdict on every row of any page.
 
+    A row of the previous fast-path row's *shape* (its length, its bytes up to its name's,
+    and its bytes from its kind to its value's, header included: the same parent, name
+    length, kind, stamp and value length) differs from it only inside its name and its
+    value, which the fast path reads as bytes of any value: it has that row's verdict and
+    offsets, and the loop only counts it. Each run of such rows is made in bulk (`_made`):
+    its records, their id inputs and leaf forms by `map` in C, no Python step per row (the
+    rows of one write to a map of fixed-width keys and values: a joiner's common page).
+
     Raises:
         RemoteProtocolError: a record that is not on the fast path and does not decode.
     """
@@ -288,7 +301,34 @@ def take(
     counted = b""
     """The last stamp counted for `newest` (by identity: a new one is a new object)."""
     most = MAX_ENTITY_BYTES
+    shape_size = -1
+    """The previous fast-path row's length (-1: no shape, the previous row was decoded)."""
+    shape = b""
+    """That row."""
+    shape_head = b""
+    """Its bytes up to its name's (the fixed head, the parent, the name's bin header); empty
+    until a row of its length comes."""
+    shape_mid = b""
+    """Its bytes from its kind to its value's (the whole tail of a row with no body)."""
+    kind_at = removed_at = kind = value = 0
+    run = 0
+    """Where the run of rows of the previous fast-path row's shape starts (after it)."""
+    made = (out, keyed, keys, leafed, forms)
+
     for at, row in enumerate(records):
+        if len(row) == shape_size:
+            if not shape_head:  # (cut once a row of its length follows)
+                shape_head = shape[: _NAME + 2]
+                shape_mid = shape[kind_at:value]
+            if row.startswith(shape_head) and row.startswith(shape_mid, kind_at):
+                continue  # (the previous fast-path row's shape: made with its run)
+        if run < at:
+            _made(
+                records[run:at],
+                None if ids is None else ids[run:at],
+                made,
+                shape=(parent, id_head, kind, kind_at, removed_at, stamp),
+            )
         try:
             if not row.startswith(head):
                 if row[:4] != _HEAD or row[_NAME] != 0xC4:
@@ -318,7 +358,7 @@ def take(
             if kind not in kinds or size > most:
                 _decline()
             if size == removed_at + 2 and row.startswith(b"\xc0\xc0", removed_at):
-                pass  # no removal, no body
+                value = size  # no removal, no body
             elif kind != _REGISTER or not row.startswith(body_head, removed_at):
                 _decline()
             else:
@@ -326,22 +366,27 @@ def take(
                 value = removed_at + len(body_head)
                 bin_head = row[value]
                 if bin_head == 0xC4:
-                    end = value + 2 + row[value + 1]
+                    value += 2
+                    end = value + row[value - 1]
                 elif bin_head == 0xC5:
                     length = int.from_bytes(row[value + 1 : value + 3])
-                    end = value + 3 + length if length >= 0x100 else -1
+                    value += 3
+                    end = value + length if length >= 0x100 else -1
                 elif bin_head == 0xC6:
                     length = int.from_bytes(row[value + 1 : value + 5])
-                    end = value + 5 + length if length >= 0x10000 else -1
+                    value += 5
+                    end = value + length if length >= 0x10000 else -1
                 else:
                     end = -1
                 if end != size:
                     _decline()
         except IndexError:  # (declined, or shorter than its headers say)
+            shape_size, run = -1, at + 1
             entity = decode_entity(row)
             newest = latest(newest, entity.max_stamp())
             append(entity)
             continue
+        shape, shape_size, shape_head, run = row, size, b"", at + 1
         if stamp is not counted:  # (a run of rows of one stamp counts it once)
             counted = stamp
             # The newest `added` by time alone (its eight big-endian bytes order as the
@@ -368,6 +413,13 @@ def take(
             leafed.append(record)
             form(join((heads[kind], row[_NAME:kind_at], stamp, row[removed_at + 1 :])))
         append(record)
+    if run < len(records):
+        _made(
+            records[run:],
+            None if ids is None else ids[run:],
+            made,
+            shape=(parent, id_head, kind, kind_at, removed_at, stamp),
+        )
     if keys:
         _each(map(_set_id, keyed, map(_digest, map(_sha256, keys))))
     if forms:
@@ -375,3 +427,44 @@ def take(
     for checked in best_stamps:
         newest = latest(newest, Timestamp(int.from_bytes(checked[2:10]), checked[12:]))
     return out, newest
+
+
+def _made(
+    rows: Sequence[bytes],
+    ids: Sequence[bytes] | None,
+    into: tuple[list[Entity], list[Entity], list[bytes], list[Entity], list[bytes]],
+    *,
+    shape: tuple[bytes, bytes, int, int, int, bytes],
+) -> None:
+    """A run of fast-path rows of one `shape` (`take`: the parent, the id's input up to the
+    name, the kind byte, the offsets of the kind and of `removed`, and the stamp, of the
+    row before the run), made in bulk as `take`'s loop makes a row: appended to `into`'s
+    lists (`take`'s records, those whose id and whose leaf it hashes, and what it hashes:
+    their id inputs, unless their `ids` are given, and leaf forms)."""
+    out, keyed, keys, leafed, forms = into
+    parent, id_head, kind, kind_at, removed_at, stamp = shape
+    count = len(rows)
+    records = list(map(_new, repeat(RowEntity, count)))
+    _each(map(_set_row, records, rows))
+    _each(map(_set_parent, records, repeat(parent, count)))
+    _each(map(_set_kind, records, repeat(_KINDS[kind], count)))
+    if ids is None:
+        keyed.extend(records)
+        name = slice(_NAME + 2, kind_at)
+        keys.extend(map(add, repeat(id_head, count), map(_cut, rows, repeat(name))))
+    else:
+        _each(map(_set_id, records, ids))
+    if kind in _CONTAINER_BYTES:
+        _each(map(_set_leaf, records, repeat(None, count)))
+    else:
+        leafed.extend(records)
+        name_bin, body = slice(_NAME, kind_at), slice(removed_at + 1, None)
+        parts = zip(
+            repeat(_FORM_HEADS[kind], count),
+            map(_cut, rows, repeat(name_bin)),
+            repeat(stamp, count),
+            map(_cut, rows, repeat(body)),
+            strict=True,
+        )
+        forms.extend(map(_join, parts))
+    out.extend(records)
