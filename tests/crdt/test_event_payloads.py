@@ -191,7 +191,14 @@ def _wrapped(data: bytes, form: int) -> bytes:
     st.lists(st.integers(0, 11) | _soup, max_size=10),
     st.booleans(),
 )
-# (Two candidates of one length that overlap: the first leaf's wins.)
+# (Two candidates of one length that overlap: the first leaf's wins. And one whose first
+# place overlaps a span taken before, and its next place starts a byte later.)
+@example(
+    pool=[b"QQQQQQQa", b"aaaaaaaa"],
+    picks=[(0, 0), (1, 0)],
+    parts=[b"QQQQQQQaaaaaaaaa"],
+    ascii_=False,
+)
 @example(
     pool=[b"babababa", b"abababab"], picks=[(0, 0), (1, 0)], parts=[b"ababababa"], ascii_=False
 )
