@@ -45,7 +45,6 @@ validate as it validates any record; `expand_payload` does the same for a payloa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import attrgetter
 from typing import Final
 
 import msgspec
@@ -154,7 +153,7 @@ def compact_entities(
     the tree just made (`sealed_row`): a record added by `author` at `hlc`, as a local
     write's are, whose tree differs from its row's at most by the reference to its parent
     (a state row refers to nothing but its own stamp's writer and time)."""
-    ids = list(map(_ID, entities))  # (in C: every local write seals its records here)
+    ids = [entity.id for entity in entities]
     order: Sequence[int]
     if len(entities) == 2:  # (a kv `set`'s map and entry: `_parents_first` without a walk)
         first, second = ids
@@ -203,7 +202,6 @@ def sealed_row(entity: Entity, sealed: SealedRow | None) -> bytes | None:
     return None
 
 
-_ID: Final = attrgetter("id")
 _IN_ORDER: Final = (0, 1)
 _SWAPPED: Final = (1, 0)
 """`_parents_first` of two records whose first one's parent is the second (and the second
