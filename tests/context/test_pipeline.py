@@ -4,6 +4,7 @@ the transaction holding their delta is durable (`trionode/context/pipeline.py`).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -51,6 +52,9 @@ class GatedWrites:
 
     def may_write_now(self) -> bool:
         return False  # (every write waits at the gate: no caller commits its own batch)
+
+    def may_run_here(self) -> bool:
+        return False  # (nor runs it)
 
     def write_now(self, batch: WriteBatch) -> bool:
         return False  # (nor past the gate)
@@ -630,7 +634,7 @@ async def test_a_lone_call_runs_its_own_batch_durably_and_concurrent_calls_still
                 await trio.testing.wait_all_tasks_blocked()  # (nothing else runnable)
                 # (Unless a write of the node's own, its event log's say, still holds the
                 # writer thread: that is for the processor, as before.)
-                here = node.store.may_write_now()
+                here = node.store.may_run_here()
                 result = await node.contexts.execute(context, "set", kv_set(f"k{i}", str(i)))
                 # Run in this task, not the processor's, and on disk once answered.
                 assert runners[-1] == (me if here else "delta-processor")
@@ -667,7 +671,7 @@ async def test_a_lone_call_whose_commit_fails_hears_so_and_leaves_nothing_in_mem
             node.store.raw.write = full  # type: ignore[method-assign]
             try:
                 await trio.testing.wait_all_tasks_blocked()
-                here = node.store.may_write_now()  # (see the test above)
+                here = node.store.may_run_here()  # (see the test above)
                 with pytest.raises(StorageError, match="disk full"):
                     await node.contexts.execute(context, "set", kv_set("lost", "2"))
             finally:
@@ -679,6 +683,66 @@ async def test_a_lone_call_whose_commit_fails_hears_so_and_leaves_nothing_in_mem
         await node.contexts.execute(context, "set", kv_set("after", "3"))
         entries = (await node.contexts.execute(context, "entries", "{}")).result
         assert entries == {"before": "1", "after": "3"}
+
+
+async def test_a_lone_call_whose_commit_goes_to_the_writer_thread_still_runs_its_own_batch(
+    tmp_path: Path,
+) -> None:
+    """Commits slow of late (`store.inline_commit_max_seconds`: 0, never on the loop's
+    thread): the lone caller still runs its batch, its commit in the writer thread. A
+    cancellation while that commit runs comes after it: the call is answered, durable."""
+    async with one_context(tmp_path) as (node, context):
+        node.store.inline_commit_max = 0.0
+        me = trio.lowlevel.current_task().name
+        token = trio.lowlevel.current_trio_token()
+        committing = trio.Event()
+        release = threading.Event()
+        raw_write = node.store.raw.write
+        threads: list[int | None] = []
+
+        def held(ops: Any) -> None:
+            if any(op.column is Column.DELTA for op in ops):  # (the call's: not the node's own)
+                threads.append(threading.get_ident())
+                token.run_sync_soon(committing.set)
+                release.wait()
+            raw_write(ops)
+
+        async with batch_runners(node.contexts.pipeline) as runners:
+            here: list[bool] = []
+            result: list[CallResult] = []
+            node.store.raw.write = held  # type: ignore[method-assign]
+            try:
+                with trio.CancelScope() as scope:
+                    async with trio.open_nursery() as nursery:
+
+                        async def cancel_once_committing() -> None:
+                            await committing.wait()
+                            scope.cancel()
+                            release.set()
+
+                        nursery.start_soon(cancel_once_committing)
+                        for _ in range(10):  # (nothing runnable, no thread's result due)
+                            await trio.testing.wait_all_tasks_blocked()
+                            if node.store.may_run_here():
+                                break
+                        here.append(node.store.may_run_here())
+                        result.append(await node.contexts.execute(context, "set", kv_set("k", "v")))
+                        await trio.lowlevel.checkpoint()
+            finally:
+                del node.store.raw.write
+        assert threads
+        assert threads[0] != threading.get_ident()  # (the writer thread's)
+        assert scope.cancelled_caught
+        if here == [True]:  # (as good as always: see the loop above)
+            assert runners == [me]
+            (answer,) = result  # answered before the cancellation came
+            assert answer.delta_id is not None
+            assert node.store.raw.get(Column.DELTA, context + answer.delta_id)
+        else:  # (through the processor, whose batch commits: its caller heard nothing)
+            assert runners == ["delta-processor"]
+            assert result == []
+        entries = (await node.contexts.execute(context, "entries", "{}")).result
+        assert entries == {"k": "v"}
 
 
 async def test_a_cancelled_lone_caller_runs_and_writes_nothing(tmp_path: Path) -> None:

@@ -18,11 +18,13 @@ fails every job in the batch and drops the replicas it touched (they reload from
 store): nothing is acknowledged that is not on disk, and memory never runs ahead of it.
 
 **A lone call runs its batch in its caller's task** (`_run_here`, issue #16): when no
-other call is under way, the processor waits for work with nothing queued, no task is
-runnable and the commit may run on the event loop's thread, the caller runs the same
-one-job batch itself, without the trip through the channel and the processor's task
-step. The batch does not yield then (so it can neither be cancelled halfway nor overlap
-one of the processor's); concurrent callers and received deltas still queue for the
+other call is under way, the processor waits for work with nothing queued and no task is
+runnable, the caller runs the same one-job batch itself, without the trip through the
+channel and the processor's task step. When its commit may run on the event loop's thread
+the batch does not yield (so it can neither be cancelled halfway nor overlap one of the
+processor's); when commits have been slow of late (`store.inline_commit_max_seconds`) it
+commits in the writer thread, waited for whatever becomes of the caller, and the processor
+waits for the batch to end. Concurrent callers and received deltas still queue for the
 processor and share its commits.
 
 Local calls of one context that queue together become **one delta** (`_Merge`): they run
@@ -300,7 +302,7 @@ class DeltaPipeline:
                 and not self._here
                 and not self._stopping
                 and not replica.lock.locked()
-                and self._replicas.store.may_write_now()
+                and self._replicas.store.may_run_here()
             ):
                 result = await self._run_here(
                     _Job(context_id, LocalCall(method, args_json, app=app), size)
@@ -314,18 +316,20 @@ class DeltaPipeline:
 
     async def _run_here(self, job: _Job) -> object:
         """Run the batch of `job` alone in the caller's task, when no other call is under
-        way, the processor waits for work, nothing is queued, no task is runnable and the
-        commit may run on this thread (a sequential caller's call, issue #16; concurrent
+        way, the processor waits for work, nothing is queued and no task is runnable
+        (`AsyncStore.may_run_here`: a sequential caller's call, issue #16; concurrent
         callers still share the processor's batches, and a received delta queued makes
         the processor runnable): the same `_run_batch` the processor would
         run, without the trip through its channel and the two task switches (~1,000
-        bytecodes of a call's ~13,000). Nothing in it yields in that case (its replica is
-        loaded and free, its app loaded, its commit made on this thread:
+        bytecodes of a call's ~13,000). Nothing in it yields while its commit may be made
+        on this thread (its replica is loaded and free, its app loaded:
         `AsyncStore.may_write_now`), so it cannot be cancelled once it has changed the
         replica (a cancel point fires only after a yield) and the processor cannot start a
         batch meanwhile. If something does yield (an app not installed here, whose load
-        reads the store), the processor waits for this batch to end (`_here`), and the
-        commit, if it can no longer be made on this thread, is shielded."""
+        reads the store), or the commit goes to the writer thread (commits slow of late:
+        such a call costs ~900 bytecodes less here than through the processor, issue
+        #16), the processor waits for this batch to end (`_here`), and the commit is
+        waited for whatever becomes of the caller (`AsyncStore.write_unstoppable`)."""
         await trio.lowlevel.checkpoint_if_cancelled()  # (a cancelled caller runs nothing)
         self._here = True
         try:
@@ -651,11 +655,11 @@ class DeltaPipeline:
                     if not here:
                         # (Not yielding after an inline commit: `_process` yields next.)
                         await store.write(batch, settle=False)
-                    elif not store.write_now(batch):
+                    else:
                         # (A caller's own batch commits at once on this thread, with no
-                        # cancel point; if it no longer may, shielded: `_run_here`.)
-                        with trio.CancelScope(shield=True):
-                            await store.write(batch, settle=False)
+                        # cancel point; if it may not, in the writer thread, waited for
+                        # whatever becomes of the caller: `_run_here`.)
+                        await store.write_unstoppable(batch)
                 except StorageError as write_error:
                     unusable.update(held)
                     failed.extend((each.job, write_error) for each in staged)

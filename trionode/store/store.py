@@ -496,6 +496,37 @@ class AsyncStore:
             and _loop_idle()
         )
 
+    def may_run_here(self) -> bool:
+        """Whether a caller may run a lone call's batch in its own task now
+        (`DeltaPipeline.call`): no task of the loop is runnable, no worker thread's result
+        waits, and writes do not yield first (not `inline`). Its commit then goes through
+        `write_unstoppable`: on this thread if `may_write_now` still says so, else in the
+        writer thread."""
+        return not self.inline and _loop_idle()
+
+    async def write_unstoppable(self, batch: WriteBatch) -> None:
+        """`write` for a caller that must not stop halfway (one running its own batch,
+        whose replica already holds the changes: `DeltaPipeline._run_here`): no cancel
+        point. Committed at once on this thread if `write_now` would, else in the writer
+        thread, waited for whatever becomes of the caller (parked until the thread is
+        done: no shielded scope, ~300 bytecodes of a call whose commits go to the thread,
+        issue #16), or, if a writer holds the thread, after it, shielded. Raises
+        StorageError as `write` does."""
+        if self.write_now(batch):
+            return
+        ops = batch.ops
+        if not self.inline:
+            try:
+                self._writer.acquire_nowait()
+            except trio.WouldBlock:
+                pass  # (another writer has the thread or waits for it: after them)
+            else:
+                self._count_ops(ops)
+                await self._commit_taken(ops)
+                return
+        with trio.CancelScope(shield=True):
+            await self.write(ops, settle=False)
+
     async def _commit_in_thread(self, ops: Sequence[WriteOp]) -> None:
         """Commit `ops` in the commit thread, one writer at a time."""
         # (A free writer is taken without the round of the scheduler `acquire` makes: the
@@ -505,6 +536,10 @@ class AsyncStore:
             self._writer.acquire_nowait()
         except trio.WouldBlock:
             await self._writer.acquire()
+        await self._commit_taken(ops)
+
+    async def _commit_taken(self, ops: Sequence[WriteOp]) -> None:
+        """Commit `ops` in the commit thread, the writer taken (given back after)."""
         try:
             await self._commits.run(lambda: self._timed_write(ops))
         except StorageError:
