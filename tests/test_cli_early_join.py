@@ -146,3 +146,32 @@ def test_an_early_join_to_no_node_says_it_cannot_reach_it() -> None:
     done = _join(f"http://127.0.0.1:{port}", "--token", "t")
     assert done.returncode == 1
     assert f"cannot reach node at http://127.0.0.1:{port}" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--api", "http://127.0.0.1:1", "--token", "t\r\nX-Other: 1"],
+        ["--api", "http://127.0.0.1:1/a b", "--token", "t"],
+        ["--api", "http://127.0.0.1:99999", "--token", "t"],
+        ["--api", "http://127.0.0.1:1", "--token", "t\u00e9"],
+    ],
+)
+def test_a_join_whose_request_would_not_be_plain_http_is_not_sent_early(argv: list[str]) -> None:
+    """The early request is written as it is (no HTTP library): a token or URL that could
+    break its header lines, or a port that is none, leaves the join to the command's own
+    client, which refuses it."""
+    assert cli_early.send(["context", "join", INVITATION, *argv]) is None
+
+
+def test_the_early_join_loads_no_http_library_before_its_request_is_out() -> None:
+    """What reads the answer (`http.client`, with `email` and `ssl`) loads only after the
+    request went out: the module that sends it does not import it."""
+    probe = (
+        "import sys, trionode.cli_early;"
+        " print(sorted({'http.client', 'email', 'ssl'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert done.stdout.strip() == "[]"

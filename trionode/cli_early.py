@@ -9,18 +9,25 @@ the request goes out at once from a thread over the standard library's HTTP clie
 the command then starts as usual; its join action (`cli_contexts._join`) takes the answer
 of this request (`claim`) instead of sending its own, and shows the progress meanwhile.
 
-Only the standard library and `trionode.layout` (itself standard library only) load here.
+Only the standard library and `trionode.layout` (itself standard library only) load here,
+and of those only what the request needs before it goes out: it is written to a socket as
+it is (a POST with a JSON body), and `http.client` (with `email` and `ssl`, ~20 ms of a
+start of ~60 ms on a quiet machine) loads in the request's thread once it went out, to read
+the answer, which comes only when the join is done.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
+import socket
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import http.client
 
 from trionode.errors import TrionodeError
 from trionode.layout import default_home, read_api_url, read_token
@@ -45,6 +52,7 @@ class EarlyJoin:
         self.error: OSError | http.client.HTTPException | None = None
         """Why no answer came (the node could not be reached, or took too long)."""
         self.done = threading.Event()
+        self._request, self._address = _request(url, token, options)  # (ValueError: a bad port)
         self._thread = threading.Thread(target=self._send, name="early-join", daemon=True)
 
     @property
@@ -56,31 +64,58 @@ class EarlyJoin:
 
     def _send(self) -> None:
         try:
-            parts = urllib.parse.urlsplit(self.url)
-            body = {"invitation": self.options["invitation"], "trustApp": None}
-            body["trustApp"] = self.options.get("--trust-app")
-            conn = http.client.HTTPConnection(
-                parts.hostname or "", parts.port or 80, timeout=self.timeout
-            )
-            try:
-                conn.request(
-                    "POST",
-                    parts.path.rstrip("/") + JOIN_PATH,
-                    body=json.dumps(body).encode(),
-                    headers={
-                        "Authorization": f"Bearer {self.token}",
-                        "Content-Type": "application/json",
-                    },
-                )
-                response = conn.getresponse()
-                self.body = response.read()
-                self.status = response.status
-            finally:
-                conn.close()
-        except (OSError, http.client.HTTPException) as exc:
+            sock = socket.create_connection(self._address, self.timeout)
+        except OSError as exc:
+            self.error = exc
+            self.done.set()
+            return
+        try:
+            with sock:
+                sock.sendall(self._request)
+                # The request is out: what reads the answer may load now (module doc).
+                import http.client  # noqa: PLC0415
+
+                try:
+                    response = http.client.HTTPResponse(sock, method="POST")
+                    response.begin()
+                    self.body = response.read()
+                    self.status = response.status
+                except http.client.HTTPException as exc:
+                    self.error = exc
+        except OSError as exc:
             self.error = exc
         finally:
             self.done.set()
+
+
+def _request(url: str, token: str, options: dict[str, str]) -> tuple[bytes, tuple[str, int]]:
+    """The join's HTTP/1.1 request to the node at `url`, as `http.client` would write it
+    (`send` checked that nothing in it can break a header line), and where it goes. Raises
+    ValueError for a URL without a valid port."""
+    parts = urllib.parse.urlsplit(url)
+    address = (parts.hostname or "", parts.port or 80)
+    host = address[0]
+    if ":" in host:
+        host = f"[{host}]"
+    if address[1] != 80:
+        host = f"{host}:{address[1]}"
+    body = json.dumps(
+        {"invitation": options["invitation"], "trustApp": options.get("--trust-app")}
+    ).encode()
+    head = (
+        f"POST {parts.path.rstrip('/') + JOIN_PATH} HTTP/1.1\r\n"
+        f"Host: {host}\r\n"
+        "Accept-Encoding: identity\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Authorization: Bearer {token}\r\n"
+        "Content-Type: application/json\r\n\r\n"
+    )
+    return head.encode("ascii") + body, address
+
+
+def _printable(text: str) -> bool:
+    """Printable ASCII without spaces: safe in a request line or header value as it is."""
+    return text.isascii() and text.isprintable() and " " not in text
 
 
 _sent: EarlyJoin | None = None
@@ -136,9 +171,11 @@ def send(argv: list[str]) -> EarlyJoin | None:
         if url is None or not url.lower().startswith("http://"):
             return None  # (TLS, or a home without api.url: the command's own client)
         token = options["--token"] if "--token" in options else read_token(home)
+        if not (_printable(token) and _printable(url)):
+            return None  # (the command's own client says what is wrong with them)
+        early = EarlyJoin(url, token, options)
     except (ValueError, TrionodeError):
         return None  # argparse or the command says what is wrong
-    early = EarlyJoin(url, token, options)
     early.start()
     _sent = early
     return early
