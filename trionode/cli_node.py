@@ -7,7 +7,6 @@ Hypercorn, LMDB, crypto), which client commands must not pay for.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import trio
 
 from trionode import __version__
 from trionode.config import NodeConfig, load_config
+from trionode.crdt.bulk import freeze_heap
 from trionode.home import init_home
 from trionode.node import open_node
 
@@ -115,8 +115,7 @@ def freeze_startup_heap() -> None:
     pools) out of the collector's sight for good (`gc.freeze`): later collections scan
     only what the node made since. Under a write load the full collections took ~90 ms
     each, most of it walking objects that live as long as the process (issue #16)."""
-    gc.collect()
-    gc.freeze()
+    freeze_heap()  # (snapshots keep it so: crdt/bulk.py)
 
 
 async def run_until_signalled(

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 
-from trionode.crdt.bulk import collector_paused, records_kept
+from trionode.crdt.bulk import collector_paused, freeze_heap, records_kept, thaw_heap
 
 
 def test_the_collector_is_off_inside_and_back_on_after_even_after_an_error() -> None:
@@ -88,11 +88,18 @@ def test_a_kept_step_outside_a_snapshot_freezes_nothing() -> None:
 def test_a_process_that_keeps_its_heap_frozen_keeps_it_after_a_snapshot() -> None:
     """A started node froze its startup heap (`cli_node.freeze_startup_heap`): a snapshot
     leaves its records frozen with it rather than thawing both."""
-    gc.freeze()
+    freeze_heap()
     try:
         with records_kept(), records_kept(), collector_paused(kept=True):  # (nested)
             made = [_Node() for _ in range(50)]
         assert all(_frozen(*made))
         assert gc.get_freeze_count() > 0
     finally:
-        gc.unfreeze()
+        thaw_heap()
+    assert gc.get_freeze_count() == 0
+    # Thawed, the process has nothing frozen for good: the next snapshot thaws its own.
+    with records_kept():
+        with collector_paused(kept=True):
+            more = [_Node() for _ in range(50)]
+        assert all(_frozen(*more))
+    assert gc.get_freeze_count() == 0

@@ -30,6 +30,7 @@ from tests.replication.test_sync_protocols import (
     put,
     sessions,
 )
+from trionode.crdt.bulk import freeze_heap, thaw_heap
 from trionode.testing import open_cluster
 
 pytestmark = [pytest.mark.trio, pytest.mark.slow]
@@ -52,8 +53,7 @@ async def test_joins_one_after_another_leave_nothing_dead_frozen(
         async with open_cluster(2, tmp_path, configure=folding) as cluster:
             a, c = cluster
             c.sync.snapshot_page_records = 4  # many pages: a freeze each
-            gc.collect()
-            gc.freeze()  # as a started node does
+            freeze_heap()  # as a started node does
             try:
                 sizes: list[int] = []
                 for i in range(ROUNDS):
@@ -72,7 +72,7 @@ async def test_joins_one_after_another_leave_nothing_dead_frozen(
                     sizes.append(_rss())
                 gc.collect()  # (what died unfrozen since: not this count's)
             finally:
-                gc.unfreeze()
+                thaw_heap()
             # What the freezes kept of what died since: found only now, none per join.
             dead_frozen = gc.collect()
             assert dead_frozen < ENTRIES, dead_frozen

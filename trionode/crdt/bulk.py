@@ -22,11 +22,12 @@ traversal): its records are never traversed at all, as a started node keeps its 
 heap (`cli_node.freeze_startup_heap`). (The collection used to end the step, and
 traversed the page it had just made, some 4,000 records: 2-6 ms a page, loaded.) Such a
 step must make no reference cycle, which would be frozen with the records and never
-collected: records hold none, and a step that raises freezes nothing. A process that
-froze nothing before the snapshot (a test's) gets everything back into the oldest
-generation when it ends. An object alive at a freeze that later dies in a reference cycle
-is not collected (anything else is freed by its count, frozen or not): the price
-`gc.freeze` always has (tests/replication/test_join_soak.py: none in a node's joins).
+collected: records hold none, and a step that raises freezes nothing. A process that did
+not freeze its heap for good before the snapshot (`freeze_heap`: a started node does; a
+test's does not) gets everything back into the oldest generation when it ends. An object
+alive at a freeze that later dies in a reference cycle is not collected (anything else is
+freed by its count, frozen or not): the price `gc.freeze` always has
+(tests/replication/test_join_soak.py: none in a node's joins).
 """
 
 from __future__ import annotations
@@ -38,7 +39,28 @@ from contextlib import contextmanager
 _keeping = 0
 """Snapshots being taken (`records_kept`): while any is, kept steps freeze."""
 _thaw = False
-"""Nothing was frozen when the first of them began: unfreeze after the last."""
+"""The heap was not frozen for good when the first of them began: unfreeze after the last."""
+_heap_frozen = False
+"""The process keeps its heap frozen for good (`freeze_heap`: a started node)."""
+
+
+def freeze_heap() -> None:
+    """Collect once, then keep everything alive now out of the collector's sight for good
+    (`gc.freeze`): a started node's startup heap (`cli_node.freeze_startup_heap`). Snapshots
+    taken afterwards leave what they freeze frozen with it (`records_kept`); `thaw_heap`
+    undoes both. (Known from this flag, not from `gc.get_freeze_count()`, which walks every
+    frozen object: ~95,000 in a started node, 25 ms at the start of every join.)"""
+    global _heap_frozen  # noqa: PLW0603 (one collector per process, one flag)
+    gc.collect()
+    gc.freeze()
+    _heap_frozen = True
+
+
+def thaw_heap() -> None:
+    """Back into the collector's sight: everything `freeze_heap` and snapshots froze."""
+    global _heap_frozen  # noqa: PLW0603 (one collector per process, one flag)
+    gc.unfreeze()
+    _heap_frozen = False
 
 
 @contextmanager
@@ -71,7 +93,7 @@ def records_kept() -> Iterator[None]:
     """A snapshot is taken inside: its kept steps freeze what they made (module doc)."""
     global _keeping, _thaw  # noqa: PLW0603 (one collector per process, one count)
     if not _keeping:
-        _thaw = gc.get_freeze_count() == 0
+        _thaw = not _heap_frozen
     _keeping += 1
     try:
         yield
