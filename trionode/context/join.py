@@ -30,7 +30,7 @@ from trionode.errors import PeerError, ProtocolError, ReadOnlyError, StreamEnded
 from trionode.net import member_peers
 from trionode.net.framed import FramedStream
 from trionode.net.host import Connection, Host
-from trionode.store.store import AsyncStore
+from trionode.store.store import AsyncStore, WriteBatch
 from trionode.wire.keys import PeerId
 from trionode.wire.multiaddr import Multiaddr
 
@@ -179,22 +179,28 @@ class JoinService:
             raise NotPermitted(f"the inviter refused: {response.error}")
         join_timeline.mark("admitted")
         keys = inv.open_keys(response.sealed_keys, key)
-        if self.sync_session is not None:
-            # Before the context exists here, so no session ever sees it without the marker.
-            await snapshot.begin(
-                self.store, invitation.context_id, source=invitation.inviter, peer=str(peer)
-            )
         # The first sync may take long, and a node killed during it must find a peer of
         # the context when it restarts (the snapshot resumes with the inviter).
-        await member_peers.remember(
+        remember = await member_peers.remember(
             self.store, conn, topic_for(invitation.context_id), invitation.inviter_addrs
         )
+
+        def with_context(batch: WriteBatch) -> None:
+            # One commit with the context (one fsync, not three): no session ever sees it
+            # without the snapshot's marker, nor a restart without the inviter's address.
+            if self.sync_session is not None:
+                snapshot.stage_begin(
+                    batch, invitation.context_id, source=invitation.inviter, peer=str(peer)
+                )
+            remember(batch)
+
         record = await self.contexts.adopt(
             context_id=invitation.context_id,
             application_id=invitation.application_id,
             member_key=key,
             keys=keys,
             key_id=response.key_id,
+            extra=with_context,
         )
         self.replicator.subscribe(invitation.context_id)
         join_timeline.mark("adopted")

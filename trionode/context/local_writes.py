@@ -196,8 +196,10 @@ class LocalWriter:
         member_key: Ed25519PrivateKey,
         keys: dict[int, bytes],
         key_id: int,
+        extra: Callable[[WriteBatch], None] | None = None,
     ) -> ContextRecord:
-        """Record a context this node joined (state arrives by sync and gossip)."""
+        """Record a context this node joined (state arrives by sync and gossip); `extra`
+        stages more writes in the same commit."""
         if self._replicas.knows(context_id):
             raise AlreadyExists(f"already a member of {b58(context_id)}")
         await self._apps.load(application_id)
@@ -207,6 +209,7 @@ class LocalWriter:
             member_key=member_key,
             keys=keys,
             key_id=key_id,
+            extra=extra,
         )
 
     async def delete(self, context_id: bytes) -> None:

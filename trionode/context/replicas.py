@@ -335,8 +335,10 @@ class ReplicaStore:
         member_key: Ed25519PrivateKey,
         keys: dict[int, bytes],
         key_id: int,
+        extra: Callable[[WriteBatch], None] | None = None,
     ) -> ContextRecord:
-        """Record a context this node joined (state arrives by sync and gossip)."""
+        """Record a context this node joined (state arrives by sync and gossip); `extra`
+        stages more writes in the same commit."""
         if context_id in self._known:
             raise AlreadyExists(f"already a member of {b58(context_id)}")
         member = member_key.public_key().public_bytes_raw()
@@ -355,6 +357,8 @@ class ReplicaStore:
             batch.put(IDENTITY, key_slot(context_id, kid), key)
         batch.put(IDENTITY, member_slot(context_id, member), member_key.private_bytes_raw())
         batch.put(CONTEXTS, context_id, record)
+        if extra is not None:
+            extra(batch)
         await self.store.write(batch)
         self._known.add(context_id)
         self._note_changed()

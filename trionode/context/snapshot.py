@@ -158,10 +158,16 @@ async def load_progress(store: AsyncStore, context_id: bytes) -> SnapshotProgres
 
 
 async def begin(store: AsyncStore, context_id: bytes, *, source: bytes, peer: str) -> None:
-    """Mark `context_id` as waiting for a snapshot served by member `source` on `peer` (the
-    join records the inviting admin and its node here before it adopts the context)."""
-    marker = SnapshotProgress(source=source, peer=peer)
-    await store.put(PROGRESS, progress_key(context_id), marker)
+    """Mark `context_id` as waiting for a snapshot served by member `source` on `peer`."""
+    batch = WriteBatch()
+    stage_begin(batch, context_id, source=source, peer=peer)
+    await store.write(batch)
+
+
+def stage_begin(batch: WriteBatch, context_id: bytes, *, source: bytes, peer: str) -> None:
+    """`begin` in `batch` (the join commits it with the context it adopts: no session
+    ever sees the context without it)."""
+    batch.put(PROGRESS, progress_key(context_id), SnapshotProgress(source=source, peer=peer))
 
 
 def proof_message(handshake_hash: bytes, context_id: bytes) -> bytes:

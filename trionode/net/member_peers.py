@@ -183,23 +183,26 @@ class _MemberPeers:
 
 async def remember(
     store: AsyncStore, conn: Connection, topic: str, known: Collection[str] = ()
-) -> None:
-    """Store the peer of ``conn`` as a member peer for ``topic`` at once (with the
-    multiaddrs ``known`` for it), keeping what was stored about it. For a join's inviter:
-    until the tracker's next heartbeat stores it, a node that crashes would restart knowing
-    no peer of the context it just joined (and, without mDNS or bootstrap peers, stay
-    alone)."""
+) -> Callable[[WriteBatch], None]:
+    """What stores the peer of ``conn`` as a member peer for ``topic`` (with the multiaddrs
+    ``known`` for it), keeping what was stored about it, in the caller's batch: for a join's
+    inviter, committed with the context it joins. Until the tracker's next heartbeat stores
+    it, a node that crashes would restart knowing no peer of that context (and, without
+    mDNS or bootstrap peers, stay alone)."""
     key = PREFIX + conn.peer_id.multihash
     old = await store.get(MEMBER_PEERS, key)
     parsed = [a.without_peer_id() for a in _parse(list(known))]
     addrs = [str(a) for a in _addresses(conn, parsed)]
     if old is not None:
         addrs = list(dict.fromkeys([*addrs, *old.addrs]))
-    if not addrs:
-        return
     topics = [topic, *(t for t in (old.topics if old else []) if t != topic)]
     row = StoredMemberPeer(addrs=addrs[:MAX_ADDRS_PER_PEER], topics=topics[:MAX_STORED_TOPICS])
-    await store.put(MEMBER_PEERS, key, row)
+
+    def stage(batch: WriteBatch) -> None:
+        if addrs:
+            batch.put(MEMBER_PEERS, key, row)
+
+    return stage
 
 
 def _addresses(conn: Connection, known: Collection[Multiaddr]) -> list[Multiaddr]:
