@@ -165,13 +165,20 @@ def test_a_page_takes_each_row_as_that_row_alone(
             rows.append(base[:at] + other[at:])
         else:
             rows.append(base)
-    page = data.draw(st.permutations(rows))
+    _takes_each_row_as_alone(data.draw(st.permutations(rows)), keyed=False)
+
+
+def _takes_each_row_as_alone(page: list[bytes], *, keyed: bool) -> None:
+    """`take` of `page` refuses it if any row alone is refused, and otherwise makes every
+    row as `take` and `scan` make it alone (with our own ids given when `keyed`), with the
+    newest stamp of the rows that decode."""
     alone = [_taken_alone(row) for row in page]
     if None in alone:
         with pytest.raises(RemoteProtocolError):
             take(page)
         return
-    got, newest = take(page)
+    ids = [got[1] for got in alone if got is not None] if keyed else None
+    got, newest = take(page, ids)
     assert [(type(e), e.id, e.leaf if isinstance(e, RowEntity) else None) for e in got] == alone
     assert [type(e) is RowEntity for e in got] == [scan(row) is not None for row in page]
     decoded = [decode_entity(row) for row in page]
@@ -396,19 +403,7 @@ def test_a_run_of_rows_of_one_shape_takes_each_row_as_that_row_alone(
     """A row of the previous fast-path row's shape is made in bulk with its run, unparsed
     (`take`): every row of any page of such runs, their one-byte mutants and other rows,
     is made as `take` and `scan` make it alone, with our own ids given or hashed."""
-    alone = [_taken_alone(row) for row in page]
-    if None in alone:
-        with pytest.raises(RemoteProtocolError):
-            take(page)
-        return
-    ids = [got[1] for got in alone if got is not None] if keyed else None
-    got, newest = take(page, ids)
-    assert [(type(e), e.id, e.leaf if isinstance(e, RowEntity) else None) for e in got] == alone
-    assert [type(e) is RowEntity for e in got] == [scan(row) is not None for row in page]
-    decoded = [decode_entity(row) for row in page]
-    assert newest == max((s for s in (e.max_stamp() for e in decoded) if s), default=None)
-    for lazy, eager in zip(got, decoded, strict=True):
-        _same(lazy, eager)
+    _takes_each_row_as_alone(page, keyed=keyed)
 
 
 @pytest.mark.parametrize("size", [0, 3, 300])
