@@ -35,6 +35,11 @@ PASSPHRASE_ENV: Final = "TRIONODE_PASSPHRASE"  # noqa: S105 - a variable name
 JOIN_LAST_PROGRESS_TIMEOUT: Final = 5.0
 """Seconds `context join` waits, once the node answered, for the snapshot's last progress
 notice when its follower had not shown it (cli_contexts._join): never longer than that."""
+SNAPSHOT_FIRST_PAGES: Final = (256, 1024)
+"""Records in the first pages of a snapshot we serve (then the full page the requester asked
+for, at most 4,096): a small first page is read, sent and taken in at once, so the joiner
+stores its first batch while the next pages are still being read, instead of idling
+through a full page's read, transfer and decoding (issue #17)."""
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]

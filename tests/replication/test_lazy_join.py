@@ -29,12 +29,14 @@ from tests.replication.test_sync_protocols import (
     sessions,
 )
 from trionode.context import snapshot_state
+from trionode.context.final_state import final_state
 from trionode.context.snapshot import load_progress
 from trionode.context.snapshot_state import SnapshotStream
 from trionode.crdt import Entity, Kind, RegisterState, encode_entity
 from trionode.crdt.lazy import RowEntity
 from trionode.node import Node
 from trionode.sdk.errors import StateSchemaError
+from trionode.sync import driver
 from trionode.sync.snapshot import RootMismatch
 from trionode.testing import Cluster, open_cluster
 
@@ -209,6 +211,50 @@ async def test_a_member_streaming_before_its_state_is_built_reads_its_rows_once(
             assert read[0] == 8  # the first page
             assert sum(read) == sum(sent)  # then the rest, once
             assert await entries(c, context) == await entries(a, context)
+
+
+@pytest.mark.parametrize("built", [True, False])
+async def test_a_member_starts_its_stream_with_small_pages_and_the_joiner_takes_them(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    built: bool,
+) -> None:
+    """A member serves its first pages smaller than the joiner asked for (so the joiner
+    has rows to store while the rest is read), then full ones. The joiner takes the mixed
+    sizes like any others and ends with the member's state and root: checked against the
+    root the member announced when its state was `built`, hashed from the rows otherwise."""
+    with trio.fail_after(LIMIT):
+        async with open_cluster(2, tmp_path, configure=folding) as cluster:
+            a, c = cluster
+            context = await folded(cluster, 40)
+            replica = await a.contexts.replica(context)
+            if built:
+                await final_state(a.contexts.replicas, replica)
+            assert (replica.final.state is not None) == built
+            monkeypatch.setattr(driver, "SNAPSHOT_FIRST_PAGES", (2, 5))
+            sent: list[int] = []
+            for name in ("snapshot_first_page", "snapshot_next_page"):
+
+                def counting(original: Any) -> Any:
+                    async def counted(*args: Any, **kwargs: Any) -> Any:
+                        result = await original(*args, **kwargs)
+                        sent.append(len(result[0]))
+                        return result
+
+                    return counted
+
+                monkeypatch.setattr(a.contexts, name, counting(getattr(a.contexts, name)))
+            c.sync.snapshot_page_records = 8  # several pages
+            await join(cluster, 0, 1, context)
+            assert sessions(c, "snapshot") == 1
+            assert sessions(c, "snapshot", "failed") == 0
+            assert sent[:3] == [2, 5, 8]  # small first, then what the joiner asked for
+            assert sum(sent) == len(await entries(a, context))  # every row, once
+            await converged(cluster, [a, c], context)
+            assert await entries(c, context) == await entries(a, context)
+            ours, _, _ = await c.contexts.state(context)
+            assert ours == (await a.contexts.state(context))[0]
 
 
 @pytest.mark.parametrize("lying", [False, True])

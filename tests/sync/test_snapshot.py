@@ -119,6 +119,7 @@ def session(
     window: int,
     max_records: int,
     cut_after: int | None,
+    first_pages: tuple[int, ...] = (),
 ) -> None:
     """One stream: both machines, messages moved one at a time in an order hypothesis picks,
     until the requester has stored every page (or the stream breaks at `cut_after`)."""
@@ -138,7 +139,14 @@ def session(
     to_joiner: deque[SyncMessage] = deque()
     opened = to_server.popleft()
     assert isinstance(opened, SnapshotOpen)
-    serve = SnapshotServe(opened, now, max_records=4096, max_bytes=1 << 22, idle_timeout=IDLE)
+    serve = SnapshotServe(
+        opened,
+        now,
+        max_records=4096,
+        max_bytes=1 << 22,
+        idle_timeout=IDLE,
+        first_pages=first_pages,
+    )
     delivered = 0
     while not take.finished:
         moves: list[str] = []
@@ -214,6 +222,7 @@ def state_of(chosen: set[str]) -> dict[bytes, bytes]:
     max_records=st.integers(1, 7),
     cuts=st.lists(st.integers(1, 30), max_size=3),
     root_last=st.booleans(),
+    first_pages=st.lists(st.integers(1, 9), max_size=3).map(tuple),
     choose=st.data(),
 )
 def test_streamed_snapshot_delivers_the_state_through_cuts_and_changes(
@@ -224,19 +233,30 @@ def test_streamed_snapshot_delivers_the_state_through_cuts_and_changes(
     max_records: int,
     cuts: list[int],
     root_last: bool,
+    first_pages: tuple[int, ...],
     choose: st.DataObject,
 ) -> None:
     """Whatever the interleaving, wherever the stream breaks and however the responder's
     state grows between sessions, the joiner ends with exactly the responder's state as of
     its last session (the bytes as sent), having buffered at most `window` pages; also
     when a fresh stream brings no root (the joiner then has none to check, and its state is
-    the responder's all the same: a stream resumed after a cut always brings one)."""
+    the responder's all the same: a stream resumed after a cut always brings one), and
+    whatever sizes the responder's first pages have (`first_pages`: smaller or larger than
+    the joiner's pages)."""
     server = Server(state_of(first), root_last=root_last)
     joiner = Joiner()
     pending_changes = list(changes)
     for cut in [*cuts, None]:
         try:
-            session(server, joiner, choose, window=window, max_records=max_records, cut_after=cut)
+            session(
+                server,
+                joiner,
+                choose,
+                window=window,
+                max_records=max_records,
+                cut_after=cut,
+                first_pages=first_pages,
+            )
         except Cut:
             if pending_changes:  # the responder's state moves on while we are away
                 server.records.update(state_of(pending_changes.pop(0)))
@@ -420,6 +440,35 @@ def test_batches_are_cut_at_half_the_window_and_credited_when_stored() -> None:
 def _serving(window: int = 2) -> SnapshotServe:
     request = SnapshotOpen(cursor=None, window=window, max_records=10, max_bytes=1 << 20)
     return SnapshotServe(request, 0.0, max_records=4096, max_bytes=1 << 22, idle_timeout=IDLE)
+
+
+def test_the_first_pages_are_read_in_the_sizes_given_then_the_requested_size() -> None:
+    """A responder starts its stream with small pages (each within what the requester
+    asked for), then serves full ones; every page goes as read and the requester takes the
+    mixed sizes as any others."""
+    request = SnapshotOpen(cursor=None, window=8, max_records=4, max_bytes=1 << 20)
+    serve = SnapshotServe(
+        request, 0.0, max_records=4096, max_bytes=1 << 22, idle_timeout=IDLE, first_pages=(1, 6)
+    )
+    take = _begun(window=8)
+    records = _records(12)
+    sizes: list[int] = []
+    while (action := serve.next_action()) is not None:
+        sizes.append(action.max_records)
+        start = sum(sizes[:-1])
+        page = records[start : start + action.max_records]
+        after = _cursor(page[-1]) if start + len(page) < len(records) else None
+        begin = SnapshotBegin(heads=[], root_hash=bytes(32), entries=12) if action.first else None
+        serve.page_read(page, after, begin=begin)
+        for message in serve.messages_to_send():
+            if not isinstance(message, SnapshotBegin):
+                take.receive_message(message, 0.0)
+    assert sizes == [1, 4, 4, 4]  # (6 is more than it asked for: 4)
+    taken: list[bytes] = []
+    while (batch := take.next_batch()) is not None:
+        taken.extend(batch.records)
+        take.batch_stored()
+    assert taken == records
 
 
 def test_credit_beyond_what_was_sent_is_refused() -> None:

@@ -25,6 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import Counter, Gauge
 
+from trionode.config import SNAPSHOT_FIRST_PAGES
 from trionode.context import join_timeline
 from trionode.context.manager import ContextManager
 from trionode.context.snapshot import check_proof
@@ -570,6 +571,7 @@ class SyncServer:
             max_records=MAX_PAGE_RECORDS,
             max_bytes=SNAPSHOT_SERVE_BYTES,
             idle_timeout=self.snapshot_idle_timeout,
+            first_pages=SNAPSHOT_FIRST_PAGES,
         )
         # Every page from one view of the state, as of the first (folding goes on meanwhile:
         # trionode/context/final_state.py), released however the stream ends.

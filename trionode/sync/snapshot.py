@@ -243,6 +243,7 @@ class SnapshotServe:
         max_records: int,
         max_bytes: int,
         idle_timeout: float,
+        first_pages: Sequence[int] = (),
     ) -> None:
         self._window = request.window
         self._credits = request.window
@@ -255,6 +256,9 @@ class SnapshotServe:
         )
         self._max_records = min(request.max_records, max_records)
         self._max_bytes = min(request.max_bytes, max_bytes)
+        self._first_pages = tuple(min(n, self._max_records) for n in first_pages)
+        """Records in the first pages, in order (then `_max_records` each): the stream
+        starts small so the requester has rows to store while the rest is read."""
         self._idle_timeout = idle_timeout
         self._deadline = now + idle_timeout
         self._state = _Serve.SENDING
@@ -290,9 +294,10 @@ class SnapshotServe:
         if self._state is not _Serve.SENDING or self._credits == 0:
             return None
         self._state = _Serve.READING
+        ramp = self._first_pages
         return ReadPage(
             self._cursor,
-            self._max_records,
+            ramp[self.pages_sent] if self.pages_sent < len(ramp) else self._max_records,
             self._max_bytes,
             self._first,
             self._resume_root if self._first else None,
