@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 HOME_DIR ?= .trionode
 STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-runtime
+BULK_SRC := trionode/store/_lmdb_bulk.c
+BULK_STAMP := $(VENV)/.built-bulk
 
 .PHONY: start test lint typecheck unit netns-tools test-slow bench bench-smoke clean browser screenshots
 
@@ -28,7 +30,21 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	@touch $(RUN_STAMP)
 
-start: $(RUN_STAMP)
+# The store's bulk puts with the GIL released (trionode/store/_lmdb_bulk.c, issue #17),
+# built beside its source for the venv's Python. Without a C compiler and Python's headers
+# it is not built (said so, and tried again next time): the store then puts those rows
+# through py-lmdb alone (the same rows; a join's writer waits longer for the GIL).
+$(BULK_STAMP): $(BULK_SRC) | $(BIN)/python
+	@out=trionode/store/_lmdb_bulk$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))'); \
+	inc=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	if $${CC:-cc} -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC -I"$$inc" $(BULK_SRC) -o "$$out" -ldl; then \
+		touch $@; \
+	else \
+		rm -f "$$out"; \
+		echo "note: $(BULK_SRC) is not built (needs a C compiler and Python's headers): the store puts bulk rows through py-lmdb alone"; \
+	fi
+
+start: $(RUN_STAMP) $(BULK_STAMP)
 	@test -f $(HOME_DIR)/config.toml || $(BIN)/trionode init --home $(HOME_DIR)
 	exec $(BIN)/trionode start --home $(HOME_DIR)
 
@@ -56,18 +72,18 @@ netns-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null; \
 	fi
 
-unit: $(STAMP) browser netns-tools
+unit: $(STAMP) $(BULK_STAMP) browser netns-tools
 	$(BIN)/pytest -q -m "not slow"
 
 test: lint typecheck unit
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(BULK_STAMP)
 	$(BIN)/pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(STAMP) $(BULK_STAMP)
 	$(BIN)/python -m benchmarks
 
-bench-smoke: $(STAMP)
+bench-smoke: $(STAMP) $(BULK_STAMP)
 	$(BIN)/python -m benchmarks --quick
 
 # Refresh the page's screenshots in docs/ (from the browser tests' happy paths).
@@ -76,3 +92,4 @@ screenshots: $(STAMP) browser
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -f trionode/store/_lmdb_bulk*.so

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -60,6 +60,7 @@ import attrs
 import lmdb
 
 from trionode.errors import StorageError
+from trionode.store import gil_free
 from trionode.store.encryption import KdfParams, ValueCipher, create_verifier, open_verifier
 
 _VERIFIER_KEY: Final = b"encryption-verifier"
@@ -478,12 +479,19 @@ class _Many:
         self.prefix = prefix
 
 
-@attrs.frozen
 class _Stored:
-    """Rows of one column, keys and values as stored: one `putmulti`."""
+    """Rows of one column as stored: `prefix + keys[i]` -> `values[i]`, put together (one
+    `LmdbStore._put_stored`)."""
 
-    column: Column
-    rows: Iterable[tuple[bytes, bytes]]
+    __slots__ = ("column", "keys", "prefix", "values")
+
+    def __init__(
+        self, column: Column, prefix: bytes, keys: Sequence[bytes], values: Sequence[bytes]
+    ) -> None:
+        self.column = column
+        self.prefix = prefix
+        self.keys = keys
+        self.values = values
 
 
 Prepared = tuple[Column, bytes, bytes | None]
@@ -512,8 +520,7 @@ def _singles(
         if item.prefix:
             tag = keys.stored_prefix(item.column, item.prefix, txn=txn, added=added)
             if tag is not None:
-                rows = zip([tag + k for k in given], item.values, strict=True)
-                yield _Stored(item.column, rows)
+                yield _Stored(item.column, tag, given, item.values)
                 continue
             given = [item.prefix + k for k in given]
         stored = keys.stored_many(item.column, given, txn=txn, added=added)
@@ -521,7 +528,7 @@ def _singles(
             for key, value in zip(given, item.values, strict=True):
                 yield (item.column, key, value)
         else:
-            yield _Stored(item.column, list(zip(stored, item.values, strict=True)))
+            yield _Stored(item.column, b"", stored, item.values)
 
 
 @attrs.define
@@ -989,9 +996,15 @@ class LmdbStore:
         cipher: ValueCipher | None,
         max_map_size: int,
         max_value_refs: int = DEFAULT_MAX_VALUE_REFS,
+        *,
+        gil_free_puts: bool = True,
     ) -> None:
         self._env = env
         self._dbs = dbs
+        self._names = {column: _db_name(column) for column in dbs}
+        """(The trees' names: `gil_free` finds a tree by its name.)"""
+        self._bulk_put = gil_free.putter(env) if gil_free_puts else None
+        """How a snapshot batch's rows are put (`_put_stored`)."""
         self._log_db = env.open_db(_DELTA_LOG_DB)
         self._deltas = _DeltaLog(dbs[Column.DELTA], self._log_db)
         self._keys = _ContextNumbers(dbs[Column.META])
@@ -1020,8 +1033,10 @@ class LmdbStore:
         kdf: KdfParams | None = None,
         max_readers: int = 126,
         max_value_refs: int = DEFAULT_MAX_VALUE_REFS,
+        gil_free_puts: bool = True,
     ) -> LmdbStore:
-        """Open (creating if needed) the store at `path`.
+        """Open (creating if needed) the store at `path`. `gil_free_puts=False`: bulk rows
+        are put with py-lmdb's `putmulti` even when `gil_free` could put them.
 
         With a passphrase the store is encrypted: an existing store must have been created
         encrypted with the same passphrase (WrongPassphraseError otherwise, nothing written);
@@ -1047,7 +1062,7 @@ class LmdbStore:
             cipher = cls._open_cipher(env, passphrase, kdf or KdfParams(), path)
             dbs = {col: env.open_db(_db_name(col)) for col in Column}
             # (converts an older layout)
-            return cls(env, dbs, cipher, max_map_size, max_value_refs)
+            return cls(env, dbs, cipher, max_map_size, max_value_refs, gil_free_puts=gil_free_puts)
         except BaseException:
             env.close()
             raise
@@ -1816,7 +1831,7 @@ class LmdbStore:
                 if run:
                     txn.cursor(db=self._dbs[run_column]).putmulti(run)
                     run = []
-                txn.cursor(db=self._dbs[item.column]).putmulti(item.rows)
+                self._put_stored(txn, item)
                 continue
             column, key, stored = item
             checkpoint = (  # (`_is_checkpoint`, inline: it ran for every op)
@@ -1867,6 +1882,17 @@ class LmdbStore:
                 run_column = column
         if run:
             txn.cursor(db=self._dbs[run_column]).putmulti(run)
+
+    def _put_stored(self, txn: lmdb.Transaction, rows: _Stored) -> None:
+        """Put a `_Stored`'s rows: with the GIL released once for them all when the
+        extension is there (`gil_free`: py-lmdb takes the GIL back after every row, and
+        waits for it while the event loop runs Python, issue #17), else with `putmulti`."""
+        if self._bulk_put is not None:
+            self._bulk_put(txn, self._names[rows.column], rows.prefix, rows.keys, rows.values)
+            return
+        prefix = rows.prefix
+        keys = [prefix + k for k in rows.keys] if prefix else rows.keys
+        txn.cursor(db=self._dbs[rows.column]).putmulti(zip(keys, rows.values, strict=True))
 
     def put(self, column: Column, key: bytes, value: bytes) -> None:
         self.write([Put(column, key, value)])

@@ -1,0 +1,70 @@
+"""Bulk puts into an LMDB write transaction with the GIL released once, not once per row
+(`_lmdb_bulk.c` says why and how; issue #17). `putter` gives one for an environment, or
+None when the extension is not built or does not fit the py-lmdb in use: the store then
+puts rows with `Cursor.putmulti`, the same rows either way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import lmdb
+
+try:
+    from trionode.store import _lmdb_bulk
+
+    _BUILT = True
+except ImportError:  # (not built: no compiler when installing)
+    _BUILT = False
+
+MAP_FULL: Final = -30792
+"""LMDB's MDB_MAP_FULL: the store grows the map and writes again (`LmdbStore.write`)."""
+
+BulkPut = Callable[[lmdb.Transaction, bytes, bytes, Sequence[bytes], Sequence[bytes]], None]
+"""put(txn, database name, prefix, keys, values): `prefix + keys[i]` -> `values[i]`."""
+
+
+def _bound() -> bool:
+    """Bind the extension to py-lmdb's loaded C module (once: whether it could)."""
+    if not _BUILT or not lmdb.__version__.startswith("1."):
+        # (py-lmdb 2 guards its environment against a concurrent resize around each call:
+        # calls from here would go around that guard.)
+        return False
+    native = getattr(lmdb, "cpython", None)
+    if native is None or lmdb.Transaction is not getattr(native, "Transaction", None):
+        return False  # (py-lmdb's cffi variant)
+    try:
+        _lmdb_bulk.bind(native.__file__, native.Transaction, native.Environment)
+    except (OSError, TypeError):
+        return False
+    return True
+
+
+_BOUND: Final = _bound()
+
+
+def available() -> bool:
+    """Whether `putter` gives a putter in this process."""
+    return _BOUND
+
+
+def putter(env: lmdb.Environment) -> BulkPut | None:
+    """The bulk put of `env`'s write transactions, or None (module docs)."""
+    if not _BOUND:
+        return None
+    put_run = _lmdb_bulk.put_run
+
+    def put(
+        txn: lmdb.Transaction,
+        name: bytes,
+        prefix: bytes,
+        keys: Sequence[bytes],
+        values: Sequence[bytes],
+    ) -> None:
+        done, code = put_run(txn, env, name, prefix, keys, values)
+        if code == MAP_FULL:
+            raise lmdb.MapFullError(f"mdb_cursor_put: row {done}: the map is full")
+        if code:
+            raise lmdb.Error(f"mdb_cursor_put: row {done}: LMDB error {code}")
+
+    return put
