@@ -17,6 +17,18 @@ from trionode.store.lmdb_store import Column, LmdbStore, PutMany, PutRun
 
 FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
 CONTEXT = bytes(range(32))
+_PARENTS = [bytes([n]) * 32 for n in range(3)]
+_RECORD = b"\x97\x01\xc4\x20"
+"""A joined record as received starts so, its parent's id next (`_RECORD_HEAD`)."""
+_values = st.one_of(
+    st.binary(max_size=300),
+    st.builds(
+        lambda parent, rest: _RECORD + _PARENTS[parent] + rest,
+        st.integers(0, 2),
+        st.binary(max_size=80),
+    ),
+    st.builds(lambda n: _RECORD + b"\x01" * n, st.integers(0, 31)),  # (cut short)
+)
 
 needs_extension = pytest.mark.skipif(
     not gil_free.available(), reason="trionode/store/_lmdb_bulk.c is not built (`make`)"
@@ -39,7 +51,8 @@ def _trees(store: LmdbStore) -> dict[str, list[tuple[bytes, bytes]]]:
 @needs_extension
 @settings(max_examples=25, deadline=None)
 @given(
-    rows=st.dictionaries(st.binary(min_size=1, max_size=40), st.binary(max_size=300), max_size=60),
+    rows=st.dictionaries(st.binary(min_size=1, max_size=40), _values, max_size=60),
+    limit=st.sampled_from([1, 1000]),
     prefixed=st.sampled_from(
         [
             (Column.STATE, CONTEXT),
@@ -53,13 +66,17 @@ def _trees(store: LmdbStore) -> dict[str, list[tuple[bytes, bytes]]]:
 )
 def test_bulk_rows_are_stored_as_putmulti_stores_them(
     tmp_path_factory: pytest.TempPathFactory,
+    *,
     rows: dict[bytes, bytes],
+    limit: int,
     prefixed: tuple[Column, bytes],
     encrypted: bool,
     many: bool,
 ) -> None:
     """A `PutRun` or `PutMany` of a column numbered or not, plain or sealed, leaves the same
-    rows in the file whether the extension or py-lmdb's `putmulti` put them."""
+    rows in the file whether the extension or py-lmdb's `putmulti` put them: state values
+    packed the same (joined records by runs of one parent, parents past the store's limit
+    of numbers kept whole, any other value as `pack` does)."""
     column, prefix = prefixed
     passphrase = "pw" if encrypted else None
     keys = sorted(rows)
@@ -70,7 +87,11 @@ def test_bulk_rows_are_stored_as_putmulti_stores_them(
     )
     stores = [
         LmdbStore.open(
-            tmp_path_factory.mktemp("db"), passphrase=passphrase, kdf=FAST_KDF, gil_free_puts=free
+            tmp_path_factory.mktemp("db"),
+            passphrase=passphrase,
+            kdf=FAST_KDF,
+            gil_free_puts=free,
+            max_value_refs=limit,
         )
         for free in (True, False)
     ]
@@ -134,7 +155,8 @@ def test_a_failed_bulk_put_leaves_nothing(tmp_path: Path) -> None:
 def test_only_a_live_write_transaction_of_its_environment_is_taken(tmp_path: Path) -> None:
     """The extension checks what it is given before it puts anything: a read transaction,
     one that has ended, one of another environment, a tree that does not exist, rows that
-    are not bytes or do not pair up are refused, and nothing is written."""
+    are not bytes or do not pair up are refused, a packer's error is raised, and nothing
+    is written."""
     env = lmdb.open(str(tmp_path / "a"), max_dbs=2)
     other = lmdb.open(str(tmp_path / "b"), max_dbs=2)
     try:
@@ -156,6 +178,13 @@ def test_only_a_live_write_transaction_of_its_environment_is_taken(tmp_path: Pat
                 put(txn, b"t", b"", [b"k", b"k2"], [b"v"])
             with pytest.raises(lmdb.Error):
                 put(txn, b"no such tree", b"", [b"k"], [b"v"])
+
+            def refuse(value: bytes) -> bytes:
+                raise KeyError(value)
+
+            packer = (b"\x97\x01", 4, lambda _: None, refuse)
+            with pytest.raises(KeyError):  # (the packer's error, before any put)
+                put(txn, b"t", b"", [b"k", b"l"], [b"\x97\x01ab", b"v"], packer=packer)
         with env.begin(db=db) as txn:
             assert list(txn.cursor()) == []
         with env.begin(write=True) as txn:

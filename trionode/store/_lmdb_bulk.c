@@ -159,25 +159,137 @@ write_txn(PyObject *txn, PyObject *env)
     return t->txn;
 }
 
-/* put_run(txn, env, db_name, prefix, keys, values) -> (rows put, LMDB error code or 0):
-   puts `prefix + keys[i]` -> `values[i]` for every i (bytes each) into the database named
-   `db_name`, as `putmulti` would, stopping at the first error (then the transaction must be
-   aborted, as after any failed put). */
+/* A row's value as put: `head` (NULL: none) then `rest`. */
+typedef struct {
+    const char *head;
+    size_t head_size;
+    const char *rest;
+    size_t rest_size;
+} row_value;
+
+/* The values of `values` as stored, into `out` (objects made for them appended to `keep`),
+   as `_ValueRefs.pack_many` makes them (`packer` = (record_head, id_end, resolve, pack)):
+   a value that starts as the last one given a head did, up to `id_end`, is that head and
+   the value after `id_end`; another that starts with `record_head` (and is that long) is
+   `resolve(parent)` (its bytes from after `record_head` to `id_end`) and the rest, or
+   itself if that is None; any other is `pack(value)`. Without a packer, values as they
+   are. Returns the size of the longest joined value, or -1 with an exception set. */
+static Py_ssize_t
+gather_values(PyObject *values, PyObject *packer, PyObject *keep, row_value *out)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(values), i, longest = 0, head_size = 0, id_end = 0;
+    const char *record_head = NULL, *same = NULL, *same_head = NULL;
+    Py_ssize_t record_head_size = 0, same_head_size = 0;
+    PyObject *record = NULL, *resolve = NULL, *pack = NULL;
+    if (packer != Py_None) {
+        if (!PyArg_ParseTuple(packer, "SnOO", &record, &id_end, &resolve, &pack)) {
+            return -1;
+        }
+        record_head = PyBytes_AS_STRING(record);
+        record_head_size = PyBytes_GET_SIZE(record);
+        if (id_end < record_head_size) {
+            PyErr_SetString(PyExc_ValueError, "id_end is before the end of record_head");
+            return -1;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *value = PyTuple_GET_ITEM(values, i), *made;
+        const char *data;
+        Py_ssize_t size;
+        if (!PyBytes_CheckExact(value)) {
+            PyErr_SetString(PyExc_TypeError, "keys and values must be bytes");
+            return -1;
+        }
+        data = PyBytes_AS_STRING(value);
+        size = PyBytes_GET_SIZE(value);
+        out[i].head = NULL;
+        out[i].head_size = 0;
+        out[i].rest = data;
+        out[i].rest_size = (size_t)size;
+        if (packer == Py_None) {
+            continue;
+        }
+        if (same != NULL && size >= id_end && memcmp(data, same, (size_t)id_end) == 0) {
+            head_size = same_head_size;
+            out[i].head = same_head;
+        } else if (size < id_end || memcmp(data, record_head, (size_t)record_head_size) != 0) {
+            made = PyObject_CallOneArg(pack, value);
+            if (made == NULL || PyList_Append(keep, made) < 0) {
+                Py_XDECREF(made);
+                return -1;
+            }
+            Py_DECREF(made); /* (`keep` holds it) */
+            if (!PyBytes_CheckExact(made)) {
+                PyErr_SetString(PyExc_TypeError, "pack must give bytes");
+                return -1;
+            }
+            out[i].rest = PyBytes_AS_STRING(made);
+            out[i].rest_size = (size_t)PyBytes_GET_SIZE(made);
+            continue;
+        } else {
+            PyObject *parent = PyBytes_FromStringAndSize(
+                data + record_head_size, id_end - record_head_size);
+            if (parent == NULL) {
+                return -1;
+            }
+            made = PyObject_CallOneArg(resolve, parent);
+            Py_DECREF(parent);
+            if (made == NULL || PyList_Append(keep, made) < 0) {
+                Py_XDECREF(made);
+                return -1;
+            }
+            Py_DECREF(made);
+            if (made == Py_None) {
+                continue; /* (the value as it is) */
+            }
+            if (!PyBytes_CheckExact(made)) {
+                PyErr_SetString(PyExc_TypeError, "resolve must give bytes or None");
+                return -1;
+            }
+            same = data;
+            same_head = PyBytes_AS_STRING(made);
+            same_head_size = PyBytes_GET_SIZE(made);
+            head_size = same_head_size;
+            out[i].head = same_head;
+        }
+        out[i].head_size = (size_t)head_size;
+        out[i].rest = data + id_end;
+        out[i].rest_size = (size_t)(size - id_end);
+        if (head_size + size - id_end > longest) {
+            longest = head_size + size - id_end;
+        }
+    }
+    return longest;
+}
+
+/* put_run(txn, env, db_name, prefix, keys, values, packer=None) -> (rows put, LMDB error
+   code or 0): puts `prefix + keys[i]` -> `values[i]` for every i (bytes each) into the
+   database named `db_name`, as `putmulti` would, stopping at the first error (then the
+   transaction must be aborted, as after any failed put). With a `packer`, each value is
+   put as `gather_values` makes it. */
 static PyObject *
 put_run(PyObject *self, PyObject *args)
 {
-    PyObject *txn, *env, *keys_in, *values_in, *keys = NULL, *values = NULL, *result = NULL;
+    PyObject *txn, *env, *keys_in, *values_in, *packer = Py_None;
+    PyObject *keys = NULL, *values = NULL, *keep = NULL, *result = NULL;
     const char *name;
     const char *prefix;
     Py_ssize_t prefix_size, n, i, total;
-    mdb_val *rows = NULL;
-    char *buffer = NULL, *at;
+    mdb_val *rows = NULL, value;
+    row_value *stored = NULL;
+    char *buffer = NULL, *joined = NULL, *at;
+    Py_ssize_t longest;
     void *mdb_txn, *cursor = NULL;
     mdb_dbi dbi;
     int rc = 0;
     Py_ssize_t done = 0;
     if (!PyArg_ParseTuple(
-            args, "OOyy#OO", &txn, &env, &name, &prefix, &prefix_size, &keys_in, &values_in)) {
+            args, "OOyy#OO|O", &txn, &env, &name, &prefix, &prefix_size, &keys_in, &values_in,
+            &packer)) {
+        return NULL;
+    }
+    if (packer != Py_None && !PyTuple_Check(packer)) {
+        PyErr_SetString(PyExc_TypeError, "packer must be None or a tuple");
         return NULL;
     }
     if ((mdb_txn = write_txn(txn, env)) == NULL) {
@@ -195,29 +307,37 @@ put_run(PyObject *self, PyObject *args)
     }
     total = 0;
     for (i = 0; i < n; i++) {
-        PyObject *key = PyTuple_GET_ITEM(keys, i), *value = PyTuple_GET_ITEM(values, i);
-        if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(value)) {
+        PyObject *key = PyTuple_GET_ITEM(keys, i);
+        if (!PyBytes_CheckExact(key)) {
             PyErr_SetString(PyExc_TypeError, "keys and values must be bytes");
             goto end;
         }
         total += prefix_size + PyBytes_GET_SIZE(key);
     }
-    rows = PyMem_RawMalloc(sizeof(mdb_val) * 2 * (size_t)(n ? n : 1));
+    rows = PyMem_RawMalloc(sizeof(mdb_val) * (size_t)(n ? n : 1));
+    stored = PyMem_RawMalloc(sizeof(row_value) * (size_t)(n ? n : 1));
     buffer = PyMem_RawMalloc((size_t)(total ? total : 1));
-    if (rows == NULL || buffer == NULL) {
+    if (rows == NULL || stored == NULL || buffer == NULL || !(keep = PyList_New(0))) {
+        if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+        goto end;
+    }
+    if ((longest = gather_values(values, packer, keep, stored)) < 0) {
+        goto end;
+    }
+    if (!(joined = PyMem_RawMalloc((size_t)(longest ? longest : 1)))) {
         PyErr_NoMemory();
         goto end;
     }
     at = buffer;
     for (i = 0; i < n; i++) {
-        PyObject *key = PyTuple_GET_ITEM(keys, i), *value = PyTuple_GET_ITEM(values, i);
+        PyObject *key = PyTuple_GET_ITEM(keys, i);
         Py_ssize_t size = PyBytes_GET_SIZE(key);
         memcpy(at, prefix, (size_t)prefix_size);
         memcpy(at + prefix_size, PyBytes_AS_STRING(key), (size_t)size);
-        rows[2 * i].mv_data = at;
-        rows[2 * i].mv_size = (size_t)(prefix_size + size);
-        rows[2 * i + 1].mv_data = PyBytes_AS_STRING(value);
-        rows[2 * i + 1].mv_size = (size_t)PyBytes_GET_SIZE(value);
+        rows[i].mv_data = at;
+        rows[i].mv_size = (size_t)(prefix_size + size);
         at += prefix_size + size;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -226,7 +346,16 @@ put_run(PyObject *self, PyObject *args)
         rc = lmdb_cursor_open(mdb_txn, dbi, &cursor);
     }
     for (i = 0; rc == 0 && i < n; i++) {
-        rc = lmdb_cursor_put(cursor, &rows[2 * i], &rows[2 * i + 1], MDB_NODUPDATA);
+        if (stored[i].head == NULL) {
+            value.mv_data = (void *)stored[i].rest;
+            value.mv_size = stored[i].rest_size;
+        } else { /* (put copies it: one buffer serves every row) */
+            memcpy(joined, stored[i].head, stored[i].head_size);
+            memcpy(joined + stored[i].head_size, stored[i].rest, stored[i].rest_size);
+            value.mv_data = joined;
+            value.mv_size = stored[i].head_size + stored[i].rest_size;
+        }
+        rc = lmdb_cursor_put(cursor, &rows[i], &value, MDB_NODUPDATA);
         if (rc == MDB_KEYEXIST) {
             rc = 0; /* (a duplicate of a sorted-duplicates database: as putmulti) */
         }
@@ -243,7 +372,10 @@ put_run(PyObject *self, PyObject *args)
     result = Py_BuildValue("(ni)", done, rc);
 end:
     PyMem_RawFree(rows);
+    PyMem_RawFree(stored);
     PyMem_RawFree(buffer);
+    PyMem_RawFree(joined);
+    Py_XDECREF(keep);
     Py_XDECREF(keys);
     Py_XDECREF(values);
     return result;

@@ -1,4 +1,4 @@
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lmdb
 
@@ -10,5 +10,7 @@ def put_run(
     prefix: bytes,
     keys: Sequence[bytes],
     values: Sequence[bytes],
+    packer: tuple[bytes, int, Callable[[bytes], bytes | None], Callable[[bytes], bytes]]
+    | None = None,
     /,
 ) -> tuple[int, int]: ...

@@ -6,7 +6,7 @@ puts rows with `Cursor.putmulti`, the same rows either way."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 import lmdb
 
@@ -20,8 +20,29 @@ except ImportError:  # (not built: no compiler when installing)
 MAP_FULL: Final = -30792
 """LMDB's MDB_MAP_FULL: the store grows the map and writes again (`LmdbStore.write`)."""
 
-BulkPut = Callable[[lmdb.Transaction, bytes, bytes, Sequence[bytes], Sequence[bytes]], None]
-"""put(txn, database name, prefix, keys, values): `prefix + keys[i]` -> `values[i]`."""
+Packer = tuple[bytes, int, Callable[[bytes], bytes | None], Callable[[bytes], bytes]]
+"""(record_head, id_end, resolve, pack): how a batch's state values are stored, as
+`_ValueRefs.pack_many` stores them: a value that starts with `record_head` is
+`resolve(parent)` (its bytes after `record_head` up to `id_end`) and the value after
+`id_end`, or itself if that is None (a run of one parent resolved once); any other is
+`pack(value)`."""
+
+
+class BulkPut(Protocol):
+    """put(txn, database name, prefix, keys, values): `prefix + keys[i]` -> `values[i]`
+    (as `packer` packs it, if one is given)."""
+
+    def __call__(
+        self,
+        txn: lmdb.Transaction,
+        name: bytes,
+        prefix: bytes,
+        keys: Sequence[bytes],
+        values: Sequence[bytes],
+        /,
+        *,
+        packer: Packer | None = None,
+    ) -> None: ...
 
 
 def _bound() -> bool:
@@ -60,8 +81,11 @@ def putter(env: lmdb.Environment) -> BulkPut | None:
         prefix: bytes,
         keys: Sequence[bytes],
         values: Sequence[bytes],
+        /,
+        *,
+        packer: Packer | None = None,
     ) -> None:
-        done, code = put_run(txn, env, name, prefix, keys, values)
+        done, code = put_run(txn, env, name, prefix, keys, values, packer)
         if code == MAP_FULL:
             raise lmdb.MapFullError(f"mdb_cursor_put: row {done}: the map is full")
         if code:

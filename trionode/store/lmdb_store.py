@@ -48,6 +48,7 @@ resize holds it exclusively.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -336,24 +337,43 @@ class _ValueRefs:
             if not value.startswith(_RECORD_HEAD) or len(value) < _RECORD_ID_END:
                 append(pack(value, fresh))
                 continue
-            parent = value[4:_RECORD_ID_END]
-            head = heads.get(parent, _UNSEEN)
-            if head is _UNSEEN:
-                number = self._number(parent)
-                if number is None:
-                    head = None
-                else:
-                    if number not in self._durable:
-                        fresh.add(number)
-                    # (`pack`'s form: one ref, 2 bytes of the value before the id.)
-                    head = bytes([_PACKED, 1]) + _uvarint(2) + _uvarint(number) + value[:2]
-                heads[parent] = head
+            head = self.head_of(value[len(_RECORD_HEAD) : _RECORD_ID_END], fresh, heads)
             if head is None:
                 append(value)
             else:
                 same, same_head = (value[:_RECORD_ID_END],), head
                 append(head + value[_RECORD_ID_END:])
         return out
+
+    def head_of(
+        self, parent: bytes, fresh: set[int], heads: dict[bytes, bytes | None]
+    ) -> bytes | None:
+        """The stored head of a joined record of `parent` (`pack_many`; the rest of the
+        record follows it), None if the parent gets no number; `heads` keeps them for one
+        batch (a number not yet durable goes to `fresh` once)."""
+        head = heads.get(parent, _UNSEEN)
+        if head is _UNSEEN:
+            number = self._number(parent)
+            if number is None:
+                head = None
+            else:
+                if number not in self._durable:
+                    fresh.add(number)
+                # (`pack`'s form: one ref, 2 bytes of the value before the id.)
+                head = bytes([_PACKED, 1]) + _uvarint(2) + _uvarint(number) + _RECORD_HEAD[:2]
+            heads[parent] = head
+        return head
+
+    def packer(self, fresh: set[int]) -> gil_free.Packer:
+        """How `gil_free` packs a batch's state values as `pack_many` does (numbers not
+        yet durable going to `fresh`)."""
+        heads: dict[bytes, bytes | None] = {}
+        return (
+            _RECORD_HEAD,
+            _RECORD_ID_END,
+            functools.partial(self.head_of, fresh=fresh, heads=heads),
+            functools.partial(self.pack, fresh=fresh),
+        )
 
     def unpack(self, stored: bytes) -> bytes:
         """A state value from its stored form (StorageError if damaged)."""
@@ -466,32 +486,48 @@ WriteOp = Put | Delete | PutMany | PutRun
 
 class _Many:
     """A `PutMany` or `PutRun` as `LmdbStore.write` prepared it: its keys as given (after
-    `prefix`), values as stored."""
+    `prefix`), values as stored (state values maybe still to pack: `packed`)."""
 
-    __slots__ = ("column", "keys", "prefix", "values")
+    __slots__ = ("column", "keys", "packed", "prefix", "values")
 
     def __init__(
-        self, column: Column, keys: Sequence[bytes], values: list[bytes], prefix: bytes = b""
+        self,
+        column: Column,
+        keys: Sequence[bytes],
+        values: Sequence[bytes],
+        prefix: bytes = b"",
+        *,
+        packed: bool = True,
     ) -> None:
         self.column = column
         self.keys = keys
         self.values = values
         self.prefix = prefix
+        self.packed = packed
+        """False: state values not packed yet (`gil_free` packs them as it puts them)."""
 
 
 class _Stored:
     """Rows of one column as stored: `prefix + keys[i]` -> `values[i]`, put together (one
     `LmdbStore._put_stored`)."""
 
-    __slots__ = ("column", "keys", "prefix", "values")
+    __slots__ = ("column", "keys", "packed", "prefix", "values")
 
     def __init__(
-        self, column: Column, prefix: bytes, keys: Sequence[bytes], values: Sequence[bytes]
+        self,
+        column: Column,
+        prefix: bytes,
+        keys: Sequence[bytes],
+        values: Sequence[bytes],
+        *,
+        packed: bool = True,
     ) -> None:
         self.column = column
         self.prefix = prefix
         self.keys = keys
         self.values = values
+        self.packed = packed
+        """As `_Many.packed`."""
 
 
 Prepared = tuple[Column, bytes, bytes | None]
@@ -509,9 +545,11 @@ def _singles(
     keys: _ContextNumbers,
     txn: lmdb.Transaction,
     added: list[bytes],
+    pack: Callable[[Sequence[bytes]], list[bytes]],
 ) -> Iterator[Prepared | _Stored]:
     """`prepared` in order, a `_Many` whose keys all name one context as one `_Stored` (its
-    number found once, `_ContextNumbers.stored_many`), any other as its single puts."""
+    number found once, `_ContextNumbers.stored_many`), any other as its single puts (values
+    not packed yet packed by `pack`)."""
     for item in prepared:
         if not isinstance(item, _Many):
             yield item
@@ -520,15 +558,16 @@ def _singles(
         if item.prefix:
             tag = keys.stored_prefix(item.column, item.prefix, txn=txn, added=added)
             if tag is not None:
-                yield _Stored(item.column, tag, given, item.values)
+                yield _Stored(item.column, tag, given, item.values, packed=item.packed)
                 continue
             given = [item.prefix + k for k in given]
         stored = keys.stored_many(item.column, given, txn=txn, added=added)
         if stored is None:
-            for key, value in zip(given, item.values, strict=True):
+            values = item.values if item.packed else pack(item.values)
+            for key, value in zip(given, values, strict=True):
                 yield (item.column, key, value)
         else:
-            yield _Stored(item.column, b"", stored, item.values)
+            yield _Stored(item.column, b"", stored, item.values, packed=item.packed)
 
 
 @attrs.define
@@ -1724,7 +1763,7 @@ class LmdbStore:
                         self._write_puts(txn, ops, fresh, added)  # type: ignore[arg-type]
                     else:
                         putting = time.perf_counter()
-                        self._write_in(txn, prepared, added)
+                        self._write_in(txn, prepared, added, fresh)
                     if fresh:
                         self._refs.persist(txn, fresh, self._meta_seal)
                     if not puts:
@@ -1759,10 +1798,14 @@ class LmdbStore:
         if not len(head) + min(map(len, keys)) or len(head) + max(map(len, keys)) > _MAX_KEY_SIZE:
             for key in keys:
                 _check_key(head + key)  # (raises for the bad one)
-        if column is Column.STATE:
-            values = self._refs.pack_many(op.values, fresh)
-        else:
+        if column is not Column.STATE:
             values = list(op.values)
+        elif self._bulk_put is not None and self._cipher is None:
+            # (Packed as they are put, by `gil_free` without the GIL the event loop wants;
+            # issue #17. Sealed values are packed first: sealing is Python.)
+            return _Many(column, keys, op.values, head, packed=False)
+        else:
+            values = self._refs.pack_many(op.values, fresh)
         if self._cipher is not None:
             values = [self._seal(column, head + k, v) for k, v in zip(keys, values, strict=True)]
         return _Many(column, keys, values, head)
@@ -1818,20 +1861,23 @@ class LmdbStore:
         txn: lmdb.Transaction,
         prepared: list[Prepared | _Many],
         added: list[bytes],
+        fresh: set[int],
     ) -> None:
-        """`write`'s ops in `txn` (contexts given numbers noted in `added`)."""
+        """`write`'s ops in `txn` (contexts given numbers noted in `added`, value numbers
+        not yet durable in `fresh`)."""
         deltas, keys = self._deltas, self._keys
         numbers = keys.numbers
         # Consecutive puts to one column go in one `putmulti` (a snapshot batch is
         # 100,000s of them: one C call instead of one put each).
         run: list[tuple[bytes, bytes]] = []
         run_column = Column.DELTA  # (no run yet)
-        for item in _singles(prepared, keys, txn, added):
+        pack = functools.partial(self._refs.pack_many, fresh=fresh)
+        for item in _singles(prepared, keys, txn, added, pack):
             if isinstance(item, _Stored):
                 if run:
                     txn.cursor(db=self._dbs[run_column]).putmulti(run)
                     run = []
-                self._put_stored(txn, item)
+                self._put_stored(txn, item, fresh)
                 continue
             column, key, stored = item
             checkpoint = (  # (`_is_checkpoint`, inline: it ran for every op)
@@ -1883,13 +1929,17 @@ class LmdbStore:
         if run:
             txn.cursor(db=self._dbs[run_column]).putmulti(run)
 
-    def _put_stored(self, txn: lmdb.Transaction, rows: _Stored) -> None:
+    def _put_stored(self, txn: lmdb.Transaction, rows: _Stored, fresh: set[int]) -> None:
         """Put a `_Stored`'s rows: with the GIL released once for them all when the
         extension is there (`gil_free`: py-lmdb takes the GIL back after every row, and
-        waits for it while the event loop runs Python, issue #17), else with `putmulti`."""
+        waits for it while the event loop runs Python, issue #17), packing the values not
+        packed yet as it goes; else with `putmulti`."""
         if self._bulk_put is not None:
-            self._bulk_put(txn, self._names[rows.column], rows.prefix, rows.keys, rows.values)
+            packer = None if rows.packed else self._refs.packer(fresh)
+            name = self._names[rows.column]
+            self._bulk_put(txn, name, rows.prefix, rows.keys, rows.values, packer=packer)
             return
+        assert rows.packed  # (values are left unpacked only for `gil_free`)
         prefix = rows.prefix
         keys = [prefix + k for k in rows.keys] if prefix else rows.keys
         txn.cursor(db=self._dbs[rows.column]).putmulti(zip(keys, rows.values, strict=True))
