@@ -175,3 +175,27 @@ def test_the_early_join_loads_no_http_library_before_its_request_is_out() -> Non
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_the_early_join_is_written_before_send_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command goes on importing only once its request is out: the node has it in full
+    when `send` returns, with no thread yet to run (the answer's thread only reads)."""
+    monkeypatch.setattr(cli_early, "_sent", None)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        api = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        early = cli_early.send(["context", "join", INVITATION, "--api", api, "--token", "t"])
+        assert early is not None
+        listener.setblocking(False)  # what `send` wrote is here now, or this raises
+        conn, _ = listener.accept()
+        with conn:
+            conn.setblocking(False)
+            request = conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            assert head.startswith(b"POST /admin-api/contexts/join HTTP/1.1\r\n")
+            assert json.loads(body) == {"invitation": INVITATION, "trustApp": None}
+        # (Closed without an answer: the answer's thread says so.)
+        assert early.done.wait(60)
+        assert early.status is None
+        assert early.error is not None
