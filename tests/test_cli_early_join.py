@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,24 +157,59 @@ def test_an_early_join_to_no_node_says_it_cannot_reach_it() -> None:
         ["--api", "http://127.0.0.1:1/a b", "--token", "t"],
         ["--api", "http://127.0.0.1:99999", "--token", "t"],
         ["--api", "http://127.0.0.1:1", "--token", "t\u00e9"],
+        ["--api", "http://127.0.0.1:1", "--token", 't"'],
+        ["--api", "http://127.0.0.1:1", "--token", "t", "--trust-app", "a\\b"],
+        ["--api", "http://u@127.0.0.1:1", "--token", "t"],
+        ["--api", "http://127.0.0.1:1/?q", "--token", "t"],
     ],
 )
 def test_a_join_whose_request_would_not_be_plain_http_is_not_sent_early(argv: list[str]) -> None:
-    """The early request is written as it is (no HTTP library): a token or URL that could
-    break its header lines, or a port that is none, leaves the join to the command's own
-    client, which refuses it."""
+    """The early request is written as it is (no HTTP or JSON library): a token or URL that
+    could break its header lines or its body, a port that is none, or a URL not plainly
+    `http://host:port/path` leaves the join to the command's own client, which refuses it or
+    sends it."""
     assert cli_early.send(["context", "join", INVITATION, *argv]) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:2528",
+        "http://127.0.0.1:2528/",
+        "HTTP://Node.Example:80/base/path/",
+        "http://localhost/api",
+        "http://[::1]:8080/x",
+        "http://[::1]",
+        "http://h:",
+    ],
+)
+def test_a_plain_url_is_read_as_urllib_reads_it(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    assert cli_early._split(url) == ((parts.hostname, parts.port or 80), parts.path)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://h:0", "http://h:65536", "http://h:+1", "http://h:x", "http://:1", "http://[::1"],
+)
+def test_a_url_without_a_host_or_port_is_not_read(url: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(url)):
+        cli_early._split(url)
 
 
 def test_the_early_join_loads_no_http_library_before_its_request_is_out() -> None:
     """What reads the answer (`http.client`, with `email` and `ssl`) loads only after the
-    request went out: the module that sends it does not import it."""
+    request went out, and what the command loads (`socket`, `threading`, `json`, `pathlib`,
+    `typing`...) after that: the module that sends it imports none of them."""
     probe = (
         "import sys, trionode.cli_early;"
-        " print(sorted({'http.client', 'email', 'ssl'} & set(sys.modules)))"
+        " print(sorted({'http.client', 'email', 'ssl', 'socket', 'threading', 'json',"
+        " 'urllib.parse', 'pathlib', 'typing', 're', 'enum'} & set(sys.modules)))"
     )
+    # (-S: what `site` loads is not this module's: a setuptools editable install's finder
+    # loads pathlib and re there.)
     done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-S", "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert done.stdout.strip() == "[]"
 

@@ -9,11 +9,14 @@ the request goes out at once, a thread waits for its answer, and the command the
 as usual; its join action (`cli_contexts._join`) takes the answer of this request (`claim`)
 instead of sending its own, and shows the progress meanwhile.
 
-Only the standard library and `trionode.layout` (itself standard library only) load here,
-and of those only what the request needs before it goes out: it is written to a socket as
-it is (a POST with a JSON body), and `http.client` (with `email` and `ssl`, ~20 ms of a
-start of ~60 ms on a quiet machine) loads in the answer's thread once it went out, to read
-the answer, which comes only when the join is done.
+Only what the request needs loads before it goes out, and of that only modules the
+interpreter has loaded anyway or builds in: `_socket` and `_thread` (the C modules under
+`socket` and `threading`, which import `enum`, `selectors`, `functools`...), `trionode.errors`
+and `trionode.layout` (which imports only `os`); the request is written as it is (a POST with
+a JSON body of two plain strings, `_plain`). What `json`, `urllib.parse`, `pathlib`, `socket`,
+`threading` and `typing` cost (~20 ms of ~45 in all) comes after, in the command's start.
+`http.client` (with `email` and `ssl`) loads in the answer's thread once the request went
+out, to read the answer, which comes only when the join is done.
 
 The request is connected and written by the thread that starts the command, before it goes
 on importing (`EarlyJoin.start`): written from the answer's thread, each of its steps (the
@@ -23,25 +26,44 @@ interval (5 ms) each time, and the node heard of the join ~10 ms later.
 
 from __future__ import annotations
 
-import json
-import math
-import socket
-import threading
-import urllib.parse
-from pathlib import Path
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    import http.client
+import _socket
+import _thread
 
 from trionode.errors import TrionodeError
 from trionode.layout import default_home, read_api_url, read_token
+
+TYPE_CHECKING = False  # (`typing` is not loaded for this: module doc)
+if TYPE_CHECKING:
+    import http.client
+    from typing import Final
 
 JOIN_PATH: Final = "/admin-api/contexts/join"
 _VALUED: Final = frozenset({"--home", "--api", "--token", "--timeout", "--trust-app"})
 _FLAGS: Final = frozenset({"--json"})
 DEFAULT_TIMEOUT: Final = 30.0
 """`--timeout`'s default (cli.py's client options)."""
+
+
+class Done:
+    """Set once (`set`), by the answer's thread; `wait` until then: `threading.Event`'s,
+    on a bare lock (module doc: `threading` loads with the command)."""
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()  # (held until set)
+
+    def set(self) -> None:
+        self._lock.release()
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether it was set (within `timeout` seconds, if given)."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()
+        return True
 
 
 class EarlyJoin:
@@ -57,8 +79,8 @@ class EarlyJoin:
         self.body = b""
         self.error: OSError | http.client.HTTPException | None = None
         """Why no answer came (the node could not be reached, or took too long)."""
-        self.done = threading.Event()
-        self._request, self._address = _request(url, token, options)  # (ValueError: a bad port)
+        self.done = Done()
+        self._request, self._address = _request(url, token, options)  # (ValueError: see there)
 
     @property
     def timeout(self) -> float:
@@ -66,26 +88,29 @@ class EarlyJoin:
 
     def start(self) -> None:
         """Send the request from this thread (module doc), then read its answer in another."""
-        sock: socket.socket | None = None
         try:
-            sock = socket.create_connection(self._address, self.timeout)
-            sock.sendall(self._request)
+            sock = _connect(self._address, self.timeout)
         except OSError as exc:
-            if sock is not None:
-                sock.close()
             self.error = exc
             self.done.set()
             return
-        thread = threading.Thread(target=self._receive, args=(sock,), name="early-join")
-        thread.daemon = True
-        thread.start()
-
-    def _receive(self, sock: socket.socket) -> None:
         try:
-            with sock:
-                # The request is out: what reads the answer may load now (module doc).
-                import http.client  # noqa: PLC0415
+            sock.sendall(self._request)
+        except OSError as exc:
+            sock.close()
+            self.error = exc
+            self.done.set()
+            return
+        _thread.start_new_thread(self._receive, (sock,))
 
+    def _receive(self, raw: _socket.socket) -> None:
+        try:
+            # The request is out: what reads the answer may load now (module doc).
+            import http.client  # noqa: PLC0415
+            import socket  # noqa: PLC0415
+
+            with socket.socket(fileno=raw.detach()) as sock:
+                sock.settimeout(self.timeout)  # (a new socket object has none: blocking)
                 response = http.client.HTTPResponse(sock, method="POST")
                 try:
                     response.begin()
@@ -101,22 +126,38 @@ class EarlyJoin:
             self.done.set()
 
 
+def _connect(address: tuple[str, int], timeout: float) -> _socket.socket:
+    """A TCP connection to `address` (`socket.create_connection`'s, on the C module)."""
+    error: OSError | None = None
+    host, port = address
+    for family, kind, proto, _, where in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(where)
+        except OSError as exc:
+            sock.close()
+            error = exc
+        else:
+            return sock
+    raise error or OSError(f"{host} has no address")
+
+
 def _request(url: str, token: str, options: dict[str, str]) -> tuple[bytes, tuple[str, int]]:
     """The join's HTTP/1.1 request to the node at `url`, as `http.client` would write it
-    (`send` checked that nothing in it can break a header line), and where it goes. Raises
-    ValueError for a URL without a valid port."""
-    parts = urllib.parse.urlsplit(url)
-    address = (parts.hostname or "", parts.port or 80)
+    (`send` checked that nothing in it can break a header line or its JSON body), and where
+    it goes. Raises ValueError for a URL `_split` does not read."""
+    address, path = _split(url)
     host = address[0]
     if ":" in host:
         host = f"[{host}]"
     if address[1] != 80:
         host = f"{host}:{address[1]}"
-    body = json.dumps(
-        {"invitation": options["invitation"], "trustApp": options.get("--trust-app")}
-    ).encode()
+    trust_app = options.get("--trust-app")
+    trust = "null" if trust_app is None else f'"{trust_app}"'
+    body = f'{{"invitation": "{options["invitation"]}", "trustApp": {trust}}}'.encode("ascii")
     head = (
-        f"POST {parts.path.rstrip('/') + JOIN_PATH} HTTP/1.1\r\n"
+        f"POST {path.rstrip('/') + JOIN_PATH} HTTP/1.1\r\n"
         f"Host: {host}\r\n"
         "Accept-Encoding: identity\r\n"
         f"Content-Length: {len(body)}\r\n"
@@ -126,9 +167,33 @@ def _request(url: str, token: str, options: dict[str, str]) -> tuple[bytes, tupl
     return head.encode("ascii") + body, address
 
 
-def _printable(text: str) -> bool:
-    """Printable ASCII without spaces: safe in a request line or header value as it is."""
-    return text.isascii() and text.isprintable() and " " not in text
+def _split(url: str) -> tuple[tuple[str, int], str]:
+    """((host, port), path) of a plain `http://host[:port][/path]` URL, as `urllib.parse`
+    reads them; ValueError for any other (a user, a query, a fragment, a port that is
+    none): the command's own client reads those."""
+    if url[:7].lower() != "http://" or any(c in url for c in "?#@"):
+        raise ValueError(url)
+    authority, slash, path = url[7:].partition("/")
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        if not bracket:
+            raise ValueError(url)
+    else:
+        host, colon, rest = authority.partition(":")
+        rest = colon + rest
+    digits = rest[1:]
+    if rest[:1] not in ("", ":") or (digits and not (digits.isascii() and digits.isdigit())):
+        raise ValueError(url)
+    port = int(digits) if digits else 80
+    if not host or not 0 < port < 65536:
+        raise ValueError(url)
+    return (host.lower(), port), slash + path
+
+
+def _plain(text: str) -> bool:
+    """Printable ASCII without spaces, quotes or backslashes: safe as it is in a request
+    line, a header value or a JSON string."""
+    return text.isascii() and text.isprintable() and not any(c in text for c in ' "\\')
 
 
 _sent: EarlyJoin | None = None
@@ -177,15 +242,16 @@ def send(argv: list[str]) -> EarlyJoin | None:
     if options is None or _sent is not None:
         return None
     try:
-        if not 0 < float(options.get("--timeout", DEFAULT_TIMEOUT)) < math.inf:
+        if not 0 < float(options.get("--timeout", DEFAULT_TIMEOUT)) < float("inf"):
             return None
-        home = Path(options.get("--home", default_home()))
+        home = options.get("--home", default_home())
         url = options["--api"] if "--api" in options else read_api_url(home)
         if url is None or not url.lower().startswith("http://"):
             return None  # (TLS, or a home without api.url: the command's own client)
         token = options["--token"] if "--token" in options else read_token(home)
-        if not (_printable(token) and _printable(url)):
-            return None  # (the command's own client says what is wrong with them)
+        plain = (token, url, options["invitation"], options.get("--trust-app", ""))
+        if not all(map(_plain, plain)):
+            return None  # (the command's own client sends it, or says what is wrong)
         early = EarlyJoin(url, token, options)
     except (ValueError, TrionodeError):
         return None  # argparse or the command says what is wrong

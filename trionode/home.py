@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -16,9 +19,9 @@ from trionode.config import (
     NetworkSection,
     render_config,
 )
-from trionode.errors import ConfigError
+from trionode.errors import ConfigError, HomeLockedError
 from trionode.identity import NodeIdentity
-from trionode.layout import CONFIG_FILE, IDENTITY_FILE, TOKEN_FILE
+from trionode.layout import CONFIG_FILE, IDENTITY_FILE, LOCK_FILE, TOKEN_FILE
 
 
 @attrs.frozen
@@ -63,3 +66,35 @@ def init_home(
     )
     (home / CONFIG_FILE).write_text(render_config(file), encoding="utf-8")
     return InitResult(home=home, peer_id=identity.peer_id, token=token)
+
+
+@contextlib.contextmanager
+def lock_home(home: Path) -> Iterator[None]:
+    """Hold `<home>/node.lock` for the block, or raise HomeLockedError naming the holder.
+
+    `flock` locks belong to the open file: the kernel drops them when the holder exits, even
+    by kill -9, so a crashed node never leaves a stale lock behind. The pid written into the
+    file is only for the message; the lock itself is the truth. The file is opened without
+    truncation so a refused second node does not erase the first one's pid.
+    """
+    path = home / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise ConfigError(f"{home} does not exist (run `trionode init --home {home}`)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise HomeLockedError(home, int(holder) if holder.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock

@@ -1,20 +1,22 @@
-"""What is where in a node home, and the lock that gives a home to one running node.
+"""What is where in a node home.
 
-This module imports only the standard library: client commands (`trionode call`, …) read
-the API URL and token from the home through it without loading the node (Quart, Hypercorn,
-crypto), which would triple their start-up time.
+This module imports only `os` (loaded with the interpreter) and `trionode.errors`: client
+commands (`trionode call`, …) read the API URL and token from the home through it without
+loading the node (Quart, Hypercorn, crypto), which would triple their start-up time, and an
+early `context join` (trionode/cli_early.py) reads them before anything else loads, so not
+even `pathlib` or `typing` (~7 ms of its start): a home may be any path, `str` or `Path`.
+The lock that gives a home to one running node is the node's (`trionode.home.lock_home`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Final
 
-from trionode.errors import ConfigError, HomeLockedError
+from trionode.errors import ConfigError
+
+TYPE_CHECKING = False  # (`typing` is not loaded for this: module doc)
+if TYPE_CHECKING:
+    from typing import Final
 
 CONFIG_FILE: Final = "config.toml"
 IDENTITY_FILE: Final = "identity.key"
@@ -36,10 +38,10 @@ def default_home(env: dict[str, str] | None = None) -> str:
     return (os.environ if env is None else env).get(HOME_ENV) or DEFAULT_HOME
 
 
-def read_token(home: Path) -> str:
-    path = home / TOKEN_FILE
+def read_token(home: str | os.PathLike[str]) -> str:
+    path = os.path.join(home, TOKEN_FILE)
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return _read_text(path).strip()
     except FileNotFoundError:
         raise ConfigError(
             f"{path} is missing: pass --token or --home of an initialised node"
@@ -48,42 +50,16 @@ def read_token(home: Path) -> str:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def read_api_url(home: Path) -> str | None:
+def read_api_url(home: str | os.PathLike[str]) -> str | None:
+    path = os.path.join(home, API_URL_FILE)
     try:
-        return (home / API_URL_FILE).read_text(encoding="utf-8").strip() or None
+        return _read_text(path).strip() or None
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ConfigError(f"{home / API_URL_FILE}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-@contextlib.contextmanager
-def lock_home(home: Path) -> Iterator[None]:
-    """Hold `<home>/node.lock` for the block, or raise HomeLockedError naming the holder.
-
-    `flock` locks belong to the open file: the kernel drops them when the holder exits, even
-    by kill -9, so a crashed node never leaves a stale lock behind. The pid written into the
-    file is only for the message; the lock itself is the truth. The file is opened without
-    truncation so a refused second node does not erase the first one's pid.
-    """
-    path = home / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except FileNotFoundError:
-        raise ConfigError(f"{home} does not exist (run `trionode init --home {home}`)") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot open: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            raise HomeLockedError(home, int(holder) if holder.isdigit() else None) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # releases the lock
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as file:
+        return file.read()

@@ -103,8 +103,9 @@ from trionode.context.replication import (
 from trionode.context.sync import SyncManager, SyncMetrics
 from trionode.errors import ConfigError
 from trionode.gc import GcMetrics, run_gc_once, serve_gc
+from trionode.home import lock_home
 from trionode.identity import NodeIdentity
-from trionode.layout import API_URL_FILE, lock_home
+from trionode.layout import API_URL_FILE
 from trionode.metrics import NodeMetrics
 from trionode.net.autonat import AutoNat, AutoNatMetrics
 from trionode.net.dcutr import HolePuncher
