@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import socket
@@ -109,9 +110,15 @@ def _node(status: int, answer: dict[str, Any]) -> Iterator[tuple[str, list[Any]]
         server.server_close()
 
 
-def _join(api: str, *more: str) -> subprocess.CompletedProcess[str]:
+SCRIPT = Path(sys.executable).parent / "trionode"
+"""The installed script (`cli_early.main`, as `python -m trionode`)."""
+
+
+def _join(
+    api: str, *more: str, command: tuple[str, ...] = (sys.executable, "-m", "trionode")
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "trionode", "context", "join", INVITATION, "--api", api, *more],
+        [*command, "context", "join", INVITATION, "--api", api, *more],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -120,9 +127,12 @@ def _join(api: str, *more: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_early_join_is_the_commands_one_request_and_its_answer() -> None:
+@pytest.mark.parametrize("command", [(sys.executable, "-m", "trionode"), (str(SCRIPT),)])
+def test_the_early_join_is_the_commands_one_request_and_its_answer(
+    command: tuple[str, ...],
+) -> None:
     with _node(200, CONTEXT) as (api, seen):
-        done = _join(api, "--token=secret", "--json", "--trust-app", "AppId")
+        done = _join(api, "--token=secret", "--json", "--trust-app", "AppId", command=command)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["contextId"] == CONTEXT["contextId"]
     assert len(seen) == 1  # sent once: the command took the early one's answer
@@ -130,6 +140,13 @@ def test_the_early_join_is_the_commands_one_request_and_its_answer() -> None:
     assert (method, path) == ("POST", "/admin-api/contexts/join")
     assert headers["Authorization"] == "Bearer secret"
     assert json.loads(body) == {"invitation": INVITATION, "trustApp": "AppId"}
+
+
+def test_the_installed_script_sends_a_join_early() -> None:
+    """`trionode context join` is `python -m trionode context join`: the request goes out
+    before the CLI loads (the script's command had loaded it all, ~0.2 s, first)."""
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="trionode")
+    assert script.value == "trionode.cli_early:main"
 
 
 def test_the_nodes_refusal_of_an_early_join_is_the_commands_error() -> None:

@@ -1,11 +1,6 @@
-"""`python -m trionode`: a `context join` is sent before the CLI loads (cli_early.py)."""
+"""`python -m trionode`: the installed `trionode` script's command (`cli_early.main`: a
+`context join` is sent before the CLI loads)."""
 
-import sys
+from trionode.cli_early import main
 
-from trionode.cli_early import send
-
-send(sys.argv[1:])
-
-from trionode.cli import run  # noqa: E402 - after the early join went out
-
-run()
+main()

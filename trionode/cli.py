@@ -507,8 +507,8 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
     (tearing down the ~500 modules httpx, Trio and the client load) took 0.15 s on a quiet
     machine and 0.5 s on a loaded one, after the answer was already printed, and a client
     command holds nothing else to release (its connections and files are closed by then).
-    A node command (`start`, `init`, `demo`) exits as usual. (The installed script still
-    calls `main`; `python -m trionode` runs this.)"""
+    A node command (`start`, `init`, `demo`) exits as usual. (`cli_early.main`, the
+    installed script's and `python -m trionode`'s, runs this.)"""
     code = main(argv)
     if "trionode.cli_node" not in sys.modules:
         try:

@@ -3,11 +3,12 @@
 A join's answer comes only once the node has taken the whole snapshot, so every moment the
 command spends starting is a moment of the join: importing httpx, Trio and the client
 (0.2 s on a quiet machine, several on a loaded one) came before the node even heard of it.
-So `python -m trionode` (`__main__.py`) hands its arguments here first: if they are a plain
-`context join` (`parse`: nothing this module does not understand, else it does nothing),
-the request goes out at once, a thread waits for its answer, and the command then starts
-as usual; its join action (`cli_contexts._join`) takes the answer of this request (`claim`)
-instead of sending its own, and shows the progress meanwhile.
+So the `trionode` command (`main`: the installed script and `python -m trionode`) hands
+its arguments here first: if they are a plain `context join` (`parse`: nothing this module
+does not understand, else it does nothing), the request goes out at once, a thread waits
+for its answer, and the command then starts as usual; its join action
+(`cli_contexts._join`) takes the answer of this request (`claim`) instead of sending its
+own, and shows the progress meanwhile.
 
 Only what the request needs loads before it goes out, and of that only modules the
 interpreter has loaded anyway or builds in: `_socket` and `_thread` (the C modules under
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import _socket
 import _thread
+import sys
 
 from trionode.errors import TrionodeError
 from trionode.layout import default_home, read_api_url, read_token
@@ -35,7 +37,7 @@ from trionode.layout import default_home, read_api_url, read_token
 TYPE_CHECKING = False  # (`typing` is not loaded for this: module doc)
 if TYPE_CHECKING:
     import http.client
-    from typing import Final
+    from typing import Final, NoReturn
 
 JOIN_PATH: Final = "/admin-api/contexts/join"
 _VALUED: Final = frozenset({"--home", "--api", "--token", "--timeout", "--trust-app"})
@@ -288,3 +290,11 @@ def claim(
         return None
     _sent = None
     return early
+
+
+def main() -> NoReturn:
+    """The `trionode` command: an early join (`send`), then the CLI (`cli.run`, which exits)."""
+    send(sys.argv[1:])
+    from trionode.cli import run  # noqa: PLC0415 - after the early join went out
+
+    run()
