@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from trionode.errors import StorageError
 from trionode.store.encryption import KdfParams
-from trionode.store.lmdb_store import Column, Delete, LmdbStore, Put
+from trionode.store.lmdb_store import INLINE_MAX, Column, Delete, LmdbStore, Put
 
 FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
 CONTEXTS = [hashlib.sha256(b"context %d" % i).digest() for i in range(2)]
@@ -21,7 +21,12 @@ _ops = st.lists(
     st.tuples(
         st.sampled_from(["delta", "checkpoint", "other"]),
         _keys,
-        st.one_of(st.none(), st.just(b""), st.binary(min_size=1, max_size=40)),
+        st.one_of(
+            st.none(),
+            st.just(b""),
+            st.binary(min_size=1, max_size=40),  # (kept in the index row)
+            st.just(b"\x07" * (INLINE_MAX + 1)),  # (kept in the log)
+        ),
     ),
     max_size=30,
 )

@@ -10,7 +10,15 @@ from hypothesis import given, strategies as st
 
 from trionode.errors import StorageError, WrongPassphraseError
 from trionode.store.encryption import KdfParams
-from trionode.store.lmdb_store import NUMBERED, Column, Delete, LmdbStore, Put, PutMany
+from trionode.store.lmdb_store import (
+    INLINE_MAX,
+    NUMBERED,
+    Column,
+    Delete,
+    LmdbStore,
+    Put,
+    PutMany,
+)
 
 FAST_KDF = KdfParams(time_cost=1, memory_kib=8 * 1024)
 
@@ -249,25 +257,110 @@ def test_a_delta_column_of_one_tree_moves_to_the_log_when_opened(
         store.close()
 
 
-def test_delta_values_are_laid_out_in_write_order(tmp_path: Path) -> None:
-    # Keys at random (as delta ids are hashes), ~500-byte values: the same rows take fewer
-    # pages than in one B-tree, whose splits leave pages part empty.
-    rows = [(hashlib.sha256(b"%d" % i).digest() * 2, b"\x01" * 500) for i in range(2000)]
+def test_large_delta_values_are_kept_in_the_log_in_write_order(tmp_path: Path) -> None:
+    # Values past `INLINE_MAX` go to the log, appended in the order written, and their
+    # index rows hold 8-byte numbers: a walk of the index (checkpoint rows, counts) does
+    # not read them.
+    value = b"\x01" * (INLINE_MAX + 100)
+    keys = [hashlib.sha256(b"%d" % i).digest() * 2 for i in range(300)]
     store = LmdbStore.open(tmp_path / "db", initial_map_size=1 << 24)
-    one_tree = lmdb.open(str(tmp_path / "one"), max_dbs=1, map_size=1 << 24)
     try:
-        db = one_tree.open_db(b"delta")
-        for key, value in rows:
+        for key in keys:
             store.put(Column.DELTA, key, value)
-            with one_tree.begin(write=True) as txn:
-                txn.put(key, value, db=db)
-        with one_tree.begin() as txn:
-            stat = txn.stat(db)
-        baseline = 4096 * (stat["leaf_pages"] + stat["branch_pages"])
-        assert store.stats().tree_bytes[Column.DELTA.value] < 0.95 * baseline
+        with store._env.begin() as txn:
+            log = txn.cursor(db=store._deltas.log)
+            assert [v for _, v in log] == [value] * len(keys)
+            index = txn.cursor(db=store._dbs[Column.DELTA])
+            numbers = {store._keys.key(Column.DELTA, k): v for k, v in index}
+        assert sorted(numbers, key=numbers.__getitem__) == keys
+        assert {len(v) for v in numbers.values()} == {8}
+        assert store.get(Column.DELTA, keys[7]) == value
     finally:
         store.close()
-        one_tree.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_small_delta_values_are_kept_in_their_index_rows(tmp_path: Path, encrypted: bool) -> None:
+    # A commit adding a small delta dirties one tree, not the index's and the log's.
+    passphrase = "pw" if encrypted else None
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    keys = [hashlib.sha256(b"%d" % i).digest() * 2 for i in range(50)]
+    small, large = b"s" * 400, b"L" * (INLINE_MAX + 1)
+    try:
+        store.write([Put(Column.DELTA, key, small) for key in keys])
+        assert _log_entries(store) == 0
+        store.put(Column.DELTA, keys[0], large)  # grows past the limit: to the log
+        store.put(Column.DELTA, keys[1], large)
+        assert _log_entries(store) == 2
+        store.put(Column.DELTA, keys[0], small)  # and back: its log row goes
+        store.put(Column.DELTA, keys[2], b"")
+        store.delete(Column.DELTA, keys[3])
+        assert _log_entries(store) == 1
+        expected = dict.fromkeys(keys, small) | {keys[1]: large, keys[2]: b""}
+        del expected[keys[3]]
+        assert store.scan(Column.DELTA) == sorted(expected.items())
+        assert store.get_many(Column.DELTA, keys[:4]) == [small, large, b"", None]
+        with store._env.begin() as txn:
+            assert txn.stat(store._dbs[Column.DELTA])["entries"] == len(expected)
+    finally:
+        store.close()
+
+
+def _log_entries(store: LmdbStore) -> int:
+    with store._env.begin() as txn:
+        return int(txn.stat(store._deltas.log)["entries"])
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_layout_6_store_reads_its_logged_values_and_keeps_new_small_ones_inline(
+    tmp_path: Path, encrypted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passphrase = "pw" if encrypted else None
+    contexts = [hashlib.sha256(b"context %d" % i).digest() for i in range(2)]
+    ids = [hashlib.sha256(b"delta %d" % i).digest() for i in range(40)]
+    rows = {c + d: b"delta %d " % i * 30 for c in contexts for i, d in enumerate(ids)}
+    folded = sorted(rows)[::5]
+    checkpoints = {b"ckvv/" + k: b"\x01vv" for k in folded}
+    rows |= dict.fromkeys(folded, b"")
+    # A layout-6 store: every delta value in the log (as this build keeps large ones).
+    with monkeypatch.context() as patch:
+        patch.setattr("trionode.store.lmdb_store.INLINE_MAX", 0)
+        store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+        store.write([Put(Column.DELTA, k, v) for k, v in rows.items()])
+        store.write([Put(Column.GENERIC, k, v) for k, v in checkpoints.items()])
+        assert _log_entries(store) == len(rows) - len(folded)
+        store.close()
+    env = lmdb.open(str(tmp_path / "db"), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"store-layout", b"6", db=env.open_db(Column.META.value.encode(), txn=txn))
+    env.close()
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    try:
+        assert store.scan(Column.DELTA) == sorted(rows.items())
+        assert store.scan(Column.GENERIC) == sorted(checkpoints.items())
+        logged = len(rows) - len(folded)
+        assert _log_entries(store) == logged  # (opening moved no row)
+        new = {contexts[0] + b"\xee" * 32: b"new", contexts[1] + b"\xee" * 32: b"n" * 300}
+        store.write([Put(Column.DELTA, k, v) for k, v in new.items()])
+        assert _log_entries(store) == logged  # new small values: in their index rows
+        kept = max(set(rows) - set(folded))
+        store.put(Column.DELTA, kept, b"rewritten")  # (an old row's value moves in)
+        store.put(Column.DELTA, folded[0], b"body again")  # (beside its checkpoint: logged)
+        rows |= new | {kept: b"rewritten", folded[0]: b"body again"}
+        assert _log_entries(store) == logged
+    finally:
+        store.close()
+    store = LmdbStore.open(tmp_path / "db", passphrase=passphrase, kdf=FAST_KDF)
+    try:
+        assert store.scan(Column.DELTA) == sorted(rows.items())
+        assert store.scan(Column.GENERIC) == sorted(checkpoints.items())
+        assert store.get(Column.DELTA, kept) == b"rewritten"
+        assert store.get(Column.GENERIC, b"ckvv/" + folded[0]) == b"\x01vv"
+        assert store.count(Column.DELTA) == len(rows)
+        with store._env.begin() as txn:
+            assert txn.get(b"store-layout", db=store._dbs[Column.META]) == b"7"
+    finally:
+        store.close()
 
 
 def _as_layout_2(path: Path, rows: dict[bytes, bytes], *, seal: LmdbStore | None = None) -> None:
@@ -351,10 +444,10 @@ def test_a_store_of_a_newer_layout_is_refused_with_one_line(tmp_path: Path) -> N
     LmdbStore.open(tmp_path / "db").close()
     env = lmdb.open(str(tmp_path / "db"), max_dbs=16)
     with env.begin(write=True) as txn:
-        txn.put(b"store-layout", b"7", db=env.open_db(Column.META.value.encode(), txn=txn))
+        txn.put(b"store-layout", b"8", db=env.open_db(Column.META.value.encode(), txn=txn))
     env.close()
     for _ in range(2):  # (and the refusal wrote nothing)
-        with pytest.raises(StorageError, match="has layout 7, which this trionode") as caught:
+        with pytest.raises(StorageError, match="has layout 8, which this trionode") as caught:
             LmdbStore.open(tmp_path / "db")
         assert "\n" not in str(caught.value)
 

@@ -5,12 +5,14 @@ whole or not at all, and readers (MVCC snapshots) never block the writer. Method
 the async façade in `store.py` runs them in worker threads.
 
 The delta column is stored in two B-trees (`_DeltaLog`): an index from each key (context ‖
-delta id: random, as ids are hashes) to an 8-byte sequence number, and the values under
-those numbers in the order they were first written. A B-tree that takes ~500-byte values
-at random keys keeps its pages about 60% full (each split leaves two half pages); values
-appended in key order fill their pages, so the delta column takes ~30% fewer pages (see
-`make bench --only bytes`). The rest of the node sees one column as before; a store written
-with one tree is moved to two when opened (`_convert`, in one transaction).
+delta id: random, as ids are hashes) to the value itself, if it is small (`INLINE_MAX`), or
+else to an 8-byte sequence number, and the large values under those numbers in the order
+they were first written. A B-tree that takes ~500-byte values at random keys keeps its pages
+about 60% full (each split leaves two half pages); values appended in key order fill their
+pages, so a log takes ~30% fewer pages (see `make bench --only bytes`), but a commit that
+adds a delta then dirties two trees' paths instead of one: small values, a call's, stay
+in the index. The rest of the node sees one column as before; a store written with one tree
+is moved to two when opened (`_convert`, in one transaction).
 
 An empty value is stored as it is, never sealed, in every column (there is nothing in it
 to hide, and a sealed value is never empty, so the two cannot be confused). An empty delta
@@ -35,7 +37,10 @@ empty values as index markers; 4, context numbers in keys, in trees named `<colu
 (the conversion reads the old tree and writes the new one, then drops the old); 5, state
 values with ids as numbers (every state value rewritten in place); 6, one-byte tags for
 the first 127 contexts' numbers, in trees `<column>@6` (moved as for 4), and checkpoint
-rows in the delta index (`_DeltaLog`). Opening
+rows in the delta index (`_DeltaLog`); 7, delta values of up to `INLINE_MAX` bytes in their
+index rows (`_DeltaLog`: rows of older layouts stay as they are, so moving a store from 6
+to 7 writes the layout's number alone; a build of layout 6 would read an inline value as a
+log number, hence the new number). Opening
 converts an older store in one transaction; a store of a layout newer than
 `STORE_LAYOUT` is refused with one line, so a build never misreads rows written by a
 newer one.
@@ -70,7 +75,7 @@ _DELTA_LAYOUT: Final = b"2"
 """1 (no record): the delta column is one B-tree; 2: an index and an append-ordered log.
 Kept at 2 from layout 3 on: a build of layout 2 moves any other value to the log again."""
 _STORE_LAYOUT_KEY: Final = b"store-layout"
-STORE_LAYOUT: Final = 6
+STORE_LAYOUT: Final = 7
 """The newest layout this build reads and writes (see the module docstring)."""
 _DELTA_LOG_DB: Final = b"delta-log"
 _SEQ_BYTES: Final = 8
@@ -703,6 +708,12 @@ def _raw_scan(
 _WITH_CHECKPOINT: Final = 0xFF
 """First byte of a delta index value that holds a checkpoint row too (`_DeltaLog`); a
 sequence number's is 0 (numbers stay below 2^56)."""
+_INLINE: Final = 0x01
+"""First byte of a delta index value that holds the delta's value itself (layout 7)."""
+_INLINE_HEAD: Final = bytes([_INLINE])
+INLINE_MAX: Final = 1024
+"""Delta values (as stored: sealed, in an encrypted store) of at most this many bytes are
+kept in their index row, larger ones in the log (`_DeltaLog`)."""
 _HAS_DELTA: Final = 1
 _HAS_BODY: Final = 2
 CHECKPOINT_PREFIX: Final = b"ckvv/"
@@ -720,8 +731,9 @@ def _is_checkpoint(column: Column, key: bytes) -> bool:
 
 
 def _index_parts(raw: bytes | None) -> tuple[bytes | None, bytes | None]:
-    """(the delta's part: None for no delta row, b"" for an empty value, else its log
-    sequence number; the checkpoint row's value or None) of a delta index value."""
+    """(the delta's part: None for no delta row, b"" for an empty value, `_INLINE` ‖ the
+    value for a value kept in the row, else its log sequence number; the checkpoint row's
+    value or None) of a delta index value."""
     if raw is None:
         return None, None
     if not raw or raw[0] != _WITH_CHECKPOINT:
@@ -739,7 +751,8 @@ def _index_parts(raw: bytes | None) -> tuple[bytes | None, bytes | None]:
 
 
 def _index_value(delta: bytes | None, checkpoint: bytes | None) -> bytes | None:
-    """`_index_parts`'s inverse (None: no row)."""
+    """`_index_parts`'s inverse (None: no row). A row with a checkpoint keeps its delta's
+    value in the log (`_DeltaLog.put_checkpoint`), so `delta` is not an inline one then."""
     if checkpoint is None:
         return delta
     flags = (0 if delta is None else _HAS_DELTA) | (_HAS_BODY if delta else 0)
@@ -756,43 +769,75 @@ def _checkpoint_part(raw: bytes) -> bytes | None:
 
 class _DeltaLog:
     """The delta column's two trees (see the module docstring): `index` maps a key to its
-    sequence number, `log` a sequence number to the (sealed) value. All methods work inside
-    a transaction the caller holds.
+    value (`_INLINE` ‖ the value, sealed if the store is) or to the sequence number of its
+    value in `log`. All methods work inside a transaction the caller holds.
+
+    A value of at most `INLINE_MAX` bytes is kept in its index row (layout 7): a call's
+    commit then dirties one tree's path, not two (the log's leaf and branches were ~2 of
+    the ~13 pages a sequential `kv_store.set` commits, ~5 % of its time, issue #16), for
+    ~85 bytes more per kv entry than in the log, whose appended pages fill (a random-keyed
+    tree's splits leave them ~60 % full). Larger values go to the log, where a few bytes of
+    index row and full pages matter more than one tree's path. Rows of layouts 2-6, values
+    in the log, stay there and are read as before.
 
     An index row also holds the checkpoint row (`CHECKPOINT_PREFIX`) of its context and
     delta id, if there is one: every delta folded here has both, and one row instead of two
     saves a 38-byte key, a node header and their share of half-empty pages (~60 bytes per
     folded delta). Such a value is `_WITH_CHECKPOINT` ‖ flags ‖ the sequence number (if
-    the delta has a body) ‖ the checkpoint value (sealed as a generic row); an index value
-    without a checkpoint is as before (empty, or the number)."""
+    the delta has a body, which is then always in the log) ‖ the checkpoint value (sealed
+    as a generic row); an index value without a checkpoint is as before (empty, inline,
+    or the number)."""
 
     def __init__(self, index: Any, log: Any) -> None:
         self.index = index
         self.log = log
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> bytes | None:
-        seq = _index_parts(txn.get(key, db=self.index))[0]
-        if not seq:
-            return seq  # (None: no row; b"": an empty value)
-        value: bytes | None = txn.get(seq, db=self.log)
+        part = _index_parts(txn.get(key, db=self.index))[0]
+        if not part:
+            return part  # (None: no row; b"": an empty value)
+        if part[0] == _INLINE:
+            return part[1:]
+        value: bytes | None = txn.get(part, db=self.log)
         return value
 
     def put(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
         """`value` as stored (sealed if the store is); an empty one takes no log row."""
-        seq, checkpoint = _index_parts(txn.get(key, db=self.index))
+        index = self.index
+        raw = txn.get(key, db=index)
+        if not raw or raw[0] == _INLINE:
+            # (No log row to replace, no checkpoint: a new delta's row, the common write.)
+            if len(value) <= INLINE_MAX:
+                stored = _INLINE_HEAD + value if value else b""
+            else:
+                stored = self._next(txn)
+                txn.put(stored, value, db=self.log)
+            if raw and len(stored) < len(raw):
+                # A row that shrinks (a folded delta's body emptied) is deleted first:
+                # replacing a value in place never merges pages, deleting does.
+                txn.delete(key, db=index)
+            txn.put(key, stored, db=index)
+            return
+        seq, checkpoint = _index_parts(raw)
+        if seq and checkpoint is None and (not value or len(value) <= INLINE_MAX):
+            txn.delete(seq, db=self.log)
+            seq = None
         if not value:
             if seq:
                 txn.delete(seq, db=self.log)
-            txn.put(key, _index_value(b"", checkpoint), db=self.index)
+            txn.put(key, _index_value(b"", checkpoint), db=index)
+            return
+        if seq is None and checkpoint is None:
+            txn.put(key, _INLINE_HEAD + value, db=index)
             return
         if not seq:
             seq = self._next(txn)
-            txn.put(key, _index_value(seq, checkpoint), db=self.index)
+            txn.put(key, _index_value(seq, checkpoint), db=index)
         txn.put(seq, value, db=self.log)
 
     def delete(self, txn: lmdb.Transaction, key: bytes) -> None:
         seq, checkpoint = _index_parts(txn.get(key, db=self.index))
-        if seq:
+        if seq and seq[0] != _INLINE:
             txn.delete(seq, db=self.log)
         self._set(txn, key, None, checkpoint)
 
@@ -809,18 +854,26 @@ class _DeltaLog:
         return _index_parts(txn.get(key, db=self.index))[1]
 
     def put_checkpoint(self, txn: lmdb.Transaction, key: bytes, value: bytes | None) -> None:
-        """Set (None: remove) the checkpoint row of `key`'s index row."""
+        """Set (None: remove) the checkpoint row of `key`'s index row (a value kept in the
+        row moves to the log first: a row with a checkpoint names its value by number)."""
         seq, checkpoint = _index_parts(txn.get(key, db=self.index))
-        if checkpoint is not None or value is not None:
-            self._set(txn, key, seq, value)
+        if checkpoint is None and value is None:
+            return
+        if seq and seq[0] == _INLINE and value is not None:
+            body, seq = seq[1:], self._next(txn)
+            txn.put(seq, body, db=self.log)
+        self._set(txn, key, seq, value)
 
     def scan(self, txn: lmdb.Transaction, rows: list[tuple[bytes, bytes]]) -> None:
-        """Replace each (key, sequence number) of an index scan (its values through
+        """Replace each (key, delta part) of an index scan (its values through
         `_delta_part`) by (key, value), in place."""
-        for i, (key, seq) in enumerate(rows):
-            if not seq:
+        for i, (key, part) in enumerate(rows):
+            if not part:
                 continue  # an empty value: (key, b"") already
-            value = txn.get(seq, db=self.log)
+            if part[0] == _INLINE:
+                rows[i] = (key, part[1:])
+                continue
+            value = txn.get(part, db=self.log)
             if value is None:
                 raise StorageError(f"the delta log lost the value of {key.hex()[:16]}")
             rows[i] = (key, value)
@@ -1172,6 +1225,8 @@ class LmdbStore:
                 self._merge_checkpoints(txn)
             if layout < 5:
                 self._pack_state(txn, fresh)
+            # (6 -> 7 moves no row: delta values already in the log stay there, read as
+            # before; new small ones go to their index rows, `_DeltaLog`.)
             txn.put(_STORE_LAYOUT_KEY, str(STORE_LAYOUT).encode(), db=meta)
         self._refs.committed(fresh)
 
