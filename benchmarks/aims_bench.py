@@ -7,10 +7,11 @@ measured in the same process on the same machine minutes apart.
   trial, the median of each and the spread of the per-trial ratios printed. This disk's
   fsync rate swings several times over between runs minutes apart (issue #16: raw LMDB
   519-3,184 calls/s in one evening), and both figures swing with it, so only a ratio
-  measured this way can be judged. 64 concurrent callers beside the sequential rate; over
-  HTTP with 16 concurrent keep-alive clients beside `GET /admin-api/health` from the same
-  clients; LMDB bytes per kv entry beside raw LMDB (`context_bench._node_rows`, which also
-  prints where one call's time goes).
+  measured this way can be judged. The bytes each side's commits wrote (LMDB's dirty
+  pages and meta page) are printed too: a measure no load moves. 64 concurrent callers
+  beside the sequential rate; over HTTP with 16 concurrent keep-alive clients beside
+  `GET /admin-api/health` from the same clients; LMDB bytes per kv entry beside raw LMDB
+  (`context_bench._node_rows`, which also prints where one call's time goes).
 * The delta of one 100-byte `set` by component beside the format 3 envelope, the gossip
   envelope beside the delta, and the per-entry bytes by component (`bytes_bench`).
 * A write on A applied on the last of 4 nodes, p50 and p99, beside raw gossip to the same
@@ -183,6 +184,8 @@ async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> li
     node_rates: list[float] = []
     raw_rates: list[float] = []
     cpu: list[float] = []
+    written = [0, 0]
+    """Bytes the node's commits and the raw ones wrote (`_written`)."""
     calls = _set_args(_kv_items(trials * per_trial, "seq"))
     await trio.to_thread.run_sync(lambda: base.mkdir(parents=True, exist_ok=True))
     env = lmdb.open(str(base / "raw"), map_size=LMDB_MAP, max_dbs=len(Column) + 1)
@@ -203,6 +206,10 @@ async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> li
                 # thread or by a lone caller's `AsyncStore.write_now` comes here alike.)
                 if any(op.column is Column.DELTA for op in ops):  # (not the event log's)
                     captured.append(list(ops))
+                    before = _written()
+                    raw_write(ops)
+                    written[0] += _written() - before
+                    return
                 raw_write(ops)
 
             with patch.object(node.store.raw, "write", recording_write):
@@ -217,8 +224,10 @@ async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> li
                         node_cpu += ended_cpu - began_cpu
                         if len(captured) != 1:
                             raise RuntimeError("aims bench: expected one store write per call")
+                        before = _written()
                         raw_commit(env, dbs, captured[0])
                         raw_wall += time.perf_counter() - ended
+                        written[1] += _written() - before
                     node_rates.append(per_trial / node_wall)
                     raw_rates.append(per_trial / raw_wall)
                     cpu.append(node_cpu / per_trial)
@@ -235,7 +244,10 @@ async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> li
         f"{max(raw_rates):,.0f}\n"
         f"  per-trial ratio: median {statistics.median(ratios):.2f}x, "
         f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x; process CPU per call: median "
-        f"{statistics.median(cpu) * 1e6:.0f} us"
+        f"{statistics.median(cpu) * 1e6:.0f} us\n"
+        f"  written per commit (LMDB's pages and meta, load-independent): trionode "
+        f"{written[0] / (trials * per_trial) / 4096:.2f}, raw LMDB "
+        f"{written[1] / (trials * per_trial) / 4096:.2f} pages of 4 KiB"
     )
     label = f"kv_store.set in process, sequential durable, {trials} trials x {per_trial} calls"
     return [
@@ -262,6 +274,16 @@ async def _interleaved_sequential(trials: int, per_trial: int, base: Path) -> li
             higher_is_better=False,
         ),
     ]
+
+
+def _written() -> int:
+    """Bytes this thread has written (`wchar`: every write call's, page cache or not):
+    around a commit, what its pages and meta page took."""
+    with open("/proc/thread-self/io", "rb") as io:
+        for line in io:
+            if line.startswith(b"wchar:"):
+                return int(line.split()[1])
+    return 0
 
 
 class _Steps(trio.abc.Instrument):
