@@ -252,7 +252,8 @@ def take(
     A fast-path leaf's Merkle digest is hashed here too (`RowEntity.leaf`), and both
     digests are hashed in bulk, after the loop: the loop collects what each hashes (an id's
     input is the domain and the parent, one bytes object per run of rows of one parent,
-    then the name), and `map` hashes them and sets the slots without a Python step per row.
+    then the name), and `map` hashes them and sets the slots without a Python step per row
+    (a run of rows of one shape, below, is hashed as it is made, by `_made`).
     The rows of a run of one parent share its bytes object (32 bytes and a header per
     record less: a million records kept 65 MB of parents that were all the same).
 
@@ -313,20 +314,21 @@ def take(
     kind_at = removed_at = kind = value = 0
     run = 0
     """Where the run of rows of the previous fast-path row's shape starts (after it)."""
-    made = (out, keyed, keys, leafed, forms)
 
     for at, row in enumerate(records):
         if len(row) == shape_size:
             if not shape_head:  # (cut once a row of its length follows)
                 shape_head = shape[: _NAME + 2]
                 shape_mid = shape[kind_at:value]
-            if row.startswith(shape_head) and row.startswith(shape_mid, kind_at):
+            # (Compared as slices: a slice and `==` cost less than `startswith`, whose
+            # arguments are parsed from a tuple, on every row of a run.)
+            if row[: _NAME + 2] == shape_head and row[kind_at:value] == shape_mid:
                 continue  # (the previous fast-path row's shape: made with its run)
         if run < at:
             _made(
                 records[run:at],
                 None if ids is None else ids[run:at],
-                made,
+                out,
                 shape=(parent, id_head, kind, kind_at, removed_at, stamp),
             )
         try:
@@ -417,7 +419,7 @@ def take(
         _made(
             records[run:],
             None if ids is None else ids[run:],
-            made,
+            out,
             shape=(parent, id_head, kind, kind_at, removed_at, stamp),
         )
     if keys:
@@ -432,16 +434,18 @@ def take(
 def _made(
     rows: Sequence[bytes],
     ids: Sequence[bytes] | None,
-    into: tuple[list[Entity], list[Entity], list[bytes], list[Entity], list[bytes]],
+    out: list[Entity],
     *,
     shape: tuple[bytes, bytes, int, int, int, bytes],
 ) -> None:
     """A run of fast-path rows of one `shape` (`take`: the parent, the id's input up to the
     name, the kind byte, the offsets of the kind and of `removed`, and the stamp, of the
-    row before the run), made in bulk as `take`'s loop makes a row: appended to `into`'s
-    lists (`take`'s records, those whose id and whose leaf it hashes, and what it hashes:
-    their id inputs, unless their `ids` are given, and leaf forms)."""
-    out, keyed, keys, leafed, forms = into
+    row before the run), made in bulk as `take`'s loop makes a row, appended to `out`: the
+    records, their ids (hashed, unless given) and their leaves' digests. Each id's input
+    and leaf form is made, hashed and dropped in one pipeline of `map`s, never held in a
+    list (a page's forms were a second copy of its rows, written out to memory and read
+    back to be hashed: now each is hashed while in the cache, its memory reused by the
+    next)."""
     parent, id_head, kind, kind_at, removed_at, stamp = shape
     count = len(rows)
     records = list(map(_new, repeat(RowEntity, count)))
@@ -449,15 +453,14 @@ def _made(
     _each(map(_set_parent, records, repeat(parent, count)))
     _each(map(_set_kind, records, repeat(_KINDS[kind], count)))
     if ids is None:
-        keyed.extend(records)
         name = slice(_NAME + 2, kind_at)
-        keys.extend(map(add, repeat(id_head, count), map(_cut, rows, repeat(name))))
+        keys = map(add, repeat(id_head, count), map(_cut, rows, repeat(name)))
+        _each(map(_set_id, records, map(_digest, map(_sha256, keys))))
     else:
         _each(map(_set_id, records, ids))
     if kind in _CONTAINER_BYTES:
         _each(map(_set_leaf, records, repeat(None, count)))
     else:
-        leafed.extend(records)
         name_bin, body = slice(_NAME, kind_at), slice(removed_at + 1, None)
         parts = zip(
             repeat(_FORM_HEADS[kind], count),
@@ -466,5 +469,5 @@ def _made(
             map(_cut, rows, repeat(body)),
             strict=True,
         )
-        forms.extend(map(_join, parts))
+        _each(map(_set_leaf, records, map(_digest, map(_sha256, map(_join, parts)))))
     out.extend(records)
