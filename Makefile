@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-runtime
 BULK_SRC := trionode/store/_lmdb_bulk.c
 BULK_STAMP := $(VENV)/.built-bulk
+DIGESTS_SRC := trionode/crdt/_digests.c
+DIGESTS_STAMP := $(VENV)/.built-digests
 
 .PHONY: start test lint typecheck unit netns-tools test-slow bench bench-smoke clean browser screenshots
 
@@ -49,7 +51,19 @@ $(BULK_STAMP): $(BULK_SRC) | $(BIN)/python
 		echo "note: $(BULK_SRC) is not built (needs a C compiler and Python's headers): the store puts bulk rows through py-lmdb alone"; \
 	fi
 
-start: $(RUN_STAMP) $(BULK_STAMP)
+# A snapshot's record digests in one call per page (trionode/crdt/_digests.c, issue #17),
+# likewise: without it they are hashed through hashlib (the same digests, more CPU).
+$(DIGESTS_STAMP): $(DIGESTS_SRC) | $(BIN)/python
+	@out=trionode/crdt/_digests$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))'); \
+	inc=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	if $${CC:-cc} -O2 -Wall -Wextra -Wno-unused-parameter -shared -fPIC -I"$$inc" $(DIGESTS_SRC) -o "$$out" -ldl; then \
+		touch $@; \
+	else \
+		rm -f "$$out"; \
+		echo "note: $(DIGESTS_SRC) is not built (needs a C compiler and Python's headers): record digests go through hashlib"; \
+	fi
+
+start: $(RUN_STAMP) $(BULK_STAMP) $(DIGESTS_STAMP)
 	@test -f $(HOME_DIR)/config.toml || $(BIN)/trionode init --home $(HOME_DIR)
 	exec $(BIN)/trionode start --home $(HOME_DIR)
 
@@ -77,18 +91,18 @@ netns-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null; \
 	fi
 
-unit: $(STAMP) $(BULK_STAMP) browser netns-tools
+unit: $(STAMP) $(BULK_STAMP) $(DIGESTS_STAMP) browser netns-tools
 	$(BIN)/pytest -q -m "not slow"
 
 test: lint typecheck unit
 
-test-slow: $(STAMP) $(BULK_STAMP)
+test-slow: $(STAMP) $(BULK_STAMP) $(DIGESTS_STAMP)
 	$(BIN)/pytest -q -m slow
 
-bench: $(STAMP) $(BULK_STAMP)
+bench: $(STAMP) $(BULK_STAMP) $(DIGESTS_STAMP)
 	$(BIN)/python -m benchmarks
 
-bench-smoke: $(STAMP) $(BULK_STAMP)
+bench-smoke: $(STAMP) $(BULK_STAMP) $(DIGESTS_STAMP)
 	$(BIN)/python -m benchmarks --quick
 
 # Refresh the page's screenshots in docs/ (from the browser tests' happy paths).
@@ -97,4 +111,4 @@ screenshots: $(STAMP) browser
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
-	rm -f trionode/store/_lmdb_bulk*.so
+	rm -f trionode/store/_lmdb_bulk*.so trionode/crdt/_digests*.so

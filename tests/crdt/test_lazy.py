@@ -14,7 +14,15 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from trionode.crdt import Entity, Kind, StateTree, Timestamp, decode_entity, encode_entity
+from trionode.crdt import (
+    Entity,
+    Kind,
+    StateTree,
+    Timestamp,
+    decode_entity,
+    encode_entity,
+    lazy as lazy_module,
+)
 from trionode.crdt.encoding import own_form
 from trionode.crdt.entity import CONTAINERS, ROOT_ID, child_id
 from trionode.crdt.lazy import CorruptRecord, RowEntity, scan, take
@@ -404,6 +412,34 @@ def test_a_run_of_rows_of_one_shape_takes_each_row_as_that_row_alone(
     (`take`): every row of any page of such runs, their one-byte mutants and other rows,
     is made as `take` and `scan` make it alone, with our own ids given or hashed."""
     _takes_each_row_as_alone(page, keyed=keyed)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(shaped(), st.booleans())
+def test_a_page_takes_the_same_records_with_its_digests_hashed_by_hashlib(
+    page: list[bytes], keyed: bool
+) -> None:
+    """The digests hashed in C (`crdt/digests.py`, when built) or through hashlib: any page
+    of runs, mutants and other rows is taken to the same records, ids and leaves (or
+    refused by both)."""
+    ids = None
+    if keyed:
+        alone = [_taken_alone(row) for row in page]
+        ids = [got[1] for got in alone if got is not None]
+        if len(ids) < len(page):
+            return  # (refused: the run test checks that)
+    taken: list[tuple[list[tuple[type, bytes, bytes | None]], Timestamp | None] | None] = []
+    for native in (lazy_module._native, None):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lazy_module, "_native", native)
+            try:
+                got, newest = take(page, ids)
+            except RemoteProtocolError:
+                taken.append(None)
+                continue
+        made = [(type(e), e.id, e.leaf if isinstance(e, RowEntity) else None) for e in got]
+        taken.append((made, newest))
+    assert taken[0] == taken[1]
 
 
 @pytest.mark.parametrize("size", [0, 3, 300])

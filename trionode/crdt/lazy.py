@@ -39,6 +39,8 @@ from itertools import repeat
 from operator import add, getitem
 from typing import Any, Final, NoReturn, cast
 
+from trionode.crdt import digests
+from trionode.crdt.digests import Part
 from trionode.crdt.encoding import MAX_ENTITY_BYTES, decode_entity, encode_entity
 from trionode.crdt.entity import CONTAINERS, ID_DOMAIN, Entity, Kind
 from trionode.crdt.hlc import MAX_NODE_ID_BYTES, Timestamp, latest
@@ -58,6 +60,9 @@ _digest: Final = type(sha256()).digest
 _cut: Final = cast("Callable[[bytes, slice], bytes]", getitem)
 """`row[a slice]`, in `map` (a run's names and bodies, `take`)."""
 _join: Final = b"".join
+_native: Final = digests.native
+_WHOLE: Final[tuple[Part, ...]] = ((0, -1),)
+"""`digests.native`'s parts of an input hashed whole."""
 _each: Final[Callable[[Iterable[object]], None]] = deque[object](maxlen=0).extend
 """Runs an iterator to its end in C (the bulk setters of `take`)."""
 
@@ -423,12 +428,19 @@ def take(
             shape=(parent, id_head, kind, kind_at, removed_at, stamp),
         )
     if keys:
-        _each(map(_set_id, keyed, map(_digest, map(_sha256, keys))))
+        _each(map(_set_id, keyed, _hash_all(keys)))
     if forms:
-        _each(map(_set_leaf, leafed, map(_digest, map(_sha256, forms))))
+        _each(map(_set_leaf, leafed, _hash_all(forms)))
     for checked in best_stamps:
         newest = latest(newest, Timestamp(int.from_bytes(checked[2:10]), checked[12:]))
     return out, newest
+
+
+def _hash_all(inputs: list[bytes]) -> Iterable[bytes]:
+    """The SHA-256 of each of `inputs` (in C when built: `crdt/digests.py`)."""
+    if _native is not None:
+        return _native(inputs, _WHOLE)
+    return map(_digest, map(_sha256, inputs))
 
 
 def _made(
@@ -452,14 +464,21 @@ def _made(
     _each(map(_set_row, records, rows))
     _each(map(_set_parent, records, repeat(parent, count)))
     _each(map(_set_kind, records, repeat(_KINDS[kind], count)))
+    native = _native
     if ids is None:
-        name = slice(_NAME + 2, kind_at)
-        keys = map(add, repeat(id_head, count), map(_cut, rows, repeat(name)))
-        _each(map(_set_id, records, map(_digest, map(_sha256, keys))))
+        if native is not None:  # (hashed in C, its inputs never made: `crdt/digests.py`)
+            _each(map(_set_id, records, native(rows, (id_head, (_NAME + 2, kind_at)))))
+        else:
+            name = slice(_NAME + 2, kind_at)
+            keys = map(add, repeat(id_head, count), map(_cut, rows, repeat(name)))
+            _each(map(_set_id, records, map(_digest, map(_sha256, keys))))
     else:
         _each(map(_set_id, records, ids))
     if kind in _CONTAINER_BYTES:
         _each(map(_set_leaf, records, repeat(None, count)))
+    elif native is not None:
+        form = (_FORM_HEADS[kind], (_NAME, kind_at), stamp, (removed_at + 1, -1))
+        _each(map(_set_leaf, records, native(rows, form)))
     else:
         name_bin, body = slice(_NAME, kind_at), slice(removed_at + 1, None)
         parts = zip(

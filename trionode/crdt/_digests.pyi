@@ -1,0 +1,6 @@
+from collections.abc import Sequence
+
+def bind(path: str, /) -> None: ...
+def digests(
+    rows: Sequence[bytes], parts: tuple[bytes | tuple[int, int], ...], /
+) -> list[bytes]: ...
