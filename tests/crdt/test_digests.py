@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from tests.extension_builds import beside, older_build
+from trionode.crdt import digests
 from trionode.crdt.digests import Part, hashed, native
 
 pytestmark = pytest.mark.skipif(native is None, reason="the _digests extension is not built")
@@ -59,3 +61,17 @@ def test_bad_arguments_are_refused_with_typed_errors(
     assert native is not None
     with pytest.raises(error):
         native(rows_, parts_)  # type: ignore[arg-type]
+
+
+def _digests_of_old(rows: object, parts: object) -> list[bytes]:
+    raise TypeError("digests() takes exactly 3 arguments (2 given)")
+
+
+def test_a_build_of_an_older_source_is_passed_over_not_called() -> None:
+    """A checkout updated without `make` keeps the extension built from the older source
+    beside it: rows are then hashed through hashlib, instead of each page's take failing
+    on a call the old build cannot take."""
+    stale = older_build("trionode.crdt._digests", bind=lambda path: None, digests=_digests_of_old)
+    with beside(digests, stale):
+        assert digests.native is None
+    assert digests.native is not None

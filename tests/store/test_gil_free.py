@@ -10,6 +10,7 @@ import lmdb
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.extension_builds import beside, older_build
 from trionode.errors import StorageError
 from trionode.store import gil_free
 from trionode.store.encryption import KdfParams
@@ -194,3 +195,29 @@ def test_only_a_live_write_transaction_of_its_environment_is_taken(tmp_path: Pat
     finally:
         env.close()
         other.close()
+
+
+def _refuse_seven(*args: object) -> tuple[int, int]:
+    raise TypeError(f"function takes exactly 6 arguments ({len(args)} given)")
+
+
+def test_a_build_of_an_older_source_is_passed_over_not_called(tmp_path: Path) -> None:
+    """A checkout updated without `make` keeps the extension built from the older source
+    beside it: the store then puts its bulk rows through py-lmdb, instead of failing each
+    join's batch on a call the old build cannot take."""
+    was_available = gil_free.available()
+    stale = older_build("trionode.store._lmdb_bulk", bind=lambda *args: None, put_run=_refuse_seven)
+    with beside(gil_free, stale):
+        assert not gil_free.available()
+        store = LmdbStore.open(tmp_path / "db")
+        try:
+            assert store._bulk_put is None
+            keys = [i.to_bytes(4, "big") for i in range(50)]
+            values = [bytes([i]) * 40 for i in range(50)]
+            store.write([PutRun(Column.STATE, CONTEXT, keys, values)])
+            assert store.scan(Column.STATE, prefix=CONTEXT) == [
+                (CONTEXT + k, v) for k, v in zip(keys, values, strict=True)
+            ]
+        finally:
+            store.close()
+    assert gil_free.available() == was_available

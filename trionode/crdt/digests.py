@@ -11,12 +11,17 @@ from collections.abc import Callable, Sequence
 from hashlib import sha256
 from typing import Final
 
+INTERFACE: Final = 1
+"""The extension's calling convention this module is written for (`_digests.c`'s)."""
+
 try:
     import _hashlib  # (CPython's OpenSSL binding: the OpenSSL it links is bound)
 
     from trionode.crdt import _digests
 
-    _BUILT = True
+    # (A build of an older source, left beside a newer checkout, takes other arguments:
+    # it is passed over, not called.)
+    _BUILT = getattr(_digests, "INTERFACE", None) == INTERFACE
 except ImportError:  # (not built: no compiler when installing)
     _BUILT = False
 

@@ -395,8 +395,18 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
+/* The calling convention of this build (bind, put_run): `gil_free` uses a module only of
+   the convention it was written for, so a build left over from an older source (say, a
+   checkout updated without `make`) falls back to putmulti instead of failing its calls. */
+#define INTERFACE 2
+
 PyMODINIT_FUNC
 PyInit__lmdb_bulk(void)
 {
-    return PyModule_Create(&module);
+    PyObject *made = PyModule_Create(&module);
+    if (made != NULL && PyModule_AddIntConstant(made, "INTERFACE", INTERFACE) < 0) {
+        Py_DECREF(made);
+        return NULL;
+    }
+    return made;
 }

@@ -2,6 +2,8 @@ from collections.abc import Callable, Sequence
 
 import lmdb
 
+INTERFACE: int
+
 def bind(path: str, txn_type: type, env_type: type, /) -> None: ...
 def put_run(
     txn: lmdb.Transaction,

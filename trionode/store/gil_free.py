@@ -10,10 +10,15 @@ from typing import Final, Protocol
 
 import lmdb
 
+INTERFACE: Final = 2
+"""The extension's calling convention this module is written for (`_lmdb_bulk.c`'s)."""
+
 try:
     from trionode.store import _lmdb_bulk
 
-    _BUILT = True
+    # (A build of an older source, left beside a newer checkout, takes other arguments:
+    # it is passed over, not called.)
+    _BUILT = getattr(_lmdb_bulk, "INTERFACE", None) == INTERFACE
 except ImportError:  # (not built: no compiler when installing)
     _BUILT = False
 
