@@ -197,7 +197,9 @@ async def test_a_joiner_killed_in_its_first_sync_finds_its_inviter_again(
                 await b.applications.install(str(APPS / "kv_store"))
                 first_sync = trio.Event()
 
-                async def stuck_first_sync(context_id: bytes, peer: PeerId) -> int:
+                async def stuck_first_sync(
+                    context_id: bytes, peer: PeerId, *, opened: object = None
+                ) -> int:
                     rows = dict(await b.store.scan(MEMBER_PEERS, prefix=PREFIX))
                     stored_at_first_sync.append(rows.get(PREFIX + peer.multihash))
                     first_sync.set()

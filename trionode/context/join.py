@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Final
+from typing import Final, Protocol
 
 import base58
 import trio
@@ -25,7 +25,7 @@ from trionode.context.errors import (
 )
 from trionode.context.manager import ContextManager
 from trionode.context.records import ContextRecord
-from trionode.context.replication import SESSION_ERRORS, Replicator, topic_for
+from trionode.context.replication import SESSION_ERRORS, OpenedStream, Replicator, topic_for
 from trionode.errors import PeerError, ProtocolError, ReadOnlyError, StreamEndedError, describe
 from trionode.net import member_peers
 from trionode.net.framed import FramedStream
@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE: Final = 64 * 1024
 
 
+class SyncSession(Protocol):
+    """Runs a sync session for a context with a peer now (`SyncManager.sync_now`), on the
+    sync stream `opened` if given."""
+
+    def __call__(
+        self, context_id: bytes, peer: PeerId, *, opened: OpenedStream | None = None
+    ) -> Awaitable[int]: ...
+
+
 class JoinService:
     def __init__(
         self,
@@ -48,7 +57,7 @@ class JoinService:
         replicator: Replicator,
         store: AsyncStore,
         *,
-        sync_session: Callable[[bytes, PeerId], Awaitable[int]] | None = None,
+        sync_session: SyncSession | None = None,
         wall_clock: Callable[[], float] = time.time,
         timeout: float = 30.0,
         app_bundles: AppBundles | None = None,
@@ -154,30 +163,54 @@ class JoinService:
                 trust_app=trust_app,
                 opener=invited_opener(signed, invitation.id, key),
             )
+        # The first sync's stream is negotiated while the inviter admits us (its durable
+        # write): one round trip less between the admission and the snapshot. Closed here
+        # if the session did not take it (a refusal, a replaced connection...).
+        opened: OpenedStream | None = None
         try:
-            with trio.fail_after(self.timeout):
-                _, stream = await conn.new_stream([inv.JOIN_PROTOCOL])
-                async with stream:
-                    proof = key.sign(
-                        inv.proof_message(conn.noise.remote.handshake_hash, invitation.id)
-                    )
-                    request = inv.JoinRequest(invitation=signed, member=member, proof=proof)
-                    framed = self._framed(stream, requester=True)
-                    await framed.send_frame(inv.encode(request))
-                    response = inv.decode_response(await framed.receive_frame())
-        except (
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            StreamEndedError,
-        ) as exc:
-            # Nothing was spent here yet: the user may simply try again.
-            raise PeerFailed(
-                f"the inviter {peer} did not answer the join: {describe(exc)}"
-            ) from None
-        if not response.ok:
-            raise NotPermitted(f"the inviter refused: {response.error}")
-        join_timeline.mark("admitted")
+            try:
+                with trio.fail_after(self.timeout):
+                    _, stream = await conn.new_stream([inv.JOIN_PROTOCOL])
+                    async with stream:
+                        proof = key.sign(
+                            inv.proof_message(conn.noise.remote.handshake_hash, invitation.id)
+                        )
+                        request = inv.JoinRequest(invitation=signed, member=member, proof=proof)
+                        framed = self._framed(stream, requester=True)
+                        await framed.send_frame(inv.encode(request))
+                        opened = await self._open_sync_stream(conn)
+                        response = inv.decode_response(await framed.receive_frame())
+            except (
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                StreamEndedError,
+            ) as exc:
+                # Nothing was spent here yet: the user may simply try again.
+                raise PeerFailed(
+                    f"the inviter {peer} did not answer the join: {describe(exc)}"
+                ) from None
+            if not response.ok:
+                raise NotPermitted(f"the inviter refused: {response.error}")
+            join_timeline.mark("admitted")
+            record = await self._adopt(invitation, peer, conn, key, response)
+            join_timeline.mark("adopted")
+            await self._first_sync(invitation, peer, response.heads, opened)
+            join_timeline.mark("synced")
+        finally:
+            if opened is not None:
+                await trio.aclose_forcefully(opened.stream)
+        return await self.contexts.get(record.context_id)
+
+    async def _adopt(
+        self,
+        invitation: inv.Invitation,
+        peer: PeerId,
+        conn: Connection,
+        key: Ed25519PrivateKey,
+        response: inv.JoinResponse,
+    ) -> ContextRecord:
+        """Become a member of the context we were admitted to (one commit)."""
         keys = inv.open_keys(response.sealed_keys, key)
         # The first sync may take long, and a node killed during it must find a peer of
         # the context when it restarts (the snapshot resumes with the inviter).
@@ -203,10 +236,23 @@ class JoinService:
             extra=with_context,
         )
         self.replicator.subscribe(invitation.context_id)
-        join_timeline.mark("adopted")
-        await self._first_sync(invitation, peer, response.heads)
-        join_timeline.mark("synced")
-        return await self.contexts.get(record.context_id)
+        return record
+
+    async def _open_sync_stream(self, conn: Connection) -> OpenedStream | None:
+        """A sync stream on `conn` for the first sync, or None (no sessions here, or it
+        could not be opened: the session opens its own, and says what fails)."""
+        if self.sync_session is None:
+            return None
+        try:
+            return await self.replicator.open_sync_stream(conn)
+        except (
+            PeerError,
+            ProtocolError,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ):
+            return None
 
     async def _missing_app(
         self, invitation: inv.Invitation, trust_app: bytes | None
@@ -232,7 +278,11 @@ class JoinService:
         return ref
 
     async def _first_sync(
-        self, invitation: inv.Invitation, peer: PeerId, heads: list[bytes]
+        self,
+        invitation: inv.Invitation,
+        peer: PeerId,
+        heads: list[bytes],
+        opened: OpenedStream | None = None,
     ) -> None:
         """A snapshot from the inviter, then the deltas written since (the sync manager's
         session). The inviting admin's key, which signed the invitation, is the one source
@@ -245,7 +295,7 @@ class JoinService:
                 with trio.fail_after(self.timeout):
                     await self.replicator.fetch(peer, context_id, set(heads))
                 return
-            await session(context_id, peer)
+            await session(context_id, peer, opened=opened)
         except SESSION_ERRORS as exc:
             log.warning(
                 "joined %s; its first sync failed (%s): sync sessions will complete it",

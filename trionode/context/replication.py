@@ -87,6 +87,16 @@ from trionode.wire.messages import (
 
 log = logging.getLogger(__name__)
 
+
+@attrs.frozen
+class OpenedStream:
+    """A sync stream negotiated on `conn` (`Replicator.open_sync_stream`)."""
+
+    conn: Connection
+    protocol: str
+    stream: trio.abc.HalfCloseableStream
+
+
 SYNC_PROTOCOL: Final = "/trionode/sync/2"
 SYNC_PROTOCOL_V1: Final = "/trionode/sync/1"
 """Served still, for peers that do not speak /2 yet: the same messages, but a delta request
@@ -736,22 +746,36 @@ class Replicator:
         self.folded.forget(context_id, await self.contexts.applied(context_id, ids))
         return released
 
-    @asynccontextmanager
-    async def session(
-        self, peer: PeerId, context_id: bytes
-    ) -> AsyncIterator[tuple[SyncChannel, Connection]]:
-        """A sync stream to `peer` on which we have proved our membership of `context_id`:
-        a sync session runs all its protocols on one (heads exchange, then delta sync,
-        snapshot or tree comparison)."""
-        conn = self.host.connections.get(peer)
-        if conn is None or conn.closed:
-            raise PeerError(f"not connected to {peer}")
-        # The proof names the connection the stream runs on: looked up after opening it, a
-        # connection that won a simultaneous dial meanwhile would make it a wrong one.
+    async def open_sync_stream(self, conn: Connection) -> OpenedStream:
+        """A sync stream on `conn`, negotiated (no message sent on it yet): for `session`."""
         protocol, stream = await conn.new_stream(
             [SYNC_PROTOCOL, SYNC_PROTOCOL_V1],
             negotiation_timeout=self.host.config.negotiation_timeout,
         )
+        return OpenedStream(conn, protocol, stream)
+
+    @asynccontextmanager
+    async def session(
+        self, peer: PeerId, context_id: bytes, *, opened: OpenedStream | None = None
+    ) -> AsyncIterator[tuple[SyncChannel, Connection]]:
+        """A sync stream to `peer` on which we have proved our membership of `context_id`:
+        a sync session runs all its protocols on one (heads exchange, then delta sync,
+        snapshot or tree comparison). `opened`: a stream `open_sync_stream` negotiated
+        before (a join's, while it waited for its admission), taken if it runs on the
+        peer's connection now (else its opener closes it)."""
+        conn = self.host.connections.get(peer)
+        if conn is None or conn.closed:
+            raise PeerError(f"not connected to {peer}")
+        if opened is not None and opened.conn is conn:
+            protocol, stream = opened.protocol, opened.stream
+        else:
+            # The proof names the connection the stream runs on: looked up after opening
+            # it, a connection that won a simultaneous dial meanwhile would make it a wrong
+            # one.
+            protocol, stream = await conn.new_stream(
+                [SYNC_PROTOCOL, SYNC_PROTOCOL_V1],
+                negotiation_timeout=self.host.config.negotiation_timeout,
+            )
         async with stream:
             channel = self._requesting(stream)
             channel.chains = protocol == SYNC_PROTOCOL

@@ -59,6 +59,7 @@ from trionode.context.manager import ContextManager
 from trionode.context.notices import b58
 from trionode.context.replication import (
     SESSION_ERRORS,
+    OpenedStream,
     Replicator,
     context_of,
     failure_reason,
@@ -403,11 +404,14 @@ class SyncManager:
                 self._start(context_id, peer, wants)
                 return
 
-    async def sync_now(self, context_id: bytes, peer: PeerId | None = None) -> int:
-        """Run one session now (skipping the interval); returns deltas applied."""
+    async def sync_now(
+        self, context_id: bytes, peer: PeerId | None = None, *, opened: OpenedStream | None = None
+    ) -> int:
+        """Run one session now (skipping the interval); returns deltas applied. `opened`: a
+        sync stream to `peer` already negotiated (`Replicator.session`)."""
         if context_id not in self.contexts.known_ids():
             raise ContextNotFound("no such context")
-        return await self._session(context_id, peer, raise_errors=True)
+        return await self._session(context_id, peer, raise_errors=True, opened=opened)
 
     async def _session(
         self,
@@ -416,6 +420,7 @@ class SyncManager:
         wants: frozenset[bytes] | None = None,
         *,
         raise_errors: bool = False,
+        opened: OpenedStream | None = None,
     ) -> int:
         state = self._context_sync(context_id)
         self._running.add(context_id)
@@ -438,7 +443,7 @@ class SyncManager:
                 async with self.limiter:
                     self.metrics.session_started()
                     with trio.fail_after(self.timeout) as run.scope:
-                        await self._sync_with(context_id, chosen, run)
+                        await self._sync_with(context_id, chosen, run, opened)
             if run.outcome == "ok":
                 state.last_success = trio.current_time()
                 state.failures = 0
@@ -537,13 +542,15 @@ class SyncManager:
         connected = self.replicator.host.connections
         return [p for p in self.pubsub.topic_peers(topic_for(context_id)) if p in connected]
 
-    async def _sync_with(self, context_id: bytes, peer: PeerId, run: _Run) -> None:
+    async def _sync_with(
+        self, context_id: bytes, peer: PeerId, run: _Run, opened: OpenedStream | None = None
+    ) -> None:
         """One session with `peer`: gather what the choice needs (`trionode.sync.plan`)
         and run the protocol chosen."""
         if self.contexts.snapshot_running(context_id):
             run.protocol, run.outcome = "snapshot", "busy"  # the join is taking it
             return
-        async with self.replicator.session(peer, context_id) as (channel, conn):
+        async with self.replicator.session(peer, context_id, opened=opened) as (channel, conn):
             await self._run_session(context_id, _Link(peer, channel, conn), run)
 
     async def _run_session(self, context_id: bytes, link: _Link, run: _Run) -> None:
