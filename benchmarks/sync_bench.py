@@ -598,7 +598,7 @@ async def _session_times(
             a, b = [
                 (
                     await stack.enter_async_context(
-                        open_test_node(base / f"node{i}", api=False, configure=_quiet)
+                        open_test_node(base / f"node{i}", api=False, configure=_announcing_at_once)
                     )
                 ).node
                 for i in range(2)
@@ -611,7 +611,11 @@ async def _session_times(
                 for session, times in ((None, one), (_two_stream_session, two)):
                     # A session that applied deltas announces B's new heads on the topic,
                     # subscribing B again (a member belongs on its context's topic): leave
-                    # it again before each round, or A's writes reach B by gossip.
+                    # it again before each round, or A's writes reach B by gossip. The
+                    # announcement runs as its own task: let it end first, or it subscribes
+                    # B again after B left (and the round's deltas reach B before its
+                    # session: "applied 0 deltas").
+                    await _until(lambda: _announced(b, context), [a, b], limit=30)
                     b.pubsub.unsubscribe(topic)
                     await _until(lambda: _absent(a, topic, b.host.peer_id), [a, b], limit=30)
                     for i in range(k):
@@ -625,6 +629,18 @@ async def _session_times(
                     if applied != k:
                         raise RuntimeError(f"a session applied {applied} deltas, not {k}")
     return one, two
+
+
+def _announcing_at_once(file: FileConfig) -> FileConfig:
+    """`_quiet`, and a session's announcement sent as soon as the session ends (not held
+    for `announce_interval` after the one before: it would land in a later round)."""
+    file = _quiet(file)
+    return replace(file, sync=replace(file.sync, announce_interval=1e-6))
+
+
+async def _announced(node: Node, context: bytes) -> bool:
+    """Whether no announcement of `context` is due on `node`."""
+    return not node.sync.announcement_due(context)
 
 
 async def _absent(node: Node, topic: str, peer: PeerId) -> bool:

@@ -790,6 +790,10 @@ class SyncManager:
             state = self._state[context_id] = _ContextSync()
         return state
 
+    def announcement_due(self, context_id: bytes) -> bool:
+        """Whether an announcement of the context's heads is scheduled and not yet sent."""
+        return context_id in self._announcing
+
     def _announce(self, context_id: bytes) -> None:
         """Our new heads of a context on its topic after a session applied deltas: at once
         if none went out within `announce_interval`, else once that has passed, for all the
